@@ -1,0 +1,350 @@
+"""Functional API: input validation, implementation dispatch and the public loss functions.
+
+Every public function validates its arguments on the host before any kernel runs, and raises a
+``ValueError`` (or ``TypeError`` for wrong types; dtype errors are both) naming the argument and
+the shapes it saw. Nothing is broadcast: shapes must match exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from numbers import Real
+
+import torch
+
+from fasthydra.ops._common import interpreting
+from fasthydra.ops.grouped_linear import GroupedLinearFunction
+from fasthydra.ops.hydra_kl import HydraKLFunction, TorchHydraKLFunction
+from fasthydra.ops.linear_hydra_kl import LinearHydraKLFunction, TorchLinearHydraKLFunction
+from fasthydra.ops.uncertainty import uncertainty_torch, uncertainty_triton
+from fasthydra.reference import Uncertainty
+
+IMPLS = ("auto", "triton", "torch")
+REDUCTIONS = ("mean", "sum", "none")
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class InputDtypeError(TypeError, ValueError):
+    """A tensor of the wrong dtype (an integer tensor, say): both a TypeError and a ValueError."""
+
+
+class ImplUnavailableError(RuntimeError, ValueError):
+    """The requested implementation cannot run here (Triton missing, CPU tensors without the interpreter)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_tensor(name: str, value, ndims: tuple[int, ...] | None = None) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if not value.dtype.is_floating_point:
+        raise InputDtypeError(f"{name} must have a floating dtype (float16, bfloat16, float32, float64), "
+                              f"got {value.dtype} with shape {tuple(value.shape)}")
+    if ndims is not None and value.dim() not in ndims:
+        want = " or ".join(f"{d}-D" for d in ndims)
+        raise ValueError(f"{name} must be {want}, got shape {tuple(value.shape)}")
+    return value
+
+
+def _check_temperature(temperature) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, Real):
+        raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
+    temperature = float(temperature)
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    return temperature
+
+
+def _check_reduction(reduction) -> str:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return reduction
+
+
+def _check_same_device(**tensors) -> None:
+    present = {k: v for k, v in tensors.items() if v is not None}
+    devices = {v.device for v in present.values()}
+    if len(devices) > 1:
+        seen = ", ".join(f"{k} on {v.device}" for k, v in present.items())
+        raise ValueError(f"all tensors must be on one device, got {seen}")
+
+
+def check_teacher_values(teacher: torch.Tensor, name: str = "teacher_logits") -> None:
+    """NaN or +Inf anywhere, or a row that is -Inf everywhere, is an error; a lone -Inf masks a class.
+
+    One reduction pass (the row maximum) answers all three questions: the max is NaN when a NaN is
+    present, +Inf when a +Inf is, and -Inf exactly when the whole row is -Inf.
+    """
+    if teacher.numel() == 0:
+        return
+    row_max = teacher.detach().amax(dim=-1)
+    if bool(torch.isnan(row_max).any()):
+        raise ValueError(f"{name} contains NaN (shape {tuple(teacher.shape)})")
+    if bool(torch.isposinf(row_max).any()):
+        raise ValueError(f"{name} contains +Inf (shape {tuple(teacher.shape)})")
+    if bool(torch.isneginf(row_max).any()):
+        where = tuple(torch.nonzero(torch.isneginf(row_max))[0].tolist())
+        raise ValueError(f"{name} has a row that is -Inf for every class (at index {where}, "
+                         f"shape {tuple(teacher.shape)}): its softmax is undefined")
+
+
+def _check_logit_pair(student, teacher, student_name="student_logits", teacher_name="teacher_logits"):
+    _check_tensor(student_name, student, (3,))
+    _check_tensor(teacher_name, teacher, (3,))
+    if student.shape != teacher.shape:
+        what = []
+        if student.shape[0] != teacher.shape[0]:
+            what.append("batch")
+        if student.shape[1] != teacher.shape[1]:
+            what.append("heads M")
+        if student.shape[2] != teacher.shape[2]:
+            what.append("classes C")
+        raise ValueError(f"{student_name} and {teacher_name} must have the same shape (B, M, C); got "
+                         f"{tuple(student.shape)} and {tuple(teacher.shape)} ({', '.join(what)} differ)")
+    _check_same_device(**{student_name: student, teacher_name: teacher})
+
+
+# ----------------------------------------------------------------------------------------------
+# dispatch
+# ----------------------------------------------------------------------------------------------
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # pragma: no cover - depends on the platform
+        return False
+    return True
+
+
+def resolve_impl(impl: str, *tensors: torch.Tensor | None) -> str:
+    """"auto" -> "triton" for CUDA tensors when Triton imports, else "torch".
+
+    FASTHYDRA_IMPL=torch|triton forces the choice wherever impl is "auto". An explicit "triton"
+    needs CUDA tensors, or CPU tensors under TRITON_INTERPRET=1, and fp16/bf16/fp32 data.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    present = [t for t in tensors if t is not None]
+    if impl == "auto":
+        forced = os.environ.get("FASTHYDRA_IMPL", "").strip().lower()
+        if forced in ("torch", "triton"):
+            impl = forced
+        elif forced not in ("", "auto"):
+            raise ValueError(f"FASTHYDRA_IMPL must be one of {IMPLS}, got {forced!r}")
+        else:
+            on_cuda = bool(present) and all(t.is_cuda for t in present)
+            ok_dtype = all(t.dtype in _TRITON_DTYPES for t in present)
+            return "triton" if on_cuda and ok_dtype and _triton_available() else "torch"
+    if impl == "triton":
+        if not _triton_available():
+            raise ImplUnavailableError("impl='triton' needs the triton package, which does not import here")
+        if any(not t.is_cuda for t in present) and not interpreting():
+            raise ImplUnavailableError("impl='triton' on CPU tensors runs only under TRITON_INTERPRET=1 "
+                                       "(set before triton is imported); use impl='torch' or CUDA tensors")
+        bad = [t.dtype for t in present if t.dtype not in _TRITON_DTYPES]
+        if bad:
+            raise InputDtypeError(f"impl='triton' supports float16, bfloat16 and float32, got {bad[0]}; "
+                                  "use impl='torch' for float64")
+    return impl
+
+
+# ----------------------------------------------------------------------------------------------
+# public functions
+# ----------------------------------------------------------------------------------------------
+
+
+def hydra_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+                  reduction: str = "mean", impl: str = "auto") -> torch.Tensor:
+    """Tempered per-head KL between teacher members and student heads (the Hydra loss).
+
+    ``L = T^2 * mean over (b, m) of KL(softmax(t[b, m] / T) || softmax(z[b, m] / T))``. Teacher
+    logits are constants: no gradient flows to them. A -Inf teacher logit masks its class.
+
+    Args:
+        student_logits: head logits z, (B, M, C), floating.
+        teacher_logits: member logits t, (B, M, C), floating, same device; NaN/+Inf not allowed.
+        temperature: T > 0. The T^2 factor keeps gradient size independent of T.
+        reduction: "mean" (over B*M; 0 for an empty batch), "sum", or "none" -> (B, M).
+        impl: "auto" | "triton" | "torch".
+    Shapes: (B, M, C), (B, M, C) -> () or (B, M).
+    Returns: the loss in the student's dtype (computed in fp32, fp64 for fp64 input).
+
+    Example:
+        >>> z, t = torch.randn(8, 4, 10, requires_grad=True), torch.randn(8, 4, 10)
+        >>> hydra_kl_loss(z, t, temperature=2.0).backward()
+    """
+    _check_logit_pair(student_logits, teacher_logits)
+    temperature = _check_temperature(temperature)
+    reduction = _check_reduction(reduction)
+    check_teacher_values(teacher_logits)
+    impl = resolve_impl(impl, student_logits, teacher_logits)
+    fn = HydraKLFunction if impl == "triton" else TorchHydraKLFunction
+    return fn.apply(student_logits, teacher_logits.detach(), temperature, reduction)
+
+
+def ensemble_log_mean_probs(teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log of the ensemble mean ``log mean_m softmax(t_m / T)``, (B, M, C) -> (B, C) in fp32/fp64."""
+    cdt = torch.float64 if teacher_logits.dtype == torch.float64 else torch.float32
+    log_p = torch.log_softmax(teacher_logits.detach().to(cdt) / temperature, dim=-1)
+    return torch.logsumexp(log_p, dim=1) - math.log(teacher_logits.shape[1])
+
+
+def hinton_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+                   reduction: str = "mean", impl: str = "auto") -> torch.Tensor:
+    """Hinton (mean-teacher) loss of a single head: ``T^2 * mean_b KL(pbar || softmax(z / T))``.
+
+    pbar = mean_m softmax(t_m / T) is the ensemble's averaged prediction (stage 1 of Hydra, and plain KD).
+
+    Args:
+        student_logits: (B, C) or (B, 1, C).
+        teacher_logits: (B, M, C) member logits.
+        temperature, reduction, impl: as in :func:`hydra_kl_loss`; "none" gives (B,).
+    Returns: the loss in the student's dtype.
+
+    Example:
+        >>> z, t = torch.randn(8, 10, requires_grad=True), torch.randn(8, 5, 10)
+        >>> hinton_kl_loss(z, t, temperature=4.0).backward()
+    """
+    _check_tensor("student_logits", student_logits, (2, 3))
+    _check_tensor("teacher_logits", teacher_logits, (3,))
+    if student_logits.dim() == 3 and student_logits.shape[1] != 1:
+        raise ValueError(f"student_logits must be (B, C) or (B, 1, C) for the Hinton loss, got "
+                         f"{tuple(student_logits.shape)}")
+    z = student_logits if student_logits.dim() == 3 else student_logits.unsqueeze(1)
+    if z.shape[0] != teacher_logits.shape[0] or z.shape[2] != teacher_logits.shape[2]:
+        raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
+                         f"{tuple(teacher_logits.shape)} must agree in batch B and classes C")
+    _check_same_device(student_logits=student_logits, teacher_logits=teacher_logits)
+    temperature = _check_temperature(temperature)
+    reduction = _check_reduction(reduction)
+    check_teacher_values(teacher_logits)
+    impl = resolve_impl(impl, student_logits, teacher_logits)
+    # softmax(T * log pbar / T) = pbar exactly, so the per-head kernel does the rest (masks included).
+    mean_teacher = (temperature * ensemble_log_mean_probs(teacher_logits, temperature)).unsqueeze(1)
+    fn = HydraKLFunction if impl == "triton" else TorchHydraKLFunction
+    loss = fn.apply(z, mean_teacher, temperature, reduction)
+    return loss.squeeze(1) if reduction == "none" else loss
+
+
+def _check_heads_input(x, weight, bias, name="x", per_head=False):
+    _check_tensor(name, x)
+    m, n, k = weight.shape
+    want = (m, k) if per_head else (k,)
+    if x.dim() != len(want) + 1 or tuple(x.shape[1:]) != want:
+        raise ValueError(f"{name} must have shape (B, {', '.join(map(str, want))}), got {tuple(x.shape)}")
+    if x.dtype != weight.dtype:
+        raise InputDtypeError(f"{name} has dtype {x.dtype} but the head weights are {weight.dtype}; "
+                              "cast one of them (or use torch.autocast)")
+    _check_same_device(**{name: x, "weight": weight, "bias": bias})
+
+
+def linear_heads(x, weight, bias=None, impl: str = "auto"):
+    """Logits of M linear heads over a shared input: ``z[:, m] = x @ W[m].T + bias[m]`` -> (B, M, C).
+
+    Shapes: x (B, D), weight (M, C, D), bias (M, C) or None.
+    """
+    _check_heads_input(x, weight, bias)
+    impl = resolve_impl(impl, x, weight, bias)
+    m, c, d = weight.shape
+    if impl == "triton":
+        return GroupedLinearFunction.apply(x, weight, bias, True, False)
+    z = torch.nn.functional.linear(x, weight.reshape(m * c, d), None if bias is None else bias.reshape(m * c))
+    return z.view(x.shape[0], m, c)
+
+
+def mlp_hidden(x, hidden_weight, hidden_bias=None, impl: str = "auto"):
+    """First layer of M MLP heads, one GEMM: ``u[:, m] = relu(x @ W1[m].T + b1[m])`` -> (B, M, H)."""
+    _check_heads_input(x, hidden_weight, hidden_bias)
+    impl = resolve_impl(impl, x, hidden_weight, hidden_bias)
+    if impl == "triton":
+        return GroupedLinearFunction.apply(x, hidden_weight, hidden_bias, True, True)
+    return torch.relu(linear_heads(x, hidden_weight, hidden_bias, impl="torch"))
+
+
+def grouped_heads(u, weight, bias=None, impl: str = "auto"):
+    """Per-head GEMM (the grouped GEMM): ``z[:, m] = u[:, m] @ W[m].T + bias[m]`` -> (B, M, C).
+
+    Shapes: u (B, M, H), weight (M, C, H), bias (M, C) or None.
+    """
+    _check_heads_input(u, weight, bias, name="u", per_head=True)
+    impl = resolve_impl(impl, u, weight, bias)
+    if impl == "triton":
+        return GroupedLinearFunction.apply(u, weight, bias, False, False)
+    z = torch.bmm(u.transpose(0, 1), weight.transpose(1, 2))
+    if bias is not None:
+        z = z + bias.unsqueeze(1)
+    return z.transpose(0, 1)
+
+
+def _check_fused_loss_args(inp, teacher, weight, temperature, reduction, name):
+    _check_tensor("teacher_logits", teacher, (3,))
+    m, c, _ = weight.shape
+    if teacher.shape != (inp.shape[0], m, c):
+        raise ValueError(f"teacher_logits must have shape (B, M, C) = ({inp.shape[0]}, {m}, {c}) to match "
+                         f"{name} {tuple(inp.shape)} and the heads; got {tuple(teacher.shape)}")
+    _check_same_device(**{name: inp, "teacher_logits": teacher})
+    temperature = _check_temperature(temperature)
+    reduction = _check_reduction(reduction)
+    if reduction == "none":
+        raise ValueError("reduction='none' is not fused (the gradient needs the per-row upstream "
+                         "gradient); compute the logits and call hydra_kl_loss instead")
+    check_teacher_values(teacher)
+    return temperature, reduction
+
+
+def linear_hydra_kl_loss(x, weight, bias, teacher_logits, temperature: float = 1.0, reduction: str = "mean",
+                         impl: str = "auto"):
+    """Linear heads fused with the Hydra loss; equals ``hydra_kl_loss(linear_heads(x, W, b), t, T)``.
+
+    The (B, M, C) logits are never materialised whole; gradients for x, weight and bias are formed in
+    the forward pass chunk by chunk. reduction: "mean" or "sum".
+    Shapes: x (B, D), weight (M, C, D), bias (M, C) or None, teacher_logits (B, M, C).
+    """
+    _check_heads_input(x, weight, bias)
+    temperature, reduction = _check_fused_loss_args(x, teacher_logits, weight, temperature, reduction, "x")
+    impl = resolve_impl(impl, x, weight, bias, teacher_logits)
+    fn = LinearHydraKLFunction if impl == "triton" else TorchLinearHydraKLFunction
+    return fn.apply(x, weight, bias, teacher_logits.detach(), temperature, reduction, True)
+
+
+def mlp_hydra_kl_loss(x, hidden_weight, hidden_bias, weight, bias, teacher_logits, temperature: float = 1.0,
+                      reduction: str = "mean", impl: str = "auto"):
+    """MLP heads fused with the Hydra loss: first layer one GEMM, second layer the grouped GEMM
+    fused with softmax/KL. Shapes: x (B, D), hidden_weight (M, H, D), weight (M, C, H)."""
+    _check_heads_input(x, hidden_weight, hidden_bias)
+    temperature, reduction = _check_fused_loss_args(x, teacher_logits, weight, temperature, reduction, "x")
+    impl = resolve_impl(impl, x, hidden_weight, weight, teacher_logits)
+    u = mlp_hidden(x, hidden_weight, hidden_bias, impl=impl)
+    fn = LinearHydraKLFunction if impl == "triton" else TorchLinearHydraKLFunction
+    return fn.apply(u, weight, bias, teacher_logits.detach(), temperature, reduction, False)
+
+
+def uncertainty(logits: torch.Tensor, temperature: float = 1.0, impl: str = "auto") -> Uncertainty:
+    """Total, aleatoric and epistemic uncertainty of a multi-head prediction (no gradient).
+
+    ``P = mean_m softmax(z_m / T)``; total = H[P]; aleatoric = mean_m H[softmax(z_m / T)];
+    epistemic = total - aleatoric (the mutual information, clamped at 0 against rounding).
+
+    Args:
+        logits: (B, M, C) head logits.
+        temperature: T > 0 (1 by default, as in the paper's evaluation).
+        impl: "auto" | "triton" | "torch".
+    Returns: ``Uncertainty(probs (B, C), total (B,), aleatoric (B,), epistemic (B,))`` in the logits' dtype.
+
+    Example:
+        >>> u = uncertainty(torch.randn(16, 8, 10))
+        >>> u.epistemic.shape
+        torch.Size([16])
+    """
+    _check_tensor("logits", logits, (3,))
+    temperature = _check_temperature(temperature)
+    if logits.shape[1] == 0:
+        raise ValueError(f"logits must have at least one head, got shape {tuple(logits.shape)}")
+    impl = resolve_impl(impl, logits)
+    fn = uncertainty_triton if impl == "triton" else uncertainty_torch
+    return fn(logits.detach(), temperature)

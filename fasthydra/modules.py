@@ -1,0 +1,160 @@
+"""nn.Modules: they hold the parameters and call the functional API."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from fasthydra import functional as F_h
+
+
+def _init_heads_(weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """nn.Linear's default initialisation, applied to each head on its own (fan-in = last dim)."""
+    for m in range(weight.shape[0]):
+        nn.init.kaiming_uniform_(weight[m], a=math.sqrt(5))
+    if bias is not None:
+        fan_in = weight.shape[2]
+        bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+        nn.init.uniform_(bias, -bound, bound)
+
+
+class HydraHead(nn.Module):
+    """M light heads over a shared body output, trained to imitate M ensemble members.
+
+    Linear heads: ``z[:, m] = x @ weight[m].T + bias[m]``; all heads are one GEMM over the stacked
+    (M*C, D) weight. MLP heads (``hidden_features=H``): ``z[:, m] = relu(x @ hidden_weight[m].T +
+    hidden_bias[m]) @ weight[m].T + bias[m]``, the first layer one GEMM, the second a grouped GEMM.
+
+    Args:
+        in_features: D, width of the body's output.
+        num_classes: C.
+        num_heads: M.
+        hidden_features: H for two-layer heads, None for linear heads.
+        bias: learn biases.
+        impl: "auto" | "triton" | "torch" (see :func:`fasthydra.functional.resolve_impl`).
+    Shapes: x (*, D) -> logits (*, M, C). Parameters: weight (M, C, D or H), bias (M, C),
+        hidden_weight (M, H, D), hidden_bias (M, H).
+
+    Example:
+        >>> head = HydraHead(64, 10, num_heads=8)
+        >>> loss = head.distill_loss(torch.randn(32, 64), torch.randn(32, 8, 10), temperature=2.0)
+    """
+
+    def __init__(self, in_features: int, num_classes: int, num_heads: int, hidden_features: int | None = None,
+                 bias: bool = True, impl: str = "auto", device=None, dtype=None):
+        super().__init__()
+        for name, value in (("in_features", in_features), ("num_classes", num_classes), ("num_heads", num_heads)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if hidden_features is not None and (isinstance(hidden_features, bool) or not isinstance(hidden_features, int)
+                                            or hidden_features < 1):
+            raise ValueError(f"hidden_features must be None or an int >= 1, got {hidden_features!r}")
+        if impl not in F_h.IMPLS:
+            raise ValueError(f"impl must be one of {F_h.IMPLS}, got {impl!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.in_features = in_features
+        self.num_classes = num_classes
+        self.num_heads = num_heads
+        self.hidden_features = hidden_features
+        self.impl = impl
+        if hidden_features is not None:
+            self.hidden_weight = nn.Parameter(torch.empty(num_heads, hidden_features, in_features, **factory))
+            self.hidden_bias = nn.Parameter(torch.empty(num_heads, hidden_features, **factory)) if bias else None
+            if not bias:
+                self.register_parameter("hidden_bias", None)
+        last_in = in_features if hidden_features is None else hidden_features
+        self.weight = nn.Parameter(torch.empty(num_heads, num_classes, last_in, **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(num_heads, num_classes, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    @property
+    def is_mlp(self) -> bool:
+        return self.hidden_features is not None
+
+    def reset_parameters(self) -> None:
+        if self.is_mlp:
+            _init_heads_(self.hidden_weight, self.hidden_bias)
+        _init_heads_(self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        hidden = f", hidden_features={self.hidden_features}" if self.is_mlp else ""
+        return (f"in_features={self.in_features}, num_classes={self.num_classes}, num_heads={self.num_heads}"
+                f"{hidden}, bias={self.bias is not None}, impl={self.impl!r}")
+
+    def _flatten_input(self, x: torch.Tensor) -> torch.Tensor:
+        F_h._check_tensor("x", x)
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x must have shape (*, {self.in_features}), got {tuple(x.shape)}")
+        return x.reshape(-1, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (*, D) -> logits (*, M, C)."""
+        lead = x.shape[:-1] if isinstance(x, torch.Tensor) else ()
+        x2 = self._flatten_input(x)
+        if self.is_mlp:
+            u = F_h.mlp_hidden(x2, self.hidden_weight, self.hidden_bias, impl=self.impl)
+            z = F_h.grouped_heads(u, self.weight, self.bias, impl=self.impl)
+        else:
+            z = F_h.linear_heads(x2, self.weight, self.bias, impl=self.impl)
+        return z.reshape(*lead, self.num_heads, self.num_classes)
+
+    def distill_loss(self, x: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+                     reduction: str = "mean") -> torch.Tensor:
+        """Fused heads + Hydra loss; same value and gradients as ``hydra_kl_loss(self(x), t, T)``.
+
+        Args:
+            x: (*, D) body features.
+            teacher_logits: (*, M, C), member m's logits for head m.
+            temperature: T > 0.
+            reduction: "mean" or "sum" run fused; "none" -> (*, M) goes through the unfused path.
+        Returns: the loss in x's dtype.
+
+        Example:
+            >>> head = HydraHead(16, 10, 4)
+            >>> head.distill_loss(torch.randn(8, 16), torch.randn(8, 4, 10), temperature=2.0).backward()
+        """
+        lead = x.shape[:-1] if isinstance(x, torch.Tensor) else ()
+        x2 = self._flatten_input(x)
+        F_h._check_tensor("teacher_logits", teacher_logits)
+        want = (*lead, self.num_heads, self.num_classes)
+        if tuple(teacher_logits.shape) != want:
+            raise ValueError(f"teacher_logits must have shape {want} for x {tuple(x.shape)} and this head "
+                             f"(M={self.num_heads}, C={self.num_classes}); got {tuple(teacher_logits.shape)}")
+        t2 = teacher_logits.reshape(-1, self.num_heads, self.num_classes)
+        if reduction == "none":
+            loss = F_h.hydra_kl_loss(self(x2), t2, temperature, reduction="none", impl=self.impl)
+            return loss.reshape(*lead, self.num_heads)
+        if self.is_mlp:
+            return F_h.mlp_hydra_kl_loss(x2, self.hidden_weight, self.hidden_bias, self.weight, self.bias, t2,
+                                         temperature, reduction, impl=self.impl)
+        return F_h.linear_hydra_kl_loss(x2, self.weight, self.bias, t2, temperature, reduction, impl=self.impl)
+
+    @torch.no_grad()
+    def expand(self, num_heads: int, noise_std: float = 0.0, generator: torch.Generator | None = None) -> "HydraHead":
+        """M copies of a one-head head (stage 2 of Hydra), each perturbed by N(0, noise_std^2) noise.
+
+        Returns a new module on the same device and dtype, with the same impl; self is unchanged.
+        """
+        if self.num_heads != 1:
+            raise ValueError(f"expand() starts from a one-head HydraHead, this one has num_heads={self.num_heads}")
+        if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+            raise ValueError(f"num_heads must be an int >= 1, got {num_heads!r}")
+        if not (isinstance(noise_std, (int, float)) and math.isfinite(noise_std) and noise_std >= 0):
+            raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std!r}")
+        ref = self.weight
+        new = HydraHead(self.in_features, self.num_classes, num_heads, self.hidden_features,
+                        bias=self.bias is not None, impl=self.impl, device=ref.device, dtype=ref.dtype)
+        for name, param in new.named_parameters():
+            src = getattr(self, name)
+            param.copy_(src.expand_as(param))
+            if noise_std > 0:
+                noise = torch.randn(param.shape, generator=generator, device=param.device, dtype=torch.float32)
+                param.add_(noise.to(param.dtype), alpha=noise_std)
+        return new

@@ -1,0 +1,82 @@
+"""Launch plumbing shared by the ops: interpreter detection, tl.dot precision, block configurations.
+
+The block-configuration functions are the single source of truth for what gets launched: the
+launchers call them, and ``fasthydra.kernel_report`` compiles exactly what they return.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Largest C tile of the row-wise loss kernels; tests shrink it to exercise many tiles on small C.
+MAX_BLOCK_C = 2048
+# Elements of one row chunk's (rows, M, C) gradient stash on the Triton path (bytes = this * dtype size).
+TRITON_CHUNK_ELEMENTS = 1 << 27
+# Elements of one row chunk's (rows, M, C) logits on the torch path (each chunk holds a few such buffers).
+TORCH_CHUNK_ELEMENTS = 1 << 21
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (must be set before triton is imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision for fp32 operands, following torch's own fp32 matmul setting."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
+def upcast_dot(dtype: torch.dtype) -> bool:
+    # The interpreter's tl.dot on 16-bit operands is not trustworthy: feed it fp32 there.
+    return interpreting() and dtype != torch.float32
+
+
+def rows_per_chunk(total_rows: int, row_elements: int, budget: int) -> int:
+    """Rows of one chunk so that rows * row_elements stays within budget (at least one row)."""
+    return max(1, min(max(total_rows, 1), budget // max(row_elements, 1)))
+
+
+def kl_rows_config(n_cols: int) -> dict:
+    """Row-wise KL kernel: C tile up to MAX_BLOCK_C; several rows per program when C is small."""
+    block_c = max(16, min(next_pow2(n_cols), MAX_BLOCK_C))
+    block_r = max(1, min(16, 1024 // block_c))  # small C: pack rows so a program has ~1k lanes of work
+    return dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4 if block_r * block_c <= 1024 else 8)
+
+
+def linear_kl_config(n_rows: int, n_cols: int, k: int) -> dict:
+    """Fused head GEMM + KL: tl.dot needs every tile dim >= 16 (small C is padded with masks)."""
+    block_b = 64 if n_rows > 32 else max(16, next_pow2(n_rows))  # 64 rows share each weight tile
+    block_c = max(16, min(next_pow2(n_cols), 64))  # 64 x 64 fp32 logits tile plus softmax temporaries fit without spills
+    block_k = max(16, min(next_pow2(k), 64))
+    return dict(BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_K=block_k, num_warps=4, num_stages=3)
+
+
+def matmul_config(m: int, n: int, k: int) -> dict:
+    block_m = max(16, min(next_pow2(m), 128))
+    block_n = max(16, min(next_pow2(n), 128))
+    block_k = max(16, min(next_pow2(k), 32))  # 32-deep K tiles keep 3 pipeline stages inside shared memory
+    warps = 8 if block_m * block_n >= 128 * 128 else 4  # 128x128 accumulator needs 8 warps to avoid spills
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=warps, num_stages=3)
+
+
+def uncertainty_config(n_heads: int, n_cols: int) -> dict:
+    block_m = max(2, next_pow2(n_heads))
+    block_c = max(16, min(next_pow2(n_cols), max(16, 4096 // block_m)))  # ~4k lanes per tile
+    return dict(BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 maths for fp16/bf16/fp32 inputs; float64 stays float64 (the torch path's reference mode)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

@@ -1,0 +1,122 @@
+"""Grouped head GEMMs on the Triton path: the launcher over strided 3-D views, and the Function
+that computes the heads' logits (linear heads, and both layers of MLP heads).
+
+Inputs are either shared by all heads, x of shape (B, K), so that all heads are one GEMM over the
+stacked (M*N, K) weight, or per head, u of shape (B, M, K), so that head m multiplies u[:, m] by
+W[m]: the grouped GEMM, one launch with the head as the second grid axis.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._common import cdiv, dot_precision, matmul_config, upcast_dot
+
+
+def grouped_mm(a3, b3, out3, bias2=None, relu: bool = False, accumulate: bool = False):
+    """out3[g] (=|+=) act(a3[g] @ b3[g] + bias2[g]) for strided views a3 (G, M, K), b3 (G, K, N), out3 (G, M, N)."""
+    from fasthydra.kernels.grouped_matmul import _grouped_matmul_kernel
+
+    g, m, k = a3.shape
+    n = b3.shape[2]
+    if g == 0 or m == 0 or n == 0:
+        return out3
+    if k == 0:  # empty contraction: the product is zero
+        if not accumulate:
+            out3.zero_()
+            if bias2 is not None:
+                out3 += bias2[:, None, :]
+            if relu:
+                out3.clamp_(min=0)
+        return out3
+    cfg = matmul_config(m, n, k)
+    grid = (cdiv(m, cfg["BLOCK_M"]) * cdiv(n, cfg["BLOCK_N"]), g)
+    _grouped_matmul_kernel[grid](
+        a3, b3, out3, bias2 if bias2 is not None else out3,
+        m, n, k,
+        a3.stride(0), a3.stride(1), a3.stride(2),
+        b3.stride(0), b3.stride(1), b3.stride(2),
+        out3.stride(0), out3.stride(1), out3.stride(2),
+        bias2.stride(0) if bias2 is not None else 0,
+        HAS_BIAS=bias2 is not None, RELU=relu, ACCUMULATE=accumulate,
+        UPCAST_DOT=upcast_dot(a3.dtype), PRECISION=dot_precision(a3.dtype),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out3
+
+
+def head_views(inp: torch.Tensor, weight: torch.Tensor, shared: bool):
+    """3-D operand views for the heads' forward GEMM and their groups.
+
+    shared: inp (B, K) -> one group over the stacked weight (1, K, M*N);
+    per head: inp (B, M, K) -> M groups, a3 (M, B, K) and b3 = W^T (M, K, N).
+    """
+    m, n, k = weight.shape
+    if shared:
+        return inp.unsqueeze(0), weight.reshape(1, m * n, k).transpose(1, 2)
+    return inp.permute(1, 0, 2), weight.transpose(1, 2)
+
+
+def heads_backward(grad_out, inp, weight, shared: bool, need_input: bool, need_weight: bool,
+                   grad_weight32=None):
+    """Input and weight gradients of the heads' GEMM, from the logits gradient grad_out (B, M, N).
+
+    The weight gradient is accumulated into grad_weight32 (fp32, (M, N, K)) when given, else returned
+    in the weight's dtype. Returns (grad_input or None, grad_weight or None).
+    """
+    b = grad_out.shape[0]
+    m, n, k = weight.shape
+    grad_in = None
+    if need_input:
+        if shared:
+            grad_in = torch.empty(b, k, dtype=inp.dtype, device=inp.device)
+            grouped_mm(grad_out.reshape(1, b, m * n), weight.reshape(1, m * n, k), grad_in.unsqueeze(0))
+        else:
+            grad_in = torch.empty(b, m, k, dtype=inp.dtype, device=inp.device)
+            grouped_mm(grad_out.permute(1, 0, 2), weight, grad_in.permute(1, 0, 2))
+    grad_w = None
+    if need_weight:
+        accumulate = grad_weight32 is not None
+        grad_w = grad_weight32 if accumulate else torch.empty_like(weight)
+        if shared:
+            grouped_mm(grad_out.reshape(1, b, m * n).transpose(1, 2), inp.unsqueeze(0),
+                       grad_w.view(1, m * n, k), accumulate=accumulate)
+        else:
+            grouped_mm(grad_out.permute(1, 2, 0), inp.permute(1, 0, 2), grad_w, accumulate=accumulate)
+    return grad_in, grad_w
+
+
+class GroupedLinearFunction(torch.autograd.Function):
+    """Logits (or hidden activations) of M heads: out[:, m] = act(inp_m @ W[m]^T + bias[m]).
+
+    Shapes: inp (B, K) when shared else (B, M, K); weight (M, N, K); bias (M, N) or None;
+    returns (B, M, N). act is relu when relu=True, else the identity.
+    """
+
+    @staticmethod
+    def forward(ctx, inp, weight, bias, shared: bool, relu: bool):
+        m, n, k = weight.shape
+        b = inp.shape[0]
+        inp = inp.contiguous()
+        out = torch.empty(b, m, n, dtype=inp.dtype, device=inp.device)
+        a3, b3 = head_views(inp, weight, shared)
+        out3 = out.view(1, b, m * n) if shared else out.permute(1, 0, 2)
+        bias2 = None if bias is None else (bias.reshape(1, m * n) if shared else bias)
+        grouped_mm(a3, b3, out3, bias2, relu=relu)
+        ctx.shared, ctx.relu, ctx.has_bias = shared, relu, bias is not None
+        ctx.save_for_backward(inp, weight, out if relu else None)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        inp, weight, out = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        if ctx.relu:
+            grad_out = grad_out.masked_fill(out <= 0, 0.0)
+        grad_in, grad_w = heads_backward(grad_out, inp, weight, ctx.shared,
+                                         ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        grad_b = None
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_out.sum(0, dtype=torch.float32).to(weight.dtype)
+        return grad_in, grad_w, grad_b, None, None

@@ -1,0 +1,165 @@
+"""Head GEMMs fused with the Hydra loss: the fused Triton Function and the chunked torch path.
+
+Both walk the batch in row chunks. For each chunk the logits (B_chunk, M, C) are formed, turned
+into loss rows and the logits gradient T * (q - p) * coefficient, and the gradient is at once
+contracted into the input gradient and accumulated (fp32) into the weight and bias gradients. The
+full (B, M, C) logits never exist; the backward only scales the stored gradients.
+
+The input is shared by all heads, x (B, K), for linear heads (one GEMM over the stacked (M*C, K)
+weight), or per head, u (B, M, K), for the second layer of MLP heads (the grouped GEMM).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._common import (
+    TORCH_CHUNK_ELEMENTS,
+    TRITON_CHUNK_ELEMENTS,
+    cdiv,
+    compute_dtype,
+    dot_precision,
+    linear_kl_config,
+    rows_per_chunk,
+    upcast_dot,
+)
+from .grouped_linear import heads_backward
+from .hydra_kl import kl_chunk_torch, reduce_rows, reduction_coefficient
+
+
+def _finish(ctx, rows, inp, weight, bias, grad_in, grad_w32, grad_b32, reduction):
+    ctx.save_for_backward(grad_in, None if grad_w32 is None else grad_w32.to(weight.dtype),
+                          None if grad_b32 is None else grad_b32.to(bias.dtype))
+    return reduce_rows(rows, reduction, inp.dtype)
+
+
+def _backward(ctx, grad_output):
+    grad_in, grad_w, grad_b = ctx.saved_tensors
+    go = grad_output.to(torch.float32)
+    scaled = [None if g is None else g * go.to(g.dtype) for g in (grad_in, grad_w, grad_b)]
+    return (*scaled, None, None, None, None)
+
+
+class TorchLinearHydraKLFunction(torch.autograd.Function):
+    """Fused heads + Hydra loss in torch ops: one addmm (shared input) or baddbmm (per head) per chunk."""
+
+    @staticmethod
+    def forward(ctx, inp, weight, bias, teacher, temperature: float, reduction: str, shared: bool):
+        m, c, k = weight.shape
+        b = inp.shape[0]
+        cdt = compute_dtype(inp.dtype)
+        need_in, need_w, need_b = ctx.needs_input_grad[:3]
+        want_grad = need_in or need_w or need_b
+        grad_scale = temperature * reduction_coefficient(reduction, b * m) if want_grad else None
+        w = weight.to(cdt)
+        wf = w.reshape(m * c, k)
+        bias_c = None if bias is None else bias.to(cdt)
+        rows = torch.empty(b, m, dtype=cdt, device=inp.device)
+        grad_in = torch.empty(inp.shape, dtype=cdt, device=inp.device) if need_in else None
+        grad_w32 = torch.zeros(m, c, k, dtype=cdt, device=inp.device) if need_w else None
+        grad_b32 = torch.zeros(m, c, dtype=cdt, device=inp.device) if need_b else None
+        step = rows_per_chunk(b, m * c, TORCH_CHUNK_ELEMENTS)
+        for r0 in range(0, b, step):
+            xc = inp[r0:r0 + step].to(cdt)
+            bc = xc.shape[0]
+            if shared:  # all heads in one GEMM over the stacked (M*C, K) weight
+                z = xc @ wf.T if bias_c is None else torch.addmm(bias_c.reshape(1, m * c), xc, wf.T)
+                z = z.view(bc, m, c)
+            else:  # grouped GEMM: head m multiplies its own input u[:, m]
+                xm = xc.transpose(0, 1)  # (M, bc, K)
+                z = torch.bmm(xm, w.transpose(1, 2)) if bias_c is None else \
+                    torch.baddbmm(bias_c.unsqueeze(1), xm, w.transpose(1, 2))
+                z = z.transpose(0, 1)  # (bc, M, C), strided view
+            loss, g = kl_chunk_torch(z, teacher[r0:r0 + step], temperature, grad_scale)
+            del z
+            rows[r0:r0 + step] = loss
+            if not want_grad:
+                continue
+            if shared:
+                g2 = g.view(bc, m * c)
+                if need_in:
+                    torch.mm(g2, wf, out=grad_in[r0:r0 + step])
+                if need_w:
+                    grad_w32.view(m * c, k).addmm_(g2.T, xc)
+            else:
+                gm = g.transpose(0, 1)  # (M, bc, C)
+                if need_in:
+                    grad_in[r0:r0 + step] = torch.bmm(gm, w).transpose(0, 1)
+                if need_w:
+                    grad_w32.baddbmm_(gm.transpose(1, 2), xc.transpose(0, 1))
+            if need_b:
+                grad_b32 += g.sum(0)
+        ctx.reduction = reduction
+        if grad_in is not None:
+            grad_in = grad_in.to(inp.dtype)
+        return _finish(ctx, rows, inp, weight, bias, grad_in, grad_w32, grad_b32, reduction)
+
+    backward = staticmethod(_backward)
+
+
+def launch_linear_hydra_kl(inp, weight, bias, teacher, loss, stash, temperature, grad_scale, shared):
+    """One launch of the fused kernel over a row chunk; loss (B, M) fp32, stash (B, M, C) or None."""
+    from fasthydra.kernels.linear_kl import _linear_hydra_kl_fwd_kernel
+
+    m, c, k = weight.shape
+    b = inp.shape[0]
+    if b == 0:
+        return
+    cfg = linear_kl_config(b, c, k)
+    stride_xm = 0 if shared else inp.stride(1)
+    write_grad = stash is not None
+    _linear_hydra_kl_fwd_kernel[(cdiv(b, cfg["BLOCK_B"]), m)](
+        inp, weight, bias if bias is not None else weight, teacher, loss, stash if write_grad else loss,
+        b, c, k,
+        inp.stride(0), stride_xm, weight.stride(0), weight.stride(1),
+        bias.stride(0) if bias is not None else 0,
+        teacher.stride(0), teacher.stride(1),
+        stash.stride(0) if write_grad else 0, stash.stride(1) if write_grad else 0,
+        1.0 / temperature, temperature * temperature, grad_scale if write_grad else 0.0,
+        HAS_BIAS=bias is not None, WRITE_GRAD=write_grad,
+        UPCAST_DOT=upcast_dot(inp.dtype), PRECISION=dot_precision(inp.dtype),
+        BLOCK_B=cfg["BLOCK_B"], BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+
+
+class LinearHydraKLFunction(torch.autograd.Function):
+    """Fused heads + Hydra loss on Triton: the fused GEMM/softmax/KL kernel, then grouped GEMMs for
+    the input gradient and the fp32 weight-gradient accumulation, chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, inp, weight, bias, teacher, temperature: float, reduction: str, shared: bool):
+        m, c, k = weight.shape
+        b = inp.shape[0]
+        inp = inp.contiguous()
+        weight = weight.contiguous()
+        bias = None if bias is None else bias.contiguous()
+        teacher = teacher if teacher.stride(-1) == 1 else teacher.contiguous()
+        need_in, need_w, need_b = ctx.needs_input_grad[:3]
+        want_grad = need_in or need_w or need_b
+        loss = torch.empty(b, m, dtype=torch.float32, device=inp.device)
+        grad_in = grad_w32 = grad_b32 = None
+        if not want_grad:  # loss only: one pass, no stash, nothing of size (B, M, C) is written
+            launch_linear_hydra_kl(inp, weight, bias, teacher, loss, None, temperature, None, shared)
+        else:
+            grad_scale = temperature * reduction_coefficient(reduction, b * m)
+            step = rows_per_chunk(b, m * c, TRITON_CHUNK_ELEMENTS)
+            stash = torch.empty(min(step, b), m, c, dtype=inp.dtype, device=inp.device)
+            grad_in = torch.empty_like(inp) if need_in else None
+            grad_w32 = torch.zeros(m, c, k, dtype=torch.float32, device=inp.device) if need_w else None
+            grad_b32 = torch.zeros(m, c, dtype=torch.float32, device=inp.device) if need_b else None
+            for r0 in range(0, b, step):
+                xc = inp[r0:r0 + step]
+                bc = xc.shape[0]
+                g = stash[:bc]
+                launch_linear_hydra_kl(xc, weight, bias, teacher[r0:r0 + step], loss[r0:r0 + step], g,
+                                       temperature, grad_scale, shared)
+                gi, _ = heads_backward(g, xc, weight, shared, need_in, need_w, grad_weight32=grad_w32)
+                if need_in:
+                    grad_in[r0:r0 + step] = gi
+                if need_b:
+                    grad_b32 += g.sum(0, dtype=torch.float32)
+        ctx.reduction = reduction
+        return _finish(ctx, loss, inp, weight, bias, grad_in, grad_w32, grad_b32, reduction)
+
+    backward = staticmethod(_backward)

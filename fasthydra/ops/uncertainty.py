@@ -1,0 +1,57 @@
+"""Entropy decomposition of a multi-head prediction: the Triton launcher and the torch path.
+
+An evaluation op: no gradient flows through it (outputs never require grad).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fasthydra.reference import Uncertainty
+
+from ._common import TORCH_CHUNK_ELEMENTS, compute_dtype, rows_per_chunk, uncertainty_config
+
+
+def _empty_outputs(b: int, c: int, dtype, device):
+    probs = torch.empty(b, c, dtype=dtype, device=device)
+    return probs, *(torch.empty(b, dtype=dtype, device=device) for _ in range(3))
+
+
+@torch.no_grad()
+def uncertainty_torch(logits: torch.Tensor, temperature: float) -> Uncertainty:
+    """(B, M, C) logits -> Uncertainty, row chunk by row chunk in fp32 (fp64 for fp64 input)."""
+    b, m, c = logits.shape
+    cdt = compute_dtype(logits.dtype)
+    probs, total, aleatoric, epistemic = _empty_outputs(b, c, logits.dtype, logits.device)
+    step = rows_per_chunk(b, m * c, TORCH_CHUNK_ELEMENTS)
+    for r0 in range(0, b, step):
+        log_q = torch.log_softmax(logits[r0:r0 + step].to(cdt) / temperature, dim=-1)
+        q = log_q.exp()
+        # q * log q is 0 where q underflows to 0, even though log q is -inf there.
+        head_entropy = -(q * log_q).nan_to_num_(0.0).sum(-1)  # (bc, M)
+        mix = q.mean(1)  # (bc, C)
+        del q, log_q
+        mix_entropy = -torch.special.xlogy(mix, mix).sum(-1)
+        ale = head_entropy.mean(1)
+        probs[r0:r0 + step] = mix
+        total[r0:r0 + step] = mix_entropy
+        aleatoric[r0:r0 + step] = ale
+        epistemic[r0:r0 + step] = (mix_entropy - ale).clamp_min_(0.0)
+    return Uncertainty(probs, total, aleatoric, epistemic)
+
+
+@torch.no_grad()
+def uncertainty_triton(logits: torch.Tensor, temperature: float) -> Uncertainty:
+    from fasthydra.kernels.uncertainty import _uncertainty_fwd_kernel
+
+    b, m, c = logits.shape
+    logits = logits if logits.stride(-1) == 1 else logits.contiguous()
+    probs, total, aleatoric, epistemic = _empty_outputs(b, c, logits.dtype, logits.device)
+    if b > 0:
+        cfg = uncertainty_config(m, c)
+        _uncertainty_fwd_kernel[(b,)](
+            logits, probs, total, aleatoric, epistemic,
+            m, c, logits.stride(0), logits.stride(1), probs.stride(0), 1.0 / temperature,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
+        )
+    return Uncertainty(probs, total, aleatoric, epistemic)

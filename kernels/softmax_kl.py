@@ -1,0 +1,108 @@
+"""Device code: the online tempered softmax + KL shared by the loss kernels, and the loss kernel on given logits.
+
+Per row r (one (batch, head) pair), with s = z / T (student) and u = t / T (teacher):
+    p = softmax(u), q = softmax(s), loss_r = T^2 * KL(p || q) = T^2 * sum_c p_c (log p_c - log q_c)
+    dloss_r / dz_c = T * (q_c - p_c)
+The row is read in C tiles. Pass 1 keeps, per row, the running maxima m_s, m_u, the running sums
+d_s = sum exp(s - m_s), d_u = sum exp(u - m_u) and a = sum exp(u - m_u) * ((u - m_u) - (s - m_s)),
+rescaled whenever a maximum moves; then KL = a / d_u - log d_u + log d_s. Every term uses logits
+already shifted by their row maximum, so |z| up to 1e4 loses nothing to cancellation.
+Pass 2 (only when a gradient is wanted) reads the tiles again and writes T * (q - p) * scale.
+A teacher logit of -inf masks its class: p_c = 0 and the class adds nothing to the loss.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _online_kl_update(s, u, m_s, d_s, m_u, d_u, a):
+    """Folds one (ROWS, BLOCK_C) tile of tempered logits into the per-row statistics (all fp32).
+
+    s, u: student and teacher logits divided by T, -inf on lanes outside the row.
+    m_s, d_s, m_u, d_u, a: (ROWS,) running statistics described in the module docstring.
+    """
+    new_m_s = tl.maximum(m_s, tl.max(s, axis=1))
+    new_m_u = tl.maximum(m_u, tl.max(u, axis=1))
+    # A row whose tiles so far were all masked keeps a -inf maximum; shift by 0 then (exp(-inf) = 0).
+    ref_s = tl.where(new_m_s == float("-inf"), 0.0, new_m_s)
+    ref_u = tl.where(new_m_u == float("-inf"), 0.0, new_m_u)
+    scale_s = tl.exp(m_s - ref_s)
+    scale_u = tl.exp(m_u - ref_u)
+    # Old terms of `a` were measured against the old maxima: move them to the new ones.
+    shift = (ref_u - m_u) - (ref_s - m_s)
+    a = tl.where(d_u > 0, scale_u * (a - d_u * shift), 0.0)
+    sh_s = s - ref_s[:, None]
+    sh_u = u - ref_u[:, None]
+    e_u = tl.exp(sh_u)
+    teacher_live = u > float("-inf")
+    a += tl.sum(tl.where(teacher_live, e_u * (sh_u - sh_s), 0.0), axis=1)
+    d_s = d_s * scale_s + tl.sum(tl.exp(sh_s), axis=1)
+    d_u = d_u * scale_u + tl.sum(e_u, axis=1)
+    return new_m_s, d_s, new_m_u, d_u, a
+
+
+@triton.jit
+def _kl_grad_tile(s, u, m_s, log_d_s, m_u, log_d_u, grad_scale):
+    """``grad_scale * (q - p)`` for one tile, given the finished row statistics."""
+    q = tl.exp(s - m_s[:, None] - log_d_s[:, None])
+    p = tl.where(u > float("-inf"), tl.exp(u - m_u[:, None] - log_d_u[:, None]), 0.0)
+    return grad_scale * (q - p)
+
+
+# Forward formula: loss[r] = T^2 * KL(softmax(t[r]/T) || softmax(z[r]/T)); gradient
+# dloss/dz[r, c] = T * (q - p), written (times grad_scale / T) in the same launch as the loss.
+# One program owns BLOCK_R whole rows and walks their C tiles twice (stats, then gradient), so no
+# row statistics ever cross programs.
+@triton.jit
+def _hydra_kl_fwd_kernel(
+    z_ptr,  # student logits, (R, C), unit stride along C, row stride stride_z
+    t_ptr,  # teacher logits, (R, C), unit stride along C, row stride stride_t
+    loss_ptr,  # out: (R,) fp32, T^2 * KL per row
+    grad_ptr,  # out: (R, C) in the student's dtype, grad_scale * (q - p); unused unless WRITE_GRAD
+    R,
+    C,
+    stride_z,
+    stride_t,
+    stride_g,
+    inv_temp,  # 1 / T
+    loss_scale,  # T^2
+    grad_scale,  # T * reduction coefficient (1/(B*M) for "mean", 1 otherwise)
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    row_ok = rows < R
+    cols0 = tl.arange(0, BLOCK_C)
+
+    m_s = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+    m_u = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+    d_s = tl.zeros((BLOCK_R,), tl.float32)
+    d_u = tl.zeros((BLOCK_R,), tl.float32)
+    a = tl.zeros((BLOCK_R,), tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + cols0
+        mask = row_ok[:, None] & (cols < C)[None, :]
+        z = tl.load(z_ptr + rows[:, None] * stride_z + cols[None, :], mask=mask, other=float("-inf"))
+        t = tl.load(t_ptr + rows[:, None] * stride_t + cols[None, :], mask=mask, other=float("-inf"))
+        s = z.to(tl.float32) * inv_temp
+        u = t.to(tl.float32) * inv_temp
+        m_s, d_s, m_u, d_u, a = _online_kl_update(s, u, m_s, d_s, m_u, d_u, a)
+
+    log_d_s = tl.log(d_s)
+    log_d_u = tl.log(d_u)
+    kl = a / d_u - log_d_u + log_d_s
+    tl.store(loss_ptr + rows, kl * loss_scale, mask=row_ok)
+
+    if WRITE_GRAD:
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + cols0
+            mask = row_ok[:, None] & (cols < C)[None, :]
+            z = tl.load(z_ptr + rows[:, None] * stride_z + cols[None, :], mask=mask, other=float("-inf"))
+            t = tl.load(t_ptr + rows[:, None] * stride_t + cols[None, :], mask=mask, other=float("-inf"))
+            g = _kl_grad_tile(z.to(tl.float32) * inv_temp, t.to(tl.float32) * inv_temp,
+                              m_s, log_d_s, m_u, log_d_u, grad_scale)
+            tl.store(grad_ptr + rows[:, None] * stride_g + cols[None, :],
+                     g.to(grad_ptr.dtype.element_ty), mask=mask)

@@ -1,0 +1,73 @@
+"""Device code: entropy decomposition of a multi-head prediction, one row per program.
+
+Forward formula for row b with head logits z[b, m, :] (divided by T):
+    q_m = softmax(z_m),  P = mean_m q_m,  total = H[P],  aleatoric = mean_m H[q_m],
+    epistemic = max(total - aleatoric, 0)   (the mutual information; clamped at 0 against rounding)
+No gradient: this is an evaluation op. Pass 1 walks the C tiles with all heads of the row in one
+(BLOCK_M, BLOCK_C) tile and keeps per-head max, sum exp and sum exp * (z - max), so that
+H[q_m] = log d_m - e_m / d_m. Pass 2 forms P tile by tile, stores it and sums -P log P.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _uncertainty_fwd_kernel(
+    z_ptr,  # logits (B, M, C): strides stride_zb, stride_zm, unit along C
+    probs_ptr,  # out: (B, C) mixture probabilities, row stride stride_pb, unit along C
+    total_ptr,  # out: (B,) H[P]
+    aleatoric_ptr,  # out: (B,) mean_m H[q_m]
+    epistemic_ptr,  # out: (B,) total - aleatoric, clamped at 0
+    M,
+    C,
+    stride_zb,
+    stride_zm,
+    stride_pb,
+    inv_temp,  # 1 / T
+    BLOCK_M: tl.constexpr,  # heads, padded to a power of two
+    BLOCK_C: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    heads = tl.arange(0, BLOCK_M)
+    head_ok = heads < M
+    cols0 = tl.arange(0, BLOCK_C)
+    z_row = z_ptr + row * stride_zb + heads[:, None].to(tl.int64) * stride_zm
+
+    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    d = tl.zeros((BLOCK_M,), tl.float32)
+    e = tl.zeros((BLOCK_M,), tl.float32)  # sum exp(s - m) * (s - m)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + cols0
+        mask = head_ok[:, None] & (cols < C)[None, :]
+        s = tl.load(z_row + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
+        new_m = tl.maximum(m, tl.max(s, axis=1))
+        ref = tl.where(new_m == float("-inf"), 0.0, new_m)
+        scale = tl.exp(m - ref)
+        e = tl.where(d > 0, scale * (e - d * (ref - m)), 0.0)
+        sh = s - ref[:, None]
+        ex = tl.exp(sh)
+        e += tl.sum(tl.where(mask, ex * sh, 0.0), axis=1)
+        d = d * scale + tl.sum(ex, axis=1)
+        m = new_m
+
+    log_d = tl.log(tl.where(head_ok, d, 1.0))
+    ent = tl.where(head_ok, log_d - e / tl.where(head_ok, d, 1.0), 0.0)
+    aleatoric = tl.sum(ent, axis=0) / M
+    ref = tl.where(head_ok, m + log_d, 0.0)
+
+    total = tl.sum(tl.zeros((BLOCK_C,), tl.float32), axis=0)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + cols0
+        col_ok = cols < C
+        mask = head_ok[:, None] & col_ok[None, :]
+        s = tl.load(z_row + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
+        q = tl.where(mask, tl.exp(s - ref[:, None]), 0.0)
+        p = tl.sum(q, axis=0) / M
+        total -= tl.sum(tl.where(p > 0, p * tl.log(tl.where(p > 0, p, 1.0)), 0.0), axis=0)
+        tl.store(probs_ptr + row * stride_pb + cols, p.to(probs_ptr.dtype.element_ty), mask=col_ok)
+
+    tl.store(total_ptr + row, total.to(total_ptr.dtype.element_ty))
+    tl.store(aleatoric_ptr + row, aleatoric.to(aleatoric_ptr.dtype.element_ty))
+    epistemic = tl.maximum(total - aleatoric, 0.0)
+    tl.store(epistemic_ptr + row, epistemic.to(epistemic_ptr.dtype.element_ty))
