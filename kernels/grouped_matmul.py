@@ -51,31 +51,36 @@ def _grouped_matmul_kernel(
     pid_m = (first_m + (pid % width) % size_m).to(tl.int64)
     pid_n = ((pid % width) // size_m).to(tl.int64)
 
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    rk0 = tl.arange(0, BLOCK_K).to(tl.int64)
-    m_ok = rm < M
-    n_ok = rn < N
-    a_base = a_ptr + group * stride_ag + rm[:, None] * stride_am
-    b_base = b_ptr + group * stride_bg + rn[None, :] * stride_bn
+    # 64-bit scalar bases; 32-bit offsets inside a tile (a tile spans at most BLOCK * stride elements).
+    a_base = a_ptr + group * stride_ag + (pid_m * BLOCK_M) * stride_am
+    b_base = b_ptr + group * stride_bg + (pid_n * BLOCK_N) * stride_bn
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm < M - pid_m * BLOCK_M
+    n_ok = rn < N - pid_n * BLOCK_N
+    a_ptrs = a_base + rm[:, None] * stride_am + rk[None, :] * stride_ak
+    b_ptrs = b_base + rk[:, None] * stride_bk + rn[None, :] * stride_bn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        rk = k0 + rk0
-        k_ok = rk < K
-        at = tl.load(a_base + rk[None, :] * stride_ak, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        bt = tl.load(b_base + rk[:, None] * stride_bk, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        k_ok = rk < K - k0
+        at = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        bt = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if UPCAST_DOT:
             at = at.to(tl.float32)
             bt = bt.to(tl.float32)
         acc = tl.dot(at, bt.to(at.dtype), acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
 
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + group * stride_biasg + rn, mask=n_ok, other=0.0)
+        bias = tl.load(bias_ptr + group * stride_biasg + pid_n * BLOCK_N + rn, mask=n_ok, other=0.0)
         acc += bias.to(tl.float32)[None, :]
     if RELU:
         acc = tl.maximum(acc, 0.0)
-    out_ptrs = out_ptr + group * stride_og + rm[:, None] * stride_om + rn[None, :] * stride_on
+    out_base = out_ptr + group * stride_og + (pid_m * BLOCK_M) * stride_om + (pid_n * BLOCK_N) * stride_on
+    out_ptrs = out_base + rm[:, None] * stride_om + rn[None, :] * stride_on
     mask = m_ok[:, None] & n_ok[None, :]
     if ACCUMULATE:
         acc += tl.load(out_ptrs, mask=mask, other=0.0)

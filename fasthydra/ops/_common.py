@@ -55,12 +55,15 @@ def kl_rows_config(n_cols: int) -> dict:
     return dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4 if block_r * block_c <= 1024 else 8)
 
 
-def linear_kl_config(n_rows: int, n_cols: int, k: int) -> dict:
+def linear_kl_config(n_rows: int, n_cols: int, k: int, elem_size: int = 2) -> dict:
     """Fused head GEMM + KL: tl.dot needs every tile dim >= 16 (small C is padded with masks)."""
     block_b = 64 if n_rows > 32 else max(16, next_pow2(n_rows))  # 64 rows share each weight tile
-    block_c = max(16, min(next_pow2(n_cols), 64))  # 64 x 64 fp32 logits tile plus softmax temporaries fit without spills
-    block_k = max(16, min(next_pow2(k), 64))
-    return dict(BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_K=block_k, num_warps=4, num_stages=3)
+    # The logits tile and its softmax temporaries live in registers: 64 x 64 for 16-bit inputs,
+    # 64 x 32 for fp32 inputs (whose operand tiles take twice the registers) keep sm_80/sm_90 spill-free.
+    block_c = max(16, min(next_pow2(n_cols), 128 // elem_size))
+    block_k = max(16, min(next_pow2(k), 128 // elem_size))  # 128-byte K rows: fp32 at 64 spills on sm_80
+    # 8 warps: the logits tile and its softmax temporaries need the registers of 256 threads.
+    return dict(BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_K=block_k, num_warps=8, num_stages=3)
 
 
 def matmul_config(m: int, n: int, k: int) -> dict:

@@ -105,7 +105,7 @@ def launch_linear_hydra_kl(inp, weight, bias, teacher, loss, stash, temperature,
     b = inp.shape[0]
     if b == 0:
         return
-    cfg = linear_kl_config(b, c, k)
+    cfg = linear_kl_config(b, c, k, inp.element_size())
     stride_xm = 0 if shared else inp.stride(1)
     write_grad = stash is not None
     _linear_hydra_kl_fwd_kernel[(cdiv(b, cfg["BLOCK_B"]), m)](

@@ -1,0 +1,249 @@
+"""Ahead-of-time kernel report: compile every kernel for sm_80 and sm_90 without a GPU.
+
+    python -m fasthydra.kernel_report [--json FILE] [--arch 80 90]
+
+For every kernel, with the block configurations the launchers really pick at the benchmark shapes
+(the same config functions of ``fasthydra.ops._common``), this prints registers per thread, spills
+(LOCAL/STACK bytes), shared memory and whether the PTX holds mma / wgmma instructions. It needs
+Triton's compiler and the cuobjdump that ships in Triton's wheel, not a GPU. It must not run under
+TRITON_INTERPRET=1 (the interpreter replaces the kernels with Python functions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+
+from fasthydra.ops import _common as cfgs
+
+# The shapes the benchmarks run (B, D, M, C): small C, mid, large C, the big GPU case, the GPU small case.
+SHAPES = [(4096, 512, 8, 10), (1024, 512, 8, 1000), (256, 256, 4, 32000), (4096, 2048, 8, 32000),
+          (512, 512, 10, 10)]
+HIDDEN = 256  # hidden width used for the MLP-head GEMM configurations
+# dtype tag -> (Triton pointer type, tl.dot precision): fp32 as torch runs it with
+# set_float32_matmul_precision("high") (tf32 tensor cores) and at the default "highest" (IEEE, FMA).
+DTYPES = {"bf16": ("bf16", "tf32"), "fp32/tf32": ("fp32", "tf32"), "fp32/ieee": ("fp32", "ieee")}
+GEMM_KERNELS = {"_linear_hydra_kl_fwd_kernel", "_grouped_matmul_kernel"}
+
+
+@dataclass
+class KernelRecord:
+    kernel: str
+    arch: int
+    dtype: str
+    config: dict
+    registers: int | None = None
+    spill_bytes: int | None = None  # LOCAL + STACK from cuobjdump: above 0 means register spills
+    shared_bytes: int | None = None
+    mma: bool = False
+    wgmma: bool = False
+    error: str | None = None
+
+
+def _specialize(fn, args: dict, consts: dict):
+    """ASTSource for a launch, specialised the way Triton's runtime specialises it: integer
+    arguments equal to 1 become constexprs, and pointers and integers divisible by 16 carry the
+    divisibility hint (what lets loads along a unit stride vectorise)."""
+    from triton.compiler import ASTSource
+
+    sig, constexprs, attrs = {}, dict(consts), {}
+    for name in fn.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+            continue
+        value = args[name]
+        index = fn.arg_names.index(name)
+        if isinstance(value, str):  # a pointer, e.g. "*bf16": torch allocations are 16-byte aligned
+            sig[name] = value
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            sig[name] = "fp32"
+        elif value == 1:
+            sig[name] = "constexpr"
+            constexprs[name] = 1
+        else:
+            sig[name] = "i32" if abs(value) < 2**31 else "i64"
+            if value % 16 == 0:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    return ASTSource(fn, sig, constexprs, attrs=attrs)
+
+
+def _kernel_specs():
+    """(jit function, runtime args, constexprs, launch options, dtype tag) for every launched configuration."""
+    from fasthydra.kernels.grouped_matmul import _grouped_matmul_kernel
+    from fasthydra.kernels.linear_kl import _linear_hydra_kl_fwd_kernel
+    from fasthydra.kernels.softmax_kl import _hydra_kl_fwd_kernel
+    from fasthydra.kernels.uncertainty import _uncertainty_fwd_kernel
+
+    specs, seen = [], set()
+
+    def add(fn, args, consts, opts, dtype):
+        unit = tuple(sorted(k for k, v in args.items() if v == 1 and not isinstance(v, float)))
+        key = (fn.__name__, dtype, tuple(sorted(consts.items())), tuple(sorted(opts.items())), unit)
+        if key not in seen:
+            seen.add(key)
+            specs.append((fn, args, consts, opts, dtype))
+
+    for b, d, m, c in SHAPES:
+        for tag, (ty, prec) in DTYPES.items():
+            kl = cfgs.kl_rows_config(c)
+            args = {"z_ptr": f"*{ty}", "t_ptr": f"*{ty}", "loss_ptr": "*fp32", "grad_ptr": f"*{ty}",
+                    "R": b * m, "C": c, "stride_z": c, "stride_t": c, "stride_g": c,
+                    "inv_temp": 0.5, "loss_scale": 4.0, "grad_scale": 0.1}
+            add(_hydra_kl_fwd_kernel, args, {"BLOCK_R": kl["BLOCK_R"], "BLOCK_C": kl["BLOCK_C"], "WRITE_GRAD": True},
+                {"num_warps": kl["num_warps"]}, tag)
+
+            rows = cfgs.rows_per_chunk(b, m * c, cfgs.TRITON_CHUNK_ELEMENTS)
+            for k, shared in ((d, True), (HIDDEN, False)):  # linear heads; second layer of MLP heads
+                lk = cfgs.linear_kl_config(rows, c, k, 4 if ty == "fp32" else 2)
+                args = {"x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "t_ptr": f"*{ty}",
+                        "loss_ptr": "*fp32", "g_ptr": f"*{ty}", "B": rows, "C": c, "K": k,
+                        "stride_xb": k if shared else m * k, "stride_xm": 0 if shared else k,
+                        "stride_wm": c * k, "stride_wc": k, "stride_biasm": c, "stride_tb": m * c,
+                        "stride_tm": c, "stride_gb": m * c, "stride_gm": c,
+                        "inv_temp": 0.5, "loss_scale": 4.0, "grad_scale": 0.1}
+                consts = {"HAS_BIAS": True, "WRITE_GRAD": True, "UPCAST_DOT": False, "PRECISION": prec,
+                          "BLOCK_B": lk["BLOCK_B"], "BLOCK_C": lk["BLOCK_C"], "BLOCK_K": lk["BLOCK_K"]}
+                add(_linear_hydra_kl_fwd_kernel, args, consts,
+                    {"num_warps": lk["num_warps"], "num_stages": lk["num_stages"]}, tag)
+
+            # Grouped GEMMs as the ops launch them (strides of the real views):
+            # (M, N, K, a strides (m, k), b strides (k, n), accumulate, relu)
+            mc = m * c
+            gemms = [
+                (b, mc, d, (d, 1), (1, d), False, False),  # head logits x @ Wf^T
+                (rows, d, mc, (mc, 1), (d, 1), False, False),  # input gradient G @ Wf
+                (mc, d, rows, (1, mc), (d, 1), True, False),  # weight gradient G^T @ x (fp32 accumulate)
+                (b, m * HIDDEN, d, (d, 1), (1, d), False, True),  # MLP first layer, relu epilogue
+                (b, c, HIDDEN, (m * HIDDEN, 1), (1, HIDDEN), False, False),  # MLP second layer, per head
+            ]
+            for mm, nn, kk, (sam, sak), (sbk, sbn), accumulate, relu in gemms:
+                cfg = cfgs.matmul_config(mm, nn, kk)
+                args = {"a_ptr": f"*{ty}", "b_ptr": f"*{ty}", "out_ptr": "*fp32" if accumulate else f"*{ty}",
+                        "bias_ptr": f"*{ty}", "M": mm, "N": nn, "K": kk,
+                        "stride_ag": 0, "stride_am": sam, "stride_ak": sak, "stride_bg": 0, "stride_bk": sbk,
+                        "stride_bn": sbn, "stride_og": 0, "stride_om": nn, "stride_on": 1, "stride_biasg": nn}
+                consts = {"HAS_BIAS": not accumulate, "RELU": relu, "ACCUMULATE": accumulate,
+                          "UPCAST_DOT": False, "PRECISION": prec,
+                          **{key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}}
+                add(_grouped_matmul_kernel, args, consts,
+                    {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}, tag)
+
+            uc = cfgs.uncertainty_config(m, c)
+            args = {"z_ptr": f"*{ty}", "probs_ptr": f"*{ty}", "total_ptr": f"*{ty}", "aleatoric_ptr": f"*{ty}",
+                    "epistemic_ptr": f"*{ty}", "M": m, "C": c, "stride_zb": m * c, "stride_zm": c,
+                    "stride_pb": c, "inv_temp": 1.0}
+            add(_uncertainty_fwd_kernel, args, {"BLOCK_M": uc["BLOCK_M"], "BLOCK_C": uc["BLOCK_C"]},
+                {"num_warps": uc["num_warps"]}, tag)
+    return specs
+
+
+def _cuobjdump() -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def _resource_usage(cubin: bytes) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+        path = f.name
+    try:
+        out = subprocess.run([_cuobjdump(), "--dump-resource-usage", path], capture_output=True, text=True,
+                             check=True).stdout
+    finally:
+        os.unlink(path)
+    fields = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", out)}
+    return fields
+
+
+def compile_one(fn, args, consts, opts, dtype, arch) -> KernelRecord:
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    rec = KernelRecord(fn.__name__, arch, dtype, {**consts, **opts})
+    try:
+        src = _specialize(fn, args, consts)
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
+        usage = _resource_usage(compiled.asm["cubin"])
+        ptx = compiled.asm["ptx"]
+        rec.registers = usage.get("REG")
+        rec.spill_bytes = usage.get("LOCAL", 0) + usage.get("STACK", 0)
+        rec.shared_bytes = max(usage.get("SHARED", 0), int(compiled.metadata.shared))
+        rec.wgmma = "wgmma" in ptx
+        rec.mma = bool(re.search(r"\bmma\.sync", ptx)) or rec.wgmma
+    except Exception as exc:  # a kernel that does not compile is a finding, reported per row
+        rec.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+    return rec
+
+
+def build_report(archs=(80, 90), progress: bool = True) -> list[KernelRecord]:
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("the kernel report compiles real kernels: unset TRITON_INTERPRET")
+    specs = _kernel_specs()
+    records = []
+    for i, (fn, args, consts, opts, dtype) in enumerate(specs):
+        for arch in archs:
+            if progress:
+                print(f"[{i + 1}/{len(specs)}] sm_{arch} {fn.__name__} {dtype}", file=sys.stderr, flush=True)
+            records.append(compile_one(fn, args, consts, opts, dtype, arch))
+    return records
+
+
+def _short_config(cfg: dict) -> str:
+    keep = [k for k in cfg if k.startswith("BLOCK") or k in ("num_warps", "num_stages", "ACCUMULATE", "RELU")]
+    names = {"num_warps": "w", "num_stages": "s", "ACCUMULATE": "acc", "RELU": "relu"}
+    return " ".join(f"{names.get(k, k.replace('BLOCK_', ''))}={cfg[k]}" for k in keep)
+
+
+def format_table(records: list[KernelRecord]) -> str:
+    head = f"{'kernel':30} {'arch':6} {'dtype':9} {'config':44} {'regs':>4} {'spill':>5} {'smem':>6} mma wgmma"
+    lines = [head, "-" * len(head)]
+    for r in records:
+        if r.error:
+            lines.append(f"{r.kernel:30} sm_{r.arch:<3} {r.dtype:9} {_short_config(r.config):44} FAILED: {r.error}")
+            continue
+        lines.append(f"{r.kernel:30} sm_{r.arch:<3} {r.dtype:9} {_short_config(r.config):44} {r.registers:>4} "
+                     f"{r.spill_bytes:>5} {r.shared_bytes:>6} {'yes' if r.mma else 'no':3} {'yes' if r.wgmma else 'no'}")
+    return "\n".join(lines)
+
+
+def problems(records: list[KernelRecord]) -> list[str]:
+    """What fails the report: a compile error, spills, or a GEMM kernel without tensor-core instructions
+    (IEEE fp32 is exempt: it runs on FMA units by definition)."""
+    out = []
+    for r in records:
+        where = f"{r.kernel} sm_{r.arch} {r.dtype} {_short_config(r.config)}"
+        if r.error:
+            out.append(f"{where}: does not compile: {r.error}")
+        elif (r.spill_bytes or 0) > 0:
+            out.append(f"{where}: spills {r.spill_bytes} bytes")
+        elif r.kernel in GEMM_KERNELS and r.config.get("PRECISION") != "ieee" and not r.mma:
+            out.append(f"{where}: no mma/wgmma instructions")
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", metavar="FILE", help="also write the records as JSON")
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities")
+    args = parser.parse_args(argv)
+    records = build_report(tuple(args.arch))
+    print(format_table(records))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(r) for r in records], f, indent=1)
+    bad = problems(records)
+    for line in bad:
+        print("PROBLEM:", line)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
