@@ -63,8 +63,9 @@ class HydraHead(nn.Module):
         self.impl = impl
         if hidden_features is not None:
             self.hidden_weight = nn.Parameter(torch.empty(num_heads, hidden_features, in_features, **factory))
-            self.hidden_bias = nn.Parameter(torch.empty(num_heads, hidden_features, **factory)) if bias else None
-            if not bias:
+            if bias:
+                self.hidden_bias = nn.Parameter(torch.empty(num_heads, hidden_features, **factory))
+            else:
                 self.register_parameter("hidden_bias", None)
         last_in = in_features if hidden_features is None else hidden_features
         self.weight = nn.Parameter(torch.empty(num_heads, num_classes, last_in, **factory))

@@ -35,8 +35,7 @@ def _finish(ctx, rows, inp, weight, bias, grad_in, grad_w32, grad_b32, reduction
 
 def _backward(ctx, grad_output):
     grad_in, grad_w, grad_b = ctx.saved_tensors
-    go = grad_output.to(torch.float32)
-    scaled = [None if g is None else g * go.to(g.dtype) for g in (grad_in, grad_w, grad_b)]
+    scaled = [None if g is None else g * grad_output.to(g.dtype) for g in (grad_in, grad_w, grad_b)]
     return (*scaled, None, None, None, None)
 
 

@@ -1,0 +1,69 @@
+"""Shared case builders and the comparison rules of the test tiers."""
+
+from __future__ import annotations
+
+import torch
+
+from fasthydra import reference as R
+
+# (B, D, M, C): the odd shape of DESIGN section 5, M = 1, C below 16, and a wider C.
+SHAPES = [(37, 45, 5, 13), (8, 16, 1, 10), (4, 8, 3, 3), (16, 32, 4, 70)]
+TEMPERATURES = [0.5, 1.0, 4.0, 20.0]
+
+
+def teacher_logits(b, m, c, scale=3.0, masked=True, dtype=torch.float32, device="cpu"):
+    """Random member logits; with masked=True a few single classes are -inf (never a whole row)."""
+    t = torch.randn(b, m, c, dtype=torch.float64, device=device) * scale
+    if masked and b > 0 and c > 1:
+        t[0, 0, c // 2] = float("-inf")
+        t[b - 1, m - 1, 0] = float("-inf")
+    return t.to(dtype)
+
+
+def params_of(head):
+    return [p for _, p in head.named_parameters()]
+
+
+def reference_logits(head, x):
+    """The module's logits through the eager per-head reference, in x's dtype (float64 in tests)."""
+    p = dict(head.named_parameters())
+    if head.is_mlp:
+        return R.mlp_heads_ref(x, p["hidden_weight"], p.get("hidden_bias"), p["weight"], p.get("bias"))
+    return R.linear_heads_ref(x, p["weight"], p.get("bias"))
+
+
+def as_float64_copy(head):
+    """A float64 copy of a head's parameters (leaves requiring grad), keyed like named_parameters."""
+    return {k: v.detach().double().requires_grad_() for k, v in head.named_parameters()}
+
+
+def reference_loss_and_grads(head, x, t, temperature, upstream=None):
+    """Loss and gradients (x first, then parameters in named_parameters order) from the float64 reference."""
+    p64 = as_float64_copy(head)
+    x64 = x.detach().double().requires_grad_()
+    if head.is_mlp:
+        z = R.mlp_heads_ref(x64, p64["hidden_weight"], p64.get("hidden_bias"), p64["weight"], p64.get("bias"))
+    else:
+        z = R.linear_heads_ref(x64, p64["weight"], p64.get("bias"))
+    loss = R.hydra_kl_loss_ref(z, t.double(), temperature)
+    scaled = loss * (1.0 if upstream is None else upstream)
+    grads = torch.autograd.grad(scaled, [x64, *p64.values()])
+    return loss, grads
+
+
+def assert_close_to(actual, expected, rtol=1e-5, atol=1e-7, what=""):
+    """Compare against a float64 expectation with a tolerance scaled by the expectation's size."""
+    actual = actual.detach().double().cpu()
+    expected = expected.detach().double().cpu()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    err = (actual - expected).abs().max().item() if expected.numel() else 0.0
+    assert err <= atol + rtol * scale, f"{what}: max error {err:.3e} > {atol:.1e} + {rtol:.1e} * {scale:.3e}"
+
+
+def tolerance_rule(kernel, eager, exact, atol, what=""):
+    """DESIGN section 5: the kernel's error against float64 is at most twice eager's plus atol."""
+    exact = exact.detach().double().cpu()
+    k_err = (kernel.detach().double().cpu() - exact).abs().max().item()
+    e_err = (eager.detach().double().cpu() - exact).abs().max().item()
+    assert k_err <= 2 * e_err + atol, f"{what}: kernel error {k_err:.3e} > 2 * eager error {e_err:.3e} + {atol:.1e}"

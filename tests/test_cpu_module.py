@@ -1,0 +1,193 @@
+"""cpu tier: HydraHead on the torch path against the float64 reference, and the module contract."""
+
+import pytest
+import torch
+from helpers import (
+    SHAPES,
+    assert_close_to,
+    params_of,
+    reference_logits,
+    reference_loss_and_grads,
+    teacher_logits,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fasthydra import HydraHead, hydra_kl_loss
+from fasthydra.functional import linear_hydra_kl_loss
+
+pytestmark = pytest.mark.cpu
+
+HEAD_KINDS = [dict(hidden_features=None), dict(hidden_features=7), dict(hidden_features=None, bias=False),
+              dict(hidden_features=6, bias=False)]
+
+
+@pytest.mark.parametrize("b,d,m,c", SHAPES)
+@pytest.mark.parametrize("kind", HEAD_KINDS)
+def test_distill_loss_float64_matches_reference(b, d, m, c, kind):
+    head = HydraHead(d, c, m, impl="torch", dtype=torch.float64, **kind)
+    x = torch.randn(b, d, dtype=torch.float64, requires_grad=True)
+    t = teacher_logits(b, m, c, dtype=torch.float64)
+    up = 0.37  # an upstream gradient other than 1
+    loss = head.distill_loss(x, t, temperature=2.5)
+    grads = torch.autograd.grad(loss * up, [x, *params_of(head)])
+    loss_ref, grads_ref = reference_loss_and_grads(head, x, t, 2.5, upstream=up)
+    assert_close_to(loss, loss_ref, rtol=1e-12, what="loss")
+    names = ["x"] + [n for n, _ in head.named_parameters()]
+    for name, g, g_ref in zip(names, grads, grads_ref):
+        assert_close_to(g, g_ref, rtol=1e-11, atol=1e-15, what=name)
+
+
+@pytest.mark.parametrize("kind", HEAD_KINDS)
+def test_forward_matches_reference(kind):
+    head = HydraHead(45, 13, 5, impl="torch", dtype=torch.float64, **kind)
+    x = torch.randn(37, 45, dtype=torch.float64)
+    z = head(x)
+    assert z.shape == (37, 5, 13)
+    assert_close_to(z, reference_logits(head, x), rtol=1e-12, what="logits")
+    up = torch.randn_like(z)
+    got = torch.autograd.grad(z, params_of(head), up)
+    want = torch.autograd.grad(reference_logits(head, x), params_of(head), up)
+    for g, w in zip(got, want):
+        assert_close_to(g, w, rtol=1e-12)
+
+
+@pytest.mark.parametrize("kind", HEAD_KINDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_fused_equals_unfused_fp32(kind, reduction):
+    """The contract: distill_loss(x, t, T) == hydra_kl_loss(head(x), t, T) in value (rel 1e-5) and grads."""
+    head = HydraHead(45, 13, 5, impl="torch", **kind)
+    x = torch.randn(37, 45, requires_grad=True)
+    t = teacher_logits(37, 5, 13)
+    fused = head.distill_loss(x, t, temperature=3.0, reduction=reduction)
+    g_fused = torch.autograd.grad(fused, [x, *params_of(head)])
+    plain = hydra_kl_loss(head(x), t, temperature=3.0, reduction=reduction)
+    g_plain = torch.autograd.grad(plain, [x, *params_of(head)])
+    assert abs(fused.item() - plain.item()) <= 1e-5 * abs(plain.item())
+    for a, b in zip(g_fused, g_plain):
+        assert_close_to(a, b, rtol=1e-5, atol=1e-8)
+
+
+def test_reduction_none_and_leading_dims():
+    head = HydraHead(8, 6, 3, impl="torch", dtype=torch.float64)
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    t = torch.randn(2, 5, 3, 6, dtype=torch.float64)
+    assert head(x).shape == (2, 5, 3, 6)
+    per = head.distill_loss(x, t, 2.0, reduction="none")
+    assert per.shape == (2, 5, 3)
+    mean = head.distill_loss(x, t, 2.0)
+    assert_close_to(per.mean(), mean, rtol=1e-12)
+
+
+def test_empty_batch():
+    head = HydraHead(8, 6, 3, impl="torch")
+    x = torch.randn(0, 8, requires_grad=True)
+    loss = head.distill_loss(x, torch.randn(0, 3, 6), 2.0)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert head.weight.grad is not None and head.weight.grad.abs().max().item() == 0.0
+    assert head(x).shape == (0, 3, 6)
+
+
+def test_non_contiguous_input_and_teacher():
+    head = HydraHead(12, 5, 3, impl="torch", dtype=torch.float64)
+    x = torch.randn(12, 9, dtype=torch.float64).T  # (9, 12), not contiguous
+    t = torch.randn(5, 3, 9, dtype=torch.float64).permute(2, 1, 0)
+    loss_ref, _ = reference_loss_and_grads(head, x.contiguous(), t.contiguous(), 1.5)
+    assert_close_to(head.distill_loss(x, t, 1.5), loss_ref, rtol=1e-12)
+
+
+def test_gradcheck_fused_linear_heads():
+    torch.manual_seed(0)
+    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 6, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(4, 3, 6, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda *a: linear_hydra_kl_loss(*a, t, 2.0, impl="torch"), (x, w, b))
+
+
+def test_gradcheck_fused_mlp_heads():
+    head = HydraHead(4, 5, 2, hidden_features=3, impl="torch", dtype=torch.float64)
+    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(6, 2, 5, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda v: head.distill_loss(v, t, 1.5), (x,))
+
+
+def test_expand_copies_the_single_head():
+    head = HydraHead(10, 4, 1, hidden_features=6, impl="torch", dtype=torch.float64)
+    big = head.expand(5)
+    assert big.num_heads == 5 and big.weight.shape == (5, 4, 6) and big.hidden_weight.shape == (5, 6, 10)
+    x = torch.randn(7, 10, dtype=torch.float64)
+    z1, z5 = head(x), big(x)
+    for m in range(5):
+        assert torch.equal(z5[:, m], z1[:, 0])
+    noisy = head.expand(3, noise_std=0.1, generator=torch.Generator().manual_seed(0))
+    diff = (noisy.weight - head.weight).std().item()
+    assert 0.05 < diff < 0.2  # the noise has roughly the asked size
+    assert not torch.equal(noisy.weight[0], noisy.weight[1])
+    assert head.num_heads == 1  # the original is untouched
+
+
+def test_expand_needs_one_head():
+    with pytest.raises(ValueError, match="one-head"):
+        HydraHead(4, 3, 2).expand(4)
+    with pytest.raises(ValueError, match="noise_std"):
+        HydraHead(4, 3, 1).expand(4, noise_std=-1.0)
+
+
+def test_parameters_follow_nn_linear_conventions():
+    head = HydraHead(50, 7, 4, device="cpu", dtype=torch.float64)
+    assert head.weight.shape == (4, 7, 50) and head.bias.shape == (4, 7)
+    assert head.weight.dtype == torch.float64
+    bound = 1 / 50**0.5
+    assert head.weight.abs().max().item() <= bound and head.bias.abs().max().item() <= bound
+    assert head.weight.std().item() > bound / 3  # kaiming-uniform(a=sqrt 5) has std bound/sqrt(3)
+    old = head.weight.detach().clone()
+    head.reset_parameters()
+    assert not torch.equal(old, head.weight)
+    text = repr(head)
+    for part in ("in_features=50", "num_classes=7", "num_heads=4", "bias=True", "impl='auto'"):
+        assert part in text
+    assert HydraHead(5, 3, 2, bias=False).bias is None
+    assert "hidden_features=9" in repr(HydraHead(5, 3, 2, hidden_features=9))
+
+
+def test_state_dict_round_trip():
+    head = HydraHead(6, 4, 3, hidden_features=5)
+    other = HydraHead(6, 4, 3, hidden_features=5)
+    other.load_state_dict(head.state_dict())
+    x = torch.randn(3, 6)
+    assert torch.equal(head(x), other(x))
+    assert set(head.state_dict()) == {"hidden_weight", "hidden_bias", "weight", "bias"}
+
+
+def test_training_reduces_the_loss():
+    torch.manual_seed(0)
+    head = HydraHead(16, 5, 4, impl="torch")
+    x = torch.randn(64, 16)
+    with torch.no_grad():  # a teacher the heads can represent exactly: the loss can reach 0
+        t = HydraHead(16, 5, 4, impl="torch")(x) * 4
+    opt = torch.optim.Adam(head.parameters(), lr=0.05)
+    first = None
+    for _ in range(100):
+        opt.zero_grad()
+        loss = head.distill_loss(x, t, temperature=2.0)
+        loss.backward()
+        opt.step()
+        first = first if first is not None else loss.item()
+    assert loss.item() < 0.05 * first
+
+
+@settings(max_examples=20, deadline=None)
+@given(b=st.integers(0, 12), d=st.integers(1, 20), m=st.integers(1, 5), c=st.integers(1, 30),
+       hidden=st.sampled_from([None, 3]), temperature=st.floats(0.5, 20.0))
+def test_hypothesis_module_shapes(b, d, m, c, hidden, temperature):
+    head = HydraHead(d, c, m, hidden_features=hidden, impl="torch", dtype=torch.float64)
+    x = torch.randn(b, d, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(b, m, c, dtype=torch.float64) * 3
+    loss = head.distill_loss(x, t, temperature)
+    grads = torch.autograd.grad(loss, [x, *params_of(head)])
+    loss_ref, grads_ref = reference_loss_and_grads(head, x, t, temperature)
+    assert_close_to(loss, loss_ref, rtol=1e-10, atol=1e-12)
+    for g, g_ref in zip(grads, grads_ref):
+        assert_close_to(g, g_ref, rtol=1e-9, atol=1e-13)

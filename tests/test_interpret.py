@@ -1,0 +1,243 @@
+"""interpret tier: every Triton kernel against the float64 reference, under TRITON_INTERPRET=1 on CPU.
+
+Small cases only (the interpreter runs programs one after another in numpy): fp32 and fp16 I/O,
+C below 16, C not a multiple of the tile, C spanning several tiles, M = 1, empty batch.
+"""
+
+import pytest
+import torch
+from helpers import assert_close_to, params_of, reference_loss_and_grads, teacher_logits
+
+import fasthydra.ops.hydra_kl as hk
+from fasthydra import HydraHead, hinton_kl_loss, hydra_kl_loss, uncertainty
+from fasthydra import reference as R
+from fasthydra.functional import linear_heads
+from fasthydra.ops import _common
+from fasthydra.ops.grouped_linear import grouped_mm
+
+pytestmark = pytest.mark.interpret
+
+# (B, M, C): C < 16, C not a multiple of 16, C across several tiles (with the tile shrunk), M = 1.
+KL_SHAPES = [(6, 3, 10), (5, 2, 37), (4, 1, 13), (3, 4, 200)]
+
+
+@pytest.fixture(params=[2048, 16], ids=["tile-2048", "tile-16"])
+def max_block_c(request, monkeypatch):
+    """Run with the real tile cap and with a 16-wide tile, so that C = 37 and 200 need many tiles."""
+    monkeypatch.setattr(_common, "MAX_BLOCK_C", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("b,m,c", KL_SHAPES)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_hydra_kl_kernel_fp32(b, m, c, reduction, max_block_c):
+    z = (torch.randn(b, m, c) * 3).requires_grad_()
+    t = teacher_logits(b, m, c)
+    up = torch.rand(b, m) if reduction == "none" else torch.tensor(1.3)
+    loss = hydra_kl_loss(z, t, 2.0, reduction=reduction, impl="triton")
+    (g,) = torch.autograd.grad(loss, z, up)
+    z64 = z.detach().double().requires_grad_()
+    loss_ref = R.hydra_kl_loss_ref(z64, t.double(), 2.0, reduction=reduction)
+    (g_ref,) = torch.autograd.grad(loss_ref, z64, up.double())
+    assert_close_to(loss, loss_ref, rtol=2e-6, atol=1e-7, what="loss")
+    assert_close_to(g, g_ref, rtol=2e-6, atol=1e-9, what="grad")
+
+
+@pytest.mark.parametrize("b,m,c", KL_SHAPES[:2])
+def test_hydra_kl_kernel_fp16_io(b, m, c):
+    z = (torch.randn(b, m, c) * 3).half().requires_grad_()
+    t = teacher_logits(b, m, c, dtype=torch.float16)
+    loss = hydra_kl_loss(z, t, 1.0, impl="triton")
+    assert loss.dtype == torch.float16
+    (g,) = torch.autograd.grad(loss, z)
+    assert g.dtype == torch.float16
+    z64 = z.detach().double().requires_grad_()
+    (g_ref,) = torch.autograd.grad(R.hydra_kl_loss_ref(z64, t.double(), 1.0), z64)
+    # fp32 maths inside: only the fp16 rounding of the output remains
+    assert_close_to(loss, R.hydra_kl_loss_ref(z64.detach(), t.double(), 1.0), rtol=1e-3, what="fp16 loss")
+    assert_close_to(g, g_ref, rtol=2e-3, atol=1e-6, what="fp16 grad")
+
+
+def test_hydra_kl_kernel_extreme_logits_and_masks(max_block_c):
+    b, m, c = 4, 2, 40
+    z = (torch.randn(b, m, c) * 1e4).requires_grad_()
+    t = torch.randn(b, m, c) * 1e4
+    t[0, 0, :17] = float("-inf")  # a whole 16-wide tile of masked classes, then more
+    loss = hydra_kl_loss(z, t, 1.0, reduction="none", impl="triton")
+    (g,) = torch.autograd.grad(loss.sum(), z)
+    assert torch.isfinite(loss).all() and torch.isfinite(g).all()
+    ref = R.hydra_kl_loss_ref(z.detach().double(), t.double(), 1.0, reduction="none")
+    assert_close_to(loss, ref, rtol=1e-5, what="extreme")
+    g_ref = R.kl_grad_ref(z.detach().double(), t.double(), 1.0) * b * m
+    assert_close_to(g, g_ref, rtol=1e-5, atol=1e-7, what="extreme grad")
+
+
+def test_hydra_kl_kernel_matches_torch_path_and_empty_batch():
+    z = torch.randn(7, 3, 21, requires_grad=True)
+    t = torch.randn(7, 3, 21)
+    a = hydra_kl_loss(z, t, 3.0, impl="triton")
+    b = hydra_kl_loss(z, t, 3.0, impl="torch")
+    assert abs(a.item() - b.item()) <= 1e-6 * abs(b.item())
+    empty = hydra_kl_loss(torch.randn(0, 3, 21, requires_grad=True), torch.randn(0, 3, 21), impl="triton")
+    assert empty.item() == 0.0
+
+
+def test_hinton_through_kernel():
+    z = torch.randn(9, 12, requires_grad=True)
+    t = teacher_logits(9, 4, 12)
+    loss = hinton_kl_loss(z, t, 2.0, impl="triton")
+    (g,) = torch.autograd.grad(loss, z)
+    z64 = z.detach().double().requires_grad_()
+    loss_ref = R.hinton_kl_loss_ref(z64, t.double(), 2.0)
+    (g_ref,) = torch.autograd.grad(loss_ref, z64)
+    assert_close_to(loss, loss_ref, rtol=2e-6)
+    assert_close_to(g, g_ref, rtol=2e-6, atol=1e-9)
+
+
+# (B, D, M, C, hidden): odd shape, M = 1, C below 16, C across several 16-wide tiles, MLP heads.
+HEAD_CASES = [(37, 45, 5, 13, None), (8, 20, 1, 10, None), (10, 24, 2, 40, None), (12, 18, 3, 10, 9),
+              (0, 8, 2, 5, None)]
+
+
+@pytest.mark.parametrize("b,d,m,c,hidden", HEAD_CASES)
+def test_fused_heads_kernel_fp32(b, d, m, c, hidden, monkeypatch):
+    head = HydraHead(d, c, m, hidden_features=hidden, impl="triton")
+    x = torch.randn(b, d, requires_grad=True)
+    t = teacher_logits(b, m, c)
+    loss = head.distill_loss(x, t, temperature=2.0)
+    grads = torch.autograd.grad(loss * 0.8, [x, *params_of(head)])
+    loss_ref, grads_ref = reference_loss_and_grads(head, x, t, 2.0, upstream=0.8)
+    assert_close_to(loss, loss_ref, rtol=2e-6, atol=1e-7, what="loss")
+    for name, g, g_ref in zip(["x"] + [n for n, _ in head.named_parameters()], grads, grads_ref):
+        assert_close_to(g, g_ref, rtol=1e-5, atol=1e-8, what=name)
+
+
+@pytest.mark.parametrize("hidden", [None, 9])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_fused_equals_unfused_triton(hidden, reduction):
+    """The contract under the interpreter: distill_loss == hydra_kl_loss(head(x)) (rel 1e-5), same grads."""
+    head = HydraHead(45, 13, 5, hidden_features=hidden, impl="triton")
+    x = torch.randn(37, 45, requires_grad=True)
+    t = teacher_logits(37, 5, 13)
+    fused = head.distill_loss(x, t, temperature=3.0, reduction=reduction)
+    g_fused = torch.autograd.grad(fused, [x, *params_of(head)])
+    plain = hydra_kl_loss(head(x), t, temperature=3.0, reduction=reduction, impl="triton")
+    g_plain = torch.autograd.grad(plain, [x, *params_of(head)])
+    assert abs(fused.item() - plain.item()) <= 1e-5 * abs(plain.item())
+    for a, b in zip(g_fused, g_plain):
+        assert_close_to(a, b, rtol=1e-5, atol=1e-8)
+
+
+def test_fused_heads_many_row_chunks(monkeypatch):
+    """The fp32 weight-gradient accumulation across row chunks (chunk of 4 rows for 11 rows)."""
+    import fasthydra.ops.linear_hydra_kl as lk
+
+    monkeypatch.setattr(lk, "TRITON_CHUNK_ELEMENTS", 4 * 3 * 10)
+    head = HydraHead(16, 10, 3, impl="triton")
+    x = torch.randn(11, 16, requires_grad=True)
+    t = teacher_logits(11, 3, 10)
+    grads = torch.autograd.grad(head.distill_loss(x, t, 1.0), [x, *params_of(head)])
+    _, grads_ref = reference_loss_and_grads(head, x, t, 1.0)
+    for g, g_ref in zip(grads, grads_ref):
+        assert_close_to(g, g_ref, rtol=1e-5, atol=1e-8)
+
+
+def test_fused_heads_loss_only_path():
+    head = HydraHead(16, 10, 3, impl="triton")
+    x = torch.randn(9, 16)
+    t = teacher_logits(9, 3, 10)
+    with torch.no_grad():
+        loss = head.distill_loss(x, t, 2.0)
+    loss_ref, _ = reference_loss_and_grads(head, x, t, 2.0)
+    assert_close_to(loss, loss_ref, rtol=2e-6)
+
+
+@pytest.mark.parametrize("hidden", [None, 6])
+def test_fused_heads_fp16_io(hidden):
+    head = HydraHead(24, 10, 2, hidden_features=hidden, impl="triton", dtype=torch.float16)
+    x = torch.randn(12, 24, dtype=torch.float16, requires_grad=True)
+    t = teacher_logits(12, 2, 10, dtype=torch.float16)
+    loss = head.distill_loss(x, t, 2.0)
+    grads = torch.autograd.grad(loss, [x, *params_of(head)])
+    assert loss.dtype == torch.float16 and all(g.dtype == torch.float16 for g in grads)
+    loss_ref, grads_ref = reference_loss_and_grads(head, x, t, 2.0)
+    assert_close_to(loss, loss_ref, rtol=5e-3, what="fp16 loss")
+    for g, g_ref in zip(grads, grads_ref):
+        assert_close_to(g, g_ref, rtol=2e-2, atol=1e-5, what="fp16 grad")
+
+
+@pytest.mark.parametrize("hidden", [None, 7])
+def test_head_forward_and_backward_kernel(hidden):
+    head = HydraHead(30, 11, 3, hidden_features=hidden, impl="triton")
+    x = torch.randn(19, 30, requires_grad=True)
+    z = head(x)
+    up = torch.randn_like(z)
+    grads = torch.autograd.grad(z, [x, *params_of(head)], up)
+    p64 = {k: v.detach().double().requires_grad_() for k, v in head.named_parameters()}
+    x64 = x.detach().double().requires_grad_()
+    if hidden is None:
+        z_ref = R.linear_heads_ref(x64, p64["weight"], p64["bias"])
+    else:
+        z_ref = R.mlp_heads_ref(x64, p64["hidden_weight"], p64["hidden_bias"], p64["weight"], p64["bias"])
+    grads_ref = torch.autograd.grad(z_ref, [x64, *p64.values()], up.double())
+    assert_close_to(z, z_ref, rtol=1e-5, what="logits")
+    for g, g_ref in zip(grads, grads_ref):
+        assert_close_to(g, g_ref, rtol=1e-5, atol=1e-7)
+
+
+def test_grouped_mm_strided_views_and_accumulate():
+    """The grouped GEMM on transposed views, with bias + relu, and fp32 accumulation into an existing buffer."""
+    a = torch.randn(3, 20, 17).transpose(1, 2)  # (3, 17, 20), strided
+    b = torch.randn(3, 20, 33)
+    bias = torch.randn(3, 33)
+    out = torch.empty(3, 17, 33)
+    grouped_mm(a, b, out, bias, relu=True)
+    expected = torch.relu(torch.bmm(a.double(), b.double()) + bias.double()[:, None])
+    assert_close_to(out, expected, rtol=1e-6, what="bias+relu")
+    acc = torch.randn(3, 17, 33)
+    start = acc.clone()
+    grouped_mm(a, b, acc, accumulate=True)
+    assert_close_to(acc, start.double() + torch.bmm(a.double(), b.double()), rtol=1e-6, what="accumulate")
+
+
+def test_linear_heads_bias_free_kernel():
+    x = torch.randn(5, 9)
+    w = torch.randn(2, 4, 9)
+    assert_close_to(linear_heads(x, w, None, impl="triton"), R.linear_heads_ref(x.double(), w.double()), rtol=1e-6)
+
+
+@pytest.mark.parametrize("b,m,c", [(6, 3, 10), (4, 1, 13), (3, 5, 300), (0, 2, 7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_uncertainty_kernel(b, m, c, dtype):
+    z = (torch.randn(b, m, c) * 3).to(dtype)
+    u = uncertainty(z, impl="triton")
+    ref = R.uncertainty_ref(z.double())
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    for name in ("probs", "total", "aleatoric", "epistemic"):
+        got = getattr(u, name)
+        assert got.dtype == dtype
+        assert_close_to(got, getattr(ref, name), rtol=tol, atol=tol * 0.1, what=name)
+    assert (u.epistemic >= 0).all()
+
+
+def test_uncertainty_kernel_matches_torch_path_with_extreme_logits():
+    z = torch.randn(4, 3, 50) * 1e4
+    a = uncertainty(z, impl="triton")
+    b = uncertainty(z, impl="torch")
+    for x, y in zip(a, b):
+        assert torch.isfinite(x).all()
+        assert_close_to(x, y.double(), rtol=1e-5, atol=1e-6)
+
+
+def test_kernels_really_ran_in_the_interpreter(monkeypatch):
+    """Guard against a silent fallback: the Triton launcher must be what computes impl='triton'."""
+    calls = []
+    real = hk.launch_hydra_kl
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hk, "launch_hydra_kl", spy)
+    hydra_kl_loss(torch.randn(2, 2, 5), torch.randn(2, 2, 5), impl="triton")
+    assert calls

@@ -1,0 +1,175 @@
+"""cpu tier: every bad input of DESIGN section 2 gets its clear error, before any kernel runs."""
+
+import pytest
+import torch
+
+import fasthydra.functional as F_h
+from fasthydra import HydraHead, hinton_kl_loss, hydra_kl_loss, uncertainty
+from fasthydra.functional import resolve_impl
+
+pytestmark = pytest.mark.cpu
+
+
+@pytest.fixture
+def no_kernels(monkeypatch):
+    """Any kernel or torch-path Function that runs makes the test fail: errors must come first."""
+    def boom(*args, **kwargs):
+        raise AssertionError("a kernel ran before the input was rejected")
+
+    for name in ("HydraKLFunction", "TorchHydraKLFunction", "LinearHydraKLFunction", "TorchLinearHydraKLFunction"):
+        monkeypatch.setattr(getattr(F_h, name), "apply", boom)
+    monkeypatch.setattr(F_h, "uncertainty_torch", boom)
+    monkeypatch.setattr(F_h, "uncertainty_triton", boom)
+
+
+Z = torch.randn(4, 3, 5)
+
+
+@pytest.mark.parametrize("student,teacher,match", [
+    (Z, torch.randn(4, 3, 6), r"classes C"),
+    (Z, torch.randn(4, 2, 5), r"heads M"),
+    (Z, torch.randn(5, 3, 5), r"batch"),
+    (Z, torch.randn(4, 5), r"teacher_logits must be 3-D"),
+    (torch.randn(4, 15), torch.randn(4, 3, 5), r"student_logits must be 3-D"),
+    (Z, torch.randn(1, 3, 5), r"\(4, 3, 5\) and \(1, 3, 5\)"),  # no broadcasting
+])
+def test_shape_mismatch(no_kernels, student, teacher, match):
+    with pytest.raises(ValueError, match=match):
+        hydra_kl_loss(student, teacher)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("inf"), float("nan")])
+def test_bad_temperature_value(no_kernels, temperature):
+    with pytest.raises(ValueError, match="temperature"):
+        hydra_kl_loss(Z, Z, temperature)
+
+
+@pytest.mark.parametrize("temperature", ["2", None, True, torch.tensor(2.0)])
+def test_bad_temperature_type(no_kernels, temperature):
+    with pytest.raises(TypeError, match="temperature"):
+        hydra_kl_loss(Z, Z, temperature)
+
+
+@pytest.mark.parametrize("value,match", [(float("nan"), "NaN"), (float("inf"), r"\+Inf")])
+def test_bad_teacher_values(no_kernels, value, match):
+    t = torch.randn(4, 3, 5)
+    t[2, 1, 3] = value
+    with pytest.raises(ValueError, match=match):
+        hydra_kl_loss(Z, t)
+    with pytest.raises(ValueError, match=match):
+        hinton_kl_loss(torch.randn(4, 5), t)
+
+
+def test_teacher_row_all_neg_inf(no_kernels):
+    t = torch.randn(4, 3, 5)
+    t[1, 2, :] = float("-inf")
+    with pytest.raises(ValueError, match=r"-Inf for every class.*\(1, 2\)"):
+        hydra_kl_loss(Z, t)
+
+
+def test_single_neg_inf_is_allowed():
+    t = torch.randn(4, 3, 5)
+    t[1, 2, 0] = float("-inf")
+    assert torch.isfinite(hydra_kl_loss(Z, t, impl="torch"))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
+def test_integer_dtypes(no_kernels, dtype):
+    ints = torch.zeros(4, 3, 5, dtype=dtype)
+    for args in ((ints, Z), (Z, ints)):
+        with pytest.raises(TypeError, match="floating dtype"):
+            hydra_kl_loss(*args)
+        with pytest.raises(ValueError, match="floating dtype"):  # also a ValueError
+            hydra_kl_loss(*args)
+    with pytest.raises(TypeError, match="logits must have a floating dtype"):
+        uncertainty(ints)
+
+
+def test_not_a_tensor(no_kernels):
+    with pytest.raises(TypeError, match="student_logits must be a torch.Tensor"):
+        hydra_kl_loss(Z.numpy(), Z)
+    with pytest.raises(TypeError, match="teacher_logits must be a torch.Tensor"):
+        hydra_kl_loss(Z, [[1.0]])
+
+
+def test_different_devices(no_kernels):
+    meta = torch.empty(4, 3, 5, device="meta")
+    with pytest.raises(ValueError, match="one device"):
+        hydra_kl_loss(Z, meta)
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", None, "avg"])
+def test_bad_reduction(no_kernels, reduction):
+    with pytest.raises(ValueError, match="reduction"):
+        hydra_kl_loss(Z, Z, reduction=reduction)
+
+
+def test_bad_impl(no_kernels, monkeypatch):
+    with pytest.raises(ValueError, match="impl"):
+        hydra_kl_loss(Z, Z, impl="cuda")
+    monkeypatch.setenv("FASTHYDRA_IMPL", "fast")
+    with pytest.raises(ValueError, match="FASTHYDRA_IMPL"):
+        hydra_kl_loss(Z, Z)
+
+
+def test_hinton_shapes(no_kernels):
+    t = torch.randn(4, 3, 5)
+    with pytest.raises(ValueError, match=r"\(B, C\) or \(B, 1, C\)"):
+        hinton_kl_loss(torch.randn(4, 3, 5), t)
+    with pytest.raises(ValueError, match="batch B and classes C"):
+        hinton_kl_loss(torch.randn(4, 6), t)
+
+
+def test_module_input_errors(no_kernels):
+    head = HydraHead(8, 5, 3)
+    with pytest.raises(ValueError, match=r"x must have shape \(\*, 8\)"):
+        head(torch.randn(4, 7))
+    with pytest.raises(ValueError, match=r"teacher_logits must have shape \(4, 3, 5\)"):
+        head.distill_loss(torch.randn(4, 8), torch.randn(4, 2, 5))
+    with pytest.raises(ValueError, match=r"teacher_logits must have shape \(4, 3, 5\)"):
+        head.distill_loss(torch.randn(4, 8), torch.randn(4, 3, 6))
+    with pytest.raises(TypeError, match="x must have a floating dtype"):
+        head(torch.ones(4, 8, dtype=torch.long))
+    with pytest.raises(TypeError, match="dtype torch.float64 but the head weights are torch.float32"):
+        head.distill_loss(torch.randn(4, 8, dtype=torch.float64), torch.randn(4, 3, 5))
+    t = torch.randn(4, 3, 5)
+    t[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        head.distill_loss(torch.randn(4, 8), t)
+    with pytest.raises(ValueError, match="temperature"):
+        head.distill_loss(torch.randn(4, 8), torch.randn(4, 3, 5), temperature=0)
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(in_features=0, num_classes=3, num_heads=2), ValueError, "in_features"),
+    (dict(in_features=4, num_classes=3, num_heads=0), ValueError, "num_heads"),
+    (dict(in_features=4.0, num_classes=3, num_heads=2), TypeError, "in_features"),
+    (dict(in_features=4, num_classes=3, num_heads=2, hidden_features=0), ValueError, "hidden_features"),
+    (dict(in_features=4, num_classes=3, num_heads=2, impl="gpu"), ValueError, "impl"),
+])
+def test_module_constructor_errors(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        HydraHead(**kwargs)
+
+
+def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        resolve_impl("triton", Z)
+
+
+def test_triton_refuses_float64(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(TypeError, match="float64"):
+        resolve_impl("triton", Z.double())
+
+
+def test_auto_dispatch(monkeypatch):
+    monkeypatch.delenv("FASTHYDRA_IMPL", raising=False)
+    assert resolve_impl("auto", Z) == "torch"  # CPU tensors take the torch path
+    assert resolve_impl("torch", Z) == "torch"
+    monkeypatch.setenv("FASTHYDRA_IMPL", "torch")
+    assert resolve_impl("auto", Z) == "torch"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("FASTHYDRA_IMPL", "triton")
+    assert resolve_impl("auto", Z) == "triton"  # the environment forces Triton under the interpreter
