@@ -30,6 +30,8 @@ def scale_grad(stored: torch.Tensor, grad_output: torch.Tensor, reduction: str) 
     """Chain rule for a gradient stored in the forward: scalar or per-row (B, M) upstream gradient."""
     if reduction == "none":
         return stored * grad_output.unsqueeze(-1).to(stored.dtype)
+    if bool(grad_output == 1):  # loss.backward(): no (B, M, C)-sized multiply
+        return stored
     return stored * grad_output.to(stored.dtype)
 
 

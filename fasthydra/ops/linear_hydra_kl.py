@@ -35,6 +35,9 @@ def _finish(ctx, rows, inp, weight, bias, grad_in, grad_w32, grad_b32, reduction
 
 def _backward(ctx, grad_output):
     grad_in, grad_w, grad_b = ctx.saved_tensors
+    if grad_output.numel() == 1 and bool(grad_output == 1):
+        # The common case (loss.backward()): hand the stored gradients over, no weight-sized copy.
+        return grad_in, grad_w, grad_b, None, None, None, None
     scaled = [None if g is None else g * grad_output.to(g.dtype) for g in (grad_in, grad_w, grad_b)]
     return (*scaled, None, None, None, None)
 
