@@ -6,6 +6,8 @@ backward only scales the stored gradient by the upstream gradient (Liger-Kernel'
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._common import TORCH_CHUNK_ELEMENTS, cdiv, compute_dtype, kl_rows_config, rows_per_chunk
@@ -40,25 +42,34 @@ def scale_grad(stored: torch.Tensor, grad_output: torch.Tensor, reduction: str) 
 # ----------------------------------------------------------------------------------------------
 
 
-def kl_chunk_torch(z: torch.Tensor, t: torch.Tensor, temperature: float, grad_scale: float | None):
-    """Loss rows T^2 * KL and (optionally) grad_scale * (q - p) for one chunk, in the compute dtype.
+def _log_normaliser(logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """log-sum-exp of each row from its softmax, with no further exp: at the most probable class c,
+    probs_c = exp(logits_c - lse), so lse = logits_c - log probs_c (probs_c >= 1/C: well conditioned)."""
+    top, where = probs.max(dim=-1, keepdim=True)
+    return (logits.gather(-1, where) - top.log()).squeeze(-1)
 
-    z, t: (..., C) logits of any float dtype. Returns (loss (...), grad (..., C) or None).
+
+def kl_chunk_torch(s: torch.Tensor, t: torch.Tensor, temperature: float, want_grad: bool):
+    """Loss rows T^2 * KL and (optionally) the unscaled gradient q - p for one chunk.
+
+    s: (..., C) student logits already divided by T, in the compute dtype; it is consumed (overwritten).
+    t: (..., C) raw teacher logits of any float dtype. Returns (loss (...), q - p (..., C) or None).
+    The caller applies T * coefficient where it is cheapest (a GEMM's alpha, or the final store).
+
+    KL = sum_c p_c (u_c - s_c) - lse(u) + lse(s) with u = t / T: two softmaxes are the only
+    exponentials (one per element each), the normalisers come from their most probable class.
     """
-    cdt = compute_dtype(z.dtype)
-    log_q = torch.log_softmax(z.to(cdt) / temperature, dim=-1)
-    log_p = torch.log_softmax(t.to(cdt) / temperature, dim=-1)
-    p = log_p.exp()
-    # p * (log p - log q), with masked classes (p == 0) adding exactly 0 even where log q = -inf.
-    diff = log_p.sub_(log_q)
-    diff.mul_(p)
-    diff.masked_fill_(p == 0, 0.0)
-    loss = diff.sum(-1).mul_(temperature * temperature)
-    del diff
-    if grad_scale is None:
+    q = torch.softmax(s, dim=-1)
+    u = t.to(s.dtype) * (1.0 / temperature)
+    p = torch.softmax(u, dim=-1)
+    lse_gap = _log_normaliser(s, q).sub_(_log_normaliser(u, p))
+    # p * (u - s): a masked class (p = 0, u = -inf) gives 0 * -inf = NaN, which is its exact value 0;
+    # +inf (a student -inf where the teacher has mass) is the true KL and stays.
+    cross = u.sub_(s).mul_(p).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf).sum(-1)
+    loss = cross.add_(lse_gap).mul_(temperature * temperature)
+    if not want_grad:
         return loss, None
-    grad = log_q.exp_().sub_(p).mul_(grad_scale)
-    return loss, grad
+    return loss, q.sub_(p)
 
 
 class TorchHydraKLFunction(torch.autograd.Function):
@@ -74,10 +85,11 @@ class TorchHydraKLFunction(torch.autograd.Function):
         grad = torch.empty_like(student) if want_grad else None
         step = rows_per_chunk(b, m * c, TORCH_CHUNK_ELEMENTS)
         for r0 in range(0, b, step):
-            loss, g = kl_chunk_torch(student[r0:r0 + step], teacher[r0:r0 + step], temperature, grad_scale)
+            s = student[r0:r0 + step].to(cdt) * (1.0 / temperature)
+            loss, g = kl_chunk_torch(s, teacher[r0:r0 + step], temperature, want_grad)
             rows[r0:r0 + step] = loss
             if want_grad:
-                grad[r0:r0 + step] = g
+                torch.mul(g, grad_scale, out=grad[r0:r0 + step])  # scale, round to the student dtype, store
         ctx.reduction = reduction
         ctx.save_for_backward(grad)
         return reduce_rows(rows, reduction, student.dtype)

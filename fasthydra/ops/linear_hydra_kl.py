@@ -43,7 +43,11 @@ def _backward(ctx, grad_output):
 
 
 class TorchLinearHydraKLFunction(torch.autograd.Function):
-    """Fused heads + Hydra loss in torch ops: one addmm (shared input) or baddbmm (per head) per chunk."""
+    """Fused heads + Hydra loss in torch ops: one addmm (shared input) or baddbmm (per head) per chunk.
+
+    1/T rides on the logits GEMM's alpha/beta and T * coefficient on the gradient GEMMs' alpha, so
+    neither costs a pass over the (rows, M, C) chunk.
+    """
 
     @staticmethod
     def forward(ctx, inp, weight, bias, teacher, temperature: float, reduction: str, shared: bool):
@@ -52,28 +56,30 @@ class TorchLinearHydraKLFunction(torch.autograd.Function):
         cdt = compute_dtype(inp.dtype)
         need_in, need_w, need_b = ctx.needs_input_grad[:3]
         want_grad = need_in or need_w or need_b
-        grad_scale = temperature * reduction_coefficient(reduction, b * m) if want_grad else None
+        scale = temperature * reduction_coefficient(reduction, b * m)
+        inv_t = 1.0 / temperature
         w = weight.to(cdt)
         wf = w.reshape(m * c, k)
-        bias_c = None if bias is None else bias.to(cdt)
+        bias_c = torch.zeros(m, c, dtype=cdt, device=inp.device) if bias is None else bias.to(cdt)
         rows = torch.empty(b, m, dtype=cdt, device=inp.device)
         grad_in = torch.empty(inp.shape, dtype=cdt, device=inp.device) if need_in else None
-        grad_w32 = torch.zeros(m, c, k, dtype=cdt, device=inp.device) if need_w else None
+        # Weight and bias gradients: the first chunk writes (beta=0), later chunks accumulate.
+        grad_w32 = torch.empty(m, c, k, dtype=cdt, device=inp.device) if need_w else None
         grad_b32 = torch.zeros(m, c, dtype=cdt, device=inp.device) if need_b else None
         step = rows_per_chunk(b, m * c, TORCH_CHUNK_ELEMENTS)
+        if need_w and b == 0:
+            grad_w32.zero_()
         for r0 in range(0, b, step):
             xc = inp[r0:r0 + step].to(cdt)
             bc = xc.shape[0]
-            if shared:  # all heads in one GEMM over the stacked (M*C, K) weight
-                z = xc @ wf.T if bias_c is None else torch.addmm(bias_c.reshape(1, m * c), xc, wf.T)
-                z = z.view(bc, m, c)
+            beta = 0.0 if r0 == 0 else 1.0
+            if shared:  # all heads in one GEMM over the stacked (M*C, K) weight; s = z / T
+                s = torch.addmm(bias_c.reshape(1, m * c), xc, wf.T, beta=inv_t, alpha=inv_t).view(bc, m, c)
             else:  # grouped GEMM: head m multiplies its own input u[:, m]
-                xm = xc.transpose(0, 1)  # (M, bc, K)
-                z = torch.bmm(xm, w.transpose(1, 2)) if bias_c is None else \
-                    torch.baddbmm(bias_c.unsqueeze(1), xm, w.transpose(1, 2))
-                z = z.transpose(0, 1)  # (bc, M, C), strided view
-            loss, g = kl_chunk_torch(z, teacher[r0:r0 + step], temperature, grad_scale)
-            del z
+                s = torch.baddbmm(bias_c.unsqueeze(1), xc.transpose(0, 1), w.transpose(1, 2),
+                                  beta=inv_t, alpha=inv_t).transpose(0, 1)
+            loss, g = kl_chunk_torch(s, teacher[r0:r0 + step], temperature, want_grad)
+            del s
             rows[r0:r0 + step] = loss
             if not want_grad:
                 continue
@@ -82,18 +88,18 @@ class TorchLinearHydraKLFunction(torch.autograd.Function):
                 if need_in:
                     torch.mm(g2, wf, out=grad_in[r0:r0 + step])
                 if need_w:
-                    grad_w32.view(m * c, k).addmm_(g2.T, xc)
+                    grad_w32.view(m * c, k).addmm_(g2.T, xc, beta=beta, alpha=scale)
             else:
                 gm = g.transpose(0, 1)  # (M, bc, C)
                 if need_in:
                     grad_in[r0:r0 + step] = torch.bmm(gm, w).transpose(0, 1)
                 if need_w:
-                    grad_w32.baddbmm_(gm.transpose(1, 2), xc.transpose(0, 1))
+                    grad_w32.baddbmm_(gm.transpose(1, 2), xc.transpose(0, 1), beta=beta, alpha=scale)
             if need_b:
-                grad_b32 += g.sum(0)
+                grad_b32.add_(g.sum(0), alpha=scale)
         ctx.reduction = reduction
         if grad_in is not None:
-            grad_in = grad_in.to(inp.dtype)
+            grad_in = grad_in.mul_(scale).to(inp.dtype)
         return _finish(ctx, rows, inp, weight, bias, grad_in, grad_w32, grad_b32, reduction)
 
     backward = staticmethod(_backward)
