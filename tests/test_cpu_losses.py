@@ -22,7 +22,9 @@ def test_hydra_kl_float64_matches_reference(b, d, m, c, temperature, reduction):
     z = (torch.randn(b, m, c, dtype=torch.float64) * 2).requires_grad_()
     t = teacher_logits(b, m, c, dtype=torch.float64)
     up = torch.rand(b, m, dtype=torch.float64) if reduction == "none" else torch.tensor(0.7, dtype=torch.float64)
+    z_before, t_before = z.detach().clone(), t.clone()
     loss = hydra_kl_loss(z, t, temperature, reduction=reduction, impl="torch")
+    assert torch.equal(z.detach(), z_before) and torch.equal(t, t_before)  # inputs are never written
     (grad,) = torch.autograd.grad(loss, z, up)
     z_ref = z.detach().clone().requires_grad_()
     loss_ref = R.hydra_kl_loss_ref(z_ref, t, temperature, reduction=reduction)

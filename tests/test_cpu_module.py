@@ -59,7 +59,9 @@ def test_fused_equals_unfused_fp32(kind, reduction):
     head = HydraHead(45, 13, 5, impl="torch", **kind)
     x = torch.randn(37, 45, requires_grad=True)
     t = teacher_logits(37, 5, 13)
+    t_before = t.clone()
     fused = head.distill_loss(x, t, temperature=3.0, reduction=reduction)
+    assert torch.equal(t, t_before)
     g_fused = torch.autograd.grad(fused, [x, *params_of(head)])
     plain = hydra_kl_loss(head(x), t, temperature=3.0, reduction=reduction)
     g_plain = torch.autograd.grad(plain, [x, *params_of(head)])
@@ -191,3 +193,29 @@ def test_hypothesis_module_shapes(b, d, m, c, hidden, temperature):
     assert_close_to(loss, loss_ref, rtol=1e-10, atol=1e-12)
     for g, g_ref in zip(grads, grads_ref):
         assert_close_to(g, g_ref, rtol=1e-9, atol=1e-13)
+
+
+@pytest.mark.parametrize("hidden", [None, 5])
+@pytest.mark.parametrize("tile_elements,block_rows", [(64, 1024), (40, 8), (10**6, 1024)])
+def test_class_tiled_mode_matches_reference(monkeypatch, hidden, tile_elements, block_rows):
+    """Large-C mode of the torch path (classes in tiles, online statistics, two passes), forced on a
+    small case: several class tiles, several row blocks, a masked stretch wider than a tile."""
+    import fasthydra.ops.linear_hydra_kl as lk
+
+    monkeypatch.setattr(lk, "TORCH_CHUNK_ELEMENTS", 1)  # any row block would be "thin": tiled mode
+    monkeypatch.setattr(lk, "TILE_ELEMENTS", tile_elements)
+    monkeypatch.setattr(lk, "TILED_BLOCK_ROWS", block_rows)
+    head = HydraHead(9, 37, 3, hidden_features=hidden, impl="torch", dtype=torch.float64)
+    x = torch.randn(21, 9, dtype=torch.float64, requires_grad=True)
+    t = teacher_logits(21, 3, 37, dtype=torch.float64)
+    t[2, 1, :30] = float("-inf")
+    t_before, x_before = t.clone(), x.detach().clone()
+    loss = head.distill_loss(x, t, temperature=1.7)
+    assert torch.equal(t, t_before) and torch.equal(x.detach(), x_before)  # inputs are never written
+    grads = torch.autograd.grad(loss, [x, *params_of(head)])
+    loss_ref, grads_ref = reference_loss_and_grads(head, x, t, 1.7)
+    assert_close_to(loss, loss_ref, rtol=1e-12, what="loss")
+    for name, g, g_ref in zip(["x"] + [n for n, _ in head.named_parameters()], grads, grads_ref):
+        assert_close_to(g, g_ref, rtol=1e-11, atol=1e-15, what=name)
+    with torch.no_grad():  # the loss-only pass of the tiled mode
+        assert_close_to(head.distill_loss(x, t, temperature=1.7), loss_ref, rtol=1e-12)

@@ -42,11 +42,91 @@ def _backward(ctx, grad_output):
     return (*scaled, None, None, None, None)
 
 
-class TorchLinearHydraKLFunction(torch.autograd.Function):
-    """Fused heads + Hydra loss in torch ops: one addmm (shared input) or baddbmm (per head) per chunk.
+# Row blocks thinner than this make every GEMM re-read the whole weight for a handful of rows (large
+# C): the torch path then keeps up to TILED_BLOCK_ROWS rows and walks the classes in tiles instead.
+MIN_CHUNK_ROWS = 128
+TILED_BLOCK_ROWS = 1024
+# Elements of one (M, rows, tile) logits tile in that mode: a few MiB, so the tile and its softmax
+# temporaries stay in cache between the GEMM that makes them and the GEMMs that consume them.
+TILE_ELEMENTS = 1 << 19
 
-    1/T rides on the logits GEMM's alpha/beta and T * coefficient on the gradient GEMMs' alpha, so
-    neither costs a pass over the (rows, M, C) chunk.
+
+def _online_kl_stats(s, u, stats):
+    """Folds one class tile into the per-row statistics, as the Triton kernel does (see
+    kernels/softmax_kl.py): running maxima m_s, m_u, sums d_s, d_u and a = sum exp(u - m_u) *
+    ((u - m_u) - (s - m_s)). s and u (tempered) are consumed."""
+    m_s, d_s, m_u, d_u, a = stats
+    new_ms = torch.maximum(m_s, s.amax(-1))
+    new_mu = torch.maximum(m_u, u.amax(-1))
+    ref_s = torch.where(torch.isneginf(new_ms), 0.0, new_ms)
+    ref_u = torch.where(torch.isneginf(new_mu), 0.0, new_mu)
+    shift = (ref_u - m_u) - (ref_s - m_s)
+    a = torch.where(d_u > 0, torch.exp(m_u - ref_u) * (a - d_u * shift), 0.0)
+    d_s = d_s * torch.exp(m_s - ref_s)
+    d_u = d_u * torch.exp(m_u - ref_u)
+    sh_s = s.sub_(ref_s.unsqueeze(-1))
+    sh_u = u.sub_(ref_u.unsqueeze(-1))
+    e_u = sh_u.exp()
+    d_u = d_u + e_u.sum(-1)
+    a = a + sh_u.sub_(sh_s).mul_(e_u).nan_to_num_(nan=0.0).sum(-1)  # masked classes: 0 * -inf -> 0
+    d_s = d_s + sh_s.exp_().sum(-1)
+    return new_ms, d_s, new_mu, d_u, a
+
+
+def _class_tiled_block(xc, w, bias_c, tb, temperature, want_grad, shared, beta, scale, grads):
+    """One row block with the classes in tiles: pass 1 collects the online softmax/KL statistics
+    tile by tile, pass 2 recomputes each logits tile and turns it into gradients at once. Four
+    GEMMs instead of three, but no chunk ever re-reads the whole weight for a few rows, and only
+    one (M, rows, tile) logits tile is alive at a time. Returns the loss rows (rows, M)."""
+    m, c, k = w.shape
+    bc = xc.shape[0]
+    inv_t = 1.0 / temperature
+    cdt = w.dtype
+    xs = xc.unsqueeze(0).expand(m, bc, k) if shared else xc.transpose(0, 1)  # (M, rows, K)
+    tile = max(16, TILE_ELEMENTS // max(bc * m, 1))
+
+    def tiles():
+        for c0 in range(0, c, tile):
+            c1 = min(c, c0 + tile)
+            s = torch.baddbmm(bias_c[:, None, c0:c1], xs, w[:, c0:c1].transpose(1, 2), beta=inv_t, alpha=inv_t)
+            u = tb[:, :, c0:c1].permute(1, 0, 2).to(cdt) * inv_t  # a new tensor: never write the caller's teacher
+            yield c0, c1, s, u
+
+    inf = torch.full((m, bc), float("-inf"), dtype=cdt, device=xc.device)
+    zero = torch.zeros((m, bc), dtype=cdt, device=xc.device)
+    stats = (inf, zero, inf, zero, zero)
+    for _, _, s, u in tiles():
+        stats = _online_kl_stats(s, u, stats)
+    m_s, d_s, m_u, d_u, a = stats
+    log_d_s, log_d_u = d_s.log(), d_u.log()
+    loss = (a / d_u - log_d_u + log_d_s).mul_(temperature * temperature).T
+    if not want_grad:
+        return loss
+    grad_in, grad_w32, grad_b32 = grads
+    lse_s = (m_s + log_d_s).unsqueeze(-1)
+    lse_u = (torch.where(torch.isneginf(m_u), 0.0, m_u) + log_d_u).unsqueeze(-1)
+    gx = torch.zeros_like(xs) if grad_in is not None else None
+    for c0, c1, s, u in tiles():
+        g = s.sub_(lse_s).exp_().sub_(u.sub_(lse_u).exp_())  # q - p, (M, rows, tile)
+        if gx is not None:
+            gx.baddbmm_(g, w[:, c0:c1])
+        if grad_w32 is not None:
+            grad_w32[:, c0:c1].baddbmm_(g.transpose(1, 2), xs, beta=beta, alpha=scale)
+        if grad_b32 is not None:
+            grad_b32[:, c0:c1].add_(g.sum(1), alpha=scale)
+    if gx is not None:
+        grad_in.copy_(gx.sum(0) if shared else gx.transpose(0, 1))
+    return loss
+
+
+class TorchLinearHydraKLFunction(torch.autograd.Function):
+    """Fused heads + Hydra loss in torch ops, walking the batch in row blocks.
+
+    Wide row blocks (small and mid C): one addmm (shared input) or baddbmm (per head) per block,
+    then the loss and q - p from two softmaxes, contracted at once into the gradients. 1/T rides on
+    the logits GEMM's alpha/beta and T * coefficient on the gradient GEMMs' alpha, so neither costs a
+    pass over the block. Large C (a row block would be thin): the classes are tiled inside each
+    block with online softmax statistics (see ``_class_tiled_block``).
     """
 
     @staticmethod
@@ -63,16 +143,24 @@ class TorchLinearHydraKLFunction(torch.autograd.Function):
         bias_c = torch.zeros(m, c, dtype=cdt, device=inp.device) if bias is None else bias.to(cdt)
         rows = torch.empty(b, m, dtype=cdt, device=inp.device)
         grad_in = torch.empty(inp.shape, dtype=cdt, device=inp.device) if need_in else None
-        # Weight and bias gradients: the first chunk writes (beta=0), later chunks accumulate.
+        # Weight and bias gradients: the first row block writes (beta=0), later blocks accumulate.
         grad_w32 = torch.empty(m, c, k, dtype=cdt, device=inp.device) if need_w else None
         grad_b32 = torch.zeros(m, c, dtype=cdt, device=inp.device) if need_b else None
         step = rows_per_chunk(b, m * c, TORCH_CHUNK_ELEMENTS)
+        tiled = step < min(b, MIN_CHUNK_ROWS)
+        if tiled:
+            step = min(b, TILED_BLOCK_ROWS)
         if need_w and b == 0:
             grad_w32.zero_()
         for r0 in range(0, b, step):
             xc = inp[r0:r0 + step].to(cdt)
             bc = xc.shape[0]
             beta = 0.0 if r0 == 0 else 1.0
+            if tiled:
+                block_grads = (None if grad_in is None else grad_in[r0:r0 + step], grad_w32, grad_b32)
+                rows[r0:r0 + step] = _class_tiled_block(xc, w, bias_c, teacher[r0:r0 + step], temperature,
+                                                        want_grad, shared, beta, scale, block_grads)
+                continue
             if shared:  # all heads in one GEMM over the stacked (M*C, K) weight; s = z / T
                 s = torch.addmm(bias_c.reshape(1, m * c), xc, wf.T, beta=inv_t, alpha=inv_t).view(bc, m, c)
             else:  # grouped GEMM: head m multiplies its own input u[:, m]

@@ -1,0 +1,381 @@
+"""Benchmark cases, providers, GEMM floors, rates and peak memory: shared by the pytest-benchmark
+suite (bench/test_bench.py) and the one-shot GPU script (bench/gpu_check.py).
+
+Providers: ``eager`` (what a user writes today: the per-head reference, an F.linear per head, stack,
+log_softmax, kl_div), ``compile`` (torch.compile of that eager code; compile time kept apart),
+``fasthydra`` (impl="auto": the torch path on CPU, Triton on CUDA) and ``liger`` (CUDA only, when
+liger-kernel imports: its fused linear-JSD is not a per-head KL, so Liger's KL-divergence loss is
+looped over heads on eager logits).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from fasthydra import HydraHead, hydra_kl_loss, uncertainty
+from fasthydra import reference as R
+
+OPS = ("linear_fwd", "linear_fwdbwd", "mlp_fwdbwd", "kl_fwdbwd", "uncertainty")
+PROVIDERS = ("eager", "compile", "fasthydra", "liger")
+TEMPERATURE = 2.0
+
+# (name, B, D, M, C, dtype)
+CPU_SHAPES = [("small-C", 4096, 512, 8, 10, torch.float32), ("mid", 1024, 512, 8, 1000, torch.float32),
+              ("large-C", 256, 256, 4, 32000, torch.float32)]
+GPU_SHAPES = CPU_SHAPES + [("gpu-large", 4096, 2048, 8, 32000, torch.bfloat16),
+                           ("gpu-small", 512, 512, 10, 10, torch.float32)]
+MLP_HIDDEN = 128
+
+
+@dataclass(frozen=True)
+class Case:
+    op: str
+    name: str
+    B: int
+    D: int
+    M: int
+    C: int
+    dtype: torch.dtype
+    device: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.op}/{self.name}/{str(self.dtype).replace('torch.', '')}/{self.device}"
+
+    @property
+    def backward(self) -> bool:
+        return self.op.endswith("fwdbwd")
+
+
+def quick_mode() -> bool:
+    """CI's short mode: FASTHYDRA_BENCH_QUICK=1 keeps every case but runs few rounds."""
+    return os.environ.get("FASTHYDRA_BENCH_QUICK", "0") == "1"
+
+
+def cases(device: str) -> list[Case]:
+    shapes = GPU_SHAPES if device == "cuda" else CPU_SHAPES
+    return [Case(op, name, b, d, m, c, dtype, device) for op in OPS for (name, b, d, m, c, dtype) in shapes]
+
+
+def provider_available(provider: str, device: str) -> str | None:
+    """None when the provider can run here, else the reason it cannot."""
+    if provider == "liger":
+        if device != "cuda":
+            return "liger-kernel runs on CUDA only"
+        try:
+            import liger_kernel  # noqa: F401
+        except Exception:
+            return "liger-kernel is not installed"
+    return None
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+# ----------------------------------------------------------------------------------------------
+# inputs and the callables under test
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Inputs:
+    head: HydraHead
+    x: list  # rotated copies of the body features (B, D)
+    t: list  # rotated copies of the teacher logits (B, M, C)
+    z: list  # rotated copies of student logits (B, M, C), for the logits-only ops
+    i: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def next(self):
+        k = self.i % len(self.x)
+        self.i += 1
+        return self.x[k], self.t[k], self.z[k]
+
+
+def make_inputs(case: Case, seed: int = 0) -> Inputs:
+    """Inputs, with several copies when one set would sit in the GPU's L2 cache between rounds."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    hidden = MLP_HIDDEN if case.op == "mlp_fwdbwd" else None
+    head = HydraHead(case.D, case.C, case.M, hidden_features=hidden, impl="auto", device=case.device,
+                     dtype=case.dtype)
+    per_set = (case.B * case.D + 2 * case.B * case.M * case.C) * torch.finfo(case.dtype).bits // 8
+    copies = 1 if case.device != "cuda" or per_set > 64 * 2**20 else 4
+    xs, ts, zs = [], [], []
+    for _ in range(copies):
+        xs.append(torch.randn(case.B, case.D, generator=gen).to(case.device, case.dtype).requires_grad_())
+        ts.append((torch.randn(case.B, case.M, case.C, generator=gen) * 3).to(case.device, case.dtype))
+        z = torch.randn(case.B, case.M, case.C, generator=gen) * 3 if case.op in ("kl_fwdbwd", "uncertainty") \
+            else torch.empty(0)
+        zs.append(z.to(case.device, case.dtype).requires_grad_(case.op == "kl_fwdbwd"))
+    return Inputs(head, xs, ts, zs)
+
+
+def _eager_logits(head: HydraHead, x):
+    p = dict(head.named_parameters())
+    if head.is_mlp:
+        return R.mlp_heads_ref(x, p["hidden_weight"], p["hidden_bias"], p["weight"], p["bias"])
+    return R.linear_heads_ref(x, p["weight"], p["bias"])
+
+
+def _eager_loss(head, x, t):
+    return R.hydra_kl_loss_ref(_eager_logits(head, x), t, TEMPERATURE)
+
+
+def _liger_loss(head, x, t):
+    from liger_kernel.transformers import LigerKLDIVLoss
+
+    z = _eager_logits(head, x)
+    kl = LigerKLDIVLoss(reduction="batchmean", log_target=True)
+    total = 0.0
+    for m in range(z.shape[1]):
+        log_q = torch.log_softmax(z[:, m].float() / TEMPERATURE, dim=-1)
+        log_p = torch.log_softmax(t[:, m].float() / TEMPERATURE, dim=-1)
+        total = total + kl(log_q, log_p)
+    return total * TEMPERATURE**2 / z.shape[1]
+
+
+def make_callable(case: Case, provider: str, inputs: Inputs):
+    """A zero-argument callable that runs one step of the op with the provider (synchronised on GPU).
+
+    For ``compile`` the first call (the compilation) happens here and its seconds land in
+    ``inputs.extra["compile_seconds"]``, outside every timing.
+    """
+    head = inputs.head
+    params = list(head.parameters())
+
+    if case.op == "uncertainty":
+        if provider == "fasthydra":
+            def body(x, t, z):
+                return uncertainty(z)
+        else:
+            def body(x, t, z):
+                with torch.no_grad():
+                    return R.uncertainty_ref(z)
+    elif case.op == "kl_fwdbwd":
+        if provider == "fasthydra":
+            def body(x, t, z):
+                return hydra_kl_loss(z, t, TEMPERATURE)
+        elif provider == "liger":
+            def body(x, t, z):
+                from liger_kernel.transformers import LigerKLDIVLoss
+
+                kl = LigerKLDIVLoss(reduction="batchmean", log_target=True)
+                return sum(kl(torch.log_softmax(z[:, m].float() / TEMPERATURE, -1),
+                              torch.log_softmax(t[:, m].float() / TEMPERATURE, -1)) for m in range(z.shape[1]))
+        else:
+            def body(x, t, z):
+                return R.hydra_kl_loss_ref(z, t, TEMPERATURE)
+    else:
+        if provider == "fasthydra":
+            def body(x, t, z):
+                return head.distill_loss(x, t, TEMPERATURE)
+        elif provider == "liger":
+            def body(x, t, z):
+                return _liger_loss(head, x, t)
+        else:
+            def body(x, t, z):
+                return _eager_loss(head, x, t)
+
+    if provider == "compile":
+        body = torch.compile(body)
+
+    def step():
+        x, t, z = inputs.next()
+        if case.backward:
+            for p in params:
+                p.grad = None
+            x.grad = None
+            if z.requires_grad:
+                z.grad = None
+            body(x, t, z).backward()
+        elif case.op == "uncertainty":
+            body(x, t, z)
+        else:  # forward of a training step: autograd records, no backward
+            body(x, t, z)
+        sync(case.device)
+
+    if provider == "compile":
+        start = time.perf_counter()
+        step()
+        inputs.extra["compile_seconds"] = time.perf_counter() - start
+    return step
+
+
+# ----------------------------------------------------------------------------------------------
+# floors and rates
+# ----------------------------------------------------------------------------------------------
+
+
+def gemm_floor_callable(case: Case):
+    """The GEMMs the op cannot avoid, with torch.mm/bmm at the same shapes: logits, input gradient and
+    weight gradient (forward only: the logits GEMM). None for the ops without a GEMM."""
+    if case.op not in ("linear_fwd", "linear_fwdbwd", "mlp_fwdbwd"):
+        return None
+    dev, dt = case.device, case.dtype
+    b, d, m, c = case.B, case.D, case.M, case.C
+    layers = [(1, d, m * c)] if case.op != "mlp_fwdbwd" else [(1, d, m * MLP_HIDDEN), (m, MLP_HIDDEN, c)]
+    mats = []
+    for groups, k, n in layers:
+        a = torch.randn(groups, b, k, device=dev, dtype=dt)
+        w = torch.randn(groups, k, n, device=dev, dtype=dt)
+        g = torch.randn(groups, b, n, device=dev, dtype=dt)
+        mats.append((a, w, g))
+
+    def floor():
+        for a, w, g in mats:
+            torch.bmm(a, w)
+            if case.backward:
+                torch.bmm(g, w.transpose(1, 2))
+                torch.bmm(a.transpose(1, 2), g)
+        sync(dev)
+
+    return floor
+
+
+def flop_count(case: Case) -> float:
+    b, d, m, c = case.B, case.D, case.M, case.C
+    mult = 3 if case.backward else 1
+    if case.op in ("linear_fwd", "linear_fwdbwd"):
+        return 2.0 * b * d * m * c * mult
+    if case.op == "mlp_fwdbwd":
+        return 2.0 * b * m * MLP_HIDDEN * (d + c) * mult
+    return 0.0
+
+
+def bytes_moved(case: Case) -> float:
+    """Bytes the logits-only ops must move at least: read z and t (+ write dz), or read z (+ write probs)."""
+    size = case.B * case.M * case.C * torch.finfo(case.dtype).bits // 8
+    if case.op == "kl_fwdbwd":
+        return 3.0 * size
+    if case.op == "uncertainty":
+        return size + case.B * case.C * torch.finfo(case.dtype).bits // 8
+    return 0.0
+
+
+def rate(case: Case, seconds: float) -> tuple[float, str]:
+    """(value, unit): GFLOP/s for the GEMM ops, GB/s for the memory-bound ones."""
+    flops = flop_count(case)
+    if flops:
+        return flops / seconds / 1e9, "GFLOP/s"
+    return bytes_moved(case) / seconds / 1e9, "GB/s"
+
+
+def median_seconds(fn, rounds: int = 7, warmup: int = 2, min_time: float = 0.0) -> float:
+    """Median wall time of fn (which synchronises itself on GPU) after warm-up."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < rounds or time.perf_counter() - start < min_time:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 1000:
+            break
+    return statistics.median(times)
+
+
+# ----------------------------------------------------------------------------------------------
+# peak memory
+# ----------------------------------------------------------------------------------------------
+
+_M_MMAP_THRESHOLD = -3
+_MALLOC_READY = False
+
+
+def _prepare_malloc() -> None:
+    """Make freed CPU tensors leave the resident set at once: glibc then serves every allocation
+    above 64 KiB with its own mmap (no dynamic threshold, no reuse of freed heap), so the peak
+    resident set follows the peak of live tensors."""
+    global _MALLOC_READY
+    if not _MALLOC_READY:
+        try:
+            ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
+        except OSError:  # pragma: no cover - not glibc
+            pass
+        _MALLOC_READY = True
+
+
+def _status_kib(field_name: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field_name} missing from /proc/self/status")
+
+
+def peak_memory_bytes(step, device: str) -> int | None:
+    """Peak memory one call of step adds on top of what was live before it.
+
+    GPU: torch.cuda.max_memory_allocated around the call. CPU: the process's peak resident set
+    (VmHWM, reset through /proc/self/clear_refs) minus the resident set before the call.
+    """
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        return torch.cuda.max_memory_allocated() - base
+    if not os.path.exists("/proc/self/clear_refs"):
+        return None
+    _prepare_malloc()
+    before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    step()
+    return max(0, _status_kib("VmHWM") - before) * 1024
+
+
+def peak_memory_fresh_process(case: Case, provider: str, timeout: float = 900) -> int | None:
+    """CPU: peak memory of one step measured in a fresh interpreter (see ``peak_memory_bytes``), so that
+    neither the allocator's cached memory nor another case's allocations blur the figure. The step runs
+    twice there (the first call warms up, compiles for ``compile``), the second is measured."""
+    import json
+    import subprocess
+    import sys
+
+    args = [sys.executable, os.path.abspath(__file__), "--memory", case.op, case.name, str(case.B), str(case.D),
+            str(case.M), str(case.C), str(case.dtype).replace("torch.", ""), case.device, provider]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        raise RuntimeError(f"memory probe failed for {case.key} {provider}:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
+
+
+def _memory_child(argv) -> None:
+    import json
+
+    _prepare_malloc()  # before any tensor exists
+    op, name, b, d, m, c, dtype, device, provider = argv
+    case = Case(op, name, int(b), int(d), int(m), int(c), getattr(torch, dtype), device)
+    torch.set_num_threads(1)  # per-thread BLAS scratch would differ between providers
+    inputs = make_inputs(case)
+    step = make_callable(case, provider, inputs)
+    step()  # warm-up (and compilation); then drop its gradients so the measured step allocates its own
+    for t in [*inputs.head.parameters(), *inputs.x, *inputs.z]:
+        t.grad = None
+    print(json.dumps({"peak_bytes": peak_memory_bytes(step, device)}))
+
+
+def fmt_bytes(n: float | None) -> str:
+    if n is None or (isinstance(n, float) and math.isnan(n)):
+        return "-"
+    return f"{n / 2**20:.1f} MiB"
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) > 1 and sys.argv[1] == "--memory":
+        _memory_child(sys.argv[2:])
