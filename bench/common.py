@@ -198,10 +198,9 @@ def make_callable(case: Case, provider: str, inputs: Inputs):
             if z.requires_grad:
                 z.grad = None
             body(x, t, z).backward()
-        elif case.op == "uncertainty":
-            body(x, t, z)
-        else:  # forward of a training step: autograd records, no backward
-            body(x, t, z)
+        else:  # uncertainty, and the loss forward as in evaluation (no autograd)
+            with torch.no_grad():
+                body(x, t, z)
         sync(case.device)
 
     if provider == "compile":

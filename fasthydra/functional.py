@@ -73,15 +73,16 @@ def _check_same_device(**tensors) -> None:
         raise ValueError(f"all tensors must be on one device, got {seen}")
 
 
-def check_teacher_values(teacher: torch.Tensor, name: str = "teacher_logits") -> None:
+def check_teacher_values(teacher: torch.Tensor, name: str = "teacher_logits") -> bool:
     """NaN or +Inf anywhere, or a row that is -Inf everywhere, is an error; a lone -Inf masks a class.
 
-    One reduction pass (the row maximum) answers all three questions: the max is NaN when a NaN is
-    present, +Inf when a +Inf is, and -Inf exactly when the whole row is -Inf.
+    One reduction pass (row minimum and maximum together) answers every question: the max is NaN when
+    a NaN is present, +Inf when a +Inf is, and -Inf exactly when the whole row is -Inf.
+    Returns whether any class is masked (some -Inf), which lets the torch path skip its mask handling.
     """
     if teacher.numel() == 0:
-        return
-    row_max = teacher.detach().amax(dim=-1)
+        return False
+    row_min, row_max = torch.aminmax(teacher.detach(), dim=-1)
     if bool(torch.isnan(row_max).any()):
         raise ValueError(f"{name} contains NaN (shape {tuple(teacher.shape)})")
     if bool(torch.isposinf(row_max).any()):
@@ -90,6 +91,7 @@ def check_teacher_values(teacher: torch.Tensor, name: str = "teacher_logits") ->
         where = tuple(torch.nonzero(torch.isneginf(row_max))[0].tolist())
         raise ValueError(f"{name} has a row that is -Inf for every class (at index {where}, "
                          f"shape {tuple(teacher.shape)}): its softmax is undefined")
+    return bool(torch.isneginf(row_min).any())
 
 
 def _check_logit_pair(student, teacher, student_name="student_logits", teacher_name="teacher_logits"):
@@ -184,7 +186,7 @@ def hydra_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
     check_teacher_values(teacher_logits)
     impl = resolve_impl(impl, student_logits, teacher_logits)
     fn = HydraKLFunction if impl == "triton" else TorchHydraKLFunction
-    return fn.apply(student_logits, teacher_logits.detach(), temperature, reduction)
+    return fn.apply(student_logits, teacher_logits.detach(), temperature, reduction, torch.is_grad_enabled())
 
 
 def ensemble_log_mean_probs(teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -227,7 +229,7 @@ def hinton_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
     # softmax(T * log pbar / T) = pbar exactly, so the per-head kernel does the rest (masks included).
     mean_teacher = (temperature * ensemble_log_mean_probs(teacher_logits, temperature)).unsqueeze(1)
     fn = HydraKLFunction if impl == "triton" else TorchHydraKLFunction
-    loss = fn.apply(z, mean_teacher, temperature, reduction)
+    loss = fn.apply(z, mean_teacher, temperature, reduction, torch.is_grad_enabled())
     return loss.squeeze(1) if reduction == "none" else loss
 
 
@@ -293,8 +295,8 @@ def _check_fused_loss_args(inp, teacher, weight, temperature, reduction, name):
     if reduction == "none":
         raise ValueError("reduction='none' is not fused (the gradient needs the per-row upstream "
                          "gradient); compute the logits and call hydra_kl_loss instead")
-    check_teacher_values(teacher)
-    return temperature, reduction
+    masked = check_teacher_values(teacher)
+    return temperature, reduction, masked
 
 
 def linear_hydra_kl_loss(x, weight, bias, teacher_logits, temperature: float = 1.0, reduction: str = "mean",
@@ -306,10 +308,11 @@ def linear_hydra_kl_loss(x, weight, bias, teacher_logits, temperature: float = 1
     Shapes: x (B, D), weight (M, C, D), bias (M, C) or None, teacher_logits (B, M, C).
     """
     _check_heads_input(x, weight, bias)
-    temperature, reduction = _check_fused_loss_args(x, teacher_logits, weight, temperature, reduction, "x")
+    temperature, reduction, masked = _check_fused_loss_args(x, teacher_logits, weight, temperature, reduction, "x")
     impl = resolve_impl(impl, x, weight, bias, teacher_logits)
     fn = LinearHydraKLFunction if impl == "triton" else TorchLinearHydraKLFunction
-    return fn.apply(x, weight, bias, teacher_logits.detach(), temperature, reduction, True)
+    return fn.apply(x, weight, bias, teacher_logits.detach(), temperature, reduction, True, masked,
+                    torch.is_grad_enabled())
 
 
 def mlp_hydra_kl_loss(x, hidden_weight, hidden_bias, weight, bias, teacher_logits, temperature: float = 1.0,
@@ -317,11 +320,12 @@ def mlp_hydra_kl_loss(x, hidden_weight, hidden_bias, weight, bias, teacher_logit
     """MLP heads fused with the Hydra loss: first layer one GEMM, second layer the grouped GEMM
     fused with softmax/KL. Shapes: x (B, D), hidden_weight (M, H, D), weight (M, C, H)."""
     _check_heads_input(x, hidden_weight, hidden_bias)
-    temperature, reduction = _check_fused_loss_args(x, teacher_logits, weight, temperature, reduction, "x")
+    temperature, reduction, masked = _check_fused_loss_args(x, teacher_logits, weight, temperature, reduction, "x")
     impl = resolve_impl(impl, x, hidden_weight, weight, teacher_logits)
     u = mlp_hidden(x, hidden_weight, hidden_bias, impl=impl)
     fn = LinearHydraKLFunction if impl == "triton" else TorchLinearHydraKLFunction
-    return fn.apply(u, weight, bias, teacher_logits.detach(), temperature, reduction, False)
+    return fn.apply(u, weight, bias, teacher_logits.detach(), temperature, reduction, False, masked,
+                    torch.is_grad_enabled())
 
 
 def uncertainty(logits: torch.Tensor, temperature: float = 1.0, impl: str = "auto") -> Uncertainty:

@@ -219,3 +219,27 @@ def test_class_tiled_mode_matches_reference(monkeypatch, hidden, tile_elements, 
         assert_close_to(g, g_ref, rtol=1e-11, atol=1e-15, what=name)
     with torch.no_grad():  # the loss-only pass of the tiled mode
         assert_close_to(head.distill_loss(x, t, temperature=1.7), loss_ref, rtol=1e-12)
+
+
+def test_no_grad_takes_the_loss_only_path(monkeypatch):
+    """Under torch.no_grad() nothing gradient-sized is computed (autograd's needs_input_grad would still
+    say True there), and the value is unchanged."""
+    import fasthydra.ops.linear_hydra_kl as lk
+
+    seen = []
+    real = lk.kl_chunk_torch
+
+    def spy(s, t, temperature, want_grad, masked=True):
+        seen.append(want_grad)
+        return real(s, t, temperature, want_grad, masked)
+
+    monkeypatch.setattr(lk, "kl_chunk_torch", spy)
+    head = HydraHead(8, 6, 3, impl="torch")
+    x = torch.randn(5, 8, requires_grad=True)
+    t = torch.randn(5, 3, 6)
+    with torch.no_grad():
+        quiet = head.distill_loss(x, t, 2.0)
+    assert seen == [False] and not quiet.requires_grad
+    loud = head.distill_loss(x, t, 2.0)
+    assert seen == [False, True] and loud.requires_grad
+    assert quiet.item() == pytest.approx(loud.item(), rel=1e-6)

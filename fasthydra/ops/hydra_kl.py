@@ -43,13 +43,13 @@ def scale_grad(stored: torch.Tensor, grad_output: torch.Tensor, reduction: str) 
 
 
 def _log_normaliser(logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-    """log-sum-exp of each row from its softmax, with no further exp: at the most probable class c,
-    probs_c = exp(logits_c - lse), so lse = logits_c - log probs_c (probs_c >= 1/C: well conditioned)."""
-    top, where = probs.max(dim=-1, keepdim=True)
-    return (logits.gather(-1, where) - top.log()).squeeze(-1)
+    """log-sum-exp of each row from its softmax, with no further exp: the most probable class is the
+    largest logit, where probs = exp(max logit - lse), so lse = max logit - log max prob (the max prob
+    is >= 1/C: well conditioned). Two plain max reductions, no indices."""
+    return logits.amax(dim=-1).sub_(probs.amax(dim=-1).log_())
 
 
-def kl_chunk_torch(s: torch.Tensor, t: torch.Tensor, temperature: float, want_grad: bool):
+def kl_chunk_torch(s: torch.Tensor, t: torch.Tensor, temperature: float, want_grad: bool, masked: bool = True):
     """Loss rows T^2 * KL and (optionally) the unscaled gradient q - p for one chunk.
 
     s: (..., C) student logits already divided by T, in the compute dtype; it is consumed (overwritten).
@@ -64,8 +64,12 @@ def kl_chunk_torch(s: torch.Tensor, t: torch.Tensor, temperature: float, want_gr
     p = torch.softmax(u, dim=-1)
     lse_gap = _log_normaliser(s, q).sub_(_log_normaliser(u, p))
     # p * (u - s): a masked class (p = 0, u = -inf) gives 0 * -inf = NaN, which is its exact value 0;
-    # +inf (a student -inf where the teacher has mass) is the true KL and stays.
-    cross = u.sub_(s).mul_(p).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf).sum(-1)
+    # +inf (a student -inf where the teacher has mass) is the true KL and stays. masked=False (the
+    # caller saw no -inf teacher logit and the student logits come from a GEMM) skips that pass.
+    cross = u.sub_(s).mul_(p)
+    if masked:
+        cross.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
+    cross = cross.sum(-1)
     loss = cross.add_(lse_gap).mul_(temperature * temperature)
     if not want_grad:
         return loss, None
@@ -76,9 +80,9 @@ class TorchHydraKLFunction(torch.autograd.Function):
     """Hydra loss on given logits in torch ops, row chunk by row chunk, gradient in the forward."""
 
     @staticmethod
-    def forward(ctx, student, teacher, temperature: float, reduction: str):
+    def forward(ctx, student, teacher, temperature: float, reduction: str, grad_enabled: bool = True):
         b, m, c = student.shape
-        want_grad = ctx.needs_input_grad[0]
+        want_grad = grad_enabled and ctx.needs_input_grad[0]  # needs_input_grad ignores torch.no_grad()
         grad_scale = temperature * reduction_coefficient(reduction, b * m) if want_grad else None
         cdt = compute_dtype(student.dtype)
         rows = torch.empty(b, m, dtype=cdt, device=student.device)
@@ -98,8 +102,8 @@ class TorchHydraKLFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
         if grad is None:
-            return None, None, None, None
-        return scale_grad(grad, grad_output, ctx.reduction), None, None, None
+            return None, None, None, None, None
+        return scale_grad(grad, grad_output, ctx.reduction), None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,9 +145,9 @@ class HydraKLFunction(torch.autograd.Function):
     """Hydra loss on given logits with the one-launch Triton kernel (loss and gradient together)."""
 
     @staticmethod
-    def forward(ctx, student, teacher, temperature: float, reduction: str):
+    def forward(ctx, student, teacher, temperature: float, reduction: str, grad_enabled: bool = True):
         b, m, c = student.shape
-        want_grad = ctx.needs_input_grad[0]
+        want_grad = grad_enabled and ctx.needs_input_grad[0]  # needs_input_grad ignores torch.no_grad()
         grad_scale = temperature * reduction_coefficient(reduction, b * m) if want_grad else None
         loss, grad = launch_hydra_kl(_rows_view(student), _rows_view(teacher), temperature, grad_scale)
         ctx.reduction = reduction
@@ -154,5 +158,5 @@ class HydraKLFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
         if grad is None:
-            return None, None, None, None
-        return scale_grad(grad, grad_output, ctx.reduction), None, None, None
+            return None, None, None, None, None
+        return scale_grad(grad, grad_output, ctx.reduction), None, None, None, None

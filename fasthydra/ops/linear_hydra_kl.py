@@ -37,9 +37,9 @@ def _backward(ctx, grad_output):
     grad_in, grad_w, grad_b = ctx.saved_tensors
     if grad_output.numel() == 1 and bool(grad_output == 1):
         # The common case (loss.backward()): hand the stored gradients over, no weight-sized copy.
-        return grad_in, grad_w, grad_b, None, None, None, None
+        return grad_in, grad_w, grad_b, None, None, None, None, None, None
     scaled = [None if g is None else g * grad_output.to(g.dtype) for g in (grad_in, grad_w, grad_b)]
-    return (*scaled, None, None, None, None)
+    return (*scaled, None, None, None, None, None, None)
 
 
 # Row blocks thinner than this make every GEMM re-read the whole weight for a handful of rows (large
@@ -130,11 +130,13 @@ class TorchLinearHydraKLFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, inp, weight, bias, teacher, temperature: float, reduction: str, shared: bool):
+    def forward(ctx, inp, weight, bias, teacher, temperature: float, reduction: str, shared: bool,
+                masked: bool = True, grad_enabled: bool = True):
         m, c, k = weight.shape
         b = inp.shape[0]
         cdt = compute_dtype(inp.dtype)
-        need_in, need_w, need_b = ctx.needs_input_grad[:3]
+        # needs_input_grad stays True under torch.no_grad(): the caller says whether grad mode is on.
+        need_in, need_w, need_b = (grad_enabled and n for n in ctx.needs_input_grad[:3])
         want_grad = need_in or need_w or need_b
         scale = temperature * reduction_coefficient(reduction, b * m)
         inv_t = 1.0 / temperature
@@ -166,7 +168,7 @@ class TorchLinearHydraKLFunction(torch.autograd.Function):
             else:  # grouped GEMM: head m multiplies its own input u[:, m]
                 s = torch.baddbmm(bias_c.unsqueeze(1), xc.transpose(0, 1), w.transpose(1, 2),
                                   beta=inv_t, alpha=inv_t).transpose(0, 1)
-            loss, g = kl_chunk_torch(s, teacher[r0:r0 + step], temperature, want_grad)
+            loss, g = kl_chunk_torch(s, teacher[r0:r0 + step], temperature, want_grad, masked)
             del s
             rows[r0:r0 + step] = loss
             if not want_grad:
@@ -224,14 +226,16 @@ class LinearHydraKLFunction(torch.autograd.Function):
     the input gradient and the fp32 weight-gradient accumulation, chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, inp, weight, bias, teacher, temperature: float, reduction: str, shared: bool):
+    def forward(ctx, inp, weight, bias, teacher, temperature: float, reduction: str, shared: bool,
+                masked: bool = True, grad_enabled: bool = True):
         m, c, k = weight.shape
         b = inp.shape[0]
         inp = inp.contiguous()
         weight = weight.contiguous()
         bias = None if bias is None else bias.contiguous()
         teacher = teacher if teacher.stride(-1) == 1 else teacher.contiguous()
-        need_in, need_w, need_b = ctx.needs_input_grad[:3]
+        # needs_input_grad stays True under torch.no_grad(): the caller says whether grad mode is on.
+        need_in, need_w, need_b = (grad_enabled and n for n in ctx.needs_input_grad[:3])
         want_grad = need_in or need_w or need_b
         loss = torch.empty(b, m, dtype=torch.float32, device=inp.device)
         grad_in = grad_w32 = grad_b32 = None
