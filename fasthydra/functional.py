@@ -73,16 +73,15 @@ def _check_same_device(**tensors) -> None:
         raise ValueError(f"all tensors must be on one device, got {seen}")
 
 
-def check_teacher_values(teacher: torch.Tensor, name: str = "teacher_logits") -> bool:
+def check_teacher_values(teacher: torch.Tensor, name: str = "teacher_logits") -> None:
     """NaN or +Inf anywhere, or a row that is -Inf everywhere, is an error; a lone -Inf masks a class.
 
-    One reduction pass (row minimum and maximum together) answers every question: the max is NaN when
-    a NaN is present, +Inf when a +Inf is, and -Inf exactly when the whole row is -Inf.
-    Returns whether any class is masked (some -Inf), which lets the torch path skip its mask handling.
+    One reduction pass (the row maximum) answers all three questions: the max is NaN when a NaN is
+    present, +Inf when a +Inf is, and -Inf exactly when the whole row is -Inf.
     """
     if teacher.numel() == 0:
-        return False
-    row_min, row_max = torch.aminmax(teacher.detach(), dim=-1)
+        return
+    row_max = teacher.detach().amax(dim=-1)
     if bool(torch.isnan(row_max).any()):
         raise ValueError(f"{name} contains NaN (shape {tuple(teacher.shape)})")
     if bool(torch.isposinf(row_max).any()):
@@ -91,7 +90,6 @@ def check_teacher_values(teacher: torch.Tensor, name: str = "teacher_logits") ->
         where = tuple(torch.nonzero(torch.isneginf(row_max))[0].tolist())
         raise ValueError(f"{name} has a row that is -Inf for every class (at index {where}, "
                          f"shape {tuple(teacher.shape)}): its softmax is undefined")
-    return bool(torch.isneginf(row_min).any())
 
 
 def _check_logit_pair(student, teacher, student_name="student_logits", teacher_name="teacher_logits"):
@@ -295,8 +293,8 @@ def _check_fused_loss_args(inp, teacher, weight, temperature, reduction, name):
     if reduction == "none":
         raise ValueError("reduction='none' is not fused (the gradient needs the per-row upstream "
                          "gradient); compute the logits and call hydra_kl_loss instead")
-    masked = check_teacher_values(teacher)
-    return temperature, reduction, masked
+    check_teacher_values(teacher)
+    return temperature, reduction
 
 
 def linear_hydra_kl_loss(x, weight, bias, teacher_logits, temperature: float = 1.0, reduction: str = "mean",
@@ -308,10 +306,10 @@ def linear_hydra_kl_loss(x, weight, bias, teacher_logits, temperature: float = 1
     Shapes: x (B, D), weight (M, C, D), bias (M, C) or None, teacher_logits (B, M, C).
     """
     _check_heads_input(x, weight, bias)
-    temperature, reduction, masked = _check_fused_loss_args(x, teacher_logits, weight, temperature, reduction, "x")
+    temperature, reduction = _check_fused_loss_args(x, teacher_logits, weight, temperature, reduction, "x")
     impl = resolve_impl(impl, x, weight, bias, teacher_logits)
     fn = LinearHydraKLFunction if impl == "triton" else TorchLinearHydraKLFunction
-    return fn.apply(x, weight, bias, teacher_logits.detach(), temperature, reduction, True, masked,
+    return fn.apply(x, weight, bias, teacher_logits.detach(), temperature, reduction, True,
                     torch.is_grad_enabled())
 
 
@@ -320,11 +318,11 @@ def mlp_hydra_kl_loss(x, hidden_weight, hidden_bias, weight, bias, teacher_logit
     """MLP heads fused with the Hydra loss: first layer one GEMM, second layer the grouped GEMM
     fused with softmax/KL. Shapes: x (B, D), hidden_weight (M, H, D), weight (M, C, H)."""
     _check_heads_input(x, hidden_weight, hidden_bias)
-    temperature, reduction, masked = _check_fused_loss_args(x, teacher_logits, weight, temperature, reduction, "x")
+    temperature, reduction = _check_fused_loss_args(x, teacher_logits, weight, temperature, reduction, "x")
     impl = resolve_impl(impl, x, hidden_weight, weight, teacher_logits)
     u = mlp_hidden(x, hidden_weight, hidden_bias, impl=impl)
     fn = LinearHydraKLFunction if impl == "triton" else TorchLinearHydraKLFunction
-    return fn.apply(u, weight, bias, teacher_logits.detach(), temperature, reduction, False, masked,
+    return fn.apply(u, weight, bias, teacher_logits.detach(), temperature, reduction, False,
                     torch.is_grad_enabled())
 
 

@@ -229,9 +229,9 @@ def test_no_grad_takes_the_loss_only_path(monkeypatch):
     seen = []
     real = lk.kl_chunk_torch
 
-    def spy(s, t, temperature, want_grad, masked=True):
+    def spy(s, t, temperature, want_grad):
         seen.append(want_grad)
-        return real(s, t, temperature, want_grad, masked)
+        return real(s, t, temperature, want_grad)
 
     monkeypatch.setattr(lk, "kl_chunk_torch", spy)
     head = HydraHead(8, 6, 3, impl="torch")

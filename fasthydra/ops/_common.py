@@ -14,8 +14,10 @@ import torch
 MAX_BLOCK_C = 2048
 # Elements of one row chunk's (rows, M, C) gradient stash on the Triton path (bytes = this * dtype size).
 TRITON_CHUNK_ELEMENTS = 1 << 27
-# Elements of one row chunk's (rows, M, C) logits on the torch path (each chunk holds a few such buffers).
-TORCH_CHUNK_ELEMENTS = 1 << 21
+# Elements of one row chunk's (rows, M, C) logits on the torch path (32 MiB in fp32; the chunk holds
+# the logits and the gradient). Bigger chunks keep the three GEMMs near full-size efficiency; a batch
+# whose rows would not fit 128 to a chunk switches to class tiles (linear_hydra_kl.py).
+TORCH_CHUNK_ELEMENTS = 1 << 23
 
 
 def interpreting() -> bool:

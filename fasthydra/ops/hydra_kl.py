@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from . import native
 from ._common import TORCH_CHUNK_ELEMENTS, cdiv, compute_dtype, kl_rows_config, rows_per_chunk
 
 
@@ -49,7 +50,7 @@ def _log_normaliser(logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     return logits.amax(dim=-1).sub_(probs.amax(dim=-1).log_())
 
 
-def kl_chunk_torch(s: torch.Tensor, t: torch.Tensor, temperature: float, want_grad: bool, masked: bool = True):
+def kl_chunk_torch(s: torch.Tensor, t: torch.Tensor, temperature: float, want_grad: bool):
     """Loss rows T^2 * KL and (optionally) the unscaled gradient q - p for one chunk.
 
     s: (..., C) student logits already divided by T, in the compute dtype; it is consumed (overwritten).
@@ -59,17 +60,16 @@ def kl_chunk_torch(s: torch.Tensor, t: torch.Tensor, temperature: float, want_gr
     KL = sum_c p_c (u_c - s_c) - lse(u) + lse(s) with u = t / T: two softmaxes are the only
     exponentials (one per element each), the normalisers come from their most probable class.
     """
+    if native.usable(s):  # fp32 on CPU: the three-sweep C row kernel
+        loss, grad = native.kl_rows(s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1]), temperature, want_grad)
+        return loss.view(s.shape[:-1]), None if grad is None else grad.view(s.shape)
     q = torch.softmax(s, dim=-1)
     u = t.to(s.dtype) * (1.0 / temperature)
     p = torch.softmax(u, dim=-1)
     lse_gap = _log_normaliser(s, q).sub_(_log_normaliser(u, p))
     # p * (u - s): a masked class (p = 0, u = -inf) gives 0 * -inf = NaN, which is its exact value 0;
-    # +inf (a student -inf where the teacher has mass) is the true KL and stays. masked=False (the
-    # caller saw no -inf teacher logit and the student logits come from a GEMM) skips that pass.
-    cross = u.sub_(s).mul_(p)
-    if masked:
-        cross.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
-    cross = cross.sum(-1)
+    # +inf (a student -inf where the teacher has mass) is the true KL and stays.
+    cross = u.sub_(s).mul_(p).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf).sum(-1)
     loss = cross.add_(lse_gap).mul_(temperature * temperature)
     if not want_grad:
         return loss, None

@@ -37,9 +37,9 @@ def _backward(ctx, grad_output):
     grad_in, grad_w, grad_b = ctx.saved_tensors
     if grad_output.numel() == 1 and bool(grad_output == 1):
         # The common case (loss.backward()): hand the stored gradients over, no weight-sized copy.
-        return grad_in, grad_w, grad_b, None, None, None, None, None, None
+        return grad_in, grad_w, grad_b, None, None, None, None, None
     scaled = [None if g is None else g * grad_output.to(g.dtype) for g in (grad_in, grad_w, grad_b)]
-    return (*scaled, None, None, None, None, None, None)
+    return (*scaled, None, None, None, None, None)
 
 
 # Row blocks thinner than this make every GEMM re-read the whole weight for a handful of rows (large
@@ -131,7 +131,7 @@ class TorchLinearHydraKLFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, inp, weight, bias, teacher, temperature: float, reduction: str, shared: bool,
-                masked: bool = True, grad_enabled: bool = True):
+                grad_enabled: bool = True):
         m, c, k = weight.shape
         b = inp.shape[0]
         cdt = compute_dtype(inp.dtype)
@@ -168,7 +168,7 @@ class TorchLinearHydraKLFunction(torch.autograd.Function):
             else:  # grouped GEMM: head m multiplies its own input u[:, m]
                 s = torch.baddbmm(bias_c.unsqueeze(1), xc.transpose(0, 1), w.transpose(1, 2),
                                   beta=inv_t, alpha=inv_t).transpose(0, 1)
-            loss, g = kl_chunk_torch(s, teacher[r0:r0 + step], temperature, want_grad, masked)
+            loss, g = kl_chunk_torch(s, teacher[r0:r0 + step], temperature, want_grad)
             del s
             rows[r0:r0 + step] = loss
             if not want_grad:
@@ -227,7 +227,7 @@ class LinearHydraKLFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, inp, weight, bias, teacher, temperature: float, reduction: str, shared: bool,
-                masked: bool = True, grad_enabled: bool = True):
+                grad_enabled: bool = True):
         m, c, k = weight.shape
         b = inp.shape[0]
         inp = inp.contiguous()

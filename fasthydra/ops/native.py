@@ -1,0 +1,141 @@
+"""The torch path's native row kernel (csrc/hydra_kl_rows.c): built once per machine, called through ctypes.
+
+Why it exists: on a CPU the torch-op version of the softmax/KL/gradient step makes about sixteen
+sweeps over each row chunk (two softmaxes, their normalisers, the product and its sum, q - p); the
+C kernel makes three, with the row hot in cache, and two exponentials per element. At the mid
+benchmark shape that is the difference between ~1.45x and ~1.25x of the GEMM floor (bench/RESULTS.md).
+
+The library is compiled on first use with the system C compiler (``cc``; gcc or clang) into
+``$FASTHYDRA_CACHE_DIR`` (default ``~/.cache/fasthydra``), keyed by the source, the flags, the
+compiler and the CPU, and written atomically so that several processes may race safely. No
+compiler, a failed build or ``FASTHYDRA_NATIVE=0`` all fall back to the torch ops (same results to
+float rounding); ``status()`` says which one runs and why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+SOURCE = pathlib.Path(__file__).with_name("csrc") / "hydra_kl_rows.c"
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
+MIN_ROWS_PER_THREAD = 32  # below this a thread costs more than it saves
+
+_lock = threading.Lock()
+_lib = None
+_reason = "not built yet"
+_pool: ThreadPoolExecutor | None = None
+
+
+def _cpu_signature() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = [line for line in f if line.startswith(("model name", "flags"))][:2]
+        return "".join(flags)
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _library_path(compiler: str) -> pathlib.Path:
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_signature()]).encode())
+    cache = pathlib.Path(os.environ.get("FASTHYDRA_CACHE_DIR", pathlib.Path.home() / ".cache" / "fasthydra"))
+    return cache / f"hydra_kl_rows-{key.hexdigest()[:16]}.so"
+
+
+def _build() -> ctypes.CDLL:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
+    path = _library_path(compiler)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+        os.close(fd)
+        try:
+            out = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True)
+            if out.returncode != 0:
+                raise RuntimeError(f"building {SOURCE.name} failed:\n{out.stderr[-2000:]}")
+            os.replace(tmp, path)  # atomic: a racing process sees the old state or the whole library
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(path))
+    fn = lib.hydra_kl_rows
+    i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+    fn.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, i64, i64, i64, f32, f32, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return lib
+
+
+def _library():
+    global _lib, _reason
+    if os.environ.get("FASTHYDRA_NATIVE", "1") == "0":
+        return None
+    if _lib is None and _reason == "not built yet":
+        with _lock:
+            if _lib is None and _reason == "not built yet":
+                try:
+                    _lib = _build()
+                    _reason = "ok"
+                except Exception as exc:  # no compiler, sandbox, exotic platform: use the torch ops
+                    _reason = f"{type(exc).__name__}: {exc}"
+                    warnings.warn(f"fasthydra: native CPU kernel unavailable, using torch ops ({_reason})",
+                                  RuntimeWarning, stacklevel=3)
+    return _lib
+
+
+def status() -> str:
+    """'ok' when the native kernel runs, else why the torch ops run instead."""
+    if os.environ.get("FASTHYDRA_NATIVE", "1") == "0":
+        return "disabled by FASTHYDRA_NATIVE=0"
+    _library()
+    return _reason
+
+
+def usable(s: torch.Tensor) -> bool:
+    """The native kernel takes fp32 CPU rows; everything else (fp64 reference mode, CUDA) uses torch ops."""
+    return s.dtype == torch.float32 and s.device.type == "cpu" and _library() is not None
+
+
+def kl_rows(s2: torch.Tensor, t2: torch.Tensor, temperature: float, want_grad: bool):
+    """Loss rows T^2 * KL and q - p for (R, C) fp32 rows: s2 tempered student logits, t2 raw teacher.
+
+    Rows are split across torch.get_num_threads() threads (ctypes releases the GIL during the call).
+    """
+    global _pool
+    lib = _library()
+    r, c = s2.shape
+    s2 = s2 if s2.stride(1) == 1 else s2.contiguous()
+    t2 = t2.to(torch.float32)
+    t2 = t2 if t2.stride(1) == 1 else t2.contiguous()
+    loss = torch.empty(r, dtype=torch.float32)
+    grad = torch.empty(r, c, dtype=torch.float32) if want_grad else None
+    if r == 0:
+        return loss, grad
+    args = (s2.data_ptr(), s2.stride(0), t2.data_ptr(), t2.stride(0),
+            grad.data_ptr() if want_grad else None, c if want_grad else 0, loss.data_ptr())
+    tail = (c, 1.0 / temperature, temperature * temperature, int(want_grad))
+    workers = max(1, min(torch.get_num_threads(), r // MIN_ROWS_PER_THREAD))
+    bounds = [r * i // workers for i in range(workers + 1)]
+    if workers == 1:
+        codes = [lib.hydra_kl_rows(*args, 0, r, *tail)]
+    else:
+        if _pool is None or _pool._max_workers < workers:
+            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fasthydra-kl")
+        futures = [_pool.submit(lib.hydra_kl_rows, *args, bounds[i], bounds[i + 1], *tail) for i in range(workers)]
+        codes = [f.result() for f in futures]
+    if any(codes):
+        raise MemoryError("fasthydra native KL kernel could not allocate its row scratch")
+    return loss, grad

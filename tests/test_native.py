@@ -1,0 +1,81 @@
+"""cpu tier: the torch path's native row kernel (fasthydra/ops/csrc) against the float64 reference,
+and its fallback to torch ops."""
+
+import pytest
+import torch
+from helpers import assert_close_to, params_of, reference_loss_and_grads, teacher_logits
+
+import fasthydra.ops.native as native
+from fasthydra import HydraHead, hydra_kl_loss
+from fasthydra import reference as R
+
+pytestmark = pytest.mark.cpu
+
+needs_native = pytest.mark.skipif(native.status() != "ok", reason=f"native kernel: {native.status()}")
+
+
+@needs_native
+@pytest.mark.parametrize("rows,c", [(7, 1), (5, 13), (300, 1000), (64, 4097), (0, 10)])
+@pytest.mark.parametrize("temperature", [0.5, 2.0, 20.0])
+def test_kernel_matches_reference(rows, c, temperature):
+    s = torch.randn(rows, c) * 4
+    t = torch.randn(rows, c) * 4
+    if rows > 2 and c > 2:
+        t[1, : c // 2] = float("-inf")  # a long masked stretch
+        t[2, -1] = float("-inf")
+    loss, grad = native.kl_rows(s / temperature, t, temperature, True)
+    ref = R.kl_rows_ref(s.double(), t.double(), temperature)
+    q = torch.softmax(s.double() / temperature, -1)
+    p = torch.softmax(t.double() / temperature, -1)
+    assert_close_to(loss, ref, rtol=2e-6, atol=1e-6, what="loss")
+    assert_close_to(grad, q - p, rtol=2e-6, atol=1e-7, what="grad")
+    loss_only, none = native.kl_rows(s / temperature, t, temperature, False)
+    assert none is None and torch.equal(loss_only, loss)
+
+
+@needs_native
+def test_kernel_extreme_logits_and_strided_rows():
+    base = torch.randn(40, 2, 33) * 1e4
+    s = base[:, 0]  # row stride 66: not contiguous rows
+    t = torch.randn(40, 33) * 1e4
+    loss, grad = native.kl_rows(s, t, 1.0, True)
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    assert_close_to(loss, R.kl_rows_ref(s.double(), t.double(), 1.0), rtol=1e-6, what="extreme")
+
+
+@needs_native
+def test_module_fp32_native_and_fallback_agree_with_reference(monkeypatch):
+    head = HydraHead(45, 13, 5, impl="torch")
+    x = torch.randn(37, 45, requires_grad=True)
+    t = teacher_logits(37, 5, 13)
+    loss_ref, grads_ref = reference_loss_and_grads(head, x, t, 2.0)
+    results = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("FASTHYDRA_NATIVE", flag)
+        loss = head.distill_loss(x, t, 2.0)
+        grads = torch.autograd.grad(loss, [x, *params_of(head)])
+        assert_close_to(loss, loss_ref, rtol=2e-6, what=f"native={flag}")
+        for g, g_ref in zip(grads, grads_ref):
+            assert_close_to(g, g_ref, rtol=1e-5, atol=1e-8, what=f"native={flag}")
+        results[flag] = loss.item()
+    assert results["1"] == pytest.approx(results["0"], rel=1e-6)
+
+
+def test_no_compiler_falls_back_with_a_warning(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_reason", "not built yet")
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("FASTHYDRA_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.warns(RuntimeWarning, match="native CPU kernel unavailable"):
+        assert not native.usable(torch.zeros(1))
+    assert native.status() != "ok"
+    z = torch.randn(4, 2, 6, requires_grad=True)
+    t = torch.randn(4, 2, 6)
+    assert_close_to(hydra_kl_loss(z, t, 1.0, impl="torch"), R.hydra_kl_loss_ref(z.double(), t.double(), 1.0),
+                    rtol=1e-6)
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("FASTHYDRA_NATIVE", "0")
+    assert native.status() == "disabled by FASTHYDRA_NATIVE=0"
+    assert not native.usable(torch.zeros(1))
