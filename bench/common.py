@@ -216,12 +216,31 @@ def make_callable(case: Case, provider: str, inputs: Inputs):
 
 
 def gemm_floor_callable(case: Case):
-    """The GEMMs the op cannot avoid, with torch.mm/bmm at the same shapes: logits, input gradient and
-    weight gradient (forward only: the logits GEMM). None for the ops without a GEMM."""
-    if case.op not in ("linear_fwd", "linear_fwdbwd", "mlp_fwdbwd"):
-        return None
+    """The floor each op is held against, measured with torch at the same shapes in the same run.
+
+    GEMM ops: the GEMMs they cannot avoid (logits, input gradient and weight gradient; forward only:
+    the logits GEMM). Memory-bound ops: one elementwise sweep that moves the bytes they must move
+    (kl: read z and t, write dz; uncertainty: read z, write the (B, C) mixture).
+    """
     dev, dt = case.device, case.dtype
     b, d, m, c = case.B, case.D, case.M, case.C
+    if case.op == "kl_fwdbwd":
+        z, t, out = (torch.randn(b, m, c, device=dev, dtype=dt) for _ in range(3))
+
+        def sweep():
+            torch.sub(z, t, out=out)
+            sync(dev)
+
+        return sweep
+    if case.op == "uncertainty":
+        z = torch.randn(b, m, c, device=dev, dtype=dt)
+        out = torch.empty(b, c, device=dev, dtype=dt)
+
+        def sweep():
+            torch.sum(z, dim=1, out=out)
+            sync(dev)
+
+        return sweep
     layers = [(1, d, m * c)] if case.op != "mlp_fwdbwd" else [(1, d, m * MLP_HIDDEN), (m, MLP_HIDDEN, c)]
     mats = []
     for groups, k, n in layers:

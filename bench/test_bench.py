@@ -1,7 +1,8 @@
 """pytest-benchmark suite: `pytest bench/ --benchmark-only` (FASTHYDRA_BENCH_QUICK=1: few rounds).
 
 Every case runs its providers in one session, eager first, and each result carries in extra_info
-the rate, the speed-up over eager measured in this run, the GEMM floor measured in this run and the
+the rate, the speed-up over eager measured in this run, the floor measured in this run (the GEMMs
+the op needs, or for the memory-bound ops one elementwise sweep moving the same bytes) and the
 op's time over it, and the peak memory (GPU: max_memory_allocated; CPU: a fresh process per case).
 """
 
@@ -74,6 +75,7 @@ def test_bench(benchmark, case, provider):
         "dtype": str(case.dtype).replace("torch.", ""), "device": case.device, "provider": provider,
         "median_ms": seconds * 1e3, "rate": value, "rate_unit": unit,
         "eager_ms": eager_seconds * 1e3, "speedup_vs_eager": eager_seconds / seconds,
+        "floor_kind": "GEMM" if C.flop_count(case) else "bandwidth",
         "gemm_floor_ms": None if floor is None else floor * 1e3,
         "over_gemm_floor": None if floor is None else seconds / floor,
         "peak_memory_bytes": peak,

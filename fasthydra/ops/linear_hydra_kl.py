@@ -246,7 +246,13 @@ class LinearHydraKLFunction(torch.autograd.Function):
             step = rows_per_chunk(b, m * c, TRITON_CHUNK_ELEMENTS)
             stash = torch.empty(min(step, b), m, c, dtype=inp.dtype, device=inp.device)
             grad_in = torch.empty_like(inp) if need_in else None
-            grad_w32 = torch.zeros(m, c, k, dtype=torch.float32, device=inp.device) if need_w else None
+            # Several chunks accumulate dW in an fp32 buffer; one chunk lets the GEMM (fp32 inside) write
+            # dW in the weight's dtype directly, with no weight-sized fp32 buffer.
+            one_chunk = step >= b
+            grad_w32 = torch.zeros(m, c, k, dtype=torch.float32, device=inp.device) if need_w and not one_chunk \
+                else None
+            if need_w and b == 0:  # an empty batch: a zero gradient, not a missing one
+                grad_w32 = torch.zeros_like(weight)
             grad_b32 = torch.zeros(m, c, dtype=torch.float32, device=inp.device) if need_b else None
             for r0 in range(0, b, step):
                 xc = inp[r0:r0 + step]
@@ -254,7 +260,9 @@ class LinearHydraKLFunction(torch.autograd.Function):
                 g = stash[:bc]
                 launch_linear_hydra_kl(xc, weight, bias, teacher[r0:r0 + step], loss[r0:r0 + step], g,
                                        temperature, grad_scale, shared)
-                gi, _ = heads_backward(g, xc, weight, shared, need_in, need_w, grad_weight32=grad_w32)
+                gi, gw = heads_backward(g, xc, weight, shared, need_in, need_w, grad_weight32=grad_w32)
+                if one_chunk:
+                    grad_w32 = gw
                 if need_in:
                     grad_in[r0:r0 + step] = gi
                 if need_b:

@@ -1,0 +1,67 @@
+"""cpu tier: the CPU-side parts of bench/gpu_check.py (refusal without CUDA, ratios, table, targets)."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+BENCH = pathlib.Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import common as C  # noqa: E402
+import gpu_check  # noqa: E402
+
+pytestmark = pytest.mark.cpu
+
+
+def test_refuses_cleanly_without_cuda(tmp_path):
+    out = tmp_path / "gpu.json"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), "--out", str(out)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "needs a CUDA GPU" in proc.stderr
+    assert not out.exists()
+
+
+def _cpu_rows():
+    """Real measurements of a tiny linear case on this CPU, shaped like gpu_check's rows."""
+    case = C.Case("linear_fwdbwd", "gpu-small", 64, 32, 3, 10, torch.float32, "cpu")
+    rows = []
+    for provider in ("eager", "fasthydra"):
+        step = C.make_callable(case, provider, C.make_inputs(case))
+        rows.append({"op": case.op, "shape": case.name, "dtype": "float32", "provider": provider,
+                     "B": case.B, "D": case.D, "M": case.M, "C": case.C,
+                     "seconds": C.median_seconds(step, rounds=5), "peak_memory_bytes": 2**20 * (4 - len(rows)),
+                     "compile_seconds": None})
+    floor = C.median_seconds(C.gemm_floor_callable(case), rounds=5)
+    return gpu_check.add_ratios(rows, {(case.op, case.name): floor}), floor
+
+
+def test_ratios_and_table_on_cpu_data():
+    rows, floor = _cpu_rows()
+    eager, fast = rows
+    assert fast["speedup_vs_eager"] == pytest.approx(eager["seconds"] / fast["seconds"])
+    assert eager["speedup_vs_eager"] == pytest.approx(1.0)
+    assert fast["over_gemm_floor"] == pytest.approx(fast["seconds"] / floor)
+    assert fast["memory_vs_eager"] == pytest.approx(3 / 4)
+    assert fast["speedup_vs_compile"] is None  # no compile row in this case
+    table = gpu_check.format_table(rows, "cpu (test)")
+    lines = table.splitlines()
+    assert len(lines) == 4 and "x eager" in lines[0] and "/floor" in lines[0]
+    assert "fasthydra" in lines[3] and "TFLOP/s" in lines[3] and "MiB" in lines[3]
+
+
+def test_target_verdicts():
+    rows = [{"op": "linear_fwdbwd", "shape": "gpu-small", "provider": "fasthydra", "speedup_vs_eager": 6.0},
+            {"op": "linear_fwdbwd", "shape": "gpu-large", "provider": "fasthydra", "over_gemm_floor": 1.5,
+             "speedup_vs_compile": 1.6, "speedup_vs_eager": None, "memory_vs_eager": 0.05}]
+    verdicts = {label: verdict for label, verdict, _ in gpu_check.check_targets(rows)}
+    assert verdicts["linear_fwdbwd gpu-small: speedup_vs_eager >= 5.0"] == "PASS"
+    assert verdicts["linear_fwdbwd gpu-large: over_gemm_floor <= 1.4"] == "FAIL"
+    assert verdicts["linear_fwdbwd gpu-large: speedup_vs_compile >= 1.5"] == "PASS"
+    assert verdicts["linear_fwdbwd gpu-large: speedup_vs_eager >= 2.5"] == "MISSING"
+    assert verdicts["linear_fwdbwd gpu-large: memory_vs_eager <= 0.1"] == "PASS"
