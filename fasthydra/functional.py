@@ -14,6 +14,7 @@ from numbers import Real
 import torch
 
 from fasthydra.ops._common import interpreting
+from fasthydra.ops.gaussian_kl import GaussianHeadsKLFunction, gaussian_kl_torch, split_gaussian
 from fasthydra.ops.grouped_linear import GroupedLinearFunction
 from fasthydra.ops.hydra_kl import HydraKLFunction, TorchHydraKLFunction
 from fasthydra.ops.linear_hydra_kl import LinearHydraKLFunction, TorchLinearHydraKLFunction
@@ -350,3 +351,78 @@ def uncertainty(logits: torch.Tensor, temperature: float = 1.0, impl: str = "aut
     impl = resolve_impl(impl, logits)
     fn = uncertainty_triton if impl == "triton" else uncertainty_torch
     return fn(logits.detach(), temperature)
+
+
+# ----------------------------------------------------------------------------------------------
+# Gaussian (regression) heads
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_positive(name: str, value: torch.Tensor) -> None:
+    if value.numel() and not bool((value > 0).all() & torch.isfinite(value).all()):
+        raise ValueError(f"{name} must be finite and > 0 everywhere (shape {tuple(value.shape)})")
+
+
+def gaussian_kl_loss(mean: torch.Tensor, var: torch.Tensor, teacher_mean: torch.Tensor, teacher_var: torch.Tensor,
+                     reduction: str = "mean") -> torch.Tensor:
+    """Per-head Gaussian KL ``KL(N(mu_t, var_t) || N(mu_m, var_m))`` (member m's prediction against head m's).
+
+    ``0.5 * (log(var_m / var_t) + (var_t + (mu_t - mu_m)^2) / var_m - 1)``, elementwise.
+
+    Args:
+        mean, var: head outputs (B, M, K), var > 0.
+        teacher_mean, teacher_var: member outputs (B, M, K), teacher_var > 0; constants (no gradient).
+        reduction: "mean" (over B*M*K), "sum", or "none" -> (B, M, K).
+    Returns: the loss in mean's dtype.
+
+    Example:
+        >>> mu, var = torch.randn(8, 4, 1, requires_grad=True), torch.rand(8, 4, 1) + 0.1
+        >>> gaussian_kl_loss(mu, var, torch.randn(8, 4, 1), torch.rand(8, 4, 1) + 0.1).backward()
+    """
+    names = ("mean", "var", "teacher_mean", "teacher_var")
+    tensors = (mean, var, teacher_mean, teacher_var)
+    for name, value in zip(names, tensors):
+        _check_tensor(name, value, (3,))
+    shapes = {tuple(t.shape) for t in tensors}
+    if len(shapes) != 1:
+        raise ValueError("mean, var, teacher_mean and teacher_var must share one shape (B, M, K); got "
+                         + ", ".join(f"{n} {tuple(t.shape)}" for n, t in zip(names, tensors)))
+    _check_same_device(**dict(zip(names, tensors)))
+    reduction = _check_reduction(reduction)
+    _check_positive("teacher_var", teacher_var)
+    if not bool(torch.isfinite(teacher_mean).all()):
+        raise ValueError("teacher_mean contains NaN or Inf")
+    kl = gaussian_kl_torch(mean, var, teacher_mean.detach(), teacher_var.detach())
+    if reduction == "none":
+        return kl
+    return kl.sum() if reduction == "sum" or kl.numel() == 0 else kl.mean()
+
+
+def gaussian_heads_kl_loss(x, weight, bias, teacher_mean, teacher_var, min_var: float = 1e-6,
+                           reduction: str = "mean", impl: str = "auto"):
+    """Gaussian heads fused with their KL: equals ``gaussian_kl_loss(*split(linear_heads(x, W, b)), t_mu, t_var)``.
+
+    Shapes: x (B, D), weight (M, 2K, D) (rows 0..K-1 means, K..2K-1 raw variances), bias (M, 2K),
+    teacher_mean / teacher_var (B, M, K). reduction: "mean" or "sum".
+    """
+    _check_heads_input(x, weight, bias)
+    m, two_k, _ = weight.shape
+    want = (x.shape[0], m, two_k // 2)
+    for name, value in (("teacher_mean", teacher_mean), ("teacher_var", teacher_var)):
+        _check_tensor(name, value, (3,))
+        if tuple(value.shape) != want:
+            raise ValueError(f"{name} must have shape {want} for x {tuple(x.shape)}, got {tuple(value.shape)}")
+    _check_same_device(x=x, teacher_mean=teacher_mean, teacher_var=teacher_var)
+    _check_positive("teacher_var", teacher_var)
+    if not bool(torch.isfinite(teacher_mean).all()):
+        raise ValueError("teacher_mean contains NaN or Inf")
+    reduction = _check_reduction(reduction)
+    if reduction == "none":
+        raise ValueError("reduction='none' is not fused; use gaussian_kl_loss on the head outputs")
+    impl = resolve_impl(impl, x, weight, bias, teacher_mean, teacher_var)
+    if impl == "triton":
+        return GaussianHeadsKLFunction.apply(x, weight, bias, teacher_mean.detach(), teacher_var.detach(),
+                                             float(min_var), reduction, torch.is_grad_enabled())
+    mean, var = split_gaussian(linear_heads(x, weight, bias, impl="torch"), min_var)
+    kl = gaussian_kl_torch(mean, var, teacher_mean.detach(), teacher_var.detach())
+    return kl.sum() if reduction == "sum" or kl.numel() == 0 else kl.mean()

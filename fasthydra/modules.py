@@ -75,6 +75,11 @@ class HydraHead(nn.Module):
             self.register_parameter("bias", None)
         self.reset_parameters()
 
+    def _new_like(self, num_heads: int) -> "HydraHead":
+        ref = self.weight
+        return HydraHead(self.in_features, self.num_classes, num_heads, self.hidden_features,
+                         bias=self.bias is not None, impl=self.impl, device=ref.device, dtype=ref.dtype)
+
     @property
     def is_mlp(self) -> bool:
         return self.hidden_features is not None
@@ -149,9 +154,7 @@ class HydraHead(nn.Module):
             raise ValueError(f"num_heads must be an int >= 1, got {num_heads!r}")
         if not (isinstance(noise_std, (int, float)) and math.isfinite(noise_std) and noise_std >= 0):
             raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std!r}")
-        ref = self.weight
-        new = HydraHead(self.in_features, self.num_classes, num_heads, self.hidden_features,
-                        bias=self.bias is not None, impl=self.impl, device=ref.device, dtype=ref.dtype)
+        new = self._new_like(num_heads)
         for name, param in new.named_parameters():
             src = getattr(self, name)
             param.copy_(src.expand_as(param))
@@ -159,3 +162,65 @@ class HydraHead(nn.Module):
                 noise = torch.randn(param.shape, generator=generator, device=param.device, dtype=torch.float32)
                 param.add_(noise.to(param.dtype), alpha=noise_std)
         return new
+
+
+class GaussianHydraHead(HydraHead):
+    """M Gaussian regression heads: head m predicts a mean and a variance per output.
+
+    ``z[:, m] = x @ weight[m].T + bias[m]`` with weight (M, 2K, D): the first K rows give the means,
+    the last K the raw variances, ``var = softplus(raw) + min_var`` (always positive).
+
+    Args:
+        in_features: D. out_features: K. num_heads: M. bias, impl, device, dtype: as HydraHead.
+        min_var: the variance floor.
+    Shapes: x (*, D) -> (mean, var), each (*, M, K).
+
+    Example:
+        >>> head = GaussianHydraHead(16, 1, num_heads=8)
+        >>> mean, var = head(torch.randn(4, 16))
+    """
+
+    def __init__(self, in_features: int, out_features: int, num_heads: int, bias: bool = True,
+                 min_var: float = 1e-6, impl: str = "auto", device=None, dtype=None):
+        if isinstance(out_features, bool) or not isinstance(out_features, int) or out_features < 1:
+            raise ValueError(f"out_features must be an int >= 1, got {out_features!r}")
+        if not (isinstance(min_var, (int, float)) and min_var > 0):
+            raise ValueError(f"min_var must be a number > 0, got {min_var!r}")
+        super().__init__(in_features, 2 * out_features, num_heads, bias=bias, impl=impl, device=device,
+                         dtype=dtype)
+        self.out_features = out_features
+        self.min_var = float(min_var)
+
+    def _new_like(self, num_heads: int) -> "GaussianHydraHead":
+        ref = self.weight
+        return GaussianHydraHead(self.in_features, self.out_features, num_heads, bias=self.bias is not None,
+                                 min_var=self.min_var, impl=self.impl, device=ref.device, dtype=ref.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, num_heads={self.num_heads}, "
+                f"bias={self.bias is not None}, min_var={self.min_var}, impl={self.impl!r}")
+
+    def forward(self, x: torch.Tensor):  # type: ignore[override]
+        """x (*, D) -> (mean, var), each (*, M, K)."""
+        from fasthydra.ops.gaussian_kl import split_gaussian
+
+        return split_gaussian(super().forward(x), self.min_var)
+
+    def distill_loss(self, x, teacher_mean, teacher_var, reduction: str = "mean"):  # type: ignore[override]
+        """Fused heads + Gaussian KL against member m's (mean, var) for head m; mean over (rows, M, K).
+
+        Same value and gradients as ``gaussian_kl_loss(*self(x), teacher_mean, teacher_var)``.
+        """
+        lead = x.shape[:-1] if isinstance(x, torch.Tensor) else ()
+        x2 = self._flatten_input(x)
+        want = (*lead, self.num_heads, self.out_features)
+        for name, value in (("teacher_mean", teacher_mean), ("teacher_var", teacher_var)):
+            F_h._check_tensor(name, value)
+            if tuple(value.shape) != want:
+                raise ValueError(f"{name} must have shape {want} for x {tuple(x.shape)}, got {tuple(value.shape)}")
+        tm = teacher_mean.reshape(-1, self.num_heads, self.out_features)
+        tv = teacher_var.reshape(-1, self.num_heads, self.out_features)
+        if reduction == "none":
+            mean, var = self(x2)
+            return F_h.gaussian_kl_loss(mean, var, tm, tv, "none").reshape(*want)
+        return F_h.gaussian_heads_kl_loss(x2, self.weight, self.bias, tm, tv, self.min_var, reduction, impl=self.impl)

@@ -32,9 +32,9 @@ def test_demo_runs_the_triton_kernels():
 
 @pytest.mark.cpu
 def test_console_script_and_bad_arguments():
-    proc = subprocess.run([sys.executable, "-m", "fasthydra.cli", "demo", "--steps", "3", "--heads", "2"],
+    proc = subprocess.run([sys.executable, "-m", "fasthydra.cli", "selftest", "--steps", "3", "--heads", "2"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "hydra loss" in proc.stdout
     with pytest.raises(SystemExit):
-        main(["demo", "--steps", "0"])
+        main(["selftest", "--steps", "0"])
