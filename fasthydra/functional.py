@@ -350,7 +350,11 @@ def uncertainty(logits: torch.Tensor, temperature: float = 1.0, impl: str = "aut
         raise ValueError(f"logits must have at least one head, got shape {tuple(logits.shape)}")
     impl = resolve_impl(impl, logits)
     fn = uncertainty_triton if impl == "triton" else uncertainty_torch
-    return fn(logits.detach(), temperature)
+    out = fn(logits.detach(), temperature)
+    if logits.shape[1] == 1:  # one head: the decomposition is exact, no rounding residue in epistemic
+        out.epistemic.zero_()
+        out.total.copy_(out.aleatoric)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,142 @@
+"""Metrics of the Hydra paper's comparison: classification on mixture probabilities, regression on
+Gaussian mixtures, and out-of-distribution detection. All return Python floats.
+
+Classification functions take ``probs (N, C)`` (rows summing to 1) and integer labels ``(N,)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fasthydra.functional import uncertainty  # noqa: F401  (re-exported: the entropy decomposition)
+
+
+def _check_probs(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(probs, torch.Tensor) or not isinstance(labels, torch.Tensor):
+        raise TypeError("probs and labels must be torch.Tensors")
+    if probs.dim() != 2:
+        raise ValueError(f"probs must be (N, C), got shape {tuple(probs.shape)}")
+    if labels.shape != probs.shape[:1]:
+        raise ValueError(f"labels must be (N,) = ({probs.shape[0]},), got shape {tuple(labels.shape)}")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    return probs.detach().double(), labels.detach().long()
+
+
+def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of rows whose most probable class is the label."""
+    p, y = _check_probs(probs, labels)
+    return float((p.argmax(-1) == y).double().mean()) if len(y) else float("nan")
+
+
+def nll(probs: torch.Tensor, labels: torch.Tensor, eps: float = 1e-12) -> float:
+    """Mean negative log-likelihood ``-log P_y`` (probabilities floored at eps)."""
+    p, y = _check_probs(probs, labels)
+    return float(-p.gather(1, y[:, None]).clamp_min(eps).log().mean())
+
+
+def brier_score(probs: torch.Tensor, labels: torch.Tensor, convention: str = "paper") -> float:
+    """Brier score. ``convention="paper"``: ``sum_c P_c^2 - 2 P_y`` (TensorFlow Probability's, in [-1, 1],
+    as the Hydra paper reports it); ``"standard"``: ``sum_c (P_c - 1[c = y])^2`` (in [0, 2])."""
+    p, y = _check_probs(probs, labels)
+    p_y = p.gather(1, y[:, None]).squeeze(1)
+    paper = (p * p).sum(1) - 2 * p_y
+    if convention == "paper":
+        return float(paper.mean())
+    if convention == "standard":
+        return float((paper + 1).mean())
+    raise ValueError(f"convention must be 'paper' or 'standard', got {convention!r}")
+
+
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
+    """ECE with equal-width bins on the max probability: ``sum_bins |bin|/N * |acc(bin) - conf(bin)|``.
+    Bins are (lo, hi], the first one [0, 1/n_bins]."""
+    p, y = _check_probs(probs, labels)
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    conf, pred = p.max(1)
+    correct = (pred == y).double()
+    bins = torch.clamp(torch.ceil(conf * n_bins).long() - 1, 0, n_bins - 1)
+    total = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, torch.ones_like(conf))
+    acc = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, correct)
+    cnf = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, conf)
+    keep = total > 0
+    return float(((acc[keep] - cnf[keep]).abs()).sum() / max(len(y), 1))
+
+
+def reliability_bins(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15):
+    """(bin centres, accuracy per bin, confidence per bin, count per bin) for reliability diagrams."""
+    p, y = _check_probs(probs, labels)
+    conf, pred = p.max(1)
+    bins = torch.clamp(torch.ceil(conf * n_bins).long() - 1, 0, n_bins - 1)
+    count = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, torch.ones_like(conf))
+    acc = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, (pred == y).double())
+    cnf = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, conf)
+    safe = count.clamp_min(1)
+    centres = (torch.arange(n_bins, dtype=torch.float64) + 0.5) / n_bins
+    return centres, acc / safe, cnf / safe, count
+
+
+def ood_auroc(score_in: torch.Tensor, score_out: torch.Tensor) -> float:
+    """Area under the ROC curve with in-domain rows as negatives and OOD rows as positives, scored by an
+    uncertainty (higher = more OOD). The Mann-Whitney statistic with ties counted one half."""
+    s_in = torch.as_tensor(score_in).detach().double().flatten()
+    s_out = torch.as_tensor(score_out).detach().double().flatten()
+    if len(s_in) == 0 or len(s_out) == 0:
+        raise ValueError("ood_auroc needs at least one in-domain and one OOD score")
+    scores = torch.cat([s_in, s_out])
+    # average ranks (1-based) with ties sharing their mean rank
+    order = torch.argsort(scores, stable=True)
+    sorted_scores = scores[order]
+    ranks = torch.empty_like(scores)
+    uniq, inverse, counts = torch.unique_consecutive(sorted_scores, return_inverse=True, return_counts=True)
+    ends = torch.cumsum(counts, 0).double()
+    mean_rank = ends - (counts.double() - 1) / 2
+    ranks[order] = mean_rank[inverse]
+    n_in, n_out = len(s_in), len(s_out)
+    rank_sum_out = ranks[n_in:].sum()
+    return float((rank_sum_out - n_out * (n_out + 1) / 2) / (n_in * n_out))
+
+
+# ----------------------------------------------------------------------------------------------
+# regression: Gaussian mixtures of M heads
+# ----------------------------------------------------------------------------------------------
+
+
+def gaussian_mixture_moments(mean: torch.Tensor, var: torch.Tensor):
+    """Predictive mean and variance of an equal-weight mixture of M Gaussians, split in two.
+
+    mean, var: (N, M, K). Returns (mean (N, K), aleatoric = mean_m var_m, epistemic = var_m(mu_m)),
+    total variance = aleatoric + epistemic.
+    """
+    mu = mean.mean(1)
+    aleatoric = var.mean(1)
+    epistemic = mean.var(1, unbiased=False)
+    return mu, aleatoric, epistemic
+
+
+def rmse(pred_mean: torch.Tensor, target: torch.Tensor) -> float:
+    return float(((pred_mean.double() - target.double()) ** 2).mean().sqrt())
+
+
+def gaussian_mixture_nll(mean: torch.Tensor, var: torch.Tensor, target: torch.Tensor) -> float:
+    """Mean negative log-likelihood of targets (N, K) under the equal-weight mixture (N, M, K), per output."""
+    mean, var, y = mean.double(), var.double(), target.double().unsqueeze(1)
+    log_comp = -0.5 * (torch.log(2 * math.pi * var) + (y - mean) ** 2 / var)  # (N, M, K)
+    log_mix = torch.logsumexp(log_comp, dim=1) - math.log(mean.shape[1])
+    return float(-log_mix.mean())
+
+
+def interval_coverage(pred_mean: torch.Tensor, pred_var: torch.Tensor, target: torch.Tensor,
+                      level: float = 0.95) -> float:
+    """Fraction of targets inside the central Gaussian interval of the predictive moments."""
+    z = math.sqrt(2.0) * torch.special.erfinv(torch.tensor(level, dtype=torch.float64)).item()
+    half = z * pred_var.double().sqrt()
+    inside = (target.double() - pred_mean.double()).abs() <= half
+    return float(inside.double().mean())
+
+
+__all__ = ["accuracy", "nll", "brier_score", "expected_calibration_error", "reliability_bins", "ood_auroc",
+           "gaussian_mixture_moments", "rmse", "gaussian_mixture_nll", "interval_coverage", "uncertainty"]

@@ -1,0 +1,84 @@
+"""Device code: M Gaussian regression heads fused with the per-head Gaussian KL.
+
+Forward formula, per row b, head m and output k (x_b shared by all heads):
+    mu = x_b @ W[m, k].T + bias[m, k],  r = x_b @ W[m, K + k].T + bias[m, K + k],  var = softplus(r) + min_var
+    loss[b, m] = sum_k KL(N(mu_t, var_t) || N(mu, var)) = 0.5 * sum_k (log(var / var_t) + (var_t + (mu_t - mu)^2) / var - 1)
+Gradient: dloss/dmu = (mu - mu_t) / var;  dloss/dr = 0.5 * (1 / var - (var_t + (mu_t - mu)^2) / var^2) * sigmoid(r).
+Both are written (times grad_scale) into the (B, M, 2K) stash; the launcher contracts it into dx and
+dW with the grouped GEMM kernel, as for the classification heads.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _gaussian_heads_kl_fwd_kernel(
+    x_ptr,  # inputs (B, D), row stride stride_xb, unit stride along D
+    w_ptr,  # weights (M, 2K, D) contiguous: rows 0..K-1 give the means, K..2K-1 the raw variances
+    bias_ptr,  # bias (M, 2K) contiguous; unused unless HAS_BIAS
+    tmean_ptr,  # teacher means (B, M, K) contiguous
+    tvar_ptr,  # teacher variances (B, M, K) contiguous, > 0
+    loss_ptr,  # out: (B, M) fp32, sum_k KL
+    g_ptr,  # out: (B, M, 2K) gradient w.r.t. (mu, r), in the input dtype; unused unless WRITE_GRAD
+    B,
+    K,
+    D,
+    stride_xb,
+    min_var,  # variance floor added after the softplus
+    grad_scale,  # reduction coefficient (1/(B*M) for "mean")
+    HAS_BIAS: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,  # interpreter: tl.dot on 16-bit operands is unreliable there
+    PRECISION: tl.constexpr,  # tl.dot input precision for fp32 operands
+    BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # outputs, padded to >= 16 for tl.dot
+    BLOCK_D: tl.constexpr,
+):
+    pid_b = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1).to(tl.int64)
+    n_heads = tl.num_programs(1)
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+    row_ok = rows < B
+    outs = tl.arange(0, BLOCK_K)
+    out_ok = outs < K
+    ds0 = tl.arange(0, BLOCK_D)
+    w_head = w_ptr + head * (2 * K * D)
+
+    acc_mu = tl.zeros((BLOCK_B, BLOCK_K), tl.float32)
+    acc_r = tl.zeros((BLOCK_B, BLOCK_K), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + ds0
+        d_ok = ds < D
+        xt = tl.load(x_ptr + rows[:, None] * stride_xb + ds[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        wm = tl.load(w_head + outs[None, :] * D + ds[:, None], mask=d_ok[:, None] & out_ok[None, :], other=0.0)
+        wr = tl.load(w_head + (K + outs[None, :]) * D + ds[:, None], mask=d_ok[:, None] & out_ok[None, :], other=0.0)
+        if UPCAST_DOT:
+            xt = xt.to(tl.float32)
+            wm = wm.to(tl.float32)
+            wr = wr.to(tl.float32)
+        acc_mu = tl.dot(xt, wm.to(xt.dtype), acc_mu, input_precision=PRECISION)
+        acc_r = tl.dot(xt, wr.to(xt.dtype), acc_r, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc_mu += tl.load(bias_ptr + head * 2 * K + outs, mask=out_ok, other=0.0).to(tl.float32)[None, :]
+        acc_r += tl.load(bias_ptr + head * 2 * K + K + outs, mask=out_ok, other=0.0).to(tl.float32)[None, :]
+
+    mask = row_ok[:, None] & out_ok[None, :]
+    t_off = rows[:, None] * (n_heads * K) + head * K + outs[None, :]
+    mu_t = tl.load(tmean_ptr + t_off, mask=mask, other=0.0).to(tl.float32)
+    var_t = tl.load(tvar_ptr + t_off, mask=mask, other=1.0).to(tl.float32)
+    # softplus(r) = max(r, 0) + log(1 + exp(-|r|)), stable for any r
+    var = tl.maximum(acc_r, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(acc_r))) + min_var
+    diff = mu_t - acc_mu
+    ratio = (var_t + diff * diff) / var
+    kl = 0.5 * (tl.log(var / var_t) + ratio - 1.0)
+    kl = tl.where(mask, kl, 0.0)
+    tl.store(loss_ptr + rows * n_heads + head, tl.sum(kl, axis=1), mask=row_ok)
+
+    if WRITE_GRAD:
+        g_mu = grad_scale * (-diff) / var
+        sig = 1.0 / (1.0 + tl.exp(-acc_r))
+        g_r = grad_scale * 0.5 * (1.0 - ratio) / var * sig
+        g_off = rows[:, None] * (n_heads * 2 * K) + head * 2 * K + outs[None, :]
+        tl.store(g_ptr + g_off, g_mu.to(g_ptr.dtype.element_ty), mask=mask)
+        tl.store(g_ptr + g_off + K, g_r.to(g_ptr.dtype.element_ty), mask=mask)

@@ -1,0 +1,52 @@
+"""cpu tier: `fasthydra demo` end to end, small configurations (the full runs are in the README/notes)."""
+
+import io
+import json
+
+import pytest
+import torch
+
+from fasthydra.demo import run
+
+pytestmark = pytest.mark.cpu
+
+
+def test_digits_demo_writes_results_report_and_plots(tmp_path):
+    res = run("digits", heads=3, epochs=4, out=str(tmp_path), progress=False, stream=io.StringIO())
+    with open(tmp_path / "results.json") as f:
+        saved = json.load(f)
+    assert saved["dataset"] == "digits" and saved["heads"] == 3
+    assert set(saved["methods"]) == {"ensemble", "kd", "hydra"}
+    for row in saved["methods"].values():
+        assert {"acc", "nll", "brier", "ece", "mu", "ood_auroc", "params", "seconds"} <= set(row)
+        assert 0 <= row["acc"] <= 1 and -1 <= row["brier"] <= 1
+    assert saved["methods"]["kd"]["mu"] == 0.0  # one head: no disagreement by construction
+    assert saved["methods"]["kd"]["ood_auroc"] == 0.5
+    assert saved["methods"]["hydra"]["mu"] > 0
+    # Hydra: one body + 3 heads; the ensemble: 3 whole networks
+    assert saved["methods"]["hydra"]["params"] < saved["methods"]["ensemble"]["params"]
+    for name in ("report.md", "reliability.png", "uncertainty_hist.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert res == saved
+
+
+def test_demo_is_deterministic(tmp_path):
+    kwargs = dict(heads=2, epochs=2, progress=False, plots=False, stream=io.StringIO())
+    a = run("digits", out=str(tmp_path / "a"), **kwargs)
+    b = run("digits", out=str(tmp_path / "b"), **kwargs)
+    for method in a["methods"]:
+        for key in ("acc", "nll", "mu"):
+            assert a["methods"][method][key] == b["methods"][method][key]
+
+
+def test_toy_regression_epistemic_rises_off_the_data(tmp_path):
+    res = run("toy-regression", heads=5, epochs=40, out=str(tmp_path), progress=False,
+              stream=io.StringIO())
+    for method in ("ensemble", "hydra"):
+        row = res["methods"][method]
+        assert row["epistemic_ood"] / row["epistemic"] > 1.0, (method, row)
+    assert res["methods"]["kd"]["epistemic"] == 0.0
+    assert (tmp_path / "predictive.png").stat().st_size > 0
+    with open(tmp_path / "results.json") as f:
+        assert {"rmse", "nll", "coverage", "epistemic", "ood_auroc"} <= set(json.load(f)["methods"]["hydra"])
+    assert torch.isfinite(torch.tensor(res["methods"]["hydra"]["nll"]))
