@@ -174,17 +174,19 @@ def _stage(model: HydraModel, loader, teacher_fn, epochs, cfg: DistillConfig, lo
 
 
 def distill(body: nn.Module, feature_dim: int, num_outputs: int, num_heads: int, loader: DataLoader, task: str,
-            cfg: DistillConfig, teacher_fn: Callable | None = None, impl: str = "auto"):
+            cfg: DistillConfig, teacher_fn: Callable | None = None, impl: str = "auto",
+            hidden_features: int | None = None):
     """Stage 1 (KD: one head against the ensemble mean), then stage 2 (Hydra: M heads, one per member).
 
     loader yields (x, teacher) with teacher (B, M, C) cached logits (or (B, M, 2K) for regression),
-    or (x, ...) together with ``teacher_fn(x)`` computing them on the fly.
+    or (x, ...) together with ``teacher_fn(x)`` computing them on the fly. hidden_features gives
+    classification heads a hidden layer (MLP heads), which lets them hold more of the members' diversity.
     Returns (kd_model, hydra_model), both ``HydraModel`` (the KD model has one head).
     """
     torch.manual_seed(cfg.seed)
     T = cfg.temperature
     if task == "classification":
-        head = HydraHead(feature_dim, num_outputs, 1, impl=impl)
+        head = HydraHead(feature_dim, num_outputs, 1, hidden_features=hidden_features, impl=impl)
 
         def stage1_loss(model, x, t):
             return hinton_kl_loss(model(x), t, T, impl=impl)

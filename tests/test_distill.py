@@ -1,0 +1,83 @@
+"""cpu tier: the distillation recipe's pieces (ensemble, cached or on-the-fly teachers, both stages)."""
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from fasthydra import HydraHead
+from fasthydra.distill import (
+    DistillConfig,
+    distill,
+    members_output,
+    mlp_body,
+    teacher_loader,
+    teacher_outputs,
+    train_ensemble,
+)
+
+pytestmark = pytest.mark.cpu
+
+
+def _toy_classification(n=96, d=6, c=3):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    return x, y, d, c
+
+
+def _members(x, y, d, c, m=3):
+    loader = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0))
+    return train_ensemble(lambda: nn.Sequential(mlp_body(d, 16), nn.Linear(16, c)), loader, m, "classification",
+                          epochs=5, progress=False)
+
+
+def test_members_differ_and_cached_outputs_match_memmap(tmp_path):
+    x, y, d, c = _toy_classification()
+    members = _members(x, y, d, c)
+    out = members_output(members, x, "classification")
+    assert out.shape == (96, 3, 3)
+    assert not torch.allclose(out[:, 0], out[:, 1])  # different seeds, different members
+    ordered = DataLoader(TensorDataset(x), batch_size=40, shuffle=False)
+    in_memory = teacher_outputs(members, ordered, "classification")
+    path = tmp_path / "teacher.npy"
+    mapped = teacher_outputs(members, ordered, "classification", cache_path=str(path))
+    assert path.exists() and path.stat().st_size >= 96 * 3 * 3 * 4
+    assert torch.allclose(in_memory, mapped) and torch.allclose(in_memory, out, atol=1e-6)
+
+
+def test_two_stages_cached_and_on_the_fly_with_a_frozen_body():
+    x, y, d, c = _toy_classification()
+    members = _members(x, y, d, c)
+    teacher = members_output(members, x, "classification")
+    cfg = DistillConfig(temperature=2.0, epochs_stage1=3, epochs_stage2=3, progress=False, freeze_body=True)
+    kd, hydra = distill(mlp_body(d, 16), 16, c, 3, teacher_loader(x, teacher, 32, 0), "classification", cfg)
+    assert isinstance(kd.head, HydraHead) and kd.head.num_heads == 1 and hydra.head.num_heads == 3
+    assert kd(x).shape == (96, 1, c) and hydra(x).shape == (96, 3, c)
+    for a, b in zip(kd.body.parameters(), hydra.body.parameters()):  # frozen in stage 2
+        assert torch.equal(a, b)
+    assert not torch.equal(kd.head.weight.expand(3, -1, -1), hydra.head.weight)  # heads moved apart
+
+    def teacher_fn(batch_x):
+        return members_output(members, batch_x, "classification")
+
+    plain = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0))
+    cfg2 = DistillConfig(temperature=2.0, epochs_stage1=2, epochs_stage2=2, progress=False)
+    kd2, hydra2 = distill(mlp_body(d, 16), 16, c, 3, plain, "classification", cfg2, teacher_fn=teacher_fn,
+                          hidden_features=8)
+    assert hydra2.head.is_mlp and hydra2(x).shape == (96, 3, c)
+
+
+def test_stage_two_moves_each_head_towards_its_member():
+    x, y, d, c = _toy_classification(n=256)
+    members = _members(x, y, d, c, m=2)
+    teacher = members_output(members, x, "classification")
+    cfg = DistillConfig(temperature=1.0, epochs_stage1=20, epochs_stage2=60, progress=False)
+    _, hydra = distill(mlp_body(d, 32), 32, c, 2, teacher_loader(x, teacher, 32, 0), "classification", cfg)
+    with torch.no_grad():
+        z = hydra(x)
+    q = torch.log_softmax(z, -1)
+    p = torch.softmax(teacher, -1)
+    own = (p * (torch.log(p) - q)).sum(-1).mean(0)  # KL of head m to member m
+    swapped = (p.flip(1) * (torch.log(p.flip(1)) - q)).sum(-1).mean(0)  # head m against the other member
+    assert (own < swapped).all()
