@@ -76,8 +76,14 @@ def run(dataset: str = "digits", heads: int = 8, epochs: int = 40, out: str = "r
     import sys
 
     stream = stream or sys.stdout
-    torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    with torch.random.fork_rng(devices=[]):  # seeded, and the caller's RNG state is left alone
+        torch.manual_seed(seed)
+        return _run(dataset, heads, epochs, out, device, seed, temperature, width, batch_size, data_dir, progress,
+                    plots, stream)
+
+
+def _run(dataset, heads, epochs, out, device, seed, temperature, width, batch_size, data_dir, progress, plots,
+         stream) -> dict:
     data = load_dataset(dataset, seed=seed, data_dir=data_dir)
     os.makedirs(out, exist_ok=True)
     task, d_in, n_out = data.task, data.in_features, data.num_outputs
@@ -162,6 +168,22 @@ def write_report(results: dict, out: str, plots: bool) -> None:
         f.write("\n".join(lines) + "\n")
 
 
+def _histograms(plt, scores: dict, results: dict, xlabel: str, path: str) -> None:
+    """One panel per method: the uncertainty of test rows against OOD rows, on shared bins."""
+    fig, axes = plt.subplots(1, len(scores), figsize=(12, 4))
+    for ax, (name, (s_in, s_out)) in zip(axes, scores.items()):
+        top = float(torch.cat([s_in, s_out]).max()) or 1e-6
+        bins = torch.linspace(0, top, 30).numpy()
+        ax.hist(s_in.numpy(), bins=bins, alpha=0.6, label="test (in-domain)")
+        ax.hist(s_out.numpy(), bins=bins, alpha=0.6, label="OOD")
+        ax.set_title(f"{name}: AUROC {results['methods'][name]['ood_auroc']:.3f}")
+        ax.set_xlabel(xlabel)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def write_plots(results, preds, data: DataSplit, out, members, kd, hydra, device) -> None:
     import matplotlib
 
@@ -185,36 +207,16 @@ def write_plots(results, preds, data: DataSplit, out, members, kd, hydra, device
         fig.tight_layout()
         fig.savefig(os.path.join(out, "reliability.png"), dpi=100)
         plt.close(fig)
-        fig, axes = plt.subplots(1, 3, figsize=(12, 4))
-        for ax, name in zip(axes, names):
-            mu_in = uncertainty(preds[name][0].double()).epistemic
-            mu_out = uncertainty(preds[name][1].double()).epistemic
-            top = float(torch.cat([mu_in, mu_out]).max()) or 1e-6
-            bins = torch.linspace(0, top, 30).numpy()
-            ax.hist(mu_in.numpy(), bins=bins, alpha=0.6, label="test (in-domain)")
-            ax.hist(mu_out.numpy(), bins=bins, alpha=0.6, label="OOD")
-            ax.set_title(f"{name}: AUROC {results['methods'][name]['ood_auroc']:.3f}")
-            ax.set_xlabel("epistemic uncertainty (MU)")
-        axes[0].legend()
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, "uncertainty_hist.png"), dpi=100)
-        plt.close(fig)
+        scores = {n: (uncertainty(preds[n][0].double()).epistemic, uncertainty(preds[n][1].double()).epistemic)
+                  for n in names}
+        _histograms(plt, scores, results, "epistemic uncertainty (MU)", os.path.join(out, "uncertainty_hist.png"))
         return
-    # regression
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4))
-    for ax, name in zip(axes, names):
-        epi_in = metrics.gaussian_mixture_moments(*[v.double() for v in _split_mv(preds[name][0])])[2].sum(-1)
-        epi_out = metrics.gaussian_mixture_moments(*[v.double() for v in _split_mv(preds[name][1])])[2].sum(-1)
-        top = float(torch.cat([epi_in, epi_out]).max()) or 1e-6
-        bins = torch.linspace(0, top, 30).numpy()
-        ax.hist(epi_in.numpy(), bins=bins, alpha=0.6, label="test (in-domain)")
-        ax.hist(epi_out.numpy(), bins=bins, alpha=0.6, label="OOD")
-        ax.set_title(f"{name}: AUROC {results['methods'][name]['ood_auroc']:.3f}")
-        ax.set_xlabel("epistemic variance")
-    axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "uncertainty_hist.png"), dpi=100)
-    plt.close(fig)
+    # regression: the epistemic variance (summed over outputs) plays the part of MU
+    def epistemic(out_):
+        return metrics.gaussian_mixture_moments(*[v.double() for v in _split_mv(out_)])[2].sum(-1)
+
+    scores = {n: (epistemic(preds[n][0]), epistemic(preds[n][1])) for n in names}
+    _histograms(plt, scores, results, "epistemic variance", os.path.join(out, "uncertainty_hist.png"))
     if data.in_features != 1:
         return
     grid = torch.linspace(-7, 7, 400)[:, None]

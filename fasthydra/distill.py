@@ -90,22 +90,28 @@ def train_ensemble(make_member: Callable[[], nn.Module], loader: DataLoader, num
     Gaussian NLL for regression (outputs (B, 2K): means, then raw variances)."""
     members = []
     for m in range(num_members):
-        torch.manual_seed(seed + 1000 * m)
-        model = make_member().to(device)
-        opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-        for _ in _bar(range(epochs), f"member {m + 1}/{num_members}", progress):
-            for x, y in loader:
-                x, y = x.to(device), y.to(device)
-                if task == "classification":
-                    loss = nn.functional.cross_entropy(model(x), y)
-                else:
-                    mean, var = member_forward(model, x, task)
-                    loss = nn.functional.gaussian_nll_loss(mean, y, var, full=True)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-        members.append(model.eval())
+        with torch.random.fork_rng(devices=[]):  # member m's seed, without touching the caller's RNG
+            torch.manual_seed(seed + 1000 * m)
+            members.append(_train_member(make_member, loader, task, epochs, lr, weight_decay, device, progress,
+                                         f"member {m + 1}/{num_members}"))
     return members
+
+
+def _train_member(make_member, loader, task, epochs, lr, weight_decay, device, progress, desc) -> nn.Module:
+    model = make_member().to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    for _ in _bar(range(epochs), desc, progress):
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            if task == "classification":
+                loss = nn.functional.cross_entropy(model(x), y)
+            else:
+                mean, var = member_forward(model, x, task)
+                loss = nn.functional.gaussian_nll_loss(mean, y, var, full=True)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return model.eval()
 
 
 @torch.no_grad()
@@ -181,9 +187,16 @@ def distill(body: nn.Module, feature_dim: int, num_outputs: int, num_heads: int,
     loader yields (x, teacher) with teacher (B, M, C) cached logits (or (B, M, 2K) for regression),
     or (x, ...) together with ``teacher_fn(x)`` computing them on the fly. hidden_features gives
     classification heads a hidden layer (MLP heads), which lets them hold more of the members' diversity.
-    Returns (kd_model, hydra_model), both ``HydraModel`` (the KD model has one head).
+    Returns (kd_model, hydra_model), both ``HydraModel`` (the KD model has one head). Seeded by
+    cfg.seed; the caller's global RNG state is left as it was.
     """
-    torch.manual_seed(cfg.seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return _distill(body, feature_dim, num_outputs, num_heads, loader, task, cfg, teacher_fn, impl,
+                        hidden_features)
+
+
+def _distill(body, feature_dim, num_outputs, num_heads, loader, task, cfg, teacher_fn, impl, hidden_features):
     T = cfg.temperature
     if task == "classification":
         head = HydraHead(feature_dim, num_outputs, 1, hidden_features=hidden_features, impl=impl)

@@ -29,7 +29,7 @@ HIDDEN = 256  # hidden width used for the MLP-head GEMM configurations
 # dtype tag -> (Triton pointer type, tl.dot precision): fp32 as torch runs it with
 # set_float32_matmul_precision("high") (tf32 tensor cores) and at the default "highest" (IEEE, FMA).
 DTYPES = {"bf16": ("bf16", "tf32"), "fp32/tf32": ("fp32", "tf32"), "fp32/ieee": ("fp32", "ieee")}
-GEMM_KERNELS = {"_linear_hydra_kl_fwd_kernel", "_grouped_matmul_kernel"}
+GEMM_KERNELS = {"_linear_hydra_kl_fwd_kernel", "_grouped_matmul_kernel", "_gaussian_heads_kl_fwd_kernel"}
 
 
 @dataclass
@@ -76,6 +76,7 @@ def _specialize(fn, args: dict, consts: dict):
 
 def _kernel_specs():
     """(jit function, runtime args, constexprs, launch options, dtype tag) for every launched configuration."""
+    from fasthydra.kernels.gaussian_kl import _gaussian_heads_kl_fwd_kernel
     from fasthydra.kernels.grouped_matmul import _grouped_matmul_kernel
     from fasthydra.kernels.linear_kl import _linear_hydra_kl_fwd_kernel
     from fasthydra.kernels.softmax_kl import _hydra_kl_fwd_kernel
@@ -134,6 +135,17 @@ def _kernel_specs():
                           **{key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}}
                 add(_grouped_matmul_kernel, args, consts,
                     {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}, tag)
+
+            from fasthydra.ops.gaussian_kl import gaussian_config
+
+            for k_out in (1, 8):  # Gaussian regression heads: K outputs (padded to 16 in the tile)
+                gc = gaussian_config(k_out, d, 4 if ty == "fp32" else 2)
+                args = {"x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "tmean_ptr": f"*{ty}",
+                        "tvar_ptr": f"*{ty}", "loss_ptr": "*fp32", "g_ptr": f"*{ty}", "B": b, "K": k_out, "D": d,
+                        "stride_xb": d, "min_var": 1e-6, "grad_scale": 0.1}
+                consts = {"HAS_BIAS": True, "WRITE_GRAD": True, "UPCAST_DOT": False, "PRECISION": prec,
+                          "BLOCK_B": gc["BLOCK_B"], "BLOCK_K": gc["BLOCK_K"], "BLOCK_D": gc["BLOCK_D"]}
+                add(_gaussian_heads_kl_fwd_kernel, args, consts, {"num_warps": gc["num_warps"]}, tag)
 
             uc = cfgs.uncertainty_config(m, c)
             args = {"z_ptr": f"*{ty}", "probs_ptr": f"*{ty}", "total_ptr": f"*{ty}", "aleatoric_ptr": f"*{ty}",

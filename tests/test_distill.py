@@ -81,3 +81,16 @@ def test_stage_two_moves_each_head_towards_its_member():
     own = (p * (torch.log(p) - q)).sum(-1).mean(0)  # KL of head m to member m
     swapped = (p.flip(1) * (torch.log(p.flip(1)) - q)).sum(-1).mean(0)  # head m against the other member
     assert (own < swapped).all()
+
+
+def test_recipe_leaves_the_global_rng_alone():
+    x, y, d, c = _toy_classification(n=32)
+    body = mlp_body(d, 8)  # built by the test itself, before the check starts
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    members = _members(x, y, d, c, m=2)
+    teacher = members_output(members, x, "classification")
+    cfg = DistillConfig(epochs_stage1=1, epochs_stage2=1, progress=False, seed=5)
+    distill(body, 8, c, 2, teacher_loader(x, teacher, 16, 0), "classification", cfg)
+    assert torch.equal(torch.rand(3), expected)

@@ -22,8 +22,11 @@ def split_gaussian(z: torch.Tensor, min_var: float):
     return z[..., :k], F.softplus(z[..., k:]) + min_var
 
 
-def gaussian_config(k: int, d: int) -> dict:
-    return dict(BLOCK_B=32, BLOCK_K=max(16, next_pow2(k)), BLOCK_D=max(16, min(next_pow2(d), 64)), num_warps=4)
+def gaussian_config(k: int, d: int, elem_size: int = 2) -> dict:
+    # 64 rows: the smallest tile for which sm_90 issues warp-group MMA (wgmma); 128-byte D tiles
+    # (64 for 16-bit inputs, 32 for fp32) keep the two accumulators and their operands spill-free.
+    return dict(BLOCK_B=64, BLOCK_K=max(16, next_pow2(k)), BLOCK_D=max(16, min(next_pow2(d), 128 // elem_size)),
+                num_warps=4)
 
 
 class GaussianHeadsKLFunction(torch.autograd.Function):
@@ -47,7 +50,7 @@ class GaussianHeadsKLFunction(torch.autograd.Function):
         stash = torch.empty(b, m, two_k, dtype=x.dtype, device=x.device) if want_grad else None
         coef = 1.0 / max(b * m * k, 1) if reduction == "mean" else 1.0
         if b > 0:
-            cfg = gaussian_config(k, d)
+            cfg = gaussian_config(k, d, x.element_size())
             _gaussian_heads_kl_fwd_kernel[(cdiv(b, cfg["BLOCK_B"]), m)](
                 x, weight, bias if bias is not None else weight, teacher_mean, teacher_var, loss,
                 stash if want_grad else loss, b, k, d, x.stride(0), min_var, coef,
