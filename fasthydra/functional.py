@@ -14,11 +14,9 @@ from numbers import Real
 import torch
 
 from fasthydra.ops._common import interpreting
+from fasthydra.ops.checks import check_teacher_values
 from fasthydra.ops.gaussian_kl import GaussianHeadsKLFunction, gaussian_kl_torch, split_gaussian
-from fasthydra.ops.grouped_linear import GroupedLinearFunction
-from fasthydra.ops.hydra_kl import HydraKLFunction, TorchHydraKLFunction
-from fasthydra.ops.linear_hydra_kl import LinearHydraKLFunction, TorchLinearHydraKLFunction
-from fasthydra.ops.uncertainty import uncertainty_torch, uncertainty_triton
+from fasthydra.ops import library as _ops
 from fasthydra.reference import Uncertainty
 
 IMPLS = ("auto", "triton", "torch")
@@ -72,25 +70,6 @@ def _check_same_device(**tensors) -> None:
     if len(devices) > 1:
         seen = ", ".join(f"{k} on {v.device}" for k, v in present.items())
         raise ValueError(f"all tensors must be on one device, got {seen}")
-
-
-def check_teacher_values(teacher: torch.Tensor, name: str = "teacher_logits") -> None:
-    """NaN or +Inf anywhere, or a row that is -Inf everywhere, is an error; a lone -Inf masks a class.
-
-    One reduction pass (the row maximum) answers all three questions: the max is NaN when a NaN is
-    present, +Inf when a +Inf is, and -Inf exactly when the whole row is -Inf.
-    """
-    if teacher.numel() == 0:
-        return
-    row_max = teacher.detach().amax(dim=-1)
-    if bool(torch.isnan(row_max).any()):
-        raise ValueError(f"{name} contains NaN (shape {tuple(teacher.shape)})")
-    if bool(torch.isposinf(row_max).any()):
-        raise ValueError(f"{name} contains +Inf (shape {tuple(teacher.shape)})")
-    if bool(torch.isneginf(row_max).any()):
-        where = tuple(torch.nonzero(torch.isneginf(row_max))[0].tolist())
-        raise ValueError(f"{name} has a row that is -Inf for every class (at index {where}, "
-                         f"shape {tuple(teacher.shape)}): its softmax is undefined")
 
 
 def _check_logit_pair(student, teacher, student_name="student_logits", teacher_name="teacher_logits"):
@@ -182,10 +161,11 @@ def hydra_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
     _check_logit_pair(student_logits, teacher_logits)
     temperature = _check_temperature(temperature)
     reduction = _check_reduction(reduction)
-    check_teacher_values(teacher_logits)
     impl = resolve_impl(impl, student_logits, teacher_logits)
-    fn = HydraKLFunction if impl == "triton" else TorchHydraKLFunction
-    return fn.apply(student_logits, teacher_logits.detach(), temperature, reduction, torch.is_grad_enabled())
+    # The teacher's values are checked inside the op, where the data is read anyway.
+    want_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    loss, _ = _ops.hydra_kl(student_logits, teacher_logits.detach(), temperature, reduction, want_grad, impl)
+    return loss
 
 
 def ensemble_log_mean_probs(teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -227,8 +207,8 @@ def hinton_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
     impl = resolve_impl(impl, student_logits, teacher_logits)
     # softmax(T * log pbar / T) = pbar exactly, so the per-head kernel does the rest (masks included).
     mean_teacher = (temperature * ensemble_log_mean_probs(teacher_logits, temperature)).unsqueeze(1)
-    fn = HydraKLFunction if impl == "triton" else TorchHydraKLFunction
-    loss = fn.apply(z, mean_teacher, temperature, reduction, torch.is_grad_enabled())
+    want_grad = torch.is_grad_enabled() and z.requires_grad
+    loss, _ = _ops.hydra_kl(z, mean_teacher, temperature, reduction, want_grad, impl)
     return loss.squeeze(1) if reduction == "none" else loss
 
 
@@ -253,7 +233,7 @@ def linear_heads(x, weight, bias=None, impl: str = "auto"):
     impl = resolve_impl(impl, x, weight, bias)
     m, c, d = weight.shape
     if impl == "triton":
-        return GroupedLinearFunction.apply(x, weight, bias, True, False)
+        return _ops.grouped_linear(x, weight, bias, True, False)
     z = torch.nn.functional.linear(x, weight.reshape(m * c, d), None if bias is None else bias.reshape(m * c))
     return z.view(x.shape[0], m, c)
 
@@ -263,7 +243,7 @@ def mlp_hidden(x, hidden_weight, hidden_bias=None, impl: str = "auto"):
     _check_heads_input(x, hidden_weight, hidden_bias)
     impl = resolve_impl(impl, x, hidden_weight, hidden_bias)
     if impl == "triton":
-        return GroupedLinearFunction.apply(x, hidden_weight, hidden_bias, True, True)
+        return _ops.grouped_linear(x, hidden_weight, hidden_bias, True, True)
     return torch.relu(linear_heads(x, hidden_weight, hidden_bias, impl="torch"))
 
 
@@ -275,7 +255,7 @@ def grouped_heads(u, weight, bias=None, impl: str = "auto"):
     _check_heads_input(u, weight, bias, name="u", per_head=True)
     impl = resolve_impl(impl, u, weight, bias)
     if impl == "triton":
-        return GroupedLinearFunction.apply(u, weight, bias, False, False)
+        return _ops.grouped_linear(u, weight, bias, False, False)
     z = torch.bmm(u.transpose(0, 1), weight.transpose(1, 2))
     if bias is not None:
         z = z + bias.unsqueeze(1)
@@ -294,8 +274,7 @@ def _check_fused_loss_args(inp, teacher, weight, temperature, reduction, name):
     if reduction == "none":
         raise ValueError("reduction='none' is not fused (the gradient needs the per-row upstream "
                          "gradient); compute the logits and call hydra_kl_loss instead")
-    check_teacher_values(teacher)
-    return temperature, reduction
+    return temperature, reduction  # the teacher's values are checked inside the op
 
 
 def linear_hydra_kl_loss(x, weight, bias, teacher_logits, temperature: float = 1.0, reduction: str = "mean",
@@ -309,9 +288,7 @@ def linear_hydra_kl_loss(x, weight, bias, teacher_logits, temperature: float = 1
     _check_heads_input(x, weight, bias)
     temperature, reduction = _check_fused_loss_args(x, teacher_logits, weight, temperature, reduction, "x")
     impl = resolve_impl(impl, x, weight, bias, teacher_logits)
-    fn = LinearHydraKLFunction if impl == "triton" else TorchLinearHydraKLFunction
-    return fn.apply(x, weight, bias, teacher_logits.detach(), temperature, reduction, True,
-                    torch.is_grad_enabled())
+    return _fused(x, weight, bias, teacher_logits, temperature, reduction, True, impl)
 
 
 def mlp_hydra_kl_loss(x, hidden_weight, hidden_bias, weight, bias, teacher_logits, temperature: float = 1.0,
@@ -322,9 +299,15 @@ def mlp_hydra_kl_loss(x, hidden_weight, hidden_bias, weight, bias, teacher_logit
     temperature, reduction = _check_fused_loss_args(x, teacher_logits, weight, temperature, reduction, "x")
     impl = resolve_impl(impl, x, hidden_weight, weight, teacher_logits)
     u = mlp_hidden(x, hidden_weight, hidden_bias, impl=impl)
-    fn = LinearHydraKLFunction if impl == "triton" else TorchLinearHydraKLFunction
-    return fn.apply(u, weight, bias, teacher_logits.detach(), temperature, reduction, False,
-                    torch.is_grad_enabled())
+    return _fused(u, weight, bias, teacher_logits, temperature, reduction, False, impl)
+
+
+def _fused(inp, weight, bias, teacher, temperature, reduction, shared, impl):
+    """The fused op, told which gradients to form (autograd's own flags ignore torch.no_grad())."""
+    on = torch.is_grad_enabled()
+    needs = [on and t is not None and t.requires_grad for t in (inp, weight, bias)]
+    loss, *_ = _ops.linear_hydra_kl(inp, weight, bias, teacher.detach(), temperature, reduction, shared, *needs, impl)
+    return loss
 
 
 def uncertainty(logits: torch.Tensor, temperature: float = 1.0, impl: str = "auto") -> Uncertainty:
@@ -349,12 +332,7 @@ def uncertainty(logits: torch.Tensor, temperature: float = 1.0, impl: str = "aut
     if logits.shape[1] == 0:
         raise ValueError(f"logits must have at least one head, got shape {tuple(logits.shape)}")
     impl = resolve_impl(impl, logits)
-    fn = uncertainty_triton if impl == "triton" else uncertainty_torch
-    out = fn(logits.detach(), temperature)
-    if logits.shape[1] == 1:  # one head: the decomposition is exact, no rounding residue in epistemic
-        out.epistemic.zero_()
-        out.total.copy_(out.aleatoric)
-    return out
+    return Uncertainty(*_ops.uncertainty(logits.detach(), temperature, impl))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-import fasthydra.functional as F_h
 from fasthydra import HydraHead, hinton_kl_loss, hydra_kl_loss, uncertainty
 from fasthydra.functional import resolve_impl
 
@@ -16,10 +15,14 @@ def no_kernels(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("a kernel ran before the input was rejected")
 
-    for name in ("HydraKLFunction", "TorchHydraKLFunction", "LinearHydraKLFunction", "TorchLinearHydraKLFunction"):
-        monkeypatch.setattr(getattr(F_h, name), "apply", boom)
-    monkeypatch.setattr(F_h, "uncertainty_torch", boom)
-    monkeypatch.setattr(F_h, "uncertainty_triton", boom)
+    import fasthydra.ops.hydra_kl as kl
+    import fasthydra.ops.linear_hydra_kl as lin
+    import fasthydra.ops.uncertainty as unc
+
+    for mod, name in ((kl, "hydra_kl_forward_torch"), (kl, "hydra_kl_forward_triton"),
+                      (lin, "linear_hydra_kl_forward_torch"), (lin, "linear_hydra_kl_forward_triton"),
+                      (unc, "uncertainty_torch"), (unc, "uncertainty_triton")):
+        monkeypatch.setattr(mod, name, boom)
 
 
 Z = torch.randn(4, 3, 5)

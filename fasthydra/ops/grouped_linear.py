@@ -1,5 +1,6 @@
-"""Grouped head GEMMs on the Triton path: the launcher over strided 3-D views, and the Function
-that computes the heads' logits (linear heads, and both layers of MLP heads).
+"""Grouped head GEMMs on the Triton path: the launcher over strided 3-D views, and the forward and
+backward of the heads' logits (linear heads, and both layers of MLP heads); the autograd wiring is
+the custom op ``fasthydra::grouped_linear`` in library.py.
 
 Inputs are either shared by all heads, x of shape (B, K), so that all heads are one GEMM over the
 stacked (M*N, K) weight, or per head, u of shape (B, M, K), so that head m multiplies u[:, m] by
@@ -87,36 +88,30 @@ def heads_backward(grad_out, inp, weight, shared: bool, need_input: bool, need_w
     return grad_in, grad_w
 
 
-class GroupedLinearFunction(torch.autograd.Function):
+def grouped_linear_forward(inp, weight, bias, shared: bool, relu: bool):
     """Logits (or hidden activations) of M heads: out[:, m] = act(inp_m @ W[m]^T + bias[m]).
 
     Shapes: inp (B, K) when shared else (B, M, K); weight (M, N, K); bias (M, N) or None;
     returns (B, M, N). act is relu when relu=True, else the identity.
     """
+    m, n, k = weight.shape
+    b = inp.shape[0]
+    inp = inp.contiguous()
+    out = torch.empty(b, m, n, dtype=inp.dtype, device=inp.device)
+    a3, b3 = head_views(inp, weight, shared)
+    out3 = out.view(1, b, m * n) if shared else out.permute(1, 0, 2)
+    bias2 = None if bias is None else (bias.reshape(1, m * n) if shared else bias)
+    grouped_mm(a3, b3, out3, bias2, relu=relu)
+    return out
 
-    @staticmethod
-    def forward(ctx, inp, weight, bias, shared: bool, relu: bool):
-        m, n, k = weight.shape
-        b = inp.shape[0]
-        inp = inp.contiguous()
-        out = torch.empty(b, m, n, dtype=inp.dtype, device=inp.device)
-        a3, b3 = head_views(inp, weight, shared)
-        out3 = out.view(1, b, m * n) if shared else out.permute(1, 0, 2)
-        bias2 = None if bias is None else (bias.reshape(1, m * n) if shared else bias)
-        grouped_mm(a3, b3, out3, bias2, relu=relu)
-        ctx.shared, ctx.relu, ctx.has_bias = shared, relu, bias is not None
-        ctx.save_for_backward(inp, weight, out if relu else None)
-        return out
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        inp, weight, out = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
-        if ctx.relu:
-            grad_out = grad_out.masked_fill(out <= 0, 0.0)
-        grad_in, grad_w = heads_backward(grad_out, inp, weight, ctx.shared,
-                                         ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        grad_b = None
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad_out.sum(0, dtype=torch.float32).to(weight.dtype)
-        return grad_in, grad_w, grad_b, None, None
+def grouped_linear_backward(grad_out, inp, weight, relu_out, shared: bool, need_in: bool, need_w: bool,
+                            need_b: bool):
+    """Gradients of ``grouped_linear_forward`` (relu_out: its output when relu was applied, else None).
+    Returns (grad_in, grad_weight, grad_bias in fp32), None where not asked for."""
+    inp = inp.contiguous()
+    if relu_out is not None:
+        grad_out = grad_out.masked_fill(relu_out <= 0, 0.0)
+    grad_in, grad_w = heads_backward(grad_out, inp, weight, shared, need_in, need_w)
+    grad_b = grad_out.sum(0, dtype=torch.float32) if need_b else None
+    return grad_in, grad_w, grad_b

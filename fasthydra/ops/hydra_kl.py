@@ -1,7 +1,8 @@
 """Tempered per-head KL on given logits: the Triton launcher + Function, and the chunked torch path.
 
 Both compute the loss rows and the gradient T * (q - p) * coefficient in the forward pass; the
-backward only scales the stored gradient by the upstream gradient (Liger-Kernel's pattern).
+backward only scales the stored gradient by the upstream gradient (Liger-Kernel's pattern). The
+autograd wiring lives in ``fasthydra.ops.library`` (custom ops, so that torch.compile sees them whole).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def scale_grad(stored: torch.Tensor, grad_output: torch.Tensor, reduction: str) 
     """Chain rule for a gradient stored in the forward: scalar or per-row (B, M) upstream gradient."""
     if reduction == "none":
         return stored * grad_output.unsqueeze(-1).to(stored.dtype)
-    if bool(grad_output == 1):  # loss.backward(): no (B, M, C)-sized multiply
+    if not torch.compiler.is_compiling() and bool(grad_output == 1):  # loss.backward(): no (B, M, C) multiply
         return stored
     return stored * grad_output.to(stored.dtype)
 
@@ -76,34 +77,22 @@ def kl_chunk_torch(s: torch.Tensor, t: torch.Tensor, temperature: float, want_gr
     return loss, q.sub_(p)
 
 
-class TorchHydraKLFunction(torch.autograd.Function):
-    """Hydra loss on given logits in torch ops, row chunk by row chunk, gradient in the forward."""
-
-    @staticmethod
-    def forward(ctx, student, teacher, temperature: float, reduction: str, grad_enabled: bool = True):
-        b, m, c = student.shape
-        want_grad = grad_enabled and ctx.needs_input_grad[0]  # needs_input_grad ignores torch.no_grad()
-        grad_scale = temperature * reduction_coefficient(reduction, b * m) if want_grad else None
-        cdt = compute_dtype(student.dtype)
-        rows = torch.empty(b, m, dtype=cdt, device=student.device)
-        grad = torch.empty_like(student) if want_grad else None
-        step = rows_per_chunk(b, m * c, TORCH_CHUNK_ELEMENTS)
-        for r0 in range(0, b, step):
-            s = student[r0:r0 + step].to(cdt) * (1.0 / temperature)
-            loss, g = kl_chunk_torch(s, teacher[r0:r0 + step], temperature, want_grad)
-            rows[r0:r0 + step] = loss
-            if want_grad:
-                torch.mul(g, grad_scale, out=grad[r0:r0 + step])  # scale, round to the student dtype, store
-        ctx.reduction = reduction
-        ctx.save_for_backward(grad)
-        return reduce_rows(rows, reduction, student.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        if grad is None:
-            return None, None, None, None, None
-        return scale_grad(grad, grad_output, ctx.reduction), None, None, None, None
+def hydra_kl_forward_torch(student, teacher, temperature: float, reduction: str, want_grad: bool):
+    """Hydra loss on given logits in torch ops, row chunk by row chunk; the gradient (already scaled by
+    T * coefficient) comes out of the forward. Returns (loss, grad or None)."""
+    b, m, c = student.shape
+    grad_scale = temperature * reduction_coefficient(reduction, b * m)
+    cdt = compute_dtype(student.dtype)
+    rows = torch.empty(b, m, dtype=cdt, device=student.device)
+    grad = torch.empty_like(student) if want_grad else None
+    step = rows_per_chunk(b, m * c, TORCH_CHUNK_ELEMENTS)
+    for r0 in range(0, b, step):
+        s = student[r0:r0 + step].to(cdt) * (1.0 / temperature)
+        loss, g = kl_chunk_torch(s, teacher[r0:r0 + step], temperature, want_grad)
+        rows[r0:r0 + step] = loss
+        if want_grad:
+            torch.mul(g, grad_scale, out=grad[r0:r0 + step])  # scale, round to the student dtype, store
+    return reduce_rows(rows, reduction, student.dtype), grad
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,22 +130,9 @@ def _rows_view(x: torch.Tensor) -> torch.Tensor:
         return x.reshape(-1, x.shape[-1])
 
 
-class HydraKLFunction(torch.autograd.Function):
-    """Hydra loss on given logits with the one-launch Triton kernel (loss and gradient together)."""
-
-    @staticmethod
-    def forward(ctx, student, teacher, temperature: float, reduction: str, grad_enabled: bool = True):
-        b, m, c = student.shape
-        want_grad = grad_enabled and ctx.needs_input_grad[0]  # needs_input_grad ignores torch.no_grad()
-        grad_scale = temperature * reduction_coefficient(reduction, b * m) if want_grad else None
-        loss, grad = launch_hydra_kl(_rows_view(student), _rows_view(teacher), temperature, grad_scale)
-        ctx.reduction = reduction
-        ctx.save_for_backward(grad.view(b, m, c) if grad is not None else None)
-        return reduce_rows(loss.view(b, m), reduction, student.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        if grad is None:
-            return None, None, None, None, None
-        return scale_grad(grad, grad_output, ctx.reduction), None, None, None, None
+def hydra_kl_forward_triton(student, teacher, temperature: float, reduction: str, want_grad: bool):
+    """Hydra loss on given logits with the one-launch Triton kernel. Returns (loss, grad or None)."""
+    b, m, c = student.shape
+    grad_scale = temperature * reduction_coefficient(reduction, b * m) if want_grad else None
+    loss, grad = launch_hydra_kl(_rows_view(student), _rows_view(teacher), temperature, grad_scale)
+    return reduce_rows(loss.view(b, m), reduction, student.dtype), None if grad is None else grad.view(b, m, c)

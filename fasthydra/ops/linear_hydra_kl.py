@@ -27,19 +27,11 @@ from .grouped_linear import heads_backward
 from .hydra_kl import kl_chunk_torch, reduce_rows, reduction_coefficient
 
 
-def _finish(ctx, rows, inp, weight, bias, grad_in, grad_w32, grad_b32, reduction):
-    ctx.save_for_backward(grad_in, None if grad_w32 is None else grad_w32.to(weight.dtype),
-                          None if grad_b32 is None else grad_b32.to(bias.dtype))
-    return reduce_rows(rows, reduction, inp.dtype)
-
-
-def _backward(ctx, grad_output):
-    grad_in, grad_w, grad_b = ctx.saved_tensors
-    if grad_output.numel() == 1 and bool(grad_output == 1):
-        # The common case (loss.backward()): hand the stored gradients over, no weight-sized copy.
-        return grad_in, grad_w, grad_b, None, None, None, None, None
-    scaled = [None if g is None else g * grad_output.to(g.dtype) for g in (grad_in, grad_w, grad_b)]
-    return (*scaled, None, None, None, None, None)
+def _results(rows, inp, weight, bias, grad_in, grad_w32, grad_b32, reduction):
+    """(loss, grad_in, grad_weight, grad_bias) with the gradients in their parameters' dtypes."""
+    return (reduce_rows(rows, reduction, inp.dtype), grad_in,
+            None if grad_w32 is None else grad_w32.to(weight.dtype),
+            None if grad_b32 is None else grad_b32.to(bias.dtype))
 
 
 # Row blocks thinner than this make every GEMM re-read the whole weight for a handful of rows (large
@@ -119,80 +111,73 @@ def _class_tiled_block(xc, w, bias_c, tb, temperature, want_grad, shared, beta, 
     return loss
 
 
-class TorchLinearHydraKLFunction(torch.autograd.Function):
+def linear_hydra_kl_forward_torch(inp, weight, bias, teacher, temperature: float, reduction: str, shared: bool,
+                                  need_in: bool, need_w: bool, need_b: bool):
     """Fused heads + Hydra loss in torch ops, walking the batch in row blocks.
 
     Wide row blocks (small and mid C): one addmm (shared input) or baddbmm (per head) per block,
     then the loss and q - p from two softmaxes, contracted at once into the gradients. 1/T rides on
     the logits GEMM's alpha/beta and T * coefficient on the gradient GEMMs' alpha, so neither costs a
     pass over the block. Large C (a row block would be thin): the classes are tiled inside each
-    block with online softmax statistics (see ``_class_tiled_block``).
+    block with online softmax statistics (see ``_class_tiled_block``). Returns (loss, grad_in,
+    grad_weight, grad_bias), the gradients None where not asked for.
     """
-
-    @staticmethod
-    def forward(ctx, inp, weight, bias, teacher, temperature: float, reduction: str, shared: bool,
-                grad_enabled: bool = True):
-        m, c, k = weight.shape
-        b = inp.shape[0]
-        cdt = compute_dtype(inp.dtype)
-        # needs_input_grad stays True under torch.no_grad(): the caller says whether grad mode is on.
-        need_in, need_w, need_b = (grad_enabled and n for n in ctx.needs_input_grad[:3])
-        want_grad = need_in or need_w or need_b
-        scale = temperature * reduction_coefficient(reduction, b * m)
-        inv_t = 1.0 / temperature
-        w = weight.to(cdt)
-        wf = w.reshape(m * c, k)
-        bias_c = torch.zeros(m, c, dtype=cdt, device=inp.device) if bias is None else bias.to(cdt)
-        rows = torch.empty(b, m, dtype=cdt, device=inp.device)
-        grad_in = torch.empty(inp.shape, dtype=cdt, device=inp.device) if need_in else None
-        # Weight and bias gradients: the first row block writes (beta=0), later blocks accumulate.
-        grad_w32 = torch.empty(m, c, k, dtype=cdt, device=inp.device) if need_w else None
-        grad_b32 = torch.zeros(m, c, dtype=cdt, device=inp.device) if need_b else None
-        step = rows_per_chunk(b, m * c, TORCH_CHUNK_ELEMENTS)
-        tiled = step < min(b, MIN_CHUNK_ROWS)
+    m, c, k = weight.shape
+    b = inp.shape[0]
+    cdt = compute_dtype(inp.dtype)
+    want_grad = need_in or need_w or need_b
+    scale = temperature * reduction_coefficient(reduction, b * m)
+    inv_t = 1.0 / temperature
+    w = weight.to(cdt)
+    wf = w.reshape(m * c, k)
+    bias_c = torch.zeros(m, c, dtype=cdt, device=inp.device) if bias is None else bias.to(cdt)
+    rows = torch.empty(b, m, dtype=cdt, device=inp.device)
+    grad_in = torch.empty(inp.shape, dtype=cdt, device=inp.device) if need_in else None
+    # Weight and bias gradients: the first row block writes (beta=0), later blocks accumulate.
+    grad_w32 = torch.empty(m, c, k, dtype=cdt, device=inp.device) if need_w else None
+    grad_b32 = torch.zeros(m, c, dtype=cdt, device=inp.device) if need_b else None
+    step = rows_per_chunk(b, m * c, TORCH_CHUNK_ELEMENTS)
+    tiled = step < min(b, MIN_CHUNK_ROWS)
+    if tiled:
+        step = min(b, TILED_BLOCK_ROWS)
+    if need_w and b == 0:
+        grad_w32.zero_()
+    for r0 in range(0, b, step):
+        xc = inp[r0:r0 + step].to(cdt)
+        bc = xc.shape[0]
+        beta = 0.0 if r0 == 0 else 1.0
         if tiled:
-            step = min(b, TILED_BLOCK_ROWS)
-        if need_w and b == 0:
-            grad_w32.zero_()
-        for r0 in range(0, b, step):
-            xc = inp[r0:r0 + step].to(cdt)
-            bc = xc.shape[0]
-            beta = 0.0 if r0 == 0 else 1.0
-            if tiled:
-                block_grads = (None if grad_in is None else grad_in[r0:r0 + step], grad_w32, grad_b32)
-                rows[r0:r0 + step] = _class_tiled_block(xc, w, bias_c, teacher[r0:r0 + step], temperature,
-                                                        want_grad, shared, beta, scale, block_grads)
-                continue
-            if shared:  # all heads in one GEMM over the stacked (M*C, K) weight; s = z / T
-                s = torch.addmm(bias_c.reshape(1, m * c), xc, wf.T, beta=inv_t, alpha=inv_t).view(bc, m, c)
-            else:  # grouped GEMM: head m multiplies its own input u[:, m]
-                s = torch.baddbmm(bias_c.unsqueeze(1), xc.transpose(0, 1), w.transpose(1, 2),
-                                  beta=inv_t, alpha=inv_t).transpose(0, 1)
-            loss, g = kl_chunk_torch(s, teacher[r0:r0 + step], temperature, want_grad)
-            del s
-            rows[r0:r0 + step] = loss
-            if not want_grad:
-                continue
-            if shared:
-                g2 = g.view(bc, m * c)
-                if need_in:
-                    torch.mm(g2, wf, out=grad_in[r0:r0 + step])
-                if need_w:
-                    grad_w32.view(m * c, k).addmm_(g2.T, xc, beta=beta, alpha=scale)
-            else:
-                gm = g.transpose(0, 1)  # (M, bc, C)
-                if need_in:
-                    grad_in[r0:r0 + step] = torch.bmm(gm, w).transpose(0, 1)
-                if need_w:
-                    grad_w32.baddbmm_(gm.transpose(1, 2), xc.transpose(0, 1), beta=beta, alpha=scale)
-            if need_b:
-                grad_b32.add_(g.sum(0), alpha=scale)
-        ctx.reduction = reduction
-        if grad_in is not None:
-            grad_in = grad_in.mul_(scale).to(inp.dtype)
-        return _finish(ctx, rows, inp, weight, bias, grad_in, grad_w32, grad_b32, reduction)
-
-    backward = staticmethod(_backward)
+            block_grads = (None if grad_in is None else grad_in[r0:r0 + step], grad_w32, grad_b32)
+            rows[r0:r0 + step] = _class_tiled_block(xc, w, bias_c, teacher[r0:r0 + step], temperature,
+                                                    want_grad, shared, beta, scale, block_grads)
+            continue
+        if shared:  # all heads in one GEMM over the stacked (M*C, K) weight; s = z / T
+            s = torch.addmm(bias_c.reshape(1, m * c), xc, wf.T, beta=inv_t, alpha=inv_t).view(bc, m, c)
+        else:  # grouped GEMM: head m multiplies its own input u[:, m]
+            s = torch.baddbmm(bias_c.unsqueeze(1), xc.transpose(0, 1), w.transpose(1, 2),
+                              beta=inv_t, alpha=inv_t).transpose(0, 1)
+        loss, g = kl_chunk_torch(s, teacher[r0:r0 + step], temperature, want_grad)
+        del s
+        rows[r0:r0 + step] = loss
+        if not want_grad:
+            continue
+        if shared:
+            g2 = g.view(bc, m * c)
+            if need_in:
+                torch.mm(g2, wf, out=grad_in[r0:r0 + step])
+            if need_w:
+                grad_w32.view(m * c, k).addmm_(g2.T, xc, beta=beta, alpha=scale)
+        else:
+            gm = g.transpose(0, 1)  # (M, bc, C)
+            if need_in:
+                grad_in[r0:r0 + step] = torch.bmm(gm, w).transpose(0, 1)
+            if need_w:
+                grad_w32.baddbmm_(gm.transpose(1, 2), xc.transpose(0, 1), beta=beta, alpha=scale)
+        if need_b:
+            grad_b32.add_(g.sum(0), alpha=scale)
+    if grad_in is not None:
+        grad_in = grad_in.mul_(scale).to(inp.dtype)
+    return _results(rows, inp, weight, bias, grad_in, grad_w32, grad_b32, reduction)
 
 
 def launch_linear_hydra_kl(inp, weight, bias, teacher, loss, stash, temperature, grad_scale, shared):
@@ -221,53 +206,46 @@ def launch_linear_hydra_kl(inp, weight, bias, teacher, loss, stash, temperature,
     )
 
 
-class LinearHydraKLFunction(torch.autograd.Function):
+def linear_hydra_kl_forward_triton(inp, weight, bias, teacher, temperature: float, reduction: str, shared: bool,
+                                   need_in: bool, need_w: bool, need_b: bool):
     """Fused heads + Hydra loss on Triton: the fused GEMM/softmax/KL kernel, then grouped GEMMs for
-    the input gradient and the fp32 weight-gradient accumulation, chunk by chunk."""
-
-    @staticmethod
-    def forward(ctx, inp, weight, bias, teacher, temperature: float, reduction: str, shared: bool,
-                grad_enabled: bool = True):
-        m, c, k = weight.shape
-        b = inp.shape[0]
-        inp = inp.contiguous()
-        weight = weight.contiguous()
-        bias = None if bias is None else bias.contiguous()
-        teacher = teacher if teacher.stride(-1) == 1 else teacher.contiguous()
-        # needs_input_grad stays True under torch.no_grad(): the caller says whether grad mode is on.
-        need_in, need_w, need_b = (grad_enabled and n for n in ctx.needs_input_grad[:3])
-        want_grad = need_in or need_w or need_b
-        loss = torch.empty(b, m, dtype=torch.float32, device=inp.device)
-        grad_in = grad_w32 = grad_b32 = None
-        if not want_grad:  # loss only: one pass, no stash, nothing of size (B, M, C) is written
-            launch_linear_hydra_kl(inp, weight, bias, teacher, loss, None, temperature, None, shared)
-        else:
-            grad_scale = temperature * reduction_coefficient(reduction, b * m)
-            step = rows_per_chunk(b, m * c, TRITON_CHUNK_ELEMENTS)
-            stash = torch.empty(min(step, b), m, c, dtype=inp.dtype, device=inp.device)
-            grad_in = torch.empty_like(inp) if need_in else None
-            # Several chunks accumulate dW in an fp32 buffer; one chunk lets the GEMM (fp32 inside) write
-            # dW in the weight's dtype directly, with no weight-sized fp32 buffer.
-            one_chunk = step >= b
-            grad_w32 = torch.zeros(m, c, k, dtype=torch.float32, device=inp.device) if need_w and not one_chunk \
-                else None
-            if need_w and b == 0:  # an empty batch: a zero gradient, not a missing one
-                grad_w32 = torch.zeros_like(weight)
-            grad_b32 = torch.zeros(m, c, dtype=torch.float32, device=inp.device) if need_b else None
-            for r0 in range(0, b, step):
-                xc = inp[r0:r0 + step]
-                bc = xc.shape[0]
-                g = stash[:bc]
-                launch_linear_hydra_kl(xc, weight, bias, teacher[r0:r0 + step], loss[r0:r0 + step], g,
-                                       temperature, grad_scale, shared)
-                gi, gw = heads_backward(g, xc, weight, shared, need_in, need_w, grad_weight32=grad_w32)
-                if one_chunk:
-                    grad_w32 = gw
-                if need_in:
-                    grad_in[r0:r0 + step] = gi
-                if need_b:
-                    grad_b32 += g.sum(0, dtype=torch.float32)
-        ctx.reduction = reduction
-        return _finish(ctx, loss, inp, weight, bias, grad_in, grad_w32, grad_b32, reduction)
-
-    backward = staticmethod(_backward)
+    the input gradient and the (fp32 across chunks) weight gradient, chunk by chunk.
+    Returns (loss, grad_in, grad_weight, grad_bias), None where not asked for."""
+    m, c, k = weight.shape
+    b = inp.shape[0]
+    inp = inp.contiguous()
+    weight = weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    teacher = teacher if teacher.stride(-1) == 1 else teacher.contiguous()
+    want_grad = need_in or need_w or need_b
+    loss = torch.empty(b, m, dtype=torch.float32, device=inp.device)
+    grad_in = grad_w32 = grad_b32 = None
+    if not want_grad:  # loss only: one pass, no stash, nothing of size (B, M, C) is written
+        launch_linear_hydra_kl(inp, weight, bias, teacher, loss, None, temperature, None, shared)
+    else:
+        grad_scale = temperature * reduction_coefficient(reduction, b * m)
+        step = rows_per_chunk(b, m * c, TRITON_CHUNK_ELEMENTS)
+        stash = torch.empty(min(step, b), m, c, dtype=inp.dtype, device=inp.device)
+        grad_in = torch.empty_like(inp) if need_in else None
+        # Several chunks accumulate dW in an fp32 buffer; one chunk lets the GEMM (fp32 inside) write
+        # dW in the weight's dtype directly, with no weight-sized fp32 buffer.
+        one_chunk = step >= b
+        grad_w32 = torch.zeros(m, c, k, dtype=torch.float32, device=inp.device) if need_w and not one_chunk \
+            else None
+        if need_w and b == 0:  # an empty batch: a zero gradient, not a missing one
+            grad_w32 = torch.zeros_like(weight)
+        grad_b32 = torch.zeros(m, c, dtype=torch.float32, device=inp.device) if need_b else None
+        for r0 in range(0, b, step):
+            xc = inp[r0:r0 + step]
+            bc = xc.shape[0]
+            g = stash[:bc]
+            launch_linear_hydra_kl(xc, weight, bias, teacher[r0:r0 + step], loss[r0:r0 + step], g,
+                                   temperature, grad_scale, shared)
+            gi, gw = heads_backward(g, xc, weight, shared, need_in, need_w, grad_weight32=grad_w32)
+            if one_chunk:
+                grad_w32 = gw
+            if need_in:
+                grad_in[r0:r0 + step] = gi
+            if need_b:
+                grad_b32 += g.sum(0, dtype=torch.float32)
+    return _results(loss, inp, weight, bias, grad_in, grad_w32, grad_b32, reduction)

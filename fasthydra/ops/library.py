@@ -1,0 +1,185 @@
+"""The loss and uncertainty ops as torch custom ops (``torch.ops.fasthydra.*``), with fake (meta)
+implementations and autograd, so that torch.compile(fullgraph=True) sees each op whole: no graph
+break, whichever path (torch or Triton) runs inside.
+
+The value checks that must read the data (NaN/+Inf teacher logits, rows that are -Inf everywhere)
+run inside the ops, where the data is; shape, dtype and argument checks stay on the host, in
+``fasthydra.functional``, before any op runs.
+
+Every op returns the loss together with the gradients its forward already computed (empty tensors
+where none were asked for); the registered backward only scales them by the upstream gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.library import custom_op, register_autograd, register_fake
+
+from . import grouped_linear as _gl
+from . import hydra_kl as _kl
+from . import linear_hydra_kl as _lin
+from . import uncertainty as _unc
+from .checks import check_teacher_values
+
+_EMPTY = (0,)
+
+
+def _none_to_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(_EMPTY) if t is None else t
+
+
+def _loss_shape(student_rows: tuple, reduction: str) -> tuple:
+    return tuple(student_rows) if reduction == "none" else ()
+
+
+# ----------------------------------------------------------------------------------------------
+# hydra_kl: the loss on given logits
+# ----------------------------------------------------------------------------------------------
+
+
+@custom_op("fasthydra::hydra_kl", mutates_args=())
+def hydra_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float, reduction: str, want_grad: bool,
+             impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+    check_teacher_values(teacher)
+    fwd = _kl.hydra_kl_forward_triton if impl == "triton" else _kl.hydra_kl_forward_torch
+    loss, grad = fwd(student, teacher, temperature, reduction, want_grad)
+    return loss, _none_to_empty(grad, student)
+
+
+@register_fake("fasthydra::hydra_kl")
+def _hydra_kl_fake(student, teacher, temperature, reduction, want_grad, impl):
+    loss = student.new_empty(_loss_shape(student.shape[:2], reduction))
+    return loss, (torch.empty_like(student) if want_grad else student.new_empty(_EMPTY))
+
+
+def _hydra_kl_setup(ctx, inputs, output):
+    ctx.reduction = inputs[3]
+    ctx.save_for_backward(output[1])
+
+
+def _hydra_kl_backward(ctx, grad_loss, _grad_of_grad):
+    (stored,) = ctx.saved_tensors
+    if stored.numel() == 0 and stored.dim() == 1:
+        return None, None, None, None, None, None
+    return _kl.scale_grad(stored, grad_loss, ctx.reduction), None, None, None, None, None
+
+
+register_autograd("fasthydra::hydra_kl", _hydra_kl_backward, setup_context=_hydra_kl_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# linear_hydra_kl: heads GEMM fused with the loss
+# ----------------------------------------------------------------------------------------------
+
+
+@custom_op("fasthydra::linear_hydra_kl", mutates_args=())
+def linear_hydra_kl(inp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, teacher: torch.Tensor,
+                    temperature: float, reduction: str, shared: bool, need_in: bool, need_w: bool, need_b: bool,
+                    impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_teacher_values(teacher)
+    fwd = _lin.linear_hydra_kl_forward_triton if impl == "triton" else _lin.linear_hydra_kl_forward_torch
+    loss, g_in, g_w, g_b = fwd(inp, weight, bias, teacher, temperature, reduction, shared, need_in, need_w,
+                               need_b and bias is not None)
+    return loss, _none_to_empty(g_in, inp), _none_to_empty(g_w, weight), _none_to_empty(g_b, weight)
+
+
+@register_fake("fasthydra::linear_hydra_kl")
+def _linear_hydra_kl_fake(inp, weight, bias, teacher, temperature, reduction, shared, need_in, need_w, need_b, impl):
+    m = weight.shape[0]
+    loss = inp.new_empty((inp.shape[0], m) if reduction == "none" else ())
+    g_in = torch.empty_like(inp) if need_in else inp.new_empty(_EMPTY)
+    g_w = torch.empty_like(weight) if need_w else weight.new_empty(_EMPTY)
+    g_b = torch.empty_like(bias) if (need_b and bias is not None) else weight.new_empty(_EMPTY)
+    return loss, g_in, g_w, g_b
+
+
+def _linear_setup(ctx, inputs, output):
+    ctx.has_bias = inputs[2] is not None
+    ctx.save_for_backward(*output[1:])
+
+
+def _scaled(stored: torch.Tensor, grad_loss: torch.Tensor):
+    if stored.numel() == 0 and stored.dim() == 1:
+        return None
+    return _kl.scale_grad(stored, grad_loss, "mean")
+
+
+def _linear_backward(ctx, grad_loss, *_):
+    g_in, g_w, g_b = ctx.saved_tensors
+    return (_scaled(g_in, grad_loss), _scaled(g_w, grad_loss), _scaled(g_b, grad_loss) if ctx.has_bias else None,
+            None, None, None, None, None, None, None, None)
+
+
+register_autograd("fasthydra::linear_hydra_kl", _linear_backward, setup_context=_linear_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# uncertainty (no gradient)
+# ----------------------------------------------------------------------------------------------
+
+
+@custom_op("fasthydra::uncertainty", mutates_args=())
+def uncertainty(logits: torch.Tensor, temperature: float, impl: str) -> tuple[torch.Tensor, torch.Tensor,
+                                                                              torch.Tensor, torch.Tensor]:
+    fn = _unc.uncertainty_triton if impl == "triton" else _unc.uncertainty_torch
+    out = fn(logits, temperature)
+    if logits.shape[1] == 1:  # one head: the decomposition is exact, no rounding residue in epistemic
+        out.epistemic.zero_()
+        out.total.copy_(out.aleatoric)
+    return tuple(out)
+
+
+@register_fake("fasthydra::uncertainty")
+def _uncertainty_fake(logits, temperature, impl):
+    b, _, c = logits.shape
+    return (logits.new_empty(b, c), logits.new_empty(b), logits.new_empty(b), logits.new_empty(b))
+
+
+# ----------------------------------------------------------------------------------------------
+# grouped_linear: the heads' GEMM on the Triton path (head(x), the MLP heads' first layer)
+# ----------------------------------------------------------------------------------------------
+
+
+@custom_op("fasthydra::grouped_linear", mutates_args=())
+def grouped_linear(inp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, shared: bool,
+                   relu: bool) -> torch.Tensor:
+    return _gl.grouped_linear_forward(inp, weight, bias, shared, relu)
+
+
+@register_fake("fasthydra::grouped_linear")
+def _grouped_linear_fake(inp, weight, bias, shared, relu):
+    return inp.new_empty(inp.shape[0], weight.shape[0], weight.shape[1])
+
+
+@custom_op("fasthydra::grouped_linear_backward", mutates_args=())
+def grouped_linear_backward(grad_out: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor, out: torch.Tensor,
+                            shared: bool, relu: bool, need_in: bool, need_w: bool,
+                            need_b: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g_in, g_w, g_b = _gl.grouped_linear_backward(grad_out, inp, weight, out if relu else None, shared, need_in,
+                                                 need_w, need_b)
+    return _none_to_empty(g_in, inp), _none_to_empty(g_w, weight), _none_to_empty(g_b, weight)
+
+
+@register_fake("fasthydra::grouped_linear_backward")
+def _grouped_linear_backward_fake(grad_out, inp, weight, out, shared, relu, need_in, need_w, need_b):
+    return (torch.empty_like(inp) if need_in else inp.new_empty(_EMPTY),
+            torch.empty_like(weight) if need_w else weight.new_empty(_EMPTY),
+            weight.new_empty(weight.shape[:2]) if need_b else weight.new_empty(_EMPTY))
+
+
+def _grouped_linear_setup(ctx, inputs, output):
+    inp, weight, bias, shared, relu = inputs
+    ctx.shared, ctx.relu, ctx.has_bias = shared, relu, bias is not None
+    ctx.save_for_backward(inp, weight, output if relu else None)
+
+
+def _grouped_linear_bwd(ctx, grad_out):
+    inp, weight, out = ctx.saved_tensors
+    need_in, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
+    g_in, g_w, g_b = torch.ops.fasthydra.grouped_linear_backward(
+        grad_out.contiguous(), inp, weight, out if out is not None else weight.new_empty(_EMPTY), ctx.shared,
+        ctx.relu, need_in, need_w, need_b)
+    return (g_in if need_in else None, g_w if need_w else None, g_b.to(weight.dtype) if need_b else None, None, None)
+
+
+register_autograd("fasthydra::grouped_linear", _grouped_linear_bwd, setup_context=_grouped_linear_setup)
