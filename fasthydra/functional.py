@@ -134,6 +134,34 @@ def resolve_impl(impl: str, *tensors: torch.Tensor | None) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# autocast
+# ----------------------------------------------------------------------------------------------
+
+
+def _autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
+    device = t.device.type
+    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return None
+
+
+def _autocast_gemm_inputs(*tensors):
+    """Under autocast, the heads' GEMM operands go to the autocast dtype, as F.linear's would (the
+    casts are differentiable: fp32 parameters get fp32 gradients). Outside autocast: unchanged."""
+    ref = next(t for t in tensors if t is not None)
+    dtype = _autocast_dtype(ref)
+    if dtype is None:
+        return tensors
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
+
+
+def _autocast_loss(loss: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """The ops return losses in their compute dtype; users get the input's dtype, or fp32 under
+    autocast (torch's policy for softmax, log_softmax and kl_div)."""
+    return loss.to(torch.float32 if _autocast_dtype(ref) is not None else ref.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
 # public functions
 # ----------------------------------------------------------------------------------------------
 
@@ -165,7 +193,7 @@ def hydra_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
     # The teacher's values are checked inside the op, where the data is read anyway.
     want_grad = torch.is_grad_enabled() and student_logits.requires_grad
     loss, _ = _ops.hydra_kl(student_logits, teacher_logits.detach(), temperature, reduction, want_grad, impl)
-    return loss
+    return _autocast_loss(loss, student_logits)
 
 
 def ensemble_log_mean_probs(teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -209,6 +237,7 @@ def hinton_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
     mean_teacher = (temperature * ensemble_log_mean_probs(teacher_logits, temperature)).unsqueeze(1)
     want_grad = torch.is_grad_enabled() and z.requires_grad
     loss, _ = _ops.hydra_kl(z, mean_teacher, temperature, reduction, want_grad, impl)
+    loss = _autocast_loss(loss, z)
     return loss.squeeze(1) if reduction == "none" else loss
 
 
@@ -229,6 +258,7 @@ def linear_heads(x, weight, bias=None, impl: str = "auto"):
 
     Shapes: x (B, D), weight (M, C, D), bias (M, C) or None.
     """
+    x, weight, bias = _autocast_gemm_inputs(x, weight, bias)
     _check_heads_input(x, weight, bias)
     impl = resolve_impl(impl, x, weight, bias)
     m, c, d = weight.shape
@@ -240,6 +270,7 @@ def linear_heads(x, weight, bias=None, impl: str = "auto"):
 
 def mlp_hidden(x, hidden_weight, hidden_bias=None, impl: str = "auto"):
     """First layer of M MLP heads, one GEMM: ``u[:, m] = relu(x @ W1[m].T + b1[m])`` -> (B, M, H)."""
+    x, hidden_weight, hidden_bias = _autocast_gemm_inputs(x, hidden_weight, hidden_bias)
     _check_heads_input(x, hidden_weight, hidden_bias)
     impl = resolve_impl(impl, x, hidden_weight, hidden_bias)
     if impl == "triton":
@@ -252,6 +283,7 @@ def grouped_heads(u, weight, bias=None, impl: str = "auto"):
 
     Shapes: u (B, M, H), weight (M, C, H), bias (M, C) or None.
     """
+    u, weight, bias = _autocast_gemm_inputs(u, weight, bias)
     _check_heads_input(u, weight, bias, name="u", per_head=True)
     impl = resolve_impl(impl, u, weight, bias)
     if impl == "triton":
@@ -285,6 +317,7 @@ def linear_hydra_kl_loss(x, weight, bias, teacher_logits, temperature: float = 1
     the forward pass chunk by chunk. reduction: "mean" or "sum".
     Shapes: x (B, D), weight (M, C, D), bias (M, C) or None, teacher_logits (B, M, C).
     """
+    x, weight, bias = _autocast_gemm_inputs(x, weight, bias)
     _check_heads_input(x, weight, bias)
     temperature, reduction = _check_fused_loss_args(x, teacher_logits, weight, temperature, reduction, "x")
     impl = resolve_impl(impl, x, weight, bias, teacher_logits)
@@ -295,6 +328,7 @@ def mlp_hydra_kl_loss(x, hidden_weight, hidden_bias, weight, bias, teacher_logit
                       reduction: str = "mean", impl: str = "auto"):
     """MLP heads fused with the Hydra loss: first layer one GEMM, second layer the grouped GEMM
     fused with softmax/KL. Shapes: x (B, D), hidden_weight (M, H, D), weight (M, C, H)."""
+    x, hidden_weight, hidden_bias, weight, bias = _autocast_gemm_inputs(x, hidden_weight, hidden_bias, weight, bias)
     _check_heads_input(x, hidden_weight, hidden_bias)
     temperature, reduction = _check_fused_loss_args(x, teacher_logits, weight, temperature, reduction, "x")
     impl = resolve_impl(impl, x, hidden_weight, weight, teacher_logits)
@@ -307,7 +341,7 @@ def _fused(inp, weight, bias, teacher, temperature, reduction, shared, impl):
     on = torch.is_grad_enabled()
     needs = [on and t is not None and t.requires_grad for t in (inp, weight, bias)]
     loss, *_ = _ops.linear_hydra_kl(inp, weight, bias, teacher.detach(), temperature, reduction, shared, *needs, impl)
-    return loss
+    return _autocast_loss(loss, inp)
 
 
 def uncertainty(logits: torch.Tensor, temperature: float = 1.0, impl: str = "auto") -> Uncertainty:

@@ -92,7 +92,7 @@ def hydra_kl_forward_torch(student, teacher, temperature: float, reduction: str,
         rows[r0:r0 + step] = loss
         if want_grad:
             torch.mul(g, grad_scale, out=grad[r0:r0 + step])  # scale, round to the student dtype, store
-    return reduce_rows(rows, reduction, student.dtype), grad
+    return reduce_rows(rows, reduction, rows.dtype), grad  # the caller casts the loss
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,4 +135,4 @@ def hydra_kl_forward_triton(student, teacher, temperature: float, reduction: str
     b, m, c = student.shape
     grad_scale = temperature * reduction_coefficient(reduction, b * m) if want_grad else None
     loss, grad = launch_hydra_kl(_rows_view(student), _rows_view(teacher), temperature, grad_scale)
-    return reduce_rows(loss.view(b, m), reduction, student.dtype), None if grad is None else grad.view(b, m, c)
+    return reduce_rows(loss.view(b, m), reduction, loss.dtype), None if grad is None else grad.view(b, m, c)

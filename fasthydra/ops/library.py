@@ -24,6 +24,22 @@ from .checks import check_teacher_values
 _EMPTY = (0,)
 
 
+def _no_autocast(fn):
+    """Op bodies run with autocast off: they already compute in fp32 (or fp64) on purpose, and the
+    caller (fasthydra.functional) has cast the inputs the way autocast would for the GEMM."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        device = next(a.device.type for a in args if isinstance(a, torch.Tensor))
+        if not torch.is_autocast_enabled(device):
+            return fn(*args, **kwargs)
+        with torch.autocast(device, enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def _none_to_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(_EMPTY) if t is None else t
 
@@ -32,12 +48,18 @@ def _loss_shape(student_rows: tuple, reduction: str) -> tuple:
     return tuple(student_rows) if reduction == "none" else ()
 
 
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """Losses leave the ops in the dtype they were computed in (fp32, fp64 for fp64 input)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 # ----------------------------------------------------------------------------------------------
 # hydra_kl: the loss on given logits
 # ----------------------------------------------------------------------------------------------
 
 
 @custom_op("fasthydra::hydra_kl", mutates_args=())
+@_no_autocast
 def hydra_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float, reduction: str, want_grad: bool,
              impl: str) -> tuple[torch.Tensor, torch.Tensor]:
     check_teacher_values(teacher)
@@ -48,7 +70,7 @@ def hydra_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float, r
 
 @register_fake("fasthydra::hydra_kl")
 def _hydra_kl_fake(student, teacher, temperature, reduction, want_grad, impl):
-    loss = student.new_empty(_loss_shape(student.shape[:2], reduction))
+    loss = student.new_empty(_loss_shape(student.shape[:2], reduction), dtype=_compute_dtype(student))
     return loss, (torch.empty_like(student) if want_grad else student.new_empty(_EMPTY))
 
 
@@ -73,6 +95,7 @@ register_autograd("fasthydra::hydra_kl", _hydra_kl_backward, setup_context=_hydr
 
 
 @custom_op("fasthydra::linear_hydra_kl", mutates_args=())
+@_no_autocast
 def linear_hydra_kl(inp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, teacher: torch.Tensor,
                     temperature: float, reduction: str, shared: bool, need_in: bool, need_w: bool, need_b: bool,
                     impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -86,7 +109,7 @@ def linear_hydra_kl(inp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 @register_fake("fasthydra::linear_hydra_kl")
 def _linear_hydra_kl_fake(inp, weight, bias, teacher, temperature, reduction, shared, need_in, need_w, need_b, impl):
     m = weight.shape[0]
-    loss = inp.new_empty((inp.shape[0], m) if reduction == "none" else ())
+    loss = inp.new_empty((inp.shape[0], m) if reduction == "none" else (), dtype=_compute_dtype(inp))
     g_in = torch.empty_like(inp) if need_in else inp.new_empty(_EMPTY)
     g_w = torch.empty_like(weight) if need_w else weight.new_empty(_EMPTY)
     g_b = torch.empty_like(bias) if (need_b and bias is not None) else weight.new_empty(_EMPTY)
@@ -119,6 +142,7 @@ register_autograd("fasthydra::linear_hydra_kl", _linear_backward, setup_context=
 
 
 @custom_op("fasthydra::uncertainty", mutates_args=())
+@_no_autocast
 def uncertainty(logits: torch.Tensor, temperature: float, impl: str) -> tuple[torch.Tensor, torch.Tensor,
                                                                               torch.Tensor, torch.Tensor]:
     fn = _unc.uncertainty_triton if impl == "triton" else _unc.uncertainty_torch
@@ -141,6 +165,7 @@ def _uncertainty_fake(logits, temperature, impl):
 
 
 @custom_op("fasthydra::grouped_linear", mutates_args=())
+@_no_autocast
 def grouped_linear(inp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, shared: bool,
                    relu: bool) -> torch.Tensor:
     return _gl.grouped_linear_forward(inp, weight, bias, shared, relu)
@@ -152,6 +177,7 @@ def _grouped_linear_fake(inp, weight, bias, shared, relu):
 
 
 @custom_op("fasthydra::grouped_linear_backward", mutates_args=())
+@_no_autocast
 def grouped_linear_backward(grad_out: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor, out: torch.Tensor,
                             shared: bool, relu: bool, need_in: bool, need_w: bool,
                             need_b: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

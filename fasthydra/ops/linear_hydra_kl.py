@@ -29,7 +29,7 @@ from .hydra_kl import kl_chunk_torch, reduce_rows, reduction_coefficient
 
 def _results(rows, inp, weight, bias, grad_in, grad_w32, grad_b32, reduction):
     """(loss, grad_in, grad_weight, grad_bias) with the gradients in their parameters' dtypes."""
-    return (reduce_rows(rows, reduction, inp.dtype), grad_in,
+    return (reduce_rows(rows, reduction, rows.dtype), grad_in,  # loss in the compute dtype: the caller casts
             None if grad_w32 is None else grad_w32.to(weight.dtype),
             None if grad_b32 is None else grad_b32.to(bias.dtype))
 
