@@ -95,7 +95,7 @@ def _kernel_specs():
         for tag, (ty, prec) in DTYPES.items():
             kl = cfgs.kl_rows_config(c)
             args = {"z_ptr": f"*{ty}", "t_ptr": f"*{ty}", "loss_ptr": "*fp32", "grad_ptr": f"*{ty}",
-                    "R": b * m, "C": c, "stride_z": c, "stride_t": c, "stride_g": c,
+                    "tstat_ptr": "*fp32", "R": b * m, "C": c, "stride_z": c, "stride_t": c, "stride_g": c,
                     "inv_temp": 0.5, "loss_scale": 4.0, "grad_scale": 0.1}
             add(_hydra_kl_fwd_kernel, args, {"BLOCK_R": kl["BLOCK_R"], "BLOCK_C": kl["BLOCK_C"], "WRITE_GRAD": True},
                 {"num_warps": kl["num_warps"]}, tag)
@@ -104,7 +104,7 @@ def _kernel_specs():
             for k, shared in ((d, True), (HIDDEN, False)):  # linear heads; second layer of MLP heads
                 lk = cfgs.linear_kl_config(rows, c, k, 4 if ty == "fp32" else 2)
                 args = {"x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "t_ptr": f"*{ty}",
-                        "loss_ptr": "*fp32", "g_ptr": f"*{ty}", "B": rows, "C": c, "K": k,
+                        "loss_ptr": "*fp32", "g_ptr": f"*{ty}", "tstat_ptr": "*fp32", "B": rows, "C": c, "K": k,
                         "stride_xb": k if shared else m * k, "stride_xm": 0 if shared else k,
                         "stride_wm": c * k, "stride_wc": k, "stride_biasm": c, "stride_tb": m * c,
                         "stride_tm": c, "stride_gb": m * c, "stride_gm": c,

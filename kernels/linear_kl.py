@@ -25,6 +25,7 @@ def _linear_hydra_kl_fwd_kernel(
     t_ptr,  # teacher logits (B, M, C): strides stride_tb, stride_tm, unit along C
     loss_ptr,  # out: (B, M) fp32 contiguous, T^2 * KL
     g_ptr,  # out: (B, M, C) stash / gradient in the input dtype, strides stride_gb, stride_gm, unit along C
+    tstat_ptr,  # out: (B, M) fp32 teacher row status: max(t)/T, +inf if a +inf, NaN if a NaN (the value check)
     B,
     C,
     K,
@@ -64,6 +65,7 @@ def _linear_hydra_kl_fwd_kernel(
     d_s = tl.zeros((BLOCK_B,), tl.float32)
     d_u = tl.zeros((BLOCK_B,), tl.float32)
     a = tl.zeros((BLOCK_B,), tl.float32)
+    n_nan = tl.zeros((BLOCK_B,), tl.int32)
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + cols0
         col_ok = cols < C
@@ -90,7 +92,9 @@ def _linear_hydra_kl_fwd_kernel(
         s = tl.where(mask, acc * inv_temp, float("-inf"))
         t = tl.load(t_rows + cols[None, :], mask=mask, other=float("-inf"))
         u = t.to(tl.float32) * inv_temp
+        n_nan += tl.sum((u != u).to(tl.int32), axis=1)  # the NaN check rides on the load already made
         m_s, d_s, m_u, d_u, a = _online_kl_update(s, u, m_s, d_s, m_u, d_u, a)
+    tl.store(tstat_ptr + rows * tl.num_programs(1) + head, tl.where(n_nan > 0, float("nan"), m_u), mask=row_ok)
 
     log_d_s = tl.log(d_s)
     log_d_u = tl.log(d_u)

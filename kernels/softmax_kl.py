@@ -60,6 +60,7 @@ def _hydra_kl_fwd_kernel(
     t_ptr,  # teacher logits, (R, C), unit stride along C, row stride stride_t
     loss_ptr,  # out: (R,) fp32, T^2 * KL per row
     grad_ptr,  # out: (R, C) in the student's dtype, grad_scale * (q - p); unused unless WRITE_GRAD
+    tstat_ptr,  # out: (R,) fp32 teacher row status: max(t)/T, +inf if a +inf, NaN if a NaN (the value check)
     R,
     C,
     stride_z,
@@ -82,6 +83,7 @@ def _hydra_kl_fwd_kernel(
     d_s = tl.zeros((BLOCK_R,), tl.float32)
     d_u = tl.zeros((BLOCK_R,), tl.float32)
     a = tl.zeros((BLOCK_R,), tl.float32)
+    n_nan = tl.zeros((BLOCK_R,), tl.int32)
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + cols0
         mask = row_ok[:, None] & (cols < C)[None, :]
@@ -89,7 +91,9 @@ def _hydra_kl_fwd_kernel(
         t = tl.load(t_ptr + rows[:, None] * stride_t + cols[None, :], mask=mask, other=float("-inf"))
         s = z.to(tl.float32) * inv_temp
         u = t.to(tl.float32) * inv_temp
+        n_nan += tl.sum((u != u).to(tl.int32), axis=1)  # the NaN check rides on the load already made
         m_s, d_s, m_u, d_u, a = _online_kl_update(s, u, m_s, d_s, m_u, d_u, a)
+    tl.store(tstat_ptr + rows, tl.where(n_nan > 0, float("nan"), m_u), mask=row_ok)
 
     log_d_s = tl.log(d_s)
     log_d_u = tl.log(d_u)

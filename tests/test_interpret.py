@@ -241,3 +241,28 @@ def test_kernels_really_ran_in_the_interpreter(monkeypatch):
     monkeypatch.setattr(hk, "launch_hydra_kl", spy)
     hydra_kl_loss(torch.randn(2, 2, 5), torch.randn(2, 2, 5), impl="triton")
     assert calls
+
+
+@pytest.mark.parametrize("value,match", [(float("nan"), "NaN"), (float("inf"), r"\+Inf"), (None, "-Inf for every")])
+def test_kernels_check_the_teacher_while_reading_it(monkeypatch, value, match):
+    """On the Triton path the value check rides in the kernels (a per-row status they write), not in a
+    separate pass over the teacher: the host-side scan must not run, the errors must still come."""
+    import fasthydra.ops.library as lib
+
+    def no_scan(*args, **kwargs):
+        raise AssertionError("the separate teacher scan ran on the Triton path")
+
+    monkeypatch.setattr(lib, "check_teacher_values", no_scan)
+    t = torch.randn(4, 3, 20)
+    if value is None:
+        t[2, 1, :] = float("-inf")
+    else:
+        t[2, 1, 7] = value
+    with pytest.raises(ValueError, match=match):
+        hydra_kl_loss(torch.randn(4, 3, 20, requires_grad=True), t, impl="triton")
+    head = HydraHead(6, 20, 3, impl="triton")
+    with pytest.raises(ValueError, match=match):
+        head.distill_loss(torch.randn(4, 6), t)
+    t_ok = torch.randn(4, 3, 20)
+    t_ok[0, 0, 3] = float("-inf")  # a lone masked class is fine
+    assert torch.isfinite(hydra_kl_loss(torch.randn(4, 3, 20), t_ok, impl="triton"))

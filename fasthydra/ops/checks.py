@@ -22,3 +22,17 @@ def check_teacher_values(teacher: torch.Tensor, name: str = "teacher_logits") ->
         where = tuple(torch.nonzero(torch.isneginf(row_max))[0].tolist())
         raise ValueError(f"{name} has a row that is -Inf for every class (at index {where}, "
                          f"shape {tuple(teacher.shape)}): its softmax is undefined")
+
+
+def check_teacher_status(status: torch.Tensor, shape, name: str = "teacher_logits") -> None:
+    """The same verdicts from the per-row status the Triton loss kernels write while they read the
+    teacher anyway (max(t)/T per row, NaN where a NaN was seen): no extra pass over (B, M, C)."""
+    if status.numel() == 0:
+        return
+    if bool(torch.isnan(status).any()):
+        raise ValueError(f"{name} contains NaN (shape {tuple(shape)})")
+    if bool(torch.isposinf(status).any()):
+        raise ValueError(f"{name} contains +Inf (shape {tuple(shape)})")
+    if bool(torch.isneginf(status).any()):
+        raise ValueError(f"{name} has a row that is -Inf for every class (shape {tuple(shape)}): "
+                         "its softmax is undefined")

@@ -12,6 +12,7 @@ import math
 import torch
 
 from . import native
+from .checks import check_teacher_status
 from ._common import TORCH_CHUNK_ELEMENTS, cdiv, compute_dtype, kl_rows_config, rows_per_chunk
 
 
@@ -101,23 +102,26 @@ def hydra_kl_forward_torch(student, teacher, temperature: float, reduction: str,
 
 
 def launch_hydra_kl(student2d, teacher2d, temperature: float, grad_scale: float | None):
-    """Runs the row kernel on (R, C) views with unit stride along C. Returns (loss (R,), grad or None)."""
+    """Runs the row kernel on (R, C) views with unit stride along C. Returns (loss (R,), grad or None).
+    Raises ValueError when the kernel saw NaN/+Inf teacher logits or an all -Inf row."""
     from fasthydra.kernels.softmax_kl import _hydra_kl_fwd_kernel
 
     r, c = student2d.shape
     loss = torch.empty(r, dtype=torch.float32, device=student2d.device)
+    status = torch.empty(r, dtype=torch.float32, device=student2d.device)
     grad = torch.empty_like(student2d) if grad_scale is not None else None
     if r == 0:
         return loss, grad
     cfg = kl_rows_config(c)
     grid = (cdiv(r, cfg["BLOCK_R"]),)
     _hydra_kl_fwd_kernel[grid](
-        student2d, teacher2d, loss, grad if grad is not None else loss,
+        student2d, teacher2d, loss, grad if grad is not None else loss, status,
         r, c, student2d.stride(0), teacher2d.stride(0), grad.stride(0) if grad is not None else 0,
         1.0 / temperature, temperature * temperature, grad_scale if grad_scale is not None else 0.0,
         BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], WRITE_GRAD=grad is not None,
         num_warps=cfg["num_warps"],
     )
+    check_teacher_status(status, teacher2d.shape)
     return loss, grad
 
 

@@ -62,7 +62,8 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 @_no_autocast
 def hydra_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float, reduction: str, want_grad: bool,
              impl: str) -> tuple[torch.Tensor, torch.Tensor]:
-    check_teacher_values(teacher)
+    if impl != "triton":  # the Triton kernel checks the teacher while it reads it (no extra pass)
+        check_teacher_values(teacher)
     fwd = _kl.hydra_kl_forward_triton if impl == "triton" else _kl.hydra_kl_forward_torch
     loss, grad = fwd(student, teacher, temperature, reduction, want_grad)
     return loss, _none_to_empty(grad, student)
@@ -99,7 +100,8 @@ register_autograd("fasthydra::hydra_kl", _hydra_kl_backward, setup_context=_hydr
 def linear_hydra_kl(inp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, teacher: torch.Tensor,
                     temperature: float, reduction: str, shared: bool, need_in: bool, need_w: bool, need_b: bool,
                     impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    check_teacher_values(teacher)
+    if impl != "triton":  # the Triton kernel checks the teacher while it reads it (no extra pass)
+        check_teacher_values(teacher)
     fwd = _lin.linear_hydra_kl_forward_triton if impl == "triton" else _lin.linear_hydra_kl_forward_torch
     loss, g_in, g_w, g_b = fwd(inp, weight, bias, teacher, temperature, reduction, shared, need_in, need_w,
                                need_b and bias is not None)

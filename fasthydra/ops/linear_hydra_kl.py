@@ -23,6 +23,7 @@ from ._common import (
     rows_per_chunk,
     upcast_dot,
 )
+from .checks import check_teacher_status
 from .grouped_linear import heads_backward
 from .hydra_kl import kl_chunk_torch, reduce_rows, reduction_coefficient
 
@@ -191,8 +192,9 @@ def launch_linear_hydra_kl(inp, weight, bias, teacher, loss, stash, temperature,
     cfg = linear_kl_config(b, c, k, inp.element_size())
     stride_xm = 0 if shared else inp.stride(1)
     write_grad = stash is not None
+    status = torch.empty(b, m, dtype=torch.float32, device=inp.device)
     _linear_hydra_kl_fwd_kernel[(cdiv(b, cfg["BLOCK_B"]), m)](
-        inp, weight, bias if bias is not None else weight, teacher, loss, stash if write_grad else loss,
+        inp, weight, bias if bias is not None else weight, teacher, loss, stash if write_grad else loss, status,
         b, c, k,
         inp.stride(0), stride_xm, weight.stride(0), weight.stride(1),
         bias.stride(0) if bias is not None else 0,
@@ -204,6 +206,7 @@ def launch_linear_hydra_kl(inp, weight, bias, teacher, loss, stash, temperature,
         BLOCK_B=cfg["BLOCK_B"], BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
+    check_teacher_status(status, teacher.shape)
 
 
 def linear_hydra_kl_forward_triton(inp, weight, bias, teacher, temperature: float, reduction: str, shared: bool,

@@ -1,0 +1,200 @@
+"""Checkpoints, determinism, very large C, and hypothesis-fuzzed inputs (good and malformed)."""
+
+import ast
+import pathlib
+
+import pytest
+import torch
+from helpers import assert_close_to
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fasthydra
+from fasthydra import GaussianHydraHead, HydraHead, hinton_kl_loss, hydra_kl_loss, uncertainty
+from fasthydra import reference as R
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+FUZZ_CASES = {"valid": 0, "invalid": 0}  # counted, and printed at the end of the session by the last test
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("cls,kwargs", [(HydraHead, dict(hidden_features=6)), (HydraHead, {}),
+                                        (GaussianHydraHead, {})])
+def test_state_dict_round_trips_after_expand_and_across_impls(tmp_path, cls, kwargs):
+    one = cls(8, 3, 1, impl="torch", **kwargs)
+    big = one.expand(4, noise_std=0.01, generator=torch.Generator().manual_seed(0))
+    path = tmp_path / "head.pt"
+    torch.save(big.state_dict(), path)
+    state = torch.load(path, weights_only=True)  # plain tensors only: no pickled code runs
+    for impl in ("torch", "auto"):
+        fresh = cls(8, 3, 4, impl=impl, **kwargs)
+        fresh.load_state_dict(state)
+        x = torch.randn(5, 8)
+        a, b = big(x), fresh(x)
+        for u, v in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+            assert torch.equal(u, v)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        cls(8, 3, 2, **kwargs).load_state_dict(state)
+
+
+@pytest.mark.interpret
+def test_checkpoint_from_the_torch_path_loads_into_the_triton_path(tmp_path):
+    src = HydraHead(8, 5, 3, hidden_features=4, impl="torch")
+    torch.save(src.state_dict(), tmp_path / "h.pt")
+    dst = HydraHead(8, 5, 3, hidden_features=4, impl="triton")
+    dst.load_state_dict(torch.load(tmp_path / "h.pt", weights_only=True))
+    x = torch.randn(6, 8)
+    assert_close_to(dst(x), src(x).double(), rtol=1e-5)
+
+
+@pytest.mark.cpu
+def test_every_torch_load_in_the_package_is_weights_only():
+    for path in (ROOT / "fasthydra").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "load" and \
+                    getattr(getattr(node.func, "value", None), "id", None) == "torch":
+                kw = {k.arg: k.value for k in node.keywords}
+                assert "weights_only" in kw and getattr(kw["weights_only"], "value", None) is True, path
+
+
+# ----------------------------------------------------------------------------------------------
+# determinism and very large C
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("c", [10, 1000, 40000])
+def test_bitwise_deterministic_on_cpu(c):
+    def once():
+        torch.manual_seed(3)
+        head = HydraHead(32, c, 3, impl="torch")
+        x = torch.randn(64, 32, requires_grad=True)
+        t = torch.randn(64, 3, c)
+        loss = head.distill_loss(x, t, 2.0)
+        return [loss.detach(), *torch.autograd.grad(loss, [x, head.weight, head.bias])]
+
+    for a, b in zip(once(), once()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.cpu
+def test_c_128k_runs_in_bounded_memory():
+    """C = 131072: no (B, M, C)-sized tensor beyond the inputs and the weight gradient is held."""
+    import gc
+
+    b, d, m, c = 8, 16, 2, 131072
+    head = HydraHead(d, c, m, impl="torch")
+    x = torch.randn(b, d, requires_grad=True)
+    t = torch.randn(b, m, c)
+    t[0, 0, :1000] = float("-inf")
+    gc.collect()
+    with open("/proc/self/status") as f:
+        rss0 = next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    loss = head.distill_loss(x, t, 1.0)
+    loss.backward()
+    with open("/proc/self/status") as f:
+        peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
+    logits_mib = b * m * c * 4 / 2**20  # 8 MiB: what one logits tensor would take
+    grads_mib = (head.weight.numel() + head.bias.numel()) * 4 / 2**20  # 16 MiB, returned to the user
+    assert (peak - rss0) / 1024 < grads_mib + 3 * logits_mib
+    ref = R.hydra_kl_loss_ref(R.linear_heads_ref(x.detach().double(), head.weight.detach().double(),
+                                                 head.bias.detach().double()), t.double(), 1.0)
+    assert_close_to(loss, ref, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# fuzzing
+# ----------------------------------------------------------------------------------------------
+
+FLOATS = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.cpu
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(b=st.integers(0, 6), m=st.integers(1, 4), c=st.integers(1, 50), dtype=st.sampled_from(FLOATS),
+       temperature=st.floats(0.25, 50.0), scale=st.sampled_from([1e-3, 1.0, 30.0, 1e4]),
+       n_masked=st.integers(0, 3), reduction=st.sampled_from(["mean", "sum", "none"]))
+def test_fuzz_valid_inputs_give_finite_correct_results(b, m, c, dtype, temperature, scale, n_masked, reduction):
+    FUZZ_CASES["valid"] += 1
+    g = torch.Generator().manual_seed(b * 1000 + m * 100 + c)
+    z = (torch.randn(b, m, c, generator=g, dtype=torch.float64) * scale).to(dtype).requires_grad_()
+    t = (torch.randn(b, m, c, generator=g, dtype=torch.float64) * scale).to(dtype)
+    if b and c > n_masked:
+        t[..., :n_masked] = float("-inf")  # masked classes, never a whole row
+    loss = hydra_kl_loss(z, t, temperature, reduction=reduction, impl="torch")
+    up = torch.rand(loss.shape, generator=g, dtype=torch.float64).to(loss.dtype)
+    (grad,) = torch.autograd.grad(loss, z, up)
+    ref = R.hydra_kl_loss_ref(z.detach().double(), t.double(), temperature, reduction=reduction)
+    if ref.numel() and ref.abs().max() >= torch.finfo(dtype).max:
+        return  # the true value does not fit the dtype (fp16 tops out at 65504): inf is the right answer
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    rtol = {torch.float32: 1e-4, torch.float64: 1e-9, torch.bfloat16: 2e-2, torch.float16: 2e-2}[dtype]
+    assert_close_to(loss, ref, rtol=rtol, atol=rtol * 1e-2 * max(1.0, scale) * temperature ** 2)
+    if b:
+        u = uncertainty(z.detach())
+        assert torch.isfinite(u.epistemic).all() and (u.epistemic >= 0).all()
+
+
+MALFORMED = st.sampled_from([
+    ("int logits", lambda: (torch.zeros(2, 3, 4, dtype=torch.int64), torch.zeros(2, 3, 4)), TypeError),
+    ("shape", lambda: (torch.zeros(2, 3, 4), torch.zeros(2, 3, 5)), ValueError),
+    ("rank", lambda: (torch.zeros(2, 12), torch.zeros(2, 3, 4)), ValueError),
+    ("batch", lambda: (torch.zeros(3, 3, 4), torch.zeros(2, 3, 4)), ValueError),
+    ("nan", lambda: (torch.zeros(2, 3, 4), torch.tensor(float("nan")).expand(2, 3, 4).clone()), ValueError),
+    ("+inf", lambda: (torch.zeros(2, 3, 4), torch.full((2, 3, 4), float("inf"))), ValueError),
+    ("-inf row", lambda: (torch.zeros(2, 3, 4), torch.full((2, 3, 4), float("-inf"))), ValueError),
+    ("list", lambda: ([[0.0]], torch.zeros(2, 3, 4)), TypeError),
+    ("device", lambda: (torch.zeros(2, 3, 4), torch.zeros(2, 3, 4, device="meta")), ValueError),
+])
+
+
+@pytest.mark.cpu
+@settings(max_examples=60, deadline=None)
+@given(case=MALFORMED, temperature=st.one_of(st.floats(0.1, 10.0), st.sampled_from([0.0, -1.0, float("nan")])),
+       reduction=st.sampled_from(["mean", "sum", "none", "avg"]), hinton=st.booleans())
+def test_fuzz_malformed_inputs_get_their_error(case, temperature, reduction, hinton):
+    FUZZ_CASES["invalid"] += 1
+    _, make, exc = case
+    z, t = make()
+    if hinton and isinstance(z, torch.Tensor) and z.dim() == 3:
+        z = z[:, 0]
+    fn = hinton_kl_loss if hinton else hydra_kl_loss
+    with pytest.raises((exc, ValueError, TypeError)) as info:
+        fn(z, t, temperature, reduction=reduction, impl="torch")
+    assert any(word in str(info.value) for word in ("logits", "temperature", "reduction", "device", "shape"))
+
+
+@pytest.mark.cpu
+@settings(max_examples=25, deadline=None)
+@given(b=st.integers(0, 5), d=st.integers(1, 9), m=st.integers(1, 4), c=st.integers(1, 20),
+       hidden=st.sampled_from([None, 3]), bias=st.booleans())
+def test_fuzz_module_matches_reference(b, d, m, c, hidden, bias):
+    FUZZ_CASES["valid"] += 1
+    head = HydraHead(d, c, m, hidden_features=hidden, bias=bias, impl="torch", dtype=torch.float64)
+    x = torch.randn(b, d, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(b, m, c, dtype=torch.float64)
+    loss = head.distill_loss(x, t, 1.5)
+    p = dict(head.named_parameters())
+    if hidden:
+        z = R.mlp_heads_ref(x, p["hidden_weight"], p.get("hidden_bias"), p["weight"], p.get("bias"))
+    else:
+        z = R.linear_heads_ref(x, p["weight"], p.get("bias"))
+    assert_close_to(loss, R.hydra_kl_loss_ref(z, t, 1.5), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.cpu
+def test_zz_fuzz_count_report():
+    """Runs last in this file: the number of fuzzed cases this session ran (printed for the notes)."""
+    total = FUZZ_CASES["valid"] + FUZZ_CASES["invalid"]
+    print(f"\nfuzzed cases: {FUZZ_CASES['valid']} valid, {FUZZ_CASES['invalid']} malformed, {total} in all")
+    assert total == 0 or FUZZ_CASES["invalid"] > 0 and FUZZ_CASES["valid"] > 0
+
+
+_ = fasthydra
