@@ -75,14 +75,23 @@ def _hydra_kl_fake(student, teacher, temperature, reduction, want_grad, impl):
     return loss, (torch.empty_like(student) if want_grad else student.new_empty(_EMPTY))
 
 
+def _stored_gradients(ctx, grads) -> None:
+    """The gradients an op's forward computed: saved for backward, outside autograd themselves. Without
+    set_materialize_grads(False), autograd would build a zero upstream gradient for each of these
+    outputs at backward time (a weight-sized zeros at large C)."""
+    ctx.mark_non_differentiable(*grads)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(*grads)
+
+
 def _hydra_kl_setup(ctx, inputs, output):
     ctx.reduction = inputs[3]
-    ctx.save_for_backward(output[1])
+    _stored_gradients(ctx, output[1:])
 
 
 def _hydra_kl_backward(ctx, grad_loss, _grad_of_grad):
     (stored,) = ctx.saved_tensors
-    if stored.numel() == 0 and stored.dim() == 1:
+    if grad_loss is None or (stored.numel() == 0 and stored.dim() == 1):
         return None, None, None, None, None, None
     return _kl.scale_grad(stored, grad_loss, ctx.reduction), None, None, None, None, None
 
@@ -120,7 +129,7 @@ def _linear_hydra_kl_fake(inp, weight, bias, teacher, temperature, reduction, sh
 
 def _linear_setup(ctx, inputs, output):
     ctx.has_bias = inputs[2] is not None
-    ctx.save_for_backward(*output[1:])
+    _stored_gradients(ctx, output[1:])
 
 
 def _scaled(stored: torch.Tensor, grad_loss: torch.Tensor):
@@ -131,6 +140,8 @@ def _scaled(stored: torch.Tensor, grad_loss: torch.Tensor):
 
 def _linear_backward(ctx, grad_loss, *_):
     g_in, g_w, g_b = ctx.saved_tensors
+    if grad_loss is None:
+        return (None,) * 11
     return (_scaled(g_in, grad_loss), _scaled(g_w, grad_loss), _scaled(g_b, grad_loss) if ctx.has_bias else None,
             None, None, None, None, None, None, None, None)
 
