@@ -421,6 +421,7 @@ def gaussian_heads_kl_loss(x, weight, bias, teacher_mean, teacher_var, min_var: 
     Shapes: x (B, D), weight (M, 2K, D) (rows 0..K-1 means, K..2K-1 raw variances), bias (M, 2K),
     teacher_mean / teacher_var (B, M, K). reduction: "mean" or "sum".
     """
+    x, weight, bias = _autocast_gemm_inputs(x, weight, bias)
     _check_heads_input(x, weight, bias)
     m, two_k, _ = weight.shape
     want = (x.shape[0], m, two_k // 2)
@@ -437,8 +438,11 @@ def gaussian_heads_kl_loss(x, weight, bias, teacher_mean, teacher_var, min_var: 
         raise ValueError("reduction='none' is not fused; use gaussian_kl_loss on the head outputs")
     impl = resolve_impl(impl, x, weight, bias, teacher_mean, teacher_var)
     if impl == "triton":
-        return GaussianHeadsKLFunction.apply(x, weight, bias, teacher_mean.detach(), teacher_var.detach(),
+        loss = GaussianHeadsKLFunction.apply(x, weight, bias, teacher_mean.detach(), teacher_var.detach(),
                                              float(min_var), reduction, torch.is_grad_enabled())
-    mean, var = split_gaussian(linear_heads(x, weight, bias, impl="torch"), min_var)
-    kl = gaussian_kl_torch(mean, var, teacher_mean.detach(), teacher_var.detach())
+        return _autocast_loss(loss, x)
+    z = linear_heads(x, weight, bias, impl="torch").float() if _autocast_dtype(x) is not None else \
+        linear_heads(x, weight, bias, impl="torch")
+    mean, var = split_gaussian(z, min_var)
+    kl = gaussian_kl_torch(mean, var, teacher_mean.detach().to(z.dtype), teacher_var.detach().to(z.dtype))
     return kl.sum() if reduction == "sum" or kl.numel() == 0 else kl.mean()

@@ -66,3 +66,19 @@ def test_autocast_loss_on_given_logits_is_fp32():
     assert g.dtype == torch.bfloat16
     ref = R.hydra_kl_loss_ref(z.detach().double(), t.double(), 1.0)
     assert abs(loss.item() - ref.item()) <= 1e-5 * abs(ref.item())  # fp32 inside, on the bf16 logits given
+
+
+def test_autocast_gaussian_heads():
+    from fasthydra import GaussianHydraHead
+
+    torch.manual_seed(0)
+    head = GaussianHydraHead(16, 2, 3, impl="torch")
+    x = torch.randn(20, 16)
+    tm, tv = torch.randn(20, 3, 2), torch.rand(20, 3, 2) + 0.5
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = head.distill_loss(x.bfloat16(), tm, tv)
+    assert loss.dtype == torch.float32
+    (g,) = torch.autograd.grad(loss, head.weight)
+    assert g.dtype == torch.float32 and torch.isfinite(g).all()
+    exact = head.distill_loss(x, tm, tv)  # fp32, no autocast
+    assert abs(loss.item() - exact.item()) <= 0.05 * abs(exact.item())  # bf16 GEMM operands
