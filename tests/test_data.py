@@ -60,3 +60,45 @@ def test_mnist_from_files_with_fashion_as_ood(tmp_path):
     paired = load_dataset("mnist", data_dir=str(tmp_path), limit=10)
     assert paired.x_train.shape == (10, 784) and "fashion-mnist" in paired.ood_description
     assert paired.x_ood.shape == (10, 784)
+
+
+def _write_cifar(root, n):
+    import pickle
+
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
+                 "labels": rng.integers(0, 10, size=n).tolist()}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+
+
+def _write_svhn(root, n):
+    from scipy.io import savemat
+
+    rng = np.random.default_rng(1)
+    for split in ("train", "test"):
+        savemat(root / f"{split}_32x32.mat", {"X": rng.integers(0, 256, size=(32, 32, 3, n), dtype=np.uint8),
+                                              "y": rng.integers(1, 11, size=(n, 1))})
+
+
+def test_cifar10_and_svhn_from_files(tmp_path, monkeypatch):
+    """The test writes tiny files in the real formats; torchvision's md5 check is what they cannot pass."""
+    import torchvision
+
+    for cls in (torchvision.datasets.CIFAR10, torchvision.datasets.SVHN):
+        monkeypatch.setattr(cls, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
+    _write_cifar(tmp_path, 6)
+    cifar = load_dataset("cifar10", data_dir=str(tmp_path))
+    assert cifar.x_train.shape == (30, 3072) and cifar.x_test.shape == (6, 3072)
+    assert "shuffled" in cifar.ood_description  # no SVHN files yet
+    _write_svhn(tmp_path, 8)
+    svhn = load_dataset("svhn", data_dir=str(tmp_path))
+    assert svhn.x_train.shape == (8, 3072) and 0 <= int(svhn.y_train.min()) and int(svhn.y_train.max()) <= 9
+    paired = load_dataset("cifar10", data_dir=str(tmp_path))
+    assert "svhn" in paired.ood_description and paired.x_ood.shape == (8, 3072)
