@@ -10,7 +10,8 @@ Every set has a fixed train/test split for a seed and an out-of-distribution (OO
 - digits: the test images with their 64 pixels shuffled by one fixed permutation (same intensities,
   no digit structure);
 - mnist1d: the test signals with their 40 positions shuffled by one fixed permutation;
-- toy-regression: inputs from the gap (-0.9, 0.9) and from outside the data, 5 < |x| < 7;
+- toy-regression: training inputs with 2 <= |x| <= 5; OOD inputs from the gap (-1.6, 1.6) and from
+  outside the data, 6 < |x| < 8;
 - diabetes: test inputs moved far outside the training range (each feature shifted by 4 standard
   deviations, signs at random per row);
 - the image sets: the paired set when its files are there (mnist <-> fashion-mnist, cifar10 <-> svhn),
@@ -102,8 +103,8 @@ def toy_noise_std(x: torch.Tensor) -> torch.Tensor:
 def _toy_regression(seed: int, n_train: int = 600, n_test: int = 300) -> DataSplit:
     gen = torch.Generator().manual_seed(seed)
 
-    def inputs(n):  # |x| in [1, 4], both signs: a gap around 0
-        mag = 1.0 + 3.0 * torch.rand(n, generator=gen)
+    def inputs(n):  # |x| in [2, 5], both signs: a gap (-2, 2) in the middle
+        mag = 2.0 + 3.0 * torch.rand(n, generator=gen)
         sign = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
         return (mag * sign)[:, None]
 
@@ -111,13 +112,13 @@ def _toy_regression(seed: int, n_train: int = 600, n_test: int = 300) -> DataSpl
         return toy_function(x) + toy_noise_std(x) * torch.randn(x.shape, generator=gen)
 
     x_tr, x_te = inputs(n_train), inputs(n_test)
-    gap = (torch.rand(100, generator=gen) * 1.8 - 0.9)[:, None]
-    far = ((5.0 + 2.0 * torch.rand(100, generator=gen)) * torch.where(torch.rand(100, generator=gen) < 0.5, -1.0,
+    gap = (torch.rand(100, generator=gen) * 3.2 - 1.6)[:, None]
+    far = ((6.0 + 2.0 * torch.rand(100, generator=gen)) * torch.where(torch.rand(100, generator=gen) < 0.5, -1.0,
                                                                        1.0))[:, None]
     ood = torch.cat([gap, far])
     return DataSplit("toy-regression", "regression", x_tr, targets(x_tr), x_te, targets(x_te), ood, 1,
-                     "inputs from the gap (-0.9, 0.9) in the training data and from outside it (5 < |x| < 7)",
-                     y_ood=toy_function(ood))
+                     "inputs from the gap (-1.6, 1.6) in the training inputs (|x| in [2, 5]) and from outside "
+                     "them (6 < |x| < 8)", y_ood=toy_function(ood))
 
 
 def _diabetes(seed: int) -> DataSplit:

@@ -219,7 +219,7 @@ def write_plots(results, preds, data: DataSplit, out, members, kd, hydra, device
     _histograms(plt, scores, results, "epistemic variance", os.path.join(out, "uncertainty_hist.png"))
     if data.in_features != 1:
         return
-    grid = torch.linspace(-7, 7, 400)[:, None]
+    grid = torch.linspace(-8, 8, 400)[:, None]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4), sharey=True)
     with torch.no_grad():
         outs = {"ensemble": members_output(members, grid.to(device), "regression").cpu(),

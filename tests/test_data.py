@@ -30,8 +30,8 @@ def test_embedded_sets_are_split_and_deterministic(name):
 
 def test_toy_regression_has_a_gap_and_far_ood():
     d = load_dataset("toy-regression")
-    assert (d.x_train.abs() >= 1).all() and (d.x_train.abs() <= 4).all()
-    assert ((d.x_ood.abs() < 0.9) | (d.x_ood.abs() > 5)).all()
+    assert (d.x_train.abs() >= 2).all() and (d.x_train.abs() <= 5).all()
+    assert ((d.x_ood.abs() < 1.6) | (d.x_ood.abs() > 6)).all()
 
 
 def test_unknown_and_missing_files():
