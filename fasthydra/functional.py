@@ -15,7 +15,7 @@ import torch
 
 from fasthydra.ops._common import interpreting
 from fasthydra.ops.checks import check_teacher_values
-from fasthydra.ops.gaussian_kl import GaussianHeadsKLFunction, gaussian_kl_torch, split_gaussian
+from fasthydra.ops.gaussian_kl import gaussian_kl_torch, split_gaussian
 from fasthydra.ops import library as _ops
 from fasthydra.reference import Uncertainty
 
@@ -231,7 +231,8 @@ def hinton_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
     _check_same_device(student_logits=student_logits, teacher_logits=teacher_logits)
     temperature = _check_temperature(temperature)
     reduction = _check_reduction(reduction)
-    check_teacher_values(teacher_logits)
+    if not torch.compiler.is_compiling():  # compiled: the op's own check sees NaN in log pbar instead
+        check_teacher_values(teacher_logits)
     impl = resolve_impl(impl, student_logits, teacher_logits)
     # softmax(T * log pbar / T) = pbar exactly, so the per-head kernel does the rest (masks included).
     mean_teacher = (temperature * ensemble_log_mean_probs(teacher_logits, temperature)).unsqueeze(1)
@@ -374,9 +375,20 @@ def uncertainty(logits: torch.Tensor, temperature: float = 1.0, impl: str = "aut
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_positive(name: str, value: torch.Tensor) -> None:
-    if value.numel() and not bool((value > 0).all() & torch.isfinite(value).all()):
-        raise ValueError(f"{name} must be finite and > 0 everywhere (shape {tuple(value.shape)})")
+def _value_check(ok: torch.Tensor, message: str) -> None:
+    """A check on tensor values: a ValueError in eager mode; under torch.compile an in-graph assertion
+    (torch._assert_async, which raises at run time) so that the check costs no graph break."""
+    if torch.compiler.is_compiling():
+        torch._assert_async(ok, message)
+    elif not bool(ok):
+        raise ValueError(message)
+
+
+def _check_gaussian_teacher(teacher_mean: torch.Tensor, teacher_var: torch.Tensor) -> None:
+    if teacher_var.numel():
+        _value_check(((teacher_var > 0) & torch.isfinite(teacher_var)).all(),
+                     f"teacher_var must be finite and > 0 everywhere (shape {tuple(teacher_var.shape)})")
+        _value_check(torch.isfinite(teacher_mean).all(), "teacher_mean contains NaN or Inf")
 
 
 def gaussian_kl_loss(mean: torch.Tensor, var: torch.Tensor, teacher_mean: torch.Tensor, teacher_var: torch.Tensor,
@@ -405,9 +417,7 @@ def gaussian_kl_loss(mean: torch.Tensor, var: torch.Tensor, teacher_mean: torch.
                          + ", ".join(f"{n} {tuple(t.shape)}" for n, t in zip(names, tensors)))
     _check_same_device(**dict(zip(names, tensors)))
     reduction = _check_reduction(reduction)
-    _check_positive("teacher_var", teacher_var)
-    if not bool(torch.isfinite(teacher_mean).all()):
-        raise ValueError("teacher_mean contains NaN or Inf")
+    _check_gaussian_teacher(teacher_mean, teacher_var)
     kl = gaussian_kl_torch(mean, var, teacher_mean.detach(), teacher_var.detach())
     if reduction == "none":
         return kl
@@ -430,16 +440,16 @@ def gaussian_heads_kl_loss(x, weight, bias, teacher_mean, teacher_var, min_var: 
         if tuple(value.shape) != want:
             raise ValueError(f"{name} must have shape {want} for x {tuple(x.shape)}, got {tuple(value.shape)}")
     _check_same_device(x=x, teacher_mean=teacher_mean, teacher_var=teacher_var)
-    _check_positive("teacher_var", teacher_var)
-    if not bool(torch.isfinite(teacher_mean).all()):
-        raise ValueError("teacher_mean contains NaN or Inf")
+    _check_gaussian_teacher(teacher_mean, teacher_var)
     reduction = _check_reduction(reduction)
     if reduction == "none":
         raise ValueError("reduction='none' is not fused; use gaussian_kl_loss on the head outputs")
     impl = resolve_impl(impl, x, weight, bias, teacher_mean, teacher_var)
     if impl == "triton":
-        loss = GaussianHeadsKLFunction.apply(x, weight, bias, teacher_mean.detach(), teacher_var.detach(),
-                                             float(min_var), reduction, torch.is_grad_enabled())
+        on = torch.is_grad_enabled()
+        needs = [on and t is not None and t.requires_grad for t in (x, weight, bias)]
+        loss, *_ = _ops.gaussian_heads_kl(x, weight, bias, teacher_mean.detach(), teacher_var.detach(),
+                                          float(min_var), reduction, *needs)
         return _autocast_loss(loss, x)
     z = linear_heads(x, weight, bias, impl="torch").float() if _autocast_dtype(x) is not None else \
         linear_heads(x, weight, bias, impl="torch")

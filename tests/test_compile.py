@@ -65,3 +65,25 @@ def test_bad_teacher_values_still_raise_when_compiled():
     t[1, 0, 2] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         compiled(torch.randn(3, 8), t)
+
+
+@pytest.mark.parametrize("impl", [pytest.param("torch", marks=pytest.mark.cpu),
+                                  pytest.param("triton", marks=pytest.mark.interpret)])
+def test_gaussian_heads_compile_without_breaks(impl):
+    from fasthydra import GaussianHydraHead
+
+    torch.manual_seed(0)
+    head = GaussianHydraHead(8, 2, 3, impl=impl)
+    x, tm, tv = torch.randn(10, 8), torch.randn(10, 3, 2), torch.rand(10, 3, 2) + 0.5
+
+    def step(x, tm, tv):
+        return head.distill_loss(x, tm, tv)
+
+    explained = torch._dynamo.explain(step)(x, tm, tv)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    torch._dynamo.reset()
+    got = torch.compile(step, fullgraph=True)(x, tm, tv)
+    (g_c,) = torch.autograd.grad(got, head.weight)
+    want = step(x, tm, tv)
+    (g_e,) = torch.autograd.grad(want, head.weight)
+    assert torch.allclose(got, want, rtol=1e-6) and torch.allclose(g_c, g_e, rtol=1e-5, atol=1e-8)

@@ -29,47 +29,38 @@ def gaussian_config(k: int, d: int, elem_size: int = 2) -> dict:
                 num_warps=4)
 
 
-class GaussianHeadsKLFunction(torch.autograd.Function):
+def gaussian_heads_kl_forward_triton(x, weight, bias, teacher_mean, teacher_var, min_var: float, reduction: str,
+                                     need_in: bool, need_w: bool, need_b: bool):
     """Fused Gaussian heads + KL on Triton: one launch computes the head GEMM, the KL per (row, head)
-    and the gradient w.r.t. (mu, raw var); grouped GEMMs turn it into dx and dW."""
+    and the gradient w.r.t. (mu, raw var); grouped GEMMs turn it into dx and dW.
+    Returns (loss in fp32, grad_x, grad_weight, grad_bias), None where not asked for."""
+    from fasthydra.kernels.gaussian_kl import _gaussian_heads_kl_fwd_kernel
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, teacher_mean, teacher_var, min_var: float, reduction: str,
-                grad_enabled: bool = True):
-        from fasthydra.kernels.gaussian_kl import _gaussian_heads_kl_fwd_kernel
-
-        m, two_k, d = weight.shape
-        k = two_k // 2
-        b = x.shape[0]
-        x, weight = x.contiguous(), weight.contiguous()
-        bias = None if bias is None else bias.contiguous()
-        teacher_mean, teacher_var = teacher_mean.contiguous(), teacher_var.contiguous()
-        need_in, need_w, need_b = (grad_enabled and n for n in ctx.needs_input_grad[:3])
-        want_grad = need_in or need_w or need_b
-        loss = torch.empty(b, m, dtype=torch.float32, device=x.device)
-        stash = torch.empty(b, m, two_k, dtype=x.dtype, device=x.device) if want_grad else None
-        coef = 1.0 / max(b * m * k, 1) if reduction == "mean" else 1.0
-        if b > 0:
-            cfg = gaussian_config(k, d, x.element_size())
-            _gaussian_heads_kl_fwd_kernel[(cdiv(b, cfg["BLOCK_B"]), m)](
-                x, weight, bias if bias is not None else weight, teacher_mean, teacher_var, loss,
-                stash if want_grad else loss, b, k, d, x.stride(0), min_var, coef,
-                HAS_BIAS=bias is not None, WRITE_GRAD=want_grad, UPCAST_DOT=upcast_dot(x.dtype),
-                PRECISION=dot_precision(x.dtype), BLOCK_B=cfg["BLOCK_B"], BLOCK_K=cfg["BLOCK_K"],
-                BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
-        grad_x = grad_w = grad_b = None
-        if want_grad:
-            if b == 0:
-                grad_x, grad_w = torch.zeros_like(x), torch.zeros_like(weight)
-            else:
-                grad_x, grad_w = heads_backward(stash, x, weight, True, need_in, need_w)
-            if need_b:
-                grad_b = stash.sum(0, dtype=torch.float32).to(bias.dtype)
-        ctx.save_for_backward(grad_x, grad_w, grad_b)
-        rows = loss if reduction != "mean" else loss * (1.0 / max(k, 1))  # mean over (B, M, K)
-        return reduce_rows(rows, reduction, x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        grads = [None if g is None else g * grad_output.to(g.dtype) for g in ctx.saved_tensors]
-        return (*grads, None, None, None, None, None)
+    m, two_k, d = weight.shape
+    k = two_k // 2
+    b = x.shape[0]
+    x, weight = x.contiguous(), weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    teacher_mean, teacher_var = teacher_mean.contiguous(), teacher_var.contiguous()
+    want_grad = need_in or need_w or need_b
+    loss = torch.empty(b, m, dtype=torch.float32, device=x.device)
+    stash = torch.empty(b, m, two_k, dtype=x.dtype, device=x.device) if want_grad else None
+    coef = 1.0 / max(b * m * k, 1) if reduction == "mean" else 1.0
+    if b > 0:
+        cfg = gaussian_config(k, d, x.element_size())
+        _gaussian_heads_kl_fwd_kernel[(cdiv(b, cfg["BLOCK_B"]), m)](
+            x, weight, bias if bias is not None else weight, teacher_mean, teacher_var, loss,
+            stash if want_grad else loss, b, k, d, x.stride(0), min_var, coef,
+            HAS_BIAS=bias is not None, WRITE_GRAD=want_grad, UPCAST_DOT=upcast_dot(x.dtype),
+            PRECISION=dot_precision(x.dtype), BLOCK_B=cfg["BLOCK_B"], BLOCK_K=cfg["BLOCK_K"],
+            BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
+    grad_x = grad_w = grad_b = None
+    if want_grad:
+        if b == 0:
+            grad_x, grad_w = torch.zeros_like(x), torch.zeros_like(weight)
+        else:
+            grad_x, grad_w = heads_backward(stash, x, weight, True, need_in, need_w)
+        if need_b:
+            grad_b = stash.sum(0, dtype=torch.float32).to(bias.dtype)
+    rows = loss if reduction != "mean" else loss * (1.0 / max(k, 1))  # mean over (B, M, K)
+    return reduce_rows(rows, reduction, torch.float32), grad_x, grad_w, grad_b

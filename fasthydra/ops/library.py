@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch.library import custom_op, register_autograd, register_fake
 
+from . import gaussian_kl as _gauss
 from . import grouped_linear as _gl
 from . import hydra_kl as _kl
 from . import linear_hydra_kl as _lin
@@ -222,3 +223,39 @@ def _grouped_linear_bwd(ctx, grad_out):
 
 
 register_autograd("fasthydra::grouped_linear", _grouped_linear_bwd, setup_context=_grouped_linear_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# gaussian_heads_kl: Gaussian regression heads fused with their KL (the Triton path; the torch path is
+# plain differentiable torch ops, which torch.compile traces as they are)
+# ----------------------------------------------------------------------------------------------
+
+
+@custom_op("fasthydra::gaussian_heads_kl", mutates_args=())
+@_no_autocast
+def gaussian_heads_kl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, teacher_mean: torch.Tensor,
+                      teacher_var: torch.Tensor, min_var: float, reduction: str, need_in: bool, need_w: bool,
+                      need_b: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    loss, g_x, g_w, g_b = _gauss.gaussian_heads_kl_forward_triton(x, weight, bias, teacher_mean, teacher_var, min_var,
+                                                                  reduction, need_in, need_w,
+                                                                  need_b and bias is not None)
+    return loss, _none_to_empty(g_x, x), _none_to_empty(g_w, weight), _none_to_empty(g_b, weight)
+
+
+@register_fake("fasthydra::gaussian_heads_kl")
+def _gaussian_heads_kl_fake(x, weight, bias, teacher_mean, teacher_var, min_var, reduction, need_in, need_w, need_b):
+    return (x.new_empty((), dtype=torch.float32),
+            torch.empty_like(x) if need_in else x.new_empty(_EMPTY),
+            torch.empty_like(weight) if need_w else weight.new_empty(_EMPTY),
+            torch.empty_like(bias) if (need_b and bias is not None) else weight.new_empty(_EMPTY))
+
+
+def _gaussian_backward(ctx, grad_loss, *_):
+    g_x, g_w, g_b = ctx.saved_tensors
+    if grad_loss is None:
+        return (None,) * 10
+    return (_scaled(g_x, grad_loss), _scaled(g_w, grad_loss), _scaled(g_b, grad_loss) if ctx.has_bias else None,
+            None, None, None, None, None, None, None)
+
+
+register_autograd("fasthydra::gaussian_heads_kl", _gaussian_backward, setup_context=_linear_setup)
