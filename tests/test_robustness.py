@@ -220,3 +220,17 @@ def test_backward_hands_gradients_over_without_allocating():
     weight_kib = head.weight.numel() * 4 / 1024
     assert peak - before < 0.5 * weight_kib
     assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.cpu
+def test_double_backward_is_refused_not_silently_wrong():
+    head = HydraHead(6, 5, 2, impl="torch")
+    x = torch.randn(4, 6, requires_grad=True)
+    loss = head.distill_loss(x, torch.randn(4, 2, 5))
+    with pytest.raises(RuntimeError, match="higher-order gradients"):
+        torch.autograd.grad(loss, x, create_graph=True)
+    z = torch.randn(4, 2, 5, requires_grad=True)
+    with pytest.raises(RuntimeError, match="higher-order gradients"):
+        torch.autograd.grad(hydra_kl_loss(z, torch.randn(4, 2, 5)), z, create_graph=True)
+    (g,) = torch.autograd.grad(hydra_kl_loss(z, torch.randn(4, 2, 5)), z)  # first order is fine
+    assert torch.isfinite(g).all()

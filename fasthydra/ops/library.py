@@ -91,6 +91,7 @@ def _hydra_kl_setup(ctx, inputs, output):
 
 
 def _hydra_kl_backward(ctx, grad_loss, _grad_of_grad):
+    _no_double_backward()
     (stored,) = ctx.saved_tensors
     if grad_loss is None or (stored.numel() == 0 and stored.dim() == 1):
         return None, None, None, None, None, None
@@ -133,6 +134,15 @@ def _linear_setup(ctx, inputs, output):
     _stored_gradients(ctx, output[1:])
 
 
+def _no_double_backward() -> None:
+    """The stored gradients are constants to autograd: a second-order gradient through them would be
+    silently wrong, so create_graph=True is refused."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError("fasthydra's fused losses do not support higher-order gradients (backward with "
+                           "create_graph=True): their gradient is computed in the forward pass. Use the "
+                           "reference ops in fasthydra.reference for double backward.")
+
+
 def _scaled(stored: torch.Tensor, grad_loss: torch.Tensor):
     if stored.numel() == 0 and stored.dim() == 1:
         return None
@@ -140,6 +150,7 @@ def _scaled(stored: torch.Tensor, grad_loss: torch.Tensor):
 
 
 def _linear_backward(ctx, grad_loss, *_):
+    _no_double_backward()
     g_in, g_w, g_b = ctx.saved_tensors
     if grad_loss is None:
         return (None,) * 11
@@ -251,6 +262,7 @@ def _gaussian_heads_kl_fake(x, weight, bias, teacher_mean, teacher_var, min_var,
 
 
 def _gaussian_backward(ctx, grad_loss, *_):
+    _no_double_backward()
     g_x, g_w, g_b = ctx.saved_tensors
     if grad_loss is None:
         return (None,) * 10
