@@ -29,7 +29,8 @@ HIDDEN = 256  # hidden width used for the MLP-head GEMM configurations
 # dtype tag -> (Triton pointer type, tl.dot precision): fp32 as torch runs it with
 # set_float32_matmul_precision("high") (tf32 tensor cores) and at the default "highest" (IEEE, FMA).
 DTYPES = {"bf16": ("bf16", "tf32"), "fp32/tf32": ("fp32", "tf32"), "fp32/ieee": ("fp32", "ieee")}
-GEMM_KERNELS = {"_linear_hydra_kl_fwd_kernel", "_grouped_matmul_kernel", "_gaussian_heads_kl_fwd_kernel"}
+GEMM_KERNELS = {"_linear_hydra_kl_fwd_kernel", "_grouped_matmul_kernel", "_gaussian_heads_kl_fwd_kernel",
+                "_linear_hydra_kl_stats_kernel", "_linear_hydra_kl_grad_kernel"}
 
 
 @dataclass
@@ -78,7 +79,11 @@ def _kernel_specs():
     """(jit function, runtime args, constexprs, launch options, dtype tag) for every launched configuration."""
     from fasthydra.kernels.gaussian_kl import _gaussian_heads_kl_fwd_kernel
     from fasthydra.kernels.grouped_matmul import _grouped_matmul_kernel
-    from fasthydra.kernels.linear_kl import _linear_hydra_kl_fwd_kernel
+    from fasthydra.kernels.linear_kl import (
+        _linear_hydra_kl_fwd_kernel,
+        _linear_hydra_kl_grad_kernel,
+        _linear_hydra_kl_stats_kernel,
+    )
     from fasthydra.kernels.softmax_kl import _hydra_kl_fwd_kernel
     from fasthydra.kernels.uncertainty import _uncertainty_fwd_kernel
 
@@ -113,6 +118,24 @@ def _kernel_specs():
                           "BLOCK_B": lk["BLOCK_B"], "BLOCK_C": lk["BLOCK_C"], "BLOCK_K": lk["BLOCK_K"]}
                 add(_linear_hydra_kl_fwd_kernel, args, consts,
                     {"num_warps": lk["num_warps"], "num_stages": lk["num_stages"]}, tag)
+
+            # Large C: the split-class statistics and the class-block gradient kernels
+            from fasthydra.ops import linear_hydra_kl as lk
+
+            if m * c >= lk.SPLIT_MIN_CLASSES or b * m * c > cfgs.TRITON_CHUNK_ELEMENTS:
+                lk_cfg = cfgs.linear_kl_config(b, c, d, 4 if ty == "fp32" else 2)
+                base = {"x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "t_ptr": f"*{ty}", "B": b, "K": d,
+                        "stride_xb": d, "stride_xm": 0, "stride_wm": c * d, "stride_wc": d, "stride_biasm": c,
+                        "stride_tb": m * c, "stride_tm": c, "inv_temp": 0.5}
+                consts = {"HAS_BIAS": True, "UPCAST_DOT": False, "PRECISION": prec, "BLOCK_B": lk_cfg["BLOCK_B"],
+                          "BLOCK_C": lk_cfg["BLOCK_C"], "BLOCK_K": lk_cfg["BLOCK_K"]}
+                opts = {"num_warps": lk_cfg["num_warps"], "num_stages": lk_cfg["num_stages"]}
+                add(_linear_hydra_kl_stats_kernel, {**base, "stats_ptr": "*fp32", "C": c, "cols_per_split": 4096},
+                    consts, opts, tag)
+                add(_linear_hydra_kl_grad_kernel, {**base, "lse_s_ptr": "*fp32", "lse_u_ptr": "*fp32",
+                                                   "g_ptr": f"*{ty}", "c_begin": 4096, "c_stop": 8192,
+                                                   "stride_gb": m * 4096, "stride_gm": 4096, "grad_scale": 0.1},
+                    consts, opts, tag)
 
             # Grouped GEMMs as the ops launch them (strides of the real views):
             # (M, N, K, a strides (m, k), b strides (k, n), accumulate, relu)

@@ -113,3 +113,158 @@ def _linear_hydra_kl_fwd_kernel(
             g = _kl_grad_tile(z.to(tl.float32) * inv_temp, t.to(tl.float32) * inv_temp,
                               m_s, log_d_s, m_u, log_d_u, grad_scale)
             tl.store(g_rows + cols[None, :], g.to(g_ptr.dtype.element_ty), mask=mask)
+
+
+# Split-C statistics, for large C (M*C far beyond what one program should walk): program (row block,
+# head, split) runs the heads GEMM over its own range of classes only and writes its partial online
+# statistics (m_s, d_s, m_u, d_u, a as in softmax_kl.py, and a NaN count). The host merges the splits
+# (a log-sum-exp merge over a (S, B, M) tensor), which gives the loss, both log-normalisers and the
+# teacher check. Gradient: _linear_hydra_kl_grad_kernel below, one class block at a time.
+@triton.jit
+def _linear_hydra_kl_stats_kernel(
+    x_ptr,  # inputs, as in _linear_hydra_kl_fwd_kernel
+    w_ptr,  # weights (M, C, K)
+    bias_ptr,  # bias (M, C); unused unless HAS_BIAS
+    t_ptr,  # teacher logits (B, M, C)
+    stats_ptr,  # out: (6, S, B, M) fp32 partial statistics m_s, d_s, m_u, d_u, a, NaN count
+    B,
+    C,
+    K,
+    cols_per_split,  # a multiple of BLOCK_C
+    stride_xb,
+    stride_xm,
+    stride_wm,
+    stride_wc,
+    stride_biasm,
+    stride_tb,
+    stride_tm,
+    inv_temp,  # 1 / T
+    HAS_BIAS: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_b = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2).to(tl.int64)
+    n_heads = tl.num_programs(1)
+    n_splits = tl.num_programs(2)
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+    row_ok = rows < B
+    cols0 = tl.arange(0, BLOCK_C)
+    ks0 = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + head * stride_xm + rows[:, None] * stride_xb
+    w_head = w_ptr + head * stride_wm
+    t_rows = t_ptr + rows[:, None] * stride_tb + head * stride_tm
+    c_start = split * cols_per_split
+    c_end = tl.minimum(c_start + cols_per_split, C)
+
+    m_s = tl.full((BLOCK_B,), float("-inf"), tl.float32)
+    m_u = tl.full((BLOCK_B,), float("-inf"), tl.float32)
+    d_s = tl.zeros((BLOCK_B,), tl.float32)
+    d_u = tl.zeros((BLOCK_B,), tl.float32)
+    a = tl.zeros((BLOCK_B,), tl.float32)
+    n_nan = tl.zeros((BLOCK_B,), tl.int32)
+    for c0 in range(c_start, c_end, BLOCK_C):
+        cols = c0 + cols0
+        col_ok = cols < c_end
+        acc = tl.zeros((BLOCK_B, BLOCK_C), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + ks0
+            k_ok = ks < K
+            xt = tl.load(x_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            wt = tl.load(w_head + cols[None, :] * stride_wc + ks[:, None], mask=k_ok[:, None] & col_ok[None, :],
+                         other=0.0)
+            if UPCAST_DOT:
+                xt = xt.to(tl.float32)
+                wt = wt.to(tl.float32)
+            acc = tl.dot(xt, wt.to(xt.dtype), acc, input_precision=PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + head * stride_biasm + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        mask = row_ok[:, None] & col_ok[None, :]
+        s = tl.where(mask, acc * inv_temp, float("-inf"))
+        t = tl.load(t_rows + cols[None, :], mask=mask, other=float("-inf"))
+        u = t.to(tl.float32) * inv_temp
+        n_nan += tl.sum((u != u).to(tl.int32), axis=1)
+        m_s, d_s, m_u, d_u, a = _online_kl_update(s, u, m_s, d_s, m_u, d_u, a)
+
+    plane = n_splits * B * n_heads
+    out = stats_ptr + split * B * n_heads + rows * n_heads + head
+    tl.store(out, m_s, mask=row_ok)
+    tl.store(out + plane, d_s, mask=row_ok)
+    tl.store(out + 2 * plane, m_u, mask=row_ok)
+    tl.store(out + 3 * plane, d_u, mask=row_ok)
+    tl.store(out + 4 * plane, a, mask=row_ok)
+    tl.store(out + 5 * plane, n_nan.to(tl.float32), mask=row_ok)
+
+
+# Gradient of one class block: every program owns one (BLOCK_B x BLOCK_C) logits tile of one head,
+# recomputes it with the heads GEMM and writes grad_scale * (q - p) with the merged log-normalisers.
+# A 3-D grid (row blocks, class tiles, heads) keeps every SM busy however small B is.
+@triton.jit
+def _linear_hydra_kl_grad_kernel(
+    x_ptr,  # inputs, as above
+    w_ptr,  # weights (M, C, K)
+    bias_ptr,  # bias (M, C); unused unless HAS_BIAS
+    t_ptr,  # teacher logits (B, M, C)
+    lse_s_ptr,  # (B, M) fp32 student log-normaliser of s = z / T
+    lse_u_ptr,  # (B, M) fp32 teacher log-normaliser of u = t / T
+    g_ptr,  # out: (B, M, block) gradient block in the input dtype, strides stride_gb, stride_gm, unit
+    B,
+    K,
+    c_begin,  # first class of the block
+    c_stop,  # one past its last class
+    stride_xb,
+    stride_xm,
+    stride_wm,
+    stride_wc,
+    stride_biasm,
+    stride_tb,
+    stride_tm,
+    stride_gb,
+    stride_gm,
+    inv_temp,
+    grad_scale,
+    HAS_BIAS: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_c = tl.program_id(1).to(tl.int64)
+    head = tl.program_id(2).to(tl.int64)
+    n_heads = tl.num_programs(2)
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+    row_ok = rows < B
+    local = pid_c * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    cols = c_begin + local
+    col_ok = cols < c_stop
+    ks0 = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + head * stride_xm + rows[:, None] * stride_xb
+    w_head = w_ptr + head * stride_wm
+    acc = tl.zeros((BLOCK_B, BLOCK_C), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + ks0
+        k_ok = ks < K
+        xt = tl.load(x_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        wt = tl.load(w_head + cols[None, :] * stride_wc + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if UPCAST_DOT:
+            xt = xt.to(tl.float32)
+            wt = wt.to(tl.float32)
+        acc = tl.dot(xt, wt.to(xt.dtype), acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + head * stride_biasm + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    mask = row_ok[:, None] & col_ok[None, :]
+    lse_s = tl.load(lse_s_ptr + rows * n_heads + head, mask=row_ok, other=0.0)
+    lse_u = tl.load(lse_u_ptr + rows * n_heads + head, mask=row_ok, other=0.0)
+    t = tl.load(t_ptr + rows[:, None] * stride_tb + head * stride_tm + cols[None, :], mask=mask, other=float("-inf"))
+    u = t.to(tl.float32) * inv_temp
+    q = tl.exp(acc * inv_temp - lse_s[:, None])
+    p = tl.where(u > float("-inf"), tl.exp(u - lse_u[:, None]), 0.0)
+    g = grad_scale * (q - p)
+    tl.store(g_ptr + rows[:, None] * stride_gb + head * stride_gm + local[None, :], g.to(g_ptr.dtype.element_ty),
+             mask=mask)

@@ -266,3 +266,31 @@ def test_kernels_check_the_teacher_while_reading_it(monkeypatch, value, match):
     t_ok = torch.randn(4, 3, 20)
     t_ok[0, 0, 3] = float("-inf")  # a lone masked class is fine
     assert torch.isfinite(hydra_kl_loss(torch.randn(4, 3, 20), t_ok, impl="triton"))
+
+
+@pytest.mark.parametrize("hidden", [None, 5])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("block", [10**9, 20])
+def test_split_class_path_matches_reference(monkeypatch, hidden, bias, block):
+    """The large-C Triton path (split-class statistics, then gradient class blocks), forced on a small
+    case: several splits, several class blocks (block elements = rows * M * classes), masks."""
+    import fasthydra.ops.linear_hydra_kl as lk
+
+    monkeypatch.setattr(lk, "SPLIT_MIN_CLASSES", 0)
+    monkeypatch.setattr(lk, "TRITON_CHUNK_ELEMENTS", block * 9 * 3 if block < 10**9 else block)
+    head = HydraHead(12, 70, 3, hidden_features=hidden, bias=bias, impl="triton")
+    x = torch.randn(9, 12, requires_grad=True)
+    t = teacher_logits(9, 3, 70)
+    t[3, 2, :40] = float("-inf")  # masked classes spanning a whole split
+    loss = head.distill_loss(x, t, temperature=1.5)
+    grads = torch.autograd.grad(loss * 0.7, [x, *params_of(head)])
+    loss_ref, grads_ref = reference_loss_and_grads(head, x, t, 1.5, upstream=0.7)
+    assert_close_to(loss, loss_ref, rtol=2e-6, atol=1e-7, what="loss")
+    for name, g, g_ref in zip(["x"] + [n for n, _ in head.named_parameters()], grads, grads_ref):
+        assert_close_to(g, g_ref, rtol=1e-5, atol=1e-8, what=name)
+    with torch.no_grad():
+        assert_close_to(head.distill_loss(x, t, temperature=1.5), loss_ref, rtol=2e-6)
+    bad = t.clone()
+    bad[0, 0, 5] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        head.distill_loss(x, bad)

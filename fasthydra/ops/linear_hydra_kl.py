@@ -19,12 +19,13 @@ from ._common import (
     cdiv,
     compute_dtype,
     dot_precision,
+    interpreting,
     linear_kl_config,
     rows_per_chunk,
     upcast_dot,
 )
 from .checks import check_teacher_status
-from .grouped_linear import heads_backward
+from .grouped_linear import grouped_mm, heads_backward
 from .hydra_kl import kl_chunk_torch, reduce_rows, reduction_coefficient
 
 
@@ -221,6 +222,9 @@ def linear_hydra_kl_forward_triton(inp, weight, bias, teacher, temperature: floa
     bias = None if bias is None else bias.contiguous()
     teacher = teacher if teacher.stride(-1) == 1 else teacher.contiguous()
     want_grad = need_in or need_w or need_b
+    if b > 0 and (m * c >= SPLIT_MIN_CLASSES or (want_grad and b * m * c > TRITON_CHUNK_ELEMENTS)):
+        return _split_classes_triton(inp, weight, bias, teacher, temperature, reduction, shared, need_in, need_w,
+                                     need_b)
     loss = torch.empty(b, m, dtype=torch.float32, device=inp.device)
     grad_in = grad_w32 = grad_b32 = None
     if not want_grad:  # loss only: one pass, no stash, nothing of size (B, M, C) is written
@@ -252,3 +256,84 @@ def linear_hydra_kl_forward_triton(inp, weight, bias, teacher, temperature: floa
             if need_b:
                 grad_b32 += g.sum(0, dtype=torch.float32)
     return _results(loss, inp, weight, bias, grad_in, grad_w32, grad_b32, reduction)
+
+
+# Large C on Triton (M*C at least this many classes, or a batch whose gradient would need several
+# row chunks): split-class statistics, then the gradient one class block at a time (see the kernels).
+# Four GEMMs instead of three, but every GEMM runs on a grid that fills the GPU, dW is written once
+# per block in the weight's dtype (no fp32 weight-sized buffer) and only a (B, M, block) gradient
+# stash exists.
+SPLIT_MIN_CLASSES = 1 << 15
+SPLIT_TARGET_PROGRAMS = 528  # 4 waves of 132 SMs for the statistics pass
+
+
+def _merge_split_stats(stats: torch.Tensor):
+    """(6, S, B, M) partial statistics -> merged (ref_s, d_s, ref_u, d_u, a, status), each (B, M)."""
+    m_s, d_s, m_u, d_u, a, n_nan = stats
+    top_s, top_u = m_s.amax(0), m_u.amax(0)
+    ref_s = torch.where(torch.isneginf(top_s), 0.0, top_s)
+    ref_u = torch.where(torch.isfinite(top_u), top_u, 0.0)
+    w_s, w_u = torch.exp(m_s - ref_s), torch.exp(m_u - ref_u)
+    shift = (ref_u - m_u) - (ref_s - m_s)
+    a_all = torch.where(d_u > 0, w_u * (a - d_u * shift), 0.0).sum(0)
+    status = torch.where(n_nan.sum(0) > 0, float("nan"), top_u)
+    return ref_s, (d_s * w_s).sum(0), ref_u, (d_u * w_u).sum(0), a_all, status
+
+
+def _split_classes_triton(inp, weight, bias, teacher, temperature, reduction, shared, need_in, need_w, need_b):
+    from fasthydra.kernels.linear_kl import _linear_hydra_kl_grad_kernel, _linear_hydra_kl_stats_kernel
+
+    m, c, k = weight.shape
+    b = inp.shape[0]
+    cfg = linear_kl_config(b, c, k, inp.element_size())
+    bb, bc = cfg["BLOCK_B"], cfg["BLOCK_C"]
+    row_blocks = cdiv(b, bb)
+    splits = max(1, min(cdiv(SPLIT_TARGET_PROGRAMS, row_blocks * m), cdiv(c, bc)))
+    if interpreting():
+        splits = min(splits, 3)  # the interpreter runs programs one by one
+    per_split = cdiv(cdiv(c, splits), bc) * bc
+    splits = cdiv(c, per_split)
+    common = dict(HAS_BIAS=bias is not None, UPCAST_DOT=upcast_dot(inp.dtype), PRECISION=dot_precision(inp.dtype),
+                  BLOCK_B=bb, BLOCK_C=bc, BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
+                  num_stages=cfg["num_stages"])
+    strides = (inp.stride(0), 0 if shared else inp.stride(1), weight.stride(0), weight.stride(1),
+               bias.stride(0) if bias is not None else 0, teacher.stride(0), teacher.stride(1))
+    bias_arg = bias if bias is not None else weight
+    stats = torch.empty(6, splits, b, m, dtype=torch.float32, device=inp.device)
+    _linear_hydra_kl_stats_kernel[(row_blocks, m, splits)](
+        inp, weight, bias_arg, teacher, stats, b, c, k, per_split, *strides, 1.0 / temperature, **common)
+    ref_s, d_s, ref_u, d_u, a, status = _merge_split_stats(stats)
+    check_teacher_status(status, teacher.shape)
+    log_d_s, log_d_u = d_s.log(), d_u.log()
+    rows = (a / d_u - log_d_u + log_d_s) * (temperature * temperature)
+    if not (need_in or need_w or need_b):
+        return _results(rows, inp, weight, bias, None, None, None, reduction)
+
+    lse_s, lse_u = ref_s + log_d_s, ref_u + log_d_u
+    grad_scale = temperature * reduction_coefficient(reduction, b * m)
+    block = max(bc, (TRITON_CHUNK_ELEMENTS // max(b * m, 1)) // bc * bc)
+    stash = torch.empty(b, m, min(block, c), dtype=inp.dtype, device=inp.device)
+    grad_in32 = torch.zeros(inp.shape, dtype=torch.float32, device=inp.device) if need_in else None
+    grad_w = torch.empty_like(weight) if need_w else None
+    grad_b32 = torch.empty(m, c, dtype=torch.float32, device=inp.device) if need_b else None
+    x3 = inp.unsqueeze(0).expand(m, b, k) if shared else inp.permute(1, 0, 2)  # (M, B, K)
+    for c0 in range(0, c, block):
+        c1 = min(c, c0 + block)
+        g = stash[:, :, :c1 - c0]
+        _linear_hydra_kl_grad_kernel[(row_blocks, cdiv(c1 - c0, bc), m)](
+            inp, weight, bias_arg, teacher, lse_s, lse_u, g, b, k, c0, c1, *strides, g.stride(0), g.stride(1),
+            1.0 / temperature, grad_scale, **common)
+        w_block = weight[:, c0:c1]  # (M, block, K)
+        if need_in:
+            if shared:  # sum over heads of g_m @ W_m, accumulated in fp32
+                for h in range(m):
+                    grouped_mm(g[:, h].unsqueeze(0), w_block[h].unsqueeze(0), grad_in32.unsqueeze(0),
+                               accumulate=True)
+            else:
+                grouped_mm(g.permute(1, 0, 2), w_block, grad_in32.permute(1, 0, 2), accumulate=True)
+        if need_w:  # complete over all rows: written once, in the weight's dtype
+            grouped_mm(g.permute(1, 2, 0), x3, grad_w[:, c0:c1])
+        if need_b:
+            grad_b32[:, c0:c1] = g.sum(0, dtype=torch.float32)
+    grad_in = None if grad_in32 is None else grad_in32.to(inp.dtype)
+    return _results(rows, inp, weight, bias, grad_in, grad_w, grad_b32 if bias is not None else None, reduction)
