@@ -9,6 +9,7 @@ import torch
 
 from fasthydra.reference import Uncertainty
 
+from .hydra_kl import _log_normaliser
 from ._common import TORCH_CHUNK_ELEMENTS, compute_dtype, rows_per_chunk, uncertainty_config
 
 
@@ -25,12 +26,14 @@ def uncertainty_torch(logits: torch.Tensor, temperature: float) -> Uncertainty:
     probs, total, aleatoric, epistemic = _empty_outputs(b, c, logits.dtype, logits.device)
     step = rows_per_chunk(b, m * c, TORCH_CHUNK_ELEMENTS)
     for r0 in range(0, b, step):
-        log_q = torch.log_softmax(logits[r0:r0 + step].to(cdt) / temperature, dim=-1)
-        q = log_q.exp()
-        # q * log q is 0 where q underflows to 0, even though log q is -inf there.
-        head_entropy = -(q * log_q).nan_to_num_(0.0).sum(-1)  # (bc, M)
+        z = logits[r0:r0 + step].to(cdt) * (1.0 / temperature)
+        q = torch.softmax(z, dim=-1)  # the only exponential per element
+        # H[q_m] = lse_m - sum_c q_c z_c; lse from the softmax's most probable class (no second exp);
+        # q z is 0 * -inf = NaN on masked (-inf) logits, whose true contribution is 0.
+        head_entropy = _log_normaliser(z, q).sub_(z.mul_(q).nan_to_num_(0.0).sum(-1))  # (bc, M)
+        del z
         mix = q.mean(1)  # (bc, C)
-        del q, log_q
+        del q
         mix_entropy = -torch.special.xlogy(mix, mix).sum(-1)
         ale = head_entropy.mean(1)
         probs[r0:r0 + step] = mix
