@@ -1,6 +1,6 @@
-"""Markdown table from a pytest-benchmark JSON file (the extra_info every case carries).
+"""Markdown table (and a chart) from a pytest-benchmark JSON file (the extra_info every case carries).
 
-    pytest bench/ --benchmark-only --benchmark-json=out.json && python bench/summarize.py out.json
+    pytest bench/ --benchmark-only --benchmark-json=out.json && python bench/summarize.py out.json [--plot out.png]
 """
 
 from __future__ import annotations
@@ -25,12 +25,48 @@ def markdown(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot(records: list[dict], path: str) -> None:
+    """Speed-up over eager per op and shape, one bar per provider; and peak memory over eager's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    cases = list(dict.fromkeys((r["op"], r["shape"]) for r in records))
+    providers = [p for p in ("compile", "fasthydra", "liger") if any(r["provider"] == p for r in records)]
+    fig, axes = plt.subplots(2, 1, figsize=(max(8, len(cases) * 0.8), 8), sharex=True)
+    x = np.arange(len(cases))
+    width = 0.8 / max(len(providers), 1)
+    for i, prov in enumerate(providers):
+        speed, mem = [], []
+        for case in cases:
+            r = next((r for r in records if (r["op"], r["shape"]) == case and r["provider"] == prov), None)
+            speed.append(r["speedup_vs_eager"] if r else np.nan)
+            mem.append(r["memory_vs_eager"] if r and r["memory_vs_eager"] is not None else np.nan)
+        axes[0].bar(x + i * width, speed, width, label=prov)
+        axes[1].bar(x + i * width, mem, width, label=prov)
+    axes[0].axhline(1.0, color="k", lw=0.8)
+    axes[0].set_ylabel("speed-up over eager (x)")
+    axes[1].axhline(1.0, color="k", lw=0.8)
+    axes[1].set_ylabel("peak memory / eager's")
+    axes[1].set_xticks(x + width * (len(providers) - 1) / 2)
+    axes[1].set_xticklabels([f"{op}\n{shape}" for op, shape in cases], rotation=45, ha="right", fontsize=8)
+    axes[0].legend()
+    axes[0].set_title("fasthydra benchmarks (medians, measured side by side)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     with open(argv[0]) as f:
         data = json.load(f)
     records = [b["extra_info"] for b in data["benchmarks"] if b.get("extra_info")]
     print(markdown(records))
+    if "--plot" in argv:
+        plot(records, argv[argv.index("--plot") + 1])
     compiled = [r for r in records if r.get("compile_seconds")]
     if compiled:
         print(f"\ntorch.compile time (outside the timings): "
