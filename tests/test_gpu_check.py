@@ -65,3 +65,23 @@ def test_target_verdicts():
     assert verdicts["linear_fwdbwd gpu-large: speedup_vs_compile >= 1.5"] == "PASS"
     assert verdicts["linear_fwdbwd gpu-large: speedup_vs_eager >= 2.5"] == "MISSING"
     assert verdicts["linear_fwdbwd gpu-large: memory_vs_eager <= 0.1"] == "PASS"
+
+
+def test_summarize_table_and_chart(tmp_path):
+    import json
+
+    import summarize
+
+    rows = []
+    for prov, ms, mem in (("eager", 10.0, 100), ("compile", 5.0, 80), ("fasthydra", 4.0, 50)):
+        rows.append({"op": "linear_fwdbwd", "shape": "mid", "B": 4, "D": 3, "M": 2, "C": 5, "provider": prov,
+                     "median_ms": ms, "rate": 1.0, "rate_unit": "GFLOP/s", "speedup_vs_eager": 10.0 / ms,
+                     "over_gemm_floor": ms / 2.0, "peak_memory_bytes": mem * 2**20, "memory_vs_eager": mem / 100,
+                     "compile_seconds": 3.0 if prov == "compile" else None})
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"benchmarks": [{"extra_info": r} for r in rows]}))
+    table = summarize.markdown(rows)
+    assert table.count("\n") == 4 and "| fasthydra | 4.00 |" in table and "| 2.50 |" in table
+    png = tmp_path / "chart.png"
+    assert summarize.main([str(path), "--plot", str(png)]) == 0
+    assert png.stat().st_size > 10_000
