@@ -2,9 +2,10 @@
 
     python bench/gpu_check.py [--out bench/gpu_results.json] [--budget-s 420]
 
-Built to finish well under 8 minutes on an H100: the target cases run first, torch.compile only where
-a target names it, and the remaining cases stop when the time budget is spent (the table says which
-were left out). Timing is triton.testing.do_bench (warm-up, L2 flushed between runs, median); peak
+Built to finish well under 8 minutes on an H100 (run it with a 480 s timeout): the gpu tests get at
+most 150 s, the target cases run first, torch.compile only where a target names it, and no new case
+starts after 330 s (the table says which were left out; the longest case, the big bf16 one with
+its compile, takes about a minute). Timing is triton.testing.do_bench (warm-up, L2 flushed between runs, median); peak
 memory is torch.cuda.max_memory_allocated above what was live before the step. Without CUDA it
 refuses with exit code 2 and changes nothing.
 """
@@ -33,7 +34,8 @@ TARGETS = [
     ("linear_fwdbwd", "gpu-large", "memory_vs_eager", ("<=", 0.10)),
     ("linear_fwdbwd", "gpu-small", "speedup_vs_eager", (">=", 5.0)),
 ]
-COMPILE_CASES = {("linear_fwdbwd", "gpu-large"), ("linear_fwdbwd", "gpu-small"), ("linear_fwdbwd", "mid")}
+# torch.compile costs tens of seconds per case on a GPU: only where a target compares against it.
+COMPILE_CASES = {("linear_fwdbwd", "gpu-large")}
 
 
 def run_gpu_tests(timeout: float) -> dict:
@@ -122,7 +124,8 @@ def check_targets(rows: list[dict]) -> list[tuple[str, str, float | None]]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_results.json"))
-    parser.add_argument("--budget-s", type=float, default=420.0, help="stop starting new cases after this")
+    parser.add_argument("--budget-s", type=float, default=330.0,
+                        help="start no new case after this many seconds (the gpu tests get at most 150 s of it)")
     parser.add_argument("--skip-tests", action="store_true")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -130,7 +133,7 @@ def main(argv=None) -> int:
         return 2
     start = time.perf_counter()
     device = torch.cuda.get_device_name(0)
-    tests = {"summary": "skipped"} if args.skip_tests else run_gpu_tests(timeout=min(240.0, args.budget_s / 2))
+    tests = {"summary": "skipped"} if args.skip_tests else run_gpu_tests(timeout=min(150.0, args.budget_s / 2))
     print(f"gpu tests: {tests['summary']}", flush=True)
 
     all_cases = C.cases("cuda")
