@@ -104,19 +104,23 @@ class Inputs:
 
 def make_inputs(case: Case, seed: int = 0) -> Inputs:
     """Inputs, with several copies when one set would sit in the GPU's L2 cache between rounds."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    gen = torch.Generator(device=case.device).manual_seed(seed)  # made on the device: no host copies
     hidden = MLP_HIDDEN if case.op == "mlp_fwdbwd" else None
     head = HydraHead(case.D, case.C, case.M, hidden_features=hidden, impl="auto", device=case.device,
                      dtype=case.dtype)
     per_set = (case.B * case.D + 2 * case.B * case.M * case.C) * torch.finfo(case.dtype).bits // 8
     copies = 1 if case.device != "cuda" or per_set > 64 * 2**20 else 4
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, device=case.device) * scale).to(case.dtype)
+
     xs, ts, zs = [], [], []
     for _ in range(copies):
-        xs.append(torch.randn(case.B, case.D, generator=gen).to(case.device, case.dtype).requires_grad_())
-        ts.append((torch.randn(case.B, case.M, case.C, generator=gen) * 3).to(case.device, case.dtype))
-        z = torch.randn(case.B, case.M, case.C, generator=gen) * 3 if case.op in ("kl_fwdbwd", "uncertainty") \
-            else torch.empty(0)
-        zs.append(z.to(case.device, case.dtype).requires_grad_(case.op == "kl_fwdbwd"))
+        xs.append(randn(case.B, case.D).requires_grad_())
+        ts.append(randn(case.B, case.M, case.C, scale=3.0))
+        z = randn(case.B, case.M, case.C, scale=3.0) if case.op in ("kl_fwdbwd", "uncertainty") else \
+            torch.empty(0, device=case.device, dtype=case.dtype)
+        zs.append(z.requires_grad_(case.op == "kl_fwdbwd"))
     return Inputs(head, xs, ts, zs)
 
 
