@@ -11,7 +11,7 @@ pytestmark = pytest.mark.cpu
 
 @pytest.fixture
 def no_kernels(monkeypatch):
-    """Any kernel or torch-path Function that runs makes the test fail: errors must come first."""
+    """Any kernel or torch-path forward that runs makes the test fail: errors must come first."""
     def boom(*args, **kwargs):
         raise AssertionError("a kernel ran before the input was rejected")
 

@@ -1,4 +1,7 @@
-"""Gaussian regression heads + per-head Gaussian KL: the fused Triton Function and the torch path."""
+"""Gaussian regression heads + per-head Gaussian KL: the fused Triton forward and the torch path.
+
+The autograd wiring of the Triton path is the custom op ``fasthydra::gaussian_heads_kl`` (library.py).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tempered per-head KL on given logits: the Triton launcher + Function, and the chunked torch path.
+"""Tempered per-head KL on given logits: the Triton launcher and the chunked torch path (forwards).
 
 Both compute the loss rows and the gradient T * (q - p) * coefficient in the forward pass; the
 backward only scales the stored gradient by the upstream gradient (Liger-Kernel's pattern). The

@@ -1,9 +1,10 @@
-"""Head GEMMs fused with the Hydra loss: the fused Triton Function and the chunked torch path.
+"""Head GEMMs fused with the Hydra loss: the fused Triton forward and the chunked torch path.
 
-Both walk the batch in row chunks. For each chunk the logits (B_chunk, M, C) are formed, turned
+Both walk the batch in row chunks (or, for large C, the classes in blocks). For each chunk the logits (B_chunk, M, C) are formed, turned
 into loss rows and the logits gradient T * (q - p) * coefficient, and the gradient is at once
 contracted into the input gradient and accumulated (fp32) into the weight and bias gradients. The
-full (B, M, C) logits never exist; the backward only scales the stored gradients.
+full (B, M, C) logits never exist; the backward only scales the stored gradients (the autograd
+wiring is the custom op ``fasthydra::linear_hydra_kl`` in library.py).
 
 The input is shared by all heads, x (B, K), for linear heads (one GEMM over the stacked (M*C, K)
 weight), or per head, u (B, M, K), for the second layer of MLP heads (the grouped GEMM).
