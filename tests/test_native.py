@@ -79,3 +79,21 @@ def test_disabled_by_environment(monkeypatch):
     monkeypatch.setenv("FASTHYDRA_NATIVE", "0")
     assert native.status() == "disabled by FASTHYDRA_NATIVE=0"
     assert not native.usable(torch.zeros(1))
+
+
+@needs_native
+def test_works_in_a_forked_child_after_the_parent_used_it():
+    """The row kernel's thread pool does not survive fork; the child must build a new one, not hang."""
+    import multiprocessing as mp
+
+    s = torch.randn(256, 50)
+    t = torch.randn(256, 50)
+    native.kl_rows(s, t, 1.0, True)  # the parent's pool now exists
+    ctx = mp.get_context("fork")
+    with ctx.Pool(1) as pool:
+        child = pool.apply_async(_child_loss_sum, (s, t)).get(timeout=60)
+    assert child == pytest.approx(float(native.kl_rows(s, t, 1.0, False)[0].sum()), rel=1e-6)
+
+
+def _child_loss_sum(s, t):
+    return float(native.kl_rows(s, t, 1.0, False)[0].sum())

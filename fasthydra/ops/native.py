@@ -38,6 +38,16 @@ _reason = "not built yet"
 _pool: ThreadPoolExecutor | None = None
 
 
+def _forget_pool_after_fork() -> None:
+    # A forked child inherits the pool object but not its threads: submitting to it would hang.
+    global _pool, _lock
+    _pool = None
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool_after_fork)
+
+
 def _cpu_signature() -> str:
     try:
         with open("/proc/cpuinfo") as f:
