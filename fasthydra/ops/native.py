@@ -45,7 +45,8 @@ def _forget_pool_after_fork() -> None:
     _lock = threading.Lock()
 
 
-os.register_at_fork(after_in_child=_forget_pool_after_fork)
+if hasattr(os, "register_at_fork"):  # POSIX; elsewhere there is no fork
+    os.register_at_fork(after_in_child=_forget_pool_after_fork)
 
 
 def _cpu_signature() -> str:
