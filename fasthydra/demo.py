@@ -71,7 +71,7 @@ STAGE2_EPOCHS_FACTOR = 2.5
 
 def run(dataset: str = "digits", heads: int = 8, epochs: int = 40, out: str = "runs/demo", device: str = "cpu",
         seed: int = 0, temperature: float = 4.0, width: int = 64, batch_size: int = 64, data_dir: str | None = None,
-        progress: bool = True, plots: bool = True, stream=None) -> dict:
+        progress: bool = True, plots: bool = True, stream=None, head_hidden: int | None = None) -> dict:
     """Runs the comparison and writes results.json (+ report.md and plots). Returns the results dict."""
     import sys
 
@@ -79,11 +79,11 @@ def run(dataset: str = "digits", heads: int = 8, epochs: int = 40, out: str = "r
     with torch.random.fork_rng(devices=[]):  # seeded, and the caller's RNG state is left alone
         torch.manual_seed(seed)
         return _run(dataset, heads, epochs, out, device, seed, temperature, width, batch_size, data_dir, progress,
-                    plots, stream)
+                    plots, stream, head_hidden)
 
 
 def _run(dataset, heads, epochs, out, device, seed, temperature, width, batch_size, data_dir, progress, plots,
-         stream) -> dict:
+         stream, head_hidden) -> dict:
     data = load_dataset(dataset, seed=seed, data_dir=data_dir)
     os.makedirs(out, exist_ok=True)
     task, d_in, n_out = data.task, data.in_features, data.num_outputs
@@ -104,13 +104,15 @@ def _run(dataset, heads, epochs, out, device, seed, temperature, width, batch_si
     cfg = DistillConfig(temperature=temperature if task == "classification" else 1.0, epochs_stage1=epochs,
                         epochs_stage2=max(1, round(STAGE2_EPOCHS_FACTOR * epochs)), lr=3e-3, noise_std=0.0, seed=seed, device=device, progress=progress)
     t1 = time.perf_counter()
+    hidden = head_hidden if task == "classification" else None  # Gaussian heads are linear
     kd, hydra = distill(mlp_body(d_in, width), width, n_out, heads, teacher_loader(data.x_train, teacher, batch_size,
-                                                                                   seed), task, cfg)
+                                                                                   seed), task, cfg,
+                        hidden_features=hidden)
     t_distill = time.perf_counter() - t1
 
     xt, xo = data.x_test.to(device), data.x_ood.to(device)
     results = {"dataset": dataset, "heads": heads, "task": task, "ood": data.ood_description,
-               "seed": seed, "epochs": epochs, "temperature": cfg.temperature, "methods": {}}
+               "seed": seed, "epochs": epochs, "temperature": cfg.temperature, "head_hidden": hidden, "methods": {}}
     preds = {}
     for name, model in (("ensemble", None), ("kd", kd), ("hydra", hydra)):
         if name == "ensemble":

@@ -50,3 +50,13 @@ def test_toy_regression_epistemic_rises_off_the_data(tmp_path):
     with open(tmp_path / "results.json") as f:
         assert {"rmse", "nll", "coverage", "epistemic", "ood_auroc"} <= set(json.load(f)["methods"]["hydra"])
     assert torch.isfinite(torch.tensor(res["methods"]["hydra"]["nll"]))
+
+
+def test_mlp_heads_option(tmp_path):
+    kwargs = dict(heads=2, epochs=1, progress=False, plots=False, stream=io.StringIO())
+    linear = run("digits", out=str(tmp_path / "a"), **kwargs)
+    mlp = run("digits", out=str(tmp_path / "b"), head_hidden=16, **kwargs)
+    assert linear["head_hidden"] is None and mlp["head_hidden"] == 16
+    # MLP heads: 2 x (64*16 + 16 + 16*10 + 10) parameters instead of 2 x (64*10 + 10)
+    grown = mlp["methods"]["hydra"]["params"] - linear["methods"]["hydra"]["params"]
+    assert grown == 2 * (64 * 16 + 16 + 16 * 10 + 10) - 2 * (64 * 10 + 10)
