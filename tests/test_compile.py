@@ -87,3 +87,32 @@ def test_gaussian_heads_compile_without_breaks(impl):
     want = step(x, tm, tv)
     (g_e,) = torch.autograd.grad(want, head.weight)
     assert torch.allclose(got, want, rtol=1e-6) and torch.allclose(g_c, g_e, rtol=1e-5, atol=1e-8)
+
+
+def _opcheck_cases(impl):
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape, grad=False):
+        return torch.randn(*shape, generator=g).requires_grad_(grad)
+
+    z, t = r(4, 3, 7, grad=True), r(4, 3, 7)
+    x, w, b, u = r(4, 5, grad=True), r(3, 7, 5, grad=True), r(3, 7, grad=True), r(4, 3, 5, grad=True)
+    ops = torch.ops.fasthydra
+    cases = [(ops.hydra_kl, (z, t, 2.0, "mean", True, impl)), (ops.hydra_kl, (z, t, 2.0, "none", True, impl)),
+             (ops.linear_hydra_kl, (x, w, b, t, 2.0, "mean", True, True, True, True, impl)),
+             (ops.linear_hydra_kl, (u, w, None, t, 2.0, "sum", False, True, True, False, impl)),
+             (ops.uncertainty, (z.detach(), 1.0, impl))]
+    if impl == "triton":
+        cases += [(ops.grouped_linear, (x, w, b, True, True)), (ops.grouped_linear, (u, w, None, False, False)),
+                  (ops.gaussian_heads_kl, (x, r(3, 4, 5, grad=True), None, r(4, 3, 2),
+                                           torch.rand(4, 3, 2, generator=g) + 0.5, 1e-6, "mean", True, True, False))]
+    return cases
+
+
+@pytest.mark.parametrize("impl", [pytest.param("torch", marks=pytest.mark.cpu),
+                                  pytest.param("triton", marks=pytest.mark.interpret)])
+def test_custom_ops_pass_opcheck(impl):
+    """torch.library.opcheck: schema, autograd registration, fake (meta) kernels against the real ones,
+    and AOT dispatch with dynamic shapes, for every custom op."""
+    for op, args in _opcheck_cases(impl):
+        torch.library.opcheck(op, args)

@@ -35,7 +35,9 @@ def scale_grad(stored: torch.Tensor, grad_output: torch.Tensor, reduction: str) 
     """Chain rule for a gradient stored in the forward: scalar or per-row (B, M) upstream gradient."""
     if reduction == "none":
         return stored * grad_output.unsqueeze(-1).to(stored.dtype)
-    if not torch.compiler.is_compiling() and bool(grad_output == 1):  # loss.backward(): no (B, M, C) multiply
+    # loss.backward() in eager mode: no (B, M, C)-sized multiply. Traced (compile, AOT: tensor
+    # subclasses) the value is unknown, so multiply.
+    if type(grad_output) is torch.Tensor and not torch.compiler.is_compiling() and bool(grad_output == 1):
         return stored
     return stored * grad_output.to(stored.dtype)
 
