@@ -18,6 +18,30 @@ from .softmax_kl import _kl_grad_tile, _online_kl_update
 
 
 @triton.jit
+def _heads_logits_tile(x_rows, w_head, bias_ptr, head, rows_ok, cols, col_ok, K, stride_wc, stride_biasm,
+                       HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr,
+                       BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One (BLOCK_B, BLOCK_C) tile of head logits in fp32: x_rows @ W[head, cols].T + bias[head, cols].
+
+    x_rows: pointers to the rows' inputs (BLOCK_B, 1), unit stride along K; w_head: W[head] (C, K).
+    """
+    ks0 = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_B, BLOCK_C), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + ks0
+        k_ok = ks < K
+        xt = tl.load(x_rows + ks[None, :], mask=rows_ok[:, None] & k_ok[None, :], other=0.0)
+        wt = tl.load(w_head + cols[None, :] * stride_wc + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if UPCAST_DOT:  # interpreter: tl.dot on 16-bit operands is unreliable there
+            xt = xt.to(tl.float32)
+            wt = wt.to(tl.float32)
+        acc = tl.dot(xt, wt.to(xt.dtype), acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + head * stride_biasm + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
 def _linear_hydra_kl_fwd_kernel(
     x_ptr,  # inputs: row b of head m starts at x_ptr + b * stride_xb + m * stride_xm, unit stride along K
     w_ptr,  # weights (M, C, K): head stride stride_wm, class stride stride_wc, unit stride along K
@@ -54,7 +78,6 @@ def _linear_hydra_kl_fwd_kernel(
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
     row_ok = rows < B
     cols0 = tl.arange(0, BLOCK_C)
-    ks0 = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + head * stride_xm + rows[:, None] * stride_xb
     w_head = w_ptr + head * stride_wm
     t_rows = t_ptr + rows[:, None] * stride_tb + head * stride_tm
@@ -69,20 +92,8 @@ def _linear_hydra_kl_fwd_kernel(
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + cols0
         col_ok = cols < C
-        acc = tl.zeros((BLOCK_B, BLOCK_C), tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + ks0
-            k_ok = ks < K
-            xt = tl.load(x_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            wt = tl.load(w_head + cols[None, :] * stride_wc + ks[:, None],
-                         mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            if UPCAST_DOT:
-                xt = xt.to(tl.float32)
-                wt = wt.to(tl.float32)
-            acc = tl.dot(xt, wt.to(xt.dtype), acc, input_precision=PRECISION)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + head * stride_biasm + cols, mask=col_ok, other=0.0)
-            acc += bias.to(tl.float32)[None, :]
+        acc = _heads_logits_tile(x_rows, w_head, bias_ptr, head, row_ok, cols, col_ok, K, stride_wc, stride_biasm,
+                                 HAS_BIAS, UPCAST_DOT, PRECISION, BLOCK_B, BLOCK_C, BLOCK_K)
         mask = row_ok[:, None] & col_ok[None, :]
         if WRITE_GRAD:
             # Round to the stash dtype first: stats and gradient then see the same logits.
@@ -154,7 +165,6 @@ def _linear_hydra_kl_stats_kernel(
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
     row_ok = rows < B
     cols0 = tl.arange(0, BLOCK_C)
-    ks0 = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + head * stride_xm + rows[:, None] * stride_xb
     w_head = w_ptr + head * stride_wm
     t_rows = t_ptr + rows[:, None] * stride_tb + head * stride_tm
@@ -170,19 +180,8 @@ def _linear_hydra_kl_stats_kernel(
     for c0 in range(c_start, c_end, BLOCK_C):
         cols = c0 + cols0
         col_ok = cols < c_end
-        acc = tl.zeros((BLOCK_B, BLOCK_C), tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + ks0
-            k_ok = ks < K
-            xt = tl.load(x_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            wt = tl.load(w_head + cols[None, :] * stride_wc + ks[:, None], mask=k_ok[:, None] & col_ok[None, :],
-                         other=0.0)
-            if UPCAST_DOT:
-                xt = xt.to(tl.float32)
-                wt = wt.to(tl.float32)
-            acc = tl.dot(xt, wt.to(xt.dtype), acc, input_precision=PRECISION)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + head * stride_biasm + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        acc = _heads_logits_tile(x_rows, w_head, bias_ptr, head, row_ok, cols, col_ok, K, stride_wc, stride_biasm,
+                                 HAS_BIAS, UPCAST_DOT, PRECISION, BLOCK_B, BLOCK_C, BLOCK_K)
         mask = row_ok[:, None] & col_ok[None, :]
         s = tl.where(mask, acc * inv_temp, float("-inf"))
         t = tl.load(t_rows + cols[None, :], mask=mask, other=float("-inf"))
@@ -243,21 +242,10 @@ def _linear_hydra_kl_grad_kernel(
     local = pid_c * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
     cols = c_begin + local
     col_ok = cols < c_stop
-    ks0 = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + head * stride_xm + rows[:, None] * stride_xb
     w_head = w_ptr + head * stride_wm
-    acc = tl.zeros((BLOCK_B, BLOCK_C), tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + ks0
-        k_ok = ks < K
-        xt = tl.load(x_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        wt = tl.load(w_head + cols[None, :] * stride_wc + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        if UPCAST_DOT:
-            xt = xt.to(tl.float32)
-            wt = wt.to(tl.float32)
-        acc = tl.dot(xt, wt.to(xt.dtype), acc, input_precision=PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + head * stride_biasm + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    acc = _heads_logits_tile(x_rows, w_head, bias_ptr, head, row_ok, cols, col_ok, K, stride_wc, stride_biasm,
+                             HAS_BIAS, UPCAST_DOT, PRECISION, BLOCK_B, BLOCK_C, BLOCK_K)
     mask = row_ok[:, None] & col_ok[None, :]
     lse_s = tl.load(lse_s_ptr + rows * n_heads + head, mask=row_ok, other=0.0)
     lse_u = tl.load(lse_u_ptr + rows * n_heads + head, mask=row_ok, other=0.0)
