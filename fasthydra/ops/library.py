@@ -149,16 +149,23 @@ def _scaled(stored: torch.Tensor, grad_loss: torch.Tensor):
     return _kl.scale_grad(stored, grad_loss, "mean")
 
 
-def _linear_backward(ctx, grad_loss, *_):
-    _no_double_backward()
-    g_in, g_w, g_b = ctx.saved_tensors
-    if grad_loss is None:
-        return (None,) * 11
-    return (_scaled(g_in, grad_loss), _scaled(g_w, grad_loss), _scaled(g_b, grad_loss) if ctx.has_bias else None,
-            None, None, None, None, None, None, None, None)
+def _heads_backward(n_inputs: int):
+    """Backward of a fused heads op whose first three inputs are (input, weight, bias) and whose
+    outputs are (loss, their stored gradients): scale those by the upstream gradient."""
+
+    def backward(ctx, grad_loss, *_):
+        _no_double_backward()
+        g_in, g_w, g_b = ctx.saved_tensors
+        rest = (None,) * (n_inputs - 3)
+        if grad_loss is None:
+            return (None, None, None, *rest)
+        return (_scaled(g_in, grad_loss), _scaled(g_w, grad_loss),
+                _scaled(g_b, grad_loss) if ctx.has_bias else None, *rest)
+
+    return backward
 
 
-register_autograd("fasthydra::linear_hydra_kl", _linear_backward, setup_context=_linear_setup)
+register_autograd("fasthydra::linear_hydra_kl", _heads_backward(11), setup_context=_linear_setup)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -261,13 +268,4 @@ def _gaussian_heads_kl_fake(x, weight, bias, teacher_mean, teacher_var, min_var,
             torch.empty_like(bias) if (need_b and bias is not None) else weight.new_empty(_EMPTY))
 
 
-def _gaussian_backward(ctx, grad_loss, *_):
-    _no_double_backward()
-    g_x, g_w, g_b = ctx.saved_tensors
-    if grad_loss is None:
-        return (None,) * 10
-    return (_scaled(g_x, grad_loss), _scaled(g_w, grad_loss), _scaled(g_b, grad_loss) if ctx.has_bias else None,
-            None, None, None, None, None, None, None)
-
-
-register_autograd("fasthydra::gaussian_heads_kl", _gaussian_backward, setup_context=_linear_setup)
+register_autograd("fasthydra::gaussian_heads_kl", _heads_backward(10), setup_context=_linear_setup)
