@@ -67,3 +67,15 @@ def tolerance_rule(kernel, eager, exact, atol, what=""):
     k_err = (kernel.detach().double().cpu() - exact).abs().max().item()
     e_err = (eager.detach().double().cpu() - exact).abs().max().item()
     assert k_err <= 2 * e_err + atol, f"{what}: kernel error {k_err:.3e} > 2 * eager error {e_err:.3e} + {atol:.1e}"
+
+
+def assert_same_products(actual, expected, inner, what=""):
+    """Two computations of the same products whose summation order may differ (GEMMs of different
+    shapes pick different BLAS blockings, per CPU and per thread count): equal up to the rounding of
+    a length-`inner` dot product in the dtype, |a - b| <= 2 * inner * eps * (1 + |b|)."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    eps = torch.finfo(expected.dtype).eps
+    bound = 2 * inner * eps * (1 + expected.detach().abs())
+    err = (actual.detach() - expected.detach()).abs()
+    assert bool((err <= bound).all()), f"{what}: max error {err.max().item():.3e} beyond the rounding bound"

@@ -5,6 +5,7 @@ import torch
 from helpers import (
     SHAPES,
     assert_close_to,
+    assert_same_products,
     params_of,
     reference_logits,
     reference_loss_and_grads,
@@ -121,8 +122,8 @@ def test_expand_copies_the_single_head():
     assert big.num_heads == 5 and big.weight.shape == (5, 4, 6) and big.hidden_weight.shape == (5, 6, 10)
     x = torch.randn(7, 10, dtype=torch.float64)
     z1, z5 = head(x), big(x)
-    for m in range(5):
-        assert torch.equal(z5[:, m], z1[:, 0])
+    for m in range(5):  # one GEMM over 5 stacked heads vs one over 1 head: BLAS may block them differently
+        assert_same_products(z5[:, m], z1[:, 0], inner=10 + 6, what=f"head {m}")
     noisy = head.expand(3, noise_std=0.1, generator=torch.Generator().manual_seed(0))
     diff = (noisy.weight - head.weight).std().item()
     assert 0.05 < diff < 0.2  # the noise has roughly the asked size

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import assert_close_to, params_of
+from helpers import assert_close_to, assert_same_products, params_of
 
 from fasthydra import GaussianHydraHead, gaussian_kl_loss
 
@@ -91,5 +91,7 @@ def test_gaussian_head_expand_and_shapes():
     m1, v1 = head(x)
     m5, v5 = big(x)
     assert m5.shape == (6, 5, 3) and v5.shape == (6, 5, 3)
-    assert torch.equal(m5[:, 2], m1[:, 0]) and torch.equal(v5[:, 4], v1[:, 0])
+    # one GEMM over 5 stacked heads vs one over 1 head: BLAS may block them differently
+    assert_same_products(m5[:, 2], m1[:, 0], inner=4, what="mean")
+    assert_same_products(v5[:, 4], v1[:, 0], inner=4, what="variance")
     assert "out_features=3" in repr(big)
