@@ -14,7 +14,7 @@ from numbers import Real
 import torch
 
 from fasthydra.ops._common import interpreting
-from fasthydra.ops.checks import check_teacher_values
+from fasthydra.ops.checks import flag_gaussian_teacher, flag_teacher_rows, poll
 from fasthydra.ops.gaussian_kl import gaussian_kl_torch, split_gaussian
 from fasthydra.ops import library as _ops
 from fasthydra.reference import Uncertainty
@@ -232,7 +232,8 @@ def hinton_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
     temperature = _check_temperature(temperature)
     reduction = _check_reduction(reduction)
     if not torch.compiler.is_compiling():  # compiled: the op's own check sees NaN in log pbar instead
-        check_teacher_values(teacher_logits)
+        poll(teacher_logits.device)
+        flag_teacher_rows(teacher_logits, "hinton_kl_loss")
     impl = resolve_impl(impl, student_logits, teacher_logits)
     # softmax(T * log pbar / T) = pbar exactly, so the per-head kernel does the rest (masks included).
     mean_teacher = (temperature * ensemble_log_mean_probs(teacher_logits, temperature)).unsqueeze(1)
@@ -385,10 +386,18 @@ def _value_check(ok: torch.Tensor, message: str) -> None:
 
 
 def _check_gaussian_teacher(teacher_mean: torch.Tensor, teacher_var: torch.Tensor) -> None:
-    if teacher_var.numel():
-        _value_check(((teacher_var > 0) & torch.isfinite(teacher_var)).all(),
-                     f"teacher_var must be finite and > 0 everywhere (shape {tuple(teacher_var.shape)})")
-        _value_check(torch.isfinite(teacher_mean).all(), "teacher_mean contains NaN or Inf")
+    """teacher_var finite and > 0, teacher_mean finite: at once on the CPU (and under torch.compile, as an
+    in-graph assertion); on CUDA in eager mode through the device's error word, with no host sync."""
+    if not teacher_var.numel():
+        return
+    var_ok = ((teacher_var > 0) & torch.isfinite(teacher_var)).all()
+    mean_ok = torch.isfinite(teacher_mean).all()
+    if teacher_var.is_cuda and not torch.compiler.is_compiling():
+        poll(teacher_var.device)
+        flag_gaussian_teacher(var_ok, mean_ok, teacher_var.shape)
+        return
+    _value_check(var_ok, f"teacher_var must be finite and > 0 everywhere (shape {tuple(teacher_var.shape)})")
+    _value_check(mean_ok, "teacher_mean contains NaN or Inf")
 
 
 def gaussian_kl_loss(mean: torch.Tensor, var: torch.Tensor, teacher_mean: torch.Tensor, teacher_var: torch.Tensor,

@@ -100,7 +100,9 @@ def _kernel_specs():
         for tag, (ty, prec) in DTYPES.items():
             kl = cfgs.kl_rows_config(c)
             args = {"z_ptr": f"*{ty}", "t_ptr": f"*{ty}", "loss_ptr": "*fp32", "grad_ptr": f"*{ty}",
-                    "tstat_ptr": "*fp32", "R": b * m, "C": c, "stride_z": c, "stride_t": c, "stride_g": c,
+                    "err_ptr": "*i32", "R": b * m, "R_INNER": m, "C": c, "stride_zo": m * c, "stride_zi": c,
+                    "stride_to": m * c, "stride_ti": c, "stride_go": m * c, "stride_gi": c,
+                    "stride_lo": m, "stride_li": 1,
                     "inv_temp": 0.5, "loss_scale": 4.0, "grad_scale": 0.1}
             add(_hydra_kl_fwd_kernel, args, {"BLOCK_R": kl["BLOCK_R"], "BLOCK_C": kl["BLOCK_C"], "WRITE_GRAD": True},
                 {"num_warps": kl["num_warps"]}, tag)

@@ -53,29 +53,45 @@ def _kl_grad_tile(s, u, m_s, log_d_s, m_u, log_d_u, grad_scale):
 # Forward formula: loss[r] = T^2 * KL(softmax(t[r]/T) || softmax(z[r]/T)); gradient
 # dloss/dz[r, c] = T * (q - p), written (times grad_scale / T) in the same launch as the loss.
 # One program owns BLOCK_R whole rows and walks their C tiles twice (stats, then gradient), so no
-# row statistics ever cross programs.
+# row statistics ever cross programs. Rows are numbered r = o * R_INNER + i over two strided axes
+# (batch and head, in either order), so any (B, M, C) or (M, B, C) view with unit stride along C is
+# read in place. grad_ptr may equal z_ptr: each tile is read before it is overwritten by the program
+# that owns it (the logits buffer becomes the gradient, no second (B, M, C) buffer).
+# Teacher values are checked on the loads already made: a NaN, a +inf, or a row that is -inf
+# everywhere sets bits 1, 2, 4 of *err_ptr (one atomic OR per program, only when something is
+# wrong), which the host reads without a synchronisation (fasthydra/ops/checks.py).
 @triton.jit
 def _hydra_kl_fwd_kernel(
-    z_ptr,  # student logits, (R, C), unit stride along C, row stride stride_z
-    t_ptr,  # teacher logits, (R, C), unit stride along C, row stride stride_t
-    loss_ptr,  # out: (R,) fp32, T^2 * KL per row
-    grad_ptr,  # out: (R, C) in the student's dtype, grad_scale * (q - p); unused unless WRITE_GRAD
-    tstat_ptr,  # out: (R,) fp32 teacher row status: max(t)/T, +inf if a +inf, NaN if a NaN (the value check)
-    R,
+    z_ptr,  # student logits: row (o, i) at o * stride_zo + i * stride_zi, unit stride along C
+    t_ptr,  # teacher logits: row (o, i) at o * stride_to + i * stride_ti, unit stride along C
+    loss_ptr,  # out: fp32 T^2 * KL of row (o, i) at o * stride_lo + i * stride_li
+    grad_ptr,  # out: grad_scale * (q - p) in the student's dtype (may alias z_ptr); unused unless WRITE_GRAD
+    err_ptr,  # in/out: one int32 error word, OR-ed with 1 (NaN), 2 (+inf), 4 (all -inf row) by bad teachers
+    R,  # rows in all
+    R_INNER,  # rows along the inner axis i
     C,
-    stride_z,
-    stride_t,
-    stride_g,
+    stride_zo,
+    stride_zi,
+    stride_to,
+    stride_ti,
+    stride_go,
+    stride_gi,
+    stride_lo,
+    stride_li,
     inv_temp,  # 1 / T
     loss_scale,  # T^2
     grad_scale,  # T * reduction coefficient (1/(B*M) for "mean", 1 otherwise)
-    BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr,  # rows per program: several when C is small, so a program has ~1k lanes
+    BLOCK_C: tl.constexpr,  # class tile: up to 2048 lanes keeps the tile in registers without spills
     WRITE_GRAD: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     row_ok = rows < R
+    r_out = rows // R_INNER
+    r_in = rows % R_INNER
+    z_rows = z_ptr + (r_out * stride_zo + r_in * stride_zi)[:, None]
+    t_rows = t_ptr + (r_out * stride_to + r_in * stride_ti)[:, None]
     cols0 = tl.arange(0, BLOCK_C)
 
     m_s = tl.full((BLOCK_R,), float("-inf"), tl.float32)
@@ -87,26 +103,29 @@ def _hydra_kl_fwd_kernel(
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + cols0
         mask = row_ok[:, None] & (cols < C)[None, :]
-        z = tl.load(z_ptr + rows[:, None] * stride_z + cols[None, :], mask=mask, other=float("-inf"))
-        t = tl.load(t_ptr + rows[:, None] * stride_t + cols[None, :], mask=mask, other=float("-inf"))
+        z = tl.load(z_rows + cols[None, :], mask=mask, other=float("-inf"))
+        t = tl.load(t_rows + cols[None, :], mask=mask, other=float("-inf"))
         s = z.to(tl.float32) * inv_temp
         u = t.to(tl.float32) * inv_temp
         n_nan += tl.sum((u != u).to(tl.int32), axis=1)  # the NaN check rides on the load already made
         m_s, d_s, m_u, d_u, a = _online_kl_update(s, u, m_s, d_s, m_u, d_u, a)
-    tl.store(tstat_ptr + rows, tl.where(n_nan > 0, float("nan"), m_u), mask=row_ok)
+    bad = tl.max(tl.where(row_ok & (n_nan > 0), 1, 0), axis=0)
+    bad |= tl.max(tl.where(row_ok & (m_u == float("inf")), 2, 0), axis=0)
+    bad |= tl.max(tl.where(row_ok & (m_u == float("-inf")), 4, 0), axis=0)
+    tl.atomic_or(err_ptr, bad, mask=bad != 0)
 
     log_d_s = tl.log(d_s)
     log_d_u = tl.log(d_u)
     kl = a / d_u - log_d_u + log_d_s
-    tl.store(loss_ptr + rows, kl * loss_scale, mask=row_ok)
+    tl.store(loss_ptr + r_out * stride_lo + r_in * stride_li, kl * loss_scale, mask=row_ok)
 
     if WRITE_GRAD:
+        g_rows = grad_ptr + (r_out * stride_go + r_in * stride_gi)[:, None]
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + cols0
             mask = row_ok[:, None] & (cols < C)[None, :]
-            z = tl.load(z_ptr + rows[:, None] * stride_z + cols[None, :], mask=mask, other=float("-inf"))
-            t = tl.load(t_ptr + rows[:, None] * stride_t + cols[None, :], mask=mask, other=float("-inf"))
+            z = tl.load(z_rows + cols[None, :], mask=mask, other=float("-inf"))
+            t = tl.load(t_rows + cols[None, :], mask=mask, other=float("-inf"))
             g = _kl_grad_tile(z.to(tl.float32) * inv_temp, t.to(tl.float32) * inv_temp,
                               m_s, log_d_s, m_u, log_d_u, grad_scale)
-            tl.store(grad_ptr + rows[:, None] * stride_g + cols[None, :],
-                     g.to(grad_ptr.dtype.element_ty), mask=mask)
+            tl.store(g_rows + cols[None, :], g.to(grad_ptr.dtype.element_ty), mask=mask)

@@ -21,6 +21,13 @@ pytestmark = pytest.mark.interpret
 KL_SHAPES = [(6, 3, 10), (5, 2, 37), (4, 1, 13), (3, 4, 200)]
 
 
+@pytest.fixture(params=["cublas", "triton"])
+def gemm(request, monkeypatch):
+    """The heads' GEMMs through torch (cuBLAS on a GPU, the default) and through the Triton GEMM kernels."""
+    monkeypatch.setenv("FASTHYDRA_GEMM", request.param)
+    return request.param
+
+
 @pytest.fixture(params=[2048, 16], ids=["tile-2048", "tile-16"])
 def max_block_c(request, monkeypatch):
     """Run with the real tile cap and with a 16-wide tile, so that C = 37 and 200 need many tiles."""
@@ -100,7 +107,7 @@ HEAD_CASES = [(37, 45, 5, 13, None), (8, 20, 1, 10, None), (10, 24, 2, 40, None)
 
 
 @pytest.mark.parametrize("b,d,m,c,hidden", HEAD_CASES)
-def test_fused_heads_kernel_fp32(b, d, m, c, hidden, monkeypatch):
+def test_fused_heads_kernel_fp32(b, d, m, c, hidden, monkeypatch, gemm):
     head = HydraHead(d, c, m, hidden_features=hidden, impl="triton")
     x = torch.randn(b, d, requires_grad=True)
     t = teacher_logits(b, m, c)
@@ -114,7 +121,7 @@ def test_fused_heads_kernel_fp32(b, d, m, c, hidden, monkeypatch):
 
 @pytest.mark.parametrize("hidden", [None, 9])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_fused_equals_unfused_triton(hidden, reduction):
+def test_fused_equals_unfused_triton(hidden, reduction, gemm):
     """The contract under the interpreter: distill_loss == hydra_kl_loss(head(x)) (rel 1e-5), same grads."""
     head = HydraHead(45, 13, 5, hidden_features=hidden, impl="triton")
     x = torch.randn(37, 45, requires_grad=True)
@@ -128,7 +135,7 @@ def test_fused_equals_unfused_triton(hidden, reduction):
         assert_close_to(a, b, rtol=1e-5, atol=1e-8)
 
 
-def test_fused_heads_many_row_chunks(monkeypatch):
+def test_fused_heads_many_row_chunks(monkeypatch, gemm):
     """The fp32 weight-gradient accumulation across row chunks (chunk of 4 rows for 11 rows)."""
     import fasthydra.ops.linear_hydra_kl as lk
 
@@ -142,7 +149,7 @@ def test_fused_heads_many_row_chunks(monkeypatch):
         assert_close_to(g, g_ref, rtol=1e-5, atol=1e-8)
 
 
-def test_fused_heads_loss_only_path():
+def test_fused_heads_loss_only_path(gemm):
     head = HydraHead(16, 10, 3, impl="triton")
     x = torch.randn(9, 16)
     t = teacher_logits(9, 3, 10)
@@ -153,7 +160,7 @@ def test_fused_heads_loss_only_path():
 
 
 @pytest.mark.parametrize("hidden", [None, 6])
-def test_fused_heads_fp16_io(hidden):
+def test_fused_heads_fp16_io(hidden, gemm):
     head = HydraHead(24, 10, 2, hidden_features=hidden, impl="triton", dtype=torch.float16)
     x = torch.randn(12, 24, dtype=torch.float16, requires_grad=True)
     t = teacher_logits(12, 2, 10, dtype=torch.float16)
@@ -167,7 +174,7 @@ def test_fused_heads_fp16_io(hidden):
 
 
 @pytest.mark.parametrize("hidden", [None, 7])
-def test_head_forward_and_backward_kernel(hidden):
+def test_head_forward_and_backward_kernel(hidden, gemm):
     head = HydraHead(30, 11, 3, hidden_features=hidden, impl="triton")
     x = torch.randn(19, 30, requires_grad=True)
     z = head(x)
@@ -185,7 +192,7 @@ def test_head_forward_and_backward_kernel(hidden):
         assert_close_to(g, g_ref, rtol=1e-5, atol=1e-7)
 
 
-def test_grouped_mm_strided_views_and_accumulate():
+def test_grouped_mm_strided_views_and_accumulate(gemm):
     """The grouped GEMM on transposed views, with bias + relu, and fp32 accumulation into an existing buffer."""
     a = torch.randn(3, 20, 17).transpose(1, 2)  # (3, 17, 20), strided
     b = torch.randn(3, 20, 33)
@@ -200,7 +207,7 @@ def test_grouped_mm_strided_views_and_accumulate():
     assert_close_to(acc, start.double() + torch.bmm(a.double(), b.double()), rtol=1e-6, what="accumulate")
 
 
-def test_linear_heads_bias_free_kernel():
+def test_linear_heads_bias_free_kernel(gemm):
     x = torch.randn(5, 9)
     w = torch.randn(2, 4, 9)
     assert_close_to(linear_heads(x, w, None, impl="triton"), R.linear_heads_ref(x.double(), w.double()), rtol=1e-6)
@@ -232,19 +239,19 @@ def test_uncertainty_kernel_matches_torch_path_with_extreme_logits():
 def test_kernels_really_ran_in_the_interpreter(monkeypatch):
     """Guard against a silent fallback: the Triton launcher must be what computes impl='triton'."""
     calls = []
-    real = hk.launch_hydra_kl
+    real = hk.launch_kl_rows
 
     def spy(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(hk, "launch_hydra_kl", spy)
+    monkeypatch.setattr(hk, "launch_kl_rows", spy)
     hydra_kl_loss(torch.randn(2, 2, 5), torch.randn(2, 2, 5), impl="triton")
     assert calls
 
 
 @pytest.mark.parametrize("value,match", [(float("nan"), "NaN"), (float("inf"), r"\+Inf"), (None, "-Inf for every")])
-def test_kernels_check_the_teacher_while_reading_it(monkeypatch, value, match):
+def test_kernels_check_the_teacher_while_reading_it(monkeypatch, value, match, gemm):
     """On the Triton path the value check rides in the kernels (a per-row status they write), not in a
     separate pass over the teacher: the host-side scan must not run, the errors must still come."""
     import fasthydra.ops.library as lib
@@ -252,7 +259,7 @@ def test_kernels_check_the_teacher_while_reading_it(monkeypatch, value, match):
     def no_scan(*args, **kwargs):
         raise AssertionError("the separate teacher scan ran on the Triton path")
 
-    monkeypatch.setattr(lib, "check_teacher_values", no_scan)
+    monkeypatch.setattr(lib, "flag_teacher_rows", no_scan)
     t = torch.randn(4, 3, 20)
     if value is None:
         t[2, 1, :] = float("-inf")
@@ -271,7 +278,7 @@ def test_kernels_check_the_teacher_while_reading_it(monkeypatch, value, match):
 @pytest.mark.parametrize("hidden", [None, 5])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("block", [10**9, 20])
-def test_split_class_path_matches_reference(monkeypatch, hidden, bias, block):
+def test_split_class_path_matches_reference(monkeypatch, hidden, bias, block, gemm):
     """The large-C Triton path (split-class statistics, then gradient class blocks), forced on a small
     case: several splits, several class blocks (block elements = rows * M * classes), masks."""
     import fasthydra.ops.linear_hydra_kl as lk
@@ -294,3 +301,53 @@ def test_split_class_path_matches_reference(monkeypatch, hidden, bias, block):
     bad[0, 0, 5] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         head.distill_loss(x, bad)
+
+
+@pytest.mark.parametrize("hidden", [None, 5])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("budget", [10**9, 2 * 9 * 70, 4 * 70], ids=["one-group", "groups-of-2", "row-chunks"])
+def test_cublas_path_head_groups_and_row_chunks(monkeypatch, hidden, bias, budget):
+    """The cuBLAS + loss-kernel path: all heads in one GEMM, heads in groups of two (dx summed over
+    groups in fp32, each head's dW complete in one GEMM), and row chunks of 4 (dW in an fp32
+    accumulator for the group's slice), with masked classes, against the float64 reference."""
+    import fasthydra.ops.linear_hydra_kl as lk
+
+    monkeypatch.setenv("FASTHYDRA_GEMM", "cublas")
+    monkeypatch.setattr(lk, "CUBLAS_GROUP_ELEMENTS", budget)
+    head = HydraHead(12, 70, 3, hidden_features=hidden, bias=bias, impl="triton")
+    x = torch.randn(9, 12, requires_grad=True)
+    t = teacher_logits(9, 3, 70)
+    t[3, 2, :40] = float("-inf")
+    loss = head.distill_loss(x, t, temperature=1.5)
+    grads = torch.autograd.grad(loss * 0.7, [x, *params_of(head)])
+    loss_ref, grads_ref = reference_loss_and_grads(head, x, t, 1.5, upstream=0.7)
+    assert_close_to(loss, loss_ref, rtol=2e-6, atol=1e-7, what="loss")
+    for name, g, g_ref in zip(["x"] + [n for n, _ in head.named_parameters()], grads, grads_ref):
+        assert_close_to(g, g_ref, rtol=1e-5, atol=1e-8, what=name)
+    with torch.no_grad():
+        assert_close_to(head.distill_loss(x, t, temperature=1.5), loss_ref, rtol=2e-6)
+
+
+def test_cublas_path_groups_of_heads_are_what_runs(monkeypatch):
+    """Guard against a silent fallback: with a budget of two heads the loss kernel runs once per group."""
+    import fasthydra.ops.linear_hydra_kl as lk
+
+    monkeypatch.setenv("FASTHYDRA_GEMM", "cublas")
+    monkeypatch.setattr(lk, "CUBLAS_GROUP_ELEMENTS", 2 * 6 * 20)
+    seen = []
+    real = lk.launch_kl_rows
+
+    def spy(z3, *args, **kwargs):
+        seen.append(tuple(z3.shape))
+        return real(z3, *args, **kwargs)
+
+    monkeypatch.setattr(lk, "launch_kl_rows", spy)
+    head = HydraHead(8, 20, 5, impl="triton")
+    head.distill_loss(torch.randn(6, 8, requires_grad=True), teacher_logits(6, 5, 20)).backward()
+    assert seen == [(6, 2, 20), (6, 2, 20), (6, 1, 20)]
+
+
+def test_gemm_backend_setting_is_validated(monkeypatch):
+    monkeypatch.setenv("FASTHYDRA_GEMM", "magma")
+    with pytest.raises(ValueError, match="FASTHYDRA_GEMM"):
+        HydraHead(4, 5, 2, impl="triton").distill_loss(torch.randn(3, 4), torch.randn(3, 2, 5))

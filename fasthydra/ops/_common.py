@@ -20,6 +20,23 @@ TRITON_CHUNK_ELEMENTS = 1 << 27
 TORCH_CHUNK_ELEMENTS = 1 << 23
 
 
+# Elements of one head group's logits on the cuBLAS path (128 MiB in bf16): all heads form one group
+# unless their (B, M, C) logits would pass this, then fewer heads per group, and rows are chunked only
+# when one head's (B, C) block alone is bigger.
+CUBLAS_GROUP_ELEMENTS = 1 << 26
+GEMM_BACKENDS = ("cublas", "triton")
+
+
+def gemm_backend() -> str:
+    """Who runs the heads' GEMMs on the Triton path: "cublas" (torch.mm/addmm/bmm, the default: cuBLAS
+    on a GPU, and the Triton kernels do the softmax/KL/gradient pass cuBLAS cannot fuse) or "triton"
+    (the fused Triton GEMM kernels, kept selectable until the H200 decides, FASTHYDRA_GEMM=triton)."""
+    value = os.environ.get("FASTHYDRA_GEMM", "cublas").strip().lower() or "cublas"
+    if value not in GEMM_BACKENDS:
+        raise ValueError(f"FASTHYDRA_GEMM must be one of {GEMM_BACKENDS}, got {value!r}")
+    return value
+
+
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (must be set before triton is imported)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

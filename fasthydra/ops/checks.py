@@ -1,16 +1,214 @@
-"""Value checks that need to look at tensor data (run inside the custom ops, where the data is)."""
+"""Value checks that need to look at tensor data, without stalling the GPU.
+
+On the CPU a check costs no stall, so errors are raised at once. On CUDA the kernels (or, on the
+torch path, a few device-side reductions) OR error bits into a per-device int32 word, one slot per
+op; the host never waits for it. After a launch the word is copied without blocking into pinned
+host memory behind a CUDA event (at most one copy in flight: the word is sticky, so a later copy
+sees anything an earlier one missed), and every later call of any op polls that event with
+``event.query()`` (which does not synchronise). Once the copy has landed and shows a bit, the call
+raises the ValueError, naming the op and how many calls ago it ran, and clears the word. Meanwhile
+the loss of a bad step is NaN, so nothing passes silently. ``FASTHYDRA_STRICT=1`` (or
+``strict_checks(True)``) checks synchronously after every launch instead, as on the CPU.
+Under CUDA-graph capture no copy is issued (the word is still written at each replay);
+``raise_pending_errors(sync=True)`` reads it on demand.
+
+Bits: 1 a NaN teacher logit, 2 a +inf teacher logit, 4 a teacher row that is -inf for every class;
+8 a Gaussian teacher variance not finite and > 0, 16 a Gaussian teacher mean not finite.
+"""
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+NAN, POSINF, ALL_NEGINF = 1, 2, 4
+BAD_VAR, BAD_MEAN = 8, 16  # Gaussian teachers: a variance not finite and > 0, a mean not finite
+# One slot per op that reads teacher values (so the error names the op that saw them).
+OPS = ("hydra_kl_loss", "hinton_kl_loss", "distill_loss", "gaussian_kl_loss")
+
+_strict_override: bool | None = None
+# Tests only: treat CPU tensors like CUDA ones (deferred reporting through a copy and an "event" that
+# has always landed), so the no-sync machinery is exercised where no GPU is.
+_DEFER_ON_CPU = False
+
+
+class _LandedEvent:
+    def record(self):
+        pass
+
+    def query(self):
+        return True
+
+
+def strict_checks(enabled: bool | None) -> None:
+    """Force synchronous value checks on (True) or off (False); None defers to FASTHYDRA_STRICT."""
+    global _strict_override
+    _strict_override = enabled
+
+
+def strict() -> bool:
+    if _strict_override is not None:
+        return _strict_override
+    return os.environ.get("FASTHYDRA_STRICT", "0") not in ("", "0")
+
+
+def _message(op: str, bits: int, shape, when: str) -> str:
+    what = []
+    if bits & NAN:
+        what.append("NaN")
+    if bits & POSINF:
+        what.append("+Inf")
+    if bits & ALL_NEGINF:
+        what.append("a row that is -Inf for every class (its softmax is undefined)")
+    if bits & BAD_VAR:
+        what.append("a teacher_var that is not finite and > 0")
+    if bits & BAD_MEAN:
+        what.append("a teacher_mean with NaN or Inf")
+    shape_txt = f" (shape {tuple(shape)})" if shape is not None else ""
+    return f"{op}: the teacher contained {' and '.join(what)}{shape_txt}{when}"
+
+
+class _DeviceFlags:
+    """The error word of one CUDA device, its pinned copy and the event that says the copy landed."""
+
+    def __init__(self, device: torch.device):
+        self.word = torch.zeros(len(OPS), dtype=torch.int32, device=device)
+        self.host = torch.zeros(len(OPS), dtype=torch.int32, pin_memory=device.type == "cuda")
+        self.event = torch.cuda.Event() if device.type == "cuda" else _LandedEvent()
+        self.in_flight = False
+        self.calls = 0  # op calls that touched the word
+        self.copied_at = 0  # self.calls when the copy in flight was issued
+        self.clean_at = 0  # self.calls when a landed copy last showed no error
+        self.shapes: dict[str, tuple] = {}
+
+
+_flags: dict[torch.device, _DeviceFlags] = {}
+
+
+def _flags_of(device: torch.device) -> _DeviceFlags:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    f = _flags.get(device)
+    if f is None:
+        f = _flags[device] = _DeviceFlags(device)
+    return f
+
+
+def error_word(device: torch.device, op: str) -> torch.Tensor:
+    """The (1,) int32 slot that the kernels of `op` OR their error bits into."""
+    i = OPS.index(op)
+    return _flags_of(device).word[i:i + 1]
+
+
+def _raise_from(f: _DeviceFlags, values, calls_seen: int, deferred: bool) -> None:
+    bad = [(op, int(v)) for op, v in zip(OPS, values) if int(v)]
+    if not bad:
+        f.clean_at = calls_seen
+        return
+    f.word.zero_()  # reported once; the stream orders this after the kernels that set it
+    f.in_flight = False
+    op, bits = bad[0]
+    when = ""
+    if deferred:
+        lo, hi = f.calls - calls_seen, f.calls - f.clean_at - 1
+        when = (f"; raised without stalling the GPU, {lo} to {hi} fasthydra call(s) after the one that read "
+                f"it (set FASTHYDRA_STRICT=1 to raise at the call itself)")
+    raise ValueError(_message(op, bits, f.shapes.get(op), when))
+
+
+def poll(device: torch.device) -> None:
+    """Raises the ValueError of a landed copy that shows an error; never waits for the GPU."""
+    device = torch.device(device)
+    if (device.type != "cuda" and not _DEFER_ON_CPU) or torch.compiler.is_compiling():
+        return
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    f = _flags.get(device)
+    if f is None or not f.in_flight or not f.event.query():
+        return
+    f.in_flight = False
+    _raise_from(f, f.host.numpy(), f.copied_at, deferred=True)
+
+
+def after_launch(device: torch.device, op: str, shape) -> None:
+    """Called right after the launches of `op` that wrote the error word."""
+    if torch.compiler.is_compiling():
+        return
+    f = _flags_of(device)
+    f.calls += 1
+    f.shapes[op] = tuple(shape)
+    if f.word.device.type != "cuda" and not _DEFER_ON_CPU:  # CPU tensors: no stall, raise at once
+        _raise_from(f, f.word.numpy(), f.calls, deferred=False)
+        return
+    if strict():
+        if f.word.is_cuda:
+            torch.cuda.current_stream(f.word.device).synchronize()
+        _raise_from(f, f.word.cpu().numpy(), f.calls, deferred=False)
+        return
+    if f.in_flight or (f.word.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    f.host.copy_(f.word, non_blocking=True)
+    f.event.record()
+    f.in_flight = True
+    f.copied_at = f.calls
+
+
+def raise_pending_errors(sync: bool = True) -> None:
+    """Reports teacher value errors the GPU has flagged but no call has raised yet (after a CUDA-graph
+    replay, or at the end of training). sync=True waits for the device first."""
+    for f in list(_flags.values()):
+        if f.word.device.type != "cuda":
+            continue
+        if sync:
+            torch.cuda.synchronize(f.word.device)
+            f.in_flight = False
+            _raise_from(f, f.word.cpu().numpy(), f.calls, deferred=True)
+        else:
+            poll(f.word.device)
+
+
+def flag_teacher_rows(teacher: torch.Tensor, op: str) -> None:
+    """The torch path: one row-max reduction answers all three questions (max is NaN with a NaN, +inf
+    with a +inf, -inf exactly when the whole row is -inf); on CUDA its verdict goes to the error word
+    with device-side ops only, on the CPU the error is raised at once."""
+    if teacher.numel() == 0:
+        return
+    if teacher.device.type != "cuda":
+        check_teacher_values(teacher)
+        return
+    row_max = teacher.detach().amax(dim=-1)
+    bits = (torch.isnan(row_max).any().int() * NAN + torch.isposinf(row_max).any().int() * POSINF
+            + torch.isneginf(row_max).any().int() * ALL_NEGINF)
+    error_word(teacher.device, op).bitwise_or_(bits)
+    after_launch(teacher.device, op, teacher.shape)
+
+
+def flag_gaussian_teacher(var_ok: torch.Tensor, mean_ok: torch.Tensor, shape) -> None:
+    """Device-side verdicts of the Gaussian teacher checks (0-dim bool tensors) into the error word."""
+    bits = (~var_ok).int() * BAD_VAR + (~mean_ok).int() * BAD_MEAN
+    error_word(var_ok.device, "gaussian_kl_loss").bitwise_or_(bits)
+    after_launch(var_ok.device, "gaussian_kl_loss", shape)
+
+
+def flag_status(status: torch.Tensor, op: str, shape) -> None:
+    """The fused heads kernels write a per-row status (max(t)/T, NaN where a NaN was seen): the same
+    verdicts, on the device."""
+    if status.numel() == 0:
+        return
+    if status.device.type != "cuda":
+        check_teacher_status(status, shape)
+        return
+    bits = (torch.isnan(status).any().int() * NAN + torch.isposinf(status).any().int() * POSINF
+            + torch.isneginf(status).any().int() * ALL_NEGINF)
+    error_word(status.device, op).bitwise_or_(bits)
+    after_launch(status.device, op, shape)
 
 
 def check_teacher_values(teacher: torch.Tensor, name: str = "teacher_logits") -> None:
-    """NaN or +Inf anywhere, or a row that is -Inf everywhere, is an error; a lone -Inf masks a class.
-
-    One reduction pass (the row maximum) answers all three questions: the max is NaN when a NaN is
-    present, +Inf when a +Inf is, and -Inf exactly when the whole row is -Inf.
-    """
+    """Immediate check (CPU tensors): NaN or +Inf anywhere, or a row that is -Inf everywhere, is an
+    error; a lone -Inf masks a class."""
     if teacher.numel() == 0:
         return
     row_max = teacher.detach().amax(dim=-1)
@@ -25,8 +223,7 @@ def check_teacher_values(teacher: torch.Tensor, name: str = "teacher_logits") ->
 
 
 def check_teacher_status(status: torch.Tensor, shape, name: str = "teacher_logits") -> None:
-    """The same verdicts from the per-row status the Triton loss kernels write while they read the
-    teacher anyway (max(t)/T per row, NaN where a NaN was seen): no extra pass over (B, M, C)."""
+    """Immediate verdicts from a per-row status (CPU tensors)."""
     if status.numel() == 0:
         return
     if bool(torch.isnan(status).any()):

@@ -11,17 +11,39 @@ from __future__ import annotations
 
 import torch
 
-from ._common import cdiv, dot_precision, matmul_config, upcast_dot
+from ._common import cdiv, dot_precision, gemm_backend, matmul_config, upcast_dot
+
+
+def _grouped_mm_cublas(a3, b3, out3, bias2, relu: bool, accumulate: bool):
+    """grouped_mm with torch's GEMMs (cuBLAS on a GPU, fp32 accumulation inside for 16-bit operands)."""
+    if accumulate:  # an fp32 accumulator: the product is rounded once to the operands' dtype, then added
+        out3 += torch.bmm(a3, b3)
+        return out3
+    if out3.shape[0] == 1 and out3[0].is_contiguous():  # one group: write the output in place
+        if bias2 is not None:
+            torch.addmm(bias2[0].unsqueeze(0), a3[0], b3[0], out=out3[0])
+        else:
+            torch.mm(a3[0], b3[0], out=out3[0])
+    else:
+        out3.copy_(torch.bmm(a3, b3) if bias2 is None else torch.baddbmm(bias2.unsqueeze(1), a3, b3))
+    if relu:
+        out3.clamp_(min=0)
+    return out3
 
 
 def grouped_mm(a3, b3, out3, bias2=None, relu: bool = False, accumulate: bool = False):
-    """out3[g] (=|+=) act(a3[g] @ b3[g] + bias2[g]) for strided views a3 (G, M, K), b3 (G, K, N), out3 (G, M, N)."""
+    """out3[g] (=|+=) act(a3[g] @ b3[g] + bias2[g]) for strided views a3 (G, M, K), b3 (G, K, N), out3 (G, M, N).
+
+    With the cuBLAS backend (the default, see ``gemm_backend``) torch's GEMMs run it; else the
+    grouped Triton GEMM kernel, one launch with the group as the second grid axis."""
     from fasthydra.kernels.grouped_matmul import _grouped_matmul_kernel
 
     g, m, k = a3.shape
     n = b3.shape[2]
     if g == 0 or m == 0 or n == 0:
         return out3
+    if k > 0 and gemm_backend() == "cublas":
+        return _grouped_mm_cublas(a3, b3, out3, bias2, relu, accumulate)
     if k == 0:  # empty contraction: the product is zero
         if not accumulate:
             out3.zero_()

@@ -12,7 +12,7 @@ import math
 import torch
 
 from . import native
-from .checks import check_teacher_status
+from .checks import after_launch, error_word
 from ._common import TORCH_CHUNK_ELEMENTS, cdiv, compute_dtype, kl_rows_config, rows_per_chunk
 
 
@@ -31,15 +31,30 @@ def reduce_rows(rows: torch.Tensor, reduction: str, out_dtype: torch.dtype) -> t
     return total.to(out_dtype)
 
 
+def _is_one(grad_output: torch.Tensor) -> bool:
+    """loss.backward() in eager mode on the CPU: the upstream gradient is 1 and reading it costs no stall.
+    On a GPU reading it would synchronise, and traced (compile, AOT: tensor subclasses) it is unknown."""
+    return (type(grad_output) is torch.Tensor and grad_output.device.type == "cpu" and grad_output.dim() == 0
+            and not torch.compiler.is_compiling() and torch.equal(grad_output, torch.ones_like(grad_output)))
+
+
 def scale_grad(stored: torch.Tensor, grad_output: torch.Tensor, reduction: str) -> torch.Tensor:
     """Chain rule for a gradient stored in the forward: scalar or per-row (B, M) upstream gradient."""
     if reduction == "none":
         return stored * grad_output.unsqueeze(-1).to(stored.dtype)
-    # loss.backward() in eager mode: no (B, M, C)-sized multiply. Traced (compile, AOT: tensor
-    # subclasses) the value is unknown, so multiply.
-    if type(grad_output) is torch.Tensor and not torch.compiler.is_compiling() and bool(grad_output == 1):
+    if _is_one(grad_output):  # no (B, M, C)-sized multiply
         return stored
     return stored * grad_output.to(stored.dtype)
+
+
+def scale_grads(stored: list, grad_output: torch.Tensor) -> list:
+    """scale_grad for several stored gradients of a scalar loss; on a GPU one foreach launch for all."""
+    if _is_one(grad_output):
+        return list(stored)
+    if stored and stored[0].is_cuda and not torch.compiler.is_compiling() and \
+            len({t.dtype for t in stored}) == 1 and type(grad_output) is torch.Tensor:
+        return list(torch._foreach_mul(stored, grad_output.to(stored[0].dtype)))
+    return [t * grad_output.to(t.dtype) for t in stored]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -103,42 +118,40 @@ def hydra_kl_forward_torch(student, teacher, temperature: float, reduction: str,
 # ----------------------------------------------------------------------------------------------
 
 
-def launch_hydra_kl(student2d, teacher2d, temperature: float, grad_scale: float | None):
-    """Runs the row kernel on (R, C) views with unit stride along C. Returns (loss (R,), grad or None).
-    Raises ValueError when the kernel saw NaN/+Inf teacher logits or an all -Inf row."""
+def launch_kl_rows(z3, t3, loss2, grad3, temperature: float, grad_scale: float | None, op: str):
+    """One launch of the row kernel over (O, I, C) views with unit stride along C: student logits z3,
+    teacher t3, fp32 loss rows loss2 (O, I) written, gradient grad3 (O, I, C) written when grad_scale
+    is given (grad3 may be z3 itself: the logits turn into their gradient in place). The teacher's
+    value errors go to the device's error word (checks.py), never through a host synchronisation."""
     from fasthydra.kernels.softmax_kl import _hydra_kl_fwd_kernel
 
-    r, c = student2d.shape
-    loss = torch.empty(r, dtype=torch.float32, device=student2d.device)
-    status = torch.empty(r, dtype=torch.float32, device=student2d.device)
-    grad = torch.empty_like(student2d) if grad_scale is not None else None
+    o, i, c = z3.shape
+    r = o * i
     if r == 0:
-        return loss, grad
+        return
+    write_grad = grad_scale is not None
+    g3 = grad3 if write_grad else z3
     cfg = kl_rows_config(c)
-    grid = (cdiv(r, cfg["BLOCK_R"]),)
-    _hydra_kl_fwd_kernel[grid](
-        student2d, teacher2d, loss, grad if grad is not None else loss, status,
-        r, c, student2d.stride(0), teacher2d.stride(0), grad.stride(0) if grad is not None else 0,
-        1.0 / temperature, temperature * temperature, grad_scale if grad_scale is not None else 0.0,
-        BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], WRITE_GRAD=grad is not None,
+    _hydra_kl_fwd_kernel[(cdiv(r, cfg["BLOCK_R"]),)](
+        z3, t3, loss2, g3, error_word(z3.device, op),
+        r, i, c, z3.stride(0), z3.stride(1), t3.stride(0), t3.stride(1), g3.stride(0), g3.stride(1),
+        loss2.stride(0), loss2.stride(1),
+        1.0 / temperature, temperature * temperature, grad_scale if write_grad else 0.0,
+        BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], WRITE_GRAD=write_grad,
         num_warps=cfg["num_warps"],
     )
-    check_teacher_status(status, teacher2d.shape)
-    return loss, grad
 
 
-def _rows_view(x: torch.Tensor) -> torch.Tensor:
-    """(B, M, C) -> (B*M, C) with unit stride along C (copies only when it must)."""
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    try:
-        return x.view(-1, x.shape[-1])
-    except RuntimeError:
-        return x.reshape(-1, x.shape[-1])
-
-
-def hydra_kl_forward_triton(student, teacher, temperature: float, reduction: str, want_grad: bool):
-    """Hydra loss on given logits with the one-launch Triton kernel. Returns (loss, grad or None)."""
+def hydra_kl_forward_triton(student, teacher, temperature: float, reduction: str, want_grad: bool,
+                            op: str = "hydra_kl_loss"):
+    """Hydra loss on given logits with the one-launch Triton kernel (strided views read in place).
+    Returns (loss, grad or None)."""
     b, m, c = student.shape
     grad_scale = temperature * reduction_coefficient(reduction, b * m) if want_grad else None
-    loss, grad = launch_hydra_kl(_rows_view(student), _rows_view(teacher), temperature, grad_scale)
-    return reduce_rows(loss.view(b, m), reduction, loss.dtype), None if grad is None else grad.view(b, m, c)
+    student = student if student.stride(-1) == 1 else student.contiguous()
+    teacher = teacher if teacher.stride(-1) == 1 else teacher.contiguous()
+    loss = torch.empty(b, m, dtype=torch.float32, device=student.device)
+    grad = torch.empty(b, m, c, dtype=student.dtype, device=student.device) if want_grad else None
+    launch_kl_rows(student, teacher, loss, grad, temperature, grad_scale, op)
+    after_launch(student.device, op, teacher.shape)
+    return reduce_rows(loss, reduction, loss.dtype), grad

@@ -20,7 +20,7 @@ from . import grouped_linear as _gl
 from . import hydra_kl as _kl
 from . import linear_hydra_kl as _lin
 from . import uncertainty as _unc
-from .checks import check_teacher_values
+from .checks import flag_teacher_rows, poll
 
 _EMPTY = (0,)
 
@@ -63,8 +63,9 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 @_no_autocast
 def hydra_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float, reduction: str, want_grad: bool,
              impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+    poll(student.device)
     if impl != "triton":  # the Triton kernel checks the teacher while it reads it (no extra pass)
-        check_teacher_values(teacher)
+        flag_teacher_rows(teacher, "hydra_kl_loss")
     fwd = _kl.hydra_kl_forward_triton if impl == "triton" else _kl.hydra_kl_forward_torch
     loss, grad = fwd(student, teacher, temperature, reduction, want_grad)
     return loss, _none_to_empty(grad, student)
@@ -111,8 +112,9 @@ register_autograd("fasthydra::hydra_kl", _hydra_kl_backward, setup_context=_hydr
 def linear_hydra_kl(inp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, teacher: torch.Tensor,
                     temperature: float, reduction: str, shared: bool, need_in: bool, need_w: bool, need_b: bool,
                     impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    if impl != "triton":  # the Triton kernel checks the teacher while it reads it (no extra pass)
-        check_teacher_values(teacher)
+    poll(inp.device)
+    if impl != "triton":  # the Triton kernels check the teacher while they read it (no extra pass)
+        flag_teacher_rows(teacher, "distill_loss")
     fwd = _lin.linear_hydra_kl_forward_triton if impl == "triton" else _lin.linear_hydra_kl_forward_torch
     loss, g_in, g_w, g_b = fwd(inp, weight, bias, teacher, temperature, reduction, shared, need_in, need_w,
                                need_b and bias is not None)
@@ -143,24 +145,24 @@ def _no_double_backward() -> None:
                            "reference ops in fasthydra.reference for double backward.")
 
 
-def _scaled(stored: torch.Tensor, grad_loss: torch.Tensor):
-    if stored.numel() == 0 and stored.dim() == 1:
-        return None
-    return _kl.scale_grad(stored, grad_loss, "mean")
-
-
 def _heads_backward(n_inputs: int):
     """Backward of a fused heads op whose first three inputs are (input, weight, bias) and whose
-    outputs are (loss, their stored gradients): scale those by the upstream gradient."""
+    outputs are (loss, their stored gradients): scale those by the upstream gradient (one foreach
+    launch on a GPU; nothing on the CPU when the upstream gradient is 1)."""
 
     def backward(ctx, grad_loss, *_):
         _no_double_backward()
-        g_in, g_w, g_b = ctx.saved_tensors
+        saved = list(ctx.saved_tensors)
         rest = (None,) * (n_inputs - 3)
         if grad_loss is None:
             return (None, None, None, *rest)
-        return (_scaled(g_in, grad_loss), _scaled(g_w, grad_loss),
-                _scaled(g_b, grad_loss) if ctx.has_bias else None, *rest)
+        if not ctx.has_bias:
+            saved[2] = saved[2].new_empty(_EMPTY)
+        present = [i for i, g in enumerate(saved) if not (g.numel() == 0 and g.dim() == 1)]
+        out = [None, None, None]
+        for i, g in zip(present, _kl.scale_grads([saved[i] for i in present], grad_loss)):
+            out[i] = g
+        return (*out, *rest)
 
     return backward
 

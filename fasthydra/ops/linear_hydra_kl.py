@@ -15,19 +15,21 @@ from __future__ import annotations
 import torch
 
 from ._common import (
+    CUBLAS_GROUP_ELEMENTS,
     TORCH_CHUNK_ELEMENTS,
     TRITON_CHUNK_ELEMENTS,
     cdiv,
     compute_dtype,
     dot_precision,
+    gemm_backend,
     interpreting,
     linear_kl_config,
     rows_per_chunk,
     upcast_dot,
 )
-from .checks import check_teacher_status
+from .checks import after_launch, flag_status
 from .grouped_linear import grouped_mm, heads_backward
-from .hydra_kl import kl_chunk_torch, reduce_rows, reduction_coefficient
+from .hydra_kl import kl_chunk_torch, launch_kl_rows, reduce_rows, reduction_coefficient
 
 
 def _results(rows, inp, weight, bias, grad_in, grad_w32, grad_b32, reduction):
@@ -208,14 +210,135 @@ def launch_linear_hydra_kl(inp, weight, bias, teacher, loss, stash, temperature,
         BLOCK_B=cfg["BLOCK_B"], BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    check_teacher_status(status, teacher.shape)
+    flag_status(status, "distill_loss", teacher.shape)
+
+
+def _head_groups(b: int, m: int, c: int) -> tuple[int, int]:
+    """(heads per group, rows per chunk) on the cuBLAS path: all heads and all rows when their logits fit
+    CUBLAS_GROUP_ELEMENTS; else fewer heads per group (each head's dW still complete in one GEMM);
+    rows are chunked only when one head's (B, C) block alone does not fit."""
+    per_head = max(b * c, 1)
+    heads = max(1, min(m, CUBLAS_GROUP_ELEMENTS // per_head))
+    rows = b if per_head <= CUBLAS_GROUP_ELEMENTS else max(1, CUBLAS_GROUP_ELEMENTS // max(c, 1))
+    return heads, max(rows, 1)
+
+
+def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: float, reduction: str, shared: bool,
+                                   need_in: bool, need_w: bool, need_b: bool):
+    """Heads + Hydra loss as cuBLAS GEMMs around the one-pass Triton loss kernel (the GPU default).
+
+    Per head group (all M heads unless their logits are too big, see ``_head_groups``):
+      1. the group's logits in one GEMM over its stacked (g*C, K) weight (addmm; the per-head inputs of
+         MLP heads' second layer: one baddbmm), written into one reused buffer;
+      2. one Triton pass turns that buffer in place into the loss rows and the gradient
+         T * coef * (q - p) (tempered softmax + per-head KL + gradient; teacher checked on the way);
+      3. cuBLAS again: dW of the group's heads complete in one GEMM, written once in the weight dtype
+         (an fp32 accumulator for the group's slice only when rows had to be chunked); dx = dz @ W,
+         accumulated in fp32 across groups; db as an fp32 column sum.
+    Only one group's logits exist at a time; with no gradient wanted nothing (B, M, C)-sized is kept.
+    Returns (loss, grad_in, grad_weight, grad_bias), None where not asked for.
+    """
+    m, c, k = weight.shape
+    b = inp.shape[0]
+    dev, dt = inp.device, inp.dtype
+    weight = weight.contiguous()
+    teacher = teacher if teacher.stride(-1) == 1 else teacher.contiguous()
+    want_grad = need_in or need_w or need_b
+    grad_scale = temperature * reduction_coefficient(reduction, b * m) if want_grad else None
+    loss = torch.empty(b, m, dtype=torch.float32, device=dev)
+    heads, rows = _head_groups(b, m, c)
+    n_groups, n_chunks = cdiv(m, heads), max(1, cdiv(b, rows))
+    buf = torch.empty(min(rows, b) * heads * c, dtype=dt, device=dev)
+    grad_w = torch.empty_like(weight) if need_w else None
+    grad_b = torch.empty(m, c, dtype=torch.float32, device=dev) if need_b else None
+    # dx: per-head inputs (MLP heads) get disjoint slices per group, so no accumulation; a shared input
+    # sums over groups, in fp32 when there is more than one.
+    grad_in = grad_in32 = None
+    if need_in:
+        if shared and n_groups > 1:
+            grad_in32 = torch.zeros(inp.shape, dtype=torch.float32, device=dev)
+        else:
+            grad_in = torch.empty_like(inp)
+    if b == 0:
+        for g in (grad_w, grad_b):
+            if g is not None:
+                g.zero_()
+    for h0 in range(0, m, heads):
+        h1 = min(m, h0 + heads)
+        gh = h1 - h0
+        wg = weight[h0:h1]
+        w2 = wg.view(gh * c, k)
+        acc = torch.zeros(gh, c, k, dtype=torch.float32, device=dev) if need_w and n_chunks > 1 else None
+        for r0 in range(0, b, rows):
+            r1 = min(b, r0 + rows)
+            br = r1 - r0
+            if shared:  # z[b, h, :] for the group: one GEMM over the stacked weight, rows major
+                xc = inp[r0:r1]
+                z = buf[:br * gh * c].view(br, gh * c)
+                if bias is not None:
+                    torch.addmm(bias[h0:h1].reshape(1, gh * c), xc, w2.T, out=z)
+                else:
+                    torch.mm(xc, w2.T, out=z)
+                z3, t3, l2 = z.view(br, gh, c), teacher[r0:r1, h0:h1], loss[r0:r1, h0:h1]
+            else:  # per-head inputs: one batched GEMM, head major
+                xc = inp[r0:r1, h0:h1].transpose(0, 1)  # (gh, br, K)
+                z3 = buf[:br * gh * c].view(gh, br, c)
+                if bias is not None:
+                    torch.baddbmm(bias[h0:h1].unsqueeze(1), xc, wg.transpose(1, 2), out=z3)
+                else:
+                    torch.bmm(xc, wg.transpose(1, 2), out=z3)
+                t3, l2 = teacher[r0:r1, h0:h1].transpose(0, 1), loss[r0:r1, h0:h1].T
+            launch_kl_rows(z3, t3, l2, z3 if want_grad else None, temperature, grad_scale, "distill_loss")
+            if not want_grad:
+                continue
+            # z3 now holds dL/dz for the group's rows.
+            if shared:
+                gz = z3.view(br, gh * c)
+                if need_w:
+                    if acc is None:
+                        torch.mm(gz.T, xc, out=grad_w[h0:h1].view(gh * c, k))
+                    else:
+                        acc.view(gh * c, k).add_(torch.mm(gz.T, xc))
+                if need_in:
+                    if grad_in32 is not None:
+                        grad_in32[r0:r1].add_(torch.mm(gz, w2))
+                    else:
+                        torch.mm(gz, w2, out=grad_in[r0:r1])
+                if need_b:
+                    col = gz.sum(0, dtype=torch.float32).view(gh, c)
+            else:
+                if need_w:
+                    if acc is None:
+                        torch.bmm(z3.transpose(1, 2), xc, out=grad_w[h0:h1])
+                    else:
+                        acc.add_(torch.bmm(z3.transpose(1, 2), xc))
+                if need_in:
+                    grad_in[r0:r1, h0:h1] = torch.bmm(z3, wg).transpose(0, 1)
+                if need_b:
+                    col = z3.sum(1, dtype=torch.float32)
+            if need_b:
+                if r0 == 0:
+                    grad_b[h0:h1] = col
+                else:
+                    grad_b[h0:h1] += col
+        if acc is not None:
+            grad_w[h0:h1] = acc
+    after_launch(dev, "distill_loss", teacher.shape)
+    if grad_in32 is not None:
+        grad_in = grad_in32.to(dt)
+    return (reduce_rows(loss, reduction, loss.dtype), grad_in, grad_w,
+            None if grad_b is None else grad_b.to(bias.dtype))
 
 
 def linear_hydra_kl_forward_triton(inp, weight, bias, teacher, temperature: float, reduction: str, shared: bool,
                                    need_in: bool, need_w: bool, need_b: bool):
-    """Fused heads + Hydra loss on Triton: the fused GEMM/softmax/KL kernel, then grouped GEMMs for
-    the input gradient and the (fp32 across chunks) weight gradient, chunk by chunk.
-    Returns (loss, grad_in, grad_weight, grad_bias), None where not asked for."""
+    """Heads + Hydra loss on the Triton path. With the cuBLAS GEMM backend (the default) see
+    ``linear_hydra_kl_forward_cublas``; with FASTHYDRA_GEMM=triton the fused GEMM/softmax/KL kernel,
+    then grouped Triton GEMMs for the input gradient and the (fp32 across chunks) weight gradient,
+    chunk by chunk. Returns (loss, grad_in, grad_weight, grad_bias), None where not asked for."""
+    if gemm_backend() == "cublas":
+        return linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature, reduction, shared,
+                                              need_in, need_w, need_b)
     m, c, k = weight.shape
     b = inp.shape[0]
     inp = inp.contiguous()
@@ -304,7 +427,7 @@ def _split_classes_triton(inp, weight, bias, teacher, temperature, reduction, sh
     _linear_hydra_kl_stats_kernel[(row_blocks, m, splits)](
         inp, weight, bias_arg, teacher, stats, b, c, k, per_split, *strides, 1.0 / temperature, **common)
     ref_s, d_s, ref_u, d_u, a, status = _merge_split_stats(stats)
-    check_teacher_status(status, teacher.shape)
+    flag_status(status, "distill_loss", teacher.shape)
     log_d_s, log_d_u = d_s.log(), d_u.log()
     rows = (a / d_u - log_d_u + log_d_s) * (temperature * temperature)
     if not (need_in or need_w or need_b):
