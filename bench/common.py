@@ -30,8 +30,12 @@ TEMPERATURE = 2.0
 # (name, B, D, M, C, dtype)
 CPU_SHAPES = [("small-C", 4096, 512, 8, 10, torch.float32), ("mid", 1024, 512, 8, 1000, torch.float32),
               ("large-C", 256, 256, 4, 32000, torch.float32)]
+# A name ending in "-tf32" runs its fp32 GEMMs with torch.backends.cuda.matmul.allow_tf32 on (see
+# case_settings); every other fp32 case with it off.
 GPU_SHAPES = CPU_SHAPES + [("gpu-large", 4096, 2048, 8, 32000, torch.bfloat16),
-                           ("gpu-small", 512, 512, 10, 10, torch.float32)]
+                           ("gpu-small", 512, 512, 10, 10, torch.float32),
+                           ("gpu-large-fp16", 4096, 2048, 8, 32000, torch.float16),
+                           ("large-C-tf32", 256, 256, 4, 32000, torch.float32)]
 MLP_HIDDEN = 128
 
 
@@ -75,6 +79,12 @@ def provider_available(provider: str, device: str) -> str | None:
         except Exception:
             return "liger-kernel is not installed"
     return None
+
+
+def case_settings(case: "Case") -> None:
+    """Global settings a case runs under: TF32 GEMMs only for the "-tf32" cases."""
+    if case.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = case.name.endswith("-tf32")
 
 
 def sync(device: str) -> None:
@@ -154,6 +164,7 @@ def make_callable(case: Case, provider: str, inputs: Inputs):
     For ``compile`` the first call (the compilation) happens here and its seconds land in
     ``inputs.extra["compile_seconds"]``, outside every timing.
     """
+    case_settings(case)
     head = inputs.head
     params = list(head.parameters())
 
@@ -226,6 +237,7 @@ def gemm_floor_callable(case: Case):
     the logits GEMM). Memory-bound ops: one elementwise sweep that moves the bytes they must move
     (kl: read z and t, write dz; uncertainty: read z, write the (B, C) mixture).
     """
+    case_settings(case)
     dev, dt = case.device, case.dtype
     b, d, m, c = case.B, case.D, case.M, case.C
     if case.op == "kl_fwdbwd":

@@ -14,6 +14,7 @@ from numbers import Real
 import torch
 
 from fasthydra.ops._common import interpreting
+from fasthydra.ops import checks as _checks
 from fasthydra.ops.checks import flag_gaussian_teacher, flag_teacher_rows, poll
 from fasthydra.ops.gaussian_kl import gaussian_kl_torch, split_gaussian
 from fasthydra.ops import library as _ops
@@ -181,6 +182,9 @@ def hydra_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
         impl: "auto" | "triton" | "torch".
     Shapes: (B, M, C), (B, M, C) -> () or (B, M).
     Returns: the loss in the student's dtype (computed in fp32, fp64 for fp64 input).
+    Raises: ValueError for NaN/+Inf teacher logits or a teacher row that is -Inf everywhere: at once on
+        CPU tensors; on CUDA without a host sync (the loss is NaN, and a later fasthydra call raises,
+        naming this op; FASTHYDRA_STRICT=1 raises here). See README, "What runs where".
 
     Example:
         >>> z, t = torch.randn(8, 4, 10, requires_grad=True), torch.randn(8, 4, 10)
@@ -392,7 +396,7 @@ def _check_gaussian_teacher(teacher_mean: torch.Tensor, teacher_var: torch.Tenso
         return
     var_ok = ((teacher_var > 0) & torch.isfinite(teacher_var)).all()
     mean_ok = torch.isfinite(teacher_mean).all()
-    if teacher_var.is_cuda and not torch.compiler.is_compiling():
+    if (teacher_var.is_cuda or _checks._DEFER_ON_CPU) and not torch.compiler.is_compiling():
         poll(teacher_var.device)
         flag_gaussian_teacher(var_ok, mean_ok, teacher_var.shape)
         return

@@ -121,6 +121,8 @@ class HydraHead(nn.Module):
             temperature: T > 0.
             reduction: "mean" or "sum" run fused; "none" -> (*, M) goes through the unfused path.
         Returns: the loss in x's dtype.
+        Raises: ValueError for bad teacher values as ``hydra_kl_loss`` does (on CUDA without a host
+            sync: NaN loss now, the error on a later call; FASTHYDRA_STRICT=1 raises at once).
 
         Example:
             >>> head = HydraHead(16, 10, 4)

@@ -30,10 +30,8 @@ def _eager(head, x, t, temperature):
     return R.hydra_kl_loss_ref(z, t.to(z.dtype), temperature)
 
 
-@pytest.mark.parametrize("b,d,m,c,hidden", CASES)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_fused_heads_tolerance_rule(b, d, m, c, hidden, dtype):
-    torch.backends.cuda.matmul.allow_tf32 = False
+def _check_heads_against_float64(b, d, m, c, hidden, dtype):
+    """distill_loss and its gradients in `dtype` on CUDA, held to the tolerance rule against float64."""
     head = HydraHead(d, c, m, hidden_features=hidden, impl="triton", device="cuda", dtype=dtype)
     x = torch.randn(b, d, device="cuda", dtype=dtype, requires_grad=True)
     t = teacher_logits(b, m, c, device="cuda", dtype=dtype)
@@ -50,6 +48,13 @@ def test_fused_heads_tolerance_rule(b, d, m, c, hidden, dtype):
     tolerance_rule(loss, eager, exact, atol * max(1.0, exact.abs().item()), what="loss")
     for name, g, ge, gx in zip(["x"] + [n for n, _ in head.named_parameters()], grads, grads_eager, grads_exact):
         tolerance_rule(g, ge, gx, atol * gx.abs().max().item(), what=name)
+
+
+@pytest.mark.parametrize("b,d,m,c,hidden", CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_heads_tolerance_rule(b, d, m, c, hidden, dtype):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    _check_heads_against_float64(b, d, m, c, hidden, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -82,3 +87,122 @@ def test_auto_picks_triton_on_cuda():
     from fasthydra.functional import resolve_impl
 
     assert resolve_impl("auto", torch.zeros(1, device="cuda")) == "triton"
+
+
+@pytest.mark.parametrize("gemm", ["cublas", "triton"])
+@pytest.mark.parametrize("b,d,m,c,hidden", [(37, 45, 5, 13, None), (64, 64, 1, 50257, None), (128, 96, 4, 50, 32)])
+def test_both_gemm_backends_tolerance_rule(monkeypatch, gemm, b, d, m, c, hidden):
+    """The cuBLAS + loss-kernel path and the fused Triton GEMM path, bf16, odd and vocabulary-sized C."""
+    monkeypatch.setenv("FASTHYDRA_GEMM", gemm)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    _check_heads_against_float64(b, d, m, c, hidden, torch.bfloat16)
+
+
+def _training_step_parts(hidden, impl, dtype=torch.float32):
+    from fasthydra import GaussianHydraHead
+
+    body = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU()).to("cuda", dtype)
+    head = HydraHead(64, 10, 4, hidden_features=hidden, impl=impl, device="cuda", dtype=dtype)
+    ghead = GaussianHydraHead(64, 2, 4, impl=impl, device="cuda", dtype=dtype)
+    params = [*body.parameters(), *head.parameters(), *ghead.parameters()]
+    return body, head, ghead, torch.optim.SGD(params, lr=0.1)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("hidden", [None, 16])
+def test_training_step_issues_no_host_sync(impl, hidden):
+    """Every op of a training step under torch.cuda.set_sync_debug_mode("error"): a sync raises."""
+    from fasthydra import gaussian_kl_loss, hinton_kl_loss
+
+    body, head, ghead, opt = _training_step_parts(hidden, impl)
+    x = torch.randn(48, 32, device="cuda")
+    t = teacher_logits(48, 4, 10, device="cuda")
+    tm, tv = torch.randn(48, 4, 2, device="cuda"), torch.rand(48, 4, 2, device="cuda") + 0.1
+    z = torch.randn(48, 4, 10, device="cuda", requires_grad=True)
+    def step():
+        opt.zero_grad(set_to_none=True)
+        f = body(x)
+        loss = head.distill_loss(f, t, 2.0) + ghead.distill_loss(f, tm, tv)
+        loss = loss + hydra_kl_loss(z, t, 2.0, impl=impl) + hinton_kl_loss(z[:, 0], t, 2.0, impl=impl)
+        mu, var = ghead(f)
+        loss = loss + gaussian_kl_loss(mu, var, tm, tv)
+        loss.backward()
+        opt.step()
+        uncertainty(head(f).detach(), impl=impl)
+        return loss
+
+    step()  # warm: kernel compilation, the error word and its pinned copy are made once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            loss = step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    assert torch.isfinite(loss).all()
+
+
+@pytest.mark.parametrize("hidden", [None, 16])
+def test_training_step_replays_in_a_cuda_graph(hidden):
+    """body + HydraHead.distill_loss + optimizer step captured once, replayed: the same parameters as
+    the same steps run eagerly from the same start."""
+    import copy
+
+    torch.manual_seed(0)
+    body, head, _, _ = _training_step_parts(hidden, "triton")
+    body_e, head_e = copy.deepcopy(body), copy.deepcopy(head)
+    x = torch.randn(64, 32, device="cuda")
+    t = teacher_logits(64, 4, 10, device="cuda", masked=False)
+
+    def make_opt(b, h):
+        return torch.optim.SGD([*b.parameters(), *h.parameters()], lr=0.05)
+
+    opt, opt_e = make_opt(body, head), make_opt(body_e, head_e)
+
+    def step(b, h, o):
+        o.zero_grad(set_to_none=False)
+        loss = h.distill_loss(b(x), t, 2.0)
+        loss.backward()
+        o.step()
+        return loss
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graphs asks
+        for _ in range(3):
+            step(body, head, opt)
+            step(body_e, head_e, opt_e)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = step(body, head, opt)
+    for _ in range(5):
+        graph.replay()
+        eager_loss = step(body_e, head_e, opt_e)
+    torch.cuda.synchronize()
+    assert torch.allclose(static_loss, eager_loss, rtol=1e-4, atol=1e-6)
+    for p, q in zip([*body.parameters(), *head.parameters()], [*body_e.parameters(), *head_e.parameters()]):
+        assert torch.allclose(p, q, rtol=1e-4, atol=1e-6)
+
+
+def test_reduce_overhead_compile_runs_a_training_step():
+    """torch.compile(mode="reduce-overhead", fullgraph=True) (CUDA graphs inside): no graph break, and
+    the compiled loss and gradients equal the eager ones."""
+    body, head, _, _ = _training_step_parts(None, "triton")
+    x = torch.randn(64, 32, device="cuda")
+    t = teacher_logits(64, 4, 10, device="cuda")
+
+    def loss_fn(inp, teacher):
+        return head.distill_loss(body(inp), teacher, 2.0)
+
+    compiled = torch.compile(loss_fn, mode="reduce-overhead", fullgraph=True)
+    params = [*body.parameters(), *head.parameters()]
+    for _ in range(4):  # record, then replay
+        got = compiled(x, t)
+        grads = torch.autograd.grad(got, params)
+    want = loss_fn(x, t)
+    want_grads = torch.autograd.grad(want, params)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
+    for g, w in zip(grads, want_grads):
+        assert torch.allclose(g, w, rtol=1e-4, atol=1e-6)

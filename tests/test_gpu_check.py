@@ -56,15 +56,31 @@ def test_ratios_and_table_on_cpu_data():
 
 
 def test_target_verdicts():
-    rows = [{"op": "linear_fwdbwd", "shape": "gpu-small", "provider": "fasthydra", "speedup_vs_eager": 6.0},
+    rows = [{"op": "linear_fwdbwd", "shape": "gpu-small", "provider": "fasthydra", "speedup_vs_eager": 12.0},
             {"op": "linear_fwdbwd", "shape": "gpu-large", "provider": "fasthydra", "over_gemm_floor": 1.5,
-             "speedup_vs_compile": 1.6, "speedup_vs_eager": None, "memory_vs_eager": 0.05}]
+             "speedup_vs_compile": 1.7, "speedup_vs_eager": None, "memory_vs_eager": 0.05},
+            {"op": "kl_fwdbwd", "shape": "gpu-large", "provider": "fasthydra", "of_copy_bandwidth": 0.5},
+            {"op": "linear_fwdbwd", "shape": "gpu-small", "provider": "eager", "speedup_vs_eager": 1.0}]
     verdicts = {label: verdict for label, verdict, _ in gpu_check.check_targets(rows)}
-    assert verdicts["linear_fwdbwd gpu-small: speedup_vs_eager >= 5.0"] == "PASS"
-    assert verdicts["linear_fwdbwd gpu-large: over_gemm_floor <= 1.4"] == "FAIL"
-    assert verdicts["linear_fwdbwd gpu-large: speedup_vs_compile >= 1.5"] == "PASS"
-    assert verdicts["linear_fwdbwd gpu-large: speedup_vs_eager >= 2.5"] == "MISSING"
-    assert verdicts["linear_fwdbwd gpu-large: memory_vs_eager <= 0.1"] == "PASS"
+    assert verdicts["linear_fwdbwd gpu-small: speedup_vs_eager >= 10.0"] == "PASS"
+    assert verdicts["linear_fwdbwd gpu-large: over_gemm_floor <= 1.15"] == "FAIL"
+    assert verdicts["linear_fwdbwd gpu-large: speedup_vs_compile >= 1.6"] == "PASS"
+    assert verdicts["linear_fwdbwd gpu-large: speedup_vs_eager >= 3.0"] == "MISSING"
+    assert verdicts["linear_fwdbwd gpu-large: memory_vs_eager <= 0.08"] == "PASS"
+    assert verdicts["kl_fwdbwd gpu-large: of_copy_bandwidth >= 0.75"] == "FAIL"
+    assert verdicts["mlp_fwdbwd mid: over_gemm_floor <= 1.3"] == "MISSING"
+
+
+def test_every_gemm_bound_case_has_a_floor_target_and_every_target_a_case():
+    keys = {(c.op, c.name) for c in C.cases("cuda")}
+    for op, shape, _, _ in gpu_check.TARGETS + gpu_check.LATENCY_TARGETS:
+        assert (op, shape) in keys, (op, shape)
+    for op, shape in gpu_check.VARIANT_CASES:
+        assert (op, shape) in keys, (op, shape)
+    labels = {(op, shape, key) for op, shape, key, _ in gpu_check.TARGETS}
+    for op in ("linear_fwd", "linear_fwdbwd", "mlp_fwdbwd"):
+        for shape in ("mid", "large-C", "gpu-large", "gpu-large-fp16", "large-C-tf32"):
+            assert (op, shape, "over_gemm_floor") in labels
 
 
 def test_summarize_table_and_chart(tmp_path):

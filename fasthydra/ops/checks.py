@@ -112,9 +112,12 @@ def _raise_from(f: _DeviceFlags, values, calls_seen: int, deferred: bool) -> Non
     op, bits = bad[0]
     when = ""
     if deferred:
-        lo, hi = f.calls - calls_seen, f.calls - f.clean_at - 1
-        when = (f"; raised without stalling the GPU, {lo} to {hi} fasthydra call(s) after the one that read "
-                f"it (set FASTHYDRA_STRICT=1 to raise at the call itself)")
+        # The bad call lies after the last clean reading and at or before the reading that saw it;
+        # counted back from the call now running (calls + 1).
+        lo, hi = f.calls + 1 - calls_seen, f.calls - f.clean_at
+        ago = f"{lo}" if lo == hi else f"{lo} to {hi}"
+        when = (f"; seen by a fasthydra call {ago} call(s) ago and reported now, without stalling the GPU "
+                f"(FASTHYDRA_STRICT=1 raises at the call itself)")
     raise ValueError(_message(op, bits, f.shapes.get(op), when))
 
 
@@ -126,7 +129,9 @@ def poll(device: torch.device) -> None:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     f = _flags.get(device)
-    if f is None or not f.in_flight or not f.event.query():
+    if f is None or not f.in_flight or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return  # nothing in flight, or capturing a graph (where even an event query is not allowed)
+    if not f.event.query():
         return
     f.in_flight = False
     _raise_from(f, f.host.numpy(), f.copied_at, deferred=True)
@@ -175,7 +180,7 @@ def flag_teacher_rows(teacher: torch.Tensor, op: str) -> None:
     with device-side ops only, on the CPU the error is raised at once."""
     if teacher.numel() == 0:
         return
-    if teacher.device.type != "cuda":
+    if teacher.device.type != "cuda" and not _DEFER_ON_CPU:
         check_teacher_values(teacher)
         return
     row_max = teacher.detach().amax(dim=-1)
@@ -197,7 +202,7 @@ def flag_status(status: torch.Tensor, op: str, shape) -> None:
     verdicts, on the device."""
     if status.numel() == 0:
         return
-    if status.device.type != "cuda":
+    if status.device.type != "cuda" and not _DEFER_ON_CPU:
         check_teacher_status(status, shape)
         return
     bits = (torch.isnan(status).any().int() * NAN + torch.isposinf(status).any().int() * POSINF

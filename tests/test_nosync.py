@@ -1,0 +1,118 @@
+"""interpret tier: the ops issue no host synchronisation on the Triton path, and teacher value errors
+still surface, later, without one (the GPU machinery of fasthydra/ops/checks.py, run on CPU tensors
+with the copy's event treated as landed)."""
+
+import contextlib
+
+import pytest
+import torch
+from helpers import teacher_logits
+
+from fasthydra import HydraHead, GaussianHydraHead, hinton_kl_loss, hydra_kl_loss, uncertainty
+from fasthydra.functional import gaussian_kl_loss
+from fasthydra.ops import checks
+
+pytestmark = pytest.mark.interpret
+
+SYNCING = ("item", "__bool__", "cpu", "tolist", "__float__", "__int__", "nonzero")
+
+
+@pytest.fixture
+def deferred(monkeypatch):
+    monkeypatch.setattr(checks, "_DEFER_ON_CPU", True)
+    checks._flags.clear()
+    yield
+    checks._flags.clear()
+
+
+@contextlib.contextmanager
+def no_host_sync():
+    """Every tensor method that reads a value back to the host fails inside the block."""
+    saved = {name: getattr(torch.Tensor, name) for name in SYNCING}
+
+    def trap(name):
+        def fail(*args, **kwargs):
+            raise AssertionError(f"torch.Tensor.{name} called inside a training step (a host sync on a GPU)")
+        return fail
+
+    try:
+        for name in SYNCING:
+            setattr(torch.Tensor, name, trap(name))
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.Tensor, name, fn)
+
+
+def test_the_trap_really_traps():
+    with no_host_sync(), pytest.raises(AssertionError, match="host sync"):
+        torch.ones(()).item()
+
+
+@pytest.mark.parametrize("gemm", ["cublas", "triton"])
+@pytest.mark.parametrize("hidden", [None, 5])
+def test_training_steps_issue_no_host_sync(deferred, monkeypatch, gemm, hidden):
+    monkeypatch.setenv("FASTHYDRA_GEMM", gemm)
+    head = HydraHead(8, 12, 3, hidden_features=hidden, impl="triton")
+    x = torch.randn(6, 8, requires_grad=True)
+    t = teacher_logits(6, 3, 12)
+    z = torch.randn(6, 3, 12, requires_grad=True)
+    z1 = torch.randn(6, 12, requires_grad=True)
+    g = GaussianHydraHead(8, 2, 3, impl="triton")
+    tm, tv = torch.randn(6, 3, 2), torch.rand(6, 3, 2) + 0.1
+    mu, var = torch.randn(6, 3, 2, requires_grad=True), torch.rand(6, 3, 2) + 0.1
+    with no_host_sync():
+        for _ in range(2):  # the second step polls the first step's copy
+            head.distill_loss(x, t, 2.0).backward()
+            (head.distill_loss(x, t, 2.0) * torch.tensor(0.5)).backward()  # an upstream gradient != 1
+            hydra_kl_loss(z, t, 2.0, impl="triton").backward()
+            hydra_kl_loss(z, t, 2.0, reduction="none", impl="triton").sum().backward()
+            hinton_kl_loss(z1, t, 2.0, impl="triton").backward()
+            g.distill_loss(x, tm, tv).backward()
+            gaussian_kl_loss(mu, var, tm, tv).backward()
+            uncertainty(head(x))
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_a_bad_teacher_is_reported_on_a_later_call_without_a_sync(deferred):
+    z = torch.randn(4, 3, 20, requires_grad=True)
+    bad = torch.randn(4, 3, 20)
+    bad[2, 1, 7] = float("nan")
+    good = torch.randn(4, 3, 20)
+    with no_host_sync():
+        loss = hydra_kl_loss(z, bad, impl="triton")  # no stall: the error is on its way to the host
+    assert torch.isnan(loss)  # the step itself carries NaN: nothing passes silently
+    with pytest.raises(ValueError, match=r"hydra_kl_loss: the teacher contained NaN.*1 call\(s\) ago"):
+        hydra_kl_loss(z, good, impl="triton")  # the copy the bad call issued has landed: reported here
+    assert torch.isfinite(hydra_kl_loss(z, good, impl="triton"))  # reported once, then cleared
+    hydra_kl_loss(z, good, impl="triton")
+
+
+@pytest.mark.parametrize("op", ["distill_loss", "hinton_kl_loss", "gaussian_kl_loss"])
+def test_each_op_names_itself(deferred, op):
+    head = HydraHead(8, 12, 3, impl="triton")
+    x = torch.randn(5, 8)
+    t = teacher_logits(5, 3, 12)
+    bad = t.clone()
+    bad[1, 2, :] = float("-inf")
+    tm, tv = torch.randn(5, 3, 2), torch.rand(5, 3, 2) + 0.1
+    bad_tv = tv.clone()
+    bad_tv[0, 0, 0] = -1.0
+    run = {
+        "distill_loss": lambda tt: head.distill_loss(x, tt),
+        "hinton_kl_loss": lambda tt: hinton_kl_loss(torch.randn(5, 12), tt, impl="triton"),
+        "gaussian_kl_loss": lambda tt: gaussian_kl_loss(torch.randn(5, 3, 2), tv, tm, bad_tv if tt is bad else tv),
+    }[op]
+    with pytest.raises(ValueError, match=op):  # on the bad call's inner op or on a later call
+        run(bad)
+        for _ in range(3):
+            run(t)
+    run(t)  # cleared once reported
+
+
+def test_strict_mode_raises_at_the_call(deferred, monkeypatch):
+    monkeypatch.setenv("FASTHYDRA_STRICT", "1")
+    bad = torch.randn(4, 3, 20)
+    bad[0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"\+Inf"):
+        hydra_kl_loss(torch.randn(4, 3, 20), bad, impl="triton")
