@@ -196,7 +196,7 @@ def hydra_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
     impl = resolve_impl(impl, student_logits, teacher_logits)
     # The teacher's values are checked inside the op, where the data is read anyway.
     want_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    loss, _ = _ops.hydra_kl(student_logits, teacher_logits.detach(), temperature, reduction, want_grad, impl)
+    loss, _ = _ops.hydra_kl_call(student_logits, teacher_logits.detach(), temperature, reduction, want_grad, impl)
     return _autocast_loss(loss, student_logits)
 
 
@@ -242,7 +242,7 @@ def hinton_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
     # softmax(T * log pbar / T) = pbar exactly, so the per-head kernel does the rest (masks included).
     mean_teacher = (temperature * ensemble_log_mean_probs(teacher_logits, temperature)).unsqueeze(1)
     want_grad = torch.is_grad_enabled() and z.requires_grad
-    loss, _ = _ops.hydra_kl(z, mean_teacher, temperature, reduction, want_grad, impl)
+    loss, _ = _ops.hydra_kl_call(z, mean_teacher, temperature, reduction, want_grad, impl)
     loss = _autocast_loss(loss, z)
     return loss.squeeze(1) if reduction == "none" else loss
 
@@ -269,7 +269,7 @@ def linear_heads(x, weight, bias=None, impl: str = "auto"):
     impl = resolve_impl(impl, x, weight, bias)
     m, c, d = weight.shape
     if impl == "triton":
-        return _ops.grouped_linear(x, weight, bias, True, False)
+        return _ops.grouped_linear_call(x, weight, bias, True, False)
     z = torch.nn.functional.linear(x, weight.reshape(m * c, d), None if bias is None else bias.reshape(m * c))
     return z.view(x.shape[0], m, c)
 
@@ -280,7 +280,7 @@ def mlp_hidden(x, hidden_weight, hidden_bias=None, impl: str = "auto"):
     _check_heads_input(x, hidden_weight, hidden_bias)
     impl = resolve_impl(impl, x, hidden_weight, hidden_bias)
     if impl == "triton":
-        return _ops.grouped_linear(x, hidden_weight, hidden_bias, True, True)
+        return _ops.grouped_linear_call(x, hidden_weight, hidden_bias, True, True)
     return torch.relu(linear_heads(x, hidden_weight, hidden_bias, impl="torch"))
 
 
@@ -293,7 +293,7 @@ def grouped_heads(u, weight, bias=None, impl: str = "auto"):
     _check_heads_input(u, weight, bias, name="u", per_head=True)
     impl = resolve_impl(impl, u, weight, bias)
     if impl == "triton":
-        return _ops.grouped_linear(u, weight, bias, False, False)
+        return _ops.grouped_linear_call(u, weight, bias, False, False)
     z = torch.bmm(u.transpose(0, 1), weight.transpose(1, 2))
     if bias is not None:
         z = z + bias.unsqueeze(1)
@@ -346,7 +346,7 @@ def _fused(inp, weight, bias, teacher, temperature, reduction, shared, impl):
     """The fused op, told which gradients to form (autograd's own flags ignore torch.no_grad())."""
     on = torch.is_grad_enabled()
     needs = [on and t is not None and t.requires_grad for t in (inp, weight, bias)]
-    loss, *_ = _ops.linear_hydra_kl(inp, weight, bias, teacher.detach(), temperature, reduction, shared, *needs, impl)
+    loss, *_ = _ops.linear_hydra_kl_call(inp, weight, bias, teacher.detach(), temperature, reduction, shared, *needs, impl)
     return _autocast_loss(loss, inp)
 
 
@@ -372,7 +372,7 @@ def uncertainty(logits: torch.Tensor, temperature: float = 1.0, impl: str = "aut
     if logits.shape[1] == 0:
         raise ValueError(f"logits must have at least one head, got shape {tuple(logits.shape)}")
     impl = resolve_impl(impl, logits)
-    return Uncertainty(*_ops.uncertainty(logits.detach(), temperature, impl))
+    return Uncertainty(*_ops.uncertainty_call(logits.detach(), temperature, impl))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -461,7 +461,7 @@ def gaussian_heads_kl_loss(x, weight, bias, teacher_mean, teacher_var, min_var: 
     if impl == "triton":
         on = torch.is_grad_enabled()
         needs = [on and t is not None and t.requires_grad for t in (x, weight, bias)]
-        loss, *_ = _ops.gaussian_heads_kl(x, weight, bias, teacher_mean.detach(), teacher_var.detach(),
+        loss, *_ = _ops.gaussian_heads_kl_call(x, weight, bias, teacher_mean.detach(), teacher_var.detach(),
                                           float(min_var), reduction, *needs)
         return _autocast_loss(loss, x)
     z = linear_heads(x, weight, bias, impl="torch").float() if _autocast_dtype(x) is not None else \

@@ -52,3 +52,21 @@ def test_public_names():
     from fasthydra.functional import IMPLS
 
     assert IMPLS == ("auto", "triton", "torch")
+
+
+@pytest.mark.cpu
+def test_an_eager_training_step_does_not_import_the_compiler():
+    """Eager calls bypass the custom-op dispatcher: torch._dynamo and sympy (about a second and 150 MiB
+    on the first call) load only when torch.compile is in use."""
+    code = (
+        "import sys, torch\n"
+        "from fasthydra import HydraHead, hydra_kl_loss, hinton_kl_loss, uncertainty\n"
+        "h = HydraHead(16, 10, 2, hidden_features=8)\n"
+        "x = torch.randn(4, 16, requires_grad=True); t = torch.randn(4, 2, 10)\n"
+        "h.distill_loss(x, t, 2.0).backward(); hydra_kl_loss(h(x), t).backward()\n"
+        "hinton_kl_loss(torch.randn(4, 10, requires_grad=True), t).backward(); uncertainty(h(x))\n"
+        "print(sorted(m for m in ('torch._dynamo', 'sympy') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -59,9 +59,8 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 # ----------------------------------------------------------------------------------------------
 
 
-@custom_op("fasthydra::hydra_kl", mutates_args=())
 @_no_autocast
-def hydra_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float, reduction: str, want_grad: bool,
+def _hydra_kl_impl(student: torch.Tensor, teacher: torch.Tensor, temperature: float, reduction: str, want_grad: bool,
              impl: str) -> tuple[torch.Tensor, torch.Tensor]:
     poll(student.device)
     if impl != "triton":  # the Triton kernel checks the teacher while it reads it (no extra pass)
@@ -69,6 +68,9 @@ def hydra_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float, r
     fwd = _kl.hydra_kl_forward_triton if impl == "triton" else _kl.hydra_kl_forward_torch
     loss, grad = fwd(student, teacher, temperature, reduction, want_grad)
     return loss, _none_to_empty(grad, student)
+
+
+hydra_kl = custom_op("fasthydra::hydra_kl", mutates_args=())(_hydra_kl_impl)
 
 
 @register_fake("fasthydra::hydra_kl")
@@ -107,9 +109,8 @@ register_autograd("fasthydra::hydra_kl", _hydra_kl_backward, setup_context=_hydr
 # ----------------------------------------------------------------------------------------------
 
 
-@custom_op("fasthydra::linear_hydra_kl", mutates_args=())
 @_no_autocast
-def linear_hydra_kl(inp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, teacher: torch.Tensor,
+def _linear_hydra_kl_impl(inp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, teacher: torch.Tensor,
                     temperature: float, reduction: str, shared: bool, need_in: bool, need_w: bool, need_b: bool,
                     impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     poll(inp.device)
@@ -119,6 +120,9 @@ def linear_hydra_kl(inp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     loss, g_in, g_w, g_b = fwd(inp, weight, bias, teacher, temperature, reduction, shared, need_in, need_w,
                                need_b and bias is not None)
     return loss, _none_to_empty(g_in, inp), _none_to_empty(g_w, weight), _none_to_empty(g_b, weight)
+
+
+linear_hydra_kl = custom_op("fasthydra::linear_hydra_kl", mutates_args=())(_linear_hydra_kl_impl)
 
 
 @register_fake("fasthydra::linear_hydra_kl")
@@ -175,9 +179,8 @@ register_autograd("fasthydra::linear_hydra_kl", _heads_backward(11), setup_conte
 # ----------------------------------------------------------------------------------------------
 
 
-@custom_op("fasthydra::uncertainty", mutates_args=())
 @_no_autocast
-def uncertainty(logits: torch.Tensor, temperature: float, impl: str) -> tuple[torch.Tensor, torch.Tensor,
+def _uncertainty_impl(logits: torch.Tensor, temperature: float, impl: str) -> tuple[torch.Tensor, torch.Tensor,
                                                                               torch.Tensor, torch.Tensor]:
     fn = _unc.uncertainty_triton if impl == "triton" else _unc.uncertainty_torch
     out = fn(logits, temperature)
@@ -185,6 +188,9 @@ def uncertainty(logits: torch.Tensor, temperature: float, impl: str) -> tuple[to
         out.epistemic.zero_()
         out.total.copy_(out.aleatoric)
     return tuple(out)
+
+
+uncertainty = custom_op("fasthydra::uncertainty", mutates_args=())(_uncertainty_impl)
 
 
 @register_fake("fasthydra::uncertainty")
@@ -198,11 +204,13 @@ def _uncertainty_fake(logits, temperature, impl):
 # ----------------------------------------------------------------------------------------------
 
 
-@custom_op("fasthydra::grouped_linear", mutates_args=())
 @_no_autocast
-def grouped_linear(inp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, shared: bool,
+def _grouped_linear_impl(inp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, shared: bool,
                    relu: bool) -> torch.Tensor:
     return _gl.grouped_linear_forward(inp, weight, bias, shared, relu)
+
+
+grouped_linear = custom_op("fasthydra::grouped_linear", mutates_args=())(_grouped_linear_impl)
 
 
 @register_fake("fasthydra::grouped_linear")
@@ -210,14 +218,16 @@ def _grouped_linear_fake(inp, weight, bias, shared, relu):
     return inp.new_empty(inp.shape[0], weight.shape[0], weight.shape[1])
 
 
-@custom_op("fasthydra::grouped_linear_backward", mutates_args=())
 @_no_autocast
-def grouped_linear_backward(grad_out: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor, out: torch.Tensor,
+def _grouped_linear_backward_impl(grad_out: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor, out: torch.Tensor,
                             shared: bool, relu: bool, need_in: bool, need_w: bool,
                             need_b: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g_in, g_w, g_b = _gl.grouped_linear_backward(grad_out, inp, weight, out if relu else None, shared, need_in,
                                                  need_w, need_b)
     return _none_to_empty(g_in, inp), _none_to_empty(g_w, weight), _none_to_empty(g_b, weight)
+
+
+grouped_linear_backward = custom_op("fasthydra::grouped_linear_backward", mutates_args=())(_grouped_linear_backward_impl)
 
 
 @register_fake("fasthydra::grouped_linear_backward")
@@ -236,7 +246,8 @@ def _grouped_linear_setup(ctx, inputs, output):
 def _grouped_linear_bwd(ctx, grad_out):
     inp, weight, out = ctx.saved_tensors
     need_in, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
-    g_in, g_w, g_b = torch.ops.fasthydra.grouped_linear_backward(
+    backward_op = grouped_linear_backward if torch.compiler.is_compiling() else _grouped_linear_backward_impl
+    g_in, g_w, g_b = backward_op(
         grad_out.contiguous(), inp, weight, out if out is not None else weight.new_empty(_EMPTY), ctx.shared,
         ctx.relu, need_in, need_w, need_b)
     return (g_in if need_in else None, g_w if need_w else None, g_b.to(weight.dtype) if need_b else None, None, None)
@@ -251,15 +262,17 @@ register_autograd("fasthydra::grouped_linear", _grouped_linear_bwd, setup_contex
 # ----------------------------------------------------------------------------------------------
 
 
-@custom_op("fasthydra::gaussian_heads_kl", mutates_args=())
 @_no_autocast
-def gaussian_heads_kl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, teacher_mean: torch.Tensor,
+def _gaussian_heads_kl_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, teacher_mean: torch.Tensor,
                       teacher_var: torch.Tensor, min_var: float, reduction: str, need_in: bool, need_w: bool,
                       need_b: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     loss, g_x, g_w, g_b = _gauss.gaussian_heads_kl_forward_triton(x, weight, bias, teacher_mean, teacher_var, min_var,
                                                                   reduction, need_in, need_w,
                                                                   need_b and bias is not None)
     return loss, _none_to_empty(g_x, x), _none_to_empty(g_w, weight), _none_to_empty(g_b, weight)
+
+
+gaussian_heads_kl = custom_op("fasthydra::gaussian_heads_kl", mutates_args=())(_gaussian_heads_kl_impl)
 
 
 @register_fake("fasthydra::gaussian_heads_kl")
@@ -271,3 +284,38 @@ def _gaussian_heads_kl_fake(x, weight, bias, teacher_mean, teacher_var, min_var,
 
 
 register_autograd("fasthydra::gaussian_heads_kl", _heads_backward(10), setup_context=_linear_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# Eager calls: the same implementations, setup and backward as the custom ops, as autograd.Functions.
+# The custom-op dispatcher costs tens of microseconds of Python per call and imports torch._dynamo
+# (and sympy: about a second and 150 MiB) on the first call; only a traced program needs it.
+# ----------------------------------------------------------------------------------------------
+
+
+def _eager_entry(op, impl, setup=None, backward=None):
+    """A callable that runs `op` (the custom op) when torch.compile/export is tracing, and otherwise
+    `impl` directly, wrapped in an autograd.Function with the op's own setup_context and backward."""
+    if setup is None:
+        def call(*args):
+            return op(*args) if torch.compiler.is_compiling() else impl(*args)
+        return call
+
+    fn = type(f"{op._name}_function", (torch.autograd.Function,), {
+        "forward": staticmethod(impl),
+        "setup_context": staticmethod(setup),
+        "backward": staticmethod(backward),
+    })
+
+    def call(*args):
+        return op(*args) if torch.compiler.is_compiling() else fn.apply(*args)
+
+    call.op = op
+    return call
+
+
+hydra_kl_call = _eager_entry(hydra_kl, _hydra_kl_impl, _hydra_kl_setup, _hydra_kl_backward)
+linear_hydra_kl_call = _eager_entry(linear_hydra_kl, _linear_hydra_kl_impl, _linear_setup, _heads_backward(11))
+uncertainty_call = _eager_entry(uncertainty, _uncertainty_impl)
+grouped_linear_call = _eager_entry(grouped_linear, _grouped_linear_impl, _grouped_linear_setup, _grouped_linear_bwd)
+gaussian_heads_kl_call = _eager_entry(gaussian_heads_kl, _gaussian_heads_kl_impl, _linear_setup, _heads_backward(10))
