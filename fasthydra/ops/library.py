@@ -301,9 +301,13 @@ def _eager_entry(op, impl, setup=None, backward=None):
             return op(*args) if torch.compiler.is_compiling() else impl(*args)
         return call
 
+    def forward(ctx, *args):  # the classic form: a separate setup_context costs a signature bind per call
+        out = impl(*args)
+        setup(ctx, args, out)
+        return out
+
     fn = type(f"{op._name}_function", (torch.autograd.Function,), {
-        "forward": staticmethod(impl),
-        "setup_context": staticmethod(setup),
+        "forward": staticmethod(forward),
         "backward": staticmethod(backward),
     })
 
