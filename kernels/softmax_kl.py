@@ -121,7 +121,9 @@ def _hydra_kl_fwd_kernel(
 
     if WRITE_GRAD:
         g_rows = grad_ptr + (r_out * stride_go + r_in * stride_gi)[:, None]
-        for c0 in range(0, C, BLOCK_C):
+        n_tiles = tl.cdiv(C, BLOCK_C)
+        for j in range(0, n_tiles):  # last tile first: pass 1 read it last, so L2 most likely still holds it
+            c0 = (n_tiles - 1 - j) * BLOCK_C
             cols = c0 + cols0
             mask = row_ok[:, None] & (cols < C)[None, :]
             z = tl.load(z_rows + cols[None, :], mask=mask, other=float("-inf"))

@@ -57,7 +57,9 @@ def _uncertainty_fwd_kernel(
     ref = tl.where(head_ok, m + log_d, 0.0)
 
     total = tl.sum(tl.zeros((BLOCK_C,), tl.float32), axis=0)
-    for c0 in range(0, C, BLOCK_C):
+    n_tiles = tl.cdiv(C, BLOCK_C)
+    for j in range(0, n_tiles):  # last tile first: pass 1 read it last, so L2 most likely still holds it
+        c0 = (n_tiles - 1 - j) * BLOCK_C
         cols = c0 + cols0
         col_ok = cols < C
         mask = head_ok[:, None] & col_ok[None, :]

@@ -304,8 +304,10 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
                         grad_in32[r0:r1].add_(torch.mm(gz, w2))
                     else:
                         torch.mm(gz, w2, out=grad_in[r0:r1])
-                if need_b:
-                    col = gz.sum(0, dtype=torch.float32).view(gh, c)
+                if need_b and r0 == 0:  # the first (usually only) row chunk writes in place
+                    torch.sum(gz, 0, dtype=torch.float32, out=grad_b[h0:h1].view(gh * c))
+                elif need_b:
+                    grad_b[h0:h1] += gz.sum(0, dtype=torch.float32).view(gh, c)
             else:
                 if need_w:
                     if acc is None:
@@ -314,13 +316,10 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
                         acc.add_(torch.bmm(z3.transpose(1, 2), xc))
                 if need_in:
                     grad_in[r0:r1, h0:h1] = torch.bmm(z3, wg).transpose(0, 1)
-                if need_b:
-                    col = z3.sum(1, dtype=torch.float32)
-            if need_b:
-                if r0 == 0:
-                    grad_b[h0:h1] = col
-                else:
-                    grad_b[h0:h1] += col
+                if need_b and r0 == 0:
+                    torch.sum(z3, 1, dtype=torch.float32, out=grad_b[h0:h1])
+                elif need_b:
+                    grad_b[h0:h1] += z3.sum(1, dtype=torch.float32)
         if acc is not None:
             grad_w[h0:h1] = acc
     after_launch(dev, "distill_loss", teacher.shape)
