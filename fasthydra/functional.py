@@ -171,8 +171,15 @@ def hydra_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
                   reduction: str = "mean", impl: str = "auto") -> torch.Tensor:
     """Tempered per-head KL between teacher members and student heads (the Hydra loss).
 
-    ``L = T^2 * mean over (b, m) of KL(softmax(t[b, m] / T) || softmax(z[b, m] / T))``. Teacher
-    logits are constants: no gradient flows to them. A -Inf teacher logit masks its class.
+    ``L = T^2 * mean over (b, m) of KL(softmax(t[b, m] / T) || softmax(z[b, m] / T))``. A -Inf teacher
+    logit masks its class. Gradients (formed in the forward pass, as the loss is):
+    ``dL/dz_c = T * coef * (q_c - p_c)`` and, when the teacher requires grad (online distillation,
+    mutual learning), ``dL/dt_c = T * coef * p_c * ((log p_c - log q_c) - KL)``, 0 on masked classes,
+    with coef = 1/(B*M) for "mean" and 1 otherwise. Derivation: with u = t/T, dp_k/dt_c =
+    p_k (delta_kc - p_c) / T, so d/dt_c sum_k p_k (log p_k - log q_k) = (1/T) [p_c (log p_c - log q_c)
+    - p_c KL] + sum_k p_k d(log p_k)/dt_c, and the last sum is (1/T)(p_c - p_c) = 0; times T^2.
+    A teacher that does not require grad costs nothing extra: compute frozen members' logits under
+    ``torch.no_grad()``.
 
     Args:
         student_logits: head logits z, (B, M, C), floating.
@@ -195,15 +202,20 @@ def hydra_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
     reduction = _check_reduction(reduction)
     impl = resolve_impl(impl, student_logits, teacher_logits)
     # The teacher's values are checked inside the op, where the data is read anyway.
-    want_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    loss, _ = _ops.hydra_kl_call(student_logits, teacher_logits.detach(), temperature, reduction, want_grad, impl)
+    on = torch.is_grad_enabled()
+    loss, *_ = _ops.hydra_kl_call(student_logits, teacher_logits, temperature, reduction,
+                                  on and student_logits.requires_grad, on and teacher_logits.requires_grad, impl)
     return _autocast_loss(loss, student_logits)
 
 
 def ensemble_log_mean_probs(teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log of the ensemble mean ``log mean_m softmax(t_m / T)``, (B, M, C) -> (B, C) in fp32/fp64."""
+    """log of the ensemble mean ``log mean_m softmax(t_m / T)``, (B, M, C) -> (B, C) in fp32/fp64.
+
+    Differentiable (a teacher that requires grad gets its gradient through it). A masked class (-inf)
+    is held at -1e30 instead: its probability is still exactly 0, and a class every member masks no
+    longer turns the logsumexp's gradient into NaN."""
     cdt = torch.float64 if teacher_logits.dtype == torch.float64 else torch.float32
-    log_p = torch.log_softmax(teacher_logits.detach().to(cdt) / temperature, dim=-1)
+    log_p = torch.log_softmax(teacher_logits.to(cdt) / temperature, dim=-1).clamp_min(-1e30)
     return torch.logsumexp(log_p, dim=1) - math.log(teacher_logits.shape[1])
 
 
@@ -241,8 +253,9 @@ def hinton_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
     impl = resolve_impl(impl, student_logits, teacher_logits)
     # softmax(T * log pbar / T) = pbar exactly, so the per-head kernel does the rest (masks included).
     mean_teacher = (temperature * ensemble_log_mean_probs(teacher_logits, temperature)).unsqueeze(1)
-    want_grad = torch.is_grad_enabled() and z.requires_grad
-    loss, _ = _ops.hydra_kl_call(z, mean_teacher, temperature, reduction, want_grad, impl)
+    on = torch.is_grad_enabled()
+    loss, *_ = _ops.hydra_kl_call(z, mean_teacher, temperature, reduction, on and z.requires_grad,
+                                  on and mean_teacher.requires_grad, impl)
     loss = _autocast_loss(loss, z)
     return loss.squeeze(1) if reduction == "none" else loss
 
@@ -345,8 +358,8 @@ def mlp_hydra_kl_loss(x, hidden_weight, hidden_bias, weight, bias, teacher_logit
 def _fused(inp, weight, bias, teacher, temperature, reduction, shared, impl):
     """The fused op, told which gradients to form (autograd's own flags ignore torch.no_grad())."""
     on = torch.is_grad_enabled()
-    needs = [on and t is not None and t.requires_grad for t in (inp, weight, bias)]
-    loss, *_ = _ops.linear_hydra_kl_call(inp, weight, bias, teacher.detach(), temperature, reduction, shared, *needs, impl)
+    needs = [on and t is not None and t.requires_grad for t in (inp, weight, bias, teacher)]
+    loss, *_ = _ops.linear_hydra_kl_call(inp, weight, bias, teacher, temperature, reduction, shared, *needs, impl)
     return _autocast_loss(loss, inp)
 
 
@@ -412,7 +425,8 @@ def gaussian_kl_loss(mean: torch.Tensor, var: torch.Tensor, teacher_mean: torch.
 
     Args:
         mean, var: head outputs (B, M, K), var > 0.
-        teacher_mean, teacher_var: member outputs (B, M, K), teacher_var > 0; constants (no gradient).
+        teacher_mean, teacher_var: member outputs (B, M, K), teacher_var > 0; they get their gradients
+            when they require grad.
         reduction: "mean" (over B*M*K), "sum", or "none" -> (B, M, K).
     Returns: the loss in mean's dtype.
 
@@ -431,7 +445,7 @@ def gaussian_kl_loss(mean: torch.Tensor, var: torch.Tensor, teacher_mean: torch.
     _check_same_device(**dict(zip(names, tensors)))
     reduction = _check_reduction(reduction)
     _check_gaussian_teacher(teacher_mean, teacher_var)
-    kl = gaussian_kl_torch(mean, var, teacher_mean.detach(), teacher_var.detach())
+    kl = gaussian_kl_torch(mean, var, teacher_mean, teacher_var)
     if reduction == "none":
         return kl
     return kl.sum() if reduction == "sum" or kl.numel() == 0 else kl.mean()
@@ -458,7 +472,8 @@ def gaussian_heads_kl_loss(x, weight, bias, teacher_mean, teacher_var, min_var: 
     if reduction == "none":
         raise ValueError("reduction='none' is not fused; use gaussian_kl_loss on the head outputs")
     impl = resolve_impl(impl, x, weight, bias, teacher_mean, teacher_var)
-    if impl == "triton":
+    teacher_grad = torch.is_grad_enabled() and (teacher_mean.requires_grad or teacher_var.requires_grad)
+    if impl == "triton" and not teacher_grad:  # the fused kernel forms no teacher gradient: unfused then
         on = torch.is_grad_enabled()
         needs = [on and t is not None and t.requires_grad for t in (x, weight, bias)]
         loss, *_ = _ops.gaussian_heads_kl_call(x, weight, bias, teacher_mean.detach(), teacher_var.detach(),
@@ -467,5 +482,5 @@ def gaussian_heads_kl_loss(x, weight, bias, teacher_mean, teacher_var, min_var: 
     z = linear_heads(x, weight, bias, impl="torch").float() if _autocast_dtype(x) is not None else \
         linear_heads(x, weight, bias, impl="torch")
     mean, var = split_gaussian(z, min_var)
-    kl = gaussian_kl_torch(mean, var, teacher_mean.detach().to(z.dtype), teacher_var.detach().to(z.dtype))
+    kl = gaussian_kl_torch(mean, var, teacher_mean.to(z.dtype), teacher_var.to(z.dtype))
     return kl.sum() if reduction == "sum" or kl.numel() == 0 else kl.mean()

@@ -100,12 +100,13 @@ def _kernel_specs():
         for tag, (ty, prec) in DTYPES.items():
             kl = cfgs.kl_rows_config(c)
             args = {"z_ptr": f"*{ty}", "t_ptr": f"*{ty}", "loss_ptr": "*fp32", "grad_ptr": f"*{ty}",
-                    "err_ptr": "*i32", "R": b * m, "R_INNER": m, "C": c, "stride_zo": m * c, "stride_zi": c,
-                    "stride_to": m * c, "stride_ti": c, "stride_go": m * c, "stride_gi": c,
-                    "stride_lo": m, "stride_li": 1,
+                    "tgrad_ptr": f"*{ty}", "err_ptr": "*i32", "R": b * m, "R_INNER": m, "C": c,
+                    "stride_zo": m * c, "stride_zi": c, "stride_to": m * c, "stride_ti": c, "stride_go": m * c,
+                    "stride_gi": c, "stride_lo": m, "stride_li": 1, "stride_ho": m * c, "stride_hi": c,
                     "inv_temp": 0.5, "loss_scale": 4.0, "grad_scale": 0.1}
-            add(_hydra_kl_fwd_kernel, args, {"BLOCK_R": kl["BLOCK_R"], "BLOCK_C": kl["BLOCK_C"], "WRITE_GRAD": True},
-                {"num_warps": kl["num_warps"]}, tag)
+            for tgrad in (False, True):  # a frozen teacher, and one that requires grad
+                add(_hydra_kl_fwd_kernel, args, {"BLOCK_R": kl["BLOCK_R"], "BLOCK_C": kl["BLOCK_C"], "WRITE_GRAD": True,
+                                                 "WRITE_TGRAD": tgrad}, {"num_warps": kl["num_warps"]}, tag)
 
             rows = cfgs.rows_per_chunk(b, m * c, cfgs.TRITON_CHUNK_ELEMENTS)
             for k, shared in ((d, True), (HIDDEN, False)):  # linear heads; second layer of MLP heads

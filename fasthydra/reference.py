@@ -44,9 +44,11 @@ def kl_rows_ref(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temp
     """``T^2 * KL(softmax(t/T) || softmax(z/T))`` over the last dim, for 2-D inputs (rows, C)."""
     log_q = F.log_softmax(student_logits / temperature, dim=-1)
     log_p = F.log_softmax(teacher_logits / temperature, dim=-1)
-    # kl_div(input=log q, target=log p, log_target=True) = p * (log p - log q), 0 where p = 0.
-    kl = F.kl_div(log_q, log_p, reduction="none", log_target=True)
-    kl = torch.where(torch.isneginf(log_p), torch.zeros_like(kl), kl)  # masked classes give 0
+    # kl_div(input=log q, target=log p, log_target=True) = p * (log p - log q), 0 where p = 0. A
+    # masked class (log p = -inf) gives 0 * -inf there: it enters as the dtype's lowest finite value,
+    # whose probability is exactly 0, so value and gradients (the teacher's too) stay finite.
+    stand_in = torch.finfo(log_p.dtype).min
+    kl = F.kl_div(log_q, torch.where(torch.isneginf(log_p), stand_in, log_p), reduction="none", log_target=True)
     return kl.sum(-1) * temperature**2
 
 

@@ -66,6 +66,8 @@ def _hydra_kl_fwd_kernel(
     t_ptr,  # teacher logits: row (o, i) at o * stride_to + i * stride_ti, unit stride along C
     loss_ptr,  # out: fp32 T^2 * KL of row (o, i) at o * stride_lo + i * stride_li
     grad_ptr,  # out: grad_scale * (q - p) in the student's dtype (may alias z_ptr); unused unless WRITE_GRAD
+    tgrad_ptr,  # out: teacher gradient grad_scale * p * (log p - log q - KL), row (o, i) at o * stride_ho +
+    #             i * stride_hi, in the teacher's dtype; unused unless WRITE_TGRAD
     err_ptr,  # in/out: one int32 error word, OR-ed with 1 (NaN), 2 (+inf), 4 (all -inf row) by bad teachers
     R,  # rows in all
     R_INNER,  # rows along the inner axis i
@@ -78,12 +80,15 @@ def _hydra_kl_fwd_kernel(
     stride_gi,
     stride_lo,
     stride_li,
+    stride_ho,
+    stride_hi,
     inv_temp,  # 1 / T
     loss_scale,  # T^2
     grad_scale,  # T * reduction coefficient (1/(B*M) for "mean", 1 otherwise)
     BLOCK_R: tl.constexpr,  # rows per program: several when C is small, so a program has ~1k lanes
     BLOCK_C: tl.constexpr,  # class tile: up to 2048 lanes keeps the tile in registers without spills
     WRITE_GRAD: tl.constexpr,
+    WRITE_TGRAD: tl.constexpr,  # the teacher requires grad: its gradient comes out of the same pass
 ):
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
@@ -100,6 +105,7 @@ def _hydra_kl_fwd_kernel(
     d_u = tl.zeros((BLOCK_R,), tl.float32)
     a = tl.zeros((BLOCK_R,), tl.float32)
     n_nan = tl.zeros((BLOCK_R,), tl.int32)
+    s_at = tl.zeros((BLOCK_R,), tl.float32)  # the student's logit at the teacher's most probable class
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + cols0
         mask = row_ok[:, None] & (cols < C)[None, :]
@@ -108,6 +114,10 @@ def _hydra_kl_fwd_kernel(
         s = z.to(tl.float32) * inv_temp
         u = t.to(tl.float32) * inv_temp
         n_nan += tl.sum((u != u).to(tl.int32), axis=1)  # the NaN check rides on the load already made
+        if WRITE_TGRAD:  # the pivot of the teacher gradient (see below), found on the loads already made
+            tile_max = tl.max(u, axis=1)
+            here = tl.max(tl.where(u == tile_max[:, None], s, float("-inf")), axis=1)
+            s_at = tl.where(tile_max > m_u, here, s_at)
         m_s, d_s, m_u, d_u, a = _online_kl_update(s, u, m_s, d_s, m_u, d_u, a)
     bad = tl.max(tl.where(row_ok & (n_nan > 0), 1, 0), axis=0)
     bad |= tl.max(tl.where(row_ok & (m_u == float("inf")), 2, 0), axis=0)
@@ -119,15 +129,38 @@ def _hydra_kl_fwd_kernel(
     kl = a / d_u - log_d_u + log_d_s
     tl.store(loss_ptr + r_out * stride_lo + r_in * stride_li, kl * loss_scale, mask=row_ok)
 
-    if WRITE_GRAD:
+    if WRITE_TGRAD:
+        # dL/dt_c = T * coef * p_c * ((log p_c - log q_c) - KL). Written as is, the bracket is a
+        # difference of two numbers as large as the logits (1e3 and up): all of fp32's digits go to
+        # cancellation. With the pivot j = argmax p and e_k = (u_k - u_j) - (s_k - s_j), the bracket
+        # is e_c - sum_k p_k e_k exactly (log q - log p shifts by a constant per row), e_j = 0, and the
+        # sum is dominated by small p_k: one more pass over the row, only for a teacher that needs it.
+        big_a = tl.zeros((BLOCK_R,), tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + cols0
+            mask = row_ok[:, None] & (cols < C)[None, :]
+            s = tl.load(z_rows + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
+            u = tl.load(t_rows + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
+            live = u > float("-inf")
+            e = (u - m_u[:, None]) - (s - s_at[:, None])
+            big_a += tl.sum(tl.where(live, tl.exp(u - m_u[:, None] - log_d_u[:, None]) * e, 0.0), axis=1)
+
+    if WRITE_GRAD or WRITE_TGRAD:
         g_rows = grad_ptr + (r_out * stride_go + r_in * stride_gi)[:, None]
+        h_rows = tgrad_ptr + (r_out * stride_ho + r_in * stride_hi)[:, None]
         n_tiles = tl.cdiv(C, BLOCK_C)
         for j in range(0, n_tiles):  # last tile first: pass 1 read it last, so L2 most likely still holds it
             c0 = (n_tiles - 1 - j) * BLOCK_C
             cols = c0 + cols0
             mask = row_ok[:, None] & (cols < C)[None, :]
-            z = tl.load(z_rows + cols[None, :], mask=mask, other=float("-inf"))
-            t = tl.load(t_rows + cols[None, :], mask=mask, other=float("-inf"))
-            g = _kl_grad_tile(z.to(tl.float32) * inv_temp, t.to(tl.float32) * inv_temp,
-                              m_s, log_d_s, m_u, log_d_u, grad_scale)
-            tl.store(g_rows + cols[None, :], g.to(grad_ptr.dtype.element_ty), mask=mask)
+            s = tl.load(z_rows + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
+            u = tl.load(t_rows + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
+            if WRITE_TGRAD:  # T * coef * p * (e - sum_k p_k e_k); a masked class (p = 0) gets 0
+                live = u > float("-inf")
+                e = (u - m_u[:, None]) - (s - s_at[:, None])
+                p = tl.exp(u - m_u[:, None] - log_d_u[:, None])
+                h = tl.where(live, p * (e - big_a[:, None]), 0.0) * grad_scale
+                tl.store(h_rows + cols[None, :], h.to(tgrad_ptr.dtype.element_ty), mask=mask)
+            if WRITE_GRAD:
+                g = _kl_grad_tile(s, u, m_s, log_d_s, m_u, log_d_u, grad_scale)
+                tl.store(g_rows + cols[None, :], g.to(grad_ptr.dtype.element_ty), mask=mask)

@@ -67,48 +67,73 @@ def _log_normaliser(logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     return logits.amax(dim=-1).sub_(probs.amax(dim=-1).log_())
 
 
-def kl_chunk_torch(s: torch.Tensor, t: torch.Tensor, temperature: float, want_grad: bool):
-    """Loss rows T^2 * KL and (optionally) the unscaled gradient q - p for one chunk.
+def _teacher_grad(diff: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """p * ((log p - log q) - KL) from diff = u - s (consumed) and p, per row over the last dim.
+
+    Up to a constant per row, log p - log q is diff; with the pivot j = argmax p, e = diff - diff_j,
+    the bracket is e_c - sum_k p_k e_k exactly, e_j = 0 and the sum is dominated by the small p_k:
+    no cancellation between two numbers as large as the logits (as in diff_c - sum_k p_k diff_k).
+    A masked class (p = 0, diff = -inf) gets 0."""
+    pivot = diff.gather(-1, p.argmax(-1, keepdim=True))
+    e = diff.sub_(pivot)
+    mean_e = (e * p).nan_to_num_(nan=0.0).sum(-1, keepdim=True)
+    return e.sub_(mean_e).mul_(p).nan_to_num_(nan=0.0)
+
+
+def kl_chunk_torch(s: torch.Tensor, t: torch.Tensor, temperature: float, want_grad: bool, want_tgrad: bool = False):
+    """Loss rows T^2 * KL, (optionally) the unscaled gradient q - p, and (optionally) the unscaled
+    teacher gradient p * (log p - log q - KL) for one chunk.
 
     s: (..., C) student logits already divided by T, in the compute dtype; it is consumed (overwritten).
-    t: (..., C) raw teacher logits of any float dtype. Returns (loss (...), q - p (..., C) or None).
-    The caller applies T * coefficient where it is cheapest (a GEMM's alpha, or the final store).
+    t: (..., C) raw teacher logits of any float dtype. Returns (loss (...), q - p (..., C) or None,
+    teacher gradient (..., C) or None). The caller applies T * coefficient where it is cheapest (a
+    GEMM's alpha, or the final store).
 
     KL = sum_c p_c (u_c - s_c) - lse(u) + lse(s) with u = t / T: two softmaxes are the only
-    exponentials (one per element each), the normalisers come from their most probable class.
+    exponentials (one per element each), the normalisers come from their most probable class. With
+    log p - log q = (u - s) + lse(s) - lse(u), the teacher's term is p * ((u - s) - sum_c p_c (u_c - s_c)).
     """
-    if native.usable(s):  # fp32 on CPU: the three-sweep C row kernel
+    if native.usable(s) and not want_tgrad:  # fp32 on CPU: the three-sweep C row kernel
         loss, grad = native.kl_rows(s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1]), temperature, want_grad)
-        return loss.view(s.shape[:-1]), None if grad is None else grad.view(s.shape)
+        return loss.view(s.shape[:-1]), None if grad is None else grad.view(s.shape), None
     q = torch.softmax(s, dim=-1)
     u = t.to(s.dtype) * (1.0 / temperature)
     p = torch.softmax(u, dim=-1)
     lse_gap = _log_normaliser(s, q).sub_(_log_normaliser(u, p))
     # p * (u - s): a masked class (p = 0, u = -inf) gives 0 * -inf = NaN, which is its exact value 0;
     # +inf (a student -inf where the teacher has mass) is the true KL and stays.
-    cross = u.sub_(s).mul_(p).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf).sum(-1)
+    diff = u.sub_(s)
+    cross = (diff * p if want_tgrad else diff.mul_(p)).nan_to_num_(nan=0.0, posinf=math.inf,
+                                                                  neginf=-math.inf).sum(-1)
+    tgrad = None
+    if want_tgrad:
+        tgrad = _teacher_grad(diff, p)
     loss = cross.add_(lse_gap).mul_(temperature * temperature)
     if not want_grad:
-        return loss, None
-    return loss, q.sub_(p)
+        return loss, None, tgrad
+    return loss, q.sub_(p), tgrad
 
 
-def hydra_kl_forward_torch(student, teacher, temperature: float, reduction: str, want_grad: bool):
-    """Hydra loss on given logits in torch ops, row chunk by row chunk; the gradient (already scaled by
-    T * coefficient) comes out of the forward. Returns (loss, grad or None)."""
+def hydra_kl_forward_torch(student, teacher, temperature: float, reduction: str, want_grad: bool,
+                           want_tgrad: bool = False):
+    """Hydra loss on given logits in torch ops, row chunk by row chunk; the gradients (already scaled by
+    T * coefficient) come out of the forward. Returns (loss, grad or None, teacher grad or None)."""
     b, m, c = student.shape
     grad_scale = temperature * reduction_coefficient(reduction, b * m)
     cdt = compute_dtype(student.dtype)
     rows = torch.empty(b, m, dtype=cdt, device=student.device)
     grad = torch.empty_like(student) if want_grad else None
+    tgrad = torch.empty_like(teacher) if want_tgrad else None
     step = rows_per_chunk(b, m * c, TORCH_CHUNK_ELEMENTS)
     for r0 in range(0, b, step):
         s = student[r0:r0 + step].to(cdt) * (1.0 / temperature)
-        loss, g = kl_chunk_torch(s, teacher[r0:r0 + step], temperature, want_grad)
+        loss, g, tg = kl_chunk_torch(s, teacher[r0:r0 + step], temperature, want_grad, want_tgrad)
         rows[r0:r0 + step] = loss
         if want_grad:
             torch.mul(g, grad_scale, out=grad[r0:r0 + step])  # scale, round to the student dtype, store
-    return reduce_rows(rows, reduction, rows.dtype), grad  # the caller casts the loss
+        if want_tgrad:
+            torch.mul(tg, grad_scale, out=tgrad[r0:r0 + step])
+    return reduce_rows(rows, reduction, rows.dtype), grad, tgrad  # the caller casts the loss
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,40 +141,42 @@ def hydra_kl_forward_torch(student, teacher, temperature: float, reduction: str,
 # ----------------------------------------------------------------------------------------------
 
 
-def launch_kl_rows(z3, t3, loss2, grad3, temperature: float, grad_scale: float | None, op: str):
+def launch_kl_rows(z3, t3, loss2, grad3, temperature: float, grad_scale: float | None, op: str, tgrad3=None):
     """One launch of the row kernel over (O, I, C) views with unit stride along C: student logits z3,
-    teacher t3, fp32 loss rows loss2 (O, I) written, gradient grad3 (O, I, C) written when grad_scale
-    is given (grad3 may be z3 itself: the logits turn into their gradient in place). The teacher's
-    value errors go to the device's error word (checks.py), never through a host synchronisation."""
+    teacher t3, fp32 loss rows loss2 (O, I) written, gradient grad3 (O, I, C) written when grad3 is
+    given (grad3 may be z3 itself: the logits turn into their gradient in place), the teacher's
+    gradient tgrad3 (O, I, C) when given; grad_scale = T * reduction coefficient. The teacher's value
+    errors go to the device's error word (checks.py), never through a host synchronisation."""
     from fasthydra.kernels.softmax_kl import _hydra_kl_fwd_kernel
 
     o, i, c = z3.shape
     r = o * i
     if r == 0:
         return
-    write_grad = grad_scale is not None
-    g3 = grad3 if write_grad else z3
+    g3 = grad3 if grad3 is not None else z3
+    h3 = tgrad3 if tgrad3 is not None else z3
     cfg = kl_rows_config(c)
     _hydra_kl_fwd_kernel[(cdiv(r, cfg["BLOCK_R"]),)](
-        z3, t3, loss2, g3, error_word(z3.device, op),
+        z3, t3, loss2, g3, h3, error_word(z3.device, op),
         r, i, c, z3.stride(0), z3.stride(1), t3.stride(0), t3.stride(1), g3.stride(0), g3.stride(1),
-        loss2.stride(0), loss2.stride(1),
-        1.0 / temperature, temperature * temperature, grad_scale if write_grad else 0.0,
-        BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], WRITE_GRAD=write_grad,
-        num_warps=cfg["num_warps"],
+        loss2.stride(0), loss2.stride(1), h3.stride(0), h3.stride(1),
+        1.0 / temperature, temperature * temperature, grad_scale if grad_scale is not None else 0.0,
+        BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], WRITE_GRAD=grad3 is not None,
+        WRITE_TGRAD=tgrad3 is not None, num_warps=cfg["num_warps"],
     )
 
 
 def hydra_kl_forward_triton(student, teacher, temperature: float, reduction: str, want_grad: bool,
-                            op: str = "hydra_kl_loss"):
+                            want_tgrad: bool = False, op: str = "hydra_kl_loss"):
     """Hydra loss on given logits with the one-launch Triton kernel (strided views read in place).
-    Returns (loss, grad or None)."""
+    Returns (loss, grad or None, teacher grad or None)."""
     b, m, c = student.shape
-    grad_scale = temperature * reduction_coefficient(reduction, b * m) if want_grad else None
+    grad_scale = temperature * reduction_coefficient(reduction, b * m)
     student = student if student.stride(-1) == 1 else student.contiguous()
     teacher = teacher if teacher.stride(-1) == 1 else teacher.contiguous()
     loss = torch.empty(b, m, dtype=torch.float32, device=student.device)
     grad = torch.empty(b, m, c, dtype=student.dtype, device=student.device) if want_grad else None
-    launch_kl_rows(student, teacher, loss, grad, temperature, grad_scale, op)
+    tgrad = torch.empty(b, m, c, dtype=teacher.dtype, device=student.device) if want_tgrad else None
+    launch_kl_rows(student, teacher, loss, grad, temperature, grad_scale, op, tgrad)
     after_launch(student.device, op, teacher.shape)
-    return reduce_rows(loss, reduction, loss.dtype), grad
+    return reduce_rows(loss, reduction, loss.dtype), grad, tgrad

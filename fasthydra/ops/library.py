@@ -61,22 +61,28 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 @_no_autocast
 def _hydra_kl_impl(student: torch.Tensor, teacher: torch.Tensor, temperature: float, reduction: str, want_grad: bool,
-             impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+                   want_tgrad: bool, impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     poll(student.device)
     if impl != "triton":  # the Triton kernel checks the teacher while it reads it (no extra pass)
         flag_teacher_rows(teacher, "hydra_kl_loss")
     fwd = _kl.hydra_kl_forward_triton if impl == "triton" else _kl.hydra_kl_forward_torch
-    loss, grad = fwd(student, teacher, temperature, reduction, want_grad)
-    return loss, _none_to_empty(grad, student)
+    loss, grad, tgrad = fwd(student, teacher, temperature, reduction, want_grad, want_tgrad)
+    return loss, _none_to_empty(grad, student), _none_to_empty(tgrad, teacher)
 
 
 hydra_kl = custom_op("fasthydra::hydra_kl", mutates_args=())(_hydra_kl_impl)
 
 
 @register_fake("fasthydra::hydra_kl")
-def _hydra_kl_fake(student, teacher, temperature, reduction, want_grad, impl):
+def _hydra_kl_fake(student, teacher, temperature, reduction, want_grad, want_tgrad, impl):
     loss = student.new_empty(_loss_shape(student.shape[:2], reduction), dtype=_compute_dtype(student))
-    return loss, (torch.empty_like(student) if want_grad else student.new_empty(_EMPTY))
+    return (loss, torch.empty_like(student) if want_grad else student.new_empty(_EMPTY),
+            torch.empty_like(teacher) if want_tgrad else teacher.new_empty(_EMPTY))
+
+
+def _absent(stored: torch.Tensor) -> bool:
+    """The empty 1-D placeholder an op returns for a gradient it was not asked for."""
+    return stored.numel() == 0 and stored.dim() == 1
 
 
 def _stored_gradients(ctx, grads) -> None:
@@ -93,12 +99,12 @@ def _hydra_kl_setup(ctx, inputs, output):
     _stored_gradients(ctx, output[1:])
 
 
-def _hydra_kl_backward(ctx, grad_loss, _grad_of_grad):
+def _hydra_kl_backward(ctx, grad_loss, *_grad_of_grads):
     _no_double_backward()
-    (stored,) = ctx.saved_tensors
-    if grad_loss is None or (stored.numel() == 0 and stored.dim() == 1):
-        return None, None, None, None, None, None
-    return _kl.scale_grad(stored, grad_loss, ctx.reduction), None, None, None, None, None
+    if grad_loss is None:
+        return (None,) * 7
+    student, teacher = (None if _absent(g) else _kl.scale_grad(g, grad_loss, ctx.reduction) for g in ctx.saved_tensors)
+    return student, teacher, None, None, None, None, None
 
 
 register_autograd("fasthydra::hydra_kl", _hydra_kl_backward, setup_context=_hydra_kl_setup)
@@ -111,28 +117,32 @@ register_autograd("fasthydra::hydra_kl", _hydra_kl_backward, setup_context=_hydr
 
 @_no_autocast
 def _linear_hydra_kl_impl(inp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, teacher: torch.Tensor,
-                    temperature: float, reduction: str, shared: bool, need_in: bool, need_w: bool, need_b: bool,
-                    impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                          temperature: float, reduction: str, shared: bool, need_in: bool, need_w: bool, need_b: bool,
+                          need_t: bool, impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                            torch.Tensor]:
     poll(inp.device)
     if impl != "triton":  # the Triton kernels check the teacher while they read it (no extra pass)
         flag_teacher_rows(teacher, "distill_loss")
     fwd = _lin.linear_hydra_kl_forward_triton if impl == "triton" else _lin.linear_hydra_kl_forward_torch
-    loss, g_in, g_w, g_b = fwd(inp, weight, bias, teacher, temperature, reduction, shared, need_in, need_w,
-                               need_b and bias is not None)
-    return loss, _none_to_empty(g_in, inp), _none_to_empty(g_w, weight), _none_to_empty(g_b, weight)
+    loss, g_in, g_w, g_b, g_t = fwd(inp, weight, bias, teacher, temperature, reduction, shared, need_in, need_w,
+                                    need_b and bias is not None, need_t)
+    return (loss, _none_to_empty(g_in, inp), _none_to_empty(g_w, weight), _none_to_empty(g_b, weight),
+            _none_to_empty(g_t, teacher))
 
 
 linear_hydra_kl = custom_op("fasthydra::linear_hydra_kl", mutates_args=())(_linear_hydra_kl_impl)
 
 
 @register_fake("fasthydra::linear_hydra_kl")
-def _linear_hydra_kl_fake(inp, weight, bias, teacher, temperature, reduction, shared, need_in, need_w, need_b, impl):
+def _linear_hydra_kl_fake(inp, weight, bias, teacher, temperature, reduction, shared, need_in, need_w, need_b, need_t,
+                          impl):
     m = weight.shape[0]
     loss = inp.new_empty((inp.shape[0], m) if reduction == "none" else (), dtype=_compute_dtype(inp))
     g_in = torch.empty_like(inp) if need_in else inp.new_empty(_EMPTY)
     g_w = torch.empty_like(weight) if need_w else weight.new_empty(_EMPTY)
     g_b = torch.empty_like(bias) if (need_b and bias is not None) else weight.new_empty(_EMPTY)
-    return loss, g_in, g_w, g_b
+    g_t = torch.empty_like(teacher) if need_t else teacher.new_empty(_EMPTY)
+    return loss, g_in, g_w, g_b, g_t
 
 
 def _linear_setup(ctx, inputs, output):
@@ -150,28 +160,27 @@ def _no_double_backward() -> None:
 
 
 def _heads_backward(n_inputs: int):
-    """Backward of a fused heads op whose first three inputs are (input, weight, bias) and whose
+    """Backward of a fused heads op whose first inputs are (input, weight, bias[, teacher]) and whose
     outputs are (loss, their stored gradients): scale those by the upstream gradient (one foreach
     launch on a GPU; nothing on the CPU when the upstream gradient is 1)."""
 
     def backward(ctx, grad_loss, *_):
         _no_double_backward()
         saved = list(ctx.saved_tensors)
-        rest = (None,) * (n_inputs - 3)
+        out = [None] * n_inputs
         if grad_loss is None:
-            return (None, None, None, *rest)
+            return tuple(out)
         if not ctx.has_bias:
             saved[2] = saved[2].new_empty(_EMPTY)
-        present = [i for i, g in enumerate(saved) if not (g.numel() == 0 and g.dim() == 1)]
-        out = [None, None, None]
+        present = [i for i, g in enumerate(saved) if not _absent(g)]
         for i, g in zip(present, _kl.scale_grads([saved[i] for i in present], grad_loss)):
             out[i] = g
-        return (*out, *rest)
+        return tuple(out)
 
     return backward
 
 
-register_autograd("fasthydra::linear_hydra_kl", _heads_backward(11), setup_context=_linear_setup)
+register_autograd("fasthydra::linear_hydra_kl", _heads_backward(12), setup_context=_linear_setup)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -319,7 +328,7 @@ def _eager_entry(op, impl, setup=None, backward=None):
 
 
 hydra_kl_call = _eager_entry(hydra_kl, _hydra_kl_impl, _hydra_kl_setup, _hydra_kl_backward)
-linear_hydra_kl_call = _eager_entry(linear_hydra_kl, _linear_hydra_kl_impl, _linear_setup, _heads_backward(11))
+linear_hydra_kl_call = _eager_entry(linear_hydra_kl, _linear_hydra_kl_impl, _linear_setup, _heads_backward(12))
 uncertainty_call = _eager_entry(uncertainty, _uncertainty_impl)
 grouped_linear_call = _eager_entry(grouped_linear, _grouped_linear_impl, _grouped_linear_setup, _grouped_linear_bwd)
 gaussian_heads_kl_call = _eager_entry(gaussian_heads_kl, _gaussian_heads_kl_impl, _linear_setup, _heads_backward(10))

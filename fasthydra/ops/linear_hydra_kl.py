@@ -32,11 +32,11 @@ from .grouped_linear import grouped_mm, heads_backward
 from .hydra_kl import kl_chunk_torch, launch_kl_rows, reduce_rows, reduction_coefficient
 
 
-def _results(rows, inp, weight, bias, grad_in, grad_w32, grad_b32, reduction):
-    """(loss, grad_in, grad_weight, grad_bias) with the gradients in their parameters' dtypes."""
+def _results(rows, inp, weight, bias, grad_in, grad_w32, grad_b32, reduction, grad_t=None):
+    """(loss, grad_in, grad_weight, grad_bias, grad_teacher) with the gradients in their parameters' dtypes."""
     return (reduce_rows(rows, reduction, rows.dtype), grad_in,  # loss in the compute dtype: the caller casts
             None if grad_w32 is None else grad_w32.to(weight.dtype),
-            None if grad_b32 is None else grad_b32.to(bias.dtype))
+            None if grad_b32 is None else grad_b32.to(bias.dtype), grad_t)
 
 
 # Row blocks thinner than this make every GEMM re-read the whole weight for a handful of rows (large
@@ -70,11 +70,14 @@ def _online_kl_stats(s, u, stats):
     return new_ms, d_s, new_mu, d_u, a
 
 
-def _class_tiled_block(xc, w, bias_c, tb, temperature, want_grad, shared, beta, scale, grads):
+def _class_tiled_block(xc, w, bias_c, tb, temperature, want_grad, shared, beta, scale, grads, tgrad=None):
     """One row block with the classes in tiles: pass 1 collects the online softmax/KL statistics
     tile by tile, pass 2 recomputes each logits tile and turns it into gradients at once. Four
     GEMMs instead of three, but no chunk ever re-reads the whole weight for a few rows, and only
-    one (M, rows, tile) logits tile is alive at a time. Returns the loss rows (rows, M)."""
+    one (M, rows, tile) logits tile is alive at a time. tgrad (rows, M, C), when given, receives the
+    teacher's gradient scale * p * (log p - log q - KL), formed around the teacher's most probable
+    class as the Triton kernel does (no cancellation at large logits; one more pass, see
+    kernels/softmax_kl.py). Returns the loss rows (rows, M)."""
     m, c, k = w.shape
     bc = xc.shape[0]
     inv_t = 1.0 / temperature
@@ -92,19 +95,39 @@ def _class_tiled_block(xc, w, bias_c, tb, temperature, want_grad, shared, beta, 
     inf = torch.full((m, bc), float("-inf"), dtype=cdt, device=xc.device)
     zero = torch.zeros((m, bc), dtype=cdt, device=xc.device)
     stats = (inf, zero, inf, zero, zero)
+    s_at = zero.clone()  # the student's tempered logit at the teacher's most probable class
     for _, _, s, u in tiles():
+        if tgrad is not None:
+            tile_max = u.amax(-1)
+            here = torch.where(u == tile_max.unsqueeze(-1), s, float("-inf")).amax(-1)
+            s_at = torch.where(tile_max > stats[2], here, s_at)
         stats = _online_kl_stats(s, u, stats)
     m_s, d_s, m_u, d_u, a = stats
     log_d_s, log_d_u = d_s.log(), d_u.log()
-    loss = (a / d_u - log_d_u + log_d_s).mul_(temperature * temperature).T
-    if not want_grad:
+    kl = a / d_u - log_d_u + log_d_s
+    # Log-probabilities as (logit - row max) - log d: the large max cancels exactly first, so a logit
+    # of 1e3 does not cost the small log d its digits (as logit - (max + log d) would).
+    ref_u = torch.where(torch.isneginf(m_u), 0.0, m_u).unsqueeze(-1)
+    ref_s, log_d_s, log_d_u = m_s.unsqueeze(-1), log_d_s.unsqueeze(-1), log_d_u.unsqueeze(-1)
+    if tgrad is not None:  # sum_k p_k e_k with e = (u - u_j) - (s - s_j), j the pivot
+        mean_e = torch.zeros_like(kl)
+        for _, _, s, u in tiles():
+            e = (u - ref_u).sub_(s.sub_(s_at.unsqueeze(-1)))
+            mean_e += e.mul_(u.sub_(ref_u).sub_(log_d_u).exp_()).nan_to_num_(nan=0.0).sum(-1)
+    loss = (kl * (temperature * temperature)).T
+    if not want_grad and tgrad is None:
         return loss
     grad_in, grad_w32, grad_b32 = grads
-    lse_s = (m_s + log_d_s).unsqueeze(-1)
-    lse_u = (torch.where(torch.isneginf(m_u), 0.0, m_u) + log_d_u).unsqueeze(-1)
     gx = torch.zeros_like(xs) if grad_in is not None else None
     for c0, c1, s, u in tiles():
-        g = s.sub_(lse_s).exp_().sub_(u.sub_(lse_u).exp_())  # q - p, (M, rows, tile)
+        e = (u - ref_u).sub_(s - s_at.unsqueeze(-1)) if tgrad is not None else None
+        log_q, log_p = s.sub_(ref_s).sub_(log_d_s), u.sub_(ref_u).sub_(log_d_u)
+        if tgrad is not None:  # p * (e - sum_k p_k e_k); masked classes: 0 * -inf = NaN, truly 0
+            h = e.sub_(mean_e.unsqueeze(-1)).mul_(log_p.exp()).nan_to_num_(nan=0.0)
+            torch.mul(h.transpose(0, 1), scale, out=tgrad[:, :, c0:c1])
+        if not want_grad:
+            continue
+        g = log_q.exp_().sub_(log_p.exp_())  # q - p, (M, rows, tile)
         if gx is not None:
             gx.baddbmm_(g, w[:, c0:c1])
         if grad_w32 is not None:
@@ -117,15 +140,16 @@ def _class_tiled_block(xc, w, bias_c, tb, temperature, want_grad, shared, beta, 
 
 
 def linear_hydra_kl_forward_torch(inp, weight, bias, teacher, temperature: float, reduction: str, shared: bool,
-                                  need_in: bool, need_w: bool, need_b: bool):
+                                  need_in: bool, need_w: bool, need_b: bool, need_t: bool = False):
     """Fused heads + Hydra loss in torch ops, walking the batch in row blocks.
 
     Wide row blocks (small and mid C): one addmm (shared input) or baddbmm (per head) per block,
     then the loss and q - p from two softmaxes, contracted at once into the gradients. 1/T rides on
     the logits GEMM's alpha/beta and T * coefficient on the gradient GEMMs' alpha, so neither costs a
     pass over the block. Large C (a row block would be thin): the classes are tiled inside each
-    block with online softmax statistics (see ``_class_tiled_block``). Returns (loss, grad_in,
-    grad_weight, grad_bias), the gradients None where not asked for.
+    block with online softmax statistics (see ``_class_tiled_block``). With need_t the teacher's
+    gradient comes out of the same pass. Returns (loss, grad_in, grad_weight, grad_bias,
+    grad_teacher), the gradients None where not asked for.
     """
     m, c, k = weight.shape
     b = inp.shape[0]
@@ -141,6 +165,7 @@ def linear_hydra_kl_forward_torch(inp, weight, bias, teacher, temperature: float
     # Weight and bias gradients: the first row block writes (beta=0), later blocks accumulate.
     grad_w32 = torch.empty(m, c, k, dtype=cdt, device=inp.device) if need_w else None
     grad_b32 = torch.zeros(m, c, dtype=cdt, device=inp.device) if need_b else None
+    grad_t = torch.empty_like(teacher) if need_t else None
     step = rows_per_chunk(b, m * c, TORCH_CHUNK_ELEMENTS)
     tiled = step < min(b, MIN_CHUNK_ROWS)
     if tiled:
@@ -154,16 +179,19 @@ def linear_hydra_kl_forward_torch(inp, weight, bias, teacher, temperature: float
         if tiled:
             block_grads = (None if grad_in is None else grad_in[r0:r0 + step], grad_w32, grad_b32)
             rows[r0:r0 + step] = _class_tiled_block(xc, w, bias_c, teacher[r0:r0 + step], temperature,
-                                                    want_grad, shared, beta, scale, block_grads)
+                                                    want_grad, shared, beta, scale, block_grads,
+                                                    None if grad_t is None else grad_t[r0:r0 + step])
             continue
         if shared:  # all heads in one GEMM over the stacked (M*C, K) weight; s = z / T
             s = torch.addmm(bias_c.reshape(1, m * c), xc, wf.T, beta=inv_t, alpha=inv_t).view(bc, m, c)
         else:  # grouped GEMM: head m multiplies its own input u[:, m]
             s = torch.baddbmm(bias_c.unsqueeze(1), xc.transpose(0, 1), w.transpose(1, 2),
                               beta=inv_t, alpha=inv_t).transpose(0, 1)
-        loss, g = kl_chunk_torch(s, teacher[r0:r0 + step], temperature, want_grad)
+        loss, g, tg = kl_chunk_torch(s, teacher[r0:r0 + step], temperature, want_grad, need_t)
         del s
         rows[r0:r0 + step] = loss
+        if need_t:
+            torch.mul(tg, scale, out=grad_t[r0:r0 + step])
         if not want_grad:
             continue
         if shared:
@@ -182,7 +210,7 @@ def linear_hydra_kl_forward_torch(inp, weight, bias, teacher, temperature: float
             grad_b32.add_(g.sum(0), alpha=scale)
     if grad_in is not None:
         grad_in = grad_in.mul_(scale).to(inp.dtype)
-    return _results(rows, inp, weight, bias, grad_in, grad_w32, grad_b32, reduction)
+    return _results(rows, inp, weight, bias, grad_in, grad_w32, grad_b32, reduction, grad_t)
 
 
 def launch_linear_hydra_kl(inp, weight, bias, teacher, loss, stash, temperature, grad_scale, shared):
@@ -224,7 +252,7 @@ def _head_groups(b: int, m: int, c: int) -> tuple[int, int]:
 
 
 def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: float, reduction: str, shared: bool,
-                                   need_in: bool, need_w: bool, need_b: bool):
+                                   need_in: bool, need_w: bool, need_b: bool, need_t: bool = False):
     """Heads + Hydra loss as cuBLAS GEMMs around the one-pass Triton loss kernel (the GPU default).
 
     Per head group (all M heads unless their logits are too big, see ``_head_groups``):
@@ -236,7 +264,8 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
          (an fp32 accumulator for the group's slice only when rows had to be chunked); dx = dz @ W,
          accumulated in fp32 across groups; db as an fp32 column sum.
     Only one group's logits exist at a time; with no gradient wanted nothing (B, M, C)-sized is kept.
-    Returns (loss, grad_in, grad_weight, grad_bias), None where not asked for.
+    With need_t the same pass writes the teacher's gradient. Returns (loss, grad_in, grad_weight,
+    grad_bias, grad_teacher), None where not asked for.
     """
     m, c, k = weight.shape
     b = inp.shape[0]
@@ -244,8 +273,9 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
     weight = weight.contiguous()
     teacher = teacher if teacher.stride(-1) == 1 else teacher.contiguous()
     want_grad = need_in or need_w or need_b
-    grad_scale = temperature * reduction_coefficient(reduction, b * m) if want_grad else None
+    grad_scale = temperature * reduction_coefficient(reduction, b * m)
     loss = torch.empty(b, m, dtype=torch.float32, device=dev)
+    grad_t = torch.empty(teacher.shape, dtype=teacher.dtype, device=dev) if need_t else None
     heads, rows = _head_groups(b, m, c)
     n_groups, n_chunks = cdiv(m, heads), max(1, cdiv(b, rows))
     buf = torch.empty(min(rows, b) * heads * c, dtype=dt, device=dev)
@@ -280,6 +310,7 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
                 else:
                     torch.mm(xc, w2.T, out=z)
                 z3, t3, l2 = z.view(br, gh, c), teacher[r0:r1, h0:h1], loss[r0:r1, h0:h1]
+                h3 = None if grad_t is None else grad_t[r0:r1, h0:h1]
             else:  # per-head inputs: one batched GEMM, head major
                 xc = inp[r0:r1, h0:h1].transpose(0, 1)  # (gh, br, K)
                 z3 = buf[:br * gh * c].view(gh, br, c)
@@ -288,7 +319,8 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
                 else:
                     torch.bmm(xc, wg.transpose(1, 2), out=z3)
                 t3, l2 = teacher[r0:r1, h0:h1].transpose(0, 1), loss[r0:r1, h0:h1].T
-            launch_kl_rows(z3, t3, l2, z3 if want_grad else None, temperature, grad_scale, "distill_loss")
+                h3 = None if grad_t is None else grad_t[r0:r1, h0:h1].transpose(0, 1)
+            launch_kl_rows(z3, t3, l2, z3 if want_grad else None, temperature, grad_scale, "distill_loss", h3)
             if not want_grad:
                 continue
             # z3 now holds dL/dz for the group's rows.
@@ -326,18 +358,19 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
     if grad_in32 is not None:
         grad_in = grad_in32.to(dt)
     return (reduce_rows(loss, reduction, loss.dtype), grad_in, grad_w,
-            None if grad_b is None else grad_b.to(bias.dtype))
+            None if grad_b is None else grad_b.to(bias.dtype), grad_t)
 
 
 def linear_hydra_kl_forward_triton(inp, weight, bias, teacher, temperature: float, reduction: str, shared: bool,
-                                   need_in: bool, need_w: bool, need_b: bool):
+                                   need_in: bool, need_w: bool, need_b: bool, need_t: bool = False):
     """Heads + Hydra loss on the Triton path. With the cuBLAS GEMM backend (the default) see
     ``linear_hydra_kl_forward_cublas``; with FASTHYDRA_GEMM=triton the fused GEMM/softmax/KL kernel,
     then grouped Triton GEMMs for the input gradient and the (fp32 across chunks) weight gradient,
-    chunk by chunk. Returns (loss, grad_in, grad_weight, grad_bias), None where not asked for."""
-    if gemm_backend() == "cublas":
+    chunk by chunk; a teacher that needs its gradient takes the cuBLAS path (the fused kernels do not
+    form it). Returns (loss, grad_in, grad_weight, grad_bias, grad_teacher), None where not asked for."""
+    if gemm_backend() == "cublas" or need_t:
         return linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature, reduction, shared,
-                                              need_in, need_w, need_b)
+                                              need_in, need_w, need_b, need_t)
     m, c, k = weight.shape
     b = inp.shape[0]
     inp = inp.contiguous()

@@ -1,0 +1,207 @@
+"""Teacher logits that require grad get their exact gradient (online distillation, mutual learning),
+on every path, against float64 autograd through the eager reference; a frozen teacher costs nothing.
+
+cpu tier: the torch path (row chunks, class tiles, the native kernel bypassed only when needed);
+interpret tier: the Triton kernels under TRITON_INTERPRET=1 (loss on logits, heads on both GEMM backends).
+"""
+
+import pytest
+import torch
+from helpers import as_float64_copy, assert_close_to, params_of, teacher_logits, tolerance_rule
+
+from fasthydra import GaussianHydraHead, HydraHead, gaussian_kl_loss, hinton_kl_loss, hydra_kl_loss
+from fasthydra import reference as R
+
+CPU = pytest.mark.cpu
+INTERP = pytest.mark.interpret
+IMPLS = [pytest.param("torch", marks=CPU), pytest.param("triton", marks=INTERP)]
+# (B, M, C): the odd shape, M = 1, C below 16
+SHAPES = [(37, 5, 13), (6, 1, 10), (4, 3, 40)]
+
+
+def _upstream(loss, generator):
+    return torch.rand(loss.shape, generator=generator, dtype=torch.float64).to(loss.dtype) + 0.5
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("b,m,c", SHAPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_logits_loss_gives_the_teacher_its_gradient(impl, b, m, c, reduction):
+    g = torch.Generator().manual_seed(b * 100 + c)
+    z = (torch.randn(b, m, c, generator=g) * 3).requires_grad_()
+    t = teacher_logits(b, m, c, scale=3.0).requires_grad_()  # with masked classes
+    loss = hydra_kl_loss(z, t, 2.0, reduction=reduction, impl=impl)
+    up = _upstream(loss, g)
+    gz, gt = torch.autograd.grad(loss, [z, t], up)  # both in one backward
+    z64, t64 = z.detach().double().requires_grad_(), t.detach().double().requires_grad_()
+    ref = R.hydra_kl_loss_ref(z64, t64, 2.0, reduction=reduction)
+    gz_ref, gt_ref = torch.autograd.grad(ref, [z64, t64], up.double())
+    assert_close_to(loss, ref, rtol=2e-6, atol=1e-7, what="loss")
+    assert_close_to(gz, gz_ref, rtol=1e-5, atol=1e-8, what="student grad")
+    assert_close_to(gt, gt_ref, rtol=1e-5, atol=1e-8, what="teacher grad")
+    assert bool((gt[t.detach().isneginf()] == 0).all())  # a masked class gets 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_teacher_gradient_with_extreme_logits(impl):
+    z = (torch.randn(5, 3, 30) * 1e3).requires_grad_()
+    t = (torch.randn(5, 3, 30) * 1e3).requires_grad_()
+    """|logits| ~ 1e3: log p - log q and KL are both large and cancel in fp32; held to DESIGN's tolerance
+    rule (at most twice the error of eager fp32 against float64)."""
+    gt = torch.autograd.grad(hydra_kl_loss(z, t, 1.0, impl=impl), t)[0]
+    t64 = t.detach().double().requires_grad_()
+    gt_ref = torch.autograd.grad(R.hydra_kl_loss_ref(z.detach().double(), t64, 1.0), t64)[0]
+    t32 = t.detach().clone().requires_grad_()
+    gt_eager = torch.autograd.grad(R.hydra_kl_loss_ref(z.detach(), t32, 1.0), t32)[0]
+    assert torch.isfinite(gt).all()
+    tolerance_rule(gt, gt_eager, gt_ref, 1e-6 * gt_ref.abs().max().item(), what="teacher grad")
+
+
+@CPU
+def test_gradcheck_student_and_teacher_float64():
+    z = torch.randn(4, 2, 6, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(4, 2, 6, dtype=torch.float64, requires_grad=True)
+    for reduction in ("mean", "none"):
+        assert torch.autograd.gradcheck(lambda a, b: hydra_kl_loss(a, b, 1.5, reduction=reduction), (z, t))
+    assert torch.autograd.gradcheck(lambda b: hinton_kl_loss(z[:, 0], b, 1.5), (t,))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_hinton_teacher_gradient_through_the_ensemble_mean(impl):
+    z = torch.randn(9, 17, requires_grad=True)
+    t = teacher_logits(9, 4, 17).requires_grad_()
+    t.data[2, :, 5] = float("-inf")  # a class every member masks
+    loss = hinton_kl_loss(z, t, 3.0, impl=impl)
+    gz, gt = torch.autograd.grad(loss * 1.7, [z, t])
+    # The eager reference's own gradient is NaN where pbar = 0 (kl_div's xlogy at 0): in float64 a
+    # masked logit can stand at -700 instead (probability e^-233, a change far below the tolerance).
+    t64 = torch.where(t.detach().isneginf(), -700.0, t.detach()).double().requires_grad_()
+    z64 = z.detach().double().requires_grad_()
+    ref = R.hinton_kl_loss_ref(z64, t64, 3.0)
+    gz_ref, gt_ref = torch.autograd.grad(ref * 1.7, [z64, t64])
+    assert_close_to(loss, ref, rtol=2e-6, atol=1e-7, what="loss")
+    assert_close_to(gz, gz_ref, rtol=1e-5, atol=1e-8, what="student grad")
+    assert torch.isfinite(gt).all() and bool((gt[t.detach().isneginf()] == 0).all())
+    assert_close_to(gt, gt_ref, rtol=1e-5, atol=1e-8, what="teacher grad")
+
+
+def _head_case(hidden, impl, b=11, d=12, m=3, c=20):
+    head = HydraHead(d, c, m, hidden_features=hidden, impl=impl)
+    x = torch.randn(b, d, requires_grad=True)
+    t = teacher_logits(b, m, c).requires_grad_()
+    return head, x, t
+
+
+def _check_head_grads(head, x, t, reduction="mean"):
+    loss = head.distill_loss(x, t, 2.0, reduction=reduction)
+    grads = torch.autograd.grad(loss * 0.9, [x, t, *params_of(head)])
+    p64 = as_float64_copy(head)
+    x64, t64 = x.detach().double().requires_grad_(), t.detach().double().requires_grad_()
+    if head.is_mlp:
+        z = R.mlp_heads_ref(x64, p64["hidden_weight"], p64.get("hidden_bias"), p64["weight"], p64.get("bias"))
+    else:
+        z = R.linear_heads_ref(x64, p64["weight"], p64.get("bias"))
+    ref = R.hydra_kl_loss_ref(z, t64, 2.0, reduction=reduction)
+    grads_ref = torch.autograd.grad(ref * 0.9, [x64, t64, *p64.values()])
+    assert_close_to(loss, ref, rtol=2e-6, atol=1e-7, what="loss")
+    for name, a, e in zip(["x", "teacher", *p64], grads, grads_ref):
+        assert_close_to(a, e, rtol=1e-5, atol=1e-8, what=name)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("hidden", [None, 5])
+@pytest.mark.parametrize("gemm", ["cublas", "triton"])
+def test_fused_heads_give_the_teacher_its_gradient(monkeypatch, impl, hidden, gemm):
+    monkeypatch.setenv("FASTHYDRA_GEMM", gemm)  # triton: the teacher's gradient takes the cuBLAS path
+    head, x, t = _head_case(hidden, impl)
+    _check_head_grads(head, x, t, "mean")
+    _check_head_grads(head, x, t, "sum")
+
+
+@CPU
+@pytest.mark.parametrize("hidden", [None, 5])
+@pytest.mark.parametrize("scale", [1.0, 300.0], ids=["plain", "extreme"])
+def test_torch_path_class_tiles_give_the_teacher_its_gradient(monkeypatch, hidden, scale):
+    """Large C on the torch path: rows in blocks, classes in tiles (forced on a small case); with
+    logits in the hundreds too (the pivoted form of the teacher gradient)."""
+    import fasthydra.ops.linear_hydra_kl as lk
+
+    monkeypatch.setattr(lk, "TORCH_CHUNK_ELEMENTS", 3 * 70)
+    monkeypatch.setattr(lk, "TILE_ELEMENTS", 3 * 11 * 16)
+    head, x, t = _head_case(hidden, "torch", b=11, c=70)
+    with torch.no_grad():
+        head.weight.mul_(scale)
+        t.mul_(scale)
+    _check_head_grads(head, x, t)
+
+
+@INTERP
+@pytest.mark.parametrize("budget", [2 * 11 * 20, 4 * 20], ids=["head-groups", "row-chunks"])
+def test_cublas_groups_give_the_teacher_its_gradient(monkeypatch, budget):
+    import fasthydra.ops.linear_hydra_kl as lk
+
+    monkeypatch.setattr(lk, "CUBLAS_GROUP_ELEMENTS", budget)
+    head, x, t = _head_case(None, "triton")
+    _check_head_grads(head, x, t)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gaussian_teacher_gets_mean_and_variance_gradients(impl):
+    head = GaussianHydraHead(6, 2, 3, impl=impl)
+    x = torch.randn(7, 6, requires_grad=True)
+    tm = torch.randn(7, 3, 2, requires_grad=True)
+    tv = (torch.rand(7, 3, 2) + 0.2).requires_grad_()
+    loss = head.distill_loss(x, tm, tv)
+    grads = torch.autograd.grad(loss, [x, tm, tv])
+    mu, var = head(x)
+    tm64, tv64 = tm.detach().double().requires_grad_(), tv.detach().double().requires_grad_()
+    mu64, var64 = mu.detach().double(), var.detach().double()
+    kl = 0.5 * (torch.log(var64 / tv64) + (tv64 + (tm64 - mu64) ** 2) / var64 - 1)
+    g_ref = torch.autograd.grad(kl.mean(), [tm64, tv64])
+    assert_close_to(grads[1], g_ref[0], rtol=1e-5, atol=1e-8, what="teacher mean")
+    assert_close_to(grads[2], g_ref[1], rtol=1e-5, atol=1e-8, what="teacher var")
+    # gaussian_kl_loss on given moments, every reduction
+    m_ = torch.randn(7, 3, 2, requires_grad=True)
+    v_ = (torch.rand(7, 3, 2) + 0.2).requires_grad_()
+    for reduction in ("mean", "sum", "none"):
+        out = gaussian_kl_loss(m_, v_, tm, tv, reduction=reduction)
+        up = torch.rand(out.shape, dtype=out.dtype) + 0.5
+        g_tm, g_tv = torch.autograd.grad(out, [tm, tv], up)
+        kl = 0.5 * (torch.log(v_.detach().double() / tv64) + (tv64 + (tm64 - m_.detach().double()) ** 2)
+                    / v_.detach().double() - 1)
+        red = {"mean": kl.mean(), "sum": kl.sum(), "none": kl}[reduction]
+        e_tm, e_tv = torch.autograd.grad(red, [tm64, tv64], up.double())
+        assert_close_to(g_tm, e_tm, rtol=1e-5, atol=1e-8, what=f"{reduction} mean")
+        assert_close_to(g_tv, e_tv, rtol=1e-5, atol=1e-8, what=f"{reduction} var")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_frozen_teacher_costs_nothing_extra(monkeypatch, impl):
+    """No teacher gradient is formed when the teacher does not require grad, or under no_grad."""
+    import fasthydra.ops.hydra_kl as hk
+    import fasthydra.ops.linear_hydra_kl as lk
+
+    asked = []
+    real_rows, real_chunk = hk.launch_kl_rows, hk.kl_chunk_torch
+
+    def spy_rows(*args, **kwargs):
+        asked.append(kwargs.get("tgrad3", args[7] if len(args) > 7 else None) is not None)
+        return real_rows(*args, **kwargs)
+
+    def spy_chunk(s, t, temperature, want_grad, want_tgrad=False):
+        asked.append(want_tgrad)
+        return real_chunk(s, t, temperature, want_grad, want_tgrad)
+
+    for mod in (hk, lk):
+        monkeypatch.setattr(mod, "launch_kl_rows", spy_rows, raising=False)
+        monkeypatch.setattr(mod, "kl_chunk_torch", spy_chunk, raising=False)
+    head, x, t = _head_case(None, impl)
+    frozen = t.detach()
+    head.distill_loss(x, frozen, 2.0).backward()
+    hydra_kl_loss(head(x), frozen, 2.0, impl=impl).backward()
+    with torch.no_grad():
+        head.distill_loss(x, t, 2.0)
+    assert asked and not any(asked)
+    assert frozen.grad is None
+    head.distill_loss(x, t, 2.0).backward()
+    assert asked[-1] and t.grad is not None
