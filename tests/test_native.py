@@ -62,6 +62,7 @@ def test_module_fp32_native_and_fallback_agree_with_reference(monkeypatch):
 
 
 def test_no_compiler_falls_back_with_a_warning(monkeypatch, tmp_path):
+    monkeypatch.delenv("FASTHYDRA_NATIVE", raising=False)  # the compiler is what is missing here
     monkeypatch.setattr(native, "_lib", None)
     monkeypatch.setattr(native, "_reason", "not built yet")
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))

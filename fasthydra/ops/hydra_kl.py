@@ -96,18 +96,22 @@ def kl_chunk_torch(s: torch.Tensor, t: torch.Tensor, temperature: float, want_gr
     if native.usable(s) and not want_tgrad:  # fp32 on CPU: the three-sweep C row kernel
         loss, grad = native.kl_rows(s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1]), temperature, want_grad)
         return loss.view(s.shape[:-1]), None if grad is None else grad.view(s.shape), None
-    q = torch.softmax(s, dim=-1)
+    # Three (..., C) buffers at the peak (s, u, p): the difference u - s takes u's, the student's
+    # softmax then takes s's own (s is the caller's to consume).
     u = t.to(s.dtype) * (1.0 / temperature)
     p = torch.softmax(u, dim=-1)
-    lse_gap = _log_normaliser(s, q).sub_(_log_normaliser(u, p))
+    lse_u = _log_normaliser(u, p)
+    max_s = s.amax(dim=-1, keepdim=True)
+    diff = u.sub_(s)
+    q = s.sub_(max_s).exp_()
+    sum_q = q.sum(-1, keepdim=True)
+    q.div_(sum_q)
+    lse_gap = max_s.add_(sum_q.log_()).squeeze(-1).sub_(lse_u)
     # p * (u - s): a masked class (p = 0, u = -inf) gives 0 * -inf = NaN, which is its exact value 0;
     # +inf (a student -inf where the teacher has mass) is the true KL and stays.
-    diff = u.sub_(s)
     cross = (diff * p if want_tgrad else diff.mul_(p)).nan_to_num_(nan=0.0, posinf=math.inf,
                                                                   neginf=-math.inf).sum(-1)
-    tgrad = None
-    if want_tgrad:
-        tgrad = _teacher_grad(diff, p)
+    tgrad = _teacher_grad(diff, p) if want_tgrad else None
     loss = cross.add_(lse_gap).mul_(temperature * temperature)
     if not want_grad:
         return loss, None, tgrad
