@@ -15,10 +15,10 @@ import torch
 
 from fasthydra.ops._common import interpreting
 from fasthydra.ops import checks as _checks
-from fasthydra.ops.checks import flag_gaussian_teacher, flag_teacher_rows, poll
+from fasthydra.ops.checks import flag_gaussian_teacher, flag_teacher_rows, flag_topk_teacher, poll
 from fasthydra.ops.gaussian_kl import gaussian_kl_torch, split_gaussian
 from fasthydra.ops import library as _ops
-from fasthydra.reference import Uncertainty
+from fasthydra.reference import TopKTeacher, Uncertainty
 
 IMPLS = ("auto", "triton", "torch")
 REDUCTIONS = ("mean", "sum", "none")
@@ -73,8 +73,38 @@ def _check_same_device(**tensors) -> None:
         raise ValueError(f"all tensors must be on one device, got {seen}")
 
 
+def _check_topk(teacher, rows: int, heads: int, classes: int, device_of: dict, name="teacher_logits"):
+    """A TopKTeacher's shapes, dtypes and device (its values are checked inside the ops)."""
+    values, indices = teacher.values, teacher.indices
+    _check_tensor(f"{name}.values", values, (3,))
+    if not isinstance(indices, torch.Tensor):
+        raise TypeError(f"{name}.indices must be a torch.Tensor, got {type(indices).__name__}")
+    if indices.dtype not in (torch.int32, torch.int64):
+        raise InputDtypeError(f"{name}.indices must be int32 or int64, got {indices.dtype}")
+    if indices.shape != values.shape:
+        raise ValueError(f"{name}.indices {tuple(indices.shape)} and {name}.values {tuple(values.shape)} must "
+                         "have one shape (B, M, k)")
+    b, m, k = values.shape
+    if (b, m) != (rows, heads):
+        raise ValueError(f"{name} (top-k) must have shape (B, M, k) with (B, M) = ({rows}, {heads}); got "
+                         f"{tuple(values.shape)}")
+    if not 1 <= k <= classes:
+        raise ValueError(f"{name} (top-k) must keep 1 <= k <= C = {classes} classes per row, got k = {k}")
+    _check_same_device(**device_of, **{f"{name}.values": values, f"{name}.indices": indices})
+    return values, indices
+
+
+def _teacher_parts(teacher):
+    """(tensor the op reads as the teacher, its indices or None): a top-k teacher's values, or the logits."""
+    return (teacher.values, teacher.indices) if isinstance(teacher, TopKTeacher) else (teacher, None)
+
+
 def _check_logit_pair(student, teacher, student_name="student_logits", teacher_name="teacher_logits"):
     _check_tensor(student_name, student, (3,))
+    if isinstance(teacher, TopKTeacher):
+        _check_topk(teacher, student.shape[0], student.shape[1], student.shape[2], {student_name: student},
+                    teacher_name)
+        return
     _check_tensor(teacher_name, teacher, (3,))
     if student.shape != teacher.shape:
         what = []
@@ -200,11 +230,12 @@ def hydra_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
     _check_logit_pair(student_logits, teacher_logits)
     temperature = _check_temperature(temperature)
     reduction = _check_reduction(reduction)
-    impl = resolve_impl(impl, student_logits, teacher_logits)
+    teacher, indices = _teacher_parts(teacher_logits)
+    impl = resolve_impl(impl, student_logits, teacher)
     # The teacher's values are checked inside the op, where the data is read anyway.
     on = torch.is_grad_enabled()
-    loss, *_ = _ops.hydra_kl_call(student_logits, teacher_logits, temperature, reduction,
-                                  on and student_logits.requires_grad, on and teacher_logits.requires_grad, impl)
+    loss, *_ = _ops.hydra_kl_call(student_logits, teacher, temperature, reduction,
+                                  on and student_logits.requires_grad, on and teacher.requires_grad, impl, indices)
     return _autocast_loss(loss, student_logits)
 
 
@@ -236,11 +267,13 @@ def hinton_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
         >>> hinton_kl_loss(z, t, temperature=4.0).backward()
     """
     _check_tensor("student_logits", student_logits, (2, 3))
-    _check_tensor("teacher_logits", teacher_logits, (3,))
     if student_logits.dim() == 3 and student_logits.shape[1] != 1:
         raise ValueError(f"student_logits must be (B, C) or (B, 1, C) for the Hinton loss, got "
                          f"{tuple(student_logits.shape)}")
     z = student_logits if student_logits.dim() == 3 else student_logits.unsqueeze(1)
+    if isinstance(teacher_logits, TopKTeacher):
+        return _hinton_topk(z, student_logits, teacher_logits, temperature, reduction, impl)
+    _check_tensor("teacher_logits", teacher_logits, (3,))
     if z.shape[0] != teacher_logits.shape[0] or z.shape[2] != teacher_logits.shape[2]:
         raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
                          f"{tuple(teacher_logits.shape)} must agree in batch B and classes C")
@@ -253,11 +286,37 @@ def hinton_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
     impl = resolve_impl(impl, student_logits, teacher_logits)
     # softmax(T * log pbar / T) = pbar exactly, so the per-head kernel does the rest (masks included).
     mean_teacher = (temperature * ensemble_log_mean_probs(teacher_logits, temperature)).unsqueeze(1)
+    return _hinton_on_target(z, mean_teacher, temperature, reduction, impl)
+
+
+def _hinton_on_target(z, mean_teacher, temperature, reduction, impl):
+    """The Hinton loss of z (B, 1, C) against mean_teacher = T * log pbar, (B, 1, C)."""
     on = torch.is_grad_enabled()
     loss, *_ = _ops.hydra_kl_call(z, mean_teacher, temperature, reduction, on and z.requires_grad,
-                                  on and mean_teacher.requires_grad, impl)
+                                  on and mean_teacher.requires_grad, impl, None)
     loss = _autocast_loss(loss, z)
     return loss.squeeze(1) if reduction == "none" else loss
+
+
+def _hinton_topk(z, student_logits, teacher: TopKTeacher, temperature, reduction, impl):
+    """Hinton loss against the mean of M sparse members: pbar = mean_m scatter(p~_m), supported on up
+    to M*k classes. pbar is formed as one (B, C) row per example (the student's own size, no factor
+    M), then the dense single-head kernel runs; the values get their gradient through it."""
+    b, _, c = z.shape
+    values, indices = _check_topk(teacher, b, teacher.values.shape[1], c, {"student_logits": student_logits})
+    temperature = _check_temperature(temperature)
+    reduction = _check_reduction(reduction)
+    if not torch.compiler.is_compiling():
+        poll(values.device)
+        flag_topk_teacher(values, indices, c, "hinton_kl_loss")
+    impl = resolve_impl(impl, student_logits, values)
+    cdt = torch.float64 if values.dtype == torch.float64 else torch.float32
+    m = values.shape[1]
+    p = torch.softmax(values.to(cdt) / temperature, dim=-1).reshape(b, -1) / m
+    pbar = torch.zeros(b, c, dtype=cdt, device=values.device).scatter_add(1, indices.long().reshape(b, -1), p)
+    kept = pbar > 0  # log only where pbar > 0: the other branch's gradient would be 0 * inf
+    log_pbar = torch.where(kept, torch.log(torch.where(kept, pbar, 1.0)), float("-inf"))
+    return _hinton_on_target(z, (temperature * log_pbar).unsqueeze(1), temperature, reduction, impl)
 
 
 def _check_heads_input(x, weight, bias, name="x", per_head=False):
@@ -314,12 +373,15 @@ def grouped_heads(u, weight, bias=None, impl: str = "auto"):
 
 
 def _check_fused_loss_args(inp, teacher, weight, temperature, reduction, name):
-    _check_tensor("teacher_logits", teacher, (3,))
     m, c, _ = weight.shape
-    if teacher.shape != (inp.shape[0], m, c):
+    if isinstance(teacher, TopKTeacher):
+        _check_topk(teacher, inp.shape[0], m, c, {name: inp})
+    else:
+        _check_tensor("teacher_logits", teacher, (3,))
+    if not isinstance(teacher, TopKTeacher) and teacher.shape != (inp.shape[0], m, c):
         raise ValueError(f"teacher_logits must have shape (B, M, C) = ({inp.shape[0]}, {m}, {c}) to match "
                          f"{name} {tuple(inp.shape)} and the heads; got {tuple(teacher.shape)}")
-    _check_same_device(**{name: inp, "teacher_logits": teacher})
+    _check_same_device(**{name: inp, "teacher_logits": _teacher_parts(teacher)[0]})
     temperature = _check_temperature(temperature)
     reduction = _check_reduction(reduction)
     if reduction == "none":
@@ -339,7 +401,7 @@ def linear_hydra_kl_loss(x, weight, bias, teacher_logits, temperature: float = 1
     x, weight, bias = _autocast_gemm_inputs(x, weight, bias)
     _check_heads_input(x, weight, bias)
     temperature, reduction = _check_fused_loss_args(x, teacher_logits, weight, temperature, reduction, "x")
-    impl = resolve_impl(impl, x, weight, bias, teacher_logits)
+    impl = resolve_impl(impl, x, weight, bias, _teacher_parts(teacher_logits)[0])
     return _fused(x, weight, bias, teacher_logits, temperature, reduction, True, impl)
 
 
@@ -350,7 +412,7 @@ def mlp_hydra_kl_loss(x, hidden_weight, hidden_bias, weight, bias, teacher_logit
     x, hidden_weight, hidden_bias, weight, bias = _autocast_gemm_inputs(x, hidden_weight, hidden_bias, weight, bias)
     _check_heads_input(x, hidden_weight, hidden_bias)
     temperature, reduction = _check_fused_loss_args(x, teacher_logits, weight, temperature, reduction, "x")
-    impl = resolve_impl(impl, x, hidden_weight, weight, teacher_logits)
+    impl = resolve_impl(impl, x, hidden_weight, weight, _teacher_parts(teacher_logits)[0])
     u = mlp_hidden(x, hidden_weight, hidden_bias, impl=impl)
     return _fused(u, weight, bias, teacher_logits, temperature, reduction, False, impl)
 
@@ -358,8 +420,10 @@ def mlp_hydra_kl_loss(x, hidden_weight, hidden_bias, weight, bias, teacher_logit
 def _fused(inp, weight, bias, teacher, temperature, reduction, shared, impl):
     """The fused op, told which gradients to form (autograd's own flags ignore torch.no_grad())."""
     on = torch.is_grad_enabled()
+    teacher, indices = _teacher_parts(teacher)
     needs = [on and t is not None and t.requires_grad for t in (inp, weight, bias, teacher)]
-    loss, *_ = _ops.linear_hydra_kl_call(inp, weight, bias, teacher, temperature, reduction, shared, *needs, impl)
+    loss, *_ = _ops.linear_hydra_kl_call(inp, weight, bias, teacher, temperature, reduction, shared, *needs, impl,
+                                         indices)
     return _autocast_loss(loss, inp)
 
 

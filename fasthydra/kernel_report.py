@@ -84,7 +84,8 @@ def _kernel_specs():
         _linear_hydra_kl_grad_kernel,
         _linear_hydra_kl_stats_kernel,
     )
-    from fasthydra.kernels.softmax_kl import _hydra_kl_fwd_kernel
+    from fasthydra.kernels.softmax_kl import _hydra_kl_fwd_kernel, _hydra_kl_topk_fwd_kernel
+    from fasthydra.ops.hydra_kl import topk_config
     from fasthydra.kernels.uncertainty import _uncertainty_fwd_kernel
 
     specs, seen = [], set()
@@ -107,6 +108,20 @@ def _kernel_specs():
             for tgrad in (False, True):  # a frozen teacher, and one that requires grad
                 add(_hydra_kl_fwd_kernel, args, {"BLOCK_R": kl["BLOCK_R"], "BLOCK_C": kl["BLOCK_C"], "WRITE_GRAD": True,
                                                  "WRITE_TGRAD": tgrad}, {"num_warps": kl["num_warps"]}, tag)
+            for k in (32, 128):  # top-k teachers: the sizes a cache keeps
+                if k > c:
+                    continue
+                tk = topk_config(c, k)
+                targs = {"z_ptr": f"*{ty}", "v_ptr": f"*{ty}", "idx_ptr": "*i32", "loss_ptr": "*fp32",
+                         "grad_ptr": f"*{ty}", "vgrad_ptr": f"*{ty}", "err_ptr": "*i32", "R": b * m, "R_INNER": m,
+                         "C": c, "K": k, "stride_zo": m * c, "stride_zi": c, "stride_vo": m * k, "stride_vi": k,
+                         "stride_xo": m * k, "stride_xi": k, "stride_go": m * c, "stride_gi": c, "stride_lo": m,
+                         "stride_li": 1, "stride_ho": m * k, "stride_hi": k,
+                         "inv_temp": 0.5, "loss_scale": 4.0, "grad_scale": 0.1}
+                for tgrad in (False, True):
+                    add(_hydra_kl_topk_fwd_kernel, targs,
+                        {"BLOCK_R": tk["BLOCK_R"], "BLOCK_C": tk["BLOCK_C"], "BLOCK_K": tk["BLOCK_K"],
+                         "WRITE_GRAD": True, "WRITE_TGRAD": tgrad}, {"num_warps": tk["num_warps"]}, tag)
 
             rows = cfgs.rows_per_chunk(b, m * c, cfgs.TRITON_CHUNK_ELEMENTS)
             for k, shared in ((d, True), (HIDDEN, False)):  # linear heads; second layer of MLP heads

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from fasthydra import functional as F_h
+from fasthydra.reference import TopKTeacher
 
 
 def _init_heads_(weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -130,12 +131,26 @@ class HydraHead(nn.Module):
         """
         lead = x.shape[:-1] if isinstance(x, torch.Tensor) else ()
         x2 = self._flatten_input(x)
-        F_h._check_tensor("teacher_logits", teacher_logits)
-        want = (*lead, self.num_heads, self.num_classes)
-        if tuple(teacher_logits.shape) != want:
-            raise ValueError(f"teacher_logits must have shape {want} for x {tuple(x.shape)} and this head "
-                             f"(M={self.num_heads}, C={self.num_classes}); got {tuple(teacher_logits.shape)}")
-        t2 = teacher_logits.reshape(-1, self.num_heads, self.num_classes)
+        if isinstance(teacher_logits, TopKTeacher):  # (*, M, k) values and indices
+            values, indices = teacher_logits
+            F_h._check_tensor("teacher_logits.values", values)
+            if not isinstance(indices, torch.Tensor):
+                raise TypeError(f"teacher_logits.indices must be a torch.Tensor, got {type(indices).__name__}")
+            if indices.shape != values.shape:
+                raise ValueError(f"teacher_logits.indices {tuple(indices.shape)} and teacher_logits.values "
+                                 f"{tuple(values.shape)} must have one shape (*, M, k)")
+            if tuple(values.shape[:-1]) != (*lead, self.num_heads):
+                raise ValueError(f"teacher_logits (top-k) must have shape {(*lead, self.num_heads)} + (k,) for x "
+                                 f"{tuple(x.shape)} and this head (M={self.num_heads}); got {tuple(values.shape)}")
+            k = values.shape[-1]
+            t2 = TopKTeacher(values.reshape(-1, self.num_heads, k), indices.reshape(-1, self.num_heads, k))
+        else:
+            F_h._check_tensor("teacher_logits", teacher_logits)
+            want = (*lead, self.num_heads, self.num_classes)
+            if tuple(teacher_logits.shape) != want:
+                raise ValueError(f"teacher_logits must have shape {want} for x {tuple(x.shape)} and this head "
+                                 f"(M={self.num_heads}, C={self.num_classes}); got {tuple(teacher_logits.shape)}")
+            t2 = teacher_logits.reshape(-1, self.num_heads, self.num_classes)
         if reduction == "none":
             loss = F_h.hydra_kl_loss(self(x2), t2, temperature, reduction="none", impl=self.impl)
             return loss.reshape(*lead, self.num_heads)

@@ -29,6 +29,34 @@ class Uncertainty(NamedTuple):
     epistemic: torch.Tensor
 
 
+class TopKTeacher(NamedTuple):
+    """A sparse teacher: member m keeps k classes per row.
+
+    values: (B, M, k) raw teacher logits at the kept classes (any float dtype; -inf pads an entry).
+    indices: (B, M, k) int32/int64 class ids in [0, C), distinct per row (padding entries excepted).
+    The distribution of head m's teacher is the renormalised tempered softmax over its kept classes,
+    ``p~ = softmax(values / T)`` on ``indices``, zero elsewhere.
+    """
+
+    values: torch.Tensor
+    indices: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.values.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    def densify(self, num_classes: int) -> torch.Tensor:
+        """The equivalent dense teacher logits (B, M, C): the values at their indices, -inf elsewhere
+        (the reference's way; the library's kernels never build it)."""
+        dense = self.values.new_full((*self.values.shape[:-1], num_classes), float("-inf"))
+        # amax: a padding entry (-inf) that repeats a kept class's index never overwrites it
+        return dense.scatter_reduce(-1, self.indices.long(), self.values, reduce="amax", include_self=True)
+
+
 def _reduce(per_row: torch.Tensor, reduction: str) -> torch.Tensor:
     # An empty batch gives a zero loss for "mean" (it contributes nothing to training).
     if reduction == "none":

@@ -164,3 +164,115 @@ def _hydra_kl_fwd_kernel(
             if WRITE_GRAD:
                 g = _kl_grad_tile(s, u, m_s, log_d_s, m_u, log_d_u, grad_scale)
                 tl.store(g_rows + cols[None, :], g.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+# Sparse (top-k) teacher. Row r keeps K classes: raw values v[r, :K] on distinct indices idx[r, :K]
+# (a -inf value pads). p~ = softmax(v / T) over the kept classes, zero elsewhere; q = softmax(z / T)
+# over all C. loss[r] = T^2 * sum_i p~_i (log p~_i - log q_idx_i); dloss/dz = T * (q - scatter(p~));
+# dloss/dv_i = T * p~_i * ((log p~_i - log q_idx_i) - KL). The student row is read in C tiles (online
+# max and sum), the K teacher entries in one tile, and the student's logits at the kept classes are
+# gathered once; no dense teacher is ever formed. The gradient is written dense (q, pass 2), then,
+# after a barrier, q - p~ at the kept classes (the same program owns the row: no other writer).
+@triton.jit
+def _hydra_kl_topk_fwd_kernel(
+    z_ptr,  # student logits: row (o, i) at o * stride_zo + i * stride_zi, unit stride along C
+    v_ptr,  # teacher values: row (o, i) at o * stride_vo + i * stride_vi, unit stride along K
+    idx_ptr,  # teacher class indices (int32/int64): same row layout (stride_xo, stride_xi), unit along K
+    loss_ptr,  # out: fp32 T^2 * KL of row (o, i) at o * stride_lo + i * stride_li
+    grad_ptr,  # out: grad_scale * (q - scatter(p~)) in the student's dtype (may alias z_ptr)
+    vgrad_ptr,  # out: the values' gradient (row (o, i) at o * stride_ho + i * stride_hi); unused unless WRITE_TGRAD
+    err_ptr,  # in/out: int32 error word: 1 NaN, 2 +inf, 4 a row with no finite value, 64 an index outside [0, C)
+    R,
+    R_INNER,
+    C,
+    K,
+    stride_zo,
+    stride_zi,
+    stride_vo,
+    stride_vi,
+    stride_xo,
+    stride_xi,
+    stride_go,
+    stride_gi,
+    stride_lo,
+    stride_li,
+    stride_ho,
+    stride_hi,
+    inv_temp,  # 1 / T
+    loss_scale,  # T^2
+    grad_scale,  # T * reduction coefficient
+    BLOCK_R: tl.constexpr,  # rows per program (several when C is small)
+    BLOCK_C: tl.constexpr,  # class tile of the student row
+    BLOCK_K: tl.constexpr,  # K padded to a power of two: the whole teacher row in one tile
+    WRITE_GRAD: tl.constexpr,
+    WRITE_TGRAD: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    row_ok = rows < R
+    r_out = rows // R_INNER
+    r_in = rows % R_INNER
+    z_rows = z_ptr + (r_out * stride_zo + r_in * stride_zi)[:, None]
+    cols0 = tl.arange(0, BLOCK_C)
+
+    # The teacher's K entries and the student's logits there (gathered before any store: in place is safe)
+    ks = tl.arange(0, BLOCK_K)
+    k_mask = row_ok[:, None] & (ks < K)[None, :]
+    v = tl.load(v_ptr + (r_out * stride_vo + r_in * stride_vi)[:, None] + ks[None, :], mask=k_mask,
+                other=float("-inf"))
+    idx = tl.load(idx_ptr + (r_out * stride_xo + r_in * stride_xi)[:, None] + ks[None, :], mask=k_mask,
+                  other=0).to(tl.int64)
+    w = v.to(tl.float32) * inv_temp
+    in_range = (idx >= 0) & (idx < C)
+    live = (w > float("-inf")) & k_mask
+    s_idx = tl.load(z_rows + idx, mask=k_mask & in_range, other=0.0).to(tl.float32) * inv_temp
+    m_w = tl.max(w, axis=1)
+    ref_w = tl.where(m_w == float("-inf"), 0.0, m_w)
+    e_w = tl.where(live, tl.exp(w - ref_w[:, None]), 0.0)
+    d_w = tl.sum(e_w, axis=1)
+    log_d_w = tl.log(d_w)
+    p = e_w / d_w[:, None]
+
+    bad = tl.max(tl.where(row_ok & (tl.sum((w != w).to(tl.int32), axis=1) > 0), 1, 0), axis=0)
+    bad |= tl.max(tl.where(row_ok & (m_w == float("inf")), 2, 0), axis=0)
+    bad |= tl.max(tl.where(row_ok & (m_w == float("-inf")), 4, 0), axis=0)
+    bad |= tl.max(tl.max(tl.where(k_mask & ~in_range, 64, 0), axis=1), axis=0)
+    tl.atomic_or(err_ptr, bad, mask=bad != 0)
+
+    m_s = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+    d_s = tl.zeros((BLOCK_R,), tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + cols0
+        mask = row_ok[:, None] & (cols < C)[None, :]
+        s = tl.load(z_rows + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
+        new_m = tl.maximum(m_s, tl.max(s, axis=1))
+        ref = tl.where(new_m == float("-inf"), 0.0, new_m)
+        d_s = d_s * tl.exp(m_s - ref) + tl.sum(tl.exp(s - ref[:, None]), axis=1)
+        m_s = new_m
+    log_d_s = tl.log(d_s)
+
+    # KL = sum_i p_i ((w_i - m_w - log d_w) - (s_idx_i - m_s - log d_s)), masked entries 0
+    log_ratio = (w - ref_w[:, None] - log_d_w[:, None]) - (s_idx - m_s[:, None] - log_d_s[:, None])
+    kl = tl.sum(tl.where(live, p * log_ratio, 0.0), axis=1)
+    tl.store(loss_ptr + r_out * stride_lo + r_in * stride_li, kl * loss_scale, mask=row_ok)
+
+    if WRITE_TGRAD:  # pivoted at the teacher's most probable class, as in _hydra_kl_fwd_kernel
+        s_at = tl.max(tl.where(live & (w == m_w[:, None]), s_idx, float("-inf")), axis=1)
+        e = (w - ref_w[:, None]) - (s_idx - s_at[:, None])
+        mean_e = tl.sum(tl.where(live, p * e, 0.0), axis=1)
+        h = tl.where(live, p * (e - mean_e[:, None]), 0.0) * grad_scale
+        tl.store(vgrad_ptr + (r_out * stride_ho + r_in * stride_hi)[:, None] + ks[None, :],
+                 h.to(vgrad_ptr.dtype.element_ty), mask=k_mask)
+
+    if WRITE_GRAD:
+        g_rows = grad_ptr + (r_out * stride_go + r_in * stride_gi)[:, None]
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + cols0
+            mask = row_ok[:, None] & (cols < C)[None, :]
+            s = tl.load(z_rows + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
+            q = tl.exp(s - m_s[:, None] - log_d_s[:, None])
+            tl.store(g_rows + cols[None, :], (q * grad_scale).to(grad_ptr.dtype.element_ty), mask=mask)
+        tl.debug_barrier()  # every dense store of this program lands before the kept classes are rewritten
+        q_idx = tl.exp(s_idx - m_s[:, None] - log_d_s[:, None])
+        tl.store(g_rows + idx, ((q_idx - p) * grad_scale).to(grad_ptr.dtype.element_ty),
+                 mask=live & in_range)

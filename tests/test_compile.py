@@ -125,12 +125,16 @@ def _opcheck_cases(impl):
     z, t, tg = r(4, 3, 7, grad=True), r(4, 3, 7), r(4, 3, 7, grad=True)
     x, w, b, u = r(4, 5, grad=True), r(3, 7, 5, grad=True), r(3, 7, grad=True), r(4, 3, 5, grad=True)
     ops = torch.ops.fasthydra
-    cases = [(ops.hydra_kl, (z, t, 2.0, "mean", True, False, impl)),
-             (ops.hydra_kl, (z, t, 2.0, "none", True, False, impl)),
-             (ops.hydra_kl, (z, tg, 2.0, "none", True, True, impl)),  # a teacher that requires grad
-             (ops.linear_hydra_kl, (x, w, b, t, 2.0, "mean", True, True, True, True, False, impl)),
-             (ops.linear_hydra_kl, (u, w, None, t, 2.0, "sum", False, True, True, False, False, impl)),
-             (ops.linear_hydra_kl, (x, w, b, tg, 2.0, "sum", True, True, True, True, True, impl)),
+    v, vg = r(4, 3, 3), r(4, 3, 3, grad=True)
+    idx = torch.stack([torch.randperm(7, generator=g)[:3] for _ in range(12)]).view(4, 3, 3)
+    cases = [(ops.hydra_kl, (z, t, 2.0, "mean", True, False, impl, None)),
+             (ops.hydra_kl, (z, t, 2.0, "none", True, False, impl, None)),
+             (ops.hydra_kl, (z, tg, 2.0, "none", True, True, impl, None)),  # a teacher that requires grad
+             (ops.hydra_kl, (z, vg, 2.0, "mean", True, True, impl, idx)),  # a top-k teacher
+             (ops.linear_hydra_kl, (x, w, b, t, 2.0, "mean", True, True, True, True, False, impl, None)),
+             (ops.linear_hydra_kl, (u, w, None, t, 2.0, "sum", False, True, True, False, False, impl, None)),
+             (ops.linear_hydra_kl, (x, w, b, tg, 2.0, "sum", True, True, True, True, True, impl, None)),
+             (ops.linear_hydra_kl, (x, w, b, v, 2.0, "mean", True, True, True, True, False, impl, idx.int())),
              (ops.uncertainty, (z.detach(), 1.0, impl))]
     if impl == "triton":
         cases += [(ops.grouped_linear, (x, w, b, True, True)), (ops.grouped_linear, (u, w, None, False, False)),

@@ -24,6 +24,7 @@ import torch
 
 NAN, POSINF, ALL_NEGINF = 1, 2, 4
 BAD_VAR, BAD_MEAN = 8, 16  # Gaussian teachers: a variance not finite and > 0, a mean not finite
+BAD_INDEX, REPEATED_INDEX = 64, 128  # top-k teachers: a class index outside [0, C), one kept twice in a row
 # One slot per op that reads teacher values (so the error names the op that saw them).
 OPS = ("hydra_kl_loss", "hinton_kl_loss", "distill_loss", "gaussian_kl_loss")
 
@@ -65,6 +66,10 @@ def _message(op: str, bits: int, shape, when: str) -> str:
         what.append("a teacher_var that is not finite and > 0")
     if bits & BAD_MEAN:
         what.append("a teacher_mean with NaN or Inf")
+    if bits & BAD_INDEX:
+        what.append("a top-k class index outside [0, C)")
+    if bits & REPEATED_INDEX:
+        what.append("a top-k class index kept twice in one row (indices must be distinct)")
     shape_txt = f" (shape {tuple(shape)})" if shape is not None else ""
     return f"{op}: the teacher contained {' and '.join(what)}{shape_txt}{when}"
 
@@ -188,6 +193,42 @@ def flag_teacher_rows(teacher: torch.Tensor, op: str) -> None:
             + torch.isneginf(row_max).any().int() * ALL_NEGINF)
     error_word(teacher.device, op).bitwise_or_(bits)
     after_launch(teacher.device, op, teacher.shape)
+
+
+def topk_index_bits(indices: torch.Tensor, values: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """0-dim int32 on the device: BAD_INDEX if an index is outside [0, C), REPEATED_INDEX if a row keeps
+    a class twice (padding entries, value -inf, may repeat one). One sort along k."""
+    idx = indices.long()
+    live = ~torch.isneginf(values)
+    out_of_range = ((idx < 0) | (idx >= num_classes)).any()
+    k = idx.shape[-1]
+    # padding entries get distinct negative stand-ins, so that only live duplicates compare equal
+    stand_in = -1 - torch.arange(k, device=idx.device)
+    ranked = torch.where(live, idx, stand_in).sort(dim=-1).values
+    repeated = (ranked[..., 1:] == ranked[..., :-1]).any() if k > 1 else torch.zeros((), dtype=torch.bool,
+                                                                                         device=idx.device)
+    return out_of_range.int() * BAD_INDEX + repeated.int() * REPEATED_INDEX
+
+
+def flag_topk_teacher(values: torch.Tensor, indices: torch.Tensor, num_classes: int, op: str,
+                      values_too: bool = True) -> None:
+    """Value checks of a top-k teacher: indices in range and distinct, values finite or -inf and not -inf
+    in a whole row (values_too=False when the kernel checks the values while it reads them). On the
+    CPU the error comes at once; on CUDA through the error word, with device-side ops only."""
+    if values.numel() == 0:
+        return
+    bits = topk_index_bits(indices, values, num_classes)
+    if values_too:
+        row_max = values.detach().amax(dim=-1)
+        bits = bits + (torch.isnan(row_max).any().int() * NAN + torch.isposinf(row_max).any().int() * POSINF
+                       + torch.isneginf(row_max).any().int() * ALL_NEGINF)
+    if values.device.type != "cuda" and not _DEFER_ON_CPU:
+        word = int(bits)
+        if word:
+            raise ValueError(_message(op, word, values.shape, ""))
+        return
+    error_word(values.device, op).bitwise_or_(bits)
+    after_launch(values.device, op, values.shape)
 
 
 def flag_gaussian_teacher(var_ok: torch.Tensor, mean_ok: torch.Tensor, shape) -> None:

@@ -13,7 +13,7 @@ import torch
 
 from . import native
 from .checks import after_launch, error_word
-from ._common import TORCH_CHUNK_ELEMENTS, cdiv, compute_dtype, kl_rows_config, rows_per_chunk
+from ._common import TORCH_CHUNK_ELEMENTS, cdiv, compute_dtype, kl_rows_config, next_pow2, rows_per_chunk
 
 
 def reduction_coefficient(reduction: str, n_rows: int) -> float:
@@ -119,19 +119,25 @@ def kl_chunk_torch(s: torch.Tensor, t: torch.Tensor, temperature: float, want_gr
 
 
 def hydra_kl_forward_torch(student, teacher, temperature: float, reduction: str, want_grad: bool,
-                           want_tgrad: bool = False):
+                           want_tgrad: bool = False, indices=None):
     """Hydra loss on given logits in torch ops, row chunk by row chunk; the gradients (already scaled by
-    T * coefficient) come out of the forward. Returns (loss, grad or None, teacher grad or None)."""
+    T * coefficient) come out of the forward. teacher: dense logits (B, M, C), or a top-k teacher's
+    values (B, M, k) with their class ids `indices`. Returns (loss, grad or None, teacher grad or None)."""
     b, m, c = student.shape
     grad_scale = temperature * reduction_coefficient(reduction, b * m)
     cdt = compute_dtype(student.dtype)
     rows = torch.empty(b, m, dtype=cdt, device=student.device)
     grad = torch.empty_like(student) if want_grad else None
     tgrad = torch.empty_like(teacher) if want_tgrad else None
+    idx = None if indices is None else indices.long()
     step = rows_per_chunk(b, m * c, TORCH_CHUNK_ELEMENTS)
     for r0 in range(0, b, step):
         s = student[r0:r0 + step].to(cdt) * (1.0 / temperature)
-        loss, g, tg = kl_chunk_torch(s, teacher[r0:r0 + step], temperature, want_grad, want_tgrad)
+        if idx is None:
+            loss, g, tg = kl_chunk_torch(s, teacher[r0:r0 + step], temperature, want_grad, want_tgrad)
+        else:
+            loss, g, tg = kl_chunk_topk_torch(s, teacher[r0:r0 + step], idx[r0:r0 + step], temperature, want_grad,
+                                              want_tgrad)
         rows[r0:r0 + step] = loss
         if want_grad:
             torch.mul(g, grad_scale, out=grad[r0:r0 + step])  # scale, round to the student dtype, store
@@ -183,4 +189,79 @@ def hydra_kl_forward_triton(student, teacher, temperature: float, reduction: str
     tgrad = torch.empty(b, m, c, dtype=teacher.dtype, device=student.device) if want_tgrad else None
     launch_kl_rows(student, teacher, loss, grad, temperature, grad_scale, op, tgrad)
     after_launch(student.device, op, teacher.shape)
+    return reduce_rows(loss, reduction, loss.dtype), grad, tgrad
+
+
+# ----------------------------------------------------------------------------------------------
+# Sparse (top-k) teacher: values (B, M, k) on indices (B, M, k); no dense teacher is ever formed
+# ----------------------------------------------------------------------------------------------
+
+
+def kl_chunk_topk_torch(s: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, temperature: float, want_grad: bool,
+                        want_tgrad: bool = False):
+    """kl_chunk_torch for a top-k teacher. s: (..., C) tempered student logits (consumed); v: (..., k)
+    raw teacher values (-inf pads); idx: (..., k) int64 class ids. Returns (loss (...), unscaled
+    gradient q - scatter(p~) (..., C) or None, unscaled values gradient p~ * (log p~ - log q_idx - KL)
+    (..., k) or None). One softmax over C for the student, one over k for the teacher."""
+    w = v.to(s.dtype) * (1.0 / temperature)
+    p = torch.softmax(w, dim=-1)
+    log_p = torch.log_softmax(w, dim=-1)
+    s_idx = s.gather(-1, idx)
+    max_s = s.amax(dim=-1, keepdim=True)
+    q = s.sub_(max_s).exp_()
+    sum_q = q.sum(-1, keepdim=True)
+    q.div_(sum_q)
+    lse_s = max_s.add_(sum_q.log_())
+    # p~ (log p~ - log q_idx); a padding entry (p~ = 0, log p~ = -inf) gives NaN, truly 0
+    kl = (log_p - (s_idx - lse_s)).mul_(p).nan_to_num_(nan=0.0, posinf=math.inf).sum(-1)
+    tgrad = _teacher_grad(w - s_idx, p) if want_tgrad else None
+    loss = kl.mul_(temperature * temperature)
+    if not want_grad:
+        return loss, None, tgrad
+    return loss, q.scatter_add_(-1, idx, -p), tgrad
+
+
+def topk_config(n_cols: int, k: int) -> dict:
+    """The top-k row kernel: the dense kernel's C tile, the k entries in one tile of their own."""
+    cfg = kl_rows_config(n_cols)
+    return dict(cfg, BLOCK_K=max(2, next_pow2(k)))
+
+
+def launch_kl_rows_topk(z3, v3, i3, loss2, grad3, temperature: float, grad_scale: float, op: str, tgrad3=None):
+    """launch_kl_rows for a top-k teacher: values v3 and indices i3 are (O, I, k) views with unit
+    stride along k; grad3 may be z3 (in place); tgrad3 (O, I, k) receives the values' gradient."""
+    from fasthydra.kernels.softmax_kl import _hydra_kl_topk_fwd_kernel
+
+    o, i, c = z3.shape
+    k = v3.shape[-1]
+    r = o * i
+    if r == 0:
+        return
+    g3 = grad3 if grad3 is not None else z3
+    h3 = tgrad3 if tgrad3 is not None else v3
+    cfg = topk_config(c, k)
+    _hydra_kl_topk_fwd_kernel[(cdiv(r, cfg["BLOCK_R"]),)](
+        z3, v3, i3, loss2, g3, h3, error_word(z3.device, op),
+        r, i, c, k, z3.stride(0), z3.stride(1), v3.stride(0), v3.stride(1), i3.stride(0), i3.stride(1),
+        g3.stride(0), g3.stride(1), loss2.stride(0), loss2.stride(1), h3.stride(0), h3.stride(1),
+        1.0 / temperature, temperature * temperature, grad_scale,
+        BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"], WRITE_GRAD=grad3 is not None,
+        WRITE_TGRAD=tgrad3 is not None, num_warps=cfg["num_warps"],
+    )
+
+
+def hydra_kl_topk_forward_triton(student, values, indices, temperature: float, reduction: str, want_grad: bool,
+                                 want_tgrad: bool = False, op: str = "hydra_kl_loss"):
+    """The Hydra loss against a top-k teacher with the one-launch Triton kernel. Returns (loss, grad or
+    None, values grad or None)."""
+    b, m, c = student.shape
+    grad_scale = temperature * reduction_coefficient(reduction, b * m)
+    student = student if student.stride(-1) == 1 else student.contiguous()
+    values = values if values.stride(-1) == 1 else values.contiguous()
+    indices = indices if indices.stride(-1) == 1 else indices.contiguous()
+    loss = torch.empty(b, m, dtype=torch.float32, device=student.device)
+    grad = torch.empty(b, m, c, dtype=student.dtype, device=student.device) if want_grad else None
+    tgrad = torch.empty_like(values) if want_tgrad else None
+    launch_kl_rows_topk(student, values, indices, loss, grad, temperature, grad_scale, op, tgrad)
+    after_launch(student.device, op, values.shape)
     return reduce_rows(loss, reduction, loss.dtype), grad, tgrad

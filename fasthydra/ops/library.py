@@ -20,7 +20,7 @@ from . import grouped_linear as _gl
 from . import hydra_kl as _kl
 from . import linear_hydra_kl as _lin
 from . import uncertainty as _unc
-from .checks import flag_teacher_rows, poll
+from .checks import flag_teacher_rows, flag_topk_teacher, poll
 
 _EMPTY = (0,)
 
@@ -61,8 +61,20 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 @_no_autocast
 def _hydra_kl_impl(student: torch.Tensor, teacher: torch.Tensor, temperature: float, reduction: str, want_grad: bool,
-                   want_tgrad: bool, impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   want_tgrad: bool, impl: str,
+                   teacher_indices: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """teacher: dense logits (B, M, C), or the values (B, M, k) of a top-k teacher whose class ids are
+    teacher_indices (B, M, k); the third output is the teacher's (the values') gradient."""
     poll(student.device)
+    if teacher_indices is not None:  # top-k: the index checks need a pass of their own (one sort along k)
+        flag_topk_teacher(teacher, teacher_indices, student.shape[-1], "hydra_kl_loss", values_too=impl != "triton")
+        if impl == "triton":
+            loss, grad, tgrad = _kl.hydra_kl_topk_forward_triton(student, teacher, teacher_indices, temperature,
+                                                                 reduction, want_grad, want_tgrad)
+        else:
+            loss, grad, tgrad = _kl.hydra_kl_forward_torch(student, teacher, temperature, reduction, want_grad,
+                                                           want_tgrad, teacher_indices)
+        return loss, _none_to_empty(grad, student), _none_to_empty(tgrad, teacher)
     if impl != "triton":  # the Triton kernel checks the teacher while it reads it (no extra pass)
         flag_teacher_rows(teacher, "hydra_kl_loss")
     fwd = _kl.hydra_kl_forward_triton if impl == "triton" else _kl.hydra_kl_forward_torch
@@ -74,7 +86,7 @@ hydra_kl = custom_op("fasthydra::hydra_kl", mutates_args=())(_hydra_kl_impl)
 
 
 @register_fake("fasthydra::hydra_kl")
-def _hydra_kl_fake(student, teacher, temperature, reduction, want_grad, want_tgrad, impl):
+def _hydra_kl_fake(student, teacher, temperature, reduction, want_grad, want_tgrad, impl, teacher_indices):
     loss = student.new_empty(_loss_shape(student.shape[:2], reduction), dtype=_compute_dtype(student))
     return (loss, torch.empty_like(student) if want_grad else student.new_empty(_EMPTY),
             torch.empty_like(teacher) if want_tgrad else teacher.new_empty(_EMPTY))
@@ -102,9 +114,9 @@ def _hydra_kl_setup(ctx, inputs, output):
 def _hydra_kl_backward(ctx, grad_loss, *_grad_of_grads):
     _no_double_backward()
     if grad_loss is None:
-        return (None,) * 7
+        return (None,) * 8
     student, teacher = (None if _absent(g) else _kl.scale_grad(g, grad_loss, ctx.reduction) for g in ctx.saved_tensors)
-    return student, teacher, None, None, None, None, None
+    return student, teacher, None, None, None, None, None, None
 
 
 register_autograd("fasthydra::hydra_kl", _hydra_kl_backward, setup_context=_hydra_kl_setup)
@@ -118,14 +130,16 @@ register_autograd("fasthydra::hydra_kl", _hydra_kl_backward, setup_context=_hydr
 @_no_autocast
 def _linear_hydra_kl_impl(inp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, teacher: torch.Tensor,
                           temperature: float, reduction: str, shared: bool, need_in: bool, need_w: bool, need_b: bool,
-                          need_t: bool, impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                            torch.Tensor]:
+                          need_t: bool, impl: str, teacher_indices: torch.Tensor | None
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     poll(inp.device)
-    if impl != "triton":  # the Triton kernels check the teacher while they read it (no extra pass)
+    if teacher_indices is not None:
+        flag_topk_teacher(teacher, teacher_indices, weight.shape[1], "distill_loss", values_too=impl != "triton")
+    elif impl != "triton":  # the Triton kernels check the teacher while they read it (no extra pass)
         flag_teacher_rows(teacher, "distill_loss")
     fwd = _lin.linear_hydra_kl_forward_triton if impl == "triton" else _lin.linear_hydra_kl_forward_torch
     loss, g_in, g_w, g_b, g_t = fwd(inp, weight, bias, teacher, temperature, reduction, shared, need_in, need_w,
-                                    need_b and bias is not None, need_t)
+                                    need_b and bias is not None, need_t, teacher_indices)
     return (loss, _none_to_empty(g_in, inp), _none_to_empty(g_w, weight), _none_to_empty(g_b, weight),
             _none_to_empty(g_t, teacher))
 
@@ -135,7 +149,7 @@ linear_hydra_kl = custom_op("fasthydra::linear_hydra_kl", mutates_args=())(_line
 
 @register_fake("fasthydra::linear_hydra_kl")
 def _linear_hydra_kl_fake(inp, weight, bias, teacher, temperature, reduction, shared, need_in, need_w, need_b, need_t,
-                          impl):
+                          impl, teacher_indices):
     m = weight.shape[0]
     loss = inp.new_empty((inp.shape[0], m) if reduction == "none" else (), dtype=_compute_dtype(inp))
     g_in = torch.empty_like(inp) if need_in else inp.new_empty(_EMPTY)
@@ -180,7 +194,7 @@ def _heads_backward(n_inputs: int):
     return backward
 
 
-register_autograd("fasthydra::linear_hydra_kl", _heads_backward(12), setup_context=_linear_setup)
+register_autograd("fasthydra::linear_hydra_kl", _heads_backward(13), setup_context=_linear_setup)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,7 +342,7 @@ def _eager_entry(op, impl, setup=None, backward=None):
 
 
 hydra_kl_call = _eager_entry(hydra_kl, _hydra_kl_impl, _hydra_kl_setup, _hydra_kl_backward)
-linear_hydra_kl_call = _eager_entry(linear_hydra_kl, _linear_hydra_kl_impl, _linear_setup, _heads_backward(12))
+linear_hydra_kl_call = _eager_entry(linear_hydra_kl, _linear_hydra_kl_impl, _linear_setup, _heads_backward(13))
 uncertainty_call = _eager_entry(uncertainty, _uncertainty_impl)
 grouped_linear_call = _eager_entry(grouped_linear, _grouped_linear_impl, _grouped_linear_setup, _grouped_linear_bwd)
 gaussian_heads_kl_call = _eager_entry(gaussian_heads_kl, _gaussian_heads_kl_impl, _linear_setup, _heads_backward(10))

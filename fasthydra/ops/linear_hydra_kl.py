@@ -12,6 +12,8 @@ weight), or per head, u (B, M, K), for the second layer of MLP heads (the groupe
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._common import (
@@ -29,7 +31,15 @@ from ._common import (
 )
 from .checks import after_launch, flag_status
 from .grouped_linear import grouped_mm, heads_backward
-from .hydra_kl import kl_chunk_torch, launch_kl_rows, reduce_rows, reduction_coefficient
+from .hydra_kl import (
+    _teacher_grad,
+    kl_chunk_topk_torch,
+    kl_chunk_torch,
+    launch_kl_rows,
+    launch_kl_rows_topk,
+    reduce_rows,
+    reduction_coefficient,
+)
 
 
 def _results(rows, inp, weight, bias, grad_in, grad_w32, grad_b32, reduction, grad_t=None):
@@ -70,6 +80,14 @@ def _online_kl_stats(s, u, stats):
     return new_ms, d_s, new_mu, d_u, a
 
 
+def _tiled_setup(xc, w, temperature, shared):
+    """Shapes, 1/T, compute dtype, the (M, rows, K) inputs and the class tile of a class-tiled row block."""
+    m, c, k = w.shape
+    bc = xc.shape[0]
+    xs = xc.unsqueeze(0).expand(m, bc, k) if shared else xc.transpose(0, 1)  # (M, rows, K)
+    return m, c, k, bc, 1.0 / temperature, w.dtype, xs, max(16, TILE_ELEMENTS // max(bc * m, 1))
+
+
 def _class_tiled_block(xc, w, bias_c, tb, temperature, want_grad, shared, beta, scale, grads, tgrad=None):
     """One row block with the classes in tiles: pass 1 collects the online softmax/KL statistics
     tile by tile, pass 2 recomputes each logits tile and turns it into gradients at once. Four
@@ -78,12 +96,7 @@ def _class_tiled_block(xc, w, bias_c, tb, temperature, want_grad, shared, beta, 
     teacher's gradient scale * p * (log p - log q - KL), formed around the teacher's most probable
     class as the Triton kernel does (no cancellation at large logits; one more pass, see
     kernels/softmax_kl.py). Returns the loss rows (rows, M)."""
-    m, c, k = w.shape
-    bc = xc.shape[0]
-    inv_t = 1.0 / temperature
-    cdt = w.dtype
-    xs = xc.unsqueeze(0).expand(m, bc, k) if shared else xc.transpose(0, 1)  # (M, rows, K)
-    tile = max(16, TILE_ELEMENTS // max(bc * m, 1))
+    m, c, k, bc, inv_t, cdt, xs, tile = _tiled_setup(xc, w, temperature, shared)
 
     def tiles():
         for c0 in range(0, c, tile):
@@ -128,19 +141,67 @@ def _class_tiled_block(xc, w, bias_c, tb, temperature, want_grad, shared, beta, 
         if not want_grad:
             continue
         g = log_q.exp_().sub_(log_p.exp_())  # q - p, (M, rows, tile)
-        if gx is not None:
-            gx.baddbmm_(g, w[:, c0:c1])
-        if grad_w32 is not None:
-            grad_w32[:, c0:c1].baddbmm_(g.transpose(1, 2), xs, beta=beta, alpha=scale)
-        if grad_b32 is not None:
-            grad_b32[:, c0:c1].add_(g.sum(1), alpha=scale)
+        _tile_into_grads(g, c0, c1, w, xs, gx, grad_w32, grad_b32, beta, scale)
+    if gx is not None:
+        grad_in.copy_(gx.sum(0) if shared else gx.transpose(0, 1))
+    return loss
+
+
+def _tile_into_grads(g, c0, c1, w, xs, gx, grad_w32, grad_b32, beta, scale) -> None:
+    """One (M, rows, tile) logits-gradient tile contracted into the input, weight and bias gradients."""
+    if gx is not None:
+        gx.baddbmm_(g, w[:, c0:c1])
+    if grad_w32 is not None:
+        grad_w32[:, c0:c1].baddbmm_(g.transpose(1, 2), xs, beta=beta, alpha=scale)
+    if grad_b32 is not None:
+        grad_b32[:, c0:c1].add_(g.sum(1), alpha=scale)
+
+
+def _class_tiled_block_topk(xc, w, bias_c, vb, ib, temperature, want_grad, shared, beta, scale, grads, tgrad=None):
+    """_class_tiled_block for a top-k teacher (values vb, indices ib, (rows, M, k)): pass 1 keeps the
+    student's online max and sum and gathers its logits at the kept classes tile by tile; pass 2 forms
+    q tile by tile minus p~ at the kept classes that fall in it. Returns the loss rows (rows, M)."""
+    m, c, k, bc, inv_t, cdt, xs, tile = _tiled_setup(xc, w, temperature, shared)
+    v = vb.permute(1, 0, 2).to(cdt) * inv_t  # (M, rows, k)
+    idx = ib.permute(1, 0, 2).long()
+    p, log_p = torch.softmax(v, dim=-1), torch.log_softmax(v, dim=-1)
+
+    def tiles():
+        for c0 in range(0, c, tile):
+            c1 = min(c, c0 + tile)
+            here = (idx >= c0) & (idx < c1)
+            local = (idx - c0).clamp_(0, c1 - c0 - 1)
+            yield c0, c1, torch.baddbmm(bias_c[:, None, c0:c1], xs, w[:, c0:c1].transpose(1, 2), beta=inv_t,
+                                        alpha=inv_t), here, local
+
+    m_s = torch.full((m, bc, 1), float("-inf"), dtype=cdt, device=xc.device)
+    d_s = torch.zeros((m, bc, 1), dtype=cdt, device=xc.device)
+    s_idx = torch.zeros_like(v)
+    for _, _, s, here, local in tiles():
+        s_idx = torch.where(here, s.gather(-1, local), s_idx)
+        new_m = torch.maximum(m_s, s.amax(-1, keepdim=True))
+        d_s = d_s * torch.exp(m_s - new_m) + s.sub_(new_m).exp_().sum(-1, keepdim=True)
+        m_s = new_m
+    lse_s = m_s + d_s.log()
+    kl = (log_p - (s_idx - lse_s)).mul_(p).nan_to_num_(nan=0.0, posinf=math.inf).sum(-1)
+    if tgrad is not None:
+        torch.mul(_teacher_grad(v - s_idx, p).transpose(0, 1), scale, out=tgrad)
+    loss = (kl * (temperature * temperature)).T
+    if not want_grad:
+        return loss
+    grad_in, grad_w32, grad_b32 = grads
+    gx = torch.zeros_like(xs) if grad_in is not None else None
+    for c0, c1, s, here, local in tiles():
+        g = s.sub_(lse_s).exp_().scatter_add_(-1, local, torch.where(here, -p, 0.0))  # q - p~, (M, rows, tile)
+        _tile_into_grads(g, c0, c1, w, xs, gx, grad_w32, grad_b32, beta, scale)
     if gx is not None:
         grad_in.copy_(gx.sum(0) if shared else gx.transpose(0, 1))
     return loss
 
 
 def linear_hydra_kl_forward_torch(inp, weight, bias, teacher, temperature: float, reduction: str, shared: bool,
-                                  need_in: bool, need_w: bool, need_b: bool, need_t: bool = False):
+                                  need_in: bool, need_w: bool, need_b: bool, need_t: bool = False,
+                                  teacher_indices=None):
     """Fused heads + Hydra loss in torch ops, walking the batch in row blocks.
 
     Wide row blocks (small and mid C): one addmm (shared input) or baddbmm (per head) per block,
@@ -148,7 +209,8 @@ def linear_hydra_kl_forward_torch(inp, weight, bias, teacher, temperature: float
     the logits GEMM's alpha/beta and T * coefficient on the gradient GEMMs' alpha, so neither costs a
     pass over the block. Large C (a row block would be thin): the classes are tiled inside each
     block with online softmax statistics (see ``_class_tiled_block``). With need_t the teacher's
-    gradient comes out of the same pass. Returns (loss, grad_in, grad_weight, grad_bias,
+    gradient comes out of the same pass. A top-k teacher (teacher = its values, teacher_indices its
+    class ids) is read as it is, never made dense. Returns (loss, grad_in, grad_weight, grad_bias,
     grad_teacher), the gradients None where not asked for.
     """
     m, c, k = weight.shape
@@ -166,6 +228,7 @@ def linear_hydra_kl_forward_torch(inp, weight, bias, teacher, temperature: float
     grad_w32 = torch.empty(m, c, k, dtype=cdt, device=inp.device) if need_w else None
     grad_b32 = torch.zeros(m, c, dtype=cdt, device=inp.device) if need_b else None
     grad_t = torch.empty_like(teacher) if need_t else None
+    topk = None if teacher_indices is None else teacher_indices.long()
     step = rows_per_chunk(b, m * c, TORCH_CHUNK_ELEMENTS)
     tiled = step < min(b, MIN_CHUNK_ROWS)
     if tiled:
@@ -178,16 +241,25 @@ def linear_hydra_kl_forward_torch(inp, weight, bias, teacher, temperature: float
         beta = 0.0 if r0 == 0 else 1.0
         if tiled:
             block_grads = (None if grad_in is None else grad_in[r0:r0 + step], grad_w32, grad_b32)
-            rows[r0:r0 + step] = _class_tiled_block(xc, w, bias_c, teacher[r0:r0 + step], temperature,
-                                                    want_grad, shared, beta, scale, block_grads,
-                                                    None if grad_t is None else grad_t[r0:r0 + step])
+            t_block = None if grad_t is None else grad_t[r0:r0 + step]
+            if topk is not None:
+                rows[r0:r0 + step] = _class_tiled_block_topk(xc, w, bias_c, teacher[r0:r0 + step],
+                                                             topk[r0:r0 + step], temperature, want_grad, shared,
+                                                             beta, scale, block_grads, t_block)
+            else:
+                rows[r0:r0 + step] = _class_tiled_block(xc, w, bias_c, teacher[r0:r0 + step], temperature,
+                                                        want_grad, shared, beta, scale, block_grads, t_block)
             continue
         if shared:  # all heads in one GEMM over the stacked (M*C, K) weight; s = z / T
             s = torch.addmm(bias_c.reshape(1, m * c), xc, wf.T, beta=inv_t, alpha=inv_t).view(bc, m, c)
         else:  # grouped GEMM: head m multiplies its own input u[:, m]
             s = torch.baddbmm(bias_c.unsqueeze(1), xc.transpose(0, 1), w.transpose(1, 2),
                               beta=inv_t, alpha=inv_t).transpose(0, 1)
-        loss, g, tg = kl_chunk_torch(s, teacher[r0:r0 + step], temperature, want_grad, need_t)
+        if topk is not None:
+            loss, g, tg = kl_chunk_topk_torch(s, teacher[r0:r0 + step], topk[r0:r0 + step], temperature,
+                                              want_grad, need_t)
+        else:
+            loss, g, tg = kl_chunk_torch(s, teacher[r0:r0 + step], temperature, want_grad, need_t)
         del s
         rows[r0:r0 + step] = loss
         if need_t:
@@ -252,7 +324,8 @@ def _head_groups(b: int, m: int, c: int) -> tuple[int, int]:
 
 
 def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: float, reduction: str, shared: bool,
-                                   need_in: bool, need_w: bool, need_b: bool, need_t: bool = False):
+                                   need_in: bool, need_w: bool, need_b: bool, need_t: bool = False,
+                                   teacher_indices=None):
     """Heads + Hydra loss as cuBLAS GEMMs around the one-pass Triton loss kernel (the GPU default).
 
     Per head group (all M heads unless their logits are too big, see ``_head_groups``):
@@ -264,14 +337,19 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
          (an fp32 accumulator for the group's slice only when rows had to be chunked); dx = dz @ W,
          accumulated in fp32 across groups; db as an fp32 column sum.
     Only one group's logits exist at a time; with no gradient wanted nothing (B, M, C)-sized is kept.
-    With need_t the same pass writes the teacher's gradient. Returns (loss, grad_in, grad_weight,
-    grad_bias, grad_teacher), None where not asked for.
+    With need_t the same pass writes the teacher's gradient. A top-k teacher (teacher = values,
+    teacher_indices = class ids) runs the top-k loss kernel instead: the same GEMMs, M*k teacher
+    entries read per row instead of M*C. Returns (loss, grad_in, grad_weight, grad_bias,
+    grad_teacher), None where not asked for.
     """
     m, c, k = weight.shape
     b = inp.shape[0]
     dev, dt = inp.device, inp.dtype
     weight = weight.contiguous()
     teacher = teacher if teacher.stride(-1) == 1 else teacher.contiguous()
+    topk = None
+    if teacher_indices is not None:
+        topk = teacher_indices if teacher_indices.stride(-1) == 1 else teacher_indices.contiguous()
     want_grad = need_in or need_w or need_b
     grad_scale = temperature * reduction_coefficient(reduction, b * m)
     loss = torch.empty(b, m, dtype=torch.float32, device=dev)
@@ -311,6 +389,7 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
                     torch.mm(xc, w2.T, out=z)
                 z3, t3, l2 = z.view(br, gh, c), teacher[r0:r1, h0:h1], loss[r0:r1, h0:h1]
                 h3 = None if grad_t is None else grad_t[r0:r1, h0:h1]
+                i3 = None if topk is None else topk[r0:r1, h0:h1]
             else:  # per-head inputs: one batched GEMM, head major
                 xc = inp[r0:r1, h0:h1].transpose(0, 1)  # (gh, br, K)
                 z3 = buf[:br * gh * c].view(gh, br, c)
@@ -320,7 +399,12 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
                     torch.bmm(xc, wg.transpose(1, 2), out=z3)
                 t3, l2 = teacher[r0:r1, h0:h1].transpose(0, 1), loss[r0:r1, h0:h1].T
                 h3 = None if grad_t is None else grad_t[r0:r1, h0:h1].transpose(0, 1)
-            launch_kl_rows(z3, t3, l2, z3 if want_grad else None, temperature, grad_scale, "distill_loss", h3)
+                i3 = None if topk is None else topk[r0:r1, h0:h1].transpose(0, 1)
+            if topk is not None:
+                launch_kl_rows_topk(z3, t3, i3, l2, z3 if want_grad else None, temperature, grad_scale,
+                                    "distill_loss", h3)
+            else:
+                launch_kl_rows(z3, t3, l2, z3 if want_grad else None, temperature, grad_scale, "distill_loss", h3)
             if not want_grad:
                 continue
             # z3 now holds dL/dz for the group's rows.
@@ -362,15 +446,17 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
 
 
 def linear_hydra_kl_forward_triton(inp, weight, bias, teacher, temperature: float, reduction: str, shared: bool,
-                                   need_in: bool, need_w: bool, need_b: bool, need_t: bool = False):
+                                   need_in: bool, need_w: bool, need_b: bool, need_t: bool = False,
+                                   teacher_indices=None):
     """Heads + Hydra loss on the Triton path. With the cuBLAS GEMM backend (the default) see
     ``linear_hydra_kl_forward_cublas``; with FASTHYDRA_GEMM=triton the fused GEMM/softmax/KL kernel,
     then grouped Triton GEMMs for the input gradient and the (fp32 across chunks) weight gradient,
-    chunk by chunk; a teacher that needs its gradient takes the cuBLAS path (the fused kernels do not
-    form it). Returns (loss, grad_in, grad_weight, grad_bias, grad_teacher), None where not asked for."""
-    if gemm_backend() == "cublas" or need_t:
+    chunk by chunk; a teacher that needs its gradient, or a top-k teacher, takes the cuBLAS path (the
+    fused kernels do not form either). Returns (loss, grad_in, grad_weight, grad_bias, grad_teacher),
+    None where not asked for."""
+    if gemm_backend() == "cublas" or need_t or teacher_indices is not None:
         return linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature, reduction, shared,
-                                              need_in, need_w, need_b, need_t)
+                                              need_in, need_w, need_b, need_t, teacher_indices)
     m, c, k = weight.shape
     b = inp.shape[0]
     inp = inp.contiguous()
