@@ -85,6 +85,9 @@ def main(argv=None) -> int:
     full.add_argument("--data-dir", default=None, help="folder with MNIST/Fashion-MNIST/CIFAR-10/SVHN files")
     full.add_argument("--head-hidden", type=int, default=None,
                       help="hidden width of the Hydra heads (two-layer heads); default: linear heads")
+    full.add_argument("--teacher-top-k", type=int, default=None,
+                      help="cache each member's K largest logits per example (memory-mapped, fp16 values + "
+                           "int32 indices) and distil from that sparse teacher instead of the dense logits")
     full.add_argument("--no-plots", action="store_true")
     demo = sub.add_parser("selftest", help="a short distillation of random teachers into a HydraHead")
     demo.add_argument("--steps", type=int, default=300)
@@ -107,8 +110,11 @@ def main(argv=None) -> int:
 
         if args.heads < 2 or args.epochs < 1:
             parser.error("--heads must be >= 2 and --epochs >= 1")
+        if args.teacher_top_k is not None and args.teacher_top_k < 1:
+            parser.error("--teacher-top-k must be >= 1")
         run(args.dataset, args.heads, args.epochs, args.out, args.device, args.seed, args.temperature,
-            data_dir=args.data_dir, plots=not args.no_plots, progress=sys.stderr.isatty(), head_hidden=args.head_hidden)
+            data_dir=args.data_dir, plots=not args.no_plots, progress=sys.stderr.isatty(), head_hidden=args.head_hidden,
+            teacher_top_k=args.teacher_top_k)
         return 0
     if args.steps < 1 or args.heads < 1 or args.batch < 1:
         parser.error("--steps, --heads and --batch must be >= 1")

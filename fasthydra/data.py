@@ -14,6 +14,9 @@ Every set has a fixed train/test split for a seed and an out-of-distribution (OO
   outside the data, 6 < |x| < 8;
 - diabetes: test inputs moved far outside the training range (each feature shifted by 4 standard
   deviations, signs at random per row);
+- blobs-1000 (generated, for large C): 1000 classes in 32 dimensions, Gaussian blobs around class
+  centres drawn from one seed, close enough that neighbouring classes overlap (members disagree);
+  OOD: blobs around 100 centres twice as far from the origin as any class centre;
 - the image sets: the paired set when its files are there (mnist <-> fashion-mnist, cifar10 <-> svhn),
   else the test images with shuffled pixels.
 """
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-EMBEDDED = ("digits", "mnist1d", "toy-regression", "diabetes")
+EMBEDDED = ("digits", "mnist1d", "toy-regression", "diabetes", "blobs-1000")
 FROM_FILES = ("mnist", "fashion-mnist", "cifar10", "svhn")
 DATASETS = EMBEDDED + FROM_FILES
 
@@ -180,6 +183,31 @@ def _from_files(name: str, data_dir: str | None, seed: int, limit: int | None) -
     return DataSplit(name, "classification", x_tr, y_tr, x_te, y_te, x_ood, int(y_tr.max()) + 1, what)
 
 
+BLOBS_CLASSES, BLOBS_DIM = 1000, 32
+
+
+def _blobs(seed: int, classes: int = BLOBS_CLASSES, dim: int = BLOBS_DIM, per_class_train: int = 24,
+           per_class_test: int = 6, noise: float = 1.3) -> DataSplit:
+    """Gaussian blobs: centres ~ N(0, I) in `dim` dimensions, points = centre + N(0, noise^2 I); at the
+    default noise the nearest true centre is right for about 70% of the points (classes overlap). OOD points come from far-away centres (radius twice the
+    largest class centre's), so the members extrapolate there and disagree."""
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    centres = torch.randn(classes, dim, generator=gen)
+
+    def sample(per_class):
+        y = torch.arange(classes).repeat_interleave(per_class)
+        return centres[y] + noise * torch.randn(len(y), dim, generator=gen), y
+
+    x_tr, y_tr = sample(per_class_train)
+    x_te, y_te = sample(per_class_test)
+    far = torch.randn(100, dim, generator=gen)
+    far = far / far.norm(dim=1, keepdim=True) * 2 * centres.norm(dim=1).max()
+    x_ood = far.repeat_interleave(len(y_te) // 100 or 1, 0)
+    x_ood = x_ood + noise * torch.randn(x_ood.shape, generator=gen)
+    return DataSplit("blobs-1000", "classification", x_tr, y_tr, x_te, y_te, x_ood, classes,
+                     "points around 100 centres twice as far from the origin as any class centre")
+
+
 def load_dataset(name: str = "digits", seed: int = 0, data_dir: str | None = None,
                  limit: int | None = None) -> DataSplit:
     """One of DATASETS as tensors, split and with its OOD set (see the module docstring).
@@ -196,6 +224,8 @@ def load_dataset(name: str = "digits", seed: int = 0, data_dir: str | None = Non
         return _toy_regression(seed)
     if name == "diabetes":
         return _diabetes(seed)
+    if name == "blobs-1000":
+        return _blobs(seed)
     return _from_files(name, data_dir, seed, limit)
 
 

@@ -71,7 +71,8 @@ STAGE2_EPOCHS_FACTOR = 2.5
 
 def run(dataset: str = "digits", heads: int = 8, epochs: int = 40, out: str = "runs/demo", device: str = "cpu",
         seed: int = 0, temperature: float = 4.0, width: int = 64, batch_size: int = 64, data_dir: str | None = None,
-        progress: bool = True, plots: bool = True, stream=None, head_hidden: int | None = None) -> dict:
+        progress: bool = True, plots: bool = True, stream=None, head_hidden: int | None = None,
+        teacher_top_k: int | None = None) -> dict:
     """Runs the comparison and writes results.json (+ report.md and plots). Returns the results dict."""
     import sys
 
@@ -79,11 +80,11 @@ def run(dataset: str = "digits", heads: int = 8, epochs: int = 40, out: str = "r
     with torch.random.fork_rng(devices=[]):  # seeded, and the caller's RNG state is left alone
         torch.manual_seed(seed)
         return _run(dataset, heads, epochs, out, device, seed, temperature, width, batch_size, data_dir, progress,
-                    plots, stream, head_hidden)
+                    plots, stream, head_hidden, teacher_top_k)
 
 
 def _run(dataset, heads, epochs, out, device, seed, temperature, width, batch_size, data_dir, progress, plots,
-         stream, head_hidden) -> dict:
+         stream, head_hidden, teacher_top_k=None) -> dict:
     data = load_dataset(dataset, seed=seed, data_dir=data_dir)
     os.makedirs(out, exist_ok=True)
     task, d_in, n_out = data.task, data.in_features, data.num_outputs
@@ -100,7 +101,12 @@ def _run(dataset, heads, epochs, out, device, seed, temperature, width, batch_si
                              seed=seed, progress=progress)
     t_ens = time.perf_counter() - t0
     ordered = DataLoader(TensorDataset(data.x_train), batch_size=512, shuffle=False)
-    teacher = teacher_outputs(members, ordered, task, device=device)
+    if teacher_top_k is not None and task != "classification":
+        raise ValueError("teacher_top_k needs a classification data set")
+    # A top-k teacher goes through a memory-mapped cache, as a large-C run would use it
+    cache = os.path.join(out, "teacher_topk") if teacher_top_k else None
+    teacher = teacher_outputs(members, ordered, task, device=device, top_k=teacher_top_k, cache_path=cache,
+                              progress=progress)
     cfg = DistillConfig(temperature=temperature if task == "classification" else 1.0, epochs_stage1=epochs,
                         epochs_stage2=max(1, round(STAGE2_EPOCHS_FACTOR * epochs)), lr=3e-3, noise_std=0.0, seed=seed, device=device, progress=progress)
     t1 = time.perf_counter()
@@ -112,7 +118,8 @@ def _run(dataset, heads, epochs, out, device, seed, temperature, width, batch_si
 
     xt, xo = data.x_test.to(device), data.x_ood.to(device)
     results = {"dataset": dataset, "heads": heads, "task": task, "ood": data.ood_description,
-               "seed": seed, "epochs": epochs, "temperature": cfg.temperature, "head_hidden": hidden, "methods": {}}
+               "seed": seed, "epochs": epochs, "temperature": cfg.temperature, "head_hidden": hidden,
+               "teacher_top_k": teacher_top_k, "teacher_cache_bytes": _teacher_bytes(teacher), "methods": {}}
     preds = {}
     for name, model in (("ensemble", None), ("kd", kd), ("hydra", hydra)):
         if name == "ensemble":
@@ -141,6 +148,12 @@ def _run(dataset, heads, epochs, out, device, seed, temperature, width, batch_si
     write_report(results, out, plots)
     print(f"wrote {os.path.join(out, 'results.json')} and report.md", file=stream)
     return results
+
+
+def _teacher_bytes(teacher) -> int:
+    """Bytes of the cached teacher outputs (a top-k cache: its values and indices)."""
+    parts = teacher if isinstance(teacher, tuple) else (teacher,)
+    return int(sum(t.numel() * t.element_size() for t in parts))
 
 
 def format_table(results: dict) -> str:

@@ -15,6 +15,8 @@ No global state: every function takes its seed and device; progress shows as tqd
 from __future__ import annotations
 
 import copy
+import json
+import os
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -25,6 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fasthydra.functional import gaussian_kl_loss, hinton_kl_loss
 from fasthydra.modules import GaussianHydraHead, HydraHead
+from fasthydra.reference import TopKTeacher
 
 
 def mlp_body(in_features: int, width: int = 64, depth: int = 2) -> nn.Sequential:
@@ -124,37 +127,161 @@ def members_output(members: Iterable[nn.Module], x: torch.Tensor, task: str) -> 
     return torch.stack(outs, dim=1)
 
 
+class _Cache:
+    """Memory-mapped ``.npy`` arrays written row block by row block, with a small JSON marker beside
+    them that records what they hold and how many rows are done. A cache whose marker says it is
+    complete is reused as it is; a partial one (an interrupted run) is completed from its last row;
+    arrays without a marker, or with a marker for other shapes, are never used: they are rewritten."""
+
+    def __init__(self, path: str, arrays: dict):
+        self.path, self.arrays = path, arrays
+        self.marker = path + ".json"
+        self.files = {name: f"{path}.{name}.npy" if len(arrays) > 1 else path for name in arrays}
+        self.spec = {name: [list(shape), np.dtype(dtype).str] for name, (shape, dtype) in arrays.items()}
+
+    def _read_marker(self):
+        try:
+            with open(self.marker) as f:
+                state = json.load(f)
+        except (OSError, ValueError):
+            return None
+        if state.get("spec") != self.spec or not all(os.path.exists(f) for f in self.files.values()):
+            return None
+        return state
+
+    def open(self) -> int:
+        """Opens (or creates) the arrays; returns the number of rows already written."""
+        state = self._read_marker()
+        mode = "r+" if state is not None else "w+"
+        self.maps = {name: np.lib.format.open_memmap(self.files[name], mode=mode, dtype=dtype, shape=tuple(shape))
+                     for name, (shape, dtype) in self.arrays.items()}
+        self.rows = 0 if state is None else int(state["rows"])
+        if state is None:
+            self._write_marker(False)
+        return self.rows
+
+    def _write_marker(self, complete: bool) -> None:
+        tmp = self.marker + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"spec": self.spec, "rows": self.rows, "complete": complete}, f)
+        os.replace(tmp, self.marker)  # atomic: a crash leaves the old marker or the new one
+
+    def write(self, parts: dict) -> None:
+        n = len(next(iter(parts.values())))
+        for name, value in parts.items():
+            self.maps[name][self.rows:self.rows + n] = value
+        for m in self.maps.values():
+            m.flush()  # the data first, then the marker that counts it
+        self.rows += n
+        self._write_marker(False)
+
+    def finish(self) -> dict:
+        self._write_marker(True)
+        return self.load()
+
+    def load(self) -> dict:
+        return {name: torch.from_numpy(np.load(self.files[name], mmap_mode="r+")) for name in self.arrays}
+
+    @classmethod
+    def reuse(cls, path: str, rows: int, top_k: int | None):
+        """The arrays of a complete cache at path for `rows` rows (and k = top_k), else None; decided from
+        the marker alone, before anything is computed."""
+        try:
+            with open(path + ".json") as f:
+                state = json.load(f)
+        except (OSError, ValueError):
+            return None
+        names = ["logits"] if top_k is None else ["values", "indices"]
+        spec = state.get("spec", {})
+        if sorted(spec) != sorted(names) or not state.get("complete") or state.get("rows") != rows:
+            return None
+        if any(spec[name][0][0] != rows for name in names) or (top_k is not None and spec["values"][0][-1] != top_k):
+            return None
+        cache = cls(path, {name: (tuple(spec[name][0]), np.dtype(spec[name][1])) for name in names})
+        return cache.load() if all(os.path.exists(f) for f in cache.files.values()) else None
+
+
 @torch.no_grad()
 def teacher_outputs(members: list[nn.Module], loader: DataLoader, task: str, device: str = "cpu",
-                    cache_path: str | None = None) -> torch.Tensor:
+                    cache_path: str | None = None, top_k: int | None = None, progress: bool = True):
     """The members' outputs over a loader (in its order, so use shuffle=False), computed once.
 
-    With cache_path the result is written to a memory-mapped ``.npy`` file and returned as a tensor
-    over that file (nothing of size (N, M, C) stays in memory).
+    Returns a tensor (N, M, C) (classification logits) or (N, M, 2K) (regression), or, with top_k=k,
+    a ``TopKTeacher`` of each member's k largest logits per example: values (N, M, k) in float16 and
+    indices (N, M, k) in int32 (M*k*6 bytes per example instead of M*C*4). k = 32 to 128 keeps
+    nearly all of the tempered mass at large C; the loss renormalises over the kept classes.
+    With cache_path the result goes to memory-mapped ``.npy`` files (dense: cache_path itself; top-k:
+    cache_path.values.npy and cache_path.indices.npy) with a marker cache_path.json, and is returned
+    as tensors over those files: nothing (N, M, ...)-sized stays in memory. A complete cache is
+    reused without running the members; an interrupted one is completed from where it stopped.
     """
-    chunks, store, row = [], None, 0
+    if top_k is not None and (task != "classification" or isinstance(top_k, bool) or not isinstance(top_k, int)
+                              or top_k < 1):
+        raise ValueError(f"top_k must be an int >= 1 for a classification task, got {top_k!r} ({task})")
     n = len(loader.dataset) if hasattr(loader, "dataset") else None
-    for batch in loader:
-        x = batch[0].to(device)
-        out = members_output(members, x, task).float().cpu()
-        if cache_path is not None:
-            if store is None:
-                if n is None:
-                    raise ValueError("cache_path needs a loader with a sized dataset")
-                store = np.lib.format.open_memmap(cache_path, mode="w+", dtype=np.float32,
-                                                  shape=(n, *out.shape[1:]))
-            store[row:row + len(out)] = out.numpy()
-            row += len(out)
-        else:
-            chunks.append(out)
-    if cache_path is not None:
-        store.flush()
-        return torch.from_numpy(np.load(cache_path, mmap_mode="r+"))
-    return torch.cat(chunks)
+    if cache_path is not None and n is not None:
+        done = _Cache.reuse(cache_path, n, top_k)
+        if done is not None:  # complete, for this many rows and this k: the members need not run
+            return done["logits"] if top_k is None else TopKTeacher(done["values"], done["indices"])
+    batches = iter(loader)
+    first = members_output(members, next(batches)[0].to(device), task).float().cpu() if n != 0 else None
+    if top_k is not None and first is not None and top_k > first.shape[-1]:
+        raise ValueError(f"top_k = {top_k} is more than the members' {first.shape[-1]} classes")
+
+    def convert(out):
+        if top_k is None:
+            return {"logits": out.numpy()}
+        values, indices = out.topk(top_k, dim=-1)
+        return {"values": values.half().numpy(), "indices": indices.int().numpy()}
+
+    def result(parts):
+        if top_k is None:
+            return parts["logits"]
+        return TopKTeacher(parts["values"], parts["indices"])
+
+    def remaining(skip_rows: int = 0):
+        """The members' outputs batch by batch; batches wholly inside the first skip_rows rows are
+        passed over without running the members (they are in the cache already)."""
+        row = len(first) if first is not None else 0
+        if first is not None:
+            yield first
+        for batch in batches:
+            if row + len(batch[0]) <= skip_rows:
+                row += len(batch[0])
+                yield len(batch[0])
+                continue
+            row += len(batch[0])
+            yield members_output(members, batch[0].to(device), task).float().cpu()
+
+    if cache_path is None:
+        outs = [convert(o) for o in _bar(remaining(), "teacher outputs", progress, total=len(loader))]
+        return result({k: torch.from_numpy(np.concatenate([o[k] for o in outs])) for k in outs[0]})
+    if n is None:
+        raise ValueError("cache_path needs a loader with a sized dataset")
+    shape = (n, *first.shape[1:-1])
+    arrays = ({"logits": ((*shape, first.shape[-1]), np.float32)} if top_k is None else
+              {"values": ((*shape, top_k), np.float16), "indices": ((*shape, top_k), np.int32)})
+    cache = _Cache(cache_path, arrays)
+    done = cache.open()
+    row = 0
+    for out in _bar(remaining(done), "teacher outputs", progress, total=len(loader)):
+        size = out if isinstance(out, int) else len(out)
+        if row + size <= done:  # written by an earlier, interrupted run
+            row += size
+            continue
+        cache.write(convert(out[max(0, done - row):]))
+        row += size
+    if cache.rows != n:
+        raise RuntimeError(f"the loader gave {cache.rows} rows for a dataset of {n}")
+    return result(cache.finish())
 
 
 def _batches(loader, teacher_fn, device):
     for batch in loader:
+        if teacher_fn is None and len(batch) == 3:  # x, top-k values, top-k indices
+            x, values, indices = _to(batch, device)
+            yield x, TopKTeacher(values, indices)
+            continue
         if teacher_fn is None:
             x, t = _to(batch[:2], device)
         else:
@@ -185,7 +312,8 @@ def distill(body: nn.Module, feature_dim: int, num_outputs: int, num_heads: int,
     """Stage 1 (KD: one head against the ensemble mean), then stage 2 (Hydra: M heads, one per member).
 
     loader yields (x, teacher) with teacher (B, M, C) cached logits (or (B, M, 2K) for regression),
-    or (x, ...) together with ``teacher_fn(x)`` computing them on the fly. hidden_features gives
+    or (x, values, indices) from a top-k cache (``teacher_outputs(..., top_k=k)`` then
+    ``teacher_loader``), or (x, ...) together with ``teacher_fn(x)`` computing them on the fly. hidden_features gives
     classification heads a hidden layer (MLP heads), which lets them hold more of the members' diversity.
     Returns (kd_model, hydra_model), both ``HydraModel`` (the KD model has one head). Seeded by
     cfg.seed; the caller's global RNG state is left as it was.
@@ -233,10 +361,12 @@ def _distill(body, feature_dim, num_outputs, num_heads, loader, task, cfg, teach
     return kd.eval(), hydra.eval()
 
 
-def teacher_loader(x: torch.Tensor, teacher: torch.Tensor, batch_size: int, seed: int) -> DataLoader:
-    """A shuffling loader of (x, cached teacher outputs) pairs with its own seeded generator."""
+def teacher_loader(x: torch.Tensor, teacher, batch_size: int, seed: int) -> DataLoader:
+    """A shuffling loader of (x, cached teacher outputs) with its own seeded generator; a ``TopKTeacher``
+    cache gives (x, values, indices) batches, which ``distill`` reads as top-k teachers."""
     gen = torch.Generator().manual_seed(seed)
-    return DataLoader(TensorDataset(x, teacher), batch_size=batch_size, shuffle=True, generator=gen)
+    parts = (x, teacher.values, teacher.indices) if isinstance(teacher, TopKTeacher) else (x, teacher)
+    return DataLoader(TensorDataset(*parts), batch_size=batch_size, shuffle=True, generator=gen)
 
 
 def count_parameters(module: nn.Module | Iterable[nn.Module]) -> int:

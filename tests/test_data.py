@@ -22,7 +22,8 @@ def test_embedded_sets_are_split_and_deterministic(name):
     assert a.x_test.shape[1] == a.x_ood.shape[1] == a.in_features
     assert len(a.x_train) > len(a.x_test) > 0 and len(a.x_ood) > 0
     if a.task == "classification":
-        assert a.y_train.dtype == torch.int64 and int(a.y_train.max()) + 1 == a.num_outputs == 10
+        assert a.y_train.dtype == torch.int64 and int(a.y_train.max()) + 1 == a.num_outputs
+        assert a.num_outputs == (1000 if name == "blobs-1000" else 10)
     else:
         assert a.y_train.shape == (len(a.x_train), 1) and a.num_outputs == 1
     assert a.ood_description
@@ -102,3 +103,18 @@ def test_cifar10_and_svhn_from_files(tmp_path, monkeypatch):
     assert svhn.x_train.shape == (8, 3072) and 0 <= int(svhn.y_train.min()) and int(svhn.y_train.max()) <= 9
     paired = load_dataset("cifar10", data_dir=str(tmp_path))
     assert "svhn" in paired.ood_description and paired.x_ood.shape == (8, 3072)
+
+
+def test_blobs_1000_is_large_c_with_overlap_and_far_ood():
+    d = load_dataset("blobs-1000", seed=0)
+    assert d.num_outputs == 1000 and d.in_features == 32
+    counts = torch.bincount(d.y_train, minlength=1000)
+    assert bool((counts == counts[0]).all())  # balanced
+    # classes overlap: a point's nearest class mean is not always its own (members will disagree)
+    means = torch.stack([d.x_train[d.y_train == c].mean(0) for c in range(1000)])
+    nearest = torch.cdist(d.x_test, means).argmin(1)
+    agree = (nearest == d.y_test).float().mean().item()
+    assert 0.3 < agree < 0.95
+    # OOD points lie outside the training cloud
+    assert d.x_ood.norm(dim=1).median() > 1.5 * d.x_train.norm(dim=1).max() / 1.5
+    assert d.x_ood.norm(dim=1).median() > d.x_train.norm(dim=1).quantile(0.99)

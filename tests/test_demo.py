@@ -60,3 +60,13 @@ def test_mlp_heads_option(tmp_path):
     # MLP heads: 2 x (64*16 + 16 + 16*10 + 10) parameters instead of 2 x (64*10 + 10)
     grown = mlp["methods"]["hydra"]["params"] - linear["methods"]["hydra"]["params"]
     assert grown == 2 * (64 * 16 + 16 + 16 * 10 + 10) - 2 * (64 * 10 + 10)
+
+
+def test_demo_with_a_top_k_teacher_cache(tmp_path):
+    res = run("digits", heads=2, epochs=2, out=str(tmp_path), progress=False, plots=False, stream=io.StringIO(),
+              teacher_top_k=3)
+    assert res["teacher_top_k"] == 3
+    n = res["teacher_cache_bytes"] // (2 * 3 * 6)  # rows: 2 members x 3 kept entries x 6 bytes each
+    assert n * 2 * 3 * 6 == res["teacher_cache_bytes"] and n > 1000
+    assert (tmp_path / "teacher_topk.values.npy").exists() and (tmp_path / "teacher_topk.json").exists()
+    assert res["methods"]["hydra"]["mu"] > 0 and 0 < res["methods"]["hydra"]["acc"] <= 1

@@ -1,5 +1,7 @@
 """cpu tier: the distillation recipe's pieces (ensemble, cached or on-the-fly teachers, both stages)."""
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -94,3 +96,108 @@ def test_recipe_leaves_the_global_rng_alone():
     cfg = DistillConfig(epochs_stage1=1, epochs_stage2=1, progress=False, seed=5)
     distill(body, 8, c, 2, teacher_loader(x, teacher, 16, 0), "classification", cfg)
     assert torch.equal(torch.rand(3), expected)
+
+
+class _Counting(nn.Module):
+    """A member that counts the rows it has seen (to tell a reused cache from a recomputed one)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.rows = inner, 0
+
+    def forward(self, x):
+        self.rows += len(x)
+        return self.inner(x)
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _loader_that_fails_after(x, batches):
+    class Failing:
+        dataset = TensorDataset(x)
+
+        def __len__(self):
+            return (len(x) + 15) // 16
+
+        def __iter__(self):
+            for i, batch in enumerate(DataLoader(TensorDataset(x), batch_size=16, shuffle=False)):
+                if i == batches:
+                    raise _Interrupted
+                yield batch
+
+    return Failing()
+
+
+def test_top_k_teacher_outputs_in_memory_and_cached(tmp_path):
+    from fasthydra import TopKTeacher
+
+    x, y, d, c = _toy_classification(n=80, c=3)
+    members = [_Counting(m) for m in _members(x, y, d, c)]
+    ordered = DataLoader(TensorDataset(x), batch_size=16, shuffle=False)
+    dense = teacher_outputs(members, ordered, "classification", progress=False)
+    sparse = teacher_outputs(members, ordered, "classification", top_k=2, progress=False)
+    assert isinstance(sparse, TopKTeacher)
+    assert sparse.values.dtype == torch.float16 and sparse.indices.dtype == torch.int32
+    values, indices = dense.topk(2, dim=-1)
+    assert torch.equal(sparse.indices, indices.int())
+    assert torch.allclose(sparse.values.float(), values, rtol=1e-3, atol=1e-3)  # fp16 storage
+    path = str(tmp_path / "t")
+    cached = teacher_outputs(members, ordered, "classification", top_k=2, cache_path=path, progress=False)
+    assert torch.equal(cached.indices, sparse.indices) and torch.equal(cached.values, sparse.values)
+    size = (tmp_path / "t.values.npy").stat().st_size + (tmp_path / "t.indices.npy").stat().st_size
+    assert size < 80 * 3 * 2 * 6 + 2 * 256  # 6 bytes per kept entry, plus the .npy headers
+    seen = members[0].rows
+    again = teacher_outputs(members, ordered, "classification", top_k=2, cache_path=path, progress=False)
+    assert members[0].rows == seen  # a complete cache is reused: the members did not run
+    assert torch.equal(again.values, cached.values)
+    with pytest.raises(ValueError, match="top_k"):
+        teacher_outputs(members, ordered, "classification", top_k=4, progress=False)  # more than C = 3
+    with pytest.raises(ValueError, match="top_k"):
+        teacher_outputs(members, ordered, "regression", top_k=2, progress=False)
+
+
+@pytest.mark.parametrize("top_k", [None, 2])
+def test_an_interrupted_cache_is_completed_never_used_half_written(tmp_path, top_k):
+    x, y, d, c = _toy_classification(n=80, c=3)
+    members = [_Counting(m) for m in _members(x, y, d, c)]
+    path = str(tmp_path / "cache")
+    with pytest.raises(_Interrupted):
+        teacher_outputs(members, _loader_that_fails_after(x, 3), "classification", top_k=top_k, cache_path=path,
+                        progress=False)
+    marker = json.loads((tmp_path / "cache.json").read_text())
+    assert marker["rows"] == 48 and not marker["complete"]
+    before = members[0].rows
+    ordered = DataLoader(TensorDataset(x), batch_size=16, shuffle=False)
+    done = teacher_outputs(members, ordered, "classification", top_k=top_k, cache_path=path, progress=False)
+    # resumed: the first batch (for the shapes) and the two batches not yet written ran, not all five
+    assert members[0].rows - before == 16 + 32
+    fresh = teacher_outputs(members, ordered, "classification", top_k=top_k, progress=False)
+    for a, b in zip(done if top_k else (done,), fresh if top_k else (fresh,)):
+        assert torch.equal(a, b)
+    assert json.loads((tmp_path / "cache.json").read_text())["complete"]
+
+
+def test_arrays_without_a_marker_are_rewritten(tmp_path):
+    import numpy as np
+
+    x, y, d, c = _toy_classification(n=32, c=3)
+    members = _members(x, y, d, c)
+    path = tmp_path / "stale.npy"
+    np.save(path, np.full((32, 3, 3), 7.0, dtype=np.float32))  # same shape, no marker: not trusted
+    ordered = DataLoader(TensorDataset(x), batch_size=16, shuffle=False)
+    got = teacher_outputs(members, ordered, "classification", cache_path=str(path), progress=False)
+    assert torch.allclose(got, members_output(members, x, "classification"), atol=1e-6)
+
+
+def test_distill_from_a_top_k_cache(tmp_path):
+    x, y, d, c = _toy_classification(n=96, c=3)
+    members = _members(x, y, d, c)
+    ordered = DataLoader(TensorDataset(x), batch_size=32, shuffle=False)
+    cache = teacher_outputs(members, ordered, "classification", top_k=2, cache_path=str(tmp_path / "k2"),
+                            progress=False)
+    cfg = DistillConfig(temperature=2.0, epochs_stage1=2, epochs_stage2=2, progress=False)
+    kd, hydra = distill(mlp_body(d, 16), 16, c, 3, teacher_loader(x, cache, 32, 0), "classification", cfg)
+    assert hydra(x).shape == (96, 3, c) and kd(x).shape == (96, 1, c)
+    assert not torch.equal(hydra.head.weight[0], hydra.head.weight[1])  # each head followed its member
