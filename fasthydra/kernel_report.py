@@ -25,6 +25,9 @@ from fasthydra.ops import _common as cfgs
 # The shapes the benchmarks run (B, D, M, C): small C, mid, large C, the big GPU case, the GPU small case.
 SHAPES = [(4096, 512, 8, 10), (1024, 512, 8, 1000), (256, 256, 4, 32000), (4096, 2048, 8, 32000),
           (512, 512, 10, 10)]
+# Row lengths where the loss kernel's configuration changes (a whole row of up to 16384 classes in
+# registers, longer rows in tiles): checked too, at (B, D, M) = (64, 64, 8).
+EXTRA_ROW_LENGTHS = [5000, 16000, 50257]
 HIDDEN = 256  # hidden width used for the MLP-head GEMM configurations
 # dtype tag -> (Triton pointer type, tl.dot precision): fp32 as torch runs it with
 # set_float32_matmul_precision("high") (tf32 tensor cores) and at the default "highest" (IEEE, FMA).
@@ -97,7 +100,7 @@ def _kernel_specs():
             seen.add(key)
             specs.append((fn, args, consts, opts, dtype))
 
-    for b, d, m, c in SHAPES:
+    for b, d, m, c in SHAPES + [(64, 64, 8, c) for c in EXTRA_ROW_LENGTHS]:
         for tag, (ty, prec) in DTYPES.items():
             kl = cfgs.kl_rows_config(c)
             args = {"z_ptr": f"*{ty}", "t_ptr": f"*{ty}", "loss_ptr": "*fp32", "grad_ptr": f"*{ty}",
@@ -107,7 +110,10 @@ def _kernel_specs():
                     "inv_temp": 0.5, "loss_scale": 4.0, "grad_scale": 0.1}
             for tgrad in (False, True):  # a frozen teacher, and one that requires grad
                 add(_hydra_kl_fwd_kernel, args, {"BLOCK_R": kl["BLOCK_R"], "BLOCK_C": kl["BLOCK_C"], "WRITE_GRAD": True,
-                                                 "WRITE_TGRAD": tgrad}, {"num_warps": kl["num_warps"]}, tag)
+                                                 "WRITE_TGRAD": tgrad, "ROW_IN_REGISTERS": kl["ROW_IN_REGISTERS"]},
+                    {"num_warps": kl["num_warps"]}, tag)
+            if (b, d, m, c) not in SHAPES:  # an extra row length: the row kernels only
+                continue
             for k in (32, 128):  # top-k teachers: the sizes a cache keeps
                 if k > c:
                     continue

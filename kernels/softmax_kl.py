@@ -89,6 +89,7 @@ def _hydra_kl_fwd_kernel(
     BLOCK_C: tl.constexpr,  # class tile: up to 2048 lanes keeps the tile in registers without spills
     WRITE_GRAD: tl.constexpr,
     WRITE_TGRAD: tl.constexpr,  # the teacher requires grad: its gradient comes out of the same pass
+    ROW_IN_REGISTERS: tl.constexpr,  # C <= BLOCK_C: the row is read once and kept in registers for pass 2
 ):
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
@@ -97,6 +98,8 @@ def _hydra_kl_fwd_kernel(
     r_in = rows % R_INNER
     z_rows = z_ptr + (r_out * stride_zo + r_in * stride_zi)[:, None]
     t_rows = t_ptr + (r_out * stride_to + r_in * stride_ti)[:, None]
+    # ROW_IN_REGISTERS: one tile holds the whole row, so the loops below run once and the later passes
+    # use the tile already loaded (one read of z and t instead of two: the op is bound by these bytes).
     cols0 = tl.arange(0, BLOCK_C)
 
     m_s = tl.full((BLOCK_R,), float("-inf"), tl.float32)
@@ -106,19 +109,29 @@ def _hydra_kl_fwd_kernel(
     a = tl.zeros((BLOCK_R,), tl.float32)
     n_nan = tl.zeros((BLOCK_R,), tl.int32)
     s_at = tl.zeros((BLOCK_R,), tl.float32)  # the student's logit at the teacher's most probable class
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + cols0
-        mask = row_ok[:, None] & (cols < C)[None, :]
-        z = tl.load(z_rows + cols[None, :], mask=mask, other=float("-inf"))
-        t = tl.load(t_rows + cols[None, :], mask=mask, other=float("-inf"))
-        s = z.to(tl.float32) * inv_temp
-        u = t.to(tl.float32) * inv_temp
-        n_nan += tl.sum((u != u).to(tl.int32), axis=1)  # the NaN check rides on the load already made
-        if WRITE_TGRAD:  # the pivot of the teacher gradient (see below), found on the loads already made
-            tile_max = tl.max(u, axis=1)
-            here = tl.max(tl.where(u == tile_max[:, None], s, float("-inf")), axis=1)
-            s_at = tl.where(tile_max > m_u, here, s_at)
-        m_s, d_s, m_u, d_u, a = _online_kl_update(s, u, m_s, d_s, m_u, d_u, a)
+    if ROW_IN_REGISTERS:
+        row_mask = row_ok[:, None] & (cols0 < C)[None, :]
+        s_row = tl.load(z_rows + cols0[None, :], mask=row_mask, other=float("-inf")).to(tl.float32) * inv_temp
+        u_row = tl.load(t_rows + cols0[None, :], mask=row_mask, other=float("-inf")).to(tl.float32) * inv_temp
+        n_nan += tl.sum((u_row != u_row).to(tl.int32), axis=1)
+        if WRITE_TGRAD:
+            row_max = tl.max(u_row, axis=1)
+            s_at = tl.max(tl.where(u_row == row_max[:, None], s_row, float("-inf")), axis=1)
+        m_s, d_s, m_u, d_u, a = _online_kl_update(s_row, u_row, m_s, d_s, m_u, d_u, a)
+    else:
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + cols0
+            mask = row_ok[:, None] & (cols < C)[None, :]
+            z = tl.load(z_rows + cols[None, :], mask=mask, other=float("-inf"))
+            t = tl.load(t_rows + cols[None, :], mask=mask, other=float("-inf"))
+            s = z.to(tl.float32) * inv_temp
+            u = t.to(tl.float32) * inv_temp
+            n_nan += tl.sum((u != u).to(tl.int32), axis=1)  # the NaN check rides on the load already made
+            if WRITE_TGRAD:  # the pivot of the teacher gradient (see below), found on the loads already made
+                tile_max = tl.max(u, axis=1)
+                here = tl.max(tl.where(u == tile_max[:, None], s, float("-inf")), axis=1)
+                s_at = tl.where(tile_max > m_u, here, s_at)
+            m_s, d_s, m_u, d_u, a = _online_kl_update(s, u, m_s, d_s, m_u, d_u, a)
     bad = tl.max(tl.where(row_ok & (n_nan > 0), 1, 0), axis=0)
     bad |= tl.max(tl.where(row_ok & (m_u == float("inf")), 2, 0), axis=0)
     bad |= tl.max(tl.where(row_ok & (m_u == float("-inf")), 4, 0), axis=0)
@@ -129,41 +142,63 @@ def _hydra_kl_fwd_kernel(
     kl = a / d_u - log_d_u + log_d_s
     tl.store(loss_ptr + r_out * stride_lo + r_in * stride_li, kl * loss_scale, mask=row_ok)
 
+    big_a = tl.zeros((BLOCK_R,), tl.float32)  # sum_k p_k e_k (teacher gradient only)
     if WRITE_TGRAD:
         # dL/dt_c = T * coef * p_c * ((log p_c - log q_c) - KL). Written as is, the bracket is a
         # difference of two numbers as large as the logits (1e3 and up): all of fp32's digits go to
         # cancellation. With the pivot j = argmax p and e_k = (u_k - u_j) - (s_k - s_j), the bracket
         # is e_c - sum_k p_k e_k exactly (log q - log p shifts by a constant per row), e_j = 0, and the
         # sum is dominated by small p_k: one more pass over the row, only for a teacher that needs it.
-        big_a = tl.zeros((BLOCK_R,), tl.float32)
-        for c0 in range(0, C, BLOCK_C):
-            cols = c0 + cols0
-            mask = row_ok[:, None] & (cols < C)[None, :]
-            s = tl.load(z_rows + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
-            u = tl.load(t_rows + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
-            live = u > float("-inf")
-            e = (u - m_u[:, None]) - (s - s_at[:, None])
-            big_a += tl.sum(tl.where(live, tl.exp(u - m_u[:, None] - log_d_u[:, None]) * e, 0.0), axis=1)
+        if ROW_IN_REGISTERS:
+            big_a = _mean_e(s_row, u_row, m_u, log_d_u, s_at)
+        else:
+            for c0 in range(0, C, BLOCK_C):
+                cols = c0 + cols0
+                mask = row_ok[:, None] & (cols < C)[None, :]
+                s = tl.load(z_rows + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
+                u = tl.load(t_rows + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
+                big_a += _mean_e(s, u, m_u, log_d_u, s_at)
 
     if WRITE_GRAD or WRITE_TGRAD:
         g_rows = grad_ptr + (r_out * stride_go + r_in * stride_gi)[:, None]
         h_rows = tgrad_ptr + (r_out * stride_ho + r_in * stride_hi)[:, None]
-        n_tiles = tl.cdiv(C, BLOCK_C)
-        for j in range(0, n_tiles):  # last tile first: pass 1 read it last, so L2 most likely still holds it
-            c0 = (n_tiles - 1 - j) * BLOCK_C
-            cols = c0 + cols0
-            mask = row_ok[:, None] & (cols < C)[None, :]
-            s = tl.load(z_rows + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
-            u = tl.load(t_rows + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
-            if WRITE_TGRAD:  # T * coef * p * (e - sum_k p_k e_k); a masked class (p = 0) gets 0
-                live = u > float("-inf")
-                e = (u - m_u[:, None]) - (s - s_at[:, None])
-                p = tl.exp(u - m_u[:, None] - log_d_u[:, None])
-                h = tl.where(live, p * (e - big_a[:, None]), 0.0) * grad_scale
-                tl.store(h_rows + cols[None, :], h.to(tgrad_ptr.dtype.element_ty), mask=mask)
-            if WRITE_GRAD:
-                g = _kl_grad_tile(s, u, m_s, log_d_s, m_u, log_d_u, grad_scale)
-                tl.store(g_rows + cols[None, :], g.to(grad_ptr.dtype.element_ty), mask=mask)
+        if ROW_IN_REGISTERS:
+            _store_grads(s_row, u_row, cols0, row_mask, g_rows, h_rows, m_s, log_d_s, m_u, log_d_u, s_at, big_a,
+                         grad_scale, WRITE_GRAD, WRITE_TGRAD)
+        else:
+            n_tiles = tl.cdiv(C, BLOCK_C)
+            for j in range(0, n_tiles):  # last tile first: pass 1 read it last, so L2 most likely still holds it
+                c0 = (n_tiles - 1 - j) * BLOCK_C
+                cols = c0 + cols0
+                mask = row_ok[:, None] & (cols < C)[None, :]
+                s = tl.load(z_rows + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
+                u = tl.load(t_rows + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
+                _store_grads(s, u, cols, mask, g_rows, h_rows, m_s, log_d_s, m_u, log_d_u, s_at, big_a, grad_scale,
+                             WRITE_GRAD, WRITE_TGRAD)
+
+
+@triton.jit
+def _mean_e(s, u, m_u, log_d_u, s_at):
+    """sum_k p_k e_k over one tile, e = (u - u_j) - (s - s_j) around the pivot j (masked classes: 0)."""
+    live = u > float("-inf")
+    e = (u - m_u[:, None]) - (s - s_at[:, None])
+    return tl.sum(tl.where(live, tl.exp(u - m_u[:, None] - log_d_u[:, None]) * e, 0.0), axis=1)
+
+
+@triton.jit
+def _store_grads(s, u, cols, mask, g_rows, h_rows, m_s, log_d_s, m_u, log_d_u, s_at, big_a, grad_scale,
+                 WRITE_GRAD: tl.constexpr, WRITE_TGRAD: tl.constexpr):
+    """One tile's gradients from its tempered logits s, u and the finished row statistics: the student's
+    grad_scale * (q - p) and, for a teacher that requires grad, grad_scale * p * (e - sum_k p_k e_k)."""
+    if WRITE_TGRAD:  # a masked class (p = 0) gets 0
+        live = u > float("-inf")
+        e = (u - m_u[:, None]) - (s - s_at[:, None])
+        p = tl.exp(u - m_u[:, None] - log_d_u[:, None])
+        h = tl.where(live, p * (e - big_a[:, None]), 0.0) * grad_scale
+        tl.store(h_rows + cols[None, :], h.to(h_rows.dtype.element_ty), mask=mask)
+    if WRITE_GRAD:
+        g = _kl_grad_tile(s, u, m_s, log_d_s, m_u, log_d_u, grad_scale)
+        tl.store(g_rows + cols[None, :], g.to(g_rows.dtype.element_ty), mask=mask)
 
 
 # Sparse (top-k) teacher. Row r keeps K classes: raw values v[r, :K] on distinct indices idx[r, :K]

@@ -30,8 +30,11 @@ def gemm(request, monkeypatch):
 
 @pytest.fixture(params=[2048, 16], ids=["tile-2048", "tile-16"])
 def max_block_c(request, monkeypatch):
-    """Run with the real tile cap and with a 16-wide tile, so that C = 37 and 200 need many tiles."""
+    """Run with the real configuration (rows up to 8192 classes held whole in registers) and with
+    16-wide tiles (no row held whole), so that C = 37 and 200 need many tiles."""
     monkeypatch.setattr(_common, "MAX_BLOCK_C", request.param)
+    if request.param < 2048:
+        monkeypatch.setattr(_common, "ROW_TILE_MAX", request.param)
     return request.param
 
 

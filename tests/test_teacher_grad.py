@@ -26,7 +26,13 @@ def _upstream(loss, generator):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("b,m,c", SHAPES)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_logits_loss_gives_the_teacher_its_gradient(impl, b, m, c, reduction):
+@pytest.mark.parametrize("tile", [None, 16], ids=["row-whole", "tiles-of-16"])
+def test_logits_loss_gives_the_teacher_its_gradient(impl, b, m, c, reduction, tile, monkeypatch):
+    if tile is not None:  # the Triton kernel's multi-tile passes (pivot tracked across tiles)
+        from fasthydra.ops import _common
+
+        monkeypatch.setattr(_common, "MAX_BLOCK_C", tile)
+        monkeypatch.setattr(_common, "ROW_TILE_MAX", tile)
     g = torch.Generator().manual_seed(b * 100 + c)
     z = (torch.randn(b, m, c, generator=g) * 3).requires_grad_()
     t = teacher_logits(b, m, c, scale=3.0).requires_grad_()  # with masked classes

@@ -10,8 +10,13 @@ import os
 
 import torch
 
-# Largest C tile of the row-wise loss kernels; tests shrink it to exercise many tiles on small C.
+# C tile of the row-wise loss kernels when a row does not fit one tile; tests shrink it (and
+# ROW_TILE_MAX) to exercise many tiles on small C.
 MAX_BLOCK_C = 2048
+# Longest row kept whole in registers by the row-wise loss kernels: 32 warps x 8 elements per thread
+# and tensor compile without spills on sm_80/sm_90; 16384 (16 per thread, at most 64 registers with
+# 1024 threads) spills 56 to 136 bytes, 32768 600+ (kernel report).
+ROW_TILE_MAX = 8192
 # Elements of one row chunk's (rows, M, C) gradient stash on the Triton path (bytes = this * dtype size).
 TRITON_CHUNK_ELEMENTS = 1 << 27
 # Elements of one row chunk's (rows, M, C) logits on the torch path (32 MiB in fp32; the chunk holds
@@ -68,10 +73,16 @@ def rows_per_chunk(total_rows: int, row_elements: int, budget: int) -> int:
 
 
 def kl_rows_config(n_cols: int) -> dict:
-    """Row-wise KL kernel: C tile up to MAX_BLOCK_C; several rows per program when C is small."""
-    block_c = max(16, min(next_pow2(n_cols), MAX_BLOCK_C))
-    block_r = max(1, min(16, 1024 // block_c))  # small C: pack rows so a program has ~1k lanes of work
-    return dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4 if block_r * block_c <= 1024 else 8)
+    """Row-wise KL kernels. A row of up to ROW_TILE_MAX classes is one tile held in registers (read
+    once: the op is memory-bound, and a second read of a long row comes from DRAM); longer rows go in
+    MAX_BLOCK_C tiles, read twice. Several rows per program when C is small (~1k lanes of work)."""
+    whole = max(16, next_pow2(n_cols))
+    block_c = whole if whole <= max(ROW_TILE_MAX, MAX_BLOCK_C) else MAX_BLOCK_C
+    block_r = max(1, min(16, 1024 // block_c))
+    # 8 fp32 elements per thread and tensor: no spills (kernel report)
+    lanes = block_r * block_c
+    warps = 4 if lanes <= 1024 else min(32, lanes // 256)
+    return dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps, ROW_IN_REGISTERS=block_c >= n_cols)
 
 
 def linear_kl_config(n_rows: int, n_cols: int, k: int, elem_size: int = 2) -> dict:

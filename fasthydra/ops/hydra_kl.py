@@ -13,6 +13,7 @@ import torch
 
 from . import native
 from .checks import after_launch, error_word
+from . import _common
 from ._common import TORCH_CHUNK_ELEMENTS, cdiv, compute_dtype, kl_rows_config, next_pow2, rows_per_chunk
 
 
@@ -172,7 +173,7 @@ def launch_kl_rows(z3, t3, loss2, grad3, temperature: float, grad_scale: float |
         loss2.stride(0), loss2.stride(1), h3.stride(0), h3.stride(1),
         1.0 / temperature, temperature * temperature, grad_scale if grad_scale is not None else 0.0,
         BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], WRITE_GRAD=grad3 is not None,
-        WRITE_TGRAD=tgrad3 is not None, num_warps=cfg["num_warps"],
+        WRITE_TGRAD=tgrad3 is not None, ROW_IN_REGISTERS=cfg["ROW_IN_REGISTERS"], num_warps=cfg["num_warps"],
     )
 
 
@@ -223,8 +224,10 @@ def kl_chunk_topk_torch(s: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, tem
 
 def topk_config(n_cols: int, k: int) -> dict:
     """The top-k row kernel: the dense kernel's C tile, the k entries in one tile of their own."""
-    cfg = kl_rows_config(n_cols)
-    return dict(cfg, BLOCK_K=max(2, next_pow2(k)))
+    block_c = max(16, min(next_pow2(n_cols), _common.MAX_BLOCK_C))  # the row is walked twice in tiles
+    block_r = max(1, min(16, 1024 // block_c))
+    return dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4 if block_r * block_c <= 1024 else 8,
+                BLOCK_K=max(2, next_pow2(k)))
 
 
 def launch_kl_rows_topk(z3, v3, i3, loss2, grad3, temperature: float, grad_scale: float, op: str, tgrad3=None):
