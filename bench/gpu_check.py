@@ -1,13 +1,15 @@
 """One-shot GPU check for a lent machine: the gpu test tier, then the benchmarks, a short table and JSON.
 
-    python bench/gpu_check.py [--out bench/gpu_results.json] [--budget-s 420]
+    python bench/gpu_check.py [--out bench/gpu_results.json] [--budget-s 360]
 
-Built to finish well under 8 minutes on an H100 (run it with a 480 s timeout): the gpu tests get at
-most 150 s, the target cases run first, torch.compile only where a target names it, and no new case
-starts after 330 s (the table says which were left out; the longest case, the big bf16 one with
-its compile, takes about a minute). Timing is triton.testing.do_bench (warm-up, L2 flushed between runs, median); peak
-memory is torch.cuda.max_memory_allocated above what was live before the step. Without CUDA it
-refuses with exit code 2 and changes nothing.
+Built to finish within 8 minutes on an H200 (run it with a 480 s timeout): the gpu tests get at
+most 200 s; then the latency checks at small shapes (host and GPU time per step, both GEMM
+backends), the copy floor and the loss with dense and top-k teachers (about half a minute); then
+the cases the targets name first, the GEMM-backend variants, the rest; torch.compile only where a
+target names it; no new case starts after 360 s (the table says which were left out; the longest
+case, the big bf16 one with its compile, takes about a minute). Timing is triton.testing.do_bench
+(warm-up, L2 flushed between runs, median); peak memory is torch.cuda.max_memory_allocated above
+what was live before the step. Without CUDA it refuses with exit code 2 and changes nothing.
 """
 
 from __future__ import annotations
@@ -125,6 +127,31 @@ def latency(case: C.Case, provider: str, steps: int = 100) -> dict:
             "stream_us": wall_gpu * 1e6, "gpu_us": None if gpu is None else gpu * 1e6}
 
 
+def topk_rows(copy_bps: float, b: int = 4096, m: int = 8, c: int = 32000, ks=(32, 128)) -> list[dict]:
+    """The loss on given logits, forward + backward, bf16, dense teacher vs top-k teachers: time and the
+    bytes each must move (z read, dz write, and the teacher: M*C*2 or M*k*(2 + 4) bytes per row)."""
+    from fasthydra import TopKTeacher, hydra_kl_loss
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    z = (torch.randn(b, m, c, device="cuda", generator=gen) * 3).bfloat16().requires_grad_()
+    dense = (torch.randn(b, m, c, device="cuda", generator=gen) * 3).bfloat16()
+    teachers = [("dense", dense, b * m * c * 2)]
+    for k in ks:
+        values, indices = dense.float().topk(k, dim=-1)
+        teachers.append((f"top-{k}", TopKTeacher(values.bfloat16(), indices.int()), b * m * k * 6))
+    rows = []
+    for name, teacher, teacher_bytes in teachers:
+        def step(teacher=teacher):
+            z.grad = None
+            hydra_kl_loss(z, teacher, 2.0).backward()
+
+        seconds = _do_bench(step)
+        moved = 2 * b * m * c * 2 + teacher_bytes
+        rows.append({"teacher": name, "seconds": seconds, "teacher_bytes": teacher_bytes,
+                     "bytes_moved": moved, "of_copy_bandwidth": moved / seconds / copy_bps})
+    return rows
+
+
 def with_gemm_backend(backend: str):
     """Context: FASTHYDRA_GEMM set for the calls inside (read at every call)."""
     import contextlib
@@ -230,8 +257,8 @@ def check_targets(rows: list[dict]) -> list[tuple[str, str, float | None]]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_results.json"))
-    parser.add_argument("--budget-s", type=float, default=330.0,
-                        help="start no new case after this many seconds (the gpu tests get at most 150 s of it)")
+    parser.add_argument("--budget-s", type=float, default=360.0,
+                        help="start no new case after this many seconds (the gpu tests get at most 200 s of it)")
     parser.add_argument("--skip-tests", action="store_true")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -239,7 +266,7 @@ def main(argv=None) -> int:
         return 2
     start = time.perf_counter()
     device = torch.cuda.get_device_name(0)
-    tests = {"summary": "skipped"} if args.skip_tests else run_gpu_tests(timeout=min(150.0, args.budget_s / 2))
+    tests = {"summary": "skipped"} if args.skip_tests else run_gpu_tests(timeout=min(200.0, args.budget_s * 0.55))
     print(f"gpu tests: {tests['summary']}", flush=True)
 
     all_cases = C.cases("cuda")
@@ -269,6 +296,14 @@ def main(argv=None) -> int:
                   f"stream {r['stream_us']:9.1f} gpu {r['gpu_us'] if r['gpu_us'] is None else round(r['gpu_us'], 1)}")
     copy_bps = copy_bandwidth()
     print(f"device copy: {copy_bps / 1e9:.0f} GB/s (read + write)", flush=True)
+    try:
+        topk = topk_rows(copy_bps)
+    except Exception as exc:
+        topk = [{"error": f"{type(exc).__name__}: {exc}"[:300]}]
+    for r in topk:
+        print("  loss on logits, gpu-large bf16, " + (f"{r['teacher']:8} {r['seconds'] * 1e3:8.3f} ms, teacher "
+              f"{r['teacher_bytes'] / 1e6:8.1f} MB, {r['of_copy_bandwidth']:.2f} of copy" if "error" not in r
+              else f"ERROR {r['error']}"), flush=True)
 
     priority = [c for c in all_cases if (c.op, c.name) in {(t[0], t[1]) for t in TARGETS[:4]}]
     priority += [by_key[k] for k in VARIANT_CASES if by_key[k] not in priority]
@@ -320,7 +355,7 @@ def main(argv=None) -> int:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     record = {"device": device, "date": datetime.date.today().isoformat(), "commit": commit,
               "torch": torch.__version__, "triton": __import__("triton").__version__, "tests": tests,
-              "rows": rows, "latency": lat_rows, "copy_bytes_per_s": copy_bps, "targets": targets, "left_out": left_out, "seconds": time.perf_counter() - start}
+              "rows": rows, "latency": lat_rows, "copy_bytes_per_s": copy_bps, "topk": topk, "targets": targets, "left_out": left_out, "seconds": time.perf_counter() - start}
     with open(args.out, "w") as f:
         json.dump(record, f, indent=1, default=str)
     print(f"wrote {args.out} ({record['seconds']:.0f}s)")
