@@ -23,14 +23,33 @@ def test_kernel_matches_reference(rows, c, temperature):
     if rows > 2 and c > 2:
         t[1, : c // 2] = float("-inf")  # a long masked stretch
         t[2, -1] = float("-inf")
-    loss, grad = native.kl_rows(s / temperature, t, temperature, True)
+    loss, grad, _ = native.kl_rows(s / temperature, t, temperature, True)
     ref = R.kl_rows_ref(s.double(), t.double(), temperature)
     q = torch.softmax(s.double() / temperature, -1)
     p = torch.softmax(t.double() / temperature, -1)
     assert_close_to(loss, ref, rtol=2e-6, atol=1e-6, what="loss")
     assert_close_to(grad, q - p, rtol=2e-6, atol=1e-7, what="grad")
-    loss_only, none = native.kl_rows(s / temperature, t, temperature, False)
+    loss_only, none, _ = native.kl_rows(s / temperature, t, temperature, False)
     assert none is None and torch.equal(loss_only, loss)
+
+
+@needs_native
+@pytest.mark.parametrize("rows,c", [(7, 1), (5, 13), (64, 1000), (0, 10)])
+@pytest.mark.parametrize("scale", [4.0, 1e3])
+def test_kernel_teacher_gradient_matches_float64_autograd(rows, c, scale):
+    """p * ((log p - log q) - KL) from the C kernel, masked classes 0, extreme logits included."""
+    s = torch.randn(rows, c) * scale
+    t = torch.randn(rows, c) * scale
+    if rows > 2 and c > 2:
+        t[1, : c // 2] = float("-inf")
+    loss, grad, tgrad = native.kl_rows(s / 2.0, t, 2.0, True, True)
+    t64 = t.double().requires_grad_()
+    ref = R.kl_rows_ref(s.double(), t64, 2.0)
+    (expected,) = torch.autograd.grad(ref.sum(), t64)  # dL/dt = T * p * (...): the kernel's term is unscaled
+    assert_close_to(tgrad * 2.0, expected, rtol=2e-5, atol=1e-7, what="teacher grad")
+    assert_close_to(loss, ref, rtol=2e-6, atol=1e-6 * scale, what="loss")
+    _, none, _ = native.kl_rows(s / 2.0, t, 2.0, False, True)  # the teacher's gradient alone
+    assert none is None
 
 
 @needs_native
@@ -38,7 +57,7 @@ def test_kernel_extreme_logits_and_strided_rows():
     base = torch.randn(40, 2, 33) * 1e4
     s = base[:, 0]  # row stride 66: not contiguous rows
     t = torch.randn(40, 33) * 1e4
-    loss, grad = native.kl_rows(s, t, 1.0, True)
+    loss, grad, _ = native.kl_rows(s, t, 1.0, True)
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
     assert_close_to(loss, R.kl_rows_ref(s.double(), t.double(), 1.0), rtol=1e-6, what="extreme")
 

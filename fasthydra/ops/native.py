@@ -85,7 +85,7 @@ def _build() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     fn = lib.hydra_kl_rows
     i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
-    fn.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, i64, i64, i64, f32, f32, ctypes.c_int]
+    fn.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, i64, ptr, i64, i64, i64, f32, f32, ctypes.c_int]
     fn.restype = ctypes.c_int
     return lib
 
@@ -120,8 +120,9 @@ def usable(s: torch.Tensor) -> bool:
     return s.dtype == torch.float32 and s.device.type == "cpu" and _library() is not None
 
 
-def kl_rows(s2: torch.Tensor, t2: torch.Tensor, temperature: float, want_grad: bool):
-    """Loss rows T^2 * KL and q - p for (R, C) fp32 rows: s2 tempered student logits, t2 raw teacher.
+def kl_rows(s2: torch.Tensor, t2: torch.Tensor, temperature: float, want_grad: bool, want_tgrad: bool = False):
+    """Loss rows T^2 * KL, q - p and (want_tgrad) the teacher's p * ((log p - log q) - KL) for (R, C)
+    fp32 rows: s2 tempered student logits, t2 raw teacher. Returns (loss, grad or None, tgrad or None).
 
     Rows are split across torch.get_num_threads() threads (ctypes releases the GIL during the call).
     """
@@ -133,10 +134,12 @@ def kl_rows(s2: torch.Tensor, t2: torch.Tensor, temperature: float, want_grad: b
     t2 = t2 if t2.stride(1) == 1 else t2.contiguous()
     loss = torch.empty(r, dtype=torch.float32)
     grad = torch.empty(r, c, dtype=torch.float32) if want_grad else None
+    tgrad = torch.empty(r, c, dtype=torch.float32) if want_tgrad else None
     if r == 0:
-        return loss, grad
+        return loss, grad, tgrad
     args = (s2.data_ptr(), s2.stride(0), t2.data_ptr(), t2.stride(0),
-            grad.data_ptr() if want_grad else None, c if want_grad else 0, loss.data_ptr())
+            grad.data_ptr() if want_grad else None, c if want_grad else 0,
+            tgrad.data_ptr() if want_tgrad else None, c if want_tgrad else 0, loss.data_ptr())
     tail = (c, 1.0 / temperature, temperature * temperature, int(want_grad))
     workers = max(1, min(torch.get_num_threads(), r // MIN_ROWS_PER_THREAD))
     bounds = [r * i // workers for i in range(workers + 1)]
@@ -149,4 +152,4 @@ def kl_rows(s2: torch.Tensor, t2: torch.Tensor, temperature: float, want_grad: b
         codes = [f.result() for f in futures]
     if any(codes):
         raise MemoryError("fasthydra native KL kernel could not allocate its row scratch")
-    return loss, grad
+    return loss, grad, tgrad

@@ -6,6 +6,9 @@
  * row scratch, then sums them and a = sum exp(u - m_u) * ((u - m_u) - (s - m_s)); sweep 3
  * normalises: grad = e_s / d_s - e_u / d_u. KL = a / d_u - log d_u + log d_s. Two exponentials per
  * element, each row hot in L1/L2 for all three sweeps (torch ops need ~16 sweeps over the chunk).
+ * With a teacher gradient wanted, h = p * ((log p - log q) - KL) per row, formed around the teacher's
+ * most probable class j: e_c = (u_c - u_j) - (s_c - s_j), h_c = p_c * (e_c - sum_k p_k e_k), so no
+ * two numbers as large as the logits cancel (one more sweep, only then).
  * A teacher logit of -inf masks its class (p = 0, adds nothing). Built without -ffast-math so that
  * infinities keep their meaning; the loops are written in LANES-wide blocks so that gcc vectorises
  * the reductions without reassociation flags.
@@ -79,8 +82,8 @@ static float row_max(const float *x, int64_t n, float mult) {
 #endif
 
 /* One row; e_u is scratch of n floats. */
-static void kl_row(const float *s, const float *t, float *g, float *e_u, int64_t n, float inv_t, float t2,
-                   float *loss, int want_grad) {
+static void kl_row(const float *s, const float *t, float *g, float *e_u, float *h, int64_t n, float inv_t,
+                   float t2, float *loss, int want_grad) {
     float m_s = row_max(s, n, 1.0f);
     /* (t - max t) / T rather than t / T - max(t / T): with FMA contraction the latter is not exactly 0
      * at the maximum, and a one-class row would not give KL = 0 */
@@ -117,15 +120,27 @@ static void kl_row(const float *s, const float *t, float *g, float *e_u, int64_t
         acc += eu > 0.0f ? eu * diff : 0.0f;
     }
     *loss = t2 * (acc / d_u - logf(d_u) + logf(d_s));
-    if (!want_grad) return;
     float inv_ds = 1.0f / d_s, inv_du = 1.0f / d_u;
+    if (h != NULL) { /* the teacher's gradient (unscaled), pivoted at j = the first class with t = max t */
+        int64_t j = 0;
+        while (j < n - 1 && !(t[j] == m_t)) ++j;
+        float s_j = s[j];
+        float mean_e = 0.0f;
+        for (c = 0; c < n; ++c)
+            if (e_u[c] > 0.0f) mean_e += e_u[c] * inv_du * ((t[c] - ref_t) * inv_t - (s[c] - s_j));
+        for (c = 0; c < n; ++c)
+            h[c] = e_u[c] > 0.0f ? e_u[c] * inv_du * (((t[c] - ref_t) * inv_t - (s[c] - s_j)) - mean_e) : 0.0f;
+    }
+    if (!want_grad) return;
     for (c = 0; c < n; ++c) g[c] = g[c] * inv_ds - e_u[c] * inv_du;
 }
 
-/* Rows [r0, r1) of s and t (row strides ld_s, ld_t; unit stride along C) into loss (rows,) and,
- * with want_grad, grad = q - p (row stride ld_g). Returns 0, or 1 when scratch memory ran out. */
+/* Rows [r0, r1) of s and t (row strides ld_s, ld_t; unit stride along C) into loss (rows,),
+ * with want_grad grad = q - p (row stride ld_g), and with tgrad != NULL the teacher's gradient
+ * p * ((log p - log q) - KL) (row stride ld_h). Returns 0, or 1 when scratch memory ran out. */
 int hydra_kl_rows(const float *s, int64_t ld_s, const float *t, int64_t ld_t, float *grad, int64_t ld_g,
-                  float *loss, int64_t r0, int64_t r1, int64_t n, float inv_t, float t2, int want_grad) {
+                  float *tgrad, int64_t ld_h, float *loss, int64_t r0, int64_t r1, int64_t n, float inv_t,
+                  float t2, int want_grad) {
     size_t row_bytes = (size_t)(n > 0 ? n : 1) * sizeof(float);
     float *e_u = (float *)malloc(row_bytes);
     float *scratch = want_grad ? NULL : (float *)malloc(row_bytes);
@@ -136,7 +151,8 @@ int hydra_kl_rows(const float *s, int64_t ld_s, const float *t, int64_t ld_t, fl
     }
     for (int64_t r = r0; r < r1; ++r) {
         float *g = want_grad ? grad + r * ld_g : scratch;
-        kl_row(s + r * ld_s, t + r * ld_t, g, e_u, n, inv_t, t2, loss + r, want_grad);
+        kl_row(s + r * ld_s, t + r * ld_t, g, e_u, tgrad != NULL ? tgrad + r * ld_h : NULL, n, inv_t, t2,
+               loss + r, want_grad);
     }
     free(e_u);
     free(scratch);
