@@ -11,8 +11,10 @@ import os
 import torch
 
 # C tile of the row-wise loss kernels when a row does not fit one tile; tests shrink it (and
-# ROW_TILE_MAX) to exercise many tiles on small C.
-MAX_BLOCK_C = 2048
+# ROW_TILE_MAX) to exercise many tiles on small C. 8192 with 32 warps: big programs mean few rows in
+# flight (2 per SM: about 260 rows x 128 KiB for C = 32000 in bf16, inside the 50 MB L2), so the
+# gradient pass finds the row it read a moment ago in L2 instead of DRAM.
+MAX_BLOCK_C = 8192
 # Longest row kept whole in registers by the row-wise loss kernels: 32 warps x 8 elements per thread
 # and tensor compile without spills on sm_80/sm_90; 16384 (16 per thread, at most 64 registers with
 # 1024 threads) spills 56 to 136 bytes, 32768 600+ (kernel report).

@@ -228,7 +228,8 @@ def topk_config(n_cols: int, k: int) -> dict:
     """The top-k row kernel: the dense kernel's C tile, the k entries in one tile of their own."""
     block_c = max(16, min(next_pow2(n_cols), _common.MAX_BLOCK_C))  # the row is walked twice in tiles
     block_r = max(1, min(16, 1024 // block_c))
-    return dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4 if block_r * block_c <= 1024 else 8,
+    lanes = block_r * block_c
+    return dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4 if lanes <= 1024 else min(32, lanes // 256),
                 BLOCK_K=max(2, next_pow2(k)))
 
 
