@@ -303,6 +303,7 @@ def _hinton_topk(z, student_logits, teacher: TopKTeacher, temperature, reduction
     to M*k classes. pbar is formed as one (B, C) row per example (the student's own size, no factor
     M), then the dense single-head kernel runs; the values get their gradient through it."""
     b, _, c = z.shape
+    _check_tensor("teacher_logits.values", teacher.values, (3,))  # before its M is read
     values, indices = _check_topk(teacher, b, teacher.values.shape[1], c, {"student_logits": student_logits})
     temperature = _check_temperature(temperature)
     reduction = _check_reduction(reduction)

@@ -205,3 +205,14 @@ def test_padding_entries_may_repeat_an_index():
     loss = hydra_kl_loss(z, TopKTeacher(t.values, indices), 1.0, impl="torch")
     ref = R.hydra_kl_loss_ref(z.double(), TopKTeacher(t.values.double(), indices).densify(20), 1.0)
     assert_close_to(loss, ref, rtol=2e-6)
+
+
+@pytest.mark.cpu
+def test_malformed_topk_containers_get_type_errors():
+    idx = torch.zeros(4, 3, 2, dtype=torch.int64)
+    with pytest.raises(TypeError, match="values"):
+        hinton_kl_loss(torch.randn(4, 10), TopKTeacher([[0.0]], idx))
+    with pytest.raises(TypeError, match="indices"):
+        hydra_kl_loss(torch.randn(4, 3, 10), TopKTeacher(torch.randn(4, 3, 2), [[0]]))
+    with pytest.raises(ValueError, match=r"\(B, M\)"):
+        hydra_kl_loss(torch.randn(4, 3, 10), TopKTeacher(torch.randn(4, 2, 2), idx[:, :2]))
