@@ -116,3 +116,18 @@ def test_strict_mode_raises_at_the_call(deferred, monkeypatch):
     bad[0, 0, 0] = float("inf")
     with pytest.raises(ValueError, match=r"\+Inf"):
         hydra_kl_loss(torch.randn(4, 3, 20), bad, impl="triton")
+
+
+def test_pending_errors_can_be_read_on_demand(deferred):
+    """After CUDA-graph replays nothing polls: raise_pending_errors() reads the word (synchronising)."""
+    bad = torch.randn(4, 3, 20)
+    bad[1, 1, :] = float("-inf")
+    flags = checks._flags_of(torch.device("cpu"))
+    flags.in_flight = True  # as if the copy had not landed yet: no call would raise on its own
+    flags.event = type("NotLanded", (), {"record": lambda self: None, "query": lambda self: False})()
+    with no_host_sync():
+        hydra_kl_loss(torch.randn(4, 3, 20), bad, impl="triton")
+    checks.raise_pending_errors(sync=False)  # nothing has landed: nothing to say yet
+    with pytest.raises(ValueError, match="-Inf for every class"):
+        checks.raise_pending_errors(sync=True)
+    checks.raise_pending_errors(sync=True)  # reported once, then cleared

@@ -54,24 +54,17 @@ def strict() -> bool:
     return os.environ.get("FASTHYDRA_STRICT", "0") not in ("", "0")
 
 
+_BIT_TEXT = ((NAN, "NaN"), (POSINF, "+Inf"),
+             (ALL_NEGINF, "a row that is -Inf for every class (its softmax is undefined)"),
+             (BAD_VAR, "a teacher_var that is not finite and > 0"), (BAD_MEAN, "a teacher_mean with NaN or Inf"),
+             (BAD_INDEX, "a top-k class index outside [0, C)"),
+             (REPEATED_INDEX, "a top-k class index kept twice in one row (indices must be distinct)"))
+
+
 def _message(op: str, bits: int, shape, when: str) -> str:
-    what = []
-    if bits & NAN:
-        what.append("NaN")
-    if bits & POSINF:
-        what.append("+Inf")
-    if bits & ALL_NEGINF:
-        what.append("a row that is -Inf for every class (its softmax is undefined)")
-    if bits & BAD_VAR:
-        what.append("a teacher_var that is not finite and > 0")
-    if bits & BAD_MEAN:
-        what.append("a teacher_mean with NaN or Inf")
-    if bits & BAD_INDEX:
-        what.append("a top-k class index outside [0, C)")
-    if bits & REPEATED_INDEX:
-        what.append("a top-k class index kept twice in one row (indices must be distinct)")
+    what = " and ".join(text for bit, text in _BIT_TEXT if bits & bit)
     shape_txt = f" (shape {tuple(shape)})" if shape is not None else ""
-    return f"{op}: the teacher contained {' and '.join(what)}{shape_txt}{when}"
+    return f"{op}: the teacher contained {what}{shape_txt}{when}"
 
 
 class _DeviceFlags:
@@ -169,12 +162,13 @@ def raise_pending_errors(sync: bool = True) -> None:
     """Reports teacher value errors the GPU has flagged but no call has raised yet (after a CUDA-graph
     replay, or at the end of training). sync=True waits for the device first."""
     for f in list(_flags.values()):
-        if f.word.device.type != "cuda":
-            continue
+        if f.word.device.type != "cuda" and not _DEFER_ON_CPU:
+            continue  # CPU errors were raised at their call
         if sync:
-            torch.cuda.synchronize(f.word.device)
+            if f.word.is_cuda:
+                torch.cuda.synchronize(f.word.device)
             f.in_flight = False
-            _raise_from(f, f.word.cpu().numpy(), f.calls, deferred=True)
+            _raise_from(f, f.word.cpu().numpy(), f.calls + 1, deferred=True)
         else:
             poll(f.word.device)
 
