@@ -198,7 +198,8 @@ def _kernel_specs():
             args = {"z_ptr": f"*{ty}", "probs_ptr": f"*{ty}", "total_ptr": f"*{ty}", "aleatoric_ptr": f"*{ty}",
                     "epistemic_ptr": f"*{ty}", "M": m, "C": c, "stride_zb": m * c, "stride_zm": c,
                     "stride_pb": c, "inv_temp": 1.0}
-            add(_uncertainty_fwd_kernel, args, {"BLOCK_M": uc["BLOCK_M"], "BLOCK_C": uc["BLOCK_C"]},
+            add(_uncertainty_fwd_kernel, args, {"BLOCK_M": uc["BLOCK_M"], "BLOCK_C": uc["BLOCK_C"],
+                                                "ROW_IN_REGISTERS": uc["ROW_IN_REGISTERS"]},
                 {"num_warps": uc["num_warps"]}, tag)
     return specs
 

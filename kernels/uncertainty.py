@@ -27,6 +27,7 @@ def _uncertainty_fwd_kernel(
     inv_temp,  # 1 / T
     BLOCK_M: tl.constexpr,  # heads, padded to a power of two
     BLOCK_C: tl.constexpr,
+    ROW_IN_REGISTERS: tl.constexpr,  # C <= BLOCK_C: the (M, C) row is read once and reused by pass 2
 ):
     row = tl.program_id(0).to(tl.int64)
     heads = tl.arange(0, BLOCK_M)
@@ -37,19 +38,16 @@ def _uncertainty_fwd_kernel(
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     d = tl.zeros((BLOCK_M,), tl.float32)
     e = tl.zeros((BLOCK_M,), tl.float32)  # sum exp(s - m) * (s - m)
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + cols0
-        mask = head_ok[:, None] & (cols < C)[None, :]
-        s = tl.load(z_row + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
-        new_m = tl.maximum(m, tl.max(s, axis=1))
-        ref = tl.where(new_m == float("-inf"), 0.0, new_m)
-        scale = tl.exp(m - ref)
-        e = tl.where(d > 0, scale * (e - d * (ref - m)), 0.0)
-        sh = s - ref[:, None]
-        ex = tl.exp(sh)
-        e += tl.sum(tl.where(mask, ex * sh, 0.0), axis=1)
-        d = d * scale + tl.sum(ex, axis=1)
-        m = new_m
+    if ROW_IN_REGISTERS:
+        row_mask = head_ok[:, None] & (cols0 < C)[None, :]
+        s_row = tl.load(z_row + cols0[None, :], mask=row_mask, other=float("-inf")).to(tl.float32) * inv_temp
+        m, d, e = _entropy_stats_update(s_row, row_mask, m, d, e)
+    else:
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + cols0
+            mask = head_ok[:, None] & (cols < C)[None, :]
+            s = tl.load(z_row + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
+            m, d, e = _entropy_stats_update(s, mask, m, d, e)
 
     log_d = tl.log(tl.where(head_ok, d, 1.0))
     ent = tl.where(head_ok, log_d - e / tl.where(head_ok, d, 1.0), 0.0)
@@ -57,19 +55,43 @@ def _uncertainty_fwd_kernel(
     ref = tl.where(head_ok, m + log_d, 0.0)
 
     total = tl.sum(tl.zeros((BLOCK_C,), tl.float32), axis=0)
-    n_tiles = tl.cdiv(C, BLOCK_C)
-    for j in range(0, n_tiles):  # last tile first: pass 1 read it last, so L2 most likely still holds it
-        c0 = (n_tiles - 1 - j) * BLOCK_C
-        cols = c0 + cols0
-        col_ok = cols < C
-        mask = head_ok[:, None] & col_ok[None, :]
-        s = tl.load(z_row + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
-        q = tl.where(mask, tl.exp(s - ref[:, None]), 0.0)
-        p = tl.sum(q, axis=0) / M
-        total -= tl.sum(tl.where(p > 0, p * tl.log(tl.where(p > 0, p, 1.0)), 0.0), axis=0)
-        tl.store(probs_ptr + row * stride_pb + cols, p.to(probs_ptr.dtype.element_ty), mask=col_ok)
+    if ROW_IN_REGISTERS:
+        total -= _mixture_tile(s_row, row_mask, cols0, ref, probs_ptr + row * stride_pb, C, M)
+    else:
+        n_tiles = tl.cdiv(C, BLOCK_C)
+        for j in range(0, n_tiles):  # last tile first: pass 1 read it last, so L2 most likely still holds it
+            c0 = (n_tiles - 1 - j) * BLOCK_C
+            cols = c0 + cols0
+            mask = head_ok[:, None] & (cols < C)[None, :]
+            s = tl.load(z_row + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
+            total -= _mixture_tile(s, mask, cols, ref, probs_ptr + row * stride_pb, C, M)
 
     tl.store(total_ptr + row, total.to(total_ptr.dtype.element_ty))
     tl.store(aleatoric_ptr + row, aleatoric.to(aleatoric_ptr.dtype.element_ty))
     epistemic = tl.maximum(total - aleatoric, 0.0)
     tl.store(epistemic_ptr + row, epistemic.to(epistemic_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _entropy_stats_update(s, mask, m, d, e):
+    """Folds one (BLOCK_M, BLOCK_C) tile of tempered logits into each head's running max m, sum
+    d = sum exp(s - m) and e = sum exp(s - m) * (s - m), rescaled when the max moves."""
+    new_m = tl.maximum(m, tl.max(s, axis=1))
+    ref = tl.where(new_m == float("-inf"), 0.0, new_m)
+    scale = tl.exp(m - ref)
+    e = tl.where(d > 0, scale * (e - d * (ref - m)), 0.0)
+    sh = s - ref[:, None]
+    ex = tl.exp(sh)
+    e += tl.sum(tl.where(mask, ex * sh, 0.0), axis=1)
+    d = d * scale + tl.sum(ex, axis=1)
+    return new_m, d, e
+
+
+@triton.jit
+def _mixture_tile(s, mask, cols, ref, probs_row, C, M):
+    """Stores the mixture P = mean_m softmax(s_m) on one class tile and returns its sum of P log P."""
+    col_ok = cols < C
+    q = tl.where(mask, tl.exp(s - ref[:, None]), 0.0)
+    p = tl.sum(q, axis=0) / M
+    tl.store(probs_row + cols, p.to(probs_row.dtype.element_ty), mask=col_ok)
+    return tl.sum(tl.where(p > 0, p * tl.log(tl.where(p > 0, p, 1.0)), 0.0), axis=0)

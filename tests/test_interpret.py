@@ -218,7 +218,10 @@ def test_linear_heads_bias_free_kernel(gemm):
 
 @pytest.mark.parametrize("b,m,c", [(6, 3, 10), (4, 1, 13), (3, 5, 300), (0, 2, 7)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_uncertainty_kernel(b, m, c, dtype):
+@pytest.mark.parametrize("tile", [None, 64], ids=["row-whole", "tiles-of-64"])
+def test_uncertainty_kernel(b, m, c, dtype, tile, monkeypatch):
+    if tile is not None:  # the tiled passes (a row not held whole)
+        monkeypatch.setattr(_common, "UNCERTAINTY_TILE_MAX", tile)
     z = (torch.randn(b, m, c) * 3).to(dtype)
     u = uncertainty(z, impl="triton")
     ref = R.uncertainty_ref(z.double())

@@ -106,10 +106,18 @@ def matmul_config(m: int, n: int, k: int) -> dict:
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=warps, num_stages=3)
 
 
+# Elements of one (heads, classes) tile of the uncertainty kernel: a whole row of M*C up to this many
+# is read once and kept in registers for the mixture pass (8 per thread at 32 warps: no spills).
+UNCERTAINTY_TILE_MAX = 8192
+
+
 def uncertainty_config(n_heads: int, n_cols: int) -> dict:
     block_m = max(2, next_pow2(n_heads))
-    block_c = max(16, min(next_pow2(n_cols), max(16, 4096 // block_m)))  # ~4k lanes per tile
-    return dict(BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4)
+    whole = max(16, next_pow2(n_cols))
+    block_c = whole if block_m * whole <= UNCERTAINTY_TILE_MAX else max(16, UNCERTAINTY_TILE_MAX // block_m)
+    lanes = block_m * block_c
+    return dict(BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4 if lanes <= 1024 else min(32, lanes // 256),
+                ROW_IN_REGISTERS=block_c >= n_cols)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
