@@ -247,8 +247,9 @@ def flag_status(status: torch.Tensor, op: str, shape) -> None:
 
 
 def check_teacher_values(teacher: torch.Tensor, name: str = "teacher_logits") -> None:
-    """Immediate check (CPU tensors): NaN or +Inf anywhere, or a row that is -Inf everywhere, is an
-    error; a lone -Inf masks a class."""
+    """Immediate check, CPU tensors only (reading the verdict is a host read; CUDA tensors go through
+    flag_teacher_rows and the error word): NaN or +Inf anywhere, or a row that is -Inf everywhere, is
+    an error; a lone -Inf masks a class."""
     if teacher.numel() == 0:
         return
     row_max = teacher.detach().amax(dim=-1)
@@ -263,7 +264,7 @@ def check_teacher_values(teacher: torch.Tensor, name: str = "teacher_logits") ->
 
 
 def check_teacher_status(status: torch.Tensor, shape, name: str = "teacher_logits") -> None:
-    """Immediate verdicts from a per-row status (CPU tensors)."""
+    """Immediate verdicts from a per-row status, CPU tensors only (CUDA: flag_status)."""
     if status.numel() == 0:
         return
     if bool(torch.isnan(status).any()):
