@@ -33,7 +33,8 @@ HIDDEN = 256  # hidden width used for the MLP-head GEMM configurations
 # set_float32_matmul_precision("high") (tf32 tensor cores) and at the default "highest" (IEEE, FMA).
 DTYPES = {"bf16": ("bf16", "tf32"), "fp32/tf32": ("fp32", "tf32"), "fp32/ieee": ("fp32", "ieee")}
 GEMM_KERNELS = {"_linear_hydra_kl_fwd_kernel", "_grouped_matmul_kernel", "_gaussian_heads_kl_fwd_kernel",
-                "_linear_hydra_kl_stats_kernel", "_linear_hydra_kl_grad_kernel"}
+                "_linear_hydra_kl_stats_kernel", "_linear_hydra_kl_grad_kernel", "_small_heads_kl_kernel",
+                "_small_heads_grad_kernel"}
 
 
 @dataclass
@@ -87,6 +88,7 @@ def _kernel_specs():
         _linear_hydra_kl_grad_kernel,
         _linear_hydra_kl_stats_kernel,
     )
+    from fasthydra.kernels.small_heads import _small_heads_grad_kernel, _small_heads_kl_kernel
     from fasthydra.kernels.softmax_kl import _hydra_kl_fwd_kernel, _hydra_kl_topk_fwd_kernel
     from fasthydra.ops.hydra_kl import topk_config
     from fasthydra.kernels.uncertainty import _uncertainty_fwd_kernel
@@ -142,6 +144,29 @@ def _kernel_specs():
                           "BLOCK_B": lk["BLOCK_B"], "BLOCK_C": lk["BLOCK_C"], "BLOCK_K": lk["BLOCK_K"]}
                 add(_linear_hydra_kl_fwd_kernel, args, consts,
                     {"num_warps": lk["num_warps"], "num_stages": lk["num_stages"]}, tag)
+
+            # Small problems: the two-launch small-step kernels (linear heads and MLP heads' second layer)
+            for k, shared in ((d, True), (HIDDEN, False)):
+                sc = cfgs.small_heads_config(b, m, c, k, 4 if ty == "fp32" else 2)
+                if sc is None:
+                    continue
+                xs = {"x_ptr": f"*{ty}", "B": b, "M": m, "C": c, "K": k, "stride_xb": k if shared else m * k,
+                      "stride_xm": 0 if shared else k}
+                dots = {"UPCAST_DOT": False, "PRECISION": prec, "BLOCK_C": sc["BLOCK_C"], "BLOCK_K": sc["BLOCK_K"]}
+                add(_small_heads_kl_kernel, {**xs, "w_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "t_ptr": f"*{ty}",
+                                             "loss_ptr": "*fp32", "part_ptr": "*fp32", "g_ptr": f"*{ty}",
+                                             "dx_ptr": f"*{ty}", "err_ptr": "*i32", "stride_wm": c * k, "stride_wc": k,
+                                             "stride_biasm": c, "stride_tb": m * c, "stride_tm": c, "inv_temp": 0.5,
+                                             "loss_scale": 4.0, "grad_scale": 0.1},
+                    {**dots, "HAS_BIAS": True, "SHARED": shared, "WRITE_GRAD": True, "NEED_IN": True,
+                     "BLOCK_B": sc["BLOCK_B"]},
+                    {"num_warps": sc["num_warps"]}, tag)
+                add(_small_heads_grad_kernel, {**xs, "g_ptr": f"*{ty}", "dw_ptr": f"*{ty}", "db_ptr": f"*{ty}",
+                                               "part_ptr": "*fp32", "out_ptr": "*fp32", "n_parts": 128, "n_grad": 80,
+                                               "n_kblocks": 8, "out_scale": 0.1},
+                    {**dots, "NEED_W": True, "NEED_B": True, "REDUCE": True, "BLOCK_P": 128,
+                     "BLOCK_R": sc["BLOCK_R"]},
+                    {"num_warps": sc["num_warps"]}, tag)
 
             # Large C: the split-class statistics and the class-block gradient kernels
             from fasthydra.ops import linear_hydra_kl as lk

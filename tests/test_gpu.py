@@ -7,7 +7,7 @@ Skipped without CUDA.
 
 import pytest
 import torch
-from helpers import params_of, teacher_logits, tolerance_rule
+from helpers import HEADS_PATHS, params_of, teacher_logits, tolerance_rule, use_heads_path
 
 from fasthydra import HydraHead, hydra_kl_loss, uncertainty
 from fasthydra import reference as R
@@ -95,11 +95,11 @@ def test_auto_picks_triton_on_cuda():
     assert resolve_impl("auto", torch.zeros(1, device="cuda")) == "triton"
 
 
-@pytest.mark.parametrize("gemm", ["cublas", "triton"])
+@pytest.mark.parametrize("gemm", HEADS_PATHS)
 @pytest.mark.parametrize("b,d,m,c,hidden", [(37, 45, 5, 13, None), (64, 64, 1, 50257, None), (128, 96, 4, 50, 32)])
 def test_both_gemm_backends_tolerance_rule(monkeypatch, gemm, b, d, m, c, hidden):
     """The cuBLAS + loss-kernel path and the fused Triton GEMM path, bf16, odd and vocabulary-sized C."""
-    monkeypatch.setenv("FASTHYDRA_GEMM", gemm)
+    use_heads_path(monkeypatch, gemm)
     torch.backends.cuda.matmul.allow_tf32 = False
     _check_heads_against_float64(b, d, m, c, hidden, torch.bfloat16)
 

@@ -6,7 +6,7 @@ C below 16, C not a multiple of the tile, C spanning several tiles, M = 1, empty
 
 import pytest
 import torch
-from helpers import assert_close_to, params_of, reference_loss_and_grads, teacher_logits
+from helpers import HEADS_PATHS, assert_close_to, params_of, reference_loss_and_grads, teacher_logits, use_heads_path
 
 import fasthydra.ops.hydra_kl as hk
 from fasthydra import HydraHead, hinton_kl_loss, hydra_kl_loss, uncertainty
@@ -21,11 +21,11 @@ pytestmark = pytest.mark.interpret
 KL_SHAPES = [(6, 3, 10), (5, 2, 37), (4, 1, 13), (3, 4, 200)]
 
 
-@pytest.fixture(params=["cublas", "triton"])
+@pytest.fixture(params=HEADS_PATHS)
 def gemm(request, monkeypatch):
-    """The heads' GEMMs through torch (cuBLAS on a GPU, the default) and through the Triton GEMM kernels."""
-    monkeypatch.setenv("FASTHYDRA_GEMM", request.param)
-    return request.param
+    """The heads through the two-launch small-step kernels, through torch GEMMs (cuBLAS on a GPU) around
+    the loss kernel, and through the fused Triton GEMM kernels."""
+    return use_heads_path(monkeypatch, request.param)
 
 
 @pytest.fixture(params=[2048, 16], ids=["tile-2048", "tile-16"])
@@ -308,7 +308,7 @@ def test_cublas_path_head_groups_and_row_chunks(monkeypatch, hidden, bias, budge
     accumulator for the group's slice), with masked classes, against the float64 reference."""
     import fasthydra.ops.linear_hydra_kl as lk
 
-    monkeypatch.setenv("FASTHYDRA_GEMM", "cublas")
+    use_heads_path(monkeypatch, "cublas")
     monkeypatch.setattr(lk, "CUBLAS_GROUP_ELEMENTS", budget)
     _check_head_case(*_masked_head_case(hidden, bias))
 
@@ -336,7 +336,7 @@ def test_cublas_path_groups_of_heads_are_what_runs(monkeypatch):
     """Guard against a silent fallback: with a budget of two heads the loss kernel runs once per group."""
     import fasthydra.ops.linear_hydra_kl as lk
 
-    monkeypatch.setenv("FASTHYDRA_GEMM", "cublas")
+    use_heads_path(monkeypatch, "cublas")
     monkeypatch.setattr(lk, "CUBLAS_GROUP_ELEMENTS", 2 * 6 * 20)
     seen = []
     real = lk.launch_kl_rows
@@ -355,3 +355,113 @@ def test_gemm_backend_setting_is_validated(monkeypatch):
     monkeypatch.setenv("FASTHYDRA_GEMM", "magma")
     with pytest.raises(ValueError, match="FASTHYDRA_GEMM"):
         HydraHead(4, 5, 2, impl="triton").distill_loss(torch.randn(3, 4), torch.randn(3, 2, 5))
+
+
+# The two-launch small-step path (kernels/small_heads.py) beyond HEAD_CASES: several row programs,
+# K across several K tiles, C at the one-tile limit, per-head inputs, no bias, a sum reduction, and
+# the reducing program walking many partial sums.
+SMALL_CASES = [(70, 45, 3, 13, None, True), (33, 70, 1, 64, None, False), (40, 16, 4, 17, 40, True),
+               (65, 8, 2, 1, None, True)]
+
+
+@pytest.mark.parametrize("b,d,m,c,hidden,bias", SMALL_CASES)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_small_step_path_matches_reference(monkeypatch, b, d, m, c, hidden, bias, reduction):
+    import fasthydra.ops.linear_hydra_kl as lk
+
+    use_heads_path(monkeypatch, "small")
+    monkeypatch.setattr(lk, "SMALL_REDUCE_BLOCK", 2)  # the reducing program then loops over the partials
+    ran = []
+    real = lk.linear_hydra_kl_forward_small
+    monkeypatch.setattr(lk, "linear_hydra_kl_forward_small", lambda *a: ran.append(1) or real(*a))
+    head = HydraHead(d, c, m, hidden_features=hidden, bias=bias, impl="triton")
+    x = torch.randn(b, d, requires_grad=True)
+    t = teacher_logits(b, m, c)
+    loss = head.distill_loss(x, t, temperature=1.7, reduction=reduction)
+    grads = torch.autograd.grad(loss * 0.6, [x, *params_of(head)])
+    assert ran == [1]
+    loss_ref, grads_ref = reference_loss_and_grads(head, x, t, 1.7, upstream=0.6)
+    if reduction == "sum":
+        n = b * m
+        loss_ref, grads_ref = loss_ref * n, [g * n for g in grads_ref]
+    assert_close_to(loss, loss_ref, rtol=2e-6, atol=1e-7, what="loss")
+    for name, g, g_ref in zip(["x"] + [n for n, _ in head.named_parameters()], grads, grads_ref):
+        assert_close_to(g, g_ref, rtol=1e-5, atol=1e-8, what=name)
+    with torch.no_grad():  # forward only: no stash, the reducing program alone in the second launch
+        assert_close_to(head.distill_loss(x, t, temperature=1.7, reduction=reduction), loss_ref, rtol=2e-6)
+
+
+def test_small_step_loss_rows_and_partial_gradients(monkeypatch):
+    """The launcher's other flag combinations: per-row losses (no reduction), only dW, only db."""
+    import fasthydra.ops.linear_hydra_kl as lk
+
+    b, d, m, c = 37, 20, 3, 10
+    x, w, bias = torch.randn(b, d), torch.randn(m, c, d) * 0.3, torch.randn(m, c)
+    t = teacher_logits(b, m, c)
+    cfg = _common.small_heads_config(b, m, c, d, 4)
+    x64, w64, b64 = (v.double().requires_grad_() for v in (x, w, bias))
+    rows_ref = R.hydra_kl_loss_ref(R.linear_heads_ref(x64, w64, b64), t.double(), 2.0, reduction="none")
+    rows, gi, gw, gb, _ = lk.linear_hydra_kl_forward_small(x, w, bias, t, 2.0, "none", True, False, False, False, cfg)
+    assert gi is None and gw is None and gb is None
+    assert_close_to(rows, rows_ref, rtol=2e-6, atol=1e-7, what="rows")
+    gw_ref, gb_ref = torch.autograd.grad(rows_ref.mean(), [w64, b64])
+    _, _, gw, gb, _ = lk.linear_hydra_kl_forward_small(x, w, bias, t, 2.0, "mean", True, False, True, False, cfg)
+    assert gb is None
+    assert_close_to(gw, gw_ref, rtol=1e-5, atol=1e-8, what="weight")
+    _, _, gw, gb, _ = lk.linear_hydra_kl_forward_small(x, w, bias, t, 2.0, "mean", True, False, False, True, cfg)
+    assert gw is None
+    assert_close_to(gb, gb_ref, rtol=1e-5, atol=1e-8, what="bias")
+
+
+@pytest.mark.parametrize("b,m,c,d,small", [(8192, 1, 10, 8, True), (8193, 1, 10, 8, False), (8, 2, 64, 8, True),
+                                             (8, 2, 65, 8, False), (8, 16, 64, 1024, True), (8, 16, 64, 1025, False),
+                                             (0, 2, 10, 8, False), (8192, 8, 16, 512, True),
+                                             (8192, 8, 16, 513, False)])
+def test_small_step_dispatch_limits(b, m, c, d, small):
+    assert (_common.small_heads_config(b, m, c, d, 4) is not None) == small
+
+
+def test_small_step_setting_is_validated(monkeypatch):
+    monkeypatch.setenv("FASTHYDRA_SMALL_STEP", "always")
+    with pytest.raises(ValueError, match="FASTHYDRA_SMALL_STEP"):
+        HydraHead(4, 5, 2, impl="triton").distill_loss(torch.randn(3, 4), torch.randn(3, 2, 5))
+
+
+def test_small_step_is_two_launches_and_nothing_else(monkeypatch):
+    """Issue 9's small-step promise, counted: a forward + backward of linear heads at a small shape is
+    two Triton launches and no torch compute op (allocations and views only; the op under autograd's
+    own gradient accumulation into .grad is not the library's)."""
+    import triton.runtime.interpreter as interp
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    use_heads_path(monkeypatch, "small")
+    launches, inside = [], []
+    real_run = interp.InterpretedFunction.run
+
+    def run(self, *args, **kwargs):
+        launches.append(self.fn.__name__)
+        inside.append(1)
+        try:
+            return real_run(self, *args, **kwargs)
+        finally:
+            inside.pop()
+
+    class Ops(TorchDispatchMode):
+        seen: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not inside:  # the interpreter's own copies of kernel arguments are not launches
+                self.seen.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(interp.InterpretedFunction, "run", run)
+    head = HydraHead(16, 10, 4, impl="triton")
+    x, t = torch.randn(40, 16), teacher_logits(40, 4, 10)
+    # ones_like/equal: the CPU backward's check that the upstream gradient is 1 (a GPU would scale instead)
+    free = {"view", "empty", "empty_like", "new_empty", "slice", "detach", "alias", "ones_like", "equal"}
+    head.distill_loss(x, t, 2.0)  # the first call makes the error word
+    launches.clear()
+    with Ops() as ops:
+        head.distill_loss(x, t, 2.0).backward()
+    assert launches == ["_small_heads_kl_kernel", "_small_heads_grad_kernel"]
+    assert [op for op in ops.seen if op not in free] == [], ops.seen

@@ -6,7 +6,7 @@ import contextlib
 
 import pytest
 import torch
-from helpers import teacher_logits
+from helpers import HEADS_PATHS, teacher_logits, use_heads_path
 
 from fasthydra import HydraHead, GaussianHydraHead, hinton_kl_loss, hydra_kl_loss, uncertainty
 from fasthydra.functional import gaussian_kl_loss
@@ -49,10 +49,10 @@ def test_the_trap_really_traps():
         torch.ones(()).item()
 
 
-@pytest.mark.parametrize("gemm", ["cublas", "triton"])
+@pytest.mark.parametrize("gemm", HEADS_PATHS)
 @pytest.mark.parametrize("hidden", [None, 5])
 def test_training_steps_issue_no_host_sync(deferred, monkeypatch, gemm, hidden):
-    monkeypatch.setenv("FASTHYDRA_GEMM", gemm)
+    use_heads_path(monkeypatch, gemm)
     head = HydraHead(8, 12, 3, hidden_features=hidden, impl="triton")
     x = torch.randn(6, 8, requires_grad=True)
     t = teacher_logits(6, 3, 12)

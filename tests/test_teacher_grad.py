@@ -7,7 +7,7 @@ interpret tier: the Triton kernels under TRITON_INTERPRET=1 (loss on logits, hea
 
 import pytest
 import torch
-from helpers import as_float64_copy, assert_close_to, params_of, teacher_logits, tolerance_rule
+from helpers import HEADS_PATHS, as_float64_copy, assert_close_to, params_of, teacher_logits, tolerance_rule, use_heads_path
 
 from fasthydra import GaussianHydraHead, HydraHead, gaussian_kl_loss, hinton_kl_loss, hydra_kl_loss
 from fasthydra import reference as R
@@ -116,9 +116,9 @@ def _check_head_grads(head, x, t, reduction="mean"):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("hidden", [None, 5])
-@pytest.mark.parametrize("gemm", ["cublas", "triton"])
+@pytest.mark.parametrize("gemm", HEADS_PATHS)
 def test_fused_heads_give_the_teacher_its_gradient(monkeypatch, impl, hidden, gemm):
-    monkeypatch.setenv("FASTHYDRA_GEMM", gemm)  # triton: the teacher's gradient takes the cuBLAS path
+    use_heads_path(monkeypatch, gemm)  # triton: the teacher's gradient takes the cuBLAS path
     head, x, t = _head_case(hidden, impl)
     _check_head_grads(head, x, t, "mean")
     _check_head_grads(head, x, t, "sum")

@@ -44,6 +44,37 @@ def gemm_backend() -> str:
     return value
 
 
+# The two-launch small-step path (kernels/small_heads.py): a head's row fits one class tile, and the
+# per-program loops stay short (launch 1 walks M heads x K tiles twice, launch 2 walks the batch).
+SMALL_MAX_CLASSES = 64
+SMALL_MAX_ROWS = 8192
+SMALL_MAX_WEIGHT = 1 << 20  # M * C * K elements
+# Every row program of launch 1 reads the whole weight twice (from L2): programs * M*C*K at most this.
+SMALL_MAX_REREAD = 1 << 25
+SMALL_BLOCK_B = 16  # rows per program of launch 1: 32 spills on sm_90 for fp32 (kernel report)
+
+
+def small_step_mode() -> str:
+    """FASTHYDRA_SMALL_STEP: "auto" (the default: the two-launch path wherever small_heads_config fits)
+    or "0" (never; the cuBLAS path or FASTHYDRA_GEMM's choice then, kept for side-by-side timing)."""
+    value = os.environ.get("FASTHYDRA_SMALL_STEP", "auto").strip().lower() or "auto"
+    if value not in ("auto", "0"):
+        raise ValueError(f"FASTHYDRA_SMALL_STEP must be 'auto' or '0', got {value!r}")
+    return value
+
+
+def small_heads_config(n_rows: int, n_heads: int, n_cols: int, k: int, elem_size: int) -> dict | None:
+    """Block sizes of the small-step kernels, or None where the problem is not small (see the limits)."""
+    weight = n_heads * n_cols * k
+    if not (0 < n_rows <= SMALL_MAX_ROWS and n_cols <= SMALL_MAX_CLASSES and weight <= SMALL_MAX_WEIGHT
+            and cdiv(n_rows, SMALL_BLOCK_B) * weight <= SMALL_MAX_REREAD):
+        return None
+    # tl.dot wants every tile dim >= 16 (C padded with masks); 128-byte K rows as linear_kl_config.
+    # Launch 2 walks the batch 128 rows a step (no spills at 4 warps, fp32 included).
+    return dict(BLOCK_B=SMALL_BLOCK_B, BLOCK_R=128, BLOCK_C=max(16, next_pow2(n_cols)),
+                BLOCK_K=64 if elem_size <= 2 else 32, num_warps=4)
+
+
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (must be set before triton is imported)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

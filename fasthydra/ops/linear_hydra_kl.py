@@ -27,9 +27,11 @@ from ._common import (
     interpreting,
     linear_kl_config,
     rows_per_chunk,
+    small_heads_config,
+    small_step_mode,
     upcast_dot,
 )
-from .checks import after_launch, flag_status
+from .checks import after_launch, error_word, flag_status
 from .grouped_linear import grouped_mm, heads_backward
 from .hydra_kl import (
     _teacher_grad,
@@ -445,16 +447,74 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
             None if grad_b is None else grad_b.to(bias.dtype), grad_t)
 
 
+# Partial loss sums the reducing program of the small-step path reads per step (tests shrink it).
+SMALL_REDUCE_BLOCK = 128
+
+
+def linear_hydra_kl_forward_small(inp, weight, bias, teacher, temperature: float, reduction: str, shared: bool,
+                                  need_in: bool, need_w: bool, need_b: bool, cfg: dict):
+    """Heads + Hydra loss in two launches (kernels/small_heads.py), for problems small_heads_config
+    accepts: launch 1 forms the logits, loss rows, dz (stashed) and dx, launch 2 dW, db and the reduced
+    loss. Returns (loss, grad_in, grad_weight, grad_bias, None)."""
+    from fasthydra.kernels.small_heads import _small_heads_grad_kernel, _small_heads_kl_kernel
+
+    m, c, k = weight.shape
+    b = inp.shape[0]
+    dev, dt = inp.device, inp.dtype
+    inp = inp.contiguous()
+    weight = weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    teacher = teacher if teacher.stride(-1) == 1 else teacher.contiguous()
+    want_grad = need_in or need_w or need_b
+    bb, bk = cfg["BLOCK_B"], cfg["BLOCK_K"]
+    n_blocks = cdiv(b, bb)
+    rows = torch.empty(b, m, dtype=torch.float32, device=dev)
+    parts = torch.empty(n_blocks, dtype=torch.float32, device=dev)
+    stash = torch.empty(b, m, c, dtype=dt, device=dev) if want_grad else rows
+    grad_in = torch.empty_like(inp) if need_in else None
+    grad_w = torch.empty_like(weight) if need_w else None
+    grad_b = torch.empty_like(bias) if need_b else None
+    out = torch.empty((), dtype=torch.float32, device=dev) if reduction != "none" else rows
+    stride_xm = 0 if shared else inp.stride(1)
+    dots = dict(UPCAST_DOT=upcast_dot(dt), PRECISION=dot_precision(dt), BLOCK_C=cfg["BLOCK_C"], BLOCK_K=bk,
+                num_warps=cfg["num_warps"])
+    _small_heads_kl_kernel[(n_blocks,)](
+        inp, weight, bias if bias is not None else weight, teacher, rows, parts, stash,
+        grad_in if need_in else rows, error_word(dev, "distill_loss"),
+        b, m, c, k, inp.stride(0), stride_xm, weight.stride(0), weight.stride(1),
+        bias.stride(0) if bias is not None else 0, teacher.stride(0), teacher.stride(1),
+        1.0 / temperature, temperature * temperature, temperature * reduction_coefficient(reduction, b * m),
+        HAS_BIAS=bias is not None, SHARED=shared, WRITE_GRAD=want_grad, NEED_IN=need_in, BLOCK_B=bb, **dots)
+    n_kb = cdiv(k, bk) if need_w else 1
+    n_grad = m * n_kb if (need_w or need_b) else 0
+    if n_grad or reduction != "none":
+        _small_heads_grad_kernel[(n_grad + (reduction != "none"),)](
+            inp, stash, grad_w if need_w else rows, grad_b if need_b else rows, parts, out,
+            b, m, c, k, inp.stride(0), stride_xm, n_blocks, n_grad, n_kb, reduction_coefficient(reduction, b * m),
+            NEED_W=need_w, NEED_B=need_b, REDUCE=reduction != "none", BLOCK_P=SMALL_REDUCE_BLOCK,
+            BLOCK_R=cfg["BLOCK_R"], **dots)
+    after_launch(dev, "distill_loss", teacher.shape)
+    return out, grad_in, grad_w, grad_b, None
+
+
 def linear_hydra_kl_forward_triton(inp, weight, bias, teacher, temperature: float, reduction: str, shared: bool,
                                    need_in: bool, need_w: bool, need_b: bool, need_t: bool = False,
                                    teacher_indices=None):
-    """Heads + Hydra loss on the Triton path. With the cuBLAS GEMM backend (the default) see
-    ``linear_hydra_kl_forward_cublas``; with FASTHYDRA_GEMM=triton the fused GEMM/softmax/KL kernel,
+    """Heads + Hydra loss on the Triton path. Small problems (``small_heads_config``: C <= 64, up to
+    8192 rows, M*C*K <= 2^20) with a dense, frozen teacher take the two-launch path
+    (``linear_hydra_kl_forward_small``) unless FASTHYDRA_SMALL_STEP=0. Otherwise, with the cuBLAS GEMM
+    backend (the default) see ``linear_hydra_kl_forward_cublas``; with FASTHYDRA_GEMM=triton the fused GEMM/softmax/KL kernel,
     then grouped Triton GEMMs for the input gradient and the (fp32 across chunks) weight gradient,
     chunk by chunk; a teacher that needs its gradient, or a top-k teacher, takes the cuBLAS path (the
     fused kernels do not form either). Returns (loss, grad_in, grad_weight, grad_bias, grad_teacher),
     None where not asked for."""
-    if gemm_backend() == "cublas" or need_t or teacher_indices is not None:
+    backend = gemm_backend()  # both settings read (and validated) at every call
+    if small_step_mode() == "auto" and not need_t and teacher_indices is None:
+        cfg = small_heads_config(inp.shape[0], weight.shape[0], weight.shape[1], weight.shape[2], inp.element_size())
+        if cfg is not None:
+            return linear_hydra_kl_forward_small(inp, weight, bias, teacher, temperature, reduction, shared, need_in,
+                                                 need_w, need_b and bias is not None, cfg)
+    if backend == "cublas" or need_t or teacher_indices is not None:
         return linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature, reduction, shared,
                                               need_in, need_w, need_b, need_t, teacher_indices)
     m, c, k = weight.shape

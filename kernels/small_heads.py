@@ -1,0 +1,202 @@
+"""Device code: a whole heads + Hydra loss step in two launches, for small problems (C fits one tile).
+
+At small shapes (C = 10, a few thousand rows) a step is a handful of microseconds of arithmetic and
+the cost is launches: the cuBLAS path issues the logits GEMM, the loss pass, two gradient GEMMs, a bias
+sum and the loss reduction. Here:
+
+  launch 1, one program per BLOCK_B rows, all M heads:
+      z_m = x_m @ W_m.T + b_m                          (tl.dot over K tiles; C padded to BLOCK_C)
+      loss[b, m] = T^2 KL(softmax(t_m / T) || softmax(z_m / T)),   dz_m = grad_scale * (q_m - p_m)
+      dx = sum_m dz_m @ W_m (shared input) or dx_m = dz_m @ W_m (per-head inputs)
+      and the program's partial sum of its loss rows;
+  launch 2, one program per (head, K block) plus one:
+      dW_m = dz_m^T @ x_m, db_m = sum_b dz_m (over all rows: complete, written once in the parameters'
+      dtype); the extra program sums the partial losses in a fixed order (deterministic).
+
+dz is stashed (B, M, C) in the input dtype between the launches (what the gradient GEMMs of the cuBLAS
+path read too). The teacher is checked on the loads already made (error word bits 1, 2, 4, as in
+softmax_kl.py).
+"""
+
+import triton
+import triton.language as tl
+
+from .linear_kl import _heads_logits_tile
+from .softmax_kl import _kl_grad_tile, _online_kl_update
+
+
+@triton.jit
+def _small_heads_kl_kernel(
+    x_ptr,  # inputs: row b of head m at x_ptr + b * stride_xb + m * stride_xm (stride_xm = 0: shared), unit along K
+    w_ptr,  # weights (M, C, K): head stride stride_wm, class stride stride_wc, unit stride along K
+    bias_ptr,  # bias (M, C), head stride stride_biasm, unit along C; unused unless HAS_BIAS
+    t_ptr,  # teacher logits (B, M, C): strides stride_tb, stride_tm, unit along C
+    loss_ptr,  # out: (B, M) fp32 contiguous loss rows, T^2 * KL
+    part_ptr,  # out: (programs,) fp32 sum of this program's loss rows
+    g_ptr,  # out: dz stash (B, M, C) contiguous, input dtype; unused unless WRITE_GRAD
+    dx_ptr,  # out: input gradient, x's shape, contiguous, input dtype; unused unless NEED_IN
+    err_ptr,  # in/out: int32 error word, OR-ed with 1 (NaN), 2 (+inf), 4 (a row -inf everywhere)
+    B,
+    M,
+    C,
+    K,
+    stride_xb,
+    stride_xm,
+    stride_wm,
+    stride_wc,
+    stride_biasm,
+    stride_tb,
+    stride_tm,
+    inv_temp,  # 1 / T
+    loss_scale,  # T^2
+    grad_scale,  # T * reduction coefficient
+    HAS_BIAS: tl.constexpr,
+    SHARED: tl.constexpr,  # one input for all heads: dx sums over heads
+    WRITE_GRAD: tl.constexpr,
+    NEED_IN: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,  # interpreter: tl.dot on 16-bit operands is unreliable there
+    PRECISION: tl.constexpr,  # tl.dot input precision for fp32 operands ("ieee" or "tf32")
+    BLOCK_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,  # >= C: one tile holds a head's whole row
+    BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+    row_ok = rows < B
+    cols = tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    mask = row_ok[:, None] & col_ok[None, :]
+    ks0 = tl.arange(0, BLOCK_K)
+    g_rows = g_ptr + rows[:, None] * (M * C)  # the stash is contiguous (B, M, C)
+    part = tl.zeros((BLOCK_B,), tl.float32)
+    bad = tl.zeros((BLOCK_B,), tl.int32)
+    for m in range(0, M):
+        x_rows = x_ptr + rows[:, None] * stride_xb + m * stride_xm
+        acc = _heads_logits_tile(x_rows, w_ptr + m * stride_wm, bias_ptr, m, row_ok, cols, col_ok, K, stride_wc,
+                                 stride_biasm, HAS_BIAS, UPCAST_DOT, PRECISION, BLOCK_B, BLOCK_C, BLOCK_K)
+        s = tl.where(mask, acc * inv_temp, float("-inf"))
+        t = tl.load(t_ptr + rows[:, None] * stride_tb + m * stride_tm + cols[None, :], mask=mask,
+                    other=float("-inf"))
+        u = t.to(tl.float32) * inv_temp
+        zero = tl.zeros((BLOCK_B,), tl.float32)
+        m_s, d_s, m_u, d_u, a = _online_kl_update(s, u, zero + float("-inf"), zero, zero + float("-inf"), zero,
+                                                  zero)
+        bad |= tl.where(tl.sum((u != u).to(tl.int32), axis=1) > 0, 1, 0)
+        bad |= tl.where(m_u == float("inf"), 2, 0)
+        bad |= tl.where(m_u == float("-inf"), 4, 0)
+        log_d_s = tl.log(d_s)
+        log_d_u = tl.log(d_u)
+        kl = (a / d_u - log_d_u + log_d_s) * loss_scale
+        tl.store(loss_ptr + rows * M + m, kl, mask=row_ok)
+        part += tl.where(row_ok, kl, 0.0)
+        if WRITE_GRAD:
+            g = _kl_grad_tile(s, u, m_s, log_d_s, m_u, log_d_u, grad_scale)
+            tl.store(g_rows + m * C + cols[None, :], g.to(g_ptr.dtype.element_ty), mask=mask)
+    bits = tl.max(tl.where(row_ok, bad, 0), axis=0)
+    tl.atomic_or(err_ptr, bits, mask=bits != 0)
+    tl.store(part_ptr + pid, tl.sum(part, axis=0))
+
+    if NEED_IN:
+        # dz of all heads was stored above in a layout other than the one read below: make it CTA-visible.
+        tl.debug_barrier()
+        if SHARED:  # dx = sum_m dz_m @ W_m: each K block accumulated over the heads, stored once
+            for k0 in range(0, K, BLOCK_K):
+                ks = k0 + ks0
+                k_ok = ks < K
+                acc = tl.zeros((BLOCK_B, BLOCK_K), tl.float32)
+                for m in range(0, M):
+                    acc = _dz_times_w(g_rows + m * C, w_ptr + m * stride_wm, mask, cols, col_ok, ks, k_ok,
+                                      stride_wc, acc, UPCAST_DOT, PRECISION)
+                tl.store(dx_ptr + rows[:, None] * K + ks[None, :], acc.to(dx_ptr.dtype.element_ty),
+                         mask=row_ok[:, None] & k_ok[None, :])
+        else:  # dx_m = dz_m @ W_m, per head: dx is contiguous (B, M, K)
+            for m in range(0, M):
+                for k0 in range(0, K, BLOCK_K):
+                    ks = k0 + ks0
+                    k_ok = ks < K
+                    acc = tl.zeros((BLOCK_B, BLOCK_K), tl.float32)
+                    acc = _dz_times_w(g_rows + m * C, w_ptr + m * stride_wm, mask, cols, col_ok, ks, k_ok,
+                                      stride_wc, acc, UPCAST_DOT, PRECISION)
+                    tl.store(dx_ptr + rows[:, None] * (M * K) + m * K + ks[None, :],
+                             acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & k_ok[None, :])
+
+
+@triton.jit
+def _dz_times_w(g_head, w_head, mask, cols, col_ok, ks, k_ok, stride_wc, acc, UPCAST_DOT: tl.constexpr,
+                PRECISION: tl.constexpr):
+    """acc + dz (BLOCK_B, BLOCK_C) @ W[head][:, ks] (BLOCK_C, BLOCK_K); padded classes contribute 0."""
+    g = tl.load(g_head + cols[None, :], mask=mask, other=0.0)
+    w = tl.load(w_head + cols[:, None] * stride_wc + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+    if UPCAST_DOT:
+        g = g.to(tl.float32)
+        w = w.to(tl.float32)
+    return tl.dot(g, w.to(g.dtype), acc, input_precision=PRECISION)
+
+
+# dW_m = dz_m^T @ x_m and db_m = sum_b dz_m over all B rows (program (m, K block) walks the rows in
+# BLOCK_R steps: the gradient is complete, fp32 inside, written once in the parameters' dtype). The
+# program after the last (head, K block) one sums the first launch's partial losses in a fixed order.
+@triton.jit
+def _small_heads_grad_kernel(
+    x_ptr,  # inputs, as in _small_heads_kl_kernel
+    g_ptr,  # dz stash (B, M, C) contiguous, input dtype
+    dw_ptr,  # out: weight gradient (M, C, K) contiguous, weight dtype; unused unless NEED_W
+    db_ptr,  # out: bias gradient (M, C) contiguous, bias dtype; unused unless NEED_B
+    part_ptr,  # (n_parts,) fp32 partial loss sums from the first launch
+    out_ptr,  # out: the reduced loss, fp32 scalar; unused unless REDUCE
+    B,
+    M,
+    C,
+    K,
+    stride_xb,
+    stride_xm,
+    n_parts,
+    n_grad,  # gradient programs: M * n_kblocks, or 0 when neither dW nor db is wanted
+    n_kblocks,  # K blocks per head (1 when only db is wanted)
+    out_scale,  # reduction coefficient: 1/(B*M) for "mean", 1 for "sum"
+    NEED_W: tl.constexpr,
+    NEED_B: tl.constexpr,
+    REDUCE: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr,  # rows per step of the walk over the batch
+    BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_P: tl.constexpr,  # partial sums read per step by the reducing program
+):
+    pid = tl.program_id(0)
+    if pid < n_grad:
+        m = (pid // n_kblocks).to(tl.int64)
+        kb = pid % n_kblocks
+        cols = tl.arange(0, BLOCK_C)
+        col_ok = cols < C
+        ks = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        r0s = tl.arange(0, BLOCK_R).to(tl.int64)
+        acc = tl.zeros((BLOCK_C, BLOCK_K), tl.float32)
+        acc_b = tl.zeros((BLOCK_C,), tl.float32)
+        for r0 in range(0, B, BLOCK_R):
+            rows = r0 + r0s
+            row_ok = rows < B
+            g = tl.load(g_ptr + rows[:, None] * (M * C) + m * C + cols[None, :],
+                        mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            if NEED_B:
+                acc_b += tl.sum(g.to(tl.float32), axis=0)
+            if NEED_W:
+                x = tl.load(x_ptr + rows[:, None] * stride_xb + m * stride_xm + ks[None, :],
+                            mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                if UPCAST_DOT:
+                    g = g.to(tl.float32)
+                    x = x.to(tl.float32)
+                acc = tl.dot(tl.trans(g), x.to(g.dtype), acc, input_precision=PRECISION)
+        if NEED_W:
+            tl.store(dw_ptr + m * (C * K) + cols[:, None] * K + ks[None, :], acc.to(dw_ptr.dtype.element_ty),
+                     mask=col_ok[:, None] & k_ok[None, :])
+        if NEED_B:
+            tl.store(db_ptr + m * C + cols, acc_b.to(db_ptr.dtype.element_ty), mask=col_ok & (kb == 0))
+    elif REDUCE:
+        total = tl.zeros((BLOCK_P,), tl.float32)
+        for p0 in range(0, n_parts, BLOCK_P):
+            ps = p0 + tl.arange(0, BLOCK_P)
+            total += tl.load(part_ptr + ps, mask=ps < n_parts, other=0.0)
+        tl.store(out_ptr, tl.sum(total, axis=0) * out_scale)
