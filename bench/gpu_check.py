@@ -3,8 +3,8 @@
     python bench/gpu_check.py [--out bench/gpu_results.json] [--budget-s 360]
 
 Built to finish within 8 minutes on an H200 (run it with a 480 s timeout): the gpu tests get at
-most 200 s; then the latency checks at small shapes (host and GPU time per step, both GEMM
-backends), the copy floor and the loss with dense and top-k teachers (about half a minute); then
+most 200 s; then the latency checks at small shapes (host and GPU time per step: the default
+small-step path, the cuBLAS path and the Triton GEMM path), the copy floor and the loss with dense and top-k teachers (about half a minute); then
 the cases the targets name first, the GEMM-backend variants, the rest; torch.compile only where a
 target names it; no new case starts after 360 s (the table says which were left out; the longest
 case, the big bf16 one with its compile, takes about a minute). Timing is triton.testing.do_bench
@@ -52,10 +52,23 @@ LATENCY_TARGETS = [
 ]
 # torch.compile costs tens of seconds per case on a GPU: only where a target compares against it.
 COMPILE_CASES = {("linear_fwdbwd", "gpu-large")}
-# The design decision still open (issue 8): the heads' GEMMs on cuBLAS around the loss kernel (the
-# default) or the fused Triton GEMM kernels. Both run on these cases, side by side.
+# The design decisions still open (issues 8 and 9), side by side on these cases: the default dispatch
+# ("fasthydra": the two-launch small-step kernels where a problem is small, else cuBLAS GEMMs around
+# the loss kernel), the cuBLAS path forced at small shapes, and the fused Triton GEMM kernels.
+VARIANTS = {"fasthydra/cublas": {"FASTHYDRA_SMALL_STEP": "0"},
+            "fasthydra/triton-gemm": {"FASTHYDRA_SMALL_STEP": "0", "FASTHYDRA_GEMM": "triton"}}
+SMALL_CASES = [("linear_fwdbwd", "small-C"), ("linear_fwdbwd", "gpu-small"), ("mlp_fwdbwd", "gpu-small"),
+               ("linear_fwd", "small-C")]
 VARIANT_CASES = [("linear_fwdbwd", "gpu-large"), ("linear_fwdbwd", "mid"), ("linear_fwdbwd", "large-C"),
-                 ("linear_fwd", "gpu-large"), ("mlp_fwdbwd", "mid"), ("linear_fwdbwd", "gpu-small")]
+                 ("linear_fwd", "gpu-large"), ("mlp_fwdbwd", "mid"), *SMALL_CASES]
+
+
+def variants_for(op: str, shape: str) -> list[str]:
+    """The extra providers a case runs: both variants at the small shapes (where the default is the
+    small-step path), the Triton GEMM one elsewhere (where the default already is the cuBLAS path)."""
+    if (op, shape) in SMALL_CASES:
+        return list(VARIANTS)
+    return ["fasthydra/triton-gemm"] if (op, shape) in VARIANT_CASES else []
 
 
 def copy_bandwidth() -> float:
@@ -163,21 +176,24 @@ def topk_rows(copy_bps: float, b: int = 4096, m: int = 8, c: int = 32000, ks=(32
     return rows
 
 
-def with_gemm_backend(backend: str):
-    """Context: FASTHYDRA_GEMM set for the calls inside (read at every call)."""
+def with_variant(provider: str):
+    """Context: the environment settings of a VARIANTS provider for the calls inside (read at every
+    call); nothing for plain "fasthydra"."""
     import contextlib
 
     @contextlib.contextmanager
     def ctx():
-        old = os.environ.get("FASTHYDRA_GEMM")
-        os.environ["FASTHYDRA_GEMM"] = backend
+        settings = VARIANTS.get(provider, {})
+        old = {k: os.environ.get(k) for k in settings}
+        os.environ.update(settings)
         try:
             yield
         finally:
-            if old is None:
-                os.environ.pop("FASTHYDRA_GEMM", None)
-            else:
-                os.environ["FASTHYDRA_GEMM"] = old
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
     return ctx()
 
@@ -285,17 +301,13 @@ def main(argv=None) -> int:
 
     lat_rows = []
     for op, shape in dict.fromkeys((op, shape) for op, shape, _, _ in LATENCY_TARGETS):
-        for provider in ("fasthydra", "eager"):
+        for provider in ("fasthydra", "eager", *VARIANTS):
             try:
-                lat_rows.append(latency(by_key[(op, shape)], provider))
+                with with_variant(provider):
+                    row = latency(by_key[(op, shape)], "eager" if provider == "eager" else "fasthydra")
+                lat_rows.append({**row, "provider": provider})
             except Exception as exc:
                 lat_rows.append({"op": op, "shape": shape, "provider": provider,
-                                 "error": f"{type(exc).__name__}: {exc}"[:300]})
-        with with_gemm_backend("triton"):
-            try:
-                lat_rows.append({**latency(by_key[(op, shape)], "fasthydra"), "provider": "fasthydra/triton-gemm"})
-            except Exception as exc:
-                lat_rows.append({"op": op, "shape": shape, "provider": "fasthydra/triton-gemm",
                                  "error": f"{type(exc).__name__}: {exc}"[:300]})
     print("latency per step (us): host = issuing without syncs, stream = events around unsynced steps, "
           "gpu = CUDA-graph replay", flush=True)
@@ -327,14 +339,13 @@ def main(argv=None) -> int:
             continue
         floors[(case.op, case.name)] = _do_bench(C.gemm_floor_callable(case))
         providers = [p for p in C.PROVIDERS if not C.provider_available(p, "cuda")]
-        if (case.op, case.name) in VARIANT_CASES:
-            providers.append("fasthydra/triton-gemm")
+        providers += variants_for(case.op, case.name)
         for provider in providers:
             if provider == "compile" and (case.op, case.name) not in COMPILE_CASES:
                 continue
             try:
-                if provider == "fasthydra/triton-gemm":
-                    with with_gemm_backend("triton"):
+                if provider in VARIANTS:
+                    with with_variant(provider):
                         rows.append({**bench_case(case, "fasthydra"), "provider": provider})
                 else:
                     rows.append(bench_case(case, provider))

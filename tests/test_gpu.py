@@ -114,11 +114,13 @@ def _training_step_parts(hidden, impl, dtype=torch.float32):
     return body, head, ghead, torch.optim.SGD(params, lr=0.1)
 
 
-@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("impl,path", [("torch", "cublas")] + [("triton", p) for p in HEADS_PATHS])
 @pytest.mark.parametrize("hidden", [None, 16])
-def test_training_step_issues_no_host_sync(impl, hidden):
+def test_training_step_issues_no_host_sync(monkeypatch, impl, path, hidden):
     """Every op of a training step under torch.cuda.set_sync_debug_mode("error"): a sync raises."""
     from fasthydra import gaussian_kl_loss, hinton_kl_loss
+
+    use_heads_path(monkeypatch, path)
 
     body, head, ghead, opt = _training_step_parts(hidden, impl)
     x = torch.randn(48, 32, device="cuda")
@@ -149,12 +151,14 @@ def test_training_step_issues_no_host_sync(impl, hidden):
     assert torch.isfinite(loss).all()
 
 
+@pytest.mark.parametrize("path", HEADS_PATHS)
 @pytest.mark.parametrize("hidden", [None, 16])
-def test_training_step_replays_in_a_cuda_graph(hidden):
+def test_training_step_replays_in_a_cuda_graph(monkeypatch, path, hidden):
     """body + HydraHead.distill_loss + optimizer step captured once, replayed: the same parameters as
     the same steps run eagerly from the same start."""
     import copy
 
+    use_heads_path(monkeypatch, path)
     torch.manual_seed(0)
     body, head, _, _ = _training_step_parts(hidden, "triton")
     body_e, head_e = copy.deepcopy(body), copy.deepcopy(head)

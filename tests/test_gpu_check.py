@@ -101,3 +101,17 @@ def test_summarize_table_and_chart(tmp_path):
     png = tmp_path / "chart.png"
     assert summarize.main([str(path), "--plot", str(png)]) == 0
     assert png.stat().st_size > 10_000
+
+
+def test_variants_set_their_settings_and_restore_them(monkeypatch):
+    monkeypatch.setenv("FASTHYDRA_GEMM", "cublas")
+    monkeypatch.delenv("FASTHYDRA_SMALL_STEP", raising=False)
+    with gpu_check.with_variant("fasthydra/triton-gemm"):
+        assert os.environ["FASTHYDRA_GEMM"] == "triton" and os.environ["FASTHYDRA_SMALL_STEP"] == "0"
+    assert os.environ["FASTHYDRA_GEMM"] == "cublas" and "FASTHYDRA_SMALL_STEP" not in os.environ
+    with gpu_check.with_variant("fasthydra"):
+        assert "FASTHYDRA_SMALL_STEP" not in os.environ
+    # small shapes compare all three heads paths; large ones the two GEMM backends
+    assert gpu_check.variants_for("linear_fwdbwd", "gpu-small") == ["fasthydra/cublas", "fasthydra/triton-gemm"]
+    assert gpu_check.variants_for("linear_fwdbwd", "gpu-large") == ["fasthydra/triton-gemm"]
+    assert gpu_check.variants_for("kl_fwdbwd", "gpu-large") == []
