@@ -35,6 +35,8 @@ DTYPES = {"bf16": ("bf16", "tf32"), "fp32/tf32": ("fp32", "tf32"), "fp32/ieee": 
 GEMM_KERNELS = {"_linear_hydra_kl_fwd_kernel", "_grouped_matmul_kernel", "_gaussian_heads_kl_fwd_kernel",
                 "_linear_hydra_kl_stats_kernel", "_linear_hydra_kl_grad_kernel", "_small_heads_kl_kernel",
                 "_small_heads_grad_kernel"}
+# GEMM kernels whose tiles are below wgmma's 64 rows (16-row programs, 16-class tiles): mma.sync on sm_90.
+MMA_SYNC_KERNELS = {"_small_heads_kl_kernel", "_small_heads_grad_kernel"}
 
 
 @dataclass

@@ -20,6 +20,9 @@ def _grouped_mm_cublas(a3, b3, out3, bias2, relu: bool, accumulate: bool):
         out3 += torch.bmm(a3, b3)
         return out3
     if out3.shape[0] == 1 and out3[0].is_contiguous():  # one group: write the output in place
+        if bias2 is not None and relu:  # bias + ReLU in the GEMM's epilogue (cuBLASLt on a GPU): one launch
+            torch._addmm_activation(bias2[0], a3[0], b3[0], out=out3[0])
+            return out3
         if bias2 is not None:
             torch.addmm(bias2[0].unsqueeze(0), a3[0], b3[0], out=out3[0])
         else:
@@ -132,8 +135,8 @@ def grouped_linear_backward(grad_out, inp, weight, relu_out, shared: bool, need_
     """Gradients of ``grouped_linear_forward`` (relu_out: its output when relu was applied, else None).
     Returns (grad_in, grad_weight, grad_bias in fp32), None where not asked for."""
     inp = inp.contiguous()
-    if relu_out is not None:
-        grad_out = grad_out.masked_fill(relu_out <= 0, 0.0)
+    if relu_out is not None:  # ReLU's backward in one kernel: 0 where the output is <= 0
+        grad_out = torch.ops.aten.threshold_backward(grad_out, relu_out, 0.0)
     grad_in, grad_w = heads_backward(grad_out, inp, weight, shared, need_in, need_w)
     grad_b = grad_out.sum(0, dtype=torch.float32) if need_b else None
     return grad_in, grad_w, grad_b
