@@ -157,16 +157,17 @@ def _kernel_specs():
                 dots = {"UPCAST_DOT": False, "PRECISION": prec, "BLOCK_C": sc["BLOCK_C"], "BLOCK_K": sc["BLOCK_K"]}
                 add(_small_heads_kl_kernel, {**xs, "w_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "t_ptr": f"*{ty}",
                                              "loss_ptr": "*fp32", "part_ptr": "*fp32", "g_ptr": f"*{ty}",
-                                             "dx_ptr": f"*{ty}", "err_ptr": "*i32", "stride_wm": c * k, "stride_wc": k,
-                                             "stride_biasm": c, "stride_tb": m * c, "stride_tm": c, "inv_temp": 0.5,
-                                             "loss_scale": 4.0, "grad_scale": 0.1},
-                    {**dots, "HAS_BIAS": True, "SHARED": shared, "WRITE_GRAD": True, "NEED_IN": True,
-                     "BLOCK_B": sc["BLOCK_B"]},
+                                             "err_ptr": "*i32", "heads_per_program": sc["HEADS"],
+                                             "stride_wm": c * k, "stride_wc": k, "stride_biasm": c,
+                                             "stride_tb": m * c, "stride_tm": c, "inv_temp": 0.5, "loss_scale": 4.0,
+                                             "grad_scale": 0.1},
+                    {**dots, "HAS_BIAS": True, "WRITE_GRAD": True, "BLOCK_B": sc["BLOCK_B"]},
                     {"num_warps": sc["num_warps"]}, tag)
-                add(_small_heads_grad_kernel, {**xs, "g_ptr": f"*{ty}", "dw_ptr": f"*{ty}", "db_ptr": f"*{ty}",
-                                               "part_ptr": "*fp32", "out_ptr": "*fp32", "n_parts": 128, "n_grad": 80,
-                                               "n_kblocks": 8, "out_scale": 0.1},
-                    {**dots, "NEED_W": True, "NEED_B": True, "REDUCE": True, "BLOCK_P": 128,
+                add(_small_heads_grad_kernel, {**xs, "w_ptr": f"*{ty}", "g_ptr": f"*{ty}", "dx_ptr": f"*{ty}",
+                                               "dw_ptr": f"*{ty}", "db_ptr": f"*{ty}", "part_ptr": "*fp32",
+                                               "out_ptr": "*fp32", "n_parts": 300, "n_w": 80, "n_kblocks_w": 8,
+                                               "n_x": 300, "n_kblocks": 8, "out_scale": 0.1},
+                    {**dots, "SHARED": shared, "NEED_W": True, "NEED_B": True, "REDUCE": True, "BLOCK_P": 128,
                      "BLOCK_R": sc["BLOCK_R"]},
                     {"num_warps": sc["num_warps"]}, tag)
 

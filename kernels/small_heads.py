@@ -1,21 +1,23 @@
 """Device code: a whole heads + Hydra loss step in two launches, for small problems (C fits one tile).
 
-At small shapes (C = 10, a few thousand rows) a step is a handful of microseconds of arithmetic and
-the cost is launches: the cuBLAS path issues the logits GEMM, the loss pass, two gradient GEMMs, a bias
-sum and the loss reduction. Here:
+At small shapes (C = 10, a few thousand rows) a step is a few microseconds of arithmetic and the cost
+is launches and serial latency: the cuBLAS path issues the logits GEMM, the loss pass, two gradient
+GEMMs, a bias sum and the loss reduction. Here:
 
-  launch 1, one program per BLOCK_B rows, all M heads:
+  launch 1, one program per (BLOCK_B rows, group of heads):
       z_m = x_m @ W_m.T + b_m                          (tl.dot over K tiles; C padded to BLOCK_C)
       loss[b, m] = T^2 KL(softmax(t_m / T) || softmax(z_m / T)),   dz_m = grad_scale * (q_m - p_m)
-      dx = sum_m dz_m @ W_m (shared input) or dx_m = dz_m @ W_m (per-head inputs)
       and the program's partial sum of its loss rows;
-  launch 2, one program per (head, K block) plus one:
-      dW_m = dz_m^T @ x_m, db_m = sum_b dz_m (over all rows: complete, written once in the parameters'
-      dtype); the extra program sums the partial losses in a fixed order (deterministic).
+  launch 2, three kinds of programs:
+      (head, K block): dW_m = dz_m^T @ x_m, db_m = sum_b dz_m over all rows (complete, fp32 inside,
+                       written once in the parameters' dtype);
+      (BLOCK_R rows, K block): dx = sum_m dz_m @ W_m (shared input) or dx_m = dz_m @ W_m (per head);
+      one more: the partial losses summed in a fixed order (deterministic).
 
-dz is stashed (B, M, C) in the input dtype between the launches (what the gradient GEMMs of the cuBLAS
-path read too). The teacher is checked on the loads already made (error word bits 1, 2, 4, as in
-softmax_kl.py).
+Every program's serial chain is short (K / BLOCK_K steps, M steps, or B / BLOCK_R steps) and the grid
+is wide: at these shapes latency, not arithmetic, is what a step costs. dz is stashed (B, M, C) in the
+input dtype between the launches (what the gradient GEMMs of the cuBLAS path read too). The teacher is
+checked on the loads already made (error word bits 1, 2, 4, as in softmax_kl.py).
 """
 
 import triton
@@ -32,14 +34,14 @@ def _small_heads_kl_kernel(
     bias_ptr,  # bias (M, C), head stride stride_biasm, unit along C; unused unless HAS_BIAS
     t_ptr,  # teacher logits (B, M, C): strides stride_tb, stride_tm, unit along C
     loss_ptr,  # out: (B, M) fp32 contiguous loss rows, T^2 * KL
-    part_ptr,  # out: (programs,) fp32 sum of this program's loss rows
+    part_ptr,  # out: (row blocks, head groups) fp32 sums of each program's loss rows
     g_ptr,  # out: dz stash (B, M, C) contiguous, input dtype; unused unless WRITE_GRAD
-    dx_ptr,  # out: input gradient, x's shape, contiguous, input dtype; unused unless NEED_IN
     err_ptr,  # in/out: int32 error word, OR-ed with 1 (NaN), 2 (+inf), 4 (a row -inf everywhere)
     B,
     M,
     C,
     K,
+    heads_per_program,
     stride_xb,
     stride_xm,
     stride_wm,
@@ -51,26 +53,24 @@ def _small_heads_kl_kernel(
     loss_scale,  # T^2
     grad_scale,  # T * reduction coefficient
     HAS_BIAS: tl.constexpr,
-    SHARED: tl.constexpr,  # one input for all heads: dx sums over heads
     WRITE_GRAD: tl.constexpr,
-    NEED_IN: tl.constexpr,
     UPCAST_DOT: tl.constexpr,  # interpreter: tl.dot on 16-bit operands is unreliable there
     PRECISION: tl.constexpr,  # tl.dot input precision for fp32 operands ("ieee" or "tf32")
     BLOCK_B: tl.constexpr,
     BLOCK_C: tl.constexpr,  # >= C: one tile holds a head's whole row
     BLOCK_K: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+    pid_r = tl.program_id(0).to(tl.int64)
+    pid_h = tl.program_id(1)
+    rows = pid_r * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
     row_ok = rows < B
     cols = tl.arange(0, BLOCK_C)
     col_ok = cols < C
     mask = row_ok[:, None] & col_ok[None, :]
-    ks0 = tl.arange(0, BLOCK_K)
-    g_rows = g_ptr + rows[:, None] * (M * C)  # the stash is contiguous (B, M, C)
     part = tl.zeros((BLOCK_B,), tl.float32)
     bad = tl.zeros((BLOCK_B,), tl.int32)
-    for m in range(0, M):
+    h0 = pid_h * heads_per_program
+    for m in range(h0, tl.minimum(h0 + heads_per_program, M)):
         x_rows = x_ptr + rows[:, None] * stride_xb + m * stride_xm
         acc = _heads_logits_tile(x_rows, w_ptr + m * stride_wm, bias_ptr, m, row_ok, cols, col_ok, K, stride_wc,
                                  stride_biasm, HAS_BIAS, UPCAST_DOT, PRECISION, BLOCK_B, BLOCK_C, BLOCK_K)
@@ -91,55 +91,23 @@ def _small_heads_kl_kernel(
         part += tl.where(row_ok, kl, 0.0)
         if WRITE_GRAD:
             g = _kl_grad_tile(s, u, m_s, log_d_s, m_u, log_d_u, grad_scale)
-            tl.store(g_rows + m * C + cols[None, :], g.to(g_ptr.dtype.element_ty), mask=mask)
+            tl.store(g_ptr + rows[:, None] * (M * C) + m * C + cols[None, :], g.to(g_ptr.dtype.element_ty),
+                     mask=mask)
     bits = tl.max(tl.where(row_ok, bad, 0), axis=0)
     tl.atomic_or(err_ptr, bits, mask=bits != 0)
-    tl.store(part_ptr + pid, tl.sum(part, axis=0))
-
-    if NEED_IN:
-        # dz of all heads was stored above in a layout other than the one read below: make it CTA-visible.
-        tl.debug_barrier()
-        if SHARED:  # dx = sum_m dz_m @ W_m: each K block accumulated over the heads, stored once
-            for k0 in range(0, K, BLOCK_K):
-                ks = k0 + ks0
-                k_ok = ks < K
-                acc = tl.zeros((BLOCK_B, BLOCK_K), tl.float32)
-                for m in range(0, M):
-                    acc = _dz_times_w(g_rows + m * C, w_ptr + m * stride_wm, mask, cols, col_ok, ks, k_ok,
-                                      stride_wc, acc, UPCAST_DOT, PRECISION)
-                tl.store(dx_ptr + rows[:, None] * K + ks[None, :], acc.to(dx_ptr.dtype.element_ty),
-                         mask=row_ok[:, None] & k_ok[None, :])
-        else:  # dx_m = dz_m @ W_m, per head: dx is contiguous (B, M, K)
-            for m in range(0, M):
-                for k0 in range(0, K, BLOCK_K):
-                    ks = k0 + ks0
-                    k_ok = ks < K
-                    acc = tl.zeros((BLOCK_B, BLOCK_K), tl.float32)
-                    acc = _dz_times_w(g_rows + m * C, w_ptr + m * stride_wm, mask, cols, col_ok, ks, k_ok,
-                                      stride_wc, acc, UPCAST_DOT, PRECISION)
-                    tl.store(dx_ptr + rows[:, None] * (M * K) + m * K + ks[None, :],
-                             acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & k_ok[None, :])
+    tl.store(part_ptr + pid_r * tl.num_programs(1) + pid_h, tl.sum(part, axis=0))
 
 
-@triton.jit
-def _dz_times_w(g_head, w_head, mask, cols, col_ok, ks, k_ok, stride_wc, acc, UPCAST_DOT: tl.constexpr,
-                PRECISION: tl.constexpr):
-    """acc + dz (BLOCK_B, BLOCK_C) @ W[head][:, ks] (BLOCK_C, BLOCK_K); padded classes contribute 0."""
-    g = tl.load(g_head + cols[None, :], mask=mask, other=0.0)
-    w = tl.load(w_head + cols[:, None] * stride_wc + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-    if UPCAST_DOT:
-        g = g.to(tl.float32)
-        w = w.to(tl.float32)
-    return tl.dot(g, w.to(g.dtype), acc, input_precision=PRECISION)
-
-
-# dW_m = dz_m^T @ x_m and db_m = sum_b dz_m over all B rows (program (m, K block) walks the rows in
-# BLOCK_R steps: the gradient is complete, fp32 inside, written once in the parameters' dtype). The
-# program after the last (head, K block) one sums the first launch's partial losses in a fixed order.
+# The gradients from the stash, and the loss reduction. Program ids: [0, n_w) weight/bias programs
+# (head, K block) walking all B rows in BLOCK_R steps; [n_w, n_w + n_x) input programs (row block,
+# K block) for a shared input (inner loop over the M heads' classes), (row block, head, K block) for
+# per-head inputs; then one program (when REDUCE) summing the partial losses.
 @triton.jit
 def _small_heads_grad_kernel(
     x_ptr,  # inputs, as in _small_heads_kl_kernel
+    w_ptr,  # weights (M, C, K) contiguous
     g_ptr,  # dz stash (B, M, C) contiguous, input dtype
+    dx_ptr,  # out: input gradient, x's shape, contiguous, input dtype; unused unless n_x > 0
     dw_ptr,  # out: weight gradient (M, C, K) contiguous, weight dtype; unused unless NEED_W
     db_ptr,  # out: bias gradient (M, C) contiguous, bias dtype; unused unless NEED_B
     part_ptr,  # (n_parts,) fp32 partial loss sums from the first launch
@@ -151,28 +119,30 @@ def _small_heads_grad_kernel(
     stride_xb,
     stride_xm,
     n_parts,
-    n_grad,  # gradient programs: M * n_kblocks, or 0 when neither dW nor db is wanted
-    n_kblocks,  # K blocks per head (1 when only db is wanted)
+    n_w,  # weight/bias programs: M * n_kblocks_w, or 0
+    n_kblocks_w,  # K blocks per head for dW (1 when only db is wanted)
+    n_x,  # input-gradient programs, or 0
+    n_kblocks,  # K blocks of K
     out_scale,  # reduction coefficient: 1/(B*M) for "mean", 1 for "sum"
+    SHARED: tl.constexpr,
     NEED_W: tl.constexpr,
     NEED_B: tl.constexpr,
     REDUCE: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     PRECISION: tl.constexpr,
-    BLOCK_R: tl.constexpr,  # rows per step of the walk over the batch
+    BLOCK_R: tl.constexpr,  # rows per step of the dW walk, rows per input-gradient program
     BLOCK_C: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_P: tl.constexpr,  # partial sums read per step by the reducing program
 ):
     pid = tl.program_id(0)
-    if pid < n_grad:
-        m = (pid // n_kblocks).to(tl.int64)
-        kb = pid % n_kblocks
-        cols = tl.arange(0, BLOCK_C)
-        col_ok = cols < C
-        ks = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    cols = tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    r0s = tl.arange(0, BLOCK_R).to(tl.int64)
+    if pid < n_w:
+        m = (pid // n_kblocks_w).to(tl.int64)
+        ks = (pid % n_kblocks_w) * BLOCK_K + tl.arange(0, BLOCK_K)
         k_ok = ks < K
-        r0s = tl.arange(0, BLOCK_R).to(tl.int64)
         acc = tl.zeros((BLOCK_C, BLOCK_K), tl.float32)
         acc_b = tl.zeros((BLOCK_C,), tl.float32)
         for r0 in range(0, B, BLOCK_R):
@@ -193,10 +163,45 @@ def _small_heads_grad_kernel(
             tl.store(dw_ptr + m * (C * K) + cols[:, None] * K + ks[None, :], acc.to(dw_ptr.dtype.element_ty),
                      mask=col_ok[:, None] & k_ok[None, :])
         if NEED_B:
-            tl.store(db_ptr + m * C + cols, acc_b.to(db_ptr.dtype.element_ty), mask=col_ok & (kb == 0))
+            tl.store(db_ptr + m * C + cols, acc_b.to(db_ptr.dtype.element_ty), mask=col_ok & (pid % n_kblocks_w == 0))
+    elif pid < n_w + n_x:
+        q = pid - n_w
+        ks = (q % n_kblocks) * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        q = q // n_kblocks
+        if SHARED:  # q = row block: dx = sum_m dz_m @ W_m
+            rows = q.to(tl.int64) * BLOCK_R + r0s
+            row_ok = rows < B
+            acc = tl.zeros((BLOCK_R, BLOCK_K), tl.float32)
+            for m in range(0, M):
+                acc = _dz_times_w(g_ptr + rows[:, None] * (M * C) + m * C, w_ptr + m * (C * K), row_ok, cols, col_ok,
+                                  ks, k_ok, K, acc, UPCAST_DOT, PRECISION)
+            tl.store(dx_ptr + rows[:, None] * K + ks[None, :], acc.to(dx_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & k_ok[None, :])
+        else:  # q = row block * M + head: dx_m = dz_m @ W_m, dx contiguous (B, M, K)
+            m = q % M
+            rows = (q // M).to(tl.int64) * BLOCK_R + r0s
+            row_ok = rows < B
+            acc = tl.zeros((BLOCK_R, BLOCK_K), tl.float32)
+            acc = _dz_times_w(g_ptr + rows[:, None] * (M * C) + m * C, w_ptr + m * (C * K), row_ok, cols, col_ok,
+                              ks, k_ok, K, acc, UPCAST_DOT, PRECISION)
+            tl.store(dx_ptr + rows[:, None] * (M * K) + m * K + ks[None, :], acc.to(dx_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & k_ok[None, :])
     elif REDUCE:
         total = tl.zeros((BLOCK_P,), tl.float32)
         for p0 in range(0, n_parts, BLOCK_P):
             ps = p0 + tl.arange(0, BLOCK_P)
             total += tl.load(part_ptr + ps, mask=ps < n_parts, other=0.0)
         tl.store(out_ptr, tl.sum(total, axis=0) * out_scale)
+
+
+@triton.jit
+def _dz_times_w(g_rows, w_head, row_ok, cols, col_ok, ks, k_ok, stride_wc, acc, UPCAST_DOT: tl.constexpr,
+                PRECISION: tl.constexpr):
+    """acc + dz (rows, BLOCK_C) @ W[head][:, ks] (BLOCK_C, BLOCK_K); padded classes contribute 0."""
+    g = tl.load(g_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    w = tl.load(w_head + cols[:, None] * stride_wc + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+    if UPCAST_DOT:
+        g = g.to(tl.float32)
+        w = w.to(tl.float32)
+    return tl.dot(g, w.to(g.dtype), acc, input_precision=PRECISION)

@@ -366,11 +366,15 @@ SMALL_CASES = [(70, 45, 3, 13, None, True), (33, 70, 1, 64, None, False), (40, 1
 
 @pytest.mark.parametrize("b,d,m,c,hidden,bias", SMALL_CASES)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_small_step_path_matches_reference(monkeypatch, b, d, m, c, hidden, bias, reduction):
+@pytest.mark.parametrize("heads", [None, 2], ids=["heads-auto", "heads-by-2"])
+def test_small_step_path_matches_reference(monkeypatch, b, d, m, c, hidden, bias, reduction, heads):
     import fasthydra.ops.linear_hydra_kl as lk
 
     use_heads_path(monkeypatch, "small")
     monkeypatch.setattr(lk, "SMALL_REDUCE_BLOCK", 2)  # the reducing program then loops over the partials
+    if heads is not None:  # launch 1 programs own two heads each (the last group shorter when M is odd)
+        config = lk.small_heads_config
+        monkeypatch.setattr(lk, "small_heads_config", lambda *a: {**config(*a), "HEADS": heads})
     ran = []
     real = lk.linear_hydra_kl_forward_small
     monkeypatch.setattr(lk, "linear_hydra_kl_forward_small", lambda *a: ran.append(1) or real(*a))
@@ -487,3 +491,10 @@ def test_heads_paths_with_extreme_logits_and_masked_rows(gemm):
     tolerance_rule(loss, eager, loss_ref, atol=1e-5, what="loss")
     for name, g, e, g_ref in zip(["x", "weight", "bias"], grads, eager_grads, grads_ref):
         tolerance_rule(g, e, g_ref, atol=1e-5 * g_ref.abs().max().item(), what=name)
+
+
+def test_small_step_heads_per_program():
+    """Launch 1 splits the heads across programs until the grid is wide; small-C shares them by two."""
+    assert _common.small_heads_config(512, 10, 10, 512, 4)["HEADS"] == 1  # gpu-small: 32 x 10 programs
+    assert _common.small_heads_config(4096, 8, 10, 512, 4)["HEADS"] == 2  # small-C: 256 x 4 programs
+    assert _common.small_heads_config(8192, 4, 10, 64, 2)["HEADS"] == 2

@@ -44,14 +44,18 @@ def gemm_backend() -> str:
     return value
 
 
-# The two-launch small-step path (kernels/small_heads.py): a head's row fits one class tile, and the
-# per-program loops stay short (launch 1 walks M heads x K tiles twice, launch 2 walks the batch).
+# The two-launch small-step path (kernels/small_heads.py): a head's row fits one class tile, and every
+# program's serial chain stays short (launch 1: K / BLOCK_K steps per head it owns; launch 2: B / 128
+# steps for dW, M steps for dx).
 SMALL_MAX_CLASSES = 64
 SMALL_MAX_ROWS = 8192
 SMALL_MAX_WEIGHT = 1 << 20  # M * C * K elements
-# Every row program of launch 1 reads the whole weight twice (from L2): programs * M*C*K at most this.
+# Every row block of launch 1 reads the whole weight once (from L2): row blocks * M*C*K at most this.
 SMALL_MAX_REREAD = 1 << 25
-SMALL_BLOCK_B = 16  # rows per program of launch 1: 32 spills on sm_90 for fp32 (kernel report)
+SMALL_BLOCK_B = 16  # rows per program of launch 1
+# Launch 1 gives each program several heads only when (row blocks x heads) would pass this many
+# programs (about 8 per SM on an H200): fewer re-reads of x, chains still short.
+SMALL_TARGET_PROGRAMS = 1024
 
 
 def small_step_mode() -> str:
@@ -66,13 +70,16 @@ def small_step_mode() -> str:
 def small_heads_config(n_rows: int, n_heads: int, n_cols: int, k: int, elem_size: int) -> dict | None:
     """Block sizes of the small-step kernels, or None where the problem is not small (see the limits)."""
     weight = n_heads * n_cols * k
+    row_blocks = cdiv(n_rows, SMALL_BLOCK_B)
     if not (0 < n_rows <= SMALL_MAX_ROWS and n_cols <= SMALL_MAX_CLASSES and weight <= SMALL_MAX_WEIGHT
-            and cdiv(n_rows, SMALL_BLOCK_B) * weight <= SMALL_MAX_REREAD):
+            and row_blocks * weight <= SMALL_MAX_REREAD):
         return None
+    heads = max(1, min(n_heads, row_blocks * n_heads // SMALL_TARGET_PROGRAMS))
     # tl.dot wants every tile dim >= 16 (C padded with masks); 128-byte K rows as linear_kl_config.
-    # Launch 2 walks the batch 128 rows a step (no spills at 4 warps, fp32 included).
-    return dict(BLOCK_B=SMALL_BLOCK_B, BLOCK_R=128, BLOCK_C=max(16, next_pow2(n_cols)),
-                BLOCK_K=64 if elem_size <= 2 else 32, num_warps=4)
+    # Launch 2: 128-row steps / row blocks for 16-bit inputs, 64 for fp32 (128 spills on sm_80 with
+    # IEEE fp32 dots: kernel report).
+    return dict(BLOCK_B=SMALL_BLOCK_B, HEADS=heads, BLOCK_R=128 if elem_size <= 2 else 64,
+                BLOCK_C=max(16, next_pow2(n_cols)), BLOCK_K=64 if elem_size <= 2 else 32, num_warps=4)
 
 
 def interpreting() -> bool:

@@ -454,8 +454,9 @@ SMALL_REDUCE_BLOCK = 128
 def linear_hydra_kl_forward_small(inp, weight, bias, teacher, temperature: float, reduction: str, shared: bool,
                                   need_in: bool, need_w: bool, need_b: bool, cfg: dict):
     """Heads + Hydra loss in two launches (kernels/small_heads.py), for problems small_heads_config
-    accepts: launch 1 forms the logits, loss rows, dz (stashed) and dx, launch 2 dW, db and the reduced
-    loss. Returns (loss, grad_in, grad_weight, grad_bias, None)."""
+    accepts: launch 1 forms the logits, loss rows and dz (stashed) per (row block, head group), launch
+    2 dW and db (per head and K block), dx (per row block and K block) and the reduced loss. Returns
+    (loss, grad_in, grad_weight, grad_bias, None)."""
     from fasthydra.kernels.small_heads import _small_heads_grad_kernel, _small_heads_kl_kernel
 
     m, c, k = weight.shape
@@ -466,10 +467,10 @@ def linear_hydra_kl_forward_small(inp, weight, bias, teacher, temperature: float
     bias = None if bias is None else bias.contiguous()
     teacher = teacher if teacher.stride(-1) == 1 else teacher.contiguous()
     want_grad = need_in or need_w or need_b
-    bb, bk = cfg["BLOCK_B"], cfg["BLOCK_K"]
-    n_blocks = cdiv(b, bb)
+    bb, bk, br, heads = cfg["BLOCK_B"], cfg["BLOCK_K"], cfg["BLOCK_R"], cfg["HEADS"]
+    grid1 = (cdiv(b, bb), cdiv(m, heads))
     rows = torch.empty(b, m, dtype=torch.float32, device=dev)
-    parts = torch.empty(n_blocks, dtype=torch.float32, device=dev)
+    parts = torch.empty(grid1, dtype=torch.float32, device=dev)
     stash = torch.empty(b, m, c, dtype=dt, device=dev) if want_grad else rows
     grad_in = torch.empty_like(inp) if need_in else None
     grad_w = torch.empty_like(weight) if need_w else None
@@ -478,21 +479,23 @@ def linear_hydra_kl_forward_small(inp, weight, bias, teacher, temperature: float
     stride_xm = 0 if shared else inp.stride(1)
     dots = dict(UPCAST_DOT=upcast_dot(dt), PRECISION=dot_precision(dt), BLOCK_C=cfg["BLOCK_C"], BLOCK_K=bk,
                 num_warps=cfg["num_warps"])
-    _small_heads_kl_kernel[(n_blocks,)](
+    _small_heads_kl_kernel[grid1](
         inp, weight, bias if bias is not None else weight, teacher, rows, parts, stash,
-        grad_in if need_in else rows, error_word(dev, "distill_loss"),
-        b, m, c, k, inp.stride(0), stride_xm, weight.stride(0), weight.stride(1),
-        bias.stride(0) if bias is not None else 0, teacher.stride(0), teacher.stride(1),
+        error_word(dev, "distill_loss"), b, m, c, k, heads, inp.stride(0), stride_xm, weight.stride(0),
+        weight.stride(1), bias.stride(0) if bias is not None else 0, teacher.stride(0), teacher.stride(1),
         1.0 / temperature, temperature * temperature, temperature * reduction_coefficient(reduction, b * m),
-        HAS_BIAS=bias is not None, SHARED=shared, WRITE_GRAD=want_grad, NEED_IN=need_in, BLOCK_B=bb, **dots)
-    n_kb = cdiv(k, bk) if need_w else 1
-    n_grad = m * n_kb if (need_w or need_b) else 0
-    if n_grad or reduction != "none":
-        _small_heads_grad_kernel[(n_grad + (reduction != "none"),)](
-            inp, stash, grad_w if need_w else rows, grad_b if need_b else rows, parts, out,
-            b, m, c, k, inp.stride(0), stride_xm, n_blocks, n_grad, n_kb, reduction_coefficient(reduction, b * m),
-            NEED_W=need_w, NEED_B=need_b, REDUCE=reduction != "none", BLOCK_P=SMALL_REDUCE_BLOCK,
-            BLOCK_R=cfg["BLOCK_R"], **dots)
+        HAS_BIAS=bias is not None, WRITE_GRAD=want_grad, BLOCK_B=bb, **dots)
+    n_kb = cdiv(k, bk)
+    kb_w = n_kb if need_w else 1
+    n_w = m * kb_w if (need_w or need_b) else 0
+    n_x = (cdiv(b, br) * n_kb * (1 if shared else m)) if need_in else 0
+    reduce = reduction != "none"
+    if n_w or n_x or reduce:
+        _small_heads_grad_kernel[(n_w + n_x + reduce,)](
+            inp, weight, stash, grad_in if need_in else rows, grad_w if need_w else rows,
+            grad_b if need_b else rows, parts, out, b, m, c, k, inp.stride(0), stride_xm, parts.numel(), n_w, kb_w,
+            n_x, n_kb, reduction_coefficient(reduction, b * m), SHARED=shared, NEED_W=need_w, NEED_B=need_b,
+            REDUCE=reduce, BLOCK_R=br, BLOCK_P=SMALL_REDUCE_BLOCK, **dots)
     after_launch(dev, "distill_loss", teacher.shape)
     return out, grad_in, grad_w, grad_b, None
 
