@@ -57,6 +57,8 @@ COMPILE_CASES = {("linear_fwdbwd", "gpu-large")}
 # the loss kernel), the cuBLAS path forced at small shapes, and the fused Triton GEMM kernels.
 VARIANTS = {"fasthydra/cublas": {"FASTHYDRA_SMALL_STEP": "0"},
             "fasthydra/triton-gemm": {"FASTHYDRA_SMALL_STEP": "0", "FASTHYDRA_GEMM": "triton"}}
+# Tuning knobs of the small-step path (fasthydra.ops._common constants), timed in the latency rows only.
+KNOBS = {"fasthydra/small-32-rows": {"SMALL_BLOCK_B": 32}}
 SMALL_CASES = [("linear_fwdbwd", "small-C"), ("linear_fwdbwd", "gpu-small"), ("mlp_fwdbwd", "gpu-small"),
                ("linear_fwd", "small-C")]
 VARIANT_CASES = [("linear_fwdbwd", "gpu-large"), ("linear_fwdbwd", "mid"), ("linear_fwdbwd", "large-C"),
@@ -177,15 +179,20 @@ def topk_rows(copy_bps: float, b: int = 4096, m: int = 8, c: int = 32000, ks=(32
 
 
 def with_variant(provider: str):
-    """Context: the environment settings of a VARIANTS provider for the calls inside (read at every
-    call); nothing for plain "fasthydra"."""
+    """Context: the environment settings of a VARIANTS provider (read at every call) or the constants
+    of a KNOBS one for the calls inside; nothing for plain "fasthydra"."""
     import contextlib
+
+    from fasthydra.ops import _common
 
     @contextlib.contextmanager
     def ctx():
-        settings = VARIANTS.get(provider, {})
+        settings, knobs = VARIANTS.get(provider, {}), KNOBS.get(provider, {})
         old = {k: os.environ.get(k) for k in settings}
+        old_knobs = {k: getattr(_common, k) for k in knobs}
         os.environ.update(settings)
+        for k, v in knobs.items():
+            setattr(_common, k, v)
         try:
             yield
         finally:
@@ -194,6 +201,8 @@ def with_variant(provider: str):
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
+            for k, v in old_knobs.items():
+                setattr(_common, k, v)
 
     return ctx()
 
@@ -301,7 +310,7 @@ def main(argv=None) -> int:
 
     lat_rows = []
     for op, shape in dict.fromkeys((op, shape) for op, shape, _, _ in LATENCY_TARGETS):
-        for provider in ("fasthydra", "eager", *VARIANTS):
+        for provider in ("fasthydra", "eager", *VARIANTS, *KNOBS):
             try:
                 with with_variant(provider):
                     row = latency(by_key[(op, shape)], "eager" if provider == "eager" else "fasthydra")

@@ -111,6 +111,12 @@ def test_variants_set_their_settings_and_restore_them(monkeypatch):
     assert os.environ["FASTHYDRA_GEMM"] == "cublas" and "FASTHYDRA_SMALL_STEP" not in os.environ
     with gpu_check.with_variant("fasthydra"):
         assert "FASTHYDRA_SMALL_STEP" not in os.environ
+    from fasthydra.ops import _common
+
+    default = _common.SMALL_BLOCK_B
+    with gpu_check.with_variant("fasthydra/small-32-rows"):
+        assert _common.SMALL_BLOCK_B == 32 and _common.small_heads_config(512, 10, 10, 512, 4)["BLOCK_B"] == 32
+    assert _common.SMALL_BLOCK_B == default
     # small shapes compare all three heads paths; large ones the two GEMM backends
     assert gpu_check.variants_for("linear_fwdbwd", "gpu-small") == ["fasthydra/cublas", "fasthydra/triton-gemm"]
     assert gpu_check.variants_for("linear_fwdbwd", "gpu-large") == ["fasthydra/triton-gemm"]
