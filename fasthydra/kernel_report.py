@@ -106,13 +106,13 @@ def _kernel_specs():
 
     for b, d, m, c in SHAPES + [(64, 64, 8, c) for c in EXTRA_ROW_LENGTHS]:
         for tag, (ty, prec) in DTYPES.items():
-            kl = cfgs.kl_rows_config(c)
             args = {"z_ptr": f"*{ty}", "t_ptr": f"*{ty}", "loss_ptr": "*fp32", "grad_ptr": f"*{ty}",
                     "tgrad_ptr": f"*{ty}", "err_ptr": "*i32", "R": b * m, "R_INNER": m, "C": c,
                     "stride_zo": m * c, "stride_zi": c, "stride_to": m * c, "stride_ti": c, "stride_go": m * c,
                     "stride_gi": c, "stride_lo": m, "stride_li": 1, "stride_ho": m * c, "stride_hi": c,
-                    "inv_temp": 0.5, "loss_scale": 4.0, "grad_scale": 0.1}
+                    "inv_temp": 0.5, "inv_temp_again": 0.5, "loss_scale": 4.0, "grad_scale": 0.1}
             for tgrad in (False, True):  # a frozen teacher, and one that requires grad
+                kl = cfgs.kl_rows_config(c, 4 if ty == "fp32" else 2, tgrad)
                 add(_hydra_kl_fwd_kernel, args, {"BLOCK_R": kl["BLOCK_R"], "BLOCK_C": kl["BLOCK_C"], "WRITE_GRAD": True,
                                                  "WRITE_TGRAD": tgrad, "ROW_IN_REGISTERS": kl["ROW_IN_REGISTERS"]},
                     {"num_warps": kl["num_warps"]}, tag)

@@ -83,6 +83,9 @@ def _hydra_kl_fwd_kernel(
     stride_ho,
     stride_hi,
     inv_temp,  # 1 / T
+    inv_temp_again,  # 1 / T once more: a second argument, so the compiler cannot merge pass 2's products
+    #                  with pass 1's and keep the fp32 row alive in between (ROW_IN_REGISTERS; the 16-bit
+    #                  row alone fits 16384 classes without spills, its fp32 copy does not)
     loss_scale,  # T^2
     grad_scale,  # T * reduction coefficient (1/(B*M) for "mean", 1 otherwise)
     BLOCK_R: tl.constexpr,  # rows per program: several when C is small, so a program has ~1k lanes
@@ -111,8 +114,12 @@ def _hydra_kl_fwd_kernel(
     s_at = tl.zeros((BLOCK_R,), tl.float32)  # the student's logit at the teacher's most probable class
     if ROW_IN_REGISTERS:
         row_mask = row_ok[:, None] & (cols0 < C)[None, :]
-        s_row = tl.load(z_rows + cols0[None, :], mask=row_mask, other=float("-inf")).to(tl.float32) * inv_temp
-        u_row = tl.load(t_rows + cols0[None, :], mask=row_mask, other=float("-inf")).to(tl.float32) * inv_temp
+        # The row stays in registers in its storage dtype (half the registers for 16-bit inputs); the
+        # later passes recompute the tempered fp32 values from it (see inv_temp_again).
+        z_row = tl.load(z_rows + cols0[None, :], mask=row_mask, other=float("-inf"))
+        t_row = tl.load(t_rows + cols0[None, :], mask=row_mask, other=float("-inf"))
+        s_row = z_row.to(tl.float32) * inv_temp
+        u_row = t_row.to(tl.float32) * inv_temp
         n_nan += tl.sum((u_row != u_row).to(tl.int32), axis=1)
         if WRITE_TGRAD:
             row_max = tl.max(u_row, axis=1)
@@ -150,7 +157,8 @@ def _hydra_kl_fwd_kernel(
         # is e_c - sum_k p_k e_k exactly (log q - log p shifts by a constant per row), e_j = 0, and the
         # sum is dominated by small p_k: one more pass over the row, only for a teacher that needs it.
         if ROW_IN_REGISTERS:
-            big_a = _mean_e(s_row, u_row, m_u, log_d_u, s_at)
+            big_a = _mean_e(z_row.to(tl.float32) * inv_temp_again, t_row.to(tl.float32) * inv_temp_again, m_u,
+                            log_d_u, s_at)
         else:
             for c0 in range(0, C, BLOCK_C):
                 cols = c0 + cols0
@@ -163,8 +171,9 @@ def _hydra_kl_fwd_kernel(
         g_rows = grad_ptr + (r_out * stride_go + r_in * stride_gi)[:, None]
         h_rows = tgrad_ptr + (r_out * stride_ho + r_in * stride_hi)[:, None]
         if ROW_IN_REGISTERS:
-            _store_grads(s_row, u_row, cols0, row_mask, g_rows, h_rows, m_s, log_d_s, m_u, log_d_u, s_at, big_a,
-                         grad_scale, WRITE_GRAD, WRITE_TGRAD)
+            _store_grads(z_row.to(tl.float32) * inv_temp_again, t_row.to(tl.float32) * inv_temp_again, cols0,
+                         row_mask, g_rows, h_rows, m_s, log_d_s, m_u, log_d_u, s_at, big_a, grad_scale, WRITE_GRAD,
+                         WRITE_TGRAD)
         else:
             n_tiles = tl.cdiv(C, BLOCK_C)
             for j in range(0, n_tiles):  # last tile first: pass 1 read it last, so L2 most likely still holds it

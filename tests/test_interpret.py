@@ -68,6 +68,29 @@ def test_hydra_kl_kernel_fp16_io(b, m, c):
     assert_close_to(g, g_ref, rtol=2e-3, atol=1e-6, what="fp16 grad")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sixteen_bit_rows_twice_as_long_stay_in_registers(monkeypatch, dtype):
+    """16-bit rows are held in their storage dtype, so rows up to twice ROW_TILE_MAX are read once (not
+    with a teacher gradient, which needs more registers); shrunk limits make C = 20 such a row here.
+    Its loss and both gradients against float64."""
+    monkeypatch.setattr(_common, "MAX_BLOCK_C", 16)
+    monkeypatch.setattr(_common, "ROW_TILE_MAX", 16)
+    assert _common.kl_rows_config(20, 2)["ROW_IN_REGISTERS"]
+    assert not _common.kl_rows_config(20, 4)["ROW_IN_REGISTERS"]
+    assert not _common.kl_rows_config(20, 2, teacher_grad=True)["ROW_IN_REGISTERS"]
+    z = (torch.randn(7, 3, 20) * 3).to(dtype).requires_grad_()
+    t = teacher_logits(7, 3, 20, dtype=dtype)
+    loss = hydra_kl_loss(z, t, 1.5, impl="triton")
+    (g,) = torch.autograd.grad(loss, z)
+    z64 = z.detach().double().requires_grad_()
+    loss_ref = R.hydra_kl_loss_ref(z64, t.double(), 1.5)
+    (g_ref,) = torch.autograd.grad(loss_ref, z64)
+    # fp32 maths inside on the same 16-bit inputs: only the rounding of the outputs remains
+    rtol = 1e-2 if dtype == torch.bfloat16 else 1e-3
+    assert_close_to(loss, loss_ref, rtol=rtol, what="loss")
+    assert_close_to(g, g_ref, rtol=2 * rtol, atol=1e-6, what="grad")
+
+
 def test_hydra_kl_kernel_extreme_logits_and_masks(max_block_c):
     b, m, c = 4, 2, 40
     z = (torch.randn(b, m, c) * 1e4).requires_grad_()

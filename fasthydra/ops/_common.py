@@ -16,8 +16,10 @@ import torch
 # gradient pass finds the row it read a moment ago in L2 instead of DRAM.
 MAX_BLOCK_C = 8192
 # Longest row kept whole in registers by the row-wise loss kernels: 32 warps x 8 elements per thread
-# and tensor compile without spills on sm_80/sm_90; 16384 (16 per thread, at most 64 registers with
-# 1024 threads) spills 56 to 136 bytes, 32768 600+ (kernel report).
+# and tensor compile without spills on sm_80/sm_90; 16384 fp32 (16 per thread, at most 64 registers
+# with 1024 threads) spills 56 to 136 bytes, 32768 600+ (kernel report). 16-bit rows are kept in
+# their storage dtype (the kernel recomputes the fp32 values in each pass): twice as long, 16384 in
+# 16 warps (32 elements per thread and tensor, 128 registers) without spills.
 ROW_TILE_MAX = 8192
 # Elements of one row chunk's (rows, M, C) gradient stash on the Triton path (bytes = this * dtype size).
 TRITON_CHUNK_ELEMENTS = 1 << 27
@@ -112,16 +114,20 @@ def rows_per_chunk(total_rows: int, row_elements: int, budget: int) -> int:
     return max(1, min(max(total_rows, 1), budget // max(row_elements, 1)))
 
 
-def kl_rows_config(n_cols: int) -> dict:
-    """Row-wise KL kernels. A row of up to ROW_TILE_MAX classes is one tile held in registers (read
-    once: the op is memory-bound, and a second read of a long row comes from DRAM); longer rows go in
-    MAX_BLOCK_C tiles, read twice. Several rows per program when C is small (~1k lanes of work)."""
+def kl_rows_config(n_cols: int, elem_size: int = 4, teacher_grad: bool = False) -> dict:
+    """Row-wise KL kernels. A row of up to ROW_TILE_MAX classes (twice that for 16-bit inputs and a
+    frozen teacher; with the teacher's gradient too 16384 spills on sm_90) is one tile held in
+    registers (read once: the op is memory-bound, and a second read of a long row comes from DRAM);
+    longer rows go in MAX_BLOCK_C tiles, read twice. Several rows per program when C is small (~1k
+    lanes of work)."""
     whole = max(16, next_pow2(n_cols))
-    block_c = whole if whole <= max(ROW_TILE_MAX, MAX_BLOCK_C) else MAX_BLOCK_C
+    in_registers = ROW_TILE_MAX * (2 if elem_size <= 2 and not teacher_grad else 1)
+    block_c = whole if whole <= max(in_registers, MAX_BLOCK_C) else MAX_BLOCK_C
     block_r = max(1, min(16, 1024 // block_c))
-    # 8 fp32 elements per thread and tensor: no spills (kernel report)
+    # up to 8 elements per thread and tensor in 32 warps; a 16-bit row of 16384: 32 per thread in 16
+    # warps (128 registers). No spills either way (kernel report).
     lanes = block_r * block_c
-    warps = 4 if lanes <= 1024 else min(32, lanes // 256)
+    warps = 4 if lanes <= 1024 else (min(32, lanes // 256) if lanes <= 8192 else 16)
     return dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps, ROW_IN_REGISTERS=block_c >= n_cols)
 
 

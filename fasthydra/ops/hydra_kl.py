@@ -168,12 +168,12 @@ def launch_kl_rows(z3, t3, loss2, grad3, temperature: float, grad_scale: float |
         return
     g3 = grad3 if grad3 is not None else z3
     h3 = tgrad3 if tgrad3 is not None else z3
-    cfg = kl_rows_config(c)
+    cfg = kl_rows_config(c, z3.element_size(), tgrad3 is not None)
     _hydra_kl_fwd_kernel[(cdiv(r, cfg["BLOCK_R"]),)](
         z3, t3, loss2, g3, h3, error_word(z3.device, op),
         r, i, c, z3.stride(0), z3.stride(1), t3.stride(0), t3.stride(1), g3.stride(0), g3.stride(1),
         loss2.stride(0), loss2.stride(1), h3.stride(0), h3.stride(1),
-        1.0 / temperature, temperature * temperature, grad_scale if grad_scale is not None else 0.0,
+        1.0 / temperature, 1.0 / temperature, temperature * temperature, grad_scale if grad_scale is not None else 0.0,
         BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], WRITE_GRAD=grad3 is not None,
         WRITE_TGRAD=tgrad3 is not None, ROW_IN_REGISTERS=cfg["ROW_IN_REGISTERS"], num_warps=cfg["num_warps"],
     )
