@@ -168,7 +168,7 @@ def _kernel_specs():
                                                "out_ptr": "*fp32", "n_parts": 300, "n_w": 80, "n_kblocks_w": 8,
                                                "n_x": 300, "n_kblocks": 8, "out_scale": 0.1},
                     {**dots, "SHARED": shared, "NEED_W": True, "NEED_B": True, "REDUCE": True, "BLOCK_P": 128,
-                     "BLOCK_R": sc["BLOCK_R"]},
+                     "BLOCK_R": sc["BLOCK_R"], "BLOCK_RW": sc["BLOCK_RW"], "BLOCK_KW": sc["BLOCK_KW"]},
                     {"num_warps": sc["num_warps"]}, tag)
 
             # Large C: the split-class statistics and the class-block gradient kernels

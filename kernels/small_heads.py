@@ -14,7 +14,7 @@ GEMMs, a bias sum and the loss reduction. Here:
       (BLOCK_R rows, K block): dx = sum_m dz_m @ W_m (shared input) or dx_m = dz_m @ W_m (per head);
       one more: the partial losses summed in a fixed order (deterministic).
 
-Every program's serial chain is short (K / BLOCK_K steps, M steps, or B / BLOCK_R steps) and the grid
+Every program's serial chain is short (K / BLOCK_K steps, M steps, or B / BLOCK_RW steps) and the grid
 is wide: at these shapes latency, not arithmetic, is what a step costs. dz is stashed (B, M, C) in the
 input dtype between the launches (what the gradient GEMMs of the cuBLAS path read too). The teacher is
 checked on the loads already made (error word bits 1, 2, 4, as in softmax_kl.py).
@@ -99,7 +99,7 @@ def _small_heads_kl_kernel(
 
 
 # The gradients from the stash, and the loss reduction. Program ids: [0, n_w) weight/bias programs
-# (head, K block) walking all B rows in BLOCK_R steps; [n_w, n_w + n_x) input programs (row block,
+# (head, K block) walking all B rows in BLOCK_RW steps; [n_w, n_w + n_x) input programs (row block,
 # K block) for a shared input (inner loop over the M heads' classes), (row block, head, K block) for
 # per-head inputs; then one program (when REDUCE) summing the partial losses.
 @triton.jit
@@ -120,7 +120,7 @@ def _small_heads_grad_kernel(
     stride_xm,
     n_parts,
     n_w,  # weight/bias programs: M * n_kblocks_w, or 0
-    n_kblocks_w,  # K blocks per head for dW (1 when only db is wanted)
+    n_kblocks_w,  # BLOCK_KW blocks per head for dW (1 when only db is wanted)
     n_x,  # input-gradient programs, or 0
     n_kblocks,  # K blocks of K
     out_scale,  # reduction coefficient: 1/(B*M) for "mean", 1 for "sum"
@@ -130,9 +130,11 @@ def _small_heads_grad_kernel(
     REDUCE: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     PRECISION: tl.constexpr,
-    BLOCK_R: tl.constexpr,  # rows per step of the dW walk, rows per input-gradient program
+    BLOCK_R: tl.constexpr,  # rows per input-gradient program
     BLOCK_C: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # K block of an input-gradient program
+    BLOCK_RW: tl.constexpr,  # rows per step of the dW walk: long steps, few of them (the chain is B / BLOCK_RW)
+    BLOCK_KW: tl.constexpr,  # K block of a dW program: narrow, so that M * K / BLOCK_KW programs fill the GPU
     BLOCK_P: tl.constexpr,  # partial sums read per step by the reducing program
 ):
     pid = tl.program_id(0)
@@ -141,12 +143,13 @@ def _small_heads_grad_kernel(
     r0s = tl.arange(0, BLOCK_R).to(tl.int64)
     if pid < n_w:
         m = (pid // n_kblocks_w).to(tl.int64)
-        ks = (pid % n_kblocks_w) * BLOCK_K + tl.arange(0, BLOCK_K)
+        ks = (pid % n_kblocks_w) * BLOCK_KW + tl.arange(0, BLOCK_KW)
         k_ok = ks < K
-        acc = tl.zeros((BLOCK_C, BLOCK_K), tl.float32)
+        acc = tl.zeros((BLOCK_C, BLOCK_KW), tl.float32)
         acc_b = tl.zeros((BLOCK_C,), tl.float32)
-        for r0 in range(0, B, BLOCK_R):
-            rows = r0 + r0s
+        rws = tl.arange(0, BLOCK_RW).to(tl.int64)
+        for r0 in range(0, B, BLOCK_RW):
+            rows = r0 + rws
             row_ok = rows < B
             g = tl.load(g_ptr + rows[:, None] * (M * C) + m * C + cols[None, :],
                         mask=row_ok[:, None] & col_ok[None, :], other=0.0)

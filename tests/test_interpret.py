@@ -381,10 +381,10 @@ def test_gemm_backend_setting_is_validated(monkeypatch):
 
 
 # The two-launch small-step path (kernels/small_heads.py) beyond HEAD_CASES: several row programs,
-# K across several K tiles, C at the one-tile limit, per-head inputs, no bias, a sum reduction, and
-# the reducing program walking many partial sums.
+# K across several K tiles, C at the one-tile limit, per-head inputs, no bias, a sum reduction, the
+# reducing program walking many partial sums, and a batch the dW programs walk in several steps.
 SMALL_CASES = [(70, 45, 3, 13, None, True), (33, 70, 1, 64, None, False), (40, 16, 4, 17, 40, True),
-               (65, 8, 2, 1, None, True)]
+               (65, 8, 2, 1, None, True), (600, 20, 2, 10, None, True)]  # the last: dW walks 256-row steps
 
 
 @pytest.mark.parametrize("b,d,m,c,hidden,bias", SMALL_CASES)

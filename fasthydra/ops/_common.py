@@ -47,7 +47,7 @@ def gemm_backend() -> str:
 
 
 # The two-launch small-step path (kernels/small_heads.py): a head's row fits one class tile, and every
-# program's serial chain stays short (launch 1: K / BLOCK_K steps per head it owns; launch 2: B / 128
+# program's serial chain stays short (launch 1: K / BLOCK_K steps per head it owns; launch 2: B / 256
 # steps for dW, M steps for dx).
 SMALL_MAX_CLASSES = 64
 SMALL_MAX_ROWS = 8192
@@ -78,10 +78,12 @@ def small_heads_config(n_rows: int, n_heads: int, n_cols: int, k: int, elem_size
         return None
     heads = max(1, min(n_heads, row_blocks * n_heads // SMALL_TARGET_PROGRAMS))
     # tl.dot wants every tile dim >= 16 (C padded with masks); 128-byte K rows as linear_kl_config.
-    # Launch 2: 128-row steps / row blocks for 16-bit inputs, 64 for fp32 (128 spills on sm_80 with
-    # IEEE fp32 dots: kernel report).
+    # Launch 2: dx in row blocks of 128 for 16-bit inputs, 64 for fp32 (128 spills on sm_80 with IEEE
+    # fp32 dots); dW programs 16 wide in K (M * K / 16 of them) walking the batch 256 rows a step
+    # (512 spills). No spills on sm_80/sm_90 (kernel report).
     return dict(BLOCK_B=SMALL_BLOCK_B, HEADS=heads, BLOCK_R=128 if elem_size <= 2 else 64,
-                BLOCK_C=max(16, next_pow2(n_cols)), BLOCK_K=64 if elem_size <= 2 else 32, num_warps=4)
+                BLOCK_C=max(16, next_pow2(n_cols)), BLOCK_K=64 if elem_size <= 2 else 32, BLOCK_RW=256,
+                BLOCK_KW=16, num_warps=4)
 
 
 def interpreting() -> bool:

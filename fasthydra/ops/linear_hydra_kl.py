@@ -486,7 +486,7 @@ def linear_hydra_kl_forward_small(inp, weight, bias, teacher, temperature: float
         1.0 / temperature, temperature * temperature, temperature * reduction_coefficient(reduction, b * m),
         HAS_BIAS=bias is not None, WRITE_GRAD=want_grad, BLOCK_B=bb, **dots)
     n_kb = cdiv(k, bk)
-    kb_w = n_kb if need_w else 1
+    kb_w = cdiv(k, cfg["BLOCK_KW"]) if need_w else 1
     n_w = m * kb_w if (need_w or need_b) else 0
     n_x = (cdiv(b, br) * n_kb * (1 if shared else m)) if need_in else 0
     reduce = reduction != "none"
@@ -495,7 +495,8 @@ def linear_hydra_kl_forward_small(inp, weight, bias, teacher, temperature: float
             inp, weight, stash, grad_in if need_in else rows, grad_w if need_w else rows,
             grad_b if need_b else rows, parts, out, b, m, c, k, inp.stride(0), stride_xm, parts.numel(), n_w, kb_w,
             n_x, n_kb, reduction_coefficient(reduction, b * m), SHARED=shared, NEED_W=need_w, NEED_B=need_b,
-            REDUCE=reduce, BLOCK_R=br, BLOCK_P=SMALL_REDUCE_BLOCK, **dots)
+            REDUCE=reduce, BLOCK_R=br, BLOCK_RW=cfg["BLOCK_RW"], BLOCK_KW=cfg["BLOCK_KW"],
+            BLOCK_P=SMALL_REDUCE_BLOCK, **dots)
     after_launch(dev, "distill_loss", teacher.shape)
     return out, grad_in, grad_w, grad_b, None
 
