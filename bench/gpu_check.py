@@ -57,8 +57,15 @@ COMPILE_CASES = {("linear_fwdbwd", "gpu-large")}
 # the loss kernel), the cuBLAS path forced at small shapes, and the fused Triton GEMM kernels.
 VARIANTS = {"fasthydra/cublas": {"FASTHYDRA_SMALL_STEP": "0"},
             "fasthydra/triton-gemm": {"FASTHYDRA_SMALL_STEP": "0", "FASTHYDRA_GEMM": "triton"}}
-# Tuning knobs of the small-step path (fasthydra.ops._common constants), timed in the latency rows only.
-KNOBS = {"fasthydra/small-32-rows": {"SMALL_BLOCK_B": 32}}
+# Tuning knobs: module constants set for the calls inside, (module, name, value), and where each is
+# timed: "latency" (the latency rows) or a list of benchmark cases.
+KNOBS = {
+    # the small-step path's first launch with 32-row programs (half the weight re-reads, half the programs)
+    "fasthydra/small-32-rows": {"set": [("fasthydra.ops._common", "SMALL_BLOCK_B", 32)], "cases": "latency"},
+    # the cuBLAS path's head groups at gpu-large: 2 heads per group (512 MiB of logits) and 1 (the default)
+    "fasthydra/groups-512MiB": {"set": [("fasthydra.ops.linear_hydra_kl", "CUBLAS_GROUP_ELEMENTS", 1 << 28)],
+                                "cases": [("linear_fwdbwd", "gpu-large")]},
+}
 SMALL_CASES = [("linear_fwdbwd", "small-C"), ("linear_fwdbwd", "gpu-small"), ("mlp_fwdbwd", "gpu-small"),
                ("linear_fwd", "small-C")]
 VARIANT_CASES = [("linear_fwdbwd", "gpu-large"), ("linear_fwdbwd", "mid"), ("linear_fwdbwd", "large-C"),
@@ -68,9 +75,10 @@ VARIANT_CASES = [("linear_fwdbwd", "gpu-large"), ("linear_fwdbwd", "mid"), ("lin
 def variants_for(op: str, shape: str) -> list[str]:
     """The extra providers a case runs: both variants at the small shapes (where the default is the
     small-step path), the Triton GEMM one elsewhere (where the default already is the cuBLAS path)."""
+    knobs = [name for name, knob in KNOBS.items() if knob["cases"] != "latency" and (op, shape) in knob["cases"]]
     if (op, shape) in SMALL_CASES:
-        return list(VARIANTS)
-    return ["fasthydra/triton-gemm"] if (op, shape) in VARIANT_CASES else []
+        return list(VARIANTS) + knobs
+    return (["fasthydra/triton-gemm"] if (op, shape) in VARIANT_CASES else []) + knobs
 
 
 def copy_bandwidth() -> float:
@@ -183,16 +191,18 @@ def with_variant(provider: str):
     of a KNOBS one for the calls inside; nothing for plain "fasthydra"."""
     import contextlib
 
-    from fasthydra.ops import _common
+    import importlib
 
     @contextlib.contextmanager
     def ctx():
-        settings, knobs = VARIANTS.get(provider, {}), KNOBS.get(provider, {})
+        settings = VARIANTS.get(provider, {})
+        knobs = [(importlib.import_module(mod), name, value)
+                 for mod, name, value in KNOBS.get(provider, {}).get("set", [])]
         old = {k: os.environ.get(k) for k in settings}
-        old_knobs = {k: getattr(_common, k) for k in knobs}
+        old_knobs = [(mod, name, getattr(mod, name)) for mod, name, _ in knobs]
         os.environ.update(settings)
-        for k, v in knobs.items():
-            setattr(_common, k, v)
+        for mod, name, value in knobs:
+            setattr(mod, name, value)
         try:
             yield
         finally:
@@ -201,8 +211,8 @@ def with_variant(provider: str):
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
-            for k, v in old_knobs.items():
-                setattr(_common, k, v)
+            for mod, name, value in old_knobs:
+                setattr(mod, name, value)
 
     return ctx()
 
@@ -275,6 +285,22 @@ def format_table(rows: list[dict], device: str) -> str:
     return "\n".join(lines)
 
 
+def variant_ratios(rows: list[dict]) -> list[dict]:
+    """Each variant or knob row against the default dispatch ("fasthydra") of its case: time and peak
+    memory ratios (below 1: the variant is faster / smaller), what the open design decisions need."""
+    default = {(r["op"], r["shape"]): r for r in rows if r["provider"] == "fasthydra"}
+    out = []
+    for r in rows:
+        base = default.get((r["op"], r["shape"]))
+        if base is None or not (r["provider"] in VARIANTS or r["provider"] in KNOBS):
+            continue
+        mem = (r["peak_memory_bytes"] / base["peak_memory_bytes"]) if r.get("peak_memory_bytes") and \
+            base.get("peak_memory_bytes") else None
+        out.append({"op": r["op"], "shape": r["shape"], "provider": r["provider"],
+                    "time_vs_default": r["seconds"] / base["seconds"], "memory_vs_default": mem})
+    return out
+
+
 def check_targets(rows: list[dict]) -> list[tuple[str, str, float | None]]:
     """(target, PASS/FAIL/MISSING, value) for every GPU target, from the fasthydra rows."""
     out = []
@@ -310,7 +336,7 @@ def main(argv=None) -> int:
 
     lat_rows = []
     for op, shape in dict.fromkeys((op, shape) for op, shape, _, _ in LATENCY_TARGETS):
-        for provider in ("fasthydra", "eager", *VARIANTS, *KNOBS):
+        for provider in ("fasthydra", "eager", *VARIANTS, *(k for k, v in KNOBS.items() if v["cases"] == "latency")):
             try:
                 with with_variant(provider):
                     row = latency(by_key[(op, shape)], "eager" if provider == "eager" else "fasthydra")
@@ -338,7 +364,7 @@ def main(argv=None) -> int:
               else f"ERROR {r['error']}"), flush=True)
 
     priority = [c for c in all_cases if (c.op, c.name) in {(t[0], t[1]) for t in TARGETS[:4]}]
-    priority += [by_key[k] for k in VARIANT_CASES if by_key[k] not in priority]
+    priority += [by_key[k] for k in VARIANT_CASES if k in by_key and by_key[k] not in priority]
     priority += [c for c in all_cases if (c.op, c.name) in {(t[0], t[1]) for t in TARGETS} and c not in priority]
     order = priority + [c for c in all_cases if c not in priority]
     rows, left_out, floors = [], [], {}
@@ -353,7 +379,7 @@ def main(argv=None) -> int:
             if provider == "compile" and (case.op, case.name) not in COMPILE_CASES:
                 continue
             try:
-                if provider in VARIANTS:
+                if provider in VARIANTS or provider in KNOBS:
                     with with_variant(provider):
                         rows.append({**bench_case(case, "fasthydra"), "provider": provider})
                 else:
@@ -363,6 +389,35 @@ def main(argv=None) -> int:
                              "provider": provider, "error": f"{type(exc).__name__}: {exc}"[:300]})
             torch.cuda.empty_cache()
         print(f"  done {case.key} ({time.perf_counter() - start:.0f}s)", flush=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    record = {"device": device, "date": datetime.date.today().isoformat(), "commit": commit,
+              "torch": torch.__version__, "triton": __import__("triton").__version__, "tests": tests,
+              "rows": rows, "floors": {f"{op} {shape}": v for (op, shape), v in floors.items()}, "latency": lat_rows,
+              "copy_bytes_per_s": copy_bps, "topk": topk, "left_out": left_out}
+    _write(args.out, record, start)  # the measurements are safe before any analysis runs
+    try:
+        targets = _analyse(record, rows, lat_rows, floors, by_key, copy_bps, device)
+    except Exception:  # a reporting bug must not cost the run: the raw record is written already
+        import traceback
+
+        traceback.print_exc()
+        return 1
+    if left_out:
+        print(f"left out (time budget): {', '.join(left_out)}")
+    _write(args.out, record, start)
+    return 0 if tests.get("returncode") in (0, None) and all(v != "FAIL" for _, v, _ in targets) else 1
+
+
+def _write(path: str, record: dict, start: float) -> None:
+    record["seconds"] = time.perf_counter() - start
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1, default=str)
+    print(f"wrote {path} ({record['seconds']:.0f}s)", flush=True)
+
+
+def _analyse(record, rows, lat_rows, floors, by_key, copy_bps, device) -> list:
+    """Ratios, the table, the variant comparison and the target verdicts (added to record); returns the
+    verdicts."""
     for r in rows:
         if "error" not in r and r["op"] in ("kl_fwdbwd", "uncertainty"):
             case = by_key[(r["op"], r["shape"])]
@@ -372,6 +427,11 @@ def main(argv=None) -> int:
     for r in rows:
         if "error" in r:
             print(f"ERROR {r['op']} {r['shape']} {r['provider']}: {r['error']}")
+    decisions = variant_ratios(good)
+    for d in decisions:
+        mem = "-" if d["memory_vs_default"] is None else f"{d['memory_vs_default']:.2f}"
+        print(f"variant {d['op']:14} {d['shape']:10} {d['provider']:24} time x{d['time_vs_default']:.2f} "
+              f"memory x{mem} of the default")
     targets = check_targets(good)
     for op, shape, key, bound in LATENCY_TARGETS:
         row = next((r for r in lat_rows if r["op"] == op and r["shape"] == shape and r["provider"] == "fasthydra"
@@ -381,16 +441,8 @@ def main(argv=None) -> int:
         targets.append((f"{op} {shape}: {key} <= {bound}", verdict, value))
     for label, verdict, value in targets:
         print(f"target {verdict:7} {label} (measured {value if value is None else round(value, 3)})")
-    if left_out:
-        print(f"left out (time budget): {', '.join(left_out)}")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    record = {"device": device, "date": datetime.date.today().isoformat(), "commit": commit,
-              "torch": torch.__version__, "triton": __import__("triton").__version__, "tests": tests,
-              "rows": rows, "latency": lat_rows, "copy_bytes_per_s": copy_bps, "topk": topk, "targets": targets, "left_out": left_out, "seconds": time.perf_counter() - start}
-    with open(args.out, "w") as f:
-        json.dump(record, f, indent=1, default=str)
-    print(f"wrote {args.out} ({record['seconds']:.0f}s)")
-    return 0 if tests.get("returncode") in (0, None) and all(v != "FAIL" for _, v, _ in targets) else 1
+    record["variants"], record["targets"] = decisions, targets
+    return targets
 
 
 if __name__ == "__main__":

@@ -119,5 +119,86 @@ def test_variants_set_their_settings_and_restore_them(monkeypatch):
     assert _common.SMALL_BLOCK_B == default
     # small shapes compare all three heads paths; large ones the two GEMM backends
     assert gpu_check.variants_for("linear_fwdbwd", "gpu-small") == ["fasthydra/cublas", "fasthydra/triton-gemm"]
-    assert gpu_check.variants_for("linear_fwdbwd", "gpu-large") == ["fasthydra/triton-gemm"]
+    assert gpu_check.variants_for("linear_fwdbwd", "gpu-large") == ["fasthydra/triton-gemm", "fasthydra/groups-512MiB"]
+    import fasthydra.ops.linear_hydra_kl as lk
+
+    group = lk.CUBLAS_GROUP_ELEMENTS
+    with gpu_check.with_variant("fasthydra/groups-512MiB"):
+        assert lk.CUBLAS_GROUP_ELEMENTS == 1 << 28 and lk._head_groups(4096, 8, 32000) == (2, 4096)
+    assert lk.CUBLAS_GROUP_ELEMENTS == group and lk._head_groups(4096, 8, 32000) == (1, 4096)
     assert gpu_check.variants_for("kl_fwdbwd", "gpu-large") == []
+
+
+def test_variant_ratios_against_the_default():
+    rows = [{"op": "linear_fwdbwd", "shape": "gpu-small", "provider": "fasthydra", "seconds": 2.0,
+             "peak_memory_bytes": 100},
+            {"op": "linear_fwdbwd", "shape": "gpu-small", "provider": "fasthydra/cublas", "seconds": 3.0,
+             "peak_memory_bytes": 150},
+            {"op": "linear_fwdbwd", "shape": "gpu-small", "provider": "eager", "seconds": 9.0,
+             "peak_memory_bytes": 400},
+            {"op": "linear_fwdbwd", "shape": "gpu-large", "provider": "fasthydra/groups-512MiB", "seconds": 1.0,
+             "peak_memory_bytes": None}]
+    (only,) = gpu_check.variant_ratios(rows)  # eager is no variant; gpu-large has no default row
+    assert only["provider"] == "fasthydra/cublas"
+    assert only["time_vs_default"] == pytest.approx(1.5) and only["memory_vs_default"] == pytest.approx(1.5)
+
+
+def test_main_runs_end_to_end_with_the_device_parts_stubbed(tmp_path, monkeypatch, capsys):
+    """The orchestration of a lent-GPU run (latency rows, variants and knobs, the case loop, the
+    analysis, the JSON) on this CPU: every device-only measurement is replaced by a stand-in, so a
+    slip in the script's own code shows here rather than after minutes of an H200."""
+    import json
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "stand-in")
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(gpu_check, "run_gpu_tests", lambda timeout: {"returncode": 0, "summary": "1 passed"})
+    monkeypatch.setattr(gpu_check, "copy_bandwidth", lambda: 4e12)
+    monkeypatch.setattr(gpu_check, "topk_rows", lambda bps: [{"teacher": "dense", "seconds": 1e-3,
+                                                              "teacher_bytes": 10, "bytes_moved": 30,
+                                                              "of_copy_bandwidth": 0.5}])
+    seen_settings = []
+
+    def latency(case, provider):
+        seen_settings.append((provider, os.environ.get("FASTHYDRA_SMALL_STEP")))
+        return {"op": case.op, "shape": case.name, "provider": provider, "host_us": 100.0, "stream_us": 50.0,
+                "gpu_us": 40.0}
+
+    monkeypatch.setattr(gpu_check, "latency", latency)
+    monkeypatch.setattr(gpu_check, "_do_bench", lambda fn: 1e-3)
+    monkeypatch.setattr(C, "gemm_floor_callable", lambda case: None)
+    cpu_cases = [C.Case("linear_fwdbwd", "gpu-small", 64, 32, 3, 10, torch.float32, "cuda"),
+                 C.Case("linear_fwdbwd", "small-C", 64, 32, 3, 10, torch.float32, "cuda"),
+                 C.Case("mlp_fwdbwd", "gpu-small", 64, 32, 3, 10, torch.float32, "cuda"),
+                 C.Case("linear_fwd", "small-C", 64, 32, 3, 10, torch.float32, "cuda"),
+                 C.Case("kl_fwdbwd", "gpu-large", 64, 32, 3, 10, torch.bfloat16, "cuda")]
+    monkeypatch.setattr(C, "cases", lambda device: cpu_cases)
+    monkeypatch.setattr(C, "provider_available", lambda p, d: None if p in ("eager", "fasthydra") else "absent")
+
+    def bench_case(case, provider):
+        seconds = {"eager": 4e-3, "fasthydra": 1e-3}[provider] * (1.5 if os.environ.get("FASTHYDRA_SMALL_STEP") else 1)
+        return {"op": case.op, "shape": case.name, "dtype": str(case.dtype).replace("torch.", ""),
+                "provider": provider, "B": case.B, "D": case.D, "M": case.M, "C": case.C, "seconds": seconds,
+                "peak_memory_bytes": 2**20, "compile_seconds": None}
+
+    monkeypatch.setattr(gpu_check, "bench_case", bench_case)
+    out = tmp_path / "gpu.json"
+    code = gpu_check.main(["--out", str(out)])
+    record = json.loads(out.read_text())
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert code == 1 and "Traceback" not in captured.err, printed  # 1: a target fails in the stand-in figures
+    # the variants ran with their switch set (the default without), and it was undone afterwards
+    assert ("fasthydra", "0") in seen_settings and ("fasthydra", None) in seen_settings
+    assert "FASTHYDRA_SMALL_STEP" not in os.environ
+    providers = {(r["shape"], r["provider"]) for r in record["rows"]}
+    assert ("gpu-small", "fasthydra/cublas") in providers and ("small-C", "fasthydra/triton-gemm") in providers
+    cublas = next(v for v in record["variants"] if v["provider"] == "fasthydra/cublas")
+    assert cublas["time_vs_default"] == pytest.approx(1.5)
+    verdicts = {label: verdict for label, verdict, _ in record["targets"]}
+    assert verdicts["linear_fwdbwd gpu-small: gpu_us <= 60.0"] == "PASS"
+    assert verdicts["linear_fwdbwd gpu-small: speedup_vs_eager >= 10.0"] == "FAIL"  # 4x in the stand-in
+    values = {label: value for label, _, value in record["targets"]}
+    moved = 3 * 64 * 3 * 10 * 2  # one read of z and t, one write of dz, bf16
+    assert values["kl_fwdbwd gpu-large: of_copy_bandwidth >= 0.75"] == pytest.approx(moved / 1e-3 / 4e12)
+    assert "variant linear_fwdbwd" in printed and record["commit"]
