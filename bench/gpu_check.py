@@ -218,17 +218,33 @@ def with_variant(provider: str):
 
 
 def run_gpu_tests(timeout: float) -> dict:
+    """The gpu tier in a subprocess, verbose, so that a run cut short by the timeout still says which
+    tests passed and failed before it (parsed from the partial output)."""
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     start = time.perf_counter()
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "tests", "-v", "-p", "no:cacheprovider"]
     try:
-        out = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "tests", "-q", "-p", "no:cacheprovider"],
-                             cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
-        tail = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else out.stderr[-500:]
-        return {"returncode": out.returncode, "summary": tail, "seconds": time.perf_counter() - start,
-                "failures": [ln for ln in out.stdout.splitlines() if ln.startswith("FAILED")][:20]}
-    except subprocess.TimeoutExpired:
-        return {"returncode": None, "summary": f"timed out after {timeout:.0f}s", "seconds": timeout, "failures": []}
+        out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+        stdout, returncode = out.stdout, out.returncode
+        tail = stdout.strip().splitlines()[-1] if stdout.strip() else out.stderr[-500:]
+    except subprocess.TimeoutExpired as exc:
+        stdout = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        returncode, tail = None, f"timed out after {timeout:.0f}s"
+    return summarize_test_output(stdout, returncode, tail, time.perf_counter() - start)
+
+
+def summarize_test_output(stdout: str, returncode, tail: str, seconds: float) -> dict:
+    """Counts and failures from `pytest -v` output (whole or cut short)."""
+    lines = stdout.splitlines()
+    passed = sum(1 for ln in lines if " PASSED" in ln)
+    failed = [ln.split(" FAILED")[0].strip() for ln in lines if " FAILED" in ln and "::" in ln]
+    failed += [ln[len("FAILED "):].split(" - ")[0].strip() for ln in lines if ln.startswith("FAILED ")]
+    failed = list(dict.fromkeys(failed))
+    if returncode is None:
+        tail = f"{tail}: {passed} passed, {len(failed)} failed before the cut"
+    return {"returncode": returncode, "summary": tail, "seconds": seconds, "passed": passed,
+            "failures": failed[:20]}
 
 
 def _do_bench(fn) -> float:

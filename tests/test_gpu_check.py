@@ -202,3 +202,15 @@ def test_main_runs_end_to_end_with_the_device_parts_stubbed(tmp_path, monkeypatc
     moved = 3 * 64 * 3 * 10 * 2  # one read of z and t, one write of dz, bf16
     assert values["kl_fwdbwd gpu-large: of_copy_bandwidth >= 0.75"] == pytest.approx(moved / 1e-3 / 4e12)
     assert "variant linear_fwdbwd" in printed and record["commit"]
+
+
+def test_gpu_test_output_is_summarized_whole_and_cut_short():
+    out = ("tests/test_gpu.py::test_a[x] PASSED     [ 10%]\n"
+           "tests/test_gpu.py::test_b FAILED     [ 20%]\n"
+           "tests/test_gpu.py::test_c PASSED     [ 30%]\n")
+    cut = gpu_check.summarize_test_output(out, None, "timed out after 200s", 200.0)
+    assert cut["passed"] == 2 and cut["failures"] == ["tests/test_gpu.py::test_b"]
+    assert "2 passed, 1 failed before the cut" in cut["summary"] and cut["returncode"] is None
+    whole = gpu_check.summarize_test_output(out + "FAILED tests/test_gpu.py::test_b - AssertionError\n"
+                                            "==== 1 failed, 2 passed in 3.0s ====\n", 1, "==== 1 failed ====", 3.0)
+    assert whole["returncode"] == 1 and whole["passed"] == 2 and whole["failures"] == ["tests/test_gpu.py::test_b"]
