@@ -346,6 +346,8 @@ def main(argv=None) -> int:
     device = torch.cuda.get_device_name(0)
     tests = {"summary": "skipped"} if args.skip_tests else run_gpu_tests(timeout=min(200.0, args.budget_s * 0.55))
     print(f"gpu tests: {tests['summary']}", flush=True)
+    for name in tests.get("failures", []):
+        print(f"  FAILED {name}", flush=True)
 
     all_cases = C.cases("cuda")
     by_key = {(c.op, c.name): c for c in all_cases}
