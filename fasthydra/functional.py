@@ -532,12 +532,13 @@ def gaussian_heads_kl_loss(x, weight, bias, teacher_mean, teacher_var, min_var: 
         if tuple(value.shape) != want:
             raise ValueError(f"{name} must have shape {want} for x {tuple(x.shape)}, got {tuple(value.shape)}")
     _check_same_device(x=x, teacher_mean=teacher_mean, teacher_var=teacher_var)
-    _check_gaussian_teacher(teacher_mean, teacher_var)
     reduction = _check_reduction(reduction)
     if reduction == "none":
         raise ValueError("reduction='none' is not fused; use gaussian_kl_loss on the head outputs")
     impl = resolve_impl(impl, x, weight, bias, teacher_mean, teacher_var)
     teacher_grad = torch.is_grad_enabled() and (teacher_mean.requires_grad or teacher_var.requires_grad)
+    if impl != "triton" or teacher_grad:  # the fused kernel checks the teacher while it reads it
+        _check_gaussian_teacher(teacher_mean, teacher_var)
     if impl == "triton" and not teacher_grad:  # the fused kernel forms no teacher gradient: unfused then
         on = torch.is_grad_enabled()
         needs = [on and t is not None and t.requires_grad for t in (x, weight, bias)]

@@ -216,11 +216,24 @@ def _kernel_specs():
             for k_out in (1, 8):  # Gaussian regression heads: K outputs (padded to 16 in the tile)
                 gc = gaussian_config(k_out, d, 4 if ty == "fp32" else 2)
                 args = {"x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "tmean_ptr": f"*{ty}",
-                        "tvar_ptr": f"*{ty}", "loss_ptr": "*fp32", "g_ptr": f"*{ty}", "B": b, "K": k_out, "D": d,
+                        "tvar_ptr": f"*{ty}", "loss_ptr": "*fp32", "part_ptr": "*fp32", "g_ptr": f"*{ty}",
+                        "err_ptr": "*i32", "B": b, "K": k_out, "D": d,
                         "stride_xb": d, "min_var": 1e-6, "grad_scale": 0.1}
                 consts = {"HAS_BIAS": True, "WRITE_GRAD": True, "UPCAST_DOT": False, "PRECISION": prec,
                           "BLOCK_B": gc["BLOCK_B"], "BLOCK_K": gc["BLOCK_K"], "BLOCK_D": gc["BLOCK_D"]}
                 add(_gaussian_heads_kl_fwd_kernel, args, consts, {"num_warps": gc["num_warps"]}, tag)
+                # its second launch: the small-step gradient kernel at C = 2K (while the batch allows)
+                sc = cfgs.small_heads_config(b, m, 2 * k_out, d, 4 if ty == "fp32" else 2)
+                if sc is not None:
+                    add(_small_heads_grad_kernel,
+                        {"x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "g_ptr": f"*{ty}", "dx_ptr": f"*{ty}",
+                         "dw_ptr": f"*{ty}", "db_ptr": f"*{ty}", "part_ptr": "*fp32", "out_ptr": "*fp32", "B": b,
+                         "M": m, "C": 2 * k_out, "K": d, "stride_xb": d, "stride_xm": 0, "n_parts": 300, "n_w": 80,
+                         "n_kblocks_w": 8, "n_x": 300, "n_kblocks": 8, "out_scale": 0.1},
+                        {"UPCAST_DOT": False, "PRECISION": prec, "BLOCK_C": sc["BLOCK_C"], "BLOCK_K": sc["BLOCK_K"],
+                         "SHARED": True, "NEED_W": True, "NEED_B": True, "REDUCE": True, "BLOCK_P": 128,
+                         "BLOCK_R": sc["BLOCK_R"], "BLOCK_RW": sc["BLOCK_RW"], "BLOCK_KW": sc["BLOCK_KW"]},
+                        {"num_warps": sc["num_warps"]}, tag)
 
             uc = cfgs.uncertainty_config(m, c)
             args = {"z_ptr": f"*{ty}", "probs_ptr": f"*{ty}", "total_ptr": f"*{ty}", "aleatoric_ptr": f"*{ty}",

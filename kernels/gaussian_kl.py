@@ -4,8 +4,10 @@ Forward formula, per row b, head m and output k (x_b shared by all heads):
     mu = x_b @ W[m, k].T + bias[m, k],  r = x_b @ W[m, K + k].T + bias[m, K + k],  var = softplus(r) + min_var
     loss[b, m] = sum_k KL(N(mu_t, var_t) || N(mu, var)) = 0.5 * sum_k (log(var / var_t) + (var_t + (mu_t - mu)^2) / var - 1)
 Gradient: dloss/dmu = (mu - mu_t) / var;  dloss/dr = 0.5 * (1 / var - (var_t + (mu_t - mu)^2) / var^2) * sigmoid(r).
-Both are written (times grad_scale) into the (B, M, 2K) stash; the launcher contracts it into dx and
-dW with the grouped GEMM kernel, as for the classification heads.
+Both are written (times grad_scale) into the (B, M, 2K) stash; the launcher contracts it into dx, dW
+and db with the small-step gradient kernel (small_heads.py), which also sums the programs' partial
+losses, or with GEMMs for a large batch. The teacher is checked on the loads already made: a variance
+that is not finite and > 0 sets bit 8 of the error word, a mean that is not finite bit 16.
 """
 
 import triton
@@ -20,13 +22,15 @@ def _gaussian_heads_kl_fwd_kernel(
     tmean_ptr,  # teacher means (B, M, K) contiguous
     tvar_ptr,  # teacher variances (B, M, K) contiguous, > 0
     loss_ptr,  # out: (B, M) fp32, sum_k KL
+    part_ptr,  # out: (row blocks, M) fp32, each program's sum of its loss rows
     g_ptr,  # out: (B, M, 2K) gradient w.r.t. (mu, r), in the input dtype; unused unless WRITE_GRAD
+    err_ptr,  # in/out: int32 error word, OR-ed with 8 (a bad teacher variance) and 16 (a bad teacher mean)
     B,
     K,
     D,
     stride_xb,
     min_var,  # variance floor added after the softplus
-    grad_scale,  # reduction coefficient (1/(B*M) for "mean")
+    grad_scale,  # reduction coefficient (1/(B*M*K) for "mean", 1 for "sum")
     HAS_BIAS: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     UPCAST_DOT: tl.constexpr,  # interpreter: tl.dot on 16-bit operands is unreliable there
@@ -73,7 +77,13 @@ def _gaussian_heads_kl_fwd_kernel(
     ratio = (var_t + diff * diff) / var
     kl = 0.5 * (tl.log(var / var_t) + ratio - 1.0)
     kl = tl.where(mask, kl, 0.0)
-    tl.store(loss_ptr + rows * n_heads + head, tl.sum(kl, axis=1), mask=row_ok)
+    row_kl = tl.sum(kl, axis=1)
+    tl.store(loss_ptr + rows * n_heads + head, row_kl, mask=row_ok)
+    tl.store(part_ptr + pid_b * n_heads + head, tl.sum(tl.where(row_ok, row_kl, 0.0), axis=0))
+    bad_var = mask & ~((var_t > 0.0) & (var_t < float("inf")))  # NaN fails both comparisons
+    bad_mean = mask & ~(tl.abs(mu_t) < float("inf"))
+    bits = tl.max(tl.max(tl.where(bad_var, 8, 0) | tl.where(bad_mean, 16, 0), axis=1), axis=0)
+    tl.atomic_or(err_ptr, bits, mask=bits != 0)
 
     if WRITE_GRAD:
         g_mu = grad_scale * (-diff) / var

@@ -95,3 +95,54 @@ def test_gaussian_head_expand_and_shapes():
     assert_same_products(m5[:, 2], m1[:, 0], inner=4, what="mean")
     assert_same_products(v5[:, 4], v1[:, 0], inner=4, what="variance")
     assert "out_features=3" in repr(big)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("second", ["small-step", "gemms"])
+def test_gaussian_heads_both_second_launches(monkeypatch, bias, reduction, second):
+    """Several 64-row programs, D across two tiles, an upstream gradient of 0.7; the gradients and the
+    reduced loss from the small-step gradient kernel, and from GEMMs (a batch past its limit)."""
+    from fasthydra.ops import _common
+
+    if second == "gemms":
+        monkeypatch.setattr(_common, "SMALL_MAX_ROWS", 100)
+    head = GaussianHydraHead(40, 3, 4, bias=bias, impl="triton")
+    x, tm, tv = _case(b=150, d=40, m=4, k=3)
+    loss = head.distill_loss(x, tm, tv, reduction=reduction)
+    grads = torch.autograd.grad(loss * 0.7, [x, *params_of(head)])
+    loss_ref, grads_ref = _reference(head, x, tm, tv)
+    n = 150 * 4 * 3 if reduction == "sum" else 1
+    assert_close_to(loss, loss_ref * n, rtol=2e-6, what="loss")
+    for g, r in zip(grads, grads_ref):
+        assert_close_to(g, r * n * 0.7, rtol=2e-5, atol=1e-8)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("which,value,match", [("var", 0.0, "teacher_var"), ("var", float("inf"), "teacher_var"),
+                                               ("var", float("nan"), "teacher_var"),
+                                               ("mean", float("nan"), "teacher_mean"),
+                                               ("mean", float("-inf"), "teacher_mean")])
+def test_gaussian_heads_kernel_checks_the_teacher(which, value, match):
+    """The fused kernel checks the teacher on its own loads (no separate pass); on the CPU the error
+    comes from the same call."""
+    head = GaussianHydraHead(6, 2, 3, impl="triton")
+    x, tm, tv = _case(b=70, d=6, m=3, k=2)
+    (tv if which == "var" else tm)[66, 2, 1] = value
+    with pytest.raises(ValueError, match=match):
+        head.distill_loss(x, tm, tv)
+    head.distill_loss(x, *_case(b=70, d=6, m=3, k=2)[1:])  # reported once: the next call is clean
+
+
+@pytest.mark.interpret
+def test_gaussian_heads_fp16_io():
+    head = GaussianHydraHead(16, 2, 3, impl="triton").half()
+    x, tm, tv = _case(b=40, d=16, m=3, k=2, dtype=torch.float16)
+    loss = head.distill_loss(x, tm, tv)
+    grads = torch.autograd.grad(loss, [x, *params_of(head)])
+    assert all(g.dtype == torch.float16 for g in grads)
+    loss_ref, grads_ref = _reference(head, x, tm, tv)
+    assert_close_to(loss, loss_ref, rtol=2e-3, what="loss")
+    for g, r in zip(grads, grads_ref):
+        assert_close_to(g, r, rtol=1e-2, atol=1e-5)

@@ -454,14 +454,13 @@ def test_small_step_setting_is_validated(monkeypatch):
         HydraHead(4, 5, 2, impl="triton").distill_loss(torch.randn(3, 4), torch.randn(3, 2, 5))
 
 
-def test_small_step_is_two_launches_and_nothing_else(monkeypatch):
-    """Issue 9's small-step promise, counted: a forward + backward of linear heads at a small shape is
-    two Triton launches and no torch compute op (allocations and views only; the op under autograd's
-    own gradient accumulation into .grad is not the library's)."""
+def _launches_and_torch_ops(monkeypatch, step):
+    """(Triton kernels launched, torch compute ops run outside them) during step(): allocations, views
+    and the CPU backward's check that the upstream gradient is 1 (ones_like/equal; a GPU would scale
+    instead) do not count. step runs once before, to make the error word."""
     import triton.runtime.interpreter as interp
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    use_heads_path(monkeypatch, "small")
     launches, inside = [], []
     real_run = interp.InterpretedFunction.run
 
@@ -482,16 +481,45 @@ def test_small_step_is_two_launches_and_nothing_else(monkeypatch):
             return func(*args, **(kwargs or {}))
 
     monkeypatch.setattr(interp.InterpretedFunction, "run", run)
-    head = HydraHead(16, 10, 4, impl="triton")
-    x, t = torch.randn(40, 16), teacher_logits(40, 4, 10)
-    # ones_like/equal: the CPU backward's check that the upstream gradient is 1 (a GPU would scale instead)
     free = {"view", "empty", "empty_like", "new_empty", "slice", "detach", "alias", "ones_like", "equal"}
-    head.distill_loss(x, t, 2.0)  # the first call makes the error word
+    step()
     launches.clear()
     with Ops() as ops:
+        step()
+    return launches, [op for op in ops.seen if op not in free]
+
+
+def test_small_step_is_two_launches_and_nothing_else(monkeypatch):
+    """Issue 9's small-step promise, counted: a forward + backward of linear heads at a small shape is
+    two Triton launches and no torch compute op."""
+    use_heads_path(monkeypatch, "small")
+    head = HydraHead(16, 10, 4, impl="triton")
+    x, t = torch.randn(40, 16), teacher_logits(40, 4, 10)
+    def step():
+        head.zero_grad(set_to_none=True)  # a fresh .grad is the gradient itself: no accumulation op
         head.distill_loss(x, t, 2.0).backward()
+
+    launches, ops = _launches_and_torch_ops(monkeypatch, step)
     assert launches == ["_small_heads_kl_kernel", "_small_heads_grad_kernel"]
-    assert [op for op in ops.seen if op not in free] == [], ops.seen
+    assert ops == []
+
+
+def test_gaussian_heads_are_two_launches_and_nothing_else(monkeypatch):
+    """The Gaussian heads the same way: the fused kernel (teacher checks included), then the small-step
+    gradient kernel."""
+    from fasthydra import GaussianHydraHead
+
+    head = GaussianHydraHead(16, 2, 3, impl="triton")
+    x = torch.randn(70, 16, requires_grad=True)
+    tm, tv = torch.randn(70, 3, 2), torch.rand(70, 3, 2) + 0.2
+    def step():
+        head.zero_grad(set_to_none=True)
+        x.grad = None
+        head.distill_loss(x, tm, tv).backward()
+
+    launches, ops = _launches_and_torch_ops(monkeypatch, step)
+    assert launches == ["_gaussian_heads_kl_fwd_kernel", "_small_heads_grad_kernel"]
+    assert ops == []
 
 
 def test_heads_paths_with_extreme_logits_and_masked_rows(gemm):

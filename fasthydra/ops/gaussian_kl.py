@@ -8,9 +8,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import cdiv, dot_precision, next_pow2, upcast_dot
+from ._common import cdiv, dot_precision, next_pow2, small_heads_config, upcast_dot
+from .checks import after_launch, error_word
 from .grouped_linear import heads_backward
-from .hydra_kl import reduce_rows
+from .linear_hydra_kl import launch_small_grads
 
 
 def gaussian_kl_torch(mean, var, teacher_mean, teacher_var):
@@ -27,43 +28,51 @@ def split_gaussian(z: torch.Tensor, min_var: float):
 
 def gaussian_config(k: int, d: int, elem_size: int = 2) -> dict:
     # 64 rows: the smallest tile for which sm_90 issues warp-group MMA (wgmma); 128-byte D tiles
-    # (64 for 16-bit inputs, 32 for fp32) keep the two accumulators and their operands spill-free.
+    # (64 for 16-bit inputs, 32 for fp32) and 8 warps keep the two accumulators, their operands and the
+    # teacher checks spill-free (4 warps spill 8 bytes for fp32 on sm_80: kernel report).
     return dict(BLOCK_B=64, BLOCK_K=max(16, next_pow2(k)), BLOCK_D=max(16, min(next_pow2(d), 128 // elem_size)),
-                num_warps=4)
+                num_warps=8)
 
 
 def gaussian_heads_kl_forward_triton(x, weight, bias, teacher_mean, teacher_var, min_var: float, reduction: str,
                                      need_in: bool, need_w: bool, need_b: bool):
-    """Fused Gaussian heads + KL on Triton: one launch computes the head GEMM, the KL per (row, head)
-    and the gradient w.r.t. (mu, raw var); grouped GEMMs turn it into dx and dW.
-    Returns (loss in fp32, grad_x, grad_weight, grad_bias), None where not asked for."""
+    """Fused Gaussian heads + KL on Triton. Launch 1 computes the head GEMM, the KL per (row, head), the
+    gradient w.r.t. (mu, raw var) and checks the teacher; launch 2 (the small-step gradient kernel,
+    while the batch is small enough for it: see small_heads_config) forms dx, dW, db and the reduced
+    loss; a larger batch takes GEMMs for those. Returns (loss in fp32, grad_x, grad_weight, grad_bias),
+    None where not asked for."""
     from fasthydra.kernels.gaussian_kl import _gaussian_heads_kl_fwd_kernel
 
     m, two_k, d = weight.shape
     k = two_k // 2
     b = x.shape[0]
+    dev = x.device
     x, weight = x.contiguous(), weight.contiguous()
     bias = None if bias is None else bias.contiguous()
     teacher_mean, teacher_var = teacher_mean.contiguous(), teacher_var.contiguous()
     want_grad = need_in or need_w or need_b
-    loss = torch.empty(b, m, dtype=torch.float32, device=x.device)
-    stash = torch.empty(b, m, two_k, dtype=x.dtype, device=x.device) if want_grad else None
-    coef = 1.0 / max(b * m * k, 1) if reduction == "mean" else 1.0
-    if b > 0:
-        cfg = gaussian_config(k, d, x.element_size())
-        _gaussian_heads_kl_fwd_kernel[(cdiv(b, cfg["BLOCK_B"]), m)](
-            x, weight, bias if bias is not None else weight, teacher_mean, teacher_var, loss,
-            stash if want_grad else loss, b, k, d, x.stride(0), min_var, coef,
-            HAS_BIAS=bias is not None, WRITE_GRAD=want_grad, UPCAST_DOT=upcast_dot(x.dtype),
-            PRECISION=dot_precision(x.dtype), BLOCK_B=cfg["BLOCK_B"], BLOCK_K=cfg["BLOCK_K"],
-            BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
+    if b == 0:  # nothing to launch: a zero loss and zero gradients
+        zeros = [torch.zeros_like(t) if need else None for t, need in ((x, need_in), (weight, need_w), (bias, need_b))]
+        return (torch.zeros((), dtype=torch.float32, device=dev), *zeros)
+    cfg = gaussian_config(k, d, x.element_size())
+    grid = (cdiv(b, cfg["BLOCK_B"]), m)
+    loss = torch.empty(b, m, dtype=torch.float32, device=dev)
+    parts = torch.empty(grid, dtype=torch.float32, device=dev)
+    stash = torch.empty(b, m, two_k, dtype=x.dtype, device=dev) if want_grad else loss
+    coef = 1.0 / (b * m * k) if reduction == "mean" else 1.0  # of the loss and of each gradient term
+    _gaussian_heads_kl_fwd_kernel[grid](
+        x, weight, bias if bias is not None else weight, teacher_mean, teacher_var, loss, parts, stash,
+        error_word(dev, "gaussian_kl_loss"), b, k, d, x.stride(0), min_var, coef,
+        HAS_BIAS=bias is not None, WRITE_GRAD=want_grad, UPCAST_DOT=upcast_dot(x.dtype),
+        PRECISION=dot_precision(x.dtype), BLOCK_B=cfg["BLOCK_B"], BLOCK_K=cfg["BLOCK_K"],
+        BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
+    after_launch(dev, "gaussian_kl_loss", teacher_mean.shape)
     grad_x = grad_w = grad_b = None
+    small = small_heads_config(b, m, two_k, d, x.element_size())
+    if small is not None:
+        return launch_small_grads(x, weight, bias, stash, parts, small, True, need_in, need_w, need_b, coef)
     if want_grad:
-        if b == 0:
-            grad_x, grad_w = torch.zeros_like(x), torch.zeros_like(weight)
-        else:
-            grad_x, grad_w = heads_backward(stash, x, weight, True, need_in, need_w)
+        grad_x, grad_w = heads_backward(stash, x, weight, True, need_in, need_w)
         if need_b:
             grad_b = stash.sum(0, dtype=torch.float32).to(bias.dtype)
-    rows = loss if reduction != "mean" else loss * (1.0 / max(k, 1))  # mean over (B, M, K)
-    return reduce_rows(rows, reduction, torch.float32), grad_x, grad_w, grad_b
+    return parts.sum() * coef, grad_x, grad_w, grad_b

@@ -289,6 +289,7 @@ register_autograd("fasthydra::grouped_linear", _grouped_linear_bwd, setup_contex
 def _gaussian_heads_kl_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, teacher_mean: torch.Tensor,
                       teacher_var: torch.Tensor, min_var: float, reduction: str, need_in: bool, need_w: bool,
                       need_b: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    poll(x.device)  # the kernel checks the teacher while it reads it (error word bits 8 and 16)
     loss, g_x, g_w, g_b = _gauss.gaussian_heads_kl_forward_triton(x, weight, bias, teacher_mean, teacher_var, min_var,
                                                                   reduction, need_in, need_w,
                                                                   need_b and bias is not None)
