@@ -234,3 +234,30 @@ def test_topk_teacher_tolerance_rule(dtype, b, m, c, k):
     fused = head.distill_loss(x, teacher, 1.5)
     plain = hydra_kl_loss(head(x), teacher, 1.5, impl="triton")
     assert torch.allclose(fused.float(), plain.float(), rtol=2e-2 if dtype != torch.float32 else 1e-4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b", [37, 9000], ids=["two-launches", "gemms"])
+def test_gaussian_heads_tolerance_rule(dtype, b):
+    """Gaussian heads on CUDA (the fused kernel, then the small-step gradient kernel, or GEMMs past its
+    batch limit) against float64, held to twice eager's error."""
+    from fasthydra import GaussianHydraHead, gaussian_kl_loss
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    head = GaussianHydraHead(48, 3, 4, impl="triton", device="cuda", dtype=dtype)
+    x = torch.randn(b, 48, device="cuda", dtype=dtype, requires_grad=True)
+    tm = torch.randn(b, 4, 3, device="cuda", dtype=dtype)
+    tv = (torch.rand(b, 4, 3, device="cuda") + 0.2).to(dtype)
+    params = [x, *params_of(head)]
+    grads = torch.autograd.grad(loss := head.distill_loss(x, tm, tv), params)
+    eager = gaussian_kl_loss(*head(x), tm, tv)  # the torch path: unfused
+    grads_eager = torch.autograd.grad(eager, params)
+    head64 = GaussianHydraHead(48, 3, 4, impl="torch", device="cuda", dtype=torch.float64)
+    head64.load_state_dict({k: v.double() for k, v in head.state_dict().items()})
+    x64 = x.detach().double().requires_grad_()
+    exact = gaussian_kl_loss(*head64(x64), tm.double(), tv.double())
+    grads_exact = torch.autograd.grad(exact, [x64, *params_of(head64)])
+    atol = 1e-5 if dtype == torch.float32 else 1e-3
+    tolerance_rule(loss, eager, exact, atol * max(1.0, exact.abs().item()), what="loss")
+    for g, ge, gx in zip(grads, grads_eager, grads_exact):
+        tolerance_rule(g, ge, gx, atol * gx.abs().max().item(), what="grad")
