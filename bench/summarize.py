@@ -69,7 +69,7 @@ def main(argv=None) -> int:
         plot(records, argv[argv.index("--plot") + 1])
     compiled = [r for r in records if r.get("compile_seconds")]
     if compiled:
-        print(f"\ntorch.compile time (outside the timings): "
+        print("\ntorch.compile time (outside the timings): "
               + ", ".join(f"{r['op']}/{r['shape']} {r['compile_seconds']:.1f}s" for r in compiled))
     return 0
 

@@ -392,9 +392,10 @@ SMALL_CASES = [(70, 45, 3, 13, None, True), (33, 70, 1, 64, None, False), (40, 1
 @pytest.mark.parametrize("heads", [None, 2], ids=["heads-auto", "heads-by-2"])
 def test_small_step_path_matches_reference(monkeypatch, b, d, m, c, hidden, bias, reduction, heads):
     import fasthydra.ops.linear_hydra_kl as lk
+    import fasthydra.ops.small_heads as small_heads_ops
 
     use_heads_path(monkeypatch, "small")
-    monkeypatch.setattr(lk, "SMALL_REDUCE_BLOCK", 2)  # the reducing program then loops over the partials
+    monkeypatch.setattr(small_heads_ops, "SMALL_REDUCE_BLOCK", 2)  # the reducing program loops over the partials
     if heads is not None:  # launch 1 programs own two heads each (the last group shorter when M is odd)
         config = lk.small_heads_config
         monkeypatch.setattr(lk, "small_heads_config", lambda *a: {**config(*a), "HEADS": heads})

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from ._common import cdiv, dot_precision, next_pow2, small_heads_config, upcast_dot
 from .checks import after_launch, error_word
 from .grouped_linear import heads_backward
-from .linear_hydra_kl import launch_small_grads
+from .small_heads import launch_small_grads
 
 
 def gaussian_kl_torch(mean, var, teacher_mean, teacher_var):
