@@ -17,7 +17,8 @@ GEMMs, a bias sum and the loss reduction. Here:
 Every program's serial chain is short (K / BLOCK_K steps, M steps, or B / BLOCK_RW steps) and the grid
 is wide: at these shapes latency, not arithmetic, is what a step costs. dz is stashed (B, M, C) in the
 input dtype between the launches (what the gradient GEMMs of the cuBLAS path read too). The teacher is
-checked on the loads already made (error word bits 1, 2, 4, as in softmax_kl.py).
+checked on the loads already made (error word bits 1, 2, 4, as in softmax_kl.py). Launch 2 serves the
+Gaussian heads too: their fused kernel (gaussian_kl.py) leaves the same stash and partial losses.
 """
 
 import triton
@@ -41,7 +42,7 @@ def _small_heads_kl_kernel(
     M,
     C,
     K,
-    heads_per_program,
+    heads_per_program,  # heads of one program (grid axis 1 = their groups): > 1 only when the grid is wide
     stride_xb,
     stride_xm,
     stride_wm,
