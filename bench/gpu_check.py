@@ -2,6 +2,11 @@
 
     python bench/gpu_check.py [--out bench/gpu_results.json] [--budget-s 360]
 
+On a lent H200 (its image has torch, Triton, setuptools, pytest, hypothesis, pytest-benchmark), as one
+`run` with timeout_s 480:
+    python3 -m pip install -q --no-deps --no-build-isolation -e . && PYTHONUNBUFFERED=1 \
+        python3 bench/gpu_check.py --out $OUT/gpu_check.json 2>&1 | tee $OUT/gpu_check.log
+
 Built to finish within 8 minutes on an H200 (run it with a 480 s timeout): the gpu tests get at
 most 200 s; then the latency checks at small shapes (host and GPU time per step: the default
 small-step path, the cuBLAS path and the Triton GEMM path), the copy floor and the loss with dense and top-k teachers (about half a minute); then
