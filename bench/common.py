@@ -10,8 +10,10 @@ looped over heads on eager logits).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
+import importlib
 import math
 import os
 import statistics
@@ -57,6 +59,29 @@ class Case:
     @property
     def backward(self) -> bool:
         return self.op.endswith("fwdbwd")
+
+
+@contextlib.contextmanager
+def settings(env: dict | None = None, constants=()):
+    """Environment variables (read by fasthydra at every call) and module constants, given as (module
+    name, attribute, value), set for the calls inside and restored afterwards."""
+    env = env or {}
+    constants = [(importlib.import_module(mod), name, value) for mod, name, value in constants]
+    old_env = {k: os.environ.get(k) for k in env}
+    old_constants = [(mod, name, getattr(mod, name)) for mod, name, _ in constants]
+    os.environ.update(env)
+    for mod, name, value in constants:
+        setattr(mod, name, value)
+    try:
+        yield
+    finally:
+        for k, v in old_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        for mod, name, value in old_constants:
+            setattr(mod, name, value)
 
 
 def quick_mode() -> bool:

@@ -194,32 +194,7 @@ def topk_rows(copy_bps: float, b: int = 4096, m: int = 8, c: int = 32000, ks=(32
 def with_variant(provider: str):
     """Context: the environment settings of a VARIANTS provider (read at every call) or the constants
     of a KNOBS one for the calls inside; nothing for plain "fasthydra"."""
-    import contextlib
-
-    import importlib
-
-    @contextlib.contextmanager
-    def ctx():
-        settings = VARIANTS.get(provider, {})
-        knobs = [(importlib.import_module(mod), name, value)
-                 for mod, name, value in KNOBS.get(provider, {}).get("set", [])]
-        old = {k: os.environ.get(k) for k in settings}
-        old_knobs = [(mod, name, getattr(mod, name)) for mod, name, _ in knobs]
-        os.environ.update(settings)
-        for mod, name, value in knobs:
-            setattr(mod, name, value)
-        try:
-            yield
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-            for mod, name, value in old_knobs:
-                setattr(mod, name, value)
-
-    return ctx()
+    return C.settings(VARIANTS.get(provider, {}), KNOBS.get(provider, {}).get("set", []))
 
 
 def run_gpu_tests(timeout: float) -> dict:

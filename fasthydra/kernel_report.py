@@ -90,6 +90,7 @@ def _kernel_specs():
         _linear_hydra_kl_grad_kernel,
         _linear_hydra_kl_stats_kernel,
     )
+    from fasthydra.kernels.checks import _flag_rows_kernel
     from fasthydra.kernels.small_heads import _small_heads_grad_kernel, _small_heads_kl_kernel
     from fasthydra.kernels.softmax_kl import _hydra_kl_fwd_kernel, _hydra_kl_topk_fwd_kernel
     from fasthydra.ops.hydra_kl import topk_config
@@ -104,6 +105,11 @@ def _kernel_specs():
             seen.add(key)
             specs.append((fn, args, consts, opts, dtype))
 
+    from fasthydra.ops.checks import FLAG_BLOCK
+
+    for ty in ("fp32", "bf16"):  # the torch path's teacher check on CUDA (one value per row)
+        add(_flag_rows_kernel, {"v_ptr": f"*{ty}", "n": 4096 * 8, "err_ptr": "*i32"}, {"BLOCK": FLAG_BLOCK},
+            {"num_warps": 4}, ty)
     for b, d, m, c in SHAPES + [(64, 64, 8, c) for c in EXTRA_ROW_LENGTHS]:
         for tag, (ty, prec) in DTYPES.items():
             args = {"z_ptr": f"*{ty}", "t_ptr": f"*{ty}", "loss_ptr": "*fp32", "grad_ptr": f"*{ty}",

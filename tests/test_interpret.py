@@ -455,39 +455,16 @@ def test_small_step_setting_is_validated(monkeypatch):
         HydraHead(4, 5, 2, impl="triton").distill_loss(torch.randn(3, 4), torch.randn(3, 2, 5))
 
 
-def _launches_and_torch_ops(monkeypatch, step):
-    """(Triton kernels launched, torch compute ops run outside them) during step(): allocations, views
-    and the CPU backward's check that the upstream gradient is 1 (ones_like/equal; a GPU would scale
-    instead) do not count. step runs once before, to make the error word."""
-    import triton.runtime.interpreter as interp
-    from torch.utils._python_dispatch import TorchDispatchMode
+def _launches_and_torch_ops(step):
+    """(Triton kernels launched, torch compute ops) of one call of step() after a warm-up call: the
+    counting of bench/launch_counts.py (allocations and views are no launches)."""
+    import pathlib
+    import sys
 
-    launches, inside = [], []
-    real_run = interp.InterpretedFunction.run
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "bench"))
+    import launch_counts
 
-    def run(self, *args, **kwargs):
-        launches.append(self.fn.__name__)
-        inside.append(1)
-        try:
-            return real_run(self, *args, **kwargs)
-        finally:
-            inside.pop()
-
-    class Ops(TorchDispatchMode):
-        seen: list = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not inside:  # the interpreter's own copies of kernel arguments are not launches
-                self.seen.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
-
-    monkeypatch.setattr(interp.InterpretedFunction, "run", run)
-    free = {"view", "empty", "empty_like", "new_empty", "slice", "detach", "alias", "ones_like", "equal"}
-    step()
-    launches.clear()
-    with Ops() as ops:
-        step()
-    return launches, [op for op in ops.seen if op not in free]
+    return launch_counts.count(step)
 
 
 def test_small_step_is_two_launches_and_nothing_else(monkeypatch):
@@ -500,7 +477,7 @@ def test_small_step_is_two_launches_and_nothing_else(monkeypatch):
         head.zero_grad(set_to_none=True)  # a fresh .grad is the gradient itself: no accumulation op
         head.distill_loss(x, t, 2.0).backward()
 
-    launches, ops = _launches_and_torch_ops(monkeypatch, step)
+    launches, ops = _launches_and_torch_ops(step)
     assert launches == ["_small_heads_kl_kernel", "_small_heads_grad_kernel"]
     assert ops == []
 
@@ -518,7 +495,7 @@ def test_gaussian_heads_are_two_launches_and_nothing_else(monkeypatch):
         x.grad = None
         head.distill_loss(x, tm, tv).backward()
 
-    launches, ops = _launches_and_torch_ops(monkeypatch, step)
+    launches, ops = _launches_and_torch_ops(step)
     assert launches == ["_gaussian_heads_kl_fwd_kernel", "_small_heads_grad_kernel"]
     assert ops == []
 
@@ -550,3 +527,45 @@ def test_small_step_heads_per_program():
     assert _common.small_heads_config(512, 10, 10, 512, 4)["HEADS"] == 1  # gpu-small: 32 x 10 programs
     assert _common.small_heads_config(4096, 8, 10, 512, 4)["HEADS"] == 2  # small-C: 256 x 4 programs
     assert _common.small_heads_config(8192, 4, 10, 64, 2)["HEADS"] == 2
+
+
+@pytest.mark.parametrize("triton_kernel", [True, False], ids=["triton", "torch-ops"])
+def test_row_value_flags_set_the_error_word(monkeypatch, triton_kernel):
+    """The torch path's teacher check on CUDA: NaN, +inf and -inf among the row maxima set bits 1, 2, 4
+    of the op's error word (one Triton launch; torch ops where Triton cannot run), nothing otherwise;
+    blocks of 4 so that a bad value sits in a later program."""
+    from fasthydra.ops import checks
+
+    monkeypatch.setattr(checks, "FLAG_BLOCK", 4)
+    monkeypatch.setattr(checks, "_triton_runs_on", lambda t: triton_kernel)
+    word = checks.error_word(torch.device("cpu"), "hinton_kl_loss")
+    for bad, bits in [(None, 0), (float("nan"), 1), (float("inf"), 2), (float("-inf"), 4)]:
+        word.zero_()
+        values = torch.randn(11)
+        if bad is not None:
+            values[9] = bad
+        checks._flag_row_values(values, "hinton_kl_loss")
+        assert int(word) == bits
+    word.zero_()
+
+
+def test_launch_counts_table(capsys):
+    """bench/launch_counts.py: one row per op and path; the small-step rows count 2 Triton launches and
+    only the error word's copy besides (checks run as on CUDA there)."""
+    import pathlib
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "bench"))
+    import launch_counts
+
+    from fasthydra.ops import checks
+
+    try:
+        assert launch_counts.main(["--markdown"]) == 0
+    finally:
+        checks._flags.clear()  # the deferred-mode word of that run: not this process's business after it
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| distill")]
+    assert len(rows) == 7
+    small = [ln for ln in rows if "| small-step |" in ln or "small-step grads" in ln]
+    assert len(small) == 3 and all("| 2 |" in ln for ln in small)
+    assert "| 2 | 1 (copy_) | 3 |" in small[0]

@@ -176,17 +176,45 @@ def raise_pending_errors(sync: bool = True) -> None:
 def flag_teacher_rows(teacher: torch.Tensor, op: str) -> None:
     """The torch path: one row-max reduction answers all three questions (max is NaN with a NaN, +inf
     with a +inf, -inf exactly when the whole row is -inf); on CUDA its verdict goes to the error word
-    with device-side ops only, on the CPU the error is raised at once."""
+    through one small Triton launch (no host read), on the CPU the error is raised at once."""
     if teacher.numel() == 0:
         return
     if teacher.device.type != "cuda" and not _DEFER_ON_CPU:
         check_teacher_values(teacher)
         return
-    row_max = teacher.detach().amax(dim=-1)
-    bits = (torch.isnan(row_max).any().int() * NAN + torch.isposinf(row_max).any().int() * POSINF
-            + torch.isneginf(row_max).any().int() * ALL_NEGINF)
-    error_word(teacher.device, op).bitwise_or_(bits)
+    _flag_row_values(teacher.detach().amax(dim=-1), op)
     after_launch(teacher.device, op, teacher.shape)
+
+
+# Values per launch of the row-check kernel's programs.
+FLAG_BLOCK = 1024
+
+
+def _flag_row_values(values: torch.Tensor, op: str) -> None:
+    """NaN (bit 1), +inf (2) and -inf (4) among one value per row into `op`'s error word: one Triton
+    launch where Triton runs on these tensors, else device-side torch ops (several small launches)."""
+    values = values.reshape(-1)
+    word = error_word(values.device, op)
+    if _triton_runs_on(values):
+        from fasthydra.kernels.checks import _flag_rows_kernel
+
+        n = values.numel()
+        _flag_rows_kernel[((n + FLAG_BLOCK - 1) // FLAG_BLOCK,)](values, n, word, BLOCK=FLAG_BLOCK)
+        return
+    bits = (torch.isnan(values).any().int() * NAN + torch.isposinf(values).any().int() * POSINF
+            + torch.isneginf(values).any().int() * ALL_NEGINF)
+    word.bitwise_or_(bits)
+
+
+def _triton_runs_on(t: torch.Tensor) -> bool:
+    """Triton can launch on t: a CUDA tensor with Triton installed, or any tensor under the interpreter."""
+    if not (t.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"):
+        return False
+    try:
+        import triton  # noqa: F401
+    except Exception:  # pragma: no cover - depends on the platform
+        return False
+    return True
 
 
 def topk_index_bits(indices: torch.Tensor, values: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -240,9 +268,7 @@ def flag_status(status: torch.Tensor, op: str, shape) -> None:
     if status.device.type != "cuda" and not _DEFER_ON_CPU:
         check_teacher_status(status, shape)
         return
-    bits = (torch.isnan(status).any().int() * NAN + torch.isposinf(status).any().int() * POSINF
-            + torch.isneginf(status).any().int() * ALL_NEGINF)
-    error_word(status.device, op).bitwise_or_(bits)
+    _flag_row_values(status, op)
     after_launch(status.device, op, shape)
 
 

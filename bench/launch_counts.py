@@ -1,0 +1,146 @@
+"""Kernel launches per training step, counted (issue 9: "few launches, little Python").
+
+    python bench/launch_counts.py [--markdown]
+
+Runs each op's forward + backward on small CPU tensors with Triton under its interpreter, the error
+word treated as on CUDA (checks.py's deferred mode: its non-blocking copy is counted), and counts
+what would be a GPU launch: every Triton kernel (a hook on the interpreter's launches) and every
+torch op that computes (a TorchDispatchMode; allocations and views do not count, nor do the
+interpreter's own copies of kernel arguments). The upstream gradient is 1 here, which the CPU
+backward recognises; on a GPU the stored gradients are scaled by one more (foreach) launch.
+Counts depend on the path, not on the sizes, while a path's limits hold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common as C  # noqa: E402
+
+# Allocations, views and metadata: no kernel on a GPU.
+FREE = {"view", "empty", "empty_like", "empty_strided", "new_empty", "slice", "detach", "alias", "select",
+        "unsqueeze", "transpose", "permute", "reshape", "expand", "t", "as_strided", "_unsafe_view",
+        "lift_fresh", "ones_like", "equal", "split", "unbind", "squeeze"}
+
+
+def count(step) -> tuple[list[str], list[str]]:
+    """(Triton kernels, torch compute ops) of one call of step(), after a first call that warms up."""
+    import triton.runtime.interpreter as interp
+
+    launches, inside = [], []
+    real_run = interp.InterpretedFunction.run
+
+    def run(self, *args, **kwargs):
+        launches.append(self.fn.__name__)
+        inside.append(1)
+        try:
+            return real_run(self, *args, **kwargs)
+        finally:
+            inside.pop()
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not inside:
+                self.seen.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    interp.InterpretedFunction.run = run
+    try:
+        step()
+        launches.clear()
+        with Ops() as ops:
+            step()
+    finally:
+        interp.InterpretedFunction.run = real_run
+    return list(launches), [op for op in ops.seen if op not in FREE]
+
+
+def cases():
+    """(op, path, step) at small shapes; the settings of each path are applied around its step."""
+    from fasthydra import GaussianHydraHead, HydraHead, hinton_kl_loss, hydra_kl_loss, uncertainty
+
+    torch.manual_seed(0)
+    x = torch.randn(40, 16, requires_grad=True)
+    t = torch.randn(40, 4, 10)
+    out = []
+    for hidden, name in ((None, "linear heads"), (16, "MLP heads")):
+        head = HydraHead(16, 10, 4, hidden_features=hidden, impl="triton")
+        for path, env in (("small-step", {"FASTHYDRA_SMALL_STEP": "auto", "FASTHYDRA_GEMM": "cublas"}),
+                          ("cuBLAS + loss kernel", {"FASTHYDRA_SMALL_STEP": "0", "FASTHYDRA_GEMM": "cublas"}),
+                          ("Triton GEMMs", {"FASTHYDRA_SMALL_STEP": "0", "FASTHYDRA_GEMM": "triton"})):
+            def step(head=head):
+                head.zero_grad(set_to_none=True)
+                x.grad = None
+                head.distill_loss(x, t, 2.0).backward()
+
+            out.append((f"distill_loss, {name}", path, env, step))
+    g = GaussianHydraHead(16, 2, 4, impl="triton")
+    tm, tv = torch.randn(40, 4, 2), torch.rand(40, 4, 2) + 0.2
+
+    def gaussian_step():
+        g.zero_grad(set_to_none=True)
+        x.grad = None
+        g.distill_loss(x, tm, tv).backward()
+
+    out.append(("distill_loss, Gaussian heads", "fused + small-step grads", {}, gaussian_step))
+    z = torch.randn(40, 4, 10, requires_grad=True)
+    z1 = torch.randn(40, 10, requires_grad=True)
+
+    def logits_step():
+        z.grad = None
+        hydra_kl_loss(z, t, 2.0, impl="triton").backward()
+
+    def hinton_step():
+        z1.grad = None
+        hinton_kl_loss(z1, t, 2.0, impl="triton").backward()
+
+    out.append(("hydra_kl_loss on logits", "loss kernel", {}, logits_step))
+    out.append(("hinton_kl_loss", "loss kernel", {}, hinton_step))
+    out.append(("uncertainty", "uncertainty kernel", {}, lambda: uncertainty(z.detach(), impl="triton")))
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--markdown", action="store_true", help="print a markdown table")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        print("launch_counts: needs TRITON_INTERPRET=1 (set before triton is imported)", file=sys.stderr)
+        return 2
+    from fasthydra.ops import checks
+
+    checks._DEFER_ON_CPU = True  # the error word as on CUDA: its copy is a launch there
+    rows = []
+    try:
+        for op, path, env, step in cases():
+            with C.settings(env):
+                kernels, ops = count(step)
+            rows.append((op, path, kernels, ops))
+    finally:
+        checks._DEFER_ON_CPU = False
+    if args.markdown:
+        print("| op (forward + backward) | path | Triton launches | torch launches | total |")
+        print("|---|---|---:|---:|---:|")
+    for op, path, kernels, ops in rows:
+        if args.markdown:
+            print(f"| {op} | {path} | {len(kernels)} | {len(ops)} ({', '.join(ops) or '-'}) | "
+                  f"{len(kernels) + len(ops)} |")
+        else:
+            print(f"{op:32} {path:26} triton {len(kernels)} {kernels}  torch {len(ops)} {ops}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
