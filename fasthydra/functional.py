@@ -17,6 +17,7 @@ from fasthydra.ops._common import interpreting
 from fasthydra.ops import checks as _checks
 from fasthydra.ops.checks import flag_gaussian_teacher, flag_teacher_rows, flag_topk_teacher, poll
 from fasthydra.ops.gaussian_kl import gaussian_kl_torch, split_gaussian
+from fasthydra.ops.uncertainty import ensemble_log_mean_triton
 from fasthydra.ops import library as _ops
 from fasthydra.reference import TopKTeacher, Uncertainty
 
@@ -280,13 +281,19 @@ def hinton_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
     _check_same_device(student_logits=student_logits, teacher_logits=teacher_logits)
     temperature = _check_temperature(temperature)
     reduction = _check_reduction(reduction)
-    if not torch.compiler.is_compiling():  # compiled: the op's own check sees NaN in log pbar instead
-        poll(teacher_logits.device)
-        flag_teacher_rows(teacher_logits, "hinton_kl_loss")
     impl = resolve_impl(impl, student_logits, teacher_logits)
+    compiling = torch.compiler.is_compiling()
+    if not compiling:  # compiled: the op's own check sees NaN in log pbar instead
+        poll(teacher_logits.device)
     # softmax(T * log pbar / T) = pbar exactly, so the per-head kernel does the rest (masks included).
-    mean_teacher = (temperature * ensemble_log_mean_probs(teacher_logits, temperature)).unsqueeze(1)
-    return _hinton_on_target(z, mean_teacher, temperature, reduction, impl)
+    if impl == "triton" and not compiling and not (torch.is_grad_enabled() and teacher_logits.requires_grad):
+        # one launch forms T * log pbar and checks the teacher on the same loads
+        mean_teacher = ensemble_log_mean_triton(teacher_logits.detach(), temperature, "hinton_kl_loss")
+    else:
+        if not compiling:
+            flag_teacher_rows(teacher_logits, "hinton_kl_loss")
+        mean_teacher = temperature * ensemble_log_mean_probs(teacher_logits, temperature)
+    return _hinton_on_target(z, mean_teacher.unsqueeze(1), temperature, reduction, impl)
 
 
 def _hinton_on_target(z, mean_teacher, temperature, reduction, impl):

@@ -94,7 +94,7 @@ def _kernel_specs():
     from fasthydra.kernels.small_heads import _small_heads_grad_kernel, _small_heads_kl_kernel
     from fasthydra.kernels.softmax_kl import _hydra_kl_fwd_kernel, _hydra_kl_topk_fwd_kernel
     from fasthydra.ops.hydra_kl import topk_config
-    from fasthydra.kernels.uncertainty import _uncertainty_fwd_kernel
+    from fasthydra.kernels.uncertainty import _ensemble_log_mean_kernel, _uncertainty_fwd_kernel
 
     specs, seen = [], set()
 
@@ -247,6 +247,12 @@ def _kernel_specs():
                     "stride_pb": c, "inv_temp": 1.0}
             add(_uncertainty_fwd_kernel, args, {"BLOCK_M": uc["BLOCK_M"], "BLOCK_C": uc["BLOCK_C"],
                                                 "ROW_IN_REGISTERS": uc["ROW_IN_REGISTERS"]},
+                {"num_warps": uc["num_warps"]}, tag)
+            # the Hinton loss's target (the ensemble's mean in log space), same (M, C) row structure
+            add(_ensemble_log_mean_kernel, {"t_ptr": f"*{ty}", "out_ptr": "*fp32", "err_ptr": "*i32", "M": m, "C": c,
+                                            "stride_tb": m * c, "stride_tm": c, "stride_ob": c, "inv_temp": 0.5,
+                                            "temp": 2.0, "log_m": 2.0},
+                {"BLOCK_M": uc["BLOCK_M"], "BLOCK_C": uc["BLOCK_C"], "ROW_IN_REGISTERS": uc["ROW_IN_REGISTERS"]},
                 {"num_warps": uc["num_warps"]}, tag)
     return specs
 

@@ -95,3 +95,88 @@ def _mixture_tile(s, mask, cols, ref, probs_row, C, M):
     p = tl.sum(q, axis=0) / M
     tl.store(probs_row + cols, p.to(probs_row.dtype.element_ty), mask=col_ok)
     return tl.sum(tl.where(p > 0, p * tl.log(tl.where(p > 0, p, 1.0)), 0.0), axis=0)
+
+
+# The ensemble's mean prediction in log space, the Hinton loss's target: per row b and class c,
+#     out[b, c] = T * log pbar_c,   pbar = mean_m softmax(t_m / T)
+# formed as T * (mx_c + log sum_m exp(l_mc - mx_c) - log M) with l_mc = t_mc / T - lse_m and
+# mx_c = max_m l_mc, so no probability is ever formed in linear space (no underflow); a class that
+# every member masks (-inf) gets -inf. No gradient (a teacher that requires grad takes torch ops).
+# Pass 1 walks the C tiles with all heads of the row in one tile for each head's log-normaliser lse_m
+# and checks the teacher on the same loads (error word: 1 a NaN, 2 a +inf, 4 a member row that is -inf
+# for every class); pass 2 forms the target tile by tile.
+@triton.jit
+def _ensemble_log_mean_kernel(
+    t_ptr,  # member logits (B, M, C): strides stride_tb, stride_tm, unit along C
+    out_ptr,  # out: (B, C) fp32 T * log pbar, row stride stride_ob, unit along C
+    err_ptr,  # in/out: int32 error word (bits 1, 2, 4)
+    M,
+    C,
+    stride_tb,
+    stride_tm,
+    stride_ob,
+    inv_temp,  # 1 / T
+    temp,  # T
+    log_m,  # log M
+    BLOCK_M: tl.constexpr,  # heads, padded to a power of two
+    BLOCK_C: tl.constexpr,
+    ROW_IN_REGISTERS: tl.constexpr,  # C <= BLOCK_C: the (M, C) row is read once and reused by pass 2
+):
+    row = tl.program_id(0).to(tl.int64)
+    heads = tl.arange(0, BLOCK_M)
+    head_ok = heads < M
+    cols0 = tl.arange(0, BLOCK_C)
+    t_row = t_ptr + row * stride_tb + heads[:, None].to(tl.int64) * stride_tm
+
+    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    d = tl.zeros((BLOCK_M,), tl.float32)
+    n_nan = tl.zeros((BLOCK_M,), tl.int32)
+    if ROW_IN_REGISTERS:
+        row_mask = head_ok[:, None] & (cols0 < C)[None, :]
+        u_row = tl.load(t_row + cols0[None, :], mask=row_mask, other=float("-inf")).to(tl.float32) * inv_temp
+        n_nan += tl.sum((u_row != u_row).to(tl.int32), axis=1)
+        m, d = _lse_update(u_row, m, d)
+    else:
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + cols0
+            mask = head_ok[:, None] & (cols < C)[None, :]
+            u = tl.load(t_row + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
+            n_nan += tl.sum((u != u).to(tl.int32), axis=1)
+            m, d = _lse_update(u, m, d)
+    bad = tl.max(tl.where(head_ok & (n_nan > 0), 1, 0), axis=0)
+    bad |= tl.max(tl.where(head_ok & (m == float("inf")), 2, 0), axis=0)
+    bad |= tl.max(tl.where(head_ok & (m == float("-inf")), 4, 0), axis=0)
+    tl.atomic_or(err_ptr, bad, mask=bad != 0)
+    lse = tl.where(head_ok, m + tl.log(d), float("inf"))  # padded heads: l = -inf, nothing to the sum
+
+    out_row = out_ptr + row * stride_ob
+    if ROW_IN_REGISTERS:
+        _log_mean_tile(u_row, lse, cols0, out_row, C, temp, log_m)
+    else:
+        n_tiles = tl.cdiv(C, BLOCK_C)
+        for j in range(0, n_tiles):  # last tile first: pass 1 read it last, so L2 most likely still holds it
+            c0 = (n_tiles - 1 - j) * BLOCK_C
+            cols = c0 + cols0
+            mask = head_ok[:, None] & (cols < C)[None, :]
+            u = tl.load(t_row + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
+            _log_mean_tile(u, lse, cols, out_row, C, temp, log_m)
+
+
+@triton.jit
+def _lse_update(u, m, d):
+    """Folds one (BLOCK_M, BLOCK_C) tile into each head's running max m and sum d = sum exp(u - m)."""
+    new_m = tl.maximum(m, tl.max(u, axis=1))
+    ref = tl.where(new_m == float("-inf"), 0.0, new_m)
+    d = d * tl.exp(m - ref) + tl.sum(tl.exp(u - ref[:, None]), axis=1)
+    return new_m, d
+
+
+@triton.jit
+def _log_mean_tile(u, lse, cols, out_row, C, temp, log_m):
+    """Stores T * log mean_m exp(u_m - lse_m) on one class tile (-inf where every member masks)."""
+    lq = u - lse[:, None]
+    mx = tl.max(lq, axis=0)
+    ref = tl.where(mx == float("-inf"), 0.0, mx)
+    s = tl.sum(tl.exp(lq - ref[None, :]), axis=0)
+    lp = tl.where(mx == float("-inf"), float("-inf"), ref + tl.log(s) - log_m)
+    tl.store(out_row + cols, lp * temp, mask=cols < C)

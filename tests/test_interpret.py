@@ -127,6 +127,49 @@ def test_hinton_through_kernel():
     assert_close_to(g, g_ref, rtol=2e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("b,m,c", [(6, 3, 10), (5, 1, 37), (4, 5, 300)])
+@pytest.mark.parametrize("tile", [None, 64], ids=["row-whole", "tiles-of-64"])
+@pytest.mark.parametrize("scale", [3.0, 1e3], ids=["plain", "extreme"])
+def test_ensemble_mean_target_kernel(monkeypatch, b, m, c, tile, scale):
+    """The Hinton target T * log mean_m softmax(t_m / T) from one launch, against float64: masked
+    classes (one member's, and one every member masks: -inf, a masked class for the loss)."""
+    from fasthydra.functional import ensemble_log_mean_probs
+    from fasthydra.ops.uncertainty import ensemble_log_mean_triton
+
+    if tile is not None:
+        monkeypatch.setattr(_common, "UNCERTAINTY_TILE_MAX", tile)  # tiles, not the row held whole
+    t = teacher_logits(b, m, c, scale=scale)
+    t[1, :, c // 3] = float("-inf")
+    got = ensemble_log_mean_triton(t, 1.7, "hinton_kl_loss")
+    want = 1.7 * ensemble_log_mean_probs(t.double(), 1.7)
+    every = torch.isneginf(t).all(dim=1)  # (1, c // 3), and with M = 1 the helper's masked classes
+    assert torch.isneginf(got[every]).all() and torch.isfinite(got[~every]).all()
+    assert_close_to(got[~every], want[~every], rtol=1e-6, atol=1e-5 * scale, what="T log pbar")
+
+
+@pytest.mark.parametrize("value,match", [(float("nan"), "NaN"), (float("inf"), r"\+Inf"), (None, "-Inf for every")])
+def test_hinton_on_the_triton_path_checks_the_teacher(value, match):
+    t = teacher_logits(5, 3, 12)
+    if value is None:
+        t[2, 1] = float("-inf")
+    else:
+        t[2, 1, 4] = value
+    with pytest.raises(ValueError, match=match):
+        hinton_kl_loss(torch.randn(5, 12), t, 2.0, impl="triton")
+    hinton_kl_loss(torch.randn(5, 12), teacher_logits(5, 3, 12), 2.0, impl="triton")  # reported once
+
+
+def test_hinton_teacher_that_requires_grad_keeps_torch_ops():
+    """A teacher that requires grad gets its gradient through the torch target (the kernel has none)."""
+    z = torch.randn(6, 9, requires_grad=True)
+    t = teacher_logits(6, 3, 9, masked=False).requires_grad_()
+    gz, gt = torch.autograd.grad(hinton_kl_loss(z, t, 1.5, impl="triton"), [z, t])
+    z64, t64 = z.detach().double().requires_grad_(), t.detach().double().requires_grad_()
+    gz_ref, gt_ref = torch.autograd.grad(R.hinton_kl_loss_ref(z64, t64, 1.5), [z64, t64])
+    assert_close_to(gz, gz_ref, rtol=1e-5, atol=1e-9)
+    assert_close_to(gt, gt_ref, rtol=1e-5, atol=1e-9)
+
+
 # (B, D, M, C, hidden): odd shape, M = 1, C below 16, C across several 16-wide tiles, MLP heads.
 HEAD_CASES = [(37, 45, 5, 13, None), (8, 20, 1, 10, None), (10, 24, 2, 40, None), (12, 18, 3, 10, 9),
               (0, 8, 2, 5, None)]

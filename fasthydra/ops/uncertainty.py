@@ -59,3 +59,26 @@ def uncertainty_triton(logits: torch.Tensor, temperature: float) -> Uncertainty:
             num_warps=cfg["num_warps"],
         )
     return Uncertainty(probs, total, aleatoric, epistemic)
+
+
+def ensemble_log_mean_triton(teacher: torch.Tensor, temperature: float, op: str) -> torch.Tensor:
+    """T * log mean_m softmax(t_m / T), (B, M, C) -> (B, C) fp32, in one launch that also checks the
+    teacher (bits 1, 2, 4 of op's error word, as the loss kernels do): the Hinton loss's target for a
+    teacher that does not require grad. A class every member masks gets -inf (masked in the loss)."""
+    import math
+
+    from fasthydra.kernels.uncertainty import _ensemble_log_mean_kernel
+
+    from .checks import after_launch, error_word
+
+    b, m, c = teacher.shape
+    teacher = teacher if teacher.stride(-1) == 1 else teacher.contiguous()
+    out = torch.empty(b, c, dtype=torch.float32, device=teacher.device)
+    if b > 0:
+        cfg = uncertainty_config(m, c)
+        _ensemble_log_mean_kernel[(b,)](
+            teacher, out, error_word(teacher.device, op), m, c, teacher.stride(0), teacher.stride(1), out.stride(0),
+            1.0 / temperature, temperature, math.log(m), BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"],
+            ROW_IN_REGISTERS=cfg["ROW_IN_REGISTERS"], num_warps=cfg["num_warps"])
+        after_launch(teacher.device, op, teacher.shape)
+    return out
