@@ -261,3 +261,24 @@ def test_gaussian_heads_tolerance_rule(dtype, b):
     tolerance_rule(loss, eager, exact, atol * max(1.0, exact.abs().item()), what="loss")
     for g, ge, gx in zip(grads, grads_eager, grads_exact):
         tolerance_rule(g, ge, gx, atol * gx.abs().max().item(), what="grad")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b,m,c", [(37, 5, 13), (64, 8, 50257)])
+def test_hinton_target_kernel_tolerance_rule(dtype, b, m, c):
+    """The Hinton loss with its target from one launch (rows whole in registers, and 50257 classes in
+    tiles), held to twice eager's error against float64."""
+    from fasthydra import hinton_kl_loss
+
+    z = (torch.randn(b, c, device="cuda") * 3).to(dtype).requires_grad_()
+    t = teacher_logits(b, m, c, device="cuda", dtype=dtype)
+    loss = hinton_kl_loss(z, t, 2.0, impl="triton")
+    (g,) = torch.autograd.grad(loss, z)
+    eager = R.hinton_kl_loss_ref(z, t, 2.0)
+    (ge,) = torch.autograd.grad(eager, z)
+    z64 = z.detach().double().requires_grad_()
+    exact = R.hinton_kl_loss_ref(z64, t.double(), 2.0)
+    (gx,) = torch.autograd.grad(exact, z64)
+    atol = 1e-5 if dtype == torch.float32 else 1e-3
+    tolerance_rule(loss, eager, exact, atol * max(1.0, exact.abs().item()), what="loss")
+    tolerance_rule(g, ge, gx, atol * gx.abs().max().item(), what="grad")
