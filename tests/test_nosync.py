@@ -131,3 +131,14 @@ def test_pending_errors_can_be_read_on_demand(deferred):
     with pytest.raises(ValueError, match="-Inf for every class"):
         checks.raise_pending_errors(sync=True)
     checks.raise_pending_errors(sync=True)  # reported once, then cleared
+
+
+def test_every_op_that_saw_a_bad_teacher_is_named(deferred):
+    """On a GPU a NaN member of the Hinton loss is flagged by its target kernel and, through the NaN
+    target, by the inner loss kernel before any copy lands: the error names both ops."""
+    cpu = torch.device("cpu")
+    checks.error_word(cpu, "hydra_kl_loss").fill_(checks.NAN)
+    checks.error_word(cpu, "hinton_kl_loss").fill_(checks.NAN)
+    with pytest.raises(ValueError, match=r"hydra_kl_loss: .*NaN.*; hinton_kl_loss: .*NaN"):
+        checks.raise_pending_errors(sync=True)
+    checks.raise_pending_errors(sync=True)  # both cleared

@@ -107,7 +107,6 @@ def _raise_from(f: _DeviceFlags, values, calls_seen: int, deferred: bool) -> Non
         return
     f.word.zero_()  # reported once; the stream orders this after the kernels that set it
     f.in_flight = False
-    op, bits = bad[0]
     when = ""
     if deferred:
         # The bad call lies after the last clean reading and at or before the reading that saw it;
@@ -116,7 +115,9 @@ def _raise_from(f: _DeviceFlags, values, calls_seen: int, deferred: bool) -> Non
         ago = f"{lo}" if lo == hi else f"{lo} to {hi}"
         when = (f"; seen by a fasthydra call {ago} call(s) ago and reported now, without stalling the GPU "
                 f"(FASTHYDRA_STRICT=1 raises at the call itself)")
-    raise ValueError(_message(op, bits, f.shapes.get(op), when))
+    # Every op that saw something (a NaN teacher of hinton_kl_loss also NaNs the target its inner
+    # hydra_kl_loss kernel reads, so both may speak), the words' order otherwise.
+    raise ValueError("; ".join(_message(op, bits, f.shapes.get(op), "") for op, bits in bad) + when)
 
 
 def poll(device: torch.device) -> None:
