@@ -452,7 +452,7 @@ def linear_hydra_kl_forward_triton(inp, weight, bias, teacher, temperature: floa
                                    need_in: bool, need_w: bool, need_b: bool, need_t: bool = False,
                                    teacher_indices=None):
     """Heads + Hydra loss on the Triton path. Small problems (``small_heads_config``: C <= 64, up to
-    8192 rows, M*C*K <= 2^20) with a dense, frozen teacher take the two-launch path
+    8192 rows, M*C*K <= 2^20, weight re-reads bounded) with a dense, frozen teacher take the two-launch path
     (``linear_hydra_kl_forward_small``) unless FASTHYDRA_SMALL_STEP=0. Otherwise, with the cuBLAS GEMM
     backend (the default) see ``linear_hydra_kl_forward_cublas``; with FASTHYDRA_GEMM=triton the fused GEMM/softmax/KL kernel,
     then grouped Triton GEMMs for the input gradient and the (fp32 across chunks) weight gradient,
