@@ -13,7 +13,7 @@ from numbers import Real
 
 import torch
 
-from fasthydra.ops._common import interpreting
+from fasthydra.ops._common import interpreting, triton_available
 from fasthydra.ops import checks as _checks
 from fasthydra.ops.checks import flag_gaussian_teacher, flag_teacher_rows, flag_topk_teacher, poll
 from fasthydra.ops.gaussian_kl import gaussian_kl_torch, split_gaussian
@@ -125,14 +125,6 @@ def _check_logit_pair(student, teacher, student_name="student_logits", teacher_n
 # ----------------------------------------------------------------------------------------------
 
 
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:  # pragma: no cover - depends on the platform
-        return False
-    return True
-
-
 def resolve_impl(impl: str, *tensors: torch.Tensor | None) -> str:
     """"auto" -> "triton" for CUDA tensors when Triton imports, else "torch".
 
@@ -151,9 +143,9 @@ def resolve_impl(impl: str, *tensors: torch.Tensor | None) -> str:
         else:
             on_cuda = bool(present) and all(t.is_cuda for t in present)
             ok_dtype = all(t.dtype in _TRITON_DTYPES for t in present)
-            return "triton" if on_cuda and ok_dtype and _triton_available() else "torch"
+            return "triton" if on_cuda and ok_dtype and triton_available() else "torch"
     if impl == "triton":
-        if not _triton_available():
+        if not triton_available():
             raise ImplUnavailableError("impl='triton' needs the triton package, which does not import here")
         if any(not t.is_cuda for t in present) and not interpreting():
             raise ImplUnavailableError("impl='triton' on CPU tensors runs only under TRITON_INTERPRET=1 "

@@ -68,15 +68,22 @@ def test_logits_kernel_tolerance_rule(b, m, c, dtype):
 def _check_logits_loss(z, teacher, dense_teacher, loss_atol):
     """hydra_kl_loss on the GPU against eager in z's dtype and float64 (the tolerance rule), for a
     dense or top-k teacher whose dense form is dense_teacher."""
-    loss = hydra_kl_loss(z, teacher, 1.5, impl="triton")
+    _check_loss_on_logits(z, lambda zz: hydra_kl_loss(zz, teacher, 1.5, impl="triton"),
+                          lambda zz, t64: R.hydra_kl_loss_ref(zz, t64, 1.5), dense_teacher, loss_atol, 1e-3)
+
+
+def _check_loss_on_logits(z, kernel_loss, reference_loss, dense_teacher, loss_atol, grad_atol):
+    """kernel_loss(z) and its gradient against reference_loss(z, teacher) run eagerly in z's dtype and
+    in float64: the tolerance rule, atols relative to the float64 values."""
+    loss = kernel_loss(z)
     (g,) = torch.autograd.grad(loss, z)
-    eager = R.hydra_kl_loss_ref(z, dense_teacher, 1.5)
+    eager = reference_loss(z, dense_teacher)
     (ge,) = torch.autograd.grad(eager, z)
     z64 = z.detach().double().requires_grad_()
-    exact = R.hydra_kl_loss_ref(z64, dense_teacher.double(), 1.5)
+    exact = reference_loss(z64, dense_teacher.double())
     (gx,) = torch.autograd.grad(exact, z64)
     tolerance_rule(loss, eager, exact, loss_atol * max(1.0, exact.abs().item()), what="loss")
-    tolerance_rule(g, ge, gx, 1e-3 * gx.abs().max().item(), what="grad")
+    tolerance_rule(g, ge, gx, grad_atol * gx.abs().max().item(), what="grad")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -272,13 +279,6 @@ def test_hinton_target_kernel_tolerance_rule(dtype, b, m, c):
 
     z = (torch.randn(b, c, device="cuda") * 3).to(dtype).requires_grad_()
     t = teacher_logits(b, m, c, device="cuda", dtype=dtype)
-    loss = hinton_kl_loss(z, t, 2.0, impl="triton")
-    (g,) = torch.autograd.grad(loss, z)
-    eager = R.hinton_kl_loss_ref(z, t, 2.0)
-    (ge,) = torch.autograd.grad(eager, z)
-    z64 = z.detach().double().requires_grad_()
-    exact = R.hinton_kl_loss_ref(z64, t.double(), 2.0)
-    (gx,) = torch.autograd.grad(exact, z64)
     atol = 1e-5 if dtype == torch.float32 else 1e-3
-    tolerance_rule(loss, eager, exact, atol * max(1.0, exact.abs().item()), what="loss")
-    tolerance_rule(g, ge, gx, atol * gx.abs().max().item(), what="grad")
+    _check_loss_on_logits(z, lambda zz: hinton_kl_loss(zz, t, 2.0, impl="triton"),
+                          lambda zz, tt: R.hinton_kl_loss_ref(zz, tt, 2.0), t, atol, atol)

@@ -86,6 +86,15 @@ def small_heads_config(n_rows: int, n_heads: int, n_cols: int, k: int, elem_size
                 BLOCK_KW=16, num_warps=4)
 
 
+def triton_available() -> bool:
+    """Triton imports here (it may not on some platforms)."""
+    try:
+        import triton  # noqa: F401
+    except Exception:  # pragma: no cover - depends on the platform
+        return False
+    return True
+
+
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (must be set before triton is imported)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

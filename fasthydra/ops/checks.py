@@ -22,6 +22,8 @@ import os
 
 import torch
 
+from ._common import interpreting, triton_available
+
 NAN, POSINF, ALL_NEGINF = 1, 2, 4
 BAD_VAR, BAD_MEAN = 8, 16  # Gaussian teachers: a variance not finite and > 0, a mean not finite
 BAD_INDEX, REPEATED_INDEX = 64, 128  # top-k teachers: a class index outside [0, C), one kept twice in a row
@@ -209,13 +211,7 @@ def _flag_row_values(values: torch.Tensor, op: str) -> None:
 
 def _triton_runs_on(t: torch.Tensor) -> bool:
     """Triton can launch on t: a CUDA tensor with Triton installed, or any tensor under the interpreter."""
-    if not (t.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"):
-        return False
-    try:
-        import triton  # noqa: F401
-    except Exception:  # pragma: no cover - depends on the platform
-        return False
-    return True
+    return (t.is_cuda or interpreting()) and triton_available()
 
 
 def topk_index_bits(indices: torch.Tensor, values: torch.Tensor, num_classes: int) -> torch.Tensor:
