@@ -71,6 +71,8 @@ KNOBS = {
     "fasthydra/groups-512MiB": {"set": [("fasthydra.ops.linear_hydra_kl", "CUBLAS_GROUP_ELEMENTS", 1 << 28)],
                                 "cases": [("linear_fwdbwd", "gpu-large")]},
 }
+# profiled once (kernels by device time per step) before the cases run
+PROFILE_CASES = [("linear_fwdbwd", "gpu-large"), ("linear_fwdbwd", "gpu-small")]
 SMALL_CASES = [("linear_fwdbwd", "small-C"), ("linear_fwdbwd", "gpu-small"), ("mlp_fwdbwd", "gpu-small"),
                ("linear_fwd", "small-C")]
 VARIANT_CASES = [("linear_fwdbwd", "gpu-large"), ("linear_fwdbwd", "mid"), ("linear_fwdbwd", "large-C"),
@@ -189,6 +191,31 @@ def topk_rows(copy_bps: float, b: int = 4096, m: int = 8, c: int = 32000, ks=(32
         rows.append({"teacher": name, "seconds": seconds, "teacher_bytes": teacher_bytes,
                      "bytes_moved": moved, "of_copy_bandwidth": moved / seconds / copy_bps})
     return rows
+
+
+def profile_step(case: C.Case, provider: str = "fasthydra", steps: int = 3, top: int = 12) -> list[dict]:
+    """Where a step's GPU time goes: the kernels of `steps` steps under torch.profiler, the `top` ones
+    by device time, per step (what a missed target's note needs)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    inputs = C.make_inputs(case)
+    step = C.make_callable(case, provider, inputs)
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    rows = []
+    for ev in prof.key_averages():
+        device_us = getattr(ev, "self_device_time_total", None)
+        if device_us is None:
+            device_us = getattr(ev, "self_cuda_time_total", 0.0)
+        if device_us > 0:
+            rows.append({"kernel": ev.key[:90], "ms_per_step": device_us / 1e3 / steps, "calls_per_step": ev.count / steps})
+    rows.sort(key=lambda r: -r["ms_per_step"])
+    return rows[:top]
 
 
 def with_variant(provider: str):
@@ -361,6 +388,17 @@ def main(argv=None) -> int:
               f"{r['teacher_bytes'] / 1e6:8.1f} MB, {r['of_copy_bandwidth']:.2f} of copy" if "error" not in r
               else f"ERROR {r['error']}"), flush=True)
 
+    profiles = {}
+    for op, shape in PROFILE_CASES:
+        try:
+            profiles[f"{op} {shape}"] = profile_step(by_key[(op, shape)])
+        except Exception as exc:
+            profiles[f"{op} {shape}"] = [{"error": f"{type(exc).__name__}: {exc}"[:300]}]
+        print(f"profile {op} {shape} (fasthydra, ms per step):", flush=True)
+        for r in profiles[f"{op} {shape}"]:
+            print(f"  {r['ms_per_step']:8.3f} ms {r['calls_per_step']:5.1f}x {r['kernel']}" if "error" not in r
+                  else f"  ERROR {r['error']}", flush=True)
+
     priority = [c for c in all_cases if (c.op, c.name) in {(t[0], t[1]) for t in TARGETS[:4]}]
     priority += [by_key[k] for k in VARIANT_CASES if k in by_key and by_key[k] not in priority]
     priority += [c for c in all_cases if (c.op, c.name) in {(t[0], t[1]) for t in TARGETS} and c not in priority]
@@ -391,7 +429,8 @@ def main(argv=None) -> int:
     record = {"device": device, "date": datetime.date.today().isoformat(), "commit": commit,
               "torch": torch.__version__, "triton": __import__("triton").__version__, "tests": tests,
               "rows": rows, "floors": {f"{op} {shape}": v for (op, shape), v in floors.items()}, "latency": lat_rows,
-              "copy_bytes_per_s": copy_bps, "topk": topk, "left_out": left_out}
+              "copy_bytes_per_s": copy_bps, "topk": topk,
+              "profiles": profiles, "left_out": left_out}
     _write(args.out, record, start)  # the measurements are safe before any analysis runs
     try:
         targets = _analyse(record, rows, lat_rows, floors, by_key, copy_bps, device)

@@ -165,6 +165,9 @@ def test_main_runs_end_to_end_with_the_device_parts_stubbed(tmp_path, monkeypatc
                 "gpu_us": 40.0}
 
     monkeypatch.setattr(gpu_check, "latency", latency)
+    monkeypatch.setattr(gpu_check, "PROFILE_CASES", [("linear_fwdbwd", "gpu-small")])
+    monkeypatch.setattr(gpu_check, "profile_step", lambda case: [{"kernel": "k", "ms_per_step": 0.5,
+                                                                  "calls_per_step": 2.0}])
     monkeypatch.setattr(gpu_check, "_do_bench", lambda fn: 1e-3)
     monkeypatch.setattr(C, "gemm_floor_callable", lambda case: None)
     cpu_cases = [C.Case("linear_fwdbwd", "gpu-small", 64, 32, 3, 10, torch.float32, "cuda"),
@@ -195,6 +198,7 @@ def test_main_runs_end_to_end_with_the_device_parts_stubbed(tmp_path, monkeypatc
     assert ("gpu-small", "fasthydra/cublas") in providers and ("small-C", "fasthydra/triton-gemm") in providers
     cublas = next(v for v in record["variants"] if v["provider"] == "fasthydra/cublas")
     assert cublas["time_vs_default"] == pytest.approx(1.5)
+    assert record["profiles"]["linear_fwdbwd gpu-small"][0]["kernel"] == "k"
     verdicts = {label: verdict for label, verdict, _ in record["targets"]}
     assert verdicts["linear_fwdbwd gpu-small: gpu_us <= 60.0"] == "PASS"
     assert verdicts["linear_fwdbwd gpu-small: speedup_vs_eager >= 10.0"] == "FAIL"  # 4x in the stand-in
