@@ -70,6 +70,15 @@ KNOBS = {
     # the cuBLAS path's head groups at gpu-large: 2 heads per group (512 MiB of logits) and 1 (the default)
     "fasthydra/groups-512MiB": {"set": [("fasthydra.ops.linear_hydra_kl", "CUBLAS_GROUP_ELEMENTS", 1 << 28)],
                                 "cases": [("linear_fwdbwd", "gpu-large")]},
+    # the loss kernel's long-row tiles (per-lane statistics, 8 lanes per thread): 8192 in 32 warps is
+    # the default for 16-bit rows (few rows in flight, the second read from L2); narrower tiles put
+    # more rows in flight
+    **{f"fasthydra/kl-tile-{w}": {"set": [("fasthydra.ops._common", "MAX_BLOCK_C", w)],
+                                  "cases": [("kl_fwdbwd", "gpu-large"), ("mlp_fwdbwd", "gpu-large")]}
+       for w in (4096, 2048)},
+    # uncertainty's long-row tiles (4 warps): 4096 elements is the default
+    **{f"fasthydra/unc-tile-{w}": {"set": [("fasthydra.ops._common", "UNCERTAINTY_LONG_TILE", w)],
+                                   "cases": [("uncertainty", "gpu-large")]} for w in (2048, 8192)},
 }
 # profiled once (kernels by device time per step) before the cases run
 PROFILE_CASES = [("linear_fwdbwd", "gpu-large"), ("linear_fwdbwd", "gpu-small")]
@@ -169,24 +178,13 @@ def topk_rows(copy_bps: float, b: int = 4096, m: int = 8, c: int = 32000, ks=(32
     for k in ks:
         values, indices = dense.float().topk(k, dim=-1)
         teachers.append((f"top-{k}", TopKTeacher(values.bfloat16(), indices.int()), b * m * k * 6))
-    from fasthydra.ops import _common
-
-    # the tile decision for long rows, side by side: 8192-wide programs (the default: few rows in
-    # flight, so the gradient pass re-reads the row from L2) against the earlier 2048-wide ones
-    teachers.insert(1, ("dense, 2048-wide tiles", dense, b * m * c * 2))
     rows = []
     for name, teacher, teacher_bytes in teachers:
         def step(teacher=teacher):
             z.grad = None
             hydra_kl_loss(z, teacher, 2.0).backward()
 
-        default_tile = _common.MAX_BLOCK_C
-        if "2048" in name:
-            _common.MAX_BLOCK_C = 2048
-        try:
-            seconds = _do_bench(step)
-        finally:
-            _common.MAX_BLOCK_C = default_tile
+        seconds = _do_bench(step)
         moved = 2 * b * m * c * 2 + teacher_bytes
         rows.append({"teacher": name, "seconds": seconds, "teacher_bytes": teacher_bytes,
                      "bytes_moved": moved, "of_copy_bandwidth": moved / seconds / copy_bps})
@@ -215,6 +213,31 @@ def profile_step(case: C.Case, provider: str = "fasthydra", steps: int = 3, top:
         if device_us > 0:
             rows.append({"kernel": ev.key[:90], "ms_per_step": device_us / 1e3 / steps, "calls_per_step": ev.count / steps})
     rows.sort(key=lambda r: -r["ms_per_step"])
+    return rows[:top]
+
+
+def host_profile(case: C.Case, steps: int = 200, top: int = 15) -> list[dict]:
+    """Where a small step's host time goes: cProfile over `steps` steps issued without synchronising,
+    the `top` functions by own time (microseconds per step)."""
+    import cProfile
+    import pstats
+
+    inputs = C.make_inputs(case)
+    step = C.make_callable(case, "fasthydra", inputs)
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        step()
+    prof.disable()
+    torch.cuda.synchronize()
+    stats = pstats.Stats(prof).stats
+    rows = [{"function": f"{os.path.basename(f)}:{line} {name}"[:90], "own_us_per_step": tt / steps * 1e6,
+             "cum_us_per_step": ct / steps * 1e6, "calls_per_step": nc / steps}
+            for (f, line, name), (_, nc, tt, ct, _) in stats.items()]
+    rows.sort(key=lambda r: -r["own_us_per_step"])
     return rows[:top]
 
 
@@ -399,6 +422,17 @@ def main(argv=None) -> int:
             print(f"  {r['ms_per_step']:8.3f} ms {r['calls_per_step']:5.1f}x {r['kernel']}" if "error" not in r
                   else f"  ERROR {r['error']}", flush=True)
 
+    host = {}
+    for op, shape in PROFILE_CASES[1:]:
+        try:
+            host[f"{op} {shape}"] = host_profile(by_key[(op, shape)])
+        except Exception as exc:
+            host[f"{op} {shape}"] = [{"error": f"{type(exc).__name__}: {exc}"[:300]}]
+        print(f"host profile {op} {shape} (fasthydra, us per step: own, cumulative):", flush=True)
+        for r in host[f"{op} {shape}"]:
+            print(f"  {r['own_us_per_step']:8.1f} {r['cum_us_per_step']:8.1f} {r['calls_per_step']:5.1f}x {r['function']}"
+                  if "error" not in r else f"  ERROR {r['error']}", flush=True)
+
     priority = [c for c in all_cases if (c.op, c.name) in {(t[0], t[1]) for t in TARGETS[:4]}]
     priority += [by_key[k] for k in VARIANT_CASES if k in by_key and by_key[k] not in priority]
     priority += [c for c in all_cases if (c.op, c.name) in {(t[0], t[1]) for t in TARGETS} and c not in priority]
@@ -430,7 +464,7 @@ def main(argv=None) -> int:
               "torch": torch.__version__, "triton": __import__("triton").__version__, "tests": tests,
               "rows": rows, "floors": {f"{op} {shape}": v for (op, shape), v in floors.items()}, "latency": lat_rows,
               "copy_bytes_per_s": copy_bps, "topk": topk,
-              "profiles": profiles, "left_out": left_out}
+              "profiles": profiles, "host_profiles": host, "left_out": left_out}
     _write(args.out, record, start)  # the measurements are safe before any analysis runs
     try:
         targets = _analyse(record, rows, lat_rows, floors, by_key, copy_bps, device)

@@ -126,7 +126,11 @@ def test_variants_set_their_settings_and_restore_them(monkeypatch):
     with gpu_check.with_variant("fasthydra/groups-512MiB"):
         assert lk.CUBLAS_GROUP_ELEMENTS == 1 << 28 and lk._head_groups(4096, 8, 32000) == (2, 4096)
     assert lk.CUBLAS_GROUP_ELEMENTS == group and lk._head_groups(4096, 8, 32000) == (1, 4096)
-    assert gpu_check.variants_for("kl_fwdbwd", "gpu-large") == []
+    assert gpu_check.variants_for("kl_fwdbwd", "gpu-large") == ["fasthydra/kl-tile-4096", "fasthydra/kl-tile-2048"]
+    assert gpu_check.variants_for("kl_fwdbwd", "mid") == []
+    with gpu_check.with_variant("fasthydra/unc-tile-2048"):
+        assert _common.uncertainty_config(8, 32000)["BLOCK_C"] == 256
+    assert _common.uncertainty_config(8, 32000)["BLOCK_C"] == 512
 
 
 def test_variant_ratios_against_the_default():
@@ -165,7 +169,9 @@ def test_main_runs_end_to_end_with_the_device_parts_stubbed(tmp_path, monkeypatc
                 "gpu_us": 40.0}
 
     monkeypatch.setattr(gpu_check, "latency", latency)
-    monkeypatch.setattr(gpu_check, "PROFILE_CASES", [("linear_fwdbwd", "gpu-small")])
+    monkeypatch.setattr(gpu_check, "PROFILE_CASES", [("linear_fwdbwd", "gpu-small")] * 2)
+    monkeypatch.setattr(gpu_check, "host_profile", lambda case: [{"function": "f", "own_us_per_step": 5.0,
+                                                                  "cum_us_per_step": 9.0, "calls_per_step": 1.0}])
     monkeypatch.setattr(gpu_check, "profile_step", lambda case: [{"kernel": "k", "ms_per_step": 0.5,
                                                                   "calls_per_step": 2.0}])
     monkeypatch.setattr(gpu_check, "_do_bench", lambda fn: 1e-3)
@@ -199,6 +205,7 @@ def test_main_runs_end_to_end_with_the_device_parts_stubbed(tmp_path, monkeypatc
     cublas = next(v for v in record["variants"] if v["provider"] == "fasthydra/cublas")
     assert cublas["time_vs_default"] == pytest.approx(1.5)
     assert record["profiles"]["linear_fwdbwd gpu-small"][0]["kernel"] == "k"
+    assert record["host_profiles"]["linear_fwdbwd gpu-small"][0]["function"] == "f"
     verdicts = {label: verdict for label, verdict, _ in record["targets"]}
     assert verdicts["linear_fwdbwd gpu-small: gpu_us <= 60.0"] == "PASS"
     assert verdicts["linear_fwdbwd gpu-small: speedup_vs_eager >= 10.0"] == "FAIL"  # 4x in the stand-in

@@ -105,6 +105,44 @@ def test_hydra_kl_kernel_extreme_logits_and_masks(max_block_c):
     assert_close_to(g, g_ref, rtol=1e-5, atol=1e-7, what="extreme grad")
 
 
+@pytest.mark.parametrize("order", ["rising", "falling"])
+def test_long_rows_per_lane_statistics(monkeypatch, order):
+    """Long rows with a frozen teacher keep their running max and sums per lane, merged once per row.
+    Logits that rise (or fall) along the row move every lane's max at every tile (or never after the
+    first): loss and gradient against float64, 1e3-sized logits, a masked stretch longer than a tile;
+    then a NaN in the student (its row's loss and gradient NaN, the other rows untouched) and in the
+    teacher (the loss NaN and the op's error raised)."""
+    monkeypatch.setattr(_common, "MAX_BLOCK_C", 16)
+    monkeypatch.setattr(_common, "ROW_TILE_MAX", 16)
+    b, m, c = 3, 2, 90  # 6 tiles, the last one partial
+    assert not _common.kl_rows_config(c, 4)["ROW_IN_REGISTERS"]
+    ramp = torch.linspace(-1e3, 1e3, c) if order == "rising" else torch.linspace(1e3, -1e3, c)
+    z = (ramp + torch.randn(b, m, c) * 50).requires_grad_()
+    t = ramp * 0.9 + torch.randn(b, m, c) * 50
+    t[1, 0, 20:50] = float("-inf")
+    loss = hydra_kl_loss(z, t, 3.0, reduction="none", impl="triton")
+    (g,) = torch.autograd.grad(loss.sum(), z)
+    z64 = z.detach().double().requires_grad_()
+    ref = R.hydra_kl_loss_ref(z64, t.double(), 3.0, reduction="none")
+    (g_ref,) = torch.autograd.grad(ref.sum(), z64)
+    assert_close_to(loss, ref, rtol=1e-5, atol=1e-4, what="per-lane loss")
+    assert_close_to(g, g_ref, rtol=1e-5, atol=1e-7, what="per-lane grad")
+
+    z_nan = z.detach().clone().requires_grad_()
+    with torch.no_grad():
+        z_nan[2, 1, 70] = float("nan")
+    loss = hydra_kl_loss(z_nan, t, 3.0, reduction="none", impl="triton")
+    (g,) = torch.autograd.grad(loss.sum(), z_nan)
+    assert torch.isnan(loss[2, 1]) and torch.isnan(g[2, 1]).all()
+    keep = torch.ones(b, m, dtype=torch.bool)
+    keep[2, 1] = False
+    assert torch.isfinite(loss[keep]).all() and torch.isfinite(g[keep]).all()
+    t_nan = t.clone()
+    t_nan[0, 1, 33] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        hydra_kl_loss(z.detach(), t_nan, 3.0, impl="triton")
+
+
 def test_hydra_kl_kernel_matches_torch_path_and_empty_batch():
     z = torch.randn(7, 3, 21, requires_grad=True)
     t = torch.randn(7, 3, 21)
@@ -138,6 +176,7 @@ def test_ensemble_mean_target_kernel(monkeypatch, b, m, c, tile, scale):
 
     if tile is not None:
         monkeypatch.setattr(_common, "UNCERTAINTY_TILE_MAX", tile)  # tiles, not the row held whole
+        monkeypatch.setattr(_common, "UNCERTAINTY_LONG_TILE", tile)
     t = teacher_logits(b, m, c, scale=scale)
     t[1, :, c // 3] = float("-inf")
     got = ensemble_log_mean_triton(t, 1.7, "hinton_kl_loss")
@@ -288,6 +327,8 @@ def test_linear_heads_bias_free_kernel(gemm):
 def test_uncertainty_kernel(b, m, c, dtype, tile, monkeypatch):
     if tile is not None:  # the tiled passes (a row not held whole)
         monkeypatch.setattr(_common, "UNCERTAINTY_TILE_MAX", tile)
+        monkeypatch.setattr(_common, "UNCERTAINTY_LONG_TILE", tile)
+        assert c <= 16 or not _common.uncertainty_config(m, c)["ROW_IN_REGISTERS"]
     z = (torch.randn(b, m, c) * 3).to(dtype)
     u = uncertainty(z, impl="triton")
     ref = R.uncertainty_ref(z.double())

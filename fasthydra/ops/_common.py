@@ -11,7 +11,7 @@ import os
 import torch
 
 # C tile of the row-wise loss kernels when a row does not fit one tile; tests shrink it (and
-# ROW_TILE_MAX) to exercise many tiles on small C. 8192 with 32 warps: big programs mean few rows in
+# ROW_TILE_MAX) to exercise many tiles on small C (fp32 rows: half of it). 8192 with 32 warps: big programs mean few rows in
 # flight (2 per SM: about 260 rows x 128 KiB for C = 32000 in bf16, inside the 50 MB L2), so the
 # gradient pass finds the row it read a moment ago in L2 instead of DRAM.
 MAX_BLOCK_C = 8192
@@ -133,7 +133,11 @@ def kl_rows_config(n_cols: int, elem_size: int = 4, teacher_grad: bool = False) 
     lanes of work)."""
     whole = max(16, next_pow2(n_cols))
     in_registers = ROW_TILE_MAX * (2 if elem_size <= 2 and not teacher_grad else 1)
-    block_c = whole if whole <= max(in_registers, MAX_BLOCK_C) else MAX_BLOCK_C
+    if whole <= max(in_registers, MAX_BLOCK_C):
+        block_c = whole
+    else:  # tiled: per-lane statistics (5 fp32 per lane), 8 lanes per thread; fp32 tiles at half width
+        #     (their loads take twice the registers: 8192 fp32 in 32 warps spills on sm_90)
+        block_c = max(16, MAX_BLOCK_C // (1 if elem_size <= 2 else 2))
     block_r = max(1, min(16, 1024 // block_c))
     # up to 8 elements per thread and tensor in 32 warps; a 16-bit row of 16384: 32 per thread in 16
     # warps (128 registers). No spills either way (kernel report).
@@ -164,15 +168,21 @@ def matmul_config(m: int, n: int, k: int) -> dict:
 # Elements of one (heads, classes) tile of the uncertainty kernel: a whole row of M*C up to this many
 # is read once and kept in registers for the mixture pass (8 per thread at 32 warps: no spills).
 UNCERTAINTY_TILE_MAX = 8192
+# Longer rows are walked twice in (heads, classes) tiles of this many elements in 4 warps: on an H200
+# (2026-11-28) 8192-element tiles in 32 warps took 12.5 ms at (4096, 8, 32000) bf16 against 3.5 ms for
+# these (each tile's per-head reductions cross all warps of a 32-warp program).
+UNCERTAINTY_LONG_TILE = 4096
 
 
 def uncertainty_config(n_heads: int, n_cols: int) -> dict:
     block_m = max(2, next_pow2(n_heads))
     whole = max(16, next_pow2(n_cols))
-    block_c = whole if block_m * whole <= UNCERTAINTY_TILE_MAX else max(16, UNCERTAINTY_TILE_MAX // block_m)
-    lanes = block_m * block_c
-    return dict(BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4 if lanes <= 1024 else min(32, lanes // 256),
-                ROW_IN_REGISTERS=block_c >= n_cols)
+    if block_m * whole <= UNCERTAINTY_TILE_MAX:
+        lanes = block_m * whole
+        return dict(BLOCK_M=block_m, BLOCK_C=whole, num_warps=4 if lanes <= 1024 else min(32, lanes // 256),
+                    ROW_IN_REGISTERS=True)
+    block_c = max(16, UNCERTAINTY_LONG_TILE // block_m)
+    return dict(BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4, ROW_IN_REGISTERS=block_c >= n_cols)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -24,7 +24,7 @@ def _grouped_mm_cublas(a3, b3, out3, bias2, relu: bool, accumulate: bool):
             torch._addmm_activation(bias2[0], a3[0], b3[0], out=out3[0])
             return out3
         if bias2 is not None:
-            torch.addmm(bias2[0].unsqueeze(0), a3[0], b3[0], out=out3[0])
+            torch.addmm(bias2[0], a3[0], b3[0], out=out3[0])  # 1-D bias: in cuBLASLt's epilogue
         else:
             torch.mm(a3[0], b3[0], out=out3[0])
     else:

@@ -386,8 +386,9 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
             if shared:  # z[b, h, :] for the group: one GEMM over the stacked weight, rows major
                 xc = inp[r0:r1]
                 z = buf[:br * gh * c].view(br, gh * c)
-                if bias is not None:
-                    torch.addmm(bias[h0:h1].reshape(1, gh * c), xc, w2.T, out=z)
+                if bias is not None:  # a 1-D bias: cuBLASLt adds it in the GEMM's epilogue (a (1, N) one is
+                    #                   first copied into every row of z, then read back by the GEMM)
+                    torch.addmm(bias[h0:h1].reshape(gh * c), xc, w2.T, out=z)
                 else:
                     torch.mm(xc, w2.T, out=z)
                 z3, t3, l2 = z.view(br, gh, c), teacher[r0:r1, h0:h1], loss[r0:r1, h0:h1]
