@@ -70,15 +70,14 @@ KNOBS = {
     # the cuBLAS path's head groups at gpu-large: 2 heads per group (512 MiB of logits) and 1 (the default)
     "fasthydra/groups-512MiB": {"set": [("fasthydra.ops.linear_hydra_kl", "CUBLAS_GROUP_ELEMENTS", 1 << 28)],
                                 "cases": [("linear_fwdbwd", "gpu-large")]},
-    # the loss kernel's long-row tiles (per-lane statistics, 8 lanes per thread): 8192 in 32 warps is
-    # the default for 16-bit rows (few rows in flight, the second read from L2); narrower tiles put
-    # more rows in flight
+    # the loss kernel's long-row tiles (8 elements per thread and tensor): 2048 in 8 warps is the
+    # default (the H200 runs of 2026-11-28); 1024 puts more rows in flight, 8192 fewer (L2 reuse)
     **{f"fasthydra/kl-tile-{w}": {"set": [("fasthydra.ops._common", "MAX_BLOCK_C", w)],
                                   "cases": [("kl_fwdbwd", "gpu-large"), ("mlp_fwdbwd", "gpu-large")]}
-       for w in (4096, 2048)},
-    # uncertainty's long-row tiles (4 warps): 4096 elements is the default
+       for w in (1024, 8192)},
+    # uncertainty's long-row tiles (4 warps): 8192 elements is the default
     **{f"fasthydra/unc-tile-{w}": {"set": [("fasthydra.ops._common", "UNCERTAINTY_LONG_TILE", w)],
-                                   "cases": [("uncertainty", "gpu-large")]} for w in (2048, 8192)},
+                                   "cases": [("uncertainty", "gpu-large")]} for w in (4096, 16384)},
 }
 # profiled once (kernels by device time per step) before the cases run
 PROFILE_CASES = [("linear_fwdbwd", "gpu-large"), ("linear_fwdbwd", "gpu-small")]

@@ -249,6 +249,7 @@ def _kernel_specs():
                                                 "ROW_IN_REGISTERS": uc["ROW_IN_REGISTERS"]},
                 {"num_warps": uc["num_warps"]}, tag)
             # the Hinton loss's target (the ensemble's mean in log space), same (M, C) row structure
+            uc = cfgs.uncertainty_config(m, c, hinton_target=True)
             add(_ensemble_log_mean_kernel, {"t_ptr": f"*{ty}", "out_ptr": "*fp32", "err_ptr": "*i32", "M": m, "C": c,
                                             "stride_tb": m * c, "stride_tm": c, "stride_ob": c, "inv_temp": 0.5,
                                             "temp": 2.0, "log_m": 2.0},

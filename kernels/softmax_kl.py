@@ -43,52 +43,6 @@ def _online_kl_update(s, u, m_s, d_s, m_u, d_u, a):
 
 
 @triton.jit
-def _lane_max_update(x, m):
-    """One element per lane folded into that lane's running max m (and sum exp(x - m)) with a single
-    exp: exp(min - max) is the old sum's rescale when x is the new max, x's own term otherwise.
-    Returns (new max, the -inf-safe reference it is measured from, rescale of old terms, new term).
-    A NaN x makes the term NaN (GPU min/max drop NaN operands): the row's loss and gradient turn NaN
-    as torch's would."""
-    new_m = tl.maximum(m, x)
-    ref = tl.where(new_m == float("-inf"), 0.0, new_m)
-    e = tl.exp(tl.minimum(m, x) - ref)
-    is_max = x >= m
-    scale = tl.where(is_max, e, 1.0)
-    term = tl.where(is_max, tl.where(x > float("-inf"), 1.0, 0.0), e)
-    return new_m, ref, scale, tl.where(x != x, x, term)
-
-
-@triton.jit
-def _lane_kl_update(s, u, m_s, d_s, m_u, d_u, a):
-    """_online_kl_update per lane: every statistic is a (ROWS, BLOCK_C) tensor and each lane folds in
-    its own element, so the tile loop has no reduction across threads (no barrier: warps stream their
-    loads independently). Two exps per element, as the tile-wise form. _lane_kl_combine merges lanes."""
-    new_m_s, ref_s, scale_s, term_s = _lane_max_update(s, m_s)
-    new_m_u, ref_u, scale_u, term_u = _lane_max_update(u, m_u)
-    shift = (ref_u - m_u) - (ref_s - m_s)
-    a = tl.where(d_u == 0, 0.0, scale_u * (a - d_u * shift))  # d_u == 0: nothing live yet (NaN passes)
-    a += tl.where(u > float("-inf"), term_u * ((u - ref_u) - (s - ref_s)), 0.0)
-    return new_m_s, d_s * scale_s + term_s, new_m_u, d_u * scale_u + term_u, a
-
-
-@triton.jit
-def _lane_kl_combine(m_s, d_s, m_u, d_u, a):
-    """The per-row statistics (ROWS,) from per-lane ones: each lane's sums moved to the row maxima."""
-    row_m_s = tl.max(m_s, axis=1)
-    row_m_u = tl.max(m_u, axis=1)
-    ref_s = tl.where(row_m_s == float("-inf"), 0.0, row_m_s)
-    ref_u = tl.where(row_m_u == float("-inf"), 0.0, row_m_u)
-    w_s = tl.exp(m_s - ref_s[:, None])
-    w_u = tl.exp(m_u - ref_u[:, None])
-    shift = (ref_u[:, None] - m_u) - (ref_s[:, None] - m_s)
-    # a lane that saw nothing live (d == 0) adds nothing; a NaN one passes its NaN on
-    a_row = tl.sum(tl.where(d_u == 0, 0.0, w_u * (a - d_u * shift)), axis=1)
-    d_s_row = tl.sum(tl.where(d_s == 0, 0.0, w_s * d_s), axis=1)
-    d_u_row = tl.sum(tl.where(d_u == 0, 0.0, w_u * d_u), axis=1)
-    return row_m_s, d_s_row, row_m_u, d_u_row, a_row
-
-
-@triton.jit
 def _kl_grad_tile(s, u, m_s, log_d_s, m_u, log_d_u, grad_scale):
     """``grad_scale * (q - p)`` for one tile, given the finished row statistics."""
     q = tl.exp(s - m_s[:, None] - log_d_s[:, None])
@@ -171,7 +125,7 @@ def _hydra_kl_fwd_kernel(
             row_max = tl.max(u_row, axis=1)
             s_at = tl.max(tl.where(u_row == row_max[:, None], s_row, float("-inf")), axis=1)
         m_s, d_s, m_u, d_u, a = _online_kl_update(s_row, u_row, m_s, d_s, m_u, d_u, a)
-    elif WRITE_TGRAD:
+    else:
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + cols0
             mask = row_ok[:, None] & (cols < C)[None, :]
@@ -180,28 +134,11 @@ def _hydra_kl_fwd_kernel(
             s = z.to(tl.float32) * inv_temp
             u = t.to(tl.float32) * inv_temp
             n_nan += tl.sum((u != u).to(tl.int32), axis=1)  # the NaN check rides on the load already made
-            # the pivot of the teacher gradient (see below), found on the loads already made
-            tile_max = tl.max(u, axis=1)
-            here = tl.max(tl.where(u == tile_max[:, None], s, float("-inf")), axis=1)
-            s_at = tl.where(tile_max > m_u, here, s_at)
+            if WRITE_TGRAD:  # the pivot of the teacher gradient (see below), found on the loads already made
+                tile_max = tl.max(u, axis=1)
+                here = tl.max(tl.where(u == tile_max[:, None], s, float("-inf")), axis=1)
+                s_at = tl.where(tile_max > m_u, here, s_at)
             m_s, d_s, m_u, d_u, a = _online_kl_update(s, u, m_s, d_s, m_u, d_u, a)
-    else:
-        # Long rows, frozen teacher: per-lane statistics, merged once per row after the loop.
-        lm_s = tl.full((BLOCK_R, BLOCK_C), float("-inf"), tl.float32)
-        lm_u = tl.full((BLOCK_R, BLOCK_C), float("-inf"), tl.float32)
-        ld_s = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
-        ld_u = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
-        la = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
-        for c0 in range(0, C, BLOCK_C):
-            cols = c0 + cols0
-            mask = row_ok[:, None] & (cols < C)[None, :]
-            s = tl.load(z_rows + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
-            u = tl.load(t_rows + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
-            lm_s, ld_s, lm_u, ld_u, la = _lane_kl_update(s, u, lm_s, ld_s, lm_u, ld_u, la)
-        m_s, d_s, m_u, d_u, a = _lane_kl_combine(lm_s, ld_s, lm_u, ld_u, la)
-        # The NaN check without a lane counter (registers): a NaN teacher makes its lane's sum NaN, and
-        # so the row's; two +inf do too, but those rows are flagged +inf (m_u) instead.
-        n_nan += ((d_u != d_u) & (m_u != float("inf"))).to(tl.int32)
     bad = tl.max(tl.where(row_ok & (n_nan > 0), 1, 0), axis=0)
     bad |= tl.max(tl.where(row_ok & (m_u == float("inf")), 2, 0), axis=0)
     bad |= tl.max(tl.where(row_ok & (m_u == float("-inf")), 4, 0), axis=0)

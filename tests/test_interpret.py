@@ -106,12 +106,11 @@ def test_hydra_kl_kernel_extreme_logits_and_masks(max_block_c):
 
 
 @pytest.mark.parametrize("order", ["rising", "falling"])
-def test_long_rows_per_lane_statistics(monkeypatch, order):
-    """Long rows with a frozen teacher keep their running max and sums per lane, merged once per row.
-    Logits that rise (or fall) along the row move every lane's max at every tile (or never after the
-    first): loss and gradient against float64, 1e3-sized logits, a masked stretch longer than a tile;
-    then a NaN in the student (its row's loss and gradient NaN, the other rows untouched) and in the
-    teacher (the loss NaN and the op's error raised)."""
+def test_long_rows_online_statistics(monkeypatch, order):
+    """Long rows walked in tiles with running maxima and sums. Logits that rise (or fall) along the
+    row move the max at every tile (or never after the first): loss and gradient against float64,
+    1e3-sized logits, a masked stretch longer than a tile; then a NaN in the student (its row's loss
+    and gradient NaN, the other rows untouched) and in the teacher (the op's error raised)."""
     monkeypatch.setattr(_common, "MAX_BLOCK_C", 16)
     monkeypatch.setattr(_common, "ROW_TILE_MAX", 16)
     b, m, c = 3, 2, 90  # 6 tiles, the last one partial
@@ -125,8 +124,8 @@ def test_long_rows_per_lane_statistics(monkeypatch, order):
     z64 = z.detach().double().requires_grad_()
     ref = R.hydra_kl_loss_ref(z64, t.double(), 3.0, reduction="none")
     (g_ref,) = torch.autograd.grad(ref.sum(), z64)
-    assert_close_to(loss, ref, rtol=1e-5, atol=1e-4, what="per-lane loss")
-    assert_close_to(g, g_ref, rtol=1e-5, atol=1e-7, what="per-lane grad")
+    assert_close_to(loss, ref, rtol=1e-5, atol=1e-4, what="tiled loss")
+    assert_close_to(g, g_ref, rtol=1e-5, atol=1e-7, what="tiled grad")
 
     z_nan = z.detach().clone().requires_grad_()
     with torch.no_grad():

@@ -11,10 +11,11 @@ import os
 import torch
 
 # C tile of the row-wise loss kernels when a row does not fit one tile; tests shrink it (and
-# ROW_TILE_MAX) to exercise many tiles on small C (fp32 rows: half of it). 8192 with 32 warps: big programs mean few rows in
-# flight (2 per SM: about 260 rows x 128 KiB for C = 32000 in bf16, inside the 50 MB L2), so the
-# gradient pass finds the row it read a moment ago in L2 instead of DRAM.
-MAX_BLOCK_C = 8192
+# ROW_TILE_MAX) to exercise many tiles on small C. Measured on an H200 (2026-11-28, bench/RESULTS.md)
+# at (4096, 8, 32000) bf16, forward + backward: 2048-wide tiles in 8 warps took 0.83x and 0.88x the
+# time of 8192-wide ones in 32 warps (two runs; 4096 in 16 warps: 1.03x), although the wide programs
+# keep fewer rows in flight (inside L2) for the second read: more loads in flight matter more.
+MAX_BLOCK_C = 2048
 # Longest row kept whole in registers by the row-wise loss kernels: 32 warps x 8 elements per thread
 # and tensor compile without spills on sm_80/sm_90; 16384 fp32 (16 per thread, at most 64 registers
 # with 1024 threads) spills 56 to 136 bytes, 32768 600+ (kernel report). 16-bit rows are kept in
@@ -133,11 +134,7 @@ def kl_rows_config(n_cols: int, elem_size: int = 4, teacher_grad: bool = False) 
     lanes of work)."""
     whole = max(16, next_pow2(n_cols))
     in_registers = ROW_TILE_MAX * (2 if elem_size <= 2 and not teacher_grad else 1)
-    if whole <= max(in_registers, MAX_BLOCK_C):
-        block_c = whole
-    else:  # tiled: per-lane statistics (5 fp32 per lane), 8 lanes per thread; fp32 tiles at half width
-        #     (their loads take twice the registers: 8192 fp32 in 32 warps spills on sm_90)
-        block_c = max(16, MAX_BLOCK_C // (1 if elem_size <= 2 else 2))
+    block_c = whole if whole <= max(in_registers, MAX_BLOCK_C) else MAX_BLOCK_C
     block_r = max(1, min(16, 1024 // block_c))
     # up to 8 elements per thread and tensor in 32 warps; a 16-bit row of 16384: 32 per thread in 16
     # warps (128 registers). No spills either way (kernel report).
@@ -168,21 +165,26 @@ def matmul_config(m: int, n: int, k: int) -> dict:
 # Elements of one (heads, classes) tile of the uncertainty kernel: a whole row of M*C up to this many
 # is read once and kept in registers for the mixture pass (8 per thread at 32 warps: no spills).
 UNCERTAINTY_TILE_MAX = 8192
-# Longer rows are walked twice in (heads, classes) tiles of this many elements in 4 warps: on an H200
-# (2026-11-28) 8192-element tiles in 32 warps took 12.5 ms at (4096, 8, 32000) bf16 against 3.5 ms for
-# these (each tile's per-head reductions cross all warps of a 32-warp program).
-UNCERTAINTY_LONG_TILE = 4096
+# Longer rows are walked twice in (heads, classes) tiles of this many elements in 4 warps. On an H200
+# (2026-11-28) at (4096, 8, 32000) bf16: 8192-element tiles in 32 warps 12.5 ms; in 4 warps 2.71 ms,
+# 4096 in 4 warps 3.29 ms, 2048 in 4 warps 5.60 ms (a 32-warp program's per-head reductions cross
+# all its warps at every tile).
+UNCERTAINTY_LONG_TILE = 8192
 
 
-def uncertainty_config(n_heads: int, n_cols: int) -> dict:
+def uncertainty_config(n_heads: int, n_cols: int, hinton_target: bool = False) -> dict:
+    """(heads, classes) tiles of the uncertainty kernel, and of the Hinton target's kernel (same row
+    walk, more live values per element: its long rows keep the 8192-element, 32-warp tiles, which
+    compile without spills; in 4 warps they spill on sm_90, and they are not timed on a GPU yet)."""
     block_m = max(2, next_pow2(n_heads))
     whole = max(16, next_pow2(n_cols))
-    if block_m * whole <= UNCERTAINTY_TILE_MAX:
-        lanes = block_m * whole
-        return dict(BLOCK_M=block_m, BLOCK_C=whole, num_warps=4 if lanes <= 1024 else min(32, lanes // 256),
-                    ROW_IN_REGISTERS=True)
-    block_c = max(16, UNCERTAINTY_LONG_TILE // block_m)
-    return dict(BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4, ROW_IN_REGISTERS=block_c >= n_cols)
+    if block_m * whole > UNCERTAINTY_TILE_MAX and not hinton_target:
+        block_c = max(16, UNCERTAINTY_LONG_TILE // block_m)
+        return dict(BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4, ROW_IN_REGISTERS=block_c >= n_cols)
+    block_c = whole if block_m * whole <= UNCERTAINTY_TILE_MAX else max(16, UNCERTAINTY_TILE_MAX // block_m)
+    lanes = block_m * block_c
+    return dict(BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4 if lanes <= 1024 else min(32, lanes // 256),
+                ROW_IN_REGISTERS=block_c >= n_cols)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

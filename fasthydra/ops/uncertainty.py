@@ -75,7 +75,7 @@ def ensemble_log_mean_triton(teacher: torch.Tensor, temperature: float, op: str)
     teacher = teacher if teacher.stride(-1) == 1 else teacher.contiguous()
     out = torch.empty(b, c, dtype=torch.float32, device=teacher.device)
     if b > 0:
-        cfg = uncertainty_config(m, c)
+        cfg = uncertainty_config(m, c, hinton_target=True)
         _ensemble_log_mean_kernel[(b,)](
             teacher, out, error_word(teacher.device, op), m, c, teacher.stride(0), teacher.stride(1), out.stride(0),
             1.0 / temperature, temperature, math.log(m), BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"],
