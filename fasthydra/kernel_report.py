@@ -241,7 +241,7 @@ def _kernel_specs():
                          "BLOCK_R": sc["BLOCK_R"], "BLOCK_RW": sc["BLOCK_RW"], "BLOCK_KW": sc["BLOCK_KW"]},
                         {"num_warps": sc["num_warps"]}, tag)
 
-            uc = cfgs.uncertainty_config(m, c)
+            uc = cfgs.uncertainty_config(m, c, b)
             args = {"z_ptr": f"*{ty}", "probs_ptr": f"*{ty}", "total_ptr": f"*{ty}", "aleatoric_ptr": f"*{ty}",
                     "epistemic_ptr": f"*{ty}", "M": m, "C": c, "stride_zb": m * c, "stride_zm": c,
                     "stride_pb": c, "inv_temp": 1.0}

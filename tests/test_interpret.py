@@ -320,6 +320,20 @@ def test_linear_heads_bias_free_kernel(gemm):
     assert_close_to(linear_heads(x, w, None, impl="triton"), R.linear_heads_ref(x.double(), w.double()), rtol=1e-6)
 
 
+def test_uncertainty_long_rows_pick_warps_by_row_count():
+    """The two configurations that won on the H200 come out of the rule: many rows (4096 x 8 x 32000)
+    in 4-warp programs, few rows (256 x 4 x 32000) in 32-warp ones; each program walks one row in
+    tiles of UNCERTAINTY_LONG_TILE elements; the Hinton target keeps its 32-warp tiles."""
+    many = _common.uncertainty_config(8, 32000, 4096)
+    few = _common.uncertainty_config(4, 32000, 256)
+    assert (many["BLOCK_C"], many["num_warps"], many["ROW_IN_REGISTERS"]) == (1024, 4, False)
+    assert (few["BLOCK_C"], few["num_warps"]) == (2048, 32)
+    assert _common.uncertainty_config(8, 32000, 1024)["num_warps"] == 8
+    assert _common.uncertainty_config(8, 32000, 1)["num_warps"] == 32
+    assert _common.uncertainty_config(8, 32000, 4096, hinton_target=True)["num_warps"] == 32
+    assert _common.uncertainty_config(8, 1000, 4096)["ROW_IN_REGISTERS"]  # mid C: the row read once
+
+
 @pytest.mark.parametrize("b,m,c", [(6, 3, 10), (4, 1, 13), (3, 5, 300), (0, 2, 7)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("tile", [None, 64], ids=["row-whole", "tiles-of-64"])

@@ -165,22 +165,25 @@ def matmul_config(m: int, n: int, k: int) -> dict:
 # Elements of one (heads, classes) tile of the uncertainty kernel: a whole row of M*C up to this many
 # is read once and kept in registers for the mixture pass (8 per thread at 32 warps: no spills).
 UNCERTAINTY_TILE_MAX = 8192
-# Longer rows are walked twice in (heads, classes) tiles of this many elements in 4 warps. On an H200
-# (2026-11-28) at (4096, 8, 32000) bf16: 8192-element tiles in 32 warps 12.5 ms; in 4 warps 2.71 ms,
-# 4096 in 4 warps 3.29 ms, 2048 in 4 warps 5.60 ms (a 32-warp program's per-head reductions cross
-# all its warps at every tile).
+# Longer rows are walked twice in (heads, classes) tiles of this many elements, one row per program,
+# in as many warps as it takes to put about FILL_WARPS warps on the GPU (4 to 32). On an H200
+# (2026-11-28): at (4096, 8, 32000) bf16 these tiles took 2.71 ms in 4 warps and 12.5 ms in 32 (each
+# tile's per-head reductions cross all warps of a program; 4096-element tiles: 3.29 ms, 2048: 5.60);
+# at (256, 4, 32000) fp32, 256 programs, 32 warps took 0.188 ms and 4096-element 4-warp tiles 0.310.
 UNCERTAINTY_LONG_TILE = 8192
+FILL_WARPS = 8192
 
 
-def uncertainty_config(n_heads: int, n_cols: int, hinton_target: bool = False) -> dict:
-    """(heads, classes) tiles of the uncertainty kernel, and of the Hinton target's kernel (same row
-    walk, more live values per element: its long rows keep the 8192-element, 32-warp tiles, which
-    compile without spills; in 4 warps they spill on sm_90, and they are not timed on a GPU yet)."""
+def uncertainty_config(n_heads: int, n_cols: int, n_rows: int | None = None, hinton_target: bool = False) -> dict:
+    """(heads, classes) tiles of the uncertainty kernel for n_rows rows (None: many), and of the Hinton
+    target's kernel (same row walk, more live values per element: its long rows keep 32 warps, which
+    compile without spills; in 4 warps they spill on sm_90; not timed on a GPU yet)."""
     block_m = max(2, next_pow2(n_heads))
     whole = max(16, next_pow2(n_cols))
     if block_m * whole > UNCERTAINTY_TILE_MAX and not hinton_target:
         block_c = max(16, UNCERTAINTY_LONG_TILE // block_m)
-        return dict(BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4, ROW_IN_REGISTERS=block_c >= n_cols)
+        warps = 4 if n_rows is None else min(32, max(4, next_pow2(cdiv(FILL_WARPS, max(n_rows, 1)))))
+        return dict(BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps, ROW_IN_REGISTERS=block_c >= n_cols)
     block_c = whole if block_m * whole <= UNCERTAINTY_TILE_MAX else max(16, UNCERTAINTY_TILE_MAX // block_m)
     lanes = block_m * block_c
     return dict(BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4 if lanes <= 1024 else min(32, lanes // 256),

@@ -51,7 +51,7 @@ def uncertainty_triton(logits: torch.Tensor, temperature: float) -> Uncertainty:
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()
     probs, total, aleatoric, epistemic = _empty_outputs(b, c, logits.dtype, logits.device)
     if b > 0:
-        cfg = uncertainty_config(m, c)
+        cfg = uncertainty_config(m, c, b)
         _uncertainty_fwd_kernel[(b,)](
             logits, probs, total, aleatoric, epistemic,
             m, c, logits.stride(0), logits.stride(1), probs.stride(0), 1.0 / temperature,
