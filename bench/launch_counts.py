@@ -77,9 +77,8 @@ def cases():
     out = []
     for hidden, name in ((None, "linear heads"), (16, "MLP heads")):
         head = HydraHead(16, 10, 4, hidden_features=hidden, impl="triton")
-        for path, env in (("small-step", {"FASTHYDRA_SMALL_STEP": "auto", "FASTHYDRA_GEMM": "cublas"}),
-                          ("cuBLAS + loss kernel", {"FASTHYDRA_SMALL_STEP": "0", "FASTHYDRA_GEMM": "cublas"}),
-                          ("Triton GEMMs", {"FASTHYDRA_SMALL_STEP": "0", "FASTHYDRA_GEMM": "triton"})):
+        for path, env in (("small-step", {"FASTHYDRA_SMALL_STEP": "auto"}),
+                          ("cuBLAS + loss kernel", {"FASTHYDRA_SMALL_STEP": "0"})):
             def step(head=head):
                 head.zero_grad(set_to_none=True)
                 x.grad = None

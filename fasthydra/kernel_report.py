@@ -32,9 +32,7 @@ HIDDEN = 256  # hidden width used for the MLP-head GEMM configurations
 # dtype tag -> (Triton pointer type, tl.dot precision): fp32 as torch runs it with
 # set_float32_matmul_precision("high") (tf32 tensor cores) and at the default "highest" (IEEE, FMA).
 DTYPES = {"bf16": ("bf16", "tf32"), "fp32/tf32": ("fp32", "tf32"), "fp32/ieee": ("fp32", "ieee")}
-GEMM_KERNELS = {"_linear_hydra_kl_fwd_kernel", "_grouped_matmul_kernel", "_gaussian_heads_kl_fwd_kernel",
-                "_linear_hydra_kl_stats_kernel", "_linear_hydra_kl_grad_kernel", "_small_heads_kl_kernel",
-                "_small_heads_grad_kernel"}
+GEMM_KERNELS = {"_gaussian_heads_kl_fwd_kernel", "_small_heads_kl_kernel", "_small_heads_grad_kernel"}
 # GEMM kernels whose tiles are below wgmma's 64 rows (16-row programs, 16-class tiles): mma.sync on sm_90.
 MMA_SYNC_KERNELS = {"_small_heads_kl_kernel", "_small_heads_grad_kernel"}
 
@@ -84,12 +82,6 @@ def _specialize(fn, args: dict, consts: dict):
 def _kernel_specs():
     """(jit function, runtime args, constexprs, launch options, dtype tag) for every launched configuration."""
     from fasthydra.kernels.gaussian_kl import _gaussian_heads_kl_fwd_kernel
-    from fasthydra.kernels.grouped_matmul import _grouped_matmul_kernel
-    from fasthydra.kernels.linear_kl import (
-        _linear_hydra_kl_fwd_kernel,
-        _linear_hydra_kl_grad_kernel,
-        _linear_hydra_kl_stats_kernel,
-    )
     from fasthydra.kernels.checks import _flag_rows_kernel
     from fasthydra.kernels.small_heads import _small_heads_grad_kernel, _small_heads_kl_kernel
     from fasthydra.kernels.softmax_kl import _hydra_kl_fwd_kernel, _hydra_kl_topk_fwd_kernel
@@ -139,20 +131,6 @@ def _kernel_specs():
                         {"BLOCK_R": tk["BLOCK_R"], "BLOCK_C": tk["BLOCK_C"], "BLOCK_K": tk["BLOCK_K"],
                          "WRITE_GRAD": True, "WRITE_TGRAD": tgrad}, {"num_warps": tk["num_warps"]}, tag)
 
-            rows = cfgs.rows_per_chunk(b, m * c, cfgs.TRITON_CHUNK_ELEMENTS)
-            for k, shared in ((d, True), (HIDDEN, False)):  # linear heads; second layer of MLP heads
-                lk = cfgs.linear_kl_config(rows, c, k, 4 if ty == "fp32" else 2)
-                args = {"x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "t_ptr": f"*{ty}",
-                        "loss_ptr": "*fp32", "g_ptr": f"*{ty}", "tstat_ptr": "*fp32", "B": rows, "C": c, "K": k,
-                        "stride_xb": k if shared else m * k, "stride_xm": 0 if shared else k,
-                        "stride_wm": c * k, "stride_wc": k, "stride_biasm": c, "stride_tb": m * c,
-                        "stride_tm": c, "stride_gb": m * c, "stride_gm": c,
-                        "inv_temp": 0.5, "loss_scale": 4.0, "grad_scale": 0.1}
-                consts = {"HAS_BIAS": True, "WRITE_GRAD": True, "UPCAST_DOT": False, "PRECISION": prec,
-                          "BLOCK_B": lk["BLOCK_B"], "BLOCK_C": lk["BLOCK_C"], "BLOCK_K": lk["BLOCK_K"]}
-                add(_linear_hydra_kl_fwd_kernel, args, consts,
-                    {"num_warps": lk["num_warps"], "num_stages": lk["num_stages"]}, tag)
-
             # Small problems: the two-launch small-step kernels (linear heads and MLP heads' second layer)
             for k, shared in ((d, True), (HIDDEN, False)):
                 sc = cfgs.small_heads_config(b, m, c, k, 4 if ty == "fp32" else 2)
@@ -176,46 +154,6 @@ def _kernel_specs():
                     {**dots, "SHARED": shared, "NEED_W": True, "NEED_B": True, "REDUCE": True, "BLOCK_P": 128,
                      "BLOCK_R": sc["BLOCK_R"], "BLOCK_RW": sc["BLOCK_RW"], "BLOCK_KW": sc["BLOCK_KW"]},
                     {"num_warps": sc["num_warps"]}, tag)
-
-            # Large C: the split-class statistics and the class-block gradient kernels
-            from fasthydra.ops import linear_hydra_kl as lk
-
-            if m * c >= lk.SPLIT_MIN_CLASSES or b * m * c > cfgs.TRITON_CHUNK_ELEMENTS:
-                lk_cfg = cfgs.linear_kl_config(b, c, d, 4 if ty == "fp32" else 2)
-                base = {"x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "t_ptr": f"*{ty}", "B": b, "K": d,
-                        "stride_xb": d, "stride_xm": 0, "stride_wm": c * d, "stride_wc": d, "stride_biasm": c,
-                        "stride_tb": m * c, "stride_tm": c, "inv_temp": 0.5}
-                consts = {"HAS_BIAS": True, "UPCAST_DOT": False, "PRECISION": prec, "BLOCK_B": lk_cfg["BLOCK_B"],
-                          "BLOCK_C": lk_cfg["BLOCK_C"], "BLOCK_K": lk_cfg["BLOCK_K"]}
-                opts = {"num_warps": lk_cfg["num_warps"], "num_stages": lk_cfg["num_stages"]}
-                add(_linear_hydra_kl_stats_kernel, {**base, "stats_ptr": "*fp32", "C": c, "cols_per_split": 4096},
-                    consts, opts, tag)
-                add(_linear_hydra_kl_grad_kernel, {**base, "lse_s_ptr": "*fp32", "lse_u_ptr": "*fp32",
-                                                   "g_ptr": f"*{ty}", "c_begin": 4096, "c_stop": 8192,
-                                                   "stride_gb": m * 4096, "stride_gm": 4096, "grad_scale": 0.1},
-                    consts, opts, tag)
-
-            # Grouped GEMMs as the ops launch them (strides of the real views):
-            # (M, N, K, a strides (m, k), b strides (k, n), accumulate, relu)
-            mc = m * c
-            gemms = [
-                (b, mc, d, (d, 1), (1, d), False, False),  # head logits x @ Wf^T
-                (rows, d, mc, (mc, 1), (d, 1), False, False),  # input gradient G @ Wf
-                (mc, d, rows, (1, mc), (d, 1), True, False),  # weight gradient G^T @ x (fp32 accumulate)
-                (b, m * HIDDEN, d, (d, 1), (1, d), False, True),  # MLP first layer, relu epilogue
-                (b, c, HIDDEN, (m * HIDDEN, 1), (1, HIDDEN), False, False),  # MLP second layer, per head
-            ]
-            for mm, nn, kk, (sam, sak), (sbk, sbn), accumulate, relu in gemms:
-                cfg = cfgs.matmul_config(mm, nn, kk)
-                args = {"a_ptr": f"*{ty}", "b_ptr": f"*{ty}", "out_ptr": "*fp32" if accumulate else f"*{ty}",
-                        "bias_ptr": f"*{ty}", "M": mm, "N": nn, "K": kk,
-                        "stride_ag": 0, "stride_am": sam, "stride_ak": sak, "stride_bg": 0, "stride_bk": sbk,
-                        "stride_bn": sbn, "stride_og": 0, "stride_om": nn, "stride_on": 1, "stride_biasg": nn}
-                consts = {"HAS_BIAS": not accumulate, "RELU": relu, "ACCUMULATE": accumulate,
-                          "UPCAST_DOT": False, "PRECISION": prec,
-                          **{key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}}
-                add(_grouped_matmul_kernel, args, consts,
-                    {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}, tag)
 
             from fasthydra.ops.gaussian_kl import gaussian_config
 

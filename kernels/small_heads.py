@@ -24,8 +24,31 @@ Gaussian heads too: their fused kernel (gaussian_kl.py) leaves the same stash an
 import triton
 import triton.language as tl
 
-from .linear_kl import _heads_logits_tile
 from .softmax_kl import _kl_grad_tile, _online_kl_update
+
+
+@triton.jit
+def _heads_logits_tile(x_rows, w_head, bias_ptr, head, rows_ok, cols, col_ok, K, stride_wc, stride_biasm,
+                       HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr,
+                       BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One (BLOCK_B, BLOCK_C) tile of head logits in fp32: x_rows @ W[head, cols].T + bias[head, cols].
+
+    x_rows: pointers to the rows' inputs (BLOCK_B, 1), unit stride along K; w_head: W[head] (C, K).
+    """
+    ks0 = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_B, BLOCK_C), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + ks0
+        k_ok = ks < K
+        xt = tl.load(x_rows + ks[None, :], mask=rows_ok[:, None] & k_ok[None, :], other=0.0)
+        wt = tl.load(w_head + cols[None, :] * stride_wc + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if UPCAST_DOT:  # interpreter: tl.dot on 16-bit operands is unreliable there
+            xt = xt.to(tl.float32)
+            wt = wt.to(tl.float32)
+        acc = tl.dot(xt, wt.to(xt.dtype), acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + head * stride_biasm + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    return acc
 
 
 @triton.jit

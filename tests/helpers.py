@@ -9,15 +9,14 @@ from fasthydra import reference as R
 # (B, D, M, C): the odd shape of DESIGN section 5, M = 1, C below 16, and a wider C.
 SHAPES = [(37, 45, 5, 13), (8, 16, 1, 10), (4, 8, 3, 3), (16, 32, 4, 70)]
 TEMPERATURES = [0.5, 1.0, 4.0, 20.0]
-# The Triton-side heads paths: the two-launch small-step kernels (chosen wherever a problem is small),
-# cuBLAS GEMMs around the loss kernel (the default otherwise), the fused Triton GEMM kernels.
-HEADS_PATHS = ("small", "cublas", "triton")
+# The Triton-side heads paths: the two-launch small-step kernels (chosen wherever a problem is small)
+# and cuBLAS GEMMs around the loss kernel (the default otherwise).
+HEADS_PATHS = ("small", "cublas")
 
 
 def use_heads_path(monkeypatch, path: str) -> str:
-    """Selects one heads path for the calls that follow (the settings are read at every call)."""
+    """Selects one heads path for the calls that follow (the setting is read at every call)."""
     monkeypatch.setenv("FASTHYDRA_SMALL_STEP", "auto" if path == "small" else "0")
-    monkeypatch.setenv("FASTHYDRA_GEMM", "triton" if path == "triton" else "cublas")
     return path
 
 

@@ -104,11 +104,11 @@ def test_summarize_table_and_chart(tmp_path):
 
 
 def test_variants_set_their_settings_and_restore_them(monkeypatch):
-    monkeypatch.setenv("FASTHYDRA_GEMM", "cublas")
-    monkeypatch.delenv("FASTHYDRA_SMALL_STEP", raising=False)
-    with gpu_check.with_variant("fasthydra/triton-gemm"):
-        assert os.environ["FASTHYDRA_GEMM"] == "triton" and os.environ["FASTHYDRA_SMALL_STEP"] == "0"
-    assert os.environ["FASTHYDRA_GEMM"] == "cublas" and "FASTHYDRA_SMALL_STEP" not in os.environ
+    monkeypatch.setenv("FASTHYDRA_SMALL_STEP", "auto")
+    with gpu_check.with_variant("fasthydra/cublas"):
+        assert os.environ["FASTHYDRA_SMALL_STEP"] == "0"
+    assert os.environ["FASTHYDRA_SMALL_STEP"] == "auto"
+    monkeypatch.delenv("FASTHYDRA_SMALL_STEP")
     with gpu_check.with_variant("fasthydra"):
         assert "FASTHYDRA_SMALL_STEP" not in os.environ
     from fasthydra.ops import _common
@@ -118,8 +118,8 @@ def test_variants_set_their_settings_and_restore_them(monkeypatch):
         assert _common.SMALL_BLOCK_B == 32 and _common.small_heads_config(512, 10, 10, 512, 4)["BLOCK_B"] == 32
     assert _common.SMALL_BLOCK_B == default
     # small shapes compare all three heads paths; large ones the two GEMM backends
-    assert gpu_check.variants_for("linear_fwdbwd", "gpu-small") == ["fasthydra/cublas", "fasthydra/triton-gemm"]
-    assert gpu_check.variants_for("linear_fwdbwd", "gpu-large") == ["fasthydra/triton-gemm", "fasthydra/groups-512MiB"]
+    assert gpu_check.variants_for("linear_fwdbwd", "gpu-small") == ["fasthydra/cublas"]
+    assert gpu_check.variants_for("linear_fwdbwd", "gpu-large") == ["fasthydra/groups-512MiB"]
     import fasthydra.ops.linear_hydra_kl as lk
 
     group = lk.CUBLAS_GROUP_ELEMENTS
@@ -201,7 +201,7 @@ def test_main_runs_end_to_end_with_the_device_parts_stubbed(tmp_path, monkeypatc
     assert ("fasthydra", "0") in seen_settings and ("fasthydra", None) in seen_settings
     assert "FASTHYDRA_SMALL_STEP" not in os.environ
     providers = {(r["shape"], r["provider"]) for r in record["rows"]}
-    assert ("gpu-small", "fasthydra/cublas") in providers and ("small-C", "fasthydra/triton-gemm") in providers
+    assert ("gpu-small", "fasthydra/cublas") in providers and ("small-C", "fasthydra/cublas") in providers
     cublas = next(v for v in record["variants"] if v["provider"] == "fasthydra/cublas")
     assert cublas["time_vs_default"] == pytest.approx(1.5)
     assert record["profiles"]["linear_fwdbwd gpu-small"][0]["kernel"] == "k"

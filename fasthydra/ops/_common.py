@@ -22,8 +22,6 @@ MAX_BLOCK_C = 2048
 # their storage dtype (the kernel recomputes the fp32 values in each pass): twice as long, 16384 in
 # 16 warps (32 elements per thread and tensor, 128 registers) without spills.
 ROW_TILE_MAX = 8192
-# Elements of one row chunk's (rows, M, C) gradient stash on the Triton path (bytes = this * dtype size).
-TRITON_CHUNK_ELEMENTS = 1 << 27
 # Elements of one row chunk's (rows, M, C) logits on the torch path (32 MiB in fp32; the chunk holds
 # the logits and the gradient). Bigger chunks keep the three GEMMs near full-size efficiency; a batch
 # whose rows would not fit 128 to a chunk switches to class tiles (linear_hydra_kl.py).
@@ -34,17 +32,6 @@ TORCH_CHUNK_ELEMENTS = 1 << 23
 # unless their (B, M, C) logits would pass this, then fewer heads per group, and rows are chunked only
 # when one head's (B, C) block alone is bigger.
 CUBLAS_GROUP_ELEMENTS = 1 << 27
-GEMM_BACKENDS = ("cublas", "triton")
-
-
-def gemm_backend() -> str:
-    """Who runs the heads' GEMMs on the Triton path: "cublas" (torch.mm/addmm/bmm, the default: cuBLAS
-    on a GPU, and the Triton kernels do the softmax/KL/gradient pass cuBLAS cannot fuse) or "triton"
-    (the fused Triton GEMM kernels, kept selectable until the H200 decides, FASTHYDRA_GEMM=triton)."""
-    value = os.environ.get("FASTHYDRA_GEMM", "cublas").strip().lower() or "cublas"
-    if value not in GEMM_BACKENDS:
-        raise ValueError(f"FASTHYDRA_GEMM must be one of {GEMM_BACKENDS}, got {value!r}")
-    return value
 
 
 # The two-launch small-step path (kernels/small_heads.py): a head's row fits one class tile, and every
@@ -63,7 +50,7 @@ SMALL_TARGET_PROGRAMS = 1024
 
 def small_step_mode() -> str:
     """FASTHYDRA_SMALL_STEP: "auto" (the default: the two-launch path wherever small_heads_config fits)
-    or "0" (never; the cuBLAS path or FASTHYDRA_GEMM's choice then, kept for side-by-side timing)."""
+    or "0" (never: the cuBLAS path then, kept for side-by-side timing)."""
     value = os.environ.get("FASTHYDRA_SMALL_STEP", "auto").strip().lower() or "auto"
     if value not in ("auto", "0"):
         raise ValueError(f"FASTHYDRA_SMALL_STEP must be 'auto' or '0', got {value!r}")
@@ -141,25 +128,6 @@ def kl_rows_config(n_cols: int, elem_size: int = 4, teacher_grad: bool = False) 
     lanes = block_r * block_c
     warps = 4 if lanes <= 1024 else (min(32, lanes // 256) if lanes <= 8192 else 16)
     return dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps, ROW_IN_REGISTERS=block_c >= n_cols)
-
-
-def linear_kl_config(n_rows: int, n_cols: int, k: int, elem_size: int = 2) -> dict:
-    """Fused head GEMM + KL: tl.dot needs every tile dim >= 16 (small C is padded with masks)."""
-    block_b = 64 if n_rows > 32 else max(16, next_pow2(n_rows))  # 64 rows share each weight tile
-    # The logits tile and its softmax temporaries live in registers: 64 x 64 for 16-bit inputs,
-    # 64 x 32 for fp32 inputs (whose operand tiles take twice the registers) keep sm_80/sm_90 spill-free.
-    block_c = max(16, min(next_pow2(n_cols), 128 // elem_size))
-    block_k = max(16, min(next_pow2(k), 128 // elem_size))  # 128-byte K rows: fp32 at 64 spills on sm_80
-    # 8 warps: the logits tile and its softmax temporaries need the registers of 256 threads.
-    return dict(BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_K=block_k, num_warps=8, num_stages=3)
-
-
-def matmul_config(m: int, n: int, k: int) -> dict:
-    block_m = max(16, min(next_pow2(m), 128))
-    block_n = max(16, min(next_pow2(n), 128))
-    block_k = max(16, min(next_pow2(k), 32))  # 32-deep K tiles keep 3 pipeline stages inside shared memory
-    warps = 8 if block_m * block_n >= 128 * 128 else 4  # 128x128 accumulator needs 8 warps to avoid spills
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=warps, num_stages=3)
 
 
 # Elements of one (heads, classes) tile of the uncertainty kernel: a whole row of M*C up to this many

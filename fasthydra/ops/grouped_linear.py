@@ -1,74 +1,45 @@
-"""Grouped head GEMMs on the Triton path: the launcher over strided 3-D views, and the forward and
+"""Grouped head GEMMs on the GPU path (torch's GEMMs: cuBLAS): over strided 3-D views, the forward and
 backward of the heads' logits (linear heads, and both layers of MLP heads); the autograd wiring is
 the custom op ``fasthydra::grouped_linear`` in library.py.
 
 Inputs are either shared by all heads, x of shape (B, K), so that all heads are one GEMM over the
 stacked (M*N, K) weight, or per head, u of shape (B, M, K), so that head m multiplies u[:, m] by
-W[m]: the grouped GEMM, one launch with the head as the second grid axis.
+W[m]: one batched GEMM over the heads.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._common import cdiv, dot_precision, gemm_backend, matmul_config, upcast_dot
 
 
-def _grouped_mm_cublas(a3, b3, out3, bias2, relu: bool, accumulate: bool):
-    """grouped_mm with torch's GEMMs (cuBLAS on a GPU, fp32 accumulation inside for 16-bit operands)."""
-    if accumulate:  # an fp32 accumulator: the product is rounded once to the operands' dtype, then added
-        out3 += torch.bmm(a3, b3)
+def grouped_mm(a3, b3, out3, bias2=None, relu: bool = False):
+    """out3[g] = act(a3[g] @ b3[g] + bias2[g]) for strided views a3 (G, M, K), b3 (G, K, N), out3 (G, M, N),
+    with torch's GEMMs (cuBLAS on a GPU, fp32 accumulation inside for 16-bit operands). One group is
+    written in place: bias + ReLU in cuBLASLt's epilogue, a 1-D bias in its epilogue too."""
+    g, m, k = a3.shape
+    n = b3.shape[2]
+    if g == 0 or m == 0 or n == 0:
         return out3
-    if out3.shape[0] == 1 and out3[0].is_contiguous():  # one group: write the output in place
-        if bias2 is not None and relu:  # bias + ReLU in the GEMM's epilogue (cuBLASLt on a GPU): one launch
+    if k == 0:  # empty contraction: the product is zero
+        out3.zero_()
+        if bias2 is not None:
+            out3 += bias2[:, None, :]
+        if relu:
+            out3.clamp_(min=0)
+        return out3
+    if out3.shape[0] == 1 and out3[0].is_contiguous():
+        if bias2 is not None and relu:
             torch._addmm_activation(bias2[0], a3[0], b3[0], out=out3[0])
             return out3
         if bias2 is not None:
-            torch.addmm(bias2[0], a3[0], b3[0], out=out3[0])  # 1-D bias: in cuBLASLt's epilogue
+            torch.addmm(bias2[0], a3[0], b3[0], out=out3[0])
         else:
             torch.mm(a3[0], b3[0], out=out3[0])
     else:
         out3.copy_(torch.bmm(a3, b3) if bias2 is None else torch.baddbmm(bias2.unsqueeze(1), a3, b3))
     if relu:
         out3.clamp_(min=0)
-    return out3
-
-
-def grouped_mm(a3, b3, out3, bias2=None, relu: bool = False, accumulate: bool = False):
-    """out3[g] (=|+=) act(a3[g] @ b3[g] + bias2[g]) for strided views a3 (G, M, K), b3 (G, K, N), out3 (G, M, N).
-
-    With the cuBLAS backend (the default, see ``gemm_backend``) torch's GEMMs run it; else the
-    grouped Triton GEMM kernel, one launch with the group as the second grid axis."""
-    from fasthydra.kernels.grouped_matmul import _grouped_matmul_kernel
-
-    g, m, k = a3.shape
-    n = b3.shape[2]
-    if g == 0 or m == 0 or n == 0:
-        return out3
-    if k > 0 and gemm_backend() == "cublas":
-        return _grouped_mm_cublas(a3, b3, out3, bias2, relu, accumulate)
-    if k == 0:  # empty contraction: the product is zero
-        if not accumulate:
-            out3.zero_()
-            if bias2 is not None:
-                out3 += bias2[:, None, :]
-            if relu:
-                out3.clamp_(min=0)
-        return out3
-    cfg = matmul_config(m, n, k)
-    grid = (cdiv(m, cfg["BLOCK_M"]) * cdiv(n, cfg["BLOCK_N"]), g)
-    _grouped_matmul_kernel[grid](
-        a3, b3, out3, bias2 if bias2 is not None else out3,
-        m, n, k,
-        a3.stride(0), a3.stride(1), a3.stride(2),
-        b3.stride(0), b3.stride(1), b3.stride(2),
-        out3.stride(0), out3.stride(1), out3.stride(2),
-        bias2.stride(0) if bias2 is not None else 0,
-        HAS_BIAS=bias2 is not None, RELU=relu, ACCUMULATE=accumulate,
-        UPCAST_DOT=upcast_dot(a3.dtype), PRECISION=dot_precision(a3.dtype),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
     return out3
 
 
@@ -84,13 +55,9 @@ def head_views(inp: torch.Tensor, weight: torch.Tensor, shared: bool):
     return inp.permute(1, 0, 2), weight.transpose(1, 2)
 
 
-def heads_backward(grad_out, inp, weight, shared: bool, need_input: bool, need_weight: bool,
-                   grad_weight32=None):
-    """Input and weight gradients of the heads' GEMM, from the logits gradient grad_out (B, M, N).
-
-    The weight gradient is accumulated into grad_weight32 (fp32, (M, N, K)) when given, else returned
-    in the weight's dtype. Returns (grad_input or None, grad_weight or None).
-    """
+def heads_backward(grad_out, inp, weight, shared: bool, need_input: bool, need_weight: bool):
+    """Input and weight gradients of the heads' GEMM, from the logits gradient grad_out (B, M, N), in
+    the input's and the weight's dtype. Returns (grad_input or None, grad_weight or None)."""
     b = grad_out.shape[0]
     m, n, k = weight.shape
     grad_in = None
@@ -103,13 +70,11 @@ def heads_backward(grad_out, inp, weight, shared: bool, need_input: bool, need_w
             grouped_mm(grad_out.permute(1, 0, 2), weight, grad_in.permute(1, 0, 2))
     grad_w = None
     if need_weight:
-        accumulate = grad_weight32 is not None
-        grad_w = grad_weight32 if accumulate else torch.empty_like(weight)
+        grad_w = torch.empty_like(weight)
         if shared:
-            grouped_mm(grad_out.reshape(1, b, m * n).transpose(1, 2), inp.unsqueeze(0),
-                       grad_w.view(1, m * n, k), accumulate=accumulate)
+            grouped_mm(grad_out.reshape(1, b, m * n).transpose(1, 2), inp.unsqueeze(0), grad_w.view(1, m * n, k))
         else:
-            grouped_mm(grad_out.permute(1, 2, 0), inp.permute(1, 0, 2), grad_w, accumulate=accumulate)
+            grouped_mm(grad_out.permute(1, 2, 0), inp.permute(1, 0, 2), grad_w)
     return grad_in, grad_w
 
 

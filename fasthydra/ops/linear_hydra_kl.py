@@ -1,7 +1,8 @@
-"""Head GEMMs fused with the Hydra loss: the fused Triton forward and the chunked torch path.
+"""Head GEMMs fused with the Hydra loss: the GPU path (cuBLAS GEMMs around the Triton loss kernel, or
+the small-step kernels) and the chunked torch path.
 
-Both walk the batch in row chunks (or, for large C, the classes in blocks). For each chunk the logits (B_chunk, M, C) are formed, turned
-into loss rows and the logits gradient T * (q - p) * coefficient, and the gradient is at once
+They walk the batch in row chunks or head groups (the torch path, for large C, the classes in
+blocks). For each chunk the logits are formed, turned into loss rows and the logits gradient T * (q - p) * coefficient, and the gradient is at once
 contracted into the input gradient and accumulated (fp32) into the weight and bias gradients. The
 full (B, M, C) logits never exist; the backward only scales the stored gradients (the autograd
 wiring is the custom op ``fasthydra::linear_hydra_kl`` in library.py).
@@ -19,20 +20,13 @@ import torch
 from ._common import (
     CUBLAS_GROUP_ELEMENTS,
     TORCH_CHUNK_ELEMENTS,
-    TRITON_CHUNK_ELEMENTS,
     cdiv,
     compute_dtype,
-    dot_precision,
-    gemm_backend,
-    interpreting,
-    linear_kl_config,
     rows_per_chunk,
     small_heads_config,
     small_step_mode,
-    upcast_dot,
 )
-from .checks import after_launch, flag_status
-from .grouped_linear import grouped_mm, heads_backward
+from .checks import after_launch
 from .small_heads import linear_hydra_kl_forward_small
 from .hydra_kl import (
     _teacher_grad,
@@ -288,34 +282,6 @@ def linear_hydra_kl_forward_torch(inp, weight, bias, teacher, temperature: float
     return _results(rows, inp, weight, bias, grad_in, grad_w32, grad_b32, reduction, grad_t)
 
 
-def launch_linear_hydra_kl(inp, weight, bias, teacher, loss, stash, temperature, grad_scale, shared):
-    """One launch of the fused kernel over a row chunk; loss (B, M) fp32, stash (B, M, C) or None."""
-    from fasthydra.kernels.linear_kl import _linear_hydra_kl_fwd_kernel
-
-    m, c, k = weight.shape
-    b = inp.shape[0]
-    if b == 0:
-        return
-    cfg = linear_kl_config(b, c, k, inp.element_size())
-    stride_xm = 0 if shared else inp.stride(1)
-    write_grad = stash is not None
-    status = torch.empty(b, m, dtype=torch.float32, device=inp.device)
-    _linear_hydra_kl_fwd_kernel[(cdiv(b, cfg["BLOCK_B"]), m)](
-        inp, weight, bias if bias is not None else weight, teacher, loss, stash if write_grad else loss, status,
-        b, c, k,
-        inp.stride(0), stride_xm, weight.stride(0), weight.stride(1),
-        bias.stride(0) if bias is not None else 0,
-        teacher.stride(0), teacher.stride(1),
-        stash.stride(0) if write_grad else 0, stash.stride(1) if write_grad else 0,
-        1.0 / temperature, temperature * temperature, grad_scale if write_grad else 0.0,
-        HAS_BIAS=bias is not None, WRITE_GRAD=write_grad,
-        UPCAST_DOT=upcast_dot(inp.dtype), PRECISION=dot_precision(inp.dtype),
-        BLOCK_B=cfg["BLOCK_B"], BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
-    flag_status(status, "distill_loss", teacher.shape)
-
-
 def _head_groups(b: int, m: int, c: int) -> tuple[int, int]:
     """(heads per group, rows per chunk) on the cuBLAS path: all heads and all rows when their logits fit
     CUBLAS_GROUP_ELEMENTS; else fewer heads per group (each head's dW still complete in one GEMM);
@@ -453,141 +419,16 @@ def linear_hydra_kl_forward_triton(inp, weight, bias, teacher, temperature: floa
                                    need_in: bool, need_w: bool, need_b: bool, need_t: bool = False,
                                    teacher_indices=None):
     """Heads + Hydra loss on the Triton path. Small problems (``small_heads_config``: C <= 64, up to
-    8192 rows, M*C*K <= 2^20, weight re-reads bounded) with a dense, frozen teacher take the two-launch path
-    (``linear_hydra_kl_forward_small``) unless FASTHYDRA_SMALL_STEP=0. Otherwise, with the cuBLAS GEMM
-    backend (the default) see ``linear_hydra_kl_forward_cublas``; with FASTHYDRA_GEMM=triton the fused GEMM/softmax/KL kernel,
-    then grouped Triton GEMMs for the input gradient and the (fp32 across chunks) weight gradient,
-    chunk by chunk; a teacher that needs its gradient, or a top-k teacher, takes the cuBLAS path (the
-    fused kernels do not form either). Returns (loss, grad_in, grad_weight, grad_bias, grad_teacher),
-    None where not asked for."""
-    backend = gemm_backend()  # both settings read (and validated) at every call
+    8192 rows, M*C*K <= 2^20, weight re-reads bounded) with a dense, frozen teacher take the two-launch
+    path (``linear_hydra_kl_forward_small``) unless FASTHYDRA_SMALL_STEP=0; everything else cuBLAS
+    GEMMs around the loss kernel (``linear_hydra_kl_forward_cublas``). (A third design, Triton GEMM
+    tiles fused with the softmax/KL, took 1.9x to 11x this path's time on an H200 and was removed:
+    bench/RESULTS.md.) Returns (loss, grad_in, grad_weight, grad_bias, grad_teacher), None where not
+    asked for."""
     if small_step_mode() == "auto" and not need_t and teacher_indices is None:
         cfg = small_heads_config(inp.shape[0], weight.shape[0], weight.shape[1], weight.shape[2], inp.element_size())
         if cfg is not None:
             return linear_hydra_kl_forward_small(inp, weight, bias, teacher, temperature, reduction, shared, need_in,
                                                  need_w, need_b and bias is not None, cfg)
-    if backend == "cublas" or need_t or teacher_indices is not None:
-        return linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature, reduction, shared,
-                                              need_in, need_w, need_b, need_t, teacher_indices)
-    m, c, k = weight.shape
-    b = inp.shape[0]
-    inp = inp.contiguous()
-    weight = weight.contiguous()
-    bias = None if bias is None else bias.contiguous()
-    teacher = teacher if teacher.stride(-1) == 1 else teacher.contiguous()
-    want_grad = need_in or need_w or need_b
-    if b > 0 and (m * c >= SPLIT_MIN_CLASSES or (want_grad and b * m * c > TRITON_CHUNK_ELEMENTS)):
-        return _split_classes_triton(inp, weight, bias, teacher, temperature, reduction, shared, need_in, need_w,
-                                     need_b)
-    loss = torch.empty(b, m, dtype=torch.float32, device=inp.device)
-    grad_in = grad_w32 = grad_b32 = None
-    if not want_grad:  # loss only: one pass, no stash, nothing of size (B, M, C) is written
-        launch_linear_hydra_kl(inp, weight, bias, teacher, loss, None, temperature, None, shared)
-    else:
-        grad_scale = temperature * reduction_coefficient(reduction, b * m)
-        step = rows_per_chunk(b, m * c, TRITON_CHUNK_ELEMENTS)
-        stash = torch.empty(min(step, b), m, c, dtype=inp.dtype, device=inp.device)
-        grad_in = torch.empty_like(inp) if need_in else None
-        # Several chunks accumulate dW in an fp32 buffer; one chunk lets the GEMM (fp32 inside) write
-        # dW in the weight's dtype directly, with no weight-sized fp32 buffer.
-        one_chunk = step >= b
-        grad_w32 = torch.zeros(m, c, k, dtype=torch.float32, device=inp.device) if need_w and not one_chunk \
-            else None
-        if need_w and b == 0:  # an empty batch: a zero gradient, not a missing one
-            grad_w32 = torch.zeros_like(weight)
-        grad_b32 = torch.zeros(m, c, dtype=torch.float32, device=inp.device) if need_b else None
-        for r0 in range(0, b, step):
-            xc = inp[r0:r0 + step]
-            bc = xc.shape[0]
-            g = stash[:bc]
-            launch_linear_hydra_kl(xc, weight, bias, teacher[r0:r0 + step], loss[r0:r0 + step], g,
-                                   temperature, grad_scale, shared)
-            gi, gw = heads_backward(g, xc, weight, shared, need_in, need_w, grad_weight32=grad_w32)
-            if one_chunk:
-                grad_w32 = gw
-            if need_in:
-                grad_in[r0:r0 + step] = gi
-            if need_b:
-                grad_b32 += g.sum(0, dtype=torch.float32)
-    return _results(loss, inp, weight, bias, grad_in, grad_w32, grad_b32, reduction)
-
-
-# Large C on Triton (M*C at least this many classes, or a batch whose gradient would need several
-# row chunks): split-class statistics, then the gradient one class block at a time (see the kernels).
-# Four GEMMs instead of three, but every GEMM runs on a grid that fills the GPU, dW is written once
-# per block in the weight's dtype (no fp32 weight-sized buffer) and only a (B, M, block) gradient
-# stash exists.
-SPLIT_MIN_CLASSES = 1 << 15
-SPLIT_TARGET_PROGRAMS = 528  # 4 waves of 132 SMs for the statistics pass
-
-
-def _merge_split_stats(stats: torch.Tensor):
-    """(6, S, B, M) partial statistics -> merged (ref_s, d_s, ref_u, d_u, a, status), each (B, M)."""
-    m_s, d_s, m_u, d_u, a, n_nan = stats
-    top_s, top_u = m_s.amax(0), m_u.amax(0)
-    ref_s = torch.where(torch.isneginf(top_s), 0.0, top_s)
-    ref_u = torch.where(torch.isfinite(top_u), top_u, 0.0)
-    w_s, w_u = torch.exp(m_s - ref_s), torch.exp(m_u - ref_u)
-    shift = (ref_u - m_u) - (ref_s - m_s)
-    a_all = torch.where(d_u > 0, w_u * (a - d_u * shift), 0.0).sum(0)
-    status = torch.where(n_nan.sum(0) > 0, float("nan"), top_u)
-    return ref_s, (d_s * w_s).sum(0), ref_u, (d_u * w_u).sum(0), a_all, status
-
-
-def _split_classes_triton(inp, weight, bias, teacher, temperature, reduction, shared, need_in, need_w, need_b):
-    from fasthydra.kernels.linear_kl import _linear_hydra_kl_grad_kernel, _linear_hydra_kl_stats_kernel
-
-    m, c, k = weight.shape
-    b = inp.shape[0]
-    cfg = linear_kl_config(b, c, k, inp.element_size())
-    bb, bc = cfg["BLOCK_B"], cfg["BLOCK_C"]
-    row_blocks = cdiv(b, bb)
-    splits = max(1, min(cdiv(SPLIT_TARGET_PROGRAMS, row_blocks * m), cdiv(c, bc)))
-    if interpreting():
-        splits = min(splits, 3)  # the interpreter runs programs one by one
-    per_split = cdiv(cdiv(c, splits), bc) * bc
-    splits = cdiv(c, per_split)
-    common = dict(HAS_BIAS=bias is not None, UPCAST_DOT=upcast_dot(inp.dtype), PRECISION=dot_precision(inp.dtype),
-                  BLOCK_B=bb, BLOCK_C=bc, BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
-                  num_stages=cfg["num_stages"])
-    strides = (inp.stride(0), 0 if shared else inp.stride(1), weight.stride(0), weight.stride(1),
-               bias.stride(0) if bias is not None else 0, teacher.stride(0), teacher.stride(1))
-    bias_arg = bias if bias is not None else weight
-    stats = torch.empty(6, splits, b, m, dtype=torch.float32, device=inp.device)
-    _linear_hydra_kl_stats_kernel[(row_blocks, m, splits)](
-        inp, weight, bias_arg, teacher, stats, b, c, k, per_split, *strides, 1.0 / temperature, **common)
-    ref_s, d_s, ref_u, d_u, a, status = _merge_split_stats(stats)
-    flag_status(status, "distill_loss", teacher.shape)
-    log_d_s, log_d_u = d_s.log(), d_u.log()
-    rows = (a / d_u - log_d_u + log_d_s) * (temperature * temperature)
-    if not (need_in or need_w or need_b):
-        return _results(rows, inp, weight, bias, None, None, None, reduction)
-
-    lse_s, lse_u = ref_s + log_d_s, ref_u + log_d_u
-    grad_scale = temperature * reduction_coefficient(reduction, b * m)
-    block = max(bc, (TRITON_CHUNK_ELEMENTS // max(b * m, 1)) // bc * bc)
-    stash = torch.empty(b, m, min(block, c), dtype=inp.dtype, device=inp.device)
-    grad_in32 = torch.zeros(inp.shape, dtype=torch.float32, device=inp.device) if need_in else None
-    grad_w = torch.empty_like(weight) if need_w else None
-    grad_b32 = torch.empty(m, c, dtype=torch.float32, device=inp.device) if need_b else None
-    x3 = inp.unsqueeze(0).expand(m, b, k) if shared else inp.permute(1, 0, 2)  # (M, B, K)
-    for c0 in range(0, c, block):
-        c1 = min(c, c0 + block)
-        g = stash[:, :, :c1 - c0]
-        _linear_hydra_kl_grad_kernel[(row_blocks, cdiv(c1 - c0, bc), m)](
-            inp, weight, bias_arg, teacher, lse_s, lse_u, g, b, k, c0, c1, *strides, g.stride(0), g.stride(1),
-            1.0 / temperature, grad_scale, **common)
-        w_block = weight[:, c0:c1]  # (M, block, K)
-        if need_in:
-            if shared:  # sum over heads of g_m @ W_m, accumulated in fp32
-                for h in range(m):
-                    grouped_mm(g[:, h].unsqueeze(0), w_block[h].unsqueeze(0), grad_in32.unsqueeze(0),
-                               accumulate=True)
-            else:
-                grouped_mm(g.permute(1, 0, 2), w_block, grad_in32.permute(1, 0, 2), accumulate=True)
-        if need_w:  # complete over all rows: written once, in the weight's dtype
-            grouped_mm(g.permute(1, 2, 0), x3, grad_w[:, c0:c1])
-        if need_b:
-            grad_b32[:, c0:c1] = g.sum(0, dtype=torch.float32)
-    grad_in = None if grad_in32 is None else grad_in32.to(inp.dtype)
-    return _results(rows, inp, weight, bias, grad_in, grad_w, grad_b32 if bias is not None else None, reduction)
+    return linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature, reduction, shared,
+                                          need_in, need_w, need_b, need_t, teacher_indices)
