@@ -109,10 +109,12 @@ def _kernel_specs():
                     "stride_zo": m * c, "stride_zi": c, "stride_to": m * c, "stride_ti": c, "stride_go": m * c,
                     "stride_gi": c, "stride_lo": m, "stride_li": 1, "stride_ho": m * c, "stride_hi": c,
                     "inv_temp": 0.5, "inv_temp_again": 0.5, "loss_scale": 4.0, "grad_scale": 0.1}
-            for tgrad in (False, True):  # a frozen teacher, and one that requires grad
-                kl = cfgs.kl_rows_config(c, 4 if ty == "fp32" else 2, tgrad)
-                add(_hydra_kl_fwd_kernel, args, {"BLOCK_R": kl["BLOCK_R"], "BLOCK_C": kl["BLOCK_C"], "WRITE_GRAD": True,
-                                                 "WRITE_TGRAD": tgrad, "ROW_IN_REGISTERS": kl["ROW_IN_REGISTERS"]},
+            # a frozen teacher, one that requires grad; a student bias (MLP heads' second layer) with each
+            for tgrad, bias in ((False, False), (True, False), (False, True), (True, True)):
+                kl = cfgs.kl_rows_config(c, 4 if ty == "fp32" else 2, tgrad or bias)
+                add(_hydra_kl_fwd_kernel, {**args, "bias_ptr": f"*{ty}", "stride_bo": c, "stride_bi": 0},
+                    {"BLOCK_R": kl["BLOCK_R"], "BLOCK_C": kl["BLOCK_C"], "WRITE_GRAD": True, "WRITE_TGRAD": tgrad,
+                     "ROW_IN_REGISTERS": kl["ROW_IN_REGISTERS"], "HAS_BIAS": bias},
                     {"num_warps": kl["num_warps"]}, tag)
             if (b, d, m, c) not in SHAPES:  # an extra row length: the row kernels only
                 continue

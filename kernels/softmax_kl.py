@@ -69,6 +69,8 @@ def _hydra_kl_fwd_kernel(
     tgrad_ptr,  # out: teacher gradient grad_scale * p * (log p - log q - KL), row (o, i) at o * stride_ho +
     #             i * stride_hi, in the teacher's dtype; unused unless WRITE_TGRAD
     err_ptr,  # in/out: one int32 error word, OR-ed with 1 (NaN), 2 (+inf), 4 (all -inf row) by bad teachers
+    bias_ptr,  # student bias added to z on every load: row (o, i) at o * stride_bo + i * stride_bi, unit along
+    #            C (MLP heads' per-head bias, so their GEMM needs no bias operand); unused unless HAS_BIAS
     R,  # rows in all
     R_INNER,  # rows along the inner axis i
     C,
@@ -82,6 +84,8 @@ def _hydra_kl_fwd_kernel(
     stride_li,
     stride_ho,
     stride_hi,
+    stride_bo,
+    stride_bi,
     inv_temp,  # 1 / T
     inv_temp_again,  # 1 / T once more: a second argument, so the compiler cannot merge pass 2's products
     #                  with pass 1's and keep the fp32 row alive in between (ROW_IN_REGISTERS; the 16-bit
@@ -93,6 +97,7 @@ def _hydra_kl_fwd_kernel(
     WRITE_GRAD: tl.constexpr,
     WRITE_TGRAD: tl.constexpr,  # the teacher requires grad: its gradient comes out of the same pass
     ROW_IN_REGISTERS: tl.constexpr,  # C <= BLOCK_C: the row is read once and kept in registers for pass 2
+    HAS_BIAS: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
@@ -101,6 +106,7 @@ def _hydra_kl_fwd_kernel(
     r_in = rows % R_INNER
     z_rows = z_ptr + (r_out * stride_zo + r_in * stride_zi)[:, None]
     t_rows = t_ptr + (r_out * stride_to + r_in * stride_ti)[:, None]
+    b_rows = bias_ptr + (r_out * stride_bo + r_in * stride_bi)[:, None]
     # ROW_IN_REGISTERS: one tile holds the whole row, so the loops below run once and the later passes
     # use the tile already loaded (one read of z and t instead of two: the op is bound by these bytes).
     cols0 = tl.arange(0, BLOCK_C)
@@ -118,7 +124,11 @@ def _hydra_kl_fwd_kernel(
         # later passes recompute the tempered fp32 values from it (see inv_temp_again).
         z_row = tl.load(z_rows + cols0[None, :], mask=row_mask, other=float("-inf"))
         t_row = tl.load(t_rows + cols0[None, :], mask=row_mask, other=float("-inf"))
-        s_row = z_row.to(tl.float32) * inv_temp
+        if HAS_BIAS:
+            b_row = tl.load(b_rows + cols0[None, :], mask=row_mask, other=0.0)
+        else:
+            b_row = z_row  # a placeholder: _biased ignores it without a bias
+        s_row = _biased(z_row, b_row, HAS_BIAS) * inv_temp
         u_row = t_row.to(tl.float32) * inv_temp
         n_nan += tl.sum((u_row != u_row).to(tl.int32), axis=1)
         if WRITE_TGRAD:
@@ -129,10 +139,8 @@ def _hydra_kl_fwd_kernel(
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + cols0
             mask = row_ok[:, None] & (cols < C)[None, :]
-            z = tl.load(z_rows + cols[None, :], mask=mask, other=float("-inf"))
-            t = tl.load(t_rows + cols[None, :], mask=mask, other=float("-inf"))
-            s = z.to(tl.float32) * inv_temp
-            u = t.to(tl.float32) * inv_temp
+            s = _student(z_rows, b_rows, cols, mask, HAS_BIAS) * inv_temp
+            u = tl.load(t_rows + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
             n_nan += tl.sum((u != u).to(tl.int32), axis=1)  # the NaN check rides on the load already made
             if WRITE_TGRAD:  # the pivot of the teacher gradient (see below), found on the loads already made
                 tile_max = tl.max(u, axis=1)
@@ -157,13 +165,13 @@ def _hydra_kl_fwd_kernel(
         # is e_c - sum_k p_k e_k exactly (log q - log p shifts by a constant per row), e_j = 0, and the
         # sum is dominated by small p_k: one more pass over the row, only for a teacher that needs it.
         if ROW_IN_REGISTERS:
-            big_a = _mean_e(z_row.to(tl.float32) * inv_temp_again, t_row.to(tl.float32) * inv_temp_again, m_u,
-                            log_d_u, s_at)
+            big_a = _mean_e(_biased(z_row, b_row, HAS_BIAS) * inv_temp_again, t_row.to(tl.float32) * inv_temp_again,
+                            m_u, log_d_u, s_at)
         else:
             for c0 in range(0, C, BLOCK_C):
                 cols = c0 + cols0
                 mask = row_ok[:, None] & (cols < C)[None, :]
-                s = tl.load(z_rows + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
+                s = _student(z_rows, b_rows, cols, mask, HAS_BIAS) * inv_temp
                 u = tl.load(t_rows + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
                 big_a += _mean_e(s, u, m_u, log_d_u, s_at)
 
@@ -171,7 +179,7 @@ def _hydra_kl_fwd_kernel(
         g_rows = grad_ptr + (r_out * stride_go + r_in * stride_gi)[:, None]
         h_rows = tgrad_ptr + (r_out * stride_ho + r_in * stride_hi)[:, None]
         if ROW_IN_REGISTERS:
-            _store_grads(z_row.to(tl.float32) * inv_temp_again, t_row.to(tl.float32) * inv_temp_again, cols0,
+            _store_grads(_biased(z_row, b_row, HAS_BIAS) * inv_temp_again, t_row.to(tl.float32) * inv_temp_again, cols0,
                          row_mask, g_rows, h_rows, m_s, log_d_s, m_u, log_d_u, s_at, big_a, grad_scale, WRITE_GRAD,
                          WRITE_TGRAD)
         else:
@@ -180,10 +188,27 @@ def _hydra_kl_fwd_kernel(
                 c0 = (n_tiles - 1 - j) * BLOCK_C
                 cols = c0 + cols0
                 mask = row_ok[:, None] & (cols < C)[None, :]
-                s = tl.load(z_rows + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
+                s = _student(z_rows, b_rows, cols, mask, HAS_BIAS) * inv_temp
                 u = tl.load(t_rows + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
                 _store_grads(s, u, cols, mask, g_rows, h_rows, m_s, log_d_s, m_u, log_d_u, s_at, big_a, grad_scale,
                              WRITE_GRAD, WRITE_TGRAD)
+
+
+@triton.jit
+def _biased(z, b, HAS_BIAS: tl.constexpr):
+    """z (any float dtype) in fp32, plus the bias b when there is one (masked lanes stay -inf)."""
+    if HAS_BIAS:
+        return z.to(tl.float32) + b.to(tl.float32)
+    return z.to(tl.float32)
+
+
+@triton.jit
+def _student(z_rows, b_rows, cols, mask, HAS_BIAS: tl.constexpr):
+    """One tile of student logits in fp32 (-inf outside the row), with the bias added when there is one."""
+    z = tl.load(z_rows + cols[None, :], mask=mask, other=float("-inf"))
+    if HAS_BIAS:
+        return _biased(z, tl.load(b_rows + cols[None, :], mask=mask, other=0.0), HAS_BIAS)
+    return z.to(tl.float32)
 
 
 @triton.jit

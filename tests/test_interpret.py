@@ -77,7 +77,7 @@ def test_sixteen_bit_rows_twice_as_long_stay_in_registers(monkeypatch, dtype):
     monkeypatch.setattr(_common, "ROW_TILE_MAX", 16)
     assert _common.kl_rows_config(20, 2)["ROW_IN_REGISTERS"]
     assert not _common.kl_rows_config(20, 4)["ROW_IN_REGISTERS"]
-    assert not _common.kl_rows_config(20, 2, teacher_grad=True)["ROW_IN_REGISTERS"]
+    assert not _common.kl_rows_config(20, 2, extra_row=True)["ROW_IN_REGISTERS"]
     z = (torch.randn(7, 3, 20) * 3).to(dtype).requires_grad_()
     t = teacher_logits(7, 3, 20, dtype=dtype)
     loss = hydra_kl_loss(z, t, 1.5, impl="triton")
@@ -411,6 +411,46 @@ def _masked_head_case(hidden, bias):
     t = teacher_logits(9, 3, 70)
     t[3, 2, :40] = float("-inf")  # masked classes spanning a whole split / tile
     return head, torch.randn(9, 12, requires_grad=True), t
+
+
+@pytest.mark.parametrize("tiles", [False, True], ids=["row-whole", "tiles-of-16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_mlp_heads_bias_added_by_the_loss_kernel(monkeypatch, tiles, dtype):
+    """MLP heads on the cuBLAS path: the second layer's GEMM has no bias operand; the loss kernel adds
+    each head's bias on its loads (rows held whole, and walked in tiles), loss and every gradient
+    against float64, a teacher that requires grad too (its gradient from the same kernel)."""
+    import fasthydra.ops.linear_hydra_kl as lk
+
+    use_heads_path(monkeypatch, "cublas")
+    if tiles:
+        monkeypatch.setattr(_common, "MAX_BLOCK_C", 16)
+        monkeypatch.setattr(_common, "ROW_TILE_MAX", 16)
+    seen = []
+    real = lk.launch_kl_rows
+
+    def spy(*args, **kwargs):
+        seen.append(args[8] if len(args) > 8 else kwargs.get("bias3"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lk, "launch_kl_rows", spy)
+    head, x, t = _masked_head_case(5, True)
+    with torch.no_grad():
+        head.bias.copy_(torch.randn_like(head.bias) * 4)  # a bias that matters
+    head, x = head.to(dtype), x.detach().to(dtype).requires_grad_()
+    t = t.to(dtype).requires_grad_()
+    loss = head.distill_loss(x, t, temperature=1.5)
+    grads = torch.autograd.grad(loss, [x, t, *params_of(head)])
+    assert seen and all(b is not None for b in seen)
+    x64 = x.detach().double().requires_grad_()
+    t64 = t.detach().double().requires_grad_()
+    p64 = {k: v.detach().double().requires_grad_() for k, v in head.named_parameters()}
+    z = R.mlp_heads_ref(x64, p64["hidden_weight"], p64["hidden_bias"], p64["weight"], p64["bias"])
+    ref = R.hydra_kl_loss_ref(z, t64, 1.5)
+    grads_ref = torch.autograd.grad(ref, [x64, t64, *p64.values()])
+    rtol, atol = (2e-5, 1e-8) if dtype == torch.float32 else (2e-2, 1e-5)
+    assert_close_to(loss, ref, rtol=rtol / 4, atol=atol, what="loss")
+    for name, g, g_ref in zip(["x", "teacher", *p64], grads, grads_ref):
+        assert_close_to(g, g_ref, rtol=rtol, atol=atol, what=name)
 
 
 def _check_head_case(head, x, t):

@@ -113,14 +113,14 @@ def rows_per_chunk(total_rows: int, row_elements: int, budget: int) -> int:
     return max(1, min(max(total_rows, 1), budget // max(row_elements, 1)))
 
 
-def kl_rows_config(n_cols: int, elem_size: int = 4, teacher_grad: bool = False) -> dict:
-    """Row-wise KL kernels. A row of up to ROW_TILE_MAX classes (twice that for 16-bit inputs and a
-    frozen teacher; with the teacher's gradient too 16384 spills on sm_90) is one tile held in
+def kl_rows_config(n_cols: int, elem_size: int = 4, extra_row: bool = False) -> dict:
+    """Row-wise KL kernels. A row of up to ROW_TILE_MAX classes (twice that for 16-bit inputs, unless
+    extra_row: a teacher gradient or a student bias, whose registers make 16384 spill on sm_90) is one tile held in
     registers (read once: the op is memory-bound, and a second read of a long row comes from DRAM);
     longer rows go in MAX_BLOCK_C tiles, read twice. Several rows per program when C is small (~1k
     lanes of work)."""
     whole = max(16, next_pow2(n_cols))
-    in_registers = ROW_TILE_MAX * (2 if elem_size <= 2 and not teacher_grad else 1)
+    in_registers = ROW_TILE_MAX * (2 if elem_size <= 2 and not extra_row else 1)
     block_c = whole if whole <= max(in_registers, MAX_BLOCK_C) else MAX_BLOCK_C
     block_r = max(1, min(16, 1024 // block_c))
     # up to 8 elements per thread and tensor in 32 warps; a 16-bit row of 16384: 32 per thread in 16

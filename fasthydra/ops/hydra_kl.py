@@ -154,11 +154,13 @@ def hydra_kl_forward_torch(student, teacher, temperature: float, reduction: str,
 # ----------------------------------------------------------------------------------------------
 
 
-def launch_kl_rows(z3, t3, loss2, grad3, temperature: float, grad_scale: float | None, op: str, tgrad3=None):
+def launch_kl_rows(z3, t3, loss2, grad3, temperature: float, grad_scale: float | None, op: str, tgrad3=None,
+                   bias3=None):
     """One launch of the row kernel over (O, I, C) views with unit stride along C: student logits z3,
     teacher t3, fp32 loss rows loss2 (O, I) written, gradient grad3 (O, I, C) written when grad3 is
     given (grad3 may be z3 itself: the logits turn into their gradient in place), the teacher's
-    gradient tgrad3 (O, I, C) when given; grad_scale = T * reduction coefficient. The teacher's value
+    gradient tgrad3 (O, I, C) when given; bias3, an (O, I, C) view (broadcast strides welcome) added
+    to z3 on every load when given; grad_scale = T * reduction coefficient. The teacher's value
     errors go to the device's error word (checks.py), never through a host synchronisation."""
     from fasthydra.kernels.softmax_kl import _hydra_kl_fwd_kernel
 
@@ -168,14 +170,16 @@ def launch_kl_rows(z3, t3, loss2, grad3, temperature: float, grad_scale: float |
         return
     g3 = grad3 if grad3 is not None else z3
     h3 = tgrad3 if tgrad3 is not None else z3
-    cfg = kl_rows_config(c, z3.element_size(), tgrad3 is not None)
+    b3 = bias3 if bias3 is not None else z3
+    cfg = kl_rows_config(c, z3.element_size(), tgrad3 is not None or bias3 is not None)
     _hydra_kl_fwd_kernel[(cdiv(r, cfg["BLOCK_R"]),)](
-        z3, t3, loss2, g3, h3, error_word(z3.device, op),
+        z3, t3, loss2, g3, h3, error_word(z3.device, op), b3,
         r, i, c, z3.stride(0), z3.stride(1), t3.stride(0), t3.stride(1), g3.stride(0), g3.stride(1),
-        loss2.stride(0), loss2.stride(1), h3.stride(0), h3.stride(1),
+        loss2.stride(0), loss2.stride(1), h3.stride(0), h3.stride(1), b3.stride(0), b3.stride(1),
         1.0 / temperature, 1.0 / temperature, temperature * temperature, grad_scale if grad_scale is not None else 0.0,
         BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], WRITE_GRAD=grad3 is not None,
-        WRITE_TGRAD=tgrad3 is not None, ROW_IN_REGISTERS=cfg["ROW_IN_REGISTERS"], num_warps=cfg["num_warps"],
+        WRITE_TGRAD=tgrad3 is not None, ROW_IN_REGISTERS=cfg["ROW_IN_REGISTERS"], HAS_BIAS=bias3 is not None,
+        num_warps=cfg["num_warps"],
     )
 
 

@@ -298,8 +298,9 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
     """Heads + Hydra loss as cuBLAS GEMMs around the one-pass Triton loss kernel (the GPU default).
 
     Per head group (all M heads unless their logits are too big, see ``_head_groups``):
-      1. the group's logits in one GEMM over its stacked (g*C, K) weight (addmm; the per-head inputs of
-         MLP heads' second layer: one baddbmm), written into one reused buffer;
+      1. the group's logits in one GEMM over its stacked (g*C, K) weight (addmm, the bias in cuBLASLt's
+         epilogue; the per-head inputs of MLP heads' second layer: one bmm, the bias added by the loss
+         kernel on its loads), written into one reused buffer;
       2. one Triton pass turns that buffer in place into the loss rows and the gradient
          T * coef * (q - p) (tempered softmax + per-head KL + gradient; teacher checked on the way);
       3. cuBLAS again: dW of the group's heads complete in one GEMM, written once in the weight dtype
@@ -349,6 +350,7 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
         for r0 in range(0, b, rows):
             r1 = min(b, r0 + rows)
             br = r1 - r0
+            b3 = None  # a bias for the loss kernel to add (per-head inputs)
             if shared:  # z[b, h, :] for the group: one GEMM over the stacked weight, rows major
                 xc = inp[r0:r1]
                 z = buf[:br * gh * c].view(br, gh * c)
@@ -363,10 +365,13 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
             else:  # per-head inputs: one batched GEMM, head major
                 xc = inp[r0:r1, h0:h1].transpose(0, 1)  # (gh, br, K)
                 z3 = buf[:br * gh * c].view(gh, br, c)
-                if bias is not None:
+                if bias is not None and topk is not None:
                     torch.baddbmm(bias[h0:h1].unsqueeze(1), xc, wg.transpose(1, 2), out=z3)
-                else:
+                else:  # a dense teacher's loss kernel adds the bias on its loads: no (gh, br, C) bias
+                    #    copy into z3 for the GEMM to read back (bmm has no bias epilogue)
                     torch.bmm(xc, wg.transpose(1, 2), out=z3)
+                    if bias is not None:
+                        b3 = bias[h0:h1].unsqueeze(1).expand(gh, br, c)
                 t3, l2 = teacher[r0:r1, h0:h1].transpose(0, 1), loss[r0:r1, h0:h1].T
                 h3 = None if grad_t is None else grad_t[r0:r1, h0:h1].transpose(0, 1)
                 i3 = None if topk is None else topk[r0:r1, h0:h1].transpose(0, 1)
@@ -374,7 +379,7 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
                 launch_kl_rows_topk(z3, t3, i3, l2, z3 if want_grad else None, temperature, grad_scale,
                                     "distill_loss", h3)
             else:
-                launch_kl_rows(z3, t3, l2, z3 if want_grad else None, temperature, grad_scale, "distill_loss", h3)
+                launch_kl_rows(z3, t3, l2, z3 if want_grad else None, temperature, grad_scale, "distill_loss", h3, b3)
             if not want_grad:
                 continue
             # z3 now holds dL/dz for the group's rows.
