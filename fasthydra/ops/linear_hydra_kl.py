@@ -4,8 +4,9 @@ the small-step kernels) and the chunked torch path.
 They walk the batch in row chunks or head groups (the torch path, for large C, the classes in
 blocks). For each chunk the logits are formed, turned into loss rows and the logits gradient
 T * (q - p) * coefficient, and the gradient is at once contracted into the input gradient and the
-weight and bias gradients. The full (B, M, C) logits never exist (above one chunk or group); the backward only scales the stored gradients (the autograd
-wiring is the custom op ``fasthydra::linear_hydra_kl`` in library.py).
+weight and bias gradients. No more than one chunk's or group's logits exist at a time; the backward
+only scales the stored gradients (the autograd wiring is the custom op ``fasthydra::linear_hydra_kl``
+in library.py).
 
 The input is shared by all heads, x (B, K), for linear heads (one GEMM over the stacked (M*C, K)
 weight), or per head, u (B, M, K), for the second layer of MLP heads (the grouped GEMM).
