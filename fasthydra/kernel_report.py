@@ -114,7 +114,8 @@ def _kernel_specs():
                 kl = cfgs.kl_rows_config(c, 4 if ty == "fp32" else 2, tgrad or bias)
                 add(_hydra_kl_fwd_kernel, {**args, "bias_ptr": f"*{ty}", "stride_bo": c, "stride_bi": 0},
                     {"BLOCK_R": kl["BLOCK_R"], "BLOCK_C": kl["BLOCK_C"], "WRITE_GRAD": True, "WRITE_TGRAD": tgrad,
-                     "ROW_IN_REGISTERS": kl["ROW_IN_REGISTERS"], "HAS_BIAS": bias},
+                     "ROW_IN_REGISTERS": kl["ROW_IN_REGISTERS"], "HAS_BIAS": bias,
+                     "VEC": min(kl["BLOCK_C"], 4 if ty == "fp32" else 8)},
                     {"num_warps": kl["num_warps"]}, tag)
             if (b, d, m, c) not in SHAPES:  # an extra row length: the row kernels only
                 continue

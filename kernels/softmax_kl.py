@@ -43,6 +43,44 @@ def _online_kl_update(s, u, m_s, d_s, m_u, d_u, a):
 
 
 @triton.jit
+def _thread_kl_update(x, y, mx, dx, my, dy, a, c2):
+    """Folds one (ROWS, THREADS, VEC) tile of raw student and teacher logits (-inf outside the row) into
+    per-thread statistics (ROWS, THREADS): maxima mx, my of the raw logits, sums dx = sum 2^((x - mx) c2)
+    and dy likewise (c2 = log2(e) / T), and a = sum 2^((y - my) c2) ((y - my) - (x - mx)) in raw-logit
+    units, rescaled when a maximum moves. Every reduction runs over VEC, inside the thread."""
+    new_mx = tl.maximum(mx, tl.max(x, axis=2))
+    new_my = tl.maximum(my, tl.max(y, axis=2))
+    ref_x = tl.where(new_mx == float("-inf"), 0.0, new_mx)
+    ref_y = tl.where(new_my == float("-inf"), 0.0, new_my)
+    scale_y = tl.exp2((my - ref_y) * c2)
+    a = tl.where(dy == 0, 0.0, scale_y * (a - dy * ((ref_y - my) - (ref_x - mx))))
+    sx = x - ref_x[:, :, None]
+    sy = y - ref_y[:, :, None]
+    ey = tl.exp2(sy * c2)
+    a += tl.sum(tl.where(y > float("-inf"), ey * (sy - sx), 0.0), axis=2)
+    dx = dx * tl.exp2((mx - ref_x) * c2) + tl.sum(tl.exp2(sx * c2), axis=2)
+    dy = dy * scale_y + tl.sum(ey, axis=2)
+    return new_mx, dx, new_my, dy, a
+
+
+@triton.jit
+def _thread_kl_combine(mx, dx, my, dy, a, c2):
+    """The per-row statistics (ROWS,) from per-thread ones: every thread's sums moved to the row's maxima
+    (raw-logit units, as _thread_kl_update). A thread that saw nothing live (d == 0) adds nothing; a NaN
+    sum passes its NaN on."""
+    row_mx = tl.max(mx, axis=1)
+    row_my = tl.max(my, axis=1)
+    ref_x = tl.where(row_mx == float("-inf"), 0.0, row_mx)[:, None]
+    ref_y = tl.where(row_my == float("-inf"), 0.0, row_my)[:, None]
+    wx = tl.exp2((mx - ref_x) * c2)
+    wy = tl.exp2((my - ref_y) * c2)
+    a_row = tl.sum(tl.where(dy == 0, 0.0, wy * (a - dy * ((ref_y - my) - (ref_x - mx)))), axis=1)
+    dx_row = tl.sum(tl.where(dx == 0, 0.0, wx * dx), axis=1)
+    dy_row = tl.sum(tl.where(dy == 0, 0.0, wy * dy), axis=1)
+    return row_mx, dx_row, row_my, dy_row, a_row
+
+
+@triton.jit
 def _kl_grad_tile(s, u, m_s, log_d_s, m_u, log_d_u, grad_scale):
     """``grad_scale * (q - p)`` for one tile, given the finished row statistics."""
     q = tl.exp(s - m_s[:, None] - log_d_s[:, None])
@@ -98,6 +136,7 @@ def _hydra_kl_fwd_kernel(
     WRITE_TGRAD: tl.constexpr,  # the teacher requires grad: its gradient comes out of the same pass
     ROW_IN_REGISTERS: tl.constexpr,  # C <= BLOCK_C: the row is read once and kept in registers for pass 2
     HAS_BIAS: tl.constexpr,
+    VEC: tl.constexpr,  # elements of one 16-byte load: a thread's share of a tile on the per-thread path
 ):
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
@@ -135,18 +174,46 @@ def _hydra_kl_fwd_kernel(
             row_max = tl.max(u_row, axis=1)
             s_at = tl.max(tl.where(u_row == row_max[:, None], s_row, float("-inf")), axis=1)
         m_s, d_s, m_u, d_u, a = _online_kl_update(s_row, u_row, m_s, d_s, m_u, d_u, a)
-    else:
+    elif WRITE_TGRAD:
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + cols0
             mask = row_ok[:, None] & (cols < C)[None, :]
             s = _student(z_rows, b_rows, cols, mask, HAS_BIAS) * inv_temp
             u = tl.load(t_rows + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
             n_nan += tl.sum((u != u).to(tl.int32), axis=1)  # the NaN check rides on the load already made
-            if WRITE_TGRAD:  # the pivot of the teacher gradient (see below), found on the loads already made
-                tile_max = tl.max(u, axis=1)
-                here = tl.max(tl.where(u == tile_max[:, None], s, float("-inf")), axis=1)
-                s_at = tl.where(tile_max > m_u, here, s_at)
+            # the pivot of the teacher gradient (see below), found on the loads already made
+            tile_max = tl.max(u, axis=1)
+            here = tl.max(tl.where(u == tile_max[:, None], s, float("-inf")), axis=1)
+            s_at = tl.where(tile_max > m_u, here, s_at)
             m_s, d_s, m_u, d_u, a = _online_kl_update(s, u, m_s, d_s, m_u, d_u, a)
+    else:
+        # Long rows, frozen teacher (the hot path at vocabulary-sized C): each thread keeps running
+        # statistics over its own 16-byte slices of the row (a tile is (rows, threads, VEC): the
+        # max and sums over VEC stay inside the thread), merged across threads once per row. A
+        # tile-wise reduction costs shuffles and about ten barriers per tile (sm_90 SASS: ~46
+        # instructions per element pair in that loop, the kernel bound by issue, not by memory).
+        # Maxima are of the raw logits (bias added), so x - max is exact near the max and the
+        # temperature and log2(e) go into one multiply before each exp2.
+        offs = (tl.arange(0, BLOCK_C // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :])[None, :, :]
+        c2 = inv_temp * 1.4426950408889634
+        mx = tl.full((BLOCK_R, BLOCK_C // VEC), float("-inf"), tl.float32)
+        my = tl.full((BLOCK_R, BLOCK_C // VEC), float("-inf"), tl.float32)
+        dx = tl.zeros((BLOCK_R, BLOCK_C // VEC), tl.float32)
+        dy = tl.zeros((BLOCK_R, BLOCK_C // VEC), tl.float32)
+        ax = tl.zeros((BLOCK_R, BLOCK_C // VEC), tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + offs
+            mask = row_ok[:, None, None] & (cols < C)
+            x = _student(z_rows[:, :, None], b_rows[:, :, None], cols, mask, HAS_BIAS)
+            y = tl.load(t_rows[:, :, None] + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            mx, dx, my, dy, ax = _thread_kl_update(x, y, mx, dx, my, dy, ax, c2)
+        row_mx, d_s, row_my, d_u, a = _thread_kl_combine(mx, dx, my, dy, ax, c2)
+        a = a * inv_temp
+        m_s = row_mx * inv_temp
+        m_u = row_my * inv_temp
+        # A NaN teacher logit makes its thread's sum NaN and so the row's (two +inf do too: those rows
+        # are flagged +inf by m_u instead).
+        n_nan += ((d_u != d_u) & (m_u != float("inf"))).to(tl.int32)
     bad = tl.max(tl.where(row_ok & (n_nan > 0), 1, 0), axis=0)
     bad |= tl.max(tl.where(row_ok & (m_u == float("inf")), 2, 0), axis=0)
     bad |= tl.max(tl.where(row_ok & (m_u == float("-inf")), 4, 0), axis=0)
@@ -182,7 +249,7 @@ def _hydra_kl_fwd_kernel(
             _store_grads(_biased(z_row, b_row, HAS_BIAS) * inv_temp_again, t_row.to(tl.float32) * inv_temp_again, cols0,
                          row_mask, g_rows, h_rows, m_s, log_d_s, m_u, log_d_u, s_at, big_a, grad_scale, WRITE_GRAD,
                          WRITE_TGRAD)
-        else:
+        elif WRITE_TGRAD:
             n_tiles = tl.cdiv(C, BLOCK_C)
             for j in range(0, n_tiles):  # last tile first: pass 1 read it last, so L2 most likely still holds it
                 c0 = (n_tiles - 1 - j) * BLOCK_C
@@ -192,6 +259,21 @@ def _hydra_kl_fwd_kernel(
                 u = tl.load(t_rows + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
                 _store_grads(s, u, cols, mask, g_rows, h_rows, m_s, log_d_s, m_u, log_d_u, s_at, big_a, grad_scale,
                              WRITE_GRAD, WRITE_TGRAD)
+        else:
+            # q = exp2((x - max x) * c2 - log2 d_s), p likewise: one exp2 per element and tensor, no
+            # select (a masked teacher class is -inf: p = 0); the row's -inf maxima (nothing live) as 0.
+            ref_x = tl.where(row_mx == float("-inf"), 0.0, row_mx)[:, None, None]
+            ref_y = tl.where(row_my == float("-inf"), 0.0, row_my)[:, None, None]
+            lx = (log_d_s * 1.4426950408889634)[:, None, None]
+            ly = (log_d_u * 1.4426950408889634)[:, None, None]
+            n_tiles = tl.cdiv(C, BLOCK_C)
+            for j in range(0, n_tiles):  # last tile first: pass 1 read it last, so L2 most likely still holds it
+                cols = (n_tiles - 1 - j) * BLOCK_C + offs
+                mask = row_ok[:, None, None] & (cols < C)
+                x = _student(z_rows[:, :, None], b_rows[:, :, None], cols, mask, HAS_BIAS)
+                y = tl.load(t_rows[:, :, None] + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                g = grad_scale * (tl.exp2((x - ref_x) * c2 - lx) - tl.exp2((y - ref_y) * c2 - ly))
+                tl.store(g_rows[:, :, None] + cols, g.to(g_rows.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -204,10 +286,16 @@ def _biased(z, b, HAS_BIAS: tl.constexpr):
 
 @triton.jit
 def _student(z_rows, b_rows, cols, mask, HAS_BIAS: tl.constexpr):
-    """One tile of student logits in fp32 (-inf outside the row), with the bias added when there is one."""
-    z = tl.load(z_rows + cols[None, :], mask=mask, other=float("-inf"))
+    """One tile of student logits in fp32 (-inf outside the row), with the bias added when there is one.
+    z_rows, b_rows: row pointers; cols: class offsets of the tile; both broadcast to the mask's shape
+    (a 1-D cols is taken as a (1, BLOCK_C) row of classes)."""
+    if len(cols.shape) == 1:
+        offsets = cols[None, :]
+    else:
+        offsets = cols
+    z = tl.load(z_rows + offsets, mask=mask, other=float("-inf"))
     if HAS_BIAS:
-        return _biased(z, tl.load(b_rows + cols[None, :], mask=mask, other=0.0), HAS_BIAS)
+        return _biased(z, tl.load(b_rows + offsets, mask=mask, other=0.0), HAS_BIAS)
     return z.to(tl.float32)
 
 

@@ -179,7 +179,7 @@ def launch_kl_rows(z3, t3, loss2, grad3, temperature: float, grad_scale: float |
         1.0 / temperature, 1.0 / temperature, temperature * temperature, grad_scale if grad_scale is not None else 0.0,
         BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], WRITE_GRAD=grad3 is not None,
         WRITE_TGRAD=tgrad3 is not None, ROW_IN_REGISTERS=cfg["ROW_IN_REGISTERS"], HAS_BIAS=bias3 is not None,
-        num_warps=cfg["num_warps"],
+        VEC=max(1, min(cfg["BLOCK_C"], 16 // z3.element_size())), num_warps=cfg["num_warps"],
     )
 
 
