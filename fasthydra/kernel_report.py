@@ -187,7 +187,8 @@ def _kernel_specs():
                     "epistemic_ptr": f"*{ty}", "M": m, "C": c, "stride_zb": m * c, "stride_zm": c,
                     "stride_pb": c, "inv_temp": 1.0}
             add(_uncertainty_fwd_kernel, args, {"BLOCK_M": uc["BLOCK_M"], "BLOCK_C": uc["BLOCK_C"],
-                                                "ROW_IN_REGISTERS": uc["ROW_IN_REGISTERS"]},
+                                                "ROW_IN_REGISTERS": uc["ROW_IN_REGISTERS"],
+                                                "VEC": min(uc["BLOCK_C"], 4 if ty == "fp32" else 8)},
                 {"num_warps": uc["num_warps"]}, tag)
             # the Hinton loss's target (the ensemble's mean in log space), same (M, C) row structure
             uc = cfgs.uncertainty_config(m, c, hinton_target=True)

@@ -354,13 +354,23 @@ def test_uncertainty_kernel(b, m, c, dtype, tile, monkeypatch):
     assert (u.epistemic >= 0).all()
 
 
-def test_uncertainty_kernel_matches_torch_path_with_extreme_logits():
-    z = torch.randn(4, 3, 50) * 1e4
+@pytest.mark.parametrize("tiles", [False, True], ids=["row-whole", "tiles-of-32"])
+def test_uncertainty_kernel_matches_torch_path_with_extreme_logits(monkeypatch, tiles):
+    """1e4-sized logits, and rows whose max rises along the row (it moves at every tile of the per-thread
+    statistics) or falls (never after the first), against the float64 reference."""
+    if tiles:
+        monkeypatch.setattr(_common, "UNCERTAINTY_TILE_MAX", 32)
+        monkeypatch.setattr(_common, "UNCERTAINTY_LONG_TILE", 32)
+        assert not _common.uncertainty_config(3, 50, 6)["ROW_IN_REGISTERS"]
+    z = torch.randn(6, 3, 50) * 1e4
+    z[4] = torch.linspace(-300, 300, 50) + torch.randn(3, 50) * 20
+    z[5] = torch.linspace(300, -300, 50) + torch.randn(3, 50) * 20
     a = uncertainty(z, impl="triton")
-    b = uncertainty(z, impl="torch")
-    for x, y in zip(a, b):
-        assert torch.isfinite(x).all()
-        assert_close_to(x, y.double(), rtol=1e-5, atol=1e-6)
+    ref = R.uncertainty_ref(z.double())
+    for name in ("probs", "total", "aleatoric", "epistemic"):
+        got = getattr(a, name)
+        assert torch.isfinite(got).all()
+        assert_close_to(got, getattr(ref, name), rtol=1e-5, atol=1e-6, what=name)
 
 
 def test_kernels_really_ran_in_the_interpreter(monkeypatch):

@@ -56,7 +56,7 @@ def uncertainty_triton(logits: torch.Tensor, temperature: float) -> Uncertainty:
             logits, probs, total, aleatoric, epistemic,
             m, c, logits.stride(0), logits.stride(1), probs.stride(0), 1.0 / temperature,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], ROW_IN_REGISTERS=cfg["ROW_IN_REGISTERS"],
-            num_warps=cfg["num_warps"],
+            VEC=max(1, min(cfg["BLOCK_C"], 16 // logits.element_size())), num_warps=cfg["num_warps"],
         )
     return Uncertainty(probs, total, aleatoric, epistemic)
 
