@@ -132,7 +132,8 @@ def _kernel_specs():
                 for tgrad in (False, True):
                     add(_hydra_kl_topk_fwd_kernel, targs,
                         {"BLOCK_R": tk["BLOCK_R"], "BLOCK_C": tk["BLOCK_C"], "BLOCK_K": tk["BLOCK_K"],
-                         "WRITE_GRAD": True, "WRITE_TGRAD": tgrad}, {"num_warps": tk["num_warps"]}, tag)
+                         "WRITE_GRAD": True, "WRITE_TGRAD": tgrad, "VEC": min(tk["BLOCK_C"], 4 if ty == "fp32" else 8)},
+                        {"num_warps": tk["num_warps"]}, tag)
 
             # Small problems: the two-launch small-step kernels (linear heads and MLP heads' second layer)
             for k, shared in ((d, True), (HIDDEN, False)):

@@ -363,6 +363,7 @@ def _hydra_kl_topk_fwd_kernel(
     BLOCK_K: tl.constexpr,  # K padded to a power of two: the whole teacher row in one tile
     WRITE_GRAD: tl.constexpr,
     WRITE_TGRAD: tl.constexpr,
+    VEC: tl.constexpr,  # elements of one 16-byte load: a thread's slice of a student tile
 ):
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
@@ -370,7 +371,6 @@ def _hydra_kl_topk_fwd_kernel(
     r_out = rows // R_INNER
     r_in = rows % R_INNER
     z_rows = z_ptr + (r_out * stride_zo + r_in * stride_zi)[:, None]
-    cols0 = tl.arange(0, BLOCK_C)
 
     # The teacher's K entries and the student's logits there (gathered before any store: in place is safe)
     ks = tl.arange(0, BLOCK_K)
@@ -396,16 +396,24 @@ def _hydra_kl_topk_fwd_kernel(
     bad |= tl.max(tl.max(tl.where(k_mask & ~in_range, 64, 0), axis=1), axis=0)
     tl.atomic_or(err_ptr, bad, mask=bad != 0)
 
-    m_s = tl.full((BLOCK_R,), float("-inf"), tl.float32)
-    d_s = tl.zeros((BLOCK_R,), tl.float32)
+    # The student's normaliser: per-thread running max and sum over 16-byte slices of the row (a tile is
+    # (rows, threads, VEC)), merged once per row; raw-logit maxima, T and log2(e) in one multiply.
+    offs = (tl.arange(0, BLOCK_C // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :])[None, :, :]
+    c2 = inv_temp * 1.4426950408889634
+    tm = tl.full((BLOCK_R, BLOCK_C // VEC), float("-inf"), tl.float32)
+    td = tl.zeros((BLOCK_R, BLOCK_C // VEC), tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        cols = c0 + cols0
-        mask = row_ok[:, None] & (cols < C)[None, :]
-        s = tl.load(z_rows + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
-        new_m = tl.maximum(m_s, tl.max(s, axis=1))
+        cols = c0 + offs
+        mask = row_ok[:, None, None] & (cols < C)
+        x = tl.load(z_rows[:, :, None] + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        new_m = tl.maximum(tm, tl.max(x, axis=2))
         ref = tl.where(new_m == float("-inf"), 0.0, new_m)
-        d_s = d_s * tl.exp(m_s - ref) + tl.sum(tl.exp(s - ref[:, None]), axis=1)
-        m_s = new_m
+        td = td * tl.exp2((tm - ref) * c2) + tl.sum(tl.exp2((x - ref[:, :, None]) * c2), axis=2)
+        tm = new_m
+    row_m = tl.max(tm, axis=1)
+    ref_x = tl.where(row_m == float("-inf"), 0.0, row_m)
+    d_s = tl.sum(tl.where(td == 0, 0.0, td * tl.exp2((tm - ref_x[:, None]) * c2)), axis=1)
+    m_s = row_m * inv_temp
     log_d_s = tl.log(d_s)
 
     # KL = sum_i p_i ((w_i - m_w - log d_w) - (s_idx_i - m_s - log d_s)), masked entries 0
@@ -423,12 +431,13 @@ def _hydra_kl_topk_fwd_kernel(
 
     if WRITE_GRAD:
         g_rows = grad_ptr + (r_out * stride_go + r_in * stride_gi)[:, None]
+        lx = (log_d_s * 1.4426950408889634)[:, None, None]
         for c0 in range(0, C, BLOCK_C):
-            cols = c0 + cols0
-            mask = row_ok[:, None] & (cols < C)[None, :]
-            s = tl.load(z_rows + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
-            q = tl.exp(s - m_s[:, None] - log_d_s[:, None])
-            tl.store(g_rows + cols[None, :], (q * grad_scale).to(grad_ptr.dtype.element_ty), mask=mask)
+            cols = c0 + offs
+            mask = row_ok[:, None, None] & (cols < C)
+            x = tl.load(z_rows[:, :, None] + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            q = tl.exp2((x - ref_x[:, None, None]) * c2 - lx)
+            tl.store(g_rows[:, :, None] + cols, (q * grad_scale).to(grad_ptr.dtype.element_ty), mask=mask)
         tl.debug_barrier()  # every dense store of this program lands before the kept classes are rewritten
         q_idx = tl.exp(s_idx - m_s[:, None] - log_d_s[:, None])
         tl.store(g_rows + idx, ((q_idx - p) * grad_scale).to(grad_ptr.dtype.element_ty),

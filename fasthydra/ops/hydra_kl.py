@@ -256,7 +256,8 @@ def launch_kl_rows_topk(z3, v3, i3, loss2, grad3, temperature: float, grad_scale
         g3.stride(0), g3.stride(1), loss2.stride(0), loss2.stride(1), h3.stride(0), h3.stride(1),
         1.0 / temperature, temperature * temperature, grad_scale,
         BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"], WRITE_GRAD=grad3 is not None,
-        WRITE_TGRAD=tgrad3 is not None, num_warps=cfg["num_warps"],
+        WRITE_TGRAD=tgrad3 is not None, VEC=max(1, min(cfg["BLOCK_C"], 16 // z3.element_size())),
+        num_warps=cfg["num_warps"],
     )
 
 
