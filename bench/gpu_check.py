@@ -71,11 +71,12 @@ KNOBS = {
     # the cuBLAS path's head groups at gpu-large: 2 heads per group (512 MiB of logits) and 1 (the default)
     "fasthydra/groups-512MiB": {"set": [("fasthydra.ops.linear_hydra_kl", "CUBLAS_GROUP_ELEMENTS", 1 << 28)],
                                 "cases": [("linear_fwdbwd", "gpu-large")]},
-    # the loss kernel's long-row tiles (8 elements per thread and tensor): 2048 in 8 warps is the
-    # default (the H200 runs of 2026-11-28); 1024 puts more rows in flight, 8192 fewer (L2 reuse)
+    # the loss kernel's long-row tiles (one 16-byte slice per thread and tensor): 2048 in 8 warps is
+    # the default (the H200 runs of 2026-11-28, before the per-thread statistics); 1024 puts more rows
+    # in flight, 4096 and 8192 fewer (the second read from L2), now that wide tiles cost no barriers
     **{f"fasthydra/kl-tile-{w}": {"set": [("fasthydra.ops._common", "MAX_BLOCK_C", w)],
                                   "cases": [("kl_fwdbwd", "gpu-large"), ("mlp_fwdbwd", "gpu-large")]}
-       for w in (1024, 8192)},
+       for w in (1024, 4096, 8192)},
     # uncertainty's long-row tiles (4 warps): 8192 elements is the default
     **{f"fasthydra/unc-tile-{w}": {"set": [("fasthydra.ops._common", "UNCERTAINTY_LONG_TILE", w)],
                                    "cases": [("uncertainty", "gpu-large")]} for w in (4096, 16384)},
