@@ -82,13 +82,21 @@ def _uncertainty_fwd_kernel(
     if ROW_IN_REGISTERS:
         total -= _mixture_tile(s_row, row_mask, cols0, ref, probs_ptr + row * stride_pb, C, M)
     else:
+        # q_m = exp2((x - max x) c2 - log2 d_m): one exp2 per element and no select (masked classes and
+        # padded heads load -inf: q = 0); sum P log P kept per thread and reduced once per row.
+        ref_raw = tl.where(head_ok & (row_m > float("-inf")), row_m, 0.0)[:, None]
+        log2_d = tl.where(head_ok, tl.log2(tl.where(head_ok, d, 1.0)), 0.0)[:, None]
+        probs_row = probs_ptr + row * stride_pb
+        plogp = tl.zeros((BLOCK_C,), tl.float32)
         n_tiles = tl.cdiv(C, BLOCK_C)
         for j in range(0, n_tiles):  # last tile first: pass 1 read it last, so L2 most likely still holds it
-            c0 = (n_tiles - 1 - j) * BLOCK_C
-            cols = c0 + cols0
-            mask = head_ok[:, None] & (cols < C)[None, :]
-            s = tl.load(z_row + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
-            total -= _mixture_tile(s, mask, cols, ref, probs_ptr + row * stride_pb, C, M)
+            cols = (n_tiles - 1 - j) * BLOCK_C + cols0
+            x = tl.load(z_row + cols[None, :], mask=head_ok[:, None] & (cols < C)[None, :],
+                        other=float("-inf")).to(tl.float32)
+            p = tl.sum(tl.exp2((x - ref_raw) * c2 - log2_d), axis=0) / M
+            tl.store(probs_row + cols, p.to(probs_row.dtype.element_ty), mask=cols < C)
+            plogp += tl.where(p > 0, p * tl.log2(tl.where(p > 0, p, 1.0)), 0.0)
+        total = -tl.sum(plogp, axis=0) * 0.6931471805599453
 
     tl.store(total_ptr + row, total.to(total_ptr.dtype.element_ty))
     tl.store(aleatoric_ptr + row, aleatoric.to(aleatoric_ptr.dtype.element_ty))
