@@ -82,7 +82,10 @@ KNOBS = {
                                    "cases": [("uncertainty", "gpu-large")]} for w in (4096, 16384)},
 }
 # profiled once (kernels by device time per step) before the cases run
-PROFILE_CASES = [("linear_fwdbwd", "gpu-large"), ("linear_fwdbwd", "gpu-small")]
+PROFILE_CASES = [("linear_fwdbwd", "gpu-large"), ("mlp_fwdbwd", "gpu-large"), ("kl_fwdbwd", "gpu-large"),
+                 ("linear_fwdbwd", "gpu-small")]
+# host time per step under cProfile (functions by own time)
+HOST_PROFILE_CASES = [("linear_fwdbwd", "gpu-small")]
 SMALL_CASES = [("linear_fwdbwd", "small-C"), ("linear_fwdbwd", "gpu-small"), ("mlp_fwdbwd", "gpu-small"),
                ("linear_fwd", "small-C")]
 # Cases run early (after the targets' own): the variants' and knobs' cases
@@ -423,7 +426,7 @@ def main(argv=None) -> int:
                   else f"  ERROR {r['error']}", flush=True)
 
     host = {}
-    for op, shape in PROFILE_CASES[1:]:
+    for op, shape in HOST_PROFILE_CASES:
         try:
             host[f"{op} {shape}"] = host_profile(by_key[(op, shape)])
         except Exception as exc:

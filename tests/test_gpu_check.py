@@ -170,7 +170,8 @@ def test_main_runs_end_to_end_with_the_device_parts_stubbed(tmp_path, monkeypatc
                 "gpu_us": 40.0}
 
     monkeypatch.setattr(gpu_check, "latency", latency)
-    monkeypatch.setattr(gpu_check, "PROFILE_CASES", [("linear_fwdbwd", "gpu-small")] * 2)
+    monkeypatch.setattr(gpu_check, "PROFILE_CASES", [("linear_fwdbwd", "gpu-small")])
+    monkeypatch.setattr(gpu_check, "HOST_PROFILE_CASES", [("linear_fwdbwd", "gpu-small")])
     monkeypatch.setattr(gpu_check, "host_profile", lambda case: [{"function": "f", "own_us_per_step": 5.0,
                                                                   "cum_us_per_step": 9.0, "calls_per_step": 1.0}])
     monkeypatch.setattr(gpu_check, "profile_step", lambda case: [{"kernel": "k", "ms_per_step": 0.5,
