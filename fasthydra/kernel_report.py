@@ -84,7 +84,7 @@ def _kernel_specs():
     from fasthydra.kernels.gaussian_kl import _gaussian_heads_kl_fwd_kernel
     from fasthydra.kernels.checks import _flag_rows_kernel
     from fasthydra.kernels.small_heads import _small_heads_grad_kernel, _small_heads_kl_kernel
-    from fasthydra.kernels.softmax_kl import _hydra_kl_fwd_kernel, _hydra_kl_topk_fwd_kernel
+    from fasthydra.kernels.softmax_kl import _hydra_kl_fwd_kernel, _hydra_kl_grad_kernel, _hydra_kl_topk_fwd_kernel
     from fasthydra.ops.hydra_kl import topk_config
     from fasthydra.kernels.uncertainty import _ensemble_log_mean_kernel, _uncertainty_fwd_kernel
 
@@ -109,14 +109,26 @@ def _kernel_specs():
                     "stride_zo": m * c, "stride_zi": c, "stride_to": m * c, "stride_ti": c, "stride_go": m * c,
                     "stride_gi": c, "stride_lo": m, "stride_li": 1, "stride_ho": m * c, "stride_hi": c,
                     "inv_temp": 0.5, "inv_temp_again": 0.5, "loss_scale": 4.0, "grad_scale": 0.1}
-            # a frozen teacher, one that requires grad; a student bias (MLP heads' second layer) with each
-            for tgrad, bias in ((False, False), (True, False), (False, True), (True, True)):
+            # (teacher gradient, student bias, gradient written, normalisers written): a frozen teacher and
+            # one that requires grad, each with and without a bias (MLP heads' second layer); and
+            # hydra_kl_loss's forward that writes the normalisers only (its backward: the grad kernel)
+            for tgrad, bias, grad, norms in ((False, False, True, False), (True, False, True, False),
+                                             (False, True, True, False), (True, True, True, False),
+                                             (False, False, False, True)):
                 kl = cfgs.kl_rows_config(c, 4 if ty == "fp32" else 2, tgrad or bias)
-                add(_hydra_kl_fwd_kernel, {**args, "bias_ptr": f"*{ty}", "stride_bo": c, "stride_bi": 0},
-                    {"BLOCK_R": kl["BLOCK_R"], "BLOCK_C": kl["BLOCK_C"], "WRITE_GRAD": True, "WRITE_TGRAD": tgrad,
+                add(_hydra_kl_fwd_kernel, {**args, "bias_ptr": f"*{ty}", "stride_bo": c, "stride_bi": 0,
+                                           "norm_ptr": "*fp32"},
+                    {"BLOCK_R": kl["BLOCK_R"], "BLOCK_C": kl["BLOCK_C"], "WRITE_GRAD": grad, "WRITE_TGRAD": tgrad,
                      "ROW_IN_REGISTERS": kl["ROW_IN_REGISTERS"], "HAS_BIAS": bias,
-                     "VEC": min(kl["BLOCK_C"], 4 if ty == "fp32" else 8)},
+                     "VEC": min(kl["BLOCK_C"], 4 if ty == "fp32" else 8), "WRITE_NORMS": norms},
                     {"num_warps": kl["num_warps"]}, tag)
+            gk = cfgs.kl_grad_config(c)
+            add(_hydra_kl_grad_kernel, {"z_ptr": f"*{ty}", "t_ptr": f"*{ty}", "norm_ptr": "*fp32", "up_ptr": "*fp32",
+                                        "grad_ptr": f"*{ty}", "R": b * m, "R_INNER": m, "C": c, "stride_zo": m * c,
+                                        "stride_zi": c, "stride_to": m * c, "stride_ti": c, "stride_uo": 0,
+                                        "stride_ui": 0, "stride_go": m * c, "stride_gi": c, "inv_temp": 0.5,
+                                        "grad_scale": 0.1},
+                {"BLOCK_R": gk["BLOCK_R"], "BLOCK_C": gk["BLOCK_C"]}, {"num_warps": gk["num_warps"]}, tag)
             if (b, d, m, c) not in SHAPES:  # an extra row length: the row kernels only
                 continue
             for k in (32, 128):  # top-k teachers: the sizes a cache keeps

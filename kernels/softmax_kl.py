@@ -109,6 +109,8 @@ def _hydra_kl_fwd_kernel(
     err_ptr,  # in/out: one int32 error word, OR-ed with 1 (NaN), 2 (+inf), 4 (all -inf row) by bad teachers
     bias_ptr,  # student bias added to z on every load: row (o, i) at o * stride_bo + i * stride_bi, unit along
     #            C (MLP heads' per-head bias, so their GEMM needs no bias operand); unused unless HAS_BIAS
+    norm_ptr,  # out: (R, 4) fp32 per row r: m_s, log d_s, m_u, log d_u (tempered logits), the normalisers
+    #            _hydra_kl_grad_kernel needs for a gradient formed in the backward; unused unless WRITE_NORMS
     R,  # rows in all
     R_INNER,  # rows along the inner axis i
     C,
@@ -137,6 +139,7 @@ def _hydra_kl_fwd_kernel(
     ROW_IN_REGISTERS: tl.constexpr,  # C <= BLOCK_C: the row is read once and kept in registers for pass 2
     HAS_BIAS: tl.constexpr,
     VEC: tl.constexpr,  # elements of one 16-byte load: a thread's share of a tile on the per-thread path
+    WRITE_NORMS: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
@@ -223,6 +226,11 @@ def _hydra_kl_fwd_kernel(
     log_d_u = tl.log(d_u)
     kl = a / d_u - log_d_u + log_d_s
     tl.store(loss_ptr + r_out * stride_lo + r_in * stride_li, kl * loss_scale, mask=row_ok)
+    if WRITE_NORMS:
+        tl.store(norm_ptr + rows * 4, m_s, mask=row_ok)
+        tl.store(norm_ptr + rows * 4 + 1, log_d_s, mask=row_ok)
+        tl.store(norm_ptr + rows * 4 + 2, m_u, mask=row_ok)
+        tl.store(norm_ptr + rows * 4 + 3, log_d_u, mask=row_ok)
 
     big_a = tl.zeros((BLOCK_R,), tl.float32)  # sum_k p_k e_k (teacher gradient only)
     if WRITE_TGRAD:
@@ -274,6 +282,55 @@ def _hydra_kl_fwd_kernel(
                 y = tl.load(t_rows[:, :, None] + cols, mask=mask, other=float("-inf")).to(tl.float32)
                 g = grad_scale * (tl.exp2((x - ref_x) * c2 - lx) - tl.exp2((y - ref_y) * c2 - ly))
                 tl.store(g_rows[:, :, None] + cols, g.to(g_rows.dtype.element_ty), mask=mask)
+
+
+# The gradient on its own, in the backward (hydra_kl_loss on given logits with a frozen teacher): the
+# forward wrote only the loss rows and each row's normalisers (norm_ptr above), so the (B, M, C)
+# gradient is formed once, already multiplied by the upstream gradient, which is read here on the
+# device (a scalar: strides 0; reduction "none": one value per row):
+#     dz[r, c] = grad_scale * g[r] * (q - p),  q = exp(s - m_s - log d_s),  p = exp(u - m_u - log d_u)
+# One program per (BLOCK_R rows, BLOCK_C classes) tile: a streaming pass, no reduction.
+@triton.jit
+def _hydra_kl_grad_kernel(
+    z_ptr,  # student logits: row (o, i) at o * stride_zo + i * stride_zi, unit stride along C
+    t_ptr,  # teacher logits: row (o, i) at o * stride_to + i * stride_ti, unit stride along C
+    norm_ptr,  # (R, 4) fp32 from the forward: m_s, log d_s, m_u, log d_u per row
+    up_ptr,  # upstream gradient: row (o, i) at o * stride_uo + i * stride_ui (both 0 for a scalar)
+    grad_ptr,  # out: dz in the student's dtype, row (o, i) at o * stride_go + i * stride_gi
+    R,
+    R_INNER,
+    C,
+    stride_zo,
+    stride_zi,
+    stride_to,
+    stride_ti,
+    stride_uo,
+    stride_ui,
+    stride_go,
+    stride_gi,
+    inv_temp,
+    grad_scale,  # T * reduction coefficient
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_ok = rows < R
+    r_out = rows // R_INNER
+    r_in = rows % R_INNER
+    mask = row_ok[:, None] & (cols < C)[None, :]
+    m_s = tl.load(norm_ptr + rows * 4, mask=row_ok, other=0.0)
+    log_d_s = tl.load(norm_ptr + rows * 4 + 1, mask=row_ok, other=0.0)
+    m_u = tl.load(norm_ptr + rows * 4 + 2, mask=row_ok, other=0.0)
+    log_d_u = tl.load(norm_ptr + rows * 4 + 3, mask=row_ok, other=0.0)
+    up = tl.load(up_ptr + r_out * stride_uo + r_in * stride_ui, mask=row_ok, other=0.0).to(tl.float32)
+    s = tl.load(z_ptr + (r_out * stride_zo + r_in * stride_zi)[:, None] + cols[None, :], mask=mask,
+                other=float("-inf")).to(tl.float32) * inv_temp
+    u = tl.load(t_ptr + (r_out * stride_to + r_in * stride_ti)[:, None] + cols[None, :], mask=mask,
+                other=float("-inf")).to(tl.float32) * inv_temp
+    g = _kl_grad_tile(s, u, m_s, log_d_s, m_u, log_d_u, grad_scale) * up[:, None]
+    tl.store(grad_ptr + (r_out * stride_go + r_in * stride_gi)[:, None] + cols[None, :],
+             g.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -137,6 +137,9 @@ def _opcheck_cases(impl):
              (ops.linear_hydra_kl, (x, w, b, v, 2.0, "mean", True, True, True, True, False, impl, idx.int())),
              (ops.uncertainty, (z.detach(), 1.0, impl))]
     if impl == "triton":
+        _, norms, _ = ops.hydra_kl(z, t, 2.0, "none", True, False, impl, None)  # the deferred gradient's input
+        cases += [(ops.hydra_kl_grad, (z.detach(), t, norms.detach(), r(4, 3), 2.0, "none")),
+                  (ops.hydra_kl_grad, (z.detach(), t, norms.detach(), torch.tensor(0.7), 2.0, "mean"))]
         cases += [(ops.grouped_linear, (x, w, b, True, True)), (ops.grouped_linear, (u, w, None, False, False)),
                   (ops.gaussian_heads_kl, (x, r(3, 4, 5, grad=True), None, r(4, 3, 2),
                                            torch.rand(4, 3, 2, generator=g) + 0.5, 1e-6, "mean", True, True, False))]

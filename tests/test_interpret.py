@@ -152,6 +152,46 @@ def test_long_rows_online_statistics(monkeypatch, order, dtype):
             hydra_kl_loss(z.detach(), bad, 3.0, impl="triton")
 
 
+@pytest.mark.parametrize("tiles", [False, True], ids=["row-whole", "tiles-of-16"])
+def test_loss_on_logits_forms_its_gradient_in_the_backward(monkeypatch, tiles):
+    """hydra_kl_loss with a frozen teacher on the Triton path: the forward keeps no (B, M, C) tensor of
+    its own (what autograd saves is z and t themselves and (B, M, 4) row normalisers), the backward
+    multiplies by the upstream gradient on the device: scalar, per row, and an expanded (stride 0)
+    one; a retained graph gives the same gradient twice; z changed in place after the forward is
+    refused by autograd instead of giving a wrong gradient."""
+    if tiles:
+        monkeypatch.setattr(_common, "MAX_BLOCK_C", 16)
+        monkeypatch.setattr(_common, "ROW_TILE_MAX", 16)
+    b, m, c = 5, 3, 40
+    z = (torch.randn(b, m, c) * 3).requires_grad_()
+    t = teacher_logits(b, m, c)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
+        loss = hydra_kl_loss(z, t, 2.0, reduction="none", impl="triton")
+    big = [x for x in saved if x.dim() == 3 and x.shape[-1] == c]
+    assert {x.data_ptr() for x in big} <= {z.data_ptr(), t.data_ptr()}
+    assert any(x.shape == (b, m, 4) and x.dtype == torch.float32 for x in saved)
+    z64 = z.detach().double().requires_grad_()
+    ref = R.hydra_kl_loss_ref(z64, t.double(), 2.0, reduction="none")
+    for up in (torch.rand(b, m), torch.tensor(0.7).expand(b, m)):
+        (g,) = torch.autograd.grad(loss, z, up, retain_graph=True)
+        (g_ref,) = torch.autograd.grad(ref, z64, up.double(), retain_graph=True)
+        assert_close_to(g, g_ref, rtol=2e-6, atol=1e-9, what="per-row upstream")
+        (g_again,) = torch.autograd.grad(loss, z, up, retain_graph=True)
+        assert torch.equal(g, g_again)
+    mean = hydra_kl_loss(z, t, 2.0, impl="triton")
+    (g,) = torch.autograd.grad(mean * 1.3, z)
+    (g_ref,) = torch.autograd.grad(R.hydra_kl_loss_ref(z64, t.double(), 2.0) * 1.3, z64)
+    assert_close_to(g, g_ref, rtol=2e-6, atol=1e-9, what="scalar upstream")
+    changed = z.detach().clone().requires_grad_()
+    inner = changed * 1.0  # what the op saves; then changed in place
+    loss = hydra_kl_loss(inner, t, 2.0, impl="triton")
+    with torch.no_grad():
+        inner.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def test_hydra_kl_kernel_matches_torch_path_and_empty_batch():
     z = torch.randn(7, 3, 21, requires_grad=True)
     t = torch.randn(7, 3, 21)

@@ -130,6 +130,13 @@ def kl_rows_config(n_cols: int, elem_size: int = 4, extra_row: bool = False) -> 
     return dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps, ROW_IN_REGISTERS=block_c >= n_cols)
 
 
+def kl_grad_config(n_cols: int) -> dict:
+    """The backward's streaming gradient kernel: one (rows, classes) tile per program, ~1k to 2k lanes."""
+    block_c = max(16, min(next_pow2(n_cols), MAX_BLOCK_C))
+    block_r = max(1, min(16, 1024 // block_c))
+    return dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4 if block_r * block_c <= 1024 else 8)
+
+
 # Elements of one (heads, classes) tile of the uncertainty kernel: a whole row of M*C up to this many
 # is read once and kept in registers for the mixture pass (8 per thread at 32 warps: no spills).
 UNCERTAINTY_TILE_MAX = 8192

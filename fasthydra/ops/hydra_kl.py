@@ -155,13 +155,15 @@ def hydra_kl_forward_torch(student, teacher, temperature: float, reduction: str,
 
 
 def launch_kl_rows(z3, t3, loss2, grad3, temperature: float, grad_scale: float | None, op: str, tgrad3=None,
-                   bias3=None):
+                   bias3=None, norms=None):
     """One launch of the row kernel over (O, I, C) views with unit stride along C: student logits z3,
     teacher t3, fp32 loss rows loss2 (O, I) written, gradient grad3 (O, I, C) written when grad3 is
     given (grad3 may be z3 itself: the logits turn into their gradient in place), the teacher's
     gradient tgrad3 (O, I, C) when given; bias3, an (O, I, C) view (broadcast strides welcome) added
-    to z3 on every load when given; grad_scale = T * reduction coefficient. The teacher's value
-    errors go to the device's error word (checks.py), never through a host synchronisation."""
+    to z3 on every load when given; norms, a contiguous (O, I, 4) fp32 tensor, receives each row's
+    normalisers when given (for ``launch_kl_grad``); grad_scale = T * reduction coefficient. The
+    teacher's value errors go to the device's error word (checks.py), never through a host
+    synchronisation."""
     from fasthydra.kernels.softmax_kl import _hydra_kl_fwd_kernel
 
     o, i, c = z3.shape
@@ -173,30 +175,70 @@ def launch_kl_rows(z3, t3, loss2, grad3, temperature: float, grad_scale: float |
     b3 = bias3 if bias3 is not None else z3
     cfg = kl_rows_config(c, z3.element_size(), tgrad3 is not None or bias3 is not None)
     _hydra_kl_fwd_kernel[(cdiv(r, cfg["BLOCK_R"]),)](
-        z3, t3, loss2, g3, h3, error_word(z3.device, op), b3,
+        z3, t3, loss2, g3, h3, error_word(z3.device, op), b3, norms if norms is not None else loss2,
         r, i, c, z3.stride(0), z3.stride(1), t3.stride(0), t3.stride(1), g3.stride(0), g3.stride(1),
         loss2.stride(0), loss2.stride(1), h3.stride(0), h3.stride(1), b3.stride(0), b3.stride(1),
         1.0 / temperature, 1.0 / temperature, temperature * temperature, grad_scale if grad_scale is not None else 0.0,
         BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], WRITE_GRAD=grad3 is not None,
         WRITE_TGRAD=tgrad3 is not None, ROW_IN_REGISTERS=cfg["ROW_IN_REGISTERS"], HAS_BIAS=bias3 is not None,
-        VEC=max(1, min(cfg["BLOCK_C"], 16 // z3.element_size())), num_warps=cfg["num_warps"],
+        VEC=max(1, min(cfg["BLOCK_C"], 16 // z3.element_size())), WRITE_NORMS=norms is not None,
+        num_warps=cfg["num_warps"],
+    )
+
+
+def launch_kl_grad(z3, t3, norms, upstream, grad3, temperature: float, grad_scale: float) -> None:
+    """The gradient of the loss rows that ``launch_kl_rows`` wrote with ``norms``, formed in the backward:
+    grad3 = grad_scale * upstream * (q - p) over (O, I, C) views; upstream is a 0-dim tensor or (O, I),
+    read on the device."""
+    from fasthydra.kernels.softmax_kl import _hydra_kl_grad_kernel
+
+    o, i, c = z3.shape
+    r = o * i
+    if r == 0 or c == 0:
+        return
+    up = upstream.reshape(1, 1) if upstream.dim() == 0 else upstream
+    cfg = _common.kl_grad_config(c)
+    _hydra_kl_grad_kernel[(cdiv(r, cfg["BLOCK_R"]), cdiv(c, cfg["BLOCK_C"]))](
+        z3, t3, norms, up, grad3, r, i, c, z3.stride(0), z3.stride(1), t3.stride(0), t3.stride(1),
+        0 if upstream.dim() == 0 else up.stride(0), 0 if upstream.dim() == 0 else up.stride(1),
+        grad3.stride(0), grad3.stride(1), 1.0 / temperature, grad_scale,
+        BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
     )
 
 
 def hydra_kl_forward_triton(student, teacher, temperature: float, reduction: str, want_grad: bool,
-                            want_tgrad: bool = False, op: str = "hydra_kl_loss"):
+                            want_tgrad: bool = False, op: str = "hydra_kl_loss", deferred: bool = False):
     """Hydra loss on given logits with the one-launch Triton kernel (strided views read in place).
-    Returns (loss, grad or None, teacher grad or None)."""
+    Returns (loss, grad or None, teacher grad or None); with deferred (a frozen teacher) the student's
+    gradient is left to the backward (``hydra_kl_backward_triton``) and the second value is the (B, M, 4)
+    row normalisers it needs: the forward reads each row once and writes no (B, M, C) tensor."""
     b, m, c = student.shape
     grad_scale = temperature * reduction_coefficient(reduction, b * m)
     student = student if student.stride(-1) == 1 else student.contiguous()
     teacher = teacher if teacher.stride(-1) == 1 else teacher.contiguous()
     loss = torch.empty(b, m, dtype=torch.float32, device=student.device)
+    if deferred:
+        norms = torch.empty(b, m, 4, dtype=torch.float32, device=student.device)
+        launch_kl_rows(student, teacher, loss, None, temperature, grad_scale, op, norms=norms)
+        after_launch(student.device, op, teacher.shape)
+        return reduce_rows(loss, reduction, loss.dtype), norms, None
     grad = torch.empty(b, m, c, dtype=student.dtype, device=student.device) if want_grad else None
     tgrad = torch.empty(b, m, c, dtype=teacher.dtype, device=student.device) if want_tgrad else None
     launch_kl_rows(student, teacher, loss, grad, temperature, grad_scale, op, tgrad)
     after_launch(student.device, op, teacher.shape)
     return reduce_rows(loss, reduction, loss.dtype), grad, tgrad
+
+
+def hydra_kl_backward_triton(student, teacher, norms, grad_loss, temperature: float, reduction: str):
+    """The student's gradient for ``hydra_kl_forward_triton(..., deferred=True)``: one streaming pass over
+    z and t that multiplies by the upstream gradient on the device (no host read, no second pass)."""
+    b, m, c = student.shape
+    student = student if student.stride(-1) == 1 else student.contiguous()
+    teacher = teacher if teacher.stride(-1) == 1 else teacher.contiguous()
+    grad = torch.empty(b, m, c, dtype=student.dtype, device=student.device)
+    launch_kl_grad(student, teacher, norms, grad_loss, grad, temperature,
+                   temperature * reduction_coefficient(reduction, b * m))
+    return grad
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,7 +7,9 @@ run inside the ops, where the data is; shape, dtype and argument checks stay on 
 ``fasthydra.functional``, before any op runs.
 
 Every op returns the loss together with the gradients its forward already computed (empty tensors
-where none were asked for); the registered backward only scales them by the upstream gradient.
+where none were asked for); the registered backward only scales them by the upstream gradient. The
+one exception: ``hydra_kl`` on the Triton path with a frozen dense teacher returns the rows'
+normalisers instead and forms the gradient in the backward (``hydra_kl_grad``), see ``_deferred``.
 """
 
 from __future__ import annotations
@@ -77,9 +79,21 @@ def _hydra_kl_impl(student: torch.Tensor, teacher: torch.Tensor, temperature: fl
         return loss, _none_to_empty(grad, student), _none_to_empty(tgrad, teacher)
     if impl != "triton":  # the Triton kernel checks the teacher while it reads it (no extra pass)
         flag_teacher_rows(teacher, "hydra_kl_loss")
+    if _deferred(want_grad, want_tgrad, impl, teacher_indices):
+        loss, norms, _ = _kl.hydra_kl_forward_triton(student, teacher, temperature, reduction, want_grad,
+                                                     deferred=True)
+        return loss, norms, teacher.new_empty(_EMPTY)
     fwd = _kl.hydra_kl_forward_triton if impl == "triton" else _kl.hydra_kl_forward_torch
     loss, grad, tgrad = fwd(student, teacher, temperature, reduction, want_grad, want_tgrad)
     return loss, _none_to_empty(grad, student), _none_to_empty(tgrad, teacher)
+
+
+def _deferred(want_grad: bool, want_tgrad: bool, impl: str, teacher_indices) -> bool:
+    """The Triton path with a dense, frozen teacher forms the student's gradient in the backward: the
+    forward reads each row once and returns the rows' normalisers (B, M, 4) in the gradient's place;
+    the backward makes one streaming pass that multiplies by the upstream gradient on the device (no
+    stored (B, M, C) gradient, no separate scaling pass). Elsewhere the forward computes the gradients."""
+    return impl == "triton" and want_grad and not want_tgrad and teacher_indices is None
 
 
 hydra_kl = custom_op("fasthydra::hydra_kl", mutates_args=())(_hydra_kl_impl)
@@ -88,8 +102,24 @@ hydra_kl = custom_op("fasthydra::hydra_kl", mutates_args=())(_hydra_kl_impl)
 @register_fake("fasthydra::hydra_kl")
 def _hydra_kl_fake(student, teacher, temperature, reduction, want_grad, want_tgrad, impl, teacher_indices):
     loss = student.new_empty(_loss_shape(student.shape[:2], reduction), dtype=_compute_dtype(student))
+    if _deferred(want_grad, want_tgrad, impl, teacher_indices):
+        return (loss, student.new_empty((*student.shape[:2], 4), dtype=torch.float32), teacher.new_empty(_EMPTY))
     return (loss, torch.empty_like(student) if want_grad else student.new_empty(_EMPTY),
             torch.empty_like(teacher) if want_tgrad else teacher.new_empty(_EMPTY))
+
+
+@_no_autocast
+def _hydra_kl_grad_impl(student: torch.Tensor, teacher: torch.Tensor, norms: torch.Tensor, grad_loss: torch.Tensor,
+                        temperature: float, reduction: str) -> torch.Tensor:
+    return _kl.hydra_kl_backward_triton(student, teacher, norms, grad_loss, temperature, reduction)
+
+
+hydra_kl_grad = custom_op("fasthydra::hydra_kl_grad", mutates_args=())(_hydra_kl_grad_impl)
+
+
+@register_fake("fasthydra::hydra_kl_grad")
+def _hydra_kl_grad_fake(student, teacher, norms, grad_loss, temperature, reduction):
+    return torch.empty_like(student)
 
 
 def _absent(stored: torch.Tensor) -> bool:
@@ -107,14 +137,30 @@ def _stored_gradients(ctx, grads) -> None:
 
 
 def _hydra_kl_setup(ctx, inputs, output):
-    ctx.reduction = inputs[3]
-    _stored_gradients(ctx, output[1:])
+    student, teacher, temperature, reduction, want_grad, want_tgrad, impl, teacher_indices = inputs
+    ctx.reduction = reduction
+    ctx.deferred = _deferred(want_grad, want_tgrad, impl, teacher_indices)
+    if not ctx.deferred:
+        _stored_gradients(ctx, output[1:])
+        return
+    ctx.temperature = temperature
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(student, teacher, output[1])
 
 
 def _hydra_kl_backward(ctx, grad_loss, *_grad_of_grads):
     _no_double_backward()
     if grad_loss is None:
         return (None,) * 8
+    if ctx.deferred:
+        student, teacher, norms = ctx.saved_tensors
+        args = (student.detach(), teacher.detach(), norms, grad_loss, ctx.temperature, ctx.reduction)
+        # a traced backward (compile, AOT: fake or functional tensors) sees the custom op; eager calls the
+        # implementation (no dispatcher)
+        traced = torch.compiler.is_compiling() or any(type(t) is not torch.Tensor for t in args[:4])
+        grad = hydra_kl_grad(*args) if traced else _hydra_kl_grad_impl(*args)
+        return grad, None, None, None, None, None, None, None
     student, teacher = (None if _absent(g) else _kl.scale_grad(g, grad_loss, ctx.reduction) for g in ctx.saved_tensors)
     return student, teacher, None, None, None, None, None, None
 
