@@ -1,8 +1,12 @@
-"""Tempered per-head KL on given logits: the Triton launcher and the chunked torch path (forwards).
+"""Tempered per-head KL on given logits: the Triton launchers and the chunked torch path.
 
-Both compute the loss rows and the gradient T * (q - p) * coefficient in the forward pass; the
-backward only scales the stored gradient by the upstream gradient (Liger-Kernel's pattern). The
-autograd wiring lives in ``fasthydra.ops.library`` (custom ops, so that torch.compile sees them whole).
+The torch path, and the Triton path for a teacher that requires grad or a top-k teacher, compute the
+loss rows and the gradient T * (q - p) * coefficient in the forward pass; the backward only scales
+the stored gradient by the upstream gradient (Liger-Kernel's pattern). The Triton path with a
+frozen dense teacher writes only the loss rows and each row's normalisers in the forward and forms
+the gradient in the backward, in one streaming pass that reads the upstream gradient on the device.
+The autograd wiring lives in ``fasthydra.ops.library`` (custom ops, so that torch.compile sees them
+whole).
 """
 
 from __future__ import annotations
