@@ -212,6 +212,10 @@ def hydra_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
         impl: "auto" | "triton" | "torch".
     Shapes: (B, M, C), (B, M, C) -> () or (B, M).
     Returns: the loss in the student's dtype (computed in fp32, fp64 for fp64 input).
+    Memory: on the Triton path with a frozen dense teacher the gradient is formed in the backward
+        from the saved student and teacher logits (no (B, M, C) tensor is kept besides them): change
+        either in place before ``backward()`` and autograd raises; otherwise the gradient is formed
+        in the forward and kept.
     Raises: ValueError for NaN/+Inf teacher logits or a teacher row that is -Inf everywhere: at once on
         CPU tensors; on CUDA without a host sync (the loss is NaN, and a later fasthydra call raises,
         naming this op; FASTHYDRA_STRICT=1 raises here). See README, "What runs where".
