@@ -414,27 +414,12 @@ def main(argv=None) -> int:
               f"{r['teacher_bytes'] / 1e6:8.1f} MB, {r['of_copy_bandwidth']:.2f} of copy" if "error" not in r
               else f"ERROR {r['error']}"), flush=True)
 
-    profiles = {}
-    for op, shape in PROFILE_CASES:
-        try:
-            profiles[f"{op} {shape}"] = profile_step(by_key[(op, shape)])
-        except Exception as exc:
-            profiles[f"{op} {shape}"] = [{"error": f"{type(exc).__name__}: {exc}"[:300]}]
-        print(f"profile {op} {shape} (fasthydra, ms per step):", flush=True)
-        for r in profiles[f"{op} {shape}"]:
-            print(f"  {r['ms_per_step']:8.3f} ms {r['calls_per_step']:5.1f}x {r['kernel']}" if "error" not in r
-                  else f"  ERROR {r['error']}", flush=True)
-
-    host = {}
-    for op, shape in HOST_PROFILE_CASES:
-        try:
-            host[f"{op} {shape}"] = host_profile(by_key[(op, shape)])
-        except Exception as exc:
-            host[f"{op} {shape}"] = [{"error": f"{type(exc).__name__}: {exc}"[:300]}]
-        print(f"host profile {op} {shape} (fasthydra, us per step: own, cumulative):", flush=True)
-        for r in host[f"{op} {shape}"]:
-            print(f"  {r['own_us_per_step']:8.1f} {r['cum_us_per_step']:8.1f} {r['calls_per_step']:5.1f}x {r['function']}"
-                  if "error" not in r else f"  ERROR {r['error']}", flush=True)
+    profiles = _profiles(PROFILE_CASES, by_key, profile_step, "profile {} (fasthydra, ms per step):",
+                         lambda r: f"{r['ms_per_step']:8.3f} ms {r['calls_per_step']:5.1f}x {r['kernel']}")
+    host = _profiles(HOST_PROFILE_CASES, by_key, host_profile,
+                     "host profile {} (fasthydra, us per step: own, cumulative):",
+                     lambda r: f"{r['own_us_per_step']:8.1f} {r['cum_us_per_step']:8.1f} {r['calls_per_step']:5.1f}x "
+                               f"{r['function']}")
 
     priority = [c for c in all_cases if (c.op, c.name) in {(t[0], t[1]) for t in TARGETS[:4]}]
     priority += [by_key[k] for k in VARIANT_CASES if k in by_key and by_key[k] not in priority]
@@ -480,6 +465,21 @@ def main(argv=None) -> int:
         print(f"left out (time budget): {', '.join(left_out)}")
     _write(args.out, record, start)
     return 0 if tests.get("returncode") in (0, None) and all(v != "FAIL" for _, v, _ in targets) else 1
+
+
+def _profiles(cases, by_key, measure, title: str, line) -> dict:
+    """{"op shape": rows} from measure(case) for each case (an error row where it fails), printed."""
+    out = {}
+    for op, shape in cases:
+        key = f"{op} {shape}"
+        try:
+            out[key] = measure(by_key[(op, shape)])
+        except Exception as exc:
+            out[key] = [{"error": f"{type(exc).__name__}: {exc}"[:300]}]
+        print(title.format(key), flush=True)
+        for r in out[key]:
+            print("  " + (line(r) if "error" not in r else f"ERROR {r['error']}"), flush=True)
+    return out
 
 
 def _write(path: str, record: dict, start: float) -> None:

@@ -43,22 +43,45 @@ def _online_kl_update(s, u, m_s, d_s, m_u, d_u, a):
 
 
 @triton.jit
+def _thread_slices(BLOCK_C: tl.constexpr, VEC: tl.constexpr):
+    """Class offsets of a tile as (1, THREADS, VEC): each thread's VEC contiguous classes, one 16-byte
+    load, so that reductions over the last axis stay inside the thread."""
+    return (tl.arange(0, BLOCK_C // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :])[None, :, :]
+
+
+@triton.jit
+def _thread_max(x, m, c2):
+    """Per-thread running max m (ROWS, THREADS) after one (ROWS, THREADS, VEC) tile x of raw logits: the
+    new max, the -inf-safe reference the tile's terms are measured from, and the rescale
+    2^((m - ref) c2) of the sums kept so far (c2 = log2(e) / T)."""
+    new_m = tl.maximum(m, tl.max(x, axis=2))
+    ref = tl.where(new_m == float("-inf"), 0.0, new_m)
+    return new_m, ref, tl.exp2((m - ref) * c2)
+
+
+@triton.jit
+def _thread_merge(m, c2):
+    """Merging per-thread statistics (ROWS, THREADS) once per row: the row max, its -inf-safe reference
+    (ROWS, 1), and each thread's weight 2^((m - ref) c2)."""
+    row_m = tl.max(m, axis=1)
+    ref = tl.where(row_m == float("-inf"), 0.0, row_m)[:, None]
+    return row_m, ref, tl.exp2((m - ref) * c2)
+
+
+@triton.jit
 def _thread_kl_update(x, y, mx, dx, my, dy, a, c2):
     """Folds one (ROWS, THREADS, VEC) tile of raw student and teacher logits (-inf outside the row) into
     per-thread statistics (ROWS, THREADS): maxima mx, my of the raw logits, sums dx = sum 2^((x - mx) c2)
     and dy likewise (c2 = log2(e) / T), and a = sum 2^((y - my) c2) ((y - my) - (x - mx)) in raw-logit
     units, rescaled when a maximum moves. Every reduction runs over VEC, inside the thread."""
-    new_mx = tl.maximum(mx, tl.max(x, axis=2))
-    new_my = tl.maximum(my, tl.max(y, axis=2))
-    ref_x = tl.where(new_mx == float("-inf"), 0.0, new_mx)
-    ref_y = tl.where(new_my == float("-inf"), 0.0, new_my)
-    scale_y = tl.exp2((my - ref_y) * c2)
+    new_mx, ref_x, scale_x = _thread_max(x, mx, c2)
+    new_my, ref_y, scale_y = _thread_max(y, my, c2)
     a = tl.where(dy == 0, 0.0, scale_y * (a - dy * ((ref_y - my) - (ref_x - mx))))
     sx = x - ref_x[:, :, None]
     sy = y - ref_y[:, :, None]
     ey = tl.exp2(sy * c2)
     a += tl.sum(tl.where(y > float("-inf"), ey * (sy - sx), 0.0), axis=2)
-    dx = dx * tl.exp2((mx - ref_x) * c2) + tl.sum(tl.exp2(sx * c2), axis=2)
+    dx = dx * scale_x + tl.sum(tl.exp2(sx * c2), axis=2)
     dy = dy * scale_y + tl.sum(ey, axis=2)
     return new_mx, dx, new_my, dy, a
 
@@ -68,12 +91,8 @@ def _thread_kl_combine(mx, dx, my, dy, a, c2):
     """The per-row statistics (ROWS,) from per-thread ones: every thread's sums moved to the row's maxima
     (raw-logit units, as _thread_kl_update). A thread that saw nothing live (d == 0) adds nothing; a NaN
     sum passes its NaN on."""
-    row_mx = tl.max(mx, axis=1)
-    row_my = tl.max(my, axis=1)
-    ref_x = tl.where(row_mx == float("-inf"), 0.0, row_mx)[:, None]
-    ref_y = tl.where(row_my == float("-inf"), 0.0, row_my)[:, None]
-    wx = tl.exp2((mx - ref_x) * c2)
-    wy = tl.exp2((my - ref_y) * c2)
+    row_mx, ref_x, wx = _thread_merge(mx, c2)
+    row_my, ref_y, wy = _thread_merge(my, c2)
     a_row = tl.sum(tl.where(dy == 0, 0.0, wy * (a - dy * ((ref_y - my) - (ref_x - mx)))), axis=1)
     dx_row = tl.sum(tl.where(dx == 0, 0.0, wx * dx), axis=1)
     dy_row = tl.sum(tl.where(dy == 0, 0.0, wy * dy), axis=1)
@@ -197,7 +216,7 @@ def _hydra_kl_fwd_kernel(
         # instructions per element pair in that loop, the kernel bound by issue, not by memory).
         # Maxima are of the raw logits (bias added), so x - max is exact near the max and the
         # temperature and log2(e) go into one multiply before each exp2.
-        offs = (tl.arange(0, BLOCK_C // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :])[None, :, :]
+        offs = _thread_slices(BLOCK_C, VEC)
         c2 = inv_temp * 1.4426950408889634
         mx = tl.full((BLOCK_R, BLOCK_C // VEC), float("-inf"), tl.float32)
         my = tl.full((BLOCK_R, BLOCK_C // VEC), float("-inf"), tl.float32)
@@ -455,7 +474,7 @@ def _hydra_kl_topk_fwd_kernel(
 
     # The student's normaliser: per-thread running max and sum over 16-byte slices of the row (a tile is
     # (rows, threads, VEC)), merged once per row; raw-logit maxima, T and log2(e) in one multiply.
-    offs = (tl.arange(0, BLOCK_C // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :])[None, :, :]
+    offs = _thread_slices(BLOCK_C, VEC)
     c2 = inv_temp * 1.4426950408889634
     tm = tl.full((BLOCK_R, BLOCK_C // VEC), float("-inf"), tl.float32)
     td = tl.zeros((BLOCK_R, BLOCK_C // VEC), tl.float32)
@@ -463,13 +482,10 @@ def _hydra_kl_topk_fwd_kernel(
         cols = c0 + offs
         mask = row_ok[:, None, None] & (cols < C)
         x = tl.load(z_rows[:, :, None] + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        new_m = tl.maximum(tm, tl.max(x, axis=2))
-        ref = tl.where(new_m == float("-inf"), 0.0, new_m)
-        td = td * tl.exp2((tm - ref) * c2) + tl.sum(tl.exp2((x - ref[:, :, None]) * c2), axis=2)
-        tm = new_m
-    row_m = tl.max(tm, axis=1)
-    ref_x = tl.where(row_m == float("-inf"), 0.0, row_m)
-    d_s = tl.sum(tl.where(td == 0, 0.0, td * tl.exp2((tm - ref_x[:, None]) * c2)), axis=1)
+        tm, ref, scale = _thread_max(x, tm, c2)
+        td = td * scale + tl.sum(tl.exp2((x - ref[:, :, None]) * c2), axis=2)
+    row_m, ref_x, thread_w = _thread_merge(tm, c2)
+    d_s = tl.sum(tl.where(td == 0, 0.0, td * thread_w), axis=1)
     m_s = row_m * inv_temp
     log_d_s = tl.log(d_s)
 
@@ -493,7 +509,7 @@ def _hydra_kl_topk_fwd_kernel(
             cols = c0 + offs
             mask = row_ok[:, None, None] & (cols < C)
             x = tl.load(z_rows[:, :, None] + cols, mask=mask, other=float("-inf")).to(tl.float32)
-            q = tl.exp2((x - ref_x[:, None, None]) * c2 - lx)
+            q = tl.exp2((x - ref_x[:, :, None]) * c2 - lx)
             tl.store(g_rows[:, :, None] + cols, (q * grad_scale).to(grad_ptr.dtype.element_ty), mask=mask)
         tl.debug_barrier()  # every dense store of this program lands before the kept classes are rewritten
         q_idx = tl.exp(s_idx - m_s[:, None] - log_d_s[:, None])

@@ -11,6 +11,8 @@ H[q_m] = log d_m - e_m / d_m. Pass 2 forms P tile by tile, stores it and sums -P
 import triton
 import triton.language as tl
 
+from .softmax_kl import _thread_max, _thread_merge, _thread_slices
+
 
 @triton.jit
 def _uncertainty_fwd_kernel(
@@ -48,7 +50,7 @@ def _uncertainty_fwd_kernel(
         # max and sums inside the thread), merged across threads once per row: no barrier in the loop
         # (sm_90 SASS: the tile-wise form spent ~21 instructions per element and 6 barriers per tile).
         # Maxima are of the raw logits, so x - max is exact near the max.
-        offs = (tl.arange(0, BLOCK_C // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :])[None, :, :]
+        offs = _thread_slices(BLOCK_C, VEC)
         c2 = inv_temp * 1.4426950408889634
         tm = tl.full((BLOCK_M, BLOCK_C // VEC), float("-inf"), tl.float32)
         td = tl.zeros((BLOCK_M, BLOCK_C // VEC), tl.float32)
@@ -57,18 +59,14 @@ def _uncertainty_fwd_kernel(
             cols = c0 + offs
             mask = head_ok[:, None, None] & (cols < C)
             x = tl.load(z_row[:, :, None] + cols, mask=mask, other=float("-inf")).to(tl.float32)
-            new_m = tl.maximum(tm, tl.max(x, axis=2))
-            ref = tl.where(new_m == float("-inf"), 0.0, new_m)
-            scale = tl.exp2((tm - ref) * c2)
+            new_m, ref, scale = _thread_max(x, tm, c2)
             te = tl.where(td == 0, 0.0, scale * (te - td * (ref - tm)))
             sx = x - ref[:, :, None]
             ex = tl.exp2(sx * c2)
             te += tl.sum(tl.where(mask, ex * sx, 0.0), axis=2)
             td = td * scale + tl.sum(ex, axis=2)
             tm = new_m
-        row_m = tl.max(tm, axis=1)
-        ref = tl.where(row_m == float("-inf"), 0.0, row_m)[:, None]
-        w = tl.exp2((tm - ref) * c2)
+        row_m, ref, w = _thread_merge(tm, c2)
         d = tl.sum(tl.where(td == 0, 0.0, w * td), axis=1)
         e = tl.sum(tl.where(td == 0, 0.0, w * (te - td * (ref - tm))), axis=1) * inv_temp
         m = row_m * inv_temp
