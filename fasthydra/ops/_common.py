@@ -65,7 +65,7 @@ def small_heads_config(n_rows: int, n_heads: int, n_cols: int, k: int, elem_size
             and row_blocks * weight <= SMALL_MAX_REREAD):
         return None
     heads = max(1, min(n_heads, row_blocks * n_heads // SMALL_TARGET_PROGRAMS))
-    # tl.dot wants every tile dim >= 16 (C padded with masks); 128-byte K rows as linear_kl_config.
+    # tl.dot wants every tile dim >= 16 (C padded with masks); K tiles of 128 bytes.
     # Launch 2: dx in row blocks of 128 for 16-bit inputs, 64 for fp32 (128 spills on sm_80 with IEEE
     # fp32 dots); dW programs 16 wide in K (M * K / 16 of them) walking the batch 256 rows a step
     # (512 spills). No spills on sm_80/sm_90 (kernel report).
@@ -115,8 +115,8 @@ def rows_per_chunk(total_rows: int, row_elements: int, budget: int) -> int:
 
 def kl_rows_config(n_cols: int, elem_size: int = 4, extra_row: bool = False) -> dict:
     """Row-wise KL kernels. A row of up to ROW_TILE_MAX classes (twice that for 16-bit inputs, unless
-    extra_row: a teacher gradient or a student bias, whose registers make 16384 spill on sm_90) is one tile held in
-    registers (read once: the op is memory-bound, and a second read of a long row comes from DRAM);
+    extra_row: a teacher gradient or a student bias, whose registers make 16384 spill on sm_90) is one
+    tile held in registers (read once: the op is memory-bound, and a second read of a long row comes from DRAM);
     longer rows go in MAX_BLOCK_C tiles, read twice. Several rows per program when C is small (~1k
     lanes of work)."""
     whole = max(16, next_pow2(n_cols))
