@@ -77,13 +77,18 @@ KNOBS = {
     **{f"fasthydra/kl-tile-{w}": {"set": [("fasthydra.ops._common", "MAX_BLOCK_C", w)],
                                   "cases": [("kl_fwdbwd", "gpu-large"), ("mlp_fwdbwd", "gpu-large")]}
        for w in (1024, 4096, 8192)},
+    # heads with a bias, long rows: the default forms dz and db in the loss pass's second launch
+    # (SPLIT_BIAS_PASS); the alternative is the one-kernel loss pass, then a column sum that reads dz again
+    "fasthydra/bias-one-pass": {"set": [("fasthydra.ops._common", "SPLIT_BIAS_PASS", False)],
+                                "cases": [("linear_fwdbwd", "gpu-large"), ("mlp_fwdbwd", "gpu-large"),
+                                          ("linear_fwdbwd", "large-C")]},
     # uncertainty's long-row tiles (4 warps): 8192 elements is the default
     **{f"fasthydra/unc-tile-{w}": {"set": [("fasthydra.ops._common", "UNCERTAINTY_LONG_TILE", w)],
                                    "cases": [("uncertainty", "gpu-large")]} for w in (4096, 16384)},
 }
 # profiled once (kernels by device time per step) before the cases run
 PROFILE_CASES = [("linear_fwdbwd", "gpu-large"), ("mlp_fwdbwd", "gpu-large"), ("kl_fwdbwd", "gpu-large"),
-                 ("linear_fwdbwd", "gpu-small")]
+                 ("linear_fwdbwd", "gpu-small"), ("linear_fwdbwd", "small-C")]
 # host time per step under cProfile (functions by own time)
 HOST_PROFILE_CASES = [("linear_fwdbwd", "gpu-small")]
 SMALL_CASES = [("linear_fwdbwd", "small-C"), ("linear_fwdbwd", "gpu-small"), ("mlp_fwdbwd", "gpu-small"),

@@ -84,15 +84,19 @@ def _kernel_specs():
     from fasthydra.kernels.gaussian_kl import _gaussian_heads_kl_fwd_kernel
     from fasthydra.kernels.checks import _flag_rows_kernel
     from fasthydra.kernels.small_heads import _small_heads_grad_kernel, _small_heads_kl_kernel
-    from fasthydra.kernels.softmax_kl import _hydra_kl_fwd_kernel, _hydra_kl_grad_kernel, _hydra_kl_topk_fwd_kernel
+    from fasthydra.kernels.softmax_kl import (_hydra_kl_fwd_kernel, _hydra_kl_grad_cols_kernel, _hydra_kl_grad_kernel,
+                                              _hydra_kl_topk_fwd_kernel)
     from fasthydra.ops.hydra_kl import topk_config
     from fasthydra.kernels.uncertainty import _ensemble_log_mean_kernel, _uncertainty_fwd_kernel
 
     specs, seen = [], set()
 
     def add(fn, args, consts, opts, dtype):
-        unit = tuple(sorted(k for k, v in args.items() if v == 1 and not isinstance(v, float)))
-        key = (fn.__name__, dtype, tuple(sorted(consts.items())), tuple(sorted(opts.items())), unit)
+        ints = {k: v for k, v in args.items() if isinstance(v, int) and not isinstance(v, bool)}
+        unit = tuple(sorted(k for k, v in ints.items() if v == 1))
+        # what _specialize makes of the integers: 1, and divisible by 16 or not (an odd C does not vectorise)
+        aligned = tuple(sorted(k for k, v in ints.items() if v % 16 == 0))
+        key = (fn.__name__, dtype, tuple(sorted(consts.items())), tuple(sorted(opts.items())), unit, aligned)
         if key not in seen:
             seen.add(key)
             specs.append((fn, args, consts, opts, dtype))
@@ -129,6 +133,21 @@ def _kernel_specs():
                                         "stride_ui": 0, "stride_go": m * c, "stride_gi": c, "inv_temp": 0.5,
                                         "grad_scale": 0.1},
                 {"BLOCK_R": gk["BLOCK_R"], "BLOCK_C": gk["BLOCK_C"]}, {"num_warps": gk["num_warps"]}, tag)
+            # heads with a bias, rows too long for registers: dz and its column sums over a head-major
+            # (M, B, C) view of (B, M, C) logits (linear heads) or over per-head logits with the bias added
+            # on the loads (MLP heads)
+            cc = cfgs.kl_grad_cols_config(m, b, c)
+            for bias, (so, si) in ((False, (c, m * c)), (True, (b * c, c))):
+                if cfgs.kl_rows_config(c, 4 if ty == "fp32" else 2, bias)["ROW_IN_REGISTERS"]:
+                    continue
+                add(_hydra_kl_grad_cols_kernel,
+                    {"z_ptr": f"*{ty}", "t_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "norm_ptr": "*fp32",
+                     "grad_ptr": f"*{ty}", "part_ptr": "*fp32", "I": b, "C": c, "n_groups": cc["n_groups"],
+                     "rows_per_prog": cc["rows_per_prog"], "stride_zo": so, "stride_zi": si, "stride_to": c,
+                     "stride_ti": m * c, "stride_bo": c, "stride_bi": 0, "stride_go": so, "stride_gi": si,
+                     "inv_temp": 0.5, "grad_scale": 0.1},
+                    {"BLOCK_R": cc["BLOCK_R"], "BLOCK_C": cc["BLOCK_C"], "HAS_BIAS": bias},
+                    {"num_warps": cc["num_warps"]}, tag)
             if (b, d, m, c) not in SHAPES:  # an extra row length: the row kernels only
                 continue
             for k in (32, 128):  # top-k teachers: the sizes a cache keeps

@@ -338,18 +338,83 @@ def _hydra_kl_grad_kernel(
     r_out = rows // R_INNER
     r_in = rows % R_INNER
     mask = row_ok[:, None] & (cols < C)[None, :]
-    m_s = tl.load(norm_ptr + rows * 4, mask=row_ok, other=0.0)
-    log_d_s = tl.load(norm_ptr + rows * 4 + 1, mask=row_ok, other=0.0)
-    m_u = tl.load(norm_ptr + rows * 4 + 2, mask=row_ok, other=0.0)
-    log_d_u = tl.load(norm_ptr + rows * 4 + 3, mask=row_ok, other=0.0)
     up = tl.load(up_ptr + r_out * stride_uo + r_in * stride_ui, mask=row_ok, other=0.0).to(tl.float32)
-    s = tl.load(z_ptr + (r_out * stride_zo + r_in * stride_zi)[:, None] + cols[None, :], mask=mask,
-                other=float("-inf")).to(tl.float32) * inv_temp
-    u = tl.load(t_ptr + (r_out * stride_to + r_in * stride_ti)[:, None] + cols[None, :], mask=mask,
-                other=float("-inf")).to(tl.float32) * inv_temp
-    g = _kl_grad_tile(s, u, m_s, log_d_s, m_u, log_d_u, grad_scale) * up[:, None]
+    z_rows = z_ptr + (r_out * stride_zo + r_in * stride_zi)[:, None]
+    g = _grad_from_norms(z_rows, t_ptr + (r_out * stride_to + r_in * stride_ti)[:, None], z_rows, norm_ptr + rows * 4,
+                         cols, mask, row_ok, inv_temp, grad_scale, False) * up[:, None]
     tl.store(grad_ptr + (r_out * stride_go + r_in * stride_gi)[:, None] + cols[None, :],
              g.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grad_from_norms(z_rows, t_rows, b_rows, norm_rows, cols, mask, row_ok, inv_temp, grad_scale,
+                     HAS_BIAS: tl.constexpr):
+    """``grad_scale * (q - p)`` for one (rows, classes) tile from the row normalisers the forward wrote
+    (norm_rows: (ROWS,) pointers to m_s, log d_s, m_u, log d_u); z_rows, t_rows, b_rows: (ROWS, 1) row
+    pointers (b_rows read only with HAS_BIAS), cols: (BLOCK_C,) class offsets."""
+    m_s = tl.load(norm_rows, mask=row_ok, other=0.0)
+    log_d_s = tl.load(norm_rows + 1, mask=row_ok, other=0.0)
+    m_u = tl.load(norm_rows + 2, mask=row_ok, other=0.0)
+    log_d_u = tl.load(norm_rows + 3, mask=row_ok, other=0.0)
+    s = _student(z_rows, b_rows, cols, mask, HAS_BIAS) * inv_temp
+    u = tl.load(t_rows + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
+    return _kl_grad_tile(s, u, m_s, log_d_s, m_u, log_d_u, grad_scale)
+
+
+# The gradient and its column sums (the bias gradient) in one streaming pass, in the forward of the
+# heads + loss op when the head has a bias (ops/linear_hydra_kl.py): the loss kernel above wrote the loss
+# rows and their normalisers (WRITE_NORMS, one read of z and t), this pass reads z and t once more and
+# writes dz = grad_scale * (q - p) (in place of z when grad_ptr is z_ptr), and sums it over rows as it
+# goes, so db needs no third read of the (B, M, C) gradient. The view is head-major, (O, I, C) = (heads,
+# rows, C): program (o, g) walks rows [g * ROWS_PER_PROG, (g + 1) * ROWS_PER_PROG) of head o in
+# (BLOCK_R, BLOCK_C) tiles for one class block, and writes that block's partial sum to
+# part_ptr[o * n_groups + g, :] (fp32; the host sums the n_groups partials of a head). Norms come as
+# (O, I, 4), row (o, i) at (o * I + i) * 4, the order the loss kernel writes them for the same view.
+@triton.jit
+def _hydra_kl_grad_cols_kernel(
+    z_ptr,  # student logits: row (o, i) at o * stride_zo + i * stride_zi, unit stride along C
+    t_ptr,  # teacher logits, likewise
+    bias_ptr,  # added to z on every load (per-head inputs' bias), likewise; unused unless HAS_BIAS
+    norm_ptr,  # (O * I, 4) fp32: m_s, log d_s, m_u, log d_u per row
+    grad_ptr,  # out: dz in the student's dtype (may alias z_ptr)
+    part_ptr,  # out: (O * n_groups, C) fp32 partial column sums of dz
+    I,
+    C,
+    n_groups,
+    rows_per_prog,  # a multiple of BLOCK_R
+    stride_zo,
+    stride_zi,
+    stride_to,
+    stride_ti,
+    stride_bo,
+    stride_bi,
+    stride_go,
+    stride_gi,
+    inv_temp,
+    grad_scale,  # T * reduction coefficient
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    o = (pid // n_groups).to(tl.int64)
+    i_lo = (pid % n_groups) * rows_per_prog
+    i_hi = tl.minimum(I, i_lo + rows_per_prog)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    acc = tl.zeros((BLOCK_C,), tl.float32)
+    for i0 in range(i_lo, i_hi, BLOCK_R):
+        ri = i0 + tl.arange(0, BLOCK_R).to(tl.int64)
+        row_ok = ri < i_hi
+        mask = row_ok[:, None] & col_ok[None, :]
+        g = _grad_from_norms(z_ptr + (o * stride_zo + ri * stride_zi)[:, None],
+                             t_ptr + (o * stride_to + ri * stride_ti)[:, None],
+                             bias_ptr + (o * stride_bo + ri * stride_bi)[:, None], norm_ptr + (o * I + ri) * 4,
+                             cols, mask, row_ok, inv_temp, grad_scale, HAS_BIAS)
+        tl.store(grad_ptr + (o * stride_go + ri * stride_gi)[:, None] + cols[None, :],
+                 g.to(grad_ptr.dtype.element_ty), mask=mask)
+        acc += tl.sum(tl.where(mask, g, 0.0), axis=0)
+    tl.store(part_ptr + pid.to(tl.int64) * C + cols, acc, mask=col_ok)
 
 
 @triton.jit

@@ -119,7 +119,11 @@ def test_variants_set_their_settings_and_restore_them(monkeypatch):
     assert _common.SMALL_BLOCK_B == default
     # small shapes compare all three heads paths; large ones the two GEMM backends
     assert gpu_check.variants_for("linear_fwdbwd", "gpu-small") == ["fasthydra/cublas"]
-    assert gpu_check.variants_for("linear_fwdbwd", "gpu-large") == ["fasthydra/groups-512MiB"]
+    assert gpu_check.variants_for("linear_fwdbwd", "gpu-large") == ["fasthydra/groups-512MiB",
+                                                                     "fasthydra/bias-one-pass"]
+    with gpu_check.with_variant("fasthydra/bias-one-pass"):
+        assert _common.SPLIT_BIAS_PASS is False
+    assert _common.SPLIT_BIAS_PASS is True
     import fasthydra.ops.linear_hydra_kl as lk
 
     group = lk.CUBLAS_GROUP_ELEMENTS

@@ -544,6 +544,69 @@ def test_cublas_path_groups_of_heads_are_what_runs(monkeypatch):
     assert seen == [(6, 2, 20), (6, 2, 20), (6, 1, 20)]
 
 
+@pytest.mark.parametrize("hidden", [None, 6], ids=["linear", "mlp"])
+@pytest.mark.parametrize("chunks", [False, True], ids=["one-group", "heads-and-rows-chunked"])
+@pytest.mark.parametrize("split", [True, False], ids=["db-in-loss-pass", "db-column-sum"])
+def test_bias_gradient_formed_by_the_loss_pass(monkeypatch, hidden, chunks, split):
+    """Heads with a bias, rows walked in tiles (cuBLAS path, frozen teacher): the loss kernel writes the
+    normalisers, _hydra_kl_grad_cols_kernel writes dz and its column sums (db) in several row groups per
+    head (the last one short) and class blocks; with heads and rows chunked the partial db accumulate.
+    The alternative (SPLIT_BIAS_PASS off: one loss kernel, db summed from dz) likewise. Loss and every
+    gradient against float64, with masked classes and a bias that matters."""
+    import fasthydra.ops.linear_hydra_kl as lk
+
+    use_heads_path(monkeypatch, "cublas")
+    monkeypatch.setattr(_common, "SPLIT_BIAS_PASS", split)
+    monkeypatch.setattr(_common, "MAX_BLOCK_C", 16)
+    monkeypatch.setattr(_common, "ROW_TILE_MAX", 16)
+    monkeypatch.setattr(_common, "GRAD_COLS_BLOCK_C", 16)  # three class blocks at C = 40, 128-row tiles
+    b, d, m, c = 300, 12, 3, 40
+    if chunks:  # one head per group, 20-row chunks
+        monkeypatch.setattr(lk, "CUBLAS_GROUP_ELEMENTS", 20 * c)
+    formed = []
+    real = lk.launch_kl_grad_cols
+    monkeypatch.setattr(lk, "launch_kl_grad_cols", lambda *a: formed.append(a[0].shape) or real(*a))
+    head = HydraHead(d, c, m, hidden_features=hidden, impl="triton")
+    with torch.no_grad():
+        head.bias.copy_(torch.randn_like(head.bias) * 4)
+    x = torch.randn(b, d, requires_grad=True)
+    t = teacher_logits(b, m, c)
+    t[7, 1, :20] = float("-inf")  # masked classes spanning whole class blocks
+    loss = head.distill_loss(x, t, temperature=1.5)
+    grads = torch.autograd.grad(loss * 0.7, [x, *params_of(head)])
+    assert formed == ([] if not split else [(1, 20, c)] * (m * 15) if chunks else [(m, b, c)])
+    loss_ref, grads_ref = reference_loss_and_grads(head, x, t, 1.5, upstream=0.7)
+    assert_close_to(loss, loss_ref, rtol=2e-6, atol=1e-7, what="loss")
+    for name, g, g_ref in zip(["x"] + [n for n, _ in head.named_parameters()], grads, grads_ref):
+        assert_close_to(g, g_ref, rtol=1e-5, atol=1e-8, what=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("programs,groups", [(10**6, 3), (12, 2), (1, 1)])
+def test_grad_cols_kernel_sums_columns_per_head(monkeypatch, dtype, programs, groups):
+    """launch_kl_grad_cols on its own: dz (in place of z) and its per-head column sums, over a
+    head-major view with a broadcast bias and three class blocks; 300 rows in 128-row tiles as three
+    row groups of one tile, two groups (two tiles, then a short one), or one group walking all three;
+    a class masked in every teacher row (p = 0 there, q not); against float64."""
+    monkeypatch.setattr(_common, "GRAD_COLS_BLOCK_C", 16)
+    monkeypatch.setattr(_common, "GRAD_COLS_PROGRAMS", programs)
+    m, b, c = 3, 300, 37
+    z = (torch.randn(m, b, c) * 3).to(dtype)
+    t = teacher_logits(m, b, c, dtype=dtype)  # (heads, rows, C): the op's head-major view
+    t[:, :, 5] = float("-inf")
+    bias = (torch.randn(m, 1, c) * 2).to(dtype)
+    loss = torch.empty(m, b)
+    norms = torch.empty(m, b, 4)
+    hk.launch_kl_rows(z, t, loss, None, 1.3, 0.25, "distill_loss", None, bias.expand(m, b, c), norms=norms)
+    zb = z.double() + bias.double()
+    db = hk.launch_kl_grad_cols(z, t, norms, z, bias.expand(m, b, c), 1.3, 0.25)
+    g_ref = R.kl_grad_ref(zb, t.double(), 1.3) * (m * b) / 1.3 * 0.25  # grad_scale * (q - p)
+    assert _common.kl_grad_cols_config(m, b, c)["n_groups"] == groups
+    rtol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert_close_to(z, g_ref, rtol=rtol, atol=1e-9, what="dz")
+    assert_close_to(db, g_ref.sum(1), rtol=rtol, atol=1e-7, what="column sums")
+
+
 # The two-launch small-step path (kernels/small_heads.py) beyond HEAD_CASES: several row programs,
 # K across several K tiles, C at the one-tile limit, per-head inputs, no bias, a sum reduction, the
 # reducing program walking many partial sums, and a batch the dW programs walk in several steps.

@@ -137,6 +137,34 @@ def kl_grad_config(n_cols: int) -> dict:
     return dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4 if block_r * block_c <= 1024 else 8)
 
 
+# Heads with a bias on the cuBLAS path, rows too long for registers: the loss kernel writes the loss and
+# row normalisers only, and _hydra_kl_grad_cols_kernel writes dz and its column sums (db) in one more
+# read of z and t: the same bytes as the two-pass loss kernel writing dz, without db's extra read of dz
+# (0.62 ms of a 24.5 ms step at gpu-large on an H200). False: the one-kernel loss pass and a column
+# sum of dz (bench/gpu_check.py measures both).
+SPLIT_BIAS_PASS = True
+# Programs the gradient + column-sum pass (kl_grad_cols_config) aims for: a few per SM on a large GPU,
+# while each still walks enough rows that its partial column sums stay small beside dz.
+GRAD_COLS_PROGRAMS = 2048
+# Its class blocks: 512 classes (1 KiB of a 16-bit row per tile row, coalesced).
+GRAD_COLS_BLOCK_C = 512
+
+
+def kl_grad_cols_config(n_out: int, n_in: int, n_cols: int) -> dict:
+    """_hydra_kl_grad_cols_kernel over an (O, I, C) head-major view: (BLOCK_R, BLOCK_C) tiles of 2048
+    elements in 8 warps (8 per thread: in 4 warps an odd C, whose loads do not vectorise, spilled with a
+    bias on sm_80/sm_90), GRAD_COLS_BLOCK_C classes wide at most; each program walks
+    rows_per_prog rows of one head for one class block, with n_groups programs per head and class
+    block, so that about GRAD_COLS_PROGRAMS programs run (never more row groups than row tiles)."""
+    block_c = max(16, min(next_pow2(n_cols), GRAD_COLS_BLOCK_C))
+    block_r = 2048 // block_c
+    col_blocks = cdiv(max(n_cols, 1), block_c)
+    groups = max(1, min(cdiv(max(n_in, 1), block_r), cdiv(GRAD_COLS_PROGRAMS, max(n_out, 1) * col_blocks)))
+    rows_per_prog = cdiv(cdiv(max(n_in, 1), groups), block_r) * block_r
+    return dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8, n_groups=cdiv(max(n_in, 1), rows_per_prog),
+                rows_per_prog=rows_per_prog, col_blocks=col_blocks)
+
+
 # Elements of one (heads, classes) tile of the uncertainty kernel: a whole row of M*C up to this many
 # is read once and kept in registers for the mixture pass (8 per thread at 32 warps: no spills).
 UNCERTAINTY_TILE_MAX = 8192

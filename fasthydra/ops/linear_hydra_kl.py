@@ -18,11 +18,13 @@ import math
 
 import torch
 
+from . import _common
 from ._common import (
     CUBLAS_GROUP_ELEMENTS,
     TORCH_CHUNK_ELEMENTS,
     cdiv,
     compute_dtype,
+    kl_rows_config,
     rows_per_chunk,
     small_heads_config,
     small_step_mode,
@@ -33,6 +35,7 @@ from .hydra_kl import (
     _teacher_grad,
     kl_chunk_topk_torch,
     kl_chunk_torch,
+    launch_kl_grad_cols,
     launch_kl_rows,
     launch_kl_rows_topk,
     reduce_rows,
@@ -304,9 +307,11 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
          kernel on its loads), written into one reused buffer;
       2. one Triton pass turns that buffer in place into the loss rows and the gradient
          T * coef * (q - p) (tempered softmax + per-head KL + gradient; teacher checked on the way);
+         with a bias and rows too long for registers, two launches instead: the loss rows and row
+         normalisers, then dz with its column sums, the bias gradient (same bytes, no read of dz for db);
       3. cuBLAS again: dW of the group's heads complete in one GEMM, written once in the weight dtype
          (an fp32 accumulator for the group's slice only when rows had to be chunked); dx = dz @ W,
-         accumulated in fp32 across groups; db as an fp32 column sum.
+         accumulated in fp32 across groups; db as an fp32 column sum unless step 2 formed it.
     Only one group's logits exist at a time; with no gradient wanted nothing (B, M, C)-sized is kept.
     With need_t the same pass writes the teacher's gradient. A top-k teacher (teacher = values,
     teacher_indices = class ids) runs the top-k loss kernel instead: the same GEMMs, M*k teacher
@@ -338,6 +343,11 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
             grad_in32 = torch.zeros(inp.shape, dtype=torch.float32, device=dev)
         else:
             grad_in = torch.empty_like(inp)
+    # Bias and long rows (the dense, frozen teacher): the loss pass forms dz and db together (see
+    # SPLIT_BIAS_PASS); the row normalisers between its two launches live in `norms`.
+    split_bias = (want_grad and need_b and _common.SPLIT_BIAS_PASS and topk is None and grad_t is None
+                  and not kl_rows_config(c, inp.element_size(), not shared and bias is not None)["ROW_IN_REGISTERS"])
+    norms = torch.empty(min(rows, b) * heads * 4, dtype=torch.float32, device=dev) if split_bias else None
     if b == 0:
         for g in (grad_w, grad_b):
             if g is not None:
@@ -376,9 +386,15 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
                 t3, l2 = teacher[r0:r1, h0:h1].transpose(0, 1), loss[r0:r1, h0:h1].T
                 h3 = None if grad_t is None else grad_t[r0:r1, h0:h1].transpose(0, 1)
                 i3 = None if topk is None else topk[r0:r1, h0:h1].transpose(0, 1)
+            db = None  # the group's bias gradient when the loss pass forms it
             if topk is not None:
                 launch_kl_rows_topk(z3, t3, i3, l2, z3 if want_grad else None, temperature, grad_scale,
                                     "distill_loss", h3)
+            elif split_bias:  # head-major views: one program's rows share a head, so db sums per program
+                zh, th, lh = (z3.transpose(0, 1), t3.transpose(0, 1), l2.T) if shared else (z3, t3, l2)
+                nh = norms[:gh * br * 4].view(gh, br, 4)
+                launch_kl_rows(zh, th, lh, None, temperature, grad_scale, "distill_loss", None, b3, norms=nh)
+                db = launch_kl_grad_cols(zh, th, nh, zh, b3, temperature, grad_scale)
             else:
                 launch_kl_rows(z3, t3, l2, z3 if want_grad else None, temperature, grad_scale, "distill_loss", h3, b3)
             if not want_grad:
@@ -396,10 +412,8 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
                         grad_in32[r0:r1].add_(torch.mm(gz, w2))
                     else:
                         torch.mm(gz, w2, out=grad_in[r0:r1])
-                if need_b and r0 == 0:  # the first (usually only) row chunk writes in place
-                    torch.sum(gz, 0, dtype=torch.float32, out=grad_b[h0:h1].view(gh * c))
-                elif need_b:
-                    grad_b[h0:h1] += gz.sum(0, dtype=torch.float32).view(gh, c)
+                if need_b:
+                    _add_bias_grad(grad_b[h0:h1], db, gz.view(br, gh, c), 0, r0 == 0)
             else:
                 if need_w:
                     if acc is None:
@@ -408,10 +422,8 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
                         acc.add_(torch.bmm(z3.transpose(1, 2), xc))
                 if need_in:
                     grad_in[r0:r1, h0:h1] = torch.bmm(z3, wg).transpose(0, 1)
-                if need_b and r0 == 0:
-                    torch.sum(z3, 1, dtype=torch.float32, out=grad_b[h0:h1])
-                elif need_b:
-                    grad_b[h0:h1] += z3.sum(1, dtype=torch.float32)
+                if need_b:
+                    _add_bias_grad(grad_b[h0:h1], db, z3, 1, r0 == 0)
         if acc is not None:
             grad_w[h0:h1] = acc
     after_launch(dev, "distill_loss", teacher.shape)
@@ -419,6 +431,19 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
         grad_in = grad_in32.to(dt)
     return (reduce_rows(loss, reduction, loss.dtype), grad_in, grad_w,
             None if grad_b is None else grad_b.to(bias.dtype), grad_t)
+
+
+def _add_bias_grad(out, db, gz, dim: int, first: bool) -> None:
+    """A row chunk's bias gradient into out (heads, C) fp32: db from the loss pass when it formed it,
+    else gz summed over its row axis dim; the first chunk writes, later ones accumulate."""
+    if db is None and first:
+        torch.sum(gz, dim, dtype=torch.float32, out=out)
+    elif db is None:
+        out += gz.sum(dim, dtype=torch.float32)
+    elif first:
+        out.copy_(db)
+    else:
+        out += db
 
 
 def linear_hydra_kl_forward_triton(inp, weight, bias, teacher, temperature: float, reduction: str, shared: bool,
