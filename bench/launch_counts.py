@@ -7,7 +7,8 @@ word treated as on CUDA (checks.py's deferred mode: its non-blocking copy is cou
 what would be a GPU launch: every Triton kernel (a hook on the interpreter's launches) and every
 torch op that computes (a TorchDispatchMode; allocations and views do not count, nor do the
 interpreter's own copies of kernel arguments). The upstream gradient is 1 here, which the CPU
-backward recognises; on a GPU the stored gradients are scaled by one more (foreach) launch.
+backward recognises; on a GPU the heads ops' stored gradients pass one more launch
+(kernels/scale.py), which reads the upstream gradient on the device and returns at once when it is 1.
 Counts depend on the path, not on the sizes, while a path's limits hold.
 """
 

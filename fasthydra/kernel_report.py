@@ -101,7 +101,14 @@ def _kernel_specs():
             seen.add(key)
             specs.append((fn, args, consts, opts, dtype))
 
+    from fasthydra.kernels.scale import _scale_unless_one_kernel
     from fasthydra.ops.checks import FLAG_BLOCK
+    from fasthydra.ops.hydra_kl import SCALE_BLOCK
+
+    for ty in ("fp32", "bf16"):  # the heads ops' backward on CUDA: dx, dW (gpu-large: 2^29 elements), db
+        add(_scale_unless_one_kernel, {"g_ptr": "*fp32", "a_ptr": f"*{ty}", "n_a": 4096 * 2048, "b_ptr": f"*{ty}",
+                                       "n_b": 8 * 32000 * 2048, "c_ptr": f"*{ty}", "n_c": 8 * 32000},
+            {"BLOCK": SCALE_BLOCK}, {"num_warps": 4}, ty)
 
     for ty in ("fp32", "bf16"):  # the torch path's teacher check on CUDA (one value per row)
         add(_flag_rows_kernel, {"v_ptr": f"*{ty}", "n": 4096 * 8, "err_ptr": "*i32"}, {"BLOCK": FLAG_BLOCK},

@@ -244,3 +244,51 @@ def test_no_grad_takes_the_loss_only_path(monkeypatch):
     loud = head.distill_loss(x, t, 2.0)
     assert seen == [False, True] and loud.requires_grad
     assert quiet.item() == pytest.approx(loud.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", [dict(hidden_features=None), dict(hidden_features=5)], ids=["linear", "mlp"])
+def test_backward_hands_over_the_stored_gradients(monkeypatch, kind):
+    """The fused heads compute their gradients in the forward; the backward scales those tensors in place
+    and hands them to autograd, which keeps them as the parameters' .grad (no copy, no second
+    weight-sized tensor): the upstream 1 leaves them as computed, 0.7 scales them, both against float64."""
+    import fasthydra.ops.hydra_kl as hk
+
+    handed = []
+    real = hk.scale_grads_
+    # the spy keeps addresses only: a reference of its own would make autograd copy the tensors
+    monkeypatch.setattr(hk, "scale_grads_", lambda stored, g: handed.extend(x.data_ptr() for x in stored)
+                        or real(stored, g))
+    head = HydraHead(6, 9, 3, impl="torch", **kind)
+    x, t = torch.randn(11, 6, requires_grad=True), teacher_logits(11, 3, 9)
+    for upstream in (1.0, 0.7):
+        head.zero_grad(set_to_none=True)
+        x.grad, handed[:] = None, []
+        (head.distill_loss(x, t, 1.5) * upstream).backward()
+        # the fused op's own parameters (MLP heads: the second layer; the first has its own backward)
+        assert {head.weight.grad.data_ptr(), head.bias.grad.data_ptr()} <= set(handed)
+        _, grads_ref = reference_loss_and_grads(head, x, t, 1.5, upstream=upstream)
+        for name, g, g_ref in zip(["x"] + [n for n, _ in head.named_parameters()], [x.grad, *[p.grad for p in params_of(head)]],
+                                  grads_ref):
+            assert_close_to(g, g_ref, rtol=1e-5, atol=1e-8, what=f"{name} (upstream {upstream})")
+
+
+def test_second_backward_recomputes_and_refuses_changed_inputs():
+    """retain_graph=True: the first backward gave the stored gradients away, so a second one recomputes
+    them from the forward's inputs (gradients accumulate: twice the first, also with another upstream
+    and after the caller zeroed .grad in place); a weight changed in place in between is refused."""
+    head = HydraHead(6, 9, 3, impl="torch")
+    x, t = torch.randn(11, 6, requires_grad=True), teacher_logits(11, 3, 9)
+    loss = head.distill_loss(x, t, 1.5)
+    loss.backward(retain_graph=True)
+    first = [p.grad.clone() for p in params_of(head)]
+    first_x = x.grad.clone()
+    for p in params_of(head):
+        p.grad.zero_()  # what optimizer.zero_grad(set_to_none=False) does to the handed-over tensors
+    (loss * 0.5).backward(retain_graph=True)
+    for p, g in zip(params_of(head), first):
+        assert_close_to(p.grad, 0.5 * g, rtol=1e-6, atol=1e-9, what="second backward")
+    assert_close_to(x.grad, 1.5 * first_x, rtol=1e-6, atol=1e-9, what="input gradient, accumulated")
+    with torch.no_grad():
+        head.weight.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

@@ -796,3 +796,27 @@ def test_launch_counts_table(capsys):
     small = [ln for ln in rows if "| small-step |" in ln or "small-step grads" in ln]
     assert len(small) == 3 and all("| 2 |" in ln for ln in small)
     assert "| 2 | 1 (copy_) | 3 |" in small[0]
+
+
+@pytest.mark.parametrize("upstream", [1.0, 0.7, float("nan")])
+def test_scale_unless_one_kernel(monkeypatch, upstream):
+    """The GPU backward's chain rule for stored gradients (kernels/scale.py), under the interpreter: four
+    tensors of three dtypes (two launches of up to three), each longer than the programs' first blocks
+    (grid stride); an upstream of exactly 1 leaves every bit as it was, others scale in place (fp64 in
+    fp64), NaN makes NaN."""
+    monkeypatch.setattr(hk, "SCALE_PROGRAMS", 2)
+    monkeypatch.setattr(hk, "SCALE_BLOCK", 16)
+    tensors = [torch.randn(100), torch.randn(7, 9).to(torch.bfloat16), torch.randn(5, dtype=torch.float64),
+               torch.randn(3, 40)]
+    before = [x.clone() for x in tensors]
+    g = torch.tensor(upstream)
+    hk.launch_scale_unless_one(tensors, g)
+    for x, x0 in zip(tensors, before):
+        if upstream == 1.0:
+            assert torch.equal(x, x0)
+        elif upstream != upstream:
+            assert torch.isnan(x).all()
+        else:
+            expected = x0.double() * g.double()  # g as given (fp32), exactly
+            rtol = 1e-15 if x.dtype == torch.float64 else (1e-6 if x.dtype == torch.float32 else 8e-3)
+            assert_close_to(x, expected, rtol=rtol, atol=0.0, what=str(x.dtype))

@@ -60,6 +60,38 @@ def scale_grads(stored: list, grad_output: torch.Tensor) -> list:
     return [t * grad_output.to(t.dtype) for t in stored]
 
 
+# Programs of the in-place scaling kernel (a grid stride covers larger tensors) and their blocks.
+SCALE_PROGRAMS = 1024
+SCALE_BLOCK = 4096
+
+
+def scale_grads_(stored: list, grad_output: torch.Tensor) -> None:
+    """scale_grads in place, for gradients nothing else holds (no new weight-sized tensor): on a GPU one
+    launch (``launch_scale_unless_one``) that reads the upstream gradient on the device and touches
+    nothing when it is 1 (the usual ``loss.backward()``); on the CPU decided on the host, where reading
+    it costs no stall (no op at all when it is 1)."""
+    stored = [t for t in stored if t.numel() > 0]
+    if stored and grad_output.is_cuda and type(grad_output) is torch.Tensor and _common.triton_available() \
+            and all(t.is_contiguous() for t in stored):
+        launch_scale_unless_one(stored, grad_output)
+    elif stored and not _is_one(grad_output):
+        for t in stored:
+            t.mul_(grad_output.to(t.dtype))
+
+
+def launch_scale_unless_one(stored: list, grad_output: torch.Tensor) -> None:
+    """tensors *= g in place, unless the one-element tensor g is 1, decided on the device
+    (kernels/scale.py): up to three contiguous tensors per launch, no host read of g."""
+    from fasthydra.kernels.scale import _scale_unless_one_kernel
+
+    for i in range(0, len(stored), 3):
+        group = stored[i:i + 3]
+        ptrs = [(t, t.numel()) for t in group] + [(grad_output, 0)] * (3 - len(group))
+        programs = max(1, min(SCALE_PROGRAMS, max(cdiv(n, SCALE_BLOCK) for _, n in ptrs)))
+        _scale_unless_one_kernel[(programs,)](grad_output, *(v for pair in ptrs for v in pair), BLOCK=SCALE_BLOCK,
+                                              num_warps=4)
+
+
 # ----------------------------------------------------------------------------------------------
 # torch path
 # ----------------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ Every op returns the loss together with the gradients its forward already comput
 where none were asked for); the registered backward only scales them by the upstream gradient. The
 one exception: ``hydra_kl`` on the Triton path with a frozen dense teacher returns the rows'
 normalisers instead and forms the gradient in the backward (``hydra_kl_grad``), see ``_deferred``.
+Eager calls of the heads ops scale their stored gradients in place and hand them over without a copy
+(on a GPU nothing is touched when the upstream gradient is 1), see ``_eager_heads_backward``.
 """
 
 from __future__ import annotations
@@ -388,8 +390,65 @@ def _eager_entry(op, impl, setup=None, backward=None):
     return call
 
 
+def _eager_heads_setup(ctx, inputs, output):
+    """Eager form of _linear_setup: the stored gradients are held as plain attributes, so that the first
+    backward can hand them to autograd and scale them in place (nothing else holds them: autograd
+    takes them as the parameters' .grad without a copy, and no new weight-sized tensor is made). For a
+    second backward through a retained graph, which recomputes the gradients (_recompute_stored), the
+    inputs are kept with their versions (references, no copies: the input, weight and teacher that the
+    caller holds anyway, as nn.Linear and hydra_kl_loss keep theirs)."""
+    ctx.has_bias = inputs[2] is not None
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
+    ctx.stored = list(output[1:])
+    ctx.inputs = [(a, a._version) if isinstance(a, torch.Tensor) else a for a in inputs]
+
+
+def _recompute_stored(ctx, impl) -> list:
+    """The stored gradients again, for a second backward (retain_graph=True): the first one gave its
+    tensors away. Runs the forward once more on the same inputs, refused if one was changed in place."""
+    args = []
+    for a in ctx.inputs:
+        if isinstance(a, tuple):
+            t, version = a
+            if t._version != version:
+                raise RuntimeError("one of the variables needed for gradient computation has been modified by an "
+                                   "inplace operation: a second backward through fasthydra's fused heads "
+                                   "(retain_graph=True) recomputes their gradients from the forward's inputs")
+            args.append(t.detach())
+        else:
+            args.append(a)
+    with torch.no_grad():
+        return list(impl(*args)[1:])
+
+
+def _eager_heads_backward(n_inputs: int, impl):
+    """Eager form of _heads_backward: the stored gradients scaled in place by the upstream gradient (on a
+    GPU one launch that reads it on the device and does nothing when it is 1) and handed over."""
+
+    def backward(ctx, grad_loss, *_):
+        _no_double_backward()
+        out = [None] * n_inputs
+        if grad_loss is None:
+            return tuple(out)
+        stored, ctx.stored = ctx.stored, None
+        if stored is None:
+            stored = _recompute_stored(ctx, impl)
+        if not ctx.has_bias:
+            stored[2] = stored[2].new_empty(_EMPTY)
+        present = [i for i, g in enumerate(stored) if not _absent(g)]
+        _kl.scale_grads_([stored[i] for i in present], grad_loss)
+        for i in present:
+            out[i] = stored[i]
+        return tuple(out)
+
+    return backward
+
+
 hydra_kl_call = _eager_entry(hydra_kl, _hydra_kl_impl, _hydra_kl_setup, _hydra_kl_backward)
-linear_hydra_kl_call = _eager_entry(linear_hydra_kl, _linear_hydra_kl_impl, _linear_setup, _heads_backward(13))
+linear_hydra_kl_call = _eager_entry(linear_hydra_kl, _linear_hydra_kl_impl, _eager_heads_setup,
+                                    _eager_heads_backward(13, _linear_hydra_kl_impl))
 uncertainty_call = _eager_entry(uncertainty, _uncertainty_impl)
 grouped_linear_call = _eager_entry(grouped_linear, _grouped_linear_impl, _grouped_linear_setup, _grouped_linear_bwd)
-gaussian_heads_kl_call = _eager_entry(gaussian_heads_kl, _gaussian_heads_kl_impl, _linear_setup, _heads_backward(10))
+gaussian_heads_kl_call = _eager_entry(gaussian_heads_kl, _gaussian_heads_kl_impl, _eager_heads_setup,
+                                      _eager_heads_backward(10, _gaussian_heads_kl_impl))
