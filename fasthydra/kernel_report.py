@@ -151,7 +151,7 @@ def _kernel_specs():
                     {"z_ptr": f"*{ty}", "t_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "norm_ptr": "*fp32",
                      "grad_ptr": f"*{ty}", "part_ptr": "*fp32", "I": b, "C": c, "n_groups": cc["n_groups"],
                      "rows_per_prog": cc["rows_per_prog"], "stride_zo": so, "stride_zi": si, "stride_to": c,
-                     "stride_ti": m * c, "stride_bo": c, "stride_bi": 0, "stride_go": so, "stride_gi": si,
+                     "stride_ti": m * c, "stride_bo": c, "stride_go": so, "stride_gi": si,
                      "inv_temp": 0.5, "grad_scale": 0.1},
                     {"BLOCK_R": cc["BLOCK_R"], "BLOCK_C": cc["BLOCK_C"], "HAS_BIAS": bias},
                     {"num_warps": cc["num_warps"]}, tag)

@@ -339,26 +339,31 @@ def _hydra_kl_grad_kernel(
     r_in = rows % R_INNER
     mask = row_ok[:, None] & (cols < C)[None, :]
     up = tl.load(up_ptr + r_out * stride_uo + r_in * stride_ui, mask=row_ok, other=0.0).to(tl.float32)
-    z_rows = z_ptr + (r_out * stride_zo + r_in * stride_zi)[:, None]
-    g = _grad_from_norms(z_rows, t_ptr + (r_out * stride_to + r_in * stride_ti)[:, None], z_rows, norm_ptr + rows * 4,
-                         cols, mask, row_ok, inv_temp, grad_scale, False) * up[:, None]
+    x = tl.load(z_ptr + (r_out * stride_zo + r_in * stride_zi)[:, None] + cols[None, :], mask=mask,
+                other=float("-inf")).to(tl.float32)
+    y = tl.load(t_ptr + (r_out * stride_to + r_in * stride_ti)[:, None] + cols[None, :], mask=mask,
+                other=float("-inf")).to(tl.float32)
+    g = _grad_from_norms(x, y, norm_ptr + rows * 4, row_ok, inv_temp, grad_scale) * up[:, None]
     tl.store(grad_ptr + (r_out * stride_go + r_in * stride_gi)[:, None] + cols[None, :],
              g.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _grad_from_norms(z_rows, t_rows, b_rows, norm_rows, cols, mask, row_ok, inv_temp, grad_scale,
-                     HAS_BIAS: tl.constexpr):
-    """``grad_scale * (q - p)`` for one (rows, classes) tile from the row normalisers the forward wrote
-    (norm_rows: (ROWS,) pointers to m_s, log d_s, m_u, log d_u); z_rows, t_rows, b_rows: (ROWS, 1) row
-    pointers (b_rows read only with HAS_BIAS), cols: (BLOCK_C,) class offsets."""
+def _grad_from_norms(x, y, norm_rows, row_ok, inv_temp, grad_scale):
+    """``grad_scale * (q - p)`` for one (rows, classes) tile of raw student and teacher logits x, y (fp32,
+    -inf outside the row; the student's bias added) from the row normalisers the forward wrote
+    (norm_rows: (ROWS,) pointers to m_s, log d_s, m_u, log d_u of the tempered logits)."""
     m_s = tl.load(norm_rows, mask=row_ok, other=0.0)
-    log_d_s = tl.load(norm_rows + 1, mask=row_ok, other=0.0)
+    l_s = tl.load(norm_rows + 1, mask=row_ok, other=0.0) * 1.4426950408889634  # log2 d
     m_u = tl.load(norm_rows + 2, mask=row_ok, other=0.0)
-    log_d_u = tl.load(norm_rows + 3, mask=row_ok, other=0.0)
-    s = _student(z_rows, b_rows, cols, mask, HAS_BIAS) * inv_temp
-    u = tl.load(t_rows + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
-    return _kl_grad_tile(s, u, m_s, log_d_s, m_u, log_d_u, grad_scale)
+    l_u = tl.load(norm_rows + 3, mask=row_ok, other=0.0) * 1.4426950408889634
+    m_u = tl.where(m_u == float("-inf"), 0.0, m_u)  # a teacher row -inf everywhere (flagged): p = 0
+    # q = 2^((x/T - m_s) log2(e) - log2 d_s): x/T - m_s in one rounding (fused multiply-add, exact for the
+    # row's max), then one more FMA and one exp2 per element; a -inf logit (masked class, lanes outside
+    # the row) gives 0 without a select.
+    q = tl.exp2((x * inv_temp - m_s[:, None]) * 1.4426950408889634 - l_s[:, None])
+    p = tl.exp2((y * inv_temp - m_u[:, None]) * 1.4426950408889634 - l_u[:, None])
+    return grad_scale * q - grad_scale * p
 
 
 # The gradient and its column sums (the bias gradient) in one streaming pass, in the forward of the
@@ -374,7 +379,8 @@ def _grad_from_norms(z_rows, t_rows, b_rows, norm_rows, cols, mask, row_ok, inv_
 def _hydra_kl_grad_cols_kernel(
     z_ptr,  # student logits: row (o, i) at o * stride_zo + i * stride_zi, unit stride along C
     t_ptr,  # teacher logits, likewise
-    bias_ptr,  # added to z on every load (per-head inputs' bias), likewise; unused unless HAS_BIAS
+    bias_ptr,  # (O, C) added to every row of head o (per-head inputs' bias), head stride stride_bo, unit
+    #            along C; unused unless HAS_BIAS
     norm_ptr,  # (O * I, 4) fp32: m_s, log d_s, m_u, log d_u per row
     grad_ptr,  # out: dz in the student's dtype (may alias z_ptr)
     part_ptr,  # out: (O * n_groups, C) fp32 partial column sums of dz
@@ -387,7 +393,6 @@ def _hydra_kl_grad_cols_kernel(
     stride_to,
     stride_ti,
     stride_bo,
-    stride_bi,
     stride_go,
     stride_gi,
     inv_temp,
@@ -402,19 +407,25 @@ def _hydra_kl_grad_cols_kernel(
     i_hi = tl.minimum(I, i_lo + rows_per_prog)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
-    acc = tl.zeros((BLOCK_C,), tl.float32)
+    if HAS_BIAS:  # one bias row per head: loaded once
+        b = tl.load(bias_ptr + o * stride_bo + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    acc = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)  # summed over rows once, after the loop: no
+    #                                                  cross-thread reduction (shuffles, barriers) per tile
     for i0 in range(i_lo, i_hi, BLOCK_R):
         ri = i0 + tl.arange(0, BLOCK_R).to(tl.int64)
         row_ok = ri < i_hi
         mask = row_ok[:, None] & col_ok[None, :]
-        g = _grad_from_norms(z_ptr + (o * stride_zo + ri * stride_zi)[:, None],
-                             t_ptr + (o * stride_to + ri * stride_ti)[:, None],
-                             bias_ptr + (o * stride_bo + ri * stride_bi)[:, None], norm_ptr + (o * I + ri) * 4,
-                             cols, mask, row_ok, inv_temp, grad_scale, HAS_BIAS)
+        x = tl.load(z_ptr + (o * stride_zo + ri * stride_zi)[:, None] + cols[None, :], mask=mask,
+                    other=float("-inf")).to(tl.float32)
+        if HAS_BIAS:
+            x = x + b
+        y = tl.load(t_ptr + (o * stride_to + ri * stride_ti)[:, None] + cols[None, :], mask=mask,
+                    other=float("-inf")).to(tl.float32)
+        g = _grad_from_norms(x, y, norm_ptr + (o * I + ri) * 4, row_ok, inv_temp, grad_scale)
         tl.store(grad_ptr + (o * stride_go + ri * stride_gi)[:, None] + cols[None, :],
                  g.to(grad_ptr.dtype.element_ty), mask=mask)
-        acc += tl.sum(tl.where(mask, g, 0.0), axis=0)
-    tl.store(part_ptr + pid.to(tl.int64) * C + cols, acc, mask=col_ok)
+        acc += tl.where(mask, g, 0.0)
+    tl.store(part_ptr + pid.to(tl.int64) * C + cols, tl.sum(acc, axis=0), mask=col_ok)
 
 
 @triton.jit

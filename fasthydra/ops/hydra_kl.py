@@ -245,8 +245,8 @@ def launch_kl_grad(z3, t3, norms, upstream, grad3, temperature: float, grad_scal
 def launch_kl_grad_cols(z3, t3, norms, grad3, bias3, temperature: float, grad_scale: float) -> torch.Tensor:
     """dz = grad_scale * (q - p) over a head-major (O, I, C) view (grad3 may be z3: in place) from the row
     normalisers ``launch_kl_rows`` wrote for the same view, and its sums over I per head: returns the
-    (O, C) fp32 column sums (the bias gradient) without reading dz again. bias3, an (O, I, C) view
-    (broadcast strides welcome), is added to z3 on every load when given."""
+    (O, C) fp32 column sums (the bias gradient) without reading dz again. bias3, an (O, I, C) view of a
+    per-head bias broadcast over I (stride 0 there), is added to z3 when given."""
     from fasthydra.kernels.softmax_kl import _hydra_kl_grad_cols_kernel
 
     o, i, c = z3.shape
@@ -254,10 +254,12 @@ def launch_kl_grad_cols(z3, t3, norms, grad3, bias3, temperature: float, grad_sc
         return torch.zeros(o, c, dtype=torch.float32, device=z3.device)
     cfg = _common.kl_grad_cols_config(o, i, c)
     part = torch.empty(o, cfg["n_groups"], c, dtype=torch.float32, device=z3.device)
+    if bias3 is not None and (bias3.stride(1) != 0 or bias3.stride(2) != 1):
+        raise ValueError("launch_kl_grad_cols: bias3 must be one row per head broadcast over the rows")
     b3 = bias3 if bias3 is not None else z3
     _hydra_kl_grad_cols_kernel[(o * cfg["n_groups"], cfg["col_blocks"])](
         z3, t3, b3, norms, grad3, part, i, c, cfg["n_groups"], cfg["rows_per_prog"], z3.stride(0), z3.stride(1),
-        t3.stride(0), t3.stride(1), b3.stride(0), b3.stride(1), grad3.stride(0), grad3.stride(1),
+        t3.stride(0), t3.stride(1), b3.stride(0), grad3.stride(0), grad3.stride(1),
         1.0 / temperature, grad_scale, BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], HAS_BIAS=bias3 is not None,
         num_warps=cfg["num_warps"],
     )
