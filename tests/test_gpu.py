@@ -112,6 +112,35 @@ def test_heads_paths_tolerance_rule(monkeypatch, gemm, b, d, m, c, hidden):
     _check_heads_against_float64(b, d, m, c, hidden, torch.bfloat16)
 
 
+@pytest.mark.parametrize("gemm", HEADS_PATHS)
+@pytest.mark.parametrize("upstream", [1.0, 0.7])
+@pytest.mark.parametrize("b,d,m,c", [(37, 45, 5, 13), (64, 256, 2, 32000)])
+def test_backward_scales_stored_gradients_on_the_device(monkeypatch, gemm, upstream, b, d, m, c):
+    """loss.backward() into .grad: the stored gradients pass _scale_unless_one_kernel (untouched for an
+    upstream of 1, scaled in place for 0.7) and become the parameters' .grad; a second backward through
+    the retained graph recomputes them (gradients accumulate to twice the first). bf16 against float64."""
+    use_heads_path(monkeypatch, gemm)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    head = HydraHead(d, c, m, impl="triton", device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(b, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    t = teacher_logits(b, m, c, device="cuda", dtype=torch.bfloat16)
+    loss = head.distill_loss(x, t, temperature=2.0) * upstream
+    loss.backward(retain_graph=True)
+    got = [x.grad.clone()] + [p.grad.clone() for p in params_of(head)]
+    eager = _eager(head, x, t, 2.0) * upstream
+    grads_eager = torch.autograd.grad(eager, [x, *params_of(head)])
+    head64 = HydraHead(d, c, m, impl="torch", device="cuda", dtype=torch.float64)
+    head64.load_state_dict({k: v.double() for k, v in head.state_dict().items()})
+    x64 = x.detach().double().requires_grad_()
+    grads_exact = torch.autograd.grad(_eager(head64, x64, t.double(), 2.0) * upstream, [x64, *params_of(head64)])
+    for name, g, ge, gx in zip(["x"] + [n for n, _ in head.named_parameters()], got, grads_eager, grads_exact):
+        tolerance_rule(g, ge, gx, 1e-3 * gx.abs().max().item(), what=name)
+    loss.backward()
+    for name, g, p in zip(["x"] + [n for n, _ in head.named_parameters()], got, [x, *params_of(head)]):
+        err = (p.grad.double() - 2 * g.double()).abs().max().item()  # bf16 sums of two equal gradients
+        assert err <= 2e-2 * g.double().abs().max().item(), f"{name} after a second backward: error {err:.3e}"
+
+
 def _training_step_parts(hidden, impl, dtype=torch.float32):
     from fasthydra import GaussianHydraHead
 
