@@ -82,6 +82,10 @@ KNOBS = {
     "fasthydra/bias-one-pass": {"set": [("fasthydra.ops._common", "SPLIT_BIAS_PASS", False)],
                                 "cases": [("linear_fwdbwd", "gpu-large"), ("mlp_fwdbwd", "gpu-large"),
                                           ("linear_fwdbwd", "large-C")]},
+    # dx over head groups at gpu-large: fp32-output GEMMs reading the accumulator (the default) against a
+    # 16-bit product and an fp32 add per group
+    "fasthydra/dx-add": {"set": [("fasthydra.ops._common", "FP32_OUT_GEMM", False)],
+                         "cases": [("linear_fwdbwd", "gpu-large")]},
     # uncertainty's long-row tiles (4 warps): 8192 elements is the default
     **{f"fasthydra/unc-tile-{w}": {"set": [("fasthydra.ops._common", "UNCERTAINTY_LONG_TILE", w)],
                                    "cases": [("uncertainty", "gpu-large")]} for w in (4096, 16384)},
@@ -457,7 +461,10 @@ def main(argv=None) -> int:
               "torch": torch.__version__, "triton": __import__("triton").__version__, "tests": tests,
               "rows": rows, "floors": {f"{op} {shape}": v for (op, shape), v in floors.items()}, "latency": lat_rows,
               "copy_bytes_per_s": copy_bps, "topk": topk,
-              "profiles": profiles, "host_profiles": host, "left_out": left_out}
+              "profiles": profiles, "host_profiles": host, "left_out": left_out,
+              # False when this torch refused addmm's fp32 output with an fp32 addend (dx then adds per group)
+              "fp32_out_gemm": __import__("fasthydra.ops._common", fromlist=["_"]).FP32_OUT_GEMM}
+    print(f"fp32-output GEMMs for dx over head groups: {record['fp32_out_gemm']}", flush=True)
     _write(args.out, record, start)  # the measurements are safe before any analysis runs
     try:
         targets = _analyse(record, rows, lat_rows, floors, by_key, copy_bps, device)

@@ -141,6 +141,18 @@ def test_backward_scales_stored_gradients_on_the_device(monkeypatch, gemm, upstr
         assert err <= 2e-2 * g.double().abs().max().item(), f"{name} after a second backward: error {err:.3e}"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_head_groups_accumulate_dx_in_fp32(monkeypatch, dtype):
+    """The cuBLAS path with heads in groups (a small group budget): dx summed over groups in fp32, through
+    addmm's fp32 output for 16-bit inputs where this torch has it, held to the tolerance rule."""
+    import fasthydra.ops.linear_hydra_kl as lk
+
+    use_heads_path(monkeypatch, "cublas")
+    monkeypatch.setattr(lk, "CUBLAS_GROUP_ELEMENTS", 96 * 1000)  # one head per group
+    torch.backends.cuda.matmul.allow_tf32 = False
+    _check_heads_against_float64(96, 64, 4, 1000, None, dtype)
+
+
 def _training_step_parts(hidden, impl, dtype=torch.float32):
     from fasthydra import GaussianHydraHead
 

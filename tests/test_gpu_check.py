@@ -120,7 +120,7 @@ def test_variants_set_their_settings_and_restore_them(monkeypatch):
     # small shapes compare all three heads paths; large ones the two GEMM backends
     assert gpu_check.variants_for("linear_fwdbwd", "gpu-small") == ["fasthydra/cublas"]
     assert gpu_check.variants_for("linear_fwdbwd", "gpu-large") == ["fasthydra/groups-512MiB",
-                                                                     "fasthydra/bias-one-pass"]
+                                                                     "fasthydra/bias-one-pass", "fasthydra/dx-add"]
     with gpu_check.with_variant("fasthydra/bias-one-pass"):
         assert _common.SPLIT_BIAS_PASS is False
     assert _common.SPLIT_BIAS_PASS is True

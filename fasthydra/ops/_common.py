@@ -143,6 +143,10 @@ def kl_grad_config(n_cols: int) -> dict:
 # (0.62 ms of a 24.5 ms step at gpu-large on an H200). False: the one-kernel loss pass and a column
 # sum of dz (bench/gpu_check.py measures both).
 SPLIT_BIAS_PASS = True
+# Linear heads in several head groups (cuBLAS path, 16-bit, CUDA): dx accumulates in fp32 through
+# addmm(acc, dz, W, out_dtype=float32), one GEMM per group, instead of a 16-bit product and an fp32
+# add (run 2's profile: 0.25 ms at gpu-large). Turned off at the first call where torch refuses it.
+FP32_OUT_GEMM = True
 # Programs the gradient + column-sum pass (kl_grad_cols_config) aims for: a few per SM on a large GPU,
 # while each still walks enough rows that its partial column sums stay small beside dz.
 GRAD_COLS_PROGRAMS = 2048

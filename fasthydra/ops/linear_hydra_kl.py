@@ -408,7 +408,9 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
                     else:
                         acc.view(gh * c, k).add_(torch.mm(gz.T, xc))
                 if need_in:
-                    if grad_in32 is not None:
+                    if grad_in32 is not None and n_chunks == 1:
+                        grad_in32 = _add_product_fp32(grad_in32, gz, w2)
+                    elif grad_in32 is not None:
                         grad_in32[r0:r1].add_(torch.mm(gz, w2))
                     else:
                         torch.mm(gz, w2, out=grad_in[r0:r1])
@@ -431,6 +433,19 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
         grad_in = grad_in32.to(dt)
     return (reduce_rows(loss, reduction, loss.dtype), grad_in, grad_w,
             None if grad_b is None else grad_b.to(bias.dtype), grad_t)
+
+
+def _add_product_fp32(acc, a, b):
+    """acc + a @ b for an fp32 accumulator (dx summed over head groups). 16-bit a, b on CUDA: one cuBLAS
+    GEMM with an fp32 output that reads acc as its addend (addmm's out_dtype; FP32_OUT_GEMM), so each
+    group's product is neither rounded to 16 bits nor written and read again by a separate add; where
+    this torch lacks that form (an fp32 addend came later than out_dtype), the product, then an add."""
+    if _common.FP32_OUT_GEMM and acc.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
+        try:
+            return torch.addmm(acc, a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):  # raised on the host, before anything runs
+            _common.FP32_OUT_GEMM = False
+    return acc.add_(torch.mm(a, b))
 
 
 def _add_bias_grad(out, db, gz, dim: int, first: bool) -> None:
