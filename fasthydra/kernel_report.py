@@ -133,9 +133,10 @@ def _kernel_specs():
                      "ROW_IN_REGISTERS": kl["ROW_IN_REGISTERS"], "HAS_BIAS": bias,
                      "VEC": min(kl["BLOCK_C"], 4 if ty == "fp32" else 8), "WRITE_NORMS": norms},
                     {"num_warps": kl["num_warps"]}, tag)
-            gk = cfgs.kl_grad_config(c)
+            gk = cfgs.kl_grad_config(b * m, c)
             add(_hydra_kl_grad_kernel, {"z_ptr": f"*{ty}", "t_ptr": f"*{ty}", "norm_ptr": "*fp32", "up_ptr": "*fp32",
-                                        "grad_ptr": f"*{ty}", "R": b * m, "R_INNER": m, "C": c, "stride_zo": m * c,
+                                        "grad_ptr": f"*{ty}", "R": b * m, "R_INNER": m, "C": c,
+                                        "cols_per_prog": gk["cols_per_prog"], "stride_zo": m * c,
                                         "stride_zi": c, "stride_to": m * c, "stride_ti": c, "stride_uo": 0,
                                         "stride_ui": 0, "stride_go": m * c, "stride_gi": c, "inv_temp": 0.5,
                                         "grad_scale": 0.1},

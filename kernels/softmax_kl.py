@@ -308,7 +308,8 @@ def _hydra_kl_fwd_kernel(
 # gradient is formed once, already multiplied by the upstream gradient, which is read here on the
 # device (a scalar: strides 0; reduction "none": one value per row):
 #     dz[r, c] = grad_scale * g[r] * (q - p),  q = exp(s - m_s - log d_s),  p = exp(u - m_u - log d_u)
-# One program per (BLOCK_R rows, BLOCK_C classes) tile: a streaming pass, no reduction.
+# A streaming pass, no reduction: one program per BLOCK_R rows and block of cols_per_prog classes, which
+# it walks in BLOCK_C tiles (the rows' normalisers and upstream gradient loaded once).
 @triton.jit
 def _hydra_kl_grad_kernel(
     z_ptr,  # student logits: row (o, i) at o * stride_zo + i * stride_zi, unit stride along C
@@ -319,6 +320,7 @@ def _hydra_kl_grad_kernel(
     R,
     R_INNER,
     C,
+    cols_per_prog,  # classes of one program (grid axis 1 walks their blocks): a multiple of BLOCK_C
     stride_zo,
     stride_zi,
     stride_to,
@@ -333,31 +335,44 @@ def _hydra_kl_grad_kernel(
     BLOCK_C: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     row_ok = rows < R
     r_out = rows // R_INNER
     r_in = rows % R_INNER
-    mask = row_ok[:, None] & (cols < C)[None, :]
+    c_lo = tl.program_id(1) * cols_per_prog
+    c_hi = tl.minimum(C, c_lo + cols_per_prog)
+    # per row, once: the normalisers and grad_scale times the upstream gradient
+    m_s, l_s, m_u, l_u = _load_norms(norm_ptr + rows * 4, row_ok)
     up = tl.load(up_ptr + r_out * stride_uo + r_in * stride_ui, mask=row_ok, other=0.0).to(tl.float32)
-    x = tl.load(z_ptr + (r_out * stride_zo + r_in * stride_zi)[:, None] + cols[None, :], mask=mask,
-                other=float("-inf")).to(tl.float32)
-    y = tl.load(t_ptr + (r_out * stride_to + r_in * stride_ti)[:, None] + cols[None, :], mask=mask,
-                other=float("-inf")).to(tl.float32)
-    g = _grad_from_norms(x, y, norm_ptr + rows * 4, row_ok, inv_temp, grad_scale) * up[:, None]
-    tl.store(grad_ptr + (r_out * stride_go + r_in * stride_gi)[:, None] + cols[None, :],
-             g.to(grad_ptr.dtype.element_ty), mask=mask)
+    scale = (grad_scale * up)[:, None]
+    z_rows = z_ptr + (r_out * stride_zo + r_in * stride_zi)[:, None]
+    t_rows = t_ptr + (r_out * stride_to + r_in * stride_ti)[:, None]
+    g_rows = grad_ptr + (r_out * stride_go + r_in * stride_gi)[:, None]
+    for c0 in range(c_lo, c_hi, BLOCK_C):
+        cols = (c0 + tl.arange(0, BLOCK_C))[None, :]
+        mask = row_ok[:, None] & (cols < c_hi)
+        x = tl.load(z_rows + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        y = tl.load(t_rows + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        g = _grad_from_norms(x, y, m_s, l_s, m_u, l_u, inv_temp, scale)
+        tl.store(g_rows + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _grad_from_norms(x, y, norm_rows, row_ok, inv_temp, grad_scale):
-    """``grad_scale * (q - p)`` for one (rows, classes) tile of raw student and teacher logits x, y (fp32,
-    -inf outside the row; the student's bias added) from the row normalisers the forward wrote
-    (norm_rows: (ROWS,) pointers to m_s, log d_s, m_u, log d_u of the tempered logits)."""
+def _load_norms(norm_rows, row_ok):
+    """A row's normalisers from the forward (norm_rows: (ROWS,) pointers to m_s, log d_s, m_u, log d_u of
+    the tempered logits), as _grad_from_norms takes them: the sums' logs in base 2, and a teacher row
+    that is -inf everywhere (flagged by the forward) measured from 0, so that its p is 0."""
     m_s = tl.load(norm_rows, mask=row_ok, other=0.0)
-    l_s = tl.load(norm_rows + 1, mask=row_ok, other=0.0) * 1.4426950408889634  # log2 d
+    l_s = tl.load(norm_rows + 1, mask=row_ok, other=0.0) * 1.4426950408889634
     m_u = tl.load(norm_rows + 2, mask=row_ok, other=0.0)
     l_u = tl.load(norm_rows + 3, mask=row_ok, other=0.0) * 1.4426950408889634
-    m_u = tl.where(m_u == float("-inf"), 0.0, m_u)  # a teacher row -inf everywhere (flagged): p = 0
+    return m_s, l_s, tl.where(m_u == float("-inf"), 0.0, m_u), l_u
+
+
+@triton.jit
+def _grad_from_norms(x, y, m_s, l_s, m_u, l_u, inv_temp, grad_scale):
+    """``grad_scale * (q - p)`` for one (rows, classes) tile of raw student and teacher logits x, y (fp32,
+    -inf outside the row; the student's bias added), from _load_norms's (ROWS,) normalisers; grad_scale
+    a scalar or a (ROWS, 1) column."""
     # q = 2^((x/T - m_s) log2(e) - log2 d_s): x/T - m_s in one rounding (fused multiply-add, exact for the
     # row's max), then one more FMA and one exp2 per element; a -inf logit (masked class, lanes outside
     # the row) gives 0 without a select.
@@ -421,7 +436,8 @@ def _hydra_kl_grad_cols_kernel(
             x = x + b
         y = tl.load(t_ptr + (o * stride_to + ri * stride_ti)[:, None] + cols[None, :], mask=mask,
                     other=float("-inf")).to(tl.float32)
-        g = _grad_from_norms(x, y, norm_ptr + (o * I + ri) * 4, row_ok, inv_temp, grad_scale)
+        m_s, l_s, m_u, l_u = _load_norms(norm_ptr + (o * I + ri) * 4, row_ok)
+        g = _grad_from_norms(x, y, m_s, l_s, m_u, l_u, inv_temp, grad_scale)
         tl.store(grad_ptr + (o * stride_go + ri * stride_gi)[:, None] + cols[None, :],
                  g.to(grad_ptr.dtype.element_ty), mask=mask)
         acc += tl.where(mask, g, 0.0)

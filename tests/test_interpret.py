@@ -192,6 +192,25 @@ def test_loss_on_logits_forms_its_gradient_in_the_backward(monkeypatch, tiles):
         loss.backward()
 
 
+@pytest.mark.parametrize("programs,blocks", [(1, 1), (2, 2)])
+def test_backward_gradient_walks_class_blocks(monkeypatch, programs, blocks):
+    """The backward's gradient kernel with 16-wide tiles at C = 40: one program per row walking all three
+    tiles, or each row in two class blocks (two tiles, then one ending mid-tile); a per-row upstream
+    gradient; against float64."""
+    monkeypatch.setattr(_common, "MAX_BLOCK_C", 16)
+    monkeypatch.setattr(_common, "ROW_TILE_MAX", 16)
+    monkeypatch.setattr(_common, "STREAM_PROGRAMS", programs)
+    b, m, c = 5, 3, 40
+    assert _common.kl_grad_config(b * m, c)["col_blocks"] == blocks
+    z = (torch.randn(b, m, c) * 3).requires_grad_()
+    t = teacher_logits(b, m, c)
+    up = torch.rand(b, m)
+    (g,) = torch.autograd.grad(hydra_kl_loss(z, t, 1.7, reduction="none", impl="triton"), z, up)
+    z64 = z.detach().double().requires_grad_()
+    (g_ref,) = torch.autograd.grad(R.hydra_kl_loss_ref(z64, t.double(), 1.7, reduction="none"), z64, up.double())
+    assert_close_to(g, g_ref, rtol=2e-6, atol=1e-9, what="gradient")
+
+
 def test_hydra_kl_kernel_matches_torch_path_and_empty_batch():
     z = torch.randn(7, 3, 21, requires_grad=True)
     t = torch.randn(7, 3, 21)
@@ -589,7 +608,7 @@ def test_grad_cols_kernel_sums_columns_per_head(monkeypatch, dtype, programs, gr
     row groups of one tile, two groups (two tiles, then a short one), or one group walking all three;
     a class masked in every teacher row (p = 0 there, q not); against float64."""
     monkeypatch.setattr(_common, "GRAD_COLS_BLOCK_C", 16)
-    monkeypatch.setattr(_common, "GRAD_COLS_PROGRAMS", programs)
+    monkeypatch.setattr(_common, "STREAM_PROGRAMS", programs)
     m, b, c = 3, 300, 37
     z = (torch.randn(m, b, c) * 3).to(dtype)
     t = teacher_logits(m, b, c, dtype=dtype)  # (heads, rows, C): the op's head-major view

@@ -130,11 +130,23 @@ def kl_rows_config(n_cols: int, elem_size: int = 4, extra_row: bool = False) -> 
     return dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps, ROW_IN_REGISTERS=block_c >= n_cols)
 
 
-def kl_grad_config(n_cols: int) -> dict:
-    """The backward's streaming gradient kernel: one (rows, classes) tile per program, ~1k to 2k lanes."""
+# Programs the streaming gradient passes aim for (kl_grad_config, kl_grad_cols_config): a few per SM on
+# a large GPU, each walking several tiles (its row's normalisers loaded once; the column-sum pass's
+# partial sums stay small beside dz).
+STREAM_PROGRAMS = 2048
+
+
+def kl_grad_config(n_rows: int, n_cols: int) -> dict:
+    """The backward's streaming gradient kernel: (rows, classes) tiles of ~1k to 2k lanes; each program
+    walks cols_per_prog classes of its rows (the whole row when there are rows enough for about
+    STREAM_PROGRAMS programs, else the row in col_blocks blocks)."""
     block_c = max(16, min(next_pow2(n_cols), MAX_BLOCK_C))
     block_r = max(1, min(16, 1024 // block_c))
-    return dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4 if block_r * block_c <= 1024 else 8)
+    tiles = cdiv(max(n_cols, 1), block_c)
+    blocks = max(1, min(tiles, cdiv(STREAM_PROGRAMS, cdiv(max(n_rows, 1), block_r))))
+    cols_per_prog = cdiv(tiles, blocks) * block_c
+    return dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4 if block_r * block_c <= 1024 else 8,
+                cols_per_prog=cols_per_prog, col_blocks=cdiv(max(n_cols, 1), cols_per_prog))
 
 
 # Heads with a bias on the cuBLAS path, rows too long for registers: the loss kernel writes the loss and
@@ -147,9 +159,6 @@ SPLIT_BIAS_PASS = True
 # addmm(acc, dz, W, out_dtype=float32), one GEMM per group, instead of a 16-bit product and an fp32
 # add (run 2's profile: 0.25 ms at gpu-large). Turned off at the first call where torch refuses it.
 FP32_OUT_GEMM = True
-# Programs the gradient + column-sum pass (kl_grad_cols_config) aims for: a few per SM on a large GPU,
-# while each still walks enough rows that its partial column sums stay small beside dz.
-GRAD_COLS_PROGRAMS = 2048
 # Its class blocks: 512 classes (1 KiB of a 16-bit row per tile row, coalesced).
 GRAD_COLS_BLOCK_C = 512
 
@@ -159,11 +168,11 @@ def kl_grad_cols_config(n_out: int, n_in: int, n_cols: int) -> dict:
     elements in 8 warps (8 per thread: in 4 warps an odd C, whose loads do not vectorise, spilled with a
     bias on sm_80/sm_90), GRAD_COLS_BLOCK_C classes wide at most; each program walks
     rows_per_prog rows of one head for one class block, with n_groups programs per head and class
-    block, so that about GRAD_COLS_PROGRAMS programs run (never more row groups than row tiles)."""
+    block, so that about STREAM_PROGRAMS programs run (never more row groups than row tiles)."""
     block_c = max(16, min(next_pow2(n_cols), GRAD_COLS_BLOCK_C))
     block_r = 2048 // block_c
     col_blocks = cdiv(max(n_cols, 1), block_c)
-    groups = max(1, min(cdiv(max(n_in, 1), block_r), cdiv(GRAD_COLS_PROGRAMS, max(n_out, 1) * col_blocks)))
+    groups = max(1, min(cdiv(max(n_in, 1), block_r), cdiv(STREAM_PROGRAMS, max(n_out, 1) * col_blocks)))
     rows_per_prog = cdiv(cdiv(max(n_in, 1), groups), block_r) * block_r
     return dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8, n_groups=cdiv(max(n_in, 1), rows_per_prog),
                 rows_per_prog=rows_per_prog, col_blocks=col_blocks)

@@ -233,9 +233,9 @@ def launch_kl_grad(z3, t3, norms, upstream, grad3, temperature: float, grad_scal
     if r == 0 or c == 0:
         return
     up = upstream.reshape(1, 1) if upstream.dim() == 0 else upstream
-    cfg = _common.kl_grad_config(c)
-    _hydra_kl_grad_kernel[(cdiv(r, cfg["BLOCK_R"]), cdiv(c, cfg["BLOCK_C"]))](
-        z3, t3, norms, up, grad3, r, i, c, z3.stride(0), z3.stride(1), t3.stride(0), t3.stride(1),
+    cfg = _common.kl_grad_config(r, c)
+    _hydra_kl_grad_kernel[(cdiv(r, cfg["BLOCK_R"]), cfg["col_blocks"])](
+        z3, t3, norms, up, grad3, r, i, c, cfg["cols_per_prog"], z3.stride(0), z3.stride(1), t3.stride(0), t3.stride(1),
         0 if upstream.dim() == 0 else up.stride(0), 0 if upstream.dim() == 0 else up.stride(1),
         grad3.stride(0), grad3.stride(1), 1.0 / temperature, grad_scale,
         BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
