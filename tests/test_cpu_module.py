@@ -292,3 +292,37 @@ def test_second_backward_recomputes_and_refuses_changed_inputs():
         head.weight.add_(1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+def test_the_op_does_not_keep_a_temporary_teacher_alive():
+    """The teacher is held weakly for the retained-graph recompute: a temporary teacher (computed inline)
+    is freed after the forward, as before; a second backward then says so; a teacher changed in place
+    is refused; a teacher the caller keeps, of which the op sees a strided view, recomputes exactly."""
+    import gc
+    import weakref
+
+    head = HydraHead(6, 9, 3, impl="torch")
+    x, t = torch.randn(11, 6), teacher_logits(11, 3, 9)
+    tmp = t * 1.0
+    alive = weakref.ref(tmp)
+    loss = head.distill_loss(x, tmp, 1.5)
+    del tmp
+    gc.collect()
+    assert alive() is None
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="no longer exists"):
+        loss.backward()
+    t_kept = t.clone()
+    loss = head.distill_loss(x, t_kept, 1.5)
+    with torch.no_grad():
+        t_kept[0, 0, 0] += 1.0
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    head.zero_grad(set_to_none=True)
+    big = teacher_logits(22, 3, 9)
+    loss = head.distill_loss(x, big[1::2], 1.5)  # a strided view with an offset reaches the op
+    loss.backward(retain_graph=True)
+    first = head.weight.grad.clone()
+    loss.backward()
+    assert_close_to(head.weight.grad, 2 * first, rtol=1e-6, atol=1e-12, what="recomputed through views")

@@ -16,6 +16,8 @@ Eager calls of the heads ops scale their stored gradients in place and hand them
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch.library import custom_op, register_autograd, register_fake
 
@@ -395,29 +397,52 @@ def _eager_heads_setup(ctx, inputs, output):
     backward can hand them to autograd and scale them in place (nothing else holds them: autograd
     takes them as the parameters' .grad without a copy, and no new weight-sized tensor is made). For a
     second backward through a retained graph, which recomputes the gradients (_recompute_stored), the
-    inputs are kept with their versions (references, no copies: the input, weight and teacher that the
-    caller holds anyway, as nn.Linear and hydra_kl_loss keep theirs)."""
+    inputs are kept with their versions: the input, weight and bias by reference (as nn.Linear keeps
+    them), the teacher tensors weakly (often a temporary as large as the logits, which would otherwise
+    live until the backward), through the tensor a view of them was taken from."""
     ctx.has_bias = inputs[2] is not None
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)
     ctx.stored = list(output[1:])
-    ctx.inputs = [(a, a._version) if isinstance(a, torch.Tensor) else a for a in inputs]
+    ctx.inputs = [_Kept(a, weak=i >= 3) if isinstance(a, torch.Tensor) else a for i, a in enumerate(inputs)]
+
+
+class _Kept:
+    """An op input kept for a recomputation: the tensor itself, or a weak reference to the tensor it views
+    and the view's geometry; with the version it had."""
+
+    __slots__ = ("ref", "weak", "geometry", "version")
+
+    def __init__(self, t: torch.Tensor, weak: bool):
+        self.version = t._version
+        self.weak = weak
+        if weak:
+            root = t if t._base is None else t._base
+            self.ref = weakref.ref(root)
+            self.geometry = None if root is t else (t.shape, t.stride(), t.storage_offset())
+        else:
+            self.ref, self.geometry = t, None
+
+    def get(self) -> torch.Tensor:
+        t = self.ref() if self.weak else self.ref
+        if t is None:
+            raise RuntimeError("a second backward through fasthydra's fused heads (retain_graph=True) recomputes "
+                               "their gradients from the forward's inputs, but the teacher tensor no longer exists: "
+                               "keep a reference to it until the last backward")
+        if t._version != self.version:
+            raise RuntimeError("one of the variables needed for gradient computation has been modified by an "
+                               "inplace operation: a second backward through fasthydra's fused heads "
+                               "(retain_graph=True) recomputes their gradients from the forward's inputs")
+        if self.geometry is not None:
+            t = t.as_strided(*self.geometry)
+        return t.detach()
 
 
 def _recompute_stored(ctx, impl) -> list:
     """The stored gradients again, for a second backward (retain_graph=True): the first one gave its
-    tensors away. Runs the forward once more on the same inputs, refused if one was changed in place."""
-    args = []
-    for a in ctx.inputs:
-        if isinstance(a, tuple):
-            t, version = a
-            if t._version != version:
-                raise RuntimeError("one of the variables needed for gradient computation has been modified by an "
-                                   "inplace operation: a second backward through fasthydra's fused heads "
-                                   "(retain_graph=True) recomputes their gradients from the forward's inputs")
-            args.append(t.detach())
-        else:
-            args.append(a)
+    tensors away. Runs the forward once more on the same inputs, refused if one was changed in place
+    or (a teacher) freed."""
+    args = [a.get() if isinstance(a, _Kept) else a for a in ctx.inputs]
     with torch.no_grad():
         return list(impl(*args)[1:])
 
