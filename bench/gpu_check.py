@@ -90,6 +90,10 @@ KNOBS = {
     **{f"fasthydra/unc-tile-{w}": {"set": [("fasthydra.ops._common", "UNCERTAINTY_LONG_TILE", w)],
                                    "cases": [("uncertainty", "gpu-large")]} for w in (4096, 16384)},
 }
+# Mid-size cases whose eager steps run host-bound on the device machine's CPU: their GPU time alone
+# (CUDA-graph replay) beside the wall time, fasthydra only, to tell the GPU work from the host's.
+GRAPH_CASES = [("linear_fwdbwd", "mid"), ("linear_fwdbwd", "large-C"), ("linear_fwdbwd", "large-C-tf32"),
+               ("mlp_fwdbwd", "mid")]
 # profiled once (kernels by device time per step) before the cases run
 PROFILE_CASES = [("linear_fwdbwd", "gpu-large"), ("mlp_fwdbwd", "gpu-large"), ("kl_fwdbwd", "gpu-large"),
                  ("linear_fwdbwd", "gpu-small"), ("linear_fwdbwd", "small-C")]
@@ -120,8 +124,10 @@ def copy_bandwidth() -> float:
 
 
 def latency(case: C.Case, provider: str, steps: int = 100) -> dict:
-    """GPU and host time per step at a small shape: CUDA events around `steps` steps issued without any
-    synchronisation, and the wall time of issuing them (the host cost the GPU waits on if larger)."""
+    """GPU and host time per step (small shapes, and the host-bound GRAPH_CASES): CUDA events around
+    `steps` steps issued without any synchronisation, the wall time of issuing them (the host cost the
+    GPU waits on if larger), and CUDA-graph replay (the GPU work alone)."""
+    C.case_settings(case)  # TF32 for the "-tf32" cases, as their timed rows run
     inputs = C.make_inputs(case)
     head = inputs.head
     params = list(head.parameters())
@@ -395,8 +401,12 @@ def main(argv=None) -> int:
     by_key = {(c.op, c.name): c for c in all_cases}
 
     lat_rows = []
-    for op, shape in dict.fromkeys((op, shape) for op, shape, _, _ in LATENCY_TARGETS):
-        for provider in ("fasthydra", "eager", *VARIANTS, *(k for k, v in KNOBS.items() if v["cases"] == "latency")):
+    latency_sets = [(op, shape, ("fasthydra", "eager", *VARIANTS,
+                                 *(k for k, v in KNOBS.items() if v["cases"] == "latency")))
+                    for op, shape in dict.fromkeys((op, shape) for op, shape, _, _ in LATENCY_TARGETS)]
+    latency_sets += [(op, shape, ("fasthydra",)) for op, shape in GRAPH_CASES if (op, shape) in by_key]
+    for op, shape, providers in latency_sets:
+        for provider in providers:
             try:
                 with with_variant(provider):
                     row = latency(by_key[(op, shape)], "eager" if provider == "eager" else "fasthydra")

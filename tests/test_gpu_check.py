@@ -186,7 +186,8 @@ def test_main_runs_end_to_end_with_the_device_parts_stubbed(tmp_path, monkeypatc
                  C.Case("linear_fwdbwd", "small-C", 64, 32, 3, 10, torch.float32, "cuda"),
                  C.Case("mlp_fwdbwd", "gpu-small", 64, 32, 3, 10, torch.float32, "cuda"),
                  C.Case("linear_fwd", "small-C", 64, 32, 3, 10, torch.float32, "cuda"),
-                 C.Case("kl_fwdbwd", "gpu-large", 64, 32, 3, 10, torch.bfloat16, "cuda")]
+                 C.Case("kl_fwdbwd", "gpu-large", 64, 32, 3, 10, torch.bfloat16, "cuda"),
+                 C.Case("linear_fwdbwd", "mid", 64, 32, 3, 10, torch.float32, "cuda")]
     monkeypatch.setattr(C, "cases", lambda device: cpu_cases)
     monkeypatch.setattr(C, "provider_available", lambda p, d: None if p in ("eager", "fasthydra") else "absent")
 
@@ -210,6 +211,8 @@ def test_main_runs_end_to_end_with_the_device_parts_stubbed(tmp_path, monkeypatc
     assert ("gpu-small", "fasthydra/cublas") in providers and ("small-C", "fasthydra/cublas") in providers
     cublas = next(v for v in record["variants"] if v["provider"] == "fasthydra/cublas")
     assert cublas["time_vs_default"] == pytest.approx(1.5)
+    # a host-bound mid-size case gets its CUDA-graph row, for fasthydra alone
+    assert {r["provider"] for r in record["latency"] if r["shape"] == "mid"} == {"fasthydra"}
     assert record["profiles"]["linear_fwdbwd gpu-small"][0]["kernel"] == "k"
     assert record["host_profiles"]["linear_fwdbwd gpu-small"][0]["function"] == "f"
     verdicts = {label: verdict for label, verdict, _ in record["targets"]}
