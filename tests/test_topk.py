@@ -215,3 +215,29 @@ def test_malformed_topk_containers_get_type_errors():
         hydra_kl_loss(torch.randn(4, 3, 10), TopKTeacher(torch.randn(4, 3, 2), [[0]]))
     with pytest.raises(ValueError, match=r"\(B, M\)"):
         hydra_kl_loss(torch.randn(4, 3, 10), TopKTeacher(torch.randn(4, 2, 2), idx[:, :2]))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_stored_gradients_handed_over_and_recomputed_for_a_retained_graph(impl, monkeypatch):
+    """hydra_kl_loss with a top-k teacher forms its gradients in the forward: the backward scales them in
+    place and returns those tensors (no copy); a second backward through the retained graph recomputes
+    them, equal to the first (up to rounding) for the same upstream gradient."""
+    import fasthydra.ops.hydra_kl as hk
+
+    handed = []
+    real = hk.scale_grads_
+    monkeypatch.setattr(hk, "scale_grads_", lambda stored, g: handed.extend(x.data_ptr() for x in stored)
+                        or real(stored, g))
+    g = torch.Generator().manual_seed(3)
+    z = (torch.randn(7, 3, 30, generator=g) * 3).requires_grad_()
+    teacher = topk_of(torch.randn(7, 3, 30, generator=g) * 3, 5)
+    teacher = TopKTeacher(teacher.values.requires_grad_(), teacher.indices)
+    loss = hydra_kl_loss(z, teacher, 2.0, impl=impl)
+    gz, gv = torch.autograd.grad(loss * 0.7, [z, teacher.values], retain_graph=True)
+    assert {gz.data_ptr(), gv.data_ptr()} <= set(handed)
+    gz2, gv2 = torch.autograd.grad(loss * 0.7, [z, teacher.values])
+    assert_close_to(gz2, gz, rtol=1e-6, atol=1e-12, what="recomputed student grad")
+    assert_close_to(gv2, gv, rtol=1e-6, atol=1e-12, what="recomputed values grad")
+    _, gz_ref, gv_ref = _grads_ref(z, teacher, 2.0, "mean", torch.tensor(0.7), 30)
+    assert_close_to(gz, gz_ref, rtol=1e-5, atol=1e-8, what="student grad")
+    assert_close_to(gv, gv_ref, rtol=1e-5, atol=1e-8, what="values grad")

@@ -69,9 +69,13 @@ def scale_grads_(stored: list, grad_output: torch.Tensor) -> None:
     """scale_grads in place, for gradients nothing else holds (no new weight-sized tensor): on a GPU one
     launch (``launch_scale_unless_one``) that reads the upstream gradient on the device and touches
     nothing when it is 1 (the usual ``loss.backward()``); on the CPU decided on the host, where reading
-    it costs no stall (no op at all when it is 1)."""
+    it costs no stall (no op at all when it is 1). A per-row upstream gradient (B, M) multiplies the
+    (B, M, C) gradients in place, broadcast over C."""
     stored = [t for t in stored if t.numel() > 0]
-    if stored and grad_output.is_cuda and type(grad_output) is torch.Tensor and _common.triton_available() \
+    if stored and grad_output.dim() > 0:  # reduction "none": one upstream value per (b, m) row
+        for t in stored:
+            t.mul_(grad_output.unsqueeze(-1).to(t.dtype))
+    elif stored and grad_output.is_cuda and type(grad_output) is torch.Tensor and _common.triton_available() \
             and all(t.is_contiguous() for t in stored):
         launch_scale_unless_one(stored, grad_output)
     elif stored and not _is_one(grad_output):

@@ -392,19 +392,19 @@ def _eager_entry(op, impl, setup=None, backward=None):
     return call
 
 
-def _eager_heads_setup(ctx, inputs, output):
-    """Eager form of _linear_setup: the stored gradients are held as plain attributes, so that the first
-    backward can hand them to autograd and scale them in place (nothing else holds them: autograd
-    takes them as the parameters' .grad without a copy, and no new weight-sized tensor is made). For a
-    second backward through a retained graph, which recomputes the gradients (_recompute_stored), the
-    inputs are kept with their versions: the input, weight and bias by reference (as nn.Linear keeps
-    them), the teacher tensors weakly (often a temporary as large as the logits, which would otherwise
-    live until the backward), through the tensor a view of them was taken from."""
-    ctx.has_bias = inputs[2] is not None
+def _hand_over_setup(ctx, inputs, output, strong: int) -> None:
+    """Eager calls of the ops that compute their gradients in the forward: the stored gradients are held as
+    plain attributes, so that the first backward can hand them to autograd and scale them in place
+    (nothing else holds them: autograd takes them as the parameters' .grad without a copy, and no new
+    gradient-sized tensor is made). For a second backward through a retained graph, which recomputes
+    the gradients (_take_stored), the inputs are kept with their versions: the first `strong` ones by
+    reference (the heads' input, weight and bias, as nn.Linear keeps them), the others weakly (logits and
+    teachers, often temporaries as large as the logits, which would otherwise live until the backward),
+    through the tensor a view of them was taken from."""
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)
     ctx.stored = list(output[1:])
-    ctx.inputs = [_Kept(a, weak=i >= 3) if isinstance(a, torch.Tensor) else a for i, a in enumerate(inputs)]
+    ctx.inputs = [_Kept(a, weak=i >= strong) if isinstance(a, torch.Tensor) else a for i, a in enumerate(inputs)]
 
 
 class _Kept:
@@ -426,25 +426,33 @@ class _Kept:
     def get(self) -> torch.Tensor:
         t = self.ref() if self.weak else self.ref
         if t is None:
-            raise RuntimeError("a second backward through fasthydra's fused heads (retain_graph=True) recomputes "
-                               "their gradients from the forward's inputs, but the teacher tensor no longer exists: "
-                               "keep a reference to it until the last backward")
+            raise RuntimeError("a second backward through a fasthydra loss (retain_graph=True) recomputes its "
+                               "gradients from the forward's inputs, but one of them (logits or teacher) no longer "
+                               "exists: keep a reference to it until the last backward")
         if t._version != self.version:
             raise RuntimeError("one of the variables needed for gradient computation has been modified by an "
-                               "inplace operation: a second backward through fasthydra's fused heads "
-                               "(retain_graph=True) recomputes their gradients from the forward's inputs")
+                               "inplace operation: a second backward through a fasthydra loss (retain_graph=True) "
+                               "recomputes its gradients from the forward's inputs")
         if self.geometry is not None:
             t = t.as_strided(*self.geometry)
         return t.detach()
 
 
-def _recompute_stored(ctx, impl) -> list:
-    """The stored gradients again, for a second backward (retain_graph=True): the first one gave its
-    tensors away. Runs the forward once more on the same inputs, refused if one was changed in place
-    or (a teacher) freed."""
+def _take_stored(ctx, impl) -> list:
+    """The stored gradients, handed over once; a second backward (retain_graph=True) finds them given away
+    and runs the forward once more on the same inputs, refused if one was changed in place or freed."""
+    stored, ctx.stored = ctx.stored, None
+    if stored is not None:
+        return stored
     args = [a.get() if isinstance(a, _Kept) else a for a in ctx.inputs]
     with torch.no_grad():
         return list(impl(*args)[1:])
+
+
+def _eager_heads_setup(ctx, inputs, output):
+    """Eager form of _linear_setup (see _hand_over_setup)."""
+    ctx.has_bias = inputs[2] is not None
+    _hand_over_setup(ctx, inputs, output, strong=3)
 
 
 def _eager_heads_backward(n_inputs: int, impl):
@@ -456,9 +464,7 @@ def _eager_heads_backward(n_inputs: int, impl):
         out = [None] * n_inputs
         if grad_loss is None:
             return tuple(out)
-        stored, ctx.stored = ctx.stored, None
-        if stored is None:
-            stored = _recompute_stored(ctx, impl)
+        stored = _take_stored(ctx, impl)
         if not ctx.has_bias:
             stored[2] = stored[2].new_empty(_EMPTY)
         present = [i for i, g in enumerate(stored) if not _absent(g)]
@@ -470,7 +476,31 @@ def _eager_heads_backward(n_inputs: int, impl):
     return backward
 
 
-hydra_kl_call = _eager_entry(hydra_kl, _hydra_kl_impl, _hydra_kl_setup, _hydra_kl_backward)
+def _eager_hydra_kl_setup(ctx, inputs, output):
+    """Eager form of _hydra_kl_setup: a gradient formed in the backward as there; gradients formed in the
+    forward (a teacher that requires grad, a top-k teacher) handed over as the heads' are (in place, on
+    a GPU untouched when the upstream gradient is 1: no (B, M, C) multiply)."""
+    if _deferred(*inputs[4:8]):
+        _hydra_kl_setup(ctx, inputs, output)
+        return
+    ctx.deferred, ctx.reduction = False, inputs[3]
+    # all by reference: the logits and teacher a caller usually holds anyway, and the Hinton loss's target,
+    # a temporary (1/M of the teacher) that gradcheck's repeated backwards need
+    _hand_over_setup(ctx, inputs, output, strong=len(inputs))
+
+
+def _eager_hydra_kl_backward(ctx, grad_loss, *_grad_of_grads):
+    if ctx.deferred:
+        return _hydra_kl_backward(ctx, grad_loss)
+    _no_double_backward()
+    if grad_loss is None:
+        return (None,) * 8
+    student, teacher = (None if _absent(g) else g for g in _take_stored(ctx, _hydra_kl_impl))
+    _kl.scale_grads_([g for g in (student, teacher) if g is not None], grad_loss)
+    return student, teacher, None, None, None, None, None, None
+
+
+hydra_kl_call = _eager_entry(hydra_kl, _hydra_kl_impl, _eager_hydra_kl_setup, _eager_hydra_kl_backward)
 linear_hydra_kl_call = _eager_entry(linear_hydra_kl, _linear_hydra_kl_impl, _eager_heads_setup,
                                     _eager_heads_backward(13, _linear_hydra_kl_impl))
 uncertainty_call = _eager_entry(uncertainty, _uncertainty_impl)
