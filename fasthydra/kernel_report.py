@@ -195,7 +195,8 @@ def _kernel_specs():
                                                "out_ptr": "*fp32", "n_parts": 300, "n_w": 80, "n_kblocks_w": 8,
                                                "n_x": 300, "n_kblocks": 8, "out_scale": 0.1},
                     {**dots, "SHARED": shared, "NEED_W": True, "NEED_B": True, "REDUCE": True, "BLOCK_P": 128,
-                     "BLOCK_R": sc["BLOCK_R"], "BLOCK_RW": sc["BLOCK_RW"], "BLOCK_KW": sc["BLOCK_KW"]},
+                     "BLOCK_R": sc["BLOCK_R"], "BLOCK_RW": sc["BLOCK_RW"], "BLOCK_KW": sc["BLOCK_KW"],
+                     "BLOCK_J": sc["BLOCK_J"]},
                     {"num_warps": sc["num_warps"]}, tag)
 
             from fasthydra.ops.gaussian_kl import gaussian_config
@@ -219,7 +220,8 @@ def _kernel_specs():
                          "n_kblocks_w": 8, "n_x": 300, "n_kblocks": 8, "out_scale": 0.1},
                         {"UPCAST_DOT": False, "PRECISION": prec, "BLOCK_C": sc["BLOCK_C"], "BLOCK_K": sc["BLOCK_K"],
                          "SHARED": True, "NEED_W": True, "NEED_B": True, "REDUCE": True, "BLOCK_P": 128,
-                         "BLOCK_R": sc["BLOCK_R"], "BLOCK_RW": sc["BLOCK_RW"], "BLOCK_KW": sc["BLOCK_KW"]},
+                         "BLOCK_R": sc["BLOCK_R"], "BLOCK_RW": sc["BLOCK_RW"], "BLOCK_KW": sc["BLOCK_KW"],
+                     "BLOCK_J": sc["BLOCK_J"]},
                         {"num_warps": sc["num_warps"]}, tag)
 
             uc = cfgs.uncertainty_config(m, c, b)

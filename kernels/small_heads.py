@@ -157,6 +157,7 @@ def _small_heads_grad_kernel(
     BLOCK_R: tl.constexpr,  # rows per input-gradient program
     BLOCK_C: tl.constexpr,
     BLOCK_K: tl.constexpr,  # K block of an input-gradient program
+    BLOCK_J: tl.constexpr,  # flattened (head, class) block of a shared input's gradient programs
     BLOCK_RW: tl.constexpr,  # rows per step of the dW walk: long steps, few of them (the chain is B / BLOCK_RW)
     BLOCK_KW: tl.constexpr,  # K block of a dW program: narrow, so that M * K / BLOCK_KW programs fill the GPU
     BLOCK_P: tl.constexpr,  # partial sums read per step by the reducing program
@@ -196,13 +197,15 @@ def _small_heads_grad_kernel(
         ks = (q % n_kblocks) * BLOCK_K + tl.arange(0, BLOCK_K)
         k_ok = ks < K
         q = q // n_kblocks
-        if SHARED:  # q = row block: dx = sum_m dz_m @ W_m
+        if SHARED:  # q = row block: dx = sum_m dz_m @ W_m = dz (rows, M*C) @ W (M*C, K), the heads flattened
+            #         (stash and weight are both contiguous that way): one dot per BLOCK_J of M*C, not one
+            #         per head with its classes padded, so the program's serial chain is short
             rows = q.to(tl.int64) * BLOCK_R + r0s
             row_ok = rows < B
             acc = tl.zeros((BLOCK_R, BLOCK_K), tl.float32)
-            for m in range(0, M):
-                acc = _dz_times_w(g_ptr + rows[:, None] * (M * C) + m * C, w_ptr + m * (C * K), row_ok, cols, col_ok,
-                                  ks, k_ok, K, acc, UPCAST_DOT, PRECISION)
+            for j0 in range(0, M * C, BLOCK_J):
+                acc = _dz_times_w(g_ptr + rows[:, None] * (M * C) + j0, w_ptr + j0 * K, row_ok, tl.arange(0, BLOCK_J),
+                                  tl.arange(0, BLOCK_J) < M * C - j0, ks, k_ok, K, acc, UPCAST_DOT, PRECISION)
             tl.store(dx_ptr + rows[:, None] * K + ks[None, :], acc.to(dx_ptr.dtype.element_ty),
                      mask=row_ok[:, None] & k_ok[None, :])
         else:  # q = row block * M + head: dx_m = dz_m @ W_m, dx contiguous (B, M, K)
@@ -225,7 +228,8 @@ def _small_heads_grad_kernel(
 @triton.jit
 def _dz_times_w(g_rows, w_head, row_ok, cols, col_ok, ks, k_ok, stride_wc, acc, UPCAST_DOT: tl.constexpr,
                 PRECISION: tl.constexpr):
-    """acc + dz (rows, BLOCK_C) @ W[head][:, ks] (BLOCK_C, BLOCK_K); padded classes contribute 0."""
+    """acc + dz (rows, classes) @ W[head][classes, ks] (classes, BLOCK_K): cols are the class offsets of the
+    tile (a head's classes, or a block of flattened (head, class) rows); padded ones contribute 0."""
     g = tl.load(g_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
     w = tl.load(w_head + cols[:, None] * stride_wc + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
     if UPCAST_DOT:

@@ -46,6 +46,9 @@ SMALL_BLOCK_B = 16  # rows per program of launch 1
 # Launch 1 gives each program several heads only when (row blocks x heads) would pass this many
 # programs (about 8 per SM on an H200): fewer re-reads of x, chains still short.
 SMALL_TARGET_PROGRAMS = 1024
+# Launch 2's input-gradient programs (shared input): flattened (head, class) rows per dot step (128 and
+# 64 spill with fp32 IEEE dots on sm_80, and 16 by 8 bytes with bf16; 32 does not: kernel report).
+SMALL_DX_BLOCK_J = 32
 
 
 def small_step_mode() -> str:
@@ -69,9 +72,10 @@ def small_heads_config(n_rows: int, n_heads: int, n_cols: int, k: int, elem_size
     # Launch 2: dx in row blocks of 128 for 16-bit inputs, 64 for fp32 (128 spills on sm_80 with IEEE
     # fp32 dots); dW programs 16 wide in K (M * K / 16 of them) walking the batch 256 rows a step
     # (512 spills). No spills on sm_80/sm_90 (kernel report).
+    # dx of a shared input: the heads' classes flattened, SMALL_DX_BLOCK_J of them per dot.
     return dict(BLOCK_B=SMALL_BLOCK_B, HEADS=heads, BLOCK_R=128 if elem_size <= 2 else 64,
                 BLOCK_C=max(16, next_pow2(n_cols)), BLOCK_K=64 if elem_size <= 2 else 32, BLOCK_RW=256,
-                BLOCK_KW=16, num_warps=4)
+                BLOCK_KW=16, BLOCK_J=SMALL_DX_BLOCK_J, num_warps=4)
 
 
 def triton_available() -> bool:

@@ -80,6 +80,7 @@ def launch_small_grads(inp, weight, bias, stash, parts, cfg: dict, shared: bool,
             unused if grad_b is None else grad_b, parts, unused if out is None else out, b, m, c, k, inp.stride(0),
             0 if shared else inp.stride(1), parts.numel(), n_w, kb_w, n_x, n_kb, out_scale, SHARED=shared,
             NEED_W=need_w, NEED_B=need_b, REDUCE=reduce, UPCAST_DOT=upcast_dot(dt), PRECISION=dot_precision(dt),
-            BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"], BLOCK_RW=cfg["BLOCK_RW"],
+            BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"], BLOCK_J=cfg["BLOCK_J"],
+            BLOCK_RW=cfg["BLOCK_RW"],
             BLOCK_KW=cfg["BLOCK_KW"], BLOCK_P=SMALL_REDUCE_BLOCK, num_warps=cfg["num_warps"])
     return out, grad_in, grad_w, grad_b
