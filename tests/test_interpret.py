@@ -839,3 +839,33 @@ def test_scale_unless_one_kernel(monkeypatch, upstream):
             expected = x0.double() * g.double()  # g as given (fp32), exactly
             rtol = 1e-15 if x.dtype == torch.float64 else (1e-6 if x.dtype == torch.float32 else 8e-3)
             assert_close_to(x, expected, rtol=rtol, atol=0.0, what=str(x.dtype))
+
+
+@pytest.mark.parametrize("torch_takes_it", [True, False])
+def test_fp32_output_dx_accumulation_and_its_fallback(monkeypatch, torch_takes_it):
+    """dx over head groups: addmm with an fp32 output reading the accumulator where torch takes it (CUDA;
+    stood in for here), else, after torch refuses it once, the product and an add from then on; the
+    sum is acc + dz @ W either way."""
+    import fasthydra.ops.linear_hydra_kl as lk
+
+    monkeypatch.setattr(_common, "FP32_OUT_GEMM", True)
+    monkeypatch.setattr(lk, "_fp32_out_candidate", lambda acc, a: True)
+    real = torch.addmm
+    calls = []
+
+    def addmm(*args, **kwargs):
+        if "out_dtype" in kwargs:
+            calls.append(kwargs["out_dtype"])
+            if not torch_takes_it:
+                raise RuntimeError("self and mat2 must have the same dtype")
+            kwargs.pop("out_dtype")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "addmm", addmm)
+    acc, a, b = torch.randn(5, 7), torch.randn(5, 9), torch.randn(9, 7)
+    expected = acc.double() + 2 * (a.double() @ b.double())
+    for _ in range(2):  # two head groups
+        acc = lk._add_product_fp32(acc, a, b)
+    assert_close_to(acc, expected, rtol=1e-6, atol=1e-6, what="accumulated dx")
+    assert calls == ([torch.float32] * 2 if torch_takes_it else [torch.float32])  # refused once, then not tried
+    assert _common.FP32_OUT_GEMM is torch_takes_it

@@ -440,12 +440,17 @@ def _add_product_fp32(acc, a, b):
     GEMM with an fp32 output that reads acc as its addend (addmm's out_dtype; FP32_OUT_GEMM), so each
     group's product is neither rounded to 16 bits nor written and read again by a separate add; where
     this torch lacks that form (an fp32 addend came later than out_dtype), the product, then an add."""
-    if _common.FP32_OUT_GEMM and acc.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
+    if _common.FP32_OUT_GEMM and _fp32_out_candidate(acc, a):
         try:
             return torch.addmm(acc, a, b, out_dtype=torch.float32)
         except (RuntimeError, TypeError):  # raised on the host, before anything runs
             _common.FP32_OUT_GEMM = False
     return acc.add_(torch.mm(a, b))
+
+
+def _fp32_out_candidate(acc, a) -> bool:
+    """Where addmm's fp32 output for 16-bit operands exists at all: CUDA."""
+    return acc.is_cuda and a.dtype in (torch.float16, torch.bfloat16)
 
 
 def _add_bias_grad(out, db, gz, dim: int, first: bool) -> None:
