@@ -248,14 +248,15 @@ def launch_kl_grad(z3, t3, norms, upstream, grad3, temperature: float, grad_scal
 
 def launch_kl_grad_cols(z3, t3, norms, grad3, bias3, temperature: float, grad_scale: float) -> torch.Tensor:
     """dz = grad_scale * (q - p) over a head-major (O, I, C) view (grad3 may be z3: in place) from the row
-    normalisers ``launch_kl_rows`` wrote for the same view, and its sums over I per head: returns the
-    (O, C) fp32 column sums (the bias gradient) without reading dz again. bias3, an (O, I, C) view of a
+    normalisers ``launch_kl_rows`` wrote for the same view, and its sums over I per head without reading
+    dz again: returns the fp32 partial sums (O, row groups, C), which summed over axis 1 are the bias
+    gradient. bias3, an (O, I, C) view of a
     per-head bias broadcast over I (stride 0 there), is added to z3 when given."""
     from fasthydra.kernels.softmax_kl import _hydra_kl_grad_cols_kernel
 
     o, i, c = z3.shape
     if o * i == 0 or c == 0:
-        return torch.zeros(o, c, dtype=torch.float32, device=z3.device)
+        return torch.zeros(o, 1, c, dtype=torch.float32, device=z3.device)
     cfg = _common.kl_grad_cols_config(o, i, c)
     part = torch.empty(o, cfg["n_groups"], c, dtype=torch.float32, device=z3.device)
     if bias3 is not None and (bias3.stride(1) != 0 or bias3.stride(2) != 1):
@@ -267,7 +268,7 @@ def launch_kl_grad_cols(z3, t3, norms, grad3, bias3, temperature: float, grad_sc
         1.0 / temperature, grad_scale, BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], HAS_BIAS=bias3 is not None,
         num_warps=cfg["num_warps"],
     )
-    return part[:, 0] if cfg["n_groups"] == 1 else part.sum(1)
+    return part
 
 
 def hydra_kl_forward_triton(student, teacher, temperature: float, reduction: str, want_grad: bool,

@@ -386,7 +386,7 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
                 t3, l2 = teacher[r0:r1, h0:h1].transpose(0, 1), loss[r0:r1, h0:h1].T
                 h3 = None if grad_t is None else grad_t[r0:r1, h0:h1].transpose(0, 1)
                 i3 = None if topk is None else topk[r0:r1, h0:h1].transpose(0, 1)
-            db = None  # the group's bias gradient when the loss pass forms it
+            db_parts = None  # partial column sums of dz (heads, row groups, C) when the loss pass forms them
             if topk is not None:
                 launch_kl_rows_topk(z3, t3, i3, l2, z3 if want_grad else None, temperature, grad_scale,
                                     "distill_loss", h3)
@@ -394,7 +394,7 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
                 zh, th, lh = (z3.transpose(0, 1), t3.transpose(0, 1), l2.T) if shared else (z3, t3, l2)
                 nh = norms[:gh * br * 4].view(gh, br, 4)
                 launch_kl_rows(zh, th, lh, None, temperature, grad_scale, "distill_loss", None, b3, norms=nh)
-                db = launch_kl_grad_cols(zh, th, nh, zh, b3, temperature, grad_scale)
+                db_parts = launch_kl_grad_cols(zh, th, nh, zh, b3, temperature, grad_scale)
             else:
                 launch_kl_rows(z3, t3, l2, z3 if want_grad else None, temperature, grad_scale, "distill_loss", h3, b3)
             if not want_grad:
@@ -414,8 +414,9 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
                         grad_in32[r0:r1].add_(torch.mm(gz, w2))
                     else:
                         torch.mm(gz, w2, out=grad_in[r0:r1])
-                if need_b:
-                    _add_bias_grad(grad_b[h0:h1], db, gz.view(br, gh, c), 0, r0 == 0)
+                if need_b:  # db: dz's rows summed, or the loss pass's partial sums summed
+                    src, dim = (gz.view(br, gh, c), 0) if db_parts is None else (db_parts, 1)
+                    _sum_rows_into(grad_b[h0:h1], src, dim, r0 == 0)
             else:
                 if need_w:
                     if acc is None:
@@ -425,7 +426,7 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
                 if need_in:
                     grad_in[r0:r1, h0:h1] = torch.bmm(z3, wg).transpose(0, 1)
                 if need_b:
-                    _add_bias_grad(grad_b[h0:h1], db, z3, 1, r0 == 0)
+                    _sum_rows_into(grad_b[h0:h1], db_parts if db_parts is not None else z3, 1, r0 == 0)
         if acc is not None:
             grad_w[h0:h1] = acc
     after_launch(dev, "distill_loss", teacher.shape)
@@ -453,17 +454,13 @@ def _fp32_out_candidate(acc, a) -> bool:
     return acc.is_cuda and a.dtype in (torch.float16, torch.bfloat16)
 
 
-def _add_bias_grad(out, db, gz, dim: int, first: bool) -> None:
-    """A row chunk's bias gradient into out (heads, C) fp32: db from the loss pass when it formed it,
-    else gz summed over its row axis dim; the first chunk writes, later ones accumulate."""
-    if db is None and first:
-        torch.sum(gz, dim, dtype=torch.float32, out=out)
-    elif db is None:
-        out += gz.sum(dim, dtype=torch.float32)
-    elif first:
-        out.copy_(db)
+def _sum_rows_into(out, src, dim: int, first: bool) -> None:
+    """A row chunk's bias gradient into out (heads, C) fp32: src summed over its row axis dim (dz itself,
+    or the loss pass's partial column sums); the first chunk writes, later ones accumulate."""
+    if first:
+        torch.sum(src, dim, dtype=torch.float32, out=out)
     else:
-        out += db
+        out += src.sum(dim, dtype=torch.float32)
 
 
 def linear_hydra_kl_forward_triton(inp, weight, bias, teacher, temperature: float, reduction: str, shared: bool,
