@@ -86,6 +86,11 @@ KNOBS = {
     # 16-bit product and an fp32 add per group
     "fasthydra/dx-add": {"set": [("fasthydra.ops._common", "FP32_OUT_GEMM", False)],
                          "cases": [("linear_fwdbwd", "gpu-large")]},
+    # the loss on logits with a frozen teacher: the default forms dz in the backward (one read of z and t in
+    # each pass); "stored" forms it in the forward (long rows read twice there, the second read partly from
+    # L2) and the backward hands it over, untouched at upstream 1
+    "fasthydra/kl-stored": {"set": [("fasthydra.ops._common", "DEFER_KL_GRAD", False)],
+                            "cases": [("kl_fwdbwd", "gpu-large"), ("kl_fwdbwd", "large-C")]},
     # uncertainty's long-row tiles (4 warps): 8192 elements is the default
     **{f"fasthydra/unc-tile-{w}": {"set": [("fasthydra.ops._common", "UNCERTAINTY_LONG_TILE", w)],
                                    "cases": [("uncertainty", "gpu-large")]} for w in (4096, 16384)},

@@ -131,7 +131,10 @@ def test_variants_set_their_settings_and_restore_them(monkeypatch):
         assert lk.CUBLAS_GROUP_ELEMENTS == 1 << 28 and lk._head_groups(4096, 8, 32000) == (2, 4096)
     assert lk.CUBLAS_GROUP_ELEMENTS == group and lk._head_groups(4096, 8, 32000) == (1, 4096)
     assert gpu_check.variants_for("kl_fwdbwd", "gpu-large") == ["fasthydra/kl-tile-1024", "fasthydra/kl-tile-4096",
-                                                                 "fasthydra/kl-tile-8192"]
+                                                                 "fasthydra/kl-tile-8192", "fasthydra/kl-stored"]
+    with gpu_check.with_variant("fasthydra/kl-stored"):
+        assert _common.DEFER_KL_GRAD is False
+    assert _common.DEFER_KL_GRAD is True
     assert gpu_check.variants_for("kl_fwdbwd", "mid") == []
     with gpu_check.with_variant("fasthydra/unc-tile-4096"):
         assert _common.uncertainty_config(8, 32000)["BLOCK_C"] == 512

@@ -192,6 +192,37 @@ def test_loss_on_logits_forms_its_gradient_in_the_backward(monkeypatch, tiles):
         loss.backward()
 
 
+@pytest.mark.parametrize("tiles", [False, True], ids=["row-whole", "tiles-of-16"])
+def test_loss_on_logits_with_its_gradient_formed_in_the_forward(monkeypatch, tiles):
+    """DEFER_KL_GRAD off (gpu_check's kl-stored knob): a frozen teacher's loss forms dz in the forward,
+    the backward hands it over scaled in place; against float64 with a scalar and a per-row upstream
+    gradient, and at upstream 1 (loss.backward()) z.grad is the very tensor the forward made."""
+    monkeypatch.setattr(_common, "DEFER_KL_GRAD", False)
+    if tiles:
+        monkeypatch.setattr(_common, "MAX_BLOCK_C", 16)
+        monkeypatch.setattr(_common, "ROW_TILE_MAX", 16)
+    b, m, c = 5, 3, 40
+    z = (torch.randn(b, m, c) * 3).requires_grad_()
+    t = teacher_logits(b, m, c)
+    z64 = z.detach().double().requires_grad_()
+    up = torch.rand(b, m)
+    (g,) = torch.autograd.grad(hydra_kl_loss(z, t, 2.0, reduction="none", impl="triton"), z, up)
+    (g_ref,) = torch.autograd.grad(R.hydra_kl_loss_ref(z64, t.double(), 2.0, reduction="none"), z64, up.double())
+    assert_close_to(g, g_ref, rtol=2e-6, atol=1e-9, what="per-row upstream")
+    (g,) = torch.autograd.grad(hydra_kl_loss(z, t, 2.0, impl="triton") * 1.3, z)
+    (g_ref,) = torch.autograd.grad(R.hydra_kl_loss_ref(z64, t.double(), 2.0) * 1.3, z64)
+    assert_close_to(g, g_ref, rtol=2e-6, atol=1e-9, what="scalar upstream")
+    made = []
+    real = hk.hydra_kl_forward_triton
+    monkeypatch.setattr(hk, "hydra_kl_forward_triton",
+                        lambda *a, **k: (lambda out: made.append(out[1].data_ptr()) or out)(real(*a, **k)))
+    loss = hydra_kl_loss(z, t, 2.0, impl="triton")
+    loss.backward()
+    assert made == [z.grad.data_ptr()]  # (a reference held here would make autograd copy it)
+    (g_ref,) = torch.autograd.grad(R.hydra_kl_loss_ref(z64, t.double(), 2.0), z64)
+    assert_close_to(z.grad, g_ref, rtol=2e-6, atol=1e-9, what="upstream 1")
+
+
 @pytest.mark.parametrize("programs,blocks", [(1, 1), (2, 2)])
 def test_backward_gradient_walks_class_blocks(monkeypatch, programs, blocks):
     """The backward's gradient kernel with 16-wide tiles at C = 40: one program per row walking all three

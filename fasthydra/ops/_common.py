@@ -163,6 +163,13 @@ SPLIT_BIAS_PASS = True
 # addmm(acc, dz, W, out_dtype=float32), one GEMM per group, instead of a 16-bit product and an fp32
 # add (run 2's profile: 0.25 ms at gpu-large). Turned off at the first call where torch refuses it.
 FP32_OUT_GEMM = True
+# hydra_kl_loss / hinton_kl_loss on the Triton path with a frozen dense teacher: the forward writes loss rows
+# and row normalisers only (one read of z and t) and the backward forms dz in one streaming pass that
+# reads the upstream gradient on the device (library._deferred). False: the forward forms dz too (its
+# long rows read twice, the second read partly from L2) and the backward hands it over, untouched when
+# the upstream gradient is 1: fewer bytes if that second read hits L2, a (B, M, C) gradient held
+# between the passes (bench/gpu_check.py measures both).
+DEFER_KL_GRAD = True
 # Its class blocks: 512 classes (1 KiB of a 16-bit row per tile row, coalesced).
 GRAD_COLS_BLOCK_C = 512
 

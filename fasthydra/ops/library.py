@@ -21,6 +21,7 @@ import weakref
 import torch
 from torch.library import custom_op, register_autograd, register_fake
 
+from . import _common
 from . import gaussian_kl as _gauss
 from . import grouped_linear as _gl
 from . import hydra_kl as _kl
@@ -97,7 +98,8 @@ def _deferred(want_grad: bool, want_tgrad: bool, impl: str, teacher_indices) -> 
     forward reads each row once and returns the rows' normalisers (B, M, 4) in the gradient's place;
     the backward makes one streaming pass that multiplies by the upstream gradient on the device (no
     stored (B, M, C) gradient, no separate scaling pass). Elsewhere the forward computes the gradients."""
-    return impl == "triton" and want_grad and not want_tgrad and teacher_indices is None
+    return (impl == "triton" and want_grad and not want_tgrad and teacher_indices is None
+            and _common.DEFER_KL_GRAD)
 
 
 hydra_kl = custom_op("fasthydra::hydra_kl", mutates_args=())(_hydra_kl_impl)
