@@ -152,6 +152,15 @@ def test_long_rows_online_statistics(monkeypatch, order, dtype):
             hydra_kl_loss(z.detach(), bad, 3.0, impl="triton")
 
 
+def _logits_case(monkeypatch, tiles: bool):
+    """(b, m, c, z, t) at C = 40: one tile per row, or (tiles) 16-wide tiles."""
+    if tiles:
+        monkeypatch.setattr(_common, "MAX_BLOCK_C", 16)
+        monkeypatch.setattr(_common, "ROW_TILE_MAX", 16)
+    b, m, c = 5, 3, 40
+    return b, m, c, (torch.randn(b, m, c) * 3).requires_grad_(), teacher_logits(b, m, c)
+
+
 @pytest.mark.parametrize("tiles", [False, True], ids=["row-whole", "tiles-of-16"])
 def test_loss_on_logits_forms_its_gradient_in_the_backward(monkeypatch, tiles):
     """hydra_kl_loss with a frozen teacher on the Triton path: the forward keeps no (B, M, C) tensor of
@@ -159,12 +168,7 @@ def test_loss_on_logits_forms_its_gradient_in_the_backward(monkeypatch, tiles):
     multiplies by the upstream gradient on the device: scalar, per row, and an expanded (stride 0)
     one; a retained graph gives the same gradient twice; z changed in place after the forward is
     refused by autograd instead of giving a wrong gradient."""
-    if tiles:
-        monkeypatch.setattr(_common, "MAX_BLOCK_C", 16)
-        monkeypatch.setattr(_common, "ROW_TILE_MAX", 16)
-    b, m, c = 5, 3, 40
-    z = (torch.randn(b, m, c) * 3).requires_grad_()
-    t = teacher_logits(b, m, c)
+    b, m, c, z, t = _logits_case(monkeypatch, tiles)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
         loss = hydra_kl_loss(z, t, 2.0, reduction="none", impl="triton")
@@ -198,12 +202,7 @@ def test_loss_on_logits_with_its_gradient_formed_in_the_forward(monkeypatch, til
     the backward hands it over scaled in place; against float64 with a scalar and a per-row upstream
     gradient, and at upstream 1 (loss.backward()) z.grad is the very tensor the forward made."""
     monkeypatch.setattr(_common, "DEFER_KL_GRAD", False)
-    if tiles:
-        monkeypatch.setattr(_common, "MAX_BLOCK_C", 16)
-        monkeypatch.setattr(_common, "ROW_TILE_MAX", 16)
-    b, m, c = 5, 3, 40
-    z = (torch.randn(b, m, c) * 3).requires_grad_()
-    t = teacher_logits(b, m, c)
+    b, m, c, z, t = _logits_case(monkeypatch, tiles)
     z64 = z.detach().double().requires_grad_()
     up = torch.rand(b, m)
     (g,) = torch.autograd.grad(hydra_kl_loss(z, t, 2.0, reduction="none", impl="triton"), z, up)
