@@ -11,9 +11,12 @@ Built to finish within 8 minutes on an H200 (run it with a 480 s timeout): the g
 most 200 s; then the latency checks at small shapes (host and GPU time per step: the default
 small-step path and the cuBLAS path), the copy floor and the loss with dense and top-k teachers,
 kernel and host profiles (about a minute); then the cases the targets name first, the variants and
-knobs, the rest; torch.compile only where a
-target names it; no new case starts after 360 s (the table says which were left out; the longest
-case, the big bf16 one with its compile, takes about a minute). Timing is triton.testing.do_bench
+knobs, the rest; torch.compile only where a target names it; no new case starts after 360 s (the
+table says which were left out; the longest case, the big bf16 one with its compile, takes about a
+minute). Last, where ncu works and time is left before 450 s (--deadline-s), Nsight Compute profiles
+one step of the small cases and of the loss on logits (clocks left alone; our kernels only). The SM
+and memory clocks are sampled with nvidia-smi through the latency rows, the profiles and the cases.
+Both JSON writes keep what was measured if the run is cut short. Timing is triton.testing.do_bench
 (warm-up, L2 flushed between runs, median); peak memory is torch.cuda.max_memory_allocated above
 what was live before the step. Without CUDA it refuses with exit code 2 and changes nothing.
 """
@@ -21,9 +24,14 @@ what was live before the step. Without CUDA it refuses with exit code 2 and chan
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime
+import glob
+import io
 import json
 import os
+import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -264,6 +272,166 @@ def host_profile(case: C.Case, steps: int = 200, top: int = 15) -> list[dict]:
     return rows[:top]
 
 
+# ----------------------------------------------------------------------------------------------
+# What the clocks did, and hardware counters of the small and memory-bound kernels (where ncu works)
+# ----------------------------------------------------------------------------------------------
+
+CLOCK_QUERY = "clocks.sm,clocks.mem,power.draw,utilization.gpu"
+
+
+class ClockSampler:
+    """nvidia-smi reading the SM and memory clocks, power and load every 100 ms while a phase runs (a small
+    kernel that takes four times what its instructions explain may simply run at a low clock). Summary in
+    .summary after the block; None where nvidia-smi is absent or says nothing."""
+
+    def __init__(self):
+        self.proc, self.summary = None, None
+
+    def __enter__(self):
+        exe = shutil.which("nvidia-smi")
+        if exe:
+            try:
+                self.proc = subprocess.Popen([exe, f"--query-gpu={CLOCK_QUERY}", "--format=csv,noheader,nounits",
+                                              "-lms", "100", "-i", "0"], stdout=subprocess.PIPE,
+                                             stderr=subprocess.DEVNULL, text=True)
+            except OSError:
+                self.proc = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc is None:
+            return False
+        self.proc.terminate()
+        try:
+            out, _ = self.proc.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, _ = self.proc.communicate()
+        self.summary = summarize_clock_samples(out.splitlines())
+        return False
+
+
+def summarize_clock_samples(lines) -> dict | None:
+    """{"samples", "sm_mhz": [min, median, max], "mem_mhz": median, "power_w": [median, max], "util_pct":
+    median} from nvidia-smi's CSV lines (fields that read "[N/A]" or do not parse are skipped)."""
+    cols = {"sm": [], "mem": [], "power": [], "util": []}
+    for line in lines:
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) != 4:
+            continue
+        for key, text in zip(cols, parts):
+            try:
+                cols[key].append(float(text))
+            except ValueError:
+                pass
+    if not cols["sm"]:
+        return None
+
+    def med(v):
+        return statistics.median(v) if v else None
+
+    return {"samples": len(cols["sm"]), "sm_mhz": [min(cols["sm"]), med(cols["sm"]), max(cols["sm"])],
+            "mem_mhz": med(cols["mem"]), "power_w": [med(cols["power"]), max(cols["power"], default=None)],
+            "util_pct": med(cols["util"])}
+
+
+# One step of each case profiled by Nsight Compute (clocks left alone), our kernels only: where the small
+# steps' GPU time goes (issue rate, stalls, occupancy, the clock they ran at) and what the loss kernels
+# reach of DRAM bandwidth and L2 hits. ncu needs a runtime that exposes the counters (on gVisor it
+# fails at once: the record says so).
+NCU_CASES = [("linear_fwdbwd", "small-C"), ("linear_fwdbwd", "gpu-small"), ("kl_fwdbwd", "gpu-large")]
+NCU_KERNELS = "regex:_small_heads|_hydra_kl|_scale_unless"
+NCU_SECTIONS = ("SpeedOfLight", "LaunchStats", "Occupancy", "WarpStateStats", "SchedulerStats",
+                "ComputeWorkloadAnalysis", "InstructionStats", "MemoryWorkloadAnalysis")
+# printed per kernel (all metrics go to the JSON)
+NCU_SHOWN = ("Duration", "SM Frequency", "Compute (SM) Throughput", "DRAM Throughput", "L2 Hit Rate",
+             "Achieved Occupancy", "Registers Per Thread", "Executed Ipc Active", "Warp Cycles Per Issued Instruction",
+             "No Eligible", "Executed Instructions")
+
+
+def _ncu_path() -> str | None:
+    found = shutil.which("ncu")
+    if found:
+        return found
+    for pattern in ("/usr/local/cuda/bin/ncu", "/opt/nvidia/nsight-compute/*/ncu", "/usr/local/cuda*/bin/ncu"):
+        hits = sorted(glob.glob(pattern))
+        if hits:
+            return hits[-1]
+    return None
+
+
+def ncu_child(spec: str) -> int:
+    """Inside ncu (--profile-from-start off): warm each case up, then one step between cudaProfilerStart
+    and Stop, so that only that step's kernels are profiled."""
+    by_key = {(c.op, c.name): c for c in C.cases("cuda")}
+    for item in spec.split(","):
+        op, shape = item.split(":")
+        case = by_key[(op, shape)]
+        step = C.make_callable(case, "fasthydra", C.make_inputs(case))
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        torch.cuda.profiler.start()
+        step()
+        torch.cuda.synchronize()
+        torch.cuda.profiler.stop()
+    return 0
+
+
+def ncu_profile(cases, timeout: float, workdir: str) -> dict:
+    """Runs ncu over one step of each case (ncu_child in a subprocess) and reads its report back as rows:
+    {"kernels": [{"case", "kernel", "grid", "block", "metrics": {name: "value unit"}}], "seconds"} or
+    {"error": ...}."""
+    exe = _ncu_path()
+    if exe is None:
+        return {"error": "ncu not found"}
+    if timeout < 20:
+        return {"error": f"no time left for ncu ({timeout:.0f} s)"}
+    start = time.perf_counter()
+    report = os.path.join(workdir, "gpu_check_ncu")
+    spec = ",".join(f"{op}:{shape}" for op, shape in cases)
+    cmd = [exe, "--clock-control", "none", "--profile-from-start", "off", "--target-processes", "all",
+           "-k", NCU_KERNELS, "-f", "-o", report, *[a for s in NCU_SECTIONS for a in ("--section", s)],
+           sys.executable, os.path.abspath(__file__), "--ncu-child", spec]
+    try:
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"ncu timed out after {timeout:.0f} s", "seconds": time.perf_counter() - start}
+    if run.returncode != 0 or not os.path.exists(report + ".ncu-rep"):
+        tail = (run.stdout + run.stderr).strip().splitlines()[-4:]
+        return {"error": f"ncu exit {run.returncode}: " + " | ".join(tail)[:400], "seconds": time.perf_counter() - start}
+    csv_text = subprocess.run([exe, "--import", report + ".ncu-rep", "--csv", "--page", "details"],
+                              capture_output=True, text=True, timeout=60).stdout
+    return {"cases": [f"{op} {shape}" for op, shape in cases], "kernels": parse_ncu_details(csv_text),
+            "seconds": time.perf_counter() - start}
+
+
+def print_ncu(result: dict) -> None:
+    if "error" in result:
+        print(f"ncu: {result['error']}", flush=True)
+        return
+    print(f"ncu ({', '.join(result['cases'])}; {result['seconds']:.0f} s), one step each:", flush=True)
+    for k in result["kernels"]:
+        shown = "; ".join(f"{name} {k['metrics'][name]}" for name in NCU_SHOWN if name in k["metrics"])
+        print(f"  {k['kernel'][:34]:34} grid {k['grid']} block {k['block']}: {shown}", flush=True)
+
+
+def parse_ncu_details(csv_text: str) -> list[dict]:
+    """ncu's `--page details --csv` rows (one per metric) grouped per profiled kernel launch, in launch
+    order (the cases' steps ran one after another; grid sizes tell their kernels apart)."""
+    start = csv_text.find('"ID"')
+    rows = csv.DictReader(io.StringIO(csv_text[start:] if start >= 0 else csv_text))
+    kernels: dict[str, dict] = {}
+    for r in rows:
+        if not r.get("ID") or not r.get("Metric Name"):
+            continue
+        k = kernels.setdefault(r["ID"], {"kernel": (r.get("Kernel Name") or "")[:80], "grid": r.get("Grid Size"),
+                                         "block": r.get("Block Size"), "metrics": {}})
+        unit = (r.get("Metric Unit") or "").strip()
+        k["metrics"][r["Metric Name"]] = f"{r.get('Metric Value', '')} {unit}".strip()
+    return [kernels[i] for i in sorted(kernels, key=lambda v: (not v.isdigit(), int(v) if v.isdigit() else v))]
+
+
 def with_variant(provider: str):
     """Context: the environment settings of a VARIANTS provider (read at every call) or the constants
     of a KNOBS one for the calls inside; nothing for plain "fasthydra"."""
@@ -391,10 +559,16 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-s", type=float, default=360.0,
                         help="start no new case after this many seconds (the gpu tests get at most 200 s of it)")
     parser.add_argument("--skip-tests", action="store_true")
+    parser.add_argument("--deadline-s", type=float, default=450.0,
+                        help="Nsight Compute runs last, only within this many seconds of the start")
+    parser.add_argument("--ncu-child", default=None, help=argparse.SUPPRESS)  # the step ncu profiles
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_check: needs a CUDA GPU; none is visible here (nothing was run)", file=sys.stderr)
         return 2
+    if args.ncu_child:
+        return ncu_child(args.ncu_child)
+    clocks = {}
     start = time.perf_counter()
     device = torch.cuda.get_device_name(0)
     tests = {"summary": "skipped"} if args.skip_tests else run_gpu_tests(timeout=min(200.0, args.budget_s * 0.55))
@@ -410,15 +584,17 @@ def main(argv=None) -> int:
                                  *(k for k, v in KNOBS.items() if v["cases"] == "latency")))
                     for op, shape in dict.fromkeys((op, shape) for op, shape, _, _ in LATENCY_TARGETS)]
     latency_sets += [(op, shape, ("fasthydra",)) for op, shape in GRAPH_CASES if (op, shape) in by_key]
-    for op, shape, providers in latency_sets:
-        for provider in providers:
-            try:
-                with with_variant(provider):
-                    row = latency(by_key[(op, shape)], "eager" if provider == "eager" else "fasthydra")
-                lat_rows.append({**row, "provider": provider})
-            except Exception as exc:
-                lat_rows.append({"op": op, "shape": shape, "provider": provider,
-                                 "error": f"{type(exc).__name__}: {exc}"[:300]})
+    with ClockSampler() as sampler:
+        for op, shape, providers in latency_sets:
+            for provider in providers:
+                try:
+                    with with_variant(provider):
+                        row = latency(by_key[(op, shape)], "eager" if provider == "eager" else "fasthydra")
+                    lat_rows.append({**row, "provider": provider})
+                except Exception as exc:
+                    lat_rows.append({"op": op, "shape": shape, "provider": provider,
+                                     "error": f"{type(exc).__name__}: {exc}"[:300]})
+    clocks["latency"] = sampler.summary
     print("latency per step (us): host = issuing without syncs, stream = events around unsynced steps, "
           "gpu = CUDA-graph replay", flush=True)
     for r in lat_rows:
@@ -438,8 +614,10 @@ def main(argv=None) -> int:
               f"{r['teacher_bytes'] / 1e6:8.1f} MB, {r['of_copy_bandwidth']:.2f} of copy" if "error" not in r
               else f"ERROR {r['error']}"), flush=True)
 
-    profiles = _profiles(PROFILE_CASES, by_key, profile_step, "profile {} (fasthydra, ms per step):",
-                         lambda r: f"{r['ms_per_step']:8.3f} ms {r['calls_per_step']:5.1f}x {r['kernel']}")
+    with ClockSampler() as sampler:
+        profiles = _profiles(PROFILE_CASES, by_key, profile_step, "profile {} (fasthydra, ms per step):",
+                             lambda r: f"{r['ms_per_step']:8.3f} ms {r['calls_per_step']:5.1f}x {r['kernel']}")
+    clocks["profiles"] = sampler.summary
     host = _profiles(HOST_PROFILE_CASES, by_key, host_profile,
                      "host profile {} (fasthydra, us per step: own, cumulative):",
                      lambda r: f"{r['own_us_per_step']:8.1f} {r['cum_us_per_step']:8.1f} {r['calls_per_step']:5.1f}x "
@@ -450,33 +628,35 @@ def main(argv=None) -> int:
     priority += [c for c in all_cases if (c.op, c.name) in {(t[0], t[1]) for t in TARGETS} and c not in priority]
     order = priority + [c for c in all_cases if c not in priority]
     rows, left_out, floors = [], [], {}
-    for case in order:
-        if time.perf_counter() - start > args.budget_s:
-            left_out.append(case.key)
-            continue
-        floors[(case.op, case.name)] = _do_bench(C.gemm_floor_callable(case))
-        providers = [p for p in C.PROVIDERS if not C.provider_available(p, "cuda")]
-        providers += variants_for(case.op, case.name)
-        for provider in providers:
-            if provider == "compile" and (case.op, case.name) not in COMPILE_CASES:
+    with ClockSampler() as sampler:
+        for case in order:
+            if time.perf_counter() - start > args.budget_s:
+                left_out.append(case.key)
                 continue
-            try:
-                if provider in VARIANTS or provider in KNOBS:
-                    with with_variant(provider):
-                        rows.append({**bench_case(case, "fasthydra"), "provider": provider})
-                else:
-                    rows.append(bench_case(case, provider))
-            except Exception as exc:  # keep going: the table says what failed
-                rows.append({"op": case.op, "shape": case.name, "dtype": str(case.dtype).replace("torch.", ""),
-                             "provider": provider, "error": f"{type(exc).__name__}: {exc}"[:300]})
-            torch.cuda.empty_cache()
-        print(f"  done {case.key} ({time.perf_counter() - start:.0f}s)", flush=True)
+            floors[(case.op, case.name)] = _do_bench(C.gemm_floor_callable(case))
+            providers = [p for p in C.PROVIDERS if not C.provider_available(p, "cuda")]
+            providers += variants_for(case.op, case.name)
+            for provider in providers:
+                if provider == "compile" and (case.op, case.name) not in COMPILE_CASES:
+                    continue
+                try:
+                    if provider in VARIANTS or provider in KNOBS:
+                        with with_variant(provider):
+                            rows.append({**bench_case(case, "fasthydra"), "provider": provider})
+                    else:
+                        rows.append(bench_case(case, provider))
+                except Exception as exc:  # keep going: the table says what failed
+                    rows.append({"op": case.op, "shape": case.name, "dtype": str(case.dtype).replace("torch.", ""),
+                                 "provider": provider, "error": f"{type(exc).__name__}: {exc}"[:300]})
+                torch.cuda.empty_cache()
+            print(f"  done {case.key} ({time.perf_counter() - start:.0f}s)", flush=True)
+    clocks["cases"] = sampler.summary
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     record = {"device": device, "date": datetime.date.today().isoformat(), "commit": commit,
               "torch": torch.__version__, "triton": __import__("triton").__version__, "tests": tests,
               "rows": rows, "floors": {f"{op} {shape}": v for (op, shape), v in floors.items()}, "latency": lat_rows,
               "copy_bytes_per_s": copy_bps, "topk": topk,
-              "profiles": profiles, "host_profiles": host, "left_out": left_out,
+              "profiles": profiles, "host_profiles": host, "left_out": left_out, "clocks": clocks,
               # False when this torch refused addmm's fp32 output with an fp32 addend (dx then adds per group)
               "fp32_out_gemm": __import__("fasthydra.ops._common", fromlist=["_"]).FP32_OUT_GEMM}
     print(f"fp32-output GEMMs for dx over head groups: {record['fp32_out_gemm']}", flush=True)
@@ -490,6 +670,12 @@ def main(argv=None) -> int:
         return 1
     if left_out:
         print(f"left out (time budget): {', '.join(left_out)}")
+    for phase, summary in clocks.items():
+        print(f"clocks during {phase}: {summary}")
+    _write(args.out, record, start)
+    record["ncu"] = ncu_profile(NCU_CASES, min(150.0, args.deadline_s - (time.perf_counter() - start)),
+                                os.path.dirname(os.path.abspath(args.out)))
+    print_ncu(record["ncu"])
     _write(args.out, record, start)
     return 0 if tests.get("returncode") in (0, None) and all(v != "FAIL" for _, v, _ in targets) else 1
 

@@ -201,6 +201,15 @@ def test_main_runs_end_to_end_with_the_device_parts_stubbed(tmp_path, monkeypatc
                 "peak_memory_bytes": 2**20, "compile_seconds": None}
 
     monkeypatch.setattr(gpu_check, "bench_case", bench_case)
+    ncu_calls = []
+
+    def ncu_profile(cases, timeout, workdir):
+        ncu_calls.append((list(cases), timeout, workdir))
+        return {"cases": ["linear_fwdbwd small-C"], "seconds": 1.0,
+                "kernels": [{"kernel": "_small_heads_kl_kernel", "grid": "(4, 1, 1)", "block": "(128, 1, 1)",
+                             "metrics": {"Duration": "31.5 us", "SM Frequency": "1.98 Ghz"}}]}
+
+    monkeypatch.setattr(gpu_check, "ncu_profile", ncu_profile)
     out = tmp_path / "gpu.json"
     code = gpu_check.main(["--out", str(out)])
     record = json.loads(out.read_text())
@@ -225,6 +234,12 @@ def test_main_runs_end_to_end_with_the_device_parts_stubbed(tmp_path, monkeypatc
     moved = 3 * 64 * 3 * 10 * 2  # one read of z and t, one write of dz, bf16
     assert values["kl_fwdbwd gpu-large: of_copy_bandwidth >= 0.75"] == pytest.approx(moved / 1e-3 / 4e12)
     assert "variant linear_fwdbwd" in printed and record["commit"]
+    # ncu last, within the deadline, its rows in the record and the log; the clocks sampled per phase
+    (cases, timeout, workdir), = ncu_calls
+    assert cases == gpu_check.NCU_CASES and 0 < timeout <= 150 and workdir == str(tmp_path)
+    assert record["ncu"]["kernels"][0]["metrics"]["Duration"] == "31.5 us"
+    assert "_small_heads_kl_kernel" in printed and "SM Frequency 1.98 Ghz" in printed
+    assert set(record["clocks"]) == {"latency", "profiles", "cases"}
 
 
 def test_gpu_test_output_is_summarized_whole_and_cut_short():
@@ -237,3 +252,72 @@ def test_gpu_test_output_is_summarized_whole_and_cut_short():
     whole = gpu_check.summarize_test_output(out + "FAILED tests/test_gpu.py::test_b - AssertionError\n"
                                             "==== 1 failed, 2 passed in 3.0s ====\n", 1, "==== 1 failed ====", 3.0)
     assert whole["returncode"] == 1 and whole["passed"] == 2 and whole["failures"] == ["tests/test_gpu.py::test_b"]
+
+
+def test_clock_samples_summarised():
+    lines = ["1980, 3201, 512.31, 97", "345, 3201, 80.00, 3", "1755, 3201, [N/A], 60", "garbage", ""]
+    s = gpu_check.summarize_clock_samples(lines)
+    assert s["samples"] == 3 and s["sm_mhz"] == [345.0, 1755.0, 1980.0] and s["mem_mhz"] == 3201.0
+    assert s["power_w"] == [pytest.approx(296.155), 512.31] and s["util_pct"] == 60.0
+    assert gpu_check.summarize_clock_samples(["[N/A], [N/A], [N/A], [N/A]"]) is None
+
+
+def test_ncu_details_grouped_per_launch():
+    """ncu's details CSV (a preamble, one row per metric, rule rows without a metric) read back per launch,
+    in launch order (IDs compared as numbers: 10 after 2)."""
+    head = ('"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size",'
+            '"Device","CC","Section Name","Metric Name","Metric Unit","Metric Value","Rule Name"')
+
+    def row(i, kernel, grid, section, name, unit, value, rule=""):
+        return (f'"{i}","7","python3","h","{kernel}","1","7","(128, 1, 1)","{grid}","0","9.0","{section}",'
+                f'"{name}","{unit}","{value}","{rule}"')
+
+    text = "\n".join(["==PROF== Connected to process 7", head,
+                      row(10, "_small_heads_grad_kernel", "(1281, 1, 1)", "GPU Speed Of Light Throughput", "Duration",
+                          "us", "24.1"),
+                      row(2, "_small_heads_kl_kernel", "(256, 4, 1)", "GPU Speed Of Light Throughput", "Duration",
+                          "us", "31.5"),
+                      row(2, "_small_heads_kl_kernel", "(256, 4, 1)", "GPU Speed Of Light Throughput", "SM Frequency",
+                          "Ghz", "1.98"),
+                      row(2, "_small_heads_kl_kernel", "(256, 4, 1)", "Launch Statistics", "Registers Per Thread",
+                          "register/thread", "1,024"),
+                      row(2, "_small_heads_kl_kernel", "(256, 4, 1)", "Occupancy", "", "", "", rule="AchievedOccupancy")])
+    kernels = gpu_check.parse_ncu_details(text)
+    assert [k["kernel"] for k in kernels] == ["_small_heads_kl_kernel", "_small_heads_grad_kernel"]
+    assert kernels[0]["grid"] == "(256, 4, 1)" and kernels[0]["metrics"] == {
+        "Duration": "31.5 us", "SM Frequency": "1.98 Ghz", "Registers Per Thread": "1,024 register/thread"}
+    assert kernels[1]["metrics"] == {"Duration": "24.1 us"}
+    assert gpu_check.parse_ncu_details("==PROF== nothing profiled\n") == []
+
+
+def test_ncu_profile_runs_ncu_and_reads_its_report(tmp_path, monkeypatch):
+    """The plumbing around Nsight Compute with a stand-in `ncu` (a script): clocks left alone, only the
+    step between cudaProfilerStart/Stop, our kernels, the cases handed to the child; then the report
+    imported as CSV. A failing ncu (as on gVisor) gives an error entry, not an exception."""
+    log = tmp_path / "args.txt"
+    fake = tmp_path / "ncu"
+    fake.write_text(f'''#!{sys.executable}
+import sys
+args = sys.argv[1:]
+if "--import" in args:
+    print('"ID","Kernel Name","Block Size","Grid Size","Section Name","Metric Name","Metric Unit","Metric Value"')
+    print('"0","_small_heads_kl_kernel","(128, 1, 1)","(4, 1, 1)","SOL","Duration","us","30.0"')
+    sys.exit(0)
+open({str(log)!r}, "w").write(" ".join(args))
+if "FAIL" in open({str(log)!r}).read():
+    print("==ERROR== Failed to initialize the profiler"); sys.exit(1)
+open(args[args.index("-o") + 1] + ".ncu-rep", "w").write("report")
+''')
+    fake.chmod(0o755)
+    monkeypatch.setattr(gpu_check.shutil, "which", lambda name: str(fake) if name == "ncu" else None)
+    result = gpu_check.ncu_profile([("linear_fwdbwd", "small-C"), ("kl_fwdbwd", "gpu-large")], 60, str(tmp_path))
+    args = log.read_text()
+    assert "--clock-control none" in args and "--profile-from-start off" in args
+    assert f"-k {gpu_check.NCU_KERNELS}" in args and "--section SpeedOfLight" in args
+    assert args.endswith("--ncu-child linear_fwdbwd:small-C,kl_fwdbwd:gpu-large")
+    assert result["cases"] == ["linear_fwdbwd small-C", "kl_fwdbwd gpu-large"]
+    assert result["kernels"] == [{"kernel": "_small_heads_kl_kernel", "grid": "(4, 1, 1)", "block": "(128, 1, 1)",
+                                  "metrics": {"Duration": "30.0 us"}}]
+    failed = gpu_check.ncu_profile([("linear_fwdbwd", "FAIL")], 60, str(tmp_path))
+    assert "exit 1" in failed["error"] and "Failed to initialize" in failed["error"]
+    assert "no time left" in gpu_check.ncu_profile([("linear_fwdbwd", "small-C")], 5, str(tmp_path))["error"]
