@@ -201,6 +201,36 @@ def test_training_step_issues_no_host_sync(monkeypatch, impl, path, hidden):
 
 
 @pytest.mark.parametrize("path", HEADS_PATHS)
+def test_bad_teacher_on_cuda_is_reported_by_a_later_call(monkeypatch, path):
+    """On CUDA a NaN teacher gives a NaN loss at once and a ValueError from a later call once the error
+    word's copy has landed; with copies spaced COPY_INTERVAL_S apart, a bad call between two copies is
+    reported after the next one (a range of calls), and the word is clear afterwards."""
+    import time
+
+    from fasthydra.ops import checks
+
+    use_heads_path(monkeypatch, path)
+    head = HydraHead(32, 10, 4, impl="triton", device="cuda")
+    x = torch.randn(48, 32, device="cuda")
+    good = teacher_logits(48, 4, 10, device="cuda")
+    bad = good.clone()
+    bad[3, 1, 4] = float("nan")
+    head.distill_loss(x, good)  # a copy lands clean
+    torch.cuda.synchronize()
+    head.distill_loss(x, good)
+    torch.cuda.synchronize()
+    assert torch.isnan(head.distill_loss(x, bad))  # the step carries NaN (this read synchronises)
+    time.sleep(2 * checks.COPY_INTERVAL_S)
+    with pytest.raises(ValueError, match=r"distill_loss: the teacher contained NaN.*call\(s\) ago"):
+        for _ in range(3):  # the first copies the word (if the bad call did not), a later one raises
+            head.distill_loss(x, good)
+            torch.cuda.synchronize()
+    head.distill_loss(x, good)
+    torch.cuda.synchronize()
+    checks.raise_pending_errors(sync=True)  # reported once, cleared
+
+
+@pytest.mark.parametrize("path", HEADS_PATHS)
 @pytest.mark.parametrize("hidden", [None, 16])
 def test_training_step_replays_in_a_cuda_graph(monkeypatch, path, hidden):
     """body + HydraHead.distill_loss + optimizer step captured once, replayed: the same parameters as

@@ -20,6 +20,7 @@ SYNCING = ("item", "__bool__", "cpu", "tolist", "__float__", "__int__", "nonzero
 @pytest.fixture
 def deferred(monkeypatch):
     monkeypatch.setattr(checks, "_DEFER_ON_CPU", True)
+    monkeypatch.setattr(checks, "COPY_INTERVAL_S", 0.0)  # a copy at every call (test_copies_are_spaced: not)
     checks._flags.clear()
     yield
     checks._flags.clear()
@@ -142,3 +143,35 @@ def test_every_op_that_saw_a_bad_teacher_is_named(deferred):
     with pytest.raises(ValueError, match=r"hydra_kl_loss: .*NaN.*; hinton_kl_loss: .*NaN"):
         checks.raise_pending_errors(sync=True)
     checks.raise_pending_errors(sync=True)  # both cleared
+
+
+def test_copies_are_spaced_and_a_bad_call_between_them_is_still_reported(deferred, monkeypatch):
+    """With COPY_INTERVAL_S > 0 a fast loop copies the error word once per interval, not once per call;
+    an error flagged by a call between two copies is raised after the next copy lands, with the range of
+    calls it may have come from."""
+    monkeypatch.setattr(checks, "COPY_INTERVAL_S", 0.01)
+    now = [100.0]
+    monkeypatch.setattr(checks, "_clock", lambda: now[0])
+    cpu = torch.device("cpu")
+    flags = checks._flags_of(cpu)
+    copies = []
+    real_copy = flags.host.copy_
+    monkeypatch.setattr(flags, "host", type("Host", (), {
+        "copy_": lambda self, src, non_blocking=False: copies.append(flags.calls) or real_copy(src),
+        "numpy": lambda self: real_copy.__self__.numpy()})())
+    z = torch.randn(4, 3, 20)
+    good = torch.randn(4, 3, 20)
+    bad = good.clone()
+    bad[0, 2, 5] = float("nan")
+    for _ in range(5):  # 1 ms apart: one copy (the first call's), polled landed by the second
+        hydra_kl_loss(z, good, impl="triton")
+        now[0] += 0.001
+    assert copies == [1]
+    hydra_kl_loss(z, bad, impl="triton")  # call 6, 5 ms after the copy: none issued, the bits wait in the word
+    assert copies == [1]
+    now[0] += 0.006
+    hydra_kl_loss(z, good, impl="triton")  # call 7, 11 ms after: copies the word (NaN bit in it)
+    assert copies == [1, 7]
+    # call 8 reports it: the bad call is one of calls 2 to 7 (clean up to call 1, copied at call 7)
+    with pytest.raises(ValueError, match=r"NaN.*seen by a fasthydra call 1 to 6 call\(s\) ago"):
+        hydra_kl_loss(z, good, impl="triton")

@@ -6,7 +6,10 @@ op; the host never waits for it. After a launch the word is copied without block
 host memory behind a CUDA event (at most one copy in flight: the word is sticky, so a later copy
 sees anything an earlier one missed), and every later call of any op polls that event with
 ``event.query()`` (which does not synchronise). Once the copy has landed and shows a bit, the call
-raises the ValueError, naming the op and how many calls ago it ran, and clears the word. Meanwhile
+raises the ValueError, naming the op and how many calls ago it ran, and clears the word. Copies are
+issued at most every COPY_INTERVAL_S (10 ms): in a loop of fast steps the copy, its event and the
+query that waits for it would otherwise be three CUDA calls per step (tens of microseconds each on a
+slow host), and a bad call between two copies is reported by the next one. Meanwhile
 the loss of a bad step is NaN, so nothing passes silently. ``FASTHYDRA_STRICT=1`` (or
 ``strict_checks(True)``) checks synchronously after every launch instead, as on the CPU.
 Under CUDA-graph capture no copy is issued (the word is still written at each replay);
@@ -19,6 +22,7 @@ Bits: 1 a NaN teacher logit, 2 a +inf teacher logit, 4 a teacher row that is -in
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 
@@ -34,6 +38,9 @@ _strict_override: bool | None = None
 # Tests only: treat CPU tensors like CUDA ones (deferred reporting through a copy and an "event" that
 # has always landed), so the no-sync machinery is exercised where no GPU is.
 _DEFER_ON_CPU = False
+# Seconds between two copies of the error word to the host (at most one in flight at any time).
+COPY_INTERVAL_S = 0.01
+_clock = time.perf_counter  # tests replace it
 
 
 class _LandedEvent:
@@ -80,6 +87,7 @@ class _DeviceFlags:
         self.in_flight = False
         self.calls = 0  # op calls that touched the word
         self.copied_at = 0  # self.calls when the copy in flight was issued
+        self.copy_time = float("-inf")  # _clock() when the last copy was issued
         self.clean_at = 0  # self.calls when a landed copy last showed no error
         self.shapes: dict[str, tuple] = {}
 
@@ -155,10 +163,14 @@ def after_launch(device: torch.device, op: str, shape) -> None:
         return
     if f.in_flight or (f.word.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
+    now = _clock()
+    if now - f.copy_time < COPY_INTERVAL_S:
+        return  # a later call copies the word (sticky: this call's bits are still in it)
     f.host.copy_(f.word, non_blocking=True)
     f.event.record()
     f.in_flight = True
     f.copied_at = f.calls
+    f.copy_time = now
 
 
 def raise_pending_errors(sync: bool = True) -> None:
