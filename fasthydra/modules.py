@@ -99,7 +99,7 @@ class HydraHead(nn.Module):
         F_h._check_tensor("x", x)
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"x must have shape (*, {self.in_features}), got {tuple(x.shape)}")
-        return x.reshape(-1, self.in_features)
+        return x if x.dim() == 2 else x.reshape(-1, self.in_features)  # (a no-op reshape still costs a view)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (*, D) -> logits (*, M, C)."""
@@ -150,7 +150,8 @@ class HydraHead(nn.Module):
             if tuple(teacher_logits.shape) != want:
                 raise ValueError(f"teacher_logits must have shape {want} for x {tuple(x.shape)} and this head "
                                  f"(M={self.num_heads}, C={self.num_classes}); got {tuple(teacher_logits.shape)}")
-            t2 = teacher_logits.reshape(-1, self.num_heads, self.num_classes)
+            t2 = teacher_logits if teacher_logits.dim() == 3 else teacher_logits.reshape(-1, self.num_heads,
+                                                                                          self.num_classes)
         if reduction == "none":
             loss = F_h.hydra_kl_loss(self(x2), t2, temperature, reduction="none", impl=self.impl)
             return loss.reshape(*lead, self.num_heads)
