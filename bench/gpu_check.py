@@ -136,10 +136,37 @@ def copy_bandwidth() -> float:
     return 2 * 2**30 / seconds
 
 
-def latency(case: C.Case, provider: str, steps: int = 100) -> dict:
+# Seconds of CUDA-graph replays (or of large matrix products) that bring the SM clock up before a
+# small step's GPU time or a kernel profile is taken.
+WARM_S = 0.3
+
+
+def sm_clock() -> int | None:
+    """The SM clock now, in MHz (NVML through torch; None where it cannot be read)."""
+    try:
+        return int(torch.cuda.clock_rate())
+    except Exception:
+        return None
+
+
+def warm_clocks(seconds: float = WARM_S) -> None:
+    """Keeps the GPU busy with large bf16 matrix products for `seconds`, so that what is timed next runs at
+    the clock a busy GPU runs at, not at the idle one."""
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    until = time.perf_counter() + seconds
+    while time.perf_counter() < until:
+        for _ in range(10):
+            a @ a
+        torch.cuda.synchronize()
+
+
+def latency(case: C.Case, provider: str, steps: int = 200) -> dict:
     """GPU and host time per step (small shapes, and the host-bound GRAPH_CASES): CUDA events around
     `steps` steps issued without any synchronisation, the wall time of issuing them (the host cost the
-    GPU waits on if larger), and CUDA-graph replay (the GPU work alone)."""
+    GPU waits on if larger), and CUDA-graph replay (the GPU work alone), timed after WARM_S of replays
+    (an idle H200 sits at 345 MHz and a host-bound loop keeps it mostly idle: without the warm-up a
+    graph of tens of microseconds is timed at whatever clock the last idle spell left), with the SM
+    clock read right after."""
     C.case_settings(case)  # TF32 for the "-tf32" cases, as their timed rows run
     inputs = C.make_inputs(case)
     head = inputs.head
@@ -183,8 +210,11 @@ def latency(case: C.Case, provider: str, steps: int = 100) -> dict:
             for p in params:
                 p.grad = None
             loss_fn().backward()
-        graph.replay()
-        torch.cuda.synchronize()
+        warm_until = time.perf_counter() + WARM_S
+        while time.perf_counter() < warm_until:
+            for _ in range(20):
+                graph.replay()
+            torch.cuda.synchronize()
         start.record()
         for _ in range(steps):
             graph.replay()
@@ -194,7 +224,7 @@ def latency(case: C.Case, provider: str, steps: int = 100) -> dict:
     except Exception as exc:  # the table says it could not be captured
         print(f"  graph capture failed for {case.key} {provider}: {type(exc).__name__}: {exc}"[:300])
     return {"op": case.op, "shape": case.name, "provider": provider, "host_us": host * 1e6,
-            "stream_us": wall_gpu * 1e6, "gpu_us": None if gpu is None else gpu * 1e6}
+            "stream_us": wall_gpu * 1e6, "gpu_us": None if gpu is None else gpu * 1e6, "sm_mhz": sm_clock()}
 
 
 def topk_rows(copy_bps: float, b: int = 4096, m: int = 8, c: int = 32000, ks=(32, 128)) -> list[dict]:
@@ -231,7 +261,7 @@ def profile_step(case: C.Case, provider: str = "fasthydra", steps: int = 3, top:
     step = C.make_callable(case, provider, inputs)
     for _ in range(3):
         step()
-    torch.cuda.synchronize()
+    warm_clocks()  # (small steps leave the GPU mostly idle, at a low clock)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             step()
@@ -244,7 +274,8 @@ def profile_step(case: C.Case, provider: str = "fasthydra", steps: int = 3, top:
         if device_us > 0:
             rows.append({"kernel": ev.key[:90], "ms_per_step": device_us / 1e3 / steps, "calls_per_step": ev.count / steps})
     rows.sort(key=lambda r: -r["ms_per_step"])
-    return rows[:top]
+    return rows[:top] + [{"kernel": f"(the SM clock after these steps: {sm_clock()} MHz)", "ms_per_step": 0.0,
+                          "calls_per_step": 0.0}]
 
 
 def host_profile(case: C.Case, steps: int = 200, top: int = 15) -> list[dict]:
@@ -370,7 +401,7 @@ def ncu_child(spec: str) -> int:
         step = C.make_callable(case, "fasthydra", C.make_inputs(case))
         for _ in range(3):
             step()
-        torch.cuda.synchronize()
+        warm_clocks()
         torch.cuda.profiler.start()
         step()
         torch.cuda.synchronize()
@@ -602,7 +633,8 @@ def main(argv=None) -> int:
             print(f"  {r['op']:14} {r['shape']:10} {r['provider']:22} ERROR {r['error']}")
         else:
             print(f"  {r['op']:14} {r['shape']:10} {r['provider']:22} host {r['host_us']:9.1f} "
-                  f"stream {r['stream_us']:9.1f} gpu {r['gpu_us'] if r['gpu_us'] is None else round(r['gpu_us'], 1)}")
+                  f"stream {r['stream_us']:9.1f} gpu {r['gpu_us'] if r['gpu_us'] is None else round(r['gpu_us'], 1)} "
+                  f"(SM {r.get('sm_mhz')} MHz)")
     copy_bps = copy_bandwidth()
     print(f"device copy: {copy_bps / 1e9:.0f} GB/s (read + write)", flush=True)
     try:
