@@ -99,6 +99,16 @@ KNOBS = {
     # L2) and the backward hands it over, untouched at upstream 1
     "fasthydra/kl-stored": {"set": [("fasthydra.ops._common", "DEFER_KL_GRAD", False)],
                             "cases": [("kl_fwdbwd", "gpu-large"), ("kl_fwdbwd", "large-C")]},
+    # the two-pass loss kernels (dz formed where the row statistics are) with wider tiles: at gpu-large
+    # (aligned C: 40 to 52 registers) 2048-wide tiles in 8 warps fit 6 programs per SM, about 790 rows of z
+    # and t in flight (128 KiB each: 100 MB, more than the 60 MB L2), 4096 in 16 warps 2 to 3 per SM (34
+    # to 50 MB), 8192 in 32 warps one per SM (17 MB): the second read of a row may then come from L2
+    **{f"fasthydra/kl-stored-tile-{w}": {"set": [("fasthydra.ops._common", "DEFER_KL_GRAD", False),
+                                                 ("fasthydra.ops._common", "MAX_BLOCK_C", w)],
+                                         "cases": [("kl_fwdbwd", "gpu-large")]} for w in (4096, 8192)},
+    **{f"fasthydra/bias-one-pass-tile-{w}": {"set": [("fasthydra.ops._common", "SPLIT_BIAS_PASS", False),
+                                                     ("fasthydra.ops._common", "MAX_BLOCK_C", w)],
+                                             "cases": [("linear_fwdbwd", "gpu-large")]} for w in (4096, 8192)},
     # uncertainty's long-row tiles (4 warps): 8192 elements is the default
     **{f"fasthydra/unc-tile-{w}": {"set": [("fasthydra.ops._common", "UNCERTAINTY_LONG_TILE", w)],
                                    "cases": [("uncertainty", "gpu-large")]} for w in (4096, 16384)},

@@ -120,7 +120,9 @@ def test_variants_set_their_settings_and_restore_them(monkeypatch):
     # small shapes compare all three heads paths; large ones the two GEMM backends
     assert gpu_check.variants_for("linear_fwdbwd", "gpu-small") == ["fasthydra/cublas"]
     assert gpu_check.variants_for("linear_fwdbwd", "gpu-large") == ["fasthydra/groups-512MiB",
-                                                                     "fasthydra/bias-one-pass", "fasthydra/dx-add"]
+                                                                     "fasthydra/bias-one-pass", "fasthydra/dx-add",
+                                                                     "fasthydra/bias-one-pass-tile-4096",
+                                                                     "fasthydra/bias-one-pass-tile-8192"]
     with gpu_check.with_variant("fasthydra/bias-one-pass"):
         assert _common.SPLIT_BIAS_PASS is False
     assert _common.SPLIT_BIAS_PASS is True
@@ -131,10 +133,16 @@ def test_variants_set_their_settings_and_restore_them(monkeypatch):
         assert lk.CUBLAS_GROUP_ELEMENTS == 1 << 28 and lk._head_groups(4096, 8, 32000) == (2, 4096)
     assert lk.CUBLAS_GROUP_ELEMENTS == group and lk._head_groups(4096, 8, 32000) == (1, 4096)
     assert gpu_check.variants_for("kl_fwdbwd", "gpu-large") == ["fasthydra/kl-tile-1024", "fasthydra/kl-tile-4096",
-                                                                 "fasthydra/kl-tile-8192", "fasthydra/kl-stored"]
+                                                                 "fasthydra/kl-tile-8192", "fasthydra/kl-stored",
+                                                                 "fasthydra/kl-stored-tile-4096",
+                                                                 "fasthydra/kl-stored-tile-8192"]
     with gpu_check.with_variant("fasthydra/kl-stored"):
         assert _common.DEFER_KL_GRAD is False
     assert _common.DEFER_KL_GRAD is True
+    with gpu_check.with_variant("fasthydra/kl-stored-tile-8192"):
+        assert _common.DEFER_KL_GRAD is False and _common.kl_rows_config(32000, 2)["BLOCK_C"] == 8192
+        assert _common.kl_rows_config(32000, 2)["num_warps"] == 32
+    assert _common.DEFER_KL_GRAD is True and _common.kl_rows_config(32000, 2)["BLOCK_C"] == 2048
     assert gpu_check.variants_for("kl_fwdbwd", "mid") == []
     with gpu_check.with_variant("fasthydra/unc-tile-4096"):
         assert _common.uncertainty_config(8, 32000)["BLOCK_C"] == 512
