@@ -715,8 +715,11 @@ def main(argv=None) -> int:
     for phase, summary in clocks.items():
         print(f"clocks during {phase}: {summary}")
     _write(args.out, record, start)
-    record["ncu"] = ncu_profile(NCU_CASES, min(150.0, args.deadline_s - (time.perf_counter() - start)),
-                                os.path.dirname(os.path.abspath(args.out)))
+    try:  # diagnostics only: whatever goes wrong here must not cost the record
+        record["ncu"] = ncu_profile(NCU_CASES, min(150.0, args.deadline_s - (time.perf_counter() - start)),
+                                    os.path.dirname(os.path.abspath(args.out)))
+    except Exception as exc:
+        record["ncu"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
     print_ncu(record["ncu"])
     _write(args.out, record, start)
     return 0 if tests.get("returncode") in (0, None) and all(v != "FAIL" for _, v, _ in targets) else 1
