@@ -112,6 +112,12 @@ KNOBS = {
     # uncertainty's long-row tiles (4 warps): 8192 elements is the default
     **{f"fasthydra/unc-tile-{w}": {"set": [("fasthydra.ops._common", "UNCERTAINTY_LONG_TILE", w)],
                                    "cases": [("uncertainty", "gpu-large")]} for w in (4096, 16384)},
+    # uncertainty's long rows in 16 and 32 warps (about 50 registers: two programs per SM, or one): a
+    # gpu-large row is 512 KiB of z, so 4-warp programs keep ~1 GB of rows in flight and the second,
+    # reversed pass misses L2; one program per SM keeps 67 MB, and about half the second read may hit
+    # (run 1's 32-warp regression came from per-tile reductions across warps, which are gone)
+    **{f"fasthydra/unc-warps-{w}": {"set": [("fasthydra.ops._common", "FILL_WARPS", 4096 * w)],
+                                    "cases": [("uncertainty", "gpu-large")]} for w in (16, 32)},
 }
 # Mid-size cases whose eager steps run host-bound on the device machine's CPU: their GPU time alone
 # (CUDA-graph replay) beside the wall time, fasthydra only, to tell the GPU work from the host's.

@@ -144,6 +144,13 @@ def test_variants_set_their_settings_and_restore_them(monkeypatch):
         assert _common.kl_rows_config(32000, 2)["num_warps"] == 32
     assert _common.DEFER_KL_GRAD is True and _common.kl_rows_config(32000, 2)["BLOCK_C"] == 2048
     assert gpu_check.variants_for("kl_fwdbwd", "mid") == []
+    assert gpu_check.variants_for("uncertainty", "gpu-large") == ["fasthydra/unc-tile-4096", "fasthydra/unc-tile-16384",
+                                                                   "fasthydra/unc-warps-16", "fasthydra/unc-warps-32"]
+    with gpu_check.with_variant("fasthydra/unc-warps-32"):
+        assert _common.uncertainty_config(8, 32000, 4096)["num_warps"] == 32
+    with gpu_check.with_variant("fasthydra/unc-warps-16"):
+        assert _common.uncertainty_config(8, 32000, 4096)["num_warps"] == 16
+    assert _common.uncertainty_config(8, 32000, 4096)["num_warps"] == 4
     with gpu_check.with_variant("fasthydra/unc-tile-4096"):
         assert _common.uncertainty_config(8, 32000)["BLOCK_C"] == 512
     assert _common.uncertainty_config(8, 32000)["BLOCK_C"] == 1024
