@@ -222,6 +222,53 @@ def test_class_tiled_mode_matches_reference(monkeypatch, hidden, tile_elements, 
         assert_close_to(head.distill_loss(x, t, temperature=1.7), loss_ref, rtol=1e-12)
 
 
+@pytest.mark.parametrize("hidden", [None, 5])
+@pytest.mark.parametrize("tile_elements", [3 * 21 * 16, 10**6], ids=["tiles-of-16", "one-tile"])
+def test_class_tiled_mode_in_c_matches_float64(monkeypatch, hidden, tile_elements):
+    """The class-tiled mode in fp32 runs its two passes in the C tile kernels (native.tile_stats,
+    native.tile_grad): against float64, with maxima that move from tile to tile (a rising teacher ramp
+    and a falling student one), a row whose first tiles are all masked, a masked stretch, logits of
+    1e3; and the same values as the torch ops it replaces (FASTHYDRA_NATIVE=0)."""
+    import fasthydra.ops.linear_hydra_kl as lk
+    from fasthydra.ops import native
+
+    if native.status() != "ok":
+        pytest.skip(f"native kernel unavailable here: {native.status()}")
+    monkeypatch.setattr(lk, "TORCH_CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(lk, "TILE_ELEMENTS", tile_elements)
+    b, d, m, c = 21, 9, 3, 70
+    head = HydraHead(d, c, m, hidden_features=hidden, impl="torch")
+    with torch.no_grad():
+        head.weight.mul_(3.0)
+    x = torch.randn(b, d, requires_grad=True)
+    t = teacher_logits(b, m, c) * 2
+    t[0, 0] = torch.linspace(-20, 40, c)  # the teacher's maximum rises tile after tile
+    t[3, 2, :40] = float("-inf")  # the first tiles of a row carry no teacher mass
+    t[5, 1, 10:50] = float("-inf")
+    t[7] = t[7] * 300  # logits of about 1e3
+    calls = []
+    real = native.tile_stats
+    monkeypatch.setattr(native, "tile_stats", lambda *a: calls.append(1) or real(*a))
+    loss = head.distill_loss(x, t, temperature=1.7)
+    grads = torch.autograd.grad(loss, [x, *params_of(head)])
+    assert calls, "the C tile kernels did not run"
+    head64 = HydraHead(d, c, m, hidden_features=hidden, impl="torch", dtype=torch.float64)
+    head64.load_state_dict({k: v.double() for k, v in head.state_dict().items()})
+    x64 = x.detach().double().requires_grad_()
+    loss_ref, grads_ref = reference_loss_and_grads(head64, x64, t.double(), 1.7)
+    assert_close_to(loss, loss_ref, rtol=2e-5, what="loss")
+    for name, g, g_ref in zip(["x"] + [n for n, _ in head.named_parameters()], grads, grads_ref):
+        assert_close_to(g, g_ref, rtol=2e-4, atol=1e-6 * g_ref.abs().max().item(), what=name)
+    monkeypatch.setenv("FASTHYDRA_NATIVE", "0")
+    calls.clear()
+    loss_ops = head.distill_loss(x, t, temperature=1.7)
+    grads_ops = torch.autograd.grad(loss_ops, [x, *params_of(head)])
+    assert not calls
+    assert_close_to(loss, loss_ops.double(), rtol=1e-5, what="loss (torch ops)")
+    for g, g_ops in zip(grads, grads_ops):
+        assert_close_to(g, g_ops.double(), rtol=1e-4, atol=1e-6 * g_ops.abs().max().item(), what="grad (torch ops)")
+
+
 def test_no_grad_takes_the_loss_only_path(monkeypatch):
     """Under torch.no_grad() nothing gradient-sized is computed (autograd's needs_input_grad would still
     say True there), and the value is unchanged."""

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from . import _common
+from . import _common, native
 from ._common import (
     CUBLAS_GROUP_ELEMENTS,
     TORCH_CHUNK_ELEMENTS,
@@ -96,15 +96,25 @@ def _class_tiled_block(xc, w, bias_c, tb, temperature, want_grad, shared, beta, 
     one (M, rows, tile) logits tile is alive at a time. tgrad (rows, M, C), when given, receives the
     teacher's gradient scale * p * (log p - log q - KL), formed around the teacher's most probable
     class as the Triton kernel does (no cancellation at large logits; one more pass, see
-    kernels/softmax_kl.py). Returns the loss rows (rows, M)."""
+    kernels/softmax_kl.py). Returns the loss rows (rows, M).
+
+    fp32 on the CPU with a frozen fp32 teacher: each pass is one C sweep per tile row (native.tile_stats,
+    native.tile_grad) instead of about ten torch ops over the tile."""
     m, c, k, bc, inv_t, cdt, xs, tile = _tiled_setup(xc, w, temperature, shared)
+    in_c = tgrad is None and native.tile_usable(xc, tb)
 
     def tiles():
         for c0 in range(0, c, tile):
             c1 = min(c, c0 + tile)
             s = torch.baddbmm(bias_c[:, None, c0:c1], xs, w[:, c0:c1].transpose(1, 2), beta=inv_t, alpha=inv_t)
+            if in_c:  # the raw teacher, seen as (M, rows, tile)
+                yield c0, c1, s, tb[:, :, c0:c1].transpose(0, 1)
+                continue
             u = tb[:, :, c0:c1].permute(1, 0, 2).to(cdt) * inv_t  # a new tensor: never write the caller's teacher
             yield c0, c1, s, u
+
+    if in_c:
+        return _class_tiled_in_c(tiles, m, bc, temperature, want_grad, shared, xs, w, beta, scale, grads)
 
     inf = torch.full((m, bc), float("-inf"), dtype=cdt, device=xc.device)
     zero = torch.zeros((m, bc), dtype=cdt, device=xc.device)
@@ -131,21 +141,48 @@ def _class_tiled_block(xc, w, bias_c, tb, temperature, want_grad, shared, beta, 
     loss = (kl * (temperature * temperature)).T
     if not want_grad and tgrad is None:
         return loss
+
+    def grads_of_tiles():
+        for c0, c1, s, u in tiles():
+            e = (u - ref_u).sub_(s - s_at.unsqueeze(-1)) if tgrad is not None else None
+            log_q, log_p = s.sub_(ref_s).sub_(log_d_s), u.sub_(ref_u).sub_(log_d_u)
+            if tgrad is not None:  # p * (e - sum_k p_k e_k); masked classes: 0 * -inf = NaN, truly 0
+                h = e.sub_(mean_e.unsqueeze(-1)).mul_(log_p.exp()).nan_to_num_(nan=0.0)
+                torch.mul(h.transpose(0, 1), scale, out=tgrad[:, :, c0:c1])
+            if want_grad:
+                yield c0, c1, log_q.exp_().sub_(log_p.exp_())  # q - p, (M, rows, tile)
+
+    if not want_grad:
+        for _ in grads_of_tiles():  # the teacher's gradient only
+            pass
+        return loss
+    _tiles_into_grads(grads_of_tiles(), shared, xs, w, beta, scale, grads)
+    return loss
+
+
+def _class_tiled_in_c(tiles, m, bc, temperature, want_grad, shared, xs, w, beta, scale, grads):
+    """_class_tiled_block's two passes in the C tile kernels (fp32 on the CPU, a frozen fp32 teacher):
+    tiles() yields (c0, c1, tempered student tile, raw teacher view), both (M, rows, tile)."""
+    stats = native.tile_stats_init(m * bc)
+    for _, _, s, t in tiles():
+        native.tile_stats(s, t, stats, temperature)
+    m_s, d_s, m_t, d_u, a = stats
+    log_d_s, log_d_u = d_s.log(), d_u.log()
+    loss = (a / d_u - log_d_u + log_d_s).mul_(temperature * temperature).view(m, bc).T
+    if want_grad:
+        _tiles_into_grads(((c0, c1, native.tile_grad(s, t, m_s, log_d_s, m_t, log_d_u, temperature))
+                           for c0, c1, s, t in tiles()), shared, xs, w, beta, scale, grads)
+    return loss
+
+
+def _tiles_into_grads(tile_grads, shared, xs, w, beta, scale, grads) -> None:
+    """(c0, c1, q - p) tiles contracted into the input, weight and bias gradients (grads: their buffers)."""
     grad_in, grad_w32, grad_b32 = grads
     gx = torch.zeros_like(xs) if grad_in is not None else None
-    for c0, c1, s, u in tiles():
-        e = (u - ref_u).sub_(s - s_at.unsqueeze(-1)) if tgrad is not None else None
-        log_q, log_p = s.sub_(ref_s).sub_(log_d_s), u.sub_(ref_u).sub_(log_d_u)
-        if tgrad is not None:  # p * (e - sum_k p_k e_k); masked classes: 0 * -inf = NaN, truly 0
-            h = e.sub_(mean_e.unsqueeze(-1)).mul_(log_p.exp()).nan_to_num_(nan=0.0)
-            torch.mul(h.transpose(0, 1), scale, out=tgrad[:, :, c0:c1])
-        if not want_grad:
-            continue
-        g = log_q.exp_().sub_(log_p.exp_())  # q - p, (M, rows, tile)
+    for c0, c1, g in tile_grads:
         _tile_into_grads(g, c0, c1, w, xs, gx, grad_w32, grad_b32, beta, scale)
     if gx is not None:
         grad_in.copy_(gx.sum(0) if shared else gx.transpose(0, 1))
-    return loss
 
 
 def _tile_into_grads(g, c0, c1, w, xs, gx, grad_w32, grad_b32, beta, scale) -> None:
@@ -190,13 +227,8 @@ def _class_tiled_block_topk(xc, w, bias_c, vb, ib, temperature, want_grad, share
     loss = (kl * (temperature * temperature)).T
     if not want_grad:
         return loss
-    grad_in, grad_w32, grad_b32 = grads
-    gx = torch.zeros_like(xs) if grad_in is not None else None
-    for c0, c1, s, here, local in tiles():
-        g = s.sub_(lse_s).exp_().scatter_add_(-1, local, torch.where(here, -p, 0.0))  # q - p~, (M, rows, tile)
-        _tile_into_grads(g, c0, c1, w, xs, gx, grad_w32, grad_b32, beta, scale)
-    if gx is not None:
-        grad_in.copy_(gx.sum(0) if shared else gx.transpose(0, 1))
+    _tiles_into_grads(((c0, c1, s.sub_(lse_s).exp_().scatter_add_(-1, local, torch.where(here, -p, 0.0)))
+                       for c0, c1, s, here, local in tiles()), shared, xs, w, beta, scale, grads)  # q - p~
     return loss
 
 

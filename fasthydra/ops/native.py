@@ -87,6 +87,10 @@ def _build() -> ctypes.CDLL:
     i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
     fn.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, i64, ptr, i64, i64, i64, f32, f32, ctypes.c_int]
     fn.restype = ctypes.c_int
+    tile = [ptr, i64, i64, ptr, i64, i64, i64, i64, i64, i64, f32, ptr, ptr, ptr, ptr]  # + a for the stats
+    lib.hydra_kl_tile_stats.argtypes = tile + [ptr]
+    lib.hydra_kl_tile_grad.argtypes = tile
+    lib.hydra_kl_tile_stats.restype = lib.hydra_kl_tile_grad.restype = None
     return lib
 
 
@@ -126,7 +130,6 @@ def kl_rows(s2: torch.Tensor, t2: torch.Tensor, temperature: float, want_grad: b
 
     Rows are split across torch.get_num_threads() threads (ctypes releases the GIL during the call).
     """
-    global _pool
     lib = _library()
     r, c = s2.shape
     s2 = s2 if s2.stride(1) == 1 else s2.contiguous()
@@ -141,15 +144,57 @@ def kl_rows(s2: torch.Tensor, t2: torch.Tensor, temperature: float, want_grad: b
             grad.data_ptr() if want_grad else None, c if want_grad else 0,
             tgrad.data_ptr() if want_tgrad else None, c if want_tgrad else 0, loss.data_ptr())
     tail = (c, 1.0 / temperature, temperature * temperature, int(want_grad))
-    workers = max(1, min(torch.get_num_threads(), r // MIN_ROWS_PER_THREAD))
-    bounds = [r * i // workers for i in range(workers + 1)]
-    if workers == 1:
-        codes = [lib.hydra_kl_rows(*args, 0, r, *tail)]
-    else:
-        if _pool is None or _pool._max_workers < workers:
-            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fasthydra-kl")
-        futures = [_pool.submit(lib.hydra_kl_rows, *args, bounds[i], bounds[i + 1], *tail) for i in range(workers)]
-        codes = [f.result() for f in futures]
+    codes = _over_rows(lambda r0, r1: lib.hydra_kl_rows(*args, r0, r1, *tail), r)
     if any(codes):
         raise MemoryError("fasthydra native KL kernel could not allocate its row scratch")
     return loss, grad, tgrad
+
+
+def _over_rows(call, r: int) -> list:
+    """call(r0, r1) over rows [0, r) split across torch.get_num_threads() threads (ctypes releases the GIL
+    during each call); their results in order."""
+    global _pool
+    workers = max(1, min(torch.get_num_threads(), r // MIN_ROWS_PER_THREAD))
+    if workers == 1:
+        return [call(0, r)]
+    bounds = [r * i // workers for i in range(workers + 1)]
+    if _pool is None or _pool._max_workers < workers:
+        _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fasthydra-kl")
+    futures = [_pool.submit(call, bounds[i], bounds[i + 1]) for i in range(workers)]
+    return [f.result() for f in futures]
+
+
+def tile_usable(s: torch.Tensor, t: torch.Tensor) -> bool:
+    """The class-tiled kernels take an fp32 (M, rows, w) CPU tile and a teacher view of the same shape,
+    fp32, unit stride along the classes."""
+    return usable(s) and t.dtype == torch.float32 and t.stride(-1) == 1 and s.stride(-1) == 1
+
+
+def tile_stats_init(rows: int) -> tuple:
+    """Per-row statistics (m_s, d_s, m_t, d_u, a) before the first tile: maxima -inf, sums 0."""
+    inf = torch.full((rows,), float("-inf"), dtype=torch.float32)
+    return inf, torch.zeros(rows), inf.clone(), torch.zeros(rows), torch.zeros(rows)
+
+
+def _tile_geometry(s: torch.Tensor, t: torch.Tensor):
+    m, inner, w = s.shape
+    return (s.data_ptr(), s.stride(0), s.stride(1), t.data_ptr(), t.stride(0), t.stride(1), inner), m * inner, w
+
+
+def tile_stats(s: torch.Tensor, t: torch.Tensor, stats: tuple, temperature: float) -> None:
+    """Pass 1 of the class-tiled mode: folds one (M, rows, w) tile, s tempered student logits and t the raw
+    teacher (views of one shape), into stats (tile_stats_init's five (M * rows,) arrays, in place)."""
+    lib = _library()
+    head, r, w = _tile_geometry(s, t)
+    ptrs = [x.data_ptr() for x in stats]
+    _over_rows(lambda r0, r1: lib.hydra_kl_tile_stats(*head, r0, r1, w, 1.0 / temperature, *ptrs), r)
+
+
+def tile_grad(s: torch.Tensor, t: torch.Tensor, m_s, log_d_s, m_t, log_d_u, temperature: float) -> torch.Tensor:
+    """Pass 2: s (a recomputed tempered tile, contiguous) becomes q - p in place, from pass 1's maxima and
+    log-normalisers (each (M * rows,))."""
+    lib = _library()
+    head, r, w = _tile_geometry(s, t)
+    ptrs = [x.data_ptr() for x in (m_s, log_d_s, m_t, log_d_u)]
+    _over_rows(lambda r0, r1: lib.hydra_kl_tile_grad(*head, r0, r1, w, 1.0 / temperature, *ptrs), r)
+    return s

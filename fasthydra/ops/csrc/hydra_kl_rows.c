@@ -158,3 +158,95 @@ int hydra_kl_rows(const float *s, int64_t ld_s, const float *t, int64_t ld_t, fl
     free(scratch);
     return 0;
 }
+
+/* Class-tiled mode (large C on the torch path): a row's classes arrive in tiles of w, the logits of a
+ * tile made by a GEMM just before. Pass 1 folds each tile into per-row online statistics, pass 2 turns
+ * a recomputed tile into q - p in place. Row r of a tile lives at s + (r / inner) * so + (r % inner) * si
+ * (likewise t with to, ti): the (M, rows, w) logits tile and a (rows, M, C) teacher seen as (M, rows, w).
+ *
+ * Statistics per row: m_s = max s (s tempered), d_s = sum exp(s - m_s); m_t = max t (the raw teacher:
+ * u - max u is formed as (t - m_t) / T, exactly 0 at the maximum), d_u = sum exp((t - m_t) / T),
+ * a = sum exp((t - m_t) / T) * ((t - m_t) / T - (s - m_s)). When a tile raises a maximum the sums are
+ * rescaled: d *= exp(old - new), a = exp(-du) * (a - d_u * (du - ds)) with du, ds the shifts.
+ * KL = a / d_u - log d_u + log d_s, as in the row kernel. A -inf teacher logit masks its class. */
+static void tile_row_stats(const float *s, const float *t, int64_t w, float inv_t, float *m_s, float *d_s,
+                           float *m_t, float *d_u, float *a) {
+    float tm_s = row_max(s, w, 1.0f), tm_t = row_max(t, w, 1.0f);
+    float new_s = tm_s > *m_s ? tm_s : *m_s, new_t = tm_t > *m_t ? tm_t : *m_t;
+    float ref_s = isinf(new_s) && new_s < 0 ? 0.0f : new_s;
+    if (*d_s > 0.0f) *d_s *= vexp(*m_s - ref_s);
+    float shift_s = ref_s - (isinf(*m_s) && *m_s < 0 ? 0.0f : *m_s);
+    *m_s = new_s;
+    if (isinf(new_t) && new_t < 0) { /* every teacher class so far masked: only the student's sum moves */
+        float ds[LANES];
+        for (int j = 0; j < LANES; ++j) ds[j] = 0.0f;
+        int64_t c = 0;
+        for (; c + LANES <= w; c += LANES)
+            for (int j = 0; j < LANES; ++j) ds[j] += vexp(s[c + j] - ref_s);
+        for (int j = 0; j < LANES; ++j) *d_s += ds[j];
+        for (; c < w; ++c) *d_s += vexp(s[c] - ref_s);
+        return;
+    }
+    if (*d_u > 0.0f) { /* both references move: rescale the sums kept so far */
+        float shift_u = (new_t - *m_t) * inv_t;
+        *a = vexp(-shift_u) * (*a - *d_u * (shift_u - shift_s));
+        *d_u *= vexp(-shift_u);
+    } else {
+        *a = 0.0f;
+        *d_u = 0.0f;
+    }
+    *m_t = new_t;
+    float ds[LANES], du[LANES], aa[LANES];
+    for (int j = 0; j < LANES; ++j) ds[j] = du[j] = aa[j] = 0.0f;
+    int64_t c = 0;
+    for (; c + LANES <= w; c += LANES)
+        for (int j = 0; j < LANES; ++j) {
+            float us = (t[c + j] - new_t) * inv_t, ss = s[c + j] - ref_s;
+            float eu = vexp(us);
+            ds[j] += vexp(ss);
+            du[j] += eu;
+            aa[j] += eu > 0.0f ? eu * (us - ss) : 0.0f; /* a masked class: 0 * -inf must read as 0 */
+        }
+    float sd_s = 0.0f, sd_u = 0.0f, sa = 0.0f;
+    for (int j = 0; j < LANES; ++j) {
+        sd_s += ds[j];
+        sd_u += du[j];
+        sa += aa[j];
+    }
+    for (; c < w; ++c) {
+        float us = (t[c] - new_t) * inv_t, ss = s[c] - ref_s;
+        float eu = vexp(us);
+        sd_s += vexp(ss);
+        sd_u += eu;
+        sa += eu > 0.0f ? eu * (us - ss) : 0.0f;
+    }
+    *d_s += sd_s;
+    *d_u += sd_u;
+    *a += sa;
+}
+
+/* Pass 1 over rows [r0, r1) of one tile; stats arrays indexed by the row. */
+void hydra_kl_tile_stats(const float *s, int64_t so, int64_t si, const float *t, int64_t to, int64_t ti,
+                         int64_t inner, int64_t r0, int64_t r1, int64_t w, float inv_t, float *m_s, float *d_s,
+                         float *m_t, float *d_u, float *a) {
+    for (int64_t r = r0; r < r1; ++r) {
+        int64_t o = r / inner, i = r % inner;
+        tile_row_stats(s + o * so + i * si, t + o * to + i * ti, w, inv_t, m_s + r, d_s + r, m_t + r, d_u + r,
+                       a + r);
+    }
+}
+
+/* Pass 2 over rows [r0, r1) of one tile: s (tempered, overwritten) = q - p = exp(s - m_s - log d_s) -
+ * exp((t - m_t) / T - log d_u), from the statistics of pass 1. */
+void hydra_kl_tile_grad(float *s, int64_t so, int64_t si, const float *t, int64_t to, int64_t ti, int64_t inner,
+                        int64_t r0, int64_t r1, int64_t w, float inv_t, const float *m_s, const float *log_d_s,
+                        const float *m_t, const float *log_d_u) {
+    for (int64_t r = r0; r < r1; ++r) {
+        int64_t o = r / inner, i = r % inner;
+        float *g = s + o * so + i * si;
+        const float *tr = t + o * to + i * ti;
+        float ref_s = (isinf(m_s[r]) && m_s[r] < 0 ? 0.0f : m_s[r]) + log_d_s[r];
+        float ref_t = isinf(m_t[r]) && m_t[r] < 0 ? 0.0f : m_t[r], lu = log_d_u[r];
+        for (int64_t c = 0; c < w; ++c) g[c] = vexp(g[c] - ref_s) - vexp((tr[c] - ref_t) * inv_t - lu);
+    }
+}
