@@ -76,6 +76,10 @@ VARIANTS = {"fasthydra/cublas": {"FASTHYDRA_SMALL_STEP": "0"}}
 KNOBS = {
     # the small-step path's first launch with 32-row programs (half the weight re-reads, half the programs)
     "fasthydra/small-32-rows": {"set": [("fasthydra.ops._common", "SMALL_BLOCK_B", 32)], "cases": "latency"},
+    # the small step with both launches in the forward and the stored gradients scaled in the backward (one
+    # more launch: the device-side skip at upstream 1) instead of launch 2 in the backward
+    "fasthydra/small-grads-in-forward": {"set": [("fasthydra.ops._common", "SMALL_DEFERRED", False)],
+                                         "cases": "latency"},
     # the cuBLAS path's head groups at gpu-large: 2 heads per group (512 MiB of logits) and 1 (the default)
     "fasthydra/groups-512MiB": {"set": [("fasthydra.ops.linear_hydra_kl", "CUBLAS_GROUP_ELEMENTS", 1 << 28)],
                                 "cases": [("linear_fwdbwd", "gpu-large")]},

@@ -426,8 +426,9 @@ def _fused(inp, weight, bias, teacher, temperature, reduction, shared, impl):
     on = torch.is_grad_enabled()
     teacher, indices = _teacher_parts(teacher)
     needs = [on and t is not None and t.requires_grad for t in (inp, weight, bias, teacher)]
+    defer = _ops.small_deferred_config(inp, weight, bias, reduction, *needs, impl, indices) is not None
     loss, *_ = _ops.linear_hydra_kl_call(inp, weight, bias, teacher, temperature, reduction, shared, *needs, impl,
-                                         indices)
+                                         indices, defer)
     return _autocast_loss(loss, inp)
 
 

@@ -182,22 +182,28 @@ def _kernel_specs():
                 xs = {"x_ptr": f"*{ty}", "B": b, "M": m, "C": c, "K": k, "stride_xb": k if shared else m * k,
                       "stride_xm": 0 if shared else k}
                 dots = {"UPCAST_DOT": False, "PRECISION": prec, "BLOCK_C": sc["BLOCK_C"], "BLOCK_K": sc["BLOCK_K"]}
-                add(_small_heads_kl_kernel, {**xs, "w_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "t_ptr": f"*{ty}",
-                                             "loss_ptr": "*fp32", "part_ptr": "*fp32", "g_ptr": f"*{ty}",
-                                             "err_ptr": "*i32", "heads_per_program": sc["HEADS"],
-                                             "stride_wm": c * k, "stride_wc": k, "stride_biasm": c,
-                                             "stride_tb": m * c, "stride_tm": c, "inv_temp": 0.5, "loss_scale": 4.0,
-                                             "grad_scale": 0.1},
-                    {**dots, "HAS_BIAS": True, "WRITE_GRAD": True, "BLOCK_B": sc["BLOCK_B"]},
-                    {"num_warps": sc["num_warps"]}, tag)
-                add(_small_heads_grad_kernel, {**xs, "w_ptr": f"*{ty}", "g_ptr": f"*{ty}", "dx_ptr": f"*{ty}",
-                                               "dw_ptr": f"*{ty}", "db_ptr": f"*{ty}", "part_ptr": "*fp32",
-                                               "out_ptr": "*fp32", "n_parts": 300, "n_w": 80, "n_kblocks_w": 8,
-                                               "n_x": 300, "n_kblocks": 8, "out_scale": 0.1},
-                    {**dots, "SHARED": shared, "NEED_W": True, "NEED_B": True, "REDUCE": True, "BLOCK_P": 128,
-                     "BLOCK_R": sc["BLOCK_R"], "BLOCK_RW": sc["BLOCK_RW"], "BLOCK_KW": sc["BLOCK_KW"],
-                     "BLOCK_J": sc["BLOCK_J"]},
-                    {"num_warps": sc["num_warps"]}, tag)
+                for reduce in (True, False):  # the loss reduced by the last program, or loss rows
+                    add(_small_heads_kl_kernel, {**xs, "w_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "t_ptr": f"*{ty}",
+                                                 "loss_ptr": "*fp32", "part_ptr": "*fp32", "g_ptr": f"*{ty}",
+                                                 "err_ptr": "*i32", "out_ptr": "*fp32", "count_ptr": "*i32",
+                                                 "heads_per_program": sc["HEADS"], "stride_wm": c * k, "stride_wc": k,
+                                                 "stride_biasm": c, "stride_tb": m * c, "stride_tm": c,
+                                                 "inv_temp": 0.5, "loss_scale": 4.0, "grad_scale": 0.1,
+                                                 "out_scale": 0.01},
+                        {**dots, "HAS_BIAS": True, "WRITE_GRAD": True, "REDUCE": reduce, "BLOCK_B": sc["BLOCK_B"],
+                         "BLOCK_P": 128},
+                        {"num_warps": sc["num_warps"]}, tag)
+                # from the Hydra heads' backward (times the upstream gradient), and after the Gaussian
+                # heads' kernel (reducing their partial losses)
+                for scale_by_up, reduce in ((True, False), (False, True)):
+                    add(_small_heads_grad_kernel, {**xs, "w_ptr": f"*{ty}", "g_ptr": f"*{ty}", "dx_ptr": f"*{ty}",
+                                                   "dw_ptr": f"*{ty}", "db_ptr": f"*{ty}", "part_ptr": "*fp32",
+                                                   "out_ptr": "*fp32", "up_ptr": "*fp32", "n_parts": 300, "n_w": 80,
+                                                   "n_kblocks_w": 8, "n_x": 300, "n_kblocks": 8, "out_scale": 0.1},
+                        {**dots, "SHARED": shared, "NEED_W": True, "NEED_B": True, "REDUCE": reduce,
+                         "SCALE_BY_UP": scale_by_up, "BLOCK_P": 128, "BLOCK_R": sc["BLOCK_R"],
+                         "BLOCK_RW": sc["BLOCK_RW"], "BLOCK_KW": sc["BLOCK_KW"], "BLOCK_J": sc["BLOCK_J"]},
+                        {"num_warps": sc["num_warps"]}, tag)
 
             from fasthydra.ops.gaussian_kl import gaussian_config
 
@@ -215,13 +221,13 @@ def _kernel_specs():
                 if sc is not None:
                     add(_small_heads_grad_kernel,
                         {"x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "g_ptr": f"*{ty}", "dx_ptr": f"*{ty}",
-                         "dw_ptr": f"*{ty}", "db_ptr": f"*{ty}", "part_ptr": "*fp32", "out_ptr": "*fp32", "B": b,
-                         "M": m, "C": 2 * k_out, "K": d, "stride_xb": d, "stride_xm": 0, "n_parts": 300, "n_w": 80,
-                         "n_kblocks_w": 8, "n_x": 300, "n_kblocks": 8, "out_scale": 0.1},
+                         "dw_ptr": f"*{ty}", "db_ptr": f"*{ty}", "part_ptr": "*fp32", "out_ptr": "*fp32",
+                         "up_ptr": "*fp32", "B": b, "M": m, "C": 2 * k_out, "K": d, "stride_xb": d, "stride_xm": 0,
+                         "n_parts": 300, "n_w": 80, "n_kblocks_w": 8, "n_x": 300, "n_kblocks": 8, "out_scale": 0.1},
                         {"UPCAST_DOT": False, "PRECISION": prec, "BLOCK_C": sc["BLOCK_C"], "BLOCK_K": sc["BLOCK_K"],
-                         "SHARED": True, "NEED_W": True, "NEED_B": True, "REDUCE": True, "BLOCK_P": 128,
-                         "BLOCK_R": sc["BLOCK_R"], "BLOCK_RW": sc["BLOCK_RW"], "BLOCK_KW": sc["BLOCK_KW"],
-                     "BLOCK_J": sc["BLOCK_J"]},
+                         "SHARED": True, "NEED_W": True, "NEED_B": True, "REDUCE": True, "SCALE_BY_UP": False,
+                         "BLOCK_P": 128, "BLOCK_R": sc["BLOCK_R"], "BLOCK_RW": sc["BLOCK_RW"],
+                         "BLOCK_KW": sc["BLOCK_KW"], "BLOCK_J": sc["BLOCK_J"]},
                         {"num_warps": sc["num_warps"]}, tag)
 
             uc = cfgs.uncertainty_config(m, c, b)

@@ -4,15 +4,17 @@ At small shapes (C = 10, a few thousand rows) a step is a few microseconds of ar
 is launches and serial latency: the cuBLAS path issues the logits GEMM, the loss pass, two gradient
 GEMMs, a bias sum and the loss reduction. Here:
 
-  launch 1, one program per (BLOCK_B rows, group of heads):
+  launch 1 (the forward), one program per (BLOCK_B rows, group of heads):
       z_m = x_m @ W_m.T + b_m                          (tl.dot over K tiles; C padded to BLOCK_C)
       loss[b, m] = T^2 KL(softmax(t_m / T) || softmax(z_m / T)),   dz_m = grad_scale * (q_m - p_m)
-      and the program's partial sum of its loss rows;
-  launch 2, three kinds of programs:
+      and the program's partial sum of its loss rows; the last program to finish (an atomic count)
+      sums the partial losses in a fixed order (deterministic) and resets the count;
+  launch 2 (the backward), three kinds of programs, all scaled by the upstream gradient read on the
+  device:
       (head, K block): dW_m = dz_m^T @ x_m, db_m = sum_b dz_m over all rows (complete, fp32 inside,
                        written once in the parameters' dtype);
       (BLOCK_R rows, K block): dx = sum_m dz_m @ W_m (shared input) or dx_m = dz_m @ W_m (per head);
-      one more: the partial losses summed in a fixed order (deterministic).
+      one more where launch 1 did not reduce (the Gaussian heads): the partial losses summed.
 
 Every program's serial chain is short (K / BLOCK_K steps, M steps, or B / BLOCK_RW steps) and the grid
 is wide: at these shapes latency, not arithmetic, is what a step costs. dz is stashed (B, M, C) in the
@@ -61,6 +63,8 @@ def _small_heads_kl_kernel(
     part_ptr,  # out: (row blocks, head groups) fp32 sums of each program's loss rows
     g_ptr,  # out: dz stash (B, M, C) contiguous, input dtype; unused unless WRITE_GRAD
     err_ptr,  # in/out: int32 error word, OR-ed with 1 (NaN), 2 (+inf), 4 (a row -inf everywhere)
+    out_ptr,  # out: the reduced loss, fp32 scalar; unused unless REDUCE
+    count_ptr,  # in/out: int32 count of finished programs, 0 before and after the launch; unused unless REDUCE
     B,
     M,
     C,
@@ -76,13 +80,16 @@ def _small_heads_kl_kernel(
     inv_temp,  # 1 / T
     loss_scale,  # T^2
     grad_scale,  # T * reduction coefficient
+    out_scale,  # reduction coefficient of the summed loss rows
     HAS_BIAS: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
+    REDUCE: tl.constexpr,  # the last program sums the partial losses into out_ptr
     UPCAST_DOT: tl.constexpr,  # interpreter: tl.dot on 16-bit operands is unreliable there
     PRECISION: tl.constexpr,  # tl.dot input precision for fp32 operands ("ieee" or "tf32")
     BLOCK_B: tl.constexpr,
     BLOCK_C: tl.constexpr,  # >= C: one tile holds a head's whole row
     BLOCK_K: tl.constexpr,
+    BLOCK_P: tl.constexpr,  # partial sums read per step by the reducing program
 ):
     pid_r = tl.program_id(0).to(tl.int64)
     pid_h = tl.program_id(1)
@@ -120,6 +127,27 @@ def _small_heads_kl_kernel(
     bits = tl.max(tl.where(row_ok, bad, 0), axis=0)
     tl.atomic_or(err_ptr, bits, mask=bits != 0)
     tl.store(part_ptr + pid_r * tl.num_programs(1) + pid_h, tl.sum(part, axis=0))
+    if REDUCE:
+        # The last program to finish sums every partial loss (the threadfence-reduction pattern): each
+        # program's store above is ordered before its count increment (barrier, then a release at GPU
+        # scope); the program that takes the count to n acquires them all, reads the partials past L1,
+        # and sets the count back to 0 for the next launch on this stream (or the next graph replay).
+        n_parts = tl.num_programs(0) * tl.num_programs(1)
+        tl.debug_barrier()
+        finished = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu")
+        if finished == n_parts - 1:
+            tl.store(out_ptr, _sum_parts(part_ptr, n_parts, BLOCK_P) * out_scale)
+            tl.atomic_xchg(count_ptr, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _sum_parts(part_ptr, n_parts, BLOCK_P: tl.constexpr):
+    """The n_parts fp32 partial sums at part_ptr summed in a fixed order (BLOCK_P at a time, read past L1)."""
+    total = tl.zeros((BLOCK_P,), tl.float32)
+    for p0 in range(0, n_parts, BLOCK_P):
+        ps = p0 + tl.arange(0, BLOCK_P)
+        total += tl.load(part_ptr + ps, mask=ps < n_parts, other=0.0, cache_modifier=".cg")
+    return tl.sum(total, axis=0)
 
 
 # The gradients from the stash, and the loss reduction. Program ids: [0, n_w) weight/bias programs
@@ -136,6 +164,7 @@ def _small_heads_grad_kernel(
     db_ptr,  # out: bias gradient (M, C) contiguous, bias dtype; unused unless NEED_B
     part_ptr,  # (n_parts,) fp32 partial loss sums from the first launch
     out_ptr,  # out: the reduced loss, fp32 scalar; unused unless REDUCE
+    up_ptr,  # the upstream gradient of the (reduced) loss, a scalar on the device; unused unless SCALE_BY_UP
     B,
     M,
     C,
@@ -152,6 +181,7 @@ def _small_heads_grad_kernel(
     NEED_W: tl.constexpr,
     NEED_B: tl.constexpr,
     REDUCE: tl.constexpr,
+    SCALE_BY_UP: tl.constexpr,  # gradients times the upstream gradient (launched from the backward)
     UPCAST_DOT: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr,  # rows per input-gradient program
@@ -166,6 +196,9 @@ def _small_heads_grad_kernel(
     cols = tl.arange(0, BLOCK_C)
     col_ok = cols < C
     r0s = tl.arange(0, BLOCK_R).to(tl.int64)
+    up = 1.0
+    if SCALE_BY_UP:
+        up = tl.load(up_ptr).to(tl.float32)
     if pid < n_w:
         m = (pid // n_kblocks_w).to(tl.int64)
         ks = (pid % n_kblocks_w) * BLOCK_KW + tl.arange(0, BLOCK_KW)
@@ -188,10 +221,11 @@ def _small_heads_grad_kernel(
                     x = x.to(tl.float32)
                 acc = tl.dot(tl.trans(g), x.to(g.dtype), acc, input_precision=PRECISION)
         if NEED_W:
-            tl.store(dw_ptr + m * (C * K) + cols[:, None] * K + ks[None, :], acc.to(dw_ptr.dtype.element_ty),
+            tl.store(dw_ptr + m * (C * K) + cols[:, None] * K + ks[None, :], (acc * up).to(dw_ptr.dtype.element_ty),
                      mask=col_ok[:, None] & k_ok[None, :])
         if NEED_B:
-            tl.store(db_ptr + m * C + cols, acc_b.to(db_ptr.dtype.element_ty), mask=col_ok & (pid % n_kblocks_w == 0))
+            tl.store(db_ptr + m * C + cols, (acc_b * up).to(db_ptr.dtype.element_ty),
+                     mask=col_ok & (pid % n_kblocks_w == 0))
     elif pid < n_w + n_x:
         q = pid - n_w
         ks = (q % n_kblocks) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -206,7 +240,7 @@ def _small_heads_grad_kernel(
             for j0 in range(0, M * C, BLOCK_J):
                 acc = _dz_times_w(g_ptr + rows[:, None] * (M * C) + j0, w_ptr + j0 * K, row_ok, tl.arange(0, BLOCK_J),
                                   tl.arange(0, BLOCK_J) < M * C - j0, ks, k_ok, K, acc, UPCAST_DOT, PRECISION)
-            tl.store(dx_ptr + rows[:, None] * K + ks[None, :], acc.to(dx_ptr.dtype.element_ty),
+            tl.store(dx_ptr + rows[:, None] * K + ks[None, :], (acc * up).to(dx_ptr.dtype.element_ty),
                      mask=row_ok[:, None] & k_ok[None, :])
         else:  # q = row block * M + head: dx_m = dz_m @ W_m, dx contiguous (B, M, K)
             m = q % M
@@ -215,14 +249,10 @@ def _small_heads_grad_kernel(
             acc = tl.zeros((BLOCK_R, BLOCK_K), tl.float32)
             acc = _dz_times_w(g_ptr + rows[:, None] * (M * C) + m * C, w_ptr + m * (C * K), row_ok, cols, col_ok,
                               ks, k_ok, K, acc, UPCAST_DOT, PRECISION)
-            tl.store(dx_ptr + rows[:, None] * (M * K) + m * K + ks[None, :], acc.to(dx_ptr.dtype.element_ty),
+            tl.store(dx_ptr + rows[:, None] * (M * K) + m * K + ks[None, :], (acc * up).to(dx_ptr.dtype.element_ty),
                      mask=row_ok[:, None] & k_ok[None, :])
     elif REDUCE:
-        total = tl.zeros((BLOCK_P,), tl.float32)
-        for p0 in range(0, n_parts, BLOCK_P):
-            ps = p0 + tl.arange(0, BLOCK_P)
-            total += tl.load(part_ptr + ps, mask=ps < n_parts, other=0.0)
-        tl.store(out_ptr, tl.sum(total, axis=0) * out_scale)
+        tl.store(out_ptr, _sum_parts(part_ptr, n_parts, BLOCK_P) * out_scale)
 
 
 @triton.jit

@@ -131,15 +131,23 @@ def _opcheck_cases(impl):
              (ops.hydra_kl, (z, t, 2.0, "none", True, False, impl, None)),
              (ops.hydra_kl, (z, tg, 2.0, "none", True, True, impl, None)),  # a teacher that requires grad
              (ops.hydra_kl, (z, vg, 2.0, "mean", True, True, impl, idx)),  # a top-k teacher
-             (ops.linear_hydra_kl, (x, w, b, t, 2.0, "mean", True, True, True, True, False, impl, None)),
-             (ops.linear_hydra_kl, (u, w, None, t, 2.0, "sum", False, True, True, False, False, impl, None)),
-             (ops.linear_hydra_kl, (x, w, b, tg, 2.0, "sum", True, True, True, True, True, impl, None)),
-             (ops.linear_hydra_kl, (x, w, b, v, 2.0, "mean", True, True, True, True, False, impl, idx.int())),
+             (ops.linear_hydra_kl, (x, w, b, t, 2.0, "mean", True, True, True, True, False, impl, None, False)),
+             (ops.linear_hydra_kl, (u, w, None, t, 2.0, "sum", False, True, True, False, False, impl, None, False)),
+             (ops.linear_hydra_kl, (x, w, b, tg, 2.0, "sum", True, True, True, True, True, impl, None, False)),
+             (ops.linear_hydra_kl, (x, w, b, v, 2.0, "mean", True, True, True, True, False, impl, idx.int(), False)),
              (ops.uncertainty, (z.detach(), 1.0, impl))]
     if impl == "triton":
         _, norms, _ = ops.hydra_kl(z, t, 2.0, "none", True, False, impl, None)  # the deferred gradient's input
         cases += [(ops.hydra_kl_grad, (z.detach(), t, norms.detach(), r(4, 3), 2.0, "none")),
                   (ops.hydra_kl_grad, (z.detach(), t, norms.detach(), torch.tensor(0.7), 2.0, "mean"))]
+        # the small step with its gradients deferred: launch 1 returning the stash, launch 2 from the backward
+        cases += [(ops.linear_hydra_kl, (x, w, b, t, 2.0, "mean", True, True, True, True, False, impl, None, True)),
+                  (ops.linear_hydra_kl, (u, w, None, t, 2.0, "sum", False, True, True, False, False, impl, None, True))]
+        _, stash, *_ = ops.linear_hydra_kl(x, w, b, t, 2.0, "mean", True, True, True, True, False, impl, None, True)
+        cases += [(ops.small_heads_grads, (x.detach(), w.detach(), b.detach(), stash.detach(), torch.tensor(0.7),
+                                           True, True, True, True)),
+                  (ops.small_heads_grads, (x.detach(), w.detach(), None, stash.detach(), torch.tensor(1.0),
+                                           True, False, True, False))]
         cases += [(ops.grouped_linear, (x, w, b, True, True)), (ops.grouped_linear, (u, w, None, False, False)),
                   (ops.gaussian_heads_kl, (x, r(3, 4, 5, grad=True), None, r(4, 3, 2),
                                            torch.rand(4, 3, 2, generator=g) + 0.5, 1e-6, "mean", True, True, False))]

@@ -116,9 +116,11 @@ def test_heads_paths_tolerance_rule(monkeypatch, gemm, b, d, m, c, hidden):
 @pytest.mark.parametrize("upstream", [1.0, 0.7])
 @pytest.mark.parametrize("b,d,m,c", [(37, 45, 5, 13), (64, 256, 2, 32000)])
 def test_backward_scales_stored_gradients_on_the_device(monkeypatch, gemm, upstream, b, d, m, c):
-    """loss.backward() into .grad: the stored gradients pass _scale_unless_one_kernel (untouched for an
-    upstream of 1, scaled in place for 0.7) and become the parameters' .grad; a second backward through
-    the retained graph recomputes them (gradients accumulate to twice the first). bf16 against float64."""
+    """loss.backward() into .grad, upstream 1 and 0.7: on the cuBLAS path the stored gradients pass
+    _scale_unless_one_kernel (untouched for 1, scaled in place for 0.7) and become the parameters' .grad;
+    on the small-step path launch 2 runs in the backward and reads the upstream gradient; a second
+    backward through the retained graph gives them again (gradients accumulate to twice the first).
+    bf16 against float64."""
     use_heads_path(monkeypatch, gemm)
     torch.backends.cuda.matmul.allow_tf32 = False
     head = HydraHead(d, c, m, impl="triton", device="cuda", dtype=torch.bfloat16)

@@ -117,6 +117,9 @@ def test_variants_set_their_settings_and_restore_them(monkeypatch):
     with gpu_check.with_variant("fasthydra/small-32-rows"):
         assert _common.SMALL_BLOCK_B == 32 and _common.small_heads_config(512, 10, 10, 512, 4)["BLOCK_B"] == 32
     assert _common.SMALL_BLOCK_B == default
+    with gpu_check.with_variant("fasthydra/small-grads-in-forward"):
+        assert _common.SMALL_DEFERRED is False
+    assert _common.SMALL_DEFERRED is True
     # small shapes compare all three heads paths; large ones the two GEMM backends
     assert gpu_check.variants_for("linear_fwdbwd", "gpu-small") == ["fasthydra/cublas"]
     assert gpu_check.variants_for("linear_fwdbwd", "gpu-large") == ["fasthydra/groups-512MiB",

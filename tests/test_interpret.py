@@ -666,24 +666,30 @@ SMALL_CASES = [(70, 45, 3, 13, None, True), (33, 70, 1, 64, None, False), (40, 1
 @pytest.mark.parametrize("b,d,m,c,hidden,bias", SMALL_CASES)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("heads", [None, 2], ids=["heads-auto", "heads-by-2"])
-def test_small_step_path_matches_reference(monkeypatch, b, d, m, c, hidden, bias, reduction, heads):
+@pytest.mark.parametrize("deferred", [True, False], ids=["grads-in-backward", "grads-in-forward"])
+def test_small_step_path_matches_reference(monkeypatch, b, d, m, c, hidden, bias, reduction, heads, deferred):
+    """Against float64 with an upstream gradient of 0.6, both flows (SMALL_DEFERRED: launch 2 in the
+    backward reading the upstream gradient, or in the forward with the stored gradients scaled); the
+    loss reduced by launch 1's last program, whose count of finished programs is back at 0 after every
+    launch (else the next launch would never reduce); a second backward through a retained graph."""
     import fasthydra.ops.linear_hydra_kl as lk
     import fasthydra.ops.small_heads as small_heads_ops
 
     use_heads_path(monkeypatch, "small")
+    monkeypatch.setattr(_common, "SMALL_DEFERRED", deferred)
     monkeypatch.setattr(small_heads_ops, "SMALL_REDUCE_BLOCK", 2)  # the reducing program loops over the partials
     if heads is not None:  # launch 1 programs own two heads each (the last group shorter when M is odd)
         config = lk.small_heads_config
         monkeypatch.setattr(lk, "small_heads_config", lambda *a: {**config(*a), "HEADS": heads})
     ran = []
-    real = lk.linear_hydra_kl_forward_small
-    monkeypatch.setattr(lk, "linear_hydra_kl_forward_small", lambda *a: ran.append(1) or real(*a))
+    real = small_heads_ops.small_heads_forward
+    monkeypatch.setattr(small_heads_ops, "small_heads_forward", lambda *a: ran.append(a[7]) or real(*a))
     head = HydraHead(d, c, m, hidden_features=hidden, bias=bias, impl="triton")
     x = torch.randn(b, d, requires_grad=True)
     t = teacher_logits(b, m, c)
     loss = head.distill_loss(x, t, temperature=1.7, reduction=reduction)
-    grads = torch.autograd.grad(loss * 0.6, [x, *params_of(head)])
-    assert ran == [1]
+    grads = torch.autograd.grad(loss * 0.6, [x, *params_of(head)], retain_graph=True)
+    assert ran == [True]  # launch 1, with the stash
     loss_ref, grads_ref = reference_loss_and_grads(head, x, t, 1.7, upstream=0.6)
     if reduction == "sum":
         n = b * m
@@ -691,8 +697,15 @@ def test_small_step_path_matches_reference(monkeypatch, b, d, m, c, hidden, bias
     assert_close_to(loss, loss_ref, rtol=2e-6, atol=1e-7, what="loss")
     for name, g, g_ref in zip(["x"] + [n for n, _ in head.named_parameters()], grads, grads_ref):
         assert_close_to(g, g_ref, rtol=1e-5, atol=1e-8, what=name)
-    with torch.no_grad():  # forward only: no stash, the reducing program alone in the second launch
+    again = torch.autograd.grad(loss * 0.6, [x, *params_of(head)])
+    for g, g2 in zip(grads, again):
+        assert torch.equal(g, g2)
+    assert not small_heads_ops._counts[torch.device("cpu")].any()
+    with torch.no_grad():  # forward only: launch 1 alone, no stash
         assert_close_to(head.distill_loss(x, t, temperature=1.7, reduction=reduction), loss_ref, rtol=2e-6)
+    # (grads in the forward: the second backward ran the forward again, the stored gradients given away)
+    assert ran == ([True, False] if deferred else [True, True, False])
+    assert not small_heads_ops._counts[torch.device("cpu")].any()
 
 
 def test_small_step_loss_rows_and_partial_gradients(monkeypatch):
@@ -745,7 +758,7 @@ def _launches_and_torch_ops(step):
 
 def test_small_step_is_two_launches_and_nothing_else(monkeypatch):
     """Issue 9's small-step promise, counted: a forward + backward of linear heads at a small shape is
-    two Triton launches and no torch compute op."""
+    two Triton launches and no torch compute op, whatever the upstream gradient; a forward alone is one."""
     use_heads_path(monkeypatch, "small")
     head = HydraHead(16, 10, 4, impl="triton")
     x, t = torch.randn(40, 16), teacher_logits(40, 4, 10)
@@ -756,6 +769,17 @@ def test_small_step_is_two_launches_and_nothing_else(monkeypatch):
     launches, ops = _launches_and_torch_ops(step)
     assert launches == ["_small_heads_kl_kernel", "_small_heads_grad_kernel"]
     assert ops == []
+
+    def scaled_step():  # an upstream gradient other than 1 (a loss weight, a GradScaler): still nothing more
+        head.zero_grad(set_to_none=True)
+        (head.distill_loss(x, t, 2.0) * 0.5).backward()
+
+    launches, ops = _launches_and_torch_ops(scaled_step)
+    assert launches == ["_small_heads_kl_kernel", "_small_heads_grad_kernel"]
+    assert all("mul" in op for op in ops) and len(ops) <= 2, ops  # the * 0.5 and its backward
+    with torch.no_grad():  # evaluation: launch 1 alone (its last program reduces the loss)
+        launches, ops = _launches_and_torch_ops(lambda: head.distill_loss(x, t, 2.0))
+    assert launches == ["_small_heads_kl_kernel"] and ops == []
 
 
 def test_gaussian_heads_are_two_launches_and_nothing_else(monkeypatch):

@@ -49,6 +49,11 @@ SMALL_TARGET_PROGRAMS = 1024
 # Launch 2's input-gradient programs (shared input): flattened (head, class) rows per dot step (128 and
 # 64 spill with fp32 IEEE dots on sm_80, and 16 by 8 bytes with bf16; 32 does not: kernel report).
 SMALL_DX_BLOCK_J = 32
+# The Hydra heads on the small-step path: launch 1 in the forward (the loss reduced by its last program),
+# launch 2 in the backward reading the upstream gradient on the device, so that a training step is two
+# launches (library._small_deferred). False: both launches in the forward and the stored gradients
+# scaled in the backward (one more launch; bench/gpu_check.py times both).
+SMALL_DEFERRED = True
 
 
 def small_step_mode() -> str:

@@ -26,6 +26,7 @@ from . import gaussian_kl as _gauss
 from . import grouped_linear as _gl
 from . import hydra_kl as _kl
 from . import linear_hydra_kl as _lin
+from . import small_heads as _small
 from . import uncertainty as _unc
 from .checks import flag_teacher_rows, flag_topk_teacher, poll
 
@@ -182,13 +183,22 @@ register_autograd("fasthydra::hydra_kl", _hydra_kl_backward, setup_context=_hydr
 @_no_autocast
 def _linear_hydra_kl_impl(inp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, teacher: torch.Tensor,
                           temperature: float, reduction: str, shared: bool, need_in: bool, need_w: bool, need_b: bool,
-                          need_t: bool, impl: str, teacher_indices: torch.Tensor | None
+                          need_t: bool, impl: str, teacher_indices: torch.Tensor | None, small_deferred: bool
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """small_deferred (decided by the caller with small_deferred_config): the small-step path's launch 1
+    alone, returning the stash of dL/dz (B, M, C) in the input gradient's place; launch 2 runs in the
+    backward (_small_backward)."""
     poll(inp.device)
     if teacher_indices is not None:
         flag_topk_teacher(teacher, teacher_indices, weight.shape[1], "distill_loss", values_too=impl != "triton")
     elif impl != "triton":  # the Triton kernels check the teacher while they read it (no extra pass)
         flag_teacher_rows(teacher, "distill_loss")
+    if small_deferred:
+        cfg = small_deferred_config(inp, weight, bias, reduction, need_in, need_w, need_b, need_t, impl,
+                                    teacher_indices)
+        loss, stash, _ = _small.small_heads_forward(inp, weight, bias, teacher, temperature, reduction, shared, True,
+                                                    cfg)
+        return loss, stash, weight.new_empty(_EMPTY), weight.new_empty(_EMPTY), teacher.new_empty(_EMPTY)
     fwd = _lin.linear_hydra_kl_forward_triton if impl == "triton" else _lin.linear_hydra_kl_forward_torch
     loss, g_in, g_w, g_b, g_t = fwd(inp, weight, bias, teacher, temperature, reduction, shared, need_in, need_w,
                                     need_b and bias is not None, need_t, teacher_indices)
@@ -196,14 +206,31 @@ def _linear_hydra_kl_impl(inp: torch.Tensor, weight: torch.Tensor, bias: torch.T
             _none_to_empty(g_t, teacher))
 
 
+def small_deferred_config(inp, weight, bias, reduction, need_in, need_w, need_b, need_t, impl, teacher_indices):
+    """The small-step path's blocks where the heads op defers its gradients to the backward: the Triton
+    path taking the small-step kernels, a reduced loss, some gradient wanted. The forward then returns
+    the stash of dL/dz (B, M, C) in the input gradient's place, and the backward runs launch 2 with the
+    upstream gradient read on the device (no stored gradients, no scaling launch). Else None. The caller
+    (functional._fused) passes the verdict as the op's small_deferred argument: it is part of the
+    traced graph, so the fake implementation never has to decide it again."""
+    if impl != "triton" or not _common.SMALL_DEFERRED or reduction == "none":
+        return None
+    if not (need_in or need_w or (need_b and bias is not None)):
+        return None
+    return _lin.small_step_config(inp, weight, need_t, teacher_indices)
+
+
 linear_hydra_kl = custom_op("fasthydra::linear_hydra_kl", mutates_args=())(_linear_hydra_kl_impl)
 
 
 @register_fake("fasthydra::linear_hydra_kl")
 def _linear_hydra_kl_fake(inp, weight, bias, teacher, temperature, reduction, shared, need_in, need_w, need_b, need_t,
-                          impl, teacher_indices):
+                          impl, teacher_indices, small_deferred):
     m = weight.shape[0]
     loss = inp.new_empty((inp.shape[0], m) if reduction == "none" else (), dtype=_compute_dtype(inp))
+    if small_deferred:
+        return (loss, inp.new_empty((inp.shape[0], m, weight.shape[1])), weight.new_empty(_EMPTY),
+                weight.new_empty(_EMPTY), teacher.new_empty(_EMPTY))
     g_in = torch.empty_like(inp) if need_in else inp.new_empty(_EMPTY)
     g_w = torch.empty_like(weight) if need_w else weight.new_empty(_EMPTY)
     g_b = torch.empty_like(bias) if (need_b and bias is not None) else weight.new_empty(_EMPTY)
@@ -211,9 +238,76 @@ def _linear_hydra_kl_fake(inp, weight, bias, teacher, temperature, reduction, sh
     return loss, g_in, g_w, g_b, g_t
 
 
-def _linear_setup(ctx, inputs, output):
+def _heads_setup(ctx, inputs, output):
+    """setup_context of the heads ops that store their gradients (input, weight, bias first)."""
     ctx.has_bias = inputs[2] is not None
     _stored_gradients(ctx, output[1:])
+
+
+def _linear_setup(ctx, inputs, output):
+    if _small_setup(ctx, inputs, output):
+        ctx.has_bias = inputs[2] is not None
+        return
+    _heads_setup(ctx, inputs, output)
+
+
+def _small_setup(ctx, inputs, output) -> bool:
+    """The heads op's deferred small step (small_deferred_config): keeps input, weight, bias and the stash for
+    launch 2 in the backward; False (ctx.small None) where the op stored its gradients instead."""
+    ctx.small = None
+    if not inputs[13]:  # small_deferred
+        return False
+    inp, weight, bias, _, _, _, shared, need_in, need_w, need_b = inputs[:10]
+    ctx.small = (shared, need_in, need_w, need_b and bias is not None)
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(inp, weight, bias, output[1])
+    return True
+
+
+@_no_autocast
+def _small_heads_grads_impl(inp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stash: torch.Tensor,
+                            grad_loss: torch.Tensor, shared: bool, need_in: bool, need_w: bool,
+                            need_b: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _grads_out(*_small.small_heads_backward(inp, weight, bias, stash, grad_loss, shared, need_in, need_w,
+                                                   need_b), inp, weight)
+
+
+small_heads_grads = custom_op("fasthydra::small_heads_grads", mutates_args=())(_small_heads_grads_impl)
+
+
+@register_fake("fasthydra::small_heads_grads")
+def _small_heads_grads_fake(inp, weight, bias, stash, grad_loss, shared, need_in, need_w, need_b):
+    return _grads_fake(inp, weight, need_in, need_w, bias.shape if need_b else None)
+
+
+def _grads_out(g_in, g_w, g_b, inp, weight):
+    """A backward op's (input, weight, bias) gradients, the empty placeholder for each one not asked for."""
+    return _none_to_empty(g_in, inp), _none_to_empty(g_w, weight), _none_to_empty(g_b, weight)
+
+
+def _grads_fake(inp, weight, need_in: bool, need_w: bool, bias_shape):
+    """Fake outputs of such an op: input- and weight-shaped gradients, a bias_shape one (None: not asked)."""
+    return (torch.empty_like(inp) if need_in else inp.new_empty(_EMPTY),
+            torch.empty_like(weight) if need_w else weight.new_empty(_EMPTY),
+            weight.new_empty(bias_shape) if bias_shape is not None else weight.new_empty(_EMPTY))
+
+
+def _small_backward(ctx, grad_loss, n_inputs: int) -> tuple:
+    """Backward of the deferred small step: launch 2 with the upstream gradient (a traced backward sees
+    the custom op, an eager one calls its implementation)."""
+    _no_double_backward()
+    out = [None] * n_inputs
+    if grad_loss is None:
+        return tuple(out)
+    inp, weight, bias, stash = ctx.saved_tensors
+    shared, need_in, need_w, need_b = ctx.small
+    args = (inp.detach(), weight.detach(), None if bias is None else bias.detach(), stash, grad_loss, shared,
+            need_in, need_w, need_b)
+    traced = torch.compiler.is_compiling() or any(type(t) is not torch.Tensor for t in (inp, stash, grad_loss))
+    g_in, g_w, g_b = small_heads_grads(*args) if traced else _small_heads_grads_impl(*args)
+    out[0], out[1], out[2] = (g_in if need_in else None), (g_w if need_w else None), (g_b if need_b else None)
+    return tuple(out)
 
 
 def _no_double_backward() -> None:
@@ -246,7 +340,19 @@ def _heads_backward(n_inputs: int):
     return backward
 
 
-register_autograd("fasthydra::linear_hydra_kl", _heads_backward(13), setup_context=_linear_setup)
+def _linear_backward(stored):
+    """The heads op's backward: launch 2 for a deferred small step, else `stored` (the stored gradients'
+    scaling)."""
+
+    def backward(ctx, grad_loss, *rest):
+        if getattr(ctx, "small", None) is not None:
+            return _small_backward(ctx, grad_loss, 14)
+        return stored(ctx, grad_loss, *rest)
+
+    return backward
+
+
+register_autograd("fasthydra::linear_hydra_kl", _linear_backward(_heads_backward(14)), setup_context=_linear_setup)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -297,9 +403,8 @@ def _grouped_linear_fake(inp, weight, bias, shared, relu):
 def _grouped_linear_backward_impl(grad_out: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor, out: torch.Tensor,
                             shared: bool, relu: bool, need_in: bool, need_w: bool,
                             need_b: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    g_in, g_w, g_b = _gl.grouped_linear_backward(grad_out, inp, weight, out if relu else None, shared, need_in,
-                                                 need_w, need_b)
-    return _none_to_empty(g_in, inp), _none_to_empty(g_w, weight), _none_to_empty(g_b, weight)
+    return _grads_out(*_gl.grouped_linear_backward(grad_out, inp, weight, out if relu else None, shared, need_in,
+                                                   need_w, need_b), inp, weight)
 
 
 grouped_linear_backward = custom_op("fasthydra::grouped_linear_backward", mutates_args=())(_grouped_linear_backward_impl)
@@ -307,9 +412,7 @@ grouped_linear_backward = custom_op("fasthydra::grouped_linear_backward", mutate
 
 @register_fake("fasthydra::grouped_linear_backward")
 def _grouped_linear_backward_fake(grad_out, inp, weight, out, shared, relu, need_in, need_w, need_b):
-    return (torch.empty_like(inp) if need_in else inp.new_empty(_EMPTY),
-            torch.empty_like(weight) if need_w else weight.new_empty(_EMPTY),
-            weight.new_empty(weight.shape[:2]) if need_b else weight.new_empty(_EMPTY))
+    return _grads_fake(inp, weight, need_in, need_w, weight.shape[:2] if need_b else None)
 
 
 def _grouped_linear_setup(ctx, inputs, output):
@@ -359,7 +462,7 @@ def _gaussian_heads_kl_fake(x, weight, bias, teacher_mean, teacher_var, min_var,
             torch.empty_like(bias) if (need_b and bias is not None) else weight.new_empty(_EMPTY))
 
 
-register_autograd("fasthydra::gaussian_heads_kl", _heads_backward(10), setup_context=_linear_setup)
+register_autograd("fasthydra::gaussian_heads_kl", _heads_backward(10), setup_context=_heads_setup)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -452,7 +555,7 @@ def _take_stored(ctx, impl) -> list:
 
 
 def _eager_heads_setup(ctx, inputs, output):
-    """Eager form of _linear_setup (see _hand_over_setup)."""
+    """Eager form of _heads_setup (see _hand_over_setup)."""
     ctx.has_bias = inputs[2] is not None
     _hand_over_setup(ctx, inputs, output, strong=3)
 
@@ -503,8 +606,16 @@ def _eager_hydra_kl_backward(ctx, grad_loss, *_grad_of_grads):
 
 
 hydra_kl_call = _eager_entry(hydra_kl, _hydra_kl_impl, _eager_hydra_kl_setup, _eager_hydra_kl_backward)
-linear_hydra_kl_call = _eager_entry(linear_hydra_kl, _linear_hydra_kl_impl, _eager_heads_setup,
-                                    _eager_heads_backward(13, _linear_hydra_kl_impl))
+def _eager_linear_setup(ctx, inputs, output):
+    """Eager form of _linear_setup: the deferred small step as there, else the hand-over of stored gradients."""
+    if _small_setup(ctx, inputs, output):
+        ctx.has_bias = inputs[2] is not None
+        return
+    _eager_heads_setup(ctx, inputs, output)
+
+
+linear_hydra_kl_call = _eager_entry(linear_hydra_kl, _linear_hydra_kl_impl, _eager_linear_setup,
+                                    _linear_backward(_eager_heads_backward(14, _linear_hydra_kl_impl)))
 uncertainty_call = _eager_entry(uncertainty, _uncertainty_impl)
 grouped_linear_call = _eager_entry(grouped_linear, _grouped_linear_impl, _grouped_linear_setup, _grouped_linear_bwd)
 gaussian_heads_kl_call = _eager_entry(gaussian_heads_kl, _gaussian_heads_kl_impl, _eager_heads_setup,

@@ -495,6 +495,14 @@ def _sum_rows_into(out, src, dim: int, first: bool) -> None:
         out += src.sum(dim, dtype=torch.float32)
 
 
+def small_step_config(inp, weight, need_t: bool, teacher_indices) -> dict | None:
+    """The small-step path's blocks where it takes this call (a dense, frozen teacher, a problem that
+    small_heads_config accepts, FASTHYDRA_SMALL_STEP not "0"), else None."""
+    if small_step_mode() != "auto" or need_t or teacher_indices is not None:
+        return None
+    return small_heads_config(inp.shape[0], weight.shape[0], weight.shape[1], weight.shape[2], inp.element_size())
+
+
 def linear_hydra_kl_forward_triton(inp, weight, bias, teacher, temperature: float, reduction: str, shared: bool,
                                    need_in: bool, need_w: bool, need_b: bool, need_t: bool = False,
                                    teacher_indices=None):
@@ -505,10 +513,9 @@ def linear_hydra_kl_forward_triton(inp, weight, bias, teacher, temperature: floa
     tiles fused with the softmax/KL, took 1.9x to 11x this path's time on an H200 and was removed:
     bench/RESULTS.md.) Returns (loss, grad_in, grad_weight, grad_bias, grad_teacher), None where not
     asked for."""
-    if small_step_mode() == "auto" and not need_t and teacher_indices is None:
-        cfg = small_heads_config(inp.shape[0], weight.shape[0], weight.shape[1], weight.shape[2], inp.element_size())
-        if cfg is not None:
-            return linear_hydra_kl_forward_small(inp, weight, bias, teacher, temperature, reduction, shared, need_in,
-                                                 need_w, need_b and bias is not None, cfg)
+    cfg = small_step_config(inp, weight, need_t, teacher_indices)
+    if cfg is not None:
+        return linear_hydra_kl_forward_small(inp, weight, bias, teacher, temperature, reduction, shared, need_in,
+                                             need_w, need_b and bias is not None, cfg)
     return linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature, reduction, shared,
                                           need_in, need_w, need_b, need_t, teacher_indices)

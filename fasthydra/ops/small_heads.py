@@ -1,28 +1,58 @@
 """The small-step path's launchers (kernels/small_heads.py): a heads + loss step in two launches when a
 head's row fits one class tile. Launch 1 is op-specific (the Hydra loss here; the Gaussian heads use
 their own fused kernel, ops/gaussian_kl.py); launch 2, ``launch_small_grads``, is shared: it turns the
-stash of dL/dz into dx, dW, db and reduces the partial losses.
+stash of dL/dz into dx, dW, db (and, after the Gaussian kernel, reduces the partial losses).
+
+The Hydra heads run launch 1 in the forward and, where autograd wants gradients, launch 2 in the
+backward (``small_heads_forward``, ``small_heads_backward``): launch 2 reads the upstream gradient on
+the device, so a training step is these two launches and nothing else, whatever the upstream gradient.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._common import cdiv, dot_precision, upcast_dot
+from ._common import cdiv, dot_precision, small_heads_config, upcast_dot
 from .checks import after_launch, error_word
 from .hydra_kl import reduction_coefficient
 
 
 # Partial loss sums the reducing program of the small-step path reads per step (tests shrink it).
 SMALL_REDUCE_BLOCK = 128
+# Launch 1 reduces the loss in its last program, found by a count of finished programs that every launch
+# leaves at 0. One count per CUDA stream that launches it (launches on one stream never overlap; a graph
+# captured on a stream keeps that stream's count), in per-device blocks of COUNT_SLOTS.
+COUNT_SLOTS = 64
+_counts: dict = {}  # device -> int32 (COUNT_SLOTS,), zeros
+_count_views: dict = {}  # (device, stream handle) -> the (1,) view of its slot
 
 
-def linear_hydra_kl_forward_small(inp, weight, bias, teacher, temperature: float, reduction: str, shared: bool,
-                                  need_in: bool, need_w: bool, need_b: bool, cfg: dict):
-    """Heads + Hydra loss in two launches (kernels/small_heads.py), for problems small_heads_config
-    accepts: launch 1 forms the logits, loss rows and dz (stashed) per (row block, head group), launch
-    2 (``launch_small_grads``) dW and db, dx and the reduced loss. Returns (loss, grad_in, grad_weight,
-    grad_bias, None)."""
+def _finished_count(device: torch.device) -> torch.Tensor:
+    """A (1,) int32 count at 0 for launch 1's last-program reduction on the current stream of `device`."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    view = _count_views.get((device, stream))
+    if view is not None:
+        return view
+    counts = _counts.get(device)
+    if counts is None and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # made inside a capture, a tensor's zero fill runs only at each replay: a count for this graph alone
+        return torch.zeros(1, dtype=torch.int32, device=device)
+    if counts is None:
+        counts = _counts[device] = torch.zeros(COUNT_SLOTS, dtype=torch.int32, device=device)
+    used = sum(1 for dev, _ in _count_views if dev == device)
+    if used >= COUNT_SLOTS:  # more streams than slots: a fresh count (one small fill launch)
+        return torch.zeros(1, dtype=torch.int32, device=device)
+    view = _count_views[(device, stream)] = counts[used:used + 1]
+    return view
+
+
+def small_heads_forward(inp, weight, bias, teacher, temperature: float, reduction: str, shared: bool, want_grad: bool,
+                        cfg: dict):
+    """Launch 1: per (row block, head group) the logits, loss rows and (want_grad) dz, stashed (B, M, C)
+    in the input dtype; for "mean"/"sum" the last program reduces the loss. Returns (loss, stash or None,
+    partial losses)."""
     from fasthydra.kernels.small_heads import _small_heads_kl_kernel
 
     m, c, k = weight.shape
@@ -32,34 +62,59 @@ def linear_hydra_kl_forward_small(inp, weight, bias, teacher, temperature: float
     weight = weight.contiguous()
     bias = None if bias is None else bias.contiguous()
     teacher = teacher if teacher.stride(-1) == 1 else teacher.contiguous()
-    want_grad = need_in or need_w or need_b
     grid1 = (cdiv(b, cfg["BLOCK_B"]), cdiv(m, cfg["HEADS"]))
     rows = torch.empty(b, m, dtype=torch.float32, device=dev)
     parts = torch.empty(grid1, dtype=torch.float32, device=dev)
-    stash = torch.empty(b, m, c, dtype=dt, device=dev) if want_grad else rows
+    stash = torch.empty(b, m, c, dtype=dt, device=dev) if want_grad else None
+    reduce = reduction != "none"
+    out = torch.empty((), dtype=torch.float32, device=dev) if reduce else rows
+    coef = reduction_coefficient(reduction, b * m)
     _small_heads_kl_kernel[grid1](
-        inp, weight, bias if bias is not None else weight, teacher, rows, parts, stash,
-        error_word(dev, "distill_loss"), b, m, c, k, cfg["HEADS"], inp.stride(0), 0 if shared else inp.stride(1),
-        weight.stride(0), weight.stride(1), bias.stride(0) if bias is not None else 0, teacher.stride(0),
-        teacher.stride(1), 1.0 / temperature, temperature * temperature,
-        temperature * reduction_coefficient(reduction, b * m), HAS_BIAS=bias is not None, WRITE_GRAD=want_grad,
-        UPCAST_DOT=upcast_dot(dt), PRECISION=dot_precision(dt), BLOCK_B=cfg["BLOCK_B"], BLOCK_C=cfg["BLOCK_C"],
-        BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
+        inp, weight, bias if bias is not None else weight, teacher, rows, parts, rows if stash is None else stash,
+        error_word(dev, "distill_loss"), out, _finished_count(dev) if reduce else parts, b, m, c, k, cfg["HEADS"],
+        inp.stride(0), 0 if shared else inp.stride(1), weight.stride(0), weight.stride(1),
+        bias.stride(0) if bias is not None else 0, teacher.stride(0), teacher.stride(1), 1.0 / temperature,
+        temperature * temperature, temperature * coef, coef, HAS_BIAS=bias is not None, WRITE_GRAD=want_grad,
+        REDUCE=reduce, UPCAST_DOT=upcast_dot(dt), PRECISION=dot_precision(dt), BLOCK_B=cfg["BLOCK_B"],
+        BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"], BLOCK_P=SMALL_REDUCE_BLOCK, num_warps=cfg["num_warps"])
     after_launch(dev, "distill_loss", teacher.shape)
-    if reduction == "none" and not want_grad:
-        return rows, None, None, None, None
-    loss, grad_in, grad_w, grad_b = launch_small_grads(inp, weight, bias, stash, parts, cfg, shared, need_in, need_w,
-                                                       need_b, reduction_coefficient(reduction, b * m),
-                                                       reduction != "none")
-    return (rows if reduction == "none" else loss), grad_in, grad_w, grad_b, None
+    return out, stash, parts
+
+
+def small_heads_backward(inp, weight, bias, stash, grad_loss, shared: bool, need_in: bool, need_w: bool,
+                         need_b: bool):
+    """Launch 2 from the backward: dx, dW, db from launch 1's stash, times the upstream gradient grad_loss
+    (a scalar tensor, read on the device). Returns (grad_in, grad_weight, grad_bias), None where not asked."""
+    m, c, k = weight.shape
+    cfg = small_heads_config(inp.shape[0], m, c, k, inp.element_size())
+    _, g_in, g_w, g_b = launch_small_grads(inp.contiguous(), weight.contiguous(), bias, stash, None, cfg, shared,
+                                           need_in, need_w, need_b and bias is not None, 1.0, reduce=False,
+                                           upstream=grad_loss.reshape(()).to(torch.float32))
+    return g_in, g_w, g_b
+
+
+def linear_hydra_kl_forward_small(inp, weight, bias, teacher, temperature: float, reduction: str, shared: bool,
+                                  need_in: bool, need_w: bool, need_b: bool, cfg: dict):
+    """Heads + Hydra loss with the gradients formed in the forward (the path's knob SMALL_DEFERRED off, and
+    reduction "none"): launch 1, then launch 2 at once. Returns (loss, grad_in, grad_weight, grad_bias,
+    None)."""
+    want_grad = need_in or need_w or need_b
+    loss, stash, parts = small_heads_forward(inp, weight, bias, teacher, temperature, reduction, shared, want_grad,
+                                             cfg)
+    if not want_grad:
+        return loss, None, None, None, None
+    _, grad_in, grad_w, grad_b = launch_small_grads(inp.contiguous(), weight.contiguous(), bias, stash, parts, cfg,
+                                                    shared, need_in, need_w, need_b, 1.0, reduce=False)
+    return loss, grad_in, grad_w, grad_b, None
 
 
 def launch_small_grads(inp, weight, bias, stash, parts, cfg: dict, shared: bool, need_in: bool, need_w: bool,
-                       need_b: bool, out_scale: float, reduce: bool = True):
+                       need_b: bool, out_scale: float, reduce: bool = True, upstream: torch.Tensor | None = None):
     """Launch 2 of the small-step path (``_small_heads_grad_kernel``), after any first launch that left a
     (B, M, C) stash of dL/dz (contiguous, the input dtype) and per-program partial losses: dW and db per
-    (head, K block) over all rows, dx per (row block, K block), and the partial losses summed in a fixed
-    order times out_scale. Returns (loss or None, grad_in, grad_weight, grad_bias), None where not asked."""
+    (head, K block) over all rows, dx per (row block, K block), and (reduce) the partial losses summed in
+    a fixed order times out_scale. upstream: a scalar tensor the gradients are multiplied by on the
+    device. Returns (loss or None, grad_in, grad_weight, grad_bias), None where not asked for."""
     from fasthydra.kernels.small_heads import _small_heads_grad_kernel
 
     m, c, k = weight.shape
@@ -74,13 +129,14 @@ def launch_small_grads(inp, weight, bias, stash, parts, cfg: dict, shared: bool,
     n_w = m * kb_w if (need_w or need_b) else 0
     n_x = (cdiv(b, cfg["BLOCK_R"]) * n_kb * (1 if shared else m)) if need_in else 0
     if n_w or n_x or reduce:
-        unused = parts  # a placeholder pointer for the outputs not asked for
+        unused = stash  # a placeholder pointer for the outputs and inputs not in use
         _small_heads_grad_kernel[(n_w + n_x + reduce,)](
             inp, weight, stash, unused if grad_in is None else grad_in, unused if grad_w is None else grad_w,
-            unused if grad_b is None else grad_b, parts, unused if out is None else out, b, m, c, k, inp.stride(0),
-            0 if shared else inp.stride(1), parts.numel(), n_w, kb_w, n_x, n_kb, out_scale, SHARED=shared,
-            NEED_W=need_w, NEED_B=need_b, REDUCE=reduce, UPCAST_DOT=upcast_dot(dt), PRECISION=dot_precision(dt),
-            BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"], BLOCK_J=cfg["BLOCK_J"],
-            BLOCK_RW=cfg["BLOCK_RW"],
-            BLOCK_KW=cfg["BLOCK_KW"], BLOCK_P=SMALL_REDUCE_BLOCK, num_warps=cfg["num_warps"])
+            unused if grad_b is None else grad_b, unused if parts is None else parts, unused if out is None else out,
+            unused if upstream is None else upstream, b, m, c, k, inp.stride(0), 0 if shared else inp.stride(1),
+            0 if parts is None else parts.numel(), n_w, kb_w, n_x, n_kb, out_scale, SHARED=shared,
+            NEED_W=need_w, NEED_B=need_b, REDUCE=reduce, SCALE_BY_UP=upstream is not None, UPCAST_DOT=upcast_dot(dt),
+            PRECISION=dot_precision(dt), BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"],
+            BLOCK_J=cfg["BLOCK_J"], BLOCK_RW=cfg["BLOCK_RW"], BLOCK_KW=cfg["BLOCK_KW"], BLOCK_P=SMALL_REDUCE_BLOCK,
+            num_warps=cfg["num_warps"])
     return out, grad_in, grad_w, grad_b
