@@ -80,6 +80,54 @@ def test_module_fp32_native_and_fallback_agree_with_reference(monkeypatch):
     assert results["1"] == pytest.approx(results["0"], rel=1e-6)
 
 
+@needs_native
+@pytest.mark.parametrize("b,m,c", [(9, 4, 1), (7, 3, 13), (5, 1, 40), (6, 8, 1000), (3, 2, 4097), (0, 3, 5)])
+@pytest.mark.parametrize("scale", [3.0, 1e3])
+def test_uncertainty_kernel_matches_float64(monkeypatch, b, m, c, scale):
+    """fp32 uncertainty on the CPU runs the C kernel (spied): against float64 with masked classes, a
+    masked stretch longer than the vector width, extreme logits, C = 1, M = 1; the same values as the
+    torch ops it replaces (FASTHYDRA_NATIVE=0); a row that is -inf everywhere gives NaN there as well."""
+    from fasthydra import uncertainty
+
+    z = torch.randn(b, m, c) * scale
+    if b > 2 and c > 2:
+        z[1, 0, : c // 2] = float("-inf")
+        z[2, -1, -1] = float("-inf")
+    calls = []
+    real = native.uncertainty_rows
+    monkeypatch.setattr(native, "uncertainty_rows", lambda *a: calls.append(1) or real(*a))
+    got = uncertainty(z, 1.7, impl="torch")
+    assert calls == [1]
+    ref = R.uncertainty_ref(z.double(), 1.7)
+    for name in ("probs", "total", "aleatoric", "epistemic"):
+        assert_close_to(getattr(got, name), getattr(ref, name), rtol=2e-5, atol=2e-6, what=name)
+    assert (got.epistemic >= 0).all()
+    monkeypatch.setenv("FASTHYDRA_NATIVE", "0")
+    ops = uncertainty(z, 1.7, impl="torch")
+    for name in ("probs", "total", "aleatoric", "epistemic"):  # (the torch ops' own error is the larger one)
+        assert_close_to(getattr(got, name), getattr(ops, name).double(), rtol=2e-5, atol=5e-5, what=name)
+    if b > 0 and c > 1:
+        z[0, -1] = float("-inf")  # one head of row 0 masked everywhere
+        monkeypatch.delenv("FASTHYDRA_NATIVE")
+        nan_c = uncertainty(z, 1.7, impl="torch")
+        monkeypatch.setenv("FASTHYDRA_NATIVE", "0")
+        nan_ops = uncertainty(z, 1.7, impl="torch")
+        assert torch.isnan(nan_c.total[0]) and torch.isnan(nan_ops.total[0])
+        assert torch.isfinite(nan_c.total[1:]).all()
+
+
+@needs_native
+def test_uncertainty_kernel_identical_heads_have_no_epistemic_part():
+    """Identical heads: total and aleatoric agree to rounding, and the epistemic part (their difference,
+    which rounding may push below 0) is clamped at 0."""
+    from fasthydra import uncertainty
+
+    z = (torch.randn(64, 1, 37) * 4).expand(64, 5, 37)
+    got = uncertainty(z, 1.3, impl="torch")
+    assert_close_to(got.total, got.aleatoric.double(), rtol=1e-5, atol=1e-6, what="total")
+    assert (got.epistemic >= 0).all() and got.epistemic.max() < 1e-5
+
+
 def test_no_compiler_falls_back_with_a_warning(monkeypatch, tmp_path):
     monkeypatch.delenv("FASTHYDRA_NATIVE", raising=False)  # the compiler is what is missing here
     monkeypatch.setattr(native, "_lib", None)

@@ -91,6 +91,8 @@ def _build() -> ctypes.CDLL:
     lib.hydra_kl_tile_stats.argtypes = tile + [ptr]
     lib.hydra_kl_tile_grad.argtypes = tile
     lib.hydra_kl_tile_stats.restype = lib.hydra_kl_tile_grad.restype = None
+    lib.hydra_uncertainty_rows.argtypes = [ptr, i64, i64, i64, i64, f32, ptr, i64, ptr, ptr, ptr, ptr, i64, i64]
+    lib.hydra_uncertainty_rows.restype = None
     return lib
 
 
@@ -198,3 +200,22 @@ def tile_grad(s: torch.Tensor, t: torch.Tensor, m_s, log_d_s, m_t, log_d_u, temp
     ptrs = [x.data_ptr() for x in (m_s, log_d_s, m_t, log_d_u)]
     _over_rows(lambda r0, r1: lib.hydra_kl_tile_grad(*head, r0, r1, w, 1.0 / temperature, *ptrs), r)
     return s
+
+
+def uncertainty_rows(logits: torch.Tensor, temperature: float):
+    """(probs (B, C), total, aleatoric, epistemic (B,)) of fp32 (B, M, C) CPU logits (unit stride along C),
+    one C sweep set per row: softmax per head, the mixture, the entropies (csrc: hydra_uncertainty_rows)."""
+    lib = _library()
+    b, m, c = logits.shape
+    probs = torch.empty(b, c, dtype=torch.float32)
+    total, aleatoric, epistemic = (torch.empty(b, dtype=torch.float32) for _ in range(3))
+    head = (logits.data_ptr(), logits.stride(0), logits.stride(1), m, c, 1.0 / temperature, probs.data_ptr(), c,
+            total.data_ptr(), aleatoric.data_ptr(), epistemic.data_ptr())
+
+    def rows(r0, r1):
+        scratch = torch.empty(max(c, 1), dtype=torch.float32)  # one row of exponentials per worker
+        lib.hydra_uncertainty_rows(*head, scratch.data_ptr(), r0, r1)
+
+    if b > 0:
+        _over_rows(rows, b)
+    return probs, total, aleatoric, epistemic

@@ -9,6 +9,7 @@ import torch
 
 from fasthydra.reference import Uncertainty
 
+from . import native
 from .hydra_kl import _log_normaliser
 from ._common import TORCH_CHUNK_ELEMENTS, compute_dtype, rows_per_chunk, uncertainty_config
 
@@ -20,7 +21,11 @@ def _empty_outputs(b: int, c: int, dtype, device):
 
 @torch.no_grad()
 def uncertainty_torch(logits: torch.Tensor, temperature: float) -> Uncertainty:
-    """(B, M, C) logits -> Uncertainty, row chunk by row chunk in fp32 (fp64 for fp64 input)."""
+    """(B, M, C) logits -> Uncertainty, row chunk by row chunk in fp32 (fp64 for fp64 input); fp32 rows
+    in the native C kernel where it is built (one exponential per element, rows hot in cache)."""
+    if native.usable(logits) and logits.shape[1] > 0:
+        return Uncertainty(*native.uncertainty_rows(logits if logits.stride(-1) == 1 else logits.contiguous(),
+                                                    temperature))
     b, m, c = logits.shape
     cdt = compute_dtype(logits.dtype)
     probs, total, aleatoric, epistemic = _empty_outputs(b, c, logits.dtype, logits.device)

@@ -253,3 +253,88 @@ void hydra_kl_tile_grad(float *s, int64_t so, int64_t si, const float *t, int64_
         for (int64_t c = 0; c < w; ++c) g[c] = vexp(g[c] - ref_s) - vexp((tr[c] - ref_t) * inv_t - lu);
     }
 }
+
+/* log for a vector lane, x > 0 and normal (about 1 ulp): x = 2^e * f with f in [sqrt(1/2), sqrt(2)),
+ * log f by a degree-9 polynomial in f - 1, e * log 2 added in two parts; branch-free so that gcc
+ * vectorises it. Callers keep 0 and subnormals away. */
+static inline float vlog(float x) {
+    int32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    float e = (float)(((bits >> 23) & 0xff) - 126);
+    bits = (bits & 0x007fffff) | 0x3f000000; /* the mantissa as a float in [0.5, 1) */
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    int low = f < 0.70710678118654752f;
+    e = low ? e - 1.0f : e;
+    f = low ? f + f - 1.0f : f - 1.0f;
+    float z = f * f;
+    float p = 7.0376836292e-2f;
+    p = p * f - 1.1514610310e-1f;
+    p = p * f + 1.1676998740e-1f;
+    p = p * f - 1.2420140846e-1f;
+    p = p * f + 1.4249322787e-1f;
+    p = p * f - 1.6668057665e-1f;
+    p = p * f + 2.0000714765e-1f;
+    p = p * f - 2.4999993993e-1f;
+    p = p * f + 3.3333331174e-1f;
+    float y = p * f * z - 2.12194440e-4f * e - 0.5f * z;
+    return f + y + 0.693359375f * e;
+}
+
+/* uncertainty of rows [r0, r1): logits z (row stride ld_b, head stride ld_m, unit along the n classes),
+ * q_m = softmax(z_m / T), H_m = log d_m - sum_c q_mc (z_mc - max_m) / T; writes P = mean_m q_m (row
+ * stride ld_p), total = -sum_c P log P, aleatoric = mean_m H_m, epistemic = max(total - aleatoric, 0).
+ * One exponential per element, each head row swept three times while hot in cache; e is scratch of n
+ * floats. A -inf logit masks its class (q = 0, adds nothing). */
+void hydra_uncertainty_rows(const float *z, int64_t ld_b, int64_t ld_m, int64_t m, int64_t n, float inv_t,
+                            float *probs, int64_t ld_p, float *total, float *aleatoric, float *epistemic, float *e,
+                            int64_t r0, int64_t r1) {
+    float inv_m = 1.0f / (float)m;
+    for (int64_t r = r0; r < r1; ++r) {
+        float *p = probs + r * ld_p;
+        for (int64_t c = 0; c < n; ++c) p[c] = 0.0f;
+        float ale = 0.0f;
+        for (int64_t h = 0; h < m; ++h) {
+            const float *x = z + r * ld_b + h * ld_m;
+            float mx = row_max(x, n, 1.0f);
+            /* a row -inf everywhere has no softmax (0 / 0 below: NaN, as torch's softmax); +inf gives NaN too */
+            float ref = isinf(mx) && mx < 0 ? 0.0f : mx;
+            for (int64_t c = 0; c < n; ++c) e[c] = vexp((x[c] - ref) * inv_t); /* a pure map: vectorised */
+            float dl[LANES], al[LANES];
+            for (int j = 0; j < LANES; ++j) dl[j] = al[j] = 0.0f;
+            int64_t c = 0;
+            for (; c + LANES <= n; c += LANES)
+                for (int j = 0; j < LANES; ++j) {
+                    float ev = e[c + j];
+                    dl[j] += ev;
+                    al[j] += ev > 0.0f ? ev * ((x[c + j] - ref) * inv_t) : 0.0f; /* masked: 0, not 0 * -inf */
+                }
+            float d = 0.0f, a = 0.0f;
+            for (int j = 0; j < LANES; ++j) {
+                d += dl[j];
+                a += al[j];
+            }
+            for (; c < n; ++c) {
+                d += e[c];
+                a += e[c] > 0.0f ? e[c] * ((x[c] - ref) * inv_t) : 0.0f;
+            }
+            ale += logf(d) - a / d;
+            float w = inv_m / d;
+            for (c = 0; c < n; ++c) p[c] += e[c] * w;
+        }
+        /* total = -sum P log P: the logarithms as a map into the scratch row, then the sum */
+        for (int64_t c = 0; c < n; ++c) e[c] = vlog(p[c] > 1.0e-37f ? p[c] : 1.0f); /* P = 0 adds 0 * log 1 */
+        float tl[LANES];
+        for (int j = 0; j < LANES; ++j) tl[j] = 0.0f;
+        int64_t c = 0;
+        for (; c + LANES <= n; c += LANES)
+            for (int j = 0; j < LANES; ++j) tl[j] -= p[c + j] * e[c + j];
+        float tot = 0.0f;
+        for (int j = 0; j < LANES; ++j) tot += tl[j];
+        for (; c < n; ++c) tot -= p[c] * e[c];
+        ale *= inv_m;
+        total[r] = tot;
+        aleatoric[r] = ale;
+        epistemic[r] = tot - ale > 0.0f ? tot - ale : 0.0f;
+    }
+}
