@@ -10,6 +10,8 @@ the device, so a training step is these two launches and nothing else, whatever 
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from ._common import cdiv, dot_precision, small_heads_config, upcast_dot
@@ -25,6 +27,7 @@ SMALL_REDUCE_BLOCK = 128
 COUNT_SLOTS = 64
 _counts: dict = {}  # device -> int32 (COUNT_SLOTS,), zeros
 _count_views: dict = {}  # (device, stream handle) -> the (1,) view of its slot
+_count_lock = threading.Lock()
 
 
 def _finished_count(device: torch.device) -> torch.Tensor:
@@ -35,17 +38,21 @@ def _finished_count(device: torch.device) -> torch.Tensor:
     view = _count_views.get((device, stream))
     if view is not None:
         return view
-    counts = _counts.get(device)
-    if counts is None and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        # made inside a capture, a tensor's zero fill runs only at each replay: a count for this graph alone
-        return torch.zeros(1, dtype=torch.int32, device=device)
-    if counts is None:
-        counts = _counts[device] = torch.zeros(COUNT_SLOTS, dtype=torch.int32, device=device)
-    used = sum(1 for dev, _ in _count_views if dev == device)
-    if used >= COUNT_SLOTS:  # more streams than slots: a fresh count (one small fill launch)
-        return torch.zeros(1, dtype=torch.int32, device=device)
-    view = _count_views[(device, stream)] = counts[used:used + 1]
-    return view
+    with _count_lock:  # a stream's first call: two threads must not take one slot
+        view = _count_views.get((device, stream))
+        if view is not None:
+            return view
+        counts = _counts.get(device)
+        if counts is None and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # made inside a capture, a tensor's zero fill runs only at each replay: a count for this graph alone
+            return torch.zeros(1, dtype=torch.int32, device=device)
+        if counts is None:
+            counts = _counts[device] = torch.zeros(COUNT_SLOTS, dtype=torch.int32, device=device)
+        used = sum(1 for dev, _ in _count_views if dev == device)
+        if used >= COUNT_SLOTS:  # more streams than slots: a fresh count (one small fill launch)
+            return torch.zeros(1, dtype=torch.int32, device=device)
+        view = _count_views[(device, stream)] = counts[used:used + 1]
+        return view
 
 
 def small_heads_forward(inp, weight, bias, teacher, temperature: float, reduction: str, shared: bool, want_grad: bool,
