@@ -140,9 +140,62 @@ static void kl_row(const float *s, const float *t, float *g, float *e_u, float *
 /* Rows [r0, r1) of s and t (row strides ld_s, ld_t; unit stride along C) into loss (rows,),
  * with want_grad grad = q - p (row stride ld_g), and with tgrad != NULL the teacher's gradient
  * p * ((log p - log q) - KL) (row stride ld_h). Returns 0, or 1 when scratch memory ran out. */
+/* Rows shorter than a vector (C < SHORT_ROW, e.g. 10 classes): a row's own loops never fill a vector, so
+ * the exponentials, most of the work, would run one lane at a time. Here SHORT_BLOCK rows at a time: their
+ * shifted arguments packed, the exponentials as one flat (vectorised) map over the block, then the
+ * per-row sums, loss and q - p as in kl_row (the same formulas, summed in the same order). */
+#define SHORT_ROW 16
+#define SHORT_BLOCK 64
+
+static void kl_short_rows(const float *s, int64_t ld_s, const float *t, int64_t ld_t, float *grad, int64_t ld_g,
+                          float *loss, int64_t r0, int64_t r1, int64_t n, float inv_t, float t2, int want_grad) {
+    float es[SHORT_BLOCK * SHORT_ROW], eu[SHORT_BLOCK * SHORT_ROW], m_s[SHORT_BLOCK], ref_t[SHORT_BLOCK];
+    for (int64_t b0 = r0; b0 < r1; b0 += SHORT_BLOCK) {
+        int64_t rows = r1 - b0 < SHORT_BLOCK ? r1 - b0 : SHORT_BLOCK;
+        for (int64_t i = 0; i < rows; ++i) {
+            const float *sr = s + (b0 + i) * ld_s, *tr = t + (b0 + i) * ld_t;
+            float ms = -INFINITY, mt = -INFINITY;
+            for (int64_t c = 0; c < n; ++c) {
+                ms = sr[c] > ms ? sr[c] : ms;
+                mt = tr[c] > mt ? tr[c] : mt;
+            }
+            m_s[i] = ms;
+            ref_t[i] = isinf(mt) ? 0.0f : mt; /* as kl_row: only an all-masked row, which the host rejects */
+            for (int64_t c = 0; c < n; ++c) {
+                es[i * n + c] = sr[c] - ms;
+                eu[i * n + c] = (tr[c] - ref_t[i]) * inv_t;
+            }
+        }
+        for (int64_t k = 0; k < rows * n; ++k) { /* a pure map: vectorised */
+            es[k] = vexp(es[k]);
+            eu[k] = vexp(eu[k]);
+        }
+        for (int64_t i = 0; i < rows; ++i) {
+            const float *sr = s + (b0 + i) * ld_s, *tr = t + (b0 + i) * ld_t;
+            const float *ei = es + i * n, *ui = eu + i * n;
+            float d_s = 0.0f, d_u = 0.0f, acc = 0.0f;
+            for (int64_t c = 0; c < n; ++c) {
+                float diff = (tr[c] - ref_t[i]) * inv_t - (sr[c] - m_s[i]);
+                d_s += ei[c];
+                d_u += ui[c];
+                acc += ui[c] > 0.0f ? ui[c] * diff : 0.0f; /* a masked class: 0 * -inf must read as 0 */
+            }
+            loss[b0 + i] = t2 * (acc / d_u + logf(d_s / d_u));
+            if (want_grad) {
+                float *g = grad + (b0 + i) * ld_g, inv_ds = 1.0f / d_s, inv_du = 1.0f / d_u;
+                for (int64_t c = 0; c < n; ++c) g[c] = ei[c] * inv_ds - ui[c] * inv_du;
+            }
+        }
+    }
+}
+
 int hydra_kl_rows(const float *s, int64_t ld_s, const float *t, int64_t ld_t, float *grad, int64_t ld_g,
                   float *tgrad, int64_t ld_h, float *loss, int64_t r0, int64_t r1, int64_t n, float inv_t,
                   float t2, int want_grad) {
+    if (n < SHORT_ROW && tgrad == NULL) {
+        kl_short_rows(s, ld_s, t, ld_t, grad, ld_g, loss, r0, r1, n, inv_t, t2, want_grad);
+        return 0;
+    }
     size_t row_bytes = (size_t)(n > 0 ? n : 1) * sizeof(float);
     float *e_u = (float *)malloc(row_bytes);
     float *scratch = want_grad ? NULL : (float *)malloc(row_bytes);
