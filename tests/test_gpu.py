@@ -277,6 +277,30 @@ def test_training_step_replays_in_a_cuda_graph(monkeypatch, path, hidden):
         assert torch.allclose(p, q, rtol=1e-4, atol=1e-6)
 
 
+def test_small_step_losses_on_two_streams_at_once(monkeypatch):
+    """The small step's loss is summed by launch 1's last program, found through a count of finished
+    programs that each stream has to itself: two streams issuing steps at once (1024 programs each)
+    get the losses the torch path gives, every time."""
+    use_heads_path(monkeypatch, "small")
+    head = HydraHead(256, 10, 8, impl="triton", device="cuda")
+    xs = [torch.randn(4096, 256, device="cuda") for _ in range(2)]
+    ts = [teacher_logits(4096, 8, 10, device="cuda") for _ in range(2)]
+    with torch.no_grad():
+        expected = [hydra_kl_loss(head(x), t, 2.0, impl="torch") for x, t in zip(xs, ts)]
+        streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+        for s in streams:
+            s.wait_stream(torch.cuda.current_stream())
+        got = [[], []]
+        for _ in range(20):
+            for i, s in enumerate(streams):
+                with torch.cuda.stream(s):
+                    got[i].append(head.distill_loss(xs[i], ts[i], 2.0))
+    torch.cuda.synchronize()
+    for i in range(2):
+        for v in got[i]:
+            assert torch.allclose(v, expected[i], rtol=1e-4, atol=1e-6), (i, v.item(), expected[i].item())
+
+
 def test_reduce_overhead_compile_runs_a_training_step():
     """torch.compile(mode="reduce-overhead", fullgraph=True) (CUDA graphs inside): no graph break, and
     the compiled loss and gradients equal the eager ones."""
