@@ -547,7 +547,8 @@ def gaussian_heads_kl_loss(x, weight, bias, teacher_mean, teacher_var, min_var: 
         on = torch.is_grad_enabled()
         needs = [on and t is not None and t.requires_grad for t in (x, weight, bias)]
         loss, *_ = _ops.gaussian_heads_kl_call(x, weight, bias, teacher_mean.detach(), teacher_var.detach(),
-                                          float(min_var), reduction, *needs)
+                                               float(min_var), reduction, *needs,
+                                               _ops.gaussian_deferred(x, weight, bias, *needs))
         return _autocast_loss(loss, x)
     z = linear_heads(x, weight, bias, impl="torch").float() if _autocast_dtype(x) is not None else \
         linear_heads(x, weight, bias, impl="torch")

@@ -193,16 +193,14 @@ def _kernel_specs():
                         {**dots, "HAS_BIAS": True, "WRITE_GRAD": True, "REDUCE": reduce, "BLOCK_B": sc["BLOCK_B"],
                          "BLOCK_P": 128},
                         {"num_warps": sc["num_warps"]}, tag)
-                # from the Hydra heads' backward (times the upstream gradient), and after the Gaussian
-                # heads' kernel (reducing their partial losses)
-                for scale_by_up, reduce in ((True, False), (False, True)):
+                # from the backward (times the upstream gradient), or in the forward (SMALL_DEFERRED off)
+                for scale_by_up in (True, False):
                     add(_small_heads_grad_kernel, {**xs, "w_ptr": f"*{ty}", "g_ptr": f"*{ty}", "dx_ptr": f"*{ty}",
-                                                   "dw_ptr": f"*{ty}", "db_ptr": f"*{ty}", "part_ptr": "*fp32",
-                                                   "out_ptr": "*fp32", "up_ptr": "*fp32", "n_parts": 300, "n_w": 80,
-                                                   "n_kblocks_w": 8, "n_x": 300, "n_kblocks": 8, "out_scale": 0.1},
-                        {**dots, "SHARED": shared, "NEED_W": True, "NEED_B": True, "REDUCE": reduce,
-                         "SCALE_BY_UP": scale_by_up, "BLOCK_P": 128, "BLOCK_R": sc["BLOCK_R"],
-                         "BLOCK_RW": sc["BLOCK_RW"], "BLOCK_KW": sc["BLOCK_KW"], "BLOCK_J": sc["BLOCK_J"]},
+                                                   "dw_ptr": f"*{ty}", "db_ptr": f"*{ty}", "up_ptr": "*fp32",
+                                                   "n_w": 80, "n_kblocks_w": 8, "n_x": 300, "n_kblocks": 8},
+                        {**dots, "SHARED": shared, "NEED_W": True, "NEED_B": True, "SCALE_BY_UP": scale_by_up,
+                         "BLOCK_R": sc["BLOCK_R"], "BLOCK_RW": sc["BLOCK_RW"], "BLOCK_KW": sc["BLOCK_KW"],
+                         "BLOCK_J": sc["BLOCK_J"]},
                         {"num_warps": sc["num_warps"]}, tag)
 
             from fasthydra.ops.gaussian_kl import gaussian_config
@@ -211,23 +209,25 @@ def _kernel_specs():
                 gc = gaussian_config(k_out, d, 4 if ty == "fp32" else 2)
                 args = {"x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "tmean_ptr": f"*{ty}",
                         "tvar_ptr": f"*{ty}", "loss_ptr": "*fp32", "part_ptr": "*fp32", "g_ptr": f"*{ty}",
-                        "err_ptr": "*i32", "B": b, "K": k_out, "D": d,
+                        "err_ptr": "*i32", "out_ptr": "*fp32", "count_ptr": "*i32", "B": b, "K": k_out, "D": d,
                         "stride_xb": d, "min_var": 1e-6, "grad_scale": 0.1}
                 consts = {"HAS_BIAS": True, "WRITE_GRAD": True, "UPCAST_DOT": False, "PRECISION": prec,
-                          "BLOCK_B": gc["BLOCK_B"], "BLOCK_K": gc["BLOCK_K"], "BLOCK_D": gc["BLOCK_D"]}
+                          "BLOCK_B": gc["BLOCK_B"], "BLOCK_K": gc["BLOCK_K"], "BLOCK_D": gc["BLOCK_D"],
+                          "BLOCK_P": 128}
                 add(_gaussian_heads_kl_fwd_kernel, args, consts, {"num_warps": gc["num_warps"]}, tag)
-                # its second launch: the small-step gradient kernel at C = 2K (while the batch allows)
+                # its second launch: the small-step gradient kernel at C = 2K (while the batch allows), from
+                # the backward (times the upstream gradient) or, SMALL_DEFERRED off, in the forward
                 sc = cfgs.small_heads_config(b, m, 2 * k_out, d, 4 if ty == "fp32" else 2)
-                if sc is not None:
+                for scale_by_up in ((True, False) if sc is not None else ()):
                     add(_small_heads_grad_kernel,
                         {"x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "g_ptr": f"*{ty}", "dx_ptr": f"*{ty}",
-                         "dw_ptr": f"*{ty}", "db_ptr": f"*{ty}", "part_ptr": "*fp32", "out_ptr": "*fp32",
-                         "up_ptr": "*fp32", "B": b, "M": m, "C": 2 * k_out, "K": d, "stride_xb": d, "stride_xm": 0,
-                         "n_parts": 300, "n_w": 80, "n_kblocks_w": 8, "n_x": 300, "n_kblocks": 8, "out_scale": 0.1},
+                         "dw_ptr": f"*{ty}", "db_ptr": f"*{ty}", "up_ptr": "*fp32", "B": b, "M": m, "C": 2 * k_out,
+                         "K": d, "stride_xb": d, "stride_xm": 0, "n_w": 80, "n_kblocks_w": 8, "n_x": 300,
+                         "n_kblocks": 8},
                         {"UPCAST_DOT": False, "PRECISION": prec, "BLOCK_C": sc["BLOCK_C"], "BLOCK_K": sc["BLOCK_K"],
-                         "SHARED": True, "NEED_W": True, "NEED_B": True, "REDUCE": True, "SCALE_BY_UP": False,
-                         "BLOCK_P": 128, "BLOCK_R": sc["BLOCK_R"], "BLOCK_RW": sc["BLOCK_RW"],
-                         "BLOCK_KW": sc["BLOCK_KW"], "BLOCK_J": sc["BLOCK_J"]},
+                         "SHARED": True, "NEED_W": True, "NEED_B": True, "SCALE_BY_UP": scale_by_up,
+                         "BLOCK_R": sc["BLOCK_R"], "BLOCK_RW": sc["BLOCK_RW"], "BLOCK_KW": sc["BLOCK_KW"],
+                         "BLOCK_J": sc["BLOCK_J"]},
                         {"num_warps": sc["num_warps"]}, tag)
 
             uc = cfgs.uncertainty_config(m, c, b)

@@ -4,14 +4,16 @@ Forward formula, per row b, head m and output k (x_b shared by all heads):
     mu = x_b @ W[m, k].T + bias[m, k],  r = x_b @ W[m, K + k].T + bias[m, K + k],  var = softplus(r) + min_var
     loss[b, m] = sum_k KL(N(mu_t, var_t) || N(mu, var)) = 0.5 * sum_k (log(var / var_t) + (var_t + (mu_t - mu)^2) / var - 1)
 Gradient: dloss/dmu = (mu - mu_t) / var;  dloss/dr = 0.5 * (1 / var - (var_t + (mu_t - mu)^2) / var^2) * sigmoid(r).
-Both are written (times grad_scale) into the (B, M, 2K) stash; the launcher contracts it into dx, dW
-and db with the small-step gradient kernel (small_heads.py), which also sums the programs' partial
-losses, or with GEMMs for a large batch. The teacher is checked on the loads already made: a variance
+Both are written (times grad_scale) into the (B, M, 2K) stash; the small-step gradient kernel
+(small_heads.py, from the backward where the batch allows) or GEMMs contract it into dx, dW and db.
+The last program to finish sums the programs' partial losses (as the small-step kernel does). The teacher is checked on the loads already made: a variance
 that is not finite and > 0 sets bit 8 of the error word, a mean that is not finite bit 16.
 """
 
 import triton
 import triton.language as tl
+
+from .small_heads import _last_program_sums
 
 
 @triton.jit
@@ -25,12 +27,14 @@ def _gaussian_heads_kl_fwd_kernel(
     part_ptr,  # out: (row blocks, M) fp32, each program's sum of its loss rows
     g_ptr,  # out: (B, M, 2K) gradient w.r.t. (mu, r), in the input dtype; unused unless WRITE_GRAD
     err_ptr,  # in/out: int32 error word, OR-ed with 8 (a bad teacher variance) and 16 (a bad teacher mean)
+    out_ptr,  # out: the reduced loss, fp32 scalar (the last program sums the partials)
+    count_ptr,  # in/out: int32 count of finished programs, 0 before and after the launch
     B,
     K,
     D,
     stride_xb,
     min_var,  # variance floor added after the softplus
-    grad_scale,  # reduction coefficient (1/(B*M*K) for "mean", 1 for "sum")
+    grad_scale,  # reduction coefficient (1/(B*M*K) for "mean", 1 for "sum"), of the loss too
     HAS_BIAS: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     UPCAST_DOT: tl.constexpr,  # interpreter: tl.dot on 16-bit operands is unreliable there
@@ -38,6 +42,7 @@ def _gaussian_heads_kl_fwd_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_K: tl.constexpr,  # outputs, padded to >= 16 for tl.dot
     BLOCK_D: tl.constexpr,
+    BLOCK_P: tl.constexpr,  # partial sums read per step by the reducing program
 ):
     pid_b = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
@@ -92,3 +97,4 @@ def _gaussian_heads_kl_fwd_kernel(
         g_off = rows[:, None] * (n_heads * 2 * K) + head * 2 * K + outs[None, :]
         tl.store(g_ptr + g_off, g_mu.to(g_ptr.dtype.element_ty), mask=mask)
         tl.store(g_ptr + g_off + K, g_r.to(g_ptr.dtype.element_ty), mask=mask)
+    _last_program_sums(part_ptr, tl.num_programs(0) * n_heads, out_ptr, count_ptr, grad_scale, BLOCK_P)

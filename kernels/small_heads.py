@@ -9,18 +9,18 @@ GEMMs, a bias sum and the loss reduction. Here:
       loss[b, m] = T^2 KL(softmax(t_m / T) || softmax(z_m / T)),   dz_m = grad_scale * (q_m - p_m)
       and the program's partial sum of its loss rows; the last program to finish (an atomic count)
       sums the partial losses in a fixed order (deterministic) and resets the count;
-  launch 2 (the backward), three kinds of programs, all scaled by the upstream gradient read on the
+  launch 2 (the backward), two kinds of programs, all scaled by the upstream gradient read on the
   device:
       (head, K block): dW_m = dz_m^T @ x_m, db_m = sum_b dz_m over all rows (complete, fp32 inside,
                        written once in the parameters' dtype);
-      (BLOCK_R rows, K block): dx = sum_m dz_m @ W_m (shared input) or dx_m = dz_m @ W_m (per head);
-      one more where launch 1 did not reduce (the Gaussian heads): the partial losses summed.
+      (BLOCK_R rows, K block): dx = sum_m dz_m @ W_m (shared input) or dx_m = dz_m @ W_m (per head).
 
 Every program's serial chain is short (K / BLOCK_K steps, M steps, or B / BLOCK_RW steps) and the grid
 is wide: at these shapes latency, not arithmetic, is what a step costs. dz is stashed (B, M, C) in the
 input dtype between the launches (what the gradient GEMMs of the cuBLAS path read too). The teacher is
 checked on the loads already made (error word bits 1, 2, 4, as in softmax_kl.py). Launch 2 serves the
-Gaussian heads too: their fused kernel (gaussian_kl.py) leaves the same stash and partial losses.
+Gaussian heads too: their fused kernel (gaussian_kl.py) leaves the same kind of stash and reduces its
+loss with the same last-program sum.
 """
 
 import triton
@@ -128,16 +128,21 @@ def _small_heads_kl_kernel(
     tl.atomic_or(err_ptr, bits, mask=bits != 0)
     tl.store(part_ptr + pid_r * tl.num_programs(1) + pid_h, tl.sum(part, axis=0))
     if REDUCE:
-        # The last program to finish sums every partial loss (the threadfence-reduction pattern): each
-        # program's store above is ordered before its count increment (barrier, then a release at GPU
-        # scope); the program that takes the count to n acquires them all, reads the partials past L1,
-        # and sets the count back to 0 for the next launch on this stream (or the next graph replay).
-        n_parts = tl.num_programs(0) * tl.num_programs(1)
-        tl.debug_barrier()
-        finished = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu")
-        if finished == n_parts - 1:
-            tl.store(out_ptr, _sum_parts(part_ptr, n_parts, BLOCK_P) * out_scale)
-            tl.atomic_xchg(count_ptr, 0, sem="relaxed", scope="gpu")
+        _last_program_sums(part_ptr, tl.num_programs(0) * tl.num_programs(1), out_ptr, count_ptr, out_scale, BLOCK_P)
+
+
+@triton.jit
+def _last_program_sums(part_ptr, n_parts, out_ptr, count_ptr, out_scale, BLOCK_P: tl.constexpr):
+    """Called by every program after storing its partial sum: the last one to finish writes the n_parts
+    partials' sum times out_scale to out_ptr (the threadfence-reduction pattern). Each program's store
+    is ordered before its count increment (barrier, then a release at GPU scope); the program that takes
+    the count to n_parts acquires them all, reads the partials past L1, and sets the count back to 0 for
+    the next launch on this stream (or the next graph replay)."""
+    tl.debug_barrier()
+    finished = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu")
+    if finished == n_parts - 1:
+        tl.store(out_ptr, _sum_parts(part_ptr, n_parts, BLOCK_P) * out_scale)
+        tl.atomic_xchg(count_ptr, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -150,10 +155,9 @@ def _sum_parts(part_ptr, n_parts, BLOCK_P: tl.constexpr):
     return tl.sum(total, axis=0)
 
 
-# The gradients from the stash, and the loss reduction. Program ids: [0, n_w) weight/bias programs
-# (head, K block) walking all B rows in BLOCK_RW steps; [n_w, n_w + n_x) input programs (row block,
-# K block) for a shared input (inner loop over the M heads' classes), (row block, head, K block) for
-# per-head inputs; then one program (when REDUCE) summing the partial losses.
+# The gradients from the stash. Program ids: [0, n_w) weight/bias programs (head, K block) walking all
+# B rows in BLOCK_RW steps; [n_w, n_w + n_x) input programs (row block, K block) for a shared input
+# (inner loop over the M heads' classes), (row block, head, K block) for per-head inputs.
 @triton.jit
 def _small_heads_grad_kernel(
     x_ptr,  # inputs, as in _small_heads_kl_kernel
@@ -162,8 +166,6 @@ def _small_heads_grad_kernel(
     dx_ptr,  # out: input gradient, x's shape, contiguous, input dtype; unused unless n_x > 0
     dw_ptr,  # out: weight gradient (M, C, K) contiguous, weight dtype; unused unless NEED_W
     db_ptr,  # out: bias gradient (M, C) contiguous, bias dtype; unused unless NEED_B
-    part_ptr,  # (n_parts,) fp32 partial loss sums from the first launch
-    out_ptr,  # out: the reduced loss, fp32 scalar; unused unless REDUCE
     up_ptr,  # the upstream gradient of the (reduced) loss, a scalar on the device; unused unless SCALE_BY_UP
     B,
     M,
@@ -171,16 +173,13 @@ def _small_heads_grad_kernel(
     K,
     stride_xb,
     stride_xm,
-    n_parts,
     n_w,  # weight/bias programs: M * n_kblocks_w, or 0
     n_kblocks_w,  # BLOCK_KW blocks per head for dW (1 when only db is wanted)
     n_x,  # input-gradient programs, or 0
     n_kblocks,  # K blocks of K
-    out_scale,  # reduction coefficient: 1/(B*M) for "mean", 1 for "sum"
     SHARED: tl.constexpr,
     NEED_W: tl.constexpr,
     NEED_B: tl.constexpr,
-    REDUCE: tl.constexpr,
     SCALE_BY_UP: tl.constexpr,  # gradients times the upstream gradient (launched from the backward)
     UPCAST_DOT: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -190,15 +189,11 @@ def _small_heads_grad_kernel(
     BLOCK_J: tl.constexpr,  # flattened (head, class) block of a shared input's gradient programs
     BLOCK_RW: tl.constexpr,  # rows per step of the dW walk: long steps, few of them (the chain is B / BLOCK_RW)
     BLOCK_KW: tl.constexpr,  # K block of a dW program: narrow, so that M * K / BLOCK_KW programs fill the GPU
-    BLOCK_P: tl.constexpr,  # partial sums read per step by the reducing program
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_C)
     col_ok = cols < C
     r0s = tl.arange(0, BLOCK_R).to(tl.int64)
-    up = 1.0
-    if SCALE_BY_UP:
-        up = tl.load(up_ptr).to(tl.float32)
     if pid < n_w:
         m = (pid // n_kblocks_w).to(tl.int64)
         ks = (pid % n_kblocks_w) * BLOCK_KW + tl.arange(0, BLOCK_KW)
@@ -220,6 +215,7 @@ def _small_heads_grad_kernel(
                     g = g.to(tl.float32)
                     x = x.to(tl.float32)
                 acc = tl.dot(tl.trans(g), x.to(g.dtype), acc, input_precision=PRECISION)
+        up = _upstream(up_ptr, SCALE_BY_UP)  # loaded after the walk: no register held across it
         if NEED_W:
             tl.store(dw_ptr + m * (C * K) + cols[:, None] * K + ks[None, :], (acc * up).to(dw_ptr.dtype.element_ty),
                      mask=col_ok[:, None] & k_ok[None, :])
@@ -240,7 +236,8 @@ def _small_heads_grad_kernel(
             for j0 in range(0, M * C, BLOCK_J):
                 acc = _dz_times_w(g_ptr + rows[:, None] * (M * C) + j0, w_ptr + j0 * K, row_ok, tl.arange(0, BLOCK_J),
                                   tl.arange(0, BLOCK_J) < M * C - j0, ks, k_ok, K, acc, UPCAST_DOT, PRECISION)
-            tl.store(dx_ptr + rows[:, None] * K + ks[None, :], (acc * up).to(dx_ptr.dtype.element_ty),
+            tl.store(dx_ptr + rows[:, None] * K + ks[None, :],
+                     (acc * _upstream(up_ptr, SCALE_BY_UP)).to(dx_ptr.dtype.element_ty),
                      mask=row_ok[:, None] & k_ok[None, :])
         else:  # q = row block * M + head: dx_m = dz_m @ W_m, dx contiguous (B, M, K)
             m = q % M
@@ -249,10 +246,18 @@ def _small_heads_grad_kernel(
             acc = tl.zeros((BLOCK_R, BLOCK_K), tl.float32)
             acc = _dz_times_w(g_ptr + rows[:, None] * (M * C) + m * C, w_ptr + m * (C * K), row_ok, cols, col_ok,
                               ks, k_ok, K, acc, UPCAST_DOT, PRECISION)
-            tl.store(dx_ptr + rows[:, None] * (M * K) + m * K + ks[None, :], (acc * up).to(dx_ptr.dtype.element_ty),
+            tl.store(dx_ptr + rows[:, None] * (M * K) + m * K + ks[None, :],
+                     (acc * _upstream(up_ptr, SCALE_BY_UP)).to(dx_ptr.dtype.element_ty),
                      mask=row_ok[:, None] & k_ok[None, :])
-    elif REDUCE:
-        tl.store(out_ptr, _sum_parts(part_ptr, n_parts, BLOCK_P) * out_scale)
+
+
+@triton.jit
+def _upstream(up_ptr, SCALE_BY_UP: tl.constexpr):
+    """The upstream gradient (fp32) where the launch scales by it, else 1."""
+    if SCALE_BY_UP:
+        return tl.load(up_ptr).to(tl.float32)
+    else:
+        return 1.0
 
 
 @triton.jit

@@ -150,7 +150,11 @@ def _opcheck_cases(impl):
                                            True, False, True, False))]
         cases += [(ops.grouped_linear, (x, w, b, True, True)), (ops.grouped_linear, (u, w, None, False, False)),
                   (ops.gaussian_heads_kl, (x, r(3, 4, 5, grad=True), None, r(4, 3, 2),
-                                           torch.rand(4, 3, 2, generator=g) + 0.5, 1e-6, "mean", True, True, False))]
+                                           torch.rand(4, 3, 2, generator=g) + 0.5, 1e-6, "mean", True, True, False,
+                                           False)),
+                  (ops.gaussian_heads_kl, (x, r(3, 4, 5, grad=True), b[:, :4].detach().requires_grad_(),
+                                           r(4, 3, 2), torch.rand(4, 3, 2, generator=g) + 0.5, 1e-6, "sum", True,
+                                           True, True, True))]  # its gradients deferred to the backward
     return cases
 
 

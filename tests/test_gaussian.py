@@ -100,23 +100,28 @@ def test_gaussian_head_expand_and_shapes():
 @pytest.mark.interpret
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-@pytest.mark.parametrize("second", ["small-step", "gemms"])
+@pytest.mark.parametrize("second", ["small-step-in-backward", "small-step-in-forward", "gemms"])
 def test_gaussian_heads_both_second_launches(monkeypatch, bias, reduction, second):
-    """Several 64-row programs, D across two tiles, an upstream gradient of 0.7; the gradients and the
-    reduced loss from the small-step gradient kernel, and from GEMMs (a batch past its limit)."""
+    """Several 64-row programs, D across two tiles, an upstream gradient of 0.7; the reduced loss from
+    the fused kernel's last program; the gradients from the small-step gradient kernel run from the
+    backward (reading the upstream gradient; again for a retained graph's second backward) or in the
+    forward (SMALL_DEFERRED off), and from GEMMs (a batch past its limit)."""
     from fasthydra.ops import _common
 
     if second == "gemms":
         monkeypatch.setattr(_common, "SMALL_MAX_ROWS", 100)
+    monkeypatch.setattr(_common, "SMALL_DEFERRED", second == "small-step-in-backward")
     head = GaussianHydraHead(40, 3, 4, bias=bias, impl="triton")
     x, tm, tv = _case(b=150, d=40, m=4, k=3)
     loss = head.distill_loss(x, tm, tv, reduction=reduction)
-    grads = torch.autograd.grad(loss * 0.7, [x, *params_of(head)])
+    grads = torch.autograd.grad(loss * 0.7, [x, *params_of(head)], retain_graph=True)
     loss_ref, grads_ref = _reference(head, x, tm, tv)
     n = 150 * 4 * 3 if reduction == "sum" else 1
     assert_close_to(loss, loss_ref * n, rtol=2e-6, what="loss")
     for g, r in zip(grads, grads_ref):
         assert_close_to(g, r * n * 0.7, rtol=2e-5, atol=1e-8)
+    for g, again in zip(grads, torch.autograd.grad(loss * 0.7, [x, *params_of(head)])):
+        assert torch.equal(g, again)
 
 
 @pytest.mark.interpret

@@ -783,8 +783,9 @@ def test_small_step_is_two_launches_and_nothing_else(monkeypatch):
 
 
 def test_gaussian_heads_are_two_launches_and_nothing_else(monkeypatch):
-    """The Gaussian heads the same way: the fused kernel (teacher checks included), then the small-step
-    gradient kernel."""
+    """The Gaussian heads the same way: the fused kernel (teacher checks included; the loss reduced by its
+    last program) in the forward, the small-step gradient kernel in the backward, at any upstream
+    gradient; evaluation is the fused kernel alone."""
     from fasthydra import GaussianHydraHead
 
     head = GaussianHydraHead(16, 2, 3, impl="triton")
@@ -798,6 +799,18 @@ def test_gaussian_heads_are_two_launches_and_nothing_else(monkeypatch):
     launches, ops = _launches_and_torch_ops(step)
     assert launches == ["_gaussian_heads_kl_fwd_kernel", "_small_heads_grad_kernel"]
     assert ops == []
+
+    def scaled_step():  # an upstream gradient other than 1: still nothing more
+        head.zero_grad(set_to_none=True)
+        x.grad = None
+        (head.distill_loss(x, tm, tv) * 0.5).backward()
+
+    launches, ops = _launches_and_torch_ops(scaled_step)
+    assert launches == ["_gaussian_heads_kl_fwd_kernel", "_small_heads_grad_kernel"]
+    assert all("mul" in op for op in ops) and len(ops) <= 2, ops
+    with torch.no_grad():  # evaluation: the fused kernel alone (its last program reduces the loss)
+        launches, ops = _launches_and_torch_ops(lambda: head.distill_loss(x, tm, tv))
+    assert launches == ["_gaussian_heads_kl_fwd_kernel"] and ops == []
 
 
 def test_heads_paths_with_extreme_logits_and_masked_rows(gemm):

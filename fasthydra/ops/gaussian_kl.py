@@ -35,13 +35,16 @@ def gaussian_config(k: int, d: int, elem_size: int = 2) -> dict:
 
 
 def gaussian_heads_kl_forward_triton(x, weight, bias, teacher_mean, teacher_var, min_var: float, reduction: str,
-                                     need_in: bool, need_w: bool, need_b: bool):
+                                     need_in: bool, need_w: bool, need_b: bool, deferred: bool = False):
     """Fused Gaussian heads + KL on Triton. Launch 1 computes the head GEMM, the KL per (row, head), the
-    gradient w.r.t. (mu, raw var) and checks the teacher; launch 2 (the small-step gradient kernel,
-    while the batch is small enough for it: see small_heads_config) forms dx, dW, db and the reduced
-    loss; a larger batch takes GEMMs for those. Returns (loss in fp32, grad_x, grad_weight, grad_bias),
-    None where not asked for."""
+    gradient w.r.t. (mu, raw var), checks the teacher and (its last program) reduces the loss. deferred
+    (the batch fits the small-step kernels, see gaussian_deferred): returns (loss, stash), and the
+    backward's launch 2 forms the gradients. Else the gradients now, with the small-step gradient kernel
+    or (a larger batch) GEMMs: returns (loss in fp32, grad_x, grad_weight, grad_bias), None where not
+    asked for."""
     from fasthydra.kernels.gaussian_kl import _gaussian_heads_kl_fwd_kernel
+
+    from .small_heads import SMALL_REDUCE_BLOCK, _finished_count
 
     m, two_k, d = weight.shape
     k = two_k // 2
@@ -58,21 +61,34 @@ def gaussian_heads_kl_forward_triton(x, weight, bias, teacher_mean, teacher_var,
     grid = (cdiv(b, cfg["BLOCK_B"]), m)
     loss = torch.empty(b, m, dtype=torch.float32, device=dev)
     parts = torch.empty(grid, dtype=torch.float32, device=dev)
+    out = torch.empty((), dtype=torch.float32, device=dev)
     stash = torch.empty(b, m, two_k, dtype=x.dtype, device=dev) if want_grad else loss
     coef = 1.0 / (b * m * k) if reduction == "mean" else 1.0  # of the loss and of each gradient term
     _gaussian_heads_kl_fwd_kernel[grid](
         x, weight, bias if bias is not None else weight, teacher_mean, teacher_var, loss, parts, stash,
-        error_word(dev, "gaussian_kl_loss"), b, k, d, x.stride(0), min_var, coef,
+        error_word(dev, "gaussian_kl_loss"), out, _finished_count(dev), b, k, d, x.stride(0), min_var, coef,
         HAS_BIAS=bias is not None, WRITE_GRAD=want_grad, UPCAST_DOT=upcast_dot(x.dtype),
         PRECISION=dot_precision(x.dtype), BLOCK_B=cfg["BLOCK_B"], BLOCK_K=cfg["BLOCK_K"],
-        BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
+        BLOCK_D=cfg["BLOCK_D"], BLOCK_P=SMALL_REDUCE_BLOCK, num_warps=cfg["num_warps"])
     after_launch(dev, "gaussian_kl_loss", teacher_mean.shape)
+    if deferred:
+        return out, stash
     grad_x = grad_w = grad_b = None
     small = small_heads_config(b, m, two_k, d, x.element_size())
-    if small is not None:
-        return launch_small_grads(x, weight, bias, stash, parts, small, True, need_in, need_w, need_b, coef)
-    if want_grad:
+    if small is not None and want_grad:
+        grad_x, grad_w, grad_b = launch_small_grads(x, weight, bias, stash, small, True, need_in, need_w, need_b)
+    elif want_grad:
         grad_x, grad_w = heads_backward(stash, x, weight, True, need_in, need_w)
         if need_b:
             grad_b = stash.sum(0, dtype=torch.float32).to(bias.dtype)
-    return parts.sum() * coef, grad_x, grad_w, grad_b
+    return out, grad_x, grad_w, grad_b
+
+
+def gaussian_deferred(x, weight, bias, need_in: bool, need_w: bool, need_b: bool) -> bool:
+    """The Gaussian heads op defers its gradients to the backward's launch 2 (as the Hydra heads' small
+    step does): a batch the small-step gradient kernel takes, and some gradient wanted."""
+    from . import _common
+
+    m, two_k, d = weight.shape
+    return (_common.SMALL_DEFERRED and x.shape[0] > 0 and (need_in or need_w or (need_b and bias is not None))
+            and small_heads_config(x.shape[0], m, two_k, d, x.element_size()) is not None)

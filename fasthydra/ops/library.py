@@ -245,24 +245,29 @@ def _heads_setup(ctx, inputs, output):
 
 
 def _linear_setup(ctx, inputs, output):
-    if _small_setup(ctx, inputs, output):
-        ctx.has_bias = inputs[2] is not None
-        return
-    _heads_setup(ctx, inputs, output)
+    if not _small_setup(ctx, inputs, output):
+        _heads_setup(ctx, inputs, output)
 
 
 def _small_setup(ctx, inputs, output) -> bool:
-    """The heads op's deferred small step (small_deferred_config): keeps input, weight, bias and the stash for
-    launch 2 in the backward; False (ctx.small None) where the op stored its gradients instead."""
+    """The heads op's deferred small step (small_deferred_config): see _keep_for_launch2; False (ctx.small
+    None) where the op stored its gradients instead."""
     ctx.small = None
     if not inputs[13]:  # small_deferred
         return False
     inp, weight, bias, _, _, _, shared, need_in, need_w, need_b = inputs[:10]
+    _keep_for_launch2(ctx, inp, weight, bias, output, shared, need_in, need_w, need_b)
+    return True
+
+
+def _keep_for_launch2(ctx, inp, weight, bias, output, shared, need_in, need_w, need_b) -> None:
+    """A deferred small step's setup: input, weight, bias and the stash of dL/dz (output[1]) kept for the
+    small-step gradient kernel in the backward (_small_backward)."""
     ctx.small = (shared, need_in, need_w, need_b and bias is not None)
+    ctx.has_bias = bias is not None
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(inp, weight, bias, output[1])
-    return True
 
 
 @_no_autocast
@@ -340,13 +345,13 @@ def _heads_backward(n_inputs: int):
     return backward
 
 
-def _linear_backward(stored):
-    """The heads op's backward: launch 2 for a deferred small step, else `stored` (the stored gradients'
+def _linear_backward(stored, n_inputs: int = 14):
+    """A heads op's backward: launch 2 for a deferred small step, else `stored` (the stored gradients'
     scaling)."""
 
     def backward(ctx, grad_loss, *rest):
         if getattr(ctx, "small", None) is not None:
-            return _small_backward(ctx, grad_loss, 14)
+            return _small_backward(ctx, grad_loss, n_inputs)
         return stored(ctx, grad_loss, *rest)
 
     return backward
@@ -443,8 +448,16 @@ register_autograd("fasthydra::grouped_linear", _grouped_linear_bwd, setup_contex
 @_no_autocast
 def _gaussian_heads_kl_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, teacher_mean: torch.Tensor,
                       teacher_var: torch.Tensor, min_var: float, reduction: str, need_in: bool, need_w: bool,
-                      need_b: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                      need_b: bool, small_deferred: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """small_deferred (decided by the caller with gaussian_deferred): the fused kernel alone, returning
+    the (B, M, 2K) stash of the gradient w.r.t. (mu, raw var) in the input gradient's place; the
+    small-step gradient kernel runs in the backward (as for the Hydra heads)."""
     poll(x.device)  # the kernel checks the teacher while it reads it (error word bits 8 and 16)
+    if small_deferred:
+        loss, stash = _gauss.gaussian_heads_kl_forward_triton(x, weight, bias, teacher_mean, teacher_var, min_var,
+                                                              reduction, need_in, need_w,
+                                                              need_b and bias is not None, deferred=True)
+        return loss, stash, weight.new_empty(_EMPTY), weight.new_empty(_EMPTY)
     loss, g_x, g_w, g_b = _gauss.gaussian_heads_kl_forward_triton(x, weight, bias, teacher_mean, teacher_var, min_var,
                                                                   reduction, need_in, need_w,
                                                                   need_b and bias is not None)
@@ -452,17 +465,32 @@ def _gaussian_heads_kl_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
 
 
 gaussian_heads_kl = custom_op("fasthydra::gaussian_heads_kl", mutates_args=())(_gaussian_heads_kl_impl)
+gaussian_deferred = _gauss.gaussian_deferred
 
 
 @register_fake("fasthydra::gaussian_heads_kl")
-def _gaussian_heads_kl_fake(x, weight, bias, teacher_mean, teacher_var, min_var, reduction, need_in, need_w, need_b):
+def _gaussian_heads_kl_fake(x, weight, bias, teacher_mean, teacher_var, min_var, reduction, need_in, need_w, need_b,
+                            small_deferred):
+    if small_deferred:
+        return (x.new_empty((), dtype=torch.float32), x.new_empty(teacher_mean.shape[:2] + (weight.shape[1],)),
+                weight.new_empty(_EMPTY), weight.new_empty(_EMPTY))
     return (x.new_empty((), dtype=torch.float32),
             torch.empty_like(x) if need_in else x.new_empty(_EMPTY),
             torch.empty_like(weight) if need_w else weight.new_empty(_EMPTY),
             torch.empty_like(bias) if (need_b and bias is not None) else weight.new_empty(_EMPTY))
 
 
-register_autograd("fasthydra::gaussian_heads_kl", _heads_backward(10), setup_context=_heads_setup)
+def _gaussian_setup(ctx, inputs, output):
+    ctx.small = None
+    if inputs[10]:  # small_deferred
+        x, weight, bias = inputs[:3]
+        _keep_for_launch2(ctx, x, weight, bias, output, True, *inputs[7:10])
+        return
+    _heads_setup(ctx, inputs, output)
+
+
+register_autograd("fasthydra::gaussian_heads_kl", _linear_backward(_heads_backward(11), 11),
+                  setup_context=_gaussian_setup)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -608,15 +636,25 @@ def _eager_hydra_kl_backward(ctx, grad_loss, *_grad_of_grads):
 hydra_kl_call = _eager_entry(hydra_kl, _hydra_kl_impl, _eager_hydra_kl_setup, _eager_hydra_kl_backward)
 def _eager_linear_setup(ctx, inputs, output):
     """Eager form of _linear_setup: the deferred small step as there, else the hand-over of stored gradients."""
-    if _small_setup(ctx, inputs, output):
-        ctx.has_bias = inputs[2] is not None
-        return
-    _eager_heads_setup(ctx, inputs, output)
+    if not _small_setup(ctx, inputs, output):
+        _eager_heads_setup(ctx, inputs, output)
 
 
 linear_hydra_kl_call = _eager_entry(linear_hydra_kl, _linear_hydra_kl_impl, _eager_linear_setup,
                                     _linear_backward(_eager_heads_backward(14, _linear_hydra_kl_impl)))
 uncertainty_call = _eager_entry(uncertainty, _uncertainty_impl)
 grouped_linear_call = _eager_entry(grouped_linear, _grouped_linear_impl, _grouped_linear_setup, _grouped_linear_bwd)
-gaussian_heads_kl_call = _eager_entry(gaussian_heads_kl, _gaussian_heads_kl_impl, _eager_heads_setup,
-                                      _eager_heads_backward(10, _gaussian_heads_kl_impl))
+def _eager_gaussian_setup(ctx, inputs, output):
+    """Eager form of _gaussian_setup: the deferred small step as there, else the hand-over of stored
+    gradients, every input held by reference (the teacher's mean and variance are small, and the caller
+    passes detached copies that nothing else would keep alive for a second backward)."""
+    ctx.small = None
+    if inputs[10]:
+        _gaussian_setup(ctx, inputs, output)
+        return
+    ctx.has_bias = inputs[2] is not None
+    _hand_over_setup(ctx, inputs, output, strong=len(inputs))
+
+
+gaussian_heads_kl_call = _eager_entry(gaussian_heads_kl, _gaussian_heads_kl_impl, _eager_gaussian_setup,
+                                      _linear_backward(_eager_heads_backward(11, _gaussian_heads_kl_impl), 11))

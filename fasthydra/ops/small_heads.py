@@ -1,7 +1,7 @@
 """The small-step path's launchers (kernels/small_heads.py): a heads + loss step in two launches when a
 head's row fits one class tile. Launch 1 is op-specific (the Hydra loss here; the Gaussian heads use
 their own fused kernel, ops/gaussian_kl.py); launch 2, ``launch_small_grads``, is shared: it turns the
-stash of dL/dz into dx, dW, db (and, after the Gaussian kernel, reduces the partial losses).
+stash of dL/dz into dx, dW, db.
 
 The Hydra heads run launch 1 in the forward and, where autograd wants gradients, launch 2 in the
 backward (``small_heads_forward``, ``small_heads_backward``): launch 2 reads the upstream gradient on
@@ -94,10 +94,8 @@ def small_heads_backward(inp, weight, bias, stash, grad_loss, shared: bool, need
     (a scalar tensor, read on the device). Returns (grad_in, grad_weight, grad_bias), None where not asked."""
     m, c, k = weight.shape
     cfg = small_heads_config(inp.shape[0], m, c, k, inp.element_size())
-    _, g_in, g_w, g_b = launch_small_grads(inp.contiguous(), weight.contiguous(), bias, stash, None, cfg, shared,
-                                           need_in, need_w, need_b and bias is not None, 1.0, reduce=False,
-                                           upstream=grad_loss.reshape(()).to(torch.float32))
-    return g_in, g_w, g_b
+    return launch_small_grads(inp.contiguous(), weight.contiguous(), bias, stash, cfg, shared, need_in, need_w,
+                              need_b and bias is not None, upstream=grad_loss.reshape(()).to(torch.float32))
 
 
 def linear_hydra_kl_forward_small(inp, weight, bias, teacher, temperature: float, reduction: str, shared: bool,
@@ -106,28 +104,24 @@ def linear_hydra_kl_forward_small(inp, weight, bias, teacher, temperature: float
     reduction "none"): launch 1, then launch 2 at once. Returns (loss, grad_in, grad_weight, grad_bias,
     None)."""
     want_grad = need_in or need_w or need_b
-    loss, stash, parts = small_heads_forward(inp, weight, bias, teacher, temperature, reduction, shared, want_grad,
-                                             cfg)
+    loss, stash, _ = small_heads_forward(inp, weight, bias, teacher, temperature, reduction, shared, want_grad, cfg)
     if not want_grad:
         return loss, None, None, None, None
-    _, grad_in, grad_w, grad_b = launch_small_grads(inp.contiguous(), weight.contiguous(), bias, stash, parts, cfg,
-                                                    shared, need_in, need_w, need_b, 1.0, reduce=False)
-    return loss, grad_in, grad_w, grad_b, None
+    return (loss, *launch_small_grads(inp.contiguous(), weight.contiguous(), bias, stash, cfg, shared, need_in,
+                                      need_w, need_b), None)
 
 
-def launch_small_grads(inp, weight, bias, stash, parts, cfg: dict, shared: bool, need_in: bool, need_w: bool,
-                       need_b: bool, out_scale: float, reduce: bool = True, upstream: torch.Tensor | None = None):
+def launch_small_grads(inp, weight, bias, stash, cfg: dict, shared: bool, need_in: bool, need_w: bool, need_b: bool,
+                       upstream: torch.Tensor | None = None):
     """Launch 2 of the small-step path (``_small_heads_grad_kernel``), after any first launch that left a
-    (B, M, C) stash of dL/dz (contiguous, the input dtype) and per-program partial losses: dW and db per
-    (head, K block) over all rows, dx per (row block, K block), and (reduce) the partial losses summed in
-    a fixed order times out_scale. upstream: a scalar tensor the gradients are multiplied by on the
-    device. Returns (loss or None, grad_in, grad_weight, grad_bias), None where not asked for."""
+    (B, M, C) stash of dL/dz (contiguous, the input dtype): dW and db per (head, K block) over all rows,
+    dx per (row block, K block). upstream: a scalar tensor the gradients are multiplied by on the device
+    (the backward's upstream gradient). Returns (grad_in, grad_weight, grad_bias), None where not asked."""
     from fasthydra.kernels.small_heads import _small_heads_grad_kernel
 
     m, c, k = weight.shape
     b = inp.shape[0]
-    dev, dt = inp.device, inp.dtype
-    out = torch.empty((), dtype=torch.float32, device=dev) if reduce else None
+    dt = inp.dtype
     grad_in = torch.empty_like(inp) if need_in else None
     grad_w = torch.empty_like(weight) if need_w else None
     grad_b = torch.empty_like(bias) if need_b else None
@@ -135,15 +129,13 @@ def launch_small_grads(inp, weight, bias, stash, parts, cfg: dict, shared: bool,
     kb_w = cdiv(k, cfg["BLOCK_KW"]) if need_w else 1
     n_w = m * kb_w if (need_w or need_b) else 0
     n_x = (cdiv(b, cfg["BLOCK_R"]) * n_kb * (1 if shared else m)) if need_in else 0
-    if n_w or n_x or reduce:
+    if n_w or n_x:
         unused = stash  # a placeholder pointer for the outputs and inputs not in use
-        _small_heads_grad_kernel[(n_w + n_x + reduce,)](
+        _small_heads_grad_kernel[(n_w + n_x,)](
             inp, weight, stash, unused if grad_in is None else grad_in, unused if grad_w is None else grad_w,
-            unused if grad_b is None else grad_b, unused if parts is None else parts, unused if out is None else out,
-            unused if upstream is None else upstream, b, m, c, k, inp.stride(0), 0 if shared else inp.stride(1),
-            0 if parts is None else parts.numel(), n_w, kb_w, n_x, n_kb, out_scale, SHARED=shared,
-            NEED_W=need_w, NEED_B=need_b, REDUCE=reduce, SCALE_BY_UP=upstream is not None, UPCAST_DOT=upcast_dot(dt),
-            PRECISION=dot_precision(dt), BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"],
-            BLOCK_J=cfg["BLOCK_J"], BLOCK_RW=cfg["BLOCK_RW"], BLOCK_KW=cfg["BLOCK_KW"], BLOCK_P=SMALL_REDUCE_BLOCK,
-            num_warps=cfg["num_warps"])
-    return out, grad_in, grad_w, grad_b
+            unused if grad_b is None else grad_b, unused if upstream is None else upstream, b, m, c, k,
+            inp.stride(0), 0 if shared else inp.stride(1), n_w, kb_w, n_x, n_kb, SHARED=shared, NEED_W=need_w,
+            NEED_B=need_b, SCALE_BY_UP=upstream is not None, UPCAST_DOT=upcast_dot(dt), PRECISION=dot_precision(dt),
+            BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"], BLOCK_J=cfg["BLOCK_J"],
+            BLOCK_RW=cfg["BLOCK_RW"], BLOCK_KW=cfg["BLOCK_KW"], num_warps=cfg["num_warps"])
+    return grad_in, grad_w, grad_b
