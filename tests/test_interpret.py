@@ -708,6 +708,21 @@ def test_small_step_path_matches_reference(monkeypatch, b, d, m, c, hidden, bias
     assert not small_heads_ops._counts[torch.device("cpu")].any()
 
 
+def test_deferred_flag_is_refused_where_it_does_not_apply():
+    """small_deferred is decided by the callers; set by hand where the small step cannot defer (a loss per
+    row, no gradient wanted, a batch past the Gaussian limit), the ops say so instead of failing inside."""
+    from fasthydra.ops import library as L
+
+    x, w, t = torch.randn(4, 5), torch.randn(3, 7, 5), torch.randn(4, 3, 7)
+    with pytest.raises(ValueError, match="small_deferred"):
+        L._linear_hydra_kl_impl(x, w, None, t, 2.0, "none", True, True, True, False, False, "triton", None, True)
+    with pytest.raises(ValueError, match="small_deferred"):
+        L._linear_hydra_kl_impl(x, w, None, t, 2.0, "mean", True, False, False, False, False, "triton", None, True)
+    tm, tv = torch.randn(4, 3, 2), torch.rand(4, 3, 2) + 0.5
+    with pytest.raises(ValueError, match="small_deferred"):
+        L._gaussian_heads_kl_impl(x, torch.randn(3, 4, 5), None, tm, tv, 1e-6, "mean", False, False, False, True)
+
+
 def test_small_step_loss_rows_and_partial_gradients(monkeypatch):
     """The launcher's other flag combinations: per-row losses (no reduction), only dW, only db."""
     import fasthydra.ops.linear_hydra_kl as lk

@@ -196,6 +196,9 @@ def _linear_hydra_kl_impl(inp: torch.Tensor, weight: torch.Tensor, bias: torch.T
     if small_deferred:
         cfg = small_deferred_config(inp, weight, bias, reduction, need_in, need_w, need_b, need_t, impl,
                                     teacher_indices)
+        if cfg is None:
+            raise ValueError("linear_hydra_kl: small_deferred=True is for the calls small_deferred_config "
+                             "accepts (the Triton path's small-step kernels, a reduced loss, a gradient wanted)")
         loss, stash, _ = _small.small_heads_forward(inp, weight, bias, teacher, temperature, reduction, shared, True,
                                                     cfg)
         return loss, stash, weight.new_empty(_EMPTY), weight.new_empty(_EMPTY), teacher.new_empty(_EMPTY)
@@ -454,6 +457,9 @@ def _gaussian_heads_kl_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     small-step gradient kernel runs in the backward (as for the Hydra heads)."""
     poll(x.device)  # the kernel checks the teacher while it reads it (error word bits 8 and 16)
     if small_deferred:
+        if not _gauss.gaussian_deferred(x, weight, bias, need_in, need_w, need_b):
+            raise ValueError("gaussian_heads_kl: small_deferred=True is for the calls gaussian_deferred accepts "
+                             "(a batch the small-step gradient kernel takes, a gradient wanted)")
         loss, stash = _gauss.gaussian_heads_kl_forward_triton(x, weight, bias, teacher_mean, teacher_var, min_var,
                                                               reduction, need_in, need_w,
                                                               need_b and bias is not None, deferred=True)
