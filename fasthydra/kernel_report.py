@@ -119,19 +119,25 @@ def _kernel_specs():
                     "tgrad_ptr": f"*{ty}", "err_ptr": "*i32", "R": b * m, "R_INNER": m, "C": c,
                     "stride_zo": m * c, "stride_zi": c, "stride_to": m * c, "stride_ti": c, "stride_go": m * c,
                     "stride_gi": c, "stride_lo": m, "stride_li": 1, "stride_ho": m * c, "stride_hi": c,
-                    "inv_temp": 0.5, "inv_temp_again": 0.5, "loss_scale": 4.0, "grad_scale": 0.1}
-            # (teacher gradient, student bias, gradient written, normalisers written): a frozen teacher and
-            # one that requires grad, each with and without a bias (MLP heads' second layer); and
-            # hydra_kl_loss's forward that writes the normalisers only (its backward: the grad kernel)
-            for tgrad, bias, grad, norms in ((False, False, True, False), (True, False, True, False),
-                                             (False, True, True, False), (True, True, True, False),
-                                             (False, False, False, True)):
+                    "inv_temp": 0.5, "inv_temp_again": 0.5, "loss_scale": 4.0, "grad_scale": 0.1,
+                    "part_ptr": "*fp32", "out_ptr": "*fp32", "count_ptr": "*i32", "out_scale": 0.01}
+            # (teacher gradient, student bias, gradient written, normalisers written, loss reduced): a frozen
+            # teacher and one that requires grad, each with and without a bias (MLP heads' second layer); and
+            # hydra_kl_loss's forward that writes the normalisers only (its backward: the grad kernel), or the
+            # gradient with a teacher that requires grad, both reducing the loss in their last program
+            for tgrad, bias, grad, norms, reduce in ((False, False, True, False, False),
+                                                     (True, False, True, False, False),
+                                                     (False, True, True, False, False),
+                                                     (True, True, True, False, False),
+                                                     (False, False, False, True, True),
+                                                     (True, False, True, False, True)):
                 kl = cfgs.kl_rows_config(c, 4 if ty == "fp32" else 2, tgrad or bias)
                 add(_hydra_kl_fwd_kernel, {**args, "bias_ptr": f"*{ty}", "stride_bo": c, "stride_bi": 0,
                                            "norm_ptr": "*fp32"},
                     {"BLOCK_R": kl["BLOCK_R"], "BLOCK_C": kl["BLOCK_C"], "WRITE_GRAD": grad, "WRITE_TGRAD": tgrad,
                      "ROW_IN_REGISTERS": kl["ROW_IN_REGISTERS"], "HAS_BIAS": bias,
-                     "VEC": min(kl["BLOCK_C"], 4 if ty == "fp32" else 8), "WRITE_NORMS": norms},
+                     "VEC": min(kl["BLOCK_C"], 4 if ty == "fp32" else 8), "WRITE_NORMS": norms, "REDUCE": reduce,
+                     "BLOCK_P": cfgs.REDUCE_BLOCK},
                     {"num_warps": kl["num_warps"]}, tag)
             gk = cfgs.kl_grad_config(b * m, c)
             add(_hydra_kl_grad_kernel, {"z_ptr": f"*{ty}", "t_ptr": f"*{ty}", "norm_ptr": "*fp32", "up_ptr": "*fp32",

@@ -13,7 +13,7 @@ that is not finite and > 0 sets bit 8 of the error word, a mean that is not fini
 import triton
 import triton.language as tl
 
-from .small_heads import _last_program_sums
+from .reduce import _last_program_sums
 
 
 @triton.jit

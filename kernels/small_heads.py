@@ -26,6 +26,7 @@ loss with the same last-program sum.
 import triton
 import triton.language as tl
 
+from .reduce import _last_program_sums
 from .softmax_kl import _kl_grad_tile, _online_kl_update
 
 
@@ -129,30 +130,6 @@ def _small_heads_kl_kernel(
     tl.store(part_ptr + pid_r * tl.num_programs(1) + pid_h, tl.sum(part, axis=0))
     if REDUCE:
         _last_program_sums(part_ptr, tl.num_programs(0) * tl.num_programs(1), out_ptr, count_ptr, out_scale, BLOCK_P)
-
-
-@triton.jit
-def _last_program_sums(part_ptr, n_parts, out_ptr, count_ptr, out_scale, BLOCK_P: tl.constexpr):
-    """Called by every program after storing its partial sum: the last one to finish writes the n_parts
-    partials' sum times out_scale to out_ptr (the threadfence-reduction pattern). Each program's store
-    is ordered before its count increment (barrier, then a release at GPU scope); the program that takes
-    the count to n_parts acquires them all, reads the partials past L1, and sets the count back to 0 for
-    the next launch on this stream (or the next graph replay)."""
-    tl.debug_barrier()
-    finished = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu")
-    if finished == n_parts - 1:
-        tl.store(out_ptr, _sum_parts(part_ptr, n_parts, BLOCK_P) * out_scale)
-        tl.atomic_xchg(count_ptr, 0, sem="relaxed", scope="gpu")
-
-
-@triton.jit
-def _sum_parts(part_ptr, n_parts, BLOCK_P: tl.constexpr):
-    """The n_parts fp32 partial sums at part_ptr summed in a fixed order (BLOCK_P at a time, read past L1)."""
-    total = tl.zeros((BLOCK_P,), tl.float32)
-    for p0 in range(0, n_parts, BLOCK_P):
-        ps = p0 + tl.arange(0, BLOCK_P)
-        total += tl.load(part_ptr + ps, mask=ps < n_parts, other=0.0, cache_modifier=".cg")
-    return tl.sum(total, axis=0)
 
 
 # The gradients from the stash. Program ids: [0, n_w) weight/bias programs (head, K block) walking all

@@ -14,6 +14,8 @@ A teacher logit of -inf masks its class: p_c = 0 and the class adds nothing to t
 import triton
 import triton.language as tl
 
+from .reduce import _last_program_sums
+
 
 @triton.jit
 def _online_kl_update(s, u, m_s, d_s, m_u, d_u, a):
@@ -130,6 +132,9 @@ def _hydra_kl_fwd_kernel(
     #            C (MLP heads' per-head bias, so their GEMM needs no bias operand); unused unless HAS_BIAS
     norm_ptr,  # out: (R, 4) fp32 per row r: m_s, log d_s, m_u, log d_u (tempered logits), the normalisers
     #            _hydra_kl_grad_kernel needs for a gradient formed in the backward; unused unless WRITE_NORMS
+    part_ptr,  # out: one fp32 partial loss sum per program; unused unless REDUCE
+    out_ptr,  # out: the reduced loss, fp32 scalar, written by the last program; unused unless REDUCE
+    count_ptr,  # in/out: int32 count of finished programs, 0 before and after; unused unless REDUCE
     R,  # rows in all
     R_INNER,  # rows along the inner axis i
     C,
@@ -151,6 +156,7 @@ def _hydra_kl_fwd_kernel(
     #                  row alone fits 16384 classes without spills, its fp32 copy does not)
     loss_scale,  # T^2
     grad_scale,  # T * reduction coefficient (1/(B*M) for "mean", 1 otherwise)
+    out_scale,  # reduction coefficient of the summed loss rows; unused unless REDUCE
     BLOCK_R: tl.constexpr,  # rows per program: several when C is small, so a program has ~1k lanes
     BLOCK_C: tl.constexpr,  # class tile: up to 2048 lanes keeps the tile in registers without spills
     WRITE_GRAD: tl.constexpr,
@@ -159,6 +165,8 @@ def _hydra_kl_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     VEC: tl.constexpr,  # elements of one 16-byte load: a thread's share of a tile on the per-thread path
     WRITE_NORMS: tl.constexpr,
+    REDUCE: tl.constexpr = False,  # the loss rows also summed (their last program), times out_scale
+    BLOCK_P: tl.constexpr = 128,  # partial sums read per step by that program
 ):
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
@@ -245,6 +253,9 @@ def _hydra_kl_fwd_kernel(
     log_d_u = tl.log(d_u)
     kl = a / d_u - log_d_u + log_d_s
     tl.store(loss_ptr + r_out * stride_lo + r_in * stride_li, kl * loss_scale, mask=row_ok)
+    if REDUCE:
+        tl.store(part_ptr + pid, tl.sum(tl.where(row_ok, kl * loss_scale, 0.0), axis=0))
+        _last_program_sums(part_ptr, tl.num_programs(0), out_ptr, count_ptr, out_scale, BLOCK_P)
     if WRITE_NORMS:
         tl.store(norm_ptr + rows * 4, m_s, mask=row_ok)
         tl.store(norm_ptr + rows * 4 + 1, log_d_s, mask=row_ok)

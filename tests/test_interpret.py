@@ -222,6 +222,32 @@ def test_loss_on_logits_with_its_gradient_formed_in_the_forward(monkeypatch, til
     assert_close_to(z.grad, g_ref, rtol=2e-6, atol=1e-9, what="upstream 1")
 
 
+@pytest.mark.parametrize("tiles", [False, True], ids=["row-whole", "tiles-of-16"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_loss_on_logits_reduced_by_the_kernels_last_program(monkeypatch, tiles, reduction):
+    """hydra_kl_loss "mean"/"sum": the loss kernel's last program sums the programs' partial losses (the
+    partials read two at a time here, so the summing loop runs), the count of finished programs is back
+    at 0 afterwards, and a forward + backward is the two kernels and no torch op (no reduction launch)."""
+    b, m, c, z, t = _logits_case(monkeypatch, tiles)
+    monkeypatch.setattr(_common, "REDUCE_BLOCK", 2)
+    z64 = z.detach().double().requires_grad_()
+    loss = hydra_kl_loss(z, t, 1.3, reduction=reduction, impl="triton")
+    ref = R.hydra_kl_loss_ref(z64, t.double(), 1.3, reduction=reduction)
+    assert_close_to(loss, ref, rtol=2e-6, atol=1e-9, what="loss")
+    (g,) = torch.autograd.grad(loss * 0.8, z)
+    (g_ref,) = torch.autograd.grad(ref * 0.8, z64)
+    assert_close_to(g, g_ref, rtol=2e-6, atol=1e-9, what="gradient")
+    assert not _common._counts[torch.device("cpu")].any()
+
+    def step():
+        z.grad = None
+        hydra_kl_loss(z, t, 1.3, reduction=reduction, impl="triton").backward()
+
+    launches, ops = _launches_and_torch_ops(step)
+    assert launches == ["_hydra_kl_fwd_kernel", "_hydra_kl_grad_kernel"]
+    assert [op for op in ops if op != "copy_"] == [], ops  # (copy_: the error word's copy, as on CUDA)
+
+
 @pytest.mark.parametrize("programs,blocks", [(1, 1), (2, 2)])
 def test_backward_gradient_walks_class_blocks(monkeypatch, programs, blocks):
     """The backward's gradient kernel with 16-wide tiles at C = 40: one program per row walking all three
@@ -677,7 +703,7 @@ def test_small_step_path_matches_reference(monkeypatch, b, d, m, c, hidden, bias
 
     use_heads_path(monkeypatch, "small")
     monkeypatch.setattr(_common, "SMALL_DEFERRED", deferred)
-    monkeypatch.setattr(small_heads_ops, "SMALL_REDUCE_BLOCK", 2)  # the reducing program loops over the partials
+    monkeypatch.setattr(_common, "REDUCE_BLOCK", 2)  # the reducing program loops over the partials
     if heads is not None:  # launch 1 programs own two heads each (the last group shorter when M is odd)
         config = lk.small_heads_config
         monkeypatch.setattr(lk, "small_heads_config", lambda *a: {**config(*a), "HEADS": heads})
@@ -700,12 +726,12 @@ def test_small_step_path_matches_reference(monkeypatch, b, d, m, c, hidden, bias
     again = torch.autograd.grad(loss * 0.6, [x, *params_of(head)])
     for g, g2 in zip(grads, again):
         assert torch.equal(g, g2)
-    assert not small_heads_ops._counts[torch.device("cpu")].any()
+    assert not _common._counts[torch.device("cpu")].any()
     with torch.no_grad():  # forward only: launch 1 alone, no stash
         assert_close_to(head.distill_loss(x, t, temperature=1.7, reduction=reduction), loss_ref, rtol=2e-6)
     # (grads in the forward: the second backward ran the forward again, the stored gradients given away)
     assert ran == ([True, False] if deferred else [True, True, False])
-    assert not small_heads_ops._counts[torch.device("cpu")].any()
+    assert not _common._counts[torch.device("cpu")].any()
 
 
 def test_deferred_flag_is_refused_where_it_does_not_apply():

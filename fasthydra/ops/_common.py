@@ -7,6 +7,7 @@ launchers call them, and ``fasthydra.kernel_report`` compiles exactly what they 
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 
@@ -225,3 +226,41 @@ def uncertainty_config(n_heads: int, n_cols: int, n_rows: int | None = None, hin
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 maths for fp16/bf16/fp32 inputs; float64 stays float64 (the torch path's reference mode)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# Kernels that reduce a loss in their last program (kernels/reduce.py) find it by a count of finished
+# programs that every launch leaves at 0. One count per CUDA stream that launches them (launches on one
+# stream never overlap; a graph captured on a stream keeps that stream's count), in per-device blocks of
+# COUNT_SLOTS.
+COUNT_SLOTS = 64
+# Partial sums that last program reads per step (tests shrink it to make it loop).
+REDUCE_BLOCK = 128
+_counts: dict = {}  # device -> int32 (COUNT_SLOTS,), zeros
+_count_views: dict = {}  # (device, stream handle) -> the (1,) view of its slot
+_count_lock = threading.Lock()
+
+
+def finished_count(device: torch.device) -> torch.Tensor:
+    """A (1,) int32 count at 0 for a launch's last-program reduction (kernels/reduce.py) on the current
+    stream of `device`."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    view = _count_views.get((device, stream))
+    if view is not None:
+        return view
+    with _count_lock:  # a stream's first call: two threads must not take one slot
+        view = _count_views.get((device, stream))
+        if view is not None:
+            return view
+        counts = _counts.get(device)
+        if counts is None and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # made inside a capture, a tensor's zero fill runs only at each replay: a count for this graph alone
+            return torch.zeros(1, dtype=torch.int32, device=device)
+        if counts is None:
+            counts = _counts[device] = torch.zeros(COUNT_SLOTS, dtype=torch.int32, device=device)
+        used = sum(1 for dev, _ in _count_views if dev == device)
+        if used >= COUNT_SLOTS:  # more streams than slots: a fresh count (one small fill launch)
+            return torch.zeros(1, dtype=torch.int32, device=device)
+        view = _count_views[(device, stream)] = counts[used:used + 1]
+        return view

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import cdiv, dot_precision, next_pow2, small_heads_config, upcast_dot
+from . import _common
+from ._common import cdiv, dot_precision, finished_count, next_pow2, small_heads_config, upcast_dot
 from .checks import after_launch, error_word
 from .grouped_linear import heads_backward
 from .small_heads import launch_small_grads
@@ -44,8 +45,6 @@ def gaussian_heads_kl_forward_triton(x, weight, bias, teacher_mean, teacher_var,
     asked for."""
     from fasthydra.kernels.gaussian_kl import _gaussian_heads_kl_fwd_kernel
 
-    from .small_heads import SMALL_REDUCE_BLOCK, _finished_count
-
     m, two_k, d = weight.shape
     k = two_k // 2
     b = x.shape[0]
@@ -66,10 +65,10 @@ def gaussian_heads_kl_forward_triton(x, weight, bias, teacher_mean, teacher_var,
     coef = 1.0 / (b * m * k) if reduction == "mean" else 1.0  # of the loss and of each gradient term
     _gaussian_heads_kl_fwd_kernel[grid](
         x, weight, bias if bias is not None else weight, teacher_mean, teacher_var, loss, parts, stash,
-        error_word(dev, "gaussian_kl_loss"), out, _finished_count(dev), b, k, d, x.stride(0), min_var, coef,
+        error_word(dev, "gaussian_kl_loss"), out, finished_count(dev), b, k, d, x.stride(0), min_var, coef,
         HAS_BIAS=bias is not None, WRITE_GRAD=want_grad, UPCAST_DOT=upcast_dot(x.dtype),
         PRECISION=dot_precision(x.dtype), BLOCK_B=cfg["BLOCK_B"], BLOCK_K=cfg["BLOCK_K"],
-        BLOCK_D=cfg["BLOCK_D"], BLOCK_P=SMALL_REDUCE_BLOCK, num_warps=cfg["num_warps"])
+        BLOCK_D=cfg["BLOCK_D"], BLOCK_P=_common.REDUCE_BLOCK, num_warps=cfg["num_warps"])
     after_launch(dev, "gaussian_kl_loss", teacher_mean.shape)
     if deferred:
         return out, stash
@@ -87,8 +86,6 @@ def gaussian_heads_kl_forward_triton(x, weight, bias, teacher_mean, teacher_var,
 def gaussian_deferred(x, weight, bias, need_in: bool, need_w: bool, need_b: bool) -> bool:
     """The Gaussian heads op defers its gradients to the backward's launch 2 (as the Hydra heads' small
     step does): a batch the small-step gradient kernel takes, and some gradient wanted."""
-    from . import _common
-
     m, two_k, d = weight.shape
     return (_common.SMALL_DEFERRED and x.shape[0] > 0 and (need_in or need_w or (need_b and bias is not None))
             and small_heads_config(x.shape[0], m, two_k, d, x.element_size()) is not None)

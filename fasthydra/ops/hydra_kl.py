@@ -18,7 +18,8 @@ import torch
 from . import native
 from .checks import after_launch, error_word
 from . import _common
-from ._common import TORCH_CHUNK_ELEMENTS, cdiv, compute_dtype, kl_rows_config, next_pow2, rows_per_chunk
+from ._common import (TORCH_CHUNK_ELEMENTS, cdiv, compute_dtype, finished_count, kl_rows_config, next_pow2,
+                      rows_per_chunk)
 
 
 def reduction_coefficient(reduction: str, n_rows: int) -> float:
@@ -195,15 +196,16 @@ def hydra_kl_forward_torch(student, teacher, temperature: float, reduction: str,
 
 
 def launch_kl_rows(z3, t3, loss2, grad3, temperature: float, grad_scale: float | None, op: str, tgrad3=None,
-                   bias3=None, norms=None):
+                   bias3=None, norms=None, reduce_to=None):
     """One launch of the row kernel over (O, I, C) views with unit stride along C: student logits z3,
     teacher t3, fp32 loss rows loss2 (O, I) written, gradient grad3 (O, I, C) written when grad3 is
     given (grad3 may be z3 itself: the logits turn into their gradient in place), the teacher's
     gradient tgrad3 (O, I, C) when given; bias3, an (O, I, C) view (broadcast strides welcome) added
     to z3 on every load when given; norms, a contiguous (O, I, 4) fp32 tensor, receives each row's
-    normalisers when given (for ``launch_kl_grad``); grad_scale = T * reduction coefficient. The
-    teacher's value errors go to the device's error word (checks.py), never through a host
-    synchronisation."""
+    normalisers when given (for ``launch_kl_grad``); grad_scale = T * reduction coefficient;
+    reduce_to = (out, coefficient): the loss rows' sum times the coefficient written into the 0-dim fp32
+    out by the launch's last program (no reduction launch). The teacher's value errors go to the
+    device's error word (checks.py), never through a host synchronisation."""
     from fasthydra.kernels.softmax_kl import _hydra_kl_fwd_kernel
 
     o, i, c = z3.shape
@@ -214,15 +216,21 @@ def launch_kl_rows(z3, t3, loss2, grad3, temperature: float, grad_scale: float |
     h3 = tgrad3 if tgrad3 is not None else z3
     b3 = bias3 if bias3 is not None else z3
     cfg = kl_rows_config(c, z3.element_size(), tgrad3 is not None or bias3 is not None)
-    _hydra_kl_fwd_kernel[(cdiv(r, cfg["BLOCK_R"]),)](
-        z3, t3, loss2, g3, h3, error_word(z3.device, op), b3, norms if norms is not None else loss2,
-        r, i, c, z3.stride(0), z3.stride(1), t3.stride(0), t3.stride(1), g3.stride(0), g3.stride(1),
+    grid = cdiv(r, cfg["BLOCK_R"])
+    if reduce_to is not None:
+        out, coef = reduce_to
+        parts, count = torch.empty(grid, dtype=torch.float32, device=z3.device), finished_count(z3.device)
+    else:
+        out, coef, parts, count = loss2, 0.0, loss2, loss2  # placeholders, not read
+    _hydra_kl_fwd_kernel[(grid,)](
+        z3, t3, loss2, g3, h3, error_word(z3.device, op), b3, norms if norms is not None else loss2, parts, out,
+        count, r, i, c, z3.stride(0), z3.stride(1), t3.stride(0), t3.stride(1), g3.stride(0), g3.stride(1),
         loss2.stride(0), loss2.stride(1), h3.stride(0), h3.stride(1), b3.stride(0), b3.stride(1),
         1.0 / temperature, 1.0 / temperature, temperature * temperature, grad_scale if grad_scale is not None else 0.0,
-        BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], WRITE_GRAD=grad3 is not None,
+        coef, BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], WRITE_GRAD=grad3 is not None,
         WRITE_TGRAD=tgrad3 is not None, ROW_IN_REGISTERS=cfg["ROW_IN_REGISTERS"], HAS_BIAS=bias3 is not None,
         VEC=max(1, min(cfg["BLOCK_C"], 16 // z3.element_size())), WRITE_NORMS=norms is not None,
-        num_warps=cfg["num_warps"],
+        REDUCE=reduce_to is not None, BLOCK_P=_common.REDUCE_BLOCK, num_warps=cfg["num_warps"],
     )
 
 
@@ -282,16 +290,19 @@ def hydra_kl_forward_triton(student, teacher, temperature: float, reduction: str
     student = student if student.stride(-1) == 1 else student.contiguous()
     teacher = teacher if teacher.stride(-1) == 1 else teacher.contiguous()
     loss = torch.empty(b, m, dtype=torch.float32, device=student.device)
+    # "mean"/"sum": the launch's last program reduces the rows (no reduction launch); an empty batch: torch
+    reduced = torch.empty((), dtype=torch.float32, device=student.device) if reduction != "none" and b * m else None
+    reduce_to = None if reduced is None else (reduced, reduction_coefficient(reduction, b * m))
+    norms = grad = tgrad = None
     if deferred:
         norms = torch.empty(b, m, 4, dtype=torch.float32, device=student.device)
-        launch_kl_rows(student, teacher, loss, None, temperature, grad_scale, op, norms=norms)
-        after_launch(student.device, op, teacher.shape)
-        return reduce_rows(loss, reduction, loss.dtype), norms, None
-    grad = torch.empty(b, m, c, dtype=student.dtype, device=student.device) if want_grad else None
-    tgrad = torch.empty(b, m, c, dtype=teacher.dtype, device=student.device) if want_tgrad else None
-    launch_kl_rows(student, teacher, loss, grad, temperature, grad_scale, op, tgrad)
+    else:
+        grad = torch.empty(b, m, c, dtype=student.dtype, device=student.device) if want_grad else None
+        tgrad = torch.empty(b, m, c, dtype=teacher.dtype, device=student.device) if want_tgrad else None
+    launch_kl_rows(student, teacher, loss, grad, temperature, grad_scale, op, tgrad, norms=norms, reduce_to=reduce_to)
     after_launch(student.device, op, teacher.shape)
-    return reduce_rows(loss, reduction, loss.dtype), grad, tgrad
+    out = reduced if reduced is not None else reduce_rows(loss, reduction, loss.dtype)
+    return (out, norms, None) if deferred else (out, grad, tgrad)
 
 
 def hydra_kl_backward_triton(student, teacher, norms, grad_loss, temperature: float, reduction: str):

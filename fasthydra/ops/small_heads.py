@@ -10,49 +10,12 @@ the device, so a training step is these two launches and nothing else, whatever 
 
 from __future__ import annotations
 
-import threading
-
 import torch
 
-from ._common import cdiv, dot_precision, small_heads_config, upcast_dot
+from . import _common
+from ._common import cdiv, dot_precision, finished_count, small_heads_config, upcast_dot
 from .checks import after_launch, error_word
 from .hydra_kl import reduction_coefficient
-
-
-# Partial loss sums the reducing program of the small-step path reads per step (tests shrink it).
-SMALL_REDUCE_BLOCK = 128
-# Launch 1 reduces the loss in its last program, found by a count of finished programs that every launch
-# leaves at 0. One count per CUDA stream that launches it (launches on one stream never overlap; a graph
-# captured on a stream keeps that stream's count), in per-device blocks of COUNT_SLOTS.
-COUNT_SLOTS = 64
-_counts: dict = {}  # device -> int32 (COUNT_SLOTS,), zeros
-_count_views: dict = {}  # (device, stream handle) -> the (1,) view of its slot
-_count_lock = threading.Lock()
-
-
-def _finished_count(device: torch.device) -> torch.Tensor:
-    """A (1,) int32 count at 0 for launch 1's last-program reduction on the current stream of `device`."""
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    view = _count_views.get((device, stream))
-    if view is not None:
-        return view
-    with _count_lock:  # a stream's first call: two threads must not take one slot
-        view = _count_views.get((device, stream))
-        if view is not None:
-            return view
-        counts = _counts.get(device)
-        if counts is None and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            # made inside a capture, a tensor's zero fill runs only at each replay: a count for this graph alone
-            return torch.zeros(1, dtype=torch.int32, device=device)
-        if counts is None:
-            counts = _counts[device] = torch.zeros(COUNT_SLOTS, dtype=torch.int32, device=device)
-        used = sum(1 for dev, _ in _count_views if dev == device)
-        if used >= COUNT_SLOTS:  # more streams than slots: a fresh count (one small fill launch)
-            return torch.zeros(1, dtype=torch.int32, device=device)
-        view = _count_views[(device, stream)] = counts[used:used + 1]
-        return view
 
 
 def small_heads_forward(inp, weight, bias, teacher, temperature: float, reduction: str, shared: bool, want_grad: bool,
@@ -78,12 +41,12 @@ def small_heads_forward(inp, weight, bias, teacher, temperature: float, reductio
     coef = reduction_coefficient(reduction, b * m)
     _small_heads_kl_kernel[grid1](
         inp, weight, bias if bias is not None else weight, teacher, rows, parts, rows if stash is None else stash,
-        error_word(dev, "distill_loss"), out, _finished_count(dev) if reduce else parts, b, m, c, k, cfg["HEADS"],
+        error_word(dev, "distill_loss"), out, finished_count(dev) if reduce else parts, b, m, c, k, cfg["HEADS"],
         inp.stride(0), 0 if shared else inp.stride(1), weight.stride(0), weight.stride(1),
         bias.stride(0) if bias is not None else 0, teacher.stride(0), teacher.stride(1), 1.0 / temperature,
         temperature * temperature, temperature * coef, coef, HAS_BIAS=bias is not None, WRITE_GRAD=want_grad,
         REDUCE=reduce, UPCAST_DOT=upcast_dot(dt), PRECISION=dot_precision(dt), BLOCK_B=cfg["BLOCK_B"],
-        BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"], BLOCK_P=SMALL_REDUCE_BLOCK, num_warps=cfg["num_warps"])
+        BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"], BLOCK_P=_common.REDUCE_BLOCK, num_warps=cfg["num_warps"])
     after_launch(dev, "distill_loss", teacher.shape)
     return out, stash, parts
 
