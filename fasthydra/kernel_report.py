@@ -21,6 +21,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 
 from fasthydra.ops import _common as cfgs
+from fasthydra.ops._common import cdiv
 
 # The shapes the benchmarks run (B, D, M, C): small C, mid, large C, the big GPU case, the GPU small case.
 SHAPES = [(4096, 512, 8, 10), (1024, 512, 8, 1000), (256, 256, 4, 32000), (4096, 2048, 8, 32000),
@@ -137,7 +138,7 @@ def _kernel_specs():
                     {"BLOCK_R": kl["BLOCK_R"], "BLOCK_C": kl["BLOCK_C"], "WRITE_GRAD": grad, "WRITE_TGRAD": tgrad,
                      "ROW_IN_REGISTERS": kl["ROW_IN_REGISTERS"], "HAS_BIAS": bias,
                      "VEC": min(kl["BLOCK_C"], 4 if ty == "fp32" else 8), "WRITE_NORMS": norms, "REDUCE": reduce,
-                     "BLOCK_P": cfgs.REDUCE_BLOCK},
+                     "BLOCK_P": cfgs.reduce_block(cdiv(b * m, kl["BLOCK_R"]), kl["num_warps"])},
                     {"num_warps": kl["num_warps"]}, tag)
             gk = cfgs.kl_grad_config(b * m, c)
             add(_hydra_kl_grad_kernel, {"z_ptr": f"*{ty}", "t_ptr": f"*{ty}", "norm_ptr": "*fp32", "up_ptr": "*fp32",
@@ -197,7 +198,7 @@ def _kernel_specs():
                                                  "inv_temp": 0.5, "loss_scale": 4.0, "grad_scale": 0.1,
                                                  "out_scale": 0.01},
                         {**dots, "HAS_BIAS": True, "WRITE_GRAD": True, "REDUCE": reduce, "BLOCK_B": sc["BLOCK_B"],
-                         "BLOCK_P": 128},
+                         "BLOCK_P": cfgs.reduce_block(cdiv(b, sc["BLOCK_B"]) * cdiv(m, sc["HEADS"]), sc["num_warps"])},
                         {"num_warps": sc["num_warps"]}, tag)
                 # from the backward (times the upstream gradient), or in the forward (SMALL_DEFERRED off)
                 for scale_by_up in (True, False):
@@ -219,7 +220,7 @@ def _kernel_specs():
                         "stride_xb": d, "min_var": 1e-6, "grad_scale": 0.1}
                 consts = {"HAS_BIAS": True, "WRITE_GRAD": True, "UPCAST_DOT": False, "PRECISION": prec,
                           "BLOCK_B": gc["BLOCK_B"], "BLOCK_K": gc["BLOCK_K"], "BLOCK_D": gc["BLOCK_D"],
-                          "BLOCK_P": 128}
+                          "BLOCK_P": cfgs.reduce_block(cdiv(b, gc["BLOCK_B"]) * m, gc["num_warps"])}
                 add(_gaussian_heads_kl_fwd_kernel, args, consts, {"num_warps": gc["num_warps"]}, tag)
                 # its second launch: the small-step gradient kernel at C = 2K (while the batch allows), from
                 # the backward (times the upstream gradient) or, SMALL_DEFERRED off, in the forward

@@ -233,8 +233,16 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 # stream never overlap; a graph captured on a stream keeps that stream's count), in per-device blocks of
 # COUNT_SLOTS.
 COUNT_SLOTS = 64
-# Partial sums that last program reads per step (tests shrink it to make it loop).
-REDUCE_BLOCK = 128
+# Partial sums that last program reads per step, at most (tests shrink it to make it loop): its loop is a
+# chain of dependent loads (each ~1 us from L2), so few long steps: 32768 partials (the loss kernel at
+# gpu-large, 8 warps) in 8 steps of 4096 rather than 256 of 128; no more than the partials there are,
+# and at most 16 per thread (32 per thread spilled 16 bytes in a 4-warp loss kernel on sm_80).
+REDUCE_BLOCK = 4096
+
+
+def reduce_block(n_parts: int, num_warps: int) -> int:
+    """BLOCK_P of a launch of num_warps warps whose last program sums n_parts partials."""
+    return min(REDUCE_BLOCK, 16 * 32 * num_warps, max(16, next_pow2(n_parts)))
 _counts: dict = {}  # device -> int32 (COUNT_SLOTS,), zeros
 _count_views: dict = {}  # (device, stream handle) -> the (1,) view of its slot
 _count_lock = threading.Lock()

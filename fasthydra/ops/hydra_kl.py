@@ -230,7 +230,7 @@ def launch_kl_rows(z3, t3, loss2, grad3, temperature: float, grad_scale: float |
         coef, BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], WRITE_GRAD=grad3 is not None,
         WRITE_TGRAD=tgrad3 is not None, ROW_IN_REGISTERS=cfg["ROW_IN_REGISTERS"], HAS_BIAS=bias3 is not None,
         VEC=max(1, min(cfg["BLOCK_C"], 16 // z3.element_size())), WRITE_NORMS=norms is not None,
-        REDUCE=reduce_to is not None, BLOCK_P=_common.REDUCE_BLOCK, num_warps=cfg["num_warps"],
+        REDUCE=reduce_to is not None, BLOCK_P=_common.reduce_block(grid, cfg["num_warps"]), num_warps=cfg["num_warps"],
     )
 
 

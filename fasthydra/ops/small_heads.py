@@ -46,7 +46,7 @@ def small_heads_forward(inp, weight, bias, teacher, temperature: float, reductio
         bias.stride(0) if bias is not None else 0, teacher.stride(0), teacher.stride(1), 1.0 / temperature,
         temperature * temperature, temperature * coef, coef, HAS_BIAS=bias is not None, WRITE_GRAD=want_grad,
         REDUCE=reduce, UPCAST_DOT=upcast_dot(dt), PRECISION=dot_precision(dt), BLOCK_B=cfg["BLOCK_B"],
-        BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"], BLOCK_P=_common.REDUCE_BLOCK, num_warps=cfg["num_warps"])
+        BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"], BLOCK_P=_common.reduce_block(grid1[0] * grid1[1], cfg["num_warps"]), num_warps=cfg["num_warps"])
     after_launch(dev, "distill_loss", teacher.shape)
     return out, stash, parts
 
