@@ -450,7 +450,8 @@ def ncu_profile(cases, timeout: float, workdir: str) -> dict:
         return {"error": f"ncu timed out after {timeout:.0f} s", "seconds": time.perf_counter() - start}
     if run.returncode != 0 or not os.path.exists(report + ".ncu-rep"):
         tail = (run.stdout + run.stderr).strip().splitlines()[-4:]
-        return {"error": f"ncu exit {run.returncode}: " + " | ".join(tail)[:400], "seconds": time.perf_counter() - start}
+        return {"error": f"ncu exit {run.returncode}: " + " | ".join(tail)[:400],
+                "seconds": time.perf_counter() - start}
     csv_text = subprocess.run([exe, "--import", report + ".ncu-rep", "--csv", "--page", "details"],
                               capture_output=True, text=True, timeout=60).stdout
     return {"cases": [f"{op} {shape}" for op, shape in cases], "kernels": parse_ncu_details(csv_text),

@@ -103,6 +103,16 @@ def test_summarize_table_and_chart(tmp_path):
     assert png.stat().st_size > 10_000
 
 
+def _turns_off_and_back(variant: str, flag: str) -> None:
+    """A knob that switches one of fasthydra.ops._common's boolean defaults off for the calls inside."""
+    from fasthydra.ops import _common
+
+    assert getattr(_common, flag) is True
+    with gpu_check.with_variant(variant):
+        assert getattr(_common, flag) is False
+    assert getattr(_common, flag) is True
+
+
 def test_variants_set_their_settings_and_restore_them(monkeypatch):
     monkeypatch.setenv("FASTHYDRA_SMALL_STEP", "auto")
     with gpu_check.with_variant("fasthydra/cublas"):
@@ -117,18 +127,14 @@ def test_variants_set_their_settings_and_restore_them(monkeypatch):
     with gpu_check.with_variant("fasthydra/small-32-rows"):
         assert _common.SMALL_BLOCK_B == 32 and _common.small_heads_config(512, 10, 10, 512, 4)["BLOCK_B"] == 32
     assert _common.SMALL_BLOCK_B == default
-    with gpu_check.with_variant("fasthydra/small-grads-in-forward"):
-        assert _common.SMALL_DEFERRED is False
-    assert _common.SMALL_DEFERRED is True
+    _turns_off_and_back("fasthydra/small-grads-in-forward", "SMALL_DEFERRED")
     # small shapes compare all three heads paths; large ones the two GEMM backends
     assert gpu_check.variants_for("linear_fwdbwd", "gpu-small") == ["fasthydra/cublas"]
     assert gpu_check.variants_for("linear_fwdbwd", "gpu-large") == ["fasthydra/groups-512MiB",
                                                                      "fasthydra/bias-one-pass", "fasthydra/dx-add",
                                                                      "fasthydra/bias-one-pass-tile-4096",
                                                                      "fasthydra/bias-one-pass-tile-8192"]
-    with gpu_check.with_variant("fasthydra/bias-one-pass"):
-        assert _common.SPLIT_BIAS_PASS is False
-    assert _common.SPLIT_BIAS_PASS is True
+    _turns_off_and_back("fasthydra/bias-one-pass", "SPLIT_BIAS_PASS")
     import fasthydra.ops.linear_hydra_kl as lk
 
     group = lk.CUBLAS_GROUP_ELEMENTS
@@ -139,9 +145,7 @@ def test_variants_set_their_settings_and_restore_them(monkeypatch):
                                                                  "fasthydra/kl-tile-8192", "fasthydra/kl-stored",
                                                                  "fasthydra/kl-stored-tile-4096",
                                                                  "fasthydra/kl-stored-tile-8192"]
-    with gpu_check.with_variant("fasthydra/kl-stored"):
-        assert _common.DEFER_KL_GRAD is False
-    assert _common.DEFER_KL_GRAD is True
+    _turns_off_and_back("fasthydra/kl-stored", "DEFER_KL_GRAD")
     with gpu_check.with_variant("fasthydra/kl-stored-tile-8192"):
         assert _common.DEFER_KL_GRAD is False and _common.kl_rows_config(32000, 2)["BLOCK_C"] == 8192
         assert _common.kl_rows_config(32000, 2)["num_warps"] == 32
@@ -299,7 +303,8 @@ def test_ncu_details_grouped_per_launch():
                           "Ghz", "1.98"),
                       row(2, "_small_heads_kl_kernel", "(256, 4, 1)", "Launch Statistics", "Registers Per Thread",
                           "register/thread", "1,024"),
-                      row(2, "_small_heads_kl_kernel", "(256, 4, 1)", "Occupancy", "", "", "", rule="AchievedOccupancy")])
+                      row(2, "_small_heads_kl_kernel", "(256, 4, 1)", "Occupancy", "", "", "",
+                          rule="AchievedOccupancy")])
     kernels = gpu_check.parse_ncu_details(text)
     assert [k["kernel"] for k in kernels] == ["_small_heads_kl_kernel", "_small_heads_grad_kernel"]
     assert kernels[0]["grid"] == "(256, 4, 1)" and kernels[0]["metrics"] == {

@@ -68,7 +68,8 @@ def gaussian_heads_kl_forward_triton(x, weight, bias, teacher_mean, teacher_var,
         error_word(dev, "gaussian_kl_loss"), out, finished_count(dev), b, k, d, x.stride(0), min_var, coef,
         HAS_BIAS=bias is not None, WRITE_GRAD=want_grad, UPCAST_DOT=upcast_dot(x.dtype),
         PRECISION=dot_precision(x.dtype), BLOCK_B=cfg["BLOCK_B"], BLOCK_K=cfg["BLOCK_K"],
-        BLOCK_D=cfg["BLOCK_D"], BLOCK_P=_common.reduce_block(grid[0] * grid[1], cfg["num_warps"]), num_warps=cfg["num_warps"])
+        BLOCK_D=cfg["BLOCK_D"], BLOCK_P=_common.reduce_block(grid[0] * grid[1], cfg["num_warps"]),
+        num_warps=cfg["num_warps"])
     after_launch(dev, "gaussian_kl_loss", teacher_mean.shape)
     if deferred:
         return out, stash

@@ -199,7 +199,7 @@ def _linear_hydra_kl_impl(inp: torch.Tensor, weight: torch.Tensor, bias: torch.T
         if cfg is None:
             raise ValueError("linear_hydra_kl: small_deferred=True is for the calls small_deferred_config "
                              "accepts (the Triton path's small-step kernels, a reduced loss, a gradient wanted)")
-        loss, stash, _ = _small.small_heads_forward(inp, weight, bias, teacher, temperature, reduction, shared, True,
+        loss, stash = _small.small_heads_forward(inp, weight, bias, teacher, temperature, reduction, shared, True,
                                                     cfg)
         return loss, stash, weight.new_empty(_EMPTY), weight.new_empty(_EMPTY), teacher.new_empty(_EMPTY)
     fwd = _lin.linear_hydra_kl_forward_triton if impl == "triton" else _lin.linear_hydra_kl_forward_torch
@@ -348,7 +348,7 @@ def _heads_backward(n_inputs: int):
     return backward
 
 
-def _linear_backward(stored, n_inputs: int = 14):
+def _deferrable_backward(stored, n_inputs: int):
     """A heads op's backward: launch 2 for a deferred small step, else `stored` (the stored gradients'
     scaling)."""
 
@@ -360,7 +360,8 @@ def _linear_backward(stored, n_inputs: int = 14):
     return backward
 
 
-register_autograd("fasthydra::linear_hydra_kl", _linear_backward(_heads_backward(14)), setup_context=_linear_setup)
+register_autograd("fasthydra::linear_hydra_kl", _deferrable_backward(_heads_backward(14), 14),
+                  setup_context=_linear_setup)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -451,7 +452,8 @@ register_autograd("fasthydra::grouped_linear", _grouped_linear_bwd, setup_contex
 @_no_autocast
 def _gaussian_heads_kl_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, teacher_mean: torch.Tensor,
                       teacher_var: torch.Tensor, min_var: float, reduction: str, need_in: bool, need_w: bool,
-                      need_b: bool, small_deferred: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                      need_b: bool,
+                      small_deferred: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """small_deferred (decided by the caller with gaussian_deferred): the fused kernel alone, returning
     the (B, M, 2K) stash of the gradient w.r.t. (mu, raw var) in the input gradient's place; the
     small-step gradient kernel runs in the backward (as for the Hydra heads)."""
@@ -495,7 +497,7 @@ def _gaussian_setup(ctx, inputs, output):
     _heads_setup(ctx, inputs, output)
 
 
-register_autograd("fasthydra::gaussian_heads_kl", _linear_backward(_heads_backward(11), 11),
+register_autograd("fasthydra::gaussian_heads_kl", _deferrable_backward(_heads_backward(11), 11),
                   setup_context=_gaussian_setup)
 
 
@@ -647,7 +649,7 @@ def _eager_linear_setup(ctx, inputs, output):
 
 
 linear_hydra_kl_call = _eager_entry(linear_hydra_kl, _linear_hydra_kl_impl, _eager_linear_setup,
-                                    _linear_backward(_eager_heads_backward(14, _linear_hydra_kl_impl)))
+                                    _deferrable_backward(_eager_heads_backward(14, _linear_hydra_kl_impl), 14))
 uncertainty_call = _eager_entry(uncertainty, _uncertainty_impl)
 grouped_linear_call = _eager_entry(grouped_linear, _grouped_linear_impl, _grouped_linear_setup, _grouped_linear_bwd)
 def _eager_gaussian_setup(ctx, inputs, output):
@@ -663,4 +665,4 @@ def _eager_gaussian_setup(ctx, inputs, output):
 
 
 gaussian_heads_kl_call = _eager_entry(gaussian_heads_kl, _gaussian_heads_kl_impl, _eager_gaussian_setup,
-                                      _linear_backward(_eager_heads_backward(11, _gaussian_heads_kl_impl), 11))
+                                      _deferrable_backward(_eager_heads_backward(11, _gaussian_heads_kl_impl), 11))

@@ -21,8 +21,7 @@ from .hydra_kl import reduction_coefficient
 def small_heads_forward(inp, weight, bias, teacher, temperature: float, reduction: str, shared: bool, want_grad: bool,
                         cfg: dict):
     """Launch 1: per (row block, head group) the logits, loss rows and (want_grad) dz, stashed (B, M, C)
-    in the input dtype; for "mean"/"sum" the last program reduces the loss. Returns (loss, stash or None,
-    partial losses)."""
+    in the input dtype; for "mean"/"sum" the last program reduces the loss. Returns (loss, stash or None)."""
     from fasthydra.kernels.small_heads import _small_heads_kl_kernel
 
     m, c, k = weight.shape
@@ -46,9 +45,10 @@ def small_heads_forward(inp, weight, bias, teacher, temperature: float, reductio
         bias.stride(0) if bias is not None else 0, teacher.stride(0), teacher.stride(1), 1.0 / temperature,
         temperature * temperature, temperature * coef, coef, HAS_BIAS=bias is not None, WRITE_GRAD=want_grad,
         REDUCE=reduce, UPCAST_DOT=upcast_dot(dt), PRECISION=dot_precision(dt), BLOCK_B=cfg["BLOCK_B"],
-        BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"], BLOCK_P=_common.reduce_block(grid1[0] * grid1[1], cfg["num_warps"]), num_warps=cfg["num_warps"])
+        BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"],
+        BLOCK_P=_common.reduce_block(grid1[0] * grid1[1], cfg["num_warps"]), num_warps=cfg["num_warps"])
     after_launch(dev, "distill_loss", teacher.shape)
-    return out, stash, parts
+    return out, stash
 
 
 def small_heads_backward(inp, weight, bias, stash, grad_loss, shared: bool, need_in: bool, need_w: bool,
@@ -67,7 +67,7 @@ def linear_hydra_kl_forward_small(inp, weight, bias, teacher, temperature: float
     reduction "none"): launch 1, then launch 2 at once. Returns (loss, grad_in, grad_weight, grad_bias,
     None)."""
     want_grad = need_in or need_w or need_b
-    loss, stash, _ = small_heads_forward(inp, weight, bias, teacher, temperature, reduction, shared, want_grad, cfg)
+    loss, stash = small_heads_forward(inp, weight, bias, teacher, temperature, reduction, shared, want_grad, cfg)
     if not want_grad:
         return loss, None, None, None, None
     return (loss, *launch_small_grads(inp.contiguous(), weight.contiguous(), bias, stash, cfg, shared, need_in,
