@@ -4,7 +4,8 @@
 
 For every kernel, with the block configurations the launchers really pick at the benchmark shapes
 (the same config functions of ``fasthydra.ops._common``), this prints registers per thread, spills
-(LOCAL/STACK bytes), shared memory and whether the PTX holds mma / wgmma instructions. It needs
+(LOCAL/STACK bytes, and how many local loads/stores sit inside a loop in the SASS), shared memory
+and whether the PTX holds mma / wgmma instructions. It needs
 Triton's compiler and the cuobjdump that ships in Triton's wheel, not a GPU. It must not run under
 TRITON_INTERPRET=1 (the interpreter replaces the kernels with Python functions).
 """
@@ -46,6 +47,8 @@ class KernelRecord:
     config: dict
     registers: int | None = None
     spill_bytes: int | None = None  # LOCAL + STACK from cuobjdump: above 0 means register spills
+    spill_ops: int | None = None  # local loads/stores (LDL/STL) in the SASS
+    spill_ops_in_loops: int | None = None  # of them, those inside a loop (the ones that cost time)
     shared_bytes: int | None = None
     mma: bool = False
     wgmma: bool = False
@@ -274,6 +277,39 @@ def _resource_usage(cubin: bytes) -> dict:
     return fields
 
 
+# A stack slot saved once at entry and read back once after the main loop (ptxas does this with a
+# predicate mask or a pointer under some Triton versions) costs one store and one load per thread: such
+# spills up to this size are reported, not failed. Any local load or store inside a loop fails.
+ENTRY_SLOT_BYTES = 16
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
+_BRANCH = re.compile(r"\bBRA(?:\.[A-Z.]+)?\s+(0x[0-9a-f]+)")
+_LOCAL_OP = re.compile(r"\b(?:LDL|STL)\b")
+
+
+def sass_spill_ops(sass: str) -> tuple[int, int]:
+    """(local loads and stores, of them inside a loop) in a ``cuobjdump -sass`` listing. A loop is the
+    address range from a backward branch's target to the branch."""
+    ops, loops = [], []
+    for addr, text in _SASS_LINE.findall(sass):
+        at = int(addr, 16)
+        if _LOCAL_OP.search(text):
+            ops.append(at)
+        branch = _BRANCH.search(text)
+        if branch and int(branch.group(1), 16) <= at:
+            loops.append((int(branch.group(1), 16), at))
+    return len(ops), sum(any(lo <= at <= hi for lo, hi in loops) for at in ops)
+
+
+def _sass(cubin: bytes) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+        path = f.name
+    try:
+        return subprocess.run([_cuobjdump(), "-sass", path], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(path)
+
+
 def compile_one(fn, args, consts, opts, dtype, arch) -> KernelRecord:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -286,6 +322,8 @@ def compile_one(fn, args, consts, opts, dtype, arch) -> KernelRecord:
         ptx = compiled.asm["ptx"]
         rec.registers = usage.get("REG")
         rec.spill_bytes = usage.get("LOCAL", 0) + usage.get("STACK", 0)
+        rec.spill_ops, rec.spill_ops_in_loops = (sass_spill_ops(_sass(compiled.asm["cubin"])) if rec.spill_bytes
+                                                 else (0, 0))
         rec.shared_bytes = max(usage.get("SHARED", 0), int(compiled.metadata.shared))
         rec.wgmma = "wgmma" in ptx
         rec.mma = bool(re.search(r"\bmma\.sync", ptx)) or rec.wgmma
@@ -314,27 +352,29 @@ def _short_config(cfg: dict) -> str:
 
 
 def format_table(records: list[KernelRecord]) -> str:
-    head = f"{'kernel':30} {'arch':6} {'dtype':9} {'config':44} {'regs':>4} {'spill':>5} {'smem':>6} mma wgmma"
+    head = (f"{'kernel':30} {'arch':6} {'dtype':9} {'config':44} {'regs':>4} {'spill':>5} {'loop':>4} {'smem':>6} "
+            "mma wgmma")
     lines = [head, "-" * len(head)]
     for r in records:
         if r.error:
             lines.append(f"{r.kernel:30} sm_{r.arch:<3} {r.dtype:9} {_short_config(r.config):44} FAILED: {r.error}")
             continue
         lines.append(f"{r.kernel:30} sm_{r.arch:<3} {r.dtype:9} {_short_config(r.config):44} {r.registers:>4} "
-                     f"{r.spill_bytes:>5} {r.shared_bytes:>6} {'yes' if r.mma else 'no':3} {'yes' if r.wgmma else 'no'}")
+                     f"{r.spill_bytes:>5} {r.spill_ops_in_loops:>4} {r.shared_bytes:>6} {'yes' if r.mma else 'no':3} "
+                     f"{'yes' if r.wgmma else 'no'}")
     return "\n".join(lines)
 
 
 def problems(records: list[KernelRecord]) -> list[str]:
-    """What fails the report: a compile error, spills, or a GEMM kernel without tensor-core instructions
-    (IEEE fp32 is exempt: it runs on FMA units by definition)."""
+    """What fails the report: a compile error, spills (any inside a loop, or more than ENTRY_SLOT_BYTES), or a
+    GEMM kernel without tensor-core instructions (IEEE fp32 is exempt: it runs on FMA units by definition)."""
     out = []
     for r in records:
         where = f"{r.kernel} sm_{r.arch} {r.dtype} {_short_config(r.config)}"
         if r.error:
             out.append(f"{where}: does not compile: {r.error}")
-        elif (r.spill_bytes or 0) > 0:
-            out.append(f"{where}: spills {r.spill_bytes} bytes")
+        elif (r.spill_bytes or 0) > ENTRY_SLOT_BYTES or (r.spill_ops_in_loops or 0) > 0:
+            out.append(f"{where}: spills {r.spill_bytes} bytes, {r.spill_ops_in_loops} local loads/stores in loops")
         elif r.kernel in GEMM_KERNELS and r.config.get("PRECISION") != "ieee" and not r.mma:
             out.append(f"{where}: no mma/wgmma instructions")
     return out
