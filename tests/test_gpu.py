@@ -301,6 +301,38 @@ def test_small_step_losses_on_two_streams_at_once(monkeypatch):
             assert torch.allclose(v, expected[i], rtol=1e-4, atol=1e-6), (i, v.item(), expected[i].item())
 
 
+def test_small_step_graphs_replayed_at_once_on_two_streams(monkeypatch):
+    """Two CUDA graphs of a small-step loss, captured one after the other (on torch's one capture stream)
+    and replayed at once on two streams: each captured launch has a count of its own, so every replay
+    gives the torch path's loss."""
+    use_heads_path(monkeypatch, "small")
+    head = HydraHead(256, 10, 8, impl="triton", device="cuda")
+    xs = [torch.randn(4096, 256, device="cuda") for _ in range(2)]
+    ts = [teacher_logits(4096, 8, 10, device="cuda") for _ in range(2)]
+    with torch.no_grad():
+        expected = [hydra_kl_loss(head(x), t, 2.0, impl="torch") for x, t in zip(xs, ts)]
+        for x, t in zip(xs, ts):  # compiled, and the count block made, before any capture
+            head.distill_loss(x, t, 2.0)
+        torch.cuda.synchronize()
+        graphs, outs = [torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()], []
+        for g, x, t in zip(graphs, xs, ts):
+            with torch.cuda.graph(g):
+                outs.append(head.distill_loss(x, t, 2.0))
+        streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+        for s in streams:
+            s.wait_stream(torch.cuda.current_stream())
+        got = [[], []]
+        for _ in range(20):
+            for i, s in enumerate(streams):
+                with torch.cuda.stream(s):
+                    graphs[i].replay()
+                    got[i].append(outs[i].clone())
+    torch.cuda.synchronize()
+    for i in range(2):
+        for v in got[i]:
+            assert torch.allclose(v, expected[i], rtol=1e-4, atol=1e-6), (i, v.item(), expected[i].item())
+
+
 def test_reduce_overhead_compile_runs_a_training_step():
     """torch.compile(mode="reduce-overhead", fullgraph=True) (CUDA graphs inside): no graph break, and
     the compiled loss and gradients equal the eager ones."""

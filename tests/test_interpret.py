@@ -734,6 +734,34 @@ def test_small_step_path_matches_reference(monkeypatch, b, d, m, c, hidden, bias
     assert not _common._counts[torch.device("cpu")].any()
 
 
+def test_finished_counts_are_never_shared_by_launches_that_can_overlap(monkeypatch):
+    """The last-program count: one per stream for eager launches (the same one on every call), one per launch
+    captured into a CUDA graph (graphs replay on the stream current at replay time, so two replays may
+    overlap), from a block made outside captures; past the block's slots, or inside a capture before the
+    block exists, a fresh zeroed count."""
+    dev = torch.device("cpu")
+    for name in ("_counts", "_slots_used", "_count_views"):
+        monkeypatch.setattr(_common, name, {})
+    monkeypatch.setattr(_common, "COUNT_SLOTS", 4)
+    capturing = [True]
+    monkeypatch.setattr(_common, "_capturing", lambda device: capturing[0])
+    early = _common.finished_count(dev)  # captured before any eager launch: no block yet, none made
+    assert dev not in _common._counts and early.shape == (1,) and int(early) == 0
+    capturing[0] = False
+    stream = _common.finished_count(dev)
+    block = _common._counts[dev]
+    assert _common.finished_count(dev).data_ptr() == stream.data_ptr() == block.data_ptr()
+    capturing[0] = True
+    captured = [_common.finished_count(dev) for _ in range(4)]
+    ptrs = [c.data_ptr() for c in captured]
+    in_block = [block.data_ptr() <= p < block.data_ptr() + block.numel() * block.element_size() for p in ptrs]
+    assert in_block == [True, True, True, False]  # three slots left after the stream's, then a fresh count
+    assert len({stream.data_ptr(), *ptrs}) == 5
+    assert all(int(c) == 0 for c in captured)
+    capturing[0] = False
+    assert _common.finished_count(dev).data_ptr() == stream.data_ptr()  # the stream keeps its own
+
+
 def test_deferred_flag_is_refused_where_it_does_not_apply():
     """small_deferred is decided by the callers; set by hand where the small step cannot defer (a loss per
     row, no gradient wanted, a batch past the Gaussian limit), the ops say so instead of failing inside."""

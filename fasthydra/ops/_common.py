@@ -229,10 +229,11 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # Kernels that reduce a loss in their last program (kernels/reduce.py) find it by a count of finished
-# programs that every launch leaves at 0. One count per CUDA stream that launches them (launches on one
-# stream never overlap; a graph captured on a stream keeps that stream's count), in per-device blocks of
-# COUNT_SLOTS.
-COUNT_SLOTS = 64
+# programs that every launch leaves at 0. No two launches that can run at once may share a count: one per
+# CUDA stream that launches them eagerly (launches on one stream never overlap), and one per launch
+# captured into a CUDA graph (a graph replays on whatever stream is current at replay time, and replays of
+# two graphs may overlap). Counts come from a per-device block of COUNT_SLOTS made outside any capture.
+COUNT_SLOTS = 1024
 # Partial sums that last program reads per step, at most (tests shrink it to make it loop): its loop is a
 # chain of dependent loads (each ~1 us from L2), so few long steps: 32768 partials (the loss kernel at
 # gpu-large, 8 warps) in 8 steps of 4096 rather than 256 of 128; no more than the partials there are,
@@ -243,16 +244,38 @@ REDUCE_BLOCK = 4096
 def reduce_block(n_parts: int, num_warps: int) -> int:
     """BLOCK_P of a launch of num_warps warps whose last program sums n_parts partials."""
     return min(REDUCE_BLOCK, 16 * 32 * num_warps, max(16, next_pow2(n_parts)))
+
+
 _counts: dict = {}  # device -> int32 (COUNT_SLOTS,), zeros
+_slots_used: dict = {}  # device -> how many of its slots have been handed out
 _count_views: dict = {}  # (device, stream handle) -> the (1,) view of its slot
 _count_lock = threading.Lock()
 
 
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _take_slot(device: torch.device) -> torch.Tensor | None:
+    """A slot of the device's block that nobody else has, or None once all are taken (lock held)."""
+    used = _slots_used.get(device, 0)
+    if device not in _counts or used >= COUNT_SLOTS:
+        return None
+    _slots_used[device] = used + 1
+    return _counts[device][used:used + 1]
+
+
 def finished_count(device: torch.device) -> torch.Tensor:
-    """A (1,) int32 count at 0 for a launch's last-program reduction (kernels/reduce.py) on the current
-    stream of `device`."""
+    """A (1,) int32 count at 0 for a launch's last-program reduction (kernels/reduce.py): the current
+    stream's on `device`, or, inside a CUDA-graph capture, one for this launch alone."""
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
+    if _capturing(device):
+        with _count_lock:
+            view = _take_slot(device)
+        # with no slot left (or no block yet: it is made outside captures), a count zeroed inside the
+        # graph, before each replay of this launch
+        return view if view is not None else torch.zeros(1, dtype=torch.int32, device=device)
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     view = _count_views.get((device, stream))
     if view is not None:
@@ -261,14 +284,10 @@ def finished_count(device: torch.device) -> torch.Tensor:
         view = _count_views.get((device, stream))
         if view is not None:
             return view
-        counts = _counts.get(device)
-        if counts is None and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            # made inside a capture, a tensor's zero fill runs only at each replay: a count for this graph alone
+        if device not in _counts:
+            _counts[device] = torch.zeros(COUNT_SLOTS, dtype=torch.int32, device=device)
+        view = _take_slot(device)
+        if view is None:  # more streams than slots: a fresh count each call (one small fill launch)
             return torch.zeros(1, dtype=torch.int32, device=device)
-        if counts is None:
-            counts = _counts[device] = torch.zeros(COUNT_SLOTS, dtype=torch.int32, device=device)
-        used = sum(1 for dev, _ in _count_views if dev == device)
-        if used >= COUNT_SLOTS:  # more streams than slots: a fresh count (one small fill launch)
-            return torch.zeros(1, dtype=torch.int32, device=device)
-        view = _count_views[(device, stream)] = counts[used:used + 1]
+        _count_views[(device, stream)] = view
         return view
