@@ -277,16 +277,26 @@ def test_training_step_replays_in_a_cuda_graph(monkeypatch, path, hidden):
         assert torch.allclose(p, q, rtol=1e-4, atol=1e-6)
 
 
-def test_small_step_losses_on_two_streams_at_once(monkeypatch):
-    """The small step's loss is summed by launch 1's last program, found through a count of finished
-    programs that each stream has to itself: two streams issuing steps at once (1024 programs each)
-    get the losses the torch path gives, every time."""
+def _losses_on_two_streams(monkeypatch, capture: bool):
+    """Small-step losses (1024 programs per launch) of two batches, issued 20 times each on two streams at
+    once, eagerly or as replays of one CUDA graph per batch (captured one after the other, on torch's one
+    capture stream); each must equal the torch path's loss of its batch."""
     use_heads_path(monkeypatch, "small")
     head = HydraHead(256, 10, 8, impl="triton", device="cuda")
     xs = [torch.randn(4096, 256, device="cuda") for _ in range(2)]
     ts = [teacher_logits(4096, 8, 10, device="cuda") for _ in range(2)]
     with torch.no_grad():
         expected = [hydra_kl_loss(head(x), t, 2.0, impl="torch") for x, t in zip(xs, ts)]
+        steps = [lambda i=i: head.distill_loss(xs[i], ts[i], 2.0) for i in range(2)]
+        if capture:
+            for step in steps:  # compiled, and the count block made, before any capture
+                step()
+            torch.cuda.synchronize()
+            graphs, outs = [torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()], []
+            for g, step in zip(graphs, steps):
+                with torch.cuda.graph(g):
+                    outs.append(step())
+            steps = [lambda i=i: graphs[i].replay() or outs[i].clone() for i in range(2)]
         streams = [torch.cuda.Stream(), torch.cuda.Stream()]
         for s in streams:
             s.wait_stream(torch.cuda.current_stream())
@@ -294,43 +304,24 @@ def test_small_step_losses_on_two_streams_at_once(monkeypatch):
         for _ in range(20):
             for i, s in enumerate(streams):
                 with torch.cuda.stream(s):
-                    got[i].append(head.distill_loss(xs[i], ts[i], 2.0))
+                    got[i].append(steps[i]())
     torch.cuda.synchronize()
     for i in range(2):
         for v in got[i]:
             assert torch.allclose(v, expected[i], rtol=1e-4, atol=1e-6), (i, v.item(), expected[i].item())
+
+
+def test_small_step_losses_on_two_streams_at_once(monkeypatch):
+    """The small step's loss is summed by launch 1's last program, found through a count of finished
+    programs that each stream has to itself: two streams issuing steps at once get the torch path's losses,
+    every time."""
+    _losses_on_two_streams(monkeypatch, capture=False)
 
 
 def test_small_step_graphs_replayed_at_once_on_two_streams(monkeypatch):
-    """Two CUDA graphs of a small-step loss, captured one after the other (on torch's one capture stream)
-    and replayed at once on two streams: each captured launch has a count of its own, so every replay
-    gives the torch path's loss."""
-    use_heads_path(monkeypatch, "small")
-    head = HydraHead(256, 10, 8, impl="triton", device="cuda")
-    xs = [torch.randn(4096, 256, device="cuda") for _ in range(2)]
-    ts = [teacher_logits(4096, 8, 10, device="cuda") for _ in range(2)]
-    with torch.no_grad():
-        expected = [hydra_kl_loss(head(x), t, 2.0, impl="torch") for x, t in zip(xs, ts)]
-        for x, t in zip(xs, ts):  # compiled, and the count block made, before any capture
-            head.distill_loss(x, t, 2.0)
-        torch.cuda.synchronize()
-        graphs, outs = [torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()], []
-        for g, x, t in zip(graphs, xs, ts):
-            with torch.cuda.graph(g):
-                outs.append(head.distill_loss(x, t, 2.0))
-        streams = [torch.cuda.Stream(), torch.cuda.Stream()]
-        for s in streams:
-            s.wait_stream(torch.cuda.current_stream())
-        got = [[], []]
-        for _ in range(20):
-            for i, s in enumerate(streams):
-                with torch.cuda.stream(s):
-                    graphs[i].replay()
-                    got[i].append(outs[i].clone())
-    torch.cuda.synchronize()
-    for i in range(2):
-        for v in got[i]:
-            assert torch.allclose(v, expected[i], rtol=1e-4, atol=1e-6), (i, v.item(), expected[i].item())
+    """Two CUDA graphs replayed at once on two streams: each captured launch has a count of its own (the
+    graphs were captured on one stream), so every replay gives the torch path's loss."""
+    _losses_on_two_streams(monkeypatch, capture=True)
 
 
 def test_reduce_overhead_compile_runs_a_training_step():
