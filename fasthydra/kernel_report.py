@@ -264,17 +264,20 @@ def _cuobjdump() -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
-def _resource_usage(cubin: bytes) -> dict:
+def _cuobjdump_of(cubin: bytes, flag: str) -> str:
+    """What Triton's cuobjdump prints for a cubin with `flag` (--dump-resource-usage, -sass)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(cubin)
         path = f.name
     try:
-        out = subprocess.run([_cuobjdump(), "--dump-resource-usage", path], capture_output=True, text=True,
-                             check=True).stdout
+        return subprocess.run([_cuobjdump(), flag, path], capture_output=True, text=True, check=True).stdout
     finally:
         os.unlink(path)
-    fields = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", out)}
-    return fields
+
+
+def _resource_usage(cubin: bytes) -> dict:
+    out = _cuobjdump_of(cubin, "--dump-resource-usage")
+    return {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", out)}
 
 
 # A stack slot saved once at entry and read back once after the main loop (ptxas does this with a
@@ -300,16 +303,6 @@ def sass_spill_ops(sass: str) -> tuple[int, int]:
     return len(ops), sum(any(lo <= at <= hi for lo, hi in loops) for at in ops)
 
 
-def _sass(cubin: bytes) -> str:
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(cubin)
-        path = f.name
-    try:
-        return subprocess.run([_cuobjdump(), "-sass", path], capture_output=True, text=True, check=True).stdout
-    finally:
-        os.unlink(path)
-
-
 def compile_one(fn, args, consts, opts, dtype, arch) -> KernelRecord:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -322,8 +315,10 @@ def compile_one(fn, args, consts, opts, dtype, arch) -> KernelRecord:
         ptx = compiled.asm["ptx"]
         rec.registers = usage.get("REG")
         rec.spill_bytes = usage.get("LOCAL", 0) + usage.get("STACK", 0)
-        rec.spill_ops, rec.spill_ops_in_loops = (sass_spill_ops(_sass(compiled.asm["cubin"])) if rec.spill_bytes
-                                                 else (0, 0))
+        if rec.spill_bytes:  # where the local loads and stores sit
+            rec.spill_ops, rec.spill_ops_in_loops = sass_spill_ops(_cuobjdump_of(compiled.asm["cubin"], "-sass"))
+        else:
+            rec.spill_ops = rec.spill_ops_in_loops = 0
         rec.shared_bytes = max(usage.get("SHARED", 0), int(compiled.metadata.shared))
         rec.wgmma = "wgmma" in ptx
         rec.mma = bool(re.search(r"\bmma\.sync", ptx)) or rec.wgmma
