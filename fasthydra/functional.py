@@ -323,16 +323,44 @@ def _hinton_topk(z, student_logits, teacher: TopKTeacher, temperature, reduction
     return _hinton_on_target(z, (temperature * log_pbar).unsqueeze(1), temperature, reduction, impl)
 
 
-def _check_heads_input(x, weight, bias, name="x", per_head=False):
+def _check_head_params(weight, bias, weight_name="weight", bias_name="bias") -> tuple[int, int, int]:
+    """A stack of M heads' parameters: weight (M, N, K) and bias (M, N) or None, one floating dtype."""
+    _check_tensor(weight_name, weight, (3,))
+    if bias is not None:
+        _check_tensor(bias_name, bias)
+        if tuple(bias.shape) != tuple(weight.shape[:2]):
+            raise ValueError(f"{bias_name} must have shape (M, N) = {tuple(weight.shape[:2])} to match {weight_name} "
+                             f"{tuple(weight.shape)}, got {tuple(bias.shape)}")
+        if bias.dtype != weight.dtype:
+            raise InputDtypeError(f"{bias_name} has dtype {bias.dtype} but {weight_name} is {weight.dtype}; "
+                                  "cast one of them (or use torch.autocast)")
+    return tuple(weight.shape)
+
+
+def _check_heads_input(x, weight, bias, name="x", per_head=False, weight_name="weight", bias_name="bias"):
     _check_tensor(name, x)
-    m, n, k = weight.shape
+    m, n, k = _check_head_params(weight, bias, weight_name, bias_name)
     want = (m, k) if per_head else (k,)
     if x.dim() != len(want) + 1 or tuple(x.shape[1:]) != want:
         raise ValueError(f"{name} must have shape (B, {', '.join(map(str, want))}), got {tuple(x.shape)}")
     if x.dtype != weight.dtype:
         raise InputDtypeError(f"{name} has dtype {x.dtype} but the head weights are {weight.dtype}; "
                               "cast one of them (or use torch.autocast)")
-    _check_same_device(**{name: x, "weight": weight, "bias": bias})
+    _check_same_device(**{name: x, weight_name: weight, bias_name: bias})
+
+
+def _check_mlp_params(x, hidden_weight, hidden_bias, weight, bias) -> None:
+    """MLP heads: the first layer (M, H, D) over x (B, D), the second (M, C, H) after it."""
+    _check_heads_input(x, hidden_weight, hidden_bias, weight_name="hidden_weight", bias_name="hidden_bias")
+    m, h, _ = hidden_weight.shape
+    _, c, k = _check_head_params(weight, bias)
+    if weight.shape[0] != m or k != h:
+        raise ValueError(f"weight must have shape (M, C, H) = ({m}, C, {h}) to follow hidden_weight "
+                         f"{tuple(hidden_weight.shape)}, got {tuple(weight.shape)}")
+    if weight.dtype != hidden_weight.dtype:
+        raise InputDtypeError(f"weight has dtype {weight.dtype} but hidden_weight is {hidden_weight.dtype}; "
+                              "cast one of them (or use torch.autocast)")
+    _check_same_device(x=x, weight=weight, bias=bias)
 
 
 def linear_heads(x, weight, bias=None, impl: str = "auto"):
@@ -353,7 +381,7 @@ def linear_heads(x, weight, bias=None, impl: str = "auto"):
 def mlp_hidden(x, hidden_weight, hidden_bias=None, impl: str = "auto"):
     """First layer of M MLP heads, one GEMM: ``u[:, m] = relu(x @ W1[m].T + b1[m])`` -> (B, M, H)."""
     x, hidden_weight, hidden_bias = _autocast_gemm_inputs(x, hidden_weight, hidden_bias)
-    _check_heads_input(x, hidden_weight, hidden_bias)
+    _check_heads_input(x, hidden_weight, hidden_bias, weight_name="hidden_weight", bias_name="hidden_bias")
     impl = resolve_impl(impl, x, hidden_weight, hidden_bias)
     if impl == "triton":
         return _ops.grouped_linear_call(x, hidden_weight, hidden_bias, True, True)
@@ -412,9 +440,10 @@ def linear_hydra_kl_loss(x, weight, bias, teacher_logits, temperature: float = 1
 def mlp_hydra_kl_loss(x, hidden_weight, hidden_bias, weight, bias, teacher_logits, temperature: float = 1.0,
                       reduction: str = "mean", impl: str = "auto"):
     """MLP heads fused with the Hydra loss: first layer one GEMM, second layer the grouped GEMM
-    fused with softmax/KL. Shapes: x (B, D), hidden_weight (M, H, D), weight (M, C, H)."""
+    fused with softmax/KL. Shapes: x (B, D), hidden_weight (M, H, D), hidden_bias (M, H) or None,
+    weight (M, C, H), bias (M, C) or None."""
     x, hidden_weight, hidden_bias, weight, bias = _autocast_gemm_inputs(x, hidden_weight, hidden_bias, weight, bias)
-    _check_heads_input(x, hidden_weight, hidden_bias)
+    _check_mlp_params(x, hidden_weight, hidden_bias, weight, bias)
     temperature, reduction = _check_fused_loss_args(x, teacher_logits, weight, temperature, reduction, "x")
     impl = resolve_impl(impl, x, hidden_weight, weight, _teacher_parts(teacher_logits)[0])
     u = mlp_hidden(x, hidden_weight, hidden_bias, impl=impl)
@@ -530,6 +559,9 @@ def gaussian_heads_kl_loss(x, weight, bias, teacher_mean, teacher_var, min_var: 
     x, weight, bias = _autocast_gemm_inputs(x, weight, bias)
     _check_heads_input(x, weight, bias)
     m, two_k, _ = weight.shape
+    if two_k % 2:
+        raise ValueError(f"weight must have an even number of rows per head (K means, then K raw variances), "
+                         f"got shape {tuple(weight.shape)}")
     want = (x.shape[0], m, two_k // 2)
     for name, value in (("teacher_mean", teacher_mean), ("teacher_var", teacher_var)):
         _check_tensor(name, value, (3,))

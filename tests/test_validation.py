@@ -143,6 +143,37 @@ def test_module_input_errors(no_kernels):
         head.distill_loss(torch.randn(4, 8), torch.randn(4, 3, 5), temperature=0)
 
 
+_X, _T = torch.randn(5, 6), torch.randn(5, 3, 7)
+_W, _B = torch.randn(3, 7, 6), torch.randn(3, 7)
+_HW, _HB, _W2 = torch.randn(3, 4, 6), torch.randn(3, 4), torch.randn(3, 7, 4)
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda F: F.linear_heads(_X, _W, torch.randn(3, 6)), ValueError, r"bias must have shape \(M, N\) = \(3, 7\)"),
+    (lambda F: F.linear_heads(_X, torch.randn(7, 6)), ValueError, "weight must be 3-D"),
+    (lambda F: F.linear_hydra_kl_loss(_X, _W, _B[..., None], _T), ValueError, r"got \(3, 7, 1\)"),
+    (lambda F: F.linear_hydra_kl_loss(_X, _W, _B.double(), _T), TypeError, "bias has dtype torch.float64"),
+    (lambda F: F.linear_hydra_kl_loss(_X, _W, [0.0] * 7, _T), TypeError, "bias must be a torch.Tensor"),
+    (lambda F: F.grouped_heads(torch.randn(5, 3, 6), _W, torch.randn(2, 7)), ValueError, r"bias must have shape"),
+    (lambda F: F.mlp_hidden(_X, _HW, torch.randn(3, 5)), ValueError, r"hidden_bias must have shape \(M, N\) = \(3, 4\)"),
+    (lambda F: F.mlp_hydra_kl_loss(_X, _HW, _HB, torch.randn(3, 7, 5), _B, _T), ValueError,
+     r"weight must have shape \(M, C, H\) = \(3, C, 4\)"),
+    (lambda F: F.mlp_hydra_kl_loss(_X, _HW, _HB, torch.randn(2, 7, 4), None, torch.randn(5, 2, 7)), ValueError,
+     r"weight must have shape \(M, C, H\)"),
+    (lambda F: F.mlp_hydra_kl_loss(_X, _HW, _HB, _W2, torch.randn(3, 6), _T), ValueError, r"bias must have shape"),
+    (lambda F: F.mlp_hydra_kl_loss(_X, _HW, _HB, _W2.double(), _B.double(), _T), TypeError,
+     "weight has dtype torch.float64 but hidden_weight is torch.float32"),
+    (lambda F: F.gaussian_heads_kl_loss(_X, torch.randn(3, 5, 6), None, torch.randn(5, 3, 2), torch.rand(5, 3, 2)),
+     ValueError, "even number of rows per head"),
+])
+def test_head_parameter_errors(no_kernels, call, exc, match):
+    """The functional API's head parameters (the module makes them right; a direct caller may not)."""
+    import fasthydra.functional as F
+
+    with pytest.raises(exc, match=match):
+        call(F)
+
+
 @pytest.mark.parametrize("kwargs,exc,match", [
     (dict(in_features=0, num_classes=3, num_heads=2), ValueError, "in_features"),
     (dict(in_features=4, num_classes=3, num_heads=0), ValueError, "num_heads"),
