@@ -441,13 +441,22 @@ def mlp_hydra_kl_loss(x, hidden_weight, hidden_bias, weight, bias, teacher_logit
                       reduction: str = "mean", impl: str = "auto"):
     """MLP heads fused with the Hydra loss: first layer one GEMM, second layer the grouped GEMM
     fused with softmax/KL. Shapes: x (B, D), hidden_weight (M, H, D), hidden_bias (M, H) or None,
-    weight (M, C, H), bias (M, C) or None."""
+    weight (M, C, H), bias (M, C) or None. On the torch path (eager calls) both layers' gradients are
+    formed in the forward, in one autograd node, so no (B, M, H) activation is kept for the backward."""
     x, hidden_weight, hidden_bias, weight, bias = _autocast_gemm_inputs(x, hidden_weight, hidden_bias, weight, bias)
     _check_mlp_params(x, hidden_weight, hidden_bias, weight, bias)
     temperature, reduction = _check_fused_loss_args(x, teacher_logits, weight, temperature, reduction, "x")
     impl = resolve_impl(impl, x, hidden_weight, weight, _teacher_parts(teacher_logits)[0])
-    u = mlp_hidden(x, hidden_weight, hidden_bias, impl=impl)
-    return _fused(u, weight, bias, teacher_logits, temperature, reduction, False, impl)
+    if impl == "triton" or torch.compiler.is_compiling():
+        u = mlp_hidden(x, hidden_weight, hidden_bias, impl=impl)
+        return _fused(u, weight, bias, teacher_logits, temperature, reduction, False, impl)
+    # eager torch path: both layers in one autograd node (no (B, M, H) activations kept for the backward)
+    teacher, indices = _teacher_parts(teacher_logits)
+    on = torch.is_grad_enabled()
+    needs = [on and t is not None and t.requires_grad for t in (x, hidden_weight, hidden_bias, weight, bias, teacher)]
+    loss, *_ = _ops.mlp_hydra_kl_eager(x, hidden_weight, hidden_bias, weight, bias, teacher, temperature, reduction,
+                                       *needs, indices)
+    return _autocast_loss(loss, x)
 
 
 def _fused(inp, weight, bias, teacher, temperature, reduction, shared, impl):

@@ -311,19 +311,20 @@ def test_backward_hands_over_the_stored_gradients(monkeypatch, kind):
         head.zero_grad(set_to_none=True)
         x.grad, handed[:] = None, []
         (head.distill_loss(x, t, 1.5) * upstream).backward()
-        # the fused op's own parameters (MLP heads: the second layer; the first has its own backward)
-        assert {head.weight.grad.data_ptr(), head.bias.grad.data_ptr()} <= set(handed)
+        # every parameter's and the input's gradient (MLP heads: both layers form one node)
+        assert {g.data_ptr() for g in (x.grad, *[p.grad for p in params_of(head)])} <= set(handed)
         _, grads_ref = reference_loss_and_grads(head, x, t, 1.5, upstream=upstream)
         for name, g, g_ref in zip(["x"] + [n for n, _ in head.named_parameters()], [x.grad, *[p.grad for p in params_of(head)]],
                                   grads_ref):
             assert_close_to(g, g_ref, rtol=1e-5, atol=1e-8, what=f"{name} (upstream {upstream})")
 
 
-def test_second_backward_recomputes_and_refuses_changed_inputs():
+@pytest.mark.parametrize("hidden", [None, 5], ids=["linear", "mlp"])
+def test_second_backward_recomputes_and_refuses_changed_inputs(hidden):
     """retain_graph=True: the first backward gave the stored gradients away, so a second one recomputes
     them from the forward's inputs (gradients accumulate: twice the first, also with another upstream
     and after the caller zeroed .grad in place); a weight changed in place in between is refused."""
-    head = HydraHead(6, 9, 3, impl="torch")
+    head = HydraHead(6, 9, 3, impl="torch", hidden_features=hidden)
     x, t = torch.randn(11, 6, requires_grad=True), teacher_logits(11, 3, 9)
     loss = head.distill_loss(x, t, 1.5)
     loss.backward(retain_graph=True)
@@ -336,7 +337,7 @@ def test_second_backward_recomputes_and_refuses_changed_inputs():
         assert_close_to(p.grad, 0.5 * g, rtol=1e-6, atol=1e-9, what="second backward")
     assert_close_to(x.grad, 1.5 * first_x, rtol=1e-6, atol=1e-9, what="input gradient, accumulated")
     with torch.no_grad():
-        head.weight.add_(1.0)
+        (head.weight if hidden is None else head.hidden_weight).add_(1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
 

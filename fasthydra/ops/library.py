@@ -508,6 +508,20 @@ register_autograd("fasthydra::gaussian_heads_kl", _deferrable_backward(_heads_ba
 # ----------------------------------------------------------------------------------------------
 
 
+def _eager_function(name: str, impl, setup, backward) -> type:
+    """`impl` as an autograd.Function with the given setup_context and backward."""
+
+    def forward(ctx, *args):  # the classic form: a separate setup_context costs a signature bind per call
+        out = impl(*args)
+        setup(ctx, args, out)
+        return out
+
+    return type(f"{name}_function", (torch.autograd.Function,), {
+        "forward": staticmethod(forward),
+        "backward": staticmethod(backward),
+    })
+
+
 def _eager_entry(op, impl, setup=None, backward=None):
     """A callable that runs `op` (the custom op) when torch.compile/export is tracing, and otherwise
     `impl` directly, wrapped in an autograd.Function with the op's own setup_context and backward."""
@@ -516,15 +530,7 @@ def _eager_entry(op, impl, setup=None, backward=None):
             return op(*args) if torch.compiler.is_compiling() else impl(*args)
         return call
 
-    def forward(ctx, *args):  # the classic form: a separate setup_context costs a signature bind per call
-        out = impl(*args)
-        setup(ctx, args, out)
-        return out
-
-    fn = type(f"{op._name}_function", (torch.autograd.Function,), {
-        "forward": staticmethod(forward),
-        "backward": staticmethod(backward),
-    })
+    fn = _eager_function(op._name, impl, setup, backward)
 
     def call(*args):
         return op(*args) if torch.compiler.is_compiling() else fn.apply(*args)
@@ -590,10 +596,10 @@ def _take_stored(ctx, impl) -> list:
         return list(impl(*args)[1:])
 
 
-def _eager_heads_setup(ctx, inputs, output):
+def _eager_heads_setup(ctx, inputs, output, strong: int = 3):
     """Eager form of _heads_setup (see _hand_over_setup)."""
     ctx.has_bias = inputs[2] is not None
-    _hand_over_setup(ctx, inputs, output, strong=3)
+    _hand_over_setup(ctx, inputs, output, strong=strong)
 
 
 def _eager_heads_backward(n_inputs: int, impl):
@@ -666,3 +672,57 @@ def _eager_gaussian_setup(ctx, inputs, output):
 
 gaussian_heads_kl_call = _eager_entry(gaussian_heads_kl, _gaussian_heads_kl_impl, _eager_gaussian_setup,
                                       _deferrable_backward(_eager_heads_backward(11, _gaussian_heads_kl_impl), 11))
+
+
+# ----------------------------------------------------------------------------------------------
+# MLP heads on the torch path (eager calls): both layers in one autograd node
+# ----------------------------------------------------------------------------------------------
+
+
+@_no_autocast
+def _mlp_hydra_kl_impl(x: torch.Tensor, hidden_weight: torch.Tensor, hidden_bias: torch.Tensor | None,
+                       weight: torch.Tensor, bias: torch.Tensor | None, teacher: torch.Tensor, temperature: float,
+                       reduction: str, need_x: bool, need_hw: bool, need_hb: bool, need_w: bool, need_b: bool,
+                       need_t: bool, teacher_indices: torch.Tensor | None) -> tuple:
+    """MLP heads fused with the loss on the torch path, every gradient formed in the forward: the first
+    layer (one GEMM, ReLU in place), the second layer and the loss (the heads op's torch path, which
+    stores the hidden activations' gradient du), then ReLU's backward in place on du and the first
+    layer's gradients from it. Returns (loss, dx, dW1, db1, dW2, db2, dteacher), placeholders where not
+    asked for.
+
+    Why one node: as two autograd nodes (relu(linear) feeding the heads op) the hidden activations u
+    (B, M, H) stayed alive for ReLU's backward, which then allocated a new (B, M, H) gradient beside the
+    stored du: three (B, M, H) tensors at the backward's peak, 1.47x eager's memory at small C. Here u
+    becomes ReLU's mask in place once du exists and is freed with the forward: at most two at a time."""
+    m, h, d = hidden_weight.shape
+    w1 = hidden_weight.reshape(m * h, d)
+    u = torch.nn.functional.linear(x, w1, None if hidden_bias is None else hidden_bias.reshape(m * h)).relu_()
+    need_u = need_x or need_hw or (need_hb and hidden_bias is not None)
+    loss, du, g_w, g_b, g_t = _linear_hydra_kl_impl(u.view(x.shape[0], m, h), weight, bias, teacher, temperature,
+                                                   reduction, False, need_u, need_w, need_b, need_t, "torch",
+                                                   teacher_indices, False)
+    g_x = g_hw = g_hb = None
+    if need_u:
+        du = du.view(x.shape[0], m * h)
+        du.mul_(u.sign_())  # ReLU's backward: u = relu(a) >= 0, so sign(u) is 1 where a > 0 and 0 elsewhere
+        del u
+        cdt = du.dtype  # u's dtype: the heads op returns du as its input's dtype
+        if need_x:
+            g_x = du @ w1.to(cdt)
+        if need_hw:
+            g_hw = (du.T @ x.to(cdt)).view(m, h, d).to(hidden_weight.dtype)
+        if need_hb and hidden_bias is not None:
+            g_hb = du.sum(0).view(m, h).to(hidden_bias.dtype)
+    return (loss, _none_to_empty(g_x, x), _none_to_empty(g_hw, hidden_weight), _none_to_empty(g_hb, hidden_weight),
+            g_w, g_b, g_t)
+
+
+def _eager_mlp_setup(ctx, inputs, output):
+    """Both layers' weights and biases by reference, the teacher weakly (see _hand_over_setup); the
+    implementation returns placeholders for absent biases itself."""
+    _eager_heads_setup(ctx, inputs, output, strong=5)
+    ctx.has_bias = True
+
+
+mlp_hydra_kl_eager = _eager_function("mlp_hydra_kl", _mlp_hydra_kl_impl, _eager_mlp_setup,
+                                     _eager_heads_backward(15, _mlp_hydra_kl_impl)).apply

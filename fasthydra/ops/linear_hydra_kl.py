@@ -307,8 +307,8 @@ def linear_hydra_kl_forward_torch(inp, weight, bias, teacher, temperature: float
                 grad_w32.view(m * c, k).addmm_(g2.T, xc, beta=beta, alpha=scale)
         else:
             gm = g.transpose(0, 1)  # (M, bc, C)
-            if need_in:
-                grad_in[r0:r0 + step] = torch.bmm(gm, w).transpose(0, 1)
+            if need_in:  # written in place through the (M, rows, K) view: no (rows, M, K) temporary and copy
+                grad_in[r0:r0 + step].transpose(0, 1).baddbmm_(gm, w, beta=0.0)
             if need_w:
                 grad_w32.baddbmm_(gm.transpose(1, 2), xc.transpose(0, 1), beta=beta, alpha=scale)
         if need_b:
