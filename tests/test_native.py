@@ -53,13 +53,22 @@ def test_kernel_teacher_gradient_matches_float64_autograd(rows, c, scale):
 
 
 @needs_native
-def test_kernel_extreme_logits_and_strided_rows():
-    base = torch.randn(40, 2, 33) * 1e4
-    s = base[:, 0]  # row stride 66: not contiguous rows
-    t = torch.randn(40, 33) * 1e4
+@pytest.mark.parametrize("c", [33, 9], ids=["long-rows", "short-rows"])
+def test_kernel_extreme_logits_and_strided_rows_written_in_place(c):
+    """q - p is written over the student rows the caller gives up (no second chunk-sized buffer), also
+    through a row stride that is not C; every row's logits are read before its gradient lands there."""
+    base = torch.randn(40, 2, c) * 1e4
+    s = base[:, 0]  # row stride 2C: not contiguous rows
+    t = torch.randn(40, c) * 1e4
+    expected_loss = R.kl_rows_ref(s.double(), t.double(), 1.0)
+    expected_grad = torch.softmax(s.double(), -1) - torch.softmax(t.double(), -1)
+    other_rows = base[:, 1].clone()
     loss, grad, _ = native.kl_rows(s, t, 1.0, True)
+    assert grad.data_ptr() == s.data_ptr() and grad.stride() == s.stride()
+    assert torch.equal(base[:, 1], other_rows)  # the rows between stay untouched
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
-    assert_close_to(loss, R.kl_rows_ref(s.double(), t.double(), 1.0), rtol=1e-6, what="extreme")
+    assert_close_to(loss, expected_loss, rtol=1e-6, what="extreme")
+    assert_close_to(grad, expected_grad, rtol=1e-6, atol=1e-7, what="q - p in place")
 
 
 @needs_native

@@ -132,6 +132,7 @@ def usable(s: torch.Tensor) -> bool:
 def kl_rows(s2: torch.Tensor, t2: torch.Tensor, temperature: float, want_grad: bool, want_tgrad: bool = False):
     """Loss rows T^2 * KL, q - p and (want_tgrad) the teacher's p * ((log p - log q) - KL) for (R, C)
     fp32 rows: s2 tempered student logits, t2 raw teacher. Returns (loss, grad or None, tgrad or None).
+    s2 is consumed: q - p is written over it (no second chunk-sized buffer), the returned grad a view.
 
     Rows are split across torch.get_num_threads() threads (ctypes releases the GIL during the call).
     """
@@ -141,12 +142,12 @@ def kl_rows(s2: torch.Tensor, t2: torch.Tensor, temperature: float, want_grad: b
     t2 = t2.to(torch.float32)
     t2 = t2 if t2.stride(1) == 1 else t2.contiguous()
     loss = torch.empty(r, dtype=torch.float32)
-    grad = torch.empty(r, c, dtype=torch.float32) if want_grad else None
+    grad = s2 if want_grad else None  # the kernel reads each row before it writes its q - p there
     tgrad = torch.empty(r, c, dtype=torch.float32) if want_tgrad else None
     if r == 0:
         return loss, grad, tgrad
     args = (s2.data_ptr(), s2.stride(0), t2.data_ptr(), t2.stride(0),
-            grad.data_ptr() if want_grad else None, c if want_grad else 0,
+            grad.data_ptr() if want_grad else None, grad.stride(0) if want_grad else 0,
             tgrad.data_ptr() if want_tgrad else None, c if want_tgrad else 0, loss.data_ptr())
     tail = (c, 1.0 / temperature, temperature * temperature, int(want_grad))
     codes = _over_rows(lambda r0, r1: lib.hydra_kl_rows(*args, r0, r1, *tail), r)

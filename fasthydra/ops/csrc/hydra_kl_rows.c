@@ -82,8 +82,10 @@ static float row_max(const float *x, int64_t n, float mult) {
 #endif
 
 /* One row; e_u is scratch of n floats. */
-static void kl_row(const float *s, const float *t, float *g, float *e_u, float *h, int64_t n, float inv_t,
-                   float t2, float *loss, int want_grad) {
+/* One row. e_s and e_u are scratch rows for the two exponentials; g (q - p) is written in the last sweep
+ * only, after every read of s, so it may be s itself (the callers' s is a chunk they consume). */
+static void kl_row(const float *s, const float *t, float *g, float *e_s, float *e_u, float *h, int64_t n,
+                   float inv_t, float t2, float *loss, int want_grad) {
     float m_s = row_max(s, n, 1.0f);
     /* (t - max t) / T rather than t / T - max(t / T): with FMA contraction the latter is not exactly 0
      * at the maximum, and a one-class row would not give KL = 0 */
@@ -91,7 +93,7 @@ static void kl_row(const float *s, const float *t, float *g, float *e_u, float *
     float ref_t = isinf(m_t) ? 0.0f : m_t; /* only an all-masked row, which the host rejects */
     /* sweep 2a: the exponentials, a pure elementwise map */
     for (int64_t c = 0; c < n; ++c) {
-        g[c] = vexp(s[c] - m_s);
+        e_s[c] = vexp(s[c] - m_s);
         e_u[c] = vexp((t[c] - ref_t) * inv_t);
     }
     /* sweep 2b: the sums, LANES partial sums each (vectorised without reassociating) */
@@ -102,7 +104,7 @@ static void kl_row(const float *s, const float *t, float *g, float *e_u, float *
         for (int j = 0; j < LANES; ++j) {
             float eu = e_u[c + j];
             float diff = (t[c + j] - ref_t) * inv_t - (s[c + j] - m_s);
-            ds[j] += g[c + j];
+            ds[j] += e_s[c + j];
             du[j] += eu;
             a[j] += eu > 0.0f ? eu * diff : 0.0f; /* a masked class: 0 * -inf must read as 0 */
         }
@@ -115,7 +117,7 @@ static void kl_row(const float *s, const float *t, float *g, float *e_u, float *
     for (; c < n; ++c) {
         float eu = e_u[c];
         float diff = (t[c] - ref_t) * inv_t - (s[c] - m_s);
-        d_s += g[c];
+        d_s += e_s[c];
         d_u += eu;
         acc += eu > 0.0f ? eu * diff : 0.0f;
     }
@@ -134,12 +136,13 @@ static void kl_row(const float *s, const float *t, float *g, float *e_u, float *
             h[c] = e_u[c] > 0.0f ? e_u[c] * inv_du * (((t[c] - ref_t) * inv_t - (s[c] - s_j)) - mean_e) : 0.0f;
     }
     if (!want_grad) return;
-    for (c = 0; c < n; ++c) g[c] = g[c] * inv_ds - e_u[c] * inv_du;
+    for (c = 0; c < n; ++c) g[c] = e_s[c] * inv_ds - e_u[c] * inv_du;
 }
 
 /* Rows [r0, r1) of s and t (row strides ld_s, ld_t; unit stride along C) into loss (rows,),
  * with want_grad grad = q - p (row stride ld_g), and with tgrad != NULL the teacher's gradient
- * p * ((log p - log q) - KL) (row stride ld_h). Returns 0, or 1 when scratch memory ran out. */
+ * p * ((log p - log q) - KL) (row stride ld_h). grad may be s itself (ld_g = ld_s): every row's s is read
+ * before its q - p is written. Returns 0, or 1 when scratch memory ran out. */
 /* Rows shorter than a vector (C < SHORT_ROW, e.g. 10 classes): a row's own loops never fill a vector, so
  * the exponentials, most of the work, would run one lane at a time. Here SHORT_BLOCK rows at a time: their
  * shifted arguments packed, the exponentials as one flat (vectorised) map over the block, then the
@@ -197,20 +200,17 @@ int hydra_kl_rows(const float *s, int64_t ld_s, const float *t, int64_t ld_t, fl
         return 0;
     }
     size_t row_bytes = (size_t)(n > 0 ? n : 1) * sizeof(float);
-    float *e_u = (float *)malloc(row_bytes);
-    float *scratch = want_grad ? NULL : (float *)malloc(row_bytes);
-    if (e_u == NULL || (!want_grad && scratch == NULL)) {
+    float *e_s = (float *)malloc(row_bytes), *e_u = (float *)malloc(row_bytes);
+    if (e_s == NULL || e_u == NULL) {
+        free(e_s);
         free(e_u);
-        free(scratch);
         return 1;
     }
-    for (int64_t r = r0; r < r1; ++r) {
-        float *g = want_grad ? grad + r * ld_g : scratch;
-        kl_row(s + r * ld_s, t + r * ld_t, g, e_u, tgrad != NULL ? tgrad + r * ld_h : NULL, n, inv_t, t2,
-               loss + r, want_grad);
-    }
+    for (int64_t r = r0; r < r1; ++r)
+        kl_row(s + r * ld_s, t + r * ld_t, want_grad ? grad + r * ld_g : NULL, e_s, e_u,
+               tgrad != NULL ? tgrad + r * ld_h : NULL, n, inv_t, t2, loss + r, want_grad);
+    free(e_s);
     free(e_u);
-    free(scratch);
     return 0;
 }
 
