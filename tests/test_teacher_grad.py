@@ -141,6 +141,19 @@ def test_torch_path_class_tiles_give_the_teacher_its_gradient(monkeypatch, hidde
     _check_head_grads(head, x, t)
 
 
+@CPU
+@pytest.mark.parametrize("hidden", [None, 5])
+def test_torch_path_head_chunks_give_the_teacher_its_gradient(monkeypatch, hidden):
+    """Large C on the torch path, one head at a time (a budget too small for a row block of all heads,
+    enough for one head's 11 rows; forced on a small case)."""
+    import fasthydra.ops.linear_hydra_kl as lk
+
+    monkeypatch.setattr(lk, "TORCH_CHUNK_ELEMENTS", 1000)
+    monkeypatch.setattr(lk, "_class_tiled_block", lambda *a: pytest.fail("the class-tiled mode ran"))
+    head, x, t = _head_case(hidden, "torch", b=11, c=70)
+    _check_head_grads(head, x, t)
+
+
 @INTERP
 @pytest.mark.parametrize("budget", [2 * 11 * 20, 4 * 20], ids=["head-groups", "row-chunks"])
 def test_cublas_groups_give_the_teacher_its_gradient(monkeypatch, budget):

@@ -103,10 +103,13 @@ def test_distill_loss_with_a_topk_teacher(monkeypatch, impl, hidden, k, pad):
 
 @pytest.mark.cpu
 @pytest.mark.parametrize("hidden", [None, 5])
-def test_torch_class_tiles_with_a_topk_teacher(monkeypatch, hidden):
+@pytest.mark.parametrize("budget", [3 * 70, 1000], ids=["class-tiles", "head-chunks"])
+def test_torch_large_c_modes_with_a_topk_teacher(monkeypatch, hidden, budget):
     import fasthydra.ops.linear_hydra_kl as lk
 
-    monkeypatch.setattr(lk, "TORCH_CHUNK_ELEMENTS", 3 * 70)
+    monkeypatch.setattr(lk, "TORCH_CHUNK_ELEMENTS", budget)
+    if budget == 1000:  # one head's 11 rows fit, all heads' do not: the head-chunk mode, never class tiles
+        monkeypatch.setattr(lk, "_class_tiled_block_topk", lambda *a: pytest.fail("the class-tiled mode ran"))
     monkeypatch.setattr(lk, "TILE_ELEMENTS", 3 * 11 * 16)
     head = HydraHead(12, 70, 3, hidden_features=hidden, impl="torch")
     x = torch.randn(11, 12, requires_grad=True)

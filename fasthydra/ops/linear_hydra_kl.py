@@ -263,8 +263,11 @@ def linear_hydra_kl_forward_torch(inp, weight, bias, teacher, temperature: float
     grad_t = torch.empty_like(teacher) if need_t else None
     topk = None if teacher_indices is None else teacher_indices.long()
     step = rows_per_chunk(b, m * c, TORCH_CHUNK_ELEMENTS)
+    per_group = m  # heads per chunk: all of them, or one at a time where all would make thin row blocks
     tiled = step < min(b, MIN_CHUNK_ROWS)
-    if tiled:
+    if tiled and _head_chunk_rows(b, c):
+        step, per_group, tiled = _head_chunk_rows(b, c), 1, False
+    elif tiled:
         step = min(b, TILED_BLOCK_ROWS)
     if need_w and b == 0:
         grad_w32.zero_()
@@ -283,39 +286,52 @@ def linear_hydra_kl_forward_torch(inp, weight, bias, teacher, temperature: float
                 rows[r0:r0 + step] = _class_tiled_block(xc, w, bias_c, teacher[r0:r0 + step], temperature,
                                                         want_grad, shared, beta, scale, block_grads, t_block)
             continue
-        if shared:  # all heads in one GEMM over the stacked (M*C, K) weight; s = z / T
-            s = torch.addmm(bias_c.reshape(1, m * c), xc, wf.T, beta=inv_t, alpha=inv_t).view(bc, m, c)
-        else:  # grouped GEMM: head m multiplies its own input u[:, m]
-            s = torch.baddbmm(bias_c.unsqueeze(1), xc.transpose(0, 1), w.transpose(1, 2),
-                              beta=inv_t, alpha=inv_t).transpose(0, 1)
-        if topk is not None:
-            loss, g, tg = kl_chunk_topk_torch(s, teacher[r0:r0 + step], topk[r0:r0 + step], temperature,
-                                              want_grad, need_t)
-        else:
-            loss, g, tg = kl_chunk_torch(s, teacher[r0:r0 + step], temperature, want_grad, need_t)
-        del s
-        rows[r0:r0 + step] = loss
-        if need_t:
-            torch.mul(tg, scale, out=grad_t[r0:r0 + step])
-        if not want_grad:
-            continue
-        if shared:
-            g2 = g.view(bc, m * c)
-            if need_in:
-                torch.mm(g2, wf, out=grad_in[r0:r0 + step])
-            if need_w:
-                grad_w32.view(m * c, k).addmm_(g2.T, xc, beta=beta, alpha=scale)
-        else:
-            gm = g.transpose(0, 1)  # (M, bc, C)
-            if need_in:  # written in place through the (M, rows, K) view: no (rows, M, K) temporary and copy
-                grad_in[r0:r0 + step].transpose(0, 1).baddbmm_(gm, w, beta=0.0)
-            if need_w:
-                grad_w32.baddbmm_(gm.transpose(1, 2), xc.transpose(0, 1), beta=beta, alpha=scale)
-        if need_b:
-            grad_b32.add_(g.sum(0), alpha=scale)
+        for h0 in range(0, m, per_group):
+            h1 = min(m, h0 + per_group)
+            hs, rs = slice(h0, h1), slice(r0, r0 + step)
+            if shared:  # the group's heads in one GEMM over their stacked (g*C, K) weight; s = z / T
+                wg = wf[h0 * c:h1 * c]
+                s = torch.addmm(bias_c[hs].reshape(1, -1), xc, wg.T, beta=inv_t, alpha=inv_t).view(bc, h1 - h0, c)
+            else:  # grouped GEMM: head m multiplies its own input u[:, m]
+                s = torch.baddbmm(bias_c[hs].unsqueeze(1), xc[:, hs].transpose(0, 1), w[hs].transpose(1, 2),
+                                  beta=inv_t, alpha=inv_t).transpose(0, 1)
+            if topk is not None:
+                loss, g, tg = kl_chunk_topk_torch(s, teacher[rs, hs], topk[rs, hs], temperature, want_grad, need_t)
+            else:
+                loss, g, tg = kl_chunk_torch(s, teacher[rs, hs], temperature, want_grad, need_t)
+            del s
+            rows[rs, hs] = loss
+            if need_t:
+                torch.mul(tg, scale, out=grad_t[rs, hs])
+            if not want_grad:
+                continue
+            if shared:
+                g2 = g.view(bc, (h1 - h0) * c)
+                if need_in:  # the head groups' products summed (unscaled: one multiply at the end)
+                    grad_in[rs].addmm_(g2, wg, beta=0.0 if h0 == 0 else 1.0)
+                if need_w:
+                    grad_w32.view(m * c, k)[h0 * c:h1 * c].addmm_(g2.T, xc, beta=beta, alpha=scale)
+            else:
+                gm = g.transpose(0, 1)  # (g, bc, C)
+                if need_in:  # written in place through the (g, rows, K) view: no (rows, g, K) temporary and copy
+                    grad_in[rs, hs].transpose(0, 1).baddbmm_(gm, w[hs], beta=0.0)
+                if need_w:
+                    grad_w32[hs].baddbmm_(gm.transpose(1, 2), xc[:, hs].transpose(0, 1), beta=beta, alpha=scale)
+            if need_b:
+                grad_b32[hs].add_(g.sum(0), alpha=scale)
     if grad_in is not None:
         grad_in = grad_in.mul_(scale).to(inp.dtype)
     return _results(rows, inp, weight, bias, grad_in, grad_w32, grad_b32, reduction, grad_t)
+
+
+def _head_chunk_rows(b: int, c: int) -> int:
+    """Rows of a one-head chunk on the torch path where a chunk of all heads would be a thin row block
+    (large C): about half the chunk budget, at least MIN_CHUNK_ROWS rows (thinner blocks re-read the
+    head's weight too often), at most the whole budget; 0 where even that does not fit (then the
+    classes are tiled). Three GEMMs per chunk, as in the row mode, where the class-tiled mode needs four:
+    at (256, 256, 4, 32000) on this project's CPU about 400 ms against 530 (bench/RESULTS.md)."""
+    rows = max(rows_per_chunk(b, c, TORCH_CHUNK_ELEMENTS // 2), min(b, MIN_CHUNK_ROWS))
+    return rows if rows * c <= TORCH_CHUNK_ELEMENTS else 0
 
 
 def _head_groups(b: int, m: int, c: int) -> tuple[int, int]:
