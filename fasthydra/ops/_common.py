@@ -25,7 +25,8 @@ MAX_BLOCK_C = 2048
 ROW_TILE_MAX = 8192
 # Elements of one row chunk's (rows, M, C) logits on the torch path (32 MiB in fp32; the chunk holds
 # the logits and the gradient). Bigger chunks keep the three GEMMs near full-size efficiency; a batch
-# whose rows would not fit 128 to a chunk switches to class tiles (linear_hydra_kl.py).
+# whose rows would not fit 128 to a chunk takes one head at a time, and past that class tiles
+# (linear_hydra_kl.py).
 TORCH_CHUNK_ELEMENTS = 1 << 23
 
 

@@ -51,7 +51,8 @@ def _results(rows, inp, weight, bias, grad_in, grad_w32, grad_b32, reduction, gr
 
 
 # Row blocks thinner than this make every GEMM re-read the whole weight for a handful of rows (large
-# C): the torch path then keeps up to TILED_BLOCK_ROWS rows and walks the classes in tiles instead.
+# C): the torch path then takes one head at a time (_head_chunk_rows), or where even that is too big,
+# keeps up to TILED_BLOCK_ROWS rows and walks the classes in tiles instead.
 MIN_CHUNK_ROWS = 128
 TILED_BLOCK_ROWS = 1024
 # Elements of one (M, rows, tile) logits tile in that mode: a few MiB, so the tile and its softmax
@@ -240,8 +241,9 @@ def linear_hydra_kl_forward_torch(inp, weight, bias, teacher, temperature: float
     Wide row blocks (small and mid C): one addmm (shared input) or baddbmm (per head) per block,
     then the loss and q - p from two softmaxes, contracted at once into the gradients. 1/T rides on
     the logits GEMM's alpha/beta and T * coefficient on the gradient GEMMs' alpha, so neither costs a
-    pass over the block. Large C (a row block would be thin): the classes are tiled inside each
-    block with online softmax statistics (see ``_class_tiled_block``). With need_t the teacher's
+    pass over the block. Large C (a row block of all heads would be thin): one head at a time in row
+    chunks (``_head_chunk_rows``); past that, the classes are tiled inside each block with online
+    softmax statistics (see ``_class_tiled_block``). With need_t the teacher's
     gradient comes out of the same pass. A top-k teacher (teacher = its values, teacher_indices its
     class ids) is read as it is, never made dense. Returns (loss, grad_in, grad_weight, grad_bias,
     grad_teacher), the gradients None where not asked for.
