@@ -233,6 +233,7 @@ def test_head_chunk_mode_matches_reference(monkeypatch, hidden, dtype):
     import fasthydra.ops.linear_hydra_kl as lk
 
     monkeypatch.setattr(lk, "TORCH_CHUNK_ELEMENTS", 3000)
+    real_tiled = lk._class_tiled_block
     monkeypatch.setattr(lk, "_class_tiled_block", lambda *a: pytest.fail("the class-tiled mode ran"))
     chunks = []
     real = hk.kl_chunk_torch
@@ -252,6 +253,11 @@ def test_head_chunk_mode_matches_reference(monkeypatch, hidden, dtype):
     assert_close_to(loss, loss_ref, rtol=1e-12 if exact else 2e-6, what="loss")
     for name, g, g_ref in zip(["x"] + [n for n, _ in head.named_parameters()], grads, grads_ref):
         assert_close_to(g, g_ref, rtol=1e-11 if exact else 2e-5, atol=1e-15 if exact else 1e-7, what=name)
+    tiled = []
+    monkeypatch.setattr(lk, "_class_tiled_block", lambda *a: tiled.append(1) or real_tiled(*a))
+    with torch.no_grad():  # the loss alone keeps the class tiles (one GEMM per logit either way, one sweep there)
+        assert_close_to(head.distill_loss(x, t, temperature=1.7), loss_ref, rtol=1e-12 if exact else 2e-6)
+    assert tiled
 
 
 @pytest.mark.parametrize("hidden", [None, 5])

@@ -267,7 +267,7 @@ def linear_hydra_kl_forward_torch(inp, weight, bias, teacher, temperature: float
     step = rows_per_chunk(b, m * c, TORCH_CHUNK_ELEMENTS)
     per_group = m  # heads per chunk: all of them, or one at a time where all would make thin row blocks
     tiled = step < min(b, MIN_CHUNK_ROWS)
-    if tiled and _head_chunk_rows(b, c):
+    if tiled and (want_grad or need_t) and _head_chunk_rows(b, c):
         step, per_group, tiled = _head_chunk_rows(b, c), 1, False
     elif tiled:
         step = min(b, TILED_BLOCK_ROWS)
@@ -331,7 +331,9 @@ def _head_chunk_rows(b: int, c: int) -> int:
     (large C): about half the chunk budget, at least MIN_CHUNK_ROWS rows (thinner blocks re-read the
     head's weight too often), at most the whole budget; 0 where even that does not fit (then the
     classes are tiled). Three GEMMs per chunk, as in the row mode, where the class-tiled mode needs four:
-    at (256, 256, 4, 32000) on this project's CPU about 400 ms against 530 (bench/RESULTS.md)."""
+    at (256, 256, 4, 32000) on this project's CPU about 466 ms against 570 (bench/RESULTS.md). For the
+    loss alone (no gradient) both modes make one GEMM per logit, and the class tiles' one-sweep
+    statistics win (about 192 against 230 ms there): the caller keeps class tiles then."""
     rows = max(rows_per_chunk(b, c, TORCH_CHUNK_ELEMENTS // 2), min(b, MIN_CHUNK_ROWS))
     return rows if rows * c <= TORCH_CHUNK_ELEMENTS else 0
 
