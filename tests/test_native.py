@@ -72,6 +72,31 @@ def test_kernel_extreme_logits_and_strided_rows_written_in_place(c):
 
 
 @needs_native
+@pytest.mark.parametrize("c", [33, 9], ids=["long-rows", "short-rows"])
+@pytest.mark.parametrize("want_tgrad", [False, True])
+def test_kernel_reads_a_head_major_chunk_as_it_lies(c, want_tgrad):
+    """A (rows, heads, C) chunk laid out head-major (what a batched GEMM over heads gives, seen through a
+    transpose) and a row-major teacher: no copy of either, q - p written in place, every (row, head)
+    against float64."""
+    o, i = 11, 3
+    s = (torch.randn(i, o, c) * 3).transpose(0, 1)  # (O, I, C) with strides (C, O*C, 1)
+    t = torch.randn(o, i, c) * 3
+    t[4, 2, : c // 2] = float("-inf")
+    s64, t64 = s.double().requires_grad_(), t.double().requires_grad_()
+    ref = R.kl_rows_ref(s64.reshape(-1, c), t64.reshape(-1, c), 1.0).view(o, i)
+    (expected_tgrad,) = torch.autograd.grad(ref.sum(), t64)
+    expected_grad = (torch.softmax(s64, -1) - torch.softmax(t64, -1)).detach()
+    loss, grad, tgrad = native.kl_rows(s, t, 1.0, True, want_tgrad)
+    assert loss.shape == (o, i) and grad.data_ptr() == s.data_ptr() and grad.stride() == s.stride()
+    assert_close_to(loss, ref, rtol=2e-6, atol=1e-6, what="loss")
+    assert_close_to(grad, expected_grad, rtol=2e-6, atol=1e-7, what="q - p")
+    if want_tgrad:
+        assert_close_to(tgrad, expected_tgrad, rtol=2e-5, atol=1e-7, what="teacher grad")
+    else:
+        assert tgrad is None
+
+
+@needs_native
 def test_module_fp32_native_and_fallback_agree_with_reference(monkeypatch):
     head = HydraHead(45, 13, 5, impl="torch")
     x = torch.randn(37, 45, requires_grad=True)

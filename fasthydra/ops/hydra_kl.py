@@ -136,10 +136,7 @@ def kl_chunk_torch(s: torch.Tensor, t: torch.Tensor, temperature: float, want_gr
     log p - log q = (u - s) + lse(s) - lse(u), the teacher's term is p * ((u - s) - sum_c p_c (u_c - s_c)).
     """
     if native.usable(s):  # fp32 on CPU: the three-sweep C row kernel (a fourth for the teacher's gradient)
-        loss, grad, tgrad = native.kl_rows(s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1]), temperature,
-                                           want_grad, want_tgrad)
-        return (loss.view(s.shape[:-1]), None if grad is None else grad.view(s.shape),
-                None if tgrad is None else tgrad.view(s.shape))
+        return native.kl_rows(s, t, temperature, want_grad, want_tgrad)  # (rows, heads, C) views as they lie
     # Three (..., C) buffers at the peak (s, u, p): the difference u - s takes u's, the student's
     # softmax then takes s's own (s is the caller's to consume).
     u = t.to(s.dtype) * (1.0 / temperature)

@@ -88,7 +88,7 @@ def _build() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     fn = lib.hydra_kl_rows
     i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
-    fn.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, i64, ptr, i64, i64, i64, f32, f32, ctypes.c_int]
+    fn.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, ptr, ptr, i64, ptr, i64, i64, i64, f32, f32, ctypes.c_int]
     fn.restype = ctypes.c_int
     tile = [ptr, i64, i64, ptr, i64, i64, i64, i64, i64, i64, f32, ptr, ptr, ptr, ptr]  # + a for the stats
     lib.hydra_kl_tile_stats.argtypes = tile + [ptr]
@@ -129,31 +129,44 @@ def usable(s: torch.Tensor) -> bool:
     return s.dtype == torch.float32 and s.device.type == "cpu" and _library() is not None
 
 
-def kl_rows(s2: torch.Tensor, t2: torch.Tensor, temperature: float, want_grad: bool, want_tgrad: bool = False):
-    """Loss rows T^2 * KL, q - p and (want_tgrad) the teacher's p * ((log p - log q) - KL) for (R, C)
-    fp32 rows: s2 tempered student logits, t2 raw teacher. Returns (loss, grad or None, tgrad or None).
-    s2 is consumed: q - p is written over it (no second chunk-sized buffer), the returned grad a view.
+def _rows_view(x: torch.Tensor) -> tuple:
+    """(O, inner) and strides (outer, inner) of a 2-D (R, C) or 3-D (O, I, C) view with unit stride along C,
+    its rows walked in row-major order (the kernel's ROW)."""
+    if x.dim() == 2:
+        return x.shape[0], 1, x.stride(0), 0
+    return x.shape[0], x.shape[1], x.stride(0), x.stride(1)
+
+
+def kl_rows(s: torch.Tensor, t: torch.Tensor, temperature: float, want_grad: bool, want_tgrad: bool = False):
+    """Loss rows T^2 * KL, q - p and (want_tgrad) the teacher's p * ((log p - log q) - KL) for fp32 rows of
+    C classes: s tempered student logits, t the raw teacher, both (R, C) or (O, I, C) of one shape, in any
+    memory order with unit stride along C (no copy: a (rows, heads, C) chunk made head-major by a batched
+    GEMM is read as it lies). s is consumed: q - p is written over it (no second chunk-sized buffer), the
+    returned grad is s itself. Returns (loss s.shape[:-1], grad or None, tgrad (s.shape, contiguous) or
+    None).
 
     Rows are split across torch.get_num_threads() threads (ctypes releases the GIL during the call).
     """
     lib = _library()
-    r, c = s2.shape
-    s2 = s2 if s2.stride(1) == 1 else s2.contiguous()
-    t2 = t2.to(torch.float32)
-    t2 = t2 if t2.stride(1) == 1 else t2.contiguous()
-    loss = torch.empty(r, dtype=torch.float32)
-    grad = s2 if want_grad else None  # the kernel reads each row before it writes its q - p there
-    tgrad = torch.empty(r, c, dtype=torch.float32) if want_tgrad else None
-    if r == 0:
-        return loss, grad, tgrad
-    args = (s2.data_ptr(), s2.stride(0), t2.data_ptr(), t2.stride(0),
-            grad.data_ptr() if want_grad else None, grad.stride(0) if want_grad else 0,
-            tgrad.data_ptr() if want_tgrad else None, c if want_tgrad else 0, loss.data_ptr())
-    tail = (c, 1.0 / temperature, temperature * temperature, int(want_grad))
-    codes = _over_rows(lambda r0, r1: lib.hydra_kl_rows(*args, r0, r1, *tail), r)
-    if any(codes):
-        raise MemoryError("fasthydra native KL kernel could not allocate its row scratch")
-    return loss, grad, tgrad
+    shape = s.shape
+    if s.dim() not in (2, 3) or s.stride(-1) != 1:  # other layouts: as one contiguous (R, C) block
+        s = s.reshape(-1, shape[-1]).contiguous()
+    t = t.to(torch.float32)
+    if t.shape != s.shape or t.stride(-1) != 1:
+        t = t.reshape(s.shape).contiguous()
+    (outer, inner, so, si), (_, _, to, ti) = _rows_view(s), _rows_view(t)
+    r, c = outer * inner, s.shape[-1]
+    loss = torch.empty(s.shape[:-1], dtype=torch.float32)
+    grad = s if want_grad else None  # the kernel reads each row before it writes its q - p there
+    tgrad = torch.empty(s.shape, dtype=torch.float32) if want_tgrad else None
+    if r > 0:
+        args = (s.data_ptr(), so, si, t.data_ptr(), to, ti, inner, grad.data_ptr() if want_grad else None,
+                tgrad.data_ptr() if want_tgrad else None, c if want_tgrad else 0, loss.data_ptr())
+        tail = (c, 1.0 / temperature, temperature * temperature, int(want_grad))
+        if any(_over_rows(lambda r0, r1: lib.hydra_kl_rows(*args, r0, r1, *tail), r)):
+            raise MemoryError("fasthydra native KL kernel could not allocate its row scratch")
+    return (loss.view(shape[:-1]), None if grad is None else grad.view(shape),
+            None if tgrad is None else tgrad.view(shape))
 
 
 def _over_rows(call, r: int) -> list:

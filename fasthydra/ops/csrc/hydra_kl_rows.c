@@ -2,8 +2,8 @@
  *
  * For row r, with s = student logits already divided by T and u = t / T:
  *   p = softmax(u), q = softmax(s), loss[r] = T^2 * sum_c p_c (log p_c - log q_c), grad[r] = q - p.
- * Sweep 1 finds both row maxima; sweep 2 stores exp(s - max_s) into grad and exp(u - max_u) into a
- * row scratch, then sums them and a = sum exp(u - m_u) * ((u - m_u) - (s - m_s)); sweep 3
+ * Sweep 1 finds both row maxima; sweep 2 stores exp(s - max_s) and exp(u - max_u) into two row
+ * scratches, then sums them and a = sum exp(u - m_u) * ((u - m_u) - (s - m_s)); sweep 3
  * normalises: grad = e_s / d_s - e_u / d_u. KL = a / d_u + log(d_s / d_u). Two exponentials per
  * element, each row hot in L1/L2 for all three sweeps (torch ops need ~16 sweeps over the chunk).
  * With a teacher gradient wanted, h = p * ((log p - log q) - KL) per row, formed around the teacher's
@@ -19,6 +19,11 @@
 #include <string.h>
 
 #define LANES 16
+
+/* Offset of row r of an (O, inner, C) view with strides (outer_stride, inner_stride, 1), rows walked in
+ * row-major order: a (rows, heads, C) chunk in either memory order, with no copy. */
+#define ROW(r, outer_stride, inner_stride, inner) \
+    (((r) / (inner)) * (outer_stride) + ((r) % (inner)) * (inner_stride))
 
 /* exp for a vector lane: Cody-Waite range reduction + degree-6 polynomial (about 2 ulp), 0 below
  * -87.3 (so exp(-inf) = 0 exactly), branch-free so that gcc vectorises it. */
@@ -139,10 +144,10 @@ static void kl_row(const float *s, const float *t, float *g, float *e_s, float *
     for (c = 0; c < n; ++c) g[c] = e_s[c] * inv_ds - e_u[c] * inv_du;
 }
 
-/* Rows [r0, r1) of s and t (row strides ld_s, ld_t; unit stride along C) into loss (rows,),
- * with want_grad grad = q - p (row stride ld_g), and with tgrad != NULL the teacher's gradient
- * p * ((log p - log q) - KL) (row stride ld_h). grad may be s itself (ld_g = ld_s): every row's s is read
- * before its q - p is written. Returns 0, or 1 when scratch memory ran out. */
+/* Rows [r0, r1) of s and t into loss (rows,), with want_grad grad = q - p laid out as s (usually s
+ * itself: every row's s is read before its q - p is written), and with tgrad != NULL the teacher's
+ * gradient p * ((log p - log q) - KL) (row stride ld_h). Row r of s lives at s + ROW(r, so, si, inner),
+ * of t at t + ROW(r, to, ti, inner). Returns 0, or 1 when scratch memory ran out. */
 /* Rows shorter than a vector (C < SHORT_ROW, e.g. 10 classes): a row's own loops never fill a vector, so
  * the exponentials, most of the work, would run one lane at a time. Here SHORT_BLOCK rows at a time: their
  * shifted arguments packed, the exponentials as one flat (vectorised) map over the block, then the
@@ -150,13 +155,14 @@ static void kl_row(const float *s, const float *t, float *g, float *e_s, float *
 #define SHORT_ROW 16
 #define SHORT_BLOCK 64
 
-static void kl_short_rows(const float *s, int64_t ld_s, const float *t, int64_t ld_t, float *grad, int64_t ld_g,
-                          float *loss, int64_t r0, int64_t r1, int64_t n, float inv_t, float t2, int want_grad) {
+static void kl_short_rows(const float *s, int64_t so, int64_t si, const float *t, int64_t to, int64_t ti,
+                          int64_t inner, float *grad, float *loss, int64_t r0, int64_t r1, int64_t n, float inv_t,
+                          float t2, int want_grad) {
     float es[SHORT_BLOCK * SHORT_ROW], eu[SHORT_BLOCK * SHORT_ROW], m_s[SHORT_BLOCK], ref_t[SHORT_BLOCK];
     for (int64_t b0 = r0; b0 < r1; b0 += SHORT_BLOCK) {
         int64_t rows = r1 - b0 < SHORT_BLOCK ? r1 - b0 : SHORT_BLOCK;
         for (int64_t i = 0; i < rows; ++i) {
-            const float *sr = s + (b0 + i) * ld_s, *tr = t + (b0 + i) * ld_t;
+            const float *sr = s + ROW(b0 + i, so, si, inner), *tr = t + ROW(b0 + i, to, ti, inner);
             float ms = -INFINITY, mt = -INFINITY;
             for (int64_t c = 0; c < n; ++c) {
                 ms = sr[c] > ms ? sr[c] : ms;
@@ -174,7 +180,7 @@ static void kl_short_rows(const float *s, int64_t ld_s, const float *t, int64_t 
             eu[k] = vexp(eu[k]);
         }
         for (int64_t i = 0; i < rows; ++i) {
-            const float *sr = s + (b0 + i) * ld_s, *tr = t + (b0 + i) * ld_t;
+            const float *sr = s + ROW(b0 + i, so, si, inner), *tr = t + ROW(b0 + i, to, ti, inner);
             const float *ei = es + i * n, *ui = eu + i * n;
             float d_s = 0.0f, d_u = 0.0f, acc = 0.0f;
             for (int64_t c = 0; c < n; ++c) {
@@ -185,18 +191,18 @@ static void kl_short_rows(const float *s, int64_t ld_s, const float *t, int64_t 
             }
             loss[b0 + i] = t2 * (acc / d_u + logf(d_s / d_u));
             if (want_grad) {
-                float *g = grad + (b0 + i) * ld_g, inv_ds = 1.0f / d_s, inv_du = 1.0f / d_u;
+                float *g = grad + ROW(b0 + i, so, si, inner), inv_ds = 1.0f / d_s, inv_du = 1.0f / d_u;
                 for (int64_t c = 0; c < n; ++c) g[c] = ei[c] * inv_ds - ui[c] * inv_du;
             }
         }
     }
 }
 
-int hydra_kl_rows(const float *s, int64_t ld_s, const float *t, int64_t ld_t, float *grad, int64_t ld_g,
-                  float *tgrad, int64_t ld_h, float *loss, int64_t r0, int64_t r1, int64_t n, float inv_t,
-                  float t2, int want_grad) {
+int hydra_kl_rows(const float *s, int64_t so, int64_t si, const float *t, int64_t to, int64_t ti, int64_t inner,
+                  float *grad, float *tgrad, int64_t ld_h, float *loss, int64_t r0, int64_t r1, int64_t n,
+                  float inv_t, float t2, int want_grad) {
     if (n < SHORT_ROW && tgrad == NULL) {
-        kl_short_rows(s, ld_s, t, ld_t, grad, ld_g, loss, r0, r1, n, inv_t, t2, want_grad);
+        kl_short_rows(s, so, si, t, to, ti, inner, grad, loss, r0, r1, n, inv_t, t2, want_grad);
         return 0;
     }
     size_t row_bytes = (size_t)(n > 0 ? n : 1) * sizeof(float);
@@ -206,9 +212,11 @@ int hydra_kl_rows(const float *s, int64_t ld_s, const float *t, int64_t ld_t, fl
         free(e_u);
         return 1;
     }
-    for (int64_t r = r0; r < r1; ++r)
-        kl_row(s + r * ld_s, t + r * ld_t, want_grad ? grad + r * ld_g : NULL, e_s, e_u,
+    for (int64_t r = r0; r < r1; ++r) {
+        int64_t at = ROW(r, so, si, inner);
+        kl_row(s + at, t + ROW(r, to, ti, inner), want_grad ? grad + at : NULL, e_s, e_u,
                tgrad != NULL ? tgrad + r * ld_h : NULL, n, inv_t, t2, loss + r, want_grad);
+    }
     free(e_s);
     free(e_u);
     return 0;
@@ -216,8 +224,8 @@ int hydra_kl_rows(const float *s, int64_t ld_s, const float *t, int64_t ld_t, fl
 
 /* Class-tiled mode (large C on the torch path): a row's classes arrive in tiles of w, the logits of a
  * tile made by a GEMM just before. Pass 1 folds each tile into per-row online statistics, pass 2 turns
- * a recomputed tile into q - p in place. Row r of a tile lives at s + (r / inner) * so + (r % inner) * si
- * (likewise t with to, ti): the (M, rows, w) logits tile and a (rows, M, C) teacher seen as (M, rows, w).
+ * a recomputed tile into q - p in place. Row r of a tile lives at s + ROW(r, so, si, inner) (likewise t
+ * with to, ti): the (M, rows, w) logits tile and a (rows, M, C) teacher seen as (M, rows, w).
  *
  * Statistics per row: m_s = max s (s tempered), d_s = sum exp(s - m_s); m_t = max t (the raw teacher:
  * u - max u is formed as (t - m_t) / T, exactly 0 at the maximum), d_u = sum exp((t - m_t) / T),
@@ -285,11 +293,9 @@ static void tile_row_stats(const float *s, const float *t, int64_t w, float inv_
 void hydra_kl_tile_stats(const float *s, int64_t so, int64_t si, const float *t, int64_t to, int64_t ti,
                          int64_t inner, int64_t r0, int64_t r1, int64_t w, float inv_t, float *m_s, float *d_s,
                          float *m_t, float *d_u, float *a) {
-    for (int64_t r = r0; r < r1; ++r) {
-        int64_t o = r / inner, i = r % inner;
-        tile_row_stats(s + o * so + i * si, t + o * to + i * ti, w, inv_t, m_s + r, d_s + r, m_t + r, d_u + r,
-                       a + r);
-    }
+    for (int64_t r = r0; r < r1; ++r)
+        tile_row_stats(s + ROW(r, so, si, inner), t + ROW(r, to, ti, inner), w, inv_t, m_s + r, d_s + r, m_t + r,
+                       d_u + r, a + r);
 }
 
 /* Pass 2 over rows [r0, r1) of one tile: s (tempered, overwritten) = q - p = exp(s - m_s - log d_s) -
@@ -298,9 +304,8 @@ void hydra_kl_tile_grad(float *s, int64_t so, int64_t si, const float *t, int64_
                         int64_t r0, int64_t r1, int64_t w, float inv_t, const float *m_s, const float *log_d_s,
                         const float *m_t, const float *log_d_u) {
     for (int64_t r = r0; r < r1; ++r) {
-        int64_t o = r / inner, i = r % inner;
-        float *g = s + o * so + i * si;
-        const float *tr = t + o * to + i * ti;
+        float *g = s + ROW(r, so, si, inner);
+        const float *tr = t + ROW(r, to, ti, inner);
         float ref_s = (isinf(m_s[r]) && m_s[r] < 0 ? 0.0f : m_s[r]) + log_d_s[r];
         float ref_t = isinf(m_t[r]) && m_t[r] < 0 ? 0.0f : m_t[r], lu = log_d_u[r];
         for (int64_t c = 0; c < w; ++c) g[c] = vexp(g[c] - ref_s) - vexp((tr[c] - ref_t) * inv_t - lu);
