@@ -198,11 +198,24 @@ static void kl_short_rows(const float *s, int64_t so, int64_t si, const float *t
     }
 }
 
+static void tile_row_stats(const float *s, const float *t, int64_t w, float inv_t, float *m_s, float *d_s,
+                           float *m_t, float *d_u, float *a);
+
 int hydra_kl_rows(const float *s, int64_t so, int64_t si, const float *t, int64_t to, int64_t ti, int64_t inner,
                   float *grad, float *tgrad, int64_t ld_h, float *loss, int64_t r0, int64_t r1, int64_t n,
                   float inv_t, float t2, int want_grad) {
     if (n < SHORT_ROW && tgrad == NULL) {
         kl_short_rows(s, so, si, t, to, ti, inner, grad, loss, r0, r1, n, inv_t, t2, want_grad);
+        return 0;
+    }
+    if (!want_grad && tgrad == NULL) { /* the loss alone: the class-tiled mode's statistics over the whole row
+                                        * as one tile (the maxima, then one sweep of sums; nothing stored) */
+        for (int64_t r = r0; r < r1; ++r) {
+            float m_s = -INFINITY, d_s = 0.0f, m_t = -INFINITY, d_u = 0.0f, a = 0.0f;
+            tile_row_stats(s + ROW(r, so, si, inner), t + ROW(r, to, ti, inner), n, inv_t, &m_s, &d_s, &m_t, &d_u,
+                           &a);
+            loss[r] = t2 * (a / d_u + logf(d_s / d_u));
+        }
         return 0;
     }
     size_t row_bytes = (size_t)(n > 0 ? n : 1) * sizeof(float);
