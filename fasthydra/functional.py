@@ -364,9 +364,18 @@ def _check_mlp_params(x, hidden_weight, hidden_bias, weight, bias) -> None:
 
 
 def linear_heads(x, weight, bias=None, impl: str = "auto"):
-    """Logits of M linear heads over a shared input: ``z[:, m] = x @ W[m].T + bias[m]`` -> (B, M, C).
+    """Logits of M linear heads over a shared input, one GEMM over the stacked (M*C, D) weight:
+    ``z[:, m] = x @ W[m].T + bias[m]``.
 
-    Shapes: x (B, D), weight (M, C, D), bias (M, C) or None.
+    Args:
+        x: (B, D) shared features.
+        weight: (M, C, D) the heads' weights; bias: (M, C) or None, in the weight's dtype.
+        impl: "auto" | "triton" | "torch" (see ``resolve_impl``).
+    Returns: (B, M, C) logits in x's dtype.
+
+    Example:
+        >>> linear_heads(torch.randn(4, 16), torch.randn(3, 10, 16), torch.zeros(3, 10)).shape
+        torch.Size([4, 3, 10])
     """
     x, weight, bias = _autocast_gemm_inputs(x, weight, bias)
     _check_heads_input(x, weight, bias)
@@ -379,7 +388,19 @@ def linear_heads(x, weight, bias=None, impl: str = "auto"):
 
 
 def mlp_hidden(x, hidden_weight, hidden_bias=None, impl: str = "auto"):
-    """First layer of M MLP heads, one GEMM: ``u[:, m] = relu(x @ W1[m].T + b1[m])`` -> (B, M, H)."""
+    """First layer of M MLP heads, one GEMM over the stacked (M*H, D) weight:
+    ``u[:, m] = relu(x @ W1[m].T + b1[m])``.
+
+    Args:
+        x: (B, D) shared features.
+        hidden_weight: (M, H, D); hidden_bias: (M, H) or None, in the weight's dtype.
+        impl: "auto" | "triton" | "torch" (see ``resolve_impl``).
+    Returns: (B, M, H) hidden activations in x's dtype.
+
+    Example:
+        >>> mlp_hidden(torch.randn(4, 16), torch.randn(3, 8, 16)).shape
+        torch.Size([4, 3, 8])
+    """
     x, hidden_weight, hidden_bias = _autocast_gemm_inputs(x, hidden_weight, hidden_bias)
     _check_heads_input(x, hidden_weight, hidden_bias, weight_name="hidden_weight", bias_name="hidden_bias")
     impl = resolve_impl(impl, x, hidden_weight, hidden_bias)
@@ -389,9 +410,17 @@ def mlp_hidden(x, hidden_weight, hidden_bias=None, impl: str = "auto"):
 
 
 def grouped_heads(u, weight, bias=None, impl: str = "auto"):
-    """Per-head GEMM (the grouped GEMM): ``z[:, m] = u[:, m] @ W[m].T + bias[m]`` -> (B, M, C).
+    """Per-head GEMM (the grouped GEMM): ``z[:, m] = u[:, m] @ W[m].T + bias[m]``.
 
-    Shapes: u (B, M, H), weight (M, C, H), bias (M, C) or None.
+    Args:
+        u: (B, M, H) per-head inputs (MLP heads' hidden activations).
+        weight: (M, C, H); bias: (M, C) or None, in the weight's dtype.
+        impl: "auto" | "triton" | "torch" (see ``resolve_impl``).
+    Returns: (B, M, C) logits in u's dtype.
+
+    Example:
+        >>> grouped_heads(torch.randn(4, 3, 8), torch.randn(3, 10, 8)).shape
+        torch.Size([4, 3, 10])
     """
     u, weight, bias = _autocast_gemm_inputs(u, weight, bias)
     _check_heads_input(u, weight, bias, name="u", per_head=True)
@@ -424,11 +453,24 @@ def _check_fused_loss_args(inp, teacher, weight, temperature, reduction, name):
 
 def linear_hydra_kl_loss(x, weight, bias, teacher_logits, temperature: float = 1.0, reduction: str = "mean",
                          impl: str = "auto"):
-    """Linear heads fused with the Hydra loss; equals ``hydra_kl_loss(linear_heads(x, W, b), t, T)``.
+    """Linear heads fused with the Hydra loss; equals ``hydra_kl_loss(linear_heads(x, W, b), t, T)``
+    in value and gradients (what ``HydraHead.distill_loss`` calls).
 
-    The (B, M, C) logits are never materialised whole; gradients for x, weight and bias are formed in
-    the forward pass chunk by chunk. reduction: "mean" or "sum".
-    Shapes: x (B, D), weight (M, C, D), bias (M, C) or None, teacher_logits (B, M, C).
+    The (B, M, C) logits are never materialised whole; gradients for x, weight, bias (and a teacher
+    that requires grad) are formed in the forward pass chunk by chunk, and the backward only scales them.
+
+    Args:
+        x: (B, D) shared features.
+        weight: (M, C, D); bias: (M, C) or None, in the weight's dtype.
+        teacher_logits: (B, M, C) the members' logits (any float dtype), or a ``TopKTeacher``.
+        temperature: T > 0. reduction: "mean" or "sum" ("none" is not fused: use ``hydra_kl_loss``).
+        impl: "auto" | "triton" | "torch" (see ``resolve_impl``).
+    Returns: the scalar loss, in x's dtype (fp32 under autocast).
+
+    Example:
+        >>> x, w, t = torch.randn(4, 16), torch.randn(3, 10, 16), torch.randn(4, 3, 10)
+        >>> bool(linear_hydra_kl_loss(x, w, None, t, 2.0) >= 0)
+        True
     """
     x, weight, bias = _autocast_gemm_inputs(x, weight, bias)
     _check_heads_input(x, weight, bias)
@@ -439,10 +481,25 @@ def linear_hydra_kl_loss(x, weight, bias, teacher_logits, temperature: float = 1
 
 def mlp_hydra_kl_loss(x, hidden_weight, hidden_bias, weight, bias, teacher_logits, temperature: float = 1.0,
                       reduction: str = "mean", impl: str = "auto"):
-    """MLP heads fused with the Hydra loss: first layer one GEMM, second layer the grouped GEMM
-    fused with softmax/KL. Shapes: x (B, D), hidden_weight (M, H, D), hidden_bias (M, H) or None,
-    weight (M, C, H), bias (M, C) or None. On the torch path (eager calls) both layers' gradients are
-    formed in the forward, in one autograd node, so no (B, M, H) activation is kept for the backward."""
+    """MLP heads fused with the Hydra loss: first layer one GEMM, second layer the grouped GEMM fused with
+    softmax/KL; equals ``hydra_kl_loss(grouped_heads(mlp_hidden(x, W1, b1), W, b), t, T)``. On the torch
+    path (eager calls) both layers' gradients are formed in the forward, in one autograd node, so no
+    (B, M, H) activation is kept for the backward.
+
+    Args:
+        x: (B, D) shared features.
+        hidden_weight: (M, H, D); hidden_bias: (M, H) or None.
+        weight: (M, C, H); bias: (M, C) or None (all in one dtype).
+        teacher_logits: (B, M, C) the members' logits (any float dtype), or a ``TopKTeacher``.
+        temperature: T > 0. reduction: "mean" or "sum".
+        impl: "auto" | "triton" | "torch" (see ``resolve_impl``).
+    Returns: the scalar loss, in x's dtype (fp32 under autocast).
+
+    Example:
+        >>> x, t = torch.randn(4, 16), torch.randn(4, 3, 10)
+        >>> bool(mlp_hydra_kl_loss(x, torch.randn(3, 8, 16), None, torch.randn(3, 10, 8), None, t) >= 0)
+        True
+    """
     x, hidden_weight, hidden_bias, weight, bias = _autocast_gemm_inputs(x, hidden_weight, hidden_bias, weight, bias)
     _check_mlp_params(x, hidden_weight, hidden_bias, weight, bias)
     temperature, reduction = _check_fused_loss_args(x, teacher_logits, weight, temperature, reduction, "x")
@@ -560,10 +617,21 @@ def gaussian_kl_loss(mean: torch.Tensor, var: torch.Tensor, teacher_mean: torch.
 
 def gaussian_heads_kl_loss(x, weight, bias, teacher_mean, teacher_var, min_var: float = 1e-6,
                            reduction: str = "mean", impl: str = "auto"):
-    """Gaussian heads fused with their KL: equals ``gaussian_kl_loss(*split(linear_heads(x, W, b)), t_mu, t_var)``.
+    """Gaussian heads fused with their KL: equals ``gaussian_kl_loss(*split(linear_heads(x, W, b)), t_mu, t_var)``
+    (what ``GaussianHydraHead.distill_loss`` calls).
 
-    Shapes: x (B, D), weight (M, 2K, D) (rows 0..K-1 means, K..2K-1 raw variances), bias (M, 2K),
-    teacher_mean / teacher_var (B, M, K). reduction: "mean" or "sum".
+    Args:
+        x: (B, D) shared features.
+        weight: (M, 2K, D), rows 0..K-1 the means, K..2K-1 the raw variances; bias: (M, 2K) or None.
+        teacher_mean, teacher_var: (B, M, K) the members' predictive means and variances (var > 0).
+        min_var: the variance floor of ``split_gaussian``. reduction: "mean" or "sum".
+        impl: "auto" | "triton" | "torch" (see ``resolve_impl``).
+    Returns: the scalar loss, in x's dtype (fp32 under autocast).
+
+    Example:
+        >>> x, w = torch.randn(4, 16), torch.randn(3, 2, 16)
+        >>> bool(gaussian_heads_kl_loss(x, w, None, torch.randn(4, 3, 1), torch.ones(4, 3, 1)) >= 0)
+        True
     """
     x, weight, bias = _autocast_gemm_inputs(x, weight, bias)
     _check_heads_input(x, weight, bias)

@@ -70,3 +70,15 @@ def test_an_eager_training_step_does_not_import_the_compiler():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_docstring_examples_run():
+    """The examples in the public functions' and modules' docstrings run and print what they show
+    (DESIGN section 5 asks every public function for one; a stale one would mislead)."""
+    import doctest
+    import importlib
+
+    for name in ("fasthydra.functional", "fasthydra.modules"):
+        result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+        assert result.attempted > 0, f"{name}: no docstring examples found"
+        assert result.failed == 0, f"{name}: {result.failed} docstring example(s) failed (see the output above)"
