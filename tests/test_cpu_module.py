@@ -222,9 +222,9 @@ def test_class_tiled_mode_matches_reference(monkeypatch, hidden, tile_elements, 
         assert_close_to(head.distill_loss(x, t, temperature=1.7), loss_ref, rtol=1e-12)
 
 
-@pytest.mark.parametrize("hidden", [None, 5])
+@pytest.mark.parametrize("hidden,bias", [(None, True), (5, True), (None, False), (5, False)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64-torch-ops", "fp32-native"])
-def test_head_chunk_mode_matches_reference(monkeypatch, hidden, dtype):
+def test_head_chunk_mode_matches_reference(monkeypatch, hidden, bias, dtype):
     """Large C where a row block of all heads would be thin but one head's is not: the torch path takes
     one head at a time in row chunks of at least MIN_CHUNK_ROWS (three GEMMs per chunk, no class tiles),
     forced on a small case: 300 rows, 3 heads of 13 classes, a budget that gives all heads 76-row blocks
@@ -238,14 +238,14 @@ def test_head_chunk_mode_matches_reference(monkeypatch, hidden, dtype):
     chunks = []
     real = hk.kl_chunk_torch
     monkeypatch.setattr(lk, "kl_chunk_torch", lambda s, t, *a: chunks.append(tuple(s.shape)) or real(s, t, *a))
-    head = HydraHead(9, 13, 3, hidden_features=hidden, impl="torch", dtype=dtype)
+    head = HydraHead(9, 13, 3, hidden_features=hidden, bias=bias, impl="torch", dtype=dtype)
     x = torch.randn(300, 9, dtype=dtype, requires_grad=True)
     t = teacher_logits(300, 3, 13, dtype=dtype)
     t[2, 1, :9] = float("-inf")
     loss = head.distill_loss(x, t, temperature=1.7)
     grads = torch.autograd.grad(loss * 0.6, [x, *params_of(head)])
     assert sorted(chunks) == sorted([(128, 1, 13)] * 6 + [(44, 1, 13)] * 3)
-    head64 = HydraHead(9, 13, 3, hidden_features=hidden, impl="torch", dtype=torch.float64)
+    head64 = HydraHead(9, 13, 3, hidden_features=hidden, bias=bias, impl="torch", dtype=torch.float64)
     head64.load_state_dict({k: v.double() for k, v in head.state_dict().items()})
     x64 = x.detach().double().requires_grad_()
     loss_ref, grads_ref = reference_loss_and_grads(head64, x64, t.double(), 1.7, upstream=0.6)
