@@ -8,7 +8,8 @@ On a lent H200 (its image has torch, Triton, setuptools, pytest, hypothesis, pyt
         python3 bench/gpu_check.py --out $OUT/gpu_check.json 2>&1 | tee $OUT/gpu_check.log
 
 Built to finish within 8 minutes on an H200 (run it with a 480 s timeout): the gpu tests get at
-most 200 s; then the latency checks at small shapes (host and GPU time per step: the default
+most 200 s (before them, the host's CPU and its cost per small torch call, for reading host times);
+then the latency checks at small shapes (host and GPU time per step: the default
 small-step path and the cuBLAS path), the copy floor and the loss with dense and top-k teachers,
 kernel and host profiles (about a minute); then the cases the targets name first, the variants and
 knobs, the rest; torch.compile only where a target names it; no new case starts after 360 s (the
@@ -323,6 +324,38 @@ def host_profile(case: C.Case, steps: int = 200, top: int = 15) -> list[dict]:
     return rows[:top]
 
 
+def host_facts(device: str = "cuda", calls: int = 2000) -> dict:
+    """The host that drives the device: CPU model and count, and what one small torch call costs there
+    (microseconds per call: an allocation and a 16-element add, on the CPU and, issued without waiting,
+    on the device). Host-time rows read against these: run 2's host took about 50 us per small eager op
+    where the development machine takes a few."""
+    import platform
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+
+    def per_call_us(fn) -> float:
+        for _ in range(100):
+            fn()
+        begin = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return (time.perf_counter() - begin) / calls * 1e6
+
+    facts = {"cpu": model, "cpus": os.cpu_count(), "python": platform.python_version()}
+    for dev in ("cpu", "cuda") if device == "cuda" else ("cpu",):
+        a = torch.ones(16, device=dev)
+        facts[f"{dev}_empty_us"] = per_call_us(lambda: torch.empty(16, device=dev))
+        facts[f"{dev}_add_us"] = per_call_us(lambda: a + a)
+        if dev == "cuda":
+            torch.cuda.synchronize()
+    return facts
+
+
 # ----------------------------------------------------------------------------------------------
 # What the clocks did, and hardware counters of the small and memory-bound kernels (where ncu works)
 # ----------------------------------------------------------------------------------------------
@@ -623,6 +656,9 @@ def main(argv=None) -> int:
     clocks = {}
     start = time.perf_counter()
     device = torch.cuda.get_device_name(0)
+    host_info = host_facts("cuda")
+    print("host: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in host_info.items()),
+          flush=True)
     tests = {"summary": "skipped"} if args.skip_tests else run_gpu_tests(timeout=min(200.0, args.budget_s * 0.55))
     print(f"gpu tests: {tests['summary']}", flush=True)
     for name in tests.get("failures", []):
@@ -705,7 +741,7 @@ def main(argv=None) -> int:
             print(f"  done {case.key} ({time.perf_counter() - start:.0f}s)", flush=True)
     clocks["cases"] = sampler.summary
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    record = {"device": device, "date": datetime.date.today().isoformat(), "commit": commit,
+    record = {"device": device, "host": host_info, "date": datetime.date.today().isoformat(), "commit": commit,
               "torch": torch.__version__, "triton": __import__("triton").__version__, "tests": tests,
               "rows": rows, "floors": {f"{op} {shape}": v for (op, shape), v in floors.items()}, "latency": lat_rows,
               "copy_bytes_per_s": copy_bps, "topk": topk,

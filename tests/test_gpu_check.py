@@ -188,6 +188,7 @@ def test_main_runs_end_to_end_with_the_device_parts_stubbed(tmp_path, monkeypatc
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(gpu_check, "run_gpu_tests", lambda timeout: {"returncode": 0, "summary": "1 passed"})
     monkeypatch.setattr(gpu_check, "copy_bandwidth", lambda: 4e12)
+    monkeypatch.setattr(gpu_check, "host_facts", lambda device: {"cpu": "stand-in", "cpus": 1, "cuda_empty_us": 9.5})
     monkeypatch.setattr(gpu_check, "topk_rows", lambda bps: [{"teacher": "dense", "seconds": 1e-3,
                                                               "teacher_bytes": 10, "bytes_moved": 30,
                                                               "of_copy_bandwidth": 0.5}])
@@ -249,6 +250,7 @@ def test_main_runs_end_to_end_with_the_device_parts_stubbed(tmp_path, monkeypatc
     assert {r["provider"] for r in record["latency"] if r["shape"] == "mid"} == {"fasthydra"}
     assert record["profiles"]["linear_fwdbwd gpu-small"][0]["kernel"] == "k"
     assert record["host_profiles"]["linear_fwdbwd gpu-small"][0]["function"] == "f"
+    assert record["host"] == {"cpu": "stand-in", "cpus": 1, "cuda_empty_us": 9.5}
     verdicts = {label: verdict for label, verdict, _ in record["targets"]}
     assert verdicts["linear_fwdbwd gpu-small: gpu_us <= 60.0"] == "PASS"
     assert verdicts["linear_fwdbwd gpu-small: speedup_vs_eager >= 10.0"] == "FAIL"  # 4x in the stand-in
@@ -344,3 +346,13 @@ open(args[args.index("-o") + 1] + ".ncu-rep", "w").write("report")
     failed = gpu_check.ncu_profile([("linear_fwdbwd", "FAIL")], 60, str(tmp_path))
     assert "exit 1" in failed["error"] and "Failed to initialize" in failed["error"]
     assert "no time left" in gpu_check.ncu_profile([("linear_fwdbwd", "small-C")], 5, str(tmp_path))["error"]
+
+
+def test_host_facts_on_cpu():
+    """The host record: the CPU model and count, and per-call costs of small torch calls (positive, and
+    an allocation of 16 elements far below a millisecond on any machine that runs the suite)."""
+    facts = gpu_check.host_facts("cpu", calls=200)
+    assert facts["cpus"] == os.cpu_count() and isinstance(facts["cpu"], str) and facts["cpu"]
+    for key in ("cpu_empty_us", "cpu_add_us"):
+        assert 0 < facts[key] < 1000, (key, facts[key])
+    assert "cuda_empty_us" not in facts
