@@ -718,10 +718,8 @@ def _mlp_hydra_kl_impl(x: torch.Tensor, hidden_weight: torch.Tensor, hidden_bias
 
 
 def _eager_mlp_setup(ctx, inputs, output):
-    """Both layers' weights and biases by reference, the teacher weakly (see _hand_over_setup); the
-    implementation returns placeholders for absent biases itself."""
+    """Both layers' weights and biases by reference, the teacher weakly (see _hand_over_setup)."""
     _eager_heads_setup(ctx, inputs, output, strong=5)
-    ctx.has_bias = True
 
 
 mlp_hydra_kl_eager = _eager_function("mlp_hydra_kl", _mlp_hydra_kl_impl, _eager_mlp_setup,

@@ -267,8 +267,8 @@ def linear_hydra_kl_forward_torch(inp, weight, bias, teacher, temperature: float
     step = rows_per_chunk(b, m * c, TORCH_CHUNK_ELEMENTS)
     per_group = m  # heads per chunk: all of them, or one at a time where all would make thin row blocks
     tiled = step < min(b, MIN_CHUNK_ROWS)
-    if tiled and (want_grad or need_t) and _head_chunk_rows(b, c):
-        step, per_group, tiled = _head_chunk_rows(b, c), 1, False
+    if tiled and (want_grad or need_t) and (head_rows := _head_chunk_rows(b, c)):
+        step, per_group, tiled = head_rows, 1, False
     elif tiled:
         step = min(b, TILED_BLOCK_ROWS)
     if need_w and b == 0:

@@ -129,14 +129,6 @@ def usable(s: torch.Tensor) -> bool:
     return s.dtype == torch.float32 and s.device.type == "cpu" and _library() is not None
 
 
-def _rows_view(x: torch.Tensor) -> tuple:
-    """(O, inner) and strides (outer, inner) of a 2-D (R, C) or 3-D (O, I, C) view with unit stride along C,
-    its rows walked in row-major order (the kernel's ROW)."""
-    if x.dim() == 2:
-        return x.shape[0], 1, x.stride(0), 0
-    return x.shape[0], x.shape[1], x.stride(0), x.stride(1)
-
-
 def kl_rows(s: torch.Tensor, t: torch.Tensor, temperature: float, want_grad: bool, want_tgrad: bool = False):
     """Loss rows T^2 * KL, q - p and (want_tgrad) the teacher's p * ((log p - log q) - KL) for fp32 rows of
     C classes: s tempered student logits, t the raw teacher, both (R, C) or (O, I, C) of one shape, in any
@@ -154,14 +146,15 @@ def kl_rows(s: torch.Tensor, t: torch.Tensor, temperature: float, want_grad: boo
     t = t.to(torch.float32)
     if t.shape != s.shape or t.stride(-1) != 1:
         t = t.reshape(s.shape).contiguous()
-    (outer, inner, so, si), (_, _, to, ti) = _rows_view(s), _rows_view(t)
-    r, c = outer * inner, s.shape[-1]
+    if s.dim() == 2:  # (R, C) as (R, 1, C): the same (O, inner, C) geometry as the tile kernels
+        s, t = s.unsqueeze(1), t.unsqueeze(1)
+    head, r, c = _tile_geometry(s, t)
     loss = torch.empty(s.shape[:-1], dtype=torch.float32)
     grad = s if want_grad else None  # the kernel reads each row before it writes its q - p there
     tgrad = torch.empty(s.shape, dtype=torch.float32) if want_tgrad else None
     if r > 0:
-        args = (s.data_ptr(), so, si, t.data_ptr(), to, ti, inner, grad.data_ptr() if want_grad else None,
-                tgrad.data_ptr() if want_tgrad else None, c if want_tgrad else 0, loss.data_ptr())
+        args = (*head, grad.data_ptr() if want_grad else None, tgrad.data_ptr() if want_tgrad else None,
+                c if want_tgrad else 0, loss.data_ptr())
         tail = (c, 1.0 / temperature, temperature * temperature, int(want_grad))
         if any(_over_rows(lambda r0, r1: lib.hydra_kl_rows(*args, r0, r1, *tail), r)):
             raise MemoryError("fasthydra native KL kernel could not allocate its row scratch")
@@ -196,6 +189,7 @@ def tile_stats_init(rows: int) -> tuple:
 
 
 def _tile_geometry(s: torch.Tensor, t: torch.Tensor):
+    """(pointers, strides and inner size of two (O, inner, C) views, unit stride along C), rows, C."""
     m, inner, w = s.shape
     return (s.data_ptr(), s.stride(0), s.stride(1), t.data_ptr(), t.stride(0), t.stride(1), inner), m * inner, w
 
