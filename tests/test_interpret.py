@@ -620,6 +620,42 @@ def test_cublas_path_groups_of_heads_are_what_runs(monkeypatch):
 
 
 @pytest.mark.parametrize("hidden", [None, 6], ids=["linear", "mlp"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("groups", [False, True], ids=["one-launch", "groups-of-2"])
+def test_cublas_path_loss_reduced_by_the_loss_kernel(monkeypatch, hidden, reduction, groups):
+    """cuBLAS path: where one launch of the loss kernel covers every row, its last program reduces the
+    loss ("mean" and "sum": no reduction launch after it, the finished-program count back at 0); with
+    head groups the rows are reduced once at the end. Against float64, at an upstream gradient of 0.6."""
+    import fasthydra.ops.linear_hydra_kl as lk
+
+    use_heads_path(monkeypatch, "cublas")
+    monkeypatch.setattr(_common, "REDUCE_BLOCK", 4)  # the reducing program loops over the partials
+    if groups:
+        monkeypatch.setattr(lk, "CUBLAS_GROUP_ELEMENTS", 2 * 37 * 13)
+    seen = []
+    real = lk.launch_kl_rows
+    monkeypatch.setattr(lk, "launch_kl_rows", lambda *a, **k: seen.append(k.get("reduce_to")) or real(*a, **k))
+    head = HydraHead(10, 13, 5, hidden_features=hidden, impl="triton")
+    x = torch.randn(37, 10, requires_grad=True)
+    t = teacher_logits(37, 5, 13)
+    loss = head.distill_loss(x, t, temperature=1.7, reduction=reduction)
+    grads = torch.autograd.grad(loss * 0.6, [x, *params_of(head)])
+    if groups:
+        assert len(seen) == 3 and all(r is None for r in seen)
+    else:
+        assert len(seen) == 1 and seen[0][0] is loss and seen[0][1] == (1 / 185 if reduction == "mean" else 1.0)
+    assert not _common._counts[torch.device("cpu")].any()
+    loss_ref, grads_ref = reference_loss_and_grads(head, x, t, 1.7, upstream=0.6)
+    if reduction == "sum":
+        loss_ref, grads_ref = loss_ref * 185, [g * 185 for g in grads_ref]
+    assert_close_to(loss, loss_ref, rtol=2e-6, atol=1e-7, what="loss")
+    for name, g, g_ref in zip(["x"] + [n for n, _ in head.named_parameters()], grads, grads_ref):
+        assert_close_to(g, g_ref, rtol=1e-5, atol=1e-8, what=name)
+    with torch.no_grad():  # the loss alone, the same way
+        assert_close_to(head.distill_loss(x, t, temperature=1.7, reduction=reduction), loss_ref, rtol=2e-6)
+
+
+@pytest.mark.parametrize("hidden", [None, 6], ids=["linear", "mlp"])
 @pytest.mark.parametrize("chunks", [False, True], ids=["one-group", "heads-and-rows-chunked"])
 @pytest.mark.parametrize("split", [True, False], ids=["db-in-loss-pass", "db-column-sum"])
 def test_bias_gradient_formed_by_the_loss_pass(monkeypatch, hidden, chunks, split):

@@ -384,6 +384,12 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
     grad_t = torch.empty(teacher.shape, dtype=teacher.dtype, device=dev) if need_t else None
     heads, rows = _head_groups(b, m, c)
     n_groups, n_chunks = cdiv(m, heads), max(1, cdiv(b, rows))
+    # "mean"/"sum" where one launch of the dense loss kernel covers every row: its last program sums them
+    # (no reduction launch); otherwise, and for the top-k kernel, one reduction of the loss rows at the end.
+    reduced = None
+    if reduction != "none" and b * m > 0 and n_groups * n_chunks == 1 and topk is None:
+        reduced = torch.empty((), dtype=torch.float32, device=dev)
+    reduce_to = None if reduced is None else (reduced, reduction_coefficient(reduction, b * m))
     buf = torch.empty(min(rows, b) * heads * c, dtype=dt, device=dev)
     grad_w = torch.empty_like(weight) if need_w else None
     grad_b = torch.empty(m, c, dtype=torch.float32, device=dev) if need_b else None
@@ -445,10 +451,12 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
             elif split_bias:  # head-major views: one program's rows share a head, so db sums per program
                 zh, th, lh = (z3.transpose(0, 1), t3.transpose(0, 1), l2.T) if shared else (z3, t3, l2)
                 nh = norms[:gh * br * 4].view(gh, br, 4)
-                launch_kl_rows(zh, th, lh, None, temperature, grad_scale, "distill_loss", None, b3, norms=nh)
+                launch_kl_rows(zh, th, lh, None, temperature, grad_scale, "distill_loss", None, b3, norms=nh,
+                               reduce_to=reduce_to)
                 db_parts = launch_kl_grad_cols(zh, th, nh, zh, b3, temperature, grad_scale)
             else:
-                launch_kl_rows(z3, t3, l2, z3 if want_grad else None, temperature, grad_scale, "distill_loss", h3, b3)
+                launch_kl_rows(z3, t3, l2, z3 if want_grad else None, temperature, grad_scale, "distill_loss", h3, b3,
+                               reduce_to=reduce_to)
             if not want_grad:
                 continue
             # z3 now holds dL/dz for the group's rows.
@@ -475,8 +483,8 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
                         torch.bmm(z3.transpose(1, 2), xc, out=grad_w[h0:h1])
                     else:
                         acc.add_(torch.bmm(z3.transpose(1, 2), xc))
-                if need_in:
-                    grad_in[r0:r1, h0:h1] = torch.bmm(z3, wg).transpose(0, 1)
+                if need_in:  # written through its (gh, rows, K) view: cuBLAS takes the strides, no copy
+                    grad_in[r0:r1, h0:h1].transpose(0, 1).baddbmm_(z3, wg, beta=0.0)
                 if need_b:
                     _sum_rows_into(grad_b[h0:h1], db_parts if db_parts is not None else z3, 1, r0 == 0)
         if acc is not None:
@@ -484,7 +492,7 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
     after_launch(dev, "distill_loss", teacher.shape)
     if grad_in32 is not None:
         grad_in = grad_in32.to(dt)
-    return (reduce_rows(loss, reduction, loss.dtype), grad_in, grad_w,
+    return (reduced if reduced is not None else reduce_rows(loss, reduction, loss.dtype), grad_in, grad_w,
             None if grad_b is None else grad_b.to(bias.dtype), grad_t)
 
 
