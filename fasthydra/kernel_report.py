@@ -34,7 +34,8 @@ HIDDEN = 256  # hidden width used for the MLP-head GEMM configurations
 # dtype tag -> (Triton pointer type, tl.dot precision): fp32 as torch runs it with
 # set_float32_matmul_precision("high") (tf32 tensor cores) and at the default "highest" (IEEE, FMA).
 DTYPES = {"bf16": ("bf16", "tf32"), "fp32/tf32": ("fp32", "tf32"), "fp32/ieee": ("fp32", "ieee")}
-GEMM_KERNELS = {"_gaussian_heads_kl_fwd_kernel", "_small_heads_kl_kernel", "_small_heads_grad_kernel"}
+GEMM_KERNELS = {"_gaussian_heads_kl_fwd_kernel", "_small_heads_kl_kernel", "_small_heads_grad_kernel",
+                "_thin_heads_kl_kernel"}
 # GEMM kernels whose tiles are below wgmma's 64 rows (16-row programs, 16-class tiles): mma.sync on sm_90.
 MMA_SYNC_KERNELS = {"_small_heads_kl_kernel", "_small_heads_grad_kernel"}
 
@@ -88,6 +89,7 @@ def _kernel_specs():
     from fasthydra.kernels.gaussian_kl import _gaussian_heads_kl_fwd_kernel
     from fasthydra.kernels.checks import _flag_rows_kernel
     from fasthydra.kernels.small_heads import _small_heads_grad_kernel, _small_heads_kl_kernel
+    from fasthydra.kernels.thin_heads import _thin_heads_kl_kernel
     from fasthydra.kernels.softmax_kl import (_hydra_kl_fwd_kernel, _hydra_kl_grad_cols_kernel, _hydra_kl_grad_kernel,
                                               _hydra_kl_topk_fwd_kernel)
     from fasthydra.ops.hydra_kl import topk_config
@@ -183,6 +185,26 @@ def _kernel_specs():
                         {"BLOCK_R": tk["BLOCK_R"], "BLOCK_C": tk["BLOCK_C"], "BLOCK_K": tk["BLOCK_K"],
                          "WRITE_GRAD": True, "WRITE_TGRAD": tgrad, "VEC": min(tk["BLOCK_C"], 4 if ty == "fp32" else 8)},
                         {"num_warps": tk["num_warps"]}, tag)
+
+            # MLP heads' second layer fused with the loss (thin heads; THIN_HEADS) at mid (a C that is not a
+            # multiple of 16) and gpu-large: hidden width HIDDEN, with the gradient and column sums or the
+            # loss alone (K itself is not specialised: other widths compile the same)
+            for k, grad in ((HIDDEN, True), (HIDDEN, False)):
+                tc = cfgs.thin_heads_config(k, 4 if ty == "fp32" else 2)
+                if (b, c) in ((1024, 1000), (4096, 32000)):
+                    add(_thin_heads_kl_kernel,
+                        {"x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "t_ptr": f"*{ty}",
+                         "loss_ptr": "*fp32", "g_ptr": f"*{ty}", "colsum_ptr": "*fp32", "part_ptr": "*fp32",
+                         "err_ptr": "*i32", "out_ptr": "*fp32", "count_ptr": "*i32", "B": b, "M": m, "C": c, "K": k,
+                         "stride_xb": m * k, "stride_xm": k, "stride_wm": c * k, "stride_wc": k, "stride_biasm": c,
+                         "stride_tb": m * c, "stride_tm": c, "stride_lb": m, "stride_lm": 1, "stride_gb": c,
+                         "stride_gm": b * c, "inv_temp": 0.5, "loss_scale": 4.0, "grad_scale": 0.1,
+                         "out_scale": 0.01},
+                        {"HAS_BIAS": True, "WRITE_GRAD": grad, "WRITE_COLSUM": grad, "REDUCE": True,
+                         "UPCAST_DOT": False, "PRECISION": prec, "BLOCK_B": tc["BLOCK_B"], "BLOCK_C": tc["BLOCK_C"],
+                         "BLOCK_K": tc["BLOCK_K"],
+                         "BLOCK_P": cfgs.reduce_block(cdiv(b, tc["BLOCK_B"]) * m, tc["num_warps"])},
+                        {"num_warps": tc["num_warps"], "num_stages": tc["num_stages"]}, tag)
 
             # Small problems: the two-launch small-step kernels (linear heads and MLP heads' second layer)
             for k, shared in ((d, True), (HIDDEN, False)):

@@ -155,6 +155,36 @@ def test_head_groups_accumulate_dx_in_fp32(monkeypatch, dtype):
     _check_heads_against_float64(96, 64, 4, 1000, None, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("b,d,m,c,hidden", [(37, 45, 5, 13, 24), (130, 64, 2, 50257, 128), (256, 96, 4, 1000, 256)])
+def test_thin_heads_tolerance_rule(monkeypatch, dtype, b, d, m, c, hidden):
+    """MLP heads' second layer fused with the loss (THIN_HEADS: the logits formed per class tile inside
+    the loss kernel, wgmma on sm_90) held to the tolerance rule against float64: odd shapes, a vocabulary-
+    sized C, two K steps; and a training step of it issues no host synchronisation."""
+    import fasthydra.ops.linear_hydra_kl as lk
+    from fasthydra.ops import _common
+
+    use_heads_path(monkeypatch, "cublas")
+    monkeypatch.setattr(_common, "THIN_HEADS", True)
+    ran = []
+    real = lk.launch_thin_heads_kl
+    monkeypatch.setattr(lk, "launch_thin_heads_kl", lambda *a, **k: ran.append(1) or real(*a, **k))
+    torch.backends.cuda.matmul.allow_tf32 = False
+    _check_heads_against_float64(b, d, m, c, hidden, dtype)
+    assert ran
+    head = HydraHead(d, c, m, hidden_features=hidden, impl="triton", device="cuda", dtype=dtype)
+    x = torch.randn(b, d, device="cuda", dtype=dtype)
+    t = teacher_logits(b, m, c, device="cuda", dtype=dtype)
+    head.distill_loss(x, t).backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        head.distill_loss(x, t).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+
+
 def _training_step_parts(hidden, impl, dtype=torch.float32):
     from fasthydra import GaussianHydraHead
 

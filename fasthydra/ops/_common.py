@@ -58,6 +58,27 @@ SMALL_DX_BLOCK_J = 32
 SMALL_DEFERRED = True
 
 
+# Heads with a narrow per-head input (MLP heads' second layer, K <= THIN_MAX_K) on the cuBLAS path:
+# kernels/thin_heads.py forms each logits tile from the input inside the loss kernel (2K flops per
+# logit, cheap at K <= 256) instead of a bmm writing the (B, M, C) logits for the loss pass to read back.
+# Not timed on a GPU yet: off by default until bench/gpu_check.py (variant "thin-heads") shows it wins.
+THIN_HEADS = False
+THIN_MAX_K = 256
+
+
+def thin_heads_config(k: int, elem_size: int) -> dict | None:
+    """Blocks of _thin_heads_kl_kernel for a per-head input of width k, or None where k is too wide for
+    it (whether the path runs at all is THIN_HEADS). 64 rows per program (wgmma's rows on sm_90), 8 warps,
+    two stages. 16-bit inputs: classes in tiles of 64, K steps of 64 (about 185 to 210 registers per
+    thread, no spills on sm_80/sm_90; 4 warps, 128-wide tiles, or K steps of 128 at a C that is not a
+    multiple of 16 spill); fp32: tiles of 32 classes and K steps of 32 (100 to 130 registers; IEEE dots
+    in K steps of 64 or 128 spilled on sm_90), per the kernel report."""
+    if not 0 < k <= THIN_MAX_K:
+        return None
+    block_k = max(16, min(64, next_pow2(k))) if elem_size <= 2 else 32
+    return dict(BLOCK_B=64, BLOCK_C=64 if elem_size <= 2 else 32, BLOCK_K=block_k, num_warps=8, num_stages=2)
+
+
 def small_step_mode() -> str:
     """FASTHYDRA_SMALL_STEP: "auto" (the default: the two-launch path wherever small_heads_config fits)
     or "0" (never: the cuBLAS path then, kept for side-by-side timing)."""

@@ -31,6 +31,7 @@ from ._common import (
 )
 from .checks import after_launch
 from .small_heads import linear_hydra_kl_forward_small
+from .thin_heads import launch_thin_heads_kl
 from .hydra_kl import (
     _teacher_grad,
     kl_chunk_topk_torch,
@@ -384,13 +385,21 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
     grad_t = torch.empty(teacher.shape, dtype=teacher.dtype, device=dev) if need_t else None
     heads, rows = _head_groups(b, m, c)
     n_groups, n_chunks = cdiv(m, heads), max(1, cdiv(b, rows))
+    # Per-head inputs narrow enough (MLP heads' second layer): the loss kernel forms the logits itself
+    # (thin_heads.py), a dense frozen teacher only; else one bmm writes them for the loss pass.
+    thin = None
+    if _common.THIN_HEADS and not shared and topk is None and grad_t is None:
+        thin = _common.thin_heads_config(k, inp.element_size())
+        if thin is not None and inp.stride(-1) != 1:
+            inp = inp.contiguous()
     # "mean"/"sum" where one launch of the dense loss kernel covers every row: its last program sums them
     # (no reduction launch); otherwise, and for the top-k kernel, one reduction of the loss rows at the end.
     reduced = None
     if reduction != "none" and b * m > 0 and n_groups * n_chunks == 1 and topk is None:
         reduced = torch.empty((), dtype=torch.float32, device=dev)
     reduce_to = None if reduced is None else (reduced, reduction_coefficient(reduction, b * m))
-    buf = torch.empty(min(rows, b) * heads * c, dtype=dt, device=dev)
+    # The group's logits, turned into dz in place (thin heads: dz alone, and nothing without a gradient)
+    buf = torch.empty(min(rows, b) * heads * c, dtype=dt, device=dev) if want_grad or thin is None else None
     grad_w = torch.empty_like(weight) if need_w else None
     grad_b = torch.empty(m, c, dtype=torch.float32, device=dev) if need_b else None
     # dx: per-head inputs (MLP heads) get disjoint slices per group, so no accumulation; a shared input
@@ -403,7 +412,7 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
             grad_in = torch.empty_like(inp)
     # Bias and long rows (the dense, frozen teacher): the loss pass forms dz and db together (see
     # SPLIT_BIAS_PASS); the row normalisers between its two launches live in `norms`.
-    split_bias = (want_grad and need_b and _common.SPLIT_BIAS_PASS and topk is None and grad_t is None
+    split_bias = (want_grad and need_b and _common.SPLIT_BIAS_PASS and topk is None and grad_t is None and thin is None
                   and not kl_rows_config(c, inp.element_size(), not shared and bias is not None)["ROW_IN_REGISTERS"])
     norms = torch.empty(min(rows, b) * heads * 4, dtype=torch.float32, device=dev) if split_bias else None
     if b == 0:
@@ -433,8 +442,10 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
                 i3 = None if topk is None else topk[r0:r1, h0:h1]
             else:  # per-head inputs: one batched GEMM, head major
                 xc = inp[r0:r1, h0:h1].transpose(0, 1)  # (gh, br, K)
-                z3 = buf[:br * gh * c].view(gh, br, c)
-                if bias is not None and topk is not None:
+                z3 = buf[:br * gh * c].view(gh, br, c) if buf is not None else None
+                if thin is not None:
+                    pass  # the loss kernel forms the logits (below)
+                elif bias is not None and topk is not None:
                     torch.baddbmm(bias[h0:h1].unsqueeze(1), xc, wg.transpose(1, 2), out=z3)
                 else:  # a dense teacher's loss kernel adds the bias on its loads: no (gh, br, C) bias
                     #    copy into z3 for the GEMM to read back (bmm has no bias epilogue)
@@ -445,7 +456,11 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
                 h3 = None if grad_t is None else grad_t[r0:r1, h0:h1].transpose(0, 1)
                 i3 = None if topk is None else topk[r0:r1, h0:h1].transpose(0, 1)
             db_parts = None  # partial column sums of dz (heads, row groups, C) when the loss pass forms them
-            if topk is not None:
+            if thin is not None:
+                db_parts = launch_thin_heads_kl(inp[r0:r1, h0:h1], wg, None if bias is None else bias[h0:h1],
+                                                t3.transpose(0, 1), l2.T, z3.transpose(0, 1) if want_grad else None,
+                                                temperature, grad_scale, thin, reduce_to=reduce_to, colsum=need_b)
+            elif topk is not None:
                 launch_kl_rows_topk(z3, t3, i3, l2, z3 if want_grad else None, temperature, grad_scale,
                                     "distill_loss", h3)
             elif split_bias:  # head-major views: one program's rows share a head, so db sums per program

@@ -1,0 +1,124 @@
+"""Device code: heads with a narrow input (MLP heads' second layer, K = H <= 256) fused with the Hydra loss,
+the classes walked in tiles and each logits tile recomputed from the input where it is needed.
+
+With a narrow input a logit costs 2K flops but 2 to 4 bytes to store and as many to read back: the
+unfused path writes the (B, M, C) logits, reads them (and the teacher) twice in the loss pass and
+writes dz. Here one program owns BLOCK_B rows of one head:
+
+  pass 1, per class tile:  z = u_m[rows] @ W_m[tile].T + b_m[tile]      (tl.dot, fp32 accumulator)
+                           online softmax/KL statistics of (z / T, t / T)  (as in softmax_kl.py)
+          then             loss[b, m] = T^2 KL(p || q), the row's normalisers in registers;
+  pass 2, per class tile (when the gradient is wanted): z again, then
+                           dz = grad_scale * (q - p), written in the input dtype, and the tile's
+                           column sums of dz over the program's rows (fp32), the bias gradient's part.
+
+The logits never reach memory; the teacher is read once for the loss alone and twice with the
+gradient (the same bytes as the loss kernel's long rows, minus the logits' write and reads). The
+gradient GEMMs (dW = dz^T u, du = dz W) stay cuBLAS. Teacher values are checked on the loads (error
+word bits 1, 2, 4, as in softmax_kl.py); "mean"/"sum" are reduced by the last program (reduce.py).
+"""
+
+import triton
+import triton.language as tl
+
+from .reduce import _last_program_sums
+from .small_heads import _heads_logits_tile
+from .softmax_kl import _kl_grad_tile, _online_kl_update
+
+
+@triton.jit
+def _thin_heads_tile(x_rows, w_head, bias_ptr, head, t_rows, rows_ok, c0, C, K, stride_wc, stride_biasm, inv_temp,
+                     HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr,
+                     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One class tile: (classes, in-row mask, student z / T, teacher t / T), -inf outside the row."""
+    cols = c0 + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    mask = rows_ok[:, None] & col_ok[None, :]
+    acc = _heads_logits_tile(x_rows, w_head, bias_ptr, head, rows_ok, cols, col_ok, K, stride_wc, stride_biasm,
+                             HAS_BIAS, UPCAST_DOT, PRECISION, BLOCK_B, BLOCK_C, BLOCK_K)
+    s = tl.where(mask, acc * inv_temp, float("-inf"))
+    u = tl.load(t_rows + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
+    return cols, mask, s, u
+
+
+@triton.jit
+def _thin_heads_kl_kernel(
+    x_ptr,  # inputs: row b of head m at x_ptr + b * stride_xb + m * stride_xm, unit stride along K
+    w_ptr,  # weights (M, C, K): head stride stride_wm, class stride stride_wc, unit stride along K
+    bias_ptr,  # bias (M, C), head stride stride_biasm, unit along C; unused unless HAS_BIAS
+    t_ptr,  # teacher logits: row (b, m) at b * stride_tb + m * stride_tm, unit along C
+    loss_ptr,  # out: fp32 loss rows, (b, m) at b * stride_lb + m * stride_lm, T^2 * KL
+    g_ptr,  # out: dz = grad_scale * (q - p), row (b, m) at b * stride_gb + m * stride_gm, unit along C, input
+    #         dtype; unused unless WRITE_GRAD
+    colsum_ptr,  # out: fp32 (row blocks, M, C) contiguous, dz summed over each program's rows; unused unless
+    #              WRITE_COLSUM
+    part_ptr,  # out: one fp32 partial loss sum per program; unused unless REDUCE
+    err_ptr,  # in/out: int32 error word, OR-ed with 1 (NaN), 2 (+inf), 4 (a row -inf everywhere)
+    out_ptr,  # out: the reduced loss, fp32 scalar; unused unless REDUCE
+    count_ptr,  # in/out: int32 count of finished programs, 0 before and after; unused unless REDUCE
+    B,
+    M,
+    C,
+    K,
+    stride_xb,
+    stride_xm,
+    stride_wm,
+    stride_wc,
+    stride_biasm,
+    stride_tb,
+    stride_tm,
+    stride_lb,
+    stride_lm,
+    stride_gb,
+    stride_gm,
+    inv_temp,  # 1 / T
+    loss_scale,  # T^2
+    grad_scale,  # T * reduction coefficient
+    out_scale,  # reduction coefficient of the summed loss rows
+    HAS_BIAS: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    WRITE_COLSUM: tl.constexpr,
+    REDUCE: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,  # interpreter: tl.dot on 16-bit operands is unreliable there
+    PRECISION: tl.constexpr,  # tl.dot input precision for fp32 operands ("ieee" or "tf32")
+    BLOCK_B: tl.constexpr,  # rows per program (64: one warpgroup's wgmma rows on sm_90)
+    BLOCK_C: tl.constexpr,  # classes per tile
+    BLOCK_K: tl.constexpr,  # K per dot step (the whole of K where it fits)
+    BLOCK_P: tl.constexpr,  # partial sums read per step by the reducing program
+):
+    pid_r = tl.program_id(0)
+    m = tl.program_id(1)
+    rows = pid_r.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+    rows_ok = rows < B
+    x_rows = x_ptr + rows[:, None] * stride_xb + m * stride_xm
+    w_head = w_ptr + m * stride_wm
+    t_rows = t_ptr + rows[:, None] * stride_tb + m * stride_tm
+    zero = tl.zeros((BLOCK_B,), tl.float32)
+    m_s, d_s, m_u, d_u, a = zero + float("-inf"), zero, zero + float("-inf"), zero, zero
+    nan_seen = tl.zeros((BLOCK_B,), tl.int32)
+    for c0 in range(0, C, BLOCK_C):
+        cols, mask, s, u = _thin_heads_tile(x_rows, w_head, bias_ptr, m, t_rows, rows_ok, c0, C, K, stride_wc,
+                                            stride_biasm, inv_temp, HAS_BIAS, UPCAST_DOT, PRECISION, BLOCK_B,
+                                            BLOCK_C, BLOCK_K)
+        nan_seen |= tl.sum((u != u).to(tl.int32), axis=1)
+        m_s, d_s, m_u, d_u, a = _online_kl_update(s, u, m_s, d_s, m_u, d_u, a)
+    log_d_s = tl.log(d_s)
+    log_d_u = tl.log(d_u)
+    kl = (a / d_u - log_d_u + log_d_s) * loss_scale
+    tl.store(loss_ptr + rows * stride_lb + m * stride_lm, kl, mask=rows_ok)
+    if WRITE_GRAD:
+        for c0 in range(0, C, BLOCK_C):
+            cols, mask, s, u = _thin_heads_tile(x_rows, w_head, bias_ptr, m, t_rows, rows_ok, c0, C, K, stride_wc,
+                                                stride_biasm, inv_temp, HAS_BIAS, UPCAST_DOT, PRECISION, BLOCK_B,
+                                                BLOCK_C, BLOCK_K)
+            g = tl.where(mask, _kl_grad_tile(s, u, m_s, log_d_s, m_u, log_d_u, grad_scale), 0.0)
+            tl.store(g_ptr + rows[:, None] * stride_gb + m * stride_gm + cols[None, :],
+                     g.to(g_ptr.dtype.element_ty), mask=mask)
+            if WRITE_COLSUM:
+                tl.store(colsum_ptr + (pid_r * M + m).to(tl.int64) * C + cols, tl.sum(g, axis=0), mask=cols < C)
+    bad = tl.where(nan_seen > 0, 1, 0) | tl.where(m_u == float("inf"), 2, 0) | tl.where(m_u == float("-inf"), 4, 0)
+    bits = tl.max(tl.where(rows_ok, bad, 0), axis=0)
+    tl.atomic_or(err_ptr, bits, mask=bits != 0)
+    if REDUCE:
+        tl.store(part_ptr + pid_r * tl.num_programs(1) + m, tl.sum(tl.where(rows_ok, kl, 0.0), axis=0))
+        _last_program_sums(part_ptr, tl.num_programs(0) * tl.num_programs(1), out_ptr, count_ptr, out_scale, BLOCK_P)

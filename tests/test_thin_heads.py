@@ -1,0 +1,150 @@
+"""interpret tier: the thin-heads kernel (kernels/thin_heads.py), MLP heads' second layer fused with the
+Hydra loss on the cuBLAS path (the logits formed per class tile inside the loss kernel), against the
+float64 reference under TRITON_INTERPRET=1."""
+
+import pytest
+import torch
+from helpers import assert_close_to, params_of, teacher_logits, use_heads_path
+
+import fasthydra.ops.linear_hydra_kl as lk
+from fasthydra import HydraHead
+from fasthydra import reference as R
+from fasthydra.ops import _common
+
+pytestmark = pytest.mark.interpret
+
+
+@pytest.fixture
+def thin(monkeypatch):
+    """The thin-heads path on (the cuBLAS path, THIN_HEADS), its launches recorded; the row-kernel loss
+    pass must not run beside it."""
+    use_heads_path(monkeypatch, "cublas")
+    monkeypatch.setattr(_common, "THIN_HEADS", True)
+    launches = []
+    real = lk.launch_thin_heads_kl
+
+    def spy(x3, *args, **kwargs):
+        launches.append((tuple(x3.shape), args[4] is not None, kwargs.get("reduce_to") is not None))
+        return real(x3, *args, **kwargs)
+
+    def no_row_kernel(*args, **kwargs):
+        raise AssertionError("the row kernel's loss pass ran on the thin-heads path")
+
+    monkeypatch.setattr(lk, "launch_thin_heads_kl", spy)
+    monkeypatch.setattr(lk, "launch_kl_rows", no_row_kernel)
+    return launches
+
+
+def _mlp_case(b, c, m, hidden, bias, dtype=torch.float32):
+    torch.manual_seed(0)
+    head = HydraHead(12, c, m, hidden_features=hidden, bias=bias, impl="triton")
+    if bias:
+        with torch.no_grad():
+            head.bias.copy_(torch.randn_like(head.bias) * 3)  # a bias that matters
+    head = head.to(dtype)
+    x = torch.randn(b, 12, dtype=dtype, requires_grad=True)
+    t = teacher_logits(b, m, c, dtype=dtype)
+    if b > 3:
+        t[3, m - 1, : (2 * c) // 3] = float("-inf")  # masked classes spanning whole class tiles
+        t[1, 0, 2:] = float("-inf")  # a row with two live classes
+    return head, x, t
+
+
+def _reference(head, x, t, temperature, reduction, upstream):
+    """float64 loss and gradients of upstream * loss (x and the parameters), from the eager reference."""
+    x64 = x.detach().double().requires_grad_()
+    p64 = {k: v.detach().double().requires_grad_() for k, v in head.named_parameters()}
+    z = R.mlp_heads_ref(x64, p64["hidden_weight"], p64.get("hidden_bias"), p64["weight"], p64.get("bias"))
+    loss = R.hydra_kl_loss_ref(z, t.double(), temperature, reduction=reduction)
+    up = upstream if reduction != "none" else upstream.double()
+    return loss, torch.autograd.grad((loss * up).sum(), [x64, *p64.values()])
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("b,c,m", [(70, 70, 3), (37, 13, 1), (5, 150, 2)], ids=["2-row-blocks", "odd", "3-tiles"])
+def test_thin_heads_against_float64(thin, bias, b, c, m):
+    """Loss and every gradient (upstream 0.7) of MLP heads whose second layer and loss run as one kernel:
+    rows across two row blocks (the second short), C below one tile, C across three class tiles (the
+    last short), M = 1, masked classes; the loss alone the same, with no gradient buffer and one launch."""
+    head, x, t = _mlp_case(b, c, m, 6, bias)
+    loss = head.distill_loss(x, t, temperature=1.5)
+    grads = torch.autograd.grad(loss * 0.7, [x, *params_of(head)])
+    assert thin == [((b, m, 6), True, True)]  # one launch, dz written, the loss reduced by its last program
+    loss_ref, grads_ref = _reference(head, x, t, 1.5, "mean", 0.7)
+    assert_close_to(loss, loss_ref, rtol=2e-6, atol=1e-7, what="loss")
+    for name, g, g_ref in zip(["x"] + [n for n, _ in head.named_parameters()], grads, grads_ref):
+        assert_close_to(g, g_ref, rtol=1e-5, atol=1e-8, what=name)
+    with torch.no_grad():
+        assert_close_to(head.distill_loss(x, t, temperature=1.5), loss_ref, rtol=2e-6, atol=1e-7)
+    assert thin[1] == ((b, m, 6), False, True)
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+def test_thin_heads_reductions_and_row_upstream(thin, reduction):
+    """"sum" (one thin launch, reduced by its last program) and "none" with a random upstream gradient per
+    (row, head) (not fused: head(x) then the loss on logits, as documented): against float64."""
+    head, x, t = _mlp_case(40, 30, 3, 5, True)
+    loss = head.distill_loss(x, t, temperature=0.8, reduction=reduction)
+    up = torch.rand(40, 3) if reduction == "none" else torch.tensor(1.3)
+    grads = torch.autograd.grad((loss * up).sum(), [x, *params_of(head)])
+    loss_ref, grads_ref = _reference(head, x, t, 0.8, reduction, up)
+    assert thin == ([] if reduction == "none" else [((40, 3, 5), True, True)])
+    assert_close_to(loss, loss_ref, rtol=2e-6, atol=1e-7, what="loss")
+    for name, g, g_ref in zip(["x"] + [n for n, _ in head.named_parameters()], grads, grads_ref):
+        assert_close_to(g, g_ref, rtol=1e-5, atol=1e-8, what=name)
+
+
+def test_thin_heads_in_head_groups_and_row_chunks(thin, monkeypatch):
+    """With the logits budget of the cuBLAS path below one head's block: one head per group and row chunks
+    of 20 (dz, dW in the group's fp32 accumulator, db's column sums accumulated over chunks), each chunk
+    one thin launch, the rows reduced at the end."""
+    monkeypatch.setattr(lk, "CUBLAS_GROUP_ELEMENTS", 20 * 30)
+    head, x, t = _mlp_case(50, 30, 3, 5, True)
+    loss = head.distill_loss(x, t, temperature=1.5)
+    grads = torch.autograd.grad(loss * 0.7, [x, *params_of(head)])
+    assert thin == [((n, 1, 5), True, False) for _ in range(3) for n in (20, 20, 10)]
+    loss_ref, grads_ref = _reference(head, x, t, 1.5, "mean", 0.7)
+    assert_close_to(loss, loss_ref, rtol=2e-6, atol=1e-7, what="loss")
+    for name, g, g_ref in zip(["x"] + [n for n, _ in head.named_parameters()], grads, grads_ref):
+        assert_close_to(g, g_ref, rtol=1e-5, atol=1e-8, what=name)
+
+
+def test_thin_heads_fp16(thin):
+    """16-bit inputs (dz written in fp16, the bias gradient from the fp32 values before rounding): within
+    fp16's rounding of the float64 reference."""
+    head, x, t = _mlp_case(40, 150, 2, 8, True, torch.float16)
+    loss = head.distill_loss(x, t, temperature=1.5)
+    grads = torch.autograd.grad(loss, [x, *params_of(head)])
+    loss_ref, grads_ref = _reference(head, x, t, 1.5, "mean", 1.0)
+    assert thin and loss.dtype == torch.float16
+    assert_close_to(loss, loss_ref, rtol=2e-3, atol=1e-4, what="loss")
+    for name, g, g_ref in zip(["x"] + [n for n, _ in head.named_parameters()], grads, grads_ref):
+        assert_close_to(g, g_ref, rtol=2e-2, atol=1e-3 * g_ref.abs().max().item(), what=name)
+
+
+@pytest.mark.parametrize("value,match", [(float("nan"), "NaN"), (float("inf"), r"\+Inf"), (None, "-Inf for every")])
+def test_thin_heads_check_the_teacher(thin, value, match):
+    """Teacher values checked on the thin kernel's own loads (a bad row in the second row block, in the
+    second class tile): a clear ValueError; a lone masked class is fine."""
+    head, x, t = _mlp_case(70, 100, 2, 4, True)
+    if value is None:
+        t[66, 1, :] = float("-inf")
+    else:
+        t[66, 1, 90] = value
+    with pytest.raises(ValueError, match=match):
+        head.distill_loss(x, t)
+    assert thin
+
+
+def test_thin_heads_not_taken_where_they_do_not_apply(monkeypatch):
+    """A hidden width above THIN_MAX_K, or the setting off: the bmm and the row kernel's loss pass."""
+    use_heads_path(monkeypatch, "cublas")
+    ran = []
+    monkeypatch.setattr(lk, "launch_thin_heads_kl", lambda *a, **k: ran.append(1))
+    for on, hidden in ((True, _common.THIN_MAX_K + 1), (False, 6)):
+        monkeypatch.setattr(_common, "THIN_HEADS", on)
+        head, x, t = _mlp_case(6, 20, 2, hidden, True)
+        assert torch.isfinite(head.distill_loss(x, t))
+    assert ran == []
+    assert _common.thin_heads_config(_common.THIN_MAX_K, 2)["BLOCK_K"] == 64
+    assert _common.thin_heads_config(_common.THIN_MAX_K + 1, 2) is None
