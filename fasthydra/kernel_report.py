@@ -187,10 +187,10 @@ def _kernel_specs():
                         {"num_warps": tk["num_warps"]}, tag)
 
             # MLP heads' second layer fused with the loss (thin heads; THIN_HEADS) at mid (a C that is not a
-            # multiple of 16) and gpu-large: hidden width HIDDEN, with the gradient and column sums or the
-            # loss alone (K itself is not specialised: other widths compile the same)
-            for k, grad in ((HIDDEN, True), (HIDDEN, False)):
-                tc = cfgs.thin_heads_config(k, 4 if ty == "fp32" else 2)
+            # multiple of 16) and gpu-large: hidden width 128 (the inputs loaded once per program) with the
+            # gradient and column sums or the loss alone, and HIDDEN (in K steps) with the gradient
+            for k, grad in ((128, True), (128, False), (HIDDEN, True)):
+                tc = cfgs.thin_heads_config(k, c, 4 if ty == "fp32" else 2, prec == "ieee")
                 if (b, c) in ((1024, 1000), (4096, 32000)):
                     add(_thin_heads_kl_kernel,
                         {"x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "t_ptr": f"*{ty}",
@@ -202,7 +202,7 @@ def _kernel_specs():
                          "out_scale": 0.01},
                         {"HAS_BIAS": True, "WRITE_GRAD": grad, "WRITE_COLSUM": grad, "REDUCE": True,
                          "UPCAST_DOT": False, "PRECISION": prec, "BLOCK_B": tc["BLOCK_B"], "BLOCK_C": tc["BLOCK_C"],
-                         "BLOCK_K": tc["BLOCK_K"],
+                         "BLOCK_K": tc["BLOCK_K"], "ONE_K_STEP": tc["ONE_K_STEP"],
                          "BLOCK_P": cfgs.reduce_block(cdiv(b, tc["BLOCK_B"]) * m, tc["num_warps"])},
                         {"num_warps": tc["num_warps"], "num_stages": tc["num_stages"]}, tag)
 

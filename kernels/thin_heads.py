@@ -27,15 +27,27 @@ from .softmax_kl import _kl_grad_tile, _online_kl_update
 
 
 @triton.jit
-def _thin_heads_tile(x_rows, w_head, bias_ptr, head, t_rows, rows_ok, c0, C, K, stride_wc, stride_biasm, inv_temp,
-                     HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr,
-                     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One class tile: (classes, in-row mask, student z / T, teacher t / T), -inf outside the row."""
+def _thin_heads_tile(x_rows, x_blk, w_head, bias_ptr, head, t_rows, rows_ok, c0, C, K, stride_wc, stride_biasm,
+                     inv_temp, HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr,
+                     ONE_K_STEP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One class tile: (classes, in-row mask, student z / T, teacher t / T), -inf outside the row. With
+    ONE_K_STEP (K <= BLOCK_K) x_blk holds the rows' inputs, loaded once per program: only the weight
+    tile is read per class tile; else the inputs are read again in K steps."""
     cols = c0 + tl.arange(0, BLOCK_C)
     col_ok = cols < C
     mask = rows_ok[:, None] & col_ok[None, :]
-    acc = _heads_logits_tile(x_rows, w_head, bias_ptr, head, rows_ok, cols, col_ok, K, stride_wc, stride_biasm,
-                             HAS_BIAS, UPCAST_DOT, PRECISION, BLOCK_B, BLOCK_C, BLOCK_K)
+    if ONE_K_STEP:
+        ks = tl.arange(0, BLOCK_K)
+        w = tl.load(w_head + cols[None, :] * stride_wc + ks[:, None], mask=(ks < K)[:, None] & col_ok[None, :],
+                    other=0.0)
+        if UPCAST_DOT:
+            w = w.to(tl.float32)
+        acc = tl.dot(x_blk, w.to(x_blk.dtype), input_precision=PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + head * stride_biasm + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    else:
+        acc = _heads_logits_tile(x_rows, w_head, bias_ptr, head, rows_ok, cols, col_ok, K, stride_wc, stride_biasm,
+                                 HAS_BIAS, UPCAST_DOT, PRECISION, BLOCK_B, BLOCK_C, BLOCK_K)
     s = tl.where(mask, acc * inv_temp, float("-inf"))
     u = tl.load(t_rows + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
     return cols, mask, s, u
@@ -83,7 +95,8 @@ def _thin_heads_kl_kernel(
     PRECISION: tl.constexpr,  # tl.dot input precision for fp32 operands ("ieee" or "tf32")
     BLOCK_B: tl.constexpr,  # rows per program (64: one warpgroup's wgmma rows on sm_90)
     BLOCK_C: tl.constexpr,  # classes per tile
-    BLOCK_K: tl.constexpr,  # K per dot step (the whole of K where it fits)
+    ONE_K_STEP: tl.constexpr,  # K <= BLOCK_K: the rows' inputs loaded once, one dot per class tile
+    BLOCK_K: tl.constexpr,  # K per dot step
     BLOCK_P: tl.constexpr,  # partial sums read per step by the reducing program
 ):
     pid_r = tl.program_id(0)
@@ -93,13 +106,19 @@ def _thin_heads_kl_kernel(
     x_rows = x_ptr + rows[:, None] * stride_xb + m * stride_xm
     w_head = w_ptr + m * stride_wm
     t_rows = t_ptr + rows[:, None] * stride_tb + m * stride_tm
+    x_blk = x_ptr  # a placeholder unless ONE_K_STEP
+    if ONE_K_STEP:
+        ks = tl.arange(0, BLOCK_K)
+        x_blk = tl.load(x_rows + ks[None, :], mask=rows_ok[:, None] & (ks < K)[None, :], other=0.0)
+        if UPCAST_DOT:
+            x_blk = x_blk.to(tl.float32)
     zero = tl.zeros((BLOCK_B,), tl.float32)
     m_s, d_s, m_u, d_u, a = zero + float("-inf"), zero, zero + float("-inf"), zero, zero
     nan_seen = tl.zeros((BLOCK_B,), tl.int32)
     for c0 in range(0, C, BLOCK_C):
-        cols, mask, s, u = _thin_heads_tile(x_rows, w_head, bias_ptr, m, t_rows, rows_ok, c0, C, K, stride_wc,
-                                            stride_biasm, inv_temp, HAS_BIAS, UPCAST_DOT, PRECISION, BLOCK_B,
-                                            BLOCK_C, BLOCK_K)
+        cols, mask, s, u = _thin_heads_tile(x_rows, x_blk, w_head, bias_ptr, m, t_rows, rows_ok, c0, C, K,
+                                            stride_wc, stride_biasm, inv_temp, HAS_BIAS, UPCAST_DOT, PRECISION,
+                                            ONE_K_STEP, BLOCK_B, BLOCK_C, BLOCK_K)
         nan_seen |= tl.sum((u != u).to(tl.int32), axis=1)
         m_s, d_s, m_u, d_u, a = _online_kl_update(s, u, m_s, d_s, m_u, d_u, a)
     log_d_s = tl.log(d_s)
@@ -108,9 +127,9 @@ def _thin_heads_kl_kernel(
     tl.store(loss_ptr + rows * stride_lb + m * stride_lm, kl, mask=rows_ok)
     if WRITE_GRAD:
         for c0 in range(0, C, BLOCK_C):
-            cols, mask, s, u = _thin_heads_tile(x_rows, w_head, bias_ptr, m, t_rows, rows_ok, c0, C, K, stride_wc,
-                                                stride_biasm, inv_temp, HAS_BIAS, UPCAST_DOT, PRECISION, BLOCK_B,
-                                                BLOCK_C, BLOCK_K)
+            cols, mask, s, u = _thin_heads_tile(x_rows, x_blk, w_head, bias_ptr, m, t_rows, rows_ok, c0, C, K,
+                                                stride_wc, stride_biasm, inv_temp, HAS_BIAS, UPCAST_DOT,
+                                                PRECISION, ONE_K_STEP, BLOCK_B, BLOCK_C, BLOCK_K)
             g = tl.where(mask, _kl_grad_tile(s, u, m_s, log_d_s, m_u, log_d_u, grad_scale), 0.0)
             tl.store(g_ptr + rows[:, None] * stride_gb + m * stride_gm + cols[None, :],
                      g.to(g_ptr.dtype.element_ty), mask=mask)

@@ -61,22 +61,25 @@ def _reference(head, x, t, temperature, reduction, upstream):
 
 
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("b,c,m", [(70, 70, 3), (37, 13, 1), (5, 150, 2)], ids=["2-row-blocks", "odd", "3-tiles"])
-def test_thin_heads_against_float64(thin, bias, b, c, m):
+@pytest.mark.parametrize("b,c,m,hidden", [(70, 70, 3, 6), (37, 13, 1, 6), (5, 150, 2, 6), (20, 40, 2, 40)],
+                         ids=["2-row-blocks", "odd", "3-tiles", "K-steps"])
+def test_thin_heads_against_float64(thin, bias, b, c, m, hidden):
     """Loss and every gradient (upstream 0.7) of MLP heads whose second layer and loss run as one kernel:
     rows across two row blocks (the second short), C below one tile, C across three class tiles (the
-    last short), M = 1, masked classes; the loss alone the same, with no gradient buffer and one launch."""
-    head, x, t = _mlp_case(b, c, m, 6, bias)
+    last short), M = 1, masked classes, the inputs loaded once per program or (hidden 40 in fp32's K
+    steps of 32) read per tile; the loss alone the same, with no gradient buffer and one launch."""
+    head, x, t = _mlp_case(b, c, m, hidden, bias)
+    assert _common.thin_heads_config(hidden, c, 4, ieee=True)["ONE_K_STEP"] == (hidden <= 32)
     loss = head.distill_loss(x, t, temperature=1.5)
     grads = torch.autograd.grad(loss * 0.7, [x, *params_of(head)])
-    assert thin == [((b, m, 6), True, True)]  # one launch, dz written, the loss reduced by its last program
+    assert thin == [((b, m, hidden), True, True)]  # one launch, dz written, the loss reduced by its last program
     loss_ref, grads_ref = _reference(head, x, t, 1.5, "mean", 0.7)
     assert_close_to(loss, loss_ref, rtol=2e-6, atol=1e-7, what="loss")
     for name, g, g_ref in zip(["x"] + [n for n, _ in head.named_parameters()], grads, grads_ref):
         assert_close_to(g, g_ref, rtol=1e-5, atol=1e-8, what=name)
     with torch.no_grad():
         assert_close_to(head.distill_loss(x, t, temperature=1.5), loss_ref, rtol=2e-6, atol=1e-7)
-    assert thin[1] == ((b, m, 6), False, True)
+    assert thin[1] == ((b, m, hidden), False, True)
 
 
 @pytest.mark.parametrize("reduction", ["none", "sum"])
@@ -146,5 +149,8 @@ def test_thin_heads_not_taken_where_they_do_not_apply(monkeypatch):
         head, x, t = _mlp_case(6, 20, 2, hidden, True)
         assert torch.isfinite(head.distill_loss(x, t))
     assert ran == []
-    assert _common.thin_heads_config(_common.THIN_MAX_K, 2)["BLOCK_K"] == 64
-    assert _common.thin_heads_config(_common.THIN_MAX_K + 1, 2) is None
+    cfg = _common.thin_heads_config
+    assert cfg(_common.THIN_MAX_K + 1, 32000, 2) is None
+    assert cfg(128, 32000, 2)["ONE_K_STEP"] and cfg(128, 32000, 2)["BLOCK_C"] == 64 and cfg(128, 1000, 2)["BLOCK_C"] == 32
+    assert not cfg(_common.THIN_MAX_K, 32000, 2)["ONE_K_STEP"] and cfg(_common.THIN_MAX_K, 32000, 2)["BLOCK_K"] == 64
+    assert cfg(128, 1000, 4)["ONE_K_STEP"] and not cfg(128, 1000, 4, ieee=True)["ONE_K_STEP"]

@@ -389,7 +389,7 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
     # (thin_heads.py), a dense frozen teacher only; else one bmm writes them for the loss pass.
     thin = None
     if _common.THIN_HEADS and not shared and topk is None and grad_t is None:
-        thin = _common.thin_heads_config(k, inp.element_size())
+        thin = _common.thin_heads_config(k, c, inp.element_size(), _common.dot_precision(inp.dtype) == "ieee")
         if thin is not None and inp.stride(-1) != 1:
             inp = inp.contiguous()
     # "mean"/"sum" where one launch of the dense loss kernel covers every row: its last program sums them
