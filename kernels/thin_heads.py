@@ -114,12 +114,10 @@ def _thin_heads_kl_kernel(
             x_blk = x_blk.to(tl.float32)
     zero = tl.zeros((BLOCK_B,), tl.float32)
     m_s, d_s, m_u, d_u, a = zero + float("-inf"), zero, zero + float("-inf"), zero, zero
-    nan_seen = tl.zeros((BLOCK_B,), tl.int32)
     for c0 in range(0, C, BLOCK_C):
         cols, mask, s, u = _thin_heads_tile(x_rows, x_blk, w_head, bias_ptr, m, t_rows, rows_ok, c0, C, K,
                                             stride_wc, stride_biasm, inv_temp, HAS_BIAS, UPCAST_DOT, PRECISION,
                                             ONE_K_STEP, BLOCK_B, BLOCK_C, BLOCK_K)
-        nan_seen |= tl.sum((u != u).to(tl.int32), axis=1)
         m_s, d_s, m_u, d_u, a = _online_kl_update(s, u, m_s, d_s, m_u, d_u, a)
     log_d_s = tl.log(d_s)
     log_d_u = tl.log(d_u)
@@ -135,7 +133,10 @@ def _thin_heads_kl_kernel(
                      g.to(g_ptr.dtype.element_ty), mask=mask)
             if WRITE_COLSUM:
                 tl.store(colsum_ptr + (pid_r * M + m).to(tl.int64) * C + cols, tl.sum(g, axis=0), mask=cols < C)
-    bad = tl.where(nan_seen > 0, 1, 0) | tl.where(m_u == float("inf"), 2, 0) | tl.where(m_u == float("-inf"), 4, 0)
+    # A NaN teacher logit makes its row's sum d_u NaN (exp(NaN)), as a +inf one does (inf - inf): no
+    # per-element test in the tile loop; a +inf row reports +inf.
+    bad = (tl.where((d_u != d_u) & (m_u != float("inf")), 1, 0) | tl.where(m_u == float("inf"), 2, 0)
+           | tl.where(m_u == float("-inf"), 4, 0))
     bits = tl.max(tl.where(rows_ok, bad, 0), axis=0)
     tl.atomic_or(err_ptr, bits, mask=bits != 0)
     if REDUCE:
