@@ -202,7 +202,7 @@ def _kernel_specs():
                          "out_scale": 0.01},
                         {"HAS_BIAS": True, "WRITE_GRAD": grad, "WRITE_COLSUM": grad, "REDUCE": True,
                          "UPCAST_DOT": False, "PRECISION": prec, "BLOCK_B": tc["BLOCK_B"], "BLOCK_C": tc["BLOCK_C"],
-                         "BLOCK_K": tc["BLOCK_K"], "ONE_K_STEP": tc["ONE_K_STEP"],
+                         "BLOCK_K": tc["BLOCK_K"], "ONE_K_STEP": tc["ONE_K_STEP"], "FAST_EXP": True,
                          "BLOCK_P": cfgs.reduce_block(cdiv(b, tc["BLOCK_B"]) * m, tc["num_warps"])},
                         {"num_warps": tc["num_warps"], "num_stages": tc["num_stages"]}, tag)
 

@@ -17,7 +17,8 @@ gradient (the same bytes as the loss kernel's long rows, minus the logits' write
 gradient GEMMs (dW = dz^T u, du = dz W) stay cuBLAS. (du formed in pass 2 from the weight tile already
 loaded was tried: 1101 against 678 sm_90 instructions per bf16 tile at gpu-large, about 0.8 ms more
 issue for a kernel bound by issue, where cuBLAS reading dz once costs about 0.5 ms.) Teacher values are checked on the loads (error
-word bits 1, 2, 4, as in softmax_kl.py); "mean"/"sum" are reduced by the last program (reduce.py).
+word bits 1, 2, 4, as in softmax_kl.py); "mean"/"sum" are reduced by the last program (reduce.py). On a
+GPU the exponentials are ex2.approx.ftz (softmax_kl._exp): the kernel is bound by instruction issue.
 """
 
 import triton
@@ -98,6 +99,7 @@ def _thin_heads_kl_kernel(
     BLOCK_B: tl.constexpr,  # rows per program (64: one warpgroup's wgmma rows on sm_90)
     BLOCK_C: tl.constexpr,  # classes per tile
     ONE_K_STEP: tl.constexpr,  # K <= BLOCK_K: the rows' inputs loaded once, one dot per class tile
+    FAST_EXP: tl.constexpr,  # exponentials as ex2.approx.ftz (softmax_kl._exp): GPU launches only
     BLOCK_K: tl.constexpr,  # K per dot step
     BLOCK_P: tl.constexpr,  # partial sums read per step by the reducing program
 ):
@@ -120,7 +122,7 @@ def _thin_heads_kl_kernel(
         cols, mask, s, u = _thin_heads_tile(x_rows, x_blk, w_head, bias_ptr, m, t_rows, rows_ok, c0, C, K,
                                             stride_wc, stride_biasm, inv_temp, HAS_BIAS, UPCAST_DOT, PRECISION,
                                             ONE_K_STEP, BLOCK_B, BLOCK_C, BLOCK_K)
-        m_s, d_s, m_u, d_u, a = _online_kl_update(s, u, m_s, d_s, m_u, d_u, a)
+        m_s, d_s, m_u, d_u, a = _online_kl_update(s, u, m_s, d_s, m_u, d_u, a, FAST_EXP)
     log_d_s = tl.log(d_s)
     log_d_u = tl.log(d_u)
     kl = (a / d_u - log_d_u + log_d_s) * loss_scale
@@ -130,7 +132,7 @@ def _thin_heads_kl_kernel(
             cols, mask, s, u = _thin_heads_tile(x_rows, x_blk, w_head, bias_ptr, m, t_rows, rows_ok, c0, C, K,
                                                 stride_wc, stride_biasm, inv_temp, HAS_BIAS, UPCAST_DOT,
                                                 PRECISION, ONE_K_STEP, BLOCK_B, BLOCK_C, BLOCK_K)
-            g = tl.where(mask, _kl_grad_tile(s, u, m_s, log_d_s, m_u, log_d_u, grad_scale), 0.0)
+            g = tl.where(mask, _kl_grad_tile(s, u, m_s, log_d_s, m_u, log_d_u, grad_scale, FAST_EXP), 0.0)
             tl.store(g_ptr + rows[:, None] * stride_gb + m * stride_gm + cols[None, :],
                      g.to(g_ptr.dtype.element_ty), mask=mask)
             if WRITE_COLSUM:
