@@ -16,9 +16,10 @@ The logits never reach memory; the teacher is read once for the loss alone and t
 gradient (the same bytes as the loss kernel's long rows, minus the logits' write and reads). The
 gradient GEMMs (dW = dz^T u, du = dz W) stay cuBLAS. (du formed in pass 2 from the weight tile already
 loaded was tried: 1101 against 678 sm_90 instructions per bf16 tile at gpu-large, about 0.8 ms more
-issue for a kernel bound by issue, where cuBLAS reading dz once costs about 0.5 ms.) Teacher values are checked on the loads (error
-word bits 1, 2, 4, as in softmax_kl.py); "mean"/"sum" are reduced by the last program (reduce.py). On a
-GPU the exponentials are ex2.approx.ftz (softmax_kl._exp): the kernel is bound by instruction issue.
+issue for a kernel bound by issue, where cuBLAS reading dz once costs about 0.5 ms.) Teacher values are
+checked on the loads (error word bits 1, 2, 4, as in softmax_kl.py); "mean"/"sum" are reduced by the
+last program (reduce.py). On a GPU the exponentials are ex2.approx.ftz (softmax_kl._exp): the kernel is
+bound by instruction issue.
 """
 
 import triton
@@ -56,6 +57,10 @@ def _thin_heads_tile(x_rows, x_blk, w_head, bias_ptr, head, t_rows, rows_ok, c0,
     return cols, mask, s, u
 
 
+# Forward: z[b, m] = u[b, m] @ W[m].T + bias[m] (never stored), loss[b, m] = T^2 KL(softmax(t/T) ||
+# softmax(z/T)); gradient dloss/dz = T (q - p), written times grad_scale / T with its column sums over the
+# program's rows. Grid (row blocks of BLOCK_B, heads); pass 1 folds the class tiles into online row
+# statistics, pass 2 forms each tile again from them.
 @triton.jit
 def _thin_heads_kl_kernel(
     x_ptr,  # inputs: row b of head m at x_ptr + b * stride_xb + m * stride_xm, unit stride along K

@@ -365,6 +365,10 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
       3. cuBLAS again: dW of the group's heads complete in one GEMM, written once in the weight dtype
          (an fp32 accumulator for the group's slice only when rows had to be chunked); dx = dz @ W,
          accumulated in fp32 across groups; db as an fp32 column sum unless step 2 formed it.
+    Where one launch of step 2 covers every row, its last program reduces the loss ("mean"/"sum").
+    Per-head inputs of width <= THIN_MAX_K with THIN_HEADS on (the thin-heads kernel, a dense frozen
+    teacher): steps 1 and 2 are one launch that forms each logits tile itself and writes dz (and its
+    column sums), so the logits never exist in memory (thin_heads.py).
     Only one group's logits exist at a time; with no gradient wanted nothing (B, M, C)-sized is kept.
     With need_t the same pass writes the teacher's gradient. A top-k teacher (teacher = values,
     teacher_indices = class ids) runs the top-k loss kernel instead: the same GEMMs, M*k teacher
@@ -443,12 +447,10 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
             else:  # per-head inputs: one batched GEMM, head major
                 xc = inp[r0:r1, h0:h1].transpose(0, 1)  # (gh, br, K)
                 z3 = buf[:br * gh * c].view(gh, br, c) if buf is not None else None
-                if thin is not None:
-                    pass  # the loss kernel forms the logits (below)
-                elif bias is not None and topk is not None:
+                if thin is None and bias is not None and topk is not None:
                     torch.baddbmm(bias[h0:h1].unsqueeze(1), xc, wg.transpose(1, 2), out=z3)
-                else:  # a dense teacher's loss kernel adds the bias on its loads: no (gh, br, C) bias
-                    #    copy into z3 for the GEMM to read back (bmm has no bias epilogue)
+                elif thin is None:  # a dense teacher's loss kernel adds the bias on its loads: no (gh, br, C)
+                    #                 bias copy into z3 for the GEMM to read back (bmm has no bias epilogue)
                     torch.bmm(xc, wg.transpose(1, 2), out=z3)
                     if bias is not None:
                         b3 = bias[h0:h1].unsqueeze(1).expand(gh, br, c)
