@@ -114,11 +114,13 @@ KNOBS = {
     **{f"fasthydra/bias-one-pass-tile-{w}": {"set": [("fasthydra.ops._common", "SPLIT_BIAS_PASS", False),
                                                      ("fasthydra.ops._common", "MAX_BLOCK_C", w)],
                                              "cases": [("linear_fwdbwd", "gpu-large")]} for w in (4096, 8192)},
-    # MLP heads' second layer fused with the loss (kernels/thin_heads.py: each logits tile formed in the
-    # loss kernel from the hidden activations, H = 128; no (B, M, C) logits written and read back) against
-    # the default bmm + loss pass; off by default until this row shows it wins
+    # the narrow GEMM fused with the loss (kernels/thin_heads.py: each logits tile formed in the loss
+    # kernel from the input: MLP heads' hidden activations, H = 128, and linear heads at large-C, D = 256;
+    # no (B, M, C) logits written and read back) against the default GEMM + loss pass; off by default
+    # until these rows show where it wins
     "fasthydra/thin-heads": {"set": [("fasthydra.ops._common", "THIN_HEADS", True)],
-                             "cases": [("mlp_fwdbwd", "gpu-large"), ("mlp_fwdbwd", "large-C"), ("mlp_fwdbwd", "mid")]},
+                             "cases": [("mlp_fwdbwd", "gpu-large"), ("mlp_fwdbwd", "large-C"), ("mlp_fwdbwd", "mid"),
+                                       ("linear_fwdbwd", "large-C"), ("linear_fwdbwd", "large-C-tf32")]},
     # uncertainty's long-row tiles (4 warps): 8192 elements is the default
     **{f"fasthydra/unc-tile-{w}": {"set": [("fasthydra.ops._common", "UNCERTAINTY_LONG_TILE", w)],
                                    "cases": [("uncertainty", "gpu-large")]} for w in (4096, 16384)},

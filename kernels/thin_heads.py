@@ -1,5 +1,6 @@
-"""Device code: heads with a narrow input (MLP heads' second layer, K = H <= 256) fused with the Hydra loss,
-the classes walked in tiles and each logits tile recomputed from the input where it is needed.
+"""Device code: heads with a narrow input (K <= 256: MLP heads' second layer, or linear heads over a small
+feature width) fused with the Hydra loss, the classes walked in tiles and each logits tile recomputed from
+the input where it is needed.
 
 With a narrow input a logit costs 2K flops but 2 to 4 bytes to store and as many to read back: the
 unfused path writes the (B, M, C) logits, reads them (and the teacher) twice in the loss pass and
@@ -63,7 +64,7 @@ def _thin_heads_tile(x_rows, x_blk, w_head, bias_ptr, head, t_rows, rows_ok, c0,
 # statistics, pass 2 forms each tile again from them.
 @triton.jit
 def _thin_heads_kl_kernel(
-    x_ptr,  # inputs: row b of head m at x_ptr + b * stride_xb + m * stride_xm, unit stride along K
+    x_ptr,  # inputs: row b of head m at x_ptr + b * stride_xb + m * stride_xm (0: shared), unit stride along K
     w_ptr,  # weights (M, C, K): head stride stride_wm, class stride stride_wc, unit stride along K
     bias_ptr,  # bias (M, C), head stride stride_biasm, unit along C; unused unless HAS_BIAS
     t_ptr,  # teacher logits: row (b, m) at b * stride_tb + m * stride_tm, unit along C

@@ -35,14 +35,14 @@ def thin(monkeypatch):
     return launches
 
 
-def _mlp_case(b, c, m, hidden, bias, dtype=torch.float32):
+def _heads_case(b, c, m, hidden, bias, dtype=torch.float32, d=12):
     torch.manual_seed(0)
-    head = HydraHead(12, c, m, hidden_features=hidden, bias=bias, impl="triton")
+    head = HydraHead(d, c, m, hidden_features=hidden, bias=bias, impl="triton")
     if bias:
         with torch.no_grad():
             head.bias.copy_(torch.randn_like(head.bias) * 3)  # a bias that matters
     head = head.to(dtype)
-    x = torch.randn(b, 12, dtype=dtype, requires_grad=True)
+    x = torch.randn(b, d, dtype=dtype, requires_grad=True)
     t = teacher_logits(b, m, c, dtype=dtype)
     if b > 3:
         t[3, m - 1, : (2 * c) // 3] = float("-inf")  # masked classes spanning whole class tiles
@@ -54,39 +54,49 @@ def _reference(head, x, t, temperature, reduction, upstream):
     """float64 loss and gradients of upstream * loss (x and the parameters), from the eager reference."""
     x64 = x.detach().double().requires_grad_()
     p64 = {k: v.detach().double().requires_grad_() for k, v in head.named_parameters()}
-    z = R.mlp_heads_ref(x64, p64["hidden_weight"], p64.get("hidden_bias"), p64["weight"], p64.get("bias"))
+    if head.is_mlp:
+        z = R.mlp_heads_ref(x64, p64["hidden_weight"], p64.get("hidden_bias"), p64["weight"], p64.get("bias"))
+    else:
+        z = R.linear_heads_ref(x64, p64["weight"], p64.get("bias"))
     loss = R.hydra_kl_loss_ref(z, t.double(), temperature, reduction=reduction)
     up = upstream if reduction != "none" else upstream.double()
     return loss, torch.autograd.grad((loss * up).sum(), [x64, *p64.values()])
 
 
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("b,c,m,hidden", [(70, 70, 3, 6), (37, 13, 1, 6), (5, 150, 2, 6), (20, 40, 2, 40)],
-                         ids=["2-row-blocks", "odd", "3-tiles", "K-steps"])
+@pytest.mark.parametrize("b,c,m,hidden", [(70, 70, 3, 6), (37, 13, 1, 6), (5, 150, 2, 6), (20, 40, 2, 40),
+                                          (70, 70, 3, None), (20, 40, 2, None)],
+                         ids=["2-row-blocks", "odd", "3-tiles", "K-steps", "linear", "linear-K-steps"])
 def test_thin_heads_against_float64(thin, bias, b, c, m, hidden):
-    """Loss and every gradient (upstream 0.7) of MLP heads whose second layer and loss run as one kernel:
-    rows across two row blocks (the second short), C below one tile, C across three class tiles (the
-    last short), M = 1, masked classes, the inputs loaded once per program or (hidden 40 in fp32's K
-    steps of 32) read per tile; the loss alone the same, with no gradient buffer and one launch."""
-    head, x, t = _mlp_case(b, c, m, hidden, bias)
-    assert _common.thin_heads_config(hidden, c, 4, ieee=True)["ONE_K_STEP"] == (hidden <= 32)
+    """Loss and every gradient (upstream 0.7) of heads whose narrow GEMM and loss run as one kernel: MLP
+    heads' second layer, and linear heads over a 12-wide input shared by the heads (seen with a head
+    stride of 0); rows across two row blocks (the second short), C below one tile, C across three class
+    tiles (the last short), M = 1, masked classes, the inputs loaded once per program (width 6 or 12) or
+    read again per tile in fp32's K steps of 32 (width 40); the loss alone the same, with no gradient
+    buffer and one launch."""
+    if hidden is None and c == 40:  # linear heads in K steps: a wider input
+        head, x, t = _heads_case(b, c, m, None, bias, d=40)
+    else:
+        head, x, t = _heads_case(b, c, m, hidden, bias)
+    k = x.shape[1] if hidden is None else hidden
+    assert _common.thin_heads_config(k, c, 4, ieee=True)["ONE_K_STEP"] == (k <= 32)
     loss = head.distill_loss(x, t, temperature=1.5)
     grads = torch.autograd.grad(loss * 0.7, [x, *params_of(head)])
-    assert thin == [((b, m, hidden), True, True)]  # one launch, dz written, the loss reduced by its last program
+    assert thin == [((b, m, k), True, True)]  # one launch, dz written, the loss reduced by its last program
     loss_ref, grads_ref = _reference(head, x, t, 1.5, "mean", 0.7)
     assert_close_to(loss, loss_ref, rtol=2e-6, atol=1e-7, what="loss")
     for name, g, g_ref in zip(["x"] + [n for n, _ in head.named_parameters()], grads, grads_ref):
         assert_close_to(g, g_ref, rtol=1e-5, atol=1e-8, what=name)
     with torch.no_grad():
         assert_close_to(head.distill_loss(x, t, temperature=1.5), loss_ref, rtol=2e-6, atol=1e-7)
-    assert thin[1] == ((b, m, hidden), False, True)
+    assert thin[1] == ((b, m, k), False, True)
 
 
 @pytest.mark.parametrize("reduction", ["none", "sum"])
 def test_thin_heads_reductions_and_row_upstream(thin, reduction):
     """"sum" (one thin launch, reduced by its last program) and "none" with a random upstream gradient per
     (row, head) (not fused: head(x) then the loss on logits, as documented): against float64."""
-    head, x, t = _mlp_case(40, 30, 3, 5, True)
+    head, x, t = _heads_case(40, 30, 3, 5, True)
     loss = head.distill_loss(x, t, temperature=0.8, reduction=reduction)
     up = torch.rand(40, 3) if reduction == "none" else torch.tensor(1.3)
     grads = torch.autograd.grad((loss * up).sum(), [x, *params_of(head)])
@@ -102,7 +112,7 @@ def test_thin_heads_in_head_groups_and_row_chunks(thin, monkeypatch):
     of 20 (dz, dW in the group's fp32 accumulator, db's column sums accumulated over chunks), each chunk
     one thin launch, the rows reduced at the end."""
     monkeypatch.setattr(lk, "CUBLAS_GROUP_ELEMENTS", 20 * 30)
-    head, x, t = _mlp_case(50, 30, 3, 5, True)
+    head, x, t = _heads_case(50, 30, 3, 5, True)
     loss = head.distill_loss(x, t, temperature=1.5)
     grads = torch.autograd.grad(loss * 0.7, [x, *params_of(head)])
     assert thin == [((n, 1, 5), True, False) for _ in range(3) for n in (20, 20, 10)]
@@ -115,7 +125,7 @@ def test_thin_heads_in_head_groups_and_row_chunks(thin, monkeypatch):
 def test_thin_heads_fp16(thin):
     """16-bit inputs (dz written in fp16, the bias gradient from the fp32 values before rounding): within
     fp16's rounding of the float64 reference."""
-    head, x, t = _mlp_case(40, 150, 2, 8, True, torch.float16)
+    head, x, t = _heads_case(40, 150, 2, 8, True, torch.float16)
     loss = head.distill_loss(x, t, temperature=1.5)
     grads = torch.autograd.grad(loss, [x, *params_of(head)])
     loss_ref, grads_ref = _reference(head, x, t, 1.5, "mean", 1.0)
@@ -129,7 +139,7 @@ def test_thin_heads_fp16(thin):
 def test_thin_heads_check_the_teacher(thin, value, match):
     """Teacher values checked on the thin kernel's own loads (a bad row in the second row block, in the
     second class tile): a clear ValueError; a lone masked class is fine."""
-    head, x, t = _mlp_case(70, 100, 2, 4, True)
+    head, x, t = _heads_case(70, 100, 2, 4, True)
     if value is None:
         t[66, 1, :] = float("-inf")
     else:
@@ -146,7 +156,7 @@ def test_thin_heads_not_taken_where_they_do_not_apply(monkeypatch):
     monkeypatch.setattr(lk, "launch_thin_heads_kl", lambda *a, **k: ran.append(1))
     for on, hidden in ((True, _common.THIN_MAX_K + 1), (False, 6)):
         monkeypatch.setattr(_common, "THIN_HEADS", on)
-        head, x, t = _mlp_case(6, 20, 2, hidden, True)
+        head, x, t = _heads_case(6, 20, 2, hidden, True)
         assert torch.isfinite(head.distill_loss(x, t))
     assert ran == []
     cfg = _common.thin_heads_config
@@ -155,3 +165,17 @@ def test_thin_heads_not_taken_where_they_do_not_apply(monkeypatch):
     assert cfg(128, 1000, 2)["BLOCK_C"] == 32  # a C that is not a multiple of 16
     assert not cfg(_common.THIN_MAX_K, 32000, 2)["ONE_K_STEP"] and cfg(_common.THIN_MAX_K, 32000, 2)["BLOCK_K"] == 64
     assert cfg(128, 1000, 4)["ONE_K_STEP"] and not cfg(128, 1000, 4, ieee=True)["ONE_K_STEP"]
+
+
+def test_thin_heads_environment_setting():
+    """FASTHYDRA_THIN_HEADS=1 turns the path on at import; unset, it is off."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from fasthydra.ops import _common; print(_common.THIN_HEADS)"
+    env = {k: v for k, v in os.environ.items() if k != "FASTHYDRA_THIN_HEADS"}
+    off = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    on = subprocess.run([sys.executable, "-c", code], env={**env, "FASTHYDRA_THIN_HEADS": "1"}, capture_output=True,
+                        text=True, check=True)
+    assert (off.stdout.strip(), on.stdout.strip()) == ("False", "True")

@@ -58,11 +58,12 @@ SMALL_DX_BLOCK_J = 32
 SMALL_DEFERRED = True
 
 
-# Heads with a narrow per-head input (MLP heads' second layer, K <= THIN_MAX_K) on the cuBLAS path:
-# kernels/thin_heads.py forms each logits tile from the input inside the loss kernel (2K flops per
-# logit, cheap at K <= 256) instead of a bmm writing the (B, M, C) logits for the loss pass to read back.
-# Not timed on a GPU yet: off by default until bench/gpu_check.py (variant "thin-heads") shows it wins.
-THIN_HEADS = False
+# Heads with a narrow input (MLP heads' second layer, linear heads over a small feature width: K <=
+# THIN_MAX_K) on the cuBLAS path: kernels/thin_heads.py forms each logits tile from the input inside the
+# loss kernel (2K flops per logit, cheap at K <= 256 on tensor cores) instead of a GEMM writing the
+# (B, M, C) logits for the loss pass to read back. Not timed on a GPU yet: off by default until
+# bench/gpu_check.py (knob "thin-heads") shows where it wins; FASTHYDRA_THIN_HEADS=1 turns it on.
+THIN_HEADS = os.environ.get("FASTHYDRA_THIN_HEADS", "0").strip() == "1"
 THIN_MAX_K = 256
 
 

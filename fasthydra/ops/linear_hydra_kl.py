@@ -366,9 +366,9 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
          (an fp32 accumulator for the group's slice only when rows had to be chunked); dx = dz @ W,
          accumulated in fp32 across groups; db as an fp32 column sum unless step 2 formed it.
     Where one launch of step 2 covers every row, its last program reduces the loss ("mean"/"sum").
-    Per-head inputs of width <= THIN_MAX_K with THIN_HEADS on (the thin-heads kernel, a dense frozen
-    teacher): steps 1 and 2 are one launch that forms each logits tile itself and writes dz (and its
-    column sums), so the logits never exist in memory (thin_heads.py).
+    Inputs of width <= THIN_MAX_K with THIN_HEADS on (the thin-heads kernel, a dense frozen teacher):
+    steps 1 and 2 are one launch that forms each logits tile itself and writes dz (and its column
+    sums), so the logits never exist in memory (thin_heads.py).
     Only one group's logits exist at a time; with no gradient wanted nothing (B, M, C)-sized is kept.
     With need_t the same pass writes the teacher's gradient. A top-k teacher (teacher = values,
     teacher_indices = class ids) runs the top-k loss kernel instead: the same GEMMs, M*k teacher
@@ -389,10 +389,11 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
     grad_t = torch.empty(teacher.shape, dtype=teacher.dtype, device=dev) if need_t else None
     heads, rows = _head_groups(b, m, c)
     n_groups, n_chunks = cdiv(m, heads), max(1, cdiv(b, rows))
-    # Per-head inputs narrow enough (MLP heads' second layer): the loss kernel forms the logits itself
-    # (thin_heads.py), a dense frozen teacher only; else one bmm writes them for the loss pass.
+    # Inputs narrow enough (MLP heads' second layer, linear heads over a small feature width): the loss
+    # kernel forms the logits itself (thin_heads.py), a dense frozen teacher only; else a GEMM writes them
+    # for the loss pass.
     thin = None
-    if _common.THIN_HEADS and not shared and topk is None and grad_t is None:
+    if _common.THIN_HEADS and topk is None and grad_t is None:
         thin = _common.thin_heads_config(k, c, inp.element_size(), _common.dot_precision(inp.dtype) == "ieee")
         if thin is not None and inp.stride(-1) != 1:
             inp = inp.contiguous()
@@ -435,13 +436,14 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
             b3 = None  # a bias for the loss kernel to add (per-head inputs)
             if shared:  # z[b, h, :] for the group: one GEMM over the stacked weight, rows major
                 xc = inp[r0:r1]
-                z = buf[:br * gh * c].view(br, gh * c)
-                if bias is not None:  # a 1-D bias: cuBLASLt adds it in the GEMM's epilogue (a (1, N) one is
-                    #                   first copied into every row of z, then read back by the GEMM)
+                z = buf[:br * gh * c].view(br, gh * c) if buf is not None else None
+                if thin is None and bias is not None:  # a 1-D bias: cuBLASLt adds it in the GEMM's epilogue (a
+                    #                                 (1, N) one is first copied into every row of z, then read back)
                     torch.addmm(bias[h0:h1].reshape(gh * c), xc, w2.T, out=z)
-                else:
+                elif thin is None:  # (thin heads: the loss kernel forms the logits itself, below)
                     torch.mm(xc, w2.T, out=z)
-                z3, t3, l2 = z.view(br, gh, c), teacher[r0:r1, h0:h1], loss[r0:r1, h0:h1]
+                z3 = None if z is None else z.view(br, gh, c)
+                t3, l2 = teacher[r0:r1, h0:h1], loss[r0:r1, h0:h1]
                 h3 = None if grad_t is None else grad_t[r0:r1, h0:h1]
                 i3 = None if topk is None else topk[r0:r1, h0:h1]
             else:  # per-head inputs: one batched GEMM, head major
@@ -458,9 +460,11 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
                 h3 = None if grad_t is None else grad_t[r0:r1, h0:h1].transpose(0, 1)
                 i3 = None if topk is None else topk[r0:r1, h0:h1].transpose(0, 1)
             db_parts = None  # partial column sums of dz (heads, row groups, C) when the loss pass forms them
-            if thin is not None:
-                db_parts = launch_thin_heads_kl(inp[r0:r1, h0:h1], wg, None if bias is None else bias[h0:h1],
-                                                t3.transpose(0, 1), l2.T, z3.transpose(0, 1) if want_grad else None,
+            if thin is not None:  # (rows, heads) views; a shared input seen with a head stride of 0
+                x3 = inp[r0:r1].unsqueeze(1).expand(br, gh, k) if shared else inp[r0:r1, h0:h1]
+                g3 = None if not want_grad else z3 if shared else z3.transpose(0, 1)
+                db_parts = launch_thin_heads_kl(x3, wg, None if bias is None else bias[h0:h1],
+                                                t3 if shared else t3.transpose(0, 1), l2 if shared else l2.T, g3,
                                                 temperature, grad_scale, thin, reduce_to=reduce_to, colsum=need_b)
             elif topk is not None:
                 launch_kl_rows_topk(z3, t3, i3, l2, z3 if want_grad else None, temperature, grad_scale,
