@@ -179,3 +179,16 @@ def test_thin_heads_environment_setting():
     on = subprocess.run([sys.executable, "-c", code], env={**env, "FASTHYDRA_THIN_HEADS": "1"}, capture_output=True,
                         text=True, check=True)
     assert (off.stdout.strip(), on.stdout.strip()) == ("False", "True")
+
+
+@pytest.mark.parametrize("hidden", [None, 5])
+def test_thin_heads_empty_batch(thin, hidden):
+    """No rows: "mean" is 0, "sum" is 0, every gradient is zero (nothing launched for the empty block)."""
+    head = HydraHead(12, 30, 3, hidden_features=hidden, impl="triton")
+    x = torch.randn(0, 12, requires_grad=True)
+    t = torch.randn(0, 3, 30)
+    for reduction in ("mean", "sum"):
+        loss = head.distill_loss(x, t, 2.0, reduction=reduction)
+        grads = torch.autograd.grad(loss, [x, *params_of(head)])
+        assert loss.item() == 0.0 and x.grad is None
+        assert grads[0].shape == (0, 12) and all(torch.count_nonzero(g) == 0 for g in grads[1:])
