@@ -191,7 +191,7 @@ def _kernel_specs():
             # gradient and column sums or the loss alone, and HIDDEN (in K steps) with the gradient
             for k, grad in ((128, True), (128, False), (HIDDEN, True)):
                 tc = cfgs.thin_heads_config(k, c, 4 if ty == "fp32" else 2, prec == "ieee")
-                if (b, c) in ((1024, 1000), (4096, 32000)):
+                if tc is not None and (b, c) in ((1024, 1000), (4096, 32000)):  # (None: fp32 with IEEE dots)
                     add(_thin_heads_kl_kernel,
                         {"x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "t_ptr": f"*{ty}",
                          "loss_ptr": "*fp32", "g_ptr": f"*{ty}", "colsum_ptr": "*fp32", "part_ptr": "*fp32",
@@ -203,6 +203,7 @@ def _kernel_specs():
                         {"HAS_BIAS": True, "WRITE_GRAD": grad, "WRITE_COLSUM": grad, "REDUCE": True,
                          "UPCAST_DOT": False, "PRECISION": prec, "BLOCK_B": tc["BLOCK_B"], "BLOCK_C": tc["BLOCK_C"],
                          "BLOCK_K": tc["BLOCK_K"], "ONE_K_STEP": tc["ONE_K_STEP"], "FAST_EXP": True,
+                         "PREFETCH": tc["PREFETCH"],
                          "BLOCK_P": cfgs.reduce_block(cdiv(b, tc["BLOCK_B"]) * m, tc["num_warps"])},
                         {"num_warps": tc["num_warps"], "num_stages": tc["num_stages"]}, tag)
 

@@ -32,12 +32,26 @@ from .softmax_kl import _kl_grad_tile, _online_kl_update
 
 
 @triton.jit
-def _thin_heads_tile(x_rows, x_blk, w_head, bias_ptr, head, t_rows, rows_ok, c0, C, K, stride_wc, stride_biasm,
-                     inv_temp, HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr,
-                     ONE_K_STEP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One class tile: (classes, in-row mask, student z / T, teacher t / T), -inf outside the row. With
-    ONE_K_STEP (K <= BLOCK_K) x_blk holds the rows' inputs, loaded once per program: only the weight
-    tile is read per class tile; else the inputs are read again in K steps."""
+def _ahead(t_rows, rows_ok, bias_head, c0, C, HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """What a class tile needs besides the GEMM (loaded a tile ahead by the caller with PREFETCH): the raw
+    teacher logits of the tile at c0 (-inf outside the row) and the head's bias there (fp32; 0 without a
+    bias). Nothing is read past C."""
+    cols = c0 + tl.arange(0, BLOCK_C)
+    t_raw = tl.load(t_rows + cols[None, :], mask=rows_ok[:, None] & (cols < C)[None, :], other=float("-inf"))
+    if HAS_BIAS:
+        return t_raw, tl.load(bias_head + cols, mask=cols < C, other=0.0).to(tl.float32)
+    else:
+        return t_raw, tl.zeros((BLOCK_C,), tl.float32)
+
+
+@triton.jit
+def _thin_heads_tile(x_rows, x_blk, w_head, t_raw, bias, rows_ok, c0, C, K, stride_wc, inv_temp,
+                     UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr, ONE_K_STEP: tl.constexpr,
+                     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One class tile: (classes, in-row mask, student z / T, teacher t / T), -inf outside the row, from the
+    tile's raw teacher logits t_raw and bias (from ``_ahead``, a tile earlier). With ONE_K_STEP (K <=
+    BLOCK_K) x_blk holds the rows' inputs, loaded once per program: only the weight tile is read per class
+    tile; else the inputs are read again in K steps."""
     cols = c0 + tl.arange(0, BLOCK_C)
     col_ok = cols < C
     mask = rows_ok[:, None] & col_ok[None, :]
@@ -48,14 +62,11 @@ def _thin_heads_tile(x_rows, x_blk, w_head, bias_ptr, head, t_rows, rows_ok, c0,
         if UPCAST_DOT:
             w = w.to(tl.float32)
         acc = tl.dot(x_blk, w.to(x_blk.dtype), input_precision=PRECISION)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + head * stride_biasm + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     else:
-        acc = _heads_logits_tile(x_rows, w_head, bias_ptr, head, rows_ok, cols, col_ok, K, stride_wc, stride_biasm,
-                                 HAS_BIAS, UPCAST_DOT, PRECISION, BLOCK_B, BLOCK_C, BLOCK_K)
-    s = tl.where(mask, acc * inv_temp, float("-inf"))
-    u = tl.load(t_rows + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
-    return cols, mask, s, u
+        acc = _heads_logits_tile(x_rows, w_head, w_head, 0, rows_ok, cols, col_ok, K, stride_wc, 0, False,
+                                 UPCAST_DOT, PRECISION, BLOCK_B, BLOCK_C, BLOCK_K)
+    s = tl.where(mask, (acc + bias[None, :]) * inv_temp, float("-inf"))
+    return cols, mask, s, t_raw.to(tl.float32) * inv_temp
 
 
 # Forward: z[b, m] = u[b, m] @ W[m].T + bias[m] (never stored), loss[b, m] = T^2 KL(softmax(t/T) ||
@@ -106,6 +117,7 @@ def _thin_heads_kl_kernel(
     BLOCK_C: tl.constexpr,  # classes per tile
     ONE_K_STEP: tl.constexpr,  # K <= BLOCK_K: the rows' inputs loaded once, one dot per class tile
     FAST_EXP: tl.constexpr,  # exponentials as ex2.approx.ftz (softmax_kl._exp): GPU launches only
+    PREFETCH: tl.constexpr,  # the teacher and bias tiles loaded one tile ahead
     BLOCK_K: tl.constexpr,  # K per dot step
     BLOCK_P: tl.constexpr,  # partial sums read per step by the reducing program
 ):
@@ -116,6 +128,7 @@ def _thin_heads_kl_kernel(
     x_rows = x_ptr + rows[:, None] * stride_xb + m * stride_xm
     w_head = w_ptr + m * stride_wm
     t_rows = t_ptr + rows[:, None] * stride_tb + m * stride_tm
+    bias_head = bias_ptr + m * stride_biasm
     x_blk = x_ptr  # a placeholder unless ONE_K_STEP
     if ONE_K_STEP:
         ks = tl.arange(0, BLOCK_K)
@@ -124,20 +137,36 @@ def _thin_heads_kl_kernel(
             x_blk = x_blk.to(tl.float32)
     zero = tl.zeros((BLOCK_B,), tl.float32)
     m_s, d_s, m_u, d_u, a = zero + float("-inf"), zero, zero + float("-inf"), zero, zero
+    # With PREFETCH the teacher's and the bias's tiles are loaded one tile ahead (the weight tiles are
+    # pipelined by the compiler, these loads were not: one program per SM at these register counts, so
+    # nothing else hides their latency).
+    if PREFETCH:
+        t_next, b_next = _ahead(t_rows, rows_ok, bias_head, 0, C, HAS_BIAS, BLOCK_C)
     for c0 in range(0, C, BLOCK_C):
-        cols, mask, s, u = _thin_heads_tile(x_rows, x_blk, w_head, bias_ptr, m, t_rows, rows_ok, c0, C, K,
-                                            stride_wc, stride_biasm, inv_temp, HAS_BIAS, UPCAST_DOT, PRECISION,
-                                            ONE_K_STEP, BLOCK_B, BLOCK_C, BLOCK_K)
+        if PREFETCH:
+            t_raw, bias = t_next, b_next
+            t_next, b_next = _ahead(t_rows, rows_ok, bias_head, c0 + BLOCK_C, C, HAS_BIAS, BLOCK_C)
+        else:
+            t_raw, bias = _ahead(t_rows, rows_ok, bias_head, c0, C, HAS_BIAS, BLOCK_C)
+        cols, mask, s, u = _thin_heads_tile(x_rows, x_blk, w_head, t_raw, bias, rows_ok, c0, C, K, stride_wc,
+                                            inv_temp, UPCAST_DOT, PRECISION, ONE_K_STEP, BLOCK_B, BLOCK_C, BLOCK_K)
         m_s, d_s, m_u, d_u, a = _online_kl_update(s, u, m_s, d_s, m_u, d_u, a, FAST_EXP)
     log_d_s = tl.log(d_s)
     log_d_u = tl.log(d_u)
     kl = (a / d_u - log_d_u + log_d_s) * loss_scale
     tl.store(loss_ptr + rows * stride_lb + m * stride_lm, kl, mask=rows_ok)
     if WRITE_GRAD:
+        if PREFETCH:
+            t_next, b_next = _ahead(t_rows, rows_ok, bias_head, 0, C, HAS_BIAS, BLOCK_C)
         for c0 in range(0, C, BLOCK_C):
-            cols, mask, s, u = _thin_heads_tile(x_rows, x_blk, w_head, bias_ptr, m, t_rows, rows_ok, c0, C, K,
-                                                stride_wc, stride_biasm, inv_temp, HAS_BIAS, UPCAST_DOT,
-                                                PRECISION, ONE_K_STEP, BLOCK_B, BLOCK_C, BLOCK_K)
+            if PREFETCH:
+                t_raw, bias = t_next, b_next
+                t_next, b_next = _ahead(t_rows, rows_ok, bias_head, c0 + BLOCK_C, C, HAS_BIAS, BLOCK_C)
+            else:
+                t_raw, bias = _ahead(t_rows, rows_ok, bias_head, c0, C, HAS_BIAS, BLOCK_C)
+            cols, mask, s, u = _thin_heads_tile(x_rows, x_blk, w_head, t_raw, bias, rows_ok, c0, C, K, stride_wc,
+                                                inv_temp, UPCAST_DOT, PRECISION, ONE_K_STEP, BLOCK_B, BLOCK_C,
+                                                BLOCK_K)
             g = tl.where(mask, _kl_grad_tile(s, u, m_s, log_d_s, m_u, log_d_u, grad_scale, FAST_EXP), 0.0)
             tl.store(g_ptr + rows[:, None] * stride_gb + m * stride_gm + cols[None, :],
                      g.to(g_ptr.dtype.element_ty), mask=mask)

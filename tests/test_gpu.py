@@ -160,9 +160,9 @@ def test_head_groups_accumulate_dx_in_fp32(monkeypatch, dtype):
                                             (96, 200, 3, 5000, None)])
 def test_thin_heads_tolerance_rule(monkeypatch, dtype, b, d, m, c, hidden):
     """The narrow GEMM fused with the loss (THIN_HEADS: the logits formed per class tile inside the loss
-    kernel, wgmma on sm_90; MLP heads' second layer, and linear heads over a 200-wide input) held to the
-    tolerance rule against float64: odd shapes, a vocabulary-sized C, several K steps; and a training
-    step of it issues no host synchronisation."""
+    kernel, wgmma on sm_90; MLP heads' second layer, and linear heads over a 200-wide input; fp32 with
+    TF32 dots) held to the tolerance rule against float64: odd shapes, a vocabulary-sized C, several K
+    steps; and a training step of it issues no host synchronisation."""
     import fasthydra.ops.linear_hydra_kl as lk
     from fasthydra.ops import _common
 
@@ -171,20 +171,24 @@ def test_thin_heads_tolerance_rule(monkeypatch, dtype, b, d, m, c, hidden):
     ran = []
     real = lk.launch_thin_heads_kl
     monkeypatch.setattr(lk, "launch_thin_heads_kl", lambda *a, **k: ran.append(1) or real(*a, **k))
-    torch.backends.cuda.matmul.allow_tf32 = False
-    _check_heads_against_float64(b, d, m, c, hidden, dtype)
-    assert ran
-    head = HydraHead(d, c, m, hidden_features=hidden, impl="triton", device="cuda", dtype=dtype)
-    x = torch.randn(b, d, device="cuda", dtype=dtype)
-    t = teacher_logits(b, m, c, device="cuda", dtype=dtype)
-    head.distill_loss(x, t).backward()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # fp32 takes the path with TF32 dots only (eager uses TF32 too)
     try:
+        _check_heads_against_float64(b, d, m, c, hidden, dtype)
+        assert ran
+        head = HydraHead(d, c, m, hidden_features=hidden, impl="triton", device="cuda", dtype=dtype)
+        x = torch.randn(b, d, device="cuda", dtype=dtype)
+        t = teacher_logits(b, m, c, device="cuda", dtype=dtype)
         head.distill_loss(x, t).backward()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            head.distill_loss(x, t).backward()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.synchronize()
     finally:
-        torch.cuda.set_sync_debug_mode(0)
-    torch.cuda.synchronize()
+        torch.set_float32_matmul_precision(precision)
 
 
 def _training_step_parts(hidden, impl, dtype=torch.float32):

@@ -15,11 +15,15 @@ pytestmark = pytest.mark.interpret
 
 
 @pytest.fixture
-def thin(monkeypatch):
+def thin(monkeypatch, request):
     """The thin-heads path on (the cuBLAS path, THIN_HEADS), its launches recorded; the row-kernel loss
     pass must not run beside it."""
     use_heads_path(monkeypatch, "cublas")
     monkeypatch.setattr(_common, "THIN_HEADS", True)
+    # fp32 takes the path with TF32 dots allowed only (the interpreter's dots are exact fp32 either way)
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    request.addfinalizer(lambda: torch.set_float32_matmul_precision(precision))
     launches = []
     real = lk.launch_thin_heads_kl
 
@@ -66,20 +70,15 @@ def _reference(head, x, t, temperature, reduction, upstream):
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("b,c,m,hidden", [(70, 70, 3, 6), (37, 13, 1, 6), (5, 150, 2, 6), (20, 40, 2, 40),
                                           (70, 70, 3, None), (20, 40, 2, None)],
-                         ids=["2-row-blocks", "odd", "3-tiles", "K-steps", "linear", "linear-K-steps"])
+                         ids=["2-row-blocks", "odd", "3-tiles", "wider", "linear", "linear-wider"])
 def test_thin_heads_against_float64(thin, bias, b, c, m, hidden):
     """Loss and every gradient (upstream 0.7) of heads whose narrow GEMM and loss run as one kernel: MLP
     heads' second layer, and linear heads over a 12-wide input shared by the heads (seen with a head
     stride of 0); rows across two row blocks (the second short), C below one tile, C across three class
-    tiles (the last short), M = 1, masked classes, the inputs loaded once per program (width 6 or 12) or
-    read again per tile in fp32's K steps of 32 (width 40); the loss alone the same, with no gradient
-    buffer and one launch."""
-    if hidden is None and c == 40:  # linear heads in K steps: a wider input
-        head, x, t = _heads_case(b, c, m, None, bias, d=40)
-    else:
-        head, x, t = _heads_case(b, c, m, hidden, bias)
+    tiles (the last short), M = 1, masked classes; the loss alone the same, with no gradient buffer and
+    one launch. (Widths above 128, read again per tile in K steps: test_thin_heads_in_k_steps.)"""
+    head, x, t = _heads_case(b, c, m, hidden, bias, d=40 if hidden is None and c == 40 else 12)
     k = x.shape[1] if hidden is None else hidden
-    assert _common.thin_heads_config(k, c, 4, ieee=True)["ONE_K_STEP"] == (k <= 32)
     loss = head.distill_loss(x, t, temperature=1.5)
     grads = torch.autograd.grad(loss * 0.7, [x, *params_of(head)])
     assert thin == [((b, m, k), True, True)]  # one launch, dz written, the loss reduced by its last program
@@ -90,6 +89,38 @@ def test_thin_heads_against_float64(thin, bias, b, c, m, hidden):
     with torch.no_grad():
         assert_close_to(head.distill_loss(x, t, temperature=1.5), loss_ref, rtol=2e-6, atol=1e-7)
     assert thin[1] == ((b, m, k), False, True)
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+@pytest.mark.parametrize("hidden", [None, 5])
+def test_thin_heads_tiles_loaded_ahead_or_not(thin, monkeypatch, prefetch, hidden):
+    """The teacher and bias tiles loaded a tile ahead (PREFETCH, 16-bit inputs on a GPU) or in their own
+    iteration, forced either way on fp32 (tight tolerance): five class tiles, the last short, masked classes."""
+    config = lk._common.thin_heads_config
+    monkeypatch.setattr(_common, "thin_heads_config", lambda *a, **k: {**config(*a, **k), "PREFETCH": prefetch})
+    head, x, t = _heads_case(70, 150, 2, hidden, True)
+    loss = head.distill_loss(x, t, temperature=1.5)
+    grads = torch.autograd.grad(loss * 0.7, [x, *params_of(head)])
+    assert len(thin) == 1
+    loss_ref, grads_ref = _reference(head, x, t, 1.5, "mean", 0.7)
+    assert_close_to(loss, loss_ref, rtol=2e-6, atol=1e-7, what="loss")
+    for name, g, g_ref in zip(["x"] + [n for n, _ in head.named_parameters()], grads, grads_ref):
+        assert_close_to(g, g_ref, rtol=1e-5, atol=1e-8, what=name)
+
+
+@pytest.mark.parametrize("hidden", [None, 150])
+def test_thin_heads_in_k_steps(thin, hidden):
+    """Inputs wider than one dot step (150 > 128: K steps of 64, the inputs read again per class tile), MLP
+    heads' hidden width and linear heads' feature width, against float64."""
+    head, x, t = _heads_case(20, 40, 2, hidden, True, d=12 if hidden else 150)
+    assert not _common.thin_heads_config(150, 40, 4)["ONE_K_STEP"]
+    loss = head.distill_loss(x, t, temperature=1.5)
+    grads = torch.autograd.grad(loss * 0.7, [x, *params_of(head)])
+    assert thin == [((20, 2, 150), True, True)]
+    loss_ref, grads_ref = _reference(head, x, t, 1.5, "mean", 0.7)
+    assert_close_to(loss, loss_ref, rtol=2e-6, atol=1e-7, what="loss")
+    for name, g, g_ref in zip(["x"] + [n for n, _ in head.named_parameters()], grads, grads_ref):
+        assert_close_to(g, g_ref, rtol=1e-5, atol=1e-8, what=name)
 
 
 @pytest.mark.parametrize("reduction", ["none", "sum"])
@@ -150,21 +181,25 @@ def test_thin_heads_check_the_teacher(thin, value, match):
 
 
 def test_thin_heads_not_taken_where_they_do_not_apply(monkeypatch):
-    """A hidden width above THIN_MAX_K, or the setting off: the bmm and the row kernel's loss pass."""
+    """A hidden width above THIN_MAX_K, fp32 at torch's default "highest" precision (IEEE dots), or the
+    setting off: the GEMM and the row kernel's loss pass."""
     use_heads_path(monkeypatch, "cublas")
+    assert torch.get_float32_matmul_precision() == "highest"
     ran = []
     monkeypatch.setattr(lk, "launch_thin_heads_kl", lambda *a, **k: ran.append(1))
-    for on, hidden in ((True, _common.THIN_MAX_K + 1), (False, 6)):
+    for on, hidden in ((True, _common.THIN_MAX_K + 1), (True, 6), (False, 6)):
         monkeypatch.setattr(_common, "THIN_HEADS", on)
         head, x, t = _heads_case(6, 20, 2, hidden, True)
         assert torch.isfinite(head.distill_loss(x, t))
     assert ran == []
     cfg = _common.thin_heads_config
+    assert cfg(6, 20, 4, ieee=True) is None
+    assert cfg(6, 20, 2, ieee=True) is not None  # 16-bit inputs: tensor cores whatever the fp32 setting
     assert cfg(_common.THIN_MAX_K + 1, 32000, 2) is None
     assert cfg(128, 32000, 2)["ONE_K_STEP"] and cfg(128, 32000, 2)["BLOCK_C"] == 64
     assert cfg(128, 1000, 2)["BLOCK_C"] == 32  # a C that is not a multiple of 16
     assert not cfg(_common.THIN_MAX_K, 32000, 2)["ONE_K_STEP"] and cfg(_common.THIN_MAX_K, 32000, 2)["BLOCK_K"] == 64
-    assert cfg(128, 1000, 4)["ONE_K_STEP"] and not cfg(128, 1000, 4, ieee=True)["ONE_K_STEP"]
+    assert cfg(128, 1000, 4)["ONE_K_STEP"] and cfg(128, 1000, 4)["PREFETCH"] is False
 
 
 def test_thin_heads_environment_setting():

@@ -68,21 +68,22 @@ THIN_MAX_K = 256
 
 
 def thin_heads_config(k: int, n_cols: int, elem_size: int, ieee: bool = False) -> dict | None:
-    """Blocks of _thin_heads_kl_kernel for a per-head input of width k and rows of n_cols classes, or None
-    where k is too wide for it (whether the path runs at all is THIN_HEADS). 64 rows per program (wgmma's
-    rows on sm_90), 8 warps, two stages. Up to K = 128 the rows' inputs are loaded once per program and
-    each class tile is one dot (ONE_K_STEP; K steps of 64 otherwise, the inputs read again per tile).
-    16-bit inputs: classes in tiles of 64, or 32 where C is not a multiple of 16 (unvectorised loads; 64
-    spilled there); fp32: tiles of 32, and IEEE dots (FMA) in K steps of 32 (one step of 128 spilled 272
-    bytes on sm_90). 100 to 190 registers per thread, no spills on sm_80/sm_90 (kernel report)."""
-    if not 0 < k <= THIN_MAX_K:
+    """Blocks of _thin_heads_kl_kernel for an input of width k and rows of n_cols classes, or None where the
+    path does not apply: k too wide, or fp32 with IEEE dots (torch's default "highest" precision: the
+    logits GEMM in FMA, done twice, costs more than the bytes it saves; tensor-core dots only). Whether
+    the path runs at all is THIN_HEADS. 64 rows per program (wgmma's rows on sm_90), 8 warps, two stages.
+    Up to K = 128 the rows' inputs are loaded once per program and each class tile is one dot
+    (ONE_K_STEP; K steps of 64 otherwise, the inputs read again per tile). 16-bit inputs: classes in
+    tiles of 64, or 32 where C is not a multiple of 16 (unvectorised loads; 64 spilled there), the
+    teacher and bias tiles loaded a tile ahead (PREFETCH); fp32 (TF32 dots): tiles of 32, no prefetch
+    (it spilled). 120 to 240 registers per thread, no spills on sm_80/sm_90 (kernel report)."""
+    if not 0 < k <= THIN_MAX_K or (elem_size > 2 and ieee):
         return None
     whole_k = max(16, next_pow2(k))
-    if elem_size <= 2:
-        block_c, block_k = (64 if n_cols % 16 == 0 else 32), (whole_k if whole_k <= 128 else 64)
-    else:
-        block_c, block_k = 32, (32 if ieee or whole_k > 128 else whole_k)
-    return dict(BLOCK_B=64, BLOCK_C=block_c, BLOCK_K=block_k, ONE_K_STEP=block_k >= k, num_warps=8, num_stages=2)
+    block_k = whole_k if whole_k <= 128 else 64
+    block_c = 64 if elem_size <= 2 and n_cols % 16 == 0 else 32
+    return dict(BLOCK_B=64, BLOCK_C=block_c, BLOCK_K=block_k, ONE_K_STEP=block_k >= k, PREFETCH=elem_size <= 2,
+                num_warps=8, num_stages=2)
 
 
 def small_step_mode() -> str:
