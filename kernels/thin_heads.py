@@ -45,6 +45,30 @@ def _ahead(t_rows, rows_ok, bias_head, c0, C, HAS_BIAS: tl.constexpr, BLOCK_C: t
 
 
 @triton.jit
+def _first_tiles(t_rows, rows_ok, bias_head, C, HAS_BIAS: tl.constexpr, PREFETCH: tl.constexpr,
+                 BLOCK_C: tl.constexpr):
+    """What a class-tile loop carries in at its start: with PREFETCH the first tile's teacher logits and
+    bias (``_ahead``), else placeholders."""
+    if PREFETCH:
+        return _ahead(t_rows, rows_ok, bias_head, 0, C, HAS_BIAS, BLOCK_C)
+    else:
+        return 0.0, 0.0
+
+
+@triton.jit
+def _next_tiles(t_next, b_next, t_rows, rows_ok, bias_head, c0, C, HAS_BIAS: tl.constexpr, PREFETCH: tl.constexpr,
+                BLOCK_C: tl.constexpr):
+    """(teacher logits, bias) of the tile at c0 and what the loop carries on: with PREFETCH the carried
+    tile, and the next one's loads issued now; else the tile's own loads, the placeholders carried on."""
+    if PREFETCH:
+        t_after, b_after = _ahead(t_rows, rows_ok, bias_head, c0 + BLOCK_C, C, HAS_BIAS, BLOCK_C)
+        return t_next, b_next, t_after, b_after
+    else:
+        t_raw, bias = _ahead(t_rows, rows_ok, bias_head, c0, C, HAS_BIAS, BLOCK_C)
+        return t_raw, bias, t_next, b_next
+
+
+@triton.jit
 def _thin_heads_tile(x_rows, x_blk, w_head, t_raw, bias, rows_ok, c0, C, K, stride_wc, inv_temp,
                      UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr, ONE_K_STEP: tl.constexpr,
                      BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -140,14 +164,10 @@ def _thin_heads_kl_kernel(
     # With PREFETCH the teacher's and the bias's tiles are loaded one tile ahead (the weight tiles are
     # pipelined by the compiler, these loads were not: one program per SM at these register counts, so
     # nothing else hides their latency).
-    if PREFETCH:
-        t_next, b_next = _ahead(t_rows, rows_ok, bias_head, 0, C, HAS_BIAS, BLOCK_C)
+    t_next, b_next = _first_tiles(t_rows, rows_ok, bias_head, C, HAS_BIAS, PREFETCH, BLOCK_C)
     for c0 in range(0, C, BLOCK_C):
-        if PREFETCH:
-            t_raw, bias = t_next, b_next
-            t_next, b_next = _ahead(t_rows, rows_ok, bias_head, c0 + BLOCK_C, C, HAS_BIAS, BLOCK_C)
-        else:
-            t_raw, bias = _ahead(t_rows, rows_ok, bias_head, c0, C, HAS_BIAS, BLOCK_C)
+        t_raw, bias, t_next, b_next = _next_tiles(t_next, b_next, t_rows, rows_ok, bias_head, c0, C, HAS_BIAS,
+                                                  PREFETCH, BLOCK_C)
         cols, mask, s, u = _thin_heads_tile(x_rows, x_blk, w_head, t_raw, bias, rows_ok, c0, C, K, stride_wc,
                                             inv_temp, UPCAST_DOT, PRECISION, ONE_K_STEP, BLOCK_B, BLOCK_C, BLOCK_K)
         m_s, d_s, m_u, d_u, a = _online_kl_update(s, u, m_s, d_s, m_u, d_u, a, FAST_EXP)
@@ -156,14 +176,10 @@ def _thin_heads_kl_kernel(
     kl = (a / d_u - log_d_u + log_d_s) * loss_scale
     tl.store(loss_ptr + rows * stride_lb + m * stride_lm, kl, mask=rows_ok)
     if WRITE_GRAD:
-        if PREFETCH:
-            t_next, b_next = _ahead(t_rows, rows_ok, bias_head, 0, C, HAS_BIAS, BLOCK_C)
+        t_next, b_next = _first_tiles(t_rows, rows_ok, bias_head, C, HAS_BIAS, PREFETCH, BLOCK_C)
         for c0 in range(0, C, BLOCK_C):
-            if PREFETCH:
-                t_raw, bias = t_next, b_next
-                t_next, b_next = _ahead(t_rows, rows_ok, bias_head, c0 + BLOCK_C, C, HAS_BIAS, BLOCK_C)
-            else:
-                t_raw, bias = _ahead(t_rows, rows_ok, bias_head, c0, C, HAS_BIAS, BLOCK_C)
+            t_raw, bias, t_next, b_next = _next_tiles(t_next, b_next, t_rows, rows_ok, bias_head, c0, C, HAS_BIAS,
+                                                      PREFETCH, BLOCK_C)
             cols, mask, s, u = _thin_heads_tile(x_rows, x_blk, w_head, t_raw, bias, rows_ok, c0, C, K, stride_wc,
                                                 inv_temp, UPCAST_DOT, PRECISION, ONE_K_STEP, BLOCK_B, BLOCK_C,
                                                 BLOCK_K)
