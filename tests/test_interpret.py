@@ -983,10 +983,15 @@ def test_launch_counts_table(capsys):
     finally:
         checks._flags.clear()  # the deferred-mode word of that run: not this process's business after it
     rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| distill")]
-    assert len(rows) == 5  # linear and MLP heads: small-step and cuBLAS paths; Gaussian heads
+    assert len(rows) == 7  # linear and MLP heads: small-step, cuBLAS and thin-heads paths; Gaussian heads
     small = [ln for ln in rows if "| small-step |" in ln or "small-step grads" in ln]
     assert len(small) == 3 and all("| 2 |" in ln for ln in small)
     assert "| 2 | 1 (copy_) | 3 |" in small[0]
+    cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in rows]  # op, path, triton, torch, total
+    totals = {(op, path): int(total) for op, path, _, _, total in cells}
+    for heads in ("linear heads", "MLP heads"):  # thin heads: the logits GEMM folded into the loss kernel
+        cublas = totals[(f"distill_loss, {heads}", "cuBLAS + loss kernel")]
+        assert totals[(f"distill_loss, {heads}", "thin heads (FASTHYDRA_THIN_HEADS=1)")] == cublas - 1
 
 
 @pytest.mark.parametrize("upstream", [1.0, 0.7, float("nan")])
