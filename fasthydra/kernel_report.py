@@ -130,13 +130,20 @@ def _kernel_specs():
             # (teacher gradient, student bias, gradient written, normalisers written, loss reduced): a frozen
             # teacher and one that requires grad, each with and without a bias (MLP heads' second layer); and
             # hydra_kl_loss's forward that writes the normalisers only (its backward: the grad kernel), or the
-            # gradient with a teacher that requires grad, both reducing the loss in their last program
+            # gradient with a teacher that requires grad, both reducing the loss in their last program; the
+            # heads' cuBLAS path reducing in the launch where one launch covers every row: with the gradient
+            # or the loss alone, with and without the MLP heads' bias, or the normalisers (split bias pass)
             for tgrad, bias, grad, norms, reduce in ((False, False, True, False, False),
                                                      (True, False, True, False, False),
                                                      (False, True, True, False, False),
                                                      (True, True, True, False, False),
                                                      (False, False, False, True, True),
-                                                     (True, False, True, False, True)):
+                                                     (True, False, True, False, True),
+                                                     (False, False, True, False, True),
+                                                     (False, True, True, False, True),
+                                                     (False, False, False, False, True),
+                                                     (False, True, False, False, True),
+                                                     (False, True, False, True, True)):
                 kl = cfgs.kl_rows_config(c, 4 if ty == "fp32" else 2, tgrad or bias)
                 add(_hydra_kl_fwd_kernel, {**args, "bias_ptr": f"*{ty}", "stride_bo": c, "stride_bi": 0,
                                            "norm_ptr": "*fp32"},
