@@ -145,6 +145,8 @@ def _kernel_specs():
                                                      (False, True, False, False, True),
                                                      (False, True, False, True, True)):
                 kl = cfgs.kl_rows_config(c, 4 if ty == "fp32" else 2, tgrad or bias)
+                if reduce and not cfgs.kl_rows_reduces_in_launch(kl, grad):
+                    continue  # the launcher reduces with torch there
                 add(_hydra_kl_fwd_kernel, {**args, "bias_ptr": f"*{ty}", "stride_bo": c, "stride_bi": 0,
                                            "norm_ptr": "*fp32"},
                     {"BLOCK_R": kl["BLOCK_R"], "BLOCK_C": kl["BLOCK_C"], "WRITE_GRAD": grad, "WRITE_TGRAD": tgrad,

@@ -655,6 +655,48 @@ def test_cublas_path_loss_reduced_by_the_loss_kernel(monkeypatch, hidden, reduct
         assert_close_to(head.distill_loss(x, t, temperature=1.7, reduction=reduction), loss_ref, rtol=2e-6)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_loss_reduced_after_the_launch_where_the_kernel_cannot(monkeypatch, reduction):
+    """A 16-bit row wider than ROW_TILE_MAX held in registers with the gradient written: the row kernel
+    does not sum the loss in its launch there (it spilled under Triton 3.6); launch_kl_rows sums the rows
+    after it into the same output. fp16 linear heads on the cuBLAS path (the tile limits shrunk: a 30-class
+    row in one 32-wide tile), against float64."""
+    import fasthydra.kernels.softmax_kl as sk
+
+    use_heads_path(monkeypatch, "cublas")
+    monkeypatch.setattr(_common, "ROW_TILE_MAX", 16)
+    monkeypatch.setattr(_common, "MAX_BLOCK_C", 16)
+    cfg = _common.kl_rows_config(30, 2)
+    assert cfg["ROW_IN_REGISTERS"] and not _common.kl_rows_reduces_in_launch(cfg, True)
+    assert _common.kl_rows_reduces_in_launch(cfg, False) and _common.kl_rows_reduces_in_launch(
+        _common.kl_rows_config(30, 4), True)
+    real = sk._hydra_kl_fwd_kernel
+    reduced_in_launch = []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                reduced_in_launch.append(kwargs["REDUCE"])
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(sk, "_hydra_kl_fwd_kernel", Spy())
+    head = HydraHead(12, 30, 3, impl="triton").half()
+    x = torch.randn(20, 12, dtype=torch.float16, requires_grad=True)
+    t = teacher_logits(20, 3, 30, dtype=torch.float16)
+    loss = head.distill_loss(x, t, temperature=1.5, reduction=reduction)
+    grads = torch.autograd.grad(loss, [x, *params_of(head)])
+    assert reduced_in_launch == [False]
+    loss_ref, grads_ref = reference_loss_and_grads(head, x, t, 1.5)
+    n = 20 * 3 if reduction == "sum" else 1
+    assert_close_to(loss, loss_ref * n, rtol=2e-3, atol=1e-4, what="loss")
+    for name, g, g_ref in zip(["x", "weight", "bias"], grads, grads_ref):
+        assert_close_to(g, g_ref * n, rtol=2e-2, atol=1e-3 * n * g_ref.abs().max().item(), what=name)
+    with torch.no_grad():  # the loss alone: summed in the launch
+        head.distill_loss(x, t, temperature=1.5, reduction=reduction)
+    assert reduced_in_launch == [False, True]
+
+
 @pytest.mark.parametrize("hidden", [None, 6], ids=["linear", "mlp"])
 @pytest.mark.parametrize("chunks", [False, True], ids=["one-group", "heads-and-rows-chunked"])
 @pytest.mark.parametrize("split", [True, False], ids=["db-in-loss-pass", "db-column-sum"])

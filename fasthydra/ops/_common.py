@@ -169,6 +169,13 @@ def kl_rows_config(n_cols: int, elem_size: int = 4, extra_row: bool = False) -> 
     return dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps, ROW_IN_REGISTERS=block_c >= n_cols)
 
 
+def kl_rows_reduces_in_launch(cfg: dict, write_grad: bool) -> bool:
+    """Whether the row kernel with this kl_rows_config sums the loss in its own launch (REDUCE): not a
+    16-bit row wider than ROW_TILE_MAX held in registers with the gradient written (the last program's
+    sum on top spilled 24 to 32 bytes under Triton 3.6, kernel report); the caller's reduction then."""
+    return not (write_grad and cfg["ROW_IN_REGISTERS"] and cfg["BLOCK_C"] > ROW_TILE_MAX)
+
+
 # Programs the streaming gradient passes aim for (kl_grad_config, kl_grad_cols_config): a few per SM on
 # a large GPU, each walking several tiles (its row's normalisers loaded once; the column-sum pass's
 # partial sums stay small beside dz).

@@ -201,8 +201,9 @@ def launch_kl_rows(z3, t3, loss2, grad3, temperature: float, grad_scale: float |
     to z3 on every load when given; norms, a contiguous (O, I, 4) fp32 tensor, receives each row's
     normalisers when given (for ``launch_kl_grad``); grad_scale = T * reduction coefficient;
     reduce_to = (out, coefficient): the loss rows' sum times the coefficient written into the 0-dim fp32
-    out by the launch's last program (no reduction launch). The teacher's value errors go to the
-    device's error word (checks.py), never through a host synchronisation."""
+    out by the launch's last program (no reduction launch; a torch sum after it where the configuration
+    cannot, ``kl_rows_reduces_in_launch``). The teacher's value errors go to the device's error word
+    (checks.py), never through a host synchronisation."""
     from fasthydra.kernels.softmax_kl import _hydra_kl_fwd_kernel
 
     o, i, c = z3.shape
@@ -214,6 +215,9 @@ def launch_kl_rows(z3, t3, loss2, grad3, temperature: float, grad_scale: float |
     b3 = bias3 if bias3 is not None else z3
     cfg = kl_rows_config(c, z3.element_size(), tgrad3 is not None or bias3 is not None)
     grid = cdiv(r, cfg["BLOCK_R"])
+    after = None
+    if reduce_to is not None and not _common.kl_rows_reduces_in_launch(cfg, grad3 is not None):
+        after, reduce_to = reduce_to, None
     if reduce_to is not None:
         out, coef = reduce_to
         parts, count = torch.empty(grid, dtype=torch.float32, device=z3.device), finished_count(z3.device)
@@ -229,6 +233,11 @@ def launch_kl_rows(z3, t3, loss2, grad3, temperature: float, grad_scale: float |
         VEC=max(1, min(cfg["BLOCK_C"], 16 // z3.element_size())), WRITE_NORMS=norms is not None,
         REDUCE=reduce_to is not None, BLOCK_P=_common.reduce_block(grid, cfg["num_warps"]), num_warps=cfg["num_warps"],
     )
+    if after is not None:
+        out, coef = after
+        torch.sum(loss2, (0, 1), out=out)
+        if coef != 1.0:
+            out.mul_(coef)
 
 
 def launch_kl_grad(z3, t3, norms, upstream, grad3, temperature: float, grad_scale: float) -> None:
