@@ -70,8 +70,8 @@ def _next_tiles(t_next, b_next, t_rows, rows_ok, bias_head, c0, C, HAS_BIAS: tl.
 
 @triton.jit
 def _thin_heads_tile(x_rows, x_blk, w_head, t_raw, bias, rows_ok, c0, C, K, stride_wc, inv_temp,
-                     UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr, ONE_K_STEP: tl.constexpr,
-                     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+                     HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr,
+                     ONE_K_STEP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     """One class tile: (classes, in-row mask, student z / T, teacher t / T), -inf outside the row, from the
     tile's raw teacher logits t_raw and bias (from ``_ahead``, a tile earlier). With ONE_K_STEP (K <=
     BLOCK_K) x_blk holds the rows' inputs, loaded once per program: only the weight tile is read per class
@@ -89,7 +89,9 @@ def _thin_heads_tile(x_rows, x_blk, w_head, t_raw, bias, rows_ok, c0, C, K, stri
     else:
         acc = _heads_logits_tile(x_rows, w_head, w_head, 0, rows_ok, cols, col_ok, K, stride_wc, 0, False,
                                  UPCAST_DOT, PRECISION, BLOCK_B, BLOCK_C, BLOCK_K)
-    s = tl.where(mask, (acc + bias[None, :]) * inv_temp, float("-inf"))
+    if HAS_BIAS:  # (without a bias no add: _ahead's zeros are a placeholder)
+        acc += bias[None, :]
+    s = tl.where(mask, acc * inv_temp, float("-inf"))
     return cols, mask, s, t_raw.to(tl.float32) * inv_temp
 
 
@@ -169,7 +171,8 @@ def _thin_heads_kl_kernel(
         t_raw, bias, t_next, b_next = _next_tiles(t_next, b_next, t_rows, rows_ok, bias_head, c0, C, HAS_BIAS,
                                                   PREFETCH, BLOCK_C)
         cols, mask, s, u = _thin_heads_tile(x_rows, x_blk, w_head, t_raw, bias, rows_ok, c0, C, K, stride_wc,
-                                            inv_temp, UPCAST_DOT, PRECISION, ONE_K_STEP, BLOCK_B, BLOCK_C, BLOCK_K)
+                                            inv_temp, HAS_BIAS, UPCAST_DOT, PRECISION, ONE_K_STEP, BLOCK_B, BLOCK_C,
+                                            BLOCK_K)
         m_s, d_s, m_u, d_u, a = _online_kl_update(s, u, m_s, d_s, m_u, d_u, a, FAST_EXP)
     log_d_s = tl.log(d_s)
     log_d_u = tl.log(d_u)
@@ -181,7 +184,7 @@ def _thin_heads_kl_kernel(
             t_raw, bias, t_next, b_next = _next_tiles(t_next, b_next, t_rows, rows_ok, bias_head, c0, C, HAS_BIAS,
                                                       PREFETCH, BLOCK_C)
             cols, mask, s, u = _thin_heads_tile(x_rows, x_blk, w_head, t_raw, bias, rows_ok, c0, C, K, stride_wc,
-                                                inv_temp, UPCAST_DOT, PRECISION, ONE_K_STEP, BLOCK_B, BLOCK_C,
+                                                inv_temp, HAS_BIAS, UPCAST_DOT, PRECISION, ONE_K_STEP, BLOCK_B, BLOCK_C,
                                                 BLOCK_K)
             g = tl.where(mask, _kl_grad_tile(s, u, m_s, log_d_s, m_u, log_d_u, grad_scale, FAST_EXP), 0.0)
             tl.store(g_ptr + rows[:, None] * stride_gb + m * stride_gm + cols[None, :],
