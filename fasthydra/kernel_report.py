@@ -13,6 +13,7 @@ TRITON_INTERPRET=1 (the interpreter replaces the kernels with Python functions).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -85,7 +86,9 @@ def _specialize(fn, args: dict, consts: dict):
 
 
 def _kernel_specs():
-    """(jit function, runtime args, constexprs, launch options, dtype tag) for every launched configuration."""
+    """(jit function, runtime args, constexprs, launch options, dtype tag, hopper) for every launched
+    configuration; hopper: True where the launcher picks it for sm_90 and later only, False for earlier
+    devices only, None for all."""
     from fasthydra.kernels.gaussian_kl import _gaussian_heads_kl_fwd_kernel
     from fasthydra.kernels.checks import _flag_rows_kernel
     from fasthydra.kernels.small_heads import _small_heads_grad_kernel, _small_heads_kl_kernel
@@ -97,15 +100,15 @@ def _kernel_specs():
 
     specs, seen = [], set()
 
-    def add(fn, args, consts, opts, dtype):
+    def add(fn, args, consts, opts, dtype, hopper=None):
         ints = {k: v for k, v in args.items() if isinstance(v, int) and not isinstance(v, bool)}
         unit = tuple(sorted(k for k, v in ints.items() if v == 1))
         # what _specialize makes of the integers: 1, and divisible by 16 or not (an odd C does not vectorise)
         aligned = tuple(sorted(k for k, v in ints.items() if v % 16 == 0))
-        key = (fn.__name__, dtype, tuple(sorted(consts.items())), tuple(sorted(opts.items())), unit, aligned)
+        key = (fn.__name__, dtype, tuple(sorted(consts.items())), tuple(sorted(opts.items())), unit, aligned, hopper)
         if key not in seen:
             seen.add(key)
-            specs.append((fn, args, consts, opts, dtype))
+            specs.append((fn, args, consts, opts, dtype, hopper))
 
     from fasthydra.kernels.scale import _scale_unless_one_kernel
     from fasthydra.ops.checks import FLAG_BLOCK
@@ -198,8 +201,9 @@ def _kernel_specs():
             # MLP heads' second layer fused with the loss (thin heads; THIN_HEADS) at mid (a C that is not a
             # multiple of 16) and gpu-large: hidden width 128 (the inputs loaded once per program) with the
             # gradient and column sums or the loss alone, and HIDDEN (in K steps) with the gradient
-            for k, grad in ((128, True), (128, False), (HIDDEN, True)):
-                tc = cfgs.thin_heads_config(k, c, 4 if ty == "fp32" else 2, prec == "ieee")
+            # (on sm_80 and on sm_90: the warps differ)
+            for (k, grad), hopper in itertools.product(((128, True), (128, False), (HIDDEN, True)), (False, True)):
+                tc = cfgs.thin_heads_config(k, c, 4 if ty == "fp32" else 2, prec == "ieee", hopper)
                 if tc is not None and (b, c) in ((1024, 1000), (4096, 32000)):  # (None: fp32 with IEEE dots)
                     add(_thin_heads_kl_kernel,
                         {"x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "t_ptr": f"*{ty}",
@@ -211,10 +215,11 @@ def _kernel_specs():
                          "out_scale": 0.01},
                         {"HAS_BIAS": True, "WRITE_GRAD": grad, "WRITE_COLSUM": grad, "REDUCE": True,
                          "UPCAST_DOT": False, "PRECISION": prec, "BLOCK_B": tc["BLOCK_B"], "BLOCK_C": tc["BLOCK_C"],
-                         "BLOCK_K": tc["BLOCK_K"], "ONE_K_STEP": tc["ONE_K_STEP"], "FAST_EXP": True,
+                         "BLOCK_K": tc["BLOCK_K"], "ONE_K_STEP": tc["ONE_K_STEP"], "PTX": True,
+                         "EVEN_C": c % tc["BLOCK_C"] == 0,
                          "PREFETCH": tc["PREFETCH"],
                          "BLOCK_P": cfgs.reduce_block(cdiv(b, tc["BLOCK_B"]) * m, tc["num_warps"])},
-                        {"num_warps": tc["num_warps"], "num_stages": tc["num_stages"]}, tag)
+                        {"num_warps": tc["num_warps"], "num_stages": tc["num_stages"]}, tag, hopper)
 
             # Small problems: the two-launch small-step kernels (linear heads and MLP heads' second layer)
             for k, shared in ((d, True), (HIDDEN, False)):
@@ -364,8 +369,8 @@ def build_report(archs=(80, 90), progress: bool = True) -> list[KernelRecord]:
         raise RuntimeError("the kernel report compiles real kernels: unset TRITON_INTERPRET")
     specs = _kernel_specs()
     records = []
-    for i, (fn, args, consts, opts, dtype) in enumerate(specs):
-        for arch in archs:
+    for i, (fn, args, consts, opts, dtype, hopper) in enumerate(specs):
+        for arch in [a for a in archs if hopper is None or (a >= 90) == hopper]:
             if progress:
                 print(f"[{i + 1}/{len(specs)}] sm_{arch} {fn.__name__} {dtype}", file=sys.stderr, flush=True)
             records.append(compile_one(fn, args, consts, opts, dtype, arch))

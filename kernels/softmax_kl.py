@@ -18,23 +18,29 @@ from .reduce import _last_program_sums
 
 
 @triton.jit
-def _exp(x, FAST_EXP: tl.constexpr):
-    """exp(x) in fp32. FAST_EXP (a GPU launch only: the interpreter runs no inline PTX): one multiply and
-    ex2.approx.ftz, results below 2^-126 flushed to 0 (probabilities that small add nothing to a row's
-    sums), where tl.exp also guards the subnormal range: a compare and two predicated multiplies more
-    per element (sm_90 SASS)."""
+def _exp(x, FAST_EXP: tl.constexpr, BASE2: tl.constexpr = False):
+    """exp(x) in fp32, or 2^x with BASE2 (x already in base-2 units: no multiply). FAST_EXP (a GPU launch
+    only: the interpreter runs no inline PTX): ex2.approx.ftz, results below 2^-126 flushed to 0
+    (probabilities that small add nothing to a row's sums), where tl.exp also guards the subnormal range:
+    a compare and two predicated multiplies more per element (sm_90 SASS)."""
     if FAST_EXP:
-        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x * 1.4426950408889634],
-                                         dtype=tl.float32, is_pure=True, pack=1)
+        if not BASE2:
+            x = x * 1.4426950408889634
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+    elif BASE2:
+        return tl.exp2(x)
     else:
         return tl.exp(x)
 
 
 @triton.jit
-def _online_kl_update(s, u, m_s, d_s, m_u, d_u, a, FAST_EXP: tl.constexpr = False):
+def _online_kl_update(s, u, m_s, d_s, m_u, d_u, a, FAST_EXP: tl.constexpr = False, BASE2: tl.constexpr = False):
     """Folds one (ROWS, BLOCK_C) tile of tempered logits into the per-row statistics (all fp32).
 
-    s, u: student and teacher logits divided by T, -inf on lanes outside the row.
+    s, u: student and teacher logits divided by T, -inf on lanes outside the row; with BASE2 also times
+    log2(e), and then the maxima and ``a`` are in those base-2 units too (the sums d_s, d_u are the same
+    either way); one multiply fewer per exponential.
     m_s, d_s, m_u, d_u, a: (ROWS,) running statistics described in the module docstring.
     FAST_EXP: the tile's exponentials by ``_exp``'s fast form (GPU launches).
     """
@@ -43,17 +49,17 @@ def _online_kl_update(s, u, m_s, d_s, m_u, d_u, a, FAST_EXP: tl.constexpr = Fals
     # A row whose tiles so far were all masked keeps a -inf maximum; shift by 0 then (exp(-inf) = 0).
     ref_s = tl.where(new_m_s == float("-inf"), 0.0, new_m_s)
     ref_u = tl.where(new_m_u == float("-inf"), 0.0, new_m_u)
-    scale_s = tl.exp(m_s - ref_s)
-    scale_u = tl.exp(m_u - ref_u)
+    scale_s = _exp(m_s - ref_s, False, BASE2)
+    scale_u = _exp(m_u - ref_u, False, BASE2)
     # Old terms of `a` were measured against the old maxima: move them to the new ones.
     shift = (ref_u - m_u) - (ref_s - m_s)
     a = tl.where(d_u > 0, scale_u * (a - d_u * shift), 0.0)
     sh_s = s - ref_s[:, None]
     sh_u = u - ref_u[:, None]
-    e_u = _exp(sh_u, FAST_EXP)
+    e_u = _exp(sh_u, FAST_EXP, BASE2)
     teacher_live = u > float("-inf")
     a += tl.sum(tl.where(teacher_live, e_u * (sh_u - sh_s), 0.0), axis=1)
-    d_s = d_s * scale_s + tl.sum(_exp(sh_s, FAST_EXP), axis=1)
+    d_s = d_s * scale_s + tl.sum(_exp(sh_s, FAST_EXP, BASE2), axis=1)
     d_u = d_u * scale_u + tl.sum(e_u, axis=1)
     return new_m_s, d_s, new_m_u, d_u, a
 

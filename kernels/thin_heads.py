@@ -7,11 +7,14 @@ unfused path writes the (B, M, C) logits, reads them (and the teacher) twice in 
 writes dz. Here one program owns BLOCK_B rows of one head:
 
   pass 1, per class tile:  z = u_m[rows] @ W_m[tile].T + b_m[tile]      (tl.dot, fp32 accumulator)
-                           online softmax/KL statistics of (z / T, t / T)  (as in softmax_kl.py)
+                           online softmax/KL statistics of (z / T, t / T) in base-2 units
+                           (softmax_kl._online_kl_update with BASE2: the logits times log2(e) / T)
           then             loss[b, m] = T^2 KL(p || q), the row's normalisers in registers;
   pass 2, per class tile (when the gradient is wanted): z again, then
-                           dz = grad_scale * (q - p), written in the input dtype, and the tile's
-                           column sums of dz over the program's rows (fp32), the bias gradient's part.
+                           dz = grad_scale * (q - p) = 2^(z k2 - q_off) - 2^(t k2 - p_off) with per-row
+                           offsets (one fused multiply-add and one exponential per term, no select),
+                           written in the input dtype, and the tile's column sums of dz over the
+                           program's rows (fp32), the bias gradient's part.
 
 The logits never reach memory; the teacher is read once for the loss alone and twice with the
 gradient (the same bytes as the loss kernel's long rows, minus the logits' write and reads). The
@@ -19,8 +22,10 @@ gradient GEMMs (dW = dz^T u, du = dz W) stay cuBLAS. (du formed in pass 2 from t
 loaded was tried: 1101 against 678 sm_90 instructions per bf16 tile at gpu-large, about 0.8 ms more
 issue for a kernel bound by issue, where cuBLAS reading dz once costs about 0.5 ms.) Teacher values are
 checked on the loads (error word bits 1, 2, 4, as in softmax_kl.py); "mean"/"sum" are reduced by the
-last program (reduce.py). On a GPU the exponentials are ex2.approx.ftz (softmax_kl._exp): the kernel is
-bound by instruction issue.
+last program (reduce.py). On a GPU the exponentials are ex2.approx.ftz (softmax_kl._exp) and the teacher
+tile is held in the accumulator's layout (_in_layout_of). sm_90 SASS at gpu-large bf16 (Triton 3.6, 4 warps,
+see _common.thin_heads_config): 26.6 and 22.0 instructions per element in passes 1 and 2, from 48.9 and
+36.3 with 8 warps before those two changes and the base-2 form.
 """
 
 import triton
@@ -28,7 +33,10 @@ import triton.language as tl
 
 from .reduce import _last_program_sums
 from .small_heads import _heads_logits_tile
-from .softmax_kl import _kl_grad_tile, _online_kl_update
+from .softmax_kl import _exp, _online_kl_update
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -69,16 +77,32 @@ def _next_tiles(t_next, b_next, t_rows, rows_ok, bias_head, c0, C, HAS_BIAS: tl.
 
 
 @triton.jit
-def _thin_heads_tile(x_rows, x_blk, w_head, t_raw, bias, rows_ok, c0, C, K, stride_wc, inv_temp,
-                     HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr,
-                     ONE_K_STEP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One class tile: (classes, in-row mask, student z / T, teacher t / T), -inf outside the row, from the
-    tile's raw teacher logits t_raw and bias (from ``_ahead``, a tile earlier). With ONE_K_STEP (K <=
+def _in_layout_of(x, like, PTX: tl.constexpr):
+    """x (fp32), held in the register layout of ``like`` (the dot's accumulator) from here on: an inline
+    PTX move that reads both, which ptxas removes. Without it Triton keeps the teacher tile in the layout
+    of its load, reduces its row maxima and sums there, and converts the shifted tile and the live-class
+    mask to the accumulator's layout for the cross term through shared memory, where one exponential is
+    computed twice: sm_90 bf16 at gpu-large (Triton 3.6) 48.9 -> 40.4 instructions per element in pass 1
+    with 8 warps, 30.5 with 4 (the teacher tile converted once, as 16-bit values, after its load). The
+    interpreter runs no PTX: x as it is."""
+    if PTX:
+        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,r", [x, like], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+    else:
+        return x
+
+
+@triton.jit
+def _thin_heads_tile(x_rows, x_blk, w_head, t_raw, bias, rows_ok, c0, C, K, stride_wc, HAS_BIAS: tl.constexpr,
+                     UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr, ONE_K_STEP: tl.constexpr, PTX: tl.constexpr,
+                     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One class tile: (classes, student logits z (bias added), teacher logits t), both fp32 in the dot's
+    accumulator layout, untempered; t is -inf outside the row (rows past B included), z is finite there
+    (zero inputs and weights). t_raw and bias come from ``_ahead``, a tile earlier. With ONE_K_STEP (K <=
     BLOCK_K) x_blk holds the rows' inputs, loaded once per program: only the weight tile is read per class
     tile; else the inputs are read again in K steps."""
     cols = c0 + tl.arange(0, BLOCK_C)
     col_ok = cols < C
-    mask = rows_ok[:, None] & col_ok[None, :]
     if ONE_K_STEP:
         ks = tl.arange(0, BLOCK_K)
         w = tl.load(w_head + cols[None, :] * stride_wc + ks[:, None], mask=(ks < K)[:, None] & col_ok[None, :],
@@ -91,8 +115,7 @@ def _thin_heads_tile(x_rows, x_blk, w_head, t_raw, bias, rows_ok, c0, C, K, stri
                                  UPCAST_DOT, PRECISION, BLOCK_B, BLOCK_C, BLOCK_K)
     if HAS_BIAS:  # (without a bias no add: _ahead's zeros are a placeholder)
         acc += bias[None, :]
-    s = tl.where(mask, acc * inv_temp, float("-inf"))
-    return cols, mask, s, t_raw.to(tl.float32) * inv_temp
+    return cols, acc, _in_layout_of(t_raw.to(tl.float32), acc, PTX)
 
 
 # Forward: z[b, m] = u[b, m] @ W[m].T + bias[m] (never stored), loss[b, m] = T^2 KL(softmax(t/T) ||
@@ -142,7 +165,8 @@ def _thin_heads_kl_kernel(
     BLOCK_B: tl.constexpr,  # rows per program (64: one warpgroup's wgmma rows on sm_90)
     BLOCK_C: tl.constexpr,  # classes per tile
     ONE_K_STEP: tl.constexpr,  # K <= BLOCK_K: the rows' inputs loaded once, one dot per class tile
-    FAST_EXP: tl.constexpr,  # exponentials as ex2.approx.ftz (softmax_kl._exp): GPU launches only
+    PTX: tl.constexpr,  # a GPU launch: inline PTX allowed (the exponentials, _in_layout_of); not interpreted
+    EVEN_C: tl.constexpr,  # C is a multiple of BLOCK_C: no class past C in any tile
     PREFETCH: tl.constexpr,  # the teacher and bias tiles loaded one tile ahead
     BLOCK_K: tl.constexpr,  # K per dot step
     BLOCK_P: tl.constexpr,  # partial sums read per step by the reducing program
@@ -161,6 +185,8 @@ def _thin_heads_kl_kernel(
         x_blk = tl.load(x_rows + ks[None, :], mask=rows_ok[:, None] & (ks < K)[None, :], other=0.0)
         if UPCAST_DOT:
             x_blk = x_blk.to(tl.float32)
+    # Statistics in base-2 units: the logits times k2 = log2(e) / T, so that each exponential is one ex2.
+    k2 = inv_temp * LOG2E
     zero = tl.zeros((BLOCK_B,), tl.float32)
     m_s, d_s, m_u, d_u, a = zero + float("-inf"), zero, zero + float("-inf"), zero, zero
     # With PREFETCH the teacher's and the bias's tiles are loaded one tile ahead (the weight tiles are
@@ -170,26 +196,32 @@ def _thin_heads_kl_kernel(
     for c0 in range(0, C, BLOCK_C):
         t_raw, bias, t_next, b_next = _next_tiles(t_next, b_next, t_rows, rows_ok, bias_head, c0, C, HAS_BIAS,
                                                   PREFETCH, BLOCK_C)
-        cols, mask, s, u = _thin_heads_tile(x_rows, x_blk, w_head, t_raw, bias, rows_ok, c0, C, K, stride_wc,
-                                            inv_temp, HAS_BIAS, UPCAST_DOT, PRECISION, ONE_K_STEP, BLOCK_B, BLOCK_C,
-                                            BLOCK_K)
-        m_s, d_s, m_u, d_u, a = _online_kl_update(s, u, m_s, d_s, m_u, d_u, a, FAST_EXP)
-    log_d_s = tl.log(d_s)
-    log_d_u = tl.log(d_u)
-    kl = (a / d_u - log_d_u + log_d_s) * loss_scale
+        cols, z, t = _thin_heads_tile(x_rows, x_blk, w_head, t_raw, bias, rows_ok, c0, C, K, stride_wc, HAS_BIAS,
+                                      UPCAST_DOT, PRECISION, ONE_K_STEP, PTX, BLOCK_B, BLOCK_C, BLOCK_K)
+        s = z * k2
+        if not EVEN_C:  # classes past C (t is -inf there already)
+            s = tl.where((cols < C)[None, :], s, float("-inf"))
+        m_s, d_s, m_u, d_u, a = _online_kl_update(s, t * k2, m_s, d_s, m_u, d_u, a, PTX, BASE2=True)
+    kl = (a * LN2 / d_u - tl.log(d_u) + tl.log(d_s)) * loss_scale
     tl.store(loss_ptr + rows * stride_lb + m * stride_lm, kl, mask=rows_ok)
     if WRITE_GRAD:
+        # dz = grad_scale (q - p) = 2^(s - m_s - log2 d_s + log2 grad_scale) - 2^(u - ...): per element one
+        # fused multiply-add and one exponential each, no select. A row whose teacher is -inf everywhere
+        # (rows past B too) gets a p offset of 0, so p = 2^-inf = 0 there, as on the masked classes of any
+        # row; rows past B also get q = 0 (an offset of +inf): their dz adds nothing to the column sums.
+        log2_scale = tl.log2(grad_scale)
+        q_off = tl.where(rows_ok, m_s + tl.log2(d_s) - log2_scale, float("inf"))
+        p_off = tl.where(m_u == float("-inf"), 0.0, m_u + tl.log2(d_u) - log2_scale)
         t_next, b_next = _first_tiles(t_rows, rows_ok, bias_head, C, HAS_BIAS, PREFETCH, BLOCK_C)
         for c0 in range(0, C, BLOCK_C):
             t_raw, bias, t_next, b_next = _next_tiles(t_next, b_next, t_rows, rows_ok, bias_head, c0, C, HAS_BIAS,
                                                       PREFETCH, BLOCK_C)
-            cols, mask, s, u = _thin_heads_tile(x_rows, x_blk, w_head, t_raw, bias, rows_ok, c0, C, K, stride_wc,
-                                                inv_temp, HAS_BIAS, UPCAST_DOT, PRECISION, ONE_K_STEP, BLOCK_B, BLOCK_C,
-                                                BLOCK_K)
-            g = tl.where(mask, _kl_grad_tile(s, u, m_s, log_d_s, m_u, log_d_u, grad_scale, FAST_EXP), 0.0)
+            cols, z, t = _thin_heads_tile(x_rows, x_blk, w_head, t_raw, bias, rows_ok, c0, C, K, stride_wc, HAS_BIAS,
+                                          UPCAST_DOT, PRECISION, ONE_K_STEP, PTX, BLOCK_B, BLOCK_C, BLOCK_K)
+            g = _exp(z * k2 - q_off[:, None], PTX, True) - _exp(t * k2 - p_off[:, None], PTX, True)
             tl.store(g_ptr + rows[:, None] * stride_gb + m * stride_gm + cols[None, :],
-                     g.to(g_ptr.dtype.element_ty), mask=mask)
-            if WRITE_COLSUM:
+                     g.to(g_ptr.dtype.element_ty), mask=rows_ok[:, None] & (cols < C)[None, :])
+            if WRITE_COLSUM:  # (columns past C hold garbage: not stored)
                 tl.store(colsum_ptr + (pid_r * M + m).to(tl.int64) * C + cols, tl.sum(g, axis=0), mask=cols < C)
     # A NaN teacher logit makes its row's sum d_u NaN (exp(NaN)), as a +inf one does (inf - inf): no
     # per-element test in the tile loop; a +inf row reports +inf.

@@ -33,6 +33,20 @@ def test_report_covers_every_kernel_and_arch(report):
     assert {r["arch"] for r in records} == {80, 90}
 
 
+def test_arch_specific_configs_compile_for_their_arch_only(report):
+    """The thin-heads kernel runs 4 warps a program on sm_90 and 8 before it (thin_heads_config's hopper):
+    each configuration is compiled for the devices that launch it, not for the others."""
+    import torch
+
+    from fasthydra.ops import _common
+
+    _, records = report
+    warps = {(r["arch"], r["config"]["num_warps"]) for r in records if r["kernel"] == "_thin_heads_kl_kernel"}
+    assert warps == {(80, 8), (90, _common.THIN_HOPPER_WARPS)}
+    assert _common.THIN_HOPPER_WARPS != 8  # (else the line above tells nothing)
+    assert not _common.hopper(torch.device("cpu"))
+
+
 def test_every_kernel_compiles_without_spills_in_loops(report):
     from fasthydra.kernel_report import ENTRY_SLOT_BYTES
 

@@ -394,7 +394,8 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
     # for the loss pass.
     thin = None
     if _common.THIN_HEADS and topk is None and grad_t is None:
-        thin = _common.thin_heads_config(k, c, inp.element_size(), _common.dot_precision(inp.dtype) == "ieee")
+        thin = _common.thin_heads_config(k, c, inp.element_size(), _common.dot_precision(inp.dtype) == "ieee",
+                                         _common.hopper(dev))
         if thin is not None and inp.stride(-1) != 1:
             inp = inp.contiguous()
     # "mean"/"sum" where one launch of the dense loss kernel covers every row: its last program sums them
