@@ -66,8 +66,10 @@ SMALL_DEFERRED = True
 # bench/gpu_check.py (knob "thin-heads") shows where it wins; FASTHYDRA_THIN_HEADS=1 turns it on.
 THIN_HEADS = os.environ.get("FASTHYDRA_THIN_HEADS", "0").strip() == "1"
 THIN_MAX_K = 256
-# Warps of a thin-heads program on sm_90 and later (thin_heads_config; bench/gpu_check.py times 8 beside it)
+# Warps of a thin-heads program on sm_90 and later, and its class tile for 16-bit inputs (thin_heads_config;
+# bench/gpu_check.py times 8 warps and 32-class tiles beside them)
 THIN_HOPPER_WARPS = 4
+THIN_BLOCK_C = 64
 
 
 def thin_heads_config(k: int, n_cols: int, elem_size: int, ieee: bool = False, hopper: bool = False) -> dict | None:
@@ -88,7 +90,7 @@ def thin_heads_config(k: int, n_cols: int, elem_size: int, ieee: bool = False, h
         return None
     whole_k = max(16, next_pow2(k))
     block_k = whole_k if whole_k <= 128 else 64
-    block_c = 64 if elem_size <= 2 and n_cols % 16 == 0 else 32
+    block_c = THIN_BLOCK_C if elem_size <= 2 and n_cols % 16 == 0 else 32
     return dict(BLOCK_B=64, BLOCK_C=block_c, BLOCK_K=block_k, ONE_K_STEP=block_k >= k, PREFETCH=elem_size <= 2,
                 num_warps=THIN_HOPPER_WARPS if hopper else 8, num_stages=2)
 
