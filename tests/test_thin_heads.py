@@ -69,15 +69,17 @@ def _reference(head, x, t, temperature, reduction, upstream):
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("b,c,m,hidden", [(70, 70, 3, 6), (37, 13, 1, 6), (5, 150, 2, 6), (20, 40, 2, 40),
-                                          (70, 70, 3, None), (20, 40, 2, None)],
-                         ids=["2-row-blocks", "odd", "3-tiles", "wider", "linear", "linear-wider"])
+                                          (70, 70, 3, None), (20, 40, 2, None), (70, 96, 2, 6)],
+                         ids=["2-row-blocks", "odd", "3-tiles", "wider", "linear", "linear-wider", "whole-tiles"])
 def test_thin_heads_against_float64(thin, bias, b, c, m, hidden):
     """Loss and every gradient (upstream 0.7) of heads whose narrow GEMM and loss run as one kernel: MLP
     heads' second layer, and linear heads over a 12-wide input shared by the heads (seen with a head
     stride of 0); rows across two row blocks (the second short), C below one tile, C across three class
-    tiles (the last short), M = 1, masked classes; the loss alone the same, with no gradient buffer and
-    one launch. (Widths above 128, read again per tile in K steps: test_thin_heads_in_k_steps.)"""
+    tiles (the last short), C in whole tiles (EVEN_C: no class mask), M = 1, masked classes; the loss
+    alone the same, with no gradient buffer and one launch. (Widths above 128, read again per tile in K
+    steps: test_thin_heads_in_k_steps.)"""
     head, x, t = _heads_case(b, c, m, hidden, bias, d=40 if hidden is None and c == 40 else 12)
+    assert (c % _common.thin_heads_config(6, c, 4)["BLOCK_C"] == 0) == (c == 96)
     k = x.shape[1] if hidden is None else hidden
     loss = head.distill_loss(x, t, temperature=1.5)
     grads = torch.autograd.grad(loss * 0.7, [x, *params_of(head)])
