@@ -123,8 +123,8 @@ KNOBS = {
                                        ("mlp_fwdbwd", "large-C-tf32"), ("linear_fwdbwd", "large-C-tf32")]},
     # thin heads with 8 warps a program on the H200 (two warpgroups splitting each tile's classes: every row
     # statistic crosses them through shared memory) against the 4 of thin_heads_config there (one warpgroup,
-    # two programs per SM; sm_90 SASS: 26.6 + 22.0 instructions per element in the two passes against 35.5
-    # + 26.4)
+    # two programs per SM; sm_90 SASS under Triton 3.6: 26.6 + 22.0 instructions per element in the two passes
+    # against 36.1 + 25.2)
     "fasthydra/thin-heads-8-warps": {"set": [("fasthydra.ops._common", "THIN_HEADS", True),
                                              ("fasthydra.ops._common", "THIN_HOPPER_WARPS", 8)],
                                      "cases": [("mlp_fwdbwd", "gpu-large")]},
