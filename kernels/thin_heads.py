@@ -24,8 +24,8 @@ issue for a kernel bound by issue, where cuBLAS reading dz once costs about 0.5 
 checked on the loads (error word bits 1, 2, 4, as in softmax_kl.py); "mean"/"sum" are reduced by the
 last program (reduce.py). On a GPU the exponentials are ex2.approx.ftz (softmax_kl._exp) and the teacher
 tile is held in the accumulator's layout (_in_layout_of). sm_90 SASS at gpu-large bf16 (Triton 3.6, 4 warps,
-see _common.thin_heads_config): 26.6 and 22.0 instructions per element in passes 1 and 2, from 48.9 and
-36.3 with 8 warps before those two changes and the base-2 form.
+see _common.thin_heads_config): 26.7 and 18.3 instructions per element in passes 1 and 2, from 48.9 and
+36.3 with 8 warps before those two changes, the base-2 form and the column sums as a dot (_column_sums).
 """
 
 import triton
@@ -116,6 +116,23 @@ def _thin_heads_tile(x_rows, x_blk, w_head, t_raw, bias, rows_ok, c0, C, K, stri
     if HAS_BIAS:  # (without a bias no add: _ahead's zeros are a placeholder)
         acc += bias[None, :]
     return cols, acc, _in_layout_of(t_raw.to(tl.float32), acc, PTX)
+
+
+@triton.jit
+def _column_sums(g, g_out, UPCAST_DOT: tl.constexpr, BLOCK_B: tl.constexpr):
+    """A dz tile's sums over its rows (fp32, (BLOCK_C,)). 16-bit dz: the stored values summed (as a sum of
+    the gradient tensor would), by a tensor-core dot of a one-hot row with the tile, so that the sum over
+    rows spread across the lanes of the accumulator's layout takes no butterfly shuffles (sm_90 SASS at
+    gpu-large bf16: pass 2 from 22.0 to 18.3 instructions per element). fp32 dz (a TF32 dot would round
+    it): the fp32 values summed by tl.sum."""
+    if g_out.dtype.primitive_bitwidth == 16:
+        first = tl.where(tl.arange(0, 16)[:, None] == 0, 1.0, 0.0) + tl.zeros((16, BLOCK_B), tl.float32)
+        if UPCAST_DOT:  # (interpreter)
+            return tl.sum(tl.dot(first, g_out.to(tl.float32), input_precision="ieee"), axis=0)
+        else:
+            return tl.sum(tl.dot(first.to(g_out.dtype), g_out), axis=0)
+    else:
+        return tl.sum(g, axis=0)
 
 
 # Forward: z[b, m] = u[b, m] @ W[m].T + bias[m] (never stored), loss[b, m] = T^2 KL(softmax(t/T) ||
@@ -219,10 +236,12 @@ def _thin_heads_kl_kernel(
             cols, z, t = _thin_heads_tile(x_rows, x_blk, w_head, t_raw, bias, rows_ok, c0, C, K, stride_wc, HAS_BIAS,
                                           UPCAST_DOT, PRECISION, ONE_K_STEP, PTX, BLOCK_B, BLOCK_C, BLOCK_K)
             g = _exp(z * k2 - q_off[:, None], PTX, True) - _exp(t * k2 - p_off[:, None], PTX, True)
-            tl.store(g_ptr + rows[:, None] * stride_gb + m * stride_gm + cols[None, :],
-                     g.to(g_ptr.dtype.element_ty), mask=rows_ok[:, None] & (cols < C)[None, :])
+            g_out = g.to(g_ptr.dtype.element_ty)
+            tl.store(g_ptr + rows[:, None] * stride_gb + m * stride_gm + cols[None, :], g_out,
+                     mask=rows_ok[:, None] & (cols < C)[None, :])
             if WRITE_COLSUM:  # (columns past C hold garbage: not stored)
-                tl.store(colsum_ptr + (pid_r * M + m).to(tl.int64) * C + cols, tl.sum(g, axis=0), mask=cols < C)
+                tl.store(colsum_ptr + (pid_r * M + m).to(tl.int64) * C + cols,
+                         _column_sums(g, g_out, UPCAST_DOT, BLOCK_B), mask=cols < C)
     # A NaN teacher logit makes its row's sum d_u NaN (exp(NaN)), as a +inf one does (inf - inf): no
     # per-element test in the tile loop; a +inf row reports +inf.
     bad = (tl.where((d_u != d_u) & (m_u != float("inf")), 1, 0) | tl.where(m_u == float("inf"), 2, 0)

@@ -155,9 +155,32 @@ def test_thin_heads_in_head_groups_and_row_chunks(thin, monkeypatch):
         assert_close_to(g, g_ref, rtol=1e-5, atol=1e-8, what=name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_thin_heads_column_sums_are_the_stored_gradient_summed(dtype):
+    """The bias gradient's partial sums (per row block) are the written dz summed over rows, to fp32
+    rounding: for 16-bit inputs the stored (rounded) values, as a sum of the gradient tensor would give
+    and as dW = dz^T u sees them; two row blocks, the second short, a row past B adding nothing."""
+    from fasthydra.ops.thin_heads import launch_thin_heads_kl
+
+    torch.manual_seed(0)
+    b, m, c, k = 70, 2, 96, 8
+    x3 = torch.randn(b, m, k).to(dtype)
+    w3 = torch.randn(m, c, k).to(dtype)
+    bias2 = torch.randn(m, c).to(dtype)
+    t3 = teacher_logits(b, m, c, dtype=dtype)
+    loss2 = torch.empty(b, m)
+    g3 = torch.empty(b, m, c, dtype=dtype)
+    cfg = _common.thin_heads_config(k, c, g3.element_size())
+    sums = launch_thin_heads_kl(x3, w3, bias2, t3, loss2, g3, 1.5, 0.3, cfg, colsum=True)
+    assert sums.shape == (m, 2, c) and sums.dtype == torch.float32
+    expected = g3.double().sum(0)
+    assert expected.abs().max() > 1e-3  # (a gradient that is not all zeros)
+    assert_close_to(sums.sum(1), expected, rtol=1e-6, atol=0.0, what="column sums")
+
+
 def test_thin_heads_fp16(thin):
-    """16-bit inputs (dz written in fp16, the bias gradient from the fp32 values before rounding): within
-    fp16's rounding of the float64 reference."""
+    """16-bit inputs (dz written in fp16, the bias gradient the written values summed): within fp16's
+    rounding of the float64 reference."""
     head, x, t = _heads_case(40, 150, 2, 8, True, torch.float16)
     loss = head.distill_loss(x, t, temperature=1.5)
     grads = torch.autograd.grad(loss, [x, *params_of(head)])
