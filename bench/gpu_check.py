@@ -147,9 +147,11 @@ KNOBS = {
 # (CUDA-graph replay) beside the wall time, fasthydra only, to tell the GPU work from the host's.
 GRAPH_CASES = [("linear_fwdbwd", "mid"), ("linear_fwdbwd", "large-C"), ("linear_fwdbwd", "large-C-tf32"),
                ("mlp_fwdbwd", "mid")]
-# profiled once (kernels by device time per step) before the cases run
+# profiled once (kernels by device time per step) before the cases run; a third element: a KNOBS provider
+# whose settings the profile runs under (the thin-heads kernel's own time against dW and du over dz)
 PROFILE_CASES = [("linear_fwdbwd", "gpu-large"), ("mlp_fwdbwd", "gpu-large"), ("kl_fwdbwd", "gpu-large"),
-                 ("linear_fwdbwd", "gpu-small"), ("linear_fwdbwd", "small-C")]
+                 ("linear_fwdbwd", "gpu-small"), ("linear_fwdbwd", "small-C"),
+                 ("mlp_fwdbwd", "gpu-large", "fasthydra/thin-heads")]
 # host time per step under cProfile (functions by own time)
 HOST_PROFILE_CASES = [("linear_fwdbwd", "gpu-small")]
 SMALL_CASES = [("linear_fwdbwd", "small-C"), ("linear_fwdbwd", "gpu-small"), ("mlp_fwdbwd", "gpu-small"),
@@ -442,8 +444,10 @@ def summarize_clock_samples(lines) -> dict | None:
 # steps' GPU time goes (issue rate, stalls, occupancy, the clock they ran at) and what the loss kernels
 # reach of DRAM bandwidth and L2 hits. ncu needs a runtime that exposes the counters (on gVisor it
 # fails at once: the record says so).
-NCU_CASES = [("linear_fwdbwd", "small-C"), ("linear_fwdbwd", "gpu-small"), ("kl_fwdbwd", "gpu-large")]
-NCU_KERNELS = "regex:_small_heads|_hydra_kl|_scale_unless"
+# (op, shape[, knob]): the thin-heads kernel too, whether memory or issue bounds it (RESULTS predicts memory).
+NCU_CASES = [("linear_fwdbwd", "small-C"), ("linear_fwdbwd", "gpu-small"), ("kl_fwdbwd", "gpu-large"),
+             ("mlp_fwdbwd", "gpu-large", "fasthydra/thin-heads")]
+NCU_KERNELS = "regex:_small_heads|_hydra_kl|_scale_unless|_thin_heads"
 NCU_SECTIONS = ("SpeedOfLight", "LaunchStats", "Occupancy", "WarpStateStats", "SchedulerStats",
                 "ComputeWorkloadAnalysis", "InstructionStats", "MemoryWorkloadAnalysis")
 # printed per kernel (all metrics go to the JSON)
@@ -468,16 +472,17 @@ def ncu_child(spec: str) -> int:
     and Stop, so that only that step's kernels are profiled."""
     by_key = {(c.op, c.name): c for c in C.cases("cuda")}
     for item in spec.split(","):
-        op, shape = item.split(":")
+        op, shape, *knob = item.split(":")
         case = by_key[(op, shape)]
-        step = C.make_callable(case, "fasthydra", C.make_inputs(case))
-        for _ in range(3):
+        with with_variant(knob[0] if knob else "fasthydra"):
+            step = C.make_callable(case, "fasthydra", C.make_inputs(case))
+            for _ in range(3):
+                step()
+            warm_clocks()
+            torch.cuda.profiler.start()
             step()
-        warm_clocks()
-        torch.cuda.profiler.start()
-        step()
-        torch.cuda.synchronize()
-        torch.cuda.profiler.stop()
+            torch.cuda.synchronize()
+            torch.cuda.profiler.stop()
     return 0
 
 
@@ -492,7 +497,7 @@ def ncu_profile(cases, timeout: float, workdir: str) -> dict:
         return {"error": f"no time left for ncu ({timeout:.0f} s)"}
     start = time.perf_counter()
     report = os.path.join(workdir, "gpu_check_ncu")
-    spec = ",".join(f"{op}:{shape}" for op, shape in cases)
+    spec = ",".join(":".join(case) for case in cases)
     cmd = [exe, "--clock-control", "none", "--profile-from-start", "off", "--target-processes", "all",
            "-k", NCU_KERNELS, "-f", "-o", report, *[a for s in NCU_SECTIONS for a in ("--section", s)],
            sys.executable, os.path.abspath(__file__), "--ncu-child", spec]
@@ -506,7 +511,7 @@ def ncu_profile(cases, timeout: float, workdir: str) -> dict:
                 "seconds": time.perf_counter() - start}
     csv_text = subprocess.run([exe, "--import", report + ".ncu-rep", "--csv", "--page", "details"],
                               capture_output=True, text=True, timeout=60).stdout
-    return {"cases": [f"{op} {shape}" for op, shape in cases], "kernels": parse_ncu_details(csv_text),
+    return {"cases": [" ".join(case) for case in cases], "kernels": parse_ncu_details(csv_text),
             "seconds": time.perf_counter() - start}
 
 
@@ -792,12 +797,14 @@ def main(argv=None) -> int:
 
 
 def _profiles(cases, by_key, measure, title: str, line) -> dict:
-    """{"op shape": rows} from measure(case) for each case (an error row where it fails), printed."""
+    """{"op shape [knob]": rows} from measure(case) for each (op, shape[, knob]) case, under the knob's
+    settings (an error row where it fails), printed."""
     out = {}
-    for op, shape in cases:
-        key = f"{op} {shape}"
+    for op, shape, *knob in cases:
+        key = " ".join([op, shape, *knob])
         try:
-            out[key] = measure(by_key[(op, shape)])
+            with with_variant(knob[0] if knob else "fasthydra"):
+                out[key] = measure(by_key[(op, shape)])
         except Exception as exc:
             out[key] = [{"error": f"{type(exc).__name__}: {exc}"[:300]}]
         print(title.format(key), flush=True)

@@ -161,6 +161,30 @@ def test_variants_set_their_settings_and_restore_them(monkeypatch):
     with gpu_check.with_variant("fasthydra/unc-tile-4096"):
         assert _common.uncertainty_config(8, 32000)["BLOCK_C"] == 512
     assert _common.uncertainty_config(8, 32000)["BLOCK_C"] == 1024
+    # thin heads on sm_90: 4 warps and 64-class tiles by default, the knobs' 8 warps and 32-class tiles
+    assert gpu_check.variants_for("mlp_fwdbwd", "gpu-large")[-3:] == [
+        "fasthydra/thin-heads", "fasthydra/thin-heads-8-warps", "fasthydra/thin-heads-tile-32"]
+    default = _common.thin_heads_config(128, 32000, 2, hopper=True)
+    assert (default["num_warps"], default["BLOCK_C"]) == (4, 64) and not _common.THIN_HEADS
+    for knob, key, value in (("fasthydra/thin-heads-8-warps", "num_warps", 8),
+                             ("fasthydra/thin-heads-tile-32", "BLOCK_C", 32)):
+        with gpu_check.with_variant(knob):
+            assert _common.THIN_HEADS and _common.thin_heads_config(128, 32000, 2, hopper=True)[key] == value
+        assert not _common.THIN_HEADS and _common.thin_heads_config(128, 32000, 2, hopper=True) == default
+
+
+def test_profiles_run_under_their_knob():
+    """A profile case with a knob runs its measurement under the knob's settings, keyed by op, shape and knob."""
+    from fasthydra.ops import _common
+
+    seen = []
+    out = gpu_check._profiles([("mlp_fwdbwd", "gpu-large"), ("mlp_fwdbwd", "gpu-large", "fasthydra/thin-heads")],
+                              {("mlp_fwdbwd", "gpu-large"): "case"},
+                              lambda case: seen.append((case, _common.THIN_HEADS)) or [{"x": 1}], "profile {}",
+                              str)
+    assert seen == [("case", False), ("case", True)] and not _common.THIN_HEADS
+    assert list(out) == ["mlp_fwdbwd gpu-large", "mlp_fwdbwd gpu-large fasthydra/thin-heads"]
+    assert ("mlp_fwdbwd", "gpu-large", "fasthydra/thin-heads") in gpu_check.PROFILE_CASES
 
 
 def test_variant_ratios_against_the_default():
@@ -335,17 +359,38 @@ open(args[args.index("-o") + 1] + ".ncu-rep", "w").write("report")
 ''')
     fake.chmod(0o755)
     monkeypatch.setattr(gpu_check.shutil, "which", lambda name: str(fake) if name == "ncu" else None)
-    result = gpu_check.ncu_profile([("linear_fwdbwd", "small-C"), ("kl_fwdbwd", "gpu-large")], 60, str(tmp_path))
+    result = gpu_check.ncu_profile([("linear_fwdbwd", "small-C"), ("mlp_fwdbwd", "gpu-large", "fasthydra/thin-heads")],
+                                   60, str(tmp_path))
     args = log.read_text()
     assert "--clock-control none" in args and "--profile-from-start off" in args
     assert f"-k {gpu_check.NCU_KERNELS}" in args and "--section SpeedOfLight" in args
-    assert args.endswith("--ncu-child linear_fwdbwd:small-C,kl_fwdbwd:gpu-large")
-    assert result["cases"] == ["linear_fwdbwd small-C", "kl_fwdbwd gpu-large"]
+    assert args.endswith("--ncu-child linear_fwdbwd:small-C,mlp_fwdbwd:gpu-large:fasthydra/thin-heads")
+    assert result["cases"] == ["linear_fwdbwd small-C", "mlp_fwdbwd gpu-large fasthydra/thin-heads"]
     assert result["kernels"] == [{"kernel": "_small_heads_kl_kernel", "grid": "(4, 1, 1)", "block": "(128, 1, 1)",
                                   "metrics": {"Duration": "30.0 us"}}]
     failed = gpu_check.ncu_profile([("linear_fwdbwd", "FAIL")], 60, str(tmp_path))
     assert "exit 1" in failed["error"] and "Failed to initialize" in failed["error"]
     assert "no time left" in gpu_check.ncu_profile([("linear_fwdbwd", "small-C")], 5, str(tmp_path))["error"]
+
+
+def test_ncu_child_steps_under_the_knob(monkeypatch):
+    """The step ncu profiles runs under its case's knob (thin heads on), the other cases without."""
+    from types import SimpleNamespace
+
+    from fasthydra.ops import _common
+
+    seen = []
+    cases = [SimpleNamespace(op="mlp_fwdbwd", name="gpu-large"), SimpleNamespace(op="linear_fwdbwd", name="small-C")]
+    monkeypatch.setattr(gpu_check.C, "cases", lambda device: cases)
+    monkeypatch.setattr(gpu_check.C, "make_inputs", lambda case: None)
+    monkeypatch.setattr(gpu_check.C, "make_callable",
+                        lambda case, provider, inputs: lambda: seen.append((case.op, _common.THIN_HEADS)))
+    monkeypatch.setattr(gpu_check, "warm_clocks", lambda: None)
+    for name in ("start", "stop"):
+        monkeypatch.setattr(torch.cuda.profiler, name, lambda: None)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    assert gpu_check.ncu_child("mlp_fwdbwd:gpu-large:fasthydra/thin-heads,linear_fwdbwd:small-C") == 0
+    assert seen == [("mlp_fwdbwd", True)] * 4 + [("linear_fwdbwd", False)] * 4 and not _common.THIN_HEADS
 
 
 def test_host_facts_on_cpu():
