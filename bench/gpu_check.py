@@ -123,13 +123,13 @@ KNOBS = {
                                        ("mlp_fwdbwd", "large-C-tf32"), ("linear_fwdbwd", "large-C-tf32")]},
     # thin heads with 8 warps a program on the H200 (two warpgroups splitting each tile's classes: every row
     # statistic crosses them through shared memory) against the 4 of thin_heads_config there (one warpgroup,
-    # two programs per SM; sm_90 SASS under Triton 3.6: 26.7 + 18.3 instructions per element in the two passes
-    # against 35.9 + 32.4)
+    # two programs per SM; sm_90 SASS under Triton 3.6: 27.0 + 21.3 instructions per element in the two passes
+    # against 36.1 + 38.2)
     "fasthydra/thin-heads-8-warps": {"set": [("fasthydra.ops._common", "THIN_HEADS", True),
                                              ("fasthydra.ops._common", "THIN_HOPPER_WARPS", 8)],
                                      "cases": [("mlp_fwdbwd", "gpu-large")]},
     # thin heads in 32-class tiles: about 108 registers, four programs (16 warps) per SM to hide the teacher's
-    # and dz's memory latency, for 18% more instructions per element (31.9 + 21.3)
+    # and dz's memory latency, for 15% more instructions per element (31.9 + 24.0)
     "fasthydra/thin-heads-tile-32": {"set": [("fasthydra.ops._common", "THIN_HEADS", True),
                                              ("fasthydra.ops._common", "THIN_BLOCK_C", 32)],
                                      "cases": [("mlp_fwdbwd", "gpu-large")]},

@@ -35,27 +35,38 @@ def _exp(x, FAST_EXP: tl.constexpr, BASE2: tl.constexpr = False):
 
 
 @triton.jit
-def _online_kl_update(s, u, m_s, d_s, m_u, d_u, a, FAST_EXP: tl.constexpr = False, BASE2: tl.constexpr = False):
+def _online_kl_update(s, u, m_s, d_s, m_u, d_u, a, FAST_EXP: tl.constexpr = False, BASE2: tl.constexpr = False,
+                      c=1.0):
     """Folds one (ROWS, BLOCK_C) tile of tempered logits into the per-row statistics (all fp32).
 
-    s, u: student and teacher logits divided by T, -inf on lanes outside the row; with BASE2 also times
-    log2(e), and then the maxima and ``a`` are in those base-2 units too (the sums d_s, d_u are the same
-    either way); one multiply fewer per exponential.
+    s, u: student and teacher logits divided by T, -inf on lanes outside the row.
     m_s, d_s, m_u, d_u, a: (ROWS,) running statistics described in the module docstring.
     FAST_EXP: the tile's exponentials by ``_exp``'s fast form (GPU launches).
+    BASE2: s, u are the raw logits instead and c = log2(e) / T: the maxima are of the raw logits, each
+    exponential is 2^((x - max) c), the difference taken before the scaling (exact near the maximum, where
+    the probabilities that matter are: scaling first rounds each x c to the ulp of its size, an error a
+    probability near 1 then carries into q - p), one multiply per exponential; ``a`` comes out in base-2
+    units (times ln 2 for nats), the sums d_s, d_u as without it.
     """
     new_m_s = tl.maximum(m_s, tl.max(s, axis=1))
     new_m_u = tl.maximum(m_u, tl.max(u, axis=1))
     # A row whose tiles so far were all masked keeps a -inf maximum; shift by 0 then (exp(-inf) = 0).
     ref_s = tl.where(new_m_s == float("-inf"), 0.0, new_m_s)
     ref_u = tl.where(new_m_u == float("-inf"), 0.0, new_m_u)
-    scale_s = _exp(m_s - ref_s, False, BASE2)
-    scale_u = _exp(m_u - ref_u, False, BASE2)
     # Old terms of `a` were measured against the old maxima: move them to the new ones.
     shift = (ref_u - m_u) - (ref_s - m_s)
+    if BASE2:
+        scale_s = _exp((m_s - ref_s) * c, False, True)
+        scale_u = _exp((m_u - ref_u) * c, False, True)
+        shift = shift * c
+        sh_s = (s - ref_s[:, None]) * c
+        sh_u = (u - ref_u[:, None]) * c
+    else:
+        scale_s = tl.exp(m_s - ref_s)
+        scale_u = tl.exp(m_u - ref_u)
+        sh_s = s - ref_s[:, None]
+        sh_u = u - ref_u[:, None]
     a = tl.where(d_u > 0, scale_u * (a - d_u * shift), 0.0)
-    sh_s = s - ref_s[:, None]
-    sh_u = u - ref_u[:, None]
     e_u = _exp(sh_u, FAST_EXP, BASE2)
     teacher_live = u > float("-inf")
     a += tl.sum(tl.where(teacher_live, e_u * (sh_u - sh_s), 0.0), axis=1)

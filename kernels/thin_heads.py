@@ -8,13 +8,12 @@ writes dz. Here one program owns BLOCK_B rows of one head:
 
   pass 1, per class tile:  z = u_m[rows] @ W_m[tile].T + b_m[tile]      (tl.dot, fp32 accumulator)
                            online softmax/KL statistics of (z / T, t / T) in base-2 units
-                           (softmax_kl._online_kl_update with BASE2: the logits times log2(e) / T)
+                           (softmax_kl._online_kl_update with BASE2: maxima of the raw logits)
           then             loss[b, m] = T^2 KL(p || q), the row's normalisers in registers;
   pass 2, per class tile (when the gradient is wanted): z again, then
-                           dz = grad_scale * (q - p) = 2^(z k2 - q_off) - 2^(t k2 - p_off) with per-row
-                           offsets (one fused multiply-add and one exponential per term, no select),
-                           written in the input dtype, and the tile's column sums of dz over the
-                           program's rows (fp32), the bias gradient's part.
+                           dz = grad_scale * (q - p), q = 2^((z - m_s) k2 - log2 d_s) and p alike
+                           (no select), written in the input dtype, and the tile's column sums of dz
+                           over the program's rows, the bias gradient's part.
 
 The logits never reach memory; the teacher is read once for the loss alone and twice with the
 gradient (the same bytes as the loss kernel's long rows, minus the logits' write and reads). The
@@ -24,7 +23,7 @@ issue for a kernel bound by issue, where cuBLAS reading dz once costs about 0.5 
 checked on the loads (error word bits 1, 2, 4, as in softmax_kl.py); "mean"/"sum" are reduced by the
 last program (reduce.py). On a GPU the exponentials are ex2.approx.ftz (softmax_kl._exp) and the teacher
 tile is held in the accumulator's layout (_in_layout_of). sm_90 SASS at gpu-large bf16 (Triton 3.6, 4 warps,
-see _common.thin_heads_config): 26.7 and 18.3 instructions per element in passes 1 and 2, from 48.9 and
+see _common.thin_heads_config): 27.0 and 21.3 instructions per element in passes 1 and 2, from 48.9 and
 36.3 with 8 warps before those two changes, the base-2 form and the column sums as a dot (_column_sums).
 """
 
@@ -123,8 +122,8 @@ def _column_sums(g, g_out, UPCAST_DOT: tl.constexpr, BLOCK_B: tl.constexpr):
     """A dz tile's sums over its rows (fp32, (BLOCK_C,)). 16-bit dz: the stored values summed (as a sum of
     the gradient tensor would), by a tensor-core dot of a one-hot row with the tile, so that the sum over
     rows spread across the lanes of the accumulator's layout takes no butterfly shuffles (sm_90 SASS at
-    gpu-large bf16: pass 2 from 22.0 to 18.3 instructions per element). fp32 dz (a TF32 dot would round
-    it): the fp32 values summed by tl.sum."""
+    gpu-large bf16: pass 2 22.0 -> 18.3 instructions per element when it was added). fp32 dz (a TF32 dot
+    would round it): the fp32 values summed by tl.sum."""
     if g_out.dtype.primitive_bitwidth == 16:
         first = tl.where(tl.arange(0, 16)[:, None] == 0, 1.0, 0.0) + tl.zeros((16, BLOCK_B), tl.float32)
         if UPCAST_DOT:  # (interpreter)
@@ -202,7 +201,7 @@ def _thin_heads_kl_kernel(
         x_blk = tl.load(x_rows + ks[None, :], mask=rows_ok[:, None] & (ks < K)[None, :], other=0.0)
         if UPCAST_DOT:
             x_blk = x_blk.to(tl.float32)
-    # Statistics in base-2 units: the logits times k2 = log2(e) / T, so that each exponential is one ex2.
+    # Statistics in base-2 units: each exponential one ex2 of (x - max) k2, k2 = log2(e) / T.
     k2 = inv_temp * LOG2E
     zero = tl.zeros((BLOCK_B,), tl.float32)
     m_s, d_s, m_u, d_u, a = zero + float("-inf"), zero, zero + float("-inf"), zero, zero
@@ -215,27 +214,30 @@ def _thin_heads_kl_kernel(
                                                   PREFETCH, BLOCK_C)
         cols, z, t = _thin_heads_tile(x_rows, x_blk, w_head, t_raw, bias, rows_ok, c0, C, K, stride_wc, HAS_BIAS,
                                       UPCAST_DOT, PRECISION, ONE_K_STEP, PTX, BLOCK_B, BLOCK_C, BLOCK_K)
-        s = z * k2
         if not EVEN_C:  # classes past C (t is -inf there already)
-            s = tl.where((cols < C)[None, :], s, float("-inf"))
-        m_s, d_s, m_u, d_u, a = _online_kl_update(s, t * k2, m_s, d_s, m_u, d_u, a, PTX, BASE2=True)
+            z = tl.where((cols < C)[None, :], z, float("-inf"))
+        m_s, d_s, m_u, d_u, a = _online_kl_update(z, t, m_s, d_s, m_u, d_u, a, PTX, BASE2=True, c=k2)
     kl = (a * LN2 / d_u - tl.log(d_u) + tl.log(d_s)) * loss_scale
     tl.store(loss_ptr + rows * stride_lb + m * stride_lm, kl, mask=rows_ok)
     if WRITE_GRAD:
-        # dz = grad_scale (q - p) = 2^(s - m_s - log2 d_s + log2 grad_scale) - 2^(u - ...): per element one
-        # fused multiply-add and one exponential each, no select. A row whose teacher is -inf everywhere
-        # (rows past B too) gets a p offset of 0, so p = 2^-inf = 0 there, as on the masked classes of any
-        # row; rows past B also get q = 0 (an offset of +inf): their dz adds nothing to the column sums.
-        log2_scale = tl.log2(grad_scale)
-        q_off = tl.where(rows_ok, m_s + tl.log2(d_s) - log2_scale, float("inf"))
-        p_off = tl.where(m_u == float("-inf"), 0.0, m_u + tl.log2(d_u) - log2_scale)
+        # dz = grad_scale (q - p), q = 2^((z - m_s) k2 - log2 d_s) (raw maxima: the difference before the
+        # scaling, see _online_kl_update), p likewise: no select per element. A row whose teacher is -inf
+        # everywhere (rows past B too) is measured from 0 with a log-sum of 0, so p = 2^-inf = 0 there, as
+        # on the masked classes of any row; rows past B also get q = 0 (a maximum of +inf): their dz adds
+        # nothing to the column sums.
+        ref_s = tl.where(rows_ok, m_s, float("inf"))
+        l_s = tl.log2(d_s)
+        dead = m_u == float("-inf")
+        ref_u = tl.where(dead, 0.0, m_u)
+        l_u = tl.where(dead, 0.0, tl.log2(d_u))
         t_next, b_next = _first_tiles(t_rows, rows_ok, bias_head, C, HAS_BIAS, PREFETCH, BLOCK_C)
         for c0 in range(0, C, BLOCK_C):
             t_raw, bias, t_next, b_next = _next_tiles(t_next, b_next, t_rows, rows_ok, bias_head, c0, C, HAS_BIAS,
                                                       PREFETCH, BLOCK_C)
             cols, z, t = _thin_heads_tile(x_rows, x_blk, w_head, t_raw, bias, rows_ok, c0, C, K, stride_wc, HAS_BIAS,
                                           UPCAST_DOT, PRECISION, ONE_K_STEP, PTX, BLOCK_B, BLOCK_C, BLOCK_K)
-            g = _exp(z * k2 - q_off[:, None], PTX, True) - _exp(t * k2 - p_off[:, None], PTX, True)
+            g = grad_scale * (_exp((z - ref_s[:, None]) * k2 - l_s[:, None], PTX, True)
+                              - _exp((t - ref_u[:, None]) * k2 - l_u[:, None], PTX, True))
             g_out = g.to(g_ptr.dtype.element_ty)
             tl.store(g_ptr + rows[:, None] * stride_gb + m * stride_gm + cols[None, :], g_out,
                      mask=rows_ok[:, None] & (cols < C)[None, :])

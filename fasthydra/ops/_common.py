@@ -82,8 +82,8 @@ def thin_heads_config(k: int, n_cols: int, elem_size: int, ieee: bool = False, h
     tiles of 64, or 32 where C is not a multiple of 16 (unvectorised loads; 64 spilled there), the
     teacher and bias tiles loaded a tile ahead (PREFETCH); fp32 (TF32 dots): tiles of 32, no prefetch
     (it spilled). hopper (sm_90 and later): 4 warps, one warpgroup owning the tile's rows whole, so that
-    row statistics need no exchange between warps (sm_90 SASS at gpu-large bf16, Triton 3.6: 26.7 and
-    18.3 instructions per element in passes 1 and 2, against 35.9 and 32.4 with 8 warps; 96 to 247
+    row statistics need no exchange between warps (sm_90 SASS at gpu-large bf16, Triton 3.6: 27.0 and
+    21.3 instructions per element in passes 1 and 2, against 36.1 and 38.2 with 8 warps; 96 to 238
     registers, two programs per SM); before it 8 warps (4 reach 255 registers and spill on sm_80). No
     spills on sm_80/sm_90 (kernel report)."""
     if not 0 < k <= THIN_MAX_K or (elem_size > 2 and ieee):
