@@ -161,7 +161,8 @@ def _hydra_kl_fwd_kernel(
     err_ptr,  # in/out: one int32 error word, OR-ed with 1 (NaN), 2 (+inf), 4 (all -inf row) by bad teachers
     bias_ptr,  # student bias added to z on every load: row (o, i) at o * stride_bo + i * stride_bi, unit along
     #            C (MLP heads' per-head bias, so their GEMM needs no bias operand); unused unless HAS_BIAS
-    norm_ptr,  # out: (R, 4) fp32 per row r: m_s, log d_s, m_u, log d_u (tempered logits), the normalisers
+    norm_ptr,  # out: (R, 4) fp32 per row r: max z, log d_s, max t, log d_u (maxima of the raw logits, bias
+    #            added; d = sum exp((x - max) / T)), the normalisers
     #            _hydra_kl_grad_kernel needs for a gradient formed in the backward; unused unless WRITE_NORMS
     part_ptr,  # out: one fp32 partial loss sum per program; unused unless REDUCE
     out_ptr,  # out: the reduced loss, fp32 scalar, written by the last program; unused unless REDUCE
@@ -199,6 +200,8 @@ def _hydra_kl_fwd_kernel(
     REDUCE: tl.constexpr = False,  # the loss rows also summed (their last program), times out_scale
     BLOCK_P: tl.constexpr = 128,  # partial sums read per step by that program
 ):
+    # (norms are for a gradient formed later, from a frozen teacher: never beside the gradients here)
+    tl.static_assert(not (WRITE_NORMS and (WRITE_GRAD or WRITE_TGRAD)))
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     row_ok = rows < R
@@ -228,13 +231,24 @@ def _hydra_kl_fwd_kernel(
             b_row = tl.load(b_rows + cols0[None, :], mask=row_mask, other=0.0)
         else:
             b_row = z_row  # a placeholder: _biased ignores it without a bias
-        s_row = _biased(z_row, b_row, HAS_BIAS) * inv_temp
-        u_row = t_row.to(tl.float32) * inv_temp
-        n_nan += tl.sum((u_row != u_row).to(tl.int32), axis=1)
-        if WRITE_TGRAD:
-            row_max = tl.max(u_row, axis=1)
-            s_at = tl.max(tl.where(u_row == row_max[:, None], s_row, float("-inf")), axis=1)
-        m_s, d_s, m_u, d_u, a = _online_kl_update(s_row, u_row, m_s, d_s, m_u, d_u, a)
+        if WRITE_NORMS:
+            # The normalisers for a gradient formed in the backward, from the raw logits' maxima (see
+            # norm_ptr); statistics in base-2 units, `a` back in nats.
+            x_row = _biased(z_row, b_row, HAS_BIAS)
+            y_row = t_row.to(tl.float32)
+            n_nan += tl.sum((y_row != y_row).to(tl.int32), axis=1)
+            m_s, d_s, m_u, d_u, a = _online_kl_update(x_row, y_row, m_s, d_s, m_u, d_u, a, BASE2=True,
+                                                      c=inv_temp * 1.4426950408889634)
+            a = a * 0.6931471805599453
+            norm_ms, norm_mu = m_s, m_u
+        else:
+            s_row = _biased(z_row, b_row, HAS_BIAS) * inv_temp
+            u_row = t_row.to(tl.float32) * inv_temp
+            n_nan += tl.sum((u_row != u_row).to(tl.int32), axis=1)
+            if WRITE_TGRAD:
+                row_max = tl.max(u_row, axis=1)
+                s_at = tl.max(tl.where(u_row == row_max[:, None], s_row, float("-inf")), axis=1)
+            m_s, d_s, m_u, d_u, a = _online_kl_update(s_row, u_row, m_s, d_s, m_u, d_u, a)
     elif WRITE_TGRAD:
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + cols0
@@ -272,6 +286,7 @@ def _hydra_kl_fwd_kernel(
         a = a * inv_temp
         m_s = row_mx * inv_temp
         m_u = row_my * inv_temp
+        norm_ms, norm_mu = row_mx, row_my
         # A NaN teacher logit makes its thread's sum NaN and so the row's (two +inf do too: those rows
         # are flagged +inf by m_u instead).
         n_nan += ((d_u != d_u) & (m_u != float("inf"))).to(tl.int32)
@@ -288,9 +303,9 @@ def _hydra_kl_fwd_kernel(
         tl.store(part_ptr + pid, tl.sum(tl.where(row_ok, kl * loss_scale, 0.0), axis=0))
         _last_program_sums(part_ptr, tl.num_programs(0), out_ptr, count_ptr, out_scale, BLOCK_P)
     if WRITE_NORMS:
-        tl.store(norm_ptr + rows * 4, m_s, mask=row_ok)
+        tl.store(norm_ptr + rows * 4, norm_ms, mask=row_ok)
         tl.store(norm_ptr + rows * 4 + 1, log_d_s, mask=row_ok)
-        tl.store(norm_ptr + rows * 4 + 2, m_u, mask=row_ok)
+        tl.store(norm_ptr + rows * 4 + 2, norm_mu, mask=row_ok)
         tl.store(norm_ptr + rows * 4 + 3, log_d_u, mask=row_ok)
 
     big_a = tl.zeros((BLOCK_R,), tl.float32)  # sum_k p_k e_k (teacher gradient only)
@@ -349,7 +364,7 @@ def _hydra_kl_fwd_kernel(
 # forward wrote only the loss rows and each row's normalisers (norm_ptr above), so the (B, M, C)
 # gradient is formed once, already multiplied by the upstream gradient, which is read here on the
 # device (a scalar: strides 0; reduction "none": one value per row):
-#     dz[r, c] = grad_scale * g[r] * (q - p),  q = exp(s - m_s - log d_s),  p = exp(u - m_u - log d_u)
+#     dz[r, c] = grad_scale * g[r] * (q - p),  q = exp((z - max z) / T - log d_s),  p likewise
 # A streaming pass, no reduction: one program per BLOCK_R rows and block of cols_per_prog classes, which
 # it walks in BLOCK_C tiles (the rows' normalisers and upstream gradient loaded once).
 @triton.jit
@@ -400,8 +415,8 @@ def _hydra_kl_grad_kernel(
 
 @triton.jit
 def _load_norms(norm_rows, row_ok):
-    """A row's normalisers from the forward (norm_rows: (ROWS,) pointers to m_s, log d_s, m_u, log d_u of
-    the tempered logits), as _grad_from_norms takes them: the sums' logs in base 2, and a teacher row
+    """A row's normalisers from the forward (norm_rows: (ROWS,) pointers to max z, log d_s, max t, log d_u:
+    the raw logits' maxima), as _grad_from_norms takes them: the sums' logs in base 2, and a teacher row
     that is -inf everywhere (flagged by the forward) measured from 0, so that its p is 0."""
     m_s = tl.load(norm_rows, mask=row_ok, other=0.0)
     l_s = tl.load(norm_rows + 1, mask=row_ok, other=0.0) * 1.4426950408889634
@@ -415,11 +430,13 @@ def _grad_from_norms(x, y, m_s, l_s, m_u, l_u, inv_temp, grad_scale):
     """``grad_scale * (q - p)`` for one (rows, classes) tile of raw student and teacher logits x, y (fp32,
     -inf outside the row; the student's bias added), from _load_norms's (ROWS,) normalisers; grad_scale
     a scalar or a (ROWS, 1) column."""
-    # q = 2^((x/T - m_s) log2(e) - log2 d_s): x/T - m_s in one rounding (fused multiply-add, exact for the
-    # row's max), then one more FMA and one exp2 per element; a -inf logit (masked class, lanes outside
-    # the row) gives 0 without a select.
-    q = tl.exp2((x * inv_temp - m_s[:, None]) * 1.4426950408889634 - l_s[:, None])
-    p = tl.exp2((y * inv_temp - m_u[:, None]) * 1.4426950408889634 - l_u[:, None])
+    # q = 2^((x - max x) log2(e) / T - log2 d_s): the difference of raw logits first (exact near the max,
+    # where a probability near 1 makes q - p cancel; scaling first would round x / T to the ulp of its
+    # size: with |x / T| ~ 80, 4 ulp of q there), then one FMA and one exp2 per element; a -inf logit
+    # (masked class, lanes outside the row) gives 0 without a select.
+    c2 = inv_temp * 1.4426950408889634
+    q = tl.exp2((x - m_s[:, None]) * c2 - l_s[:, None])
+    p = tl.exp2((y - m_u[:, None]) * c2 - l_u[:, None])
     return grad_scale * q - grad_scale * p
 
 
