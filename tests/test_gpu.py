@@ -155,6 +155,48 @@ def test_head_groups_accumulate_dx_in_fp32(monkeypatch, dtype):
     _check_heads_against_float64(96, 64, 4, 1000, None, dtype)
 
 
+@pytest.mark.parametrize("defer", [True, False], ids=["grad-in-backward", "grad-in-forward"])
+@pytest.mark.parametrize("c", [300, 20000], ids=["row-in-registers", "row-in-tiles"])
+def test_precision_near_saturated_rows_at_a_temperature_not_a_power_of_two(monkeypatch, c, defer):
+    """fp32, large logits with a dominant class at T = 0.7 (probabilities near 1, where dz = T (q - p)
+    cancels; 1/T not exact in binary): the loss on logits (frozen teacher, its gradient formed in the
+    backward from the forward's norms, or in the forward) and the heads + loss op, held to the tolerance
+    rule against eager fp32 with a tight atol. Exponents must come from differences taken before the
+    temperature's scaling; a GPU build that contracts z / T - max into one FMA, with max itself rounded,
+    shows here (the interpreter has no FMA)."""
+    from fasthydra.ops import _common
+
+    monkeypatch.setattr(_common, "DEFER_KL_GRAD", defer)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for seed in range(3):
+        torch.manual_seed(seed)
+        t = torch.randn(24, 2, c, device="cuda") * 8.0
+        t[..., 0] += 40.0
+        z = (t + torch.randn(24, 2, c, device="cuda") * 2.4).requires_grad_()
+        (g,) = torch.autograd.grad(hydra_kl_loss(z, t, 0.7, reduction="sum", impl="triton"), z)
+        z64 = z.detach().double().requires_grad_()
+        (g_ref,) = torch.autograd.grad(R.hydra_kl_loss_ref(z64, t.double(), 0.7, reduction="sum"), z64)
+        z32 = z.detach().requires_grad_()
+        (g_eager,) = torch.autograd.grad(R.hydra_kl_loss_ref(z32, t, 0.7, reduction="sum"), z32)
+        tolerance_rule(g, g_eager, g_ref, 1e-7 * g_ref.abs().max().item(), f"loss on logits, draw {seed}")
+    head = HydraHead(32, c, 2, impl="triton", device="cuda")
+    with torch.no_grad():
+        head.bias.copy_(torch.randn_like(head.bias) * 8.0)
+        head.bias[:, 0] += 40.0
+    x = torch.randn(24, 32, device="cuda", requires_grad=True)
+    with torch.no_grad():
+        t = head(x) + torch.randn(24, 2, c, device="cuda") * 2.4
+    loss = head.distill_loss(x, t, 0.7)
+    grads = torch.autograd.grad(loss, [x, *params_of(head)])
+    grads_eager = torch.autograd.grad(_eager(head, x, t, 0.7), [x, *params_of(head)])
+    head64 = HydraHead(32, c, 2, impl="torch", device="cuda", dtype=torch.float64)
+    head64.load_state_dict({k: v.double() for k, v in head.state_dict().items()})
+    x64 = x.detach().double().requires_grad_()
+    grads_exact = torch.autograd.grad(_eager(head64, x64, t.double(), 0.7), [x64, *params_of(head64)])
+    for name, g, ge, gx in zip(["x", "weight", "bias"], grads, grads_eager, grads_exact):
+        tolerance_rule(g, ge, gx, 1e-7 * gx.abs().max().item(), what=f"heads {name}")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("b,d,m,c,hidden", [(37, 45, 5, 13, 24), (130, 64, 2, 50257, 128), (256, 96, 4, 1000, 256),
                                             (96, 200, 3, 5000, None), (100, 48, 2, 2048, 128)])
