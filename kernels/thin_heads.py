@@ -206,8 +206,8 @@ def _thin_heads_kl_kernel(
     zero = tl.zeros((BLOCK_B,), tl.float32)
     m_s, d_s, m_u, d_u, a = zero + float("-inf"), zero, zero + float("-inf"), zero, zero
     # With PREFETCH the teacher's and the bias's tiles are loaded one tile ahead (the weight tiles are
-    # pipelined by the compiler, these loads were not: one program per SM at these register counts, so
-    # nothing else hides their latency).
+    # pipelined by the compiler, these loads were not: one or two programs per SM at these register
+    # counts, so little else hides their latency).
     t_next, b_next = _first_tiles(t_rows, rows_ok, bias_head, C, HAS_BIAS, PREFETCH, BLOCK_C)
     for c0 in range(0, C, BLOCK_C):
         t_raw, bias, t_next, b_next = _next_tiles(t_next, b_next, t_rows, rows_ok, bias_head, c0, C, HAS_BIAS,
