@@ -609,7 +609,8 @@ def _hydra_kl_topk_fwd_kernel(
     w = v.to(tl.float32) * inv_temp
     in_range = (idx >= 0) & (idx < C)
     live = (w > float("-inf")) & k_mask
-    s_idx = tl.load(z_rows + idx, mask=k_mask & in_range, other=0.0).to(tl.float32) * inv_temp
+    x_idx = tl.load(z_rows + idx, mask=k_mask & in_range, other=0.0).to(tl.float32)
+    s_idx = x_idx * inv_temp
     m_w = tl.max(w, axis=1)
     ref_w = tl.where(m_w == float("-inf"), 0.0, m_w)
     e_w = tl.where(live, tl.exp(w - ref_w[:, None]), 0.0)
@@ -637,11 +638,13 @@ def _hydra_kl_topk_fwd_kernel(
         td = td * scale + tl.sum(tl.exp2((x - ref[:, :, None]) * c2), axis=2)
     row_m, ref_x, thread_w = _thread_merge(tm, c2)
     d_s = tl.sum(tl.where(td == 0, 0.0, td * thread_w), axis=1)
-    m_s = row_m * inv_temp
     log_d_s = tl.log(d_s)
+    # The student's tempered logits at the kept classes measured from its raw maximum, the difference first
+    # (as d_s was summed: a rounded max z / T subtracted from z / T in one FMA would shift them from it)
+    sd = (x_idx - tl.where(row_m == float("-inf"), 0.0, row_m)[:, None]) * inv_temp
 
     # KL = sum_i p_i ((w_i - m_w - log d_w) - (s_idx_i - m_s - log d_s)), masked entries 0
-    log_ratio = (w - ref_w[:, None] - log_d_w[:, None]) - (s_idx - m_s[:, None] - log_d_s[:, None])
+    log_ratio = (w - ref_w[:, None] - log_d_w[:, None]) - (sd - log_d_s[:, None])
     kl = tl.sum(tl.where(live, p * log_ratio, 0.0), axis=1)
     tl.store(loss_ptr + r_out * stride_lo + r_in * stride_li, kl * loss_scale, mask=row_ok)
 
@@ -663,6 +666,6 @@ def _hydra_kl_topk_fwd_kernel(
             q = tl.exp2((x - ref_x[:, :, None]) * c2 - lx)
             tl.store(g_rows[:, :, None] + cols, (q * grad_scale).to(grad_ptr.dtype.element_ty), mask=mask)
         tl.debug_barrier()  # every dense store of this program lands before the kept classes are rewritten
-        q_idx = tl.exp(s_idx - m_s[:, None] - log_d_s[:, None])
+        q_idx = tl.exp(sd - log_d_s[:, None])
         tl.store(g_rows + idx, ((q_idx - p) * grad_scale).to(grad_ptr.dtype.element_ty),
                  mask=live & in_range)

@@ -11,6 +11,7 @@ from helpers import HEADS_PATHS, params_of, teacher_logits, tolerance_rule, use_
 
 from fasthydra import HydraHead, hydra_kl_loss, uncertainty
 from fasthydra import reference as R
+from fasthydra.reference import TopKTeacher
 
 pytestmark = pytest.mark.gpu
 
@@ -160,10 +161,10 @@ def test_head_groups_accumulate_dx_in_fp32(monkeypatch, dtype):
 def test_precision_near_saturated_rows_at_a_temperature_not_a_power_of_two(monkeypatch, c, defer):
     """fp32, large logits with a dominant class at T = 0.7 (probabilities near 1, where dz = T (q - p)
     cancels; 1/T not exact in binary): the loss on logits (frozen teacher, its gradient formed in the
-    backward from the forward's norms, or in the forward) and the heads + loss op, held to the tolerance
-    rule against eager fp32 with a tight atol. Exponents must come from differences taken before the
-    temperature's scaling; a GPU build that contracts z / T - max into one FMA, with max itself rounded,
-    shows here (the interpreter has no FMA)."""
+    backward from the forward's norms, or in the forward; a top-k teacher) and the heads + loss op, held
+    to the tolerance rule against eager fp32 with a tight atol. Exponents must come from differences
+    taken before the temperature's scaling; a GPU build that contracts z / T - max into one FMA, with
+    max itself rounded, shows here (the interpreter has no FMA)."""
     from fasthydra.ops import _common
 
     monkeypatch.setattr(_common, "DEFER_KL_GRAD", defer)
@@ -179,6 +180,13 @@ def test_precision_near_saturated_rows_at_a_temperature_not_a_power_of_two(monke
         z32 = z.detach().requires_grad_()
         (g_eager,) = torch.autograd.grad(R.hydra_kl_loss_ref(z32, t, 0.7, reduction="sum"), z32)
         tolerance_rule(g, g_eager, g_ref, 1e-7 * g_ref.abs().max().item(), f"loss on logits, draw {seed}")
+    # a top-k teacher (its 20 largest classes): the dense reference masks the others with -inf
+    vals, idx = t.topk(20, dim=-1)
+    dense = torch.full_like(t, float("-inf")).scatter(-1, idx, vals)
+    (g,) = torch.autograd.grad(hydra_kl_loss(z, TopKTeacher(vals, idx), 0.7, reduction="sum", impl="triton"), z)
+    (g_ref,) = torch.autograd.grad(R.hydra_kl_loss_ref(z64, dense.double(), 0.7, reduction="sum"), z64)
+    (g_eager,) = torch.autograd.grad(R.hydra_kl_loss_ref(z32, dense, 0.7, reduction="sum"), z32)
+    tolerance_rule(g, g_eager, g_ref, 1e-7 * g_ref.abs().max().item(), "top-k teacher")
     head = HydraHead(32, c, 2, impl="triton", device="cuda")
     with torch.no_grad():
         head.bias.copy_(torch.randn_like(head.bias) * 8.0)
