@@ -239,8 +239,7 @@ def _hydra_kl_fwd_kernel(
             n_nan += tl.sum((y_row != y_row).to(tl.int32), axis=1)
             m_s, d_s, m_u, d_u, a = _online_kl_update(x_row, y_row, m_s, d_s, m_u, d_u, a, BASE2=True,
                                                       c=inv_temp * 1.4426950408889634)
-            a = a * 0.6931471805599453
-            norm_ms, norm_mu = m_s, m_u
+            a = a * 0.6931471805599453  # (m_s, m_u: the raw maxima, what the norms hold)
         else:
             s_row = _biased(z_row, b_row, HAS_BIAS) * inv_temp
             u_row = t_row.to(tl.float32) * inv_temp
@@ -284,9 +283,8 @@ def _hydra_kl_fwd_kernel(
             mx, dx, my, dy, ax = _thread_kl_update(x, y, mx, dx, my, dy, ax, c2)
         row_mx, d_s, row_my, d_u, a = _thread_kl_combine(mx, dx, my, dy, ax, c2)
         a = a * inv_temp
-        m_s = row_mx * inv_temp
-        m_u = row_my * inv_temp
-        norm_ms, norm_mu = row_mx, row_my
+        # the raw maxima from here on (what the norms hold; the checks below read only infinities)
+        m_s, m_u = row_mx, row_my
         # A NaN teacher logit makes its thread's sum NaN and so the row's (two +inf do too: those rows
         # are flagged +inf by m_u instead).
         n_nan += ((d_u != d_u) & (m_u != float("inf"))).to(tl.int32)
@@ -303,9 +301,9 @@ def _hydra_kl_fwd_kernel(
         tl.store(part_ptr + pid, tl.sum(tl.where(row_ok, kl * loss_scale, 0.0), axis=0))
         _last_program_sums(part_ptr, tl.num_programs(0), out_ptr, count_ptr, out_scale, BLOCK_P)
     if WRITE_NORMS:
-        tl.store(norm_ptr + rows * 4, norm_ms, mask=row_ok)
+        tl.store(norm_ptr + rows * 4, m_s, mask=row_ok)
         tl.store(norm_ptr + rows * 4 + 1, log_d_s, mask=row_ok)
-        tl.store(norm_ptr + rows * 4 + 2, norm_mu, mask=row_ok)
+        tl.store(norm_ptr + rows * 4 + 2, m_u, mask=row_ok)
         tl.store(norm_ptr + rows * 4 + 3, log_d_u, mask=row_ok)
 
     big_a = tl.zeros((BLOCK_R,), tl.float32)  # sum_k p_k e_k (teacher gradient only)

@@ -92,14 +92,17 @@ def _in_layout_of(x, like, PTX: tl.constexpr):
 
 
 @triton.jit
-def _thin_heads_tile(x_rows, x_blk, w_head, t_raw, bias, rows_ok, c0, C, K, stride_wc, HAS_BIAS: tl.constexpr,
-                     UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr, ONE_K_STEP: tl.constexpr, PTX: tl.constexpr,
-                     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One class tile: (classes, student logits z (bias added), teacher logits t), both fp32 in the dot's
-    accumulator layout, untempered; t is -inf outside the row (rows past B included), z is finite there
-    (zero inputs and weights). t_raw and bias come from ``_ahead``, a tile earlier. With ONE_K_STEP (K <=
-    BLOCK_K) x_blk holds the rows' inputs, loaded once per program: only the weight tile is read per class
-    tile; else the inputs are read again in K steps."""
+def _thin_heads_tile(t_next, b_next, x_rows, x_blk, w_head, t_rows, bias_head, rows_ok, c0, C, K, stride_wc,
+                     HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr,
+                     ONE_K_STEP: tl.constexpr, PTX: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_B: tl.constexpr,
+                     BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The class tile at c0, both passes' loop body: (what the loop carries on, as ``_next_tiles``; classes;
+    student logits z (bias added); teacher logits t), z and t fp32 in the dot's accumulator layout,
+    untempered; t is -inf outside the row (rows past B included), z is finite there (zero inputs and
+    weights). With ONE_K_STEP (K <= BLOCK_K) x_blk holds the rows' inputs, loaded once per program: only
+    the weight tile is read per class tile; else the inputs are read again in K steps."""
+    t_raw, bias, t_next, b_next = _next_tiles(t_next, b_next, t_rows, rows_ok, bias_head, c0, C, HAS_BIAS, PREFETCH,
+                                              BLOCK_C)
     cols = c0 + tl.arange(0, BLOCK_C)
     col_ok = cols < C
     if ONE_K_STEP:
@@ -114,7 +117,7 @@ def _thin_heads_tile(x_rows, x_blk, w_head, t_raw, bias, rows_ok, c0, C, K, stri
                                  UPCAST_DOT, PRECISION, BLOCK_B, BLOCK_C, BLOCK_K)
     if HAS_BIAS:  # (without a bias no add: _ahead's zeros are a placeholder)
         acc += bias[None, :]
-    return cols, acc, _in_layout_of(t_raw.to(tl.float32), acc, PTX)
+    return t_next, b_next, cols, acc, _in_layout_of(t_raw.to(tl.float32), acc, PTX)
 
 
 @triton.jit
@@ -210,10 +213,9 @@ def _thin_heads_kl_kernel(
     # counts, so little else hides their latency).
     t_next, b_next = _first_tiles(t_rows, rows_ok, bias_head, C, HAS_BIAS, PREFETCH, BLOCK_C)
     for c0 in range(0, C, BLOCK_C):
-        t_raw, bias, t_next, b_next = _next_tiles(t_next, b_next, t_rows, rows_ok, bias_head, c0, C, HAS_BIAS,
-                                                  PREFETCH, BLOCK_C)
-        cols, z, t = _thin_heads_tile(x_rows, x_blk, w_head, t_raw, bias, rows_ok, c0, C, K, stride_wc, HAS_BIAS,
-                                      UPCAST_DOT, PRECISION, ONE_K_STEP, PTX, BLOCK_B, BLOCK_C, BLOCK_K)
+        t_next, b_next, cols, z, t = _thin_heads_tile(t_next, b_next, x_rows, x_blk, w_head, t_rows, bias_head,
+                                                      rows_ok, c0, C, K, stride_wc, HAS_BIAS, UPCAST_DOT, PRECISION,
+                                                      ONE_K_STEP, PTX, PREFETCH, BLOCK_B, BLOCK_C, BLOCK_K)
         if not EVEN_C:  # classes past C (t is -inf there already)
             z = tl.where((cols < C)[None, :], z, float("-inf"))
         m_s, d_s, m_u, d_u, a = _online_kl_update(z, t, m_s, d_s, m_u, d_u, a, PTX, BASE2=True, c=k2)
@@ -232,10 +234,10 @@ def _thin_heads_kl_kernel(
         l_u = tl.where(dead, 0.0, tl.log2(d_u))
         t_next, b_next = _first_tiles(t_rows, rows_ok, bias_head, C, HAS_BIAS, PREFETCH, BLOCK_C)
         for c0 in range(0, C, BLOCK_C):
-            t_raw, bias, t_next, b_next = _next_tiles(t_next, b_next, t_rows, rows_ok, bias_head, c0, C, HAS_BIAS,
-                                                      PREFETCH, BLOCK_C)
-            cols, z, t = _thin_heads_tile(x_rows, x_blk, w_head, t_raw, bias, rows_ok, c0, C, K, stride_wc, HAS_BIAS,
-                                          UPCAST_DOT, PRECISION, ONE_K_STEP, PTX, BLOCK_B, BLOCK_C, BLOCK_K)
+            t_next, b_next, cols, z, t = _thin_heads_tile(t_next, b_next, x_rows, x_blk, w_head, t_rows, bias_head,
+                                                          rows_ok, c0, C, K, stride_wc, HAS_BIAS, UPCAST_DOT,
+                                                          PRECISION, ONE_K_STEP, PTX, PREFETCH, BLOCK_B, BLOCK_C,
+                                                          BLOCK_K)
             g = grad_scale * (_exp((z - ref_s[:, None]) * k2 - l_s[:, None], PTX, True)
                               - _exp((t - ref_u[:, None]) * k2 - l_u[:, None], PTX, True))
             g_out = g.to(g_ptr.dtype.element_ty)

@@ -54,17 +54,26 @@ def _heads_case(b, c, m, hidden, bias, dtype=torch.float32, d=12):
     return head, x, t
 
 
-def _reference(head, x, t, temperature, reduction, upstream):
-    """float64 loss and gradients of upstream * loss (x and the parameters), from the eager reference."""
-    x64 = x.detach().double().requires_grad_()
-    p64 = {k: v.detach().double().requires_grad_() for k, v in head.named_parameters()}
+def _reference(head, x, t, temperature, reduction, upstream, dtype=torch.float64):
+    """Loss and gradients of upstream * loss (x and the parameters) from the eager reference in dtype:
+    float64 (the truth), or the inputs' own dtype (eager's error, the tolerance rule's budget)."""
+    x64 = x.detach().to(dtype).requires_grad_()
+    p64 = {k: v.detach().to(dtype).requires_grad_() for k, v in head.named_parameters()}
     if head.is_mlp:
         z = R.mlp_heads_ref(x64, p64["hidden_weight"], p64.get("hidden_bias"), p64["weight"], p64.get("bias"))
     else:
         z = R.linear_heads_ref(x64, p64["weight"], p64.get("bias"))
-    loss = R.hydra_kl_loss_ref(z, t.double(), temperature, reduction=reduction)
-    up = upstream if reduction != "none" else upstream.double()
+    loss = R.hydra_kl_loss_ref(z, t.to(dtype), temperature, reduction=reduction)
+    up = upstream if reduction != "none" else upstream.to(dtype)
     return loss, torch.autograd.grad((loss * up).sum(), [x64, *p64.values()])
+
+
+def _assert_like_float64(head, x, t, loss, grads, temperature=1.5, reduction="mean", upstream=0.7):
+    """The thin path's fp32 loss and gradients (of upstream * loss) against the float64 reference."""
+    loss_ref, grads_ref = _reference(head, x, t, temperature, reduction, upstream)
+    assert_close_to(loss, loss_ref, rtol=2e-6, atol=1e-7, what="loss")
+    for name, g, g_ref in zip(["x"] + [n for n, _ in head.named_parameters()], grads, grads_ref):
+        assert_close_to(g, g_ref, rtol=1e-5, atol=1e-8, what=name)
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -84,10 +93,8 @@ def test_thin_heads_against_float64(thin, bias, b, c, m, hidden):
     loss = head.distill_loss(x, t, temperature=1.5)
     grads = torch.autograd.grad(loss * 0.7, [x, *params_of(head)])
     assert thin == [((b, m, k), True, True)]  # one launch, dz written, the loss reduced by its last program
-    loss_ref, grads_ref = _reference(head, x, t, 1.5, "mean", 0.7)
-    assert_close_to(loss, loss_ref, rtol=2e-6, atol=1e-7, what="loss")
-    for name, g, g_ref in zip(["x"] + [n for n, _ in head.named_parameters()], grads, grads_ref):
-        assert_close_to(g, g_ref, rtol=1e-5, atol=1e-8, what=name)
+    _assert_like_float64(head, x, t, loss, grads)
+    loss_ref = _reference(head, x, t, 1.5, "mean", 1.0)[0]
     with torch.no_grad():
         assert_close_to(head.distill_loss(x, t, temperature=1.5), loss_ref, rtol=2e-6, atol=1e-7)
     assert thin[1] == ((b, m, k), False, True)
@@ -104,10 +111,7 @@ def test_thin_heads_tiles_loaded_ahead_or_not(thin, monkeypatch, prefetch, hidde
     loss = head.distill_loss(x, t, temperature=1.5)
     grads = torch.autograd.grad(loss * 0.7, [x, *params_of(head)])
     assert len(thin) == 1
-    loss_ref, grads_ref = _reference(head, x, t, 1.5, "mean", 0.7)
-    assert_close_to(loss, loss_ref, rtol=2e-6, atol=1e-7, what="loss")
-    for name, g, g_ref in zip(["x"] + [n for n, _ in head.named_parameters()], grads, grads_ref):
-        assert_close_to(g, g_ref, rtol=1e-5, atol=1e-8, what=name)
+    _assert_like_float64(head, x, t, loss, grads)
 
 
 @pytest.mark.parametrize("hidden", [None, 150])
@@ -119,10 +123,7 @@ def test_thin_heads_in_k_steps(thin, hidden):
     loss = head.distill_loss(x, t, temperature=1.5)
     grads = torch.autograd.grad(loss * 0.7, [x, *params_of(head)])
     assert thin == [((20, 2, 150), True, True)]
-    loss_ref, grads_ref = _reference(head, x, t, 1.5, "mean", 0.7)
-    assert_close_to(loss, loss_ref, rtol=2e-6, atol=1e-7, what="loss")
-    for name, g, g_ref in zip(["x"] + [n for n, _ in head.named_parameters()], grads, grads_ref):
-        assert_close_to(g, g_ref, rtol=1e-5, atol=1e-8, what=name)
+    _assert_like_float64(head, x, t, loss, grads)
 
 
 @pytest.mark.parametrize("reduction", ["none", "sum"])
@@ -133,11 +134,8 @@ def test_thin_heads_reductions_and_row_upstream(thin, reduction):
     loss = head.distill_loss(x, t, temperature=0.8, reduction=reduction)
     up = torch.rand(40, 3) if reduction == "none" else torch.tensor(1.3)
     grads = torch.autograd.grad((loss * up).sum(), [x, *params_of(head)])
-    loss_ref, grads_ref = _reference(head, x, t, 0.8, reduction, up)
     assert thin == ([] if reduction == "none" else [((40, 3, 5), True, True)])
-    assert_close_to(loss, loss_ref, rtol=2e-6, atol=1e-7, what="loss")
-    for name, g, g_ref in zip(["x"] + [n for n, _ in head.named_parameters()], grads, grads_ref):
-        assert_close_to(g, g_ref, rtol=1e-5, atol=1e-8, what=name)
+    _assert_like_float64(head, x, t, loss, grads, 0.8, reduction, up)
 
 
 def test_thin_heads_in_head_groups_and_row_chunks(thin, monkeypatch):
@@ -149,10 +147,7 @@ def test_thin_heads_in_head_groups_and_row_chunks(thin, monkeypatch):
     loss = head.distill_loss(x, t, temperature=1.5)
     grads = torch.autograd.grad(loss * 0.7, [x, *params_of(head)])
     assert thin == [((n, 1, 5), True, False) for _ in range(3) for n in (20, 20, 10)]
-    loss_ref, grads_ref = _reference(head, x, t, 1.5, "mean", 0.7)
-    assert_close_to(loss, loss_ref, rtol=2e-6, atol=1e-7, what="loss")
-    for name, g, g_ref in zip(["x"] + [n for n, _ in head.named_parameters()], grads, grads_ref):
-        assert_close_to(g, g_ref, rtol=1e-5, atol=1e-8, what=name)
+    _assert_like_float64(head, x, t, loss, grads)
 
 
 @pytest.mark.parametrize("hidden", [None, 6])
@@ -171,13 +166,7 @@ def test_thin_heads_precision_near_saturated_rows(thin, hidden):
     loss = head.distill_loss(x, t, temperature=0.7, reduction="sum")
     grads = torch.autograd.grad(loss, [x, *params_of(head)])
     _, grads_ref = _reference(head, x, t, 0.7, "sum", 1.0)
-    x32 = x.detach().requires_grad_()
-    p32 = {k: v.detach().requires_grad_() for k, v in head.named_parameters()}
-    if hidden:
-        z = R.mlp_heads_ref(x32, p32["hidden_weight"], p32["hidden_bias"], p32["weight"], p32["bias"])
-    else:
-        z = R.linear_heads_ref(x32, p32["weight"], p32["bias"])
-    grads_eager = torch.autograd.grad(R.hydra_kl_loss_ref(z, t, 0.7, reduction="sum"), [x32, *p32.values()])
+    _, grads_eager = _reference(head, x, t, 0.7, "sum", 1.0, dtype=torch.float32)
     assert thin
     for name, g, ge, g_ref in zip(["x"] + [n for n, _ in head.named_parameters()], grads, grads_eager, grads_ref):
         if name != "bias":
