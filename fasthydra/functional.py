@@ -13,7 +13,7 @@ from numbers import Real
 
 import torch
 
-from fasthydra.ops._common import interpreting, triton_available
+from fasthydra.ops._common import interpreting, triton_available, triton_device
 from fasthydra.ops import checks as _checks
 from fasthydra.ops.checks import flag_gaussian_teacher, flag_teacher_rows, flag_topk_teacher, poll
 from fasthydra.ops.gaussian_kl import gaussian_kl_torch, split_gaussian
@@ -126,7 +126,8 @@ def _check_logit_pair(student, teacher, student_name="student_logits", teacher_n
 
 
 def resolve_impl(impl: str, *tensors: torch.Tensor | None) -> str:
-    """"auto" -> "triton" for CUDA tensors when Triton imports, else "torch".
+    """"auto" -> "triton" for CUDA tensors on an NVIDIA GPU of compute capability 8.0 or later
+    (``_common.triton_device``) when Triton imports, else "torch".
 
     FASTHYDRA_IMPL=torch|triton forces the choice wherever impl is "auto". An explicit "triton"
     needs CUDA tensors, or CPU tensors under TRITON_INTERPRET=1, and fp16/bf16/fp32 data.
@@ -143,7 +144,9 @@ def resolve_impl(impl: str, *tensors: torch.Tensor | None) -> str:
         else:
             on_cuda = bool(present) and all(t.is_cuda for t in present)
             ok_dtype = all(t.dtype in _TRITON_DTYPES for t in present)
-            return "triton" if on_cuda and ok_dtype and triton_available() else "torch"
+            # (a traced program skips the device query, which torch.compile need not trace through)
+            supported = on_cuda and (torch.compiler.is_compiling() or triton_device(present[0].device))
+            return "triton" if supported and ok_dtype and triton_available() else "torch"
     if impl == "triton":
         if not triton_available():
             raise ImplUnavailableError("impl='triton' needs the triton package, which does not import here")

@@ -1,11 +1,11 @@
 """Ahead-of-time kernel report: compile every kernel for sm_80 and sm_90 without a GPU.
 
-    python -m fasthydra.kernel_report [--json FILE] [--arch 80 90]
+    python -m fasthydra.kernel_report [--json FILE] [--arch 80 90 [100 ...]]
 
 For every kernel, with the block configurations the launchers really pick at the benchmark shapes
 (the same config functions of ``fasthydra.ops._common``), this prints registers per thread, spills
 (LOCAL/STACK bytes, and how many local loads/stores sit inside a loop in the SASS), shared memory
-and whether the PTX holds mma / wgmma instructions. It needs
+and whether the PTX holds tensor-core instructions (mma, wgmma; tcgen05 on sm_100). It needs
 Triton's compiler and the cuobjdump that ships in Triton's wheel, not a GPU. It must not run under
 TRITON_INTERPRET=1 (the interpreter replaces the kernels with Python functions).
 """
@@ -87,8 +87,8 @@ def _specialize(fn, args: dict, consts: dict):
 
 def _kernel_specs():
     """(jit function, runtime args, constexprs, launch options, dtype tag, hopper) for every launched
-    configuration; hopper: True where the launcher picks it for sm_90 and later only, False for earlier
-    devices only, None for all."""
+    configuration; hopper: True where the launcher picks it for sm_90 only (``_common.hopper``), False for
+    the other devices only, None for all."""
     from fasthydra.kernels.gaussian_kl import _gaussian_heads_kl_fwd_kernel
     from fasthydra.kernels.checks import _flag_rows_kernel
     from fasthydra.kernels.small_heads import _small_heads_grad_kernel, _small_heads_kl_kernel
@@ -358,7 +358,8 @@ def compile_one(fn, args, consts, opts, dtype, arch) -> KernelRecord:
             rec.spill_ops = rec.spill_ops_in_loops = 0
         rec.shared_bytes = max(usage.get("SHARED", 0), int(compiled.metadata.shared))
         rec.wgmma = "wgmma" in ptx
-        rec.mma = bool(re.search(r"\bmma\.sync", ptx)) or rec.wgmma
+        # tensor-core instructions: mma.sync (sm_80 on), wgmma (sm_90), tcgen05.mma (sm_100)
+        rec.mma = bool(re.search(r"\bmma\.sync|\btcgen05\.mma", ptx)) or rec.wgmma
     except Exception as exc:  # a kernel that does not compile is a finding, reported per row
         rec.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
     return rec
@@ -370,7 +371,7 @@ def build_report(archs=(80, 90), progress: bool = True) -> list[KernelRecord]:
     specs = _kernel_specs()
     records = []
     for i, (fn, args, consts, opts, dtype, hopper) in enumerate(specs):
-        for arch in [a for a in archs if hopper is None or (a >= 90) == hopper]:
+        for arch in [a for a in archs if hopper is None or (a // 10 == 9) == hopper]:
             if progress:
                 print(f"[{i + 1}/{len(specs)}] sm_{arch} {fn.__name__} {dtype}", file=sys.stderr, flush=True)
             records.append(compile_one(fn, args, consts, opts, dtype, arch))

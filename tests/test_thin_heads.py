@@ -259,6 +259,30 @@ def test_thin_heads_environment_setting():
     assert (off.stdout.strip(), on.stdout.strip()) == ("False", "True")
 
 
+@pytest.mark.parametrize("capability, hip, expected", [((9, 0), None, True), ((8, 0), None, False),
+                                                       ((8, 9), None, False), ((10, 0), None, False),
+                                                       ((12, 0), None, False), ((9, 0), "6.2", False)])
+def test_hopper_configurations_only_on_sm90(monkeypatch, capability, hip, expected):
+    """The 4-warp thin-heads configuration (one warpgroup, wgmma) is chosen on sm_90 alone: Blackwell
+    (sm_100, sm_120) has no wgmma and takes the 8-warp one compiled for sm_80, as Ada does; ROCm devices
+    (device type "cuda" there too) are not Hopper whatever their version numbers say."""
+    monkeypatch.setattr(_common, "_capability", lambda index: capability)
+    monkeypatch.setattr(torch.version, "hip", hip)
+    assert _common.hopper(torch.device("cuda", 0)) is expected
+    assert not _common.hopper(torch.device("cpu"))
+    warps = _common.thin_heads_config(128, 32000, 2, hopper=_common.hopper(torch.device("cuda", 0)))["num_warps"]
+    assert warps == (_common.THIN_HOPPER_WARPS if expected else 8)
+
+
+def test_inline_ptx_only_on_nvidia_launches(monkeypatch):
+    """Inline PTX (the thin-heads kernel's layout pin and fast exponentials) goes to NVIDIA launches only:
+    not under the interpreter, not on ROCm."""
+    for interp, hip, expected in ((False, None, True), (True, None, False), (False, "6.2", False)):
+        monkeypatch.setattr(_common, "interpreting", lambda interp=interp: interp)
+        monkeypatch.setattr(torch.version, "hip", hip)
+        assert _common.runs_ptx() is expected
+
+
 @pytest.mark.parametrize("hidden", [None, 5])
 def test_thin_heads_empty_batch(thin, hidden):
     """No rows: "mean" is 0, "sum" is 0, every gradient is zero (nothing launched for the empty block)."""

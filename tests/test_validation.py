@@ -207,3 +207,26 @@ def test_auto_dispatch(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("FASTHYDRA_IMPL", "triton")
     assert resolve_impl("auto", Z) == "triton"  # the environment forces Triton under the interpreter
+
+
+@pytest.mark.parametrize("capability, hip, expected", [((9, 0), None, "triton"), ((8, 0), None, "triton"),
+                                                       ((8, 6), None, "triton"), ((10, 0), None, "triton"),
+                                                       ((7, 5), None, "torch"), ((7, 0), None, "torch"),
+                                                       ((9, 4), "6.2", "torch")])
+def test_auto_dispatch_by_device_generation(monkeypatch, capability, hip, expected):
+    """auto takes the Triton kernels on NVIDIA GPUs of compute capability 8.0 and later (Triton's supported
+    range, what the kernel report checks), the torch path on older ones and on ROCm devices; an explicit
+    "triton" or FASTHYDRA_IMPL=triton still asks for the kernels there. (CUDA tensors stood in for by
+    objects with their attributes: this machine has no GPU.)"""
+    from types import SimpleNamespace
+
+    from fasthydra.ops import _common
+
+    monkeypatch.delenv("FASTHYDRA_IMPL", raising=False)
+    monkeypatch.setattr(_common, "_capability", lambda index: capability)
+    monkeypatch.setattr(torch.version, "hip", hip)
+    cuda = SimpleNamespace(is_cuda=True, dtype=torch.float32, device=torch.device("cuda", 0))
+    assert resolve_impl("auto", cuda, None) == expected
+    assert resolve_impl("triton", cuda) == "triton"
+    monkeypatch.setenv("FASTHYDRA_IMPL", "triton")
+    assert resolve_impl("auto", cuda) == "triton"

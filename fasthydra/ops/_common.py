@@ -66,7 +66,7 @@ SMALL_DEFERRED = True
 # bench/gpu_check.py (knob "thin-heads") shows where it wins; FASTHYDRA_THIN_HEADS=1 turns it on.
 THIN_HEADS = os.environ.get("FASTHYDRA_THIN_HEADS", "0").strip() == "1"
 THIN_MAX_K = 256
-# Warps of a thin-heads program on sm_90 and later, and its class tile for 16-bit inputs (thin_heads_config;
+# Warps of a thin-heads program on sm_90, and its class tile for 16-bit inputs (thin_heads_config;
 # bench/gpu_check.py times 8 warps and 32-class tiles beside them)
 THIN_HOPPER_WARPS = 4
 THIN_BLOCK_C = 64
@@ -81,10 +81,10 @@ def thin_heads_config(k: int, n_cols: int, elem_size: int, ieee: bool = False, h
     (ONE_K_STEP; K steps of 64 otherwise, the inputs read again per tile). 16-bit inputs: classes in
     tiles of 64, or 32 where C is not a multiple of 16 (unvectorised loads; 64 spilled there), the
     teacher and bias tiles loaded a tile ahead (PREFETCH); fp32 (TF32 dots): tiles of 32, no prefetch
-    (it spilled). hopper (sm_90 and later): 4 warps, one warpgroup owning the tile's rows whole, so that
+    (it spilled). hopper (sm_90, see ``hopper``): 4 warps, one warpgroup owning the tile's rows whole, so that
     row statistics need no exchange between warps (sm_90 SASS at gpu-large bf16, Triton 3.6: 27.0 and
     21.3 instructions per element in passes 1 and 2, against 36.1 and 38.2 with 8 warps; 96 to 238
-    registers, two programs per SM); before it 8 warps (4 reach 255 registers and spill on sm_80). No
+    registers, two programs per SM); elsewhere 8 warps (4 reach 255 registers and spill on sm_80). No
     spills on sm_80/sm_90 (kernel report)."""
     if not 0 < k <= THIN_MAX_K or (elem_size > 2 and ieee):
         return None
@@ -96,9 +96,34 @@ def thin_heads_config(k: int, n_cols: int, elem_size: int, ieee: bool = False, h
 
 
 def hopper(device: torch.device) -> bool:
-    """A CUDA device of compute capability 9 or later (wgmma); False for any other device."""
-    return device.type == "cuda" and _capability(device.index if device.index is not None else
-                                                 torch.cuda.current_device())[0] >= 9
+    """An NVIDIA device of compute capability 9.x (sm_90: wgmma, the warpgroup the Hopper configurations are
+    built around); False for any other device, later generations included (Blackwell has no wgmma: they take
+    the configurations compiled for sm_80, as Ada does), and for ROCm devices."""
+    return _nvidia_major(device) == 9
+
+
+def triton_device(device: torch.device) -> bool:
+    """Where impl="auto" takes the Triton kernels: an NVIDIA GPU of compute capability 8.0 or later (Triton's
+    supported range, and what the kernel report compiles and checks: sm_80 and sm_90). Older NVIDIA GPUs
+    (Volta, Turing: sm_75's compile of the small-step gradient kernel keeps kilobytes of registers in local
+    memory inside its loops) and ROCm devices, where these kernels were never run, take the torch path
+    unless impl="triton" asks for the kernels."""
+    major = _nvidia_major(device)
+    return major is not None and major >= 8
+
+
+def _nvidia_major(device: torch.device) -> int | None:
+    """The compute capability's major number of an NVIDIA GPU; None for any other device (ROCm too)."""
+    if device.type != "cuda" or torch.version.hip is not None:
+        return None
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())[0]
+
+
+def runs_ptx() -> bool:
+    """Whether the kernels may carry inline PTX (kernels/thin_heads.py, softmax_kl._exp's fast form): a
+    launch on an NVIDIA GPU; not under the interpreter (which runs no assembly) nor on ROCm (AMD GPUs run
+    no PTX: those kernels take their plain Triton form there)."""
+    return not interpreting() and torch.version.hip is None
 
 
 @functools.lru_cache(maxsize=None)

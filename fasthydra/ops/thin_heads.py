@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from . import _common
-from ._common import cdiv, dot_precision, finished_count, interpreting, upcast_dot
+from ._common import cdiv, dot_precision, finished_count, upcast_dot
 from .checks import error_word
 
 
@@ -40,7 +40,7 @@ def launch_thin_heads_kl(x3, w3, bias2, t3, loss2, g3, temperature: float, grad_
         t3.stride(0), t3.stride(1), loss2.stride(0), loss2.stride(1), g.stride(0), g.stride(1),
         1.0 / temperature, temperature * temperature, grad_scale, coef, HAS_BIAS=bias2 is not None,
         WRITE_GRAD=g3 is not None, WRITE_COLSUM=sums is not None, REDUCE=reduce, UPCAST_DOT=upcast_dot(dt),
-        PRECISION=dot_precision(dt), ONE_K_STEP=cfg["ONE_K_STEP"], PTX=not interpreting(),
+        PRECISION=dot_precision(dt), ONE_K_STEP=cfg["ONE_K_STEP"], PTX=_common.runs_ptx(),
         EVEN_C=c % cfg["BLOCK_C"] == 0, PREFETCH=cfg["PREFETCH"], BLOCK_B=cfg["BLOCK_B"], BLOCK_C=cfg["BLOCK_C"],
         BLOCK_K=cfg["BLOCK_K"],
         BLOCK_P=_common.reduce_block(grid[0] * grid[1], cfg["num_warps"]), num_warps=cfg["num_warps"],
