@@ -398,14 +398,22 @@ def format_table(records: list[KernelRecord]) -> str:
     return "\n".join(lines)
 
 
+# Architectures whose configurations are tuned and held to the spill and tensor-core rules; on any other one
+# asked for (--arch 100: Blackwell) a kernel must compile, and its spills are printed, not failed.
+TUNED_ARCHS = (80, 90)
+
+
 def problems(records: list[KernelRecord]) -> list[str]:
-    """What fails the report: a compile error, spills (any inside a loop, or more than ENTRY_SLOT_BYTES), or a
-    GEMM kernel without tensor-core instructions (IEEE fp32 is exempt: it runs on FMA units by definition)."""
+    """What fails the report: a compile error (any architecture); on TUNED_ARCHS also spills (any inside a
+    loop, or more than ENTRY_SLOT_BYTES) or a GEMM kernel without tensor-core instructions (IEEE fp32 is
+    exempt: it runs on FMA units by definition)."""
     out = []
     for r in records:
         where = f"{r.kernel} sm_{r.arch} {r.dtype} {_short_config(r.config)}"
         if r.error:
             out.append(f"{where}: does not compile: {r.error}")
+        elif r.arch not in TUNED_ARCHS:
+            continue
         elif (r.spill_bytes or 0) > ENTRY_SLOT_BYTES or (r.spill_ops_in_loops or 0) > 0:
             out.append(f"{where}: spills {r.spill_bytes} bytes, {r.spill_ops_in_loops} local loads/stores in loops")
         elif r.kernel in GEMM_KERNELS and r.config.get("PRECISION") != "ieee" and not r.mma:
@@ -426,6 +434,11 @@ def main(argv=None) -> int:
     bad = problems(records)
     for line in bad:
         print("PROBLEM:", line)
+    for r in records:
+        spills = (r.spill_bytes or 0) > ENTRY_SLOT_BYTES or r.spill_ops_in_loops
+        if r.arch not in TUNED_ARCHS and not r.error and spills:
+            print(f"note: {r.kernel} sm_{r.arch} {r.dtype} {_short_config(r.config)}: spills {r.spill_bytes} bytes, "
+                  f"{r.spill_ops_in_loops} local loads/stores in loops (untuned architecture: not a failure)")
     return 1 if bad else 0
 
 

@@ -84,7 +84,9 @@ def _gaussian_heads_kl_fwd_kernel(
     kl = tl.where(mask, kl, 0.0)
     row_kl = tl.sum(kl, axis=1)
     tl.store(loss_ptr + rows * n_heads + head, row_kl, mask=row_ok)
-    tl.store(part_ptr + pid_b * n_heads + head, tl.sum(tl.where(row_ok, row_kl, 0.0), axis=0))
+    # (the tile summed whole, not its row sums: Triton 3.6 fails to compile a scalar sum of the rows for
+    # sm_100, whose accumulator lives in tensor memory there; kl is already 0 past B)
+    tl.store(part_ptr + pid_b * n_heads + head, tl.sum(kl))
     bad_var = mask & ~((var_t > 0.0) & (var_t < float("inf")))  # NaN fails both comparisons
     bad_mean = mask & ~(tl.abs(mu_t) < float("inf"))
     bits = tl.max(tl.max(tl.where(bad_var, 8, 0) | tl.where(bad_mean, 16, 0), axis=1), axis=0)

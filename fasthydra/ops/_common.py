@@ -104,7 +104,7 @@ def hopper(device: torch.device) -> bool:
 
 def triton_device(device: torch.device) -> bool:
     """Where impl="auto" takes the Triton kernels: an NVIDIA GPU of compute capability 8.0 or later (Triton's
-    supported range, and what the kernel report compiles and checks: sm_80 and sm_90). Older NVIDIA GPUs
+    supported range; the kernel report tunes for sm_80 and sm_90 and CI compiles sm_100 too). Older NVIDIA GPUs
     (Volta, Turing: sm_75's compile of the small-step gradient kernel keeps kilobytes of registers in local
     memory inside its loops) and ROCm devices, where these kernels were never run, take the torch path
     unless impl="triton" asks for the kernels."""
