@@ -490,3 +490,77 @@ def test_hinton_target_kernel_tolerance_rule(dtype, b, m, c):
     atol = 1e-5 if dtype == torch.float32 else 1e-3
     _check_loss_on_logits(z, lambda zz: hinton_kl_loss(zz, t, 2.0, impl="triton"),
                           lambda zz, tt: R.hinton_kl_loss_ref(zz, tt, 2.0), t, atol, atol)
+
+
+# Rows of (rows, 2, 32000) tensors whose last BIG_TAIL rows start past element 2^31 (4.3 GB in bf16 each):
+# a kernel that forms any offset in 32-bit integers reads or writes the wrong place there.
+BIG_M, BIG_C, BIG_TAIL = 2, 32000, 48
+BIG_B = 2**31 // (BIG_M * BIG_C) + BIG_TAIL
+
+
+def _past_2_31_ok(got_rows, ref, what):
+    """got_rows: (first BIG_TAIL rows, last BIG_TAIL rows) of a kernel output; ref(rows slice, dtype) the
+    reference on the same rows: the tolerance rule at both ends (the rows are independent of each other),
+    with an atol of 1% of the values (what is checked is where the values were read and written: a wrong
+    offset gives errors of the values' own size, not of their last bf16 bits)."""
+    for got, rows in zip(got_rows, (slice(0, BIG_TAIL), slice(BIG_B - BIG_TAIL, BIG_B))):
+        eager, exact = ref(rows, torch.bfloat16), ref(rows, torch.float64)
+        tolerance_rule(got, eager, exact, 1e-2 * exact.abs().max().item(), what=f"{what} rows {rows}")
+
+
+def test_tensors_past_2_31_elements():
+    """The loss on logits (loss rows and gradient) and uncertainty over (B, M, C) bf16 tensors of more than
+    2^31 elements: the rows at the end against float64 references of those rows (and the first rows)."""
+    torch.cuda.empty_cache()
+    assert BIG_B * BIG_M * BIG_C > 2**31 + (BIG_TAIL - 1) * BIG_M * BIG_C
+    z = (torch.randn(BIG_B, BIG_M, BIG_C, device="cuda", dtype=torch.bfloat16) * 3).requires_grad_()
+    t = torch.randn(BIG_B, BIG_M, BIG_C, device="cuda", dtype=torch.bfloat16) * 3
+    ends = lambda x: (x[:BIG_TAIL], x[-BIG_TAIL:])  # noqa: E731
+    rows = hydra_kl_loss(z, t, 1.5, reduction="none", impl="triton")
+    _past_2_31_ok(ends(rows), lambda r, dt: R.hydra_kl_loss_ref(z[r].detach().to(dt), t[r].to(dt), 1.5, "none"),
+                  "loss")
+    (g,) = torch.autograd.grad(hydra_kl_loss(z, t, 1.5, reduction="sum", impl="triton"), z)
+
+    def grad_ref(r, dt):
+        zz = z[r].detach().to(dt).requires_grad_()
+        return torch.autograd.grad(R.hydra_kl_loss_ref(zz, t[r].to(dt), 1.5, "sum"), zz)[0]
+
+    _past_2_31_ok(ends(g), grad_ref, "grad")
+    del g
+    got = uncertainty(z.detach(), impl="triton")
+    for name in ("probs", "total", "epistemic"):
+        _past_2_31_ok(ends(getattr(got, name)),
+                      lambda r, dt: getattr(R.uncertainty_ref(z[r].detach().to(dt)), name), name)
+
+
+@pytest.mark.parametrize("hidden,thin", [(None, False), (64, True)], ids=["linear", "mlp-thin-heads"])
+def test_heads_with_a_teacher_past_2_31_elements(monkeypatch, hidden, thin):
+    """Heads over a (B, 2, 32000) bf16 teacher of more than 2^31 elements (the logits of one head stay
+    below it: the teacher's row offsets are what overflow 32 bits): loss rows and dx of the last rows
+    against float64 references of those rows."""
+    from fasthydra.ops import _common
+
+    monkeypatch.setattr(_common, "THIN_HEADS", thin)
+    torch.cuda.empty_cache()
+    head = HydraHead(64, BIG_C, BIG_M, hidden_features=hidden, impl="triton", device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(BIG_B, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    t = torch.randn(BIG_B, BIG_M, BIG_C, device="cuda", dtype=torch.bfloat16) * 3
+    ends = lambda v: (v[:BIG_TAIL], v[-BIG_TAIL:])  # noqa: E731
+    rows = head.distill_loss(x, t, 1.5, reduction="none")
+    p = dict(head.named_parameters())
+
+    def heads(xx, dt):
+        if hidden is None:
+            return R.linear_heads_ref(xx, p["weight"].detach().to(dt), p["bias"].detach().to(dt))
+        return R.mlp_heads_ref(xx, *(p[k].detach().to(dt) for k in ("hidden_weight", "hidden_bias", "weight", "bias")))
+
+    _past_2_31_ok(ends(rows), lambda r, dt: R.hydra_kl_loss_ref(heads(x[r].detach().to(dt), dt), t[r].to(dt), 1.5,
+                                                                "none"), "loss")
+    del rows
+    (dx,) = torch.autograd.grad(head.distill_loss(x, t, 1.5, reduction="sum"), x)
+
+    def dx_ref(r, dt):
+        xx = x[r].detach().to(dt).requires_grad_()
+        return torch.autograd.grad(R.hydra_kl_loss_ref(heads(xx, dt), t[r].to(dt), 1.5, "sum"), xx)[0]
+
+    _past_2_31_ok(ends(dx), dx_ref, "dx")
