@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from numbers import Real
 
 import torch
 
-from fasthydra.ops._common import interpreting, triton_available, triton_device
+from fasthydra.ops._common import auto_fallback_reason, interpreting, triton_available
 from fasthydra.ops import checks as _checks
 from fasthydra.ops.checks import flag_gaussian_teacher, flag_teacher_rows, flag_topk_teacher, poll
 from fasthydra.ops.gaussian_kl import gaussian_kl_torch, split_gaussian
@@ -125,9 +126,20 @@ def _check_logit_pair(student, teacher, student_name="student_logits", teacher_n
 # ----------------------------------------------------------------------------------------------
 
 
+_FALLBACKS_WARNED: set = set()
+
+
+def _warn_fallback_once(why: str) -> None:
+    if why not in _FALLBACKS_WARNED:
+        _FALLBACKS_WARNED.add(why)
+        warnings.warn(f"fasthydra: impl='auto' runs the torch path on CUDA tensors here: {why}. "
+                      "impl='triton' (or FASTHYDRA_IMPL=triton) runs the Triton kernels anyway.", stacklevel=3)
+
+
 def resolve_impl(impl: str, *tensors: torch.Tensor | None) -> str:
-    """"auto" -> "triton" for CUDA tensors on an NVIDIA GPU of compute capability 8.0 or later
-    (``_common.triton_device``) when Triton imports, else "torch".
+    """"auto" -> "triton" for CUDA tensors on an NVIDIA GPU of compute capability 8.0 or later with Triton
+    3.6 or later (``_common.auto_fallback_reason``), else "torch" (with a warning, once per reason, where
+    Triton imports but the GPU or its version is outside that range).
 
     FASTHYDRA_IMPL=torch|triton forces the choice wherever impl is "auto". An explicit "triton"
     needs CUDA tensors, or CPU tensors under TRITON_INTERPRET=1, and fp16/bf16/fp32 data.
@@ -144,9 +156,14 @@ def resolve_impl(impl: str, *tensors: torch.Tensor | None) -> str:
         else:
             on_cuda = bool(present) and all(t.is_cuda for t in present)
             ok_dtype = all(t.dtype in _TRITON_DTYPES for t in present)
-            # (a traced program skips the device query, which torch.compile need not trace through)
-            supported = on_cuda and (torch.compiler.is_compiling() or triton_device(present[0].device))
-            return "triton" if supported and ok_dtype and triton_available() else "torch"
+            if not (on_cuda and ok_dtype and triton_available()):
+                return "torch"
+            if torch.compiler.is_compiling():  # (a traced program skips the device query)
+                return "triton"
+            why = auto_fallback_reason(present[0].device)
+            if why is not None:
+                _warn_fallback_once(why)
+            return "torch" if why else "triton"
     if impl == "triton":
         if not triton_available():
             raise ImplUnavailableError("impl='triton' needs the triton package, which does not import here")

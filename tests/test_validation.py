@@ -209,24 +209,51 @@ def test_auto_dispatch(monkeypatch):
     assert resolve_impl("auto", Z) == "triton"  # the environment forces Triton under the interpreter
 
 
-@pytest.mark.parametrize("capability, hip, expected", [((9, 0), None, "triton"), ((8, 0), None, "triton"),
-                                                       ((8, 6), None, "triton"), ((10, 0), None, "triton"),
-                                                       ((7, 5), None, "torch"), ((7, 0), None, "torch"),
-                                                       ((9, 4), "6.2", "torch")])
-def test_auto_dispatch_by_device_generation(monkeypatch, capability, hip, expected):
+@pytest.mark.parametrize("capability, hip, version, expected", [
+    ((9, 0), None, (3, 6), "triton"), ((8, 0), None, (3, 8), "triton"), ((8, 6), None, (3, 6), "triton"),
+    ((10, 0), None, (3, 9), "triton"), ((7, 5), None, (3, 6), "torch"), ((7, 0), None, (3, 8), "torch"),
+    ((9, 4), "6.2", (3, 6), "torch"), ((9, 0), None, (3, 5), "torch"), ((8, 0), None, (2, 3), "torch")])
+def test_auto_dispatch_by_device_generation_and_triton_version(monkeypatch, capability, hip, version, expected):
     """auto takes the Triton kernels on NVIDIA GPUs of compute capability 8.0 and later (Triton's supported
-    range, what the kernel report checks), the torch path on older ones and on ROCm devices; an explicit
-    "triton" or FASTHYDRA_IMPL=triton still asks for the kernels there. (CUDA tensors stood in for by
-    objects with their attributes: this machine has no GPU.)"""
+    range, what the kernel report checks) with Triton 3.6 or later (what CI checks the kernels on); else the
+    torch path, saying why once (a warning per reason); an explicit "triton" or FASTHYDRA_IMPL=triton still
+    asks for the kernels. (CUDA tensors stood in for by objects with their attributes: no GPU here.)"""
+    import warnings
     from types import SimpleNamespace
 
+    from fasthydra import functional
     from fasthydra.ops import _common
 
     monkeypatch.delenv("FASTHYDRA_IMPL", raising=False)
     monkeypatch.setattr(_common, "_capability", lambda index: capability)
+    monkeypatch.setattr(_common, "_triton_version", lambda: version)
     monkeypatch.setattr(torch.version, "hip", hip)
+    monkeypatch.setattr(functional, "_FALLBACKS_WARNED", set())
     cuda = SimpleNamespace(is_cuda=True, dtype=torch.float32, device=torch.device("cuda", 0))
-    assert resolve_impl("auto", cuda, None) == expected
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert resolve_impl("auto", cuda, None) == expected
+        assert resolve_impl("auto", cuda) == expected
+    said = [str(w.message) for w in seen if "fasthydra: impl='auto'" in str(w.message)]
+    if expected == "triton":
+        assert said == []
+    else:
+        assert len(said) == 1  # once, not per call
+        why = "ROCm" if hip else ("Triton" if capability[0] >= 8 else f"compute capability {capability[0]}.")
+        assert why in said[0], said[0]
     assert resolve_impl("triton", cuda) == "triton"
     monkeypatch.setenv("FASTHYDRA_IMPL", "triton")
     assert resolve_impl("auto", cuda) == "triton"
+
+
+def test_triton_version_parsing(monkeypatch):
+    """Release, local and development version strings of Triton read as (major, minor)."""
+    import triton
+
+    from fasthydra.ops import _common
+
+    for text, expected in (("3.6.0", (3, 6)), ("3.10.1+git1a2b3c", (3, 10)), ("3.5", (3, 5)), ("4.0.0rc1", (4, 0))):
+        monkeypatch.setattr(triton, "__version__", text)
+        _common._triton_version.cache_clear()
+        assert _common._triton_version() == expected
+    _common._triton_version.cache_clear()

@@ -112,6 +112,33 @@ def triton_device(device: torch.device) -> bool:
     return major is not None and major >= 8
 
 
+# The oldest Triton the kernels are checked on (CI runs the interpret tier and the kernel report under it and
+# under the newest pip gives; the lent H200 machines carry it). Older ones take the torch path under "auto".
+MIN_TRITON = (3, 6)
+
+
+def auto_fallback_reason(device: torch.device) -> str | None:
+    """Why impl="auto" leaves CUDA tensors on `device` to the torch path although Triton imports: a GPU
+    outside ``triton_device``, or a Triton older than MIN_TRITON; None where the kernels run."""
+    if not triton_device(device):
+        if torch.version.hip is not None:
+            return "a ROCm device (the kernels are checked on NVIDIA GPUs only)"
+        major, minor = _capability(device.index if device.index is not None else torch.cuda.current_device())
+        return f"compute capability {major}.{minor} (the kernels need 8.0 or later)"
+    if _triton_version() < MIN_TRITON:
+        return (f"Triton {'.'.join(map(str, _triton_version()))} (the kernels are checked on "
+                f"{'.'.join(map(str, MIN_TRITON))} and later)")
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_version() -> tuple[int, int]:
+    import triton
+
+    major, minor = (triton.__version__.split("+")[0].split(".") + ["0"])[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
 def _nvidia_major(device: torch.device) -> int | None:
     """The compute capability's major number of an NVIDIA GPU; None for any other device (ROCm too)."""
     if device.type != "cuda" or torch.version.hip is not None:
