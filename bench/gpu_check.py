@@ -10,7 +10,7 @@ On a lent H200 (its image has torch, Triton, setuptools, pytest, hypothesis, pyt
 Built to finish within 8 minutes on an H200 (run it with a 480 s timeout): the gpu tests get at
 most 200 s (before them, the host's CPU and its cost per small torch call, for reading host times);
 then the latency checks at small shapes (host and GPU time per step: the default
-small-step path and the cuBLAS path), the copy floor and the loss with dense and top-k teachers,
+small-step path, the cuBLAS path and the torch path), the copy floor and the loss with dense and top-k teachers,
 kernel and host profiles (about a minute); then the cases the targets name first, the variants and
 knobs, the rest; torch.compile only where a target names it; no new case starts after 360 s (the
 table says which were left out; the longest case, the big bf16 one with its compile, takes about a
@@ -71,7 +71,10 @@ COMPILE_CASES = {("linear_fwdbwd", "gpu-large")}
 # ("fasthydra": the two-launch small-step kernels where a problem is small, else cuBLAS GEMMs around
 # the loss kernel) and the cuBLAS path forced there. (The fused Triton GEMM kernels, timed here on an
 # H200 on 2026-11-28 at 1.9x to 11x the cuBLAS path's time, were removed.)
-VARIANTS = {"fasthydra/cublas": {"FASTHYDRA_SMALL_STEP": "0"}}
+VARIANTS = {"fasthydra/cublas": {"FASTHYDRA_SMALL_STEP": "0"},
+            # what impl="auto" gives CUDA tensors where it leaves them to the torch path (GPUs below compute
+            # capability 8.0, ROCm, Triton before 3.6), timed here on the H200 as a stand-in
+            "fasthydra/torch-path": {"FASTHYDRA_IMPL": "torch"}}
 # Tuning knobs: module constants set for the calls inside, (module, name, value), and where each is
 # timed: "latency" (the latency rows) or a list of benchmark cases.
 KNOBS = {

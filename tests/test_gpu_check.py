@@ -129,7 +129,11 @@ def test_variants_set_their_settings_and_restore_them(monkeypatch):
     assert _common.SMALL_BLOCK_B == default
     _turns_off_and_back("fasthydra/small-grads-in-forward", "SMALL_DEFERRED")
     # small shapes compare all three heads paths; large ones the two GEMM backends
-    assert gpu_check.variants_for("linear_fwdbwd", "gpu-small") == ["fasthydra/cublas"]
+    assert gpu_check.variants_for("linear_fwdbwd", "gpu-small") == ["fasthydra/cublas", "fasthydra/torch-path"]
+    monkeypatch.delenv("FASTHYDRA_IMPL", raising=False)
+    with gpu_check.with_variant("fasthydra/torch-path"):
+        assert os.environ["FASTHYDRA_IMPL"] == "torch"
+    assert "FASTHYDRA_IMPL" not in os.environ
     assert gpu_check.variants_for("linear_fwdbwd", "gpu-large") == ["fasthydra/groups-512MiB",
                                                                      "fasthydra/bias-one-pass", "fasthydra/dx-add",
                                                                      "fasthydra/bias-one-pass-tile-4096",
