@@ -403,6 +403,11 @@ def format_table(records: list[KernelRecord]) -> str:
 TUNED_ARCHS = (80, 90)
 
 
+def _spills(r: KernelRecord) -> bool:
+    """More than ENTRY_SLOT_BYTES of local memory, or any local load or store inside a loop."""
+    return (r.spill_bytes or 0) > ENTRY_SLOT_BYTES or (r.spill_ops_in_loops or 0) > 0
+
+
 def problems(records: list[KernelRecord]) -> list[str]:
     """What fails the report: a compile error (any architecture); on TUNED_ARCHS also spills (any inside a
     loop, or more than ENTRY_SLOT_BYTES) or a GEMM kernel without tensor-core instructions (IEEE fp32 is
@@ -414,7 +419,7 @@ def problems(records: list[KernelRecord]) -> list[str]:
             out.append(f"{where}: does not compile: {r.error}")
         elif r.arch not in TUNED_ARCHS:
             continue
-        elif (r.spill_bytes or 0) > ENTRY_SLOT_BYTES or (r.spill_ops_in_loops or 0) > 0:
+        elif _spills(r):
             out.append(f"{where}: spills {r.spill_bytes} bytes, {r.spill_ops_in_loops} local loads/stores in loops")
         elif r.kernel in GEMM_KERNELS and r.config.get("PRECISION") != "ieee" and not r.mma:
             out.append(f"{where}: no mma/wgmma instructions")
@@ -435,8 +440,7 @@ def main(argv=None) -> int:
     for line in bad:
         print("PROBLEM:", line)
     for r in records:
-        spills = (r.spill_bytes or 0) > ENTRY_SLOT_BYTES or r.spill_ops_in_loops
-        if r.arch not in TUNED_ARCHS and not r.error and spills:
+        if r.arch not in TUNED_ARCHS and not r.error and _spills(r):
             print(f"note: {r.kernel} sm_{r.arch} {r.dtype} {_short_config(r.config)}: spills {r.spill_bytes} bytes, "
                   f"{r.spill_ops_in_loops} local loads/stores in loops (untuned architecture: not a failure)")
     return 1 if bad else 0
