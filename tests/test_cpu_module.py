@@ -331,6 +331,40 @@ def test_no_grad_takes_the_loss_only_path(monkeypatch):
     assert quiet.item() == pytest.approx(loud.item(), rel=1e-6)
 
 
+def test_evaluation_calls_make_no_autograd_node(monkeypatch):
+    """Under torch.no_grad(), or with nothing that requires grad, the ops run without an autograd.Function
+    (its bookkeeping and the gradient hand-over's setup would be thrown away: host time per evaluation step),
+    and give the same values as a call that builds the graph."""
+    applied = []
+    real_apply = torch.autograd.Function.__dict__["apply"]  # a classmethod (a C one in recent torch)
+
+    def counting_apply(cls, *args, **kwargs):
+        applied.append(cls.__name__)
+        return real_apply.__get__(None, cls)(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd.Function, "apply", classmethod(counting_apply))
+    head = HydraHead(8, 6, 3, impl="torch")
+    x, t = torch.randn(5, 8), torch.randn(5, 3, 6)
+    z = torch.randn(5, 3, 6, requires_grad=True)
+    loud = head.distill_loss(x, t, 2.0)
+    loud_kl = hydra_kl_loss(z, t, 2.0)
+    assert len(applied) == 2 and loud.requires_grad and loud_kl.requires_grad
+    applied.clear()
+    with torch.no_grad():
+        quiet = head.distill_loss(x, t, 2.0)
+        quiet_kl = hydra_kl_loss(z, t, 2.0)
+    head.requires_grad_(False)
+    frozen = head.distill_loss(x, t, 2.0)
+    frozen_kl = hydra_kl_loss(z.detach(), t, 2.0)
+    assert applied == []
+    for value in (quiet, frozen):
+        assert not value.requires_grad
+        assert value.item() == pytest.approx(loud.item(), rel=1e-6)
+    for value in (quiet_kl, frozen_kl):
+        assert not value.requires_grad
+        assert value.item() == pytest.approx(loud_kl.item(), rel=1e-6)
+
+
 @pytest.mark.parametrize("kind", [dict(hidden_features=None), dict(hidden_features=5)], ids=["linear", "mlp"])
 def test_backward_hands_over_the_stored_gradients(monkeypatch, kind):
     """The fused heads compute their gradients in the forward; the backward scales those tensors in place

@@ -40,7 +40,9 @@ def _no_autocast(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        device = next(a.device.type for a in args if isinstance(a, torch.Tensor))
+        first = args[0]
+        device = (first if isinstance(first, torch.Tensor) else next(a for a in args if isinstance(a, torch.Tensor))
+                  ).device.type
         if not torch.is_autocast_enabled(device):
             return fn(*args, **kwargs)
         with torch.autocast(device, enabled=False):
@@ -312,8 +314,10 @@ def _small_backward(ctx, grad_loss, n_inputs: int) -> tuple:
     shared, need_in, need_w, need_b = ctx.small
     args = (inp.detach(), weight.detach(), None if bias is None else bias.detach(), stash, grad_loss, shared,
             need_in, need_w, need_b)
-    traced = torch.compiler.is_compiling() or any(type(t) is not torch.Tensor for t in (inp, stash, grad_loss))
-    g_in, g_w, g_b = small_heads_grads(*args) if traced else _small_heads_grads_impl(*args)
+    if torch.compiler.is_compiling() or any(type(t) is not torch.Tensor for t in (inp, stash, grad_loss)):
+        g_in, g_w, g_b = small_heads_grads(*args)
+    else:  # eager: the launcher itself (no placeholders for the gradients not asked for; autocast leaves it alone)
+        g_in, g_w, g_b = _small.small_heads_backward(*args)
     out[0], out[1], out[2] = (g_in if need_in else None), (g_w if need_w else None), (g_b if need_b else None)
     return tuple(out)
 
@@ -533,7 +537,11 @@ def _eager_entry(op, impl, setup=None, backward=None):
     fn = _eager_function(op._name, impl, setup, backward)
 
     def call(*args):
-        return op(*args) if torch.compiler.is_compiling() else fn.apply(*args)
+        if torch.compiler.is_compiling():
+            return op(*args)
+        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            return fn.apply(*args)
+        return impl(*args)  # nothing to differentiate: autograd's bookkeeping and the setup would be thrown away
 
     call.op = op
     return call
