@@ -43,8 +43,8 @@ def run_demo(steps: int = 300, heads: int = 4, batch: int = 256, temperature: fl
     chosen = resolve_impl(impl, head.weight)
     print(f"fasthydra demo: distilling {heads} random teachers into a {heads}-head HydraHead "
           f"(impl={impl!r} -> {chosen!r} on {device}), T={temperature}, {steps} steps of {batch} rows", file=stream)
-    losses = []
-    start = time.perf_counter()
+    losses, pending = [], []  # pending: losses still on the device, read at the log steps only (a read per
+    start = time.perf_counter()  # step would make the host wait for the GPU at every step)
     bar = tqdm(range(steps), desc="distil", leave=False, file=sys.stderr, disable=not sys.stderr.isatty())
     for step in bar:
         x = torch.randn(batch, in_dim, generator=gen)
@@ -53,9 +53,11 @@ def run_demo(steps: int = 300, heads: int = 4, batch: int = 256, temperature: fl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        pending.append(loss.detach())
         if step % log_every == 0 or step == steps - 1:
+            losses += torch.stack(pending).float().tolist()
+            pending.clear()
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
             print(f"  step {step:5d}  hydra loss {losses[-1]:.5f}", file=stream)
     elapsed = time.perf_counter() - start
     with torch.no_grad():
