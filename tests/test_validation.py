@@ -257,3 +257,49 @@ def test_triton_version_parsing(monkeypatch):
         _common._triton_version.cache_clear()
         assert _common._triton_version() == expected
     _common._triton_version.cache_clear()
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("call", ["hydra_kl_loss", "linear_heads", "mlp_heads", "gaussian_heads"])
+def test_torch_func_transforms_are_refused_clearly(call, impl):
+    """torch.func.grad over a fused op: a RuntimeError that names torch.func and what to use instead (the
+    autograd.Function's own message was about a missing setup_context); the reference op it points to works."""
+    from torch.func import functional_call, grad
+
+    from fasthydra import GaussianHydraHead
+    from fasthydra.reference import hydra_kl_loss_ref
+
+    x, t = torch.randn(4, 8), torch.randn(4, 3, 5)
+    head = {"mlp_heads": HydraHead(8, 5, 3, hidden_features=6, impl=impl),
+            "gaussian_heads": GaussianHydraHead(8, 5, 3, impl=impl)}.get(call, HydraHead(8, 5, 3, impl=impl))
+    params = {k: v.detach() for k, v in head.named_parameters()}
+
+    args = (x, t, t.exp()) if call == "gaussian_heads" else (x, t, 2.0)
+
+    def loss(p):
+        if call == "hydra_kl_loss":
+            return hydra_kl_loss(functional_call(head, p, (x,)), t, 2.0, impl=impl)
+        return functional_call(_Distill(head), {f"head.{k}": v for k, v in p.items()}, args)
+
+    if (call, impl) == ("gaussian_heads", "torch"):  # plain torch ops, no autograd.Function: torch.func works
+        expected = torch.autograd.grad(head.distill_loss(*args), list(head.parameters()))
+        got = grad(loss)(params)
+        for (name, _), e in zip(head.named_parameters(), expected):
+            torch.testing.assert_close(got[name], e)
+        return
+    with pytest.raises(RuntimeError, match=r"torch\.func transforms .* not supported .* fasthydra\.reference"):
+        grad(loss)(params)
+    g = grad(lambda p: hydra_kl_loss_ref(functional_call(HydraHead(8, 5, 3), p, (x,)), t, 2.0))(
+        {k: v.detach() for k, v in HydraHead(8, 5, 3).named_parameters()})
+    assert set(g) == {"weight", "bias"} and all(torch.isfinite(v).all() for v in g.values())
+
+
+class _Distill(torch.nn.Module):
+    """A head's distill_loss as forward, so that torch.func.functional_call can swap its parameters."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.head = head
+
+    def forward(self, *args):
+        return self.head.distill_loss(*args)

@@ -526,6 +526,25 @@ def _eager_function(name: str, impl, setup, backward) -> type:
     })
 
 
+def _eager_call(name: str, fn: type, impl):
+    """An eager call of the autograd.Function fn over `impl`: refused under torch.func transforms (which need a
+    setup_context form and vmap rules these ops do not have) with a message that says what to use instead; without
+    the Function where nothing will be differentiated (under no_grad, or no input requires grad: autograd's
+    bookkeeping and the setup would be thrown away, host time per evaluation step)."""
+
+    def call(*args):
+        if torch._C._are_functorch_transforms_active():
+            raise RuntimeError(f"fasthydra ({name}): torch.func transforms (grad, vmap, jacrev, functionalize, ...) "
+                               "are not supported by the fused ops, which form the gradient in the forward pass; use "
+                               "torch.autograd (loss.backward(), torch.autograd.grad), or the reference ops in "
+                               "fasthydra.reference, which torch.func can transform")
+        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            return fn.apply(*args)
+        return impl(*args)
+
+    return call
+
+
 def _eager_entry(op, impl, setup=None, backward=None):
     """A callable that runs `op` (the custom op) when torch.compile/export is tracing, and otherwise
     `impl` directly, wrapped in an autograd.Function with the op's own setup_context and backward."""
@@ -534,14 +553,10 @@ def _eager_entry(op, impl, setup=None, backward=None):
             return op(*args) if torch.compiler.is_compiling() else impl(*args)
         return call
 
-    fn = _eager_function(op._name, impl, setup, backward)
+    eager = _eager_call(op._name, _eager_function(op._name, impl, setup, backward), impl)
 
     def call(*args):
-        if torch.compiler.is_compiling():
-            return op(*args)
-        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
-            return fn.apply(*args)
-        return impl(*args)  # nothing to differentiate: autograd's bookkeeping and the setup would be thrown away
+        return op(*args) if torch.compiler.is_compiling() else eager(*args)
 
     call.op = op
     return call
@@ -730,5 +745,6 @@ def _eager_mlp_setup(ctx, inputs, output):
     _eager_heads_setup(ctx, inputs, output, strong=5)
 
 
-mlp_hydra_kl_eager = _eager_function("mlp_hydra_kl", _mlp_hydra_kl_impl, _eager_mlp_setup,
-                                     _eager_heads_backward(15, _mlp_hydra_kl_impl)).apply
+mlp_hydra_kl_eager = _eager_call("mlp_hydra_kl", _eager_function("mlp_hydra_kl", _mlp_hydra_kl_impl, _eager_mlp_setup,
+                                                                 _eager_heads_backward(15, _mlp_hydra_kl_impl)),
+                                  _mlp_hydra_kl_impl)
