@@ -331,6 +331,34 @@ def test_no_grad_takes_the_loss_only_path(monkeypatch):
     assert quiet.item() == pytest.approx(loud.item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=pytest.mark.interpret)])
+@pytest.mark.parametrize("hidden", [None, 6], ids=["linear", "mlp"])
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_activation_checkpointing(impl, hidden, reentrant):
+    """torch.utils.checkpoint over body + distill_loss (the forward runs again in the backward, and the fused
+    op forms its gradients in the forward): the same gradients as the plain step, an upstream 0.5 applied."""
+    from torch.utils.checkpoint import checkpoint
+
+    body = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU())
+    head = HydraHead(16, 7, 3, hidden_features=hidden, impl=impl)
+    params = [*body.parameters(), *head.parameters()]
+    x, t = torch.randn(5, 8), torch.randn(5, 3, 7) * 2
+
+    def step(inp):
+        return head.distill_loss(body(inp), t, 2.0)
+
+    plain = step(x)
+    plain.backward()
+    expected = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    checked = checkpoint(step, x.clone().requires_grad_(True), use_reentrant=reentrant)
+    (checked * 0.5).backward()
+    assert checked.item() == pytest.approx(plain.item(), rel=1e-6)
+    for e, p in zip(expected, params):
+        torch.testing.assert_close(p.grad, 0.5 * e, rtol=1e-5, atol=1e-7)
+
+
 def test_evaluation_calls_make_no_autograd_node(monkeypatch):
     """Under torch.no_grad(), or with nothing that requires grad, the ops run without an autograd.Function
     (its bookkeeping and the gradient hand-over's setup would be thrown away: host time per evaluation step),
