@@ -165,3 +165,25 @@ def test_custom_ops_pass_opcheck(impl):
     and AOT dispatch with dynamic shapes, for every custom op."""
     for op, args in _opcheck_cases(impl):
         torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("impl,hidden", CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16], ids=["bf16"])
+def test_16_bit_heads_compile_matches_eager(impl, hidden, dtype):
+    """16-bit heads under torch.compile: the custom ops' fake outputs must match what the implementations
+    return (the first layer's fp32 bias gradient of MLP heads, fp16's fp32 stored gradients: inductor
+    asserts every output's dtype), and the gradients come back in the parameters' dtype."""
+    _, head = _model(impl, hidden)
+    head = head.to(dtype)
+    x = torch.randn(12, 32, dtype=dtype, requires_grad=True)
+    t = torch.randn(12, 4, 10)
+    params = [x, *head.parameters()]
+
+    def step(x, t):
+        return head.distill_loss(x, t, temperature=2.0).float() * 256.0  # a loss scale, as GradScaler's
+
+    grads_c = torch.autograd.grad(torch.compile(step, fullgraph=True)(x, t), params)
+    grads_e = torch.autograd.grad(step(x, t), params)
+    for a, b in zip(grads_c, grads_e):
+        assert a.dtype == b.dtype == dtype
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=1e-3 * b.float().abs().max().item())

@@ -425,7 +425,8 @@ grouped_linear_backward = custom_op("fasthydra::grouped_linear_backward", mutate
 
 @register_fake("fasthydra::grouped_linear_backward")
 def _grouped_linear_backward_fake(grad_out, inp, weight, out, shared, relu, need_in, need_w, need_b):
-    return _grads_fake(inp, weight, need_in, need_w, weight.shape[:2] if need_b else None)
+    g_in, g_w, g_b = _grads_fake(inp, weight, need_in, need_w, weight.shape[:2] if need_b else None)
+    return g_in, g_w, g_b.to(torch.float32) if need_b else g_b  # db as the impl makes it: an fp32 column sum
 
 
 def _grouped_linear_setup(ctx, inputs, output):
