@@ -774,8 +774,11 @@ def main(argv=None) -> int:
               "copy_bytes_per_s": copy_bps, "topk": topk,
               "profiles": profiles, "host_profiles": host, "left_out": left_out, "clocks": clocks,
               # False when this torch refused addmm's fp32 output with an fp32 addend (dx then adds per group)
-              "fp32_out_gemm": __import__("fasthydra.ops._common", fromlist=["_"]).FP32_OUT_GEMM}
-    print(f"fp32-output GEMMs for dx over head groups: {record['fp32_out_gemm']}", flush=True)
+              "fp32_out_gemm": __import__("fasthydra.ops._common", fromlist=["_"]).FP32_OUT_GEMM,
+              # False when it refused writing such a GEMM into a given tensor (fp16's fp32 dW: then a copy)
+              "fp32_out_into": __import__("fasthydra.ops.linear_hydra_kl", fromlist=["_"])._FP32_OUT_INTO}
+    print(f"fp32-output GEMMs for dx over head groups: {record['fp32_out_gemm']}; written in place (fp16's dW): "
+          f"{record['fp32_out_into']}", flush=True)
     _write(args.out, record, start)  # the measurements are safe before any analysis runs
     try:
         targets = _analyse(record, rows, lat_rows, floors, by_key, copy_bps, device)

@@ -57,6 +57,24 @@ class KernelRecord:
     error: str | None = None
 
 
+def _small_grads(add, kernel, cfgs, xs: dict, xty: str, gty: str, b: int, m: int, c: int, k: int, shared: bool,
+                 prec: str, tag: str) -> None:
+    """The small-step gradient kernel's configurations for inputs of type xty and a stash of type gty: from the
+    backward (times the upstream gradient, outputs in the inputs' type) and in the forward (SMALL_DEFERRED off,
+    outputs kept for a later scaling: fp32 for fp16 inputs). Blocks as launch_small_grads picks them."""
+    sc = cfgs.small_grads_config(b, m, c, k, 4 if xty == "fp32" else 2, 4 if gty == "fp32" else 2)
+    if sc is None:
+        return
+    for scale_by_up in (True, False):
+        oty = xty if scale_by_up or xty != "fp16" else "fp32"
+        add(kernel, {**xs, "w_ptr": f"*{xty}", "g_ptr": f"*{gty}", "dx_ptr": f"*{oty}", "dw_ptr": f"*{oty}",
+                     "db_ptr": f"*{oty}", "up_ptr": "*fp32", "n_w": 80, "n_kblocks_w": 8, "n_x": 300, "n_kblocks": 8},
+            {"UPCAST_DOT": False, "PRECISION": prec, "BLOCK_C": sc["BLOCK_C"], "BLOCK_K": sc["BLOCK_K"],
+             "SHARED": shared, "NEED_W": True, "NEED_B": True, "SCALE_BY_UP": scale_by_up, "BLOCK_R": sc["BLOCK_R"],
+             "BLOCK_RW": sc["BLOCK_RW"], "BLOCK_KW": sc["BLOCK_KW"], "BLOCK_J": sc["BLOCK_J"]},
+            {"num_warps": sc["num_warps"]}, tag)
+
+
 def _specialize(fn, args: dict, consts: dict):
     """ASTSource for a launch, specialised the way Triton's runtime specialises it: integer
     arguments equal to 1 become constexprs, and pointers and integers divisible by 16 carry the
@@ -157,6 +175,20 @@ def _kernel_specs():
                      "VEC": min(kl["BLOCK_C"], 4 if ty == "fp32" else 8), "WRITE_NORMS": norms, "REDUCE": reduce,
                      "BLOCK_P": cfgs.reduce_block(cdiv(b * m, kl["BLOCK_R"]), kl["num_warps"])},
                     {"num_warps": kl["num_warps"]}, tag)
+            if ty == "bf16":  # hydra_kl_loss on fp16 logits with a teacher that requires grad: both gradients
+                #             written in fp32 (stored_grad_dtype), for the backward to scale
+                for reduce in (True, False):
+                    kl = cfgs.kl_rows_config(c, 2, True)
+                    if reduce and not cfgs.kl_rows_reduces_in_launch(kl, True):
+                        continue
+                    add(_hydra_kl_fwd_kernel, {**args, "z_ptr": "*fp16", "t_ptr": "*fp16", "grad_ptr": "*fp32",
+                                               "tgrad_ptr": "*fp32", "bias_ptr": "*fp16", "stride_bo": c,
+                                               "stride_bi": 0, "norm_ptr": "*fp32"},
+                        {"BLOCK_R": kl["BLOCK_R"], "BLOCK_C": kl["BLOCK_C"], "WRITE_GRAD": True, "WRITE_TGRAD": True,
+                         "ROW_IN_REGISTERS": kl["ROW_IN_REGISTERS"], "HAS_BIAS": False, "VEC": min(kl["BLOCK_C"], 8),
+                         "WRITE_NORMS": False, "REDUCE": reduce,
+                         "BLOCK_P": cfgs.reduce_block(cdiv(b * m, kl["BLOCK_R"]), kl["num_warps"])},
+                        {"num_warps": kl["num_warps"]}, "fp16")
             gk = cfgs.kl_grad_config(b * m, c)
             add(_hydra_kl_grad_kernel, {"z_ptr": f"*{ty}", "t_ptr": f"*{ty}", "norm_ptr": "*fp32", "up_ptr": "*fp32",
                                         "grad_ptr": f"*{ty}", "R": b * m, "R_INNER": m, "C": c,
@@ -192,11 +224,13 @@ def _kernel_specs():
                          "stride_xo": m * k, "stride_xi": k, "stride_go": m * c, "stride_gi": c, "stride_lo": m,
                          "stride_li": 1, "stride_ho": m * k, "stride_hi": k,
                          "inv_temp": 0.5, "loss_scale": 4.0, "grad_scale": 0.1}
-                for tgrad in (False, True):
-                    add(_hydra_kl_topk_fwd_kernel, targs,
+                # (and hydra_kl_loss on fp16 logits: its gradients written in fp32, for the backward to scale)
+                for tgrad, vtag in itertools.product((False, True), (tag, "fp16") if ty == "bf16" else (tag,)):
+                    wide = {"z_ptr": "*fp16", "v_ptr": "*fp16", "grad_ptr": "*fp32", "vgrad_ptr": "*fp32"}
+                    add(_hydra_kl_topk_fwd_kernel, {**targs, **(wide if vtag == "fp16" else {})},
                         {"BLOCK_R": tk["BLOCK_R"], "BLOCK_C": tk["BLOCK_C"], "BLOCK_K": tk["BLOCK_K"],
                          "WRITE_GRAD": True, "WRITE_TGRAD": tgrad, "VEC": min(tk["BLOCK_C"], 4 if ty == "fp32" else 8)},
-                        {"num_warps": tk["num_warps"]}, tag)
+                        {"num_warps": tk["num_warps"]}, vtag)
 
             # MLP heads' second layer fused with the loss (thin heads; THIN_HEADS) at mid (a C that is not a
             # multiple of 16) and gpu-large: hidden width 128 (the inputs loaded once per program) with the
@@ -221,61 +255,49 @@ def _kernel_specs():
                          "BLOCK_P": cfgs.reduce_block(cdiv(b, tc["BLOCK_B"]) * m, tc["num_warps"])},
                         {"num_warps": tc["num_warps"], "num_stages": tc["num_stages"]}, tag, hopper)
 
-            # Small problems: the two-launch small-step kernels (linear heads and MLP heads' second layer)
-            for k, shared in ((d, True), (HIDDEN, False)):
-                sc = cfgs.small_heads_config(b, m, c, k, 4 if ty == "fp32" else 2)
-                if sc is None:
-                    continue
-                xs = {"x_ptr": f"*{ty}", "B": b, "M": m, "C": c, "K": k, "stride_xb": k if shared else m * k,
-                      "stride_xm": 0 if shared else k}
-                dots = {"UPCAST_DOT": False, "PRECISION": prec, "BLOCK_C": sc["BLOCK_C"], "BLOCK_K": sc["BLOCK_K"]}
-                for reduce in (True, False):  # the loss reduced by the last program, or loss rows
-                    add(_small_heads_kl_kernel, {**xs, "w_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "t_ptr": f"*{ty}",
-                                                 "loss_ptr": "*fp32", "part_ptr": "*fp32", "g_ptr": f"*{ty}",
-                                                 "err_ptr": "*i32", "out_ptr": "*fp32", "count_ptr": "*i32",
-                                                 "heads_per_program": sc["HEADS"], "stride_wm": c * k, "stride_wc": k,
-                                                 "stride_biasm": c, "stride_tb": m * c, "stride_tm": c,
-                                                 "inv_temp": 0.5, "loss_scale": 4.0, "grad_scale": 0.1,
-                                                 "out_scale": 0.01},
-                        {**dots, "HAS_BIAS": True, "WRITE_GRAD": True, "REDUCE": reduce, "BLOCK_B": sc["BLOCK_B"],
-                         "BLOCK_P": cfgs.reduce_block(cdiv(b, sc["BLOCK_B"]) * cdiv(m, sc["HEADS"]), sc["num_warps"])},
-                        {"num_warps": sc["num_warps"]}, tag)
-                # from the backward (times the upstream gradient), or in the forward (SMALL_DEFERRED off)
-                for scale_by_up in (True, False):
-                    add(_small_heads_grad_kernel, {**xs, "w_ptr": f"*{ty}", "g_ptr": f"*{ty}", "dx_ptr": f"*{ty}",
-                                                   "dw_ptr": f"*{ty}", "db_ptr": f"*{ty}", "up_ptr": "*fp32",
-                                                   "n_w": 80, "n_kblocks_w": 8, "n_x": 300, "n_kblocks": 8},
-                        {**dots, "SHARED": shared, "NEED_W": True, "NEED_B": True, "SCALE_BY_UP": scale_by_up,
-                         "BLOCK_R": sc["BLOCK_R"], "BLOCK_RW": sc["BLOCK_RW"], "BLOCK_KW": sc["BLOCK_KW"],
-                         "BLOCK_J": sc["BLOCK_J"]},
-                        {"num_warps": sc["num_warps"]}, tag)
+            # Small problems: the two-launch small-step kernels (linear heads and MLP heads' second layer), and
+            # the Gaussian heads' kernel with its second launch. fp16 inputs (beside bf16) keep their stash of
+            # dL/dz in fp32 (stored_grad_dtype), which launch 2 reads with fp32's blocks; its outputs are fp16
+            # from the backward (times the upstream gradient), fp32 in the forward (kept for a later scaling).
+            for xty, gty, vtag in ((ty, ty, tag),) + ((("fp16", "fp32", "fp16"),) if ty == "bf16" else ()):
+                for k, shared in ((d, True), (HIDDEN, False)):
+                    sc = cfgs.small_heads_config(b, m, c, k, 4 if xty == "fp32" else 2)
+                    if sc is None:
+                        continue
+                    xs = {"x_ptr": f"*{xty}", "B": b, "M": m, "C": c, "K": k, "stride_xb": k if shared else m * k,
+                          "stride_xm": 0 if shared else k}
+                    dots = {"UPCAST_DOT": False, "PRECISION": prec, "BLOCK_C": sc["BLOCK_C"], "BLOCK_K": sc["BLOCK_K"]}
+                    for reduce in (True, False):  # the loss reduced by the last program, or loss rows
+                        add(_small_heads_kl_kernel, {**xs, "w_ptr": f"*{xty}", "bias_ptr": f"*{xty}",
+                                                     "t_ptr": f"*{xty}", "loss_ptr": "*fp32", "part_ptr": "*fp32",
+                                                     "g_ptr": f"*{gty}", "err_ptr": "*i32", "out_ptr": "*fp32",
+                                                     "count_ptr": "*i32", "heads_per_program": sc["HEADS"],
+                                                     "stride_wm": c * k, "stride_wc": k, "stride_biasm": c,
+                                                     "stride_tb": m * c, "stride_tm": c, "inv_temp": 0.5,
+                                                     "loss_scale": 4.0, "grad_scale": 0.1, "out_scale": 0.01},
+                            {**dots, "HAS_BIAS": True, "WRITE_GRAD": True, "REDUCE": reduce, "BLOCK_B": sc["BLOCK_B"],
+                             "BLOCK_P": cfgs.reduce_block(cdiv(b, sc["BLOCK_B"]) * cdiv(m, sc["HEADS"]),
+                                                          sc["num_warps"])},
+                            {"num_warps": sc["num_warps"]}, vtag)
+                    _small_grads(add, _small_heads_grad_kernel, cfgs, xs, xty, gty, b, m, c, k, shared, prec, vtag)
 
-            from fasthydra.ops.gaussian_kl import gaussian_config
+                from fasthydra.ops.gaussian_kl import gaussian_config
 
-            for k_out in (1, 8):  # Gaussian regression heads: K outputs (padded to 16 in the tile)
-                gc = gaussian_config(k_out, d, 4 if ty == "fp32" else 2)
-                args = {"x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "tmean_ptr": f"*{ty}",
-                        "tvar_ptr": f"*{ty}", "loss_ptr": "*fp32", "part_ptr": "*fp32", "g_ptr": f"*{ty}",
-                        "err_ptr": "*i32", "out_ptr": "*fp32", "count_ptr": "*i32", "B": b, "K": k_out, "D": d,
-                        "stride_xb": d, "min_var": 1e-6, "grad_scale": 0.1}
-                consts = {"HAS_BIAS": True, "WRITE_GRAD": True, "UPCAST_DOT": False, "PRECISION": prec,
-                          "BLOCK_B": gc["BLOCK_B"], "BLOCK_K": gc["BLOCK_K"], "BLOCK_D": gc["BLOCK_D"],
-                          "BLOCK_P": cfgs.reduce_block(cdiv(b, gc["BLOCK_B"]) * m, gc["num_warps"])}
-                add(_gaussian_heads_kl_fwd_kernel, args, consts, {"num_warps": gc["num_warps"]}, tag)
-                # its second launch: the small-step gradient kernel at C = 2K (while the batch allows), from
-                # the backward (times the upstream gradient) or, SMALL_DEFERRED off, in the forward
-                sc = cfgs.small_heads_config(b, m, 2 * k_out, d, 4 if ty == "fp32" else 2)
-                for scale_by_up in ((True, False) if sc is not None else ()):
-                    add(_small_heads_grad_kernel,
-                        {"x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "g_ptr": f"*{ty}", "dx_ptr": f"*{ty}",
-                         "dw_ptr": f"*{ty}", "db_ptr": f"*{ty}", "up_ptr": "*fp32", "B": b, "M": m, "C": 2 * k_out,
-                         "K": d, "stride_xb": d, "stride_xm": 0, "n_w": 80, "n_kblocks_w": 8, "n_x": 300,
-                         "n_kblocks": 8},
-                        {"UPCAST_DOT": False, "PRECISION": prec, "BLOCK_C": sc["BLOCK_C"], "BLOCK_K": sc["BLOCK_K"],
-                         "SHARED": True, "NEED_W": True, "NEED_B": True, "SCALE_BY_UP": scale_by_up,
-                         "BLOCK_R": sc["BLOCK_R"], "BLOCK_RW": sc["BLOCK_RW"], "BLOCK_KW": sc["BLOCK_KW"],
-                         "BLOCK_J": sc["BLOCK_J"]},
-                        {"num_warps": sc["num_warps"]}, tag)
+                for k_out in (1, 8):  # Gaussian regression heads: K outputs (padded to 16 in the tile)
+                    gc = gaussian_config(k_out, d, 4 if xty == "fp32" else 2)
+                    args = {"x_ptr": f"*{xty}", "w_ptr": f"*{xty}", "bias_ptr": f"*{xty}", "tmean_ptr": f"*{xty}",
+                            "tvar_ptr": f"*{xty}", "loss_ptr": "*fp32", "part_ptr": "*fp32", "g_ptr": f"*{gty}",
+                            "err_ptr": "*i32", "out_ptr": "*fp32", "count_ptr": "*i32", "B": b, "K": k_out, "D": d,
+                            "stride_xb": d, "min_var": 1e-6, "grad_scale": 0.1}
+                    consts = {"HAS_BIAS": True, "WRITE_GRAD": True, "UPCAST_DOT": False, "PRECISION": prec,
+                              "BLOCK_B": gc["BLOCK_B"], "BLOCK_K": gc["BLOCK_K"], "BLOCK_D": gc["BLOCK_D"],
+                              "BLOCK_P": cfgs.reduce_block(cdiv(b, gc["BLOCK_B"]) * m, gc["num_warps"])}
+                    add(_gaussian_heads_kl_fwd_kernel, args, consts, {"num_warps": gc["num_warps"]}, vtag)
+                    # its second launch: the small-step gradient kernel at C = 2K (while the batch allows)
+                    _small_grads(add, _small_heads_grad_kernel, cfgs, {"x_ptr": f"*{xty}", "B": b, "M": m,
+                                                                       "C": 2 * k_out, "K": d, "stride_xb": d,
+                                                                       "stride_xm": 0},
+                                 xty, gty, b, m, 2 * k_out, d, True, prec, vtag)
 
             uc = cfgs.uncertainty_config(m, c, b)
             args = {"z_ptr": f"*{ty}", "probs_ptr": f"*{ty}", "total_ptr": f"*{ty}", "aleatoric_ptr": f"*{ty}",

@@ -168,7 +168,7 @@ def test_custom_ops_pass_opcheck(impl):
 
 
 @pytest.mark.parametrize("impl,hidden", CASES)
-@pytest.mark.parametrize("dtype", [torch.bfloat16], ids=["bf16"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_16_bit_heads_compile_matches_eager(impl, hidden, dtype):
     """16-bit heads under torch.compile: the custom ops' fake outputs must match what the implementations
     return (the first layer's fp32 bias gradient of MLP heads, fp16's fp32 stored gradients: inductor

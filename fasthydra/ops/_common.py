@@ -185,6 +185,17 @@ def small_heads_config(n_rows: int, n_heads: int, n_cols: int, k: int, elem_size
                 BLOCK_KW=16, BLOCK_J=SMALL_DX_BLOCK_J, num_warps=4)
 
 
+def small_grads_config(n_rows: int, n_heads: int, n_cols: int, k: int, elem_size: int,
+                       stash_elem_size: int) -> dict | None:
+    """Blocks of launch 2 (the small-step gradient kernel) for inputs of elem_size bytes and a stash of dL/dz of
+    stash_elem_size: small_heads_config's for the wider of the two; an fp32 stash of 16-bit inputs (fp16's:
+    stored_grad_dtype) in 8 warps (4 spilled 24 bytes on sm_80 under Triton 3.6; kernel report)."""
+    cfg = small_heads_config(n_rows, n_heads, n_cols, k, max(elem_size, stash_elem_size))
+    if cfg is not None and stash_elem_size > elem_size:
+        cfg = {**cfg, "num_warps": 8}
+    return cfg
+
+
 def triton_available() -> bool:
     """Triton imports here (it may not on some platforms)."""
     try:
@@ -197,6 +208,15 @@ def triton_available() -> bool:
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (must be set before triton is imported)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def stored_grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a gradient formed in the forward pass is kept in until the backward scales it: fp32 for fp16
+    tensors, the tensor's own dtype otherwise. The upstream gradient is unknown in the forward, and with a
+    mean over B*M rows an fp16 gradient is mostly below fp16's normal range (6.1e-5), where GradScaler's
+    loss scale cannot reach it once it is rounded: at (2048, 64, 4, 2000) its relative error was 4e-2, eager's
+    with a GradScaler 3e-4 (bench/RESULTS.md). bf16 has fp32's exponent range and keeps its own dtype."""
+    return torch.float32 if dtype == torch.float16 else dtype
 
 
 def cdiv(a: int, b: int) -> int:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _common
-from ._common import cdiv, dot_precision, finished_count, next_pow2, small_heads_config, upcast_dot
+from ._common import cdiv, dot_precision, finished_count, next_pow2, small_heads_config, stored_grad_dtype, upcast_dot
 from .checks import after_launch, error_word
 from .grouped_linear import heads_backward
 from .small_heads import launch_small_grads
@@ -54,14 +54,16 @@ def gaussian_heads_kl_forward_triton(x, weight, bias, teacher_mean, teacher_var,
     teacher_mean, teacher_var = teacher_mean.contiguous(), teacher_var.contiguous()
     want_grad = need_in or need_w or need_b
     if b == 0:  # nothing to launch: a zero loss and zero gradients
-        zeros = [torch.zeros_like(t) if need else None for t, need in ((x, need_in), (weight, need_w), (bias, need_b))]
+        zeros = [torch.zeros(t.shape, dtype=stored_grad_dtype(t.dtype), device=dev) if need else None
+                 for t, need in ((x, need_in), (weight, need_w), (bias, need_b))]
         return (torch.zeros((), dtype=torch.float32, device=dev), *zeros)
     cfg = gaussian_config(k, d, x.element_size())
     grid = (cdiv(b, cfg["BLOCK_B"]), m)
     loss = torch.empty(b, m, dtype=torch.float32, device=dev)
     parts = torch.empty(grid, dtype=torch.float32, device=dev)
     out = torch.empty((), dtype=torch.float32, device=dev)
-    stash = torch.empty(b, m, two_k, dtype=x.dtype, device=dev) if want_grad else loss
+    # dL/d(mean, raw var): fp32 for fp16 inputs (the 1/(B M K) coefficient leaves fp16's range: stored_grad_dtype)
+    stash = torch.empty(b, m, two_k, dtype=stored_grad_dtype(x.dtype), device=dev) if want_grad else loss
     coef = 1.0 / (b * m * k) if reduction == "mean" else 1.0  # of the loss and of each gradient term
     _gaussian_heads_kl_fwd_kernel[grid](
         x, weight, bias if bias is not None else weight, teacher_mean, teacher_var, loss, parts, stash,
@@ -77,10 +79,10 @@ def gaussian_heads_kl_forward_triton(x, weight, bias, teacher_mean, teacher_var,
     small = small_heads_config(b, m, two_k, d, x.element_size())
     if small is not None and want_grad:
         grad_x, grad_w, grad_b = launch_small_grads(x, weight, bias, stash, small, True, need_in, need_w, need_b)
-    elif want_grad:
-        grad_x, grad_w = heads_backward(stash, x, weight, True, need_in, need_w)
+    elif want_grad:  # (an fp32 stash of fp16 inputs: the GEMMs in fp32, the gradients kept in fp32)
+        grad_x, grad_w = heads_backward(stash, x.to(stash.dtype), weight.to(stash.dtype), True, need_in, need_w)
         if need_b:
-            grad_b = stash.sum(0, dtype=torch.float32).to(bias.dtype)
+            grad_b = stash.sum(0, dtype=torch.float32).to(stored_grad_dtype(bias.dtype))
     return out, grad_x, grad_w, grad_b
 
 

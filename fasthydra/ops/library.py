@@ -113,8 +113,8 @@ def _hydra_kl_fake(student, teacher, temperature, reduction, want_grad, want_tgr
     loss = student.new_empty(_loss_shape(student.shape[:2], reduction), dtype=_compute_dtype(student))
     if _deferred(want_grad, want_tgrad, impl, teacher_indices):
         return (loss, student.new_empty((*student.shape[:2], 4), dtype=torch.float32), teacher.new_empty(_EMPTY))
-    return (loss, torch.empty_like(student) if want_grad else student.new_empty(_EMPTY),
-            torch.empty_like(teacher) if want_tgrad else teacher.new_empty(_EMPTY))
+    return (loss, _kl._stored_like(student) if want_grad else student.new_empty(_EMPTY),
+            _kl._stored_like(teacher) if want_tgrad else teacher.new_empty(_EMPTY))
 
 
 @_no_autocast
@@ -150,6 +150,7 @@ def _hydra_kl_setup(ctx, inputs, output):
     ctx.reduction = reduction
     ctx.deferred = _deferred(want_grad, want_tgrad, impl, teacher_indices)
     if not ctx.deferred:
+        ctx.grad_dtypes = _grad_dtypes(inputs)
         _stored_gradients(ctx, output[1:])
         return
     ctx.temperature = temperature
@@ -170,7 +171,8 @@ def _hydra_kl_backward(ctx, grad_loss, *_grad_of_grads):
         traced = torch.compiler.is_compiling() or any(type(t) is not torch.Tensor for t in args[:4])
         grad = hydra_kl_grad(*args) if traced else _hydra_kl_grad_impl(*args)
         return grad, None, None, None, None, None, None, None
-    student, teacher = (None if _absent(g) else _kl.scale_grad(g, grad_loss, ctx.reduction) for g in ctx.saved_tensors)
+    student, teacher = (None if _absent(g) else _in_dtype(_kl.scale_grad(g, grad_loss, ctx.reduction), dt)
+                        for g, dt in zip(ctx.saved_tensors, ctx.grad_dtypes))
     return student, teacher, None, None, None, None, None, None
 
 
@@ -234,19 +236,39 @@ def _linear_hydra_kl_fake(inp, weight, bias, teacher, temperature, reduction, sh
     m = weight.shape[0]
     loss = inp.new_empty((inp.shape[0], m) if reduction == "none" else (), dtype=_compute_dtype(inp))
     if small_deferred:
-        return (loss, inp.new_empty((inp.shape[0], m, weight.shape[1])), weight.new_empty(_EMPTY),
+        return (loss, inp.new_empty((inp.shape[0], m, weight.shape[1]), dtype=_common.stored_grad_dtype(inp.dtype)),
+                weight.new_empty(_EMPTY),
                 weight.new_empty(_EMPTY), teacher.new_empty(_EMPTY))
-    g_in = torch.empty_like(inp) if need_in else inp.new_empty(_EMPTY)
-    g_w = torch.empty_like(weight) if need_w else weight.new_empty(_EMPTY)
-    g_b = torch.empty_like(bias) if (need_b and bias is not None) else weight.new_empty(_EMPTY)
+    g_in, g_w, g_b = _stored_fake(inp, weight, need_in, need_w, bias if need_b else None)
     g_t = torch.empty_like(teacher) if need_t else teacher.new_empty(_EMPTY)
     return loss, g_in, g_w, g_b, g_t
+
+
+def _stored_fake(inp, weight, need_in: bool, need_w: bool, bias) -> tuple:
+    """Fake (input, weight, bias) gradients of an op that stores them for the backward: in stored_grad_dtype
+    (fp32 for fp16 tensors), the empty placeholder where not asked for (bias None: not asked)."""
+    def like(t):
+        return t.new_empty(t.shape, dtype=_common.stored_grad_dtype(t.dtype))
+
+    return (like(inp) if need_in else inp.new_empty(_EMPTY), like(weight) if need_w else weight.new_empty(_EMPTY),
+            like(bias) if bias is not None else weight.new_empty(_EMPTY))
 
 
 def _heads_setup(ctx, inputs, output):
     """setup_context of the heads ops that store their gradients (input, weight, bias first)."""
     ctx.has_bias = inputs[2] is not None
+    ctx.grad_dtypes = _grad_dtypes(inputs)
     _stored_gradients(ctx, output[1:])
+
+
+def _grad_dtypes(inputs) -> list:
+    """Each input's dtype (None for non-tensors): a stored gradient kept wider (stored_grad_dtype) goes back in
+    it once the backward has scaled it."""
+    return [a.dtype if isinstance(a, torch.Tensor) else None for a in inputs]
+
+
+def _in_dtype(g: torch.Tensor, dtype) -> torch.Tensor:
+    return g if dtype is None or g.dtype == dtype else g.to(dtype)
 
 
 def _linear_setup(ctx, inputs, output):
@@ -346,7 +368,7 @@ def _heads_backward(n_inputs: int):
             saved[2] = saved[2].new_empty(_EMPTY)
         present = [i for i, g in enumerate(saved) if not _absent(g)]
         for i, g in zip(present, _kl.scale_grads([saved[i] for i in present], grad_loss)):
-            out[i] = g
+            out[i] = _in_dtype(g, ctx.grad_dtypes[i])
         return tuple(out)
 
     return backward
@@ -485,12 +507,10 @@ gaussian_deferred = _gauss.gaussian_deferred
 def _gaussian_heads_kl_fake(x, weight, bias, teacher_mean, teacher_var, min_var, reduction, need_in, need_w, need_b,
                             small_deferred):
     if small_deferred:
-        return (x.new_empty((), dtype=torch.float32), x.new_empty(teacher_mean.shape[:2] + (weight.shape[1],)),
+        return (x.new_empty((), dtype=torch.float32),
+                x.new_empty(teacher_mean.shape[:2] + (weight.shape[1],), dtype=_common.stored_grad_dtype(x.dtype)),
                 weight.new_empty(_EMPTY), weight.new_empty(_EMPTY))
-    return (x.new_empty((), dtype=torch.float32),
-            torch.empty_like(x) if need_in else x.new_empty(_EMPTY),
-            torch.empty_like(weight) if need_w else weight.new_empty(_EMPTY),
-            torch.empty_like(bias) if (need_b and bias is not None) else weight.new_empty(_EMPTY))
+    return (x.new_empty((), dtype=torch.float32), *_stored_fake(x, weight, need_in, need_w, bias if need_b else None))
 
 
 def _gaussian_setup(ctx, inputs, output):
@@ -623,6 +643,7 @@ def _take_stored(ctx, impl) -> list:
 def _eager_heads_setup(ctx, inputs, output, strong: int = 3):
     """Eager form of _heads_setup (see _hand_over_setup)."""
     ctx.has_bias = inputs[2] is not None
+    ctx.grad_dtypes = _grad_dtypes(inputs)
     _hand_over_setup(ctx, inputs, output, strong=strong)
 
 
@@ -640,8 +661,8 @@ def _eager_heads_backward(n_inputs: int, impl):
             stored[2] = stored[2].new_empty(_EMPTY)
         present = [i for i, g in enumerate(stored) if not _absent(g)]
         _kl.scale_grads_([stored[i] for i in present], grad_loss)
-        for i in present:
-            out[i] = stored[i]
+        for i in present:  # (fp32 gradients of fp16 tensors go back to fp16 now that they are scaled)
+            out[i] = _in_dtype(stored[i], ctx.grad_dtypes[i])
         return tuple(out)
 
     return backward
@@ -655,6 +676,7 @@ def _eager_hydra_kl_setup(ctx, inputs, output):
         _hydra_kl_setup(ctx, inputs, output)
         return
     ctx.deferred, ctx.reduction = False, inputs[3]
+    ctx.grad_dtypes = _grad_dtypes(inputs)
     # all by reference: the logits and teacher a caller usually holds anyway, and the Hinton loss's target,
     # a temporary (1/M of the teacher) that gradcheck's repeated backwards need
     _hand_over_setup(ctx, inputs, output, strong=len(inputs))
@@ -668,6 +690,7 @@ def _eager_hydra_kl_backward(ctx, grad_loss, *_grad_of_grads):
         return (None,) * 8
     student, teacher = (None if _absent(g) else g for g in _take_stored(ctx, _hydra_kl_impl))
     _kl.scale_grads_([g for g in (student, teacher) if g is not None], grad_loss)
+    student, teacher = (None if g is None else _in_dtype(g, dt) for g, dt in zip((student, teacher), ctx.grad_dtypes))
     return student, teacher, None, None, None, None, None, None
 
 
@@ -691,6 +714,7 @@ def _eager_gaussian_setup(ctx, inputs, output):
         _gaussian_setup(ctx, inputs, output)
         return
     ctx.has_bias = inputs[2] is not None
+    ctx.grad_dtypes = _grad_dtypes(inputs)
     _hand_over_setup(ctx, inputs, output, strong=len(inputs))
 
 
@@ -730,13 +754,13 @@ def _mlp_hydra_kl_impl(x: torch.Tensor, hidden_weight: torch.Tensor, hidden_bias
         du = du.view(x.shape[0], m * h)
         du.mul_(u.sign_())  # ReLU's backward: u = relu(a) >= 0, so sign(u) is 1 where a > 0 and 0 elsewhere
         del u
-        cdt = du.dtype  # u's dtype: the heads op returns du as its input's dtype
+        cdt = du.dtype  # the heads op returns du in stored_grad_dtype(u.dtype)
         if need_x:
             g_x = du @ w1.to(cdt)
         if need_hw:
-            g_hw = (du.T @ x.to(cdt)).view(m, h, d).to(hidden_weight.dtype)
+            g_hw = (du.T @ x.to(cdt)).view(m, h, d).to(_common.stored_grad_dtype(hidden_weight.dtype))
         if need_hb and hidden_bias is not None:
-            g_hb = du.sum(0).view(m, h).to(hidden_bias.dtype)
+            g_hb = du.sum(0).view(m, h).to(_common.stored_grad_dtype(hidden_bias.dtype))
     return (loss, _none_to_empty(g_x, x), _none_to_empty(g_hw, hidden_weight), _none_to_empty(g_hb, hidden_weight),
             g_w, g_b, g_t)
 

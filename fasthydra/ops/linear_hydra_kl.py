@@ -28,6 +28,7 @@ from ._common import (
     rows_per_chunk,
     small_heads_config,
     small_step_mode,
+    stored_grad_dtype,
 )
 from .checks import after_launch
 from .small_heads import linear_hydra_kl_forward_small
@@ -45,10 +46,11 @@ from .hydra_kl import (
 
 
 def _results(rows, inp, weight, bias, grad_in, grad_w32, grad_b32, reduction, grad_t=None):
-    """(loss, grad_in, grad_weight, grad_bias, grad_teacher) with the gradients in their parameters' dtypes."""
+    """(loss, grad_in, grad_weight, grad_bias, grad_teacher) with the gradients in their parameters' stored
+    dtypes (``stored_grad_dtype``: fp32 for fp16 parameters until the backward has scaled them)."""
     return (reduce_rows(rows, reduction, rows.dtype), grad_in,  # loss in the compute dtype: the caller casts
-            None if grad_w32 is None else grad_w32.to(weight.dtype),
-            None if grad_b32 is None else grad_b32.to(bias.dtype), grad_t)
+            None if grad_w32 is None else grad_w32.to(stored_grad_dtype(weight.dtype)),
+            None if grad_b32 is None else grad_b32.to(stored_grad_dtype(bias.dtype)), grad_t)
 
 
 # Row blocks thinner than this make every GEMM re-read the whole weight for a handful of rows (large
@@ -323,7 +325,7 @@ def linear_hydra_kl_forward_torch(inp, weight, bias, teacher, temperature: float
             if need_b:
                 grad_b32[hs].add_(g.sum(0), alpha=scale)
     if grad_in is not None:
-        grad_in = grad_in.mul_(scale).to(inp.dtype)
+        grad_in = grad_in.mul_(scale).to(stored_grad_dtype(inp.dtype))
     return _results(rows, inp, weight, bias, grad_in, grad_w32, grad_b32, reduction, grad_t)
 
 
@@ -384,7 +386,11 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
     if teacher_indices is not None:
         topk = teacher_indices if teacher_indices.stride(-1) == 1 else teacher_indices.contiguous()
     want_grad = need_in or need_w or need_b
-    grad_scale = temperature * reduction_coefficient(reduction, b * m)
+    coef = reduction_coefficient(reduction, b * m)
+    # fp16 inputs: dz kept unnormalised (T (q - p), in fp16's range whatever B*M), the coefficient applied in
+    # fp32 by the gradient GEMMs, whose outputs stay fp32 (stored_grad_dtype) until the backward has scaled them
+    wide = want_grad and stored_grad_dtype(dt) != dt
+    grad_scale = temperature if wide else temperature * coef
     loss = torch.empty(b, m, dtype=torch.float32, device=dev)
     grad_t = torch.empty(teacher.shape, dtype=teacher.dtype, device=dev) if need_t else None
     heads, rows = _head_groups(b, m, c)
@@ -406,7 +412,7 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
     reduce_to = None if reduced is None else (reduced, reduction_coefficient(reduction, b * m))
     # The group's logits, turned into dz in place (thin heads: dz alone, and nothing without a gradient)
     buf = torch.empty(min(rows, b) * heads * c, dtype=dt, device=dev) if want_grad or thin is None else None
-    grad_w = torch.empty_like(weight) if need_w else None
+    grad_w = torch.empty(weight.shape, dtype=stored_grad_dtype(weight.dtype), device=dev) if need_w else None
     grad_b = torch.empty(m, c, dtype=torch.float32, device=dev) if need_b else None
     # dx: per-head inputs (MLP heads) get disjoint slices per group, so no accumulation; a shared input
     # sums over groups, in fp32 when there is more than one.
@@ -415,7 +421,7 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
         if shared and n_groups > 1:
             grad_in32 = torch.zeros(inp.shape, dtype=torch.float32, device=dev)
         else:
-            grad_in = torch.empty_like(inp)
+            grad_in = torch.empty(inp.shape, dtype=stored_grad_dtype(dt), device=dev)
     # Bias and long rows (the dense, frozen teacher): the loss pass forms dz and db together (see
     # SPLIT_BIAS_PASS); the row normalisers between its two launches live in `norms`.
     split_bias = (want_grad and need_b and _common.SPLIT_BIAS_PASS and topk is None and grad_t is None and thin is None
@@ -485,12 +491,18 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
             if shared:
                 gz = z3.view(br, gh * c)
                 if need_w:
-                    if acc is None:
+                    if wide:
+                        _product32(gz.T, xc, coef, grad_w[h0:h1].view(gh * c, k) if acc is None else acc.view(gh * c, k),
+                                   accumulate=acc is not None and r0 > 0)
+                    elif acc is None:
                         torch.mm(gz.T, xc, out=grad_w[h0:h1].view(gh * c, k))
                     else:
                         acc.view(gh * c, k).add_(torch.mm(gz.T, xc))
                 if need_in:
-                    if grad_in32 is not None and n_chunks == 1:
+                    if wide:
+                        _product32(gz, w2, coef, grad_in32[r0:r1] if grad_in32 is not None else grad_in[r0:r1],
+                                   accumulate=grad_in32 is not None)
+                    elif grad_in32 is not None and n_chunks == 1:
                         grad_in32 = _add_product_fp32(grad_in32, gz, w2)
                     elif grad_in32 is not None:
                         grad_in32[r0:r1].add_(torch.mm(gz, w2))
@@ -501,11 +513,16 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
                     _sum_rows_into(grad_b[h0:h1], src, dim, r0 == 0)
             else:
                 if need_w:
-                    if acc is None:
+                    if wide:
+                        _product32(z3.transpose(1, 2), xc, coef, grad_w[h0:h1] if acc is None else acc,
+                                   accumulate=acc is not None and r0 > 0)
+                    elif acc is None:
                         torch.bmm(z3.transpose(1, 2), xc, out=grad_w[h0:h1])
                     else:
                         acc.add_(torch.bmm(z3.transpose(1, 2), xc))
-                if need_in:  # written through its (gh, rows, K) view: cuBLAS takes the strides, no copy
+                if need_in and wide:
+                    _product32(z3, wg, coef, grad_in[r0:r1, h0:h1].transpose(0, 1))
+                elif need_in:  # written through its (gh, rows, K) view: cuBLAS takes the strides, no copy
                     grad_in[r0:r1, h0:h1].transpose(0, 1).baddbmm_(z3, wg, beta=0.0)
                 if need_b:
                     _sum_rows_into(grad_b[h0:h1], db_parts if db_parts is not None else z3, 1, r0 == 0)
@@ -513,9 +530,13 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
             grad_w[h0:h1] = acc
     after_launch(dev, "distill_loss", teacher.shape)
     if grad_in32 is not None:
-        grad_in = grad_in32.to(dt)
+        grad_in = grad_in32.to(stored_grad_dtype(dt))
+    if wide and grad_b is not None:
+        grad_b.mul_(coef)
+    if wide and grad_t is not None:
+        grad_t.mul_(coef)
     return (reduced if reduced is not None else reduce_rows(loss, reduction, loss.dtype), grad_in, grad_w,
-            None if grad_b is None else grad_b.to(bias.dtype), grad_t)
+            None if grad_b is None else grad_b.to(stored_grad_dtype(bias.dtype)), grad_t)
 
 
 def _add_product_fp32(acc, a, b):
@@ -529,6 +550,33 @@ def _add_product_fp32(acc, a, b):
         except (RuntimeError, TypeError):  # raised on the host, before anything runs
             _common.FP32_OUT_GEMM = False
     return acc.add_(torch.mm(a, b))
+
+
+# Whether this torch writes an fp32-output GEMM (out_dtype) into a given tensor (out=); else a new one, copied.
+_FP32_OUT_INTO = True
+
+
+def _product32(a, b, alpha: float, out, accumulate: bool = False) -> None:
+    """out = alpha * (a @ b) (+ out where accumulate) in fp32, batched for 3-D a: the wide gradients of fp16
+    inputs (stored_grad_dtype), from the unnormalised dz = T (q - p), whose product rounded to fp16 could
+    leave fp16's range either way. cuBLAS with an fp32 output (out_dtype, FP32_OUT_GEMM) where this torch
+    has it, else the operands in fp32."""
+    gemm = torch.baddbmm if a.dim() == 3 else torch.addmm
+    beta = 1.0 if accumulate else 0.0
+    if _common.FP32_OUT_GEMM and a.is_cuda:
+        global _FP32_OUT_INTO
+        if _FP32_OUT_INTO and out.is_contiguous() and not accumulate:  # in place (beta 0: out's contents ignored)
+            try:
+                gemm(out, a, b, out_dtype=torch.float32, beta=0.0, alpha=alpha, out=out)
+                return
+            except (RuntimeError, TypeError):  # raised on the host, before anything runs: the form below
+                _FP32_OUT_INTO = False
+        try:
+            out.copy_(gemm(out, a, b, out_dtype=torch.float32, beta=beta, alpha=alpha))
+            return
+        except (RuntimeError, TypeError):
+            _common.FP32_OUT_GEMM = False
+    out.copy_(gemm(out, a.float(), b.float(), beta=beta, alpha=alpha))
 
 
 def _fp32_out_candidate(acc, a) -> bool:

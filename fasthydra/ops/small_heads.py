@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from . import _common
-from ._common import cdiv, dot_precision, finished_count, small_heads_config, upcast_dot
+from ._common import cdiv, dot_precision, finished_count, small_grads_config, stored_grad_dtype, upcast_dot
 from .checks import after_launch, error_word
 from .hydra_kl import reduction_coefficient
 
@@ -21,7 +21,8 @@ from .hydra_kl import reduction_coefficient
 def small_heads_forward(inp, weight, bias, teacher, temperature: float, reduction: str, shared: bool, want_grad: bool,
                         cfg: dict):
     """Launch 1: per (row block, head group) the logits, loss rows and (want_grad) dz, stashed (B, M, C)
-    in the input dtype; for "mean"/"sum" the last program reduces the loss. Returns (loss, stash or None)."""
+    in the input dtype (fp32 for fp16 inputs, whose range dz = T (q - p) / (B M) leaves: stored_grad_dtype);
+    for "mean"/"sum" the last program reduces the loss. Returns (loss, stash or None)."""
     from fasthydra.kernels.small_heads import _small_heads_kl_kernel
 
     m, c, k = weight.shape
@@ -34,7 +35,7 @@ def small_heads_forward(inp, weight, bias, teacher, temperature: float, reductio
     grid1 = (cdiv(b, cfg["BLOCK_B"]), cdiv(m, cfg["HEADS"]))
     rows = torch.empty(b, m, dtype=torch.float32, device=dev)
     parts = torch.empty(grid1, dtype=torch.float32, device=dev)
-    stash = torch.empty(b, m, c, dtype=dt, device=dev) if want_grad else None
+    stash = torch.empty(b, m, c, dtype=stored_grad_dtype(dt), device=dev) if want_grad else None
     reduce = reduction != "none"
     out = torch.empty((), dtype=torch.float32, device=dev) if reduce else rows
     coef = reduction_coefficient(reduction, b * m)
@@ -56,7 +57,7 @@ def small_heads_backward(inp, weight, bias, stash, grad_loss, shared: bool, need
     """Launch 2 from the backward: dx, dW, db from launch 1's stash, times the upstream gradient grad_loss
     (a scalar tensor, read on the device). Returns (grad_in, grad_weight, grad_bias), None where not asked."""
     m, c, k = weight.shape
-    cfg = small_heads_config(inp.shape[0], m, c, k, inp.element_size())
+    cfg = small_grads_config(inp.shape[0], m, c, k, inp.element_size(), stash.element_size())
     return launch_small_grads(inp.contiguous(), weight.contiguous(), bias, stash, cfg, shared, need_in, need_w,
                               need_b and bias is not None, upstream=grad_loss.reshape(()).to(torch.float32))
 
@@ -79,15 +80,24 @@ def launch_small_grads(inp, weight, bias, stash, cfg: dict, shared: bool, need_i
     """Launch 2 of the small-step path (``_small_heads_grad_kernel``), after any first launch that left a
     (B, M, C) stash of dL/dz (contiguous, the input dtype): dW and db per (head, K block) over all rows,
     dx per (row block, K block). upstream: a scalar tensor the gradients are multiplied by on the device
-    (the backward's upstream gradient). Returns (grad_in, grad_weight, grad_bias), None where not asked."""
+    (the backward's upstream gradient). Returns (grad_in, grad_weight, grad_bias), None where not asked: in
+    the tensors' dtypes when scaled by upstream, else kept for a later scaling (stored_grad_dtype). An fp32
+    stash of 16-bit inputs takes its own blocks (small_grads_config, as the kernel report compiles them)."""
     from fasthydra.kernels.small_heads import _small_heads_grad_kernel
 
     m, c, k = weight.shape
     b = inp.shape[0]
     dt = inp.dtype
-    grad_in = torch.empty_like(inp) if need_in else None
-    grad_w = torch.empty_like(weight) if need_w else None
-    grad_b = torch.empty_like(bias) if need_b else None
+    if stash.element_size() > inp.element_size():
+        cfg = small_grads_config(b, m, c, k, inp.element_size(), stash.element_size())
+
+    def out_like(t):
+        return torch.empty(t.shape, dtype=t.dtype if upstream is not None else stored_grad_dtype(t.dtype),
+                           device=t.device)
+
+    grad_in = out_like(inp) if need_in else None
+    grad_w = out_like(weight) if need_w else None
+    grad_b = out_like(bias) if need_b else None
     n_kb = cdiv(k, cfg["BLOCK_K"])
     kb_w = cdiv(k, cfg["BLOCK_KW"]) if need_w else 1
     n_w = m * kb_w if (need_w or need_b) else 0
