@@ -60,14 +60,18 @@ def _check_heads(impl, b, d, m, classes, hidden, device="cpu"):
     _compare(head, eager, x, params, t, 2.0)
 
 
-@pytest.mark.parametrize("impl,small_step,classes", [
-    ("torch", "auto", 100),
-    pytest.param("triton", "0", 100, marks=pytest.mark.interpret),  # cuBLAS path: GEMMs around the loss kernel
-    pytest.param("triton", "auto", 40, marks=pytest.mark.interpret),  # the two-launch small step
-])
+@pytest.mark.parametrize("impl,small_step,classes,thin", [
+    pytest.param("torch", "auto", 100, False, marks=pytest.mark.cpu),
+    pytest.param("triton", "0", 100, False, marks=pytest.mark.interpret),  # cuBLAS GEMMs around the loss kernel
+    pytest.param("triton", "0", 100, True, marks=pytest.mark.interpret),  # the thin-heads kernel (THIN_HEADS)
+    pytest.param("triton", "auto", 40, False, marks=pytest.mark.interpret),  # the two-launch small step
+], ids=["torch", "cublas", "thin-heads", "small-step"])
 @pytest.mark.parametrize("hidden", [None, 8], ids=["linear", "mlp"])
-def test_fp16_gradients_under_a_loss_scale(monkeypatch, impl, small_step, classes, hidden):
+def test_fp16_gradients_under_a_loss_scale(monkeypatch, impl, small_step, classes, thin, hidden):
+    from fasthydra.ops import _common
+
     monkeypatch.setenv("FASTHYDRA_SMALL_STEP", small_step)
+    monkeypatch.setattr(_common, "THIN_HEADS", thin)
     _check_heads(impl, 512, 16, 8, classes, hidden)
 
 
@@ -81,7 +85,8 @@ def test_fp16_gradients_under_a_loss_scale_on_cuda(monkeypatch, small_step, b, c
     _check_heads("triton", b, 128, 8, classes, hidden, device="cuda")
 
 
-@pytest.mark.parametrize("impl,rows", [("torch", 512), pytest.param("triton", 512, marks=pytest.mark.interpret),
+@pytest.mark.parametrize("impl,rows", [pytest.param("torch", 512, marks=pytest.mark.cpu),
+                                       pytest.param("triton", 512, marks=pytest.mark.interpret),
                                        pytest.param("triton", 9000, marks=pytest.mark.interpret)],
                          ids=["torch", "triton-small-step", "triton-gemm"])
 def test_fp16_gaussian_gradients_under_a_loss_scale(impl, rows):
@@ -99,7 +104,8 @@ def test_fp16_gaussian_gradients_under_a_loss_scale(impl, rows):
     _compare(head, eager, x, params, tm, tv)
 
 
-@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=pytest.mark.interpret)])
+@pytest.mark.parametrize("impl", [pytest.param("torch", marks=pytest.mark.cpu),
+                                  pytest.param("triton", marks=pytest.mark.interpret)])
 @pytest.mark.parametrize("teacher_kind", ["requires-grad", "top-k"])
 def test_fp16_loss_on_logits_under_a_loss_scale(impl, teacher_kind):
     """hydra_kl_loss on fp16 logits where the op forms the gradients in the forward (a teacher that requires
