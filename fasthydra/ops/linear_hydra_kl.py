@@ -492,8 +492,8 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
                 gz = z3.view(br, gh * c)
                 if need_w:
                     if wide:
-                        _product32(gz.T, xc, coef, grad_w[h0:h1].view(gh * c, k) if acc is None else acc.view(gh * c, k),
-                                   accumulate=acc is not None and r0 > 0)
+                        into = grad_w[h0:h1] if acc is None else acc
+                        _product32(gz.T, xc, coef, into.view(gh * c, k), accumulate=acc is not None and r0 > 0)
                     elif acc is None:
                         torch.mm(gz.T, xc, out=grad_w[h0:h1].view(gh * c, k))
                     else:
