@@ -185,6 +185,12 @@ def small_heads_config(n_rows: int, n_heads: int, n_cols: int, k: int, elem_size
                 BLOCK_KW=16, BLOCK_J=SMALL_DX_BLOCK_J, num_warps=4)
 
 
+def empty_stored_grad(t: torch.Tensor) -> torch.Tensor:
+    """An empty gradient of t formed in the forward and scaled in the backward: t's shape, contiguous, in
+    stored_grad_dtype (also under fake tensors: torch.empty follows the mode)."""
+    return torch.empty(t.shape, dtype=stored_grad_dtype(t.dtype), device=t.device)
+
+
 def small_grads_config(n_rows: int, n_heads: int, n_cols: int, k: int, elem_size: int,
                        stash_elem_size: int) -> dict | None:
     """Blocks of launch 2 (the small-step gradient kernel) for inputs of elem_size bytes and a stash of dL/dz of

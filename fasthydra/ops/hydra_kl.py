@@ -19,14 +19,8 @@ from . import native
 from .checks import after_launch, error_word
 from . import _common
 from ._common import (TORCH_CHUNK_ELEMENTS, cdiv, compute_dtype, finished_count, kl_rows_config, next_pow2,
-                      rows_per_chunk, stored_grad_dtype)
-
-
-def _stored_like(t: torch.Tensor) -> torch.Tensor:
-    """An empty gradient of t formed in the forward and scaled in the backward: t's shape, contiguous, in
-    stored_grad_dtype (fp32 for fp16: the reduction coefficient would leave fp16's range before the loss scale
-    applies)."""
-    return torch.empty(t.shape, dtype=stored_grad_dtype(t.dtype), device=t.device)
+                      rows_per_chunk)
+from ._common import empty_stored_grad
 
 
 def reduction_coefficient(reduction: str, n_rows: int) -> float:
@@ -176,8 +170,8 @@ def hydra_kl_forward_torch(student, teacher, temperature: float, reduction: str,
     cdt = compute_dtype(student.dtype)
     rows = torch.empty(b, m, dtype=cdt, device=student.device)
     # kept for the backward's scaling: fp32 for fp16 tensors (stored_grad_dtype)
-    grad = _stored_like(student) if want_grad else None
-    tgrad = _stored_like(teacher) if want_tgrad else None
+    grad = empty_stored_grad(student) if want_grad else None
+    tgrad = empty_stored_grad(teacher) if want_tgrad else None
     idx = None if indices is None else indices.long()
     step = rows_per_chunk(b, m * c, TORCH_CHUNK_ELEMENTS)
     for r0 in range(0, b, step):
@@ -311,8 +305,8 @@ def hydra_kl_forward_triton(student, teacher, temperature: float, reduction: str
     if deferred:
         norms = torch.empty(b, m, 4, dtype=torch.float32, device=student.device)
     else:
-        grad = _stored_like(student) if want_grad else None
-        tgrad = _stored_like(teacher) if want_tgrad else None
+        grad = empty_stored_grad(student) if want_grad else None
+        tgrad = empty_stored_grad(teacher) if want_tgrad else None
     launch_kl_rows(student, teacher, loss, grad, temperature, grad_scale, op, tgrad, norms=norms, reduce_to=reduce_to)
     after_launch(student.device, op, teacher.shape)
     out = reduced if reduced is not None else reduce_rows(loss, reduction, loss.dtype)
@@ -403,8 +397,8 @@ def hydra_kl_topk_forward_triton(student, values, indices, temperature: float, r
     values = values if values.stride(-1) == 1 else values.contiguous()
     indices = indices if indices.stride(-1) == 1 else indices.contiguous()
     loss = torch.empty(b, m, dtype=torch.float32, device=student.device)
-    grad = _stored_like(student) if want_grad else None
-    tgrad = _stored_like(values) if want_tgrad else None
+    grad = empty_stored_grad(student) if want_grad else None
+    tgrad = empty_stored_grad(values) if want_tgrad else None
     launch_kl_rows_topk(student, values, indices, loss, grad, temperature, grad_scale, op, tgrad)
     after_launch(student.device, op, values.shape)
     return reduce_rows(loss, reduction, loss.dtype), grad, tgrad

@@ -113,8 +113,8 @@ def _hydra_kl_fake(student, teacher, temperature, reduction, want_grad, want_tgr
     loss = student.new_empty(_loss_shape(student.shape[:2], reduction), dtype=_compute_dtype(student))
     if _deferred(want_grad, want_tgrad, impl, teacher_indices):
         return (loss, student.new_empty((*student.shape[:2], 4), dtype=torch.float32), teacher.new_empty(_EMPTY))
-    return (loss, _kl._stored_like(student) if want_grad else student.new_empty(_EMPTY),
-            _kl._stored_like(teacher) if want_tgrad else teacher.new_empty(_EMPTY))
+    return (loss, _common.empty_stored_grad(student) if want_grad else student.new_empty(_EMPTY),
+            _common.empty_stored_grad(teacher) if want_tgrad else teacher.new_empty(_EMPTY))
 
 
 @_no_autocast
@@ -247,9 +247,7 @@ def _linear_hydra_kl_fake(inp, weight, bias, teacher, temperature, reduction, sh
 def _stored_fake(inp, weight, need_in: bool, need_w: bool, bias) -> tuple:
     """Fake (input, weight, bias) gradients of an op that stores them for the backward: in stored_grad_dtype
     (fp32 for fp16 tensors), the empty placeholder where not asked for (bias None: not asked)."""
-    def like(t):
-        return t.new_empty(t.shape, dtype=_common.stored_grad_dtype(t.dtype))
-
+    like = _common.empty_stored_grad
     return (like(inp) if need_in else inp.new_empty(_EMPTY), like(weight) if need_w else weight.new_empty(_EMPTY),
             like(bias) if bias is not None else weight.new_empty(_EMPTY))
 

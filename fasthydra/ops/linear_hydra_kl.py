@@ -24,6 +24,7 @@ from ._common import (
     TORCH_CHUNK_ELEMENTS,
     cdiv,
     compute_dtype,
+    empty_stored_grad,
     kl_rows_config,
     rows_per_chunk,
     small_heads_config,
@@ -412,7 +413,7 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
     reduce_to = None if reduced is None else (reduced, reduction_coefficient(reduction, b * m))
     # The group's logits, turned into dz in place (thin heads: dz alone, and nothing without a gradient)
     buf = torch.empty(min(rows, b) * heads * c, dtype=dt, device=dev) if want_grad or thin is None else None
-    grad_w = torch.empty(weight.shape, dtype=stored_grad_dtype(weight.dtype), device=dev) if need_w else None
+    grad_w = empty_stored_grad(weight) if need_w else None
     grad_b = torch.empty(m, c, dtype=torch.float32, device=dev) if need_b else None
     # dx: per-head inputs (MLP heads) get disjoint slices per group, so no accumulation; a shared input
     # sums over groups, in fp32 when there is more than one.
@@ -421,7 +422,7 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
         if shared and n_groups > 1:
             grad_in32 = torch.zeros(inp.shape, dtype=torch.float32, device=dev)
         else:
-            grad_in = torch.empty(inp.shape, dtype=stored_grad_dtype(dt), device=dev)
+            grad_in = empty_stored_grad(inp)
     # Bias and long rows (the dense, frozen teacher): the loss pass forms dz and db together (see
     # SPLIT_BIAS_PASS); the row normalisers between its two launches live in `norms`.
     split_bias = (want_grad and need_b and _common.SPLIT_BIAS_PASS and topk is None and grad_t is None and thin is None

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 
 from . import _common
-from ._common import cdiv, dot_precision, finished_count, small_grads_config, stored_grad_dtype, upcast_dot
+from ._common import (cdiv, dot_precision, empty_stored_grad, finished_count, small_grads_config, stored_grad_dtype,
+                      upcast_dot)
 from .checks import after_launch, error_word
 from .hydra_kl import reduction_coefficient
 
@@ -91,9 +92,8 @@ def launch_small_grads(inp, weight, bias, stash, cfg: dict, shared: bool, need_i
     if stash.element_size() > inp.element_size():
         cfg = small_grads_config(b, m, c, k, inp.element_size(), stash.element_size())
 
-    def out_like(t):
-        return torch.empty(t.shape, dtype=t.dtype if upstream is not None else stored_grad_dtype(t.dtype),
-                           device=t.device)
+    def out_like(t):  # scaled now: the tensor's dtype; else kept for the backward's scaling
+        return torch.empty_like(t) if upstream is not None else empty_stored_grad(t)
 
     grad_in = out_like(inp) if need_in else None
     grad_w = out_like(weight) if need_w else None
