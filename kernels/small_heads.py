@@ -197,8 +197,9 @@ def _small_heads_grad_kernel(
             tl.store(dw_ptr + m * (C * K) + cols[:, None] * K + ks[None, :], (acc * up).to(dw_ptr.dtype.element_ty),
                      mask=col_ok[:, None] & k_ok[None, :])
         if NEED_B:
-            tl.store(db_ptr + m * C + cols, (acc_b * up).to(db_ptr.dtype.element_ty),
-                     mask=col_ok & (pid % n_kblocks_w == 0))
+            if pid % n_kblocks_w == 0:  # one program per head writes db (a branch: Triton 3.9's interpreter
+                # makes an int32 mask of a tensor & scalar condition, which its store refuses)
+                tl.store(db_ptr + m * C + cols, (acc_b * up).to(db_ptr.dtype.element_ty), mask=col_ok)
     elif pid < n_w + n_x:
         q = pid - n_w
         ks = (q % n_kblocks) * BLOCK_K + tl.arange(0, BLOCK_K)
