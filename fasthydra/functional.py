@@ -136,6 +136,18 @@ def _warn_fallback_once(why: str) -> None:
                       "impl='triton' (or FASTHYDRA_IMPL=triton) runs the Triton kernels anyway.", stacklevel=3)
 
 
+def _forced_impl() -> str:
+    """FASTHYDRA_IMPL as set now; to torch.compile a constant of the traced program (dynamo before torch 2.5
+    broke the graph at a read of os.environ)."""
+    return os.environ.get("FASTHYDRA_IMPL", "").strip().lower()
+
+
+# What torch.compiler.assume_constant_result sets (torch 2.4 to 2.14 read it), set by hand: that decorator imports
+# torch._dynamo, about a second and 150 MiB, which an eager program must not pay. A torch that drops the attribute
+# traces the read itself, as 2.5 and later can.
+_forced_impl._dynamo_marked_constant = True
+
+
 def resolve_impl(impl: str, *tensors: torch.Tensor | None) -> str:
     """"auto" -> "triton" for CUDA tensors on an NVIDIA GPU of compute capability 8.0 or later with Triton
     3.6 or later (``_common.auto_fallback_reason``), else "torch" (with a warning, once per reason, where
@@ -148,14 +160,14 @@ def resolve_impl(impl: str, *tensors: torch.Tensor | None) -> str:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     present = [t for t in tensors if t is not None]
     if impl == "auto":
-        forced = os.environ.get("FASTHYDRA_IMPL", "").strip().lower()
+        forced = _forced_impl()
         if forced in ("torch", "triton"):
             impl = forced
         elif forced not in ("", "auto"):
             raise ValueError(f"FASTHYDRA_IMPL must be one of {IMPLS}, got {forced!r}")
         else:
-            on_cuda = bool(present) and all(t.is_cuda for t in present)
-            ok_dtype = all(t.dtype in _TRITON_DTYPES for t in present)
+            on_cuda = len(present) > 0 and all([t.is_cuda for t in present])  # no generator, no bool(list): dynamo < 2.5
+            ok_dtype = all([t.dtype in _TRITON_DTYPES for t in present])
             if not (on_cuda and ok_dtype and triton_available()):
                 return "torch"
             if torch.compiler.is_compiling():  # (a traced program skips the device query)
@@ -167,7 +179,7 @@ def resolve_impl(impl: str, *tensors: torch.Tensor | None) -> str:
     if impl == "triton":
         if not triton_available():
             raise ImplUnavailableError("impl='triton' needs the triton package, which does not import here")
-        if any(not t.is_cuda for t in present) and not interpreting():
+        if any([not t.is_cuda for t in present]) and not interpreting():
             raise ImplUnavailableError("impl='triton' on CPU tensors runs only under TRITON_INTERPRET=1 "
                                        "(set before triton is imported); use impl='torch' or CUDA tensors")
         bad = [t.dtype for t in present if t.dtype not in _TRITON_DTYPES]

@@ -10,7 +10,7 @@ import pytest
 
 BENCH = pathlib.Path(__file__).resolve().parents[1] / "bench"
 
-pytestmark = pytest.mark.cpu
+pytestmark = [pytest.mark.cpu, pytest.mark.kernels]
 
 
 def _without_interpreter() -> dict:

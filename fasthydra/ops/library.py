@@ -51,6 +51,17 @@ def _no_autocast(fn):
     return wrapper
 
 
+def _custom_op(name: str, fn):
+    """``torch.library.custom_op(name)`` over fn with its annotations evaluated: this module's are strings
+    (``from __future__ import annotations``), which torch before 2.5 cannot read into a schema."""
+    import inspect
+    import typing
+
+    inner = inspect.unwrap(fn)  # the signature torch reads is the wrapped function's
+    inner.__annotations__ = typing.get_type_hints(inner)
+    return custom_op(name, mutates_args=())(fn)
+
+
 def _none_to_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(_EMPTY) if t is None else t
 
@@ -105,7 +116,7 @@ def _deferred(want_grad: bool, want_tgrad: bool, impl: str, teacher_indices) -> 
             and _common.DEFER_KL_GRAD)
 
 
-hydra_kl = custom_op("fasthydra::hydra_kl", mutates_args=())(_hydra_kl_impl)
+hydra_kl = _custom_op("fasthydra::hydra_kl", _hydra_kl_impl)
 
 
 @register_fake("fasthydra::hydra_kl")
@@ -123,7 +134,7 @@ def _hydra_kl_grad_impl(student: torch.Tensor, teacher: torch.Tensor, norms: tor
     return _kl.hydra_kl_backward_triton(student, teacher, norms, grad_loss, temperature, reduction)
 
 
-hydra_kl_grad = custom_op("fasthydra::hydra_kl_grad", mutates_args=())(_hydra_kl_grad_impl)
+hydra_kl_grad = _custom_op("fasthydra::hydra_kl_grad", _hydra_kl_grad_impl)
 
 
 @register_fake("fasthydra::hydra_kl_grad")
@@ -227,7 +238,7 @@ def small_deferred_config(inp, weight, bias, reduction, need_in, need_w, need_b,
     return _lin.small_step_config(inp, weight, need_t, teacher_indices)
 
 
-linear_hydra_kl = custom_op("fasthydra::linear_hydra_kl", mutates_args=())(_linear_hydra_kl_impl)
+linear_hydra_kl = _custom_op("fasthydra::linear_hydra_kl", _linear_hydra_kl_impl)
 
 
 @register_fake("fasthydra::linear_hydra_kl")
@@ -303,7 +314,7 @@ def _small_heads_grads_impl(inp: torch.Tensor, weight: torch.Tensor, bias: torch
                                                    need_b), inp, weight)
 
 
-small_heads_grads = custom_op("fasthydra::small_heads_grads", mutates_args=())(_small_heads_grads_impl)
+small_heads_grads = _custom_op("fasthydra::small_heads_grads", _small_heads_grads_impl)
 
 
 @register_fake("fasthydra::small_heads_grads")
@@ -404,7 +415,7 @@ def _uncertainty_impl(logits: torch.Tensor, temperature: float, impl: str) -> tu
     return tuple(out)
 
 
-uncertainty = custom_op("fasthydra::uncertainty", mutates_args=())(_uncertainty_impl)
+uncertainty = _custom_op("fasthydra::uncertainty", _uncertainty_impl)
 
 
 @register_fake("fasthydra::uncertainty")
@@ -424,7 +435,7 @@ def _grouped_linear_impl(inp: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     return _gl.grouped_linear_forward(inp, weight, bias, shared, relu)
 
 
-grouped_linear = custom_op("fasthydra::grouped_linear", mutates_args=())(_grouped_linear_impl)
+grouped_linear = _custom_op("fasthydra::grouped_linear", _grouped_linear_impl)
 
 
 @register_fake("fasthydra::grouped_linear")
@@ -440,7 +451,7 @@ def _grouped_linear_backward_impl(grad_out: torch.Tensor, inp: torch.Tensor, wei
                                                    need_w, need_b), inp, weight)
 
 
-grouped_linear_backward = custom_op("fasthydra::grouped_linear_backward", mutates_args=())(_grouped_linear_backward_impl)
+grouped_linear_backward = _custom_op("fasthydra::grouped_linear_backward", _grouped_linear_backward_impl)
 
 
 @register_fake("fasthydra::grouped_linear_backward")
@@ -497,7 +508,7 @@ def _gaussian_heads_kl_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     return loss, _none_to_empty(g_x, x), _none_to_empty(g_w, weight), _none_to_empty(g_b, weight)
 
 
-gaussian_heads_kl = custom_op("fasthydra::gaussian_heads_kl", mutates_args=())(_gaussian_heads_kl_impl)
+gaussian_heads_kl = _custom_op("fasthydra::gaussian_heads_kl", _gaussian_heads_kl_impl)
 gaussian_deferred = _gauss.gaussian_deferred
 
 
