@@ -166,7 +166,8 @@ def resolve_impl(impl: str, *tensors: torch.Tensor | None) -> str:
         elif forced not in ("", "auto"):
             raise ValueError(f"FASTHYDRA_IMPL must be one of {IMPLS}, got {forced!r}")
         else:
-            on_cuda = len(present) > 0 and all([t.is_cuda for t in present])  # no generator, no bool(list): dynamo < 2.5
+            # lists, not generators, and len, not bool(list): dynamo before torch 2.5 broke the graph on those
+            on_cuda = len(present) > 0 and all([t.is_cuda for t in present])
             ok_dtype = all([t.dtype in _TRITON_DTYPES for t in present])
             if not (on_cuda and ok_dtype and triton_available()):
                 return "torch"
