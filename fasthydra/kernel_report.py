@@ -1,6 +1,6 @@
 """Ahead-of-time kernel report: compile every kernel for sm_80 and sm_90 without a GPU.
 
-    python -m fasthydra.kernel_report [--json FILE] [--arch 80 90 [100 ...]]
+    python -m fasthydra.kernel_report [--json FILE] [--arch 80 90 [100 ...]] [--jobs N]
 
 For every kernel, with the block configurations the launchers really pick at the benchmark shapes
 (the same config functions of ``fasthydra.ops._common``), this prints registers per thread, spills
@@ -387,16 +387,65 @@ def compile_one(fn, args, consts, opts, dtype, arch) -> KernelRecord:
     return rec
 
 
-def build_report(archs=(80, 90), progress: bool = True) -> list[KernelRecord]:
+_WORKER_SPECS = None
+
+
+def _compile_in_worker(job: tuple[int, int]) -> KernelRecord:
+    """Compile spec number i for one architecture in a worker process (a JITFunction does not pickle:
+    each worker builds the spec list once and the parent sends indices)."""
+    global _WORKER_SPECS
+    if _WORKER_SPECS is None:
+        _WORKER_SPECS = _kernel_specs()
+    i, arch = job
+    fn, args, consts, opts, dtype, _ = _WORKER_SPECS[i]
+    return compile_one(fn, args, consts, opts, dtype, arch)
+
+
+def default_jobs() -> int:
+    """Worker processes: one per CPU this process may run on (each compile is single-threaded: Triton's
+    passes, then ptxas and cuobjdump as child processes), at most 16."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        n = os.cpu_count() or 1
+    return max(1, min(n, 16))
+
+
+def build_report(archs=(80, 90), progress: bool = True, jobs: int | None = None) -> list[KernelRecord]:
+    """Every configuration compiled for every architecture in archs, in spec order. The compiles are
+    independent, so they run in `jobs` processes (default: one per CPU); on a cold Triton cache the
+    report is compile-bound (about 900 compiles for sm_80 and sm_90)."""
+    jobs = default_jobs() if jobs is None else jobs
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1, got {jobs}")
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("the kernel report compiles real kernels: unset TRITON_INTERPRET")
     specs = _kernel_specs()
-    records = []
-    for i, (fn, args, consts, opts, dtype, hopper) in enumerate(specs):
-        for arch in [a for a in archs if hopper is None or (a // 10 == 9) == hopper]:
+    work = [(i, arch) for i, (*_, hopper) in enumerate(specs)
+            for arch in archs if hopper is None or (arch // 10 == 9) == hopper]
+
+    def label(k: int, i: int, arch: int) -> str:
+        return f"[{k}/{len(work)}] sm_{arch} {specs[i][0].__name__} {specs[i][4]}"
+
+    if jobs == 1:
+        records = []
+        for k, (i, arch) in enumerate(work):
             if progress:
-                print(f"[{i + 1}/{len(specs)}] sm_{arch} {fn.__name__} {dtype}", file=sys.stderr, flush=True)
+                print(label(k + 1, i, arch), file=sys.stderr, flush=True)
+            fn, args, consts, opts, dtype, _ = specs[i]
             records.append(compile_one(fn, args, consts, opts, dtype, arch))
+        return records
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn, not fork: the parent has imported torch (thread pools) and Triton; a fresh interpreter is safe.
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        records = []
+        for k, rec in enumerate(pool.map(_compile_in_worker, work, chunksize=4)):
+            if progress:
+                i, arch = work[k]
+                print(label(k + 1, i, arch), file=sys.stderr, flush=True)
+            records.append(rec)
     return records
 
 
@@ -452,8 +501,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", metavar="FILE", help="also write the records as JSON")
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="compiler processes (default: one per CPU, at most 16)")
     args = parser.parse_args(argv)
-    records = build_report(tuple(args.arch))
+    if args.jobs is not None and args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
+    records = build_report(tuple(args.arch), jobs=args.jobs)
     print(format_table(records))
     if args.json:
         with open(args.json, "w") as f:

@@ -17,7 +17,7 @@ def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("report") / "kernels.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "fasthydra.kernel_report", "--json", str(out)],
-                          env=env, capture_output=True, text=True, timeout=600)
+                          env=env, capture_output=True, text=True, timeout=1800)
     records = json.loads(out.read_text())
     return proc, records
 
@@ -117,3 +117,22 @@ def test_untuned_architectures_must_compile_but_may_spill():
     assert problems([rec(100, **spill), rec(100, mma=False)]) == []
     assert len(problems([rec(90, **spill), rec(80, mma=False)])) == 2
     assert len(problems([rec(100, error="RuntimeError: PassManager::run failed")])) == 1
+
+
+def test_records_come_back_in_spec_order(report):
+    """The compiles run in worker processes (one per CPU): the records still come in the order of the specs,
+    each architecture after the other, as one process would write them."""
+    from fasthydra.kernel_report import _kernel_specs
+
+    _, records = report
+    expected = [(fn.__name__, arch, dtype, {**consts, **opts}) for fn, _, consts, opts, dtype, hopper in _kernel_specs()
+                for arch in (80, 90) if hopper is None or (arch == 90) == hopper]
+    assert [(r["kernel"], r["arch"], r["dtype"], r["config"]) for r in records] == expected
+
+
+@pytest.mark.parametrize("jobs", [0, -2])
+def test_report_refuses_fewer_than_one_job(jobs):
+    from fasthydra.kernel_report import build_report
+
+    with pytest.raises(ValueError, match="jobs"):
+        build_report(jobs=jobs)
