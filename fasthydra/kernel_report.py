@@ -396,9 +396,12 @@ def _compile_in_worker(job: tuple[int, int]) -> KernelRecord:
     global _WORKER_SPECS
     if _WORKER_SPECS is None:
         _WORKER_SPECS = _kernel_specs()
-    i, arch = job
-    fn, args, consts, opts, dtype, _ = _WORKER_SPECS[i]
-    return compile_one(fn, args, consts, opts, dtype, arch)
+    return _compile_spec(_WORKER_SPECS, job)
+
+
+def _compile_spec(specs: list, job: tuple[int, int]) -> KernelRecord:
+    fn, args, consts, opts, dtype, _ = specs[job[0]]
+    return compile_one(fn, args, consts, opts, dtype, job[1])
 
 
 def default_jobs() -> int:
@@ -424,27 +427,22 @@ def build_report(archs=(80, 90), progress: bool = True, jobs: int | None = None)
     work = [(i, arch) for i, (*_, hopper) in enumerate(specs)
             for arch in archs if hopper is None or (arch // 10 == 9) == hopper]
 
-    def label(k: int, i: int, arch: int) -> str:
-        return f"[{k}/{len(work)}] sm_{arch} {specs[i][0].__name__} {specs[i][4]}"
-
-    if jobs == 1:
-        records = []
-        for k, (i, arch) in enumerate(work):
-            if progress:
-                print(label(k + 1, i, arch), file=sys.stderr, flush=True)
-            fn, args, consts, opts, dtype, _ = specs[i]
-            records.append(compile_one(fn, args, consts, opts, dtype, arch))
-        return records
+    import contextlib
+    import functools
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    # spawn, not fork: the parent has imported torch (thread pools) and Triton; a fresh interpreter is safe.
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with contextlib.ExitStack() as stack:
+        if jobs == 1:
+            results = map(functools.partial(_compile_spec, specs), work)
+        else:  # spawn, not fork: the parent has imported torch (thread pools) and Triton
+            pool = stack.enter_context(ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")))
+            results = pool.map(_compile_in_worker, work, chunksize=4)
         records = []
-        for k, rec in enumerate(pool.map(_compile_in_worker, work, chunksize=4)):
+        for k, ((i, arch), rec) in enumerate(zip(work, results)):
             if progress:
-                i, arch = work[k]
-                print(label(k + 1, i, arch), file=sys.stderr, flush=True)
+                print(f"[{k + 1}/{len(work)}] sm_{arch} {specs[i][0].__name__} {specs[i][4]}", file=sys.stderr,
+                      flush=True)
             records.append(rec)
     return records
 
