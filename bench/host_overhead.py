@@ -98,10 +98,12 @@ def install_stand_ins(mode: str) -> None:
 
 
 def cases(rows: int = 32) -> dict:
-    """name -> (step, parameters whose .grad is reset): tiny shapes on the small-step paths (the host
-    cost does not depend on the shape; torch ops that a GPU would only launch compute here, so they are kept
-    tiny)."""
+    """name -> (step, parameters whose .grad is reset): tiny shapes on the small-step paths, and on the cuBLAS
+    path (C past the small step's class limit: the path of the host-bound mid and large-C cases on the device
+    machine). The host cost does not depend on the shape; torch ops that a GPU would only launch compute here,
+    so they are kept tiny."""
     from fasthydra import GaussianHydraHead, HydraHead, hydra_kl_loss, uncertainty
+    from fasthydra.ops._common import SMALL_MAX_CLASSES
 
     g = torch.Generator().manual_seed(0)
     d, m, c = 32, 10, 10
@@ -112,6 +114,11 @@ def cases(rows: int = 32) -> dict:
     gauss = GaussianHydraHead(d, 1, m, impl="triton")
     mean, var = torch.randn(rows, m, 1, generator=g), torch.rand(rows, m, 1, generator=g) + 0.5
     z = torch.randn(rows, m, c, generator=g, requires_grad=True)
+    wide_c = SMALL_MAX_CLASSES + 1  # the cuBLAS path: heads GEMMs in torch around the loss kernel
+    t_wide = torch.randn(4, 2, wide_c, generator=g)
+    x_wide = torch.randn(4, 8, generator=g)
+    linear_wide = HydraHead(8, wide_c, 2, impl="triton")
+    mlp_wide = HydraHead(8, wide_c, 2, hidden_features=8, impl="triton")
 
     class Floor(torch.autograd.Function):
         @staticmethod
@@ -135,6 +142,10 @@ def cases(rows: int = 32) -> dict:
         "linear heads fwd+bwd": (lambda: linear.distill_loss(x, t, 2.0).backward(), list(linear.parameters())),
         "linear heads fwd (no_grad)": (no_grad_step(lambda: linear.distill_loss(x, t, 2.0)), []),
         "MLP heads fwd+bwd": (lambda: mlp.distill_loss(x, t, 2.0).backward(), list(mlp.parameters())),
+        "linear heads fwd+bwd, cuBLAS path": (lambda: linear_wide.distill_loss(x_wide, t_wide, 2.0).backward(),
+                                              list(linear_wide.parameters())),
+        "MLP heads fwd+bwd, cuBLAS path": (lambda: mlp_wide.distill_loss(x_wide, t_wide, 2.0).backward(),
+                                           list(mlp_wide.parameters())),
         "loss on logits fwd+bwd": (lambda: hydra_kl_loss(z, t, 2.0, impl="triton").backward(), [z]),
         "Gaussian heads fwd+bwd": (lambda: gauss.distill_loss(x, mean, var).backward(), list(gauss.parameters())),
         "uncertainty": (no_grad_step(lambda: uncertainty(z.detach(), impl="triton")), []),

@@ -40,7 +40,7 @@ def test_steps_go_through_tritons_launch_code():
             return real_binder(self)
 
         JITFunction.create_binder = create_binder
-        for name in ("linear heads fwd+bwd", "loss on logits fwd+bwd"):
+        for name in ("linear heads fwd+bwd", "loss on logits fwd+bwd", "linear heads fwd+bwd, cuBLAS path"):
             step, _ = H.cases()[name]
             step()
             seen.clear()
@@ -56,6 +56,8 @@ def test_steps_go_through_tritons_launch_code():
         out[mode] = proc.stdout
     assert "linear heads fwd+bwd ['_small_heads_grad_kernel', '_small_heads_kl_kernel']" in out["triton"]
     assert "loss on logits fwd+bwd ['_hydra_kl_fwd_kernel', '_hydra_kl_grad_kernel']" in out["triton"]
+    # the wider case takes the cuBLAS path (its GEMMs are torch calls), the loss kernel its one launch
+    assert "linear heads fwd+bwd, cuBLAS path ['_hydra_kl_fwd_kernel']" in out["triton"]
     assert "binders 4" in out["triton"]  # one per kernel and device
     assert "linear heads fwd+bwd ['_small_heads_grad_kernel', '_small_heads_kl_kernel']" in out["stubbed"]
     assert "binders 0" in out["stubbed"]
@@ -68,7 +70,8 @@ def test_table_has_every_case():
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in proc.stdout.splitlines()
             if line.startswith("| ") and "---" not in line and "case" not in line}
     assert set(rows) == {"autograd floor", "linear heads fwd+bwd", "linear heads fwd (no_grad)", "MLP heads fwd+bwd",
-                         "loss on logits fwd+bwd", "Gaussian heads fwd+bwd", "uncertainty"}
+                         "loss on logits fwd+bwd", "Gaussian heads fwd+bwd", "uncertainty",
+                         "linear heads fwd+bwd, cuBLAS path", "MLP heads fwd+bwd, cuBLAS path"}
     calls = {name: int(cols[2].strip(" |")) for name, cols in rows.items()}
     assert all(float(cols[0]) > 0 and float(cols[1]) > 0 for cols in rows.values())
     # the fused steps do more than autograd alone, and evaluation less than training
