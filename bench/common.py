@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import gc
 import importlib
+import importlib.util
 import math
 import os
 import statistics
@@ -99,9 +100,7 @@ def provider_available(provider: str, device: str) -> str | None:
     if provider == "liger":
         if device != "cuda":
             return "liger-kernel runs on CUDA only"
-        try:
-            import liger_kernel  # noqa: F401
-        except Exception:
+        if importlib.util.find_spec("liger_kernel") is None:
             return "liger-kernel is not installed"
     return None
 

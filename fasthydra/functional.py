@@ -348,9 +348,9 @@ def _hinton_topk(z, student_logits, teacher: TopKTeacher, temperature, reduction
         flag_topk_teacher(values, indices, c, "hinton_kl_loss")
     impl = resolve_impl(impl, student_logits, values)
     cdt = torch.float64 if values.dtype == torch.float64 else torch.float32
-    m = values.shape[1]
-    p = torch.softmax(values.to(cdt) / temperature, dim=-1).reshape(b, -1) / m
-    pbar = torch.zeros(b, c, dtype=cdt, device=values.device).scatter_add(1, indices.long().reshape(b, -1), p)
+    m, k = values.shape[1:]
+    p = torch.softmax(values.to(cdt) / temperature, dim=-1).reshape(b, m * k) / m  # (explicit sizes: B may be 0)
+    pbar = torch.zeros(b, c, dtype=cdt, device=values.device).scatter_add(1, indices.long().reshape(b, m * k), p)
     kept = pbar > 0  # log only where pbar > 0: the other branch's gradient would be 0 * inf
     log_pbar = torch.where(kept, torch.log(torch.where(kept, pbar, 1.0)), float("-inf"))
     return _hinton_on_target(z, (temperature * log_pbar).unsqueeze(1), temperature, reduction, impl)

@@ -160,6 +160,30 @@ def test_hinton_with_a_topk_teacher_targets_the_mean_of_the_sparse_members(impl)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_empty_batch_with_a_topk_teacher(impl, reduction):
+    """B = 0 with a top-k teacher (the Hinton loss used to fail here: its (B, M*k) reshape was written
+    (B, -1), which a zero B leaves undetermined): a zero loss for "mean"/"sum", (0, ...) rows for "none",
+    gradients of the inputs' shapes, for the loss on logits, the Hinton loss and the fused heads."""
+    b, m, c, k = 0, 3, 10, 4
+    teacher = TopKTeacher(torch.randn(b, m, k, requires_grad=True), torch.zeros(b, m, k, dtype=torch.int64))
+    z = torch.randn(b, m, c, requires_grad=True)
+    head = HydraHead(6, c, m, impl=impl)
+    x = torch.randn(b, 6, requires_grad=True)
+    cases = {"hydra_kl_loss": (hydra_kl_loss(z, teacher, 2.0, reduction, impl=impl), (b, m), [z, teacher.values]),
+             "hinton_kl_loss": (hinton_kl_loss(z[:, 0], teacher, 2.0, reduction, impl=impl), (b,),
+                                [z, teacher.values]),
+             "distill_loss": (head.distill_loss(x, teacher, 2.0, reduction), (b, m), [x, *params_of(head)])}
+    for name, (loss, rows, inputs) in cases.items():
+        assert loss.shape == (rows if reduction == "none" else ()), name
+        if reduction != "none":
+            assert loss.item() == 0.0, name
+        grads = torch.autograd.grad(loss.sum(), inputs, allow_unused=True)
+        for inp, g in zip(inputs, grads):
+            assert g is None or (g.shape == inp.shape and not g.any()), name
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_the_library_never_makes_the_teacher_dense(monkeypatch, impl):
     def refuse(self, num_classes):
         raise AssertionError("a dense teacher was built")
