@@ -52,12 +52,20 @@ def _check_tensor(name: str, value, ndims: tuple[int, ...] | None = None) -> tor
     return value
 
 
+# Temperatures whose square and inverse float32 holds with room to spare (past them a step raised a
+# RuntimeError from a float32 scalar, or returned NaN: T^2 * KL with T^2 = inf).
+TEMPERATURE_RANGE = (2.0**-64, 2.0**63)
+
+
 def _check_temperature(temperature) -> float:
     if isinstance(temperature, bool) or not isinstance(temperature, Real):
         raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
     temperature = float(temperature)
     if not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    if not TEMPERATURE_RANGE[0] <= temperature <= TEMPERATURE_RANGE[1]:
+        raise ValueError(f"temperature must lie in [2^-64, 2^63] (its square and inverse are float32 factors of the "
+                         f"loss and gradient), got {temperature}")
     return temperature
 
 
@@ -101,8 +109,15 @@ def _teacher_parts(teacher):
     return (teacher.values, teacher.indices) if isinstance(teacher, TopKTeacher) else (teacher, None)
 
 
+def _check_extent(name: str, tensor: torch.Tensor, dim: int, what: str) -> None:
+    """A softmax over no classes (or a mean over no members) is undefined: a ValueError, not NaN rows."""
+    if tensor.shape[dim] == 0:
+        raise ValueError(f"{name} must have at least one {what}, got shape {tuple(tensor.shape)}")
+
+
 def _check_logit_pair(student, teacher, student_name="student_logits", teacher_name="teacher_logits"):
     _check_tensor(student_name, student, (3,))
+    _check_extent(student_name, student, 2, "class (C >= 1)")
     if isinstance(teacher, TopKTeacher):
         _check_topk(teacher, student.shape[0], student.shape[1], student.shape[2], {student_name: student},
                     teacher_name)
@@ -240,7 +255,9 @@ def hydra_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
     Args:
         student_logits: head logits z, (B, M, C), floating.
         teacher_logits: member logits t, (B, M, C), floating, same device; NaN/+Inf not allowed.
-        temperature: T > 0. The T^2 factor keeps gradient size independent of T.
+        temperature: T > 0, at most 2^63 and at least 2^-64 (else a ValueError). The T^2 factor keeps
+            gradient size independent of T. Past T of about 1e3 the loss value (KL of order 1 / T^2)
+            loses its digits to float32 rounding, as eager's does; the gradient keeps them.
         reduction: "mean" (over B*M; 0 for an empty batch), "sum", or "none" -> (B, M).
         impl: "auto" | "triton" | "torch".
     Shapes: (B, M, C), (B, M, C) -> () or (B, M).
@@ -300,10 +317,12 @@ def hinton_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
     if student_logits.dim() == 3 and student_logits.shape[1] != 1:
         raise ValueError(f"student_logits must be (B, C) or (B, 1, C) for the Hinton loss, got "
                          f"{tuple(student_logits.shape)}")
+    _check_extent("student_logits", student_logits, -1, "class (C >= 1)")
     z = student_logits if student_logits.dim() == 3 else student_logits.unsqueeze(1)
     if isinstance(teacher_logits, TopKTeacher):
         return _hinton_topk(z, student_logits, teacher_logits, temperature, reduction, impl)
     _check_tensor("teacher_logits", teacher_logits, (3,))
+    _check_extent("teacher_logits", teacher_logits, 1, "member (M >= 1) to average")
     if z.shape[0] != teacher_logits.shape[0] or z.shape[2] != teacher_logits.shape[2]:
         raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
                          f"{tuple(teacher_logits.shape)} must agree in batch B and classes C")
@@ -340,6 +359,7 @@ def _hinton_topk(z, student_logits, teacher: TopKTeacher, temperature, reduction
     M), then the dense single-head kernel runs; the values get their gradient through it."""
     b, _, c = z.shape
     _check_tensor("teacher_logits.values", teacher.values, (3,))  # before its M is read
+    _check_extent("teacher_logits.values", teacher.values, 1, "member (M >= 1) to average")
     values, indices = _check_topk(teacher, b, teacher.values.shape[1], c, {"student_logits": student_logits})
     temperature = _check_temperature(temperature)
     reduction = _check_reduction(reduction)
@@ -579,8 +599,8 @@ def uncertainty(logits: torch.Tensor, temperature: float = 1.0, impl: str = "aut
     """
     _check_tensor("logits", logits, (3,))
     temperature = _check_temperature(temperature)
-    if logits.shape[1] == 0:
-        raise ValueError(f"logits must have at least one head, got shape {tuple(logits.shape)}")
+    _check_extent("logits", logits, 1, "head")
+    _check_extent("logits", logits, 2, "class (C >= 1)")
     impl = resolve_impl(impl, logits)
     return Uncertainty(*_ops.uncertainty_call(logits.detach(), temperature, impl))
 

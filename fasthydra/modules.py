@@ -143,7 +143,8 @@ class HydraHead(nn.Module):
                 raise ValueError(f"teacher_logits (top-k) must have shape {(*lead, self.num_heads)} + (k,) for x "
                                  f"{tuple(x.shape)} and this head (M={self.num_heads}); got {tuple(values.shape)}")
             k = values.shape[-1]
-            t2 = TopKTeacher(values.reshape(-1, self.num_heads, k), indices.reshape(-1, self.num_heads, k))
+            rows = x2.shape[0]  # (not -1: with k = 0 the functional check below must see it, not reshape)
+            t2 = TopKTeacher(values.reshape(rows, self.num_heads, k), indices.reshape(rows, self.num_heads, k))
         else:
             F_h._check_tensor("teacher_logits", teacher_logits)
             want = (*lead, self.num_heads, self.num_classes)

@@ -92,6 +92,8 @@ def test_empty_batch_is_zero_loss_with_empty_grad():
     (g,) = torch.autograd.grad(loss, z)
     assert g.shape == (0, 3, 7)
     assert hydra_kl_loss(z, t, 2.0, reduction="none", impl="torch").shape == (0, 3)
+    no_heads = torch.randn(4, 0, 7, requires_grad=True)  # M = 0: no (b, m) rows either
+    assert hydra_kl_loss(no_heads, torch.randn(4, 0, 7), 2.0, impl="torch").item() == 0.0
 
 
 def test_non_contiguous_inputs():

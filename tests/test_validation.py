@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fasthydra import HydraHead, hinton_kl_loss, hydra_kl_loss, uncertainty
+from fasthydra import HydraHead, TopKTeacher, hinton_kl_loss, hydra_kl_loss, uncertainty
 from fasthydra.functional import resolve_impl
 
 pytestmark = pytest.mark.cpu
@@ -41,7 +41,7 @@ def test_shape_mismatch(no_kernels, student, teacher, match):
         hydra_kl_loss(student, teacher)
 
 
-@pytest.mark.parametrize("temperature", [0.0, -1.0, float("inf"), float("nan")])
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("inf"), float("nan"), 1e-40, 1e40, 2.0**63 * 1.01])
 def test_bad_temperature_value(no_kernels, temperature):
     with pytest.raises(ValueError, match="temperature"):
         hydra_kl_loss(Z, Z, temperature)
@@ -121,6 +121,26 @@ def test_hinton_shapes(no_kernels):
         hinton_kl_loss(torch.randn(4, 3, 5), t)
     with pytest.raises(ValueError, match="batch B and classes C"):
         hinton_kl_loss(torch.randn(4, 6), t)
+
+
+def test_no_classes_or_no_members(no_kernels):
+    """A softmax over no classes, or a mean over no members, is undefined: a ValueError naming the
+    argument (the ops returned NaN or a mix of 0 and NaN before), also through the module with k = 0."""
+    with pytest.raises(ValueError, match=r"student_logits must have at least one class"):
+        hydra_kl_loss(torch.randn(4, 3, 0), torch.randn(4, 3, 0))
+    with pytest.raises(ValueError, match=r"student_logits must have at least one class"):
+        hinton_kl_loss(torch.randn(4, 0), torch.randn(4, 3, 0))
+    with pytest.raises(ValueError, match=r"teacher_logits must have at least one member"):
+        hinton_kl_loss(torch.randn(4, 5), torch.randn(4, 0, 5))
+    with pytest.raises(ValueError, match=r"teacher_logits.values must have at least one member"):
+        hinton_kl_loss(torch.randn(4, 5), TopKTeacher(torch.randn(4, 0, 2), torch.zeros(4, 0, 2, dtype=torch.long)))
+    with pytest.raises(ValueError, match=r"logits must have at least one class"):
+        uncertainty(torch.randn(4, 3, 0))
+    with pytest.raises(ValueError, match=r"logits must have at least one head"):
+        uncertainty(torch.randn(4, 0, 5))
+    with pytest.raises(ValueError, match=r"1 <= k <= C"):
+        HydraHead(8, 5, 3).distill_loss(torch.randn(4, 8), TopKTeacher(torch.randn(4, 3, 0),
+                                                                        torch.zeros(4, 3, 0, dtype=torch.long)))
 
 
 def test_module_input_errors(no_kernels):
