@@ -625,6 +625,72 @@ def _check_head_case(head, x, t):
         assert_close_to(head.distill_loss(x, t, temperature=1.5), loss_ref, rtol=2e-6)
 
 
+def _odd_layout(t: torch.Tensor) -> torch.Tensor:
+    """t's values in a view with stride 2 along its last dimension (a slice of a wider tensor)."""
+    wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
+    view = wide[..., ::2]
+    view.copy_(t)
+    return view.requires_grad_(t.requires_grad)
+
+
+@pytest.mark.parametrize("hidden", [None, 5], ids=["linear", "mlp"])
+@pytest.mark.parametrize("path", ["small", "cublas", "thin", "split-bias"])
+def test_fused_functionals_take_parameters_in_any_layout(monkeypatch, hidden, path):
+    """linear_hydra_kl_loss / mlp_hydra_kl_loss with every tensor a strided view (bias, weights, x and the
+    teacher with stride 2 along their last dimension), on every heads path, against float64: loss and
+    gradients, the gradients in their parameters' shapes. The MLP heads' bias added by the loss kernel was
+    read with unit stride along C, so a strided bias gave wrong losses there (the module's own parameters
+    are contiguous, the functionals' arguments need not be)."""
+    from fasthydra.functional import linear_hydra_kl_loss, mlp_hydra_kl_loss
+
+    import fasthydra.ops.linear_hydra_kl as lk
+    import fasthydra.ops.small_heads as small_heads_ops
+
+    use_heads_path(monkeypatch, "small" if path == "small" else "cublas")
+    monkeypatch.setattr(_common, "THIN_HEADS", path == "thin")
+    if path == "split-bias":  # rows walked in tiles: the loss pass forms db with dz
+        monkeypatch.setattr(_common, "MAX_BLOCK_C", 16)
+        monkeypatch.setattr(_common, "ROW_TILE_MAX", 16)
+    ran = []  # the path's own launcher, seen to run
+    spied = {"small": "small_heads_forward", "cublas": "launch_kl_rows", "thin": "launch_thin_heads_kl",
+             "split-bias": "launch_kl_grad_cols"}[path]
+    home = small_heads_ops if path == "small" else lk
+    real = getattr(home, spied)
+    monkeypatch.setattr(home, spied, lambda *a, **k: ran.append(spied) or real(*a, **k))
+    precision = torch.get_float32_matmul_precision()
+    if path == "thin":  # fp32 takes the thin path with TF32 dots allowed only (the interpreter's are exact)
+        torch.set_float32_matmul_precision("high")
+    b, d, m, c = 9, 12, 3, 40
+    gen = torch.Generator().manual_seed(5)
+    params = {"hidden_weight": torch.randn(m, hidden or 1, d, generator=gen), "hidden_bias": torch.randn(m, hidden or 1,
+                                                                                                       generator=gen),
+              "weight": torch.randn(m, c, hidden or d, generator=gen), "bias": torch.randn(m, c, generator=gen) * 3}
+    if hidden is None:
+        del params["hidden_weight"], params["hidden_bias"]
+    x = torch.randn(b, d, generator=gen)
+    t = teacher_logits(b, m, c)
+    odd = {k: _odd_layout(v.requires_grad_()) for k, v in {"x": x, **params}.items()}
+    args = [odd[k] for k in ("x", "hidden_weight", "hidden_bias", "weight", "bias") if k in odd]
+    fused = mlp_hydra_kl_loss if hidden else linear_hydra_kl_loss
+    try:
+        loss = fused(*args, _odd_layout(t), 1.5, impl="triton")
+        grads = torch.autograd.grad(loss * 0.7, args)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    assert ran, f"{spied} did not run"
+    ref = {k: v.detach().double().requires_grad_() for k, v in {"x": x, **params}.items()}
+    if hidden:
+        z = R.mlp_heads_ref(ref["x"], ref["hidden_weight"], ref["hidden_bias"], ref["weight"], ref["bias"])
+    else:
+        z = R.linear_heads_ref(ref["x"], ref["weight"], ref["bias"])
+    loss_ref = R.hydra_kl_loss_ref(z, t.double(), 1.5)
+    names = [k for k in ("x", "hidden_weight", "hidden_bias", "weight", "bias") if k in odd]
+    grads_ref = torch.autograd.grad(loss_ref * 0.7, [ref[k] for k in names])
+    assert_close_to(loss, loss_ref, rtol=2e-6, atol=1e-7, what="loss")
+    for name, g, g_ref in zip(names, grads, grads_ref):
+        assert_close_to(g, g_ref, rtol=1e-5, atol=1e-8, what=name)
+
+
 def test_cublas_path_groups_of_heads_are_what_runs(monkeypatch):
     """Guard against a silent fallback: with a budget of two heads the loss kernel runs once per group."""
     import fasthydra.ops.linear_hydra_kl as lk

@@ -382,6 +382,8 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
     b = inp.shape[0]
     dev, dt = inp.device, inp.dtype
     weight = weight.contiguous()
+    if bias is not None and bias.stride(-1) != 1:  # the loss kernels read a bias row with unit stride along C
+        bias = bias.contiguous()
     teacher = teacher if teacher.stride(-1) == 1 else teacher.contiguous()
     topk = None
     if teacher_indices is not None:
