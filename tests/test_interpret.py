@@ -625,22 +625,29 @@ def _check_head_case(head, x, t):
         assert_close_to(head.distill_loss(x, t, temperature=1.5), loss_ref, rtol=2e-6)
 
 
-def _odd_layout(t: torch.Tensor) -> torch.Tensor:
-    """t's values in a view with stride 2 along its last dimension (a slice of a wider tensor)."""
+def _odd_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """t's values in a view with stride 2 along its last dimension (a slice of a wider tensor), or dense
+    with its dimensions' order reversed in memory (a transposed bias, a permuted weight)."""
+    if layout == "permuted":
+        order = list(reversed(range(t.dim())))
+        return t.detach().permute(order).contiguous().permute(order).requires_grad_(t.requires_grad)
     wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
     view = wide[..., ::2]
     view.copy_(t)
     return view.requires_grad_(t.requires_grad)
 
 
+@pytest.mark.parametrize("layout", ["strided", "permuted"])
 @pytest.mark.parametrize("hidden", [None, 5], ids=["linear", "mlp"])
 @pytest.mark.parametrize("path", ["small", "cublas", "thin", "split-bias"])
-def test_fused_functionals_take_parameters_in_any_layout(monkeypatch, hidden, path):
-    """linear_hydra_kl_loss / mlp_hydra_kl_loss with every tensor a strided view (bias, weights, x and the
-    teacher with stride 2 along their last dimension), on every heads path, against float64: loss and
-    gradients, the gradients in their parameters' shapes. The MLP heads' bias added by the loss kernel was
-    read with unit stride along C, so a strided bias gave wrong losses there (the module's own parameters
-    are contiguous, the functionals' arguments need not be)."""
+def test_fused_functionals_take_parameters_in_any_layout(monkeypatch, hidden, path, layout):
+    """linear_hydra_kl_loss / mlp_hydra_kl_loss with every tensor in an odd layout (bias, weights, x and the
+    teacher with stride 2 along their last dimension, or dense with their dimensions reversed in memory),
+    on every heads path, against float64: loss and gradients. Found by a randomized sweep (the module's
+    own parameters are contiguous, the functionals' arguments need not be): the MLP heads' bias added by
+    the loss kernel and the thin-heads kernel read a bias with unit stride along C (wrong losses); the
+    small step's bias gradient and the first MLP layer's weight gradient were allocated in their
+    parameter's layout and written as if contiguous (a transposed db; a view error)."""
     from fasthydra.functional import linear_hydra_kl_loss, mlp_hydra_kl_loss
 
     import fasthydra.ops.linear_hydra_kl as lk
@@ -669,11 +676,11 @@ def test_fused_functionals_take_parameters_in_any_layout(monkeypatch, hidden, pa
         del params["hidden_weight"], params["hidden_bias"]
     x = torch.randn(b, d, generator=gen)
     t = teacher_logits(b, m, c)
-    odd = {k: _odd_layout(v.requires_grad_()) for k, v in {"x": x, **params}.items()}
+    odd = {k: _odd_layout(v.requires_grad_(), layout) for k, v in {"x": x, **params}.items()}
     args = [odd[k] for k in ("x", "hidden_weight", "hidden_bias", "weight", "bias") if k in odd]
     fused = mlp_hydra_kl_loss if hidden else linear_hydra_kl_loss
     try:
-        loss = fused(*args, _odd_layout(t), 1.5, impl="triton")
+        loss = fused(*args, _odd_layout(t, layout), 1.5, impl="triton")
         grads = torch.autograd.grad(loss * 0.7, args)
     finally:
         torch.set_float32_matmul_precision(precision)

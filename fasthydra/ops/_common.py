@@ -7,7 +7,6 @@ launchers call them, and ``fasthydra.kernel_report`` compiles exactly what they 
 from __future__ import annotations
 
 import functools
-import importlib
 import os
 import threading
 
@@ -206,10 +205,10 @@ def small_grads_config(n_rows: int, n_heads: int, n_cols: int, k: int, elem_size
 def triton_available() -> bool:
     """Triton imports here (it may not on some platforms)."""
     try:
-        importlib.import_module("triton")
+        import triton
     except Exception:  # pragma: no cover - depends on the platform
         return False
-    return True
+    return triton is not None  # (a plain import statement: dynamo traces it, not importlib.import_module)
 
 
 def interpreting() -> bool:

@@ -70,7 +70,7 @@ def heads_backward(grad_out, inp, weight, shared: bool, need_input: bool, need_w
             grouped_mm(grad_out.permute(1, 0, 2), weight, grad_in.permute(1, 0, 2))
     grad_w = None
     if need_weight:
-        grad_w = torch.empty_like(weight)
+        grad_w = weight.new_empty(weight.shape)  # contiguous whatever weight's layout (viewed as (1, M*N, K) below)
         if shared:
             grouped_mm(grad_out.reshape(1, b, m * n).transpose(1, 2), inp.unsqueeze(0), grad_w.view(1, m * n, k))
         else:

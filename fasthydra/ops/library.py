@@ -139,7 +139,7 @@ hydra_kl_grad = _custom_op("fasthydra::hydra_kl_grad", _hydra_kl_grad_impl)
 
 @register_fake("fasthydra::hydra_kl_grad")
 def _hydra_kl_grad_fake(student, teacher, norms, grad_loss, temperature, reduction):
-    return torch.empty_like(student)
+    return student.new_empty(student.shape)  # contiguous, as the launcher's (not student's layout)
 
 
 def _absent(stored: torch.Tensor) -> bool:
@@ -251,7 +251,7 @@ def _linear_hydra_kl_fake(inp, weight, bias, teacher, temperature, reduction, sh
                 weight.new_empty(_EMPTY),
                 weight.new_empty(_EMPTY), teacher.new_empty(_EMPTY))
     g_in, g_w, g_b = _stored_fake(inp, weight, need_in, need_w, bias if need_b else None)
-    g_t = torch.empty_like(teacher) if need_t else teacher.new_empty(_EMPTY)
+    g_t = teacher.new_empty(teacher.shape) if need_t else teacher.new_empty(_EMPTY)
     return loss, g_in, g_w, g_b, g_t
 
 
@@ -329,8 +329,8 @@ def _grads_out(g_in, g_w, g_b, inp, weight):
 
 def _grads_fake(inp, weight, need_in: bool, need_w: bool, bias_shape):
     """Fake outputs of such an op: input- and weight-shaped gradients, a bias_shape one (None: not asked)."""
-    return (torch.empty_like(inp) if need_in else inp.new_empty(_EMPTY),
-            torch.empty_like(weight) if need_w else weight.new_empty(_EMPTY),
+    return (inp.new_empty(inp.shape) if need_in else inp.new_empty(_EMPTY),  # contiguous, as the kernels write them
+            weight.new_empty(weight.shape) if need_w else weight.new_empty(_EMPTY),
             weight.new_empty(bias_shape) if bias_shape is not None else weight.new_empty(_EMPTY))
 
 

@@ -266,7 +266,7 @@ def linear_hydra_kl_forward_torch(inp, weight, bias, teacher, temperature: float
     # Weight and bias gradients: the first row block writes (beta=0), later blocks accumulate.
     grad_w32 = torch.empty(m, c, k, dtype=cdt, device=inp.device) if need_w else None
     grad_b32 = torch.zeros(m, c, dtype=cdt, device=inp.device) if need_b else None
-    grad_t = torch.empty_like(teacher) if need_t else None
+    grad_t = teacher.new_empty(teacher.shape) if need_t else None
     topk = None if teacher_indices is None else teacher_indices.long()
     step = rows_per_chunk(b, m * c, TORCH_CHUNK_ELEMENTS)
     per_group = m  # heads per chunk: all of them, or one at a time where all would make thin row blocks

@@ -92,8 +92,9 @@ def launch_small_grads(inp, weight, bias, stash, cfg: dict, shared: bool, need_i
     if stash.element_size() > inp.element_size():
         cfg = small_grads_config(b, m, c, k, inp.element_size(), stash.element_size())
 
-    def out_like(t):  # scaled now: the tensor's dtype; else kept for the backward's scaling
-        return torch.empty_like(t) if upstream is not None else empty_stored_grad(t)
+    def out_like(t):  # scaled now: the tensor's dtype; else kept for the backward's scaling. Contiguous whatever
+        #               t's layout (the kernel writes dense rows; empty_like would keep a permuted bias's strides)
+        return torch.empty(t.shape, dtype=t.dtype, device=t.device) if upstream is not None else empty_stored_grad(t)
 
     grad_in = out_like(inp) if need_in else None
     grad_w = out_like(weight) if need_w else None
