@@ -1,0 +1,224 @@
+"""A seeded random sweep of the public ops against the float64 reference (cpu tier: the torch path;
+interpret tier: the Triton kernels).
+
+Each case draws its own problem from its index: shapes (empty batch, M = 1, C = 1, odd sizes), linear or
+MLP heads, bias or none, dense / top-k / grad-requiring teachers with masked classes, reductions, an
+upstream gradient, tensors in odd layouts (strided, permuted), and the paths' knobs (tiles, head groups,
+row chunks, the small step, the bias pass, deferred gradients). The hand-written tests hold each path at
+chosen points; this sweep holds the combinations between them. Its first runs found bugs the others
+had missed (an empty batch with a top-k Hinton teacher; a strided bias on the cuBLAS path; gradients
+written as if contiguous into a permuted parameter's layout); at the commit before them (8c5cae9) 6 of its
+400 cases fail, on three of those. About 35 s in all here. A failure names its case: rerun it by its id.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from helpers import assert_close_to
+
+from fasthydra import GaussianHydraHead, HydraHead, TopKTeacher, hinton_kl_loss, hydra_kl_loss, uncertainty
+from fasthydra import reference as R
+from fasthydra.functional import linear_hydra_kl_loss, mlp_hydra_kl_loss
+from fasthydra.ops import _common
+
+CASES = 200
+IMPLS = [pytest.param("torch", marks=pytest.mark.cpu), pytest.param("triton", marks=pytest.mark.interpret)]
+# Knobs a case may turn, with values that make small problems take the paths big ones take.
+KNOBS = {"MAX_BLOCK_C": [16, 2048], "ROW_TILE_MAX": [16, 8192], "GRAD_COLS_BLOCK_C": [16, 512],
+         "CUBLAS_GROUP_ELEMENTS": [200, 1 << 27], "TORCH_CHUNK_ELEMENTS": [300, 1 << 23],
+         "SPLIT_BIAS_PASS": [True, False], "DEFER_KL_GRAD": [True, False], "SMALL_DEFERRED": [True, False],
+         "REDUCE_BLOCK": [2, 4096]}
+
+
+def _turn_knobs(monkeypatch, rng) -> None:
+    import fasthydra.ops.linear_hydra_kl as lk
+
+    for name, values in KNOBS.items():
+        value = rng.choice(values)
+        for home in (_common, lk):
+            if hasattr(home, name):
+                monkeypatch.setattr(home, name, value)
+    monkeypatch.setenv("FASTHYDRA_SMALL_STEP", rng.choice(["auto", "0"]))
+
+
+def _layout(t: torch.Tensor, rng) -> torch.Tensor:
+    """t's values as they are, with stride 2 along the last dimension, or with the dimensions' memory order
+    reversed; a leaf keeps requires_grad."""
+    kind = rng.choice(["as is", "strided", "permuted"])
+    grad = t.requires_grad
+    t = t.detach()
+    if kind == "strided" and t.dim():
+        wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
+        wide[..., ::2] = t
+        t = wide[..., ::2]
+    if kind == "permuted":
+        order = list(reversed(range(t.dim())))
+        t = t.permute(order).contiguous().permute(order)
+    return t.requires_grad_(grad)
+
+
+def _strided_copy(t: torch.Tensor, rng) -> torch.Tensor:
+    out = _layout(torch.empty_like(t), rng)
+    with torch.no_grad():
+        out.copy_(t)
+    return out.requires_grad_(t.requires_grad)
+
+
+def _teacher(rng, b, m, c) -> torch.Tensor:
+    """float64 member logits with a few masked classes (and now and then a masked span), never a whole row."""
+    t = torch.randn(b, m, c, dtype=torch.float64) * rng.choice([0.5, 3.0, 30.0])
+    if b and c > 1:
+        for _ in range(rng.randint(0, 3)):
+            t[rng.randrange(b), rng.randrange(m), rng.randrange(c)] = float("-inf")
+        if rng.random() < 0.3:
+            s = rng.randrange(c)
+            t[rng.randrange(b), rng.randrange(m), s:s + max(1, c // 2)] = float("-inf")
+        t[..., 0][torch.isinf(t).all(-1)] = 0.0
+    return t
+
+
+def _topk(rng, t64):
+    """The k largest classes of each row in a shuffled order, int32 or int64 ids, a -inf pad now and then."""
+    c = t64.shape[-1]
+    k = rng.randint(1, c)
+    values, indices = t64.topk(k, dim=-1)
+    order = torch.randperm(k)
+    values, indices = values[..., order].clone(), indices[..., order]
+    if k > 1 and rng.random() < 0.3:
+        values[..., -1] = float("-inf")
+    values[..., 0][torch.isinf(values).all(-1)] = 0.0
+    return values, indices.to(rng.choice([torch.int32, torch.int64]))
+
+
+def _compare(loss, loss_ref, grads, grads_ref, names, what):
+    assert_close_to(loss, loss_ref, rtol=2e-5, atol=1e-6, what=f"{what} loss")
+    for name, g, g_ref in zip(names, grads, grads_ref):
+        assert_close_to(g, g_ref, rtol=5e-5, atol=1e-7, what=f"{what} grad {name}")
+
+
+def _upstream(rng, loss):
+    """A random upstream gradient for the loss (a scalar or one per row), in float64."""
+    if loss.dim():
+        return torch.randn(loss.shape, dtype=torch.float64)
+    return torch.tensor(rng.choice([1.0, 0.6, -2.0]), dtype=torch.float64)
+
+
+def _heads_case(rng, impl):
+    b, d, m = rng.choice([0, 1, 3, 9, 33, 70]), rng.choice([1, 3, 16]), rng.choice([1, 2, 3, 5])
+    c, hidden = rng.choice([1, 3, 10, 13, 40, 65, 100]), rng.choice([None, None, 1, 5])
+    bias, reduction, temperature = rng.random() < 0.7, rng.choice(["mean", "sum", "none"]), rng.choice([0.3, 1.0, 5.0])
+    kind = rng.choice(["dense", "dense", "topk", "teacher grad"])
+    what = f"heads b={b} d={d} m={m} c={c} hidden={hidden} bias={bias} {reduction} T={temperature} {kind}"
+    head = HydraHead(d, c, m, hidden_features=hidden, bias=bias, impl=impl)
+    x64 = torch.randn(b, d, dtype=torch.float64)
+    t64 = _teacher(rng, b, m, c)
+    x = _strided_copy(x64.float().requires_grad_(), rng)
+    functional = reduction != "none" and rng.random() < 0.5  # the fused functionals, parameters in odd layouts
+    params = {n: _strided_copy(p.detach().requires_grad_(), rng) if functional else p
+              for n, p in head.named_parameters()}
+    extra = []
+    if kind == "topk":
+        values, indices = _topk(rng, t64)
+        teacher = TopKTeacher(_layout(values.float(), rng), _layout(indices, rng))
+        t_ref = TopKTeacher(values, indices).densify(c)
+    elif kind == "teacher grad":
+        teacher = _strided_copy(t64.float().requires_grad_(), rng)
+        extra, t_ref = [teacher], t64.clone().requires_grad_()
+    else:
+        teacher, t_ref = _layout(t64.float(), rng), t64
+    if functional and hidden:
+        loss = mlp_hydra_kl_loss(x, params["hidden_weight"], params.get("hidden_bias"), params["weight"],
+                                 params.get("bias"), teacher, temperature, reduction, impl=impl)
+    elif functional:
+        loss = linear_hydra_kl_loss(x, params["weight"], params.get("bias"), teacher, temperature, reduction, impl=impl)
+    else:
+        loss = head.distill_loss(x, teacher, temperature, reduction)
+    up = _upstream(rng, loss)
+    inputs = [x, *params.values(), *extra]
+    grads = torch.autograd.grad((loss * up.float()).sum(), inputs, allow_unused=True)
+    p64 = {n: p.detach().double().requires_grad_() for n, p in head.named_parameters()}
+    x_ref = x64.clone().requires_grad_()
+    z = (R.mlp_heads_ref(x_ref, p64["hidden_weight"], p64.get("hidden_bias"), p64["weight"], p64.get("bias"))
+         if hidden else R.linear_heads_ref(x_ref, p64["weight"], p64.get("bias")))
+    loss_ref = R.hydra_kl_loss_ref(z, t_ref, temperature, reduction)
+    refs = [x_ref, *p64.values(), *([t_ref] if extra else [])]
+    grads_ref = torch.autograd.grad((loss_ref * up).sum(), refs, allow_unused=True)
+    grads = [torch.zeros_like(r) if g is None else g for g, r in zip(grads, refs)]
+    grads_ref = [torch.zeros_like(r) if g is None else g for g, r in zip(grads_ref, refs)]
+    _compare(loss, loss_ref, grads, grads_ref, ["x", *params, *(["teacher"] if extra else [])], what)
+
+
+def _logits_case(rng, impl):
+    b, m, c = rng.choice([0, 1, 3, 9, 40]), rng.choice([1, 2, 4]), rng.choice([1, 2, 10, 13, 40, 100])
+    temperature, reduction = rng.choice([0.3, 1.0, 3.0]), rng.choice(["mean", "sum", "none"])
+    kind = rng.choice(["dense", "topk", "teacher grad", "hinton", "hinton topk", "uncertainty"])
+    what = f"logits b={b} m={m} c={c} {reduction} T={temperature} {kind}"
+    z64 = torch.randn(b, m, c, dtype=torch.float64) * rng.choice([1.0, 10.0])
+    t64 = _teacher(rng, b, m, c)
+    if kind == "uncertainty":
+        got = uncertainty(_layout(z64.float(), rng), temperature, impl=impl)
+        for name, a, e in zip(got._fields, got, R.uncertainty_ref(z64, temperature)):
+            assert_close_to(a, e, rtol=2e-5, atol=2e-6, what=f"{what} {name}")
+        return
+    hinton = kind.startswith("hinton")
+    z = _strided_copy((z64[:, 0] if hinton else z64).float().requires_grad_(), rng)
+    z_ref = (z64[:, 0] if hinton else z64).clone().requires_grad_()
+    extra = []
+    if kind.endswith("topk"):
+        values, indices = _topk(rng, t64)
+        teacher, t_ref = TopKTeacher(_layout(values.float(), rng), _layout(indices, rng)), \
+            TopKTeacher(values, indices).densify(c)
+    elif kind == "teacher grad":
+        teacher = _strided_copy(t64.float().requires_grad_(), rng)
+        extra, t_ref = [teacher], t64.clone().requires_grad_()
+    else:
+        teacher, t_ref = _layout(t64.float(), rng), t64
+    if hinton:
+        loss = hinton_kl_loss(z, teacher, temperature, reduction, impl=impl)
+        loss_ref = R.hinton_kl_loss_ref(z_ref, t_ref, temperature, reduction)
+    else:
+        loss = hydra_kl_loss(z, teacher, temperature, reduction, impl=impl)
+        loss_ref = R.hydra_kl_loss_ref(z_ref, t_ref, temperature, reduction)
+    up = _upstream(rng, loss)
+    grads = torch.autograd.grad((loss * up.float()).sum(), [z, *extra])
+    grads_ref = torch.autograd.grad((loss_ref * up).sum(), [z_ref, *([t_ref] if extra else [])])
+    _compare(loss, loss_ref, grads, grads_ref, ["student", "teacher"], what)
+
+
+def _gaussian_case(rng, impl):
+    b, d, m, k = rng.choice([0, 1, 9, 40]), rng.choice([1, 3, 16]), rng.choice([1, 2, 5]), rng.choice([1, 2, 7])
+    bias, reduction, min_var = rng.random() < 0.7, rng.choice(["mean", "sum", "none"]), rng.choice([1e-6, 0.1])
+    teacher_grad = rng.random() < 0.3
+    what = f"gaussian b={b} d={d} m={m} k={k} bias={bias} {reduction} min_var={min_var} teacher grad={teacher_grad}"
+    head = GaussianHydraHead(d, k, m, bias=bias, min_var=min_var, impl=impl)
+    x64 = torch.randn(b, d, dtype=torch.float64)
+    mean64, var64 = torch.randn(b, m, k, dtype=torch.float64), torch.rand(b, m, k, dtype=torch.float64) + 0.05
+    x = _strided_copy(x64.float().requires_grad_(), rng)
+    mean = _strided_copy(mean64.float().requires_grad_(teacher_grad), rng)
+    var = _strided_copy(var64.float().requires_grad_(teacher_grad), rng)
+    loss = head.distill_loss(x, mean, var, reduction)
+    up = _upstream(rng, loss)
+    inputs = [x, *head.parameters(), *([mean, var] if teacher_grad else [])]
+    grads = torch.autograd.grad((loss * up.float()).sum(), inputs)
+    p64 = {n: p.detach().double().requires_grad_() for n, p in head.named_parameters()}
+    x_ref, mean_ref, var_ref = (t.clone().requires_grad_(g) for t, g in
+                                ((x64, True), (mean64, teacher_grad), (var64, teacher_grad)))
+    z = R.linear_heads_ref(x_ref, p64["weight"], p64.get("bias"))
+    mu, v = z[..., :k], torch.nn.functional.softplus(z[..., k:]) + min_var
+    kl = 0.5 * (torch.log(v / var_ref) + (var_ref + (mean_ref - mu) ** 2) / v - 1)
+    loss_ref = kl if reduction == "none" else kl.sum() if reduction == "sum" or kl.numel() == 0 else kl.mean()
+    refs = [x_ref, *p64.values(), *([mean_ref, var_ref] if teacher_grad else [])]
+    grads_ref = torch.autograd.grad((loss_ref * up).sum(), refs)
+    _compare(loss, loss_ref, grads, grads_ref, ["x", *p64, "teacher_mean", "teacher_var"], what)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", range(CASES))
+def test_random_case_matches_the_float64_reference(monkeypatch, impl, case):
+    rng = random.Random(f"{impl}-{case}")
+    torch.manual_seed(case)
+    _turn_knobs(monkeypatch, rng)
+    rng.choice([_heads_case, _heads_case, _logits_case, _gaussian_case])(rng, impl)
