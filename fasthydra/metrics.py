@@ -22,7 +22,16 @@ def _check_probs(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
         raise ValueError(f"labels must be (N,) = ({probs.shape[0]},), got shape {tuple(labels.shape)}")
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-    return probs.detach().double(), labels.detach().long()
+    y = labels.detach().long()
+    if len(y) and not (0 <= int(y.min()) and int(y.max()) < probs.shape[1]):  # (an evaluation: a host read is fine)
+        raise ValueError(f"labels must lie in [0, C) = [0, {probs.shape[1]}), got values from {int(y.min())} to "
+                         f"{int(y.max())}")
+    return probs.detach().double(), y
+
+
+def _check_bins(n_bins) -> None:
+    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
+        raise ValueError(f"n_bins must be an int >= 1, got {n_bins!r}")
 
 
 def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
@@ -54,8 +63,9 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins
     """ECE with equal-width bins on the max probability: ``sum_bins |bin|/N * |acc(bin) - conf(bin)|``.
     Bins are (lo, hi], the first one [0, 1/n_bins]."""
     p, y = _check_probs(probs, labels)
-    if n_bins < 1:
-        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    _check_bins(n_bins)
+    if not len(y):
+        return float("nan")  # (as the other metrics of no rows)
     conf, pred = p.max(1)
     correct = (pred == y).double()
     bins = torch.clamp(torch.ceil(conf * n_bins).long() - 1, 0, n_bins - 1)
@@ -69,6 +79,7 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins
 def reliability_bins(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15):
     """(bin centres, accuracy per bin, confidence per bin, count per bin) for reliability diagrams."""
     p, y = _check_probs(probs, labels)
+    _check_bins(n_bins)
     conf, pred = p.max(1)
     bins = torch.clamp(torch.ceil(conf * n_bins).long() - 1, 0, n_bins - 1)
     count = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, torch.ones_like(conf))
@@ -86,6 +97,9 @@ def ood_auroc(score_in: torch.Tensor, score_out: torch.Tensor) -> float:
     s_out = torch.as_tensor(score_out).detach().double().flatten()
     if len(s_in) == 0 or len(s_out) == 0:
         raise ValueError("ood_auroc needs at least one in-domain and one OOD score")
+    for name, s in (("score_in", s_in), ("score_out", s_out)):
+        if torch.isnan(s).any():  # a NaN has no rank: the area would be an artefact of the sort
+            raise ValueError(f"{name} contains NaN ({int(torch.isnan(s).sum())} of {len(s)} scores)")
     scores = torch.cat([s_in, s_out])
     # average ranks (1-based) with ties sharing their mean rank
     order = torch.argsort(scores, stable=True)

@@ -95,3 +95,19 @@ def test_metric_input_errors():
         metrics.nll(p, y[:5])
     with pytest.raises(ValueError, match="convention"):
         metrics.brier_score(p, y, "tfp")
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, C\)"):  # accuracy counted a 9 as a miss
+        metrics.accuracy(p, torch.full_like(y, p.shape[1]))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, C\)"):  # nll raised an IndexError
+        metrics.nll(p, torch.full_like(y, -1))
+    for bins in (0, 2.5, True):
+        with pytest.raises(ValueError, match="n_bins"):
+            metrics.reliability_bins(p, y, bins)
+    with pytest.raises(ValueError, match="score_out contains NaN"):  # the area depended on the NaN's place
+        metrics.ood_auroc(torch.randn(4), torch.tensor([0.3, float("nan")]))
+
+
+def test_metrics_of_no_rows_are_nan():
+    """No rows: every classification metric is NaN (ECE said 0.0, as if perfectly calibrated)."""
+    p, y = _probs()
+    for metric in (metrics.accuracy, metrics.nll, metrics.brier_score, metrics.expected_calibration_error):
+        assert math.isnan(metric(p[:0], y[:0])), metric.__name__
