@@ -119,12 +119,28 @@ def ood_auroc(score_in: torch.Tensor, score_out: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------------------------
 
 
+def _check_shapes(want: tuple | None = None, **tensors) -> None:
+    """Tensors of one shape (want's, where given: None entries any size), never broadcast into each other."""
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    first = next(iter(shapes.values()))
+    bad = len(set(shapes.values())) > 1 or (want is not None and (
+        len(first) != len(want) or any(w is not None and w != f for w, f in zip(want, first))))
+    if bad:
+        wanted = "" if want is None else " (" + ", ".join("*" if w is None else str(w) for w in want) + ")"
+        what = f"must have shape{wanted}" if len(shapes) == 1 else f"must share one shape{wanted}"
+        raise ValueError(f"{', '.join(shapes)} {what}; got " + ", ".join(f"{n} {sh}" for n, sh in shapes.items()))
+
+
 def gaussian_mixture_moments(mean: torch.Tensor, var: torch.Tensor):
     """Predictive mean and variance of an equal-weight mixture of M Gaussians, split in two.
 
     mean, var: (N, M, K). Returns (mean (N, K), aleatoric = mean_m var_m, epistemic = var_m(mu_m)),
     total variance = aleatoric + epistemic.
     """
+    _check_shapes((None, None, None), mean=mean, var=var)
     mu = mean.mean(1)
     aleatoric = var.mean(1)
     epistemic = mean.var(1, unbiased=False)
@@ -132,11 +148,15 @@ def gaussian_mixture_moments(mean: torch.Tensor, var: torch.Tensor):
 
 
 def rmse(pred_mean: torch.Tensor, target: torch.Tensor) -> float:
+    """Root mean squared error of predictions against targets of the same shape."""
+    _check_shapes(pred_mean=pred_mean, target=target)
     return float(((pred_mean.double() - target.double()) ** 2).mean().sqrt())
 
 
 def gaussian_mixture_nll(mean: torch.Tensor, var: torch.Tensor, target: torch.Tensor) -> float:
     """Mean negative log-likelihood of targets (N, K) under the equal-weight mixture (N, M, K), per output."""
+    _check_shapes((None, None, None), mean=mean, var=var)
+    _check_shapes((mean.shape[0], mean.shape[2]), target=target)
     mean, var, y = mean.double(), var.double(), target.double().unsqueeze(1)
     log_comp = -0.5 * (torch.log(2 * math.pi * var) + (y - mean) ** 2 / var)  # (N, M, K)
     log_mix = torch.logsumexp(log_comp, dim=1) - math.log(mean.shape[1])
@@ -146,6 +166,9 @@ def gaussian_mixture_nll(mean: torch.Tensor, var: torch.Tensor, target: torch.Te
 def interval_coverage(pred_mean: torch.Tensor, pred_var: torch.Tensor, target: torch.Tensor,
                       level: float = 0.95) -> float:
     """Fraction of targets inside the central Gaussian interval of the predictive moments."""
+    _check_shapes(pred_mean=pred_mean, pred_var=pred_var, target=target)
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
     z = math.sqrt(2.0) * torch.special.erfinv(torch.tensor(level, dtype=torch.float64)).item()
     half = z * pred_var.double().sqrt()
     inside = (target.double() - pred_mean.double()).abs() <= half

@@ -32,9 +32,10 @@ def test_demo_runs_the_triton_kernels():
 
 @pytest.mark.cpu
 def test_console_script_and_bad_arguments():
-    proc = subprocess.run([sys.executable, "-m", "fasthydra.cli", "selftest", "--steps", "3", "--heads", "2"],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert "hydra loss" in proc.stdout
+    for module in ("fasthydra.cli", "fasthydra"):  # the console script's code, and `python -m fasthydra`
+        proc = subprocess.run([sys.executable, "-m", module, "selftest", "--steps", "3", "--heads", "2"],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert "hydra loss" in proc.stdout
     with pytest.raises(SystemExit):
         main(["selftest", "--steps", "0"])

@@ -111,3 +111,20 @@ def test_metrics_of_no_rows_are_nan():
     p, y = _probs()
     for metric in (metrics.accuracy, metrics.nll, metrics.brier_score, metrics.expected_calibration_error):
         assert math.isnan(metric(p[:0], y[:0])), metric.__name__
+
+
+def test_regression_metrics_never_broadcast():
+    """Shapes that differ are an error, not a broadcast: rmse of (N, K) against (N,) used to average an
+    (N, N, K)-like grid of differences into a plausible-looking number."""
+    mean, var, y = torch.randn(5, 3, 2), torch.rand(5, 3, 2) + 0.1, torch.randn(5, 2)
+    with pytest.raises(ValueError, match=r"pred_mean, target must share one shape; got pred_mean \(5, 2\), target"):
+        metrics.rmse(y, y[:, 0])
+    with pytest.raises(ValueError, match=r"mean, var must share one shape \(\*, \*, \*\)"):
+        metrics.gaussian_mixture_moments(mean[:, 0], var[:, 0])
+    with pytest.raises(ValueError, match=r"target must have shape \(5, 2\); got target \(5, 1\)"):
+        metrics.gaussian_mixture_nll(mean, var, y[:, :1])
+    with pytest.raises(ValueError, match="pred_var"):
+        metrics.interval_coverage(y, var[:1, 0], y)
+    with pytest.raises(ValueError, match="level"):
+        metrics.interval_coverage(y, var[:, 0], y, 1.0)
+    assert metrics.rmse(y, y + 2.0) == pytest.approx(2.0)
