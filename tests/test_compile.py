@@ -1,11 +1,16 @@
 """torch.compile: body + HydraHead + distill_loss compiles with fullgraph=True, without graph breaks,
-and matches eager in values and gradients (torch path on CPU; the Triton path under the interpreter)."""
+and matches eager in values and gradients (torch path on CPU; the Triton path under the interpreter);
+torch.export of a model with heads gives the reference with a symbolic batch."""
+
+import copy
 
 import pytest
 import torch
+from helpers import assert_close_to, reference_logits
 from torch import nn
 
 from fasthydra import HydraHead, hydra_kl_loss, uncertainty
+from fasthydra import reference as R
 
 CASES = [pytest.param("torch", None, marks=pytest.mark.cpu), pytest.param("torch", 8, marks=pytest.mark.cpu),
          pytest.param("triton", None, marks=pytest.mark.interpret),
@@ -187,3 +192,52 @@ def test_16_bit_heads_compile_matches_eager(impl, hidden, dtype):
     for a, b in zip(grads_c, grads_e):
         assert a.dtype == b.dtype == dtype
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=1e-3 * b.float().abs().max().item())
+
+
+class _Deployed(nn.Module):
+    """What a user ships: body + heads, returning the heads' logits and the uncertainty split."""
+
+    def __init__(self, hidden):
+        super().__init__()
+        self.body, self.head = _model("torch", hidden)
+
+    def forward(self, x):
+        z = self.head(self.body(x))
+        return (z, *uncertainty(z, temperature=2.0))
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("hidden", [None, 8], ids=["linear", "mlp"])
+def test_torch_export_with_a_dynamic_batch_matches_the_reference(hidden):
+    """torch.export of a model with a HydraHead (the deployment path: no Python at inference): one export with
+    a symbolic batch, run at other batch sizes, gives the float64 reference's logits and uncertainty."""
+    model = _Deployed(hidden)
+    model64 = copy.deepcopy(model).double()
+    batch = torch.export.Dim("batch")
+    exported = torch.export.export(model, (torch.randn(4, 16),), dynamic_shapes=({0: batch},)).module()
+    for b in (3, 17):
+        x = torch.randn(b, 16)
+        got = exported(x)
+        with torch.no_grad():
+            z64 = reference_logits(model64.head, model64.body(x.double()))
+        want = (z64, *R.uncertainty_ref(z64, 2.0))
+        assert len(got) == len(want)
+        for name, a, e in zip(("logits", "probs", "total", "aleatoric", "epistemic"), got, want):
+            assert a.dtype == torch.float32, name
+            assert_close_to(a, e, rtol=1e-5, atol=1e-6, what=f"b={b} {name}")
+
+
+@pytest.mark.cpu
+def test_torch_export_of_gaussian_heads_matches_the_reference():
+    from fasthydra import GaussianHydraHead
+
+    torch.manual_seed(0)
+    head = GaussianHydraHead(8, 2, 3, min_var=1e-3)
+    exported = torch.export.export(head, (torch.randn(4, 8),),
+                                   dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
+    x = torch.randn(11, 8)
+    mean, var = exported(x)
+    w, b = head.weight.detach().double(), head.bias.detach().double()
+    z = torch.einsum("bd,mkd->bmk", x.double(), w) + b
+    assert_close_to(mean, z[..., :2], what="mean")
+    assert_close_to(var, torch.nn.functional.softplus(z[..., 2:]) + 1e-3, what="var")
