@@ -71,6 +71,27 @@ def run_demo(steps: int = 300, heads: int = 4, batch: int = 256, temperature: fl
     return losses
 
 
+def _check_selftest_args(steps, heads, batch, temperature, device) -> None:
+    from fasthydra.distill import _check_device
+    from fasthydra.functional import _check_int, _check_temperature
+
+    for name, value in (("steps", steps), ("heads", heads), ("batch", batch)):
+        _check_int(name, value, 1)
+    _check_temperature(temperature)
+    _check_device(device)
+
+
+def _usage_errors(parser, options, check, *args, **kwargs) -> None:
+    """A bad argument ends the command with a usage error (exit status 2) naming its option, before any
+    work, rather than with a traceback after the first minutes of training."""
+    try:
+        check(*args, **kwargs)
+    except (ValueError, TypeError) as err:
+        name, _, rest = str(err).partition(" ")
+        option = "--" + name.replace("_", "-") if name in vars(options) else name
+        parser.error(f"{option} {rest}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fasthydra", description="Fast Hydra distillation")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -108,18 +129,15 @@ def main(argv=None) -> int:
     if rest:
         parser.error(f"unrecognised arguments: {' '.join(rest)}")
     if args.command == "demo":
-        from fasthydra.demo import run
+        from fasthydra.demo import check_run_args, run
 
-        if args.heads < 2 or args.epochs < 1:
-            parser.error("--heads must be >= 2 and --epochs >= 1")
-        if args.teacher_top_k is not None and args.teacher_top_k < 1:
-            parser.error("--teacher-top-k must be >= 1")
+        _usage_errors(parser, args, check_run_args, args.dataset, args.heads, args.epochs, args.device,
+                      args.temperature, head_hidden=args.head_hidden, teacher_top_k=args.teacher_top_k)
         run(args.dataset, args.heads, args.epochs, args.out, args.device, args.seed, args.temperature,
             data_dir=args.data_dir, plots=not args.no_plots, progress=sys.stderr.isatty(), head_hidden=args.head_hidden,
             teacher_top_k=args.teacher_top_k)
         return 0
-    if args.steps < 1 or args.heads < 1 or args.batch < 1:
-        parser.error("--steps, --heads and --batch must be >= 1")
+    _usage_errors(parser, args, _check_selftest_args, args.steps, args.heads, args.batch, args.temperature, args.device)
     run_demo(args.steps, args.heads, args.batch, args.temperature, args.impl, args.device, args.seed)
     return 0
 

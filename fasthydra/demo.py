@@ -17,9 +17,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fasthydra import metrics
-from fasthydra.data import DataSplit, load_dataset, toy_function
+from fasthydra.data import DATASETS, DataSplit, load_dataset, toy_function
 from fasthydra.distill import (
     DistillConfig,
+    _check_device,
     count_parameters,
     distill,
     members_output,
@@ -28,7 +29,7 @@ from fasthydra.distill import (
     teacher_outputs,
     train_ensemble,
 )
-from fasthydra.functional import uncertainty
+from fasthydra.functional import _check_int, _check_temperature, uncertainty
 
 CLASSIFICATION_KEYS = ("acc", "nll", "brier", "ece", "mu", "ood_auroc")
 REGRESSION_KEYS = ("rmse", "nll", "coverage", "epistemic", "ood_auroc")
@@ -73,9 +74,12 @@ def run(dataset: str = "digits", heads: int = 8, epochs: int = 40, out: str = "r
         seed: int = 0, temperature: float = 4.0, width: int = 64, batch_size: int = 64, data_dir: str | None = None,
         progress: bool = True, plots: bool = True, stream=None, head_hidden: int | None = None,
         teacher_top_k: int | None = None) -> dict:
-    """Runs the comparison and writes results.json (+ report.md and plots). Returns the results dict."""
+    """Runs the comparison and writes results.json (+ report.md and plots). Returns the results dict.
+
+    Every argument is checked before the data set is read or anything trains (``check_run_args``)."""
     import sys
 
+    check_run_args(dataset, heads, epochs, device, temperature, width, batch_size, head_hidden, teacher_top_k)
     stream = stream or sys.stdout
     with torch.random.fork_rng(devices=[]):  # seeded, and the caller's RNG state is left alone
         torch.manual_seed(seed)
@@ -83,9 +87,31 @@ def run(dataset: str = "digits", heads: int = 8, epochs: int = 40, out: str = "r
                     plots, stream, head_hidden, teacher_top_k)
 
 
+def check_run_args(dataset: str, heads: int, epochs: int, device: str, temperature: float, width: int = 64,
+                   batch_size: int = 64, head_hidden: int | None = None, teacher_top_k: int | None = None) -> None:
+    """ValueError / TypeError naming the first bad argument of ``run`` (the CLI shows it as a usage error).
+    What depends on the data (top-k against the number of classes) is checked once it is loaded, before
+    the members train."""
+    if dataset not in DATASETS:
+        raise ValueError(f"dataset must be one of {', '.join(DATASETS)}, got {dataset!r}")
+    _check_int("heads", heads, 2)  # one head has no disagreement to show: that is the KD row
+    _check_int("epochs", epochs, 1)
+    _check_int("width", width, 1)
+    _check_int("batch_size", batch_size, 1)
+    if head_hidden is not None:
+        _check_int("head_hidden", head_hidden, 1)
+    if teacher_top_k is not None:
+        _check_int("teacher_top_k", teacher_top_k, 1)
+    _check_temperature(temperature)
+    _check_device(device)
+
+
 def _run(dataset, heads, epochs, out, device, seed, temperature, width, batch_size, data_dir, progress, plots,
          stream, head_hidden, teacher_top_k=None) -> dict:
     data = load_dataset(dataset, seed=seed, data_dir=data_dir)
+    if teacher_top_k is not None and (data.task != "classification" or teacher_top_k > data.num_outputs):
+        raise ValueError(f"teacher_top_k = {teacher_top_k} needs a classification data set with at least that many "
+                         f"classes; {dataset} is {data.task} with {data.num_outputs} outputs")
     os.makedirs(out, exist_ok=True)
     task, d_in, n_out = data.task, data.in_features, data.num_outputs
     head_out = n_out if task == "classification" else 2 * n_out
@@ -101,14 +127,13 @@ def _run(dataset, heads, epochs, out, device, seed, temperature, width, batch_si
                              seed=seed, progress=progress)
     t_ens = time.perf_counter() - t0
     ordered = DataLoader(TensorDataset(data.x_train), batch_size=512, shuffle=False)
-    if teacher_top_k is not None and task != "classification":
-        raise ValueError("teacher_top_k needs a classification data set")
     # A top-k teacher goes through a memory-mapped cache, as a large-C run would use it
     cache = os.path.join(out, "teacher_topk") if teacher_top_k else None
     teacher = teacher_outputs(members, ordered, task, device=device, top_k=teacher_top_k, cache_path=cache,
                               progress=progress)
     cfg = DistillConfig(temperature=temperature if task == "classification" else 1.0, epochs_stage1=epochs,
-                        epochs_stage2=max(1, round(STAGE2_EPOCHS_FACTOR * epochs)), lr=3e-3, noise_std=0.0, seed=seed, device=device, progress=progress)
+                        epochs_stage2=max(1, round(STAGE2_EPOCHS_FACTOR * epochs)), lr=3e-3, noise_std=0.0, seed=seed,
+                        device=device, progress=progress)
     t1 = time.perf_counter()
     hidden = head_hidden if task == "classification" else None  # Gaussian heads are linear
     kd, hydra = distill(mlp_body(d_in, width), width, n_out, heads, teacher_loader(data.x_train, teacher, batch_size,

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fasthydra.functional import gaussian_kl_loss, hinton_kl_loss
+from fasthydra.functional import _check_int, _check_number, _check_temperature, gaussian_kl_loss, hinton_kl_loss
 from fasthydra.modules import GaussianHydraHead, HydraHead
 from fasthydra.reference import TopKTeacher
 
@@ -66,6 +66,34 @@ class DistillConfig:
     device: str = "cpu"
     progress: bool = True
 
+    def __post_init__(self):  # bad values fail here, not after stage 1 (or silently: a negative epoch count)
+        self.temperature = _check_temperature(self.temperature)
+        self.epochs_stage1 = _check_int("epochs_stage1", self.epochs_stage1, 0)
+        self.epochs_stage2 = _check_int("epochs_stage2", self.epochs_stage2, 0)
+        self.lr = _check_number("lr", self.lr, positive=True)
+        self.weight_decay = _check_number("weight_decay", self.weight_decay)
+        self.noise_std = _check_number("noise_std", self.noise_std)
+        self.seed = _check_int("seed", self.seed)
+
+
+TASKS = ("classification", "regression")
+
+
+def _check_task(task) -> None:
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+
+
+def _check_device(device) -> torch.device:
+    """device as a torch.device that this machine has: a ValueError naming it otherwise, before any work."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device {device!r} is not a device torch knows: {err}") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"device {device!r}: torch sees {torch.cuda.device_count()} CUDA device(s) here")
+    return dev
+
 
 def _bar(iterable, desc: str, progress: bool, total: int | None = None):
     from tqdm.auto import tqdm
@@ -79,6 +107,7 @@ def _to(batch, device):
 
 def member_forward(member: nn.Module, x: torch.Tensor, task: str):
     """Classification members return logits (B, C); regression members (B, 2K) -> (mean, var)."""
+    _check_task(task)
     out = member(x)
     if task == "classification":
         return out
@@ -91,6 +120,11 @@ def train_ensemble(make_member: Callable[[], nn.Module], loader: DataLoader, num
                    seed: int = 0, progress: bool = True) -> list[nn.Module]:
     """M members trained independently (member m from seed + m) with cross-entropy, or with the
     Gaussian NLL for regression (outputs (B, 2K): means, then raw variances)."""
+    _check_task(task)
+    num_members = _check_int("num_members", num_members, 1)
+    epochs = _check_int("epochs", epochs, 0)
+    lr, weight_decay = _check_number("lr", lr, positive=True), _check_number("weight_decay", weight_decay)
+    _check_device(device)
     members = []
     for m in range(num_members):
         with torch.random.fork_rng(devices=[]):  # member m's seed, without touching the caller's RNG
@@ -215,9 +249,12 @@ def teacher_outputs(members: list[nn.Module], loader: DataLoader, task: str, dev
     as tensors over those files: nothing (N, M, ...)-sized stays in memory. A complete cache is
     reused without running the members; an interrupted one is completed from where it stopped.
     """
-    if top_k is not None and (task != "classification" or isinstance(top_k, bool) or not isinstance(top_k, int)
-                              or top_k < 1):
-        raise ValueError(f"top_k must be an int >= 1 for a classification task, got {top_k!r} ({task})")
+    _check_task(task)
+    _check_device(device)
+    if top_k is not None:
+        top_k = _check_int("top_k", top_k, 1)
+        if task != "classification":
+            raise ValueError(f"top_k needs a classification task, got task {task!r}")
     n = len(loader.dataset) if hasattr(loader, "dataset") else None
     if cache_path is not None and n is not None:
         done = _Cache.reuse(cache_path, n, top_k)
@@ -318,6 +355,11 @@ def distill(body: nn.Module, feature_dim: int, num_outputs: int, num_heads: int,
     Returns (kd_model, hydra_model), both ``HydraModel`` (the KD model has one head). Seeded by
     cfg.seed; the caller's global RNG state is left as it was.
     """
+    if not isinstance(cfg, DistillConfig):
+        raise TypeError(f"cfg must be a DistillConfig, got {type(cfg).__name__}")
+    _check_task(task)
+    _check_int("num_heads", num_heads, 1)  # checked here, not when stage 2 starts
+    _check_device(cfg.device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         return _distill(body, feature_dim, num_outputs, num_heads, loader, task, cfg, teacher_fn, impl,

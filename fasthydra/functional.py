@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from numbers import Real
+from numbers import Integral, Real
 
 import torch
 
@@ -67,6 +67,25 @@ def _check_temperature(temperature) -> float:
         raise ValueError(f"temperature must lie in [2^-64, 2^63] (its square and inverse are float32 factors of the "
                          f"loss and gradient), got {temperature}")
     return temperature
+
+
+def _check_int(name: str, value, minimum: int | None = None) -> int:
+    """value as an int (bool refused), at least minimum: TypeError / ValueError naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_number(name: str, value, positive: bool = False) -> float:
+    """A finite real number, > 0 (positive) or >= 0: TypeError / ValueError naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise ValueError(f"{name} must be finite and {'> 0' if positive else '>= 0'}, got {value}")
+    return value
 
 
 def _check_reduction(reduction) -> str:

@@ -46,14 +46,11 @@ class HydraHead(nn.Module):
     def __init__(self, in_features: int, num_classes: int, num_heads: int, hidden_features: int | None = None,
                  bias: bool = True, impl: str = "auto", device=None, dtype=None):
         super().__init__()
-        for name, value in (("in_features", in_features), ("num_classes", num_classes), ("num_heads", num_heads)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        if hidden_features is not None and (isinstance(hidden_features, bool) or not isinstance(hidden_features, int)
-                                            or hidden_features < 1):
-            raise ValueError(f"hidden_features must be None or an int >= 1, got {hidden_features!r}")
+        in_features = F_h._check_int("in_features", in_features, 1)
+        num_classes = F_h._check_int("num_classes", num_classes, 1)
+        num_heads = F_h._check_int("num_heads", num_heads, 1)
+        if hidden_features is not None:
+            hidden_features = F_h._check_int("hidden_features", hidden_features, 1)
         if impl not in F_h.IMPLS:
             raise ValueError(f"impl must be one of {F_h.IMPLS}, got {impl!r}")
         factory = {"device": device, "dtype": dtype}
@@ -169,10 +166,8 @@ class HydraHead(nn.Module):
         """
         if self.num_heads != 1:
             raise ValueError(f"expand() starts from a one-head HydraHead, this one has num_heads={self.num_heads}")
-        if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
-            raise ValueError(f"num_heads must be an int >= 1, got {num_heads!r}")
-        if not (isinstance(noise_std, (int, float)) and math.isfinite(noise_std) and noise_std >= 0):
-            raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std!r}")
+        num_heads = F_h._check_int("num_heads", num_heads, 1)
+        noise_std = F_h._check_number("noise_std", noise_std)
         new = self._new_like(num_heads)
         for name, param in new.named_parameters():
             src = getattr(self, name)
@@ -201,10 +196,8 @@ class GaussianHydraHead(HydraHead):
 
     def __init__(self, in_features: int, out_features: int, num_heads: int, bias: bool = True,
                  min_var: float = 1e-6, impl: str = "auto", device=None, dtype=None):
-        if isinstance(out_features, bool) or not isinstance(out_features, int) or out_features < 1:
-            raise ValueError(f"out_features must be an int >= 1, got {out_features!r}")
-        if not (isinstance(min_var, (int, float)) and min_var > 0):
-            raise ValueError(f"min_var must be a number > 0, got {min_var!r}")
+        out_features = F_h._check_int("out_features", out_features, 1)
+        min_var = F_h._check_number("min_var", min_var, positive=True)
         super().__init__(in_features, 2 * out_features, num_heads, bias=bias, impl=impl, device=device,
                          dtype=dtype)
         self.out_features = out_features

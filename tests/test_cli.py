@@ -39,3 +39,53 @@ def test_console_script_and_bad_arguments():
         assert "hydra loss" in proc.stdout
     with pytest.raises(SystemExit):
         main(["selftest", "--steps", "0"])
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("argv,message", [
+    (["demo", "--heads", "1"], "--heads must be >= 2"),
+    (["demo", "--epochs", "0"], "--epochs must be >= 1"),
+    (["demo", "--temperature", "-1"], "--temperature must be finite and > 0"),
+    (["demo", "--temperature", "nan"], "--temperature must be finite and > 0"),
+    (["demo", "--head-hidden", "0"], "--head-hidden must be >= 1"),
+    (["demo", "--teacher-top-k", "0"], "--teacher-top-k must be >= 1"),
+    (["demo", "--device", "cuda:99"], "--device 'cuda:99'"),
+    (["demo", "--device", "nonsense"], "--device 'nonsense' is not a device"),
+    (["selftest", "--batch", "0"], "--batch must be >= 1"),
+    (["selftest", "--temperature", "0"], "--temperature must be finite and > 0"),
+])
+def test_bad_options_are_usage_errors_before_any_work(monkeypatch, capsys, argv, message):
+    """Each was a traceback (the temperature's after the members had trained) or an error naming two
+    options at once; now argparse's usage error (exit status 2) names the option, and nothing runs."""
+    import fasthydra.cli as cli
+    import fasthydra.demo as demo
+
+    def ran(*args, **kwargs):
+        raise AssertionError("the command started before its options were checked")
+
+    monkeypatch.setattr(demo, "run", ran)
+    monkeypatch.setattr(cli, "run_demo", ran)
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.cpu
+def test_demo_run_checks_before_reading_data_or_training(monkeypatch, tmp_path):
+    import fasthydra.demo as demo
+
+    def started(*args, **kwargs):
+        raise AssertionError("work started before the arguments were checked")
+
+    monkeypatch.setattr(demo, "load_dataset", started)
+    with pytest.raises(ValueError, match="temperature"):
+        demo.run("digits", heads=2, epochs=1, out=str(tmp_path), temperature=float("inf"))
+    with pytest.raises(ValueError, match="dataset"):
+        demo.run("digit", heads=2, epochs=1, out=str(tmp_path))
+    monkeypatch.undo()
+    monkeypatch.setattr(demo, "train_ensemble", started)  # the data-dependent check: after loading, before training
+    with pytest.raises(ValueError, match="teacher_top_k = 11 needs a classification data set"):
+        demo.run("digits", heads=2, epochs=1, out=str(tmp_path), teacher_top_k=11)
+    with pytest.raises(ValueError, match="teacher_top_k = 1 needs a classification data set"):
+        demo.run("toy-regression", heads=2, epochs=1, out=str(tmp_path), teacher_top_k=1)

@@ -201,3 +201,53 @@ def test_distill_from_a_top_k_cache(tmp_path):
     kd, hydra = distill(mlp_body(d, 16), 16, c, 3, teacher_loader(x, cache, 32, 0), "classification", cfg)
     assert hydra(x).shape == (96, 3, c) and kd(x).shape == (96, 1, c)
     assert not torch.equal(hydra.head.weight[0], hydra.head.weight[1])  # each head followed its member
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(temperature=0.0), ValueError, "temperature"),
+    (dict(epochs_stage1=-1), ValueError, "epochs_stage1"),  # was accepted: range(-1) trained nothing
+    (dict(epochs_stage2=2.5), TypeError, "epochs_stage2"),
+    (dict(lr=0.0), ValueError, "lr"),
+    (dict(lr=float("nan")), ValueError, "lr"),
+    (dict(weight_decay=-1e-4), ValueError, "weight_decay"),
+    (dict(noise_std=float("inf")), ValueError, "noise_std"),
+    (dict(seed=1.5), TypeError, "seed"),
+])
+def test_distill_config_refuses_bad_values(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        DistillConfig(**kwargs)
+
+
+def test_the_recipe_checks_its_arguments_before_anything_trains(monkeypatch):
+    """A typo in task, a head count of 0 or an absent device used to surface after stage 1 (or silently: a
+    misspelt task took the regression branch); now each is a ValueError / TypeError naming it, raised before
+    any member or stage trains."""
+    import fasthydra.distill as D
+
+    def trained(*args, **kwargs):
+        raise AssertionError("training started before the arguments were checked")
+
+    monkeypatch.setattr(D, "_train_member", trained)
+    monkeypatch.setattr(D, "_stage", trained)
+    x, y, d, c = _toy_classification(n=8)
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    member = lambda: nn.Linear(d, c)  # noqa: E731
+    absent = f"cuda:{torch.cuda.device_count()}"  # one index past the devices there are: absent on any machine
+    bad_calls = {
+        "task": lambda: train_ensemble(member, loader, 2, "clasification"),
+        "num_members": lambda: train_ensemble(member, loader, 0, "classification"),
+        "epochs": lambda: train_ensemble(member, loader, 2, "classification", epochs=-1),
+        "lr": lambda: train_ensemble(member, loader, 2, "classification", lr=-1.0),
+        "device": lambda: train_ensemble(member, loader, 2, "classification", device=absent),
+        "device ": lambda: train_ensemble(member, loader, 2, "classification", device="gpu0"),
+        "top_k": lambda: teacher_outputs([member()], loader, "regression", top_k=2),
+        "top_k ": lambda: teacher_outputs([member()], loader, "classification", top_k=True),
+        "task ": lambda: teacher_outputs([member()], loader, "regresion"),
+        "num_heads": lambda: distill(mlp_body(d, 8), 8, c, 0, loader, "classification", DistillConfig()),
+        "task  ": lambda: distill(mlp_body(d, 8), 8, c, 2, loader, "Classification", DistillConfig()),
+        "cfg": lambda: distill(mlp_body(d, 8), 8, c, 2, loader, "classification", {"epochs_stage1": 1}),
+        "device  ": lambda: distill(mlp_body(d, 8), 8, c, 2, loader, "classification", DistillConfig(device=absent)),
+    }
+    for name, call in bad_calls.items():
+        with pytest.raises((ValueError, TypeError), match=name.strip()):
+            call()
