@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     if args.command == "kernel-report":
         from fasthydra.kernel_report import main as report_main
 
-        return report_main(rest)
+        return report_main(rest, prog="fasthydra kernel-report")
     if rest:
         parser.error(f"unrecognised arguments: {' '.join(rest)}")
     if args.command == "demo":

@@ -53,6 +53,7 @@ def test_console_script_and_bad_arguments():
     (["demo", "--device", "nonsense"], "--device 'nonsense' is not a device"),
     (["selftest", "--batch", "0"], "--batch must be >= 1"),
     (["selftest", "--temperature", "0"], "--temperature must be finite and > 0"),
+    (["kernel-report", "--jobs", "0"], "fasthydra kernel-report: error: --jobs must be at least 1"),  # was __main__.py
 ])
 def test_bad_options_are_usage_errors_before_any_work(monkeypatch, capsys, argv, message):
     """Each was a traceback (the temperature's after the members had trained) or an error naming two
