@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fasthydra.functional import _check_int
+
 EMBEDDED = ("digits", "mnist1d", "toy-regression", "diabetes", "blobs-1000")
 FROM_FILES = ("mnist", "fashion-mnist", "cifar10", "svhn")
 DATASETS = EMBEDDED + FROM_FILES
@@ -216,6 +218,9 @@ def load_dataset(name: str = "digits", seed: int = 0, data_dir: str | None = Non
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    seed = _check_int("seed", seed)
+    if limit is not None:
+        limit = _check_int("limit", limit, 1)
     if name == "digits":
         return _digits(seed)
     if name == "mnist1d":

@@ -79,7 +79,7 @@ def run(dataset: str = "digits", heads: int = 8, epochs: int = 40, out: str = "r
     Every argument is checked before the data set is read or anything trains (``check_run_args``)."""
     import sys
 
-    check_run_args(dataset, heads, epochs, device, temperature, width, batch_size, head_hidden, teacher_top_k)
+    check_run_args(dataset, heads, epochs, device, temperature, width, batch_size, head_hidden, teacher_top_k, seed)
     stream = stream or sys.stdout
     with torch.random.fork_rng(devices=[]):  # seeded, and the caller's RNG state is left alone
         torch.manual_seed(seed)
@@ -88,7 +88,8 @@ def run(dataset: str = "digits", heads: int = 8, epochs: int = 40, out: str = "r
 
 
 def check_run_args(dataset: str, heads: int, epochs: int, device: str, temperature: float, width: int = 64,
-                   batch_size: int = 64, head_hidden: int | None = None, teacher_top_k: int | None = None) -> None:
+                   batch_size: int = 64, head_hidden: int | None = None, teacher_top_k: int | None = None,
+                   seed: int = 0) -> None:
     """ValueError / TypeError naming the first bad argument of ``run`` (the CLI shows it as a usage error).
     What depends on the data (top-k against the number of classes) is checked once it is loaded, before
     the members train."""
@@ -98,6 +99,7 @@ def check_run_args(dataset: str, heads: int, epochs: int, device: str, temperatu
     _check_int("epochs", epochs, 1)
     _check_int("width", width, 1)
     _check_int("batch_size", batch_size, 1)
+    _check_int("seed", seed)
     if head_hidden is not None:
         _check_int("head_hidden", head_hidden, 1)
     if teacher_top_k is not None:

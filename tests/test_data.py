@@ -118,3 +118,10 @@ def test_blobs_1000_is_large_c_with_overlap_and_far_ood():
     # OOD points lie outside the training cloud
     assert d.x_ood.norm(dim=1).median() > 1.5 * d.x_train.norm(dim=1).max() / 1.5
     assert d.x_ood.norm(dim=1).median() > d.x_train.norm(dim=1).quantile(0.99)
+
+
+def test_load_dataset_checks_seed_and_limit():
+    with pytest.raises(TypeError, match="seed"):  # was torch's "manual_seed expected a long"
+        load_dataset("digits", seed=1.5)
+    with pytest.raises(ValueError, match="limit"):
+        load_dataset("mnist", data_dir="/nonexistent", limit=0)
