@@ -1,7 +1,8 @@
 """Metrics of the Hydra paper's comparison: classification on mixture probabilities, regression on
 Gaussian mixtures, and out-of-distribution detection. All return Python floats.
 
-Classification functions take ``probs (N, C)`` (rows summing to 1) and integer labels ``(N,)``.
+Classification functions take ``probs (N, C)`` (rows summing to 1: logits or unnormalised scores are a
+ValueError) and integer labels ``(N,)``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,18 @@ def _check_probs(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     if len(y) and not (0 <= int(y.min()) and int(y.max()) < probs.shape[1]):  # (an evaluation: a host read is fine)
         raise ValueError(f"labels must lie in [0, C) = [0, {probs.shape[1]}), got values from {int(y.min())} to "
                          f"{int(y.max())}")
-    return probs.detach().double(), y
+    p = probs.detach().double()
+    if p.numel():  # logits or unnormalised scores passed by mistake gave plausible numbers (nll clamps them)
+        lo, hi, worst = float(p.min()), float(p.max()), float((p.sum(1) - 1).abs().max())
+        if not (lo >= -PROB_TOL and hi <= 1 + PROB_TOL and worst <= ROW_SUM_TOL):  # NaN fails too
+            raise ValueError(f"probs must be probabilities (in [0, 1], rows summing to 1 within {ROW_SUM_TOL}); got "
+                             f"values from {lo:.4g} to {hi:.4g} and a row sum off by {worst:.3g} (logits? use "
+                             f"uncertainty(z).probs or softmax)")
+    return p, y
+
+
+# How far probabilities may stray: 16-bit softmax rows over many classes sum to 1 within a few 1e-3.
+PROB_TOL, ROW_SUM_TOL = 1e-6, 1e-2
 
 
 def _check_bins(n_bins) -> None:

@@ -106,6 +106,25 @@ def test_metric_input_errors():
         metrics.ood_auroc(torch.randn(4), torch.tensor([0.3, float("nan")]))
 
 
+def test_classification_metrics_refuse_what_is_not_probabilities():
+    """Logits, unnormalised scores or NaN passed as probs gave plausible numbers (nll clamped negatives to
+    eps: about 27.6; ECE and Brier of nonsense); a 16-bit softmax over many classes still passes."""
+    p, y = _probs()
+    logits = torch.log(p) + 1.0
+    scaled = p * 1.5
+    with_nan = p.clone()
+    with_nan[0, 0] = float("nan")
+    for bad in (logits, scaled, with_nan):
+        for metric in (metrics.accuracy, metrics.nll, metrics.brier_score, metrics.expected_calibration_error,
+                       metrics.reliability_bins):
+            with pytest.raises(ValueError, match="probs must be probabilities"):
+                metric(bad, y)
+    wide = torch.softmax(torch.randn(64, 32000) * 4, -1)
+    labels = torch.randint(0, 32000, (64,))
+    for dtype in (torch.float16, torch.bfloat16):  # rows off by rounding only: accepted
+        assert metrics.brier_score(wide.to(dtype), labels) == pytest.approx(metrics.brier_score(wide, labels), abs=1e-3)
+
+
 def test_metrics_of_no_rows_are_nan():
     """No rows: every classification metric is NaN (ECE said 0.0, as if perfectly calibrated)."""
     p, y = _probs()
