@@ -146,6 +146,14 @@ def _check_shapes(want: tuple | None = None, **tensors) -> None:
         raise ValueError(f"{', '.join(shapes)} {what}; got " + ", ".join(f"{n} {sh}" for n, sh in shapes.items()))
 
 
+def _check_variance(name: str, var: torch.Tensor) -> None:
+    """Variances finite and > 0: a raw (pre-softplus) output or NaN gave NaN moments and likelihoods, and a
+    coverage that silently counted those rows as misses."""
+    if var.numel() and not bool(torch.isfinite(var).all() and (var > 0).all()):  # (an evaluation: host read)
+        raise ValueError(f"{name} must be finite and > 0 everywhere, got values from {float(var.min()):.4g} to "
+                         f"{float(var.max()):.4g} (a raw variance output before softplus?)")
+
+
 def gaussian_mixture_moments(mean: torch.Tensor, var: torch.Tensor):
     """Predictive mean and variance of an equal-weight mixture of M Gaussians, split in two.
 
@@ -153,6 +161,7 @@ def gaussian_mixture_moments(mean: torch.Tensor, var: torch.Tensor):
     total variance = aleatoric + epistemic.
     """
     _check_shapes((None, None, None), mean=mean, var=var)
+    _check_variance("var", var)
     mu = mean.mean(1)
     aleatoric = var.mean(1)
     epistemic = mean.var(1, unbiased=False)
@@ -169,6 +178,7 @@ def gaussian_mixture_nll(mean: torch.Tensor, var: torch.Tensor, target: torch.Te
     """Mean negative log-likelihood of targets (N, K) under the equal-weight mixture (N, M, K), per output."""
     _check_shapes((None, None, None), mean=mean, var=var)
     _check_shapes((mean.shape[0], mean.shape[2]), target=target)
+    _check_variance("var", var)
     mean, var, y = mean.double(), var.double(), target.double().unsqueeze(1)
     log_comp = -0.5 * (torch.log(2 * math.pi * var) + (y - mean) ** 2 / var)  # (N, M, K)
     log_mix = torch.logsumexp(log_comp, dim=1) - math.log(mean.shape[1])
@@ -181,6 +191,7 @@ def interval_coverage(pred_mean: torch.Tensor, pred_var: torch.Tensor, target: t
     _check_shapes(pred_mean=pred_mean, pred_var=pred_var, target=target)
     if not 0 < level < 1:
         raise ValueError(f"level must lie in (0, 1), got {level}")
+    _check_variance("pred_var", pred_var)
     z = math.sqrt(2.0) * torch.special.erfinv(torch.tensor(level, dtype=torch.float64)).item()
     half = z * pred_var.double().sqrt()
     inside = (target.double() - pred_mean.double()).abs() <= half

@@ -147,3 +147,14 @@ def test_regression_metrics_never_broadcast():
     with pytest.raises(ValueError, match="level"):
         metrics.interval_coverage(y, var[:, 0], y, 1.0)
     assert metrics.rmse(y, y + 2.0) == pytest.approx(2.0)
+
+
+def test_regression_metrics_refuse_variances_that_are_not_positive():
+    mean, y = torch.randn(6, 3, 2), torch.randn(6, 2)
+    for bad in (-torch.rand(6, 3, 2), torch.zeros(6, 3, 2), torch.full((6, 3, 2), float("nan"))):
+        with pytest.raises(ValueError, match="var must be finite and > 0"):
+            metrics.gaussian_mixture_moments(mean, bad)
+        with pytest.raises(ValueError, match="var must be finite and > 0"):
+            metrics.gaussian_mixture_nll(mean, bad, y)
+        with pytest.raises(ValueError, match="pred_var must be finite and > 0"):  # counted those rows as misses
+            metrics.interval_coverage(mean[:, 0], bad[:, 0], y)
