@@ -86,7 +86,7 @@ def _usage_errors(parser, options, check, *args, **kwargs) -> None:
     work, rather than with a traceback after the first minutes of training."""
     try:
         check(*args, **kwargs)
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, ModuleNotFoundError) as err:
         name, _, rest = str(err).partition(" ")
         option = "--" + name.replace("_", "-") if name in vars(options) else name
         parser.error(f"{option} {rest}")
@@ -132,7 +132,8 @@ def main(argv=None) -> int:
         from fasthydra.demo import check_run_args, run
 
         _usage_errors(parser, args, check_run_args, args.dataset, args.heads, args.epochs, args.device,
-                      args.temperature, head_hidden=args.head_hidden, teacher_top_k=args.teacher_top_k)
+                      args.temperature, head_hidden=args.head_hidden, teacher_top_k=args.teacher_top_k,
+                      plots=not args.no_plots)
         run(args.dataset, args.heads, args.epochs, args.out, args.device, args.seed, args.temperature,
             data_dir=args.data_dir, plots=not args.no_plots, progress=sys.stderr.isatty(), head_hidden=args.head_hidden,
             teacher_top_k=args.teacher_top_k)

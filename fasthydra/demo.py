@@ -8,6 +8,7 @@ plots to the output folder; prints the paper-style table.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import time
@@ -17,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fasthydra import metrics
-from fasthydra.data import DATASETS, DataSplit, load_dataset, toy_function
+from fasthydra.data import DATASETS, EMBEDDED, DataSplit, load_dataset, toy_function
 from fasthydra.distill import (
     DistillConfig,
     _check_device,
@@ -79,7 +80,8 @@ def run(dataset: str = "digits", heads: int = 8, epochs: int = 40, out: str = "r
     Every argument is checked before the data set is read or anything trains (``check_run_args``)."""
     import sys
 
-    check_run_args(dataset, heads, epochs, device, temperature, width, batch_size, head_hidden, teacher_top_k, seed)
+    check_run_args(dataset, heads, epochs, device, temperature, width, batch_size, head_hidden, teacher_top_k, seed,
+                   plots)
     stream = stream or sys.stdout
     with torch.random.fork_rng(devices=[]):  # seeded, and the caller's RNG state is left alone
         torch.manual_seed(seed)
@@ -89,10 +91,11 @@ def run(dataset: str = "digits", heads: int = 8, epochs: int = 40, out: str = "r
 
 def check_run_args(dataset: str, heads: int, epochs: int, device: str, temperature: float, width: int = 64,
                    batch_size: int = 64, head_hidden: int | None = None, teacher_top_k: int | None = None,
-                   seed: int = 0) -> None:
-    """ValueError / TypeError naming the first bad argument of ``run`` (the CLI shows it as a usage error).
-    What depends on the data (top-k against the number of classes) is checked once it is loaded, before
-    the members train."""
+                   seed: int = 0, plots: bool = True) -> None:
+    """ValueError / TypeError naming the first bad argument of ``run`` (the CLI shows it as a usage error),
+    ModuleNotFoundError naming the demo extra's packages the run needs and this environment lacks. What
+    depends on the data (top-k against the number of classes) is checked once it is loaded, before the
+    members train."""
     if dataset not in DATASETS:
         raise ValueError(f"dataset must be one of {', '.join(DATASETS)}, got {dataset!r}")
     _check_int("heads", heads, 2)  # one head has no disagreement to show: that is the KD row
@@ -106,6 +109,14 @@ def check_run_args(dataset: str, heads: int, epochs: int, device: str, temperatu
         _check_int("teacher_top_k", teacher_top_k, 1)
     _check_temperature(temperature)
     _check_device(device)
+    needs = {"digits": ["sklearn"], "diabetes": ["sklearn"], "mnist1d": ["mnist1d"]}.get(
+        dataset, [] if dataset in EMBEDDED else ["torchvision"])
+    missing = [PACKAGES[m] for m in needs + (["matplotlib"] if plots else []) if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ModuleNotFoundError(f"the demo on {dataset} needs {', '.join(missing)}: pip install 'fasthydra[demo]'")
+
+
+PACKAGES = {"sklearn": "scikit-learn", "mnist1d": "mnist1d", "torchvision": "torchvision", "matplotlib": "matplotlib"}
 
 
 def _run(dataset, heads, epochs, out, device, seed, temperature, width, batch_size, data_dir, progress, plots,

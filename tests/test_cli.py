@@ -90,3 +90,24 @@ def test_demo_run_checks_before_reading_data_or_training(monkeypatch, tmp_path):
         demo.run("digits", heads=2, epochs=1, out=str(tmp_path), teacher_top_k=11)
     with pytest.raises(ValueError, match="teacher_top_k = 1 needs a classification data set"):
         demo.run("toy-regression", heads=2, epochs=1, out=str(tmp_path), teacher_top_k=1)
+
+
+@pytest.mark.cpu
+def test_demo_names_the_missing_extra_before_any_work(monkeypatch, capsys):
+    """Without the demo extra, `fasthydra demo` was a ModuleNotFoundError from inside the data loader (or,
+    for matplotlib, after all the training); now a usage error names the packages the run needs."""
+    import importlib.util
+
+    import fasthydra.demo as demo
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in demo.PACKAGES else real(name, *a))
+    calls = []
+    monkeypatch.setattr(demo, "run", lambda *args, **kwargs: calls.append(args))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--dataset", "digits"])
+    assert exit_info.value.code == 2
+    assert "the demo on digits needs scikit-learn, matplotlib: pip install 'fasthydra[demo]'" in capsys.readouterr().err
+    assert main(["demo", "--dataset", "blobs-1000", "--no-plots"]) == 0  # needs none of them
+    assert len(calls) == 1
