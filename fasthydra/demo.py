@@ -89,6 +89,10 @@ def run(dataset: str = "digits", heads: int = 8, epochs: int = 40, out: str = "r
                     plots, stream, head_hidden, teacher_top_k)
 
 
+# The demo extra's modules a run may need, with the names pip knows them by.
+PACKAGES = {"sklearn": "scikit-learn", "mnist1d": "mnist1d", "torchvision": "torchvision", "matplotlib": "matplotlib"}
+
+
 def check_run_args(dataset: str, heads: int, epochs: int, device: str, temperature: float, width: int = 64,
                    batch_size: int = 64, head_hidden: int | None = None, teacher_top_k: int | None = None,
                    seed: int = 0, plots: bool = True) -> None:
@@ -114,9 +118,6 @@ def check_run_args(dataset: str, heads: int, epochs: int, device: str, temperatu
     missing = [PACKAGES[m] for m in needs + (["matplotlib"] if plots else []) if importlib.util.find_spec(m) is None]
     if missing:
         raise ModuleNotFoundError(f"the demo on {dataset} needs {', '.join(missing)}: pip install 'fasthydra[demo]'")
-
-
-PACKAGES = {"sklearn": "scikit-learn", "mnist1d": "mnist1d", "torchvision": "torchvision", "matplotlib": "matplotlib"}
 
 
 def _run(dataset, heads, epochs, out, device, seed, temperature, width, batch_size, data_dir, progress, plots,
