@@ -327,6 +327,16 @@ def _batches(loader, teacher_fn, device):
         yield x, t
 
 
+def _check_members(teacher, num_heads: int) -> None:
+    """Stage 2 pairs head m with member m: a loader whose teachers have another member count fails at stage
+    1's first batch (a host-side shape check), not after the whole of stage 1."""
+    t = teacher.values if isinstance(teacher, TopKTeacher) else teacher
+    if not isinstance(t, torch.Tensor) or t.dim() != 3 or t.shape[1] != num_heads:
+        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"the teachers must be (B, num_heads = {num_heads}, C) per batch (head m learns member "
+                         f"m), the loader gave {shape}")
+
+
 def _gaussian_split(t: torch.Tensor):
     k = t.shape[-1] // 2
     return t[..., :k], t[..., k:]
@@ -372,6 +382,7 @@ def _distill(body, feature_dim, num_outputs, num_heads, loader, task, cfg, teach
         head = HydraHead(feature_dim, num_outputs, 1, hidden_features=hidden_features, impl=impl)
 
         def stage1_loss(model, x, t):
+            _check_members(t, num_heads)
             return hinton_kl_loss(model(x), t, T, impl=impl)
 
         def stage2_loss(model, x, t):
@@ -380,6 +391,7 @@ def _distill(body, feature_dim, num_outputs, num_heads, loader, task, cfg, teach
         head = GaussianHydraHead(feature_dim, num_outputs, 1, impl=impl)
 
         def stage1_loss(model, x, t):  # one Gaussian against the members' mixture (its two moments)
+            _check_members(t, num_heads)
             mu_t, var_t = _gaussian_split(t)
             mix_mu = mu_t.mean(1, keepdim=True)
             mix_var = var_t.mean(1, keepdim=True) + mu_t.var(1, unbiased=False, keepdim=True)

@@ -251,3 +251,21 @@ def test_the_recipe_checks_its_arguments_before_anything_trains(monkeypatch):
     for name, call in bad_calls.items():
         with pytest.raises((ValueError, TypeError), match=name.strip()):
             call()
+
+
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_a_member_count_other_than_num_heads_fails_at_the_first_batch(task):
+    """Stage 2 pairs head m with member m; teachers with 3 members for 4 heads failed only when stage 2
+    began, after all of stage 1."""
+    x, _, d, c = _toy_classification(n=32)
+    calls = []
+
+    def teacher_fn(xb):
+        calls.append(len(xb))
+        return torch.randn(len(xb), 3, c if task == "classification" else 2 * c).abs() + 0.1
+
+    loader = DataLoader(TensorDataset(x), batch_size=8)
+    cfg = DistillConfig(epochs_stage1=5, epochs_stage2=1, progress=False)
+    with pytest.raises(ValueError, match=r"num_heads = 4.*gave \(8, 3, "):
+        distill(mlp_body(d, 8), 8, c, 4, loader, task, cfg, teacher_fn=teacher_fn)
+    assert calls == [8]
