@@ -111,6 +111,9 @@ def member_forward(member: nn.Module, x: torch.Tensor, task: str):
     out = member(x)
     if task == "classification":
         return out
+    if out.shape[-1] % 2:
+        raise ValueError(f"a regression member must return (B, 2K): K means, then K raw variances; got "
+                         f"{tuple(out.shape)}")
     k = out.shape[-1] // 2
     return out[..., :k], nn.functional.softplus(out[..., k:]) + 1e-6
 

@@ -248,6 +248,10 @@ def test_the_recipe_checks_its_arguments_before_anything_trains(monkeypatch):
         "cfg": lambda: distill(mlp_body(d, 8), 8, c, 2, loader, "classification", {"epochs_stage1": 1}),
         "device  ": lambda: distill(mlp_body(d, 8), 8, c, 2, loader, "classification", DistillConfig(device=absent)),
     }
+    monkeypatch.undo()  # an odd output width for regression: means and variances cannot be told apart
+    with pytest.raises(ValueError, match=r"\(B, 2K\)"):
+        train_ensemble(lambda: nn.Linear(d, 3), DataLoader(TensorDataset(x, x[:, :1]), batch_size=4), 1, "regression",
+                       epochs=1, progress=False)
     for name, call in bad_calls.items():
         with pytest.raises((ValueError, TypeError), match=name.strip()):
             call()
