@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from fasthydra.functional import uncertainty  # noqa: F401  (re-exported: the entropy decomposition)
+from fasthydra.functional import _check_int, uncertainty  # noqa: F401  (uncertainty: re-exported)
 
 
 def _check_probs(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,11 +39,6 @@ def _check_probs(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
 
 # How far probabilities may stray: 16-bit softmax rows over many classes sum to 1 within a few 1e-3.
 PROB_TOL, ROW_SUM_TOL = 1e-6, 1e-2
-
-
-def _check_bins(n_bins) -> None:
-    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
-        raise ValueError(f"n_bins must be an int >= 1, got {n_bins!r}")
 
 
 def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
@@ -75,7 +70,7 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins
     """ECE with equal-width bins on the max probability: ``sum_bins |bin|/N * |acc(bin) - conf(bin)|``.
     Bins are (lo, hi], the first one [0, 1/n_bins]."""
     p, y = _check_probs(probs, labels)
-    _check_bins(n_bins)
+    n_bins = _check_int("n_bins", n_bins, 1)
     if not len(y):
         return float("nan")  # (as the other metrics of no rows)
     conf, pred = p.max(1)
@@ -91,7 +86,7 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins
 def reliability_bins(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15):
     """(bin centres, accuracy per bin, confidence per bin, count per bin) for reliability diagrams."""
     p, y = _check_probs(probs, labels)
-    _check_bins(n_bins)
+    n_bins = _check_int("n_bins", n_bins, 1)
     conf, pred = p.max(1)
     bins = torch.clamp(torch.ceil(conf * n_bins).long() - 1, 0, n_bins - 1)
     count = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, torch.ones_like(conf))
