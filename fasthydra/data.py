@@ -31,6 +31,9 @@ from fasthydra.functional import _check_int
 
 EMBEDDED = ("digits", "mnist1d", "toy-regression", "diabetes", "blobs-1000")
 FROM_FILES = ("mnist", "fashion-mnist", "cifar10", "svhn")
+# The modules (of the demo extra) each set's loader imports; the others need none.
+LOADER_MODULES = {"digits": ("sklearn",), "diabetes": ("sklearn",), "mnist1d": ("mnist1d",),
+                  **{name: ("torchvision",) for name in FROM_FILES}}
 DATASETS = EMBEDDED + FROM_FILES
 
 

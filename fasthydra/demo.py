@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fasthydra import metrics
-from fasthydra.data import DATASETS, EMBEDDED, DataSplit, load_dataset, toy_function
+from fasthydra.data import DATASETS, LOADER_MODULES, DataSplit, load_dataset, toy_function
 from fasthydra.distill import (
     DistillConfig,
     _check_device,
@@ -113,9 +113,8 @@ def check_run_args(dataset: str, heads: int, epochs: int, device: str, temperatu
         _check_int("teacher_top_k", teacher_top_k, 1)
     _check_temperature(temperature)
     _check_device(device)
-    needs = {"digits": ["sklearn"], "diabetes": ["sklearn"], "mnist1d": ["mnist1d"]}.get(
-        dataset, [] if dataset in EMBEDDED else ["torchvision"])
-    missing = [PACKAGES[m] for m in needs + (["matplotlib"] if plots else []) if importlib.util.find_spec(m) is None]
+    needs = LOADER_MODULES.get(dataset, ()) + (("matplotlib",) if plots else ())
+    missing = [PACKAGES[m] for m in needs if importlib.util.find_spec(m) is None]
     if missing:
         raise ModuleNotFoundError(f"the demo on {dataset} needs {', '.join(missing)}: pip install 'fasthydra[demo]'")
 

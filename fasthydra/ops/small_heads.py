@@ -94,7 +94,7 @@ def launch_small_grads(inp, weight, bias, stash, cfg: dict, shared: bool, need_i
 
     def out_like(t):  # scaled now: the tensor's dtype; else kept for the backward's scaling. Contiguous whatever
         #               t's layout (the kernel writes dense rows; empty_like would keep a permuted bias's strides)
-        return torch.empty(t.shape, dtype=t.dtype, device=t.device) if upstream is not None else empty_stored_grad(t)
+        return t.new_empty(t.shape) if upstream is not None else empty_stored_grad(t)
 
     grad_in = out_like(inp) if need_in else None
     grad_w = out_like(weight) if need_w else None
