@@ -51,7 +51,8 @@ TARGETS = [
     ("linear_fwdbwd", "gpu-large", "speedup_vs_compile", (">=", 1.6)),
     ("linear_fwdbwd", "gpu-large", "speedup_vs_eager", (">=", 3.0)),
     ("linear_fwdbwd", "gpu-large", "memory_vs_eager", ("<=", 0.08)),
-    *[(op, shape, "over_gemm_floor", ("<=", 1.3)) for op, shape in GEMM_BOUND if (op, shape) != ("linear_fwdbwd", "gpu-large")],
+    *[(op, shape, "over_gemm_floor", ("<=", 1.3)) for op, shape in GEMM_BOUND
+      if (op, shape) != ("linear_fwdbwd", "gpu-large")],
     *[(op, shape, "speedup_vs_eager", (">=", 1.0)) for op, shape in GEMM_BOUND],
     ("linear_fwdbwd", "small-C", "speedup_vs_eager", (">=", 10.0)),
     ("linear_fwdbwd", "gpu-small", "speedup_vs_eager", (">=", 10.0)),
@@ -317,7 +318,8 @@ def profile_step(case: C.Case, provider: str = "fasthydra", steps: int = 3, top:
         if device_us is None:
             device_us = getattr(ev, "self_cuda_time_total", 0.0)
         if device_us > 0:
-            rows.append({"kernel": ev.key[:90], "ms_per_step": device_us / 1e3 / steps, "calls_per_step": ev.count / steps})
+            rows.append({"kernel": ev.key[:90], "ms_per_step": device_us / 1e3 / steps,
+                         "calls_per_step": ev.count / steps})
     rows.sort(key=lambda r: -r["ms_per_step"])
     return rows[:top] + [{"kernel": f"(the SM clock after these steps: {sm_clock()} MHz)", "ms_per_step": 0.0,
                           "calls_per_step": 0.0}]

@@ -194,8 +194,9 @@ BLOBS_CLASSES, BLOBS_DIM = 1000, 32
 def _blobs(seed: int, classes: int = BLOBS_CLASSES, dim: int = BLOBS_DIM, per_class_train: int = 24,
            per_class_test: int = 6, noise: float = 1.3) -> DataSplit:
     """Gaussian blobs: centres ~ N(0, I) in `dim` dimensions, points = centre + N(0, noise^2 I); at the
-    default noise the nearest true centre is right for about 70% of the points (classes overlap). OOD points come from far-away centres (radius twice the
-    largest class centre's), so the members extrapolate there and disagree."""
+    default noise the nearest true centre is right for about 70% of the points (classes overlap). OOD points
+    come from far-away centres (radius twice the largest class centre's), so the members extrapolate there and
+    disagree."""
     gen = torch.Generator().manual_seed(10_000 + seed)
     centres = torch.randn(classes, dim, generator=gen)
 

@@ -2,12 +2,14 @@
 
 Forward formula, per row b, head m and output k (x_b shared by all heads):
     mu = x_b @ W[m, k].T + bias[m, k],  r = x_b @ W[m, K + k].T + bias[m, K + k],  var = softplus(r) + min_var
-    loss[b, m] = sum_k KL(N(mu_t, var_t) || N(mu, var)) = 0.5 * sum_k (log(var / var_t) + (var_t + (mu_t - mu)^2) / var - 1)
+    loss[b, m] = sum_k KL(N(mu_t, var_t) || N(mu, var))
+               = 0.5 * sum_k (log(var / var_t) + (var_t + (mu_t - mu)^2) / var - 1)
 Gradient: dloss/dmu = (mu - mu_t) / var;  dloss/dr = 0.5 * (1 / var - (var_t + (mu_t - mu)^2) / var^2) * sigmoid(r).
 Both are written (times grad_scale) into the (B, M, 2K) stash; the small-step gradient kernel
 (small_heads.py, from the backward where the batch allows) or GEMMs contract it into dx, dW and db.
-The last program to finish sums the programs' partial losses (as the small-step kernel does). The teacher is checked on the loads already made: a variance
-that is not finite and > 0 sets bit 8 of the error word, a mean that is not finite bit 16.
+The last program to finish sums the programs' partial losses (as the small-step kernel does). The teacher
+is checked on the loads already made: a variance that is not finite and > 0 sets bit 8 of the error word, a
+mean that is not finite bit 16.
 """
 
 import triton

@@ -414,8 +414,8 @@ def test_backward_hands_over_the_stored_gradients(monkeypatch, kind):
         # every parameter's and the input's gradient (MLP heads: both layers form one node)
         assert {g.data_ptr() for g in (x.grad, *[p.grad for p in params_of(head)])} <= set(handed)
         _, grads_ref = reference_loss_and_grads(head, x, t, 1.5, upstream=upstream)
-        for name, g, g_ref in zip(["x"] + [n for n, _ in head.named_parameters()], [x.grad, *[p.grad for p in params_of(head)]],
-                                  grads_ref):
+        names = ["x"] + [n for n, _ in head.named_parameters()]
+        for name, g, g_ref in zip(names, [x.grad, *[p.grad for p in params_of(head)]], grads_ref):
             assert_close_to(g, g_ref, rtol=1e-5, atol=1e-8, what=f"{name} (upstream {upstream})")
 
 

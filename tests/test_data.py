@@ -48,7 +48,8 @@ def _write_idx(folder, prefix, n, seed):
     for split, count in (("train", n), ("t10k", n // 2)):
         images = rng.integers(0, 256, size=(count, 28, 28), dtype=np.uint8)
         labels = rng.integers(0, 10, size=count, dtype=np.uint8)
-        (folder / f"{split}-images-idx3-ubyte").write_bytes(struct.pack(">iiii", 2051, count, 28, 28) + images.tobytes())
+        header = struct.pack(">iiii", 2051, count, 28, 28)
+        (folder / f"{split}-images-idx3-ubyte").write_bytes(header + images.tobytes())
         (folder / f"{split}-labels-idx1-ubyte").write_bytes(struct.pack(">ii", 2049, count) + labels.tobytes())
 
 

@@ -7,7 +7,8 @@ interpret tier: the Triton kernels under TRITON_INTERPRET=1 (loss on logits, hea
 
 import pytest
 import torch
-from helpers import HEADS_PATHS, as_float64_copy, assert_close_to, params_of, teacher_logits, tolerance_rule, use_heads_path
+from helpers import (HEADS_PATHS, as_float64_copy, assert_close_to, params_of, teacher_logits, tolerance_rule,
+                     use_heads_path)
 
 from fasthydra import GaussianHydraHead, HydraHead, gaussian_kl_loss, hinton_kl_loss, hydra_kl_loss
 from fasthydra import reference as R

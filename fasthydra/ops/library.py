@@ -486,10 +486,10 @@ register_autograd("fasthydra::grouped_linear", _grouped_linear_bwd, setup_contex
 
 
 @_no_autocast
-def _gaussian_heads_kl_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, teacher_mean: torch.Tensor,
-                      teacher_var: torch.Tensor, min_var: float, reduction: str, need_in: bool, need_w: bool,
-                      need_b: bool,
-                      small_deferred: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _gaussian_heads_kl_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                            teacher_mean: torch.Tensor, teacher_var: torch.Tensor, min_var: float, reduction: str,
+                            need_in: bool, need_w: bool, need_b: bool,
+                            small_deferred: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """small_deferred (decided by the caller with gaussian_deferred): the fused kernel alone, returning
     the (B, M, 2K) stash of the gradient w.r.t. (mu, raw var) in the input gradient's place; the
     small-step gradient kernel runs in the backward (as for the Hydra heads)."""

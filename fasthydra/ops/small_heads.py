@@ -79,8 +79,8 @@ def linear_hydra_kl_forward_small(inp, weight, bias, teacher, temperature: float
 def launch_small_grads(inp, weight, bias, stash, cfg: dict, shared: bool, need_in: bool, need_w: bool, need_b: bool,
                        upstream: torch.Tensor | None = None):
     """Launch 2 of the small-step path (``_small_heads_grad_kernel``), after any first launch that left a
-    (B, M, C) stash of dL/dz (contiguous, the input dtype; fp32 for fp16 inputs): dW and db per (head, K block) over all rows,
-    dx per (row block, K block). upstream: a scalar tensor the gradients are multiplied by on the device
+    (B, M, C) stash of dL/dz (contiguous, the input dtype; fp32 for fp16 inputs): dW and db per (head, K block)
+    over all rows, dx per (row block, K block). upstream: a scalar tensor the gradients are multiplied by on the device
     (the backward's upstream gradient). Returns (grad_in, grad_weight, grad_bias), None where not asked: in
     the tensors' dtypes when scaled by upstream, else kept for a later scaling (stored_grad_dtype). An fp32
     stash of 16-bit inputs takes its own blocks (small_grads_config, as the kernel report compiles them)."""
