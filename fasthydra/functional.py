@@ -20,7 +20,7 @@ from fasthydra.ops.checks import flag_gaussian_teacher, flag_teacher_rows, flag_
 from fasthydra.ops.gaussian_kl import gaussian_kl_torch, split_gaussian
 from fasthydra.ops.uncertainty import ensemble_log_mean_triton
 from fasthydra.ops import library as _ops
-from fasthydra.reference import TopKTeacher, Uncertainty
+from fasthydra.reference import TopKTeacher, Uncertainty, uncertainty_ref
 
 IMPLS = ("auto", "triton", "torch")
 REDUCTIONS = ("mean", "sum", "none")
@@ -224,6 +224,14 @@ def resolve_impl(impl: str, *tensors: torch.Tensor | None) -> str:
     return impl
 
 
+def _under_torch_func() -> bool:
+    """torch.func transforms (grad, vmap, jacrev, ...) are active around this eager call. The kernels cannot
+    run under them (they read the tensors' storage, which the transforms' wrapped tensors do not expose): the
+    ops without a gradient of their own (the heads' logits, uncertainty) then run as plain torch ops, which the
+    transforms map, and the fused losses refuse with a message (``library.refuse_torch_func``)."""
+    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+
+
 # ----------------------------------------------------------------------------------------------
 # autocast
 # ----------------------------------------------------------------------------------------------
@@ -349,6 +357,8 @@ def hinton_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
     temperature = _check_temperature(temperature)
     reduction = _check_reduction(reduction)
     impl = resolve_impl(impl, student_logits, teacher_logits)
+    if _under_torch_func():  # (before the teacher's launch or checks below, which read its storage)
+        _ops.refuse_torch_func("hinton_kl_loss")
     compiling = torch.compiler.is_compiling()
     if not compiling:  # compiled: the op's own check sees NaN in log pbar instead
         poll(teacher_logits.device)
@@ -453,7 +463,7 @@ def linear_heads(x, weight, bias=None, impl: str = "auto"):
     _check_heads_input(x, weight, bias)
     impl = resolve_impl(impl, x, weight, bias)
     m, c, d = weight.shape
-    if impl == "triton":
+    if impl == "triton" and not _under_torch_func():
         return _ops.grouped_linear_call(x, weight, bias, True, False)
     z = torch.nn.functional.linear(x, weight.reshape(m * c, d), None if bias is None else bias.reshape(m * c))
     return z.view(x.shape[0], m, c)
@@ -476,7 +486,7 @@ def mlp_hidden(x, hidden_weight, hidden_bias=None, impl: str = "auto"):
     x, hidden_weight, hidden_bias = _autocast_gemm_inputs(x, hidden_weight, hidden_bias)
     _check_heads_input(x, hidden_weight, hidden_bias, weight_name="hidden_weight", bias_name="hidden_bias")
     impl = resolve_impl(impl, x, hidden_weight, hidden_bias)
-    if impl == "triton":
+    if impl == "triton" and not _under_torch_func():
         return _ops.grouped_linear_call(x, hidden_weight, hidden_bias, True, True)
     return torch.relu(linear_heads(x, hidden_weight, hidden_bias, impl="torch"))
 
@@ -497,7 +507,7 @@ def grouped_heads(u, weight, bias=None, impl: str = "auto"):
     u, weight, bias = _autocast_gemm_inputs(u, weight, bias)
     _check_heads_input(u, weight, bias, name="u", per_head=True)
     impl = resolve_impl(impl, u, weight, bias)
-    if impl == "triton":
+    if impl == "triton" and not _under_torch_func():
         return _ops.grouped_linear_call(u, weight, bias, False, False)
     z = torch.bmm(u.transpose(0, 1), weight.transpose(1, 2))
     if bias is not None:
@@ -621,6 +631,9 @@ def uncertainty(logits: torch.Tensor, temperature: float = 1.0, impl: str = "aut
     _check_extent("logits", logits, 1, "head")
     _check_extent("logits", logits, 2, "class (C >= 1)")
     impl = resolve_impl(impl, logits)
+    if _under_torch_func():  # (vmap over a batch of predictions) the reference's torch ops, in fp32 or wider
+        wide = logits.detach().float() if logits.element_size() < 4 else logits.detach()
+        return Uncertainty(*(v.to(logits.dtype) for v in uncertainty_ref(wide, temperature)))
     return Uncertainty(*_ops.uncertainty_call(logits.detach(), temperature, impl))
 
 

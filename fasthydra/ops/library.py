@@ -556,6 +556,15 @@ def _eager_function(name: str, impl, setup, backward) -> type:
     })
 
 
+def refuse_torch_func(name: str):
+    """The error of a fused loss called under torch.func transforms: they need a setup_context form and vmap
+    rules these ops do not have (the gradient is formed in the forward pass, the kernels read raw storage)."""
+    raise RuntimeError(f"fasthydra ({name}): torch.func transforms (grad, vmap, jacrev, functionalize, ...) "
+                       "are not supported by the fused ops, which form the gradient in the forward pass; use "
+                       "torch.autograd (loss.backward(), torch.autograd.grad), or the reference ops in "
+                       "fasthydra.reference, which torch.func can transform")
+
+
 def _eager_call(name: str, fn: type, impl):
     """An eager call of the autograd.Function fn over `impl`: refused under torch.func transforms (which need a
     setup_context form and vmap rules these ops do not have) with a message that says what to use instead; without
@@ -564,10 +573,7 @@ def _eager_call(name: str, fn: type, impl):
 
     def call(*args):
         if torch._C._are_functorch_transforms_active():
-            raise RuntimeError(f"fasthydra ({name}): torch.func transforms (grad, vmap, jacrev, functionalize, ...) "
-                               "are not supported by the fused ops, which form the gradient in the forward pass; use "
-                               "torch.autograd (loss.backward(), torch.autograd.grad), or the reference ops in "
-                               "fasthydra.reference, which torch.func can transform")
+            refuse_torch_func(name)
         if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
             return fn.apply(*args)
         return impl(*args)
