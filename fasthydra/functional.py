@@ -214,7 +214,7 @@ def resolve_impl(impl: str, *tensors: torch.Tensor | None) -> str:
     if impl == "triton":
         if not triton_available():
             raise ImplUnavailableError("impl='triton' needs the triton package, which does not import here")
-        if any([not t.is_cuda for t in present]) and not interpreting():
+        if any([not (t.is_cuda or t.is_meta) for t in present]) and not interpreting():
             raise ImplUnavailableError("impl='triton' on CPU tensors runs only under TRITON_INTERPRET=1 "
                                        "(set before triton is imported); use impl='torch' or CUDA tensors")
         bad = [t.dtype for t in present if t.dtype not in _TRITON_DTYPES]
@@ -363,7 +363,8 @@ def hinton_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
     if not compiling:  # compiled: the op's own check sees NaN in log pbar instead
         poll(teacher_logits.device)
     # softmax(T * log pbar / T) = pbar exactly, so the per-head kernel does the rest (masks included).
-    if impl == "triton" and not compiling and not (torch.is_grad_enabled() and teacher_logits.requires_grad):
+    if (impl == "triton" and not compiling and not teacher_logits.is_meta
+            and not (torch.is_grad_enabled() and teacher_logits.requires_grad)):
         # one launch forms T * log pbar and checks the teacher on the same loads
         mean_teacher = ensemble_log_mean_triton(teacher_logits.detach(), temperature, "hinton_kl_loss")
     else:
@@ -586,7 +587,7 @@ def mlp_hydra_kl_loss(x, hidden_weight, hidden_bias, weight, bias, teacher_logit
     _check_mlp_params(x, hidden_weight, hidden_bias, weight, bias)
     temperature, reduction = _check_fused_loss_args(x, teacher_logits, weight, temperature, reduction, "x")
     impl = resolve_impl(impl, x, hidden_weight, weight, _teacher_parts(teacher_logits)[0])
-    if impl == "triton" or torch.compiler.is_compiling():
+    if impl == "triton" or torch.compiler.is_compiling() or x.is_meta:  # (meta: the custom ops' fake forms)
         u = mlp_hidden(x, hidden_weight, hidden_bias, impl=impl)
         return _fused(u, weight, bias, teacher_logits, temperature, reduction, False, impl)
     # eager torch path: both layers in one autograd node (no (B, M, H) activations kept for the backward)
@@ -654,7 +655,7 @@ def _value_check(ok: torch.Tensor, message: str) -> None:
 def _check_gaussian_teacher(teacher_mean: torch.Tensor, teacher_var: torch.Tensor) -> None:
     """teacher_var finite and > 0, teacher_mean finite: at once on the CPU (and under torch.compile, as an
     in-graph assertion); on CUDA in eager mode through the device's error word, with no host sync."""
-    if not teacher_var.numel():
+    if not teacher_var.numel() or teacher_var.is_meta:  # (meta tensors: shapes only, no values to check)
         return
     var_ok = ((teacher_var > 0) & torch.isfinite(teacher_var)).all()
     mean_ok = torch.isfinite(teacher_mean).all()

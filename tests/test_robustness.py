@@ -19,6 +19,59 @@ FUZZ_CASES = {"valid": 0, "invalid": 0}  # counted, and printed at the end of th
 
 
 # ----------------------------------------------------------------------------------------------
+# meta tensors
+# ----------------------------------------------------------------------------------------------
+
+
+def _meta_case(name: str, impl: str, device: str) -> list:
+    """One op's outputs and gradients, from inputs drawn on the CPU and moved to `device`."""
+    from fasthydra import TopKTeacher
+
+    torch.manual_seed(0)
+
+    def leaf(*shape, dtype=torch.float32):
+        return torch.randn(*shape).to(device=device, dtype=dtype).requires_grad_()
+
+    t = torch.randn(6, 3, 10).to(device)
+    if name in ("linear", "mlp", "gaussian", "forward", "linear bf16"):
+        dtype = torch.bfloat16 if name == "linear bf16" else torch.float32
+        head = (GaussianHydraHead(8, 5, 3, impl=impl) if name == "gaussian" else
+                HydraHead(8, 10, 3, hidden_features=4 if name == "mlp" else None, impl=impl)).to(device, dtype)
+        x = leaf(6, 8, dtype=dtype)
+        if name == "gaussian":
+            out = head.distill_loss(x, t[..., :5], t[..., 5:].exp())
+        elif name == "forward":
+            out = head(x).square().sum()
+        else:
+            out = head.distill_loss(x, t.to(dtype), 2.0)
+        out.backward()
+        return [out, x.grad, *[p.grad for p in head.parameters()]]
+    if name == "uncertainty":
+        return list(uncertainty(t, impl=impl))
+    z = leaf(6, 10) if name.startswith("hinton") else leaf(6, 3, 10)
+    teacher = {"frozen": t, "teacher grad": leaf(6, 3, 10), "none": t, "hinton": t,
+               "top-k": TopKTeacher(*t.topk(4, dim=-1)), "hinton top-k": TopKTeacher(*t.topk(4, dim=-1))}[name]
+    loss_fn = hinton_kl_loss if name.startswith("hinton") else hydra_kl_loss
+    out = loss_fn(z, teacher, 2.0, reduction="none" if name == "none" else "mean", impl=impl)
+    out.backward(torch.ones_like(out))
+    return [out, z.grad] + ([teacher.grad] if name == "teacher grad" else [])
+
+
+@pytest.mark.parametrize("impl", [pytest.param("torch", marks=pytest.mark.cpu),
+                                  pytest.param("triton", marks=pytest.mark.interpret)])
+@pytest.mark.parametrize("name", ["linear", "linear bf16", "mlp", "gaussian", "forward", "frozen", "teacher grad",
+                                  "none", "top-k", "hinton", "hinton top-k", "uncertainty"])
+def test_meta_tensors_give_the_shapes_and_dtypes_of_a_real_call(name, impl):
+    """On meta tensors (shape inference, deferred initialisation, memory planning: shapes and dtypes, no data)
+    every op and its backward give what a real call gives, through the custom ops' fake forms, with no value
+    check or kernel (before: "unknown device type for autocast", or Tensor.item() on a meta tensor)."""
+    real, meta = _meta_case(name, impl, "cpu"), _meta_case(name, impl, "meta")
+    assert len(real) == len(meta) and all(r is not None for r in real)
+    for i, (r, m) in enumerate(zip(real, meta)):
+        assert m.is_meta and (m.shape, m.dtype) == (r.shape, r.dtype), (i, m.shape, m.dtype, r.shape, r.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
 # checkpoints
 # ----------------------------------------------------------------------------------------------
 

@@ -43,7 +43,7 @@ def _no_autocast(fn):
         first = args[0]
         device = (first if isinstance(first, torch.Tensor) else next(a for a in args if isinstance(a, torch.Tensor))
                   ).device.type
-        if not torch.is_autocast_enabled(device):
+        if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):  # (meta: no autocast state)
             return fn(*args, **kwargs)
         with torch.autocast(device, enabled=False):
             return fn(*args, **kwargs)
@@ -170,6 +170,12 @@ def _hydra_kl_setup(ctx, inputs, output):
     ctx.save_for_backward(student, teacher, output[1])
 
 
+def _traced(*tensors) -> bool:
+    """A backward that must call the custom op, not its implementation: traced (compile, AOT: fake or functional
+    tensors), or on meta tensors (the op's fake form: shapes only)."""
+    return torch.compiler.is_compiling() or any(type(t) is not torch.Tensor or t.is_meta for t in tensors)
+
+
 def _hydra_kl_backward(ctx, grad_loss, *_grad_of_grads):
     _no_double_backward()
     if grad_loss is None:
@@ -179,8 +185,7 @@ def _hydra_kl_backward(ctx, grad_loss, *_grad_of_grads):
         args = (student.detach(), teacher.detach(), norms, grad_loss, ctx.temperature, ctx.reduction)
         # a traced backward (compile, AOT: fake or functional tensors) sees the custom op; eager calls the
         # implementation (no dispatcher)
-        traced = torch.compiler.is_compiling() or any(type(t) is not torch.Tensor for t in args[:4])
-        grad = hydra_kl_grad(*args) if traced else _hydra_kl_grad_impl(*args)
+        grad = hydra_kl_grad(*args) if _traced(*args[:4]) else _hydra_kl_grad_impl(*args)
         return grad, None, None, None, None, None, None, None
     student, teacher = (None if _absent(g) else _in_dtype(_kl.scale_grad(g, grad_loss, ctx.reduction), dt)
                         for g, dt in zip(ctx.saved_tensors, ctx.grad_dtypes))
@@ -345,7 +350,7 @@ def _small_backward(ctx, grad_loss, n_inputs: int) -> tuple:
     shared, need_in, need_w, need_b = ctx.small
     args = (inp.detach(), weight.detach(), None if bias is None else bias.detach(), stash, grad_loss, shared,
             need_in, need_w, need_b)
-    if torch.compiler.is_compiling() or any(type(t) is not torch.Tensor for t in (inp, stash, grad_loss)):
+    if _traced(inp, stash, grad_loss):
         g_in, g_w, g_b = small_heads_grads(*args)
     else:  # eager: the launcher itself (no placeholders for the gradients not asked for; autocast leaves it alone)
         g_in, g_w, g_b = _small.small_heads_backward(*args)
@@ -582,17 +587,18 @@ def _eager_call(name: str, fn: type, impl):
 
 
 def _eager_entry(op, impl, setup=None, backward=None):
-    """A callable that runs `op` (the custom op) when torch.compile/export is tracing, and otherwise
-    `impl` directly, wrapped in an autograd.Function with the op's own setup_context and backward."""
+    """A callable that runs `op` (the custom op) when torch.compile/export is tracing or on meta tensors (its fake
+    implementation: shapes and dtypes, no data), and otherwise `impl` directly, wrapped in an autograd.Function
+    with the op's own setup_context and backward."""
     if setup is None:
         def call(*args):
-            return op(*args) if torch.compiler.is_compiling() else impl(*args)
+            return op(*args) if torch.compiler.is_compiling() or args[0].is_meta else impl(*args)
         return call
 
     eager = _eager_call(op._name, _eager_function(op._name, impl, setup, backward), impl)
 
     def call(*args):
-        return op(*args) if torch.compiler.is_compiling() else eager(*args)
+        return op(*args) if torch.compiler.is_compiling() or args[0].is_meta else eager(*args)
 
     call.op = op
     return call
