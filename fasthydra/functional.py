@@ -14,7 +14,7 @@ from numbers import Integral, Real
 
 import torch
 
-from fasthydra.ops._common import auto_fallback_reason, interpreting, triton_available
+from fasthydra.ops._common import auto_fallback_reason, interpreting, no_values, triton_available
 from fasthydra.ops import checks as _checks
 from fasthydra.ops.checks import flag_gaussian_teacher, flag_teacher_rows, flag_topk_teacher, poll
 from fasthydra.ops.gaussian_kl import gaussian_kl_torch, split_gaussian
@@ -363,7 +363,7 @@ def hinton_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
     if not compiling:  # compiled: the op's own check sees NaN in log pbar instead
         poll(teacher_logits.device)
     # softmax(T * log pbar / T) = pbar exactly, so the per-head kernel does the rest (masks included).
-    if (impl == "triton" and not compiling and not teacher_logits.is_meta
+    if (impl == "triton" and not compiling and not no_values(teacher_logits)
             and not (torch.is_grad_enabled() and teacher_logits.requires_grad)):
         # one launch forms T * log pbar and checks the teacher on the same loads
         mean_teacher = ensemble_log_mean_triton(teacher_logits.detach(), temperature, "hinton_kl_loss")
@@ -587,7 +587,7 @@ def mlp_hydra_kl_loss(x, hidden_weight, hidden_bias, weight, bias, teacher_logit
     _check_mlp_params(x, hidden_weight, hidden_bias, weight, bias)
     temperature, reduction = _check_fused_loss_args(x, teacher_logits, weight, temperature, reduction, "x")
     impl = resolve_impl(impl, x, hidden_weight, weight, _teacher_parts(teacher_logits)[0])
-    if impl == "triton" or torch.compiler.is_compiling() or x.is_meta:  # (meta: the custom ops' fake forms)
+    if impl == "triton" or torch.compiler.is_compiling() or no_values(x):  # (no data: the custom ops' fake forms)
         u = mlp_hidden(x, hidden_weight, hidden_bias, impl=impl)
         return _fused(u, weight, bias, teacher_logits, temperature, reduction, False, impl)
     # eager torch path: both layers in one autograd node (no (B, M, H) activations kept for the backward)
@@ -655,7 +655,7 @@ def _value_check(ok: torch.Tensor, message: str) -> None:
 def _check_gaussian_teacher(teacher_mean: torch.Tensor, teacher_var: torch.Tensor) -> None:
     """teacher_var finite and > 0, teacher_mean finite: at once on the CPU (and under torch.compile, as an
     in-graph assertion); on CUDA in eager mode through the device's error word, with no host sync."""
-    if not teacher_var.numel() or teacher_var.is_meta:  # (meta tensors: shapes only, no values to check)
+    if not teacher_var.numel() or no_values(teacher_var):
         return
     var_ok = ((teacher_var > 0) & torch.isfinite(teacher_var)).all()
     mean_ok = torch.isfinite(teacher_mean).all()

@@ -211,6 +211,14 @@ def triton_available() -> bool:
     return triton is not None  # (a plain import statement: dynamo traces it, not importlib.import_module)
 
 
+def no_values(t: torch.Tensor) -> bool:
+    """t has a shape and a dtype but no data here: a meta tensor, or any tensor while a FakeTensorMode is active
+    (memory planning, shape propagation; a kernel handed a fake tensor's pointer would write anywhere). The ops
+    then run their custom ops' fake forms, and no value is checked."""
+    return t.is_meta or (torch._C._len_torch_dispatch_stack() > 0
+                         and torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None)
+
+
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (must be set before triton is imported)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from ._common import interpreting, triton_available
+from ._common import interpreting, no_values, triton_available
 
 NAN, POSINF, ALL_NEGINF = 1, 2, 4
 BAD_VAR, BAD_MEAN = 8, 16  # Gaussian teachers: a variance not finite and > 0, a mean not finite
@@ -192,7 +192,7 @@ def flag_teacher_rows(teacher: torch.Tensor, op: str) -> None:
     """The torch path: one row-max reduction answers all three questions (max is NaN with a NaN, +inf
     with a +inf, -inf exactly when the whole row is -inf); on CUDA its verdict goes to the error word
     through one small Triton launch (no host read), on the CPU the error is raised at once."""
-    if teacher.numel() == 0 or teacher.is_meta:  # (meta tensors: shapes only, no values to check)
+    if teacher.numel() == 0 or no_values(teacher):
         return
     if teacher.device.type != "cuda" and not _DEFER_ON_CPU:
         check_teacher_values(teacher)
@@ -246,7 +246,7 @@ def flag_topk_teacher(values: torch.Tensor, indices: torch.Tensor, num_classes: 
     """Value checks of a top-k teacher: indices in range and distinct, values finite or -inf and not -inf
     in a whole row (values_too=False when the kernel checks the values while it reads them). On the
     CPU the error comes at once; on CUDA through the error word, with device-side ops only."""
-    if values.numel() == 0 or values.is_meta:  # (meta tensors: shapes only, no values to check)
+    if values.numel() == 0 or no_values(values):
         return
     bits = topk_index_bits(indices, values, num_classes)
     if values_too:

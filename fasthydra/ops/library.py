@@ -28,6 +28,7 @@ from . import hydra_kl as _kl
 from . import linear_hydra_kl as _lin
 from . import small_heads as _small
 from . import uncertainty as _unc
+from ._common import no_values
 from .checks import flag_teacher_rows, flag_topk_teacher, poll
 
 _EMPTY = (0,)
@@ -173,7 +174,7 @@ def _hydra_kl_setup(ctx, inputs, output):
 def _traced(*tensors) -> bool:
     """A backward that must call the custom op, not its implementation: traced (compile, AOT: fake or functional
     tensors), or on meta tensors (the op's fake form: shapes only)."""
-    return torch.compiler.is_compiling() or any(type(t) is not torch.Tensor or t.is_meta for t in tensors)
+    return torch.compiler.is_compiling() or any(type(t) is not torch.Tensor or no_values(t) for t in tensors)
 
 
 def _hydra_kl_backward(ctx, grad_loss, *_grad_of_grads):
@@ -592,13 +593,13 @@ def _eager_entry(op, impl, setup=None, backward=None):
     with the op's own setup_context and backward."""
     if setup is None:
         def call(*args):
-            return op(*args) if torch.compiler.is_compiling() or args[0].is_meta else impl(*args)
+            return op(*args) if torch.compiler.is_compiling() or no_values(args[0]) else impl(*args)
         return call
 
     eager = _eager_call(op._name, _eager_function(op._name, impl, setup, backward), impl)
 
     def call(*args):
-        return op(*args) if torch.compiler.is_compiling() or args[0].is_meta else eager(*args)
+        return op(*args) if torch.compiler.is_compiling() or no_values(args[0]) else eager(*args)
 
     call.op = op
     return call
