@@ -14,7 +14,7 @@ from numbers import Integral, Real
 
 import torch
 
-from fasthydra.ops._common import auto_fallback_reason, interpreting, no_values, triton_available
+from fasthydra.ops._common import auto_fallback_reason, interpreting, no_values, op_form, triton_available
 from fasthydra.ops import checks as _checks
 from fasthydra.ops.checks import flag_gaussian_teacher, flag_teacher_rows, flag_topk_teacher, poll
 from fasthydra.ops.gaussian_kl import gaussian_kl_torch, split_gaussian
@@ -587,7 +587,7 @@ def mlp_hydra_kl_loss(x, hidden_weight, hidden_bias, weight, bias, teacher_logit
     _check_mlp_params(x, hidden_weight, hidden_bias, weight, bias)
     temperature, reduction = _check_fused_loss_args(x, teacher_logits, weight, temperature, reduction, "x")
     impl = resolve_impl(impl, x, hidden_weight, weight, _teacher_parts(teacher_logits)[0])
-    if impl == "triton" or torch.compiler.is_compiling() or no_values(x):  # (no data: the custom ops' fake forms)
+    if impl == "triton" or op_form(x):  # (traced, meta, a dispatch mode: the custom ops themselves)
         u = mlp_hidden(x, hidden_weight, hidden_bias, impl=impl)
         return _fused(u, weight, bias, teacher_logits, temperature, reduction, False, impl)
     # eager torch path: both layers in one autograd node (no (B, M, H) activations kept for the backward)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import threading
 
 import torch
@@ -215,8 +216,30 @@ def no_values(t: torch.Tensor) -> bool:
     """t has a shape and a dtype but no data here: a meta tensor, or any tensor while a FakeTensorMode is active
     (memory planning, shape propagation; a kernel handed a fake tensor's pointer would write anywhere). The ops
     then run their custom ops' fake forms, and no value is checked."""
-    return t.is_meta or (torch._C._len_torch_dispatch_stack() > 0
+    return t.is_meta or (not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() > 0
                          and torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None)
+
+
+def op_form(t: torch.Tensor) -> bool:
+    """An eager call that goes through the custom op rather than straight to its implementation: while
+    torch.compile traces, on a meta tensor, under a FakeTensorMode (the op's fake form), or under torch's FLOP
+    counter (which counts the op by its formula, ops/library.py, as in a compiled program). Other dispatch modes
+    see the eager calls inside, as before."""
+    if torch.compiler.is_compiling() or t.is_meta:
+        return True
+    if torch._C._len_torch_dispatch_stack() == 0:
+        return False
+    if torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:
+        return True
+    counter = sys.modules.get("torch.utils.flop_counter")  # (in use only if imported)
+    if counter is None:
+        return False
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    # the mode on the stack: FlopCounterMode itself up to torch 2.4, its inner _FlopCounterMode later
+    kinds = tuple(k for k in (getattr(counter, "FlopCounterMode", None), getattr(counter, "_FlopCounterMode", None))
+                  if isinstance(k, type))
+    return any(isinstance(mode, kinds) for mode in _get_current_dispatch_mode_stack())
 
 
 def interpreting() -> bool:

@@ -16,6 +16,7 @@ Eager calls of the heads ops scale their stored gradients in place and hand them
 
 from __future__ import annotations
 
+import sys
 import weakref
 
 import torch
@@ -28,7 +29,7 @@ from . import hydra_kl as _kl
 from . import linear_hydra_kl as _lin
 from . import small_heads as _small
 from . import uncertainty as _unc
-from ._common import no_values
+from ._common import op_form
 from .checks import flag_teacher_rows, flag_topk_teacher, poll
 
 _EMPTY = (0,)
@@ -173,8 +174,8 @@ def _hydra_kl_setup(ctx, inputs, output):
 
 def _traced(*tensors) -> bool:
     """A backward that must call the custom op, not its implementation: traced (compile, AOT: fake or functional
-    tensors), or on meta tensors (the op's fake form: shapes only)."""
-    return torch.compiler.is_compiling() or any(type(t) is not torch.Tensor or no_values(t) for t in tensors)
+    tensors), or where the forward took the op (``op_form``)."""
+    return any(type(t) is not torch.Tensor or op_form(t) for t in tensors)
 
 
 def _hydra_kl_backward(ctx, grad_loss, *_grad_of_grads):
@@ -588,18 +589,18 @@ def _eager_call(name: str, fn: type, impl):
 
 
 def _eager_entry(op, impl, setup=None, backward=None):
-    """A callable that runs `op` (the custom op) when torch.compile/export is tracing or on meta tensors (its fake
-    implementation: shapes and dtypes, no data), and otherwise `impl` directly, wrapped in an autograd.Function
-    with the op's own setup_context and backward."""
+    """A callable that runs `op` (the custom op) where ``op_form`` says so (torch.compile/export tracing, meta
+    tensors, a TorchDispatchMode), and otherwise `impl` directly, wrapped in an autograd.Function with the op's
+    own setup_context and backward."""
     if setup is None:
         def call(*args):
-            return op(*args) if torch.compiler.is_compiling() or no_values(args[0]) else impl(*args)
+            return op(*args) if op_form(args[0]) else impl(*args)
         return call
 
     eager = _eager_call(op._name, _eager_function(op._name, impl, setup, backward), impl)
 
     def call(*args):
-        return op(*args) if torch.compiler.is_compiling() or no_values(args[0]) else eager(*args)
+        return op(*args) if op_form(args[0]) else eager(*args)
 
     call.op = op
     return call
@@ -795,3 +796,62 @@ def _eager_mlp_setup(ctx, inputs, output):
 mlp_hydra_kl_eager = _eager_call("mlp_hydra_kl", _eager_function("mlp_hydra_kl", _mlp_hydra_kl_impl, _eager_mlp_setup,
                                                                  _eager_heads_backward(15, _mlp_hydra_kl_impl)),
                                   _mlp_hydra_kl_impl)
+
+
+# ----------------------------------------------------------------------------------------------
+# FLOP counts: torch.utils.flop_counter.FlopCounterMode sees the custom ops themselves (op_form), so it is
+# told the matrix products inside each, as it knows aten.mm's. Softmax, KL and the other elementwise work
+# count nothing, as in eager torch.
+# ----------------------------------------------------------------------------------------------
+
+
+def _products(rows: int, weight_shape, count: int) -> int:
+    """FLOPs of `count` products of a (rows, K) input with each of M (N, K) weights: 2 * rows * M * N * K each."""
+    m, n, k = weight_shape
+    return 2 * rows * m * n * k * count
+
+
+def _linear_hydra_kl_flops(inp, weight, bias, teacher, temperature, reduction, shared, need_in, need_w, need_b, need_t,
+                           impl, teacher_indices, small_deferred, out_shape=None, **_):
+    # the logits, and the gradients' products where the forward forms them (a deferred small step: in the backward)
+    return _products(inp[0], weight, 1 + (0 if small_deferred else int(need_in) + int(need_w)))
+
+
+def _gaussian_heads_kl_flops(x, weight, bias, teacher_mean, teacher_var, min_var, reduction, need_in, need_w, need_b,
+                             small_deferred, out_shape=None, **_):
+    return _products(x[0], weight, 1 + (0 if small_deferred else int(need_in) + int(need_w)))
+
+
+def _small_heads_grads_flops(inp, weight, bias, stash, grad_loss, shared, need_in, need_w, need_b, out_shape=None,
+                             **_):
+    return _products(inp[0], weight, int(need_in) + int(need_w))
+
+
+def _grouped_linear_flops(inp, weight, bias, shared, relu, out_shape=None, **_):
+    return _products(inp[0], weight, 1)
+
+
+def _grouped_linear_backward_flops(grad_out, inp, weight, out, shared, relu, need_in, need_w, need_b, out_shape=None,
+                                   **_):
+    return _products(inp[0], weight, int(need_in) + int(need_w))
+
+
+def register_flop_formulas() -> None:
+    """Teaches ``torch.utils.flop_counter.FlopCounterMode`` the matrix products inside fasthydra's fused ops
+    (otherwise it counts none of them). FlopCounterMode copies its table when it is made: call this first. Done
+    at import when torch.utils.flop_counter is already imported; calling it again changes nothing."""
+    from torch.utils import flop_counter
+
+    ops = torch.ops.fasthydra
+    for packet, formula in ((ops.linear_hydra_kl, _linear_hydra_kl_flops),
+                            (ops.gaussian_heads_kl, _gaussian_heads_kl_flops),
+                            (ops.small_heads_grads, _small_heads_grads_flops),
+                            (ops.grouped_linear, _grouped_linear_flops),
+                            (ops.grouped_linear_backward, _grouped_linear_backward_flops)):
+        # keyed by the packet, as the counter looks ops up (register_flop_formula keyed torch 2.4's table by
+        # overload, where the counter never found them; it also refuses a second registration)
+        flop_counter.flop_registry[packet] = flop_counter.shape_wrapper(formula)
+
+
+if "torch.utils.flop_counter" in sys.modules:  # (importing it costs about 0.2 s: not done for everyone)
+    register_flop_formulas()
