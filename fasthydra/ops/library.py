@@ -590,8 +590,8 @@ def _eager_call(name: str, fn: type, impl):
 
 def _eager_entry(op, impl, setup=None, backward=None):
     """A callable that runs `op` (the custom op) where ``op_form`` says so (torch.compile/export tracing, meta
-    tensors, a TorchDispatchMode), and otherwise `impl` directly, wrapped in an autograd.Function with the op's
-    own setup_context and backward."""
+    tensors, FakeTensorMode, the FLOP counter), and otherwise `impl` directly, wrapped in an autograd.Function
+    with the op's own setup_context and backward."""
     if setup is None:
         def call(*args):
             return op(*args) if op_form(args[0]) else impl(*args)
