@@ -216,8 +216,12 @@ def no_values(t: torch.Tensor) -> bool:
     """t has a shape and a dtype but no data here: a meta tensor, or any tensor while a FakeTensorMode is active
     (memory planning, shape propagation; a kernel handed a fake tensor's pointer would write anywhere). The ops
     then run their custom ops' fake forms, and no value is checked."""
-    return t.is_meta or (not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() > 0
-                         and torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None)
+    return t.is_meta or (not torch.compiler.is_compiling() and _fake_mode_active())
+
+
+def _fake_mode_active() -> bool:
+    return (torch._C._len_torch_dispatch_stack() > 0
+            and torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None)
 
 
 def op_form(t: torch.Tensor) -> bool:
@@ -229,7 +233,7 @@ def op_form(t: torch.Tensor) -> bool:
         return True
     if torch._C._len_torch_dispatch_stack() == 0:
         return False
-    if torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:
+    if _fake_mode_active():
         return True
     counter = sys.modules.get("torch.utils.flop_counter")  # (in use only if imported)
     if counter is None:
