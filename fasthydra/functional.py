@@ -232,6 +232,17 @@ def _under_torch_func() -> bool:
     return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
 
 
+def _plain_torch_ops() -> bool:
+    """The ops without a gradient of their own (the heads' logits, uncertainty) run as plain torch ops: under
+    torch.func transforms (``_under_torch_func``) and under torch.jit.trace, which records only the torch ops it
+    sees. A kernel's writes are invisible to it (the trace would replay an empty tensor, or a native row loop's
+    output as a constant), and a custom op would make the saved trace need fasthydra to load; plain ops give a
+    trace that generalises over the batch and loads anywhere. The fused losses refuse the tracer
+    (``library.refuse_jit_trace``)."""
+    return not torch.compiler.is_compiling() and (torch._C._are_functorch_transforms_active()
+                                                      or torch._C._is_tracing())
+
+
 # ----------------------------------------------------------------------------------------------
 # autocast
 # ----------------------------------------------------------------------------------------------
@@ -359,6 +370,8 @@ def hinton_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
     impl = resolve_impl(impl, student_logits, teacher_logits)
     if _under_torch_func():  # (before the teacher's launch or checks below, which read its storage)
         _ops.refuse_torch_func("hinton_kl_loss")
+    if torch._C._is_tracing():
+        _ops.refuse_jit_trace("hinton_kl_loss")
     compiling = torch.compiler.is_compiling()
     if not compiling:  # compiled: the op's own check sees NaN in log pbar instead
         poll(teacher_logits.device)
@@ -464,7 +477,7 @@ def linear_heads(x, weight, bias=None, impl: str = "auto"):
     _check_heads_input(x, weight, bias)
     impl = resolve_impl(impl, x, weight, bias)
     m, c, d = weight.shape
-    if impl == "triton" and not _under_torch_func():
+    if impl == "triton" and not _plain_torch_ops():
         return _ops.grouped_linear_call(x, weight, bias, True, False)
     z = torch.nn.functional.linear(x, weight.reshape(m * c, d), None if bias is None else bias.reshape(m * c))
     return z.view(x.shape[0], m, c)
@@ -487,7 +500,7 @@ def mlp_hidden(x, hidden_weight, hidden_bias=None, impl: str = "auto"):
     x, hidden_weight, hidden_bias = _autocast_gemm_inputs(x, hidden_weight, hidden_bias)
     _check_heads_input(x, hidden_weight, hidden_bias, weight_name="hidden_weight", bias_name="hidden_bias")
     impl = resolve_impl(impl, x, hidden_weight, hidden_bias)
-    if impl == "triton" and not _under_torch_func():
+    if impl == "triton" and not _plain_torch_ops():
         return _ops.grouped_linear_call(x, hidden_weight, hidden_bias, True, True)
     return torch.relu(linear_heads(x, hidden_weight, hidden_bias, impl="torch"))
 
@@ -508,7 +521,7 @@ def grouped_heads(u, weight, bias=None, impl: str = "auto"):
     u, weight, bias = _autocast_gemm_inputs(u, weight, bias)
     _check_heads_input(u, weight, bias, name="u", per_head=True)
     impl = resolve_impl(impl, u, weight, bias)
-    if impl == "triton" and not _under_torch_func():
+    if impl == "triton" and not _plain_torch_ops():
         return _ops.grouped_linear_call(u, weight, bias, False, False)
     z = torch.bmm(u.transpose(0, 1), weight.transpose(1, 2))
     if bias is not None:
@@ -632,7 +645,7 @@ def uncertainty(logits: torch.Tensor, temperature: float = 1.0, impl: str = "aut
     _check_extent("logits", logits, 1, "head")
     _check_extent("logits", logits, 2, "class (C >= 1)")
     impl = resolve_impl(impl, logits)
-    if _under_torch_func():  # (vmap over a batch of predictions) the reference's torch ops, in fp32 or wider
+    if _plain_torch_ops():  # (vmap over a batch of predictions, a trace) the reference's torch ops, fp32 or wider
         wide = logits.detach().float() if logits.element_size() < 4 else logits.detach()
         return Uncertainty(*(v.to(logits.dtype) for v in uncertainty_ref(wide, temperature)))
     return Uncertainty(*_ops.uncertainty_call(logits.detach(), temperature, impl))

@@ -368,3 +368,48 @@ def test_torch_func_maps_the_ops_without_a_gradient_of_their_own(impl):
     t = torch.randn(4, 3, 5)
     with pytest.raises(RuntimeError, match=r"hinton_kl_loss.*torch\.func transforms .* not supported"):
         grad(lambda z: hinton_kl_loss(z, t, 2.0, impl=impl))(torch.randn(4, 5))
+
+
+class _Predict(torch.nn.Module):
+    """What one serves: the heads' outputs and, for categorical heads, their uncertainty."""
+
+    def __init__(self, head, impl):
+        super().__init__()
+        self.head, self.impl = head, impl
+
+    def forward(self, x):
+        out = self.head(x)
+        return out if isinstance(out, tuple) else (out, *uncertainty(out, impl=self.impl))
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:.*torch.jit.trace. is deprecated")
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=pytest.mark.interpret)])
+def test_jit_trace_records_the_forward_and_refuses_the_fused_losses(impl, tmp_path):
+    """torch.jit.trace records only the torch ops it sees. A kernel's output is not one of them: a traced model
+    (heads, then uncertainty) replayed an empty tensor or the tracing call's values as a constant, wrong for
+    any other input and without an error, on both paths. Now the heads' logits and uncertainty run as plain torch
+    ops under the tracer: the trace, saved and loaded, holds no Python op and gives for a batch of another size
+    what the eager model gives. The fused losses raise an error that says what to use instead (they failed
+    inside Triton's interpreter, or traced the row loop's output as a constant)."""
+    from fasthydra import GaussianHydraHead
+
+    torch.manual_seed(0)
+    for head in (HydraHead(8, 5, 3, impl=impl), HydraHead(8, 5, 3, hidden_features=4, impl=impl),
+                 GaussianHydraHead(8, 2, 3, impl=impl)):
+        model = _Predict(head, impl)
+        path = tmp_path / "traced.pt"
+        torch.jit.save(torch.jit.trace(model, (torch.randn(6, 8),)), path)
+        loaded = torch.jit.load(path)
+        assert "PythonOp" not in str(loaded.inlined_graph)
+        x = torch.randn(9, 8) * 3
+        with torch.no_grad():
+            for got, want in zip(loaded(x), model(x), strict=True):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    x, z, t = torch.randn(6, 8), torch.randn(6, 3, 5), torch.randn(6, 3, 5)
+    refused = [(lambda a, b: hydra_kl_loss(a, b, 2.0, impl=impl), (z, t)),
+               (lambda a, b: hinton_kl_loss(a, b, 2.0, impl=impl), (z[:, 0], t)),
+               (_Distill(HydraHead(8, 5, 3, impl=impl)), (x, t)),
+               (_Distill(HydraHead(8, 5, 3, hidden_features=4, impl=impl)), (x, t))]
+    for fn, args in refused:
+        with pytest.raises(RuntimeError, match=r"torch\.jit\.trace cannot record the fused losses"):
+            torch.jit.trace(fn, args)

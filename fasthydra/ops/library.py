@@ -572,6 +572,16 @@ def refuse_torch_func(name: str):
                        "fasthydra.reference, which torch.func can transform")
 
 
+def refuse_jit_trace(name: str):
+    """The error of a fused loss called under torch.jit.trace, which would record a wrong program: it sees
+    neither the kernels' writes nor the gradients formed in the forward, and would freeze which gradients
+    are formed (decided from requires_grad at trace time)."""
+    raise RuntimeError(f"fasthydra ({name}): torch.jit.trace cannot record the fused losses (it does not see "
+                       "their kernels' writes, and would freeze which gradients they form); trace the model's "
+                       "forward (the heads' logits and uncertainty run as plain torch ops under the tracer), and "
+                       "use torch.compile or torch.export for a training step")
+
+
 def _eager_call(name: str, fn: type, impl):
     """An eager call of the autograd.Function fn over `impl`: refused under torch.func transforms (which need a
     setup_context form and vmap rules these ops do not have) with a message that says what to use instead; without
@@ -581,6 +591,8 @@ def _eager_call(name: str, fn: type, impl):
     def call(*args):
         if torch._C._are_functorch_transforms_active():
             refuse_torch_func(name)
+        if torch._C._is_tracing():
+            refuse_jit_trace(name)
         if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
             return fn.apply(*args)
         return impl(*args)
