@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import warnings
 from numbers import Integral, Real
 
@@ -43,6 +44,8 @@ class ImplUnavailableError(RuntimeError, ValueError):
 def _check_tensor(name: str, value, ndims: tuple[int, ...] | None = None) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if type(value) is not torch.Tensor and type(value) is not torch.nn.Parameter:  # (a subclass: rare, cheap)
+        _refuse_dtensor(name, value)
     if not value.dtype.is_floating_point:
         raise InputDtypeError(f"{name} must have a floating dtype (float16, bfloat16, float32, float64), "
                               f"got {value.dtype} with shape {tuple(value.shape)}")
@@ -50,6 +53,19 @@ def _check_tensor(name: str, value, ndims: tuple[int, ...] | None = None) -> tor
         want = " or ".join(f"{d}-D" for d in ndims)
         raise ValueError(f"{name} must be {want}, got shape {tuple(value.shape)}")
     return value
+
+
+def _refuse_dtensor(name: str, value: torch.Tensor) -> None:
+    """A DTensor (FSDP2's sharded parameters, tensor parallelism) holds a shard, not the tensor: the kernels
+    would fail deep inside, and torch's ops on an unevenly sharded head stack with a sharding error."""
+    for where in ("torch.distributed.tensor", "torch.distributed._tensor"):  # (torch 2.5+, 2.4)
+        dtensor = getattr(sys.modules.get(where), "DTensor", None)
+        if isinstance(dtensor, type) and isinstance(value, dtensor):
+            raise TypeError(
+                f"{name} is a DTensor (a parameter sharded by FSDP's fully_shard, or a tensor-parallel layout); "
+                "fasthydra's ops take whole tensors. FSDP gathers a module's parameters around its forward only: "
+                "after fully_shard(head), call torch.distributed.fsdp.register_fsdp_forward_method(head, "
+                "'distill_loss'), or shard the module whose forward calls distill_loss")
 
 
 # Temperatures whose square and inverse float32 holds with room to spare (past them a step raised a
