@@ -388,8 +388,8 @@ def test_jit_trace_records_the_forward_and_refuses_the_fused_losses(impl, tmp_pa
     """torch.jit.trace records only the torch ops it sees. A kernel's output is not one of them: a traced model
     (heads, then uncertainty) replayed an empty tensor or the tracing call's values as a constant, wrong for
     any other input and without an error, on both paths. Now the heads' logits and uncertainty run as plain torch
-    ops under the tracer: the trace, saved and loaded, holds no Python or fasthydra op and gives for a batch of another size
-    what the eager model gives. The fused losses raise an error that says what to use instead (they failed
+    ops under the tracer: the trace, saved and loaded, holds no Python or fasthydra op and gives for a batch of
+    another size what the eager model gives. The fused losses raise an error that says what to use instead (they failed
     inside Triton's interpreter, or traced the row loop's output as a constant)."""
     from fasthydra import GaussianHydraHead
 
