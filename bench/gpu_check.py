@@ -298,6 +298,30 @@ def topk_rows(copy_bps: float, b: int = 4096, m: int = 8, c: int = 32000, ks=(32
     return rows
 
 
+def masked_rows(b: int = 4096, d: int = 2048, m: int = 8, c: int = 32000, kept: float = 0.75,
+                device: str = "cuda") -> list[dict]:
+    """Linear heads + loss, forward + backward, bf16 at gpu-large, without and with a row mask keeping `kept`
+    of the rows (padding): what the mask costs (the cuBLAS path, one pass over each head group's dz)."""
+    from fasthydra import HydraHead
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    head = HydraHead(d, c, m, device=device, dtype=torch.bfloat16)
+    x = torch.randn(b, d, device=device, generator=gen).bfloat16().requires_grad_()
+    t = (torch.randn(b, m, c, device=device, generator=gen) * 3).bfloat16()
+    keep = torch.rand(b, device=device, generator=gen) < kept
+    rows = []
+    for name, mask in (("none", None), (f"{kept:.0%} of rows kept", keep)):
+        def step(mask=mask):
+            x.grad = None
+            head.zero_grad(set_to_none=True)
+            head.distill_loss(x, t, 2.0, row_mask=mask).backward()
+
+        rows.append({"mask": name, "seconds": _do_bench(step)})
+    for r in rows:
+        r["vs_no_mask"] = r["seconds"] / rows[0]["seconds"]
+    return rows
+
+
 def profile_step(case: C.Case, provider: str = "fasthydra", steps: int = 3, top: int = 12) -> list[dict]:
     """Where a step's GPU time goes: the kernels of `steps` steps under torch.profiler, the `top` ones
     by device time, per step (what a missed target's note needs)."""
@@ -731,6 +755,14 @@ def main(argv=None) -> int:
         print("  loss on logits, gpu-large bf16, " + (f"{r['teacher']:24} {r['seconds'] * 1e3:8.3f} ms, teacher "
               f"{r['teacher_bytes'] / 1e6:8.1f} MB, {r['of_copy_bandwidth']:.2f} of copy" if "error" not in r
               else f"ERROR {r['error']}"), flush=True)
+    try:
+        masked = masked_rows()
+    except Exception as exc:
+        masked = [{"error": f"{type(exc).__name__}: {exc}"[:300]}]
+    for r in masked:
+        print("  linear heads fwd+bwd, gpu-large bf16, row mask " + (
+            f"{r['mask']:20} {r['seconds'] * 1e3:8.3f} ms, {r['vs_no_mask']:.3f}x no mask" if "error" not in r
+            else f"ERROR {r['error']}"), flush=True)
 
     with ClockSampler() as sampler:
         profiles = _profiles(PROFILE_CASES, by_key, profile_step, "profile {} (fasthydra, ms per step):",
@@ -773,7 +805,7 @@ def main(argv=None) -> int:
     record = {"device": device, "host": host_info, "date": datetime.date.today().isoformat(), "commit": commit,
               "torch": torch.__version__, "triton": __import__("triton").__version__, "tests": tests,
               "rows": rows, "floors": {f"{op} {shape}": v for (op, shape), v in floors.items()}, "latency": lat_rows,
-              "copy_bytes_per_s": copy_bps, "topk": topk,
+              "copy_bytes_per_s": copy_bps, "topk": topk, "masked": masked,
               "profiles": profiles, "host_profiles": host, "left_out": left_out, "clocks": clocks,
               # False when this torch refused addmm's fp32 output with an fp32 addend (dx then adds per group)
               "fp32_out_gemm": __import__("fasthydra.ops._common", fromlist=["_"]).FP32_OUT_GEMM,

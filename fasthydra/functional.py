@@ -118,6 +118,51 @@ def _check_same_device(**tensors) -> None:
         raise ValueError(f"all tensors must be on one device, got {seen}")
 
 
+def _check_row_mask(row_mask, rows: int, against: str, like: torch.Tensor) -> torch.Tensor | None:
+    """row_mask: None, or (B,) with True (or a nonzero integer, as a tokenizer's attention mask) for the rows
+    that count. Returned as bool; no value is read (nothing to check: every value is a valid mask)."""
+    if row_mask is None:
+        return None
+    if not isinstance(row_mask, torch.Tensor):
+        raise TypeError(f"row_mask must be a torch.Tensor or None, got {type(row_mask).__name__}")
+    if row_mask.dtype.is_floating_point or row_mask.dtype.is_complex:
+        raise TypeError(f"row_mask must be a bool tensor (or an integer one, nonzero = the row counts), got "
+                        f"{row_mask.dtype}; for per-row weights use reduction='none' and weight the rows")
+    if tuple(row_mask.shape) != (rows,):
+        raise ValueError(f"row_mask must have shape ({rows},), one entry per row of {against} "
+                         f"{tuple(like.shape)}; got {tuple(row_mask.shape)}")
+    _check_same_device(**{against: like, "row_mask": row_mask})
+    return row_mask if row_mask.dtype == torch.bool else row_mask != 0
+
+
+def _masked_reduction(rows: torch.Tensor, keep: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Loss rows (B, ...) of which only the rows `keep` (B,) counts: the others are 0 ("none"), "sum" adds
+    the rows kept and "mean" averages over them (0 when none is kept). On the device: no host read."""
+    kept = torch.where(keep.view(-1, *(1,) * (rows.dim() - 1)), rows, 0.0)  # (NaN in a row left out: 0 too)
+    if reduction == "none":
+        return kept
+    total = kept.sum(dtype=torch.float32 if rows.element_size() < 4 else None)  # 16-bit rows summed in fp32
+    if reduction == "mean":
+        per_row = rows[0].numel() if rows.shape[0] else 1
+        total = total / (keep.sum() * per_row).clamp_min(1).to(total.dtype)
+    return total.to(rows.dtype)
+
+
+def _kept_input(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """The heads' input with the rows a row mask leaves out set to 0 (a (B, D) pass, nothing next to the
+    GEMMs): a NaN or Inf feature there (a body's output at a padding position) then reaches no gradient, where
+    a zeroed logits gradient times it would still be NaN in the weight gradient."""
+    return x if keep is None else torch.where(keep.view(-1, *(1,) * (x.dim() - 1)), x, 0.0)
+
+
+def _mean_over_kept(loss: torch.Tensor, keep: torch.Tensor | None, reduction: str) -> torch.Tensor:
+    """A fused op's loss reduced with coefficient 1/(B*M) over rows some of which a row mask zeroed:
+    rescaled by B / (rows kept) for "mean" (autograd takes the factor into the stored gradients)."""
+    if keep is None or reduction != "mean":
+        return loss
+    return loss * (keep.shape[0] / keep.sum().clamp_min(1).to(loss.dtype))
+
+
 def _check_topk(teacher, rows: int, heads: int, classes: int, device_of: dict, name="teacher_logits"):
     """A TopKTeacher's shapes, dtypes and device (its values are checked inside the ops)."""
     values, indices = teacher.values, teacher.indices
@@ -293,7 +338,8 @@ def _autocast_loss(loss: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 
 def hydra_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
-                  reduction: str = "mean", impl: str = "auto") -> torch.Tensor:
+                  reduction: str = "mean", impl: str = "auto", *, row_mask: torch.Tensor | None = None
+                  ) -> torch.Tensor:
     """Tempered per-head KL between teacher members and student heads (the Hydra loss).
 
     ``L = T^2 * mean over (b, m) of KL(softmax(t[b, m] / T) || softmax(z[b, m] / T))``. A -Inf teacher
@@ -314,6 +360,12 @@ def hydra_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
             loses its digits to float32 rounding, as eager's does; the gradient keeps them.
         reduction: "mean" (over B*M; 0 for an empty batch), "sum", or "none" -> (B, M).
         impl: "auto" | "triton" | "torch".
+        row_mask: optional (B,) bool (or integer, nonzero = kept): the rows that count, e.g. the
+            non-padding positions of flattened sequences. Rows left out add nothing and get zero
+            gradients; "mean" averages over the kept rows' B_kept*M entries (0 if none), "none" gives
+            0 on them. No host sync. Their teacher values are still checked (fill a teacher's padding
+            rows with zeros if it makes NaN there); their student logits must be finite (a NaN one
+            gives a NaN gradient on its row: the row's upstream gradient 0 times NaN).
     Shapes: (B, M, C), (B, M, C) -> () or (B, M).
     Returns: the loss in the student's dtype (computed in fp32, fp64 for fp64 input).
     Memory: on the Triton path with a frozen dense teacher the gradient is formed in the backward
@@ -332,12 +384,14 @@ def hydra_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
     temperature = _check_temperature(temperature)
     reduction = _check_reduction(reduction)
     teacher, indices = _teacher_parts(teacher_logits)
+    keep = _check_row_mask(row_mask, student_logits.shape[0], "student_logits", student_logits)
     impl = resolve_impl(impl, student_logits, teacher)
     # The teacher's values are checked inside the op, where the data is read anyway.
     on = torch.is_grad_enabled()
-    loss, *_ = _ops.hydra_kl_call(student_logits, teacher, temperature, reduction,
+    loss, *_ = _ops.hydra_kl_call(student_logits, teacher, temperature, reduction if keep is None else "none",
                                   on and student_logits.requires_grad, on and teacher.requires_grad, impl, indices)
-    return _autocast_loss(loss, student_logits)
+    loss = _autocast_loss(loss, student_logits)
+    return loss if keep is None else _masked_reduction(loss, keep, reduction)
 
 
 def ensemble_log_mean_probs(teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -352,7 +406,8 @@ def ensemble_log_mean_probs(teacher_logits: torch.Tensor, temperature: float) ->
 
 
 def hinton_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
-                   reduction: str = "mean", impl: str = "auto") -> torch.Tensor:
+                   reduction: str = "mean", impl: str = "auto", *, row_mask: torch.Tensor | None = None
+                   ) -> torch.Tensor:
     """Hinton (mean-teacher) loss of a single head: ``T^2 * mean_b KL(pbar || softmax(z / T))``.
 
     pbar = mean_m softmax(t_m / T) is the ensemble's averaged prediction (stage 1 of Hydra, and plain KD).
@@ -360,7 +415,8 @@ def hinton_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
     Args:
         student_logits: (B, C) or (B, 1, C).
         teacher_logits: (B, M, C) member logits.
-        temperature, reduction, impl: as in :func:`hydra_kl_loss`; "none" gives (B,).
+        temperature, reduction, impl, row_mask: as in :func:`hydra_kl_loss`; "none" gives (B,), "mean"
+            averages over the kept rows.
     Returns: the loss in the student's dtype.
 
     Example:
@@ -373,6 +429,11 @@ def hinton_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
                          f"{tuple(student_logits.shape)}")
     _check_extent("student_logits", student_logits, -1, "class (C >= 1)")
     z = student_logits if student_logits.dim() == 3 else student_logits.unsqueeze(1)
+    keep = _check_row_mask(row_mask, z.shape[0], "student_logits", student_logits)
+    if keep is not None:  # the loss rows of every row, then the kept ones reduced
+        reduction = _check_reduction(reduction)
+        return _masked_reduction(hinton_kl_loss(student_logits, teacher_logits, temperature, "none", impl), keep,
+                                 reduction)
     if isinstance(teacher_logits, TopKTeacher):
         return _hinton_topk(z, student_logits, teacher_logits, temperature, reduction, impl)
     _check_tensor("teacher_logits", teacher_logits, (3,))
@@ -545,7 +606,7 @@ def grouped_heads(u, weight, bias=None, impl: str = "auto"):
     return z.transpose(0, 1)
 
 
-def _check_fused_loss_args(inp, teacher, weight, temperature, reduction, name):
+def _check_fused_loss_args(inp, teacher, weight, temperature, reduction, name, row_mask=None):
     m, c, _ = weight.shape
     if isinstance(teacher, TopKTeacher):
         _check_topk(teacher, inp.shape[0], m, c, {name: inp})
@@ -560,11 +621,12 @@ def _check_fused_loss_args(inp, teacher, weight, temperature, reduction, name):
     if reduction == "none":
         raise ValueError("reduction='none' is not fused (the gradient needs the per-row upstream "
                          "gradient); compute the logits and call hydra_kl_loss instead")
-    return temperature, reduction  # the teacher's values are checked inside the op
+    keep = _check_row_mask(row_mask, inp.shape[0], name, inp)
+    return temperature, reduction, keep  # the teacher's values are checked inside the op
 
 
 def linear_hydra_kl_loss(x, weight, bias, teacher_logits, temperature: float = 1.0, reduction: str = "mean",
-                         impl: str = "auto"):
+                         impl: str = "auto", *, row_mask=None):
     """Linear heads fused with the Hydra loss; equals ``hydra_kl_loss(linear_heads(x, W, b), t, T)``
     in value and gradients (what ``HydraHead.distill_loss`` calls).
 
@@ -577,6 +639,9 @@ def linear_hydra_kl_loss(x, weight, bias, teacher_logits, temperature: float = 1
         teacher_logits: (B, M, C) the members' logits (any float dtype), or a ``TopKTeacher``.
         temperature: T > 0. reduction: "mean" or "sum" ("none" is not fused: use ``hydra_kl_loss``).
         impl: "auto" | "triton" | "torch" (see ``resolve_impl``).
+        row_mask: optional (B,) bool, the rows that count (as in ``hydra_kl_loss``); x's rows left out may
+            hold anything, NaN included (they are set to 0 first). On the GPU a mask costs one pass over each
+            head group's logits gradient, and small steps take the cuBLAS path.
     Returns: the scalar loss, in x's dtype (fp32 under autocast).
 
     Example:
@@ -586,13 +651,14 @@ def linear_hydra_kl_loss(x, weight, bias, teacher_logits, temperature: float = 1
     """
     x, weight, bias = _autocast_gemm_inputs(x, weight, bias)
     _check_heads_input(x, weight, bias)
-    temperature, reduction = _check_fused_loss_args(x, teacher_logits, weight, temperature, reduction, "x")
+    temperature, reduction, keep = _check_fused_loss_args(x, teacher_logits, weight, temperature, reduction, "x",
+                                                          row_mask)
     impl = resolve_impl(impl, x, weight, bias, _teacher_parts(teacher_logits)[0])
-    return _fused(x, weight, bias, teacher_logits, temperature, reduction, True, impl)
+    return _fused(_kept_input(x, keep), weight, bias, teacher_logits, temperature, reduction, True, impl, keep)
 
 
 def mlp_hydra_kl_loss(x, hidden_weight, hidden_bias, weight, bias, teacher_logits, temperature: float = 1.0,
-                      reduction: str = "mean", impl: str = "auto"):
+                      reduction: str = "mean", impl: str = "auto", *, row_mask=None):
     """MLP heads fused with the Hydra loss: first layer one GEMM, second layer the grouped GEMM fused with
     softmax/KL; equals ``hydra_kl_loss(grouped_heads(mlp_hidden(x, W1, b1), W, b), t, T)``. On the torch
     path (eager calls) both layers' gradients are formed in the forward, in one autograd node, so no
@@ -605,6 +671,7 @@ def mlp_hydra_kl_loss(x, hidden_weight, hidden_bias, weight, bias, teacher_logit
         teacher_logits: (B, M, C) the members' logits (any float dtype), or a ``TopKTeacher``.
         temperature: T > 0. reduction: "mean" or "sum".
         impl: "auto" | "triton" | "torch" (see ``resolve_impl``).
+        row_mask: optional (B,) bool, the rows that count (as in ``linear_hydra_kl_loss``).
     Returns: the scalar loss, in x's dtype (fp32 under autocast).
 
     Example:
@@ -614,29 +681,31 @@ def mlp_hydra_kl_loss(x, hidden_weight, hidden_bias, weight, bias, teacher_logit
     """
     x, hidden_weight, hidden_bias, weight, bias = _autocast_gemm_inputs(x, hidden_weight, hidden_bias, weight, bias)
     _check_mlp_params(x, hidden_weight, hidden_bias, weight, bias)
-    temperature, reduction = _check_fused_loss_args(x, teacher_logits, weight, temperature, reduction, "x")
+    temperature, reduction, keep = _check_fused_loss_args(x, teacher_logits, weight, temperature, reduction, "x",
+                                                          row_mask)
     impl = resolve_impl(impl, x, hidden_weight, weight, _teacher_parts(teacher_logits)[0])
+    x = _kept_input(x, keep)
     if impl == "triton" or op_form(x):  # (traced, meta, a dispatch mode: the custom ops themselves)
         u = mlp_hidden(x, hidden_weight, hidden_bias, impl=impl)
-        return _fused(u, weight, bias, teacher_logits, temperature, reduction, False, impl)
+        return _fused(u, weight, bias, teacher_logits, temperature, reduction, False, impl, keep)
     # eager torch path: both layers in one autograd node (no (B, M, H) activations kept for the backward)
     teacher, indices = _teacher_parts(teacher_logits)
     on = torch.is_grad_enabled()
     needs = [on and t is not None and t.requires_grad for t in (x, hidden_weight, hidden_bias, weight, bias, teacher)]
     loss, *_ = _ops.mlp_hydra_kl_eager(x, hidden_weight, hidden_bias, weight, bias, teacher, temperature, reduction,
-                                       *needs, indices)
-    return _autocast_loss(loss, x)
+                                       *needs, indices, keep)
+    return _autocast_loss(_mean_over_kept(loss, keep, reduction), x)
 
 
-def _fused(inp, weight, bias, teacher, temperature, reduction, shared, impl):
+def _fused(inp, weight, bias, teacher, temperature, reduction, shared, impl, keep=None):
     """The fused op, told which gradients to form (autograd's own flags ignore torch.no_grad())."""
     on = torch.is_grad_enabled()
     teacher, indices = _teacher_parts(teacher)
     needs = [on and t is not None and t.requires_grad for t in (inp, weight, bias, teacher)]
-    defer = _ops.small_deferred_config(inp, weight, bias, reduction, *needs, impl, indices) is not None
+    defer = keep is None and _ops.small_deferred_config(inp, weight, bias, reduction, *needs, impl, indices) is not None
     loss, *_ = _ops.linear_hydra_kl_call(inp, weight, bias, teacher, temperature, reduction, shared, *needs, impl,
-                                         indices, defer)
-    return _autocast_loss(loss, inp)
+                                         indices, defer, keep)
+    return _autocast_loss(_mean_over_kept(loss, keep, reduction), inp)
 
 
 def uncertainty(logits: torch.Tensor, temperature: float = 1.0, impl: str = "auto") -> Uncertainty:
@@ -697,7 +766,7 @@ def _check_gaussian_teacher(teacher_mean: torch.Tensor, teacher_var: torch.Tenso
 
 
 def gaussian_kl_loss(mean: torch.Tensor, var: torch.Tensor, teacher_mean: torch.Tensor, teacher_var: torch.Tensor,
-                     reduction: str = "mean") -> torch.Tensor:
+                     reduction: str = "mean", *, row_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Per-head Gaussian KL ``KL(N(mu_t, var_t) || N(mu_m, var_m))`` (member m's prediction against head m's).
 
     ``0.5 * (log(var_m / var_t) + (var_t + (mu_t - mu_m)^2) / var_m - 1)``, elementwise.
@@ -707,6 +776,8 @@ def gaussian_kl_loss(mean: torch.Tensor, var: torch.Tensor, teacher_mean: torch.
         teacher_mean, teacher_var: member outputs (B, M, K), teacher_var > 0; they get their gradients
             when they require grad.
         reduction: "mean" (over B*M*K), "sum", or "none" -> (B, M, K).
+        row_mask: optional (B,) bool (or integer, nonzero = kept): the rows that count, as in
+            ``hydra_kl_loss`` ("mean" over the kept rows' B_kept*M*K entries).
     Returns: the loss in mean's dtype.
 
     Example:
@@ -723,15 +794,18 @@ def gaussian_kl_loss(mean: torch.Tensor, var: torch.Tensor, teacher_mean: torch.
                          + ", ".join(f"{n} {tuple(t.shape)}" for n, t in zip(names, tensors)))
     _check_same_device(**dict(zip(names, tensors)))
     reduction = _check_reduction(reduction)
+    keep = _check_row_mask(row_mask, mean.shape[0], "mean", mean)
     _check_gaussian_teacher(teacher_mean, teacher_var)
     kl = gaussian_kl_torch(mean, var, teacher_mean, teacher_var)
+    if keep is not None:
+        return _masked_reduction(kl, keep, reduction)
     if reduction == "none":
         return kl
     return kl.sum() if reduction == "sum" or kl.numel() == 0 else kl.mean()
 
 
 def gaussian_heads_kl_loss(x, weight, bias, teacher_mean, teacher_var, min_var: float = 1e-6,
-                           reduction: str = "mean", impl: str = "auto"):
+                           reduction: str = "mean", impl: str = "auto", *, row_mask=None):
     """Gaussian heads fused with their KL: equals ``gaussian_kl_loss(*split(linear_heads(x, W, b)), t_mu, t_var)``
     (what ``GaussianHydraHead.distill_loss`` calls).
 
@@ -741,6 +815,8 @@ def gaussian_heads_kl_loss(x, weight, bias, teacher_mean, teacher_var, min_var: 
         teacher_mean, teacher_var: (B, M, K) the members' predictive means and variances (var > 0).
         min_var: the variance floor of ``split_gaussian``. reduction: "mean" or "sum".
         impl: "auto" | "triton" | "torch" (see ``resolve_impl``).
+        row_mask: optional (B,) bool, the rows that count (as in ``gaussian_kl_loss``); x's rows left out may
+            hold anything (set to 0 first). Runs unfused (the heads' GEMM, then the KL in torch ops).
     Returns: the scalar loss, in x's dtype (fp32 under autocast).
 
     Example:
@@ -763,19 +839,24 @@ def gaussian_heads_kl_loss(x, weight, bias, teacher_mean, teacher_var, min_var: 
     reduction = _check_reduction(reduction)
     if reduction == "none":
         raise ValueError("reduction='none' is not fused; use gaussian_kl_loss on the head outputs")
+    keep = _check_row_mask(row_mask, x.shape[0], "x", x)
     impl = resolve_impl(impl, x, weight, bias, teacher_mean, teacher_var)
     teacher_grad = torch.is_grad_enabled() and (teacher_mean.requires_grad or teacher_var.requires_grad)
-    if impl != "triton" or teacher_grad:  # the fused kernel checks the teacher while it reads it
+    fused = impl == "triton" and not teacher_grad and keep is None  # (no teacher gradient, no mask: unfused)
+    if not fused:  # the fused kernel checks the teacher while it reads it
         _check_gaussian_teacher(teacher_mean, teacher_var)
-    if impl == "triton" and not teacher_grad:  # the fused kernel forms no teacher gradient: unfused then
+    if fused:
         on = torch.is_grad_enabled()
         needs = [on and t is not None and t.requires_grad for t in (x, weight, bias)]
         loss, *_ = _ops.gaussian_heads_kl_call(x, weight, bias, teacher_mean.detach(), teacher_var.detach(),
                                                float(min_var), reduction, *needs,
                                                _ops.gaussian_deferred(x, weight, bias, *needs))
         return _autocast_loss(loss, x)
+    x = _kept_input(x, keep)
     z = linear_heads(x, weight, bias, impl="torch").float() if _autocast_dtype(x) is not None else \
         linear_heads(x, weight, bias, impl="torch")
     mean, var = split_gaussian(z, min_var)
     kl = gaussian_kl_torch(mean, var, teacher_mean.to(z.dtype), teacher_var.to(z.dtype))
+    if keep is not None:
+        return _masked_reduction(kl, keep, reduction)
     return kl.sum() if reduction == "sum" or kl.numel() == 0 else kl.mean()

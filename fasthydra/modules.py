@@ -21,6 +21,19 @@ def _init_heads_(weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         nn.init.uniform_(bias, -bound, bound)
 
 
+def _flat_row_mask(row_mask, x: torch.Tensor) -> torch.Tensor | None:
+    """A module's row_mask, x's leading shape (*), checked and flattened to the (rows,) bool mask of x2."""
+    if row_mask is None:
+        return None
+    if not isinstance(row_mask, torch.Tensor):
+        raise TypeError(f"row_mask must be a torch.Tensor or None, got {type(row_mask).__name__}")
+    lead = tuple(x.shape[:-1])
+    if tuple(row_mask.shape) != lead:
+        raise ValueError(f"row_mask must have x's leading shape {lead} (x {tuple(x.shape)}), got "
+                         f"{tuple(row_mask.shape)}")
+    return F_h._check_row_mask(row_mask.reshape(-1), row_mask.numel(), "x", x)
+
+
 class HydraHead(nn.Module):
     """M light heads over a shared body output, trained to imitate M ensemble members.
 
@@ -110,7 +123,7 @@ class HydraHead(nn.Module):
         return z.reshape(*lead, self.num_heads, self.num_classes)
 
     def distill_loss(self, x: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
-                     reduction: str = "mean") -> torch.Tensor:
+                     reduction: str = "mean", *, row_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Fused heads + Hydra loss; same value and gradients as ``hydra_kl_loss(self(x), t, T)``.
 
         Args:
@@ -118,6 +131,9 @@ class HydraHead(nn.Module):
             teacher_logits: (*, M, C), member m's logits for head m.
             temperature: T > 0.
             reduction: "mean" or "sum" run fused; "none" -> (*, M) goes through the unfused path.
+            row_mask: optional (*) bool (or integer, nonzero = kept), x's leading shape: the rows that count,
+                e.g. a sequence batch's attention mask. The others add nothing and get zero gradients; "mean"
+                averages over the kept rows (0 if none), "none" is 0 on the others. No host sync.
         Returns: the loss in x's dtype.
         Raises: ValueError for bad teacher values as ``hydra_kl_loss`` does (on CUDA without a host
             sync: NaN loss now, the error on a later call; FASTHYDRA_STRICT=1 raises at once).
@@ -150,13 +166,16 @@ class HydraHead(nn.Module):
                                  f"(M={self.num_heads}, C={self.num_classes}); got {tuple(teacher_logits.shape)}")
             t2 = teacher_logits if teacher_logits.dim() == 3 else teacher_logits.reshape(-1, self.num_heads,
                                                                                           self.num_classes)
-        if reduction == "none":
-            loss = F_h.hydra_kl_loss(self(x2), t2, temperature, reduction="none", impl=self.impl)
+        row_mask = _flat_row_mask(row_mask, x)
+        if reduction == "none":  # (rows left out: x set to 0 first, as the fused path does)
+            loss = F_h.hydra_kl_loss(self(F_h._kept_input(x2, row_mask)), t2, temperature, reduction="none",
+                                     impl=self.impl, row_mask=row_mask)
             return loss.reshape(*lead, self.num_heads)
         if self.is_mlp:
             return F_h.mlp_hydra_kl_loss(x2, self.hidden_weight, self.hidden_bias, self.weight, self.bias, t2,
-                                         temperature, reduction, impl=self.impl)
-        return F_h.linear_hydra_kl_loss(x2, self.weight, self.bias, t2, temperature, reduction, impl=self.impl)
+                                         temperature, reduction, impl=self.impl, row_mask=row_mask)
+        return F_h.linear_hydra_kl_loss(x2, self.weight, self.bias, t2, temperature, reduction, impl=self.impl,
+                                        row_mask=row_mask)
 
     @torch.no_grad()
     def expand(self, num_heads: int, noise_std: float = 0.0, generator: torch.Generator | None = None) -> "HydraHead":
@@ -218,10 +237,12 @@ class GaussianHydraHead(HydraHead):
 
         return split_gaussian(super().forward(x), self.min_var)
 
-    def distill_loss(self, x, teacher_mean, teacher_var, reduction: str = "mean"):  # type: ignore[override]
+    def distill_loss(self, x, teacher_mean, teacher_var, reduction: str = "mean", *,  # type: ignore[override]
+                     row_mask=None):
         """Fused heads + Gaussian KL against member m's (mean, var) for head m; mean over (rows, M, K).
 
-        Same value and gradients as ``gaussian_kl_loss(*self(x), teacher_mean, teacher_var)``.
+        Same value and gradients as ``gaussian_kl_loss(*self(x), teacher_mean, teacher_var)``. row_mask:
+        optional (*) bool, x's leading shape, the rows that count (as ``HydraHead.distill_loss``'s).
         """
         lead = x.shape[:-1] if isinstance(x, torch.Tensor) else ()
         x2 = self._flatten_input(x)
@@ -232,7 +253,9 @@ class GaussianHydraHead(HydraHead):
                 raise ValueError(f"{name} must have shape {want} for x {tuple(x.shape)}, got {tuple(value.shape)}")
         tm = teacher_mean.reshape(-1, self.num_heads, self.out_features)
         tv = teacher_var.reshape(-1, self.num_heads, self.out_features)
+        row_mask = _flat_row_mask(row_mask, x)
         if reduction == "none":
-            mean, var = self(x2)
-            return F_h.gaussian_kl_loss(mean, var, tm, tv, "none").reshape(*want)
-        return F_h.gaussian_heads_kl_loss(x2, self.weight, self.bias, tm, tv, self.min_var, reduction, impl=self.impl)
+            mean, var = self(F_h._kept_input(x2, row_mask))
+            return F_h.gaussian_kl_loss(mean, var, tm, tv, "none", row_mask=row_mask).reshape(*want)
+        return F_h.gaussian_heads_kl_loss(x2, self.weight, self.bias, tm, tv, self.min_var, reduction, impl=self.impl,
+                                          row_mask=row_mask)

@@ -220,6 +220,7 @@ def test_main_runs_end_to_end_with_the_device_parts_stubbed(tmp_path, monkeypatc
     monkeypatch.setattr(gpu_check, "topk_rows", lambda bps: [{"teacher": "dense", "seconds": 1e-3,
                                                               "teacher_bytes": 10, "bytes_moved": 30,
                                                               "of_copy_bandwidth": 0.5}])
+    monkeypatch.setattr(gpu_check, "masked_rows", lambda: [{"mask": "none", "seconds": 1e-3, "vs_no_mask": 1.0}])
     seen_settings = []
 
     def latency(case, provider):
@@ -292,6 +293,23 @@ def test_main_runs_end_to_end_with_the_device_parts_stubbed(tmp_path, monkeypatc
     assert record["ncu"]["kernels"][0]["metrics"]["Duration"] == "31.5 us"
     assert "_small_heads_kl_kernel" in printed and "SM Frequency 1.98 Ghz" in printed
     assert set(record["clocks"]) == {"latency", "profiles", "cases"}
+    assert record["masked"][0]["mask"] == "none" and "row mask none" in printed
+
+
+def test_the_row_mask_rows_time_both_steps(monkeypatch):
+    """masked_rows on CPU tensors at a tiny shape (the timer a single call): a step without and one with the
+    mask, both run, the ratio against the first."""
+    calls = []
+
+    def bench(fn):
+        fn()
+        calls.append(1)
+        return 2e-3 if len(calls) == 2 else 1e-3
+
+    monkeypatch.setattr(gpu_check, "_do_bench", bench)
+    rows = gpu_check.masked_rows(b=8, d=4, m=2, c=5, device="cpu")
+    assert [r["mask"] for r in rows] == ["none", "75% of rows kept"] and len(calls) == 2
+    assert [r["vs_no_mask"] for r in rows] == [1.0, 2.0]
 
 
 def test_gpu_test_output_is_summarized_whole_and_cut_short():

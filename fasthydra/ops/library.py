@@ -205,11 +205,13 @@ register_autograd("fasthydra::hydra_kl", _hydra_kl_backward, setup_context=_hydr
 @_no_autocast
 def _linear_hydra_kl_impl(inp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, teacher: torch.Tensor,
                           temperature: float, reduction: str, shared: bool, need_in: bool, need_w: bool, need_b: bool,
-                          need_t: bool, impl: str, teacher_indices: torch.Tensor | None, small_deferred: bool
+                          need_t: bool, impl: str, teacher_indices: torch.Tensor | None, small_deferred: bool,
+                          row_mask: torch.Tensor | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """small_deferred (decided by the caller with small_deferred_config): the small-step path's launch 1
     alone, returning the stash of dL/dz (B, M, C) in the input gradient's place; launch 2 runs in the
-    backward (_small_backward)."""
+    backward (_small_backward). row_mask (B,) bool: the rows that count; the others' loss rows and
+    gradients are zero (the reduction's coefficient stays 1/(B*M): the caller rescales "mean")."""
     poll(inp.device)
     if teacher_indices is not None:
         flag_topk_teacher(teacher, teacher_indices, weight.shape[1], "distill_loss", values_too=impl != "triton")
@@ -218,15 +220,16 @@ def _linear_hydra_kl_impl(inp: torch.Tensor, weight: torch.Tensor, bias: torch.T
     if small_deferred:
         cfg = small_deferred_config(inp, weight, bias, reduction, need_in, need_w, need_b, need_t, impl,
                                     teacher_indices)
-        if cfg is None:
+        if cfg is None or row_mask is not None:
             raise ValueError("linear_hydra_kl: small_deferred=True is for the calls small_deferred_config "
-                             "accepts (the Triton path's small-step kernels, a reduced loss, a gradient wanted)")
+                             "accepts (the Triton path's small-step kernels, a reduced loss, a gradient wanted, "
+                             "no row mask)")
         loss, stash = _small.small_heads_forward(inp, weight, bias, teacher, temperature, reduction, shared, True,
                                                     cfg)
         return loss, stash, weight.new_empty(_EMPTY), weight.new_empty(_EMPTY), teacher.new_empty(_EMPTY)
     fwd = _lin.linear_hydra_kl_forward_triton if impl == "triton" else _lin.linear_hydra_kl_forward_torch
     loss, g_in, g_w, g_b, g_t = fwd(inp, weight, bias, teacher, temperature, reduction, shared, need_in, need_w,
-                                    need_b and bias is not None, need_t, teacher_indices)
+                                    need_b and bias is not None, need_t, teacher_indices, row_mask)
     return (loss, _none_to_empty(g_in, inp), _none_to_empty(g_w, weight), _none_to_empty(g_b, weight),
             _none_to_empty(g_t, teacher))
 
@@ -250,7 +253,7 @@ linear_hydra_kl = _custom_op("fasthydra::linear_hydra_kl", _linear_hydra_kl_impl
 
 @register_fake("fasthydra::linear_hydra_kl")
 def _linear_hydra_kl_fake(inp, weight, bias, teacher, temperature, reduction, shared, need_in, need_w, need_b, need_t,
-                          impl, teacher_indices, small_deferred):
+                          impl, teacher_indices, small_deferred, row_mask=None):
     m = weight.shape[0]
     loss = inp.new_empty((inp.shape[0], m) if reduction == "none" else (), dtype=_compute_dtype(inp))
     if small_deferred:
@@ -402,7 +405,7 @@ def _deferrable_backward(stored, n_inputs: int):
     return backward
 
 
-register_autograd("fasthydra::linear_hydra_kl", _deferrable_backward(_heads_backward(14), 14),
+register_autograd("fasthydra::linear_hydra_kl", _deferrable_backward(_heads_backward(15), 15),
                   setup_context=_linear_setup)
 
 
@@ -630,7 +633,8 @@ def _hand_over_setup(ctx, inputs, output, strong: int) -> None:
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)
     ctx.stored = list(output[1:])
-    ctx.inputs = [_Kept(a, weak=i >= strong) if isinstance(a, torch.Tensor) else a for i, a in enumerate(inputs)]
+    ctx.inputs = [_Kept(a, weak=i >= strong and a.dtype != torch.bool) if isinstance(a, torch.Tensor) else a
+                  for i, a in enumerate(inputs)]  # (a row mask by reference too: B bools, often a temporary)
 
 
 class _Kept:
@@ -737,7 +741,7 @@ def _eager_linear_setup(ctx, inputs, output):
 
 
 linear_hydra_kl_call = _eager_entry(linear_hydra_kl, _linear_hydra_kl_impl, _eager_linear_setup,
-                                    _deferrable_backward(_eager_heads_backward(14, _linear_hydra_kl_impl), 14))
+                                    _deferrable_backward(_eager_heads_backward(15, _linear_hydra_kl_impl), 15))
 uncertainty_call = _eager_entry(uncertainty, _uncertainty_impl)
 grouped_linear_call = _eager_entry(grouped_linear, _grouped_linear_impl, _grouped_linear_setup, _grouped_linear_bwd)
 def _eager_gaussian_setup(ctx, inputs, output):
@@ -766,7 +770,8 @@ gaussian_heads_kl_call = _eager_entry(gaussian_heads_kl, _gaussian_heads_kl_impl
 def _mlp_hydra_kl_impl(x: torch.Tensor, hidden_weight: torch.Tensor, hidden_bias: torch.Tensor | None,
                        weight: torch.Tensor, bias: torch.Tensor | None, teacher: torch.Tensor, temperature: float,
                        reduction: str, need_x: bool, need_hw: bool, need_hb: bool, need_w: bool, need_b: bool,
-                       need_t: bool, teacher_indices: torch.Tensor | None) -> tuple:
+                       need_t: bool, teacher_indices: torch.Tensor | None, row_mask: torch.Tensor | None = None
+                       ) -> tuple:
     """MLP heads fused with the loss on the torch path, every gradient formed in the forward: the first
     layer (one GEMM, ReLU in place), the second layer and the loss (the heads op's torch path, which
     stores the hidden activations' gradient du), then ReLU's backward in place on du and the first
@@ -783,7 +788,7 @@ def _mlp_hydra_kl_impl(x: torch.Tensor, hidden_weight: torch.Tensor, hidden_bias
     need_u = need_x or need_hw or (need_hb and hidden_bias is not None)
     loss, du, g_w, g_b, g_t = _linear_hydra_kl_impl(u.view(x.shape[0], m, h), weight, bias, teacher, temperature,
                                                    reduction, False, need_u, need_w, need_b, need_t, "torch",
-                                                   teacher_indices, False)
+                                                   teacher_indices, False, row_mask)
     g_x = g_hw = g_hb = None
     if need_u:
         du = du.view(x.shape[0], m * h)
@@ -806,7 +811,7 @@ def _eager_mlp_setup(ctx, inputs, output):
 
 
 mlp_hydra_kl_eager = _eager_call("mlp_hydra_kl", _eager_function("mlp_hydra_kl", _mlp_hydra_kl_impl, _eager_mlp_setup,
-                                                                 _eager_heads_backward(15, _mlp_hydra_kl_impl)),
+                                                                 _eager_heads_backward(16, _mlp_hydra_kl_impl)),
                                   _mlp_hydra_kl_impl)
 
 
@@ -824,7 +829,7 @@ def _products(rows: int, weight_shape, count: int) -> int:
 
 
 def _linear_hydra_kl_flops(inp, weight, bias, teacher, temperature, reduction, shared, need_in, need_w, need_b, need_t,
-                           impl, teacher_indices, small_deferred, out_shape=None, **_):
+                           impl, teacher_indices, small_deferred, row_mask=None, out_shape=None, **_):
     # the logits, and the gradients' products where the forward forms them (a deferred small step: in the backward)
     return _products(inp[0], weight, 1 + (0 if small_deferred else int(need_in) + int(need_w)))
 

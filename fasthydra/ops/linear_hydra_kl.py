@@ -181,10 +181,13 @@ def _class_tiled_in_c(tiles, m, bc, temperature, want_grad, shared, xs, w, beta,
 
 
 def _tiles_into_grads(tile_grads, shared, xs, w, beta, scale, grads) -> None:
-    """(c0, c1, q - p) tiles contracted into the input, weight and bias gradients (grads: their buffers)."""
-    grad_in, grad_w32, grad_b32 = grads
+    """(c0, c1, q - p) tiles contracted into the input, weight and bias gradients (grads: their buffers, and
+    the block's rows left out by a row mask, or None)."""
+    grad_in, grad_w32, grad_b32, drop = grads
     gx = torch.zeros_like(xs) if grad_in is not None else None
     for c0, c1, g in tile_grads:
+        if drop is not None:  # (M, rows, tile)
+            g.masked_fill_(drop[None, :, None], 0.0)
         _tile_into_grads(g, c0, c1, w, xs, gx, grad_w32, grad_b32, beta, scale)
     if gx is not None:
         grad_in.copy_(gx.sum(0) if shared else gx.transpose(0, 1))
@@ -239,7 +242,7 @@ def _class_tiled_block_topk(xc, w, bias_c, vb, ib, temperature, want_grad, share
 
 def linear_hydra_kl_forward_torch(inp, weight, bias, teacher, temperature: float, reduction: str, shared: bool,
                                   need_in: bool, need_w: bool, need_b: bool, need_t: bool = False,
-                                  teacher_indices=None):
+                                  teacher_indices=None, row_mask=None):
     """Fused heads + Hydra loss in torch ops, walking the batch in row blocks.
 
     Wide row blocks (small and mid C): one addmm (shared input) or baddbmm (per head) per block,
@@ -249,8 +252,9 @@ def linear_hydra_kl_forward_torch(inp, weight, bias, teacher, temperature: float
     chunks (``_head_chunk_rows``); past that, the classes are tiled inside each block with online
     softmax statistics (see ``_class_tiled_block``). With need_t the teacher's
     gradient comes out of the same pass. A top-k teacher (teacher = its values, teacher_indices its
-    class ids) is read as it is, never made dense. Returns (loss, grad_in, grad_weight, grad_bias,
-    grad_teacher), the gradients None where not asked for.
+    class ids) is read as it is, never made dense. row_mask (B,) bool: rows left out get zero loss rows
+    and gradients (their logits gradient zeroed before the gradient GEMMs; the coefficient stays).
+    Returns (loss, grad_in, grad_weight, grad_bias, grad_teacher), the gradients None where not asked for.
     """
     m, c, k = weight.shape
     b = inp.shape[0]
@@ -268,6 +272,7 @@ def linear_hydra_kl_forward_torch(inp, weight, bias, teacher, temperature: float
     grad_b32 = torch.zeros(m, c, dtype=cdt, device=inp.device) if need_b else None
     grad_t = teacher.new_empty(teacher.shape) if need_t else None
     topk = None if teacher_indices is None else teacher_indices.long()
+    drop = None if row_mask is None else ~row_mask
     step = rows_per_chunk(b, m * c, TORCH_CHUNK_ELEMENTS)
     per_group = m  # heads per chunk: all of them, or one at a time where all would make thin row blocks
     tiled = step < min(b, MIN_CHUNK_ROWS)
@@ -282,7 +287,8 @@ def linear_hydra_kl_forward_torch(inp, weight, bias, teacher, temperature: float
         bc = xc.shape[0]
         beta = 0.0 if r0 == 0 else 1.0
         if tiled:
-            block_grads = (None if grad_in is None else grad_in[r0:r0 + step], grad_w32, grad_b32)
+            block_grads = (None if grad_in is None else grad_in[r0:r0 + step], grad_w32, grad_b32,
+                           None if drop is None else drop[r0:r0 + step])
             t_block = None if grad_t is None else grad_t[r0:r0 + step]
             if topk is not None:
                 rows[r0:r0 + step] = _class_tiled_block_topk(xc, w, bias_c, teacher[r0:r0 + step],
@@ -306,6 +312,8 @@ def linear_hydra_kl_forward_torch(inp, weight, bias, teacher, temperature: float
             else:
                 loss, g, tg = kl_chunk_torch(s, teacher[rs, hs], temperature, want_grad, need_t)
             del s
+            if drop is not None and g is not None:  # rows left out: no gradient (whatever their values)
+                g.masked_fill_(drop[rs, None, None], 0.0)
             rows[rs, hs] = loss
             if need_t:
                 torch.mul(tg, scale, out=grad_t[rs, hs])
@@ -327,7 +335,18 @@ def linear_hydra_kl_forward_torch(inp, weight, bias, teacher, temperature: float
                 grad_b32[hs].add_(g.sum(0), alpha=scale)
     if grad_in is not None:
         grad_in = grad_in.mul_(scale).to(stored_grad_dtype(inp.dtype))
+    _drop_rows(drop, rows, grad_t)
     return _results(rows, inp, weight, bias, grad_in, grad_w32, grad_b32, reduction, grad_t)
+
+
+def _drop_rows(drop, loss_rows, grad_t) -> None:
+    """A row mask's rows left out (drop: (B,) bool, or None): their (B, M) loss rows and teacher gradient
+    zeroed in place (NaN or not)."""
+    if drop is None:
+        return
+    loss_rows.masked_fill_(drop[:, None], 0.0)
+    if grad_t is not None:
+        grad_t.masked_fill_(drop[:, None, None], 0.0)
 
 
 def _head_chunk_rows(b: int, c: int) -> int:
@@ -354,7 +373,7 @@ def _head_groups(b: int, m: int, c: int) -> tuple[int, int]:
 
 def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: float, reduction: str, shared: bool,
                                    need_in: bool, need_w: bool, need_b: bool, need_t: bool = False,
-                                   teacher_indices=None):
+                                   teacher_indices=None, row_mask=None):
     """Heads + Hydra loss as cuBLAS GEMMs around the one-pass Triton loss kernel (the GPU default).
 
     Per head group (all M heads unless their logits are too big, see ``_head_groups``):
@@ -375,12 +394,15 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
     Only one group's logits exist at a time; with no gradient wanted nothing (B, M, C)-sized is kept.
     With need_t the same pass writes the teacher's gradient. A top-k teacher (teacher = values,
     teacher_indices = class ids) runs the top-k loss kernel instead: the same GEMMs, M*k teacher
-    entries read per row instead of M*C. Returns (loss, grad_in, grad_weight, grad_bias,
+    entries read per row instead of M*C. A row mask (B,) bool zeroes the loss rows and dz of the rows it
+    leaves out after step 2 (one pass over the group's dz; the thin-heads kernel, the loss pass's column
+    sums and its in-kernel reduction are not used then). Returns (loss, grad_in, grad_weight, grad_bias,
     grad_teacher), None where not asked for.
     """
     m, c, k = weight.shape
     b = inp.shape[0]
     dev, dt = inp.device, inp.dtype
+    drop = None if row_mask is None else ~row_mask
     weight = weight.contiguous()
     if bias is not None and bias.stride(-1) != 1:  # the loss kernels read a bias row with unit stride along C
         bias = bias.contiguous()
@@ -402,7 +424,7 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
     # kernel forms the logits itself (thin_heads.py), a dense frozen teacher only; else a GEMM writes them
     # for the loss pass.
     thin = None
-    if _common.THIN_HEADS and topk is None and grad_t is None:
+    if _common.THIN_HEADS and topk is None and grad_t is None and drop is None:
         thin = _common.thin_heads_config(k, c, inp.element_size(), _common.dot_precision(inp.dtype) == "ieee",
                                          _common.hopper(dev))
         if thin is not None and inp.stride(-1) != 1:
@@ -410,7 +432,7 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
     # "mean"/"sum" where one launch of the dense loss kernel covers every row: its last program sums them
     # (no reduction launch); otherwise, and for the top-k kernel, one reduction of the loss rows at the end.
     reduced = None
-    if reduction != "none" and b * m > 0 and n_groups * n_chunks == 1 and topk is None:
+    if reduction != "none" and b * m > 0 and n_groups * n_chunks == 1 and topk is None and drop is None:
         reduced = torch.empty((), dtype=torch.float32, device=dev)
     reduce_to = None if reduced is None else (reduced, reduction_coefficient(reduction, b * m))
     # The group's logits, turned into dz in place (thin heads: dz alone, and nothing without a gradient)
@@ -428,6 +450,7 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
     # Bias and long rows (the dense, frozen teacher): the loss pass forms dz and db together (see
     # SPLIT_BIAS_PASS); the row normalisers between its two launches live in `norms`.
     split_bias = (want_grad and need_b and _common.SPLIT_BIAS_PASS and topk is None and grad_t is None and thin is None
+                  and drop is None
                   and not kl_rows_config(c, inp.element_size(), not shared and bias is not None)["ROW_IN_REGISTERS"])
     norms = torch.empty(min(rows, b) * heads * 4, dtype=torch.float32, device=dev) if split_bias else None
     if b == 0:
@@ -490,6 +513,8 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
                                reduce_to=reduce_to)
             if not want_grad:
                 continue
+            if drop is not None:  # rows left out: no gradient (z3 is (rows, heads, C) or (heads, rows, C))
+                z3.masked_fill_(drop[r0:r1, None, None] if shared else drop[None, r0:r1, None], 0.0)
             # z3 now holds dL/dz for the group's rows.
             if shared:
                 gz = z3.view(br, gh * c)
@@ -532,6 +557,7 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
         if acc is not None:
             grad_w[h0:h1] = acc
     after_launch(dev, "distill_loss", teacher.shape)
+    _drop_rows(drop, loss, grad_t)
     if grad_in32 is not None:
         grad_in = grad_in32.to(stored_grad_dtype(dt))
     if wide and grad_b is not None:
@@ -606,17 +632,17 @@ def small_step_config(inp, weight, need_t: bool, teacher_indices) -> dict | None
 
 def linear_hydra_kl_forward_triton(inp, weight, bias, teacher, temperature: float, reduction: str, shared: bool,
                                    need_in: bool, need_w: bool, need_b: bool, need_t: bool = False,
-                                   teacher_indices=None):
+                                   teacher_indices=None, row_mask=None):
     """Heads + Hydra loss on the Triton path. Small problems (``small_heads_config``: C <= 64, up to
     8192 rows, M*C*K <= 2^20, weight re-reads bounded) with a dense, frozen teacher take the two-launch
     path (``linear_hydra_kl_forward_small``) unless FASTHYDRA_SMALL_STEP=0; everything else cuBLAS
     GEMMs around the loss kernel (``linear_hydra_kl_forward_cublas``). (A third design, Triton GEMM
     tiles fused with the softmax/KL, took 1.9x to 11x this path's time on an H200 and was removed:
-    bench/RESULTS.md.) Returns (loss, grad_in, grad_weight, grad_bias, grad_teacher), None where not
-    asked for."""
-    cfg = small_step_config(inp, weight, need_t, teacher_indices)
+    bench/RESULTS.md.) A row mask takes the cuBLAS path. Returns (loss, grad_in, grad_weight, grad_bias,
+    grad_teacher), None where not asked for."""
+    cfg = small_step_config(inp, weight, need_t, teacher_indices) if row_mask is None else None
     if cfg is not None:
         return linear_hydra_kl_forward_small(inp, weight, bias, teacher, temperature, reduction, shared, need_in,
                                              need_w, need_b and bias is not None, cfg)
     return linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature, reduction, shared,
-                                          need_in, need_w, need_b, need_t, teacher_indices)
+                                          need_in, need_w, need_b, need_t, teacher_indices, row_mask)

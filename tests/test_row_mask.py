@@ -1,0 +1,351 @@
+"""row_mask: the rows that count (padding positions of flattened sequences left out), on every classification
+loss. The reference is the same loss in float64 over the kept rows alone: a masked loss must equal it in value
+and in every gradient, and the rows left out must get gradients of exactly 0, whatever their features.
+
+cpu tier: the torch path (row blocks, one head at a time, class tiles); interpret tier: the Triton path (a mask
+takes the cuBLAS path around the loss kernel: the small-step kernels are skipped, so both settings of
+FASTHYDRA_SMALL_STEP are run; several head groups and row chunks forced).
+"""
+
+import pytest
+import torch
+from helpers import HEADS_PATHS, assert_close_to, teacher_logits, use_heads_path
+
+from fasthydra import GaussianHydraHead, HydraHead, TopKTeacher, hinton_kl_loss, hydra_kl_loss
+from fasthydra import reference as R
+from fasthydra.functional import gaussian_kl_loss
+from fasthydra.ops.gaussian_kl import split_gaussian
+from fasthydra.ops import checks
+
+IMPLS = [pytest.param("torch", marks=pytest.mark.cpu), pytest.param("triton", marks=pytest.mark.interpret)]
+B, D, M, C = 37, 9, 3, 13  # the odd shape
+
+
+def _mask(b: int, seed: int) -> torch.Tensor:
+    keep = torch.rand(b, generator=torch.Generator().manual_seed(seed)) > 0.4
+    keep[0], keep[-1] = True, False  # both kinds whatever the draw
+    return keep
+
+
+def _teacher(kind: str, b: int, dtype=torch.float32):
+    t = teacher_logits(b, M, C, dtype=dtype)
+    if kind == "topk":
+        values, indices = t.nan_to_num(neginf=-1e4).topk(5, dim=-1)
+        return TopKTeacher(values, indices)
+    return t.requires_grad_(kind == "grad")
+
+
+def _dense(teacher):
+    return teacher.densify(C) if isinstance(teacher, TopKTeacher) else teacher
+
+
+def _teacher_leaf(teacher):
+    return teacher.values if isinstance(teacher, TopKTeacher) else teacher
+
+
+def _reference(head, x, teacher, keep, temperature, reduction, up):
+    """Loss and gradients (x, parameters, teacher) of the float64 reference over the kept rows alone."""
+    p64 = {k: v.detach().double().requires_grad_() for k, v in head.named_parameters()}
+    x64 = x.detach().double().requires_grad_()
+    t_leaf = _teacher_leaf(teacher).detach().double().requires_grad_()
+    t64 = TopKTeacher(t_leaf, teacher.indices).densify(C) if isinstance(teacher, TopKTeacher) else t_leaf
+    if head.is_mlp:
+        z = R.mlp_heads_ref(x64[keep], p64["hidden_weight"], p64.get("hidden_bias"), p64["weight"], p64.get("bias"))
+    else:
+        z = R.linear_heads_ref(x64[keep], p64["weight"], p64.get("bias"))
+    loss = R.hydra_kl_loss_ref(z, t64[keep], temperature, reduction=reduction)
+    grads = torch.autograd.grad(loss * up, [x64, *p64.values(), t_leaf])
+    return loss, grads
+
+
+def _check_step(head, x, teacher, keep, temperature, reduction, tol):
+    up = torch.tensor(0.75)  # an upstream gradient != 1
+    leaf = _teacher_leaf(teacher)
+    inputs = [x, *head.parameters()] + ([leaf] if leaf.requires_grad else [])
+    loss = head.distill_loss(x, teacher, temperature, reduction, row_mask=keep)
+    grads = torch.autograd.grad(loss * up, inputs)
+    ref, ref_grads = _reference(head, x, teacher, keep, temperature, reduction, up)
+    assert_close_to(loss, ref, rtol=tol, atol=tol * 1e-2, what="loss")
+    names = ["x", *(n for n, _ in head.named_parameters()), "teacher"]
+    for name, g, g_ref in zip(names, grads, ref_grads):
+        assert_close_to(g, g_ref, rtol=tol, atol=tol * 1e-3, what=name)
+    assert torch.equal(grads[0][~keep], torch.zeros_like(grads[0][~keep]))  # rows left out: exactly 0
+    if leaf.requires_grad:
+        assert torch.equal(grads[-1][~keep], torch.zeros_like(grads[-1][~keep]))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("hidden", [None, 5])
+@pytest.mark.parametrize("teacher_kind", ["frozen", "grad", "topk"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_masked_heads_equal_the_kept_rows_alone(impl, hidden, teacher_kind, reduction):
+    head = HydraHead(D, C, M, hidden_features=hidden, impl=impl)
+    keep = _mask(B, 7)
+    x = torch.randn(B, D)
+    x[~keep] *= 1e3  # padding features far off: nothing of them may leak into the gradients
+    x.requires_grad_()
+    _check_step(head, x, _teacher(teacher_kind, B), keep, 2.0, reduction, 2e-5)
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("mode", ["tiled", "head-chunks"])
+@pytest.mark.parametrize("hidden", [None, 5])
+@pytest.mark.parametrize("teacher_kind", ["frozen", "topk"])
+def test_masked_heads_in_the_torch_paths_large_c_modes(monkeypatch, mode, hidden, teacher_kind):
+    import fasthydra.ops.linear_hydra_kl as lk
+
+    monkeypatch.setattr(lk, "TORCH_CHUNK_ELEMENTS", 1 if mode == "tiled" else 600)
+    monkeypatch.setattr(lk, "MIN_CHUNK_ROWS", 16)
+    monkeypatch.setattr(lk, "TILE_ELEMENTS", 40)  # several class tiles
+    monkeypatch.setattr(lk, "TILED_BLOCK_ROWS", 16)  # several row blocks
+    head = HydraHead(D, C, M, hidden_features=hidden, impl="torch", dtype=torch.float64)
+    keep = _mask(B, 3)
+    x = torch.randn(B, D, dtype=torch.float64, requires_grad=True)
+    _check_step(head, x, _teacher(teacher_kind, B, torch.float64), keep, 1.5, "mean", 1e-10)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("path", HEADS_PATHS)
+@pytest.mark.parametrize("hidden", [None, 5])
+@pytest.mark.parametrize("groups", ["one", "heads-and-rows"])
+def test_masked_heads_on_the_triton_path_take_the_cublas_path(monkeypatch, path, hidden, groups):
+    import fasthydra.ops.linear_hydra_kl as lk
+
+    use_heads_path(monkeypatch, path)
+    if groups != "one":
+        monkeypatch.setattr(lk, "CUBLAS_GROUP_ELEMENTS", 10 * C)  # one head per group, rows in chunks of 10
+    small = []
+    monkeypatch.setattr(lk, "linear_hydra_kl_forward_small", lambda *a: small.append(1))
+    head = HydraHead(D, C, M, hidden_features=hidden, impl="triton")
+    keep = _mask(B, 11)
+    x = torch.randn(B, D, requires_grad=True)
+    _check_step(head, x, _teacher("frozen", B), keep, 3.0, "mean", 2e-5)
+    assert not small
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("teacher_kind", ["frozen", "grad", "topk"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_masked_loss_on_logits_equals_the_kept_rows_alone(impl, teacher_kind, reduction):
+    keep = _mask(B, 5)
+    z = (torch.randn(B, M, C) * 3).requires_grad_()
+    teacher = _teacher(teacher_kind, B)
+    leaf = _teacher_leaf(teacher)
+    loss = hydra_kl_loss(z, teacher, 2.0, reduction, impl, row_mask=keep)
+    up = torch.rand(loss.shape) + 0.5
+    inputs = [z] + ([leaf] if leaf.requires_grad else [])
+    grads = torch.autograd.grad(loss, inputs, up)
+    z64 = z.detach().double().requires_grad_()
+    t_leaf = leaf.detach().double().requires_grad_()
+    t64 = TopKTeacher(t_leaf, teacher.indices).densify(C) if teacher_kind == "topk" else t_leaf
+    ref = R.hydra_kl_loss_ref(z64[keep], t64[keep], 2.0, reduction=reduction)
+    if reduction == "none":  # the kept rows in place, zeros on the others
+        ref = torch.zeros(B, M, dtype=torch.float64).index_put((keep,), ref)
+    ref_grads = torch.autograd.grad(ref, [z64, t_leaf], up.double())
+    assert_close_to(loss, ref, rtol=2e-6, atol=1e-7, what="loss")
+    for name, g, g_ref in zip(["student", "teacher"], grads, ref_grads):
+        assert_close_to(g, g_ref, rtol=1e-5, atol=1e-8, what=name)
+        assert torch.equal(g[~keep], torch.zeros_like(g[~keep]))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("teacher_kind", ["frozen", "topk"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_masked_hinton_loss_equals_the_kept_rows_alone(impl, teacher_kind, reduction):
+    keep = _mask(B, 9)
+    z = (torch.randn(B, C) * 3).requires_grad_()
+    teacher = _teacher(teacher_kind, B)
+    loss = hinton_kl_loss(z, teacher, 4.0, reduction, impl, row_mask=keep)
+    up = torch.rand(loss.shape) + 0.5
+    (g,) = torch.autograd.grad(loss, [z], up)
+    z64 = z.detach().double().requires_grad_()
+    ref = R.hinton_kl_loss_ref(z64[keep], _dense(teacher).double()[keep], 4.0, reduction=reduction)
+    if reduction == "none":
+        ref = torch.zeros(B, dtype=torch.float64).index_put((keep,), ref)
+    (g_ref,) = torch.autograd.grad(ref, [z64], up.double())
+    assert_close_to(loss, ref, rtol=2e-6, atol=1e-7, what="loss")
+    assert_close_to(g, g_ref, rtol=1e-5, atol=1e-8, what="student")
+    assert torch.equal(g[~keep], torch.zeros_like(g[~keep]))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("hidden", [None, 5])
+def test_a_sequence_batch_with_its_attention_mask(impl, hidden):
+    """x (batch, time, D) with a tokenizer's int64 attention mask (batch, time): the same as the bool mask,
+    as the flattened kept positions alone, and reduction="none" gives (batch, time, M) with 0 at padding."""
+    head = HydraHead(D, C, M, hidden_features=hidden, impl=impl)
+    lengths = torch.tensor([5, 2, 0, 4])
+    attention = (torch.arange(5)[None, :] < lengths[:, None]).long()  # (4, 5), one empty sequence
+    x = torch.randn(4, 5, D, requires_grad=True)
+    t = teacher_logits(20, M, C).view(4, 5, M, C)
+    loss = head.distill_loss(x, t, 2.0, row_mask=attention)
+    (gx,) = torch.autograd.grad(loss, [x])
+    keep = attention.bool()
+    x_kept = x.detach()[keep].requires_grad_()
+    ref = head.distill_loss(x_kept, t[keep], 2.0)
+    (gx_ref,) = torch.autograd.grad(ref, [x_kept])
+    assert_close_to(loss, ref, rtol=1e-5, what="loss")
+    assert_close_to(gx[keep], gx_ref, rtol=1e-5, atol=1e-9, what="x")
+    assert torch.equal(gx[~keep], torch.zeros_like(gx[~keep]))
+    rows = head.distill_loss(x, t, 2.0, reduction="none", row_mask=keep)
+    assert rows.shape == (4, 5, M) and torch.equal(rows[~keep], torch.zeros_like(rows[~keep]))
+    assert_close_to(rows[keep].sum() / (keep.sum() * M), ref, rtol=1e-5, what="rows")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("hidden", [None, 5])
+def test_every_row_left_out_gives_zero_and_no_nan(impl, hidden):
+    """No row kept (a batch of padding): loss 0 and zero gradients for "mean" and "sum", as an empty batch;
+    an empty batch with an empty mask too."""
+    head = HydraHead(D, C, M, hidden_features=hidden, impl=impl)
+    for b in (6, 0):
+        x = torch.randn(b, D, requires_grad=True)
+        t = teacher_logits(b, M, C)
+        for reduction in ("mean", "sum"):
+            loss = head.distill_loss(x, t, 2.0, reduction, row_mask=torch.zeros(b, dtype=torch.bool))
+            grads = torch.autograd.grad(loss, [x, *head.parameters()])
+            assert loss.item() == 0.0
+            assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+        z = torch.randn(b, M, C, requires_grad=True)
+        loss = hydra_kl_loss(z, t, 2.0, impl=impl, row_mask=torch.zeros(b, dtype=torch.bool))
+        (gz,) = torch.autograd.grad(loss, [z])
+        assert loss.item() == 0.0 and torch.equal(gz, torch.zeros_like(gz))
+
+
+@pytest.mark.cpu
+def test_rows_left_out_are_still_checked_and_may_hold_anything_else():
+    """The teacher's values are checked on every row (a NaN is a NaN, padding or not); the heads' features on
+    a row left out may be anything, NaN and Inf included (a body's output at padding): nothing reaches a
+    gradient or the loss."""
+    keep = _mask(8, 1)
+    t = teacher_logits(8, M, C)
+    bad = t.clone()
+    bad[int((~keep).nonzero()[0]), 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        HydraHead(D, C, M, impl="torch").distill_loss(torch.randn(8, D), bad, row_mask=keep)
+    for hidden in (None, 5):
+        head = HydraHead(D, C, M, hidden_features=hidden, impl="torch")
+        x = torch.randn(8, D)
+        x[~keep] = float("nan")
+        x[int((~keep).nonzero()[-1]), 0] = float("inf")
+        x.requires_grad_()
+        loss = head.distill_loss(x, t, 2.0, row_mask=keep)
+        grads = torch.autograd.grad(loss, [x, *head.parameters()])
+        assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
+        assert torch.equal(grads[0][~keep], torch.zeros_like(grads[0][~keep]))
+
+
+@pytest.mark.cpu
+def test_bad_row_masks_are_refused_naming_the_argument():
+    head = HydraHead(D, C, M)
+    x, t = torch.randn(6, D), teacher_logits(6, M, C)
+    z = torch.randn(6, M, C)
+    with pytest.raises(TypeError, match="row_mask must be a bool"):
+        hydra_kl_loss(z, t, row_mask=torch.ones(6))
+    with pytest.raises(TypeError, match="row_mask must be a bool"):
+        head.distill_loss(x, t, row_mask=torch.ones(6))
+    with pytest.raises(TypeError, match="row_mask must be a torch.Tensor"):
+        head.distill_loss(x, t, row_mask=[True] * 6)
+    with pytest.raises(ValueError, match=r"row_mask must have shape \(6,\)"):
+        hydra_kl_loss(z, t, row_mask=torch.ones(5, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"row_mask must have shape \(6,\)"):
+        hinton_kl_loss(torch.randn(6, C), t, row_mask=torch.ones(6, 1, dtype=torch.bool))
+    with pytest.raises(ValueError, match="leading shape"):
+        head.distill_loss(x, t, row_mask=torch.ones(3, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="one device"):
+        hydra_kl_loss(z, t, row_mask=torch.ones(6, dtype=torch.bool, device="meta"))
+    with pytest.raises(ValueError, match="reduction"):
+        hinton_kl_loss(torch.randn(6, C), t, reduction="avg", row_mask=torch.ones(6, dtype=torch.bool))
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("hidden", [None, 5])
+def test_a_masked_step_issues_no_host_sync(monkeypatch, hidden):
+    from test_nosync import no_host_sync
+
+    monkeypatch.setattr(checks, "_DEFER_ON_CPU", True)
+    monkeypatch.setattr(checks, "COPY_INTERVAL_S", 0.0)
+    checks._flags.clear()
+    head = HydraHead(D, C, M, hidden_features=hidden, impl="triton")
+    x = torch.randn(6, D, requires_grad=True)
+    t, keep = teacher_logits(6, M, C), _mask(6, 2)
+    z, z1 = torch.randn(6, M, C, requires_grad=True), torch.randn(6, C, requires_grad=True)
+    try:
+        with no_host_sync():
+            for _ in range(2):
+                head.distill_loss(x, t, 2.0, row_mask=keep).backward()
+                hydra_kl_loss(z, t, 2.0, impl="triton", row_mask=keep).backward()
+                hinton_kl_loss(z1, t, 2.0, impl="triton", row_mask=keep).backward()
+    finally:
+        checks._flags.clear()
+    assert torch.isfinite(x.grad).all() and torch.equal(x.grad[~keep], torch.zeros_like(x.grad[~keep]))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("hidden", [None, 5])
+def test_a_compiled_masked_step_equals_eager(impl, hidden):
+    """torch.compile(fullgraph=True) over distill_loss with a row mask: the custom ops take it as an argument
+    (no graph break), and the step equals the eager one."""
+    head = HydraHead(D, C, M, hidden_features=hidden, impl=impl)
+    x = torch.randn(10, D, requires_grad=True)
+    t, keep = teacher_logits(10, M, C), _mask(10, 4)
+
+    def step(x, t, keep):
+        return head.distill_loss(x, t, 2.0, row_mask=keep)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    got = compiled(x, t, keep)
+    got_grads = torch.autograd.grad(got, [x, *head.parameters()])
+    want = step(x, t, keep)
+    want_grads = torch.autograd.grad(want, [x, *head.parameters()])
+    assert_close_to(got, want, rtol=1e-6, what="loss")
+    for g, w in zip(got_grads, want_grads):
+        assert_close_to(g, w, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.cpu
+def test_a_second_backward_through_a_masked_loss_with_a_temporary_mask():
+    """retain_graph=True: the second backward recomputes the stored gradients from the forward's inputs; the
+    bool mask made from an int attention mask is a temporary that must outlive the forward."""
+    head = HydraHead(D, C, M, impl="torch")
+    x = torch.randn(8, D, requires_grad=True)
+    t = teacher_logits(8, M, C)
+    loss = head.distill_loss(x, t, 2.0, row_mask=_mask(8, 6).long())
+    loss.backward(retain_graph=True)
+    first = x.grad.clone()
+    loss.backward()
+    assert_close_to(x.grad, 2 * first, rtol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("teacher_grad", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_masked_gaussian_heads_equal_the_kept_rows_alone(impl, teacher_grad, reduction):
+    """GaussianHydraHead.distill_loss and gaussian_kl_loss with a row mask (unfused: the heads' GEMM, then the KL)
+    against the float64 reference over the kept rows alone; features of rows left out NaN."""
+    k = 2
+    head = GaussianHydraHead(D, k, M, impl=impl)
+    keep = _mask(B, 8)
+    x = torch.randn(B, D)
+    x[~keep] = float("nan")
+    x.requires_grad_()
+    tm = torch.randn(B, M, k).requires_grad_(teacher_grad)
+    tv = (torch.rand(B, M, k) + 0.2).requires_grad_(teacher_grad)
+    loss = head.distill_loss(x, tm, tv, reduction, row_mask=keep)
+    up = torch.rand(loss.shape) + 0.5
+    inputs = [x, *head.parameters()] + ([tm, tv] if teacher_grad else [])
+    grads = torch.autograd.grad(loss, inputs, up)
+    x64 = x.detach().double().requires_grad_()
+    p64 = [p.detach().double().requires_grad_() for p in head.parameters()]
+    t64 = [tm.detach().double().requires_grad_(), tv.detach().double().requires_grad_()]
+    mean, var = split_gaussian(R.linear_heads_ref(x64[keep], *p64), head.min_var)
+    ref = gaussian_kl_loss(mean, var, t64[0][keep], t64[1][keep], reduction)
+    if reduction == "none":
+        ref = torch.zeros(B, M, k, dtype=torch.float64).index_put((keep,), ref)
+    ref_grads = torch.autograd.grad(ref, [x64, *p64] + (t64 if teacher_grad else []), up.double(),
+                                    allow_unused=True)
+    assert_close_to(loss, ref, rtol=2e-5, atol=1e-7, what="loss")
+    for g, g_ref in zip(grads, ref_grads):
+        assert_close_to(g, torch.zeros_like(g) if g_ref is None else g_ref, rtol=2e-5, atol=1e-7)
+    assert torch.equal(grads[0][~keep], torch.zeros_like(grads[0][~keep]))
