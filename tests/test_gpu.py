@@ -31,13 +31,22 @@ def _eager(head, x, t, temperature):
     return R.hydra_kl_loss_ref(z, t.to(z.dtype), temperature)
 
 
-def _check_heads_against_float64(b, d, m, c, hidden, dtype):
-    """distill_loss and its gradients in `dtype` on CUDA, held to the tolerance rule against float64."""
+def _check_heads_against_float64(b, d, m, c, hidden, dtype, keep=None):
+    """distill_loss and its gradients in `dtype` on CUDA, held to the tolerance rule against float64. With a
+    row mask `keep` (B,): x is NaN on the rows left out, the references run on the kept rows alone, and the
+    rows left out must get input gradients of exactly 0."""
     head = HydraHead(d, c, m, hidden_features=hidden, impl="triton", device="cuda", dtype=dtype)
-    x = torch.randn(b, d, device="cuda", dtype=dtype, requires_grad=True)
+    x = torch.randn(b, d, device="cuda", dtype=dtype)
+    if keep is not None:
+        x[~keep] = float("nan")
+    x.requires_grad_()
     t = teacher_logits(b, m, c, device="cuda", dtype=dtype)
-    loss = head.distill_loss(x, t, temperature=2.0)
+    loss = head.distill_loss(x, t, temperature=2.0, row_mask=keep)
     grads = torch.autograd.grad(loss, [x, *params_of(head)])
+    if keep is not None:
+        assert torch.equal(grads[0][~keep], torch.zeros_like(grads[0][~keep]))
+        grads = (grads[0][keep], *grads[1:])
+        x, t = x.detach()[keep].requires_grad_(), t[keep]
     eager = _eager(head, x, t, 2.0)
     grads_eager = torch.autograd.grad(eager, [x, *params_of(head)])
     head64 = HydraHead(d, c, m, hidden_features=hidden, impl="torch", device="cuda", dtype=torch.float64)
@@ -56,6 +65,18 @@ def _check_heads_against_float64(b, d, m, c, hidden, dtype):
 def test_fused_heads_tolerance_rule(b, d, m, c, hidden, dtype):
     torch.backends.cuda.matmul.allow_tf32 = False
     _check_heads_against_float64(b, d, m, c, hidden, dtype)
+
+
+@pytest.mark.parametrize("b,d,m,c,hidden", [(37, 45, 5, 13, None), (256, 128, 4, 1000, None), (128, 96, 4, 50, 32),
+                                            (64, 256, 2, 32000, None)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_row_mask_tolerance_rule(b, d, m, c, hidden, dtype):
+    """A masked distill_loss (the cuBLAS path, the rows left out zeroed in dz) against the loss over the kept rows
+    alone."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    keep = torch.rand(b, device="cuda", generator=torch.Generator(device="cuda").manual_seed(b)) < 0.7
+    keep[0] = True
+    _check_heads_against_float64(b, d, m, c, hidden, dtype, keep)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -265,11 +286,15 @@ def test_training_step_issues_no_host_sync(monkeypatch, impl, path, hidden):
     t = teacher_logits(48, 4, 10, device="cuda")
     tm, tv = torch.randn(48, 4, 2, device="cuda"), torch.rand(48, 4, 2, device="cuda") + 0.1
     z = torch.randn(48, 4, 10, device="cuda", requires_grad=True)
+    keep = torch.arange(48, device="cuda") % 3 != 0
+
     def step():
         opt.zero_grad(set_to_none=True)
         f = body(x)
         loss = head.distill_loss(f, t, 2.0) + ghead.distill_loss(f, tm, tv)
         loss = loss + hydra_kl_loss(z, t, 2.0, impl=impl) + hinton_kl_loss(z[:, 0], t, 2.0, impl=impl)
+        loss = loss + head.distill_loss(f, t, 2.0, row_mask=keep) + hydra_kl_loss(z, t, 2.0, impl=impl,
+                                                                                  row_mask=keep)
         mu, var = ghead(f)
         loss = loss + gaussian_kl_loss(mu, var, tm, tv)
         loss.backward()
