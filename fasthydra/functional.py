@@ -144,7 +144,7 @@ def _masked_reduction(rows: torch.Tensor, keep: torch.Tensor, reduction: str) ->
     total = kept.sum(dtype=torch.float32 if rows.element_size() < 4 else None)  # 16-bit rows summed in fp32
     if reduction == "mean":
         per_row = rows[0].numel() if rows.shape[0] else 1
-        total = total / (keep.sum() * per_row).clamp_min(1).to(total.dtype)
+        total = total / keep.sum(dtype=total.dtype).mul_(per_row).clamp_min_(1)
     return total.to(rows.dtype)
 
 
@@ -160,7 +160,7 @@ def _mean_over_kept(loss: torch.Tensor, keep: torch.Tensor | None, reduction: st
     rescaled by B / (rows kept) for "mean" (autograd takes the factor into the stored gradients)."""
     if keep is None or reduction != "mean":
         return loss
-    return loss * (keep.shape[0] / keep.sum().clamp_min(1).to(loss.dtype))
+    return loss * (keep.shape[0] / keep.sum(dtype=loss.dtype).clamp_min_(1))
 
 
 def _check_topk(teacher, rows: int, heads: int, classes: int, device_of: dict, name="teacher_logits"):

@@ -349,3 +349,26 @@ def test_masked_gaussian_heads_equal_the_kept_rows_alone(impl, teacher_grad, red
     for g, g_ref in zip(grads, ref_grads):
         assert_close_to(g, torch.zeros_like(g) if g_ref is None else g_ref, rtol=2e-5, atol=1e-7)
     assert torch.equal(grads[0][~keep], torch.zeros_like(grads[0][~keep]))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("hidden", [None, 5])
+def test_what_the_rows_left_out_hold_changes_nothing(impl, hidden):
+    """Other features and other (finite) teacher logits on the rows left out: the loss and every gradient on
+    the kept rows and the parameters are bitwise the same (same shapes, same order of operations)."""
+    head = HydraHead(D, C, M, hidden_features=hidden, impl=impl)
+    keep = _mask(B, 12)
+    x0, t0 = torch.randn(B, D), teacher_logits(B, M, C)
+    gen = torch.Generator().manual_seed(3)
+    results = []
+    for scale in (0.0, 50.0):  # the rows left out as drawn, then replaced
+        x, t = x0.clone(), t0.clone()
+        if scale:
+            x[~keep] = torch.randn(int((~keep).sum()), D, generator=gen) * scale
+            t[~keep] = torch.randn(int((~keep).sum()), M, C, generator=gen) * scale
+        x.requires_grad_()
+        loss = head.distill_loss(x, t, 2.0, row_mask=keep)
+        results.append((loss, torch.autograd.grad(loss, [x, *head.parameters()])))
+    (l0, g0), (l1, g1) = results
+    assert torch.equal(l0, l1)
+    assert all(torch.equal(a, b) for a, b in zip(g0, g1))
