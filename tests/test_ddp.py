@@ -21,8 +21,10 @@ class Student(nn.Module):
         self.body = nn.Sequential(nn.Linear(12, 24), nn.ReLU())
         self.head = HydraHead(24, 9, 3, hidden_features=hidden, impl="torch")
 
-    def forward(self, x, t):
-        return self.head.distill_loss(self.body(x), t, temperature=2.0)
+    def forward(self, x, t, keep=None, divisor=None):
+        if divisor is None:
+            return self.head.distill_loss(self.body(x), t, temperature=2.0, row_mask=keep)
+        return self.head.distill_loss(self.body(x), t, 2.0, "sum", row_mask=keep) / divisor
 
 
 def _data():
@@ -30,22 +32,32 @@ def _data():
     return torch.randn(32, 12, generator=g), torch.randn(32, 3, 9, generator=g) * 2
 
 
-def _one_step(model, x, t):
+# A padding mask kept unevenly across the two processes' shards (14 of 16 rows, then 5 of 16): the mean of the
+# processes' own means weighs the second shard's rows almost three times as much as the first's.
+KEEP = torch.cat([torch.arange(16) < 14, torch.arange(16) % 3 == 0])
+
+
+def _one_step(model, x, t, *masking):
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    loss = model(x, t)
+    loss = model(x, t, *masking)
     opt.zero_grad()
     loss.backward()
     opt.step()
 
 
-def _worker(rank, world, init_file, out_file):
+def _worker(rank, world, init_file, out_file, masked=False):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(0)
     model = DDP(Student())
     x, t = _data()
     shard = slice(rank * 16, (rank + 1) * 16)
-    _one_step(model, x[shard], t[shard])
+    masking = ()
+    if masked:  # the README's recipe: a sum over the kept rows divided by N * M / W, N counted over processes
+        kept = KEEP[shard].sum()
+        dist.all_reduce(kept)
+        masking = (KEEP[shard], kept * 3 / world)
+    _one_step(model, x[shard], t[shard], *masking)
     if rank == 0:
         torch.save(model.module.state_dict(), out_file)
     dist.barrier()
@@ -57,16 +69,26 @@ def _worker(rank, world, init_file, out_file):
     os._exit(0)
 
 
-def test_ddp_step_equals_single_process_step(tmp_path):
+@pytest.mark.parametrize("masked", [False, True])
+def test_ddp_step_equals_single_process_step(tmp_path, masked):
+    """With a row mask: the processes' sums over their kept rows, each divided by N * M / W, give the single
+    process's mean over all kept rows (and the plain per-process means would not)."""
     out = tmp_path / "ddp.pt"
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(out), masked), nprocs=2, join=True)
     torch.manual_seed(0)
     single = Student()
     x, t = _data()
-    _one_step(single, x, t)
+    _one_step(single, x, t, *((KEEP,) if masked else ()))
     ddp_state = torch.load(out, weights_only=True)
     worst = max((ddp_state[k] - v).abs().max().item() for k, v in single.state_dict().items())
     assert worst < 1e-6, worst
+    if masked:  # the mean of the two processes' own masked means: another step
+        torch.manual_seed(0)
+        naive = Student()
+        opt = torch.optim.SGD(naive.parameters(), lr=0.5)
+        ((naive(x[:16], t[:16], KEEP[:16]) + naive(x[16:], t[16:], KEEP[16:])) / 2).backward()
+        opt.step()
+        assert max((naive.state_dict()[k] - v).abs().max().item() for k, v in single.state_dict().items()) > 1e-4
     # the step moved the parameters (a vacuous comparison would pass too)
     torch.manual_seed(0)
     untouched = Student().state_dict()
