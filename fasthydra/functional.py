@@ -640,8 +640,9 @@ def linear_hydra_kl_loss(x, weight, bias, teacher_logits, temperature: float = 1
         temperature: T > 0. reduction: "mean" or "sum" ("none" is not fused: use ``hydra_kl_loss``).
         impl: "auto" | "triton" | "torch" (see ``resolve_impl``).
         row_mask: optional (B,) bool, the rows that count (as in ``hydra_kl_loss``); x's rows left out may
-            hold anything, NaN included (they are set to 0 first). On the GPU a mask costs one pass over each
-            head group's logits gradient, and small steps take the cuBLAS path.
+            hold anything, NaN included (they are set to 0 first). On the GPU a mask costs a pass over x and
+            one over dx ((B, D) each), the bias gradient is a GEMV over the kept rows, and small steps take the
+            cuBLAS path.
     Returns: the scalar loss, in x's dtype (fp32 under autocast).
 
     Example:
@@ -654,7 +655,8 @@ def linear_hydra_kl_loss(x, weight, bias, teacher_logits, temperature: float = 1
     temperature, reduction, keep = _check_fused_loss_args(x, teacher_logits, weight, temperature, reduction, "x",
                                                           row_mask)
     impl = resolve_impl(impl, x, weight, bias, _teacher_parts(teacher_logits)[0])
-    return _fused(_kept_input(x, keep), weight, bias, teacher_logits, temperature, reduction, True, impl, keep)
+    # (x's rows left out are set to 0 inside the op: no (B, D) copy kept for a second backward)
+    return _fused(x, weight, bias, teacher_logits, temperature, reduction, True, impl, keep)
 
 
 def mlp_hydra_kl_loss(x, hidden_weight, hidden_bias, weight, bias, teacher_logits, temperature: float = 1.0,

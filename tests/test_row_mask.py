@@ -9,7 +9,7 @@ FASTHYDRA_SMALL_STEP are run; several head groups and row chunks forced).
 
 import pytest
 import torch
-from helpers import HEADS_PATHS, assert_close_to, teacher_logits, use_heads_path
+from helpers import HEADS_PATHS, assert_close_to, teacher_logits, tolerance_rule, use_heads_path
 
 from fasthydra import GaussianHydraHead, HydraHead, TopKTeacher, hinton_kl_loss, hydra_kl_loss
 from fasthydra import reference as R
@@ -121,6 +121,52 @@ def test_masked_heads_on_the_triton_path_take_the_cublas_path(monkeypatch, path,
     x = torch.randn(B, D, requires_grad=True)
     _check_step(head, x, _teacher("frozen", B), keep, 3.0, "mean", 2e-5)
     assert not small
+
+
+def _kept_rows_eager(head, x, teacher, keep, temperature, dtype):
+    """Loss and gradients (x, then the parameters) of the eager reference over the kept rows alone, in dtype."""
+    params = [p.detach().to(dtype).requires_grad_() for p in head.parameters()]
+    named = dict(zip((n for n, _ in head.named_parameters()), params))
+    xs = x.detach().to(dtype).requires_grad_()
+    if head.is_mlp:
+        z = R.mlp_heads_ref(xs[keep], named["hidden_weight"], named.get("hidden_bias"), named["weight"],
+                            named.get("bias"))
+    else:
+        z = R.linear_heads_ref(xs[keep], named["weight"], named.get("bias"))
+    loss = R.hydra_kl_loss_ref(z, teacher[keep].to(dtype), temperature)
+    return loss, torch.autograd.grad(loss, [xs, *params])
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("hidden", [None, 5])
+@pytest.mark.parametrize("groups", ["one", "heads-and-rows"])
+def test_sixteen_bit_masked_heads_on_the_cublas_path(monkeypatch, dtype, hidden, groups):
+    """16-bit inputs on the cuBLAS path (dz unnormalised in 16 bits, the gradient GEMMs' outputs fp32; a shared
+    input's bias gradient a GEMV over the kept rows): each result's error against float64 over the kept rows
+    alone is at most twice that of eager in the same dtype (the tolerance rule), and NaN features on the rows
+    left out reach nothing (their input gradient exactly 0)."""
+    import fasthydra.ops.linear_hydra_kl as lk
+
+    use_heads_path(monkeypatch, "cublas")
+    if groups != "one":
+        monkeypatch.setattr(lk, "CUBLAS_GROUP_ELEMENTS", 10 * C)  # one head per group, rows in chunks of 10
+    head = HydraHead(D, C, M, hidden_features=hidden, impl="triton", dtype=dtype)
+    keep = _mask(B, 5)
+    x = torch.randn(B, D, dtype=dtype)
+    x[~keep] = float("nan")
+    x.requires_grad_()
+    teacher = teacher_logits(B, M, C, dtype=dtype)
+    loss = head.distill_loss(x, teacher, 2.0, row_mask=keep)
+    grads = torch.autograd.grad(loss, [x, *head.parameters()])
+    exact, exact_grads = _kept_rows_eager(head, x.nan_to_num(), teacher, keep, 2.0, torch.float64)
+    eager, eager_grads = _kept_rows_eager(head, x.nan_to_num(), teacher, keep, 2.0, dtype)
+    tolerance_rule(loss, eager, exact, 1e-4, "loss")
+    names = ["x", *(n for n, _ in head.named_parameters())]
+    for name, g, g_eager, g_exact in zip(names, grads, eager_grads, exact_grads):
+        assert g.dtype == dtype
+        tolerance_rule(g, g_eager, g_exact, 1e-5 * g_exact.abs().max().item(), name)
+    assert torch.equal(grads[0][~keep], torch.zeros_like(grads[0][~keep]))
 
 
 @pytest.mark.parametrize("impl", IMPLS)

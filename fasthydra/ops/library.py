@@ -211,7 +211,8 @@ def _linear_hydra_kl_impl(inp: torch.Tensor, weight: torch.Tensor, bias: torch.T
     """small_deferred (decided by the caller with small_deferred_config): the small-step path's launch 1
     alone, returning the stash of dL/dz (B, M, C) in the input gradient's place; launch 2 runs in the
     backward (_small_backward). row_mask (B,) bool: the rows that count; the others' loss rows and
-    gradients are zero (the reduction's coefficient stays 1/(B*M): the caller rescales "mean")."""
+    gradients are zero whatever a shared input holds there, NaN included (the reduction's coefficient
+    stays 1/(B*M): the caller rescales "mean")."""
     poll(inp.device)
     if teacher_indices is not None:
         flag_topk_teacher(teacher, teacher_indices, weight.shape[1], "distill_loss", values_too=impl != "triton")

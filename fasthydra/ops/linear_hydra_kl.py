@@ -273,6 +273,7 @@ def linear_hydra_kl_forward_torch(inp, weight, bias, teacher, temperature: float
     grad_t = teacher.new_empty(teacher.shape) if need_t else None
     topk = None if teacher_indices is None else teacher_indices.long()
     drop = None if row_mask is None else ~row_mask
+    inp = _zero_dropped_input(inp, drop, shared)
     step = rows_per_chunk(b, m * c, TORCH_CHUNK_ELEMENTS)
     per_group = m  # heads per chunk: all of them, or one at a time where all would make thin row blocks
     tiled = step < min(b, MIN_CHUNK_ROWS)
@@ -339,6 +340,30 @@ def linear_hydra_kl_forward_torch(inp, weight, bias, teacher, temperature: float
     return _results(rows, inp, weight, bias, grad_in, grad_w32, grad_b32, reduction, grad_t)
 
 
+def _zero_dropped_input(inp, drop, shared: bool):
+    """A shared input (B, K) with the rows a row mask leaves out (drop: (B,) bool, or None) set to 0, a new
+    tensor (one pass over x): whatever they held (NaN at a padding position included), those rows' logits
+    are then the bias alone, finite, and they add exactly 0 to the weight gradient. Per-head inputs (MLP
+    heads' hidden activations, non-zero there even for a zero x) are left as they are: their logits
+    gradient is zeroed instead."""
+    if drop is None or not shared:
+        return inp
+    return inp.masked_fill(drop[:, None], 0.0)
+
+
+def _kept_rows_sum_into(out, keep, src, first: bool) -> None:
+    """The bias gradient of a row chunk over its kept rows alone: out (N,) fp32 = keep @ src (or +=, after
+    the first chunk), keep (rows,) 1 or 0 in src's dtype, src (rows, N) the chunk's dz: one GEMV reading dz
+    once, as the plain column sum would, with the rows left out weighted 0 (their dz is finite)."""
+    if src.dtype == torch.float32:
+        if first:
+            torch.mv(src.T, keep, out=out)
+        else:
+            out.addmv_(src.T, keep)
+    else:  # 16-bit dz: the products summed in fp32
+        _product32(keep[None], src, 1.0, out[None], accumulate=not first)
+
+
 def _drop_rows(drop, loss_rows, grad_t) -> None:
     """A row mask's rows left out (drop: (B,) bool, or None): their (B, M) loss rows and teacher gradient
     zeroed in place (NaN or not)."""
@@ -394,15 +419,19 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
     Only one group's logits exist at a time; with no gradient wanted nothing (B, M, C)-sized is kept.
     With need_t the same pass writes the teacher's gradient. A top-k teacher (teacher = values,
     teacher_indices = class ids) runs the top-k loss kernel instead: the same GEMMs, M*k teacher
-    entries read per row instead of M*C. A row mask (B,) bool zeroes the loss rows and dz of the rows it
-    leaves out after step 2 (one pass over the group's dz; the thin-heads kernel, the loss pass's column
-    sums and its in-kernel reduction are not used then). Returns (loss, grad_in, grad_weight, grad_bias,
+    entries read per row instead of M*C. A row mask (B,) bool: the loss rows (and a teacher's gradient) of
+    the rows it leaves out are zeroed at the end. A shared input's rows left out are set to 0 first (one
+    pass over x), so they add nothing to dW; their dx rows are zeroed at the end and db weights the rows
+    0 or 1 (a GEMV in place of the column sum): dz is not touched. Per-head inputs: each group's dz rows
+    zeroed after step 2 (one pass over it). With a mask the thin-heads kernel, the loss pass's column sums
+    and its in-kernel reduction are not used. Returns (loss, grad_in, grad_weight, grad_bias,
     grad_teacher), None where not asked for.
     """
     m, c, k = weight.shape
     b = inp.shape[0]
     dev, dt = inp.device, inp.dtype
     drop = None if row_mask is None else ~row_mask
+    inp = _zero_dropped_input(inp, drop, shared)
     weight = weight.contiguous()
     if bias is not None and bias.stride(-1) != 1:  # the loss kernels read a bias row with unit stride along C
         bias = bias.contiguous()
@@ -439,6 +468,9 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
     buf = torch.empty(min(rows, b) * heads * c, dtype=dt, device=dev) if want_grad or thin is None else None
     grad_w = empty_stored_grad(weight) if need_w else None
     grad_b = torch.empty(m, c, dtype=torch.float32, device=dev) if need_b else None
+    # A shared input with a row mask: its rows left out are 0, so they add nothing to dW; their dx rows are
+    # zeroed at the end ((B, K), not (B, M*C)) and db sums the kept rows alone: dz itself is not touched.
+    keep_w = row_mask.to(dt) if drop is not None and shared and need_b else None
     # dx: per-head inputs (MLP heads) get disjoint slices per group, so no accumulation; a shared input
     # sums over groups, in fp32 when there is more than one.
     grad_in = grad_in32 = None
@@ -513,8 +545,8 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
                                reduce_to=reduce_to)
             if not want_grad:
                 continue
-            if drop is not None:  # rows left out: no gradient (z3 is (rows, heads, C) or (heads, rows, C))
-                z3.masked_fill_(drop[r0:r1, None, None] if shared else drop[None, r0:r1, None], 0.0)
+            if drop is not None and not shared:  # per-head inputs: the rows left out get no logits gradient
+                z3.masked_fill_(drop[None, r0:r1, None], 0.0)
             # z3 now holds dL/dz for the group's rows.
             if shared:
                 gz = z3.view(br, gh * c)
@@ -536,7 +568,9 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
                         grad_in32[r0:r1].add_(torch.mm(gz, w2))
                     else:
                         torch.mm(gz, w2, out=grad_in[r0:r1])
-                if need_b:  # db: dz's rows summed, or the loss pass's partial sums summed
+                if need_b and keep_w is not None:  # db over the kept rows (dz of the others is not zeroed)
+                    _kept_rows_sum_into(grad_b[h0:h1].view(gh * c), keep_w[r0:r1], gz, r0 == 0)
+                elif need_b:  # db: dz's rows summed, or the loss pass's partial sums summed
                     src, dim = (gz.view(br, gh, c), 0) if db_parts is None else (db_parts, 1)
                     _sum_rows_into(grad_b[h0:h1], src, dim, r0 == 0)
             else:
@@ -558,6 +592,8 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
             grad_w[h0:h1] = acc
     after_launch(dev, "distill_loss", teacher.shape)
     _drop_rows(drop, loss, grad_t)
+    if drop is not None and shared and need_in:  # (a per-head input's rows are 0 already: dz was zeroed)
+        (grad_in if grad_in32 is None else grad_in32).masked_fill_(drop[:, None], 0.0)
     if grad_in32 is not None:
         grad_in = grad_in32.to(stored_grad_dtype(dt))
     if wide and grad_b is not None:
