@@ -66,6 +66,9 @@ LATENCY_TARGETS = [
     ("linear_fwdbwd", "gpu-small", "gpu_us", 60.0), ("linear_fwdbwd", "gpu-small", "host_us", 150.0),
     ("mlp_fwdbwd", "gpu-small", "gpu_us", 100.0), ("mlp_fwdbwd", "gpu-small", "host_us", 150.0),
 ]
+# Small steps timed once more with a row mask (latency provider MASKED; bench/RESULTS.md predicts them)
+MASKED = "fasthydra-row-mask"
+MASKED_LATENCY_CASES = [("linear_fwdbwd", "gpu-small"), ("mlp_fwdbwd", "gpu-small")]
 # torch.compile costs tens of seconds per case on a GPU: only where a target compares against it.
 COMPILE_CASES = {("linear_fwdbwd", "gpu-large")}
 # The design decision still open at small shapes (issue 9), side by side: the default dispatch
@@ -206,21 +209,22 @@ def warm_clocks(seconds: float = WARM_S) -> None:
         torch.cuda.synchronize()
 
 
-def latency(case: C.Case, provider: str, steps: int = 200) -> dict:
+def latency(case: C.Case, provider: str, steps: int = 200, masked: bool = False) -> dict:
     """GPU and host time per step (small shapes, and the host-bound GRAPH_CASES): CUDA events around
     `steps` steps issued without any synchronisation, the wall time of issuing them (the host cost the
     GPU waits on if larger), and CUDA-graph replay (the GPU work alone), timed after WARM_S of replays
     (an idle H200 sits at 345 MHz and a host-bound loop keeps it mostly idle: without the warm-up a
     graph of tens of microseconds is timed at whatever clock the last idle spell left), with the SM
-    clock read right after."""
+    clock read right after. masked: fasthydra's step with a row mask keeping 3 rows of 4 (padding)."""
     C.case_settings(case)  # TF32 for the "-tf32" cases, as their timed rows run
     inputs = C.make_inputs(case)
     head = inputs.head
     params = list(head.parameters())
     x, t, _ = inputs.next()
+    keep = (torch.arange(x.shape[0], device=x.device) % 4 != 0) if masked else None
     if provider == "fasthydra":
         def loss_fn():
-            return head.distill_loss(x, t, C.TEMPERATURE)
+            return head.distill_loss(x, t, C.TEMPERATURE, row_mask=keep)
     else:
         def loss_fn():
             return C._eager_loss(head, x, t)
@@ -726,12 +730,15 @@ def main(argv=None) -> int:
                                  *(k for k, v in KNOBS.items() if v["cases"] == "latency")))
                     for op, shape in dict.fromkeys((op, shape) for op, shape, _, _ in LATENCY_TARGETS)]
     latency_sets += [(op, shape, ("fasthydra",)) for op, shape in GRAPH_CASES if (op, shape) in by_key]
+    # a row mask at the small steps (the small-step kernels read it): against the unmasked rows above
+    latency_sets += [(op, shape, (MASKED,)) for op, shape in MASKED_LATENCY_CASES if (op, shape) in by_key]
     with ClockSampler() as sampler:
         for op, shape, providers in latency_sets:
             for provider in providers:
                 try:
                     with with_variant(provider):
-                        row = latency(by_key[(op, shape)], "eager" if provider == "eager" else "fasthydra")
+                        row = latency(by_key[(op, shape)], "eager" if provider == "eager" else "fasthydra",
+                                      masked=provider == MASKED)
                     lat_rows.append({**row, "provider": provider})
                 except Exception as exc:
                     lat_rows.append({"op": op, "shape": shape, "provider": provider,

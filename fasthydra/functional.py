@@ -640,9 +640,9 @@ def linear_hydra_kl_loss(x, weight, bias, teacher_logits, temperature: float = 1
         temperature: T > 0. reduction: "mean" or "sum" ("none" is not fused: use ``hydra_kl_loss``).
         impl: "auto" | "triton" | "torch" (see ``resolve_impl``).
         row_mask: optional (B,) bool, the rows that count (as in ``hydra_kl_loss``); x's rows left out may
-            hold anything, NaN included (they are set to 0 first). On the GPU a mask costs a pass over x and
-            one over dx ((B, D) each), the bias gradient is a GEMV over the kept rows, and small steps take the
-            cuBLAS path.
+            hold anything, NaN included (never read, or set to 0 first). On the GPU small steps' kernels read
+            the mask themselves; elsewhere it costs a pass over x and one over dx ((B, D) each), and the
+            bias gradient is a GEMV over the kept rows.
     Returns: the scalar loss, in x's dtype (fp32 under autocast).
 
     Example:
@@ -704,7 +704,7 @@ def _fused(inp, weight, bias, teacher, temperature, reduction, shared, impl, kee
     on = torch.is_grad_enabled()
     teacher, indices = _teacher_parts(teacher)
     needs = [on and t is not None and t.requires_grad for t in (inp, weight, bias, teacher)]
-    defer = keep is None and _ops.small_deferred_config(inp, weight, bias, reduction, *needs, impl, indices) is not None
+    defer = _ops.small_deferred_config(inp, weight, bias, reduction, *needs, impl, indices) is not None
     loss, *_ = _ops.linear_hydra_kl_call(inp, weight, bias, teacher, temperature, reduction, shared, *needs, impl,
                                          indices, defer, keep)
     return _autocast_loss(_mean_over_kept(loss, keep, reduction), inp)

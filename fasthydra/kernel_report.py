@@ -58,19 +58,22 @@ class KernelRecord:
 
 
 def _small_grads(add, kernel, cfgs, xs: dict, xty: str, gty: str, b: int, m: int, c: int, k: int, shared: bool,
-                 prec: str, tag: str) -> None:
+                 prec: str, tag: str, row_mask: bool = True) -> None:
     """The small-step gradient kernel's configurations for inputs of type xty and a stash of type gty: from the
     backward (times the upstream gradient, outputs in the inputs' type) and in the forward (SMALL_DEFERRED off,
-    outputs kept for a later scaling: fp32 for fp16 inputs). Blocks as launch_small_grads picks them."""
+    outputs kept for a later scaling: fp32 for fp16 inputs); with row_mask, also from the backward of a masked
+    step (the mask as uint8). Blocks as launch_small_grads picks them."""
     sc = cfgs.small_grads_config(b, m, c, k, 4 if xty == "fp32" else 2, 4 if gty == "fp32" else 2)
     if sc is None:
         return
-    for scale_by_up in (True, False):
+    for scale_by_up, keep in ((True, False), (False, False), (True, True) if row_mask else (True, False)):
         oty = xty if scale_by_up or xty != "fp16" else "fp32"
         add(kernel, {**xs, "w_ptr": f"*{xty}", "g_ptr": f"*{gty}", "dx_ptr": f"*{oty}", "dw_ptr": f"*{oty}",
-                     "db_ptr": f"*{oty}", "up_ptr": "*fp32", "n_w": 80, "n_kblocks_w": 8, "n_x": 300, "n_kblocks": 8},
+                     "db_ptr": f"*{oty}", "up_ptr": "*fp32", "keep_ptr": "*u8" if keep else f"*{gty}", "n_w": 80,
+                     "n_kblocks_w": 8, "n_x": 300, "n_kblocks": 8},
             {"UPCAST_DOT": False, "PRECISION": prec, "BLOCK_C": sc["BLOCK_C"], "BLOCK_K": sc["BLOCK_K"],
-             "SHARED": shared, "NEED_W": True, "NEED_B": True, "SCALE_BY_UP": scale_by_up, "BLOCK_R": sc["BLOCK_R"],
+             "SHARED": shared, "NEED_W": True, "NEED_B": True, "SCALE_BY_UP": scale_by_up, "HAS_KEEP": keep,
+             "BLOCK_R": sc["BLOCK_R"],
              "BLOCK_RW": sc["BLOCK_RW"], "BLOCK_KW": sc["BLOCK_KW"], "BLOCK_J": sc["BLOCK_J"]},
             {"num_warps": sc["num_warps"]}, tag)
 
@@ -267,15 +270,18 @@ def _kernel_specs():
                     xs = {"x_ptr": f"*{xty}", "B": b, "M": m, "C": c, "K": k, "stride_xb": k if shared else m * k,
                           "stride_xm": 0 if shared else k}
                     dots = {"UPCAST_DOT": False, "PRECISION": prec, "BLOCK_C": sc["BLOCK_C"], "BLOCK_K": sc["BLOCK_K"]}
-                    for reduce in (True, False):  # the loss reduced by the last program, or loss rows
+                    # the loss reduced by the last program, or loss rows; a row mask (uint8) with the reduced loss
+                    for reduce, keep in ((True, False), (False, False), (True, True)):
                         add(_small_heads_kl_kernel, {**xs, "w_ptr": f"*{xty}", "bias_ptr": f"*{xty}",
                                                      "t_ptr": f"*{xty}", "loss_ptr": "*fp32", "part_ptr": "*fp32",
                                                      "g_ptr": f"*{gty}", "err_ptr": "*i32", "out_ptr": "*fp32",
-                                                     "count_ptr": "*i32", "heads_per_program": sc["HEADS"],
+                                                     "count_ptr": "*i32", "keep_ptr": "*u8" if keep else "*fp32",
+                                                     "heads_per_program": sc["HEADS"],
                                                      "stride_wm": c * k, "stride_wc": k, "stride_biasm": c,
                                                      "stride_tb": m * c, "stride_tm": c, "inv_temp": 0.5,
                                                      "loss_scale": 4.0, "grad_scale": 0.1, "out_scale": 0.01},
-                            {**dots, "HAS_BIAS": True, "WRITE_GRAD": True, "REDUCE": reduce, "BLOCK_B": sc["BLOCK_B"],
+                            {**dots, "HAS_BIAS": True, "WRITE_GRAD": True, "REDUCE": reduce, "HAS_KEEP": keep,
+                             "BLOCK_B": sc["BLOCK_B"],
                              "BLOCK_P": cfgs.reduce_block(cdiv(b, sc["BLOCK_B"]) * cdiv(m, sc["HEADS"]),
                                                           sc["num_warps"])},
                             {"num_warps": sc["num_warps"]}, vtag)
@@ -297,7 +303,7 @@ def _kernel_specs():
                     _small_grads(add, _small_heads_grad_kernel, cfgs, {"x_ptr": f"*{xty}", "B": b, "M": m,
                                                                        "C": 2 * k_out, "K": d, "stride_xb": d,
                                                                        "stride_xm": 0},
-                                 xty, gty, b, m, 2 * k_out, d, True, prec, vtag)
+                                 xty, gty, b, m, 2 * k_out, d, True, prec, vtag, row_mask=False)
 
             uc = cfgs.uncertainty_config(m, c, b)
             args = {"z_ptr": f"*{ty}", "probs_ptr": f"*{ty}", "total_ptr": f"*{ty}", "aleatoric_ptr": f"*{ty}",

@@ -20,7 +20,9 @@ is wide: at these shapes latency, not arithmetic, is what a step costs. dz is st
 input dtype between the launches (what the gradient GEMMs of the cuBLAS path read too). The teacher is
 checked on the loads already made (error word bits 1, 2, 4, as in softmax_kl.py). Launch 2 serves the
 Gaussian heads too: their fused kernel (gaussian_kl.py) leaves the same kind of stash and reduces its
-loss with the same last-program sum.
+loss with the same last-program sum. A row mask (HAS_KEEP, padding left out): launch 1 reads the inputs
+of the rows left out as 0 and writes loss 0 and dz 0 for them (their teacher still checked), and launch 2
+reads them as 0 for dW, so whatever x holds there (NaN included) reaches no gradient.
 """
 
 import triton
@@ -66,6 +68,7 @@ def _small_heads_kl_kernel(
     err_ptr,  # in/out: int32 error word, OR-ed with 1 (NaN), 2 (+inf), 4 (a row -inf everywhere)
     out_ptr,  # out: the reduced loss, fp32 scalar; unused unless REDUCE
     count_ptr,  # in/out: int32 count of finished programs, 0 before and after the launch; unused unless REDUCE
+    keep_ptr,  # row mask (B,) uint8, nonzero = the row counts; unused unless HAS_KEEP
     B,
     M,
     C,
@@ -85,6 +88,7 @@ def _small_heads_kl_kernel(
     HAS_BIAS: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     REDUCE: tl.constexpr,  # the last program sums the partial losses into out_ptr
+    HAS_KEEP: tl.constexpr,  # a row mask: rows left out read their input as 0 and get loss 0 and dz 0
     UPCAST_DOT: tl.constexpr,  # interpreter: tl.dot on 16-bit operands is unreliable there
     PRECISION: tl.constexpr,  # tl.dot input precision for fp32 operands ("ieee" or "tf32")
     BLOCK_B: tl.constexpr,
@@ -99,12 +103,15 @@ def _small_heads_kl_kernel(
     cols = tl.arange(0, BLOCK_C)
     col_ok = cols < C
     mask = row_ok[:, None] & col_ok[None, :]
+    live = row_ok  # the rows that count (the teacher is checked on every row all the same)
+    if HAS_KEEP:
+        live = row_ok & (tl.load(keep_ptr + rows, mask=row_ok, other=0) != 0)
     part = tl.zeros((BLOCK_B,), tl.float32)
     bad = tl.zeros((BLOCK_B,), tl.int32)
     h0 = pid_h * heads_per_program
     for m in range(h0, tl.minimum(h0 + heads_per_program, M)):
         x_rows = x_ptr + rows[:, None] * stride_xb + m * stride_xm
-        acc = _heads_logits_tile(x_rows, w_ptr + m * stride_wm, bias_ptr, m, row_ok, cols, col_ok, K, stride_wc,
+        acc = _heads_logits_tile(x_rows, w_ptr + m * stride_wm, bias_ptr, m, live, cols, col_ok, K, stride_wc,
                                  stride_biasm, HAS_BIAS, UPCAST_DOT, PRECISION, BLOCK_B, BLOCK_C, BLOCK_K)
         s = tl.where(mask, acc * inv_temp, float("-inf"))
         t = tl.load(t_ptr + rows[:, None] * stride_tb + m * stride_tm + cols[None, :], mask=mask,
@@ -119,10 +126,14 @@ def _small_heads_kl_kernel(
         log_d_s = tl.log(d_s)
         log_d_u = tl.log(d_u)
         kl = (a / d_u - log_d_u + log_d_s) * loss_scale
+        if HAS_KEEP:
+            kl = tl.where(live, kl, 0.0)
         tl.store(loss_ptr + rows * M + m, kl, mask=row_ok)
-        part += tl.where(row_ok, kl, 0.0)
+        part += tl.where(live, kl, 0.0)
         if WRITE_GRAD:
             g = _kl_grad_tile(s, u, m_s, log_d_s, m_u, log_d_u, grad_scale)
+            if HAS_KEEP:
+                g = tl.where(live[:, None], g, 0.0)
             tl.store(g_ptr + rows[:, None] * (M * C) + m * C + cols[None, :], g.to(g_ptr.dtype.element_ty),
                      mask=mask)
     bits = tl.max(tl.where(row_ok, bad, 0), axis=0)
@@ -144,6 +155,7 @@ def _small_heads_grad_kernel(
     dw_ptr,  # out: weight gradient (M, C, K) contiguous, weight dtype; unused unless NEED_W
     db_ptr,  # out: bias gradient (M, C) contiguous, bias dtype; unused unless NEED_B
     up_ptr,  # the upstream gradient of the (reduced) loss, a scalar on the device; unused unless SCALE_BY_UP
+    keep_ptr,  # row mask (B,) uint8 as in launch 1; unused unless HAS_KEEP
     B,
     M,
     C,
@@ -158,6 +170,7 @@ def _small_heads_grad_kernel(
     NEED_W: tl.constexpr,
     NEED_B: tl.constexpr,
     SCALE_BY_UP: tl.constexpr,  # gradients times the upstream gradient (launched from the backward)
+    HAS_KEEP: tl.constexpr,  # a row mask: dW reads the rows left out as 0 (whatever x holds there; their dz is 0)
     UPCAST_DOT: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr,  # rows per input-gradient program
@@ -186,8 +199,11 @@ def _small_heads_grad_kernel(
             if NEED_B:
                 acc_b += tl.sum(g.to(tl.float32), axis=0)
             if NEED_W:
+                x_ok = row_ok
+                if HAS_KEEP:  # (0 * NaN would be NaN: the features of a row left out are not read)
+                    x_ok = row_ok & (tl.load(keep_ptr + rows, mask=row_ok, other=0) != 0)
                 x = tl.load(x_ptr + rows[:, None] * stride_xb + m * stride_xm + ks[None, :],
-                            mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                            mask=x_ok[:, None] & k_ok[None, :], other=0.0)
                 if UPCAST_DOT:
                     g = g.to(tl.float32)
                     x = x.to(tl.float32)

@@ -1027,6 +1027,35 @@ def test_small_step_is_two_launches_and_nothing_else(monkeypatch):
     assert launches == ["_small_heads_kl_kernel"] and ops == []
 
 
+@pytest.mark.parametrize("hidden", [None, 8])
+def test_a_masked_small_step_is_the_same_two_launches(monkeypatch, hidden):
+    """A row mask keeps the small step's two launches (launch 1 reads it, launch 2 too): linear heads add only
+    the torch ops of the mean over the kept rows (the count, its reciprocal, the loss and its gradient times
+    B / B_kept; none for "sum"), MLP heads also the zeroing of x before their first layer."""
+    use_heads_path(monkeypatch, "small")
+    head = HydraHead(16, 10, 4, hidden_features=hidden, impl="triton")
+    x, t = torch.randn(40, 16), teacher_logits(40, 4, 10)
+    keep = torch.arange(40) % 3 != 0
+    counted = {}
+    for mask, reduction in ((None, "mean"), (keep, "mean"), (keep, "sum")):
+        def step(mask=mask, reduction=reduction):
+            head.zero_grad(set_to_none=True)
+            head.distill_loss(x, t, 2.0, reduction, row_mask=mask).backward()
+
+        launches, ops = _launches_and_torch_ops(step)
+        assert launches == ["_small_heads_kl_kernel", "_small_heads_grad_kernel"]
+        counted[mask is not None, reduction] = ops
+    from collections import Counter
+
+    small_ops = {"sum", "clamp_min", "clamp_min_", "reciprocal", "div", "mul", "scalar_tensor", "where"}
+    for reduction, most in (("mean", 6), ("sum", 0)):  # (at most: the count, 1 / it, B times, loss and grad)
+        extra = Counter(counted[True, reduction])
+        extra.subtract(counted[False, "mean"])
+        assert all(n >= 0 for n in extra.values()), (reduction, counted)  # nothing of the unmasked step goes
+        assert set(+extra) <= small_ops, (reduction, counted)
+        assert sum(extra.values()) <= most + (0 if hidden is None else 2), (reduction, counted)  # (MLP: x zeroed)
+
+
 def test_gaussian_heads_are_two_launches_and_nothing_else(monkeypatch):
     """The Gaussian heads the same way: the fused kernel (teacher checks included; the loss reduced by its
     last program) in the forward, the small-step gradient kernel in the backward, at any upstream

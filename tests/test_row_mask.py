@@ -9,7 +9,7 @@ FASTHYDRA_SMALL_STEP are run; several head groups and row chunks forced).
 
 import pytest
 import torch
-from helpers import HEADS_PATHS, assert_close_to, teacher_logits, tolerance_rule, use_heads_path
+from helpers import assert_close_to, teacher_logits, tolerance_rule, use_heads_path
 
 from fasthydra import GaussianHydraHead, HydraHead, TopKTeacher, hinton_kl_loss, hydra_kl_loss
 from fasthydra import reference as R
@@ -105,22 +105,31 @@ def test_masked_heads_in_the_torch_paths_large_c_modes(monkeypatch, mode, hidden
 
 
 @pytest.mark.interpret
-@pytest.mark.parametrize("path", HEADS_PATHS)
+@pytest.mark.parametrize("path", ["small-deferred", "small-in-forward", "cublas", "cublas-groups"])
 @pytest.mark.parametrize("hidden", [None, 5])
-@pytest.mark.parametrize("groups", ["one", "heads-and-rows"])
-def test_masked_heads_on_the_triton_path_take_the_cublas_path(monkeypatch, path, hidden, groups):
+def test_masked_heads_on_each_triton_path(monkeypatch, path, hidden):
+    """The small-step kernels read the mask themselves (launch 1 writes loss 0 and dz 0 on the rows left out
+    and reads their inputs as 0, launch 2 reads them as 0 for dW), launch 2 in the backward or at once; the
+    cuBLAS path zeroes rows around its GEMMs (one head group, or one head per group with rows in chunks).
+    NaN features on the rows left out reach nothing; the path asked for is the one that ran."""
     import fasthydra.ops.linear_hydra_kl as lk
+    import fasthydra.ops.small_heads as sh
+    from fasthydra.ops import _common
 
-    use_heads_path(monkeypatch, path)
-    if groups != "one":
+    use_heads_path(monkeypatch, "cublas" if path.startswith("cublas") else "small")
+    monkeypatch.setattr(_common, "SMALL_DEFERRED", path == "small-deferred")
+    if path == "cublas-groups":
         monkeypatch.setattr(lk, "CUBLAS_GROUP_ELEMENTS", 10 * C)  # one head per group, rows in chunks of 10
-    small = []
-    monkeypatch.setattr(lk, "linear_hydra_kl_forward_small", lambda *a: small.append(1))
+    ran = []
+    for module, name in ((sh, "small_heads_forward"), (lk, "linear_hydra_kl_forward_cublas")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, real=real, name=name: ran.append(name) or real(*a))
     head = HydraHead(D, C, M, hidden_features=hidden, impl="triton")
     keep = _mask(B, 11)
-    x = torch.randn(B, D, requires_grad=True)
-    _check_step(head, x, _teacher("frozen", B), keep, 3.0, "mean", 2e-5)
-    assert not small
+    x = torch.randn(B, D)
+    x[~keep] = float("nan")
+    _check_step(head, x.requires_grad_(), _teacher("frozen", B), keep, 3.0, "mean", 2e-5)
+    assert ran == ["linear_hydra_kl_forward_cublas" if path.startswith("cublas") else "small_heads_forward"]
 
 
 def _kept_rows_eager(head, x, teacher, keep, temperature, dtype):

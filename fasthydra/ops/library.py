@@ -221,12 +221,11 @@ def _linear_hydra_kl_impl(inp: torch.Tensor, weight: torch.Tensor, bias: torch.T
     if small_deferred:
         cfg = small_deferred_config(inp, weight, bias, reduction, need_in, need_w, need_b, need_t, impl,
                                     teacher_indices)
-        if cfg is None or row_mask is not None:
+        if cfg is None:
             raise ValueError("linear_hydra_kl: small_deferred=True is for the calls small_deferred_config "
-                             "accepts (the Triton path's small-step kernels, a reduced loss, a gradient wanted, "
-                             "no row mask)")
+                             "accepts (the Triton path's small-step kernels, a reduced loss, a gradient wanted)")
         loss, stash = _small.small_heads_forward(inp, weight, bias, teacher, temperature, reduction, shared, True,
-                                                    cfg)
+                                                    cfg, row_mask)
         return loss, stash, weight.new_empty(_EMPTY), weight.new_empty(_EMPTY), teacher.new_empty(_EMPTY)
     fwd = _lin.linear_hydra_kl_forward_triton if impl == "triton" else _lin.linear_hydra_kl_forward_torch
     loss, g_in, g_w, g_b, g_t = fwd(inp, weight, bias, teacher, temperature, reduction, shared, need_in, need_w,
@@ -303,33 +302,35 @@ def _small_setup(ctx, inputs, output) -> bool:
     if not inputs[13]:  # small_deferred
         return False
     inp, weight, bias, _, _, _, shared, need_in, need_w, need_b = inputs[:10]
-    _keep_for_launch2(ctx, inp, weight, bias, output, shared, need_in, need_w, need_b)
+    _keep_for_launch2(ctx, inp, weight, bias, output, shared, need_in, need_w, need_b,
+                      inputs[14] if len(inputs) > 14 else None)  # (the row mask, where given)
     return True
 
 
-def _keep_for_launch2(ctx, inp, weight, bias, output, shared, need_in, need_w, need_b) -> None:
-    """A deferred small step's setup: input, weight, bias and the stash of dL/dz (output[1]) kept for the
-    small-step gradient kernel in the backward (_small_backward)."""
+def _keep_for_launch2(ctx, inp, weight, bias, output, shared, need_in, need_w, need_b, row_mask=None) -> None:
+    """A deferred small step's setup: input, weight, bias, the stash of dL/dz (output[1]) and a row mask kept
+    for the small-step gradient kernel in the backward (_small_backward)."""
     ctx.small = (shared, need_in, need_w, need_b and bias is not None)
     ctx.has_bias = bias is not None
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(inp, weight, bias, output[1])
+    ctx.save_for_backward(inp, weight, bias, output[1], row_mask)
 
 
 @_no_autocast
 def _small_heads_grads_impl(inp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stash: torch.Tensor,
                             grad_loss: torch.Tensor, shared: bool, need_in: bool, need_w: bool,
-                            need_b: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                            need_b: bool, row_mask: torch.Tensor | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _grads_out(*_small.small_heads_backward(inp, weight, bias, stash, grad_loss, shared, need_in, need_w,
-                                                   need_b), inp, weight)
+                                                   need_b, row_mask), inp, weight)
 
 
 small_heads_grads = _custom_op("fasthydra::small_heads_grads", _small_heads_grads_impl)
 
 
 @register_fake("fasthydra::small_heads_grads")
-def _small_heads_grads_fake(inp, weight, bias, stash, grad_loss, shared, need_in, need_w, need_b):
+def _small_heads_grads_fake(inp, weight, bias, stash, grad_loss, shared, need_in, need_w, need_b, row_mask=None):
     return _grads_fake(inp, weight, need_in, need_w, bias.shape if need_b else None)
 
 
@@ -352,10 +353,10 @@ def _small_backward(ctx, grad_loss, n_inputs: int) -> tuple:
     out = [None] * n_inputs
     if grad_loss is None:
         return tuple(out)
-    inp, weight, bias, stash = ctx.saved_tensors
+    inp, weight, bias, stash, row_mask = ctx.saved_tensors
     shared, need_in, need_w, need_b = ctx.small
     args = (inp.detach(), weight.detach(), None if bias is None else bias.detach(), stash, grad_loss, shared,
-            need_in, need_w, need_b)
+            need_in, need_w, need_b, row_mask)
     if _traced(inp, stash, grad_loss):
         g_in, g_w, g_b = small_heads_grads(*args)
     else:  # eager: the launcher itself (no placeholders for the gradients not asked for; autocast leaves it alone)
@@ -840,8 +841,8 @@ def _gaussian_heads_kl_flops(x, weight, bias, teacher_mean, teacher_var, min_var
     return _products(x[0], weight, 1 + (0 if small_deferred else int(need_in) + int(need_w)))
 
 
-def _small_heads_grads_flops(inp, weight, bias, stash, grad_loss, shared, need_in, need_w, need_b, out_shape=None,
-                             **_):
+def _small_heads_grads_flops(inp, weight, bias, stash, grad_loss, shared, need_in, need_w, need_b, row_mask=None,
+                             out_shape=None, **_):
     return _products(inp[0], weight, int(need_in) + int(need_w))
 
 

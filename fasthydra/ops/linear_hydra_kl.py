@@ -674,11 +674,11 @@ def linear_hydra_kl_forward_triton(inp, weight, bias, teacher, temperature: floa
     path (``linear_hydra_kl_forward_small``) unless FASTHYDRA_SMALL_STEP=0; everything else cuBLAS
     GEMMs around the loss kernel (``linear_hydra_kl_forward_cublas``). (A third design, Triton GEMM
     tiles fused with the softmax/KL, took 1.9x to 11x this path's time on an H200 and was removed:
-    bench/RESULTS.md.) A row mask takes the cuBLAS path. Returns (loss, grad_in, grad_weight, grad_bias,
-    grad_teacher), None where not asked for."""
-    cfg = small_step_config(inp, weight, need_t, teacher_indices) if row_mask is None else None
+    bench/RESULTS.md.) A row mask is read by either path's kernels (small steps) or zeroes rows around them
+    (cuBLAS). Returns (loss, grad_in, grad_weight, grad_bias, grad_teacher), None where not asked for."""
+    cfg = small_step_config(inp, weight, need_t, teacher_indices)
     if cfg is not None:
         return linear_hydra_kl_forward_small(inp, weight, bias, teacher, temperature, reduction, shared, need_in,
-                                             need_w, need_b and bias is not None, cfg)
+                                             need_w, need_b and bias is not None, cfg, row_mask)
     return linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature, reduction, shared,
                                           need_in, need_w, need_b, need_t, teacher_indices, row_mask)

@@ -20,10 +20,12 @@ from .hydra_kl import reduction_coefficient
 
 
 def small_heads_forward(inp, weight, bias, teacher, temperature: float, reduction: str, shared: bool, want_grad: bool,
-                        cfg: dict):
+                        cfg: dict, row_mask=None):
     """Launch 1: per (row block, head group) the logits, loss rows and (want_grad) dz, stashed (B, M, C)
     in the input dtype (fp32 for fp16 inputs, whose range dz = T (q - p) / (B M) leaves: stored_grad_dtype);
-    for "mean"/"sum" the last program reduces the loss. Returns (loss, stash or None)."""
+    for "mean"/"sum" the last program reduces the loss (coefficient 1/(B*M) or 1 whatever the mask).
+    row_mask (B,) bool: the rows left out get loss 0 and dz 0, their inputs not read. Returns (loss, stash
+    or None)."""
     from fasthydra.kernels.small_heads import _small_heads_kl_kernel
 
     m, c, k = weight.shape
@@ -42,48 +44,59 @@ def small_heads_forward(inp, weight, bias, teacher, temperature: float, reductio
     coef = reduction_coefficient(reduction, b * m)
     _small_heads_kl_kernel[grid1](
         inp, weight, bias if bias is not None else weight, teacher, rows, parts, rows if stash is None else stash,
-        error_word(dev, "distill_loss"), out, finished_count(dev) if reduce else parts, b, m, c, k, cfg["HEADS"],
+        error_word(dev, "distill_loss"), out, finished_count(dev) if reduce else parts, _keep_arg(row_mask, parts),
+        b, m, c, k, cfg["HEADS"],
         inp.stride(0), 0 if shared else inp.stride(1), weight.stride(0), weight.stride(1),
         bias.stride(0) if bias is not None else 0, teacher.stride(0), teacher.stride(1), 1.0 / temperature,
         temperature * temperature, temperature * coef, coef, HAS_BIAS=bias is not None, WRITE_GRAD=want_grad,
-        REDUCE=reduce, UPCAST_DOT=upcast_dot(dt), PRECISION=dot_precision(dt), BLOCK_B=cfg["BLOCK_B"],
-        BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"],
+        REDUCE=reduce, HAS_KEEP=row_mask is not None, UPCAST_DOT=upcast_dot(dt), PRECISION=dot_precision(dt),
+        BLOCK_B=cfg["BLOCK_B"], BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"],
         BLOCK_P=_common.reduce_block(grid1[0] * grid1[1], cfg["num_warps"]), num_warps=cfg["num_warps"])
     after_launch(dev, "distill_loss", teacher.shape)
     return out, stash
 
 
 def small_heads_backward(inp, weight, bias, stash, grad_loss, shared: bool, need_in: bool, need_w: bool,
-                         need_b: bool):
+                         need_b: bool, row_mask=None):
     """Launch 2 from the backward: dx, dW, db from launch 1's stash, times the upstream gradient grad_loss
-    (a scalar tensor, read on the device). Returns (grad_in, grad_weight, grad_bias), None where not asked."""
+    (a scalar tensor, read on the device); row_mask as launch 1 had it. Returns (grad_in, grad_weight,
+    grad_bias), None where not asked."""
     m, c, k = weight.shape
     cfg = small_grads_config(inp.shape[0], m, c, k, inp.element_size(), stash.element_size())
     return launch_small_grads(inp.contiguous(), weight.contiguous(), bias, stash, cfg, shared, need_in, need_w,
-                              need_b and bias is not None, upstream=grad_loss.reshape(()).to(torch.float32))
+                              need_b and bias is not None, upstream=grad_loss.reshape(()).to(torch.float32),
+                              row_mask=row_mask)
+
+
+def _keep_arg(row_mask, placeholder):
+    """A row mask as the kernels read it, (B,) uint8 (the bool tensor's bytes, no copy), or a placeholder
+    pointer where there is none."""
+    return placeholder if row_mask is None else row_mask.view(torch.uint8)
 
 
 def linear_hydra_kl_forward_small(inp, weight, bias, teacher, temperature: float, reduction: str, shared: bool,
-                                  need_in: bool, need_w: bool, need_b: bool, cfg: dict):
+                                  need_in: bool, need_w: bool, need_b: bool, cfg: dict, row_mask=None):
     """Heads + Hydra loss with the gradients formed in the forward (the path's knob SMALL_DEFERRED off, and
     reduction "none"): launch 1, then launch 2 at once. Returns (loss, grad_in, grad_weight, grad_bias,
     None)."""
     want_grad = need_in or need_w or need_b
-    loss, stash = small_heads_forward(inp, weight, bias, teacher, temperature, reduction, shared, want_grad, cfg)
+    loss, stash = small_heads_forward(inp, weight, bias, teacher, temperature, reduction, shared, want_grad, cfg,
+                                      row_mask)
     if not want_grad:
         return loss, None, None, None, None
     return (loss, *launch_small_grads(inp.contiguous(), weight.contiguous(), bias, stash, cfg, shared, need_in,
-                                      need_w, need_b), None)
+                                      need_w, need_b, row_mask=row_mask), None)
 
 
 def launch_small_grads(inp, weight, bias, stash, cfg: dict, shared: bool, need_in: bool, need_w: bool, need_b: bool,
-                       upstream: torch.Tensor | None = None):
+                       upstream: torch.Tensor | None = None, row_mask: torch.Tensor | None = None):
     """Launch 2 of the small-step path (``_small_heads_grad_kernel``), after any first launch that left a
     (B, M, C) stash of dL/dz (contiguous, the input dtype; fp32 for fp16 inputs): dW and db per (head, K block)
     over all rows, dx per (row block, K block). upstream: a scalar tensor the gradients are multiplied by on the device
     (the backward's upstream gradient). Returns (grad_in, grad_weight, grad_bias), None where not asked: in
     the tensors' dtypes when scaled by upstream, else kept for a later scaling (stored_grad_dtype). An fp32
-    stash of 16-bit inputs takes its own blocks (small_grads_config, as the kernel report compiles them)."""
+    stash of 16-bit inputs takes its own blocks (small_grads_config, as the kernel report compiles them).
+    row_mask (B,) bool: the rows left out are read as 0 for dW (their dz rows are 0 already)."""
     from fasthydra.kernels.small_heads import _small_heads_grad_kernel
 
     m, c, k = weight.shape
@@ -107,9 +120,11 @@ def launch_small_grads(inp, weight, bias, stash, cfg: dict, shared: bool, need_i
         unused = stash  # a placeholder pointer for the outputs and inputs not in use
         _small_heads_grad_kernel[(n_w + n_x,)](
             inp, weight, stash, unused if grad_in is None else grad_in, unused if grad_w is None else grad_w,
-            unused if grad_b is None else grad_b, unused if upstream is None else upstream, b, m, c, k,
+            unused if grad_b is None else grad_b, unused if upstream is None else upstream,
+            _keep_arg(row_mask, unused), b, m, c, k,
             inp.stride(0), 0 if shared else inp.stride(1), n_w, kb_w, n_x, n_kb, SHARED=shared, NEED_W=need_w,
-            NEED_B=need_b, SCALE_BY_UP=upstream is not None, UPCAST_DOT=upcast_dot(dt), PRECISION=dot_precision(dt),
+            NEED_B=need_b, SCALE_BY_UP=upstream is not None, HAS_KEEP=row_mask is not None,
+            UPCAST_DOT=upcast_dot(dt), PRECISION=dot_precision(dt),
             BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"], BLOCK_J=cfg["BLOCK_J"],
             BLOCK_RW=cfg["BLOCK_RW"], BLOCK_KW=cfg["BLOCK_KW"], num_warps=cfg["num_warps"])
     return grad_in, grad_w, grad_b
