@@ -640,9 +640,8 @@ def linear_hydra_kl_loss(x, weight, bias, teacher_logits, temperature: float = 1
         temperature: T > 0. reduction: "mean" or "sum" ("none" is not fused: use ``hydra_kl_loss``).
         impl: "auto" | "triton" | "torch" (see ``resolve_impl``).
         row_mask: optional (B,) bool, the rows that count (as in ``hydra_kl_loss``); x's rows left out may
-            hold anything, NaN included (never read, or set to 0 first). On the GPU small steps' kernels read
-            the mask themselves; elsewhere it costs a pass over x and one over dx ((B, D) each), and the
-            bias gradient is a GEMV over the kept rows.
+            hold anything, NaN included (never read, or set to 0 first). On the GPU the kernels read the
+            mask themselves (a dense teacher): no (B, M, C) pass is added.
     Returns: the scalar loss, in x's dtype (fp32 under autocast).
 
     Example:

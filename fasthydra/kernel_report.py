@@ -150,7 +150,8 @@ def _kernel_specs():
                     "stride_zo": m * c, "stride_zi": c, "stride_to": m * c, "stride_ti": c, "stride_go": m * c,
                     "stride_gi": c, "stride_lo": m, "stride_li": 1, "stride_ho": m * c, "stride_hi": c,
                     "inv_temp": 0.5, "inv_temp_again": 0.5, "loss_scale": 4.0, "grad_scale": 0.1,
-                    "part_ptr": "*fp32", "out_ptr": "*fp32", "count_ptr": "*i32", "out_scale": 0.01}
+                    "part_ptr": "*fp32", "out_ptr": "*fp32", "count_ptr": "*i32", "out_scale": 0.01,
+                    "keep_ptr": "*fp32", "stride_ko": 0, "stride_ki": 0}  # (no row mask: a placeholder)
             # (teacher gradient, student bias, gradient written, normalisers written, loss reduced): a frozen
             # teacher and one that requires grad, each with and without a bias (MLP heads' second layer); and
             # hydra_kl_loss's forward that writes the normalisers only (its backward: the grad kernel), or the
@@ -171,13 +172,19 @@ def _kernel_specs():
                 kl = cfgs.kl_rows_config(c, 4 if ty == "fp32" else 2, tgrad or bias)
                 if reduce and not cfgs.kl_rows_reduces_in_launch(kl, grad):
                     continue  # the launcher reduces with torch there
-                add(_hydra_kl_fwd_kernel, {**args, "bias_ptr": f"*{ty}", "stride_bo": c, "stride_bi": 0,
-                                           "norm_ptr": "*fp32"},
-                    {"BLOCK_R": kl["BLOCK_R"], "BLOCK_C": kl["BLOCK_C"], "WRITE_GRAD": grad, "WRITE_TGRAD": tgrad,
-                     "ROW_IN_REGISTERS": kl["ROW_IN_REGISTERS"], "HAS_BIAS": bias,
-                     "VEC": min(kl["BLOCK_C"], 4 if ty == "fp32" else 8), "WRITE_NORMS": norms, "REDUCE": reduce,
-                     "BLOCK_P": cfgs.reduce_block(cdiv(b * m, kl["BLOCK_R"]), kl["num_warps"])},
-                    {"num_warps": kl["num_warps"]}, tag)
+                # a row mask on the heads' cuBLAS path (the gradient written): a shared input's (rows, heads)
+                # layout, the MLP heads' (heads, rows) one with their bias
+                masks = [False] + ([True] if grad and not norms and not tgrad else [])
+                for keep in masks:
+                    keep_args = {} if not keep else {"keep_ptr": "*u8", "stride_ko": 0 if bias else 1,
+                                                     "stride_ki": 1 if bias else 0}
+                    add(_hydra_kl_fwd_kernel, {**args, "bias_ptr": f"*{ty}", "stride_bo": c, "stride_bi": 0,
+                                               "norm_ptr": "*fp32", **keep_args},
+                        {"BLOCK_R": kl["BLOCK_R"], "BLOCK_C": kl["BLOCK_C"], "WRITE_GRAD": grad, "WRITE_TGRAD": tgrad,
+                         "ROW_IN_REGISTERS": kl["ROW_IN_REGISTERS"], "HAS_BIAS": bias,
+                         "VEC": min(kl["BLOCK_C"], 4 if ty == "fp32" else 8), "WRITE_NORMS": norms, "REDUCE": reduce,
+                         "HAS_KEEP": keep, "BLOCK_P": cfgs.reduce_block(cdiv(b * m, kl["BLOCK_R"]), kl["num_warps"])},
+                        {"num_warps": kl["num_warps"]}, tag)
             if ty == "bf16":  # hydra_kl_loss on fp16 logits with a teacher that requires grad: both gradients
                 #             written in fp32 (stored_grad_dtype), for the backward to scale
                 for reduce in (True, False):
@@ -189,7 +196,7 @@ def _kernel_specs():
                                                "stride_bi": 0, "norm_ptr": "*fp32"},
                         {"BLOCK_R": kl["BLOCK_R"], "BLOCK_C": kl["BLOCK_C"], "WRITE_GRAD": True, "WRITE_TGRAD": True,
                          "ROW_IN_REGISTERS": kl["ROW_IN_REGISTERS"], "HAS_BIAS": False, "VEC": min(kl["BLOCK_C"], 8),
-                         "WRITE_NORMS": False, "REDUCE": reduce,
+                         "WRITE_NORMS": False, "REDUCE": reduce, "HAS_KEEP": False,
                          "BLOCK_P": cfgs.reduce_block(cdiv(b * m, kl["BLOCK_R"]), kl["num_warps"])},
                         {"num_warps": kl["num_warps"]}, "fp16")
             gk = cfgs.kl_grad_config(b * m, c)

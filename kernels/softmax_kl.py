@@ -167,6 +167,8 @@ def _hydra_kl_fwd_kernel(
     part_ptr,  # out: one fp32 partial loss sum per program; unused unless REDUCE
     out_ptr,  # out: the reduced loss, fp32 scalar, written by the last program; unused unless REDUCE
     count_ptr,  # in/out: int32 count of finished programs, 0 before and after; unused unless REDUCE
+    keep_ptr,  # row mask, uint8, nonzero = the row counts: row (o, i) at o * stride_ko + i * stride_ki (a
+    #            batch mask broadcast over heads: one stride 0); unused unless HAS_KEEP
     R,  # rows in all
     R_INNER,  # rows along the inner axis i
     C,
@@ -182,6 +184,8 @@ def _hydra_kl_fwd_kernel(
     stride_hi,
     stride_bo,
     stride_bi,
+    stride_ko,
+    stride_ki,
     inv_temp,  # 1 / T
     inv_temp_again,  # 1 / T once more: a second argument, so the compiler cannot merge pass 2's products
     #                  with pass 1's and keep the fp32 row alive in between (ROW_IN_REGISTERS; the 16-bit
@@ -199,14 +203,25 @@ def _hydra_kl_fwd_kernel(
     WRITE_NORMS: tl.constexpr,
     REDUCE: tl.constexpr = False,  # the loss rows also summed (their last program), times out_scale
     BLOCK_P: tl.constexpr = 128,  # partial sums read per step by that program
+    HAS_KEEP: tl.constexpr = False,  # a row mask: rows left out get loss 0 and gradients 0 (their teacher
+    #                                  still checked); their logits must be finite (the callers see to it)
 ):
     # (norms are for a gradient formed later, from a frozen teacher: never beside the gradients here)
     tl.static_assert(not (WRITE_NORMS and (WRITE_GRAD or WRITE_TGRAD)))
+    tl.static_assert(not (WRITE_NORMS and HAS_KEEP))
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     row_ok = rows < R
     r_out = rows // R_INNER
     r_in = rows % R_INNER
+    if HAS_KEEP:  # the rows left out: their gradients scaled by 0 (a per-row scale), their loss set to 0
+        kept = tl.load(keep_ptr + r_out * stride_ko + r_in * stride_ki, mask=row_ok, other=0) != 0
+        row_scale = tl.where(kept, grad_scale, 0.0)
+        grad_scale_2d = row_scale[:, None]
+        grad_scale_3d = row_scale[:, None, None]
+    else:
+        grad_scale_2d = grad_scale
+        grad_scale_3d = grad_scale
     z_rows = z_ptr + (r_out * stride_zo + r_in * stride_zi)[:, None]
     t_rows = t_ptr + (r_out * stride_to + r_in * stride_ti)[:, None]
     b_rows = bias_ptr + (r_out * stride_bo + r_in * stride_bi)[:, None]
@@ -296,6 +311,8 @@ def _hydra_kl_fwd_kernel(
     log_d_s = tl.log(d_s)
     log_d_u = tl.log(d_u)
     kl = a / d_u - log_d_u + log_d_s
+    if HAS_KEEP:
+        kl = tl.where(kept, kl, 0.0)
     tl.store(loss_ptr + r_out * stride_lo + r_in * stride_li, kl * loss_scale, mask=row_ok)
     if REDUCE:
         tl.store(part_ptr + pid, tl.sum(tl.where(row_ok, kl * loss_scale, 0.0), axis=0))
@@ -329,8 +346,8 @@ def _hydra_kl_fwd_kernel(
         h_rows = tgrad_ptr + (r_out * stride_ho + r_in * stride_hi)[:, None]
         if ROW_IN_REGISTERS:
             _store_grads(_biased(z_row, b_row, HAS_BIAS) * inv_temp_again, t_row.to(tl.float32) * inv_temp_again, cols0,
-                         row_mask, g_rows, h_rows, m_s, log_d_s, m_u, log_d_u, s_at, big_a, grad_scale, WRITE_GRAD,
-                         WRITE_TGRAD)
+                         row_mask, g_rows, h_rows, m_s, log_d_s, m_u, log_d_u, s_at, big_a, grad_scale_2d,
+                         WRITE_GRAD, WRITE_TGRAD)
         elif WRITE_TGRAD:
             n_tiles = tl.cdiv(C, BLOCK_C)
             for j in range(0, n_tiles):  # last tile first: pass 1 read it last, so L2 most likely still holds it
@@ -339,8 +356,8 @@ def _hydra_kl_fwd_kernel(
                 mask = row_ok[:, None] & (cols < C)[None, :]
                 s = _student(z_rows, b_rows, cols, mask, HAS_BIAS) * inv_temp
                 u = tl.load(t_rows + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
-                _store_grads(s, u, cols, mask, g_rows, h_rows, m_s, log_d_s, m_u, log_d_u, s_at, big_a, grad_scale,
-                             WRITE_GRAD, WRITE_TGRAD)
+                _store_grads(s, u, cols, mask, g_rows, h_rows, m_s, log_d_s, m_u, log_d_u, s_at, big_a,
+                             grad_scale_2d, WRITE_GRAD, WRITE_TGRAD)
         else:
             # q = exp2((x - max x) * c2 - log2 d_s), p likewise: one exp2 per element and tensor, no
             # select (a masked teacher class is -inf: p = 0); the row's -inf maxima (nothing live) as 0.
@@ -354,7 +371,7 @@ def _hydra_kl_fwd_kernel(
                 mask = row_ok[:, None, None] & (cols < C)
                 x = _student(z_rows[:, :, None], b_rows[:, :, None], cols, mask, HAS_BIAS)
                 y = tl.load(t_rows[:, :, None] + cols, mask=mask, other=float("-inf")).to(tl.float32)
-                g = grad_scale * (tl.exp2((x - ref_x) * c2 - lx) - tl.exp2((y - ref_y) * c2 - ly))
+                g = grad_scale_3d * (tl.exp2((x - ref_x) * c2 - lx) - tl.exp2((y - ref_y) * c2 - ly))
                 tl.store(g_rows[:, :, None] + cols, g.to(g_rows.dtype.element_ty), mask=mask)
 
 

@@ -132,6 +132,27 @@ def test_masked_heads_on_each_triton_path(monkeypatch, path, hidden):
     assert ran == ["linear_hydra_kl_forward_cublas" if path.startswith("cublas") else "small_heads_forward"]
 
 
+@pytest.mark.interpret
+@pytest.mark.parametrize("hidden", [None, 5])
+@pytest.mark.parametrize("teacher_kind", ["frozen", "grad"])
+def test_masked_long_rows_on_the_cublas_path(monkeypatch, hidden, teacher_kind):
+    """Rows longer than the loss kernel's register tile (8-class tiles forced): the mask is read where that
+    kernel walks the tiles (a frozen teacher's per-thread slices; the tiles of a teacher that requires grad),
+    its rows left out scaled by 0, in both layouts (a shared input's (rows, heads) and per-head inputs'
+    (heads, rows)); rows left out hold NaN features."""
+    from fasthydra.ops import _common
+
+    use_heads_path(monkeypatch, "cublas")
+    monkeypatch.setattr(_common, "MAX_BLOCK_C", 8)
+    monkeypatch.setattr(_common, "ROW_TILE_MAX", 8)
+    assert not _common.kl_rows_config(C, 4)["ROW_IN_REGISTERS"]
+    head = HydraHead(D, C, M, hidden_features=hidden, impl="triton")
+    keep = _mask(B, 13)
+    x = torch.randn(B, D)
+    x[~keep] = float("nan")
+    _check_step(head, x.requires_grad_(), _teacher(teacher_kind, B), keep, 2.0, "sum", 2e-5)
+
+
 def _kept_rows_eager(head, x, teacher, keep, temperature, dtype):
     """Loss and gradients (x, then the parameters) of the eager reference over the kept rows alone, in dtype."""
     params = [p.detach().to(dtype).requires_grad_() for p in head.parameters()]

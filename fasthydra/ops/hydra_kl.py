@@ -195,7 +195,7 @@ def hydra_kl_forward_torch(student, teacher, temperature: float, reduction: str,
 
 
 def launch_kl_rows(z3, t3, loss2, grad3, temperature: float, grad_scale: float | None, op: str, tgrad3=None,
-                   bias3=None, norms=None, reduce_to=None):
+                   bias3=None, norms=None, reduce_to=None, keep2=None):
     """One launch of the row kernel over (O, I, C) views with unit stride along C: student logits z3,
     teacher t3, fp32 loss rows loss2 (O, I) written, gradient grad3 (O, I, C) written when grad3 is
     given (grad3 may be z3 itself: the logits turn into their gradient in place), the teacher's
@@ -204,8 +204,10 @@ def launch_kl_rows(z3, t3, loss2, grad3, temperature: float, grad_scale: float |
     normalisers when given (for ``launch_kl_grad``); grad_scale = T * reduction coefficient;
     reduce_to = (out, coefficient): the loss rows' sum times the coefficient written into the 0-dim fp32
     out by the launch's last program (no reduction launch; a torch sum after it where the configuration
-    cannot, ``kl_rows_reduces_in_launch``). The teacher's value errors go to the device's error word
-    (checks.py), never through a host synchronisation."""
+    cannot, ``kl_rows_reduces_in_launch``). keep2: an (O, I) uint8 view (broadcast strides welcome) of a
+    row mask: the rows it leaves out get loss 0 and gradients 0 (their logits must be finite). The
+    teacher's value errors go to the device's error word (checks.py), never through a host
+    synchronisation."""
     from fasthydra.kernels.softmax_kl import _hydra_kl_fwd_kernel
 
     o, i, c = z3.shape
@@ -227,13 +229,15 @@ def launch_kl_rows(z3, t3, loss2, grad3, temperature: float, grad_scale: float |
         out, coef, parts, count = loss2, 0.0, loss2, loss2  # placeholders, not read
     _hydra_kl_fwd_kernel[(grid,)](
         z3, t3, loss2, g3, h3, error_word(z3.device, op), b3, norms if norms is not None else loss2, parts, out,
-        count, r, i, c, z3.stride(0), z3.stride(1), t3.stride(0), t3.stride(1), g3.stride(0), g3.stride(1),
-        loss2.stride(0), loss2.stride(1), h3.stride(0), h3.stride(1), b3.stride(0), b3.stride(1),
+        count, loss2 if keep2 is None else keep2, r, i, c, z3.stride(0), z3.stride(1), t3.stride(0), t3.stride(1),
+        g3.stride(0), g3.stride(1), loss2.stride(0), loss2.stride(1), h3.stride(0), h3.stride(1), b3.stride(0),
+        b3.stride(1), 0 if keep2 is None else keep2.stride(0), 0 if keep2 is None else keep2.stride(1),
         1.0 / temperature, 1.0 / temperature, temperature * temperature, grad_scale if grad_scale is not None else 0.0,
         coef, BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], WRITE_GRAD=grad3 is not None,
         WRITE_TGRAD=tgrad3 is not None, ROW_IN_REGISTERS=cfg["ROW_IN_REGISTERS"], HAS_BIAS=bias3 is not None,
         VEC=max(1, min(cfg["BLOCK_C"], 16 // z3.element_size())), WRITE_NORMS=norms is not None,
-        REDUCE=reduce_to is not None, BLOCK_P=_common.reduce_block(grid, cfg["num_warps"]), num_warps=cfg["num_warps"],
+        REDUCE=reduce_to is not None, BLOCK_P=_common.reduce_block(grid, cfg["num_warps"]), HAS_KEEP=keep2 is not None,
+        num_warps=cfg["num_warps"],
     )
     if after is not None:
         out, coef = after

@@ -419,12 +419,13 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
     Only one group's logits exist at a time; with no gradient wanted nothing (B, M, C)-sized is kept.
     With need_t the same pass writes the teacher's gradient. A top-k teacher (teacher = values,
     teacher_indices = class ids) runs the top-k loss kernel instead: the same GEMMs, M*k teacher
-    entries read per row instead of M*C. A row mask (B,) bool: the loss rows (and a teacher's gradient) of
-    the rows it leaves out are zeroed at the end. A shared input's rows left out are set to 0 first (one
-    pass over x), so they add nothing to dW; their dx rows are zeroed at the end and db weights the rows
-    0 or 1 (a GEMV in place of the column sum): dz is not touched. Per-head inputs: each group's dz rows
-    zeroed after step 2 (one pass over it). With a mask the thin-heads kernel, the loss pass's column sums
-    and its in-kernel reduction are not used. Returns (loss, grad_in, grad_weight, grad_bias,
+    entries read per row instead of M*C. A row mask (B,) bool: a shared input's rows left out are set to 0
+    first (one pass over x), so their logits are the bias alone and they add nothing to dW. A dense
+    teacher's loss kernel reads the mask (loss 0, dz 0 and teacher gradient 0 on those rows; dx and db
+    follow). With a top-k teacher the rows are zeroed around its kernel: the loss rows and teacher
+    gradient at the end; for a shared input dx's rows at the end and db a GEMV weighting the rows 0 or 1
+    (dz untouched); for per-head inputs each group's dz rows after step 2. With a mask the thin-heads
+    kernel and the loss pass's column sums are not used. Returns (loss, grad_in, grad_weight, grad_bias,
     grad_teacher), None where not asked for.
     """
     m, c, k = weight.shape
@@ -460,8 +461,12 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
             inp = inp.contiguous()
     # "mean"/"sum" where one launch of the dense loss kernel covers every row: its last program sums them
     # (no reduction launch); otherwise, and for the top-k kernel, one reduction of the loss rows at the end.
+    # A row mask with a dense teacher is read by the loss kernel itself (loss 0 and dz 0 on the rows left out);
+    # with a top-k teacher the rows are zeroed around it (below).
+    mask_in_kernel = drop is not None and topk is None
+    keep_u8 = None if drop is None else row_mask.view(torch.uint8)
     reduced = None
-    if reduction != "none" and b * m > 0 and n_groups * n_chunks == 1 and topk is None and drop is None:
+    if reduction != "none" and b * m > 0 and n_groups * n_chunks == 1 and topk is None:
         reduced = torch.empty((), dtype=torch.float32, device=dev)
     reduce_to = None if reduced is None else (reduced, reduction_coefficient(reduction, b * m))
     # The group's logits, turned into dz in place (thin heads: dz alone, and nothing without a gradient)
@@ -470,7 +475,7 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
     grad_b = torch.empty(m, c, dtype=torch.float32, device=dev) if need_b else None
     # A shared input with a row mask: its rows left out are 0, so they add nothing to dW; their dx rows are
     # zeroed at the end ((B, K), not (B, M*C)) and db sums the kept rows alone: dz itself is not touched.
-    keep_w = row_mask.to(dt) if drop is not None and shared and need_b else None
+    keep_w = row_mask.to(dt) if drop is not None and shared and need_b and not mask_in_kernel else None
     # dx: per-head inputs (MLP heads) get disjoint slices per group, so no accumulation; a shared input
     # sums over groups, in fp32 when there is more than one.
     grad_in = grad_in32 = None
@@ -541,12 +546,15 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
                                reduce_to=reduce_to)
                 db_parts = launch_kl_grad_cols(zh, th, nh, zh, b3, temperature, grad_scale)
             else:
+                k2 = None
+                if mask_in_kernel:  # the batch rows' mask over the view's (rows, heads) or (heads, rows) axes
+                    k2 = keep_u8[r0:r1, None].expand(br, gh) if shared else keep_u8[None, r0:r1].expand(gh, br)
                 launch_kl_rows(z3, t3, l2, z3 if want_grad else None, temperature, grad_scale, "distill_loss", h3, b3,
-                               reduce_to=reduce_to)
+                               reduce_to=reduce_to, keep2=k2)
             if not want_grad:
                 continue
-            if drop is not None and not shared:  # per-head inputs: the rows left out get no logits gradient
-                z3.masked_fill_(drop[None, r0:r1, None], 0.0)
+            if drop is not None and not shared and not mask_in_kernel:  # per-head inputs, top-k teacher: the
+                z3.masked_fill_(drop[None, r0:r1, None], 0.0)  #         rows left out get no logits gradient
             # z3 now holds dL/dz for the group's rows.
             if shared:
                 gz = z3.view(br, gh * c)
@@ -591,8 +599,9 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
         if acc is not None:
             grad_w[h0:h1] = acc
     after_launch(dev, "distill_loss", teacher.shape)
-    _drop_rows(drop, loss, grad_t)
-    if drop is not None and shared and need_in:  # (a per-head input's rows are 0 already: dz was zeroed)
+    if not mask_in_kernel:  # (the loss kernel wrote 0 there itself)
+        _drop_rows(drop, loss, grad_t)
+    if drop is not None and shared and need_in and not mask_in_kernel:  # (elsewhere dz's rows are 0 already)
         (grad_in if grad_in32 is None else grad_in32).masked_fill_(drop[:, None], 0.0)
     if grad_in32 is not None:
         grad_in = grad_in32.to(stored_grad_dtype(dt))
