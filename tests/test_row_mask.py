@@ -153,6 +153,30 @@ def test_masked_long_rows_on_the_cublas_path(monkeypatch, hidden, teacher_kind):
     _check_step(head, x.requires_grad_(), _teacher(teacher_kind, B), keep, 2.0, "sum", 2e-5)
 
 
+@pytest.mark.parametrize("impl,path", [pytest.param("torch", "cpu", marks=pytest.mark.cpu),
+                                       pytest.param("triton", "small", marks=pytest.mark.interpret),
+                                       pytest.param("triton", "cublas", marks=pytest.mark.interpret)])
+@pytest.mark.parametrize("hidden", [None, 5])
+def test_a_strided_mask_counts_as_its_contiguous_copy(monkeypatch, impl, path, hidden):
+    """A mask that is a strided view (a column of a (B, 2) tensor, every other row of a longer one): the
+    kernels must follow its stride, not read B consecutive bytes. Loss and gradients equal those of the same
+    mask made contiguous (same shapes, same operations: bitwise)."""
+    use_heads_path(monkeypatch, "cublas" if path == "cublas" else "small")
+    head = HydraHead(D, C, M, hidden_features=hidden, impl=impl)
+    pair = torch.stack([_mask(B, 21), ~_mask(B, 21)], dim=1)  # the other column: the opposite rows
+    strided = pair[:, 0]
+    assert strided.stride(0) == 2
+    x, t = torch.randn(B, D), teacher_logits(B, M, C)
+    results = []
+    for keep in (strided, strided.contiguous()):
+        xs = x.clone().requires_grad_()
+        loss = head.distill_loss(xs, t, 2.0, row_mask=keep)
+        results.append((loss, torch.autograd.grad(loss, [xs, *head.parameters()])))
+    (l0, g0), (l1, g1) = results
+    assert torch.equal(l0, l1)
+    assert all(torch.equal(a, b) for a, b in zip(g0, g1))
+
+
 def _kept_rows_eager(head, x, teacher, keep, temperature, dtype):
     """Loss and gradients (x, then the parameters) of the eager reference over the kept rows alone, in dtype."""
     params = [p.detach().to(dtype).requires_grad_() for p in head.parameters()]

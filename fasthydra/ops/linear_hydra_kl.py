@@ -473,8 +473,8 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
     buf = torch.empty(min(rows, b) * heads * c, dtype=dt, device=dev) if want_grad or thin is None else None
     grad_w = empty_stored_grad(weight) if need_w else None
     grad_b = torch.empty(m, c, dtype=torch.float32, device=dev) if need_b else None
-    # A shared input with a row mask: its rows left out are 0, so they add nothing to dW; their dx rows are
-    # zeroed at the end ((B, K), not (B, M*C)) and db sums the kept rows alone: dz itself is not touched.
+    # A top-k teacher, a shared input and a row mask: the rows left out are 0, so they add nothing to dW; their
+    # dx rows are zeroed at the end ((B, K), not (B, M*C)) and db sums the kept rows alone (dz not touched).
     keep_w = row_mask.to(dt) if drop is not None and shared and need_b and not mask_in_kernel else None
     # dx: per-head inputs (MLP heads) get disjoint slices per group, so no accumulation; a shared input
     # sums over groups, in fp32 when there is more than one.
@@ -683,8 +683,9 @@ def linear_hydra_kl_forward_triton(inp, weight, bias, teacher, temperature: floa
     path (``linear_hydra_kl_forward_small``) unless FASTHYDRA_SMALL_STEP=0; everything else cuBLAS
     GEMMs around the loss kernel (``linear_hydra_kl_forward_cublas``). (A third design, Triton GEMM
     tiles fused with the softmax/KL, took 1.9x to 11x this path's time on an H200 and was removed:
-    bench/RESULTS.md.) A row mask is read by either path's kernels (small steps) or zeroes rows around them
-    (cuBLAS). Returns (loss, grad_in, grad_weight, grad_bias, grad_teacher), None where not asked for."""
+    bench/RESULTS.md.) A row mask is read by either path's kernels (on the cuBLAS path with a top-k teacher:
+    rows zeroed around them). Returns (loss, grad_in, grad_weight, grad_bias, grad_teacher), None where not
+    asked for."""
     cfg = small_step_config(inp, weight, need_t, teacher_indices)
     if cfg is not None:
         return linear_hydra_kl_forward_small(inp, weight, bias, teacher, temperature, reduction, shared, need_in,

@@ -69,9 +69,9 @@ def small_heads_backward(inp, weight, bias, stash, grad_loss, shared: bool, need
 
 
 def _keep_arg(row_mask, placeholder):
-    """A row mask as the kernels read it, (B,) uint8 (the bool tensor's bytes, no copy), or a placeholder
-    pointer where there is none."""
-    return placeholder if row_mask is None else row_mask.view(torch.uint8)
+    """A row mask as the kernels read it, B consecutive uint8 (the bool tensor's bytes: no copy unless the
+    mask is a strided view), or a placeholder pointer where there is none."""
+    return placeholder if row_mask is None else row_mask.contiguous().view(torch.uint8)
 
 
 def linear_hydra_kl_forward_small(inp, weight, bias, teacher, temperature: float, reduction: str, shared: bool,
