@@ -305,8 +305,9 @@ def topk_rows(copy_bps: float, b: int = 4096, m: int = 8, c: int = 32000, ks=(32
 def masked_rows(b: int = 4096, d: int = 2048, m: int = 8, c: int = 32000, kept: float = 0.75,
                 device: str = "cuda") -> list[dict]:
     """Linear heads + loss, forward + backward, bf16 at gpu-large, without and with a row mask keeping `kept`
-    of the rows (padding): what the mask costs (the cuBLAS path; x's and dx's rows left out zeroed, db a GEMV
-    over the kept rows; dz untouched)."""
+    of the rows (padding): what the mask costs (the cuBLAS path: x's rows left out zeroed, one (B, D) pass; the
+    loss kernel reads the mask and writes loss 0 and dz 0 there; db dz's column sum where the unmasked step
+    forms it in the loss pass)."""
     from fasthydra import HydraHead
 
     gen = torch.Generator(device=device).manual_seed(0)

@@ -172,9 +172,9 @@ def _kernel_specs():
                 kl = cfgs.kl_rows_config(c, 4 if ty == "fp32" else 2, tgrad or bias)
                 if reduce and not cfgs.kl_rows_reduces_in_launch(kl, grad):
                     continue  # the launcher reduces with torch there
-                # a row mask on the heads' cuBLAS path (the gradient written): a shared input's (rows, heads)
-                # layout, the MLP heads' (heads, rows) one with their bias
-                masks = [False] + ([True] if grad and not norms and not tgrad else [])
+                # a row mask on the heads' cuBLAS path (the gradient written, a teacher frozen or trainable): a
+                # shared input's (rows, heads) layout, the MLP heads' (heads, rows) one with their bias
+                masks = [False] + ([True] if grad and not norms else [])
                 for keep in masks:
                     keep_args = {} if not keep else {"keep_ptr": "*u8", "stride_ko": 0 if bias else 1,
                                                      "stride_ki": 1 if bias else 0}
@@ -232,14 +232,21 @@ def _kernel_specs():
                          "grad_ptr": f"*{ty}", "vgrad_ptr": f"*{ty}", "err_ptr": "*i32", "R": b * m, "R_INNER": m,
                          "C": c, "K": k, "stride_zo": m * c, "stride_zi": c, "stride_vo": m * k, "stride_vi": k,
                          "stride_xo": m * k, "stride_xi": k, "stride_go": m * c, "stride_gi": c, "stride_lo": m,
-                         "stride_li": 1, "stride_ho": m * k, "stride_hi": k,
-                         "inv_temp": 0.5, "loss_scale": 4.0, "grad_scale": 0.1}
-                # (and hydra_kl_loss on fp16 logits: its gradients written in fp32, for the backward to scale)
-                for tgrad, vtag in itertools.product((False, True), (tag, "fp16") if ty == "bf16" else (tag,)):
+                         "stride_li": 1, "stride_ho": m * k, "stride_hi": k, "keep_ptr": "*fp32", "stride_ko": 0,
+                         "stride_ki": 0, "inv_temp": 0.5, "loss_scale": 4.0, "grad_scale": 0.1}
+                # (and hydra_kl_loss on fp16 logits: its gradients written in fp32, for the backward to scale; and
+                # a row mask on the heads' cuBLAS path: a shared input's (rows, heads) layout, per-head inputs'
+                # (heads, rows) one)
+                for tgrad, vtag, keep in itertools.product((False, True), (tag, "fp16") if ty == "bf16" else (tag,),
+                                                           (None, (1, 0), (0, 1))):
+                    if keep is not None and vtag != tag:
+                        continue
                     wide = {"z_ptr": "*fp16", "v_ptr": "*fp16", "grad_ptr": "*fp32", "vgrad_ptr": "*fp32"}
-                    add(_hydra_kl_topk_fwd_kernel, {**targs, **(wide if vtag == "fp16" else {})},
+                    keep_args = {} if keep is None else {"keep_ptr": "*u8", "stride_ko": keep[0], "stride_ki": keep[1]}
+                    add(_hydra_kl_topk_fwd_kernel, {**targs, **(wide if vtag == "fp16" else {}), **keep_args},
                         {"BLOCK_R": tk["BLOCK_R"], "BLOCK_C": tk["BLOCK_C"], "BLOCK_K": tk["BLOCK_K"],
-                         "WRITE_GRAD": True, "WRITE_TGRAD": tgrad, "VEC": min(tk["BLOCK_C"], 4 if ty == "fp32" else 8)},
+                         "WRITE_GRAD": True, "WRITE_TGRAD": tgrad, "VEC": min(tk["BLOCK_C"], 4 if ty == "fp32" else 8),
+                         "HAS_KEEP": keep is not None},
                         {"num_warps": tk["num_warps"]}, vtag)
 
             # MLP heads' second layer fused with the loss (thin heads; THIN_HEADS) at mid (a C that is not a

@@ -147,6 +147,18 @@ def _kl_grad_tile(s, u, m_s, log_d_s, m_u, log_d_u, grad_scale, FAST_EXP: tl.con
 # (batch and head, in either order), so any (B, M, C) or (M, B, C) view with unit stride along C is
 # read in place. grad_ptr may equal z_ptr: each tile is read before it is overwritten by the program
 # that owns it (the logits buffer becomes the gradient, no second (B, M, C) buffer).
+@triton.jit
+def _kept_rows(keep_ptr, keep_offs, row_ok, grad_scale, HAS_KEEP: tl.constexpr):
+    """A row mask's view of a program's rows: (kept (BLOCK_R,) bool, the gradient scale as a (BLOCK_R, 1) and a
+    (BLOCK_R, 1, 1) tensor, 0 on the rows left out). Without HAS_KEEP: (row_ok, grad_scale, grad_scale)."""
+    if HAS_KEEP:
+        kept = tl.load(keep_ptr + keep_offs, mask=row_ok, other=0) != 0
+        row_scale = tl.where(kept, grad_scale, 0.0)
+        return kept, row_scale[:, None], row_scale[:, None, None]
+    else:
+        return row_ok, grad_scale, grad_scale
+
+
 # Teacher values are checked on the loads already made: a NaN, a +inf, or a row that is -inf
 # everywhere sets bits 1, 2, 4 of *err_ptr (one atomic OR per program, only when something is
 # wrong), which the host reads without a synchronisation (fasthydra/ops/checks.py).
@@ -214,14 +226,9 @@ def _hydra_kl_fwd_kernel(
     row_ok = rows < R
     r_out = rows // R_INNER
     r_in = rows % R_INNER
-    if HAS_KEEP:  # the rows left out: their gradients scaled by 0 (a per-row scale), their loss set to 0
-        kept = tl.load(keep_ptr + r_out * stride_ko + r_in * stride_ki, mask=row_ok, other=0) != 0
-        row_scale = tl.where(kept, grad_scale, 0.0)
-        grad_scale_2d = row_scale[:, None]
-        grad_scale_3d = row_scale[:, None, None]
-    else:
-        grad_scale_2d = grad_scale
-        grad_scale_3d = grad_scale
+    # the rows left out (HAS_KEEP): their gradients scaled by 0 (a per-row scale), their loss set to 0 below
+    kept, grad_scale_2d, grad_scale_3d = _kept_rows(keep_ptr, r_out * stride_ko + r_in * stride_ki, row_ok, grad_scale,
+                                                    HAS_KEEP)
     z_rows = z_ptr + (r_out * stride_zo + r_in * stride_zi)[:, None]
     t_rows = t_ptr + (r_out * stride_to + r_in * stride_ti)[:, None]
     b_rows = bias_ptr + (r_out * stride_bo + r_in * stride_bi)[:, None]
@@ -581,6 +588,8 @@ def _hydra_kl_topk_fwd_kernel(
     grad_ptr,  # out: grad_scale * (q - scatter(p~)) in the student's dtype (may alias z_ptr)
     vgrad_ptr,  # out: the values' gradient (row (o, i) at o * stride_ho + i * stride_hi); unused unless WRITE_TGRAD
     err_ptr,  # in/out: int32 error word: 1 NaN, 2 +inf, 4 a row with no finite value, 64 an index outside [0, C)
+    keep_ptr,  # row mask, uint8, nonzero = the row counts: row (o, i) at o * stride_ko + i * stride_ki; unused
+    #            unless HAS_KEEP
     R,
     R_INNER,
     C,
@@ -597,6 +606,8 @@ def _hydra_kl_topk_fwd_kernel(
     stride_li,
     stride_ho,
     stride_hi,
+    stride_ko,
+    stride_ki,
     inv_temp,  # 1 / T
     loss_scale,  # T^2
     grad_scale,  # T * reduction coefficient
@@ -606,12 +617,16 @@ def _hydra_kl_topk_fwd_kernel(
     WRITE_GRAD: tl.constexpr,
     WRITE_TGRAD: tl.constexpr,
     VEC: tl.constexpr,  # elements of one 16-byte load: a thread's slice of a student tile
+    HAS_KEEP: tl.constexpr = False,  # a row mask, as in _hydra_kl_fwd_kernel: loss 0 and gradients 0 on the rows
+    #                                  left out (teacher still checked; their student logits must be finite)
 ):
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     row_ok = rows < R
     r_out = rows // R_INNER
     r_in = rows % R_INNER
+    kept, grad_scale_2d, grad_scale_3d = _kept_rows(keep_ptr, r_out * stride_ko + r_in * stride_ki, row_ok, grad_scale,
+                                                    HAS_KEEP)
     z_rows = z_ptr + (r_out * stride_zo + r_in * stride_zi)[:, None]
 
     # The teacher's K entries and the student's logits there (gathered before any store: in place is safe)
@@ -661,13 +676,15 @@ def _hydra_kl_topk_fwd_kernel(
     # KL = sum_i p_i ((w_i - m_w - log d_w) - (s_idx_i - m_s - log d_s)), masked entries 0
     log_ratio = (w - ref_w[:, None] - log_d_w[:, None]) - (sd - log_d_s[:, None])
     kl = tl.sum(tl.where(live, p * log_ratio, 0.0), axis=1)
+    if HAS_KEEP:
+        kl = tl.where(kept, kl, 0.0)
     tl.store(loss_ptr + r_out * stride_lo + r_in * stride_li, kl * loss_scale, mask=row_ok)
 
     if WRITE_TGRAD:  # pivoted at the teacher's most probable class, as in _hydra_kl_fwd_kernel
         s_at = tl.max(tl.where(live & (w == m_w[:, None]), s_idx, float("-inf")), axis=1)
         e = (w - ref_w[:, None]) - (s_idx - s_at[:, None])
         mean_e = tl.sum(tl.where(live, p * e, 0.0), axis=1)
-        h = tl.where(live, p * (e - mean_e[:, None]), 0.0) * grad_scale
+        h = tl.where(live, p * (e - mean_e[:, None]), 0.0) * grad_scale_2d
         tl.store(vgrad_ptr + (r_out * stride_ho + r_in * stride_hi)[:, None] + ks[None, :],
                  h.to(vgrad_ptr.dtype.element_ty), mask=k_mask)
 
@@ -679,8 +696,8 @@ def _hydra_kl_topk_fwd_kernel(
             mask = row_ok[:, None, None] & (cols < C)
             x = tl.load(z_rows[:, :, None] + cols, mask=mask, other=float("-inf")).to(tl.float32)
             q = tl.exp2((x - ref_x[:, :, None]) * c2 - lx)
-            tl.store(g_rows[:, :, None] + cols, (q * grad_scale).to(grad_ptr.dtype.element_ty), mask=mask)
+            tl.store(g_rows[:, :, None] + cols, (q * grad_scale_3d).to(grad_ptr.dtype.element_ty), mask=mask)
         tl.debug_barrier()  # every dense store of this program lands before the kept classes are rewritten
         q_idx = tl.exp(sd - log_d_s[:, None])
-        tl.store(g_rows + idx, ((q_idx - p) * grad_scale).to(grad_ptr.dtype.element_ty),
+        tl.store(g_rows + idx, ((q_idx - p) * grad_scale_2d).to(grad_ptr.dtype.element_ty),
                  mask=live & in_range)

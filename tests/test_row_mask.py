@@ -2,9 +2,9 @@
 loss. The reference is the same loss in float64 over the kept rows alone: a masked loss must equal it in value
 and in every gradient, and the rows left out must get gradients of exactly 0, whatever their features.
 
-cpu tier: the torch path (row blocks, one head at a time, class tiles); interpret tier: the Triton path (a mask
-takes the cuBLAS path around the loss kernel: the small-step kernels are skipped, so both settings of
-FASTHYDRA_SMALL_STEP are run; several head groups and row chunks forced).
+cpu tier: the torch path (row blocks, one head at a time, class tiles); interpret tier: the Triton path (the
+small-step kernels, deferred or not, and the cuBLAS path around the dense and top-k loss kernels, which all read
+the mask themselves; several head groups and row chunks forced).
 """
 
 import pytest
@@ -27,8 +27,8 @@ def _mask(b: int, seed: int) -> torch.Tensor:
     return keep
 
 
-def _teacher(kind: str, b: int, dtype=torch.float32):
-    t = teacher_logits(b, M, C, dtype=dtype)
+def _teacher(kind: str, b: int, dtype=torch.float32, classes: int = C):
+    t = teacher_logits(b, M, classes, dtype=dtype)
     if kind == "topk":
         values, indices = t.nan_to_num(neginf=-1e4).topk(5, dim=-1)
         return TopKTeacher(values, indices)
@@ -48,7 +48,8 @@ def _reference(head, x, teacher, keep, temperature, reduction, up):
     p64 = {k: v.detach().double().requires_grad_() for k, v in head.named_parameters()}
     x64 = x.detach().double().requires_grad_()
     t_leaf = _teacher_leaf(teacher).detach().double().requires_grad_()
-    t64 = TopKTeacher(t_leaf, teacher.indices).densify(C) if isinstance(teacher, TopKTeacher) else t_leaf
+    classes = head.weight.shape[1]
+    t64 = TopKTeacher(t_leaf, teacher.indices).densify(classes) if isinstance(teacher, TopKTeacher) else t_leaf
     if head.is_mlp:
         z = R.mlp_heads_ref(x64[keep], p64["hidden_weight"], p64.get("hidden_bias"), p64["weight"], p64.get("bias"))
     else:
@@ -153,6 +154,36 @@ def test_masked_long_rows_on_the_cublas_path(monkeypatch, hidden, teacher_kind):
     _check_step(head, x.requires_grad_(), _teacher(teacher_kind, B), keep, 2.0, "sum", 2e-5)
 
 
+@pytest.mark.interpret
+@pytest.mark.parametrize("hidden", [None, 5])
+@pytest.mark.parametrize("values_grad", [False, True], ids=["frozen", "values-grad"])
+@pytest.mark.parametrize("layout", ["one-group", "heads-and-rows", "long-rows"])
+def test_masked_topk_teacher_on_the_cublas_path(monkeypatch, hidden, values_grad, layout):
+    """The top-k loss kernel reads the mask like the dense one: loss 0 and gradients 0 (student and teacher
+    values) on the rows left out, in both layouts (a shared input's (rows, heads), per-head inputs' (heads,
+    rows)), with one head group or one head per group and rows in chunks, and with rows of 40 classes walked
+    in 16-class tiles; rows left out hold NaN features."""
+    import fasthydra.ops.linear_hydra_kl as lk
+    from fasthydra.ops import _common
+    from fasthydra.ops.hydra_kl import topk_config
+
+    use_heads_path(monkeypatch, "cublas")
+    classes = C
+    if layout == "heads-and-rows":
+        monkeypatch.setattr(lk, "CUBLAS_GROUP_ELEMENTS", 10 * C)
+    if layout == "long-rows":
+        classes = 40
+        monkeypatch.setattr(_common, "MAX_BLOCK_C", 16)
+        assert topk_config(classes, 5)["BLOCK_C"] < classes
+    head = HydraHead(D, classes, M, hidden_features=hidden, impl="triton")
+    keep = _mask(B, 17)
+    x = torch.randn(B, D)
+    x[~keep] = float("nan")
+    teacher = _teacher("topk", B, classes=classes)
+    teacher = TopKTeacher(teacher.values.requires_grad_(values_grad), teacher.indices)
+    _check_step(head, x.requires_grad_(), teacher, keep, 2.0, "mean", 2e-5)
+
+
 @pytest.mark.parametrize("impl,path", [pytest.param("torch", "cpu", marks=pytest.mark.cpu),
                                        pytest.param("triton", "small", marks=pytest.mark.interpret),
                                        pytest.param("triton", "cublas", marks=pytest.mark.interpret)])
@@ -195,11 +226,12 @@ def _kept_rows_eager(head, x, teacher, keep, temperature, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("hidden", [None, 5])
 @pytest.mark.parametrize("groups", ["one", "heads-and-rows"])
-def test_sixteen_bit_masked_heads_on_the_cublas_path(monkeypatch, dtype, hidden, groups):
-    """16-bit inputs on the cuBLAS path (dz unnormalised in 16 bits, the gradient GEMMs' outputs fp32; a shared
-    input's bias gradient a GEMV over the kept rows): each result's error against float64 over the kept rows
-    alone is at most twice that of eager in the same dtype (the tolerance rule), and NaN features on the rows
-    left out reach nothing (their input gradient exactly 0)."""
+@pytest.mark.parametrize("teacher_kind", ["frozen", "topk"])
+def test_sixteen_bit_masked_heads_on_the_cublas_path(monkeypatch, dtype, hidden, groups, teacher_kind):
+    """16-bit inputs on the cuBLAS path (dz unnormalised in 16 bits, the gradient GEMMs' outputs fp32), dense
+    and top-k teachers: each result's error against float64 over the kept rows alone is at most twice that of
+    eager in the same dtype (the tolerance rule), and NaN features on the rows left out reach nothing (their
+    input gradient exactly 0)."""
     import fasthydra.ops.linear_hydra_kl as lk
 
     use_heads_path(monkeypatch, "cublas")
@@ -210,11 +242,11 @@ def test_sixteen_bit_masked_heads_on_the_cublas_path(monkeypatch, dtype, hidden,
     x = torch.randn(B, D, dtype=dtype)
     x[~keep] = float("nan")
     x.requires_grad_()
-    teacher = teacher_logits(B, M, C, dtype=dtype)
+    teacher = _teacher(teacher_kind, B, dtype)
     loss = head.distill_loss(x, teacher, 2.0, row_mask=keep)
     grads = torch.autograd.grad(loss, [x, *head.parameters()])
-    exact, exact_grads = _kept_rows_eager(head, x.nan_to_num(), teacher, keep, 2.0, torch.float64)
-    eager, eager_grads = _kept_rows_eager(head, x.nan_to_num(), teacher, keep, 2.0, dtype)
+    exact, exact_grads = _kept_rows_eager(head, x.nan_to_num(), _dense(teacher), keep, 2.0, torch.float64)
+    eager, eager_grads = _kept_rows_eager(head, x.nan_to_num(), _dense(teacher), keep, 2.0, dtype)
     tolerance_rule(loss, eager, exact, 1e-4, "loss")
     names = ["x", *(n for n, _ in head.named_parameters())]
     for name, g, g_eager, g_exact in zip(names, grads, eager_grads, exact_grads):

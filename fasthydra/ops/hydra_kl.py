@@ -367,9 +367,11 @@ def topk_config(n_cols: int, k: int) -> dict:
                 BLOCK_K=max(2, next_pow2(k)))
 
 
-def launch_kl_rows_topk(z3, v3, i3, loss2, grad3, temperature: float, grad_scale: float, op: str, tgrad3=None):
+def launch_kl_rows_topk(z3, v3, i3, loss2, grad3, temperature: float, grad_scale: float, op: str, tgrad3=None,
+                        keep2=None):
     """launch_kl_rows for a top-k teacher: values v3 and indices i3 are (O, I, k) views with unit
-    stride along k; grad3 may be z3 (in place); tgrad3 (O, I, k) receives the values' gradient."""
+    stride along k; grad3 may be z3 (in place); tgrad3 (O, I, k) receives the values' gradient; keep2 a row
+    mask as launch_kl_rows takes it (rows left out: loss 0, gradients 0, their student logits finite)."""
     from fasthydra.kernels.softmax_kl import _hydra_kl_topk_fwd_kernel
 
     o, i, c = z3.shape
@@ -381,13 +383,14 @@ def launch_kl_rows_topk(z3, v3, i3, loss2, grad3, temperature: float, grad_scale
     h3 = tgrad3 if tgrad3 is not None else v3
     cfg = topk_config(c, k)
     _hydra_kl_topk_fwd_kernel[(cdiv(r, cfg["BLOCK_R"]),)](
-        z3, v3, i3, loss2, g3, h3, error_word(z3.device, op),
+        z3, v3, i3, loss2, g3, h3, error_word(z3.device, op), loss2 if keep2 is None else keep2,
         r, i, c, k, z3.stride(0), z3.stride(1), v3.stride(0), v3.stride(1), i3.stride(0), i3.stride(1),
         g3.stride(0), g3.stride(1), loss2.stride(0), loss2.stride(1), h3.stride(0), h3.stride(1),
+        0 if keep2 is None else keep2.stride(0), 0 if keep2 is None else keep2.stride(1),
         1.0 / temperature, temperature * temperature, grad_scale,
         BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"], WRITE_GRAD=grad3 is not None,
         WRITE_TGRAD=tgrad3 is not None, VEC=max(1, min(cfg["BLOCK_C"], 16 // z3.element_size())),
-        num_warps=cfg["num_warps"],
+        HAS_KEEP=keep2 is not None, num_warps=cfg["num_warps"],
     )
 
 

@@ -351,19 +351,6 @@ def _zero_dropped_input(inp, drop, shared: bool):
     return inp.masked_fill(drop[:, None], 0.0)
 
 
-def _kept_rows_sum_into(out, keep, src, first: bool) -> None:
-    """The bias gradient of a row chunk over its kept rows alone: out (N,) fp32 = keep @ src (or +=, after
-    the first chunk), keep (rows,) 1 or 0 in src's dtype, src (rows, N) the chunk's dz: one GEMV reading dz
-    once, as the plain column sum would, with the rows left out weighted 0 (their dz is finite)."""
-    if src.dtype == torch.float32:
-        if first:
-            torch.mv(src.T, keep, out=out)
-        else:
-            out.addmv_(src.T, keep)
-    else:  # 16-bit dz: the products summed in fp32
-        _product32(keep[None], src, 1.0, out[None], accumulate=not first)
-
-
 def _drop_rows(drop, loss_rows, grad_t) -> None:
     """A row mask's rows left out (drop: (B,) bool, or None): their (B, M) loss rows and teacher gradient
     zeroed in place (NaN or not)."""
@@ -420,13 +407,10 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
     With need_t the same pass writes the teacher's gradient. A top-k teacher (teacher = values,
     teacher_indices = class ids) runs the top-k loss kernel instead: the same GEMMs, M*k teacher
     entries read per row instead of M*C. A row mask (B,) bool: a shared input's rows left out are set to 0
-    first (one pass over x), so their logits are the bias alone and they add nothing to dW. A dense
-    teacher's loss kernel reads the mask (loss 0, dz 0 and teacher gradient 0 on those rows; dx and db
-    follow). With a top-k teacher the rows are zeroed around its kernel: the loss rows and teacher
-    gradient at the end; for a shared input dx's rows at the end and db a GEMV weighting the rows 0 or 1
-    (dz untouched); for per-head inputs each group's dz rows after step 2. With a mask the thin-heads
-    kernel and the loss pass's column sums are not used. Returns (loss, grad_in, grad_weight, grad_bias,
-    grad_teacher), None where not asked for.
+    first (one pass over x), so their logits are the bias alone and they add nothing to dW. The loss
+    kernel (dense or top-k teacher) reads the mask: loss 0, dz 0 and teacher gradient 0 on those rows;
+    dx and db follow. With a mask the thin-heads kernel and the loss pass's column sums are not used.
+    Returns (loss, grad_in, grad_weight, grad_bias, grad_teacher), None where not asked for.
     """
     m, c, k = weight.shape
     b = inp.shape[0]
@@ -461,9 +445,7 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
             inp = inp.contiguous()
     # "mean"/"sum" where one launch of the dense loss kernel covers every row: its last program sums them
     # (no reduction launch); otherwise, and for the top-k kernel, one reduction of the loss rows at the end.
-    # A row mask with a dense teacher is read by the loss kernel itself (loss 0 and dz 0 on the rows left out);
-    # with a top-k teacher the rows are zeroed around it (below).
-    mask_in_kernel = drop is not None and topk is None
+    # A row mask is read by the loss kernel itself (loss 0 and dz 0 on the rows left out).
     keep_u8 = None if drop is None else row_mask.view(torch.uint8)
     reduced = None
     if reduction != "none" and b * m > 0 and n_groups * n_chunks == 1 and topk is None:
@@ -473,9 +455,6 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
     buf = torch.empty(min(rows, b) * heads * c, dtype=dt, device=dev) if want_grad or thin is None else None
     grad_w = empty_stored_grad(weight) if need_w else None
     grad_b = torch.empty(m, c, dtype=torch.float32, device=dev) if need_b else None
-    # A top-k teacher, a shared input and a row mask: the rows left out are 0, so they add nothing to dW; their
-    # dx rows are zeroed at the end ((B, K), not (B, M*C)) and db sums the kept rows alone (dz not touched).
-    keep_w = row_mask.to(dt) if drop is not None and shared and need_b and not mask_in_kernel else None
     # dx: per-head inputs (MLP heads) get disjoint slices per group, so no accumulation; a shared input
     # sums over groups, in fp32 when there is more than one.
     grad_in = grad_in32 = None
@@ -530,6 +509,9 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
                 h3 = None if grad_t is None else grad_t[r0:r1, h0:h1].transpose(0, 1)
                 i3 = None if topk is None else topk[r0:r1, h0:h1].transpose(0, 1)
             db_parts = None  # partial column sums of dz (heads, row groups, C) when the loss pass forms them
+            k2 = None  # the batch rows' mask over the view's (rows, heads) or (heads, rows) axes
+            if keep_u8 is not None:
+                k2 = keep_u8[r0:r1, None].expand(br, gh) if shared else keep_u8[None, r0:r1].expand(gh, br)
             if thin is not None:  # (rows, heads) views; a shared input seen with a head stride of 0
                 x3 = inp[r0:r1].unsqueeze(1).expand(br, gh, k) if shared else inp[r0:r1, h0:h1]
                 g3 = None if not want_grad else z3 if shared else z3.transpose(0, 1)
@@ -538,7 +520,7 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
                                                 temperature, grad_scale, thin, reduce_to=reduce_to, colsum=need_b)
             elif topk is not None:
                 launch_kl_rows_topk(z3, t3, i3, l2, z3 if want_grad else None, temperature, grad_scale,
-                                    "distill_loss", h3)
+                                    "distill_loss", h3, k2)
             elif split_bias:  # head-major views: one program's rows share a head, so db sums per program
                 zh, th, lh = (z3.transpose(0, 1), t3.transpose(0, 1), l2.T) if shared else (z3, t3, l2)
                 nh = norms[:gh * br * 4].view(gh, br, 4)
@@ -546,15 +528,10 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
                                reduce_to=reduce_to)
                 db_parts = launch_kl_grad_cols(zh, th, nh, zh, b3, temperature, grad_scale)
             else:
-                k2 = None
-                if mask_in_kernel:  # the batch rows' mask over the view's (rows, heads) or (heads, rows) axes
-                    k2 = keep_u8[r0:r1, None].expand(br, gh) if shared else keep_u8[None, r0:r1].expand(gh, br)
                 launch_kl_rows(z3, t3, l2, z3 if want_grad else None, temperature, grad_scale, "distill_loss", h3, b3,
                                reduce_to=reduce_to, keep2=k2)
             if not want_grad:
                 continue
-            if drop is not None and not shared and not mask_in_kernel:  # per-head inputs, top-k teacher: the
-                z3.masked_fill_(drop[None, r0:r1, None], 0.0)  #         rows left out get no logits gradient
             # z3 now holds dL/dz for the group's rows.
             if shared:
                 gz = z3.view(br, gh * c)
@@ -576,9 +553,7 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
                         grad_in32[r0:r1].add_(torch.mm(gz, w2))
                     else:
                         torch.mm(gz, w2, out=grad_in[r0:r1])
-                if need_b and keep_w is not None:  # db over the kept rows (dz of the others is not zeroed)
-                    _kept_rows_sum_into(grad_b[h0:h1].view(gh * c), keep_w[r0:r1], gz, r0 == 0)
-                elif need_b:  # db: dz's rows summed, or the loss pass's partial sums summed
+                if need_b:  # db: dz's rows summed, or the loss pass's partial sums summed
                     src, dim = (gz.view(br, gh, c), 0) if db_parts is None else (db_parts, 1)
                     _sum_rows_into(grad_b[h0:h1], src, dim, r0 == 0)
             else:
@@ -599,10 +574,6 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
         if acc is not None:
             grad_w[h0:h1] = acc
     after_launch(dev, "distill_loss", teacher.shape)
-    if not mask_in_kernel:  # (the loss kernel wrote 0 there itself)
-        _drop_rows(drop, loss, grad_t)
-    if drop is not None and shared and need_in and not mask_in_kernel:  # (elsewhere dz's rows are 0 already)
-        (grad_in if grad_in32 is None else grad_in32).masked_fill_(drop[:, None], 0.0)
     if grad_in32 is not None:
         grad_in = grad_in32.to(stored_grad_dtype(dt))
     if wide and grad_b is not None:
@@ -683,9 +654,8 @@ def linear_hydra_kl_forward_triton(inp, weight, bias, teacher, temperature: floa
     path (``linear_hydra_kl_forward_small``) unless FASTHYDRA_SMALL_STEP=0; everything else cuBLAS
     GEMMs around the loss kernel (``linear_hydra_kl_forward_cublas``). (A third design, Triton GEMM
     tiles fused with the softmax/KL, took 1.9x to 11x this path's time on an H200 and was removed:
-    bench/RESULTS.md.) A row mask is read by either path's kernels (on the cuBLAS path with a top-k teacher:
-    rows zeroed around them). Returns (loss, grad_in, grad_weight, grad_bias, grad_teacher), None where not
-    asked for."""
+    bench/RESULTS.md.) A row mask is read by either path's kernels. Returns (loss, grad_in, grad_weight,
+    grad_bias, grad_teacher), None where not asked for."""
     cfg = small_step_config(inp, weight, need_t, teacher_indices)
     if cfg is not None:
         return linear_hydra_kl_forward_small(inp, weight, bias, teacher, temperature, reduction, shared, need_in,
