@@ -156,8 +156,9 @@ def _kept_input(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
 
 
 def _mean_over_kept(loss: torch.Tensor, keep: torch.Tensor | None, reduction: str) -> torch.Tensor:
-    """A fused op's loss reduced with coefficient 1/(B*M) over rows some of which a row mask zeroed:
-    rescaled by B / (rows kept) for "mean" (autograd takes the factor into the stored gradients)."""
+    """A fused op's loss reduced with coefficient 1/(B*M) over rows some of which a row mask zeroed (the torch
+    path): rescaled by B / (rows kept) for "mean" (autograd takes the factor into the stored gradients). The
+    Triton path's kernels form the mean over the kept rows themselves."""
     if keep is None or reduction != "mean":
         return loss
     return loss * (keep.shape[0] / keep.sum(dtype=loss.dtype).clamp_min_(1))
@@ -641,7 +642,8 @@ def linear_hydra_kl_loss(x, weight, bias, teacher_logits, temperature: float = 1
         impl: "auto" | "triton" | "torch" (see ``resolve_impl``).
         row_mask: optional (B,) bool, the rows that count (as in ``hydra_kl_loss``); x's rows left out may
             hold anything, NaN included (never read, or set to 0 first). On the GPU the kernels read the
-            mask themselves (a dense teacher): no (B, M, C) pass is added.
+            mask themselves (dense or top-k teacher): no (B, M, C) pass is added, and "mean" over the kept
+            rows is formed there too (the count read on the device: the backward rescales nothing).
     Returns: the scalar loss, in x's dtype (fp32 under autocast).
 
     Example:
@@ -706,7 +708,9 @@ def _fused(inp, weight, bias, teacher, temperature, reduction, shared, impl, kee
     defer = _ops.small_deferred_config(inp, weight, bias, reduction, *needs, impl, indices) is not None
     loss, *_ = _ops.linear_hydra_kl_call(inp, weight, bias, teacher, temperature, reduction, shared, *needs, impl,
                                          indices, defer, keep)
-    return _autocast_loss(_mean_over_kept(loss, keep, reduction), inp)
+    if impl != "triton":  # (the Triton path's "mean" is over the kept rows already, in its kernels)
+        loss = _mean_over_kept(loss, keep, reduction)
+    return _autocast_loss(loss, inp)
 
 
 def uncertainty(logits: torch.Tensor, temperature: float = 1.0, impl: str = "auto") -> Uncertainty:

@@ -151,7 +151,8 @@ def _kernel_specs():
                     "stride_gi": c, "stride_lo": m, "stride_li": 1, "stride_ho": m * c, "stride_hi": c,
                     "inv_temp": 0.5, "inv_temp_again": 0.5, "loss_scale": 4.0, "grad_scale": 0.1,
                     "part_ptr": "*fp32", "out_ptr": "*fp32", "count_ptr": "*i32", "out_scale": 0.01,
-                    "keep_ptr": "*fp32", "stride_ko": 0, "stride_ki": 0}  # (no row mask: a placeholder)
+                    "keep_ptr": "*fp32", "stride_ko": 0, "stride_ki": 0,  # (no row mask: placeholders)
+                    "nkept_ptr": "*fp32", "batch_rows": 0.0}
             # (teacher gradient, student bias, gradient written, normalisers written, loss reduced): a frozen
             # teacher and one that requires grad, each with and without a bias (MLP heads' second layer); and
             # hydra_kl_loss's forward that writes the normalisers only (its backward: the grad kernel), or the
@@ -173,17 +174,20 @@ def _kernel_specs():
                 if reduce and not cfgs.kl_rows_reduces_in_launch(kl, grad):
                     continue  # the launcher reduces with torch there
                 # a row mask on the heads' cuBLAS path (the gradient written, a teacher frozen or trainable): a
-                # shared input's (rows, heads) layout, the MLP heads' (heads, rows) one with their bias
+                # shared input's (rows, heads) layout, the MLP heads' (heads, rows) one with their bias; "mean"
+                # over the kept rows (their count read by the kernel; "sum" compiles a subset of that code)
                 masks = [False] + ([True] if grad and not norms else [])
                 for keep in masks:
                     keep_args = {} if not keep else {"keep_ptr": "*u8", "stride_ko": 0 if bias else 1,
-                                                     "stride_ki": 1 if bias else 0}
+                                                     "stride_ki": 1 if bias else 0, "nkept_ptr": "*i64",
+                                                     "batch_rows": float(b)}
                     add(_hydra_kl_fwd_kernel, {**args, "bias_ptr": f"*{ty}", "stride_bo": c, "stride_bi": 0,
                                                "norm_ptr": "*fp32", **keep_args},
                         {"BLOCK_R": kl["BLOCK_R"], "BLOCK_C": kl["BLOCK_C"], "WRITE_GRAD": grad, "WRITE_TGRAD": tgrad,
                          "ROW_IN_REGISTERS": kl["ROW_IN_REGISTERS"], "HAS_BIAS": bias,
                          "VEC": min(kl["BLOCK_C"], 4 if ty == "fp32" else 8), "WRITE_NORMS": norms, "REDUCE": reduce,
-                         "HAS_KEEP": keep, "BLOCK_P": cfgs.reduce_block(cdiv(b * m, kl["BLOCK_R"]), kl["num_warps"])},
+                         "HAS_KEEP": keep, "MEAN_KEPT": keep,
+                         "BLOCK_P": cfgs.reduce_block(cdiv(b * m, kl["BLOCK_R"]), kl["num_warps"])},
                         {"num_warps": kl["num_warps"]}, tag)
             if ty == "bf16":  # hydra_kl_loss on fp16 logits with a teacher that requires grad: both gradients
                 #             written in fp32 (stored_grad_dtype), for the backward to scale
@@ -196,7 +200,7 @@ def _kernel_specs():
                                                "stride_bi": 0, "norm_ptr": "*fp32"},
                         {"BLOCK_R": kl["BLOCK_R"], "BLOCK_C": kl["BLOCK_C"], "WRITE_GRAD": True, "WRITE_TGRAD": True,
                          "ROW_IN_REGISTERS": kl["ROW_IN_REGISTERS"], "HAS_BIAS": False, "VEC": min(kl["BLOCK_C"], 8),
-                         "WRITE_NORMS": False, "REDUCE": reduce, "HAS_KEEP": False,
+                         "WRITE_NORMS": False, "REDUCE": reduce, "HAS_KEEP": False, "MEAN_KEPT": False,
                          "BLOCK_P": cfgs.reduce_block(cdiv(b * m, kl["BLOCK_R"]), kl["num_warps"])},
                         {"num_warps": kl["num_warps"]}, "fp16")
             gk = cfgs.kl_grad_config(b * m, c)
@@ -233,7 +237,8 @@ def _kernel_specs():
                          "C": c, "K": k, "stride_zo": m * c, "stride_zi": c, "stride_vo": m * k, "stride_vi": k,
                          "stride_xo": m * k, "stride_xi": k, "stride_go": m * c, "stride_gi": c, "stride_lo": m,
                          "stride_li": 1, "stride_ho": m * k, "stride_hi": k, "keep_ptr": "*fp32", "stride_ko": 0,
-                         "stride_ki": 0, "inv_temp": 0.5, "loss_scale": 4.0, "grad_scale": 0.1}
+                         "stride_ki": 0, "nkept_ptr": "*fp32", "inv_temp": 0.5, "loss_scale": 4.0, "grad_scale": 0.1,
+                         "batch_rows": 0.0}
                 # (and hydra_kl_loss on fp16 logits: its gradients written in fp32, for the backward to scale; and
                 # a row mask on the heads' cuBLAS path: a shared input's (rows, heads) layout, per-head inputs'
                 # (heads, rows) one)
@@ -242,11 +247,12 @@ def _kernel_specs():
                     if keep is not None and vtag != tag:
                         continue
                     wide = {"z_ptr": "*fp16", "v_ptr": "*fp16", "grad_ptr": "*fp32", "vgrad_ptr": "*fp32"}
-                    keep_args = {} if keep is None else {"keep_ptr": "*u8", "stride_ko": keep[0], "stride_ki": keep[1]}
+                    keep_args = {} if keep is None else {"keep_ptr": "*u8", "stride_ko": keep[0], "stride_ki": keep[1],
+                                                         "nkept_ptr": "*i64", "batch_rows": float(b)}
                     add(_hydra_kl_topk_fwd_kernel, {**targs, **(wide if vtag == "fp16" else {}), **keep_args},
                         {"BLOCK_R": tk["BLOCK_R"], "BLOCK_C": tk["BLOCK_C"], "BLOCK_K": tk["BLOCK_K"],
                          "WRITE_GRAD": True, "WRITE_TGRAD": tgrad, "VEC": min(tk["BLOCK_C"], 4 if ty == "fp32" else 8),
-                         "HAS_KEEP": keep is not None},
+                         "HAS_KEEP": keep is not None, "MEAN_KEPT": keep is not None},
                         {"num_warps": tk["num_warps"]}, vtag)
 
             # MLP heads' second layer fused with the loss (thin heads; THIN_HEADS) at mid (a C that is not a
@@ -290,11 +296,13 @@ def _kernel_specs():
                                                      "t_ptr": f"*{xty}", "loss_ptr": "*fp32", "part_ptr": "*fp32",
                                                      "g_ptr": f"*{gty}", "err_ptr": "*i32", "out_ptr": "*fp32",
                                                      "count_ptr": "*i32", "keep_ptr": "*u8" if keep else "*fp32",
+                                                     "nkept_ptr": "*i64" if keep else "*fp32",
                                                      "heads_per_program": sc["HEADS"],
                                                      "stride_wm": c * k, "stride_wc": k, "stride_biasm": c,
                                                      "stride_tb": m * c, "stride_tm": c, "inv_temp": 0.5,
                                                      "loss_scale": 4.0, "grad_scale": 0.1, "out_scale": 0.01},
                             {**dots, "HAS_BIAS": True, "WRITE_GRAD": True, "REDUCE": reduce, "HAS_KEEP": keep,
+                             "MEAN_KEPT": keep,
                              "BLOCK_B": sc["BLOCK_B"],
                              "BLOCK_P": cfgs.reduce_block(cdiv(b, sc["BLOCK_B"]) * cdiv(m, sc["HEADS"]),
                                                           sc["num_warps"])},

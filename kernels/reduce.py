@@ -31,3 +31,14 @@ def _sum_parts(part_ptr, n_parts, BLOCK_P: tl.constexpr):
         ps = p0 + tl.arange(0, BLOCK_P)
         total += tl.load(part_ptr + ps, mask=ps < n_parts, other=0.0, cache_modifier=".cg")
     return tl.sum(total, axis=0)
+
+
+@triton.jit
+def _kept_mean_factor(nkept_ptr, batch_rows, MEAN_KEPT: tl.constexpr):
+    """"mean" over the rows a row mask keeps (MEAN_KEPT): the factor batch_rows / max(kept rows, 1) that turns
+    a reduction coefficient of 1/(B*M) into 1/(B_kept*M), the count read on the device (an integer scalar at
+    nkept_ptr, the mask's sum); 1 otherwise."""
+    if MEAN_KEPT:
+        return batch_rows / tl.maximum(tl.load(nkept_ptr).to(tl.float32), 1.0)
+    else:
+        return 1.0

@@ -28,7 +28,7 @@ reads them as 0 for dW, so whatever x holds there (NaN included) reaches no grad
 import triton
 import triton.language as tl
 
-from .reduce import _last_program_sums
+from .reduce import _kept_mean_factor, _last_program_sums
 from .softmax_kl import _kl_grad_tile, _online_kl_update
 
 
@@ -69,6 +69,7 @@ def _small_heads_kl_kernel(
     out_ptr,  # out: the reduced loss, fp32 scalar; unused unless REDUCE
     count_ptr,  # in/out: int32 count of finished programs, 0 before and after the launch; unused unless REDUCE
     keep_ptr,  # row mask (B,) uint8, nonzero = the row counts; unused unless HAS_KEEP
+    nkept_ptr,  # the mask's count of kept rows, an integer scalar; unused unless MEAN_KEPT
     B,
     M,
     C,
@@ -89,6 +90,7 @@ def _small_heads_kl_kernel(
     WRITE_GRAD: tl.constexpr,
     REDUCE: tl.constexpr,  # the last program sums the partial losses into out_ptr
     HAS_KEEP: tl.constexpr,  # a row mask: rows left out read their input as 0 and get loss 0 and dz 0
+    MEAN_KEPT: tl.constexpr,  # "mean" over the kept rows: grad_scale and out_scale (1/(B*M) in them) times B / kept
     UPCAST_DOT: tl.constexpr,  # interpreter: tl.dot on 16-bit operands is unreliable there
     PRECISION: tl.constexpr,  # tl.dot input precision for fp32 operands ("ieee" or "tf32")
     BLOCK_B: tl.constexpr,
@@ -106,6 +108,9 @@ def _small_heads_kl_kernel(
     live = row_ok  # the rows that count (the teacher is checked on every row all the same)
     if HAS_KEEP:
         live = row_ok & (tl.load(keep_ptr + rows, mask=row_ok, other=0) != 0)
+    kept_mean = _kept_mean_factor(nkept_ptr, B * 1.0, MEAN_KEPT)
+    grad_scale = grad_scale * kept_mean
+    out_scale = out_scale * kept_mean
     part = tl.zeros((BLOCK_B,), tl.float32)
     bad = tl.zeros((BLOCK_B,), tl.int32)
     h0 = pid_h * heads_per_program

@@ -14,7 +14,7 @@ A teacher logit of -inf masks its class: p_c = 0 and the class adds nothing to t
 import triton
 import triton.language as tl
 
-from .reduce import _last_program_sums
+from .reduce import _kept_mean_factor, _last_program_sums
 
 
 @triton.jit
@@ -181,6 +181,7 @@ def _hydra_kl_fwd_kernel(
     count_ptr,  # in/out: int32 count of finished programs, 0 before and after; unused unless REDUCE
     keep_ptr,  # row mask, uint8, nonzero = the row counts: row (o, i) at o * stride_ko + i * stride_ki (a
     #            batch mask broadcast over heads: one stride 0); unused unless HAS_KEEP
+    nkept_ptr,  # the mask's count of kept rows, an integer scalar; unused unless MEAN_KEPT
     R,  # rows in all
     R_INNER,  # rows along the inner axis i
     C,
@@ -205,6 +206,8 @@ def _hydra_kl_fwd_kernel(
     loss_scale,  # T^2
     grad_scale,  # T * reduction coefficient (1/(B*M) for "mean", 1 otherwise)
     out_scale,  # reduction coefficient of the summed loss rows; unused unless REDUCE
+    batch_rows,  # B, the batch the reduction coefficient counts (this launch may cover a chunk); unused unless
+    #              MEAN_KEPT
     BLOCK_R: tl.constexpr,  # rows per program: several when C is small, so a program has ~1k lanes
     BLOCK_C: tl.constexpr,  # class tile: up to 2048 lanes keeps the tile in registers without spills
     WRITE_GRAD: tl.constexpr,
@@ -217,6 +220,7 @@ def _hydra_kl_fwd_kernel(
     BLOCK_P: tl.constexpr = 128,  # partial sums read per step by that program
     HAS_KEEP: tl.constexpr = False,  # a row mask: rows left out get loss 0 and gradients 0 (their teacher
     #                                  still checked); their logits must be finite (the callers see to it)
+    MEAN_KEPT: tl.constexpr = False,  # "mean" over the kept rows: grad_scale and out_scale times B / kept rows
 ):
     # (norms are for a gradient formed later, from a frozen teacher: never beside the gradients here)
     tl.static_assert(not (WRITE_NORMS and (WRITE_GRAD or WRITE_TGRAD)))
@@ -226,6 +230,9 @@ def _hydra_kl_fwd_kernel(
     row_ok = rows < R
     r_out = rows // R_INNER
     r_in = rows % R_INNER
+    kept_mean = _kept_mean_factor(nkept_ptr, batch_rows, MEAN_KEPT)
+    grad_scale = grad_scale * kept_mean
+    out_scale = out_scale * kept_mean
     # the rows left out (HAS_KEEP): their gradients scaled by 0 (a per-row scale), their loss set to 0 below
     kept, grad_scale_2d, grad_scale_3d = _kept_rows(keep_ptr, r_out * stride_ko + r_in * stride_ki, row_ok, grad_scale,
                                                     HAS_KEEP)
@@ -590,6 +597,7 @@ def _hydra_kl_topk_fwd_kernel(
     err_ptr,  # in/out: int32 error word: 1 NaN, 2 +inf, 4 a row with no finite value, 64 an index outside [0, C)
     keep_ptr,  # row mask, uint8, nonzero = the row counts: row (o, i) at o * stride_ko + i * stride_ki; unused
     #            unless HAS_KEEP
+    nkept_ptr,  # the mask's count of kept rows, an integer scalar; unused unless MEAN_KEPT
     R,
     R_INNER,
     C,
@@ -611,6 +619,7 @@ def _hydra_kl_topk_fwd_kernel(
     inv_temp,  # 1 / T
     loss_scale,  # T^2
     grad_scale,  # T * reduction coefficient
+    batch_rows,  # B, as in _hydra_kl_fwd_kernel; unused unless MEAN_KEPT
     BLOCK_R: tl.constexpr,  # rows per program (several when C is small)
     BLOCK_C: tl.constexpr,  # class tile of the student row
     BLOCK_K: tl.constexpr,  # K padded to a power of two: the whole teacher row in one tile
@@ -619,12 +628,14 @@ def _hydra_kl_topk_fwd_kernel(
     VEC: tl.constexpr,  # elements of one 16-byte load: a thread's slice of a student tile
     HAS_KEEP: tl.constexpr = False,  # a row mask, as in _hydra_kl_fwd_kernel: loss 0 and gradients 0 on the rows
     #                                  left out (teacher still checked; their student logits must be finite)
+    MEAN_KEPT: tl.constexpr = False,  # "mean" over the kept rows: grad_scale times B / kept rows
 ):
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     row_ok = rows < R
     r_out = rows // R_INNER
     r_in = rows % R_INNER
+    grad_scale = grad_scale * _kept_mean_factor(nkept_ptr, batch_rows, MEAN_KEPT)
     kept, grad_scale_2d, grad_scale_3d = _kept_rows(keep_ptr, r_out * stride_ko + r_in * stride_ki, row_ok, grad_scale,
                                                     HAS_KEEP)
     z_rows = z_ptr + (r_out * stride_zo + r_in * stride_zi)[:, None]

@@ -106,13 +106,16 @@ def test_masked_heads_in_the_torch_paths_large_c_modes(monkeypatch, mode, hidden
 
 
 @pytest.mark.interpret
-@pytest.mark.parametrize("path", ["small-deferred", "small-in-forward", "cublas", "cublas-groups"])
+@pytest.mark.parametrize("path", ["small-deferred", "small-in-forward", "cublas", "cublas-groups",
+                                  "cublas-sum-after"])
 @pytest.mark.parametrize("hidden", [None, 5])
 def test_masked_heads_on_each_triton_path(monkeypatch, path, hidden):
     """The small-step kernels read the mask themselves (launch 1 writes loss 0 and dz 0 on the rows left out
-    and reads their inputs as 0, launch 2 reads them as 0 for dW), launch 2 in the backward or at once; the
-    cuBLAS path zeroes rows around its GEMMs (one head group, or one head per group with rows in chunks).
-    NaN features on the rows left out reach nothing; the path asked for is the one that ran."""
+    and reads their inputs as 0, launch 2 reads them as 0 for dW), launch 2 in the backward or at once; so
+    does the cuBLAS path's loss kernel (one head group; one head per group with rows in chunks, the loss then
+    summed after the launches; or one launch whose configuration leaves the sum to the launcher). "mean" is
+    over the kept rows on each. NaN features on the rows left out reach nothing; the path asked for is the one
+    that ran."""
     import fasthydra.ops.linear_hydra_kl as lk
     import fasthydra.ops.small_heads as sh
     from fasthydra.ops import _common
@@ -121,6 +124,9 @@ def test_masked_heads_on_each_triton_path(monkeypatch, path, hidden):
     monkeypatch.setattr(_common, "SMALL_DEFERRED", path == "small-deferred")
     if path == "cublas-groups":
         monkeypatch.setattr(lk, "CUBLAS_GROUP_ELEMENTS", 10 * C)  # one head per group, rows in chunks of 10
+    if path == "cublas-sum-after":
+        monkeypatch.setattr(_common, "ROW_TILE_MAX", 8)  # a register row wider than that: no in-launch sum
+        assert not _common.kl_rows_reduces_in_launch(_common.kl_rows_config(C, 4), True)
     ran = []
     for module, name in ((sh, "small_heads_forward"), (lk, "linear_hydra_kl_forward_cublas")):
         real = getattr(module, name)
@@ -182,6 +188,33 @@ def test_masked_topk_teacher_on_the_cublas_path(monkeypatch, hidden, values_grad
     teacher = _teacher("topk", B, classes=classes)
     teacher = TopKTeacher(teacher.values.requires_grad_(values_grad), teacher.indices)
     _check_step(head, x.requires_grad_(), teacher, keep, 2.0, "mean", 2e-5)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("teacher_kind", ["frozen", "topk"])
+def test_mean_over_kept_rows_needs_no_scaling_in_the_backward(monkeypatch, dtype, teacher_kind):
+    """On the cuBLAS path "mean" over the kept rows comes out of the op itself (the loss kernel scales dz by
+    B / B_kept, read on the device; fp16's unnormalised dz takes it in the gradients instead): loss.backward()
+    reaches the op's backward with an upstream gradient of exactly 1, so the stored gradients are not
+    rescaled (on a GPU that is a pass over dW); and the loss is the mean over the kept rows."""
+    from fasthydra.ops import hydra_kl as kl
+
+    use_heads_path(monkeypatch, "cublas")
+    upstreams = []
+    for name in ("scale_grads", "scale_grads_"):  # (traced backward; eager: in place)
+        real = getattr(kl, name)
+        monkeypatch.setattr(kl, name, lambda stored, up, real=real: upstreams.append(up.detach().clone())
+                            or real(stored, up))
+    head = HydraHead(D, C, M, impl="triton", dtype=dtype)
+    keep = _mask(B, 23)
+    x = torch.randn(B, D, dtype=dtype, requires_grad=True)
+    teacher = _teacher(teacher_kind, B, dtype)
+    loss = head.distill_loss(x, teacher, 2.0, row_mask=keep)
+    loss.backward()
+    assert len(upstreams) == 1 and torch.equal(upstreams[0], torch.ones_like(upstreams[0]))
+    rows = head.distill_loss(x.detach(), teacher, 2.0, reduction="none")
+    assert_close_to(loss, rows[keep].double().mean(), rtol=1e-3 if dtype == torch.float16 else 1e-5, what="loss")
 
 
 @pytest.mark.parametrize("impl,path", [pytest.param("torch", "cpu", marks=pytest.mark.cpu),

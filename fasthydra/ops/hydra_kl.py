@@ -28,6 +28,12 @@ def reduction_coefficient(reduction: str, n_rows: int) -> float:
     return 1.0 / max(n_rows, 1) if reduction == "mean" else 1.0
 
 
+def kept_mean_factor(nkept: torch.Tensor, batch: int) -> torch.Tensor:
+    """B / max(kept rows, 1) as a 0-dim fp32 tensor on the count's device (no host read): what turns a mean over
+    all B*M loss rows into the mean over the B_kept*M a row mask keeps (the kernels' _kept_mean_factor)."""
+    return nkept.clamp_min(1).to(torch.float32).reciprocal_().mul_(float(batch))
+
+
 def reduce_rows(rows: torch.Tensor, reduction: str, out_dtype: torch.dtype) -> torch.Tensor:
     """Reduces (B, M) fp32 loss rows; "mean" of an empty batch is 0, like the reference."""
     if reduction == "none":
@@ -195,7 +201,7 @@ def hydra_kl_forward_torch(student, teacher, temperature: float, reduction: str,
 
 
 def launch_kl_rows(z3, t3, loss2, grad3, temperature: float, grad_scale: float | None, op: str, tgrad3=None,
-                   bias3=None, norms=None, reduce_to=None, keep2=None):
+                   bias3=None, norms=None, reduce_to=None, keep2=None, kept_mean=None):
     """One launch of the row kernel over (O, I, C) views with unit stride along C: student logits z3,
     teacher t3, fp32 loss rows loss2 (O, I) written, gradient grad3 (O, I, C) written when grad3 is
     given (grad3 may be z3 itself: the logits turn into their gradient in place), the teacher's
@@ -205,9 +211,10 @@ def launch_kl_rows(z3, t3, loss2, grad3, temperature: float, grad_scale: float |
     reduce_to = (out, coefficient): the loss rows' sum times the coefficient written into the 0-dim fp32
     out by the launch's last program (no reduction launch; a torch sum after it where the configuration
     cannot, ``kl_rows_reduces_in_launch``). keep2: an (O, I) uint8 view (broadcast strides welcome) of a
-    row mask: the rows it leaves out get loss 0 and gradients 0 (their logits must be finite). The
-    teacher's value errors go to the device's error word (checks.py), never through a host
-    synchronisation."""
+    row mask: the rows it leaves out get loss 0 and gradients 0 (their logits must be finite). kept_mean =
+    (count, B): "mean" over the rows the mask keeps, grad_scale and the reduction's coefficient (with 1/(B*M)
+    in them) times B / count, count (the mask's sum, an integer scalar) read on the device. The teacher's
+    value errors go to the device's error word (checks.py), never through a host synchronisation."""
     from fasthydra.kernels.softmax_kl import _hydra_kl_fwd_kernel
 
     o, i, c = z3.shape
@@ -227,23 +234,26 @@ def launch_kl_rows(z3, t3, loss2, grad3, temperature: float, grad_scale: float |
         parts, count = torch.empty(grid, dtype=torch.float32, device=z3.device), finished_count(z3.device)
     else:
         out, coef, parts, count = loss2, 0.0, loss2, loss2  # placeholders, not read
+    nkept, batch = (loss2, 0.0) if kept_mean is None else kept_mean
     _hydra_kl_fwd_kernel[(grid,)](
         z3, t3, loss2, g3, h3, error_word(z3.device, op), b3, norms if norms is not None else loss2, parts, out,
-        count, loss2 if keep2 is None else keep2, r, i, c, z3.stride(0), z3.stride(1), t3.stride(0), t3.stride(1),
-        g3.stride(0), g3.stride(1), loss2.stride(0), loss2.stride(1), h3.stride(0), h3.stride(1), b3.stride(0),
-        b3.stride(1), 0 if keep2 is None else keep2.stride(0), 0 if keep2 is None else keep2.stride(1),
+        count, loss2 if keep2 is None else keep2, nkept, r, i, c, z3.stride(0), z3.stride(1), t3.stride(0),
+        t3.stride(1), g3.stride(0), g3.stride(1), loss2.stride(0), loss2.stride(1), h3.stride(0), h3.stride(1),
+        b3.stride(0), b3.stride(1), 0 if keep2 is None else keep2.stride(0), 0 if keep2 is None else keep2.stride(1),
         1.0 / temperature, 1.0 / temperature, temperature * temperature, grad_scale if grad_scale is not None else 0.0,
-        coef, BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], WRITE_GRAD=grad3 is not None,
+        coef, float(batch), BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], WRITE_GRAD=grad3 is not None,
         WRITE_TGRAD=tgrad3 is not None, ROW_IN_REGISTERS=cfg["ROW_IN_REGISTERS"], HAS_BIAS=bias3 is not None,
         VEC=max(1, min(cfg["BLOCK_C"], 16 // z3.element_size())), WRITE_NORMS=norms is not None,
         REDUCE=reduce_to is not None, BLOCK_P=_common.reduce_block(grid, cfg["num_warps"]), HAS_KEEP=keep2 is not None,
-        num_warps=cfg["num_warps"],
+        MEAN_KEPT=kept_mean is not None, num_warps=cfg["num_warps"],
     )
     if after is not None:
         out, coef = after
         torch.sum(loss2, (0, 1), out=out)
         if coef != 1.0:
             out.mul_(coef)
+        if kept_mean is not None:
+            out.mul_(kept_mean_factor(*kept_mean))
 
 
 def launch_kl_grad(z3, t3, norms, upstream, grad3, temperature: float, grad_scale: float) -> None:
@@ -368,10 +378,11 @@ def topk_config(n_cols: int, k: int) -> dict:
 
 
 def launch_kl_rows_topk(z3, v3, i3, loss2, grad3, temperature: float, grad_scale: float, op: str, tgrad3=None,
-                        keep2=None):
+                        keep2=None, kept_mean=None):
     """launch_kl_rows for a top-k teacher: values v3 and indices i3 are (O, I, k) views with unit
-    stride along k; grad3 may be z3 (in place); tgrad3 (O, I, k) receives the values' gradient; keep2 a row
-    mask as launch_kl_rows takes it (rows left out: loss 0, gradients 0, their student logits finite)."""
+    stride along k; grad3 may be z3 (in place); tgrad3 (O, I, k) receives the values' gradient; keep2 and
+    kept_mean a row mask as launch_kl_rows takes them (rows left out: loss 0, gradients 0, their student
+    logits finite; the gradients of "mean" over the kept rows)."""
     from fasthydra.kernels.softmax_kl import _hydra_kl_topk_fwd_kernel
 
     o, i, c = z3.shape
@@ -384,13 +395,14 @@ def launch_kl_rows_topk(z3, v3, i3, loss2, grad3, temperature: float, grad_scale
     cfg = topk_config(c, k)
     _hydra_kl_topk_fwd_kernel[(cdiv(r, cfg["BLOCK_R"]),)](
         z3, v3, i3, loss2, g3, h3, error_word(z3.device, op), loss2 if keep2 is None else keep2,
-        r, i, c, k, z3.stride(0), z3.stride(1), v3.stride(0), v3.stride(1), i3.stride(0), i3.stride(1),
-        g3.stride(0), g3.stride(1), loss2.stride(0), loss2.stride(1), h3.stride(0), h3.stride(1),
+        loss2 if kept_mean is None else kept_mean[0], r, i, c, k, z3.stride(0), z3.stride(1), v3.stride(0),
+        v3.stride(1), i3.stride(0), i3.stride(1), g3.stride(0), g3.stride(1), loss2.stride(0), loss2.stride(1),
+        h3.stride(0), h3.stride(1),
         0 if keep2 is None else keep2.stride(0), 0 if keep2 is None else keep2.stride(1),
-        1.0 / temperature, temperature * temperature, grad_scale,
+        1.0 / temperature, temperature * temperature, grad_scale, 0.0 if kept_mean is None else float(kept_mean[1]),
         BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"], WRITE_GRAD=grad3 is not None,
         WRITE_TGRAD=tgrad3 is not None, VEC=max(1, min(cfg["BLOCK_C"], 16 // z3.element_size())),
-        HAS_KEEP=keep2 is not None, num_warps=cfg["num_warps"],
+        HAS_KEEP=keep2 is not None, MEAN_KEPT=kept_mean is not None, num_warps=cfg["num_warps"],
     )
 
 

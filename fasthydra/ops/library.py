@@ -211,8 +211,10 @@ def _linear_hydra_kl_impl(inp: torch.Tensor, weight: torch.Tensor, bias: torch.T
     """small_deferred (decided by the caller with small_deferred_config): the small-step path's launch 1
     alone, returning the stash of dL/dz (B, M, C) in the input gradient's place; launch 2 runs in the
     backward (_small_backward). row_mask (B,) bool: the rows that count; the others' loss rows and
-    gradients are zero whatever a shared input holds there, NaN included (the reduction's coefficient
-    stays 1/(B*M): the caller rescales "mean")."""
+    gradients are zero whatever a shared input holds there, NaN included. "mean" with a row mask: the Triton
+    path averages over the kept rows' B_kept * M entries itself (the count read on the device by its kernels,
+    so the backward sees an upstream gradient of 1 and scales nothing); the torch path keeps the coefficient
+    1/(B*M) and the caller rescales (functional._fused)."""
     poll(inp.device)
     if teacher_indices is not None:
         flag_topk_teacher(teacher, teacher_indices, weight.shape[1], "distill_loss", values_too=impl != "triton")

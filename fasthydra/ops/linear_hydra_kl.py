@@ -36,6 +36,7 @@ from .small_heads import linear_hydra_kl_forward_small
 from .thin_heads import launch_thin_heads_kl
 from .hydra_kl import (
     _teacher_grad,
+    kept_mean_factor,
     kl_chunk_topk_torch,
     kl_chunk_torch,
     launch_kl_grad_cols,
@@ -445,8 +446,13 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
             inp = inp.contiguous()
     # "mean"/"sum" where one launch of the dense loss kernel covers every row: its last program sums them
     # (no reduction launch); otherwise, and for the top-k kernel, one reduction of the loss rows at the end.
-    # A row mask is read by the loss kernel itself (loss 0 and dz 0 on the rows left out).
+    # A row mask is read by the loss kernel itself (loss 0 and dz 0 on the rows left out), and "mean" is over
+    # the rows it keeps: their count summed on the device, the loss kernel scaling dz and its in-kernel sum by
+    # B / count. fp16's unnormalised dz (wide) keeps that factor out of 16 bits (one kept row in a large batch
+    # would overflow): there the gradients and the loss take it at the end.
     keep_u8 = None if drop is None else row_mask.view(torch.uint8)
+    nkept = row_mask.sum() if drop is not None and reduction == "mean" else None
+    kept_mean = None if nkept is None or wide else (nkept, b)
     reduced = None
     if reduction != "none" and b * m > 0 and n_groups * n_chunks == 1 and topk is None:
         reduced = torch.empty((), dtype=torch.float32, device=dev)
@@ -520,7 +526,7 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
                                                 temperature, grad_scale, thin, reduce_to=reduce_to, colsum=need_b)
             elif topk is not None:
                 launch_kl_rows_topk(z3, t3, i3, l2, z3 if want_grad else None, temperature, grad_scale,
-                                    "distill_loss", h3, k2)
+                                    "distill_loss", h3, k2, kept_mean)
             elif split_bias:  # head-major views: one program's rows share a head, so db sums per program
                 zh, th, lh = (z3.transpose(0, 1), t3.transpose(0, 1), l2.T) if shared else (z3, t3, l2)
                 nh = norms[:gh * br * 4].view(gh, br, 4)
@@ -529,7 +535,7 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
                 db_parts = launch_kl_grad_cols(zh, th, nh, zh, b3, temperature, grad_scale)
             else:
                 launch_kl_rows(z3, t3, l2, z3 if want_grad else None, temperature, grad_scale, "distill_loss", h3, b3,
-                               reduce_to=reduce_to, keep2=k2)
+                               reduce_to=reduce_to, keep2=k2, kept_mean=kept_mean)
             if not want_grad:
                 continue
             # z3 now holds dL/dz for the group's rows.
@@ -580,8 +586,14 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
         grad_b.mul_(coef)
     if wide and grad_t is not None:
         grad_t.mul_(coef)
-    return (reduced if reduced is not None else reduce_rows(loss, reduction, loss.dtype), grad_in, grad_w,
-            None if grad_b is None else grad_b.to(stored_grad_dtype(bias.dtype)), grad_t)
+    total = reduced if reduced is not None else reduce_rows(loss, reduction, loss.dtype)
+    if nkept is not None and (wide or reduced is None):  # "mean" over the kept rows where no kernel applied it
+        factor = kept_mean_factor(nkept, b)
+        total = total * factor
+        for g in (grad_in, grad_w, grad_b, grad_t) if wide else ():
+            if g is not None:
+                g.mul_(factor)
+    return total, grad_in, grad_w, None if grad_b is None else grad_b.to(stored_grad_dtype(bias.dtype)), grad_t
 
 
 def _add_product_fp32(acc, a, b):

@@ -23,9 +23,9 @@ def small_heads_forward(inp, weight, bias, teacher, temperature: float, reductio
                         cfg: dict, row_mask=None):
     """Launch 1: per (row block, head group) the logits, loss rows and (want_grad) dz, stashed (B, M, C)
     in the input dtype (fp32 for fp16 inputs, whose range dz = T (q - p) / (B M) leaves: stored_grad_dtype);
-    for "mean"/"sum" the last program reduces the loss (coefficient 1/(B*M) or 1 whatever the mask).
-    row_mask (B,) bool: the rows left out get loss 0 and dz 0, their inputs not read. Returns (loss, stash
-    or None)."""
+    for "mean"/"sum" the last program reduces the loss. row_mask (B,) bool: the rows left out get loss 0 and
+    dz 0, their inputs not read, and "mean" is over the kept rows' B_kept * M entries (the count summed on the
+    device first: one small launch). Returns (loss, stash or None)."""
     from fasthydra.kernels.small_heads import _small_heads_kl_kernel
 
     m, c, k = weight.shape
@@ -42,14 +42,16 @@ def small_heads_forward(inp, weight, bias, teacher, temperature: float, reductio
     reduce = reduction != "none"
     out = torch.empty((), dtype=torch.float32, device=dev) if reduce else rows
     coef = reduction_coefficient(reduction, b * m)
+    mean_kept = row_mask is not None and reduction == "mean"
     _small_heads_kl_kernel[grid1](
         inp, weight, bias if bias is not None else weight, teacher, rows, parts, rows if stash is None else stash,
         error_word(dev, "distill_loss"), out, finished_count(dev) if reduce else parts, _keep_arg(row_mask, parts),
-        b, m, c, k, cfg["HEADS"],
+        row_mask.sum() if mean_kept else parts, b, m, c, k, cfg["HEADS"],
         inp.stride(0), 0 if shared else inp.stride(1), weight.stride(0), weight.stride(1),
         bias.stride(0) if bias is not None else 0, teacher.stride(0), teacher.stride(1), 1.0 / temperature,
         temperature * temperature, temperature * coef, coef, HAS_BIAS=bias is not None, WRITE_GRAD=want_grad,
-        REDUCE=reduce, HAS_KEEP=row_mask is not None, UPCAST_DOT=upcast_dot(dt), PRECISION=dot_precision(dt),
+        REDUCE=reduce, HAS_KEEP=row_mask is not None, MEAN_KEPT=mean_kept, UPCAST_DOT=upcast_dot(dt),
+        PRECISION=dot_precision(dt),
         BLOCK_B=cfg["BLOCK_B"], BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"],
         BLOCK_P=_common.reduce_block(grid1[0] * grid1[1], cfg["num_warps"]), num_warps=cfg["num_warps"])
     after_launch(dev, "distill_loss", teacher.shape)
