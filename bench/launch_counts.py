@@ -85,17 +85,19 @@ def cases():
     torch.manual_seed(0)
     x = torch.randn(40, 16, requires_grad=True)
     t = torch.randn(40, 4, 10)
+    keep = torch.arange(40) % 3 != 0  # a row mask (padding left out), "mean" over the rows it keeps
     out = []
     for hidden, name in ((None, "linear heads"), (16, "MLP heads")):
         head = HydraHead(16, 10, 4, hidden_features=hidden, impl="triton")
         for path, env in (("small-step", {"FASTHYDRA_SMALL_STEP": "auto"}),
                           ("cuBLAS + loss kernel", {"FASTHYDRA_SMALL_STEP": "0"})):
-            def step(head=head):
-                head.zero_grad(set_to_none=True)
-                x.grad = None
-                head.distill_loss(x, t, 2.0).backward()
+            for mask in (None, keep):
+                def step(head=head, mask=mask):
+                    head.zero_grad(set_to_none=True)
+                    x.grad = None
+                    head.distill_loss(x, t, 2.0, row_mask=mask).backward()
 
-            out.append((f"distill_loss, {name}", path, env, step))
+                out.append((f"distill_loss, {name}", path if mask is None else f"{path}, row mask", env, step))
 
         def thin_step(head=head):  # thin heads (off by default): fp32 takes them with TF32 dots allowed
             from fasthydra.ops import _common

@@ -1153,7 +1153,8 @@ def test_launch_counts_table(capsys):
     finally:
         checks._flags.clear()  # the deferred-mode word of that run: not this process's business after it
     rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| distill")]
-    assert len(rows) == 7  # linear and MLP heads: small-step, cuBLAS and thin-heads paths; Gaussian heads
+    assert len(rows) == 11  # linear and MLP heads: small-step and cuBLAS paths with and without a row mask,
+    #                         thin heads; Gaussian heads
     small = [ln for ln in rows if "| small-step |" in ln or "small-step grads" in ln]
     assert len(small) == 3 and all("| 2 |" in ln for ln in small)
     assert "| 2 | 1 (copy_) | 3 |" in small[0]
@@ -1162,6 +1163,13 @@ def test_launch_counts_table(capsys):
     for heads in ("linear heads", "MLP heads"):  # thin heads: the logits GEMM folded into the loss kernel
         cublas = totals[(f"distill_loss, {heads}", "cuBLAS + loss kernel")]
         assert totals[(f"distill_loss, {heads}", "thin heads (FASTHYDRA_THIN_HEADS=1)")] == cublas - 1
+    # a row mask with "mean": the small step's two launches and the count of kept rows (linear heads; MLP heads
+    # also zero x before their first layer: a where and its scalar, and their backward the same)
+    masked = {(op, path): (int(tr), int(total)) for op, path, tr, _, total in cells if path.endswith("row mask")}
+    assert masked[("distill_loss, linear heads", "small-step, row mask")] == (2, totals[
+        ("distill_loss, linear heads", "small-step")] + 1)
+    assert masked[("distill_loss, MLP heads", "small-step, row mask")] == (2, totals[
+        ("distill_loss, MLP heads", "small-step")] + 5)
 
 
 @pytest.mark.parametrize("upstream", [1.0, 0.7, float("nan")])
