@@ -306,8 +306,8 @@ def masked_rows(b: int = 4096, d: int = 2048, m: int = 8, c: int = 32000, kept: 
                 device: str = "cuda") -> list[dict]:
     """Linear heads + loss, forward + backward, bf16 at gpu-large, without and with a row mask keeping `kept`
     of the rows (padding): what the mask costs (the cuBLAS path: x's rows left out zeroed, one (B, D) pass; the
-    loss kernel reads the mask and writes loss 0 and dz 0 there, and folds "mean" over the kept rows into dz,
-    so the backward rescales nothing; db dz's column sum where the unmasked step forms it in the loss pass)."""
+    loss pass, both of its launches with a bias at long rows, reads the mask and writes loss 0 and dz 0 there,
+    folds "mean" over the kept rows into dz, so the backward rescales nothing, and forms db as unmasked)."""
     from fasthydra import HydraHead
 
     gen = torch.Generator(device=device).manual_seed(0)

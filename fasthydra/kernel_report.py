@@ -175,8 +175,9 @@ def _kernel_specs():
                     continue  # the launcher reduces with torch there
                 # a row mask on the heads' cuBLAS path (the gradient written, a teacher frozen or trainable): a
                 # shared input's (rows, heads) layout, the MLP heads' (heads, rows) one with their bias; "mean"
-                # over the kept rows (their count read by the kernel; "sum" compiles a subset of that code)
-                masks = [False] + ([True] if grad and not norms else [])
+                # over the kept rows (their count read by the kernel; "sum" compiles a subset of that code);
+                # and the split bias pass's first launch (the normalisers; rows too long for registers)
+                masks = [False] + ([True] if grad or (norms and not kl["ROW_IN_REGISTERS"]) else [])
                 for keep in masks:
                     keep_args = {} if not keep else {"keep_ptr": "*u8", "stride_ko": 0 if bias else 1,
                                                      "stride_ki": 1 if bias else 0, "nkept_ptr": "*i64",
@@ -213,18 +214,20 @@ def _kernel_specs():
                 {"BLOCK_R": gk["BLOCK_R"], "BLOCK_C": gk["BLOCK_C"]}, {"num_warps": gk["num_warps"]}, tag)
             # heads with a bias, rows too long for registers: dz and its column sums over a head-major
             # (M, B, C) view of (B, M, C) logits (linear heads) or over per-head logits with the bias added
-            # on the loads (MLP heads)
+            # on the loads (MLP heads); each with a row mask and "mean" over the kept rows too
             cc = cfgs.kl_grad_cols_config(m, b, c)
-            for bias, (so, si) in ((False, (c, m * c)), (True, (b * c, c))):
+            for (bias, (so, si)), keep in itertools.product(((False, (c, m * c)), (True, (b * c, c))), (False, True)):
                 if cfgs.kl_rows_config(c, 4 if ty == "fp32" else 2, bias)["ROW_IN_REGISTERS"]:
                     continue
                 add(_hydra_kl_grad_cols_kernel,
                     {"z_ptr": f"*{ty}", "t_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "norm_ptr": "*fp32",
-                     "grad_ptr": f"*{ty}", "part_ptr": "*fp32", "I": b, "C": c, "n_groups": cc["n_groups"],
+                     "grad_ptr": f"*{ty}", "part_ptr": "*fp32", "keep_ptr": "*u8" if keep else "*fp32",
+                     "nkept_ptr": "*i64" if keep else "*fp32", "I": b, "C": c, "n_groups": cc["n_groups"],
                      "rows_per_prog": cc["rows_per_prog"], "stride_zo": so, "stride_zi": si, "stride_to": c,
                      "stride_ti": m * c, "stride_bo": c, "stride_go": so, "stride_gi": si,
-                     "inv_temp": 0.5, "grad_scale": 0.1},
-                    {"BLOCK_R": cc["BLOCK_R"], "BLOCK_C": cc["BLOCK_C"], "HAS_BIAS": bias},
+                     "inv_temp": 0.5, "grad_scale": 0.1, "batch_rows": float(b) if keep else 0.0},
+                    {"BLOCK_R": cc["BLOCK_R"], "BLOCK_C": cc["BLOCK_C"], "HAS_BIAS": bias, "HAS_KEEP": keep,
+                     "MEAN_KEPT": keep},
                     {"num_warps": cc["num_warps"]}, tag)
             if (b, d, m, c) not in SHAPES:  # an extra row length: the row kernels only
                 continue

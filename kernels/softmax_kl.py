@@ -224,7 +224,6 @@ def _hydra_kl_fwd_kernel(
 ):
     # (norms are for a gradient formed later, from a frozen teacher: never beside the gradients here)
     tl.static_assert(not (WRITE_NORMS and (WRITE_GRAD or WRITE_TGRAD)))
-    tl.static_assert(not (WRITE_NORMS and HAS_KEEP))
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     row_ok = rows < R
@@ -487,6 +486,8 @@ def _hydra_kl_grad_cols_kernel(
     norm_ptr,  # (O * I, 4) fp32: m_s, log d_s, m_u, log d_u per row
     grad_ptr,  # out: dz in the student's dtype (may alias z_ptr)
     part_ptr,  # out: (O * n_groups, C) fp32 partial column sums of dz
+    keep_ptr,  # row mask over the I axis, uint8 (nonzero = the row counts), unit stride; unused unless HAS_KEEP
+    nkept_ptr,  # the mask's count of kept rows, an integer scalar; unused unless MEAN_KEPT
     I,
     C,
     n_groups,
@@ -500,9 +501,12 @@ def _hydra_kl_grad_cols_kernel(
     stride_gi,
     inv_temp,
     grad_scale,  # T * reduction coefficient
+    batch_rows,  # B, as in _hydra_kl_fwd_kernel; unused unless MEAN_KEPT
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_KEEP: tl.constexpr = False,  # rows left out: dz 0 (their logits finite), nothing added to the sums
+    MEAN_KEPT: tl.constexpr = False,  # "mean" over the kept rows: grad_scale times B / kept rows
 ):
     pid = tl.program_id(0)
     o = (pid // n_groups).to(tl.int64)
@@ -510,6 +514,7 @@ def _hydra_kl_grad_cols_kernel(
     i_hi = tl.minimum(I, i_lo + rows_per_prog)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
+    grad_scale = grad_scale * _kept_mean_factor(nkept_ptr, batch_rows, MEAN_KEPT)
     if HAS_BIAS:  # one bias row per head: loaded once
         b = tl.load(bias_ptr + o * stride_bo + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     acc = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)  # summed over rows once, after the loop: no
@@ -525,7 +530,8 @@ def _hydra_kl_grad_cols_kernel(
         y = tl.load(t_ptr + (o * stride_to + ri * stride_ti)[:, None] + cols[None, :], mask=mask,
                     other=float("-inf")).to(tl.float32)
         m_s, l_s, m_u, l_u = _load_norms(norm_ptr + (o * I + ri) * 4, row_ok)
-        g = _grad_from_norms(x, y, m_s, l_s, m_u, l_u, inv_temp, grad_scale)
+        _, scale, _ = _kept_rows(keep_ptr, ri, row_ok, grad_scale, HAS_KEEP)
+        g = _grad_from_norms(x, y, m_s, l_s, m_u, l_u, inv_temp, scale)
         tl.store(grad_ptr + (o * stride_go + ri * stride_gi)[:, None] + cols[None, :],
                  g.to(grad_ptr.dtype.element_ty), mask=mask)
         acc += tl.where(mask, g, 0.0)

@@ -141,23 +141,33 @@ def test_masked_heads_on_each_triton_path(monkeypatch, path, hidden):
 
 @pytest.mark.interpret
 @pytest.mark.parametrize("hidden", [None, 5])
-@pytest.mark.parametrize("teacher_kind", ["frozen", "grad"])
-def test_masked_long_rows_on_the_cublas_path(monkeypatch, hidden, teacher_kind):
+@pytest.mark.parametrize("teacher_kind", ["frozen", "frozen-one-pass", "grad"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_masked_long_rows_on_the_cublas_path(monkeypatch, hidden, teacher_kind, reduction):
     """Rows longer than the loss kernel's register tile (8-class tiles forced): the mask is read where that
     kernel walks the tiles (a frozen teacher's per-thread slices; the tiles of a teacher that requires grad),
-    its rows left out scaled by 0, in both layouts (a shared input's (rows, heads) and per-head inputs'
-    (heads, rows)); rows left out hold NaN features."""
+    and with a bias and a frozen teacher by the split bias pass (the loss rows and normalisers, then dz with
+    its column sums: SPLIT_BIAS_PASS), or the one-kernel pass with it off; rows left out scaled by 0, in both
+    layouts (a shared input's (rows, heads) and per-head inputs' (heads, rows)); rows left out hold NaN
+    features."""
+    import fasthydra.ops.linear_hydra_kl as lk
     from fasthydra.ops import _common
 
     use_heads_path(monkeypatch, "cublas")
     monkeypatch.setattr(_common, "MAX_BLOCK_C", 8)
     monkeypatch.setattr(_common, "ROW_TILE_MAX", 8)
+    monkeypatch.setattr(_common, "SPLIT_BIAS_PASS", teacher_kind == "frozen")
     assert not _common.kl_rows_config(C, 4)["ROW_IN_REGISTERS"]
+    cols_passes = []
+    real = lk.launch_kl_grad_cols
+    monkeypatch.setattr(lk, "launch_kl_grad_cols", lambda *a, **kw: cols_passes.append(1) or real(*a, **kw))
     head = HydraHead(D, C, M, hidden_features=hidden, impl="triton")
+    assert head.bias is not None
     keep = _mask(B, 13)
     x = torch.randn(B, D)
     x[~keep] = float("nan")
-    _check_step(head, x.requires_grad_(), _teacher(teacher_kind, B), keep, 2.0, "sum", 2e-5)
+    _check_step(head, x.requires_grad_(), _teacher(teacher_kind.split("-")[0], B), keep, 2.0, reduction, 2e-5)
+    assert bool(cols_passes) == (teacher_kind == "frozen")
 
 
 @pytest.mark.interpret

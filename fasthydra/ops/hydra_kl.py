@@ -276,12 +276,14 @@ def launch_kl_grad(z3, t3, norms, upstream, grad3, temperature: float, grad_scal
     )
 
 
-def launch_kl_grad_cols(z3, t3, norms, grad3, bias3, temperature: float, grad_scale: float) -> torch.Tensor:
+def launch_kl_grad_cols(z3, t3, norms, grad3, bias3, temperature: float, grad_scale: float, keep=None,
+                        kept_mean=None) -> torch.Tensor:
     """dz = grad_scale * (q - p) over a head-major (O, I, C) view (grad3 may be z3: in place) from the row
     normalisers ``launch_kl_rows`` wrote for the same view, and its sums over I per head without reading
     dz again: returns the fp32 partial sums (O, row groups, C), which summed over axis 1 are the bias
-    gradient. bias3, an (O, I, C) view of a
-    per-head bias broadcast over I (stride 0 there), is added to z3 when given."""
+    gradient. bias3, an (O, I, C) view of a per-head bias broadcast over I (stride 0 there), is added to z3
+    when given. keep: a row mask over I, (I,) uint8 with unit stride (rows left out: dz 0, their logits
+    finite); kept_mean as launch_kl_rows takes it."""
     from fasthydra.kernels.softmax_kl import _hydra_kl_grad_cols_kernel
 
     o, i, c = z3.shape
@@ -291,11 +293,15 @@ def launch_kl_grad_cols(z3, t3, norms, grad3, bias3, temperature: float, grad_sc
     part = torch.empty(o, cfg["n_groups"], c, dtype=torch.float32, device=z3.device)
     if bias3 is not None and (bias3.stride(1) != 0 or bias3.stride(2) != 1):
         raise ValueError("launch_kl_grad_cols: bias3 must be one row per head broadcast over the rows")
+    if keep is not None and (keep.shape != (i,) or keep.stride(0) != 1):
+        raise ValueError("launch_kl_grad_cols: keep must be one contiguous uint8 entry per row of the I axis")
     b3 = bias3 if bias3 is not None else z3
+    nkept, batch = (part, 0.0) if kept_mean is None else kept_mean
     _hydra_kl_grad_cols_kernel[(o * cfg["n_groups"], cfg["col_blocks"])](
-        z3, t3, b3, norms, grad3, part, i, c, cfg["n_groups"], cfg["rows_per_prog"], z3.stride(0), z3.stride(1),
-        t3.stride(0), t3.stride(1), b3.stride(0), grad3.stride(0), grad3.stride(1),
-        1.0 / temperature, grad_scale, BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], HAS_BIAS=bias3 is not None,
+        z3, t3, b3, norms, grad3, part, part if keep is None else keep, nkept, i, c, cfg["n_groups"],
+        cfg["rows_per_prog"], z3.stride(0), z3.stride(1), t3.stride(0), t3.stride(1), b3.stride(0), grad3.stride(0),
+        grad3.stride(1), 1.0 / temperature, grad_scale, float(batch), BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"],
+        HAS_BIAS=bias3 is not None, HAS_KEEP=keep is not None, MEAN_KEPT=kept_mean is not None,
         num_warps=cfg["num_warps"],
     )
     return part

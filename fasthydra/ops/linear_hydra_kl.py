@@ -409,8 +409,9 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
     teacher_indices = class ids) runs the top-k loss kernel instead: the same GEMMs, M*k teacher
     entries read per row instead of M*C. A row mask (B,) bool: a shared input's rows left out are set to 0
     first (one pass over x), so their logits are the bias alone and they add nothing to dW. The loss
-    kernel (dense or top-k teacher) reads the mask: loss 0, dz 0 and teacher gradient 0 on those rows;
-    dx and db follow. With a mask the thin-heads kernel and the loss pass's column sums are not used.
+    kernel (dense or top-k teacher; the split bias pass's two launches too) reads the mask: loss 0, dz 0 and
+    teacher gradient 0 on those rows; dx and db follow; "mean" is over the kept rows (their count read on the
+    device). With a mask the thin-heads kernel is not used.
     Returns (loss, grad_in, grad_weight, grad_bias, grad_teacher), None where not asked for.
     """
     m, c, k = weight.shape
@@ -472,7 +473,6 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
     # Bias and long rows (the dense, frozen teacher): the loss pass forms dz and db together (see
     # SPLIT_BIAS_PASS); the row normalisers between its two launches live in `norms`.
     split_bias = (want_grad and need_b and _common.SPLIT_BIAS_PASS and topk is None and grad_t is None and thin is None
-                  and drop is None
                   and not kl_rows_config(c, inp.element_size(), not shared and bias is not None)["ROW_IN_REGISTERS"])
     norms = torch.empty(min(rows, b) * heads * 4, dtype=torch.float32, device=dev) if split_bias else None
     if b == 0:
@@ -531,8 +531,10 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
                 zh, th, lh = (z3.transpose(0, 1), t3.transpose(0, 1), l2.T) if shared else (z3, t3, l2)
                 nh = norms[:gh * br * 4].view(gh, br, 4)
                 launch_kl_rows(zh, th, lh, None, temperature, grad_scale, "distill_loss", None, b3, norms=nh,
-                               reduce_to=reduce_to)
-                db_parts = launch_kl_grad_cols(zh, th, nh, zh, b3, temperature, grad_scale)
+                               reduce_to=reduce_to, keep2=None if k2 is None else k2.transpose(0, 1) if shared else k2,
+                               kept_mean=kept_mean)
+                db_parts = launch_kl_grad_cols(zh, th, nh, zh, b3, temperature, grad_scale,
+                                               None if keep_u8 is None else keep_u8[r0:r1].contiguous(), kept_mean)
             else:
                 launch_kl_rows(z3, t3, l2, z3 if want_grad else None, temperature, grad_scale, "distill_loss", h3, b3,
                                reduce_to=reduce_to, keep2=k2, kept_mean=kept_mean)
