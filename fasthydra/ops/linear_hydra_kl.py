@@ -417,8 +417,8 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
     m, c, k = weight.shape
     b = inp.shape[0]
     dev, dt = inp.device, inp.dtype
-    drop = None if row_mask is None else ~row_mask
-    inp = _zero_dropped_input(inp, drop, shared)
+    if row_mask is not None and shared:  # (per-head inputs are left as they are: the loss kernel zeroes their dz)
+        inp = _zero_dropped_input(inp, ~row_mask, shared)
     weight = weight.contiguous()
     if bias is not None and bias.stride(-1) != 1:  # the loss kernels read a bias row with unit stride along C
         bias = bias.contiguous()
@@ -440,7 +440,7 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
     # kernel forms the logits itself (thin_heads.py), a dense frozen teacher only; else a GEMM writes them
     # for the loss pass.
     thin = None
-    if _common.THIN_HEADS and topk is None and grad_t is None and drop is None:
+    if _common.THIN_HEADS and topk is None and grad_t is None and row_mask is None:
         thin = _common.thin_heads_config(k, c, inp.element_size(), _common.dot_precision(inp.dtype) == "ieee",
                                          _common.hopper(dev))
         if thin is not None and inp.stride(-1) != 1:
@@ -451,8 +451,8 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
     # the rows it keeps: their count summed on the device, the loss kernel scaling dz and its in-kernel sum by
     # B / count. fp16's unnormalised dz (wide) keeps that factor out of 16 bits (one kept row in a large batch
     # would overflow): there the gradients and the loss take it at the end.
-    keep_u8 = None if drop is None else row_mask.view(torch.uint8)
-    nkept = row_mask.sum() if drop is not None and reduction == "mean" else None
+    keep_u8 = None if row_mask is None else row_mask.view(torch.uint8)
+    nkept = row_mask.sum() if row_mask is not None and reduction == "mean" else None
     kept_mean = None if nkept is None or wide else (nkept, b)
     reduced = None
     if reduction != "none" and b * m > 0 and n_groups * n_chunks == 1 and topk is None:
