@@ -140,13 +140,6 @@ def _kl_grad_tile(s, u, m_s, log_d_s, m_u, log_d_u, grad_scale, FAST_EXP: tl.con
     return grad_scale * (q - p)
 
 
-# Forward formula: loss[r] = T^2 * KL(softmax(t[r]/T) || softmax(z[r]/T)); gradient
-# dloss/dz[r, c] = T * (q - p), written (times grad_scale / T) in the same launch as the loss.
-# One program owns BLOCK_R whole rows and walks their C tiles twice (stats, then gradient), so no
-# row statistics ever cross programs. Rows are numbered r = o * R_INNER + i over two strided axes
-# (batch and head, in either order), so any (B, M, C) or (M, B, C) view with unit stride along C is
-# read in place. grad_ptr may equal z_ptr: each tile is read before it is overwritten by the program
-# that owns it (the logits buffer becomes the gradient, no second (B, M, C) buffer).
 @triton.jit
 def _kept_rows(keep_ptr, keep_offs, row_ok, grad_scale, HAS_KEEP: tl.constexpr):
     """A row mask's view of a program's rows: (kept (BLOCK_R,) bool, the gradient scale as a (BLOCK_R, 1) and a
@@ -159,6 +152,13 @@ def _kept_rows(keep_ptr, keep_offs, row_ok, grad_scale, HAS_KEEP: tl.constexpr):
         return row_ok, grad_scale, grad_scale
 
 
+# Forward formula: loss[r] = T^2 * KL(softmax(t[r]/T) || softmax(z[r]/T)); gradient
+# dloss/dz[r, c] = T * (q - p), written (times grad_scale / T) in the same launch as the loss.
+# One program owns BLOCK_R whole rows and walks their C tiles twice (stats, then gradient), so no
+# row statistics ever cross programs. Rows are numbered r = o * R_INNER + i over two strided axes
+# (batch and head, in either order), so any (B, M, C) or (M, B, C) view with unit stride along C is
+# read in place. grad_ptr may equal z_ptr: each tile is read before it is overwritten by the program
+# that owns it (the logits buffer becomes the gradient, no second (B, M, C) buffer).
 # Teacher values are checked on the loads already made: a NaN, a +inf, or a row that is -inf
 # everywhere sets bits 1, 2, 4 of *err_ptr (one atomic OR per program, only when something is
 # wrong), which the host reads without a synchronisation (fasthydra/ops/checks.py).
