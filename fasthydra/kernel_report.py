@@ -240,14 +240,16 @@ def _kernel_specs():
                          "C": c, "K": k, "stride_zo": m * c, "stride_zi": c, "stride_vo": m * k, "stride_vi": k,
                          "stride_xo": m * k, "stride_xi": k, "stride_go": m * c, "stride_gi": c, "stride_lo": m,
                          "stride_li": 1, "stride_ho": m * k, "stride_hi": k, "keep_ptr": "*fp32", "stride_ko": 0,
-                         "stride_ki": 0, "nkept_ptr": "*fp32", "inv_temp": 0.5, "loss_scale": 4.0, "grad_scale": 0.1,
-                         "batch_rows": 0.0}
+                         "stride_ki": 0, "nkept_ptr": "*fp32", "part_ptr": "*fp32", "out_ptr": "*fp32",
+                         "count_ptr": "*i32", "inv_temp": 0.5, "loss_scale": 4.0, "grad_scale": 0.1,
+                         "out_scale": 0.01, "batch_rows": 0.0}
                 # (and hydra_kl_loss on fp16 logits: its gradients written in fp32, for the backward to scale; and
                 # a row mask on the heads' cuBLAS path: a shared input's (rows, heads) layout, per-head inputs'
-                # (heads, rows) one)
-                for tgrad, vtag, keep in itertools.product((False, True), (tag, "fp16") if ty == "bf16" else (tag,),
-                                                           (None, (1, 0), (0, 1))):
-                    if keep is not None and vtag != tag:
+                # (heads, rows) one; the loss summed by the last program, or left in rows (head groups))
+                vtags = (tag, "fp16") if ty == "bf16" else (tag,)
+                for tgrad, vtag, keep, reduce in itertools.product((False, True), vtags, (None, (1, 0), (0, 1)),
+                                                                   (True, False)):
+                    if keep is not None and vtag != tag or not reduce and (keep is not None or vtag != tag):
                         continue
                     wide = {"z_ptr": "*fp16", "v_ptr": "*fp16", "grad_ptr": "*fp32", "vgrad_ptr": "*fp32"}
                     keep_args = {} if keep is None else {"keep_ptr": "*u8", "stride_ko": keep[0], "stride_ki": keep[1],
@@ -255,7 +257,8 @@ def _kernel_specs():
                     add(_hydra_kl_topk_fwd_kernel, {**targs, **(wide if vtag == "fp16" else {}), **keep_args},
                         {"BLOCK_R": tk["BLOCK_R"], "BLOCK_C": tk["BLOCK_C"], "BLOCK_K": tk["BLOCK_K"],
                          "WRITE_GRAD": True, "WRITE_TGRAD": tgrad, "VEC": min(tk["BLOCK_C"], 4 if ty == "fp32" else 8),
-                         "HAS_KEEP": keep is not None, "MEAN_KEPT": keep is not None},
+                         "HAS_KEEP": keep is not None, "MEAN_KEPT": keep is not None, "REDUCE": reduce,
+                         "BLOCK_P": cfgs.reduce_block(cdiv(b * m, tk["BLOCK_R"]), tk["num_warps"])},
                         {"num_warps": tk["num_warps"]}, vtag)
 
             # MLP heads' second layer fused with the loss (thin heads; THIN_HEADS) at mid (a C that is not a

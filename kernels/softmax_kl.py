@@ -604,6 +604,9 @@ def _hydra_kl_topk_fwd_kernel(
     keep_ptr,  # row mask, uint8, nonzero = the row counts: row (o, i) at o * stride_ko + i * stride_ki; unused
     #            unless HAS_KEEP
     nkept_ptr,  # the mask's count of kept rows, an integer scalar; unused unless MEAN_KEPT
+    part_ptr,  # out: one fp32 partial loss sum per program; unused unless REDUCE
+    out_ptr,  # out: the reduced loss, fp32 scalar, written by the last program; unused unless REDUCE
+    count_ptr,  # in/out: int32 count of finished programs, 0 before and after; unused unless REDUCE
     R,
     R_INNER,
     C,
@@ -625,6 +628,7 @@ def _hydra_kl_topk_fwd_kernel(
     inv_temp,  # 1 / T
     loss_scale,  # T^2
     grad_scale,  # T * reduction coefficient
+    out_scale,  # reduction coefficient of the summed loss rows; unused unless REDUCE
     batch_rows,  # B, as in _hydra_kl_fwd_kernel; unused unless MEAN_KEPT
     BLOCK_R: tl.constexpr,  # rows per program (several when C is small)
     BLOCK_C: tl.constexpr,  # class tile of the student row
@@ -634,14 +638,18 @@ def _hydra_kl_topk_fwd_kernel(
     VEC: tl.constexpr,  # elements of one 16-byte load: a thread's slice of a student tile
     HAS_KEEP: tl.constexpr = False,  # a row mask, as in _hydra_kl_fwd_kernel: loss 0 and gradients 0 on the rows
     #                                  left out (teacher still checked; their student logits must be finite)
-    MEAN_KEPT: tl.constexpr = False,  # "mean" over the kept rows: grad_scale times B / kept rows
+    MEAN_KEPT: tl.constexpr = False,  # "mean" over the kept rows: grad_scale and out_scale times B / kept rows
+    REDUCE: tl.constexpr = False,  # the loss rows also summed (their last program), times out_scale
+    BLOCK_P: tl.constexpr = 128,  # partial sums read per step by that program
 ):
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     row_ok = rows < R
     r_out = rows // R_INNER
     r_in = rows % R_INNER
-    grad_scale = grad_scale * _kept_mean_factor(nkept_ptr, batch_rows, MEAN_KEPT)
+    kept_mean = _kept_mean_factor(nkept_ptr, batch_rows, MEAN_KEPT)
+    grad_scale = grad_scale * kept_mean
+    out_scale = out_scale * kept_mean
     kept, grad_scale_2d, grad_scale_3d = _kept_rows(keep_ptr, r_out * stride_ko + r_in * stride_ki, row_ok, grad_scale,
                                                     HAS_KEEP)
     z_rows = z_ptr + (r_out * stride_zo + r_in * stride_zi)[:, None]
@@ -696,6 +704,9 @@ def _hydra_kl_topk_fwd_kernel(
     if HAS_KEEP:
         kl = tl.where(kept, kl, 0.0)
     tl.store(loss_ptr + r_out * stride_lo + r_in * stride_li, kl * loss_scale, mask=row_ok)
+    if REDUCE:
+        tl.store(part_ptr + pid, tl.sum(tl.where(row_ok, kl * loss_scale, 0.0), axis=0))
+        _last_program_sums(part_ptr, tl.num_programs(0), out_ptr, count_ptr, out_scale, BLOCK_P)
 
     if WRITE_TGRAD:  # pivoted at the teacher's most probable class, as in _hydra_kl_fwd_kernel
         s_at = tl.max(tl.where(live & (w == m_w[:, None]), s_idx, float("-inf")), axis=1)

@@ -384,11 +384,12 @@ def topk_config(n_cols: int, k: int) -> dict:
 
 
 def launch_kl_rows_topk(z3, v3, i3, loss2, grad3, temperature: float, grad_scale: float, op: str, tgrad3=None,
-                        keep2=None, kept_mean=None):
+                        keep2=None, kept_mean=None, reduce_to=None):
     """launch_kl_rows for a top-k teacher: values v3 and indices i3 are (O, I, k) views with unit
-    stride along k; grad3 may be z3 (in place); tgrad3 (O, I, k) receives the values' gradient; keep2 and
-    kept_mean a row mask as launch_kl_rows takes them (rows left out: loss 0, gradients 0, their student
-    logits finite; the gradients of "mean" over the kept rows)."""
+    stride along k; grad3 may be z3 (in place); tgrad3 (O, I, k) receives the values' gradient; keep2,
+    kept_mean and reduce_to as launch_kl_rows takes them (rows left out: loss 0, gradients 0, their student
+    logits finite; the gradients of "mean" over the kept rows; the loss summed by the launch's last
+    program)."""
     from fasthydra.kernels.softmax_kl import _hydra_kl_topk_fwd_kernel
 
     o, i, c = z3.shape
@@ -399,23 +400,30 @@ def launch_kl_rows_topk(z3, v3, i3, loss2, grad3, temperature: float, grad_scale
     g3 = grad3 if grad3 is not None else z3
     h3 = tgrad3 if tgrad3 is not None else v3
     cfg = topk_config(c, k)
-    _hydra_kl_topk_fwd_kernel[(cdiv(r, cfg["BLOCK_R"]),)](
+    grid = cdiv(r, cfg["BLOCK_R"])
+    if reduce_to is not None:
+        out, coef = reduce_to
+        parts, count = torch.empty(grid, dtype=torch.float32, device=z3.device), finished_count(z3.device)
+    else:
+        out, coef, parts, count = loss2, 0.0, loss2, loss2  # placeholders, not read
+    _hydra_kl_topk_fwd_kernel[(grid,)](
         z3, v3, i3, loss2, g3, h3, error_word(z3.device, op), loss2 if keep2 is None else keep2,
-        loss2 if kept_mean is None else kept_mean[0], r, i, c, k, z3.stride(0), z3.stride(1), v3.stride(0),
-        v3.stride(1), i3.stride(0), i3.stride(1), g3.stride(0), g3.stride(1), loss2.stride(0), loss2.stride(1),
-        h3.stride(0), h3.stride(1),
-        0 if keep2 is None else keep2.stride(0), 0 if keep2 is None else keep2.stride(1),
-        1.0 / temperature, temperature * temperature, grad_scale, 0.0 if kept_mean is None else float(kept_mean[1]),
-        BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"], WRITE_GRAD=grad3 is not None,
-        WRITE_TGRAD=tgrad3 is not None, VEC=max(1, min(cfg["BLOCK_C"], 16 // z3.element_size())),
-        HAS_KEEP=keep2 is not None, MEAN_KEPT=kept_mean is not None, num_warps=cfg["num_warps"],
+        loss2 if kept_mean is None else kept_mean[0], parts, out, count, r, i, c, k, z3.stride(0), z3.stride(1),
+        v3.stride(0), v3.stride(1), i3.stride(0), i3.stride(1), g3.stride(0), g3.stride(1), loss2.stride(0),
+        loss2.stride(1), h3.stride(0), h3.stride(1), 0 if keep2 is None else keep2.stride(0),
+        0 if keep2 is None else keep2.stride(1), 1.0 / temperature, temperature * temperature, grad_scale, coef,
+        0.0 if kept_mean is None else float(kept_mean[1]), BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"],
+        BLOCK_K=cfg["BLOCK_K"], WRITE_GRAD=grad3 is not None, WRITE_TGRAD=tgrad3 is not None,
+        VEC=max(1, min(cfg["BLOCK_C"], 16 // z3.element_size())), HAS_KEEP=keep2 is not None,
+        MEAN_KEPT=kept_mean is not None, REDUCE=reduce_to is not None,
+        BLOCK_P=_common.reduce_block(grid, cfg["num_warps"]), num_warps=cfg["num_warps"],
     )
 
 
 def hydra_kl_topk_forward_triton(student, values, indices, temperature: float, reduction: str, want_grad: bool,
                                  want_tgrad: bool = False, op: str = "hydra_kl_loss"):
-    """The Hydra loss against a top-k teacher with the one-launch Triton kernel. Returns (loss, grad or
-    None, values grad or None)."""
+    """The Hydra loss against a top-k teacher with the one-launch Triton kernel ("mean"/"sum" summed by its last
+    program). Returns (loss, grad or None, values grad or None)."""
     b, m, c = student.shape
     grad_scale = temperature * reduction_coefficient(reduction, b * m)
     student = student if student.stride(-1) == 1 else student.contiguous()
@@ -424,6 +432,8 @@ def hydra_kl_topk_forward_triton(student, values, indices, temperature: float, r
     loss = torch.empty(b, m, dtype=torch.float32, device=student.device)
     grad = empty_stored_grad(student) if want_grad else None
     tgrad = empty_stored_grad(values) if want_tgrad else None
-    launch_kl_rows_topk(student, values, indices, loss, grad, temperature, grad_scale, op, tgrad)
+    reduced = torch.empty((), dtype=torch.float32, device=student.device) if reduction != "none" and b * m else None
+    reduce_to = None if reduced is None else (reduced, reduction_coefficient(reduction, b * m))
+    launch_kl_rows_topk(student, values, indices, loss, grad, temperature, grad_scale, op, tgrad, reduce_to=reduce_to)
     after_launch(student.device, op, values.shape)
-    return reduce_rows(loss, reduction, loss.dtype), grad, tgrad
+    return (reduced if reduced is not None else reduce_rows(loss, reduction, loss.dtype)), grad, tgrad

@@ -445,8 +445,8 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
                                          _common.hopper(dev))
         if thin is not None and inp.stride(-1) != 1:
             inp = inp.contiguous()
-    # "mean"/"sum" where one launch of the dense loss kernel covers every row: its last program sums them
-    # (no reduction launch); otherwise, and for the top-k kernel, one reduction of the loss rows at the end.
+    # "mean"/"sum" where one launch of the loss kernel (dense or top-k) covers every row: its last program sums
+    # them (no reduction launch); otherwise one reduction of the loss rows at the end.
     # A row mask is read by the loss kernel itself (loss 0 and dz 0 on the rows left out), and "mean" is over
     # the rows it keeps: their count summed on the device, the loss kernel scaling dz and its in-kernel sum by
     # B / count. fp16's unnormalised dz (wide) keeps that factor out of 16 bits (one kept row in a large batch
@@ -455,7 +455,7 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
     nkept = row_mask.sum() if row_mask is not None and reduction == "mean" else None
     kept_mean = None if nkept is None or wide else (nkept, b)
     reduced = None
-    if reduction != "none" and b * m > 0 and n_groups * n_chunks == 1 and topk is None:
+    if reduction != "none" and b * m > 0 and n_groups * n_chunks == 1:
         reduced = torch.empty((), dtype=torch.float32, device=dev)
     reduce_to = None if reduced is None else (reduced, reduction_coefficient(reduction, b * m))
     # The group's logits, turned into dz in place (thin heads: dz alone, and nothing without a gradient)
@@ -526,7 +526,7 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
                                                 temperature, grad_scale, thin, reduce_to=reduce_to, colsum=need_b)
             elif topk is not None:
                 launch_kl_rows_topk(z3, t3, i3, l2, z3 if want_grad else None, temperature, grad_scale,
-                                    "distill_loss", h3, k2, kept_mean)
+                                    "distill_loss", h3, k2, kept_mean, reduce_to)
             elif split_bias:  # head-major views: one program's rows share a head, so db sums per program
                 zh, th, lh = (z3.transpose(0, 1), t3.transpose(0, 1), l2.T) if shared else (z3, t3, l2)
                 nh = norms[:gh * br * 4].view(gh, br, 4)
