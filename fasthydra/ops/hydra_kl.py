@@ -200,6 +200,24 @@ def hydra_kl_forward_torch(student, teacher, temperature: float, reduction: str,
 # ----------------------------------------------------------------------------------------------
 
 
+def _reduce_target(reduction: str, n_rows: int, device):
+    """(out, reduce_to) for a loss kernel that sums its rows in its last program: a 0-dim fp32 out and
+    (out, coefficient) for "mean"/"sum" over n_rows > 0 rows, else (None, None) (a torch reduction then)."""
+    if reduction == "none" or n_rows == 0:
+        return None, None
+    out = torch.empty((), dtype=torch.float32, device=device)
+    return out, (out, reduction_coefficient(reduction, n_rows))
+
+
+def _reduce_args(reduce_to, grid: int, placeholder):
+    """(out, coefficient, partial sums, finished count) a reducing launch of `grid` programs passes its kernel;
+    placeholder pointers (never read) where reduce_to is None."""
+    if reduce_to is None:
+        return placeholder, 0.0, placeholder, placeholder
+    out, coef = reduce_to
+    return out, coef, torch.empty(grid, dtype=torch.float32, device=placeholder.device), finished_count(out.device)
+
+
 def launch_kl_rows(z3, t3, loss2, grad3, temperature: float, grad_scale: float | None, op: str, tgrad3=None,
                    bias3=None, norms=None, reduce_to=None, keep2=None, kept_mean=None):
     """One launch of the row kernel over (O, I, C) views with unit stride along C: student logits z3,
@@ -229,11 +247,7 @@ def launch_kl_rows(z3, t3, loss2, grad3, temperature: float, grad_scale: float |
     after = None
     if reduce_to is not None and not _common.kl_rows_reduces_in_launch(cfg, grad3 is not None):
         after, reduce_to = reduce_to, None
-    if reduce_to is not None:
-        out, coef = reduce_to
-        parts, count = torch.empty(grid, dtype=torch.float32, device=z3.device), finished_count(z3.device)
-    else:
-        out, coef, parts, count = loss2, 0.0, loss2, loss2  # placeholders, not read
+    out, coef, parts, count = _reduce_args(reduce_to, grid, loss2)
     nkept, batch = (loss2, 0.0) if kept_mean is None else kept_mean
     _hydra_kl_fwd_kernel[(grid,)](
         z3, t3, loss2, g3, h3, error_word(z3.device, op), b3, norms if norms is not None else loss2, parts, out,
@@ -319,8 +333,7 @@ def hydra_kl_forward_triton(student, teacher, temperature: float, reduction: str
     teacher = teacher if teacher.stride(-1) == 1 else teacher.contiguous()
     loss = torch.empty(b, m, dtype=torch.float32, device=student.device)
     # "mean"/"sum": the launch's last program reduces the rows (no reduction launch); an empty batch: torch
-    reduced = torch.empty((), dtype=torch.float32, device=student.device) if reduction != "none" and b * m else None
-    reduce_to = None if reduced is None else (reduced, reduction_coefficient(reduction, b * m))
+    reduced, reduce_to = _reduce_target(reduction, b * m, student.device)
     norms = grad = tgrad = None
     if deferred:
         norms = torch.empty(b, m, 4, dtype=torch.float32, device=student.device)
@@ -401,11 +414,7 @@ def launch_kl_rows_topk(z3, v3, i3, loss2, grad3, temperature: float, grad_scale
     h3 = tgrad3 if tgrad3 is not None else v3
     cfg = topk_config(c, k)
     grid = cdiv(r, cfg["BLOCK_R"])
-    if reduce_to is not None:
-        out, coef = reduce_to
-        parts, count = torch.empty(grid, dtype=torch.float32, device=z3.device), finished_count(z3.device)
-    else:
-        out, coef, parts, count = loss2, 0.0, loss2, loss2  # placeholders, not read
+    out, coef, parts, count = _reduce_args(reduce_to, grid, loss2)
     _hydra_kl_topk_fwd_kernel[(grid,)](
         z3, v3, i3, loss2, g3, h3, error_word(z3.device, op), loss2 if keep2 is None else keep2,
         loss2 if kept_mean is None else kept_mean[0], parts, out, count, r, i, c, k, z3.stride(0), z3.stride(1),
@@ -432,8 +441,7 @@ def hydra_kl_topk_forward_triton(student, values, indices, temperature: float, r
     loss = torch.empty(b, m, dtype=torch.float32, device=student.device)
     grad = empty_stored_grad(student) if want_grad else None
     tgrad = empty_stored_grad(values) if want_tgrad else None
-    reduced = torch.empty((), dtype=torch.float32, device=student.device) if reduction != "none" and b * m else None
-    reduce_to = None if reduced is None else (reduced, reduction_coefficient(reduction, b * m))
+    reduced, reduce_to = _reduce_target(reduction, b * m, student.device)
     launch_kl_rows_topk(student, values, indices, loss, grad, temperature, grad_scale, op, tgrad, reduce_to=reduce_to)
     after_launch(student.device, op, values.shape)
     return (reduced if reduced is not None else reduce_rows(loss, reduction, loss.dtype)), grad, tgrad
