@@ -832,6 +832,37 @@ def test_bias_gradient_formed_by_the_loss_pass(monkeypatch, hidden, chunks, spli
         assert_close_to(g, g_ref, rtol=1e-5, atol=1e-8, what=name)
 
 
+@pytest.mark.parametrize("hidden", [None, 6], ids=["linear", "mlp"])
+@pytest.mark.parametrize("b", [1, 41], ids=["one-row", "last-chunk-one-row"])
+def test_bias_gradient_formed_by_the_loss_pass_over_one_row(monkeypatch, hidden, b):
+    """The split bias pass over a chunk of a single row (a batch of one, or rows in chunks of 20 with one left
+    over): MLP heads' bias view is then (heads, 1, C), whose stride along its one row is not 0 (the random
+    sweep found them refused there with a ValueError; linear heads add their bias in the GEMM). Against
+    float64."""
+    import fasthydra.ops.linear_hydra_kl as lk
+
+    use_heads_path(monkeypatch, "cublas")
+    monkeypatch.setattr(_common, "SPLIT_BIAS_PASS", True)
+    monkeypatch.setattr(_common, "MAX_BLOCK_C", 16)
+    monkeypatch.setattr(_common, "ROW_TILE_MAX", 16)  # rows of 40 classes: too long for registers
+    monkeypatch.setattr(lk, "CUBLAS_GROUP_ELEMENTS", 20 * 40)  # one head per group, 20-row chunks
+    formed = []
+    real = lk.launch_kl_grad_cols
+    monkeypatch.setattr(lk, "launch_kl_grad_cols", lambda *a: formed.append(a[0].shape) or real(*a))
+    head = HydraHead(12, 40, 3, hidden_features=hidden, impl="triton")
+    with torch.no_grad():
+        head.bias.copy_(torch.randn_like(head.bias) * 4)
+    x = torch.randn(b, 12, requires_grad=True)
+    t = teacher_logits(b, 3, 40)
+    loss = head.distill_loss(x, t, temperature=1.5)
+    grads = torch.autograd.grad(loss * 0.7, [x, *params_of(head)])
+    assert any(shape[1] == 1 for shape in formed)  # (heads, rows, C): a chunk of one row
+    loss_ref, grads_ref = reference_loss_and_grads(head, x, t, 1.5, upstream=0.7)
+    assert_close_to(loss, loss_ref, rtol=2e-6, atol=1e-7, what="loss")
+    for name, g, g_ref in zip(["x"] + [n for n, _ in head.named_parameters()], grads, grads_ref):
+        assert_close_to(g, g_ref, rtol=1e-5, atol=1e-8, what=name)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("programs,groups", [(10**6, 3), (12, 2), (1, 1)])
 def test_grad_cols_kernel_sums_columns_per_head(monkeypatch, dtype, programs, groups):
