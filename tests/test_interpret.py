@@ -834,11 +834,12 @@ def test_bias_gradient_formed_by_the_loss_pass(monkeypatch, hidden, chunks, spli
 
 @pytest.mark.parametrize("hidden", [None, 6], ids=["linear", "mlp"])
 @pytest.mark.parametrize("b", [1, 41], ids=["one-row", "last-chunk-one-row"])
-def test_bias_gradient_formed_by_the_loss_pass_over_one_row(monkeypatch, hidden, b):
+@pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "strided-mask"])
+def test_bias_gradient_formed_by_the_loss_pass_over_one_row(monkeypatch, hidden, b, masked):
     """The split bias pass over a chunk of a single row (a batch of one, or rows in chunks of 20 with one left
-    over): MLP heads' bias view is then (heads, 1, C), whose stride along its one row is not 0 (the random
-    sweep found them refused there with a ValueError; linear heads add their bias in the GEMM). Against
-    float64."""
+    over): MLP heads' bias view is then (heads, 1, C), whose stride along its one row is not 0, and a strided
+    row mask's one entry keeps its stride through .contiguous() (the random sweeps found both refused with a
+    ValueError; linear heads add their bias in the GEMM). Against float64 over the kept rows."""
     import fasthydra.ops.linear_hydra_kl as lk
 
     use_heads_path(monkeypatch, "cublas")
@@ -854,10 +855,16 @@ def test_bias_gradient_formed_by_the_loss_pass_over_one_row(monkeypatch, hidden,
         head.bias.copy_(torch.randn_like(head.bias) * 4)
     x = torch.randn(b, 12, requires_grad=True)
     t = teacher_logits(b, 3, 40)
-    loss = head.distill_loss(x, t, temperature=1.5)
+    keep = torch.ones(b, dtype=torch.bool)
+    if masked and b > 1:
+        keep[1::3] = False  # the last row (40) kept
+    mask = torch.stack([keep, ~keep], 1)[:, 0] if masked else None  # stride 2
+    loss = head.distill_loss(x, t, temperature=1.5, row_mask=mask)
     grads = torch.autograd.grad(loss * 0.7, [x, *params_of(head)])
     assert any(shape[1] == 1 for shape in formed)  # (heads, rows, C): a chunk of one row
-    loss_ref, grads_ref = reference_loss_and_grads(head, x, t, 1.5, upstream=0.7)
+    loss_ref, grads_ref = reference_loss_and_grads(head, x[keep], t[keep], 1.5, upstream=0.7)
+    assert torch.equal(grads[0][~keep], torch.zeros_like(grads[0][~keep]))
+    grads = [grads[0][keep], *grads[1:]]
     assert_close_to(loss, loss_ref, rtol=2e-6, atol=1e-7, what="loss")
     for name, g, g_ref in zip(["x"] + [n for n, _ in head.named_parameters()], grads, grads_ref):
         assert_close_to(g, g_ref, rtol=1e-5, atol=1e-8, what=name)

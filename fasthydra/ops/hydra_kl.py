@@ -307,7 +307,7 @@ def launch_kl_grad_cols(z3, t3, norms, grad3, bias3, temperature: float, grad_sc
     part = torch.empty(o, cfg["n_groups"], c, dtype=torch.float32, device=z3.device)
     if bias3 is not None and ((i > 1 and bias3.stride(1) != 0) or (c > 1 and bias3.stride(2) != 1)):
         raise ValueError("launch_kl_grad_cols: bias3 must be one row per head broadcast over the rows")
-    if keep is not None and (keep.shape != (i,) or keep.stride(0) != 1):
+    if keep is not None and (keep.shape != (i,) or (i > 1 and keep.stride(0) != 1)):
         raise ValueError("launch_kl_grad_cols: keep must be one contiguous uint8 entry per row of the I axis")
     b3 = bias3 if bias3 is not None else z3
     nkept, batch = (part, 0.0) if kept_mean is None else kept_mean
