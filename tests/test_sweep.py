@@ -30,6 +30,7 @@ from fasthydra.functional import linear_hydra_kl_loss, mlp_hydra_kl_loss
 from fasthydra.ops import _common
 
 CASES = 300
+CASES_16 = 100  # the 16-bit sweep
 IMPLS = [pytest.param("torch", marks=pytest.mark.cpu), pytest.param("triton", marks=pytest.mark.interpret)]
 # Knobs a case may turn, with values that make small problems take the paths big ones take.
 KNOBS = {"MAX_BLOCK_C": [16, 2048], "ROW_TILE_MAX": [16, 8192], "GRAD_COLS_BLOCK_C": [16, 512],
@@ -297,6 +298,89 @@ def _gaussian_case(rng, impl, mrng):
     names = ["x", *p64, "teacher_mean", "teacher_var"]
     _compare(loss, loss_ref, grads, grads_ref, names, what)
     _check_dropped_rows_zero(grads, [*names[:1 + len(p64)], *(names[-2:] if teacher_grad else [])], keep, what)
+
+
+def _sixteen_bit_case(rng, impl, mrng):
+    """Heads (linear or MLP, fused) or the loss on given logits in fp16 or bf16, dense, top-k or grad-requiring
+    teachers, a row mask now and then: every result within DESIGN's tolerance rule, its error against float64
+    at most twice that of eager in the same dtype plus two units in the last place, and exactly 0 on the rows
+    left out."""
+    dtype = rng.choice([torch.float16, torch.bfloat16])
+    heads = rng.random() < 0.7
+    b, d, m = rng.choice([1, 3, 9, 33, 70]), rng.choice([3, 16]), rng.choice([1, 2, 3, 5])
+    c, hidden = rng.choice([3, 10, 13, 40, 65, 100]), rng.choice([None, None, 5]) if heads else None
+    bias, temperature = rng.random() < 0.7, rng.choice([1.0, 2.0, 5.0])
+    reduction = rng.choice(["mean", "sum"] if heads else ["mean", "sum", "none"])
+    kind = rng.choice(["dense", "dense", "topk", "teacher grad"])
+    mask, keep = _row_mask(mrng, b)
+    rows = slice(None) if keep is None else keep
+    what = (f"{dtype} {'heads' if heads else 'logits'} b={b} d={d} m={m} c={c} hidden={hidden} bias={bias} "
+            f"{reduction} T={temperature} {kind} kept={None if keep is None else int(keep.sum())}")
+    t64 = _teacher(rng, b, m, c)
+    if kind == "topk":
+        values, indices = _topk(rng, t64)
+        teacher = TopKTeacher(_layout(values.to(dtype), rng), _layout(indices, rng))
+    else:
+        teacher = _strided_copy(t64.to(dtype).requires_grad_(kind == "teacher grad"), rng)
+    leaf = teacher.values if kind == "topk" else teacher
+    if heads:
+        head = HydraHead(d, c, m, hidden_features=hidden, bias=bias, impl=impl, dtype=dtype)
+        x = _spoil_dropped_rows(mrng, torch.randn(b, d, dtype=torch.float64), keep)
+        student = _strided_copy(x.to(dtype).requires_grad_(), rng)
+        params = list(head.parameters())
+        loss = head.distill_loss(student, teacher, temperature, reduction, row_mask=mask)
+    else:
+        z = _spoil_dropped_rows(mrng, torch.randn(b, m, c, dtype=torch.float64) * 3, keep, finite=True)
+        student, params = _strided_copy(z.to(dtype).requires_grad_(), rng), []
+        loss = hydra_kl_loss(student, teacher, temperature, reduction, impl=impl, row_mask=mask)
+    up = _upstream(rng, loss)
+    inputs = [student, *params, *([leaf] if leaf.requires_grad else [])]
+    grads = torch.autograd.grad((loss * up.to(dtype)).sum(), inputs)
+
+    def reference(dt):
+        """Loss and gradients over the kept rows alone, every tensor in dt (float64: exact; dtype: eager)."""
+        s = student.detach().to(dt).nan_to_num().requires_grad_()
+        p = [q.detach().to(dt).requires_grad_() for q in params]
+        t_leaf = leaf.detach().to(dt).requires_grad_(leaf.requires_grad)
+        t = TopKTeacher(t_leaf, teacher.indices).densify(c) if kind == "topk" else t_leaf
+        if heads:
+            named = dict(zip((n for n, _ in head.named_parameters()), p))
+            z = (R.mlp_heads_ref(s[rows], named["hidden_weight"], named.get("hidden_bias"), named["weight"],
+                                 named.get("bias")) if hidden else
+                 R.linear_heads_ref(s[rows], named["weight"], named.get("bias")))
+        else:
+            z = s[rows]
+        out = _masked_ref(lambda r: R.hydra_kl_loss_ref(z, t[rows], temperature, reduction), keep, reduction, (b, m))
+        refs = [s, *p, *([t_leaf] if leaf.requires_grad else [])]
+        return out, torch.autograd.grad((out * up.to(dt)).sum(), refs, allow_unused=True)
+
+    exact, exact_grads = reference(torch.float64)
+    eager, eager_grads = reference(dtype)
+    assert loss.dtype == dtype, what
+    eps = torch.finfo(dtype).eps
+
+    def ulps(t):  # atol: two units in the last place at the result's largest value (a stored 16-bit dz, then the
+        #           result's own rounding); at these small shapes eager's error is now and then below one
+        return 2 * eps * (t.abs().max().item() if t.numel() else 0.0)
+
+    tolerance_rule(loss, eager, exact, ulps(exact), f"{what} loss")
+    names = ["student", *(n for n, _ in head.named_parameters())] if heads else ["student"]
+    names += ["teacher"] if leaf.requires_grad else []
+    for name, g, g_eager, g_exact in zip(names, grads, eager_grads, exact_grads):
+        g_eager = torch.zeros_like(g_exact) if g_eager is None else g_eager
+        g_exact = torch.zeros_like(g_exact) if g_exact is None else g_exact
+        assert g.dtype == dtype, f"{what} grad {name}: {g.dtype}"
+        tolerance_rule(g, g_eager, g_exact, ulps(g_exact), f"{what} grad {name}")
+    _check_dropped_rows_zero(grads, ["x" if n == "student" and heads else n for n in names], keep, what)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", range(CASES_16))
+def test_random_sixteen_bit_case_within_the_tolerance_rule(monkeypatch, impl, case):
+    rng = random.Random(f"16-{impl}-{case}")
+    torch.manual_seed(case)
+    _turn_knobs(monkeypatch, rng)
+    _sixteen_bit_case(rng, impl, random.Random(f"16-{impl}-{case}-mask"))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
