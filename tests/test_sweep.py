@@ -4,7 +4,8 @@ interpret tier: the Triton kernels).
 Each case draws its own problem from its index: shapes (empty batch, M = 1, C = 1, odd sizes), linear or
 MLP heads, bias or none, dense / top-k / grad-requiring teachers with masked classes, reductions, an
 upstream gradient, tensors in odd layouts (strided, permuted), and the paths' knobs (tiles, head groups,
-row chunks, the small step, the bias pass, deferred gradients), and now and then a row mask (some rows, all,
+row chunks, the small step, the bias pass, deferred gradients, the thin-heads kernel, the torch path's class
+tiles, streaming programs, uncertainty tiles), and now and then a row mask (some rows, all,
 none; bool or integer, strided; the rows left out holding NaN or huge features), drawn from its own generator
 so that the rest of a case is the same with or without it. The hand-written tests hold each path at
 chosen points; this sweep holds the combinations between them. Its first runs found bugs the others
@@ -14,7 +15,8 @@ written as if contiguous into a permuted parameter's layout); at the commit befo
 split bias pass on a chunk of one row (a batch of one at long rows); 2,500 per tier found only loss rows
 ("none", T = 5) a little past the fixed tolerance, as eager float32's are: the loss is then held to DESIGN's
 rule (twice eager's error). A second sweep runs fp16 and bf16 (heads and the loss on logits) under that rule;
-at 1,200 cases per tier it found a strided row mask refused on a chunk of one row. About 40 s in all here.
+at 1,200 cases per tier it found a strided row mask refused on a chunk of one row (1,200 + 1,500 cases per
+tier pass with every knob above, fp32 and 16-bit). About 45 s in all here.
 A failure names its case: rerun it by its id.
 """
 
@@ -32,13 +34,15 @@ from fasthydra.functional import linear_hydra_kl_loss, mlp_hydra_kl_loss
 from fasthydra.ops import _common
 
 CASES = 300
-CASES_16 = 100  # the 16-bit sweep
+CASES_16 = 150  # the 16-bit sweep
 IMPLS = [pytest.param("torch", marks=pytest.mark.cpu), pytest.param("triton", marks=pytest.mark.interpret)]
 # Knobs a case may turn, with values that make small problems take the paths big ones take.
 KNOBS = {"MAX_BLOCK_C": [16, 2048], "ROW_TILE_MAX": [16, 8192], "GRAD_COLS_BLOCK_C": [16, 512],
          "CUBLAS_GROUP_ELEMENTS": [200, 1 << 27], "TORCH_CHUNK_ELEMENTS": [300, 1 << 23],
          "SPLIT_BIAS_PASS": [True, False], "DEFER_KL_GRAD": [True, False], "SMALL_DEFERRED": [True, False],
-         "REDUCE_BLOCK": [2, 4096]}
+         "REDUCE_BLOCK": [2, 4096], "STREAM_PROGRAMS": [1, 2048], "THIN_HEADS": [True, False],
+         "UNCERTAINTY_TILE_MAX": [16, 8192], "UNCERTAINTY_LONG_TILE": [16, 8192], "MIN_CHUNK_ROWS": [2, 128],
+         "TILED_BLOCK_ROWS": [4, 1024], "TILE_ELEMENTS": [40, 1 << 19]}
 
 
 def _turn_knobs(monkeypatch, rng) -> None:
