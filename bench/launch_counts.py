@@ -127,16 +127,18 @@ def cases():
     z = torch.randn(40, 4, 10, requires_grad=True)
     z1 = torch.randn(40, 10, requires_grad=True)
 
-    def logits_step():
-        z.grad = None
-        hydra_kl_loss(z, t, 2.0, impl="triton").backward()
+    for mask in (None, keep):
+        def logits_step(mask=mask):
+            z.grad = None
+            hydra_kl_loss(z, t, 2.0, impl="triton", row_mask=mask).backward()
 
-    def hinton_step():
-        z1.grad = None
-        hinton_kl_loss(z1, t, 2.0, impl="triton").backward()
+        def hinton_step(mask=mask):
+            z1.grad = None
+            hinton_kl_loss(z1, t, 2.0, impl="triton", row_mask=mask).backward()
 
-    out.append(("hydra_kl_loss on logits", "loss kernel", {}, logits_step))
-    out.append(("hinton_kl_loss", "loss kernel", {}, hinton_step))
+        path = "loss kernel" if mask is None else "loss kernel, row mask"
+        out.append(("hydra_kl_loss on logits", path, {}, logits_step))
+        out.append(("hinton_kl_loss", path, {}, hinton_step))
     out.append(("uncertainty", "uncertainty kernel", {}, lambda: uncertainty(z.detach(), impl="triton")))
     return out
 

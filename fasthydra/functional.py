@@ -364,9 +364,10 @@ def hydra_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
         row_mask: optional (B,) bool (or integer, nonzero = kept): the rows that count, e.g. the
             non-padding positions of flattened sequences. Rows left out add nothing and get zero
             gradients; "mean" averages over the kept rows' B_kept*M entries (0 if none), "none" gives
-            0 on them. No host sync. Their teacher values are still checked (fill a teacher's padding
-            rows with zeros if it makes NaN there); their student logits must be finite (a NaN one
-            gives a NaN gradient on its row: the row's upstream gradient 0 times NaN).
+            0 on them. No host sync; on the GPU the loss kernel reads the mask itself (loss and gradient 0
+            on those rows, the mean over the kept ones formed there). Their teacher values are still
+            checked (fill a teacher's padding rows with zeros if it makes NaN there); their student logits
+            must be finite (a NaN one gives a NaN gradient on its row: its gradient is 0 times its values).
     Shapes: (B, M, C), (B, M, C) -> () or (B, M).
     Returns: the loss in the student's dtype (computed in fp32, fp64 for fp64 input).
     Memory: on the Triton path with a frozen dense teacher the gradient is formed in the backward
@@ -389,10 +390,9 @@ def hydra_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
     impl = resolve_impl(impl, student_logits, teacher)
     # The teacher's values are checked inside the op, where the data is read anyway.
     on = torch.is_grad_enabled()
-    loss, *_ = _ops.hydra_kl_call(student_logits, teacher, temperature, reduction if keep is None else "none",
-                                  on and student_logits.requires_grad, on and teacher.requires_grad, impl, indices)
-    loss = _autocast_loss(loss, student_logits)
-    return loss if keep is None else _masked_reduction(loss, keep, reduction)
+    loss, *_ = _ops.hydra_kl_call(student_logits, teacher, temperature, reduction, on and student_logits.requires_grad,
+                                  on and teacher.requires_grad, impl, indices, keep)
+    return _autocast_loss(loss, student_logits)
 
 
 def ensemble_log_mean_probs(teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -431,12 +431,8 @@ def hinton_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
     _check_extent("student_logits", student_logits, -1, "class (C >= 1)")
     z = student_logits if student_logits.dim() == 3 else student_logits.unsqueeze(1)
     keep = _check_row_mask(row_mask, z.shape[0], "student_logits", student_logits)
-    if keep is not None:  # the loss rows of every row, then the kept ones reduced
-        reduction = _check_reduction(reduction)
-        return _masked_reduction(hinton_kl_loss(student_logits, teacher_logits, temperature, "none", impl), keep,
-                                 reduction)
     if isinstance(teacher_logits, TopKTeacher):
-        return _hinton_topk(z, student_logits, teacher_logits, temperature, reduction, impl)
+        return _hinton_topk(z, student_logits, teacher_logits, temperature, reduction, impl, keep)
     _check_tensor("teacher_logits", teacher_logits, (3,))
     _check_extent("teacher_logits", teacher_logits, 1, "member (M >= 1) to average")
     if z.shape[0] != teacher_logits.shape[0] or z.shape[2] != teacher_logits.shape[2]:
@@ -448,9 +444,9 @@ def hinton_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
     impl = resolve_impl(impl, student_logits, teacher_logits)
     if _under_torch_func():  # (before the teacher's launch or checks below, which read its storage)
         _ops.refuse_torch_func("hinton_kl_loss")
-    if torch._C._is_tracing():
-        _ops.refuse_jit_trace("hinton_kl_loss")
     compiling = torch.compiler.is_compiling()
+    if not compiling and torch._C._is_tracing():  # (torch.compile cannot trace the question: asked in eager only)
+        _ops.refuse_jit_trace("hinton_kl_loss")
     if not compiling:  # compiled: the op's own check sees NaN in log pbar instead
         poll(teacher_logits.device)
     # softmax(T * log pbar / T) = pbar exactly, so the per-head kernel does the rest (masks included).
@@ -462,19 +458,19 @@ def hinton_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
         if not compiling:
             flag_teacher_rows(teacher_logits, "hinton_kl_loss")
         mean_teacher = temperature * ensemble_log_mean_probs(teacher_logits, temperature)
-    return _hinton_on_target(z, mean_teacher.unsqueeze(1), temperature, reduction, impl)
+    return _hinton_on_target(z, mean_teacher.unsqueeze(1), temperature, reduction, impl, keep)
 
 
-def _hinton_on_target(z, mean_teacher, temperature, reduction, impl):
-    """The Hinton loss of z (B, 1, C) against mean_teacher = T * log pbar, (B, 1, C)."""
+def _hinton_on_target(z, mean_teacher, temperature, reduction, impl, keep=None):
+    """The Hinton loss of z (B, 1, C) against mean_teacher = T * log pbar, (B, 1, C); keep: the row mask."""
     on = torch.is_grad_enabled()
     loss, *_ = _ops.hydra_kl_call(z, mean_teacher, temperature, reduction, on and z.requires_grad,
-                                  on and mean_teacher.requires_grad, impl, None)
+                                  on and mean_teacher.requires_grad, impl, None, keep)
     loss = _autocast_loss(loss, z)
     return loss.squeeze(1) if reduction == "none" else loss
 
 
-def _hinton_topk(z, student_logits, teacher: TopKTeacher, temperature, reduction, impl):
+def _hinton_topk(z, student_logits, teacher: TopKTeacher, temperature, reduction, impl, keep=None):
     """Hinton loss against the mean of M sparse members: pbar = mean_m scatter(p~_m), supported on up
     to M*k classes. pbar is formed as one (B, C) row per example (the student's own size, no factor
     M), then the dense single-head kernel runs; the values get their gradient through it."""
@@ -494,7 +490,7 @@ def _hinton_topk(z, student_logits, teacher: TopKTeacher, temperature, reduction
     pbar = torch.zeros(b, c, dtype=cdt, device=values.device).scatter_add(1, indices.long().reshape(b, m * k), p)
     kept = pbar > 0  # log only where pbar > 0: the other branch's gradient would be 0 * inf
     log_pbar = torch.where(kept, torch.log(torch.where(kept, pbar, 1.0)), float("-inf"))
-    return _hinton_on_target(z, (temperature * log_pbar).unsqueeze(1), temperature, reduction, impl)
+    return _hinton_on_target(z, (temperature * log_pbar).unsqueeze(1), temperature, reduction, impl, keep)
 
 
 def _check_head_params(weight, bias, weight_name="weight", bias_name="bias") -> tuple[int, int, int]:

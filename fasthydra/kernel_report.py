@@ -205,13 +205,17 @@ def _kernel_specs():
                          "BLOCK_P": cfgs.reduce_block(cdiv(b * m, kl["BLOCK_R"]), kl["num_warps"])},
                         {"num_warps": kl["num_warps"]}, "fp16")
             gk = cfgs.kl_grad_config(b * m, c)
-            add(_hydra_kl_grad_kernel, {"z_ptr": f"*{ty}", "t_ptr": f"*{ty}", "norm_ptr": "*fp32", "up_ptr": "*fp32",
-                                        "grad_ptr": f"*{ty}", "R": b * m, "R_INNER": m, "C": c,
-                                        "cols_per_prog": gk["cols_per_prog"], "stride_zo": m * c,
-                                        "stride_zi": c, "stride_to": m * c, "stride_ti": c, "stride_uo": 0,
-                                        "stride_ui": 0, "stride_go": m * c, "stride_gi": c, "inv_temp": 0.5,
-                                        "grad_scale": 0.1},
-                {"BLOCK_R": gk["BLOCK_R"], "BLOCK_C": gk["BLOCK_C"]}, {"num_warps": gk["num_warps"]}, tag)
+            for keep in (False, True):  # a batch row mask (B,) read over (B, M) rows: strides (1, 0)
+                add(_hydra_kl_grad_kernel,
+                    {"z_ptr": f"*{ty}", "t_ptr": f"*{ty}", "norm_ptr": "*fp32", "up_ptr": "*fp32",
+                     "grad_ptr": f"*{ty}", "keep_ptr": "*u8" if keep else "*fp32",
+                     "nkept_ptr": "*i64" if keep else "*fp32", "R": b * m, "R_INNER": m, "C": c,
+                     "cols_per_prog": gk["cols_per_prog"], "stride_zo": m * c, "stride_zi": c, "stride_to": m * c,
+                     "stride_ti": c, "stride_uo": 0, "stride_ui": 0, "stride_go": m * c, "stride_gi": c,
+                     "stride_ko": 1 if keep else 0, "stride_ki": 0, "inv_temp": 0.5, "grad_scale": 0.1,
+                     "batch_rows": float(b) if keep else 0.0},
+                    {"BLOCK_R": gk["BLOCK_R"], "BLOCK_C": gk["BLOCK_C"], "HAS_KEEP": keep, "MEAN_KEPT": keep},
+                    {"num_warps": gk["num_warps"]}, tag)
             # heads with a bias, rows too long for registers: dz and its column sums over a head-major
             # (M, B, C) view of (B, M, C) logits (linear heads) or over per-head logits with the bias added
             # on the loads (MLP heads); each with a row mask and "mean" over the kept rows too

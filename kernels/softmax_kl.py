@@ -402,6 +402,9 @@ def _hydra_kl_grad_kernel(
     norm_ptr,  # (R, 4) fp32 from the forward: m_s, log d_s, m_u, log d_u per row
     up_ptr,  # upstream gradient: row (o, i) at o * stride_uo + i * stride_ui (both 0 for a scalar)
     grad_ptr,  # out: dz in the student's dtype, row (o, i) at o * stride_go + i * stride_gi
+    keep_ptr,  # row mask, uint8, nonzero = the row counts: row (o, i) at o * stride_ko + i * stride_ki; unused
+    #            unless HAS_KEEP
+    nkept_ptr,  # the count of kept rows (an integer scalar), read where MEAN_KEPT
     R,
     R_INNER,
     C,
@@ -414,10 +417,15 @@ def _hydra_kl_grad_kernel(
     stride_ui,
     stride_go,
     stride_gi,
+    stride_ko,
+    stride_ki,
     inv_temp,
     grad_scale,  # T * reduction coefficient
+    batch_rows,  # B, for MEAN_KEPT's factor B / count
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    HAS_KEEP: tl.constexpr = False,  # a row mask: dz 0 on the rows left out (their logits finite)
+    MEAN_KEPT: tl.constexpr = False,  # "mean" over the kept rows: grad_scale times B / count
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     row_ok = rows < R
@@ -425,10 +433,12 @@ def _hydra_kl_grad_kernel(
     r_in = rows % R_INNER
     c_lo = tl.program_id(1) * cols_per_prog
     c_hi = tl.minimum(C, c_lo + cols_per_prog)
-    # per row, once: the normalisers and grad_scale times the upstream gradient
+    # per row, once: the normalisers and grad_scale times the upstream gradient (0 on rows a mask leaves out)
     m_s, l_s, m_u, l_u = _load_norms(norm_ptr + rows * 4, row_ok)
     up = tl.load(up_ptr + r_out * stride_uo + r_in * stride_ui, mask=row_ok, other=0.0).to(tl.float32)
-    scale = (grad_scale * up)[:, None]
+    grad_scale = grad_scale * _kept_mean_factor(nkept_ptr, batch_rows, MEAN_KEPT)
+    _, row_scale, _ = _kept_rows(keep_ptr, r_out * stride_ko + r_in * stride_ki, row_ok, grad_scale, HAS_KEEP)
+    scale = row_scale * up[:, None]
     z_rows = z_ptr + (r_out * stride_zo + r_in * stride_zi)[:, None]
     t_rows = t_ptr + (r_out * stride_to + r_in * stride_ti)[:, None]
     g_rows = grad_ptr + (r_out * stride_go + r_in * stride_gi)[:, None]

@@ -89,6 +89,33 @@ def test_losses_and_uncertainty_compile_without_breaks():
     assert torch.allclose(got, f(z, t))
 
 
+@pytest.mark.parametrize("impl", [pytest.param("torch", marks=pytest.mark.cpu),
+                                  pytest.param("triton", marks=pytest.mark.interpret)])
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "topk"])
+def test_hinton_loss_compiles_without_breaks(impl, sparse):
+    """hinton_kl_loss under torch.compile(fullgraph=True), dense and top-k teachers: no graph break (the dense
+    teacher's path asked torch._C._is_tracing(), which dynamo cannot trace, from the eighteenth session until
+    this test), eager's loss and gradient."""
+    from fasthydra import TopKTeacher, hinton_kl_loss
+
+    z = torch.randn(6, 7, requires_grad=True)
+    t = torch.randn(6, 3, 7)
+    teacher = TopKTeacher(*t.topk(4, dim=-1)) if sparse else t
+
+    def f(z):
+        return hinton_kl_loss(z, teacher, 2.0, impl=impl)
+
+    explained = torch._dynamo.explain(f)(z)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(z)
+    (g_c,) = torch.autograd.grad(got, [z])
+    want = f(z)
+    (g_e,) = torch.autograd.grad(want, [z])
+    assert_close_to(got, want, rtol=1e-6, what="loss")
+    assert_close_to(g_c, g_e, rtol=1e-6, atol=1e-9, what="grad")
+
+
 @pytest.mark.cpu
 def test_bad_teacher_values_still_raise_when_compiled():
     head = HydraHead(8, 5, 2, impl="torch")
@@ -132,10 +159,14 @@ def _opcheck_cases(impl):
     ops = torch.ops.fasthydra
     v, vg = r(4, 3, 3), r(4, 3, 3, grad=True)
     idx = torch.stack([torch.randperm(7, generator=g)[:3] for _ in range(12)]).view(4, 3, 3)
+    keep = torch.tensor([True, False, True, True])
     cases = [(ops.hydra_kl, (z, t, 2.0, "mean", True, False, impl, None)),
              (ops.hydra_kl, (z, t, 2.0, "none", True, False, impl, None)),
              (ops.hydra_kl, (z, tg, 2.0, "none", True, True, impl, None)),  # a teacher that requires grad
              (ops.hydra_kl, (z, vg, 2.0, "mean", True, True, impl, idx)),  # a top-k teacher
+             (ops.hydra_kl, (z, t, 2.0, "mean", True, False, impl, None, keep)),  # a row mask
+             (ops.hydra_kl, (z, tg, 2.0, "none", True, True, impl, None, keep)),
+             (ops.hydra_kl, (z, vg, 2.0, "sum", True, True, impl, idx, keep)),
              (ops.linear_hydra_kl, (x, w, b, t, 2.0, "mean", True, True, True, True, False, impl, None, False)),
              (ops.linear_hydra_kl, (u, w, None, t, 2.0, "sum", False, True, True, False, False, impl, None, False)),
              (ops.linear_hydra_kl, (x, w, b, tg, 2.0, "sum", True, True, True, True, True, impl, None, False)),
@@ -144,7 +175,8 @@ def _opcheck_cases(impl):
     if impl == "triton":
         _, norms, _ = ops.hydra_kl(z, t, 2.0, "none", True, False, impl, None)  # the deferred gradient's input
         cases += [(ops.hydra_kl_grad, (z.detach(), t, norms.detach(), r(4, 3), 2.0, "none")),
-                  (ops.hydra_kl_grad, (z.detach(), t, norms.detach(), torch.tensor(0.7), 2.0, "mean"))]
+                  (ops.hydra_kl_grad, (z.detach(), t, norms.detach(), torch.tensor(0.7), 2.0, "mean")),
+                  (ops.hydra_kl_grad, (z.detach(), t, norms.detach(), torch.tensor(0.7), 2.0, "mean", keep))]
         # the small step with its gradients deferred: launch 1 returning the stash, launch 2 from the backward
         cases += [(ops.linear_hydra_kl, (x, w, b, t, 2.0, "mean", True, True, True, True, False, impl, None, True)),
                   (ops.linear_hydra_kl, (u, w, None, t, 2.0, "sum", False, True, True, False, False, impl, None, True))]

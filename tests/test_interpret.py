@@ -1190,7 +1190,8 @@ def test_launch_counts_table(capsys):
         assert launch_counts.main(["--markdown"]) == 0
     finally:
         checks._flags.clear()  # the deferred-mode word of that run: not this process's business after it
-    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| distill")]
+    rows_all = capsys.readouterr().out.splitlines()
+    rows = [ln for ln in rows_all if ln.startswith("| distill")]
     assert len(rows) == 11  # linear and MLP heads: small-step and cuBLAS paths with and without a row mask,
     #                         thin heads; Gaussian heads
     small = [ln for ln in rows if "| small-step |" in ln or "small-step grads" in ln]
@@ -1208,6 +1209,14 @@ def test_launch_counts_table(capsys):
         ("distill_loss, linear heads", "small-step")] + 1)
     assert masked[("distill_loss, MLP heads", "small-step, row mask")] == (2, totals[
         ("distill_loss, MLP heads", "small-step")] + 5)
+    # the losses on logits read the mask in their kernels: the same launches as without it, plus the count of kept
+    # rows for "mean" in the forward and again in the deferred backward (before, the rows were masked and reduced
+    # by eight torch ops after the kernel, and their backward)
+    logits = {(op, path): (int(tr), int(total)) for op, path, tr, _, total in
+              ([c.strip() for c in ln.strip("|").split("|")] for ln in rows_all if ln.startswith("| h"))}
+    for op in ("hydra_kl_loss on logits", "hinton_kl_loss"):
+        plain = logits[(op, "loss kernel")]
+        assert logits[(op, "loss kernel, row mask")] == (plain[0], plain[1] + 2)
 
 
 @pytest.mark.parametrize("upstream", [1.0, 0.7, float("nan")])

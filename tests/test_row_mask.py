@@ -479,6 +479,49 @@ def test_a_compiled_masked_step_equals_eager(impl, hidden):
         assert_close_to(g, w, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("teacher_kind", ["frozen", "grad", "topk"])
+def test_a_compiled_masked_loss_on_logits_equals_eager(impl, teacher_kind):
+    """torch.compile(fullgraph=True) over hydra_kl_loss and hinton_kl_loss with a row mask: the mask is an
+    argument of the custom ops (the deferred gradient's op too, for a frozen dense teacher), no graph break,
+    the same loss and gradients as eager."""
+    z = (torch.randn(10, M, C) * 2).requires_grad_()
+    z1 = (torch.randn(10, C) * 2).requires_grad_()
+    teacher, keep = _teacher(teacher_kind, 10), _mask(10, 4)
+    leaf = _teacher_leaf(teacher)
+    inputs = [z, z1] + ([leaf] if leaf.requires_grad else [])
+
+    def step(z, z1, keep):
+        return (hydra_kl_loss(z, teacher, 2.0, "mean", impl, row_mask=keep)
+                + hinton_kl_loss(z1, teacher, 3.0, "sum", impl, row_mask=keep))
+
+    torch._dynamo.reset()
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(z, z1, keep)
+    got_grads = torch.autograd.grad(got, inputs)
+    want = step(z, z1, keep)
+    want_grads = torch.autograd.grad(want, inputs)
+    assert_close_to(got, want, rtol=1e-6, what="loss")
+    for g, w in zip(got_grads, want_grads):
+        assert_close_to(g, w, rtol=1e-6, atol=1e-9)
+        assert torch.equal(g[~keep], torch.zeros_like(g[~keep]))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("teacher_kind", ["frozen", "grad", "topk"])
+def test_a_second_backward_through_a_masked_loss_on_logits(impl, teacher_kind):
+    """retain_graph=True through hydra_kl_loss with a temporary bool mask made from an int one: the second
+    backward (recomputed from the forward's inputs where the first handed its stored gradients over, formed
+    again from the saved mask where the gradient is deferred) adds the same gradient again."""
+    z = (torch.randn(8, M, C) * 2).requires_grad_()
+    teacher = _teacher(teacher_kind, 8)
+    loss = hydra_kl_loss(z, teacher, 2.0, impl=impl, row_mask=_mask(8, 6).long())
+    loss.backward(retain_graph=True)
+    first = z.grad.clone()
+    loss.backward()
+    assert_close_to(z.grad, 2 * first, rtol=1e-6)
+    assert first.abs().sum() > 0
+
+
 @pytest.mark.cpu
 def test_a_second_backward_through_a_masked_loss_with_a_temporary_mask():
     """retain_graph=True: the second backward recomputes the stored gradients from the forward's inputs; the

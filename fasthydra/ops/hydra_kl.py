@@ -270,10 +270,12 @@ def launch_kl_rows(z3, t3, loss2, grad3, temperature: float, grad_scale: float |
             out.mul_(kept_mean_factor(*kept_mean))
 
 
-def launch_kl_grad(z3, t3, norms, upstream, grad3, temperature: float, grad_scale: float) -> None:
+def launch_kl_grad(z3, t3, norms, upstream, grad3, temperature: float, grad_scale: float, keep2=None,
+                   kept_mean=None) -> None:
     """The gradient of the loss rows that ``launch_kl_rows`` wrote with ``norms``, formed in the backward:
     grad3 = grad_scale * upstream * (q - p) over (O, I, C) views; upstream is a 0-dim tensor or (O, I),
-    read on the device."""
+    read on the device; keep2 and kept_mean as launch_kl_rows takes them (0 on the rows left out, "mean"
+    over the kept ones)."""
     from fasthydra.kernels.softmax_kl import _hydra_kl_grad_kernel
 
     o, i, c = z3.shape
@@ -282,11 +284,14 @@ def launch_kl_grad(z3, t3, norms, upstream, grad3, temperature: float, grad_scal
         return
     up = upstream.reshape(1, 1) if upstream.dim() == 0 else upstream
     cfg = _common.kl_grad_config(r, c)
+    nkept, batch = (norms, 0.0) if kept_mean is None else kept_mean
     _hydra_kl_grad_kernel[(cdiv(r, cfg["BLOCK_R"]), cfg["col_blocks"])](
-        z3, t3, norms, up, grad3, r, i, c, cfg["cols_per_prog"], z3.stride(0), z3.stride(1), t3.stride(0), t3.stride(1),
-        0 if upstream.dim() == 0 else up.stride(0), 0 if upstream.dim() == 0 else up.stride(1),
-        grad3.stride(0), grad3.stride(1), 1.0 / temperature, grad_scale,
-        BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
+        z3, t3, norms, up, grad3, norms if keep2 is None else keep2, nkept, r, i, c, cfg["cols_per_prog"],
+        z3.stride(0), z3.stride(1), t3.stride(0), t3.stride(1), 0 if upstream.dim() == 0 else up.stride(0),
+        0 if upstream.dim() == 0 else up.stride(1), grad3.stride(0), grad3.stride(1),
+        0 if keep2 is None else keep2.stride(0), 0 if keep2 is None else keep2.stride(1), 1.0 / temperature,
+        grad_scale, float(batch), BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], HAS_KEEP=keep2 is not None,
+        MEAN_KEPT=kept_mean is not None, num_warps=cfg["num_warps"],
     )
 
 
@@ -321,12 +326,47 @@ def launch_kl_grad_cols(z3, t3, norms, grad3, bias3, temperature: float, grad_sc
     return part
 
 
+def mask_rows_torch(row_mask, reduction: str, forward, student, teacher, temperature: float, want_grad: bool,
+                    want_tgrad: bool, *indices):
+    """`forward` (a torch path's forward: loss, grad, teacher grad) with a row mask (B,) bool or None: the rows
+    as "none", then the rows left out set to 0 in the loss and in both gradients, the kept ones scaled by the
+    reduction's coefficient over them (1 / (B_kept * M) for "mean"), and the loss reduced. No host read."""
+    if row_mask is None:
+        return forward(student, teacher, temperature, reduction, want_grad, want_tgrad, *indices)
+    loss, grad, tgrad = forward(student, teacher, temperature, "none", want_grad, want_tgrad, *indices)
+    keep = row_mask.view(-1, 1)
+    loss = torch.where(keep, loss, 0.0)
+    coef = 1.0
+    if reduction == "mean":
+        coef = (row_mask.sum(dtype=loss.dtype) * loss.shape[1]).clamp_min_(1).reciprocal_()
+    scale = torch.where(keep, coef, 0.0).to(loss.dtype).unsqueeze(-1)  # (B, 1, 1)
+    for g in (grad, tgrad):
+        if g is not None:
+            g.mul_(scale.to(g.dtype))
+    if reduction == "none":
+        return loss, grad, tgrad
+    total = loss.sum()
+    return (total * coef if reduction == "mean" else total), grad, tgrad
+
+
+def row_mask_views(row_mask, n_heads: int, reduction: str):
+    """A batch row mask (B,) bool as the loss kernels read it for (B, M) rows: (keep2, kept_mean), keep2 a
+    (B, M) uint8 view with stride 0 along the heads, kept_mean (count of kept rows on the device, B) for
+    "mean" (else None); (None, None) without a mask."""
+    if row_mask is None:
+        return None, None
+    keep2 = row_mask.view(torch.uint8)[:, None].expand(row_mask.shape[0], n_heads)
+    return keep2, (row_mask.sum(), row_mask.shape[0]) if reduction == "mean" else None
+
+
 def hydra_kl_forward_triton(student, teacher, temperature: float, reduction: str, want_grad: bool,
-                            want_tgrad: bool = False, op: str = "hydra_kl_loss", deferred: bool = False):
+                            want_tgrad: bool = False, op: str = "hydra_kl_loss", deferred: bool = False,
+                            row_mask=None):
     """Hydra loss on given logits with the one-launch Triton kernel (strided views read in place).
     Returns (loss, grad or None, teacher grad or None); with deferred (a frozen teacher) the student's
     gradient is left to the backward (``hydra_kl_backward_triton``) and the second value is the (B, M, 4)
-    row normalisers it needs: the forward reads each row once and writes no (B, M, C) tensor."""
+    row normalisers it needs: the forward reads each row once and writes no (B, M, C) tensor. row_mask (B,)
+    bool: the rows left out get loss 0 and gradients 0, "mean" is over the kept rows (the kernel reads both)."""
     b, m, c = student.shape
     grad_scale = temperature * reduction_coefficient(reduction, b * m)
     student = student if student.stride(-1) == 1 else student.contiguous()
@@ -340,21 +380,24 @@ def hydra_kl_forward_triton(student, teacher, temperature: float, reduction: str
     else:
         grad = empty_stored_grad(student) if want_grad else None
         tgrad = empty_stored_grad(teacher) if want_tgrad else None
-    launch_kl_rows(student, teacher, loss, grad, temperature, grad_scale, op, tgrad, norms=norms, reduce_to=reduce_to)
+    keep2, kept_mean = row_mask_views(row_mask, m, reduction)
+    launch_kl_rows(student, teacher, loss, grad, temperature, grad_scale, op, tgrad, norms=norms, reduce_to=reduce_to,
+                   keep2=keep2, kept_mean=kept_mean)
     after_launch(student.device, op, teacher.shape)
     out = reduced if reduced is not None else reduce_rows(loss, reduction, loss.dtype)
     return (out, norms, None) if deferred else (out, grad, tgrad)
 
 
-def hydra_kl_backward_triton(student, teacher, norms, grad_loss, temperature: float, reduction: str):
+def hydra_kl_backward_triton(student, teacher, norms, grad_loss, temperature: float, reduction: str, row_mask=None):
     """The student's gradient for ``hydra_kl_forward_triton(..., deferred=True)``: one streaming pass over
-    z and t that multiplies by the upstream gradient on the device (no host read, no second pass)."""
+    z and t that multiplies by the upstream gradient on the device (no host read, no second pass); with the
+    forward's row_mask (its rows left out: 0; "mean" over the kept ones, counted again on the device)."""
     b, m, c = student.shape
     student = student if student.stride(-1) == 1 else student.contiguous()
     teacher = teacher if teacher.stride(-1) == 1 else teacher.contiguous()
     grad = torch.empty(b, m, c, dtype=student.dtype, device=student.device)
     launch_kl_grad(student, teacher, norms, grad_loss, grad, temperature,
-                   temperature * reduction_coefficient(reduction, b * m))
+                   temperature * reduction_coefficient(reduction, b * m), *row_mask_views(row_mask, m, reduction))
     return grad
 
 
@@ -430,9 +473,10 @@ def launch_kl_rows_topk(z3, v3, i3, loss2, grad3, temperature: float, grad_scale
 
 
 def hydra_kl_topk_forward_triton(student, values, indices, temperature: float, reduction: str, want_grad: bool,
-                                 want_tgrad: bool = False, op: str = "hydra_kl_loss"):
+                                 want_tgrad: bool = False, op: str = "hydra_kl_loss", row_mask=None):
     """The Hydra loss against a top-k teacher with the one-launch Triton kernel ("mean"/"sum" summed by its last
-    program). Returns (loss, grad or None, values grad or None)."""
+    program; a row mask read as ``hydra_kl_forward_triton`` reads it). Returns (loss, grad or None, values grad
+    or None)."""
     b, m, c = student.shape
     grad_scale = temperature * reduction_coefficient(reduction, b * m)
     student = student if student.stride(-1) == 1 else student.contiguous()
@@ -442,6 +486,8 @@ def hydra_kl_topk_forward_triton(student, values, indices, temperature: float, r
     grad = empty_stored_grad(student) if want_grad else None
     tgrad = empty_stored_grad(values) if want_tgrad else None
     reduced, reduce_to = _reduce_target(reduction, b * m, student.device)
-    launch_kl_rows_topk(student, values, indices, loss, grad, temperature, grad_scale, op, tgrad, reduce_to=reduce_to)
+    keep2, kept_mean = row_mask_views(row_mask, m, reduction)
+    launch_kl_rows_topk(student, values, indices, loss, grad, temperature, grad_scale, op, tgrad, keep2, kept_mean,
+                        reduce_to)
     after_launch(student.device, op, values.shape)
     return (reduced if reduced is not None else reduce_rows(loss, reduction, loss.dtype)), grad, tgrad

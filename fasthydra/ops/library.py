@@ -84,28 +84,34 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 @_no_autocast
 def _hydra_kl_impl(student: torch.Tensor, teacher: torch.Tensor, temperature: float, reduction: str, want_grad: bool,
-                   want_tgrad: bool, impl: str,
-                   teacher_indices: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   want_tgrad: bool, impl: str, teacher_indices: torch.Tensor | None,
+                   row_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """teacher: dense logits (B, M, C), or the values (B, M, k) of a top-k teacher whose class ids are
-    teacher_indices (B, M, k); the third output is the teacher's (the values') gradient."""
+    teacher_indices (B, M, k); the third output is the teacher's (the values') gradient. row_mask (B,) bool:
+    the rows that count (the others' loss rows and gradients 0, "mean" over the kept rows), read by the Triton
+    kernels themselves; the torch path masks its "none" rows and per-row gradients (_kl.mask_rows_torch)."""
     poll(student.device)
     if teacher_indices is not None:  # top-k: the index checks need a pass of their own (one sort along k)
         flag_topk_teacher(teacher, teacher_indices, student.shape[-1], "hydra_kl_loss", values_too=impl != "triton")
         if impl == "triton":
             loss, grad, tgrad = _kl.hydra_kl_topk_forward_triton(student, teacher, teacher_indices, temperature,
-                                                                 reduction, want_grad, want_tgrad)
+                                                                 reduction, want_grad, want_tgrad, row_mask=row_mask)
         else:
-            loss, grad, tgrad = _kl.hydra_kl_forward_torch(student, teacher, temperature, reduction, want_grad,
-                                                           want_tgrad, teacher_indices)
+            loss, grad, tgrad = _kl.mask_rows_torch(row_mask, reduction, _kl.hydra_kl_forward_torch, student, teacher,
+                                                    temperature, want_grad, want_tgrad, teacher_indices)
         return loss, _none_to_empty(grad, student), _none_to_empty(tgrad, teacher)
     if impl != "triton":  # the Triton kernel checks the teacher while it reads it (no extra pass)
         flag_teacher_rows(teacher, "hydra_kl_loss")
     if _deferred(want_grad, want_tgrad, impl, teacher_indices):
         loss, norms, _ = _kl.hydra_kl_forward_triton(student, teacher, temperature, reduction, want_grad,
-                                                     deferred=True)
+                                                     deferred=True, row_mask=row_mask)
         return loss, norms, teacher.new_empty(_EMPTY)
-    fwd = _kl.hydra_kl_forward_triton if impl == "triton" else _kl.hydra_kl_forward_torch
-    loss, grad, tgrad = fwd(student, teacher, temperature, reduction, want_grad, want_tgrad)
+    if impl == "triton":
+        loss, grad, tgrad = _kl.hydra_kl_forward_triton(student, teacher, temperature, reduction, want_grad,
+                                                        want_tgrad, row_mask=row_mask)
+    else:
+        loss, grad, tgrad = _kl.mask_rows_torch(row_mask, reduction, _kl.hydra_kl_forward_torch, student, teacher,
+                                                temperature, want_grad, want_tgrad)
     return loss, _none_to_empty(grad, student), _none_to_empty(tgrad, teacher)
 
 
@@ -122,7 +128,8 @@ hydra_kl = _custom_op("fasthydra::hydra_kl", _hydra_kl_impl)
 
 
 @register_fake("fasthydra::hydra_kl")
-def _hydra_kl_fake(student, teacher, temperature, reduction, want_grad, want_tgrad, impl, teacher_indices):
+def _hydra_kl_fake(student, teacher, temperature, reduction, want_grad, want_tgrad, impl, teacher_indices,
+                   row_mask=None):
     loss = student.new_empty(_loss_shape(student.shape[:2], reduction), dtype=_compute_dtype(student))
     if _deferred(want_grad, want_tgrad, impl, teacher_indices):
         return (loss, student.new_empty((*student.shape[:2], 4), dtype=torch.float32), teacher.new_empty(_EMPTY))
@@ -132,15 +139,15 @@ def _hydra_kl_fake(student, teacher, temperature, reduction, want_grad, want_tgr
 
 @_no_autocast
 def _hydra_kl_grad_impl(student: torch.Tensor, teacher: torch.Tensor, norms: torch.Tensor, grad_loss: torch.Tensor,
-                        temperature: float, reduction: str) -> torch.Tensor:
-    return _kl.hydra_kl_backward_triton(student, teacher, norms, grad_loss, temperature, reduction)
+                        temperature: float, reduction: str, row_mask: torch.Tensor | None = None) -> torch.Tensor:
+    return _kl.hydra_kl_backward_triton(student, teacher, norms, grad_loss, temperature, reduction, row_mask)
 
 
 hydra_kl_grad = _custom_op("fasthydra::hydra_kl_grad", _hydra_kl_grad_impl)
 
 
 @register_fake("fasthydra::hydra_kl_grad")
-def _hydra_kl_grad_fake(student, teacher, norms, grad_loss, temperature, reduction):
+def _hydra_kl_grad_fake(student, teacher, norms, grad_loss, temperature, reduction, row_mask=None):
     return student.new_empty(student.shape)  # contiguous, as the launcher's (not student's layout)
 
 
@@ -159,7 +166,7 @@ def _stored_gradients(ctx, grads) -> None:
 
 
 def _hydra_kl_setup(ctx, inputs, output):
-    student, teacher, temperature, reduction, want_grad, want_tgrad, impl, teacher_indices = inputs
+    student, teacher, temperature, reduction, want_grad, want_tgrad, impl, teacher_indices, *mask = inputs
     ctx.reduction = reduction
     ctx.deferred = _deferred(want_grad, want_tgrad, impl, teacher_indices)
     if not ctx.deferred:
@@ -169,7 +176,7 @@ def _hydra_kl_setup(ctx, inputs, output):
     ctx.temperature = temperature
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(student, teacher, output[1])
+    ctx.save_for_backward(student, teacher, output[1], mask[0] if mask else None)
 
 
 def _traced(*tensors) -> bool:
@@ -181,17 +188,17 @@ def _traced(*tensors) -> bool:
 def _hydra_kl_backward(ctx, grad_loss, *_grad_of_grads):
     _no_double_backward()
     if grad_loss is None:
-        return (None,) * 8
+        return (None,) * 9
     if ctx.deferred:
-        student, teacher, norms = ctx.saved_tensors
-        args = (student.detach(), teacher.detach(), norms, grad_loss, ctx.temperature, ctx.reduction)
+        student, teacher, norms, row_mask = ctx.saved_tensors
+        args = (student.detach(), teacher.detach(), norms, grad_loss, ctx.temperature, ctx.reduction, row_mask)
         # a traced backward (compile, AOT: fake or functional tensors) sees the custom op; eager calls the
         # implementation (no dispatcher)
         grad = hydra_kl_grad(*args) if _traced(*args[:4]) else _hydra_kl_grad_impl(*args)
-        return grad, None, None, None, None, None, None, None
+        return grad, *(None,) * 8
     student, teacher = (None if _absent(g) else _in_dtype(_kl.scale_grad(g, grad_loss, ctx.reduction), dt)
                         for g, dt in zip(ctx.saved_tensors, ctx.grad_dtypes))
-    return student, teacher, None, None, None, None, None, None
+    return student, teacher, *(None,) * 7
 
 
 register_autograd("fasthydra::hydra_kl", _hydra_kl_backward, setup_context=_hydra_kl_setup)
@@ -730,11 +737,11 @@ def _eager_hydra_kl_backward(ctx, grad_loss, *_grad_of_grads):
         return _hydra_kl_backward(ctx, grad_loss)
     _no_double_backward()
     if grad_loss is None:
-        return (None,) * 8
+        return (None,) * 9
     student, teacher = (None if _absent(g) else g for g in _take_stored(ctx, _hydra_kl_impl))
     _kl.scale_grads_([g for g in (student, teacher) if g is not None], grad_loss)
     student, teacher = (None if g is None else _in_dtype(g, dt) for g, dt in zip((student, teacher), ctx.grad_dtypes))
-    return student, teacher, None, None, None, None, None, None
+    return student, teacher, *(None,) * 7
 
 
 hydra_kl_call = _eager_entry(hydra_kl, _hydra_kl_impl, _eager_hydra_kl_setup, _eager_hydra_kl_backward)
