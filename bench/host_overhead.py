@@ -114,6 +114,7 @@ def cases(rows: int = 32) -> dict:
     gauss = GaussianHydraHead(d, 1, m, impl="triton")
     mean, var = torch.randn(rows, m, 1, generator=g), torch.rand(rows, m, 1, generator=g) + 0.5
     z = torch.randn(rows, m, c, generator=g, requires_grad=True)
+    keep = torch.arange(rows) % 4 != 0  # a row mask, "mean" over the rows it keeps
     wide_c = SMALL_MAX_CLASSES + 1  # the cuBLAS path: heads GEMMs in torch around the loss kernel
     t_wide = torch.randn(4, 2, wide_c, generator=g)
     x_wide = torch.randn(4, 8, generator=g)
@@ -147,6 +148,8 @@ def cases(rows: int = 32) -> dict:
         "MLP heads fwd+bwd, cuBLAS path": (lambda: mlp_wide.distill_loss(x_wide, t_wide, 2.0).backward(),
                                            list(mlp_wide.parameters())),
         "loss on logits fwd+bwd": (lambda: hydra_kl_loss(z, t, 2.0, impl="triton").backward(), [z]),
+        "loss on logits fwd+bwd, row mask": (lambda: hydra_kl_loss(z, t, 2.0, impl="triton", row_mask=keep).backward(),
+                                             [z]),
         "Gaussian heads fwd+bwd": (lambda: gauss.distill_loss(x, mean, var).backward(), list(gauss.parameters())),
         "uncertainty": (no_grad_step(lambda: uncertainty(z.detach(), impl="triton")), []),
     }

@@ -70,7 +70,8 @@ def test_table_has_every_case():
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in proc.stdout.splitlines()
             if line.startswith("| ") and "---" not in line and "case" not in line}
     assert set(rows) == {"autograd floor", "linear heads fwd+bwd", "linear heads fwd (no_grad)", "MLP heads fwd+bwd",
-                         "loss on logits fwd+bwd", "Gaussian heads fwd+bwd", "uncertainty",
+                         "loss on logits fwd+bwd", "loss on logits fwd+bwd, row mask", "Gaussian heads fwd+bwd",
+                         "uncertainty",
                          "linear heads fwd+bwd, cuBLAS path", "MLP heads fwd+bwd, cuBLAS path"}
     calls = {name: int(cols[2].strip(" |")) for name, cols in rows.items()}
     assert all(float(cols[0]) > 0 and float(cols[1]) > 0 for cols in rows.values())
