@@ -307,24 +307,38 @@ def masked_rows(b: int = 4096, d: int = 2048, m: int = 8, c: int = 32000, kept: 
     """Linear heads + loss, forward + backward, bf16 at gpu-large, without and with a row mask keeping `kept`
     of the rows (padding): what the mask costs (the cuBLAS path: x's rows left out zeroed, one (B, D) pass; the
     loss pass, both of its launches with a bias at long rows, reads the mask and writes loss 0 and dz 0 there,
-    folds "mean" over the kept rows into dz, so the backward rescales nothing, and forms db as unmasked)."""
-    from fasthydra import HydraHead
+    folds "mean" over the kept rows into dz, so the backward rescales nothing, and forms db as unmasked). Then
+    hydra_kl_loss on (B, M, C) logits, dense (frozen: the gradient formed in the backward) and top-32 teachers,
+    without and with the mask (the loss kernels read it; before the twenty-second session eight torch ops
+    masked and reduced the rows after the kernel, and a top-k teacher's stored gradient took one more pass)."""
+    from fasthydra import HydraHead, TopKTeacher, hydra_kl_loss
 
     gen = torch.Generator(device=device).manual_seed(0)
     head = HydraHead(d, c, m, device=device, dtype=torch.bfloat16)
     x = torch.randn(b, d, device=device, generator=gen).bfloat16().requires_grad_()
     t = (torch.randn(b, m, c, device=device, generator=gen) * 3).bfloat16()
+    z = (torch.randn(b, m, c, device=device, generator=gen) * 3).bfloat16().requires_grad_()
     keep = torch.rand(b, device=device, generator=gen) < kept
-    rows = []
-    for name, mask in (("none", None), (f"{kept:.0%} of rows kept", keep)):
-        def step(mask=mask):
-            x.grad = None
-            head.zero_grad(set_to_none=True)
-            head.distill_loss(x, t, 2.0, row_mask=mask).backward()
+    values, indices = t.float().topk(min(32, c), dim=-1)
+    topk = TopKTeacher(values.bfloat16(), indices.int())
 
-        rows.append({"mask": name, "seconds": _do_bench(step)})
-    for r in rows:
-        r["vs_no_mask"] = r["seconds"] / rows[0]["seconds"]
+    def heads_step(mask):
+        x.grad = None
+        head.zero_grad(set_to_none=True)
+        head.distill_loss(x, t, 2.0, row_mask=mask).backward()
+
+    def logits_step(mask, teacher):
+        z.grad = None
+        hydra_kl_loss(z, teacher, 2.0, row_mask=mask).backward()
+
+    rows = []
+    for op, step in (("linear heads", heads_step), ("loss on logits, dense", lambda mk: logits_step(mk, t)),
+                     ("loss on logits, top-32", lambda mk: logits_step(mk, topk))):
+        first = len(rows)
+        for name, mask in (("none", None), (f"{kept:.0%} of rows kept", keep)):
+            rows.append({"op": op, "mask": name, "seconds": _do_bench(lambda mask=mask: step(mask))})
+        for r in rows[first:]:
+            r["vs_no_mask"] = r["seconds"] / rows[first]["seconds"]
     return rows
 
 
@@ -769,7 +783,7 @@ def main(argv=None) -> int:
     except Exception as exc:
         masked = [{"error": f"{type(exc).__name__}: {exc}"[:300]}]
     for r in masked:
-        print("  linear heads fwd+bwd, gpu-large bf16, row mask " + (
+        print(f"  {r.get('op', 'linear heads')} fwd+bwd, gpu-large bf16, row mask " + (
             f"{r['mask']:20} {r['seconds'] * 1e3:8.3f} ms, {r['vs_no_mask']:.3f}x no mask" if "error" not in r
             else f"ERROR {r['error']}"), flush=True)
 

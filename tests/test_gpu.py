@@ -87,6 +87,45 @@ def test_logits_kernel_tolerance_rule(b, m, c, dtype):
     _check_logits_loss(z, t, t, 1e-6)
 
 
+def _check_masked_logits(b, m, c, dtype, kind, device="cuda"):
+    """hydra_kl_loss (kind "dense": a frozen teacher, the gradient formed in the backward; "topk") and
+    hinton_kl_loss with a row mask, the kernels reading it: the rows left out get gradient exactly 0, the rest
+    within the tolerance rule of the loss over the kept rows alone."""
+    from fasthydra import hinton_kl_loss
+
+    gen = torch.Generator(device=device).manual_seed(b + c)
+    keep = torch.rand(b, device=device, generator=gen) < 0.7
+    keep[0] = True
+    t = teacher_logits(b, m, c, device=device, dtype=dtype)
+    if kind == "topk":
+        values, indices = t.float().nan_to_num(neginf=-1e4).topk(min(16, c), dim=-1)
+        teacher = TopKTeacher(values.to(dtype), indices.int())
+        t = teacher.densify(c)
+    else:
+        teacher = t
+    for fn, ref, zshape in ((hydra_kl_loss, R.hydra_kl_loss_ref, (b, m, c)),
+                            (hinton_kl_loss, R.hinton_kl_loss_ref, (b, c))):
+        z = (torch.randn(zshape, device=device, generator=gen) * 3).to(dtype).requires_grad_()
+        loss = fn(z, teacher, 1.5, impl="triton", row_mask=keep)
+        (g,) = torch.autograd.grad(loss, z)
+        assert torch.equal(g[~keep], torch.zeros_like(g[~keep])), fn.__name__
+        zk = z.detach()[keep].requires_grad_()
+        eager = ref(zk, t[keep], 1.5)
+        (ge,) = torch.autograd.grad(eager, zk)
+        z64 = zk.detach().double().requires_grad_()
+        exact = ref(z64, t[keep].double(), 1.5)
+        (gx,) = torch.autograd.grad(exact, z64)
+        tolerance_rule(loss, eager, exact, 1e-5 * max(1.0, exact.abs().item()), what=f"{fn.__name__} loss")
+        tolerance_rule(g[keep], ge, gx, 1e-3 * gx.abs().max().item(), what=f"{fn.__name__} grad")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b,m,c", [(300, 8, 10), (64, 4, 5000), (16, 2, 70000)])
+@pytest.mark.parametrize("kind", ["dense", "topk"])
+def test_masked_logits_kernels_tolerance_rule(b, m, c, dtype, kind):
+    _check_masked_logits(b, m, c, dtype, kind)
+
+
 def _check_logits_loss(z, teacher, dense_teacher, loss_atol):
     """hydra_kl_loss on the GPU against eager in z's dtype and float64 (the tolerance rule), for a
     dense or top-k teacher whose dense form is dense_teacher."""

@@ -299,19 +299,21 @@ def test_main_runs_end_to_end_with_the_device_parts_stubbed(tmp_path, monkeypatc
 
 
 def test_the_row_mask_rows_time_both_steps(monkeypatch):
-    """masked_rows on CPU tensors at a tiny shape (the timer a single call): a step without and one with the
-    mask, both run, the ratio against the first."""
+    """masked_rows on CPU tensors at a tiny shape (the timer a single call): for the heads and the loss on
+    logits (dense and top-k teachers) a step without and one with the mask, each run, the ratio against the
+    same op's step without."""
     calls = []
 
     def bench(fn):
         fn()
         calls.append(1)
-        return 2e-3 if len(calls) == 2 else 1e-3
+        return 1e-3 * len(calls)
 
     monkeypatch.setattr(gpu_check, "_do_bench", bench)
     rows = gpu_check.masked_rows(b=8, d=4, m=2, c=5, device="cpu")
-    assert [r["mask"] for r in rows] == ["none", "75% of rows kept"] and len(calls) == 2
-    assert [r["vs_no_mask"] for r in rows] == [1.0, 2.0]
+    assert [r["mask"] for r in rows] == ["none", "75% of rows kept"] * 3 and len(calls) == 6
+    assert [r["op"] for r in rows[::2]] == ["linear heads", "loss on logits, dense", "loss on logits, top-32"]
+    assert [r["vs_no_mask"] for r in rows] == [1.0, 2.0, 1.0, 4 / 3, 1.0, 6 / 5]
 
 
 def test_gpu_test_output_is_summarized_whole_and_cut_short():
