@@ -19,6 +19,7 @@ from fasthydra.ops._common import auto_fallback_reason, interpreting, no_values,
 from fasthydra.ops import checks as _checks
 from fasthydra.ops.checks import flag_gaussian_teacher, flag_teacher_rows, flag_topk_teacher, poll
 from fasthydra.ops.gaussian_kl import gaussian_kl_torch, split_gaussian
+from fasthydra.ops.hydra_kl import masked_reduction
 from fasthydra.ops.uncertainty import ensemble_log_mean_triton
 from fasthydra.ops import library as _ops
 from fasthydra.reference import TopKTeacher, Uncertainty, uncertainty_ref
@@ -133,19 +134,6 @@ def _check_row_mask(row_mask, rows: int, against: str, like: torch.Tensor) -> to
                          f"{tuple(like.shape)}; got {tuple(row_mask.shape)}")
     _check_same_device(**{against: like, "row_mask": row_mask})
     return row_mask if row_mask.dtype == torch.bool else row_mask != 0
-
-
-def _masked_reduction(rows: torch.Tensor, keep: torch.Tensor, reduction: str) -> torch.Tensor:
-    """Loss rows (B, ...) of which only the rows `keep` (B,) counts: the others are 0 ("none"), "sum" adds
-    the rows kept and "mean" averages over them (0 when none is kept). On the device: no host read."""
-    kept = torch.where(keep.view(-1, *(1,) * (rows.dim() - 1)), rows, 0.0)  # (NaN in a row left out: 0 too)
-    if reduction == "none":
-        return kept
-    total = kept.sum(dtype=torch.float32 if rows.element_size() < 4 else None)  # 16-bit rows summed in fp32
-    if reduction == "mean":
-        per_row = rows[0].numel() if rows.shape[0] else 1
-        total = total / keep.sum(dtype=total.dtype).mul_(per_row).clamp_min_(1)
-    return total.to(rows.dtype)
 
 
 def _kept_input(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
@@ -799,7 +787,7 @@ def gaussian_kl_loss(mean: torch.Tensor, var: torch.Tensor, teacher_mean: torch.
     _check_gaussian_teacher(teacher_mean, teacher_var)
     kl = gaussian_kl_torch(mean, var, teacher_mean, teacher_var)
     if keep is not None:
-        return _masked_reduction(kl, keep, reduction)
+        return masked_reduction(kl, keep, reduction)
     if reduction == "none":
         return kl
     return kl.sum() if reduction == "sum" or kl.numel() == 0 else kl.mean()
@@ -859,5 +847,5 @@ def gaussian_heads_kl_loss(x, weight, bias, teacher_mean, teacher_var, min_var: 
     mean, var = split_gaussian(z, min_var)
     kl = gaussian_kl_torch(mean, var, teacher_mean.to(z.dtype), teacher_var.to(z.dtype))
     if keep is not None:
-        return _masked_reduction(kl, keep, reduction)
+        return masked_reduction(kl, keep, reduction)
     return kl.sum() if reduction == "sum" or kl.numel() == 0 else kl.mean()

@@ -326,27 +326,40 @@ def launch_kl_grad_cols(z3, t3, norms, grad3, bias3, temperature: float, grad_sc
     return part
 
 
+def masked_reduction(rows: torch.Tensor, keep: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Loss rows (B, ...) of which only the rows `keep` (B,) counts: the others are 0 ("none"), "sum" adds
+    the rows kept and "mean" averages over them (0 when none is kept). On the device: no host read."""
+    kept = torch.where(keep.view(-1, *(1,) * (rows.dim() - 1)), rows, 0.0)  # (NaN in a row left out: 0 too)
+    if reduction == "none":
+        return kept
+    total = kept.sum(dtype=torch.float32 if rows.element_size() < 4 else None)  # 16-bit rows summed in fp32
+    if reduction == "mean":
+        total = total / _kept_entries(keep, rows, total.dtype)
+    return total.to(rows.dtype)
+
+
+def _kept_entries(keep: torch.Tensor, rows: torch.Tensor, dtype) -> torch.Tensor:
+    """The entries a "mean" over the kept rows divides by: kept rows times one row's entries, at least 1."""
+    per_row = rows[0].numel() if rows.shape[0] else 1
+    return keep.sum(dtype=dtype).mul_(per_row).clamp_min_(1)
+
+
 def mask_rows_torch(row_mask, reduction: str, forward, student, teacher, temperature: float, want_grad: bool,
                     want_tgrad: bool, *indices):
     """`forward` (a torch path's forward: loss, grad, teacher grad) with a row mask (B,) bool or None: the rows
-    as "none", then the rows left out set to 0 in the loss and in both gradients, the kept ones scaled by the
-    reduction's coefficient over them (1 / (B_kept * M) for "mean"), and the loss reduced. No host read."""
+    as "none", the loss reduced over the kept ones (masked_reduction), and both gradients 0 on the rows left
+    out, the kept ones scaled by the reduction's coefficient over them (1 / (B_kept * M) for "mean"). No host
+    read."""
     if row_mask is None:
         return forward(student, teacher, temperature, reduction, want_grad, want_tgrad, *indices)
     loss, grad, tgrad = forward(student, teacher, temperature, "none", want_grad, want_tgrad, *indices)
-    keep = row_mask.view(-1, 1)
-    loss = torch.where(keep, loss, 0.0)
-    coef = 1.0
-    if reduction == "mean":
-        coef = (row_mask.sum(dtype=loss.dtype) * loss.shape[1]).clamp_min_(1).reciprocal_()
-    scale = torch.where(keep, coef, 0.0).to(loss.dtype).unsqueeze(-1)  # (B, 1, 1)
-    for g in (grad, tgrad):
-        if g is not None:
-            g.mul_(scale.to(g.dtype))
-    if reduction == "none":
-        return loss, grad, tgrad
-    total = loss.sum()
-    return (total * coef if reduction == "mean" else total), grad, tgrad
+    if want_grad or want_tgrad:
+        coef = _kept_entries(row_mask, loss, loss.dtype).reciprocal_() if reduction == "mean" else 1.0
+        scale = torch.where(row_mask.view(-1, 1, 1), coef, 0.0).to(loss.dtype)  # (B, 1, 1)
+        for g in (grad, tgrad):
+            if g is not None:
+                g.mul_(scale.to(g.dtype))
+    return masked_reduction(loss, row_mask, reduction), grad, tgrad
 
 
 def row_mask_views(row_mask, n_heads: int, reduction: str):
