@@ -355,7 +355,8 @@ def hydra_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
             0 on them. No host sync; on the GPU the loss kernel reads the mask itself (loss and gradient 0
             on those rows, the mean over the kept ones formed there). Their teacher values are still
             checked (fill a teacher's padding rows with zeros if it makes NaN there); their student logits
-            must be finite (a NaN one gives a NaN gradient on its row: its gradient is 0 times its values).
+            may be anything, NaN and infinities included (a model's output at padding): loss and gradients
+            are exactly 0 there.
     Shapes: (B, M, C), (B, M, C) -> () or (B, M).
     Returns: the loss in the student's dtype (computed in fp32, fp64 for fp64 input).
     Memory: on the Triton path with a frozen dense teacher the gradient is formed in the backward
@@ -766,7 +767,8 @@ def gaussian_kl_loss(mean: torch.Tensor, var: torch.Tensor, teacher_mean: torch.
             when they require grad.
         reduction: "mean" (over B*M*K), "sum", or "none" -> (B, M, K).
         row_mask: optional (B,) bool (or integer, nonzero = kept): the rows that count, as in
-            ``hydra_kl_loss`` ("mean" over the kept rows' B_kept*M*K entries).
+            ``hydra_kl_loss`` ("mean" over the kept rows' B_kept*M*K entries); the head outputs on the rows
+            left out may be anything (NaN, var <= 0): loss and gradients 0 there.
     Returns: the loss in mean's dtype.
 
     Example:
@@ -785,6 +787,11 @@ def gaussian_kl_loss(mean: torch.Tensor, var: torch.Tensor, teacher_mean: torch.
     reduction = _check_reduction(reduction)
     keep = _check_row_mask(row_mask, mean.shape[0], "mean", mean)
     _check_gaussian_teacher(teacher_mean, teacher_var)
+    if keep is not None:
+        # A row left out may hold anything (NaN, a zero variance: a model's output at padding): it enters as
+        # N(0, 1), selected, so its gradient is exactly 0 whatever it held.
+        rows = keep.view(-1, 1, 1)
+        mean, var = torch.where(rows, mean, 0.0), torch.where(rows, var, 1.0)
     kl = gaussian_kl_torch(mean, var, teacher_mean, teacher_var)
     if keep is not None:
         return masked_reduction(kl, keep, reduction)

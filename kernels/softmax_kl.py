@@ -152,6 +152,18 @@ def _kept_rows(keep_ptr, keep_offs, row_ok, grad_scale, HAS_KEEP: tl.constexpr):
         return row_ok, grad_scale, grad_scale
 
 
+@triton.jit
+def _drop_rows(g, kept, HAS_KEEP: tl.constexpr):
+    """A gradient tile g (BLOCK_R, ...) with exactly 0 on the rows a row mask leaves out (kept: _kept_rows's
+    (BLOCK_R,) mask): a select, not the product by their zero scale, so that a row left out may hold
+    anything (NaN, infinities: a model's output at padding) and still gets 0. Without HAS_KEEP: g."""
+    if HAS_KEEP:
+        if len(g.shape) == 3:
+            return tl.where(kept[:, None, None], g, 0.0)
+        return tl.where(kept[:, None], g, 0.0)
+    return g
+
+
 # Forward formula: loss[r] = T^2 * KL(softmax(t[r]/T) || softmax(z[r]/T)); gradient
 # dloss/dz[r, c] = T * (q - p), written (times grad_scale / T) in the same launch as the loss.
 # One program owns BLOCK_R whole rows and walks their C tiles twice (stats, then gradient), so no
@@ -219,7 +231,7 @@ def _hydra_kl_fwd_kernel(
     REDUCE: tl.constexpr = False,  # the loss rows also summed (their last program), times out_scale
     BLOCK_P: tl.constexpr = 128,  # partial sums read per step by that program
     HAS_KEEP: tl.constexpr = False,  # a row mask: rows left out get loss 0 and gradients 0 (their teacher
-    #                                  still checked); their logits must be finite (the callers see to it)
+    #                                  still checked; their student logits may be anything, NaN included)
     MEAN_KEPT: tl.constexpr = False,  # "mean" over the kept rows: grad_scale and out_scale times B / kept rows
 ):
     # (norms are for a gradient formed later, from a frozen teacher: never beside the gradients here)
@@ -232,7 +244,7 @@ def _hydra_kl_fwd_kernel(
     kept_mean = _kept_mean_factor(nkept_ptr, batch_rows, MEAN_KEPT)
     grad_scale = grad_scale * kept_mean
     out_scale = out_scale * kept_mean
-    # the rows left out (HAS_KEEP): their gradients scaled by 0 (a per-row scale), their loss set to 0 below
+    # the rows left out (HAS_KEEP): their gradients and loss selected to 0 (_drop_rows; the loss below)
     kept, grad_scale_2d, grad_scale_3d = _kept_rows(keep_ptr, r_out * stride_ko + r_in * stride_ki, row_ok, grad_scale,
                                                     HAS_KEEP)
     z_rows = z_ptr + (r_out * stride_zo + r_in * stride_zi)[:, None]
@@ -359,8 +371,8 @@ def _hydra_kl_fwd_kernel(
         h_rows = tgrad_ptr + (r_out * stride_ho + r_in * stride_hi)[:, None]
         if ROW_IN_REGISTERS:
             _store_grads(_biased(z_row, b_row, HAS_BIAS) * inv_temp_again, t_row.to(tl.float32) * inv_temp_again, cols0,
-                         row_mask, g_rows, h_rows, m_s, log_d_s, m_u, log_d_u, s_at, big_a, grad_scale_2d,
-                         WRITE_GRAD, WRITE_TGRAD)
+                         row_mask, g_rows, h_rows, m_s, log_d_s, m_u, log_d_u, s_at, big_a, grad_scale_2d, kept,
+                         WRITE_GRAD, WRITE_TGRAD, HAS_KEEP)
         elif WRITE_TGRAD:
             n_tiles = tl.cdiv(C, BLOCK_C)
             for j in range(0, n_tiles):  # last tile first: pass 1 read it last, so L2 most likely still holds it
@@ -370,7 +382,7 @@ def _hydra_kl_fwd_kernel(
                 s = _student(z_rows, b_rows, cols, mask, HAS_BIAS) * inv_temp
                 u = tl.load(t_rows + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
                 _store_grads(s, u, cols, mask, g_rows, h_rows, m_s, log_d_s, m_u, log_d_u, s_at, big_a,
-                             grad_scale_2d, WRITE_GRAD, WRITE_TGRAD)
+                             grad_scale_2d, kept, WRITE_GRAD, WRITE_TGRAD, HAS_KEEP)
         else:
             # q = exp2((x - max x) * c2 - log2 d_s), p likewise: one exp2 per element and tensor, no
             # select (a masked teacher class is -inf: p = 0); the row's -inf maxima (nothing live) as 0.
@@ -384,7 +396,8 @@ def _hydra_kl_fwd_kernel(
                 mask = row_ok[:, None, None] & (cols < C)
                 x = _student(z_rows[:, :, None], b_rows[:, :, None], cols, mask, HAS_BIAS)
                 y = tl.load(t_rows[:, :, None] + cols, mask=mask, other=float("-inf")).to(tl.float32)
-                g = grad_scale_3d * (tl.exp2((x - ref_x) * c2 - lx) - tl.exp2((y - ref_y) * c2 - ly))
+                g = _drop_rows(grad_scale_3d * (tl.exp2((x - ref_x) * c2 - lx) - tl.exp2((y - ref_y) * c2 - ly)),
+                               kept, HAS_KEEP)
                 tl.store(g_rows[:, :, None] + cols, g.to(g_rows.dtype.element_ty), mask=mask)
 
 
@@ -424,7 +437,7 @@ def _hydra_kl_grad_kernel(
     batch_rows,  # B, for MEAN_KEPT's factor B / count
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
-    HAS_KEEP: tl.constexpr = False,  # a row mask: dz 0 on the rows left out (their logits finite)
+    HAS_KEEP: tl.constexpr = False,  # a row mask: dz 0 on the rows left out (whatever their logits)
     MEAN_KEPT: tl.constexpr = False,  # "mean" over the kept rows: grad_scale times B / count
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
@@ -437,7 +450,7 @@ def _hydra_kl_grad_kernel(
     m_s, l_s, m_u, l_u = _load_norms(norm_ptr + rows * 4, row_ok)
     up = tl.load(up_ptr + r_out * stride_uo + r_in * stride_ui, mask=row_ok, other=0.0).to(tl.float32)
     grad_scale = grad_scale * _kept_mean_factor(nkept_ptr, batch_rows, MEAN_KEPT)
-    _, row_scale, _ = _kept_rows(keep_ptr, r_out * stride_ko + r_in * stride_ki, row_ok, grad_scale, HAS_KEEP)
+    kept, row_scale, _ = _kept_rows(keep_ptr, r_out * stride_ko + r_in * stride_ki, row_ok, grad_scale, HAS_KEEP)
     scale = row_scale * up[:, None]
     z_rows = z_ptr + (r_out * stride_zo + r_in * stride_zi)[:, None]
     t_rows = t_ptr + (r_out * stride_to + r_in * stride_ti)[:, None]
@@ -447,7 +460,7 @@ def _hydra_kl_grad_kernel(
         mask = row_ok[:, None] & (cols < c_hi)
         x = tl.load(z_rows + cols, mask=mask, other=float("-inf")).to(tl.float32)
         y = tl.load(t_rows + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        g = _grad_from_norms(x, y, m_s, l_s, m_u, l_u, inv_temp, scale)
+        g = _drop_rows(_grad_from_norms(x, y, m_s, l_s, m_u, l_u, inv_temp, scale), kept, HAS_KEEP)
         tl.store(g_rows + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
@@ -515,7 +528,8 @@ def _hydra_kl_grad_cols_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    HAS_KEEP: tl.constexpr = False,  # rows left out: dz 0 (their logits finite), nothing added to the sums
+    HAS_KEEP: tl.constexpr = False,  # rows left out: dz 0, nothing added to the sums; their
+    #                                  logits finite (the heads zero those rows' inputs before the GEMM)
     MEAN_KEPT: tl.constexpr = False,  # "mean" over the kept rows: grad_scale times B / kept rows
 ):
     pid = tl.program_id(0)
@@ -580,18 +594,19 @@ def _mean_e(s, u, m_u, log_d_u, s_at):
 
 
 @triton.jit
-def _store_grads(s, u, cols, mask, g_rows, h_rows, m_s, log_d_s, m_u, log_d_u, s_at, big_a, grad_scale,
-                 WRITE_GRAD: tl.constexpr, WRITE_TGRAD: tl.constexpr):
+def _store_grads(s, u, cols, mask, g_rows, h_rows, m_s, log_d_s, m_u, log_d_u, s_at, big_a, grad_scale, kept,
+                 WRITE_GRAD: tl.constexpr, WRITE_TGRAD: tl.constexpr, HAS_KEEP: tl.constexpr):
     """One tile's gradients from its tempered logits s, u and the finished row statistics: the student's
-    grad_scale * (q - p) and, for a teacher that requires grad, grad_scale * p * (e - sum_k p_k e_k)."""
+    grad_scale * (q - p) and, for a teacher that requires grad, grad_scale * p * (e - sum_k p_k e_k); 0 on the
+    rows a row mask leaves out (kept, HAS_KEEP: see _drop_rows)."""
     if WRITE_TGRAD:  # a masked class (p = 0) gets 0
         live = u > float("-inf")
         e = (u - m_u[:, None]) - (s - s_at[:, None])
         p = tl.exp(u - m_u[:, None] - log_d_u[:, None])
-        h = tl.where(live, p * (e - big_a[:, None]), 0.0) * grad_scale
+        h = _drop_rows(tl.where(live, p * (e - big_a[:, None]), 0.0) * grad_scale, kept, HAS_KEEP)
         tl.store(h_rows + cols[None, :], h.to(h_rows.dtype.element_ty), mask=mask)
     if WRITE_GRAD:
-        g = _kl_grad_tile(s, u, m_s, log_d_s, m_u, log_d_u, grad_scale)
+        g = _drop_rows(_kl_grad_tile(s, u, m_s, log_d_s, m_u, log_d_u, grad_scale), kept, HAS_KEEP)
         tl.store(g_rows + cols[None, :], g.to(g_rows.dtype.element_ty), mask=mask)
 
 
@@ -647,7 +662,7 @@ def _hydra_kl_topk_fwd_kernel(
     WRITE_TGRAD: tl.constexpr,
     VEC: tl.constexpr,  # elements of one 16-byte load: a thread's slice of a student tile
     HAS_KEEP: tl.constexpr = False,  # a row mask, as in _hydra_kl_fwd_kernel: loss 0 and gradients 0 on the rows
-    #                                  left out (teacher still checked; their student logits must be finite)
+    #                                  left out (teacher still checked; their student logits may be anything)
     MEAN_KEPT: tl.constexpr = False,  # "mean" over the kept rows: grad_scale and out_scale times B / kept rows
     REDUCE: tl.constexpr = False,  # the loss rows also summed (their last program), times out_scale
     BLOCK_P: tl.constexpr = 128,  # partial sums read per step by that program
@@ -722,7 +737,7 @@ def _hydra_kl_topk_fwd_kernel(
         s_at = tl.max(tl.where(live & (w == m_w[:, None]), s_idx, float("-inf")), axis=1)
         e = (w - ref_w[:, None]) - (s_idx - s_at[:, None])
         mean_e = tl.sum(tl.where(live, p * e, 0.0), axis=1)
-        h = tl.where(live, p * (e - mean_e[:, None]), 0.0) * grad_scale_2d
+        h = _drop_rows(tl.where(live, p * (e - mean_e[:, None]), 0.0) * grad_scale_2d, kept, HAS_KEEP)
         tl.store(vgrad_ptr + (r_out * stride_ho + r_in * stride_hi)[:, None] + ks[None, :],
                  h.to(vgrad_ptr.dtype.element_ty), mask=k_mask)
 
@@ -734,8 +749,9 @@ def _hydra_kl_topk_fwd_kernel(
             mask = row_ok[:, None, None] & (cols < C)
             x = tl.load(z_rows[:, :, None] + cols, mask=mask, other=float("-inf")).to(tl.float32)
             q = tl.exp2((x - ref_x[:, :, None]) * c2 - lx)
-            tl.store(g_rows[:, :, None] + cols, (q * grad_scale_3d).to(grad_ptr.dtype.element_ty), mask=mask)
+            g = _drop_rows(q * grad_scale_3d, kept, HAS_KEEP)
+            tl.store(g_rows[:, :, None] + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
         tl.debug_barrier()  # every dense store of this program lands before the kept classes are rewritten
         q_idx = tl.exp(sd - log_d_s[:, None])
-        tl.store(g_rows + idx, ((q_idx - p) * grad_scale_2d).to(grad_ptr.dtype.element_ty),
-                 mask=live & in_range)
+        g_idx = _drop_rows((q_idx - p) * grad_scale_2d, kept, HAS_KEEP)
+        tl.store(g_rows + idx, g_idx.to(grad_ptr.dtype.element_ty), mask=live & in_range)

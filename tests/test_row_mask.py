@@ -15,7 +15,7 @@ from fasthydra import GaussianHydraHead, HydraHead, TopKTeacher, hinton_kl_loss,
 from fasthydra import reference as R
 from fasthydra.functional import gaussian_kl_loss
 from fasthydra.ops.gaussian_kl import split_gaussian
-from fasthydra.ops import checks
+from fasthydra.ops import _common, checks
 
 IMPLS = [pytest.param("torch", marks=pytest.mark.cpu), pytest.param("triton", marks=pytest.mark.interpret)]
 B, D, M, C = 37, 9, 3, 13  # the odd shape
@@ -341,6 +341,101 @@ def test_masked_hinton_loss_equals_the_kept_rows_alone(impl, teacher_kind, reduc
     assert_close_to(loss, ref, rtol=2e-6, atol=1e-7, what="loss")
     assert_close_to(g, g_ref, rtol=1e-5, atol=1e-8, what="student")
     assert torch.equal(g[~keep], torch.zeros_like(g[~keep]))
+
+
+def _poisoned(z: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """z (B, ...) with what a model may put out at padding on the rows left out, one kind per row in turn:
+    all NaN, all +inf, all -inf, one NaN among finite logits, one +inf among them, the largest float."""
+    z = z.detach().clone()
+    for n, row in enumerate((~keep).nonzero().flatten().tolist()):
+        kind = n % 6
+        if kind < 3:
+            z[row] = (float("nan"), float("inf"), float("-inf"))[kind]
+        elif kind < 5:
+            z[row].view(-1)[n % z[row].numel()] = float("nan") if kind == 3 else float("inf")
+        else:
+            z[row] = torch.finfo(z.dtype).max
+    return z
+
+
+# the loss kernels' ways of writing a gradient: the row held in registers (gradient formed in the backward
+# from the forward's normalisers, or in the forward), long rows in tiles (likewise); the torch path
+LOGIT_LAYOUTS = [pytest.param("torch", "rows", marks=pytest.mark.cpu)] + [
+    pytest.param("triton", layout, marks=pytest.mark.interpret)
+    for layout in ("row-deferred", "row-in-forward", "tiles-deferred", "tiles-in-forward")]
+
+
+@pytest.mark.parametrize("impl,layout", LOGIT_LAYOUTS)
+@pytest.mark.parametrize("teacher_kind", ["frozen", "grad", "topk", "topk-grad"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_student_rows_left_out_may_hold_anything(monkeypatch, impl, layout, teacher_kind, reduction):
+    """hydra_kl_loss and hinton_kl_loss on logits whose rows left out hold NaN and infinities (a transformer's
+    output at fully masked positions): the loss and every gradient equal the float64 loss over the kept rows
+    alone, and the rows left out get gradients of exactly 0 (a select, not 0 times NaN)."""
+    c = 37 if layout.startswith("tiles") else C
+    if layout.startswith("tiles"):  # 16-wide tiles: no row held whole
+        monkeypatch.setattr(_common, "MAX_BLOCK_C", 16)
+        monkeypatch.setattr(_common, "ROW_TILE_MAX", 16)
+    monkeypatch.setattr(_common, "DEFER_KL_GRAD", not layout.endswith("in-forward"))
+    keep = _mask(B, 21)
+    t = teacher_logits(B, M, c)
+    values, indices = t.topk(5, dim=-1)
+    topk = teacher_kind.startswith("topk")
+    leaf = (values if topk else t).requires_grad_(teacher_kind.endswith("grad"))
+    teacher = TopKTeacher(leaf, indices) if topk else leaf
+    for hinton in (False, True):
+        clean = torch.randn(B, c) * 3 if hinton else torch.randn(B, M, c) * 3
+        z = _poisoned(clean, keep).requires_grad_()
+        loss_fn = hinton_kl_loss if hinton else hydra_kl_loss
+        loss = loss_fn(z, teacher, 2.0, reduction, impl, row_mask=keep)
+        up = torch.rand(loss.shape) + 0.5
+        inputs = [z] + ([leaf] if leaf.requires_grad else [])
+        grads = torch.autograd.grad(loss, inputs, up)
+        z64 = z.detach().double().requires_grad_()
+        t_leaf = leaf.detach().double().requires_grad_()
+        t64 = TopKTeacher(t_leaf, indices).densify(c) if topk else t_leaf
+        if hinton and topk and leaf.requires_grad:
+            # (the eager reference's kl_div gives NaN gradients to the members' masked classes: the op itself,
+            # unmasked, in float64 over the kept rows alone)
+            ref = hinton_kl_loss(z64[keep], TopKTeacher(t_leaf[keep], indices[keep]), 2.0, reduction, "torch")
+        else:
+            ref_fn = R.hinton_kl_loss_ref if hinton else R.hydra_kl_loss_ref
+            ref = ref_fn(z64[keep], t64[keep], 2.0, reduction=reduction)
+        if reduction == "none":
+            ref = torch.zeros(loss.shape, dtype=torch.float64).index_put((keep,), ref)
+        ref_grads = torch.autograd.grad(ref, [z64, t_leaf], up.double())
+        what = f"{loss_fn.__name__}"
+        assert torch.isfinite(loss).all(), what
+        assert_close_to(loss, ref, rtol=2e-6, atol=1e-7, what=what)
+        for name, g, g_ref in zip(["student", "teacher"], grads, ref_grads):
+            assert_close_to(g, g_ref, rtol=1e-5, atol=1e-8, what=f"{what}: {name}")
+            assert torch.equal(g[~keep], torch.zeros_like(g[~keep])), f"{what}: {name}"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gaussian_outputs_left_out_may_hold_anything(impl):
+    """gaussian_kl_loss whose rows left out hold NaN means and variances of 0, -1 or NaN: the loss and gradients
+    of the kept rows alone (float64), exactly 0 on the others."""
+    keep = _mask(B, 22)
+    mean = _poisoned(torch.randn(B, M, 2), keep).requires_grad_()
+    var = (torch.rand(B, M, 2) + 0.2)
+    dropped = (~keep).nonzero().flatten()
+    var[dropped[0::3]], var[dropped[1::3]], var[dropped[2::3]] = 0.0, -1.0, float("nan")
+    var.requires_grad_()
+    tm, tv = torch.randn(B, M, 2), torch.rand(B, M, 2) + 0.2
+    for reduction in ("mean", "sum", "none"):
+        loss = gaussian_kl_loss(mean, var, tm, tv, reduction, row_mask=keep)
+        up = torch.rand(loss.shape) + 0.5
+        grads = torch.autograd.grad(loss, [mean, var], up)
+        m64, v64 = (a.detach().double().requires_grad_() for a in (mean, var))
+        ref = gaussian_kl_loss(m64[keep], v64[keep], tm.double()[keep], tv.double()[keep], reduction)
+        if reduction == "none":
+            ref = torch.zeros(B, M, 2, dtype=torch.float64).index_put((keep,), ref)
+        ref_grads = torch.autograd.grad(ref, [m64, v64], up.double())
+        assert_close_to(loss, ref, rtol=2e-6, atol=1e-7, what=reduction)
+        for g, g_ref in zip(grads, ref_grads):
+            assert_close_to(g, g_ref, rtol=1e-5, atol=1e-8, what=reduction)
+            assert torch.equal(g[~keep], torch.zeros_like(g[~keep]))
 
 
 @pytest.mark.parametrize("impl", IMPLS)

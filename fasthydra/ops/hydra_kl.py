@@ -229,7 +229,7 @@ def launch_kl_rows(z3, t3, loss2, grad3, temperature: float, grad_scale: float |
     reduce_to = (out, coefficient): the loss rows' sum times the coefficient written into the 0-dim fp32
     out by the launch's last program (no reduction launch; a torch sum after it where the configuration
     cannot, ``kl_rows_reduces_in_launch``). keep2: an (O, I) uint8 view (broadcast strides welcome) of a
-    row mask: the rows it leaves out get loss 0 and gradients 0 (their logits must be finite). kept_mean =
+    row mask: the rows it leaves out get loss 0 and gradients 0 (whatever their logits hold). kept_mean =
     (count, B): "mean" over the rows the mask keeps, grad_scale and the reduction's coefficient (with 1/(B*M)
     in them) times B / count, count (the mask's sum, an integer scalar) read on the device. The teacher's
     value errors go to the device's error word (checks.py), never through a host synchronisation."""
@@ -348,17 +348,19 @@ def mask_rows_torch(row_mask, reduction: str, forward, student, teacher, tempera
                     want_tgrad: bool, *indices):
     """`forward` (a torch path's forward: loss, grad, teacher grad) with a row mask (B,) bool or None: the rows
     as "none", the loss reduced over the kept ones (masked_reduction), and both gradients 0 on the rows left
-    out, the kept ones scaled by the reduction's coefficient over them (1 / (B_kept * M) for "mean"). No host
-    read."""
+    out (filled, not multiplied: a student row left out may hold NaN or infinities), the kept ones scaled by
+    the reduction's coefficient over them (1 / (B_kept * M) for "mean"). No host read."""
     if row_mask is None:
         return forward(student, teacher, temperature, reduction, want_grad, want_tgrad, *indices)
     loss, grad, tgrad = forward(student, teacher, temperature, "none", want_grad, want_tgrad, *indices)
     if want_grad or want_tgrad:
-        coef = _kept_entries(row_mask, loss, loss.dtype).reciprocal_() if reduction == "mean" else 1.0
-        scale = torch.where(row_mask.view(-1, 1, 1), coef, 0.0).to(loss.dtype)  # (B, 1, 1)
+        coef = _kept_entries(row_mask, loss, loss.dtype).reciprocal_() if reduction == "mean" else None
+        dropped = ~row_mask.view(-1, 1, 1)
         for g in (grad, tgrad):
             if g is not None:
-                g.mul_(scale.to(g.dtype))
+                if coef is not None:
+                    g.mul_(coef.to(g.dtype))
+                g.masked_fill_(dropped, 0.0)
     return masked_reduction(loss, row_mask, reduction), grad, tgrad
 
 
@@ -456,8 +458,8 @@ def launch_kl_rows_topk(z3, v3, i3, loss2, grad3, temperature: float, grad_scale
                         keep2=None, kept_mean=None, reduce_to=None):
     """launch_kl_rows for a top-k teacher: values v3 and indices i3 are (O, I, k) views with unit
     stride along k; grad3 may be z3 (in place); tgrad3 (O, I, k) receives the values' gradient; keep2,
-    kept_mean and reduce_to as launch_kl_rows takes them (rows left out: loss 0, gradients 0, their student
-    logits finite; the gradients of "mean" over the kept rows; the loss summed by the launch's last
+    kept_mean and reduce_to as launch_kl_rows takes them (rows left out: loss 0, gradients 0, whatever their
+    student logits hold; the gradients of "mean" over the kept rows; the loss summed by the launch's last
     program)."""
     from fasthydra.kernels.softmax_kl import _hydra_kl_topk_fwd_kernel
 
