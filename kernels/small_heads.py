@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .reduce import _kept_mean_factor, _last_program_sums
-from .softmax_kl import _kl_grad_tile, _online_kl_update
+from .softmax_kl import _kl_from_sums, _kl_grad_tile, _online_kl_update
 
 
 @triton.jit
@@ -130,7 +130,7 @@ def _small_heads_kl_kernel(
         bad |= tl.where(m_u == float("-inf"), 4, 0)
         log_d_s = tl.log(d_s)
         log_d_u = tl.log(d_u)
-        kl = (a / d_u - log_d_u + log_d_s) * loss_scale
+        kl = _kl_from_sums(a, d_s, d_u) * loss_scale
         if HAS_KEEP:
             kl = tl.where(live, kl, 0.0)
         tl.store(loss_ptr + rows * M + m, kl, mask=row_ok)

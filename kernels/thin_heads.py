@@ -32,7 +32,7 @@ import triton.language as tl
 
 from .reduce import _last_program_sums
 from .small_heads import _heads_logits_tile
-from .softmax_kl import _exp, _online_kl_update
+from .softmax_kl import _exp, _kl_from_sums, _online_kl_update
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -219,7 +219,7 @@ def _thin_heads_kl_kernel(
         if not EVEN_C:  # classes past C (t is -inf there already)
             z = tl.where((cols < C)[None, :], z, float("-inf"))
         m_s, d_s, m_u, d_u, a = _online_kl_update(z, t, m_s, d_s, m_u, d_u, a, PTX, BASE2=True, c=k2)
-    kl = (a * LN2 / d_u - tl.log(d_u) + tl.log(d_s)) * loss_scale
+    kl = _kl_from_sums(a * LN2, d_s, d_u) * loss_scale
     tl.store(loss_ptr + rows * stride_lb + m * stride_lm, kl, mask=rows_ok)
     if WRITE_GRAD:
         # dz = grad_scale (q - p), q = 2^((z - m_s) k2 - log2 d_s) (raw maxima: the difference before the

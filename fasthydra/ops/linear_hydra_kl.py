@@ -39,6 +39,7 @@ from .hydra_kl import (
     kept_mean_factor,
     kl_chunk_topk_torch,
     kl_chunk_torch,
+    kl_from_sums,
     launch_kl_grad_cols,
     launch_kl_rows,
     launch_kl_rows_topk,
@@ -134,7 +135,7 @@ def _class_tiled_block(xc, w, bias_c, tb, temperature, want_grad, shared, beta, 
         stats = _online_kl_stats(s, u, stats)
     m_s, d_s, m_u, d_u, a = stats
     log_d_s, log_d_u = d_s.log(), d_u.log()
-    kl = a / d_u - log_d_u + log_d_s
+    kl = kl_from_sums(a, d_s, d_u)
     # Log-probabilities as (logit - row max) - log d: the large max cancels exactly first, so a logit
     # of 1e3 does not cost the small log d its digits (as logit - (max + log d) would).
     ref_u = torch.where(torch.isneginf(m_u), 0.0, m_u).unsqueeze(-1)
@@ -174,7 +175,7 @@ def _class_tiled_in_c(tiles, m, bc, temperature, want_grad, shared, xs, w, beta,
         native.tile_stats(s, t, stats, temperature)
     m_s, d_s, m_t, d_u, a = stats
     log_d_s, log_d_u = d_s.log(), d_u.log()
-    loss = (a / d_u - log_d_u + log_d_s).mul_(temperature * temperature).view(m, bc).T
+    loss = kl_from_sums(a, d_s, d_u).mul_(temperature * temperature).view(m, bc).T
     if want_grad:
         _tiles_into_grads(((c0, c1, native.tile_grad(s, t, m_s, log_d_s, m_t, log_d_u, temperature))
                            for c0, c1, s, t in tiles()), shared, xs, w, beta, scale, grads)
@@ -229,14 +230,15 @@ def _class_tiled_block_topk(xc, w, bias_c, vb, ib, temperature, want_grad, share
         new_m = torch.maximum(m_s, s.amax(-1, keepdim=True))
         d_s = d_s * torch.exp(m_s - new_m) + s.sub_(new_m).exp_().sum(-1, keepdim=True)
         m_s = new_m
-    lse_s = m_s + d_s.log()
-    kl = (log_p - (s_idx - lse_s)).mul_(p).nan_to_num_(nan=0.0, posinf=math.inf).sum(-1)
+    log_d_s = d_s.log()
+    # log q at the kept classes as (logit - row max) - log d_s, the large max off first (as the dense path)
+    kl = (log_p - (s_idx - m_s).sub_(log_d_s)).mul_(p).nan_to_num_(nan=0.0, posinf=math.inf).sum(-1)
     if tgrad is not None:
         torch.mul(_teacher_grad(v - s_idx, p).transpose(0, 1), scale, out=tgrad)
     loss = (kl * (temperature * temperature)).T
     if not want_grad:
         return loss
-    _tiles_into_grads(((c0, c1, s.sub_(lse_s).exp_().scatter_add_(-1, local, torch.where(here, -p, 0.0)))
+    _tiles_into_grads(((c0, c1, s.sub_(m_s).sub_(log_d_s).exp_().scatter_add_(-1, local, torch.where(here, -p, 0.0)))
                        for c0, c1, s, here, local in tiles()), shared, xs, w, beta, scale, grads)  # q - p~
     return loss
 
