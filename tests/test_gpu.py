@@ -89,8 +89,9 @@ def test_logits_kernel_tolerance_rule(b, m, c, dtype):
 
 def _check_masked_logits(b, m, c, dtype, kind, device="cuda"):
     """hydra_kl_loss (kind "dense": a frozen teacher, the gradient formed in the backward; "topk") and
-    hinton_kl_loss with a row mask, the kernels reading it: the rows left out get gradient exactly 0, the rest
-    within the tolerance rule of the loss over the kept rows alone."""
+    hinton_kl_loss with a row mask, the kernels reading it: the rows left out (NaN, as a model's output at
+    fully masked positions) get gradient exactly 0, the rest within the tolerance rule of the loss over the
+    kept rows alone."""
     from fasthydra import hinton_kl_loss
 
     gen = torch.Generator(device=device).manual_seed(b + c)
@@ -105,10 +106,12 @@ def _check_masked_logits(b, m, c, dtype, kind, device="cuda"):
         teacher = t
     for fn, ref, zshape in ((hydra_kl_loss, R.hydra_kl_loss_ref, (b, m, c)),
                             (hinton_kl_loss, R.hinton_kl_loss_ref, (b, c))):
-        z = (torch.randn(zshape, device=device, generator=gen) * 3).to(dtype).requires_grad_()
+        z = (torch.randn(zshape, device=device, generator=gen) * 3).to(dtype)
+        z[~keep] = float("nan")
+        z.requires_grad_()
         loss = fn(z, teacher, 1.5, impl="triton", row_mask=keep)
         (g,) = torch.autograd.grad(loss, z)
-        assert torch.equal(g[~keep], torch.zeros_like(g[~keep])), fn.__name__
+        assert torch.isfinite(loss) and torch.equal(g[~keep], torch.zeros_like(g[~keep])), fn.__name__
         zk = z.detach()[keep].requires_grad_()
         eager = ref(zk, t[keep], 1.5)
         (ge,) = torch.autograd.grad(eager, zk)
