@@ -149,21 +149,18 @@ def _kl_from_sums(a, d_s, d_u):
 
 
 @triton.jit
-def _kept_rows(keep_ptr, keep_offs, row_ok, grad_scale, HAS_KEEP: tl.constexpr):
-    """A row mask's view of a program's rows: (kept (BLOCK_R,) bool, the gradient scale as a (BLOCK_R, 1) and a
-    (BLOCK_R, 1, 1) tensor, 0 on the rows left out). Without HAS_KEEP: (row_ok, grad_scale, grad_scale)."""
+def _kept_rows(keep_ptr, keep_offs, row_ok, HAS_KEEP: tl.constexpr):
+    """A row mask's view of a program's rows: (BLOCK_R,) bool, True for the rows that count (row_ok without
+    HAS_KEEP). _drop_rows then selects 0 for the others' gradients."""
     if HAS_KEEP:
-        kept = tl.load(keep_ptr + keep_offs, mask=row_ok, other=0) != 0
-        row_scale = tl.where(kept, grad_scale, 0.0)
-        return kept, row_scale[:, None], row_scale[:, None, None]
-    else:
-        return row_ok, grad_scale, grad_scale
+        return tl.load(keep_ptr + keep_offs, mask=row_ok, other=0) != 0
+    return row_ok
 
 
 @triton.jit
 def _drop_rows(g, kept, HAS_KEEP: tl.constexpr):
     """A gradient tile g (BLOCK_R, ...) with exactly 0 on the rows a row mask leaves out (kept: _kept_rows's
-    (BLOCK_R,) mask): a select, not the product by their zero scale, so that a row left out may hold
+    (BLOCK_R,) mask): a select, not a product by a zero scale, so that a row left out may hold
     anything (NaN, infinities: a model's output at padding) and still gets 0. Without HAS_KEEP: g."""
     if HAS_KEEP:
         if len(g.shape) == 3:
@@ -253,8 +250,7 @@ def _hydra_kl_fwd_kernel(
     grad_scale = grad_scale * kept_mean
     out_scale = out_scale * kept_mean
     # the rows left out (HAS_KEEP): their gradients and loss selected to 0 (_drop_rows; the loss below)
-    kept, grad_scale_2d, grad_scale_3d = _kept_rows(keep_ptr, r_out * stride_ko + r_in * stride_ki, row_ok, grad_scale,
-                                                    HAS_KEEP)
+    kept = _kept_rows(keep_ptr, r_out * stride_ko + r_in * stride_ki, row_ok, HAS_KEEP)
     z_rows = z_ptr + (r_out * stride_zo + r_in * stride_zi)[:, None]
     t_rows = t_ptr + (r_out * stride_to + r_in * stride_ti)[:, None]
     b_rows = bias_ptr + (r_out * stride_bo + r_in * stride_bi)[:, None]
@@ -379,7 +375,7 @@ def _hydra_kl_fwd_kernel(
         h_rows = tgrad_ptr + (r_out * stride_ho + r_in * stride_hi)[:, None]
         if ROW_IN_REGISTERS:
             _store_grads(_biased(z_row, b_row, HAS_BIAS) * inv_temp_again, t_row.to(tl.float32) * inv_temp_again, cols0,
-                         row_mask, g_rows, h_rows, m_s, log_d_s, m_u, log_d_u, s_at, big_a, grad_scale_2d, kept,
+                         row_mask, g_rows, h_rows, m_s, log_d_s, m_u, log_d_u, s_at, big_a, grad_scale, kept,
                          WRITE_GRAD, WRITE_TGRAD, HAS_KEEP)
         elif WRITE_TGRAD:
             n_tiles = tl.cdiv(C, BLOCK_C)
@@ -390,7 +386,7 @@ def _hydra_kl_fwd_kernel(
                 s = _student(z_rows, b_rows, cols, mask, HAS_BIAS) * inv_temp
                 u = tl.load(t_rows + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
                 _store_grads(s, u, cols, mask, g_rows, h_rows, m_s, log_d_s, m_u, log_d_u, s_at, big_a,
-                             grad_scale_2d, kept, WRITE_GRAD, WRITE_TGRAD, HAS_KEEP)
+                             grad_scale, kept, WRITE_GRAD, WRITE_TGRAD, HAS_KEEP)
         else:
             # q = exp2((x - max x) * c2 - log2 d_s), p likewise: one exp2 per element and tensor, no
             # select (a masked teacher class is -inf: p = 0); the row's -inf maxima (nothing live) as 0.
@@ -404,7 +400,7 @@ def _hydra_kl_fwd_kernel(
                 mask = row_ok[:, None, None] & (cols < C)
                 x = _student(z_rows[:, :, None], b_rows[:, :, None], cols, mask, HAS_BIAS)
                 y = tl.load(t_rows[:, :, None] + cols, mask=mask, other=float("-inf")).to(tl.float32)
-                g = _drop_rows(grad_scale_3d * (tl.exp2((x - ref_x) * c2 - lx) - tl.exp2((y - ref_y) * c2 - ly)),
+                g = _drop_rows(grad_scale * (tl.exp2((x - ref_x) * c2 - lx) - tl.exp2((y - ref_y) * c2 - ly)),
                                kept, HAS_KEEP)
                 tl.store(g_rows[:, :, None] + cols, g.to(g_rows.dtype.element_ty), mask=mask)
 
@@ -454,12 +450,12 @@ def _hydra_kl_grad_kernel(
     r_in = rows % R_INNER
     c_lo = tl.program_id(1) * cols_per_prog
     c_hi = tl.minimum(C, c_lo + cols_per_prog)
-    # per row, once: the normalisers and grad_scale times the upstream gradient (0 on rows a mask leaves out)
+    # per row, once: the normalisers and grad_scale times the upstream gradient
     m_s, l_s, m_u, l_u = _load_norms(norm_ptr + rows * 4, row_ok)
     up = tl.load(up_ptr + r_out * stride_uo + r_in * stride_ui, mask=row_ok, other=0.0).to(tl.float32)
     grad_scale = grad_scale * _kept_mean_factor(nkept_ptr, batch_rows, MEAN_KEPT)
-    kept, row_scale, _ = _kept_rows(keep_ptr, r_out * stride_ko + r_in * stride_ki, row_ok, grad_scale, HAS_KEEP)
-    scale = row_scale * up[:, None]
+    kept = _kept_rows(keep_ptr, r_out * stride_ko + r_in * stride_ki, row_ok, HAS_KEEP)
+    scale = grad_scale * up[:, None]
     z_rows = z_ptr + (r_out * stride_zo + r_in * stride_zi)[:, None]
     t_rows = t_ptr + (r_out * stride_to + r_in * stride_ti)[:, None]
     g_rows = grad_ptr + (r_out * stride_go + r_in * stride_gi)[:, None]
@@ -536,8 +532,7 @@ def _hydra_kl_grad_cols_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    HAS_KEEP: tl.constexpr = False,  # rows left out: dz 0, nothing added to the sums; their
-    #                                  logits finite (the heads zero those rows' inputs before the GEMM)
+    HAS_KEEP: tl.constexpr = False,  # rows left out: dz 0 (selected), nothing added to the sums
     MEAN_KEPT: tl.constexpr = False,  # "mean" over the kept rows: grad_scale times B / kept rows
 ):
     pid = tl.program_id(0)
@@ -562,8 +557,8 @@ def _hydra_kl_grad_cols_kernel(
         y = tl.load(t_ptr + (o * stride_to + ri * stride_ti)[:, None] + cols[None, :], mask=mask,
                     other=float("-inf")).to(tl.float32)
         m_s, l_s, m_u, l_u = _load_norms(norm_ptr + (o * I + ri) * 4, row_ok)
-        _, scale, _ = _kept_rows(keep_ptr, ri, row_ok, grad_scale, HAS_KEEP)
-        g = _grad_from_norms(x, y, m_s, l_s, m_u, l_u, inv_temp, scale)
+        g = _drop_rows(_grad_from_norms(x, y, m_s, l_s, m_u, l_u, inv_temp, grad_scale),
+                       _kept_rows(keep_ptr, ri, row_ok, HAS_KEEP), HAS_KEEP)
         tl.store(grad_ptr + (o * stride_go + ri * stride_gi)[:, None] + cols[None, :],
                  g.to(grad_ptr.dtype.element_ty), mask=mask)
         acc += tl.where(mask, g, 0.0)
@@ -683,8 +678,7 @@ def _hydra_kl_topk_fwd_kernel(
     kept_mean = _kept_mean_factor(nkept_ptr, batch_rows, MEAN_KEPT)
     grad_scale = grad_scale * kept_mean
     out_scale = out_scale * kept_mean
-    kept, grad_scale_2d, grad_scale_3d = _kept_rows(keep_ptr, r_out * stride_ko + r_in * stride_ki, row_ok, grad_scale,
-                                                    HAS_KEEP)
+    kept = _kept_rows(keep_ptr, r_out * stride_ko + r_in * stride_ki, row_ok, HAS_KEEP)
     z_rows = z_ptr + (r_out * stride_zo + r_in * stride_zi)[:, None]
 
     # The teacher's K entries and the student's logits there (gathered before any store: in place is safe)
@@ -745,7 +739,7 @@ def _hydra_kl_topk_fwd_kernel(
         s_at = tl.max(tl.where(live & (w == m_w[:, None]), s_idx, float("-inf")), axis=1)
         e = (w - ref_w[:, None]) - (s_idx - s_at[:, None])
         mean_e = tl.sum(tl.where(live, p * e, 0.0), axis=1)
-        h = _drop_rows(tl.where(live, p * (e - mean_e[:, None]), 0.0) * grad_scale_2d, kept, HAS_KEEP)
+        h = _drop_rows(tl.where(live, p * (e - mean_e[:, None]), 0.0) * grad_scale, kept, HAS_KEEP)
         tl.store(vgrad_ptr + (r_out * stride_ho + r_in * stride_hi)[:, None] + ks[None, :],
                  h.to(vgrad_ptr.dtype.element_ty), mask=k_mask)
 
@@ -757,9 +751,9 @@ def _hydra_kl_topk_fwd_kernel(
             mask = row_ok[:, None, None] & (cols < C)
             x = tl.load(z_rows[:, :, None] + cols, mask=mask, other=float("-inf")).to(tl.float32)
             q = tl.exp2((x - ref_x[:, :, None]) * c2 - lx)
-            g = _drop_rows(q * grad_scale_3d, kept, HAS_KEEP)
+            g = _drop_rows(q * grad_scale, kept, HAS_KEEP)
             tl.store(g_rows[:, :, None] + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
         tl.debug_barrier()  # every dense store of this program lands before the kept classes are rewritten
         q_idx = tl.exp(sd - log_d_s[:, None])
-        g_idx = _drop_rows((q_idx - p) * grad_scale_2d, kept, HAS_KEEP)
+        g_idx = _drop_rows((q_idx - p) * grad_scale, kept, HAS_KEEP)
         tl.store(g_rows + idx, g_idx.to(grad_ptr.dtype.element_ty), mask=live & in_range)
