@@ -119,9 +119,10 @@ def _check_same_device(**tensors) -> None:
         raise ValueError(f"all tensors must be on one device, got {seen}")
 
 
-def _check_row_mask(row_mask, rows: int, against: str, like: torch.Tensor) -> torch.Tensor | None:
-    """row_mask: None, or (B,) with True (or a nonzero integer, as a tokenizer's attention mask) for the rows
-    that count. Returned as bool; no value is read (nothing to check: every value is a valid mask)."""
+def _check_row_mask(row_mask, lead: tuple, against: str, like: torch.Tensor) -> torch.Tensor | None:
+    """row_mask: None, or one entry per row, shaped as the leading dimensions `lead` of `against` (a tokenizer's
+    (B, T) attention mask for (B, T, ...) inputs), True (or a nonzero integer) for the rows that count.
+    Returned flat, (rows,) bool; no value is read (nothing to check: every value is a valid mask)."""
     if row_mask is None:
         return None
     if not isinstance(row_mask, torch.Tensor):
@@ -129,11 +130,27 @@ def _check_row_mask(row_mask, rows: int, against: str, like: torch.Tensor) -> to
     if row_mask.dtype.is_floating_point or row_mask.dtype.is_complex:
         raise TypeError(f"row_mask must be a bool tensor (or an integer one, nonzero = the row counts), got "
                         f"{row_mask.dtype}; for per-row weights use reduction='none' and weight the rows")
-    if tuple(row_mask.shape) != (rows,):
-        raise ValueError(f"row_mask must have shape ({rows},), one entry per row of {against} "
-                         f"{tuple(like.shape)}; got {tuple(row_mask.shape)}")
+    lead = tuple(lead)
+    if tuple(row_mask.shape) != lead:
+        raise ValueError(f"row_mask must have shape {lead}, {against}'s leading shape (one entry per row of "
+                         f"{against} {tuple(like.shape)}); got {tuple(row_mask.shape)}")
     _check_same_device(**{against: like, "row_mask": row_mask})
+    if len(lead) != 1:
+        row_mask = row_mask.reshape(-1)
     return row_mask if row_mask.dtype == torch.bool else row_mask != 0
+
+
+def _rows(t: torch.Tensor, tail: int) -> torch.Tensor:
+    """t (*, <tail dims>) as (rows, <tail dims>), the leading dimensions flattened: t itself when it has one
+    (a no-op reshape still costs a view), else a reshape (a view where the strides allow; differentiable)."""
+    if t.dim() == tail + 1:
+        return t
+    return t.reshape(math.prod(t.shape[:t.dim() - tail]), *t.shape[t.dim() - tail:])
+
+
+def _check_min_dim(name: str, t: torch.Tensor, dims: int, form: str) -> None:
+    if t.dim() < dims:
+        raise ValueError(f"{name} must have shape {form} (* any leading dimensions), got {tuple(t.shape)}")
 
 
 def _kept_input(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
@@ -152,25 +169,28 @@ def _mean_over_kept(loss: torch.Tensor, keep: torch.Tensor | None, reduction: st
     return loss * (keep.shape[0] / keep.sum(dtype=loss.dtype).clamp_min_(1))
 
 
-def _check_topk(teacher, rows: int, heads: int, classes: int, device_of: dict, name="teacher_logits"):
-    """A TopKTeacher's shapes, dtypes and device (its values are checked inside the ops)."""
+def _check_topk(teacher, rows_shape: tuple, classes: int, device_of: dict, name="teacher_logits"):
+    """A TopKTeacher's shapes, dtypes and device (its values are checked inside the ops): values and indices
+    of shape rows_shape + (k,), rows_shape = (*, M). Returns them as (rows, M, k)."""
     values, indices = teacher.values, teacher.indices
-    _check_tensor(f"{name}.values", values, (3,))
+    _check_tensor(f"{name}.values", values)
+    _check_min_dim(f"{name}.values", values, 2, "(*, M, k)")
     if not isinstance(indices, torch.Tensor):
         raise TypeError(f"{name}.indices must be a torch.Tensor, got {type(indices).__name__}")
     if indices.dtype not in (torch.int32, torch.int64):
         raise InputDtypeError(f"{name}.indices must be int32 or int64, got {indices.dtype}")
     if indices.shape != values.shape:
         raise ValueError(f"{name}.indices {tuple(indices.shape)} and {name}.values {tuple(values.shape)} must "
-                         "have one shape (B, M, k)")
-    b, m, k = values.shape
-    if (b, m) != (rows, heads):
-        raise ValueError(f"{name} (top-k) must have shape (B, M, k) with (B, M) = ({rows}, {heads}); got "
+                         "have one shape (*, M, k)")
+    rows_shape = tuple(rows_shape)
+    if tuple(values.shape[:-1]) != rows_shape:
+        raise ValueError(f"{name} (top-k) must have shape (*, M, k) with (*, M) = {rows_shape}; got "
                          f"{tuple(values.shape)}")
+    k = values.shape[-1]
     if not 1 <= k <= classes:
         raise ValueError(f"{name} (top-k) must keep 1 <= k <= C = {classes} classes per row, got k = {k}")
     _check_same_device(**device_of, **{f"{name}.values": values, f"{name}.indices": indices})
-    return values, indices
+    return _rows(values, 2), _rows(indices, 2)
 
 
 def _teacher_parts(teacher):
@@ -185,24 +205,29 @@ def _check_extent(name: str, tensor: torch.Tensor, dim: int, what: str) -> None:
 
 
 def _check_logit_pair(student, teacher, student_name="student_logits", teacher_name="teacher_logits"):
-    _check_tensor(student_name, student, (3,))
-    _check_extent(student_name, student, 2, "class (C >= 1)")
+    """Student logits (*, M, C) and teacher logits of the same shape (or a TopKTeacher, (*, M, k)): checked,
+    and returned as (rows, M, C) and (rows, M, C) (or a TopKTeacher of (rows, M, k)) with the leading shape *."""
+    _check_tensor(student_name, student)
+    _check_min_dim(student_name, student, 2, "(*, M, C)")
+    _check_extent(student_name, student, -1, "class (C >= 1)")
+    lead = tuple(student.shape[:-2])
     if isinstance(teacher, TopKTeacher):
-        _check_topk(teacher, student.shape[0], student.shape[1], student.shape[2], {student_name: student},
-                    teacher_name)
-        return
-    _check_tensor(teacher_name, teacher, (3,))
+        values, indices = _check_topk(teacher, student.shape[:-1], student.shape[-1], {student_name: student},
+                                      teacher_name)
+        return _rows(student, 2), TopKTeacher(values, indices), lead
+    _check_tensor(teacher_name, teacher)
     if student.shape != teacher.shape:
-        what = []
-        if student.shape[0] != teacher.shape[0]:
-            what.append("batch")
-        if student.shape[1] != teacher.shape[1]:
+        what = [f"{student.dim()} and {teacher.dim()} dimensions"] if student.dim() != teacher.dim() else []
+        if student.dim() == teacher.dim() and student.shape[:-2] != teacher.shape[:-2]:
+            what.append("batch (leading dimensions)")
+        if teacher.dim() < 2 or student.shape[-2] != teacher.shape[-2]:
             what.append("heads M")
-        if student.shape[2] != teacher.shape[2]:
+        if teacher.dim() < 1 or student.shape[-1] != teacher.shape[-1]:
             what.append("classes C")
-        raise ValueError(f"{student_name} and {teacher_name} must have the same shape (B, M, C); got "
+        raise ValueError(f"{student_name} and {teacher_name} must have the same shape (*, M, C); got "
                          f"{tuple(student.shape)} and {tuple(teacher.shape)} ({', '.join(what)} differ)")
     _check_same_device(**{student_name: student, teacher_name: teacher})
+    return _rows(student, 2), _rows(teacher, 2), lead
 
 
 # ----------------------------------------------------------------------------------------------
@@ -342,23 +367,25 @@ def hydra_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
     ``torch.no_grad()``.
 
     Args:
-        student_logits: head logits z, (B, M, C), floating.
-        teacher_logits: member logits t, (B, M, C), floating, same device; NaN/+Inf not allowed.
+        student_logits: head logits z, (*, M, C), floating: one row per leading index, e.g. (B, M, C), or
+            (B, T, M, C) for a batch of sequences (what ``HydraHead`` returns for (B, T, D) features).
+        teacher_logits: member logits t, the same shape, floating, same device; NaN/+Inf not allowed. Or a
+            ``TopKTeacher`` of (*, M, k) values and indices.
         temperature: T > 0, at most 2^63 and at least 2^-64 (else a ValueError). The T^2 factor keeps
             gradient size independent of T. Past T of about 1e3 the loss value (KL of order 1 / T^2)
             loses its digits to float32 rounding, as eager's does (fewer: about half eager's error on
             nearly uniform rows); the gradient keeps them.
-        reduction: "mean" (over B*M; 0 for an empty batch), "sum", or "none" -> (B, M).
+        reduction: "mean" (over all rows and heads; 0 for an empty batch), "sum", or "none" -> (*, M).
         impl: "auto" | "triton" | "torch".
-        row_mask: optional (B,) bool (or integer, nonzero = kept): the rows that count, e.g. the
-            non-padding positions of flattened sequences. Rows left out add nothing and get zero
-            gradients; "mean" averages over the kept rows' B_kept*M entries (0 if none), "none" gives
-            0 on them. No host sync; on the GPU the loss kernel reads the mask itself (loss and gradient 0
-            on those rows, the mean over the kept ones formed there). Their teacher values are still
-            checked (fill a teacher's padding rows with zeros if it makes NaN there); their student logits
-            may be anything, NaN and infinities included (a model's output at padding): loss and gradients
-            are exactly 0 there.
-    Shapes: (B, M, C), (B, M, C) -> () or (B, M).
+        row_mask: optional (*) bool (or integer, nonzero = kept), the logits' leading shape: the rows that
+            count, e.g. the non-padding positions of a sequence batch (its (B, T) attention mask). Rows
+            left out add nothing and get zero gradients; "mean" averages over the kept rows' B_kept*M
+            entries (0 if none), "none" gives 0 on them. No host sync; on the GPU the loss kernel reads the
+            mask itself (loss and gradient 0 on those rows, the mean over the kept ones formed there).
+            Their teacher values are still checked (fill a teacher's padding rows with zeros if it makes
+            NaN there); their student logits may be anything, NaN and infinities included (a model's
+            output at padding): loss and gradients are exactly 0 there.
+    Shapes: (*, M, C), (*, M, C) -> () or (*, M).
     Returns: the loss in the student's dtype (computed in fp32, fp64 for fp64 input).
     Memory: on the Triton path with a frozen dense teacher the gradient is formed in the backward
         from the saved student and teacher logits (no (B, M, C) tensor is kept besides them): change
@@ -372,16 +399,18 @@ def hydra_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
         >>> z, t = torch.randn(8, 4, 10, requires_grad=True), torch.randn(8, 4, 10)
         >>> hydra_kl_loss(z, t, temperature=2.0).backward()
     """
-    _check_logit_pair(student_logits, teacher_logits)
+    student, teacher_rows, lead = _check_logit_pair(student_logits, teacher_logits)
     temperature = _check_temperature(temperature)
     reduction = _check_reduction(reduction)
-    teacher, indices = _teacher_parts(teacher_logits)
-    keep = _check_row_mask(row_mask, student_logits.shape[0], "student_logits", student_logits)
-    impl = resolve_impl(impl, student_logits, teacher)
+    teacher, indices = _teacher_parts(teacher_rows)
+    keep = _check_row_mask(row_mask, lead, "student_logits", student_logits)
+    impl = resolve_impl(impl, student, teacher)
     # The teacher's values are checked inside the op, where the data is read anyway.
     on = torch.is_grad_enabled()
-    loss, *_ = _ops.hydra_kl_call(student_logits, teacher, temperature, reduction, on and student_logits.requires_grad,
+    loss, *_ = _ops.hydra_kl_call(student, teacher, temperature, reduction, on and student.requires_grad,
                                   on and teacher.requires_grad, impl, indices, keep)
+    if reduction == "none" and len(lead) != 1:
+        loss = loss.reshape(*lead, student.shape[1])
     return _autocast_loss(loss, student_logits)
 
 
@@ -404,30 +433,43 @@ def hinton_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
     pbar = mean_m softmax(t_m / T) is the ensemble's averaged prediction (stage 1 of Hydra, and plain KD).
 
     Args:
-        student_logits: (B, C) or (B, 1, C).
-        teacher_logits: (B, M, C) member logits.
-        temperature, reduction, impl, row_mask: as in :func:`hydra_kl_loss`; "none" gives (B,), "mean"
-            averages over the kept rows.
+        student_logits: (*, C) or (*, 1, C), * the teacher's leading shape (B, or (B, T) for sequences).
+        teacher_logits: (*, M, C) member logits, or a ``TopKTeacher`` of (*, M, k) values and indices.
+        temperature, reduction, impl, row_mask: as in :func:`hydra_kl_loss` (row_mask: shape (*)); "none"
+            gives (*), "mean" averages over the kept rows.
     Returns: the loss in the student's dtype.
 
     Example:
         >>> z, t = torch.randn(8, 10, requires_grad=True), torch.randn(8, 5, 10)
         >>> hinton_kl_loss(z, t, temperature=4.0).backward()
     """
-    _check_tensor("student_logits", student_logits, (2, 3))
-    if student_logits.dim() == 3 and student_logits.shape[1] != 1:
-        raise ValueError(f"student_logits must be (B, C) or (B, 1, C) for the Hinton loss, got "
-                         f"{tuple(student_logits.shape)}")
+    _check_tensor("student_logits", student_logits)
+    _check_min_dim("student_logits", student_logits, 1, "(*, C) or (*, 1, C)")
     _check_extent("student_logits", student_logits, -1, "class (C >= 1)")
-    z = student_logits if student_logits.dim() == 3 else student_logits.unsqueeze(1)
-    keep = _check_row_mask(row_mask, z.shape[0], "student_logits", student_logits)
-    if isinstance(teacher_logits, TopKTeacher):
-        return _hinton_topk(z, student_logits, teacher_logits, temperature, reduction, impl, keep)
-    _check_tensor("teacher_logits", teacher_logits, (3,))
-    _check_extent("teacher_logits", teacher_logits, 1, "member (M >= 1) to average")
-    if z.shape[0] != teacher_logits.shape[0] or z.shape[2] != teacher_logits.shape[2]:
-        raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
-                         f"{tuple(teacher_logits.shape)} must agree in batch B and classes C")
+    top_k = isinstance(teacher_logits, TopKTeacher)
+    name = "teacher_logits.values" if top_k else "teacher_logits"
+    members = teacher_logits.values if top_k else teacher_logits
+    _check_tensor(name, members)  # (before its M is read)
+    _check_min_dim(name, members, 2, "(*, M, k)" if top_k else "(*, M, C)")
+    _check_extent(name, members, -2, "member (M >= 1) to average")
+    lead, c = tuple(members.shape[:-2]), student_logits.shape[-1]
+    if student_logits.shape[:-1] not in (lead, (*lead, 1)) or (not top_k and members.shape[-1] != c):
+        raise ValueError(f"student_logits {tuple(student_logits.shape)} and {name} {tuple(members.shape)} must "
+                         f"agree in the leading shape (batch) and classes C: student_logits must be (*, C) or "
+                         f"(*, 1, C) with * = {lead} for the Hinton loss")
+    z = student_logits if student_logits.dim() == 3 and len(lead) == 1 else \
+        student_logits.reshape(math.prod(lead), 1, c)
+    keep = _check_row_mask(row_mask, lead, "student_logits", student_logits)
+    if top_k:
+        loss = _hinton_topk(z, student_logits, teacher_logits, lead, temperature, reduction, impl, keep)
+    else:
+        loss = _hinton_dense(z, student_logits, teacher_logits, temperature, reduction, impl, keep)
+    return loss.reshape(lead) if reduction == "none" and len(lead) != 1 else loss
+
+
+def _hinton_dense(z, student_logits, teacher_logits, temperature, reduction, impl, keep):
+    """Hinton loss of z (rows, 1, C) against M members' logits (*, M, C), the rows of the student's."""
+    teacher_logits = _rows(teacher_logits, 2)
     _check_same_device(student_logits=student_logits, teacher_logits=teacher_logits)
     temperature = _check_temperature(temperature)
     reduction = _check_reduction(reduction)
@@ -460,14 +502,12 @@ def _hinton_on_target(z, mean_teacher, temperature, reduction, impl, keep=None):
     return loss.squeeze(1) if reduction == "none" else loss
 
 
-def _hinton_topk(z, student_logits, teacher: TopKTeacher, temperature, reduction, impl, keep=None):
+def _hinton_topk(z, student_logits, teacher: TopKTeacher, lead: tuple, temperature, reduction, impl, keep=None):
     """Hinton loss against the mean of M sparse members: pbar = mean_m scatter(p~_m), supported on up
     to M*k classes. pbar is formed as one (B, C) row per example (the student's own size, no factor
     M), then the dense single-head kernel runs; the values get their gradient through it."""
     b, _, c = z.shape
-    _check_tensor("teacher_logits.values", teacher.values, (3,))  # before its M is read
-    _check_extent("teacher_logits.values", teacher.values, 1, "member (M >= 1) to average")
-    values, indices = _check_topk(teacher, b, teacher.values.shape[1], c, {"student_logits": student_logits})
+    values, indices = _check_topk(teacher, (*lead, teacher.values.shape[-2]), c, {"student_logits": student_logits})
     temperature = _check_temperature(temperature)
     reduction = _check_reduction(reduction)
     if not torch.compiler.is_compiling():
@@ -596,7 +636,7 @@ def grouped_heads(u, weight, bias=None, impl: str = "auto"):
 def _check_fused_loss_args(inp, teacher, weight, temperature, reduction, name, row_mask=None):
     m, c, _ = weight.shape
     if isinstance(teacher, TopKTeacher):
-        _check_topk(teacher, inp.shape[0], m, c, {name: inp})
+        _check_topk(teacher, (inp.shape[0], m), c, {name: inp})
     else:
         _check_tensor("teacher_logits", teacher, (3,))
     if not isinstance(teacher, TopKTeacher) and teacher.shape != (inp.shape[0], m, c):
@@ -608,7 +648,7 @@ def _check_fused_loss_args(inp, teacher, weight, temperature, reduction, name, r
     if reduction == "none":
         raise ValueError("reduction='none' is not fused (the gradient needs the per-row upstream "
                          "gradient); compute the logits and call hydra_kl_loss instead")
-    keep = _check_row_mask(row_mask, inp.shape[0], name, inp)
+    keep = _check_row_mask(row_mask, inp.shape[:1], name, inp)
     return temperature, reduction, keep  # the teacher's values are checked inside the op
 
 
@@ -706,25 +746,31 @@ def uncertainty(logits: torch.Tensor, temperature: float = 1.0, impl: str = "aut
     epistemic = total - aleatoric (the mutual information, clamped at 0 against rounding).
 
     Args:
-        logits: (B, M, C) head logits.
+        logits: (*, M, C) head logits, e.g. (B, M, C), or (B, T, M, C) for a batch of sequences.
         temperature: T > 0 (1 by default, as in the paper's evaluation).
         impl: "auto" | "triton" | "torch".
-    Returns: ``Uncertainty(probs (B, C), total (B,), aleatoric (B,), epistemic (B,))`` in the logits' dtype.
+    Returns: ``Uncertainty(probs (*, C), total (*), aleatoric (*), epistemic (*))`` in the logits' dtype.
 
     Example:
         >>> u = uncertainty(torch.randn(16, 8, 10))
         >>> u.epistemic.shape
         torch.Size([16])
     """
-    _check_tensor("logits", logits, (3,))
+    _check_tensor("logits", logits)
+    _check_min_dim("logits", logits, 2, "(*, M, C)")
     temperature = _check_temperature(temperature)
-    _check_extent("logits", logits, 1, "head")
-    _check_extent("logits", logits, 2, "class (C >= 1)")
+    _check_extent("logits", logits, -2, "head")
+    _check_extent("logits", logits, -1, "class (C >= 1)")
     impl = resolve_impl(impl, logits)
+    lead, z = logits.shape[:-2], _rows(logits.detach(), 2)
     if _plain_torch_ops():  # (vmap over a batch of predictions, a trace) the reference's torch ops, fp32 or wider
-        wide = logits.detach().float() if logits.element_size() < 4 else logits.detach()
-        return Uncertainty(*(v.to(logits.dtype) for v in uncertainty_ref(wide, temperature)))
-    return Uncertainty(*_ops.uncertainty_call(logits.detach(), temperature, impl))
+        wide = z.float() if z.element_size() < 4 else z
+        parts = [v.to(logits.dtype) for v in uncertainty_ref(wide, temperature)]
+    else:
+        parts = list(_ops.uncertainty_call(z, temperature, impl))
+    if len(lead) != 1:
+        parts = [parts[0].reshape(*lead, logits.shape[-1])] + [v.reshape(lead) for v in parts[1:]]
+    return Uncertainty(*parts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -763,11 +809,11 @@ def gaussian_kl_loss(mean: torch.Tensor, var: torch.Tensor, teacher_mean: torch.
     ``0.5 * (log(var_m / var_t) + (var_t + (mu_t - mu_m)^2) / var_m - 1)``, elementwise.
 
     Args:
-        mean, var: head outputs (B, M, K), var > 0.
-        teacher_mean, teacher_var: member outputs (B, M, K), teacher_var > 0; they get their gradients
-            when they require grad.
-        reduction: "mean" (over B*M*K), "sum", or "none" -> (B, M, K).
-        row_mask: optional (B,) bool (or integer, nonzero = kept): the rows that count, as in
+        mean, var: head outputs (*, M, K), var > 0 (e.g. (B, M, K), or (B, T, M, K) for sequences).
+        teacher_mean, teacher_var: member outputs of the same shape, teacher_var > 0; they get their
+            gradients when they require grad.
+        reduction: "mean" (over all entries), "sum", or "none" -> (*, M, K).
+        row_mask: optional (*) bool (or integer, nonzero = kept), the leading shape: the rows that count, as in
             ``hydra_kl_loss`` ("mean" over the kept rows' B_kept*M*K entries); the head outputs on the rows
             left out may be anything (NaN, var <= 0): loss and gradients 0 there.
     Returns: the loss in mean's dtype.
@@ -779,23 +825,26 @@ def gaussian_kl_loss(mean: torch.Tensor, var: torch.Tensor, teacher_mean: torch.
     names = ("mean", "var", "teacher_mean", "teacher_var")
     tensors = (mean, var, teacher_mean, teacher_var)
     for name, value in zip(names, tensors):
-        _check_tensor(name, value, (3,))
+        _check_tensor(name, value)
+        _check_min_dim(name, value, 2, "(*, M, K)")
     shapes = {tuple(t.shape) for t in tensors}
     if len(shapes) != 1:
-        raise ValueError("mean, var, teacher_mean and teacher_var must share one shape (B, M, K); got "
+        raise ValueError("mean, var, teacher_mean and teacher_var must share one shape (*, M, K); got "
                          + ", ".join(f"{n} {tuple(t.shape)}" for n, t in zip(names, tensors)))
     _check_same_device(**dict(zip(names, tensors)))
     reduction = _check_reduction(reduction)
-    keep = _check_row_mask(row_mask, mean.shape[0], "mean", mean)
+    keep = _check_row_mask(row_mask, mean.shape[:-2], "mean", mean)
     _check_gaussian_teacher(teacher_mean, teacher_var)
     if keep is not None:
         # A row left out may hold anything (NaN, a zero variance: a model's output at padding): it enters as
         # N(0, 1), selected, so its gradient is exactly 0 whatever it held.
+        shape = mean.shape
+        mean, var, teacher_mean, teacher_var = (_rows(t, 2) for t in (mean, var, teacher_mean, teacher_var))
         rows = keep.view(-1, 1, 1)
         mean, var = torch.where(rows, mean, 0.0), torch.where(rows, var, 1.0)
+        kl = masked_reduction(gaussian_kl_torch(mean, var, teacher_mean, teacher_var), keep, reduction)
+        return kl.reshape(shape) if reduction == "none" else kl
     kl = gaussian_kl_torch(mean, var, teacher_mean, teacher_var)
-    if keep is not None:
-        return masked_reduction(kl, keep, reduction)
     if reduction == "none":
         return kl
     return kl.sum() if reduction == "sum" or kl.numel() == 0 else kl.mean()
@@ -836,7 +885,7 @@ def gaussian_heads_kl_loss(x, weight, bias, teacher_mean, teacher_var, min_var: 
     reduction = _check_reduction(reduction)
     if reduction == "none":
         raise ValueError("reduction='none' is not fused; use gaussian_kl_loss on the head outputs")
-    keep = _check_row_mask(row_mask, x.shape[0], "x", x)
+    keep = _check_row_mask(row_mask, x.shape[:1], "x", x)
     impl = resolve_impl(impl, x, weight, bias, teacher_mean, teacher_var)
     teacher_grad = torch.is_grad_enabled() and (teacher_mean.requires_grad or teacher_var.requires_grad)
     fused = impl == "triton" and not teacher_grad and keep is None  # (no teacher gradient, no mask: unfused)

@@ -21,19 +21,6 @@ def _init_heads_(weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         nn.init.uniform_(bias, -bound, bound)
 
 
-def _flat_row_mask(row_mask, x: torch.Tensor) -> torch.Tensor | None:
-    """A module's row_mask, x's leading shape (*), checked and flattened to the (rows,) bool mask of x2."""
-    if row_mask is None:
-        return None
-    if not isinstance(row_mask, torch.Tensor):
-        raise TypeError(f"row_mask must be a torch.Tensor or None, got {type(row_mask).__name__}")
-    lead = tuple(x.shape[:-1])
-    if tuple(row_mask.shape) != lead:
-        raise ValueError(f"row_mask must have x's leading shape {lead} (x {tuple(x.shape)}), got "
-                         f"{tuple(row_mask.shape)}")
-    return F_h._check_row_mask(row_mask.reshape(-1), row_mask.numel(), "x", x)
-
-
 class HydraHead(nn.Module):
     """M light heads over a shared body output, trained to imitate M ensemble members.
 
@@ -166,7 +153,7 @@ class HydraHead(nn.Module):
                                  f"(M={self.num_heads}, C={self.num_classes}); got {tuple(teacher_logits.shape)}")
             t2 = teacher_logits if teacher_logits.dim() == 3 else teacher_logits.reshape(-1, self.num_heads,
                                                                                           self.num_classes)
-        row_mask = _flat_row_mask(row_mask, x)
+        row_mask = F_h._check_row_mask(row_mask, lead, "x", x)
         if reduction == "none":  # (rows left out: x set to 0 first, as the fused path does)
             loss = F_h.hydra_kl_loss(self(F_h._kept_input(x2, row_mask)), t2, temperature, reduction="none",
                                      impl=self.impl, row_mask=row_mask)
@@ -253,7 +240,7 @@ class GaussianHydraHead(HydraHead):
                 raise ValueError(f"{name} must have shape {want} for x {tuple(x.shape)}, got {tuple(value.shape)}")
         tm = teacher_mean.reshape(-1, self.num_heads, self.out_features)
         tv = teacher_var.reshape(-1, self.num_heads, self.out_features)
-        row_mask = _flat_row_mask(row_mask, x)
+        row_mask = F_h._check_row_mask(row_mask, lead, "x", x)
         if reduction == "none":
             mean, var = self(F_h._kept_input(x2, row_mask))
             return F_h.gaussian_kl_loss(mean, var, tm, tv, "none", row_mask=row_mask).reshape(*want)

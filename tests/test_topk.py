@@ -240,7 +240,7 @@ def test_malformed_topk_containers_get_type_errors():
         hinton_kl_loss(torch.randn(4, 10), TopKTeacher([[0.0]], idx))
     with pytest.raises(TypeError, match="indices"):
         hydra_kl_loss(torch.randn(4, 3, 10), TopKTeacher(torch.randn(4, 3, 2), [[0]]))
-    with pytest.raises(ValueError, match=r"\(B, M\)"):
+    with pytest.raises(ValueError, match=r"\(\*, M\) = \(4, 3\); got \(4, 2, 2\)"):
         hydra_kl_loss(torch.randn(4, 3, 10), TopKTeacher(torch.randn(4, 2, 2), idx[:, :2]))
 
 

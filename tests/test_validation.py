@@ -32,8 +32,12 @@ Z = torch.randn(4, 3, 5)
     (Z, torch.randn(4, 3, 6), r"classes C"),
     (Z, torch.randn(4, 2, 5), r"heads M"),
     (Z, torch.randn(5, 3, 5), r"batch"),
-    (Z, torch.randn(4, 5), r"teacher_logits must be 3-D"),
-    (torch.randn(4, 15), torch.randn(4, 3, 5), r"student_logits must be 3-D"),
+    (Z, torch.randn(4, 5), r"same shape \(\*, M, C\); got \(4, 3, 5\) and \(4, 5\) \(3 and 2 dimensions"),
+    (torch.randn(4, 15), torch.randn(4, 3, 5), r"\(4, 15\) and \(4, 3, 5\) \(2 and 3 dimensions, heads M, classes C"),
+    (torch.randn(4, 3, 5), torch.randn(2, 2, 3, 5), r"\(4, 3, 5\) and \(2, 2, 3, 5\) \(3 and 4 dimensions differ\)"),
+    (torch.randn(2, 2, 3, 5), torch.randn(2, 3, 3, 5), r"batch \(leading dimensions\) differ"),
+    (torch.randn(5), torch.randn(5), r"student_logits must have shape \(\*, M, C\)"),
+    (torch.tensor(1.0), torch.tensor(1.0), r"student_logits must have shape \(\*, M, C\)"),
     (Z, torch.randn(1, 3, 5), r"\(4, 3, 5\) and \(1, 3, 5\)"),  # no broadcasting
 ])
 def test_shape_mismatch(no_kernels, student, teacher, match):
@@ -117,10 +121,14 @@ def test_bad_impl(no_kernels, monkeypatch):
 
 def test_hinton_shapes(no_kernels):
     t = torch.randn(4, 3, 5)
-    with pytest.raises(ValueError, match=r"\(B, C\) or \(B, 1, C\)"):
+    with pytest.raises(ValueError, match=r"must be \(\*, C\) or \(\*, 1, C\) with \* = \(4,\)"):
         hinton_kl_loss(torch.randn(4, 3, 5), t)
-    with pytest.raises(ValueError, match="batch B and classes C"):
+    with pytest.raises(ValueError, match="agree in the leading shape \\(batch\\) and classes C"):
         hinton_kl_loss(torch.randn(4, 6), t)
+    with pytest.raises(ValueError, match=r"with \* = \(2, 2\)"):
+        hinton_kl_loss(torch.randn(4, 5), t.reshape(2, 2, 3, 5))
+    with pytest.raises(ValueError, match=r"teacher_logits must have shape \(\*, M, C\)"):
+        hinton_kl_loss(torch.randn(5), torch.randn(5))
 
 
 def test_no_classes_or_no_members(no_kernels):
