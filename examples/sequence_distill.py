@@ -7,8 +7,9 @@ Data: random token sequences of lengths 3 to 24, right-padded to the batch's lon
 M small GRU language models with different random weights (a real run would load trained members). Each
 step computes the teachers' next-token logits (batch, time, M, vocab) without grad and trains the student
 with ``head.distill_loss(hidden, teacher_logits, T, row_mask=attention_mask)``: no indexing, no host sync.
-At the end it prints the loss before and after, and how far the heads agree with their own member against
-the other members (a head imitates its member: each diagonal entry should be the smallest of its row).
+At the end it prints the loss before and after, how far the heads agree with their own member against the
+other members (a head imitates its member: each diagonal entry should be the smallest of its row), and the
+heads' per-token epistemic uncertainty against the members' (``uncertainty`` on (batch, time, M, vocab)).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from fasthydra import HydraHead, hydra_kl_loss
+from fasthydra import HydraHead, hydra_kl_loss, uncertainty
 
 PAD = 0
 
@@ -73,18 +74,24 @@ def train(steps: int = 300, heads: int = 4, vocab: int = 32, width: int = 48, ba
         losses.append(loss.detach())
     losses = torch.stack(losses).cpu()
 
-    # Each head against each member on fresh sequences (real positions only): KL of member j from head i.
+    # Each head against each member on fresh sequences (real positions only): KL of member j from head i. The
+    # ops take the (batch, time, M, vocab) logits as they are, the attention mask as the row mask.
     tokens, attention = batch_of_sequences(256, vocab, gen)
     tokens, attention = tokens.to(device), attention.to(device)
     with torch.no_grad():
-        z = head(body(tokens)).flatten(0, 1)  # (rows, M, vocab)
-        t = teacher_logits(tokens).flatten(0, 1)
-        keep = attention.flatten()
+        z = head(body(tokens))  # (batch, time, M, vocab)
+        t = teacher_logits(tokens)
         agreement = torch.stack([
-            torch.stack([hydra_kl_loss(z[:, i:i + 1], t[:, j:j + 1], temperature, row_mask=keep) for j in range(heads)])
+            torch.stack([hydra_kl_loss(z[..., i:i + 1, :], t[..., j:j + 1, :], temperature, row_mask=attention)
+                         for j in range(heads)])
             for i in range(heads)]).cpu()
+        # per-token epistemic uncertainty (the members' disagreement), (batch, time): the heads' against the
+        # members' own, over the real positions
+        real = attention.bool()
+        mu_heads, mu_members = uncertainty(z).epistemic[real].cpu(), uncertainty(t).epistemic[real].cpu()
     return {"first_loss": losses[:10].mean().item(), "last_loss": losses[-10:].mean().item(),
-            "agreement": agreement}
+            "agreement": agreement, "mu_heads": mu_heads.mean().item(), "mu_members": mu_members.mean().item(),
+            "mu_correlation": torch.corrcoef(torch.stack([mu_heads, mu_members]))[0, 1].item()}
 
 
 def main(argv=None) -> None:
@@ -99,6 +106,8 @@ def main(argv=None) -> None:
     print("KL(member j || head i) on fresh sequences (rows: heads, columns: members):")
     for i, row in enumerate(out["agreement"]):
         print(f"  head {i}: " + " ".join(f"{v:7.4f}" for v in row.tolist()))
+    print(f"epistemic uncertainty per token (real positions): members {out['mu_members']:.4f}, heads "
+          f"{out['mu_heads']:.4f} on average; correlation across tokens {out['mu_correlation']:.3f}")
 
 
 if __name__ == "__main__":

@@ -686,8 +686,10 @@ def test_what_the_rows_left_out_hold_changes_nothing(impl, hidden):
 
 @pytest.mark.cpu
 def test_the_sequence_example_distils_each_member_into_its_head():
-    """examples/sequence_distill.py, shortened: the masked loss falls, and each head ends closest to its own
-    member (the diagonal of KL(member j || head i) is the smallest entry of its row)."""
+    """examples/sequence_distill.py, shortened: the masked loss falls, each head ends closest to its own
+    member (the diagonal of KL(member j || head i) is the smallest entry of its row), and the heads' per-token
+    epistemic uncertainty follows the members' (measured here over seeds 0 to 3: correlation 0.71 to 0.87,
+    the heads' mean 0.78x to 0.84x the members')."""
     import importlib.util
     from pathlib import Path
 
@@ -695,7 +697,9 @@ def test_the_sequence_example_distils_each_member_into_its_head():
     spec = importlib.util.spec_from_file_location("sequence_distill", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    out = example.train(steps=60, heads=3, vocab=16, width=16, batch=8, progress=False)
+    out = example.train(steps=120, heads=3, vocab=16, width=16, batch=8, progress=False)
     assert out["last_loss"] < 0.5 * out["first_loss"]
+    assert out["mu_correlation"] > 0.5, out
+    assert 0.5 * out["mu_members"] < out["mu_heads"] < 1.5 * out["mu_members"], out
     agreement = out["agreement"]
     assert torch.equal(agreement.argmin(dim=1), torch.arange(3)), agreement
