@@ -78,9 +78,12 @@ def _check_temperature(temperature) -> float:
     if isinstance(temperature, bool) or not isinstance(temperature, Real):
         raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
     temperature = float(temperature)
-    if not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    # One chained comparison, false for NaN, infinities and T <= 0 too: under torch.compile a temperature can be
+    # symbolic (dynamic=True, or a value that changed between calls, as an annealed T does), where a comparison
+    # is a guard and math.isfinite would break the graph (it runs on the error path only).
     if not TEMPERATURE_RANGE[0] <= temperature <= TEMPERATURE_RANGE[1]:
+        if not math.isfinite(temperature) or temperature <= 0:
+            raise ValueError(f"temperature must be finite and > 0, got {temperature}")
         raise ValueError(f"temperature must lie in [2^-64, 2^63] (its square and inverse are float32 factors of the "
                          f"loss and gradient), got {temperature}")
     return temperature
@@ -422,7 +425,10 @@ def ensemble_log_mean_probs(teacher_logits: torch.Tensor, temperature: float) ->
     longer turns the logsumexp's gradient into NaN."""
     cdt = torch.float64 if teacher_logits.dtype == torch.float64 else torch.float32
     log_p = torch.log_softmax(teacher_logits.to(cdt) / temperature, dim=-1).clamp_min(-1e30)
-    return torch.logsumexp(log_p, dim=1) - math.log(teacher_logits.shape[1])
+    lse, members = torch.logsumexp(log_p, dim=1), teacher_logits.shape[1]
+    if torch.compiler.is_compiling():  # (M may be symbolic there, dynamic=True: dynamo 2.4 cannot take its math.log)
+        return lse - torch.full((), members, dtype=lse.dtype, device=lse.device).log()
+    return lse - math.log(members)
 
 
 def hinton_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
@@ -798,7 +804,9 @@ def _check_gaussian_teacher(teacher_mean: torch.Tensor, teacher_var: torch.Tenso
         poll(teacher_var.device)
         flag_gaussian_teacher(var_ok, mean_ok, teacher_var.shape)
         return
-    _value_check(var_ok, f"teacher_var must be finite and > 0 everywhere (shape {tuple(teacher_var.shape)})")
+    # (traced with symbolic sizes the shape is no constant a compiled assertion's message can hold)
+    shape = "" if torch.compiler.is_compiling() else f" (shape {tuple(teacher_var.shape)})"
+    _value_check(var_ok, f"teacher_var must be finite and > 0 everywhere{shape}")
     _value_check(mean_ok, "teacher_mean contains NaN or Inf")
 
 

@@ -116,9 +116,9 @@ def test_hinton_loss_compiles_without_breaks(impl, sparse):
     assert_close_to(g_c, g_e, rtol=1e-6, atol=1e-9, what="grad")
 
 
-def _public_calls(impl):
+def _public_calls(impl, temperature=2.0):
     """(name, inputs that require grad, fn of those inputs) for each public loss and op, with and without a row
-    mask, dense and top-k teachers."""
+    mask, dense and top-k teachers; the temperature a variable of theirs (uncertainty's its default)."""
     from fasthydra import TopKTeacher, gaussian_kl_loss, hinton_kl_loss
     from fasthydra.functional import (gaussian_heads_kl_loss, linear_heads, linear_hydra_kl_loss,
                                       mlp_hydra_kl_loss)
@@ -141,16 +141,18 @@ def _public_calls(impl):
     for mask in (None, keep):
         tag = "" if mask is None else ", row mask"
         calls += [
-            ("hydra_kl_loss" + tag, [z], lambda z, mask=mask: hydra_kl_loss(z, t, 2.0, impl=impl, row_mask=mask)),
+            ("hydra_kl_loss" + tag, [z],
+             lambda z, mask=mask: hydra_kl_loss(z, t, temperature, impl=impl, row_mask=mask)),
             ("hydra_kl_loss top-k" + tag, [z],
-             lambda z, mask=mask: hydra_kl_loss(z, topk, 2.0, "sum", impl, row_mask=mask)),
-            ("hinton_kl_loss" + tag, [z1], lambda z1, mask=mask: hinton_kl_loss(z1, t, 2.0, impl=impl, row_mask=mask)),
+             lambda z, mask=mask: hydra_kl_loss(z, topk, temperature, "sum", impl, row_mask=mask)),
+            ("hinton_kl_loss" + tag, [z1],
+             lambda z1, mask=mask: hinton_kl_loss(z1, t, temperature, impl=impl, row_mask=mask)),
             ("hinton_kl_loss top-k" + tag, [z1],
-             lambda z1, mask=mask: hinton_kl_loss(z1, topk, 2.0, impl=impl, row_mask=mask)),
+             lambda z1, mask=mask: hinton_kl_loss(z1, topk, temperature, impl=impl, row_mask=mask)),
             ("linear_hydra_kl_loss" + tag, [x, w, bias],
-             lambda x, w, bias, mask=mask: linear_hydra_kl_loss(x, w, bias, t, 2.0, impl=impl, row_mask=mask)),
+             lambda x, w, bias, mask=mask: linear_hydra_kl_loss(x, w, bias, t, temperature, impl=impl, row_mask=mask)),
             ("mlp_hydra_kl_loss" + tag, [x, hw, hb, w2],
-             lambda x, hw, hb, w2, mask=mask: mlp_hydra_kl_loss(x, hw, hb, w2, None, t, 2.0, impl=impl,
+             lambda x, hw, hb, w2, mask=mask: mlp_hydra_kl_loss(x, hw, hb, w2, None, t, temperature, impl=impl,
                                                                  row_mask=mask)),
             ("gaussian_kl_loss" + tag, [mean, var],
              lambda mean, var, mask=mask: gaussian_kl_loss(mean, var, tm, tv, row_mask=mask)),
@@ -180,6 +182,54 @@ def test_every_public_loss_compiles_without_breaks(impl):
         assert_close_to(got, want, rtol=1e-6, what=f"{name} loss")
         for i, (a, e) in enumerate(zip(got_grads, want_grads)):
             assert_close_to(a, e, rtol=1e-5, atol=1e-8, what=f"{name} grad {i}")
+
+
+@pytest.mark.parametrize("impl", [pytest.param("torch", marks=pytest.mark.cpu),
+                                  pytest.param("triton", marks=pytest.mark.interpret)])
+def test_every_public_loss_compiles_without_breaks_with_a_symbolic_temperature(impl):
+    """dynamic=True makes a float read from a variable or a default symbolic (as automatic dynamic does to a
+    temperature that changed between calls, an annealed T): the temperature's validation is comparisons, which
+    are guards there, not a graph break (math.isfinite on it was one, in every public op). Eager's values."""
+    for name, inputs, fn in _public_calls(impl, temperature=3.0):
+        torch._dynamo.reset()
+        got = torch.compile(fn, fullgraph=True, dynamic=True, backend="aot_eager")(*inputs)
+        want = fn(*inputs)
+        assert_close_to(got, want, rtol=1e-6, what=f"{name} loss")
+        for i, (a, e) in enumerate(zip(torch.autograd.grad(got, inputs), torch.autograd.grad(want, inputs))):
+            assert_close_to(a, e, rtol=1e-5, atol=1e-8, what=f"{name} grad {i}")
+
+
+@pytest.mark.parametrize("impl", [pytest.param("torch", marks=pytest.mark.cpu),
+                                  pytest.param("triton", marks=pytest.mark.interpret)])
+def test_sequence_batches_of_any_length_compile_once(impl):
+    """A training step over (B, T, D) sequence batches with their (B, T) attention mask, compiled with
+    dynamic=True and fullgraph=True: batches of four lengths run what the first compiled, with eager's values and
+    gradients (the fused loss, the loss on the module's (B, T, M, C) logits, and uncertainty per token)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    body, head = _model(impl, None)
+    params = [*body.parameters(), *head.parameters()]
+
+    def step(x, t, mask):
+        features = body(x)
+        return (head.distill_loss(features, t, 2.0, row_mask=mask)
+                + hydra_kl_loss(head(features), t, 2.0, "none", impl=impl, row_mask=mask).sum()
+                + uncertainty(head(features), impl=impl).epistemic.sum())
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step, backend=counter, dynamic=True, fullgraph=True)
+    g = torch.Generator().manual_seed(5)
+    compiles = []
+    for length in (5, 7, 11, 6):
+        x, t = torch.randn(3, length, 16, generator=g), torch.randn(3, length, 4, 10, generator=g) * 3
+        mask = torch.rand(3, length, generator=g) > 0.3
+        got, want = compiled(x, t, mask), step(x, t, mask)
+        assert_close_to(got, want, rtol=1e-6, what=f"length {length}")
+        for a, e in zip(torch.autograd.grad(got, params), torch.autograd.grad(want, params)):
+            assert_close_to(a, e, rtol=1e-5, atol=1e-8, what=f"length {length} grad")
+        compiles.append(counter.frame_count)
+    assert compiles[0] >= 1 and compiles == compiles[:1] * 4, compiles  # nothing compiled after the first batch
 
 
 @pytest.mark.cpu
