@@ -15,7 +15,8 @@ from numbers import Integral, Real
 
 import torch
 
-from fasthydra.ops._common import auto_fallback_reason, interpreting, no_values, op_form, triton_available
+from fasthydra.ops._common import (auto_fallback_reason, interpreting, no_values, on_tensor_device, op_form,
+                                   triton_available)
 from fasthydra.ops import checks as _checks
 from fasthydra.ops.checks import flag_gaussian_teacher, flag_teacher_rows, flag_topk_teacher, poll
 from fasthydra.ops.gaussian_kl import gaussian_kl_torch, split_gaussian
@@ -354,6 +355,7 @@ def _autocast_loss(loss: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
+@on_tensor_device
 def hydra_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
                   reduction: str = "mean", impl: str = "auto", *, row_mask: torch.Tensor | None = None
                   ) -> torch.Tensor:
@@ -431,6 +433,7 @@ def ensemble_log_mean_probs(teacher_logits: torch.Tensor, temperature: float) ->
     return lse - math.log(members)
 
 
+@on_tensor_device
 def hinton_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
                    reduction: str = "mean", impl: str = "auto", *, row_mask: torch.Tensor | None = None
                    ) -> torch.Tensor:
@@ -569,6 +572,7 @@ def _check_mlp_params(x, hidden_weight, hidden_bias, weight, bias) -> None:
     _check_same_device(x=x, weight=weight, bias=bias)
 
 
+@on_tensor_device
 def linear_heads(x, weight, bias=None, impl: str = "auto"):
     """Logits of M linear heads over a shared input, one GEMM over the stacked (M*C, D) weight:
     ``z[:, m] = x @ W[m].T + bias[m]``.
@@ -593,6 +597,7 @@ def linear_heads(x, weight, bias=None, impl: str = "auto"):
     return z.view(x.shape[0], m, c)
 
 
+@on_tensor_device
 def mlp_hidden(x, hidden_weight, hidden_bias=None, impl: str = "auto"):
     """First layer of M MLP heads, one GEMM over the stacked (M*H, D) weight:
     ``u[:, m] = relu(x @ W1[m].T + b1[m])``.
@@ -615,6 +620,7 @@ def mlp_hidden(x, hidden_weight, hidden_bias=None, impl: str = "auto"):
     return torch.relu(linear_heads(x, hidden_weight, hidden_bias, impl="torch"))
 
 
+@on_tensor_device
 def grouped_heads(u, weight, bias=None, impl: str = "auto"):
     """Per-head GEMM (the grouped GEMM): ``z[:, m] = u[:, m] @ W[m].T + bias[m]``.
 
@@ -658,6 +664,7 @@ def _check_fused_loss_args(inp, teacher, weight, temperature, reduction, name, r
     return temperature, reduction, keep  # the teacher's values are checked inside the op
 
 
+@on_tensor_device
 def linear_hydra_kl_loss(x, weight, bias, teacher_logits, temperature: float = 1.0, reduction: str = "mean",
                          impl: str = "auto", *, row_mask=None):
     """Linear heads fused with the Hydra loss; equals ``hydra_kl_loss(linear_heads(x, W, b), t, T)``
@@ -692,6 +699,7 @@ def linear_hydra_kl_loss(x, weight, bias, teacher_logits, temperature: float = 1
     return _fused(x, weight, bias, teacher_logits, temperature, reduction, True, impl, keep)
 
 
+@on_tensor_device
 def mlp_hydra_kl_loss(x, hidden_weight, hidden_bias, weight, bias, teacher_logits, temperature: float = 1.0,
                       reduction: str = "mean", impl: str = "auto", *, row_mask=None):
     """MLP heads fused with the Hydra loss: first layer one GEMM, second layer the grouped GEMM fused with
@@ -745,6 +753,7 @@ def _fused(inp, weight, bias, teacher, temperature, reduction, shared, impl, kee
     return _autocast_loss(loss, inp)
 
 
+@on_tensor_device
 def uncertainty(logits: torch.Tensor, temperature: float = 1.0, impl: str = "auto") -> Uncertainty:
     """Total, aleatoric and epistemic uncertainty of a multi-head prediction (no gradient).
 
@@ -810,6 +819,7 @@ def _check_gaussian_teacher(teacher_mean: torch.Tensor, teacher_var: torch.Tenso
     _value_check(mean_ok, "teacher_mean contains NaN or Inf")
 
 
+@on_tensor_device
 def gaussian_kl_loss(mean: torch.Tensor, var: torch.Tensor, teacher_mean: torch.Tensor, teacher_var: torch.Tensor,
                      reduction: str = "mean", *, row_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Per-head Gaussian KL ``KL(N(mu_t, var_t) || N(mu_m, var_m))`` (member m's prediction against head m's).
@@ -858,6 +868,7 @@ def gaussian_kl_loss(mean: torch.Tensor, var: torch.Tensor, teacher_mean: torch.
     return kl.sum() if reduction == "sum" or kl.numel() == 0 else kl.mean()
 
 
+@on_tensor_device
 def gaussian_heads_kl_loss(x, weight, bias, teacher_mean, teacher_var, min_var: float = 1e-6,
                            reduction: str = "mean", impl: str = "auto", *, row_mask=None):
     """Gaussian heads fused with their KL: equals ``gaussian_kl_loss(*split(linear_heads(x, W, b)), t_mu, t_var)``

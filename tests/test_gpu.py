@@ -631,3 +631,28 @@ def test_heads_with_a_teacher_past_2_31_elements(monkeypatch, hidden, thin):
         return torch.autograd.grad(R.hydra_kl_loss_ref(heads(xx, dt), t[r].to(dt), 1.5, "sum"), xx)[0]
 
     _past_2_31_ok(ends(dx), dx_ref, "dx")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("hidden", [None, 16])
+def test_ops_on_a_device_that_is_not_current(hidden):
+    """A head on cuda:1 while cuda:0 is current (a model split across GPUs): every op launches on the tensors'
+    device, and a step's loss and gradients equal the same step's with cuda:1 current."""
+    torch.cuda.set_device(0)
+    head = HydraHead(32, 50, 4, hidden_features=hidden, impl="triton", device="cuda:1")
+    x = torch.randn(37, 32, device="cuda:1", requires_grad=True)
+    t = teacher_logits(37, 4, 50, device="cuda:1")
+    keep = torch.rand(37, device="cuda:1") > 0.3
+
+    def step():
+        loss = (head.distill_loss(x, t, 2.0, row_mask=keep) + hydra_kl_loss(head(x), t, 2.0)
+                + uncertainty(head(x).detach()).epistemic.mean())
+        return [loss, *torch.autograd.grad(loss, [x, *params_of(head)])]
+
+    away = step()
+    with torch.cuda.device(1):
+        home = step()
+    torch.cuda.synchronize(1)
+    for a, b in zip(away, home):
+        assert a.device == torch.device("cuda", 1)
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)

@@ -246,6 +246,38 @@ def op_form(t: torch.Tensor) -> bool:
     return any(isinstance(mode, kinds) for mode in _get_current_dispatch_mode_stack())
 
 
+def device_to_enter(t: torch.Tensor) -> int | None:
+    """The index of t's CUDA device where another one is current, else None. Triton launches on the current
+    device (and its current stream), and CUDA events and graph-capture queries follow it too; in a model split
+    across GPUs (``device_map="auto"``, pipeline stages) the tensors an op gets need not live there, and a
+    kernel launched on the wrong device fails ("cannot be accessed from Triton") or reads another device's
+    memory. CPU and meta tensors: None, without touching CUDA."""
+    device = t.device
+    if device.type != "cuda" or device.index is None:
+        return None
+    return None if device.index == torch.cuda.current_device() else device.index
+
+
+def on_tensor_device(fn):
+    """fn run with its first argument's CUDA device current (``device_to_enter``), as torch's own ops
+    are; nothing is entered where that device is current already (the usual case: one check per call), nor
+    while torch.compile traces (the custom ops' bodies, which run at run time, check for themselves)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return fn(*args, **kwargs)
+        first = args[0] if args else None  # (the public functions' first argument is their main tensor)
+        index = device_to_enter(first) if isinstance(first, torch.Tensor) else None
+        if index is None:
+            return fn(*args, **kwargs)
+        with torch.cuda.device(index):
+            return fn(*args, **kwargs)
+
+    wrapper.on_tensor_device = True
+    return wrapper
+
+
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (must be set before triton is imported)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -35,22 +35,22 @@ from .checks import flag_teacher_rows, flag_topk_teacher, poll
 _EMPTY = (0,)
 
 
-def _no_autocast(fn):
+def _op_body(fn):
     """Op bodies run with autocast off: they already compute in fp32 (or fp64) on purpose, and the
-    caller (fasthydra.functional) has cast the inputs the way autocast would for the GEMM."""
+    caller (fasthydra.functional) has cast the inputs the way autocast would for the GEMM. And on their
+    tensors' CUDA device (``_common.on_tensor_device``), which a compiled program, calling the bodies without
+    the functional layer around them, needs too."""
     import functools
 
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        first = args[0]
-        device = (first if isinstance(first, torch.Tensor) else next(a for a in args if isinstance(a, torch.Tensor))
-                  ).device.type
+    def autocast_off(*args, **kwargs):
+        device = args[0].device.type  # (every body's first argument is a tensor)
         if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):  # (meta: no autocast state)
             return fn(*args, **kwargs)
         with torch.autocast(device, enabled=False):
             return fn(*args, **kwargs)
 
-    return wrapper
+    return _common.on_tensor_device(autocast_off)
 
 
 def _custom_op(name: str, fn):
@@ -82,7 +82,7 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 # ----------------------------------------------------------------------------------------------
 
 
-@_no_autocast
+@_op_body
 def _hydra_kl_impl(student: torch.Tensor, teacher: torch.Tensor, temperature: float, reduction: str, want_grad: bool,
                    want_tgrad: bool, impl: str, teacher_indices: torch.Tensor | None,
                    row_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -137,7 +137,7 @@ def _hydra_kl_fake(student, teacher, temperature, reduction, want_grad, want_tgr
             _common.empty_stored_grad(teacher) if want_tgrad else teacher.new_empty(_EMPTY))
 
 
-@_no_autocast
+@_op_body
 def _hydra_kl_grad_impl(student: torch.Tensor, teacher: torch.Tensor, norms: torch.Tensor, grad_loss: torch.Tensor,
                         temperature: float, reduction: str, row_mask: torch.Tensor | None = None) -> torch.Tensor:
     return _kl.hydra_kl_backward_triton(student, teacher, norms, grad_loss, temperature, reduction, row_mask)
@@ -209,7 +209,7 @@ register_autograd("fasthydra::hydra_kl", _hydra_kl_backward, setup_context=_hydr
 # ----------------------------------------------------------------------------------------------
 
 
-@_no_autocast
+@_op_body
 def _linear_hydra_kl_impl(inp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, teacher: torch.Tensor,
                           temperature: float, reduction: str, shared: bool, need_in: bool, need_w: bool, need_b: bool,
                           need_t: bool, impl: str, teacher_indices: torch.Tensor | None, small_deferred: bool,
@@ -326,7 +326,7 @@ def _keep_for_launch2(ctx, inp, weight, bias, output, shared, need_in, need_w, n
     ctx.save_for_backward(inp, weight, bias, output[1], row_mask)
 
 
-@_no_autocast
+@_op_body
 def _small_heads_grads_impl(inp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stash: torch.Tensor,
                             grad_loss: torch.Tensor, shared: bool, need_in: bool, need_w: bool,
                             need_b: bool, row_mask: torch.Tensor | None = None
@@ -425,7 +425,7 @@ register_autograd("fasthydra::linear_hydra_kl", _deferrable_backward(_heads_back
 # ----------------------------------------------------------------------------------------------
 
 
-@_no_autocast
+@_op_body
 def _uncertainty_impl(logits: torch.Tensor, temperature: float, impl: str) -> tuple[torch.Tensor, torch.Tensor,
                                                                               torch.Tensor, torch.Tensor]:
     fn = _unc.uncertainty_triton if impl == "triton" else _unc.uncertainty_torch
@@ -450,7 +450,7 @@ def _uncertainty_fake(logits, temperature, impl):
 # ----------------------------------------------------------------------------------------------
 
 
-@_no_autocast
+@_op_body
 def _grouped_linear_impl(inp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, shared: bool,
                    relu: bool) -> torch.Tensor:
     return _gl.grouped_linear_forward(inp, weight, bias, shared, relu)
@@ -464,7 +464,7 @@ def _grouped_linear_fake(inp, weight, bias, shared, relu):
     return inp.new_empty(inp.shape[0], weight.shape[0], weight.shape[1])
 
 
-@_no_autocast
+@_op_body
 def _grouped_linear_backward_impl(grad_out: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor, out: torch.Tensor,
                             shared: bool, relu: bool, need_in: bool, need_w: bool,
                             need_b: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -506,7 +506,7 @@ register_autograd("fasthydra::grouped_linear", _grouped_linear_bwd, setup_contex
 # ----------------------------------------------------------------------------------------------
 
 
-@_no_autocast
+@_op_body
 def _gaussian_heads_kl_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                             teacher_mean: torch.Tensor, teacher_var: torch.Tensor, min_var: float, reduction: str,
                             need_in: bool, need_w: bool, need_b: bool,
@@ -777,7 +777,7 @@ gaussian_heads_kl_call = _eager_entry(gaussian_heads_kl, _gaussian_heads_kl_impl
 # ----------------------------------------------------------------------------------------------
 
 
-@_no_autocast
+@_op_body
 def _mlp_hydra_kl_impl(x: torch.Tensor, hidden_weight: torch.Tensor, hidden_bias: torch.Tensor | None,
                        weight: torch.Tensor, bias: torch.Tensor | None, teacher: torch.Tensor, temperature: float,
                        reduction: str, need_x: bool, need_hw: bool, need_hb: bool, need_w: bool, need_b: bool,
