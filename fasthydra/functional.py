@@ -770,6 +770,8 @@ def uncertainty(logits: torch.Tensor, temperature: float = 1.0, impl: str = "aut
         >>> u = uncertainty(torch.randn(16, 8, 10))
         >>> u.epistemic.shape
         torch.Size([16])
+        >>> uncertainty(torch.randn(4, 7, 8, 10)).epistemic.shape  # (B, T, M, C): one value per token
+        torch.Size([4, 7])
     """
     _check_tensor("logits", logits)
     _check_min_dim("logits", logits, 2, "(*, M, C)")
