@@ -153,8 +153,11 @@ def _rows(t: torch.Tensor, tail: int) -> torch.Tensor:
 
 
 def _check_min_dim(name: str, t: torch.Tensor, dims: int, form: str) -> None:
+    """At least one leading dimension (*: B, or (B, T) for sequences): a (B, C) tensor passed where (B, M, C) was
+    meant is an error, not one row of B heads."""
     if t.dim() < dims:
-        raise ValueError(f"{name} must have shape {form} (* any leading dimensions), got {tuple(t.shape)}")
+        raise ValueError(f"{name} must have shape {form} with at least one leading dimension * (B, or (B, T) for "
+                         f"sequences), got {tuple(t.shape)}")
 
 
 def _kept_input(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
@@ -178,7 +181,7 @@ def _check_topk(teacher, rows_shape: tuple, classes: int, device_of: dict, name=
     of shape rows_shape + (k,), rows_shape = (*, M). Returns them as (rows, M, k)."""
     values, indices = teacher.values, teacher.indices
     _check_tensor(f"{name}.values", values)
-    _check_min_dim(f"{name}.values", values, 2, "(*, M, k)")
+    _check_min_dim(f"{name}.values", values, 3, "(*, M, k)")
     if not isinstance(indices, torch.Tensor):
         raise TypeError(f"{name}.indices must be a torch.Tensor, got {type(indices).__name__}")
     if indices.dtype not in (torch.int32, torch.int64):
@@ -212,7 +215,7 @@ def _check_logit_pair(student, teacher, student_name="student_logits", teacher_n
     """Student logits (*, M, C) and teacher logits of the same shape (or a TopKTeacher, (*, M, k)): checked,
     and returned as (rows, M, C) and (rows, M, C) (or a TopKTeacher of (rows, M, k)) with the leading shape *."""
     _check_tensor(student_name, student)
-    _check_min_dim(student_name, student, 2, "(*, M, C)")
+    _check_min_dim(student_name, student, 3, "(*, M, C)")
     _check_extent(student_name, student, -1, "class (C >= 1)")
     lead = tuple(student.shape[:-2])
     if isinstance(teacher, TopKTeacher):
@@ -453,13 +456,13 @@ def hinton_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
         >>> hinton_kl_loss(z, t, temperature=4.0).backward()
     """
     _check_tensor("student_logits", student_logits)
-    _check_min_dim("student_logits", student_logits, 1, "(*, C) or (*, 1, C)")
+    _check_min_dim("student_logits", student_logits, 2, "(*, C) or (*, 1, C)")
     _check_extent("student_logits", student_logits, -1, "class (C >= 1)")
     top_k = isinstance(teacher_logits, TopKTeacher)
     name = "teacher_logits.values" if top_k else "teacher_logits"
     members = teacher_logits.values if top_k else teacher_logits
     _check_tensor(name, members)  # (before its M is read)
-    _check_min_dim(name, members, 2, "(*, M, k)" if top_k else "(*, M, C)")
+    _check_min_dim(name, members, 3, "(*, M, k)" if top_k else "(*, M, C)")
     _check_extent(name, members, -2, "member (M >= 1) to average")
     lead, c = tuple(members.shape[:-2]), student_logits.shape[-1]
     if student_logits.shape[:-1] not in (lead, (*lead, 1)) or (not top_k and members.shape[-1] != c):
@@ -774,7 +777,7 @@ def uncertainty(logits: torch.Tensor, temperature: float = 1.0, impl: str = "aut
         torch.Size([4, 7])
     """
     _check_tensor("logits", logits)
-    _check_min_dim("logits", logits, 2, "(*, M, C)")
+    _check_min_dim("logits", logits, 3, "(*, M, C)")
     temperature = _check_temperature(temperature)
     _check_extent("logits", logits, -2, "head")
     _check_extent("logits", logits, -1, "class (C >= 1)")
@@ -846,7 +849,7 @@ def gaussian_kl_loss(mean: torch.Tensor, var: torch.Tensor, teacher_mean: torch.
     tensors = (mean, var, teacher_mean, teacher_var)
     for name, value in zip(names, tensors):
         _check_tensor(name, value)
-        _check_min_dim(name, value, 2, "(*, M, K)")
+        _check_min_dim(name, value, 3, "(*, M, K)")
     shapes = {tuple(t.shape) for t in tensors}
     if len(shapes) != 1:
         raise ValueError("mean, var, teacher_mean and teacher_var must share one shape (*, M, K); got "

@@ -1,7 +1,8 @@
 """Leading dimensions: the losses on given outputs and `uncertainty` take (*, M, C) as the modules return it
-((B, T, M, C) for a (B, T, D) batch of sequences, (M, C) for one row), with row_mask shaped (*) and "none"
-shaped (*, M). Each is held to the float64 reference over the same rows flattened to (rows, M, C), in value
-and in every gradient, on leading dimensions that are not contiguous too (a transposed (T, B) batch).
+((B, T, M, C) for a (B, T, D) batch of sequences), with row_mask shaped (*) and "none" shaped (*, M); at least
+one leading dimension (a (B, C) tensor where (B, M, C) was meant stays an error). Each is held to the float64
+reference over the same rows flattened to (rows, M, C), in value and in every gradient, on leading dimensions
+that are not contiguous too (a transposed (T, B) batch).
 
 cpu tier: the torch path; interpret tier: the Triton kernels.
 """
@@ -19,8 +20,8 @@ from fasthydra.functional import gaussian_kl_loss
 IMPLS = [pytest.param("torch", marks=pytest.mark.cpu), pytest.param("triton", marks=pytest.mark.interpret)]
 M, C, K, T = 3, 13, 5, 2.0
 # (leading shape, whether the tensors are transposed views): a sequence batch, three leading dimensions,
-# one row, an empty batch, and a (T, B)-major batch seen as (B, T)
-LEADS = [((3, 5), False), ((2, 1, 4), False), ((), False), ((0, 3), False), ((3, 5), True)]
+# one row of one sequence, an empty batch, and a (T, B)-major batch seen as (B, T)
+LEADS = [((3, 5), False), ((2, 1, 4), False), ((1, 1), False), ((0, 3), False), ((3, 5), True)]
 LEAD_IDS = ["B,T", "3-dims", "one-row", "empty", "B,T-transposed"]
 
 
@@ -191,5 +192,21 @@ def test_leading_shapes_must_agree():
         hinton_kl_loss(torch.randn(3, 5, C), t, row_mask=torch.ones(3, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"share one shape \(\*, M, K\)"):
         gaussian_kl_loss(z, z.exp(), z.reshape(15, M, C), z.exp())
-    with pytest.raises(ValueError, match=r"logits must have shape \(\*, M, C\)"):
-        uncertainty(torch.randn(C))
+    with pytest.raises(ValueError, match=r"logits must have shape \(\*, M, C\) with at least one leading"):
+        uncertainty(torch.randn(M, C))  # (B, C) logits of one head, say: not one row of B heads
+
+
+@pytest.mark.cpu
+def test_a_tensor_without_its_heads_axis_stays_an_error():
+    """(B, C) where (B, M, C) was meant would read as one row of B heads: refused, naming the argument."""
+    z, t = torch.randn(6, C), torch.randn(6, C)
+    with pytest.raises(ValueError, match=r"student_logits must have shape \(\*, M, C\) with at least one"):
+        hydra_kl_loss(z, t)
+    with pytest.raises(ValueError, match=r"teacher_logits must have shape \(\*, M, C\) with at least one"):
+        hinton_kl_loss(z, t)
+    with pytest.raises(ValueError, match=r"teacher_logits.values must have shape \(\*, M, k\) with at least"):
+        hinton_kl_loss(z, TopKTeacher(*t.topk(3, dim=-1)))
+    with pytest.raises(ValueError, match=r"mean must have shape \(\*, M, K\) with at least one"):
+        gaussian_kl_loss(z, z.exp(), t, t.exp())
+    with pytest.raises(ValueError, match=r"logits must have shape \(\*, M, C\) with at least one"):
+        uncertainty(z)

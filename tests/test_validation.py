@@ -33,7 +33,8 @@ Z = torch.randn(4, 3, 5)
     (Z, torch.randn(4, 2, 5), r"heads M"),
     (Z, torch.randn(5, 3, 5), r"batch"),
     (Z, torch.randn(4, 5), r"same shape \(\*, M, C\); got \(4, 3, 5\) and \(4, 5\) \(3 and 2 dimensions"),
-    (torch.randn(4, 15), torch.randn(4, 3, 5), r"\(4, 15\) and \(4, 3, 5\) \(2 and 3 dimensions, heads M, classes C"),
+    (torch.randn(4, 15), torch.randn(4, 3, 5), r"student_logits must have shape \(\*, M, C\) with at least one"),
+    (torch.randn(2, 4, 3, 5), torch.randn(4, 3, 5), r"\(2, 4, 3, 5\) and \(4, 3, 5\) \(4 and 3 dimensions differ\)"),
     (torch.randn(4, 3, 5), torch.randn(2, 2, 3, 5), r"\(4, 3, 5\) and \(2, 2, 3, 5\) \(3 and 4 dimensions differ\)"),
     (torch.randn(2, 2, 3, 5), torch.randn(2, 3, 3, 5), r"batch \(leading dimensions\) differ"),
     (torch.randn(5), torch.randn(5), r"student_logits must have shape \(\*, M, C\)"),
@@ -127,8 +128,10 @@ def test_hinton_shapes(no_kernels):
         hinton_kl_loss(torch.randn(4, 6), t)
     with pytest.raises(ValueError, match=r"with \* = \(2, 2\)"):
         hinton_kl_loss(torch.randn(4, 5), t.reshape(2, 2, 3, 5))
-    with pytest.raises(ValueError, match=r"teacher_logits must have shape \(\*, M, C\)"):
+    with pytest.raises(ValueError, match=r"student_logits must have shape \(\*, C\) or \(\*, 1, C\) with at least"):
         hinton_kl_loss(torch.randn(5), torch.randn(5))
+    with pytest.raises(ValueError, match=r"teacher_logits must have shape \(\*, M, C\) with at least one"):
+        hinton_kl_loss(torch.randn(3, 5), torch.randn(3, 5))
 
 
 def test_no_classes_or_no_members(no_kernels):
