@@ -274,7 +274,6 @@ def on_tensor_device(fn):
         with torch.cuda.device(index):
             return fn(*args, **kwargs)
 
-    wrapper.on_tensor_device = True
     return wrapper
 
 
