@@ -758,10 +758,16 @@ def _fused(inp, weight, bias, teacher, temperature, reduction, shared, impl, kee
 
 @on_tensor_device
 def uncertainty(logits: torch.Tensor, temperature: float = 1.0, impl: str = "auto") -> Uncertainty:
-    """Total, aleatoric and epistemic uncertainty of a multi-head prediction (no gradient).
+    """Total, aleatoric and epistemic uncertainty of a multi-head prediction, differentiable.
 
     ``P = mean_m softmax(z_m / T)``; total = H[P]; aleatoric = mean_m H[softmax(z_m / T)];
     epistemic = total - aleatoric (the mutual information, clamped at 0 against rounding).
+
+    Gradients flow to ``logits`` from every output (e.g. a penalty on ``epistemic`` that makes the heads
+    disagree on outliers): the backward recomputes each head's softmax in fp32 (plain torch ops, in row
+    chunks; no kernel of its own), and differentiates the mutual information itself, not its clamp.
+    Masked classes (logit -inf) get a zero gradient. Under ``torch.no_grad()`` (evaluation) nothing is
+    saved.
 
     Args:
         logits: (*, M, C) head logits, e.g. (B, M, C), or (B, T, M, C) for a batch of sequences.
@@ -782,7 +788,7 @@ def uncertainty(logits: torch.Tensor, temperature: float = 1.0, impl: str = "aut
     _check_extent("logits", logits, -2, "head")
     _check_extent("logits", logits, -1, "class (C >= 1)")
     impl = resolve_impl(impl, logits)
-    lead, z = logits.shape[:-2], _rows(logits.detach(), 2)
+    lead, z = logits.shape[:-2], _rows(logits, 2)
     if _plain_torch_ops():  # (vmap over a batch of predictions, a trace) the reference's torch ops, fp32 or wider
         wide = z.float() if z.element_size() < 4 else z
         parts = [v.to(logits.dtype) for v in uncertainty_ref(wide, temperature)]

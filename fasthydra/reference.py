@@ -132,8 +132,10 @@ def uncertainty_ref(logits: torch.Tensor, temperature: float = 1.0) -> Uncertain
     entropies = [-(p * torch.where(p > 0, lp, torch.zeros_like(lp))).sum(-1)
                  for p, lp in zip(probs_per_head, log_probs_per_head)]
     probs = torch.stack(probs_per_head, dim=1).mean(dim=1)
-    log_probs = torch.log(probs)
-    total = -(probs * torch.where(probs > 0, log_probs, torch.zeros_like(log_probs))).sum(-1)
+    # log of 1 where a class is masked everywhere (P = 0): its term is 0, and so is its gradient (log 0's would
+    # be 0 * inf = NaN)
+    log_probs = torch.log(torch.where(probs > 0, probs, torch.ones_like(probs)))
+    total = -(probs * log_probs).sum(-1)
     aleatoric = torch.stack(entropies, dim=1).mean(dim=1)
     epistemic = (total - aleatoric).clamp_min(0.0)
     return Uncertainty(probs, total, aleatoric, epistemic)

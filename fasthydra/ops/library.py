@@ -421,7 +421,7 @@ register_autograd("fasthydra::linear_hydra_kl", _deferrable_backward(_heads_back
 
 
 # ----------------------------------------------------------------------------------------------
-# uncertainty (no gradient)
+# uncertainty (its backward recomputes the heads' softmax from the logits: _unc.uncertainty_backward)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -443,6 +443,23 @@ uncertainty = _custom_op("fasthydra::uncertainty", _uncertainty_impl)
 def _uncertainty_fake(logits, temperature, impl):
     b, _, c = logits.shape
     return (logits.new_empty(b, c), logits.new_empty(b), logits.new_empty(b), logits.new_empty(b))
+
+
+def _uncertainty_setup(ctx, inputs, output):
+    logits, ctx.temperature, _ = inputs
+    ctx.set_materialize_grads(False)  # an output nobody differentiates contributes nothing (None)
+    ctx.save_for_backward(logits)
+
+
+def _uncertainty_backward(ctx, g_probs, g_total, g_aleatoric, g_epistemic):
+    (logits,) = ctx.saved_tensors
+    if all(g is None for g in (g_probs, g_total, g_aleatoric, g_epistemic)):
+        return None, None, None
+    # plain torch ops, differentiable themselves (create_graph=True works) and traced as they are by compile
+    return _unc.uncertainty_backward(logits, ctx.temperature, g_probs, g_total, g_aleatoric, g_epistemic), None, None
+
+
+register_autograd("fasthydra::uncertainty", _uncertainty_backward, setup_context=_uncertainty_setup)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -753,7 +770,7 @@ def _eager_linear_setup(ctx, inputs, output):
 
 linear_hydra_kl_call = _eager_entry(linear_hydra_kl, _linear_hydra_kl_impl, _eager_linear_setup,
                                     _deferrable_backward(_eager_heads_backward(15, _linear_hydra_kl_impl), 15))
-uncertainty_call = _eager_entry(uncertainty, _uncertainty_impl)
+uncertainty_call = _eager_entry(uncertainty, _uncertainty_impl, _uncertainty_setup, _uncertainty_backward)
 grouped_linear_call = _eager_entry(grouped_linear, _grouped_linear_impl, _grouped_linear_setup, _grouped_linear_bwd)
 def _eager_gaussian_setup(ctx, inputs, output):
     """Eager form of _gaussian_setup: the deferred small step as there, else the hand-over of stored

@@ -1,9 +1,9 @@
-"""Entropy decomposition of a multi-head prediction: the Triton launcher and the torch path.
-
-An evaluation op: no gradient flows through it (outputs never require grad).
-"""
+"""Entropy decomposition of a multi-head prediction: the Triton launcher and the torch path, and the
+backward (plain torch ops on every device: it recomputes each head's softmax from the logits)."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -68,12 +68,64 @@ def uncertainty_triton(logits: torch.Tensor, temperature: float) -> Uncertainty:
     return Uncertainty(probs, total, aleatoric, epistemic)
 
 
+def uncertainty_backward(logits: torch.Tensor, temperature: float, g_probs: torch.Tensor | None,
+                         g_total: torch.Tensor | None, g_aleatoric: torch.Tensor | None,
+                         g_epistemic: torch.Tensor | None) -> torch.Tensor:
+    """dL/dz (B, M, C) from the upstream gradients of (probs, total, aleatoric, epistemic) (None: none).
+
+    With p_m = softmax(z_m / T), P = mean_m p_m, S_m = sum_c p_mc log P_c and H_m = -sum_c p_mc log p_mc:
+    dP_c/dz_mk = p_mk (delta_ck - p_mc) / (M T); dH[P]/dz_mk = p_mk (S_m - log P_k) / (M T);
+    dA/dz_mk = -p_mk (log p_mk + H_m) / (M T). Epistemic is H[P] - A: its gradient is the mutual
+    information's own (the forward's clamp at 0 against rounding is not differentiated). A masked
+    class (logit -inf) gets 0. Computed in fp32 (fp64 for fp64 logits), in row chunks eagerly."""
+    b, m, c = logits.shape
+    cdt = compute_dtype(logits.dtype)
+    on_total = _sum_present(g_total, g_epistemic, 1.0)
+    on_heads = _sum_present(g_aleatoric, g_epistemic, -1.0)
+    if torch.compiler.is_compiling() or type(logits) is not torch.Tensor:
+        return _uncertainty_grad_rows(logits, temperature, g_probs, on_total, on_heads, cdt).to(logits.dtype)
+    dz = torch.empty((b, m, c), dtype=logits.dtype, device=logits.device)
+    step = rows_per_chunk(b, m * c, TORCH_CHUNK_ELEMENTS)
+    for r0 in range(0, b, step):
+        rows = slice(r0, r0 + step)
+        dz[rows] = _uncertainty_grad_rows(logits[rows], temperature, None if g_probs is None else g_probs[rows],
+                                          None if on_total is None else on_total[rows],
+                                          None if on_heads is None else on_heads[rows], cdt)
+    return dz
+
+
+def _sum_present(a: torch.Tensor | None, b: torch.Tensor | None, sign: float) -> torch.Tensor | None:
+    """a + sign * b with None for an absent term (None when both are)."""
+    if b is None:
+        return a
+    return sign * b if a is None else a + sign * b
+
+
+def _uncertainty_grad_rows(logits, temperature, g_probs, on_total, on_heads, cdt) -> torch.Tensor:
+    """uncertainty_backward on a chunk of rows; on_total = g_total + g_epistemic and on_heads = g_aleatoric -
+    g_epistemic, the coefficients of dH[P] and of dA."""
+    m = logits.shape[1]
+    log_p = torch.log_softmax(logits.to(cdt) * (1.0 / temperature), dim=-1)  # (rows, M, C)
+    p = log_p.exp()
+    live = log_p != float("-inf")  # masked classes: p = 0, and their terms below are 0 * inf
+    inner = torch.zeros_like(p)
+    if g_probs is not None:
+        g = g_probs.to(cdt).unsqueeze(1)
+        inner += g - (g * p).sum(-1, keepdim=True)
+    if on_total is not None:
+        log_mix = (torch.logsumexp(log_p, dim=1) - math.log(m)).unsqueeze(1)  # log P, (rows, 1, C)
+        s = torch.where(live, p * log_mix, 0.0).sum(-1, keepdim=True)
+        inner += on_total.to(cdt)[:, None, None] * (s - log_mix)
+    if on_heads is not None:
+        head_entropy = -torch.where(live, p * log_p, 0.0).sum(-1, keepdim=True)
+        inner -= on_heads.to(cdt)[:, None, None] * (log_p + head_entropy)
+    return torch.where(live, p * inner, 0.0).mul_(1.0 / (m * temperature))
+
+
 def ensemble_log_mean_triton(teacher: torch.Tensor, temperature: float, op: str) -> torch.Tensor:
     """T * log mean_m softmax(t_m / T), (B, M, C) -> (B, C) fp32, in one launch that also checks the
     teacher (bits 1, 2, 4 of op's error word, as the loss kernels do): the Hinton loss's target for a
     teacher that does not require grad. A class every member masks gets -inf (masked in the loss)."""
-    import math
-
     from fasthydra.kernels.uncertainty import _ensemble_log_mean_kernel
 
     from .checks import after_launch, error_word
