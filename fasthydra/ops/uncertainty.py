@@ -1,5 +1,9 @@
 """Entropy decomposition of a multi-head prediction: the Triton launcher and the torch path, and the
-backward (plain torch ops on every device: it recomputes each head's softmax from the logits)."""
+backward (plain torch ops on every device: it recomputes each head's softmax from the logits).
+
+The forwards record nothing for autograd without a no_grad context of their own: they run inside the op's
+autograd.Function (whose forward autograd runs without recording), under the custom op's dispatch (below
+autograd), or directly only where no input requires grad or grad mode is off (library._eager_call)."""
 
 from __future__ import annotations
 
@@ -18,7 +22,6 @@ def _empty_outputs(b: int, c: int, dtype, device):
     return probs, *(torch.empty(b, dtype=dtype, device=device) for _ in range(3))
 
 
-@torch.no_grad()
 def uncertainty_torch(logits: torch.Tensor, temperature: float) -> Uncertainty:
     """(B, M, C) logits -> Uncertainty, row chunk by row chunk in fp32 (fp64 for fp64 input); fp32 rows
     in the native C kernel where it is built (one exponential per element, rows hot in cache)."""
@@ -50,7 +53,6 @@ def uncertainty_torch(logits: torch.Tensor, temperature: float) -> Uncertainty:
     return Uncertainty(probs, total, aleatoric, epistemic)
 
 
-@torch.no_grad()
 def uncertainty_triton(logits: torch.Tensor, temperature: float) -> Uncertainty:
     from fasthydra.kernels.uncertainty import _uncertainty_fwd_kernel
 
