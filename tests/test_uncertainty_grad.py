@@ -66,6 +66,9 @@ def test_gradient_of_each_output_matches_float64(impl, which, shape, temperature
     masked = torch.isneginf(z)
     assert bool((got[masked] == 0).all()), "a masked class must get a zero gradient"
     assert got.abs().max() > 0
+    # an upstream gradient as large as a loss scaler's makes no inf * 0 on the masked classes
+    big = _grad(z, temperature, impl, {name: up * 1e12 for name, up in ups.items()})
+    assert_close_to(big, want * 1e12, rtol=2e-5, atol=1e-7 * 1e12, what="scaled by 1e12")
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -194,3 +197,16 @@ def test_gradient_on_cuda(dtype, shape):
         torch.cuda.set_sync_debug_mode("default")
     rtol, atol = (2e-5, 1e-7) if dtype == torch.float32 else (1e-2, 1e-4)
     assert_close_to(got, _grad(z, 1.5, None, ups), rtol=rtol, atol=atol, what=f"{dtype} on cuda")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_nan_logit_poisons_only_its_row(impl):
+    """NaN logits give NaN outputs and NaN gradients in their row, as eager's; the other rows keep theirs."""
+    z = _logits((4, 3, 6), seed=13, masked=False)
+    bad = z.clone()
+    bad[2, 1, 3] = float("nan")
+    ups = _upstream(uncertainty(z), seed=2, which=OUTPUTS)
+    got = _grad(bad, 1.0, impl, ups)
+    assert torch.isnan(got[2]).all()
+    keep = [0, 1, 3]
+    assert_close_to(got[keep], _grad(z, 1.0, None, ups)[keep], rtol=2e-5, atol=1e-7, what="rows without NaN")

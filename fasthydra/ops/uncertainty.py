@@ -17,6 +17,12 @@ from . import native
 from ._common import TORCH_CHUNK_ELEMENTS, compute_dtype, rows_per_chunk, uncertainty_config
 
 
+# Elements of one row chunk of the backward on a GPU: about ten torch launches per chunk, so chunks as small as
+# the CPU's (TORCH_CHUNK_ELEMENTS, sized for its caches) would make a (4096, 8, 32000) backward 128 chunks of
+# launches; 2^26 fp32 elements are 256 MiB per temporary, four of them alive at a time.
+GPU_CHUNK_ELEMENTS = 1 << 26
+
+
 def _empty_outputs(b: int, c: int, dtype, device):
     probs = torch.empty(b, c, dtype=dtype, device=device)
     return probs, *(torch.empty(b, dtype=dtype, device=device) for _ in range(3))
@@ -87,7 +93,7 @@ def uncertainty_backward(logits: torch.Tensor, temperature: float, g_probs: torc
     if torch.compiler.is_compiling() or type(logits) is not torch.Tensor:
         return _uncertainty_grad_rows(logits, temperature, g_probs, on_total, on_heads, cdt).to(logits.dtype)
     dz = torch.empty((b, m, c), dtype=logits.dtype, device=logits.device)
-    step = rows_per_chunk(b, m * c, TORCH_CHUNK_ELEMENTS)
+    step = rows_per_chunk(b, m * c, TORCH_CHUNK_ELEMENTS if logits.device.type == "cpu" else GPU_CHUNK_ELEMENTS)
     for r0 in range(0, b, step):
         rows = slice(r0, r0 + step)
         dz[rows] = _uncertainty_grad_rows(logits[rows], temperature, None if g_probs is None else g_probs[rows],
@@ -105,23 +111,28 @@ def _sum_present(a: torch.Tensor | None, b: torch.Tensor | None, sign: float) ->
 
 def _uncertainty_grad_rows(logits, temperature, g_probs, on_total, on_heads, cdt) -> torch.Tensor:
     """uncertainty_backward on a chunk of rows; on_total = g_total + g_epistemic and on_heads = g_aleatoric -
-    g_epistemic, the coefficients of dH[P] and of dA."""
+    g_epistemic, the coefficients of dH[P] and of dA. Grouped as dz_mk = p_mk (V_mk - sum_c p_mc V_mc) / (M T)
+    with V_mk = g_k - a log P_k - b log p_mk (a = on_total, b = on_heads; the sum over c of p_mc log p_mc is -H_m);
+    the sums are elementwise products and sums (no matrix product: TF32, where enabled, would round them)."""
     m = logits.shape[1]
     log_p = torch.log_softmax(logits.to(cdt) * (1.0 / temperature), dim=-1)  # (rows, M, C)
     p = log_p.exp()
-    live = log_p != float("-inf")  # masked classes: p = 0, and their terms below are 0 * inf
-    inner = torch.zeros_like(p)
+    # masked classes (log p = -inf, p = 0 exactly): 0 in its place, so that every product with p below is 0, not
+    # 0 * inf (a NaN logit's row stays NaN through p); in place unless a second-order gradient is being recorded
+    # (create_graph=True: log_softmax's backward reads its output)
+    fix = torch.nan_to_num if torch.is_grad_enabled() else torch.Tensor.nan_to_num_
+    log_p = fix(log_p, neginf=0.0)
+    v = 0.0  # V: (rows, 1, C) from the row terms, (rows, M, C) with the head term
     if g_probs is not None:
-        g = g_probs.to(cdt).unsqueeze(1)
-        inner += g - (g * p).sum(-1, keepdim=True)
+        v = g_probs.to(cdt).unsqueeze(1)
     if on_total is not None:
-        log_mix = (torch.logsumexp(log_p, dim=1) - math.log(m)).unsqueeze(1)  # log P, (rows, 1, C)
-        s = torch.where(live, p * log_mix, 0.0).sum(-1, keepdim=True)
-        inner += on_total.to(cdt)[:, None, None] * (s - log_mix)
+        # log P (a constant added per row cancels in the centring below); a class every head masks: any finite value
+        log_mix = p.mean(1).clamp_min(torch.finfo(cdt).tiny).log()
+        v = v - (on_total.to(cdt)[:, None] * log_mix).unsqueeze(1)
     if on_heads is not None:
-        head_entropy = -torch.where(live, p * log_p, 0.0).sum(-1, keepdim=True)
-        inner -= on_heads.to(cdt)[:, None, None] * (log_p + head_entropy)
-    return torch.where(live, p * inner, 0.0).mul_(1.0 / (m * temperature))
+        v = v - on_heads.to(cdt)[:, None, None] * log_p
+    v = v - (p * v).sum(-1, keepdim=True)
+    return p * v * (1.0 / (m * temperature))
 
 
 def ensemble_log_mean_triton(teacher: torch.Tensor, temperature: float, op: str) -> torch.Tensor:
