@@ -26,7 +26,9 @@ import torch
 from fasthydra import HydraHead, hydra_kl_loss, uncertainty
 from fasthydra import reference as R
 
-OPS = ("linear_fwd", "linear_fwdbwd", "mlp_fwdbwd", "kl_fwdbwd", "uncertainty")
+# uncertainty_fwdbwd: a penalty on the mean epistemic uncertainty, forward + backward to the logits
+OPS = ("linear_fwd", "linear_fwdbwd", "mlp_fwdbwd", "kl_fwdbwd", "uncertainty", "uncertainty_fwdbwd")
+LOGITS_OPS = ("kl_fwdbwd", "uncertainty", "uncertainty_fwdbwd")  # ops on given logits (memory-bound)
 PROVIDERS = ("eager", "compile", "fasthydra", "liger")
 TEMPERATURE = 2.0
 
@@ -152,9 +154,9 @@ def make_inputs(case: Case, seed: int = 0) -> Inputs:
     for _ in range(copies):
         xs.append(randn(case.B, case.D).requires_grad_())
         ts.append(randn(case.B, case.M, case.C, scale=3.0))
-        z = randn(case.B, case.M, case.C, scale=3.0) if case.op in ("kl_fwdbwd", "uncertainty") else \
+        z = randn(case.B, case.M, case.C, scale=3.0) if case.op in LOGITS_OPS else \
             torch.empty(0, device=case.device, dtype=case.dtype)
-        zs.append(z.requires_grad_(case.op == "kl_fwdbwd"))
+        zs.append(z.requires_grad_(case.op in LOGITS_OPS and case.backward))
     return Inputs(head, xs, ts, zs)
 
 
@@ -200,6 +202,13 @@ def make_callable(case: Case, provider: str, inputs: Inputs):
             def body(x, t, z):
                 with torch.no_grad():
                     return R.uncertainty_ref(z)
+    elif case.op == "uncertainty_fwdbwd":
+        if provider == "fasthydra":
+            def body(x, t, z):
+                return uncertainty(z).epistemic.mean()
+        else:
+            def body(x, t, z):
+                return R.uncertainty_ref(z).epistemic.mean()
     elif case.op == "kl_fwdbwd":
         if provider == "fasthydra":
             def body(x, t, z):
@@ -259,12 +268,13 @@ def gemm_floor_callable(case: Case):
 
     GEMM ops: the GEMMs they cannot avoid (logits, input gradient and weight gradient; forward only:
     the logits GEMM). Memory-bound ops: one elementwise sweep that moves the bytes they must move
-    (kl: read z and t, write dz; uncertainty: read z, write the (B, C) mixture).
+    (kl: read z and t, write dz; uncertainty: read z, write the (B, C) mixture; uncertainty fwd+bwd: read z in
+    the forward, read it again and write dz in the backward, the same three tensor sweeps as kl's).
     """
     case_settings(case)
     dev, dt = case.device, case.dtype
     b, d, m, c = case.B, case.D, case.M, case.C
-    if case.op == "kl_fwdbwd":
+    if case.op in ("kl_fwdbwd", "uncertainty_fwdbwd"):
         z, t, out = (torch.randn(b, m, c, device=dev, dtype=dt) for _ in range(3))
 
         def sweep():
@@ -311,9 +321,10 @@ def flop_count(case: Case) -> float:
 
 
 def bytes_moved(case: Case) -> float:
-    """Bytes the logits-only ops must move at least: read z and t (+ write dz), or read z (+ write probs)."""
+    """Bytes the logits-only ops must move at least: read z and t (+ write dz), read z (+ write probs), or
+    read z twice (forward, backward) and write dz."""
     size = case.B * case.M * case.C * torch.finfo(case.dtype).bits // 8
-    if case.op == "kl_fwdbwd":
+    if case.op in ("kl_fwdbwd", "uncertainty_fwdbwd"):
         return 3.0 * size
     if case.op == "uncertainty":
         return size + case.B * case.C * torch.finfo(case.dtype).bits // 8

@@ -887,7 +887,7 @@ def _analyse(record, rows, lat_rows, floors, by_key, copy_bps, device) -> list:
     """Ratios, the table, the variant comparison and the target verdicts (added to record); returns the
     verdicts."""
     for r in rows:
-        if "error" not in r and r["op"] in ("kl_fwdbwd", "uncertainty"):
+        if "error" not in r and r["op"] in C.LOGITS_OPS:
             case = by_key[(r["op"], r["shape"])]
             r["of_copy_bandwidth"] = C.bytes_moved(case) / r["seconds"] / copy_bps
     good = add_ratios([r for r in rows if "error" not in r], floors)

@@ -93,12 +93,14 @@ def _uncertainty_fwd_kernel(
                         other=float("-inf")).to(tl.float32)
             p = tl.sum(tl.exp2((x - ref_raw) * c2 - log2_d), axis=0) / M
             tl.store(probs_row + cols, p.to(probs_row.dtype.element_ty), mask=cols < C)
-            plogp += tl.where(p > 0, p * tl.log2(tl.where(p > 0, p, 1.0)), 0.0)
+            # P = 0 adds 0; a NaN P (a NaN logit in the row) stays NaN (a p > 0 test would drop it)
+            plogp += tl.where(p == 0, 0.0, p * tl.log2(tl.where(p > 0, p, 1.0)))
         total = -tl.sum(plogp, axis=0) * 0.6931471805599453
 
     tl.store(total_ptr + row, total.to(total_ptr.dtype.element_ty))
     tl.store(aleatoric_ptr + row, aleatoric.to(aleatoric_ptr.dtype.element_ty))
-    epistemic = tl.maximum(total - aleatoric, 0.0)
+    diff = total - aleatoric
+    epistemic = tl.where(diff < 0.0, 0.0, diff)  # (tl.maximum would turn a NaN row's into 0)
     tl.store(epistemic_ptr + row, epistemic.to(epistemic_ptr.dtype.element_ty))
 
 
@@ -124,7 +126,7 @@ def _mixture_tile(s, mask, cols, ref, probs_row, C, M):
     q = tl.where(mask, tl.exp(s - ref[:, None]), 0.0)
     p = tl.sum(q, axis=0) / M
     tl.store(probs_row + cols, p.to(probs_row.dtype.element_ty), mask=col_ok)
-    return tl.sum(tl.where(p > 0, p * tl.log(tl.where(p > 0, p, 1.0)), 0.0), axis=0)
+    return tl.sum(tl.where(p == 0, 0.0, p * tl.log(tl.where(p > 0, p, 1.0))), axis=0)  # (NaN stays NaN)
 
 
 # The ensemble's mean prediction in log space, the Hinton loss's target: per row b and class c,

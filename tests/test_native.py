@@ -154,6 +154,57 @@ def test_uncertainty_kernel_matches_float64(monkeypatch, b, m, c, scale):
 
 
 @needs_native
+@pytest.mark.parametrize("b,m,c", [(9, 4, 1), (7, 3, 13), (5, 1, 40), (6, 8, 1000), (3, 2, 4097), (0, 3, 5)])
+@pytest.mark.parametrize("scale", [3.0, 1e3])
+def test_uncertainty_gradient_kernel_matches_float64(monkeypatch, b, m, c, scale):
+    """uncertainty's backward for fp32 CPU logits runs the C kernel (spied): against float64 autograd, every
+    output with a random upstream, masked classes (a stretch longer than the vector width), extreme logits,
+    C = 1, M = 1, head-major (strided) logits; close to the torch ops it replaces (FASTHYDRA_NATIVE=0)."""
+    from fasthydra import uncertainty
+
+    g = torch.Generator().manual_seed(b * 100 + c)
+    z = torch.randn(m, b, c, generator=g).transpose(0, 1) * scale  # (b, m, c), heads outermost in memory
+    if b > 2 and c > 2:
+        z[1, 0, : c // 2] = float("-inf")
+        z[2, -1, -1] = float("-inf")
+    ups = [torch.randn(b, c, generator=g, dtype=torch.float64)] + [torch.randn(b, generator=g, dtype=torch.float64)
+                                                                    for _ in range(3)]
+
+    def grad(values, reference=False):
+        leaf = values.detach().clone().requires_grad_(True)
+        u = R.uncertainty_ref(leaf, 1.7) if reference else uncertainty(leaf, 1.7, impl="torch")
+        loss = sum((out.double() * up).sum() for out, up in zip(u, ups))
+        return torch.autograd.grad(loss, leaf)[0] if b else torch.zeros_like(values)
+
+    calls = []
+    real = native.uncertainty_grad_rows
+    monkeypatch.setattr(native, "uncertainty_grad_rows", lambda *a: calls.append(1) or real(*a))
+    got = grad(z)
+    assert calls == ([1] if b else [])
+    want = grad(z.double(), reference=True)
+    assert_close_to(got, want, rtol=2e-5, atol=2e-6, what="gradient")
+    assert not torch.isnan(got).any()
+    monkeypatch.setenv("FASTHYDRA_NATIVE", "0")
+    assert_close_to(got, grad(z).double(), rtol=2e-5, atol=5e-5, what="against the torch ops")
+
+
+@needs_native
+def test_uncertainty_kernel_nan_logit_gives_nan_everywhere_in_its_row(monkeypatch):
+    """A NaN logit: NaN probs, total, aleatoric and epistemic for its row (the clamp at 0 keeps NaN, as torch's
+    clamp_min does), as the torch ops give; other rows untouched."""
+    from fasthydra import uncertainty
+
+    z = torch.randn(3, 2, 6)
+    z[1, 1, 3] = float("nan")
+    for flag in ("1", "0"):
+        monkeypatch.setenv("FASTHYDRA_NATIVE", flag)
+        u = uncertainty(z, impl="torch")
+        for name, v in zip(u._fields, u):
+            assert torch.isnan(v[1]).all(), f"{name} (FASTHYDRA_NATIVE={flag})"
+            assert torch.isfinite(v[[0, 2]]).all(), f"{name} (FASTHYDRA_NATIVE={flag})"
+
+
+@needs_native
 def test_uncertainty_kernel_identical_heads_have_no_epistemic_part():
     """Identical heads: total and aleatoric agree to rounding, and the epistemic part (their difference,
     which rounding may push below 0) is clamped at 0."""

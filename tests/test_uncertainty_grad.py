@@ -3,8 +3,8 @@ logits, held to the float64 reference's autograd gradient on the same values (ma
 dimensions, 16-bit logits), gradcheck and gradgradcheck in float64, row chunks of the eager backward, nothing
 saved where nothing is differentiated, torch.compile, and a step of gradient ascent on the epistemic part.
 
-cpu tier: the torch path (native C kernel for fp32 where built); interpret tier: the Triton forward (the backward
-is the same torch ops on both).
+cpu tier: the torch path; interpret tier: the Triton forward. The backward is the same on both: fp32 CPU logits in
+the native C kernel where it is built, else torch ops (each test that can tell runs both).
 """
 
 import pytest
@@ -16,6 +16,21 @@ from fasthydra import reference as R
 
 IMPLS = [pytest.param("torch", marks=pytest.mark.cpu), pytest.param("triton", marks=pytest.mark.interpret)]
 OUTPUTS = ("probs", "total", "aleatoric", "epistemic")
+
+
+@pytest.fixture(params=["native", "torch-ops"])
+def backward(request, monkeypatch):
+    """The backward's two CPU forms for fp32 logits: the native C kernel (where it is built) and the torch ops
+    (FASTHYDRA_NATIVE=0; what 16-bit and fp64 logits and GPUs take)."""
+    import fasthydra.ops.native as native
+
+    if request.param == "native":
+        monkeypatch.delenv("FASTHYDRA_NATIVE", raising=False)
+        if native.status() != "ok":
+            pytest.skip(f"native kernel: {native.status()}")
+    else:
+        monkeypatch.setenv("FASTHYDRA_NATIVE", "0")
+    return request.param
 
 
 def _logits(shape, seed, dtype=torch.float32, masked=True, scale=2.5):
@@ -55,7 +70,7 @@ def _grad(z, temperature, impl, ups):
                          ids=["probs", "total", "aleatoric", "epistemic", "all"])
 @pytest.mark.parametrize("shape, temperature", [((6, 3, 9), 1.0), ((5, 4, 40), 2.5), ((2, 3, 4, 7), 0.7)],
                          ids=["B,M,C", "long-T", "B,T,M,C"])
-def test_gradient_of_each_output_matches_float64(impl, which, shape, temperature):
+def test_gradient_of_each_output_matches_float64(impl, which, shape, temperature, backward):
     z = _logits(shape, seed=len(which) * 7 + shape[-1])
     ups = _upstream(uncertainty(z), seed=3, which=which)
     got = _grad(z, temperature, impl, ups)
@@ -72,7 +87,7 @@ def test_gradient_of_each_output_matches_float64(impl, which, shape, temperature
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_one_head_epistemic_has_no_gradient(impl):
+def test_one_head_epistemic_has_no_gradient(impl, backward):
     """One head: epistemic is 0 identically, so its gradient is ~0, and total's equals aleatoric's."""
     z = _logits((7, 1, 11), seed=5)
     g_epi = _grad(z, 1.5, impl, {"epistemic": torch.ones(7, dtype=torch.float64)})
@@ -105,8 +120,10 @@ def test_gradcheck_and_gradgradcheck_float64():
 
 @pytest.mark.cpu
 def test_backward_in_row_chunks(monkeypatch):
-    """The eager backward in chunks of a few rows gives the one-chunk result."""
+    """The eager backward's torch ops in chunks of a few rows give the one-chunk result."""
     import fasthydra.ops.uncertainty as unc
+
+    monkeypatch.setenv("FASTHYDRA_NATIVE", "0")
 
     z = _logits((13, 3, 10), seed=8)
     ups = _upstream(uncertainty(z), seed=6, which=OUTPUTS)
@@ -200,11 +217,15 @@ def test_gradient_on_cuda(dtype, shape):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_a_nan_logit_poisons_only_its_row(impl):
+@pytest.mark.parametrize("c", [6, 9000], ids=["row-in-registers", "row-in-tiles"])
+def test_a_nan_logit_poisons_only_its_row(impl, backward, c):
     """NaN logits give NaN outputs and NaN gradients in their row, as eager's; the other rows keep theirs."""
-    z = _logits((4, 3, 6), seed=13, masked=False)
+    z = _logits((4, 3, c), seed=13, masked=False)
     bad = z.clone()
     bad[2, 1, 3] = float("nan")
+    u = uncertainty(bad, impl=impl)
+    for name, v in zip(u._fields, u):  # (a clamp at 0 that dropped NaN would give epistemic 0 here)
+        assert torch.isnan(v[2]).all() and not torch.isnan(v[[0, 1, 3]]).any(), name
     ups = _upstream(uncertainty(z), seed=2, which=OUTPUTS)
     got = _grad(bad, 1.0, impl, ups)
     assert torch.isnan(got[2]).all()

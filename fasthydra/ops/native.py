@@ -96,6 +96,9 @@ def _build() -> ctypes.CDLL:
     lib.hydra_kl_tile_stats.restype = lib.hydra_kl_tile_grad.restype = None
     lib.hydra_uncertainty_rows.argtypes = [ptr, i64, i64, i64, i64, f32, ptr, i64, ptr, ptr, ptr, ptr, i64, i64]
     lib.hydra_uncertainty_rows.restype = None
+    lib.hydra_uncertainty_grad_rows.argtypes = [ptr, i64, i64, i64, i64, f32, ptr, i64, ptr, ptr, ptr, i64, i64, ptr,
+                                                i64, i64]
+    lib.hydra_uncertainty_grad_rows.restype = None
     return lib
 
 
@@ -230,3 +233,29 @@ def uncertainty_rows(logits: torch.Tensor, temperature: float):
     if b > 0:
         _over_rows(rows, b)
     return probs, total, aleatoric, epistemic
+
+
+def uncertainty_grad_rows(logits: torch.Tensor, temperature: float, g_probs, on_total, on_heads) -> torch.Tensor:
+    """dL/dz (B, M, C) fp32 of fp32 (B, M, C) CPU logits (unit stride along C) from the upstream gradient of the
+    mixture g_probs (B, C) and the per-row coefficients on_total = g_total + g_epistemic and on_heads =
+    g_aleatoric - g_epistemic (B,), each None when absent (csrc: hydra_uncertainty_grad_rows: one exponential per
+    element, each row's heads in cache)."""
+    lib = _library()
+    b, m, c = logits.shape
+    dz = torch.empty(b, m, c, dtype=torch.float32)
+
+    def ptr(t):
+        return None if t is None else t.data_ptr()
+
+    g_probs = None if g_probs is None else g_probs.to(torch.float32).contiguous()
+    on_total, on_heads = (None if t is None else t.to(torch.float32).contiguous() for t in (on_total, on_heads))
+    head = (logits.data_ptr(), logits.stride(0), logits.stride(1), m, c, 1.0 / temperature, ptr(g_probs), c,
+            ptr(on_total), ptr(on_heads), dz.data_ptr(), m * c, c)
+
+    def rows(r0, r1):
+        scratch = torch.empty(3 * max(c, 1) + 2 * m, dtype=torch.float32)  # per worker
+        lib.hydra_uncertainty_grad_rows(*head, scratch.data_ptr(), r0, r1)
+
+    if b > 0 and c > 0:
+        _over_rows(rows, b)
+    return dz

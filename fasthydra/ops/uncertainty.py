@@ -85,13 +85,17 @@ def uncertainty_backward(logits: torch.Tensor, temperature: float, g_probs: torc
     dP_c/dz_mk = p_mk (delta_ck - p_mc) / (M T); dH[P]/dz_mk = p_mk (S_m - log P_k) / (M T);
     dA/dz_mk = -p_mk (log p_mk + H_m) / (M T). Epistemic is H[P] - A: its gradient is the mutual
     information's own (the forward's clamp at 0 against rounding is not differentiated). A masked
-    class (logit -inf) gets 0. Computed in fp32 (fp64 for fp64 logits), in row chunks eagerly."""
+    class (logit -inf) gets 0. Computed in fp32 (fp64 for fp64 logits): fp32 CPU logits in the native C kernel
+    where it is built, else torch ops in row chunks (traced whole under torch.compile)."""
     b, m, c = logits.shape
     cdt = compute_dtype(logits.dtype)
     on_total = _sum_present(g_total, g_epistemic, 1.0)
     on_heads = _sum_present(g_aleatoric, g_epistemic, -1.0)
     if torch.compiler.is_compiling() or type(logits) is not torch.Tensor:
         return _uncertainty_grad_rows(logits, temperature, g_probs, on_total, on_heads, cdt).to(logits.dtype)
+    if native.usable(logits) and not torch.is_grad_enabled():  # (create_graph=True: the torch ops, differentiable)
+        return native.uncertainty_grad_rows(logits if logits.stride(-1) == 1 else logits.contiguous(), temperature,
+                                            g_probs, on_total, on_heads)
     dz = torch.empty((b, m, c), dtype=logits.dtype, device=logits.device)
     step = rows_per_chunk(b, m * c, TORCH_CHUNK_ELEMENTS if logits.device.type == "cpu" else GPU_CHUNK_ELEMENTS)
     for r0 in range(0, b, step):

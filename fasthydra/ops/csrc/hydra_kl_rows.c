@@ -406,6 +406,76 @@ void hydra_uncertainty_rows(const float *z, int64_t ld_b, int64_t ld_m, int64_t 
         ale *= inv_m;
         total[r] = tot;
         aleatoric[r] = ale;
-        epistemic[r] = tot - ale > 0.0f ? tot - ale : 0.0f;
+        epistemic[r] = tot - ale < 0.0f ? 0.0f : tot - ale; /* a NaN row stays NaN, as torch's clamp_min */
+    }
+}
+
+/* gradient of uncertainty for rows [r0, r1): with p_m = softmax(z_m / T), P = mean_m p_m and the upstream
+ * gradients g (of P; row stride ld_g, NULL: none), a = g_total + g_epistemic and b = g_aleatoric - g_epistemic
+ * per row (NULL: 0), dz_mc = p_mc (V_mc - sum_k p_mk V_mk) / (M T) with V_mc = g_c - a log P_c - b log p_mc
+ * (the softmax's vector product with dL/dp). dz has row stride ld_db, head stride ld_dm, unit along the n
+ * classes. scratch: 3 * n + 2 * m floats (a row of p, the mixture then W, a row of V, and each head's reference
+ * and log of its sum). Each head's exponentials are computed twice (for P, then for its gradient): three rows
+ * of scratch stay in cache where M rows of p would not at large C. A -inf logit masks its class: p = 0, dz = 0.
+ * The scratch rows do not overlap each other, the logits or dz: restrict, and every scalar a loop reads in a
+ * local, so that gcc vectorises the loops (it otherwise reloads through possible aliases, element by element). */
+void hydra_uncertainty_grad_rows(const float *z, int64_t ld_b, int64_t ld_m, int64_t m, int64_t n, float inv_t,
+                                 const float *g, int64_t ld_g, const float *on_total, const float *on_heads,
+                                 float *dz, int64_t ld_db, int64_t ld_dm, float *scratch, int64_t r0, int64_t r1) {
+    float inv_m = 1.0f / (float)m, scale = inv_m * inv_t;
+    float *restrict p = scratch, *restrict mix = p + n, *restrict v = mix + n, *restrict ref = v + n;
+    float *restrict inv_d = ref + m;
+    for (int64_t r = r0; r < r1; ++r) {
+        float a = on_total ? on_total[r] : 0.0f, b = on_heads ? on_heads[r] : 0.0f;
+        for (int64_t c = 0; c < n; ++c) mix[c] = 0.0f;
+        for (int64_t h = 0; h < m; ++h) { /* each head's normaliser, and the mixture P */
+            const float *restrict x = z + r * ld_b + h * ld_m;
+            float mx = row_max(x, n, 1.0f);
+            const float rh = isinf(mx) && mx < 0 ? 0.0f : mx; /* a row -inf everywhere: NaN below, as the forward */
+            for (int64_t c = 0; c < n; ++c) p[c] = vexp((x[c] - rh) * inv_t);
+            float dl[LANES];
+            for (int j = 0; j < LANES; ++j) dl[j] = 0.0f;
+            int64_t c = 0;
+            for (; c + LANES <= n; c += LANES)
+                for (int j = 0; j < LANES; ++j) dl[j] += p[c + j];
+            float d = 0.0f;
+            for (int j = 0; j < LANES; ++j) d += dl[j];
+            for (; c < n; ++c) d += p[c];
+            ref[h] = rh;
+            inv_d[h] = 1.0f / d;
+            const float w = inv_m / d;
+            for (c = 0; c < n; ++c) mix[c] += p[c] * w;
+        }
+        /* W = g - a log P over the mixture's row (in place); a class every head masks: log 1, times p = 0 */
+        const float *restrict gr = g ? g + r * ld_g : NULL;
+        for (int64_t c = 0; c < n; ++c) {
+            float mc = mix[c];
+            float log_mix = mc > 1.0e-37f ? vlog(mc) : (mc != mc ? mc : 0.0f); /* NaN stays NaN */
+            float w = -a * log_mix;
+            mix[c] = gr ? gr[c] + w : w;
+        }
+        for (int64_t h = 0; h < m; ++h) {
+            const float *restrict x = z + r * ld_b + h * ld_m;
+            float *restrict out = dz + r * ld_db + h * ld_dm;
+            const float rh = ref[h], id = inv_d[h], lh = -logf(id);
+            /* p again (the same rounding as for P), V = W - b log p (log p = (x - ref) / T - log d; 0 where p = 0,
+             * whose products are 0): maps; then <p, V> in LANES partial sums (one loop doing it all is not
+             * vectorised) */
+            for (int64_t c = 0; c < n; ++c) {
+                float xc = (x[c] - rh) * inv_t;
+                float pc = vexp(xc) * id;
+                p[c] = pc;
+                v[c] = mix[c] - b * (pc > 0.0f ? xc - lh : 0.0f);
+            }
+            float sl[LANES];
+            for (int j = 0; j < LANES; ++j) sl[j] = 0.0f;
+            int64_t c = 0;
+            for (; c + LANES <= n; c += LANES)
+                for (int j = 0; j < LANES; ++j) sl[j] += p[c + j] * v[c + j];
+            float s = 0.0f;
+            for (int j = 0; j < LANES; ++j) s += sl[j];
+            for (; c < n; ++c) s += p[c] * v[c];
+            for (c = 0; c < n; ++c) out[c] = p[c] * (v[c] - s) * scale;
+        }
     }
 }
