@@ -117,7 +117,8 @@ def _kernel_specs():
     from fasthydra.kernels.softmax_kl import (_hydra_kl_fwd_kernel, _hydra_kl_grad_cols_kernel, _hydra_kl_grad_kernel,
                                               _hydra_kl_topk_fwd_kernel)
     from fasthydra.ops.hydra_kl import topk_config
-    from fasthydra.kernels.uncertainty import _ensemble_log_mean_kernel, _uncertainty_fwd_kernel
+    from fasthydra.kernels.uncertainty import (_ensemble_log_mean_kernel, _uncertainty_bwd_kernel,
+                                               _uncertainty_fwd_kernel)
 
     specs, seen = [], set()
 
@@ -345,6 +346,14 @@ def _kernel_specs():
                                                 "ROW_IN_REGISTERS": uc["ROW_IN_REGISTERS"],
                                                 "VEC": min(uc["BLOCK_C"], 4 if ty == "fp32" else 8)},
                 {"num_warps": uc["num_warps"]}, tag)
+            ug = cfgs.uncertainty_grad_config(m, c)  # its backward, with and without the mixture's gradient
+            for has_g in (True, False):
+                add(_uncertainty_bwd_kernel, {"z_ptr": f"*{ty}", "g_ptr": f"*{ty}", "a_ptr": "*fp32", "b_ptr": "*fp32",
+                                              "dz_ptr": f"*{ty}", "M": m, "C": c, "stride_zb": m * c, "stride_zm": c,
+                                              "stride_gb": c, "stride_db": m * c, "stride_dm": c, "inv_temp": 0.5,
+                                              "scale": 0.1},
+                    {"HAS_G": has_g, "BLOCK_M": ug["BLOCK_M"], "BLOCK_C": ug["BLOCK_C"],
+                     "ROW_IN_REGISTERS": ug["ROW_IN_REGISTERS"]}, {"num_warps": ug["num_warps"]}, tag)
             # the Hinton loss's target (the ensemble's mean in log space), same (M, C) row structure
             uc = cfgs.uncertainty_config(m, c, hinton_target=True)
             add(_ensemble_log_mean_kernel, {"t_ptr": f"*{ty}", "out_ptr": "*fp32", "err_ptr": "*i32", "M": m, "C": c,

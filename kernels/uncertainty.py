@@ -3,9 +3,10 @@
 Forward formula for row b with head logits z[b, m, :] (divided by T):
     q_m = softmax(z_m),  P = mean_m q_m,  total = H[P],  aleatoric = mean_m H[q_m],
     epistemic = max(total - aleatoric, 0)   (the mutual information; clamped at 0 against rounding)
-No gradient: this is an evaluation op. Pass 1 walks the C tiles with all heads of the row in one
-(BLOCK_M, BLOCK_C) tile and keeps per-head max, sum exp and sum exp * (z - max), so that
-H[q_m] = log d_m - e_m / d_m. Pass 2 forms P tile by tile, stores it and sums -P log P.
+Pass 1 walks the C tiles with all heads of the row in one (BLOCK_M, BLOCK_C) tile and keeps per-head
+max, sum exp and sum exp * (z - max), so that H[q_m] = log d_m - e_m / d_m. Pass 2 forms P tile by
+tile, stores it and sums -P log P. The backward (`_uncertainty_bwd_kernel`) is the softmax's vector
+product per head with the gradient with respect to q_m.
 """
 
 import triton
@@ -212,3 +213,91 @@ def _log_mean_tile(u, lse, cols, out_row, C, temp, log_m):
     s = tl.sum(tl.exp(lq - ref[None, :]), axis=0)
     lp = tl.where(mx == float("-inf"), float("-inf"), ref + tl.log(s) - log_m)
     tl.store(out_row + cols, lp * temp, mask=cols < C)
+
+
+@triton.jit
+def _uncertainty_grad_tile(s, lse, a, b, g_row, cols, C, M, HAS_G: tl.constexpr):
+    """(p, V) on one (BLOCK_M, BLOCK_C) tile of tempered logits s: p = softmax per head, V = g - a log P - b log p
+    (log p as 0 where p = 0, log P as 0 where P = 0: their products with p are 0; NaN stays NaN)."""
+    lp = s - lse[:, None]
+    p = tl.exp(lp)
+    mix = tl.sum(p, axis=0) / M
+    v = -a * tl.log(tl.where(mix == 0, 1.0, mix))
+    if HAS_G:
+        v += tl.load(g_row + cols, mask=cols < C, other=0.0).to(tl.float32)
+    v = v[None, :] - b * tl.where(p == 0, 0.0, lp)
+    return p, v
+
+
+@triton.jit
+def _uncertainty_bwd_kernel(
+    z_ptr,  # logits (B, M, C): strides stride_zb, stride_zm, unit along C
+    g_ptr,  # upstream gradient of the mixture (B, C), row stride stride_gb (HAS_G)
+    a_ptr,  # (B,) fp32: upstream gradient of total + that of epistemic
+    b_ptr,  # (B,) fp32: upstream gradient of aleatoric - that of epistemic
+    dz_ptr,  # out: (B, M, C), strides stride_db, stride_dm, unit along C
+    M,
+    C,
+    stride_zb,
+    stride_zm,
+    stride_gb,
+    stride_db,
+    stride_dm,
+    inv_temp,  # 1 / T
+    scale,  # 1 / (M T)
+    HAS_G: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # heads, padded to a power of two
+    BLOCK_C: tl.constexpr,
+    ROW_IN_REGISTERS: tl.constexpr,  # C <= BLOCK_C: the row is read once
+):
+    """Backward of uncertainty for one row: dz_m = p_m (V_m - <p_m, V_m>) / (M T), the softmax's vector product
+    with V = dL/dp. Pass 1: each head's max and sum of exponentials; pass 2: <p_m, V_m>; pass 3: dz (long rows
+    read the row three times; a row in registers once)."""
+    row = tl.program_id(0).to(tl.int64)
+    heads = tl.arange(0, BLOCK_M)
+    head_ok = heads < M
+    cols0 = tl.arange(0, BLOCK_C)
+    z_row = z_ptr + row * stride_zb + heads[:, None].to(tl.int64) * stride_zm
+    dz_row = dz_ptr + row * stride_db + heads[:, None].to(tl.int64) * stride_dm
+    g_row = g_ptr + row * stride_gb
+    a = tl.load(a_ptr + row)
+    b = tl.load(b_ptr + row)
+    if ROW_IN_REGISTERS:
+        mask = head_ok[:, None] & (cols0 < C)[None, :]
+        s_row = tl.load(z_row + cols0[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
+        mx = tl.max(s_row, axis=1)
+        ref = tl.where(mx == float("-inf"), 0.0, mx)  # padded heads (and a head masked everywhere: NaN below)
+        d = tl.sum(tl.exp(s_row - ref[:, None]), axis=1)
+    else:
+        mx = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        d = tl.zeros((BLOCK_M,), tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + cols0
+            s = tl.load(z_row + cols[None, :], mask=head_ok[:, None] & (cols < C)[None, :],
+                        other=float("-inf")).to(tl.float32) * inv_temp
+            new_m = tl.maximum(mx, tl.max(s, axis=1))
+            r = tl.where(new_m == float("-inf"), 0.0, new_m)
+            d = d * tl.exp(mx - r) + tl.sum(tl.exp(s - r[:, None]), axis=1)
+            mx = new_m
+        ref = tl.where(mx == float("-inf"), 0.0, mx)
+    lse = ref + tl.log(tl.where(head_ok, d, 1.0))  # padded heads: 0, so that their p is exp(-inf) = 0
+    if ROW_IN_REGISTERS:
+        p, v = _uncertainty_grad_tile(s_row, lse, a, b, g_row, cols0, C, M, HAS_G)
+        pv = tl.sum(p * v, axis=1)
+        tl.store(dz_row + cols0[None, :], (p * (v - pv[:, None]) * scale).to(dz_ptr.dtype.element_ty), mask=mask)
+    else:
+        pv = tl.zeros((BLOCK_M,), tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + cols0
+            s = tl.load(z_row + cols[None, :], mask=head_ok[:, None] & (cols < C)[None, :],
+                        other=float("-inf")).to(tl.float32) * inv_temp
+            p, v = _uncertainty_grad_tile(s, lse, a, b, g_row, cols, C, M, HAS_G)
+            pv += tl.sum(p * v, axis=1)
+        n_tiles = tl.cdiv(C, BLOCK_C)
+        for j in range(0, n_tiles):  # last tile first: pass 2 read it last
+            cols = (n_tiles - 1 - j) * BLOCK_C + cols0
+            tile_mask = head_ok[:, None] & (cols < C)[None, :]
+            s = tl.load(z_row + cols[None, :], mask=tile_mask, other=float("-inf")).to(tl.float32) * inv_temp
+            p, v = _uncertainty_grad_tile(s, lse, a, b, g_row, cols, C, M, HAS_G)
+            tl.store(dz_row + cols[None, :], (p * (v - pv[:, None]) * scale).to(dz_ptr.dtype.element_ty),
+                     mask=tile_mask)

@@ -423,6 +423,26 @@ def uncertainty_config(n_heads: int, n_cols: int, n_rows: int | None = None, hin
                 ROW_IN_REGISTERS=block_c >= n_cols)
 
 
+# Elements of one (heads, classes) tile of uncertainty's backward kernel: a row of up to UNCERTAINTY_GRAD_ROW_MAX
+# is read once and held (four fp32 values per element live: logits, p, V and the product); longer rows walk
+# UNCERTAINTY_GRAD_TILE-element tiles three times. Neither is timed on a GPU yet (the kernel report compiles them
+# for sm_80/sm_90 without spills).
+UNCERTAINTY_GRAD_ROW_MAX = 4096
+UNCERTAINTY_GRAD_TILE = 2048
+
+
+def uncertainty_grad_config(n_heads: int, n_cols: int) -> dict:
+    """(heads, classes) tiles and warps of uncertainty's backward kernel (about 8 elements per thread)."""
+    block_m = max(2, next_pow2(n_heads))
+    whole = max(16, next_pow2(n_cols))
+    if block_m * whole <= UNCERTAINTY_GRAD_ROW_MAX:
+        return dict(BLOCK_M=block_m, BLOCK_C=whole, num_warps=max(1, min(16, block_m * whole // 256)),
+                    ROW_IN_REGISTERS=True)
+    block_c = max(16, UNCERTAINTY_GRAD_TILE // block_m)
+    return dict(BLOCK_M=block_m, BLOCK_C=block_c, num_warps=max(4, min(16, block_m * block_c // 256)),
+                ROW_IN_REGISTERS=False)
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 maths for fp16/bf16/fp32 inputs; float64 stays float64 (the torch path's reference mode)."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -446,17 +446,39 @@ def _uncertainty_fake(logits, temperature, impl):
 
 
 def _uncertainty_setup(ctx, inputs, output):
-    logits, ctx.temperature, _ = inputs
+    logits, ctx.temperature, ctx.impl = inputs
     ctx.set_materialize_grads(False)  # an output nobody differentiates contributes nothing (None)
     ctx.save_for_backward(logits)
 
 
 def _uncertainty_backward(ctx, g_probs, g_total, g_aleatoric, g_epistemic):
     (logits,) = ctx.saved_tensors
-    if all(g is None for g in (g_probs, g_total, g_aleatoric, g_epistemic)):
+    grads = (g_probs, g_total, g_aleatoric, g_epistemic)
+    if all(g is None for g in grads):
         return None, None, None
-    # plain torch ops, differentiable themselves (create_graph=True works) and traced as they are by compile
-    return _unc.uncertainty_backward(logits, ctx.temperature, g_probs, g_total, g_aleatoric, g_epistemic), None, None
+    if ctx.impl == "triton" and not torch.is_grad_enabled():  # (create_graph=True: the torch ops, differentiable)
+        args = (logits.detach(), ctx.temperature, *grads)
+        # a traced backward sees the custom op; eager calls the launcher
+        return (uncertainty_grad(*args) if _traced(logits, *(g for g in grads if g is not None))
+                else _uncertainty_grad_impl(*args)), None, None
+    # torch path: the native C kernel for fp32 CPU logits, else plain torch ops, differentiable themselves
+    # (create_graph=True works) and traced as they are by compile
+    return _unc.uncertainty_backward(logits, ctx.temperature, *grads), None, None
+
+
+@_op_body
+def _uncertainty_grad_impl(logits: torch.Tensor, temperature: float, g_probs: torch.Tensor | None,
+                           g_total: torch.Tensor | None, g_aleatoric: torch.Tensor | None,
+                           g_epistemic: torch.Tensor | None) -> torch.Tensor:
+    return _unc.uncertainty_backward_triton(logits, temperature, g_probs, g_total, g_aleatoric, g_epistemic)
+
+
+uncertainty_grad = _custom_op("fasthydra::uncertainty_grad", _uncertainty_grad_impl)
+
+
+@register_fake("fasthydra::uncertainty_grad")
+def _uncertainty_grad_fake(logits, temperature, g_probs, g_total, g_aleatoric, g_epistemic):
+    return logits.new_empty(logits.shape)  # contiguous, as the launcher's
 
 
 register_autograd("fasthydra::uncertainty", _uncertainty_backward, setup_context=_uncertainty_setup)

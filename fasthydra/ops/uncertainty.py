@@ -1,5 +1,5 @@
-"""Entropy decomposition of a multi-head prediction: the Triton launcher and the torch path, and the
-backward (plain torch ops on every device: it recomputes each head's softmax from the logits).
+"""Entropy decomposition of a multi-head prediction, and its backward (each head's softmax recomputed from the
+logits): the Triton launchers, and the torch path (the native C kernel for fp32 CPU logits, else torch ops).
 
 The forwards record nothing for autograd without a no_grad context of their own: they run inside the op's
 autograd.Function (whose forward autograd runs without recording), under the custom op's dispatch (below
@@ -14,7 +14,8 @@ import torch
 from fasthydra.reference import Uncertainty
 
 from . import native
-from ._common import TORCH_CHUNK_ELEMENTS, compute_dtype, rows_per_chunk, uncertainty_config
+from ._common import (TORCH_CHUNK_ELEMENTS, compute_dtype, rows_per_chunk, uncertainty_config,
+                      uncertainty_grad_config)
 
 
 # Elements of one row chunk of the backward on a GPU: about ten torch launches per chunk, so chunks as small as
@@ -103,6 +104,36 @@ def uncertainty_backward(logits: torch.Tensor, temperature: float, g_probs: torc
         dz[rows] = _uncertainty_grad_rows(logits[rows], temperature, None if g_probs is None else g_probs[rows],
                                           None if on_total is None else on_total[rows],
                                           None if on_heads is None else on_heads[rows], cdt)
+    return dz
+
+
+def uncertainty_backward_triton(logits: torch.Tensor, temperature: float, g_probs: torch.Tensor | None,
+                                g_total: torch.Tensor | None, g_aleatoric: torch.Tensor | None,
+                                g_epistemic: torch.Tensor | None) -> torch.Tensor:
+    """uncertainty_backward in one launch of `_uncertainty_bwd_kernel` (a program per row; dz in the logits'
+    dtype, contiguous)."""
+    from fasthydra.kernels.uncertainty import _uncertainty_bwd_kernel
+
+    b, m, c = logits.shape
+    logits = logits if logits.stride(-1) == 1 else logits.contiguous()
+    dz = torch.empty((b, m, c), dtype=logits.dtype, device=logits.device)
+    if b == 0 or c == 0:
+        return dz
+    zeros = None
+    coefs = []
+    for v in (_sum_present(g_total, g_epistemic, 1.0), _sum_present(g_aleatoric, g_epistemic, -1.0)):
+        if v is None:
+            zeros = torch.zeros(b, dtype=torch.float32, device=logits.device) if zeros is None else zeros
+            v = zeros
+        coefs.append(v.to(torch.float32).contiguous())
+    has_g = g_probs is not None
+    g = (g_probs if g_probs.stride(-1) == 1 else g_probs.contiguous()) if has_g else coefs[0]
+    cfg = uncertainty_grad_config(m, c)
+    _uncertainty_bwd_kernel[(b,)](
+        logits, g, coefs[0], coefs[1], dz, m, c, logits.stride(0), logits.stride(1), g.stride(0) if has_g else 0,
+        dz.stride(0), dz.stride(1), 1.0 / temperature, 1.0 / (m * temperature), HAS_G=has_g,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], ROW_IN_REGISTERS=cfg["ROW_IN_REGISTERS"],
+        num_warps=cfg["num_warps"])
     return dz
 
 
