@@ -346,14 +346,16 @@ def _kernel_specs():
                                                 "ROW_IN_REGISTERS": uc["ROW_IN_REGISTERS"],
                                                 "VEC": min(uc["BLOCK_C"], 4 if ty == "fp32" else 8)},
                 {"num_warps": uc["num_warps"]}, tag)
-            ug = cfgs.uncertainty_grad_config(m, c)  # its backward, with and without the mixture's gradient
+            ug = cfgs.uncertainty_grad_config(m, c)  # its backward: every upstream, or the epistemic part's only
             for has_g in (True, False):
-                add(_uncertainty_bwd_kernel, {"z_ptr": f"*{ty}", "g_ptr": f"*{ty}", "a_ptr": "*fp32", "b_ptr": "*fp32",
-                                              "dz_ptr": f"*{ty}", "M": m, "C": c, "stride_zb": m * c, "stride_zm": c,
-                                              "stride_gb": c, "stride_db": m * c, "stride_dm": c, "inv_temp": 0.5,
-                                              "scale": 0.1},
-                    {"HAS_G": has_g, "BLOCK_M": ug["BLOCK_M"], "BLOCK_C": ug["BLOCK_C"],
-                     "ROW_IN_REGISTERS": ug["ROW_IN_REGISTERS"]}, {"num_warps": ug["num_warps"]}, tag)
+                ptrs = {name: f"*{ty}" for name in ("z_ptr", "g_ptr", "gt_ptr", "ga_ptr", "ge_ptr", "dz_ptr")}
+                add(_uncertainty_bwd_kernel, {**ptrs, "M": m, "C": c, "stride_zb": m * c, "stride_zm": c,
+                                              "stride_gb": c, "stride_gt": 1, "stride_ga": 1,
+                                              "stride_ge": 0 if not has_g else 1, "stride_db": m * c,
+                                              "stride_dm": c, "inv_temp": 0.5, "scale": 0.1},
+                    {"HAS_G": has_g, "HAS_T": has_g, "HAS_A": has_g, "HAS_E": True, "BLOCK_M": ug["BLOCK_M"],
+                     "BLOCK_C": ug["BLOCK_C"], "ROW_IN_REGISTERS": ug["ROW_IN_REGISTERS"]},
+                    {"num_warps": ug["num_warps"]}, tag)
             # the Hinton loss's target (the ensemble's mean in log space), same (M, C) row structure
             uc = cfgs.uncertainty_config(m, c, hinton_target=True)
             add(_ensemble_log_mean_kernel, {"t_ptr": f"*{ty}", "out_ptr": "*fp32", "err_ptr": "*i32", "M": m, "C": c,

@@ -233,19 +233,26 @@ def _uncertainty_grad_tile(s, lse, a, b, g_row, cols, C, M, HAS_G: tl.constexpr)
 def _uncertainty_bwd_kernel(
     z_ptr,  # logits (B, M, C): strides stride_zb, stride_zm, unit along C
     g_ptr,  # upstream gradient of the mixture (B, C), row stride stride_gb (HAS_G)
-    a_ptr,  # (B,) fp32: upstream gradient of total + that of epistemic
-    b_ptr,  # (B,) fp32: upstream gradient of aleatoric - that of epistemic
+    gt_ptr,  # upstream gradients of total, aleatoric, epistemic (B,), strides stride_gt/ga/ge (0: a broadcast
+    ga_ptr,  # scalar, as a mean's backward gives); each read only where HAS_T/HAS_A/HAS_E
+    ge_ptr,
     dz_ptr,  # out: (B, M, C), strides stride_db, stride_dm, unit along C
     M,
     C,
     stride_zb,
     stride_zm,
     stride_gb,
+    stride_gt,
+    stride_ga,
+    stride_ge,
     stride_db,
     stride_dm,
     inv_temp,  # 1 / T
     scale,  # 1 / (M T)
     HAS_G: tl.constexpr,
+    HAS_T: tl.constexpr,
+    HAS_A: tl.constexpr,
+    HAS_E: tl.constexpr,
     BLOCK_M: tl.constexpr,  # heads, padded to a power of two
     BLOCK_C: tl.constexpr,
     ROW_IN_REGISTERS: tl.constexpr,  # C <= BLOCK_C: the row is read once
@@ -260,8 +267,17 @@ def _uncertainty_bwd_kernel(
     z_row = z_ptr + row * stride_zb + heads[:, None].to(tl.int64) * stride_zm
     dz_row = dz_ptr + row * stride_db + heads[:, None].to(tl.int64) * stride_dm
     g_row = g_ptr + row * stride_gb
-    a = tl.load(a_ptr + row)
-    b = tl.load(b_ptr + row)
+    # a: the coefficient of d total (total's upstream + epistemic's), b: of d aleatoric (aleatoric's - epistemic's)
+    a = tl.zeros((), tl.float32)
+    b = tl.zeros((), tl.float32)
+    if HAS_T:
+        a += tl.load(gt_ptr + row * stride_gt).to(tl.float32)
+    if HAS_A:
+        b += tl.load(ga_ptr + row * stride_ga).to(tl.float32)
+    if HAS_E:
+        ge = tl.load(ge_ptr + row * stride_ge).to(tl.float32)
+        a += ge
+        b -= ge
     if ROW_IN_REGISTERS:
         mask = head_ok[:, None] & (cols0 < C)[None, :]
         s_row = tl.load(z_row + cols0[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_temp

@@ -26,7 +26,7 @@ def test_report_covers_every_kernel_and_arch(report):
     _, records = report
     kernels = {r["kernel"] for r in records}
     assert kernels == {"_hydra_kl_fwd_kernel", "_hydra_kl_grad_kernel", "_hydra_kl_grad_cols_kernel",
-                       "_hydra_kl_topk_fwd_kernel", "_uncertainty_fwd_kernel",
+                       "_hydra_kl_topk_fwd_kernel", "_uncertainty_fwd_kernel", "_uncertainty_bwd_kernel",
                        "_gaussian_heads_kl_fwd_kernel", "_small_heads_kl_kernel", "_small_heads_grad_kernel",
                        "_flag_rows_kernel", "_ensemble_log_mean_kernel", "_scale_unless_one_kernel",
                        "_thin_heads_kl_kernel"}

@@ -111,7 +111,8 @@ def uncertainty_backward_triton(logits: torch.Tensor, temperature: float, g_prob
                                 g_total: torch.Tensor | None, g_aleatoric: torch.Tensor | None,
                                 g_epistemic: torch.Tensor | None) -> torch.Tensor:
     """uncertainty_backward in one launch of `_uncertainty_bwd_kernel` (a program per row; dz in the logits'
-    dtype, contiguous)."""
+    dtype, contiguous). The upstream gradients are read as they come (a mean's backward gives a stride-0 (B,)
+    view): no launch besides the kernel."""
     from fasthydra.kernels.uncertainty import _uncertainty_bwd_kernel
 
     b, m, c = logits.shape
@@ -119,19 +120,16 @@ def uncertainty_backward_triton(logits: torch.Tensor, temperature: float, g_prob
     dz = torch.empty((b, m, c), dtype=logits.dtype, device=logits.device)
     if b == 0 or c == 0:
         return dz
-    zeros = None
-    coefs = []
-    for v in (_sum_present(g_total, g_epistemic, 1.0), _sum_present(g_aleatoric, g_epistemic, -1.0)):
-        if v is None:
-            zeros = torch.zeros(b, dtype=torch.float32, device=logits.device) if zeros is None else zeros
-            v = zeros
-        coefs.append(v.to(torch.float32).contiguous())
-    has_g = g_probs is not None
-    g = (g_probs if g_probs.stride(-1) == 1 else g_probs.contiguous()) if has_g else coefs[0]
+    if g_probs is not None and g_probs.stride(-1) != 1:
+        g_probs = g_probs.contiguous()
+    per_row = [dz if g is None else g for g in (g_total, g_aleatoric, g_epistemic)]  # (dz: any pointer, unread)
     cfg = uncertainty_grad_config(m, c)
     _uncertainty_bwd_kernel[(b,)](
-        logits, g, coefs[0], coefs[1], dz, m, c, logits.stride(0), logits.stride(1), g.stride(0) if has_g else 0,
-        dz.stride(0), dz.stride(1), 1.0 / temperature, 1.0 / (m * temperature), HAS_G=has_g,
+        logits, dz if g_probs is None else g_probs, *per_row, dz, m, c, logits.stride(0), logits.stride(1),
+        0 if g_probs is None else g_probs.stride(0), *(0 if g is None else g.stride(0) for g in (g_total, g_aleatoric,
+                                                                                             g_epistemic)),
+        dz.stride(0), dz.stride(1), 1.0 / temperature, 1.0 / (m * temperature), HAS_G=g_probs is not None,
+        HAS_T=g_total is not None, HAS_A=g_aleatoric is not None, HAS_E=g_epistemic is not None,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], ROW_IN_REGISTERS=cfg["ROW_IN_REGISTERS"],
         num_warps=cfg["num_warps"])
     return dz
