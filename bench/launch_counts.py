@@ -140,6 +140,12 @@ def cases():
         out.append(("hydra_kl_loss on logits", path, {}, logits_step))
         out.append(("hinton_kl_loss", path, {}, hinton_step))
     out.append(("uncertainty", "uncertainty kernel", {}, lambda: uncertainty(z.detach(), impl="triton")))
+
+    def uncertainty_step():
+        z.grad = None
+        uncertainty(z, impl="triton").epistemic.mean().backward()
+
+    out.append(("uncertainty fwd+bwd (epistemic penalty)", "forward + backward kernels", {}, uncertainty_step))
     return out
 
 
