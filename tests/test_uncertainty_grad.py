@@ -232,3 +232,18 @@ def test_a_nan_logit_poisons_only_its_row(impl, backward, c):
     assert torch.isnan(got[2]).all()
     keep = [0, 1, 3]
     assert_close_to(got[keep], _grad(z, 1.0, None, ups)[keep], rtol=2e-5, atol=1e-7, what="rows without NaN")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_confident_heads_keep_eager_precision(impl, backward):
+    """|z / T| ~ 100 (logits of scale 30 at T = 0.3): the gradient within DESIGN's rule of eager float32's error
+    against float64 (log p formed as (s - max) - log d; as max + log d subtracted from s it was 30x eager's)."""
+    from helpers import tolerance_rule
+
+    z = _logits((3, 4, 100), seed=31, masked=False, scale=30.0)
+    ups = _upstream(uncertainty(z), seed=7, which=("total", "aleatoric", "epistemic"))
+    want = _grad(z, 0.3, None, ups)
+    eager_leaf = z.clone().requires_grad_(True)
+    u = R.uncertainty_ref(eager_leaf, 0.3)
+    (eager,) = torch.autograd.grad(sum((getattr(u, n).double() * up).sum() for n, up in ups.items()), eager_leaf)
+    tolerance_rule(_grad(z, 0.3, impl, ups), eager, want, atol=2e-6, what="confident heads")
