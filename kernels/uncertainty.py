@@ -280,24 +280,19 @@ def _uncertainty_bwd_kernel(
         ge = tl.load(ge_ptr + row * stride_ge).to(tl.float32)
         a += ge
         b -= ge
+    mx = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    d = tl.zeros((BLOCK_M,), tl.float32)
     if ROW_IN_REGISTERS:
         mask = head_ok[:, None] & (cols0 < C)[None, :]
         s_row = tl.load(z_row + cols0[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
-        mx = tl.max(s_row, axis=1)
-        ref = tl.where(mx == float("-inf"), 0.0, mx)  # padded heads (and a head masked everywhere: NaN below)
-        d = tl.sum(tl.exp(s_row - ref[:, None]), axis=1)
+        mx, d = _lse_update(s_row, mx, d)
     else:
-        mx = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-        d = tl.zeros((BLOCK_M,), tl.float32)
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + cols0
             s = tl.load(z_row + cols[None, :], mask=head_ok[:, None] & (cols < C)[None, :],
                         other=float("-inf")).to(tl.float32) * inv_temp
-            new_m = tl.maximum(mx, tl.max(s, axis=1))
-            r = tl.where(new_m == float("-inf"), 0.0, new_m)
-            d = d * tl.exp(mx - r) + tl.sum(tl.exp(s - r[:, None]), axis=1)
-            mx = new_m
-        ref = tl.where(mx == float("-inf"), 0.0, mx)
+            mx, d = _lse_update(s, mx, d)
+    ref = tl.where(mx == float("-inf"), 0.0, mx)  # padded heads (and a head masked everywhere: NaN below)
     log_d = tl.log(tl.where(head_ok, d, 1.0))  # padded heads: ref 0, log d 0, so that their p is exp(-inf) = 0
     if ROW_IN_REGISTERS:
         p, v = _uncertainty_grad_tile(s_row, ref, log_d, a, b, g_row, cols0, C, M, HAS_G)
