@@ -15,8 +15,8 @@ from numbers import Integral, Real
 
 import torch
 
-from fasthydra.ops._common import (auto_fallback_reason, interpreting, no_values, on_tensor_device, op_form,
-                                   triton_available)
+from fasthydra.ops._common import (TEMPERATURE_RANGE, auto_fallback_reason, interpreting, no_values,
+                                   on_tensor_device, op_form, op_temperature, temperature_error, triton_available)
 from fasthydra.ops import checks as _checks
 from fasthydra.ops.checks import flag_gaussian_teacher, flag_teacher_rows, flag_topk_teacher, poll
 from fasthydra.ops.gaussian_kl import gaussian_kl_torch, split_gaussian
@@ -70,24 +70,35 @@ def _refuse_dtensor(name: str, value: torch.Tensor) -> None:
                 "'distill_loss'), or shard the module whose forward calls distill_loss")
 
 
-# Temperatures whose square and inverse float32 holds with room to spare (past them a step raised a
-# RuntimeError from a float32 scalar, or returned NaN: T^2 * KL with T^2 = inf).
-TEMPERATURE_RANGE = (2.0**-64, 2.0**63)
-
-
-def _check_temperature(temperature) -> float:
+def _check_temperature(temperature, like: torch.Tensor | None = None):
+    """A number as a float; a one-element floating tensor (on the CPU or like's device, not requiring grad) as
+    it is, its value checked where the op reads it (``_common.op_temperature``)."""
+    if isinstance(temperature, torch.Tensor):
+        if temperature.numel() != 1:
+            raise ValueError(f"temperature must be a number or a one-element tensor, got a tensor of shape "
+                             f"{tuple(temperature.shape)}")
+        if not temperature.dtype.is_floating_point:
+            raise TypeError(f"temperature must be a floating tensor, got {temperature.dtype}")
+        if temperature.requires_grad:
+            raise ValueError("temperature requires grad, but fasthydra's losses do not differentiate the "
+                             "temperature: pass temperature.detach()")
+        if like is not None and temperature.device.type != "cpu" and temperature.device != like.device:
+            raise ValueError(f"temperature is on {temperature.device} but the logits are on {like.device}: pass "
+                             f"a tensor on the logits' device (or on the CPU, read as a number)")
+        return temperature
     if isinstance(temperature, bool) or not isinstance(temperature, Real):
-        raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
+        raise TypeError(f"temperature must be a real number or a one-element tensor, got "
+                        f"{type(temperature).__name__}")
     temperature = float(temperature)
-    # One chained comparison, false for NaN, infinities and T <= 0 too: under torch.compile a temperature can be
-    # symbolic (dynamic=True, or a value that changed between calls, as an annealed T does), where a comparison
-    # is a guard and math.isfinite would break the graph (it runs on the error path only).
-    if not TEMPERATURE_RANGE[0] <= temperature <= TEMPERATURE_RANGE[1]:
-        if not math.isfinite(temperature) or temperature <= 0:
-            raise ValueError(f"temperature must be finite and > 0, got {temperature}")
-        raise ValueError(f"temperature must lie in [2^-64, 2^63] (its square and inverse are float32 factors of the "
-                         f"loss and gradient), got {temperature}")
+    err = temperature_error(temperature)
+    if err is not None:
+        raise err
     return temperature
+
+
+def _temperature_parts(temperature) -> tuple:
+    """The ops' two temperature arguments: (T, None) for a number, (1.0, the tensor) for a tensor."""
+    return (1.0, temperature) if isinstance(temperature, torch.Tensor) else (temperature, None)
 
 
 def _check_int(name: str, value, minimum: int | None = None) -> int:
@@ -359,7 +370,7 @@ def _autocast_loss(loss: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 
 @on_tensor_device
-def hydra_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+def hydra_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float | torch.Tensor = 1.0,
                   reduction: str = "mean", impl: str = "auto", *, row_mask: torch.Tensor | None = None
                   ) -> torch.Tensor:
     """Tempered per-head KL between teacher members and student heads (the Hydra loss).
@@ -380,9 +391,13 @@ def hydra_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
         teacher_logits: member logits t, the same shape, floating, same device; NaN/+Inf not allowed. Or a
             ``TopKTeacher`` of (*, M, k) values and indices.
         temperature: T > 0, at most 2^63 and at least 2^-64 (else a ValueError). The T^2 factor keeps
-            gradient size independent of T. Past T of about 1e3 the loss value (KL of order 1 / T^2)
-            loses its digits to float32 rounding, as eager's does (fewer: about half eager's error on
-            nearly uniform rows); the gradient keeps them.
+            gradient size independent of T. A number, or a one-element floating tensor on the logits' device
+            or the CPU, for a T that changes between steps under torch.compile or in a CUDA graph (update it in
+            place: no recompile, no new capture). A CPU tensor is read as a number and checked; a device one
+            is read by the kernels, never on the host: out of range, the loss is NaN (FASTHYDRA_STRICT=1:
+            a ValueError). Not differentiated (a tensor that requires grad is refused). Past T of about 1e3
+            the loss value (KL of order 1 / T^2) loses its digits to float32 rounding, as eager's does (fewer:
+            about half eager's error on nearly uniform rows); the gradient keeps them.
         reduction: "mean" (over all rows and heads; 0 for an empty batch), "sum", or "none" -> (*, M).
         impl: "auto" | "triton" | "torch".
         row_mask: optional (*) bool (or integer, nonzero = kept), the logits' leading shape: the rows that
@@ -408,21 +423,22 @@ def hydra_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
         >>> hydra_kl_loss(z, t, temperature=2.0).backward()
     """
     student, teacher_rows, lead = _check_logit_pair(student_logits, teacher_logits)
-    temperature = _check_temperature(temperature)
+    temperature = _check_temperature(temperature, student)
     reduction = _check_reduction(reduction)
     teacher, indices = _teacher_parts(teacher_rows)
     keep = _check_row_mask(row_mask, lead, "student_logits", student_logits)
     impl = resolve_impl(impl, student, teacher)
     # The teacher's values are checked inside the op, where the data is read anyway.
     on = torch.is_grad_enabled()
-    loss, *_ = _ops.hydra_kl_call(student, teacher, temperature, reduction, on and student.requires_grad,
-                                  on and teacher.requires_grad, impl, indices, keep)
+    t_number, t_tensor = _temperature_parts(temperature)
+    loss, *_ = _ops.hydra_kl_call(student, teacher, t_number, reduction, on and student.requires_grad,
+                                  on and teacher.requires_grad, impl, indices, keep, t_tensor)
     if reduction == "none" and len(lead) != 1:
         loss = loss.reshape(*lead, student.shape[1])
     return _autocast_loss(loss, student_logits)
 
 
-def ensemble_log_mean_probs(teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+def ensemble_log_mean_probs(teacher_logits: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
     """log of the ensemble mean ``log mean_m softmax(t_m / T)``, (B, M, C) -> (B, C) in fp32/fp64.
 
     Differentiable (a teacher that requires grad gets its gradient through it). A masked class (-inf)
@@ -437,7 +453,7 @@ def ensemble_log_mean_probs(teacher_logits: torch.Tensor, temperature: float) ->
 
 
 @on_tensor_device
-def hinton_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+def hinton_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float | torch.Tensor = 1.0,
                    reduction: str = "mean", impl: str = "auto", *, row_mask: torch.Tensor | None = None
                    ) -> torch.Tensor:
     """Hinton (mean-teacher) loss of a single head: ``T^2 * mean_b KL(pbar || softmax(z / T))``.
@@ -483,9 +499,10 @@ def _hinton_dense(z, student_logits, teacher_logits, temperature, reduction, imp
     """Hinton loss of z (rows, 1, C) against M members' logits (*, M, C), the rows of the student's."""
     teacher_logits = _rows(teacher_logits, 2)
     _check_same_device(student_logits=student_logits, teacher_logits=teacher_logits)
-    temperature = _check_temperature(temperature)
+    temperature = _check_temperature(temperature, student_logits)
     reduction = _check_reduction(reduction)
     impl = resolve_impl(impl, student_logits, teacher_logits)
+    target_t = _target_temperature(temperature, impl)
     if _under_torch_func():  # (before the teacher's launch or checks below, which read its storage)
         _ops.refuse_torch_func("hinton_kl_loss")
     compiling = torch.compiler.is_compiling()
@@ -497,19 +514,35 @@ def _hinton_dense(z, student_logits, teacher_logits, temperature, reduction, imp
     if (impl == "triton" and not compiling and not no_values(teacher_logits)
             and not (torch.is_grad_enabled() and teacher_logits.requires_grad)):
         # one launch forms T * log pbar and checks the teacher on the same loads
-        mean_teacher = ensemble_log_mean_triton(teacher_logits.detach(), temperature, "hinton_kl_loss")
+        mean_teacher = ensemble_log_mean_triton(teacher_logits.detach(), target_t, "hinton_kl_loss")
     else:
         if not compiling:
             flag_teacher_rows(teacher_logits, "hinton_kl_loss")
-        mean_teacher = temperature * ensemble_log_mean_probs(teacher_logits, temperature)
+        mean_teacher = target_t * ensemble_log_mean_probs(teacher_logits, target_t)
     return _hinton_on_target(z, mean_teacher.unsqueeze(1), temperature, reduction, impl, keep)
+
+
+def _target_temperature(temperature, impl: str):
+    """The temperature the Hinton target (formed outside the loss op) is made with. A tensor one is resolved as
+    the op resolves it (a CPU tensor read as a number and checked, ValueError; a device one kept, never read),
+    and a device value out of range is replaced by 1 for the target only: the loss op NaNs the loss itself,
+    and a NaN target would be reported as a NaN teacher. Compiled, the tensor as it came, so replaced."""
+    if not isinstance(temperature, torch.Tensor):
+        return temperature
+    if not torch.compiler.is_compiling():
+        temperature = op_temperature(1.0, temperature, impl="triton")  # (no NaN select: done below)
+        if not isinstance(temperature, torch.Tensor):
+            return temperature
+    lo, hi = TEMPERATURE_RANGE
+    return torch.where((temperature >= lo) & (temperature <= hi), temperature, 1.0)
 
 
 def _hinton_on_target(z, mean_teacher, temperature, reduction, impl, keep=None):
     """The Hinton loss of z (B, 1, C) against mean_teacher = T * log pbar, (B, 1, C); keep: the row mask."""
     on = torch.is_grad_enabled()
-    loss, *_ = _ops.hydra_kl_call(z, mean_teacher, temperature, reduction, on and z.requires_grad,
-                                  on and mean_teacher.requires_grad, impl, None, keep)
+    t_number, t_tensor = _temperature_parts(temperature)
+    loss, *_ = _ops.hydra_kl_call(z, mean_teacher, t_number, reduction, on and z.requires_grad,
+                                  on and mean_teacher.requires_grad, impl, None, keep, t_tensor)
     loss = _autocast_loss(loss, z)
     return loss.squeeze(1) if reduction == "none" else loss
 
@@ -520,19 +553,20 @@ def _hinton_topk(z, student_logits, teacher: TopKTeacher, lead: tuple, temperatu
     M), then the dense single-head kernel runs; the values get their gradient through it."""
     b, _, c = z.shape
     values, indices = _check_topk(teacher, (*lead, teacher.values.shape[-2]), c, {"student_logits": student_logits})
-    temperature = _check_temperature(temperature)
+    temperature = _check_temperature(temperature, student_logits)
     reduction = _check_reduction(reduction)
     if not torch.compiler.is_compiling():
         poll(values.device)
         flag_topk_teacher(values, indices, c, "hinton_kl_loss")
     impl = resolve_impl(impl, student_logits, values)
+    target_t = _target_temperature(temperature, impl)
     cdt = torch.float64 if values.dtype == torch.float64 else torch.float32
     m, k = values.shape[1:]
-    p = torch.softmax(values.to(cdt) / temperature, dim=-1).reshape(b, m * k) / m  # (explicit sizes: B may be 0)
+    p = torch.softmax(values.to(cdt) / target_t, dim=-1).reshape(b, m * k) / m  # (explicit sizes: B may be 0)
     pbar = torch.zeros(b, c, dtype=cdt, device=values.device).scatter_add(1, indices.long().reshape(b, m * k), p)
     kept = pbar > 0  # log only where pbar > 0: the other branch's gradient would be 0 * inf
     log_pbar = torch.where(kept, torch.log(torch.where(kept, pbar, 1.0)), float("-inf"))
-    return _hinton_on_target(z, (temperature * log_pbar).unsqueeze(1), temperature, reduction, impl, keep)
+    return _hinton_on_target(z, (target_t * log_pbar).unsqueeze(1), temperature, reduction, impl, keep)
 
 
 def _check_head_params(weight, bias, weight_name="weight", bias_name="bias") -> tuple[int, int, int]:
@@ -658,7 +692,7 @@ def _check_fused_loss_args(inp, teacher, weight, temperature, reduction, name, r
         raise ValueError(f"teacher_logits must have shape (B, M, C) = ({inp.shape[0]}, {m}, {c}) to match "
                          f"{name} {tuple(inp.shape)} and the heads; got {tuple(teacher.shape)}")
     _check_same_device(**{name: inp, "teacher_logits": _teacher_parts(teacher)[0]})
-    temperature = _check_temperature(temperature)
+    temperature = _check_temperature(temperature, inp)
     reduction = _check_reduction(reduction)
     if reduction == "none":
         raise ValueError("reduction='none' is not fused (the gradient needs the per-row upstream "
@@ -668,8 +702,8 @@ def _check_fused_loss_args(inp, teacher, weight, temperature, reduction, name, r
 
 
 @on_tensor_device
-def linear_hydra_kl_loss(x, weight, bias, teacher_logits, temperature: float = 1.0, reduction: str = "mean",
-                         impl: str = "auto", *, row_mask=None):
+def linear_hydra_kl_loss(x, weight, bias, teacher_logits, temperature: float | torch.Tensor = 1.0,
+                         reduction: str = "mean", impl: str = "auto", *, row_mask=None):
     """Linear heads fused with the Hydra loss; equals ``hydra_kl_loss(linear_heads(x, W, b), t, T)``
     in value and gradients (what ``HydraHead.distill_loss`` calls).
 
@@ -680,7 +714,8 @@ def linear_hydra_kl_loss(x, weight, bias, teacher_logits, temperature: float = 1
         x: (B, D) shared features.
         weight: (M, C, D); bias: (M, C) or None, in the weight's dtype.
         teacher_logits: (B, M, C) the members' logits (any float dtype), or a ``TopKTeacher``.
-        temperature: T > 0. reduction: "mean" or "sum" ("none" is not fused: use ``hydra_kl_loss``).
+        temperature: T > 0, a number or a one-element tensor (as in ``hydra_kl_loss``). reduction: "mean" or
+            "sum" ("none" is not fused: use ``hydra_kl_loss``).
         impl: "auto" | "triton" | "torch" (see ``resolve_impl``).
         row_mask: optional (B,) bool, the rows that count (as in ``hydra_kl_loss``); x's rows left out may
             hold anything, NaN included (never read, or set to 0 first). On the GPU the kernels read the
@@ -703,8 +738,9 @@ def linear_hydra_kl_loss(x, weight, bias, teacher_logits, temperature: float = 1
 
 
 @on_tensor_device
-def mlp_hydra_kl_loss(x, hidden_weight, hidden_bias, weight, bias, teacher_logits, temperature: float = 1.0,
-                      reduction: str = "mean", impl: str = "auto", *, row_mask=None):
+def mlp_hydra_kl_loss(x, hidden_weight, hidden_bias, weight, bias, teacher_logits,
+                      temperature: float | torch.Tensor = 1.0, reduction: str = "mean", impl: str = "auto", *,
+                      row_mask=None):
     """MLP heads fused with the Hydra loss: first layer one GEMM, second layer the grouped GEMM fused with
     softmax/KL; equals ``hydra_kl_loss(grouped_heads(mlp_hidden(x, W1, b1), W, b), t, T)``. On the torch
     path (eager calls) both layers' gradients are formed in the forward, in one autograd node, so no
@@ -715,7 +751,8 @@ def mlp_hydra_kl_loss(x, hidden_weight, hidden_bias, weight, bias, teacher_logit
         hidden_weight: (M, H, D); hidden_bias: (M, H) or None.
         weight: (M, C, H); bias: (M, C) or None (all in one dtype).
         teacher_logits: (B, M, C) the members' logits (any float dtype), or a ``TopKTeacher``.
-        temperature: T > 0. reduction: "mean" or "sum".
+        temperature: T > 0, a number or a one-element tensor (as in ``hydra_kl_loss``). reduction: "mean" or
+            "sum".
         impl: "auto" | "triton" | "torch" (see ``resolve_impl``).
         row_mask: optional (B,) bool, the rows that count (as in ``linear_hydra_kl_loss``).
     Returns: the scalar loss, in x's dtype (fp32 under autocast).
@@ -738,8 +775,9 @@ def mlp_hydra_kl_loss(x, hidden_weight, hidden_bias, weight, bias, teacher_logit
     teacher, indices = _teacher_parts(teacher_logits)
     on = torch.is_grad_enabled()
     needs = [on and t is not None and t.requires_grad for t in (x, hidden_weight, hidden_bias, weight, bias, teacher)]
-    loss, *_ = _ops.mlp_hydra_kl_eager(x, hidden_weight, hidden_bias, weight, bias, teacher, temperature, reduction,
-                                       *needs, indices, keep)
+    t_number, t_tensor = _temperature_parts(temperature)
+    loss, *_ = _ops.mlp_hydra_kl_eager(x, hidden_weight, hidden_bias, weight, bias, teacher, t_number, reduction,
+                                       *needs, indices, keep, t_tensor)
     return _autocast_loss(_mean_over_kept(loss, keep, reduction), x)
 
 
@@ -749,15 +787,16 @@ def _fused(inp, weight, bias, teacher, temperature, reduction, shared, impl, kee
     teacher, indices = _teacher_parts(teacher)
     needs = [on and t is not None and t.requires_grad for t in (inp, weight, bias, teacher)]
     defer = _ops.small_deferred_config(inp, weight, bias, reduction, *needs, impl, indices) is not None
-    loss, *_ = _ops.linear_hydra_kl_call(inp, weight, bias, teacher, temperature, reduction, shared, *needs, impl,
-                                         indices, defer, keep)
+    t_number, t_tensor = _temperature_parts(temperature)
+    loss, *_ = _ops.linear_hydra_kl_call(inp, weight, bias, teacher, t_number, reduction, shared, *needs, impl,
+                                         indices, defer, keep, t_tensor)
     if impl != "triton":  # (the Triton path's "mean" is over the kept rows already, in its kernels)
         loss = _mean_over_kept(loss, keep, reduction)
     return _autocast_loss(loss, inp)
 
 
 @on_tensor_device
-def uncertainty(logits: torch.Tensor, temperature: float = 1.0, impl: str = "auto") -> Uncertainty:
+def uncertainty(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0, impl: str = "auto") -> Uncertainty:
     """Total, aleatoric and epistemic uncertainty of a multi-head prediction, differentiable.
 
     ``P = mean_m softmax(z_m / T)``; total = H[P]; aleatoric = mean_m H[softmax(z_m / T)];
@@ -771,7 +810,8 @@ def uncertainty(logits: torch.Tensor, temperature: float = 1.0, impl: str = "aut
 
     Args:
         logits: (*, M, C) head logits, e.g. (B, M, C), or (B, T, M, C) for a batch of sequences.
-        temperature: T > 0 (1 by default, as in the paper's evaluation).
+        temperature: T > 0 (1 by default, as in the paper's evaluation), a number or a one-element tensor (as
+            in ``hydra_kl_loss``).
         impl: "auto" | "triton" | "torch".
     Returns: ``Uncertainty(probs (*, C), total (*), aleatoric (*), epistemic (*))`` in the logits' dtype.
 
@@ -784,7 +824,7 @@ def uncertainty(logits: torch.Tensor, temperature: float = 1.0, impl: str = "aut
     """
     _check_tensor("logits", logits)
     _check_min_dim("logits", logits, 3, "(*, M, C)")
-    temperature = _check_temperature(temperature)
+    temperature = _check_temperature(temperature, logits)
     _check_extent("logits", logits, -2, "head")
     _check_extent("logits", logits, -1, "class (C >= 1)")
     impl = resolve_impl(impl, logits)
@@ -793,7 +833,8 @@ def uncertainty(logits: torch.Tensor, temperature: float = 1.0, impl: str = "aut
         wide = z.float() if z.element_size() < 4 else z
         parts = [v.to(logits.dtype) for v in uncertainty_ref(wide, temperature)]
     else:
-        parts = list(_ops.uncertainty_call(z, temperature, impl))
+        t_number, t_tensor = _temperature_parts(temperature)
+        parts = list(_ops.uncertainty_call(z, t_number, impl, t_tensor))
     if len(lead) != 1:
         parts = [parts[0].reshape(*lead, logits.shape[-1])] + [v.reshape(lead) for v in parts[1:]]
     return Uncertainty(*parts)

@@ -32,6 +32,11 @@ SHAPES = [(4096, 512, 8, 10), (1024, 512, 8, 1000), (256, 256, 4, 32000), (4096,
 # registers, longer rows in tiles): checked too, at (B, D, M) = (64, 64, 8).
 EXTRA_ROW_LENGTHS = [5000, 16000, 50257]
 HIDDEN = 256  # hidden width used for the MLP-head GEMM configurations
+# Where the kernels that take a temperature are also compiled reading it from memory (T_PTR: a tensor
+# temperature; bf16 and fp32 with TF32 dots): the big and the small GPU cases, and the longest row kept in
+# registers (16-bit rows of 16000 classes, the configuration closest to spilling). Elsewhere only with T folded
+# into the scalars.
+TENSOR_TEMPERATURE_SHAPES = {(4096, 2048, 8, 32000), (512, 512, 10, 10), (64, 64, 8, 16000)}
 # dtype tag -> (Triton pointer type, tl.dot precision): fp32 as torch runs it with
 # set_float32_matmul_precision("high") (tf32 tensor cores) and at the default "highest" (IEEE, FMA).
 DTYPES = {"bf16": ("bf16", "tf32"), "fp32/tf32": ("fp32", "tf32"), "fp32/ieee": ("fp32", "ieee")}
@@ -121,8 +126,14 @@ def _kernel_specs():
                                                _uncertainty_fwd_kernel)
 
     specs, seen = [], set()
+    state = {"tensor_temperature": False}
 
     def add(fn, args, consts, opts, dtype, hopper=None):
+        if "T_PTR" in fn.arg_names and "T_PTR" not in consts:  # a temperature: a number, and maybe a tensor
+            add(fn, {**args, "temp_ptr": 1.0}, {**consts, "T_PTR": False}, opts, dtype, hopper)
+            if state["tensor_temperature"]:
+                add(fn, {**args, "temp_ptr": "*fp32"}, {**consts, "T_PTR": True}, opts, dtype, hopper)
+            return
         ints = {k: v for k, v in args.items() if isinstance(v, int) and not isinstance(v, bool)}
         unit = tuple(sorted(k for k, v in ints.items() if v == 1))
         # what _specialize makes of the integers: 1, and divisible by 16 or not (an odd C does not vectorise)
@@ -146,6 +157,7 @@ def _kernel_specs():
             {"num_warps": 4}, ty)
     for b, d, m, c in SHAPES + [(64, 64, 8, c) for c in EXTRA_ROW_LENGTHS]:
         for tag, (ty, prec) in DTYPES.items():
+            state["tensor_temperature"] = (b, d, m, c) in TENSOR_TEMPERATURE_SHAPES and prec != "ieee"
             args = {"z_ptr": f"*{ty}", "t_ptr": f"*{ty}", "loss_ptr": "*fp32", "grad_ptr": f"*{ty}",
                     "tgrad_ptr": f"*{ty}", "err_ptr": "*i32", "R": b * m, "R_INNER": m, "C": c,
                     "stride_zo": m * c, "stride_zi": c, "stride_to": m * c, "stride_ti": c, "stride_go": m * c,
@@ -497,8 +509,9 @@ def build_report(archs=(80, 90), progress: bool = True, jobs: int | None = None)
 
 
 def _short_config(cfg: dict) -> str:
-    keep = [k for k in cfg if k.startswith("BLOCK") or k in ("num_warps", "num_stages", "ACCUMULATE", "RELU")]
-    names = {"num_warps": "w", "num_stages": "s", "ACCUMULATE": "acc", "RELU": "relu"}
+    keep = [k for k in cfg if k.startswith("BLOCK") or k in ("num_warps", "num_stages", "ACCUMULATE", "RELU")
+            or (k == "T_PTR" and cfg[k])]
+    names = {"num_warps": "w", "num_stages": "s", "ACCUMULATE": "acc", "RELU": "relu", "T_PTR": "T_ptr"}
     return " ".join(f"{names.get(k, k.replace('BLOCK_', ''))}={cfg[k]}" for k in keep)
 
 

@@ -109,14 +109,15 @@ class HydraHead(nn.Module):
             z = F_h.linear_heads(x2, self.weight, self.bias, impl=self.impl)
         return z.reshape(*lead, self.num_heads, self.num_classes)
 
-    def distill_loss(self, x: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+    def distill_loss(self, x: torch.Tensor, teacher_logits: torch.Tensor, temperature: float | torch.Tensor = 1.0,
                      reduction: str = "mean", *, row_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Fused heads + Hydra loss; same value and gradients as ``hydra_kl_loss(self(x), t, T)``.
 
         Args:
             x: (*, D) body features.
             teacher_logits: (*, M, C), member m's logits for head m.
-            temperature: T > 0.
+            temperature: T > 0, a number or a one-element tensor (updated in place for an annealed T under
+                torch.compile or in a CUDA graph; see ``hydra_kl_loss``).
             reduction: "mean" or "sum" run fused; "none" -> (*, M) goes through the unfused path.
             row_mask: optional (*) bool (or integer, nonzero = kept), x's leading shape: the rows that count,
                 e.g. a sequence batch's attention mask. The others add nothing and get zero gradients; "mean"

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .reduce import _kept_mean_factor, _last_program_sums
-from .softmax_kl import _kl_from_sums, _kl_grad_tile, _online_kl_update
+from .softmax_kl import _kl_from_sums, _kl_grad_tile, _online_kl_update, _tempered_scalars
 
 
 @triton.jit
@@ -86,6 +86,7 @@ def _small_heads_kl_kernel(
     loss_scale,  # T^2
     grad_scale,  # T * reduction coefficient
     out_scale,  # reduction coefficient of the summed loss rows
+    temp_ptr,  # a tensor temperature where T_PTR, as in softmax_kl._hydra_kl_fwd_kernel
     HAS_BIAS: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     REDUCE: tl.constexpr,  # the last program sums the partial losses into out_ptr
@@ -97,7 +98,9 @@ def _small_heads_kl_kernel(
     BLOCK_C: tl.constexpr,  # >= C: one tile holds a head's whole row
     BLOCK_K: tl.constexpr,
     BLOCK_P: tl.constexpr,  # partial sums read per step by the reducing program
+    T_PTR: tl.constexpr = False,
 ):
+    inv_temp, loss_scale, grad_scale = _tempered_scalars(temp_ptr, inv_temp, loss_scale, grad_scale, T_PTR)
     pid_r = tl.program_id(0).to(tl.int64)
     pid_h = tl.program_id(1)
     rows = pid_r * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)

@@ -18,6 +18,34 @@ from .reduce import _kept_mean_factor, _last_program_sums
 
 
 @triton.jit
+def _device_temperature(temp_ptr, VOLATILE: tl.constexpr = False):
+    """A temperature given as a tensor, read from device memory (fp32 or fp64, used in fp32): (T, 1.0) where it
+    lies in [2^-64, 2^63] (the range a number is checked against on the host), else (1.0, NaN). VOLATILE: a
+    second read the compiler keeps apart from the first (see inv_temp_again in _hydra_kl_fwd_kernel)."""
+    t = tl.load(temp_ptr, volatile=VOLATILE).to(tl.float32)
+    ok = (t >= 5.421010862427522e-20) & (t <= 9.223372036854775808e18)
+    return tl.where(ok, t, 1.0), tl.where(ok, 1.0, float("nan"))
+
+
+@triton.jit
+def _tempered_scalars(temp_ptr, inv_temp, loss_scale, grad_scale, T_PTR: tl.constexpr,
+                      VOLATILE: tl.constexpr = False, NAN_INV: tl.constexpr = False):
+    """A launch's (1 / T, loss scale, gradient scale). A number T was folded into them by the launcher
+    (returned as they came); a tensor T (T_PTR: the launcher passed 1, 1 and the reduction coefficient) is
+    read here and applied: 1 / T, times T^2, times T. A tensor T out of range makes the loss and gradient
+    scales NaN (so the loss and gradients are NaN: nothing passes as a number) and leaves 1 / T finite, so the
+    teacher checks see the teacher's own values (NaN in 1 / T would read as a NaN teacher); NAN_INV: 1 / T
+    NaN too (kernels whose outputs carry no such scale)."""
+    if T_PTR:
+        t, nan_if_bad = _device_temperature(temp_ptr, VOLATILE)
+        if NAN_INV:
+            inv_temp = inv_temp * nan_if_bad
+        return inv_temp / t, loss_scale * t * t * nan_if_bad, grad_scale * t * nan_if_bad
+    else:
+        return inv_temp, loss_scale, grad_scale
+
+
+@triton.jit
 def _exp(x, FAST_EXP: tl.constexpr, BASE2: tl.constexpr = False):
     """exp(x) in fp32, or 2^x with BASE2 (x already in base-2 units: no multiply). FAST_EXP (a GPU launch
     only: the interpreter runs no inline PTX): ex2.approx.ftz, results below 2^-126 flushed to 0
@@ -225,6 +253,7 @@ def _hydra_kl_fwd_kernel(
     out_scale,  # reduction coefficient of the summed loss rows; unused unless REDUCE
     batch_rows,  # B, the batch the reduction coefficient counts (this launch may cover a chunk); unused unless
     #              MEAN_KEPT
+    temp_ptr,  # a tensor temperature (one fp32/fp64 value) where T_PTR; else unused (T is in the scalars above)
     BLOCK_R: tl.constexpr,  # rows per program: several when C is small, so a program has ~1k lanes
     BLOCK_C: tl.constexpr,  # class tile: up to 2048 lanes keeps the tile in registers without spills
     WRITE_GRAD: tl.constexpr,
@@ -238,9 +267,12 @@ def _hydra_kl_fwd_kernel(
     HAS_KEEP: tl.constexpr = False,  # a row mask: rows left out get loss 0 and gradients 0 (their teacher
     #                                  still checked; their student logits may be anything, NaN included)
     MEAN_KEPT: tl.constexpr = False,  # "mean" over the kept rows: grad_scale and out_scale times B / kept rows
+    T_PTR: tl.constexpr = False,  # T read from temp (the scalars above came without it: _tempered_scalars)
 ):
     # (norms are for a gradient formed later, from a frozen teacher: never beside the gradients here)
     tl.static_assert(not (WRITE_NORMS and (WRITE_GRAD or WRITE_TGRAD)))
+    inv_temp, loss_scale, grad_scale = _tempered_scalars(temp_ptr, inv_temp, loss_scale, grad_scale, T_PTR)
+    inv_temp_again, _, _ = _tempered_scalars(temp_ptr, inv_temp_again, 1.0, 1.0, T_PTR, VOLATILE=True)
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     row_ok = rows < R
@@ -439,11 +471,14 @@ def _hydra_kl_grad_kernel(
     inv_temp,
     grad_scale,  # T * reduction coefficient
     batch_rows,  # B, for MEAN_KEPT's factor B / count
+    temp_ptr,  # a tensor temperature where T_PTR, as in _hydra_kl_fwd_kernel
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
     HAS_KEEP: tl.constexpr = False,  # a row mask: dz 0 on the rows left out (whatever their logits)
     MEAN_KEPT: tl.constexpr = False,  # "mean" over the kept rows: grad_scale times B / count
+    T_PTR: tl.constexpr = False,
 ):
+    inv_temp, _, grad_scale = _tempered_scalars(temp_ptr, inv_temp, 1.0, grad_scale, T_PTR)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     row_ok = rows < R
     r_out = rows // R_INNER
@@ -529,12 +564,15 @@ def _hydra_kl_grad_cols_kernel(
     inv_temp,
     grad_scale,  # T * reduction coefficient
     batch_rows,  # B, as in _hydra_kl_fwd_kernel; unused unless MEAN_KEPT
+    temp_ptr,  # a tensor temperature where T_PTR, as in _hydra_kl_fwd_kernel
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_KEEP: tl.constexpr = False,  # rows left out: dz 0 (selected), nothing added to the sums
     MEAN_KEPT: tl.constexpr = False,  # "mean" over the kept rows: grad_scale times B / kept rows
+    T_PTR: tl.constexpr = False,
 ):
+    inv_temp, _, grad_scale = _tempered_scalars(temp_ptr, inv_temp, 1.0, grad_scale, T_PTR)
     pid = tl.program_id(0)
     o = (pid // n_groups).to(tl.int64)
     i_lo = (pid % n_groups) * rows_per_prog
@@ -658,6 +696,7 @@ def _hydra_kl_topk_fwd_kernel(
     grad_scale,  # T * reduction coefficient
     out_scale,  # reduction coefficient of the summed loss rows; unused unless REDUCE
     batch_rows,  # B, as in _hydra_kl_fwd_kernel; unused unless MEAN_KEPT
+    temp_ptr,  # a tensor temperature where T_PTR, as in _hydra_kl_fwd_kernel
     BLOCK_R: tl.constexpr,  # rows per program (several when C is small)
     BLOCK_C: tl.constexpr,  # class tile of the student row
     BLOCK_K: tl.constexpr,  # K padded to a power of two: the whole teacher row in one tile
@@ -669,7 +708,9 @@ def _hydra_kl_topk_fwd_kernel(
     MEAN_KEPT: tl.constexpr = False,  # "mean" over the kept rows: grad_scale and out_scale times B / kept rows
     REDUCE: tl.constexpr = False,  # the loss rows also summed (their last program), times out_scale
     BLOCK_P: tl.constexpr = 128,  # partial sums read per step by that program
+    T_PTR: tl.constexpr = False,
 ):
+    inv_temp, loss_scale, grad_scale = _tempered_scalars(temp_ptr, inv_temp, loss_scale, grad_scale, T_PTR)
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     row_ok = rows < R

@@ -32,7 +32,7 @@ import triton.language as tl
 
 from .reduce import _last_program_sums
 from .small_heads import _heads_logits_tile
-from .softmax_kl import _exp, _kl_from_sums, _online_kl_update
+from .softmax_kl import _exp, _kl_from_sums, _online_kl_update, _tempered_scalars
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -175,6 +175,7 @@ def _thin_heads_kl_kernel(
     loss_scale,  # T^2
     grad_scale,  # T * reduction coefficient
     out_scale,  # reduction coefficient of the summed loss rows
+    temp_ptr,  # a tensor temperature where T_PTR, as in softmax_kl._hydra_kl_fwd_kernel
     HAS_BIAS: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     WRITE_COLSUM: tl.constexpr,
@@ -189,7 +190,9 @@ def _thin_heads_kl_kernel(
     PREFETCH: tl.constexpr,  # the teacher and bias tiles loaded one tile ahead
     BLOCK_K: tl.constexpr,  # K per dot step
     BLOCK_P: tl.constexpr,  # partial sums read per step by the reducing program
+    T_PTR: tl.constexpr = False,
 ):
+    inv_temp, loss_scale, grad_scale = _tempered_scalars(temp_ptr, inv_temp, loss_scale, grad_scale, T_PTR)
     pid_r = tl.program_id(0)
     m = tl.program_id(1)
     rows = pid_r.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)

@@ -12,7 +12,7 @@ product per head with the gradient with respect to q_m.
 import triton
 import triton.language as tl
 
-from .softmax_kl import _thread_max, _thread_merge, _thread_slices
+from .softmax_kl import _tempered_scalars, _thread_max, _thread_merge, _thread_slices
 
 
 @triton.jit
@@ -28,11 +28,14 @@ def _uncertainty_fwd_kernel(
     stride_zm,
     stride_pb,
     inv_temp,  # 1 / T
+    temp_ptr,  # a tensor temperature where T_PTR (inv_temp then 1), as in softmax_kl._hydra_kl_fwd_kernel
     BLOCK_M: tl.constexpr,  # heads, padded to a power of two
     BLOCK_C: tl.constexpr,
     ROW_IN_REGISTERS: tl.constexpr,  # C <= BLOCK_C: the (M, C) row is read once and reused by pass 2
     VEC: tl.constexpr,  # elements of one 16-byte load: a thread's slice on the per-thread statistics path
+    T_PTR: tl.constexpr = False,
 ):
+    inv_temp, _, _ = _tempered_scalars(temp_ptr, inv_temp, 1.0, 1.0, T_PTR, NAN_INV=True)
     row = tl.program_id(0).to(tl.int64)
     heads = tl.arange(0, BLOCK_M)
     head_ok = heads < M
@@ -151,10 +154,13 @@ def _ensemble_log_mean_kernel(
     inv_temp,  # 1 / T
     temp,  # T
     log_m,  # log M
+    temp_ptr,  # a tensor temperature where T_PTR (inv_temp and temp then 1)
     BLOCK_M: tl.constexpr,  # heads, padded to a power of two
     BLOCK_C: tl.constexpr,
     ROW_IN_REGISTERS: tl.constexpr,  # C <= BLOCK_C: the (M, C) row is read once and reused by pass 2
+    T_PTR: tl.constexpr = False,
 ):
+    inv_temp, _, temp = _tempered_scalars(temp_ptr, inv_temp, 1.0, temp, T_PTR)
     row = tl.program_id(0).to(tl.int64)
     heads = tl.arange(0, BLOCK_M)
     head_ok = heads < M
@@ -251,6 +257,7 @@ def _uncertainty_bwd_kernel(
     stride_dm,
     inv_temp,  # 1 / T
     scale,  # 1 / (M T)
+    temp_ptr,  # a tensor temperature where T_PTR (inv_temp then 1, scale 1 / M)
     HAS_G: tl.constexpr,
     HAS_T: tl.constexpr,
     HAS_A: tl.constexpr,
@@ -258,10 +265,13 @@ def _uncertainty_bwd_kernel(
     BLOCK_M: tl.constexpr,  # heads, padded to a power of two
     BLOCK_C: tl.constexpr,
     ROW_IN_REGISTERS: tl.constexpr,  # C <= BLOCK_C: the row is read once
+    T_PTR: tl.constexpr = False,
 ):
     """Backward of uncertainty for one row: dz_m = p_m (V_m - <p_m, V_m>) / (M T), the softmax's vector product
     with V = dL/dp. Pass 1: each head's max and sum of exponentials; pass 2: <p_m, V_m>; pass 3: dz (long rows
     read the row three times; a row in registers once)."""
+    inv_temp, _, _ = _tempered_scalars(temp_ptr, inv_temp, 1.0, 1.0, T_PTR, NAN_INV=True)
+    scale, _, _ = _tempered_scalars(temp_ptr, scale, 1.0, 1.0, T_PTR, NAN_INV=True)
     row = tl.program_id(0).to(tl.int64)
     heads = tl.arange(0, BLOCK_M)
     head_ok = heads < M

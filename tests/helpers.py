@@ -88,3 +88,52 @@ def assert_same_products(actual, expected, inner, what=""):
     bound = 2 * inner * eps * (1 + expected.detach().abs())
     err = (actual.detach() - expected.detach()).abs()
     assert bool((err <= bound).all()), f"{what}: max error {err.max().item():.3e} beyond the rounding bound"
+
+
+def public_calls(impl, temperature=2.0):
+    """(name, inputs that require grad, fn of those inputs) for each public loss and op, with and without a row
+    mask, dense and top-k teachers; the temperature a variable of theirs (a number or a one-element tensor).
+    Used by test_compile and test_temperature_tensor."""
+    from fasthydra import TopKTeacher, gaussian_kl_loss, hinton_kl_loss, hydra_kl_loss, uncertainty
+    from fasthydra.functional import (gaussian_heads_kl_loss, linear_heads, linear_hydra_kl_loss,
+                                      mlp_hydra_kl_loss)
+
+    g = torch.Generator().manual_seed(3)
+
+    def r(*shape, grad=True, pos=False):
+        t = torch.rand(*shape, generator=g) + 0.5 if pos else torch.randn(*shape, generator=g)
+        return t.requires_grad_(grad)
+
+    b, d, h, m, c, k = 6, 5, 4, 3, 7, 2
+    z, z1, x, t = r(b, m, c), r(b, c), r(b, d), r(b, m, c, grad=False)
+    w, bias, hw, hb = r(m, c, d), r(m, c), r(m, h, d), r(m, h)
+    w2 = r(m, c, h)
+    topk = TopKTeacher(*t.topk(3, dim=-1))
+    gw, tm, tv = r(m, 2 * k, d), r(b, m, k, grad=False), r(b, m, k, grad=False, pos=True)
+    mean, var = r(b, m, k), r(b, m, k, pos=True)
+    keep = torch.tensor([True, False, True, True, False, True])
+    calls = []
+    for mask in (None, keep):
+        tag = "" if mask is None else ", row mask"
+        calls += [
+            ("hydra_kl_loss" + tag, [z],
+             lambda z, mask=mask: hydra_kl_loss(z, t, temperature, impl=impl, row_mask=mask)),
+            ("hydra_kl_loss top-k" + tag, [z],
+             lambda z, mask=mask: hydra_kl_loss(z, topk, temperature, "sum", impl, row_mask=mask)),
+            ("hinton_kl_loss" + tag, [z1],
+             lambda z1, mask=mask: hinton_kl_loss(z1, t, temperature, impl=impl, row_mask=mask)),
+            ("hinton_kl_loss top-k" + tag, [z1],
+             lambda z1, mask=mask: hinton_kl_loss(z1, topk, temperature, impl=impl, row_mask=mask)),
+            ("linear_hydra_kl_loss" + tag, [x, w, bias],
+             lambda x, w, bias, mask=mask: linear_hydra_kl_loss(x, w, bias, t, temperature, impl=impl, row_mask=mask)),
+            ("mlp_hydra_kl_loss" + tag, [x, hw, hb, w2],
+             lambda x, hw, hb, w2, mask=mask: mlp_hydra_kl_loss(x, hw, hb, w2, None, t, temperature, impl=impl,
+                                                                 row_mask=mask)),
+            ("gaussian_kl_loss" + tag, [mean, var],
+             lambda mean, var, mask=mask: gaussian_kl_loss(mean, var, tm, tv, row_mask=mask)),
+            ("gaussian_heads_kl_loss" + tag, [x, gw],
+             lambda x, gw, mask=mask: gaussian_heads_kl_loss(x, gw, None, tm, tv, impl=impl, row_mask=mask)),
+        ]
+    calls += [("linear_heads", [x, w, bias], lambda x, w, bias: linear_heads(x, w, bias, impl).square().sum()),
+              ("uncertainty", [z], lambda z: uncertainty(z, temperature, impl=impl).epistemic.sum() + z.sum())]
+    return calls

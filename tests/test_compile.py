@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from helpers import assert_close_to, reference_logits
+from helpers import assert_close_to, public_calls, reference_logits
 from torch import nn
 
 from fasthydra import HydraHead, hydra_kl_loss, uncertainty
@@ -116,61 +116,13 @@ def test_hinton_loss_compiles_without_breaks(impl, sparse):
     assert_close_to(g_c, g_e, rtol=1e-6, atol=1e-9, what="grad")
 
 
-def _public_calls(impl, temperature=2.0):
-    """(name, inputs that require grad, fn of those inputs) for each public loss and op, with and without a row
-    mask, dense and top-k teachers; the temperature a variable of theirs (uncertainty's its default)."""
-    from fasthydra import TopKTeacher, gaussian_kl_loss, hinton_kl_loss
-    from fasthydra.functional import (gaussian_heads_kl_loss, linear_heads, linear_hydra_kl_loss,
-                                      mlp_hydra_kl_loss)
-
-    g = torch.Generator().manual_seed(3)
-
-    def r(*shape, grad=True, pos=False):
-        t = torch.rand(*shape, generator=g) + 0.5 if pos else torch.randn(*shape, generator=g)
-        return t.requires_grad_(grad)
-
-    b, d, h, m, c, k = 6, 5, 4, 3, 7, 2
-    z, z1, x, t = r(b, m, c), r(b, c), r(b, d), r(b, m, c, grad=False)
-    w, bias, hw, hb = r(m, c, d), r(m, c), r(m, h, d), r(m, h)
-    w2 = r(m, c, h)
-    topk = TopKTeacher(*t.topk(3, dim=-1))
-    gw, tm, tv = r(m, 2 * k, d), r(b, m, k, grad=False), r(b, m, k, grad=False, pos=True)
-    mean, var = r(b, m, k), r(b, m, k, pos=True)
-    keep = torch.tensor([True, False, True, True, False, True])
-    calls = []
-    for mask in (None, keep):
-        tag = "" if mask is None else ", row mask"
-        calls += [
-            ("hydra_kl_loss" + tag, [z],
-             lambda z, mask=mask: hydra_kl_loss(z, t, temperature, impl=impl, row_mask=mask)),
-            ("hydra_kl_loss top-k" + tag, [z],
-             lambda z, mask=mask: hydra_kl_loss(z, topk, temperature, "sum", impl, row_mask=mask)),
-            ("hinton_kl_loss" + tag, [z1],
-             lambda z1, mask=mask: hinton_kl_loss(z1, t, temperature, impl=impl, row_mask=mask)),
-            ("hinton_kl_loss top-k" + tag, [z1],
-             lambda z1, mask=mask: hinton_kl_loss(z1, topk, temperature, impl=impl, row_mask=mask)),
-            ("linear_hydra_kl_loss" + tag, [x, w, bias],
-             lambda x, w, bias, mask=mask: linear_hydra_kl_loss(x, w, bias, t, temperature, impl=impl, row_mask=mask)),
-            ("mlp_hydra_kl_loss" + tag, [x, hw, hb, w2],
-             lambda x, hw, hb, w2, mask=mask: mlp_hydra_kl_loss(x, hw, hb, w2, None, t, temperature, impl=impl,
-                                                                 row_mask=mask)),
-            ("gaussian_kl_loss" + tag, [mean, var],
-             lambda mean, var, mask=mask: gaussian_kl_loss(mean, var, tm, tv, row_mask=mask)),
-            ("gaussian_heads_kl_loss" + tag, [x, gw],
-             lambda x, gw, mask=mask: gaussian_heads_kl_loss(x, gw, None, tm, tv, impl=impl, row_mask=mask)),
-        ]
-    calls += [("linear_heads", [x, w, bias], lambda x, w, bias: linear_heads(x, w, bias, impl).square().sum()),
-              ("uncertainty", [z], lambda z: uncertainty(z.detach(), impl=impl).total.sum() + z.sum())]
-    return calls
-
-
 @pytest.mark.parametrize("impl", [pytest.param("torch", marks=pytest.mark.cpu),
                                   pytest.param("triton", marks=pytest.mark.interpret)])
 def test_every_public_loss_compiles_without_breaks(impl):
     """Every public loss and op, with and without a row mask, dense and top-k teachers, under
     torch.compile(fullgraph=True): no graph break, eager's value and gradients (a sweep for breaks such as
     hinton_kl_loss's, which no single-op test had caught)."""
-    for name, inputs, fn in _public_calls(impl):
+    for name, inputs, fn in public_calls(impl):
         torch._dynamo.reset()
         explained = torch._dynamo.explain(fn)(*inputs)
         assert explained.graph_break_count == 0, (name, explained.break_reasons)
@@ -190,7 +142,7 @@ def test_every_public_loss_compiles_without_breaks_with_a_symbolic_temperature(i
     """dynamic=True makes a float read from a variable or a default symbolic (as automatic dynamic does to a
     temperature that changed between calls, an annealed T): the temperature's validation is comparisons, which
     are guards there, not a graph break (math.isfinite on it was one, in every public op). Eager's values."""
-    for name, inputs, fn in _public_calls(impl, temperature=3.0):
+    for name, inputs, fn in public_calls(impl, temperature=3.0):
         torch._dynamo.reset()
         got = torch.compile(fn, fullgraph=True, dynamic=True, backend="aot_eager")(*inputs)
         want = fn(*inputs)

@@ -386,28 +386,26 @@ def test_bad_teacher_on_cuda_is_reported_by_a_later_call(monkeypatch, path):
     checks.raise_pending_errors(sync=True)  # reported once, cleared
 
 
-@pytest.mark.parametrize("path", HEADS_PATHS)
-@pytest.mark.parametrize("hidden", [None, 16])
-def test_training_step_replays_in_a_cuda_graph(monkeypatch, path, hidden):
-    """body + HydraHead.distill_loss + optimizer step captured once, replayed: the same parameters as
-    the same steps run eagerly from the same start."""
+def _graph_against_eager(monkeypatch, path, hidden, loss_fn, values, tensor: bool):
+    """A step (loss_fn(body, head, features, teacher, T) backward, SGD step) on two copies of one body + heads:
+    the first captured in a CUDA graph (T a device tensor where `tensor`, else the number values[0]), the second
+    run eagerly with T a number. For each value: T.fill_(value), one replay, one eager step; both must give the
+    same loss, then the same parameters."""
     import copy
 
     use_heads_path(monkeypatch, path)
     torch.manual_seed(0)
     body, head, _, _ = _training_step_parts(hidden, "triton")
-    body_e, head_e = copy.deepcopy(body), copy.deepcopy(head)
+    twins = [(body, head), (copy.deepcopy(body), copy.deepcopy(head))]
+    opts = [torch.optim.SGD([*b.parameters(), *h.parameters()], lr=0.05) for b, h in twins]
     x = torch.randn(64, 32, device="cuda")
     t = teacher_logits(64, 4, 10, device="cuda", masked=False)
+    temperature = torch.tensor(float(values[0]), device="cuda") if tensor else values[0]
 
-    def make_opt(b, h):
-        return torch.optim.SGD([*b.parameters(), *h.parameters()], lr=0.05)
-
-    opt, opt_e = make_opt(body, head), make_opt(body_e, head_e)
-
-    def step(b, h, o):
+    def step(i, T):
+        (b, h), o = twins[i], opts[i]
         o.zero_grad(set_to_none=False)
-        loss = h.distill_loss(b(x), t, 2.0)
+        loss = loss_fn(b, h, b(x), t, T)
         loss.backward()
         o.step()
         return loss
@@ -416,19 +414,104 @@ def test_training_step_replays_in_a_cuda_graph(monkeypatch, path, hidden):
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graphs asks
         for _ in range(3):
-            step(body, head, opt)
-            step(body_e, head_e, opt_e)
+            step(0, temperature)
+            step(1, values[0])
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static_loss = step(body, head, opt)
-    for _ in range(5):
+        static_loss = step(0, temperature)
+    for value in values:
+        if tensor:
+            temperature.fill_(value)
         graph.replay()
-        eager_loss = step(body_e, head_e, opt_e)
-    torch.cuda.synchronize()
-    assert torch.allclose(static_loss, eager_loss, rtol=1e-4, atol=1e-6)
-    for p, q in zip([*body.parameters(), *head.parameters()], [*body_e.parameters(), *head_e.parameters()]):
+        eager_loss = step(1, value)
+        torch.cuda.synchronize()
+        assert torch.allclose(static_loss, eager_loss, rtol=1e-4, atol=1e-6), (value, static_loss, eager_loss)
+    for p, q in zip([*twins[0][0].parameters(), *twins[0][1].parameters()],
+                    [*twins[1][0].parameters(), *twins[1][1].parameters()]):
         assert torch.allclose(p, q, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", HEADS_PATHS)
+@pytest.mark.parametrize("hidden", [None, 16])
+def test_training_step_replays_in_a_cuda_graph(monkeypatch, path, hidden):
+    """body + HydraHead.distill_loss + optimizer step captured once, replayed: the same parameters as
+    the same steps run eagerly from the same start."""
+    _graph_against_eager(monkeypatch, path, hidden, lambda b, h, f, t, T: h.distill_loss(f, t, T), [2.0] * 5,
+                         tensor=False)
+
+
+@pytest.mark.parametrize("path", HEADS_PATHS)
+@pytest.mark.parametrize("hidden", [None, 16])
+def test_an_annealed_tensor_temperature_replays_in_a_cuda_graph(monkeypatch, path, hidden):
+    """A step captured once with T a device tensor; T.fill_ before each replay (an annealing schedule): each
+    replay gives the loss and parameters of the same step run eagerly with that T as a number (the heads' loss,
+    the loss on their logits and uncertainty's epistemic part)."""
+
+    def loss_fn(b, h, f, t, T):
+        return h.distill_loss(f, t, T) + hydra_kl_loss(h(f), t, T) + uncertainty(h(f), T).epistemic.mean()
+
+    _graph_against_eager(monkeypatch, path, hidden, loss_fn, [2.0, 1.0, 3.5, 0.6, 8.0], tensor=True)
+
+
+def test_a_tensor_temperature_issues_no_host_sync():
+    """Every op that takes a temperature, given a device tensor, under torch.cuda.set_sync_debug_mode("error")."""
+    from fasthydra import hinton_kl_loss
+
+    body, head, _, opt = _training_step_parts(16, "triton")
+    x = torch.randn(48, 32, device="cuda")
+    t = teacher_logits(48, 4, 10, device="cuda")
+    z = torch.randn(48, 4, 10, device="cuda", requires_grad=True)
+    temperature = torch.tensor(2.0, device="cuda")
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        f = body(x)
+        loss = head.distill_loss(f, t, temperature) + hydra_kl_loss(z, t, temperature)
+        loss = loss + hinton_kl_loss(z[:, 0], t, temperature) + uncertainty(head(f), temperature).epistemic.mean()
+        loss.backward()
+        opt.step()
+        return loss
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for value in (1.5, 3.0):
+            temperature.fill_(value)
+            loss = step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    assert torch.isfinite(loss).all()
+
+
+def test_reduce_overhead_compile_with_an_annealed_tensor_temperature():
+    """torch.compile(mode="reduce-overhead", fullgraph=True) with T a device tensor updated in place: no
+    recompile for new values (set_stance "fail_on_recompile" after the first calls), eager's values at each."""
+    body, head, _, _ = _training_step_parts(None, "triton")
+    x = torch.randn(64, 32, device="cuda")
+    t = teacher_logits(64, 4, 10, device="cuda")
+    temperature = torch.tensor(2.0, device="cuda")
+
+    def loss_fn(inp, teacher, T):
+        return head.distill_loss(body(inp), teacher, T)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss_fn, mode="reduce-overhead", fullgraph=True)
+    params = [*body.parameters(), *head.parameters()]
+    for _ in range(3):  # compile, record, replay
+        torch.autograd.grad(compiled(x, t, temperature), params)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for value in (0.7, 4.0, 1.3):
+            temperature.fill_(value)
+            got = compiled(x, t, temperature)
+            grads = torch.autograd.grad(got, params)
+            want = loss_fn(x, t, value)
+            want_grads = torch.autograd.grad(want, params)
+            assert torch.allclose(got, want, rtol=1e-4, atol=1e-6), value
+            for g, w in zip(grads, want_grads):
+                assert torch.allclose(g, w, rtol=1e-4, atol=1e-6), value
 
 
 def _losses_on_two_streams(monkeypatch, capture: bool):

@@ -511,3 +511,74 @@ def finished_count(device: torch.device) -> torch.Tensor:
             return torch.zeros(1, dtype=torch.int32, device=device)
         _count_views[(device, stream)] = view
         return view
+
+
+# ----------------------------------------------------------------------------------------------
+# The temperature: a number, or a one-element tensor that the kernels read on the device (an annealed T
+# under torch.compile or in a CUDA graph changes without a recompile or a new capture).
+# ----------------------------------------------------------------------------------------------
+
+# Temperatures whose square and inverse float32 holds with room to spare (past them a step raised a
+# RuntimeError from a float32 scalar, or returned NaN: T^2 * KL with T^2 = inf).
+TEMPERATURE_RANGE = (2.0**-64, 2.0**63)
+# Tests set this to keep a CPU temperature tensor a tensor, as a CUDA one is kept (the kernels then read it
+# from memory under the interpreter, and the torch paths compute with it as a tensor), instead of reading
+# its value at the call (which costs nothing on the CPU).
+KEEP_CPU_TEMPERATURE_TENSOR = False
+
+
+def temperature_error(value: float) -> ValueError | None:
+    """The ValueError of a temperature outside TEMPERATURE_RANGE (NaN and T <= 0 included), else None."""
+    # One chained comparison, false for NaN, infinities and T <= 0 too: under torch.compile a temperature can be
+    # symbolic, where a comparison is a guard and math.isfinite would break the graph (error path only).
+    if TEMPERATURE_RANGE[0] <= value <= TEMPERATURE_RANGE[1]:
+        return None
+    if value != value or value in (float("inf"), float("-inf")) or value <= 0:
+        return ValueError(f"temperature must be finite and > 0, got {value}")
+    return ValueError(f"temperature must lie in [2^-64, 2^63] (its square and inverse are float32 factors of the "
+                      f"loss and gradient), got {value}")
+
+
+def op_temperature(temperature: float, temperature_t: torch.Tensor | None, impl: str = "triton"):
+    """What an op computes with: the number `temperature` when no tensor came (temperature_t None); a CPU
+    tensor's value (read at no cost, checked: ValueError); else a 0-dim tensor on the logits' device (fp32, or
+    fp64 as given), never read on the host. Such a tensor's value is checked on the device: the Triton kernels
+    (and, for the torch ops, a select made here) turn a temperature outside TEMPERATURE_RANGE into NaN, so
+    the loss is NaN and nothing passes silently; FASTHYDRA_STRICT=1 checks it at the call instead (a sync)."""
+    if temperature_t is None:
+        return temperature
+    t = temperature_t.detach().reshape(())
+    traced = torch.compiler.is_compiling() or type(t) is not torch.Tensor  # (a traced backward: no value to read)
+    if t.device.type == "cpu" and not KEEP_CPU_TEMPERATURE_TENSOR and not traced:
+        value = float(t)
+        err = temperature_error(value)
+        if err is not None:
+            raise err
+        return value
+    from fasthydra.ops.checks import strict  # (checks imports this module)
+
+    if strict() and not traced:
+        err = temperature_error(float(t))
+        if err is not None:
+            raise err
+    if t.dtype != torch.float64:
+        t = t.to(torch.float32)
+    if impl != "triton":
+        lo, hi = TEMPERATURE_RANGE
+        t = torch.where((t >= lo) & (t <= hi), t, float("nan"))
+    return t
+
+
+def temperature_scalars(temperature) -> tuple:
+    """A launch's view of the temperature: (factor, temp, T_PTR). A number: factor = T (the launcher folds it
+    into its scalar arguments: 1 / factor, factor^2, factor * coefficient), temp = T (unused), T_PTR False. A
+    device tensor: factor 1.0, temp the tensor, T_PTR True (the kernel reads T and applies it itself,
+    ``kernels.softmax_kl._device_temperature``)."""
+    if isinstance(temperature, torch.Tensor):
+        return 1.0, temperature, True
+    return temperature, temperature, False
+
+
+def temperature_factor(temperature) -> float:
+    """T where the launch folds it into its scalars, 1.0 where the kernel reads it from memory."""
+    return temperature_scalars(temperature)[0]

@@ -20,7 +20,7 @@ from .checks import after_launch, error_word
 from . import _common
 from ._common import (TORCH_CHUNK_ELEMENTS, cdiv, compute_dtype, finished_count, kl_rows_config, next_pow2,
                       rows_per_chunk)
-from ._common import empty_stored_grad
+from ._common import empty_stored_grad, temperature_factor, temperature_scalars
 
 
 def reduction_coefficient(reduction: str, n_rows: int) -> float:
@@ -229,7 +229,8 @@ def launch_kl_rows(z3, t3, loss2, grad3, temperature: float, grad_scale: float |
     given (grad3 may be z3 itself: the logits turn into their gradient in place), the teacher's
     gradient tgrad3 (O, I, C) when given; bias3, an (O, I, C) view (broadcast strides welcome) added
     to z3 on every load when given; norms, a contiguous (O, I, 4) fp32 tensor, receives each row's
-    normalisers when given (for ``launch_kl_grad``); grad_scale = T * reduction coefficient;
+    normalisers when given (for ``launch_kl_grad``); grad_scale = T * reduction coefficient (T as
+    ``temperature_factor`` gives it: 1 for a tensor temperature, which the kernel reads and applies itself);
     reduce_to = (out, coefficient): the loss rows' sum times the coefficient written into the 0-dim fp32
     out by the launch's last program (no reduction launch; a torch sum after it where the configuration
     cannot, ``kl_rows_reduces_in_launch``). keep2: an (O, I) uint8 view (broadcast strides welcome) of a
@@ -253,17 +254,18 @@ def launch_kl_rows(z3, t3, loss2, grad3, temperature: float, grad_scale: float |
         after, reduce_to = reduce_to, None
     out, coef, parts, count = _reduce_args(reduce_to, grid, loss2)
     nkept, batch = (loss2, 0.0) if kept_mean is None else kept_mean
+    tf, temp, t_ptr = temperature_scalars(temperature)
     _hydra_kl_fwd_kernel[(grid,)](
         z3, t3, loss2, g3, h3, error_word(z3.device, op), b3, norms if norms is not None else loss2, parts, out,
         count, loss2 if keep2 is None else keep2, nkept, r, i, c, z3.stride(0), z3.stride(1), t3.stride(0),
         t3.stride(1), g3.stride(0), g3.stride(1), loss2.stride(0), loss2.stride(1), h3.stride(0), h3.stride(1),
         b3.stride(0), b3.stride(1), 0 if keep2 is None else keep2.stride(0), 0 if keep2 is None else keep2.stride(1),
-        1.0 / temperature, 1.0 / temperature, temperature * temperature, grad_scale if grad_scale is not None else 0.0,
-        coef, float(batch), BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], WRITE_GRAD=grad3 is not None,
+        1.0 / tf, 1.0 / tf, tf * tf, grad_scale if grad_scale is not None else 0.0, coef, float(batch), temp,
+        BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], WRITE_GRAD=grad3 is not None,
         WRITE_TGRAD=tgrad3 is not None, ROW_IN_REGISTERS=cfg["ROW_IN_REGISTERS"], HAS_BIAS=bias3 is not None,
         VEC=max(1, min(cfg["BLOCK_C"], 16 // z3.element_size())), WRITE_NORMS=norms is not None,
         REDUCE=reduce_to is not None, BLOCK_P=_common.reduce_block(grid, cfg["num_warps"]), HAS_KEEP=keep2 is not None,
-        MEAN_KEPT=kept_mean is not None, num_warps=cfg["num_warps"],
+        MEAN_KEPT=kept_mean is not None, T_PTR=t_ptr, num_warps=cfg["num_warps"],
     )
     if after is not None:
         out, coef = after
@@ -289,13 +291,14 @@ def launch_kl_grad(z3, t3, norms, upstream, grad3, temperature: float, grad_scal
     up = upstream.reshape(1, 1) if upstream.dim() == 0 else upstream
     cfg = _common.kl_grad_config(r, c)
     nkept, batch = (norms, 0.0) if kept_mean is None else kept_mean
+    tf, temp, t_ptr = temperature_scalars(temperature)
     _hydra_kl_grad_kernel[(cdiv(r, cfg["BLOCK_R"]), cfg["col_blocks"])](
         z3, t3, norms, up, grad3, norms if keep2 is None else keep2, nkept, r, i, c, cfg["cols_per_prog"],
         z3.stride(0), z3.stride(1), t3.stride(0), t3.stride(1), 0 if upstream.dim() == 0 else up.stride(0),
         0 if upstream.dim() == 0 else up.stride(1), grad3.stride(0), grad3.stride(1),
-        0 if keep2 is None else keep2.stride(0), 0 if keep2 is None else keep2.stride(1), 1.0 / temperature,
-        grad_scale, float(batch), BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], HAS_KEEP=keep2 is not None,
-        MEAN_KEPT=kept_mean is not None, num_warps=cfg["num_warps"],
+        0 if keep2 is None else keep2.stride(0), 0 if keep2 is None else keep2.stride(1), 1.0 / tf,
+        grad_scale, float(batch), temp, BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], HAS_KEEP=keep2 is not None,
+        MEAN_KEPT=kept_mean is not None, T_PTR=t_ptr, num_warps=cfg["num_warps"],
     )
 
 
@@ -320,11 +323,12 @@ def launch_kl_grad_cols(z3, t3, norms, grad3, bias3, temperature: float, grad_sc
         raise ValueError("launch_kl_grad_cols: keep must be one contiguous uint8 entry per row of the I axis")
     b3 = bias3 if bias3 is not None else z3
     nkept, batch = (part, 0.0) if kept_mean is None else kept_mean
+    tf, temp, t_ptr = temperature_scalars(temperature)
     _hydra_kl_grad_cols_kernel[(o * cfg["n_groups"], cfg["col_blocks"])](
         z3, t3, b3, norms, grad3, part, part if keep is None else keep, nkept, i, c, cfg["n_groups"],
         cfg["rows_per_prog"], z3.stride(0), z3.stride(1), t3.stride(0), t3.stride(1), b3.stride(0), grad3.stride(0),
-        grad3.stride(1), 1.0 / temperature, grad_scale, float(batch), BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"],
-        HAS_BIAS=bias3 is not None, HAS_KEEP=keep is not None, MEAN_KEPT=kept_mean is not None,
+        grad3.stride(1), 1.0 / tf, grad_scale, float(batch), temp, BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"],
+        HAS_BIAS=bias3 is not None, HAS_KEEP=keep is not None, MEAN_KEPT=kept_mean is not None, T_PTR=t_ptr,
         num_warps=cfg["num_warps"],
     )
     return part
@@ -387,7 +391,7 @@ def hydra_kl_forward_triton(student, teacher, temperature: float, reduction: str
     row normalisers it needs: the forward reads each row once and writes no (B, M, C) tensor. row_mask (B,)
     bool: the rows left out get loss 0 and gradients 0, "mean" is over the kept rows (the kernel reads both)."""
     b, m, c = student.shape
-    grad_scale = temperature * reduction_coefficient(reduction, b * m)
+    grad_scale = temperature_factor(temperature) * reduction_coefficient(reduction, b * m)
     student = student if student.stride(-1) == 1 else student.contiguous()
     teacher = teacher if teacher.stride(-1) == 1 else teacher.contiguous()
     loss = torch.empty(b, m, dtype=torch.float32, device=student.device)
@@ -416,7 +420,8 @@ def hydra_kl_backward_triton(student, teacher, norms, grad_loss, temperature: fl
     teacher = teacher if teacher.stride(-1) == 1 else teacher.contiguous()
     grad = torch.empty(b, m, c, dtype=student.dtype, device=student.device)
     launch_kl_grad(student, teacher, norms, grad_loss, grad, temperature,
-                   temperature * reduction_coefficient(reduction, b * m), *row_mask_views(row_mask, m, reduction))
+                   temperature_factor(temperature) * reduction_coefficient(reduction, b * m),
+                   *row_mask_views(row_mask, m, reduction))
     return grad
 
 
@@ -478,17 +483,18 @@ def launch_kl_rows_topk(z3, v3, i3, loss2, grad3, temperature: float, grad_scale
     cfg = topk_config(c, k)
     grid = cdiv(r, cfg["BLOCK_R"])
     out, coef, parts, count = _reduce_args(reduce_to, grid, loss2)
+    tf, temp, t_ptr = temperature_scalars(temperature)
     _hydra_kl_topk_fwd_kernel[(grid,)](
         z3, v3, i3, loss2, g3, h3, error_word(z3.device, op), loss2 if keep2 is None else keep2,
         loss2 if kept_mean is None else kept_mean[0], parts, out, count, r, i, c, k, z3.stride(0), z3.stride(1),
         v3.stride(0), v3.stride(1), i3.stride(0), i3.stride(1), g3.stride(0), g3.stride(1), loss2.stride(0),
         loss2.stride(1), h3.stride(0), h3.stride(1), 0 if keep2 is None else keep2.stride(0),
-        0 if keep2 is None else keep2.stride(1), 1.0 / temperature, temperature * temperature, grad_scale, coef,
-        0.0 if kept_mean is None else float(kept_mean[1]), BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"],
+        0 if keep2 is None else keep2.stride(1), 1.0 / tf, tf * tf, grad_scale, coef,
+        0.0 if kept_mean is None else float(kept_mean[1]), temp, BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"],
         BLOCK_K=cfg["BLOCK_K"], WRITE_GRAD=grad3 is not None, WRITE_TGRAD=tgrad3 is not None,
         VEC=max(1, min(cfg["BLOCK_C"], 16 // z3.element_size())), HAS_KEEP=keep2 is not None,
         MEAN_KEPT=kept_mean is not None, REDUCE=reduce_to is not None,
-        BLOCK_P=_common.reduce_block(grid, cfg["num_warps"]), num_warps=cfg["num_warps"],
+        BLOCK_P=_common.reduce_block(grid, cfg["num_warps"]), T_PTR=t_ptr, num_warps=cfg["num_warps"],
     )
 
 
@@ -498,7 +504,7 @@ def hydra_kl_topk_forward_triton(student, values, indices, temperature: float, r
     program; a row mask read as ``hydra_kl_forward_triton`` reads it). Returns (loss, grad or None, values grad
     or None)."""
     b, m, c = student.shape
-    grad_scale = temperature * reduction_coefficient(reduction, b * m)
+    grad_scale = temperature_factor(temperature) * reduction_coefficient(reduction, b * m)
     student = student if student.stride(-1) == 1 else student.contiguous()
     values = values if values.stride(-1) == 1 else values.contiguous()
     indices = indices if indices.stride(-1) == 1 else indices.contiguous()

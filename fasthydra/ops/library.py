@@ -29,7 +29,7 @@ from . import hydra_kl as _kl
 from . import linear_hydra_kl as _lin
 from . import small_heads as _small
 from . import uncertainty as _unc
-from ._common import op_form
+from ._common import op_form, op_temperature
 from .checks import flag_teacher_rows, flag_topk_teacher, poll
 
 _EMPTY = (0,)
@@ -85,11 +85,15 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 @_op_body
 def _hydra_kl_impl(student: torch.Tensor, teacher: torch.Tensor, temperature: float, reduction: str, want_grad: bool,
                    want_tgrad: bool, impl: str, teacher_indices: torch.Tensor | None,
-                   row_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   row_mask: torch.Tensor | None = None, temperature_t: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """teacher: dense logits (B, M, C), or the values (B, M, k) of a top-k teacher whose class ids are
     teacher_indices (B, M, k); the third output is the teacher's (the values') gradient. row_mask (B,) bool:
     the rows that count (the others' loss rows and gradients 0, "mean" over the kept rows), read by the Triton
-    kernels themselves; the torch path masks its "none" rows and per-row gradients (_kl.mask_rows_torch)."""
+    kernels themselves; the torch path masks its "none" rows and per-row gradients (_kl.mask_rows_torch).
+    temperature_t: a one-element tensor temperature (then `temperature` is 1.0 and unused; see
+    _common.op_temperature), as every op here takes it."""
+    temperature = op_temperature(temperature, temperature_t, impl)
     poll(student.device)
     if teacher_indices is not None:  # top-k: the index checks need a pass of their own (one sort along k)
         flag_topk_teacher(teacher, teacher_indices, student.shape[-1], "hydra_kl_loss", values_too=impl != "triton")
@@ -129,7 +133,7 @@ hydra_kl = _custom_op("fasthydra::hydra_kl", _hydra_kl_impl)
 
 @register_fake("fasthydra::hydra_kl")
 def _hydra_kl_fake(student, teacher, temperature, reduction, want_grad, want_tgrad, impl, teacher_indices,
-                   row_mask=None):
+                   row_mask=None, temperature_t=None):
     loss = student.new_empty(_loss_shape(student.shape[:2], reduction), dtype=_compute_dtype(student))
     if _deferred(want_grad, want_tgrad, impl, teacher_indices):
         return (loss, student.new_empty((*student.shape[:2], 4), dtype=torch.float32), teacher.new_empty(_EMPTY))
@@ -139,15 +143,17 @@ def _hydra_kl_fake(student, teacher, temperature, reduction, want_grad, want_tgr
 
 @_op_body
 def _hydra_kl_grad_impl(student: torch.Tensor, teacher: torch.Tensor, norms: torch.Tensor, grad_loss: torch.Tensor,
-                        temperature: float, reduction: str, row_mask: torch.Tensor | None = None) -> torch.Tensor:
-    return _kl.hydra_kl_backward_triton(student, teacher, norms, grad_loss, temperature, reduction, row_mask)
+                        temperature: float, reduction: str, row_mask: torch.Tensor | None = None,
+                        temperature_t: torch.Tensor | None = None) -> torch.Tensor:
+    return _kl.hydra_kl_backward_triton(student, teacher, norms, grad_loss, op_temperature(temperature, temperature_t),
+                                        reduction, row_mask)
 
 
 hydra_kl_grad = _custom_op("fasthydra::hydra_kl_grad", _hydra_kl_grad_impl)
 
 
 @register_fake("fasthydra::hydra_kl_grad")
-def _hydra_kl_grad_fake(student, teacher, norms, grad_loss, temperature, reduction, row_mask=None):
+def _hydra_kl_grad_fake(student, teacher, norms, grad_loss, temperature, reduction, row_mask=None, temperature_t=None):
     return student.new_empty(student.shape)  # contiguous, as the launcher's (not student's layout)
 
 
@@ -166,7 +172,7 @@ def _stored_gradients(ctx, grads) -> None:
 
 
 def _hydra_kl_setup(ctx, inputs, output):
-    student, teacher, temperature, reduction, want_grad, want_tgrad, impl, teacher_indices, *mask = inputs
+    student, teacher, temperature, reduction, want_grad, want_tgrad, impl, teacher_indices, *rest = inputs
     ctx.reduction = reduction
     ctx.deferred = _deferred(want_grad, want_tgrad, impl, teacher_indices)
     if not ctx.deferred:
@@ -176,7 +182,8 @@ def _hydra_kl_setup(ctx, inputs, output):
     ctx.temperature = temperature
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(student, teacher, output[1], mask[0] if mask else None)
+    row_mask, temperature_t = (*rest, None, None)[:2]
+    ctx.save_for_backward(student, teacher, output[1], row_mask, temperature_t)
 
 
 def _traced(*tensors) -> bool:
@@ -188,17 +195,18 @@ def _traced(*tensors) -> bool:
 def _hydra_kl_backward(ctx, grad_loss, *_grad_of_grads):
     _no_double_backward()
     if grad_loss is None:
-        return (None,) * 9
+        return (None,) * 10
     if ctx.deferred:
-        student, teacher, norms, row_mask = ctx.saved_tensors
-        args = (student.detach(), teacher.detach(), norms, grad_loss, ctx.temperature, ctx.reduction, row_mask)
+        student, teacher, norms, row_mask, temperature_t = ctx.saved_tensors
+        args = (student.detach(), teacher.detach(), norms, grad_loss, ctx.temperature, ctx.reduction, row_mask,
+                temperature_t)
         # a traced backward (compile, AOT: fake or functional tensors) sees the custom op; eager calls the
         # implementation (no dispatcher)
         grad = hydra_kl_grad(*args) if _traced(*args[:4]) else _hydra_kl_grad_impl(*args)
-        return grad, *(None,) * 8
+        return grad, *(None,) * 9
     student, teacher = (None if _absent(g) else _in_dtype(_kl.scale_grad(g, grad_loss, ctx.reduction), dt)
                         for g, dt in zip(ctx.saved_tensors, ctx.grad_dtypes))
-    return student, teacher, *(None,) * 7
+    return student, teacher, *(None,) * 8
 
 
 register_autograd("fasthydra::hydra_kl", _hydra_kl_backward, setup_context=_hydra_kl_setup)
@@ -213,7 +221,7 @@ register_autograd("fasthydra::hydra_kl", _hydra_kl_backward, setup_context=_hydr
 def _linear_hydra_kl_impl(inp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, teacher: torch.Tensor,
                           temperature: float, reduction: str, shared: bool, need_in: bool, need_w: bool, need_b: bool,
                           need_t: bool, impl: str, teacher_indices: torch.Tensor | None, small_deferred: bool,
-                          row_mask: torch.Tensor | None = None
+                          row_mask: torch.Tensor | None = None, temperature_t: torch.Tensor | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """small_deferred (decided by the caller with small_deferred_config): the small-step path's launch 1
     alone, returning the stash of dL/dz (B, M, C) in the input gradient's place; launch 2 runs in the
@@ -222,6 +230,7 @@ def _linear_hydra_kl_impl(inp: torch.Tensor, weight: torch.Tensor, bias: torch.T
     path averages over the kept rows' B_kept * M entries itself (the count read on the device by its kernels,
     so the backward sees an upstream gradient of 1 and scales nothing); the torch path keeps the coefficient
     1/(B*M) and the caller rescales (functional._fused)."""
+    temperature = op_temperature(temperature, temperature_t, impl)
     poll(inp.device)
     if teacher_indices is not None:
         flag_topk_teacher(teacher, teacher_indices, weight.shape[1], "distill_loss", values_too=impl != "triton")
@@ -262,7 +271,7 @@ linear_hydra_kl = _custom_op("fasthydra::linear_hydra_kl", _linear_hydra_kl_impl
 
 @register_fake("fasthydra::linear_hydra_kl")
 def _linear_hydra_kl_fake(inp, weight, bias, teacher, temperature, reduction, shared, need_in, need_w, need_b, need_t,
-                          impl, teacher_indices, small_deferred, row_mask=None):
+                          impl, teacher_indices, small_deferred, row_mask=None, temperature_t=None):
     m = weight.shape[0]
     loss = inp.new_empty((inp.shape[0], m) if reduction == "none" else (), dtype=_compute_dtype(inp))
     if small_deferred:
@@ -416,7 +425,7 @@ def _deferrable_backward(stored, n_inputs: int):
     return backward
 
 
-register_autograd("fasthydra::linear_hydra_kl", _deferrable_backward(_heads_backward(15), 15),
+register_autograd("fasthydra::linear_hydra_kl", _deferrable_backward(_heads_backward(16), 16),
                   setup_context=_linear_setup)
 
 
@@ -426,10 +435,10 @@ register_autograd("fasthydra::linear_hydra_kl", _deferrable_backward(_heads_back
 
 
 @_op_body
-def _uncertainty_impl(logits: torch.Tensor, temperature: float, impl: str) -> tuple[torch.Tensor, torch.Tensor,
-                                                                              torch.Tensor, torch.Tensor]:
+def _uncertainty_impl(logits: torch.Tensor, temperature: float, impl: str, temperature_t: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     fn = _unc.uncertainty_triton if impl == "triton" else _unc.uncertainty_torch
-    out = fn(logits, temperature)
+    out = fn(logits, op_temperature(temperature, temperature_t, impl))
     if logits.shape[1] == 1:  # one head: the decomposition is exact, no rounding residue in epistemic
         out.epistemic.zero_()
         out.total.copy_(out.aleatoric)
@@ -440,44 +449,46 @@ uncertainty = _custom_op("fasthydra::uncertainty", _uncertainty_impl)
 
 
 @register_fake("fasthydra::uncertainty")
-def _uncertainty_fake(logits, temperature, impl):
+def _uncertainty_fake(logits, temperature, impl, temperature_t=None):
     b, _, c = logits.shape
     return (logits.new_empty(b, c), logits.new_empty(b), logits.new_empty(b), logits.new_empty(b))
 
 
 def _uncertainty_setup(ctx, inputs, output):
-    logits, ctx.temperature, ctx.impl = inputs
+    logits, ctx.temperature, ctx.impl, *rest = inputs
     ctx.set_materialize_grads(False)  # an output nobody differentiates contributes nothing (None)
-    ctx.save_for_backward(logits)
+    ctx.save_for_backward(logits, rest[0] if rest else None)
 
 
 def _uncertainty_backward(ctx, g_probs, g_total, g_aleatoric, g_epistemic):
-    (logits,) = ctx.saved_tensors
+    logits, temperature_t = ctx.saved_tensors
     grads = (g_probs, g_total, g_aleatoric, g_epistemic)
     if all(g is None for g in grads):
-        return None, None, None
+        return None, None, None, None
     if ctx.impl == "triton" and not torch.is_grad_enabled():  # (create_graph=True: the torch ops, differentiable)
-        args = (logits.detach(), ctx.temperature, *grads)
+        args = (logits.detach(), ctx.temperature, *grads, temperature_t)
         # a traced backward sees the custom op; eager calls the launcher
         return (uncertainty_grad(*args) if _traced(logits, *(g for g in grads if g is not None))
-                else _uncertainty_grad_impl(*args)), None, None
+                else _uncertainty_grad_impl(*args)), None, None, None
     # torch path: the native C kernel for fp32 CPU logits, else plain torch ops, differentiable themselves
     # (create_graph=True works) and traced as they are by compile
-    return _unc.uncertainty_backward(logits, ctx.temperature, *grads), None, None
+    temperature = op_temperature(ctx.temperature, temperature_t, ctx.impl)
+    return _unc.uncertainty_backward(logits, temperature, *grads), None, None, None
 
 
 @_op_body
 def _uncertainty_grad_impl(logits: torch.Tensor, temperature: float, g_probs: torch.Tensor | None,
                            g_total: torch.Tensor | None, g_aleatoric: torch.Tensor | None,
-                           g_epistemic: torch.Tensor | None) -> torch.Tensor:
-    return _unc.uncertainty_backward_triton(logits, temperature, g_probs, g_total, g_aleatoric, g_epistemic)
+                           g_epistemic: torch.Tensor | None, temperature_t: torch.Tensor | None = None) -> torch.Tensor:
+    return _unc.uncertainty_backward_triton(logits, op_temperature(temperature, temperature_t), g_probs, g_total,
+                                            g_aleatoric, g_epistemic)
 
 
 uncertainty_grad = _custom_op("fasthydra::uncertainty_grad", _uncertainty_grad_impl)
 
 
 @register_fake("fasthydra::uncertainty_grad")
-def _uncertainty_grad_fake(logits, temperature, g_probs, g_total, g_aleatoric, g_epistemic):
+def _uncertainty_grad_fake(logits, temperature, g_probs, g_total, g_aleatoric, g_epistemic, temperature_t=None):
     return logits.new_empty(logits.shape)  # contiguous, as the launcher's
 
 
@@ -683,8 +694,9 @@ def _hand_over_setup(ctx, inputs, output, strong: int) -> None:
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)
     ctx.stored = list(output[1:])
-    ctx.inputs = [_Kept(a, weak=i >= strong and a.dtype != torch.bool) if isinstance(a, torch.Tensor) else a
-                  for i, a in enumerate(inputs)]  # (a row mask by reference too: B bools, often a temporary)
+    ctx.inputs = [_Kept(a, weak=i >= strong and a.dtype != torch.bool and a.dim() > 0)
+                  if isinstance(a, torch.Tensor) else a
+                  for i, a in enumerate(inputs)]  # (a row mask and a tensor temperature by reference too: temporaries)
 
 
 class _Kept:
@@ -776,11 +788,11 @@ def _eager_hydra_kl_backward(ctx, grad_loss, *_grad_of_grads):
         return _hydra_kl_backward(ctx, grad_loss)
     _no_double_backward()
     if grad_loss is None:
-        return (None,) * 9
+        return (None,) * 10
     student, teacher = (None if _absent(g) else g for g in _take_stored(ctx, _hydra_kl_impl))
     _kl.scale_grads_([g for g in (student, teacher) if g is not None], grad_loss)
     student, teacher = (None if g is None else _in_dtype(g, dt) for g, dt in zip((student, teacher), ctx.grad_dtypes))
-    return student, teacher, *(None,) * 7
+    return student, teacher, *(None,) * 8
 
 
 hydra_kl_call = _eager_entry(hydra_kl, _hydra_kl_impl, _eager_hydra_kl_setup, _eager_hydra_kl_backward)
@@ -791,7 +803,7 @@ def _eager_linear_setup(ctx, inputs, output):
 
 
 linear_hydra_kl_call = _eager_entry(linear_hydra_kl, _linear_hydra_kl_impl, _eager_linear_setup,
-                                    _deferrable_backward(_eager_heads_backward(15, _linear_hydra_kl_impl), 15))
+                                    _deferrable_backward(_eager_heads_backward(16, _linear_hydra_kl_impl), 16))
 uncertainty_call = _eager_entry(uncertainty, _uncertainty_impl, _uncertainty_setup, _uncertainty_backward)
 grouped_linear_call = _eager_entry(grouped_linear, _grouped_linear_impl, _grouped_linear_setup, _grouped_linear_bwd)
 def _eager_gaussian_setup(ctx, inputs, output):
@@ -820,8 +832,8 @@ gaussian_heads_kl_call = _eager_entry(gaussian_heads_kl, _gaussian_heads_kl_impl
 def _mlp_hydra_kl_impl(x: torch.Tensor, hidden_weight: torch.Tensor, hidden_bias: torch.Tensor | None,
                        weight: torch.Tensor, bias: torch.Tensor | None, teacher: torch.Tensor, temperature: float,
                        reduction: str, need_x: bool, need_hw: bool, need_hb: bool, need_w: bool, need_b: bool,
-                       need_t: bool, teacher_indices: torch.Tensor | None, row_mask: torch.Tensor | None = None
-                       ) -> tuple:
+                       need_t: bool, teacher_indices: torch.Tensor | None, row_mask: torch.Tensor | None = None,
+                       temperature_t: torch.Tensor | None = None) -> tuple:
     """MLP heads fused with the loss on the torch path, every gradient formed in the forward: the first
     layer (one GEMM, ReLU in place), the second layer and the loss (the heads op's torch path, which
     stores the hidden activations' gradient du), then ReLU's backward in place on du and the first
@@ -838,7 +850,7 @@ def _mlp_hydra_kl_impl(x: torch.Tensor, hidden_weight: torch.Tensor, hidden_bias
     need_u = need_x or need_hw or (need_hb and hidden_bias is not None)
     loss, du, g_w, g_b, g_t = _linear_hydra_kl_impl(u.view(x.shape[0], m, h), weight, bias, teacher, temperature,
                                                    reduction, False, need_u, need_w, need_b, need_t, "torch",
-                                                   teacher_indices, False, row_mask)
+                                                   teacher_indices, False, row_mask, temperature_t)
     g_x = g_hw = g_hb = None
     if need_u:
         du = du.view(x.shape[0], m * h)
@@ -861,7 +873,7 @@ def _eager_mlp_setup(ctx, inputs, output):
 
 
 mlp_hydra_kl_eager = _eager_call("mlp_hydra_kl", _eager_function("mlp_hydra_kl", _mlp_hydra_kl_impl, _eager_mlp_setup,
-                                                                 _eager_heads_backward(16, _mlp_hydra_kl_impl)),
+                                                                 _eager_heads_backward(17, _mlp_hydra_kl_impl)),
                                   _mlp_hydra_kl_impl)
 
 
@@ -879,7 +891,8 @@ def _products(rows: int, weight_shape, count: int) -> int:
 
 
 def _linear_hydra_kl_flops(inp, weight, bias, teacher, temperature, reduction, shared, need_in, need_w, need_b, need_t,
-                           impl, teacher_indices, small_deferred, row_mask=None, out_shape=None, **_):
+                           impl, teacher_indices, small_deferred, row_mask=None, temperature_t=None, out_shape=None,
+                           **_):
     # the logits, and the gradients' products where the forward forms them (a deferred small step: in the backward)
     return _products(inp[0], weight, 1 + (0 if small_deferred else int(need_in) + int(need_w)))
 

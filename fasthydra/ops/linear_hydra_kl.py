@@ -26,6 +26,7 @@ from ._common import (
     compute_dtype,
     empty_stored_grad,
     kl_rows_config,
+    temperature_factor,
     rows_per_chunk,
     small_heads_config,
     small_step_mode,
@@ -258,7 +259,12 @@ def linear_hydra_kl_forward_torch(inp, weight, bias, teacher, temperature: float
     class ids) is read as it is, never made dense. row_mask (B,) bool: rows left out get zero loss rows
     and gradients (their logits gradient zeroed before the gradient GEMMs; the coefficient stays).
     Returns (loss, grad_in, grad_weight, grad_bias, grad_teacher), the gradients None where not asked for.
+    A tensor temperature is read as a number first (its 1/T and T * coefficient are the GEMMs' alpha): on a
+    GPU that read waits for the device, so a GPU step keeps it off this path (the Triton path, the default
+    there, reads T on the device).
     """
+    if isinstance(temperature, torch.Tensor):
+        temperature = float(temperature)
     m, c, k = weight.shape
     b = inp.shape[0]
     cdt = compute_dtype(inp.dtype)
@@ -433,7 +439,7 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
     # fp16 inputs: dz kept unnormalised (T (q - p), in fp16's range whatever B*M), the coefficient applied in
     # fp32 by the gradient GEMMs, whose outputs stay fp32 (stored_grad_dtype) until the backward has scaled them
     wide = want_grad and stored_grad_dtype(dt) != dt
-    grad_scale = temperature if wide else temperature * coef
+    grad_scale = temperature_factor(temperature) * (1.0 if wide else coef)
     loss = torch.empty(b, m, dtype=torch.float32, device=dev)
     grad_t = torch.empty(teacher.shape, dtype=teacher.dtype, device=dev) if need_t else None
     heads, rows = _head_groups(b, m, c)

@@ -142,6 +142,7 @@ def kl_rows(s: torch.Tensor, t: torch.Tensor, temperature: float, want_grad: boo
 
     Rows are split across torch.get_num_threads() threads (ctypes releases the GIL during the call).
     """
+    temperature = float(temperature)  # (a CPU tensor temperature where tests keep one: read at no cost)
     lib = _library()
     shape = s.shape
     if s.dim() not in (2, 3) or s.stride(-1) != 1:  # other layouts: as one contiguous (R, C) block
@@ -200,6 +201,7 @@ def _tile_geometry(s: torch.Tensor, t: torch.Tensor):
 def tile_stats(s: torch.Tensor, t: torch.Tensor, stats: tuple, temperature: float) -> None:
     """Pass 1 of the class-tiled mode: folds one (M, rows, w) tile, s tempered student logits and t the raw
     teacher (views of one shape), into stats (tile_stats_init's five (M * rows,) arrays, in place)."""
+    temperature = float(temperature)  # (a CPU tensor temperature where tests keep one: read at no cost)
     lib = _library()
     head, r, w = _tile_geometry(s, t)
     ptrs = [x.data_ptr() for x in stats]
@@ -209,6 +211,7 @@ def tile_stats(s: torch.Tensor, t: torch.Tensor, stats: tuple, temperature: floa
 def tile_grad(s: torch.Tensor, t: torch.Tensor, m_s, log_d_s, m_t, log_d_u, temperature: float) -> torch.Tensor:
     """Pass 2: s (a recomputed tempered tile, contiguous) becomes q - p in place, from pass 1's maxima and
     log-normalisers (each (M * rows,))."""
+    temperature = float(temperature)  # (a CPU tensor temperature where tests keep one: read at no cost)
     lib = _library()
     head, r, w = _tile_geometry(s, t)
     ptrs = [x.data_ptr() for x in (m_s, log_d_s, m_t, log_d_u)]
@@ -219,6 +222,7 @@ def tile_grad(s: torch.Tensor, t: torch.Tensor, m_s, log_d_s, m_t, log_d_u, temp
 def uncertainty_rows(logits: torch.Tensor, temperature: float):
     """(probs (B, C), total, aleatoric, epistemic (B,)) of fp32 (B, M, C) CPU logits (unit stride along C),
     one C sweep set per row: softmax per head, the mixture, the entropies (csrc: hydra_uncertainty_rows)."""
+    temperature = float(temperature)  # (a CPU tensor temperature where tests keep one: read at no cost)
     lib = _library()
     b, m, c = logits.shape
     probs = torch.empty(b, c, dtype=torch.float32)
@@ -240,6 +244,7 @@ def uncertainty_grad_rows(logits: torch.Tensor, temperature: float, g_probs, on_
     mixture g_probs (B, C) and the per-row coefficients on_total = g_total + g_epistemic and on_heads =
     g_aleatoric - g_epistemic (B,), each None when absent (csrc: hydra_uncertainty_grad_rows: one exponential per
     element, each row's heads in cache)."""
+    temperature = float(temperature)  # (a CPU tensor temperature where tests keep one: read at no cost)
     lib = _library()
     b, m, c = logits.shape
     dz = torch.empty(b, m, c, dtype=torch.float32)

@@ -14,6 +14,7 @@ import torch
 
 from . import _common
 from ._common import (cdiv, dot_precision, empty_stored_grad, finished_count, small_grads_config, stored_grad_dtype,
+                      temperature_scalars,
                       upcast_dot)
 from .checks import after_launch, error_word
 from .hydra_kl import reduction_coefficient
@@ -43,13 +44,14 @@ def small_heads_forward(inp, weight, bias, teacher, temperature: float, reductio
     out = torch.empty((), dtype=torch.float32, device=dev) if reduce else rows
     coef = reduction_coefficient(reduction, b * m)
     mean_kept = row_mask is not None and reduction == "mean"
+    tf, temp, t_ptr = temperature_scalars(temperature)
     _small_heads_kl_kernel[grid1](
         inp, weight, bias if bias is not None else weight, teacher, rows, parts, rows if stash is None else stash,
         error_word(dev, "distill_loss"), out, finished_count(dev) if reduce else parts, _keep_arg(row_mask, parts),
         row_mask.sum() if mean_kept else parts, b, m, c, k, cfg["HEADS"],
         inp.stride(0), 0 if shared else inp.stride(1), weight.stride(0), weight.stride(1),
-        bias.stride(0) if bias is not None else 0, teacher.stride(0), teacher.stride(1), 1.0 / temperature,
-        temperature * temperature, temperature * coef, coef, HAS_BIAS=bias is not None, WRITE_GRAD=want_grad,
+        bias.stride(0) if bias is not None else 0, teacher.stride(0), teacher.stride(1), 1.0 / tf, tf * tf, tf * coef,
+        coef, temp, T_PTR=t_ptr, HAS_BIAS=bias is not None, WRITE_GRAD=want_grad,
         REDUCE=reduce, HAS_KEEP=row_mask is not None, MEAN_KEPT=mean_kept, UPCAST_DOT=upcast_dot(dt),
         PRECISION=dot_precision(dt),
         BLOCK_B=cfg["BLOCK_B"], BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"],

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from . import _common
-from ._common import cdiv, dot_precision, finished_count, upcast_dot
+from ._common import cdiv, dot_precision, finished_count, temperature_scalars, upcast_dot
 from .checks import error_word
 
 
@@ -33,12 +33,13 @@ def launch_thin_heads_kl(x3, w3, bias2, t3, loss2, g3, temperature: float, grad_
     out, coef = reduce_to if reduce else (loss2, 0.0)
     parts = torch.empty(grid, dtype=torch.float32, device=dev) if reduce else loss2
     g = g3 if g3 is not None else t3  # placeholders where unused
+    tf, temp, t_ptr = temperature_scalars(temperature)
     _thin_heads_kl_kernel[grid](
         x3, w3, bias2 if bias2 is not None else w3, t3, loss2, g, sums if sums is not None else loss2, parts,
         error_word(dev, "distill_loss"), out, finished_count(dev) if reduce else parts, b, m, c, k,
         x3.stride(0), x3.stride(1), w3.stride(0), w3.stride(1), bias2.stride(0) if bias2 is not None else 0,
         t3.stride(0), t3.stride(1), loss2.stride(0), loss2.stride(1), g.stride(0), g.stride(1),
-        1.0 / temperature, temperature * temperature, grad_scale, coef, HAS_BIAS=bias2 is not None,
+        1.0 / tf, tf * tf, grad_scale, coef, temp, T_PTR=t_ptr, HAS_BIAS=bias2 is not None,
         WRITE_GRAD=g3 is not None, WRITE_COLSUM=sums is not None, REDUCE=reduce, UPCAST_DOT=upcast_dot(dt),
         PRECISION=dot_precision(dt), ONE_K_STEP=cfg["ONE_K_STEP"], PTX=_common.runs_ptx(),
         EVEN_C=c % cfg["BLOCK_C"] == 0, PREFETCH=cfg["PREFETCH"], BLOCK_B=cfg["BLOCK_B"], BLOCK_C=cfg["BLOCK_C"],

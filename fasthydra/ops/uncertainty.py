@@ -14,7 +14,7 @@ import torch
 from fasthydra.reference import Uncertainty
 
 from . import native
-from ._common import (TORCH_CHUNK_ELEMENTS, compute_dtype, rows_per_chunk, uncertainty_config,
+from ._common import (TORCH_CHUNK_ELEMENTS, compute_dtype, rows_per_chunk, temperature_scalars, uncertainty_config,
                       uncertainty_grad_config)
 
 
@@ -68,11 +68,12 @@ def uncertainty_triton(logits: torch.Tensor, temperature: float) -> Uncertainty:
     probs, total, aleatoric, epistemic = _empty_outputs(b, c, logits.dtype, logits.device)
     if b > 0:
         cfg = uncertainty_config(m, c, b)
+        tf, temp, t_ptr = temperature_scalars(temperature)
         _uncertainty_fwd_kernel[(b,)](
             logits, probs, total, aleatoric, epistemic,
-            m, c, logits.stride(0), logits.stride(1), probs.stride(0), 1.0 / temperature,
+            m, c, logits.stride(0), logits.stride(1), probs.stride(0), 1.0 / tf, temp,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], ROW_IN_REGISTERS=cfg["ROW_IN_REGISTERS"],
-            VEC=max(1, min(cfg["BLOCK_C"], 16 // logits.element_size())), num_warps=cfg["num_warps"],
+            VEC=max(1, min(cfg["BLOCK_C"], 16 // logits.element_size())), T_PTR=t_ptr, num_warps=cfg["num_warps"],
         )
     return Uncertainty(probs, total, aleatoric, epistemic)
 
@@ -124,11 +125,12 @@ def uncertainty_backward_triton(logits: torch.Tensor, temperature: float, g_prob
         g_probs = g_probs.contiguous()
     per_row = [dz if g is None else g for g in (g_total, g_aleatoric, g_epistemic)]  # (dz: any pointer, unread)
     cfg = uncertainty_grad_config(m, c)
+    tf, temp, t_ptr = temperature_scalars(temperature)
     _uncertainty_bwd_kernel[(b,)](
         logits, dz if g_probs is None else g_probs, *per_row, dz, m, c, logits.stride(0), logits.stride(1),
         0 if g_probs is None else g_probs.stride(0), *(0 if g is None else g.stride(0) for g in (g_total, g_aleatoric,
                                                                                              g_epistemic)),
-        dz.stride(0), dz.stride(1), 1.0 / temperature, 1.0 / (m * temperature), HAS_G=g_probs is not None,
+        dz.stride(0), dz.stride(1), 1.0 / tf, 1.0 / (m * tf), temp, T_PTR=t_ptr, HAS_G=g_probs is not None,
         HAS_T=g_total is not None, HAS_A=g_aleatoric is not None, HAS_E=g_epistemic is not None,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], ROW_IN_REGISTERS=cfg["ROW_IN_REGISTERS"],
         num_warps=cfg["num_warps"])
@@ -181,9 +183,10 @@ def ensemble_log_mean_triton(teacher: torch.Tensor, temperature: float, op: str)
     out = torch.empty(b, c, dtype=torch.float32, device=teacher.device)
     if b > 0:
         cfg = uncertainty_config(m, c, hinton_target=True)
+        tf, temp, t_ptr = temperature_scalars(temperature)
         _ensemble_log_mean_kernel[(b,)](
             teacher, out, error_word(teacher.device, op), m, c, teacher.stride(0), teacher.stride(1), out.stride(0),
-            1.0 / temperature, temperature, math.log(m), BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"],
-            ROW_IN_REGISTERS=cfg["ROW_IN_REGISTERS"], num_warps=cfg["num_warps"])
+            1.0 / tf, tf, math.log(m), temp, BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"],
+            ROW_IN_REGISTERS=cfg["ROW_IN_REGISTERS"], T_PTR=t_ptr, num_warps=cfg["num_warps"])
         after_launch(teacher.device, op, teacher.shape)
     return out
