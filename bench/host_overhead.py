@@ -79,7 +79,7 @@ def install_stand_ins(mode: str) -> None:
     from triton.runtime.jit import JITFunction
 
     import fasthydra.functional as F
-    from fasthydra.ops import checks
+    from fasthydra.ops import _common, checks
 
     driver.set_active(_StandInDriver())
     real_binder = JITFunction.create_binder
@@ -95,6 +95,7 @@ def install_stand_ins(mode: str) -> None:
         JITFunction.run = lambda self, *args, grid, warmup, **kwargs: None
     checks._DEFER_ON_CPU = True  # the error word copied and polled as on CUDA
     F.interpreting = lambda: True  # resolve_impl: impl="triton" on CPU tensors
+    _common.KEEP_CPU_TEMPERATURE_TENSOR = True  # a tensor temperature kept and passed to the kernels, as on CUDA
 
 
 def cases(rows: int = 32) -> dict:
@@ -114,6 +115,7 @@ def cases(rows: int = 32) -> dict:
     gauss = GaussianHydraHead(d, 1, m, impl="triton")
     mean, var = torch.randn(rows, m, 1, generator=g), torch.rand(rows, m, 1, generator=g) + 0.5
     z = torch.randn(rows, m, c, generator=g, requires_grad=True)
+    temperature = torch.tensor(2.0)  # an annealed T, read by the kernels (install_stand_ins keeps it a tensor)
     keep = torch.arange(rows) % 4 != 0  # a row mask, "mean" over the rows it keeps
     wide_c = SMALL_MAX_CLASSES + 1  # the cuBLAS path: heads GEMMs in torch around the loss kernel
     t_wide = torch.randn(4, 2, wide_c, generator=g)
@@ -141,6 +143,8 @@ def cases(rows: int = 32) -> dict:
     return {
         "autograd floor": (lambda: Floor.apply(x, linear.weight, linear.bias).backward(), list(linear.parameters())),
         "linear heads fwd+bwd": (lambda: linear.distill_loss(x, t, 2.0).backward(), list(linear.parameters())),
+        "linear heads fwd+bwd, tensor T": (lambda: linear.distill_loss(x, t, temperature).backward(),
+                                           list(linear.parameters())),
         "linear heads fwd (no_grad)": (no_grad_step(lambda: linear.distill_loss(x, t, 2.0)), []),
         "MLP heads fwd+bwd": (lambda: mlp.distill_loss(x, t, 2.0).backward(), list(mlp.parameters())),
         "linear heads fwd+bwd, cuBLAS path": (lambda: linear_wide.distill_loss(x_wide, t_wide, 2.0).backward(),

@@ -93,6 +93,17 @@ def test_a_tensor_temperature_gives_the_numbers_values_and_gradients(device_like
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", [(1,), (1, 1)])
+def test_any_one_element_shape_is_a_temperature(device_like, impl, shape):
+    """A (1,) or (1, 1) tensor (a schedule's slice, a buffer) is the 0-dim one's temperature."""
+    for name, _, inputs, fn in _cases(impl):
+        want = _run(fn, inputs, torch.tensor(1.7))
+        got = _run(fn, inputs, torch.full(shape, 1.7))
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert torch.equal(a, b), f"{name} output {i}"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_a_float64_temperature_is_not_rounded_to_float32(device_like, impl):
     """fp64 logits with an fp64 tensor temperature: the float64 reference's values to 1e-12 (a T rounded to
     fp32 on the way, 0.1 -> 0.100000001, would cost 1e-8 relative)."""
