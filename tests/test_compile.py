@@ -240,11 +240,19 @@ def _opcheck_cases(impl):
              (ops.linear_hydra_kl, (x, w, b, tg, 2.0, "sum", True, True, True, True, True, impl, None, False)),
              (ops.linear_hydra_kl, (x, w, b, v, 2.0, "mean", True, True, True, True, False, impl, idx.int(), False)),
              (ops.uncertainty, (z.detach(), 1.0, impl))]
+    temperature = torch.tensor(1.5)  # a tensor temperature: the ops' last argument (their float one then 1)
+    cases += [(ops.hydra_kl, (z, t, 1.0, "mean", True, False, impl, None, None, temperature)),
+              (ops.hydra_kl, (z, tg, 1.0, "none", True, True, impl, None, keep, temperature)),
+              (ops.linear_hydra_kl, (x, w, b, t, 1.0, "mean", True, True, True, True, False, impl, None, False, None,
+                                     temperature)),
+              (ops.uncertainty, (z, 1.0, impl, temperature))]
     if impl == "triton":
         _, norms, _ = ops.hydra_kl(z, t, 2.0, "none", True, False, impl, None)  # the deferred gradient's input
         cases += [(ops.hydra_kl_grad, (z.detach(), t, norms.detach(), r(4, 3), 2.0, "none")),
                   (ops.hydra_kl_grad, (z.detach(), t, norms.detach(), torch.tensor(0.7), 2.0, "mean")),
-                  (ops.hydra_kl_grad, (z.detach(), t, norms.detach(), torch.tensor(0.7), 2.0, "mean", keep))]
+                  (ops.hydra_kl_grad, (z.detach(), t, norms.detach(), torch.tensor(0.7), 2.0, "mean", keep)),
+                  (ops.hydra_kl_grad, (z.detach(), t, norms.detach(), r(4, 3), 1.0, "none", None, temperature)),
+                  (ops.uncertainty_grad, (z.detach(), 1.0, r(4, 7), r(4), None, r(4), temperature))]
         # the small step with its gradients deferred: launch 1 returning the stash, launch 2 from the backward
         cases += [(ops.linear_hydra_kl, (x, w, b, t, 2.0, "mean", True, True, True, True, False, impl, None, True)),
                   (ops.linear_hydra_kl, (u, w, None, t, 2.0, "sum", False, True, True, False, False, impl, None, True))]
