@@ -7,8 +7,9 @@ upstream gradient, tensors in odd layouts (strided, permuted), and the paths' kn
 row chunks, the small step, the bias pass, deferred gradients, the thin-heads kernel, the torch path's class
 tiles, streaming programs, uncertainty tiles), and now and then a row mask (some rows, all, none; bool or
 integer, strided; the rows left out holding NaN, infinities or huge features or logits), drawn from its own
-generator so that the rest of a case is the same with or without it. The hand-written tests hold each path
-at chosen points; this sweep holds the combinations between them. Its first runs found bugs the others
+generator so that the rest of a case is the same with or without it; likewise a temperature given as a
+tensor. The hand-written tests hold each path at chosen points; this sweep holds the combinations between
+them. Its first runs found bugs the others
 had missed (an empty batch with a top-k Hinton teacher; a strided bias on the cuBLAS path; gradients
 written as if contiguous into a permuted parameter's layout); at the commit before them (8c5cae9) 6 of its
 400 cases fail, on three of those. Raised to 300 cases per tier, it found MLP heads with a bias refused by the
@@ -203,12 +204,13 @@ def _heads_case(rng, impl, mrng):
         teacher, t_ref = _layout(t64.float(), rng), t64
     if functional and hidden:
         loss = mlp_hydra_kl_loss(x, params["hidden_weight"], params.get("hidden_bias"), params["weight"],
-                                 params.get("bias"), teacher, temperature, reduction, impl=impl, row_mask=mask)
+                                 params.get("bias"), teacher, _as_given(temperature), reduction, impl=impl,
+                                 row_mask=mask)
     elif functional:
-        loss = linear_hydra_kl_loss(x, params["weight"], params.get("bias"), teacher, temperature, reduction, impl=impl,
-                                    row_mask=mask)
+        loss = linear_hydra_kl_loss(x, params["weight"], params.get("bias"), teacher, _as_given(temperature), reduction,
+                                    impl=impl, row_mask=mask)
     else:
-        loss = head.distill_loss(x, teacher, temperature, reduction, row_mask=mask)
+        loss = head.distill_loss(x, teacher, _as_given(temperature), reduction, row_mask=mask)
     up = _upstream(rng, loss)
     inputs = [x, *params.values(), *extra]
     grads = torch.autograd.grad((loss * up.float()).sum(), inputs, allow_unused=True)
@@ -246,7 +248,7 @@ def _logits_case(rng, impl, mrng):
     if kind == "uncertainty":
         leaves = [_layout(z64.float().requires_grad_(), rng), z64.float().requires_grad_(),
                   z64.clone().requires_grad_()]
-        got = uncertainty(leaves[0], temperature, impl=impl)
+        got = uncertainty(leaves[0], _as_given(temperature), impl=impl)
         eager = R.uncertainty_ref(leaves[1], temperature)
         exact = R.uncertainty_ref(leaves[2], temperature)
         for name, a, e, e32 in zip(got._fields, got, exact, eager):
@@ -276,7 +278,7 @@ def _logits_case(rng, impl, mrng):
         teacher, t_ref = _layout(t64.float(), rng), t64
     fn, ref_fn, shape = ((hinton_kl_loss, R.hinton_kl_loss_ref, (b,)) if hinton else
                          (hydra_kl_loss, R.hydra_kl_loss_ref, (b, m)))
-    loss = fn(z, teacher, temperature, reduction, impl=impl, row_mask=mask)
+    loss = fn(z, teacher, _as_given(temperature), reduction, impl=impl, row_mask=mask)
 
     def loss_rows(rows, dt=torch.float64):
         return ref_fn(z_ref[rows].to(dt), t_ref[rows].to(dt), temperature, reduction)
@@ -354,11 +356,11 @@ def _sixteen_bit_case(rng, impl, mrng):
         x = _spoil_dropped_rows(mrng, torch.randn(b, d, dtype=torch.float64), keep)
         student = _strided_copy(x.to(dtype).requires_grad_(), rng)
         params = list(head.parameters())
-        loss = head.distill_loss(student, teacher, temperature, reduction, row_mask=mask)
+        loss = head.distill_loss(student, teacher, _as_given(temperature), reduction, row_mask=mask)
     else:
         z = _spoil_dropped_rows(mrng, torch.randn(b, m, c, dtype=torch.float64) * 3, keep)
         student, params = _strided_copy(z.to(dtype).requires_grad_(), rng), []
-        loss = hydra_kl_loss(student, teacher, temperature, reduction, impl=impl, row_mask=mask)
+        loss = hydra_kl_loss(student, teacher, _as_given(temperature), reduction, impl=impl, row_mask=mask)
     up = _upstream(rng, loss)
     inputs = [student, *params, *([leaf] if leaf.requires_grad else [])]
     grads = torch.autograd.grad((loss * up.to(dtype)).sum(), inputs)
@@ -398,12 +400,32 @@ def _sixteen_bit_case(rng, impl, mrng):
     _check_dropped_rows_zero(grads, ["x" if n == "student" and heads else n for n in names], keep, what)
 
 
+# How the cases pass their temperature (set per case by _run; the references always take the number)
+_GIVEN = {"form": lambda temperature: temperature}
+
+
+def _as_given(temperature):
+    return _GIVEN["form"](temperature)
+
+
+def _temperature_form(monkeypatch, trng) -> None:
+    """A third of the cases pass the temperature as a one-element tensor (fp32 or fp64, 0-dim or (1,)), half
+    of those kept a tensor as a CUDA one is (the kernels read it from memory), the others read as a number."""
+    if trng.random() >= 1 / 3:
+        return
+    dtype, shape = trng.choice([torch.float32, torch.float64]), trng.choice([(), (1,)])
+    monkeypatch.setattr(_common, "KEEP_CPU_TEMPERATURE_TENSOR", trng.random() < 0.5)
+    monkeypatch.setitem(_GIVEN, "form", lambda temperature: torch.full(shape, temperature, dtype=dtype))
+
+
 def _run(monkeypatch, name: str, choices: list, impl: str, case: int) -> None:
     """Case `case` of a sweep: its generator seeded by its name, the knobs turned, one of `choices` drawn and run
-    with a second generator for the row mask (its own draws: the case's problem is the same with a mask)."""
+    with a second generator for the row mask (its own draws: the case's problem is the same with a mask) and a
+    third for the temperature's form (a number or a tensor: likewise)."""
     rng = random.Random(f"{name}{impl}-{case}")
     torch.manual_seed(case)
     _turn_knobs(monkeypatch, rng)
+    _temperature_form(monkeypatch, random.Random(f"{name}{impl}-{case}-temperature"))
     rng.choice(choices)(rng, impl, random.Random(f"{name}{impl}-{case}-mask"))
 
 

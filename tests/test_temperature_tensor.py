@@ -25,7 +25,7 @@ def device_like(request, monkeypatch):
 def _cases(impl):
     """(name, float64 reference of (inputs, T), inputs, fn of (inputs, T)): every op that takes a temperature,
     each returning one scalar that involves all its outputs."""
-    b, d, m, c = 7, 6, 3, 13
+    b, d, m, c = 7, 6, 3, 37
     x = torch.randn(b, d)
     w, bias = torch.randn(m, c, d) * 0.5, torch.randn(m, c)
     hw, w2 = torch.randn(m, 5, d) * 0.5, torch.randn(m, c, 5) * 0.5
@@ -88,6 +88,43 @@ def test_a_tensor_temperature_gives_the_numbers_values_and_gradients(device_like
         exact = _run(ref, [v.double() for v in inputs], value)
         as_number = _run(fn, inputs, value)
         as_tensor = _run(fn, inputs, torch.tensor(value))
+        for i, (got, eager, want) in enumerate(zip(as_tensor, as_number, exact)):
+            tolerance_rule(got, eager, want, atol=1e-6 * (1 + want.abs().max().item()), what=f"{name} output {i}")
+
+
+# Settings that send the same problems through each Triton form: the cuBLAS path, rows in tiles (the split bias
+# pass's column-sum kernel, or its one-pass form), the gradient formed in the forward, the thin-heads kernel,
+# uncertainty's long rows (forward and backward).
+PATHS = {"cublas": {"env": "0"},
+         "tiles, split bias pass": {"env": "0", "MAX_BLOCK_C": 16, "ROW_TILE_MAX": 16},
+         "tiles, one bias pass": {"env": "0", "MAX_BLOCK_C": 16, "ROW_TILE_MAX": 16, "SPLIT_BIAS_PASS": False},
+         "gradient in the forward": {"DEFER_KL_GRAD": False, "SMALL_DEFERRED": False},
+         "thin heads": {"env": "0", "THIN_HEADS": True, "precision": "high"},  # (fp32 takes it with TF32 dots)
+         "long uncertainty rows": {"UNCERTAINTY_TILE_MAX": 16, "UNCERTAINTY_LONG_TILE": 16,
+                                   "UNCERTAINTY_GRAD_ROW_MAX": 16, "UNCERTAINTY_GRAD_TILE": 32}}
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("path", PATHS)
+def test_every_kernel_form_reads_a_device_temperature(monkeypatch, request, path):
+    """The tensor temperature's values and gradients on each Triton form (PATHS), kept as a device one is."""
+    import fasthydra.ops.linear_hydra_kl as lk
+
+    monkeypatch.setattr(_common, "KEEP_CPU_TEMPERATURE_TENSOR", True)
+    precision = torch.get_float32_matmul_precision()
+    request.addfinalizer(lambda: torch.set_float32_matmul_precision(precision))
+    for name, value in PATHS[path].items():
+        if name == "env":
+            monkeypatch.setenv("FASTHYDRA_SMALL_STEP", value)
+        if name == "precision":
+            torch.set_float32_matmul_precision(value)
+        for home in (_common, lk):
+            if hasattr(home, name):
+                monkeypatch.setattr(home, name, value)
+    for name, ref, inputs, fn in _cases("triton"):
+        exact = _run(ref, [v.double() for v in inputs], 0.37)
+        as_number = _run(fn, inputs, 0.37)
+        as_tensor = _run(fn, inputs, torch.tensor(0.37))
         for i, (got, eager, want) in enumerate(zip(as_tensor, as_number, exact)):
             tolerance_rule(got, eager, want, atol=1e-6 * (1 + want.abs().max().item()), what=f"{name} output {i}")
 
