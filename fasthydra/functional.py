@@ -502,7 +502,6 @@ def _hinton_dense(z, student_logits, teacher_logits, temperature, reduction, imp
     temperature = _check_temperature(temperature, student_logits)
     reduction = _check_reduction(reduction)
     impl = resolve_impl(impl, student_logits, teacher_logits)
-    target_t = _target_temperature(temperature, impl)
     if _under_torch_func():  # (before the teacher's launch or checks below, which read its storage)
         _ops.refuse_torch_func("hinton_kl_loss")
     compiling = torch.compiler.is_compiling()
@@ -511,8 +510,10 @@ def _hinton_dense(z, student_logits, teacher_logits, temperature, reduction, imp
     if not compiling:  # compiled: the op's own check sees NaN in log pbar instead
         poll(teacher_logits.device)
     # softmax(T * log pbar / T) = pbar exactly, so the per-head kernel does the rest (masks included).
-    if (impl == "triton" and not compiling and not no_values(teacher_logits)
-            and not (torch.is_grad_enabled() and teacher_logits.requires_grad)):
+    in_kernel = (impl == "triton" and not compiling and not no_values(teacher_logits)
+                 and not (torch.is_grad_enabled() and teacher_logits.requires_grad))
+    target_t = _target_temperature(temperature, impl, substitute=not in_kernel)
+    if in_kernel:
         # one launch forms T * log pbar and checks the teacher on the same loads
         mean_teacher = ensemble_log_mean_triton(teacher_logits.detach(), target_t, "hinton_kl_loss")
     else:
@@ -522,16 +523,17 @@ def _hinton_dense(z, student_logits, teacher_logits, temperature, reduction, imp
     return _hinton_on_target(z, mean_teacher.unsqueeze(1), temperature, reduction, impl, keep)
 
 
-def _target_temperature(temperature, impl: str):
+def _target_temperature(temperature, impl: str, substitute: bool):
     """The temperature the Hinton target (formed outside the loss op) is made with. A tensor one is resolved as
     the op resolves it (a CPU tensor read as a number and checked, ValueError; a device one kept, never read),
-    and a device value out of range is replaced by 1 for the target only: the loss op NaNs the loss itself,
-    and a NaN target would be reported as a NaN teacher. Compiled, the tensor as it came, so replaced."""
+    and a device value out of range is replaced by 1 for the target only (substitute: torch ops form the
+    target; the Triton target kernel does the same itself): the loss op NaNs the loss itself, and a NaN
+    target would be reported as a NaN teacher. Compiled, the tensor as it came, so replaced."""
     if not isinstance(temperature, torch.Tensor):
         return temperature
     if not torch.compiler.is_compiling():
         temperature = op_temperature(1.0, temperature, impl="triton")  # (no NaN select: done below)
-        if not isinstance(temperature, torch.Tensor):
+        if not isinstance(temperature, torch.Tensor) or not substitute:
             return temperature
     lo, hi = TEMPERATURE_RANGE
     return torch.where((temperature >= lo) & (temperature <= hi), temperature, 1.0)
@@ -559,7 +561,7 @@ def _hinton_topk(z, student_logits, teacher: TopKTeacher, lead: tuple, temperatu
         poll(values.device)
         flag_topk_teacher(values, indices, c, "hinton_kl_loss")
     impl = resolve_impl(impl, student_logits, values)
-    target_t = _target_temperature(temperature, impl)
+    target_t = _target_temperature(temperature, impl, substitute=True)
     cdt = torch.float64 if values.dtype == torch.float64 else torch.float32
     m, k = values.shape[1:]
     p = torch.softmax(values.to(cdt) / target_t, dim=-1).reshape(b, m * k) / m  # (explicit sizes: B may be 0)

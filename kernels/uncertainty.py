@@ -12,7 +12,7 @@ product per head with the gradient with respect to q_m.
 import triton
 import triton.language as tl
 
-from .softmax_kl import _tempered_scalars, _thread_max, _thread_merge, _thread_slices
+from .softmax_kl import _device_temperature, _tempered_scalars, _thread_max, _thread_merge, _thread_slices
 
 
 @triton.jit
@@ -154,13 +154,18 @@ def _ensemble_log_mean_kernel(
     inv_temp,  # 1 / T
     temp,  # T
     log_m,  # log M
-    temp_ptr,  # a tensor temperature where T_PTR (inv_temp and temp then 1)
+    temp_ptr,  # a tensor temperature where T_PTR (inv_temp and temp then 1); out of range, the target is made
+    #            with T = 1 (the loss kernel that reads it makes that loss NaN: a NaN target would read as a
+    #            NaN teacher)
     BLOCK_M: tl.constexpr,  # heads, padded to a power of two
     BLOCK_C: tl.constexpr,
     ROW_IN_REGISTERS: tl.constexpr,  # C <= BLOCK_C: the (M, C) row is read once and reused by pass 2
     T_PTR: tl.constexpr = False,
 ):
-    inv_temp, _, temp = _tempered_scalars(temp_ptr, inv_temp, 1.0, temp, T_PTR)
+    if T_PTR:
+        t, _ = _device_temperature(temp_ptr)
+        inv_temp = inv_temp / t
+        temp = temp * t
     row = tl.program_id(0).to(tl.int64)
     heads = tl.arange(0, BLOCK_M)
     head_ok = heads < M
