@@ -18,7 +18,7 @@ import torch
 from fasthydra.ops._common import (TEMPERATURE_RANGE, auto_fallback_reason, interpreting, no_values,
                                    on_tensor_device, op_form, op_temperature, temperature_error, triton_available)
 from fasthydra.ops import checks as _checks
-from fasthydra.ops.checks import flag_gaussian_teacher, flag_teacher_rows, flag_topk_teacher, poll
+from fasthydra.ops.checks import caller_lead, flag_gaussian_teacher, flag_teacher_rows, flag_topk_teacher, poll
 from fasthydra.ops.gaussian_kl import gaussian_kl_torch, split_gaussian
 from fasthydra.ops.hydra_kl import masked_reduction
 from fasthydra.ops.uncertainty import ensemble_log_mean_triton
@@ -431,8 +431,9 @@ def hydra_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
     # The teacher's values are checked inside the op, where the data is read anyway.
     on = torch.is_grad_enabled()
     t_number, t_tensor = _temperature_parts(temperature)
-    loss, *_ = _ops.hydra_kl_call(student, teacher, t_number, reduction, on and student.requires_grad,
-                                  on and teacher.requires_grad, impl, indices, keep, t_tensor)
+    with caller_lead(lead):  # (value errors name the caller's shape, not its rows)
+        loss, *_ = _ops.hydra_kl_call(student, teacher, t_number, reduction, on and student.requires_grad,
+                                      on and teacher.requires_grad, impl, indices, keep, t_tensor)
     if reduction == "none" and len(lead) != 1:
         loss = loss.reshape(*lead, student.shape[1])
     return _autocast_loss(loss, student_logits)
@@ -488,10 +489,11 @@ def hinton_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
     z = student_logits if student_logits.dim() == 3 and len(lead) == 1 else \
         student_logits.reshape(math.prod(lead), 1, c)
     keep = _check_row_mask(row_mask, lead, "student_logits", student_logits)
-    if top_k:
-        loss = _hinton_topk(z, student_logits, teacher_logits, lead, temperature, reduction, impl, keep)
-    else:
-        loss = _hinton_dense(z, student_logits, teacher_logits, temperature, reduction, impl, keep)
+    with caller_lead(lead):
+        if top_k:
+            loss = _hinton_topk(z, student_logits, teacher_logits, lead, temperature, reduction, impl, keep)
+        else:
+            loss = _hinton_dense(z, student_logits, teacher_logits, temperature, reduction, impl, keep)
     return loss.reshape(lead) if reduction == "none" and len(lead) != 1 else loss
 
 
@@ -868,7 +870,7 @@ def _check_gaussian_teacher(teacher_mean: torch.Tensor, teacher_var: torch.Tenso
         flag_gaussian_teacher(var_ok, mean_ok, teacher_var.shape)
         return
     # (traced with symbolic sizes the shape is no constant a compiled assertion's message can hold)
-    shape = "" if torch.compiler.is_compiling() else f" (shape {tuple(teacher_var.shape)})"
+    shape = "" if torch.compiler.is_compiling() else f" (shape {_checks._shown(teacher_var.shape)})"
     _value_check(var_ok, f"teacher_var must be finite and > 0 everywhere{shape}")
     _value_check(mean_ok, "teacher_mean contains NaN or Inf")
 

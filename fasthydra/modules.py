@@ -155,15 +155,16 @@ class HydraHead(nn.Module):
             t2 = teacher_logits if teacher_logits.dim() == 3 else teacher_logits.reshape(-1, self.num_heads,
                                                                                           self.num_classes)
         row_mask = F_h._check_row_mask(row_mask, lead, "x", x)
-        if reduction == "none":  # (rows left out: x set to 0 first, as the fused path does)
-            loss = F_h.hydra_kl_loss(self(F_h._kept_input(x2, row_mask)), t2, temperature, reduction="none",
-                                     impl=self.impl, row_mask=row_mask)
-            return loss.reshape(*lead, self.num_heads)
-        if self.is_mlp:
-            return F_h.mlp_hydra_kl_loss(x2, self.hidden_weight, self.hidden_bias, self.weight, self.bias, t2,
-                                         temperature, reduction, impl=self.impl, row_mask=row_mask)
-        return F_h.linear_hydra_kl_loss(x2, self.weight, self.bias, t2, temperature, reduction, impl=self.impl,
-                                        row_mask=row_mask)
+        with F_h.caller_lead(lead):  # (value errors name teacher_logits' shape as passed, not its rows)
+            if reduction == "none":  # (rows left out: x set to 0 first, as the fused path does)
+                loss = F_h.hydra_kl_loss(self(F_h._kept_input(x2, row_mask)), t2, temperature, reduction="none",
+                                         impl=self.impl, row_mask=row_mask)
+                return loss.reshape(*lead, self.num_heads)
+            if self.is_mlp:
+                return F_h.mlp_hydra_kl_loss(x2, self.hidden_weight, self.hidden_bias, self.weight, self.bias, t2,
+                                             temperature, reduction, impl=self.impl, row_mask=row_mask)
+            return F_h.linear_hydra_kl_loss(x2, self.weight, self.bias, t2, temperature, reduction, impl=self.impl,
+                                            row_mask=row_mask)
 
     @torch.no_grad()
     def expand(self, num_heads: int, noise_std: float = 0.0, generator: torch.Generator | None = None) -> "HydraHead":
@@ -242,8 +243,9 @@ class GaussianHydraHead(HydraHead):
         tm = teacher_mean.reshape(-1, self.num_heads, self.out_features)
         tv = teacher_var.reshape(-1, self.num_heads, self.out_features)
         row_mask = F_h._check_row_mask(row_mask, lead, "x", x)
-        if reduction == "none":
-            mean, var = self(F_h._kept_input(x2, row_mask))
-            return F_h.gaussian_kl_loss(mean, var, tm, tv, "none", row_mask=row_mask).reshape(*want)
-        return F_h.gaussian_heads_kl_loss(x2, self.weight, self.bias, tm, tv, self.min_var, reduction, impl=self.impl,
-                                          row_mask=row_mask)
+        with F_h.caller_lead(lead):
+            if reduction == "none":
+                mean, var = self(F_h._kept_input(x2, row_mask))
+                return F_h.gaussian_kl_loss(mean, var, tm, tv, "none", row_mask=row_mask).reshape(*want)
+            return F_h.gaussian_heads_kl_loss(x2, self.weight, self.bias, tm, tv, self.min_var, reduction,
+                                              impl=self.impl, row_mask=row_mask)

@@ -210,3 +210,61 @@ def test_a_tensor_without_its_heads_axis_stays_an_error():
         gaussian_kl_loss(z, z.exp(), t, t.exp())
     with pytest.raises(ValueError, match=r"logits must have shape \(\*, M, C\) with at least one"):
         uncertainty(z)
+
+
+def _bad_teachers(lead):
+    """Teacher logits of shape lead + (M, C): one with a NaN, one with a row that is -inf everywhere, both in
+    the last leading index and head 1 (so that a flattened row index would differ from the caller's)."""
+    where = tuple(d - 1 for d in lead)
+    nan, dead = torch.randn(*lead, M, C) * 3, torch.randn(*lead, M, C) * 3
+    nan[(*where, 1, 4)] = float("nan")
+    dead[(*where, 1)] = float("-inf")
+    return nan, dead, (*where, 1)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("deferred", [False, True], ids=["at-once", "deferred"])
+@pytest.mark.parametrize("op", ["hydra", "hydra-topk", "hinton", "hinton-topk", "distill", "distill-mlp",
+                                "distill-none", "gaussian-head"])
+def test_value_errors_name_the_shape_the_caller_passed(monkeypatch, impl, deferred, op):
+    """A bad teacher of a sequence batch is reported with the caller's shape (B, T, M, C) and index (b, t, m),
+    not the (B*T, M, C) rows the ops run on; at once (CPU) and through the deferred error word (the GPU's)."""
+    from fasthydra.ops import checks
+
+    if deferred:
+        monkeypatch.setattr(checks, "_DEFER_ON_CPU", True)
+        monkeypatch.setattr(checks, "COPY_INTERVAL_S", 0.0)
+    checks._flags.clear()
+    lead = (2, 3)
+    nan, dead, index = _bad_teachers(lead)
+    head = HydraHead(7, C, M, hidden_features=6 if op == "distill-mlp" else None, impl=impl)
+    x = torch.randn(*lead, 7)
+    topk = lambda t: TopKTeacher(*t.topk(4, dim=-1))  # noqa: E731
+    run = {"hydra": lambda t: hydra_kl_loss(torch.randn(*lead, M, C), t, T, impl=impl),
+           "hydra-topk": lambda t: hydra_kl_loss(torch.randn(*lead, M, C), topk(t), T, impl=impl),
+           "hinton": lambda t: hinton_kl_loss(torch.randn(*lead, C), t, T, impl=impl),
+           "hinton-topk": lambda t: hinton_kl_loss(torch.randn(*lead, C), topk(t), T, impl=impl),
+           "distill": lambda t: head.distill_loss(x, t, T),
+           "distill-mlp": lambda t: head.distill_loss(x, t, T),
+           "distill-none": lambda t: head.distill_loss(x, t, T, reduction="none")}.get(op)
+    shape = (*lead, M, 4 if op.endswith("topk") else C)
+    if op == "gaussian-head":
+        from fasthydra import GaussianHydraHead
+
+        gauss, shape = GaussianHydraHead(7, 2, M, impl=impl), (*lead, M, 2)
+        var = torch.rand(shape) + 0.1
+        var[1, 2, 1, 0] = -1.0
+        bad = [lambda: gauss.distill_loss(x, torch.randn(shape), var)]
+    else:
+        bad = [lambda: run(nan), lambda: run(dead)]
+    for call in bad:
+        with pytest.raises(ValueError) as err:
+            call()
+            checks.raise_pending_errors(sync=True)  # deferred: the word's verdict, read on demand
+        message = str(err.value)
+        assert str(shape) in message and f"({2 * 3}, " not in message, message
+        if "at index" in message:
+            assert f"at index {index}" in message, message
+    if not deferred and op == "hydra" and impl == "torch":
+        assert f"at index {index}" in message  # the torch path's immediate check names the row
+    checks._flags.clear()

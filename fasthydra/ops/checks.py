@@ -21,6 +21,9 @@ Bits: 1 a NaN teacher logit, 2 a +inf teacher logit, 4 a teacher row that is -in
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import math
 import os
 import time
 
@@ -35,6 +38,45 @@ BAD_INDEX, REPEATED_INDEX = 64, 128  # top-k teachers: a class index outside [0,
 OPS = ("hydra_kl_loss", "hinton_kl_loss", "distill_loss", "gaussian_kl_loss")
 
 _strict_override: bool | None = None
+# The leading shape * of the caller's tensors while a public call runs on them flattened to rows (a sequence
+# batch (B, T, M, C) as (B*T, M, C)), so that error messages name the shapes and indices the caller passed.
+_caller_lead: contextvars.ContextVar = contextvars.ContextVar("fasthydra_caller_lead", default=None)
+_NO_LEAD = contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _leading(lead: tuple):
+    token = _caller_lead.set(lead)
+    try:
+        yield
+    finally:
+        _caller_lead.reset(token)
+
+
+def caller_lead(lead: tuple):
+    """Context of a public call that flattens the leading shape `lead` of its tensors into rows: inside it the
+    value checks' messages show `lead` in place of the row count (an outer call's lead wins: a module's call
+    on (B, T, ...) stays so named through the functional call it makes on rows). A no-op for one leading
+    dimension, and under torch.compile (the ops then name the rows)."""
+    if len(lead) == 1 or torch.compiler.is_compiling() or _caller_lead.get() is not None:
+        return _NO_LEAD
+    return _leading(tuple(lead))
+
+
+def _shown(shape) -> tuple:
+    """`shape` as the caller passed it: rows of a flattened call shown as its leading shape."""
+    shape, lead = tuple(shape), _caller_lead.get()
+    if lead is None or not shape or shape[0] != math.prod(lead):
+        return shape
+    return (*lead, *shape[1:])
+
+
+def _shown_index(index: tuple, shape) -> tuple:
+    """An index into a tensor of `shape` (rows first) as an index into the caller's tensor (see _shown)."""
+    lead = _caller_lead.get()
+    if lead is None or not shape or tuple(shape)[0] != math.prod(lead):
+        return tuple(index)
+    return (*(int(i) for i in torch.unravel_index(torch.tensor(index[0]), lead)), *index[1:])
 # Tests only: treat CPU tensors like CUDA ones (deferred reporting through a copy and an "event" that
 # has always landed), so the no-sync machinery is exercised where no GPU is.
 _DEFER_ON_CPU = False
@@ -152,7 +194,7 @@ def after_launch(device: torch.device, op: str, shape) -> None:
         return
     f = _flags_of(device)
     f.calls += 1
-    f.shapes[op] = tuple(shape)
+    f.shapes[op] = _shown(shape)
     if f.word.device.type != "cuda" and not _DEFER_ON_CPU:  # CPU tensors: no stall, raise at once
         _raise_from(f, f.word.numpy(), f.calls, deferred=False)
         return
@@ -256,7 +298,7 @@ def flag_topk_teacher(values: torch.Tensor, indices: torch.Tensor, num_classes: 
     if values.device.type != "cuda" and not _DEFER_ON_CPU:
         word = int(bits)
         if word:
-            raise ValueError(_message(op, word, values.shape, ""))
+            raise ValueError(_message(op, word, _shown(values.shape), ""))
         return
     error_word(values.device, op).bitwise_or_(bits)
     after_launch(values.device, op, values.shape)
@@ -287,25 +329,26 @@ def check_teacher_values(teacher: torch.Tensor, name: str = "teacher_logits") ->
     an error; a lone -Inf masks a class."""
     if teacher.numel() == 0:
         return
-    row_max = teacher.detach().amax(dim=-1)
+    row_max, shape = teacher.detach().amax(dim=-1), _shown(teacher.shape)
     if bool(torch.isnan(row_max).any()):
-        raise ValueError(f"{name} contains NaN (shape {tuple(teacher.shape)})")
+        raise ValueError(f"{name} contains NaN (shape {shape})")
     if bool(torch.isposinf(row_max).any()):
-        raise ValueError(f"{name} contains +Inf (shape {tuple(teacher.shape)})")
+        raise ValueError(f"{name} contains +Inf (shape {shape})")
     if bool(torch.isneginf(row_max).any()):
-        where = tuple(torch.nonzero(torch.isneginf(row_max))[0].tolist())
+        where = _shown_index(tuple(torch.nonzero(torch.isneginf(row_max))[0].tolist()), teacher.shape)
         raise ValueError(f"{name} has a row that is -Inf for every class (at index {where}, "
-                         f"shape {tuple(teacher.shape)}): its softmax is undefined")
+                         f"shape {shape}): its softmax is undefined")
 
 
 def check_teacher_status(status: torch.Tensor, shape, name: str = "teacher_logits") -> None:
     """Immediate verdicts from a per-row status, CPU tensors only (CUDA: flag_status)."""
     if status.numel() == 0:
         return
+    shape = _shown(shape)
     if bool(torch.isnan(status).any()):
-        raise ValueError(f"{name} contains NaN (shape {tuple(shape)})")
+        raise ValueError(f"{name} contains NaN (shape {shape})")
     if bool(torch.isposinf(status).any()):
-        raise ValueError(f"{name} contains +Inf (shape {tuple(shape)})")
+        raise ValueError(f"{name} contains +Inf (shape {shape})")
     if bool(torch.isneginf(status).any()):
-        raise ValueError(f"{name} has a row that is -Inf for every class (shape {tuple(shape)}): "
+        raise ValueError(f"{name} has a row that is -Inf for every class (shape {shape}): "
                          "its softmax is undefined")
