@@ -18,8 +18,10 @@ split bias pass on a chunk of one row (a batch of one at long rows); 2,500 per t
 rule (twice eager's error). A second sweep runs fp16 and bf16 (heads and the loss on logits) under that rule;
 at 1,200 cases per tier it found a strided row mask refused on a chunk of one row (1,200 + 1,500 cases per
 tier pass with every knob above, fp32 and 16-bit). The gradient of `uncertainty` (a random mix of its outputs)
-joined later: its first run found the Triton backward's log p losing digits at |z / T| ~ 100. About 45 s in all
-here.
+joined later: its first run found the Triton backward's log p losing digits at |z / T| ~ 100. 2,000 more cases
+per tier found one gradient past the fixed tolerance (dx of a one-feature row, 300 nearly cancelling terms) with
+eager float32's own error as large: the gradients of the heads and logits cases are held to the rule too.
+About 45 s in all here.
 A failure names its case: rerun it by its id.
 """
 
@@ -163,11 +165,21 @@ def _close_or_rule(actual, exact, eager, rtol, atol, what):
         assert_close_to(actual, exact, rtol=rtol, atol=atol, what=what)
 
 
-def _compare(loss, loss_ref, grads, grads_ref, names, what, loss_eager=None):
-    """Loss and gradients against float64 (the loss as _close_or_rule holds it)."""
+def _compare(loss, loss_ref, grads, grads_ref, names, what, loss_eager=None, grads_eager=None):
+    """Loss and gradients against float64, as _close_or_rule holds them (eager float32's where given: a gradient
+    summed over many classes and heads that nearly cancel, dx of a row with one feature, keeps the rounding of
+    its terms in eager too)."""
     _close_or_rule(loss, loss_ref, loss_eager, 2e-5, 1e-6, f"{what} loss")
-    for name, g, g_ref in zip(names, grads, grads_ref):
-        assert_close_to(g, g_ref, rtol=5e-5, atol=1e-7, what=f"{what} grad {name}")
+    for i, (name, g, g_ref) in enumerate(zip(names, grads, grads_ref)):
+        eager = None if grads_eager is None else grads_eager[i]
+        _close_or_rule(g, g_ref, eager, 5e-5, 1e-7, f"{what} grad {name}")
+
+
+def _eager_grads(loss_eager, up, leaves):
+    """Gradients of eager float32's loss (the reference's ops on float32 copies of float64 leaves) for the
+    upstream gradient `up`, as float64 (zeros for a leaf it does not use)."""
+    grads = torch.autograd.grad((loss_eager.double() * up).sum(), leaves, allow_unused=True)
+    return [torch.zeros_like(r) if g is None else g for g, r in zip(grads, leaves)]
 
 
 def _upstream(rng, loss):
@@ -225,14 +237,14 @@ def _heads_case(rng, impl, mrng):
         return R.hydra_kl_loss_ref(z, t_ref[rows].to(dt), temperature, reduction)
 
     loss_ref = _masked_ref(loss_rows, keep, reduction, (b, m))
-    with torch.no_grad():  # eager in float32, for the loss's tolerance rule
-        loss_eager = _masked_ref(lambda rows: loss_rows(rows, torch.float32), keep, reduction, (b, m))
+    # eager in float32, for DESIGN's tolerance rule
+    loss_eager = _masked_ref(lambda rows: loss_rows(rows, torch.float32), keep, reduction, (b, m))
     refs = [x_ref, *p64.values(), *([t_ref] if extra else [])]
     grads_ref = torch.autograd.grad((loss_ref * up).sum(), refs, allow_unused=True)
     grads = [torch.zeros_like(r) if g is None else g for g, r in zip(grads, refs)]
     grads_ref = [torch.zeros_like(r) if g is None else g for g, r in zip(grads_ref, refs)]
     names = ["x", *params, *(["teacher"] if extra else [])]
-    _compare(loss, loss_ref, grads, grads_ref, names, what, loss_eager)
+    _compare(loss, loss_ref, grads, grads_ref, names, what, loss_eager.detach(), _eager_grads(loss_eager, up, refs))
     _check_dropped_rows_zero(grads, names, keep, what)
 
 
@@ -284,12 +296,13 @@ def _logits_case(rng, impl, mrng):
         return ref_fn(z_ref[rows].to(dt), t_ref[rows].to(dt), temperature, reduction)
 
     loss_ref = _masked_ref(loss_rows, keep, reduction, shape)
-    with torch.no_grad():
-        loss_eager = _masked_ref(lambda rows: loss_rows(rows, torch.float32), keep, reduction, shape)
+    loss_eager = _masked_ref(lambda rows: loss_rows(rows, torch.float32), keep, reduction, shape)
     up = _upstream(rng, loss)
     grads = torch.autograd.grad((loss * up.float()).sum(), [z, *extra])
-    grads_ref = torch.autograd.grad((loss_ref * up).sum(), [z_ref, *([t_ref] if extra else [])])
-    _compare(loss, loss_ref, grads, grads_ref, ["student", "teacher"], what, loss_eager)
+    refs = [z_ref, *([t_ref] if extra else [])]
+    grads_ref = torch.autograd.grad((loss_ref * up).sum(), refs)
+    _compare(loss, loss_ref, grads, grads_ref, ["student", "teacher"], what, loss_eager.detach(),
+             _eager_grads(loss_eager, up, refs))
     _check_dropped_rows_zero(grads, ["student", "teacher"], keep, what)
 
 
