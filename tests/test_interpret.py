@@ -1163,7 +1163,7 @@ def test_row_value_flags_set_the_error_word(monkeypatch, triton_kernel):
     from fasthydra.ops import checks
 
     monkeypatch.setattr(checks, "FLAG_BLOCK", 4)
-    monkeypatch.setattr(checks, "_triton_runs_on", lambda t: triton_kernel)
+    monkeypatch.setattr(checks, "helper_kernels_run_on", lambda t: triton_kernel)
     word = checks.error_word(torch.device("cpu"), "hinton_kl_loss")
     for bad, bits in [(None, 0), (float("nan"), 1), (float("inf"), 2), (float("-inf"), 4)]:
         word.zero_()
@@ -1173,6 +1173,24 @@ def test_row_value_flags_set_the_error_word(monkeypatch, triton_kernel):
         checks._flag_row_values(values, "hinton_kl_loss")
         assert int(word) == bits
     word.zero_()
+
+
+def test_helper_kernels_run_only_where_the_kernels_are_supported(monkeypatch):
+    """The torch path's Triton helpers (row flags, in-place gradient scale) launch where impl="auto" would take
+    the kernels: on a CUDA device without a fallback reason, or under the interpreter of Triton 3.6 or later;
+    an older or ROCm GPU or an older Triton gets torch ops (the torch path there launches no Triton kernel)."""
+    import types
+
+    cuda = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))
+    for reason, want in [(None, True), ("compute capability 7.5 (the kernels need 8.0 or later)", False)]:
+        monkeypatch.setattr(_common, "auto_fallback_reason", lambda device, reason=reason: reason)
+        assert _common.helper_kernels_run_on(cuda) is want
+    cpu = torch.zeros(1)
+    for version, want in [((3, 0), False), ((3, 5), False), ((3, 6), True), ((4, 1), True)]:
+        monkeypatch.setattr(_common, "_triton_version", lambda version=version: version)
+        assert _common.helper_kernels_run_on(cpu) is want
+    monkeypatch.setattr(_common, "interpreting", lambda: False)
+    assert not _common.helper_kernels_run_on(cpu)
 
 
 def test_launch_counts_table(capsys):

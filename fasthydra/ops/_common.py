@@ -132,6 +132,18 @@ def auto_fallback_reason(device: torch.device) -> str | None:
     return None
 
 
+def helper_kernels_run_on(t: torch.Tensor) -> bool:
+    """The torch path's small Triton helpers (the error word's row check, the in-place scale of stored gradients)
+    launch on t only where the kernels are supported: a CUDA tensor on a GPU, with a Triton, that impl="auto"
+    takes the kernels on, or a CPU tensor under the interpreter of a supported Triton. Elsewhere torch ops do
+    their work: on an older or ROCm GPU, or with an older Triton, the torch path launches no Triton kernel."""
+    if not triton_available():
+        return False
+    if t.is_cuda:
+        return auto_fallback_reason(t.device) is None
+    return interpreting() and _triton_version() >= MIN_TRITON
+
+
 @functools.lru_cache(maxsize=None)
 def _triton_version() -> tuple[int, int]:
     import triton

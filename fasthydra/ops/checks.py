@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from ._common import interpreting, no_values, triton_available
+from ._common import helper_kernels_run_on, no_values
 
 NAN, POSINF, ALL_NEGINF = 1, 2, 4
 BAD_VAR, BAD_MEAN = 8, 16  # Gaussian teachers: a variance not finite and > 0, a mean not finite
@@ -252,7 +252,7 @@ def _flag_row_values(values: torch.Tensor, op: str) -> None:
     launch where Triton runs on these tensors, else device-side torch ops (several small launches)."""
     values = values.reshape(-1)
     word = error_word(values.device, op)
-    if _triton_runs_on(values):
+    if helper_kernels_run_on(values):
         from fasthydra.kernels.checks import _flag_rows_kernel
 
         n = values.numel()
@@ -263,9 +263,6 @@ def _flag_row_values(values: torch.Tensor, op: str) -> None:
     word.bitwise_or_(bits)
 
 
-def _triton_runs_on(t: torch.Tensor) -> bool:
-    """Triton can launch on t: a CUDA tensor with Triton installed, or any tensor under the interpreter."""
-    return (t.is_cuda or interpreting()) and triton_available()
 
 
 def topk_index_bits(indices: torch.Tensor, values: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -83,8 +83,8 @@ def scale_grads_(stored: list, grad_output: torch.Tensor) -> None:
     if stored and grad_output.dim() > 0:  # reduction "none": one upstream value per (b, m) row
         for t in stored:
             t.mul_(grad_output.unsqueeze(-1).to(t.dtype))
-    elif stored and grad_output.is_cuda and type(grad_output) is torch.Tensor and _common.triton_available() \
-            and all(t.is_contiguous() for t in stored):
+    elif stored and grad_output.is_cuda and type(grad_output) is torch.Tensor \
+            and _common.helper_kernels_run_on(grad_output) and all(t.is_contiguous() for t in stored):
         launch_scale_unless_one(stored, grad_output)
     elif stored and not _is_one(grad_output):
         for t in stored:
