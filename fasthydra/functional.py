@@ -71,17 +71,15 @@ def _refuse_dtensor(name: str, value: torch.Tensor) -> None:
 
 
 def _check_temperature(temperature, like: torch.Tensor | None = None):
-    """A number as a float; a one-element floating tensor (on the CPU or like's device, not requiring grad) as
-    it is, its value checked where the op reads it (``_common.op_temperature``)."""
+    """A number as a float; a one-element floating tensor (on the CPU or like's device; one that requires grad is
+    learned, see _learned_temperature) as it is, its value checked where the op reads it
+    (``_common.op_temperature``)."""
     if isinstance(temperature, torch.Tensor):
         if temperature.numel() != 1:
             raise ValueError(f"temperature must be a number or a one-element tensor, got a tensor of shape "
                              f"{tuple(temperature.shape)}")
         if not temperature.dtype.is_floating_point:
             raise TypeError(f"temperature must be a floating tensor, got {temperature.dtype}")
-        if temperature.requires_grad:
-            raise ValueError("temperature requires grad, but fasthydra's losses do not differentiate the "
-                             "temperature: pass temperature.detach()")
         if like is not None and temperature.device.type != "cpu" and temperature.device != like.device:
             raise ValueError(f"temperature is on {temperature.device} but the logits are on {like.device}: pass "
                              f"a tensor on the logits' device (or on the CPU, read as a number)")
@@ -99,6 +97,59 @@ def _check_temperature(temperature, like: torch.Tensor | None = None):
 def _temperature_parts(temperature) -> tuple:
     """The ops' two temperature arguments: (T, None) for a number, (1.0, the tensor) for a tensor."""
     return (1.0, temperature) if isinstance(temperature, torch.Tensor) else (temperature, None)
+
+
+class _UnitScale(torch.autograd.Function):
+    """x / s for a 0-dim s whose value is 1 (s = T / T.detach()), with the gradients of the division: in eager mode
+    x itself (a view: no copy, and an op that keeps a weak reference to its input for a second backward finds
+    the caller's tensor); compiled, the division (AOTAutograd of torch 2.4 replays an output that aliases an
+    input as a plain view of it, outside the graph, and s's gradient through it was lost). Its backward counts
+    an entry whose gradient is 0 as adding nothing to s's gradient: a masked class's -inf teacher logit or a
+    padding row's NaN, where the division's own backward would give 0 * inf."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, s):
+        return x / s if torch.compiler.is_compiling() else x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, s = ctx.saved_tensors
+        gx = grad / s if ctx.needs_input_grad[0] else None
+        gs = None
+        if ctx.needs_input_grad[1]:  # d(x / s)/ds = -x / s^2, summed in s's dtype (fp32 or fp64)
+            terms = torch.where(grad != 0, grad.to(s.dtype) * x.to(s.dtype), 0.0)
+            gs = (-terms.sum() / (s * s)).to(s.device)
+        return gx, gs
+
+
+def _learned_temperature(temperature) -> bool:
+    """A temperature tensor that requires grad, with grad enabled: a learned T. The losses are homogeneous of
+    degree 2 in (student logits, teacher logits, T) (``T^2 KL(softmax(t/T) || softmax(z/T))``; `uncertainty` of
+    degree 0), so ``L(z, t, T) = s^2 L(z/s, t/s, T0)`` for T0 = T.detach() and s = T / T0, whose value is 1: the
+    ops run on the same values with T0 (the kernels unchanged, fp32 inside), and autograd carries
+    ``dL/dT = (2 L - <z, dL/dz> - <t, dL/dt>) / T`` through s (the teacher's gradient is formed for it)."""
+    return isinstance(temperature, torch.Tensor) and temperature.requires_grad and torch.is_grad_enabled()
+
+
+def _unit_of(temperature: torch.Tensor) -> tuple:
+    """(T0 = T.detach(), s = T / T0 as a 0-dim tensor of value 1) for a learned temperature."""
+    value = temperature.detach()
+    return value, (temperature / value).reshape(())
+
+
+def _unit_scaled(t, s: torch.Tensor):
+    """t / s (see _UnitScale) for a tensor, a TopKTeacher's values, or None."""
+    if t is None:
+        return None
+    if isinstance(t, TopKTeacher):
+        return TopKTeacher(_UnitScale.apply(t.values, s), t.indices)
+    return _UnitScale.apply(t, s)
 
 
 def _check_int(name: str, value, minimum: int | None = None) -> int:
@@ -395,7 +446,8 @@ def hydra_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
             or the CPU, for a T that changes between steps under torch.compile or in a CUDA graph (update it in
             place: no recompile, no new capture). A CPU tensor is read as a number and checked; a device one
             is read by the kernels, never on the host: out of range, the loss is NaN (FASTHYDRA_STRICT=1:
-            a ValueError). Not differentiated (a tensor that requires grad is refused). Past T of about 1e3
+            a ValueError). One that requires grad (an ``nn.Parameter``) is learned: dL/dT by autograd (see
+            ``_learned_temperature``: the same kernels, plus the teacher's gradient formed for it). Past T of about 1e3
             the loss value (KL of order 1 / T^2) loses its digits to float32 rounding, as eager's does (fewer:
             about half eager's error on nearly uniform rows); the gradient keeps them.
         reduction: "mean" (over all rows and heads; 0 for an empty batch), "sum", or "none" -> (*, M).
@@ -424,6 +476,10 @@ def hydra_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
     """
     student, teacher_rows, lead = _check_logit_pair(student_logits, teacher_logits)
     temperature = _check_temperature(temperature, student)
+    if _learned_temperature(temperature):
+        value, unit = _unit_of(temperature)
+        return hydra_kl_loss(_unit_scaled(student_logits, unit), _unit_scaled(teacher_logits, unit), value, reduction,
+                             impl, row_mask=row_mask) * unit.square()
     reduction = _check_reduction(reduction)
     teacher, indices = _teacher_parts(teacher_rows)
     keep = _check_row_mask(row_mask, lead, "student_logits", student_logits)
@@ -486,6 +542,10 @@ def hinton_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
         raise ValueError(f"student_logits {tuple(student_logits.shape)} and {name} {tuple(members.shape)} must "
                          f"agree in the leading shape (batch) and classes C: student_logits must be (*, C) or "
                          f"(*, 1, C) with * = {lead} for the Hinton loss")
+    if _learned_temperature(_check_temperature(temperature, student_logits)):
+        value, unit = _unit_of(temperature)
+        return hinton_kl_loss(_unit_scaled(student_logits, unit), _unit_scaled(teacher_logits, unit), value,
+                              reduction, impl, row_mask=row_mask) * unit.square()
     z = student_logits if student_logits.dim() == 3 and len(lead) == 1 else \
         student_logits.reshape(math.prod(lead), 1, c)
     keep = _check_row_mask(row_mask, lead, "student_logits", student_logits)
@@ -736,6 +796,11 @@ def linear_hydra_kl_loss(x, weight, bias, teacher_logits, temperature: float | t
     _check_heads_input(x, weight, bias)
     temperature, reduction, keep = _check_fused_loss_args(x, teacher_logits, weight, temperature, reduction, "x",
                                                           row_mask)
+    if _learned_temperature(temperature):  # (z linear in (weight, bias): those scaled, x as it is)
+        value, unit = _unit_of(temperature)
+        return linear_hydra_kl_loss(x, _unit_scaled(weight, unit), _unit_scaled(bias, unit),
+                                    _unit_scaled(teacher_logits, unit), value, reduction, impl,
+                                    row_mask=row_mask) * unit.square()
     impl = resolve_impl(impl, x, weight, bias, _teacher_parts(teacher_logits)[0])
     # (x's rows left out are set to 0 inside the op: no (B, D) copy kept for a second backward)
     return _fused(x, weight, bias, teacher_logits, temperature, reduction, True, impl, keep)
@@ -770,6 +835,11 @@ def mlp_hydra_kl_loss(x, hidden_weight, hidden_bias, weight, bias, teacher_logit
     _check_mlp_params(x, hidden_weight, hidden_bias, weight, bias)
     temperature, reduction, keep = _check_fused_loss_args(x, teacher_logits, weight, temperature, reduction, "x",
                                                           row_mask)
+    if _learned_temperature(temperature):  # (z linear in the second layer's (weight, bias): those scaled)
+        value, unit = _unit_of(temperature)
+        return mlp_hydra_kl_loss(x, hidden_weight, hidden_bias, _unit_scaled(weight, unit), _unit_scaled(bias, unit),
+                                 _unit_scaled(teacher_logits, unit), value, reduction, impl,
+                                 row_mask=row_mask) * unit.square()
     impl = resolve_impl(impl, x, hidden_weight, weight, _teacher_parts(teacher_logits)[0])
     x = _kept_input(x, keep)
     if impl == "triton" or op_form(x):  # (traced, meta, a dispatch mode: the custom ops themselves)
@@ -831,6 +901,9 @@ def uncertainty(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0, i
     temperature = _check_temperature(temperature, logits)
     _check_extent("logits", logits, -2, "head")
     _check_extent("logits", logits, -1, "class (C >= 1)")
+    if _learned_temperature(temperature):  # (degree 0: uncertainty(z, T) = uncertainty(z / s, T0))
+        value, unit = _unit_of(temperature)
+        return uncertainty(_unit_scaled(logits, unit), value, impl)
     impl = resolve_impl(impl, logits)
     lead, z = logits.shape[:-2], _rows(logits, 2)
     if _plain_torch_ops():  # (vmap over a batch of predictions, a trace) the reference's torch ops, fp32 or wider

@@ -75,10 +75,12 @@ def test_training_steps_issue_no_host_sync(deferred, monkeypatch, gemm, hidden):
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
+@pytest.mark.parametrize("learned", [False, True], ids=["fixed", "learned"])
 @pytest.mark.parametrize("gemm", HEADS_PATHS)
-def test_a_tensor_temperature_is_never_read_on_the_host(deferred, monkeypatch, gemm):
+def test_a_tensor_temperature_is_never_read_on_the_host(deferred, monkeypatch, gemm, learned):
     """A temperature tensor kept as a device one is (KEEP_CPU_TEMPERATURE_TENSOR): the Triton path's steps read
-    it in the kernels only, for every op that takes one; a value out of range there is a NaN loss, not a sync."""
+    it in the kernels only, for every op that takes one; a value out of range there is a NaN loss, not a sync.
+    A learned one (requires grad) gets its gradient without a sync too."""
     from fasthydra.ops import _common
 
     monkeypatch.setattr(_common, "KEEP_CPU_TEMPERATURE_TENSOR", True)
@@ -88,15 +90,17 @@ def test_a_tensor_temperature_is_never_read_on_the_host(deferred, monkeypatch, g
     t = teacher_logits(6, 3, 12)
     z = torch.randn(6, 3, 12, requires_grad=True)
     z1 = torch.randn(6, 12, requires_grad=True)
-    temperature = torch.tensor(2.0)
+    temperature = torch.tensor(2.0, requires_grad=learned)
     with no_host_sync():
         for value in (2.0, 0.5, 0.0):
-            temperature.fill_(value)
+            with torch.no_grad():
+                temperature.fill_(value)
             loss = (head.distill_loss(x, t, temperature) + hydra_kl_loss(z, t, temperature, impl="triton")
                     + hinton_kl_loss(z1, t, temperature, impl="triton")
                     + uncertainty(head(x), temperature, impl="triton").epistemic.sum())
             loss.backward()
     assert torch.isnan(loss)  # (the last value, 0, is out of range)
+    assert (temperature.grad is not None) == learned
 
 
 def test_a_bad_teacher_is_reported_on_a_later_call_without_a_sync(deferred):

@@ -3,7 +3,8 @@ a CUDA graph): the number's values and gradients on every path, against the floa
 graph for every value; its checks (a CPU tensor at the call, a device tensor on the device: NaN, or a
 ValueError in strict mode). A CPU tensor is read as a number, at no cost; the tests keep it a tensor as a
 CUDA one is kept (``device_like``), so that the kernels read it from memory under the interpreter and the
-torch ops compute with it as a tensor."""
+torch ops compute with it as a tensor. A tensor that requires grad is a learned temperature: its gradient against
+float64 finite differences, with padding rows and masked classes, compiled, and in float64 by gradcheck."""
 
 import pytest
 import torch
@@ -155,7 +156,6 @@ def test_a_float64_temperature_is_not_rounded_to_float32(device_like, impl):
 @pytest.mark.parametrize("bad,error,match", [
     (torch.tensor([1.0, 2.0]), ValueError, "one-element tensor"),
     (torch.tensor(2), TypeError, "floating tensor"),
-    (torch.tensor(2.0, requires_grad=True), ValueError, "requires grad"),
     (torch.tensor(2.0, device="meta"), ValueError, "on meta but the logits are on cpu"),
 ])
 @pytest.mark.parametrize("impl", IMPLS)
@@ -235,3 +235,112 @@ def test_a_second_backward_recomputes_with_a_temporary_temperature(impl):
     head.zero_grad()
     head.distill_loss(x, t, 2.5).backward()
     assert torch.allclose(head.weight.grad, first, rtol=1e-5, atol=1e-8)
+
+
+def _learned(fn, inputs, value, dtype=torch.float32):
+    """fn's output and the gradients of its inputs and of a learned temperature T = value."""
+    T = torch.tensor(value, dtype=dtype, requires_grad=True)
+    inputs = [v.detach().clone().requires_grad_() for v in inputs]
+    out = fn(inputs, T)
+    return [out.detach(), *torch.autograd.grad(out, [*inputs, T])]
+
+
+def _finite_difference(ref, inputs, value, rel=1e-5):
+    """dL/dT of the float64 reference by central differences (truncation and rounding both below 1e-9
+    relative here): the reference's masked classes (-inf) stay out of the way, as autograd's 0 * inf would not."""
+    h = rel * value
+    return (ref(inputs, value + h) - ref(inputs, value - h)) / (2 * h)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("value", [0.37, 4.0])
+def test_a_learned_temperature_gets_its_gradient(device_like, impl, value):
+    """T that requires grad (an nn.Parameter): every op's value and input gradients are the number's (held to
+    the tolerance rule against float64, the path's result for T as a number as eager's error), and dL/dT is
+    the float64 reference's (finite differences), on teachers with masked classes (-inf) and padding rows."""
+    for name, ref, inputs, fn in _cases(impl):
+        exact64 = [v.double() for v in inputs]
+        exact = _run(ref, exact64, value)
+        as_number = _run(fn, inputs, value)
+        learned = _learned(fn, inputs, value)
+        for i, (got, eager, want) in enumerate(zip(learned, as_number, exact)):
+            tolerance_rule(got, eager, want, atol=1e-6 * (1 + want.abs().max().item()), what=f"{name} output {i}")
+        with torch.no_grad():
+            want = _finite_difference(ref, exact64, value).item()
+        got = learned[-1].item()
+        assert abs(got - want) <= 2e-5 * (1 + abs(want)), f"{name}: dL/dT {got} against {want}"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_learned_temperature_ignores_what_padding_rows_hold(impl):
+    """Rows a row mask leaves out may hold NaN and infinities (student logits, the heads' features): dL/dT is
+    the one of the same call with those rows zeroed, finite."""
+    torch.manual_seed(3)
+    keep = torch.tensor([True, False, True, True, False, True])
+    head = HydraHead(5, 9, 3, hidden_features=4, impl=impl)
+    t = teacher_logits(6, 3, 9)
+    spoiled_z, spoiled_x = torch.randn(6, 3, 9), torch.randn(6, 5)
+    spoiled_z[1, 0, 2], spoiled_z[4] = float("nan"), float("inf")
+    spoiled_x[1, 3], spoiled_x[4, 0] = float("nan"), float("-inf")
+    clean_z, clean_x = spoiled_z.nan_to_num(0, 0, 0), spoiled_x.nan_to_num(0, 0, 0)
+
+    def grad_T(z, x):
+        T = torch.tensor(1.6, requires_grad=True)
+        loss = (hydra_kl_loss(z, t, T, impl=impl, row_mask=keep) + head.distill_loss(x, t, T, row_mask=keep)
+                + hinton_kl_loss(z[:, 0], t, T, impl=impl, row_mask=keep))
+        return torch.autograd.grad(loss, T)[0]
+
+    got, want = grad_T(spoiled_z, spoiled_x), grad_T(clean_z, clean_x)
+    assert torch.isfinite(want) and torch.allclose(got, want, rtol=1e-6, atol=0), (got, want)
+
+
+@pytest.mark.cpu
+def test_a_learned_temperature_passes_gradcheck_in_float64():
+    """The torch path in float64: dL/dT (and the inputs' gradients beside it) against finite differences of
+    the op itself, for the losses on logits, the fused linear and MLP heads and uncertainty."""
+    g = torch.Generator().manual_seed(8)
+    z = torch.randn(4, 3, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    t = torch.randn(4, 3, 7, dtype=torch.float64, generator=g) * 2
+    x = torch.randn(4, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(3, 7, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    hw = torch.randn(3, 6, 5, dtype=torch.float64, generator=g)
+    w2 = torch.randn(3, 7, 6, dtype=torch.float64, generator=g)
+    b = torch.randn(3, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    T = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
+    from fasthydra.functional import linear_hydra_kl_loss, mlp_hydra_kl_loss
+
+    calls = {"hydra_kl_loss": (lambda z, T: hydra_kl_loss(z, t, T, impl="torch"), (z, T)),
+             "hinton_kl_loss": (lambda z, T: hinton_kl_loss(z[:, 0], t, T, impl="torch"), (z, T)),
+             "linear heads": (lambda x, w, T: linear_hydra_kl_loss(x, w, b, t, T, impl="torch"), (x, w, T)),
+             "MLP heads": (lambda x, b, T: mlp_hydra_kl_loss(x, hw, None, w2, b, t, T, impl="torch"), (x, b, T)),
+             "uncertainty": (lambda z, T: uncertainty(z, T, impl="torch").epistemic, (z, T))}
+    for name, (fn, args) in calls.items():
+        assert torch.autograd.gradcheck(fn, args), name
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_learned_temperature_compiles_without_breaks(impl):
+    """A step with T an nn.Parameter compiled with fullgraph=True: the eager loss and gradients, T's included."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    head = HydraHead(6, 9, 3, impl=impl)
+    T = torch.nn.Parameter(torch.tensor(2.0))
+    x, t, z = torch.randn(5, 6), teacher_logits(5, 3, 9), torch.randn(5, 3, 9)
+
+    def step(x, t, z):
+        return (head.distill_loss(x, t, T) + hydra_kl_loss(z, t, T, impl=impl)
+                + uncertainty(head(x), T, impl=impl).epistemic.sum())
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step, fullgraph=True, backend=counter)
+    leaves = [T, *head.parameters()]
+    for value in (2.0, 0.8):
+        with torch.no_grad():
+            T.fill_(value)
+        got, want = compiled(x, t, z), step(x, t, z)
+        assert_close_to(got, want, rtol=1e-5, what=f"loss at T={value}")
+        for a, e in zip(torch.autograd.grad(got, leaves), torch.autograd.grad(want, leaves)):
+            assert_close_to(a, e, rtol=1e-5, atol=1e-8, what=f"grad at T={value}")
+    assert counter.frame_count == 1
+    torch._dynamo.reset()
