@@ -454,15 +454,19 @@ def test_an_annealed_tensor_temperature_replays_in_a_cuda_graph(monkeypatch, pat
     _graph_against_eager(monkeypatch, path, hidden, loss_fn, [2.0, 1.0, 3.5, 0.6, 8.0], tensor=True)
 
 
-def test_a_tensor_temperature_issues_no_host_sync():
-    """Every op that takes a temperature, given a device tensor, under torch.cuda.set_sync_debug_mode("error")."""
+@pytest.mark.parametrize("learned", [False, True], ids=["fixed", "learned"])
+def test_a_tensor_temperature_issues_no_host_sync(learned):
+    """Every op that takes a temperature, given a device tensor, under torch.cuda.set_sync_debug_mode("error");
+    learned (requires grad, stepped by the optimizer) too."""
     from fasthydra import hinton_kl_loss
 
     body, head, _, opt = _training_step_parts(16, "triton")
     x = torch.randn(48, 32, device="cuda")
     t = teacher_logits(48, 4, 10, device="cuda")
     z = torch.randn(48, 4, 10, device="cuda", requires_grad=True)
-    temperature = torch.tensor(2.0, device="cuda")
+    temperature = torch.tensor(2.0, device="cuda", requires_grad=learned)
+    if learned:
+        opt.add_param_group({"params": [temperature], "lr": 1e-3})
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -478,12 +482,34 @@ def test_a_tensor_temperature_issues_no_host_sync():
     torch.cuda.set_sync_debug_mode("error")
     try:
         for value in (1.5, 3.0):
-            temperature.fill_(value)
+            with torch.no_grad():
+                temperature.fill_(value)
             loss = step()
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
     assert torch.isfinite(loss).all()
+    assert (temperature.grad is not None and bool(torch.isfinite(temperature.grad))) == learned
+
+
+@pytest.mark.parametrize("hidden", [None, 16])
+def test_a_learned_temperature_gets_the_float64_gradient(hidden):
+    """dL/dT of the fused heads' loss, the loss on their logits and uncertainty on CUDA (Triton path) against
+    the float64 torch path on the CPU: the same step's T gradient."""
+    torch.manual_seed(5)
+    head = HydraHead(32, 37, 4, hidden_features=hidden, impl="triton").cuda()
+    x, t = torch.randn(48, 32, device="cuda"), teacher_logits(48, 4, 37, device="cuda")
+
+    def grad_T(head, x, t, device, dtype):
+        T = torch.tensor(1.7, device=device, dtype=dtype, requires_grad=True)
+        loss = head.distill_loss(x, t, T) + hydra_kl_loss(head(x), t, T) + uncertainty(head(x), T).epistemic.mean()
+        return torch.autograd.grad(loss, T)[0]
+
+    ref = HydraHead(32, 37, 4, hidden_features=hidden, impl="torch", dtype=torch.float64)
+    ref.load_state_dict({k: v.double().cpu() for k, v in head.state_dict().items()})
+    got = grad_T(head, x, t, "cuda", torch.float32).item()
+    want = grad_T(ref, x.double().cpu(), t.double().cpu(), "cpu", torch.float64).item()
+    assert abs(got - want) <= 1e-4 * (1 + abs(want)), (got, want)
 
 
 def test_reduce_overhead_compile_with_an_annealed_tensor_temperature():
