@@ -104,8 +104,9 @@ class _UnitScale(torch.autograd.Function):
     x itself (a view: no copy, and an op that keeps a weak reference to its input for a second backward finds
     the caller's tensor); compiled, the division (AOTAutograd of torch 2.4 replays an output that aliases an
     input as a plain view of it, outside the graph, and s's gradient through it was lost). Its backward counts
-    an entry whose gradient is 0 as adding nothing to s's gradient: a masked class's -inf teacher logit or a
-    padding row's NaN, where the division's own backward would give 0 * inf."""
+    a NaN product of gradient and entry as 0: 0 * inf at a masked class's -inf teacher logit or a padding row's
+    NaN or inf, where the division's own backward would make s's gradient NaN. (A NaN gradient there, for a NaN
+    loss or upstream gradient, still reaches dL/dT: through the s^2 factor's 2 L term.)"""
 
     generate_vmap_rule = True
 
@@ -123,7 +124,7 @@ class _UnitScale(torch.autograd.Function):
         gx = grad / s if ctx.needs_input_grad[0] else None
         gs = None
         if ctx.needs_input_grad[1]:  # d(x / s)/ds = -x / s^2, summed in s's dtype (fp32 or fp64)
-            terms = torch.where(grad != 0, grad.to(s.dtype) * x.to(s.dtype), 0.0)
+            terms = (grad.to(s.dtype) * x.to(s.dtype)).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
             gs = (-terms.sum() / (s * s)).to(s.device)
         return gx, gs
 
