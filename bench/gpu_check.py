@@ -72,6 +72,8 @@ MASKED_LATENCY_CASES = [("linear_fwdbwd", "gpu-small"), ("mlp_fwdbwd", "gpu-smal
 # The same small steps with the temperature a device tensor (an annealed T: the kernels read it from memory,
 # op_temperature runs per call); against the plain rows above
 TENSOR_T = "fasthydra-tensor-T"
+# ... and with it learned (requires grad: the teacher's gradient formed, dL/dT's reductions in the backward)
+LEARNED_T = "fasthydra-learned-T"
 # torch.compile costs tens of seconds per case on a GPU: only where a target compares against it.
 COMPILE_CASES = {("linear_fwdbwd", "gpu-large")}
 # The design decision still open at small shapes (issue 9), side by side: the default dispatch
@@ -212,21 +214,23 @@ def warm_clocks(seconds: float = WARM_S) -> None:
         torch.cuda.synchronize()
 
 
-def latency(case: C.Case, provider: str, steps: int = 200, masked: bool = False, tensor_t: bool = False) -> dict:
+def latency(case: C.Case, provider: str, steps: int = 200, masked: bool = False, tensor_t: bool = False,
+            learned_t: bool = False) -> dict:
     """GPU and host time per step (small shapes, and the host-bound GRAPH_CASES): CUDA events around
     `steps` steps issued without any synchronisation, the wall time of issuing them (the host cost the
     GPU waits on if larger), and CUDA-graph replay (the GPU work alone), timed after WARM_S of replays
     (an idle H200 sits at 345 MHz and a host-bound loop keeps it mostly idle: without the warm-up a
     graph of tens of microseconds is timed at whatever clock the last idle spell left), with the SM
     clock read right after. masked: fasthydra's step with a row mask keeping 3 rows of 4 (padding); tensor_t:
-    with the temperature a one-element tensor on the device."""
+    with the temperature a one-element tensor on the device; learned_t: that tensor requiring grad."""
     C.case_settings(case)  # TF32 for the "-tf32" cases, as their timed rows run
     inputs = C.make_inputs(case)
     head = inputs.head
-    params = list(head.parameters())
     x, t, _ = inputs.next()
     keep = (torch.arange(x.shape[0], device=x.device) % 4 != 0) if masked else None
-    temperature = torch.tensor(C.TEMPERATURE, device=x.device) if tensor_t else C.TEMPERATURE
+    temperature = torch.tensor(C.TEMPERATURE, device=x.device, requires_grad=learned_t) if tensor_t or learned_t \
+        else C.TEMPERATURE
+    params = list(head.parameters()) + ([temperature] if learned_t else [])
     if provider == "fasthydra":
         def loss_fn():
             return head.distill_loss(x, t, temperature, row_mask=keep)
@@ -751,14 +755,16 @@ def main(argv=None) -> int:
                     for op, shape in dict.fromkeys((op, shape) for op, shape, _, _ in LATENCY_TARGETS)]
     latency_sets += [(op, shape, ("fasthydra",)) for op, shape in GRAPH_CASES if (op, shape) in by_key]
     # a row mask at the small steps (the small-step kernels read it): against the unmasked rows above
-    latency_sets += [(op, shape, (MASKED, TENSOR_T)) for op, shape in MASKED_LATENCY_CASES if (op, shape) in by_key]
+    latency_sets += [(op, shape, (MASKED, TENSOR_T, LEARNED_T)) for op, shape in MASKED_LATENCY_CASES
+                     if (op, shape) in by_key]
     with ClockSampler() as sampler:
         for op, shape, providers in latency_sets:
             for provider in providers:
                 try:
                     with with_variant(provider):
                         row = latency(by_key[(op, shape)], "eager" if provider == "eager" else "fasthydra",
-                                      masked=provider == MASKED, tensor_t=provider == TENSOR_T)
+                                      masked=provider == MASKED, tensor_t=provider == TENSOR_T,
+                                      learned_t=provider == LEARNED_T)
                     lat_rows.append({**row, "provider": provider})
                 except Exception as exc:
                     lat_rows.append({"op": op, "shape": shape, "provider": provider,

@@ -223,10 +223,11 @@ def test_main_runs_end_to_end_with_the_device_parts_stubbed(tmp_path, monkeypatc
     monkeypatch.setattr(gpu_check, "masked_rows", lambda: [{"mask": "none", "seconds": 1e-3, "vs_no_mask": 1.0}])
     seen_settings = []
 
-    def latency(case, provider, masked=False, tensor_t=False):
+    def latency(case, provider, masked=False, tensor_t=False, learned_t=False):
         seen_settings.append((provider, os.environ.get("FASTHYDRA_SMALL_STEP")))
         return {"op": case.op, "shape": case.name, "provider": provider,
-                "host_us": 120.0 if masked else 110.0 if tensor_t else 100.0, "stream_us": 50.0, "gpu_us": 40.0}
+                "host_us": 120.0 if masked else 110.0 if tensor_t else 130.0 if learned_t else 100.0,
+                "stream_us": 50.0, "gpu_us": 40.0}
 
     monkeypatch.setattr(gpu_check, "latency", latency)
     monkeypatch.setattr(gpu_check, "PROFILE_CASES", [("linear_fwdbwd", "gpu-small")])
@@ -280,6 +281,8 @@ def test_main_runs_end_to_end_with_the_device_parts_stubbed(tmp_path, monkeypatc
     assert masked == {("linear_fwdbwd", "gpu-small"): 120.0, ("mlp_fwdbwd", "gpu-small"): 120.0}
     tensor_t = {(r["op"], r["shape"]): r["host_us"] for r in record["latency"] if r["provider"] == gpu_check.TENSOR_T}
     assert tensor_t == {("linear_fwdbwd", "gpu-small"): 110.0, ("mlp_fwdbwd", "gpu-small"): 110.0}
+    learned = {(r["op"], r["shape"]): r["host_us"] for r in record["latency"] if r["provider"] == gpu_check.LEARNED_T}
+    assert learned == {("linear_fwdbwd", "gpu-small"): 130.0, ("mlp_fwdbwd", "gpu-small"): 130.0}
     assert {r["provider"] for r in record["latency"] if r["shape"] == "mid"} == {"fasthydra"}
     assert record["profiles"]["linear_fwdbwd gpu-small"][0]["kernel"] == "k"
     assert record["host_profiles"]["linear_fwdbwd gpu-small"][0]["function"] == "f"
