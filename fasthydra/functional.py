@@ -100,33 +100,39 @@ def _temperature_parts(temperature) -> tuple:
 
 
 class _UnitScale(torch.autograd.Function):
-    """x / s for a 0-dim s whose value is 1 (s = T / T.detach()), with the gradients of the division: in eager mode
-    x itself (a view: no copy, and an op that keeps a weak reference to its input for a second backward finds
-    the caller's tensor); compiled, the division (AOTAutograd of torch 2.4 replays an output that aliases an
-    input as a plain view of it, outside the graph, and s's gradient through it was lost). Its backward counts
-    a NaN product of gradient and entry as 0: 0 * inf at a masked class's -inf teacher logit or a padding row's
-    NaN or inf, where the division's own backward would make s's gradient NaN. (A NaN gradient there, for a NaN
-    loss or upstream gradient, still reaches dL/dT: through the s^2 factor's 2 L term.)"""
+    """xs / s for a 0-dim s whose value is 1 (s = T / T.detach()), with the gradients of the division: in eager
+    mode the xs themselves (views: no copies, and an op that keeps a weak reference to its input for a second
+    backward finds the caller's tensor); compiled, the divisions (AOTAutograd of torch 2.4 replays an output
+    that aliases an input as a plain view of it, outside the graph, and s's gradient through it was lost).
+    Backward: each x's gradient passes as it is (divided by s = 1); s's is -sum <g, x> / s^2 over all of them,
+    one product and one sum per x in s's dtype, a NaN product counted as 0: 0 * inf at a masked class's -inf
+    teacher logit or a padding row's NaN or inf, where the division's own backward would make s's gradient
+    NaN. (A NaN gradient there, from a NaN loss or upstream gradient, still reaches dL/dT: through the s^2
+    factor's 2 L term.)"""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x, s):
-        return x / s if torch.compiler.is_compiling() else x.view_as(x)
+    def forward(s, *xs):
+        if torch.compiler.is_compiling():
+            return tuple(x / s for x in xs)
+        return tuple(x.view_as(x) for x in xs)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs)
+        ctx.set_materialize_grads(False)
 
     @staticmethod
-    def backward(ctx, grad):
-        x, s = ctx.saved_tensors
-        gx = grad / s if ctx.needs_input_grad[0] else None
+    def backward(ctx, *grads):
+        s, *xs = ctx.saved_tensors
         gs = None
-        if ctx.needs_input_grad[1]:  # d(x / s)/ds = -x / s^2, summed in s's dtype (fp32 or fp64)
-            terms = (grad.to(s.dtype) * x.to(s.dtype)).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
-            gs = (-terms.sum() / (s * s)).to(s.device)
-        return gx, gs
+        if ctx.needs_input_grad[0]:  # d(x / s)/ds = -x / s^2
+            terms = [(g.to(s.dtype) * x.to(s.dtype)).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf).sum()
+                     for g, x in zip(grads, xs) if g is not None]
+            if terms:
+                gs = (-torch.stack([t.to(s.device) for t in terms]).sum() / (s * s))
+        return (gs, *(g if need else None for g, need in zip(grads, ctx.needs_input_grad[1:])))
 
 
 def _learned_temperature(temperature) -> bool:
@@ -144,13 +150,12 @@ def _unit_of(temperature: torch.Tensor) -> tuple:
     return value, (temperature / value).reshape(())
 
 
-def _unit_scaled(t, s: torch.Tensor):
-    """t / s (see _UnitScale) for a tensor, a TopKTeacher's values, or None."""
-    if t is None:
-        return None
-    if isinstance(t, TopKTeacher):
-        return TopKTeacher(_UnitScale.apply(t.values, s), t.indices)
-    return _UnitScale.apply(t, s)
+def _unit_scaled(unit: torch.Tensor, *items) -> list:
+    """Each item / s (see _UnitScale): tensors, a TopKTeacher (its values), None (as it is)."""
+    tensors = [item.values if isinstance(item, TopKTeacher) else item for item in items if item is not None]
+    scaled = iter(_UnitScale.apply(unit, *tensors))
+    return [None if item is None else TopKTeacher(next(scaled), item.indices) if isinstance(item, TopKTeacher)
+            else next(scaled) for item in items]
 
 
 def _check_int(name: str, value, minimum: int | None = None) -> int:
@@ -479,8 +484,8 @@ def hydra_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
     temperature = _check_temperature(temperature, student)
     if _learned_temperature(temperature):
         value, unit = _unit_of(temperature)
-        return hydra_kl_loss(_unit_scaled(student_logits, unit), _unit_scaled(teacher_logits, unit), value, reduction,
-                             impl, row_mask=row_mask) * unit.square()
+        z, t = _unit_scaled(unit, student_logits, teacher_logits)
+        return hydra_kl_loss(z, t, value, reduction, impl, row_mask=row_mask) * unit.square()
     reduction = _check_reduction(reduction)
     teacher, indices = _teacher_parts(teacher_rows)
     keep = _check_row_mask(row_mask, lead, "student_logits", student_logits)
@@ -545,8 +550,8 @@ def hinton_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
                          f"(*, 1, C) with * = {lead} for the Hinton loss")
     if _learned_temperature(_check_temperature(temperature, student_logits)):
         value, unit = _unit_of(temperature)
-        return hinton_kl_loss(_unit_scaled(student_logits, unit), _unit_scaled(teacher_logits, unit), value,
-                              reduction, impl, row_mask=row_mask) * unit.square()
+        z, t = _unit_scaled(unit, student_logits, teacher_logits)
+        return hinton_kl_loss(z, t, value, reduction, impl, row_mask=row_mask) * unit.square()
     z = student_logits if student_logits.dim() == 3 and len(lead) == 1 else \
         student_logits.reshape(math.prod(lead), 1, c)
     keep = _check_row_mask(row_mask, lead, "student_logits", student_logits)
@@ -797,11 +802,14 @@ def linear_hydra_kl_loss(x, weight, bias, teacher_logits, temperature: float | t
     _check_heads_input(x, weight, bias)
     temperature, reduction, keep = _check_fused_loss_args(x, teacher_logits, weight, temperature, reduction, "x",
                                                           row_mask)
-    if _learned_temperature(temperature):  # (z linear in (weight, bias): those scaled, x as it is)
+    if _learned_temperature(temperature):
+        # z / s = (x / s) W^T + b / s = x (W / s)^T + b / s: x scaled where its gradient is formed anyway (a (B, D)
+        # reduction, not a weight-sized one), else the weight (no dx GEMM added for a frozen body)
         value, unit = _unit_of(temperature)
-        return linear_hydra_kl_loss(x, _unit_scaled(weight, unit), _unit_scaled(bias, unit),
-                                    _unit_scaled(teacher_logits, unit), value, reduction, impl,
-                                    row_mask=row_mask) * unit.square()
+        scale_x = x.requires_grad or not weight.requires_grad
+        xs, ws, bs, ts = _unit_scaled(unit, x if scale_x else None, None if scale_x else weight, bias, teacher_logits)
+        return linear_hydra_kl_loss(x if xs is None else xs, weight if ws is None else ws, bs, ts, value, reduction,
+                                    impl, row_mask=row_mask) * unit.square()
     impl = resolve_impl(impl, x, weight, bias, _teacher_parts(teacher_logits)[0])
     # (x's rows left out are set to 0 inside the op: no (B, D) copy kept for a second backward)
     return _fused(x, weight, bias, teacher_logits, temperature, reduction, True, impl, keep)
@@ -838,8 +846,8 @@ def mlp_hydra_kl_loss(x, hidden_weight, hidden_bias, weight, bias, teacher_logit
                                                           row_mask)
     if _learned_temperature(temperature):  # (z linear in the second layer's (weight, bias): those scaled)
         value, unit = _unit_of(temperature)
-        return mlp_hydra_kl_loss(x, hidden_weight, hidden_bias, _unit_scaled(weight, unit), _unit_scaled(bias, unit),
-                                 _unit_scaled(teacher_logits, unit), value, reduction, impl,
+        ws, bs, ts = _unit_scaled(unit, weight, bias, teacher_logits)
+        return mlp_hydra_kl_loss(x, hidden_weight, hidden_bias, ws, bs, ts, value, reduction, impl,
                                  row_mask=row_mask) * unit.square()
     impl = resolve_impl(impl, x, hidden_weight, weight, _teacher_parts(teacher_logits)[0])
     x = _kept_input(x, keep)
@@ -904,7 +912,7 @@ def uncertainty(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0, i
     _check_extent("logits", logits, -1, "class (C >= 1)")
     if _learned_temperature(temperature):  # (degree 0: uncertainty(z, T) = uncertainty(z / s, T0))
         value, unit = _unit_of(temperature)
-        return uncertainty(_unit_scaled(logits, unit), value, impl)
+        return uncertainty(_unit_scaled(unit, logits)[0], value, impl)
     impl = resolve_impl(impl, logits)
     lead, z = logits.shape[:-2], _rows(logits, 2)
     if _plain_torch_ops():  # (vmap over a batch of predictions, a trace) the reference's torch ops, fp32 or wider

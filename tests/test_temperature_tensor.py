@@ -312,6 +312,8 @@ def test_a_learned_temperature_passes_gradcheck_in_float64():
     calls = {"hydra_kl_loss": (lambda z, T: hydra_kl_loss(z, t, T, impl="torch"), (z, T)),
              "hinton_kl_loss": (lambda z, T: hinton_kl_loss(z[:, 0], t, T, impl="torch"), (z, T)),
              "linear heads": (lambda x, w, T: linear_hydra_kl_loss(x, w, b, t, T, impl="torch"), (x, w, T)),
+             "linear heads, frozen body": (lambda w, T: linear_hydra_kl_loss(x.detach(), w, b, t, T, impl="torch"),
+                                           (w, T)),
              "MLP heads": (lambda x, b, T: mlp_hydra_kl_loss(x, hw, None, w2, b, t, T, impl="torch"), (x, b, T)),
              "uncertainty": (lambda z, T: uncertainty(z, T, impl="torch").epistemic, (z, T))}
     for name, (fn, args) in calls.items():
