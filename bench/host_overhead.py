@@ -116,6 +116,7 @@ def cases(rows: int = 32) -> dict:
     mean, var = torch.randn(rows, m, 1, generator=g), torch.rand(rows, m, 1, generator=g) + 0.5
     z = torch.randn(rows, m, c, generator=g, requires_grad=True)
     temperature = torch.tensor(2.0)  # an annealed T, read by the kernels (install_stand_ins keeps it a tensor)
+    learned = torch.tensor(2.0, requires_grad=True)  # a learned T (an nn.Parameter of the model)
     keep = torch.arange(rows) % 4 != 0  # a row mask, "mean" over the rows it keeps
     wide_c = SMALL_MAX_CLASSES + 1  # the cuBLAS path: heads GEMMs in torch around the loss kernel
     t_wide = torch.randn(4, 2, wide_c, generator=g)
@@ -145,6 +146,8 @@ def cases(rows: int = 32) -> dict:
         "linear heads fwd+bwd": (lambda: linear.distill_loss(x, t, 2.0).backward(), list(linear.parameters())),
         "linear heads fwd+bwd, tensor T": (lambda: linear.distill_loss(x, t, temperature).backward(),
                                            list(linear.parameters())),
+        "linear heads fwd+bwd, learned T": (lambda: linear.distill_loss(x, t, learned).backward(),
+                                            [*linear.parameters(), learned]),
         "linear heads fwd (no_grad)": (no_grad_step(lambda: linear.distill_loss(x, t, 2.0)), []),
         "MLP heads fwd+bwd": (lambda: mlp.distill_loss(x, t, 2.0).backward(), list(mlp.parameters())),
         "linear heads fwd+bwd, cuBLAS path": (lambda: linear_wide.distill_loss(x_wide, t_wide, 2.0).backward(),

@@ -70,6 +70,7 @@ def test_table_has_every_case():
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in proc.stdout.splitlines()
             if line.startswith("| ") and "---" not in line and "case" not in line}
     assert set(rows) == {"autograd floor", "linear heads fwd+bwd", "linear heads fwd+bwd, tensor T",
+                         "linear heads fwd+bwd, learned T",
                          "linear heads fwd (no_grad)", "MLP heads fwd+bwd",
                          "loss on logits fwd+bwd", "loss on logits fwd+bwd, row mask", "Gaussian heads fwd+bwd",
                          "uncertainty",
