@@ -117,7 +117,7 @@ class HydraHead(nn.Module):
             x: (*, D) body features.
             teacher_logits: (*, M, C), member m's logits for head m.
             temperature: T > 0, a number or a one-element tensor (updated in place for an annealed T under
-                torch.compile or in a CUDA graph; see ``hydra_kl_loss``).
+                torch.compile or in a CUDA graph; one that requires grad is learned; see ``hydra_kl_loss``).
             reduction: "mean" or "sum" run fused; "none" -> (*, M) goes through the unfused path.
             row_mask: optional (*) bool (or integer, nonzero = kept), x's leading shape: the rows that count,
                 e.g. a sequence batch's attention mask. The others add nothing and get zero gradients; "mean"
