@@ -150,6 +150,11 @@ def _unit_of(temperature: torch.Tensor) -> tuple:
     return value, (temperature / value).reshape(())
 
 
+def _times_unit_square(loss: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+    """loss * s^2 in the loss's dtype (a 0-dim fp64 s would promote a scalar loss: two 0-dim tensors)."""
+    return loss * unit.square().to(loss.dtype)
+
+
 def _unit_scaled(unit: torch.Tensor, *items) -> list:
     """Each item / s (see _UnitScale): tensors, a TopKTeacher (its values), None (as it is)."""
     tensors = [item.values if isinstance(item, TopKTeacher) else item for item in items if item is not None]
@@ -485,7 +490,7 @@ def hydra_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
     if _learned_temperature(temperature):
         value, unit = _unit_of(temperature)
         z, t = _unit_scaled(unit, student_logits, teacher_logits)
-        return hydra_kl_loss(z, t, value, reduction, impl, row_mask=row_mask) * unit.square()
+        return _times_unit_square(hydra_kl_loss(z, t, value, reduction, impl, row_mask=row_mask), unit)
     reduction = _check_reduction(reduction)
     teacher, indices = _teacher_parts(teacher_rows)
     keep = _check_row_mask(row_mask, lead, "student_logits", student_logits)
@@ -551,7 +556,7 @@ def hinton_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
     if _learned_temperature(_check_temperature(temperature, student_logits)):
         value, unit = _unit_of(temperature)
         z, t = _unit_scaled(unit, student_logits, teacher_logits)
-        return hinton_kl_loss(z, t, value, reduction, impl, row_mask=row_mask) * unit.square()
+        return _times_unit_square(hinton_kl_loss(z, t, value, reduction, impl, row_mask=row_mask), unit)
     z = student_logits if student_logits.dim() == 3 and len(lead) == 1 else \
         student_logits.reshape(math.prod(lead), 1, c)
     keep = _check_row_mask(row_mask, lead, "student_logits", student_logits)
@@ -808,8 +813,8 @@ def linear_hydra_kl_loss(x, weight, bias, teacher_logits, temperature: float | t
         value, unit = _unit_of(temperature)
         scale_x = x.requires_grad or not weight.requires_grad
         xs, ws, bs, ts = _unit_scaled(unit, x if scale_x else None, None if scale_x else weight, bias, teacher_logits)
-        return linear_hydra_kl_loss(x if xs is None else xs, weight if ws is None else ws, bs, ts, value, reduction,
-                                    impl, row_mask=row_mask) * unit.square()
+        return _times_unit_square(linear_hydra_kl_loss(x if xs is None else xs, weight if ws is None else ws, bs, ts,
+                                                       value, reduction, impl, row_mask=row_mask), unit)
     impl = resolve_impl(impl, x, weight, bias, _teacher_parts(teacher_logits)[0])
     # (x's rows left out are set to 0 inside the op: no (B, D) copy kept for a second backward)
     return _fused(x, weight, bias, teacher_logits, temperature, reduction, True, impl, keep)
@@ -847,8 +852,8 @@ def mlp_hydra_kl_loss(x, hidden_weight, hidden_bias, weight, bias, teacher_logit
     if _learned_temperature(temperature):  # (z linear in the second layer's (weight, bias): those scaled)
         value, unit = _unit_of(temperature)
         ws, bs, ts = _unit_scaled(unit, weight, bias, teacher_logits)
-        return mlp_hydra_kl_loss(x, hidden_weight, hidden_bias, ws, bs, ts, value, reduction, impl,
-                                 row_mask=row_mask) * unit.square()
+        return _times_unit_square(mlp_hydra_kl_loss(x, hidden_weight, hidden_bias, ws, bs, ts, value, reduction,
+                                                    impl, row_mask=row_mask), unit)
     impl = resolve_impl(impl, x, hidden_weight, weight, _teacher_parts(teacher_logits)[0])
     x = _kept_input(x, keep)
     if impl == "triton" or op_form(x):  # (traced, meta, a dispatch mode: the custom ops themselves)

@@ -423,12 +423,16 @@ def _as_given(temperature):
 
 def _temperature_form(monkeypatch, trng) -> None:
     """A third of the cases pass the temperature as a one-element tensor (fp32 or fp64, 0-dim or (1,)), half
-    of those kept a tensor as a CUDA one is (the kernels read it from memory), the others read as a number."""
+    of those kept a tensor as a CUDA one is (the kernels read it from memory), the others read as a number; a
+    third of those learned (requiring grad: the ops then form the teacher's gradient, other kernels and paths,
+    and the case's values and gradients must not move)."""
     if trng.random() >= 1 / 3:
         return
     dtype, shape = trng.choice([torch.float32, torch.float64]), trng.choice([(), (1,)])
     monkeypatch.setattr(_common, "KEEP_CPU_TEMPERATURE_TENSOR", trng.random() < 0.5)
-    monkeypatch.setitem(_GIVEN, "form", lambda temperature: torch.full(shape, temperature, dtype=dtype))
+    learned = trng.random() < 1 / 3
+    monkeypatch.setitem(_GIVEN, "form",
+                        lambda temperature: torch.full(shape, temperature, dtype=dtype, requires_grad=learned))
 
 
 def _run(monkeypatch, name: str, choices: list, impl: str, case: int) -> None:

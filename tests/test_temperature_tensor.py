@@ -253,16 +253,18 @@ def _finite_difference(ref, inputs, value, rel=1e-5):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("value", [0.37, 4.0])
-def test_a_learned_temperature_gets_its_gradient(device_like, impl, value):
+@pytest.mark.parametrize("value,t_dtype", [(0.37, torch.float32), (4.0, torch.float64)])
+def test_a_learned_temperature_gets_its_gradient(device_like, impl, value, t_dtype):
     """T that requires grad (an nn.Parameter): every op's value and input gradients are the number's (held to
-    the tolerance rule against float64, the path's result for T as a number as eager's error), and dL/dT is
-    the float64 reference's (finite differences), on teachers with masked classes (-inf) and padding rows."""
+    the tolerance rule against float64, the path's result for T as a number as eager's error; the outputs'
+    dtypes the number's, an fp64 T too), and dL/dT is the float64 reference's (finite differences), on teachers
+    with masked classes (-inf) and padding rows."""
     for name, ref, inputs, fn in _cases(impl):
         exact64 = [v.double() for v in inputs]
         exact = _run(ref, exact64, value)
         as_number = _run(fn, inputs, value)
-        learned = _learned(fn, inputs, value)
+        learned = _learned(fn, inputs, value, t_dtype)
+        assert [v.dtype for v in learned[:-1]] == [v.dtype for v in as_number], name
         for i, (got, eager, want) in enumerate(zip(learned, as_number, exact)):
             tolerance_rule(got, eager, want, atol=1e-6 * (1 + want.abs().max().item()), what=f"{name} output {i}")
         with torch.no_grad():
