@@ -166,6 +166,53 @@ class HydraHead(nn.Module):
             return F_h.linear_hydra_kl_loss(x2, self.weight, self.bias, t2, temperature, reduction, impl=self.impl,
                                             row_mask=row_mask)
 
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, layer: nn.Module, num_heads: int = 1, noise_std: float = 0.0,
+                    generator: torch.Generator | None = None, impl: str = "auto") -> "HydraHead":
+        """Heads that start as copies of a trained classifier head: an ``nn.Linear``, or an
+        ``nn.Sequential(nn.Linear, nn.ReLU(), nn.Linear)`` for two-layer heads (e.g. the student of a plain KD
+        run, stage 1 of Hydra, trained with its own layers), each copy perturbed as ``expand`` does.
+
+        Args:
+            layer: the classifier; its parameters are copied (on its device, in its dtype), not shared.
+            num_heads: M; noise_std, generator: as in ``expand``. impl: as in ``HydraHead``.
+        Returns: a HydraHead whose every head computes ``layer(x)`` (up to the noise).
+
+        Example:
+            >>> fc = nn.Linear(64, 10)
+            >>> head = HydraHead.from_linear(fc, num_heads=8, noise_std=1e-3)
+            >>> head(torch.randn(4, 64)).shape
+            torch.Size([4, 8, 10])
+        """
+        if cls is not HydraHead:
+            raise TypeError(f"from_linear builds a HydraHead (classification heads), not a {cls.__name__}")
+        layers = list(layer) if isinstance(layer, nn.Sequential) else [layer]
+        if len(layers) == 1 and type(layers[0]) is nn.Linear:
+            first, last = None, layers[0]
+        elif (len(layers) == 3 and type(layers[0]) is nn.Linear and type(layers[1]) is nn.ReLU
+              and type(layers[2]) is nn.Linear):
+            first, last = layers[0], layers[2]
+            if (first.bias is None) != (last.bias is None):
+                raise ValueError("layer: both Linear layers need a bias, or neither (HydraHead's bias covers both)")
+            if first.out_features != last.in_features:
+                raise ValueError(f"layer: the first Linear gives {first.out_features} features, the second takes "
+                                 f"{last.in_features}")
+        else:
+            raise TypeError("layer must be an nn.Linear or an nn.Sequential(nn.Linear, nn.ReLU(), nn.Linear), got "
+                            + (f"nn.Sequential of {[type(m).__name__ for m in layers]}"
+                               if isinstance(layer, nn.Sequential) else type(layer).__name__))
+        source = first if first is not None else last
+        one = cls(source.in_features, last.out_features, 1, None if first is None else first.out_features,
+                  bias=last.bias is not None, impl=impl, device=last.weight.device, dtype=last.weight.dtype)
+        pairs = [(one.weight, last.weight), (one.bias, last.bias)]
+        if first is not None:
+            pairs += [(one.hidden_weight, first.weight), (one.hidden_bias, first.bias)]
+        for mine, theirs in pairs:
+            if mine is not None:
+                mine[0].copy_(theirs)
+        return one if num_heads == 1 and noise_std == 0.0 else one.expand(num_heads, noise_std, generator)
+
     @torch.no_grad()
     def expand(self, num_heads: int, noise_std: float = 0.0, generator: torch.Generator | None = None) -> "HydraHead":
         """M copies of a one-head head (stage 2 of Hydra), each perturbed by N(0, noise_std^2) noise.

@@ -131,6 +131,54 @@ def test_expand_copies_the_single_head():
     assert head.num_heads == 1  # the original is untouched
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("hidden", [None, 6])
+def test_from_linear_copies_a_trained_classifier(bias, hidden):
+    """HydraHead.from_linear(nn.Linear or Linear-ReLU-Linear): every head computes the layer's logits, in its
+    dtype; the parameters are copies (training the heads leaves the layer as it was); noise as expand's."""
+    from torch import nn
+
+    torch.manual_seed(2)
+    layer = nn.Linear(10, 4, bias=bias, dtype=torch.float64) if hidden is None else nn.Sequential(
+        nn.Linear(10, hidden, bias=bias, dtype=torch.float64), nn.ReLU(),
+        nn.Linear(hidden, 4, bias=bias, dtype=torch.float64))
+    head = HydraHead.from_linear(layer, num_heads=3, impl="torch")
+    assert head.num_heads == 3 and head.hidden_features == hidden and (head.bias is not None) == bias
+    assert head.weight.dtype == torch.float64
+    x = torch.randn(7, 10, dtype=torch.float64)
+    want = layer(x)
+    for m in range(3):  # one GEMM over the stacked heads vs the layer's own: BLAS may block them differently
+        assert_same_products(head(x)[:, m], want, inner=10 + (hidden or 0), what=f"head {m}")
+    before = [p.clone() for p in layer.parameters()]
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(1.0)
+    assert all(torch.equal(p, q) for p, q in zip(layer.parameters(), before))
+    noisy = HydraHead.from_linear(layer, 2, noise_std=0.1, generator=torch.Generator().manual_seed(0))
+    last = layer if hidden is None else layer[2]
+    assert 0.05 < (noisy.weight - last.weight).std().item() < 0.2
+    assert not torch.equal(noisy.weight[0], noisy.weight[1])
+
+
+def test_from_linear_refuses_what_it_cannot_copy():
+    from torch import nn
+
+    from fasthydra import GaussianHydraHead
+
+    with pytest.raises(TypeError, match="nn.Linear or an nn.Sequential.*got Conv1d"):
+        HydraHead.from_linear(nn.Conv1d(3, 4, 1))
+    with pytest.raises(TypeError, match=r"got nn.Sequential of \['Linear', 'GELU', 'Linear'\]"):
+        HydraHead.from_linear(nn.Sequential(nn.Linear(5, 6), nn.GELU(), nn.Linear(6, 3)))
+    with pytest.raises(ValueError, match="both Linear layers need a bias, or neither"):
+        HydraHead.from_linear(nn.Sequential(nn.Linear(5, 6, bias=False), nn.ReLU(), nn.Linear(6, 3)))
+    with pytest.raises(ValueError, match="first Linear gives 6 features, the second takes 7"):
+        HydraHead.from_linear(nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(7, 3)))
+    with pytest.raises(ValueError, match="num_heads"):
+        HydraHead.from_linear(nn.Linear(5, 3), num_heads=0)
+    with pytest.raises(TypeError, match="builds a HydraHead"):
+        GaussianHydraHead.from_linear(nn.Linear(5, 2))
+
+
 def test_expand_needs_one_head():
     with pytest.raises(ValueError, match="one-head"):
         HydraHead(4, 3, 2).expand(4)
