@@ -553,7 +553,8 @@ def hinton_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
         raise ValueError(f"student_logits {tuple(student_logits.shape)} and {name} {tuple(members.shape)} must "
                          f"agree in the leading shape (batch) and classes C: student_logits must be (*, C) or "
                          f"(*, 1, C) with * = {lead} for the Hinton loss")
-    if _learned_temperature(_check_temperature(temperature, student_logits)):
+    temperature = _check_temperature(temperature, student_logits)  # (once: the helpers below take it checked)
+    if _learned_temperature(temperature):
         value, unit = _unit_of(temperature)
         z, t = _unit_scaled(unit, student_logits, teacher_logits)
         return _times_unit_square(hinton_kl_loss(z, t, value, reduction, impl, row_mask=row_mask), unit)
@@ -572,7 +573,6 @@ def _hinton_dense(z, student_logits, teacher_logits, temperature, reduction, imp
     """Hinton loss of z (rows, 1, C) against M members' logits (*, M, C), the rows of the student's."""
     teacher_logits = _rows(teacher_logits, 2)
     _check_same_device(student_logits=student_logits, teacher_logits=teacher_logits)
-    temperature = _check_temperature(temperature, student_logits)
     reduction = _check_reduction(reduction)
     impl = resolve_impl(impl, student_logits, teacher_logits)
     if _under_torch_func():  # (before the teacher's launch or checks below, which read its storage)
@@ -628,7 +628,6 @@ def _hinton_topk(z, student_logits, teacher: TopKTeacher, lead: tuple, temperatu
     M), then the dense single-head kernel runs; the values get their gradient through it."""
     b, _, c = z.shape
     values, indices = _check_topk(teacher, (*lead, teacher.values.shape[-2]), c, {"student_logits": student_logits})
-    temperature = _check_temperature(temperature, student_logits)
     reduction = _check_reduction(reduction)
     if not torch.compiler.is_compiling():
         poll(values.device)
