@@ -30,6 +30,8 @@ from fasthydra import reference as R
 OPS = ("linear_fwd", "linear_fwdbwd", "mlp_fwdbwd", "kl_fwdbwd", "uncertainty", "uncertainty_fwdbwd")
 LOGITS_OPS = ("kl_fwdbwd", "uncertainty", "uncertainty_fwdbwd")  # ops on given logits (memory-bound)
 PROVIDERS = ("eager", "compile", "fasthydra", "liger")
+# fasthydra's losses with a learned temperature (a tensor that requires grad): bench/gpu_check.py's extra provider
+LEARNED_T = "fasthydra-learned-T"
 TEMPERATURE = 2.0
 
 # (name, B, D, M, C, dtype)
@@ -193,6 +195,11 @@ def make_callable(case: Case, provider: str, inputs: Inputs):
     case_settings(case)
     head = inputs.head
     params = list(head.parameters())
+    temperature = TEMPERATURE
+    if provider == LEARNED_T:  # fasthydra with the temperature a parameter (its gradient formed too)
+        temperature = torch.tensor(TEMPERATURE, device=case.device, requires_grad=True)
+        params.append(temperature)
+        provider = "fasthydra"
 
     if case.op == "uncertainty":
         if provider == "fasthydra":
@@ -212,7 +219,7 @@ def make_callable(case: Case, provider: str, inputs: Inputs):
     elif case.op == "kl_fwdbwd":
         if provider == "fasthydra":
             def body(x, t, z):
-                return hydra_kl_loss(z, t, TEMPERATURE)
+                return hydra_kl_loss(z, t, temperature)
         elif provider == "liger":
             def body(x, t, z):
                 from liger_kernel.transformers import LigerKLDIVLoss
@@ -226,7 +233,7 @@ def make_callable(case: Case, provider: str, inputs: Inputs):
     else:
         if provider == "fasthydra":
             def body(x, t, z):
-                return head.distill_loss(x, t, TEMPERATURE)
+                return head.distill_loss(x, t, temperature)
         elif provider == "liger":
             def body(x, t, z):
                 return _liger_loss(head, x, t)

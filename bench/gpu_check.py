@@ -72,8 +72,10 @@ MASKED_LATENCY_CASES = [("linear_fwdbwd", "gpu-small"), ("mlp_fwdbwd", "gpu-smal
 # The same small steps with the temperature a device tensor (an annealed T: the kernels read it from memory,
 # op_temperature runs per call); against the plain rows above
 TENSOR_T = "fasthydra-tensor-T"
-# ... and with it learned (requires grad: the teacher's gradient formed, dL/dT's reductions in the backward)
-LEARNED_T = "fasthydra-learned-T"
+# ... and with it learned (requires grad: the teacher's gradient formed, dL/dT's reduction in the backward); also
+# a provider of the large cases below, for its time and peak memory against the default's (variant rows)
+LEARNED_T = C.LEARNED_T
+LEARNED_T_CASES = [("linear_fwdbwd", "gpu-large"), ("kl_fwdbwd", "gpu-large")]
 # torch.compile costs tens of seconds per case on a GPU: only where a target compares against it.
 COMPILE_CASES = {("linear_fwdbwd", "gpu-large")}
 # The design decision still open at small shapes (issue 9), side by side: the default dispatch
@@ -696,7 +698,7 @@ def variant_ratios(rows: list[dict]) -> list[dict]:
     out = []
     for r in rows:
         base = default.get((r["op"], r["shape"]))
-        if base is None or not (r["provider"] in VARIANTS or r["provider"] in KNOBS):
+        if base is None or not (r["provider"] in VARIANTS or r["provider"] in KNOBS or r["provider"] == LEARNED_T):
             continue
         mem = (r["peak_memory_bytes"] / base["peak_memory_bytes"]) if r.get("peak_memory_bytes") and \
             base.get("peak_memory_bytes") else None
@@ -819,7 +821,7 @@ def main(argv=None) -> int:
                 continue
             floors[(case.op, case.name)] = _do_bench(C.gemm_floor_callable(case))
             providers = [p for p in C.PROVIDERS if not C.provider_available(p, "cuda")]
-            providers += variants_for(case.op, case.name)
+            providers += variants_for(case.op, case.name) + [LEARNED_T] * ((case.op, case.name) in LEARNED_T_CASES)
             for provider in providers:
                 if provider == "compile" and (case.op, case.name) not in COMPILE_CASES:
                     continue

@@ -96,6 +96,7 @@ def install_stand_ins(mode: str) -> None:
     checks._DEFER_ON_CPU = True  # the error word copied and polled as on CUDA
     F.interpreting = lambda: True  # resolve_impl: impl="triton" on CPU tensors
     _common.KEEP_CPU_TEMPERATURE_TENSOR = True  # a tensor temperature kept and passed to the kernels, as on CUDA
+    _common.helper_kernels_run_on = lambda t: True  # helper launches (a learned T's dL/dT reduction) as on CUDA
 
 
 def cases(rows: int = 32) -> dict:

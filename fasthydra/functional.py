@@ -20,7 +20,7 @@ from fasthydra.ops._common import (TEMPERATURE_RANGE, auto_fallback_reason, inte
 from fasthydra.ops import checks as _checks
 from fasthydra.ops.checks import caller_lead, flag_gaussian_teacher, flag_teacher_rows, flag_topk_teacher, poll
 from fasthydra.ops.gaussian_kl import gaussian_kl_torch, split_gaussian
-from fasthydra.ops.hydra_kl import masked_reduction
+from fasthydra.ops.hydra_kl import masked_reduction, neg_dots_over_square
 from fasthydra.ops.uncertainty import ensemble_log_mean_triton
 from fasthydra.ops import library as _ops
 from fasthydra.reference import TopKTeacher, Uncertainty, uncertainty_ref
@@ -104,11 +104,13 @@ class _UnitScale(torch.autograd.Function):
     mode the xs themselves (views: no copies, and an op that keeps a weak reference to its input for a second
     backward finds the caller's tensor); compiled, the divisions (AOTAutograd of torch 2.4 replays an output
     that aliases an input as a plain view of it, outside the graph, and s's gradient through it was lost).
-    Backward: each x's gradient passes as it is (divided by s = 1); s's is -sum <g, x> / s^2 over all of them,
-    one product and one sum per x in s's dtype, a NaN product counted as 0: 0 * inf at a masked class's -inf
-    teacher logit or a padding row's NaN or inf, where the division's own backward would make s's gradient
-    NaN. (A NaN gradient there, from a NaN loss or upstream gradient, still reaches dL/dT: through the s^2
-    factor's 2 L term.)"""
+    Backward: each x's gradient passes as it is (divided by s = 1); s's is -sum <g, x> / s^2 over all of them
+    (``ops.hydra_kl.neg_dots_over_square``: one launch on a GPU, nothing of the xs' size written), a NaN
+    product counted as 0: 0 * inf at a masked class's -inf teacher logit or a padding row's NaN or inf, where
+    the division's own backward would make s's gradient NaN. (A NaN gradient there, from a NaN loss or
+    upstream gradient, still reaches dL/dT: through the s^2 factor's 2 L term.) This form (setup_context, a
+    vmap rule) serves torch.func transforms and torch.compile; eager calls take _UnitScaleEager, the classic
+    form of the same Function (a separate setup_context costs a signature bind per call: 15 us)."""
 
     generate_vmap_rule = True
 
@@ -128,11 +130,20 @@ class _UnitScale(torch.autograd.Function):
         s, *xs = ctx.saved_tensors
         gs = None
         if ctx.needs_input_grad[0]:  # d(x / s)/ds = -x / s^2
-            terms = [(g.to(s.dtype) * x.to(s.dtype)).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf).sum()
-                     for g, x in zip(grads, xs) if g is not None]
-            if terms:
-                gs = (-torch.stack([t.to(s.device) for t in terms]).sum() / (s * s))
+            pairs = [(g, x) for g, x in zip(grads, xs) if g is not None]
+            gs = neg_dots_over_square(s, pairs) if pairs else None
         return (gs, *(g if need else None for g, need in zip(grads, ctx.needs_input_grad[1:])))
+
+
+class _UnitScaleEager(torch.autograd.Function):
+    """_UnitScale in the classic form (forward takes ctx), for calls outside torch.func transforms."""
+
+    @staticmethod
+    def forward(ctx, s, *xs):
+        _UnitScale.setup_context(ctx, (s, *xs), None)
+        return _UnitScale.forward(s, *xs)
+
+    backward = staticmethod(_UnitScale.backward)
 
 
 def _learned_temperature(temperature) -> bool:
@@ -158,7 +169,10 @@ def _times_unit_square(loss: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
 def _unit_scaled(unit: torch.Tensor, *items) -> list:
     """Each item / s (see _UnitScale): tensors, a TopKTeacher (its values), None (as it is)."""
     tensors = [item.values if isinstance(item, TopKTeacher) else item for item in items if item is not None]
-    scaled = iter(_UnitScale.apply(unit, *tensors))
+    functional_form = torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()  # (dynamo of
+    # torch 2.4 cannot trace the second call)
+    scale = _UnitScale if functional_form else _UnitScaleEager
+    scaled = iter(scale.apply(unit, *tensors))
     return [None if item is None else TopKTeacher(next(scaled), item.indices) if isinstance(item, TopKTeacher)
             else next(scaled) for item in items]
 

@@ -145,13 +145,23 @@ def _kernel_specs():
 
     from fasthydra.kernels.scale import _scale_unless_one_kernel
     from fasthydra.ops.checks import FLAG_BLOCK
-    from fasthydra.ops.hydra_kl import SCALE_BLOCK
+    from fasthydra.ops.hydra_kl import SCALE_BLOCK, SCALE_PROGRAMS
 
     for ty in ("fp32", "bf16"):  # the heads ops' backward on CUDA: dx, dW (gpu-large: 2^29 elements), db
         add(_scale_unless_one_kernel, {"g_ptr": "*fp32", "a_ptr": f"*{ty}", "n_a": 4096 * 2048, "b_ptr": f"*{ty}",
                                        "n_b": 8 * 32000 * 2048, "c_ptr": f"*{ty}", "n_c": 8 * 32000},
             {"BLOCK": SCALE_BLOCK}, {"num_warps": 4}, ty)
 
+    from fasthydra.kernels.reduce import _neg_dots_over_square_kernel
+
+    for ty, gty, sty in (("fp32", "fp32", "fp32"), ("bf16", "bf16", "fp32"), ("fp16", "fp32", "fp64")):
+        # a learned temperature's backward (functional._UnitScale): x and dx, the bias, the teacher (gpu-large)
+        n = 4096 * 2048
+        add(_neg_dots_over_square_kernel, {"s_ptr": f"*{sty}", "a_ptr": f"*{gty}", "b_ptr": f"*{ty}", "n_a": n,
+                                           "c_ptr": f"*{gty}", "d_ptr": f"*{ty}", "n_c": 8 * 32000,
+                                           "e_ptr": f"*{gty}", "f_ptr": f"*{ty}", "n_e": 4096 * 8 * 32000,
+                                           "part_ptr": "*fp32", "out_ptr": f"*{sty}", "count_ptr": "*i32"},
+            {"BLOCK": SCALE_BLOCK, "BLOCK_P": cfgs.reduce_block(SCALE_PROGRAMS, 4)}, {"num_warps": 4}, ty)
     for ty in ("fp32", "bf16"):  # the torch path's teacher check on CUDA (one value per row)
         add(_flag_rows_kernel, {"v_ptr": f"*{ty}", "n": 4096 * 8, "err_ptr": "*i32"}, {"BLOCK": FLAG_BLOCK},
             {"num_warps": 4}, ty)

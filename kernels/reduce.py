@@ -42,3 +42,49 @@ def _kept_mean_factor(nkept_ptr, batch_rows, MEAN_KEPT: tl.constexpr):
         return batch_rows / tl.maximum(tl.load(nkept_ptr).to(tl.float32), 1.0)
     else:
         return 1.0
+
+
+@triton.jit
+def _dot_range(a_ptr, b_ptr, n, pid, n_progs, BLOCK: tl.constexpr):
+    """Per-lane fp32 sums of a[i] * b[i] over program pid's share of [0, n) (BLOCK-element blocks, a grid stride),
+    a NaN product counted as 0 (0 * inf, 0 * NaN: see _neg_dots_over_square_kernel); infinities kept."""
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for start in range(pid * BLOCK, n, n_progs * BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < n
+        p = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32) * \
+            tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        acc += tl.where(p == p, p, 0.0)
+    return acc
+
+
+@triton.jit
+def _neg_dots_over_square_kernel(
+    s_ptr,  # a 0-dim floating tensor s (a learned temperature's unit scale, value 1)
+    a_ptr,  # up to three pairs of contiguous tensors (n_* = 0: not there): gradient and input of each
+    b_ptr,
+    n_a,
+    c_ptr,
+    d_ptr,
+    n_c,
+    e_ptr,
+    f_ptr,
+    n_e,
+    part_ptr,  # (programs,) fp32 partial sums
+    out_ptr,  # out: 0-dim, s's dtype: -(<a, b> + <c, d> + <e, f>) / s^2
+    count_ptr,  # int32 count of finished programs, 0 before and after the launch
+    BLOCK: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """d(sum_i x_i / s)/ds = -sum_i <g_i, x_i> / s^2 for the gradients g_i of the x_i / s (functional._UnitScale):
+    one read of each tensor, nothing of their size written (the torch form made a product of the largest, a
+    teacher's logits, and 16-bit ones in fp32 first); the products of a pair summed in fp32, in a fixed order
+    (the last program sums the partials: deterministic)."""
+    pid = tl.program_id(0).to(tl.int64)
+    n_progs = tl.num_programs(0)
+    acc = _dot_range(a_ptr, b_ptr, n_a, pid, n_progs, BLOCK)
+    acc += _dot_range(c_ptr, d_ptr, n_c, pid, n_progs, BLOCK)
+    acc += _dot_range(e_ptr, f_ptr, n_e, pid, n_progs, BLOCK)
+    tl.store(part_ptr + pid, tl.sum(acc, axis=0))
+    s = tl.load(s_ptr)
+    _last_program_sums(part_ptr, n_progs, out_ptr, count_ptr, -1.0 / (s * s), BLOCK_P)

@@ -248,7 +248,8 @@ def test_main_runs_end_to_end_with_the_device_parts_stubbed(tmp_path, monkeypatc
     monkeypatch.setattr(C, "provider_available", lambda p, d: None if p in ("eager", "fasthydra") else "absent")
 
     def bench_case(case, provider):
-        seconds = {"eager": 4e-3, "fasthydra": 1e-3}[provider] * (1.5 if os.environ.get("FASTHYDRA_SMALL_STEP") else 1)
+        seconds = {"eager": 4e-3, "fasthydra": 1e-3, gpu_check.LEARNED_T: 1.6e-3}[provider] * (
+            1.5 if os.environ.get("FASTHYDRA_SMALL_STEP") else 1)
         return {"op": case.op, "shape": case.name, "dtype": str(case.dtype).replace("torch.", ""),
                 "provider": provider, "B": case.B, "D": case.D, "M": case.M, "C": case.C, "seconds": seconds,
                 "peak_memory_bytes": 2**20, "compile_seconds": None}
@@ -276,6 +277,10 @@ def test_main_runs_end_to_end_with_the_device_parts_stubbed(tmp_path, monkeypatc
     assert ("gpu-small", "fasthydra/cublas") in providers and ("small-C", "fasthydra/cublas") in providers
     cublas = next(v for v in record["variants"] if v["provider"] == "fasthydra/cublas")
     assert cublas["time_vs_default"] == pytest.approx(1.5)
+    # the learned temperature beside the default at the large cases (of the stand-in cases: the loss on logits)
+    (learned,) = [v for v in record["variants"] if v["provider"] == gpu_check.LEARNED_T]
+    assert (learned["op"], learned["shape"], learned["time_vs_default"]) == ("kl_fwdbwd", "gpu-large",
+                                                                             pytest.approx(1.6))
     # a host-bound mid-size case gets its CUDA-graph row, for fasthydra alone
     masked = {(r["op"], r["shape"]): r["host_us"] for r in record["latency"] if r["provider"] == gpu_check.MASKED}
     assert masked == {("linear_fwdbwd", "gpu-small"): 120.0, ("mlp_fwdbwd", "gpu-small"): 120.0}
@@ -432,3 +437,23 @@ def test_host_facts_on_cpu():
     for key in ("cpu_empty_us", "cpu_add_us"):
         assert 0 < facts[key] < 1000, (key, facts[key])
     assert "cuda_empty_us" not in facts
+
+
+@pytest.mark.parametrize("op", ["kl_fwdbwd", "linear_fwdbwd"])
+def test_the_learned_temperature_provider_learns_it(monkeypatch, op):
+    """The benchmarks' learned-T provider: fasthydra's step with the temperature a tensor that requires grad (the
+    plain provider's a number), the gradients those of the plain provider's step."""
+    import fasthydra.functional as F
+
+    seen = []
+    real = F._learned_temperature
+    monkeypatch.setattr(F, "_learned_temperature", lambda t: seen.append(real(t)) or seen[-1])
+    case = C.Case(op, "tiny", 16, 8, 3, 10, torch.float32, "cpu")
+    grads = {}
+    for provider in ("fasthydra", C.LEARNED_T):
+        torch.manual_seed(0)  # (the head's initial weights)
+        inputs = C.make_inputs(case)
+        C.make_callable(case, provider, inputs)()
+        grads[provider] = inputs.z[0].grad if op == "kl_fwdbwd" else inputs.head.weight.grad
+    assert seen[0] is False and True in seen[1:]
+    torch.testing.assert_close(grads[C.LEARNED_T], grads["fasthydra"], rtol=1e-5, atol=1e-7)

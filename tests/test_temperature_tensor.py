@@ -274,6 +274,23 @@ def test_a_learned_temperature_gets_its_gradient(device_like, impl, value, t_dty
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("chunk", [5, 1 << 22])
+def test_dL_dT_in_torch_ops_in_chunks(monkeypatch, impl, chunk):
+    """dL/dT's reduction as torch ops (a CPU run without the interpreter, float64 tensors; here the interpreter's
+    kernel is switched off), the products formed a chunk of rows at a time (chunk: elements per chunk, fewer
+    than one row holds, or all of them): the float64 reference's dL/dT for every op, as the kernel gives it."""
+    import fasthydra.ops.hydra_kl as hk
+
+    monkeypatch.setattr(hk, "_dot_kernel_applies", lambda s, pairs: False)
+    monkeypatch.setattr(hk, "DOT_CHUNK_ELEMENTS", chunk)
+    for name, ref, inputs, fn in _cases(impl):
+        got = _learned(fn, inputs, 1.7)[-1].item()
+        with torch.no_grad():
+            want = _finite_difference(ref, [v.double() for v in inputs], 1.7).item()
+        assert abs(got - want) <= 2e-5 * (1 + abs(want)), f"{name}: dL/dT {got} against {want}"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_a_learned_temperature_ignores_what_padding_rows_hold(impl):
     """Rows a row mask leaves out may hold NaN and infinities (student logits, the heads' features): dL/dT is
     the one of the same call with those rows zeroed, finite."""

@@ -104,6 +104,48 @@ def launch_scale_unless_one(stored: list, grad_output: torch.Tensor) -> None:
                                               num_warps=4)
 
 
+# Elements of one chunk of the torch form of neg_dots_over_square (its products' scratch: 16 MiB in fp32).
+DOT_CHUNK_ELEMENTS = 1 << 22
+_DOT_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)  # (not a subclass with storage of its own: fake, DTensor)
+
+
+def neg_dots_over_square(s: torch.Tensor, pairs: list) -> torch.Tensor:
+    """-sum over (g, x) in pairs of <g, x> / s^2, a 0-dim tensor in s's dtype and on its device: the gradient of
+    a 0-dim s through the x / s (functional._UnitScale). A NaN product counts as 0 (0 * inf at a masked class's
+    -inf teacher logit, 0 * NaN at a padding row's features); infinities are kept. Where the helper kernels run
+    (a CUDA s and tensors, 16/32-bit, contiguous, up to three pairs) one launch that reads each tensor once and
+    writes nothing of their size (``_neg_dots_over_square_kernel``: fp32 sums, a fixed order); elsewhere torch
+    ops in s's dtype, in chunks of DOT_CHUNK_ELEMENTS (the product of a (B, M, C) teacher and its gradient is
+    never formed whole)."""
+    pairs = [(g, x) for g, x in pairs if g.numel() > 0]
+    if 0 < len(pairs) <= 3 and _dot_kernel_applies(s, pairs):
+        from fasthydra.kernels.reduce import _neg_dots_over_square_kernel
+
+        n = max(t.numel() for pair in pairs for t in pair)
+        programs = max(1, min(SCALE_PROGRAMS, cdiv(n, SCALE_BLOCK)))
+        out = torch.empty((), dtype=s.dtype, device=s.device)
+        parts = torch.empty(programs, dtype=torch.float32, device=s.device)
+        args = [v for g, x in pairs for v in (g, x, g.numel())] + [s, s, 0] * (3 - len(pairs))
+        _neg_dots_over_square_kernel[(programs,)](s, *args, parts, out, finished_count(s.device), BLOCK=SCALE_BLOCK,
+                                                  BLOCK_P=_common.reduce_block(programs, 4), num_warps=4)
+        return out
+    total = torch.zeros((), dtype=s.dtype, device=pairs[0][0].device if pairs else s.device)
+    for g, x in pairs:
+        rows = max(1, DOT_CHUNK_ELEMENTS // max(1, g[0].numel())) if g.dim() > 0 else 1
+        for g_part, x_part in zip(*(t.split(rows) if t.dim() > 0 else (t,) for t in (g, x))):
+            term = (g_part.to(s.dtype) * x_part.to(s.dtype)).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
+            total += term.sum()
+    return total.to(s.device).div_(s * s).neg_()  # (a CPU s of CUDA tensors: one copy, after all the sums)
+
+
+def _dot_kernel_applies(s: torch.Tensor, pairs: list) -> bool:
+    return (type(s) is torch.Tensor and not torch.compiler.is_compiling() and s.device.type in ("cuda", "cpu")
+            and s.dtype in (torch.float32, torch.float64) and _common.helper_kernels_run_on(s)
+            and all(type(t) in _PLAIN_TENSORS and t.device == s.device and t.dtype in _DOT_KERNEL_DTYPES
+                    and t.is_contiguous() for pair in pairs for t in pair))
+
+
 # ----------------------------------------------------------------------------------------------
 # torch path
 # ----------------------------------------------------------------------------------------------
