@@ -501,10 +501,10 @@ def hydra_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
     """
     student, teacher_rows, lead = _check_logit_pair(student_logits, teacher_logits)
     temperature = _check_temperature(temperature, student)
-    if _learned_temperature(temperature):
-        value, unit = _unit_of(temperature)
-        z, t = _unit_scaled(unit, student_logits, teacher_logits)
-        return _times_unit_square(hydra_kl_loss(z, t, value, reduction, impl, row_mask=row_mask), unit)
+    unit = None
+    if _learned_temperature(temperature):  # (the arguments checked once: the scaled ones are views of them)
+        temperature, unit = _unit_of(temperature)
+        student, teacher_rows = _unit_scaled(unit, student, teacher_rows)
     reduction = _check_reduction(reduction)
     teacher, indices = _teacher_parts(teacher_rows)
     keep = _check_row_mask(row_mask, lead, "student_logits", student_logits)
@@ -517,7 +517,8 @@ def hydra_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
                                       on and teacher.requires_grad, impl, indices, keep, t_tensor)
     if reduction == "none" and len(lead) != 1:
         loss = loss.reshape(*lead, student.shape[1])
-    return _autocast_loss(loss, student_logits)
+    loss = _autocast_loss(loss, student_logits)
+    return loss if unit is None else _times_unit_square(loss, unit)
 
 
 def ensemble_log_mean_probs(teacher_logits: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
@@ -568,10 +569,10 @@ def hinton_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
                          f"agree in the leading shape (batch) and classes C: student_logits must be (*, C) or "
                          f"(*, 1, C) with * = {lead} for the Hinton loss")
     temperature = _check_temperature(temperature, student_logits)  # (once: the helpers below take it checked)
+    unit = None
     if _learned_temperature(temperature):
-        value, unit = _unit_of(temperature)
-        z, t = _unit_scaled(unit, student_logits, teacher_logits)
-        return _times_unit_square(hinton_kl_loss(z, t, value, reduction, impl, row_mask=row_mask), unit)
+        temperature, unit = _unit_of(temperature)
+        student_logits, teacher_logits = _unit_scaled(unit, student_logits, teacher_logits)
     z = student_logits if student_logits.dim() == 3 and len(lead) == 1 else \
         student_logits.reshape(math.prod(lead), 1, c)
     keep = _check_row_mask(row_mask, lead, "student_logits", student_logits)
@@ -580,7 +581,8 @@ def hinton_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
             loss = _hinton_topk(z, student_logits, teacher_logits, lead, temperature, reduction, impl, keep)
         else:
             loss = _hinton_dense(z, student_logits, teacher_logits, temperature, reduction, impl, keep)
-    return loss.reshape(lead) if reduction == "none" and len(lead) != 1 else loss
+    loss = loss.reshape(lead) if reduction == "none" and len(lead) != 1 else loss
+    return loss if unit is None else _times_unit_square(loss, unit)
 
 
 def _hinton_dense(z, student_logits, teacher_logits, temperature, reduction, impl, keep):
@@ -820,17 +822,19 @@ def linear_hydra_kl_loss(x, weight, bias, teacher_logits, temperature: float | t
     _check_heads_input(x, weight, bias)
     temperature, reduction, keep = _check_fused_loss_args(x, teacher_logits, weight, temperature, reduction, "x",
                                                           row_mask)
+    unit = None
     if _learned_temperature(temperature):
         # z / s = (x / s) W^T + b / s = x (W / s)^T + b / s: x scaled where its gradient is formed anyway (a (B, D)
         # reduction, not a weight-sized one), else the weight (no dx GEMM added for a frozen body)
-        value, unit = _unit_of(temperature)
+        temperature, unit = _unit_of(temperature)
         scale_x = x.requires_grad or not weight.requires_grad
-        xs, ws, bs, ts = _unit_scaled(unit, x if scale_x else None, None if scale_x else weight, bias, teacher_logits)
-        return _times_unit_square(linear_hydra_kl_loss(x if xs is None else xs, weight if ws is None else ws, bs, ts,
-                                                       value, reduction, impl, row_mask=row_mask), unit)
+        xs, ws, bias, teacher_logits = _unit_scaled(unit, x if scale_x else None, None if scale_x else weight, bias,
+                                                    teacher_logits)
+        x, weight = x if xs is None else xs, weight if ws is None else ws
     impl = resolve_impl(impl, x, weight, bias, _teacher_parts(teacher_logits)[0])
     # (x's rows left out are set to 0 inside the op: no (B, D) copy kept for a second backward)
-    return _fused(x, weight, bias, teacher_logits, temperature, reduction, True, impl, keep)
+    loss = _fused(x, weight, bias, teacher_logits, temperature, reduction, True, impl, keep)
+    return loss if unit is None else _times_unit_square(loss, unit)
 
 
 @on_tensor_device
@@ -862,11 +866,16 @@ def mlp_hydra_kl_loss(x, hidden_weight, hidden_bias, weight, bias, teacher_logit
     _check_mlp_params(x, hidden_weight, hidden_bias, weight, bias)
     temperature, reduction, keep = _check_fused_loss_args(x, teacher_logits, weight, temperature, reduction, "x",
                                                           row_mask)
+    unit = None
     if _learned_temperature(temperature):  # (z linear in the second layer's (weight, bias): those scaled)
-        value, unit = _unit_of(temperature)
-        ws, bs, ts = _unit_scaled(unit, weight, bias, teacher_logits)
-        return _times_unit_square(mlp_hydra_kl_loss(x, hidden_weight, hidden_bias, ws, bs, ts, value, reduction,
-                                                    impl, row_mask=row_mask), unit)
+        temperature, unit = _unit_of(temperature)
+        weight, bias, teacher_logits = _unit_scaled(unit, weight, bias, teacher_logits)
+    loss = _mlp_loss(x, hidden_weight, hidden_bias, weight, bias, teacher_logits, temperature, reduction, impl, keep)
+    return loss if unit is None else _times_unit_square(loss, unit)
+
+
+def _mlp_loss(x, hidden_weight, hidden_bias, weight, bias, teacher_logits, temperature, reduction, impl, keep):
+    """mlp_hydra_kl_loss on checked arguments."""
     impl = resolve_impl(impl, x, hidden_weight, weight, _teacher_parts(teacher_logits)[0])
     x = _kept_input(x, keep)
     if impl == "triton" or op_form(x):  # (traced, meta, a dispatch mode: the custom ops themselves)
@@ -929,8 +938,8 @@ def uncertainty(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0, i
     _check_extent("logits", logits, -2, "head")
     _check_extent("logits", logits, -1, "class (C >= 1)")
     if _learned_temperature(temperature):  # (degree 0: uncertainty(z, T) = uncertainty(z / s, T0))
-        value, unit = _unit_of(temperature)
-        return uncertainty(_unit_scaled(unit, logits)[0], value, impl)
+        temperature, unit = _unit_of(temperature)
+        logits, = _unit_scaled(unit, logits)
     impl = resolve_impl(impl, logits)
     lead, z = logits.shape[:-2], _rows(logits, 2)
     if _plain_torch_ops():  # (vmap over a batch of predictions, a trace) the reference's torch ops, fp32 or wider
