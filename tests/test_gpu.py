@@ -454,6 +454,51 @@ def test_an_annealed_tensor_temperature_replays_in_a_cuda_graph(monkeypatch, pat
     _graph_against_eager(monkeypatch, path, hidden, loss_fn, [2.0, 1.0, 3.5, 0.6, 8.0], tensor=True)
 
 
+@pytest.mark.parametrize("hidden", [None, 16])
+def test_a_learned_temperature_step_replays_in_a_cuda_graph(hidden):
+    """T learned (a device parameter the optimizer steps): the step captured once (the teacher's gradient formed,
+    dL/dT's reduction kernel with a finished count of its own inside the capture) and replayed gives the loss, the
+    parameters and T of the same steps run eagerly on a copy."""
+    import copy
+
+    torch.manual_seed(0)
+    body, head, _, _ = _training_step_parts(hidden, "triton")
+    twins = [(body, head), (copy.deepcopy(body), copy.deepcopy(head))]
+    temps = [torch.tensor(2.0, device="cuda", requires_grad=True) for _ in twins]
+    opts = [torch.optim.SGD([*b.parameters(), *h.parameters(), T], lr=0.05) for (b, h), T in zip(twins, temps)]
+    x = torch.randn(64, 32, device="cuda")
+    t = teacher_logits(64, 4, 10, device="cuda", masked=False)
+
+    def step(i):
+        (b, h), o, T = twins[i], opts[i], temps[i]
+        o.zero_grad(set_to_none=False)
+        f = b(x)
+        loss = h.distill_loss(f, t, T) + hydra_kl_loss(h(f), t, T) + uncertainty(h(f), T).epistemic.mean()
+        loss.backward()
+        o.step()
+        return loss
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graphs asks
+        for _ in range(3):
+            step(0)
+            step(1)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = step(0)
+    for _ in range(4):
+        graph.replay()
+        eager_loss = step(1)
+        torch.cuda.synchronize()
+        assert torch.allclose(static_loss, eager_loss, rtol=1e-4, atol=1e-6), (static_loss, eager_loss)
+    assert temps[0].item() != 2.0 and torch.allclose(temps[0], temps[1], rtol=1e-4, atol=1e-6), temps
+    for p, q in zip([*twins[0][0].parameters(), *twins[0][1].parameters()],
+                    [*twins[1][0].parameters(), *twins[1][1].parameters()]):
+        assert torch.allclose(p, q, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("learned", [False, True], ids=["fixed", "learned"])
 def test_a_tensor_temperature_issues_no_host_sync(learned):
     """Every op that takes a temperature, given a device tensor, under torch.cuda.set_sync_debug_mode("error");
