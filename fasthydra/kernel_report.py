@@ -323,19 +323,22 @@ def _kernel_specs():
                     xs = {"x_ptr": f"*{xty}", "B": b, "M": m, "C": c, "K": k, "stride_xb": k if shared else m * k,
                           "stride_xm": 0 if shared else k}
                     dots = {"UPCAST_DOT": False, "PRECISION": prec, "BLOCK_C": sc["BLOCK_C"], "BLOCK_K": sc["BLOCK_K"]}
-                    # the loss reduced by the last program, or loss rows; a row mask (uint8) with the reduced loss
-                    for reduce, keep in ((True, False), (False, False), (True, True)):
+                    # the loss reduced by the last program, or loss rows; a row mask (uint8) with the reduced loss;
+                    # the teacher's gradient too (a teacher that requires grad, a learned T), with and without a mask
+                    for reduce, keep, tgrad in ((True, False, False), (False, False, False), (True, True, False),
+                                                (True, False, True), (True, True, True)):
                         add(_small_heads_kl_kernel, {**xs, "w_ptr": f"*{xty}", "bias_ptr": f"*{xty}",
                                                      "t_ptr": f"*{xty}", "loss_ptr": "*fp32", "part_ptr": "*fp32",
-                                                     "g_ptr": f"*{gty}", "err_ptr": "*i32", "out_ptr": "*fp32",
+                                                     "g_ptr": f"*{gty}", "h_ptr": f"*{gty}" if tgrad else "*fp32",
+                                                     "err_ptr": "*i32", "out_ptr": "*fp32",
                                                      "count_ptr": "*i32", "keep_ptr": "*u8" if keep else "*fp32",
                                                      "nkept_ptr": "*i64" if keep else "*fp32",
                                                      "heads_per_program": sc["HEADS"],
                                                      "stride_wm": c * k, "stride_wc": k, "stride_biasm": c,
                                                      "stride_tb": m * c, "stride_tm": c, "inv_temp": 0.5,
                                                      "loss_scale": 4.0, "grad_scale": 0.1, "out_scale": 0.01},
-                            {**dots, "HAS_BIAS": True, "WRITE_GRAD": True, "REDUCE": reduce, "HAS_KEEP": keep,
-                             "MEAN_KEPT": keep,
+                            {**dots, "HAS_BIAS": True, "WRITE_GRAD": True, "WRITE_TGRAD": tgrad, "REDUCE": reduce,
+                             "HAS_KEEP": keep, "MEAN_KEPT": keep,
                              "BLOCK_B": sc["BLOCK_B"],
                              "BLOCK_P": cfgs.reduce_block(cdiv(b, sc["BLOCK_B"]) * cdiv(m, sc["HEADS"]),
                                                           sc["num_warps"])},

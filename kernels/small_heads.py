@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .reduce import _kept_mean_factor, _last_program_sums
-from .softmax_kl import _kl_from_sums, _kl_grad_tile, _online_kl_update, _tempered_scalars
+from .softmax_kl import _kl_from_sums, _mean_e, _online_kl_update, _store_grads, _tempered_scalars
 
 
 @triton.jit
@@ -65,6 +65,7 @@ def _small_heads_kl_kernel(
     loss_ptr,  # out: (B, M) fp32 contiguous loss rows, T^2 * KL
     part_ptr,  # out: (row blocks, head groups) fp32 sums of each program's loss rows
     g_ptr,  # out: dz stash (B, M, C) contiguous, input dtype; unused unless WRITE_GRAD
+    h_ptr,  # out: the teacher's gradient (B, M, C) contiguous, stored gradient dtype; unused unless WRITE_TGRAD
     err_ptr,  # in/out: int32 error word, OR-ed with 1 (NaN), 2 (+inf), 4 (a row -inf everywhere)
     out_ptr,  # out: the reduced loss, fp32 scalar; unused unless REDUCE
     count_ptr,  # in/out: int32 count of finished programs, 0 before and after the launch; unused unless REDUCE
@@ -89,6 +90,7 @@ def _small_heads_kl_kernel(
     temp_ptr,  # a tensor temperature where T_PTR, as in softmax_kl._hydra_kl_fwd_kernel
     HAS_BIAS: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
+    WRITE_TGRAD: tl.constexpr,  # a teacher that requires grad (or a learned temperature): its gradient too
     REDUCE: tl.constexpr,  # the last program sums the partial losses into out_ptr
     HAS_KEEP: tl.constexpr,  # a row mask: rows left out read their input as 0 and get loss 0 and dz 0
     MEAN_KEPT: tl.constexpr,  # "mean" over the kept rows: grad_scale and out_scale (1/(B*M) in them) times B / kept
@@ -138,12 +140,14 @@ def _small_heads_kl_kernel(
             kl = tl.where(live, kl, 0.0)
         tl.store(loss_ptr + rows * M + m, kl, mask=row_ok)
         part += tl.where(live, kl, 0.0)
-        if WRITE_GRAD:
-            g = _kl_grad_tile(s, u, m_s, log_d_s, m_u, log_d_u, grad_scale)
-            if HAS_KEEP:
-                g = tl.where(live[:, None], g, 0.0)
-            tl.store(g_ptr + rows[:, None] * (M * C) + m * C + cols[None, :], g.to(g_ptr.dtype.element_ty),
-                     mask=mask)
+        big_a = zero
+        s_at = zero
+        if WRITE_TGRAD:  # the pivot at the teacher's most probable class (softmax_kl._store_grads)
+            s_at = tl.max(tl.where(u == m_u[:, None], s, float("-inf")), axis=1)
+            big_a = _mean_e(s, u, m_u, log_d_u, s_at)
+        at = rows[:, None] * (M * C) + m * C
+        _store_grads(s, u, cols, mask, g_ptr + at, h_ptr + at, m_s, log_d_s, m_u, log_d_u, s_at, big_a, grad_scale,
+                     live, WRITE_GRAD, WRITE_TGRAD, HAS_KEEP)
     bits = tl.max(tl.where(row_ok, bad, 0), axis=0)
     tl.atomic_or(err_ptr, bits, mask=bits != 0)
     tl.store(part_ptr + pid_r * tl.num_programs(1) + pid_h, tl.sum(part, axis=0))

@@ -375,8 +375,8 @@ def _heads_loss_rows(impl, path, z, t, temperature):
 
         cfg = _common.small_heads_config(b, m, c, b, 4)
         assert cfg is not None, "the shape is meant for the small step"
-        rows, _ = small_heads_forward(torch.eye(b), z.permute(1, 2, 0).contiguous(), None, t, temperature, "none",
-                                      True, False, cfg)
+        rows, _, _ = small_heads_forward(torch.eye(b), z.permute(1, 2, 0).contiguous(), None, t, temperature, "none",
+                                         True, False, cfg)
         return rows
     head = HydraHead(1, c, 1, bias=False, impl=impl)
     rows = torch.empty(b, m)

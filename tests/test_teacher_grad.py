@@ -119,10 +119,50 @@ def _check_head_grads(head, x, t, reduction="mean"):
 @pytest.mark.parametrize("hidden", [None, 5])
 @pytest.mark.parametrize("gemm", HEADS_PATHS)
 def test_fused_heads_give_the_teacher_its_gradient(monkeypatch, impl, hidden, gemm):
-    use_heads_path(monkeypatch, gemm)  # triton: the teacher's gradient takes the cuBLAS path
+    use_heads_path(monkeypatch, gemm)  # triton "small": the small step's first launch forms the teacher's gradient
     head, x, t = _head_case(hidden, impl)
     _check_head_grads(head, x, t, "mean")
     _check_head_grads(head, x, t, "sum")
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("hidden", [None, 5])
+def test_the_small_step_forms_the_teacher_gradient(monkeypatch, hidden):
+    """A teacher that requires grad keeps the two-launch small step (its first launch writes the teacher's
+    gradient): rows a row mask leaves out get 0 and the kept ones the gradient of the same rows alone; a second
+    backward through the retained graph gives the same gradient again (times its upstream) after the first was
+    zeroed in place; an fp16 teacher of
+    fp32 heads gets an fp16 gradient; a frozen body (the weight's gradient alone) as well."""
+    import fasthydra.ops.small_heads as sh
+
+    use_heads_path(monkeypatch, "small")
+    taken = []
+    real = sh.small_heads_forward
+    monkeypatch.setattr(sh, "small_heads_forward",
+                        lambda *a, **k: taken.append(k.get("want_tgrad", a[10] if len(a) > 10 else False))
+                        or real(*a, **k))
+    head, x, t = _head_case(hidden, "triton")
+    keep = torch.tensor([True, False, True, True, False, True, True, True, False, True, True])
+    loss = head.distill_loss(x, t, 2.0, "sum", row_mask=keep)
+    loss.backward(0.5 * torch.ones(()), retain_graph=True)
+    assert taken == [True]
+    half_of_it = t.grad.clone()
+    t.grad.zero_()  # (an optimizer's zero_grad(set_to_none=False))
+    loss.backward()
+    once = t.grad.clone()
+    assert_close_to(once, 2 * half_of_it, rtol=1e-6, atol=0.0, what="second backward")
+    assert bool((once[~keep] == 0).all())
+    t_kept = t.detach()[keep].clone().requires_grad_()
+    head.distill_loss(x.detach()[keep], t_kept, 2.0, "sum").backward()
+    assert_close_to(once[keep], t_kept.grad, rtol=1e-5, atol=1e-8, what="kept rows")
+    half = t.detach().half().requires_grad_()
+    frozen_x = x.detach()
+    head.zero_grad()
+    head.distill_loss(frozen_x, half, 2.0).backward()
+    assert half.grad.dtype == torch.float16 and head.weight.grad is not None and taken[-1] is True
+    t32 = half.detach().float().requires_grad_()
+    head.distill_loss(frozen_x, t32, 2.0).backward()
+    assert_close_to(half.grad, t32.grad, rtol=2e-3, atol=1e-6, what="fp16 teacher")
 
 
 @CPU
@@ -197,12 +237,18 @@ def test_gaussian_teacher_gets_mean_and_variance_gradients(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_a_frozen_teacher_costs_nothing_extra(monkeypatch, impl):
-    """No teacher gradient is formed when the teacher does not require grad, or under no_grad."""
+    """No teacher gradient is formed when the teacher does not require grad, or under no_grad (the loss kernels,
+    the small step's first launch and the torch path's chunks are asked)."""
     import fasthydra.ops.hydra_kl as hk
     import fasthydra.ops.linear_hydra_kl as lk
+    import fasthydra.ops.small_heads as sh
 
     asked = []
-    real_rows, real_chunk = hk.launch_kl_rows, hk.kl_chunk_torch
+    real_rows, real_chunk, real_small = hk.launch_kl_rows, hk.kl_chunk_torch, sh.small_heads_forward
+
+    def spy_small(*args, **kwargs):
+        asked.append(bool(kwargs.get("want_tgrad", args[10] if len(args) > 10 else False)))
+        return real_small(*args, **kwargs)
 
     def spy_rows(*args, **kwargs):
         asked.append(kwargs.get("tgrad3", args[7] if len(args) > 7 else None) is not None)
@@ -215,6 +261,7 @@ def test_a_frozen_teacher_costs_nothing_extra(monkeypatch, impl):
     for mod in (hk, lk):
         monkeypatch.setattr(mod, "launch_kl_rows", spy_rows, raising=False)
         monkeypatch.setattr(mod, "kl_chunk_torch", spy_chunk, raising=False)
+    monkeypatch.setattr(sh, "small_heads_forward", spy_small)
     head, x, t = _head_case(None, impl)
     frozen = t.detach()
     head.distill_loss(x, frozen, 2.0).backward()

@@ -242,9 +242,10 @@ def _linear_hydra_kl_impl(inp: torch.Tensor, weight: torch.Tensor, bias: torch.T
         if cfg is None:
             raise ValueError("linear_hydra_kl: small_deferred=True is for the calls small_deferred_config "
                              "accepts (the Triton path's small-step kernels, a reduced loss, a gradient wanted)")
-        loss, stash = _small.small_heads_forward(inp, weight, bias, teacher, temperature, reduction, shared, True,
-                                                    cfg, row_mask)
-        return loss, stash, weight.new_empty(_EMPTY), weight.new_empty(_EMPTY), teacher.new_empty(_EMPTY)
+        loss, stash, tgrad = _small.small_heads_forward(inp, weight, bias, teacher, temperature, reduction, shared,
+                                                           True, cfg, row_mask, need_t)
+        return (loss, stash, weight.new_empty(_EMPTY), weight.new_empty(_EMPTY),
+                _none_to_empty(tgrad, teacher))
     fwd = _lin.linear_hydra_kl_forward_triton if impl == "triton" else _lin.linear_hydra_kl_forward_torch
     loss, g_in, g_w, g_b, g_t = fwd(inp, weight, bias, teacher, temperature, reduction, shared, need_in, need_w,
                                     need_b and bias is not None, need_t, teacher_indices, row_mask)
@@ -263,7 +264,7 @@ def small_deferred_config(inp, weight, bias, reduction, need_in, need_w, need_b,
         return None
     if not (need_in or need_w or (need_b and bias is not None)):
         return None
-    return _lin.small_step_config(inp, weight, need_t, teacher_indices)
+    return _lin.small_step_config(inp, weight, teacher_indices)
 
 
 linear_hydra_kl = _custom_op("fasthydra::linear_hydra_kl", _linear_hydra_kl_impl)
@@ -276,8 +277,8 @@ def _linear_hydra_kl_fake(inp, weight, bias, teacher, temperature, reduction, sh
     loss = inp.new_empty((inp.shape[0], m) if reduction == "none" else (), dtype=_compute_dtype(inp))
     if small_deferred:
         return (loss, inp.new_empty((inp.shape[0], m, weight.shape[1]), dtype=_common.stored_grad_dtype(inp.dtype)),
-                weight.new_empty(_EMPTY),
-                weight.new_empty(_EMPTY), teacher.new_empty(_EMPTY))
+                weight.new_empty(_EMPTY), weight.new_empty(_EMPTY),
+                _common.empty_stored_grad(teacher) if need_t else teacher.new_empty(_EMPTY))
     g_in, g_w, g_b = _stored_fake(inp, weight, need_in, need_w, bias if need_b else None)
     g_t = teacher.new_empty(teacher.shape) if need_t else teacher.new_empty(_EMPTY)
     return loss, g_in, g_w, g_b, g_t
@@ -319,20 +320,24 @@ def _small_setup(ctx, inputs, output) -> bool:
     ctx.small = None
     if not inputs[13]:  # small_deferred
         return False
-    inp, weight, bias, _, _, _, shared, need_in, need_w, need_b = inputs[:10]
+    inp, weight, bias, teacher, _, _, shared, need_in, need_w, need_b, need_t = inputs[:11]
     _keep_for_launch2(ctx, inp, weight, bias, output, shared, need_in, need_w, need_b,
-                      inputs[14] if len(inputs) > 14 else None)  # (the row mask, where given)
+                      inputs[14] if len(inputs) > 14 else None,  # (the row mask, where given)
+                      output[4] if need_t else None, teacher.dtype)
     return True
 
 
-def _keep_for_launch2(ctx, inp, weight, bias, output, shared, need_in, need_w, need_b, row_mask=None) -> None:
+def _keep_for_launch2(ctx, inp, weight, bias, output, shared, need_in, need_w, need_b, row_mask=None, tgrad=None,
+                      teacher_dtype=None) -> None:
     """A deferred small step's setup: input, weight, bias, the stash of dL/dz (output[1]) and a row mask kept
-    for the small-step gradient kernel in the backward (_small_backward)."""
+    for the small-step gradient kernel in the backward (_small_backward); a teacher's gradient that launch 1
+    formed (tgrad: a teacher that requires grad, a learned temperature), scaled there."""
     ctx.small = (shared, need_in, need_w, need_b and bias is not None)
     ctx.has_bias = bias is not None
+    ctx.teacher_dtype = teacher_dtype
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(inp, weight, bias, output[1], row_mask)
+    ctx.save_for_backward(inp, weight, bias, output[1], row_mask, tgrad)
 
 
 @_op_body
@@ -371,7 +376,7 @@ def _small_backward(ctx, grad_loss, n_inputs: int) -> tuple:
     out = [None] * n_inputs
     if grad_loss is None:
         return tuple(out)
-    inp, weight, bias, stash, row_mask = ctx.saved_tensors
+    inp, weight, bias, stash, row_mask, tgrad = ctx.saved_tensors
     shared, need_in, need_w, need_b = ctx.small
     args = (inp.detach(), weight.detach(), None if bias is None else bias.detach(), stash, grad_loss, shared,
             need_in, need_w, need_b, row_mask)
@@ -380,6 +385,8 @@ def _small_backward(ctx, grad_loss, n_inputs: int) -> tuple:
     else:  # eager: the launcher itself (no placeholders for the gradients not asked for; autocast leaves it alone)
         g_in, g_w, g_b = _small.small_heads_backward(*args)
     out[0], out[1], out[2] = (g_in if need_in else None), (g_w if need_w else None), (g_b if need_b else None)
+    if tgrad is not None:  # (not in place: a second backward through a retained graph finds it as launch 1 wrote it)
+        out[3] = _in_dtype(_kl.scale_grads([tgrad], grad_loss)[0], ctx.teacher_dtype)
     return tuple(out)
 
 

@@ -660,10 +660,10 @@ def _sum_rows_into(out, src, dim: int, first: bool) -> None:
         out += src.sum(dim, dtype=torch.float32)
 
 
-def small_step_config(inp, weight, need_t: bool, teacher_indices) -> dict | None:
-    """The small-step path's blocks where it takes this call (a dense, frozen teacher, a problem that
+def small_step_config(inp, weight, teacher_indices) -> dict | None:
+    """The small-step path's blocks where it takes this call (a dense teacher, a problem that
     small_heads_config accepts, FASTHYDRA_SMALL_STEP not "0"), else None."""
-    if small_step_mode() != "auto" or need_t or teacher_indices is not None:
+    if small_step_mode() != "auto" or teacher_indices is not None:
         return None
     return small_heads_config(inp.shape[0], weight.shape[0], weight.shape[1], weight.shape[2], inp.element_size())
 
@@ -672,15 +672,15 @@ def linear_hydra_kl_forward_triton(inp, weight, bias, teacher, temperature: floa
                                    need_in: bool, need_w: bool, need_b: bool, need_t: bool = False,
                                    teacher_indices=None, row_mask=None):
     """Heads + Hydra loss on the Triton path. Small problems (``small_heads_config``: C <= 64, up to
-    8192 rows, M*C*K <= 2^20, weight re-reads bounded) with a dense, frozen teacher take the two-launch
+    8192 rows, M*C*K <= 2^20, weight re-reads bounded) with a dense teacher take the two-launch
     path (``linear_hydra_kl_forward_small``) unless FASTHYDRA_SMALL_STEP=0; everything else cuBLAS
     GEMMs around the loss kernel (``linear_hydra_kl_forward_cublas``). (A third design, Triton GEMM
     tiles fused with the softmax/KL, took 1.9x to 11x this path's time on an H200 and was removed:
     bench/RESULTS.md.) A row mask is read by either path's kernels. Returns (loss, grad_in, grad_weight,
     grad_bias, grad_teacher), None where not asked for."""
-    cfg = small_step_config(inp, weight, need_t, teacher_indices)
+    cfg = small_step_config(inp, weight, teacher_indices)
     if cfg is not None:
         return linear_hydra_kl_forward_small(inp, weight, bias, teacher, temperature, reduction, shared, need_in,
-                                             need_w, need_b and bias is not None, cfg, row_mask)
+                                             need_w, need_b and bias is not None, cfg, row_mask, need_t)
     return linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature, reduction, shared,
                                           need_in, need_w, need_b, need_t, teacher_indices, row_mask)

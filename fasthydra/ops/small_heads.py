@@ -21,12 +21,14 @@ from .hydra_kl import reduction_coefficient
 
 
 def small_heads_forward(inp, weight, bias, teacher, temperature: float, reduction: str, shared: bool, want_grad: bool,
-                        cfg: dict, row_mask=None):
+                        cfg: dict, row_mask=None, want_tgrad: bool = False):
     """Launch 1: per (row block, head group) the logits, loss rows and (want_grad) dz, stashed (B, M, C)
     in the input dtype (fp32 for fp16 inputs, whose range dz = T (q - p) / (B M) leaves: stored_grad_dtype);
     for "mean"/"sum" the last program reduces the loss. row_mask (B,) bool: the rows left out get loss 0 and
     dz 0, their inputs not read, and "mean" is over the kept rows' B_kept * M entries (the count summed on the
-    device first: one small launch). Returns (loss, stash or None)."""
+    device first: one small launch). want_tgrad: the teacher's gradient too (B, M, C) contiguous, in its stored
+    dtype, scaled by the reduction (a teacher that requires grad, a learned temperature). Returns (loss, stash
+    or None, teacher gradient or None)."""
     from fasthydra.kernels.small_heads import _small_heads_kl_kernel
 
     m, c, k = weight.shape
@@ -40,6 +42,7 @@ def small_heads_forward(inp, weight, bias, teacher, temperature: float, reductio
     rows = torch.empty(b, m, dtype=torch.float32, device=dev)
     parts = torch.empty(grid1, dtype=torch.float32, device=dev)
     stash = torch.empty(b, m, c, dtype=stored_grad_dtype(dt), device=dev) if want_grad else None
+    tgrad = torch.empty(b, m, c, dtype=stored_grad_dtype(teacher.dtype), device=dev) if want_tgrad else None
     reduce = reduction != "none"
     out = torch.empty((), dtype=torch.float32, device=dev) if reduce else rows
     coef = reduction_coefficient(reduction, b * m)
@@ -47,17 +50,18 @@ def small_heads_forward(inp, weight, bias, teacher, temperature: float, reductio
     tf, temp, t_ptr = temperature_scalars(temperature)
     _small_heads_kl_kernel[grid1](
         inp, weight, bias if bias is not None else weight, teacher, rows, parts, rows if stash is None else stash,
-        error_word(dev, "distill_loss"), out, finished_count(dev) if reduce else parts, _keep_arg(row_mask, parts),
+        rows if tgrad is None else tgrad, error_word(dev, "distill_loss"), out,
+        finished_count(dev) if reduce else parts, _keep_arg(row_mask, parts),
         row_mask.sum() if mean_kept else parts, b, m, c, k, cfg["HEADS"],
         inp.stride(0), 0 if shared else inp.stride(1), weight.stride(0), weight.stride(1),
         bias.stride(0) if bias is not None else 0, teacher.stride(0), teacher.stride(1), 1.0 / tf, tf * tf, tf * coef,
-        coef, temp, T_PTR=t_ptr, HAS_BIAS=bias is not None, WRITE_GRAD=want_grad,
+        coef, temp, T_PTR=t_ptr, HAS_BIAS=bias is not None, WRITE_GRAD=want_grad, WRITE_TGRAD=want_tgrad,
         REDUCE=reduce, HAS_KEEP=row_mask is not None, MEAN_KEPT=mean_kept, UPCAST_DOT=upcast_dot(dt),
         PRECISION=dot_precision(dt),
         BLOCK_B=cfg["BLOCK_B"], BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"],
         BLOCK_P=_common.reduce_block(grid1[0] * grid1[1], cfg["num_warps"]), num_warps=cfg["num_warps"])
     after_launch(dev, "distill_loss", teacher.shape)
-    return out, stash
+    return out, stash, tgrad
 
 
 def small_heads_backward(inp, weight, bias, stash, grad_loss, shared: bool, need_in: bool, need_w: bool,
@@ -79,17 +83,18 @@ def _keep_arg(row_mask, placeholder):
 
 
 def linear_hydra_kl_forward_small(inp, weight, bias, teacher, temperature: float, reduction: str, shared: bool,
-                                  need_in: bool, need_w: bool, need_b: bool, cfg: dict, row_mask=None):
+                                  need_in: bool, need_w: bool, need_b: bool, cfg: dict, row_mask=None,
+                                  need_t: bool = False):
     """Heads + Hydra loss with the gradients formed in the forward (the path's knob SMALL_DEFERRED off, and
     reduction "none"): launch 1, then launch 2 at once. Returns (loss, grad_in, grad_weight, grad_bias,
-    None)."""
+    grad_teacher), None where not asked."""
     want_grad = need_in or need_w or need_b
-    loss, stash = small_heads_forward(inp, weight, bias, teacher, temperature, reduction, shared, want_grad, cfg,
-                                      row_mask)
+    loss, stash, tgrad = small_heads_forward(inp, weight, bias, teacher, temperature, reduction, shared, want_grad,
+                                             cfg, row_mask, need_t)
     if not want_grad:
-        return loss, None, None, None, None
+        return loss, None, None, None, tgrad
     return (loss, *launch_small_grads(inp.contiguous(), weight.contiguous(), bias, stash, cfg, shared, need_in,
-                                      need_w, need_b, row_mask=row_mask), None)
+                                      need_w, need_b, row_mask=row_mask), tgrad)
 
 
 def launch_small_grads(inp, weight, bias, stash, cfg: dict, shared: bool, need_in: bool, need_w: bool, need_b: bool,
