@@ -401,34 +401,45 @@ def _graph_against_eager(monkeypatch, path, hidden, loss_fn, values, tensor: boo
     x = torch.randn(64, 32, device="cuda")
     t = teacher_logits(64, 4, 10, device="cuda", masked=False)
     temperature = torch.tensor(float(values[0]), device="cuda") if tensor else values[0]
+    eager_t = [values[0]]
 
-    def step(i, T):
+    def step(i):
         (b, h), o = twins[i], opts[i]
         o.zero_grad(set_to_none=False)
-        loss = loss_fn(b, h, b(x), t, T)
+        loss = loss_fn(b, h, b(x), t, temperature if i == 0 else eager_t[0])
         loss.backward()
         o.step()
         return loss
 
+    def before_replay(r):
+        eager_t[0] = values[r]
+        if tensor:
+            temperature.fill_(values[r])
+
+    _replay_against_eager(step, len(values), before_replay, twins)
+
+
+def _replay_against_eager(step, rounds: int, before_replay, twins) -> None:
+    """step(0) captured in a CUDA graph after a warm-up of both twins on a side stream (as torch.cuda.graphs
+    asks); each round: before_replay(round), a replay and an eager step(1), which must give the same loss; then
+    the twins' modules (pairs of (body, head)) must hold the same parameters."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graphs asks
+    with torch.cuda.stream(side):
         for _ in range(3):
-            step(0, temperature)
-            step(1, values[0])
+            step(0)
+            step(1)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static_loss = step(0, temperature)
-    for value in values:
-        if tensor:
-            temperature.fill_(value)
+        static_loss = step(0)
+    for r in range(rounds):
+        before_replay(r)
         graph.replay()
-        eager_loss = step(1, value)
+        eager_loss = step(1)
         torch.cuda.synchronize()
-        assert torch.allclose(static_loss, eager_loss, rtol=1e-4, atol=1e-6), (value, static_loss, eager_loss)
-    for p, q in zip([*twins[0][0].parameters(), *twins[0][1].parameters()],
-                    [*twins[1][0].parameters(), *twins[1][1].parameters()]):
+        assert torch.allclose(static_loss, eager_loss, rtol=1e-4, atol=1e-6), (r, static_loss, eager_loss)
+    for p, q in zip([p for m in twins[0] for p in m.parameters()], [q for m in twins[1] for q in m.parameters()]):
         assert torch.allclose(p, q, rtol=1e-4, atol=1e-6)
 
 
@@ -478,25 +489,8 @@ def test_a_learned_temperature_step_replays_in_a_cuda_graph(hidden):
         o.step()
         return loss
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graphs asks
-        for _ in range(3):
-            step(0)
-            step(1)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_loss = step(0)
-    for _ in range(4):
-        graph.replay()
-        eager_loss = step(1)
-        torch.cuda.synchronize()
-        assert torch.allclose(static_loss, eager_loss, rtol=1e-4, atol=1e-6), (static_loss, eager_loss)
+    _replay_against_eager(step, 4, lambda r: None, twins)
     assert temps[0].item() != 2.0 and torch.allclose(temps[0], temps[1], rtol=1e-4, atol=1e-6), temps
-    for p, q in zip([*twins[0][0].parameters(), *twins[0][1].parameters()],
-                    [*twins[1][0].parameters(), *twins[1][1].parameters()]):
-        assert torch.allclose(p, q, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("learned", [False, True], ids=["fixed", "learned"])
