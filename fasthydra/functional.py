@@ -896,7 +896,7 @@ def _fused(inp, weight, bias, teacher, temperature, reduction, shared, impl, kee
     on = torch.is_grad_enabled()
     teacher, indices = _teacher_parts(teacher)
     needs = [on and t is not None and t.requires_grad for t in (inp, weight, bias, teacher)]
-    defer = _ops.small_deferred_config(inp, weight, bias, reduction, *needs, impl, indices) is not None
+    defer = _ops.small_deferred_config(inp, weight, bias, reduction, *needs[:3], impl, indices) is not None
     t_number, t_tensor = _temperature_parts(temperature)
     loss, *_ = _ops.linear_hydra_kl_call(inp, weight, bias, teacher, t_number, reduction, shared, *needs, impl,
                                          indices, defer, keep, t_tensor)

@@ -237,7 +237,7 @@ def _linear_hydra_kl_impl(inp: torch.Tensor, weight: torch.Tensor, bias: torch.T
     elif impl != "triton":  # the Triton kernels check the teacher while they read it (no extra pass)
         flag_teacher_rows(teacher, "distill_loss")
     if small_deferred:
-        cfg = small_deferred_config(inp, weight, bias, reduction, need_in, need_w, need_b, need_t, impl,
+        cfg = small_deferred_config(inp, weight, bias, reduction, need_in, need_w, need_b, impl,
                                     teacher_indices)
         if cfg is None:
             raise ValueError("linear_hydra_kl: small_deferred=True is for the calls small_deferred_config "
@@ -253,11 +253,12 @@ def _linear_hydra_kl_impl(inp: torch.Tensor, weight: torch.Tensor, bias: torch.T
             _none_to_empty(g_t, teacher))
 
 
-def small_deferred_config(inp, weight, bias, reduction, need_in, need_w, need_b, need_t, impl, teacher_indices):
+def small_deferred_config(inp, weight, bias, reduction, need_in, need_w, need_b, impl, teacher_indices):
     """The small-step path's blocks where the heads op defers its gradients to the backward: the Triton
     path taking the small-step kernels, a reduced loss, some gradient wanted. The forward then returns
     the stash of dL/dz (B, M, C) in the input gradient's place, and the backward runs launch 2 with the
-    upstream gradient read on the device (no stored gradients, no scaling launch). Else None. The caller
+    upstream gradient read on the device (no stored gradients, no scaling launch, but for a teacher's gradient
+    where the teacher requires grad: launch 1 forms it, the backward scales it). Else None. The caller
     (functional._fused) passes the verdict as the op's small_deferred argument: it is part of the
     traced graph, so the fake implementation never has to decide it again."""
     if impl != "triton" or not _common.SMALL_DEFERRED or reduction == "none":
