@@ -20,7 +20,7 @@ from fasthydra.ops._common import (TEMPERATURE_RANGE, auto_fallback_reason, inte
 from fasthydra.ops import checks as _checks
 from fasthydra.ops.checks import caller_lead, flag_gaussian_teacher, flag_teacher_rows, flag_topk_teacher, poll
 from fasthydra.ops.gaussian_kl import gaussian_kl_torch, split_gaussian
-from fasthydra.ops.hydra_kl import masked_reduction, neg_dots_over_square
+from fasthydra.ops.hydra_kl import masked_reduction, neg_dots_over
 from fasthydra.ops.uncertainty import ensemble_log_mean_triton
 from fasthydra.ops import library as _ops
 from fasthydra.reference import TopKTeacher, Uncertainty, uncertainty_ref
@@ -99,25 +99,27 @@ def _temperature_parts(temperature) -> tuple:
     return (1.0, temperature) if isinstance(temperature, torch.Tensor) else (temperature, None)
 
 
-class _UnitScale(torch.autograd.Function):
-    """xs / s for a 0-dim s whose value is 1 (s = T / T.detach()), with the gradients of the division: in eager
-    mode the xs themselves (views: no copies, and an op that keeps a weak reference to its input for a second
-    backward finds the caller's tensor); compiled, the divisions (AOTAutograd of torch 2.4 replays an output
-    that aliases an input as a plain view of it, outside the graph, and s's gradient through it was lost).
-    Backward: each x's gradient passes as it is (divided by s = 1); s's is -sum <g, x> / s^2 over all of them
-    (``ops.hydra_kl.neg_dots_over_square``: one launch on a GPU, nothing of the xs' size written), a NaN
-    product counted as 0: 0 * inf at a masked class's -inf teacher logit or a padding row's NaN or inf, where
-    the division's own backward would make s's gradient NaN. (A NaN gradient there, from a NaN loss or
-    upstream gradient, still reaches dL/dT: through the s^2 factor's 2 L term.) This form (setup_context, a
-    vmap rule) serves torch.func transforms and torch.compile; eager calls take _UnitScaleEager, the classic
-    form of the same Function (a separate setup_context costs a signature bind per call: 15 us)."""
+class _LearnedT(torch.autograd.Function):
+    """xs / s for s = T / T.detach(), whose value is 1, with the gradients of the division; T a learned
+    temperature (see _learned_temperature). In eager mode the xs themselves (views: no copies, and an op that keeps
+    a weak reference to its input for a second backward finds the caller's tensor); compiled, the divisions
+    (AOTAutograd of torch 2.4 replays an output that aliases an input as a plain view of it, outside the graph,
+    and T's gradient through it was lost). Backward: each x's gradient passes as it is (divided by s = 1); T's is
+    -sum <g, x> / T over all of them (``ops.hydra_kl.neg_dots_over``: one launch on a GPU, nothing of the xs' size
+    written), a NaN product counted as 0: 0 * inf at a masked class's -inf teacher logit or a padding row's NaN or
+    inf, where the division's own backward would make T's gradient NaN. (A NaN gradient there, from a NaN loss or
+    upstream gradient, still reaches dL/dT: through _LearnedSquare's 2 L term.) One autograd node for what
+    s = T / T0 and the divisions took four. This form (setup_context, a vmap rule) serves torch.func transforms
+    and torch.compile; eager calls take the classic form (_classic: a separate setup_context costs a signature
+    bind per call, 15 us)."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(s, *xs):
+    def forward(temperature, *xs):
         if torch.compiler.is_compiling():
-            return tuple(x / s for x in xs)
+            unit = (temperature / temperature).reshape(())  # (exactly 1 for any T in the ops' range)
+            return tuple(x / unit for x in xs)
         return tuple(x.view_as(x) for x in xs)
 
     @staticmethod
@@ -127,23 +129,65 @@ class _UnitScale(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        s, *xs = ctx.saved_tensors
-        gs = None
-        if ctx.needs_input_grad[0]:  # d(x / s)/ds = -x / s^2
+        temperature, *xs = ctx.saved_tensors
+        grad_t = None
+        if ctx.needs_input_grad[0]:  # d(x / s)/dT = -x / (s^2 T0) = -x / T at s = 1
             pairs = [(g, x) for g, x in zip(grads, xs) if g is not None]
-            gs = neg_dots_over_square(s, pairs) if pairs else None
-        return (gs, *(g if need else None for g, need in zip(grads, ctx.needs_input_grad[1:])))
+            grad_t = neg_dots_over(temperature, pairs) if pairs else None
+        return (grad_t, *(g if need else None for g, need in zip(grads, ctx.needs_input_grad[1:])))
 
 
-class _UnitScaleEager(torch.autograd.Function):
-    """_UnitScale in the classic form (forward takes ctx), for calls outside torch.func transforms."""
+class _LearnedSquare(torch.autograd.Function):
+    """loss * s^2 for s = T / T.detach() (value 1; see _LearnedT): the loss as it is (a view in eager mode, a
+    product compiled, as there), its gradient passed on, and T's gradient 2 <g, loss> / T. With _LearnedT it
+    makes the loss homogeneous of degree 2 in (z, t, T) hold for T's gradient: one node for the square and the
+    product."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, s, *xs):
-        _UnitScale.setup_context(ctx, (s, *xs), None)
-        return _UnitScale.forward(s, *xs)
+    def forward(loss, temperature):
+        if torch.compiler.is_compiling():
+            return loss * (temperature / temperature).reshape(()).to(loss.dtype)
+        return loss.view_as(loss)
 
-    backward = staticmethod(_UnitScale.backward)
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if grad is None:
+            return None, None
+        loss, temperature = ctx.saved_tensors
+        grad_t = None
+        if ctx.needs_input_grad[1]:  # (a CPU T of CUDA losses: one copy)
+            dot = (grad.to(temperature.dtype) * loss.to(temperature.dtype)).sum()
+            grad_t = dot.to(temperature.device).mul_(2.0) / temperature
+        return grad if ctx.needs_input_grad[0] else None, grad_t
+
+
+def _classic(function: type) -> type:
+    """The classic form (forward takes ctx) of an autograd.Function written with setup_context, for eager calls
+    outside torch.func transforms (whose setup_context costs an inspect.signature bind per call)."""
+
+    def forward(ctx, *inputs):
+        function.setup_context(ctx, inputs, None)
+        return function.forward(*inputs)
+
+    return type(function.__name__ + "Eager", (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(function.backward),
+                 "__doc__": f"{function.__name__} in the classic form (see _classic)."})
+
+
+_LearnedTEager, _LearnedSquareEager = _classic(_LearnedT), _classic(_LearnedSquare)
+
+
+def _functional_form() -> bool:
+    """Whether a Function must take its setup_context form (compiled, or under a torch.func transform). (Dynamo of
+    torch 2.4 cannot trace the second call: asked only outside compilation.)"""
+    return torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
 
 
 def _learned_temperature(temperature) -> bool:
@@ -151,28 +195,21 @@ def _learned_temperature(temperature) -> bool:
     degree 2 in (student logits, teacher logits, T) (``T^2 KL(softmax(t/T) || softmax(z/T))``; `uncertainty` of
     degree 0), so ``L(z, t, T) = s^2 L(z/s, t/s, T0)`` for T0 = T.detach() and s = T / T0, whose value is 1: the
     ops run on the same values with T0 (the kernels unchanged, fp32 inside), and autograd carries
-    ``dL/dT = (2 L - <z, dL/dz> - <t, dL/dt>) / T`` through s (the teacher's gradient is formed for it)."""
+    ``dL/dT = (2 L - <z, dL/dz> - <t, dL/dt>) / T`` (_LearnedT, _LearnedSquare; the teacher's gradient is formed
+    for it)."""
     return isinstance(temperature, torch.Tensor) and temperature.requires_grad and torch.is_grad_enabled()
 
 
-def _unit_of(temperature: torch.Tensor) -> tuple:
-    """(T0 = T.detach(), s = T / T0 as a 0-dim tensor of value 1) for a learned temperature."""
-    value = temperature.detach()
-    return value, (temperature / value).reshape(())
+def _learned_square(loss: torch.Tensor, learned: torch.Tensor) -> torch.Tensor:
+    """loss * s^2 (see _LearnedSquare) for the learned temperature `learned`."""
+    return (_LearnedSquare if _functional_form() else _LearnedSquareEager).apply(loss, learned)
 
 
-def _times_unit_square(loss: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
-    """loss * s^2 in the loss's dtype (a 0-dim fp64 s would promote a scalar loss: two 0-dim tensors)."""
-    return loss * unit.square().to(loss.dtype)
-
-
-def _unit_scaled(unit: torch.Tensor, *items) -> list:
-    """Each item / s (see _UnitScale): tensors, a TopKTeacher (its values), None (as it is)."""
+def _learned_scaled(learned: torch.Tensor, *items) -> list:
+    """Each item / s (see _LearnedT) for the learned temperature `learned`: tensors, a TopKTeacher (its values),
+    None (as it is)."""
     tensors = [item.values if isinstance(item, TopKTeacher) else item for item in items if item is not None]
-    functional_form = torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()  # (dynamo of
-    # torch 2.4 cannot trace the second call)
-    scale = _UnitScale if functional_form else _UnitScaleEager
-    scaled = iter(scale.apply(unit, *tensors))
+    scaled = iter((_LearnedT if _functional_form() else _LearnedTEager).apply(learned, *tensors))
     return [None if item is None else TopKTeacher(next(scaled), item.indices) if isinstance(item, TopKTeacher)
             else next(scaled) for item in items]
 
@@ -501,10 +538,10 @@ def hydra_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
     """
     student, teacher_rows, lead = _check_logit_pair(student_logits, teacher_logits)
     temperature = _check_temperature(temperature, student)
-    unit = None
+    learned = None
     if _learned_temperature(temperature):  # (the arguments checked once: the scaled ones are views of them)
-        temperature, unit = _unit_of(temperature)
-        student, teacher_rows = _unit_scaled(unit, student, teacher_rows)
+        temperature, learned = temperature.detach(), temperature
+        student, teacher_rows = _learned_scaled(learned, student, teacher_rows)
     reduction = _check_reduction(reduction)
     teacher, indices = _teacher_parts(teacher_rows)
     keep = _check_row_mask(row_mask, lead, "student_logits", student_logits)
@@ -518,7 +555,7 @@ def hydra_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
     if reduction == "none" and len(lead) != 1:
         loss = loss.reshape(*lead, student.shape[1])
     loss = _autocast_loss(loss, student_logits)
-    return loss if unit is None else _times_unit_square(loss, unit)
+    return loss if learned is None else _learned_square(loss, learned)
 
 
 def ensemble_log_mean_probs(teacher_logits: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
@@ -569,10 +606,10 @@ def hinton_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
                          f"agree in the leading shape (batch) and classes C: student_logits must be (*, C) or "
                          f"(*, 1, C) with * = {lead} for the Hinton loss")
     temperature = _check_temperature(temperature, student_logits)  # (once: the helpers below take it checked)
-    unit = None
+    learned = None
     if _learned_temperature(temperature):
-        temperature, unit = _unit_of(temperature)
-        student_logits, teacher_logits = _unit_scaled(unit, student_logits, teacher_logits)
+        temperature, learned = temperature.detach(), temperature
+        student_logits, teacher_logits = _learned_scaled(learned, student_logits, teacher_logits)
     z = student_logits if student_logits.dim() == 3 and len(lead) == 1 else \
         student_logits.reshape(math.prod(lead), 1, c)
     keep = _check_row_mask(row_mask, lead, "student_logits", student_logits)
@@ -582,7 +619,7 @@ def hinton_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
         else:
             loss = _hinton_dense(z, student_logits, teacher_logits, temperature, reduction, impl, keep)
     loss = loss.reshape(lead) if reduction == "none" and len(lead) != 1 else loss
-    return loss if unit is None else _times_unit_square(loss, unit)
+    return loss if learned is None else _learned_square(loss, learned)
 
 
 def _hinton_dense(z, student_logits, teacher_logits, temperature, reduction, impl, keep):
@@ -822,19 +859,19 @@ def linear_hydra_kl_loss(x, weight, bias, teacher_logits, temperature: float | t
     _check_heads_input(x, weight, bias)
     temperature, reduction, keep = _check_fused_loss_args(x, teacher_logits, weight, temperature, reduction, "x",
                                                           row_mask)
-    unit = None
+    learned = None
     if _learned_temperature(temperature):
         # z / s = (x / s) W^T + b / s = x (W / s)^T + b / s: x scaled where its gradient is formed anyway (a (B, D)
         # reduction, not a weight-sized one), else the weight (no dx GEMM added for a frozen body)
-        temperature, unit = _unit_of(temperature)
+        temperature, learned = temperature.detach(), temperature
         scale_x = x.requires_grad or not weight.requires_grad
-        xs, ws, bias, teacher_logits = _unit_scaled(unit, x if scale_x else None, None if scale_x else weight, bias,
-                                                    teacher_logits)
+        xs, ws, bias, teacher_logits = _learned_scaled(learned, x if scale_x else None, None if scale_x else weight,
+                                                       bias, teacher_logits)
         x, weight = x if xs is None else xs, weight if ws is None else ws
     impl = resolve_impl(impl, x, weight, bias, _teacher_parts(teacher_logits)[0])
     # (x's rows left out are set to 0 inside the op: no (B, D) copy kept for a second backward)
     loss = _fused(x, weight, bias, teacher_logits, temperature, reduction, True, impl, keep)
-    return loss if unit is None else _times_unit_square(loss, unit)
+    return loss if learned is None else _learned_square(loss, learned)
 
 
 @on_tensor_device
@@ -866,12 +903,12 @@ def mlp_hydra_kl_loss(x, hidden_weight, hidden_bias, weight, bias, teacher_logit
     _check_mlp_params(x, hidden_weight, hidden_bias, weight, bias)
     temperature, reduction, keep = _check_fused_loss_args(x, teacher_logits, weight, temperature, reduction, "x",
                                                           row_mask)
-    unit = None
+    learned = None
     if _learned_temperature(temperature):  # (z linear in the second layer's (weight, bias): those scaled)
-        temperature, unit = _unit_of(temperature)
-        weight, bias, teacher_logits = _unit_scaled(unit, weight, bias, teacher_logits)
+        temperature, learned = temperature.detach(), temperature
+        weight, bias, teacher_logits = _learned_scaled(learned, weight, bias, teacher_logits)
     loss = _mlp_loss(x, hidden_weight, hidden_bias, weight, bias, teacher_logits, temperature, reduction, impl, keep)
-    return loss if unit is None else _times_unit_square(loss, unit)
+    return loss if learned is None else _learned_square(loss, learned)
 
 
 def _mlp_loss(x, hidden_weight, hidden_bias, weight, bias, teacher_logits, temperature, reduction, impl, keep):
@@ -938,8 +975,8 @@ def uncertainty(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0, i
     _check_extent("logits", logits, -2, "head")
     _check_extent("logits", logits, -1, "class (C >= 1)")
     if _learned_temperature(temperature):  # (degree 0: uncertainty(z, T) = uncertainty(z / s, T0))
-        temperature, unit = _unit_of(temperature)
-        logits, = _unit_scaled(unit, logits)
+        temperature, learned = temperature.detach(), temperature
+        logits, = _learned_scaled(learned, logits)
     impl = resolve_impl(impl, logits)
     lead, z = logits.shape[:-2], _rows(logits, 2)
     if _plain_torch_ops():  # (vmap over a batch of predictions, a trace) the reference's torch ops, fp32 or wider

@@ -152,15 +152,15 @@ def _kernel_specs():
                                        "n_b": 8 * 32000 * 2048, "c_ptr": f"*{ty}", "n_c": 8 * 32000},
             {"BLOCK": SCALE_BLOCK}, {"num_warps": 4}, ty)
 
-    from fasthydra.kernels.reduce import _neg_dots_over_square_kernel
+    from fasthydra.kernels.reduce import _neg_dots_over_kernel
 
     for ty, gty, sty in (("fp32", "fp32", "fp32"), ("bf16", "bf16", "fp32"), ("fp16", "fp32", "fp64")):
-        # a learned temperature's backward (functional._UnitScale): x and dx, the bias, the teacher (gpu-large)
+        # a learned temperature's backward (functional._LearnedT): x and dx, the bias, the teacher (gpu-large)
         n = 4096 * 2048
-        add(_neg_dots_over_square_kernel, {"s_ptr": f"*{sty}", "a_ptr": f"*{gty}", "b_ptr": f"*{ty}", "n_a": n,
-                                           "c_ptr": f"*{gty}", "d_ptr": f"*{ty}", "n_c": 8 * 32000,
-                                           "e_ptr": f"*{gty}", "f_ptr": f"*{ty}", "n_e": 4096 * 8 * 32000,
-                                           "part_ptr": "*fp32", "out_ptr": f"*{sty}", "count_ptr": "*i32"},
+        add(_neg_dots_over_kernel, {"t_ptr": f"*{sty}", "a_ptr": f"*{gty}", "b_ptr": f"*{ty}", "n_a": n,
+                                    "c_ptr": f"*{gty}", "d_ptr": f"*{ty}", "n_c": 8 * 32000,
+                                    "e_ptr": f"*{gty}", "f_ptr": f"*{ty}", "n_e": 4096 * 8 * 32000,
+                                    "part_ptr": "*fp32", "out_ptr": f"*{sty}", "count_ptr": "*i32"},
             {"BLOCK": SCALE_BLOCK, "BLOCK_P": cfgs.reduce_block(SCALE_PROGRAMS, 4)}, {"num_warps": 4}, ty)
     for ty in ("fp32", "bf16"):  # the torch path's teacher check on CUDA (one value per row)
         add(_flag_rows_kernel, {"v_ptr": f"*{ty}", "n": 4096 * 8, "err_ptr": "*i32"}, {"BLOCK": FLAG_BLOCK},

@@ -47,7 +47,7 @@ def _kept_mean_factor(nkept_ptr, batch_rows, MEAN_KEPT: tl.constexpr):
 @triton.jit
 def _dot_range(a_ptr, b_ptr, n, pid, n_progs, BLOCK: tl.constexpr):
     """Per-lane fp32 sums of a[i] * b[i] over program pid's share of [0, n) (BLOCK-element blocks, a grid stride),
-    a NaN product counted as 0 (0 * inf, 0 * NaN: see _neg_dots_over_square_kernel); infinities kept."""
+    a NaN product counted as 0 (0 * inf, 0 * NaN: see _neg_dots_over_kernel); infinities kept."""
     acc = tl.zeros((BLOCK,), tl.float32)
     for start in range(pid * BLOCK, n, n_progs * BLOCK):
         offs = start + tl.arange(0, BLOCK)
@@ -59,8 +59,8 @@ def _dot_range(a_ptr, b_ptr, n, pid, n_progs, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _neg_dots_over_square_kernel(
-    s_ptr,  # a 0-dim floating tensor s (a learned temperature's unit scale, value 1)
+def _neg_dots_over_kernel(
+    t_ptr,  # a one-element floating tensor t (a learned temperature)
     a_ptr,  # up to three pairs of contiguous tensors (n_* = 0: not there): gradient and input of each
     b_ptr,
     n_a,
@@ -71,12 +71,12 @@ def _neg_dots_over_square_kernel(
     f_ptr,
     n_e,
     part_ptr,  # (programs,) fp32 partial sums
-    out_ptr,  # out: 0-dim, s's dtype: -(<a, b> + <c, d> + <e, f>) / s^2
+    out_ptr,  # out: one element, t's dtype: -(<a, b> + <c, d> + <e, f>) / t
     count_ptr,  # int32 count of finished programs, 0 before and after the launch
     BLOCK: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    """d(sum_i x_i / s)/ds = -sum_i <g_i, x_i> / s^2 for the gradients g_i of the x_i / s (functional._UnitScale):
+    """d/dT of the x_i / (T / T0) at T = T0 (functional._LearnedT): -sum_i <g_i, x_i> / T for their gradients g_i;
     one read of each tensor, nothing of their size written (the torch form made a product of the largest, a
     teacher's logits, and 16-bit ones in fp32 first); the products of a pair summed in fp32, in a fixed order
     (the last program sums the partials: deterministic)."""
@@ -86,5 +86,4 @@ def _neg_dots_over_square_kernel(
     acc += _dot_range(c_ptr, d_ptr, n_c, pid, n_progs, BLOCK)
     acc += _dot_range(e_ptr, f_ptr, n_e, pid, n_progs, BLOCK)
     tl.store(part_ptr + pid, tl.sum(acc, axis=0))
-    s = tl.load(s_ptr)
-    _last_program_sums(part_ptr, n_progs, out_ptr, count_ptr, -1.0 / (s * s), BLOCK_P)
+    _last_program_sums(part_ptr, n_progs, out_ptr, count_ptr, -1.0 / tl.load(t_ptr), BLOCK_P)

@@ -1263,20 +1263,20 @@ def test_scale_unless_one_kernel(monkeypatch, upstream):
             assert_close_to(x, expected, rtol=rtol, atol=0.0, what=str(x.dtype))
 
 
-def _neg_dots_reference(s, pairs):
-    """-sum <g, x> / s^2 in float64, NaN products as 0 (what a learned temperature's gradient is built from)."""
+def _neg_dots_reference(t, pairs):
+    """-sum <g, x> / t in float64, NaN products as 0 (a learned temperature's gradient through the xs)."""
     total = sum((g.double() * x.double()).nan_to_num(nan=0.0, posinf=math.inf, neginf=-math.inf).sum()
                 for g, x in pairs)
-    return -total / s.double() ** 2
+    return -total / t.double()
 
 
-@pytest.mark.parametrize("s_dtype", [torch.float32, torch.float64])
-def test_neg_dots_over_square_kernel(monkeypatch, s_dtype):
-    """dL/dT's reduction in a learned temperature's backward (functional._UnitScale), under the interpreter: one
+@pytest.mark.parametrize("t_dtype", [torch.float32, torch.float64])
+def test_neg_dots_over_kernel(monkeypatch, t_dtype):
+    """dL/dT's reduction in a learned temperature's backward (functional._LearnedT), under the interpreter: one
     launch over three pairs of three dtypes (a 16-bit teacher with an fp32 gradient, as fp16's are stored), each
     longer than the programs' first blocks (grid stride), against float64; a masked class (0 * -inf) and a padding
-    row (0 * NaN) count 0, an infinite product stays infinite; the result is 0-dim in s's dtype, and s = 2
-    divides by 4. A launch is what ran: the torch form is switched off."""
+    row (0 * NaN) count 0, an infinite product stays infinite; the result has T's shape and dtype (0-dim, (1,)),
+    and T = 2 divides by 2. A launch is what ran: the torch form is switched off."""
     monkeypatch.setattr(hk, "SCALE_PROGRAMS", 3)
     monkeypatch.setattr(hk, "SCALE_BLOCK", 16)
     monkeypatch.setattr(hk, "DOT_CHUNK_ELEMENTS", None)  # (the torch form would fail on it)
@@ -1289,35 +1289,36 @@ def test_neg_dots_over_square_kernel(monkeypatch, s_dtype):
     t[0, 1, 2], gt[0, 1, 2] = float("-inf"), 0.0
     x[3], gx[3] = float("nan"), 0.0
     pairs = [(gx, x), (gb, b), (gt, t)]
-    for s_value in (1.0, 2.0):
-        s = torch.tensor(s_value, dtype=s_dtype)
-        got = hk.neg_dots_over_square(s, pairs)
-        assert got.shape == () and got.dtype == s_dtype
-        size = sum((g.double() * x.double()).nan_to_num(0.0).abs().sum() for g, x in pairs) / s_value ** 2
-        assert_close_to(got, _neg_dots_reference(s, pairs), rtol=0.0, atol=1e-6 * size, what=f"s={s_value}")
+    for value, shape in ((1.0, ()), (2.0, (1,))):
+        temperature = torch.nn.Parameter(torch.full(shape, value, dtype=t_dtype))  # (as a learned T is held)
+        got = hk.neg_dots_over(temperature, pairs)
+        assert got.shape == shape and got.dtype == t_dtype
+        size = sum((g.double() * x.double()).nan_to_num(0.0).abs().sum() for g, x in pairs) / value
+        assert_close_to(got, _neg_dots_reference(temperature.detach(), pairs), rtol=0.0, atol=1e-6 * size,
+                        what=f"T={value}")
     gb[1, 1] = 1.0
     with torch.no_grad():
         b[1, 1] = float("inf")
-    assert hk.neg_dots_over_square(torch.tensor(1.0, dtype=s_dtype), pairs).item() == -math.inf
+    assert hk.neg_dots_over(torch.tensor(1.0, dtype=t_dtype), pairs).item() == -math.inf
 
 
-def test_neg_dots_over_square_takes_torch_ops_where_the_kernel_does_not_apply(monkeypatch):
+def test_neg_dots_over_takes_torch_ops_where_the_kernel_does_not_apply(monkeypatch):
     """Non-contiguous tensors, float64 ones, more than three pairs: the chunked torch form (the kernel reads
-    contiguous 16/32-bit storage, three pairs a launch); the same value either way, s = 2 dividing by 4."""
+    contiguous 16/32-bit storage, three pairs a launch); the same value either way, T = 2 dividing by 2."""
     import fasthydra.kernels.reduce as kr
 
     def refuse(*args, **kwargs):
         raise AssertionError("the kernel launched")
 
     gen = torch.Generator().manual_seed(6)
-    s = torch.tensor(2.0)
+    temperature = torch.tensor(2.0)
     a, g = torch.randn(8, 6, generator=gen), torch.randn(8, 6, generator=gen)
     cases = [[(g.t(), a.t())], [(g.double(), a.double())], [(g, a)] * 4]
-    expected = [_neg_dots_reference(s, pairs) for pairs in cases]
-    monkeypatch.setattr(kr, "_neg_dots_over_square_kernel", refuse)
+    expected = [_neg_dots_reference(temperature, pairs) for pairs in cases]
+    monkeypatch.setattr(kr, "_neg_dots_over_kernel", refuse)
     for pairs, want in zip(cases, expected):  # (fp32 sums of cancelling terms: their size sets the tolerance)
-        size = sum((g.double() * x.double()).abs().sum() for g, x in pairs) / 4
-        assert_close_to(hk.neg_dots_over_square(s, pairs), want, rtol=0.0, atol=1e-6 * size, what=str(len(pairs)))
+        size = sum((g.double() * x.double()).abs().sum() for g, x in pairs) / 2
+        assert_close_to(hk.neg_dots_over(temperature, pairs), want, rtol=0.0, atol=1e-6 * size, what=str(len(pairs)))
 
 
 @pytest.mark.parametrize("torch_takes_it", [True, False])

@@ -104,46 +104,46 @@ def launch_scale_unless_one(stored: list, grad_output: torch.Tensor) -> None:
                                               num_warps=4)
 
 
-# Elements of one chunk of the torch form of neg_dots_over_square (its products' scratch: 16 MiB in fp32).
+# Elements of one chunk of the torch form of neg_dots_over (its products' scratch: 16 MiB in fp32).
 DOT_CHUNK_ELEMENTS = 1 << 22
 _DOT_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)  # (not a subclass with storage of its own: fake, DTensor)
 
 
-def neg_dots_over_square(s: torch.Tensor, pairs: list) -> torch.Tensor:
-    """-sum over (g, x) in pairs of <g, x> / s^2, a 0-dim tensor in s's dtype and on its device: the gradient of
-    a 0-dim s through the x / s (functional._UnitScale). A NaN product counts as 0 (0 * inf at a masked class's
-    -inf teacher logit, 0 * NaN at a padding row's features); infinities are kept. Where the helper kernels run
-    (a CUDA s and tensors, 16/32-bit, contiguous, up to three pairs) one launch that reads each tensor once and
-    writes nothing of their size (``_neg_dots_over_square_kernel``: fp32 sums, a fixed order); elsewhere torch
-    ops in s's dtype, in chunks of DOT_CHUNK_ELEMENTS (the product of a (B, M, C) teacher and its gradient is
-    never formed whole)."""
+def neg_dots_over(t: torch.Tensor, pairs: list) -> torch.Tensor:
+    """-sum over (g, x) in pairs of <g, x> / t, in the one-element t's dtype, shape and device: a learned
+    temperature's gradient through the x / (T / T.detach()) of functional._LearnedT (t = T). A NaN product counts
+    as 0 (0 * inf at a masked class's -inf teacher logit, 0 * NaN at a padding row's features); infinities are
+    kept. Where the helper kernels run (t and the tensors on one CUDA device, 16/32-bit, contiguous, up to
+    three pairs) one launch that reads each tensor once and writes nothing of their size
+    (``_neg_dots_over_kernel``: fp32 sums, a fixed order); elsewhere torch ops in t's dtype, in chunks of
+    DOT_CHUNK_ELEMENTS (the product of a (B, M, C) teacher and its gradient is never formed whole)."""
     pairs = [(g, x) for g, x in pairs if g.numel() > 0]
-    if 0 < len(pairs) <= 3 and _dot_kernel_applies(s, pairs):
-        from fasthydra.kernels.reduce import _neg_dots_over_square_kernel
+    if 0 < len(pairs) <= 3 and _dot_kernel_applies(t, pairs):
+        from fasthydra.kernels.reduce import _neg_dots_over_kernel
 
-        n = max(t.numel() for pair in pairs for t in pair)
+        n = max(v.numel() for pair in pairs for v in pair)
         programs = max(1, min(SCALE_PROGRAMS, cdiv(n, SCALE_BLOCK)))
-        out = torch.empty((), dtype=s.dtype, device=s.device)
-        parts = torch.empty(programs, dtype=torch.float32, device=s.device)
-        args = [v for g, x in pairs for v in (g, x, g.numel())] + [s, s, 0] * (3 - len(pairs))
-        _neg_dots_over_square_kernel[(programs,)](s, *args, parts, out, finished_count(s.device), BLOCK=SCALE_BLOCK,
-                                                  BLOCK_P=_common.reduce_block(programs, 4), num_warps=4)
+        out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+        parts = torch.empty(programs, dtype=torch.float32, device=t.device)
+        args = [v for g, x in pairs for v in (g, x, g.numel())] + [t, t, 0] * (3 - len(pairs))
+        _neg_dots_over_kernel[(programs,)](t, *args, parts, out, finished_count(t.device), BLOCK=SCALE_BLOCK,
+                                           BLOCK_P=_common.reduce_block(programs, 4), num_warps=4)
         return out
-    total = torch.zeros((), dtype=s.dtype, device=pairs[0][0].device if pairs else s.device)
+    total = torch.zeros((), dtype=t.dtype, device=pairs[0][0].device if pairs else t.device)
     for g, x in pairs:
         rows = max(1, DOT_CHUNK_ELEMENTS // max(1, g[0].numel())) if g.dim() > 0 else 1
-        for g_part, x_part in zip(*(t.split(rows) if t.dim() > 0 else (t,) for t in (g, x))):
-            term = (g_part.to(s.dtype) * x_part.to(s.dtype)).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
+        for g_part, x_part in zip(*(v.split(rows) if v.dim() > 0 else (v,) for v in (g, x))):
+            term = (g_part.to(t.dtype) * x_part.to(t.dtype)).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
             total += term.sum()
-    return total.to(s.device).div_(s * s).neg_()  # (a CPU s of CUDA tensors: one copy, after all the sums)
+    return total.to(t.device).neg_() / t  # (a CPU t of CUDA tensors: one copy, after all the sums)
 
 
-def _dot_kernel_applies(s: torch.Tensor, pairs: list) -> bool:
-    return (type(s) is torch.Tensor and not torch.compiler.is_compiling() and s.device.type in ("cuda", "cpu")
-            and s.dtype in (torch.float32, torch.float64) and _common.helper_kernels_run_on(s)
-            and all(type(t) in _PLAIN_TENSORS and t.device == s.device and t.dtype in _DOT_KERNEL_DTYPES
-                    and t.is_contiguous() for pair in pairs for t in pair))
+def _dot_kernel_applies(t: torch.Tensor, pairs: list) -> bool:
+    return (type(t) in _PLAIN_TENSORS and not torch.compiler.is_compiling() and t.device.type in ("cuda", "cpu")
+            and t.dtype in (torch.float32, torch.float64) and _common.helper_kernels_run_on(t)
+            and all(type(v) in _PLAIN_TENSORS and v.device == t.device and v.dtype in _DOT_KERNEL_DTYPES
+                    and v.is_contiguous() for pair in pairs for v in pair))
 
 
 # ----------------------------------------------------------------------------------------------
