@@ -18,7 +18,8 @@ import torch
 from fasthydra.ops._common import (TEMPERATURE_RANGE, auto_fallback_reason, interpreting, no_values,
                                    on_tensor_device, op_form, op_temperature, temperature_error, triton_available)
 from fasthydra.ops import checks as _checks
-from fasthydra.ops.checks import caller_lead, flag_gaussian_teacher, flag_teacher_rows, flag_topk_teacher, poll
+from fasthydra.ops.checks import (caller_lead, caller_op, flag_gaussian_teacher, flag_teacher_rows, flag_topk_teacher,
+                                  poll)
 from fasthydra.ops.gaussian_kl import gaussian_kl_torch, split_gaussian
 from fasthydra.ops.hydra_kl import masked_reduction, neg_dots_over
 from fasthydra.ops.uncertainty import ensemble_log_mean_triton
@@ -578,7 +579,9 @@ def hinton_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
                    ) -> torch.Tensor:
     """Hinton (mean-teacher) loss of a single head: ``T^2 * mean_b KL(pbar || softmax(z / T))``.
 
-    pbar = mean_m softmax(t_m / T) is the ensemble's averaged prediction (stage 1 of Hydra, and plain KD).
+    pbar = mean_m softmax(t_m / T) is the ensemble's averaged prediction (stage 1 of Hydra, and plain KD). With one
+    member (M = 1: KD from one teacher) pbar is its softmax, and the loss kernel reads the member itself (no (B, C)
+    target formed; a teacher that requires grad gets its gradient from the kernel, as in ``hydra_kl_loss``).
 
     Args:
         student_logits: (*, C) or (*, 1, C), * the teacher's leading shape (B, or (B, T) for sequences).
@@ -635,6 +638,11 @@ def _hinton_dense(z, student_logits, teacher_logits, temperature, reduction, imp
         _ops.refuse_jit_trace("hinton_kl_loss")
     if not compiling:  # compiled: the op's own check sees NaN in log pbar instead
         poll(teacher_logits.device)
+    if teacher_logits.shape[1] == 1:  # one member (knowledge distillation from one teacher): pbar is its own
+        # softmax, so the loss kernel reads the member itself: no (B, C) target, and a teacher that requires grad
+        # (a learned T too) gets its gradient from the kernel
+        with caller_op("hinton_kl_loss"):
+            return _hinton_on_target(z, teacher_logits, temperature, reduction, impl, keep)
     # softmax(T * log pbar / T) = pbar exactly, so the per-head kernel does the rest (masks included).
     in_kernel = (impl == "triton" and not compiling and not no_values(teacher_logits)
                  and not (torch.is_grad_enabled() and teacher_logits.requires_grad))
@@ -665,12 +673,14 @@ def _target_temperature(temperature, impl: str, substitute: bool):
     return torch.where((temperature >= lo) & (temperature <= hi), temperature, 1.0)
 
 
-def _hinton_on_target(z, mean_teacher, temperature, reduction, impl, keep=None):
-    """The Hinton loss of z (B, 1, C) against mean_teacher = T * log pbar, (B, 1, C); keep: the row mask."""
+def _hinton_on_target(z, mean_teacher, temperature, reduction, impl, keep=None, indices=None):
+    """The Hinton loss of z (B, 1, C) against mean_teacher = T * log pbar, (B, 1, C), or against one member whose
+    softmax is pbar (its logits, or the values (B, 1, k) of a top-k member whose class ids are `indices`); keep:
+    the row mask."""
     on = torch.is_grad_enabled()
     t_number, t_tensor = _temperature_parts(temperature)
     loss, *_ = _ops.hydra_kl_call(z, mean_teacher, t_number, reduction, on and z.requires_grad,
-                                  on and mean_teacher.requires_grad, impl, None, keep, t_tensor)
+                                  on and mean_teacher.requires_grad, impl, indices, keep, t_tensor)
     loss = _autocast_loss(loss, z)
     return loss.squeeze(1) if reduction == "none" else loss
 
@@ -682,6 +692,10 @@ def _hinton_topk(z, student_logits, teacher: TopKTeacher, lead: tuple, temperatu
     b, _, c = z.shape
     values, indices = _check_topk(teacher, (*lead, teacher.values.shape[-2]), c, {"student_logits": student_logits})
     reduction = _check_reduction(reduction)
+    if values.shape[1] == 1:  # one member: its sparse distribution is pbar (see _hinton_dense), the op checks it
+        with caller_op("hinton_kl_loss"):
+            return _hinton_on_target(z, values, temperature, reduction, resolve_impl(impl, student_logits, values),
+                                     keep, indices)
     if not torch.compiler.is_compiling():
         poll(values.device)
         flag_topk_teacher(values, indices, c, "hinton_kl_loss")

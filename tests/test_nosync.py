@@ -173,6 +173,26 @@ def test_every_op_that_saw_a_bad_teacher_is_named(deferred):
     checks.raise_pending_errors(sync=True)  # both cleared
 
 
+@pytest.mark.parametrize("top_k", [False, True], ids=["dense", "top-k"])
+def test_hinton_with_one_member_names_itself(deferred, top_k):
+    """With one member the Hinton loss runs the loss op on the member itself; a bad member is still reported as
+    the Hinton loss's (the error word's hinton_kl_loss slot), not as hydra_kl_loss's."""
+    from fasthydra import TopKTeacher
+
+    z, t = torch.randn(5, 12), teacher_logits(5, 1, 12)
+    bad = t.clone()
+    bad[1, 0, 3] = float("nan")
+    indices = torch.arange(4).expand(5, 1, 4).contiguous()
+    run = (lambda tt: hinton_kl_loss(z, TopKTeacher(tt[..., :4].contiguous(), indices), impl="triton")) if top_k \
+        else (lambda tt: hinton_kl_loss(z, tt, impl="triton"))
+    with pytest.raises(ValueError, match=r"^hinton_kl_loss: the teacher contained NaN"):
+        run(bad)
+        for _ in range(3):
+            run(t)
+    run(t)  # cleared once reported
+    assert torch.isfinite(hydra_kl_loss(z[:, None], t, impl="triton"))  # (the context is gone: nothing pending)
+
+
 def test_copies_are_spaced_and_a_bad_call_between_them_is_still_reported(deferred, monkeypatch):
     """With COPY_INTERVAL_S > 0 a fast loop copies the error word once per interval, not once per call;
     an error flagged by a call between two copies is raised after the next copy lands, with the range of

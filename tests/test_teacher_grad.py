@@ -92,6 +92,55 @@ def test_hinton_teacher_gradient_through_the_ensemble_mean(impl):
     assert_close_to(gt, gt_ref, rtol=1e-5, atol=1e-8, what="teacher grad")
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("top_k", [False, True], ids=["dense", "top-k"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_hinton_with_one_member_reads_the_member_itself(impl, top_k, reduction, monkeypatch):
+    """Knowledge distillation from one teacher (M = 1): pbar is the member's own softmax, so the loss op reads the
+    member (dense logits with masked classes, or top-k values) and no (B, C) target is formed (the target's code
+    refuses here). A (B, S) batch with a row mask, a teacher and a temperature that require grad, an upstream
+    weight per row: the loss and the student's, teacher's and T's gradients are float64 autograd's through the
+    eager reference, which forms pbar in full."""
+    import fasthydra.functional as functional
+    from fasthydra import TopKTeacher
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a Hinton target was formed for one member")
+
+    monkeypatch.setattr(functional, "_target_temperature", refuse)
+    g = torch.Generator().manual_seed(11)
+    b, s, c, k = 3, 4, 23, 6
+    z = (torch.randn(b, s, c, generator=g) * 2).requires_grad_()
+    keep = torch.rand(b, s, generator=g) > 0.3
+    T = torch.tensor(1.6, requires_grad=True)
+    if top_k:
+        leaf = (torch.randn(b, s, 1, k, generator=g) * 3).requires_grad_()
+        indices = torch.rand(b, s, 1, c, generator=g).argsort(-1)[..., :k]
+        teacher = TopKTeacher(leaf, indices)
+        # (float64 autograd's own gradient is NaN at pbar = 0: classes left out stand at -700 there instead)
+        dense64 = torch.full((b, s, 1, c), -700.0, dtype=torch.float64).scatter(-1, indices, leaf.detach().double())
+    else:
+        leaf = teacher = teacher_logits(b * s, 1, c).reshape(b, s, 1, c).requires_grad_()
+        dense64 = torch.where(leaf.detach().isneginf(), -700.0, leaf.detach()).double()
+    loss = hinton_kl_loss(z, teacher, T, reduction, impl=impl, row_mask=keep)
+    weight = torch.rand(b, s, generator=g) + 0.5 if reduction == "none" else torch.tensor(1.3)
+    got = torch.autograd.grad((loss * weight).sum(), [z, leaf, T])
+
+    z64, t64 = z.detach().double().requires_grad_(), dense64.requires_grad_()
+    T64 = T.detach().double().requires_grad_()
+    rows = R.hinton_kl_loss_ref(z64.reshape(b * s, c), t64.reshape(b * s, 1, c), T64, "none").reshape(b, s) * keep
+    want_loss = rows if reduction == "none" else rows.sum() / keep.sum()
+    want = list(torch.autograd.grad((want_loss * weight.double()).sum(), [z64, t64, T64]))
+    if top_k:  # the values' gradient: the dense one at the kept classes
+        want[1] = want[1].gather(-1, indices)
+    assert_close_to(loss, want_loss, rtol=2e-6, atol=1e-7, what="loss")
+    for name, a, e in zip(("student", "teacher", "T"), got, want):
+        assert torch.isfinite(a).all(), name
+        assert_close_to(a, e, rtol=1e-5, atol=1e-7, what=f"{name} grad")
+    if not top_k:  # a masked class of the member: gradient exactly 0
+        assert bool((got[1][leaf.detach().isneginf()] == 0).all())
+
+
 def _head_case(hidden, impl, b=11, d=12, m=3, c=20):
     head = HydraHead(d, c, m, hidden_features=hidden, impl=impl)
     x = torch.randn(b, d, requires_grad=True)

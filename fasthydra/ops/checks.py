@@ -42,6 +42,9 @@ _strict_override: bool | None = None
 # batch (B, T, M, C) as (B*T, M, C)), so that error messages name the shapes and indices the caller passed.
 _caller_lead: contextvars.ContextVar = contextvars.ContextVar("fasthydra_caller_lead", default=None)
 _NO_LEAD = contextlib.nullcontext()
+# The public op a call runs for where it runs another op's implementation (hinton_kl_loss with one member runs
+# hydra_kl's on the member itself), so that its value errors name the op the caller called.
+_caller_op: contextvars.ContextVar = contextvars.ContextVar("fasthydra_caller_op", default=None)
 
 
 @contextlib.contextmanager
@@ -61,6 +64,29 @@ def caller_lead(lead: tuple):
     if len(lead) == 1 or torch.compiler.is_compiling() or _caller_lead.get() is not None:
         return _NO_LEAD
     return _leading(tuple(lead))
+
+
+def caller_op(op: str):
+    """Context of a public call `op` that runs another op's implementation: inside it that op's value checks
+    write and name `op`'s error slot (calling_op). A no-op under torch.compile (the ops then name themselves)."""
+    if torch.compiler.is_compiling():
+        return _NO_LEAD
+    return _calling(op)
+
+
+@contextlib.contextmanager
+def _calling(op: str):
+    token = _caller_op.set(op)
+    try:
+        yield
+    finally:
+        _caller_op.reset(token)
+
+
+def calling_op(default: str) -> str:
+    """The op whose name a value check inside an op's implementation reports: the public call's (caller_op), else
+    `default`, the op's own."""
+    return _caller_op.get() or default
 
 
 def _shown(shape) -> tuple:

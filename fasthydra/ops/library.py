@@ -30,7 +30,7 @@ from . import linear_hydra_kl as _lin
 from . import small_heads as _small
 from . import uncertainty as _unc
 from ._common import op_form, op_temperature
-from .checks import flag_teacher_rows, flag_topk_teacher, poll
+from .checks import calling_op, flag_teacher_rows, flag_topk_teacher, poll
 
 _EMPTY = (0,)
 
@@ -95,24 +95,25 @@ def _hydra_kl_impl(student: torch.Tensor, teacher: torch.Tensor, temperature: fl
     _common.op_temperature), as every op here takes it."""
     temperature = op_temperature(temperature, temperature_t, impl)
     poll(student.device)
+    op = calling_op("hydra_kl_loss")
     if teacher_indices is not None:  # top-k: the index checks need a pass of their own (one sort along k)
-        flag_topk_teacher(teacher, teacher_indices, student.shape[-1], "hydra_kl_loss", values_too=impl != "triton")
+        flag_topk_teacher(teacher, teacher_indices, student.shape[-1], op, values_too=impl != "triton")
         if impl == "triton":
             loss, grad, tgrad = _kl.hydra_kl_topk_forward_triton(student, teacher, teacher_indices, temperature,
-                                                                 reduction, want_grad, want_tgrad, row_mask=row_mask)
+                                                                 reduction, want_grad, want_tgrad, op, row_mask)
         else:
             loss, grad, tgrad = _kl.mask_rows_torch(row_mask, reduction, _kl.hydra_kl_forward_torch, student, teacher,
                                                     temperature, want_grad, want_tgrad, teacher_indices)
         return loss, _none_to_empty(grad, student), _none_to_empty(tgrad, teacher)
     if impl != "triton":  # the Triton kernel checks the teacher while it reads it (no extra pass)
-        flag_teacher_rows(teacher, "hydra_kl_loss")
+        flag_teacher_rows(teacher, op)
     if _deferred(want_grad, want_tgrad, impl, teacher_indices):
-        loss, norms, _ = _kl.hydra_kl_forward_triton(student, teacher, temperature, reduction, want_grad,
+        loss, norms, _ = _kl.hydra_kl_forward_triton(student, teacher, temperature, reduction, want_grad, op=op,
                                                      deferred=True, row_mask=row_mask)
         return loss, norms, teacher.new_empty(_EMPTY)
     if impl == "triton":
         loss, grad, tgrad = _kl.hydra_kl_forward_triton(student, teacher, temperature, reduction, want_grad,
-                                                        want_tgrad, row_mask=row_mask)
+                                                        want_tgrad, op, row_mask=row_mask)
     else:
         loss, grad, tgrad = _kl.mask_rows_torch(row_mask, reduction, _kl.hydra_kl_forward_torch, student, teacher,
                                                 temperature, want_grad, want_tgrad)
