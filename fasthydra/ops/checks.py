@@ -48,12 +48,13 @@ _caller_op: contextvars.ContextVar = contextvars.ContextVar("fasthydra_caller_op
 
 
 @contextlib.contextmanager
-def _leading(lead: tuple):
-    token = _caller_lead.set(lead)
+def _set_within(var: contextvars.ContextVar, value):
+    """var = value inside the block, its earlier value after it."""
+    token = var.set(value)
     try:
         yield
     finally:
-        _caller_lead.reset(token)
+        var.reset(token)
 
 
 def caller_lead(lead: tuple):
@@ -63,7 +64,7 @@ def caller_lead(lead: tuple):
     dimension, and under torch.compile (the ops then name the rows)."""
     if len(lead) == 1 or torch.compiler.is_compiling() or _caller_lead.get() is not None:
         return _NO_LEAD
-    return _leading(tuple(lead))
+    return _set_within(_caller_lead, tuple(lead))
 
 
 def caller_op(op: str):
@@ -71,16 +72,7 @@ def caller_op(op: str):
     write and name `op`'s error slot (calling_op). A no-op under torch.compile (the ops then name themselves)."""
     if torch.compiler.is_compiling():
         return _NO_LEAD
-    return _calling(op)
-
-
-@contextlib.contextmanager
-def _calling(op: str):
-    token = _caller_op.set(op)
-    try:
-        yield
-    finally:
-        _caller_op.reset(token)
+    return _set_within(_caller_op, op)
 
 
 def calling_op(default: str) -> str:
