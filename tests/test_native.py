@@ -1,6 +1,8 @@
 """cpu tier: the torch path's native row kernel (fasthydra/ops/csrc) against the float64 reference,
 and its fallback to torch ops."""
 
+import math
+
 import pytest
 import torch
 from helpers import assert_close_to, params_of, reference_loss_and_grads, teacher_logits
@@ -151,6 +153,47 @@ def test_uncertainty_kernel_matches_float64(monkeypatch, b, m, c, scale):
         nan_ops = uncertainty(z, 1.7, impl="torch")
         assert torch.isnan(nan_c.total[0]) and torch.isnan(nan_ops.total[0])
         assert torch.isfinite(nan_c.total[1:]).all()
+
+
+@needs_native
+@pytest.mark.parametrize("b,m,c", [(9, 4, 1), (7, 3, 13), (6, 8, 1000), (3, 2, 4097), (0, 3, 5), (90, 3, 33)])
+@pytest.mark.parametrize("scale", [3.0, 1e3])
+def test_hinton_target_kernel_matches_float64(monkeypatch, b, m, c, scale):
+    """The Hinton loss of fp32 CPU members (frozen) forms its target T log mean_m softmax(t_m / T) with the C kernel
+    (spied; 90 rows over two threads; members read through a layout with a non-unit class stride, copied): the
+    target against float64 where P lies in fp32's normal range, -inf where every member masks the class or P is
+    far below it; the loss and the student's gradient against the float64 reference; the same values from the
+    torch ops it replaces (FASTHYDRA_NATIVE=0)."""
+    from fasthydra import hinton_kl_loss
+    from fasthydra.functional import ensemble_log_mean_probs
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # (the row split; the kernel's threads are its own)
+    gen = torch.Generator().manual_seed(b * 7 + c)
+    t = (torch.randn(b, m, c, generator=gen) * scale).transpose(1, 2).contiguous().transpose(1, 2)
+    if b > 2 and c > 2:
+        t[1, 0, : c // 2] = float("-inf")  # a masked stretch longer than the vector width
+        t[2, :, -1] = float("-inf")  # a class every member masks
+    z = (torch.randn(b, c, generator=gen) * scale).requires_grad_()
+    got_target = native.log_mean_rows(t.contiguous(), 1.7)
+    want_target = 1.7 * ensemble_log_mean_probs(t.double(), 1.7)  # (-1.7e30 where every member masks)
+    normal, tiny = want_target > 1.7 * math.log(1e-36), want_target < 1.7 * math.log(1e-38)
+    assert_close_to(got_target[normal], want_target[normal], rtol=1e-6, atol=1e-6, what="T log P")
+    assert torch.isneginf(got_target[tiny]).all()
+    calls = []
+    real = native.log_mean_rows
+    monkeypatch.setattr(native, "log_mean_rows", lambda *a: calls.append(1) or real(*a))
+    loss = hinton_kl_loss(z, t, 1.7, impl="torch")
+    (grad,) = torch.autograd.grad(loss, z)
+    assert calls == [1]
+    z64 = z.detach().double().requires_grad_()
+    ref = R.hinton_kl_loss_ref(z64, torch.where(t.isneginf(), -1e4, t).double(), 1.7)  # (-inf: NaN in autograd)
+    (ref_grad,) = torch.autograd.grad(ref, z64)
+    assert_close_to(loss, ref, rtol=2e-6, atol=1e-6, what="loss")
+    assert_close_to(grad, ref_grad, rtol=1e-5, atol=1e-7, what="grad")
+    monkeypatch.setenv("FASTHYDRA_NATIVE", "0")
+    ops_loss = hinton_kl_loss(z, t, 1.7, impl="torch")
+    assert calls == [1]
+    assert_close_to(loss, ops_loss.double(), rtol=1e-5, atol=1e-6, what="loss against the torch ops")
 
 
 @needs_native

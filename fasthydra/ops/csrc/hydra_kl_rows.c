@@ -352,47 +352,54 @@ static inline float vlog(float x) {
     return f + y + 0.693359375f * e;
 }
 
+/* P = mean_m softmax(z_m / T) of one row (head stride ld_m, unit along the n classes) into p; returns the mean of
+ * the members' entropies H_m = log d_m - sum_c q_mc (z_mc - max_m) / T. One exponential per element, each head
+ * row swept three times while hot in cache; e is scratch of n floats. A -inf logit masks its class (q = 0, adds
+ * nothing). */
+static float mixture_row(const float *z, int64_t ld_m, int64_t m, int64_t n, float inv_t, float *p, float *e) {
+    float inv_m = 1.0f / (float)m;
+    for (int64_t c = 0; c < n; ++c) p[c] = 0.0f;
+    float ale = 0.0f;
+    for (int64_t h = 0; h < m; ++h) {
+        const float *x = z + h * ld_m;
+        float mx = row_max(x, n, 1.0f);
+        /* a row -inf everywhere has no softmax (0 / 0 below: NaN, as torch's softmax); +inf gives NaN too */
+        float ref = isinf(mx) && mx < 0 ? 0.0f : mx;
+        for (int64_t c = 0; c < n; ++c) e[c] = vexp((x[c] - ref) * inv_t); /* a pure map: vectorised */
+        float dl[LANES], al[LANES];
+        for (int j = 0; j < LANES; ++j) dl[j] = al[j] = 0.0f;
+        int64_t c = 0;
+        for (; c + LANES <= n; c += LANES)
+            for (int j = 0; j < LANES; ++j) {
+                float ev = e[c + j];
+                dl[j] += ev;
+                al[j] += ev > 0.0f ? ev * ((x[c + j] - ref) * inv_t) : 0.0f; /* masked: 0, not 0 * -inf */
+            }
+        float d = 0.0f, a = 0.0f;
+        for (int j = 0; j < LANES; ++j) {
+            d += dl[j];
+            a += al[j];
+        }
+        for (; c < n; ++c) {
+            d += e[c];
+            a += e[c] > 0.0f ? e[c] * ((x[c] - ref) * inv_t) : 0.0f;
+        }
+        ale += logf(d) - a / d;
+        float w = inv_m / d;
+        for (c = 0; c < n; ++c) p[c] += e[c] * w;
+    }
+    return ale * inv_m;
+}
+
 /* uncertainty of rows [r0, r1): logits z (row stride ld_b, head stride ld_m, unit along the n classes),
- * q_m = softmax(z_m / T), H_m = log d_m - sum_c q_mc (z_mc - max_m) / T; writes P = mean_m q_m (row
- * stride ld_p), total = -sum_c P log P, aleatoric = mean_m H_m, epistemic = max(total - aleatoric, 0).
- * One exponential per element, each head row swept three times while hot in cache; e is scratch of n
- * floats. A -inf logit masks its class (q = 0, adds nothing). */
+ * q_m = softmax(z_m / T); writes P = mean_m q_m (mixture_row; row stride ld_p), total = -sum_c P log P,
+ * aleatoric = mean_m H_m, epistemic = max(total - aleatoric, 0). e is scratch of n floats. */
 void hydra_uncertainty_rows(const float *z, int64_t ld_b, int64_t ld_m, int64_t m, int64_t n, float inv_t,
                             float *probs, int64_t ld_p, float *total, float *aleatoric, float *epistemic, float *e,
                             int64_t r0, int64_t r1) {
-    float inv_m = 1.0f / (float)m;
     for (int64_t r = r0; r < r1; ++r) {
         float *p = probs + r * ld_p;
-        for (int64_t c = 0; c < n; ++c) p[c] = 0.0f;
-        float ale = 0.0f;
-        for (int64_t h = 0; h < m; ++h) {
-            const float *x = z + r * ld_b + h * ld_m;
-            float mx = row_max(x, n, 1.0f);
-            /* a row -inf everywhere has no softmax (0 / 0 below: NaN, as torch's softmax); +inf gives NaN too */
-            float ref = isinf(mx) && mx < 0 ? 0.0f : mx;
-            for (int64_t c = 0; c < n; ++c) e[c] = vexp((x[c] - ref) * inv_t); /* a pure map: vectorised */
-            float dl[LANES], al[LANES];
-            for (int j = 0; j < LANES; ++j) dl[j] = al[j] = 0.0f;
-            int64_t c = 0;
-            for (; c + LANES <= n; c += LANES)
-                for (int j = 0; j < LANES; ++j) {
-                    float ev = e[c + j];
-                    dl[j] += ev;
-                    al[j] += ev > 0.0f ? ev * ((x[c + j] - ref) * inv_t) : 0.0f; /* masked: 0, not 0 * -inf */
-                }
-            float d = 0.0f, a = 0.0f;
-            for (int j = 0; j < LANES; ++j) {
-                d += dl[j];
-                a += al[j];
-            }
-            for (; c < n; ++c) {
-                d += e[c];
-                a += e[c] > 0.0f ? e[c] * ((x[c] - ref) * inv_t) : 0.0f;
-            }
-            ale += logf(d) - a / d;
-            float w = inv_m / d;
-            for (c = 0; c < n; ++c) p[c] += e[c] * w;
-        }
+        float ale = mixture_row(z + r * ld_b, ld_m, m, n, inv_t, p, e);
         /* total = -sum P log P: the logarithms as a map into the scratch row, then the sum */
         for (int64_t c = 0; c < n; ++c) e[c] = vlog(p[c] > 1.0e-37f ? p[c] : 1.0f); /* P = 0 adds 0 * log 1 */
         float tl[LANES];
@@ -403,10 +410,26 @@ void hydra_uncertainty_rows(const float *z, int64_t ld_b, int64_t ld_m, int64_t 
         float tot = 0.0f;
         for (int j = 0; j < LANES; ++j) tot += tl[j];
         for (; c < n; ++c) tot -= p[c] * e[c];
-        ale *= inv_m;
         total[r] = tot;
         aleatoric[r] = ale;
         epistemic[r] = tot - ale < 0.0f ? 0.0f : tot - ale; /* a NaN row stays NaN, as torch's clamp_min */
+    }
+}
+
+/* The Hinton target of rows [r0, r1): out = T log P, P = mean_m softmax(z_m / T) (mixture_row; z as there, out
+ * with row stride ld_o, unit along the n classes), -inf where P = 0 (every member masks the class) or lies below
+ * fp32's normal range (1e-37: each of its terms in a loss or gradient is below 1e-35 then); NaN stays NaN. One
+ * exponential per element and one logarithm per class; e is scratch of n floats. */
+void hydra_log_mean_rows(const float *z, int64_t ld_b, int64_t ld_m, int64_t m, int64_t n, float inv_t, float t,
+                         float *out, int64_t ld_o, float *e, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+        float *p = out + r * ld_o;
+        mixture_row(z + r * ld_b, ld_m, m, n, inv_t, p, e);
+        for (int64_t c = 0; c < n; ++c) { /* a pure map: vectorised */
+            float v = p[c];
+            float l = t * vlog(v > 1.0e-37f ? v : 1.0f);
+            p[c] = v > 1.0e-37f ? l : (v == v ? -INFINITY : v);
+        }
     }
 }
 
