@@ -23,12 +23,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fasthydra import HydraHead, hydra_kl_loss, uncertainty
+from fasthydra import HydraHead, hinton_kl_loss, hydra_kl_loss, uncertainty
 from fasthydra import reference as R
 
-# uncertainty_fwdbwd: a penalty on the mean epistemic uncertainty, forward + backward to the logits
-OPS = ("linear_fwd", "linear_fwdbwd", "mlp_fwdbwd", "kl_fwdbwd", "uncertainty", "uncertainty_fwdbwd")
-LOGITS_OPS = ("kl_fwdbwd", "uncertainty", "uncertainty_fwdbwd")  # ops on given logits (memory-bound)
+# uncertainty_fwdbwd: a penalty on the mean epistemic uncertainty, forward + backward to the logits; hinton_fwdbwd:
+# one head's (B, C) logits against the M members' mean (Hydra's stage 1, KD from an ensemble)
+OPS = ("linear_fwd", "linear_fwdbwd", "mlp_fwdbwd", "kl_fwdbwd", "uncertainty", "uncertainty_fwdbwd",
+       "hinton_fwdbwd")
+LOGITS_OPS = ("kl_fwdbwd", "uncertainty", "uncertainty_fwdbwd", "hinton_fwdbwd")  # ops on given logits (memory-bound)
 PROVIDERS = ("eager", "compile", "fasthydra", "liger")
 # fasthydra's losses with a learned temperature (a tensor that requires grad): bench/gpu_check.py's extra provider
 LEARNED_T = "fasthydra-learned-T"
@@ -156,10 +158,15 @@ def make_inputs(case: Case, seed: int = 0) -> Inputs:
     for _ in range(copies):
         xs.append(randn(case.B, case.D).requires_grad_())
         ts.append(randn(case.B, case.M, case.C, scale=3.0))
-        z = randn(case.B, case.M, case.C, scale=3.0) if case.op in LOGITS_OPS else \
+        z = randn(*_student_shape(case), scale=3.0) if case.op in LOGITS_OPS else \
             torch.empty(0, device=case.device, dtype=case.dtype)
         zs.append(z.requires_grad_(case.op in LOGITS_OPS and case.backward))
     return Inputs(head, xs, ts, zs)
+
+
+def _student_shape(case: Case) -> tuple:
+    """The student logits of the ops on given logits: one head (B, C) for the Hinton loss, else (B, M, C)."""
+    return (case.B, case.C) if case.op == "hinton_fwdbwd" else (case.B, case.M, case.C)
 
 
 def _eager_logits(head: HydraHead, x):
@@ -173,17 +180,22 @@ def _eager_loss(head, x, t):
     return R.hydra_kl_loss_ref(_eager_logits(head, x), t, TEMPERATURE)
 
 
-def _liger_loss(head, x, t):
+def _liger_kl(student, log_target):
+    """Liger's KL-divergence loss ("batchmean", log target) of the student logits' tempered log-softmax."""
     from liger_kernel.transformers import LigerKLDIVLoss
 
-    z = _eager_logits(head, x)
     kl = LigerKLDIVLoss(reduction="batchmean", log_target=True)
-    total = 0.0
-    for m in range(z.shape[1]):
-        log_q = torch.log_softmax(z[:, m].float() / TEMPERATURE, dim=-1)
-        log_p = torch.log_softmax(t[:, m].float() / TEMPERATURE, dim=-1)
-        total = total + kl(log_q, log_p)
-    return total * TEMPERATURE**2 / z.shape[1]
+    return kl(torch.log_softmax(student.float() / TEMPERATURE, dim=-1), log_target)
+
+
+def _liger_heads_kl(z, t):
+    """Liger's KL looped over the heads of (B, M, C) logits (summed, unscaled)."""
+    return sum(_liger_kl(z[:, m], torch.log_softmax(t[:, m].float() / TEMPERATURE, dim=-1)) for m in range(z.shape[1]))
+
+
+def _liger_loss(head, x, t):
+    z = _eager_logits(head, x)
+    return _liger_heads_kl(z, t) * TEMPERATURE**2 / z.shape[1]
 
 
 def make_callable(case: Case, provider: str, inputs: Inputs):
@@ -216,17 +228,23 @@ def make_callable(case: Case, provider: str, inputs: Inputs):
         else:
             def body(x, t, z):
                 return R.uncertainty_ref(z).epistemic.mean()
+    elif case.op == "hinton_fwdbwd":
+        if provider == "fasthydra":
+            def body(x, t, z):
+                return hinton_kl_loss(z, t, temperature)
+        elif provider == "liger":
+            def body(x, t, z):
+                return _liger_kl(z, torch.log(R.ensemble_mean_probs_ref(t.float(), TEMPERATURE))) * TEMPERATURE**2
+        else:
+            def body(x, t, z):
+                return R.hinton_kl_loss_ref(z, t, TEMPERATURE)
     elif case.op == "kl_fwdbwd":
         if provider == "fasthydra":
             def body(x, t, z):
                 return hydra_kl_loss(z, t, temperature)
         elif provider == "liger":
             def body(x, t, z):
-                from liger_kernel.transformers import LigerKLDIVLoss
-
-                kl = LigerKLDIVLoss(reduction="batchmean", log_target=True)
-                return sum(kl(torch.log_softmax(z[:, m].float() / TEMPERATURE, -1),
-                              torch.log_softmax(t[:, m].float() / TEMPERATURE, -1)) for m in range(z.shape[1]))
+                return _liger_heads_kl(z, t)
         else:
             def body(x, t, z):
                 return R.hydra_kl_loss_ref(z, t, TEMPERATURE)
@@ -276,7 +294,9 @@ def gemm_floor_callable(case: Case):
     GEMM ops: the GEMMs they cannot avoid (logits, input gradient and weight gradient; forward only:
     the logits GEMM). Memory-bound ops: one elementwise sweep that moves the bytes they must move
     (kl: read z and t, write dz; uncertainty: read z, write the (B, C) mixture; uncertainty fwd+bwd: read z in
-    the forward, read it again and write dz in the backward, the same three tensor sweeps as kl's).
+    the forward, read it again and write dz in the backward, the same three tensor sweeps as kl's; Hinton: read
+    the (B, M, C) members, write a (B, C) row, the mixture's reduction, which leaves out the (B, C) student's read
+    and its gradient's write, 2/M of the bytes).
     """
     case_settings(case)
     dev, dt = case.device, case.dtype
@@ -289,7 +309,7 @@ def gemm_floor_callable(case: Case):
             sync(dev)
 
         return sweep
-    if case.op == "uncertainty":
+    if case.op in ("uncertainty", "hinton_fwdbwd"):
         z = torch.randn(b, m, c, device=dev, dtype=dt)
         out = torch.empty(b, c, device=dev, dtype=dt)
 
@@ -328,11 +348,13 @@ def flop_count(case: Case) -> float:
 
 
 def bytes_moved(case: Case) -> float:
-    """Bytes the logits-only ops must move at least: read z and t (+ write dz), read z (+ write probs), or
-    read z twice (forward, backward) and write dz."""
+    """Bytes the logits-only ops must move at least: read z and t (+ write dz), read z (+ write probs), read z
+    twice (forward, backward) and write dz, or (Hinton) read the members and the student and write its gradient."""
     size = case.B * case.M * case.C * torch.finfo(case.dtype).bits // 8
     if case.op in ("kl_fwdbwd", "uncertainty_fwdbwd"):
         return 3.0 * size
+    if case.op == "hinton_fwdbwd":
+        return size + 2.0 * case.B * case.C * torch.finfo(case.dtype).bits // 8
     if case.op == "uncertainty":
         return size + case.B * case.C * torch.finfo(case.dtype).bits // 8
     return 0.0

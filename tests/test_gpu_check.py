@@ -457,3 +457,18 @@ def test_the_learned_temperature_provider_learns_it(monkeypatch, op):
         grads[provider] = inputs.z[0].grad if op == "kl_fwdbwd" else inputs.head.weight.grad
     assert seen[0] is False and True in seen[1:]
     torch.testing.assert_close(grads[C.LEARNED_T], grads["fasthydra"], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("op", [op for op in C.OPS if op.endswith("fwdbwd")])
+def test_every_benchmark_step_times_one_computation_with_each_provider(op):
+    """The eager and fasthydra steps of each benchmark op with a backward form the same gradients (of the student's
+    logits for the ops on given logits, of the head's weight for the others): the suite compares like with like."""
+    case = C.Case(op, "tiny", 12, 8, 3, 10, torch.float64 if op in C.LOGITS_OPS else torch.float32, "cpu")
+    grads = {}
+    for provider in ("eager", "fasthydra"):
+        torch.manual_seed(0)  # (the head's initial weights)
+        inputs = C.make_inputs(case)
+        C.make_callable(case, provider, inputs)()
+        grads[provider] = inputs.z[0].grad if op in C.LOGITS_OPS else inputs.head.weight.grad
+    assert grads["eager"] is not None and grads["eager"].abs().sum() > 0
+    torch.testing.assert_close(grads["fasthydra"], grads["eager"], rtol=1e-5, atol=1e-7)

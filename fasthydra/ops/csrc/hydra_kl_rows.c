@@ -352,11 +352,25 @@ static inline float vlog(float x) {
     return f + y + 0.693359375f * e;
 }
 
-/* P = mean_m softmax(z_m / T) of one row (head stride ld_m, unit along the n classes) into p; returns the mean of
- * the members' entropies H_m = log d_m - sum_c q_mc (z_mc - max_m) / T. One exponential per element, each head
- * row swept three times while hot in cache; e is scratch of n floats. A -inf logit masks its class (q = 0, adds
- * nothing). */
-static float mixture_row(const float *z, int64_t ld_m, int64_t m, int64_t n, float inv_t, float *p, float *e) {
+/* sum of x[0, n) in LANES-wide partial sums (vectorised without reassociation flags) */
+static float lane_sum(const float *x, int64_t n) {
+    float acc[LANES];
+    for (int j = 0; j < LANES; ++j) acc[j] = 0.0f;
+    int64_t c = 0;
+    for (; c + LANES <= n; c += LANES)
+        for (int j = 0; j < LANES; ++j) acc[j] += x[c + j];
+    float sum = 0.0f;
+    for (int j = 0; j < LANES; ++j) sum += acc[j];
+    for (; c < n; ++c) sum += x[c];
+    return sum;
+}
+
+/* P = mean_m softmax(z_m / T) of one row (head stride ld_m, unit along the n classes) into p; with `entropy`,
+ * returns the mean of the members' entropies H_m = log d_m - sum_c q_mc (z_mc - max_m) / T (else 0: that sum is
+ * half the work). One exponential per element, each head row swept three times while hot in cache; e is scratch
+ * of n floats. A -inf logit masks its class (q = 0, adds nothing). */
+static float mixture_row(const float *z, int64_t ld_m, int64_t m, int64_t n, float inv_t, float *p, float *e,
+                         int entropy) {
     float inv_m = 1.0f / (float)m;
     for (int64_t c = 0; c < n; ++c) p[c] = 0.0f;
     float ale = 0.0f;
@@ -366,27 +380,23 @@ static float mixture_row(const float *z, int64_t ld_m, int64_t m, int64_t n, flo
         /* a row -inf everywhere has no softmax (0 / 0 below: NaN, as torch's softmax); +inf gives NaN too */
         float ref = isinf(mx) && mx < 0 ? 0.0f : mx;
         for (int64_t c = 0; c < n; ++c) e[c] = vexp((x[c] - ref) * inv_t); /* a pure map: vectorised */
-        float dl[LANES], al[LANES];
-        for (int j = 0; j < LANES; ++j) dl[j] = al[j] = 0.0f;
-        int64_t c = 0;
-        for (; c + LANES <= n; c += LANES)
-            for (int j = 0; j < LANES; ++j) {
-                float ev = e[c + j];
-                dl[j] += ev;
-                al[j] += ev > 0.0f ? ev * ((x[c + j] - ref) * inv_t) : 0.0f; /* masked: 0, not 0 * -inf */
-            }
-        float d = 0.0f, a = 0.0f;
-        for (int j = 0; j < LANES; ++j) {
-            d += dl[j];
-            a += al[j];
+        float d = lane_sum(e, n);
+        if (entropy) {
+            float al[LANES];
+            for (int j = 0; j < LANES; ++j) al[j] = 0.0f;
+            int64_t c = 0;
+            for (; c + LANES <= n; c += LANES)
+                for (int j = 0; j < LANES; ++j) {
+                    float ev = e[c + j];
+                    al[j] += ev > 0.0f ? ev * ((x[c + j] - ref) * inv_t) : 0.0f; /* masked: 0, not 0 * -inf */
+                }
+            float a = 0.0f;
+            for (int j = 0; j < LANES; ++j) a += al[j];
+            for (; c < n; ++c) a += e[c] > 0.0f ? e[c] * ((x[c] - ref) * inv_t) : 0.0f;
+            ale += logf(d) - a / d;
         }
-        for (; c < n; ++c) {
-            d += e[c];
-            a += e[c] > 0.0f ? e[c] * ((x[c] - ref) * inv_t) : 0.0f;
-        }
-        ale += logf(d) - a / d;
         float w = inv_m / d;
-        for (c = 0; c < n; ++c) p[c] += e[c] * w;
+        for (int64_t c = 0; c < n; ++c) p[c] += e[c] * w;
     }
     return ale * inv_m;
 }
@@ -399,7 +409,7 @@ void hydra_uncertainty_rows(const float *z, int64_t ld_b, int64_t ld_m, int64_t 
                             int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
         float *p = probs + r * ld_p;
-        float ale = mixture_row(z + r * ld_b, ld_m, m, n, inv_t, p, e);
+        float ale = mixture_row(z + r * ld_b, ld_m, m, n, inv_t, p, e, 1);
         /* total = -sum P log P: the logarithms as a map into the scratch row, then the sum */
         for (int64_t c = 0; c < n; ++c) e[c] = vlog(p[c] > 1.0e-37f ? p[c] : 1.0f); /* P = 0 adds 0 * log 1 */
         float tl[LANES];
@@ -424,7 +434,7 @@ void hydra_log_mean_rows(const float *z, int64_t ld_b, int64_t ld_m, int64_t m, 
                          float *out, int64_t ld_o, float *e, int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
         float *p = out + r * ld_o;
-        mixture_row(z + r * ld_b, ld_m, m, n, inv_t, p, e);
+        mixture_row(z + r * ld_b, ld_m, m, n, inv_t, p, e, 0);
         for (int64_t c = 0; c < n; ++c) { /* a pure map: vectorised */
             float v = p[c];
             float l = t * vlog(v > 1.0e-37f ? v : 1.0f);
@@ -456,18 +466,11 @@ void hydra_uncertainty_grad_rows(const float *z, int64_t ld_b, int64_t ld_m, int
             float mx = row_max(x, n, 1.0f);
             const float rh = isinf(mx) && mx < 0 ? 0.0f : mx; /* a row -inf everywhere: NaN below, as the forward */
             for (int64_t c = 0; c < n; ++c) p[c] = vexp((x[c] - rh) * inv_t);
-            float dl[LANES];
-            for (int j = 0; j < LANES; ++j) dl[j] = 0.0f;
-            int64_t c = 0;
-            for (; c + LANES <= n; c += LANES)
-                for (int j = 0; j < LANES; ++j) dl[j] += p[c + j];
-            float d = 0.0f;
-            for (int j = 0; j < LANES; ++j) d += dl[j];
-            for (; c < n; ++c) d += p[c];
+            float d = lane_sum(p, n);
             ref[h] = rh;
             inv_d[h] = 1.0f / d;
             const float w = inv_m / d;
-            for (c = 0; c < n; ++c) mix[c] += p[c] * w;
+            for (int64_t c = 0; c < n; ++c) mix[c] += p[c] * w;
         }
         /* W = g - a log P over the mixture's row (in place); a class every head masks: log 1, times p = 0 */
         const float *restrict gr = g ? g + r * ld_g : NULL;
