@@ -139,6 +139,13 @@ def cases():
         path = "loss kernel" if mask is None else "loss kernel, row mask"
         out.append(("hydra_kl_loss on logits", path, {}, logits_step))
         out.append(("hinton_kl_loss", path, {}, hinton_step))
+    one_member = t[:, :1].contiguous()
+
+    def kd_step():  # one teacher: the loss kernel on the member itself, no target launch
+        z1.grad = None
+        hinton_kl_loss(z1, one_member, 2.0, impl="triton").backward()
+
+    out.append(("hinton_kl_loss, one member", "loss kernel", {}, kd_step))
     out.append(("uncertainty", "uncertainty kernel", {}, lambda: uncertainty(z.detach(), impl="triton")))
 
     def uncertainty_step():

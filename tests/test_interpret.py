@@ -349,6 +349,22 @@ def test_hinton_on_the_triton_path_checks_the_teacher(value, match):
     hinton_kl_loss(torch.randn(5, 12), teacher_logits(5, 3, 12), 2.0, impl="triton")  # reported once
 
 
+def test_hinton_with_one_member_launches_no_target_kernel():
+    """KD from one teacher: the loss kernel's launches on the member itself; several members add exactly the
+    target's launch before them (counted as bench/launch_counts.py counts)."""
+    z = torch.randn(40, 10, requires_grad=True)
+    t = teacher_logits(40, 3, 10)
+
+    def step(teacher):
+        z.grad = None
+        hinton_kl_loss(z, teacher, 2.0, impl="triton").backward()
+
+    one, one_ops = _launches_and_torch_ops(lambda: step(t[:, :1]))
+    many, _ = _launches_and_torch_ops(lambda: step(t))
+    assert one and "_ensemble_log_mean_kernel" not in one, one
+    assert many == ["_ensemble_log_mean_kernel", *one], (many, one)
+
+
 def test_hinton_teacher_that_requires_grad_keeps_torch_ops():
     """A teacher that requires grad gets its gradient through the torch target (the kernel has none)."""
     z = torch.randn(6, 9, requires_grad=True)
