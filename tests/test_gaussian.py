@@ -1,5 +1,7 @@
 """cpu and interpret tiers: Gaussian heads and the Gaussian KL against the float64 formula."""
 
+import math
+
 import pytest
 import torch
 from helpers import assert_close_to, assert_same_products, params_of
@@ -50,6 +52,22 @@ def test_gaussian_kl_errors():
         gaussian_kl_loss(a, a, a, -a)
     with pytest.raises(ValueError, match="share one shape"):
         gaussian_kl_loss(a, a, a, a[:1])
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("which,value", [("var", 0.0), ("var", -1.0), ("var", math.inf), ("var", math.nan),
+                                         ("mean", math.nan), ("mean", math.inf), ("mean", -math.inf)])
+def test_one_bad_teacher_entry_is_refused(which, value):
+    """One entry of a teacher's variance that is not finite and > 0, or of its mean that is not finite, among good
+    ones: a ValueError naming it (the teacher's check is two reductions, each extreme tested)."""
+    mu, var = torch.randn(5, 3, 4), torch.rand(5, 3, 4) + 0.1
+    tm, tv = torch.randn(5, 3, 4), torch.rand(5, 3, 4) + 0.1
+    gaussian_kl_loss(mu, var, tm, tv)  # the good teacher passes
+    bad = (tv if which == "var" else tm).clone()
+    bad[3, 1, 2] = value
+    match = "teacher_var must be finite and > 0" if which == "var" else "teacher_mean contains NaN or Inf"
+    with pytest.raises(ValueError, match=match):
+        gaussian_kl_loss(mu, var, *((tm, bad) if which == "var" else (bad, tv)))
 
 
 @pytest.mark.parametrize("impl", [pytest.param("torch", marks=pytest.mark.cpu),
