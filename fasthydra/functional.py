@@ -780,9 +780,14 @@ def linear_heads(x, weight, bias=None, impl: str = "auto"):
     x, weight, bias = _autocast_gemm_inputs(x, weight, bias)
     _check_heads_input(x, weight, bias)
     impl = resolve_impl(impl, x, weight, bias)
-    m, c, d = weight.shape
     if impl == "triton" and not _plain_torch_ops():
         return _ops.grouped_linear_call(x, weight, bias, True, False)
+    return _stacked_linear(x, weight, bias)
+
+
+def _stacked_linear(x, weight, bias):
+    """linear_heads' torch path on checked arguments: one F.linear over the stacked (M*C, D) weight, (B, M, C)."""
+    m, c, d = weight.shape
     z = torch.nn.functional.linear(x, weight.reshape(m * c, d), None if bias is None else bias.reshape(m * c))
     return z.view(x.shape[0], m, c)
 
@@ -807,7 +812,7 @@ def mlp_hidden(x, hidden_weight, hidden_bias=None, impl: str = "auto"):
     impl = resolve_impl(impl, x, hidden_weight, hidden_bias)
     if impl == "triton" and not _plain_torch_ops():
         return _ops.grouped_linear_call(x, hidden_weight, hidden_bias, True, True)
-    return torch.relu(linear_heads(x, hidden_weight, hidden_bias, impl="torch"))
+    return torch.relu(_stacked_linear(x, hidden_weight, hidden_bias))
 
 
 @on_tensor_device
@@ -1150,8 +1155,8 @@ def gaussian_heads_kl_loss(x, weight, bias, teacher_mean, teacher_var, min_var: 
                                                _ops.gaussian_deferred(x, weight, bias, *needs))
         return _autocast_loss(loss, x)
     x = _kept_input(x, keep)
-    z = linear_heads(x, weight, bias, impl="torch").float() if _autocast_dtype(x) is not None else \
-        linear_heads(x, weight, bias, impl="torch")
+    z = _stacked_linear(x, weight, bias)
+    z = z.float() if _autocast_dtype(x) is not None else z
     mean, var = split_gaussian(z, min_var)
     kl = gaussian_kl_torch(mean, var, teacher_mean.to(z.dtype), teacher_var.to(z.dtype))
     if keep is not None:
