@@ -654,18 +654,17 @@ def _hinton_dense(z, student_logits, teacher_logits, temperature, reduction, imp
     else:
         if not compiling:
             flag_teacher_rows(teacher_logits, "hinton_kl_loss")
-        if _native_target(teacher_logits, target_t):  # fp32 on the CPU, a frozen teacher: one C sweep set per row
-            mean_teacher = native.log_mean_rows(teacher_logits if teacher_logits.stride(-1) == 1 else
-                                                teacher_logits.contiguous(), target_t)
+        if _native_target(teacher_logits, target_t):  # on the CPU, a frozen teacher: one C sweep set per row
+            mean_teacher = native.log_mean_rows(teacher_logits, target_t)
         else:
             mean_teacher = target_t * ensemble_log_mean_probs(teacher_logits, target_t)
     return _hinton_on_target(z, mean_teacher.unsqueeze(1), temperature, reduction, impl, keep)
 
 
 def _native_target(teacher_logits: torch.Tensor, target_t) -> bool:
-    """The Hinton target from the native row kernel (native.log_mean_rows): fp32 CPU members that need no gradient,
-    a temperature known as a number, outside compilation and fake tensors; elsewhere torch ops."""
-    return (isinstance(target_t, float) and not torch.compiler.is_compiling() and native.usable(teacher_logits)
+    """The Hinton target from the native row kernel (native.log_mean_rows): 32- or 16-bit CPU members that need no
+    gradient, a temperature known as a number, outside compilation and fake tensors; elsewhere torch ops."""
+    return (isinstance(target_t, float) and not torch.compiler.is_compiling() and native.usable_members(teacher_logits)
             and not (torch.is_grad_enabled() and teacher_logits.requires_grad) and not no_values(teacher_logits))
 
 

@@ -197,6 +197,30 @@ def test_hinton_target_kernel_matches_float64(monkeypatch, b, m, c, scale):
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_hinton_target_kernel_reads_sixteen_bit_members(monkeypatch, dtype):
+    """16-bit CPU members (a model run under CPU autocast) take the C kernel too, read into fp32 as the torch ops
+    read them: the loss and the student's gradient against float64 of the same (rounded) members."""
+    from fasthydra import hinton_kl_loss
+
+    gen = torch.Generator().manual_seed(3)
+    t = (torch.randn(40, 4, 300, generator=gen) * 3).to(dtype)
+    t[2, :, 7] = float("-inf")  # a class every member masks
+    z = (torch.randn(40, 300, generator=gen) * 3).requires_grad_()
+    calls = []
+    real = native.log_mean_rows
+    monkeypatch.setattr(native, "log_mean_rows", lambda *a: calls.append(1) or real(*a))
+    loss = hinton_kl_loss(z, t, 1.7, impl="torch")
+    (grad,) = torch.autograd.grad(loss, z)
+    assert calls == [1]
+    z64 = z.detach().double().requires_grad_()
+    ref = R.hinton_kl_loss_ref(z64, torch.where(t.isneginf(), -1e4, t.double()), 1.7)
+    (ref_grad,) = torch.autograd.grad(ref, z64)
+    assert_close_to(loss, ref, rtol=2e-6, atol=1e-6, what="loss")
+    assert_close_to(grad, ref_grad, rtol=1e-5, atol=1e-7, what="grad")
+
+
+@needs_native
 @pytest.mark.parametrize("b,m,c", [(9, 4, 1), (7, 3, 13), (5, 1, 40), (6, 8, 1000), (3, 2, 4097), (0, 3, 5)])
 @pytest.mark.parametrize("scale", [3.0, 1e3])
 def test_uncertainty_gradient_kernel_matches_float64(monkeypatch, b, m, c, scale):

@@ -242,10 +242,19 @@ def uncertainty_rows(logits: torch.Tensor, temperature: float):
     return probs, total, aleatoric, epistemic
 
 
+def usable_members(t: torch.Tensor) -> bool:
+    """log_mean_rows takes CPU member logits in fp32, or in 16 bits (read into fp32 first, as the torch ops do)."""
+    return t.dtype in (torch.float32, torch.float16, torch.bfloat16) and t.device.type == "cpu" and \
+        _library() is not None
+
+
 def log_mean_rows(teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """The Hinton target T log mean_m softmax(t_m / T), (B, C) fp32, of fp32 (B, M, C) CPU member logits (unit
-    stride along C), -inf where every member masks a class: one C sweep set per row (csrc: hydra_log_mean_rows,
-    the mixture of ``uncertainty_rows``, then one logarithm per class). No gradient: for a frozen teacher."""
+    """The Hinton target T log mean_m softmax(t_m / T), (B, C) fp32, of (B, M, C) CPU member logits (usable_members;
+    any layout: copied where they are 16-bit or the classes are not unit-stride), -inf where every member masks a
+    class: one C sweep set per row (csrc: hydra_log_mean_rows, the mixture of ``uncertainty_rows``, then one
+    logarithm per class). No gradient: for a frozen teacher."""
+    if teacher.dtype != torch.float32 or teacher.stride(-1) != 1:
+        teacher = teacher.to(torch.float32).contiguous()
     lib = _library()
     b, m, c = teacher.shape
     out = torch.empty(b, c, dtype=torch.float32)
