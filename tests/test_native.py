@@ -179,6 +179,18 @@ def test_hinton_target_kernel_matches_float64(monkeypatch, b, m, c, scale):
     normal, tiny = want_target > 1.7 * math.log(1e-36), want_target < 1.7 * math.log(1e-38)
     assert_close_to(got_target[normal], want_target[normal], rtol=1e-6, atol=1e-6, what="T log P")
     assert torch.isneginf(got_target[tiny]).all()
+    calls, loss = _hinton_through_the_target_kernel(monkeypatch, z, t)
+    monkeypatch.setenv("FASTHYDRA_NATIVE", "0")
+    ops_loss = hinton_kl_loss(z, t, 1.7, impl="torch")
+    assert calls == [1]
+    assert_close_to(loss, ops_loss.double(), rtol=1e-5, atol=1e-6, what="loss against the torch ops")
+
+
+def _hinton_through_the_target_kernel(monkeypatch, z, t):
+    """(the target kernel's calls, the loss) of one Hinton step at T = 1.7 whose target the C kernel formed once
+    (spied), the loss and the student's gradient held against float64 of the same members."""
+    from fasthydra import hinton_kl_loss
+
     calls = []
     real = native.log_mean_rows
     monkeypatch.setattr(native, "log_mean_rows", lambda *a: calls.append(1) or real(*a))
@@ -186,14 +198,11 @@ def test_hinton_target_kernel_matches_float64(monkeypatch, b, m, c, scale):
     (grad,) = torch.autograd.grad(loss, z)
     assert calls == [1]
     z64 = z.detach().double().requires_grad_()
-    ref = R.hinton_kl_loss_ref(z64, torch.where(t.isneginf(), -1e4, t).double(), 1.7)  # (-inf: NaN in autograd)
+    ref = R.hinton_kl_loss_ref(z64, torch.where(t.isneginf(), -1e4, t.double()), 1.7)  # (-inf: NaN in autograd)
     (ref_grad,) = torch.autograd.grad(ref, z64)
     assert_close_to(loss, ref, rtol=2e-6, atol=1e-6, what="loss")
     assert_close_to(grad, ref_grad, rtol=1e-5, atol=1e-7, what="grad")
-    monkeypatch.setenv("FASTHYDRA_NATIVE", "0")
-    ops_loss = hinton_kl_loss(z, t, 1.7, impl="torch")
-    assert calls == [1]
-    assert_close_to(loss, ops_loss.double(), rtol=1e-5, atol=1e-6, what="loss against the torch ops")
+    return calls, loss
 
 
 @needs_native
@@ -201,23 +210,10 @@ def test_hinton_target_kernel_matches_float64(monkeypatch, b, m, c, scale):
 def test_hinton_target_kernel_reads_sixteen_bit_members(monkeypatch, dtype):
     """16-bit CPU members (a model run under CPU autocast) take the C kernel too, read into fp32 as the torch ops
     read them: the loss and the student's gradient against float64 of the same (rounded) members."""
-    from fasthydra import hinton_kl_loss
-
     gen = torch.Generator().manual_seed(3)
     t = (torch.randn(40, 4, 300, generator=gen) * 3).to(dtype)
     t[2, :, 7] = float("-inf")  # a class every member masks
-    z = (torch.randn(40, 300, generator=gen) * 3).requires_grad_()
-    calls = []
-    real = native.log_mean_rows
-    monkeypatch.setattr(native, "log_mean_rows", lambda *a: calls.append(1) or real(*a))
-    loss = hinton_kl_loss(z, t, 1.7, impl="torch")
-    (grad,) = torch.autograd.grad(loss, z)
-    assert calls == [1]
-    z64 = z.detach().double().requires_grad_()
-    ref = R.hinton_kl_loss_ref(z64, torch.where(t.isneginf(), -1e4, t.double()), 1.7)
-    (ref_grad,) = torch.autograd.grad(ref, z64)
-    assert_close_to(loss, ref, rtol=2e-6, atol=1e-6, what="loss")
-    assert_close_to(grad, ref_grad, rtol=1e-5, atol=1e-7, what="grad")
+    _hinton_through_the_target_kernel(monkeypatch, (torch.randn(40, 300, generator=gen) * 3).requires_grad_(), t)
 
 
 @needs_native
