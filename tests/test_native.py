@@ -2,6 +2,10 @@
 and its fallback to torch ops."""
 
 import math
+import platform
+import re
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -316,3 +320,25 @@ def test_works_in_a_forked_child_after_the_parent_used_it():
 
 def _child_loss_sum(s, t):
     return float(native.kl_rows(s, t, 1.0, False)[0].sum())
+
+
+# A masked vector load in the assembly: AVX2's vmaskmov, or an AVX-512 move from memory (not a constant at %rip)
+# under a mask register.
+_MASKED_LOAD = re.compile(r"vmaskmov|vmov\w*\s+[^,]*\((?!%rip\))[^)]*\),\s*%[xyz]mm\d+\{%k[0-7]\}")
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or shutil.which("gcc") is None,
+                    reason="gcc for x86-64 needed to read the kernels' vector code")
+@pytest.mark.parametrize("arch", ["x86-64-v3", "x86-64-v4"])  # AVX2, AVX-512
+def test_no_vector_load_is_masked(arch):
+    """gcc 12 turned loads under a condition (`e > 0 ? e * x : 0`) into masked vector loads and, for AVX2, gave
+    half of them the wrong mask (wrong entropies with masked classes on AVX2 hosts, right ones on AVX-512 hosts).
+    The kernels select products by kept() instead: compiled for either instruction set with the library's flags,
+    no load is masked, whatever the host this runs on."""
+    flags = [f for f in native.FLAGS if f not in ("-march=native", "-shared", "-fPIC")]
+    out = subprocess.run(["gcc", *flags, f"-march={arch}", "-S", "-o", "-", str(native.SOURCE)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "vsubps" in out.stdout  # (vector code was produced at all)
+    masked = [line.strip() for line in out.stdout.splitlines() if _MASKED_LOAD.search(line)]
+    assert masked == [], masked[:5]

@@ -20,10 +20,28 @@
 
 #define LANES 16
 
+/* LOADS: no loop here reads memory under a condition. gcc 12 if-converts `e > 0 ? e * x[c] : 0` (x read only
+ * where e > 0) into masked vector loads, and for AVX2 (no AVX-512) it fed the second 8-lane half of a 16-lane
+ * block the first half's mask: x read as 0 where the other half's class was masked, so every entropy with a
+ * masked class came out wrong (tests/test_native.py caught it on an AVX2 host). Loading x before the select
+ * is not enough (gcc sinks a load whose value only the selected arm uses into that arm): a product that may be
+ * 0 * -inf is masked by kept(), an AND on its bits, which has no arm to sink into. tests/test_native.py
+ * compiles this file for AVX2 and AVX-512 and finds no masked load. */
+
 /* Offset of row r of an (O, inner, C) view with strides (outer_stride, inner_stride, 1), rows walked in
  * row-major order: a (rows, heads, C) chunk in either memory order, with no copy. */
 #define ROW(r, outer_stride, inner_stride, inner) \
     (((r) / (inner)) * (outer_stride) + ((r) % (inner)) * (inner_stride))
+
+/* v where keep, else +0: selected by bits (an AND), not by a branch, so that every operand of v is loaded and
+ * computed whatever keep is (see LOADS) */
+static inline float kept(int keep, float v) {
+    uint32_t bits;
+    memcpy(&bits, &v, sizeof bits);
+    bits &= (uint32_t)0 - (uint32_t)(keep != 0);
+    memcpy(&v, &bits, sizeof v);
+    return v;
+}
 
 /* exp for a vector lane: Cody-Waite range reduction + degree-6 polynomial (about 2 ulp), 0 below
  * -87.3 (so exp(-inf) = 0 exactly), branch-free so that gcc vectorises it. */
@@ -111,7 +129,7 @@ static void kl_row(const float *s, const float *t, float *g, float *e_s, float *
             float diff = (t[c + j] - ref_t) * inv_t - (s[c + j] - m_s);
             ds[j] += e_s[c + j];
             du[j] += eu;
-            a[j] += eu > 0.0f ? eu * diff : 0.0f; /* a masked class: 0 * -inf must read as 0 */
+            a[j] += kept(eu > 0.0f, eu * diff); /* a masked class: 0 * -inf must read as 0 */
         }
     float d_s = 0.0f, d_u = 0.0f, acc = 0.0f;
     for (int j = 0; j < LANES; ++j) {
@@ -124,7 +142,7 @@ static void kl_row(const float *s, const float *t, float *g, float *e_s, float *
         float diff = (t[c] - ref_t) * inv_t - (s[c] - m_s);
         d_s += e_s[c];
         d_u += eu;
-        acc += eu > 0.0f ? eu * diff : 0.0f;
+        acc += kept(eu > 0.0f, eu * diff);
     }
     /* one logarithm per row (two were most of a row's time at C = 10), and log(d_s / d_u) does not
      * cancel where the student matches the teacher, as log d_s - log d_u does */
@@ -135,10 +153,14 @@ static void kl_row(const float *s, const float *t, float *g, float *e_s, float *
         while (j < n - 1 && !(t[j] == m_t)) ++j;
         float s_j = s[j];
         float mean_e = 0.0f;
-        for (c = 0; c < n; ++c)
-            if (e_u[c] > 0.0f) mean_e += e_u[c] * inv_du * ((t[c] - ref_t) * inv_t - (s[c] - s_j));
-        for (c = 0; c < n; ++c)
-            h[c] = e_u[c] > 0.0f ? e_u[c] * inv_du * (((t[c] - ref_t) * inv_t - (s[c] - s_j)) - mean_e) : 0.0f;
+        for (c = 0; c < n; ++c) {
+            float diff = (t[c] - ref_t) * inv_t - (s[c] - s_j);
+            mean_e += kept(e_u[c] > 0.0f, e_u[c] * inv_du * diff);
+        }
+        for (c = 0; c < n; ++c) {
+            float diff = (t[c] - ref_t) * inv_t - (s[c] - s_j);
+            h[c] = kept(e_u[c] > 0.0f, e_u[c] * inv_du * (diff - mean_e));
+        }
     }
     if (!want_grad) return;
     for (c = 0; c < n; ++c) g[c] = e_s[c] * inv_ds - e_u[c] * inv_du;
@@ -187,7 +209,7 @@ static void kl_short_rows(const float *s, int64_t so, int64_t si, const float *t
                 float diff = (tr[c] - ref_t[i]) * inv_t - (sr[c] - m_s[i]);
                 d_s += ei[c];
                 d_u += ui[c];
-                acc += ui[c] > 0.0f ? ui[c] * diff : 0.0f; /* a masked class: 0 * -inf must read as 0 */
+                acc += kept(ui[c] > 0.0f, ui[c] * diff); /* a masked class: 0 * -inf must read as 0 */
             }
             loss[b0 + i] = t2 * (acc / d_u + logf(d_s / d_u));
             if (want_grad) {
@@ -282,7 +304,7 @@ static void tile_row_stats(const float *s, const float *t, int64_t w, float inv_
             float eu = vexp(us);
             ds[j] += vexp(ss);
             du[j] += eu;
-            aa[j] += eu > 0.0f ? eu * (us - ss) : 0.0f; /* a masked class: 0 * -inf must read as 0 */
+            aa[j] += kept(eu > 0.0f, eu * (us - ss)); /* a masked class: 0 * -inf must read as 0 */
         }
     float sd_s = 0.0f, sd_u = 0.0f, sa = 0.0f;
     for (int j = 0; j < LANES; ++j) {
@@ -295,7 +317,7 @@ static void tile_row_stats(const float *s, const float *t, int64_t w, float inv_
         float eu = vexp(us);
         sd_s += vexp(ss);
         sd_u += eu;
-        sa += eu > 0.0f ? eu * (us - ss) : 0.0f;
+        sa += kept(eu > 0.0f, eu * (us - ss));
     }
     *d_s += sd_s;
     *d_u += sd_u;
@@ -388,11 +410,11 @@ static float mixture_row(const float *z, int64_t ld_m, int64_t m, int64_t n, flo
             for (; c + LANES <= n; c += LANES)
                 for (int j = 0; j < LANES; ++j) {
                     float ev = e[c + j];
-                    al[j] += ev > 0.0f ? ev * ((x[c + j] - ref) * inv_t) : 0.0f; /* masked: 0, not 0 * -inf */
+                    al[j] += kept(ev > 0.0f, ev * ((x[c + j] - ref) * inv_t)); /* masked: 0, not 0 * -inf */
                 }
             float a = 0.0f;
             for (int j = 0; j < LANES; ++j) a += al[j];
-            for (; c < n; ++c) a += e[c] > 0.0f ? e[c] * ((x[c] - ref) * inv_t) : 0.0f;
+            for (; c < n; ++c) a += kept(e[c] > 0.0f, e[c] * ((x[c] - ref) * inv_t));
             ale += logf(d) - a / d;
         }
         float w = inv_m / d;
@@ -477,9 +499,10 @@ void hydra_uncertainty_grad_rows(const float *z, int64_t ld_b, int64_t ld_m, int
         for (int64_t c = 0; c < n; ++c) {
             float mc = mix[c];
             float log_mix = mc > 1.0e-37f ? vlog(mc) : (mc != mc ? mc : 0.0f); /* NaN stays NaN */
-            float w = -a * log_mix;
-            mix[c] = gr ? gr[c] + w : w;
+            mix[c] = -a * log_mix;
         }
+        if (gr) /* a loop of its own: no load under a condition (LOADS) */
+            for (int64_t c = 0; c < n; ++c) mix[c] += gr[c];
         for (int64_t h = 0; h < m; ++h) {
             const float *restrict x = z + r * ld_b + h * ld_m;
             float *restrict out = dz + r * ld_db + h * ld_dm;
