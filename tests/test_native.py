@@ -2,6 +2,7 @@
 and its fallback to torch ops."""
 
 import math
+import os
 import platform
 import re
 import shutil
@@ -322,6 +323,126 @@ def _child_loss_sum(s, t):
     return float(native.kl_rows(s, t, 1.0, False)[0].sum())
 
 
+
+def _every_kernel(seed: int = 0) -> list:
+    """The outputs of every native kernel on one set of inputs with masked classes (enough rows for several
+    parts): KL rows short and long, with the teacher's gradient, the class-tiled passes, uncertainty, its
+    gradient and the Hinton target."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen) * 3
+
+    out = []
+    for c in (10, 70):
+        s, t = randn(203, c), randn(203, c)
+        t[5, : c // 2] = float("-inf")
+        loss, grad, tgrad = native.kl_rows(s.clone(), t, 1.7, True, True)
+        out += [loss, grad, tgrad, native.kl_rows(s.clone(), t, 1.7, False)[0]]
+    s, t = randn(3, 67, 40), randn(3, 67, 40)  # (M, rows, w) tiles of two passes
+    t[1, 2, :30] = float("-inf")
+    stats = native.tile_stats_init(3 * 67)
+    native.tile_stats(s, t, stats, 1.7)
+    m_s, d_s, m_t, d_u, _ = stats
+    out += list(stats) + [native.tile_grad(s.clone(), t, m_s, d_s.log(), m_t, d_u.log(), 1.7)]
+    z = randn(131, 4, 37)
+    z[3, 1, :20] = float("-inf")
+    out += list(native.uncertainty_rows(z, 1.3)) + [native.log_mean_rows(z, 1.3)]
+    out.append(native.uncertainty_grad_rows(z, 1.3, randn(131, 37), randn(131), randn(131)))
+    return out
+
+
+@needs_native
+@pytest.mark.parametrize("team", [True, False])
+@pytest.mark.parametrize("threads", [2, 3])
+def test_every_kernel_gives_the_same_rows_on_any_split(monkeypatch, team, threads):
+    """Rows split over 2 or 3 parts, on the OpenMP team or on the Python pool, give exactly the values of one
+    thread: each row is computed by the same code whichever part holds it (same shapes; no sum crosses rows).
+    The team is taken only where the library was built with OpenMP."""
+    if team and not native._library().hydra_openmp():
+        pytest.skip("library built without OpenMP here")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _every_kernel()
+        monkeypatch.setattr(native, "_team", team)
+        torch.set_num_threads(threads)
+        split = _every_kernel()
+    finally:
+        torch.set_num_threads(before)
+    assert len(one) == len(split) == 20
+    for i, (a, b) in enumerate(zip(one, split)):
+        assert torch.equal(a, b) or (a.isnan() == b.isnan()).all() and torch.equal(a.nan_to_num(), b.nan_to_num()), i
+
+
+@needs_native
+def test_library_without_openmp_splits_rows_on_the_pool(monkeypatch, tmp_path):
+    """A compiler without OpenMP builds the library without it (the Python pool then splits the rows): same
+    values as the library in use."""
+    compiler = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    monkeypatch.setenv("FASTHYDRA_CACHE_DIR", str(tmp_path))
+    plain = native.ctypes.CDLL(str(native._compiled(compiler, native.FLAGS)))
+    assert plain.hydra_openmp() == 0
+    expected = _every_kernel()
+    built = native._library()
+    for name in ("hydra_kl_rows", "hydra_kl_tile_stats", "hydra_kl_tile_grad", "hydra_uncertainty_rows",
+                 "hydra_log_mean_rows", "hydra_uncertainty_grad_rows"):
+        getattr(plain, name).argtypes = getattr(built, name).argtypes
+        getattr(plain, name).restype = None
+    monkeypatch.setattr(native, "_lib", plain)
+    monkeypatch.setattr(native, "_team", False)
+    for i, (a, b) in enumerate(zip(expected, _every_kernel())):
+        assert torch.equal(a.nan_to_num(), b.nan_to_num()), i
+
+
+def test_torch_team_only_with_one_openmp_runtime():
+    """The team is taken where the library has OpenMP and the process maps one OpenMP runtime (the library then
+    bound to torch's); two runtimes (torch's Intel one beside GNU's) or none (the library built without) keep
+    the pool."""
+
+    class Lib:
+        def __init__(self, openmp):
+            self.hydra_openmp = lambda: openmp
+
+    torch_gomp = "7f00-7f10 r-xp 0 08:01 12 /venv/lib/python3.11/site-packages/torch/lib/libgomp-a34b3233.so.1"
+    iomp = "7f20-7f30 r-xp 0 08:01 13 /opt/conda/lib/libiomp5.so"
+    gomp = "7f40-7f50 r-xp 0 08:01 14 /usr/lib/x86_64-linux-gnu/libgomp.so.1.0.0"
+    other = "7f60-7f70 r-xp 0 08:01 15 /usr/lib/x86_64-linux-gnu/libgompx-extras.so"
+    assert native._on_torch_team(Lib(1), [torch_gomp, torch_gomp, other])
+    assert native._on_torch_team(Lib(1), [gomp])
+    assert not native._on_torch_team(Lib(1), [iomp, gomp])
+    assert not native._on_torch_team(Lib(1), [torch_gomp, gomp])
+    assert not native._on_torch_team(Lib(0), [torch_gomp])
+    assert not native._on_torch_team(Lib(1), [other])
+
+
+@needs_native
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="counts threads in /proc")
+def test_rows_run_on_torchs_threads(monkeypatch):
+    """On the team, a kernel after a torch op adds no thread to the process: its parts run on the threads of
+    torch's own intra-op team (the pool would add its own, which contend with torch's spinning ones)."""
+    if not native._team:
+        pytest.skip(f"not on torch's team here (OpenMP: {native._library().hydra_openmp()})")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        z = torch.randn(512, 4, 200)
+        z.amax(dim=-1)  # torch's team exists and has just worked
+        native.log_mean_rows(z, 1.0)
+        threads = len(os.listdir("/proc/self/task"))
+        for _ in range(3):
+            z.amax(dim=-1)
+            native.log_mean_rows(z, 1.0)
+            native.uncertainty_rows(z, 1.0)
+        assert len(os.listdir("/proc/self/task")) == threads
+        monkeypatch.setattr(native, "_pool", None)
+        monkeypatch.setattr(native, "_team", False)  # the pool, for contrast: it does add threads
+        native.log_mean_rows(z, 1.0)
+        assert len(os.listdir("/proc/self/task")) > threads
+    finally:
+        torch.set_num_threads(before)
+
+
 # A masked vector load in the assembly: AVX2's vmaskmov, or an AVX-512 move from memory (not a constant at %rip)
 # under a mask register.
 _MASKED_LOAD = re.compile(r"vmaskmov|vmov\w*\s+[^,]*\((?!%rip\))[^)]*\),\s*%[xyz]mm\d+\{%k[0-7]\}")
@@ -335,7 +456,7 @@ def test_no_vector_load_is_masked(arch):
     half of them the wrong mask (wrong entropies with masked classes on AVX2 hosts, right ones on AVX-512 hosts).
     The kernels select products by kept() instead: compiled for either instruction set with the library's flags,
     no load is masked, whatever the host this runs on."""
-    flags = [f for f in native.FLAGS if f not in ("-march=native", "-shared", "-fPIC")]
+    flags = [f for f in native.FLAGS + native.OPENMP if f not in ("-march=native", "-shared", "-fPIC")]
     out = subprocess.run(["gcc", *flags, f"-march={arch}", "-S", "-o", "-", str(native.SOURCE)],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -15,7 +15,6 @@
  */
 #include <math.h>
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 
 #define LANES 16
@@ -27,6 +26,49 @@
  * is not enough (gcc sinks a load whose value only the selected arm uses into that arm): a product that may be
  * 0 * -inf is masked by kept(), an AND on its bits, which has no arm to sink into. tests/test_native.py
  * compiles this file for AVX2 and AVX-512 and finds no masked load. */
+
+/* Threads. Every exported function takes rows [r0, r1) and `threads`; SPLIT_ROWS runs `call` (an expression in
+ * lo, hi and part) once per part of that range. Built with OpenMP, the parts run on the OpenMP team of the
+ * calling thread: loaded into a process whose torch uses the same runtime (native.py checks), that is torch's
+ * own intra-op team, whose threads, still spinning after the torch op before, take the parts at once (a pool of
+ * other threads would contend with them for the cores). threads <= 1 calls `call` directly without any OpenMP
+ * call: the path of a forked child (whose team does not exist) and of the host's own thread pool, which hands
+ * each of its threads a part. Scratch rows: part `part` uses scratch + part * ld_scratch. */
+#ifdef _OPENMP
+#include <omp.h>
+#define SPLIT_ROWS(call)                                                                             \
+    do {                                                                                             \
+        if (threads <= 1) {                                                                          \
+            const int64_t lo = r0, hi = r1, part = 0;                                                \
+            (void)part;                                                                              \
+            call;                                                                                    \
+            break;                                                                                   \
+        }                                                                                            \
+        _Pragma("omp parallel num_threads(threads)") {                                               \
+            const int64_t part = omp_get_thread_num(), parts = omp_get_num_threads(), span = r1 - r0; \
+            const int64_t lo = r0 + span * part / parts, hi = r0 + span * (part + 1) / parts;        \
+            (void)part;                                                                              \
+            call;                                                                                    \
+        }                                                                                            \
+    } while (0)
+#else
+#define SPLIT_ROWS(call)                                 \
+    do {                                                 \
+        const int64_t lo = r0, hi = r1, part = 0;        \
+        (void)threads;                                   \
+        (void)part;                                      \
+        call;                                            \
+    } while (0)
+#endif
+
+/* 1 where the library runs its parts on an OpenMP team, else 0 (the host splits rows over its own threads) */
+int hydra_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
 
 /* Offset of row r of an (O, inner, C) view with strides (outer_stride, inner_stride, 1), rows walked in
  * row-major order: a (rows, heads, C) chunk in either memory order, with no copy. */
@@ -169,7 +211,7 @@ static void kl_row(const float *s, const float *t, float *g, float *e_s, float *
 /* Rows [r0, r1) of s and t into loss (rows,), with want_grad grad = q - p laid out as s (usually s
  * itself: every row's s is read before its q - p is written), and with tgrad != NULL the teacher's
  * gradient p * ((log p - log q) - KL) (row stride ld_h). Row r of s lives at s + ROW(r, so, si, inner),
- * of t at t + ROW(r, to, ti, inner). Returns 0, or 1 when scratch memory ran out. */
+ * of t at t + ROW(r, to, ti, inner). e_s, e_u: scratch rows of n floats. */
 /* Rows shorter than a vector (C < SHORT_ROW, e.g. 10 classes): a row's own loops never fill a vector, so
  * the exponentials, most of the work, would run one lane at a time. Here SHORT_BLOCK rows at a time: their
  * shifted arguments packed, the exponentials as one flat (vectorised) map over the block, then the
@@ -223,12 +265,12 @@ static void kl_short_rows(const float *s, int64_t so, int64_t si, const float *t
 static void tile_row_stats(const float *s, const float *t, int64_t w, float inv_t, float *m_s, float *d_s,
                            float *m_t, float *d_u, float *a);
 
-int hydra_kl_rows(const float *s, int64_t so, int64_t si, const float *t, int64_t to, int64_t ti, int64_t inner,
-                  float *grad, float *tgrad, int64_t ld_h, float *loss, int64_t r0, int64_t r1, int64_t n,
-                  float inv_t, float t2, int want_grad) {
+static void kl_rows_part(const float *s, int64_t so, int64_t si, const float *t, int64_t to, int64_t ti,
+                         int64_t inner, float *grad, float *tgrad, int64_t ld_h, float *loss, int64_t r0, int64_t r1,
+                         int64_t n, float inv_t, float t2, int want_grad, float *e_s, float *e_u) {
     if (n < SHORT_ROW && tgrad == NULL) {
         kl_short_rows(s, so, si, t, to, ti, inner, grad, loss, r0, r1, n, inv_t, t2, want_grad);
-        return 0;
+        return;
     }
     if (!want_grad && tgrad == NULL) { /* the loss alone: the class-tiled mode's statistics over the whole row
                                         * as one tile (the maxima, then one sweep of sums; nothing stored) */
@@ -238,23 +280,21 @@ int hydra_kl_rows(const float *s, int64_t so, int64_t si, const float *t, int64_
                            &a);
             loss[r] = t2 * (a / d_u + logf(d_s / d_u));
         }
-        return 0;
-    }
-    size_t row_bytes = (size_t)(n > 0 ? n : 1) * sizeof(float);
-    float *e_s = (float *)malloc(row_bytes), *e_u = (float *)malloc(row_bytes);
-    if (e_s == NULL || e_u == NULL) {
-        free(e_s);
-        free(e_u);
-        return 1;
+        return;
     }
     for (int64_t r = r0; r < r1; ++r) {
         int64_t at = ROW(r, so, si, inner);
         kl_row(s + at, t + ROW(r, to, ti, inner), want_grad ? grad + at : NULL, e_s, e_u,
                tgrad != NULL ? tgrad + r * ld_h : NULL, n, inv_t, t2, loss + r, want_grad);
     }
-    free(e_s);
-    free(e_u);
-    return 0;
+}
+
+/* scratch: two rows of n floats per part (the two exponentials of kl_row) */
+void hydra_kl_rows(const float *s, int64_t so, int64_t si, const float *t, int64_t to, int64_t ti, int64_t inner,
+                   float *grad, float *tgrad, int64_t ld_h, float *loss, int64_t n, float inv_t, float t2,
+                   int want_grad, float *scratch, int64_t ld_scratch, int64_t r0, int64_t r1, int threads) {
+    SPLIT_ROWS(kl_rows_part(s, so, si, t, to, ti, inner, grad, tgrad, ld_h, loss, lo, hi, n, inv_t, t2, want_grad,
+                            scratch + part * ld_scratch, scratch + part * ld_scratch + n));
 }
 
 /* Class-tiled mode (large C on the torch path): a row's classes arrive in tiles of w, the logits of a
@@ -325,19 +365,25 @@ static void tile_row_stats(const float *s, const float *t, int64_t w, float inv_
 }
 
 /* Pass 1 over rows [r0, r1) of one tile; stats arrays indexed by the row. */
-void hydra_kl_tile_stats(const float *s, int64_t so, int64_t si, const float *t, int64_t to, int64_t ti,
-                         int64_t inner, int64_t r0, int64_t r1, int64_t w, float inv_t, float *m_s, float *d_s,
-                         float *m_t, float *d_u, float *a) {
+static void tile_stats_part(const float *s, int64_t so, int64_t si, const float *t, int64_t to, int64_t ti,
+                            int64_t inner, int64_t r0, int64_t r1, int64_t w, float inv_t, float *m_s, float *d_s,
+                            float *m_t, float *d_u, float *a) {
     for (int64_t r = r0; r < r1; ++r)
         tile_row_stats(s + ROW(r, so, si, inner), t + ROW(r, to, ti, inner), w, inv_t, m_s + r, d_s + r, m_t + r,
                        d_u + r, a + r);
 }
 
+void hydra_kl_tile_stats(const float *s, int64_t so, int64_t si, const float *t, int64_t to, int64_t ti,
+                         int64_t inner, int64_t r0, int64_t r1, int64_t w, float inv_t, float *m_s, float *d_s,
+                         float *m_t, float *d_u, float *a, int threads) {
+    SPLIT_ROWS(tile_stats_part(s, so, si, t, to, ti, inner, lo, hi, w, inv_t, m_s, d_s, m_t, d_u, a));
+}
+
 /* Pass 2 over rows [r0, r1) of one tile: s (tempered, overwritten) = q - p = exp(s - m_s - log d_s) -
  * exp((t - m_t) / T - log d_u), from the statistics of pass 1. */
-void hydra_kl_tile_grad(float *s, int64_t so, int64_t si, const float *t, int64_t to, int64_t ti, int64_t inner,
-                        int64_t r0, int64_t r1, int64_t w, float inv_t, const float *m_s, const float *log_d_s,
-                        const float *m_t, const float *log_d_u) {
+static void tile_grad_part(float *s, int64_t so, int64_t si, const float *t, int64_t to, int64_t ti,
+                           int64_t inner, int64_t r0, int64_t r1, int64_t w, float inv_t, const float *m_s,
+                           const float *log_d_s, const float *m_t, const float *log_d_u) {
     for (int64_t r = r0; r < r1; ++r) {
         float *g = s + ROW(r, so, si, inner);
         const float *tr = t + ROW(r, to, ti, inner);
@@ -345,6 +391,12 @@ void hydra_kl_tile_grad(float *s, int64_t so, int64_t si, const float *t, int64_
         float ref_t = isinf(m_t[r]) && m_t[r] < 0 ? 0.0f : m_t[r], lu = log_d_u[r];
         for (int64_t c = 0; c < w; ++c) g[c] = vexp(g[c] - ref_s) - vexp((tr[c] - ref_t) * inv_t - lu);
     }
+}
+
+void hydra_kl_tile_grad(float *s, int64_t so, int64_t si, const float *t, int64_t to, int64_t ti, int64_t inner,
+                        int64_t r0, int64_t r1, int64_t w, float inv_t, const float *m_s, const float *log_d_s,
+                        const float *m_t, const float *log_d_u, int threads) {
+    SPLIT_ROWS(tile_grad_part(s, so, si, t, to, ti, inner, lo, hi, w, inv_t, m_s, log_d_s, m_t, log_d_u));
 }
 
 /* log for a vector lane, x > 0 and normal (about 1 ulp): x = 2^e * f with f in [sqrt(1/2), sqrt(2)),
@@ -426,9 +478,9 @@ static float mixture_row(const float *z, int64_t ld_m, int64_t m, int64_t n, flo
 /* uncertainty of rows [r0, r1): logits z (row stride ld_b, head stride ld_m, unit along the n classes),
  * q_m = softmax(z_m / T); writes P = mean_m q_m (mixture_row; row stride ld_p), total = -sum_c P log P,
  * aleatoric = mean_m H_m, epistemic = max(total - aleatoric, 0). e is scratch of n floats. */
-void hydra_uncertainty_rows(const float *z, int64_t ld_b, int64_t ld_m, int64_t m, int64_t n, float inv_t,
-                            float *probs, int64_t ld_p, float *total, float *aleatoric, float *epistemic, float *e,
-                            int64_t r0, int64_t r1) {
+static void uncertainty_part(const float *z, int64_t ld_b, int64_t ld_m, int64_t m, int64_t n, float inv_t,
+                             float *probs, int64_t ld_p, float *total, float *aleatoric, float *epistemic, float *e,
+                             int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
         float *p = probs + r * ld_p;
         float ale = mixture_row(z + r * ld_b, ld_m, m, n, inv_t, p, e, 1);
@@ -448,12 +500,20 @@ void hydra_uncertainty_rows(const float *z, int64_t ld_b, int64_t ld_m, int64_t 
     }
 }
 
+/* scratch: a row of n floats per part */
+void hydra_uncertainty_rows(const float *z, int64_t ld_b, int64_t ld_m, int64_t m, int64_t n, float inv_t,
+                            float *probs, int64_t ld_p, float *total, float *aleatoric, float *epistemic,
+                            float *scratch, int64_t ld_scratch, int64_t r0, int64_t r1, int threads) {
+    SPLIT_ROWS(uncertainty_part(z, ld_b, ld_m, m, n, inv_t, probs, ld_p, total, aleatoric, epistemic,
+                                scratch + part * ld_scratch, lo, hi));
+}
+
 /* The Hinton target of rows [r0, r1): out = T log P, P = mean_m softmax(z_m / T) (mixture_row; z as there, out
  * with row stride ld_o, unit along the n classes), -inf where P = 0 (every member masks the class) or lies below
  * fp32's normal range (1e-37: each of its terms in a loss or gradient is below 1e-35 then); NaN stays NaN. One
  * exponential per element and one logarithm per class; e is scratch of n floats. */
-void hydra_log_mean_rows(const float *z, int64_t ld_b, int64_t ld_m, int64_t m, int64_t n, float inv_t, float t,
-                         float *out, int64_t ld_o, float *e, int64_t r0, int64_t r1) {
+static void log_mean_part(const float *z, int64_t ld_b, int64_t ld_m, int64_t m, int64_t n, float inv_t, float t,
+                          float *out, int64_t ld_o, float *e, int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
         float *p = out + r * ld_o;
         mixture_row(z + r * ld_b, ld_m, m, n, inv_t, p, e, 0);
@@ -465,6 +525,13 @@ void hydra_log_mean_rows(const float *z, int64_t ld_b, int64_t ld_m, int64_t m, 
     }
 }
 
+/* scratch: a row of n floats per part */
+void hydra_log_mean_rows(const float *z, int64_t ld_b, int64_t ld_m, int64_t m, int64_t n, float inv_t, float t,
+                         float *out, int64_t ld_o, float *scratch, int64_t ld_scratch, int64_t r0, int64_t r1,
+                         int threads) {
+    SPLIT_ROWS(log_mean_part(z, ld_b, ld_m, m, n, inv_t, t, out, ld_o, scratch + part * ld_scratch, lo, hi));
+}
+
 /* gradient of uncertainty for rows [r0, r1): with p_m = softmax(z_m / T), P = mean_m p_m and the upstream
  * gradients g (of P; row stride ld_g, NULL: none), a = g_total + g_epistemic and b = g_aleatoric - g_epistemic
  * per row (NULL: 0), dz_mc = p_mc (V_mc - sum_k p_mk V_mk) / (M T) with V_mc = g_c - a log P_c - b log p_mc
@@ -474,9 +541,9 @@ void hydra_log_mean_rows(const float *z, int64_t ld_b, int64_t ld_m, int64_t m, 
  * of scratch stay in cache where M rows of p would not at large C. A -inf logit masks its class: p = 0, dz = 0.
  * The scratch rows do not overlap each other, the logits or dz: restrict, and every scalar a loop reads in a
  * local, so that gcc vectorises the loops (it otherwise reloads through possible aliases, element by element). */
-void hydra_uncertainty_grad_rows(const float *z, int64_t ld_b, int64_t ld_m, int64_t m, int64_t n, float inv_t,
-                                 const float *g, int64_t ld_g, const float *on_total, const float *on_heads,
-                                 float *dz, int64_t ld_db, int64_t ld_dm, float *scratch, int64_t r0, int64_t r1) {
+static void uncertainty_grad_part(const float *z, int64_t ld_b, int64_t ld_m, int64_t m, int64_t n, float inv_t,
+                                  const float *g, int64_t ld_g, const float *on_total, const float *on_heads,
+                                  float *dz, int64_t ld_db, int64_t ld_dm, float *scratch, int64_t r0, int64_t r1) {
     float inv_m = 1.0f / (float)m, scale = inv_m * inv_t;
     float *restrict p = scratch, *restrict mix = p + n, *restrict v = mix + n, *restrict ref = v + n;
     float *restrict inv_d = ref + m;
@@ -527,4 +594,13 @@ void hydra_uncertainty_grad_rows(const float *z, int64_t ld_b, int64_t ld_m, int
             for (c = 0; c < n; ++c) out[c] = p[c] * (v[c] - s) * scale;
         }
     }
+}
+
+/* scratch: 3 n + 2 m floats per part */
+void hydra_uncertainty_grad_rows(const float *z, int64_t ld_b, int64_t ld_m, int64_t m, int64_t n, float inv_t,
+                                 const float *g, int64_t ld_g, const float *on_total, const float *on_heads,
+                                 float *dz, int64_t ld_db, int64_t ld_dm, float *scratch, int64_t ld_scratch,
+                                 int64_t r0, int64_t r1, int threads) {
+    SPLIT_ROWS(uncertainty_grad_part(z, ld_b, ld_m, m, n, inv_t, g, ld_g, on_total, on_heads, dz, ld_db, ld_dm,
+                                     scratch + part * ld_scratch, lo, hi));
 }
