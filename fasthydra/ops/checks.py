@@ -344,6 +344,8 @@ def check_teacher_values(teacher: torch.Tensor, name: str = "teacher_logits") ->
     an error; a lone -Inf masks a class."""
     if teacher.numel() == 0:
         return
+    if teacher.shape[-1] <= SHORT_ROWS and _all_finite(teacher.detach()):
+        return
     row_max, shape = teacher.detach().amax(dim=-1), _shown(teacher.shape)
     if bool(torch.isnan(row_max).any()):
         raise ValueError(f"{name} contains NaN (shape {shape})")
@@ -353,6 +355,19 @@ def check_teacher_values(teacher: torch.Tensor, name: str = "teacher_logits") ->
         where = _shown_index(tuple(torch.nonzero(torch.isneginf(row_max))[0].tolist()), teacher.shape)
         raise ValueError(f"{name} has a row that is -Inf for every class (at index {where}, "
                          f"shape {shape}): its softmax is undefined")
+
+
+# Rows up to this many classes are checked by one reduction over the whole tensor first: torch's reduction
+# along a short last dimension is slow on the CPU (at (4096, 8, 10) a row max took 390 us, aminmax 42 us); at 128
+# classes and more the row max is as fast, and gives every verdict in one pass.
+SHORT_ROWS = 64
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """One aminmax over the whole tensor (a NaN makes both extremes NaN): no NaN and no infinity anywhere. Where it
+    says no (a masked class, -inf, is allowed), the row max tells which error, if any."""
+    low, high = torch.aminmax(t)
+    return bool((low > -math.inf) & (high < math.inf))
 
 
 def check_teacher_status(status: torch.Tensor, shape, name: str = "teacher_logits") -> None:
