@@ -105,6 +105,39 @@ def test_non_contiguous_inputs():
     assert_close_to(loss, R.hydra_kl_loss_ref(z.detach(), t, 1.5), rtol=1e-12, what="strided")
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "head-major", "classes-strided"])
+@pytest.mark.parametrize("c", [10, 37])
+@pytest.mark.parametrize("teacher_grad", [False, True])
+def test_fp32_student_in_any_layout_is_read_not_copied_or_changed(layout, c, teacher_grad):
+    """fp32 logits on the CPU (the C row kernel reads the raw student, tempered as read, and writes the scaled
+    gradients where they are kept): a head-major view, a view with classes strided and a plain tensor, against
+    float64 (loss, student and teacher gradients, 150 rows: several of the short-row kernel's blocks, taken
+    where the teacher needs no gradient); the student's values are left as they were."""
+    b, m = 50, 3
+    gen = torch.Generator().manual_seed(c)
+    t = torch.randn(b, m, c, generator=gen) * 3
+    if layout == "head-major":
+        z = (torch.randn(m, b, c, generator=gen) * 3).transpose(0, 1)
+    elif layout == "classes-strided":
+        z = (torch.randn(b, m, c, 2, generator=gen) * 3)[..., 0]
+    else:
+        z = torch.randn(b, m, c, generator=gen) * 3
+    t[1, 2, : c // 2] = float("-inf")
+    before = z.clone()
+    z.requires_grad_()
+    t.requires_grad_(teacher_grad)
+    loss = hydra_kl_loss(z, t, 1.7, impl="torch")
+    grads = torch.autograd.grad(loss * 3.0, (z, t) if teacher_grad else (z,))
+    assert torch.equal(z.detach(), before)
+    z64, t64 = z.detach().double().requires_grad_(), t.detach().double().requires_grad_()
+    ref = R.hydra_kl_loss_ref(z64, t64, 1.7)
+    expected = torch.autograd.grad(ref * 3.0, (z64, t64))
+    assert_close_to(loss, ref, rtol=1e-5, what="loss")
+    assert_close_to(grads[0], expected[0], rtol=1e-5, atol=1e-8, what="student gradient")
+    if teacher_grad:
+        assert_close_to(grads[1], expected[1].nan_to_num(0.0), rtol=1e-4, atol=1e-8, what="teacher gradient")
+
+
 def test_many_row_chunks(monkeypatch):
     """Chunking over rows must not change the result (budget shrunk so every row is its own chunk)."""
     monkeypatch.setattr(_common, "TORCH_CHUNK_ELEMENTS", 1)

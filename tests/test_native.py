@@ -21,6 +21,14 @@ pytestmark = pytest.mark.cpu
 needs_native = pytest.mark.skipif(native.status() != "ok", reason=f"native kernel: {native.status()}")
 
 
+@pytest.fixture
+def threads_set():
+    """set(n) sets torch's thread count for the rest of the test; the count before is restored after it."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
 @needs_native
 @pytest.mark.parametrize("rows,c", [(7, 1), (5, 13), (200, 10), (300, 1000), (64, 4097), (0, 10)])
 @pytest.mark.parametrize("temperature", [0.5, 2.0, 20.0])
@@ -84,11 +92,14 @@ def test_kernel_extreme_logits_and_strided_rows_written_in_place(c):
 @needs_native
 @pytest.mark.parametrize("c", [33, 9], ids=["long-rows", "short-rows"])
 @pytest.mark.parametrize("want_tgrad", [False, True])
-def test_kernel_reads_a_head_major_chunk_as_it_lies(c, want_tgrad):
+@pytest.mark.parametrize("threads", [1, 3])
+def test_kernel_reads_a_head_major_chunk_as_it_lies(threads_set, c, want_tgrad, threads):
     """A (rows, heads, C) chunk laid out head-major (what a batched GEMM over heads gives, seen through a
     transpose) and a row-major teacher: no copy of either, q - p written in place, every (row, head)
-    against float64."""
-    o, i = 11, 3
+    against float64. 303 rows: the short-row kernel's blocks of 64 and the parts of 3 threads begin inside a
+    row's heads."""
+    threads_set(threads)
+    o, i = 101, 3
     s = (torch.randn(i, o, c) * 3).transpose(0, 1)  # (O, I, C) with strides (C, O*C, 1)
     t = torch.randn(o, i, c) * 3
     t[4, 2, : c // 2] = float("-inf")
@@ -355,21 +366,17 @@ def _every_kernel(seed: int = 0) -> list:
 @needs_native
 @pytest.mark.parametrize("team", [True, False])
 @pytest.mark.parametrize("threads", [2, 3])
-def test_every_kernel_gives_the_same_rows_on_any_split(monkeypatch, team, threads):
+def test_every_kernel_gives_the_same_rows_on_any_split(monkeypatch, threads_set, team, threads):
     """Rows split over 2 or 3 parts, on the OpenMP team or on the Python pool, give exactly the values of one
     thread: each row is computed by the same code whichever part holds it (same shapes; no sum crosses rows).
     The team is taken only where the library was built with OpenMP."""
     if team and not native._library().hydra_openmp():
         pytest.skip("library built without OpenMP here")
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = _every_kernel()
-        monkeypatch.setattr(native, "_team", team)
-        torch.set_num_threads(threads)
-        split = _every_kernel()
-    finally:
-        torch.set_num_threads(before)
+    threads_set(1)
+    one = _every_kernel()
+    monkeypatch.setattr(native, "_team", team)
+    threads_set(threads)
+    split = _every_kernel()
     assert len(one) == len(split) == 20
     for i, (a, b) in enumerate(zip(one, split)):
         assert torch.equal(a, b) or (a.isnan() == b.isnan()).all() and torch.equal(a.nan_to_num(), b.nan_to_num()), i
@@ -377,19 +384,15 @@ def test_every_kernel_gives_the_same_rows_on_any_split(monkeypatch, team, thread
 
 @pytest.mark.parametrize("team", [True, False])
 @pytest.mark.parametrize("floats", [1, 10, 20, 33, 2000])
-def test_parts_scratch_lies_in_cache_lines_of_its_own(monkeypatch, team, floats):
+def test_parts_scratch_lies_in_cache_lines_of_its_own(monkeypatch, threads_set, team, floats):
     """Each part's scratch starts on a 64-byte boundary, holds the floats asked for and ends at least 128 bytes
     (a cache line and its prefetch pair) before the next part's: parts that wrote into one line took 1.5x one
     thread's time (false sharing), on the team (one call, parts at base + part * stride) or the pool."""
     monkeypatch.setattr(native, "_team", team)
     calls = []
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(3)
-        native._over_rows(lambda base, ld, r0, r1, threads: calls.append((base, ld, r0, r1, threads)), 300,
-                          scratch=floats)
-    finally:
-        torch.set_num_threads(before)
+    threads_set(3)
+    native._over_rows(lambda base, ld, r0, r1, threads: calls.append((base, ld, r0, r1, threads)), 300,
+                      scratch=floats)
     starts = [base + 4 * ld * part for base, ld, r0, r1, threads in calls for part in range(threads)]
     assert len(starts) == 3 and sorted(r0 for _, _, r0, _, _ in calls)[0] == 0
     assert all(start % 64 == 0 for start in starts), starts
@@ -440,29 +443,25 @@ def test_torch_team_only_with_one_openmp_runtime():
 
 @needs_native
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="counts threads in /proc")
-def test_rows_run_on_torchs_threads(monkeypatch):
+def test_rows_run_on_torchs_threads(monkeypatch, threads_set):
     """On the team, a kernel after a torch op adds no thread to the process: its parts run on the threads of
     torch's own intra-op team (the pool would add its own, which contend with torch's spinning ones)."""
     if not native._team:
         pytest.skip(f"not on torch's team here (OpenMP: {native._library().hydra_openmp()})")
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        z = torch.randn(512, 4, 200)
-        z.amax(dim=-1)  # torch's team exists and has just worked
+    threads_set(2)
+    z = torch.randn(512, 4, 200)
+    z.amax(dim=-1)  # torch's team exists and has just worked
+    native.log_mean_rows(z, 1.0)
+    threads = len(os.listdir("/proc/self/task"))
+    for _ in range(3):
+        z.amax(dim=-1)
         native.log_mean_rows(z, 1.0)
-        threads = len(os.listdir("/proc/self/task"))
-        for _ in range(3):
-            z.amax(dim=-1)
-            native.log_mean_rows(z, 1.0)
-            native.uncertainty_rows(z, 1.0)
-        assert len(os.listdir("/proc/self/task")) == threads
-        monkeypatch.setattr(native, "_pool", None)
-        monkeypatch.setattr(native, "_team", False)  # the pool, for contrast: it does add threads
-        native.log_mean_rows(z, 1.0)
-        assert len(os.listdir("/proc/self/task")) > threads
-    finally:
-        torch.set_num_threads(before)
+        native.uncertainty_rows(z, 1.0)
+    assert len(os.listdir("/proc/self/task")) == threads
+    monkeypatch.setattr(native, "_pool", None)
+    monkeypatch.setattr(native, "_team", False)  # the pool, for contrast: it does add threads
+    native.log_mean_rows(z, 1.0)
+    assert len(os.listdir("/proc/self/task")) > threads
 
 
 # A masked vector load in the assembly: AVX2's vmaskmov, or an AVX-512 move from memory (not a constant at %rip)

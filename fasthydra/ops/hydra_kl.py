@@ -225,6 +225,12 @@ def hydra_kl_forward_torch(student, teacher, temperature: float, reduction: str,
     grad = empty_stored_grad(student) if want_grad else None
     tgrad = empty_stored_grad(teacher) if want_tgrad else None
     idx = None if indices is None else indices.long()
+    if idx is None and native.usable(student) and teacher.dtype == torch.float32 and student.dim() == 3:
+        # the C row kernel reads the raw student (tempered as read) and writes the scaled gradients where they are
+        # kept: no tempered copy, no scaling pass, nothing chunk-sized allocated (so one call over every row)
+        loss, _, _ = native.kl_rows(student, teacher, temperature, want_grad, want_tgrad, s_scale=1.0 / temperature,
+                                    grad_out=grad, tgrad_out=tgrad, out_scale=grad_scale)
+        return reduce_rows(loss, reduction, loss.dtype), grad, tgrad
     step = rows_per_chunk(b, m * c, TORCH_CHUNK_ELEMENTS)
     for r0 in range(0, b, step):
         s = student[r0:r0 + step].to(cdt) * (1.0 / temperature)

@@ -115,7 +115,8 @@ def _build() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     i64, f32, ptr, i32 = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
     rows = [ptr, i64, i64, i64, i32]  # scratch, its stride per part, r0, r1, threads
-    lib.hydra_kl_rows.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, ptr, ptr, i64, ptr, i64, f32, f32, i32, *rows]
+    lib.hydra_kl_rows.argtypes = [ptr, i64, i64, f32, ptr, i64, i64, i64, ptr, i64, i64, f32, ptr, i64, ptr, i64, f32,
+                                  f32, i32, *rows]
     tile = [ptr, i64, i64, ptr, i64, i64, i64, i64, i64, i64, f32, ptr, ptr, ptr, ptr]  # + a for the stats
     lib.hydra_kl_tile_stats.argtypes = tile + [ptr, i32]
     lib.hydra_kl_tile_grad.argtypes = tile + [i32]
@@ -180,19 +181,24 @@ def usable(s: torch.Tensor) -> bool:
     return s.dtype == torch.float32 and s.device.type == "cpu" and _library() is not None
 
 
-def kl_rows(s: torch.Tensor, t: torch.Tensor, temperature: float, want_grad: bool, want_tgrad: bool = False):
+def kl_rows(s: torch.Tensor, t: torch.Tensor, temperature: float, want_grad: bool, want_tgrad: bool = False, *,
+            s_scale: float = 1.0, grad_out: torch.Tensor | None = None, tgrad_out: torch.Tensor | None = None,
+            out_scale: float = 1.0):
     """Loss rows T^2 * KL, q - p and (want_tgrad) the teacher's p * ((log p - log q) - KL) for fp32 rows of
-    C classes: s tempered student logits, t the raw teacher, both (R, C) or (O, I, C) of one shape, in any
-    memory order with unit stride along C (no copy: a (rows, heads, C) chunk made head-major by a batched
-    GEMM is read as it lies). s is consumed: q - p is written over it (no second chunk-sized buffer), the
-    returned grad is s itself. Returns (loss s.shape[:-1], grad or None, tgrad (s.shape, contiguous) or
-    None).
+    C classes: s * s_scale the tempered student logits (s tempered already, or raw with s_scale = 1 / T), t the
+    raw teacher, both (R, C) or (O, I, C) of one shape, in any memory order with unit stride along C (no copy:
+    a (rows, heads, C) chunk made head-major by a batched GEMM is read as it lies). Both gradients come out
+    multiplied by out_scale. q - p goes to grad_out (fp32, contiguous, s's shape), or, without one, over s,
+    which is then consumed (no second chunk-sized buffer): the returned grad is s itself. The teacher's goes to
+    tgrad_out (same rules) or a new tensor. Returns (loss s.shape[:-1], grad or None, tgrad or None).
 
     Rows are split across torch.get_num_threads() threads (ctypes releases the GIL during the call).
     """
     temperature = float(temperature)  # (a CPU tensor temperature where tests keep one: read at no cost)
     lib = _library()
     shape = s.shape
+    for name, out in (("grad_out", grad_out), ("tgrad_out", tgrad_out)):  # internal callers: a bug if not met
+        assert out is None or (out.dtype == torch.float32 and out.shape == shape and out.is_contiguous()), name
     if s.dim() not in (2, 3) or s.stride(-1) != 1:  # other layouts: as one contiguous (R, C) block
         s = s.reshape(-1, shape[-1]).contiguous()
     t = t.to(torch.float32)
@@ -202,10 +208,15 @@ def kl_rows(s: torch.Tensor, t: torch.Tensor, temperature: float, want_grad: boo
         s, t = s.unsqueeze(1), t.unsqueeze(1)
     head, r, c = _tile_geometry(s, t)
     loss = torch.empty(s.shape[:-1], dtype=torch.float32)
-    grad = s if want_grad else None  # the kernel reads each row before it writes its q - p there
-    tgrad = torch.empty(s.shape, dtype=torch.float32) if want_tgrad else None
+    grad = None  # with grad_out None: s, the kernel reading each row before it writes its q - p there
+    if want_grad:
+        grad = s if grad_out is None else grad_out.view(s.shape)
+    tgrad = None
+    if want_tgrad:
+        tgrad = torch.empty(s.shape, dtype=torch.float32) if tgrad_out is None else tgrad_out.view(s.shape)
     if r > 0:
-        args = (*head, grad.data_ptr() if want_grad else None, tgrad.data_ptr() if want_tgrad else None,
+        g = (None, 0, 0) if grad is None else (grad.data_ptr(), grad.stride(0), grad.stride(1))
+        args = (*head[:3], s_scale, *head[3:], *g, out_scale, None if tgrad is None else tgrad.data_ptr(),
                 c if want_tgrad else 0, loss.data_ptr(), c, 1.0 / temperature, temperature * temperature,
                 int(want_grad))
         _over_rows(lambda *rows: lib.hydra_kl_rows(*args, *rows), r, scratch=2 * c)  # two exponential rows

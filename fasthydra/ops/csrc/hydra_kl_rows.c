@@ -146,19 +146,20 @@ static float row_max(const float *x, int64_t n, float mult) {
 }
 #endif
 
-/* One row; e_u is scratch of n floats. */
-/* One row. e_s and e_u are scratch rows for the two exponentials; g (q - p) is written in the last sweep
- * only, after every read of s, so it may be s itself (the callers' s is a chunk they consume). */
-static void kl_row(const float *s, const float *t, float *g, float *e_s, float *e_u, float *h, int64_t n,
-                   float inv_t, float t2, float *loss, int want_grad) {
-    float m_s = row_max(s, n, 1.0f);
+/* One row. The student is x * mult (x raw logits and mult = 1 / T, or x already tempered and mult = 1: exact).
+ * e_s and e_u are scratch rows for the two exponentials; g = (q - p) * g_mult is written in the last sweep only,
+ * after every read of x, so it may be x itself (a chunk the caller consumes); h (the teacher's gradient) is
+ * scaled by g_mult too. */
+static void kl_row(const float *x, float mult, const float *t, float *g, float g_mult, float *e_s, float *e_u,
+                   float *h, int64_t n, float inv_t, float t2, float *loss, int want_grad) {
+    float m_s = row_max(x, n, mult); /* = max(x) * mult: rounding is monotonic and mult > 0 */
     /* (t - max t) / T rather than t / T - max(t / T): with FMA contraction the latter is not exactly 0
      * at the maximum, and a one-class row would not give KL = 0 */
     float m_t = row_max(t, n, 1.0f);
     float ref_t = isinf(m_t) ? 0.0f : m_t; /* only an all-masked row, which the host rejects */
     /* sweep 2a: the exponentials, a pure elementwise map */
     for (int64_t c = 0; c < n; ++c) {
-        e_s[c] = vexp(s[c] - m_s);
+        e_s[c] = vexp(x[c] * mult - m_s);
         e_u[c] = vexp((t[c] - ref_t) * inv_t);
     }
     /* sweep 2b: the sums, LANES partial sums each (vectorised without reassociating) */
@@ -168,7 +169,7 @@ static void kl_row(const float *s, const float *t, float *g, float *e_s, float *
     for (; c + LANES <= n; c += LANES)
         for (int j = 0; j < LANES; ++j) {
             float eu = e_u[c + j];
-            float diff = (t[c + j] - ref_t) * inv_t - (s[c + j] - m_s);
+            float diff = (t[c + j] - ref_t) * inv_t - (x[c + j] * mult - m_s);
             ds[j] += e_s[c + j];
             du[j] += eu;
             a[j] += kept(eu > 0.0f, eu * diff); /* a masked class: 0 * -inf must read as 0 */
@@ -181,7 +182,7 @@ static void kl_row(const float *s, const float *t, float *g, float *e_s, float *
     }
     for (; c < n; ++c) {
         float eu = e_u[c];
-        float diff = (t[c] - ref_t) * inv_t - (s[c] - m_s);
+        float diff = (t[c] - ref_t) * inv_t - (x[c] * mult - m_s);
         d_s += e_s[c];
         d_u += eu;
         acc += kept(eu > 0.0f, eu * diff);
@@ -193,108 +194,134 @@ static void kl_row(const float *s, const float *t, float *g, float *e_s, float *
     if (h != NULL) { /* the teacher's gradient (unscaled), pivoted at j = the first class with t = max t */
         int64_t j = 0;
         while (j < n - 1 && !(t[j] == m_t)) ++j;
-        float s_j = s[j];
+        float s_j = x[j] * mult;
         float mean_e = 0.0f;
         for (c = 0; c < n; ++c) {
-            float diff = (t[c] - ref_t) * inv_t - (s[c] - s_j);
+            float diff = (t[c] - ref_t) * inv_t - (x[c] * mult - s_j);
             mean_e += kept(e_u[c] > 0.0f, e_u[c] * inv_du * diff);
         }
         for (c = 0; c < n; ++c) {
-            float diff = (t[c] - ref_t) * inv_t - (s[c] - s_j);
-            h[c] = kept(e_u[c] > 0.0f, e_u[c] * inv_du * (diff - mean_e));
+            float diff = (t[c] - ref_t) * inv_t - (x[c] * mult - s_j);
+            h[c] = kept(e_u[c] > 0.0f, e_u[c] * inv_du * (diff - mean_e)) * g_mult;
         }
     }
     if (!want_grad) return;
-    for (c = 0; c < n; ++c) g[c] = e_s[c] * inv_ds - e_u[c] * inv_du;
+    for (c = 0; c < n; ++c) g[c] = (e_s[c] * inv_ds - e_u[c] * inv_du) * g_mult;
 }
 
-/* Rows [r0, r1) of s and t into loss (rows,), with want_grad grad = q - p laid out as s (usually s
- * itself: every row's s is read before its q - p is written), and with tgrad != NULL the teacher's
- * gradient p * ((log p - log q) - KL) (row stride ld_h). Row r of s lives at s + ROW(r, so, si, inner),
- * of t at t + ROW(r, to, ti, inner). e_s, e_u: scratch rows of n floats. */
-/* Rows shorter than a vector (C < SHORT_ROW, e.g. 10 classes): a row's own loops never fill a vector, so
- * the exponentials, most of the work, would run one lane at a time. Here SHORT_BLOCK rows at a time: their
- * shifted arguments packed, the exponentials as one flat (vectorised) map over the block, then the
- * per-row sums, loss and q - p as in kl_row (the same formulas, summed in the same order). */
+/* Rows shorter than a vector (C < SHORT_ROW, e.g. 10 classes): a row's own loops never fill a vector. Here
+ * SHORT_BLOCK rows at a time are turned on their side: class c of row i goes to column i of line c of a block,
+ * so that every sweep (maxima, exponentials, sums, loss, q - p) runs along the lines with one row per vector
+ * lane; the rows are copied in and q - p copied out. Per row the same formulas as kl_row, each sum taken in
+ * class order. Row offsets are stepped (no division per row). */
 #define SHORT_ROW 16
 #define SHORT_BLOCK 64
 
-static void kl_short_rows(const float *s, int64_t so, int64_t si, const float *t, int64_t to, int64_t ti,
-                          int64_t inner, float *grad, float *loss, int64_t r0, int64_t r1, int64_t n, float inv_t,
-                          float t2, int want_grad) {
-    float es[SHORT_BLOCK * SHORT_ROW], eu[SHORT_BLOCK * SHORT_ROW], m_s[SHORT_BLOCK], ref_t[SHORT_BLOCK];
+static void kl_short_rows(const float *s, int64_t so, int64_t si, float mult, const float *t, int64_t to,
+                          int64_t ti, int64_t inner, float *grad, int64_t go, int64_t gi, float g_mult, float *loss,
+                          int64_t r0, int64_t r1, int64_t n, float inv_t, float t2, int want_grad) {
+    float xs[SHORT_ROW * SHORT_BLOCK], xu[SHORT_ROW * SHORT_BLOCK];
+    float m_s[SHORT_BLOCK], ref_t[SHORT_BLOCK], d_s[SHORT_BLOCK], d_u[SHORT_BLOCK], acc[SHORT_BLOCK];
+    int64_t outer = r0 / inner, in = r0 % inner; /* row r0's place in the (O, inner, C) view */
     for (int64_t b0 = r0; b0 < r1; b0 += SHORT_BLOCK) {
-        int64_t rows = r1 - b0 < SHORT_BLOCK ? r1 - b0 : SHORT_BLOCK;
+        const int64_t rows = r1 - b0 < SHORT_BLOCK ? r1 - b0 : SHORT_BLOCK;
+        const int64_t o0 = outer, i0 = in; /* the block's first row, for the copy out */
         for (int64_t i = 0; i < rows; ++i) {
-            const float *sr = s + ROW(b0 + i, so, si, inner), *tr = t + ROW(b0 + i, to, ti, inner);
-            float ms = -INFINITY, mt = -INFINITY;
+            const float *sr = s + outer * so + in * si, *tr = t + outer * to + in * ti;
             for (int64_t c = 0; c < n; ++c) {
-                ms = sr[c] > ms ? sr[c] : ms;
-                mt = tr[c] > mt ? tr[c] : mt;
+                xs[c * SHORT_BLOCK + i] = sr[c] * mult;
+                xu[c * SHORT_BLOCK + i] = tr[c];
             }
-            m_s[i] = ms;
-            ref_t[i] = isinf(mt) ? 0.0f : mt; /* as kl_row: only an all-masked row, which the host rejects */
-            for (int64_t c = 0; c < n; ++c) {
-                es[i * n + c] = sr[c] - ms;
-                eu[i * n + c] = (tr[c] - ref_t[i]) * inv_t;
+            if (++in == inner) {
+                in = 0;
+                ++outer;
             }
         }
-        for (int64_t k = 0; k < rows * n; ++k) { /* a pure map: vectorised */
-            es[k] = vexp(es[k]);
-            eu[k] = vexp(eu[k]);
-        }
-        for (int64_t i = 0; i < rows; ++i) {
-            const float *sr = s + ROW(b0 + i, so, si, inner), *tr = t + ROW(b0 + i, to, ti, inner);
-            const float *ei = es + i * n, *ui = eu + i * n;
-            float d_s = 0.0f, d_u = 0.0f, acc = 0.0f;
-            for (int64_t c = 0; c < n; ++c) {
-                float diff = (tr[c] - ref_t[i]) * inv_t - (sr[c] - m_s[i]);
-                d_s += ei[c];
-                d_u += ui[c];
-                acc += kept(ui[c] > 0.0f, ui[c] * diff); /* a masked class: 0 * -inf must read as 0 */
+        float m_t[SHORT_BLOCK];
+        for (int64_t i = 0; i < rows; ++i) m_s[i] = m_t[i] = -INFINITY;
+        for (int64_t c = 0; c < n; ++c)
+            for (int64_t i = 0; i < rows; ++i) {
+                float vs = xs[c * SHORT_BLOCK + i], vu = xu[c * SHORT_BLOCK + i];
+                m_s[i] = vs > m_s[i] ? vs : m_s[i];
+                m_t[i] = vu > m_t[i] ? vu : m_t[i];
             }
-            loss[b0 + i] = t2 * (acc / d_u + logf(d_s / d_u));
-            if (want_grad) {
-                float *g = grad + ROW(b0 + i, so, si, inner), inv_ds = 1.0f / d_s, inv_du = 1.0f / d_u;
-                for (int64_t c = 0; c < n; ++c) g[c] = ei[c] * inv_ds - ui[c] * inv_du;
+        for (int64_t i = 0; i < rows; ++i) { /* as kl_row: only an all-masked row, which the host rejects */
+            ref_t[i] = m_t[i] == INFINITY || m_t[i] == -INFINITY ? 0.0f : m_t[i];
+            d_s[i] = d_u[i] = acc[i] = 0.0f;
+        }
+        for (int64_t c = 0; c < n; ++c) /* the exponentials written over the logits they come from */
+            for (int64_t i = 0; i < rows; ++i) {
+                float *ps = xs + c * SHORT_BLOCK + i, *pu = xu + c * SHORT_BLOCK + i;
+                float diff = (*pu - ref_t[i]) * inv_t - (*ps - m_s[i]);
+                float es = vexp(*ps - m_s[i]), eu = vexp((*pu - ref_t[i]) * inv_t);
+                d_s[i] += es;
+                d_u[i] += eu;
+                acc[i] += kept(eu > 0.0f, eu * diff); /* a masked class: 0 * -inf must read as 0 */
+                *ps = es;
+                *pu = eu;
+            }
+        for (int64_t i = 0; i < rows; ++i) loss[b0 + i] = t2 * (acc[i] / d_u[i] + logf(d_s[i] / d_u[i]));
+        if (!want_grad) continue;
+        for (int64_t i = 0; i < rows; ++i) {
+            d_s[i] = 1.0f / d_s[i];
+            d_u[i] = 1.0f / d_u[i];
+        }
+        for (int64_t c = 0; c < n; ++c)
+            for (int64_t i = 0; i < rows; ++i) {
+                float *v = xs + c * SHORT_BLOCK + i;
+                *v = (*v * d_s[i] - xu[c * SHORT_BLOCK + i] * d_u[i]) * g_mult;
+            }
+        int64_t o = o0, k = i0;
+        for (int64_t i = 0; i < rows; ++i) {
+            float *g = grad + o * go + k * gi;
+            for (int64_t c = 0; c < n; ++c) g[c] = xs[c * SHORT_BLOCK + i];
+            if (++k == inner) {
+                k = 0;
+                ++o;
             }
         }
     }
 }
 
-static void tile_row_stats(const float *s, const float *t, int64_t w, float inv_t, float *m_s, float *d_s,
-                           float *m_t, float *d_u, float *a);
+static void tile_row_stats(const float *s, float mult, const float *t, int64_t w, float inv_t, float *m_s,
+                           float *d_s, float *m_t, float *d_u, float *a);
 
-static void kl_rows_part(const float *s, int64_t so, int64_t si, const float *t, int64_t to, int64_t ti,
-                         int64_t inner, float *grad, float *tgrad, int64_t ld_h, float *loss, int64_t r0, int64_t r1,
-                         int64_t n, float inv_t, float t2, int want_grad, float *e_s, float *e_u) {
+/* Rows [r0, r1) of s * mult and t into loss (rows,); with want_grad, (q - p) * g_mult into grad (row r at
+ * grad + ROW(r, go, gi, inner): s itself where the caller consumes it, every row's s read before its q - p is
+ * written), and with tgrad != NULL the teacher's gradient p * ((log p - log q) - KL) * g_mult (row stride ld_h).
+ * Row r of s lives at s + ROW(r, so, si, inner), of t at t + ROW(r, to, ti, inner). e_s, e_u: scratch rows of n
+ * floats. */
+static void kl_rows_part(const float *s, int64_t so, int64_t si, float mult, const float *t, int64_t to, int64_t ti,
+                         int64_t inner, float *grad, int64_t go, int64_t gi, float g_mult, float *tgrad, int64_t ld_h,
+                         float *loss, int64_t r0, int64_t r1, int64_t n, float inv_t, float t2, int want_grad,
+                         float *e_s, float *e_u) {
     if (n < SHORT_ROW && tgrad == NULL) {
-        kl_short_rows(s, so, si, t, to, ti, inner, grad, loss, r0, r1, n, inv_t, t2, want_grad);
+        kl_short_rows(s, so, si, mult, t, to, ti, inner, grad, go, gi, g_mult, loss, r0, r1, n, inv_t, t2, want_grad);
         return;
     }
     if (!want_grad && tgrad == NULL) { /* the loss alone: the class-tiled mode's statistics over the whole row
                                         * as one tile (the maxima, then one sweep of sums; nothing stored) */
         for (int64_t r = r0; r < r1; ++r) {
             float m_s = -INFINITY, d_s = 0.0f, m_t = -INFINITY, d_u = 0.0f, a = 0.0f;
-            tile_row_stats(s + ROW(r, so, si, inner), t + ROW(r, to, ti, inner), n, inv_t, &m_s, &d_s, &m_t, &d_u,
-                           &a);
+            tile_row_stats(s + ROW(r, so, si, inner), mult, t + ROW(r, to, ti, inner), n, inv_t, &m_s, &d_s, &m_t,
+                           &d_u, &a);
             loss[r] = t2 * (a / d_u + logf(d_s / d_u));
         }
         return;
     }
-    for (int64_t r = r0; r < r1; ++r) {
-        int64_t at = ROW(r, so, si, inner);
-        kl_row(s + at, t + ROW(r, to, ti, inner), want_grad ? grad + at : NULL, e_s, e_u,
+    for (int64_t r = r0; r < r1; ++r)
+        kl_row(s + ROW(r, so, si, inner), mult, t + ROW(r, to, ti, inner),
+               want_grad ? grad + ROW(r, go, gi, inner) : NULL, g_mult, e_s, e_u,
                tgrad != NULL ? tgrad + r * ld_h : NULL, n, inv_t, t2, loss + r, want_grad);
-    }
 }
 
 /* scratch: two rows of n floats per part (the two exponentials of kl_row) */
-void hydra_kl_rows(const float *s, int64_t so, int64_t si, const float *t, int64_t to, int64_t ti, int64_t inner,
-                   float *grad, float *tgrad, int64_t ld_h, float *loss, int64_t n, float inv_t, float t2,
-                   int want_grad, float *scratch, int64_t ld_scratch, int64_t r0, int64_t r1, int threads) {
-    SPLIT_ROWS(kl_rows_part(s, so, si, t, to, ti, inner, grad, tgrad, ld_h, loss, lo, hi, n, inv_t, t2, want_grad,
-                            scratch + part * ld_scratch, scratch + part * ld_scratch + n));
+void hydra_kl_rows(const float *s, int64_t so, int64_t si, float mult, const float *t, int64_t to, int64_t ti,
+                   int64_t inner, float *grad, int64_t go, int64_t gi, float g_mult, float *tgrad, int64_t ld_h,
+                   float *loss, int64_t n, float inv_t, float t2, int want_grad, float *scratch, int64_t ld_scratch,
+                   int64_t r0, int64_t r1, int threads) {
+    SPLIT_ROWS(kl_rows_part(s, so, si, mult, t, to, ti, inner, grad, go, gi, g_mult, tgrad, ld_h, loss, lo, hi, n,
+                            inv_t, t2, want_grad, scratch + part * ld_scratch, scratch + part * ld_scratch + n));
 }
 
 /* Class-tiled mode (large C on the torch path): a row's classes arrive in tiles of w, the logits of a
@@ -308,9 +335,9 @@ void hydra_kl_rows(const float *s, int64_t so, int64_t si, const float *t, int64
  * rescaled: d *= exp(old - new), a = exp(-du) * (a - d_u * (du - ds)) with du, ds the shifts.
  * KL = a / d_u - log d_u + log d_s (the logs taken on the host, per row). A -inf teacher logit masks
  * its class. */
-static void tile_row_stats(const float *s, const float *t, int64_t w, float inv_t, float *m_s, float *d_s,
-                           float *m_t, float *d_u, float *a) {
-    float tm_s = row_max(s, w, 1.0f), tm_t = row_max(t, w, 1.0f);
+static void tile_row_stats(const float *s, float mult, const float *t, int64_t w, float inv_t, float *m_s,
+                           float *d_s, float *m_t, float *d_u, float *a) {
+    float tm_s = row_max(s, w, mult), tm_t = row_max(t, w, 1.0f);
     float new_s = tm_s > *m_s ? tm_s : *m_s, new_t = tm_t > *m_t ? tm_t : *m_t;
     float ref_s = isinf(new_s) && new_s < 0 ? 0.0f : new_s;
     if (*d_s > 0.0f) *d_s *= vexp(*m_s - ref_s);
@@ -321,9 +348,9 @@ static void tile_row_stats(const float *s, const float *t, int64_t w, float inv_
         for (int j = 0; j < LANES; ++j) ds[j] = 0.0f;
         int64_t c = 0;
         for (; c + LANES <= w; c += LANES)
-            for (int j = 0; j < LANES; ++j) ds[j] += vexp(s[c + j] - ref_s);
+            for (int j = 0; j < LANES; ++j) ds[j] += vexp(s[c + j] * mult - ref_s);
         for (int j = 0; j < LANES; ++j) *d_s += ds[j];
-        for (; c < w; ++c) *d_s += vexp(s[c] - ref_s);
+        for (; c < w; ++c) *d_s += vexp(s[c] * mult - ref_s);
         return;
     }
     if (*d_u > 0.0f) { /* both references move: rescale the sums kept so far */
@@ -340,7 +367,7 @@ static void tile_row_stats(const float *s, const float *t, int64_t w, float inv_
     int64_t c = 0;
     for (; c + LANES <= w; c += LANES)
         for (int j = 0; j < LANES; ++j) {
-            float us = (t[c + j] - new_t) * inv_t, ss = s[c + j] - ref_s;
+            float us = (t[c + j] - new_t) * inv_t, ss = s[c + j] * mult - ref_s;
             float eu = vexp(us);
             ds[j] += vexp(ss);
             du[j] += eu;
@@ -353,7 +380,7 @@ static void tile_row_stats(const float *s, const float *t, int64_t w, float inv_
         sa += aa[j];
     }
     for (; c < w; ++c) {
-        float us = (t[c] - new_t) * inv_t, ss = s[c] - ref_s;
+        float us = (t[c] - new_t) * inv_t, ss = s[c] * mult - ref_s;
         float eu = vexp(us);
         sd_s += vexp(ss);
         sd_u += eu;
@@ -369,8 +396,8 @@ static void tile_stats_part(const float *s, int64_t so, int64_t si, const float 
                             int64_t inner, int64_t r0, int64_t r1, int64_t w, float inv_t, float *m_s, float *d_s,
                             float *m_t, float *d_u, float *a) {
     for (int64_t r = r0; r < r1; ++r)
-        tile_row_stats(s + ROW(r, so, si, inner), t + ROW(r, to, ti, inner), w, inv_t, m_s + r, d_s + r, m_t + r,
-                       d_u + r, a + r);
+        tile_row_stats(s + ROW(r, so, si, inner), 1.0f, t + ROW(r, to, ti, inner), w, inv_t, m_s + r, d_s + r,
+                       m_t + r, d_u + r, a + r);
 }
 
 void hydra_kl_tile_stats(const float *s, int64_t so, int64_t si, const float *t, int64_t to, int64_t ti,
