@@ -10,11 +10,11 @@ than torch.compile at every benchmark shape) and the Hinton loss's target (``log
 a step at (512, 4, 32000) 964 -> 255 ms, eager 720).
 
 Threads: the kernels split their rows into torch.get_num_threads() parts. Where the library builds with OpenMP
-and the process holds one OpenMP runtime (torch's: the library binds to it), the parts run on torch's own
-intra-op team, the threads that just ran the torch op before and still spin waiting for work. Elsewhere (no
-OpenMP, another runtime beside torch's, a forked child, whose team does not exist) a pool of Python threads
-takes the parts; right after a torch op its threads share the cores with torch's spinning ones (at (1024, 8,
-1000) ``log_mean_rows`` after an ``amax``: 13.8 ms in the pool, 7.6 on the team, on two cores).
+and binds to the OpenMP runtime torch uses (the loader shares torch's libgomp.so.1 by its name), the parts run on
+torch's own intra-op team, the threads that just ran the torch op before and still spin waiting for work.
+Elsewhere (no OpenMP, bound to another runtime than torch's, a forked child, whose team does not exist) a pool of
+Python threads takes the parts; right after a torch op its threads share the cores with torch's spinning ones
+(at (1024, 8, 1000) ``log_mean_rows`` after an ``amax``: 13.8 ms in the pool, 7.6 on the team, on two cores).
 
 The library is compiled on first use with the system C compiler (``cc``; gcc or clang) into
 ``$FASTHYDRA_CACHE_DIR`` (default ``~/.cache/fasthydra``), keyed by the source, the flags, the
@@ -30,7 +30,6 @@ import hashlib
 import os
 import pathlib
 import platform
-import re
 import shutil
 import subprocess
 import tempfile
@@ -127,27 +126,28 @@ def _build() -> ctypes.CDLL:
                lib.hydra_log_mean_rows, lib.hydra_uncertainty_grad_rows):
         fn.restype = None
     lib.hydra_openmp.restype = i32
+    lib.hydra_openmp_entry.restype = ptr
     return lib
 
 
-# An OpenMP runtime's library file: GNU's (torch's wheels on Linux, as libgomp.so.1 or libgomp-<hash>.so.1),
-# Intel's, LLVM's.
-_OPENMP_RUNTIME = re.compile(r"/lib(gomp|iomp5|omp)([-.][^/]*)?\.so[^/]*$")
+def _torch_openmp_entry():
+    """The address of omp_get_num_threads as torch's own libraries resolve it (looked up through the dependencies of
+    torch._C), None where torch carries no OpenMP runtime."""
+    try:
+        return ctypes.cast(ctypes.CDLL(torch._C.__file__).omp_get_num_threads, ctypes.c_void_p).value
+    except (OSError, AttributeError):
+        return None
 
 
-def _on_torch_team(lib, maps=None) -> bool:
-    """Whether the library's OpenMP parts run on torch's team: built with OpenMP, and one runtime in the process
-    (so the library bound to the one torch had loaded; two would each keep a team spinning on the same cores).
-    Read from the lines of /proc/self/maps (maps: those lines, for tests): elsewhere (no /proc) the pool."""
+def _on_torch_team(lib, torch_entry=None) -> bool:
+    """Whether the library's OpenMP parts run on torch's team: built with OpenMP and bound to the very runtime
+    torch's libraries use (the same address of one of its functions; torch_entry: that address, for tests). A
+    process may map other runtimes beside it (scikit-learn's wheels bring a renamed libgomp) and still share
+    torch's team; a library bound to another runtime would keep a second team spinning on the same cores."""
     if not lib.hydra_openmp():
         return False
-    if maps is None:
-        try:
-            with open("/proc/self/maps") as f:
-                maps = f.read().splitlines()
-        except OSError:
-            return False
-    return len({line.split()[-1] for line in maps if _OPENMP_RUNTIME.search(line.rstrip())}) == 1
+    theirs = _torch_openmp_entry() if torch_entry is None else torch_entry
+    return theirs is not None and lib.hydra_openmp_entry() == theirs
 
 
 def _library():

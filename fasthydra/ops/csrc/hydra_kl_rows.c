@@ -70,6 +70,16 @@ int hydra_openmp(void) {
 #endif
 }
 
+/* The OpenMP runtime this library is bound to, named by the address of one of its functions (NULL without
+ * OpenMP): the host compares it with the one torch's libraries resolve. */
+void *hydra_openmp_entry(void) {
+#ifdef _OPENMP
+    return (void *)&omp_get_num_threads;
+#else
+    return NULL;
+#endif
+}
+
 /* Offset of row r of an (O, inner, C) view with strides (outer_stride, inner_stride, 1), rows walked in
  * row-major order: a (rows, heads, C) chunk in either memory order, with no copy. */
 #define ROW(r, outer_stride, inner_stride, inner) \
