@@ -136,7 +136,8 @@ def test_module_fp32_native_and_fallback_agree_with_reference(monkeypatch):
 
 
 @needs_native
-@pytest.mark.parametrize("b,m,c", [(9, 4, 1), (7, 3, 13), (5, 1, 40), (6, 8, 1000), (3, 2, 4097), (0, 3, 5)])
+@pytest.mark.parametrize("b,m,c", [(9, 4, 1), (7, 3, 13), (150, 3, 10), (5, 1, 40), (6, 8, 1000), (3, 2, 4097),
+                                   (0, 3, 5)])
 @pytest.mark.parametrize("scale", [3.0, 1e3])
 def test_uncertainty_kernel_matches_float64(monkeypatch, b, m, c, scale):
     """fp32 uncertainty on the CPU runs the C kernel (spied): against float64 with masked classes, a
@@ -172,7 +173,8 @@ def test_uncertainty_kernel_matches_float64(monkeypatch, b, m, c, scale):
 
 
 @needs_native
-@pytest.mark.parametrize("b,m,c", [(9, 4, 1), (7, 3, 13), (6, 8, 1000), (3, 2, 4097), (0, 3, 5), (90, 3, 33)])
+@pytest.mark.parametrize("b,m,c", [(9, 4, 1), (7, 3, 13), (150, 3, 10), (6, 8, 1000), (3, 2, 4097), (0, 3, 5),
+                                   (90, 3, 33)])
 @pytest.mark.parametrize("scale", [3.0, 1e3])
 def test_hinton_target_kernel_matches_float64(monkeypatch, b, m, c, scale):
     """The Hinton loss of fp32 CPU members (frozen) forms its target T log mean_m softmax(t_m / T) with the C kernel
@@ -338,7 +340,7 @@ def _child_loss_sum(s, t):
 def _every_kernel(seed: int = 0) -> list:
     """The outputs of every native kernel on one set of inputs with masked classes (enough rows for several
     parts): KL rows short and long, with the teacher's gradient, the class-tiled passes, uncertainty, its
-    gradient and the Hinton target."""
+    gradient and the Hinton target (mixtures of short rows and long)."""
     gen = torch.Generator().manual_seed(seed)
 
     def randn(*shape):
@@ -360,7 +362,10 @@ def _every_kernel(seed: int = 0) -> list:
     z[3, 1, :20] = float("-inf")
     out += list(native.uncertainty_rows(z, 1.3)) + [native.log_mean_rows(z, 1.3)]
     out.append(native.uncertainty_grad_rows(z, 1.3, randn(131, 37), randn(131), randn(131)))
-    return out
+    z = randn(203, 3, 10)  # short rows: blocks of 64 rows on their side
+    z[70, 1, :6] = float("-inf")
+    z[100, :, 2] = float("-inf")
+    return out + list(native.uncertainty_rows(z, 1.3)) + [native.log_mean_rows(z, 1.3)]
 
 
 @needs_native
@@ -377,7 +382,7 @@ def test_every_kernel_gives_the_same_rows_on_any_split(monkeypatch, threads_set,
     monkeypatch.setattr(native, "_team", team)
     threads_set(threads)
     split = _every_kernel()
-    assert len(one) == len(split) == 20
+    assert len(one) == len(split) == 25
     for i, (a, b) in enumerate(zip(one, split)):
         assert torch.equal(a, b) or (a.isnan() == b.isnan()).all() and torch.equal(a.nan_to_num(), b.nan_to_num()), i
 

@@ -512,12 +512,76 @@ static float mixture_row(const float *z, int64_t ld_m, int64_t m, int64_t n, flo
     return ale * inv_m;
 }
 
+/* mixture_row for the `rows` rows of a block at z, n < SHORT_ROW classes, turned on their side as in
+ * kl_short_rows (class c of row i at column i of line c, one row per vector lane, each head's row copied in):
+ * P[c * SHORT_BLOCK + i] = mean_m softmax(z_m / T)[c] of row i and, with ale != NULL, ale[i] its members' mean
+ * entropy. The same formulas and orders of summation as mixture_row. */
+static void mixture_short_block(const float *z, int64_t ld_b, int64_t ld_m, int64_t m, int64_t n, float inv_t,
+                                int64_t rows, float *P, float *ale) {
+    float x[SHORT_ROW * SHORT_BLOCK], ref[SHORT_BLOCK], d[SHORT_BLOCK], a[SHORT_BLOCK];
+    const float inv_m = 1.0f / (float)m;
+    for (int64_t k = 0; k < n * SHORT_BLOCK; ++k) P[k] = 0.0f;
+    for (int64_t i = 0; i < rows; ++i) a[i] = 0.0f;
+    for (int64_t h = 0; h < m; ++h) {
+        for (int64_t i = 0; i < rows; ++i) {
+            const float *xr = z + i * ld_b + h * ld_m;
+            for (int64_t c = 0; c < n; ++c) x[c * SHORT_BLOCK + i] = xr[c];
+        }
+        for (int64_t i = 0; i < rows; ++i) ref[i] = -INFINITY;
+        for (int64_t c = 0; c < n; ++c)
+            for (int64_t i = 0; i < rows; ++i) {
+                float v = x[c * SHORT_BLOCK + i];
+                ref[i] = v > ref[i] ? v : ref[i];
+            }
+        for (int64_t i = 0; i < rows; ++i) { /* as mixture_row: -inf everywhere gives NaN below */
+            ref[i] = ref[i] == -INFINITY ? 0.0f : ref[i];
+            d[i] = 0.0f;
+        }
+        for (int64_t c = 0; c < n; ++c) /* the exponentials written over the logits */
+            for (int64_t i = 0; i < rows; ++i) {
+                float *xc = x + c * SHORT_BLOCK + i;
+                float u = (*xc - ref[i]) * inv_t, e = vexp(u);
+                d[i] += e;
+                a[i] += kept(e > 0.0f, e * u); /* masked: 0, not 0 * -inf (summed only where ale is wanted) */
+                *xc = e;
+            }
+        for (int64_t i = 0; i < rows; ++i) {
+            if (ale != NULL) ale[i] = (h == 0 ? 0.0f : ale[i]) + (logf(d[i]) - a[i] / d[i]);
+            a[i] = 0.0f;
+            d[i] = inv_m / d[i];
+        }
+        for (int64_t c = 0; c < n; ++c)
+            for (int64_t i = 0; i < rows; ++i) P[c * SHORT_BLOCK + i] += x[c * SHORT_BLOCK + i] * d[i];
+    }
+    if (ale != NULL)
+        for (int64_t i = 0; i < rows; ++i) ale[i] *= inv_m;
+}
+
 /* uncertainty of rows [r0, r1): logits z (row stride ld_b, head stride ld_m, unit along the n classes),
  * q_m = softmax(z_m / T); writes P = mean_m q_m (mixture_row; row stride ld_p), total = -sum_c P log P,
  * aleatoric = mean_m H_m, epistemic = max(total - aleatoric, 0). e is scratch of n floats. */
 static void uncertainty_part(const float *z, int64_t ld_b, int64_t ld_m, int64_t m, int64_t n, float inv_t,
                              float *probs, int64_t ld_p, float *total, float *aleatoric, float *epistemic, float *e,
                              int64_t r0, int64_t r1) {
+    if (n < SHORT_ROW) { /* blocks of rows on their side (mixture_short_block), the same formulas as below */
+        float P[SHORT_ROW * SHORT_BLOCK], L[SHORT_ROW * SHORT_BLOCK], ale[SHORT_BLOCK], tot[SHORT_BLOCK];
+        for (int64_t b0 = r0; b0 < r1; b0 += SHORT_BLOCK) {
+            const int64_t rows = r1 - b0 < SHORT_BLOCK ? r1 - b0 : SHORT_BLOCK;
+            mixture_short_block(z + b0 * ld_b, ld_b, ld_m, m, n, inv_t, rows, P, ale);
+            for (int64_t k = 0; k < n * SHORT_BLOCK; ++k) L[k] = vlog(P[k] > 1.0e-37f ? P[k] : 1.0f);
+            for (int64_t i = 0; i < rows; ++i) tot[i] = 0.0f;
+            for (int64_t c = 0; c < n; ++c)
+                for (int64_t i = 0; i < rows; ++i) tot[i] -= P[c * SHORT_BLOCK + i] * L[c * SHORT_BLOCK + i];
+            for (int64_t i = 0; i < rows; ++i) {
+                float *p = probs + (b0 + i) * ld_p;
+                for (int64_t c = 0; c < n; ++c) p[c] = P[c * SHORT_BLOCK + i];
+                total[b0 + i] = tot[i];
+                aleatoric[b0 + i] = ale[i];
+                epistemic[b0 + i] = tot[i] - ale[i] < 0.0f ? 0.0f : tot[i] - ale[i];
+            }
+        }
+        return;
+    }
     for (int64_t r = r0; r < r1; ++r) {
         float *p = probs + r * ld_p;
         float ale = mixture_row(z + r * ld_b, ld_m, m, n, inv_t, p, e, 1);
@@ -551,6 +615,21 @@ void hydra_uncertainty_rows(const float *z, int64_t ld_b, int64_t ld_m, int64_t 
  * exponential per element and one logarithm per class; e is scratch of n floats. */
 static void log_mean_part(const float *z, int64_t ld_b, int64_t ld_m, int64_t m, int64_t n, float inv_t, float t,
                           float *out, int64_t ld_o, float *e, int64_t r0, int64_t r1) {
+    if (n < SHORT_ROW) { /* blocks of rows on their side (mixture_short_block), the same map as below */
+        float P[SHORT_ROW * SHORT_BLOCK];
+        for (int64_t b0 = r0; b0 < r1; b0 += SHORT_BLOCK) {
+            const int64_t rows = r1 - b0 < SHORT_BLOCK ? r1 - b0 : SHORT_BLOCK;
+            mixture_short_block(z + b0 * ld_b, ld_b, ld_m, m, n, inv_t, rows, P, NULL);
+            for (int64_t k = 0; k < n * SHORT_BLOCK; ++k) {
+                float v = P[k];
+                float l = t * vlog(v > 1.0e-37f ? v : 1.0f);
+                P[k] = v > 1.0e-37f ? l : (v == v ? -INFINITY : v);
+            }
+            for (int64_t i = 0; i < rows; ++i)
+                for (int64_t c = 0; c < n; ++c) out[(b0 + i) * ld_o + c] = P[c * SHORT_BLOCK + i];
+        }
+        return;
+    }
     for (int64_t r = r0; r < r1; ++r) {
         float *p = out + r * ld_o;
         mixture_row(z + r * ld_b, ld_m, m, n, inv_t, p, e, 0);
