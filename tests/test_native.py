@@ -235,7 +235,8 @@ def test_hinton_target_kernel_reads_sixteen_bit_members(monkeypatch, dtype):
 
 
 @needs_native
-@pytest.mark.parametrize("b,m,c", [(9, 4, 1), (7, 3, 13), (5, 1, 40), (6, 8, 1000), (3, 2, 4097), (0, 3, 5)])
+@pytest.mark.parametrize("b,m,c", [(9, 4, 1), (7, 3, 13), (150, 3, 10), (70, 33, 5), (5, 1, 40), (6, 8, 1000),
+                                   (3, 2, 4097), (0, 3, 5)])
 @pytest.mark.parametrize("scale", [3.0, 1e3])
 def test_uncertainty_gradient_kernel_matches_float64(monkeypatch, b, m, c, scale):
     """uncertainty's backward for fp32 CPU logits runs the C kernel (spied): against float64 autograd, every
@@ -365,7 +366,8 @@ def _every_kernel(seed: int = 0) -> list:
     z = randn(203, 3, 10)  # short rows: blocks of 64 rows on their side
     z[70, 1, :6] = float("-inf")
     z[100, :, 2] = float("-inf")
-    return out + list(native.uncertainty_rows(z, 1.3)) + [native.log_mean_rows(z, 1.3)]
+    out += list(native.uncertainty_rows(z, 1.3)) + [native.log_mean_rows(z, 1.3)]
+    return out + [native.uncertainty_grad_rows(z, 1.3, randn(203, 10), randn(203), randn(203))]
 
 
 @needs_native
@@ -382,7 +384,7 @@ def test_every_kernel_gives_the_same_rows_on_any_split(monkeypatch, threads_set,
     monkeypatch.setattr(native, "_team", team)
     threads_set(threads)
     split = _every_kernel()
-    assert len(one) == len(split) == 25
+    assert len(one) == len(split) == 26
     for i, (a, b) in enumerate(zip(one, split)):
         assert torch.equal(a, b) or (a.isnan() == b.isnan()).all() and torch.equal(a.nan_to_num(), b.nan_to_num()), i
 

@@ -512,6 +512,25 @@ static float mixture_row(const float *z, int64_t ld_m, int64_t m, int64_t n, flo
     return ale * inv_m;
 }
 
+/* Head h's rows of a short block on their side: x[c * SHORT_BLOCK + i] = z[i, h, c] for i < rows (row stride
+ * ld_b, head stride ld_m), and with ref != NULL ref[i] = the row's maximum, 0 for a row -inf everywhere (NaN
+ * follows from its sum 0, as in mixture_row). */
+static void short_head(const float *z, int64_t ld_b, int64_t ld_m, int64_t h, int64_t n, int64_t rows, float *x,
+                       float *ref) {
+    for (int64_t i = 0; i < rows; ++i) {
+        const float *xr = z + i * ld_b + h * ld_m;
+        for (int64_t c = 0; c < n; ++c) x[c * SHORT_BLOCK + i] = xr[c];
+    }
+    if (ref == NULL) return;
+    for (int64_t i = 0; i < rows; ++i) ref[i] = -INFINITY;
+    for (int64_t c = 0; c < n; ++c)
+        for (int64_t i = 0; i < rows; ++i) {
+            float v = x[c * SHORT_BLOCK + i];
+            ref[i] = v > ref[i] ? v : ref[i];
+        }
+    for (int64_t i = 0; i < rows; ++i) ref[i] = ref[i] == -INFINITY ? 0.0f : ref[i];
+}
+
 /* mixture_row for the `rows` rows of a block at z, n < SHORT_ROW classes, turned on their side as in
  * kl_short_rows (class c of row i at column i of line c, one row per vector lane, each head's row copied in):
  * P[c * SHORT_BLOCK + i] = mean_m softmax(z_m / T)[c] of row i and, with ale != NULL, ale[i] its members' mean
@@ -523,20 +542,8 @@ static void mixture_short_block(const float *z, int64_t ld_b, int64_t ld_m, int6
     for (int64_t k = 0; k < n * SHORT_BLOCK; ++k) P[k] = 0.0f;
     for (int64_t i = 0; i < rows; ++i) a[i] = 0.0f;
     for (int64_t h = 0; h < m; ++h) {
-        for (int64_t i = 0; i < rows; ++i) {
-            const float *xr = z + i * ld_b + h * ld_m;
-            for (int64_t c = 0; c < n; ++c) x[c * SHORT_BLOCK + i] = xr[c];
-        }
-        for (int64_t i = 0; i < rows; ++i) ref[i] = -INFINITY;
-        for (int64_t c = 0; c < n; ++c)
-            for (int64_t i = 0; i < rows; ++i) {
-                float v = x[c * SHORT_BLOCK + i];
-                ref[i] = v > ref[i] ? v : ref[i];
-            }
-        for (int64_t i = 0; i < rows; ++i) { /* as mixture_row: -inf everywhere gives NaN below */
-            ref[i] = ref[i] == -INFINITY ? 0.0f : ref[i];
-            d[i] = 0.0f;
-        }
+        short_head(z, ld_b, ld_m, h, n, rows, x, ref);
+        for (int64_t i = 0; i < rows; ++i) d[i] = 0.0f;
         for (int64_t c = 0; c < n; ++c) /* the exponentials written over the logits */
             for (int64_t i = 0; i < rows; ++i) {
                 float *xc = x + c * SHORT_BLOCK + i;
@@ -657,9 +664,84 @@ void hydra_log_mean_rows(const float *z, int64_t ld_b, int64_t ld_m, int64_t m, 
  * of scratch stay in cache where M rows of p would not at large C. A -inf logit masks its class: p = 0, dz = 0.
  * The scratch rows do not overlap each other, the logits or dz: restrict, and every scalar a loop reads in a
  * local, so that gcc vectorises the loops (it otherwise reloads through possible aliases, element by element). */
+#define SHORT_HEADS 32 /* the most heads whose per-row references and normalisers a short block keeps */
+
+/* uncertainty_grad_part for the `rows` rows of a block at row b0, n < SHORT_ROW classes and m <= SHORT_HEADS,
+ * turned on their side as in kl_short_rows (one row per vector lane, each head's row copied in, twice: for P and
+ * for its gradient). The same formulas and orders of summation as uncertainty_grad_part. */
+static void uncertainty_grad_short(const float *z, int64_t ld_b, int64_t ld_m, int64_t m, int64_t n, float inv_t,
+                                   const float *g, int64_t ld_g, const float *on_total, const float *on_heads,
+                                   float *dz, int64_t ld_db, int64_t ld_dm, int64_t b0, int64_t rows) {
+    float x[SHORT_ROW * SHORT_BLOCK], w[SHORT_ROW * SHORT_BLOCK], v[SHORT_ROW * SHORT_BLOCK];
+    float ref[SHORT_HEADS * SHORT_BLOCK], inv_d[SHORT_HEADS * SHORT_BLOCK], d[SHORT_BLOCK], lh[SHORT_BLOCK];
+    float av[SHORT_BLOCK], bv[SHORT_BLOCK];
+    const float inv_m = 1.0f / (float)m, scale = inv_m * inv_t;
+    for (int64_t k = 0; k < n * SHORT_BLOCK; ++k) w[k] = 0.0f;
+    for (int64_t h = 0; h < m; ++h) { /* each head's normaliser, and the mixture P (in w) */
+        float *rh = ref + h * SHORT_BLOCK, *idh = inv_d + h * SHORT_BLOCK;
+        short_head(z + b0 * ld_b, ld_b, ld_m, h, n, rows, x, rh);
+        for (int64_t i = 0; i < rows; ++i) d[i] = 0.0f;
+        for (int64_t c = 0; c < n; ++c)
+            for (int64_t i = 0; i < rows; ++i) {
+                float *xc = x + c * SHORT_BLOCK + i;
+                *xc = vexp((*xc - rh[i]) * inv_t);
+                d[i] += *xc;
+            }
+        for (int64_t i = 0; i < rows; ++i) {
+            idh[i] = 1.0f / d[i];
+            d[i] = inv_m / d[i];
+        }
+        for (int64_t c = 0; c < n; ++c)
+            for (int64_t i = 0; i < rows; ++i) w[c * SHORT_BLOCK + i] += x[c * SHORT_BLOCK + i] * d[i];
+    }
+    for (int64_t i = 0; i < rows; ++i) {
+        av[i] = on_total ? on_total[b0 + i] : 0.0f;
+        bv[i] = on_heads ? on_heads[b0 + i] : 0.0f;
+    }
+    for (int64_t c = 0; c < n; ++c) /* W = g - a log P (a class every head masks: log 1, times p = 0) */
+        for (int64_t i = 0; i < rows; ++i) {
+            float mc = w[c * SHORT_BLOCK + i];
+            float log_mix = mc > 1.0e-37f ? vlog(mc) : (mc != mc ? mc : 0.0f); /* NaN stays NaN */
+            w[c * SHORT_BLOCK + i] = -av[i] * log_mix;
+        }
+    if (g) /* a loop of its own: no load under a condition (LOADS) */
+        for (int64_t i = 0; i < rows; ++i)
+            for (int64_t c = 0; c < n; ++c) w[c * SHORT_BLOCK + i] += g[(b0 + i) * ld_g + c];
+    for (int64_t h = 0; h < m; ++h) {
+        const float *rh = ref + h * SHORT_BLOCK, *idh = inv_d + h * SHORT_BLOCK;
+        short_head(z + b0 * ld_b, ld_b, ld_m, h, n, rows, x, NULL);
+        for (int64_t i = 0; i < rows; ++i) {
+            lh[i] = -logf(idh[i]);
+            d[i] = 0.0f; /* <p, V> */
+        }
+        for (int64_t c = 0; c < n; ++c) /* p again (the same rounding as for P) into x, V = W - b log p */
+            for (int64_t i = 0; i < rows; ++i) {
+                float xc = (x[c * SHORT_BLOCK + i] - rh[i]) * inv_t;
+                float pc = vexp(xc) * idh[i];
+                float vc = w[c * SHORT_BLOCK + i] - bv[i] * (pc > 0.0f ? xc - lh[i] : 0.0f);
+                x[c * SHORT_BLOCK + i] = pc;
+                v[c * SHORT_BLOCK + i] = vc;
+                d[i] += pc * vc;
+            }
+        for (int64_t c = 0; c < n; ++c)
+            for (int64_t i = 0; i < rows; ++i)
+                v[c * SHORT_BLOCK + i] = x[c * SHORT_BLOCK + i] * (v[c * SHORT_BLOCK + i] - d[i]) * scale;
+        for (int64_t i = 0; i < rows; ++i) {
+            float *out = dz + (b0 + i) * ld_db + h * ld_dm;
+            for (int64_t c = 0; c < n; ++c) out[c] = v[c * SHORT_BLOCK + i];
+        }
+    }
+}
+
 static void uncertainty_grad_part(const float *z, int64_t ld_b, int64_t ld_m, int64_t m, int64_t n, float inv_t,
                                   const float *g, int64_t ld_g, const float *on_total, const float *on_heads,
                                   float *dz, int64_t ld_db, int64_t ld_dm, float *scratch, int64_t r0, int64_t r1) {
+    if (n < SHORT_ROW && m <= SHORT_HEADS) {
+        for (int64_t b0 = r0; b0 < r1; b0 += SHORT_BLOCK)
+            uncertainty_grad_short(z, ld_b, ld_m, m, n, inv_t, g, ld_g, on_total, on_heads, dz, ld_db, ld_dm, b0,
+                                   r1 - b0 < SHORT_BLOCK ? r1 - b0 : SHORT_BLOCK);
+        return;
+    }
     float inv_m = 1.0f / (float)m, scale = inv_m * inv_t;
     float *restrict p = scratch, *restrict mix = p + n, *restrict v = mix + n, *restrict ref = v + n;
     float *restrict inv_d = ref + m;
