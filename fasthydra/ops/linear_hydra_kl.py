@@ -192,8 +192,8 @@ def _tiles_into_grads(tile_grads, shared, xs, w, beta, scale, grads) -> None:
         if drop is not None:  # (M, rows, tile)
             g.masked_fill_(drop[None, :, None], 0.0)
         _tile_into_grads(g, c0, c1, w, xs, gx, grad_w32, grad_b32, beta, scale)
-    if gx is not None:
-        grad_in.copy_(gx.sum(0) if shared else gx.transpose(0, 1))
+    if gx is not None:  # scaled as it is stored (the products summed unscaled)
+        torch.mul(gx.sum(0) if shared else gx.transpose(0, 1), scale, out=grad_in)
 
 
 def _tile_into_grads(g, c0, c1, w, xs, gx, grad_w32, grad_b32, beta, scale) -> None:
@@ -331,20 +331,20 @@ def linear_hydra_kl_forward_torch(inp, weight, bias, teacher, temperature: float
                 continue
             if shared:
                 g2 = g.view(bc, (h1 - h0) * c)
-                if need_in:  # the head groups' products summed (unscaled: one multiply at the end)
-                    grad_in[rs].addmm_(g2, wg, beta=0.0 if h0 == 0 else 1.0)
+                if need_in:  # the head groups' products summed, each scaled by the GEMM's alpha
+                    grad_in[rs].addmm_(g2, wg, beta=0.0 if h0 == 0 else 1.0, alpha=scale)
                 if need_w:
                     grad_w32.view(m * c, k)[h0 * c:h1 * c].addmm_(g2.T, xc, beta=beta, alpha=scale)
             else:
                 gm = g.transpose(0, 1)  # (g, bc, C)
                 if need_in:  # written in place through the (g, rows, K) view: no (rows, g, K) temporary and copy
-                    grad_in[rs, hs].transpose(0, 1).baddbmm_(gm, w[hs], beta=0.0)
+                    grad_in[rs, hs].transpose(0, 1).baddbmm_(gm, w[hs], beta=0.0, alpha=scale)
                 if need_w:
                     grad_w32[hs].baddbmm_(gm.transpose(1, 2), xc[:, hs].transpose(0, 1), beta=beta, alpha=scale)
             if need_b:
                 grad_b32[hs].add_(g.sum(0), alpha=scale)
-    if grad_in is not None:
-        grad_in = grad_in.mul_(scale).to(stored_grad_dtype(inp.dtype))
+    if grad_in is not None:  # (scaled already: the GEMMs' alpha, or the tiles' store)
+        grad_in = grad_in.to(stored_grad_dtype(inp.dtype))
     _drop_rows(drop, rows, grad_t)
     return _results(rows, inp, weight, bias, grad_in, grad_w32, grad_b32, reduction, grad_t)
 
