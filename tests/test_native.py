@@ -430,8 +430,10 @@ def test_library_without_openmp_splits_rows_on_the_pool(monkeypatch, tmp_path):
 @needs_native
 def test_torch_team_only_where_bound_to_torchs_runtime():
     """The team is taken where the library has OpenMP and is bound to the runtime torch's libraries resolve (the
-    same address of omp_get_num_threads); bound to another, or built without OpenMP, the pool. Here (torch's
-    Linux wheels) the library shares torch's runtime even with scikit-learn's own libgomp mapped beside it."""
+    same address of omp_get_num_threads); bound to another, or built without OpenMP, the pool. In this process,
+    with scikit-learn's own libgomp mapped too: the team exactly where the two addresses lie in one mapped file
+    (torch's recent Linux wheels: torch/lib/libgomp.so.1, which the loader shares by its name; torch 2.4's is
+    renamed, so the library loads the system's and keeps the pool)."""
     lib = native._library()
 
     class Lib:
@@ -444,9 +446,22 @@ def test_torch_team_only_where_bound_to_torchs_runtime():
     assert not native._on_torch_team(Lib(0, None), torch_entry=0x7F0010)
     if not lib.hydra_openmp() or native._torch_openmp_entry() is None:
         pytest.skip("the library or torch without OpenMP here: the pool is right")
+    if not os.path.exists("/proc/self/maps"):
+        pytest.skip("no /proc/self/maps to read the runtimes' files from")
     pytest.importorskip("sklearn.linear_model")  # (its wheels carry a renamed libgomp, mapped from here on)
-    assert lib.hydra_openmp_entry() == native._torch_openmp_entry()
-    assert native._on_torch_team(lib)
+
+    def mapped_file(address):
+        with open("/proc/self/maps") as f:
+            for line in f:
+                span, *rest = line.split()
+                lo, hi = (int(x, 16) for x in span.split("-"))
+                if lo <= address < hi and len(rest) >= 5:
+                    return os.path.realpath(rest[-1])
+        return None
+
+    ours, theirs = mapped_file(lib.hydra_openmp_entry()), mapped_file(native._torch_openmp_entry())
+    assert ours is not None and theirs is not None
+    assert native._on_torch_team(lib) == (ours == theirs), (ours, theirs)
 
 
 @needs_native
