@@ -214,13 +214,13 @@ def kl_chunk_torch(s: torch.Tensor, t: torch.Tensor, temperature: float, want_gr
 
 def hydra_kl_forward_torch(student, teacher, temperature: float, reduction: str, want_grad: bool,
                            want_tgrad: bool = False, indices=None):
-    """Hydra loss on given logits in torch ops, row chunk by row chunk; the gradients (already scaled by
-    T * coefficient) come out of the forward. teacher: dense logits (B, M, C), or a top-k teacher's
-    values (B, M, k) with their class ids `indices`. Returns (loss, grad or None, teacher grad or None)."""
+    """Hydra loss on given logits on the torch path; the gradients (already scaled by T * coefficient) come out
+    of the forward. teacher: dense logits (B, M, C), or a top-k teacher's values (B, M, k) with their class ids
+    `indices`. A dense fp32 teacher with the native row kernel: one call over every row, the student read as it
+    lies; otherwise torch ops row chunk by row chunk. Returns (loss, grad or None, teacher grad or None)."""
     b, m, c = student.shape
     grad_scale = temperature * reduction_coefficient(reduction, b * m)
     cdt = compute_dtype(student.dtype)
-    rows = torch.empty(b, m, dtype=cdt, device=student.device)
     # kept for the backward's scaling: fp32 for fp16 tensors (stored_grad_dtype)
     grad = empty_stored_grad(student) if want_grad else None
     tgrad = empty_stored_grad(teacher) if want_tgrad else None
@@ -231,6 +231,7 @@ def hydra_kl_forward_torch(student, teacher, temperature: float, reduction: str,
         loss, _, _ = native.kl_rows(student, teacher, temperature, want_grad, want_tgrad, s_scale=1.0 / temperature,
                                     grad_out=grad, tgrad_out=tgrad, out_scale=grad_scale)
         return reduce_rows(loss, reduction, loss.dtype), grad, tgrad
+    rows = torch.empty(b, m, dtype=cdt, device=student.device)
     step = rows_per_chunk(b, m * c, TORCH_CHUNK_ELEMENTS)
     for r0 in range(0, b, step):
         s = student[r0:r0 + step].to(cdt) * (1.0 / temperature)
