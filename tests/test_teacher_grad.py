@@ -232,6 +232,51 @@ def test_torch_path_class_tiles_give_the_teacher_its_gradient(monkeypatch, hidde
 
 
 @CPU
+@pytest.mark.parametrize("top_k", [False, True], ids=["dense", "top-k"])
+def test_torch_path_class_tiles_with_a_frozen_student(monkeypatch, top_k):
+    """Large C on the torch path (classes in tiles, forced on a small case) with nothing of the student
+    requiring grad: a teacher that does gets its gradient alone (the tiles' second pass writes it, no student
+    gradient formed), and with a frozen teacher too the loss alone (the loss-only return of the tiles)."""
+    import fasthydra.ops.linear_hydra_kl as lk
+    from fasthydra import TopKTeacher
+
+    monkeypatch.setattr(lk, "TORCH_CHUNK_ELEMENTS", 3 * 70)
+    monkeypatch.setattr(lk, "TILE_ELEMENTS", 3 * 11 * 16)
+    tiled = []
+    real = lk._class_tiled_block_topk if top_k else lk._class_tiled_block
+    at = 6 if top_k else 5  # where want_grad stands among the arguments
+    monkeypatch.setattr(lk, real.__name__, lambda *a: tiled.append(a[at]) or real(*a))
+    head, x, t = _head_case(None, "torch", b=11, c=70)
+    head.requires_grad_(False)
+    x = x.detach()
+    leaf = t
+    if top_k:  # 9 of the 70 classes per row, distinct, one row's last two padded with -inf
+        idx = torch.rand(11, 3, 70).argsort(-1)[..., :9]
+        leaf = t.detach()[..., :9].clone().requires_grad_()
+        values = leaf.clone()
+        with torch.no_grad():
+            values[4, 1, 7:] = float("-inf")
+        t = TopKTeacher(values, idx)
+        dense = torch.full((11, 3, 70), float("-inf"), dtype=torch.float64).scatter(-1, idx, values.detach().double())
+    else:
+        dense = t.detach().double()
+    z = R.linear_heads_ref(x.double(), head.weight.double(), head.bias.double())
+    t64 = dense.clone().requires_grad_()
+    ref = R.hydra_kl_loss_ref(z, t64, 2.0)
+    (want,) = torch.autograd.grad(ref * 0.9, [t64])
+    if top_k:
+        want = want.gather(-1, idx)
+        want[4, 1, 7:] = 0.0
+    loss = head.distill_loss(x, t, 2.0)
+    (got,) = torch.autograd.grad(loss * 0.9, [leaf])
+    assert tiled and not any(tiled), "the class tiles ran without a student gradient"
+    assert_close_to(loss, ref, rtol=2e-6, atol=1e-7, what="loss")
+    assert_close_to(got, want, rtol=1e-5, atol=1e-8, what="teacher grad")
+    frozen = TopKTeacher(t.values.detach(), t.indices) if top_k else t.detach()
+    assert_close_to(head.distill_loss(x, frozen, 2.0), ref, rtol=2e-6, atol=1e-7, what="loss, all frozen")
+
+
+@CPU
 @pytest.mark.parametrize("hidden", [None, 5])
 def test_torch_path_head_chunks_give_the_teacher_its_gradient(monkeypatch, hidden):
     """Large C on the torch path, one head at a time (a budget too small for a row block of all heads,

@@ -197,6 +197,17 @@ _HW, _HB, _W2 = torch.randn(3, 4, 6), torch.randn(3, 4), torch.randn(3, 7, 4)
      "weight has dtype torch.float64 but hidden_weight is torch.float32"),
     (lambda F: F.gaussian_heads_kl_loss(_X, torch.randn(3, 5, 6), None, torch.randn(5, 3, 2), torch.rand(5, 3, 2)),
      ValueError, "even number of rows per head"),
+    # the inputs beside the head parameters, as a direct caller may pass them
+    (lambda F: F.linear_heads(torch.randn(5, 4), _W), ValueError, r"x must have shape \(B, 6\), got \(5, 4\)"),
+    (lambda F: F.grouped_heads(torch.randn(5, 2, 6), _W), ValueError,
+     r"u must have shape \(B, 3, 6\), got \(5, 2, 6\)"),
+    (lambda F: F.linear_hydra_kl_loss(_X, _W, _B, torch.randn(5, 3, 8)), ValueError,
+     r"teacher_logits must have shape \(B, M, C\) = \(5, 3, 7\) to match x \(5, 6\) and the heads; got \(5, 3, 8\)"),
+    (lambda F: F.linear_hydra_kl_loss(_X, _W, _B, _T, 1.0, "none"), ValueError, "reduction='none' is not fused"),
+    (lambda F: F.gaussian_heads_kl_loss(_X, torch.randn(3, 4, 6), None, torch.randn(5, 3, 3), torch.rand(5, 3, 2)),
+     ValueError, r"teacher_mean must have shape \(5, 3, 2\) for x \(5, 6\), got \(5, 3, 3\)"),
+    (lambda F: F.gaussian_heads_kl_loss(_X, torch.randn(3, 4, 6), None, torch.randn(5, 3, 2), torch.rand(5, 3, 2),
+                                        reduction="none"), ValueError, "reduction='none' is not fused"),
 ])
 def test_head_parameter_errors(no_kernels, call, exc, match):
     """The functional API's head parameters (the module makes them right; a direct caller may not)."""
@@ -216,6 +227,27 @@ def test_head_parameter_errors(no_kernels, call, exc, match):
 def test_module_constructor_errors(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         HydraHead(**kwargs)
+
+
+def test_module_call_errors(no_kernels):
+    """The modules' own checks of what a call passes: a top-k teacher's parts, a Gaussian teacher's shape, a
+    number argument of the wrong type."""
+    from fasthydra import GaussianHydraHead, TopKTeacher
+
+    head = HydraHead(8, 5, 3)
+    x, values = torch.randn(4, 8), torch.randn(4, 3, 2)
+    with pytest.raises(TypeError, match="teacher_logits.indices must be a torch.Tensor, got list"):
+        head.distill_loss(x, TopKTeacher(values, [[0, 1]] * 4))
+    with pytest.raises(ValueError, match=r"teacher_logits \(top-k\) must have shape \(4, 3\) \+ \(k,\) for x "
+                                         r"\(4, 8\) and this head \(M=3\); got \(4, 2, 2\)"):
+        head.distill_loss(x, TopKTeacher(values[:, :2], torch.zeros(4, 2, 2, dtype=torch.long)))
+    with pytest.raises(TypeError, match="noise_std must be a real number, got str"):
+        HydraHead(8, 5, 1).expand(3, noise_std="0.1")
+    with pytest.raises(TypeError, match="noise_std must be a real number, got bool"):
+        HydraHead(8, 5, 1).expand(3, noise_std=True)
+    gauss = GaussianHydraHead(8, 2, 3)
+    with pytest.raises(ValueError, match=r"teacher_var must have shape \(4, 3, 2\) for x \(4, 8\), got \(4, 2\)"):
+        gauss.distill_loss(x, torch.randn(4, 3, 2), torch.rand(4, 2))
 
 
 def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):

@@ -281,8 +281,6 @@ def _flag_row_values(values: torch.Tensor, op: str) -> None:
     word.bitwise_or_(bits)
 
 
-
-
 def topk_index_bits(indices: torch.Tensor, values: torch.Tensor, num_classes: int) -> torch.Tensor:
     """0-dim int32 on the device: BAD_INDEX if an index is outside [0, C), REPEATED_INDEX if a row keeps
     a class twice (padding entries, value -inf, may repeat one). One sort along k."""
@@ -326,18 +324,6 @@ def flag_gaussian_teacher(var_ok: torch.Tensor, mean_ok: torch.Tensor, shape) ->
     after_launch(var_ok.device, "gaussian_kl_loss", shape)
 
 
-def flag_status(status: torch.Tensor, op: str, shape) -> None:
-    """The fused heads kernels write a per-row status (max(t)/T, NaN where a NaN was seen): the same
-    verdicts, on the device."""
-    if status.numel() == 0:
-        return
-    if status.device.type != "cuda" and not _DEFER_ON_CPU:
-        check_teacher_status(status, shape)
-        return
-    _flag_row_values(status, op)
-    after_launch(status.device, op, shape)
-
-
 def check_teacher_values(teacher: torch.Tensor, name: str = "teacher_logits") -> None:
     """Immediate check, CPU tensors only (reading the verdict is a host read; CUDA tensors go through
     flag_teacher_rows and the error word): NaN or +Inf anywhere, or a row that is -Inf everywhere, is
@@ -368,17 +354,3 @@ def _all_finite(t: torch.Tensor) -> bool:
     says no (a masked class, -inf, is allowed), the row max tells which error, if any."""
     low, high = torch.aminmax(t)
     return bool((low > -math.inf) & (high < math.inf))
-
-
-def check_teacher_status(status: torch.Tensor, shape, name: str = "teacher_logits") -> None:
-    """Immediate verdicts from a per-row status, CPU tensors only (CUDA: flag_status)."""
-    if status.numel() == 0:
-        return
-    shape = _shown(shape)
-    if bool(torch.isnan(status).any()):
-        raise ValueError(f"{name} contains NaN (shape {shape})")
-    if bool(torch.isposinf(status).any()):
-        raise ValueError(f"{name} contains +Inf (shape {shape})")
-    if bool(torch.isneginf(status).any()):
-        raise ValueError(f"{name} has a row that is -Inf for every class (shape {shape}): "
-                         "its softmax is undefined")
