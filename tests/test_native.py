@@ -69,6 +69,28 @@ def test_kernel_teacher_gradient_matches_float64_autograd(rows, c, scale):
 
 
 @needs_native
+@pytest.mark.parametrize("want_grad,want_tgrad", [(True, False), (False, False), (True, True), (False, True)],
+                         ids=["short-rows", "loss-alone", "teacher-grad", "teacher-grad-alone"])
+@pytest.mark.parametrize("temperature", [0.3, 3.0])
+def test_one_class_rows_give_zero_loss_and_gradients(want_grad, want_tgrad, temperature):
+    """C = 1: KL and both gradients are 0 whatever the logits. Each kernel shifts a row by its maximum before it
+    scales it by 1 / T, so the shift is exactly 0 whether or not the compiler contracts a product and a
+    difference into one FMA (gcc does under -march=native on FMA hosts; scaled first, the row with a teacher
+    gradient came out at 1e-7 there, past the random sweep's absolute tolerance)."""
+    s = torch.randn(40, 3, 1) * 10
+    t = torch.randn(40, 3, 1) * 10
+    zero = torch.zeros(40, 3, 1, dtype=torch.float64)
+    for s_scale, student in ((1.0 / temperature, s), (1.0, s / temperature)):  # raw (the heads' path) or tempered
+        loss, grad, tgrad = native.kl_rows(student.clone(), t, temperature, want_grad, want_tgrad, s_scale=s_scale)
+        what = f"s_scale={s_scale:.3g}"
+        assert_close_to(loss, zero[..., 0], rtol=0.0, atol=1e-12, what=f"{what} loss")
+        for name, g, wanted in (("grad", grad, want_grad), ("teacher grad", tgrad, want_tgrad)):
+            assert (g is not None) == wanted, name
+            if wanted:
+                assert_close_to(g, zero, rtol=0.0, atol=1e-12, what=f"{what} {name}")
+
+
+@needs_native
 @pytest.mark.parametrize("c", [33, 9], ids=["long-rows", "short-rows"])
 def test_kernel_extreme_logits_and_strided_rows_written_in_place(c):
     """q - p is written over the student rows the caller gives up (no second chunk-sized buffer), also

@@ -119,37 +119,37 @@ static inline float vexp(float x) {
 
 #if defined(__AVX__)
 #include <immintrin.h>
-/* max_c x[c] * mult; explicit AVX because gcc keeps a lane array for this reduction in memory. */
-static float row_max(const float *x, int64_t n, float mult) {
-    __m256 m0 = _mm256_set1_ps(-INFINITY), m1 = m0, vm = _mm256_set1_ps(mult);
+/* max_c x[c]; explicit AVX because gcc keeps a lane array for this reduction in memory. */
+static float row_max(const float *x, int64_t n) {
+    __m256 m0 = _mm256_set1_ps(-INFINITY), m1 = m0;
     int64_t c = 0;
     for (; c + 16 <= n; c += 16) {
-        m0 = _mm256_max_ps(m0, _mm256_mul_ps(_mm256_loadu_ps(x + c), vm));
-        m1 = _mm256_max_ps(m1, _mm256_mul_ps(_mm256_loadu_ps(x + c + 8), vm));
+        m0 = _mm256_max_ps(m0, _mm256_loadu_ps(x + c));
+        m1 = _mm256_max_ps(m1, _mm256_loadu_ps(x + c + 8));
     }
     float lanes[8], out = -INFINITY;
     _mm256_storeu_ps(lanes, _mm256_max_ps(m0, m1));
     for (int j = 0; j < 8; ++j) out = lanes[j] > out ? lanes[j] : out;
     for (; c < n; ++c) {
-        float v = x[c] * mult;
+        float v = x[c];
         out = v > out ? v : out;
     }
     return out;
 }
 #else
-static float row_max(const float *x, int64_t n, float mult) {
+static float row_max(const float *x, int64_t n) {
     float m[LANES];
     for (int j = 0; j < LANES; ++j) m[j] = -INFINITY;
     int64_t c = 0;
     for (; c + LANES <= n; c += LANES)
         for (int j = 0; j < LANES; ++j) {
-            float v = x[c + j] * mult;
+            float v = x[c + j];
             m[j] = v > m[j] ? v : m[j];
         }
     float out = -INFINITY;
     for (int j = 0; j < LANES; ++j) out = m[j] > out ? m[j] : out;
     for (; c < n; ++c) {
-        float v = x[c] * mult;
+        float v = x[c];
         out = v > out ? v : out;
     }
     return out;
@@ -159,17 +159,19 @@ static float row_max(const float *x, int64_t n, float mult) {
 /* One row. The student is x * mult (x raw logits and mult = 1 / T, or x already tempered and mult = 1: exact).
  * e_s and e_u are scratch rows for the two exponentials; g = (q - p) * g_mult is written in the last sweep only,
  * after every read of x, so it may be x itself (a chunk the caller consumes); h (the teacher's gradient) is
- * scaled by g_mult too. */
+ * scaled by g_mult too. Both sides are shifted before they are scaled, (x - max x) * mult and (t - max t) / T:
+ * exactly 0 at the maximum whether or not the compiler contracts a product and a difference into one FMA
+ * (gcc does under -march=native on FMA hosts: x * mult - max(x * mult) then keeps the product's rounding, and a
+ * one-class row, whose KL and gradients are 0, came out at 1e-7 on those hosts only), and no more rounding
+ * than the difference's own where x lies near the maximum. */
 static void kl_row(const float *x, float mult, const float *t, float *g, float g_mult, float *e_s, float *e_u,
                    float *h, int64_t n, float inv_t, float t2, float *loss, int want_grad) {
-    float m_s = row_max(x, n, mult); /* = max(x) * mult: rounding is monotonic and mult > 0 */
-    /* (t - max t) / T rather than t / T - max(t / T): with FMA contraction the latter is not exactly 0
-     * at the maximum, and a one-class row would not give KL = 0 */
-    float m_t = row_max(t, n, 1.0f);
+    float m_x = row_max(x, n);
+    float m_t = row_max(t, n);
     float ref_t = isinf(m_t) ? 0.0f : m_t; /* only an all-masked row, which the host rejects */
     /* sweep 2a: the exponentials, a pure elementwise map */
     for (int64_t c = 0; c < n; ++c) {
-        e_s[c] = vexp(x[c] * mult - m_s);
+        e_s[c] = vexp((x[c] - m_x) * mult);
         e_u[c] = vexp((t[c] - ref_t) * inv_t);
     }
     /* sweep 2b: the sums, LANES partial sums each (vectorised without reassociating) */
@@ -179,7 +181,7 @@ static void kl_row(const float *x, float mult, const float *t, float *g, float g
     for (; c + LANES <= n; c += LANES)
         for (int j = 0; j < LANES; ++j) {
             float eu = e_u[c + j];
-            float diff = (t[c + j] - ref_t) * inv_t - (x[c + j] * mult - m_s);
+            float diff = (t[c + j] - ref_t) * inv_t - (x[c + j] - m_x) * mult;
             ds[j] += e_s[c + j];
             du[j] += eu;
             a[j] += kept(eu > 0.0f, eu * diff); /* a masked class: 0 * -inf must read as 0 */
@@ -192,7 +194,7 @@ static void kl_row(const float *x, float mult, const float *t, float *g, float g
     }
     for (; c < n; ++c) {
         float eu = e_u[c];
-        float diff = (t[c] - ref_t) * inv_t - (x[c] * mult - m_s);
+        float diff = (t[c] - ref_t) * inv_t - (x[c] - m_x) * mult;
         d_s += e_s[c];
         d_u += eu;
         acc += kept(eu > 0.0f, eu * diff);
@@ -204,14 +206,14 @@ static void kl_row(const float *x, float mult, const float *t, float *g, float g
     if (h != NULL) { /* the teacher's gradient (unscaled), pivoted at j = the first class with t = max t */
         int64_t j = 0;
         while (j < n - 1 && !(t[j] == m_t)) ++j;
-        float s_j = x[j] * mult;
+        float x_j = x[j];
         float mean_e = 0.0f;
         for (c = 0; c < n; ++c) {
-            float diff = (t[c] - ref_t) * inv_t - (x[c] * mult - s_j);
+            float diff = (t[c] - ref_t) * inv_t - (x[c] - x_j) * mult;
             mean_e += kept(e_u[c] > 0.0f, e_u[c] * inv_du * diff);
         }
         for (c = 0; c < n; ++c) {
-            float diff = (t[c] - ref_t) * inv_t - (x[c] * mult - s_j);
+            float diff = (t[c] - ref_t) * inv_t - (x[c] - x_j) * mult;
             h[c] = kept(e_u[c] > 0.0f, e_u[c] * inv_du * (diff - mean_e)) * g_mult;
         }
     }
@@ -239,7 +241,7 @@ static void kl_short_rows(const float *s, int64_t so, int64_t si, float mult, co
         for (int64_t i = 0; i < rows; ++i) {
             const float *sr = s + outer * so + in * si, *tr = t + outer * to + in * ti;
             for (int64_t c = 0; c < n; ++c) {
-                xs[c * SHORT_BLOCK + i] = sr[c] * mult;
+                xs[c * SHORT_BLOCK + i] = sr[c];
                 xu[c * SHORT_BLOCK + i] = tr[c];
             }
             if (++in == inner) {
@@ -262,8 +264,9 @@ static void kl_short_rows(const float *s, int64_t so, int64_t si, float mult, co
         for (int64_t c = 0; c < n; ++c) /* the exponentials written over the logits they come from */
             for (int64_t i = 0; i < rows; ++i) {
                 float *ps = xs + c * SHORT_BLOCK + i, *pu = xu + c * SHORT_BLOCK + i;
-                float diff = (*pu - ref_t[i]) * inv_t - (*ps - m_s[i]);
-                float es = vexp(*ps - m_s[i]), eu = vexp((*pu - ref_t[i]) * inv_t);
+                float ss = (*ps - m_s[i]) * mult, us = (*pu - ref_t[i]) * inv_t; /* shifted, then scaled */
+                float diff = us - ss;
+                float es = vexp(ss), eu = vexp(us);
                 d_s[i] += es;
                 d_u[i] += eu;
                 acc[i] += kept(eu > 0.0f, eu * diff); /* a masked class: 0 * -inf must read as 0 */
@@ -339,7 +342,8 @@ void hydra_kl_rows(const float *s, int64_t so, int64_t si, float mult, const flo
  * a recomputed tile into q - p in place. Row r of a tile lives at s + ROW(r, so, si, inner) (likewise t
  * with to, ti): the (M, rows, w) logits tile and a (rows, M, C) teacher seen as (M, rows, w).
  *
- * Statistics per row: m_s = max s (s tempered), d_s = sum exp(s - m_s); m_t = max t (the raw teacher:
+ * Statistics per row: m_s = max s (s tempered; kl_rows' loss alone passes raw logits and mult = 1 / T, each
+ * shift s - m_s then scaled by mult, as kl_row does), d_s = sum exp(s - m_s); m_t = max t (the raw teacher:
  * u - max u is formed as (t - m_t) / T, exactly 0 at the maximum), d_u = sum exp((t - m_t) / T),
  * a = sum exp((t - m_t) / T) * ((t - m_t) / T - (s - m_s)). When a tile raises a maximum the sums are
  * rescaled: d *= exp(old - new), a = exp(-du) * (a - d_u * (du - ds)) with du, ds the shifts.
@@ -347,20 +351,20 @@ void hydra_kl_rows(const float *s, int64_t so, int64_t si, float mult, const flo
  * its class. */
 static void tile_row_stats(const float *s, float mult, const float *t, int64_t w, float inv_t, float *m_s,
                            float *d_s, float *m_t, float *d_u, float *a) {
-    float tm_s = row_max(s, w, mult), tm_t = row_max(t, w, 1.0f);
+    float tm_s = row_max(s, w), tm_t = row_max(t, w);
     float new_s = tm_s > *m_s ? tm_s : *m_s, new_t = tm_t > *m_t ? tm_t : *m_t;
     float ref_s = isinf(new_s) && new_s < 0 ? 0.0f : new_s;
-    if (*d_s > 0.0f) *d_s *= vexp(*m_s - ref_s);
-    float shift_s = ref_s - (isinf(*m_s) && *m_s < 0 ? 0.0f : *m_s);
+    if (*d_s > 0.0f) *d_s *= vexp((*m_s - ref_s) * mult);
+    float shift_s = (ref_s - (isinf(*m_s) && *m_s < 0 ? 0.0f : *m_s)) * mult;
     *m_s = new_s;
     if (isinf(new_t) && new_t < 0) { /* every teacher class so far masked: only the student's sum moves */
         float ds[LANES];
         for (int j = 0; j < LANES; ++j) ds[j] = 0.0f;
         int64_t c = 0;
         for (; c + LANES <= w; c += LANES)
-            for (int j = 0; j < LANES; ++j) ds[j] += vexp(s[c + j] * mult - ref_s);
+            for (int j = 0; j < LANES; ++j) ds[j] += vexp((s[c + j] - ref_s) * mult);
         for (int j = 0; j < LANES; ++j) *d_s += ds[j];
-        for (; c < w; ++c) *d_s += vexp(s[c] * mult - ref_s);
+        for (; c < w; ++c) *d_s += vexp((s[c] - ref_s) * mult);
         return;
     }
     if (*d_u > 0.0f) { /* both references move: rescale the sums kept so far */
@@ -377,7 +381,7 @@ static void tile_row_stats(const float *s, float mult, const float *t, int64_t w
     int64_t c = 0;
     for (; c + LANES <= w; c += LANES)
         for (int j = 0; j < LANES; ++j) {
-            float us = (t[c + j] - new_t) * inv_t, ss = s[c + j] * mult - ref_s;
+            float us = (t[c + j] - new_t) * inv_t, ss = (s[c + j] - ref_s) * mult;
             float eu = vexp(us);
             ds[j] += vexp(ss);
             du[j] += eu;
@@ -390,7 +394,7 @@ static void tile_row_stats(const float *s, float mult, const float *t, int64_t w
         sa += aa[j];
     }
     for (; c < w; ++c) {
-        float us = (t[c] - new_t) * inv_t, ss = s[c] * mult - ref_s;
+        float us = (t[c] - new_t) * inv_t, ss = (s[c] - ref_s) * mult;
         float eu = vexp(us);
         sd_s += vexp(ss);
         sd_u += eu;
@@ -487,7 +491,7 @@ static float mixture_row(const float *z, int64_t ld_m, int64_t m, int64_t n, flo
     float ale = 0.0f;
     for (int64_t h = 0; h < m; ++h) {
         const float *x = z + h * ld_m;
-        float mx = row_max(x, n, 1.0f);
+        float mx = row_max(x, n);
         /* a row -inf everywhere has no softmax (0 / 0 below: NaN, as torch's softmax); +inf gives NaN too */
         float ref = isinf(mx) && mx < 0 ? 0.0f : mx;
         for (int64_t c = 0; c < n; ++c) e[c] = vexp((x[c] - ref) * inv_t); /* a pure map: vectorised */
@@ -750,7 +754,7 @@ static void uncertainty_grad_part(const float *z, int64_t ld_b, int64_t ld_m, in
         for (int64_t c = 0; c < n; ++c) mix[c] = 0.0f;
         for (int64_t h = 0; h < m; ++h) { /* each head's normaliser, and the mixture P */
             const float *restrict x = z + r * ld_b + h * ld_m;
-            float mx = row_max(x, n, 1.0f);
+            float mx = row_max(x, n);
             const float rh = isinf(mx) && mx < 0 ? 0.0f : mx; /* a row -inf everywhere: NaN below, as the forward */
             for (int64_t c = 0; c < n; ++c) p[c] = vexp((x[c] - rh) * inv_t);
             float d = lane_sum(p, n);
