@@ -62,3 +62,53 @@ def _seed():
 @pytest.fixture
 def no_impl_env(monkeypatch):
     monkeypatch.delenv("FASTHYDRA_IMPL", raising=False)
+
+
+# x86 instruction-set levels whose build of the C kernels (fasthydra/ops/csrc) the `isa` fixture runs beside this
+# host's own, with the CPU flags each needs (as /proc/cpuinfo names them; lzcnt is "abm").
+ISA_LEVELS = {
+    "x86-64": set(),  # SSE2: no FMA, no AVX (the kernels' portable maxima)
+    "x86-64-v3": {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"},  # AVX2 and FMA
+}
+_isa_builds: dict = {}
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+@pytest.fixture(params=["native", *ISA_LEVELS])
+def isa(request, monkeypatch):
+    """The C kernels as built for this host (-march=native), then as built for other x86 levels this host can
+    run: the code users' CPUs run, checked against float64 whatever CPU CI has (an AVX-512 host never runs
+    the AVX2 code, where gcc once emitted wrong masked loads: bench/RESULTS.md, thirtieth session). Each
+    build comes from the library's cache like the native one."""
+    import platform
+
+    from fasthydra.ops import native
+
+    level = request.param
+    if native.status() != "ok":
+        pytest.skip(f"native kernel unavailable here: {native.status()}")
+    if level == "native":
+        return level
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip(f"{level} is an x86 level; this host is {platform.machine()}")
+    missing = ISA_LEVELS[level] - _cpu_flags()
+    if missing:
+        pytest.skip(f"this CPU cannot run {level} code (no {', '.join(sorted(missing))})")
+    if level not in _isa_builds:
+        try:
+            _isa_builds[level] = native._build(level)
+        except (RuntimeError, OSError) as exc:  # (a compiler that does not know the level: gcc < 11, clang < 12)
+            _isa_builds[level] = exc
+    lib = _isa_builds[level]
+    if isinstance(lib, Exception):
+        pytest.skip(f"no {level} build here: {lib}")
+    monkeypatch.setattr(native, "_lib", lib)
+    monkeypatch.setattr(native, "_team", not native._forked and native._on_torch_team(lib))
+    return level

@@ -310,7 +310,7 @@ def test_head_chunk_mode_matches_reference(monkeypatch, hidden, bias, dtype):
 
 @pytest.mark.parametrize("hidden", [None, 5])
 @pytest.mark.parametrize("tile_elements", [3 * 21 * 16, 10**6], ids=["tiles-of-16", "one-tile"])
-def test_class_tiled_mode_in_c_matches_float64(monkeypatch, hidden, tile_elements):
+def test_class_tiled_mode_in_c_matches_float64(isa, monkeypatch, hidden, tile_elements):
     """The class-tiled mode in fp32 runs its two passes in the C tile kernels (native.tile_stats,
     native.tile_grad): against float64, with maxima that move from tile to tile (a rising teacher ramp
     and a falling student one), a row whose first tiles are all masked, a masked stretch, logits of

@@ -1,5 +1,6 @@
 """cpu tier: the torch path's native row kernel (fasthydra/ops/csrc) against the float64 reference,
-and its fallback to torch ops."""
+and its fallback to torch ops. The numerical tests run each build the `isa` fixture (conftest.py) gives: this
+host's, and those of the other x86 levels it can run (baseline x86-64, AVX2 + FMA)."""
 
 import math
 import os
@@ -32,7 +33,7 @@ def threads_set():
 @needs_native
 @pytest.mark.parametrize("rows,c", [(7, 1), (5, 13), (200, 10), (300, 1000), (64, 4097), (0, 10)])
 @pytest.mark.parametrize("temperature", [0.5, 2.0, 20.0])
-def test_kernel_matches_reference(rows, c, temperature):
+def test_kernel_matches_reference(isa, rows, c, temperature):
     s = torch.randn(rows, c) * 4
     t = torch.randn(rows, c) * 4
     if rows > 2 and c > 2:
@@ -52,7 +53,7 @@ def test_kernel_matches_reference(rows, c, temperature):
 @needs_native
 @pytest.mark.parametrize("rows,c", [(7, 1), (5, 13), (64, 1000), (0, 10)])
 @pytest.mark.parametrize("scale", [4.0, 1e3])
-def test_kernel_teacher_gradient_matches_float64_autograd(rows, c, scale):
+def test_kernel_teacher_gradient_matches_float64_autograd(isa, rows, c, scale):
     """p * ((log p - log q) - KL) from the C kernel, masked classes 0, extreme logits included."""
     s = torch.randn(rows, c) * scale
     t = torch.randn(rows, c) * scale
@@ -72,7 +73,7 @@ def test_kernel_teacher_gradient_matches_float64_autograd(rows, c, scale):
 @pytest.mark.parametrize("want_grad,want_tgrad", [(True, False), (False, False), (True, True), (False, True)],
                          ids=["short-rows", "loss-alone", "teacher-grad", "teacher-grad-alone"])
 @pytest.mark.parametrize("temperature", [0.3, 3.0])
-def test_one_class_rows_give_zero_loss_and_gradients(want_grad, want_tgrad, temperature):
+def test_one_class_rows_give_zero_loss_and_gradients(isa, want_grad, want_tgrad, temperature):
     """C = 1: KL and both gradients are 0 whatever the logits. Each kernel shifts a row by its maximum before it
     scales it by 1 / T, so the shift is exactly 0 whether or not the compiler contracts a product and a
     difference into one FMA (gcc does under -march=native on FMA hosts; scaled first, the row with a teacher
@@ -92,7 +93,7 @@ def test_one_class_rows_give_zero_loss_and_gradients(want_grad, want_tgrad, temp
 
 @needs_native
 @pytest.mark.parametrize("c", [33, 9], ids=["long-rows", "short-rows"])
-def test_kernel_extreme_logits_and_strided_rows_written_in_place(c):
+def test_kernel_extreme_logits_and_strided_rows_written_in_place(isa, c):
     """q - p is written over the student rows the caller gives up (no second chunk-sized buffer), also
     through a row stride that is not C; every row's logits are read before its gradient lands there."""
     base = torch.randn(40, 2, c) * 1e4
@@ -115,7 +116,7 @@ def test_kernel_extreme_logits_and_strided_rows_written_in_place(c):
 @pytest.mark.parametrize("c", [33, 9], ids=["long-rows", "short-rows"])
 @pytest.mark.parametrize("want_tgrad", [False, True])
 @pytest.mark.parametrize("threads", [1, 3])
-def test_kernel_reads_a_head_major_chunk_as_it_lies(threads_set, c, want_tgrad, threads):
+def test_kernel_reads_a_head_major_chunk_as_it_lies(isa, threads_set, c, want_tgrad, threads):
     """A (rows, heads, C) chunk laid out head-major (what a batched GEMM over heads gives, seen through a
     transpose) and a row-major teacher: no copy of either, q - p written in place, every (row, head)
     against float64. 303 rows: the short-row kernel's blocks of 64 and the parts of 3 threads begin inside a
@@ -161,7 +162,7 @@ def test_module_fp32_native_and_fallback_agree_with_reference(monkeypatch):
 @pytest.mark.parametrize("b,m,c", [(9, 4, 1), (7, 3, 13), (150, 3, 10), (5, 1, 40), (6, 8, 1000), (3, 2, 4097),
                                    (0, 3, 5)])
 @pytest.mark.parametrize("scale", [3.0, 1e3])
-def test_uncertainty_kernel_matches_float64(monkeypatch, b, m, c, scale):
+def test_uncertainty_kernel_matches_float64(isa, monkeypatch, b, m, c, scale):
     """fp32 uncertainty on the CPU runs the C kernel (spied): against float64 with masked classes, a
     masked stretch longer than the vector width, extreme logits, C = 1, M = 1; the same values as the
     torch ops it replaces (FASTHYDRA_NATIVE=0); a row that is -inf everywhere gives NaN there as well."""
@@ -198,7 +199,7 @@ def test_uncertainty_kernel_matches_float64(monkeypatch, b, m, c, scale):
 @pytest.mark.parametrize("b,m,c", [(9, 4, 1), (7, 3, 13), (150, 3, 10), (6, 8, 1000), (3, 2, 4097), (0, 3, 5),
                                    (90, 3, 33)])
 @pytest.mark.parametrize("scale", [3.0, 1e3])
-def test_hinton_target_kernel_matches_float64(monkeypatch, b, m, c, scale):
+def test_hinton_target_kernel_matches_float64(isa, monkeypatch, b, m, c, scale):
     """The Hinton loss of fp32 CPU members (frozen) forms its target T log mean_m softmax(t_m / T) with the C kernel
     (spied; 90 rows over two threads; members read through a layout with a non-unit class stride, copied): the
     target against float64 where P lies in fp32's normal range, -inf where every member masks the class or P is
@@ -260,7 +261,7 @@ def test_hinton_target_kernel_reads_sixteen_bit_members(monkeypatch, dtype):
 @pytest.mark.parametrize("b,m,c", [(9, 4, 1), (7, 3, 13), (150, 3, 10), (70, 33, 5), (5, 1, 40), (6, 8, 1000),
                                    (3, 2, 4097), (0, 3, 5)])
 @pytest.mark.parametrize("scale", [3.0, 1e3])
-def test_uncertainty_gradient_kernel_matches_float64(monkeypatch, b, m, c, scale):
+def test_uncertainty_gradient_kernel_matches_float64(isa, monkeypatch, b, m, c, scale):
     """uncertainty's backward for fp32 CPU logits runs the C kernel (spied): against float64 autograd, every
     output with a random upstream, masked classes (a stretch longer than the vector width), extreme logits,
     C = 1, M = 1, head-major (strided) logits; close to the torch ops it replaces (FASTHYDRA_NATIVE=0)."""
@@ -309,7 +310,7 @@ def test_uncertainty_kernel_nan_logit_gives_nan_everywhere_in_its_row(monkeypatc
 
 
 @needs_native
-def test_uncertainty_kernel_identical_heads_have_no_epistemic_part():
+def test_uncertainty_kernel_identical_heads_have_no_epistemic_part(isa):
     """Identical heads: total and aleatoric agree to rounding, and the epistemic part (their difference,
     which rounding may push below 0) is clamped at 0."""
     from fasthydra import uncertainty

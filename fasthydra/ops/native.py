@@ -103,14 +103,17 @@ def _compiled(compiler: str, flags: list) -> pathlib.Path:
     return path
 
 
-def _build() -> ctypes.CDLL:
+def _build(march: str = "native") -> ctypes.CDLL:
+    """The library for this host (march "native"), or for another instruction-set level (tests: "x86-64-v3"
+    builds the AVX2 code an AVX-512 host would never run, to check its values there)."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if compiler is None:
         raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
+    flags = [f"-march={march}" if f == "-march=native" else f for f in FLAGS]
     try:
-        path = _compiled(compiler, FLAGS + OPENMP)
+        path = _compiled(compiler, flags + OPENMP)
     except RuntimeError:  # (Apple's clang, a compiler without OpenMP's runtime)
-        path = _compiled(compiler, FLAGS)
+        path = _compiled(compiler, flags)
     lib = ctypes.CDLL(str(path))
     i64, f32, ptr, i32 = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
     rows = [ptr, i64, i64, i64, i32]  # scratch, its stride per part, r0, r1, threads
