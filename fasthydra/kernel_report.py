@@ -172,7 +172,7 @@ def _kernel_specs():
                     "tgrad_ptr": f"*{ty}", "err_ptr": "*i32", "R": b * m, "R_INNER": m, "C": c,
                     "stride_zo": m * c, "stride_zi": c, "stride_to": m * c, "stride_ti": c, "stride_go": m * c,
                     "stride_gi": c, "stride_lo": m, "stride_li": 1, "stride_ho": m * c, "stride_hi": c,
-                    "inv_temp": 0.5, "inv_temp_again": 0.5, "loss_scale": 4.0, "grad_scale": 0.1,
+                    "inv_temp": 0.5, "loss_scale": 4.0, "grad_scale": 0.1,
                     "part_ptr": "*fp32", "out_ptr": "*fp32", "count_ptr": "*i32", "out_scale": 0.01,
                     "keep_ptr": "*fp32", "stride_ko": 0, "stride_ki": 0,  # (no row mask: placeholders)
                     "nkept_ptr": "*fp32", "batch_rows": 0.0}

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .reduce import _kept_mean_factor, _last_program_sums
-from .softmax_kl import _kl_from_sums, _mean_e, _online_kl_update, _store_grads, _tempered_scalars
+from .softmax_kl import LN2, LOG2E, _kl_from_sums, _mean_e, _online_kl_update, _store_grads, _tempered_scalars
 
 
 @triton.jit
@@ -119,35 +119,40 @@ def _small_heads_kl_kernel(
     part = tl.zeros((BLOCK_B,), tl.float32)
     bad = tl.zeros((BLOCK_B,), tl.int32)
     h0 = pid_h * heads_per_program
-    for m in range(h0, tl.minimum(h0 + heads_per_program, M)):
-        x_rows = x_ptr + rows[:, None] * stride_xb + m * stride_xm
-        acc = _heads_logits_tile(x_rows, w_ptr + m * stride_wm, bias_ptr, m, live, cols, col_ok, K, stride_wc,
-                                 stride_biasm, HAS_BIAS, UPCAST_DOT, PRECISION, BLOCK_B, BLOCK_C, BLOCK_K)
-        s = tl.where(mask, acc * inv_temp, float("-inf"))
-        t = tl.load(t_ptr + rows[:, None] * stride_tb + m * stride_tm + cols[None, :], mask=mask,
-                    other=float("-inf"))
-        u = t.to(tl.float32) * inv_temp
-        zero = tl.zeros((BLOCK_B,), tl.float32)
-        m_s, d_s, m_u, d_u, a = _online_kl_update(s, u, zero + float("-inf"), zero, zero + float("-inf"), zero,
-                                                  zero)
-        bad |= tl.where(tl.sum((u != u).to(tl.int32), axis=1) > 0, 1, 0)
-        bad |= tl.where(m_u == float("inf"), 2, 0)
-        bad |= tl.where(m_u == float("-inf"), 4, 0)
-        log_d_s = tl.log(d_s)
-        log_d_u = tl.log(d_u)
-        kl = _kl_from_sums(a, d_s, d_u) * loss_scale
-        if HAS_KEEP:
-            kl = tl.where(live, kl, 0.0)
-        tl.store(loss_ptr + rows * M + m, kl, mask=row_ok)
-        part += tl.where(live, kl, 0.0)
-        big_a = zero
-        s_at = zero
-        if WRITE_TGRAD:  # the pivot at the teacher's most probable class (softmax_kl._store_grads)
-            s_at = tl.max(tl.where(u == m_u[:, None], s, float("-inf")), axis=1)
-            big_a = _mean_e(s, u, m_u, log_d_u, s_at)
-        at = rows[:, None] * (M * C) + m * C
-        _store_grads(s, u, cols, mask, g_ptr + at, h_ptr + at, m_s, log_d_s, m_u, log_d_u, s_at, big_a, grad_scale,
-                     live, WRITE_GRAD, WRITE_TGRAD, HAS_KEEP)
+    # The loop bound is an argument, heads past M skipped inside: a computed bound min(h0 + heads, M) went to
+    # local memory and was reloaded in every step (sm_90, fp32 configurations; kernel report).
+    for j in range(0, heads_per_program):
+        m = h0 + j
+        if m < M:
+            x_rows = x_ptr + rows[:, None] * stride_xb + m * stride_xm
+            acc = _heads_logits_tile(x_rows, w_ptr + m * stride_wm, bias_ptr, m, live, cols, col_ok, K, stride_wc,
+                                     stride_biasm, HAS_BIAS, UPCAST_DOT, PRECISION, BLOCK_B, BLOCK_C, BLOCK_K)
+            # raw logits: the statistics take each difference from the row's maximum before the 1/T scale
+            x = tl.where(mask, acc, float("-inf"))
+            y = tl.load(t_ptr + rows[:, None] * stride_tb + m * stride_tm + cols[None, :], mask=mask,
+                        other=float("-inf")).to(tl.float32)
+            zero = tl.zeros((BLOCK_B,), tl.float32)
+            m_s, d_s, m_u, d_u, a = _online_kl_update(x, y, zero + float("-inf"), zero, zero + float("-inf"), zero,
+                                                      zero, inv_temp * LOG2E)
+            bad |= tl.where(tl.sum((y != y).to(tl.int32), axis=1) > 0, 1, 0)
+            bad |= tl.where(m_u == float("inf"), 2, 0)
+            bad |= tl.where(m_u == float("-inf"), 4, 0)
+            kl = _kl_from_sums(a * LN2, d_s, d_u) * loss_scale
+            if HAS_KEEP:
+                kl = tl.where(live, kl, 0.0)
+            tl.store(loss_ptr + rows * M + m, kl, mask=row_ok)
+            part += tl.where(live, kl, 0.0)
+            l_s = tl.log(d_s) * LOG2E
+            l_u = tl.log(d_u) * LOG2E
+            ref_u = tl.where(m_u == float("-inf"), 0.0, m_u)
+            big_a = zero
+            x_at = zero
+            if WRITE_TGRAD:  # the pivot at the teacher's most probable class (softmax_kl._store_grads)
+                x_at = tl.max(tl.where(y == m_u[:, None], x, float("-inf")), axis=1)
+                big_a = _mean_e(x, y, ref_u, l_u, x_at, inv_temp)
+            at = rows[:, None] * (M * C) + m * C
+            _store_grads(x, y, cols, mask, g_ptr + at, h_ptr + at, m_s, l_s, ref_u, l_u, x_at, big_a, inv_temp,
+                         grad_scale, live, WRITE_GRAD, WRITE_TGRAD, HAS_KEEP)
     bits = tl.max(tl.where(row_ok, bad, 0), axis=0)
     tl.atomic_or(err_ptr, bits, mask=bits != 0)
     tl.store(part_ptr + pid_r * tl.num_programs(1) + pid_h, tl.sum(part, axis=0))

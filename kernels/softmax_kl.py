@@ -1,12 +1,14 @@
 """Device code: the online tempered softmax + KL shared by the loss kernels, and the loss kernel on given logits.
 
-Per row r (one (batch, head) pair), with s = z / T (student) and u = t / T (teacher):
-    p = softmax(u), q = softmax(s), loss_r = T^2 * KL(p || q) = T^2 * sum_c p_c (log p_c - log q_c)
+Per row r (one (batch, head) pair), with student logits z and teacher logits t:
+    p = softmax(t / T), q = softmax(z / T), loss_r = T^2 * KL(p || q) = T^2 * sum_c p_c (log p_c - log q_c)
     dloss_r / dz_c = T * (q_c - p_c)
-The row is read in C tiles. Pass 1 keeps, per row, the running maxima m_s, m_u, the running sums
-d_s = sum exp(s - m_s), d_u = sum exp(u - m_u) and a = sum exp(u - m_u) * ((u - m_u) - (s - m_s)),
-rescaled whenever a maximum moves; then KL = a / d_u + log(d_s / d_u) (_kl_from_sums). Every term uses
-logits already shifted by their row maximum, so |z| up to 1e4 loses nothing to cancellation.
+The row is read in C tiles. Pass 1 keeps, per row, the running maxima m_s, m_u of the raw logits, the
+running sums d_s = sum exp((z - m_s) / T), d_u = sum exp((t - m_u) / T) and
+a = sum exp((t - m_u) / T) * ((t - m_u) - (z - m_s)) / T, rescaled whenever a maximum moves; then
+KL = a / d_u + log(d_s / d_u) (_kl_from_sums). Every term takes the difference of raw logits first and
+scales it by 1 / T after: exact at the maximum (a one-class row gives 0 however the compiler contracts a
+product into the subtraction that follows it), and |z| up to 1e4 loses nothing to cancellation.
 Pass 2 (only when a gradient is wanted) reads the tiles again and writes T * (q - p) * scale.
 A teacher logit of -inf masks its class: p_c = 0 and the class adds nothing to the loss.
 """
@@ -16,20 +18,22 @@ import triton.language as tl
 
 from .reduce import _kept_mean_factor, _last_program_sums
 
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
 
 @triton.jit
-def _device_temperature(temp_ptr, VOLATILE: tl.constexpr = False):
+def _device_temperature(temp_ptr):
     """A temperature given as a tensor, read from device memory (fp32 or fp64, used in fp32): (T, 1.0) where it
-    lies in [2^-64, 2^63] (the range a number is checked against on the host), else (1.0, NaN). VOLATILE: a
-    second read the compiler keeps apart from the first (see inv_temp_again in _hydra_kl_fwd_kernel)."""
-    t = tl.load(temp_ptr, volatile=VOLATILE).to(tl.float32)
+    lies in [2^-64, 2^63] (the range a number is checked against on the host), else (1.0, NaN)."""
+    t = tl.load(temp_ptr).to(tl.float32)
     ok = (t >= 5.421010862427522e-20) & (t <= 9.223372036854775808e18)
     return tl.where(ok, t, 1.0), tl.where(ok, 1.0, float("nan"))
 
 
 @triton.jit
 def _tempered_scalars(temp_ptr, inv_temp, loss_scale, grad_scale, T_PTR: tl.constexpr,
-                      VOLATILE: tl.constexpr = False, NAN_INV: tl.constexpr = False):
+                      NAN_INV: tl.constexpr = False):
     """A launch's (1 / T, loss scale, gradient scale). A number T was folded into them by the launcher
     (returned as they came); a tensor T (T_PTR: the launcher passed 1, 1 and the reduction coefficient) is
     read here and applied: 1 / T, times T^2, times T. A tensor T out of range makes the loss and gradient
@@ -37,7 +41,7 @@ def _tempered_scalars(temp_ptr, inv_temp, loss_scale, grad_scale, T_PTR: tl.cons
     teacher checks see the teacher's own values (NaN in 1 / T would read as a NaN teacher); NAN_INV: 1 / T
     NaN too (kernels whose outputs carry no such scale)."""
     if T_PTR:
-        t, nan_if_bad = _device_temperature(temp_ptr, VOLATILE)
+        t, nan_if_bad = _device_temperature(temp_ptr)
         if NAN_INV:
             inv_temp = inv_temp * nan_if_bad
         return inv_temp / t, loss_scale * t * t * nan_if_bad, grad_scale * t * nan_if_bad
@@ -46,59 +50,46 @@ def _tempered_scalars(temp_ptr, inv_temp, loss_scale, grad_scale, T_PTR: tl.cons
 
 
 @triton.jit
-def _exp(x, FAST_EXP: tl.constexpr, BASE2: tl.constexpr = False):
-    """exp(x) in fp32, or 2^x with BASE2 (x already in base-2 units: no multiply). FAST_EXP (a GPU launch
-    only: the interpreter runs no inline PTX): ex2.approx.ftz, results below 2^-126 flushed to 0
-    (probabilities that small add nothing to a row's sums), where tl.exp also guards the subnormal range:
-    a compare and two predicated multiplies more per element (sm_90 SASS)."""
+def _exp2(x, FAST_EXP: tl.constexpr):
+    """2^x in fp32. FAST_EXP (a GPU launch only: the interpreter runs no inline PTX): ex2.approx.ftz, results
+    below 2^-126 flushed to 0 (probabilities that small add nothing to a row's sums), where tl.exp2 also
+    guards the subnormal range: a compare and two predicated multiplies more per element (sm_90 SASS)."""
     if FAST_EXP:
-        if not BASE2:
-            x = x * 1.4426950408889634
         return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
                                          pack=1)
-    elif BASE2:
-        return tl.exp2(x)
     else:
-        return tl.exp(x)
+        return tl.exp2(x)
 
 
 @triton.jit
-def _online_kl_update(s, u, m_s, d_s, m_u, d_u, a, FAST_EXP: tl.constexpr = False, BASE2: tl.constexpr = False,
-                      c=1.0):
-    """Folds one (ROWS, BLOCK_C) tile of tempered logits into the per-row statistics (all fp32).
+def _online_kl_update(x, y, m_s, d_s, m_u, d_u, a, c, FAST_EXP: tl.constexpr = False):
+    """Folds one (ROWS, BLOCK_C) tile of raw logits into the per-row statistics (all fp32), in base 2.
 
-    s, u: student and teacher logits divided by T, -inf on lanes outside the row.
-    m_s, d_s, m_u, d_u, a: (ROWS,) running statistics described in the module docstring.
-    FAST_EXP: the tile's exponentials by ``_exp``'s fast form (GPU launches).
-    BASE2: s, u are the raw logits instead and c = log2(e) / T: the maxima are of the raw logits, each
-    exponential is 2^((x - max) c), the difference taken before the scaling (exact near the maximum, where
-    the probabilities that matter are: scaling first rounds each x c to the ulp of its size, an error a
-    probability near 1 then carries into q - p), one multiply per exponential; ``a`` comes out in base-2
-    units (times ln 2 for nats), the sums d_s, d_u as without it.
+    x, y: student and teacher logits (bias added), -inf on lanes outside the row; c = log2(e) / T.
+    m_s, d_s, m_u, d_u, a: (ROWS,) running statistics described in the module docstring, the maxima of the
+    raw logits. Each exponential is 2^((x - max) c): the difference taken before the scaling (exact near the
+    maximum, where the probabilities that matter are: scaling first rounds each x / T to the ulp of its size,
+    an error a probability near 1 then carries into q - p, and a compiler that contracts the product into
+    the subtraction keeps it even at the maximum), one multiply per exponential. ``a`` comes out in base-2
+    units (times ln 2 for nats), the sums d_s, d_u as in nats. FAST_EXP: the tile's exponentials by
+    ``_exp2``'s fast form (GPU launches).
     """
-    new_m_s = tl.maximum(m_s, tl.max(s, axis=1))
-    new_m_u = tl.maximum(m_u, tl.max(u, axis=1))
-    # A row whose tiles so far were all masked keeps a -inf maximum; shift by 0 then (exp(-inf) = 0).
+    new_m_s = tl.maximum(m_s, tl.max(x, axis=1))
+    new_m_u = tl.maximum(m_u, tl.max(y, axis=1))
+    # A row whose tiles so far were all masked keeps a -inf maximum; shift by 0 then (2^-inf = 0).
     ref_s = tl.where(new_m_s == float("-inf"), 0.0, new_m_s)
     ref_u = tl.where(new_m_u == float("-inf"), 0.0, new_m_u)
     # Old terms of `a` were measured against the old maxima: move them to the new ones.
-    shift = (ref_u - m_u) - (ref_s - m_s)
-    if BASE2:
-        scale_s = _exp((m_s - ref_s) * c, False, True)
-        scale_u = _exp((m_u - ref_u) * c, False, True)
-        shift = shift * c
-        sh_s = (s - ref_s[:, None]) * c
-        sh_u = (u - ref_u[:, None]) * c
-    else:
-        scale_s = tl.exp(m_s - ref_s)
-        scale_u = tl.exp(m_u - ref_u)
-        sh_s = s - ref_s[:, None]
-        sh_u = u - ref_u[:, None]
+    shift = ((ref_u - m_u) - (ref_s - m_s)) * c
+    scale_s = _exp2((m_s - ref_s) * c, False)
+    scale_u = _exp2((m_u - ref_u) * c, False)
+    sh_s = (x - ref_s[:, None]) * c
+    sh_u = (y - ref_u[:, None]) * c
     a = tl.where(d_u > 0, scale_u * (a - d_u * shift), 0.0)
-    e_u = _exp(sh_u, FAST_EXP, BASE2)
-    teacher_live = u > float("-inf")
+    e_u = _exp2(sh_u, FAST_EXP)
+    teacher_live = y > float("-inf")
     a += tl.sum(tl.where(teacher_live, e_u * (sh_u - sh_s), 0.0), axis=1)
-    d_s = d_s * scale_s + tl.sum(_exp(sh_s, FAST_EXP, BASE2), axis=1)
+    d_s = d_s * scale_s + tl.sum(_exp2(sh_s, FAST_EXP), axis=1)
     d_u = d_u * scale_u + tl.sum(e_u, axis=1)
     return new_m_s, d_s, new_m_u, d_u, a
 
@@ -158,14 +149,6 @@ def _thread_kl_combine(mx, dx, my, dy, a, c2):
     dx_row = tl.sum(tl.where(dx == 0, 0.0, wx * dx), axis=1)
     dy_row = tl.sum(tl.where(dy == 0, 0.0, wy * dy), axis=1)
     return row_mx, dx_row, row_my, dy_row, a_row
-
-
-@triton.jit
-def _kl_grad_tile(s, u, m_s, log_d_s, m_u, log_d_u, grad_scale, FAST_EXP: tl.constexpr = False):
-    """``grad_scale * (q - p)`` for one tile, given the finished row statistics (FAST_EXP: see ``_exp``)."""
-    q = _exp(s - m_s[:, None] - log_d_s[:, None], FAST_EXP)
-    p = tl.where(u > float("-inf"), _exp(u - m_u[:, None] - log_d_u[:, None], FAST_EXP), 0.0)
-    return grad_scale * (q - p)
 
 
 @triton.jit
@@ -245,9 +228,6 @@ def _hydra_kl_fwd_kernel(
     stride_ko,
     stride_ki,
     inv_temp,  # 1 / T
-    inv_temp_again,  # 1 / T once more: a second argument, so the compiler cannot merge pass 2's products
-    #                  with pass 1's and keep the fp32 row alive in between (ROW_IN_REGISTERS; the 16-bit
-    #                  row alone fits 16384 classes without spills, its fp32 copy does not)
     loss_scale,  # T^2
     grad_scale,  # T * reduction coefficient (1/(B*M) for "mean", 1 otherwise)
     out_scale,  # reduction coefficient of the summed loss rows; unused unless REDUCE
@@ -272,7 +252,6 @@ def _hydra_kl_fwd_kernel(
     # (norms are for a gradient formed later, from a frozen teacher: never beside the gradients here)
     tl.static_assert(not (WRITE_NORMS and (WRITE_GRAD or WRITE_TGRAD)))
     inv_temp, loss_scale, grad_scale = _tempered_scalars(temp_ptr, inv_temp, loss_scale, grad_scale, T_PTR)
-    inv_temp_again, _, _ = _tempered_scalars(temp_ptr, inv_temp_again, 1.0, 1.0, T_PTR, VOLATILE=True)
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     row_ok = rows < R
@@ -296,46 +275,40 @@ def _hydra_kl_fwd_kernel(
     d_u = tl.zeros((BLOCK_R,), tl.float32)
     a = tl.zeros((BLOCK_R,), tl.float32)
     n_nan = tl.zeros((BLOCK_R,), tl.int32)
-    s_at = tl.zeros((BLOCK_R,), tl.float32)  # the student's logit at the teacher's most probable class
+    x_at = tl.zeros((BLOCK_R,), tl.float32)  # the student's raw logit at the teacher's most probable class
+    # Statistics of the raw logits in base-2 units (_online_kl_update), `a` back in nats after the rows.
+    c2 = inv_temp * LOG2E
     if ROW_IN_REGISTERS:
         row_mask = row_ok[:, None] & (cols0 < C)[None, :]
-        # The row stays in registers in its storage dtype (half the registers for 16-bit inputs); the
-        # later passes recompute the tempered fp32 values from it (see inv_temp_again).
+        # The row stays in registers in its storage dtype (half the registers for 16-bit inputs); the later
+        # passes convert it to fp32 again (the 16-bit row alone fits 16384 classes without spills).
         z_row = tl.load(z_rows + cols0[None, :], mask=row_mask, other=float("-inf"))
         t_row = tl.load(t_rows + cols0[None, :], mask=row_mask, other=float("-inf"))
         if HAS_BIAS:
             b_row = tl.load(b_rows + cols0[None, :], mask=row_mask, other=0.0)
         else:
             b_row = z_row  # a placeholder: _biased ignores it without a bias
-        if WRITE_NORMS:
-            # The normalisers for a gradient formed in the backward, from the raw logits' maxima (see
-            # norm_ptr); statistics in base-2 units, `a` back in nats.
-            x_row = _biased(z_row, b_row, HAS_BIAS)
-            y_row = t_row.to(tl.float32)
-            n_nan += tl.sum((y_row != y_row).to(tl.int32), axis=1)
-            m_s, d_s, m_u, d_u, a = _online_kl_update(x_row, y_row, m_s, d_s, m_u, d_u, a, BASE2=True,
-                                                      c=inv_temp * 1.4426950408889634)
-            a = a * 0.6931471805599453  # (m_s, m_u: the raw maxima, what the norms hold)
-        else:
-            s_row = _biased(z_row, b_row, HAS_BIAS) * inv_temp
-            u_row = t_row.to(tl.float32) * inv_temp
-            n_nan += tl.sum((u_row != u_row).to(tl.int32), axis=1)
-            if WRITE_TGRAD:
-                row_max = tl.max(u_row, axis=1)
-                s_at = tl.max(tl.where(u_row == row_max[:, None], s_row, float("-inf")), axis=1)
-            m_s, d_s, m_u, d_u, a = _online_kl_update(s_row, u_row, m_s, d_s, m_u, d_u, a)
+        x_row = _biased(z_row, b_row, HAS_BIAS)
+        y_row = t_row.to(tl.float32)
+        n_nan += tl.sum((y_row != y_row).to(tl.int32), axis=1)
+        if WRITE_TGRAD:
+            y_max = tl.max(y_row, axis=1)
+            x_at = tl.max(tl.where(y_row == y_max[:, None], x_row, float("-inf")), axis=1)
+        m_s, d_s, m_u, d_u, a = _online_kl_update(x_row, y_row, m_s, d_s, m_u, d_u, a, c2)
+        a = a * LN2
     elif WRITE_TGRAD:
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + cols0
             mask = row_ok[:, None] & (cols < C)[None, :]
-            s = _student(z_rows, b_rows, cols, mask, HAS_BIAS) * inv_temp
-            u = tl.load(t_rows + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
-            n_nan += tl.sum((u != u).to(tl.int32), axis=1)  # the NaN check rides on the load already made
+            x = _student(z_rows, b_rows, cols, mask, HAS_BIAS)
+            y = tl.load(t_rows + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+            n_nan += tl.sum((y != y).to(tl.int32), axis=1)  # the NaN check rides on the load already made
             # the pivot of the teacher gradient (see below), found on the loads already made
-            tile_max = tl.max(u, axis=1)
-            here = tl.max(tl.where(u == tile_max[:, None], s, float("-inf")), axis=1)
-            s_at = tl.where(tile_max > m_u, here, s_at)
-            m_s, d_s, m_u, d_u, a = _online_kl_update(s, u, m_s, d_s, m_u, d_u, a)
+            tile_max = tl.max(y, axis=1)
+            here = tl.max(tl.where(y == tile_max[:, None], x, float("-inf")), axis=1)
+            x_at = tl.where(tile_max > m_u, here, x_at)
+            m_s, d_s, m_u, d_u, a = _online_kl_update(x, y, m_s, d_s, m_u, d_u, a, c2)
+        a = a * LN2
     else:
         # Long rows, frozen teacher (the hot path at vocabulary-sized C): each thread keeps running
         # statistics over its own 16-byte slices of the row (a tile is (rows, threads, VEC): the
@@ -345,7 +318,6 @@ def _hydra_kl_fwd_kernel(
         # Maxima are of the raw logits (bias added), so x - max is exact near the max and the
         # temperature and log2(e) go into one multiply before each exp2.
         offs = _thread_slices(BLOCK_C, VEC)
-        c2 = inv_temp * 1.4426950408889634
         mx = tl.full((BLOCK_R, BLOCK_C // VEC), float("-inf"), tl.float32)
         my = tl.full((BLOCK_R, BLOCK_C // VEC), float("-inf"), tl.float32)
         dx = tl.zeros((BLOCK_R, BLOCK_C // VEC), tl.float32)
@@ -384,48 +356,51 @@ def _hydra_kl_fwd_kernel(
         tl.store(norm_ptr + rows * 4 + 2, m_u, mask=row_ok)
         tl.store(norm_ptr + rows * 4 + 3, log_d_u, mask=row_ok)
 
+    # The gradients' normalisers as _grad_from_norms takes them (a teacher row that is -inf everywhere
+    # measured from 0, so that its p is 0)
+    l_s = log_d_s * LOG2E
+    l_u = log_d_u * LOG2E
+    ref_u = tl.where(m_u == float("-inf"), 0.0, m_u)
     big_a = tl.zeros((BLOCK_R,), tl.float32)  # sum_k p_k e_k (teacher gradient only)
     if WRITE_TGRAD:
         # dL/dt_c = T * coef * p_c * ((log p_c - log q_c) - KL). Written as is, the bracket is a
         # difference of two numbers as large as the logits (1e3 and up): all of fp32's digits go to
-        # cancellation. With the pivot j = argmax p and e_k = (u_k - u_j) - (s_k - s_j), the bracket
+        # cancellation. With the pivot j = argmax p and e_k = ((t_k - t_j) - (z_k - z_j)) / T, the bracket
         # is e_c - sum_k p_k e_k exactly (log q - log p shifts by a constant per row), e_j = 0, and the
         # sum is dominated by small p_k: one more pass over the row, only for a teacher that needs it.
         if ROW_IN_REGISTERS:
-            big_a = _mean_e(_biased(z_row, b_row, HAS_BIAS) * inv_temp_again, t_row.to(tl.float32) * inv_temp_again,
-                            m_u, log_d_u, s_at)
+            big_a = _mean_e(_biased(z_row, b_row, HAS_BIAS), t_row.to(tl.float32), ref_u, l_u, x_at, inv_temp)
         else:
             for c0 in range(0, C, BLOCK_C):
                 cols = c0 + cols0
                 mask = row_ok[:, None] & (cols < C)[None, :]
-                s = _student(z_rows, b_rows, cols, mask, HAS_BIAS) * inv_temp
-                u = tl.load(t_rows + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
-                big_a += _mean_e(s, u, m_u, log_d_u, s_at)
+                x = _student(z_rows, b_rows, cols, mask, HAS_BIAS)
+                y = tl.load(t_rows + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+                big_a += _mean_e(x, y, ref_u, l_u, x_at, inv_temp)
 
     if WRITE_GRAD or WRITE_TGRAD:
         g_rows = grad_ptr + (r_out * stride_go + r_in * stride_gi)[:, None]
         h_rows = tgrad_ptr + (r_out * stride_ho + r_in * stride_hi)[:, None]
         if ROW_IN_REGISTERS:
-            _store_grads(_biased(z_row, b_row, HAS_BIAS) * inv_temp_again, t_row.to(tl.float32) * inv_temp_again, cols0,
-                         row_mask, g_rows, h_rows, m_s, log_d_s, m_u, log_d_u, s_at, big_a, grad_scale, kept,
-                         WRITE_GRAD, WRITE_TGRAD, HAS_KEEP)
+            _store_grads(_biased(z_row, b_row, HAS_BIAS), t_row.to(tl.float32), cols0, row_mask, g_rows, h_rows, m_s,
+                         l_s, ref_u, l_u, x_at, big_a, inv_temp, grad_scale, kept, WRITE_GRAD, WRITE_TGRAD, HAS_KEEP)
         elif WRITE_TGRAD:
             n_tiles = tl.cdiv(C, BLOCK_C)
             for j in range(0, n_tiles):  # last tile first: pass 1 read it last, so L2 most likely still holds it
                 c0 = (n_tiles - 1 - j) * BLOCK_C
                 cols = c0 + cols0
                 mask = row_ok[:, None] & (cols < C)[None, :]
-                s = _student(z_rows, b_rows, cols, mask, HAS_BIAS) * inv_temp
-                u = tl.load(t_rows + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
-                _store_grads(s, u, cols, mask, g_rows, h_rows, m_s, log_d_s, m_u, log_d_u, s_at, big_a,
+                x = _student(z_rows, b_rows, cols, mask, HAS_BIAS)
+                y = tl.load(t_rows + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+                _store_grads(x, y, cols, mask, g_rows, h_rows, m_s, l_s, ref_u, l_u, x_at, big_a, inv_temp,
                              grad_scale, kept, WRITE_GRAD, WRITE_TGRAD, HAS_KEEP)
         else:
             # q = exp2((x - max x) * c2 - log2 d_s), p likewise: one exp2 per element and tensor, no
             # select (a masked teacher class is -inf: p = 0); the row's -inf maxima (nothing live) as 0.
             ref_x = tl.where(row_mx == float("-inf"), 0.0, row_mx)[:, None, None]
-            ref_y = tl.where(row_my == float("-inf"), 0.0, row_my)[:, None, None]
-            lx = (log_d_s * 1.4426950408889634)[:, None, None]
-            ly = (log_d_u * 1.4426950408889634)[:, None, None]
+            ref_y = ref_u[:, None, None]
+            lx = l_s[:, None, None]
+            ly = l_u[:, None, None]
             n_tiles = tl.cdiv(C, BLOCK_C)
             for j in range(0, n_tiles):  # last tile first: pass 1 read it last, so L2 most likely still holds it
                 cols = (n_tiles - 1 - j) * BLOCK_C + offs
@@ -509,9 +484,9 @@ def _load_norms(norm_rows, row_ok):
     the raw logits' maxima), as _grad_from_norms takes them: the sums' logs in base 2, and a teacher row
     that is -inf everywhere (flagged by the forward) measured from 0, so that its p is 0."""
     m_s = tl.load(norm_rows, mask=row_ok, other=0.0)
-    l_s = tl.load(norm_rows + 1, mask=row_ok, other=0.0) * 1.4426950408889634
+    l_s = tl.load(norm_rows + 1, mask=row_ok, other=0.0) * LOG2E
     m_u = tl.load(norm_rows + 2, mask=row_ok, other=0.0)
-    l_u = tl.load(norm_rows + 3, mask=row_ok, other=0.0) * 1.4426950408889634
+    l_u = tl.load(norm_rows + 3, mask=row_ok, other=0.0) * LOG2E
     return m_s, l_s, tl.where(m_u == float("-inf"), 0.0, m_u), l_u
 
 
@@ -524,7 +499,7 @@ def _grad_from_norms(x, y, m_s, l_s, m_u, l_u, inv_temp, grad_scale):
     # where a probability near 1 makes q - p cancel; scaling first would round x / T to the ulp of its
     # size: with |x / T| ~ 80, 4 ulp of q there), then one FMA and one exp2 per element; a -inf logit
     # (masked class, lanes outside the row) gives 0 without a select.
-    c2 = inv_temp * 1.4426950408889634
+    c2 = inv_temp * LOG2E
     q = tl.exp2((x - m_s[:, None]) * c2 - l_s[:, None])
     p = tl.exp2((y - m_u[:, None]) * c2 - l_u[:, None])
     return grad_scale * q - grad_scale * p
@@ -627,27 +602,36 @@ def _student(z_rows, b_rows, cols, mask, HAS_BIAS: tl.constexpr):
 
 
 @triton.jit
-def _mean_e(s, u, m_u, log_d_u, s_at):
-    """sum_k p_k e_k over one tile, e = (u - u_j) - (s - s_j) around the pivot j (masked classes: 0)."""
-    live = u > float("-inf")
-    e = (u - m_u[:, None]) - (s - s_at[:, None])
-    return tl.sum(tl.where(live, tl.exp(u - m_u[:, None] - log_d_u[:, None]) * e, 0.0), axis=1)
+def _teacher_terms(x, y, ref_u, l_u, x_at, inv_temp):
+    """For one tile of raw logits x, y (fp32, -inf outside the row): which classes the teacher keeps (live),
+    e = ((y - y_j) - (x - x_j)) / T around the pivot j, the teacher's most probable class (its logit the row's
+    maximum ref_u; x_at = x_j), and p = 2^((y - ref_u) log2(e) / T - l_u), l_u = log2 of the teacher's sum."""
+    dy = y - ref_u[:, None]
+    e = (dy - (x - x_at[:, None])) * inv_temp
+    p = tl.exp2(dy * (inv_temp * LOG2E) - l_u[:, None])
+    return y > float("-inf"), e, p
 
 
 @triton.jit
-def _store_grads(s, u, cols, mask, g_rows, h_rows, m_s, log_d_s, m_u, log_d_u, s_at, big_a, grad_scale, kept,
+def _mean_e(x, y, ref_u, l_u, x_at, inv_temp):
+    """sum_k p_k e_k over one tile (see _teacher_terms); masked classes add 0."""
+    live, e, p = _teacher_terms(x, y, ref_u, l_u, x_at, inv_temp)
+    return tl.sum(tl.where(live, p * e, 0.0), axis=1)
+
+
+@triton.jit
+def _store_grads(x, y, cols, mask, g_rows, h_rows, m_s, l_s, ref_u, l_u, x_at, big_a, inv_temp, grad_scale, kept,
                  WRITE_GRAD: tl.constexpr, WRITE_TGRAD: tl.constexpr, HAS_KEEP: tl.constexpr):
-    """One tile's gradients from its tempered logits s, u and the finished row statistics: the student's
-    grad_scale * (q - p) and, for a teacher that requires grad, grad_scale * p * (e - sum_k p_k e_k); 0 on the
-    rows a row mask leaves out (kept, HAS_KEEP: see _drop_rows)."""
+    """One tile's gradients from its raw logits x, y and the finished row statistics (m_s, l_s, ref_u, l_u as
+    _grad_from_norms takes them; x_at, big_a as _mean_e gives them): the student's grad_scale * (q - p) and,
+    for a teacher that requires grad, grad_scale * p * (e - sum_k p_k e_k); 0 on the rows a row mask leaves out
+    (kept, HAS_KEEP: see _drop_rows)."""
     if WRITE_TGRAD:  # a masked class (p = 0) gets 0
-        live = u > float("-inf")
-        e = (u - m_u[:, None]) - (s - s_at[:, None])
-        p = tl.exp(u - m_u[:, None] - log_d_u[:, None])
+        live, e, p = _teacher_terms(x, y, ref_u, l_u, x_at, inv_temp)
         h = _drop_rows(tl.where(live, p * (e - big_a[:, None]), 0.0) * grad_scale, kept, HAS_KEEP)
         tl.store(h_rows + cols[None, :], h.to(h_rows.dtype.element_ty), mask=mask)
     if WRITE_GRAD:
-        g = _drop_rows(_kl_grad_tile(s, u, m_s, log_d_s, m_u, log_d_u, grad_scale), kept, HAS_KEEP)
+        g = _drop_rows(_grad_from_norms(x, y, m_s, l_s, ref_u, l_u, inv_temp, grad_scale), kept, HAS_KEEP)
         tl.store(g_rows + cols[None, :], g.to(g_rows.dtype.element_ty), mask=mask)
 
 
@@ -729,14 +713,14 @@ def _hydra_kl_topk_fwd_kernel(
                 other=float("-inf"))
     idx = tl.load(idx_ptr + (r_out * stride_xo + r_in * stride_xi)[:, None] + ks[None, :], mask=k_mask,
                   other=0).to(tl.int64)
-    w = v.to(tl.float32) * inv_temp
+    w = v.to(tl.float32)  # raw: the maximum of the raw values, the difference taken before the 1/T scale
     in_range = (idx >= 0) & (idx < C)
     live = (w > float("-inf")) & k_mask
     x_idx = tl.load(z_rows + idx, mask=k_mask & in_range, other=0.0).to(tl.float32)
-    s_idx = x_idx * inv_temp
     m_w = tl.max(w, axis=1)
     ref_w = tl.where(m_w == float("-inf"), 0.0, m_w)
-    e_w = tl.where(live, tl.exp(w - ref_w[:, None]), 0.0)
+    w_sh = (w - ref_w[:, None]) * inv_temp  # (v - max v) / T: 0 at the maximum
+    e_w = tl.where(live, tl.exp(w_sh), 0.0)
     d_w = tl.sum(e_w, axis=1)
     log_d_w = tl.log(d_w)
     p = e_w / d_w[:, None]
@@ -750,7 +734,7 @@ def _hydra_kl_topk_fwd_kernel(
     # The student's normaliser: per-thread running max and sum over 16-byte slices of the row (a tile is
     # (rows, threads, VEC)), merged once per row; raw-logit maxima, T and log2(e) in one multiply.
     offs = _thread_slices(BLOCK_C, VEC)
-    c2 = inv_temp * 1.4426950408889634
+    c2 = inv_temp * LOG2E
     tm = tl.full((BLOCK_R, BLOCK_C // VEC), float("-inf"), tl.float32)
     td = tl.zeros((BLOCK_R, BLOCK_C // VEC), tl.float32)
     for c0 in range(0, C, BLOCK_C):
@@ -766,8 +750,8 @@ def _hydra_kl_topk_fwd_kernel(
     # (as d_s was summed: a rounded max z / T subtracted from z / T in one FMA would shift them from it)
     sd = (x_idx - tl.where(row_m == float("-inf"), 0.0, row_m)[:, None]) * inv_temp
 
-    # KL = sum_i p_i ((w_i - m_w - log d_w) - (s_idx_i - m_s - log d_s)), masked entries 0
-    log_ratio = (w - ref_w[:, None] - log_d_w[:, None]) - (sd - log_d_s[:, None])
+    # KL = sum_i p_i (((v_i - max v) / T - log d_w) - ((z_idx_i - max z) / T - log d_s)), masked entries 0
+    log_ratio = (w_sh - log_d_w[:, None]) - (sd - log_d_s[:, None])
     kl = tl.sum(tl.where(live, p * log_ratio, 0.0), axis=1)
     if HAS_KEEP:
         kl = tl.where(kept, kl, 0.0)
@@ -777,8 +761,8 @@ def _hydra_kl_topk_fwd_kernel(
         _last_program_sums(part_ptr, tl.num_programs(0), out_ptr, count_ptr, out_scale, BLOCK_P)
 
     if WRITE_TGRAD:  # pivoted at the teacher's most probable class, as in _hydra_kl_fwd_kernel
-        s_at = tl.max(tl.where(live & (w == m_w[:, None]), s_idx, float("-inf")), axis=1)
-        e = (w - ref_w[:, None]) - (s_idx - s_at[:, None])
+        x_at = tl.max(tl.where(live & (w == m_w[:, None]), x_idx, float("-inf")), axis=1)
+        e = ((w - ref_w[:, None]) - (x_idx - x_at[:, None])) * inv_temp
         mean_e = tl.sum(tl.where(live, p * e, 0.0), axis=1)
         h = _drop_rows(tl.where(live, p * (e - mean_e[:, None]), 0.0) * grad_scale, kept, HAS_KEEP)
         tl.store(vgrad_ptr + (r_out * stride_ho + r_in * stride_hi)[:, None] + ks[None, :],
@@ -786,7 +770,7 @@ def _hydra_kl_topk_fwd_kernel(
 
     if WRITE_GRAD:
         g_rows = grad_ptr + (r_out * stride_go + r_in * stride_gi)[:, None]
-        lx = (log_d_s * 1.4426950408889634)[:, None, None]
+        lx = (log_d_s * LOG2E)[:, None, None]
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + offs
             mask = row_ok[:, None, None] & (cols < C)

@@ -8,7 +8,7 @@ writes dz. Here one program owns BLOCK_B rows of one head:
 
   pass 1, per class tile:  z = u_m[rows] @ W_m[tile].T + b_m[tile]      (tl.dot, fp32 accumulator)
                            online softmax/KL statistics of (z / T, t / T) in base-2 units
-                           (softmax_kl._online_kl_update with BASE2: maxima of the raw logits)
+                           (softmax_kl._online_kl_update: maxima of the raw logits)
           then             loss[b, m] = T^2 KL(p || q), the row's normalisers in registers;
   pass 2, per class tile (when the gradient is wanted): z again, then
                            dz = grad_scale * (q - p), q = 2^((z - m_s) k2 - log2 d_s) and p alike
@@ -21,7 +21,7 @@ gradient GEMMs (dW = dz^T u, du = dz W) stay cuBLAS. (du formed in pass 2 from t
 loaded was tried: 1101 against 678 sm_90 instructions per bf16 tile at gpu-large, about 0.8 ms more
 issue for a kernel bound by issue, where cuBLAS reading dz once costs about 0.5 ms.) Teacher values are
 checked on the loads (error word bits 1, 2, 4, as in softmax_kl.py); "mean"/"sum" are reduced by the
-last program (reduce.py). On a GPU the exponentials are ex2.approx.ftz (softmax_kl._exp) and the teacher
+last program (reduce.py). On a GPU the exponentials are ex2.approx.ftz (softmax_kl._exp2) and the teacher
 tile is held in the accumulator's layout (_in_layout_of). sm_90 SASS at gpu-large bf16 (Triton 3.6, 4 warps,
 see _common.thin_heads_config): 27.0 and 21.3 instructions per element in passes 1 and 2, from 48.9 and
 36.3 with 8 warps before those two changes, the base-2 form and the column sums as a dot (_column_sums).
@@ -32,10 +32,7 @@ import triton.language as tl
 
 from .reduce import _last_program_sums
 from .small_heads import _heads_logits_tile
-from .softmax_kl import _exp, _kl_from_sums, _online_kl_update, _tempered_scalars
-
-LOG2E = tl.constexpr(1.4426950408889634)
-LN2 = tl.constexpr(0.6931471805599453)
+from .softmax_kl import LN2, LOG2E, _exp2, _kl_from_sums, _online_kl_update, _tempered_scalars
 
 
 @triton.jit
@@ -221,7 +218,7 @@ def _thin_heads_kl_kernel(
                                                       ONE_K_STEP, PTX, PREFETCH, BLOCK_B, BLOCK_C, BLOCK_K)
         if not EVEN_C:  # classes past C (t is -inf there already)
             z = tl.where((cols < C)[None, :], z, float("-inf"))
-        m_s, d_s, m_u, d_u, a = _online_kl_update(z, t, m_s, d_s, m_u, d_u, a, PTX, BASE2=True, c=k2)
+        m_s, d_s, m_u, d_u, a = _online_kl_update(z, t, m_s, d_s, m_u, d_u, a, k2, PTX)
     kl = _kl_from_sums(a * LN2, d_s, d_u) * loss_scale
     tl.store(loss_ptr + rows * stride_lb + m * stride_lm, kl, mask=rows_ok)
     if WRITE_GRAD:
@@ -241,8 +238,8 @@ def _thin_heads_kl_kernel(
                                                           rows_ok, c0, C, K, stride_wc, HAS_BIAS, UPCAST_DOT,
                                                           PRECISION, ONE_K_STEP, PTX, PREFETCH, BLOCK_B, BLOCK_C,
                                                           BLOCK_K)
-            g = grad_scale * (_exp((z - ref_s[:, None]) * k2 - l_s[:, None], PTX, True)
-                              - _exp((t - ref_u[:, None]) * k2 - l_u[:, None], PTX, True))
+            g = grad_scale * (_exp2((z - ref_s[:, None]) * k2 - l_s[:, None], PTX)
+                              - _exp2((t - ref_u[:, None]) * k2 - l_u[:, None], PTX))
             g_out = g.to(g_ptr.dtype.element_ty)
             tl.store(g_ptr + rows[:, None] * stride_gb + m * stride_gm + cols[None, :], g_out,
                      mask=rows_ok[:, None] & (cols < C)[None, :])

@@ -160,7 +160,7 @@ def _nvidia_major(device: torch.device) -> int | None:
 
 
 def runs_ptx() -> bool:
-    """Whether the kernels may carry inline PTX (kernels/thin_heads.py, softmax_kl._exp's fast form): a
+    """Whether the kernels may carry inline PTX (kernels/thin_heads.py, softmax_kl._exp2's fast form): a
     launch on an NVIDIA GPU; not under the interpreter (which runs no assembly) nor on ROCm (AMD GPUs run
     no PTX: those kernels take their plain Triton form there)."""
     return not interpreting() and torch.version.hip is None

@@ -309,7 +309,7 @@ def launch_kl_rows(z3, t3, loss2, grad3, temperature: float, grad_scale: float |
         count, loss2 if keep2 is None else keep2, nkept, r, i, c, z3.stride(0), z3.stride(1), t3.stride(0),
         t3.stride(1), g3.stride(0), g3.stride(1), loss2.stride(0), loss2.stride(1), h3.stride(0), h3.stride(1),
         b3.stride(0), b3.stride(1), 0 if keep2 is None else keep2.stride(0), 0 if keep2 is None else keep2.stride(1),
-        1.0 / tf, 1.0 / tf, tf * tf, grad_scale if grad_scale is not None else 0.0, coef, float(batch), temp,
+        1.0 / tf, tf * tf, grad_scale if grad_scale is not None else 0.0, coef, float(batch), temp,
         BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], WRITE_GRAD=grad3 is not None,
         WRITE_TGRAD=tgrad3 is not None, ROW_IN_REGISTERS=cfg["ROW_IN_REGISTERS"], HAS_BIAS=bias3 is not None,
         VEC=max(1, min(cfg["BLOCK_C"], 16 // z3.element_size())), WRITE_NORMS=norms is not None,
