@@ -982,8 +982,9 @@ def uncertainty(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0, i
     Gradients flow to ``logits`` from every output (e.g. a penalty on ``epistemic`` that makes the heads
     disagree on outliers): the backward recomputes each head's softmax in fp32 from the saved logits (the
     Triton path: one kernel launch; the torch path: the native C kernel for fp32 CPU logits, else torch ops
-    in row chunks) and differentiates the mutual information itself, not its clamp. Masked classes (logit
-    -inf) get a zero gradient. Under ``torch.no_grad()`` (evaluation) nothing is saved.
+    in row chunks) and differentiates the mutual information itself, not its clamp. A masked class (logit
+    -inf) has probability 0 in its head, adds nothing to any entropy and gets a zero gradient (a head masked
+    everywhere gives NaN). Under ``torch.no_grad()`` (evaluation) nothing is saved.
 
     Args:
         logits: (*, M, C) head logits, e.g. (B, M, C), or (B, T, M, C) for a batch of sequences.

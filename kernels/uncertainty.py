@@ -3,16 +3,21 @@
 Forward formula for row b with head logits z[b, m, :] (divided by T):
     q_m = softmax(z_m),  P = mean_m q_m,  total = H[P],  aleatoric = mean_m H[q_m],
     epistemic = max(total - aleatoric, 0)   (the mutual information; clamped at 0 against rounding)
-Pass 1 walks the C tiles with all heads of the row in one (BLOCK_M, BLOCK_C) tile and keeps per-head
-max, sum exp and sum exp * (z - max), so that H[q_m] = log d_m - e_m / d_m. Pass 2 forms P tile by
-tile, stores it and sums -P log P. The backward (`_uncertainty_bwd_kernel`) is the softmax's vector
+Pass 1 walks the C tiles with all heads of the row in one (BLOCK_M, BLOCK_C) tile (a row held whole: once) and
+keeps per-head max, d = sum exp and e = sum exp * (z - max) / T, so that H[q_m] = log d - e / d. Pass 2 forms P
+tile by tile, stores it and sums -P log P. The backward (`_uncertainty_bwd_kernel`) is the softmax's vector
 product per head with the gradient with respect to q_m.
+
+Every kernel here measures a row from its raw logits' maximum and scales the difference by 1/T (in base 2:
+2^((x - max) log2(e) / T)): exact near the maximum and exactly 0 at it, however the compiler contracts the
+scale into the subtraction. A masked class (-inf) has probability 0 and adds 0 to every sum.
 """
 
 import triton
 import triton.language as tl
 
-from .softmax_kl import _device_temperature, _tempered_scalars, _thread_max, _thread_merge, _thread_slices
+from .softmax_kl import (LN2, LOG2E, _device_temperature, _tempered_scalars, _thread_max, _thread_merge,
+                         _thread_slices)
 
 
 @triton.jit
@@ -36,26 +41,31 @@ def _uncertainty_fwd_kernel(
     T_PTR: tl.constexpr = False,
 ):
     inv_temp, _, _ = _tempered_scalars(temp_ptr, inv_temp, 1.0, 1.0, T_PTR, NAN_INV=True)
+    c2 = inv_temp * LOG2E  # exponents in base 2: 2^((x - max x) c2) = exp((x - max x) / T)
     row = tl.program_id(0).to(tl.int64)
     heads = tl.arange(0, BLOCK_M)
     head_ok = heads < M
     cols0 = tl.arange(0, BLOCK_C)
     z_row = z_ptr + row * stride_zb + heads[:, None].to(tl.int64) * stride_zm
+    probs_row = probs_ptr + row * stride_pb
 
-    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    d = tl.zeros((BLOCK_M,), tl.float32)
-    e = tl.zeros((BLOCK_M,), tl.float32)  # sum exp(s - m) * (s - m)
+    # Every exponent is (x - max x) c2 from the raw logits' maxima: the difference is exact near the maximum and
+    # exactly 0 at it however the compiler contracts the scale into it, so a head with one class left has
+    # entropy 0 (a product x / T taken first kept its rounding there). Masked classes (-inf) and padding load
+    # -inf: exp 0, and their term 2^(..) (x - max x) = 0 * -inf is taken as 0.
     if ROW_IN_REGISTERS:
         row_mask = head_ok[:, None] & (cols0 < C)[None, :]
-        s_row = tl.load(z_row + cols0[None, :], mask=row_mask, other=float("-inf")).to(tl.float32) * inv_temp
-        m, d, e = _entropy_stats_update(s_row, row_mask, m, d, e)
+        x_row = tl.load(z_row + cols0[None, :], mask=row_mask, other=float("-inf")).to(tl.float32)
+        row_m = tl.max(x_row, axis=1)
+        sx = x_row - tl.where(row_m == float("-inf"), 0.0, row_m)[:, None]
+        ex = tl.exp2(sx * c2)
+        d = tl.sum(ex, axis=1)
+        e = tl.sum(_zero_where_no_mass(ex, ex * sx), axis=1) * inv_temp  # sum exp(s - max s) (s - max s), s = x/T
     else:
         # Long rows: per-thread running statistics over 16-byte slices (a tile is (heads, threads, VEC);
         # max and sums inside the thread), merged across threads once per row: no barrier in the loop
         # (sm_90 SASS: the tile-wise form spent ~21 instructions per element and 6 barriers per tile).
-        # Maxima are of the raw logits, so x - max is exact near the max.
         offs = _thread_slices(BLOCK_C, VEC)
-        c2 = inv_temp * 1.4426950408889634
         tm = tl.full((BLOCK_M, BLOCK_C // VEC), float("-inf"), tl.float32)
         td = tl.zeros((BLOCK_M, BLOCK_C // VEC), tl.float32)
         te = tl.zeros((BLOCK_M, BLOCK_C // VEC), tl.float32)
@@ -67,28 +77,28 @@ def _uncertainty_fwd_kernel(
             te = tl.where(td == 0, 0.0, scale * (te - td * (ref - tm)))
             sx = x - ref[:, :, None]
             ex = tl.exp2(sx * c2)
-            te += tl.sum(tl.where(mask, ex * sx, 0.0), axis=2)
+            te += tl.sum(_zero_where_no_mass(ex, ex * sx), axis=2)
             td = td * scale + tl.sum(ex, axis=2)
             tm = new_m
         row_m, ref, w = _thread_merge(tm, c2)
         d = tl.sum(tl.where(td == 0, 0.0, w * td), axis=1)
         e = tl.sum(tl.where(td == 0, 0.0, w * (te - td * (ref - tm))), axis=1) * inv_temp
-        m = row_m * inv_temp
 
-    log_d = tl.log(tl.where(head_ok, d, 1.0))
-    ent = tl.where(head_ok, log_d - e / tl.where(head_ok, d, 1.0), 0.0)
+    d_ok = tl.where(head_ok, d, 1.0)  # padded heads: d 1 (their q is 0 below); a head masked everywhere: NaN
+    ent = tl.where(head_ok, tl.log(d_ok) - e / d_ok, 0.0)
     aleatoric = tl.sum(ent, axis=0) / M
-    ref = tl.where(head_ok, m + log_d, 0.0)
 
-    total = tl.sum(tl.zeros((BLOCK_C,), tl.float32), axis=0)
+    # P = mean_m q_m, stored, and -sum P log P; a NaN P (a NaN logit in the row) stays NaN (a P > 0 test would
+    # drop it), P = 0 adds 0
     if ROW_IN_REGISTERS:
-        total -= _mixture_tile(s_row, row_mask, cols0, ref, probs_ptr + row * stride_pb, C, M)
+        p = tl.sum(ex * (1.0 / d_ok)[:, None], axis=0) / M
+        tl.store(probs_row + cols0, p.to(probs_row.dtype.element_ty), mask=cols0 < C)
+        plogp = _p_log2_p(p)
     else:
-        # q_m = exp2((x - max x) c2 - log2 d_m): one exp2 per element and no select (masked classes and
-        # padded heads load -inf: q = 0); sum P log P kept per thread and reduced once per row.
+        # q_m = 2^((x - max x) c2 - log2 d_m): one exp2 per element and no select (masked classes and padded
+        # heads load -inf: q = 0); sum P log P kept per thread and reduced once per row.
         ref_raw = tl.where(head_ok & (row_m > float("-inf")), row_m, 0.0)[:, None]
-        log2_d = tl.where(head_ok, tl.log2(tl.where(head_ok, d, 1.0)), 0.0)[:, None]
-        probs_row = probs_ptr + row * stride_pb
+        log2_d = tl.log2(d_ok)[:, None]
         plogp = tl.zeros((BLOCK_C,), tl.float32)
         n_tiles = tl.cdiv(C, BLOCK_C)
         for j in range(0, n_tiles):  # last tile first: pass 1 read it last, so L2 most likely still holds it
@@ -97,9 +107,8 @@ def _uncertainty_fwd_kernel(
                         other=float("-inf")).to(tl.float32)
             p = tl.sum(tl.exp2((x - ref_raw) * c2 - log2_d), axis=0) / M
             tl.store(probs_row + cols, p.to(probs_row.dtype.element_ty), mask=cols < C)
-            # P = 0 adds 0; a NaN P (a NaN logit in the row) stays NaN (a p > 0 test would drop it)
-            plogp += tl.where(p == 0, 0.0, p * tl.log2(tl.where(p > 0, p, 1.0)))
-        total = -tl.sum(plogp, axis=0) * 0.6931471805599453
+            plogp += _p_log2_p(p)
+    total = -tl.sum(plogp, axis=0) * LN2
 
     tl.store(total_ptr + row, total.to(total_ptr.dtype.element_ty))
     tl.store(aleatoric_ptr + row, aleatoric.to(aleatoric_ptr.dtype.element_ty))
@@ -109,28 +118,16 @@ def _uncertainty_fwd_kernel(
 
 
 @triton.jit
-def _entropy_stats_update(s, mask, m, d, e):
-    """Folds one (BLOCK_M, BLOCK_C) tile of tempered logits into each head's running max m, sum
-    d = sum exp(s - m) and e = sum exp(s - m) * (s - m), rescaled when the max moves."""
-    new_m = tl.maximum(m, tl.max(s, axis=1))
-    ref = tl.where(new_m == float("-inf"), 0.0, new_m)
-    scale = tl.exp(m - ref)
-    e = tl.where(d > 0, scale * (e - d * (ref - m)), 0.0)
-    sh = s - ref[:, None]
-    ex = tl.exp(sh)
-    e += tl.sum(tl.where(mask, ex * sh, 0.0), axis=1)
-    d = d * scale + tl.sum(ex, axis=1)
-    return new_m, d, e
+def _zero_where_no_mass(ex, term):
+    """term where the exponential ex is not 0, else 0: a masked class's (x - max) is -inf and 0 * -inf is NaN, its
+    true contribution 0 (a NaN ex, from a NaN logit, keeps its NaN)."""
+    return tl.where(ex == 0, 0.0, term)
 
 
 @triton.jit
-def _mixture_tile(s, mask, cols, ref, probs_row, C, M):
-    """Stores the mixture P = mean_m softmax(s_m) on one class tile and returns its sum of P log P."""
-    col_ok = cols < C
-    q = tl.where(mask, tl.exp(s - ref[:, None]), 0.0)
-    p = tl.sum(q, axis=0) / M
-    tl.store(probs_row + cols, p.to(probs_row.dtype.element_ty), mask=col_ok)
-    return tl.sum(tl.where(p == 0, 0.0, p * tl.log(tl.where(p > 0, p, 1.0))), axis=0)  # (NaN stays NaN)
+def _p_log2_p(p):
+    """P log2 P per class: 0 where P = 0, NaN where P is NaN."""
+    return tl.where(p == 0, 0.0, p * tl.log2(tl.where(p > 0, p, 1.0)))
 
 
 # The ensemble's mean prediction in log space, the Hinton loss's target: per row b and class c,
@@ -166,6 +163,7 @@ def _ensemble_log_mean_kernel(
         t, _ = _device_temperature(temp_ptr)
         inv_temp = inv_temp / t
         temp = temp * t
+    c2 = inv_temp * LOG2E
     row = tl.program_id(0).to(tl.int64)
     heads = tl.arange(0, BLOCK_M)
     head_ok = heads < M
@@ -177,48 +175,51 @@ def _ensemble_log_mean_kernel(
     n_nan = tl.zeros((BLOCK_M,), tl.int32)
     if ROW_IN_REGISTERS:
         row_mask = head_ok[:, None] & (cols0 < C)[None, :]
-        u_row = tl.load(t_row + cols0[None, :], mask=row_mask, other=float("-inf")).to(tl.float32) * inv_temp
-        n_nan += tl.sum((u_row != u_row).to(tl.int32), axis=1)
-        m, d = _lse_update(u_row, m, d)
+        x_row = tl.load(t_row + cols0[None, :], mask=row_mask, other=float("-inf")).to(tl.float32)
+        n_nan += tl.sum((x_row != x_row).to(tl.int32), axis=1)
+        m, d = _lse_update(x_row, m, d, c2)
     else:
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + cols0
             mask = head_ok[:, None] & (cols < C)[None, :]
-            u = tl.load(t_row + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
-            n_nan += tl.sum((u != u).to(tl.int32), axis=1)
-            m, d = _lse_update(u, m, d)
+            x = tl.load(t_row + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+            n_nan += tl.sum((x != x).to(tl.int32), axis=1)
+            m, d = _lse_update(x, m, d, c2)
     bad = tl.max(tl.where(head_ok & (n_nan > 0), 1, 0), axis=0)
     bad |= tl.max(tl.where(head_ok & (m == float("inf")), 2, 0), axis=0)
     bad |= tl.max(tl.where(head_ok & (m == float("-inf")), 4, 0), axis=0)
     tl.atomic_or(err_ptr, bad, mask=bad != 0)
-    lse = tl.where(head_ok, m + tl.log(d), float("inf"))  # padded heads: l = -inf, nothing to the sum
+    ref = tl.where(m == float("-inf"), 0.0, m)
+    log_d = tl.where(head_ok, tl.log(d), 0.0)  # padded heads: l = -inf, nothing to the sum
 
     out_row = out_ptr + row * stride_ob
     if ROW_IN_REGISTERS:
-        _log_mean_tile(u_row, lse, cols0, out_row, C, temp, log_m)
+        _log_mean_tile(x_row, ref, log_d, inv_temp, cols0, out_row, C, temp, log_m)
     else:
         n_tiles = tl.cdiv(C, BLOCK_C)
         for j in range(0, n_tiles):  # last tile first: pass 1 read it last, so L2 most likely still holds it
             c0 = (n_tiles - 1 - j) * BLOCK_C
             cols = c0 + cols0
             mask = head_ok[:, None] & (cols < C)[None, :]
-            u = tl.load(t_row + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
-            _log_mean_tile(u, lse, cols, out_row, C, temp, log_m)
+            x = tl.load(t_row + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+            _log_mean_tile(x, ref, log_d, inv_temp, cols, out_row, C, temp, log_m)
 
 
 @triton.jit
-def _lse_update(u, m, d):
-    """Folds one (BLOCK_M, BLOCK_C) tile into each head's running max m and sum d = sum exp(u - m)."""
-    new_m = tl.maximum(m, tl.max(u, axis=1))
+def _lse_update(x, m, d, c2):
+    """Folds one (BLOCK_M, BLOCK_C) tile of raw logits into each head's running raw max m and sum
+    d = sum 2^((x - m) c2) = sum exp((x - m) / T) (c2 = log2(e) / T): the difference before the scale."""
+    new_m = tl.maximum(m, tl.max(x, axis=1))
     ref = tl.where(new_m == float("-inf"), 0.0, new_m)
-    d = d * tl.exp(m - ref) + tl.sum(tl.exp(u - ref[:, None]), axis=1)
+    d = d * tl.exp2((m - ref) * c2) + tl.sum(tl.exp2((x - ref[:, None]) * c2), axis=1)
     return new_m, d
 
 
 @triton.jit
-def _log_mean_tile(u, lse, cols, out_row, C, temp, log_m):
-    """Stores T * log mean_m exp(u_m - lse_m) on one class tile (-inf where every member masks)."""
-    lq = u - lse[:, None]
+def _log_mean_tile(x, ref, log_d, inv_temp, cols, out_row, C, temp, log_m):
+    """Stores T * log mean_m q_m on one class tile of raw logits x, log q_m = (x - ref_m) / T - log d_m
+    (-inf where every member masks)."""
+    lq = (x - ref[:, None]) * inv_temp - log_d[:, None]
     mx = tl.max(lq, axis=0)
     ref = tl.where(mx == float("-inf"), 0.0, mx)
     s = tl.sum(tl.exp(lq - ref[None, :]), axis=0)
@@ -227,12 +228,13 @@ def _log_mean_tile(u, lse, cols, out_row, C, temp, log_m):
 
 
 @triton.jit
-def _uncertainty_grad_tile(s, ref, log_d, a, b, g_row, cols, C, M, HAS_G: tl.constexpr):
-    """(p, V) on one (BLOCK_M, BLOCK_C) tile of tempered logits s: p = softmax per head, V = g - a log P - b log p
+def _uncertainty_grad_tile(x, ref, log_d, inv_temp, a, b, g_row, cols, C, M, HAS_G: tl.constexpr):
+    """(p, V) on one (BLOCK_M, BLOCK_C) tile of raw logits x: p = softmax(x / T) per head, V = g - a log P - b log p
     (log p as 0 where p = 0, log P as 0 where P = 0: their products with p are 0; NaN stays NaN). log p is
-    (s - ref) - log d, not s - (ref + log d): s - ref is exact near the maximum, where ref + log d would carry
-    the rounding of |s| (at |z / T| ~ 100, errors of 4e-6 in log p, 30x eager's in the gradient)."""
-    lp = (s - ref[:, None]) - log_d[:, None]
+    (x - ref) / T - log d with ref the raw maximum: x - ref is exact near the maximum (and 0 at it however the
+    scale is contracted into it), where s - (ref + log d) would carry the rounding of |s| (at |z / T| ~ 100,
+    errors of 4e-6 in log p, 30x eager's in the gradient)."""
+    lp = (x - ref[:, None]) * inv_temp - log_d[:, None]
     p = tl.exp(lp)
     mix = tl.sum(p, axis=0) / M
     v = -a * tl.log(tl.where(mix == 0, 1.0, mix))
@@ -277,6 +279,7 @@ def _uncertainty_bwd_kernel(
     read the row three times; a row in registers once)."""
     inv_temp, _, _ = _tempered_scalars(temp_ptr, inv_temp, 1.0, 1.0, T_PTR, NAN_INV=True)
     scale, _, _ = _tempered_scalars(temp_ptr, scale, 1.0, 1.0, T_PTR, NAN_INV=True)
+    c2 = inv_temp * LOG2E
     row = tl.program_id(0).to(tl.int64)
     heads = tl.arange(0, BLOCK_M)
     head_ok = heads < M
@@ -299,33 +302,33 @@ def _uncertainty_bwd_kernel(
     d = tl.zeros((BLOCK_M,), tl.float32)
     if ROW_IN_REGISTERS:
         mask = head_ok[:, None] & (cols0 < C)[None, :]
-        s_row = tl.load(z_row + cols0[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
-        mx, d = _lse_update(s_row, mx, d)
+        x_row = tl.load(z_row + cols0[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+        mx, d = _lse_update(x_row, mx, d, c2)
     else:
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + cols0
-            s = tl.load(z_row + cols[None, :], mask=head_ok[:, None] & (cols < C)[None, :],
-                        other=float("-inf")).to(tl.float32) * inv_temp
-            mx, d = _lse_update(s, mx, d)
+            x = tl.load(z_row + cols[None, :], mask=head_ok[:, None] & (cols < C)[None, :],
+                        other=float("-inf")).to(tl.float32)
+            mx, d = _lse_update(x, mx, d, c2)
     ref = tl.where(mx == float("-inf"), 0.0, mx)  # padded heads (and a head masked everywhere: NaN below)
     log_d = tl.log(tl.where(head_ok, d, 1.0))  # padded heads: ref 0, log d 0, so that their p is exp(-inf) = 0
     if ROW_IN_REGISTERS:
-        p, v = _uncertainty_grad_tile(s_row, ref, log_d, a, b, g_row, cols0, C, M, HAS_G)
+        p, v = _uncertainty_grad_tile(x_row, ref, log_d, inv_temp, a, b, g_row, cols0, C, M, HAS_G)
         pv = tl.sum(p * v, axis=1)
         tl.store(dz_row + cols0[None, :], (p * (v - pv[:, None]) * scale).to(dz_ptr.dtype.element_ty), mask=mask)
     else:
         pv = tl.zeros((BLOCK_M,), tl.float32)
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + cols0
-            s = tl.load(z_row + cols[None, :], mask=head_ok[:, None] & (cols < C)[None, :],
-                        other=float("-inf")).to(tl.float32) * inv_temp
-            p, v = _uncertainty_grad_tile(s, ref, log_d, a, b, g_row, cols, C, M, HAS_G)
+            x = tl.load(z_row + cols[None, :], mask=head_ok[:, None] & (cols < C)[None, :],
+                        other=float("-inf")).to(tl.float32)
+            p, v = _uncertainty_grad_tile(x, ref, log_d, inv_temp, a, b, g_row, cols, C, M, HAS_G)
             pv += tl.sum(p * v, axis=1)
         n_tiles = tl.cdiv(C, BLOCK_C)
         for j in range(0, n_tiles):  # last tile first: pass 2 read it last
             cols = (n_tiles - 1 - j) * BLOCK_C + cols0
             tile_mask = head_ok[:, None] & (cols < C)[None, :]
-            s = tl.load(z_row + cols[None, :], mask=tile_mask, other=float("-inf")).to(tl.float32) * inv_temp
-            p, v = _uncertainty_grad_tile(s, ref, log_d, a, b, g_row, cols, C, M, HAS_G)
+            x = tl.load(z_row + cols[None, :], mask=tile_mask, other=float("-inf")).to(tl.float32)
+            p, v = _uncertainty_grad_tile(x, ref, log_d, inv_temp, a, b, g_row, cols, C, M, HAS_G)
             tl.store(dz_row + cols[None, :], (p * (v - pv[:, None]) * scale).to(dz_ptr.dtype.element_ty),
                      mask=tile_mask)

@@ -1,4 +1,5 @@
-"""One-class rows: KL is 0 and every gradient is 0 whatever the logits (both softmaxes are 1), on every path.
+"""One-class rows: KL is 0 and every gradient is 0 whatever the logits (both softmaxes are 1), on every path;
+so are the entropies of `uncertainty` (and its mixture is 1).
 
 Each kernel takes a row's difference from its maximum before it scales it by 1 / T, so the shift is exactly 0 at
 the maximum however the compiler contracts a product and the subtraction after it into one FMA (gcc does on FMA
@@ -13,7 +14,7 @@ import pytest
 import torch
 from helpers import HEADS_PATHS, assert_close_to, use_heads_path
 
-from fasthydra import HydraHead, TopKTeacher, hinton_kl_loss, hydra_kl_loss
+from fasthydra import HydraHead, TopKTeacher, hinton_kl_loss, hydra_kl_loss, uncertainty
 
 T = 3.0
 TARGETS = [pytest.param("torch", "cpu", marks=pytest.mark.cpu, id="torch-cpu"),
@@ -71,3 +72,13 @@ def test_hinton_and_topk_teachers(impl, device):
     loss = hydra_kl_loss(zs, teacher, T, impl=impl)
     gz, gv = torch.autograd.grad(loss, [zs, values])
     _assert_zero({"top-k loss": loss, "top-k student grad": gz, "top-k values grad": gv})
+
+
+@pytest.mark.parametrize("impl,device", TARGETS)
+def test_uncertainty(impl, device):
+    z = (torch.randn(40, 3, 1, device=device) * 10).requires_grad_()
+    u = uncertainty(z, T, impl=impl)
+    assert_close_to(u.probs, torch.ones(40, 1, dtype=torch.float64), rtol=0.0, atol=1e-12, what="mixture")
+    g = torch.randn(40, 1, device=device)
+    (gz,) = torch.autograd.grad(u.total.sum() + 2 * u.aleatoric.sum() - u.epistemic.sum() + (u.probs * g).sum(), z)
+    _assert_zero({"total": u.total, "aleatoric": u.aleatoric, "epistemic": u.epistemic, "grad": gz})
