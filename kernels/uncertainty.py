@@ -52,7 +52,7 @@ def _uncertainty_fwd_kernel(
     # Every exponent is (x - max x) c2 from the raw logits' maxima: the difference is exact near the maximum and
     # exactly 0 at it however the compiler contracts the scale into it, so a head with one class left has
     # entropy 0 (a product x / T taken first kept its rounding there). Masked classes (-inf) and padding load
-    # -inf: exp 0, and their term 2^(..) (x - max x) = 0 * -inf is taken as 0.
+    # -inf: exp 0, and their term 2^(..) (x - max x) is 0 (`_mass_times_shift`).
     if ROW_IN_REGISTERS:
         row_mask = head_ok[:, None] & (cols0 < C)[None, :]
         x_row = tl.load(z_row + cols0[None, :], mask=row_mask, other=float("-inf")).to(tl.float32)
@@ -60,7 +60,7 @@ def _uncertainty_fwd_kernel(
         sx = x_row - tl.where(row_m == float("-inf"), 0.0, row_m)[:, None]
         ex = tl.exp2(sx * c2)
         d = tl.sum(ex, axis=1)
-        e = tl.sum(_zero_where_no_mass(ex, ex * sx), axis=1) * inv_temp  # sum exp(s - max s) (s - max s), s = x/T
+        e = tl.sum(_mass_times_shift(ex, sx), axis=1) * inv_temp  # sum exp(s - max s) (s - max s), s = x/T
     else:
         # Long rows: per-thread running statistics over 16-byte slices (a tile is (heads, threads, VEC);
         # max and sums inside the thread), merged across threads once per row: no barrier in the loop
@@ -77,7 +77,7 @@ def _uncertainty_fwd_kernel(
             te = tl.where(td == 0, 0.0, scale * (te - td * (ref - tm)))
             sx = x - ref[:, :, None]
             ex = tl.exp2(sx * c2)
-            te += tl.sum(_zero_where_no_mass(ex, ex * sx), axis=2)
+            te += tl.sum(_mass_times_shift(ex, sx), axis=2)
             td = td * scale + tl.sum(ex, axis=2)
             tm = new_m
         row_m, ref, w = _thread_merge(tm, c2)
@@ -118,10 +118,11 @@ def _uncertainty_fwd_kernel(
 
 
 @triton.jit
-def _zero_where_no_mass(ex, term):
-    """term where the exponential ex is not 0, else 0: a masked class's (x - max) is -inf and 0 * -inf is NaN, its
-    true contribution 0 (a NaN ex, from a NaN logit, keeps its NaN)."""
-    return tl.where(ex == 0, 0.0, term)
+def _mass_times_shift(ex, sx):
+    """ex * sx, the entropy sum's term 2^(sx c2) sx, with a masked class's shift sx = -inf taken as the most
+    negative float: its ex is 0 and the term 0 (not 0 * -inf = NaN), with no select per element. A NaN logit's
+    term stays NaN (its ex is NaN)."""
+    return ex * tl.maximum(sx, -3.4028234663852886e38)
 
 
 @triton.jit
