@@ -1,6 +1,7 @@
 """`uncertainty`'s rows that test the kernels' arithmetic, on every path and tier, and on both row walks of the
 Triton kernels (a row held whole in registers; tiles: the forward's per-thread statistics and the backward's
-three passes): masked classes, heads left with one class, and confident heads with large logits.
+three passes): masked classes, heads left with one class, a NaN logit beside masked classes, and confident heads
+with large logits.
 
 A masked class (-inf) has probability 0 in its head and contributes nothing to any entropy: the kernels' terms
 exp(s - max) (s - max) are 0 * -inf there, which must count as 0, not NaN (the Triton forward gave a NaN
@@ -120,3 +121,18 @@ def test_confident_heads_with_large_logits_keep_eagers_digits(impl, device, walk
     eager_g = _grad(z.float().requires_grad_(), lambda a: R.uncertainty_ref(a, temperature), ups)
     exact_g = _grad(z.clone().requires_grad_(), lambda a: R.uncertainty_ref(a, temperature), ups)
     tolerance_rule(got_g, eager_g, exact_g, 2e-7 * exact_g.abs().max().item(), what="d/dz")
+
+
+@pytest.mark.parametrize("impl,device", TARGETS)
+def test_a_nan_logit_beside_masked_classes_poisons_only_its_row(impl, device, walk):
+    """A NaN logit makes its row's outputs and gradient NaN (as eager's), also where the row has masked classes
+    (the masked-class term must not drop it: on a GPU a maximum skips NaN), and leaves the other rows alone."""
+    z = _masked_logits(device)
+    z[3, 1, 5] = float("nan")  # row 3: every other class masked (class 5 is one of the kept ones)
+    z = z.requires_grad_()
+    u = uncertainty(z, T, impl=impl)
+    for name in OUTPUTS:
+        v = getattr(u, name)
+        assert torch.isnan(v[3]).all() and not torch.isnan(v[[0, 1, 2, 4, 5, 6]]).any(), name
+    (g,) = torch.autograd.grad(sum(getattr(u, name).sum() for name in OUTPUTS), z)
+    assert torch.isnan(g[3]).all() and not torch.isnan(g[[0, 1, 2, 4, 5, 6]]).any()
