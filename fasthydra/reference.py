@@ -68,15 +68,27 @@ def _reduce(per_row: torch.Tensor, reduction: str) -> torch.Tensor:
     return per_row.mean()
 
 
+def _tempered(logits: torch.Tensor, temperature) -> torch.Tensor:
+    """logits / T, where a masked class (-inf) has no path to T: with T a tensor that requires grad (learned),
+    -inf / T's share of dL/dT would be (its gradient) * inf, NaN where that gradient is 0. The logits' own
+    gradient is the plain division's."""
+    if not (isinstance(temperature, torch.Tensor) and temperature.requires_grad):
+        return logits / temperature  # (the eager baseline of the benchmarks: as a user would write it)
+    masked = torch.isneginf(logits)
+    return torch.where(masked, logits / temperature.detach(), torch.where(masked, 0.0, logits) / temperature)
+
+
 def kl_rows_ref(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """``T^2 * KL(softmax(t/T) || softmax(z/T))`` over the last dim, for 2-D inputs (rows, C)."""
-    log_q = F.log_softmax(student_logits / temperature, dim=-1)
-    log_p = F.log_softmax(teacher_logits / temperature, dim=-1)
+    log_q = F.log_softmax(_tempered(student_logits, temperature), dim=-1)
+    log_p = F.log_softmax(_tempered(teacher_logits, temperature), dim=-1)
     # kl_div(input=log q, target=log p, log_target=True) = p * (log p - log q), 0 where p = 0. A
-    # masked class (log p = -inf) gives 0 * -inf there: it enters as the dtype's lowest finite value,
-    # whose probability is exactly 0, so value and gradients (the teacher's too) stay finite.
-    stand_in = torch.finfo(log_p.dtype).min
-    kl = F.kl_div(log_q, torch.where(torch.isneginf(log_p), stand_in, log_p), reduction="none", log_target=True)
+    # masked class (log p = -inf) would give 0 * -inf there: it enters as the dtype's lowest finite value,
+    # whose probability is exactly 0, and log q as 0 (a student that masks the class too has log q = -inf,
+    # and 0 * (lowest + inf) is NaN as well), so value and gradients (the teacher's too) stay finite.
+    masked = torch.isneginf(log_p)
+    kl = F.kl_div(torch.where(masked, 0.0, log_q), torch.where(masked, torch.finfo(log_p.dtype).min, log_p),
+                  reduction="none", log_target=True)
     return kl.sum(-1) * temperature**2
 
 
@@ -92,7 +104,7 @@ def hydra_kl_loss_ref(student_logits, teacher_logits, temperature: float = 1.0, 
 
 def ensemble_mean_probs_ref(teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """``pbar = mean_m softmax(t_m / T)``: (B, M, C) -> (B, C)."""
-    probs = [F.softmax(teacher_logits[:, m] / temperature, dim=-1) for m in range(teacher_logits.shape[1])]
+    probs = [F.softmax(_tempered(teacher_logits[:, m], temperature), dim=-1) for m in range(teacher_logits.shape[1])]
     return torch.stack(probs, dim=1).mean(dim=1)
 
 
@@ -104,8 +116,13 @@ def hinton_kl_loss_ref(student_logits, teacher_logits, temperature: float = 1.0,
     if student_logits.dim() == 3:
         student_logits = student_logits[:, 0]
     pbar = ensemble_mean_probs_ref(teacher_logits.to(student_logits.dtype), temperature)
-    log_q = F.log_softmax(student_logits / temperature, dim=-1)
-    kl = F.kl_div(log_q, pbar, reduction="none")  # pbar * (log pbar - log q), 0 where pbar = 0
+    log_q = F.log_softmax(_tempered(student_logits, temperature), dim=-1)
+    # kl_div(log q, pbar) = pbar * (log pbar - log q), 0 where pbar = 0 (a class every member masks). Its
+    # gradient there is not: log pbar = -inf reaches the teacher's softmax as 0 * -inf = NaN, and a student
+    # that masks the class too gives 0 * (0 + inf) in the value. There pbar enters as 1 and log q as 0: a term
+    # of 1 * (log 1 - 0) = 0, with no gradient to either.
+    kept = pbar > 0
+    kl = F.kl_div(torch.where(kept, log_q, 0.0), torch.where(kept, pbar, 1.0), reduction="none")
     per_row = kl.sum(-1) * temperature**2
     return _reduce(per_row, reduction)
 
@@ -127,8 +144,9 @@ def mlp_heads_ref(x, hidden_weight, hidden_bias, weight, bias):
 
 def uncertainty_ref(logits: torch.Tensor, temperature: float = 1.0) -> Uncertainty:
     """Entropy decomposition of a (B, M, C) multi-head prediction, head by head."""
-    probs_per_head = [F.softmax(logits[:, m] / temperature, dim=-1) for m in range(logits.shape[1])]
-    log_probs_per_head = [F.log_softmax(logits[:, m] / temperature, dim=-1) for m in range(logits.shape[1])]
+    tempered = [_tempered(logits[:, m], temperature) for m in range(logits.shape[1])]
+    probs_per_head = [F.softmax(s, dim=-1) for s in tempered]
+    log_probs_per_head = [F.log_softmax(s, dim=-1) for s in tempered]
     entropies = [-(p * torch.where(p > 0, lp, torch.zeros_like(lp))).sum(-1)
                  for p, lp in zip(probs_per_head, log_probs_per_head)]
     probs = torch.stack(probs_per_head, dim=1).mean(dim=1)
