@@ -23,6 +23,8 @@ per tier found one gradient past the fixed tolerance (dx of a one-feature row, 3
 eager float32's own error as large: the gradients of the heads and logits cases are held to the rule too.
 The uncertainty cases' logits carry masked classes (the drawn teacher's) since the Triton forward was found to
 give NaN entropies on rows with a masked class (thirty-sixth session; at 8d0a056 8 of the 300 interpret cases fail).
+In about 30% of the loss-on-logits cases the student masks the classes its teacher gives probability 0 (thirty-
+seventh session: the eager reference gave NaN there, and the Triton Hinton loss with a teacher that requires grad).
 About 45 s in all here.
 A failure names its case: rerun it by its id.
 """
@@ -278,6 +280,10 @@ def _logits_case(rng, impl, mrng):
         _close_or_rule(grads[0], grads[2], grads[1], 2e-5, 2e-6, f"{what} d/dz {[u is not None for u in ups]}")
         return
     hinton = kind.startswith("hinton")
+    if random.Random(what).random() < 0.3:  # (its own draw: the rest of the case is the same either way)
+        # the student masks the classes its teacher gives probability 0 (the Hinton head: those every member masks)
+        masked = torch.isneginf(t64).all(1, keepdim=True) if hinton else torch.isneginf(t64)
+        z64, what = z64.masked_fill(masked, float("-inf")), what + " student masked"
     z = _spoil_dropped_rows(mrng, z64[:, 0] if hinton else z64, keep)
     z = _strided_copy(z.float().requires_grad_(), rng)
     z_ref = (z64[:, 0] if hinton else z64).clone().requires_grad_()
