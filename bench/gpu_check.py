@@ -8,8 +8,8 @@ On a lent H200 (its image has torch, Triton, setuptools, pytest, hypothesis, pyt
         python3 bench/gpu_check.py --out $OUT/gpu_check.json 2>&1 | tee $OUT/gpu_check.log
 
 Built to finish within 8 minutes on an H200 (run it with a 480 s timeout): the gpu tests get at
-most 200 s (before them, the host's CPU and its cost per small torch call, for reading host times);
-then the latency checks at small shapes (host and GPU time per step: the default
+most 200 s, in four pytest processes side by side (before them, the host's CPU and its cost per small
+torch call, for reading host times); then the latency checks at small shapes (host and GPU time per step: the default
 small-step path, the cuBLAS path and the torch path), the copy floor and the loss with dense and top-k teachers,
 kernel and host profiles (about a minute); then the cases the targets name first, the variants and
 knobs, the rest; torch.compile only where a target names it; no new case starts after 360 s (the
@@ -35,6 +35,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -607,33 +608,82 @@ def with_variant(provider: str):
     return C.settings(VARIANTS.get(provider, {}), KNOBS.get(provider, {}).get("set", []))
 
 
-def run_gpu_tests(timeout: float) -> dict:
-    """The gpu tier in a subprocess, verbose, so that a run cut short by the timeout still says which
-    tests passed and failed before it (parsed from the partial output)."""
+# pytest processes the gpu tier runs in, side by side: it is bound by Triton's compiles on the host's CPUs (16 on
+# the lent machine; at 82867bd one process ran 76 tests in 80 s, and the tier has 207 now).
+GPU_TEST_WORKERS = 4
+
+
+def run_gpu_tests(timeout: float, workers: int = GPU_TEST_WORKERS, marker: str = "gpu", tests: str = "tests",
+                  root: str | None = None) -> dict:
+    """The gpu tier (pytest -m marker over `tests`, under `root`) in `workers` pytest processes side by side: one
+    collection pass, then its tests dealt out in turn. Each process runs verbose into a file, so that a run cut
+    short by the timeout (counted from the start, collection included) still says which tests passed and failed
+    before it (parsed from the partial output). One process where collection fails or workers is 1."""
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     start = time.perf_counter()
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "tests", "-v", "-p", "no:cacheprovider"]
-    try:
-        out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
-        stdout, returncode = out.stdout, out.returncode
-        tail = stdout.strip().splitlines()[-1] if stdout.strip() else out.stderr[-500:]
-    except subprocess.TimeoutExpired as exc:
-        stdout = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        returncode, tail = None, f"timed out after {timeout:.0f}s"
-    return summarize_test_output(stdout, returncode, tail, time.perf_counter() - start)
+    base = [sys.executable, "-m", "pytest", "-m", marker, "-p", "no:cacheprovider"]
+    ids = []
+    if workers > 1:
+        try:
+            listed = subprocess.run(base + ["--collect-only", "-q", tests], cwd=root, env=env, capture_output=True,
+                                    text=True, timeout=timeout)
+            ids = [ln.strip() for ln in listed.stdout.splitlines() if "::" in ln and listed.returncode == 0]
+        except subprocess.TimeoutExpired:
+            pass
+    groups = [g for g in (ids[i::workers] for i in range(workers)) if g] if ids else [[tests]]
+    parts = []
+    with tempfile.TemporaryDirectory() as logs:
+        running = []
+        for i, group in enumerate(groups):
+            log = open(os.path.join(logs, f"{i}.txt"), "w+")
+            running.append((subprocess.Popen(base + ["-v", *group], cwd=root, env=env, stdout=log,
+                                             stderr=subprocess.STDOUT, text=True), log))
+        for proc, log in running:
+            try:
+                returncode = proc.wait(timeout=max(0.0, timeout - (time.perf_counter() - start)))
+                tail = None
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                returncode, tail = None, f"timed out after {timeout:.0f}s"
+            log.seek(0)
+            stdout = log.read()
+            log.close()
+            lines = stdout.strip().splitlines()
+            tail = tail or (lines[-1] if lines else "no output")
+            parts.append(summarize_test_output(stdout, returncode, tail, time.perf_counter() - start))
+    return merge_test_summaries(parts, time.perf_counter() - start)
+
+
+def merge_test_summaries(parts: list[dict], seconds: float) -> dict:
+    """One summary of the gpu tier's processes: counts added, failures in order (the first 20), the return code
+    None where any process was cut short, else the largest."""
+    if len(parts) == 1:
+        return parts[0]
+    passed = sum(p["passed"] for p in parts)
+    failed = sum(p["failed"] for p in parts)
+    failures = [name for p in parts for name in p["failures"]][:20]
+    codes = [p["returncode"] for p in parts]
+    returncode = None if None in codes else max(codes)
+    cut = "" if returncode is not None else f", {codes.count(None)} of them cut short"
+    summary = f"{passed} passed, {failed} failed in {seconds:.1f}s over {len(parts)} processes{cut}"
+    return {"returncode": returncode, "summary": summary, "seconds": seconds, "passed": passed, "failed": failed,
+            "failures": failures, "processes": [p["summary"] for p in parts]}
 
 
 def summarize_test_output(stdout: str, returncode, tail: str, seconds: float) -> dict:
     """Counts and failures from `pytest -v` output (whole or cut short)."""
     lines = stdout.splitlines()
     passed = sum(1 for ln in lines if " PASSED" in ln)
-    failed = [ln.split(" FAILED")[0].strip() for ln in lines if " FAILED" in ln and "::" in ln]
-    failed += [ln[len("FAILED "):].split(" - ")[0].strip() for ln in lines if ln.startswith("FAILED ")]
+    failed = [ln.split(f" {word}")[0].strip() for ln in lines for word in ("FAILED", "ERROR")
+              if f" {word}" in ln and "::" in ln and not ln.startswith(word)]
+    failed += [ln.split(" ", 1)[1].split(" - ")[0].strip() for ln in lines
+               if ln.startswith(("FAILED ", "ERROR ")) and "::" in ln]
     failed = list(dict.fromkeys(failed))
     if returncode is None:
         tail = f"{tail}: {passed} passed, {len(failed)} failed before the cut"
-    return {"returncode": returncode, "summary": tail, "seconds": seconds, "passed": passed,
+    return {"returncode": returncode, "summary": tail, "seconds": seconds, "passed": passed, "failed": len(failed),
             "failures": failed[:20]}
 
 

@@ -472,3 +472,51 @@ def test_every_benchmark_step_times_one_computation_with_each_provider(op):
         grads[provider] = inputs.z[0].grad if op in C.LOGITS_OPS else inputs.head.weight.grad
     assert grads["eager"] is not None and grads["eager"].abs().sum() > 0
     torch.testing.assert_close(grads["fasthydra"], grads["eager"], rtol=1e-5, atol=1e-7)
+
+
+def test_gpu_tier_runs_in_processes_side_by_side_and_is_cut_at_the_timeout(tmp_path):
+    """run_gpu_tests on a stand-in tier (real pytest processes): the tests dealt out over two processes (two
+    process ids seen), passes, a failure and a setup error counted from both; then a test that outlasts the
+    timeout: its process is killed, the run reported cut short (return code None) with what passed before."""
+    (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    stand: the stand-in tier\n")
+    pids = tmp_path / "pids"
+    (tmp_path / "test_tier.py").write_text(
+        "import os, time, pytest\n"
+        f"PIDS = {str(pids)!r}\n"
+        "def _seen():\n"
+        "    with open(PIDS, 'a') as f:\n"
+        "        f.write(f'{os.getpid()}\\n')\n"
+        "@pytest.fixture\n"
+        "def broken():\n"
+        "    raise RuntimeError('setup')\n"
+        "@pytest.mark.stand\n"
+        "@pytest.mark.parametrize('i', range(4))\n"
+        "def test_passes(i):\n"
+        "    _seen()\n"
+        "@pytest.mark.stand\n"
+        "def test_fails():\n"
+        "    assert False\n"
+        "@pytest.mark.stand\n"
+        "def test_errors(broken):\n"
+        "    pass\n"
+        "@pytest.mark.stand\n"
+        "def test_slow():\n"
+        "    time.sleep(float(os.environ.get('STAND_SLEEP', '0')))\n"
+        "def test_not_in_the_tier():\n"
+        "    assert False\n")
+    whole = gpu_check.run_gpu_tests(60.0, workers=2, marker="stand", tests="test_tier.py", root=str(tmp_path))
+    assert whole["returncode"] == 1 and whole["passed"] == 5 and whole["failed"] == 2
+    assert sorted(whole["failures"]) == ["test_tier.py::test_errors", "test_tier.py::test_fails"]
+    assert len(whole["processes"]) == 2 and "over 2 processes" in whole["summary"]
+    assert len(set(pids.read_text().split())) == 2
+
+    os.environ["STAND_SLEEP"] = "60"
+    try:
+        cut = gpu_check.run_gpu_tests(20.0, workers=2, marker="stand", tests="test_tier.py", root=str(tmp_path))
+    finally:
+        del os.environ["STAND_SLEEP"]
+    # (test_slow's process runs two passing tests before it; the other may or may not have ended on a busy host)
+    assert cut["returncode"] is None and "cut short" in cut["summary"] and cut["seconds"] < 50
+    assert cut["passed"] >= 2 and "test_tier.py::test_slow" not in cut["failures"]
+    one = gpu_check.run_gpu_tests(60.0, workers=1, marker="stand", tests="test_tier.py", root=str(tmp_path))
+    assert one["returncode"] == 1 and one["passed"] == 5 and one["failed"] == 2 and "processes" not in one
