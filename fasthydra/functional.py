@@ -567,12 +567,12 @@ def ensemble_log_mean_probs(teacher_logits: torch.Tensor, temperature: float | t
     probability 0 (masked, -inf) is -inf, as the target kernels give it: a masked class for the loss, which a
     student may mask too (a finite stand-in there made the Triton loss NaN: 0 * (finite + inf)). Inside, a
     masked member's log p is held at -1e30 (probability still exactly 0), so that the logsumexp's gradient at
-    such a class is 0 * finite, not NaN."""
+    such a class is 0 * finite, not NaN; a log mean that low (every member's p is 0) is read on the (B, C)
+    result, with no pass over the members."""
     cdt = torch.float64 if teacher_logits.dtype == torch.float64 else torch.float32
-    log_p = torch.log_softmax(teacher_logits.to(cdt) / temperature, dim=-1)
-    nowhere = torch.isneginf(log_p).all(dim=1)
-    lse, members = torch.logsumexp(log_p.clamp_min(-1e30), dim=1), teacher_logits.shape[1]
-    lse = torch.where(nowhere, float("-inf"), lse)
+    log_p = torch.log_softmax(teacher_logits.to(cdt) / temperature, dim=-1).clamp_min(-1e30)
+    lse, members = torch.logsumexp(log_p, dim=1), teacher_logits.shape[1]
+    lse = torch.where(lse < -1e29, float("-inf"), lse)
     if torch.compiler.is_compiling():  # (M may be symbolic there, dynamic=True: dynamo 2.4 cannot take its math.log)
         return lse - torch.full((), members, dtype=lse.dtype, device=lse.device).log()
     return lse - math.log(members)
