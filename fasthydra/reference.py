@@ -82,11 +82,12 @@ def kl_rows_ref(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temp
     """``T^2 * KL(softmax(t/T) || softmax(z/T))`` over the last dim, for 2-D inputs (rows, C)."""
     log_q = F.log_softmax(_tempered(student_logits, temperature), dim=-1)
     log_p = F.log_softmax(_tempered(teacher_logits, temperature), dim=-1)
-    # kl_div(input=log q, target=log p, log_target=True) = p * (log p - log q), 0 where p = 0. A
-    # masked class (log p = -inf) would give 0 * -inf there: it enters as the dtype's lowest finite value,
-    # whose probability is exactly 0, and log q as 0 (a student that masks the class too has log q = -inf,
-    # and 0 * (lowest + inf) is NaN as well), so value and gradients (the teacher's too) stay finite.
-    masked = torch.isneginf(log_p)
+    # kl_div(input=log q, target=log p, log_target=True) = p * (log p - log q), 0 where p = 0. A class with
+    # p = 0 (a -inf teacher logit, or a finite one so far below the row's maximum that exp underflows, such as
+    # the torch.finfo(dtype).min a masked_fill writes) would give 0 * -inf there: it enters as the dtype's lowest
+    # finite value, whose probability is exactly 0, and log q as 0 (a student that masks the class too has log q
+    # = -inf, and 0 * (lowest + inf) is NaN as well), so value and gradients (the teacher's too) stay finite.
+    masked = log_p.exp() == 0
     kl = F.kl_div(torch.where(masked, 0.0, log_q), torch.where(masked, torch.finfo(log_p.dtype).min, log_p),
                   reduction="none", log_target=True)
     return kl.sum(-1) * temperature**2

@@ -10,7 +10,8 @@ KL = a / d_u + log(d_s / d_u) (_kl_from_sums). Every term takes the difference o
 scales it by 1 / T after: exact at the maximum (a one-class row gives 0 however the compiler contracts a
 product into the subtraction that follows it), and |z| up to 1e4 loses nothing to cancellation.
 Pass 2 (only when a gradient is wanted) reads the tiles again and writes T * (q - p) * scale.
-A teacher logit of -inf masks its class: p_c = 0 and the class adds nothing to the loss.
+A teacher logit of -inf masks its class: p_c = 0 and the class adds nothing to the loss, nor does a finite logit
+whose p_c underflows to 0 (torch.finfo(dtype).min, a masked_fill's mask), whatever the student's logit there.
 """
 
 import triton
@@ -85,10 +86,14 @@ def _online_kl_update(x, y, m_s, d_s, m_u, d_u, a, c, FAST_EXP: tl.constexpr = F
     scale_u = _exp2((m_u - ref_u) * c, False)
     sh_s = (x - ref_s[:, None]) * c
     sh_u = (y - ref_u[:, None]) * c
-    a = tl.where(d_u > 0, scale_u * (a - d_u * shift), 0.0)
+    # (scale_u == 0: nothing kept so far, or a maximum so far below the new one that its terms vanish; d_u * shift
+    # may overflow there, where 0 * inf would be NaN)
+    a = tl.where(scale_u == 0, 0.0, scale_u * (a - d_u * shift))
     e_u = _exp2(sh_u, FAST_EXP)
-    teacher_live = y > float("-inf")
-    a += tl.sum(tl.where(teacher_live, e_u * (sh_u - sh_s), 0.0), axis=1)
+    # a class adds to `a` where its teacher probability is not 0: a -inf logit, or a finite one whose exponent
+    # underflows (torch.finfo(dtype).min, a masked_fill's mask, overflows to -inf when scaled), adds 0, however
+    # the student's logit there compares
+    a += tl.sum(tl.where(e_u > 0, e_u * (sh_u - sh_s), 0.0), axis=1)
     d_s = d_s * scale_s + tl.sum(_exp2(sh_s, FAST_EXP), axis=1)
     d_u = d_u * scale_u + tl.sum(e_u, axis=1)
     return new_m_s, d_s, new_m_u, d_u, a
@@ -128,11 +133,12 @@ def _thread_kl_update(x, y, mx, dx, my, dy, a, c2):
     units, rescaled when a maximum moves. Every reduction runs over VEC, inside the thread."""
     new_mx, ref_x, scale_x = _thread_max(x, mx, c2)
     new_my, ref_y, scale_y = _thread_max(y, my, c2)
-    a = tl.where(dy == 0, 0.0, scale_y * (a - dy * ((ref_y - my) - (ref_x - mx))))
+    # (the zero probabilities as in _online_kl_update: selected on the exponentials, not on -inf logits)
+    a = tl.where(scale_y == 0, 0.0, scale_y * (a - dy * ((ref_y - my) - (ref_x - mx))))
     sx = x - ref_x[:, :, None]
     sy = y - ref_y[:, :, None]
     ey = tl.exp2(sy * c2)
-    a += tl.sum(tl.where(y > float("-inf"), ey * (sy - sx), 0.0), axis=2)
+    a += tl.sum(tl.where(ey > 0, ey * (sy - sx), 0.0), axis=2)
     dx = dx * scale_x + tl.sum(tl.exp2(sx * c2), axis=2)
     dy = dy * scale_y + tl.sum(ey, axis=2)
     return new_mx, dx, new_my, dy, a
@@ -141,11 +147,12 @@ def _thread_kl_update(x, y, mx, dx, my, dy, a, c2):
 @triton.jit
 def _thread_kl_combine(mx, dx, my, dy, a, c2):
     """The per-row statistics (ROWS,) from per-thread ones: every thread's sums moved to the row's maxima
-    (raw-logit units, as _thread_kl_update). A thread that saw nothing live (d == 0) adds nothing; a NaN
-    sum passes its NaN on."""
+    (raw-logit units, as _thread_kl_update). A thread that saw nothing live (d == 0), or whose maximum is so far
+    below the row's that its weight is 0 (its d * shift may overflow), adds nothing; a NaN sum passes its NaN
+    on."""
     row_mx, ref_x, wx = _thread_merge(mx, c2)
     row_my, ref_y, wy = _thread_merge(my, c2)
-    a_row = tl.sum(tl.where(dy == 0, 0.0, wy * (a - dy * ((ref_y - my) - (ref_x - mx)))), axis=1)
+    a_row = tl.sum(tl.where(wy == 0, 0.0, wy * (a - dy * ((ref_y - my) - (ref_x - mx)))), axis=1)
     dx_row = tl.sum(tl.where(dx == 0, 0.0, wx * dx), axis=1)
     dy_row = tl.sum(tl.where(dy == 0, 0.0, wy * dy), axis=1)
     return row_mx, dx_row, row_my, dy_row, a_row
@@ -603,13 +610,14 @@ def _student(z_rows, b_rows, cols, mask, HAS_BIAS: tl.constexpr):
 
 @triton.jit
 def _teacher_terms(x, y, ref_u, l_u, x_at, inv_temp):
-    """For one tile of raw logits x, y (fp32, -inf outside the row): which classes the teacher keeps (live),
-    e = ((y - y_j) - (x - x_j)) / T around the pivot j, the teacher's most probable class (its logit the row's
-    maximum ref_u; x_at = x_j), and p = 2^((y - ref_u) log2(e) / T - l_u), l_u = log2 of the teacher's sum."""
+    """For one tile of raw logits x, y (fp32, -inf outside the row): which classes the teacher keeps (live: p > 0;
+    a finite logit whose p underflows is as masked as -inf, and its e may be infinite), e = ((y - y_j) - (x - x_j))
+    / T around the pivot j, the teacher's most probable class (its logit the row's maximum ref_u; x_at = x_j), and
+    p = 2^((y - ref_u) log2(e) / T - l_u), l_u = log2 of the teacher's sum."""
     dy = y - ref_u[:, None]
     e = (dy - (x - x_at[:, None])) * inv_temp
     p = tl.exp2(dy * (inv_temp * LOG2E) - l_u[:, None])
-    return y > float("-inf"), e, p
+    return p > 0, e, p
 
 
 @triton.jit
@@ -715,12 +723,14 @@ def _hydra_kl_topk_fwd_kernel(
                   other=0).to(tl.int64)
     w = v.to(tl.float32)  # raw: the maximum of the raw values, the difference taken before the 1/T scale
     in_range = (idx >= 0) & (idx < C)
-    live = (w > float("-inf")) & k_mask
     x_idx = tl.load(z_rows + idx, mask=k_mask & in_range, other=0.0).to(tl.float32)
     m_w = tl.max(w, axis=1)
     ref_w = tl.where(m_w == float("-inf"), 0.0, m_w)
     w_sh = (w - ref_w[:, None]) * inv_temp  # (v - max v) / T: 0 at the maximum
-    e_w = tl.where(live, tl.exp(w_sh), 0.0)
+    e_w = tl.where((w > float("-inf")) & k_mask, tl.exp(w_sh), 0.0)
+    # the entries that count: p > 0 (a -inf pad, or a finite one whose p underflows, such as torch.finfo's min,
+    # adds nothing, is not written back, and so never races a kept entry of the same index)
+    live = e_w > 0
     d_w = tl.sum(e_w, axis=1)
     log_d_w = tl.log(d_w)
     p = e_w / d_w[:, None]

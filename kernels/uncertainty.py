@@ -10,7 +10,8 @@ product per head with the gradient with respect to q_m.
 
 Every kernel here measures a row from its raw logits' maximum and scales the difference by 1/T (in base 2:
 2^((x - max) log2(e) / T)): exact near the maximum and exactly 0 at it, however the compiler contracts the
-scale into the subtraction. A masked class (-inf) has probability 0 and adds 0 to every sum.
+scale into the subtraction. A masked class (-inf, or a finite logit whose exponential underflows: torch.finfo's
+min) has probability 0 and adds 0 to every sum.
 """
 
 import triton
@@ -74,7 +75,9 @@ def _uncertainty_fwd_kernel(
             mask = head_ok[:, None, None] & (cols < C)
             x = tl.load(z_row[:, :, None] + cols, mask=mask, other=float("-inf")).to(tl.float32)
             new_m, ref, scale = _thread_max(x, tm, c2)
-            te = tl.where(td == 0, 0.0, scale * (te - td * (ref - tm)))
+            # (scale == 0: nothing so far, or a maximum so far below the new one that its terms vanish, where
+            # td * (ref - tm) may overflow: a class at torch.finfo(dtype).min first, then live ones)
+            te = tl.where(scale == 0, 0.0, scale * (te - td * (ref - tm)))
             sx = x - ref[:, :, None]
             ex = tl.exp2(sx * c2)
             te += tl.sum(_mass_times_shift(ex, sx), axis=2)
@@ -82,7 +85,7 @@ def _uncertainty_fwd_kernel(
             tm = new_m
         row_m, ref, w = _thread_merge(tm, c2)
         d = tl.sum(tl.where(td == 0, 0.0, w * td), axis=1)
-        e = tl.sum(tl.where(td == 0, 0.0, w * (te - td * (ref - tm))), axis=1) * inv_temp
+        e = tl.sum(tl.where(w == 0, 0.0, w * (te - td * (ref - tm))), axis=1) * inv_temp
 
     d_ok = tl.where(head_ok, d, 1.0)  # padded heads: d 1 (their q is 0 below); a head masked everywhere: NaN
     ent = tl.where(head_ok, tl.log(d_ok) - e / d_ok, 0.0)

@@ -112,3 +112,23 @@ def isa(request, monkeypatch):
     monkeypatch.setattr(native, "_lib", lib)
     monkeypatch.setattr(native, "_team", not native._forked and native._on_torch_team(lib))
     return level
+
+
+@pytest.fixture(params=[(40, None), (40, 16), (10, None)], ids=["C=40-row-whole", "C=40-tiles-of-16", "C=10"])
+def classes(request, monkeypatch):
+    """C and the row kernels' walk, for tests of masked classes: C = 40 held whole (the default) and in 16-class
+    tiles (running maxima and sums carried across tiles, a tile that is all masked on both sides; `uncertainty`'s
+    forward and backward walk such tiles too); C = 10, rows under 16 classes, which the Triton loss kernel takes one
+    row per vector lane."""
+    from fasthydra.ops import _common
+
+    c, tile = request.param
+    if tile is not None:
+        for knob in ("MAX_BLOCK_C", "ROW_TILE_MAX", "UNCERTAINTY_TILE_MAX", "UNCERTAINTY_LONG_TILE",
+                     "UNCERTAINTY_GRAD_ROW_MAX"):
+            monkeypatch.setattr(_common, knob, tile)
+        monkeypatch.setattr(_common, "UNCERTAINTY_GRAD_TILE", 2 * tile)
+        assert not _common.kl_rows_config(c)["ROW_IN_REGISTERS"]
+        assert not _common.uncertainty_config(3, c)["ROW_IN_REGISTERS"]
+        assert not _common.uncertainty_grad_config(3, c)["ROW_IN_REGISTERS"]
+    return c

@@ -9,7 +9,9 @@ kl_div) and a NaN teacher gradient for the Hinton loss wherever a class had pbar
 session; the tests used to stand -700 in for -inf there.
 
 cpu tier: the reference against the loss over the classes left, and the torch path (the native C kernel where it is
-built); interpret tier: the Triton kernels under TRITON_INTERPRET=1; gpu tier: the same kernels compiled.
+built); interpret tier: the Triton kernels under TRITON_INTERPRET=1; gpu tier: the same kernels compiled. The
+`classes` fixture (conftest.py) sets C and the row walk. tests/test_lowest_mask.py holds classes masked by the
+dtype's lowest finite value instead of -inf.
 """
 
 import pytest
@@ -19,7 +21,6 @@ from helpers import HEADS_PATHS, assert_close_to, params_of, reference_loss_and_
 
 from fasthydra import HydraHead, TopKTeacher, hinton_kl_loss, hydra_kl_loss
 from fasthydra import reference as R
-from fasthydra.ops import _common
 
 T = 1.7
 B, M = 6, 3
@@ -27,19 +28,6 @@ TARGETS = [pytest.param("torch", "cpu", marks=pytest.mark.cpu, id="torch-cpu"),
            pytest.param("triton", "cpu", marks=pytest.mark.interpret, id="triton-interpret"),
            pytest.param("triton", "cuda", marks=pytest.mark.gpu, id="triton-gpu")]
 NEG_INF = float("-inf")
-
-
-@pytest.fixture(params=[(40, None), (40, 16), (10, None)], ids=["C=40-row-whole", "C=40-tiles-of-16", "C=10"])
-def classes(request, monkeypatch):
-    """C and the row kernels' walk: C = 40 held whole (the default) and in 16-class tiles (running maxima and sums
-    carried across tiles, a tile that is all masked on both sides); C = 10, rows under 16 classes, which the Triton
-    loss kernel takes one row per vector lane."""
-    c, tile = request.param
-    if tile is not None:
-        monkeypatch.setattr(_common, "MAX_BLOCK_C", tile)
-        monkeypatch.setattr(_common, "ROW_TILE_MAX", tile)
-        assert not _common.kl_rows_config(c)["ROW_IN_REGISTERS"]
-    return c
 
 
 def _logits(c):

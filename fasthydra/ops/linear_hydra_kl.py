@@ -77,9 +77,12 @@ def _online_kl_stats(s, u, stats):
     ref_s = torch.where(torch.isneginf(new_ms), 0.0, new_ms)
     ref_u = torch.where(torch.isneginf(new_mu), 0.0, new_mu)
     shift = (ref_u - m_u) - (ref_s - m_s)
-    a = torch.where(d_u > 0, torch.exp(m_u - ref_u) * (a - d_u * shift), 0.0)
+    scale_u = torch.exp(m_u - ref_u)
+    # 0 where nothing was kept so far, or the old maximum lies so far below the new one (a first tile masked at
+    # torch.finfo's min) that its terms vanish: d_u * shift may overflow there, and 0 * inf would be NaN
+    a = torch.where(scale_u == 0, 0.0, scale_u * (a - d_u * shift))
     d_s = d_s * torch.exp(m_s - ref_s)
-    d_u = d_u * torch.exp(m_u - ref_u)
+    d_u = d_u * scale_u
     sh_s = s.sub_(ref_s.unsqueeze(-1))
     sh_u = u.sub_(ref_u.unsqueeze(-1))
     e_u = sh_u.exp()

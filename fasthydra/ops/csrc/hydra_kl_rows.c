@@ -368,9 +368,11 @@ static void tile_row_stats(const float *s, float mult, const float *t, int64_t w
         return;
     }
     if (*d_u > 0.0f) { /* both references move: rescale the sums kept so far */
-        float shift_u = (new_t - *m_t) * inv_t;
-        *a = vexp(-shift_u) * (*a - *d_u * (shift_u - shift_s));
-        *d_u *= vexp(-shift_u);
+        float shift_u = (new_t - *m_t) * inv_t, scale_u = vexp(-shift_u);
+        /* a maximum so far below the new one (a first tile masked at torch.finfo's min) that its terms vanish:
+         * d_u * shift may overflow there, and 0 * inf would be NaN */
+        *a = scale_u == 0.0f ? 0.0f : scale_u * (*a - *d_u * (shift_u - shift_s));
+        *d_u *= scale_u;
     } else {
         *a = 0.0f;
         *d_u = 0.0f;

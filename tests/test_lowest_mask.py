@@ -1,0 +1,177 @@
+"""Classes masked by the dtype's lowest finite value instead of -inf: ``logits.masked_fill(mask,
+torch.finfo(dtype).min)`` is how Hugging Face models and many training loops mask a vocabulary. Such a class has
+probability exactly 0 (exp underflows), so it must add nothing to a loss, whatever the student's logit there, just
+as a -inf logit does, on every path.
+
+Until the thirty-eighth session the Triton kernels read only -inf as masked: scaled by log2(e) / T, the lowest fp32
+(or bf16) value overflows to -inf at T <= 1.44, and the kernels formed 0 * inf = NaN in the loss of every such row
+(a student with plain logits at those classes included); a row or thread whose first tile was all masked this way
+overflowed when the next tile's maximum moved (NaN at any T). The eager reference gave NaN wherever the student
+held -inf at a class the teacher masked with a finite value. The torch path (the native C kernel, torch ops) was
+right, except in its class-tiled mode (the heads' loss without a gradient at large C): there, the C kernel and the
+torch ops alike, a row whose first tile was masked this way gave NaN. At 6193adf (the source before the fix) 35 of
+the 70 cpu and interpret cases below fail; with only its kernels (and the new reference), 16 interpret cases do.
+
+cpu tier: the reference against itself with -inf masks, and the torch path; interpret tier: the Triton kernels
+under TRITON_INTERPRET=1; gpu tier: the same kernels compiled. The `classes` fixture (conftest.py) sets C and the
+row walk (rows whole, in 16-class tiles, or under 16 classes).
+"""
+
+import pytest
+import torch
+from helpers import assert_close_to, reference_loss_and_grads
+
+from fasthydra import HydraHead, TopKTeacher, hinton_kl_loss, hydra_kl_loss, uncertainty
+from fasthydra import reference as R
+
+# log2(e) / T = 1.2: the lowest fp32 value times it overflows to -inf in the loss kernels, while divided by T it does
+# not (the Hinton target, T log mean_m p_m, holds finite values near the lowest there, not -inf)
+T = 1.2
+B, M = 6, 3
+LOWEST = torch.finfo(torch.float32).min
+NEG_INF = float("-inf")
+TARGETS = [pytest.param("torch", "cpu", marks=pytest.mark.cpu, id="torch-cpu"),
+           pytest.param("triton", "cpu", marks=pytest.mark.interpret, id="triton-interpret"),
+           pytest.param("triton", "cuda", marks=pytest.mark.gpu, id="triton-gpu")]
+KINDS = ["hydra-dense", "hydra-top-k", "hinton-dense", "hinton-top-k"]
+
+
+def _masks(c):
+    """(B, M, c) bool: the classes masked in every member, some per row, on every head of a row (so that the Hinton
+    head, the student of every member, may mask them too): class 7; the front half of row 5 (at C = 40 a whole
+    first 16-class tile, then live ones); the back 3/5 of row 1; class 9 of row 3."""
+    mask = torch.zeros(B, M, c, dtype=torch.bool)
+    mask[:, :, 7] = True
+    mask[5, :, :c // 2] = True
+    mask[1, :, c * 2 // 5:] = True
+    mask[3, :, 9] = True
+    return mask
+
+
+def _logits(c, student_value=None):
+    """float64 student and teacher logits; the teacher masked by LOWEST on _masks(c) and at class 3 of row 2, head
+    2 (where the student keeps a finite logit), the student at _masks(c) left finite (None) or set to student_value
+    on rows 0 to 2 and to LOWEST on rows 3 to 5."""
+    g = torch.Generator().manual_seed(38)
+    z = torch.randn(B, M, c, generator=g, dtype=torch.float64) * 3
+    t = torch.randn(B, M, c, generator=g, dtype=torch.float64) * 3
+    mask = _masks(c)
+    t = t.masked_fill(mask, LOWEST)
+    t[2, 2, 3] = LOWEST
+    if student_value is not None:
+        front = torch.zeros(B, 1, 1, dtype=torch.bool)
+        front[:3] = True
+        z = z.masked_fill(mask & front, student_value).masked_fill(mask & ~front, LOWEST)
+    return z, t
+
+
+def _teacher(t, top_k, requires_grad):
+    """The teacher as the op takes it (dense, or its k largest classes: at C = 40 they include LOWEST values on the
+    rows masked most) and the leaf its gradient goes to."""
+    t = t.detach().requires_grad_(requires_grad)
+    if not top_k:
+        return t, t
+    values, indices = t.detach().topk(24 if t.shape[-1] > 16 else 6, dim=-1)
+    values = values.requires_grad_(requires_grad)
+    return TopKTeacher(values, indices), values
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("student_value", [None, NEG_INF], ids=["student-finite", "student-masked"])
+@pytest.mark.parametrize("hinton", [False, True], ids=["hydra", "hinton"])
+def test_reference_reads_the_lowest_value_as_a_masked_class(hinton, student_value, classes):
+    """The float64 reference with the teacher's masks at LOWEST gives the value and the student's and teacher's
+    gradients it gives with them at -inf (tests/test_masked_student.py holds that one to the loss over the classes
+    left): finite, and 0 at every masked class."""
+    z, t = _logits(classes, student_value)
+    if hinton:
+        z = z[:, 0]
+    ref_fn = R.hinton_kl_loss_ref if hinton else R.hydra_kl_loss_ref
+    results = []
+    for teacher in (t, t.masked_fill(t == LOWEST, NEG_INF)):
+        leaves = [z.clone().requires_grad_(), teacher.clone().requires_grad_()]
+        loss = ref_fn(*leaves, T, reduction="none")
+        weight = torch.rand(loss.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.5
+        results.append((loss, *torch.autograd.grad((loss * weight).sum(), leaves)))
+    for what, got, want in zip(("loss", "student grad", "teacher grad"), *results):
+        assert torch.isfinite(got).all(), what
+        assert_close_to(got, want, rtol=1e-12, atol=1e-14, what=what)
+    assert (results[0][2][t == LOWEST] == 0).all(), "a masked teacher class gets 0"
+
+
+@pytest.mark.parametrize("impl,device", TARGETS)
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen-teacher", "teacher-grad"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_ops_read_the_lowest_value_as_a_masked_class(impl, device, kind, frozen, classes):
+    """Loss per row and the student's and teacher's gradients (a random upstream per row) in float32 against the
+    float64 reference: finite, and 0 at every masked class. The student holds -inf, LOWEST or a finite logit at the
+    teacher's masked classes."""
+    hinton, top_k = kind.startswith("hinton"), kind.endswith("top-k")
+    z64, t64 = _logits(classes, NEG_INF)
+    if hinton:
+        z64 = z64[:, 0]
+    z = z64.float().to(device).requires_grad_()
+    teacher, leaf = _teacher(t64.float().to(device), top_k, not frozen)
+    loss = (hinton_kl_loss if hinton else hydra_kl_loss)(z, teacher, T, reduction="none", impl=impl)
+    weight = torch.rand(loss.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64) + 0.5
+    leaves = [z] if frozen else [z, leaf]
+    got = torch.autograd.grad((loss.double() * weight.to(device)).sum(), leaves)
+
+    ref_teacher, ref_leaf = _teacher(t64, top_k, not frozen)
+    ref_z = z64.clone().requires_grad_()
+    ref = (R.hinton_kl_loss_ref if hinton else R.hydra_kl_loss_ref)(
+        ref_z, ref_teacher.densify(classes) if top_k else ref_teacher, T, reduction="none")
+    want = torch.autograd.grad((ref * weight).sum(), [ref_z] if frozen else [ref_z, ref_leaf])
+    assert torch.isfinite(ref).all()
+    assert torch.isfinite(loss).all(), "loss"
+    assert_close_to(loss, ref, rtol=2e-6, atol=1e-6, what="loss")
+    for name, g, w, masked in zip(("student", "teacher"), got, want, (z64 <= LOWEST, ref_leaf.detach() <= LOWEST)):
+        assert torch.isfinite(g).all(), f"{name} grad"
+        assert (g.cpu()[masked] == 0).all(), f"{name}: a masked class gets 0"
+        assert_close_to(g, w, rtol=1e-5, atol=1e-7, what=f"{name} grad")
+
+
+@pytest.mark.parametrize("impl,device", TARGETS)
+def test_uncertainty_reads_the_lowest_value_as_a_masked_class(impl, device, classes):
+    """uncertainty's outputs and the gradient of their sum with classes at LOWEST: the float64 reference's, which
+    is what -inf there gives."""
+    z64, _ = _logits(classes)
+    z64 = z64.masked_fill(_masks(classes), LOWEST)
+    z = z64.float().to(device).requires_grad_()
+    got = uncertainty(z, T, impl=impl)
+    ref_z = z64.clone().requires_grad_()
+    want = R.uncertainty_ref(ref_z, T)
+    as_inf = R.uncertainty_ref(z64.masked_fill(z64 == LOWEST, NEG_INF), T)
+    for name, g, w, w_inf in zip(got._fields, got, want, as_inf):
+        assert torch.isfinite(g).all(), name
+        assert_close_to(w, w_inf, rtol=1e-12, atol=1e-14, what=f"reference {name}")
+        assert_close_to(g, w, rtol=1e-5, atol=1e-6, what=name)
+    (grad,) = torch.autograd.grad(sum(v.double().sum() for v in got), z)
+    (want_grad,) = torch.autograd.grad(sum(v.sum() for v in want), ref_z)
+    assert torch.isfinite(grad).all() and (grad.cpu()[z64 == LOWEST] == 0).all()
+    assert_close_to(grad, want_grad, rtol=1e-5, atol=1e-7, what="grad")
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("native", ["1", "0"], ids=["native-C", "torch-ops"])
+@pytest.mark.parametrize("hidden", [None, 5], ids=["linear", "mlp"])
+def test_class_tiled_heads_loss_reads_the_lowest_value_as_masked(monkeypatch, hidden, native):
+    """The torch path's class-tiled mode (the heads' loss without a gradient where a row block of all classes would
+    be thin: large C), forced here on 16-class tiles: rows whose first tiles the teacher masks at LOWEST, then live
+    classes (the running sums rescaled from a maximum at LOWEST: its shift times the sum overflowed, and 0 * inf was
+    NaN), in the native C kernel and in the torch ops it replaces."""
+    import fasthydra.ops.linear_hydra_kl as lk
+
+    monkeypatch.setenv("FASTHYDRA_NATIVE", native)
+    monkeypatch.setattr(lk, "TORCH_CHUNK_ELEMENTS", 1)  # any row block would be "thin": tiled mode
+    monkeypatch.setattr(lk, "TILE_ELEMENTS", 16 * 9 * M)  # 16-class tiles
+    head = HydraHead(7, 40, M, hidden_features=hidden, impl="torch")
+    x = torch.randn(9, 7)
+    t = torch.randn(9, M, 40) * 3
+    t[:, :, :25] = LOWEST  # one whole tile and part of the next
+    t[4, 1] = torch.randn(40)  # and an unmasked row
+    with torch.no_grad():  # (the mean: reduction "none" takes row chunks, not class tiles)
+        loss = head.distill_loss(x, t, T)
+    want, _ = reference_loss_and_grads(head, x, t, T)
+    assert torch.isfinite(loss)
+    assert_close_to(loss, want, rtol=2e-6, atol=1e-7, what="loss")
