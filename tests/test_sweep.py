@@ -25,8 +25,9 @@ The uncertainty cases' logits carry masked classes (the drawn teacher's) since t
 give NaN entropies on rows with a masked class (thirty-sixth session; at 8d0a056 8 of the 300 interpret cases fail).
 In about 30% of the loss-on-logits cases the student masks the classes its teacher gives probability 0 (thirty-
 seventh session: the eager reference gave NaN there, and the Triton Hinton loss with a teacher that requires grad).
-In about 30% of the heads and logits cases the masks are written as float32's lowest finite value, not -inf (thirty-
-eighth session: the Triton kernels gave NaN there; with 6193adf's kernels 19 of the 300 interpret cases fail).
+In about 30% of the heads and logits cases (and of the 16-bit ones) the masks are written as the dtype's lowest finite
+value, not -inf (thirty-eighth session: the Triton kernels gave NaN there; with 6193adf's kernels 19 of the 300
+interpret cases fail, and 2 of the 150 16-bit ones).
 About 45 s in all here.
 A failure names its case: rerun it by its id.
 """
@@ -104,12 +105,13 @@ def _teacher(rng, b, m, c) -> torch.Tensor:
     return t
 
 
-def _lowest(what: str, *tensors):
-    """In about 30% of the cases (a draw of their own) the masked classes of the given float64 tensors hold float32's
-    lowest finite value, as masked_fill(mask, torch.finfo(dtype).min) writes, not -inf: probability 0 all the same."""
+def _lowest(what: str, *tensors, dtype=torch.float32):
+    """In about 30% of the cases (a draw of their own) the masked classes of the given float64 tensors hold dtype's
+    lowest finite value, as masked_fill(mask, torch.finfo(dtype).min) writes, not -inf: probability 0 all the same
+    (fp16's, -65504, as well: below a row's maximum by 6550 T or more at the temperatures drawn)."""
     if random.Random(what + " lowest").random() >= 0.3:
         return (*tensors, what)
-    low = torch.finfo(torch.float32).min
+    low = torch.finfo(dtype).min
     return (*(t.masked_fill(torch.isneginf(t), low) for t in tensors), what + " masked at finfo.min")
 
 
@@ -379,7 +381,7 @@ def _sixteen_bit_case(rng, impl, mrng):
     rows = slice(None) if keep is None else keep
     what = (f"{dtype} {'heads' if heads else 'logits'} b={b} d={d} m={m} c={c} hidden={hidden} bias={bias} "
             f"{reduction} T={temperature} {kind} kept={None if keep is None else int(keep.sum())}")
-    t64 = _teacher(rng, b, m, c)
+    t64, what = _lowest(what, _teacher(rng, b, m, c), dtype=dtype)
     if kind == "topk":
         values, indices = _topk(rng, t64)
         teacher = TopKTeacher(_layout(values.to(dtype), rng), _layout(indices, rng))
