@@ -9,8 +9,9 @@ Until the thirty-eighth session the Triton kernels read only -inf as masked: sca
 overflowed when the next tile's maximum moved (NaN at any T). The eager reference gave NaN wherever the student
 held -inf at a class the teacher masked with a finite value. The torch path (the native C kernel, torch ops) was
 right, except in its class-tiled mode (the heads' loss without a gradient at large C): there, the C kernel and the
-torch ops alike, a row whose first tile was masked this way gave NaN. At 6193adf (the source before the fix) 35 of
-the 70 cpu and interpret cases below fail; with only its kernels (and the new reference), 16 interpret cases do.
+torch ops alike, a row whose first tile was masked this way gave NaN. At 6193adf (the source before the fix) 38 of
+the 100 cpu and interpret cases below fail; with only its kernels (and the new reference), 19 interpret cases do.
+The last test also holds -inf and -1e30 masks at logits of size 1 to 1e20 and T from 1e-3 to 1e3.
 
 cpu tier: the reference against itself with -inf masks, and the torch path; interpret tier: the Triton kernels
 under TRITON_INTERPRET=1; gpu tier: the same kernels compiled. The `classes` fixture (conftest.py) sets C and the
@@ -175,3 +176,52 @@ def test_class_tiled_heads_loss_reads_the_lowest_value_as_masked(monkeypatch, hi
     want, _ = reference_loss_and_grads(head, x, t, T)
     assert torch.isfinite(loss)
     assert_close_to(loss, want, rtol=2e-6, atol=1e-7, what="loss")
+
+
+def _held(got, eager, exact, what):
+    """got against float64: infinite exactly where exact is, and on the rest within DESIGN's rule (twice eager
+    float32's error, plus 1e-5 of the largest value); where eager float32 itself loses a value to overflow, within
+    1e-3 of the largest."""
+    got, eager, exact = (v.detach().double().cpu() for v in (got, eager, exact))
+    finite = torch.isfinite(exact)
+    assert torch.equal(torch.isfinite(got), finite), f"{what}: {got.flatten()[:4]} against {exact.flatten()[:4]}"
+    assert torch.equal(got[~finite], exact[~finite]), what
+    size = exact[finite].abs().max().item() if finite.any() else 0.0
+    err = (got - exact)[finite].abs().max().item() if finite.any() else 0.0
+    eager_err = (eager - exact)[finite].abs().max().item() if finite.any() else 0.0
+    bound = 1e-3 * size if eager_err != eager_err or eager_err == float("inf") else 2 * eager_err + 1e-5 * size
+    assert err <= bound, f"{what}: error {err:.3e} > {bound:.3e} (eager float32 {eager_err:.3e})"
+
+
+@pytest.mark.parametrize("impl,device", TARGETS)
+@pytest.mark.parametrize("mask", [NEG_INF, LOWEST, -1e30], ids=["-inf", "lowest", "-1e30"])
+@pytest.mark.parametrize("scale,temperature", [(1.0, 1e-3), (1.0, 1e3), (1e6, 1.0), (1e20, 1e-3), (1e20, 1e3)],
+                         ids=["1-T1e-3", "1-T1e3", "1e6-T1", "1e20-T1e-3", "1e20-T1e3"])
+def test_any_mask_value_at_extreme_scales_and_temperatures(impl, device, mask, scale, temperature):
+    """Logits of size 1 to 1e20 at T = 1e-3 to 1e3, the first half of the classes masked (-inf, the lowest value, or
+    -1e30) in the teacher and, on rows 0 and 1, in the student too: the Hydra loss (value, student and teacher
+    gradients), the Hinton loss and `uncertainty` against float64, held to eager float32's error."""
+    g = torch.Generator().manual_seed(int(scale % 997 + temperature * 1000))
+    z = torch.randn(4, M, 40, generator=g, dtype=torch.float64) * scale
+    t = torch.randn(4, M, 40, generator=g, dtype=torch.float64) * scale
+    t[:, :, :20] = mask
+    z[:2, :, :20] = mask
+    t[2, 1, :20] = torch.randn(20, generator=g, dtype=torch.float64) * scale  # one row unmasked
+    up = torch.rand(4, M, generator=g, dtype=torch.float64) + 0.5
+    results = []
+    for dtype, fn in ((torch.float32, lambda *a, **k: hydra_kl_loss(*a, **k, impl=impl)), (torch.float32, R.hydra_kl_loss_ref),
+                      (torch.float64, R.hydra_kl_loss_ref)):
+        leaves = [z.to(device, dtype).requires_grad_(), t.to(device, dtype).requires_grad_()]
+        loss = fn(*leaves, temperature, reduction="none")
+        results.append((loss, *torch.autograd.grad((loss.double() * up.to(device)).sum(), leaves)))
+    for name, got, eager, exact in zip(("loss", "student grad", "teacher grad"), *results):
+        _held(got, eager, exact, f"hydra {name}")
+    z1 = z[:, 0].clone()
+    z1[2:, :20] = torch.randn(2, 20, generator=g, dtype=torch.float64) * scale  # (the Hinton student: row 2 keeps)
+    _held(hinton_kl_loss(z1.float().to(device), t.float().to(device), temperature, reduction="none", impl=impl),
+          R.hinton_kl_loss_ref(z1.float(), t.float(), temperature, reduction="none"),
+          R.hinton_kl_loss_ref(z1, t, temperature, reduction="none"), "hinton loss")
+    got = uncertainty(t.float().to(device), temperature, impl=impl)
+    for name, v, eager, exact in zip(got._fields, got, R.uncertainty_ref(t.float(), temperature),
+                                     R.uncertainty_ref(t, temperature)):
+        _held(v, eager, exact, f"uncertainty {name}")
