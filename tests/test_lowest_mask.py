@@ -209,8 +209,9 @@ def test_any_mask_value_at_extreme_scales_and_temperatures(impl, device, mask, s
     t[2, 1, :20] = torch.randn(20, generator=g, dtype=torch.float64) * scale  # one row unmasked
     up = torch.rand(4, M, generator=g, dtype=torch.float64) + 0.5
     results = []
-    for dtype, fn in ((torch.float32, lambda *a, **k: hydra_kl_loss(*a, **k, impl=impl)), (torch.float32, R.hydra_kl_loss_ref),
-                      (torch.float64, R.hydra_kl_loss_ref)):
+    ops = ((torch.float32, lambda *a, **k: hydra_kl_loss(*a, **k, impl=impl)), (torch.float32, R.hydra_kl_loss_ref),
+           (torch.float64, R.hydra_kl_loss_ref))
+    for dtype, fn in ops:
         leaves = [z.to(device, dtype).requires_grad_(), t.to(device, dtype).requires_grad_()]
         loss = fn(*leaves, temperature, reduction="none")
         results.append((loss, *torch.autograd.grad((loss.double() * up.to(device)).sum(), leaves)))
