@@ -9,8 +9,10 @@ Until the thirty-eighth session the Triton kernels read only -inf as masked: sca
 overflowed when the next tile's maximum moved (NaN at any T). The eager reference gave NaN wherever the student
 held -inf at a class the teacher masked with a finite value. The torch path (the native C kernel, torch ops) was
 right, except in its class-tiled mode (the heads' loss without a gradient at large C): there, the C kernel and the
-torch ops alike, a row whose first tile was masked this way gave NaN. At 6193adf (the source before the fix) 38 of
-the 100 cpu and interpret cases below fail; with only its kernels (and the new reference), 19 interpret cases do.
+torch ops alike, a row whose first tile was masked this way gave NaN; the torch ops' `uncertainty` backward (used
+without the native kernel) gave NaN until the thirty-ninth session wherever the heads' entropies had a gradient
+coefficient above 1 (the weights in the `uncertainty` test below). At 6193adf (the source before the first fix) 38
+of the 100 cpu and interpret cases below fail; with only its kernels (and the new reference), 19 interpret cases do.
 The last test also holds -inf and -1e30 masks at logits of size 1 to 1e20 and T from 1e-3 to 1e3.
 
 cpu tier: the reference against itself with -inf masks, and the torch path; interpret tier: the Triton kernels
@@ -132,10 +134,20 @@ def test_ops_read_the_lowest_value_as_a_masked_class(impl, device, kind, frozen,
         assert_close_to(g, w, rtol=1e-5, atol=1e-7, what=f"{name} grad")
 
 
-@pytest.mark.parametrize("impl,device", TARGETS)
-def test_uncertainty_reads_the_lowest_value_as_a_masked_class(impl, device, classes):
-    """uncertainty's outputs and the gradient of their sum with classes at LOWEST: the float64 reference's, which
-    is what -inf there gives."""
+UNCERTAINTY_TARGETS = [pytest.param("torch", "cpu", "1", marks=pytest.mark.cpu, id="torch-cpu-native-C"),
+                       pytest.param("torch", "cpu", "0", marks=pytest.mark.cpu, id="torch-cpu-torch-ops"),
+                       *(pytest.param(*p.values, "1", marks=p.marks, id=p.id) for p in TARGETS[1:])]
+
+
+@pytest.mark.parametrize("impl,device,native", UNCERTAINTY_TARGETS)
+def test_uncertainty_reads_the_lowest_value_as_a_masked_class(monkeypatch, impl, device, native, classes):
+    """uncertainty's outputs and the gradient of a weighted sum of them with classes at LOWEST: the float64
+    reference's, which is what -inf there gives. The weights make the heads' entropies' coefficient in the backward
+    (aleatoric's minus epistemic's) 4: times the log-probability of such a class (about LOWEST) it overflowed in
+    the torch ops (not the native C kernel), and 0 * inf was NaN, until the thirty-ninth session; with equal weights
+    that coefficient is 0 and hides it."""
+    monkeypatch.setenv("FASTHYDRA_NATIVE", native)
+    weights = (0.5, 1.0, 2.5, -1.5)  # probs, total, aleatoric, epistemic
     z64, _ = _logits(classes)
     z64 = z64.masked_fill(_masks(classes), LOWEST)
     z = z64.float().to(device).requires_grad_()
@@ -147,8 +159,8 @@ def test_uncertainty_reads_the_lowest_value_as_a_masked_class(impl, device, clas
         assert torch.isfinite(g).all(), name
         assert_close_to(w, w_inf, rtol=1e-12, atol=1e-14, what=f"reference {name}")
         assert_close_to(g, w, rtol=1e-5, atol=1e-6, what=name)
-    (grad,) = torch.autograd.grad(sum(v.double().sum() for v in got), z)
-    (want_grad,) = torch.autograd.grad(sum(v.sum() for v in want), ref_z)
+    (grad,) = torch.autograd.grad(sum(w * v.double().sum() for w, v in zip(weights, got)), z)
+    (want_grad,) = torch.autograd.grad(sum(w * v.sum() for w, v in zip(weights, want)), ref_z)
     assert torch.isfinite(grad).all() and (grad.cpu()[z64 == LOWEST] == 0).all()
     assert_close_to(grad, want_grad, rtol=1e-5, atol=1e-7, what="grad")
 

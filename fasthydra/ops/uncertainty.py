@@ -152,11 +152,12 @@ def _uncertainty_grad_rows(logits, temperature, g_probs, on_total, on_heads, cdt
     m = logits.shape[1]
     log_p = torch.log_softmax(logits.to(cdt) * (1.0 / temperature), dim=-1)  # (rows, M, C)
     p = log_p.exp()
-    # masked classes (log p = -inf, p = 0 exactly): 0 in its place, so that every product with p below is 0, not
-    # 0 * inf (a NaN logit's row stays NaN through p); in place unless a second-order gradient is being recorded
-    # (create_graph=True: log_softmax's backward reads its output)
-    fix = torch.nan_to_num if torch.is_grad_enabled() else torch.Tensor.nan_to_num_
-    log_p = fix(log_p, neginf=0.0)
+    # masked classes (p = 0 exactly; log p is -inf for a -inf logit, and finite but near the dtype's lowest for a
+    # logit masked with torch.finfo(dtype).min): 0 in its place, so that every product with p below is 0, not
+    # 0 * inf (-log p times a coefficient above 1 overflows; a NaN logit's row stays NaN through p); in place
+    # unless a second-order gradient is being recorded (create_graph=True: log_softmax's backward reads its output)
+    fix = torch.Tensor.masked_fill if torch.is_grad_enabled() else torch.Tensor.masked_fill_
+    log_p = fix(log_p, p == 0, 0.0)
     v = 0.0  # V: (rows, 1, C) from the row terms, (rows, M, C) with the head term
     if g_probs is not None:
         v = g_probs.to(cdt).unsqueeze(1)
