@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from fasthydra import reference as R
@@ -12,6 +13,19 @@ TEMPERATURES = [0.5, 1.0, 4.0, 20.0]
 # The Triton-side heads paths: the two-launch small-step kernels (chosen wherever a problem is small)
 # and cuBLAS GEMMs around the loss kernel (the default otherwise).
 HEADS_PATHS = ("small", "cublas")
+
+
+def with_heads_paths(targets: list) -> list:
+    """pytest params whose first value is an impl -> the same with a heads path appended: a Triton one once per
+    HEADS_PATHS, a torch one once (the setting selects between the Triton paths only; "cublas" leaves it at
+    FASTHYDRA_SMALL_STEP=0)."""
+    out = []
+    for p in targets:
+        paths = HEADS_PATHS if p.values[0] == "triton" else ("cublas",)
+        for path in paths:
+            ident = p.id if len(paths) == 1 else f"{p.id}-{path}"
+            out.append(pytest.param(*p.values, path, marks=p.marks, id=ident))
+    return out
 
 
 def use_heads_path(monkeypatch, path: str) -> str:

@@ -17,7 +17,7 @@ dtype's lowest finite value instead of -inf.
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import HEADS_PATHS, assert_close_to, params_of, reference_loss_and_grads, use_heads_path
+from helpers import assert_close_to, params_of, reference_loss_and_grads, use_heads_path, with_heads_paths
 
 from fasthydra import HydraHead, TopKTeacher, hinton_kl_loss, hydra_kl_loss
 from fasthydra import reference as R
@@ -158,9 +158,8 @@ def test_a_class_only_the_student_masks_makes_its_row_infinite(impl, device, cla
     assert_close_to(g, want, rtol=1e-5, atol=1e-8, what="student grad")
 
 
-@pytest.mark.parametrize("impl,device", TARGETS)
+@pytest.mark.parametrize("impl,device,path", with_heads_paths(TARGETS))
 @pytest.mark.parametrize("hidden", [None, 5], ids=["linear", "mlp"])
-@pytest.mark.parametrize("path", HEADS_PATHS)
 def test_heads_masked_by_their_bias(monkeypatch, impl, device, hidden, path, classes):
     """A head stack whose bias is -inf at the classes the members mask (a padded vocabulary): distill_loss's value
     and every gradient are the float64 reference's, finite, and the masked classes' bias gets 0."""

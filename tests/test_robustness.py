@@ -6,7 +6,7 @@ import pathlib
 
 import pytest
 import torch
-from helpers import HEADS_PATHS, assert_close_to, use_heads_path
+from helpers import assert_close_to, use_heads_path, with_heads_paths
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -83,9 +83,9 @@ def test_tensors_without_data_give_the_shapes_and_dtypes_of_a_real_call(kind, na
         assert (g.shape, g.dtype) == (r.shape, r.dtype), (i, g.shape, g.dtype, r.shape, r.dtype)
 
 
-@pytest.mark.parametrize("impl", [pytest.param("torch", marks=pytest.mark.cpu),
-                                  pytest.param("triton", marks=pytest.mark.interpret)])
-@pytest.mark.parametrize("path", HEADS_PATHS)
+@pytest.mark.parametrize("impl,path", with_heads_paths([pytest.param("torch", marks=pytest.mark.cpu, id="torch"),
+                                                        pytest.param("triton", marks=pytest.mark.interpret,
+                                                                     id="triton")]))
 @pytest.mark.parametrize("name", ["linear", "mlp", "gaussian", "forward", "frozen", "teacher grad", "top-k", "hinton"])
 def test_flop_counter_counts_the_products_and_changes_no_result(monkeypatch, name, path, impl):
     """Under torch.utils.flop_counter.FlopCounterMode (after ``register_flop_formulas``) a step counts the FLOPs

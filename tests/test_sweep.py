@@ -28,12 +28,13 @@ seventh session: the eager reference gave NaN there, and the Triton Hinton loss 
 In about 30% of the heads and logits cases (and of the 16-bit ones) the masks are written as the dtype's lowest finite
 value, not -inf (thirty-eighth session: the Triton kernels gave NaN there; with 6193adf's kernels 19 of the 300
 interpret cases fail, and 2 of the 150 16-bit ones).
-About 45 s in all here.
+About 45 s in all here; FASTHYDRA_SWEEP_SCALE multiplies the number of cases.
 A failure names its case: rerun it by its id.
 """
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -45,8 +46,10 @@ from fasthydra import reference as R
 from fasthydra.functional import linear_hydra_kl_loss, mlp_hydra_kl_loss
 from fasthydra.ops import _common
 
-CASES = 300
-CASES_16 = 150  # the 16-bit sweep
+# FASTHYDRA_SWEEP_SCALE=10 runs ten times the cases (a wider search before a release, or after a kernel change)
+_SCALE = float(os.environ.get("FASTHYDRA_SWEEP_SCALE", "1"))
+CASES = round(300 * _SCALE)
+CASES_16 = round(150 * _SCALE)  # the 16-bit sweep
 IMPLS = [pytest.param("torch", marks=pytest.mark.cpu), pytest.param("triton", marks=pytest.mark.interpret)]
 # Knobs a case may turn, with values that make small problems take the paths big ones take.
 KNOBS = {"MAX_BLOCK_C": [16, 2048], "ROW_TILE_MAX": [16, 8192], "GRAD_COLS_BLOCK_C": [16, 512],
