@@ -15,8 +15,9 @@ from numbers import Integral, Real
 
 import torch
 
-from fasthydra.ops._common import (TEMPERATURE_RANGE, auto_fallback_reason, interpreting, no_values,
-                                   on_tensor_device, op_form, op_temperature, temperature_error, triton_available)
+from fasthydra.ops._common import (TEMPERATURE_RANGE, auto_fallback_reason, inference_tensor, interpreting,
+                                   no_values, on_tensor_device, op_form, op_temperature, save_inputs, saved_inputs,
+                                   temperature_error, triton_available)
 from fasthydra.ops import checks as _checks
 from fasthydra.ops.checks import (caller_lead, caller_op, flag_gaussian_teacher, flag_teacher_rows, flag_topk_teacher,
                                   poll)
@@ -126,12 +127,12 @@ class _LearnedT(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
+        save_inputs(ctx, *inputs)  # (a teacher made under torch.inference_mode(): kept, not saved)
         ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, *grads):
-        temperature, *xs = ctx.saved_tensors
+        temperature, *xs = saved_inputs(ctx)
         grad_t = None
         if ctx.needs_input_grad[0]:  # d(x / s)/dT = -x / (s^2 T0) = -x / T at s = 1
             pairs = [(g, x) for g, x in zip(grads, xs) if g is not None]
@@ -719,7 +720,10 @@ def _hinton_topk(z, student_logits, teacher: TopKTeacher, lead: tuple, temperatu
     cdt = torch.float64 if values.dtype == torch.float64 else torch.float32
     m, k = values.shape[1:]
     p = torch.softmax(values.to(cdt) / target_t, dim=-1).reshape(b, m * k) / m  # (explicit sizes: B may be 0)
-    pbar = torch.zeros(b, c, dtype=cdt, device=values.device).scatter_add(1, indices.long().reshape(b, m * k), p)
+    index = indices.long().reshape(b, m * k)
+    if p.requires_grad and inference_tensor(index):  # (made under inference_mode: scatter_add could not save it)
+        index = index.clone()
+    pbar = torch.zeros(b, c, dtype=cdt, device=values.device).scatter_add(1, index, p)
     kept = pbar > 0  # log only where pbar > 0: the other branch's gradient would be 0 * inf
     log_pbar = torch.where(kept, torch.log(torch.where(kept, pbar, 1.0)), float("-inf"))
     return _hinton_on_target(z, (target_t * log_pbar).unsqueeze(1), temperature, reduction, impl, keep)
@@ -791,6 +795,10 @@ def linear_heads(x, weight, bias=None, impl: str = "auto"):
 def _stacked_linear(x, weight, bias):
     """linear_heads' torch path on checked arguments: one F.linear over the stacked (M*C, D) weight, (B, M, C)."""
     m, c, d = weight.shape
+    if weight.requires_grad and torch.is_grad_enabled() and inference_tensor(x):
+        # features made under torch.inference_mode() (a frozen body run there): F.linear would refuse to save them
+        # for the weight's gradient; a copy (B x D, small beside the GEMM) trains as the Triton path's GEMM does
+        x = x.clone()
     z = torch.nn.functional.linear(x, weight.reshape(m * c, d), None if bias is None else bias.reshape(m * c))
     return z.view(x.shape[0], m, c)
 

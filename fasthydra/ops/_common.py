@@ -236,6 +236,33 @@ def _fake_mode_active() -> bool:
             and torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None)
 
 
+def inference_tensor(t) -> bool:
+    """t is a tensor made under ``torch.inference_mode()``; False while torch.compile traces (Dynamo cannot trace
+    ``is_inference()``: a graph break; the compiled program takes its inputs as graph inputs instead)."""
+    return isinstance(t, torch.Tensor) and not torch.compiler.is_compiling() and t.is_inference()
+
+
+def save_inputs(ctx, *tensors) -> None:
+    """``ctx.save_for_backward(*tensors)``, except that a tensor made under ``torch.inference_mode()`` (a teacher's
+    logits computed there: the usual way to run a frozen teacher) is kept as an attribute of ctx instead; read
+    them back with ``saved_inputs``. Autograd refuses to save such a tensor (it has no version counter), while
+    eager torch on the same inputs never saves one (its softmaxes keep their own outputs). An inference tensor
+    cannot be changed in place outside inference mode; a change made to it inside one between the forward and the
+    backward goes unseen, as torch's own ops would not see it either."""
+    inference = [inference_tensor(t) for t in tensors]
+    if any(inference):
+        ctx.inference_inputs = {i: t for i, (t, held) in enumerate(zip(tensors, inference)) if held}
+        tensors = tuple(None if held else t for t, held in zip(tensors, inference))
+    ctx.save_for_backward(*tensors)
+
+
+def saved_inputs(ctx) -> tuple:
+    """The tensors ``save_inputs`` kept, in their order."""
+    saved = ctx.saved_tensors
+    held = getattr(ctx, "inference_inputs", None)
+    return saved if held is None else tuple(held.get(i, t) for i, t in enumerate(saved))
+
+
 def op_form(t: torch.Tensor) -> bool:
     """An eager call that goes through the custom op rather than straight to its implementation: while
     torch.compile traces, on a meta tensor, under a FakeTensorMode (the op's fake form), or under torch's FLOP

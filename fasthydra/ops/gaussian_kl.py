@@ -17,6 +17,8 @@ from .small_heads import launch_small_grads
 
 def gaussian_kl_torch(mean, var, teacher_mean, teacher_var):
     """Elementwise ``KL(N(mu_t, var_t) || N(mu, var))``; autograd does the rest (K is small)."""
+    if var.requires_grad and torch.is_grad_enabled() and _common.inference_tensor(teacher_var):
+        teacher_var = teacher_var.clone()  # (made under torch.inference_mode(): var / teacher_var could not save it)
     diff = teacher_mean - mean
     return 0.5 * (torch.log(var / teacher_var) + (teacher_var + diff * diff) / var - 1.0)
 

@@ -29,7 +29,7 @@ from . import hydra_kl as _kl
 from . import linear_hydra_kl as _lin
 from . import small_heads as _small
 from . import uncertainty as _unc
-from ._common import op_form, op_temperature
+from ._common import op_form, op_temperature, save_inputs, saved_inputs
 from .checks import calling_op, flag_teacher_rows, flag_topk_teacher, poll
 
 _EMPTY = (0,)
@@ -184,7 +184,7 @@ def _hydra_kl_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)
     row_mask, temperature_t = (*rest, None, None)[:2]
-    ctx.save_for_backward(student, teacher, output[1], row_mask, temperature_t)
+    save_inputs(ctx, student, teacher, output[1], row_mask, temperature_t)
 
 
 def _traced(*tensors) -> bool:
@@ -198,7 +198,7 @@ def _hydra_kl_backward(ctx, grad_loss, *_grad_of_grads):
     if grad_loss is None:
         return (None,) * 10
     if ctx.deferred:
-        student, teacher, norms, row_mask, temperature_t = ctx.saved_tensors
+        student, teacher, norms, row_mask, temperature_t = saved_inputs(ctx)
         args = (student.detach(), teacher.detach(), norms, grad_loss, ctx.temperature, ctx.reduction, row_mask,
                 temperature_t)
         # a traced backward (compile, AOT: fake or functional tensors) sees the custom op; eager calls the
@@ -339,7 +339,7 @@ def _keep_for_launch2(ctx, inp, weight, bias, output, shared, need_in, need_w, n
     ctx.teacher_dtype = teacher_dtype
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(inp, weight, bias, output[1], row_mask, tgrad)
+    save_inputs(ctx, inp, weight, bias, output[1], row_mask, tgrad)
 
 
 @_op_body
@@ -378,7 +378,7 @@ def _small_backward(ctx, grad_loss, n_inputs: int) -> tuple:
     out = [None] * n_inputs
     if grad_loss is None:
         return tuple(out)
-    inp, weight, bias, stash, row_mask, tgrad = ctx.saved_tensors
+    inp, weight, bias, stash, row_mask, tgrad = saved_inputs(ctx)
     shared, need_in, need_w, need_b = ctx.small
     args = (inp.detach(), weight.detach(), None if bias is None else bias.detach(), stash, grad_loss, shared,
             need_in, need_w, need_b, row_mask)
@@ -466,11 +466,11 @@ def _uncertainty_fake(logits, temperature, impl, temperature_t=None):
 def _uncertainty_setup(ctx, inputs, output):
     logits, ctx.temperature, ctx.impl, *rest = inputs
     ctx.set_materialize_grads(False)  # an output nobody differentiates contributes nothing (None)
-    ctx.save_for_backward(logits, rest[0] if rest else None)
+    save_inputs(ctx, logits, rest[0] if rest else None)
 
 
 def _uncertainty_backward(ctx, g_probs, g_total, g_aleatoric, g_epistemic):
-    logits, temperature_t = ctx.saved_tensors
+    logits, temperature_t = saved_inputs(ctx)
     grads = (g_probs, g_total, g_aleatoric, g_epistemic)
     if all(g is None for g in grads):
         return None, None, None, None
@@ -543,11 +543,11 @@ def _grouped_linear_backward_fake(grad_out, inp, weight, out, shared, relu, need
 def _grouped_linear_setup(ctx, inputs, output):
     inp, weight, bias, shared, relu = inputs
     ctx.shared, ctx.relu, ctx.has_bias = shared, relu, bias is not None
-    ctx.save_for_backward(inp, weight, output if relu else None)
+    save_inputs(ctx, inp, weight, output if relu else None)
 
 
 def _grouped_linear_bwd(ctx, grad_out):
-    inp, weight, out = ctx.saved_tensors
+    inp, weight, out = saved_inputs(ctx)
     need_in, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
     backward_op = grouped_linear_backward if torch.compiler.is_compiling() else _grouped_linear_backward_impl
     g_in, g_w, g_b = backward_op(
@@ -710,13 +710,16 @@ def _hand_over_setup(ctx, inputs, output, strong: int) -> None:
 
 class _Kept:
     """An op input kept for a recomputation: the tensor itself, or a weak reference to the tensor it views
-    and the view's geometry; with the version it had."""
+    and the view's geometry; with the version it had. A tensor made under torch.inference_mode() has no version
+    counter (see _common.save_inputs), and a view of it taken outside that mode no base to hold weakly (a reshaped
+    teacher would be gone by the backward): it is kept by reference, unversioned."""
 
     __slots__ = ("ref", "weak", "geometry", "version")
 
     def __init__(self, t: torch.Tensor, weak: bool):
-        self.version = t._version
-        self.weak = weak
+        inference = t.is_inference()
+        self.version = None if inference else t._version
+        self.weak = weak = weak and not inference
         if weak:
             root = t if t._base is None else t._base
             self.ref = weakref.ref(root)
@@ -730,7 +733,7 @@ class _Kept:
             raise RuntimeError("a second backward through a fasthydra loss (retain_graph=True) recomputes its "
                                "gradients from the forward's inputs, but one of them (logits or teacher) no longer "
                                "exists: keep a reference to it until the last backward")
-        if t._version != self.version:
+        if self.version is not None and t._version != self.version:
             raise RuntimeError("one of the variables needed for gradient computation has been modified by an "
                                "inplace operation: a second backward through a fasthydra loss (retain_graph=True) "
                                "recomputes its gradients from the forward's inputs")
