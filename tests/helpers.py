@@ -85,10 +85,16 @@ def assert_close_to(actual, expected, rtol=1e-5, atol=1e-7, what=""):
 
 
 def tolerance_rule(kernel, eager, exact, atol, what=""):
-    """DESIGN section 5: the kernel's error against float64 is at most twice eager's plus atol."""
+    """DESIGN section 5: the kernel's error against float64 is at most twice eager's plus atol, plus half a unit
+    in the last place of the kernel's dtype at the result's largest magnitude: the rounding of the stored
+    result, which no computation avoids. Without it a 16-bit result of a few elements failed whenever eager's
+    happened to round near exactly: a bf16 bias gradient of 15 elements, eager 0.24 ulp off and the kernel 0.78,
+    drawn under torch 2.11 (whose bf16 random draws for a seed differ from 2.14's, which passed)."""
     exact = exact.detach().double().cpu()
     k_err = (kernel.detach().double().cpu() - exact).abs().max().item()
     e_err = (eager.detach().double().cpu() - exact).abs().max().item()
+    if kernel.dtype.is_floating_point and exact.numel():
+        atol = atol + 0.5 * torch.finfo(kernel.dtype).eps * exact.abs().max().item()
     assert k_err <= 2 * e_err + atol, f"{what}: kernel error {k_err:.3e} > 2 * eager error {e_err:.3e} + {atol:.1e}"
 
 
