@@ -53,9 +53,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_old)
 
 
+# Every test starts from this seed. FASTHYDRA_TEST_SEED draws other data: a test whose tolerance holds only for the
+# default draws is a bug (a GPU, another torch, another machine draws other values; the fortieth session found
+# one under torch 2.11), and a run under a few other seeds finds such tests before they fail elsewhere.
+TEST_SEED = int(os.environ.get("FASTHYDRA_TEST_SEED", "1234"))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
-    torch.manual_seed(1234)
+    torch.manual_seed(TEST_SEED)
     yield
 
 
