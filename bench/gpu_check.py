@@ -7,19 +7,21 @@ On a lent H200 (its image has torch, Triton, setuptools, pytest, hypothesis, pyt
     python3 -m pip install -q --no-deps --no-build-isolation -e . && PYTHONUNBUFFERED=1 \
         python3 bench/gpu_check.py --out $OUT/gpu_check.json 2>&1 | tee $OUT/gpu_check.log
 
-Built to finish within 8 minutes on an H200 (run it with a 480 s timeout): the gpu tests get at
-most 200 s, in four pytest processes side by side (before them, the host's CPU and its cost per small
-torch call, for reading host times); then the latency checks at small shapes (host and GPU time per step: the default
-small-step path, the cuBLAS path and the torch path), the copy floor and the loss with dense and top-k teachers,
-kernel and host profiles (about a minute); then the cases the targets name first, the variants and
-knobs, the rest; torch.compile only where a target names it; no new case starts after 360 s (the
-table says which were left out; the longest case, the big bf16 one with its compile, takes about a
-minute). Last, where ncu works and time is left before 450 s (--deadline-s), Nsight Compute profiles
-one step of the small cases and of the loss on logits (clocks left alone; our kernels only). The SM
-and memory clocks are sampled with nvidia-smi through the latency rows, the profiles and the cases.
-Both JSON writes keep what was measured if the run is cut short. Timing is triton.testing.do_bench
-(warm-up, L2 flushed between runs, median); peak memory is torch.cuda.max_memory_allocated above
-what was live before the step. Without CUDA it refuses with exit code 2 and changes nothing.
+Built to finish within 8 minutes on an H200 (run it with a 480 s timeout): the gpu tests get at most 200 s, in
+four pytest processes side by side (before them, the host's CPU and its cost per small torch call, for reading
+host times); then the latency checks at small shapes (host and GPU time per step: the default small-step path,
+the cuBLAS path and the torch path), the copy floor and the loss with dense and top-k teachers, kernel and
+host profiles (about a minute); then the cases the targets name first, the variants and knobs, the rest;
+torch.compile only where a target names it; no new case starts after 360 s (the table says which were left
+out; the longest case, the big bf16 one with its compile, takes about a minute). Then each figure
+bench/predictions.json predicted, against this run's (inside, below, above or missing; `python
+bench/predictions.py RECORD.json` prints it again later). Last, where ncu works and time is left before 450 s
+(--deadline-s), Nsight Compute profiles one step of the small cases and of the loss on logits (clocks left
+alone; our kernels only). The SM and memory clocks are sampled with nvidia-smi through the latency rows, the
+profiles and the cases. Both JSON writes keep what was measured if the run is cut short. Timing is
+triton.testing.do_bench (warm-up, L2 flushed between runs, median); peak memory is
+torch.cuda.max_memory_allocated above what was live before the step.
+Without CUDA it refuses with exit code 2 and changes nothing.
 """
 
 from __future__ import annotations
@@ -181,6 +183,18 @@ def variants_for(op: str, shape: str) -> list[str]:
     the small-step path), and the knobs timed at that case."""
     knobs = [name for name, knob in KNOBS.items() if knob["cases"] != "latency" and (op, shape) in knob["cases"]]
     return (list(VARIANTS) if (op, shape) in SMALL_CASES else []) + knobs
+
+
+def latency_sets(keys) -> list[tuple[str, str, tuple[str, ...]]]:
+    """(op, shape, providers) of the latency rows, for the cases in `keys` ((op, shape) pairs; the target
+    cases always): the targets' small steps with eager, the variants and the latency knobs; the host-bound
+    mid-size cases' GPU time; the small steps again with a row mask and with T a device tensor, fixed or
+    learned (against the plain rows)."""
+    sets = [(op, shape, ("fasthydra", "eager", *VARIANTS, *(k for k, v in KNOBS.items() if v["cases"] == "latency")))
+            for op, shape in dict.fromkeys((op, shape) for op, shape, _, _ in LATENCY_TARGETS)]
+    sets += [(op, shape, ("fasthydra",)) for op, shape in GRAPH_CASES if (op, shape) in keys]
+    sets += [(op, shape, (MASKED, TENSOR_T, LEARNED_T)) for op, shape in MASKED_LATENCY_CASES if (op, shape) in keys]
+    return sets
 
 
 def copy_bandwidth() -> float:
@@ -802,15 +816,8 @@ def main(argv=None) -> int:
     by_key = {(c.op, c.name): c for c in all_cases}
 
     lat_rows = []
-    latency_sets = [(op, shape, ("fasthydra", "eager", *VARIANTS,
-                                 *(k for k, v in KNOBS.items() if v["cases"] == "latency")))
-                    for op, shape in dict.fromkeys((op, shape) for op, shape, _, _ in LATENCY_TARGETS)]
-    latency_sets += [(op, shape, ("fasthydra",)) for op, shape in GRAPH_CASES if (op, shape) in by_key]
-    # a row mask at the small steps (the small-step kernels read it): against the unmasked rows above
-    latency_sets += [(op, shape, (MASKED, TENSOR_T, LEARNED_T)) for op, shape in MASKED_LATENCY_CASES
-                     if (op, shape) in by_key]
     with ClockSampler() as sampler:
-        for op, shape, providers in latency_sets:
+        for op, shape, providers in latency_sets(by_key):
             for provider in providers:
                 try:
                     with with_variant(provider):
@@ -907,6 +914,7 @@ def main(argv=None) -> int:
 
         traceback.print_exc()
         return 1
+    record["predictions"] = _against_predictions(record)
     if left_out:
         print(f"left out (time budget): {', '.join(left_out)}")
     for phase, summary in clocks.items():
@@ -937,6 +945,21 @@ def _profiles(cases, by_key, measure, title: str, line) -> dict:
         for r in out[key]:
             print("  " + (line(r) if "error" not in r else f"ERROR {r['error']}"), flush=True)
     return out
+
+
+def _against_predictions(record: dict):
+    """The figures bench/predictions.json predicted, against this run's (printed; for the record). Diagnostics
+    only: a bad predictions file costs this comparison, not the run."""
+    import predictions
+
+    try:
+        expected = predictions.load()
+        results = predictions.compare(record, expected)
+    except Exception as exc:
+        print(f"predictions: not compared ({type(exc).__name__}: {exc})", flush=True)
+        return {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    print(predictions.format_comparison(results, expected), flush=True)
+    return results
 
 
 def _write(path: str, record: dict, start: float) -> None:

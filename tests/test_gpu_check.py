@@ -13,6 +13,7 @@ sys.path.insert(0, str(BENCH))
 
 import common as C  # noqa: E402
 import gpu_check  # noqa: E402
+import predictions as P  # noqa: E402
 
 pytestmark = pytest.mark.cpu
 
@@ -306,6 +307,11 @@ def test_main_runs_end_to_end_with_the_device_parts_stubbed(tmp_path, monkeypatc
     assert "_small_heads_kl_kernel" in printed and "SM Frequency 1.98 Ghz" in printed
     assert set(record["clocks"]) == {"latency", "profiles", "cases"}
     assert record["masked"][0]["mask"] == "none" and "row mask none" in printed
+    # every prediction held against the run, printed and kept (the stand-in copy: 4000 GB/s, below the range)
+    assert [r["id"] for r in record["predictions"]] == [p["id"] for p in P.load()["predictions"]]
+    copy = next(r for r in record["predictions"] if r["id"] == "copy bandwidth")
+    assert copy["measured"] == pytest.approx(4000.0) and copy["verdict"] == "below"
+    assert "predictions (" in printed and "below   copy bandwidth" in printed
 
 
 def test_the_row_mask_rows_time_both_steps(monkeypatch):
@@ -520,3 +526,154 @@ def test_gpu_tier_runs_in_processes_side_by_side_and_is_cut_at_the_timeout(tmp_p
     assert cut["passed"] >= 2 and "test_tier.py::test_slow" not in cut["failures"]
     one = gpu_check.run_gpu_tests(60.0, workers=1, marker="stand", tests="test_tier.py", root=str(tmp_path))
     assert one["returncode"] == 1 and one["passed"] == 5 and one["failed"] == 2 and "processes" not in one
+
+
+# ----------------------------------------------------------------------------------------------
+# bench/predictions.json: the figures predicted for the next GPU run, and their comparison with a run
+# ----------------------------------------------------------------------------------------------
+
+def _leaves(what):
+    for combine in ("ratio", "difference"):
+        if combine in what:
+            for part in what[combine]:
+                yield from _leaves(part)
+            return
+    yield what
+
+
+def test_every_prediction_names_a_figure_gpu_check_records(monkeypatch):
+    """Each prediction's figure is one gpu_check writes: a row of a case it runs with that provider (a knob only
+    at its own cases, compile only where a target names it), a latency row of its latency plan, a row-mask or
+    top-k row of the names those functions give, a profile it takes, a host fact it measures. A misspelt
+    provider or case would only ever read "missing" on the GPU."""
+    import inspect
+
+    data = P.load()
+    assert len(data["predictions"]) >= 40 and data["written"] and data["basis"]
+    keys = {(c.op, c.name) for c in C.cases("cuda")}
+    lat = {(op, shape, p) for op, shape, providers in gpu_check.latency_sets(keys) for p in providers}
+    monkeypatch.setattr(gpu_check, "_do_bench", lambda fn: fn() or 1e-3)  # (the real timer wants a GPU)
+    masked_names = {(r["op"], r["mask"]) for r in gpu_check.masked_rows(b=8, d=4, m=2, c=5, device="cpu")}
+    teachers = {"dense"} | {f"top-{k}" for k in inspect.signature(gpu_check.topk_rows).parameters["ks"].default}
+    profiles = {" ".join(case) for case in gpu_check.PROFILE_CASES}
+    host = set(gpu_check.host_facts("cpu", calls=10))
+    host |= {k.replace("cpu_", "cuda_") for k in host}
+
+    def row_ok(op, shape, provider, variant_only=False):
+        if (op, shape) not in keys:
+            return False
+        if provider in gpu_check.variants_for(op, shape):
+            return True
+        if provider == gpu_check.LEARNED_T:
+            return (op, shape) in gpu_check.LEARNED_T_CASES
+        if variant_only:
+            return False
+        return provider in ("eager", "fasthydra") or (provider == "compile" and (op, shape) in gpu_check.COMPILE_CASES)
+
+    for p in data["predictions"]:
+        for leaf in _leaves(p["what"]):
+            where, src, key = leaf.get("where", {}), leaf["in"], leaf.get("key")
+            if src in ("rows", "variants"):
+                assert row_ok(where["op"], where["shape"], where["provider"], src == "variants"), p["id"]
+                assert key in (("seconds", "over_gemm_floor", "speedup_vs_eager", "speedup_vs_compile",
+                                "of_copy_bandwidth", "memory_vs_eager", "peak_memory_bytes") if src == "rows"
+                               else ("time_vs_default", "memory_vs_default")), p["id"]
+            elif src == "latency":
+                assert (where["op"], where["shape"], where["provider"]) in lat and key in ("gpu_us", "host_us"), p["id"]
+            elif src == "masked":
+                assert (where["op"], where["mask"]) in masked_names and key == "vs_no_mask", p["id"]
+            elif src == "topk":
+                assert where["teacher"] in teachers and key in ("seconds", "of_copy_bandwidth"), p["id"]
+            elif src.startswith("profiles/"):
+                assert src.split("/", 1)[1] in profiles and key == "ms_per_step" and leaf.get("match"), p["id"]
+            elif src == "host":
+                assert key in host, p["id"]
+            elif src == "tests":
+                assert key in ("seconds", "failures", "passed"), p["id"]
+            else:
+                assert src == "copy_bytes_per_s" and key is None, p["id"]
+
+
+def test_prediction_verdicts_on_a_stand_in_record():
+    """inside / below / above / missing, ratios and differences, sums over matching rows, counts, scales; error
+    rows and figures held twice read as missing."""
+    record = {
+        "rows": [{"op": "a", "shape": "s", "provider": "fasthydra", "seconds": 2e-3},
+                 {"op": "a", "shape": "s", "provider": "eager", "seconds": 8e-3},
+                 {"op": "b", "shape": "s", "provider": "fasthydra", "error": "boom"},
+                 {"op": "c", "shape": "s", "provider": "fasthydra", "seconds": 1.0},
+                 {"op": "c", "shape": "s", "provider": "fasthydra", "seconds": 2.0}],
+        "profiles": {"a s": [{"kernel": "_k_one", "ms_per_step": 0.5}, {"kernel": "_k_two", "ms_per_step": 0.25},
+                             {"kernel": "gemm", "ms_per_step": 4.0}]},
+        "tests": {"seconds": 90.0, "failures": ["t1", "t2"]}, "copy_bytes_per_s": 4.2e12}
+
+    def ms(op, provider="fasthydra"):
+        return {"in": "rows", "where": {"op": op, "shape": "s", "provider": provider}, "key": "seconds", "scale": 1e3}
+
+    figures = [
+        ("fast", ms("a"), 1.5, 2.5, "inside", 2.0),
+        ("too slow", ms("a"), 1.0, 1.5, "above", 2.0),
+        ("too fast", ms("a"), 2.5, 3.0, "below", 2.0),
+        ("error row", ms("b"), 0, 9, "missing", None),
+        ("twice", ms("c"), 0, 9, "missing", None),
+        ("absent", ms("z"), 0, 9, "missing", None),
+        ("x eager", {"ratio": [ms("a", "eager"), ms("a")]}, 3.5, 4.5, "inside", 4.0),
+        ("gap", {"difference": [ms("a", "eager"), ms("a")]}, 6.5, 7.0, "below", 6.0),
+        ("half missing", {"ratio": [ms("a"), ms("z")]}, 0, 9, "missing", None),
+        ("our kernels", {"in": "profiles/a s", "match": {"kernel": "^_k"}, "key": "ms_per_step", "sum": True},
+         0.7, 0.8, "inside", 0.75),
+        ("failures", {"in": "tests", "key": "failures", "count": True}, 0, 0, "above", 2.0),
+        ("copy", {"in": "copy_bytes_per_s", "scale": 1e-9}, 4100, 4400, "inside", 4200.0),
+        ("no profile", {"in": "profiles/b s", "match": {"kernel": "x"}, "key": "ms_per_step"}, 0, 9, "missing", None),
+    ]
+    data = {"predictions": [{"id": i, "what": w, "low": lo, "high": hi, "unit": "u", "why": "-"}
+                            for i, w, lo, hi, _, _ in figures]}
+    results = P.compare(record, data)
+    for (name, _, _, _, verdict, value), r in zip(figures, results):
+        assert r["id"] == name and r["verdict"] == verdict, r
+        assert r["measured"] == (None if value is None else pytest.approx(value)), r
+    text = P.format_comparison(results, data)
+    assert text.splitlines()[-1].strip() == "4 inside, 2 below, 2 above, 5 missing"
+
+
+def test_predictions_file_errors_name_the_entry(tmp_path):
+    good = {"id": "x", "what": {"in": "tests", "key": "seconds"}, "low": 1, "high": 2, "unit": "s", "why": "-"}
+    for bad, words in (({**good, "low": 3}, "low 3 above high 2"), ({k: v for k, v in good.items() if k != "why"},
+                                                                    "lacks why"),
+                       ({**good, "what": {"in": "tests", "keys": "seconds"}}, "unknown keys"),
+                       ({**good, "what": {"ratio": [good["what"]]}}, "ratio takes two figures")):
+        path = tmp_path / "p.json"
+        path.write_text(__import__("json").dumps({"predictions": [bad]}))
+        with pytest.raises(ValueError, match=words):
+            P.load(str(path))
+    path.write_text(__import__("json").dumps({"predictions": [good, good]}))
+    with pytest.raises(ValueError, match="ids repeat"):
+        P.load(str(path))
+
+
+def test_predictions_against_the_recorded_h200_run(tmp_path):
+    """The command on a real record (the H200's second run, 2026-11-28): the figures that run measured are read
+    from it (gpu-large linear heads 24.55 ms, above the range predicted for today's library; its 88 s gpu tier
+    without failures inside), those it did not run read as missing; a bad record path exits with 2."""
+    import json
+
+    out = tmp_path / "cmp.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "predictions.py"), str(BENCH / "h200-82867bd-gpu_check.json"),
+                           "--json", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    results = {r["id"]: r for r in json.loads(out.read_text())}
+    big = results["linear fwd+bwd gpu-large bf16"]
+    assert big["measured"] == pytest.approx(24.55, abs=0.01) and big["verdict"] == "above"
+    assert results["gpu tier: failures"]["verdict"] == "inside"
+    assert results["gpu tier: seconds"]["measured"] == pytest.approx(88.3, abs=0.1)
+    assert results["knob thin-heads, MLP gpu-large bf16"]["verdict"] == "missing"  # no such knob then
+    assert "NVIDIA H200" in proc.stdout and proc.stdout.rstrip().endswith("missing")
+    proc = subprocess.run([sys.executable, str(BENCH / "predictions.py"), str(tmp_path / "none.json")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "none.json" in proc.stderr
+    # without a record: the predictions themselves, one line each
+    proc = subprocess.run([sys.executable, str(BENCH / "predictions.py")], capture_output=True, text=True,
+                          timeout=120)
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 0 and len(lines) == 1 + len(results)
+    assert "linear fwd+bwd gpu-large bf16: 20.5 to 22.5 ms (" in proc.stdout
