@@ -14,12 +14,12 @@ the cuBLAS path and the torch path), the copy floor and the loss with dense and 
 host profiles (about a minute); then the cases the targets name first, the variants and knobs, the rest;
 torch.compile only where a target names it; no new case starts after 360 s (the table says which were left
 out; the longest case, the big bf16 one with its compile, takes about a minute). Then each figure
-bench/predictions.json predicted, against this run's (inside, below, above or missing; `python
-bench/predictions.py RECORD.json` prints it again later). Last, where ncu works and time is left before 450 s
-(--deadline-s), Nsight Compute profiles one step of the small cases and of the loss on logits (clocks left
-alone; our kernels only). The SM and memory clocks are sampled with nvidia-smi through the latency rows, the
-profiles and the cases. Both JSON writes keep what was measured if the run is cut short. Timing is
-triton.testing.do_bench (warm-up, L2 flushed between runs, median); peak memory is
+bench/predictions.json predicted, against this run's (inside, below, above or missing; the log lists those
+outside their range, `python bench/predictions.py RECORD.json` all of them). Last, where ncu works and time is
+left before 450 s (--deadline-s), Nsight Compute profiles one step of the small cases and of the loss on
+logits (clocks left alone; our kernels only). The SM and memory clocks are sampled with nvidia-smi through the
+latency rows, the profiles and the cases. Both JSON writes keep what was measured if the run is cut short.
+Timing is triton.testing.do_bench (warm-up, L2 flushed between runs, median); peak memory is
 torch.cuda.max_memory_allocated above what was live before the step.
 Without CUDA it refuses with exit code 2 and changes nothing.
 """
@@ -958,7 +958,7 @@ def _against_predictions(record: dict):
     except Exception as exc:
         print(f"predictions: not compared ({type(exc).__name__}: {exc})", flush=True)
         return {"error": f"{type(exc).__name__}: {exc}"[:300]}
-    print(predictions.format_comparison(results, expected), flush=True)
+    print(predictions.format_comparison(results, expected, brief=True), flush=True)
     return results
 
 

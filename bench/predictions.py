@@ -116,14 +116,22 @@ def _num(v: float) -> str:
     return f"{v:.4g}"
 
 
-def format_comparison(results: list[dict], predictions: dict) -> str:
-    """A short table: one line per prediction, then the count of each verdict."""
+def format_comparison(results: list[dict], predictions: dict, brief: bool = False) -> str:
+    """A short table: one line per prediction, then the count of each verdict. brief: a line for each figure
+    outside its range only, the missing ones named on one line (a run's log, whose tail is what comes back
+    first)."""
     width = max([len(r["id"]) for r in results] + [10])
-    lines = [f"predictions ({predictions.get('written', '?')}, {predictions.get('basis', '')}) against this run:"]
+    lines = [f"predictions ({predictions.get('written', '?')}, {predictions.get('basis', '')}) against this run"
+             + (" (figures outside their range):" if brief else ":")]
     for r in results:
+        if brief and r["verdict"] in ("inside", "missing"):
+            continue
         measured = "-" if r["measured"] is None else _num(r["measured"])
         lines.append(f"  {r['verdict']:7} {r['id']:{width}} {measured:>10} {r['unit']:9} "
                      f"predicted {_num(r['low'])} to {_num(r['high'])}")
+    missing = [r["id"] for r in results if r["verdict"] == "missing"]
+    if brief and missing:
+        lines.append("  missing: " + "; ".join(missing))
     counts = {v: sum(r["verdict"] == v for r in results) for v in VERDICTS}
     lines.append("  " + ", ".join(f"{n} {v}" for v, n in counts.items()))
     return "\n".join(lines)

@@ -312,6 +312,7 @@ def test_main_runs_end_to_end_with_the_device_parts_stubbed(tmp_path, monkeypatc
     copy = next(r for r in record["predictions"] if r["id"] == "copy bandwidth")
     assert copy["measured"] == pytest.approx(4000.0) and copy["verdict"] == "below"
     assert "predictions (" in printed and "below   copy bandwidth" in printed
+    assert "inside  " not in printed and "  missing: " in printed  # the log: only what fell outside, in full
 
 
 def test_the_row_mask_rows_time_both_steps(monkeypatch):
@@ -634,6 +635,10 @@ def test_prediction_verdicts_on_a_stand_in_record():
         assert r["measured"] == (None if value is None else pytest.approx(value)), r
     text = P.format_comparison(results, data)
     assert text.splitlines()[-1].strip() == "4 inside, 2 below, 2 above, 5 missing"
+    assert len(text.splitlines()) == 2 + len(figures)
+    brief = P.format_comparison(results, data, brief=True).splitlines()
+    assert [line.split()[1] for line in brief[1:5]] == ["too", "too", "gap", "failures"]
+    assert brief[5] == "  missing: error row; twice; absent; half missing; no profile" and len(brief) == 7
 
 
 def test_predictions_file_errors_name_the_entry(tmp_path):
