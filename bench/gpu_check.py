@@ -950,9 +950,9 @@ def _profiles(cases, by_key, measure, title: str, line) -> dict:
 def _against_predictions(record: dict):
     """The figures bench/predictions.json predicted, against this run's (printed; for the record). Diagnostics
     only: a bad predictions file costs this comparison, not the run."""
-    import predictions
-
     try:
+        import predictions
+
         expected = predictions.load()
         results = predictions.compare(record, expected)
     except Exception as exc:
