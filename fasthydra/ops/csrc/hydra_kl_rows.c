@@ -186,23 +186,26 @@ static void kl_row(const float *x, float mult, const float *t, float *g, float g
             du[j] += eu;
             a[j] += kept(eu > 0.0f, eu * diff); /* a masked class: 0 * -inf must read as 0 */
         }
-    float d_s = 0.0f, d_u = 0.0f, acc = 0.0f;
+    for (int64_t j = 0; c + j < n; ++j) { /* the tail, one more term in each of the first lanes */
+        float eu = e_u[c + j];
+        float diff = (t[c + j] - ref_t) * inv_t - (x[c + j] - m_x) * mult;
+        ds[j] += e_s[c + j];
+        du[j] += eu;
+        a[j] += kept(eu > 0.0f, eu * diff);
+    }
+    /* the lanes summed in double: in float that chain kept a few ulps of rounding, which log(d_s / d_u) passes
+     * on to a KL of 1e-2 as 2e-5 of its value (a random sweep case at T = 5, C = 40: 2.6x eager's error); the
+     * lanes' own sums stay float (double there cost 5 to 30% of the row's time) */
+    double d_s = 0.0, d_u = 0.0, acc = 0.0;
     for (int j = 0; j < LANES; ++j) {
         d_s += ds[j];
         d_u += du[j];
         acc += a[j];
     }
-    for (; c < n; ++c) {
-        float eu = e_u[c];
-        float diff = (t[c] - ref_t) * inv_t - (x[c] - m_x) * mult;
-        d_s += e_s[c];
-        d_u += eu;
-        acc += kept(eu > 0.0f, eu * diff);
-    }
     /* one logarithm per row (two were most of a row's time at C = 10), and log(d_s / d_u) does not
      * cancel where the student matches the teacher, as log d_s - log d_u does */
-    *loss = t2 * (acc / d_u + logf(d_s / d_u));
-    float inv_ds = 1.0f / d_s, inv_du = 1.0f / d_u;
+    *loss = t2 * (float)(acc / d_u + log(d_s / d_u));
+    float inv_ds = (float)(1.0 / d_s), inv_du = (float)(1.0 / d_u);
     if (h != NULL) { /* the teacher's gradient (unscaled), pivoted at j = the first class with t = max t */
         int64_t j = 0;
         while (j < n - 1 && !(t[j] == m_t)) ++j;
@@ -389,22 +392,22 @@ static void tile_row_stats(const float *s, float mult, const float *t, int64_t w
             du[j] += eu;
             aa[j] += kept(eu > 0.0f, eu * (us - ss)); /* a masked class: 0 * -inf must read as 0 */
         }
-    float sd_s = 0.0f, sd_u = 0.0f, sa = 0.0f;
+    for (int64_t j = 0; c + j < w; ++j) { /* the tail, one more term in each of the first lanes */
+        float us = (t[c + j] - new_t) * inv_t, ss = (s[c + j] - ref_s) * mult;
+        float eu = vexp(us);
+        ds[j] += vexp(ss);
+        du[j] += eu;
+        aa[j] += kept(eu > 0.0f, eu * (us - ss));
+    }
+    double sd_s = 0.0, sd_u = 0.0, sa = 0.0; /* the lanes summed in double, as kl_row's */
     for (int j = 0; j < LANES; ++j) {
         sd_s += ds[j];
         sd_u += du[j];
         sa += aa[j];
     }
-    for (; c < w; ++c) {
-        float us = (t[c] - new_t) * inv_t, ss = (s[c] - ref_s) * mult;
-        float eu = vexp(us);
-        sd_s += vexp(ss);
-        sd_u += eu;
-        sa += kept(eu > 0.0f, eu * (us - ss));
-    }
-    *d_s += sd_s;
-    *d_u += sd_u;
-    *a += sa;
+    *d_s = (float)(*d_s + sd_s);
+    *d_u = (float)(*d_u + sd_u);
+    *a = (float)(*a + sa);
 }
 
 /* Pass 1 over rows [r0, r1) of one tile; stats arrays indexed by the row. */
