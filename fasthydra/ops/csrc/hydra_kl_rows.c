@@ -17,7 +17,58 @@
 #include <stdint.h>
 #include <string.h>
 
-#define LANES 16
+#define LANES 16 /* row_total's tree is written for 16 */
+
+/* Row sums, SUM_ROW(n, TERM, FLUSH): TERM(k, j) adds class k's terms into float lane j, in LANES-wide steps that
+ * gcc vectorises without reassociating, and FLUSH adds the float lanes into double ones and zeroes them
+ * (lanes_flush) after every SUM_BLOCK classes and after the last whole step; the last classes then go one more
+ * term into each of the first float lanes, and row_total adds both sets of lanes up. A float lane chained over a
+ * whole row drops every term under half an ulp of its running sum: over 32000 classes of spread logits the
+ * normalisers came out 5e-7 low, a bias (torch's own softmax has it too) that the entropies and the KL then
+ * carried at 2x to 4x eager's error. Here a float lane holds at most SUM_BLOCK / LANES terms. The steps' count
+ * is computed before each block's loop: a flush tested inside the loop, or a block loop of fixed count beside
+ * a second loop for the rest of the row, cost up to 25% (gcc then vectorised the loops less well). */
+#define SUM_BLOCK 256
+#define SUM_ROW(n, TERM, FLUSH)                                         \
+    do {                                                                \
+        int64_t c_ = 0;                                                 \
+        while (c_ + LANES <= (n)) {                                     \
+            const int64_t left_ = ((n) - c_) / LANES;                   \
+            const int64_t steps_ = left_ < SUM_BLOCK / LANES ? left_ : SUM_BLOCK / LANES; \
+            for (int64_t b_ = 0; b_ < steps_; ++b_, c_ += LANES)        \
+                for (int j_ = 0; j_ < LANES; ++j_) TERM(c_ + j_, j_);   \
+            FLUSH;                                                      \
+        }                                                               \
+        for (int j_ = 0; c_ + j_ < (n); ++j_) TERM(c_ + j_, j_);        \
+    } while (0)
+
+/* float and double lanes set to 0 */
+static inline void lanes_clear(float *lane, double *blocks) {
+    for (int j = 0; j < LANES; ++j) {
+        lane[j] = 0.0f;
+        blocks[j] = 0.0;
+    }
+}
+
+/* float lanes added into double lanes, then zeroed */
+static inline void lanes_flush(double *to, float *from) {
+    for (int j = 0; j < LANES; ++j) {
+        to[j] += from[j];
+        from[j] = 0.0f;
+    }
+}
+
+/* A row's sum after SUM_ROW: its double lanes and its float lanes (the last classes), added in double as a tree
+ * (four dependent additions, not sixteen: rows of tens of classes feel them) */
+static inline double row_total(const double *blocks, const float *lane) {
+    double t[LANES];
+    for (int j = 0; j < LANES; ++j) t[j] = lane[j];
+    for (int j = 0; j < LANES; ++j) t[j] += blocks[j];
+    for (int j = 0; j < 8; ++j) t[j] += t[j + 8]; /* fixed widths: gcc unrolls these, not a loop over w */
+    for (int j = 0; j < 4; ++j) t[j] += t[j + 4];
+    for (int j = 0; j < 2; ++j) t[j] += t[j + 2];
+    return t[0] + t[1];
+}
 
 /* LOADS: no loop here reads memory under a condition. gcc 12 if-converts `e > 0 ? e * x[c] : 0` (x read only
  * where e > 0) into masked vector loads, and for AVX2 (no AVX-512) it fed the second 8-lane half of a 16-lane
@@ -174,34 +225,25 @@ static void kl_row(const float *x, float mult, const float *t, float *g, float g
         e_s[c] = vexp((x[c] - m_x) * mult);
         e_u[c] = vexp((t[c] - ref_t) * inv_t);
     }
-    /* sweep 2b: the sums, LANES partial sums each (vectorised without reassociating) */
+    /* sweep 2b: the sums (SUM_ROW); the lanes then summed in double: in float that chain kept a few ulps of
+     * rounding, which log(d_s / d_u) passes on to a KL of 1e-2 as 2e-5 of its value (a random sweep case at
+     * T = 5, C = 40: 2.6x eager's error) */
     float ds[LANES], du[LANES], a[LANES];
-    for (int j = 0; j < LANES; ++j) ds[j] = du[j] = a[j] = 0.0f;
-    int64_t c = 0;
-    for (; c + LANES <= n; c += LANES)
-        for (int j = 0; j < LANES; ++j) {
-            float eu = e_u[c + j];
-            float diff = (t[c + j] - ref_t) * inv_t - (x[c + j] - m_x) * mult;
-            ds[j] += e_s[c + j];
-            du[j] += eu;
-            a[j] += kept(eu > 0.0f, eu * diff); /* a masked class: 0 * -inf must read as 0 */
-        }
-    for (int64_t j = 0; c + j < n; ++j) { /* the tail, one more term in each of the first lanes */
-        float eu = e_u[c + j];
-        float diff = (t[c + j] - ref_t) * inv_t - (x[c + j] - m_x) * mult;
-        ds[j] += e_s[c + j];
-        du[j] += eu;
-        a[j] += kept(eu > 0.0f, eu * diff);
-    }
-    /* the lanes summed in double: in float that chain kept a few ulps of rounding, which log(d_s / d_u) passes
-     * on to a KL of 1e-2 as 2e-5 of its value (a random sweep case at T = 5, C = 40: 2.6x eager's error); the
-     * lanes' own sums stay float (double there cost 5 to 30% of the row's time) */
-    double d_s = 0.0, d_u = 0.0, acc = 0.0;
-    for (int j = 0; j < LANES; ++j) {
-        d_s += ds[j];
-        d_u += du[j];
-        acc += a[j];
-    }
+    double ds_d[LANES], du_d[LANES], a_d[LANES];
+    lanes_clear(ds, ds_d);
+    lanes_clear(du, du_d);
+    lanes_clear(a, a_d);
+#define KL_TERMS(k, j)                                                                  \
+    do {                                                                                \
+        float eu = e_u[k];                                                              \
+        float diff = (t[k] - ref_t) * inv_t - (x[k] - m_x) * mult;                      \
+        ds[j] += e_s[k];                                                                \
+        du[j] += eu;                                                                    \
+        a[j] += kept(eu > 0.0f, eu * diff); /* a masked class: 0 * -inf must read as 0 */ \
+    } while (0)
+    SUM_ROW(n, KL_TERMS, (lanes_flush(ds_d, ds), lanes_flush(du_d, du), lanes_flush(a_d, a)));
+#undef KL_TERMS
+    const double d_s = row_total(ds_d, ds), d_u = row_total(du_d, du), acc = row_total(a_d, a);
     /* one logarithm per row (two were most of a row's time at C = 10), and log(d_s / d_u) does not
      * cancel where the student matches the teacher, as log d_s - log d_u does */
     *loss = t2 * (float)(acc / d_u + log(d_s / d_u));
@@ -210,18 +252,19 @@ static void kl_row(const float *x, float mult, const float *t, float *g, float g
         int64_t j = 0;
         while (j < n - 1 && !(t[j] == m_t)) ++j;
         float x_j = x[j];
-        float mean_e = 0.0f;
-        for (c = 0; c < n; ++c) {
-            float diff = (t[c] - ref_t) * inv_t - (x[c] - x_j) * mult;
-            mean_e += kept(e_u[c] > 0.0f, e_u[c] * inv_du * diff);
-        }
-        for (c = 0; c < n; ++c) {
+        double me_d[LANES];
+        lanes_clear(a, me_d);
+#define MEAN_TERMS(k, l) a[l] += kept(e_u[k] > 0.0f, e_u[k] * inv_du * ((t[k] - ref_t) * inv_t - (x[k] - x_j) * mult))
+        SUM_ROW(n, MEAN_TERMS, lanes_flush(me_d, a));
+#undef MEAN_TERMS
+        const float mean_e = (float)row_total(me_d, a);
+        for (int64_t c = 0; c < n; ++c) {
             float diff = (t[c] - ref_t) * inv_t - (x[c] - x_j) * mult;
             h[c] = kept(e_u[c] > 0.0f, e_u[c] * inv_du * (diff - mean_e)) * g_mult;
         }
     }
     if (!want_grad) return;
-    for (c = 0; c < n; ++c) g[c] = (e_s[c] * inv_ds - e_u[c] * inv_du) * g_mult;
+    for (int64_t c = 0; c < n; ++c) g[c] = (e_s[c] * inv_ds - e_u[c] * inv_du) * g_mult;
 }
 
 /* Rows shorter than a vector (C < SHORT_ROW, e.g. 10 classes): a row's own loops never fill a vector. Here
@@ -300,7 +343,7 @@ static void kl_short_rows(const float *s, int64_t so, int64_t si, float mult, co
 }
 
 static void tile_row_stats(const float *s, float mult, const float *t, int64_t w, float inv_t, float *m_s,
-                           float *d_s, float *m_t, float *d_u, float *a);
+                           double *d_s, float *m_t, double *d_u, double *a);
 
 /* Rows [r0, r1) of s * mult and t into loss (rows,); with want_grad, (q - p) * g_mult into grad (row r at
  * grad + ROW(r, go, gi, inner): s itself where the caller consumes it, every row's s read before its q - p is
@@ -318,10 +361,11 @@ static void kl_rows_part(const float *s, int64_t so, int64_t si, float mult, con
     if (!want_grad && tgrad == NULL) { /* the loss alone: the class-tiled mode's statistics over the whole row
                                         * as one tile (the maxima, then one sweep of sums; nothing stored) */
         for (int64_t r = r0; r < r1; ++r) {
-            float m_s = -INFINITY, d_s = 0.0f, m_t = -INFINITY, d_u = 0.0f, a = 0.0f;
+            float m_s = -INFINITY, m_t = -INFINITY;
+            double d_s = 0.0, d_u = 0.0, a = 0.0;
             tile_row_stats(s + ROW(r, so, si, inner), mult, t + ROW(r, to, ti, inner), n, inv_t, &m_s, &d_s, &m_t,
                            &d_u, &a);
-            loss[r] = t2 * (a / d_u + logf(d_s / d_u));
+            loss[r] = t2 * (float)(a / d_u + log(d_s / d_u)); /* in double, as kl_row's */
         }
         return;
     }
@@ -351,9 +395,10 @@ void hydra_kl_rows(const float *s, int64_t so, int64_t si, float mult, const flo
  * a = sum exp((t - m_t) / T) * ((t - m_t) / T - (s - m_s)). When a tile raises a maximum the sums are
  * rescaled: d *= exp(old - new), a = exp(-du) * (a - d_u * (du - ds)) with du, ds the shifts.
  * KL = a / d_u - log d_u + log d_s (the logs taken on the host, per row). A -inf teacher logit masks
- * its class. */
+ * its class. The sums are double here (the loss alone keeps them so to its last step); the tiles' arrays hold
+ * them as float between tiles. */
 static void tile_row_stats(const float *s, float mult, const float *t, int64_t w, float inv_t, float *m_s,
-                           float *d_s, float *m_t, float *d_u, float *a) {
+                           double *d_s, float *m_t, double *d_u, double *a) {
     float tm_s = row_max(s, w), tm_t = row_max(t, w);
     float new_s = tm_s > *m_s ? tm_s : *m_s, new_t = tm_t > *m_t ? tm_t : *m_t;
     float ref_s = isinf(new_s) && new_s < 0 ? 0.0f : new_s;
@@ -362,61 +407,57 @@ static void tile_row_stats(const float *s, float mult, const float *t, int64_t w
     *m_s = new_s;
     if (isinf(new_t) && new_t < 0) { /* every teacher class so far masked: only the student's sum moves */
         float ds[LANES];
-        for (int j = 0; j < LANES; ++j) ds[j] = 0.0f;
-        int64_t c = 0;
-        for (; c + LANES <= w; c += LANES)
-            for (int j = 0; j < LANES; ++j) ds[j] += vexp((s[c + j] - ref_s) * mult);
-        for (int j = 0; j < LANES; ++j) *d_s += ds[j];
-        for (; c < w; ++c) *d_s += vexp((s[c] - ref_s) * mult);
+        double ds_d[LANES];
+        lanes_clear(ds, ds_d);
+#define STUDENT_TERM(k, j) ds[j] += vexp((s[k] - ref_s) * mult)
+        SUM_ROW(w, STUDENT_TERM, lanes_flush(ds_d, ds));
+#undef STUDENT_TERM
+        *d_s += row_total(ds_d, ds);
         return;
     }
     if (*d_u > 0.0f) { /* both references move: rescale the sums kept so far */
         float shift_u = (new_t - *m_t) * inv_t, scale_u = vexp(-shift_u);
         /* a maximum so far below the new one (a first tile masked at torch.finfo's min) that its terms vanish:
          * d_u * shift may overflow there, and 0 * inf would be NaN */
-        *a = scale_u == 0.0f ? 0.0f : scale_u * (*a - *d_u * (shift_u - shift_s));
+        *a = scale_u == 0.0f ? 0.0 : scale_u * (*a - *d_u * (double)(shift_u - shift_s));
         *d_u *= scale_u;
     } else {
-        *a = 0.0f;
-        *d_u = 0.0f;
+        *a = 0.0;
+        *d_u = 0.0;
     }
     *m_t = new_t;
-    float ds[LANES], du[LANES], aa[LANES];
-    for (int j = 0; j < LANES; ++j) ds[j] = du[j] = aa[j] = 0.0f;
-    int64_t c = 0;
-    for (; c + LANES <= w; c += LANES)
-        for (int j = 0; j < LANES; ++j) {
-            float us = (t[c + j] - new_t) * inv_t, ss = (s[c + j] - ref_s) * mult;
-            float eu = vexp(us);
-            ds[j] += vexp(ss);
-            du[j] += eu;
-            aa[j] += kept(eu > 0.0f, eu * (us - ss)); /* a masked class: 0 * -inf must read as 0 */
-        }
-    for (int64_t j = 0; c + j < w; ++j) { /* the tail, one more term in each of the first lanes */
-        float us = (t[c + j] - new_t) * inv_t, ss = (s[c + j] - ref_s) * mult;
-        float eu = vexp(us);
-        ds[j] += vexp(ss);
-        du[j] += eu;
-        aa[j] += kept(eu > 0.0f, eu * (us - ss));
-    }
-    double sd_s = 0.0, sd_u = 0.0, sa = 0.0; /* the lanes summed in double, as kl_row's */
-    for (int j = 0; j < LANES; ++j) {
-        sd_s += ds[j];
-        sd_u += du[j];
-        sa += aa[j];
-    }
-    *d_s = (float)(*d_s + sd_s);
-    *d_u = (float)(*d_u + sd_u);
-    *a = (float)(*a + sa);
+    float ds[LANES], du[LANES], aa[LANES]; /* summed as kl_row's */
+    double ds_d[LANES], du_d[LANES], a_d[LANES];
+    lanes_clear(ds, ds_d);
+    lanes_clear(du, du_d);
+    lanes_clear(aa, a_d);
+#define TILE_TERMS(k, j)                                                                    \
+    do {                                                                                    \
+        float us = (t[k] - new_t) * inv_t, ss = (s[k] - ref_s) * mult;                      \
+        float eu = vexp(us);                                                                \
+        ds[j] += vexp(ss);                                                                  \
+        du[j] += eu;                                                                        \
+        aa[j] += kept(eu > 0.0f, eu * (us - ss)); /* a masked class: 0 * -inf must read as 0 */ \
+    } while (0)
+    SUM_ROW(w, TILE_TERMS, (lanes_flush(ds_d, ds), lanes_flush(du_d, du), lanes_flush(a_d, aa)));
+#undef TILE_TERMS
+    *d_s += row_total(ds_d, ds);
+    *d_u += row_total(du_d, du);
+    *a += row_total(a_d, aa);
 }
 
 /* Pass 1 over rows [r0, r1) of one tile; stats arrays indexed by the row. */
 static void tile_stats_part(const float *s, int64_t so, int64_t si, const float *t, int64_t to, int64_t ti,
                             int64_t inner, int64_t r0, int64_t r1, int64_t w, float inv_t, float *m_s, float *d_s,
                             float *m_t, float *d_u, float *a) {
-    for (int64_t r = r0; r < r1; ++r)
-        tile_row_stats(s + ROW(r, so, si, inner), 1.0f, t + ROW(r, to, ti, inner), w, inv_t, m_s + r, d_s + r,
-                       m_t + r, d_u + r, a + r);
+    for (int64_t r = r0; r < r1; ++r) {
+        double ds = d_s[r], du = d_u[r], ar = a[r];
+        tile_row_stats(s + ROW(r, so, si, inner), 1.0f, t + ROW(r, to, ti, inner), w, inv_t, m_s + r, &ds, m_t + r,
+                       &du, &ar);
+        d_s[r] = (float)ds;
+        d_u[r] = (float)du;
+        a[r] = (float)ar;
+    }
 }
 
 void hydra_kl_tile_stats(const float *s, int64_t so, int64_t si, const float *t, int64_t to, int64_t ti,
@@ -472,17 +513,15 @@ static inline float vlog(float x) {
     return f + y + 0.693359375f * e;
 }
 
-/* sum of x[0, n) in LANES-wide partial sums (vectorised without reassociation flags) */
+/* sum of x[0, n) (SUM_ROW) */
 static float lane_sum(const float *x, int64_t n) {
     float acc[LANES];
-    for (int j = 0; j < LANES; ++j) acc[j] = 0.0f;
-    int64_t c = 0;
-    for (; c + LANES <= n; c += LANES)
-        for (int j = 0; j < LANES; ++j) acc[j] += x[c + j];
-    float sum = 0.0f;
-    for (int j = 0; j < LANES; ++j) sum += acc[j];
-    for (; c < n; ++c) sum += x[c];
-    return sum;
+    double acc_d[LANES];
+    lanes_clear(acc, acc_d);
+#define X_TERM(k, j) acc[j] += x[k]
+    SUM_ROW(n, X_TERM, lanes_flush(acc_d, acc));
+#undef X_TERM
+    return (float)row_total(acc_d, acc);
 }
 
 /* P = mean_m softmax(z_m / T) of one row (head stride ld_m, unit along the n classes) into p; with `entropy`,
@@ -503,17 +542,12 @@ static float mixture_row(const float *z, int64_t ld_m, int64_t m, int64_t n, flo
         float d = lane_sum(e, n);
         if (entropy) {
             float al[LANES];
-            for (int j = 0; j < LANES; ++j) al[j] = 0.0f;
-            int64_t c = 0;
-            for (; c + LANES <= n; c += LANES)
-                for (int j = 0; j < LANES; ++j) {
-                    float ev = e[c + j];
-                    al[j] += kept(ev > 0.0f, ev * ((x[c + j] - ref) * inv_t)); /* masked: 0, not 0 * -inf */
-                }
-            float a = 0.0f;
-            for (int j = 0; j < LANES; ++j) a += al[j];
-            for (; c < n; ++c) a += kept(e[c] > 0.0f, e[c] * ((x[c] - ref) * inv_t));
-            ale += logf(d) - a / d;
+            double al_d[LANES];
+            lanes_clear(al, al_d);
+#define ENTROPY_TERM(k, j) al[j] += kept(e[k] > 0.0f, e[k] * ((x[k] - ref) * inv_t)) /* masked: 0, not 0 * -inf */
+            SUM_ROW(n, ENTROPY_TERM, lanes_flush(al_d, al));
+#undef ENTROPY_TERM
+            ale += logf(d) - (float)(row_total(al_d, al) / d);
         }
         float w = inv_m / d;
         for (int64_t c = 0; c < n; ++c) p[c] += e[c] * w;
@@ -604,13 +638,12 @@ static void uncertainty_part(const float *z, int64_t ld_b, int64_t ld_m, int64_t
         /* total = -sum P log P: the logarithms as a map into the scratch row, then the sum */
         for (int64_t c = 0; c < n; ++c) e[c] = vlog(p[c] > 1.0e-37f ? p[c] : 1.0f); /* P = 0 adds 0 * log 1 */
         float tl[LANES];
-        for (int j = 0; j < LANES; ++j) tl[j] = 0.0f;
-        int64_t c = 0;
-        for (; c + LANES <= n; c += LANES)
-            for (int j = 0; j < LANES; ++j) tl[j] -= p[c + j] * e[c + j];
-        float tot = 0.0f;
-        for (int j = 0; j < LANES; ++j) tot += tl[j];
-        for (; c < n; ++c) tot -= p[c] * e[c];
+        double tl_d[LANES];
+        lanes_clear(tl, tl_d);
+#define TOTAL_TERM(k, j) tl[j] -= p[k] * e[k]
+        SUM_ROW(n, TOTAL_TERM, lanes_flush(tl_d, tl));
+#undef TOTAL_TERM
+        const float tot = (float)row_total(tl_d, tl);
         total[r] = tot;
         aleatoric[r] = ale;
         epistemic[r] = tot - ale < 0.0f ? 0.0f : tot - ale; /* a NaN row stays NaN, as torch's clamp_min */
@@ -791,14 +824,13 @@ static void uncertainty_grad_part(const float *z, int64_t ld_b, int64_t ld_m, in
                 v[c] = mix[c] - b * (pc > 0.0f ? xc - lh : 0.0f);
             }
             float sl[LANES];
-            for (int j = 0; j < LANES; ++j) sl[j] = 0.0f;
-            int64_t c = 0;
-            for (; c + LANES <= n; c += LANES)
-                for (int j = 0; j < LANES; ++j) sl[j] += p[c + j] * v[c + j];
-            float s = 0.0f;
-            for (int j = 0; j < LANES; ++j) s += sl[j];
-            for (; c < n; ++c) s += p[c] * v[c];
-            for (c = 0; c < n; ++c) out[c] = p[c] * (v[c] - s) * scale;
+            double sl_d[LANES];
+            lanes_clear(sl, sl_d);
+#define PV_TERM(k, j) sl[j] += p[k] * v[k]
+            SUM_ROW(n, PV_TERM, lanes_flush(sl_d, sl));
+#undef PV_TERM
+            const float s = (float)row_total(sl_d, sl);
+            for (int64_t c = 0; c < n; ++c) out[c] = p[c] * (v[c] - s) * scale;
         }
     }
 }
