@@ -151,11 +151,12 @@ def _check_loss_on_logits(z, kernel_loss, reference_loss, dense_teacher, loss_at
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("b,m,c,scale,atol", [(500, 8, 1000, 3.0, 1e-5), (64, 4, 32000, 1.0, 1e-6)])
+@pytest.mark.parametrize("b,m,c,scale,atol", [(500, 8, 1000, 3.0, 1e-5), (64, 4, 32000, 1.0, 3e-6)])
 def test_uncertainty_tolerance_rule(dtype, b, m, c, scale, atol):
     """The rule at rows held in registers and at long rows (32000 classes: per-thread running sums over tiles,
-    where the CPU kernel's float lanes, chained over a row, were 2x to 4x eager's error; atol 1e-6 against entropies
-    of about 10 there: interpreted, the Triton kernel's largest errors are 0.15x to 1.05x eager float32's)."""
+    where the CPU kernel's float lanes, chained over a row, were 2x to 4x eager's error; atol 3e-6 against entropies
+    of about 10 there, 2.5 float32 ulps: interpreted, the Triton kernel's largest errors are 0.15x to 1.05x eager
+    float32's, about 2e-6, and the chip's approximate exp2 adds its own)."""
     z = (torch.randn(b, m, c, device="cuda") * scale).to(dtype)
     got = uncertainty(z, impl="triton")
     eager = R.uncertainty_ref(z)
