@@ -17,7 +17,8 @@
 #include <stdint.h>
 #include <string.h>
 
-#define LANES 16 /* row_total's tree is written for 16 */
+#define LANES 16
+_Static_assert(LANES == 16, "row_total's tree is written for 16 lanes");
 
 /* Row sums, SUM_ROW(n, TERM, FLUSH): TERM(k, j) adds class k's terms into float lane j, in LANES-wide steps that
  * gcc vectorises without reassociating, and FLUSH adds the float lanes into double ones and zeroes them
