@@ -336,6 +336,81 @@ def test_no_compiler_falls_back_with_a_warning(monkeypatch, tmp_path):
                     rtol=1e-6)
 
 
+def _picky_compiler(tmp_path, rejects):
+    """A compiler (CC) that fails, as clang 14 does on ARM, when given any flag in `rejects`, and otherwise runs the
+    host's compiler, less -mcpu=native (which only ARM compilers need to know); every call's arguments go to the
+    returned log."""
+    real = native._compiler()
+    log = tmp_path / "calls.log"
+    stub = tmp_path / "picky-cc"
+    cases = "|".join(rejects)
+    stub.write_text(f"""#!/bin/sh
+echo "$*" >> '{log}'
+for a in "$@"; do
+  case "$a" in {cases}) echo "picky-cc: error: the compiler does not support '$a'" >&2; exit 1;; esac
+done
+for a in "$@"; do shift; [ "$a" = "-mcpu=native" ] || set -- "$@" "$a"; done
+exec '{real}' "$@"
+""")
+    stub.chmod(0o755)
+    return stub, log
+
+
+def _builds(log) -> list:
+    """The flag sets the log shows a build with (its --version calls left out), as tuples of the tried flags."""
+    calls = [line.split() for line in log.read_text().splitlines() if line.strip() != "--version"]
+    return [tuple(f for f in call if f.startswith(("-march", "-mcpu", "-fopenmp"))) for call in calls]
+
+
+@needs_native
+@pytest.mark.parametrize("rejects,expected", [
+    (["-march=native"], ("-mcpu=native", "-fopenmp")),  # clang < 15 on ARM: the host's CPU by -mcpu
+    (["-march=native", "-mcpu=native", "-fopenmp"], ()),  # the target's baseline, no OpenMP (Apple's clang 14)
+], ids=["no-march-native", "baseline-only"])
+def test_a_compiler_that_rejects_the_host_arch_flag_builds_with_the_next_spelling(monkeypatch, tmp_path, rejects,
+                                                                                    expected):
+    """A compiler that does not take -march=native (clang before 15 on ARM, Apple's clang 14 on an M1: the library
+    used to fall back to the torch ops there) builds the library with the next spelling of the host's CPU, else for
+    the target's baseline; the rows it computes are the library in use's, to rounding. A second process takes the
+    cached build at once: it compiles nothing, rejected sets included."""
+    if "-fopenmp" in expected and not native._library().hydra_openmp():  # (a host compiler without OpenMP)
+        expected = expected[:-1]
+    stub, log = _picky_compiler(tmp_path, rejects)
+    monkeypatch.setenv("CC", str(stub))
+    monkeypatch.setenv("FASTHYDRA_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "_built_with", native._built_with)  # (restored after the test)
+    s, t = torch.randn(37, 300) * 3, torch.randn(37, 300) * 3
+    want = native.kl_rows(s.clone(), t, 1.7, True)
+    lib = native._build()
+    tried = _builds(log)
+    assert tried[-1] == expected, tried
+    every = [tuple(f for f in flags if f.startswith(("-march", "-mcpu", "-fopenmp"))) for flags in native._flag_sets()]
+    assert tried == every[: every.index(expected) + 1]  # best first, each once
+    assert lib.hydra_openmp() == ("-fopenmp" in expected)
+    monkeypatch.setattr(native, "_lib", lib)
+    monkeypatch.setattr(native, "_team", False)
+    got = native.kl_rows(s.clone(), t, 1.7, True)
+    assert_close_to(got[0], want[0].double(), rtol=1e-5, atol=1e-6, what="loss rows")
+    assert_close_to(got[1], want[1].double(), rtol=1e-5, atol=1e-7, what="q - p")
+    log.write_text("")
+    native._build()
+    assert _builds(log) == []
+
+
+def test_a_compiler_that_rejects_every_flag_set_names_each_one(monkeypatch, tmp_path):
+    """When no flag set builds, the error (which `status()` then reports, the torch ops running) names every set
+    tried and what the compiler said."""
+    stub, log = _picky_compiler(tmp_path, ["-O3"])
+    monkeypatch.setenv("CC", str(stub))
+    monkeypatch.setenv("FASTHYDRA_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(RuntimeError) as info:
+        native._build()
+    message = str(info.value)
+    assert len(_builds(log)) == len(native._flag_sets()) == 6
+    for flags in native._flag_sets():
+        assert f"with {' '.join(flags)} failed" in message
+    assert message.count("does not support '-O3'") == 6
+
 def test_disabled_by_environment(monkeypatch):
     monkeypatch.setenv("FASTHYDRA_NATIVE", "0")
     assert native.status() == "disabled by FASTHYDRA_NATIVE=0"
@@ -434,9 +509,10 @@ def test_parts_scratch_lies_in_cache_lines_of_its_own(monkeypatch, threads_set, 
 def test_library_without_openmp_splits_rows_on_the_pool(monkeypatch, tmp_path):
     """A compiler without OpenMP builds the library without it (the Python pool then splits the rows): same
     values as the library in use."""
-    compiler = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    compiler = native._compiler()
     monkeypatch.setenv("FASTHYDRA_CACHE_DIR", str(tmp_path))
-    plain = native.ctypes.CDLL(str(native._compiled(compiler, native.FLAGS)))
+    flags = [f for f in native._built_with if f not in native.OPENMP]  # the library in use's, less OpenMP
+    plain = native.ctypes.CDLL(str(native._compiled(compiler, flags)))
     assert plain.hydra_openmp() == 0
     expected = _every_kernel()
     built = native._library()
@@ -524,7 +600,7 @@ def test_no_vector_load_is_masked(arch):
     half of them the wrong mask (wrong entropies with masked classes on AVX2 hosts, right ones on AVX-512 hosts).
     The kernels select products by kept() instead: compiled for either instruction set with the library's flags,
     no load is masked, whatever the host this runs on."""
-    flags = [f for f in native.FLAGS + native.OPENMP if f not in ("-march=native", "-shared", "-fPIC")]
+    flags = [f for f in native.FLAGS + native.OPENMP if f not in ("-shared", "-fPIC")]
     out = subprocess.run(["gcc", *flags, f"-march={arch}", "-S", "-o", "-", str(native.SOURCE)],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]

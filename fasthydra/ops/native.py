@@ -40,7 +40,12 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 SOURCE = pathlib.Path(__file__).with_name("csrc") / "hydra_kl_rows.c"
-FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
+FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
+# The host's own instruction set, in the first spelling the compiler takes: -march=native (gcc, clang 15 and later),
+# -mcpu=native, else the target's baseline (every x86-64 or ARMv8 CPU runs it). clang before 15 knows no
+# -march=native on ARM (Apple's clang 14 on an M1 or M2, Ubuntu 22.04's clang 14 on Graviton: "the clang compiler
+# does not support '-march=native'"), and a cross compiler knows no host at all.
+HOST_ARCH = (["-march=native"], ["-mcpu=native"], [])
 OPENMP = ["-fopenmp"]  # tried first; a compiler without it builds the library without (the Python pool splits rows)
 MIN_ROWS_PER_THREAD = 32  # below this a thread costs more than it saves
 # Each part's scratch starts this many floats (128 bytes: a cache line and the pair its neighbour is prefetched
@@ -54,6 +59,7 @@ _reason = "not built yet"
 _pool: ThreadPoolExecutor | None = None
 _team = False  # rows split on the OpenMP team (torch's) rather than on _pool: _library() decides
 _forked = False  # this process is a forked child: never the team
+_built_with: list = []  # the flags the library in use was built with
 
 
 def _forget_pool_after_fork() -> None:
@@ -70,24 +76,47 @@ if hasattr(os, "register_at_fork"):  # POSIX; elsewhere there is no fork
 
 
 def _cpu_signature() -> str:
+    """What tells this CPU's instruction set apart, for the cache key (a home folder shared by machines of other CPUs
+    must not hand one a library built for another): x86 Linux's model name and flags, ARM Linux's implementer, part
+    and features, elsewhere (macOS: no /proc/cpuinfo) the processor's name."""
+    keys = ("model name", "flags", "CPU implementer", "CPU architecture", "CPU variant", "CPU part", "Features")
+    seen: dict = {}
     try:
         with open("/proc/cpuinfo") as f:
-            flags = [line for line in f if line.startswith(("model name", "flags"))][:2]
-        return "".join(flags)
+            for line in f:  # the first core's lines
+                key = line.split(":", 1)[0].strip()
+                if key in keys and key not in seen:
+                    seen[key] = line
     except OSError:
-        return platform.processor() or platform.machine()
+        pass
+    if seen:
+        return "".join(seen[key] for key in keys if key in seen)
+    try:  # macOS: "Apple M2 Pro"
+        brand = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
+                               timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        brand = ""
+    return f"{platform.machine()} {platform.processor()} {brand}"
 
 
-def _library_path(compiler: str, flags: list) -> pathlib.Path:
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+def _compiler() -> str | None:
+    """$CC, else the system's cc, gcc or clang (None: none on PATH)."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def _compiler_version(compiler: str) -> str:
+    return subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+
+
+def _library_path(version: str, flags: list) -> pathlib.Path:
     key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(flags), version, _cpu_signature()]).encode())
     cache = pathlib.Path(os.environ.get("FASTHYDRA_CACHE_DIR", pathlib.Path.home() / ".cache" / "fasthydra"))
     return cache / f"hydra_kl_rows-{key.hexdigest()[:16]}.so"
 
 
-def _compiled(compiler: str, flags: list) -> pathlib.Path:
-    """The library built with these flags (from the cache when it is there)."""
-    path = _library_path(compiler, flags)
+def _compiled(compiler: str, flags: list, version: str | None = None) -> pathlib.Path:
+    """The library built with these flags (from the cache when it is there); version: the compiler's --version."""
+    path = _library_path(_compiler_version(compiler) if version is None else version, flags)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
@@ -95,7 +124,7 @@ def _compiled(compiler: str, flags: list) -> pathlib.Path:
         try:
             out = subprocess.run([compiler, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True)
             if out.returncode != 0:
-                raise RuntimeError(f"building {SOURCE.name} failed:\n{out.stderr[-2000:]}")
+                raise RuntimeError(f"building {SOURCE.name} with {' '.join(flags)} failed:\n{out.stderr[-2000:]}")
             os.replace(tmp, path)  # atomic: a racing process sees the old state or the whole library
         finally:
             if os.path.exists(tmp):
@@ -103,17 +132,35 @@ def _compiled(compiler: str, flags: list) -> pathlib.Path:
     return path
 
 
-def _build(march: str = "native") -> ctypes.CDLL:
-    """The library for this host (march "native"), or for another instruction-set level (tests: "x86-64-v3"
-    builds the AVX2 code an AVX-512 host would never run, to check its values there)."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+def _flag_sets(march: str | None = None) -> list:
+    """The flag sets to build with, best first: each spelling of the host's instruction set (HOST_ARCH; march: that
+    level only, as tests ask for x86 levels), with OpenMP and then without (Apple's clang has no OpenMP)."""
+    arches = HOST_ARCH if march is None else ([f"-march={march}"],)
+    return [FLAGS + arch + omp for arch in arches for omp in (OPENMP, [])]
+
+
+def _build(march: str | None = None) -> ctypes.CDLL:
+    """The library for this host (march None), or for another instruction-set level (tests: "x86-64-v3" builds the
+    AVX2 code an AVX-512 host would never run, to check its values there). The first flag set (_flag_sets) whose
+    library the cache holds is taken; else they are built in turn until one builds: a compiler that rejects a set
+    pays for that once, not in every process. (A set that failed once, an OpenMP runtime installed later, is tried
+    again only with another compiler version or an emptied cache.)"""
+    global _built_with
+    compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
-    flags = [f"-march={march}" if f == "-march=native" else f for f in FLAGS]
-    try:
-        path = _compiled(compiler, flags + OPENMP)
-    except RuntimeError:  # (Apple's clang, a compiler without OpenMP's runtime)
-        path = _compiled(compiler, flags)
+    version = _compiler_version(compiler)
+    sets = _flag_sets(march)
+    cached = [flags for flags in sets if _library_path(version, flags).exists()]
+    failures = []
+    for flags in cached[:1] or sets:
+        try:
+            path = _compiled(compiler, flags, version)
+            break
+        except RuntimeError as exc:
+            failures.append(str(exc))
+    else:
+        raise RuntimeError("\n".join(failures))
     lib = ctypes.CDLL(str(path))
     i64, f32, ptr, i32 = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
     rows = [ptr, i64, i64, i64, i32]  # scratch, its stride per part, r0, r1, threads
@@ -130,6 +177,8 @@ def _build(march: str = "native") -> ctypes.CDLL:
         fn.restype = None
     lib.hydra_openmp.restype = i32
     lib.hydra_openmp_entry.restype = ptr
+    if march is None:
+        _built_with = flags
     return lib
 
 
