@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .reduce import _kept_mean_factor, _last_program_sums
-from .softmax_kl import LN2, LOG2E, _kl_from_sums, _mean_e, _online_kl_update, _store_grads, _tempered_scalars
+from .softmax_kl import LOG2E, _kl_from_sums, _mean_e, _online_kl_update, _store_grads, _tempered_scalars
 
 
 @triton.jit
@@ -137,7 +137,7 @@ def _small_heads_kl_kernel(
             bad |= tl.where(tl.sum((y != y).to(tl.int32), axis=1) > 0, 1, 0)
             bad |= tl.where(m_u == float("inf"), 2, 0)
             bad |= tl.where(m_u == float("-inf"), 4, 0)
-            kl = _kl_from_sums(a * LN2, d_s, d_u) * loss_scale
+            kl = _kl_from_sums(a, d_s, d_u, inv_temp) * loss_scale
             if HAS_KEEP:
                 kl = tl.where(live, kl, 0.0)
             tl.store(loss_ptr + rows * M + m, kl, mask=row_ok)

@@ -5,13 +5,17 @@ Per row r (one (batch, head) pair), with student logits z and teacher logits t:
     dloss_r / dz_c = T * (q_c - p_c)
 The row is read in C tiles. Pass 1 keeps, per row, the running maxima m_s, m_u of the raw logits, the
 running sums d_s = sum exp((z - m_s) / T), d_u = sum exp((t - m_u) / T) and
-a = sum exp((t - m_u) / T) * ((t - m_u) - (z - m_s)) / T, rescaled whenever a maximum moves; then
-KL = a / d_u + log(d_s / d_u) (_kl_from_sums). Every term takes the difference of raw logits first and
-scales it by 1 / T after: exact at the maximum (a one-class row gives 0 however the compiler contracts a
-product into the subtraction that follows it), and |z| up to 1e4 loses nothing to cancellation.
+a = sum exp((t - m_u) / T) * ((t - m_u) - (z - m_s)) * A_SCALE, rescaled whenever a maximum moves; then
+KL = (a / d_u) * (1 / (A_SCALE T)) + log(d_s / d_u) (_kl_from_sums). Every term takes the difference of raw
+logits first and scales it by 1 / T after: exact at the maximum (a one-class row gives 0 however the compiler
+contracts a product into the subtraction that follows it), and |z| up to 1e4 loses nothing to cancellation.
 Pass 2 (only when a gradient is wanted) reads the tiles again and writes T * (q - p) * scale.
 A teacher logit of -inf masks its class: p_c = 0 and the class adds nothing to the loss, nor does a finite logit
 whose p_c underflows to 0 (torch.finfo(dtype).min, a masked_fill's mask), whatever the student's logit there.
+`a` is kept in raw-logit units times A_SCALE = 2^-24 (exact: a power of two). The sum is up to d_u (up to C)
+times the largest difference, so a student at torch.finfo's min on classes the teacher keeps (differences near
+3.4e38) overflowed it to inf where eager's loss is a finite 1e37 (until the forty-fourth session; in base-2 units,
+times log2(e) / T, one such class did at T < 1.44); a / d_u, a mean of the differences, cannot.
 """
 
 import triton
@@ -21,6 +25,9 @@ from .reduce import _kept_mean_factor, _last_program_sums
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+# `a`'s unit (module docstring): its terms times 2^-24, for any C below 2^24 classes.
+A_SCALE = tl.constexpr(5.9604644775390625e-08)
+A_UNIT = tl.constexpr(16777216.0)
 
 
 @triton.jit
@@ -71,9 +78,9 @@ def _online_kl_update(x, y, m_s, d_s, m_u, d_u, a, c, FAST_EXP: tl.constexpr = F
     raw logits. Each exponential is 2^((x - max) c): the difference taken before the scaling (exact near the
     maximum, where the probabilities that matter are: scaling first rounds each x / T to the ulp of its size,
     an error a probability near 1 then carries into q - p, and a compiler that contracts the product into
-    the subtraction keeps it even at the maximum), one multiply per exponential. ``a`` comes out in base-2
-    units (times ln 2 for nats), the sums d_s, d_u as in nats. FAST_EXP: the tile's exponentials by
-    ``_exp2``'s fast form (GPU launches).
+    the subtraction keeps it even at the maximum), one multiply per exponential. ``a`` comes out as raw-logit
+    differences times A_SCALE (_kl_from_sums turns it into nats), the sums d_s, d_u as in nats. FAST_EXP: the
+    tile's exponentials by ``_exp2``'s fast form (GPU launches).
     """
     new_m_s = tl.maximum(m_s, tl.max(x, axis=1))
     new_m_u = tl.maximum(m_u, tl.max(y, axis=1))
@@ -81,19 +88,24 @@ def _online_kl_update(x, y, m_s, d_s, m_u, d_u, a, c, FAST_EXP: tl.constexpr = F
     ref_s = tl.where(new_m_s == float("-inf"), 0.0, new_m_s)
     ref_u = tl.where(new_m_u == float("-inf"), 0.0, new_m_u)
     # Old terms of `a` were measured against the old maxima: move them to the new ones.
-    shift = ((ref_u - m_u) - (ref_s - m_s)) * c
+    shift = ((ref_u - m_u) - (ref_s - m_s)) * A_SCALE
     scale_s = _exp2((m_s - ref_s) * c, False)
     scale_u = _exp2((m_u - ref_u) * c, False)
-    sh_s = (x - ref_s[:, None]) * c
-    sh_u = (y - ref_u[:, None]) * c
+    # The differences from the maxima in A_SCALE units, x A_SCALE - ref A_SCALE: one FMA each, the same value as
+    # (x - ref) A_SCALE (a power of two scales exactly), so `a`'s terms cost no multiply more than unscaled ones;
+    # times c A_UNIT they are the exponents (x - ref) c again.
+    cu = c * A_UNIT
+    r_s = x * A_SCALE - (ref_s * A_SCALE)[:, None]
+    r_u = y * A_SCALE - (ref_u * A_SCALE)[:, None]
+    sh_s = r_s * cu
     # (scale_u == 0: nothing kept so far, or a maximum so far below the new one that its terms vanish; d_u * shift
     # may overflow there, where 0 * inf would be NaN)
     a = tl.where(scale_u == 0, 0.0, scale_u * (a - d_u * shift))
-    e_u = _exp2(sh_u, FAST_EXP)
+    e_u = _exp2(r_u * cu, FAST_EXP)
     # a class adds to `a` where its teacher probability is not 0: a -inf logit, or a finite one whose exponent
     # underflows (torch.finfo(dtype).min, a masked_fill's mask, overflows to -inf when scaled), adds 0, however
     # the student's logit there compares
-    a += tl.sum(tl.where(e_u > 0, e_u * (sh_u - sh_s), 0.0), axis=1)
+    a += tl.sum(tl.where(e_u > 0, e_u * (r_u - r_s), 0.0), axis=1)
     d_s = d_s * scale_s + tl.sum(_exp2(sh_s, FAST_EXP), axis=1)
     d_u = d_u * scale_u + tl.sum(e_u, axis=1)
     return new_m_s, d_s, new_m_u, d_u, a
@@ -129,17 +141,19 @@ def _thread_merge(m, c2):
 def _thread_kl_update(x, y, mx, dx, my, dy, a, c2):
     """Folds one (ROWS, THREADS, VEC) tile of raw student and teacher logits (-inf outside the row) into
     per-thread statistics (ROWS, THREADS): maxima mx, my of the raw logits, sums dx = sum 2^((x - mx) c2)
-    and dy likewise (c2 = log2(e) / T), and a = sum 2^((y - my) c2) ((y - my) - (x - mx)) in raw-logit
+    and dy likewise (c2 = log2(e) / T), and a = sum 2^((y - my) c2) ((y - my) - (x - mx)) A_SCALE in raw-logit
     units, rescaled when a maximum moves. Every reduction runs over VEC, inside the thread."""
     new_mx, ref_x, scale_x = _thread_max(x, mx, c2)
     new_my, ref_y, scale_y = _thread_max(y, my, c2)
     # (the zero probabilities as in _online_kl_update: selected on the exponentials, not on -inf logits)
-    a = tl.where(scale_y == 0, 0.0, scale_y * (a - dy * ((ref_y - my) - (ref_x - mx))))
-    sx = x - ref_x[:, :, None]
-    sy = y - ref_y[:, :, None]
-    ey = tl.exp2(sy * c2)
+    a = tl.where(scale_y == 0, 0.0, scale_y * (a - dy * (((ref_y - my) - (ref_x - mx)) * A_SCALE)))
+    # (the differences in A_SCALE units, one FMA each: see _online_kl_update)
+    c2u = c2 * A_UNIT
+    sx = x * A_SCALE - (ref_x * A_SCALE)[:, :, None]
+    sy = y * A_SCALE - (ref_y * A_SCALE)[:, :, None]
+    ey = tl.exp2(sy * c2u)
     a += tl.sum(tl.where(ey > 0, ey * (sy - sx), 0.0), axis=2)
-    dx = dx * scale_x + tl.sum(tl.exp2(sx * c2), axis=2)
+    dx = dx * scale_x + tl.sum(tl.exp2(sx * c2u), axis=2)
     dy = dy * scale_y + tl.sum(ey, axis=2)
     return new_mx, dx, new_my, dy, a
 
@@ -152,18 +166,19 @@ def _thread_kl_combine(mx, dx, my, dy, a, c2):
     on."""
     row_mx, ref_x, wx = _thread_merge(mx, c2)
     row_my, ref_y, wy = _thread_merge(my, c2)
-    a_row = tl.sum(tl.where(wy == 0, 0.0, wy * (a - dy * ((ref_y - my) - (ref_x - mx)))), axis=1)
+    a_row = tl.sum(tl.where(wy == 0, 0.0, wy * (a - dy * (((ref_y - my) - (ref_x - mx)) * A_SCALE))), axis=1)
     dx_row = tl.sum(tl.where(dx == 0, 0.0, wx * dx), axis=1)
     dy_row = tl.sum(tl.where(dy == 0, 0.0, wy * dy), axis=1)
     return row_mx, dx_row, row_my, dy_row, a_row
 
 
 @triton.jit
-def _kl_from_sums(a, d_s, d_u):
-    """KL of rows from pass 1's sums: a / d_u + log(d_s / d_u). One log of the normalisers' ratio, not
+def _kl_from_sums(a, d_s, d_u, inv_temp):
+    """KL of rows from pass 1's sums: (a / d_u) (A_UNIT / T) + log(d_s / d_u), `a` in A_SCALE raw-logit units
+    (the mean a / d_u first: it stays below the largest difference). One log of the normalisers' ratio, not
     log d_s - log d_u: on nearly uniform rows (a high temperature) those two logs, each about log C, cancel
     to a KL of 1e-3 and take their rounding with them (3x eager's error; the ratio's is below eager's)."""
-    return a / d_u + tl.log(d_s / d_u)
+    return (a / d_u) * (inv_temp * A_UNIT) + tl.log(d_s / d_u)
 
 
 @triton.jit
@@ -283,7 +298,7 @@ def _hydra_kl_fwd_kernel(
     a = tl.zeros((BLOCK_R,), tl.float32)
     n_nan = tl.zeros((BLOCK_R,), tl.int32)
     x_at = tl.zeros((BLOCK_R,), tl.float32)  # the student's raw logit at the teacher's most probable class
-    # Statistics of the raw logits in base-2 units (_online_kl_update), `a` back in nats after the rows.
+    # Statistics of the raw logits, exponents in base 2 (_online_kl_update); `a` in nats by _kl_from_sums.
     c2 = inv_temp * LOG2E
     if ROW_IN_REGISTERS:
         row_mask = row_ok[:, None] & (cols0 < C)[None, :]
@@ -302,7 +317,6 @@ def _hydra_kl_fwd_kernel(
             y_max = tl.max(y_row, axis=1)
             x_at = tl.max(tl.where(y_row == y_max[:, None], x_row, float("-inf")), axis=1)
         m_s, d_s, m_u, d_u, a = _online_kl_update(x_row, y_row, m_s, d_s, m_u, d_u, a, c2)
-        a = a * LN2
     elif WRITE_TGRAD:
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + cols0
@@ -315,7 +329,6 @@ def _hydra_kl_fwd_kernel(
             here = tl.max(tl.where(y == tile_max[:, None], x, float("-inf")), axis=1)
             x_at = tl.where(tile_max > m_u, here, x_at)
             m_s, d_s, m_u, d_u, a = _online_kl_update(x, y, m_s, d_s, m_u, d_u, a, c2)
-        a = a * LN2
     else:
         # Long rows, frozen teacher (the hot path at vocabulary-sized C): each thread keeps running
         # statistics over its own 16-byte slices of the row (a tile is (rows, threads, VEC): the
@@ -337,7 +350,6 @@ def _hydra_kl_fwd_kernel(
             y = tl.load(t_rows[:, :, None] + cols, mask=mask, other=float("-inf")).to(tl.float32)
             mx, dx, my, dy, ax = _thread_kl_update(x, y, mx, dx, my, dy, ax, c2)
         row_mx, d_s, row_my, d_u, a = _thread_kl_combine(mx, dx, my, dy, ax, c2)
-        a = a * inv_temp
         # the raw maxima from here on (what the norms hold; the checks below read only infinities)
         m_s, m_u = row_mx, row_my
         # A NaN teacher logit makes its thread's sum NaN and so the row's (two +inf do too: those rows
@@ -350,7 +362,7 @@ def _hydra_kl_fwd_kernel(
 
     log_d_s = tl.log(d_s)
     log_d_u = tl.log(d_u)
-    kl = _kl_from_sums(a, d_s, d_u)
+    kl = _kl_from_sums(a, d_s, d_u, inv_temp)
     if HAS_KEEP:
         kl = tl.where(kept, kl, 0.0)
     tl.store(loss_ptr + r_out * stride_lo + r_in * stride_li, kl * loss_scale, mask=row_ok)

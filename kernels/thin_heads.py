@@ -32,7 +32,7 @@ import triton.language as tl
 
 from .reduce import _last_program_sums
 from .small_heads import _heads_logits_tile
-from .softmax_kl import LN2, LOG2E, _exp2, _kl_from_sums, _online_kl_update, _tempered_scalars
+from .softmax_kl import LOG2E, _exp2, _kl_from_sums, _online_kl_update, _tempered_scalars
 
 
 @triton.jit
@@ -219,7 +219,7 @@ def _thin_heads_kl_kernel(
         if not EVEN_C:  # classes past C (t is -inf there already)
             z = tl.where((cols < C)[None, :], z, float("-inf"))
         m_s, d_s, m_u, d_u, a = _online_kl_update(z, t, m_s, d_s, m_u, d_u, a, k2, PTX)
-    kl = _kl_from_sums(a * LN2, d_s, d_u) * loss_scale
+    kl = _kl_from_sums(a, d_s, d_u, inv_temp) * loss_scale
     tl.store(loss_ptr + rows * stride_lb + m * stride_lm, kl, mask=rows_ok)
     if WRITE_GRAD:
         # dz = grad_scale (q - p), q = 2^((z - m_s) k2 - log2 d_s) (raw maxima: the difference before the

@@ -22,7 +22,7 @@ row walk (rows whole, in 16-class tiles, or under 16 classes).
 
 import pytest
 import torch
-from helpers import assert_close_to, reference_loss_and_grads
+from helpers import as_float64_copy, assert_close_to, params_of, reference_loss_and_grads
 
 from fasthydra import HydraHead, TopKTeacher, hinton_kl_loss, hydra_kl_loss, uncertainty
 from fasthydra import reference as R
@@ -102,6 +102,27 @@ def test_reference_reads_the_lowest_value_as_a_masked_class(hinton, student_valu
     assert (results[0][2][t == LOWEST] == 0).all(), "a masked teacher class gets 0"
 
 
+def _loss_rows_and_grads(kind, frozen, z64, t64, temperature, impl, device, classes, seed):
+    """One of KINDS on float64 logits (B, M, C), reduction "none", in float32 through the op and in float64
+    through the reference: (loss rows, gradients, reference rows, reference gradients, the reference teacher's
+    leaf); the gradients of the rows weighted by a random upstream per row, the student's, then the teacher's
+    unless frozen. The Hinton kinds take head 0 of z64 as the student."""
+    hinton, top_k = kind.startswith("hinton"), kind.endswith("top-k")
+    if hinton:
+        z64 = z64[:, 0]
+    z = z64.float().to(device).requires_grad_()
+    teacher, leaf = _teacher(t64.float().to(device), top_k, not frozen)
+    loss = (hinton_kl_loss if hinton else hydra_kl_loss)(z, teacher, temperature, reduction="none", impl=impl)
+    weight = torch.rand(loss.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) + 0.5
+    got = torch.autograd.grad((loss.double() * weight.to(device)).sum(), [z] if frozen else [z, leaf])
+    ref_teacher, ref_leaf = _teacher(t64, top_k, not frozen)
+    ref_z = z64.clone().requires_grad_()
+    ref = (R.hinton_kl_loss_ref if hinton else R.hydra_kl_loss_ref)(
+        ref_z, ref_teacher.densify(classes) if top_k else ref_teacher, temperature, reduction="none")
+    want = torch.autograd.grad((ref * weight).sum(), [ref_z] if frozen else [ref_z, ref_leaf])
+    return loss, got, ref, want, ref_leaf
+
+
 @pytest.mark.parametrize("impl,device", TARGETS)
 @pytest.mark.parametrize("frozen", [True, False], ids=["frozen-teacher", "teacher-grad"])
 @pytest.mark.parametrize("kind", KINDS)
@@ -109,37 +130,25 @@ def test_ops_read_the_lowest_value_as_a_masked_class(impl, device, kind, frozen,
     """Loss per row and the student's and teacher's gradients (a random upstream per row) in float32 against the
     float64 reference: finite, and 0 at every masked class. The student holds -inf, LOWEST or a finite logit at the
     teacher's masked classes."""
-    hinton, top_k = kind.startswith("hinton"), kind.endswith("top-k")
     z64, t64 = _logits(classes, NEG_INF)
-    if hinton:
-        z64 = z64[:, 0]
-    z = z64.float().to(device).requires_grad_()
-    teacher, leaf = _teacher(t64.float().to(device), top_k, not frozen)
-    loss = (hinton_kl_loss if hinton else hydra_kl_loss)(z, teacher, T, reduction="none", impl=impl)
-    weight = torch.rand(loss.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64) + 0.5
-    leaves = [z] if frozen else [z, leaf]
-    got = torch.autograd.grad((loss.double() * weight.to(device)).sum(), leaves)
-
-    ref_teacher, ref_leaf = _teacher(t64, top_k, not frozen)
-    ref_z = z64.clone().requires_grad_()
-    ref = (R.hinton_kl_loss_ref if hinton else R.hydra_kl_loss_ref)(
-        ref_z, ref_teacher.densify(classes) if top_k else ref_teacher, T, reduction="none")
-    want = torch.autograd.grad((ref * weight).sum(), [ref_z] if frozen else [ref_z, ref_leaf])
+    loss, got, ref, want, ref_leaf = _loss_rows_and_grads(kind, frozen, z64, t64, T, impl, device, classes, 2)
     assert torch.isfinite(ref).all()
     assert torch.isfinite(loss).all(), "loss"
     assert_close_to(loss, ref, rtol=2e-6, atol=1e-6, what="loss")
-    for name, g, w, masked in zip(("student", "teacher"), got, want, (z64 <= LOWEST, ref_leaf.detach() <= LOWEST)):
+    masks = ((z64[:, 0] if kind.startswith("hinton") else z64) <= LOWEST, ref_leaf.detach() <= LOWEST)
+    for name, g, w, masked in zip(("student", "teacher"), got, want, masks):
         assert torch.isfinite(g).all(), f"{name} grad"
         assert (g.cpu()[masked] == 0).all(), f"{name}: a masked class gets 0"
         assert_close_to(g, w, rtol=1e-5, atol=1e-7, what=f"{name} grad")
 
 
-UNCERTAINTY_TARGETS = [pytest.param("torch", "cpu", "1", marks=pytest.mark.cpu, id="torch-cpu-native-C"),
+# TARGETS with the CPU torch path twice: the native C kernel, and the torch ops it replaces
+NATIVE_TARGETS = [pytest.param("torch", "cpu", "1", marks=pytest.mark.cpu, id="torch-cpu-native-C"),
                        pytest.param("torch", "cpu", "0", marks=pytest.mark.cpu, id="torch-cpu-torch-ops"),
                        *(pytest.param(*p.values, "1", marks=p.marks, id=p.id) for p in TARGETS[1:])]
 
 
-@pytest.mark.parametrize("impl,device,native", UNCERTAINTY_TARGETS)
+@pytest.mark.parametrize("impl,device,native", NATIVE_TARGETS)
 def test_uncertainty_reads_the_lowest_value_as_a_masked_class(monkeypatch, impl, device, native, classes):
     """uncertainty's outputs and the gradient of a weighted sum of them with classes at LOWEST: the float64
     reference's, which is what -inf there gives. The weights make the heads' entropies' coefficient in the backward
@@ -238,3 +247,146 @@ def test_any_mask_value_at_extreme_scales_and_temperatures(impl, device, mask, s
     for name, v, eager, exact in zip(got._fields, got, R.uncertainty_ref(t.float(), temperature),
                                      R.uncertainty_ref(t, temperature)):
         _held(v, eager, exact, f"uncertainty {name}")
+
+
+def _student_lowest(c, temperature):
+    """float64 student and teacher logits (B, M, c) with the student at LOWEST on classes where the teacher keeps
+    much of its mass: on rows 0 and 1 classes 2 and 4, both at the teacher's maximum (two terms of the largest
+    difference, near 3.4e38: their sum overflowed float32 where its mean does not), on rows 2 to 5 class 2, one
+    below the maximum. The loss rows, about T p 3.4e38 (p: the teacher's mass there), lie between 1e35 and 3e38
+    (asserted: finite in float32, and in the range where the overflow was)."""
+    g = torch.Generator().manual_seed(44)
+    z = torch.randn(B, M, c, generator=g, dtype=torch.float64) * 3
+    t = torch.randn(B, M, c, generator=g, dtype=torch.float64) * 2
+    top = t.amax(-1)
+    for cls in (2, 4):
+        t[:2, :, cls] = top[:2]
+        z[:2, :, cls] = LOWEST
+    t[2:, :, 2] = top[2:] - 1.0
+    z[2:, :, 2] = LOWEST
+    ref = R.hydra_kl_loss_ref(z, t, temperature, reduction="none")
+    assert ((ref > 1e35) & (ref < 3e38)).all(), ref
+    return z, t
+
+
+@pytest.mark.parametrize("impl,device,native", NATIVE_TARGETS)
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen-teacher", "teacher-grad"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("temperature", [1.0, 1.25])
+def test_a_student_at_the_lowest_value_where_the_teacher_keeps_mass(monkeypatch, impl, device, native, kind, frozen,
+                                                                   temperature, classes):
+    """The loss rows (about 1e37) and both gradients against the float64 reference: finite, each row within 1e-5
+    relatively. Until the forty-fourth session the Triton kernels summed the rows' differences in base-2 units
+    (times log2(e) / T: one such class overflowed at T < 1.44) and unnormalised (two at the teacher's maximum
+    overflowed at any T), and so did the torch ops (the dense loss, and the class-tiled heads' loss below): inf,
+    where eager float32 gives these rows."""
+    monkeypatch.setenv("FASTHYDRA_NATIVE", native)
+    z64, t64 = _student_lowest(classes, temperature)
+    loss, got, ref, want, _ = _loss_rows_and_grads(kind, frozen, z64, t64, temperature, impl, device, classes, 3)
+    assert torch.isfinite(loss).all(), f"loss {loss.flatten()[:4]} against {ref.flatten()[:4]}"
+    rel = ((loss.double().cpu() - ref) / ref).abs().max().item()
+    assert rel <= 1e-5, f"loss rows: relative error {rel:.2e}"
+    held = [torch.ones_like(w, dtype=torch.bool) for w in want]
+    if kind == "hinton-top-k" and not frozen:
+        # The Hinton loss's teacher gradient with a top-k teacher overflows where the upstream weight is above
+        # about 1.2 (the top-k target's backward: ours as eager float32's): held where eager float32's is finite.
+        # Eager float32 overflows in every other teacher gradient here too; ours are finite there.
+        eager_teacher, eager_leaf = _teacher(t64.float(), True, True)
+        eager = R.hinton_kl_loss_ref(z64[:, 0].float(), eager_teacher.densify(classes), temperature, reduction="none")
+        weight = torch.rand(loss.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64) + 0.5
+        held[1] = torch.isfinite(torch.autograd.grad((eager.double() * weight).sum(), eager_leaf)[0])
+    for name, g, w, finite in zip(("student", "teacher"), got, want, held):
+        assert torch.isfinite(g.cpu()[finite]).all(), f"{name} grad"
+        assert_close_to(g.cpu()[finite], w[finite], rtol=1e-5, atol=1e-7, what=f"{name} grad")
+
+
+HEAD_CASES = [pytest.param("torch", "cpu", "1", "rows", marks=pytest.mark.cpu, id="torch-cpu-native-C"),
+              pytest.param("torch", "cpu", "0", "rows", marks=pytest.mark.cpu, id="torch-cpu-torch-ops"),
+              pytest.param("torch", "cpu", "1", "class-tiles", marks=pytest.mark.cpu, id="torch-cpu-native-C-tiled"),
+              pytest.param("torch", "cpu", "0", "class-tiles", marks=pytest.mark.cpu, id="torch-cpu-torch-ops-tiled"),
+              *(pytest.param("triton", dev, "1", path, marks=mark, id=f"triton-{name}-{path}")
+                for dev, mark, name in (("cpu", pytest.mark.interpret, "interpret"), ("cuda", pytest.mark.gpu, "gpu"))
+                for path in ("small", "cublas", "thin"))]
+
+
+@pytest.mark.parametrize("impl,device,native,path", HEAD_CASES)
+@pytest.mark.parametrize("hidden", [None, 5], ids=["linear", "mlp"])
+def test_heads_loss_with_a_student_at_the_lowest_value_where_the_teacher_keeps_mass(monkeypatch, impl, device,
+                                                                                   native, path, hidden):
+    """HydraHead.distill_loss with class 2's bias at LOWEST (its weight row 0: the logit is LOWEST) where the teacher
+    keeps mass (_student_lowest's teacher), on every path that forms the row statistics itself: the small-step
+    kernels, the loss kernel after cuBLAS, the thin-heads kernel (the logits formed inside it; bf16), and the torch
+    path by row blocks and in its class-tiled mode (the C tile kernel, the torch ops). The summed loss (rows near
+    3e36: a mean's or sum's float32 accumulation overflows on rows near 1e38, eager's torch.mean's too) within 1e-5 of
+    the float64 reference relatively, the gradients finite and close to it."""
+    from fasthydra.ops import _common
+    import fasthydra.ops.linear_hydra_kl as lk
+
+    monkeypatch.setenv("FASTHYDRA_NATIVE", native)
+    monkeypatch.setenv("FASTHYDRA_SMALL_STEP", "auto" if path == "small" else "0")
+    dtype = torch.float32
+    if path == "thin":
+        monkeypatch.setattr(_common, "THIN_HEADS", True)
+        ran = []
+        real = lk.launch_thin_heads_kl
+        monkeypatch.setattr(lk, "launch_thin_heads_kl", lambda *a, **k: ran.append(1) or real(*a, **k))
+        dtype = torch.bfloat16
+    if path == "class-tiles":
+        monkeypatch.setattr(lk, "TORCH_CHUNK_ELEMENTS", 1)  # any row block would be "thin": tiled mode
+        monkeypatch.setattr(lk, "TILE_ELEMENTS", 16 * B * M)  # 16-class tiles
+    temperature = 1.0
+    _, t64 = _student_lowest(48, temperature)
+    t64[:, :, 2] = t64.amax(-1) - 4.0  # rows near 3e36: their sum fits float32 (the thin-heads kernel sums them)
+    head = HydraHead(7, 48, M, hidden_features=hidden, impl=impl, dtype=dtype, device=device)
+    with torch.no_grad():
+        head.weight[:, 2] = 0.0
+        head.bias[:, 2] = torch.finfo(dtype).min
+    x = torch.randn(B, 7, dtype=dtype, device=device).requires_grad_()
+    t = t64.to(device, dtype)
+    loss = head.distill_loss(x, t, temperature, reduction="sum")
+    got = torch.autograd.grad(loss, [x, *params_of(head)])
+    p64 = as_float64_copy(head)
+    x64 = x.detach().double().cpu().requires_grad_()
+    if hidden:
+        z64 = R.mlp_heads_ref(x64, p64["hidden_weight"], p64["hidden_bias"], p64["weight"], p64["bias"])
+    else:
+        z64 = R.linear_heads_ref(x64, p64["weight"], p64["bias"])
+    want = R.hydra_kl_loss_ref(z64, t.double().cpu(), temperature, reduction="sum")
+    want_grads = torch.autograd.grad(want, [x64, *p64.values()])
+    if path == "thin":
+        assert ran, "the thin-heads kernel ran"
+    assert 1e36 < want.item() < 1e38 and torch.isfinite(loss), f"loss {loss.item()} against {want.item():.4e}"
+    rel = abs(loss.double().item() - want.item()) / want.item()
+    assert rel <= (1e-2 if dtype == torch.bfloat16 else 1e-5), f"loss {rel:.2e} off"
+    for (name, _), g, w in zip([("x", None), *head.named_parameters()], got, want_grads):
+        assert torch.isfinite(g).all(), f"grad of {name}"
+        assert_close_to(g, w, rtol=2e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-6, what=f"grad of {name}")
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("native", ["1", "0"], ids=["native-C", "torch-ops"])
+def test_class_tiled_statistics_carry_a_sum_past_float32s_range(monkeypatch, native):
+    """The torch path's class-tiled mode (forced, 16-class tiles) on one row whose KL terms add up past float32's
+    range across its tiles: the student at the lowest value on six classes, two per tile, that the teacher holds one
+    below its maximum. The row's KL, their mean, is about 1e38 and must come out within 1e-5 of float64. The
+    statistics carried between tiles (the C tile kernel's floats, the torch ops' running sum) overflowed to inf
+    until the forty-fourth session."""
+    import fasthydra.ops.linear_hydra_kl as lk
+
+    monkeypatch.setenv("FASTHYDRA_NATIVE", native)
+    monkeypatch.setattr(lk, "TORCH_CHUNK_ELEMENTS", 1)  # any row block would be "thin": tiled mode
+    monkeypatch.setattr(lk, "TILE_ELEMENTS", 16)  # 16-class tiles of one row
+    lowest = [2, 5, 20, 23, 36, 40]
+    head = HydraHead(7, 48, 1, impl="torch")
+    with torch.no_grad():
+        head.weight[0, lowest] = 0.0
+        head.bias[0, lowest] = LOWEST
+    x = torch.randn(1, 7)
+    t = torch.randn(1, 1, 48) * 2
+    t[0, 0, lowest] = t.max() - 1.0
+    with torch.no_grad():  # (the mean of one row: the class tiles)
+        loss = head.distill_loss(x, t, 1.0)
+    want, _ = reference_loss_and_grads(head, x, t, 1.0)
+    assert 1e38 < want.item() < 3e38
+    assert torch.isfinite(loss), f"{loss.item()} against {want.item():.4e}"
+    assert abs(loss.item() - want.item()) <= 1e-5 * want.item()

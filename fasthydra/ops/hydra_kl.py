@@ -164,13 +164,20 @@ def _teacher_grad(diff: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return e.sub_(mean_e).mul_(p).nan_to_num_(nan=0.0)
 
 
-def kl_from_sums(a: torch.Tensor, d_s: torch.Tensor, d_u: torch.Tensor) -> torch.Tensor:
+# The unit of a running `a` carried across class tiles (the kernels' A_SCALE, kernels/softmax_kl.py): its terms
+# times 2^-24, exact, so that no sum of up to 2^24 classes overflows; kl_from_sums(..., unit=A_UNIT) undoes it.
+A_SCALE = 2.0 ** -24
+A_UNIT = 2.0 ** 24
+
+
+def kl_from_sums(a: torch.Tensor, d_s: torch.Tensor, d_u: torch.Tensor, unit: float = 1.0) -> torch.Tensor:
     """KL of rows from their sums (each from its own row maximum: d_s = sum exp(s - max s), d_u likewise,
-    a = sum exp(u - max u) ((u - max u) - (s - max s))): a / d_u + log(d_s / d_u). One logarithm of the
+    a = sum exp(u - max u) ((u - max u) - (s - max s)) / unit): (a / d_u) unit + log(d_s / d_u), the mean
+    a / d_u first (it stays below the largest difference where `a` itself may not). One logarithm of the
     normalisers' ratio, not log d_s - log d_u: where student and teacher are close (nearly uniform rows at a
     high temperature) the two logs, each about log C, cancel to a KL of 1e-3 and take their rounding with
     them (median error 3x eager's at T = 5, C = 1000; the ratio's is a third of eager's)."""
-    return a / d_u + (d_s / d_u).log()
+    return (a / d_u).mul_(unit).add_((d_s / d_u).log_())
 
 
 def kl_chunk_torch(s: torch.Tensor, t: torch.Tensor, temperature: float, want_grad: bool, want_tgrad: bool = False):
@@ -184,7 +191,9 @@ def kl_chunk_torch(s: torch.Tensor, t: torch.Tensor, temperature: float, want_gr
 
     With u = t / T, each row measured from its own maximum (u' = u - max u, s' = s - max s: free of any
     offset of the logits), KL = a / d_u + log(d_s / d_u), a = sum_c e^{u'_c} (u'_c - s'_c), d = sum e^{.}
-    (kl_from_sums). The teacher's term is p * ((log p - log q) - KL), formed around its most probable class
+    (kl_from_sums; here the mean under p: the sum under e^{u'}, up to d_u times the largest difference,
+    overflowed to inf where a student at torch.finfo's min faces classes the teacher keeps and eager's loss is a
+    finite 1e37). The teacher's term is p * ((log p - log q) - KL), formed around its most probable class
     (_teacher_grad). Two exponentials per element, as two softmaxes.
     """
     if native.usable(s):  # fp32 on CPU: the three-sweep C row kernel (a fourth for the teacher's gradient)
@@ -198,14 +207,14 @@ def kl_chunk_torch(s: torch.Tensor, t: torch.Tensor, temperature: float, want_gr
     diff = u - s
     p = u.exp_()
     d_u = p.sum(-1)
-    # e^{u'} (u' - s'): a masked class (e^{u'} = 0, u' = -inf) gives 0 * -inf = NaN, which is its exact value
-    # 0; +inf (a student -inf where the teacher has mass) is the true KL and stays
-    a = (diff * p if want_tgrad else diff.mul_(p)).nan_to_num_(nan=0.0, posinf=math.inf,
-                                                                neginf=-math.inf).sum(-1)
     p.div_(d_u.unsqueeze(-1))
+    # p (u' - s'): a masked class (p = 0, u' = -inf) gives 0 * -inf = NaN, which is its exact value 0; +inf (a
+    # student -inf where the teacher has mass) is the true KL and stays
+    mean_a = (diff * p if want_tgrad else diff.mul_(p)).nan_to_num_(nan=0.0, posinf=math.inf,
+                                                                     neginf=-math.inf).sum(-1)
     q = s.exp_()
     d_s = q.sum(-1)
-    loss = kl_from_sums(a, d_s, d_u).mul_(temperature * temperature)
+    loss = mean_a.add_((d_s / d_u).log_()).mul_(temperature * temperature)  # (the log ratio: kl_from_sums)
     tgrad = _teacher_grad(diff, p) if want_tgrad else None
     if not want_grad:
         return loss, None, tgrad

@@ -36,6 +36,8 @@ from .checks import after_launch
 from .small_heads import linear_hydra_kl_forward_small
 from .thin_heads import launch_thin_heads_kl
 from .hydra_kl import (
+    A_SCALE,
+    A_UNIT,
     _teacher_grad,
     kept_mean_factor,
     kl_chunk_topk_torch,
@@ -70,7 +72,9 @@ TILE_ELEMENTS = 1 << 19
 def _online_kl_stats(s, u, stats):
     """Folds one class tile into the per-row statistics, as the Triton kernel does (see
     kernels/softmax_kl.py): running maxima m_s, m_u, sums d_s, d_u and a = sum exp(u - m_u) *
-    ((u - m_u) - (s - m_s)). s and u (tempered) are consumed."""
+    ((u - m_u) - (s - m_s)) * A_SCALE (the kernels' unit: a sum of up to C terms each as large as the
+    largest difference must not overflow; kl_from_sums(..., unit=A_UNIT) takes it). s and u (tempered) are
+    consumed."""
     m_s, d_s, m_u, d_u, a = stats
     new_ms = torch.maximum(m_s, s.amax(-1))
     new_mu = torch.maximum(m_u, u.amax(-1))
@@ -80,14 +84,14 @@ def _online_kl_stats(s, u, stats):
     scale_u = torch.exp(m_u - ref_u)
     # 0 where nothing was kept so far, or the old maximum lies so far below the new one (a first tile masked at
     # torch.finfo's min) that its terms vanish: d_u * shift may overflow there, and 0 * inf would be NaN
-    a = torch.where(scale_u == 0, 0.0, scale_u * (a - d_u * shift))
+    a = torch.where(scale_u == 0, 0.0, scale_u * (a - d_u * (shift * A_SCALE)))
     d_s = d_s * torch.exp(m_s - ref_s)
     d_u = d_u * scale_u
     sh_s = s.sub_(ref_s.unsqueeze(-1))
     sh_u = u.sub_(ref_u.unsqueeze(-1))
     e_u = sh_u.exp()
     d_u = d_u + e_u.sum(-1)
-    a = a + sh_u.sub_(sh_s).mul_(e_u).nan_to_num_(nan=0.0).sum(-1)  # masked classes: 0 * -inf -> 0
+    a = a + sh_u.sub_(sh_s).mul_(e_u).nan_to_num_(nan=0.0).mul_(A_SCALE).sum(-1)  # masked classes: 0 * -inf -> 0
     d_s = d_s + sh_s.exp_().sum(-1)
     return new_ms, d_s, new_mu, d_u, a
 
@@ -139,7 +143,7 @@ def _class_tiled_block(xc, w, bias_c, tb, temperature, want_grad, shared, beta, 
         stats = _online_kl_stats(s, u, stats)
     m_s, d_s, m_u, d_u, a = stats
     log_d_s, log_d_u = d_s.log(), d_u.log()
-    kl = kl_from_sums(a, d_s, d_u)
+    kl = kl_from_sums(a, d_s, d_u, A_UNIT)
     # Log-probabilities as (logit - row max) - log d: the large max cancels exactly first, so a logit
     # of 1e3 does not cost the small log d its digits (as logit - (max + log d) would).
     ref_u = torch.where(torch.isneginf(m_u), 0.0, m_u).unsqueeze(-1)
@@ -179,7 +183,7 @@ def _class_tiled_in_c(tiles, m, bc, temperature, want_grad, shared, xs, w, beta,
         native.tile_stats(s, t, stats, temperature)
     m_s, d_s, m_t, d_u, a = stats
     log_d_s, log_d_u = d_s.log(), d_u.log()
-    loss = kl_from_sums(a, d_s, d_u).mul_(temperature * temperature).view(m, bc).T
+    loss = kl_from_sums(a, d_s, d_u, A_UNIT).mul_(temperature * temperature).view(m, bc).T
     if want_grad:
         _tiles_into_grads(((c0, c1, native.tile_grad(s, t, m_s, log_d_s, m_t, log_d_u, temperature))
                            for c0, c1, s, t in tiles()), shared, xs, w, beta, scale, grads)

@@ -43,6 +43,20 @@ _Static_assert(LANES == 16, "row_total's tree is written for 16 lanes");
         for (int j_ = 0; c_ + j_ < (n); ++j_) TERM(c_ + j_, j_);        \
     } while (0)
 
+/* The KL's sum a = sum e_u * diff goes into its float lanes scaled by LANE_SCALE: a lane holds at most 16 terms
+ * (SUM_BLOCK / LANES, or a short row's n < SHORT_ROW), each at most the largest difference (e_u <= 1), so their sum
+ * cannot overflow where the row's mean a / d_u does not: a student at torch.finfo's min on classes the teacher
+ * keeps makes differences near 3.4e38, and 17 of them in one lane read inf where eager's loss is a finite 1e37.
+ * Exact (a power of two); a term under 16 times the smallest normal float turns subnormal instead (it adds
+ * nothing a double sum of normal terms keeps). Row sums come back in plain units (times LANE_UNIT, in double). */
+#define LANE_SCALE 0.0625f
+#define LANE_UNIT 16.0
+_Static_assert(SUM_BLOCK / LANES == 16, "LANE_SCALE is 1 / (terms per float lane)");
+/* Between tiles (hydra_kl_tile_stats) `a` is held as float in A_SCALE units, 2^-24, as the torch ops' class-tiled
+ * statistics are (fasthydra/ops/hydra_kl.py): a double sum of up to 2^24 classes fits it. */
+#define A_SCALE 5.9604644775390625e-08
+#define A_UNIT 16777216.0
+
 /* float and double lanes set to 0 */
 static inline void lanes_clear(float *lane, double *blocks) {
     for (int j = 0; j < LANES; ++j) {
@@ -240,11 +254,11 @@ static void kl_row(const float *x, float mult, const float *t, float *g, float g
         float diff = (t[k] - ref_t) * inv_t - (x[k] - m_x) * mult;                      \
         ds[j] += e_s[k];                                                                \
         du[j] += eu;                                                                    \
-        a[j] += kept(eu > 0.0f, eu * diff); /* a masked class: 0 * -inf must read as 0 */ \
+        a[j] += kept(eu > 0.0f, eu * diff * LANE_SCALE); /* a masked class: 0 * -inf reads as 0 */ \
     } while (0)
     SUM_ROW(n, KL_TERMS, (lanes_flush(ds_d, ds), lanes_flush(du_d, du), lanes_flush(a_d, a)));
 #undef KL_TERMS
-    const double d_s = row_total(ds_d, ds), d_u = row_total(du_d, du), acc = row_total(a_d, a);
+    const double d_s = row_total(ds_d, ds), d_u = row_total(du_d, du), acc = row_total(a_d, a) * LANE_UNIT;
     /* one logarithm per row (two were most of a row's time at C = 10), and log(d_s / d_u) does not
      * cancel where the student matches the teacher, as log d_s - log d_u does */
     *loss = t2 * (float)(acc / d_u + log(d_s / d_u));
@@ -274,6 +288,7 @@ static void kl_row(const float *x, float mult, const float *t, float *g, float g
  * lane; the rows are copied in and q - p copied out. Per row the same formulas as kl_row, each sum taken in
  * class order. Row offsets are stepped (no division per row). */
 #define SHORT_ROW 16
+_Static_assert(SHORT_ROW <= 16, "a short row's terms in one float lane: LANE_SCALE");
 #define SHORT_BLOCK 64
 
 static void kl_short_rows(const float *s, int64_t so, int64_t si, float mult, const float *t, int64_t to,
@@ -316,11 +331,12 @@ static void kl_short_rows(const float *s, int64_t so, int64_t si, float mult, co
                 float es = vexp(ss), eu = vexp(us);
                 d_s[i] += es;
                 d_u[i] += eu;
-                acc[i] += kept(eu > 0.0f, eu * diff); /* a masked class: 0 * -inf must read as 0 */
+                acc[i] += kept(eu > 0.0f, eu * diff * LANE_SCALE); /* a masked class: 0 * -inf reads as 0 */
                 *ps = es;
                 *pu = eu;
             }
-        for (int64_t i = 0; i < rows; ++i) loss[b0 + i] = t2 * (acc[i] / d_u[i] + logf(d_s[i] / d_u[i]));
+        for (int64_t i = 0; i < rows; ++i)
+            loss[b0 + i] = t2 * ((acc[i] / d_u[i]) * (float)LANE_UNIT + logf(d_s[i] / d_u[i]));
         if (!want_grad) continue;
         for (int64_t i = 0; i < rows; ++i) {
             d_s[i] = 1.0f / d_s[i];
@@ -397,7 +413,7 @@ void hydra_kl_rows(const float *s, int64_t so, int64_t si, float mult, const flo
  * rescaled: d *= exp(old - new), a = exp(-du) * (a - d_u * (du - ds)) with du, ds the shifts.
  * KL = a / d_u - log d_u + log d_s (the logs taken on the host, per row). A -inf teacher logit masks
  * its class. The sums are double here (the loss alone keeps them so to its last step); the tiles' arrays hold
- * them as float between tiles. */
+ * them as float between tiles, `a` in A_SCALE units. */
 static void tile_row_stats(const float *s, float mult, const float *t, int64_t w, float inv_t, float *m_s,
                            double *d_s, float *m_t, double *d_u, double *a) {
     float tm_s = row_max(s, w), tm_t = row_max(t, w);
@@ -438,13 +454,13 @@ static void tile_row_stats(const float *s, float mult, const float *t, int64_t w
         float eu = vexp(us);                                                                \
         ds[j] += vexp(ss);                                                                  \
         du[j] += eu;                                                                        \
-        aa[j] += kept(eu > 0.0f, eu * (us - ss)); /* a masked class: 0 * -inf must read as 0 */ \
+        aa[j] += kept(eu > 0.0f, eu * (us - ss) * LANE_SCALE); /* masked: 0 * -inf reads as 0 */ \
     } while (0)
     SUM_ROW(w, TILE_TERMS, (lanes_flush(ds_d, ds), lanes_flush(du_d, du), lanes_flush(a_d, aa)));
 #undef TILE_TERMS
     *d_s += row_total(ds_d, ds);
     *d_u += row_total(du_d, du);
-    *a += row_total(a_d, aa);
+    *a += row_total(a_d, aa) * LANE_UNIT;
 }
 
 /* Pass 1 over rows [r0, r1) of one tile; stats arrays indexed by the row. */
@@ -452,12 +468,12 @@ static void tile_stats_part(const float *s, int64_t so, int64_t si, const float 
                             int64_t inner, int64_t r0, int64_t r1, int64_t w, float inv_t, float *m_s, float *d_s,
                             float *m_t, float *d_u, float *a) {
     for (int64_t r = r0; r < r1; ++r) {
-        double ds = d_s[r], du = d_u[r], ar = a[r];
+        double ds = d_s[r], du = d_u[r], ar = a[r] * A_UNIT;
         tile_row_stats(s + ROW(r, so, si, inner), 1.0f, t + ROW(r, to, ti, inner), w, inv_t, m_s + r, &ds, m_t + r,
                        &du, &ar);
         d_s[r] = (float)ds;
         d_u[r] = (float)du;
-        a[r] = (float)ar;
+        a[r] = (float)(ar * A_SCALE);
     }
 }
 
