@@ -506,12 +506,24 @@ def test_parts_scratch_lies_in_cache_lines_of_its_own(monkeypatch, threads_set, 
 
 
 @needs_native
+def test_build_flags_name_the_library_in_use(monkeypatch):
+    """build_flags() gives the flags of the library this process loaded: one of the flag sets, whose cache path is
+    the file loaded; None where the torch ops run."""
+    flags = native.build_flags()
+    assert flags in native._flag_sets(), flags
+    path = native._library_paths(native._compiler_version(native._compiler()), [flags])[0]
+    assert native._library()._name == str(path)
+    monkeypatch.setenv("FASTHYDRA_NATIVE", "0")
+    assert native.build_flags() is None
+
+
+@needs_native
 def test_library_without_openmp_splits_rows_on_the_pool(monkeypatch, tmp_path):
     """A compiler without OpenMP builds the library without it (the Python pool then splits the rows): same
     values as the library in use."""
     compiler = native._compiler()
     monkeypatch.setenv("FASTHYDRA_CACHE_DIR", str(tmp_path))
-    flags = [f for f in native._built_with if f not in native.OPENMP]  # the library in use's, less OpenMP
+    flags = [f for f in native.build_flags() if f not in native.OPENMP]  # the library in use's, less OpenMP
     plain = native.ctypes.CDLL(str(native._compiled(compiler, flags)))
     assert plain.hydra_openmp() == 0
     expected = _every_kernel()

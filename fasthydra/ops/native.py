@@ -20,7 +20,7 @@ The library is compiled on first use with the system C compiler (``cc``; gcc or 
 ``$FASTHYDRA_CACHE_DIR`` (default ``~/.cache/fasthydra``), keyed by the source, the flags, the
 compiler and the CPU, and written atomically so that several processes may race safely. No
 compiler, a failed build or ``FASTHYDRA_NATIVE=0`` all fall back to the torch ops (same results to
-float rounding); ``status()`` says which one runs and why.
+float rounding); ``status()`` says which one runs and why, ``build_flags()`` with which flags it was built.
 """
 
 from __future__ import annotations
@@ -108,15 +108,21 @@ def _compiler_version(compiler: str) -> str:
     return subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
 
 
-def _library_path(version: str, flags: list) -> pathlib.Path:
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(flags), version, _cpu_signature()]).encode())
+def _library_paths(version: str, sets: list) -> list:
+    """Where the cache keeps the library built with each flag set: keyed by the source, the flags, the compiler's
+    --version and the CPU (the source and the CPU read once for all the sets)."""
+    source, cpu = SOURCE.read_text(), _cpu_signature()
     cache = pathlib.Path(os.environ.get("FASTHYDRA_CACHE_DIR", pathlib.Path.home() / ".cache" / "fasthydra"))
-    return cache / f"hydra_kl_rows-{key.hexdigest()[:16]}.so"
+    keys = (hashlib.sha256("\n".join([source, " ".join(flags), version, cpu]).encode()) for flags in sets)
+    return [cache / f"hydra_kl_rows-{key.hexdigest()[:16]}.so" for key in keys]
 
 
-def _compiled(compiler: str, flags: list, version: str | None = None) -> pathlib.Path:
-    """The library built with these flags (from the cache when it is there); version: the compiler's --version."""
-    path = _library_path(_compiler_version(compiler) if version is None else version, flags)
+def _compiled(compiler: str, flags: list, version: str | None = None, path: pathlib.Path | None = None
+              ) -> pathlib.Path:
+    """The library built with these flags (from the cache when it is there); version: the compiler's --version,
+    path: the cache's path for them (_library_paths) where the caller has it."""
+    if path is None:
+        path = _library_paths(_compiler_version(compiler) if version is None else version, [flags])[0]
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
@@ -150,12 +156,13 @@ def _build(march: str | None = None) -> ctypes.CDLL:
     if compiler is None:
         raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
     version = _compiler_version(compiler)
-    sets = _flag_sets(march)
-    cached = [flags for flags in sets if _library_path(version, flags).exists()]
+    flag_sets = _flag_sets(march)
+    sets = list(zip(flag_sets, _library_paths(version, flag_sets)))
+    cached = [(flags, path) for flags, path in sets if path.exists()]
     failures = []
-    for flags in cached[:1] or sets:
+    for flags, path in cached[:1] or sets:
         try:
-            path = _compiled(compiler, flags, version)
+            path = _compiled(compiler, flags, version, path)
             break
         except RuntimeError as exc:
             failures.append(str(exc))
@@ -226,6 +233,14 @@ def status() -> str:
         return "disabled by FASTHYDRA_NATIVE=0"
     _library()
     return _reason
+
+
+def build_flags() -> list | None:
+    """The compiler flags of the library in use (e.g. ["-O3", ..., "-march=native", "-fopenmp"]: which spelling of
+    the host's instruction set and whether OpenMP were taken, for a bug report), None where the torch ops run."""
+    if status() != "ok":
+        return None
+    return list(_built_with)
 
 
 def usable(s: torch.Tensor) -> bool:
