@@ -165,19 +165,19 @@ def _teacher_grad(diff: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 
 
 # The unit of a running `a` carried across class tiles (the kernels' A_SCALE, kernels/softmax_kl.py): its terms
-# times 2^-24, exact, so that no sum of up to 2^24 classes overflows; kl_from_sums(..., unit=A_UNIT) undoes it.
+# times 2^-24, exact, so that no sum of up to 2^24 classes overflows; kl_from_sums undoes it.
 A_SCALE = 2.0 ** -24
 A_UNIT = 2.0 ** 24
 
 
-def kl_from_sums(a: torch.Tensor, d_s: torch.Tensor, d_u: torch.Tensor, unit: float = 1.0) -> torch.Tensor:
+def kl_from_sums(a: torch.Tensor, d_s: torch.Tensor, d_u: torch.Tensor) -> torch.Tensor:
     """KL of rows from their sums (each from its own row maximum: d_s = sum exp(s - max s), d_u likewise,
-    a = sum exp(u - max u) ((u - max u) - (s - max s)) / unit): (a / d_u) unit + log(d_s / d_u), the mean
+    a = sum exp(u - max u) ((u - max u) - (s - max s)) * A_SCALE): (a / d_u) A_UNIT + log(d_s / d_u), the mean
     a / d_u first (it stays below the largest difference where `a` itself may not). One logarithm of the
     normalisers' ratio, not log d_s - log d_u: where student and teacher are close (nearly uniform rows at a
     high temperature) the two logs, each about log C, cancel to a KL of 1e-3 and take their rounding with
     them (median error 3x eager's at T = 5, C = 1000; the ratio's is a third of eager's)."""
-    return (a / d_u).mul_(unit).add_((d_s / d_u).log_())
+    return (a / d_u).mul_(A_UNIT).add_((d_s / d_u).log_())
 
 
 def kl_chunk_torch(s: torch.Tensor, t: torch.Tensor, temperature: float, want_grad: bool, want_tgrad: bool = False):

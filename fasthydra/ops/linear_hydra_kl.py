@@ -37,7 +37,6 @@ from .small_heads import linear_hydra_kl_forward_small
 from .thin_heads import launch_thin_heads_kl
 from .hydra_kl import (
     A_SCALE,
-    A_UNIT,
     _teacher_grad,
     kept_mean_factor,
     kl_chunk_topk_torch,
@@ -73,7 +72,7 @@ def _online_kl_stats(s, u, stats):
     """Folds one class tile into the per-row statistics, as the Triton kernel does (see
     kernels/softmax_kl.py): running maxima m_s, m_u, sums d_s, d_u and a = sum exp(u - m_u) *
     ((u - m_u) - (s - m_s)) * A_SCALE (the kernels' unit: a sum of up to C terms each as large as the
-    largest difference must not overflow; kl_from_sums(..., unit=A_UNIT) takes it). s and u (tempered) are
+    largest difference must not overflow; kl_from_sums takes it). s and u (tempered) are
     consumed."""
     m_s, d_s, m_u, d_u, a = stats
     new_ms = torch.maximum(m_s, s.amax(-1))
@@ -143,7 +142,7 @@ def _class_tiled_block(xc, w, bias_c, tb, temperature, want_grad, shared, beta, 
         stats = _online_kl_stats(s, u, stats)
     m_s, d_s, m_u, d_u, a = stats
     log_d_s, log_d_u = d_s.log(), d_u.log()
-    kl = kl_from_sums(a, d_s, d_u, A_UNIT)
+    kl = kl_from_sums(a, d_s, d_u)
     # Log-probabilities as (logit - row max) - log d: the large max cancels exactly first, so a logit
     # of 1e3 does not cost the small log d its digits (as logit - (max + log d) would).
     ref_u = torch.where(torch.isneginf(m_u), 0.0, m_u).unsqueeze(-1)
@@ -183,7 +182,7 @@ def _class_tiled_in_c(tiles, m, bc, temperature, want_grad, shared, xs, w, beta,
         native.tile_stats(s, t, stats, temperature)
     m_s, d_s, m_t, d_u, a = stats
     log_d_s, log_d_u = d_s.log(), d_u.log()
-    loss = kl_from_sums(a, d_s, d_u, A_UNIT).mul_(temperature * temperature).view(m, bc).T
+    loss = kl_from_sums(a, d_s, d_u).mul_(temperature * temperature).view(m, bc).T
     if want_grad:
         _tiles_into_grads(((c0, c1, native.tile_grad(s, t, m_s, log_d_s, m_t, log_d_u, temperature))
                            for c0, c1, s, t in tiles()), shared, xs, w, beta, scale, grads)

@@ -321,7 +321,7 @@ def tile_usable(s: torch.Tensor, t: torch.Tensor) -> bool:
 
 def tile_stats_init(rows: int) -> tuple:
     """Per-row statistics (m_s, d_s, m_t, d_u, a) before the first tile: maxima -inf, sums 0 (`a` in A_SCALE units,
-    as hydra_kl.py's: kl_from_sums(..., unit=A_UNIT))."""
+    as hydra_kl.py's kl_from_sums takes it)."""
     inf = torch.full((rows,), float("-inf"), dtype=torch.float32)
     return inf, torch.zeros(rows), inf.clone(), torch.zeros(rows), torch.zeros(rows)
 
