@@ -1159,9 +1159,20 @@ def test_heads_paths_with_extreme_logits_and_masked_rows(gemm):
     loss = head.distill_loss(x, t, temperature=1.3)
     grads = torch.autograd.grad(loss, [x, *params_of(head)])
     loss_ref, grads_ref = reference_loss_and_grads(head, x, t, 1.3)
-    eager = R.hydra_kl_loss_ref(R.linear_heads_ref(x, head.weight, head.bias), t, 1.3)
+    eager_z = R.linear_heads_ref(x, head.weight, head.bias)
+    eager = R.hydra_kl_loss_ref(eager_z, t, 1.3)
     eager_grads = torch.autograd.grad(eager, [x, *params_of(head)])
-    tolerance_rule(loss, eager, loss_ref, atol=1e-5, what="loss")
+    with torch.no_grad():  # each row (about 1e3 here) held to the rule on its own
+        rows = head.distill_loss(x, t, temperature=1.3, reduction="none")
+        rows_eager = R.hydra_kl_loss_ref(eager_z, t, 1.3, reduction="none")
+        rows_ref = R.hydra_kl_loss_ref(R.linear_heads_ref(x.double(), head.weight.double(), head.bias.double()),
+                                       t.double(), 1.3, reduction="none")
+    tolerance_rule(rows, rows_eager, rows_ref, atol=1e-5, what="loss rows")
+    # The mean of 63 such rows in float32 carries a few units in the last place of the largest row whatever the
+    # order of the sum: eager's landed 0.1 unit of the mean off under one seed (FASTHYDRA_TEST_SEED=9), the
+    # kernel's reduction 1.9, its rows as eager's (the same largest error)
+    summed = 2 * torch.finfo(torch.float32).eps * rows_ref.abs().max().item()
+    tolerance_rule(loss, eager, loss_ref, atol=1e-5 + summed, what="loss")
     for name, g, e, g_ref in zip(["x", "weight", "bias"], grads, eager_grads, grads_ref):
         tolerance_rule(g, e, g_ref, atol=1e-5 * g_ref.abs().max().item(), what=name)
 
