@@ -20,6 +20,8 @@ under TRITON_INTERPRET=1; gpu tier: the same kernels compiled. The `classes` fix
 row walk (rows whole, in 16-class tiles, or under 16 classes).
 """
 
+import math
+
 import pytest
 import torch
 from helpers import as_float64_copy, assert_close_to, params_of, reference_loss_and_grads
@@ -366,27 +368,45 @@ def test_heads_loss_with_a_student_at_the_lowest_value_where_the_teacher_keeps_m
 @pytest.mark.cpu
 @pytest.mark.parametrize("native", ["1", "0"], ids=["native-C", "torch-ops"])
 def test_class_tiled_statistics_carry_a_sum_past_float32s_range(monkeypatch, native):
-    """The torch path's class-tiled mode (forced, 16-class tiles) on one row whose KL terms add up past float32's
-    range across its tiles: the student at the lowest value on six classes, two per tile, that the teacher holds one
-    below its maximum. The row's KL, their mean, is about 1e38 and must come out within 1e-5 of float64. The
-    statistics carried between tiles (the C tile kernel's floats, the torch ops' running sum) overflowed to inf
-    until the forty-fourth session."""
+    """The torch path's class-tiled mode (forced, 16-class tiles, and checked to run) on two rows whose KL terms add
+    up past float32's range across their tiles: the student at the lowest value on six classes, two per tile, that
+    together hold 60% of the teacher's mass, each at least a quarter of the teacher's largest probability (class
+    0's, held above the rest). Their unnormalised terms then add up to at least 6 * 0.25 * 3.4e38, past float32's
+    range, for any draw of the other classes; that row's KL is about 0.6 * 3.4e38 (the other row masks the six
+    classes), and the mean must come out within 1e-5 of float64. The statistics carried between tiles (the C tile
+    kernel's floats, the torch ops' running sum) overflowed to inf until the forty-fourth session.
+    Until the forty-sixth this test ran one row, and a block of one row is never thin: it took the row mode and
+    never reached the tiles (a mutation that left the torch ops' running sum unscaled passed it). The six classes
+    also sat one below the teacher's maximum, which left their mass to the random draw (26% and a KL of 8.7e37,
+    below the range asserted, under FASTHYDRA_TEST_SEED=11)."""
     import fasthydra.ops.linear_hydra_kl as lk
 
     monkeypatch.setenv("FASTHYDRA_NATIVE", native)
-    monkeypatch.setattr(lk, "TORCH_CHUNK_ELEMENTS", 1)  # any row block would be "thin": tiled mode
-    monkeypatch.setattr(lk, "TILE_ELEMENTS", 16)  # 16-class tiles of one row
+    monkeypatch.setattr(lk, "TORCH_CHUNK_ELEMENTS", 1)  # a block of 2 rows is "thin" (1 row is not): tiled mode
+    monkeypatch.setattr(lk, "TILE_ELEMENTS", 16)  # 16-class tiles (at least 16 classes per tile)
+    ran = []
+    real = lk._class_tiled_block
+    monkeypatch.setattr(lk, "_class_tiled_block", lambda *a, **k: ran.append(1) or real(*a, **k))
     lowest = [2, 5, 20, 23, 36, 40]
     head = HydraHead(7, 48, 1, impl="torch")
     with torch.no_grad():
         head.weight[0, lowest] = 0.0
         head.bias[0, lowest] = LOWEST
-    x = torch.randn(1, 7)
-    t = torch.randn(1, 1, 48) * 2
-    t[0, 0, lowest] = t.max() - 1.0
-    with torch.no_grad():  # (the mean of one row: the class tiles)
+    x = torch.randn(2, 7)
+    t = torch.randn(2, 1, 48) * 2
+    t[:, 0, 0] = t.amax((1, 2)) + 3.0  # the teacher's maximum: the 46 others add at most 46 e^-3 < 3 times its weight
+    others = torch.ones(48, dtype=torch.bool)
+    others[lowest] = False
+    # each of the six at a quarter of the others' total weight (at least a quarter of class 0's, below it since
+    # that total is under 4 times class 0's): 6/4 of the others' weight, 60% of the row's
+    t[0, 0, lowest] = t[0, 0, others].logsumexp(-1) - math.log(4.0)
+    t[1, 0, lowest] = float("-inf")  # the second row masks them (two rows near 2e38 would overflow their mean)
+    p = torch.softmax(t[0, 0].double(), -1)
+    assert abs(p[lowest].sum().item() - 0.6) < 1e-6 and (p[lowest] < p[0]).all() and (p[lowest] >= p[0] / 4).all()
+    with torch.no_grad():  # (the mean: reduction "none" takes row chunks, not class tiles)
         loss = head.distill_loss(x, t, 1.0)
+    assert ran, "the class-tiled mode ran"
     want, _ = reference_loss_and_grads(head, x, t, 1.0)
-    assert 1e38 < want.item() < 3e38
+    assert 0.9e38 < want.item() < 1.1e38  # half of 0.6 * 3.4e38, and the second row's ordinary KL
     assert torch.isfinite(loss), f"{loss.item()} against {want.item():.4e}"
     assert abs(loss.item() - want.item()) <= 1e-5 * want.item()
