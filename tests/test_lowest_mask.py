@@ -43,7 +43,7 @@ KINDS = ["hydra-dense", "hydra-top-k", "hinton-dense", "hinton-top-k"]
 
 def _masks(c):
     """(B, M, c) bool: the classes masked in every member, some per row, on every head of a row (so that the Hinton
-    head, the student of every member, may mask them too): class 7; the front half of row 5 (at C = 40 a whole
+    head, the student of every member, may mask them too): class 7; the front half of row 5 (at C = 50 a whole
     first 16-class tile, then live ones); the back 3/5 of row 1; class 9 of row 3."""
     mask = torch.zeros(B, M, c, dtype=torch.bool)
     mask[:, :, 7] = True
@@ -71,7 +71,7 @@ def _logits(c, student_value=None):
 
 
 def _teacher(t, top_k, requires_grad):
-    """The teacher as the op takes it (dense, or its k largest classes: at C = 40 they include LOWEST values on the
+    """The teacher as the op takes it (dense, or its k largest classes: at C = 50 they include LOWEST values on the
     rows masked most) and the leaf its gradient goes to."""
     t = t.detach().requires_grad_(requires_grad)
     if not top_k:

@@ -32,7 +32,7 @@ NEG_INF = float("-inf")
 
 def _logits(c):
     """(B, M, c) float64 student and teacher logits, masked on both sides: class 7 everywhere; classes 2c/5 on in
-    every head of row 1 (at C = 40, more than one whole 16-class tile); class 9 in head 1 of row 3. The teacher
+    every head of row 1 (at C = 50, more than one whole 16-class tile); class 9 in head 1 of row 3. The teacher
     alone masks class 3 in head 2 of row 2 (the student keeps a finite logit there). Every class the student
     masks has p = 0 in every member of its row where the student is the Hinton head (head 0)."""
     g = torch.Generator().manual_seed(37)

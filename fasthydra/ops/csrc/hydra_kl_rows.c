@@ -44,11 +44,12 @@ _Static_assert(LANES == 16, "row_total's tree is written for 16 lanes");
     } while (0)
 
 /* The KL's sum a = sum e_u * diff goes into its float lanes scaled by LANE_SCALE: a lane holds at most 16 terms
- * (SUM_BLOCK / LANES, or a short row's n < SHORT_ROW), each at most the largest difference (e_u <= 1), so their sum
- * cannot overflow where the row's mean a / d_u does not: a student at torch.finfo's min on classes the teacher
- * keeps makes differences near 3.4e38, and 17 of them in one lane read inf where eager's loss is a finite 1e37.
- * Exact (a power of two); a term under 16 times the smallest normal float turns subnormal instead (it adds
- * nothing a double sum of normal terms keeps). Row sums come back in plain units (times LANE_UNIT, in double). */
+ * (SUM_BLOCK / LANES, or a short row's n < SHORT_ROW; kl_short_rows sums rows of more classes in double), each at
+ * most the largest difference (e_u <= 1), so their sum cannot overflow where the row's mean a / d_u does not: a
+ * student at torch.finfo's min on classes the teacher keeps makes differences near 3.4e38, and 17 of them in one
+ * lane read inf where eager's loss is a finite 1e37. Exact (a power of two); a term under 16 times the smallest
+ * normal float turns subnormal instead (it adds nothing a double sum of normal terms keeps). Row sums come back in
+ * plain units (times LANE_UNIT, in double). */
 #define LANE_SCALE 0.0625f
 #define LANE_UNIT 16.0
 _Static_assert(SUM_BLOCK / LANES == 16, "LANE_SCALE is 1 / (terms per float lane)");
@@ -286,16 +287,21 @@ static void kl_row(const float *x, float mult, const float *t, float *g, float g
  * SHORT_BLOCK rows at a time are turned on their side: class c of row i goes to column i of line c of a block,
  * so that every sweep (maxima, exponentials, sums, loss, q - p) runs along the lines with one row per vector
  * lane; the rows are copied in and q - p copied out. Per row the same formulas as kl_row, each sum taken in
- * class order. Row offsets are stepped (no division per row). */
+ * class order. Row offsets are stepped (no division per row). The mixture's and uncertainty's short paths
+ * below take rows under SHORT_ROW classes; the loss takes them up to KL_SHORT_ROW - 1 (kl_short_rows): kl_row
+ * has a fixed cost of about 60 ns a row, so 16 to 20 classes cost it 4.8 ns a class where 15 classes on
+ * their side cost 1.9. */
 #define SHORT_ROW 16
-_Static_assert(SHORT_ROW <= 16, "a short row's terms in one float lane: LANE_SCALE");
+#define KL_SHORT_ROW 48
 #define SHORT_BLOCK 64
 
-static void kl_short_rows(const float *s, int64_t so, int64_t si, float mult, const float *t, int64_t to,
-                          int64_t ti, int64_t inner, float *grad, int64_t go, int64_t gi, float g_mult, float *loss,
-                          int64_t r0, int64_t r1, int64_t n, float inv_t, float t2, int want_grad) {
-    float xs[SHORT_ROW * SHORT_BLOCK], xu[SHORT_ROW * SHORT_BLOCK];
-    float m_s[SHORT_BLOCK], ref_t[SHORT_BLOCK], d_s[SHORT_BLOCK], d_u[SHORT_BLOCK], acc[SHORT_BLOCK];
+static inline __attribute__((always_inline)) void
+kl_short_rows_body(const float *s, int64_t so, int64_t si, float mult, const float *t, int64_t to, int64_t ti,
+                   int64_t inner, float *grad, int64_t go, int64_t gi, float g_mult, float *loss, int64_t r0,
+                   int64_t r1, int64_t n, float inv_t, float t2, int want_grad, const int wide) {
+    float xs[KL_SHORT_ROW * SHORT_BLOCK], xu[KL_SHORT_ROW * SHORT_BLOCK];
+    float m_s[SHORT_BLOCK], ref_t[SHORT_BLOCK], fs[SHORT_BLOCK], fu[SHORT_BLOCK], fa[SHORT_BLOCK];
+    double d_s[SHORT_BLOCK], d_u[SHORT_BLOCK], acc[SHORT_BLOCK];
     int64_t outer = r0 / inner, in = r0 % inner; /* row r0's place in the (O, inner, C) view */
     for (int64_t b0 = r0; b0 < r1; b0 += SHORT_BLOCK) {
         const int64_t rows = r1 - b0 < SHORT_BLOCK ? r1 - b0 : SHORT_BLOCK;
@@ -321,7 +327,8 @@ static void kl_short_rows(const float *s, int64_t so, int64_t si, float mult, co
             }
         for (int64_t i = 0; i < rows; ++i) { /* as kl_row: only an all-masked row, which the host rejects */
             ref_t[i] = m_t[i] == INFINITY || m_t[i] == -INFINITY ? 0.0f : m_t[i];
-            d_s[i] = d_u[i] = acc[i] = 0.0f;
+            d_s[i] = d_u[i] = acc[i] = 0.0;
+            fs[i] = fu[i] = fa[i] = 0.0f;
         }
         for (int64_t c = 0; c < n; ++c) /* the exponentials written over the logits they come from */
             for (int64_t i = 0; i < rows; ++i) {
@@ -329,23 +336,37 @@ static void kl_short_rows(const float *s, int64_t so, int64_t si, float mult, co
                 float ss = (*ps - m_s[i]) * mult, us = (*pu - ref_t[i]) * inv_t; /* shifted, then scaled */
                 float diff = us - ss;
                 float es = vexp(ss), eu = vexp(us);
-                d_s[i] += es;
-                d_u[i] += eu;
-                acc[i] += kept(eu > 0.0f, eu * diff * LANE_SCALE); /* a masked class: 0 * -inf reads as 0 */
+                if (wide) { /* a masked class: 0 * -inf reads as 0 */
+                    d_s[i] += es;
+                    d_u[i] += eu;
+                    acc[i] += kept(eu > 0.0f, eu * diff);
+                } else {
+                    fs[i] += es;
+                    fu[i] += eu;
+                    fa[i] += kept(eu > 0.0f, eu * diff * LANE_SCALE);
+                }
                 *ps = es;
                 *pu = eu;
             }
-        for (int64_t i = 0; i < rows; ++i)
-            loss[b0 + i] = t2 * ((acc[i] / d_u[i]) * (float)LANE_UNIT + logf(d_s[i] / d_u[i]));
+        if (wide)
+            for (int64_t i = 0; i < rows; ++i) /* in double, as kl_row's */
+                loss[b0 + i] = t2 * (float)(acc[i] / d_u[i] + log(d_s[i] / d_u[i]));
+        else
+            for (int64_t i = 0; i < rows; ++i) {
+                loss[b0 + i] = t2 * ((fa[i] / fu[i]) * (float)LANE_UNIT + logf(fs[i] / fu[i]));
+                d_s[i] = fs[i];
+                d_u[i] = fu[i];
+            }
         if (!want_grad) continue;
+        float inv_s[SHORT_BLOCK], inv_u[SHORT_BLOCK];
         for (int64_t i = 0; i < rows; ++i) {
-            d_s[i] = 1.0f / d_s[i];
-            d_u[i] = 1.0f / d_u[i];
+            inv_s[i] = wide ? (float)(1.0 / d_s[i]) : 1.0f / (float)d_s[i];
+            inv_u[i] = wide ? (float)(1.0 / d_u[i]) : 1.0f / (float)d_u[i];
         }
         for (int64_t c = 0; c < n; ++c)
             for (int64_t i = 0; i < rows; ++i) {
                 float *v = xs + c * SHORT_BLOCK + i;
-                *v = (*v * d_s[i] - xu[c * SHORT_BLOCK + i] * d_u[i]) * g_mult;
+                *v = (*v * inv_s[i] - xu[c * SHORT_BLOCK + i] * inv_u[i]) * g_mult;
             }
         int64_t o = o0, k = i0;
         for (int64_t i = 0; i < rows; ++i) {
@@ -357,6 +378,20 @@ static void kl_short_rows(const float *s, int64_t so, int64_t si, float mult, co
             }
         }
     }
+}
+
+/* kl_short_rows_body made twice: rows under SHORT_ROW classes sum in float (a chain of at most 15 terms, the lane
+ * scale holding), longer ones in double (a float chain over 40 classes gave 2.6x eager's error; summed in double,
+ * 10-class rows took 25% longer). */
+static void kl_short_rows(const float *s, int64_t so, int64_t si, float mult, const float *t, int64_t to,
+                          int64_t ti, int64_t inner, float *grad, int64_t go, int64_t gi, float g_mult, float *loss,
+                          int64_t r0, int64_t r1, int64_t n, float inv_t, float t2, int want_grad) {
+    if (n < SHORT_ROW)
+        kl_short_rows_body(s, so, si, mult, t, to, ti, inner, grad, go, gi, g_mult, loss, r0, r1, n, inv_t, t2,
+                           want_grad, 0);
+    else
+        kl_short_rows_body(s, so, si, mult, t, to, ti, inner, grad, go, gi, g_mult, loss, r0, r1, n, inv_t, t2,
+                           want_grad, 1);
 }
 
 static void tile_row_stats(const float *s, float mult, const float *t, int64_t w, float inv_t, float *m_s,
@@ -371,7 +406,7 @@ static void kl_rows_part(const float *s, int64_t so, int64_t si, float mult, con
                          int64_t inner, float *grad, int64_t go, int64_t gi, float g_mult, float *tgrad, int64_t ld_h,
                          float *loss, int64_t r0, int64_t r1, int64_t n, float inv_t, float t2, int want_grad,
                          float *e_s, float *e_u) {
-    if (n < SHORT_ROW && tgrad == NULL) {
+    if (n < KL_SHORT_ROW && tgrad == NULL) {
         kl_short_rows(s, so, si, mult, t, to, ti, inner, grad, go, gi, g_mult, loss, r0, r1, n, inv_t, t2, want_grad);
         return;
     }
