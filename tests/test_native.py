@@ -159,8 +159,8 @@ def test_module_fp32_native_and_fallback_agree_with_reference(monkeypatch):
 
 
 @needs_native
-@pytest.mark.parametrize("b,m,c", [(9, 4, 1), (7, 3, 13), (150, 3, 10), (5, 1, 40), (6, 8, 1000), (3, 2, 4097),
-                                   (0, 3, 5)])
+@pytest.mark.parametrize("b,m,c", [(9, 4, 1), (7, 3, 13), (150, 3, 10), (90, 3, 20), (5, 1, 40), (6, 8, 1000),
+                                   (3, 2, 4097), (0, 3, 5)])
 @pytest.mark.parametrize("scale", [3.0, 1e3])
 def test_uncertainty_kernel_matches_float64(isa, monkeypatch, b, m, c, scale):
     """fp32 uncertainty on the CPU runs the C kernel (spied): against float64 with masked classes, a
@@ -258,8 +258,8 @@ def test_hinton_target_kernel_reads_sixteen_bit_members(monkeypatch, dtype):
 
 
 @needs_native
-@pytest.mark.parametrize("b,m,c", [(9, 4, 1), (7, 3, 13), (150, 3, 10), (70, 33, 5), (5, 1, 40), (6, 8, 1000),
-                                   (3, 2, 4097), (0, 3, 5)])
+@pytest.mark.parametrize("b,m,c", [(9, 4, 1), (7, 3, 13), (150, 3, 10), (70, 33, 5), (90, 4, 20), (5, 1, 40),
+                                   (6, 8, 1000), (3, 2, 4097), (0, 3, 5)])
 @pytest.mark.parametrize("scale", [3.0, 1e3])
 def test_uncertainty_gradient_kernel_matches_float64(isa, monkeypatch, b, m, c, scale):
     """uncertainty's backward for fp32 CPU logits runs the C kernel (spied): against float64 autograd, every
@@ -457,10 +457,11 @@ def _every_kernel(seed: int = 0) -> list:
     native.tile_stats(s, t, stats, 1.7)
     m_s, d_s, m_t, d_u, _ = stats
     out += list(stats) + [native.tile_grad(s.clone(), t, m_s, d_s.log(), m_t, d_u.log(), 1.7)]
-    z = randn(131, 4, 37)
-    z[3, 1, :20] = float("-inf")
-    out += list(native.uncertainty_rows(z, 1.3)) + [native.log_mean_rows(z, 1.3)]
-    out.append(native.uncertainty_grad_rows(z, 1.3, randn(131, 37), randn(131), randn(131)))
+    for c in (20, 37):  # the gradient's rows on their side (under 32 classes) and whole; the forward's on their side
+        z = randn(131, 4, c)
+        z[3, 1, :c // 2] = float("-inf")
+        out += list(native.uncertainty_rows(z, 1.3)) + [native.log_mean_rows(z, 1.3)]
+        out.append(native.uncertainty_grad_rows(z, 1.3, randn(131, c), randn(131), randn(131)))
     z = randn(203, 3, 10)  # short rows: blocks of 64 rows on their side
     z[70, 1, :6] = float("-inf")
     z[100, :, 2] = float("-inf")
@@ -482,7 +483,7 @@ def test_every_kernel_gives_the_same_rows_on_any_split(monkeypatch, threads_set,
     monkeypatch.setattr(native, "_team", team)
     threads_set(threads)
     split = _every_kernel()
-    assert len(one) == len(split) == 30
+    assert len(one) == len(split) == 36
     for i, (a, b) in enumerate(zip(one, split)):
         assert torch.equal(a, b) or (a.isnan() == b.isnan()).all() and torch.equal(a.nan_to_num(), b.nan_to_num()), i
 

@@ -283,23 +283,25 @@ static void kl_row(const float *x, float mult, const float *t, float *g, float g
     for (int64_t c = 0; c < n; ++c) g[c] = (e_s[c] * inv_ds - e_u[c] * inv_du) * g_mult;
 }
 
-/* Rows shorter than a vector (C < SHORT_ROW, e.g. 10 classes): a row's own loops never fill a vector. Here
+/* Rows shorter than a vector (C < SIDE_ROW, e.g. 10 classes): a row's own loops never fill a vector. Here
  * SHORT_BLOCK rows at a time are turned on their side: class c of row i goes to column i of line c of a block,
  * so that every sweep (maxima, exponentials, sums, loss, q - p) runs along the lines with one row per vector
  * lane; the rows are copied in and q - p copied out. Per row the same formulas as kl_row, each sum taken in
- * class order. Row offsets are stepped (no division per row). The mixture's and uncertainty's short paths
- * below take rows under SHORT_ROW classes; the loss takes them up to KL_SHORT_ROW - 1 (kl_short_rows): kl_row
- * has a fixed cost of about 60 ns a row, so 16 to 20 classes cost it 4.8 ns a class where 15 classes on
- * their side cost 1.9. */
+ * class order. Row offsets are stepped (no division per row). The loss, the mixture and uncertainty take rows
+ * under SIDE_ROW classes so, uncertainty's gradient rows under GRAD_SIDE_ROW: the row-at-a-time kernels have a
+ * fixed cost of about 60 ns a row, so 16 to 20 classes cost kl_row 4.8 ns a class where 15 classes on their side
+ * cost 1.9 (uncertainty 2.6 to 3.0 against 1.2). A row's sums are float chains under SHORT_ROW classes (at most
+ * 15 terms: the lane scale holds) and double from there on (a float chain over 40 classes gave 2.6x eager's
+ * error in the loss; summed in double, 10-class rows took 25% longer). */
 #define SHORT_ROW 16
-#define KL_SHORT_ROW 48
+#define SIDE_ROW 48
 #define SHORT_BLOCK 64
 
 static inline __attribute__((always_inline)) void
 kl_short_rows_body(const float *s, int64_t so, int64_t si, float mult, const float *t, int64_t to, int64_t ti,
                    int64_t inner, float *grad, int64_t go, int64_t gi, float g_mult, float *loss, int64_t r0,
                    int64_t r1, int64_t n, float inv_t, float t2, int want_grad, const int wide) {
-    float xs[KL_SHORT_ROW * SHORT_BLOCK], xu[KL_SHORT_ROW * SHORT_BLOCK];
+    float xs[SIDE_ROW * SHORT_BLOCK], xu[SIDE_ROW * SHORT_BLOCK];
     float m_s[SHORT_BLOCK], ref_t[SHORT_BLOCK], fs[SHORT_BLOCK], fu[SHORT_BLOCK], fa[SHORT_BLOCK];
     double d_s[SHORT_BLOCK], d_u[SHORT_BLOCK], acc[SHORT_BLOCK];
     int64_t outer = r0 / inner, in = r0 % inner; /* row r0's place in the (O, inner, C) view */
@@ -380,9 +382,7 @@ kl_short_rows_body(const float *s, int64_t so, int64_t si, float mult, const flo
     }
 }
 
-/* kl_short_rows_body made twice: rows under SHORT_ROW classes sum in float (a chain of at most 15 terms, the lane
- * scale holding), longer ones in double (a float chain over 40 classes gave 2.6x eager's error; summed in double,
- * 10-class rows took 25% longer). */
+/* kl_short_rows_body made twice: rows under SHORT_ROW classes sum in float, longer ones in double */
 static void kl_short_rows(const float *s, int64_t so, int64_t si, float mult, const float *t, int64_t to,
                           int64_t ti, int64_t inner, float *grad, int64_t go, int64_t gi, float g_mult, float *loss,
                           int64_t r0, int64_t r1, int64_t n, float inv_t, float t2, int want_grad) {
@@ -406,7 +406,7 @@ static void kl_rows_part(const float *s, int64_t so, int64_t si, float mult, con
                          int64_t inner, float *grad, int64_t go, int64_t gi, float g_mult, float *tgrad, int64_t ld_h,
                          float *loss, int64_t r0, int64_t r1, int64_t n, float inv_t, float t2, int want_grad,
                          float *e_s, float *e_u) {
-    if (n < KL_SHORT_ROW && tgrad == NULL) {
+    if (n < SIDE_ROW && tgrad == NULL) {
         kl_short_rows(s, so, si, mult, t, to, ti, inner, grad, go, gi, g_mult, loss, r0, r1, n, inv_t, t2, want_grad);
         return;
     }
@@ -646,31 +646,46 @@ static void short_head(const float *z, int64_t ld_b, int64_t ld_m, int64_t h, in
     for (int64_t i = 0; i < rows; ++i) ref[i] = ref[i] == -INFINITY ? 0.0f : ref[i];
 }
 
-/* mixture_row for the `rows` rows of a block at z, n < SHORT_ROW classes, turned on their side as in
+/* mixture_row for the `rows` rows of a block at z, n < SIDE_ROW classes, turned on their side as in
  * kl_short_rows (class c of row i at column i of line c, one row per vector lane, each head's row copied in):
  * P[c * SHORT_BLOCK + i] = mean_m softmax(z_m / T)[c] of row i and, with ale != NULL, ale[i] its members' mean
- * entropy. The same formulas and orders of summation as mixture_row. */
-static void mixture_short_block(const float *z, int64_t ld_b, int64_t ld_m, int64_t m, int64_t n, float inv_t,
-                                int64_t rows, float *P, float *ale) {
-    float x[SHORT_ROW * SHORT_BLOCK], ref[SHORT_BLOCK], d[SHORT_BLOCK], a[SHORT_BLOCK];
+ * entropy. The same formulas as mixture_row, each sum in class order (in double where `wide`). */
+static inline __attribute__((always_inline)) void
+mixture_short_body(const float *z, int64_t ld_b, int64_t ld_m, int64_t m, int64_t n, float inv_t, int64_t rows,
+                   float *P, float *ale, const int wide) {
+    float x[SIDE_ROW * SHORT_BLOCK], ref[SHORT_BLOCK], d[SHORT_BLOCK], a[SHORT_BLOCK];
+    double dd[SHORT_BLOCK], ad[SHORT_BLOCK];
     const float inv_m = 1.0f / (float)m;
     for (int64_t k = 0; k < n * SHORT_BLOCK; ++k) P[k] = 0.0f;
     for (int64_t i = 0; i < rows; ++i) a[i] = 0.0f;
     for (int64_t h = 0; h < m; ++h) {
         short_head(z, ld_b, ld_m, h, n, rows, x, ref);
-        for (int64_t i = 0; i < rows; ++i) d[i] = 0.0f;
+        for (int64_t i = 0; i < rows; ++i) {
+            d[i] = 0.0f;
+            dd[i] = ad[i] = 0.0;
+        }
         for (int64_t c = 0; c < n; ++c) /* the exponentials written over the logits */
             for (int64_t i = 0; i < rows; ++i) {
                 float *xc = x + c * SHORT_BLOCK + i;
                 float u = (*xc - ref[i]) * inv_t, e = vexp(u);
-                d[i] += e;
-                a[i] += kept(e > 0.0f, e * u); /* masked: 0, not 0 * -inf (summed only where ale is wanted) */
+                if (wide) {
+                    dd[i] += e;
+                    ad[i] += kept(e > 0.0f, e * u); /* masked: 0, not 0 * -inf (summed only where ale is wanted) */
+                } else {
+                    d[i] += e;
+                    a[i] += kept(e > 0.0f, e * u);
+                }
                 *xc = e;
             }
         for (int64_t i = 0; i < rows; ++i) {
-            if (ale != NULL) ale[i] = (h == 0 ? 0.0f : ale[i]) + (logf(d[i]) - a[i] / d[i]);
-            a[i] = 0.0f;
-            d[i] = inv_m / d[i];
+            if (wide) {
+                if (ale != NULL) ale[i] = (h == 0 ? 0.0f : ale[i]) + (float)(log(dd[i]) - ad[i] / dd[i]);
+                d[i] = (float)(inv_m / dd[i]);
+            } else {
+                if (ale != NULL) ale[i] = (h == 0 ? 0.0f : ale[i]) + (logf(d[i]) - a[i] / d[i]);
+                a[i] = 0.0f;
+                d[i] = inv_m / d[i];
+            }
         }
         for (int64_t c = 0; c < n; ++c)
             for (int64_t i = 0; i < rows; ++i) P[c * SHORT_BLOCK + i] += x[c * SHORT_BLOCK + i] * d[i];
@@ -679,21 +694,38 @@ static void mixture_short_block(const float *z, int64_t ld_b, int64_t ld_m, int6
         for (int64_t i = 0; i < rows; ++i) ale[i] *= inv_m;
 }
 
+/* mixture_short_body made twice: rows under SHORT_ROW classes sum in float, longer ones in double */
+static void mixture_short_block(const float *z, int64_t ld_b, int64_t ld_m, int64_t m, int64_t n, float inv_t,
+                                int64_t rows, float *P, float *ale) {
+    if (n < SHORT_ROW)
+        mixture_short_body(z, ld_b, ld_m, m, n, inv_t, rows, P, ale, 0);
+    else
+        mixture_short_body(z, ld_b, ld_m, m, n, inv_t, rows, P, ale, 1);
+}
+
 /* uncertainty of rows [r0, r1): logits z (row stride ld_b, head stride ld_m, unit along the n classes),
  * q_m = softmax(z_m / T); writes P = mean_m q_m (mixture_row; row stride ld_p), total = -sum_c P log P,
  * aleatoric = mean_m H_m, epistemic = max(total - aleatoric, 0). e is scratch of n floats. */
 static void uncertainty_part(const float *z, int64_t ld_b, int64_t ld_m, int64_t m, int64_t n, float inv_t,
                              float *probs, int64_t ld_p, float *total, float *aleatoric, float *epistemic, float *e,
                              int64_t r0, int64_t r1) {
-    if (n < SHORT_ROW) { /* blocks of rows on their side (mixture_short_block), the same formulas as below */
-        float P[SHORT_ROW * SHORT_BLOCK], L[SHORT_ROW * SHORT_BLOCK], ale[SHORT_BLOCK], tot[SHORT_BLOCK];
+    if (n < SIDE_ROW) { /* blocks of rows on their side (mixture_short_block), the same formulas as below */
+        float P[SIDE_ROW * SHORT_BLOCK], L[SIDE_ROW * SHORT_BLOCK], ale[SHORT_BLOCK], tot[SHORT_BLOCK];
+        double tot_d[SHORT_BLOCK];
         for (int64_t b0 = r0; b0 < r1; b0 += SHORT_BLOCK) {
             const int64_t rows = r1 - b0 < SHORT_BLOCK ? r1 - b0 : SHORT_BLOCK;
             mixture_short_block(z + b0 * ld_b, ld_b, ld_m, m, n, inv_t, rows, P, ale);
             for (int64_t k = 0; k < n * SHORT_BLOCK; ++k) L[k] = vlog(P[k] > 1.0e-37f ? P[k] : 1.0f);
-            for (int64_t i = 0; i < rows; ++i) tot[i] = 0.0f;
-            for (int64_t c = 0; c < n; ++c)
-                for (int64_t i = 0; i < rows; ++i) tot[i] -= P[c * SHORT_BLOCK + i] * L[c * SHORT_BLOCK + i];
+            if (n < SHORT_ROW) {
+                for (int64_t i = 0; i < rows; ++i) tot[i] = 0.0f;
+                for (int64_t c = 0; c < n; ++c)
+                    for (int64_t i = 0; i < rows; ++i) tot[i] -= P[c * SHORT_BLOCK + i] * L[c * SHORT_BLOCK + i];
+            } else { /* in double (as the long rows' row_dot) */
+                for (int64_t i = 0; i < rows; ++i) tot_d[i] = 0.0;
+                for (int64_t c = 0; c < n; ++c)
+                    for (int64_t i = 0; i < rows; ++i) tot_d[i] -= P[c * SHORT_BLOCK + i] * L[c * SHORT_BLOCK + i];
+                for (int64_t i = 0; i < rows; ++i) tot[i] = (float)tot_d[i];
+            }
             for (int64_t i = 0; i < rows; ++i) {
                 float *p = probs + (b0 + i) * ld_p;
                 for (int64_t c = 0; c < n; ++c) p[c] = P[c * SHORT_BLOCK + i];
@@ -730,8 +762,8 @@ void hydra_uncertainty_rows(const float *z, int64_t ld_b, int64_t ld_m, int64_t 
  * exponential per element and one logarithm per class; e is scratch of n floats. */
 static void log_mean_part(const float *z, int64_t ld_b, int64_t ld_m, int64_t m, int64_t n, float inv_t, float t,
                           float *out, int64_t ld_o, float *e, int64_t r0, int64_t r1) {
-    if (n < SHORT_ROW) { /* blocks of rows on their side (mixture_short_block), the same map as below */
-        float P[SHORT_ROW * SHORT_BLOCK];
+    if (n < SIDE_ROW) { /* blocks of rows on their side (mixture_short_block), the same map as below */
+        float P[SIDE_ROW * SHORT_BLOCK];
         for (int64_t b0 = r0; b0 < r1; b0 += SHORT_BLOCK) {
             const int64_t rows = r1 - b0 < SHORT_BLOCK ? r1 - b0 : SHORT_BLOCK;
             mixture_short_block(z + b0 * ld_b, ld_b, ld_m, m, n, inv_t, rows, P, NULL);
@@ -773,31 +805,43 @@ void hydra_log_mean_rows(const float *z, int64_t ld_b, int64_t ld_m, int64_t m, 
  * The scratch rows do not overlap each other, the logits or dz: restrict, and every scalar a loop reads in a
  * local, so that gcc vectorises the loops (it otherwise reloads through possible aliases, element by element). */
 #define SHORT_HEADS 32 /* the most heads whose per-row references and normalisers a short block keeps */
+/* Rows on their side only under 32 classes here: from 32 on uncertainty_grad_part's rows were faster (at 32
+ * classes 2.3 against 2.9 ns a class, at 40 2.6 against 3.1; at 20, 3.5 against 2.8 on their side). */
+#define GRAD_SIDE_ROW 32
 
-/* uncertainty_grad_part for the `rows` rows of a block at row b0, n < SHORT_ROW classes and m <= SHORT_HEADS,
+/* uncertainty_grad_part for the `rows` rows of a block at row b0, n < GRAD_SIDE_ROW classes, m <= SHORT_HEADS,
  * turned on their side as in kl_short_rows (one row per vector lane, each head's row copied in, twice: for P and
- * for its gradient). The same formulas and orders of summation as uncertainty_grad_part. */
-static void uncertainty_grad_short(const float *z, int64_t ld_b, int64_t ld_m, int64_t m, int64_t n, float inv_t,
-                                   const float *g, int64_t ld_g, const float *on_total, const float *on_heads,
-                                   float *dz, int64_t ld_db, int64_t ld_dm, int64_t b0, int64_t rows) {
-    float x[SHORT_ROW * SHORT_BLOCK], w[SHORT_ROW * SHORT_BLOCK], v[SHORT_ROW * SHORT_BLOCK];
+ * for its gradient). The same formulas as uncertainty_grad_part, each sum in class order (in double where
+ * `wide`). */
+static inline __attribute__((always_inline)) void
+uncertainty_grad_short_body(const float *z, int64_t ld_b, int64_t ld_m, int64_t m, int64_t n, float inv_t,
+                            const float *g, int64_t ld_g, const float *on_total, const float *on_heads, float *dz,
+                            int64_t ld_db, int64_t ld_dm, int64_t b0, int64_t rows, const int wide) {
+    float x[GRAD_SIDE_ROW * SHORT_BLOCK], w[GRAD_SIDE_ROW * SHORT_BLOCK], v[GRAD_SIDE_ROW * SHORT_BLOCK];
     float ref[SHORT_HEADS * SHORT_BLOCK], inv_d[SHORT_HEADS * SHORT_BLOCK], d[SHORT_BLOCK], lh[SHORT_BLOCK];
     float av[SHORT_BLOCK], bv[SHORT_BLOCK];
+    double dd[SHORT_BLOCK];
     const float inv_m = 1.0f / (float)m, scale = inv_m * inv_t;
     for (int64_t k = 0; k < n * SHORT_BLOCK; ++k) w[k] = 0.0f;
     for (int64_t h = 0; h < m; ++h) { /* each head's normaliser, and the mixture P (in w) */
         float *rh = ref + h * SHORT_BLOCK, *idh = inv_d + h * SHORT_BLOCK;
         short_head(z + b0 * ld_b, ld_b, ld_m, h, n, rows, x, rh);
-        for (int64_t i = 0; i < rows; ++i) d[i] = 0.0f;
+        for (int64_t i = 0; i < rows; ++i) {
+            d[i] = 0.0f;
+            dd[i] = 0.0;
+        }
         for (int64_t c = 0; c < n; ++c)
             for (int64_t i = 0; i < rows; ++i) {
                 float *xc = x + c * SHORT_BLOCK + i;
                 *xc = vexp((*xc - rh[i]) * inv_t);
-                d[i] += *xc;
+                if (wide)
+                    dd[i] += *xc;
+                else
+                    d[i] += *xc;
             }
         for (int64_t i = 0; i < rows; ++i) {
-            idh[i] = 1.0f / d[i];
-            d[i] = inv_m / d[i];
+            idh[i] = wide ? (float)(1.0 / dd[i]) : 1.0f / d[i];
+            d[i] = wide ? (float)(inv_m / dd[i]) : inv_m / d[i];
         }
         for (int64_t c = 0; c < n; ++c)
             for (int64_t i = 0; i < rows; ++i) w[c * SHORT_BLOCK + i] += x[c * SHORT_BLOCK + i] * d[i];
@@ -821,6 +865,7 @@ static void uncertainty_grad_short(const float *z, int64_t ld_b, int64_t ld_m, i
         for (int64_t i = 0; i < rows; ++i) {
             lh[i] = -logf(idh[i]);
             d[i] = 0.0f; /* <p, V> */
+            dd[i] = 0.0;
         }
         for (int64_t c = 0; c < n; ++c) /* p again (the same rounding as for P) into x, V = W - b log p */
             for (int64_t i = 0; i < rows; ++i) {
@@ -829,8 +874,13 @@ static void uncertainty_grad_short(const float *z, int64_t ld_b, int64_t ld_m, i
                 float vc = w[c * SHORT_BLOCK + i] - bv[i] * (pc > 0.0f ? xc - lh[i] : 0.0f);
                 x[c * SHORT_BLOCK + i] = pc;
                 v[c * SHORT_BLOCK + i] = vc;
-                d[i] += pc * vc;
+                if (wide)
+                    dd[i] += pc * vc;
+                else
+                    d[i] += pc * vc;
             }
+        if (wide)
+            for (int64_t i = 0; i < rows; ++i) d[i] = (float)dd[i];
         for (int64_t c = 0; c < n; ++c)
             for (int64_t i = 0; i < rows; ++i)
                 v[c * SHORT_BLOCK + i] = x[c * SHORT_BLOCK + i] * (v[c * SHORT_BLOCK + i] - d[i]) * scale;
@@ -841,10 +891,22 @@ static void uncertainty_grad_short(const float *z, int64_t ld_b, int64_t ld_m, i
     }
 }
 
+/* uncertainty_grad_short_body made twice: rows under SHORT_ROW classes sum in float, longer ones in double */
+static void uncertainty_grad_short(const float *z, int64_t ld_b, int64_t ld_m, int64_t m, int64_t n, float inv_t,
+                                   const float *g, int64_t ld_g, const float *on_total, const float *on_heads,
+                                   float *dz, int64_t ld_db, int64_t ld_dm, int64_t b0, int64_t rows) {
+    if (n < SHORT_ROW)
+        uncertainty_grad_short_body(z, ld_b, ld_m, m, n, inv_t, g, ld_g, on_total, on_heads, dz, ld_db, ld_dm, b0,
+                                    rows, 0);
+    else
+        uncertainty_grad_short_body(z, ld_b, ld_m, m, n, inv_t, g, ld_g, on_total, on_heads, dz, ld_db, ld_dm, b0,
+                                    rows, 1);
+}
+
 static void uncertainty_grad_part(const float *z, int64_t ld_b, int64_t ld_m, int64_t m, int64_t n, float inv_t,
                                   const float *g, int64_t ld_g, const float *on_total, const float *on_heads,
                                   float *dz, int64_t ld_db, int64_t ld_dm, float *scratch, int64_t r0, int64_t r1) {
-    if (n < SHORT_ROW && m <= SHORT_HEADS) {
+    if (n < GRAD_SIDE_ROW && m <= SHORT_HEADS) {
         for (int64_t b0 = r0; b0 < r1; b0 += SHORT_BLOCK)
             uncertainty_grad_short(z, ld_b, ld_m, m, n, inv_t, g, ld_g, on_total, on_heads, dz, ld_db, ld_dm, b0,
                                    r1 - b0 < SHORT_BLOCK ? r1 - b0 : SHORT_BLOCK);
