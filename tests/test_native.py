@@ -114,6 +114,32 @@ def test_kernel_extreme_logits_and_strided_rows_written_in_place(isa, c):
 
 @needs_native
 @pytest.mark.parametrize("c", [50, 33, 9], ids=["long-rows", "short-rows-past-16", "short-rows"])
+@pytest.mark.parametrize("want_grad", [False, True], ids=["loss-alone", "with-gradient"])
+def test_kernel_rows_with_a_student_at_the_lowest_value(isa, c, want_grad):
+    """Rows where the student sits at float32's lowest value on classes the teacher keeps (one below its maximum
+    on every row, and on two rows a second class at its maximum): differences near 3.4e38, loss rows near 1e37 to
+    1e38. Each row within 1e-5 of float64 and q - p close to it, on the long rows' lanes (scaled sums), on rows of
+    33 classes on their side (double sums) and of 9 (float chains, scaled). 130 rows: the side path's blocks of
+    64 and a block of 2."""
+    lowest = torch.finfo(torch.float32).min
+    g = torch.Generator().manual_seed(46)
+    s = torch.randn(130, c, generator=g) * 3
+    t = torch.randn(130, c, generator=g) * 2
+    top = t.amax(-1)
+    t[:, 2], s[:, 2] = top - 1.0, lowest
+    t[:2, 4], s[:2, 4] = top[:2], lowest
+    ref = R.kl_rows_ref(s.double(), t.double(), 1.0)
+    assert ((ref > 1e35) & (ref < 3e38)).all()
+    loss, grad, _ = native.kl_rows(s.clone(), t, 1.0, want_grad)
+    assert torch.isfinite(loss).all()
+    assert ((loss.double() - ref).abs() / ref).max().item() <= 1e-5
+    if want_grad:
+        expected = torch.softmax(s.double(), -1) - torch.softmax(t.double(), -1)
+        assert_close_to(grad, expected, rtol=1e-6, atol=1e-7, what="q - p")
+
+
+@needs_native
+@pytest.mark.parametrize("c", [50, 33, 9], ids=["long-rows", "short-rows-past-16", "short-rows"])
 @pytest.mark.parametrize("want_tgrad", [False, True])
 @pytest.mark.parametrize("threads", [1, 3])
 def test_kernel_reads_a_head_major_chunk_as_it_lies(isa, threads_set, c, want_tgrad, threads):
