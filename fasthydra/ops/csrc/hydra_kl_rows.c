@@ -297,6 +297,17 @@ static void kl_row(const float *x, float mult, const float *t, float *g, float g
 #define SIDE_ROW 48
 #define SHORT_BLOCK 64
 
+/* LANES: every loop over a block's lanes runs over all SHORT_BLOCK of them (a constant the vector width divides),
+ * the block's last lanes padded with zeros where it holds fewer rows; only the copies in and out stop at `rows`.
+ * Then each lane is computed by the same instructions whatever its place. A loop over `rows` left a block's last
+ * lanes to the loop's scalar tail, which gcc contracts into FMAs otherwise than its vector body (a * b - c * d):
+ * on NEON a row's q - p changed in its last bit with the way rows were split over threads (its lane and the
+ * block's row count depend on the split). -ffp-contract=off fixed that too but cost 10 to 30% everywhere. */
+static inline void pad_lanes(float *x, int64_t n, int64_t rows) {
+    for (int64_t c = 0; c < n; ++c)
+        for (int64_t i = rows; i < SHORT_BLOCK; ++i) x[c * SHORT_BLOCK + i] = 0.0f;
+}
+
 static inline __attribute__((always_inline)) void
 kl_short_rows_body(const float *s, int64_t so, int64_t si, float mult, const float *t, int64_t to, int64_t ti,
                    int64_t inner, float *grad, int64_t go, int64_t gi, float g_mult, float *loss, int64_t r0,
@@ -319,21 +330,23 @@ kl_short_rows_body(const float *s, int64_t so, int64_t si, float mult, const flo
                 ++outer;
             }
         }
-        float m_t[SHORT_BLOCK];
-        for (int64_t i = 0; i < rows; ++i) m_s[i] = m_t[i] = -INFINITY;
+        pad_lanes(xs, n, rows);
+        pad_lanes(xu, n, rows);
+        float m_t[SHORT_BLOCK], lo[SHORT_BLOCK];
+        for (int64_t i = 0; i < SHORT_BLOCK; ++i) m_s[i] = m_t[i] = -INFINITY;
         for (int64_t c = 0; c < n; ++c)
-            for (int64_t i = 0; i < rows; ++i) {
+            for (int64_t i = 0; i < SHORT_BLOCK; ++i) {
                 float vs = xs[c * SHORT_BLOCK + i], vu = xu[c * SHORT_BLOCK + i];
                 m_s[i] = vs > m_s[i] ? vs : m_s[i];
                 m_t[i] = vu > m_t[i] ? vu : m_t[i];
             }
-        for (int64_t i = 0; i < rows; ++i) { /* as kl_row: only an all-masked row, which the host rejects */
+        for (int64_t i = 0; i < SHORT_BLOCK; ++i) { /* as kl_row: only an all-masked row, which the host rejects */
             ref_t[i] = m_t[i] == INFINITY || m_t[i] == -INFINITY ? 0.0f : m_t[i];
             d_s[i] = d_u[i] = acc[i] = 0.0;
             fs[i] = fu[i] = fa[i] = 0.0f;
         }
         for (int64_t c = 0; c < n; ++c) /* the exponentials written over the logits they come from */
-            for (int64_t i = 0; i < rows; ++i) {
+            for (int64_t i = 0; i < SHORT_BLOCK; ++i) {
                 float *ps = xs + c * SHORT_BLOCK + i, *pu = xu + c * SHORT_BLOCK + i;
                 float ss = (*ps - m_s[i]) * mult, us = (*pu - ref_t[i]) * inv_t; /* shifted, then scaled */
                 float diff = us - ss;
@@ -351,22 +364,23 @@ kl_short_rows_body(const float *s, int64_t so, int64_t si, float mult, const flo
                 *pu = eu;
             }
         if (wide)
-            for (int64_t i = 0; i < rows; ++i) /* in double, as kl_row's */
-                loss[b0 + i] = t2 * (float)(acc[i] / d_u[i] + log(d_s[i] / d_u[i]));
+            for (int64_t i = 0; i < SHORT_BLOCK; ++i) /* in double, as kl_row's */
+                lo[i] = t2 * (float)(acc[i] / d_u[i] + log(d_s[i] / d_u[i]));
         else
-            for (int64_t i = 0; i < rows; ++i) {
-                loss[b0 + i] = t2 * ((fa[i] / fu[i]) * (float)LANE_UNIT + logf(fs[i] / fu[i]));
+            for (int64_t i = 0; i < SHORT_BLOCK; ++i) {
+                lo[i] = t2 * ((fa[i] / fu[i]) * (float)LANE_UNIT + logf(fs[i] / fu[i]));
                 d_s[i] = fs[i];
                 d_u[i] = fu[i];
             }
+        for (int64_t i = 0; i < rows; ++i) loss[b0 + i] = lo[i];
         if (!want_grad) continue;
         float inv_s[SHORT_BLOCK], inv_u[SHORT_BLOCK];
-        for (int64_t i = 0; i < rows; ++i) {
+        for (int64_t i = 0; i < SHORT_BLOCK; ++i) {
             inv_s[i] = wide ? (float)(1.0 / d_s[i]) : 1.0f / (float)d_s[i];
             inv_u[i] = wide ? (float)(1.0 / d_u[i]) : 1.0f / (float)d_u[i];
         }
         for (int64_t c = 0; c < n; ++c)
-            for (int64_t i = 0; i < rows; ++i) {
+            for (int64_t i = 0; i < SHORT_BLOCK; ++i) {
                 float *v = xs + c * SHORT_BLOCK + i;
                 *v = (*v * inv_s[i] - xu[c * SHORT_BLOCK + i] * inv_u[i]) * g_mult;
             }
@@ -636,14 +650,15 @@ static void short_head(const float *z, int64_t ld_b, int64_t ld_m, int64_t h, in
         const float *xr = z + i * ld_b + h * ld_m;
         for (int64_t c = 0; c < n; ++c) x[c * SHORT_BLOCK + i] = xr[c];
     }
+    pad_lanes(x, n, rows);
     if (ref == NULL) return;
-    for (int64_t i = 0; i < rows; ++i) ref[i] = -INFINITY;
+    for (int64_t i = 0; i < SHORT_BLOCK; ++i) ref[i] = -INFINITY;
     for (int64_t c = 0; c < n; ++c)
-        for (int64_t i = 0; i < rows; ++i) {
+        for (int64_t i = 0; i < SHORT_BLOCK; ++i) {
             float v = x[c * SHORT_BLOCK + i];
             ref[i] = v > ref[i] ? v : ref[i];
         }
-    for (int64_t i = 0; i < rows; ++i) ref[i] = ref[i] == -INFINITY ? 0.0f : ref[i];
+    for (int64_t i = 0; i < SHORT_BLOCK; ++i) ref[i] = ref[i] == -INFINITY ? 0.0f : ref[i];
 }
 
 /* mixture_row for the `rows` rows of a block at z, n < SIDE_ROW classes, turned on their side as in
@@ -657,15 +672,15 @@ mixture_short_body(const float *z, int64_t ld_b, int64_t ld_m, int64_t m, int64_
     double dd[SHORT_BLOCK], ad[SHORT_BLOCK];
     const float inv_m = 1.0f / (float)m;
     for (int64_t k = 0; k < n * SHORT_BLOCK; ++k) P[k] = 0.0f;
-    for (int64_t i = 0; i < rows; ++i) a[i] = 0.0f;
+    for (int64_t i = 0; i < SHORT_BLOCK; ++i) a[i] = 0.0f;
     for (int64_t h = 0; h < m; ++h) {
         short_head(z, ld_b, ld_m, h, n, rows, x, ref);
-        for (int64_t i = 0; i < rows; ++i) {
+        for (int64_t i = 0; i < SHORT_BLOCK; ++i) {
             d[i] = 0.0f;
             dd[i] = ad[i] = 0.0;
         }
         for (int64_t c = 0; c < n; ++c) /* the exponentials written over the logits */
-            for (int64_t i = 0; i < rows; ++i) {
+            for (int64_t i = 0; i < SHORT_BLOCK; ++i) {
                 float *xc = x + c * SHORT_BLOCK + i;
                 float u = (*xc - ref[i]) * inv_t, e = vexp(u);
                 if (wide) {
@@ -677,7 +692,7 @@ mixture_short_body(const float *z, int64_t ld_b, int64_t ld_m, int64_t m, int64_
                 }
                 *xc = e;
             }
-        for (int64_t i = 0; i < rows; ++i) {
+        for (int64_t i = 0; i < SHORT_BLOCK; ++i) {
             if (wide) {
                 if (ale != NULL) ale[i] = (h == 0 ? 0.0f : ale[i]) + (float)(log(dd[i]) - ad[i] / dd[i]);
                 d[i] = (float)(inv_m / dd[i]);
@@ -688,10 +703,10 @@ mixture_short_body(const float *z, int64_t ld_b, int64_t ld_m, int64_t m, int64_
             }
         }
         for (int64_t c = 0; c < n; ++c)
-            for (int64_t i = 0; i < rows; ++i) P[c * SHORT_BLOCK + i] += x[c * SHORT_BLOCK + i] * d[i];
+            for (int64_t i = 0; i < SHORT_BLOCK; ++i) P[c * SHORT_BLOCK + i] += x[c * SHORT_BLOCK + i] * d[i];
     }
     if (ale != NULL)
-        for (int64_t i = 0; i < rows; ++i) ale[i] *= inv_m;
+        for (int64_t i = 0; i < SHORT_BLOCK; ++i) ale[i] *= inv_m;
 }
 
 /* mixture_short_body made twice: rows under SHORT_ROW classes sum in float, longer ones in double */
@@ -717,14 +732,16 @@ static void uncertainty_part(const float *z, int64_t ld_b, int64_t ld_m, int64_t
             mixture_short_block(z + b0 * ld_b, ld_b, ld_m, m, n, inv_t, rows, P, ale);
             for (int64_t k = 0; k < n * SHORT_BLOCK; ++k) L[k] = vlog(P[k] > 1.0e-37f ? P[k] : 1.0f);
             if (n < SHORT_ROW) {
-                for (int64_t i = 0; i < rows; ++i) tot[i] = 0.0f;
+                for (int64_t i = 0; i < SHORT_BLOCK; ++i) tot[i] = 0.0f;
                 for (int64_t c = 0; c < n; ++c)
-                    for (int64_t i = 0; i < rows; ++i) tot[i] -= P[c * SHORT_BLOCK + i] * L[c * SHORT_BLOCK + i];
+                    for (int64_t i = 0; i < SHORT_BLOCK; ++i)
+                        tot[i] -= P[c * SHORT_BLOCK + i] * L[c * SHORT_BLOCK + i];
             } else { /* in double (as the long rows' row_dot) */
-                for (int64_t i = 0; i < rows; ++i) tot_d[i] = 0.0;
+                for (int64_t i = 0; i < SHORT_BLOCK; ++i) tot_d[i] = 0.0;
                 for (int64_t c = 0; c < n; ++c)
-                    for (int64_t i = 0; i < rows; ++i) tot_d[i] -= P[c * SHORT_BLOCK + i] * L[c * SHORT_BLOCK + i];
-                for (int64_t i = 0; i < rows; ++i) tot[i] = (float)tot_d[i];
+                    for (int64_t i = 0; i < SHORT_BLOCK; ++i)
+                        tot_d[i] -= P[c * SHORT_BLOCK + i] * L[c * SHORT_BLOCK + i];
+                for (int64_t i = 0; i < SHORT_BLOCK; ++i) tot[i] = (float)tot_d[i];
             }
             for (int64_t i = 0; i < rows; ++i) {
                 float *p = probs + (b0 + i) * ld_p;
@@ -826,12 +843,12 @@ uncertainty_grad_short_body(const float *z, int64_t ld_b, int64_t ld_m, int64_t 
     for (int64_t h = 0; h < m; ++h) { /* each head's normaliser, and the mixture P (in w) */
         float *rh = ref + h * SHORT_BLOCK, *idh = inv_d + h * SHORT_BLOCK;
         short_head(z + b0 * ld_b, ld_b, ld_m, h, n, rows, x, rh);
-        for (int64_t i = 0; i < rows; ++i) {
+        for (int64_t i = 0; i < SHORT_BLOCK; ++i) {
             d[i] = 0.0f;
             dd[i] = 0.0;
         }
         for (int64_t c = 0; c < n; ++c)
-            for (int64_t i = 0; i < rows; ++i) {
+            for (int64_t i = 0; i < SHORT_BLOCK; ++i) {
                 float *xc = x + c * SHORT_BLOCK + i;
                 *xc = vexp((*xc - rh[i]) * inv_t);
                 if (wide)
@@ -839,19 +856,20 @@ uncertainty_grad_short_body(const float *z, int64_t ld_b, int64_t ld_m, int64_t 
                 else
                     d[i] += *xc;
             }
-        for (int64_t i = 0; i < rows; ++i) {
+        for (int64_t i = 0; i < SHORT_BLOCK; ++i) {
             idh[i] = wide ? (float)(1.0 / dd[i]) : 1.0f / d[i];
             d[i] = wide ? (float)(inv_m / dd[i]) : inv_m / d[i];
         }
         for (int64_t c = 0; c < n; ++c)
-            for (int64_t i = 0; i < rows; ++i) w[c * SHORT_BLOCK + i] += x[c * SHORT_BLOCK + i] * d[i];
+            for (int64_t i = 0; i < SHORT_BLOCK; ++i) w[c * SHORT_BLOCK + i] += x[c * SHORT_BLOCK + i] * d[i];
     }
+    for (int64_t i = 0; i < SHORT_BLOCK; ++i) av[i] = bv[i] = 0.0f; /* (LANES) */
     for (int64_t i = 0; i < rows; ++i) {
         av[i] = on_total ? on_total[b0 + i] : 0.0f;
         bv[i] = on_heads ? on_heads[b0 + i] : 0.0f;
     }
     for (int64_t c = 0; c < n; ++c) /* W = g - a log P (a class every head masks: log 1, times p = 0) */
-        for (int64_t i = 0; i < rows; ++i) {
+        for (int64_t i = 0; i < SHORT_BLOCK; ++i) {
             float mc = w[c * SHORT_BLOCK + i];
             float log_mix = mc > 1.0e-37f ? vlog(mc) : (mc != mc ? mc : 0.0f); /* NaN stays NaN */
             w[c * SHORT_BLOCK + i] = -av[i] * log_mix;
@@ -862,13 +880,13 @@ uncertainty_grad_short_body(const float *z, int64_t ld_b, int64_t ld_m, int64_t 
     for (int64_t h = 0; h < m; ++h) {
         const float *rh = ref + h * SHORT_BLOCK, *idh = inv_d + h * SHORT_BLOCK;
         short_head(z + b0 * ld_b, ld_b, ld_m, h, n, rows, x, NULL);
-        for (int64_t i = 0; i < rows; ++i) {
+        for (int64_t i = 0; i < SHORT_BLOCK; ++i) {
             lh[i] = -logf(idh[i]);
             d[i] = 0.0f; /* <p, V> */
             dd[i] = 0.0;
         }
         for (int64_t c = 0; c < n; ++c) /* p again (the same rounding as for P) into x, V = W - b log p */
-            for (int64_t i = 0; i < rows; ++i) {
+            for (int64_t i = 0; i < SHORT_BLOCK; ++i) {
                 float xc = (x[c * SHORT_BLOCK + i] - rh[i]) * inv_t;
                 float pc = vexp(xc) * idh[i];
                 float vc = w[c * SHORT_BLOCK + i] - bv[i] * (pc > 0.0f ? xc - lh[i] : 0.0f);
@@ -880,9 +898,9 @@ uncertainty_grad_short_body(const float *z, int64_t ld_b, int64_t ld_m, int64_t 
                     d[i] += pc * vc;
             }
         if (wide)
-            for (int64_t i = 0; i < rows; ++i) d[i] = (float)dd[i];
+            for (int64_t i = 0; i < SHORT_BLOCK; ++i) d[i] = (float)dd[i];
         for (int64_t c = 0; c < n; ++c)
-            for (int64_t i = 0; i < rows; ++i)
+            for (int64_t i = 0; i < SHORT_BLOCK; ++i)
                 v[c * SHORT_BLOCK + i] = x[c * SHORT_BLOCK + i] * (v[c * SHORT_BLOCK + i] - d[i]) * scale;
         for (int64_t i = 0; i < rows; ++i) {
             float *out = dz + (b0 + i) * ld_db + h * ld_dm;
