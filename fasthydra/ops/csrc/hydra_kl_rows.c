@@ -286,15 +286,19 @@ static void kl_row(const float *x, float mult, const float *t, float *g, float g
 /* Rows shorter than a vector (C < SIDE_ROW, e.g. 10 classes): a row's own loops never fill a vector. Here
  * SHORT_BLOCK rows at a time are turned on their side: class c of row i goes to column i of line c of a block,
  * so that every sweep (maxima, exponentials, sums, loss, q - p) runs along the lines with one row per vector
- * lane; the rows are copied in and q - p copied out. Per row the same formulas as kl_row, each sum taken in
- * class order. Row offsets are stepped (no division per row). The loss, the mixture and uncertainty take rows
- * under SIDE_ROW classes so, uncertainty's gradient rows under GRAD_SIDE_ROW: the row-at-a-time kernels have a
- * fixed cost of about 60 ns a row, so 16 to 20 classes cost kl_row 4.8 ns a class where 15 classes on their side
- * cost 1.9 (uncertainty 2.6 to 3.0 against 1.2). A row's sums are float chains under SHORT_ROW classes (at most
- * 15 terms: the lane scale holds) and double from there on (a float chain over 40 classes gave 2.6x eager's
- * error in the loss; summed in double, 10-class rows took 25% longer). */
+ * lane; the rows are copied in and q - p (and the teacher's gradient) copied out. Per row the same formulas as
+ * kl_row, each sum taken in class order. Row offsets are stepped (no division per row). The loss, the mixture
+ * and uncertainty take rows under SIDE_ROW classes so, the loss with the teacher's gradient under
+ * TGRAD_SIDE_ROW, uncertainty's gradient under GRAD_SIDE_ROW: the row-at-a-time kernels have a fixed cost of
+ * about 60 ns a row, so 16 to 20 classes cost kl_row 4.8 ns a class where 15 classes on their side cost 1.9
+ * (uncertainty 2.6 to 3.0 against 1.2). A row's sums are float chains under SHORT_ROW classes (at most 15 terms:
+ * the lane scale holds) and double from there on (a float chain over 40 classes gave 2.6x eager's error in the
+ * loss; summed in double, 10-class rows took 25% longer). */
 #define SHORT_ROW 16
 #define SIDE_ROW 48
+/* with the teacher's gradient, under 32 classes: from 32 on kl_row was as fast (3.6 ns a class at 32, 3.4 against
+ * 3.7 at 40; at 10 classes 9.1 against 3.6 on their side, at 20 5.4 against 3.9) */
+#define TGRAD_SIDE_ROW 32
 #define SHORT_BLOCK 64
 
 /* LANES: every loop over a block's lanes runs over all SHORT_BLOCK of them (a constant the vector width divides),
@@ -310,9 +314,11 @@ static inline void pad_lanes(float *x, int64_t n, int64_t rows) {
 
 static inline __attribute__((always_inline)) void
 kl_short_rows_body(const float *s, int64_t so, int64_t si, float mult, const float *t, int64_t to, int64_t ti,
-                   int64_t inner, float *grad, int64_t go, int64_t gi, float g_mult, float *loss, int64_t r0,
-                   int64_t r1, int64_t n, float inv_t, float t2, int want_grad, const int wide) {
+                   int64_t inner, float *grad, int64_t go, int64_t gi, float g_mult, float *tgrad, int64_t ld_h,
+                   float *loss, int64_t r0, int64_t r1, int64_t n, float inv_t, float t2, int want_grad,
+                   const int wide) {
     float xs[SIDE_ROW * SHORT_BLOCK], xu[SIDE_ROW * SHORT_BLOCK];
+    float xr[TGRAD_SIDE_ROW * SHORT_BLOCK], tr[TGRAD_SIDE_ROW * SHORT_BLOCK]; /* raw rows for the teacher's gradient */
     float m_s[SHORT_BLOCK], ref_t[SHORT_BLOCK], fs[SHORT_BLOCK], fu[SHORT_BLOCK], fa[SHORT_BLOCK];
     double d_s[SHORT_BLOCK], d_u[SHORT_BLOCK], acc[SHORT_BLOCK];
     int64_t outer = r0 / inner, in = r0 % inner; /* row r0's place in the (O, inner, C) view */
@@ -345,6 +351,11 @@ kl_short_rows_body(const float *s, int64_t so, int64_t si, float mult, const flo
             d_s[i] = d_u[i] = acc[i] = 0.0;
             fs[i] = fu[i] = fa[i] = 0.0f;
         }
+        if (tgrad != NULL)
+            for (int64_t k = 0; k < n * SHORT_BLOCK; ++k) {
+                xr[k] = xs[k];
+                tr[k] = xu[k];
+            }
         for (int64_t c = 0; c < n; ++c) /* the exponentials written over the logits they come from */
             for (int64_t i = 0; i < SHORT_BLOCK; ++i) {
                 float *ps = xs + c * SHORT_BLOCK + i, *pu = xu + c * SHORT_BLOCK + i;
@@ -373,12 +384,45 @@ kl_short_rows_body(const float *s, int64_t so, int64_t si, float mult, const flo
                 d_u[i] = fu[i];
             }
         for (int64_t i = 0; i < rows; ++i) loss[b0 + i] = lo[i];
-        if (!want_grad) continue;
         float inv_s[SHORT_BLOCK], inv_u[SHORT_BLOCK];
         for (int64_t i = 0; i < SHORT_BLOCK; ++i) {
             inv_s[i] = wide ? (float)(1.0 / d_s[i]) : 1.0f / (float)d_s[i];
             inv_u[i] = wide ? (float)(1.0 / d_u[i]) : 1.0f / (float)d_u[i];
         }
+        if (tgrad != NULL) { /* the teacher's gradient as kl_row forms it, pivoted at the first class at max t */
+            float x_j[SHORT_BLOCK], mean_e[SHORT_BLOCK];
+            /* the pivot by a scalar search (a select per class made gcc emit masked loads: LOADS) */
+            for (int64_t i = 0; i < SHORT_BLOCK; ++i) {
+                int64_t j = 0;
+                while (j < n - 1 && !(tr[j * SHORT_BLOCK + i] == m_t[i])) ++j;
+                x_j[i] = xr[j * SHORT_BLOCK + i];
+            }
+            for (int64_t i = 0; i < SHORT_BLOCK; ++i) {
+                acc[i] = 0.0;
+                fa[i] = 0.0f;
+            }
+            for (int64_t c = 0; c < n; ++c) /* e = (t - max t) / T - (x - x_j) mult over the tr lines */
+                for (int64_t i = 0; i < SHORT_BLOCK; ++i) {
+                    float *e = tr + c * SHORT_BLOCK + i, eu = xu[c * SHORT_BLOCK + i];
+                    *e = (*e - ref_t[i]) * inv_t - (xr[c * SHORT_BLOCK + i] - x_j[i]) * mult;
+                    float term = kept(eu > 0.0f, eu * inv_u[i] * *e);
+                    if (wide)
+                        acc[i] += term;
+                    else
+                        fa[i] += term;
+                }
+            for (int64_t i = 0; i < SHORT_BLOCK; ++i) mean_e[i] = wide ? (float)acc[i] : fa[i];
+            for (int64_t c = 0; c < n; ++c)
+                for (int64_t i = 0; i < SHORT_BLOCK; ++i) {
+                    float *e = tr + c * SHORT_BLOCK + i, eu = xu[c * SHORT_BLOCK + i];
+                    *e = kept(eu > 0.0f, eu * inv_u[i] * (*e - mean_e[i])) * g_mult;
+                }
+            for (int64_t i = 0; i < rows; ++i) {
+                float *h = tgrad + (b0 + i) * ld_h;
+                for (int64_t c = 0; c < n; ++c) h[c] = tr[c * SHORT_BLOCK + i];
+            }
+        }
+        if (!want_grad) continue;
         for (int64_t c = 0; c < n; ++c)
             for (int64_t i = 0; i < SHORT_BLOCK; ++i) {
                 float *v = xs + c * SHORT_BLOCK + i;
@@ -398,14 +442,15 @@ kl_short_rows_body(const float *s, int64_t so, int64_t si, float mult, const flo
 
 /* kl_short_rows_body made twice: rows under SHORT_ROW classes sum in float, longer ones in double */
 static void kl_short_rows(const float *s, int64_t so, int64_t si, float mult, const float *t, int64_t to,
-                          int64_t ti, int64_t inner, float *grad, int64_t go, int64_t gi, float g_mult, float *loss,
-                          int64_t r0, int64_t r1, int64_t n, float inv_t, float t2, int want_grad) {
+                          int64_t ti, int64_t inner, float *grad, int64_t go, int64_t gi, float g_mult, float *tgrad,
+                          int64_t ld_h, float *loss, int64_t r0, int64_t r1, int64_t n, float inv_t, float t2,
+                          int want_grad) {
     if (n < SHORT_ROW)
-        kl_short_rows_body(s, so, si, mult, t, to, ti, inner, grad, go, gi, g_mult, loss, r0, r1, n, inv_t, t2,
-                           want_grad, 0);
+        kl_short_rows_body(s, so, si, mult, t, to, ti, inner, grad, go, gi, g_mult, tgrad, ld_h, loss, r0, r1, n,
+                           inv_t, t2, want_grad, 0);
     else
-        kl_short_rows_body(s, so, si, mult, t, to, ti, inner, grad, go, gi, g_mult, loss, r0, r1, n, inv_t, t2,
-                           want_grad, 1);
+        kl_short_rows_body(s, so, si, mult, t, to, ti, inner, grad, go, gi, g_mult, tgrad, ld_h, loss, r0, r1, n,
+                           inv_t, t2, want_grad, 1);
 }
 
 static void tile_row_stats(const float *s, float mult, const float *t, int64_t w, float inv_t, float *m_s,
@@ -420,8 +465,9 @@ static void kl_rows_part(const float *s, int64_t so, int64_t si, float mult, con
                          int64_t inner, float *grad, int64_t go, int64_t gi, float g_mult, float *tgrad, int64_t ld_h,
                          float *loss, int64_t r0, int64_t r1, int64_t n, float inv_t, float t2, int want_grad,
                          float *e_s, float *e_u) {
-    if (n < SIDE_ROW && tgrad == NULL) {
-        kl_short_rows(s, so, si, mult, t, to, ti, inner, grad, go, gi, g_mult, loss, r0, r1, n, inv_t, t2, want_grad);
+    if (n < (tgrad == NULL ? SIDE_ROW : TGRAD_SIDE_ROW)) {
+        kl_short_rows(s, so, si, mult, t, to, ti, inner, grad, go, gi, g_mult, tgrad, ld_h, loss, r0, r1, n, inv_t, t2,
+                      want_grad);
         return;
     }
     if (!want_grad && tgrad == NULL) { /* the loss alone: the class-tiled mode's statistics over the whole row
