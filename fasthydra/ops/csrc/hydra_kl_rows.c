@@ -287,18 +287,18 @@ static void kl_row(const float *x, float mult, const float *t, float *g, float g
  * SHORT_BLOCK rows at a time are turned on their side: class c of row i goes to column i of line c of a block,
  * so that every sweep (maxima, exponentials, sums, loss, q - p) runs along the lines with one row per vector
  * lane; the rows are copied in and q - p (and the teacher's gradient) copied out. Per row the same formulas as
- * kl_row, each sum taken in class order. Row offsets are stepped (no division per row). The loss, the mixture
- * and uncertainty take rows under SIDE_ROW classes so, the loss with the teacher's gradient under
- * TGRAD_SIDE_ROW, uncertainty's gradient under GRAD_SIDE_ROW: the row-at-a-time kernels have a fixed cost of
- * about 60 ns a row, so 16 to 20 classes cost kl_row 4.8 ns a class where 15 classes on their side cost 1.9
- * (uncertainty 2.6 to 3.0 against 1.2). A row's sums are float chains under SHORT_ROW classes (at most 15 terms:
- * the lane scale holds) and double from there on (a float chain over 40 classes gave 2.6x eager's error in the
- * loss; summed in double, 10-class rows took 25% longer). */
+ * kl_row, each sum taken in class order. Row offsets are stepped (no division per row). The loss (with the
+ * teacher's gradient too), the mixture and uncertainty take rows under SIDE_ROW classes so, uncertainty's
+ * gradient under GRAD_SIDE_ROW: the row-at-a-time kernels have a fixed cost of about 60 ns a row, so 16 to 20
+ * classes cost kl_row 4.8 ns a class where 15 classes on their side cost 1.9 (uncertainty 2.6 to 3.0 against
+ * 1.2). A row's sums are float chains under SHORT_ROW classes (at most 15 terms: the lane scale holds) and double
+ * from there on (a float chain over 40 classes gave 2.6x eager's error in the loss; summed in double, 10-class
+ * rows took 25% longer). */
 #define SHORT_ROW 16
+/* with the teacher's gradient, per element on their side against kl_row: AVX-512 3.5 to 3.8 ns against 3.5 to
+ * 4.1 at 32 to 47 classes (kl_row ahead only at 40), AVX2 3.9 to 4.1 against 4.5 to 5.7; at 10 classes 3.6
+ * against 9.1 (bench/RESULTS.md, forty-seventh session) */
 #define SIDE_ROW 48
-/* with the teacher's gradient, under 32 classes: from 32 on kl_row was as fast (3.6 ns a class at 32, 3.4 against
- * 3.7 at 40; at 10 classes 9.1 against 3.6 on their side, at 20 5.4 against 3.9) */
-#define TGRAD_SIDE_ROW 32
 #define SHORT_BLOCK 64
 
 /* LANES: every loop over a block's lanes runs over all SHORT_BLOCK of them (a constant the vector width divides),
@@ -318,7 +318,7 @@ kl_short_rows_body(const float *s, int64_t so, int64_t si, float mult, const flo
                    float *loss, int64_t r0, int64_t r1, int64_t n, float inv_t, float t2, int want_grad,
                    const int wide) {
     float xs[SIDE_ROW * SHORT_BLOCK], xu[SIDE_ROW * SHORT_BLOCK];
-    float xr[TGRAD_SIDE_ROW * SHORT_BLOCK], tr[TGRAD_SIDE_ROW * SHORT_BLOCK]; /* raw rows for the teacher's gradient */
+    float xr[SIDE_ROW * SHORT_BLOCK], tr[SIDE_ROW * SHORT_BLOCK]; /* raw rows for the teacher's gradient */
     float m_s[SHORT_BLOCK], ref_t[SHORT_BLOCK], fs[SHORT_BLOCK], fu[SHORT_BLOCK], fa[SHORT_BLOCK];
     double d_s[SHORT_BLOCK], d_u[SHORT_BLOCK], acc[SHORT_BLOCK];
     int64_t outer = r0 / inner, in = r0 % inner; /* row r0's place in the (O, inner, C) view */
@@ -465,7 +465,7 @@ static void kl_rows_part(const float *s, int64_t so, int64_t si, float mult, con
                          int64_t inner, float *grad, int64_t go, int64_t gi, float g_mult, float *tgrad, int64_t ld_h,
                          float *loss, int64_t r0, int64_t r1, int64_t n, float inv_t, float t2, int want_grad,
                          float *e_s, float *e_u) {
-    if (n < (tgrad == NULL ? SIDE_ROW : TGRAD_SIDE_ROW)) {
+    if (n < SIDE_ROW) {
         kl_short_rows(s, so, si, mult, t, to, ti, inner, grad, go, gi, g_mult, tgrad, ld_h, loss, r0, r1, n, inv_t, t2,
                       want_grad);
         return;
@@ -868,9 +868,15 @@ void hydra_log_mean_rows(const float *z, int64_t ld_b, int64_t ld_m, int64_t m, 
  * The scratch rows do not overlap each other, the logits or dz: restrict, and every scalar a loop reads in a
  * local, so that gcc vectorises the loops (it otherwise reloads through possible aliases, element by element). */
 #define SHORT_HEADS 32 /* the most heads whose per-row references and normalisers a short block keeps */
-/* Rows on their side only under 32 classes here: from 32 on uncertainty_grad_part's rows were faster (at 32
- * classes 2.3 against 2.9 ns a class, at 40 2.6 against 3.1; at 20, 3.5 against 2.8 on their side). */
+/* Rows on their side under 48 classes, as elsewhere, but under 32 where AVX-512 builds uncertainty_grad_part's
+ * whole rows: from 32 on those were faster there (per element 2.4 to 2.7 ns against 2.9 to 3.1 at 32 to 44 classes;
+ * at 20, 3.5 against 2.8 on their side), where with AVX2 the side was ahead up to 47 (3.0 to 3.1 against 3.3 to
+ * 4.2). NEON and SVE vectors are no wider than AVX2's. */
+#if defined(__AVX512F__)
 #define GRAD_SIDE_ROW 32
+#else
+#define GRAD_SIDE_ROW 48
+#endif
 
 /* uncertainty_grad_part for the `rows` rows of a block at row b0, n < GRAD_SIDE_ROW classes, m <= SHORT_HEADS,
  * turned on their side as in kl_short_rows (one row per vector lane, each head's row copied in, twice: for P and
