@@ -18,7 +18,9 @@ bench/predictions.json predicted, against this run's (inside, below, above or mi
 outside their range, `python bench/predictions.py RECORD.json` all of them). Last, where ncu works and time is
 left before 450 s (--deadline-s), Nsight Compute profiles one step of the small cases and of the loss on
 logits (clocks left alone; our kernels only). The SM and memory clocks are sampled with nvidia-smi through the
-latency rows, the profiles and the cases. Both JSON writes keep what was measured if the run is cut short.
+latency rows, the profiles and the cases. The JSON is written after every phase and case ("phase" says how far
+it got), so a run cut short keeps what it measured; past 470 s (--hard-deadline-s) the script prints every
+thread's stack, to show where a hang was, and exits.
 Timing is triton.testing.do_bench (warm-up, L2 flushed between runs, median); peak memory is
 torch.cuda.max_memory_allocated above what was live before the step.
 Without CUDA it refuses with exit code 2 and changes nothing.
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import faulthandler
 import glob
 import io
 import json
@@ -794,6 +797,9 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-tests", action="store_true")
     parser.add_argument("--deadline-s", type=float, default=450.0,
                         help="Nsight Compute runs last, only within this many seconds of the start")
+    parser.add_argument("--hard-deadline-s", type=float, default=None,
+                        help="past this many seconds (default: 20 past the later of --budget-s and --deadline-s), "
+                             "print every thread's stack and exit (a hang's diagnosis)")
     parser.add_argument("--ncu-child", default=None, help=argparse.SUPPRESS)  # the step ncu profiles
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -801,16 +807,36 @@ def main(argv=None) -> int:
         return 2
     if args.ncu_child:
         return ncu_child(args.ncu_child)
+    # A run that hangs (a kernel that never ends, a capture that deadlocks) prints every thread's stack and exits
+    # before the lent machine's own timeout kills it silently; the record written so far stays on disk. (The
+    # process's own stderr: the watchdog writes to a file descriptor, which a captured sys.stderr may not have.)
+    hard_deadline = args.hard_deadline_s or max(args.budget_s, args.deadline_s) + 20.0
+    faulthandler.dump_traceback_later(hard_deadline, exit=True, file=sys.__stderr__)
+    try:
+        return _measure(args)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
+def _measure(args) -> int:
+    """main's work on a CUDA device: the record, written after every phase; the exit code."""
     clocks = {}
     start = time.perf_counter()
     device = torch.cuda.get_device_name(0)
     host_info = host_facts("cuda")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    # Written after every phase and every case ("phase" says how far it got), so that a run cut short keeps what
+    # it measured.
+    record = {"device": device, "host": host_info, "date": datetime.date.today().isoformat(), "commit": commit,
+              "torch": torch.__version__, "triton": __import__("triton").__version__, "phase": "host"}
     print("host: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in host_info.items()),
           flush=True)
     tests = {"summary": "skipped"} if args.skip_tests else run_gpu_tests(timeout=min(200.0, args.budget_s * 0.55))
     print(f"gpu tests: {tests['summary']}", flush=True)
     for name in tests.get("failures", []):
         print(f"  FAILED {name}", flush=True)
+    record.update(tests=tests, phase="tests")
+    _write(args.out, record, start, quiet=True)
 
     all_cases = C.cases("cuda")
     by_key = {(c.op, c.name): c for c in all_cases}
@@ -829,6 +855,8 @@ def main(argv=None) -> int:
                     lat_rows.append({"op": op, "shape": shape, "provider": provider,
                                      "error": f"{type(exc).__name__}: {exc}"[:300]})
     clocks["latency"] = sampler.summary
+    record.update(latency=lat_rows, clocks=clocks, phase="latency")
+    _write(args.out, record, start, quiet=True)
     print("latency per step (us): host = issuing without syncs, stream = events around unsynced steps, "
           "gpu = CUDA-graph replay", flush=True)
     for r in lat_rows:
@@ -857,6 +885,9 @@ def main(argv=None) -> int:
             f"{r['mask']:20} {r['seconds'] * 1e3:8.3f} ms, {r['vs_no_mask']:.3f}x no mask" if "error" not in r
             else f"ERROR {r['error']}"), flush=True)
 
+    record.update(copy_bytes_per_s=copy_bps, topk=topk, masked=masked, phase="copy, top-k and masks")
+    _write(args.out, record, start, quiet=True)
+
     with ClockSampler() as sampler:
         profiles = _profiles(PROFILE_CASES, by_key, profile_step, "profile {} (fasthydra, ms per step):",
                              lambda r: f"{r['ms_per_step']:8.3f} ms {r['calls_per_step']:5.1f}x {r['kernel']}")
@@ -865,12 +896,15 @@ def main(argv=None) -> int:
                      "host profile {} (fasthydra, us per step: own, cumulative):",
                      lambda r: f"{r['own_us_per_step']:8.1f} {r['cum_us_per_step']:8.1f} {r['calls_per_step']:5.1f}x "
                                f"{r['function']}")
+    record.update(profiles=profiles, host_profiles=host, phase="profiles")
+    _write(args.out, record, start, quiet=True)
 
     priority = [c for c in all_cases if (c.op, c.name) in {(t[0], t[1]) for t in TARGETS[:4]}]
     priority += [by_key[k] for k in VARIANT_CASES if k in by_key and by_key[k] not in priority]
     priority += [c for c in all_cases if (c.op, c.name) in {(t[0], t[1]) for t in TARGETS} and c not in priority]
     order = priority + [c for c in all_cases if c not in priority]
     rows, left_out, floors = [], [], {}
+    record.update(rows=rows, floors={}, left_out=left_out)
     with ClockSampler() as sampler:
         for case in order:
             if time.perf_counter() - start > args.budget_s:
@@ -892,18 +926,16 @@ def main(argv=None) -> int:
                     rows.append({"op": case.op, "shape": case.name, "dtype": str(case.dtype).replace("torch.", ""),
                                  "provider": provider, "error": f"{type(exc).__name__}: {exc}"[:300]})
                 torch.cuda.empty_cache()
+            record.update(floors={f"{op} {shape}": v for (op, shape), v in floors.items()}, phase=f"case {case.key}")
+            _write(args.out, record, start, quiet=True)
             print(f"  done {case.key} ({time.perf_counter() - start:.0f}s)", flush=True)
     clocks["cases"] = sampler.summary
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    record = {"device": device, "host": host_info, "date": datetime.date.today().isoformat(), "commit": commit,
-              "torch": torch.__version__, "triton": __import__("triton").__version__, "tests": tests,
-              "rows": rows, "floors": {f"{op} {shape}": v for (op, shape), v in floors.items()}, "latency": lat_rows,
-              "copy_bytes_per_s": copy_bps, "topk": topk, "masked": masked,
-              "profiles": profiles, "host_profiles": host, "left_out": left_out, "clocks": clocks,
-              # False when this torch refused addmm's fp32 output with an fp32 addend (dx then adds per group)
-              "fp32_out_gemm": __import__("fasthydra.ops._common", fromlist=["_"]).FP32_OUT_GEMM,
-              # False when it refused writing such a GEMM into a given tensor (fp16's fp32 dW: then a copy)
-              "fp32_out_into": __import__("fasthydra.ops.linear_hydra_kl", fromlist=["_"])._FP32_OUT_INTO}
+    record.update(
+        phase="cases",
+        # False when this torch refused addmm's fp32 output with an fp32 addend (dx then adds per group)
+        fp32_out_gemm=__import__("fasthydra.ops._common", fromlist=["_"]).FP32_OUT_GEMM,
+        # False when it refused writing such a GEMM into a given tensor (fp16's fp32 dW: then a copy)
+        fp32_out_into=__import__("fasthydra.ops.linear_hydra_kl", fromlist=["_"])._FP32_OUT_INTO)
     print(f"fp32-output GEMMs for dx over head groups: {record['fp32_out_gemm']}; written in place (fp16's dW): "
           f"{record['fp32_out_into']}", flush=True)
     _write(args.out, record, start)  # the measurements are safe before any analysis runs
@@ -926,6 +958,7 @@ def main(argv=None) -> int:
     except Exception as exc:
         record["ncu"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
     print_ncu(record["ncu"])
+    record["phase"] = "done"
     _write(args.out, record, start)
     return 0 if tests.get("returncode") in (0, None) and all(v != "FAIL" for _, v, _ in targets) else 1
 
@@ -962,11 +995,15 @@ def _against_predictions(record: dict):
     return results
 
 
-def _write(path: str, record: dict, start: float) -> None:
+def _write(path: str, record: dict, start: float, quiet: bool = False) -> None:
+    """The record as JSON, replaced whole (written beside and renamed: a run killed while writing keeps the last
+    complete one)."""
     record["seconds"] = time.perf_counter() - start
-    with open(path, "w") as f:
+    with open(path + ".part", "w") as f:
         json.dump(record, f, indent=1, default=str)
-    print(f"wrote {path} ({record['seconds']:.0f}s)", flush=True)
+    os.replace(path + ".part", path)
+    if not quiet:
+        print(f"wrote {path} ({record['seconds']:.0f}s)", flush=True)
 
 
 def _analyse(record, rows, lat_rows, floors, by_key, copy_bps, device) -> list:

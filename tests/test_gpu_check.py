@@ -206,12 +206,9 @@ def test_variant_ratios_against_the_default():
     assert only["time_vs_default"] == pytest.approx(1.5) and only["memory_vs_default"] == pytest.approx(1.5)
 
 
-def test_main_runs_end_to_end_with_the_device_parts_stubbed(tmp_path, monkeypatch, capsys):
-    """The orchestration of a lent-GPU run (latency rows, variants and knobs, the case loop, the
-    analysis, the JSON) on this CPU: every device-only measurement is replaced by a stand-in, so a
-    slip in the script's own code shows here rather than after minutes of an H200."""
-    import json
-
+def _stub_device(monkeypatch):
+    """Every device-only measurement of gpu_check.main replaced by a stand-in (CPU cases named as the GPU ones);
+    returns the settings each latency row ran under and the ncu calls."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "stand-in")
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
@@ -248,14 +245,14 @@ def test_main_runs_end_to_end_with_the_device_parts_stubbed(tmp_path, monkeypatc
     monkeypatch.setattr(C, "cases", lambda device: cpu_cases)
     monkeypatch.setattr(C, "provider_available", lambda p, d: None if p in ("eager", "fasthydra") else "absent")
 
-    def bench_case(case, provider):
+    def stand_in_bench_case(case, provider):
         seconds = {"eager": 4e-3, "fasthydra": 1e-3, gpu_check.LEARNED_T: 1.6e-3}[provider] * (
             1.5 if os.environ.get("FASTHYDRA_SMALL_STEP") else 1)
         return {"op": case.op, "shape": case.name, "dtype": str(case.dtype).replace("torch.", ""),
                 "provider": provider, "B": case.B, "D": case.D, "M": case.M, "C": case.C, "seconds": seconds,
                 "peak_memory_bytes": 2**20, "compile_seconds": None}
 
-    monkeypatch.setattr(gpu_check, "bench_case", bench_case)
+    monkeypatch.setattr(gpu_check, "bench_case", stand_in_bench_case)
     ncu_calls = []
 
     def ncu_profile(cases, timeout, workdir):
@@ -265,6 +262,16 @@ def test_main_runs_end_to_end_with_the_device_parts_stubbed(tmp_path, monkeypatc
                              "metrics": {"Duration": "31.5 us", "SM Frequency": "1.98 Ghz"}}]}
 
     monkeypatch.setattr(gpu_check, "ncu_profile", ncu_profile)
+    return seen_settings, ncu_calls
+
+
+def test_main_runs_end_to_end_with_the_device_parts_stubbed(tmp_path, monkeypatch, capsys):
+    """The orchestration of a lent-GPU run (latency rows, variants and knobs, the case loop, the
+    analysis, the JSON) on this CPU: every device-only measurement is replaced by a stand-in, so a
+    slip in the script's own code shows here rather than after minutes of an H200."""
+    import json
+
+    seen_settings, ncu_calls = _stub_device(monkeypatch)
     out = tmp_path / "gpu.json"
     code = gpu_check.main(["--out", str(out)])
     record = json.loads(out.read_text())
@@ -313,6 +320,42 @@ def test_main_runs_end_to_end_with_the_device_parts_stubbed(tmp_path, monkeypatc
     assert copy["measured"] == pytest.approx(4000.0) and copy["verdict"] == "below"
     assert "predictions (" in printed and "below   copy bandwidth" in printed
     assert "inside  " not in printed and "  missing: " in printed  # the log: only what fell outside, in full
+
+
+def test_a_run_cut_short_keeps_what_it_measured(tmp_path, monkeypatch):
+    """A run stopped part-way (here an interrupt in the third case, as the lent machine's timeout would stop it)
+    leaves on disk the record of every phase and case before it, and the hang watchdog is armed for the run
+    only."""
+    import json
+
+    _stub_device(monkeypatch)
+    watchdog = []
+    monkeypatch.setattr(gpu_check.faulthandler, "dump_traceback_later",
+                        lambda seconds, exit=False, file=None: watchdog.append((seconds, exit)))
+    monkeypatch.setattr(gpu_check.faulthandler, "cancel_dump_traceback_later", lambda: watchdog.append("cancel"))
+    measure, started = gpu_check.bench_case, []
+
+    def bench_case(case, provider):
+        started.extend([case.key] * (case.key not in started))
+        if len(started) == 3:
+            raise KeyboardInterrupt
+        return measure(case, provider)
+
+    monkeypatch.setattr(gpu_check, "bench_case", bench_case)
+    out = tmp_path / "gpu.json"
+    with pytest.raises(KeyboardInterrupt):
+        gpu_check.main(["--out", str(out), "--hard-deadline-s", "99"])
+    assert watchdog == [(99.0, True), "cancel"]
+    record = json.loads(out.read_text())
+    assert record["phase"] == f"case {started[1]}" and "targets" not in record
+    assert {f"{r['op']}/{r['shape']}" for r in record["rows"]} == {k.rsplit("/", 2)[0] for k in started[:2]}
+    assert len(record["floors"]) == 2 and record["tests"]["summary"] == "1 passed"
+    assert record["latency"] and record["profiles"] and record["copy_bytes_per_s"] == 4e12
+    assert not (tmp_path / "gpu.json.part").exists()
+    watchdog.clear()
+    with pytest.raises(KeyboardInterrupt):
+        gpu_check.main(["--out", str(out), "--budget-s", "900"])
+    assert watchdog == [(920.0, True), "cancel"]  # by default 20 s past the run's own limits
 
 
 def test_the_row_mask_rows_time_both_steps(monkeypatch):
