@@ -81,6 +81,27 @@ def test_public_names():
 
 
 @pytest.mark.cpu
+def test_the_oldest_torch_per_machine():
+    """The installed metadata (what pip resolves) asks for torch 2.5 on ARM, where 2.4's fp32 bmm rounds its
+    inputs to bf16 on CPUs with BF16, and for 2.4 elsewhere: one requirement per machine."""
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    torch_reqs = [r for r in map(Requirement, requires("fasthydra")) if r.name == "torch"]
+
+    def oldest(machine):
+        env = {"platform_machine": machine, "platform_system": "Linux", "extra": ""}
+        (req,) = [r for r in torch_reqs if r.marker is None or r.marker.evaluate(env)]
+        (spec,) = req.specifier
+        return spec.operator, Version(spec.version)
+
+    assert oldest("x86_64") == (">=", Version("2.4"))
+    assert oldest("aarch64") == oldest("arm64") == (">=", Version("2.5"))
+
+
+@pytest.mark.cpu
 def test_an_eager_training_step_does_not_import_the_compiler():
     """Eager calls bypass the custom-op dispatcher: torch._dynamo and sympy (about a second and 150 MiB
     on the first call) load only when torch.compile is in use."""
