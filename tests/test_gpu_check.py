@@ -524,6 +524,19 @@ def test_every_benchmark_step_times_one_computation_with_each_provider(op):
     torch.testing.assert_close(grads["fasthydra"], grads["eager"], rtol=1e-5, atol=1e-7)
 
 
+def test_the_acceptance_tests_run_first():
+    """The gpu tests the issues name go first, in the order given, parametrisations together; the rest keep their
+    collection order; every name given is a test function of the gpu tier (a rename must not drop it silently)."""
+    ids = ["tests/test_a.py::test_x[1]", "tests/test_gpu.py::test_late", "tests/test_gpu.py::test_b[2]",
+           "tests/test_a.py::test_y", "tests/test_gpu.py::test_a", "tests/test_gpu.py::test_b[1]"]
+    assert gpu_check.first_tests_first(ids, first=("test_b", "test_a")) == [
+        "tests/test_gpu.py::test_b[2]", "tests/test_gpu.py::test_b[1]", "tests/test_gpu.py::test_a",
+        "tests/test_a.py::test_x[1]", "tests/test_gpu.py::test_late", "tests/test_a.py::test_y"]
+    source = (pathlib.Path(__file__).parent / "test_gpu.py").read_text()
+    for name in gpu_check.FIRST_GPU_TESTS:
+        assert f"\ndef {name}(" in source, name
+
+
 def test_gpu_tier_runs_in_processes_side_by_side_and_is_cut_at_the_timeout(tmp_path):
     """run_gpu_tests on a stand-in tier (real pytest processes): the tests dealt out over two processes (two
     process ids seen), passes, a failure and a setup error counted from both; then a test that outlasts the
