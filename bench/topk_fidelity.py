@@ -25,8 +25,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fasthydra.data import load_dataset
 from fasthydra.demo import STAGE2_EPOCHS_FACTOR, classification_metrics
-from fasthydra.distill import (DistillConfig, distill, members_output, mlp_body, teacher_loader, teacher_outputs,
-                               train_ensemble)
+from fasthydra.distill import (DistillConfig, distill, members_output, mlp_body, remove_teacher_cache, teacher_loader,
+                               teacher_outputs, train_ensemble)
 
 
 def kept_mass(dense: torch.Tensor, temperature: float, k: int) -> float:
@@ -82,6 +82,7 @@ def main(argv=None) -> int:
     for top_k in [None, *args.ks]:
         name = "dense" if top_k is None else f"k={top_k}"
         path = os.path.join(args.out, "teacher_dense.npy" if top_k is None else f"teacher_top{top_k}")
+        remove_teacher_cache(path)  # an earlier run's cache holds other members' outputs (another seed or epochs)
         teacher = teacher_outputs(members, ordered, "classification", cache_path=path, top_k=top_k,
                                   progress=progress)
         t1 = time.perf_counter()

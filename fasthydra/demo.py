@@ -26,6 +26,7 @@ from fasthydra.distill import (
     distill,
     members_output,
     mlp_body,
+    remove_teacher_cache,
     teacher_loader,
     teacher_outputs,
     train_ensemble,
@@ -140,8 +141,11 @@ def _run(dataset, heads, epochs, out, device, seed, temperature, width, batch_si
                              seed=seed, progress=progress)
     t_ens = time.perf_counter() - t0
     ordered = DataLoader(TensorDataset(data.x_train), batch_size=512, shuffle=False)
-    # A top-k teacher goes through a memory-mapped cache, as a large-C run would use it
+    # A top-k teacher goes through a memory-mapped cache, as a large-C run would use it; one left in `out` by an
+    # earlier run holds other members' outputs (another seed, width or number of epochs), never these
     cache = os.path.join(out, "teacher_topk") if teacher_top_k else None
+    if cache:
+        remove_teacher_cache(cache)
     teacher = teacher_outputs(members, ordered, task, device=device, top_k=teacher_top_k, cache_path=cache,
                               progress=progress)
     cfg = DistillConfig(temperature=temperature if task == "classification" else 1.0, epochs_stage1=epochs,

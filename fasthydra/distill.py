@@ -219,6 +219,15 @@ class _Cache:
     def load(self) -> dict:
         return {name: torch.from_numpy(np.load(self.files[name], mmap_mode="r+")) for name in self.arrays}
 
+    @staticmethod
+    def files_of(path: str) -> list[str]:
+        """Every file a cache at path may have: the marker (and its temporary), the dense array, the top-k pair."""
+        return [path + ".json", path + ".json.tmp", path, path + ".values.npy", path + ".indices.npy"]
+
+    def written_rows(self) -> dict:
+        """The rows written so far, as tensors over the maps."""
+        return {name: torch.from_numpy(np.asarray(m[:self.rows])) for name, m in self.maps.items()}
+
     @classmethod
     def reuse(cls, path: str, rows: int, top_k: int | None):
         """The arrays of a complete cache at path for `rows` rows (and k = top_k), else None; decided from
@@ -238,6 +247,50 @@ class _Cache:
         return cache.load() if all(os.path.exists(f) for f in cache.files.values()) else None
 
 
+def remove_teacher_cache(cache_path: str) -> None:
+    """Deletes the files of a ``teacher_outputs`` cache at cache_path (its marker and arrays), where they exist: for a
+    run whose members are new (another seed or training run), whose outputs a cache of earlier members must not
+    stand for. Nothing else is touched."""
+    for f in _Cache.files_of(cache_path):
+        if os.path.isfile(f):
+            os.remove(f)
+
+
+# How far a cached output may lie from the members' own, relative to its row's largest finite magnitude, and still be
+# theirs: another batch size, device or TF32 moves a logit by about 1e-3 of that at most, float16 storage by 5e-4;
+# other members, or other rows, by about the whole scale.
+CACHE_MATCH_RTOL = 1e-2
+
+
+def _check_cache_is_theirs(path: str, cached: dict, fresh: torch.Tensor, top_k: int | None) -> None:
+    """ValueError unless the cache's first rows are the members' outputs on the loader's first batch (fresh): a cache
+    written by other members, or for other data or another order, must never stand in for this teacher."""
+    rows = min(len(fresh), len(next(iter(cached.values()))))
+    fresh = fresh[:rows]
+    if top_k is None:
+        pairs = [("logits", cached["logits"][:rows].float(), fresh)]
+    else:
+        values, indices = cached["values"][:rows].float(), cached["indices"][:rows].long()
+        if rows and (indices.min() < 0 or indices.max() >= fresh.shape[-1]):
+            raise ValueError(f"cache_path {path!r} holds class indices outside these members' {fresh.shape[-1]} "
+                             f"classes: it was written for another teacher; {_STALE_FIX}")
+        rounded = fresh.half().float()  # as the cache stores values
+        pairs = [("values at its indices", values, rounded.gather(-1, indices)),
+                 ("top-k values", values, rounded.topk(top_k, dim=-1).values)]
+    scale = fresh.masked_fill(~fresh.isfinite(), 0.0).abs().amax(-1, keepdim=True)
+    for what, got, want in pairs:
+        close = (got == want) | (got.isnan() & want.isnan()) | ((got - want).abs() <= CACHE_MATCH_RTOL * scale)
+        if not bool(close.all()):
+            row = int((~close).flatten(1).any(1).nonzero()[0])
+            raise ValueError(f"cache_path {path!r} holds another teacher's outputs: its {what} on row {row} differ "
+                             f"from these members' on the loader's first batch by more than {CACHE_MATCH_RTOL} of the "
+                             f"row's scale (written by other members, or for other data or another order); "
+                             f"{_STALE_FIX}")
+
+
+_STALE_FIX = "remove its files (fasthydra.distill.remove_teacher_cache) or give another cache_path"
+
+
 @torch.no_grad()
 def teacher_outputs(members: list[nn.Module], loader: DataLoader, task: str, device: str = "cpu",
                     cache_path: str | None = None, top_k: int | None = None, progress: bool = True):
@@ -250,7 +303,10 @@ def teacher_outputs(members: list[nn.Module], loader: DataLoader, task: str, dev
     With cache_path the result goes to memory-mapped ``.npy`` files (dense: cache_path itself; top-k:
     cache_path.values.npy and cache_path.indices.npy) with a marker cache_path.json, and is returned
     as tensors over those files: nothing (N, M, ...)-sized stays in memory. A complete cache is
-    reused without running the members; an interrupted one is completed from where it stopped.
+    reused, the members run on the first batch only; an interrupted one is completed from where it stopped.
+    Either must hold these members' outputs: its first rows are checked against the first batch's (within
+    CACHE_MATCH_RTOL of each row's scale), and a cache written by other members, or for other data or another
+    order, raises ValueError rather than stand in for this teacher (``remove_teacher_cache`` deletes one).
     """
     _check_task(task)
     _check_device(device)
@@ -259,14 +315,16 @@ def teacher_outputs(members: list[nn.Module], loader: DataLoader, task: str, dev
         if task != "classification":
             raise ValueError(f"top_k needs a classification task, got task {task!r}")
     n = len(loader.dataset) if hasattr(loader, "dataset") else None
-    if cache_path is not None and n is not None:
-        done = _Cache.reuse(cache_path, n, top_k)
-        if done is not None:  # complete, for this many rows and this k: the members need not run
-            return done["logits"] if top_k is None else TopKTeacher(done["values"], done["indices"])
     batches = iter(loader)
     first = members_output(members, next(batches)[0].to(device), task).float().cpu() if n != 0 else None
     if top_k is not None and first is not None and top_k > first.shape[-1]:
         raise ValueError(f"top_k = {top_k} is more than the members' {first.shape[-1]} classes")
+    if cache_path is not None and n is not None:
+        done = _Cache.reuse(cache_path, n, top_k)
+        if done is not None:  # complete, for this many rows and this k: the other batches need not run
+            if first is not None:
+                _check_cache_is_theirs(cache_path, done, first, top_k)
+            return done["logits"] if top_k is None else TopKTeacher(done["values"], done["indices"])
 
     def convert(out):
         if top_k is None:
@@ -303,6 +361,8 @@ def teacher_outputs(members: list[nn.Module], loader: DataLoader, task: str, dev
               {"values": ((*shape, top_k), np.float16), "indices": ((*shape, top_k), np.int32)})
     cache = _Cache(cache_path, arrays)
     done = cache.open()
+    if done:  # an interrupted run's rows: continued only if they are these members' outputs
+        _check_cache_is_theirs(cache_path, cache.written_rows(), first, top_k)
     row = 0
     for out in _bar(remaining(done), "teacher outputs", progress, total=len(loader)):
         size = out if isinstance(out, int) else len(out)

@@ -39,6 +39,18 @@ def test_demo_is_deterministic(tmp_path):
             assert a["methods"][method][key] == b["methods"][method][key]
 
 
+def test_a_second_run_in_the_same_folder_uses_its_own_teacher(tmp_path):
+    """A top-k run writes its teacher cache into `out`; a later run there (another seed: other members, another
+    split) must distil from its own members, not from the cache left behind (which it once did: its Hydra fell to
+    chance, accuracy 0.10, on this configuration)."""
+    kwargs = dict(heads=3, epochs=4, out=str(tmp_path), teacher_top_k=3, progress=False, plots=False,
+                  stream=io.StringIO())
+    first = run("digits", seed=0, **kwargs)
+    second = run("digits", seed=1, **kwargs)
+    for res in (first, second):
+        assert res["methods"]["hydra"]["acc"] > 0.8 and res["methods"]["kd"]["acc"] > 0.7, res["methods"]
+
+
 def test_toy_regression_epistemic_rises_off_the_data(tmp_path):
     res = run("toy-regression", heads=5, epochs=40, out=str(tmp_path), progress=False,
               stream=io.StringIO())

@@ -150,7 +150,7 @@ def test_top_k_teacher_outputs_in_memory_and_cached(tmp_path):
     assert size < 80 * 3 * 2 * 6 + 2 * 256  # 6 bytes per kept entry, plus the .npy headers
     seen = members[0].rows
     again = teacher_outputs(members, ordered, "classification", top_k=2, cache_path=path, progress=False)
-    assert members[0].rows == seen  # a complete cache is reused: the members did not run
+    assert members[0].rows == seen + 16  # a complete cache is reused: the members ran on the first batch alone
     assert torch.equal(again.values, cached.values)
     with pytest.raises(ValueError, match="top_k"):
         teacher_outputs(members, ordered, "classification", top_k=4, progress=False)  # more than C = 3
@@ -177,6 +177,44 @@ def test_an_interrupted_cache_is_completed_never_used_half_written(tmp_path, top
     for a, b in zip(done if top_k else (done,), fresh if top_k else (fresh,)):
         assert torch.equal(a, b)
     assert json.loads((tmp_path / "cache.json").read_text())["complete"]
+
+
+@pytest.mark.parametrize("top_k", [None, 2])
+def test_a_cache_of_another_teacher_is_refused_never_used(tmp_path, top_k):
+    """A cache (complete, or interrupted) written by other members, or for the rows in another order, raises a
+    ValueError naming it rather than stand in for these members; the same members' cache is reused under another
+    batch size; remove_teacher_cache clears it for a fresh one."""
+    from fasthydra.distill import remove_teacher_cache
+
+    x, y, d, c = _toy_classification(n=80, c=3)
+    members = _members(x, y, d, c)
+    others = train_ensemble(lambda: nn.Sequential(mlp_body(d, 16), nn.Linear(16, c)),
+                            DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True,
+                                       generator=torch.Generator().manual_seed(1)), 3, "classification", epochs=5,
+                            progress=False, seed=1)
+    ordered = DataLoader(TensorDataset(x), batch_size=16, shuffle=False)
+    path = str(tmp_path / "cache")
+    mine = teacher_outputs(members, ordered, "classification", top_k=top_k, cache_path=path, progress=False)
+    rebatched = DataLoader(TensorDataset(x), batch_size=24, shuffle=False)
+    again = teacher_outputs(members, rebatched, "classification", top_k=top_k, cache_path=path, progress=False)
+    for a, b in zip(mine if top_k else (mine,), again if top_k else (again,)):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="cache_path .*cache.* another teacher"):
+        teacher_outputs(others, ordered, "classification", top_k=top_k, cache_path=path, progress=False)
+    reversed_rows = DataLoader(TensorDataset(x.flip(0)), batch_size=16, shuffle=False)
+    with pytest.raises(ValueError, match="another teacher"):
+        teacher_outputs(members, reversed_rows, "classification", top_k=top_k, cache_path=path, progress=False)
+    remove_teacher_cache(path)
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(_Interrupted):  # an interrupted cache of other members is not continued either
+        teacher_outputs(others, _loader_that_fails_after(x, 3), "classification", top_k=top_k, cache_path=path,
+                        progress=False)
+    with pytest.raises(ValueError, match="another teacher"):
+        teacher_outputs(members, ordered, "classification", top_k=top_k, cache_path=path, progress=False)
+    remove_teacher_cache(path)
+    fresh = teacher_outputs(members, ordered, "classification", top_k=top_k, cache_path=path, progress=False)
+    for a, b in zip(mine if top_k else (mine,), fresh if top_k else (fresh,)):
+        assert torch.equal(a, b)
 
 
 def test_arrays_without_a_marker_are_rewritten(tmp_path):
