@@ -23,7 +23,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, RandomSampler, SubsetRandomSampler, TensorDataset, WeightedRandomSampler
 
 from fasthydra.functional import _check_int, _check_number, _check_temperature, gaussian_kl_loss, hinton_kl_loss
 from fasthydra.modules import GaussianHydraHead, HydraHead
@@ -291,6 +291,19 @@ def _check_cache_is_theirs(path: str, cached: dict, fresh: torch.Tensor, top_k: 
 _STALE_FIX = "remove its files (fasthydra.distill.remove_teacher_cache) or give another cache_path"
 
 
+def _check_in_order(loader) -> None:
+    """That a loader gives its dataset's rows in order: teacher_outputs' i-th row is row i's
+    teacher (teacher_loader pairs it with x[i]), so a loader that draws rows at random would pair every input with
+    another input's teacher, silently. ValueError naming the sampler (the usual slip: the training loader)."""
+    samplers = (getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None))
+    for sampler in samplers:
+        if isinstance(sampler, (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)) or \
+                getattr(sampler, "shuffle", False) is True:  # DistributedSampler(shuffle=True)
+            raise ValueError(f"loader draws its rows with {type(sampler).__name__}: teacher_outputs needs them in the "
+                             f"dataset's order (a DataLoader with shuffle=False), since its i-th output is row i's "
+                             f"teacher")
+
+
 @torch.no_grad()
 def teacher_outputs(members: list[nn.Module], loader: DataLoader, task: str, device: str = "cpu",
                     cache_path: str | None = None, top_k: int | None = None, progress: bool = True):
@@ -310,6 +323,7 @@ def teacher_outputs(members: list[nn.Module], loader: DataLoader, task: str, dev
     """
     _check_task(task)
     _check_device(device)
+    _check_in_order(loader)
     if top_k is not None:
         top_k = _check_int("top_k", top_k, 1)
         if task != "classification":

@@ -217,6 +217,28 @@ def test_a_cache_of_another_teacher_is_refused_never_used(tmp_path, top_k):
         assert torch.equal(a, b)
 
 
+def test_a_loader_that_draws_rows_at_random_is_refused():
+    """teacher_outputs' i-th row is row i's teacher: a shuffling loader (the training loader, passed by mistake)
+    would pair every input with another's teacher, so it is refused, naming its sampler, before any member runs."""
+    from torch.utils.data import BatchSampler, DistributedSampler, SequentialSampler, WeightedRandomSampler
+
+    x, y, d, c = _toy_classification(n=32, c=3)
+    members = [_Counting(m) for m in _members(x, y, d, c)]
+    data = TensorDataset(x)
+    loaders = {"RandomSampler": DataLoader(data, batch_size=8, shuffle=True),
+               "WeightedRandomSampler": DataLoader(data, batch_size=8, sampler=WeightedRandomSampler([1.0] * 32, 32)),
+               "DistributedSampler": DataLoader(data, batch_size=8, sampler=DistributedSampler(data, 1, 0)),
+               "RandomSampler ": DataLoader(data, batch_sampler=BatchSampler(torch.utils.data.RandomSampler(data), 8,
+                                                                             False))}
+    for name, loader in loaders.items():
+        with pytest.raises(ValueError, match=f"loader draws its rows with {name.strip()}.*shuffle=False"):
+            teacher_outputs(members, loader, "classification", progress=False)
+    assert members[0].rows == 0
+    ordered = DataLoader(data, batch_size=8, sampler=SequentialSampler(data))
+    assert torch.allclose(teacher_outputs(members, ordered, "classification", progress=False),
+                          members_output(members, x, "classification"), atol=1e-6)  # batches of 8 against all 32
+
+
 def test_arrays_without_a_marker_are_rewritten(tmp_path):
     import numpy as np
 
