@@ -494,9 +494,19 @@ def _distill(body, feature_dim, num_outputs, num_heads, loader, task, cfg, teach
 
 def teacher_loader(x: torch.Tensor, teacher, batch_size: int, seed: int) -> DataLoader:
     """A shuffling loader of (x, cached teacher outputs) with its own seeded generator; a ``TopKTeacher``
-    cache gives (x, values, indices) batches, which ``distill`` reads as top-k teachers."""
-    gen = torch.Generator().manual_seed(seed)
+    cache gives (x, values, indices) batches, which ``distill`` reads as top-k teachers. x's row i goes with the
+    teacher's row i: a different number of rows is a ValueError naming both."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor of inputs, got {type(x).__name__}")
+    if not isinstance(teacher, (torch.Tensor, TopKTeacher)):
+        raise TypeError(f"teacher must be a tensor of the members' outputs or a TopKTeacher (teacher_outputs gives "
+                        f"either), got {type(teacher).__name__}")
     parts = (x, teacher.values, teacher.indices) if isinstance(teacher, TopKTeacher) else (x, teacher)
+    if any(p.dim() == 0 or len(p) != len(x) for p in parts):
+        raise ValueError(f"x and teacher must have one row per example: x has shape {tuple(x.shape)}, teacher "
+                         f"{' and '.join(str(tuple(p.shape)) for p in parts[1:])}")
+    _check_int("batch_size", batch_size, 1)
+    gen = torch.Generator().manual_seed(_check_int("seed", seed))
     return DataLoader(TensorDataset(*parts), batch_size=batch_size, shuffle=True, generator=gen)
 
 

@@ -239,6 +239,28 @@ def test_a_loader_that_draws_rows_at_random_is_refused():
                           members_output(members, x, "classification"), atol=1e-6)  # batches of 8 against all 32
 
 
+def test_teacher_loader_refuses_rows_that_do_not_pair():
+    """x's row i goes with the teacher's row i: another row count (dense or top-k), a wrong type or a bad batch size
+    or seed is refused naming it (TensorDataset's bare AssertionError before)."""
+    from fasthydra import TopKTeacher
+
+    x = torch.randn(10, 4)
+    short = TopKTeacher(torch.randn(9, 3, 2), torch.zeros(9, 3, 2, dtype=torch.int32))
+    for teacher, shapes in [(torch.randn(9, 3, 5), r"\(9, 3, 5\)"), (short, r"\(9, 3, 2\) and \(9, 3, 2\)")]:
+        with pytest.raises(ValueError, match=r"x has shape \(10, 4\), teacher " + shapes):
+            teacher_loader(x, teacher, 4, 0)
+    with pytest.raises(TypeError, match="teacher must be"):
+        teacher_loader(x, (torch.randn(10, 3, 2), torch.zeros(10, 3, 2)), 4, 0)
+    with pytest.raises(TypeError, match="x must be a tensor"):
+        teacher_loader(x.numpy(), torch.randn(10, 3, 5), 4, 0)
+    with pytest.raises(ValueError, match="batch_size"):
+        teacher_loader(x, torch.randn(10, 3, 5), 0, 0)
+    with pytest.raises(TypeError, match="seed"):
+        teacher_loader(x, torch.randn(10, 3, 5), 4, 0.5)
+    xs, ts = zip(*teacher_loader(x, x[:, None, :] * 2, 4, 0))  # the pairs survive the shuffle
+    assert torch.equal(torch.cat(ts), torch.cat(xs)[:, None, :] * 2) and len(torch.cat(xs)) == 10
+
+
 def test_arrays_without_a_marker_are_rewritten(tmp_path):
     import numpy as np
 
