@@ -447,6 +447,12 @@ def distill(body: nn.Module, feature_dim: int, num_outputs: int, num_heads: int,
     _check_task(task)
     _check_int("num_heads", num_heads, 1)  # checked here, not when stage 2 starts
     _check_device(cfg.device)
+    if not isinstance(body, nn.Module):
+        raise TypeError(f"body must be an nn.Module (inputs to features), got {type(body).__name__}")
+    if not hasattr(loader, "__iter__"):
+        raise TypeError(f"loader must be an iterable of batches (a DataLoader), got {type(loader).__name__}")
+    if teacher_fn is not None and not callable(teacher_fn):
+        raise TypeError(f"teacher_fn must be callable (x -> the members' outputs), got {type(teacher_fn).__name__}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         return _distill(body, feature_dim, num_outputs, num_heads, loader, task, cfg, teacher_fn, impl,

@@ -329,6 +329,10 @@ def test_the_recipe_checks_its_arguments_before_anything_trains(monkeypatch):
         "task  ": lambda: distill(mlp_body(d, 8), 8, c, 2, loader, "Classification", DistillConfig()),
         "cfg": lambda: distill(mlp_body(d, 8), 8, c, 2, loader, "classification", {"epochs_stage1": 1}),
         "device  ": lambda: distill(mlp_body(d, 8), 8, c, 2, loader, "classification", DistillConfig(device=absent)),
+        "body": lambda: distill(lambda v: v, 8, c, 2, loader, "classification", DistillConfig()),
+        "loader": lambda: distill(mlp_body(d, 8), 8, c, 2, None, "classification", DistillConfig()),
+        "teacher_fn": lambda: distill(mlp_body(d, 8), 8, c, 2, loader, "classification", DistillConfig(),
+                                      teacher_fn="members"),
     }
     monkeypatch.undo()  # an odd output width for regression: means and variances cannot be told apart
     with pytest.raises(ValueError, match=r"\(B, 2K\)"):
