@@ -48,7 +48,13 @@ class HydraModel(nn.Module):
         self.head = head
 
     def forward(self, x):
-        return self.head(self.body(x))
+        features = self.body(x)
+        width = getattr(self.head, "in_features", None)
+        if isinstance(features, torch.Tensor) and width is not None and (features.dim() < 1 or
+                                                                         features.shape[-1] != width):
+            raise ValueError(f"the body gives features of shape {tuple(features.shape)}, the head takes {width} "
+                             f"(distill's feature_dim): they must agree")
+        return self.head(features)
 
 
 @dataclass

@@ -341,6 +341,11 @@ def test_the_recipe_checks_its_arguments_before_anything_trains(monkeypatch):
     for name, call in bad_calls.items():
         with pytest.raises((ValueError, TypeError), match=name.strip()):
             call()
+    # a feature_dim other than the body's width: named at stage 1's first batch (the head's own message spoke of
+    # an "x" of the body's output shape, which the caller never passed)
+    teachers = DataLoader(TensorDataset(x, torch.randn(len(x), 2, c)), batch_size=4)
+    with pytest.raises(ValueError, match=r"body gives features of shape \(4, 8\), the head takes 6 .*feature_dim"):
+        distill(mlp_body(d, 8), 6, c, 2, teachers, "classification", DistillConfig(progress=False))
 
 
 @pytest.mark.parametrize("task", ["classification", "regression"])
