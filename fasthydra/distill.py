@@ -14,6 +14,7 @@ No global state: every function takes its seed and device; progress shows as tqd
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -160,13 +161,31 @@ def _train_member(make_member, loader, task, epochs, lr, weight_decay, device, p
     return model.eval()
 
 
+@contextlib.contextmanager
+def _eval_mode(members: list[nn.Module]):
+    """The members in eval mode while they give the teacher's outputs (dropout off, batch norm on its running
+    statistics: a member in training mode would hand the students noise, and a cache of it would differ on every
+    pass), every module's own mode restored after."""
+    modes = [(module, module.training) for member in members for module in member.modules()]
+    try:
+        for member in members:
+            member.eval()
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 @torch.no_grad()
 def members_output(members: Iterable[nn.Module], x: torch.Tensor, task: str) -> torch.Tensor:
-    """All members on one batch: (B, M, C) logits, or (B, M, 2K) means then variances."""
+    """All members on one batch, each in eval mode (its mode restored after): (B, M, C) logits, or (B, M, 2K) means
+    then variances."""
+    members = list(members)
     outs = []
-    for member in members:
-        out = member_forward(member, x, task)
-        outs.append(out if task == "classification" else torch.cat(out, dim=-1))
+    with _eval_mode(members):
+        for member in members:
+            out = member_forward(member, x, task)
+            outs.append(out if task == "classification" else torch.cat(out, dim=-1))
     return torch.stack(outs, dim=1)
 
 

@@ -261,6 +261,28 @@ def test_teacher_loader_refuses_rows_that_do_not_pair():
     assert torch.equal(torch.cat(ts), torch.cat(xs)[:, None, :] * 2) and len(torch.cat(xs)) == 10
 
 
+def test_members_give_their_outputs_in_eval_mode_and_keep_their_own(tmp_path):
+    """A member handed over in training mode (dropout on) gives the teacher's outputs in eval mode: the same on every
+    pass (so its cache is reused, not refused as another teacher's), equal to its eval-mode outputs; each module's
+    own mode is back afterwards."""
+    x, y, d, c = _toy_classification(n=48, c=3)
+    torch.manual_seed(0)
+    members = [nn.Sequential(nn.Linear(d, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, c)) for _ in range(2)]
+    members[1][2].eval()  # one module already in eval mode: it stays so
+    ordered = DataLoader(TensorDataset(x), batch_size=16, shuffle=False)
+    path = str(tmp_path / "cache")
+    first = teacher_outputs(members, ordered, "classification", cache_path=path, progress=False)
+    again = teacher_outputs(members, ordered, "classification", cache_path=path, progress=False)
+    assert torch.equal(first, again)
+    assert [m.training for m in members[0].modules()] == [True] * 5
+    assert [m.training for m in members[1].modules()] == [True, True, True, False, True]
+    for m in members:
+        m.eval()
+    with torch.no_grad():
+        want = torch.stack([m(x) for m in members], dim=1)
+    assert torch.allclose(first, want, atol=1e-6)  # batches of 16 against all 48
+
+
 def test_arrays_without_a_marker_are_rewritten(tmp_path):
     import numpy as np
 
