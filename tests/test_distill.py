@@ -183,7 +183,7 @@ def test_an_interrupted_cache_is_completed_never_used_half_written(tmp_path, top
 def test_a_cache_of_another_teacher_is_refused_never_used(tmp_path, top_k):
     """A cache (complete, or interrupted) written by other members, or for the rows in another order, raises a
     ValueError naming it rather than stand in for these members; the same members' cache is reused under another
-    batch size; remove_teacher_cache clears it for a fresh one."""
+    batch size and under bf16 autocast; remove_teacher_cache clears it for a fresh one."""
     from fasthydra.distill import remove_teacher_cache
 
     x, y, d, c = _toy_classification(n=80, c=3)
@@ -199,6 +199,8 @@ def test_a_cache_of_another_teacher_is_refused_never_used(tmp_path, top_k):
     again = teacher_outputs(members, rebatched, "classification", top_k=top_k, cache_path=path, progress=False)
     for a, b in zip(mine if top_k else (mine,), again if top_k else (again,)):
         assert torch.equal(a, b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the same members in bf16: their own cache still
+        teacher_outputs(members, ordered, "classification", top_k=top_k, cache_path=path, progress=False)
     with pytest.raises(ValueError, match="cache_path .*cache.* another teacher"):
         teacher_outputs(others, ordered, "classification", top_k=top_k, cache_path=path, progress=False)
     reversed_rows = DataLoader(TensorDataset(x.flip(0)), batch_size=16, shuffle=False)
