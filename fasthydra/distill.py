@@ -50,11 +50,9 @@ class HydraModel(nn.Module):
 
     def forward(self, x):
         features = self.body(x)
-        width = getattr(self.head, "in_features", None)
-        if isinstance(features, torch.Tensor) and width is not None and (features.dim() < 1 or
-                                                                         features.shape[-1] != width):
-            raise ValueError(f"the body gives features of shape {tuple(features.shape)}, the head takes {width} "
-                             f"(distill's feature_dim): they must agree")
+        if isinstance(features, torch.Tensor) and features.shape[-1:] != (self.head.in_features,):
+            raise ValueError(f"the body gives features of shape {tuple(features.shape)}, the head takes "
+                             f"{self.head.in_features} (distill's feature_dim): they must agree")
         return self.head(features)
 
 
@@ -195,10 +193,13 @@ class _Cache:
     complete is reused as it is; a partial one (an interrupted run) is completed from its last row;
     arrays without a marker, or with a marker for other shapes, are never used: they are rewritten."""
 
+    # The arrays a cache holds: a dense one in the file named by its path, a top-k pair beside it
+    LAYOUTS = (("logits",), ("values", "indices"))
+
     def __init__(self, path: str, arrays: dict):
         self.path, self.arrays = path, arrays
         self.marker = path + ".json"
-        self.files = {name: f"{path}.{name}.npy" if len(arrays) > 1 else path for name in arrays}
+        self.files = self.array_files(path, list(arrays))
         self.spec = {name: [list(shape), np.dtype(dtype).str] for name, (shape, dtype) in arrays.items()}
 
     def _read_marker(self):
@@ -245,9 +246,15 @@ class _Cache:
         return {name: torch.from_numpy(np.load(self.files[name], mmap_mode="r+")) for name in self.arrays}
 
     @staticmethod
-    def files_of(path: str) -> list[str]:
-        """Every file a cache at path may have: the marker (and its temporary), the dense array, the top-k pair."""
-        return [path + ".json", path + ".json.tmp", path, path + ".values.npy", path + ".indices.npy"]
+    def array_files(path: str, names: list) -> dict:
+        """Each array's file: the path itself for one array, path.NAME.npy for several."""
+        return {name: f"{path}.{name}.npy" if len(names) > 1 else path for name in names}
+
+    @classmethod
+    def files_of(cls, path: str) -> list[str]:
+        """Every file a cache at path may have: the marker (and its temporary) and the arrays of either layout."""
+        return [path + ".json", path + ".json.tmp",
+                *[f for names in cls.LAYOUTS for f in cls.array_files(path, list(names)).values()]]
 
     def written_rows(self) -> dict:
         """The rows written so far, as tensors over the maps."""
@@ -262,7 +269,7 @@ class _Cache:
                 state = json.load(f)
         except (OSError, ValueError):
             return None
-        names = ["logits"] if top_k is None else ["values", "indices"]
+        names = list(cls.LAYOUTS[top_k is not None])
         spec = state.get("spec", {})
         if sorted(spec) != sorted(names) or not state.get("complete") or state.get("rows") != rows:
             return None
