@@ -1,6 +1,8 @@
-"""Markdown table (and a chart) from a pytest-benchmark JSON file (the extra_info every case carries).
+"""Markdown table (and a chart) from a pytest-benchmark JSON file (the extra_info every case carries), or from a
+record of bench/gpu_check.py (its rows, latency rows, variant ratios and targets: the tables bench/RESULTS.md keeps).
 
     pytest bench/ --benchmark-only --benchmark-json=out.json && python bench/summarize.py out.json [--plot out.png]
+    python bench/summarize.py gpu_check.json [--plot out.png]
 """
 
 from __future__ import annotations
@@ -13,15 +15,20 @@ def _f(value, spec):
     return "-" if value is None else format(value, spec)
 
 
+def _rate(value: float, unit: str) -> str:
+    return f"{value / 1000:.1f} TFLOP/s" if unit == "GFLOP/s" and value >= 10_000 else f"{value:.1f} {unit}"
+
+
 def markdown(records: list[dict]) -> str:
     head = ("| op | shape (B, D, M, C) | provider | median ms | rate | x eager | / GEMM floor | peak memory | "
             "memory / eager |\n|---|---|---|---:|---:|---:|---:|---:|---:|")
     lines = [head]
     for r in records:
-        mem = "-" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**20:.1f} MiB"
+        mem = "-" if r.get("peak_memory_bytes") is None else f"{r['peak_memory_bytes'] / 2**20:.1f} MiB"
         lines.append(f"| {r['op']} | {r['shape']} ({r['B']}, {r['D']}, {r['M']}, {r['C']}) | {r['provider']} | "
-                     f"{r['median_ms']:.2f} | {r['rate']:.1f} {r['rate_unit']} | {r['speedup_vs_eager']:.2f} | "
-                     f"{_f(r['over_gemm_floor'], '.2f')} | {mem} | {_f(r['memory_vs_eager'], '.3f')} |")
+                     f"{r['median_ms']:.2f} | {_rate(r['rate'], r['rate_unit'])} | "
+                     f"{_f(r.get('speedup_vs_eager'), '.2f')} | "
+                     f"{_f(r.get('over_gemm_floor'), '.2f')} | {mem} | {_f(r.get('memory_vs_eager'), '.3f')} |")
     return "\n".join(lines)
 
 
@@ -42,8 +49,8 @@ def plot(records: list[dict], path: str) -> None:
         speed, mem = [], []
         for case in cases:
             r = next((r for r in records if (r["op"], r["shape"]) == case and r["provider"] == prov), None)
-            speed.append(r["speedup_vs_eager"] if r else np.nan)
-            mem.append(r["memory_vs_eager"] if r and r["memory_vs_eager"] is not None else np.nan)
+            speed.append(r["speedup_vs_eager"] if r and r.get("speedup_vs_eager") is not None else np.nan)
+            mem.append(r["memory_vs_eager"] if r and r.get("memory_vs_eager") is not None else np.nan)
         axes[0].bar(x + i * width, speed, width, label=prov)
         axes[1].bar(x + i * width, mem, width, label=prov)
     axes[0].axhline(1.0, color="k", lw=0.8)
@@ -59,12 +66,57 @@ def plot(records: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+def gpu_check_records(data: dict) -> list[dict]:
+    """A gpu_check record's rows in the pytest-benchmark form markdown() and plot() read (its rate from the case)."""
+    import torch
+
+    import common as C
+
+    out = []
+    for r in data["rows"]:
+        case = C.Case(r["op"], r["shape"], r["B"], r["D"], r["M"], r["C"], getattr(torch, r["dtype"]), "cuda")
+        rate, unit = C.rate(case, r["seconds"])
+        out.append({**r, "median_ms": r["seconds"] * 1e3, "rate": rate, "rate_unit": unit})
+    return out
+
+
+def gpu_check_extras(data: dict) -> str:
+    """What else a gpu_check record holds for bench/RESULTS.md: the run's facts, latency rows, variants, targets."""
+    facts = ", ".join(f"{k} {data[k]}" for k in ("device", "date", "commit", "torch", "triton") if data.get(k))
+    parts = [facts]
+    if data.get("copy_bytes_per_s"):
+        parts.append(f"measured copy: {data['copy_bytes_per_s'] / 1e9:.0f} GB/s")
+    if data.get("tests"):
+        parts.append(f"gpu tests: {str(data['tests'].get('summary', data['tests'])).strip('= ')}")
+    if data.get("latency"):
+        parts.append("| op | shape | provider | GPU us | host us |\n|---|---|---|---:|---:|")
+        parts[-1] += "".join(f"\n| {r['op']} | {r['shape']} | {r['provider']} | {_f(r.get('gpu_us'), '.0f')} | "
+                             f"{_f(r.get('host_us'), '.0f')} |" for r in data["latency"])
+    if data.get("variants"):
+        parts.append("| op | shape | variant | time / default | memory / default |\n|---|---|---|---:|---:|")
+        parts[-1] += "".join(f"\n| {v['op']} | {v['shape']} | {v['provider']} | {v['time_vs_default']:.2f} | "
+                             f"{_f(v.get('memory_vs_default'), '.2f')} |" for v in data["variants"])
+    if data.get("targets"):
+        parts.append("| target | verdict | value |\n|---|---|---:|")
+        parts[-1] += "".join(f"\n| {label} | {verdict} | {_f(value, '.3f')} |"
+                             for label, verdict, value in data["targets"])
+    return "\n\n".join(parts)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     with open(argv[0]) as f:
         data = json.load(f)
-    records = [b["extra_info"] for b in data["benchmarks"] if b.get("extra_info")]
+    if "benchmarks" in data:
+        records = [b["extra_info"] for b in data["benchmarks"] if b.get("extra_info")]
+    elif "rows" in data:
+        records = gpu_check_records(data)
+    else:
+        raise SystemExit(f"{argv[0]}: neither a pytest-benchmark JSON (no 'benchmarks') nor a bench/gpu_check.py "
+                         "record (no 'rows')")
     print(markdown(records))
+    if "rows" in data:
+        print("\n" + gpu_check_extras(data))
     if "--plot" in argv:
         plot(records, argv[argv.index("--plot") + 1])
     compiled = [r for r in records if r.get("compile_seconds")]

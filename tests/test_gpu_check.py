@@ -104,6 +104,38 @@ def test_summarize_table_and_chart(tmp_path):
     assert png.stat().st_size > 10_000
 
 
+def test_summarize_reads_a_gpu_check_record(tmp_path, capsys):
+    import json
+
+    import summarize
+
+    record = json.loads((BENCH / "h200-82867bd-gpu_check.json").read_text())
+    row = next(r for r in record["rows"] if (r["op"], r["shape"], r["provider"]) ==
+               ("linear_fwdbwd", "gpu-large", "fasthydra"))
+    path = tmp_path / "gpu.json"
+    path.write_text(json.dumps(record))
+    png = tmp_path / "chart.png"
+    assert summarize.main([str(path), "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert len([ln for ln in lines if ln.startswith("| linear_fwdbwd | gpu-large (")]) == \
+        len([r for r in record["rows"] if (r["op"], r["shape"]) == ("linear_fwdbwd", "gpu-large")])
+    flops = 6 * row["B"] * row["D"] * row["M"] * row["C"]  # three GEMMs of 2*B*D*M*C each
+    line = next(ln for ln in lines if ln.startswith("| linear_fwdbwd | gpu-large (") and "| fasthydra |" in ln)
+    assert f"| {row['seconds'] * 1e3:.2f} | {flops / row['seconds'] / 1e12:.1f} TFLOP/s |" in line
+    assert f"| {row['over_gemm_floor']:.2f} |" in line
+    assert record["commit"] in out and record["torch"] in out
+    for r in record["latency"]:
+        assert f"| {r['op']} | {r['shape']} | {r['provider']} | {r['gpu_us']:.0f} | {r['host_us']:.0f} |" in lines
+    for label, verdict, value in record["targets"]:
+        assert f"| {label} | {verdict} | {value:.3f} |" in lines
+    assert png.stat().st_size > 10_000
+    neither = tmp_path / "other.json"
+    neither.write_text(json.dumps({"cases": []}))
+    with pytest.raises(SystemExit, match="neither a pytest-benchmark JSON"):
+        summarize.main([str(neither)])
+
+
 def _turns_off_and_back(variant: str, flag: str) -> None:
     """A knob that switches one of fasthydra.ops._common's boolean defaults off for the calls inside."""
     from fasthydra.ops import _common
