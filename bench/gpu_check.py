@@ -626,7 +626,7 @@ def with_variant(provider: str):
 
 
 # pytest processes the gpu tier runs in, side by side: it is bound by Triton's compiles on the host's CPUs (16 on
-# the lent machine; at 82867bd one process ran 76 tests in 80 s, and the tier has 207 now).
+# the lent machine; at 82867bd one process ran 76 tests in 80 s; the tier has 344 now: about 90 s at that rate).
 GPU_TEST_WORKERS = 4
 # The gpu tests the issues' acceptance names, run first (in this order, dealt over the processes) so that a tier
 # cut short at its deadline has run them: no host sync in a step, CUDA-graph capture, reduce-overhead compile,
