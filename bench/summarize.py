@@ -15,21 +15,29 @@ def _f(value, spec):
     return "-" if value is None else format(value, spec)
 
 
+def _mib(n) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f} MiB"
+
+
 def _rate(value: float, unit: str) -> str:
     return f"{value / 1000:.1f} TFLOP/s" if unit == "GFLOP/s" and value >= 10_000 else f"{value:.1f} {unit}"
 
 
+def _table(head: tuple, rows) -> str:
+    """A Markdown table: head is (name, right-aligned) pairs, rows are tuples of cell strings."""
+    lines = ["| " + " | ".join(name for name, _ in head) + " |",
+             "|" + "|".join("---:" if right else "---" for _, right in head) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
+
+
 def markdown(records: list[dict]) -> str:
-    head = ("| op | shape (B, D, M, C) | provider | median ms | rate | x eager | / GEMM floor | peak memory | "
-            "memory / eager |\n|---|---|---|---:|---:|---:|---:|---:|---:|")
-    lines = [head]
-    for r in records:
-        mem = "-" if r.get("peak_memory_bytes") is None else f"{r['peak_memory_bytes'] / 2**20:.1f} MiB"
-        lines.append(f"| {r['op']} | {r['shape']} ({r['B']}, {r['D']}, {r['M']}, {r['C']}) | {r['provider']} | "
-                     f"{r['median_ms']:.2f} | {_rate(r['rate'], r['rate_unit'])} | "
-                     f"{_f(r.get('speedup_vs_eager'), '.2f')} | "
-                     f"{_f(r.get('over_gemm_floor'), '.2f')} | {mem} | {_f(r.get('memory_vs_eager'), '.3f')} |")
-    return "\n".join(lines)
+    head = (("op", 0), ("shape (B, D, M, C)", 0), ("provider", 0), ("median ms", 1), ("rate", 1), ("x eager", 1),
+            ("/ GEMM floor", 1), ("peak memory", 1), ("memory / eager", 1))
+    return _table(head, ((r["op"], f"{r['shape']} ({r['B']}, {r['D']}, {r['M']}, {r['C']})", r["provider"],
+                          f"{r['median_ms']:.2f}", _rate(r["rate"], r["rate_unit"]),
+                          _f(r.get("speedup_vs_eager"), ".2f"), _f(r.get("over_gemm_floor"), ".2f"),
+                          _mib(r.get("peak_memory_bytes")),
+                          _f(r.get("memory_vs_eager"), ".3f")) for r in records))
 
 
 def plot(records: list[dict], path: str) -> None:
@@ -67,13 +75,16 @@ def plot(records: list[dict], path: str) -> None:
 
 
 def gpu_check_records(data: dict) -> list[dict]:
-    """A gpu_check record's rows in the pytest-benchmark form markdown() and plot() read (its rate from the case)."""
+    """A gpu_check record's measured rows in the pytest-benchmark form markdown() and plot() read (the rate from the
+    case); rows that hold an error instead are listed by gpu_check_extras."""
     import torch
 
     import common as C
 
     out = []
     for r in data["rows"]:
+        if "error" in r:
+            continue
         case = C.Case(r["op"], r["shape"], r["B"], r["D"], r["M"], r["C"], getattr(torch, r["dtype"]), "cuda")
         rate, unit = C.rate(case, r["seconds"])
         out.append({**r, "median_ms": r["seconds"] * 1e3, "rate": rate, "rate_unit": unit})
@@ -81,25 +92,29 @@ def gpu_check_records(data: dict) -> list[dict]:
 
 
 def gpu_check_extras(data: dict) -> str:
-    """What else a gpu_check record holds for bench/RESULTS.md: the run's facts, latency rows, variants, targets."""
-    facts = ", ".join(f"{k} {data[k]}" for k in ("device", "date", "commit", "torch", "triton") if data.get(k))
-    parts = [facts]
+    """What else a gpu_check record holds for bench/RESULTS.md: the run's facts, latency rows, variants, targets,
+    and the cases that failed."""
+    parts = [", ".join(f"{k} {data[k]}" for k in ("device", "date", "commit", "torch", "triton") if data.get(k))]
     if data.get("copy_bytes_per_s"):
         parts.append(f"measured copy: {data['copy_bytes_per_s'] / 1e9:.0f} GB/s")
     if data.get("tests"):
         parts.append(f"gpu tests: {str(data['tests'].get('summary', data['tests'])).strip('= ')}")
     if data.get("latency"):
-        parts.append("| op | shape | provider | GPU us | host us |\n|---|---|---|---:|---:|")
-        parts[-1] += "".join(f"\n| {r['op']} | {r['shape']} | {r['provider']} | {_f(r.get('gpu_us'), '.0f')} | "
-                             f"{_f(r.get('host_us'), '.0f')} |" for r in data["latency"])
+        parts.append(_table((("op", 0), ("shape", 0), ("provider", 0), ("GPU us", 1), ("host us", 1)), (
+            (r["op"], r["shape"], r["provider"], _f(r.get("gpu_us"), ".0f"), _f(r.get("host_us"), ".0f"))
+            for r in data["latency"] if "error" not in r)))
     if data.get("variants"):
-        parts.append("| op | shape | variant | time / default | memory / default |\n|---|---|---|---:|---:|")
-        parts[-1] += "".join(f"\n| {v['op']} | {v['shape']} | {v['provider']} | {v['time_vs_default']:.2f} | "
-                             f"{_f(v.get('memory_vs_default'), '.2f')} |" for v in data["variants"])
+        parts.append(_table((("op", 0), ("shape", 0), ("variant", 0), ("time / default", 1),
+                             ("memory / default", 1)), (
+            (v["op"], v["shape"], v["provider"], _f(v["time_vs_default"], ".2f"), _f(v.get("memory_vs_default"), ".2f"))
+            for v in data["variants"])))
     if data.get("targets"):
-        parts.append("| target | verdict | value |\n|---|---|---:|")
-        parts[-1] += "".join(f"\n| {label} | {verdict} | {_f(value, '.3f')} |"
-                             for label, verdict, value in data["targets"])
+        parts.append(_table((("target", 0), ("verdict", 0), ("value", 1)),
+                            ((label, verdict, _f(value, ".3f")) for label, verdict, value in data["targets"])))
+    failed = [r for r in data.get("rows", []) + data.get("latency", []) if "error" in r]
+    if failed:
+        parts.append(_table((("op", 0), ("shape", 0), ("provider", 0), ("error", 0)),
+                            ((r["op"], r["shape"], r["provider"], r["error"]) for r in failed)))
     return "\n\n".join(parts)
 
 

@@ -112,6 +112,9 @@ def test_summarize_reads_a_gpu_check_record(tmp_path, capsys):
     record = json.loads((BENCH / "h200-82867bd-gpu_check.json").read_text())
     row = next(r for r in record["rows"] if (r["op"], r["shape"], r["provider"]) ==
                ("linear_fwdbwd", "gpu-large", "fasthydra"))
+    failed = {"op": "kl_fwdbwd", "shape": "mid", "dtype": "float32", "provider": "fasthydra/kl-stored",
+              "error": "RuntimeError: CUDA error: an illegal memory access was encountered"}
+    record["rows"].append(failed)
     path = tmp_path / "gpu.json"
     path.write_text(json.dumps(record))
     png = tmp_path / "chart.png"
@@ -129,6 +132,8 @@ def test_summarize_reads_a_gpu_check_record(tmp_path, capsys):
         assert f"| {r['op']} | {r['shape']} | {r['provider']} | {r['gpu_us']:.0f} | {r['host_us']:.0f} |" in lines
     for label, verdict, value in record["targets"]:
         assert f"| {label} | {verdict} | {value:.3f} |" in lines
+    assert f"| kl_fwdbwd | mid | fasthydra/kl-stored | {failed['error']} |" in lines
+    assert not any(ln.startswith("| kl_fwdbwd | mid (") and "kl-stored" in ln for ln in lines)
     assert png.stat().st_size > 10_000
     neither = tmp_path / "other.json"
     neither.write_text(json.dumps({"cases": []}))
