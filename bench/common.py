@@ -360,6 +360,24 @@ def bytes_moved(case: Case) -> float:
     return 0.0
 
 
+def loss_pass_bytes(case: Case) -> float:
+    """Bytes a heads op's loss pass moves beyond its GEMM floor's, at least, on the GPU path that writes the logits
+    with cuBLAS (the floor's logits GEMM writes them): forward only, one read of z and t; forward + backward, that
+    and the write of dz, plus a second read of z and t where a row is too long for the loss kernel to hold
+    (kl_rows_config: the split bias pass and the two-pass loss read it twice). 0 for the other ops."""
+    from fasthydra.ops._common import kl_rows_config
+
+    if case.op not in ("linear_fwd", "linear_fwdbwd", "mlp_fwdbwd"):
+        return 0.0
+    elem = torch.finfo(case.dtype).bits // 8
+    size = case.B * case.M * case.C * elem
+    if case.op == "linear_fwd":
+        return 2.0 * size
+    # MLP heads' bias is added by the loss kernel (a per-head input): an extra row in its registers
+    held = kl_rows_config(case.C, elem, extra_row=case.op == "mlp_fwdbwd")["ROW_IN_REGISTERS"]
+    return (3.0 if held else 5.0) * size
+
+
 def rate(case: Case, seconds: float) -> tuple[float, str]:
     """(value, unit): GFLOP/s for the GEMM ops, GB/s for the memory-bound ones."""
     flops = flop_count(case)

@@ -791,6 +791,22 @@ def variant_ratios(rows: list[dict]) -> list[dict]:
     return out
 
 
+def design_bounds(rows: list[dict], by_key: dict, copy_bps: float) -> list[dict]:
+    """Per heads case with a floor: the least time over the floor that the default GPU design can take, its
+    GEMMs at the floor and its loss pass's bytes (common.loss_pass_bytes) at the measured copy speed, beside
+    the measured ratio: a target below the bound needs another design, not tuning."""
+    out = []
+    for r in rows:
+        extra = C.loss_pass_bytes(by_key[(r["op"], r["shape"])]) if (r["op"], r["shape"]) in by_key else 0.0
+        floor = r.get("gemm_floor_seconds")
+        if r["provider"] != "fasthydra" or not floor or not extra:
+            continue
+        out.append({"op": r["op"], "shape": r["shape"], "floor_s": floor, "loss_pass_bytes": extra,
+                    "bound_over_floor": (floor + extra / copy_bps) / floor,
+                    "measured_over_floor": r["seconds"] / floor})
+    return out
+
+
 def check_targets(rows: list[dict]) -> list[tuple[str, str, float | None]]:
     """(target, PASS/FAIL/MISSING, value) for every GPU target, from the fasthydra rows."""
     out = []
@@ -1040,6 +1056,11 @@ def _analyse(record, rows, lat_rows, floors, by_key, copy_bps, device) -> list:
         mem = "-" if d["memory_vs_default"] is None else f"{d['memory_vs_default']:.2f}"
         print(f"variant {d['op']:14} {d['shape']:10} {d['provider']:24} time x{d['time_vs_default']:.2f} "
               f"memory x{mem} of the default")
+    record["bounds"] = design_bounds(good, by_key, copy_bps)
+    for b in record["bounds"]:
+        print(f"bound {b['op']:14} {b['shape']:15} floor {b['floor_s'] * 1e3:8.3f} ms + loss pass "
+              f"{b['loss_pass_bytes'] / 1e9:6.2f} GB at copy speed: at least x{b['bound_over_floor']:.2f} the floor "
+              f"(measured x{b['measured_over_floor']:.2f})")
     targets = check_targets(good)
     for op, shape, key, bound in LATENCY_TARGETS:
         row = next((r for r in lat_rows if r["op"] == op and r["shape"] == shape and r["provider"] == "fasthydra"

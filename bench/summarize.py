@@ -92,8 +92,8 @@ def gpu_check_records(data: dict) -> list[dict]:
 
 
 def gpu_check_extras(data: dict) -> str:
-    """What else a gpu_check record holds for bench/RESULTS.md: the run's facts, latency rows, variants, targets,
-    and the cases that failed."""
+    """What else a gpu_check record holds for bench/RESULTS.md: the run's facts, latency rows, variants, the default
+    design's bounds, targets, and the cases that failed."""
     parts = [", ".join(f"{k} {data[k]}" for k in ("device", "date", "commit", "torch", "triton") if data.get(k))]
     if data.get("copy_bytes_per_s"):
         parts.append(f"measured copy: {data['copy_bytes_per_s'] / 1e9:.0f} GB/s")
@@ -108,6 +108,11 @@ def gpu_check_extras(data: dict) -> str:
                              ("memory / default", 1)), (
             (v["op"], v["shape"], v["provider"], _f(v["time_vs_default"], ".2f"), _f(v.get("memory_vs_default"), ".2f"))
             for v in data["variants"])))
+    if data.get("bounds"):
+        parts.append(_table((("op", 0), ("shape", 0), ("GEMM floor ms", 1), ("loss pass GB", 1),
+                             ("bound / floor", 1), ("measured / floor", 1)), (
+            (b["op"], b["shape"], f"{b['floor_s'] * 1e3:.3f}", f"{b['loss_pass_bytes'] / 1e9:.2f}",
+             f"{b['bound_over_floor']:.2f}", f"{b['measured_over_floor']:.2f}") for b in data["bounds"])))
     if data.get("targets"):
         parts.append(_table((("target", 0), ("verdict", 0), ("value", 1)),
                             ((label, verdict, _f(value, ".3f")) for label, verdict, value in data["targets"])))

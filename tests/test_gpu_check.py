@@ -114,6 +114,8 @@ def test_summarize_reads_a_gpu_check_record(tmp_path, capsys):
                ("linear_fwdbwd", "gpu-large", "fasthydra"))
     failed = {"op": "kl_fwdbwd", "shape": "mid", "dtype": "float32", "provider": "fasthydra/kl-stored",
               "error": "RuntimeError: CUDA error: an illegal memory access was encountered"}
+    record["bounds"] = gpu_check.design_bounds(record["rows"], {(c.op, c.name): c for c in C.cases("cuda")},
+                                               record["copy_bytes_per_s"])
     record["rows"].append(failed)
     path = tmp_path / "gpu.json"
     path.write_text(json.dumps(record))
@@ -132,6 +134,9 @@ def test_summarize_reads_a_gpu_check_record(tmp_path, capsys):
         assert f"| {r['op']} | {r['shape']} | {r['provider']} | {r['gpu_us']:.0f} | {r['host_us']:.0f} |" in lines
     for label, verdict, value in record["targets"]:
         assert f"| {label} | {verdict} | {value:.3f} |" in lines
+    bound = next(b for b in record["bounds"] if (b["op"], b["shape"]) == ("linear_fwdbwd", "gpu-large"))
+    assert f"| linear_fwdbwd | gpu-large | {row['gemm_floor_seconds'] * 1e3:.3f} | 10.49 | " \
+           f"{bound['bound_over_floor']:.2f} | {row['over_gemm_floor']:.2f} |" in lines
     assert f"| kl_fwdbwd | mid | fasthydra/kl-stored | {failed['error']} |" in lines
     assert not any(ln.startswith("| kl_fwdbwd | mid (") and "kl-stored" in ln for ln in lines)
     assert png.stat().st_size > 10_000
@@ -139,6 +144,28 @@ def test_summarize_reads_a_gpu_check_record(tmp_path, capsys):
     neither.write_text(json.dumps({"cases": []}))
     with pytest.raises(SystemExit, match="neither a pytest-benchmark JSON"):
         summarize.main([str(neither)])
+
+
+def test_design_bounds_count_the_loss_pass_bytes_at_copy_speed():
+    """The least time over the floor of the cuBLAS-logits design: a long row is read twice (fwd+bwd), a short one
+    once; the forward reads z and t; the ops on logits have no such bound."""
+    by_key = {(c.op, c.name): c for c in C.cases("cuda")}
+    copy, floor = 4.0e12, 0.01
+    rows = [{"op": op, "shape": shape, "provider": "fasthydra", "seconds": 0.02, "gemm_floor_seconds": floor}
+            for op, shape in (("linear_fwdbwd", "gpu-large"), ("linear_fwdbwd", "mid"), ("linear_fwd", "gpu-large"),
+                              ("mlp_fwdbwd", "gpu-large"), ("kl_fwdbwd", "gpu-large"))]
+    rows.append({**rows[0], "provider": "eager"})
+    bounds = {(b["op"], b["shape"]): b for b in gpu_check.design_bounds(rows, by_key, copy)}
+    assert set(bounds) == {("linear_fwdbwd", "gpu-large"), ("linear_fwdbwd", "mid"), ("linear_fwd", "gpu-large"),
+                           ("mlp_fwdbwd", "gpu-large")}
+    large = 4096 * 8 * 32000 * 2  # (B, M, C) bf16
+    mid = 1024 * 8 * 1000 * 4  # fp32
+    expect = {("linear_fwdbwd", "gpu-large"): 5 * large, ("mlp_fwdbwd", "gpu-large"): 5 * large,
+              ("linear_fwdbwd", "mid"): 3 * mid, ("linear_fwd", "gpu-large"): 2 * large}
+    for key, nbytes in expect.items():
+        assert bounds[key]["loss_pass_bytes"] == nbytes, key
+        assert bounds[key]["bound_over_floor"] == pytest.approx(1 + nbytes / copy / floor)
+        assert bounds[key]["measured_over_floor"] == pytest.approx(2.0)
 
 
 def _turns_off_and_back(variant: str, flag: str) -> None:
