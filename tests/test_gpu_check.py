@@ -371,6 +371,10 @@ def test_main_runs_end_to_end_with_the_device_parts_stubbed(tmp_path, monkeypatc
     moved = 3 * 64 * 3 * 10 * 2  # one read of z and t, one write of dz, bf16
     assert values["kl_fwdbwd gpu-large: of_copy_bandwidth >= 0.75"] == pytest.approx(moved / 1e-3 / 4e12)
     assert "variant linear_fwdbwd" in printed and record["commit"]
+    # the default design's bound beside each heads case's measured ratio (floor + loss pass bytes at copy speed)
+    assert {(b["op"], b["shape"]) for b in record["bounds"]} >= {("linear_fwdbwd", "gpu-small")}
+    assert all(b["bound_over_floor"] > 1 and b["measured_over_floor"] > 0 for b in record["bounds"])
+    assert "at least x" in printed
     # ncu last, within the deadline, its rows in the record and the log; the clocks sampled per phase
     (cases, timeout, workdir), = ncu_calls
     assert cases == gpu_check.NCU_CASES and 0 < timeout <= 150 and workdir == str(tmp_path)
