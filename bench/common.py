@@ -364,12 +364,15 @@ def loss_pass_bytes(case: Case) -> float:
     """Bytes a heads op's loss pass moves beyond its GEMM floor's, at least, on the GPU path that writes the logits
     with cuBLAS (the floor's logits GEMM writes them): forward only, one read of z and t; forward + backward, that
     and the write of dz, plus a second read of z and t where a row is too long for the loss kernel to hold
-    (kl_rows_config: the split bias pass and the two-pass loss read it twice). 0 for the other ops."""
-    from fasthydra.ops._common import kl_rows_config
+    (kl_rows_config: the split bias pass and the two-pass loss read it twice). 0 for the other ops, and where the
+    small-step kernels take the step (their logits never reach memory)."""
+    from fasthydra.ops._common import kl_rows_config, small_heads_config
 
     if case.op not in ("linear_fwd", "linear_fwdbwd", "mlp_fwdbwd"):
         return 0.0
     elem = torch.finfo(case.dtype).bits // 8
+    if small_heads_config(case.B, case.M, case.C, MLP_HIDDEN if case.op == "mlp_fwdbwd" else case.D, elem):
+        return 0.0
     size = case.B * case.M * case.C * elem
     if case.op == "linear_fwd":
         return 2.0 * size
