@@ -347,10 +347,15 @@ def flop_count(case: Case) -> float:
     return 0.0
 
 
+def logits_bytes(case: Case) -> int:
+    """Bytes of one (B, M, C) tensor of the case's dtype (the logits, the teacher, dz)."""
+    return case.B * case.M * case.C * torch.finfo(case.dtype).bits // 8
+
+
 def bytes_moved(case: Case) -> float:
     """Bytes the logits-only ops must move at least: read z and t (+ write dz), read z (+ write probs), read z
     twice (forward, backward) and write dz, or (Hinton) read the members and the student and write its gradient."""
-    size = case.B * case.M * case.C * torch.finfo(case.dtype).bits // 8
+    size = logits_bytes(case)
     if case.op in ("kl_fwdbwd", "uncertainty_fwdbwd"):
         return 3.0 * size
     if case.op == "hinton_fwdbwd":
@@ -373,7 +378,7 @@ def loss_pass_bytes(case: Case) -> float:
     elem = torch.finfo(case.dtype).bits // 8
     if small_heads_config(case.B, case.M, case.C, MLP_HIDDEN if case.op == "mlp_fwdbwd" else case.D, elem):
         return 0.0
-    size = case.B * case.M * case.C * elem
+    size = logits_bytes(case)
     if case.op == "linear_fwd":
         return 2.0 * size
     # MLP heads' bias is added by the loss kernel (a per-head input): an extra row in its registers

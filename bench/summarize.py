@@ -10,13 +10,11 @@ from __future__ import annotations
 import json
 import sys
 
+import common as C
+
 
 def _f(value, spec):
     return "-" if value is None else format(value, spec)
-
-
-def _mib(n) -> str:
-    return "-" if n is None else f"{n / 2**20:.1f} MiB"
 
 
 def _rate(value: float, unit: str) -> str:
@@ -36,7 +34,7 @@ def markdown(records: list[dict]) -> str:
     return _table(head, ((r["op"], f"{r['shape']} ({r['B']}, {r['D']}, {r['M']}, {r['C']})", r["provider"],
                           f"{r['median_ms']:.2f}", _rate(r["rate"], r["rate_unit"]),
                           _f(r.get("speedup_vs_eager"), ".2f"), _f(r.get("over_gemm_floor"), ".2f"),
-                          _mib(r.get("peak_memory_bytes")),
+                          C.fmt_bytes(r.get("peak_memory_bytes")),
                           _f(r.get("memory_vs_eager"), ".3f")) for r in records))
 
 
@@ -78,8 +76,6 @@ def gpu_check_records(data: dict) -> list[dict]:
     """A gpu_check record's measured rows in the pytest-benchmark form markdown() and plot() read (the rate from the
     case); rows that hold an error instead are listed by gpu_check_extras."""
     import torch
-
-    import common as C
 
     out = []
     for r in data["rows"]:
