@@ -258,9 +258,9 @@ def _kernel_specs():
                     {"num_warps": cc["num_warps"]}, tag)
             if (b, d, m, c) not in SHAPES:  # an extra row length: the row kernels only
                 continue
-            for k in (32, 128):  # top-k teachers: the sizes a cache keeps
-                if k > c:
-                    continue
+            # top-k teachers: the sizes a cache keeps, or the whole row where it is shorter (C = 10: 16 rows a
+            # program, the tiles 3-D, where a row mask's select once failed to compile on the GPU alone)
+            for k in sorted({min(kk, c) for kk in (32, 128)}):
                 tk = topk_config(c, k)
                 targs = {"z_ptr": f"*{ty}", "v_ptr": f"*{ty}", "idx_ptr": "*i32", "loss_ptr": "*fp32",
                          "grad_ptr": f"*{ty}", "vgrad_ptr": f"*{ty}", "err_ptr": "*i32", "R": b * m, "R_INNER": m,

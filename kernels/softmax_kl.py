@@ -193,12 +193,12 @@ def _kept_rows(keep_ptr, keep_offs, row_ok, HAS_KEEP: tl.constexpr):
 @triton.jit
 def _drop_rows(g, kept, HAS_KEEP: tl.constexpr):
     """A gradient tile g (BLOCK_R, ...) with exactly 0 on the rows a row mask leaves out (kept: _kept_rows's
-    (BLOCK_R,) mask): a select, not a product by a zero scale, so that a row left out may hold
-    anything (NaN, infinities: a model's output at padding) and still gets 0. Without HAS_KEEP: g."""
+    (BLOCK_R,) mask, given with g's rank by the caller, kept[:, None] or kept[:, None, None]): a select, not a
+    product by a zero scale, so that a row left out may hold anything (NaN, infinities: a model's output at
+    padding) and still gets 0. Without HAS_KEEP: g. (A branch on g's rank in here compiled its 2-D form for
+    the top-k kernel's 3-D tiles under Triton 3.6 and 3.8, which the interpreter never showed.)"""
     if HAS_KEEP:
-        if len(g.shape) == 3:
-            return tl.where(kept[:, None, None], g, 0.0)
-        return tl.where(kept[:, None], g, 0.0)
+        return tl.where(kept, g, 0.0)
     return g
 
 
@@ -427,7 +427,7 @@ def _hydra_kl_fwd_kernel(
                 x = _student(z_rows[:, :, None], b_rows[:, :, None], cols, mask, HAS_BIAS)
                 y = tl.load(t_rows[:, :, None] + cols, mask=mask, other=float("-inf")).to(tl.float32)
                 g = _drop_rows(grad_scale * (tl.exp2((x - ref_x) * c2 - lx) - tl.exp2((y - ref_y) * c2 - ly)),
-                               kept, HAS_KEEP)
+                               kept[:, None, None], HAS_KEEP)
                 tl.store(g_rows[:, :, None] + cols, g.to(g_rows.dtype.element_ty), mask=mask)
 
 
@@ -493,7 +493,7 @@ def _hydra_kl_grad_kernel(
         mask = row_ok[:, None] & (cols < c_hi)
         x = tl.load(z_rows + cols, mask=mask, other=float("-inf")).to(tl.float32)
         y = tl.load(t_rows + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        g = _drop_rows(_grad_from_norms(x, y, m_s, l_s, m_u, l_u, inv_temp, scale), kept, HAS_KEEP)
+        g = _drop_rows(_grad_from_norms(x, y, m_s, l_s, m_u, l_u, inv_temp, scale), kept[:, None], HAS_KEEP)
         tl.store(g_rows + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
@@ -590,7 +590,7 @@ def _hydra_kl_grad_cols_kernel(
                     other=float("-inf")).to(tl.float32)
         m_s, l_s, m_u, l_u = _load_norms(norm_ptr + (o * I + ri) * 4, row_ok)
         g = _drop_rows(_grad_from_norms(x, y, m_s, l_s, m_u, l_u, inv_temp, grad_scale),
-                       _kept_rows(keep_ptr, ri, row_ok, HAS_KEEP), HAS_KEEP)
+                       _kept_rows(keep_ptr, ri, row_ok, HAS_KEEP)[:, None], HAS_KEEP)
         tl.store(grad_ptr + (o * stride_go + ri * stride_gi)[:, None] + cols[None, :],
                  g.to(grad_ptr.dtype.element_ty), mask=mask)
         acc += tl.where(mask, g, 0.0)
@@ -648,10 +648,10 @@ def _store_grads(x, y, cols, mask, g_rows, h_rows, m_s, l_s, ref_u, l_u, x_at, b
     (kept, HAS_KEEP: see _drop_rows)."""
     if WRITE_TGRAD:  # a masked class (p = 0) gets 0
         live, e, p = _teacher_terms(x, y, ref_u, l_u, x_at, inv_temp)
-        h = _drop_rows(tl.where(live, p * (e - big_a[:, None]), 0.0) * grad_scale, kept, HAS_KEEP)
+        h = _drop_rows(tl.where(live, p * (e - big_a[:, None]), 0.0) * grad_scale, kept[:, None], HAS_KEEP)
         tl.store(h_rows + cols[None, :], h.to(h_rows.dtype.element_ty), mask=mask)
     if WRITE_GRAD:
-        g = _drop_rows(_grad_from_norms(x, y, m_s, l_s, ref_u, l_u, inv_temp, grad_scale), kept, HAS_KEEP)
+        g = _drop_rows(_grad_from_norms(x, y, m_s, l_s, ref_u, l_u, inv_temp, grad_scale), kept[:, None], HAS_KEEP)
         tl.store(g_rows + cols[None, :], g.to(g_rows.dtype.element_ty), mask=mask)
 
 
@@ -786,7 +786,7 @@ def _hydra_kl_topk_fwd_kernel(
         x_at = tl.max(tl.where(live & (w == m_w[:, None]), x_idx, float("-inf")), axis=1)
         e = ((w - ref_w[:, None]) - (x_idx - x_at[:, None])) * inv_temp
         mean_e = tl.sum(tl.where(live, p * e, 0.0), axis=1)
-        h = _drop_rows(tl.where(live, p * (e - mean_e[:, None]), 0.0) * grad_scale, kept, HAS_KEEP)
+        h = _drop_rows(tl.where(live, p * (e - mean_e[:, None]), 0.0) * grad_scale, kept[:, None], HAS_KEEP)
         tl.store(vgrad_ptr + (r_out * stride_ho + r_in * stride_hi)[:, None] + ks[None, :],
                  h.to(vgrad_ptr.dtype.element_ty), mask=k_mask)
 
@@ -798,9 +798,9 @@ def _hydra_kl_topk_fwd_kernel(
             mask = row_ok[:, None, None] & (cols < C)
             x = tl.load(z_rows[:, :, None] + cols, mask=mask, other=float("-inf")).to(tl.float32)
             q = tl.exp2((x - ref_x[:, :, None]) * c2 - lx)
-            g = _drop_rows(q * grad_scale, kept, HAS_KEEP)
+            g = _drop_rows(q * grad_scale, kept[:, None, None], HAS_KEEP)
             tl.store(g_rows[:, :, None] + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
         tl.debug_barrier()  # every dense store of this program lands before the kept classes are rewritten
         q_idx = tl.exp(sd - log_d_s[:, None])
-        g_idx = _drop_rows((q_idx - p) * grad_scale, kept, HAS_KEEP)
+        g_idx = _drop_rows((q_idx - p) * grad_scale, kept[:, None], HAS_KEEP)
         tl.store(g_rows + idx, g_idx.to(grad_ptr.dtype.element_ty), mask=live & in_range)

@@ -70,13 +70,19 @@ def _logits(c, student_value=None):
     return z, t
 
 
-def _teacher(t, top_k, requires_grad):
+def _teacher(t, top_k, requires_grad, indices=None):
     """The teacher as the op takes it (dense, or its k largest classes: at C = 50 they include LOWEST values on the
-    rows masked most) and the leaf its gradient goes to."""
+    rows masked most) and the leaf its gradient goes to. A top-k teacher takes the given indices where there are
+    some (the reference's teacher those of the op's: rows with tied classes, as _student_lowest makes them, list
+    the ties in another order on a GPU than on the CPU, and a gradient is compared entry by entry)."""
     t = t.detach().requires_grad_(requires_grad)
     if not top_k:
         return t, t
-    values, indices = t.detach().topk(24 if t.shape[-1] > 16 else 6, dim=-1)
+    if indices is None:
+        values, indices = t.detach().topk(24 if t.shape[-1] > 16 else 6, dim=-1)
+    else:
+        indices = indices.to(t.device)
+        values = t.detach().gather(-1, indices)
     values = values.requires_grad_(requires_grad)
     return TopKTeacher(values, indices), values
 
@@ -107,8 +113,8 @@ def test_reference_reads_the_lowest_value_as_a_masked_class(hinton, student_valu
 def _loss_rows_and_grads(kind, frozen, z64, t64, temperature, impl, device, classes, seed):
     """One of KINDS on float64 logits (B, M, C), reduction "none", in float32 through the op and in float64
     through the reference: (loss rows, gradients, reference rows, reference gradients, the reference teacher's
-    leaf); the gradients of the rows weighted by a random upstream per row, the student's, then the teacher's
-    unless frozen. The Hinton kinds take head 0 of z64 as the student."""
+    leaf, the reference's teacher); the gradients of the rows weighted by a random upstream per row, the student's,
+    then the teacher's unless frozen. The Hinton kinds take head 0 of z64 as the student."""
     hinton, top_k = kind.startswith("hinton"), kind.endswith("top-k")
     if hinton:
         z64 = z64[:, 0]
@@ -117,12 +123,12 @@ def _loss_rows_and_grads(kind, frozen, z64, t64, temperature, impl, device, clas
     loss = (hinton_kl_loss if hinton else hydra_kl_loss)(z, teacher, temperature, reduction="none", impl=impl)
     weight = torch.rand(loss.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) + 0.5
     got = torch.autograd.grad((loss.double() * weight.to(device)).sum(), [z] if frozen else [z, leaf])
-    ref_teacher, ref_leaf = _teacher(t64, top_k, not frozen)
+    ref_teacher, ref_leaf = _teacher(t64, top_k, not frozen, teacher.indices.long() if top_k else None)
     ref_z = z64.clone().requires_grad_()
     ref = (R.hinton_kl_loss_ref if hinton else R.hydra_kl_loss_ref)(
         ref_z, ref_teacher.densify(classes) if top_k else ref_teacher, temperature, reduction="none")
     want = torch.autograd.grad((ref * weight).sum(), [ref_z] if frozen else [ref_z, ref_leaf])
-    return loss, got, ref, want, ref_leaf
+    return loss, got, ref, want, ref_leaf, ref_teacher
 
 
 @pytest.mark.parametrize("impl,device", TARGETS)
@@ -133,7 +139,7 @@ def test_ops_read_the_lowest_value_as_a_masked_class(impl, device, kind, frozen,
     float64 reference: finite, and 0 at every masked class. The student holds -inf, LOWEST or a finite logit at the
     teacher's masked classes."""
     z64, t64 = _logits(classes, NEG_INF)
-    loss, got, ref, want, ref_leaf = _loss_rows_and_grads(kind, frozen, z64, t64, T, impl, device, classes, 2)
+    loss, got, ref, want, ref_leaf, _ = _loss_rows_and_grads(kind, frozen, z64, t64, T, impl, device, classes, 2)
     assert torch.isfinite(ref).all()
     assert torch.isfinite(loss).all(), "loss"
     assert_close_to(loss, ref, rtol=2e-6, atol=1e-6, what="loss")
@@ -284,7 +290,8 @@ def test_a_student_at_the_lowest_value_where_the_teacher_keeps_mass(monkeypatch,
     where eager float32 gives these rows."""
     monkeypatch.setenv("FASTHYDRA_NATIVE", native)
     z64, t64 = _student_lowest(classes, temperature)
-    loss, got, ref, want, _ = _loss_rows_and_grads(kind, frozen, z64, t64, temperature, impl, device, classes, 3)
+    loss, got, ref, want, _, ref_teacher = _loss_rows_and_grads(kind, frozen, z64, t64, temperature, impl, device,
+                                                                classes, 3)
     assert torch.isfinite(loss).all(), f"loss {loss.flatten()[:4]} against {ref.flatten()[:4]}"
     rel = ((loss.double().cpu() - ref) / ref).abs().max().item()
     assert rel <= 1e-5, f"loss rows: relative error {rel:.2e}"
@@ -293,7 +300,7 @@ def test_a_student_at_the_lowest_value_where_the_teacher_keeps_mass(monkeypatch,
         # The Hinton loss's teacher gradient with a top-k teacher overflows where the upstream weight is above
         # about 1.2 (the top-k target's backward: ours as eager float32's): held where eager float32's is finite.
         # Eager float32 overflows in every other teacher gradient here too; ours are finite there.
-        eager_teacher, eager_leaf = _teacher(t64.float(), True, True)
+        eager_teacher, eager_leaf = _teacher(t64.float(), True, True, ref_teacher.indices)
         eager = R.hinton_kl_loss_ref(z64[:, 0].float(), eager_teacher.densify(classes), temperature, reduction="none")
         weight = torch.rand(loss.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64) + 0.5
         held[1] = torch.isfinite(torch.autograd.grad((eager.double() * weight).sum(), eager_leaf)[0])
@@ -348,12 +355,12 @@ def test_heads_loss_with_a_student_at_the_lowest_value_where_the_teacher_keeps_m
     loss = head.distill_loss(x, t, temperature, reduction="sum")
     got = torch.autograd.grad(loss, [x, *params_of(head)])
     p64 = as_float64_copy(head)
-    x64 = x.detach().double().cpu().requires_grad_()
+    x64 = x.detach().double().requires_grad_()  # (on the head's device, as as_float64_copy leaves its parameters)
     if hidden:
         z64 = R.mlp_heads_ref(x64, p64["hidden_weight"], p64["hidden_bias"], p64["weight"], p64["bias"])
     else:
         z64 = R.linear_heads_ref(x64, p64["weight"], p64["bias"])
-    want = R.hydra_kl_loss_ref(z64, t.double().cpu(), temperature, reduction="sum")
+    want = R.hydra_kl_loss_ref(z64, t.double(), temperature, reduction="sum")
     want_grads = torch.autograd.grad(want, [x64, *p64.values()])
     if path == "thin":
         assert ran, "the thin-heads kernel ran"
