@@ -110,68 +110,34 @@ KNOBS = {
     **{f"fasthydra/kl-tile-{w}": {"set": [("fasthydra.ops._common", "MAX_BLOCK_C", w)],
                                   "cases": [("kl_fwdbwd", "gpu-large"), ("mlp_fwdbwd", "gpu-large")]}
        for w in (1024, 4096, 8192)},
-    # heads with a bias, long rows: the default forms dz and db in the loss pass's second launch
-    # (SPLIT_BIAS_PASS); the alternative is the one-kernel loss pass, then a column sum that reads dz again
-    "fasthydra/bias-one-pass": {"set": [("fasthydra.ops._common", "SPLIT_BIAS_PASS", False)],
-                                "cases": [("linear_fwdbwd", "gpu-large"), ("mlp_fwdbwd", "gpu-large"),
-                                          ("linear_fwdbwd", "large-C")]},
-    # dx over head groups at gpu-large: fp32-output GEMMs reading the accumulator (the default) against a
-    # 16-bit product and an fp32 add per group
+    # heads with a bias, long rows: the default is the one-kernel loss pass, then a column sum that reads dz
+    # again; the alternative forms dz and db in the loss pass's second launch (SPLIT_BIAS_PASS; the default
+    # until the H200 run of 2026-12-04, where it took 1.22x the one-kernel pass's time at MLP gpu-large)
+    "fasthydra/bias-split-pass": {"set": [("fasthydra.ops._common", "SPLIT_BIAS_PASS", True)],
+                                  "cases": [("linear_fwdbwd", "gpu-large"), ("mlp_fwdbwd", "gpu-large"),
+                                            ("linear_fwdbwd", "large-C")]},
     "fasthydra/dx-add": {"set": [("fasthydra.ops._common", "FP32_OUT_GEMM", False)],
                          "cases": [("linear_fwdbwd", "gpu-large")]},
-    # the loss on logits with a frozen teacher: the default forms dz in the backward (one read of z and t in
-    # each pass); "stored" forms it in the forward (long rows read twice there, the second read partly from
-    # L2) and the backward hands it over, untouched at upstream 1
-    "fasthydra/kl-stored": {"set": [("fasthydra.ops._common", "DEFER_KL_GRAD", False)],
-                            "cases": [("kl_fwdbwd", "gpu-large"), ("kl_fwdbwd", "large-C")]},
-    # the two-pass loss kernels (dz formed where the row statistics are) with wider tiles: at gpu-large
-    # (aligned C: 40 to 52 registers) 2048-wide tiles in 8 warps fit 6 programs per SM, about 790 rows of z
-    # and t in flight (128 KiB each: 100 MB, more than the 60 MB L2), 4096 in 16 warps 2 to 3 per SM (34
-    # to 50 MB), 8192 in 32 warps one per SM (17 MB): the second read of a row may then come from L2
-    **{f"fasthydra/kl-stored-tile-{w}": {"set": [("fasthydra.ops._common", "DEFER_KL_GRAD", False),
-                                                 ("fasthydra.ops._common", "MAX_BLOCK_C", w)],
-                                         "cases": [("kl_fwdbwd", "gpu-large")]} for w in (4096, 8192)},
-    **{f"fasthydra/bias-one-pass-tile-{w}": {"set": [("fasthydra.ops._common", "SPLIT_BIAS_PASS", False),
-                                                     ("fasthydra.ops._common", "MAX_BLOCK_C", w)],
-                                             "cases": [("linear_fwdbwd", "gpu-large")]} for w in (4096, 8192)},
-    # the narrow GEMM fused with the loss (kernels/thin_heads.py: each logits tile formed in the loss
-    # kernel from the input: MLP heads' hidden activations, H = 128, and linear heads at large-C, D = 256;
-    # no (B, M, C) logits written and read back) against the default GEMM + loss pass, where its dots run
-    # on tensor cores (16-bit, or fp32 with TF32); off by default until these rows show where it wins
-    "fasthydra/thin-heads": {"set": [("fasthydra.ops._common", "THIN_HEADS", True)],
-                             "cases": [("mlp_fwdbwd", "gpu-large"), ("mlp_fwdbwd", "gpu-large-fp16"),
-                                       ("mlp_fwdbwd", "large-C-tf32"), ("linear_fwdbwd", "large-C-tf32")]},
-    # thin heads with 8 warps a program on the H200 (two warpgroups splitting each tile's classes: every row
-    # statistic crosses them through shared memory) against the 4 of thin_heads_config there (one warpgroup,
-    # two programs per SM; sm_90 SASS under Triton 3.6: 27.0 + 21.3 instructions per element in the two passes
-    # against 36.1 + 38.2)
-    "fasthydra/thin-heads-8-warps": {"set": [("fasthydra.ops._common", "THIN_HEADS", True),
-                                             ("fasthydra.ops._common", "THIN_HOPPER_WARPS", 8)],
-                                     "cases": [("mlp_fwdbwd", "gpu-large")]},
-    # thin heads in 32-class tiles: about 108 registers, four programs (16 warps) per SM to hide the teacher's
-    # and dz's memory latency, for 15% more instructions per element (31.9 + 24.0)
-    "fasthydra/thin-heads-tile-32": {"set": [("fasthydra.ops._common", "THIN_HEADS", True),
-                                             ("fasthydra.ops._common", "THIN_BLOCK_C", 32)],
-                                     "cases": [("mlp_fwdbwd", "gpu-large")]},
-    # uncertainty's long-row tiles (4 warps): 8192 elements is the default
-    **{f"fasthydra/unc-tile-{w}": {"set": [("fasthydra.ops._common", "UNCERTAINTY_LONG_TILE", w)],
-                                   "cases": [("uncertainty", "gpu-large")]} for w in (4096, 16384)},
-    # uncertainty's long rows in 16 and 32 warps (about 50 registers: two programs per SM, or one): a
-    # gpu-large row is 512 KiB of z, so 4-warp programs keep ~1 GB of rows in flight and the second,
-    # reversed pass misses L2; one program per SM keeps 67 MB, and about half the second read may hit
-    # (run 1's 32-warp regression came from per-tile reductions across warps, which are gone)
-    **{f"fasthydra/unc-warps-{w}": {"set": [("fasthydra.ops._common", "FILL_WARPS", 4096 * w)],
-                                    "cases": [("uncertainty", "gpu-large")]} for w in (16, 32)},
+    # the loss on logits with a frozen teacher: the default forms dz in the forward (long rows read twice
+    # there, the second read partly from L2) and the backward hands it over, untouched at upstream 1;
+    # "deferred" forms it in the backward (one read of z and t in each pass; the default until 2026-12-04,
+    # 1.10x the stored form's time at gpu-large bf16 and 1.31x at large-C fp32 on the H200)
+    "fasthydra/kl-deferred": {"set": [("fasthydra.ops._common", "DEFER_KL_GRAD", True)],
+                              "cases": [("kl_fwdbwd", "gpu-large"), ("kl_fwdbwd", "large-C")]},
+    # uncertainty's long-row tiles (4 warps at gpu-large): 8192 elements is the default; 16384 took 0.91x its time
+    # on 2026-12-04 but spills in its loops (kernel report); 4096 took 1.41x, 16 and 32 warps a program 4x and 7x
+    "fasthydra/unc-tile-16384": {"set": [("fasthydra.ops._common", "UNCERTAINTY_LONG_TILE", 16384)],
+                                 "cases": [("uncertainty", "gpu-large")]},
 }
 # Mid-size cases whose eager steps run host-bound on the device machine's CPU: their GPU time alone
 # (CUDA-graph replay) beside the wall time, fasthydra only, to tell the GPU work from the host's.
 GRAPH_CASES = [("linear_fwdbwd", "mid"), ("linear_fwdbwd", "large-C"), ("linear_fwdbwd", "large-C-tf32"),
                ("mlp_fwdbwd", "mid")]
 # profiled once (kernels by device time per step) before the cases run; a third element: a KNOBS provider
-# whose settings the profile runs under (the thin-heads kernel's own time against dW and du over dz)
+# whose settings the profile runs under (the split bias pass's kernels against the default's)
 PROFILE_CASES = [("linear_fwdbwd", "gpu-large"), ("mlp_fwdbwd", "gpu-large"), ("kl_fwdbwd", "gpu-large"),
                  ("linear_fwdbwd", "gpu-small"), ("linear_fwdbwd", "small-C"),
-                 ("mlp_fwdbwd", "gpu-large", "fasthydra/thin-heads")]
+                 ("mlp_fwdbwd", "gpu-large", "fasthydra/bias-split-pass")]
 # host time per step under cProfile (functions by own time)
 HOST_PROFILE_CASES = [("linear_fwdbwd", "gpu-small")]
 SMALL_CASES = [("linear_fwdbwd", "small-C"), ("linear_fwdbwd", "gpu-small"), ("mlp_fwdbwd", "gpu-small"),
@@ -522,10 +488,10 @@ def summarize_clock_samples(lines) -> dict | None:
 # steps' GPU time goes (issue rate, stalls, occupancy, the clock they ran at) and what the loss kernels
 # reach of DRAM bandwidth and L2 hits. ncu needs a runtime that exposes the counters (on gVisor it
 # fails at once: the record says so).
-# (op, shape[, knob]): the thin-heads kernel too, whether memory or issue bounds it (RESULTS predicts memory).
+# (op, shape[, knob]): the MLP heads' loss pass at gpu-large too, how near DRAM bandwidth it runs.
 NCU_CASES = [("linear_fwdbwd", "small-C"), ("linear_fwdbwd", "gpu-small"), ("kl_fwdbwd", "gpu-large"),
-             ("mlp_fwdbwd", "gpu-large", "fasthydra/thin-heads")]
-NCU_KERNELS = "regex:_small_heads|_hydra_kl|_scale_unless|_thin_heads"
+             ("mlp_fwdbwd", "gpu-large")]
+NCU_KERNELS = "regex:_small_heads|_hydra_kl|_scale_unless"
 NCU_SECTIONS = ("SpeedOfLight", "LaunchStats", "Occupancy", "WarpStateStats", "SchedulerStats",
                 "ComputeWorkloadAnalysis", "InstructionStats", "MemoryWorkloadAnalysis")
 # printed per kernel (all metrics go to the JSON)
@@ -647,11 +613,12 @@ def first_tests_first(ids: list[str], first=FIRST_GPU_TESTS) -> list[str]:
 
 
 def run_gpu_tests(timeout: float, workers: int = GPU_TEST_WORKERS, marker: str = "gpu", tests: str = "tests",
-                  root: str | None = None) -> dict:
+                  root: str | None = None, log_path: str | None = None) -> dict:
     """The gpu tier (pytest -m marker over `tests`, under `root`) in `workers` pytest processes side by side: one
     collection pass, then its tests dealt out in turn. Each process runs verbose into a file, so that a run cut
     short by the timeout (counted from the start, collection included) still says which tests passed and failed
-    before it (parsed from the partial output). One process where collection fails or workers is 1."""
+    before it (parsed from the partial output). One process where collection fails or workers is 1. The
+    processes' whole output (tracebacks: the reason a test failed) goes to log_path where one is given."""
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     start = time.perf_counter()
@@ -684,6 +651,9 @@ def run_gpu_tests(timeout: float, workers: int = GPU_TEST_WORKERS, marker: str =
             log.seek(0)
             stdout = log.read()
             log.close()
+            if log_path:
+                with open(log_path, "a") as whole:
+                    whole.write(stdout)
             lines = stdout.strip().splitlines()
             tail = tail or (lines[-1] if lines else "no output")
             parts.append(summarize_test_output(stdout, returncode, tail, time.perf_counter() - start))
@@ -833,6 +803,10 @@ def main(argv=None) -> int:
     parser.add_argument("--hard-deadline-s", type=float, default=None,
                         help="past this many seconds (default: 20 past the later of --budget-s and --deadline-s), "
                              "print every thread's stack and exit (a hang's diagnosis)")
+    parser.add_argument("--cases", default=None,
+                        help="a short confirming run: only these cases (op:shape, comma-separated), no latency rows, "
+                             "profiles or Nsight Compute, torch.compile left out")
+    parser.add_argument("--workers", type=int, default=GPU_TEST_WORKERS, help="pytest processes for the gpu tests")
     parser.add_argument("--ncu-child", default=None, help=argparse.SUPPRESS)  # the step ncu profiles
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -864,7 +838,8 @@ def _measure(args) -> int:
               "torch": torch.__version__, "triton": __import__("triton").__version__, "phase": "host"}
     print("host: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in host_info.items()),
           flush=True)
-    tests = {"summary": "skipped"} if args.skip_tests else run_gpu_tests(timeout=min(200.0, args.budget_s * 0.55))
+    tests = {"summary": "skipped"} if args.skip_tests else run_gpu_tests(
+        timeout=min(200.0, args.budget_s * 0.55), workers=args.workers, log_path=args.out + ".tests.log")
     print(f"gpu tests: {tests['summary']}", flush=True)
     for name in tests.get("failures", []):
         print(f"  FAILED {name}", flush=True)
@@ -873,10 +848,18 @@ def _measure(args) -> int:
 
     all_cases = C.cases("cuda")
     by_key = {(c.op, c.name): c for c in all_cases}
+    if args.cases:
+        wanted = [tuple(item.split(":", 1)) for item in args.cases.split(",") if item]
+        unknown = [":".join(w) for w in wanted if w not in by_key]
+        if unknown:
+            print(f"gpu_check: no such case {', '.join(unknown)}", file=sys.stderr)
+            return 2
+        all_cases = [by_key[w] for w in wanted]
+    short = bool(args.cases)
 
     lat_rows = []
     with ClockSampler() as sampler:
-        for op, shape, providers in latency_sets(by_key):
+        for op, shape, providers in ([] if short else latency_sets(by_key)):
             for provider in providers:
                 try:
                     with with_variant(provider):
@@ -902,7 +885,7 @@ def _measure(args) -> int:
     copy_bps = copy_bandwidth()
     print(f"device copy: {copy_bps / 1e9:.0f} GB/s (read + write)", flush=True)
     try:
-        topk = topk_rows(copy_bps)
+        topk = [] if short else topk_rows(copy_bps)
     except Exception as exc:
         topk = [{"error": f"{type(exc).__name__}: {exc}"[:300]}]
     for r in topk:
@@ -910,7 +893,7 @@ def _measure(args) -> int:
               f"{r['teacher_bytes'] / 1e6:8.1f} MB, {r['of_copy_bandwidth']:.2f} of copy" if "error" not in r
               else f"ERROR {r['error']}"), flush=True)
     try:
-        masked = masked_rows()
+        masked = [] if short else masked_rows()
     except Exception as exc:
         masked = [{"error": f"{type(exc).__name__}: {exc}"[:300]}]
     for r in masked:
@@ -922,10 +905,11 @@ def _measure(args) -> int:
     _write(args.out, record, start, quiet=True)
 
     with ClockSampler() as sampler:
-        profiles = _profiles(PROFILE_CASES, by_key, profile_step, "profile {} (fasthydra, ms per step):",
+        profiles = _profiles([] if short else PROFILE_CASES, by_key, profile_step,
+                             "profile {} (fasthydra, ms per step):",
                              lambda r: f"{r['ms_per_step']:8.3f} ms {r['calls_per_step']:5.1f}x {r['kernel']}")
     clocks["profiles"] = sampler.summary
-    host = _profiles(HOST_PROFILE_CASES, by_key, host_profile,
+    host = _profiles([] if short else HOST_PROFILE_CASES, by_key, host_profile,
                      "host profile {} (fasthydra, us per step: own, cumulative):",
                      lambda r: f"{r['own_us_per_step']:8.1f} {r['cum_us_per_step']:8.1f} {r['calls_per_step']:5.1f}x "
                                f"{r['function']}")
@@ -933,7 +917,8 @@ def _measure(args) -> int:
     _write(args.out, record, start, quiet=True)
 
     priority = [c for c in all_cases if (c.op, c.name) in {(t[0], t[1]) for t in TARGETS[:4]}]
-    priority += [by_key[k] for k in VARIANT_CASES if k in by_key and by_key[k] not in priority]
+    priority += [by_key[k] for k in VARIANT_CASES if k in by_key and by_key[k] in all_cases
+                 and by_key[k] not in priority]
     priority += [c for c in all_cases if (c.op, c.name) in {(t[0], t[1]) for t in TARGETS} and c not in priority]
     order = priority + [c for c in all_cases if c not in priority]
     rows, left_out, floors = [], [], {}
@@ -947,7 +932,7 @@ def _measure(args) -> int:
             providers = [p for p in C.PROVIDERS if not C.provider_available(p, "cuda")]
             providers += variants_for(case.op, case.name) + [LEARNED_T] * ((case.op, case.name) in LEARNED_T_CASES)
             for provider in providers:
-                if provider == "compile" and (case.op, case.name) not in COMPILE_CASES:
+                if provider == "compile" and (short or (case.op, case.name) not in COMPILE_CASES):
                     continue
                 try:
                     if provider in VARIANTS or provider in KNOBS:
@@ -986,8 +971,9 @@ def _measure(args) -> int:
         print(f"clocks during {phase}: {summary}")
     _write(args.out, record, start)
     try:  # diagnostics only: whatever goes wrong here must not cost the record
-        record["ncu"] = ncu_profile(NCU_CASES, min(150.0, args.deadline_s - (time.perf_counter() - start)),
-                                    os.path.dirname(os.path.abspath(args.out)))
+        record["ncu"] = {"skipped": "--cases"} if short else ncu_profile(
+            NCU_CASES, min(150.0, args.deadline_s - (time.perf_counter() - start)),
+            os.path.dirname(os.path.abspath(args.out)))
     except Exception as exc:
         record["ncu"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
     print_ncu(record["ncu"])

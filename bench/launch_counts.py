@@ -99,22 +99,6 @@ def cases():
 
                 out.append((f"distill_loss, {name}", path if mask is None else f"{path}, row mask", env, step))
 
-        def thin_step(head=head):  # thin heads (off by default): fp32 takes them with TF32 dots allowed
-            from fasthydra.ops import _common
-
-            saved = _common.THIN_HEADS, torch.get_float32_matmul_precision()
-            _common.THIN_HEADS = True
-            torch.set_float32_matmul_precision("high")
-            try:
-                head.zero_grad(set_to_none=True)
-                x.grad = None
-                head.distill_loss(x, t, 2.0).backward()
-            finally:
-                _common.THIN_HEADS = saved[0]
-                torch.set_float32_matmul_precision(saved[1])
-
-        out.append((f"distill_loss, {name}", "thin heads (FASTHYDRA_THIN_HEADS=1)", {"FASTHYDRA_SMALL_STEP": "0"},
-                    thin_step))
     g = GaussianHydraHead(16, 2, 4, impl="triton")
     tm, tv = torch.randn(40, 4, 2), torch.rand(40, 4, 2) + 0.2
 

@@ -40,8 +40,7 @@ TENSOR_TEMPERATURE_SHAPES = {(4096, 2048, 8, 32000), (512, 512, 10, 10), (64, 64
 # dtype tag -> (Triton pointer type, tl.dot precision): fp32 as torch runs it with
 # set_float32_matmul_precision("high") (tf32 tensor cores) and at the default "highest" (IEEE, FMA).
 DTYPES = {"bf16": ("bf16", "tf32"), "fp32/tf32": ("fp32", "tf32"), "fp32/ieee": ("fp32", "ieee")}
-GEMM_KERNELS = {"_gaussian_heads_kl_fwd_kernel", "_small_heads_kl_kernel", "_small_heads_grad_kernel",
-                "_thin_heads_kl_kernel"}
+GEMM_KERNELS = {"_gaussian_heads_kl_fwd_kernel", "_small_heads_kl_kernel", "_small_heads_grad_kernel"}
 # GEMM kernels whose tiles are below wgmma's 64 rows (16-row programs, 16-class tiles): mma.sync on sm_90.
 MMA_SYNC_KERNELS = {"_small_heads_kl_kernel", "_small_heads_grad_kernel"}
 
@@ -112,13 +111,11 @@ def _specialize(fn, args: dict, consts: dict):
 
 
 def _kernel_specs():
-    """(jit function, runtime args, constexprs, launch options, dtype tag, hopper) for every launched
-    configuration; hopper: True where the launcher picks it for sm_90 only (``_common.hopper``), False for
-    the other devices only, None for all."""
+    """(jit function, runtime args, constexprs, launch options, dtype tag) for every launched configuration
+    (each compiled for every architecture: no launcher picks a configuration by device)."""
     from fasthydra.kernels.gaussian_kl import _gaussian_heads_kl_fwd_kernel
     from fasthydra.kernels.checks import _flag_rows_kernel
     from fasthydra.kernels.small_heads import _small_heads_grad_kernel, _small_heads_kl_kernel
-    from fasthydra.kernels.thin_heads import _thin_heads_kl_kernel
     from fasthydra.kernels.softmax_kl import (_hydra_kl_fwd_kernel, _hydra_kl_grad_cols_kernel, _hydra_kl_grad_kernel,
                                               _hydra_kl_topk_fwd_kernel)
     from fasthydra.ops.hydra_kl import topk_config
@@ -128,20 +125,20 @@ def _kernel_specs():
     specs, seen = [], set()
     state = {"tensor_temperature": False}
 
-    def add(fn, args, consts, opts, dtype, hopper=None):
+    def add(fn, args, consts, opts, dtype):
         if "T_PTR" in fn.arg_names and "T_PTR" not in consts:  # a temperature: a number, and maybe a tensor
-            add(fn, {**args, "temp_ptr": 1.0}, {**consts, "T_PTR": False}, opts, dtype, hopper)
+            add(fn, {**args, "temp_ptr": 1.0}, {**consts, "T_PTR": False}, opts, dtype)
             if state["tensor_temperature"]:
-                add(fn, {**args, "temp_ptr": "*fp32"}, {**consts, "T_PTR": True}, opts, dtype, hopper)
+                add(fn, {**args, "temp_ptr": "*fp32"}, {**consts, "T_PTR": True}, opts, dtype)
             return
         ints = {k: v for k, v in args.items() if isinstance(v, int) and not isinstance(v, bool)}
         unit = tuple(sorted(k for k, v in ints.items() if v == 1))
         # what _specialize makes of the integers: 1, and divisible by 16 or not (an odd C does not vectorise)
         aligned = tuple(sorted(k for k, v in ints.items() if v % 16 == 0))
-        key = (fn.__name__, dtype, tuple(sorted(consts.items())), tuple(sorted(opts.items())), unit, aligned, hopper)
+        key = (fn.__name__, dtype, tuple(sorted(consts.items())), tuple(sorted(opts.items())), unit, aligned)
         if key not in seen:
             seen.add(key)
-            specs.append((fn, args, consts, opts, dtype, hopper))
+            specs.append((fn, args, consts, opts, dtype))
 
     from fasthydra.kernels.scale import _scale_unless_one_kernel
     from fasthydra.ops.checks import FLAG_BLOCK
@@ -287,29 +284,6 @@ def _kernel_specs():
                          "HAS_KEEP": keep is not None, "MEAN_KEPT": keep is not None, "REDUCE": reduce,
                          "BLOCK_P": cfgs.reduce_block(cdiv(b * m, tk["BLOCK_R"]), tk["num_warps"])},
                         {"num_warps": tk["num_warps"]}, vtag)
-
-            # MLP heads' second layer fused with the loss (thin heads; THIN_HEADS) at mid (a C that is not a
-            # multiple of 16) and gpu-large: hidden width 128 (the inputs loaded once per program) with the
-            # gradient and column sums or the loss alone, and HIDDEN (in K steps) with the gradient
-            # (on sm_80 and on sm_90: the warps differ)
-            for (k, grad), hopper in itertools.product(((128, True), (128, False), (HIDDEN, True)), (False, True)):
-                tc = cfgs.thin_heads_config(k, c, 4 if ty == "fp32" else 2, prec == "ieee", hopper)
-                if tc is not None and (b, c) in ((1024, 1000), (4096, 32000)):  # (None: fp32 with IEEE dots)
-                    add(_thin_heads_kl_kernel,
-                        {"x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "t_ptr": f"*{ty}",
-                         "loss_ptr": "*fp32", "g_ptr": f"*{ty}", "colsum_ptr": "*fp32", "part_ptr": "*fp32",
-                         "err_ptr": "*i32", "out_ptr": "*fp32", "count_ptr": "*i32", "B": b, "M": m, "C": c, "K": k,
-                         "stride_xb": m * k, "stride_xm": k, "stride_wm": c * k, "stride_wc": k, "stride_biasm": c,
-                         "stride_tb": m * c, "stride_tm": c, "stride_lb": m, "stride_lm": 1, "stride_gb": c,
-                         "stride_gm": b * c, "inv_temp": 0.5, "loss_scale": 4.0, "grad_scale": 0.1,
-                         "out_scale": 0.01},
-                        {"HAS_BIAS": True, "WRITE_GRAD": grad, "WRITE_COLSUM": grad, "REDUCE": True,
-                         "UPCAST_DOT": False, "PRECISION": prec, "BLOCK_B": tc["BLOCK_B"], "BLOCK_C": tc["BLOCK_C"],
-                         "BLOCK_K": tc["BLOCK_K"], "ONE_K_STEP": tc["ONE_K_STEP"], "PTX": True,
-                         "EVEN_C": c % tc["BLOCK_C"] == 0,
-                         "PREFETCH": tc["PREFETCH"],
-                         "BLOCK_P": cfgs.reduce_block(cdiv(b, tc["BLOCK_B"]) * m, tc["num_warps"])},
-                        {"num_warps": tc["num_warps"], "num_stages": tc["num_stages"]}, tag, hopper)
 
             # Small problems: the two-launch small-step kernels (linear heads and MLP heads' second layer), and
             # the Gaussian heads' kernel with its second launch. fp16 inputs (beside bf16) keep their stash of
@@ -474,7 +448,7 @@ def _compile_in_worker(job: tuple[int, int]) -> KernelRecord:
 
 
 def _compile_spec(specs: list, job: tuple[int, int]) -> KernelRecord:
-    fn, args, consts, opts, dtype, _ = specs[job[0]]
+    fn, args, consts, opts, dtype = specs[job[0]]
     return compile_one(fn, args, consts, opts, dtype, job[1])
 
 
@@ -498,8 +472,7 @@ def build_report(archs=(80, 90), progress: bool = True, jobs: int | None = None)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("the kernel report compiles real kernels: unset TRITON_INTERPRET")
     specs = _kernel_specs()
-    work = [(i, arch) for i, (*_, hopper) in enumerate(specs)
-            for arch in archs if hopper is None or (arch // 10 == 9) == hopper]
+    work = [(i, arch) for i in range(len(specs)) for arch in archs]
 
     import contextlib
     import functools

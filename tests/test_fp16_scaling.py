@@ -60,18 +60,14 @@ def _check_heads(impl, b, d, m, classes, hidden, device="cpu"):
     _compare(head, eager, x, params, t, 2.0)
 
 
-@pytest.mark.parametrize("impl,small_step,classes,thin", [
-    pytest.param("torch", "auto", 100, False, marks=pytest.mark.cpu),
-    pytest.param("triton", "0", 100, False, marks=pytest.mark.interpret),  # cuBLAS GEMMs around the loss kernel
-    pytest.param("triton", "0", 100, True, marks=pytest.mark.interpret),  # the thin-heads kernel (THIN_HEADS)
-    pytest.param("triton", "auto", 40, False, marks=pytest.mark.interpret),  # the two-launch small step
-], ids=["torch", "cublas", "thin-heads", "small-step"])
+@pytest.mark.parametrize("impl,small_step,classes", [
+    pytest.param("torch", "auto", 100, marks=pytest.mark.cpu),
+    pytest.param("triton", "0", 100, marks=pytest.mark.interpret),  # cuBLAS GEMMs around the loss kernel
+    pytest.param("triton", "auto", 40, marks=pytest.mark.interpret),  # the two-launch small step
+], ids=["torch", "cublas", "small-step"])
 @pytest.mark.parametrize("hidden", [None, 8], ids=["linear", "mlp"])
-def test_fp16_gradients_under_a_loss_scale(monkeypatch, impl, small_step, classes, thin, hidden):
-    from fasthydra.ops import _common
-
+def test_fp16_gradients_under_a_loss_scale(monkeypatch, impl, small_step, classes, hidden):
     monkeypatch.setenv("FASTHYDRA_SMALL_STEP", small_step)
-    monkeypatch.setattr(_common, "THIN_HEADS", thin)
     _check_heads(impl, 512, 16, 8, classes, hidden)
 
 

@@ -168,14 +168,14 @@ def test_design_bounds_count_the_loss_pass_bytes_at_copy_speed():
         assert bounds[key]["measured_over_floor"] == pytest.approx(2.0)
 
 
-def _turns_off_and_back(variant: str, flag: str) -> None:
-    """A knob that switches one of fasthydra.ops._common's boolean defaults off for the calls inside."""
+def _turns_and_back(variant: str, flag: str, default: bool) -> None:
+    """A knob that switches one of fasthydra.ops._common's boolean defaults over for the calls inside."""
     from fasthydra.ops import _common
 
-    assert getattr(_common, flag) is True
+    assert getattr(_common, flag) is default
     with gpu_check.with_variant(variant):
-        assert getattr(_common, flag) is False
-    assert getattr(_common, flag) is True
+        assert getattr(_common, flag) is (not default)
+    assert getattr(_common, flag) is default
 
 
 def test_variants_set_their_settings_and_restore_them(monkeypatch):
@@ -192,7 +192,7 @@ def test_variants_set_their_settings_and_restore_them(monkeypatch):
     with gpu_check.with_variant("fasthydra/small-32-rows"):
         assert _common.SMALL_BLOCK_B == 32 and _common.small_heads_config(512, 10, 10, 512, 4)["BLOCK_B"] == 32
     assert _common.SMALL_BLOCK_B == default
-    _turns_off_and_back("fasthydra/small-grads-in-forward", "SMALL_DEFERRED")
+    _turns_and_back("fasthydra/small-grads-in-forward", "SMALL_DEFERRED", True)
     # small shapes compare all three heads paths; large ones the two GEMM backends
     assert gpu_check.variants_for("linear_fwdbwd", "gpu-small") == ["fasthydra/cublas", "fasthydra/torch-path"]
     monkeypatch.delenv("FASTHYDRA_IMPL", raising=False)
@@ -200,10 +200,8 @@ def test_variants_set_their_settings_and_restore_them(monkeypatch):
         assert os.environ["FASTHYDRA_IMPL"] == "torch"
     assert "FASTHYDRA_IMPL" not in os.environ
     assert gpu_check.variants_for("linear_fwdbwd", "gpu-large") == ["fasthydra/groups-512MiB",
-                                                                     "fasthydra/bias-one-pass", "fasthydra/dx-add",
-                                                                     "fasthydra/bias-one-pass-tile-4096",
-                                                                     "fasthydra/bias-one-pass-tile-8192"]
-    _turns_off_and_back("fasthydra/bias-one-pass", "SPLIT_BIAS_PASS")
+                                                                     "fasthydra/bias-split-pass", "fasthydra/dx-add"]
+    _turns_and_back("fasthydra/bias-split-pass", "SPLIT_BIAS_PASS", False)
     import fasthydra.ops.linear_hydra_kl as lk
 
     group = lk.CUBLAS_GROUP_ELEMENTS
@@ -211,35 +209,17 @@ def test_variants_set_their_settings_and_restore_them(monkeypatch):
         assert lk.CUBLAS_GROUP_ELEMENTS == 1 << 28 and lk._head_groups(4096, 8, 32000) == (2, 4096)
     assert lk.CUBLAS_GROUP_ELEMENTS == group and lk._head_groups(4096, 8, 32000) == (1, 4096)
     assert gpu_check.variants_for("kl_fwdbwd", "gpu-large") == ["fasthydra/kl-tile-1024", "fasthydra/kl-tile-4096",
-                                                                 "fasthydra/kl-tile-8192", "fasthydra/kl-stored",
-                                                                 "fasthydra/kl-stored-tile-4096",
-                                                                 "fasthydra/kl-stored-tile-8192"]
-    _turns_off_and_back("fasthydra/kl-stored", "DEFER_KL_GRAD")
-    with gpu_check.with_variant("fasthydra/kl-stored-tile-8192"):
-        assert _common.DEFER_KL_GRAD is False and _common.kl_rows_config(32000, 2)["BLOCK_C"] == 8192
-        assert _common.kl_rows_config(32000, 2)["num_warps"] == 32
-    assert _common.DEFER_KL_GRAD is True and _common.kl_rows_config(32000, 2)["BLOCK_C"] == 2048
+                                                                 "fasthydra/kl-tile-8192", "fasthydra/kl-deferred"]
+    _turns_and_back("fasthydra/kl-deferred", "DEFER_KL_GRAD", False)
+    with gpu_check.with_variant("fasthydra/kl-tile-8192"):
+        config = _common.kl_rows_config(32000, 2)
+        assert config["BLOCK_C"] == 8192 and config["num_warps"] == 32
+    assert _common.kl_rows_config(32000, 2)["BLOCK_C"] == 2048
     assert gpu_check.variants_for("kl_fwdbwd", "mid") == []
-    assert gpu_check.variants_for("uncertainty", "gpu-large") == ["fasthydra/unc-tile-4096", "fasthydra/unc-tile-16384",
-                                                                   "fasthydra/unc-warps-16", "fasthydra/unc-warps-32"]
-    with gpu_check.with_variant("fasthydra/unc-warps-32"):
-        assert _common.uncertainty_config(8, 32000, 4096)["num_warps"] == 32
-    with gpu_check.with_variant("fasthydra/unc-warps-16"):
-        assert _common.uncertainty_config(8, 32000, 4096)["num_warps"] == 16
-    assert _common.uncertainty_config(8, 32000, 4096)["num_warps"] == 4
-    with gpu_check.with_variant("fasthydra/unc-tile-4096"):
-        assert _common.uncertainty_config(8, 32000)["BLOCK_C"] == 512
+    assert gpu_check.variants_for("uncertainty", "gpu-large") == ["fasthydra/unc-tile-16384"]
+    with gpu_check.with_variant("fasthydra/unc-tile-16384"):
+        assert _common.uncertainty_config(8, 32000)["BLOCK_C"] == 2048
     assert _common.uncertainty_config(8, 32000)["BLOCK_C"] == 1024
-    # thin heads on sm_90: 4 warps and 64-class tiles by default, the knobs' 8 warps and 32-class tiles
-    assert gpu_check.variants_for("mlp_fwdbwd", "gpu-large")[-3:] == [
-        "fasthydra/thin-heads", "fasthydra/thin-heads-8-warps", "fasthydra/thin-heads-tile-32"]
-    default = _common.thin_heads_config(128, 32000, 2, hopper=True)
-    assert (default["num_warps"], default["BLOCK_C"]) == (4, 64) and not _common.THIN_HEADS
-    for knob, key, value in (("fasthydra/thin-heads-8-warps", "num_warps", 8),
-                             ("fasthydra/thin-heads-tile-32", "BLOCK_C", 32)):
-        with gpu_check.with_variant(knob):
-            assert _common.THIN_HEADS and _common.thin_heads_config(128, 32000, 2, hopper=True)[key] == value
-        assert not _common.THIN_HEADS and _common.thin_heads_config(128, 32000, 2, hopper=True) == default
 
 
 def test_profiles_run_under_their_knob():
@@ -247,13 +227,14 @@ def test_profiles_run_under_their_knob():
     from fasthydra.ops import _common
 
     seen = []
-    out = gpu_check._profiles([("mlp_fwdbwd", "gpu-large"), ("mlp_fwdbwd", "gpu-large", "fasthydra/thin-heads")],
+    knob = "fasthydra/bias-split-pass"
+    out = gpu_check._profiles([("mlp_fwdbwd", "gpu-large"), ("mlp_fwdbwd", "gpu-large", knob)],
                               {("mlp_fwdbwd", "gpu-large"): "case"},
-                              lambda case: seen.append((case, _common.THIN_HEADS)) or [{"x": 1}], "profile {}",
+                              lambda case: seen.append((case, _common.SPLIT_BIAS_PASS)) or [{"x": 1}], "profile {}",
                               str)
-    assert seen == [("case", False), ("case", True)] and not _common.THIN_HEADS
-    assert list(out) == ["mlp_fwdbwd gpu-large", "mlp_fwdbwd gpu-large fasthydra/thin-heads"]
-    assert ("mlp_fwdbwd", "gpu-large", "fasthydra/thin-heads") in gpu_check.PROFILE_CASES
+    assert seen == [("case", False), ("case", True)] and not _common.SPLIT_BIAS_PASS
+    assert list(out) == ["mlp_fwdbwd gpu-large", f"mlp_fwdbwd gpu-large {knob}"]
+    assert ("mlp_fwdbwd", "gpu-large", knob) in gpu_check.PROFILE_CASES
 
 
 def test_variant_ratios_against_the_default():
@@ -276,7 +257,8 @@ def _stub_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "stand-in")
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    monkeypatch.setattr(gpu_check, "run_gpu_tests", lambda timeout: {"returncode": 0, "summary": "1 passed"})
+    monkeypatch.setattr(gpu_check, "run_gpu_tests",
+                        lambda timeout, workers, log_path: {"returncode": 0, "summary": "1 passed"})
     monkeypatch.setattr(gpu_check, "copy_bandwidth", lambda: 4e12)
     monkeypatch.setattr(gpu_check, "host_facts", lambda device: {"cpu": "stand-in", "cpus": 1, "cuda_empty_us": 9.5})
     monkeypatch.setattr(gpu_check, "topk_rows", lambda bps: [{"teacher": "dense", "seconds": 1e-3,
@@ -515,13 +497,13 @@ open(args[args.index("-o") + 1] + ".ncu-rep", "w").write("report")
 ''')
     fake.chmod(0o755)
     monkeypatch.setattr(gpu_check.shutil, "which", lambda name: str(fake) if name == "ncu" else None)
-    result = gpu_check.ncu_profile([("linear_fwdbwd", "small-C"), ("mlp_fwdbwd", "gpu-large", "fasthydra/thin-heads")],
-                                   60, str(tmp_path))
+    result = gpu_check.ncu_profile([("linear_fwdbwd", "small-C"),
+                                    ("mlp_fwdbwd", "gpu-large", "fasthydra/bias-split-pass")], 60, str(tmp_path))
     args = log.read_text()
     assert "--clock-control none" in args and "--profile-from-start off" in args
     assert f"-k {gpu_check.NCU_KERNELS}" in args and "--section SpeedOfLight" in args
-    assert args.endswith("--ncu-child linear_fwdbwd:small-C,mlp_fwdbwd:gpu-large:fasthydra/thin-heads")
-    assert result["cases"] == ["linear_fwdbwd small-C", "mlp_fwdbwd gpu-large fasthydra/thin-heads"]
+    assert args.endswith("--ncu-child linear_fwdbwd:small-C,mlp_fwdbwd:gpu-large:fasthydra/bias-split-pass")
+    assert result["cases"] == ["linear_fwdbwd small-C", "mlp_fwdbwd gpu-large fasthydra/bias-split-pass"]
     assert result["kernels"] == [{"kernel": "_small_heads_kl_kernel", "grid": "(4, 1, 1)", "block": "(128, 1, 1)",
                                   "metrics": {"Duration": "30.0 us"}}]
     failed = gpu_check.ncu_profile([("linear_fwdbwd", "FAIL")], 60, str(tmp_path))
@@ -530,7 +512,7 @@ open(args[args.index("-o") + 1] + ".ncu-rep", "w").write("report")
 
 
 def test_ncu_child_steps_under_the_knob(monkeypatch):
-    """The step ncu profiles runs under its case's knob (thin heads on), the other cases without."""
+    """The step ncu profiles runs under its case's knob (the split bias pass on), the other cases without."""
     from types import SimpleNamespace
 
     from fasthydra.ops import _common
@@ -540,13 +522,13 @@ def test_ncu_child_steps_under_the_knob(monkeypatch):
     monkeypatch.setattr(gpu_check.C, "cases", lambda device: cases)
     monkeypatch.setattr(gpu_check.C, "make_inputs", lambda case: None)
     monkeypatch.setattr(gpu_check.C, "make_callable",
-                        lambda case, provider, inputs: lambda: seen.append((case.op, _common.THIN_HEADS)))
+                        lambda case, provider, inputs: lambda: seen.append((case.op, _common.SPLIT_BIAS_PASS)))
     monkeypatch.setattr(gpu_check, "warm_clocks", lambda: None)
     for name in ("start", "stop"):
         monkeypatch.setattr(torch.cuda.profiler, name, lambda: None)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
-    assert gpu_check.ncu_child("mlp_fwdbwd:gpu-large:fasthydra/thin-heads,linear_fwdbwd:small-C") == 0
-    assert seen == [("mlp_fwdbwd", True)] * 4 + [("linear_fwdbwd", False)] * 4 and not _common.THIN_HEADS
+    assert gpu_check.ncu_child("mlp_fwdbwd:gpu-large:fasthydra/bias-split-pass,linear_fwdbwd:small-C") == 0
+    assert seen == [("mlp_fwdbwd", True)] * 4 + [("linear_fwdbwd", False)] * 4 and not _common.SPLIT_BIAS_PASS
 
 
 def test_host_facts_on_cpu():
@@ -637,8 +619,12 @@ def test_gpu_tier_runs_in_processes_side_by_side_and_is_cut_at_the_timeout(tmp_p
         "    time.sleep(float(os.environ.get('STAND_SLEEP', '0')))\n"
         "def test_not_in_the_tier():\n"
         "    assert False\n")
-    whole = gpu_check.run_gpu_tests(60.0, workers=2, marker="stand", tests="test_tier.py", root=str(tmp_path))
+    log = tmp_path / "tests.log"
+    whole = gpu_check.run_gpu_tests(60.0, workers=2, marker="stand", tests="test_tier.py", root=str(tmp_path),
+                                    log_path=str(log))
     assert whole["returncode"] == 1 and whole["passed"] == 5 and whole["failed"] == 2
+    # the reasons stay readable after the run (the record holds the names only): both processes' tracebacks
+    assert "def test_fails" in log.read_text() and log.read_text().count("short test summary info") == 2
     assert sorted(whole["failures"]) == ["test_tier.py::test_errors", "test_tier.py::test_fails"]
     assert len(whole["processes"]) == 2 and "over 2 processes" in whole["summary"]
     assert len(set(pids.read_text().split())) == 2
@@ -797,7 +783,7 @@ def test_predictions_against_the_recorded_h200_run(tmp_path):
     assert big["measured"] == pytest.approx(24.55, abs=0.01) and big["verdict"] == "above"
     assert results["gpu tier: failures"]["verdict"] == "inside"
     assert results["gpu tier: seconds"]["measured"] == pytest.approx(88.3, abs=0.1)
-    assert results["knob thin-heads, MLP gpu-large bf16"]["verdict"] == "missing"  # no such knob then
+    assert results["knob kl-deferred, loss on logits gpu-large"]["verdict"] == "missing"  # no such knob then
     assert "NVIDIA H200" in proc.stdout and proc.stdout.rstrip().endswith("missing")
     proc = subprocess.run([sys.executable, str(BENCH / "predictions.py"), str(tmp_path / "none.json")],
                           capture_output=True, text=True, timeout=120)
@@ -807,4 +793,4 @@ def test_predictions_against_the_recorded_h200_run(tmp_path):
                           timeout=120)
     lines = proc.stdout.splitlines()
     assert proc.returncode == 0 and len(lines) == 1 + len(results)
-    assert "linear fwd+bwd gpu-large bf16: 20.5 to 22.5 ms (" in proc.stdout
+    assert "linear fwd+bwd gpu-large bf16: 21.8 to 22.6 ms (" in proc.stdout

@@ -657,13 +657,13 @@ def _odd_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
 
 @pytest.mark.parametrize("layout", ["strided", "permuted"])
 @pytest.mark.parametrize("hidden", [None, 5], ids=["linear", "mlp"])
-@pytest.mark.parametrize("path", ["small", "cublas", "thin", "split-bias"])
+@pytest.mark.parametrize("path", ["small", "cublas", "split-bias"])
 def test_fused_functionals_take_parameters_in_any_layout(monkeypatch, hidden, path, layout):
     """linear_hydra_kl_loss / mlp_hydra_kl_loss with every tensor in an odd layout (bias, weights, x and the
     teacher with stride 2 along their last dimension, or dense with their dimensions reversed in memory),
     on every heads path, against float64: loss and gradients. Found by a randomized sweep (the module's
     own parameters are contiguous, the functionals' arguments need not be): the MLP heads' bias added by
-    the loss kernel and the thin-heads kernel read a bias with unit stride along C (wrong losses); the
+    the loss kernel (and by the thin-heads kernel, since removed) read with unit stride along C (wrong losses); the
     small step's bias gradient and the first MLP layer's weight gradient were allocated in their
     parameter's layout and written as if contiguous (a transposed db; a view error)."""
     from fasthydra.functional import linear_hydra_kl_loss, mlp_hydra_kl_loss
@@ -672,19 +672,15 @@ def test_fused_functionals_take_parameters_in_any_layout(monkeypatch, hidden, pa
     import fasthydra.ops.small_heads as small_heads_ops
 
     use_heads_path(monkeypatch, "small" if path == "small" else "cublas")
-    monkeypatch.setattr(_common, "THIN_HEADS", path == "thin")
+    monkeypatch.setattr(_common, "SPLIT_BIAS_PASS", path == "split-bias")
     if path == "split-bias":  # rows walked in tiles: the loss pass forms db with dz
         monkeypatch.setattr(_common, "MAX_BLOCK_C", 16)
         monkeypatch.setattr(_common, "ROW_TILE_MAX", 16)
     ran = []  # the path's own launcher, seen to run
-    spied = {"small": "small_heads_forward", "cublas": "launch_kl_rows", "thin": "launch_thin_heads_kl",
-             "split-bias": "launch_kl_grad_cols"}[path]
+    spied = {"small": "small_heads_forward", "cublas": "launch_kl_rows", "split-bias": "launch_kl_grad_cols"}[path]
     home = small_heads_ops if path == "small" else lk
     real = getattr(home, spied)
     monkeypatch.setattr(home, spied, lambda *a, **k: ran.append(spied) or real(*a, **k))
-    precision = torch.get_float32_matmul_precision()
-    if path == "thin":  # fp32 takes the thin path with TF32 dots allowed only (the interpreter's are exact)
-        torch.set_float32_matmul_precision("high")
     b, d, m, c = 9, 12, 3, 40
     gen = torch.Generator().manual_seed(5)
     params = {"hidden_weight": torch.randn(m, hidden or 1, d, generator=gen), "hidden_bias": torch.randn(m, hidden or 1,
@@ -697,11 +693,8 @@ def test_fused_functionals_take_parameters_in_any_layout(monkeypatch, hidden, pa
     odd = {k: _odd_layout(v.requires_grad_(), layout) for k, v in {"x": x, **params}.items()}
     args = [odd[k] for k in ("x", "hidden_weight", "hidden_bias", "weight", "bias") if k in odd]
     fused = mlp_hydra_kl_loss if hidden else linear_hydra_kl_loss
-    try:
-        loss = fused(*args, _odd_layout(t, layout), 1.5, impl="triton")
-        grads = torch.autograd.grad(loss * 0.7, args)
-    finally:
-        torch.set_float32_matmul_precision(precision)
+    loss = fused(*args, _odd_layout(t, layout), 1.5, impl="triton")
+    grads = torch.autograd.grad(loss * 0.7, args)
     assert ran, f"{spied} did not run"
     ref = {k: v.detach().double().requires_grad_() for k, v in {"x": x, **params}.items()}
     if hidden:
@@ -1239,16 +1232,13 @@ def test_launch_counts_table(capsys):
         checks._flags.clear()  # the deferred-mode word of that run: not this process's business after it
     rows_all = capsys.readouterr().out.splitlines()
     rows = [ln for ln in rows_all if ln.startswith("| distill")]
-    assert len(rows) == 11  # linear and MLP heads: small-step and cuBLAS paths with and without a row mask,
-    #                         thin heads; Gaussian heads
+    assert len(rows) == 9  # linear and MLP heads: small-step and cuBLAS paths with and without a row mask;
+    #                        Gaussian heads
     small = [ln for ln in rows if "| small-step |" in ln or "small-step grads" in ln]
     assert len(small) == 3 and all("| 2 |" in ln for ln in small)
     assert "| 2 | 1 (copy_) | 3 |" in small[0]
     cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in rows]  # op, path, triton, torch, total
     totals = {(op, path): int(total) for op, path, _, _, total in cells}
-    for heads in ("linear heads", "MLP heads"):  # thin heads: the logits GEMM folded into the loss kernel
-        cublas = totals[(f"distill_loss, {heads}", "cuBLAS + loss kernel")]
-        assert totals[(f"distill_loss, {heads}", "thin heads (FASTHYDRA_THIN_HEADS=1)")] == cublas - 1
     # a row mask with "mean": the small step's two launches and the count of kept rows (linear heads; MLP heads
     # also zero x before their first layer: a where and its scalar, and their backward the same)
     masked = {(op, path): (int(tr), int(total)) for op, path, tr, _, total in cells if path.endswith("row mask")}

@@ -4,7 +4,7 @@ interpret tier: the Triton kernels).
 Each case draws its own problem from its index: shapes (empty batch, M = 1, C = 1, odd sizes), linear or
 MLP heads, bias or none, dense / top-k / grad-requiring teachers with masked classes, reductions, an
 upstream gradient, tensors in odd layouts (strided, permuted), and the paths' knobs (tiles, head groups,
-row chunks, the small step, the bias pass, deferred gradients, the thin-heads kernel, the torch path's class
+row chunks, the small step, the bias pass, deferred gradients, the torch path's class
 tiles, streaming programs, uncertainty tiles), and now and then a row mask (some rows, all, none; bool or
 integer, strided; the rows left out holding NaN, infinities or huge features or logits), drawn from its own
 generator so that the rest of a case is the same with or without it; likewise a temperature given as a
@@ -55,7 +55,7 @@ IMPLS = [pytest.param("torch", marks=pytest.mark.cpu), pytest.param("triton", ma
 KNOBS = {"MAX_BLOCK_C": [16, 2048], "ROW_TILE_MAX": [16, 8192], "GRAD_COLS_BLOCK_C": [16, 512],
          "CUBLAS_GROUP_ELEMENTS": [200, 1 << 27], "TORCH_CHUNK_ELEMENTS": [300, 1 << 23],
          "SPLIT_BIAS_PASS": [True, False], "DEFER_KL_GRAD": [True, False], "SMALL_DEFERRED": [True, False],
-         "REDUCE_BLOCK": [2, 4096], "STREAM_PROGRAMS": [1, 2048], "THIN_HEADS": [True, False],
+         "REDUCE_BLOCK": [2, 4096], "STREAM_PROGRAMS": [1, 2048],
          "UNCERTAINTY_TILE_MAX": [16, 8192], "UNCERTAINTY_LONG_TILE": [16, 8192], "MIN_CHUNK_ROWS": [2, 128],
          "TILED_BLOCK_ROWS": [4, 1024], "TILE_ELEMENTS": [40, 1 << 19], "UNCERTAINTY_GRAD_ROW_MAX": [16, 4096],
          "UNCERTAINTY_GRAD_TILE": [32, 2048]}

@@ -94,31 +94,27 @@ def test_a_tensor_temperature_gives_the_numbers_values_and_gradients(device_like
 
 
 # Settings that send the same problems through each Triton form: the cuBLAS path, rows in tiles (the split bias
-# pass's column-sum kernel, or its one-pass form), the gradient formed in the forward, the thin-heads kernel,
-# uncertainty's long rows (forward and backward).
+# pass's column-sum kernel, or its one-pass form), the gradient formed in the forward (the default) or the
+# backward, uncertainty's long rows (forward and backward).
 PATHS = {"cublas": {"env": "0"},
-         "tiles, split bias pass": {"env": "0", "MAX_BLOCK_C": 16, "ROW_TILE_MAX": 16},
+         "tiles, split bias pass": {"env": "0", "MAX_BLOCK_C": 16, "ROW_TILE_MAX": 16, "SPLIT_BIAS_PASS": True},
          "tiles, one bias pass": {"env": "0", "MAX_BLOCK_C": 16, "ROW_TILE_MAX": 16, "SPLIT_BIAS_PASS": False},
          "gradient in the forward": {"DEFER_KL_GRAD": False, "SMALL_DEFERRED": False},
-         "thin heads": {"env": "0", "THIN_HEADS": True, "precision": "high"},  # (fp32 takes it with TF32 dots)
+         "gradient in the backward": {"DEFER_KL_GRAD": True},
          "long uncertainty rows": {"UNCERTAINTY_TILE_MAX": 16, "UNCERTAINTY_LONG_TILE": 16,
                                    "UNCERTAINTY_GRAD_ROW_MAX": 16, "UNCERTAINTY_GRAD_TILE": 32}}
 
 
 @pytest.mark.interpret
 @pytest.mark.parametrize("path", PATHS)
-def test_every_kernel_form_reads_a_device_temperature(monkeypatch, request, path):
+def test_every_kernel_form_reads_a_device_temperature(monkeypatch, path):
     """The tensor temperature's values and gradients on each Triton form (PATHS), kept as a device one is."""
     import fasthydra.ops.linear_hydra_kl as lk
 
     monkeypatch.setattr(_common, "KEEP_CPU_TEMPERATURE_TENSOR", True)
-    precision = torch.get_float32_matmul_precision()
-    request.addfinalizer(lambda: torch.set_float32_matmul_precision(precision))
     for name, value in PATHS[path].items():
         if name == "env":
             monkeypatch.setenv("FASTHYDRA_SMALL_STEP", value)
-        if name == "precision":
-            torch.set_float32_matmul_precision(value)
         for home in (_common, lk):
             if hasattr(home, name):
                 monkeypatch.setattr(home, name, value)

@@ -60,49 +60,6 @@ SMALL_DX_BLOCK_J = 32
 SMALL_DEFERRED = True
 
 
-# Heads with a narrow input (MLP heads' second layer, linear heads over a small feature width: K <=
-# THIN_MAX_K) on the cuBLAS path: kernels/thin_heads.py forms each logits tile from the input inside the
-# loss kernel (2K flops per logit, cheap at K <= 256 on tensor cores) instead of a GEMM writing the
-# (B, M, C) logits for the loss pass to read back. Not timed on a GPU yet: off by default until
-# bench/gpu_check.py (knob "thin-heads") shows where it wins; FASTHYDRA_THIN_HEADS=1 turns it on.
-THIN_HEADS = os.environ.get("FASTHYDRA_THIN_HEADS", "0").strip() == "1"
-THIN_MAX_K = 256
-# Warps of a thin-heads program on sm_90, and its class tile for 16-bit inputs (thin_heads_config;
-# bench/gpu_check.py times 8 warps and 32-class tiles beside them)
-THIN_HOPPER_WARPS = 4
-THIN_BLOCK_C = 64
-
-
-def thin_heads_config(k: int, n_cols: int, elem_size: int, ieee: bool = False, hopper: bool = False) -> dict | None:
-    """Blocks of _thin_heads_kl_kernel for an input of width k and rows of n_cols classes, or None where the
-    path does not apply: k too wide, or fp32 with IEEE dots (torch's default "highest" precision: the
-    logits GEMM in FMA, done twice, costs more than the bytes it saves; tensor-core dots only). Whether
-    the path runs at all is THIN_HEADS. 64 rows per program (wgmma's rows on sm_90), two stages.
-    Up to K = 128 the rows' inputs are loaded once per program and each class tile is one dot
-    (ONE_K_STEP; K steps of 64 otherwise, the inputs read again per tile). 16-bit inputs: classes in
-    tiles of 64, or 32 where C is not a multiple of 16 (unvectorised loads; 64 spilled there), the
-    teacher and bias tiles loaded a tile ahead (PREFETCH); fp32 (TF32 dots): tiles of 32, no prefetch
-    (it spilled). hopper (sm_90, see ``hopper``): 4 warps, one warpgroup owning the tile's rows whole, so that
-    row statistics need no exchange between warps (sm_90 SASS at gpu-large bf16, Triton 3.6: 27.0 and
-    21.3 instructions per element in passes 1 and 2, against 36.1 and 38.2 with 8 warps; 96 to 238
-    registers, two programs per SM); elsewhere 8 warps (4 reach 255 registers and spill on sm_80). No
-    spills on sm_80/sm_90 (kernel report)."""
-    if not 0 < k <= THIN_MAX_K or (elem_size > 2 and ieee):
-        return None
-    whole_k = max(16, next_pow2(k))
-    block_k = whole_k if whole_k <= 128 else 64
-    block_c = THIN_BLOCK_C if elem_size <= 2 and n_cols % 16 == 0 else 32
-    return dict(BLOCK_B=64, BLOCK_C=block_c, BLOCK_K=block_k, ONE_K_STEP=block_k >= k, PREFETCH=elem_size <= 2,
-                num_warps=THIN_HOPPER_WARPS if hopper else 8, num_stages=2)
-
-
-def hopper(device: torch.device) -> bool:
-    """An NVIDIA device of compute capability 9.x (sm_90: wgmma, the warpgroup the Hopper configurations are
-    built around); False for any other device, later generations included (Blackwell has no wgmma: they take
-    the configurations compiled for sm_80, as Ada does), and for ROCm devices."""
-    return _nvidia_major(device) == 9
-
-
 def triton_device(device: torch.device) -> bool:
     """Where impl="auto" takes the Triton kernels: an NVIDIA GPU of compute capability 8.0 or later (Triton's
     supported range; the kernel report tunes for sm_80 and sm_90 and CI compiles sm_100 too). Older NVIDIA GPUs
@@ -160,7 +117,7 @@ def _nvidia_major(device: torch.device) -> int | None:
 
 
 def runs_ptx() -> bool:
-    """Whether the kernels may carry inline PTX (kernels/thin_heads.py, softmax_kl._exp2's fast form): a
+    """Whether the kernels may carry inline PTX (softmax_kl._exp2's fast form): a
     launch on an NVIDIA GPU; not under the interpreter (which runs no assembly) nor on ROCm (AMD GPUs run
     no PTX: those kernels take their plain Triton form there)."""
     return not interpreting() and torch.version.hip is None
@@ -402,8 +359,10 @@ def kl_grad_config(n_rows: int, n_cols: int) -> dict:
 # row normalisers only, and _hydra_kl_grad_cols_kernel writes dz and its column sums (db) in one more
 # read of z and t: the same bytes as the two-pass loss kernel writing dz, without db's extra read of dz
 # (0.62 ms of a 24.5 ms step at gpu-large on an H200). False: the one-kernel loss pass and a column
-# sum of dz (bench/gpu_check.py measures both).
-SPLIT_BIAS_PASS = True
+# sum of dz (bench/gpu_check.py measures both). Off: on the H200 (2026-12-04, bench/RESULTS.md) the split pass
+# was slower everywhere, its column-sum kernel 2.1 ms against the loss kernel's 1.45 at MLP gpu-large: the
+# one-kernel pass took 0.82x the split pass's step there, 0.98x at linear gpu-large, 1.00x at large-C fp32.
+SPLIT_BIAS_PASS = False
 # Linear heads in several head groups (cuBLAS path, 16-bit, CUDA): dx accumulates in fp32 through
 # addmm(acc, dz, W, out_dtype=float32), one GEMM per group, instead of a 16-bit product and an fp32
 # add (run 2's profile: 0.25 ms at gpu-large). Turned off at the first call where torch refuses it.
@@ -413,8 +372,10 @@ FP32_OUT_GEMM = True
 # reads the upstream gradient on the device (library._deferred). False: the forward forms dz too (its
 # long rows read twice, the second read partly from L2) and the backward hands it over, untouched when
 # the upstream gradient is 1: fewer bytes if that second read hits L2, a (B, M, C) gradient held
-# between the passes (bench/gpu_check.py measures both).
-DEFER_KL_GRAD = True
+# between the passes (bench/gpu_check.py measures both). Off: on the H200 (2026-12-04) the gradient formed in
+# the forward took 0.91x the deferred form's time at gpu-large bf16 (2.79 against 3.08 ms) and 0.76x at
+# large-C fp32 (0.76 against 0.99 ms), no more peak memory.
+DEFER_KL_GRAD = False
 # Its class blocks: 512 classes (1 KiB of a 16-bit row per tile row, coalesced).
 GRAD_COLS_BLOCK_C = 512
 
@@ -442,6 +403,8 @@ UNCERTAINTY_TILE_MAX = 8192
 # (2026-11-28): at (4096, 8, 32000) bf16 these tiles took 2.71 ms in 4 warps and 12.5 ms in 32 (each
 # tile's per-head reductions cross all warps of a program; 4096-element tiles: 3.29 ms, 2048: 5.60);
 # at (256, 4, 32000) fp32, 256 programs, 32 warps took 0.188 ms and 4096-element 4-warp tiles 0.310.
+# 2026-12-04 at gpu-large bf16: 16384-element tiles 1.47 ms, 8192 1.62, 4096 2.28; but 16384 in 4 warps
+# spills 24 bytes inside its loops on sm_80/sm_90 (kernel report), so 8192 stays until a form without spills wins.
 UNCERTAINTY_LONG_TILE = 8192
 FILL_WARPS = 8192
 

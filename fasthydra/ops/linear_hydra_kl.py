@@ -34,7 +34,6 @@ from ._common import (
 )
 from .checks import after_launch
 from .small_heads import linear_hydra_kl_forward_small
-from .thin_heads import launch_thin_heads_kl
 from .hydra_kl import (
     A_SCALE,
     _teacher_grad,
@@ -415,9 +414,6 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
          (an fp32 accumulator for the group's slice only when rows had to be chunked); dx = dz @ W,
          accumulated in fp32 across groups; db as an fp32 column sum unless step 2 formed it.
     Where one launch of step 2 covers every row, its last program reduces the loss ("mean"/"sum").
-    Inputs of width <= THIN_MAX_K with THIN_HEADS on (the thin-heads kernel, a dense frozen teacher):
-    steps 1 and 2 are one launch that forms each logits tile itself and writes dz (and its column
-    sums), so the logits never exist in memory (thin_heads.py).
     Only one group's logits exist at a time; with no gradient wanted nothing (B, M, C)-sized is kept.
     With need_t the same pass writes the teacher's gradient. A top-k teacher (teacher = values,
     teacher_indices = class ids) runs the top-k loss kernel instead: the same GEMMs, M*k teacher
@@ -425,7 +421,7 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
     first (one pass over x), so their logits are the bias alone and they add nothing to dW. The loss
     kernel (dense or top-k teacher; the split bias pass's two launches too) reads the mask: loss 0, dz 0 and
     teacher gradient 0 on those rows; dx and db follow; "mean" is over the kept rows (their count read on the
-    device). With a mask the thin-heads kernel is not used.
+    device).
     Returns (loss, grad_in, grad_weight, grad_bias, grad_teacher), None where not asked for.
     """
     m, c, k = weight.shape
@@ -450,15 +446,6 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
     grad_t = torch.empty(teacher.shape, dtype=teacher.dtype, device=dev) if need_t else None
     heads, rows = _head_groups(b, m, c)
     n_groups, n_chunks = cdiv(m, heads), max(1, cdiv(b, rows))
-    # Inputs narrow enough (MLP heads' second layer, linear heads over a small feature width): the loss
-    # kernel forms the logits itself (thin_heads.py), a dense frozen teacher only; else a GEMM writes them
-    # for the loss pass.
-    thin = None
-    if _common.THIN_HEADS and topk is None and grad_t is None and row_mask is None:
-        thin = _common.thin_heads_config(k, c, inp.element_size(), _common.dot_precision(inp.dtype) == "ieee",
-                                         _common.hopper(dev))
-        if thin is not None and inp.stride(-1) != 1:
-            inp = inp.contiguous()
     # "mean"/"sum" where one launch of the loss kernel (dense or top-k) covers every row: its last program sums
     # them (no reduction launch); otherwise one reduction of the loss rows at the end.
     # A row mask is read by the loss kernel itself (loss 0 and dz 0 on the rows left out), and "mean" is over
@@ -472,8 +459,8 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
     if reduction != "none" and b * m > 0 and n_groups * n_chunks == 1:
         reduced = torch.empty((), dtype=torch.float32, device=dev)
     reduce_to = None if reduced is None else (reduced, reduction_coefficient(reduction, b * m))
-    # The group's logits, turned into dz in place (thin heads: dz alone, and nothing without a gradient)
-    buf = torch.empty(min(rows, b) * heads * c, dtype=dt, device=dev) if want_grad or thin is None else None
+    # The group's logits, turned into dz in place
+    buf = torch.empty(min(rows, b) * heads * c, dtype=dt, device=dev)
     grad_w = empty_stored_grad(weight) if need_w else None
     grad_b = torch.empty(m, c, dtype=torch.float32, device=dev) if need_b else None
     # dx: per-head inputs (MLP heads) get disjoint slices per group, so no accumulation; a shared input
@@ -486,7 +473,7 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
             grad_in = empty_stored_grad(inp)
     # Bias and long rows (the dense, frozen teacher): the loss pass forms dz and db together (see
     # SPLIT_BIAS_PASS); the row normalisers between its two launches live in `norms`.
-    split_bias = (want_grad and need_b and _common.SPLIT_BIAS_PASS and topk is None and grad_t is None and thin is None
+    split_bias = (want_grad and need_b and _common.SPLIT_BIAS_PASS and topk is None and grad_t is None
                   and not kl_rows_config(c, inp.element_size(), not shared and bias is not None)["ROW_IN_REGISTERS"])
     norms = torch.empty(min(rows, b) * heads * 4, dtype=torch.float32, device=dev) if split_bias else None
     if b == 0:
@@ -505,22 +492,22 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
             b3 = None  # a bias for the loss kernel to add (per-head inputs)
             if shared:  # z[b, h, :] for the group: one GEMM over the stacked weight, rows major
                 xc = inp[r0:r1]
-                z = buf[:br * gh * c].view(br, gh * c) if buf is not None else None
-                if thin is None and bias is not None:  # a 1-D bias: cuBLASLt adds it in the GEMM's epilogue (a
-                    #                                 (1, N) one is first copied into every row of z, then read back)
+                z = buf[:br * gh * c].view(br, gh * c)
+                if bias is not None:  # a 1-D bias: cuBLASLt adds it in the GEMM's epilogue (a (1, N) one is
+                    #                   first copied into every row of z, then read back)
                     torch.addmm(bias[h0:h1].reshape(gh * c), xc, w2.T, out=z)
-                elif thin is None:  # (thin heads: the loss kernel forms the logits itself, below)
+                else:
                     torch.mm(xc, w2.T, out=z)
-                z3 = None if z is None else z.view(br, gh, c)
+                z3 = z.view(br, gh, c)
                 t3, l2 = teacher[r0:r1, h0:h1], loss[r0:r1, h0:h1]
                 h3 = None if grad_t is None else grad_t[r0:r1, h0:h1]
                 i3 = None if topk is None else topk[r0:r1, h0:h1]
             else:  # per-head inputs: one batched GEMM, head major
                 xc = inp[r0:r1, h0:h1].transpose(0, 1)  # (gh, br, K)
-                z3 = buf[:br * gh * c].view(gh, br, c) if buf is not None else None
-                if thin is None and bias is not None and topk is not None:
+                z3 = buf[:br * gh * c].view(gh, br, c)
+                if bias is not None and topk is not None:
                     torch.baddbmm(bias[h0:h1].unsqueeze(1), xc, wg.transpose(1, 2), out=z3)
-                elif thin is None:  # a dense teacher's loss kernel adds the bias on its loads: no (gh, br, C)
+                else:  # a dense teacher's loss kernel adds the bias on its loads: no (gh, br, C)
                     #                 bias copy into z3 for the GEMM to read back (bmm has no bias epilogue)
                     torch.bmm(xc, wg.transpose(1, 2), out=z3)
                     if bias is not None:
@@ -532,13 +519,7 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
             k2 = None  # the batch rows' mask over the view's (rows, heads) or (heads, rows) axes
             if keep_u8 is not None:
                 k2 = keep_u8[r0:r1, None].expand(br, gh) if shared else keep_u8[None, r0:r1].expand(gh, br)
-            if thin is not None:  # (rows, heads) views; a shared input seen with a head stride of 0
-                x3 = inp[r0:r1].unsqueeze(1).expand(br, gh, k) if shared else inp[r0:r1, h0:h1]
-                g3 = None if not want_grad else z3 if shared else z3.transpose(0, 1)
-                db_parts = launch_thin_heads_kl(x3, wg, None if bias is None else bias[h0:h1],
-                                                t3 if shared else t3.transpose(0, 1), l2 if shared else l2.T, g3,
-                                                temperature, grad_scale, thin, reduce_to=reduce_to, colsum=need_b)
-            elif topk is not None:
+            if topk is not None:
                 launch_kl_rows_topk(z3, t3, i3, l2, z3 if want_grad else None, temperature, grad_scale,
                                     "distill_loss", h3, k2, kept_mean, reduce_to)
             elif split_bias:  # head-major views: one program's rows share a head, so db sums per program
