@@ -560,8 +560,8 @@ def ncu_profile(cases, timeout: float, workdir: str) -> dict:
 
 
 def print_ncu(result: dict) -> None:
-    if "error" in result:
-        print(f"ncu: {result['error']}", flush=True)
+    if "error" in result or "skipped" in result:
+        print(f"ncu: {result.get('error') or 'skipped (' + result['skipped'] + ')'}", flush=True)
         return
     print(f"ncu ({', '.join(result['cases'])}; {result['seconds']:.0f} s), one step each:", flush=True)
     for k in result["kernels"]:

@@ -311,6 +311,23 @@ def _stub_device(monkeypatch):
     return seen_settings, ncu_calls
 
 
+def test_a_short_run_times_only_the_cases_named(tmp_path, monkeypatch, capsys):
+    """--cases: the gpu tests, then those cases alone (their knobs too), no latency rows, profiles or ncu, no
+    torch.compile; a case that does not exist is refused before anything is timed."""
+    import json
+
+    _stub_device(monkeypatch)
+    out = tmp_path / "gpu.json"
+    gpu_check.main(["--out", str(out), "--cases", "kl_fwdbwd:gpu-large"])
+    record = json.loads(out.read_text())
+    assert {(r["op"], r["shape"]) for r in record["rows"]} == {("kl_fwdbwd", "gpu-large")}
+    providers = {r["provider"] for r in record["rows"]}
+    assert "fasthydra/kl-deferred" in providers and "compile" not in providers and "eager" in providers
+    assert record["latency"] == [] and record["profiles"] == {} and record["ncu"] == {"skipped": "--cases"}
+    assert gpu_check.main(["--out", str(out), "--cases", "kl_fwdbwd:nowhere"]) == 2
+    assert "kl_fwdbwd:nowhere" in capsys.readouterr().err
+
+
 def test_main_runs_end_to_end_with_the_device_parts_stubbed(tmp_path, monkeypatch, capsys):
     """The orchestration of a lent-GPU run (latency rows, variants and knobs, the case loop, the
     analysis, the JSON) on this CPU: every device-only measurement is replaced by a stand-in, so a
