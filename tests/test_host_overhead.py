@@ -55,10 +55,12 @@ def test_steps_go_through_tritons_launch_code():
         assert proc.returncode == 0, proc.stderr[-2000:]
         out[mode] = proc.stdout
     assert "linear heads fwd+bwd ['_small_heads_grad_kernel', '_small_heads_kl_kernel']" in out["triton"]
-    assert "loss on logits fwd+bwd ['_hydra_kl_fwd_kernel', '_hydra_kl_grad_kernel']" in out["triton"]
+    # (the loss on logits forms dz in its forward launch: DEFER_KL_GRAD off; on a GPU the backward adds the
+    # scaling kernel's launch, which the stand-ins' CPU tensors scale in torch instead)
+    assert "loss on logits fwd+bwd ['_hydra_kl_fwd_kernel']" in out["triton"]
     # the wider case takes the cuBLAS path (its GEMMs are torch calls), the loss kernel its one launch
     assert "linear heads fwd+bwd, cuBLAS path ['_hydra_kl_fwd_kernel']" in out["triton"]
-    assert "binders 4" in out["triton"]  # one per kernel and device
+    assert "binders 3" in out["triton"]  # one per kernel and device
     assert "linear heads fwd+bwd ['_small_heads_grad_kernel', '_small_heads_kl_kernel']" in out["stubbed"]
     assert "binders 0" in out["stubbed"]
 
