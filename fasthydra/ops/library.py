@@ -121,10 +121,11 @@ def _hydra_kl_impl(student: torch.Tensor, teacher: torch.Tensor, temperature: fl
 
 
 def _deferred(want_grad: bool, want_tgrad: bool, impl: str, teacher_indices) -> bool:
-    """The Triton path with a dense, frozen teacher forms the student's gradient in the backward: the
-    forward reads each row once and returns the rows' normalisers (B, M, 4) in the gradient's place;
-    the backward makes one streaming pass that multiplies by the upstream gradient on the device (no
-    stored (B, M, C) gradient, no separate scaling pass). Elsewhere the forward computes the gradients."""
+    """With DEFER_KL_GRAD on (off by default: slower on the H200), the Triton path with a dense, frozen teacher
+    forms the student's gradient in the backward: the forward reads each row once and returns the rows'
+    normalisers (B, M, 4) in the gradient's place; the backward makes one streaming pass that multiplies by
+    the upstream gradient on the device (no stored (B, M, C) gradient, no separate scaling pass). Elsewhere
+    the forward computes the gradients."""
     return (impl == "triton" and want_grad and not want_tgrad and teacher_indices is None
             and _common.DEFER_KL_GRAD)
 

@@ -408,8 +408,8 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
          kernel on its loads), written into one reused buffer;
       2. one Triton pass turns that buffer in place into the loss rows and the gradient
          T * coef * (q - p) (tempered softmax + per-head KL + gradient; teacher checked on the way);
-         with a bias and rows too long for registers, two launches instead: the loss rows and row
-         normalisers, then dz with its column sums, the bias gradient (same bytes, no read of dz for db);
+         with SPLIT_BIAS_PASS on (off: slower on the H200), a bias and rows too long for registers, two
+         launches instead: the loss rows and row normalisers, then dz with its column sums, db;
       3. cuBLAS again: dW of the group's heads complete in one GEMM, written once in the weight dtype
          (an fp32 accumulator for the group's slice only when rows had to be chunked); dx = dz @ W,
          accumulated in fp32 across groups; db as an fp32 column sum unless step 2 formed it.
@@ -471,8 +471,8 @@ def linear_hydra_kl_forward_cublas(inp, weight, bias, teacher, temperature: floa
             grad_in32 = torch.zeros(inp.shape, dtype=torch.float32, device=dev)
         else:
             grad_in = empty_stored_grad(inp)
-    # Bias and long rows (the dense, frozen teacher): the loss pass forms dz and db together (see
-    # SPLIT_BIAS_PASS); the row normalisers between its two launches live in `norms`.
+    # Bias and long rows (the dense, frozen teacher) with SPLIT_BIAS_PASS on: the loss pass forms dz and db
+    # together; the row normalisers between its two launches live in `norms`.
     split_bias = (want_grad and need_b and _common.SPLIT_BIAS_PASS and topk is None and grad_t is None
                   and not kl_rows_config(c, inp.element_size(), not shared and bias is not None)["ROW_IN_REGISTERS"])
     norms = torch.empty(min(rows, b) * heads * 4, dtype=torch.float32, device=dev) if split_bias else None
