@@ -166,12 +166,13 @@ def _logits_case(monkeypatch, tiles: bool):
 
 @pytest.mark.parametrize("tiles", [False, True], ids=["row-whole", "tiles-of-16"])
 def test_loss_on_logits_forms_its_gradient_in_the_backward(monkeypatch, tiles):
-    """hydra_kl_loss with a frozen teacher on the Triton path: the forward keeps no (B, M, C) tensor of
-    its own (what autograd saves is z and t themselves and (B, M, 4) row normalisers), the backward
+    """hydra_kl_loss with a frozen teacher on the Triton path, DEFER_KL_GRAD on (gpu_check's kl-deferred knob;
+    off by default): the forward keeps no (B, M, C) tensor of its own (what autograd saves is z and t themselves and (B, M, 4) row normalisers), the backward
     multiplies by the upstream gradient on the device: scalar, per row, and an expanded (stride 0)
     one; a retained graph gives the same gradient twice; z changed in place after the forward is
     refused by autograd instead of giving a wrong gradient."""
     b, m, c, z, t = _logits_case(monkeypatch, tiles)
+    monkeypatch.setattr(_common, "DEFER_KL_GRAD", True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
         loss = hydra_kl_loss(z, t, 2.0, reduction="none", impl="triton")
@@ -251,11 +252,14 @@ def test_loss_on_logits_with_its_gradient_formed_in_the_forward(monkeypatch, til
 
 @pytest.mark.parametrize("tiles", [False, True], ids=["row-whole", "tiles-of-16"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_loss_on_logits_reduced_by_the_kernels_last_program(monkeypatch, tiles, reduction):
+@pytest.mark.parametrize("defer", [False, True], ids=["grad-in-forward", "deferred-grad"])
+def test_loss_on_logits_reduced_by_the_kernels_last_program(monkeypatch, tiles, reduction, defer):
     """hydra_kl_loss "mean"/"sum": the loss kernel's last program sums the programs' partial losses (the
     partials read two at a time here, so the summing loop runs), the count of finished programs is back
-    at 0 afterwards, and a forward + backward is the two kernels and no torch op (no reduction launch)."""
+    at 0 afterwards, and a forward + backward is the loss kernel (and with DEFER_KL_GRAD the backward's
+    gradient kernel) and no torch op (no reduction launch; an upstream of 1 scales nothing)."""
     b, m, c, z, t = _logits_case(monkeypatch, tiles)
+    monkeypatch.setattr(_common, "DEFER_KL_GRAD", defer)
     monkeypatch.setattr(_common, "REDUCE_BLOCK", 2)
     z64 = z.detach().double().requires_grad_()
     loss = hydra_kl_loss(z, t, 1.3, reduction=reduction, impl="triton")
@@ -271,7 +275,7 @@ def test_loss_on_logits_reduced_by_the_kernels_last_program(monkeypatch, tiles, 
         hydra_kl_loss(z, t, 1.3, reduction=reduction, impl="triton").backward()
 
     launches, ops = _launches_and_torch_ops(step)
-    assert launches == ["_hydra_kl_fwd_kernel", "_hydra_kl_grad_kernel"]
+    assert launches == ["_hydra_kl_fwd_kernel"] + ["_hydra_kl_grad_kernel"] * defer
     assert [op for op in ops if op != "copy_"] == [], ops  # (copy_: the error word's copy, as on CUDA)
 
 
@@ -1247,13 +1251,13 @@ def test_launch_counts_table(capsys):
     assert masked[("distill_loss, MLP heads", "small-step, row mask")] == (2, totals[
         ("distill_loss, MLP heads", "small-step")] + 5)
     # the losses on logits read the mask in their kernels: the same launches as without it, plus the count of kept
-    # rows for "mean" in the forward and again in the deferred backward (before, the rows were masked and reduced
-    # by eight torch ops after the kernel, and their backward)
+    # rows for "mean" in the forward (before, the rows were masked and reduced by eight torch ops after the kernel,
+    # and their backward; with DEFER_KL_GRAD on the deferred backward counts them again)
     logits = {(op, path): (int(tr), int(total)) for op, path, tr, _, total in
               ([c.strip() for c in ln.strip("|").split("|")] for ln in rows_all if ln.startswith("| h"))}
     for op in ("hydra_kl_loss on logits", "hinton_kl_loss"):
         plain = logits[(op, "loss kernel")]
-        assert logits[(op, "loss kernel, row mask")] == (plain[0], plain[1] + 2)
+        assert logits[(op, "loss kernel, row mask")] == (plain[0], plain[1] + 1)
 
 
 @pytest.mark.parametrize("upstream", [1.0, 0.7, float("nan")])
