@@ -169,8 +169,8 @@ def test_loss_on_logits_forms_its_gradient_in_the_backward(monkeypatch, tiles):
     """hydra_kl_loss with a frozen teacher on the Triton path, DEFER_KL_GRAD on (gpu_check's kl-deferred knob;
     off by default): the forward keeps no (B, M, C) tensor of its own (what autograd saves is z and t themselves
     and (B, M, 4) row normalisers), the backward multiplies by the upstream gradient on the device: scalar, per
-    row, and an expanded (stride 0) one; a retained graph gives the same gradient twice; z changed in place after the forward is
-    refused by autograd instead of giving a wrong gradient."""
+    row, and an expanded (stride 0) one; a retained graph gives the same gradient twice; z changed in place after
+    the forward is refused by autograd instead of giving a wrong gradient."""
     b, m, c, z, t = _logits_case(monkeypatch, tiles)
     monkeypatch.setattr(_common, "DEFER_KL_GRAD", True)
     saved = []
