@@ -21,6 +21,9 @@ logits (clocks left alone; our kernels only). The SM and memory clocks are sampl
 latency rows, the profiles and the cases. The JSON is written after every phase and case ("phase" says how far
 it got), so a run cut short keeps what it measured; past 470 s (--hard-deadline-s) the script prints every
 thread's stack, to show where a hang was, and exits.
+The gpu tests' whole output is written beside the record (RECORD.tests.log: the reason for any failure).
+A short confirming run after a change: --cases op:shape,... (those cases, their knobs, the gpu tests; no latency
+rows, profiles, torch.compile or Nsight Compute) with --workers 8: about 140 s on the H200 (2026-12-04).
 Timing is triton.testing.do_bench (warm-up, L2 flushed between runs, median); peak memory is
 torch.cuda.max_memory_allocated above what was live before the step.
 Without CUDA it refuses with exit code 2 and changes nothing.
