@@ -119,6 +119,11 @@ KNOBS = {
     "fasthydra/bias-split-pass": {"set": [("fasthydra.ops._common", "SPLIT_BIAS_PASS", True)],
                                   "cases": [("linear_fwdbwd", "gpu-large"), ("mlp_fwdbwd", "gpu-large"),
                                             ("linear_fwdbwd", "large-C")]},
+    # both together at linear gpu-large: run 1 of 2026-12-04 timed 21.87 ms (0.985x today's default) in 557 MiB
+    # (7.7% of eager's peak; 2 heads a group with the one-kernel pass took 673 MiB, past the 8% target)
+    "fasthydra/groups-512MiB-split": {"set": [("fasthydra.ops.linear_hydra_kl", "CUBLAS_GROUP_ELEMENTS", 1 << 28),
+                                              ("fasthydra.ops._common", "SPLIT_BIAS_PASS", True)],
+                                      "cases": [("linear_fwdbwd", "gpu-large")]},
     "fasthydra/dx-add": {"set": [("fasthydra.ops._common", "FP32_OUT_GEMM", False)],
                          "cases": [("linear_fwdbwd", "gpu-large")]},
     # the loss on logits with a frozen teacher: the default forms dz in the forward (long rows read twice
@@ -131,6 +136,10 @@ KNOBS = {
     # on 2026-12-04 but spills in its loops (kernel report); 4096 took 1.41x, 16 and 32 warps a program 4x and 7x
     "fasthydra/unc-tile-16384": {"set": [("fasthydra.ops._common", "UNCERTAINTY_LONG_TILE", 16384)],
                                  "cases": [("uncertainty", "gpu-large")]},
+    # ... and in 8 warps at 4096 rows (FILL_WARPS: as many elements a thread as 8192 in 4, so no spills expected)
+    "fasthydra/unc-tile-16384-8-warps": {"set": [("fasthydra.ops._common", "UNCERTAINTY_LONG_TILE", 16384),
+                                                 ("fasthydra.ops._common", "FILL_WARPS", 4096 * 8)],
+                                         "cases": [("uncertainty", "gpu-large")]},
 }
 # Mid-size cases whose eager steps run host-bound on the device machine's CPU: their GPU time alone
 # (CUDA-graph replay) beside the wall time, fasthydra only, to tell the GPU work from the host's.

@@ -199,8 +199,8 @@ def test_variants_set_their_settings_and_restore_them(monkeypatch):
     with gpu_check.with_variant("fasthydra/torch-path"):
         assert os.environ["FASTHYDRA_IMPL"] == "torch"
     assert "FASTHYDRA_IMPL" not in os.environ
-    assert gpu_check.variants_for("linear_fwdbwd", "gpu-large") == ["fasthydra/groups-512MiB",
-                                                                     "fasthydra/bias-split-pass", "fasthydra/dx-add"]
+    assert gpu_check.variants_for("linear_fwdbwd", "gpu-large") == [
+        "fasthydra/groups-512MiB", "fasthydra/bias-split-pass", "fasthydra/groups-512MiB-split", "fasthydra/dx-add"]
     _turns_and_back("fasthydra/bias-split-pass", "SPLIT_BIAS_PASS", False)
     import fasthydra.ops.linear_hydra_kl as lk
 
@@ -208,6 +208,9 @@ def test_variants_set_their_settings_and_restore_them(monkeypatch):
     with gpu_check.with_variant("fasthydra/groups-512MiB"):
         assert lk.CUBLAS_GROUP_ELEMENTS == 1 << 28 and lk._head_groups(4096, 8, 32000) == (2, 4096)
     assert lk.CUBLAS_GROUP_ELEMENTS == group and lk._head_groups(4096, 8, 32000) == (1, 4096)
+    with gpu_check.with_variant("fasthydra/groups-512MiB-split"):
+        assert _common.SPLIT_BIAS_PASS and lk._head_groups(4096, 8, 32000) == (2, 4096)
+    assert not _common.SPLIT_BIAS_PASS
     assert gpu_check.variants_for("kl_fwdbwd", "gpu-large") == ["fasthydra/kl-tile-1024", "fasthydra/kl-tile-4096",
                                                                  "fasthydra/kl-tile-8192", "fasthydra/kl-deferred"]
     _turns_and_back("fasthydra/kl-deferred", "DEFER_KL_GRAD", False)
@@ -216,7 +219,12 @@ def test_variants_set_their_settings_and_restore_them(monkeypatch):
         assert config["BLOCK_C"] == 8192 and config["num_warps"] == 32
     assert _common.kl_rows_config(32000, 2)["BLOCK_C"] == 2048
     assert gpu_check.variants_for("kl_fwdbwd", "mid") == []
-    assert gpu_check.variants_for("uncertainty", "gpu-large") == ["fasthydra/unc-tile-16384"]
+    assert gpu_check.variants_for("uncertainty", "gpu-large") == ["fasthydra/unc-tile-16384",
+                                                                   "fasthydra/unc-tile-16384-8-warps"]
+    with gpu_check.with_variant("fasthydra/unc-tile-16384-8-warps"):
+        config = _common.uncertainty_config(8, 32000, 4096)
+        assert (config["BLOCK_C"], config["num_warps"]) == (2048, 8)
+    assert _common.uncertainty_config(8, 32000, 4096)["num_warps"] == 4
     with gpu_check.with_variant("fasthydra/unc-tile-16384"):
         assert _common.uncertainty_config(8, 32000)["BLOCK_C"] == 2048
     assert _common.uncertainty_config(8, 32000)["BLOCK_C"] == 1024
