@@ -119,7 +119,7 @@ KNOBS = {
     "fasthydra/bias-split-pass": {"set": [("fasthydra.ops._common", "SPLIT_BIAS_PASS", True)],
                                   "cases": [("linear_fwdbwd", "gpu-large"), ("mlp_fwdbwd", "gpu-large"),
                                             ("linear_fwdbwd", "large-C")]},
-    # both together at linear gpu-large: run 1 of 2026-12-04 timed 21.87 ms (0.985x today's default) in 557 MiB
+    # both together at linear gpu-large: run 3 (2026-12-04) timed 21.87 ms (0.985x today's default) in 557 MiB
     # (7.7% of eager's peak; 2 heads a group with the one-kernel pass took 673 MiB, past the 8% target)
     "fasthydra/groups-512MiB-split": {"set": [("fasthydra.ops.linear_hydra_kl", "CUBLAS_GROUP_ELEMENTS", 1 << 28),
                                               ("fasthydra.ops._common", "SPLIT_BIAS_PASS", True)],
