@@ -4,10 +4,10 @@
 
 For every kernel, with the block configurations the launchers really pick at the benchmark shapes
 (the same config functions of ``fasthydra.ops._common``), this prints registers per thread, spills
-(LOCAL/STACK bytes, and how many local loads/stores sit inside a loop in the SASS), shared memory
-and whether the PTX holds tensor-core instructions (mma, wgmma; tcgen05 on sm_100). It needs
-Triton's compiler and the cuobjdump that ships in Triton's wheel, not a GPU. It must not run under
-TRITON_INTERPRET=1 (the interpreter replaces the kernels with Python functions).
+(LOCAL/STACK bytes, and how many local loads/stores sit inside a loop in the SASS), barriers inside loops
+(an exchange between warps per iteration), shared memory and whether the PTX holds tensor-core instructions
+(mma, wgmma; tcgen05 on sm_100). It needs Triton's compiler and the cuobjdump that ships in Triton's wheel,
+not a GPU. It must not run under TRITON_INTERPRET=1 (the interpreter replaces the kernels with Python functions).
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ class KernelRecord:
     spill_bytes: int | None = None  # LOCAL + STACK from cuobjdump: above 0 means register spills
     spill_ops: int | None = None  # local loads/stores (LDL/STL) in the SASS
     spill_ops_in_loops: int | None = None  # of them, those inside a loop (the ones that cost time)
+    barriers_in_loops: int | None = None  # BAR (a block-wide barrier: an exchange between warps) inside a loop
     shared_bytes: int | None = None
     mma: bool = False
     wgmma: bool = False
@@ -345,7 +346,8 @@ def _kernel_specs():
                                                 "ROW_IN_REGISTERS": uc["ROW_IN_REGISTERS"],
                                                 "VEC": min(uc["BLOCK_C"], 4 if ty == "fp32" else 8)},
                 {"num_warps": uc["num_warps"]}, tag)
-            ug = cfgs.uncertainty_grad_config(m, c)  # its backward: every upstream, or the epistemic part's only
+            # its backward: every upstream, or the epistemic part's only
+            ug = cfgs.uncertainty_grad_config(m, c, 4 if ty == "fp32" else 2)
             for has_g in (True, False):
                 ptrs = {name: f"*{ty}" for name in ("z_ptr", "g_ptr", "gt_ptr", "ga_ptr", "ge_ptr", "dz_ptr")}
                 add(_uncertainty_bwd_kernel, {**ptrs, "M": m, "C": c, "stride_zb": m * c, "stride_zm": c,
@@ -353,14 +355,15 @@ def _kernel_specs():
                                               "stride_ge": 0 if not has_g else 1, "stride_db": m * c,
                                               "stride_dm": c, "inv_temp": 0.5, "scale": 0.1},
                     {"HAS_G": has_g, "HAS_T": has_g, "HAS_A": has_g, "HAS_E": True, "BLOCK_M": ug["BLOCK_M"],
-                     "BLOCK_C": ug["BLOCK_C"], "ROW_IN_REGISTERS": ug["ROW_IN_REGISTERS"]},
+                     "BLOCK_C": ug["BLOCK_C"], "ROW_IN_REGISTERS": ug["ROW_IN_REGISTERS"], "VEC": ug.get("VEC", 1)},
                     {"num_warps": ug["num_warps"]}, tag)
             # the Hinton loss's target (the ensemble's mean in log space), same (M, C) row structure
-            uc = cfgs.uncertainty_config(m, c, hinton_target=True)
+            uc = cfgs.uncertainty_config(m, c, hinton_target=True, elem_size=4 if ty == "fp32" else 2)
             add(_ensemble_log_mean_kernel, {"t_ptr": f"*{ty}", "out_ptr": "*fp32", "err_ptr": "*i32", "M": m, "C": c,
                                             "stride_tb": m * c, "stride_tm": c, "stride_ob": c, "inv_temp": 0.5,
                                             "temp": 2.0, "log_m": 2.0},
-                {"BLOCK_M": uc["BLOCK_M"], "BLOCK_C": uc["BLOCK_C"], "ROW_IN_REGISTERS": uc["ROW_IN_REGISTERS"]},
+                {"BLOCK_M": uc["BLOCK_M"], "BLOCK_C": uc["BLOCK_C"], "ROW_IN_REGISTERS": uc["ROW_IN_REGISTERS"],
+                 "VEC": uc.get("VEC", 1)},
                 {"num_warps": uc["num_warps"]}, tag)
     return specs
 
@@ -394,20 +397,33 @@ ENTRY_SLOT_BYTES = 16
 _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
 _BRANCH = re.compile(r"\bBRA(?:\.[A-Z.]+)?\s+(0x[0-9a-f]+)")
 _LOCAL_OP = re.compile(r"\b(?:LDL|STL)\b")
+_BARRIER = re.compile(r"\bBAR\.")
 
 
-def sass_spill_ops(sass: str) -> tuple[int, int]:
-    """(local loads and stores, of them inside a loop) in a ``cuobjdump -sass`` listing. A loop is the
-    address range from a backward branch's target to the branch."""
+def _ops_and_loops(sass: str, op: re.Pattern) -> tuple[list[int], list[tuple[int, int]]]:
+    """The addresses of the instructions matching op in a ``cuobjdump -sass`` listing, and its loops: a loop is
+    the address range from a backward branch's target to the branch."""
     ops, loops = [], []
     for addr, text in _SASS_LINE.findall(sass):
         at = int(addr, 16)
-        if _LOCAL_OP.search(text):
+        if op.search(text):
             ops.append(at)
         branch = _BRANCH.search(text)
         if branch and int(branch.group(1), 16) <= at:
             loops.append((int(branch.group(1), 16), at))
-    return len(ops), sum(any(lo <= at <= hi for lo, hi in loops) for at in ops)
+    return ops, loops
+
+
+def sass_ops_in_loops(sass: str, op: re.Pattern) -> int:
+    """How many instructions matching op sit inside a loop."""
+    ops, loops = _ops_and_loops(sass, op)
+    return sum(any(lo <= at <= hi for lo, hi in loops) for at in ops)
+
+
+def sass_spill_ops(sass: str) -> tuple[int, int]:
+    """(local loads and stores, of them inside a loop) in a ``cuobjdump -sass`` listing."""
+    ops, _ = _ops_and_loops(sass, _LOCAL_OP)
+    return len(ops), sass_ops_in_loops(sass, _LOCAL_OP)
 
 
 def compile_one(fn, args, consts, opts, dtype, arch) -> KernelRecord:
@@ -422,10 +438,9 @@ def compile_one(fn, args, consts, opts, dtype, arch) -> KernelRecord:
         ptx = compiled.asm["ptx"]
         rec.registers = usage.get("REG")
         rec.spill_bytes = usage.get("LOCAL", 0) + usage.get("STACK", 0)
-        if rec.spill_bytes:  # where the local loads and stores sit
-            rec.spill_ops, rec.spill_ops_in_loops = sass_spill_ops(_cuobjdump_of(compiled.asm["cubin"], "-sass"))
-        else:
-            rec.spill_ops = rec.spill_ops_in_loops = 0
+        sass = _cuobjdump_of(compiled.asm["cubin"], "-sass")
+        rec.spill_ops, rec.spill_ops_in_loops = sass_spill_ops(sass)
+        rec.barriers_in_loops = sass_ops_in_loops(sass, _BARRIER)
         rec.shared_bytes = max(usage.get("SHARED", 0), int(compiled.metadata.shared))
         rec.wgmma = "wgmma" in ptx
         # tensor-core instructions: mma.sync (sm_80 on), wgmma (sm_90), tcgen05.mma (sm_100)
@@ -502,15 +517,16 @@ def _short_config(cfg: dict) -> str:
 
 
 def format_table(records: list[KernelRecord]) -> str:
-    head = (f"{'kernel':30} {'arch':6} {'dtype':9} {'config':44} {'regs':>4} {'spill':>5} {'loop':>4} {'smem':>6} "
-            "mma wgmma")
+    head = (f"{'kernel':30} {'arch':6} {'dtype':9} {'config':44} {'regs':>4} {'spill':>5} {'loop':>4} {'bar':>3} "
+            f"{'smem':>6} mma wgmma")
     lines = [head, "-" * len(head)]
     for r in records:
         if r.error:
             lines.append(f"{r.kernel:30} sm_{r.arch:<3} {r.dtype:9} {_short_config(r.config):44} FAILED: {r.error}")
             continue
         lines.append(f"{r.kernel:30} sm_{r.arch:<3} {r.dtype:9} {_short_config(r.config):44} {r.registers:>4} "
-                     f"{r.spill_bytes:>5} {r.spill_ops_in_loops:>4} {r.shared_bytes:>6} {'yes' if r.mma else 'no':3} "
+                     f"{r.spill_bytes:>5} {r.spill_ops_in_loops:>4} {r.barriers_in_loops:>3} {r.shared_bytes:>6} "
+                     f"{'yes' if r.mma else 'no':3} "
                      f"{'yes' if r.wgmma else 'no'}")
     return "\n".join(lines)
 
@@ -525,10 +541,31 @@ def _spills(r: KernelRecord) -> bool:
     return (r.spill_bytes or 0) > ENTRY_SLOT_BYTES or (r.spill_ops_in_loops or 0) > 0
 
 
+# Streaming row kernels whose loops must exchange nothing between warps: a barrier inside a row walk's loop
+# means a (heads or rows, classes) tile whose reductions cross warps on every tile, which took 5x to 13x the
+# time of the per-thread form on the H200 (`uncertainty`'s forward in 32 warps; its backward and the Hinton
+# target until the fifty-first session: bench/RESULTS.md). The loss kernel's teacher-gradient walk (WRITE_TGRAD,
+# a trainable teacher or a learned temperature) still reduces tile by tile and is exempt, as are `uncertainty`'s
+# forward in more than 8 warps (few rows: the measured winner there) and the GEMM kernels (tl.dot stages its
+# operands through shared memory). The Hinton target's kernel may hold one pair: from 16-bit members (8 classes a
+# thread) its fp32 store takes 4 a thread, one layout conversion per tile.
+BARRIER_FREE_KERNELS = {"_hydra_kl_fwd_kernel", "_hydra_kl_grad_kernel", "_hydra_kl_grad_cols_kernel",
+                        "_uncertainty_fwd_kernel", "_uncertainty_bwd_kernel", "_ensemble_log_mean_kernel"}
+
+
+def _barriers_allowed(r: KernelRecord) -> int | None:
+    """Barriers a kernel's loops may hold (None: not checked)."""
+    if r.kernel not in BARRIER_FREE_KERNELS or r.config.get("WRITE_TGRAD"):
+        return None
+    if r.kernel == "_uncertainty_fwd_kernel" and r.config.get("num_warps", 4) > 8:
+        return None
+    return 2 if r.kernel == "_ensemble_log_mean_kernel" and r.dtype in ("bf16", "fp16") else 0
+
+
 def problems(records: list[KernelRecord]) -> list[str]:
     """What fails the report: a compile error (any architecture); on TUNED_ARCHS also spills (any inside a
-    loop, or more than ENTRY_SLOT_BYTES) or a GEMM kernel without tensor-core instructions (IEEE fp32 is
-    exempt: it runs on FMA units by definition)."""
+    loop, or more than ENTRY_SLOT_BYTES), a GEMM kernel without tensor-core instructions (IEEE fp32 is
+    exempt: it runs on FMA units by definition) or a barrier inside a loop of a BARRIER_FREE_KERNELS row walk."""
     out = []
     for r in records:
         where = f"{r.kernel} sm_{r.arch} {r.dtype} {_short_config(r.config)}"
@@ -540,6 +577,8 @@ def problems(records: list[KernelRecord]) -> list[str]:
             out.append(f"{where}: spills {r.spill_bytes} bytes, {r.spill_ops_in_loops} local loads/stores in loops")
         elif r.kernel in GEMM_KERNELS and r.config.get("PRECISION") != "ieee" and not r.mma:
             out.append(f"{where}: no mma/wgmma instructions")
+        elif _barriers_allowed(r) is not None and (r.barriers_in_loops or 0) > _barriers_allowed(r):
+            out.append(f"{where}: {r.barriers_in_loops} barriers inside loops (tiles reduced across warps)")
     return out
 
 

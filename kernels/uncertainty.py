@@ -161,6 +161,7 @@ def _ensemble_log_mean_kernel(
     BLOCK_M: tl.constexpr,  # heads, padded to a power of two
     BLOCK_C: tl.constexpr,
     ROW_IN_REGISTERS: tl.constexpr,  # C <= BLOCK_C: the (M, C) row is read once and reused by pass 2
+    VEC: tl.constexpr = 1,  # long rows: a thread's contiguous classes in a tile, one 16-byte load
     T_PTR: tl.constexpr = False,
 ):
     if T_PTR:
@@ -174,21 +175,13 @@ def _ensemble_log_mean_kernel(
     cols0 = tl.arange(0, BLOCK_C)
     t_row = t_ptr + row * stride_tb + heads[:, None].to(tl.int64) * stride_tm
 
-    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    d = tl.zeros((BLOCK_M,), tl.float32)
-    n_nan = tl.zeros((BLOCK_M,), tl.int32)
     if ROW_IN_REGISTERS:
         row_mask = head_ok[:, None] & (cols0 < C)[None, :]
         x_row = tl.load(t_row + cols0[None, :], mask=row_mask, other=float("-inf")).to(tl.float32)
-        n_nan += tl.sum((x_row != x_row).to(tl.int32), axis=1)
-        m, d = _lse_update(x_row, m, d, c2)
+        n_nan = tl.sum((x_row != x_row).to(tl.int32), axis=1)
+        m, d = _lse_update(x_row, tl.full((BLOCK_M,), float("-inf"), tl.float32), tl.zeros((BLOCK_M,), tl.float32), c2)
     else:
-        for c0 in range(0, C, BLOCK_C):
-            cols = c0 + cols0
-            mask = head_ok[:, None] & (cols < C)[None, :]
-            x = tl.load(t_row + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
-            n_nan += tl.sum((x != x).to(tl.int32), axis=1)
-            m, d = _lse_update(x, m, d, c2)
+        m, d, n_nan = _thread_lse(t_row, head_ok, C, c2, BLOCK_M, BLOCK_C, VEC, True)
     bad = tl.max(tl.where(head_ok & (n_nan > 0), 1, 0), axis=0)
     bad |= tl.max(tl.where(head_ok & (m == float("inf")), 2, 0), axis=0)
     bad |= tl.max(tl.where(head_ok & (m == float("-inf")), 4, 0), axis=0)
@@ -202,10 +195,9 @@ def _ensemble_log_mean_kernel(
     else:
         n_tiles = tl.cdiv(C, BLOCK_C)
         for j in range(0, n_tiles):  # last tile first: pass 1 read it last, so L2 most likely still holds it
-            c0 = (n_tiles - 1 - j) * BLOCK_C
-            cols = c0 + cols0
-            mask = head_ok[:, None] & (cols < C)[None, :]
-            x = tl.load(t_row + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+            cols = (n_tiles - 1 - j) * BLOCK_C + cols0
+            x = tl.load(t_row + cols[None, :], mask=head_ok[:, None] & (cols < C)[None, :],
+                        other=float("-inf")).to(tl.float32)
             _log_mean_tile(x, ref, log_d, inv_temp, cols, out_row, C, temp, log_m)
 
 
@@ -217,6 +209,31 @@ def _lse_update(x, m, d, c2):
     ref = tl.where(new_m == float("-inf"), 0.0, new_m)
     d = d * tl.exp2((m - ref) * c2) + tl.sum(tl.exp2((x - ref[:, None]) * c2), axis=1)
     return new_m, d
+
+
+@triton.jit
+def _thread_lse(z_row, head_ok, C, c2, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr,
+                COUNT_NAN: tl.constexpr):
+    """Pass 1 over a long (heads, C) row (z_row: (BLOCK_M, 1) head pointers, unit stride along C) in
+    (BLOCK_M, THREADS, VEC) slices (`_thread_slices`, as `_uncertainty_fwd_kernel`'s pass 1): each head's raw max m
+    and d = sum 2^((x - m) c2) kept per thread and merged once at the end; with COUNT_NAN, each head's count of
+    NaN logits (else zeros). Returns (m, d, count), each (BLOCK_M,)."""
+    offs = _thread_slices(BLOCK_C, VEC)
+    ptrs = z_row[:, :, None]
+    live = head_ok[:, None, None]
+    tm = tl.full((BLOCK_M, BLOCK_C // VEC), float("-inf"), tl.float32)
+    td = tl.zeros((BLOCK_M, BLOCK_C // VEC), tl.float32)
+    tn = tl.zeros((BLOCK_M, BLOCK_C // VEC), tl.int32)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + offs
+        x = tl.load(ptrs + cols, mask=live & (cols < C), other=float("-inf")).to(tl.float32)
+        if COUNT_NAN:
+            tn += tl.sum((x != x).to(tl.int32), axis=2)
+        tm, ref, scale = _thread_max(x, tm, c2)
+        td = td * scale + tl.sum(tl.exp2((x - ref[:, :, None]) * c2), axis=2)
+    row_m, _, w = _thread_merge(tm, c2)
+    # (a thread that saw nothing live has d 0 and weight 0: it adds 0, where 0 * a NaN weight would not)
+    return row_m, tl.sum(tl.where(td == 0, 0.0, w * td), axis=1), tl.sum(tn, axis=1)
 
 
 @triton.jit
@@ -276,11 +293,14 @@ def _uncertainty_bwd_kernel(
     BLOCK_M: tl.constexpr,  # heads, padded to a power of two
     BLOCK_C: tl.constexpr,
     ROW_IN_REGISTERS: tl.constexpr,  # C <= BLOCK_C: the row is read once
+    VEC: tl.constexpr = 1,  # long rows: a thread's contiguous classes in a tile, one 16-byte load
     T_PTR: tl.constexpr = False,
 ):
     """Backward of uncertainty for one row: dz_m = p_m (V_m - <p_m, V_m>) / (M T), the softmax's vector product
     with V = dL/dp. Pass 1: each head's max and sum of exponentials; pass 2: <p_m, V_m>; pass 3: dz (long rows
-    read the row three times; a row in registers once)."""
+    read the row three times, in tiles whose classes fill every thread (_common.head_slices_config): the mixture
+    is summed inside a thread and <p_m, V_m> kept per thread until the row ends, no exchange between warps per
+    tile; a row in registers once)."""
     inv_temp, _, _ = _tempered_scalars(temp_ptr, inv_temp, 1.0, 1.0, T_PTR, NAN_INV=True)
     scale, _, _ = _tempered_scalars(temp_ptr, scale, 1.0, 1.0, T_PTR, NAN_INV=True)
     c2 = inv_temp * LOG2E
@@ -302,18 +322,13 @@ def _uncertainty_bwd_kernel(
         ge = tl.load(ge_ptr + row * stride_ge).to(tl.float32)
         a += ge
         b -= ge
-    mx = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    d = tl.zeros((BLOCK_M,), tl.float32)
     if ROW_IN_REGISTERS:
         mask = head_ok[:, None] & (cols0 < C)[None, :]
         x_row = tl.load(z_row + cols0[None, :], mask=mask, other=float("-inf")).to(tl.float32)
-        mx, d = _lse_update(x_row, mx, d, c2)
+        mx, d = _lse_update(x_row, tl.full((BLOCK_M,), float("-inf"), tl.float32), tl.zeros((BLOCK_M,), tl.float32),
+                            c2)
     else:
-        for c0 in range(0, C, BLOCK_C):
-            cols = c0 + cols0
-            x = tl.load(z_row + cols[None, :], mask=head_ok[:, None] & (cols < C)[None, :],
-                        other=float("-inf")).to(tl.float32)
-            mx, d = _lse_update(x, mx, d, c2)
+        mx, d, _ = _thread_lse(z_row, head_ok, C, c2, BLOCK_M, BLOCK_C, VEC, False)
     ref = tl.where(mx == float("-inf"), 0.0, mx)  # padded heads (and a head masked everywhere: NaN below)
     log_d = tl.log(tl.where(head_ok, d, 1.0))  # padded heads: ref 0, log d 0, so that their p is exp(-inf) = 0
     if ROW_IN_REGISTERS:
@@ -321,18 +336,18 @@ def _uncertainty_bwd_kernel(
         pv = tl.sum(p * v, axis=1)
         tl.store(dz_row + cols0[None, :], (p * (v - pv[:, None]) * scale).to(dz_ptr.dtype.element_ty), mask=mask)
     else:
-        pv = tl.zeros((BLOCK_M,), tl.float32)
+        live = head_ok[:, None]
+        tpv = tl.zeros((BLOCK_M, BLOCK_C // VEC), tl.float32)  # <p_m, V_m> per thread until the row ends
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + cols0
-            x = tl.load(z_row + cols[None, :], mask=head_ok[:, None] & (cols < C)[None, :],
-                        other=float("-inf")).to(tl.float32)
+            x = tl.load(z_row + cols[None, :], mask=live & (cols < C)[None, :], other=float("-inf")).to(tl.float32)
             p, v = _uncertainty_grad_tile(x, ref, log_d, inv_temp, a, b, g_row, cols, C, M, HAS_G)
-            pv += tl.sum(p * v, axis=1)
+            tpv += tl.sum(tl.reshape(p * v, (BLOCK_M, BLOCK_C // VEC, VEC)), axis=2)  # (a thread's own VEC classes)
+        pv = tl.sum(tpv, axis=1)[:, None]
         n_tiles = tl.cdiv(C, BLOCK_C)
         for j in range(0, n_tiles):  # last tile first: pass 2 read it last
             cols = (n_tiles - 1 - j) * BLOCK_C + cols0
-            tile_mask = head_ok[:, None] & (cols < C)[None, :]
+            tile_mask = live & (cols < C)[None, :]
             x = tl.load(z_row + cols[None, :], mask=tile_mask, other=float("-inf")).to(tl.float32)
             p, v = _uncertainty_grad_tile(x, ref, log_d, inv_temp, a, b, g_row, cols, C, M, HAS_G)
-            tl.store(dz_row + cols[None, :], (p * (v - pv[:, None]) * scale).to(dz_ptr.dtype.element_ty),
-                     mask=tile_mask)
+            tl.store(dz_row + cols[None, :], (p * (v - pv) * scale).to(dz_ptr.dtype.element_ty), mask=tile_mask)

@@ -486,14 +486,19 @@ def test_linear_heads_bias_free_kernel(gemm):
 def test_uncertainty_long_rows_pick_warps_by_row_count():
     """The two configurations that won on the H200 come out of the rule: many rows (4096 x 8 x 32000)
     in 4-warp programs, few rows (256 x 4 x 32000) in 32-warp ones; each program walks one row in
-    tiles of UNCERTAINTY_LONG_TILE elements; the Hinton target keeps its 32-warp tiles."""
+    tiles of UNCERTAINTY_LONG_TILE elements; the Hinton target walks its rows in the backward's tiles (4 warps
+    splitting the classes, a 16-byte load of each of the 8 heads a thread)."""
     many = _common.uncertainty_config(8, 32000, 4096)
     few = _common.uncertainty_config(4, 32000, 256)
     assert (many["BLOCK_C"], many["num_warps"], many["ROW_IN_REGISTERS"]) == (1024, 4, False)
     assert (few["BLOCK_C"], few["num_warps"]) == (2048, 32)
     assert _common.uncertainty_config(8, 32000, 1024)["num_warps"] == 8
     assert _common.uncertainty_config(8, 32000, 1)["num_warps"] == 32
-    assert _common.uncertainty_config(8, 32000, 4096, hinton_target=True)["num_warps"] == 32
+    for size, classes, vec in ((4, 512, 4), (2, 1024, 8)):  # fp32 and 16-bit: one 16-byte load of every head a thread
+        target = _common.uncertainty_config(8, 32000, 4096, hinton_target=True, elem_size=size)
+        assert target == _common.uncertainty_grad_config(8, 32000, size)  # the backward's tiles
+        assert (target["BLOCK_C"], target["VEC"], target["num_warps"], target["ROW_IN_REGISTERS"]) == (classes, vec, 4,
+                                                                                                       False)
     assert _common.uncertainty_config(8, 1000, 4096)["ROW_IN_REGISTERS"]  # mid C: the row read once
 
 

@@ -73,6 +73,64 @@ def test_sass_spill_ops_tell_loop_traffic_from_an_entry_slot(line, in_loop):
     assert sass_spill_ops(sass) == (2 + bool(line), in_loop)
 
 
+def test_sass_ops_in_loops_count_barriers_inside_loops_only():
+    """A barrier (an exchange between warps) counts where it sits between a backward branch's target and the
+    branch: the two inside the listing's loops, not the one after them."""
+    import re
+
+    from fasthydra.kernel_report import sass_ops_in_loops
+
+    bar = "BAR.SYNC.DEFER_BLOCKING 0x0 ;"
+    lines = _SASS.splitlines(keepends=True)
+    lines.insert(4, f"        /*0d28*/                   {bar}\n")  # in the inner loop (0xd20 to 0xe00)
+    lines.insert(6, f"        /*0e10*/                   {bar}\n")  # in the outer one (0xd10 to 0x35e0)
+    lines.insert(9, f"        /*35f8*/                   {bar}\n")  # after both
+    assert sass_ops_in_loops("".join(lines), re.compile(r"\bBAR\.")) == 2
+
+
+def test_barriers_in_a_row_walk_fail_the_report():
+    """A streaming row kernel with a barrier inside a loop (its tiles reduced across warps, as `uncertainty`'s
+    backward and the Hinton target were: 8 and 18 a tile, 9x and 14x their bytes' time on the H200) fails the
+    report; a GEMM kernel's barriers (tl.dot's staging), the loss kernel's teacher-gradient walk, `uncertainty`'s
+    forward in 32 warps (few rows) and the Hinton target's one layout conversion a tile (two barriers, for its fp32
+    store from 16-bit members) do not."""
+    from fasthydra.kernel_report import KernelRecord, problems
+
+    def rec(kernel, config, bars, arch=90):
+        return KernelRecord(kernel, arch, "bf16", config, registers=64, spill_bytes=0, spill_ops=0,
+                            spill_ops_in_loops=0, barriers_in_loops=bars, shared_bytes=0, mma=True)
+
+    bad = [rec("_uncertainty_bwd_kernel", {"num_warps": 8}, 8),
+           rec("_ensemble_log_mean_kernel", {"num_warps": 32}, 18),
+           rec("_hydra_kl_fwd_kernel", {"WRITE_TGRAD": False, "num_warps": 8}, 2),
+           rec("_uncertainty_fwd_kernel", {"num_warps": 4}, 1),
+           rec("_ensemble_log_mean_kernel", {"num_warps": 4}, 4)]
+    fine = [rec("_uncertainty_bwd_kernel", {"num_warps": 4}, 0),
+            rec("_small_heads_kl_kernel", {"PRECISION": "tf32"}, 22),
+            rec("_hydra_kl_fwd_kernel", {"WRITE_TGRAD": True, "num_warps": 8}, 16),
+            rec("_uncertainty_fwd_kernel", {"num_warps": 32}, 10), rec("_uncertainty_bwd_kernel", {}, 8, arch=100),
+            rec("_ensemble_log_mean_kernel", {"num_warps": 4}, 2)]
+    found = problems(bad + fine)
+    assert len(found) == len(bad) and all("barriers inside loops" in line for line in found), found
+
+
+def test_long_row_walks_keep_their_tiles_inside_warps(report):
+    """What the rule above holds the real kernels to, at the configurations the launchers pick: `uncertainty`'s
+    backward and the Hinton target's kernel walk long rows (C = 32000, 4 and 8 heads) without a barrier in a loop,
+    and so do the loss kernel's frozen-teacher walks."""
+    _, records = report
+    walks = [r for r in records if r["kernel"] in ("_uncertainty_bwd_kernel", "_ensemble_log_mean_kernel")
+             and not r["config"]["ROW_IN_REGISTERS"]]
+    assert len({r["kernel"] for r in walks}) == 2
+    # (the target's fp32 store from 16-bit members: one layout conversion a tile, two barriers, no reduction)
+    assert all(r["barriers_in_loops"] <= (2 if r["kernel"] == "_ensemble_log_mean_kernel" and r["dtype"] != "fp32/tf32"
+                                          and r["dtype"] != "fp32/ieee" else 0) for r in walks), \
+        [(r["kernel"], r["dtype"], r["config"], r["barriers_in_loops"]) for r in walks]
+    frozen = [r for r in records if r["kernel"] == "_hydra_kl_fwd_kernel" and not r["config"]["WRITE_TGRAD"]
+              and not r["config"]["ROW_IN_REGISTERS"]]
+    assert frozen and all(r["barriers_in_loops"] == 0 for r in frozen)
+
+
 def test_gemm_kernels_use_tensor_cores(report):
     _, records = report
     from fasthydra.kernel_report import GEMM_KERNELS, MMA_SYNC_KERNELS

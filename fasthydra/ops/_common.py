@@ -409,40 +409,59 @@ UNCERTAINTY_LONG_TILE = 8192
 FILL_WARPS = 8192
 
 
-def uncertainty_config(n_heads: int, n_cols: int, n_rows: int | None = None, hinton_target: bool = False) -> dict:
+def uncertainty_config(n_heads: int, n_cols: int, n_rows: int | None = None, hinton_target: bool = False,
+                       elem_size: int = 4) -> dict:
     """(heads, classes) tiles of the uncertainty kernel for n_rows rows (None: many), and of the Hinton
-    target's kernel (same row walk, more live values per element: its long rows keep 32 warps, which
-    compile without spills; in 4 warps they spill on sm_90; not timed on a GPU yet)."""
+    target's kernel (the same row walk; its long rows in `head_slices_config`'s tiles, as the backward's, for
+    members of elem_size bytes)."""
     block_m = max(2, next_pow2(n_heads))
     whole = max(16, next_pow2(n_cols))
-    if block_m * whole > UNCERTAINTY_TILE_MAX and not hinton_target:
+    if block_m * whole > UNCERTAINTY_TILE_MAX and hinton_target:
+        return head_slices_config(block_m, elem_size)
+    if block_m * whole > UNCERTAINTY_TILE_MAX:
         block_c = max(16, UNCERTAINTY_LONG_TILE // block_m)
         warps = 4 if n_rows is None else min(32, max(4, next_pow2(cdiv(FILL_WARPS, max(n_rows, 1)))))
         return dict(BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps, ROW_IN_REGISTERS=block_c >= n_cols)
-    block_c = whole if block_m * whole <= UNCERTAINTY_TILE_MAX else max(16, UNCERTAINTY_TILE_MAX // block_m)
-    lanes = block_m * block_c
-    return dict(BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4 if lanes <= 1024 else min(32, lanes // 256),
-                ROW_IN_REGISTERS=block_c >= n_cols)
+    lanes = block_m * whole
+    return dict(BLOCK_M=block_m, BLOCK_C=whole, num_warps=4 if lanes <= 1024 else min(32, lanes // 256),
+                ROW_IN_REGISTERS=True)
 
 
 # Elements of one (heads, classes) tile of uncertainty's backward kernel: a row of up to UNCERTAINTY_GRAD_ROW_MAX
-# is read once and held (four fp32 values per element live: logits, p, V and the product); longer rows walk
-# UNCERTAINTY_GRAD_TILE-element tiles three times. Neither is timed on a GPU yet (the kernel report compiles them
-# for sm_80/sm_90 without spills).
+# is read once and held (four fp32 values per element live: logits, p, V and the product); longer rows walk tiles
+# of up to UNCERTAINTY_GRAD_TILE elements three times, in `head_slices_config`'s layout (so does the Hinton target's
+# kernel, twice). Until the fifty-first session those long-row tiles were (heads, classes) blocks whose classes
+# filled fewer threads than the program had (2048 elements in 8 warps; the target's 8192 in 32): the heads went
+# across warps and every tile's sums over heads and over classes crossed warps through shared memory, 8 and 18
+# barriers a tile in the sm_90 SASS, 124 instructions per element in the backward. On the H200 (2026-12-04, run 3)
+# they took 21.0 ms (uncertainty forward + backward) and 21.6 ms (Hinton loss, 0.45x eager's speed) at
+# (4096, 8, 32000) bf16, where the forward alone, whose tiles keep the heads inside a thread, took 1.6 ms.
 UNCERTAINTY_GRAD_ROW_MAX = 4096
-UNCERTAINTY_GRAD_TILE = 2048
+UNCERTAINTY_GRAD_TILE = 8192
 
 
-def uncertainty_grad_config(n_heads: int, n_cols: int) -> dict:
-    """(heads, classes) tiles and warps of uncertainty's backward kernel (about 8 elements per thread)."""
+def head_slices_config(block_m: int, elem_size: int) -> dict:
+    """Long (heads, classes) rows walked in (BLOCK_M, BLOCK_C) tiles whose classes fill the threads of the
+    program (up to 4 warps): each thread holds VEC contiguous classes (one 16-byte load) of every head, so that sums
+    over heads (the mixture, the log-mean target) never leave a thread, and a per-head sum over classes is kept per
+    thread (its VEC classes reduced in place) until the row ends (kernels/uncertainty.py). Tiles of up to
+    UNCERTAINTY_GRAD_TILE elements: 8 heads of 16-bit logits take 1024 classes in 4 warps (64 values a thread),
+    of fp32 ones 512."""
+    vec = max(1, 16 // elem_size)
+    block_c = min(32 * 4 * vec, max(16, UNCERTAINTY_GRAD_TILE // block_m))
+    return dict(BLOCK_M=block_m, BLOCK_C=block_c, VEC=min(vec, block_c),
+                num_warps=max(1, min(4, block_c // (32 * vec))), ROW_IN_REGISTERS=False)
+
+
+def uncertainty_grad_config(n_heads: int, n_cols: int, elem_size: int = 4) -> dict:
+    """Tiles and warps of uncertainty's backward kernel for logits of elem_size bytes: a short row whole (about
+    8 elements per thread), a long one in `head_slices_config`'s tiles."""
     block_m = max(2, next_pow2(n_heads))
     whole = max(16, next_pow2(n_cols))
     if block_m * whole <= UNCERTAINTY_GRAD_ROW_MAX:
         return dict(BLOCK_M=block_m, BLOCK_C=whole, num_warps=max(1, min(16, block_m * whole // 256)),
                     ROW_IN_REGISTERS=True)
-    block_c = max(16, UNCERTAINTY_GRAD_TILE // block_m)
-    return dict(BLOCK_M=block_m, BLOCK_C=block_c, num_warps=max(4, min(16, block_m * block_c // 256)),
-                ROW_IN_REGISTERS=False)
+    return head_slices_config(block_m, elem_size)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -124,7 +124,7 @@ def uncertainty_backward_triton(logits: torch.Tensor, temperature: float, g_prob
     if g_probs is not None and g_probs.stride(-1) != 1:
         g_probs = g_probs.contiguous()
     per_row = [dz if g is None else g for g in (g_total, g_aleatoric, g_epistemic)]  # (dz: any pointer, unread)
-    cfg = uncertainty_grad_config(m, c)
+    cfg = uncertainty_grad_config(m, c, logits.element_size())
     tf, temp, t_ptr = temperature_scalars(temperature)
     _uncertainty_bwd_kernel[(b,)](
         logits, dz if g_probs is None else g_probs, *per_row, dz, m, c, logits.stride(0), logits.stride(1),
@@ -133,7 +133,7 @@ def uncertainty_backward_triton(logits: torch.Tensor, temperature: float, g_prob
         dz.stride(0), dz.stride(1), 1.0 / tf, 1.0 / (m * tf), temp, T_PTR=t_ptr, HAS_G=g_probs is not None,
         HAS_T=g_total is not None, HAS_A=g_aleatoric is not None, HAS_E=g_epistemic is not None,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], ROW_IN_REGISTERS=cfg["ROW_IN_REGISTERS"],
-        num_warps=cfg["num_warps"])
+        VEC=cfg.get("VEC", 1), num_warps=cfg["num_warps"])
     return dz
 
 
@@ -183,11 +183,11 @@ def ensemble_log_mean_triton(teacher: torch.Tensor, temperature: float, op: str)
     teacher = teacher if teacher.stride(-1) == 1 else teacher.contiguous()
     out = torch.empty(b, c, dtype=torch.float32, device=teacher.device)
     if b > 0:
-        cfg = uncertainty_config(m, c, hinton_target=True)
+        cfg = uncertainty_config(m, c, hinton_target=True, elem_size=teacher.element_size())
         tf, temp, t_ptr = temperature_scalars(temperature)
         _ensemble_log_mean_kernel[(b,)](
             teacher, out, error_word(teacher.device, op), m, c, teacher.stride(0), teacher.stride(1), out.stride(0),
             1.0 / tf, tf, math.log(m), temp, BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"],
-            ROW_IN_REGISTERS=cfg["ROW_IN_REGISTERS"], T_PTR=t_ptr, num_warps=cfg["num_warps"])
+            ROW_IN_REGISTERS=cfg["ROW_IN_REGISTERS"], VEC=cfg.get("VEC", 1), T_PTR=t_ptr, num_warps=cfg["num_warps"])
         after_launch(teacher.device, op, teacher.shape)
     return out
