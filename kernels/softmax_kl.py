@@ -318,17 +318,33 @@ def _hydra_kl_fwd_kernel(
             x_at = tl.max(tl.where(y_row == y_max[:, None], x_row, float("-inf")), axis=1)
         m_s, d_s, m_u, d_u, a = _online_kl_update(x_row, y_row, m_s, d_s, m_u, d_u, a, c2)
     elif WRITE_TGRAD:
+        # Long rows, a teacher that requires grad: per-thread statistics over 16-byte slices as below (until the
+        # fifty-first session tile-wise reductions: 14 barriers a tile in sm_90 SASS), and with them each
+        # thread's pivot candidate: the student's logit at the thread's largest teacher logit so far.
+        offs = _thread_slices(BLOCK_C, VEC)
+        mx = tl.full((BLOCK_R, BLOCK_C // VEC), float("-inf"), tl.float32)
+        my = tl.full((BLOCK_R, BLOCK_C // VEC), float("-inf"), tl.float32)
+        dx = tl.zeros((BLOCK_R, BLOCK_C // VEC), tl.float32)
+        dy = tl.zeros((BLOCK_R, BLOCK_C // VEC), tl.float32)
+        ax = tl.zeros((BLOCK_R, BLOCK_C // VEC), tl.float32)
+        tx_at = tl.zeros((BLOCK_R, BLOCK_C // VEC), tl.float32)
+        tn = tl.zeros((BLOCK_R, BLOCK_C // VEC), tl.int32)
         for c0 in range(0, C, BLOCK_C):
-            cols = c0 + cols0
-            mask = row_ok[:, None] & (cols < C)[None, :]
-            x = _student(z_rows, b_rows, cols, mask, HAS_BIAS)
-            y = tl.load(t_rows + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
-            n_nan += tl.sum((y != y).to(tl.int32), axis=1)  # the NaN check rides on the load already made
+            cols = c0 + offs
+            mask = row_ok[:, None, None] & (cols < C)
+            x = _student(z_rows[:, :, None], b_rows[:, :, None], cols, mask, HAS_BIAS)
+            y = tl.load(t_rows[:, :, None] + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            tn += tl.sum((y != y).to(tl.int32), axis=2)  # the NaN check rides on the load already made
             # the pivot of the teacher gradient (see below), found on the loads already made
-            tile_max = tl.max(y, axis=1)
-            here = tl.max(tl.where(y == tile_max[:, None], x, float("-inf")), axis=1)
-            x_at = tl.where(tile_max > m_u, here, x_at)
-            m_s, d_s, m_u, d_u, a = _online_kl_update(x, y, m_s, d_s, m_u, d_u, a, c2)
+            slice_max = tl.max(y, axis=2)
+            here = tl.max(tl.where(y == slice_max[:, :, None], x, float("-inf")), axis=2)
+            tx_at = tl.where(slice_max > my, here, tx_at)
+            mx, dx, my, dy, ax = _thread_kl_update(x, y, mx, dx, my, dy, ax, c2)
+        m_s, d_s, m_u, d_u, a = _thread_kl_combine(mx, dx, my, dy, ax, c2)
+        # the pivot from a thread that holds the row's largest teacher logit (any of them: the bracket below does
+        # not depend on which class is the pivot)
+        x_at = tl.max(tl.where(my == m_u[:, None], tx_at, float("-inf")), axis=1)
+        n_nan += tl.sum(tn, axis=1)
     else:
         # Long rows, frozen teacher (the hot path at vocabulary-sized C): each thread keeps running
         # statistics over its own 16-byte slices of the row (a tile is (rows, threads, VEC): the
@@ -389,13 +405,18 @@ def _hydra_kl_fwd_kernel(
         # sum is dominated by small p_k: one more pass over the row, only for a teacher that needs it.
         if ROW_IN_REGISTERS:
             big_a = _mean_e(_biased(z_row, b_row, HAS_BIAS), t_row.to(tl.float32), ref_u, l_u, x_at, inv_temp)
-        else:
+        else:  # per thread over 16-byte slices, summed once per row
+            offs = _thread_slices(BLOCK_C, VEC)
+            t_big_a = tl.zeros((BLOCK_R, BLOCK_C // VEC), tl.float32)
             for c0 in range(0, C, BLOCK_C):
-                cols = c0 + cols0
-                mask = row_ok[:, None] & (cols < C)[None, :]
-                x = _student(z_rows, b_rows, cols, mask, HAS_BIAS)
-                y = tl.load(t_rows + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
-                big_a += _mean_e(x, y, ref_u, l_u, x_at, inv_temp)
+                cols = c0 + offs
+                mask = row_ok[:, None, None] & (cols < C)
+                x = _student(z_rows[:, :, None], b_rows[:, :, None], cols, mask, HAS_BIAS)
+                y = tl.load(t_rows[:, :, None] + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                live, e, p = _teacher_terms(x, y, ref_u[:, None, None], l_u[:, None, None], x_at[:, None, None],
+                                            inv_temp)
+                t_big_a += tl.sum(tl.where(live, p * e, 0.0), axis=2)
+            big_a = tl.sum(t_big_a, axis=1)
 
     if WRITE_GRAD or WRITE_TGRAD:
         g_rows = grad_ptr + (r_out * stride_go + r_in * stride_gi)[:, None]
@@ -625,17 +646,19 @@ def _teacher_terms(x, y, ref_u, l_u, x_at, inv_temp):
     """For one tile of raw logits x, y (fp32, -inf outside the row): which classes the teacher keeps (live: p > 0;
     a finite logit whose p underflows is as masked as -inf, and its e may be infinite), e = ((y - y_j) - (x - x_j))
     / T around the pivot j, the teacher's most probable class (its logit the row's maximum ref_u; x_at = x_j), and
-    p = 2^((y - ref_u) log2(e) / T - l_u), l_u = log2 of the teacher's sum."""
-    dy = y - ref_u[:, None]
-    e = (dy - (x - x_at[:, None])) * inv_temp
-    p = tl.exp2(dy * (inv_temp * LOG2E) - l_u[:, None])
+    p = 2^((y - ref_u) log2(e) / T - l_u), l_u = log2 of the teacher's sum. The row statistics ref_u, l_u, x_at come
+    shaped to broadcast against the tile ((rows, 1), or (rows, 1, 1) for per-thread slices)."""
+    dy = y - ref_u
+    e = (dy - (x - x_at)) * inv_temp
+    p = tl.exp2(dy * (inv_temp * LOG2E) - l_u)
     return p > 0, e, p
 
 
 @triton.jit
 def _mean_e(x, y, ref_u, l_u, x_at, inv_temp):
-    """sum_k p_k e_k over one tile (see _teacher_terms); masked classes add 0."""
-    live, e, p = _teacher_terms(x, y, ref_u, l_u, x_at, inv_temp)
+    """sum_k p_k e_k over one (rows, classes) tile (see _teacher_terms; the row statistics (rows,)); masked classes
+    add 0."""
+    live, e, p = _teacher_terms(x, y, ref_u[:, None], l_u[:, None], x_at[:, None], inv_temp)
     return tl.sum(tl.where(live, p * e, 0.0), axis=1)
 
 
@@ -647,7 +670,7 @@ def _store_grads(x, y, cols, mask, g_rows, h_rows, m_s, l_s, ref_u, l_u, x_at, b
     for a teacher that requires grad, grad_scale * p * (e - sum_k p_k e_k); 0 on the rows a row mask leaves out
     (kept, HAS_KEEP: see _drop_rows)."""
     if WRITE_TGRAD:  # a masked class (p = 0) gets 0
-        live, e, p = _teacher_terms(x, y, ref_u, l_u, x_at, inv_temp)
+        live, e, p = _teacher_terms(x, y, ref_u[:, None], l_u[:, None], x_at[:, None], inv_temp)
         h = _drop_rows(tl.where(live, p * (e - big_a[:, None]), 0.0) * grad_scale, kept[:, None], HAS_KEEP)
         tl.store(h_rows + cols[None, :], h.to(h_rows.dtype.element_ty), mask=mask)
     if WRITE_GRAD:

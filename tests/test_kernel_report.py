@@ -91,9 +91,10 @@ def test_sass_ops_in_loops_count_barriers_inside_loops_only():
 def test_barriers_in_a_row_walk_fail_the_report():
     """A streaming row kernel with a barrier inside a loop (its tiles reduced across warps, as `uncertainty`'s
     backward and the Hinton target were: 8 and 18 a tile, 9x and 14x their bytes' time on the H200) fails the
-    report; a GEMM kernel's barriers (tl.dot's staging), the loss kernel's teacher-gradient walk, `uncertainty`'s
-    forward in 32 warps (few rows) and the Hinton target's one layout conversion a tile (two barriers, for its fp32
-    store from 16-bit members) do not."""
+    report, as does the loss kernel's teacher-gradient walk with the 16 barriers a tile it held until the
+    fifty-first session; a GEMM kernel's barriers (tl.dot's staging), `uncertainty`'s forward in 32 warps (few
+    rows) and the Hinton target's one layout conversion a tile (two barriers, for its fp32 store from 16-bit
+    members) do not."""
     from fasthydra.kernel_report import KernelRecord, problems
 
     def rec(kernel, config, bars, arch=90):
@@ -103,11 +104,11 @@ def test_barriers_in_a_row_walk_fail_the_report():
     bad = [rec("_uncertainty_bwd_kernel", {"num_warps": 8}, 8),
            rec("_ensemble_log_mean_kernel", {"num_warps": 32}, 18),
            rec("_hydra_kl_fwd_kernel", {"WRITE_TGRAD": False, "num_warps": 8}, 2),
+           rec("_hydra_kl_fwd_kernel", {"WRITE_TGRAD": True, "num_warps": 8}, 16),
            rec("_uncertainty_fwd_kernel", {"num_warps": 4}, 1),
            rec("_ensemble_log_mean_kernel", {"num_warps": 4}, 4)]
     fine = [rec("_uncertainty_bwd_kernel", {"num_warps": 4}, 0),
             rec("_small_heads_kl_kernel", {"PRECISION": "tf32"}, 22),
-            rec("_hydra_kl_fwd_kernel", {"WRITE_TGRAD": True, "num_warps": 8}, 16),
             rec("_uncertainty_fwd_kernel", {"num_warps": 32}, 10), rec("_uncertainty_bwd_kernel", {}, 8, arch=100),
             rec("_ensemble_log_mean_kernel", {"num_warps": 4}, 2)]
     found = problems(bad + fine)
@@ -117,7 +118,7 @@ def test_barriers_in_a_row_walk_fail_the_report():
 def test_long_row_walks_keep_their_tiles_inside_warps(report):
     """What the rule above holds the real kernels to, at the configurations the launchers pick: `uncertainty`'s
     backward and the Hinton target's kernel walk long rows (C = 32000, 4 and 8 heads) without a barrier in a loop,
-    and so do the loss kernel's frozen-teacher walks."""
+    and so does the loss kernel, with a frozen teacher and with one that requires grad."""
     _, records = report
     walks = [r for r in records if r["kernel"] in ("_uncertainty_bwd_kernel", "_ensemble_log_mean_kernel")
              and not r["config"]["ROW_IN_REGISTERS"]]
@@ -126,9 +127,11 @@ def test_long_row_walks_keep_their_tiles_inside_warps(report):
     assert all(r["barriers_in_loops"] <= (2 if r["kernel"] == "_ensemble_log_mean_kernel" and r["dtype"] != "fp32/tf32"
                                           and r["dtype"] != "fp32/ieee" else 0) for r in walks), \
         [(r["kernel"], r["dtype"], r["config"], r["barriers_in_loops"]) for r in walks]
-    frozen = [r for r in records if r["kernel"] == "_hydra_kl_fwd_kernel" and not r["config"]["WRITE_TGRAD"]
-              and not r["config"]["ROW_IN_REGISTERS"]]
-    assert frozen and all(r["barriers_in_loops"] == 0 for r in frozen)
+    walks = [r for r in records if r["kernel"] == "_hydra_kl_fwd_kernel" and not r["config"]["ROW_IN_REGISTERS"]]
+    assert any(r["config"]["WRITE_TGRAD"] for r in walks) and not all(r["config"]["WRITE_TGRAD"] for r in walks)
+    # (fp16 logits with a teacher that requires grad: both gradients stored as fp32, a layout conversion each)
+    assert all(r["barriers_in_loops"] <= (4 if r["dtype"] == "fp16" and r["config"]["WRITE_TGRAD"] else 0)
+               for r in walks), [(r["dtype"], r["config"]) for r in walks if r["barriers_in_loops"]]
 
 
 def test_gemm_kernels_use_tensor_cores(report):
