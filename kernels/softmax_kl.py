@@ -317,10 +317,16 @@ def _hydra_kl_fwd_kernel(
             y_max = tl.max(y_row, axis=1)
             x_at = tl.max(tl.where(y_row == y_max[:, None], x_row, float("-inf")), axis=1)
         m_s, d_s, m_u, d_u, a = _online_kl_update(x_row, y_row, m_s, d_s, m_u, d_u, a, c2)
-    elif WRITE_TGRAD:
-        # Long rows, a teacher that requires grad: per-thread statistics over 16-byte slices as below (until the
-        # fifty-first session tile-wise reductions: 14 barriers a tile in sm_90 SASS), and with them each
-        # thread's pivot candidate: the student's logit at the thread's largest teacher logit so far.
+    else:
+        # Long rows (the hot path at vocabulary-sized C): each thread keeps running statistics over its own
+        # 16-byte slices of the row (a tile is (rows, threads, VEC): the max and sums over VEC stay inside the
+        # thread), merged across threads once per row. A tile-wise reduction costs shuffles and about ten
+        # barriers per tile (sm_90 SASS: ~46 instructions per element pair in that loop, the kernel bound by
+        # issue, not by memory; a teacher that requires grad walked such tiles until the fifty-first session).
+        # Maxima are of the raw logits (bias added), so x - max is exact near the max and the temperature and
+        # log2(e) go into one multiply before each exp2. With WRITE_TGRAD each thread also keeps its pivot
+        # candidate (the student's logit at the thread's largest teacher logit so far) and its count of NaN
+        # teacher logits.
         offs = _thread_slices(BLOCK_C, VEC)
         mx = tl.full((BLOCK_R, BLOCK_C // VEC), float("-inf"), tl.float32)
         my = tl.full((BLOCK_R, BLOCK_C // VEC), float("-inf"), tl.float32)
@@ -334,43 +340,24 @@ def _hydra_kl_fwd_kernel(
             mask = row_ok[:, None, None] & (cols < C)
             x = _student(z_rows[:, :, None], b_rows[:, :, None], cols, mask, HAS_BIAS)
             y = tl.load(t_rows[:, :, None] + cols, mask=mask, other=float("-inf")).to(tl.float32)
-            tn += tl.sum((y != y).to(tl.int32), axis=2)  # the NaN check rides on the load already made
-            # the pivot of the teacher gradient (see below), found on the loads already made
-            slice_max = tl.max(y, axis=2)
-            here = tl.max(tl.where(y == slice_max[:, :, None], x, float("-inf")), axis=2)
-            tx_at = tl.where(slice_max > my, here, tx_at)
-            mx, dx, my, dy, ax = _thread_kl_update(x, y, mx, dx, my, dy, ax, c2)
-        m_s, d_s, m_u, d_u, a = _thread_kl_combine(mx, dx, my, dy, ax, c2)
-        # the pivot from a thread that holds the row's largest teacher logit (any of them: the bracket below does
-        # not depend on which class is the pivot)
-        x_at = tl.max(tl.where(my == m_u[:, None], tx_at, float("-inf")), axis=1)
-        n_nan += tl.sum(tn, axis=1)
-    else:
-        # Long rows, frozen teacher (the hot path at vocabulary-sized C): each thread keeps running
-        # statistics over its own 16-byte slices of the row (a tile is (rows, threads, VEC): the
-        # max and sums over VEC stay inside the thread), merged across threads once per row. A
-        # tile-wise reduction costs shuffles and about ten barriers per tile (sm_90 SASS: ~46
-        # instructions per element pair in that loop, the kernel bound by issue, not by memory).
-        # Maxima are of the raw logits (bias added), so x - max is exact near the max and the
-        # temperature and log2(e) go into one multiply before each exp2.
-        offs = _thread_slices(BLOCK_C, VEC)
-        mx = tl.full((BLOCK_R, BLOCK_C // VEC), float("-inf"), tl.float32)
-        my = tl.full((BLOCK_R, BLOCK_C // VEC), float("-inf"), tl.float32)
-        dx = tl.zeros((BLOCK_R, BLOCK_C // VEC), tl.float32)
-        dy = tl.zeros((BLOCK_R, BLOCK_C // VEC), tl.float32)
-        ax = tl.zeros((BLOCK_R, BLOCK_C // VEC), tl.float32)
-        for c0 in range(0, C, BLOCK_C):
-            cols = c0 + offs
-            mask = row_ok[:, None, None] & (cols < C)
-            x = _student(z_rows[:, :, None], b_rows[:, :, None], cols, mask, HAS_BIAS)
-            y = tl.load(t_rows[:, :, None] + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            if WRITE_TGRAD:  # the pivot of the teacher gradient (see below) and the NaN check, on these loads
+                tn += tl.sum((y != y).to(tl.int32), axis=2)
+                slice_max = tl.max(y, axis=2)
+                here = tl.max(tl.where(y == slice_max[:, :, None], x, float("-inf")), axis=2)
+                tx_at = tl.where(slice_max > my, here, tx_at)
             mx, dx, my, dy, ax = _thread_kl_update(x, y, mx, dx, my, dy, ax, c2)
         row_mx, d_s, row_my, d_u, a = _thread_kl_combine(mx, dx, my, dy, ax, c2)
         # the raw maxima from here on (what the norms hold; the checks below read only infinities)
         m_s, m_u = row_mx, row_my
-        # A NaN teacher logit makes its thread's sum NaN and so the row's (two +inf do too: those rows
-        # are flagged +inf by m_u instead).
-        n_nan += ((d_u != d_u) & (m_u != float("inf"))).to(tl.int32)
+        if WRITE_TGRAD:
+            # the pivot from a thread that holds the row's largest teacher logit (any of them: the bracket below
+            # does not depend on which class is the pivot)
+            x_at = tl.max(tl.where(my == m_u[:, None], tx_at, float("-inf")), axis=1)
+            n_nan += tl.sum(tn, axis=1)
+        else:
+            # A NaN teacher logit makes its thread's sum NaN and so the row's (two +inf do too: those rows
+            # are flagged +inf by m_u instead).
+            n_nan += ((d_u != d_u) & (m_u != float("inf"))).to(tl.int32)
     bad = tl.max(tl.where(row_ok & (n_nan > 0), 1, 0), axis=0)
     bad |= tl.max(tl.where(row_ok & (m_u == float("inf")), 2, 0), axis=0)
     bad |= tl.max(tl.where(row_ok & (m_u == float("-inf")), 4, 0), axis=0)
