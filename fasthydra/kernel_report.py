@@ -55,7 +55,8 @@ class KernelRecord:
     spill_bytes: int | None = None  # LOCAL + STACK from cuobjdump: above 0 means register spills
     spill_ops: int | None = None  # local loads/stores (LDL/STL) in the SASS
     spill_ops_in_loops: int | None = None  # of them, those inside a loop (the ones that cost time)
-    barriers_in_loops: int | None = None  # BAR (a block-wide barrier: an exchange between warps) inside a loop
+    barriers_in_loops: int | None = None  # BAR (a block-wide barrier: an exchange between warps) inside a loop;
+    #                                       counted for the row walks of BARRIER_FREE_KERNELS only
     shared_bytes: int | None = None
     mma: bool = False
     wgmma: bool = False
@@ -438,9 +439,11 @@ def compile_one(fn, args, consts, opts, dtype, arch) -> KernelRecord:
         ptx = compiled.asm["ptx"]
         rec.registers = usage.get("REG")
         rec.spill_bytes = usage.get("LOCAL", 0) + usage.get("STACK", 0)
-        sass = _cuobjdump_of(compiled.asm["cubin"], "-sass")
+        # the SASS (about 0.3 s a disassembly) where it is read: spills, and the loops of a row walk
+        walk = fn.__name__ in BARRIER_FREE_KERNELS and not consts.get("ROW_IN_REGISTERS", False)
+        sass = _cuobjdump_of(compiled.asm["cubin"], "-sass") if rec.spill_bytes or walk else ""
         rec.spill_ops, rec.spill_ops_in_loops = sass_spill_ops(sass)
-        rec.barriers_in_loops = sass_ops_in_loops(sass, _BARRIER)
+        rec.barriers_in_loops = sass_ops_in_loops(sass, _BARRIER) if walk else None
         rec.shared_bytes = max(usage.get("SHARED", 0), int(compiled.metadata.shared))
         rec.wgmma = "wgmma" in ptx
         # tensor-core instructions: mma.sync (sm_80 on), wgmma (sm_90), tcgen05.mma (sm_100)
@@ -516,6 +519,10 @@ def _short_config(cfg: dict) -> str:
     return " ".join(f"{names.get(k, k.replace('BLOCK_', ''))}={cfg[k]}" for k in keep)
 
 
+def _or_dash(value) -> str:
+    return "-" if value is None else str(value)
+
+
 def format_table(records: list[KernelRecord]) -> str:
     head = (f"{'kernel':30} {'arch':6} {'dtype':9} {'config':44} {'regs':>4} {'spill':>5} {'loop':>4} {'bar':>3} "
             f"{'smem':>6} mma wgmma")
@@ -525,8 +532,8 @@ def format_table(records: list[KernelRecord]) -> str:
             lines.append(f"{r.kernel:30} sm_{r.arch:<3} {r.dtype:9} {_short_config(r.config):44} FAILED: {r.error}")
             continue
         lines.append(f"{r.kernel:30} sm_{r.arch:<3} {r.dtype:9} {_short_config(r.config):44} {r.registers:>4} "
-                     f"{r.spill_bytes:>5} {r.spill_ops_in_loops:>4} {r.barriers_in_loops:>3} {r.shared_bytes:>6} "
-                     f"{'yes' if r.mma else 'no':3} "
+                     f"{r.spill_bytes:>5} {r.spill_ops_in_loops:>4} {_or_dash(r.barriers_in_loops):>3} "
+                     f"{r.shared_bytes:>6} {'yes' if r.mma else 'no':3} "
                      f"{'yes' if r.wgmma else 'no'}")
     return "\n".join(lines)
 
