@@ -440,7 +440,7 @@ UNCERTAINTY_GRAD_ROW_MAX = 4096
 UNCERTAINTY_GRAD_TILE = 8192
 
 
-def head_slices_config(block_m: int, elem_size: int) -> dict:
+def head_slices_config(block_m: int, elem_size: int, aligned: bool = True) -> dict:
     """Long (heads, classes) rows walked in (BLOCK_M, BLOCK_C) tiles whose classes fill the threads of the
     program (up to 4 warps): each thread holds VEC contiguous classes (one 16-byte load) of every head, so that sums
     over heads (the mixture, the log-mean target) never leave a thread, and a per-head sum over classes is kept per
@@ -449,8 +449,11 @@ def head_slices_config(block_m: int, elem_size: int) -> dict:
     of fp32 ones 512."""
     vec = max(1, 16 // elem_size)
     block_c = min(32 * 4 * vec, max(16, UNCERTAINTY_GRAD_TILE // block_m))
-    return dict(BLOCK_M=block_m, BLOCK_C=block_c, VEC=min(vec, block_c),
-                num_warps=max(1, min(4, block_c // (32 * vec))), ROW_IN_REGISTERS=False)
+    warps = max(1, min(4, block_c // (32 * vec)))
+    if not aligned:  # rows of C not a multiple of 16 load one class at a time and sum VEC classes by shuffles: half
+        #              the tile (the backward at (8, 1000) fp32 spilled 16 bytes in its loops on sm_80, Triton 3.6)
+        block_c = max(16, block_c // 2)
+    return dict(BLOCK_M=block_m, BLOCK_C=block_c, VEC=min(vec, block_c), num_warps=warps, ROW_IN_REGISTERS=False)
 
 
 def uncertainty_grad_config(n_heads: int, n_cols: int, elem_size: int = 4) -> dict:
@@ -461,7 +464,7 @@ def uncertainty_grad_config(n_heads: int, n_cols: int, elem_size: int = 4) -> di
     if block_m * whole <= UNCERTAINTY_GRAD_ROW_MAX:
         return dict(BLOCK_M=block_m, BLOCK_C=whole, num_warps=max(1, min(16, block_m * whole // 256)),
                     ROW_IN_REGISTERS=True)
-    return head_slices_config(block_m, elem_size)
+    return head_slices_config(block_m, elem_size, n_cols % 16 == 0)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
