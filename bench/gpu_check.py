@@ -124,6 +124,11 @@ KNOBS = {
     "fasthydra/groups-512MiB-split": {"set": [("fasthydra.ops.linear_hydra_kl", "CUBLAS_GROUP_ELEMENTS", 1 << 28),
                                               ("fasthydra.ops._common", "SPLIT_BIAS_PASS", True)],
                                       "cases": [("linear_fwdbwd", "gpu-large")]},
+    # rows of 50257 classes (no 16-byte load aligned): spread per-thread slices are the default since the
+    # fifty-second session (sm_90 SASS: the loss kernel's pass 1 242 instructions a tile, 639 and 120 shuffles in
+    # the contiguous slices, one class a lane); this times the contiguous slices
+    "fasthydra/no-spread": {"set": [("fasthydra.ops._common", "SPREAD_SLICES", False)],
+                            "cases": [("kl_fwdbwd", "gpt2-vocab"), ("uncertainty", "gpt2-vocab")]},
     "fasthydra/dx-add": {"set": [("fasthydra.ops._common", "FP32_OUT_GEMM", False)],
                          "cases": [("linear_fwdbwd", "gpu-large")]},
     # the loss on logits with a frozen teacher: the default forms dz in the forward (long rows read twice

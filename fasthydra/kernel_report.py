@@ -57,10 +57,46 @@ class KernelRecord:
     spill_ops_in_loops: int | None = None  # of them, those inside a loop (the ones that cost time)
     barriers_in_loops: int | None = None  # BAR (a block-wide barrier: an exchange between warps) inside a loop;
     #                                       counted for the row walks of BARRIER_FREE_KERNELS only
+    shuffles_in_loops: int | None = None  # SHFL (an exchange between lanes) inside a loop, for the same walks
     shared_bytes: int | None = None
     mma: bool = False
     wgmma: bool = False
     error: str | None = None
+
+
+def _uncertainty_specs(add, b: int, m: int, c: int, ty: str, tag: str) -> None:
+    """`uncertainty`'s forward and backward kernels and the Hinton target's over (b, m, c) rows."""
+    from fasthydra.kernels.uncertainty import (_ensemble_log_mean_kernel, _uncertainty_bwd_kernel,
+                                               _uncertainty_fwd_kernel)
+
+    args = {"z_ptr": f"*{ty}", "probs_ptr": f"*{ty}", "total_ptr": f"*{ty}", "aleatoric_ptr": f"*{ty}",
+            "epistemic_ptr": f"*{ty}", "M": m, "C": c, "stride_zb": m * c, "stride_zm": c,
+            "stride_pb": c, "inv_temp": 1.0}
+    for rows in (b, None):  # these rows' warps, and a large batch's (4 warps: spread slices on unaligned rows)
+        uc = cfgs.uncertainty_config(m, c, rows)
+        add(_uncertainty_fwd_kernel, args, {"BLOCK_M": uc["BLOCK_M"], "BLOCK_C": uc["BLOCK_C"],
+                                            "ROW_IN_REGISTERS": uc["ROW_IN_REGISTERS"],
+                                            "VEC": min(uc["BLOCK_C"], 4 if ty == "fp32" else 8)},
+            {"num_warps": uc["num_warps"]}, tag)
+    # its backward: every upstream, or the epistemic part's only
+    ug = cfgs.uncertainty_grad_config(m, c, 4 if ty == "fp32" else 2)
+    for has_g in (True, False):
+        ptrs = {name: f"*{ty}" for name in ("z_ptr", "g_ptr", "gt_ptr", "ga_ptr", "ge_ptr", "dz_ptr")}
+        add(_uncertainty_bwd_kernel, {**ptrs, "M": m, "C": c, "stride_zb": m * c, "stride_zm": c,
+                                      "stride_gb": c, "stride_gt": 1, "stride_ga": 1,
+                                      "stride_ge": 0 if not has_g else 1, "stride_db": m * c,
+                                      "stride_dm": c, "inv_temp": 0.5, "scale": 0.1},
+            {"HAS_G": has_g, "HAS_T": has_g, "HAS_A": has_g, "HAS_E": True, "BLOCK_M": ug["BLOCK_M"],
+             "BLOCK_C": ug["BLOCK_C"], "ROW_IN_REGISTERS": ug["ROW_IN_REGISTERS"], "VEC": ug.get("VEC", 1)},
+            {"num_warps": ug["num_warps"]}, tag)
+    # the Hinton loss's target (the ensemble's mean in log space), same (M, C) row structure
+    uc = cfgs.uncertainty_config(m, c, hinton_target=True, elem_size=4 if ty == "fp32" else 2)
+    add(_ensemble_log_mean_kernel, {"t_ptr": f"*{ty}", "out_ptr": "*fp32", "err_ptr": "*i32", "M": m, "C": c,
+                                    "stride_tb": m * c, "stride_tm": c, "stride_ob": c, "inv_temp": 0.5,
+                                    "temp": 2.0, "log_m": 2.0},
+        {"BLOCK_M": uc["BLOCK_M"], "BLOCK_C": uc["BLOCK_C"], "ROW_IN_REGISTERS": uc["ROW_IN_REGISTERS"],
+         "VEC": uc.get("VEC", 1)},
+        {"num_warps": uc["num_warps"]}, tag)
 
 
 def _small_grads(add, kernel, cfgs, xs: dict, xty: str, gty: str, b: int, m: int, c: int, k: int, shared: bool,
@@ -121,8 +157,6 @@ def _kernel_specs():
     from fasthydra.kernels.softmax_kl import (_hydra_kl_fwd_kernel, _hydra_kl_grad_cols_kernel, _hydra_kl_grad_kernel,
                                               _hydra_kl_topk_fwd_kernel)
     from fasthydra.ops.hydra_kl import topk_config
-    from fasthydra.kernels.uncertainty import (_ensemble_log_mean_kernel, _uncertainty_bwd_kernel,
-                                               _uncertainty_fwd_kernel)
 
     specs, seen = [], set()
     state = {"tensor_temperature": False}
@@ -133,6 +167,9 @@ def _kernel_specs():
             if state["tensor_temperature"]:
                 add(fn, {**args, "temp_ptr": "*fp32"}, {**consts, "T_PTR": True}, opts, dtype)
             return
+        if "SPREAD" in fn.arg_names and "SPREAD" not in consts:  # long rows' slices as the launchers choose them
+            #  (every row stride here is a multiple of C, every pointer aligned)
+            consts = {**consts, "SPREAD": cfgs.spread_slices({**consts, **opts}, consts["VEC"], args["C"])}
         ints = {k: v for k, v in args.items() if isinstance(v, int) and not isinstance(v, bool)}
         unit = tuple(sorted(k for k, v in ints.items() if v == 1))
         # what _specialize makes of the integers: 1, and divisible by 16 or not (an odd C does not vectorise)
@@ -255,7 +292,10 @@ def _kernel_specs():
                     {"BLOCK_R": cc["BLOCK_R"], "BLOCK_C": cc["BLOCK_C"], "HAS_BIAS": bias, "HAS_KEEP": keep,
                      "MEAN_KEPT": keep},
                     {"num_warps": cc["num_warps"]}, tag)
-            if (b, d, m, c) not in SHAPES:  # an extra row length: the row kernels only
+            if (b, d, m, c) not in SHAPES:  # an extra row length: the row kernels only, and `uncertainty`'s
+                #                           where its long rows are not 16-byte aligned (spread slices)
+                if c % 16:
+                    _uncertainty_specs(add, b, m, c, ty, tag)
                 continue
             # top-k teachers: the sizes a cache keeps, or the whole row where it is shorter (C = 10: 16 rows a
             # program, the tiles 3-D, where a row mask's select once failed to compile on the GPU alone)
@@ -339,33 +379,7 @@ def _kernel_specs():
                                                                        "stride_xm": 0},
                                  xty, gty, b, m, 2 * k_out, d, True, prec, vtag, row_mask=False)
 
-            uc = cfgs.uncertainty_config(m, c, b)
-            args = {"z_ptr": f"*{ty}", "probs_ptr": f"*{ty}", "total_ptr": f"*{ty}", "aleatoric_ptr": f"*{ty}",
-                    "epistemic_ptr": f"*{ty}", "M": m, "C": c, "stride_zb": m * c, "stride_zm": c,
-                    "stride_pb": c, "inv_temp": 1.0}
-            add(_uncertainty_fwd_kernel, args, {"BLOCK_M": uc["BLOCK_M"], "BLOCK_C": uc["BLOCK_C"],
-                                                "ROW_IN_REGISTERS": uc["ROW_IN_REGISTERS"],
-                                                "VEC": min(uc["BLOCK_C"], 4 if ty == "fp32" else 8)},
-                {"num_warps": uc["num_warps"]}, tag)
-            # its backward: every upstream, or the epistemic part's only
-            ug = cfgs.uncertainty_grad_config(m, c, 4 if ty == "fp32" else 2)
-            for has_g in (True, False):
-                ptrs = {name: f"*{ty}" for name in ("z_ptr", "g_ptr", "gt_ptr", "ga_ptr", "ge_ptr", "dz_ptr")}
-                add(_uncertainty_bwd_kernel, {**ptrs, "M": m, "C": c, "stride_zb": m * c, "stride_zm": c,
-                                              "stride_gb": c, "stride_gt": 1, "stride_ga": 1,
-                                              "stride_ge": 0 if not has_g else 1, "stride_db": m * c,
-                                              "stride_dm": c, "inv_temp": 0.5, "scale": 0.1},
-                    {"HAS_G": has_g, "HAS_T": has_g, "HAS_A": has_g, "HAS_E": True, "BLOCK_M": ug["BLOCK_M"],
-                     "BLOCK_C": ug["BLOCK_C"], "ROW_IN_REGISTERS": ug["ROW_IN_REGISTERS"], "VEC": ug.get("VEC", 1)},
-                    {"num_warps": ug["num_warps"]}, tag)
-            # the Hinton loss's target (the ensemble's mean in log space), same (M, C) row structure
-            uc = cfgs.uncertainty_config(m, c, hinton_target=True, elem_size=4 if ty == "fp32" else 2)
-            add(_ensemble_log_mean_kernel, {"t_ptr": f"*{ty}", "out_ptr": "*fp32", "err_ptr": "*i32", "M": m, "C": c,
-                                            "stride_tb": m * c, "stride_tm": c, "stride_ob": c, "inv_temp": 0.5,
-                                            "temp": 2.0, "log_m": 2.0},
-                {"BLOCK_M": uc["BLOCK_M"], "BLOCK_C": uc["BLOCK_C"], "ROW_IN_REGISTERS": uc["ROW_IN_REGISTERS"],
-                 "VEC": uc.get("VEC", 1)},
-                {"num_warps": uc["num_warps"]}, tag)
+            _uncertainty_specs(add, b, m, c, ty, tag)
     return specs
 
 
@@ -399,6 +413,7 @@ _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
 _BRANCH = re.compile(r"\bBRA(?:\.[A-Z.]+)?\s+(0x[0-9a-f]+)")
 _LOCAL_OP = re.compile(r"\b(?:LDL|STL)\b")
 _BARRIER = re.compile(r"\bBAR\.")
+_SHUFFLE = re.compile(r"\bSHFL\.")
 
 
 def _ops_and_loops(sass: str, op: re.Pattern) -> tuple[list[int], list[tuple[int, int]]]:
@@ -444,6 +459,7 @@ def compile_one(fn, args, consts, opts, dtype, arch) -> KernelRecord:
         sass = _cuobjdump_of(compiled.asm["cubin"], "-sass") if rec.spill_bytes or walk else ""
         rec.spill_ops, rec.spill_ops_in_loops = sass_spill_ops(sass)
         rec.barriers_in_loops = sass_ops_in_loops(sass, _BARRIER) if walk else None
+        rec.shuffles_in_loops = sass_ops_in_loops(sass, _SHUFFLE) if walk else None
         rec.shared_bytes = max(usage.get("SHARED", 0), int(compiled.metadata.shared))
         rec.wgmma = "wgmma" in ptx
         # tensor-core instructions: mma.sync (sm_80 on), wgmma (sm_90), tcgen05.mma (sm_100)
@@ -514,7 +530,7 @@ def build_report(archs=(80, 90), progress: bool = True, jobs: int | None = None)
 
 def _short_config(cfg: dict) -> str:
     keep = [k for k in cfg if k.startswith("BLOCK") or k in ("num_warps", "num_stages", "ACCUMULATE", "RELU")
-            or (k == "T_PTR" and cfg[k])]
+            or (k in ("T_PTR", "SPREAD") and cfg[k])]
     names = {"num_warps": "w", "num_stages": "s", "ACCUMULATE": "acc", "RELU": "relu", "T_PTR": "T_ptr"}
     return " ".join(f"{names.get(k, k.replace('BLOCK_', ''))}={cfg[k]}" for k in keep)
 
@@ -525,7 +541,7 @@ def _or_dash(value) -> str:
 
 def format_table(records: list[KernelRecord]) -> str:
     head = (f"{'kernel':30} {'arch':6} {'dtype':9} {'config':44} {'regs':>4} {'spill':>5} {'loop':>4} {'bar':>3} "
-            f"{'smem':>6} mma wgmma")
+            f"{'shfl':>4} {'smem':>6} mma wgmma")
     lines = [head, "-" * len(head)]
     for r in records:
         if r.error:
@@ -533,7 +549,7 @@ def format_table(records: list[KernelRecord]) -> str:
             continue
         lines.append(f"{r.kernel:30} sm_{r.arch:<3} {r.dtype:9} {_short_config(r.config):44} {r.registers:>4} "
                      f"{r.spill_bytes:>5} {r.spill_ops_in_loops:>4} {_or_dash(r.barriers_in_loops):>3} "
-                     f"{r.shared_bytes:>6} {'yes' if r.mma else 'no':3} "
+                     f"{_or_dash(r.shuffles_in_loops):>4} {r.shared_bytes:>6} {'yes' if r.mma else 'no':3} "
                      f"{'yes' if r.wgmma else 'no'}")
     return "\n".join(lines)
 

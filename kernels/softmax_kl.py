@@ -112,10 +112,18 @@ def _online_kl_update(x, y, m_s, d_s, m_u, d_u, a, c, FAST_EXP: tl.constexpr = F
 
 
 @triton.jit
-def _thread_slices(BLOCK_C: tl.constexpr, VEC: tl.constexpr):
-    """Class offsets of a tile as (1, THREADS, VEC): each thread's VEC contiguous classes, one 16-byte
-    load, so that reductions over the last axis stay inside the thread."""
-    return (tl.arange(0, BLOCK_C // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :])[None, :, :]
+def _thread_slices(BLOCK_C: tl.constexpr, VEC: tl.constexpr, SPREAD: tl.constexpr = False):
+    """Class offsets of a tile as (1, THREADS, VEC), each thread's VEC classes on the last axis so that
+    reductions over it stay inside the thread: VEC contiguous classes, one 16-byte load, where Triton can prove
+    the rows 16-byte aligned; SPREAD (rows it cannot: C or a row stride not a multiple of 16, a pointer off 16
+    bytes) VEC classes THREADS apart, so that a load of one class per thread is coalesced across the lanes
+    instead. Contiguous classes that do not vectorise were laid one per lane, and each tile's sums over VEC took
+    shuffles (sm_90 SASS at C = 50257 bf16: 120 shuffles and 639 instructions a tile in the loss kernel's pass 1,
+    242 with SPREAD, 187 for aligned rows)."""
+    if SPREAD:
+        return (tl.arange(0, BLOCK_C // VEC)[:, None] + tl.arange(0, VEC)[None, :] * (BLOCK_C // VEC))[None, :, :]
+    else:
+        return (tl.arange(0, BLOCK_C // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :])[None, :, :]
 
 
 @triton.jit
@@ -270,6 +278,7 @@ def _hydra_kl_fwd_kernel(
     #                                  still checked; their student logits may be anything, NaN included)
     MEAN_KEPT: tl.constexpr = False,  # "mean" over the kept rows: grad_scale and out_scale times B / kept rows
     T_PTR: tl.constexpr = False,  # T read from temp (the scalars above came without it: _tempered_scalars)
+    SPREAD: tl.constexpr = False,  # long rows Triton cannot prove 16-byte aligned: `_thread_slices`
 ):
     # (norms are for a gradient formed later, from a frozen teacher: never beside the gradients here)
     tl.static_assert(not (WRITE_NORMS and (WRITE_GRAD or WRITE_TGRAD)))
@@ -327,7 +336,7 @@ def _hydra_kl_fwd_kernel(
         # log2(e) go into one multiply before each exp2. With WRITE_TGRAD each thread also keeps its pivot
         # candidate (the student's logit at the thread's largest teacher logit so far) and its count of NaN
         # teacher logits.
-        offs = _thread_slices(BLOCK_C, VEC)
+        offs = _thread_slices(BLOCK_C, VEC, SPREAD)
         mx = tl.full((BLOCK_R, BLOCK_C // VEC), float("-inf"), tl.float32)
         my = tl.full((BLOCK_R, BLOCK_C // VEC), float("-inf"), tl.float32)
         dx = tl.zeros((BLOCK_R, BLOCK_C // VEC), tl.float32)
@@ -393,7 +402,7 @@ def _hydra_kl_fwd_kernel(
         if ROW_IN_REGISTERS:
             big_a = _mean_e(_biased(z_row, b_row, HAS_BIAS), t_row.to(tl.float32), ref_u, l_u, x_at, inv_temp)
         else:  # per thread over 16-byte slices, summed once per row
-            offs = _thread_slices(BLOCK_C, VEC)
+            offs = _thread_slices(BLOCK_C, VEC, SPREAD)
             t_big_a = tl.zeros((BLOCK_R, BLOCK_C // VEC), tl.float32)
             for c0 in range(0, C, BLOCK_C):
                 cols = c0 + offs
@@ -723,6 +732,7 @@ def _hydra_kl_topk_fwd_kernel(
     REDUCE: tl.constexpr = False,  # the loss rows also summed (their last program), times out_scale
     BLOCK_P: tl.constexpr = 128,  # partial sums read per step by that program
     T_PTR: tl.constexpr = False,
+    SPREAD: tl.constexpr = False,  # student rows Triton cannot prove 16-byte aligned: `_thread_slices`
 ):
     inv_temp, loss_scale, grad_scale = _tempered_scalars(temp_ptr, inv_temp, loss_scale, grad_scale, T_PTR)
     pid = tl.program_id(0).to(tl.int64)
@@ -765,7 +775,7 @@ def _hydra_kl_topk_fwd_kernel(
 
     # The student's normaliser: per-thread running max and sum over 16-byte slices of the row (a tile is
     # (rows, threads, VEC)), merged once per row; raw-logit maxima, T and log2(e) in one multiply.
-    offs = _thread_slices(BLOCK_C, VEC)
+    offs = _thread_slices(BLOCK_C, VEC, SPREAD)
     c2 = inv_temp * LOG2E
     tm = tl.full((BLOCK_R, BLOCK_C // VEC), float("-inf"), tl.float32)
     td = tl.zeros((BLOCK_R, BLOCK_C // VEC), tl.float32)

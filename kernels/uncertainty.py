@@ -40,6 +40,7 @@ def _uncertainty_fwd_kernel(
     ROW_IN_REGISTERS: tl.constexpr,  # C <= BLOCK_C: the (M, C) row is read once and reused by pass 2
     VEC: tl.constexpr,  # elements of one 16-byte load: a thread's slice on the per-thread statistics path
     T_PTR: tl.constexpr = False,
+    SPREAD: tl.constexpr = False,  # long rows Triton cannot prove 16-byte aligned (softmax_kl._thread_slices)
 ):
     inv_temp, _, _ = _tempered_scalars(temp_ptr, inv_temp, 1.0, 1.0, T_PTR, NAN_INV=True)
     c2 = inv_temp * LOG2E  # exponents in base 2: 2^((x - max x) c2) = exp((x - max x) / T)
@@ -66,7 +67,7 @@ def _uncertainty_fwd_kernel(
         # Long rows: per-thread running statistics over 16-byte slices (a tile is (heads, threads, VEC);
         # max and sums inside the thread), merged across threads once per row: no barrier in the loop
         # (sm_90 SASS: the tile-wise form spent ~21 instructions per element and 6 barriers per tile).
-        offs = _thread_slices(BLOCK_C, VEC)
+        offs = _thread_slices(BLOCK_C, VEC, SPREAD)
         tm = tl.full((BLOCK_M, BLOCK_C // VEC), float("-inf"), tl.float32)
         td = tl.zeros((BLOCK_M, BLOCK_C // VEC), tl.float32)
         te = tl.zeros((BLOCK_M, BLOCK_C // VEC), tl.float32)
@@ -163,6 +164,7 @@ def _ensemble_log_mean_kernel(
     ROW_IN_REGISTERS: tl.constexpr,  # C <= BLOCK_C: the (M, C) row is read once and reused by pass 2
     VEC: tl.constexpr = 1,  # long rows: a thread's contiguous classes in a tile, one 16-byte load
     T_PTR: tl.constexpr = False,
+    SPREAD: tl.constexpr = False,  # long rows Triton cannot prove 16-byte aligned: pass 1 in spread slices
 ):
     if T_PTR:
         t, _ = _device_temperature(temp_ptr)
@@ -181,7 +183,7 @@ def _ensemble_log_mean_kernel(
         n_nan = tl.sum((x_row != x_row).to(tl.int32), axis=1)
         m, d = _lse_update(x_row, tl.full((BLOCK_M,), float("-inf"), tl.float32), tl.zeros((BLOCK_M,), tl.float32), c2)
     else:
-        m, d, n_nan = _thread_lse(t_row, head_ok, C, c2, BLOCK_M, BLOCK_C, VEC, True)
+        m, d, n_nan = _thread_lse(t_row, head_ok, C, c2, BLOCK_M, BLOCK_C, VEC, True, SPREAD)
     bad = tl.max(tl.where(head_ok & (n_nan > 0), 1, 0), axis=0)
     bad |= tl.max(tl.where(head_ok & (m == float("inf")), 2, 0), axis=0)
     bad |= tl.max(tl.where(head_ok & (m == float("-inf")), 4, 0), axis=0)
@@ -213,12 +215,13 @@ def _lse_update(x, m, d, c2):
 
 @triton.jit
 def _thread_lse(z_row, head_ok, C, c2, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr,
-                COUNT_NAN: tl.constexpr):
+                COUNT_NAN: tl.constexpr, SPREAD: tl.constexpr = False):
     """Pass 1 over a long (heads, C) row (z_row: (BLOCK_M, 1) head pointers, unit stride along C) in
-    (BLOCK_M, THREADS, VEC) slices (`_thread_slices`, as `_uncertainty_fwd_kernel`'s pass 1): each head's raw max m
+    (BLOCK_M, THREADS, VEC) slices (`_thread_slices`, SPREAD as there; as `_uncertainty_fwd_kernel`'s pass 1): each
+    head's raw max m
     and d = sum 2^((x - m) c2) kept per thread and merged once at the end; with COUNT_NAN, each head's count of
     NaN logits (else zeros). Returns (m, d, count), each (BLOCK_M,)."""
-    offs = _thread_slices(BLOCK_C, VEC)
+    offs = _thread_slices(BLOCK_C, VEC, SPREAD)
     ptrs = z_row[:, :, None]
     live = head_ok[:, None, None]
     tm = tl.full((BLOCK_M, BLOCK_C // VEC), float("-inf"), tl.float32)
@@ -295,6 +298,7 @@ def _uncertainty_bwd_kernel(
     ROW_IN_REGISTERS: tl.constexpr,  # C <= BLOCK_C: the row is read once
     VEC: tl.constexpr = 1,  # long rows: a thread's contiguous classes in a tile, one 16-byte load
     T_PTR: tl.constexpr = False,
+    SPREAD: tl.constexpr = False,  # long rows Triton cannot prove 16-byte aligned: pass 1 in spread slices
 ):
     """Backward of uncertainty for one row: dz_m = p_m (V_m - <p_m, V_m>) / (M T), the softmax's vector product
     with V = dL/dp. Pass 1: each head's max and sum of exponentials; pass 2: <p_m, V_m>; pass 3: dz (long rows
@@ -328,7 +332,7 @@ def _uncertainty_bwd_kernel(
         mx, d = _lse_update(x_row, tl.full((BLOCK_M,), float("-inf"), tl.float32), tl.zeros((BLOCK_M,), tl.float32),
                             c2)
     else:
-        mx, d, _ = _thread_lse(z_row, head_ok, C, c2, BLOCK_M, BLOCK_C, VEC, False)
+        mx, d, _ = _thread_lse(z_row, head_ok, C, c2, BLOCK_M, BLOCK_C, VEC, False, SPREAD)
     ref = tl.where(mx == float("-inf"), 0.0, mx)  # padded heads (and a head masked everywhere: NaN below)
     log_d = tl.log(tl.where(head_ok, d, 1.0))  # padded heads: ref 0, log d 0, so that their p is exp(-inf) = 0
     if ROW_IN_REGISTERS:

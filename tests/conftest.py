@@ -120,16 +120,21 @@ def isa(request, monkeypatch):
     return level
 
 
-@pytest.fixture(params=[(50, None), (50, 16), (10, None)], ids=["C=50-row-whole", "C=50-tiles-of-16", "C=10"])
+@pytest.fixture(params=[(50, None, False), (50, 16, False), (50, 16, True), (10, None, False)],
+                ids=["C=50-row-whole", "C=50-tiles-of-16", "C=50-tiles-of-16-spread", "C=10"])
 def classes(request, monkeypatch):
     """C and the row kernels' walk, for tests of masked classes: C = 50 held whole (the default) and in 16-class
     tiles, the last one partial (running maxima and sums carried across tiles, a tile that is all masked on both
-    sides; `uncertainty`'s forward and backward walk such tiles too); C = 10, rows under 16 classes, which the
-    Triton loss kernel and the C kernels take one row per vector lane. (C was 40 until the C loss kernel took rows
-    under 48 classes on their side too: 50 keeps its long rows under these tests.)"""
+    sides; `uncertainty`'s forward and backward walk such tiles too), those tiles also in spread slices (forced: a
+    GPU launch takes them on rows of C not a multiple of 16 only where the tile has a slice for every thread,
+    ops/_common.spread_slices); C = 10, rows under 16 classes, which the Triton loss kernel and the C kernels take
+    one row per vector lane. (C was 40 until the C loss kernel took rows under 48 classes on their side too: 50
+    keeps its long rows under these tests.)"""
     from fasthydra.ops import _common
 
-    c, tile = request.param
+    c, tile, spread = request.param
+    if spread:
+        monkeypatch.setattr(_common, "spread_slices", lambda cfg, vec, n_cols, *rows: not cfg.get("ROW_IN_REGISTERS"))
     if tile is not None:
         for knob in ("MAX_BLOCK_C", "ROW_TILE_MAX", "UNCERTAINTY_TILE_MAX", "UNCERTAINTY_LONG_TILE",
                      "UNCERTAINTY_GRAD_ROW_MAX"):

@@ -134,6 +134,22 @@ def test_long_row_walks_keep_their_tiles_inside_warps(report):
                for r in walks), [(r["dtype"], r["config"]) for r in walks if r["barriers_in_loops"]]
 
 
+def test_long_row_walks_exchange_nothing_between_lanes(report):
+    """The loss kernel's long-row walks and the Hinton target's, and `uncertainty`'s forward in up to 8 warps, hold
+    no shuffle inside a loop: rows of 50257 and 5000 classes (not 16-byte aligned) among them, in spread slices
+    (ops/_common.spread_slices). In the contiguous slices those rows loaded one class a lane and summed each
+    thread's classes by shuffles: 120 a tile in the loss kernel's first pass on sm_90, 576 in the target's."""
+    _, records = report
+    walks = [r for r in records if r["kernel"] in ("_hydra_kl_fwd_kernel", "_ensemble_log_mean_kernel",
+                                                   "_uncertainty_fwd_kernel")
+             and not r["config"]["ROW_IN_REGISTERS"] and r["config"]["num_warps"] <= 8]
+    spread = {r["kernel"] for r in walks if r["config"]["SPREAD"]}
+    assert spread == {"_hydra_kl_fwd_kernel", "_ensemble_log_mean_kernel", "_uncertainty_fwd_kernel"}, spread
+    assert all(r["shuffles_in_loops"] == 0 for r in walks), \
+        [(r["kernel"], r["arch"], r["dtype"], r["config"], r["shuffles_in_loops"]) for r in walks
+         if r["shuffles_in_loops"]]
+
+
 def test_gemm_kernels_use_tensor_cores(report):
     _, records = report
     from fasthydra.kernel_report import GEMM_KERNELS, MMA_SYNC_KERNELS

@@ -31,10 +31,13 @@ TARGETS = [pytest.param("torch", "cpu", marks=pytest.mark.cpu, id="torch-cpu"),
 OUTPUTS = ("probs", "total", "aleatoric", "epistemic")
 
 
-@pytest.fixture(params=["row-whole", "tiles-of-64"])
+@pytest.fixture(params=["row-whole", "tiles-of-64", "tiles-of-64-spread"])
 def walk(request, monkeypatch):
     """The kernels' two row walks: the defaults (these rows held whole) and 64-element tiles (the forward's
-    per-thread statistics over 16-byte slices, the backward's tiled passes)."""
+    per-thread statistics over 16-byte slices, the backward's tiled passes), those also in spread slices (forced,
+    as test_spread_slices describes)."""
+    if request.param.endswith("spread"):
+        monkeypatch.setattr(_common, "spread_slices", lambda cfg, vec, n_cols, *rows: not cfg.get("ROW_IN_REGISTERS"))
     if request.param != "row-whole":
         for name in ("UNCERTAINTY_TILE_MAX", "UNCERTAINTY_LONG_TILE", "UNCERTAINTY_GRAD_ROW_MAX",
                      "UNCERTAINTY_GRAD_TILE"):

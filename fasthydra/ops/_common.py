@@ -295,6 +295,26 @@ def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
+# Long rows Triton cannot prove 16-byte aligned walk in spread per-thread slices (spread_slices). False: the
+# contiguous slices everywhere, as until the fifty-second session (bench/gpu_check.py times both on rows of 50257).
+SPREAD_SLICES = True
+
+
+def spread_slices(cfg: dict, vec: int, n_cols: int, *rows) -> bool:
+    """Whether a long-row walk with this configuration (BLOCK_C, num_warps, ROW_IN_REGISTERS) takes spread
+    per-thread slices of vec classes (kernels/softmax_kl._thread_slices): where Triton cannot prove a thread's
+    contiguous classes 16-byte aligned, so that they would load one class at a time. Triton knows an integer
+    argument a multiple of 16 and a pointer 16-byte aligned only from its specialisation of the launch's values:
+    C, each row stride of `rows` (tensors with unit stride along C; None skipped) and their addresses must all be.
+    Only where every thread of the program lies along the slices (BLOCK_C / vec of them): more threads would put
+    a thread's classes in several warps."""
+    if not SPREAD_SLICES or cfg.get("ROW_IN_REGISTERS", False) or 32 * cfg["num_warps"] > cfg["BLOCK_C"] // vec:
+        return False
+    if n_cols % 16:
+        return True
+    return any(t is not None and (t.data_ptr() % 16 or any(s % 16 for s in t.stride()[:-1])) for t in rows)
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot input precision for fp32 operands, following torch's own fp32 matmul setting."""
     if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
@@ -451,7 +471,9 @@ def head_slices_config(block_m: int, elem_size: int, aligned: bool = True) -> di
     block_c = min(32 * 4 * vec, max(16, UNCERTAINTY_GRAD_TILE // block_m))
     warps = max(1, min(4, block_c // (32 * vec)))
     if not aligned:  # rows of C not a multiple of 16 load one class at a time and sum VEC classes by shuffles: half
-        #              the tile (the backward at (8, 1000) fp32 spilled 16 bytes in its loops on sm_80, Triton 3.6)
+        #              the tile (the backward at (8, 1000) fp32 spilled 16 bytes in its loops on sm_80, Triton 3.6).
+        #              Its first pass stays out of spread slices (spread_slices: more threads than slices): with
+        #              VEC halved to fill them, 3.6 spilled 8 bytes in the loops again on sm_80 (bf16 and fp32)
         block_c = max(16, block_c // 2)
     return dict(BLOCK_M=block_m, BLOCK_C=block_c, VEC=min(vec, block_c), num_warps=warps, ROW_IN_REGISTERS=False)
 

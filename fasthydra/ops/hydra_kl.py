@@ -306,6 +306,7 @@ def launch_kl_rows(z3, t3, loss2, grad3, temperature: float, grad_scale: float |
     h3 = tgrad3 if tgrad3 is not None else z3
     b3 = bias3 if bias3 is not None else z3
     cfg = kl_rows_config(c, z3.element_size(), tgrad3 is not None or bias3 is not None)
+    vec = max(1, min(cfg["BLOCK_C"], 16 // z3.element_size()))
     grid = cdiv(r, cfg["BLOCK_R"])
     after = None
     if reduce_to is not None and not _common.kl_rows_reduces_in_launch(cfg, grad3 is not None):
@@ -321,9 +322,10 @@ def launch_kl_rows(z3, t3, loss2, grad3, temperature: float, grad_scale: float |
         1.0 / tf, tf * tf, grad_scale if grad_scale is not None else 0.0, coef, float(batch), temp,
         BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], WRITE_GRAD=grad3 is not None,
         WRITE_TGRAD=tgrad3 is not None, ROW_IN_REGISTERS=cfg["ROW_IN_REGISTERS"], HAS_BIAS=bias3 is not None,
-        VEC=max(1, min(cfg["BLOCK_C"], 16 // z3.element_size())), WRITE_NORMS=norms is not None,
+        VEC=vec, WRITE_NORMS=norms is not None,
         REDUCE=reduce_to is not None, BLOCK_P=_common.reduce_block(grid, cfg["num_warps"]), HAS_KEEP=keep2 is not None,
-        MEAN_KEPT=kept_mean is not None, T_PTR=t_ptr, num_warps=cfg["num_warps"],
+        MEAN_KEPT=kept_mean is not None, T_PTR=t_ptr,
+        SPREAD=_common.spread_slices(cfg, vec, c, z3, t3, g3, bias3), num_warps=cfg["num_warps"],
     )
     if after is not None:
         out, coef = after
@@ -539,6 +541,7 @@ def launch_kl_rows_topk(z3, v3, i3, loss2, grad3, temperature: float, grad_scale
     g3 = grad3 if grad3 is not None else z3
     h3 = tgrad3 if tgrad3 is not None else v3
     cfg = topk_config(c, k)
+    vec = max(1, min(cfg["BLOCK_C"], 16 // z3.element_size()))
     grid = cdiv(r, cfg["BLOCK_R"])
     out, coef, parts, count = _reduce_args(reduce_to, grid, loss2)
     tf, temp, t_ptr = temperature_scalars(temperature)
@@ -550,9 +553,11 @@ def launch_kl_rows_topk(z3, v3, i3, loss2, grad3, temperature: float, grad_scale
         0 if keep2 is None else keep2.stride(1), 1.0 / tf, tf * tf, grad_scale, coef,
         0.0 if kept_mean is None else float(kept_mean[1]), temp, BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"],
         BLOCK_K=cfg["BLOCK_K"], WRITE_GRAD=grad3 is not None, WRITE_TGRAD=tgrad3 is not None,
-        VEC=max(1, min(cfg["BLOCK_C"], 16 // z3.element_size())), HAS_KEEP=keep2 is not None,
+        VEC=vec, HAS_KEEP=keep2 is not None,
         MEAN_KEPT=kept_mean is not None, REDUCE=reduce_to is not None,
-        BLOCK_P=_common.reduce_block(grid, cfg["num_warps"]), T_PTR=t_ptr, num_warps=cfg["num_warps"],
+        BLOCK_P=_common.reduce_block(grid, cfg["num_warps"]), T_PTR=t_ptr,
+        SPREAD=_common.spread_slices(cfg, vec, c, z3, g3),
+        num_warps=cfg["num_warps"],
     )
 
 

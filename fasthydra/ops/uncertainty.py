@@ -14,6 +14,7 @@ import torch
 from fasthydra.reference import Uncertainty
 
 from . import native
+from . import _common
 from ._common import (TORCH_CHUNK_ELEMENTS, compute_dtype, rows_per_chunk, temperature_scalars, uncertainty_config,
                       uncertainty_grad_config)
 
@@ -68,12 +69,13 @@ def uncertainty_triton(logits: torch.Tensor, temperature: float) -> Uncertainty:
     probs, total, aleatoric, epistemic = _empty_outputs(b, c, logits.dtype, logits.device)
     if b > 0:
         cfg = uncertainty_config(m, c, b)
+        vec = max(1, min(cfg["BLOCK_C"], 16 // logits.element_size()))
         tf, temp, t_ptr = temperature_scalars(temperature)
         _uncertainty_fwd_kernel[(b,)](
             logits, probs, total, aleatoric, epistemic,
             m, c, logits.stride(0), logits.stride(1), probs.stride(0), 1.0 / tf, temp,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], ROW_IN_REGISTERS=cfg["ROW_IN_REGISTERS"],
-            VEC=max(1, min(cfg["BLOCK_C"], 16 // logits.element_size())), T_PTR=t_ptr, num_warps=cfg["num_warps"],
+            VEC=vec, T_PTR=t_ptr, SPREAD=_common.spread_slices(cfg, vec, c, logits), num_warps=cfg["num_warps"],
         )
     return Uncertainty(probs, total, aleatoric, epistemic)
 
@@ -133,7 +135,8 @@ def uncertainty_backward_triton(logits: torch.Tensor, temperature: float, g_prob
         dz.stride(0), dz.stride(1), 1.0 / tf, 1.0 / (m * tf), temp, T_PTR=t_ptr, HAS_G=g_probs is not None,
         HAS_T=g_total is not None, HAS_A=g_aleatoric is not None, HAS_E=g_epistemic is not None,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], ROW_IN_REGISTERS=cfg["ROW_IN_REGISTERS"],
-        VEC=cfg.get("VEC", 1), num_warps=cfg["num_warps"])
+        VEC=cfg.get("VEC", 1), SPREAD=_common.spread_slices(cfg, cfg.get("VEC", 1), c, logits),
+        num_warps=cfg["num_warps"])
     return dz
 
 
@@ -188,6 +191,7 @@ def ensemble_log_mean_triton(teacher: torch.Tensor, temperature: float, op: str)
         _ensemble_log_mean_kernel[(b,)](
             teacher, out, error_word(teacher.device, op), m, c, teacher.stride(0), teacher.stride(1), out.stride(0),
             1.0 / tf, tf, math.log(m), temp, BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"],
-            ROW_IN_REGISTERS=cfg["ROW_IN_REGISTERS"], VEC=cfg.get("VEC", 1), T_PTR=t_ptr, num_warps=cfg["num_warps"])
+            ROW_IN_REGISTERS=cfg["ROW_IN_REGISTERS"], VEC=cfg.get("VEC", 1), T_PTR=t_ptr,
+            SPREAD=_common.spread_slices(cfg, cfg.get("VEC", 1), c, teacher), num_warps=cfg["num_warps"])
         after_launch(teacher.device, op, teacher.shape)
     return out
