@@ -217,10 +217,9 @@ def _lse_update(x, m, d, c2):
 def _thread_lse(z_row, head_ok, C, c2, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr,
                 COUNT_NAN: tl.constexpr, SPREAD: tl.constexpr = False):
     """Pass 1 over a long (heads, C) row (z_row: (BLOCK_M, 1) head pointers, unit stride along C) in
-    (BLOCK_M, THREADS, VEC) slices (`_thread_slices`, SPREAD as there; as `_uncertainty_fwd_kernel`'s pass 1): each
-    head's raw max m
-    and d = sum 2^((x - m) c2) kept per thread and merged once at the end; with COUNT_NAN, each head's count of
-    NaN logits (else zeros). Returns (m, d, count), each (BLOCK_M,)."""
+    (BLOCK_M, THREADS, VEC) slices (`_thread_slices`, SPREAD as there; as `_uncertainty_fwd_kernel`'s pass 1):
+    each head's raw max m and d = sum 2^((x - m) c2) kept per thread and merged once at the end; with COUNT_NAN,
+    each head's count of NaN logits (else zeros). Returns (m, d, count), each (BLOCK_M,)."""
     offs = _thread_slices(BLOCK_C, VEC, SPREAD)
     ptrs = z_row[:, :, None]
     live = head_ok[:, None, None]
