@@ -7,13 +7,14 @@ in each thread, loaded coalesced across the lanes and summed inside the thread (
 
 cpu tier: the rule (ops/_common.spread_slices) and the configurations the launchers pick at GPU sizes; interpret
 tier: every walk that takes spread slices against the float64 reference, at the launchers' own configurations (rows
-of 1100 to 16512 classes in tiles of 512 to 2048, the last one partial).
+of 1100 to 16512 classes in tiles of 512 to 2048, the last one partial); gpu tier: the compiled spread walks at
+C = 50257 against eager and float64 (DESIGN's tolerance rule).
 The tests of masked classes run spread walks too (conftest's `classes`, test_uncertainty_rows' `walk`).
 """
 
 import pytest
 import torch
-from helpers import assert_close_to
+from helpers import assert_close_to, teacher_logits, tolerance_rule
 
 from fasthydra import TopKTeacher, hinton_kl_loss, hydra_kl_loss, uncertainty
 from fasthydra import reference as R
@@ -183,3 +184,31 @@ def test_hinton_loss_on_spread_rows(dtype, spy):
     rtol, atol = _tolerances(dtype)
     assert_close_to(loss, ref, rtol=rtol, atol=atol, what="loss")
     assert_close_to(gs, gs_ref, rtol=rtol, atol=atol * 1e-2, what="student gradient")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_spread_walks_on_the_gpu(dtype, spy, monkeypatch):
+    """The loss on logits (frozen teacher: both passes of the walk) and `uncertainty`'s forward (in a large
+    batch's 4 warps) compiled for the GPU at C = 50257, within the tolerance rule of eager in the dtype and float64."""
+    b, m, c = 16, 2, 50257
+    z = (torch.randn(b, m, c, device="cuda") * 3).to(dtype).requires_grad_()
+    t = teacher_logits(b, m, c, device="cuda", dtype=dtype)
+    loss = hydra_kl_loss(z, t, 1.5, impl="triton")
+    (g,) = torch.autograd.grad(loss, z)
+    assert spy == [True], spy
+    eager = R.hydra_kl_loss_ref(z, t, 1.5)
+    (ge,) = torch.autograd.grad(eager, z)
+    z64 = z.detach().double().requires_grad_()
+    exact = R.hydra_kl_loss_ref(z64, t.double(), 1.5)
+    (gx,) = torch.autograd.grad(exact, z64)
+    tolerance_rule(loss, eager, exact, 1e-6 * max(1.0, exact.abs().item()), what="loss")
+    tolerance_rule(g, ge, gx, 1e-3 * gx.abs().max().item(), what="grad")
+
+    monkeypatch.setattr(_common, "FILL_WARPS", 4 * 64)  # 4 warps for these 64 rows, as for 2048 and more
+    x = torch.randn(64, 8, c, device="cuda").to(dtype)
+    got = uncertainty(x, impl="triton")
+    assert spy == [True, True], spy
+    eager_u, exact_u = R.uncertainty_ref(x), R.uncertainty_ref(x.double())
+    for name in ("probs", "total", "aleatoric", "epistemic"):
+        tolerance_rule(getattr(got, name), getattr(eager_u, name), getattr(exact_u, name), 3e-6, what=name)
