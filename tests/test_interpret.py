@@ -493,7 +493,9 @@ def test_uncertainty_long_rows_pick_warps_by_row_count():
     assert (many["BLOCK_C"], many["num_warps"], many["ROW_IN_REGISTERS"]) == (1024, 4, False)
     assert (few["BLOCK_C"], few["num_warps"]) == (2048, 32)
     assert _common.uncertainty_config(8, 32000, 1024)["num_warps"] == 8
-    assert _common.uncertainty_config(8, 32000, 1)["num_warps"] == 32
+    # (8 heads stop at 16 warps: in 32, 64 registers a thread, their tiles spilled under Triton 3.9; 4 heads take 32)
+    assert _common.uncertainty_config(8, 32000, 1)["num_warps"] == 16
+    assert _common.uncertainty_config(4, 32000, 1)["num_warps"] == 32
     for size, classes, vec in ((4, 512, 4), (2, 1024, 8)):  # fp32 and 16-bit: one 16-byte load of every head a thread
         target = _common.uncertainty_config(8, 32000, 4096, hinton_target=True, elem_size=size)
         assert target == _common.uncertainty_grad_config(8, 32000, size)  # the backward's tiles

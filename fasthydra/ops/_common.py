@@ -440,7 +440,10 @@ def uncertainty_config(n_heads: int, n_cols: int, n_rows: int | None = None, hin
         return head_slices_config(block_m, elem_size)
     if block_m * whole > UNCERTAINTY_TILE_MAX:
         block_c = max(16, UNCERTAINTY_LONG_TILE // block_m)
-        warps = 4 if n_rows is None else min(32, max(4, next_pow2(cdiv(FILL_WARPS, max(n_rows, 1)))))
+        # (32 warps only for up to 4 heads: 8 heads' tiles in 32 warps, 1024 threads at most 64 registers each,
+        #  spilled 16 to 24 bytes under Triton 3.9, the kernel report at rows of 5000 and 50257 classes)
+        most = 32 if block_m <= 4 else 16
+        warps = 4 if n_rows is None else min(most, max(4, next_pow2(cdiv(FILL_WARPS, max(n_rows, 1)))))
         return dict(BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps, ROW_IN_REGISTERS=block_c >= n_cols)
     lanes = block_m * whole
     return dict(BLOCK_M=block_m, BLOCK_C=whole, num_warps=4 if lanes <= 1024 else min(32, lanes // 256),
