@@ -104,6 +104,9 @@ KNOBS = {
     # more launch: the device-side skip at upstream 1) instead of launch 2 in the backward
     "fasthydra/small-grads-in-forward": {"set": [("fasthydra.ops._common", "SMALL_DEFERRED", False)],
                                          "cases": "latency"},
+    # fp32 small steps: the default sums the logits tile's and dW's products as outer products in registers
+    # (fifty-third session); this times tl.dot's FMA loop, whose operand reads held the shared-memory pipe at 95%
+    "fasthydra/small-dot": {"set": [("fasthydra.ops._common", "SMALL_OUTER_FMA", False)], "cases": "latency"},
     # the cuBLAS path's head groups at gpu-large: 2 heads per group (512 MiB of logits) and 1 (the default)
     "fasthydra/groups-512MiB": {"set": [("fasthydra.ops.linear_hydra_kl", "CUBLAS_GROUP_ELEMENTS", 1 << 28)],
                                 "cases": [("linear_fwdbwd", "gpu-large")]},
@@ -154,6 +157,7 @@ GRAPH_CASES = [("linear_fwdbwd", "mid"), ("linear_fwdbwd", "large-C"), ("linear_
 # whose settings the profile runs under (the split bias pass's kernels against the default's)
 PROFILE_CASES = [("linear_fwdbwd", "gpu-large"), ("mlp_fwdbwd", "gpu-large"), ("kl_fwdbwd", "gpu-large"),
                  ("linear_fwdbwd", "gpu-small"), ("linear_fwdbwd", "small-C"),
+                 ("linear_fwdbwd", "small-C", "fasthydra/small-dot"),
                  ("mlp_fwdbwd", "gpu-large", "fasthydra/bias-split-pass")]
 # host time per step under cProfile (functions by own time)
 HOST_PROFILE_CASES = [("linear_fwdbwd", "gpu-small")]

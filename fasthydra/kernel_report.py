@@ -108,15 +108,19 @@ def _small_grads(add, kernel, cfgs, xs: dict, xty: str, gty: str, b: int, m: int
     sc = cfgs.small_grads_config(b, m, c, k, 4 if xty == "fp32" else 2, 4 if gty == "fp32" else 2)
     if sc is None:
         return
-    for scale_by_up, keep in ((True, False), (False, False), (True, True) if row_mask else (True, False)):
+    outers = sorted({cfgs.small_grads_outer(sc, prec), False})  # dW in outer products (default) and by tl.dot
+    for scale_by_up, keep, outer in ((s, kp, o) for s, kp in ((True, False), (False, False),
+                                                              (True, True) if row_mask else (True, False))
+                                     for o in outers):
         oty = xty if scale_by_up or xty != "fp16" else "fp32"
         add(kernel, {**xs, "w_ptr": f"*{xty}", "g_ptr": f"*{gty}", "dx_ptr": f"*{oty}", "dw_ptr": f"*{oty}",
                      "db_ptr": f"*{oty}", "up_ptr": "*fp32", "keep_ptr": "*u8" if keep else f"*{gty}", "n_w": 80,
                      "n_kblocks_w": 8, "n_x": 300, "n_kblocks": 8},
             {"UPCAST_DOT": False, "PRECISION": prec, "BLOCK_C": sc["BLOCK_C"], "BLOCK_K": sc["BLOCK_K"],
              "SHARED": shared, "NEED_W": True, "NEED_B": True, "SCALE_BY_UP": scale_by_up, "HAS_KEEP": keep,
-             "BLOCK_R": sc["BLOCK_R"],
-             "BLOCK_RW": sc["BLOCK_RW"], "BLOCK_KW": sc["BLOCK_KW"], "BLOCK_J": sc["BLOCK_J"]},
+             "BLOCK_R": sc["BLOCK_R"], "OUTER": outer,
+             "BLOCK_RW": cfgs.OUTER_ROWS if outer else sc["BLOCK_RW"], "BLOCK_KW": sc["BLOCK_KW"],
+             "BLOCK_J": sc["BLOCK_J"]},
             {"num_warps": sc["num_warps"]}, tag)
 
 
@@ -341,8 +345,11 @@ def _kernel_specs():
                     dots = {"UPCAST_DOT": False, "PRECISION": prec, "BLOCK_C": sc["BLOCK_C"], "BLOCK_K": sc["BLOCK_K"]}
                     # the loss reduced by the last program, or loss rows; a row mask (uint8) with the reduced loss;
                     # the teacher's gradient too (a teacher that requires grad, a learned T), with and without a mask
-                    for reduce, keep, tgrad in ((True, False, False), (False, False, False), (True, True, False),
-                                                (True, False, True), (True, True, True)):
+                    # fp32 IEEE products as outer products (the default where they fit) and by tl.dot (knob)
+                    outers = sorted({cfgs.small_outer_fma(sc, prec), False})
+                    flags = ((True, False, False), (False, False, False), (True, True, False), (True, False, True),
+                             (True, True, True))
+                    for reduce, keep, tgrad, outer in ((r, kp, tg, o) for r, kp, tg in flags for o in outers):
                         add(_small_heads_kl_kernel, {**xs, "w_ptr": f"*{xty}", "bias_ptr": f"*{xty}",
                                                      "t_ptr": f"*{xty}", "loss_ptr": "*fp32", "part_ptr": "*fp32",
                                                      "g_ptr": f"*{gty}", "h_ptr": f"*{gty}" if tgrad else "*fp32",
@@ -354,7 +361,7 @@ def _kernel_specs():
                                                      "stride_tb": m * c, "stride_tm": c, "inv_temp": 0.5,
                                                      "loss_scale": 4.0, "grad_scale": 0.1, "out_scale": 0.01},
                             {**dots, "HAS_BIAS": True, "WRITE_GRAD": True, "WRITE_TGRAD": tgrad, "REDUCE": reduce,
-                             "HAS_KEEP": keep, "MEAN_KEPT": keep,
+                             "HAS_KEEP": keep, "MEAN_KEPT": keep, "OUTER": outer,
                              "BLOCK_B": sc["BLOCK_B"],
                              "BLOCK_P": cfgs.reduce_block(cdiv(b, sc["BLOCK_B"]) * cdiv(m, sc["HEADS"]),
                                                           sc["num_warps"])},
@@ -530,7 +537,7 @@ def build_report(archs=(80, 90), progress: bool = True, jobs: int | None = None)
 
 def _short_config(cfg: dict) -> str:
     keep = [k for k in cfg if k.startswith("BLOCK") or k in ("num_warps", "num_stages", "ACCUMULATE", "RELU")
-            or (k in ("T_PTR", "SPREAD") and cfg[k])]
+            or (k in ("T_PTR", "SPREAD", "OUTER") and cfg[k])]
     names = {"num_warps": "w", "num_stages": "s", "ACCUMULATE": "acc", "RELU": "relu", "T_PTR": "T_ptr"}
     return " ".join(f"{names.get(k, k.replace('BLOCK_', ''))}={cfg[k]}" for k in keep)
 

@@ -35,25 +35,57 @@ from .softmax_kl import LOG2E, _kl_from_sums, _mean_e, _online_kl_update, _store
 @triton.jit
 def _heads_logits_tile(x_rows, w_head, bias_ptr, head, rows_ok, cols, col_ok, K, stride_wc, stride_biasm,
                        HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr,
-                       BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+                       BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+                       OUTER: tl.constexpr = False):
     """One (BLOCK_B, BLOCK_C) tile of head logits in fp32: x_rows @ W[head, cols].T + bias[head, cols].
 
     x_rows: pointers to the rows' inputs (BLOCK_B, 1), unit stride along K; w_head: W[head] (C, K).
+    OUTER (fp32 operands, IEEE products): the products summed as (BLOCK_B, BLOCK_C, BLOCK_K) outer products
+    in registers, K reduced once after the walk, instead of tl.dot, whose FMA form for such a small tile
+    reads each operand from shared memory for every one or two products (see the function below).
     """
-    ks0 = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_B, BLOCK_C), tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + ks0
-        k_ok = ks < K
-        xt = tl.load(x_rows + ks[None, :], mask=rows_ok[:, None] & k_ok[None, :], other=0.0)
-        wt = tl.load(w_head + cols[None, :] * stride_wc + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        if UPCAST_DOT:  # interpreter: tl.dot on 16-bit operands is unreliable there
-            xt = xt.to(tl.float32)
-            wt = wt.to(tl.float32)
-        acc = tl.dot(xt, wt.to(xt.dtype), acc, input_precision=PRECISION)
+    if OUTER:
+        acc = _outer_fma_tile(x_rows, w_head, rows_ok, cols, col_ok, K, stride_wc, BLOCK_B, BLOCK_C, BLOCK_K)
+    else:
+        ks0 = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_B, BLOCK_C), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + ks0
+            k_ok = ks < K
+            xt = tl.load(x_rows + ks[None, :], mask=rows_ok[:, None] & k_ok[None, :], other=0.0)
+            wt = tl.load(w_head + cols[None, :] * stride_wc + ks[:, None], mask=k_ok[:, None] & col_ok[None, :],
+                         other=0.0)
+            if UPCAST_DOT:  # interpreter: tl.dot on 16-bit operands is unreliable there
+                xt = xt.to(tl.float32)
+                wt = wt.to(tl.float32)
+            acc = tl.dot(xt, wt.to(xt.dtype), acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + head * stride_biasm + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     return acc
+
+
+@triton.jit
+def _outer_fma_tile(x_rows, w_head, rows_ok, cols, col_ok, K, stride_wc, BLOCK_B: tl.constexpr,
+                    BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """x_rows (BLOCK_B, K) @ w_head[cols] (BLOCK_C, K).T in fp32 FMAs, as outer products.
+
+    tl.dot of fp32 operands at IEEE precision is an FMA loop over a (BLOCK_B, BLOCK_C) tile: at 16 x 16 in 4
+    warps a thread owns two outputs, so each product needs its own operand reads from shared memory, and
+    the class operand's column-major reads there conflict in the banks (the H200's small-step profile:
+    the L1/shared pipe 95% busy, 0.5 instructions a cycle). Here a thread holds a (rows, classes) block of
+    the (BLOCK_B, BLOCK_C, BLOCK_K) products at one K position, lanes along K: each operand read serves
+    several products, and the sum over K crosses the lanes once, after the walk. The loads are pipelined
+    like tl.dot's (num_stages)."""
+    ks0 = tl.arange(0, BLOCK_K)
+    acc3 = tl.zeros((BLOCK_B, BLOCK_C, BLOCK_K), tl.float32)
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=3):
+        ks = k0 + ks0
+        k_ok = ks < K
+        xt = tl.load(x_rows + ks[None, :], mask=rows_ok[:, None] & k_ok[None, :], other=0.0)
+        wt = tl.load(w_head + cols[:, None] * stride_wc + ks[None, :], mask=col_ok[:, None] & k_ok[None, :],
+                     other=0.0)
+        acc3 += xt[:, None, :] * wt[None, :, :]
+    return tl.sum(acc3, axis=2)
 
 
 @triton.jit
@@ -101,6 +133,7 @@ def _small_heads_kl_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_P: tl.constexpr,  # partial sums read per step by the reducing program
     T_PTR: tl.constexpr = False,
+    OUTER: tl.constexpr = False,  # fp32 IEEE products as outer products (_outer_fma_tile) instead of tl.dot
 ):
     inv_temp, loss_scale, grad_scale = _tempered_scalars(temp_ptr, inv_temp, loss_scale, grad_scale, T_PTR)
     pid_r = tl.program_id(0).to(tl.int64)
@@ -126,7 +159,7 @@ def _small_heads_kl_kernel(
         if m < M:
             x_rows = x_ptr + rows[:, None] * stride_xb + m * stride_xm
             acc = _heads_logits_tile(x_rows, w_ptr + m * stride_wm, bias_ptr, m, live, cols, col_ok, K, stride_wc,
-                                     stride_biasm, HAS_BIAS, UPCAST_DOT, PRECISION, BLOCK_B, BLOCK_C, BLOCK_K)
+                                     stride_biasm, HAS_BIAS, UPCAST_DOT, PRECISION, BLOCK_B, BLOCK_C, BLOCK_K, OUTER)
             # raw logits: the statistics take each difference from the row's maximum before the 1/T scale
             x = tl.where(mask, acc, float("-inf"))
             y = tl.load(t_ptr + rows[:, None] * stride_tb + m * stride_tm + cols[None, :], mask=mask,
@@ -196,6 +229,7 @@ def _small_heads_grad_kernel(
     BLOCK_J: tl.constexpr,  # flattened (head, class) block of a shared input's gradient programs
     BLOCK_RW: tl.constexpr,  # rows per step of the dW walk: long steps, few of them (the chain is B / BLOCK_RW)
     BLOCK_KW: tl.constexpr,  # K block of a dW program: narrow, so that M * K / BLOCK_KW programs fill the GPU
+    OUTER: tl.constexpr = False,  # fp32 IEEE: dW's products as outer products (_outer_dw), BLOCK_RW rows a step
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_C)
@@ -205,26 +239,30 @@ def _small_heads_grad_kernel(
         m = (pid // n_kblocks_w).to(tl.int64)
         ks = (pid % n_kblocks_w) * BLOCK_KW + tl.arange(0, BLOCK_KW)
         k_ok = ks < K
-        acc = tl.zeros((BLOCK_C, BLOCK_KW), tl.float32)
-        acc_b = tl.zeros((BLOCK_C,), tl.float32)
         rws = tl.arange(0, BLOCK_RW).to(tl.int64)
-        for r0 in range(0, B, BLOCK_RW):
-            rows = r0 + rws
-            row_ok = rows < B
-            g = tl.load(g_ptr + rows[:, None] * (M * C) + m * C + cols[None, :],
-                        mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-            if NEED_B:
-                acc_b += tl.sum(g.to(tl.float32), axis=0)
-            if NEED_W:
-                x_ok = row_ok
-                if HAS_KEEP:  # (0 * NaN would be NaN: the features of a row left out are not read)
-                    x_ok = row_ok & (tl.load(keep_ptr + rows, mask=row_ok, other=0) != 0)
-                x = tl.load(x_ptr + rows[:, None] * stride_xb + m * stride_xm + ks[None, :],
-                            mask=x_ok[:, None] & k_ok[None, :], other=0.0)
-                if UPCAST_DOT:
-                    g = g.to(tl.float32)
-                    x = x.to(tl.float32)
-                acc = tl.dot(tl.trans(g), x.to(g.dtype), acc, input_precision=PRECISION)
+        if OUTER:
+            acc, acc_b = _outer_dw(g_ptr + m * C, x_ptr + m * stride_xm, keep_ptr, rws, cols, col_ok, ks, k_ok, B,
+                                   M * C, stride_xb, NEED_W, NEED_B, HAS_KEEP, BLOCK_C, BLOCK_KW, BLOCK_RW)
+        else:
+            acc = tl.zeros((BLOCK_C, BLOCK_KW), tl.float32)
+            acc_b = tl.zeros((BLOCK_C,), tl.float32)
+            for r0 in range(0, B, BLOCK_RW):
+                rows = r0 + rws
+                row_ok = rows < B
+                g = tl.load(g_ptr + rows[:, None] * (M * C) + m * C + cols[None, :],
+                            mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+                if NEED_B:
+                    acc_b += tl.sum(g.to(tl.float32), axis=0)
+                if NEED_W:
+                    x_ok = row_ok
+                    if HAS_KEEP:  # (0 * NaN would be NaN: the features of a row left out are not read)
+                        x_ok = row_ok & (tl.load(keep_ptr + rows, mask=row_ok, other=0) != 0)
+                    x = tl.load(x_ptr + rows[:, None] * stride_xb + m * stride_xm + ks[None, :],
+                                mask=x_ok[:, None] & k_ok[None, :], other=0.0)
+                    if UPCAST_DOT:
+                        g = g.to(tl.float32)
+                        x = x.to(tl.float32)
+                    acc = tl.dot(tl.trans(g), x.to(g.dtype), acc, input_precision=PRECISION)
         up = _upstream(up_ptr, SCALE_BY_UP)  # loaded after the walk: no register held across it
         if NEED_W:
             tl.store(dw_ptr + m * (C * K) + cols[:, None] * K + ks[None, :], (acc * up).to(dw_ptr.dtype.element_ty),
@@ -260,6 +298,51 @@ def _small_heads_grad_kernel(
             tl.store(dx_ptr + rows[:, None] * (M * K) + m * K + ks[None, :],
                      (acc * _upstream(up_ptr, SCALE_BY_UP)).to(dx_ptr.dtype.element_ty),
                      mask=row_ok[:, None] & k_ok[None, :])
+
+
+@triton.jit
+def _dw_step_tiles(g_head, x_head, keep_ptr, rows, cols, col_ok, ks, k_ok, B, stride_g, stride_xb,
+                   NEED_W: tl.constexpr, HAS_KEEP: tl.constexpr):
+    """One step of _outer_dw: dz (BLOCK_C, rows) and, where dW is wanted, x (BLOCK_KW, rows) of these rows
+    (0 past B, and x 0 in the rows a mask leaves out)."""
+    row_ok = rows < B
+    g = tl.load(g_head + rows[None, :] * stride_g + cols[:, None], mask=row_ok[None, :] & col_ok[:, None], other=0.0)
+    x = tl.zeros((ks.shape[0], rows.shape[0]), tl.float32)
+    if NEED_W:
+        x_ok = row_ok
+        if HAS_KEEP:  # (0 * NaN would be NaN: the features of a row left out are not read)
+            x_ok = row_ok & (tl.load(keep_ptr + rows, mask=row_ok, other=0) != 0)
+        x = tl.load(x_head + rows[None, :] * stride_xb + ks[:, None], mask=x_ok[None, :] & k_ok[:, None], other=0.0)
+    return g, x
+
+
+@triton.jit
+def _outer_dw(g_head, x_head, keep_ptr, rws, cols, col_ok, ks, k_ok, B, stride_g, stride_xb, NEED_W: tl.constexpr,
+              NEED_B: tl.constexpr, HAS_KEEP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_KW: tl.constexpr,
+              BLOCK_RW: tl.constexpr):
+    """dW (BLOCK_C, BLOCK_KW) = dz[:, cols].T @ x[:, ks] and db (BLOCK_C,) = the column sums of dz, over all B rows,
+    in fp32 FMAs (fp32 operands, IEEE products) as outer products: a thread holds a (classes, K) block of the
+    (BLOCK_C, BLOCK_KW, BLOCK_RW) products at one row, lanes along the rows, and the sum over rows crosses the
+    lanes once, after the walk. tl.dot's FMA loop over this 16 x 16 tile read an operand from shared memory for
+    every product (sm_90: 1030 LDS for 512 FFMA a 256-row step); here 5 LDS.128 (and 5 STSM) serve 64 FFMA, in
+    a layout conversion of the loaded tiles, whose scratch Triton lays out without bank conflicts (the tiles'
+    rows, the reduced axis, lie across the lanes, so that shared memory holding them as loaded, rows apart by
+    the classes, would conflict 16-way: that is why the loads are not left to the pipeliner). Each step's tiles
+    are loaded one step ahead."""
+    acc3 = tl.zeros((BLOCK_C, BLOCK_KW, BLOCK_RW), tl.float32)
+    acc_b2 = tl.zeros((BLOCK_C, BLOCK_RW), tl.float32)
+    g_next, x_next = _dw_step_tiles(g_head, x_head, keep_ptr, rws, cols, col_ok, ks, k_ok, B, stride_g, stride_xb,
+                                    NEED_W, HAS_KEEP)
+    for r0 in range(BLOCK_RW, B + BLOCK_RW, BLOCK_RW):
+        g = g_next
+        x = x_next
+        g_next, x_next = _dw_step_tiles(g_head, x_head, keep_ptr, r0 + rws, cols, col_ok, ks, k_ok, B, stride_g,
+                                        stride_xb, NEED_W, HAS_KEEP)
+        if NEED_B:
+            acc_b2 += g
+        if NEED_W:
+            acc3 += g[:, None, :] * x[None, :, :]
+    return tl.sum(acc3, axis=2), tl.sum(acc_b2, axis=1)
 
 
 @triton.jit

@@ -1188,6 +1188,44 @@ def test_small_step_heads_per_program():
     assert _common.small_heads_config(8192, 4, 10, 64, 2)["HEADS"] == 2
 
 
+def test_outer_products_only_for_ieee_fp32_tiles_that_fit(monkeypatch):
+    """The small step's logits tile sums fp32 IEEE products as outer products where (BLOCK_B, BLOCK_C, BLOCK_K)
+    fits 64 registers a thread (C up to 16); TF32 and 16-bit operands (tensor cores) and wider tiles take tl.dot."""
+    cfg = _common.small_heads_config(4096, 8, 10, 512, 4)
+    assert _common.small_outer_fma(cfg, "ieee")
+    assert not _common.small_outer_fma(cfg, "tf32")
+    assert not _common.small_outer_fma(_common.small_heads_config(4096, 8, 17, 512, 4), "ieee")  # 16 x 32 x 32
+    monkeypatch.setattr(_common, "SMALL_OUTER_FMA", False)
+    assert not _common.small_outer_fma(cfg, "ieee")
+
+
+@pytest.mark.parametrize("outer", [True, False], ids=["outer-products", "tl-dot"])
+@pytest.mark.parametrize("b,d,m,c,hidden", [(70, 45, 3, 13, None), (40, 70, 4, 10, 24)], ids=["linear", "mlp"])
+def test_small_step_fp32_products_in_either_form(monkeypatch, outer, b, d, m, c, hidden):
+    """fp32 at IEEE precision, the logits tile's products summed as outer products (the default at these C)
+    or by tl.dot (SMALL_OUTER_FMA off), against float64: K in several tiles with a masked tail (and the MLP
+    heads' per-head hidden inputs in one), rows past B masked, two heads a program; a spy on the launch's form."""
+    import fasthydra.ops.linear_hydra_kl as lk
+
+    use_heads_path(monkeypatch, "small")
+    monkeypatch.setattr(_common, "SMALL_OUTER_FMA", outer)
+    config = lk.small_heads_config
+    monkeypatch.setattr(lk, "small_heads_config", lambda *a: {**config(*a), "HEADS": 2})
+    forms = []
+    rule = _common.small_outer_fma
+    monkeypatch.setattr(_common, "small_outer_fma", lambda *a: forms.append(rule(*a)) or forms[-1])
+    head = HydraHead(d, c, m, hidden_features=hidden, impl="triton")
+    x = torch.randn(b, d, requires_grad=True)
+    t = teacher_logits(b, m, c)
+    loss = head.distill_loss(x, t, temperature=1.7)
+    grads = torch.autograd.grad(loss * 0.6, [x, *params_of(head)])
+    assert forms == [outer]
+    loss_ref, grads_ref = reference_loss_and_grads(head, x, t, 1.7, upstream=0.6)
+    assert_close_to(loss, loss_ref, rtol=2e-6, atol=1e-7, what="loss")
+    for name, g, g_ref in zip(["x"] + [n for n, _ in head.named_parameters()], grads, grads_ref):
+        assert_close_to(g, g_ref, rtol=1e-5, atol=1e-8, what=name)
+
+
 @pytest.mark.parametrize("triton_kernel", [True, False], ids=["triton", "torch-ops"])
 def test_row_value_flags_set_the_error_word(monkeypatch, triton_kernel):
     """The torch path's teacher check on CUDA: NaN, +inf and -inf among the row maxima set bits 1, 2, 4

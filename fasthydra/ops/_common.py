@@ -155,6 +155,35 @@ def small_heads_config(n_rows: int, n_heads: int, n_cols: int, k: int, elem_size
                 BLOCK_KW=16, BLOCK_J=SMALL_DX_BLOCK_J, num_warps=4)
 
 
+# fp32 products at IEEE precision in the small step's logits tile: summed as outer products in registers
+# (kernels/small_heads._outer_fma_tile) instead of tl.dot, whose FMA loop over a 16 x 16 tile in 4 warps
+# reads both operands from shared memory for every product or two, the weights' reads 16-way bank-conflicted
+# (sm_90 SASS per K step of 32: 24 LDS.128 + 6 LDS for 64 FFMA; the outer products: 5 LDSM + 6 LDS, their
+# rows read along K without conflicts). The H200 profiled the small-C step's first kernel at 95% of the
+# shared-memory pipe and 0.5 instructions a cycle (2026-12-04). False: tl.dot (bench/gpu_check.py's
+# knob small-dot times it). Only where the (BLOCK_B, BLOCK_C, BLOCK_K) products fit OUTER_PER_THREAD
+# registers a thread (C up to 16 in 4 warps); wider tiles keep tl.dot, whose threads then own more outputs.
+SMALL_OUTER_FMA = True
+OUTER_PER_THREAD = 64
+
+
+# Rows a step of launch 2's dW walk in outer products (lanes along the rows).
+OUTER_ROWS = 32
+
+
+def small_outer_fma(cfg: dict, precision: str) -> bool:
+    """Whether the small-step logits tile of this small_heads_config sums its products as outer products
+    (precision: the launch's PRECISION, "ieee" only for fp32 operands at torch's "highest")."""
+    return (SMALL_OUTER_FMA and precision == "ieee"
+            and cfg["BLOCK_B"] * cfg["BLOCK_C"] * cfg["BLOCK_K"] <= OUTER_PER_THREAD * 32 * cfg["num_warps"])
+
+
+def small_grads_outer(cfg: dict, precision: str) -> bool:
+    """The same for launch 2's dW walk (small_grads_config's blocks): (BLOCK_C, BLOCK_KW, OUTER_ROWS) products."""
+    return (SMALL_OUTER_FMA and precision == "ieee"
+            and cfg["BLOCK_C"] * cfg["BLOCK_KW"] * OUTER_ROWS <= OUTER_PER_THREAD * 32 * cfg["num_warps"])
+
+
 def empty_stored_grad(t: torch.Tensor) -> torch.Tensor:
     """An empty gradient of t formed in the forward and scaled in the backward: t's shape, contiguous, in
     stored_grad_dtype (also under fake tensors: torch.empty follows the mode)."""

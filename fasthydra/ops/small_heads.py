@@ -48,6 +48,7 @@ def small_heads_forward(inp, weight, bias, teacher, temperature: float, reductio
     coef = reduction_coefficient(reduction, b * m)
     mean_kept = row_mask is not None and reduction == "mean"
     tf, temp, t_ptr = temperature_scalars(temperature)
+    precision = dot_precision(dt)
     _small_heads_kl_kernel[grid1](
         inp, weight, bias if bias is not None else weight, teacher, rows, parts, rows if stash is None else stash,
         rows if tgrad is None else tgrad, error_word(dev, "distill_loss"), out,
@@ -57,7 +58,7 @@ def small_heads_forward(inp, weight, bias, teacher, temperature: float, reductio
         bias.stride(0) if bias is not None else 0, teacher.stride(0), teacher.stride(1), 1.0 / tf, tf * tf, tf * coef,
         coef, temp, T_PTR=t_ptr, HAS_BIAS=bias is not None, WRITE_GRAD=want_grad, WRITE_TGRAD=want_tgrad,
         REDUCE=reduce, HAS_KEEP=row_mask is not None, MEAN_KEPT=mean_kept, UPCAST_DOT=upcast_dot(dt),
-        PRECISION=dot_precision(dt),
+        PRECISION=precision, OUTER=_common.small_outer_fma(cfg, precision),
         BLOCK_B=cfg["BLOCK_B"], BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"],
         BLOCK_P=_common.reduce_block(grid1[0] * grid1[1], cfg["num_warps"]), num_warps=cfg["num_warps"])
     after_launch(dev, "distill_loss", teacher.shape)
@@ -126,6 +127,8 @@ def launch_small_grads(inp, weight, bias, stash, cfg: dict, shared: bool, need_i
     n_w = m * kb_w if (need_w or need_b) else 0
     n_x = (cdiv(b, cfg["BLOCK_R"]) * n_kb * (1 if shared else m)) if need_in else 0
     if n_w or n_x:
+        precision = dot_precision(dt)
+        outer = _common.small_grads_outer(cfg, precision)
         unused = stash  # a placeholder pointer for the outputs and inputs not in use
         _small_heads_grad_kernel[(n_w + n_x,)](
             inp, weight, stash, unused if grad_in is None else grad_in, unused if grad_w is None else grad_w,
@@ -133,7 +136,8 @@ def launch_small_grads(inp, weight, bias, stash, cfg: dict, shared: bool, need_i
             _keep_arg(row_mask, unused), b, m, c, k,
             inp.stride(0), 0 if shared else inp.stride(1), n_w, kb_w, n_x, n_kb, SHARED=shared, NEED_W=need_w,
             NEED_B=need_b, SCALE_BY_UP=upstream is not None, HAS_KEEP=row_mask is not None,
-            UPCAST_DOT=upcast_dot(dt), PRECISION=dot_precision(dt),
+            UPCAST_DOT=upcast_dot(dt), PRECISION=precision, OUTER=outer,
             BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"], BLOCK_J=cfg["BLOCK_J"],
-            BLOCK_RW=cfg["BLOCK_RW"], BLOCK_KW=cfg["BLOCK_KW"], num_warps=cfg["num_warps"])
+            BLOCK_RW=_common.OUTER_ROWS if outer else cfg["BLOCK_RW"], BLOCK_KW=cfg["BLOCK_KW"],
+            num_warps=cfg["num_warps"])
     return grad_in, grad_w, grad_b
