@@ -94,6 +94,16 @@ def _tolerances(dtype):
     return (2e-5, 1e-7) if dtype == torch.float32 else (2e-2, 1e-4)
 
 
+def _assert_loss_and_student_gradient(loss, grad, x0, reference, dtype):
+    """loss and its gradient against reference(x0 in float64) and its gradient, at _tolerances(dtype)."""
+    x64 = x0.double().requires_grad_()
+    ref = reference(x64)
+    (grad_ref,) = torch.autograd.grad(ref, [x64])
+    rtol, atol = _tolerances(dtype)
+    assert_close_to(loss, ref, rtol=rtol, atol=atol, what="loss")
+    assert_close_to(grad, grad_ref, rtol=rtol, atol=atol * 1e-2, what="student gradient")
+
+
 def _misaligned_copy(t):
     """t's values in a tensor whose rows start 4 bytes off a 16-byte boundary (a view into a larger buffer)."""
     buf = torch.empty(t.numel() + 1, dtype=t.dtype)
@@ -136,12 +146,8 @@ def test_topk_loss_on_spread_rows(dtype, spy):
     loss = hydra_kl_loss(z, teacher, T, impl="triton")
     (gz,) = torch.autograd.grad(loss, [z])
     assert spy and all(spy), spy
-    z64 = z0.double().requires_grad_()
-    ref = R.hydra_kl_loss_ref(z64, TopKTeacher(teacher.values.double(), indices).densify(c), T)
-    (gz_ref,) = torch.autograd.grad(ref, [z64])
-    rtol, atol = _tolerances(dtype)
-    assert_close_to(loss, ref, rtol=rtol, atol=atol, what="loss")
-    assert_close_to(gz, gz_ref, rtol=rtol, atol=atol * 1e-2, what="student gradient")
+    dense = TopKTeacher(teacher.values.double(), indices).densify(c)
+    _assert_loss_and_student_gradient(loss, gz, z0, lambda z64: R.hydra_kl_loss_ref(z64, dense, T), dtype)
 
 
 @pytest.mark.interpret
@@ -178,12 +184,7 @@ def test_hinton_loss_on_spread_rows(dtype, spy):
     loss = hinton_kl_loss(s, t0, T, impl="triton")
     (gs,) = torch.autograd.grad(loss, [s])
     assert spy and all(spy), spy
-    s64 = s0.double().requires_grad_()
-    ref = R.hinton_kl_loss_ref(s64, t0.double(), T)
-    (gs_ref,) = torch.autograd.grad(ref, [s64])
-    rtol, atol = _tolerances(dtype)
-    assert_close_to(loss, ref, rtol=rtol, atol=atol, what="loss")
-    assert_close_to(gs, gs_ref, rtol=rtol, atol=atol * 1e-2, what="student gradient")
+    _assert_loss_and_student_gradient(loss, gs, s0, lambda s64: R.hinton_kl_loss_ref(s64, t0.double(), T), dtype)
 
 
 @pytest.mark.gpu
