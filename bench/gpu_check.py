@@ -107,6 +107,8 @@ KNOBS = {
     # fp32 small steps: the default sums the logits tile's and dW's products as outer products in registers
     # (fifty-third session); this times tl.dot's FMA loop, whose operand reads held the shared-memory pipe at 95%
     "fasthydra/small-dot": {"set": [("fasthydra.ops._common", "SMALL_OUTER_FMA", False)], "cases": "latency"},
+    # ... and tl.dot for launch 2's dW walk alone (its outer products run 128 short steps at small-C)
+    "fasthydra/small-dw-dot": {"set": [("fasthydra.ops._common", "SMALL_OUTER_DW", False)], "cases": "latency"},
     # the cuBLAS path's head groups at gpu-large: 2 heads per group (512 MiB of logits) and 1 (the default)
     "fasthydra/groups-512MiB": {"set": [("fasthydra.ops.linear_hydra_kl", "CUBLAS_GROUP_ELEMENTS", 1 << 28)],
                                 "cases": [("linear_fwdbwd", "gpu-large")]},

@@ -5,7 +5,7 @@ is launches and serial latency: the cuBLAS path issues the logits GEMM, the loss
 GEMMs, a bias sum and the loss reduction. Here:
 
   launch 1 (the forward), one program per (BLOCK_B rows, group of heads):
-      z_m = x_m @ W_m.T + b_m                          (tl.dot over K tiles; C padded to BLOCK_C)
+      z_m = x_m @ W_m.T + b_m                          (tl.dot over K tiles, or fp32 outer products; C padded)
       loss[b, m] = T^2 KL(softmax(t_m / T) || softmax(z_m / T)),   dz_m = grad_scale * (q_m - p_m)
       and the program's partial sum of its loss rows; the last program to finish (an atomic count)
       sums the partial losses in a fixed order (deterministic) and resets the count;
@@ -16,7 +16,10 @@ GEMMs, a bias sum and the loss reduction. Here:
       (BLOCK_R rows, K block): dx = sum_m dz_m @ W_m (shared input) or dx_m = dz_m @ W_m (per head).
 
 Every program's serial chain is short (K / BLOCK_K steps, M steps, or B / BLOCK_RW steps) and the grid
-is wide: at these shapes latency, not arithmetic, is what a step costs. dz is stashed (B, M, C) in the
+is wide: at these shapes latency and operand traffic, not arithmetic, are what a step costs. fp32 operands
+at IEEE precision (no tensor cores) sum the logits' and dW's products as outer products in registers
+(OUTER, _outer_fma_tile and _outer_dw): tl.dot's FMA loop re-reads its operands from shared memory for
+every product or two at these tile sizes. dz is stashed (B, M, C) in the
 input dtype between the launches (what the gradient GEMMs of the cuBLAS path read too). The teacher is
 checked on the loads already made (error word bits 1, 2, 4, as in softmax_kl.py). Launch 2 serves the
 Gaussian heads too: their fused kernel (gaussian_kl.py) leaves the same kind of stash and reduces its

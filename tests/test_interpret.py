@@ -1195,31 +1195,40 @@ def test_outer_products_only_for_ieee_fp32_tiles_that_fit(monkeypatch):
     assert _common.small_outer_fma(cfg, "ieee")
     assert not _common.small_outer_fma(cfg, "tf32")
     assert not _common.small_outer_fma(_common.small_heads_config(4096, 8, 17, 512, 4), "ieee")  # 16 x 32 x 32
+    grads = _common.small_grads_config(4096, 8, 10, 512, 4, 4)
+    assert _common.small_grads_outer(grads, "ieee") and not _common.small_grads_outer(grads, "tf32")
+    monkeypatch.setattr(_common, "SMALL_OUTER_DW", False)  # dW alone by tl.dot
+    assert _common.small_outer_fma(cfg, "ieee") and not _common.small_grads_outer(grads, "ieee")
+    monkeypatch.setattr(_common, "SMALL_OUTER_DW", True)
     monkeypatch.setattr(_common, "SMALL_OUTER_FMA", False)
-    assert not _common.small_outer_fma(cfg, "ieee")
+    assert not _common.small_outer_fma(cfg, "ieee") and not _common.small_grads_outer(grads, "ieee")
 
 
-@pytest.mark.parametrize("outer", [True, False], ids=["outer-products", "tl-dot"])
+@pytest.mark.parametrize("outer,outer_dw", [(True, True), (True, False), (False, False)],
+                         ids=["outer-products", "dW-by-tl-dot", "tl-dot"])
 @pytest.mark.parametrize("b,d,m,c,hidden", [(70, 45, 3, 13, None), (40, 70, 4, 10, 24)], ids=["linear", "mlp"])
-def test_small_step_fp32_products_in_either_form(monkeypatch, outer, b, d, m, c, hidden):
-    """fp32 at IEEE precision, the logits tile's products summed as outer products (the default at these C)
-    or by tl.dot (SMALL_OUTER_FMA off), against float64: K in several tiles with a masked tail (and the MLP
-    heads' per-head hidden inputs in one), rows past B masked, two heads a program; a spy on the launch's form."""
+def test_small_step_fp32_products_in_either_form(monkeypatch, outer, outer_dw, b, d, m, c, hidden):
+    """fp32 at IEEE precision, the logits tile's and dW's products summed as outer products (the default at
+    these C) or by tl.dot (SMALL_OUTER_FMA off; SMALL_OUTER_DW off: dW alone), against float64: K in several
+    tiles with a masked tail (and the MLP heads' per-head hidden inputs in one), rows past B masked, dW over
+    several row steps, two heads a program; spies on the launches' forms."""
     import fasthydra.ops.linear_hydra_kl as lk
 
     use_heads_path(monkeypatch, "small")
     monkeypatch.setattr(_common, "SMALL_OUTER_FMA", outer)
+    monkeypatch.setattr(_common, "SMALL_OUTER_DW", outer_dw)
     config = lk.small_heads_config
     monkeypatch.setattr(lk, "small_heads_config", lambda *a: {**config(*a), "HEADS": 2})
     forms = []
-    rule = _common.small_outer_fma
-    monkeypatch.setattr(_common, "small_outer_fma", lambda *a: forms.append(rule(*a)) or forms[-1])
+    for name in ("small_outer_fma", "small_grads_outer"):
+        rule = getattr(_common, name)
+        monkeypatch.setattr(_common, name, lambda *a, rule=rule: forms.append(rule(*a)) or forms[-1])
     head = HydraHead(d, c, m, hidden_features=hidden, impl="triton")
     x = torch.randn(b, d, requires_grad=True)
     t = teacher_logits(b, m, c)
     loss = head.distill_loss(x, t, temperature=1.7)
     grads = torch.autograd.grad(loss * 0.6, [x, *params_of(head)])
-    assert forms == [outer]
+    assert forms == [outer, outer_dw]
     loss_ref, grads_ref = reference_loss_and_grads(head, x, t, 1.7, upstream=0.6)
     assert_close_to(loss, loss_ref, rtol=2e-6, atol=1e-7, what="loss")
     for name, g, g_ref in zip(["x"] + [n for n, _ in head.named_parameters()], grads, grads_ref):

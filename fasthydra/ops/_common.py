@@ -165,8 +165,10 @@ def small_heads_config(n_rows: int, n_heads: int, n_cols: int, k: int, elem_size
 # registers a thread (C up to 16 in 4 warps); wider tiles keep tl.dot, whose threads then own more outputs.
 SMALL_OUTER_FMA = True
 OUTER_PER_THREAD = 64
-
-
+# Launch 2's dW walk alone (SMALL_OUTER_FMA on): its outer products keep 2 programs of 4 warps an SM busy at
+# small-C (M * K / 16 = 256 programs walking 128 steps of OUTER_ROWS rows) where tl.dot's smem-bound walk took
+# 16 steps of 256; False times tl.dot's walk beside the logits' outer products (gpu_check knob small-dw-dot).
+SMALL_OUTER_DW = True
 # Rows a step of launch 2's dW walk in outer products (lanes along the rows).
 OUTER_ROWS = 32
 
@@ -180,7 +182,7 @@ def small_outer_fma(cfg: dict, precision: str) -> bool:
 
 def small_grads_outer(cfg: dict, precision: str) -> bool:
     """The same for launch 2's dW walk (small_grads_config's blocks): (BLOCK_C, BLOCK_KW, OUTER_ROWS) products."""
-    return (SMALL_OUTER_FMA and precision == "ieee"
+    return (SMALL_OUTER_FMA and SMALL_OUTER_DW and precision == "ieee"
             and cfg["BLOCK_C"] * cfg["BLOCK_KW"] * OUTER_ROWS <= OUTER_PER_THREAD * 32 * cfg["num_warps"])
 
 
