@@ -173,17 +173,20 @@ SMALL_OUTER_DW = True
 OUTER_ROWS = 32
 
 
+def _outer_fits(products: int, cfg: dict, precision: str) -> bool:
+    """fp32 IEEE products (precision: the launch's PRECISION, "ieee" only for fp32 operands at torch's
+    "highest") that fit OUTER_PER_THREAD registers a thread of the config's warps, the form switched on."""
+    return SMALL_OUTER_FMA and precision == "ieee" and products <= OUTER_PER_THREAD * 32 * cfg["num_warps"]
+
+
 def small_outer_fma(cfg: dict, precision: str) -> bool:
-    """Whether the small-step logits tile of this small_heads_config sums its products as outer products
-    (precision: the launch's PRECISION, "ieee" only for fp32 operands at torch's "highest")."""
-    return (SMALL_OUTER_FMA and precision == "ieee"
-            and cfg["BLOCK_B"] * cfg["BLOCK_C"] * cfg["BLOCK_K"] <= OUTER_PER_THREAD * 32 * cfg["num_warps"])
+    """Whether the small-step logits tile of this small_heads_config sums its products as outer products."""
+    return _outer_fits(cfg["BLOCK_B"] * cfg["BLOCK_C"] * cfg["BLOCK_K"], cfg, precision)
 
 
 def small_grads_outer(cfg: dict, precision: str) -> bool:
     """The same for launch 2's dW walk (small_grads_config's blocks): (BLOCK_C, BLOCK_KW, OUTER_ROWS) products."""
-    return (SMALL_OUTER_FMA and SMALL_OUTER_DW and precision == "ieee"
-            and cfg["BLOCK_C"] * cfg["BLOCK_KW"] * OUTER_ROWS <= OUTER_PER_THREAD * 32 * cfg["num_warps"])
+    return SMALL_OUTER_DW and _outer_fits(cfg["BLOCK_C"] * cfg["BLOCK_KW"] * OUTER_ROWS, cfg, precision)
 
 
 def empty_stored_grad(t: torch.Tensor) -> torch.Tensor:
