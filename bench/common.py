@@ -52,6 +52,22 @@ GPU_ODD_OPS = ("kl_fwdbwd", "uncertainty")
 MLP_HIDDEN = 128
 
 
+class AutogradFloor(torch.autograd.Function):
+    """apply(input, weight, bias): a scalar 0, and in the backward new (uninitialised) weight and bias gradients:
+    what autograd itself costs a heads step on the host, the floor its host time is read against
+    (bench/host_overhead.py, bench/gpu_check.host_breakdown)."""
+
+    @staticmethod
+    def forward(ctx, inp, weight, bias):
+        ctx.save_for_backward(inp, weight, bias)
+        return inp.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad):
+        _, weight, bias = ctx.saved_tensors
+        return None, torch.empty_like(weight), torch.empty_like(bias)
+
+
 @dataclass(frozen=True)
 class Case:
     op: str

@@ -7,20 +7,20 @@ On a lent H200 (its image has torch, Triton, setuptools, pytest, hypothesis, pyt
     python3 -m pip install -q --no-deps --no-build-isolation -e . && PYTHONUNBUFFERED=1 \
         python3 bench/gpu_check.py --out $OUT/gpu_check.json 2>&1 | tee $OUT/gpu_check.log
 
-Built to finish within 8 minutes on an H200 (run it with a 480 s timeout): the gpu tests get at most 200 s, in
-four pytest processes side by side (before them, the host's CPU and its cost per small torch call, for reading
-host times); then the latency checks at small shapes (host and GPU time per step: the default small-step path,
-the cuBLAS path and the torch path), the copy floor and the loss with dense and top-k teachers, kernel and
-host profiles (about a minute); then the cases the targets name first, the variants and knobs, the rest;
-torch.compile only where a target names it; no new case starts after 360 s (the table says which were left
-out; the longest case, the big bf16 one with its compile, takes about a minute). Then each figure
-bench/predictions.json predicted, against this run's (inside, below, above or missing; the log lists those
-outside their range, `python bench/predictions.py RECORD.json` all of them). Last, where ncu works and time is
-left before 450 s (--deadline-s), Nsight Compute profiles one step of the small cases and of the loss on
+Built to finish within 8 minutes on an H200 (run it with a 480 s timeout): the gpu tests get at most 200 s, in four
+pytest processes side by side (before them, the host's CPU and its cost per small torch call, for reading host
+times); then the latency checks at small shapes (host and GPU time per step: the default small-step path, the cuBLAS
+path and the torch path), the small step's host time in pieces (host_breakdown, about 10 s), the copy floor and the
+loss with dense and top-k teachers, kernel and host profiles (about a minute); then the cases the targets name
+first, the variants and knobs, the rest; torch.compile only where a target names it; no new case starts after 360 s
+(the table says which were left out; the longest case, the big bf16 one with its compile, takes about a minute).
+Then each figure bench/predictions.json predicted, against this run's (inside, below, above or missing; the log
+lists those outside their range, `python bench/predictions.py RECORD.json` all of them). Last, where ncu works and
+time is left before 450 s (--deadline-s), Nsight Compute profiles one step of the small cases and of the loss on
 logits (clocks left alone; our kernels only). The SM and memory clocks are sampled with nvidia-smi through the
-latency rows, the profiles and the cases. The JSON is written after every phase and case ("phase" says how far
-it got), so a run cut short keeps what it measured; past 470 s (--hard-deadline-s) the script prints every
-thread's stack, to show where a hang was, and exits.
+latency rows, the profiles and the cases. The JSON is written after every phase and case ("phase" says how far it
+got), so a run cut short keeps what it measured; past 470 s (--hard-deadline-s) the script prints every thread's
+stack, to show where a hang was, and exits.
 The gpu tests' whole output is written beside the record (RECORD.tests.log: the reason for any failure).
 A short confirming run after a change: --cases op:shape,... (those cases, their knobs, the gpu tests; no latency
 rows, profiles, torch.compile or Nsight Compute) with --workers 8: about 140 s on the H200 (2026-12-04).
@@ -410,6 +410,113 @@ def host_profile(case: C.Case, steps: int = 200, top: int = 15) -> list[dict]:
             for (f, line, name), (_, nc, tt, ct, _) in stats.items()]
     rows.sort(key=lambda r: -r["own_us_per_step"])
     return rows[:top]
+
+
+# The small step whose host time host_breakdown takes apart, and the host_overhead.py cases timed beside it
+BREAKDOWN_CASE = ("linear_fwdbwd", "gpu-small")
+BREAKDOWN_PYTHON_CASES = {"python_step_us": "linear heads fwd+bwd", "python_autograd_floor_us": "autograd floor"}
+# host_breakdown's pieces (us per call); the second line's only on CUDA
+BREAKDOWN_KEYS = ("launch1_us", "launch2_us", "autograd_floor_us", *BREAKDOWN_PYTHON_CASES,
+                  "bare_launch_us", "bare_launch_30_args_us", "capturing_query_us", "event_query_us")
+
+
+def _per_call_us(fn, calls: int) -> float:
+    """Microseconds per call of fn, issued back to back (nothing synchronised), after a short warm-up."""
+    for _ in range(max(10, calls // 10)):
+        fn()
+    begin = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - begin) / calls * 1e6
+
+
+def _bare_kernels():
+    """Two Triton kernels that do nothing: one pointer argument; and launch 1's argument list in kind (13
+    pointers, 12 integers, 5 floats), what Triton's launch path costs before any work."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def one_argument(p0):
+        pass
+
+    @triton.jit
+    def launch_1_arguments(p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, i0, i1, i2, i3, i4, i5, i6, i7,
+                           i8, i9, i10, i11, f0, f1, f2, f3, f4, BLOCK: tl.constexpr):
+        pass
+
+    return one_argument, launch_1_arguments
+
+
+def host_breakdown(case: C.Case, calls: int = 300, python_steps: int = 300) -> dict:
+    """What a small step's host time (the latency rows' host_us: forward + backward of distill_loss on the
+    small-step path, issued without synchronising) is made of on this host, each piece timed alone, us per call:
+    - ``launch1_us``: the forward's launch 1 (``small_heads_forward``: its four allocations, the launch, the
+      error word's bookkeeping), no autograd around it; ``launch2_us``: the backward's launch 2
+      (``launch_small_grads``, the gradients' allocations);
+    - ``bare_launch_us`` / ``bare_launch_30_args_us``: a Triton kernel that does nothing, with one argument and
+      with launch 1's count (Triton's launch path and the driver's launch alone);
+    - ``autograd_floor_us``: an autograd.Function on the case's parameters that does nothing (as
+      bench/host_overhead.py's floor), forward + backward on the device;
+    - ``capturing_query_us``, ``event_query_us``: the two CUDA queries of the error word's bookkeeping;
+    - ``python_step_us``, ``python_autograd_floor_us``: bench/host_overhead.py's stubbed mode on this host's
+      CPU (the same step on CPU tensors with every launch a no-op: this project's Python and autograd's), in a
+      child process.
+    The step's own host time minus the pieces is what none of them explains (autograd's hand-over to the device's
+    thread, the allocator on the device)."""
+    from fasthydra.ops import _common, checks
+    from fasthydra.ops import small_heads as S
+
+    device = case.device
+    inputs = C.make_inputs(case)
+    head = inputs.head
+    x, t = inputs.x[0].detach(), inputs.t[0]
+    weight, bias = head.weight.detach(), head.bias.detach()
+    m, c, k = weight.shape
+    cfg = _common.small_heads_config(case.B, m, c, k, x.element_size())
+    if cfg is None:
+        raise ValueError(f"host_breakdown: {case.key} does not take the small step")
+    one = torch.ones((), device=device)
+    stash = S.small_heads_forward(x, weight, bias, t, C.TEMPERATURE, "mean", True, True, cfg)[1]
+    out = {"case": case.key,
+           "launch1_us": _per_call_us(
+               lambda: S.small_heads_forward(x, weight, bias, t, C.TEMPERATURE, "mean", True, True, cfg), calls),
+           "launch2_us": _per_call_us(
+               lambda: S.launch_small_grads(x, weight, bias, stash, cfg, True, False, True, True, upstream=one),
+               calls)}
+    if device == "cuda":
+        bare, many = _bare_kernels()
+        ptrs = [one] * 13
+        out["bare_launch_us"] = _per_call_us(lambda: bare[(1,)](one), calls)
+        out["bare_launch_30_args_us"] = _per_call_us(
+            lambda: many[(1,)](*ptrs, *range(1, 13), 0.5, 0.25, 1.5, 2.0, 3.0, BLOCK=16), calls)
+        out["capturing_query_us"] = _per_call_us(torch.cuda.is_current_stream_capturing, calls)
+        event = checks._flags_of(torch.device(device)).event
+        out["event_query_us"] = _per_call_us(event.query, calls)
+
+    params = [head.weight, head.bias]
+
+    def floor_step():
+        for p in params:
+            p.grad = None
+        C.AutogradFloor.apply(x, head.weight, head.bias).backward()
+
+    out["autograd_floor_us"] = _per_call_us(floor_step, calls)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "host_overhead.py")
+    names = [a for name in BREAKDOWN_PYTHON_CASES.values() for a in ("--case", name)]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, script, "--child", "stubbed", "--steps", str(python_steps), *names],
+                          capture_output=True, text=True, timeout=120, env=env)
+    if proc.returncode != 0:
+        out["python_error"] = (proc.stderr.strip().splitlines() or ["(no output)"])[-1][:300]
+        return out
+    timed = dict(line.split("\t")[:2] for line in proc.stdout.splitlines() if line.count("\t") == 2)
+    for key, name in BREAKDOWN_PYTHON_CASES.items():
+        if name in timed:
+            out[key] = float(timed[name])
+    return out
 
 
 def host_facts(device: str = "cuda", calls: int = 2000) -> dict:
@@ -905,6 +1012,14 @@ def _measure(args) -> int:
             print(f"  {r['op']:14} {r['shape']:10} {r['provider']:22} host {r['host_us']:9.1f} "
                   f"stream {r['stream_us']:9.1f} gpu {r['gpu_us'] if r['gpu_us'] is None else round(r['gpu_us'], 1)} "
                   f"(SM {r.get('sm_mhz')} MHz)")
+    if not short:
+        try:
+            breakdown = host_breakdown(by_key[BREAKDOWN_CASE])
+        except Exception as exc:
+            breakdown = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+        record.update(host_breakdown=breakdown)
+        print("host time of its pieces (us per call): " + ", ".join(
+            f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in breakdown.items()), flush=True)
     copy_bps = copy_bandwidth()
     print(f"device copy: {copy_bps / 1e9:.0f} GB/s (read + write)", flush=True)
     try:

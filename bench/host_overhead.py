@@ -104,6 +104,7 @@ def cases(rows: int = 32) -> dict:
     path (C past the small step's class limit: the path of the host-bound mid and large-C cases on the device
     machine). The host cost does not depend on the shape; torch ops that a GPU would only launch compute here,
     so they are kept tiny."""
+    from common import AutogradFloor
     from fasthydra import GaussianHydraHead, HydraHead, hydra_kl_loss, uncertainty
     from fasthydra.ops._common import SMALL_MAX_CLASSES
 
@@ -125,17 +126,6 @@ def cases(rows: int = 32) -> dict:
     linear_wide = HydraHead(8, wide_c, 2, impl="triton")
     mlp_wide = HydraHead(8, wide_c, 2, hidden_features=8, impl="triton")
 
-    class Floor(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, inp, weight, bias):
-            ctx.save_for_backward(inp, weight, bias)
-            return inp.new_zeros(())
-
-        @staticmethod
-        def backward(ctx, grad):
-            _, weight, bias = ctx.saved_tensors
-            return None, torch.empty_like(weight), torch.empty_like(bias)
-
     def no_grad_step(fn):
         def step():
             with torch.no_grad():
@@ -143,7 +133,8 @@ def cases(rows: int = 32) -> dict:
         return step
 
     return {
-        "autograd floor": (lambda: Floor.apply(x, linear.weight, linear.bias).backward(), list(linear.parameters())),
+        "autograd floor": (lambda: AutogradFloor.apply(x, linear.weight, linear.bias).backward(),
+                           list(linear.parameters())),
         "linear heads fwd+bwd": (lambda: linear.distill_loss(x, t, 2.0).backward(), list(linear.parameters())),
         "linear heads fwd+bwd, tensor T": (lambda: linear.distill_loss(x, t, temperature).backward(),
                                            list(linear.parameters())),
@@ -203,12 +194,17 @@ def count_calls(step, params) -> int:
     return n
 
 
-def _child(mode: str, steps: int, profile: str | None) -> None:
-    """One mode in this process (the stand-ins cannot be taken back once kernels have bound)."""
+def _child(mode: str, steps: int, profile: str | None, only: list[str] | None = None) -> None:
+    """One mode in this process (the stand-ins cannot be taken back once kernels have bound); only: these
+    cases alone (bench/gpu_check.py times two of them on the device machine's CPU)."""
     torch.set_num_threads(1)
     install_stand_ins(mode)
-    for name, (step, params) in cases().items():
-        if profile and name != profile:
+    table = cases()
+    unknown = [name for name in only or () if name not in table]
+    if unknown:
+        raise SystemExit(f"host_overhead.py: no case {', '.join(map(repr, unknown))}; the cases: {', '.join(table)}")
+    for name, (step, params) in table.items():
+        if (profile and name != profile) or (only and name not in only):
             continue
         us = time_step(step, params, steps)
         calls = count_calls(step, params) if mode == "stubbed" else 0
@@ -233,9 +229,11 @@ def main(argv=None) -> int:
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--profile", default=None, help="a case name: cProfile of its stubbed steps")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--case", action="append", default=None,
+                    help="with --child: time this case only (repeatable); prints name, us, calls per line")
     args = ap.parse_args(argv)
     if args.child:
-        _child(args.child, args.steps, args.profile)
+        _child(args.child, args.steps, args.profile, args.case)
         return 0
     if args.profile:
         _child("stubbed", args.steps, args.profile)

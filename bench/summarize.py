@@ -88,8 +88,8 @@ def gpu_check_records(data: dict) -> list[dict]:
 
 
 def gpu_check_extras(data: dict) -> str:
-    """What else a gpu_check record holds for bench/RESULTS.md: the run's facts, latency rows, variants, the default
-    design's bounds, targets, and the cases that failed."""
+    """What else a gpu_check record holds for bench/RESULTS.md: the run's facts, latency rows, the small step's host
+    time by pieces, variants, the default design's bounds, targets, and the cases that failed."""
     parts = [", ".join(f"{k} {data[k]}" for k in ("device", "date", "commit", "torch", "triton") if data.get(k))]
     if data.get("copy_bytes_per_s"):
         parts.append(f"measured copy: {data['copy_bytes_per_s'] / 1e9:.0f} GB/s")
@@ -99,6 +99,9 @@ def gpu_check_extras(data: dict) -> str:
         parts.append(_table((("op", 0), ("shape", 0), ("provider", 0), ("GPU us", 1), ("host us", 1)), (
             (r["op"], r["shape"], r["provider"], _f(r.get("gpu_us"), ".0f"), _f(r.get("host_us"), ".0f"))
             for r in data["latency"] if "error" not in r)))
+    if data.get("host_breakdown"):
+        parts.append("host time of the small step's pieces (us per call): " + ", ".join(
+            f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in data["host_breakdown"].items()))
     if data.get("variants"):
         parts.append(_table((("op", 0), ("shape", 0), ("variant", 0), ("time / default", 1),
                              ("memory / default", 1)), (

@@ -117,6 +117,7 @@ def test_summarize_reads_a_gpu_check_record(tmp_path, capsys):
     record["bounds"] = gpu_check.design_bounds(record["rows"], {(c.op, c.name): c for c in C.cases("cuda")},
                                                record["copy_bytes_per_s"])
     record["rows"].append(failed)
+    record["host_breakdown"] = {"case": "linear_fwdbwd/gpu-small/float32/cuda", "launch1_us": 123.45}
     path = tmp_path / "gpu.json"
     path.write_text(json.dumps(record))
     png = tmp_path / "chart.png"
@@ -130,6 +131,8 @@ def test_summarize_reads_a_gpu_check_record(tmp_path, capsys):
     assert f"| {row['seconds'] * 1e3:.2f} | {flops / row['seconds'] / 1e12:.1f} TFLOP/s |" in line
     assert f"| {row['over_gemm_floor']:.2f} |" in line
     assert record["commit"] in out and record["torch"] in out
+    assert ("host time of the small step's pieces (us per call): case linear_fwdbwd/gpu-small/float32/cuda, "
+            "launch1_us 123.5") in lines
     for r in record["latency"]:
         assert f"| {r['op']} | {r['shape']} | {r['provider']} | {r['gpu_us']:.0f} | {r['host_us']:.0f} |" in lines
     for label, verdict, value in record["targets"]:
@@ -269,6 +272,7 @@ def _stub_device(monkeypatch):
                         lambda timeout, workers, log_path: {"returncode": 0, "summary": "1 passed"})
     monkeypatch.setattr(gpu_check, "copy_bandwidth", lambda: 4e12)
     monkeypatch.setattr(gpu_check, "host_facts", lambda device: {"cpu": "stand-in", "cpus": 1, "cuda_empty_us": 9.5})
+    monkeypatch.setattr(gpu_check, "host_breakdown", lambda case: {"case": case.key, "launch1_us": 50.0})
     monkeypatch.setattr(gpu_check, "topk_rows", lambda bps: [{"teacher": "dense", "seconds": 1e-3,
                                                               "teacher_bytes": 10, "bytes_moved": 30,
                                                               "of_copy_bandwidth": 0.5}])
@@ -332,6 +336,7 @@ def test_a_short_run_times_only_the_cases_named(tmp_path, monkeypatch, capsys):
     providers = {r["provider"] for r in record["rows"]}
     assert "fasthydra/kl-deferred" in providers and "compile" not in providers and "eager" in providers
     assert record["latency"] == [] and record["profiles"] == {} and record["ncu"] == {"skipped": "--cases"}
+    assert "host_breakdown" not in record
     assert gpu_check.main(["--out", str(out), "--cases", "kl_fwdbwd:nowhere"]) == 2
     assert "kl_fwdbwd:nowhere" in capsys.readouterr().err
 
@@ -371,6 +376,10 @@ def test_main_runs_end_to_end_with_the_device_parts_stubbed(tmp_path, monkeypatc
     assert record["profiles"]["linear_fwdbwd gpu-small"][0]["kernel"] == "k"
     assert record["host_profiles"]["linear_fwdbwd gpu-small"][0]["function"] == "f"
     assert record["host"] == {"cpu": "stand-in", "cpus": 1, "cuda_empty_us": 9.5}
+    # the small step's host time by pieces, of the case BREAKDOWN_CASE names
+    assert record["host_breakdown"] == {"case": "linear_fwdbwd/gpu-small/float32/cuda", "launch1_us": 50.0}
+    assert "host time of its pieces (us per call): case linear_fwdbwd/gpu-small/float32/cuda, launch1_us 50.0" \
+        in printed
     verdicts = {label: verdict for label, verdict, _ in record["targets"]}
     assert verdicts["linear_fwdbwd gpu-small: gpu_us <= 60.0"] == "PASS"
     assert verdicts["linear_fwdbwd gpu-small: speedup_vs_eager >= 10.0"] == "FAIL"  # 4x in the stand-in
@@ -726,6 +735,8 @@ def test_every_prediction_names_a_figure_gpu_check_records(monkeypatch):
                 assert src.split("/", 1)[1] in profiles and key == "ms_per_step" and leaf.get("match"), p["id"]
             elif src == "host":
                 assert key in host, p["id"]
+            elif src == "host_breakdown":
+                assert key in gpu_check.BREAKDOWN_KEYS, p["id"]
             elif src == "tests":
                 assert key in ("seconds", "failures", "passed"), p["id"]
             else:
@@ -819,3 +830,17 @@ def test_predictions_against_the_recorded_h200_run(tmp_path):
     lines = proc.stdout.splitlines()
     assert proc.returncode == 0 and len(lines) == 1 + len(results)
     assert "linear fwd+bwd gpu-large bf16: 21.8 to 22.6 ms (" in proc.stdout
+
+
+@pytest.mark.interpret
+def test_host_breakdown_times_the_small_steps_pieces_on_cpu():
+    """The small step's host time by pieces (host_breakdown), run here on CPU tensors with the kernels under the
+    interpreter: both launches of the small step ran (their times present and positive), autograd's floor too, and
+    bench/host_overhead.py's stubbed mode in a child process timed the same step's Python (no error from it).
+    The CUDA-only pieces (bare launches, the error word's queries) are absent on the CPU."""
+    case = C.Case("linear_fwdbwd", "gpu-small", 32, 16, 2, 10, torch.float32, "cpu")
+    out = gpu_check.host_breakdown(case, calls=2, python_steps=2)
+    assert out["case"] == case.key and "python_error" not in out, out
+    for key in gpu_check.BREAKDOWN_KEYS[:5]:
+        assert 0 < out[key] < 1e7, (key, out[key])
+    assert set(out) == {"case", *gpu_check.BREAKDOWN_KEYS[:5]}  # (the bare launches and queries: CUDA only)
