@@ -221,11 +221,13 @@ def after_launch(device: torch.device, op: str, shape) -> None:
             torch.cuda.current_stream(f.word.device).synchronize()
         _raise_from(f, f.word.cpu().numpy(), f.calls, deferred=False)
         return
-    if f.in_flight or (f.word.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if f.in_flight:
         return
     now = _clock()
     if now - f.copy_time < COPY_INTERVAL_S:
         return  # a later call copies the word (sticky: this call's bits are still in it)
+    if f.word.is_cuda and torch.cuda.is_current_stream_capturing():
+        return  # (asked last: a CUDA query, where the clock above usually answers first)
     f.host.copy_(f.word, non_blocking=True)
     f.event.record()
     f.in_flight = True
