@@ -114,9 +114,11 @@ KNOBS = {
                                 "cases": [("linear_fwdbwd", "gpu-large")]},
     # the loss kernel's long-row tiles (one 16-byte slice per thread and tensor): 2048 in 8 warps is
     # the default (the H200 runs of 2026-11-28, before the per-thread statistics); 1024 puts more rows
-    # in flight, 4096 and 8192 fewer (the second read from L2), now that wide tiles cost no barriers
+    # in flight, 4096 and 8192 fewer (the second read from L2: 8192 in 32 warps is one row an SM, 17 MB of
+    # rows in flight), now that wide tiles cost no barriers; the two wide ones also at linear gpu-large
     **{f"fasthydra/kl-tile-{w}": {"set": [("fasthydra.ops._common", "MAX_BLOCK_C", w)],
-                                  "cases": [("kl_fwdbwd", "gpu-large"), ("mlp_fwdbwd", "gpu-large")]}
+                                  "cases": [("kl_fwdbwd", "gpu-large"), ("mlp_fwdbwd", "gpu-large"),
+                                            *([("linear_fwdbwd", "gpu-large")] if w > 2048 else [])]}
        for w in (1024, 4096, 8192)},
     # heads with a bias, long rows: the default is the one-kernel loss pass, then a column sum that reads dz
     # again; the alternative forms dz and db in the loss pass's second launch (SPLIT_BIAS_PASS; the default

@@ -203,7 +203,8 @@ def test_variants_set_their_settings_and_restore_them(monkeypatch):
         assert os.environ["FASTHYDRA_IMPL"] == "torch"
     assert "FASTHYDRA_IMPL" not in os.environ
     assert gpu_check.variants_for("linear_fwdbwd", "gpu-large") == [
-        "fasthydra/groups-512MiB", "fasthydra/bias-split-pass", "fasthydra/groups-512MiB-split", "fasthydra/dx-add"]
+        "fasthydra/groups-512MiB", "fasthydra/kl-tile-4096", "fasthydra/kl-tile-8192", "fasthydra/bias-split-pass",
+        "fasthydra/groups-512MiB-split", "fasthydra/dx-add"]
     _turns_and_back("fasthydra/bias-split-pass", "SPLIT_BIAS_PASS", False)
     import fasthydra.ops.linear_hydra_kl as lk
 
