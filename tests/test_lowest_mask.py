@@ -408,3 +408,30 @@ def test_class_tiled_statistics_carry_a_sum_past_float32s_range(monkeypatch, nat
     assert 0.9e38 < want.item() < 1.1e38  # half of 0.6 * 3.4e38, and the second row's ordinary KL
     assert torch.isfinite(loss), f"{loss.item()} against {want.item():.4e}"
     assert abs(loss.item() - want.item()) <= 1e-5 * want.item()
+
+
+@pytest.mark.parametrize("impl,device", TARGETS)
+@pytest.mark.parametrize("temperature", [0.3, 1.0])
+def test_hinton_topk_member_whose_only_live_entry_is_the_lowest_value(impl, device, temperature):
+    """A top-k member whose one live kept value is fp32's lowest (its other entry -inf, a padding) is a finite row:
+    all its mass on that class. Its tempered softmax in the Hinton target was taken after dividing by T, where the
+    lowest value overflows at T < 1: p NaN, the target row -inf everywhere, and a ValueError that the teacher had a
+    row -inf for every class (found by the random sweep under a new data seed). Against the densified teacher's
+    float64 loss and gradient."""
+    g = torch.Generator().manual_seed(7)
+    c = 5
+    values = torch.randn(B, M, 2, generator=g)
+    indices = torch.stack([torch.randperm(c, generator=g)[:2] for _ in range(B * M)]).view(B, M, 2)
+    values[1, 2] = torch.tensor([LOWEST, NEG_INF])  # member 2 of row 1: one live class, at the lowest value
+    values[4, 0] = torch.tensor([NEG_INF, LOWEST])
+    z0 = torch.randn(B, c, generator=g)
+    z = z0.to(device).requires_grad_()
+    loss = hinton_kl_loss(z, TopKTeacher(values.to(device), indices.to(device)), temperature, impl=impl)
+    (gz,) = torch.autograd.grad(loss, z)
+    z64 = z0.double().requires_grad_()
+    dense = TopKTeacher(values.double(), indices).densify(c)
+    ref = R.hinton_kl_loss_ref(z64, dense, temperature)
+    (g64,) = torch.autograd.grad(ref, z64)
+    assert torch.isfinite(ref) and torch.isfinite(loss)
+    assert_close_to(loss, ref, rtol=1e-5, atol=1e-6, what="loss")
+    assert_close_to(gz, g64, rtol=1e-5, atol=1e-7, what="student gradient")
