@@ -22,7 +22,7 @@ from fasthydra.ops import checks as _checks
 from fasthydra.ops.checks import (caller_lead, caller_op, flag_gaussian_teacher, flag_teacher_rows, flag_topk_teacher,
                                   poll)
 from fasthydra.ops.gaussian_kl import gaussian_kl_torch, split_gaussian
-from fasthydra.ops.hydra_kl import masked_reduction, neg_dots_over
+from fasthydra.ops.hydra_kl import masked_reduction, neg_dots_over, shifted_values
 from fasthydra.ops.uncertainty import ensemble_log_mean_triton
 from fasthydra.ops import library as _ops
 from fasthydra.ops import native
@@ -719,13 +719,8 @@ def _hinton_topk(z, student_logits, teacher: TopKTeacher, lead: tuple, temperatu
     target_t = _target_temperature(temperature, impl, substitute=True)
     cdt = torch.float64 if values.dtype == torch.float64 else torch.float32
     m, k = values.shape[1:]
-    # each member's kept values less their maximum before 1 / T (softmax's value and gradient do not change): a member
-    # whose only live entry is fp32's lowest value (a mask written as finfo.min, say) overflows to -inf at T < 1
-    # divided first, and its p became NaN, the target row -inf everywhere (a new data seed's sweep, case 1743)
-    v = values.to(cdt)
-    top = v.detach().amax(-1, keepdim=True)
-    v = v - torch.where(torch.isneginf(top), 0.0, top)  # (every entry -inf: the check above flags such a member)
-    p = torch.softmax(v / target_t, dim=-1).reshape(b, m * k) / m  # (explicit sizes: B may be 0)
+    # (each member's values less their maximum first: shifted_values; B may be 0, hence the explicit sizes)
+    p = torch.softmax(shifted_values(values.to(cdt)) / target_t, dim=-1).reshape(b, m * k) / m
     index = indices.long().reshape(b, m * k)
     if p.requires_grad and inference_tensor(index):  # (made under inference_mode: scatter_add could not save it)
         index = index.clone()

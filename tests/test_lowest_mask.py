@@ -412,26 +412,39 @@ def test_class_tiled_statistics_carry_a_sum_past_float32s_range(monkeypatch, nat
 
 @pytest.mark.parametrize("impl,device", TARGETS)
 @pytest.mark.parametrize("temperature", [0.3, 1.0])
-def test_hinton_topk_member_whose_only_live_entry_is_the_lowest_value(impl, device, temperature):
-    """A top-k member whose one live kept value is fp32's lowest (its other entry -inf, a padding) is a finite row:
-    all its mass on that class. Its tempered softmax in the Hinton target was taken after dividing by T, where the
-    lowest value overflows at T < 1: p NaN, the target row -inf everywhere, and a ValueError that the teacher had a
-    row -inf for every class (found by the random sweep under a new data seed). Against the densified teacher's
-    float64 loss and gradient."""
+@pytest.mark.parametrize("op", ["hinton", "hydra", "heads"])
+def test_topk_row_whose_only_live_entry_is_the_lowest_value(impl, device, temperature, op):
+    """A top-k row (a member's, a head's) whose one live kept value is fp32's lowest (its other entry -inf, a
+    padding) is a finite row: all its mass on that class. The torch ops took its softmax after dividing by T, where
+    the lowest value overflows at T < 1, and p came out NaN: the Hinton target's row -inf everywhere (a ValueError
+    that the teacher had such a row; found by the random sweep under a new data seed), and on the torch path the
+    loss on logits and the heads' loss 200x off with NaN gradients (the Triton kernels were right). Against the
+    densified teacher's float64 loss and gradients."""
     g = torch.Generator().manual_seed(7)
-    c = 5
+    c, d = 5, 4
     values = torch.randn(B, M, 2, generator=g)
     indices = torch.stack([torch.randperm(c, generator=g)[:2] for _ in range(B * M)]).view(B, M, 2)
-    values[1, 2] = torch.tensor([LOWEST, NEG_INF])  # member 2 of row 1: one live class, at the lowest value
+    values[1, 2] = torch.tensor([LOWEST, NEG_INF])  # row 1, member or head 2: one live class, at the lowest value
     values[4, 0] = torch.tensor([NEG_INF, LOWEST])
-    z0 = torch.randn(B, c, generator=g)
-    z = z0.to(device).requires_grad_()
-    loss = hinton_kl_loss(z, TopKTeacher(values.to(device), indices.to(device)), temperature, impl=impl)
-    (gz,) = torch.autograd.grad(loss, z)
-    z64 = z0.double().requires_grad_()
+    teacher = TopKTeacher(values.to(device), indices.to(device))
     dense = TopKTeacher(values.double(), indices).densify(c)
-    ref = R.hinton_kl_loss_ref(z64, dense, temperature)
-    (g64,) = torch.autograd.grad(ref, z64)
+    if op == "heads":
+        head = HydraHead(d, c, M, impl=impl).to(device)
+        x = torch.randn(B, d, generator=g)
+        loss = head.distill_loss(x.to(device), teacher, temperature)
+        got = torch.autograd.grad(loss, list(head.parameters()))
+        ref, want = reference_loss_and_grads(head, x, dense, temperature)
+        want = want[1:]  # (the parameters': x does not require grad here)
+    else:
+        z0 = torch.randn((B, c) if op == "hinton" else (B, M, c), generator=g)
+        fn, ref_fn = (hinton_kl_loss, R.hinton_kl_loss_ref) if op == "hinton" else (hydra_kl_loss, R.hydra_kl_loss_ref)
+        z = z0.to(device).requires_grad_()
+        loss = fn(z, teacher, temperature, impl=impl)
+        got = torch.autograd.grad(loss, z)
+        z64 = z0.double().requires_grad_()
+        ref = ref_fn(z64, dense, temperature)
+        want = torch.autograd.grad(ref, z64)
     assert torch.isfinite(ref) and torch.isfinite(loss)
     assert_close_to(loss, ref, rtol=1e-5, atol=1e-6, what="loss")
-    assert_close_to(gz, g64, rtol=1e-5, atol=1e-7, what="student gradient")
+    for a, w in zip(got, want):
+        assert_close_to(a, w, rtol=1e-5, atol=1e-7, what="gradient")

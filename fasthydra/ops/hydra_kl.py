@@ -490,13 +490,22 @@ def hydra_kl_backward_triton(student, teacher, norms, grad_loss, temperature: fl
 # ----------------------------------------------------------------------------------------------
 
 
+def shifted_values(v: torch.Tensor) -> torch.Tensor:
+    """Top-k teacher values (..., k) less each row's largest (0 for a row of -inf pads only, which the checks
+    flag), before they are divided by T: softmax, log_softmax and the teacher gradient's differences do not change,
+    but a row whose one live value is fp32's lowest (a mask written as finfo.min) would overflow to -inf at T < 1
+    and give p = NaN (a loss 200x off and NaN gradients, found beside the Hinton target's same fault)."""
+    top = v.detach().amax(-1, keepdim=True)
+    return v - torch.where(torch.isneginf(top), 0.0, top)
+
+
 def kl_chunk_topk_torch(s: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, temperature: float, want_grad: bool,
                         want_tgrad: bool = False):
     """kl_chunk_torch for a top-k teacher. s: (..., C) tempered student logits (consumed); v: (..., k)
     raw teacher values (-inf pads); idx: (..., k) int64 class ids. Returns (loss (...), unscaled
     gradient q - scatter(p~) (..., C) or None, unscaled values gradient p~ * (log p~ - log q_idx - KL)
     (..., k) or None). One softmax over C for the student, one over k for the teacher."""
-    w = v.to(s.dtype) * (1.0 / temperature)
+    w = shifted_values(v.to(s.dtype)) * (1.0 / temperature)
     p = torch.softmax(w, dim=-1)
     log_p = torch.log_softmax(w, dim=-1)
     s_idx = s.gather(-1, idx)

@@ -46,6 +46,7 @@ from .hydra_kl import (
     launch_kl_rows_topk,
     reduce_rows,
     reduction_coefficient,
+    shifted_values,
 )
 
 
@@ -216,7 +217,7 @@ def _class_tiled_block_topk(xc, w, bias_c, vb, ib, temperature, want_grad, share
     student's online max and sum and gathers its logits at the kept classes tile by tile; pass 2 forms
     q tile by tile minus p~ at the kept classes that fall in it. Returns the loss rows (rows, M)."""
     m, c, k, bc, inv_t, cdt, xs, tile = _tiled_setup(xc, w, temperature, shared)
-    v = vb.permute(1, 0, 2).to(cdt) * inv_t  # (M, rows, k)
+    v = shifted_values(vb.permute(1, 0, 2).to(cdt)) * inv_t  # (M, rows, k)
     idx = ib.permute(1, 0, 2).long()
     p, log_p = torch.softmax(v, dim=-1), torch.log_softmax(v, dim=-1)
 
