@@ -7,9 +7,11 @@ A small step is host-bound on a GPU (bench/RESULTS.md: the GPU finishes it in te
 the host does per step is its time. Each case runs forward + backward on small CPU tensors through the code
 that CUDA tensors take (impl="triton"; the error word deferred and copied as on CUDA, checks.py), in two modes:
 
-- ``triton``: Triton's own host code of every launch runs (argument binding and specialisation, the kernel
-  cache key), with the driver replaced by a stand-in and the compiled kernel's launch a no-op. What is left out
-  is the C launcher and the driver call (a few microseconds each on a bare host, tens under a sandbox).
+- ``triton``: the host code of every launch runs, with the driver replaced by a stand-in and the compiled
+  kernel's launch a no-op: Triton's own (argument binding and specialisation, the kernel cache key) on a
+  kernel's first call with given argument properties, ``fasthydra.ops.launch``'s direct path after it. What
+  is left out is the C launcher and the driver call (a few microseconds each on a bare host, tens under a
+  sandbox).
 - ``stubbed``: every launch a no-op: this project's Python and the torch calls it makes.
 
 Beside them, ``autograd floor``: an autograd.Function that takes the same parameters and does nothing, the
@@ -92,7 +94,10 @@ def install_stand_ins(mode: str) -> None:
     JITFunction.device_caches = property(lambda self: self.__dict__["device_caches"],
                                          lambda self, v: self.__dict__.__setitem__("device_caches", v))
     if mode == "stubbed":
+        from fasthydra.ops import launch
+
         JITFunction.run = lambda self, *args, grid, warmup, **kwargs: None
+        launch.FAST_LAUNCH = False  # (its direct path would compute a key for a kernel that never comes)
     checks._DEFER_ON_CPU = True  # the error word copied and polled as on CUDA
     F.interpreting = lambda: True  # resolve_impl: impl="triton" on CPU tensors
     _common.KEEP_CPU_TEMPERATURE_TENSOR = True  # a tensor temperature kept and passed to the kernels, as on CUDA

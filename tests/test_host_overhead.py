@@ -18,8 +18,10 @@ def _without_interpreter() -> dict:
 
 
 def test_steps_go_through_tritons_launch_code():
-    """With the stand-ins, a small training step passes its two launches through JITFunction.run (binder,
-    specialisation, cache key) and nothing reaches a GPU; in the stubbed mode Triton binds no argument."""
+    """With the stand-ins, a small training step's first call passes its two launches through JITFunction.run
+    (binder, specialisation, cache key: one binder per kernel and device); the second step launches the compiled
+    kernels directly (fasthydra.ops.launch), Triton's binder not called; in the stubbed mode Triton binds no
+    argument."""
     script = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(BENCH)!r})
@@ -40,12 +42,17 @@ def test_steps_go_through_tritons_launch_code():
             return real_binder(self)
 
         JITFunction.create_binder = create_binder
+        direct = []
+        H._NoOpKernel.run = lambda self, *args: direct.append(args[4])
         for name in ("linear heads fwd+bwd", "loss on logits fwd+bwd", "linear heads fwd+bwd, cuBLAS path"):
             step, _ = H.cases()[name]
-            step()
             seen.clear()
             step()
-            print(name, sorted(seen))
+            print(name, "first", sorted(seen))
+            seen.clear()
+            direct.clear()
+            step()
+            print(name, "again", sorted(seen), len(direct))
         print("binders", len(made))
     """)
     out = {}
@@ -54,15 +61,19 @@ def test_steps_go_through_tritons_launch_code():
                               text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
         out[mode] = proc.stdout
-    assert "linear heads fwd+bwd ['_small_heads_grad_kernel', '_small_heads_kl_kernel']" in out["triton"]
+    triton, stubbed = out["triton"], out["stubbed"]
+    assert "linear heads fwd+bwd first ['_small_heads_grad_kernel', '_small_heads_kl_kernel']" in triton
+    # the second step: both launches direct, JITFunction.run not called
+    assert "linear heads fwd+bwd again [] 2" in triton
     # (the loss on logits forms dz in its forward launch: DEFER_KL_GRAD off; on a GPU the backward adds the
     # scaling kernel's launch, which the stand-ins' CPU tensors scale in torch instead)
-    assert "loss on logits fwd+bwd ['_hydra_kl_fwd_kernel']" in out["triton"]
+    assert "loss on logits fwd+bwd first ['_hydra_kl_fwd_kernel']" in triton
+    assert "loss on logits fwd+bwd again [] 1" in triton
     # the wider case takes the cuBLAS path (its GEMMs are torch calls), the loss kernel its one launch
-    assert "linear heads fwd+bwd, cuBLAS path ['_hydra_kl_fwd_kernel']" in out["triton"]
-    assert "binders 3" in out["triton"]  # one per kernel and device
-    assert "linear heads fwd+bwd ['_small_heads_grad_kernel', '_small_heads_kl_kernel']" in out["stubbed"]
-    assert "binders 0" in out["stubbed"]
+    assert "linear heads fwd+bwd, cuBLAS path again [] 1" in triton
+    assert "binders 3" in triton  # one per kernel and device
+    assert "linear heads fwd+bwd again ['_small_heads_grad_kernel', '_small_heads_kl_kernel'] 0" in stubbed
+    assert "binders 0" in stubbed
 
 
 def test_table_has_every_case():

@@ -30,6 +30,7 @@ import time
 import torch
 
 from ._common import helper_kernels_run_on, no_values
+from .launch import launch
 
 NAN, POSINF, ALL_NEGINF = 1, 2, 4
 BAD_VAR, BAD_MEAN = 8, 16  # Gaussian teachers: a variance not finite and > 0, a mean not finite
@@ -276,7 +277,7 @@ def _flag_row_values(values: torch.Tensor, op: str) -> None:
         from fasthydra.kernels.checks import _flag_rows_kernel
 
         n = values.numel()
-        _flag_rows_kernel[((n + FLAG_BLOCK - 1) // FLAG_BLOCK,)](values, n, word, BLOCK=FLAG_BLOCK)
+        launch(_flag_rows_kernel, ((n + FLAG_BLOCK - 1) // FLAG_BLOCK,), values, n, word, BLOCK=FLAG_BLOCK)
         return
     bits = (torch.isnan(values).any().int() * NAN + torch.isposinf(values).any().int() * POSINF
             + torch.isneginf(values).any().int() * ALL_NEGINF)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from . import _common
 from ._common import cdiv, dot_precision, finished_count, next_pow2, small_heads_config, stored_grad_dtype, upcast_dot
 from .checks import after_launch, error_word
+from .launch import launch
 from .grouped_linear import heads_backward
 from .small_heads import launch_small_grads
 
@@ -67,7 +68,7 @@ def gaussian_heads_kl_forward_triton(x, weight, bias, teacher_mean, teacher_var,
     # dL/d(mean, raw var): fp32 for fp16 inputs (the 1/(B M K) coefficient leaves fp16's range: stored_grad_dtype)
     stash = torch.empty(b, m, two_k, dtype=stored_grad_dtype(x.dtype), device=dev) if want_grad else loss
     coef = 1.0 / (b * m * k) if reduction == "mean" else 1.0  # of the loss and of each gradient term
-    _gaussian_heads_kl_fwd_kernel[grid](
+    launch(_gaussian_heads_kl_fwd_kernel, grid,
         x, weight, bias if bias is not None else weight, teacher_mean, teacher_var, loss, parts, stash,
         error_word(dev, "gaussian_kl_loss"), out, finished_count(dev), b, k, d, x.stride(0), min_var, coef,
         HAS_BIAS=bias is not None, WRITE_GRAD=want_grad, UPCAST_DOT=upcast_dot(x.dtype),

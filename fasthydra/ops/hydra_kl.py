@@ -17,6 +17,7 @@ import torch
 
 from . import native
 from .checks import after_launch, error_word
+from .launch import launch
 from . import _common
 from ._common import (TORCH_CHUNK_ELEMENTS, cdiv, compute_dtype, finished_count, kl_rows_config, next_pow2,
                       rows_per_chunk)
@@ -100,8 +101,8 @@ def launch_scale_unless_one(stored: list, grad_output: torch.Tensor) -> None:
         group = stored[i:i + 3]
         ptrs = [(t, t.numel()) for t in group] + [(grad_output, 0)] * (3 - len(group))
         programs = max(1, min(SCALE_PROGRAMS, max(cdiv(n, SCALE_BLOCK) for _, n in ptrs)))
-        _scale_unless_one_kernel[(programs,)](grad_output, *(v for pair in ptrs for v in pair), BLOCK=SCALE_BLOCK,
-                                              num_warps=4)
+        launch(_scale_unless_one_kernel, (programs,), grad_output, *(v for pair in ptrs for v in pair),
+               BLOCK=SCALE_BLOCK, num_warps=4)
 
 
 # Elements of one chunk of the torch form of neg_dots_over (its products' scratch: 16 MiB in fp32).
@@ -127,8 +128,8 @@ def neg_dots_over(t: torch.Tensor, pairs: list) -> torch.Tensor:
         out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
         parts = torch.empty(programs, dtype=torch.float32, device=t.device)
         args = [v for g, x in pairs for v in (g, x, g.numel())] + [t, t, 0] * (3 - len(pairs))
-        _neg_dots_over_kernel[(programs,)](t, *args, parts, out, finished_count(t.device), BLOCK=SCALE_BLOCK,
-                                           BLOCK_P=_common.reduce_block(programs, 4), num_warps=4)
+        launch(_neg_dots_over_kernel, (programs,), t, *args, parts, out, finished_count(t.device), BLOCK=SCALE_BLOCK,
+               BLOCK_P=_common.reduce_block(programs, 4), num_warps=4)
         return out
     total = torch.zeros((), dtype=t.dtype, device=pairs[0][0].device if pairs else t.device)
     for g, x in pairs:
@@ -314,7 +315,7 @@ def launch_kl_rows(z3, t3, loss2, grad3, temperature: float, grad_scale: float |
     out, coef, parts, count = _reduce_args(reduce_to, grid, loss2)
     nkept, batch = (loss2, 0.0) if kept_mean is None else kept_mean
     tf, temp, t_ptr = temperature_scalars(temperature)
-    _hydra_kl_fwd_kernel[(grid,)](
+    launch(_hydra_kl_fwd_kernel, (grid,),
         z3, t3, loss2, g3, h3, error_word(z3.device, op), b3, norms if norms is not None else loss2, parts, out,
         count, loss2 if keep2 is None else keep2, nkept, r, i, c, z3.stride(0), z3.stride(1), t3.stride(0),
         t3.stride(1), g3.stride(0), g3.stride(1), loss2.stride(0), loss2.stride(1), h3.stride(0), h3.stride(1),
@@ -352,7 +353,7 @@ def launch_kl_grad(z3, t3, norms, upstream, grad3, temperature: float, grad_scal
     cfg = _common.kl_grad_config(r, c)
     nkept, batch = (norms, 0.0) if kept_mean is None else kept_mean
     tf, temp, t_ptr = temperature_scalars(temperature)
-    _hydra_kl_grad_kernel[(cdiv(r, cfg["BLOCK_R"]), cfg["col_blocks"])](
+    launch(_hydra_kl_grad_kernel, (cdiv(r, cfg["BLOCK_R"]), cfg["col_blocks"]),
         z3, t3, norms, up, grad3, norms if keep2 is None else keep2, nkept, r, i, c, cfg["cols_per_prog"],
         z3.stride(0), z3.stride(1), t3.stride(0), t3.stride(1), 0 if upstream.dim() == 0 else up.stride(0),
         0 if upstream.dim() == 0 else up.stride(1), grad3.stride(0), grad3.stride(1),
@@ -384,7 +385,7 @@ def launch_kl_grad_cols(z3, t3, norms, grad3, bias3, temperature: float, grad_sc
     b3 = bias3 if bias3 is not None else z3
     nkept, batch = (part, 0.0) if kept_mean is None else kept_mean
     tf, temp, t_ptr = temperature_scalars(temperature)
-    _hydra_kl_grad_cols_kernel[(o * cfg["n_groups"], cfg["col_blocks"])](
+    launch(_hydra_kl_grad_cols_kernel, (o * cfg["n_groups"], cfg["col_blocks"]),
         z3, t3, b3, norms, grad3, part, part if keep is None else keep, nkept, i, c, cfg["n_groups"],
         cfg["rows_per_prog"], z3.stride(0), z3.stride(1), t3.stride(0), t3.stride(1), b3.stride(0), grad3.stride(0),
         grad3.stride(1), 1.0 / tf, grad_scale, float(batch), temp, BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"],
@@ -554,7 +555,7 @@ def launch_kl_rows_topk(z3, v3, i3, loss2, grad3, temperature: float, grad_scale
     grid = cdiv(r, cfg["BLOCK_R"])
     out, coef, parts, count = _reduce_args(reduce_to, grid, loss2)
     tf, temp, t_ptr = temperature_scalars(temperature)
-    _hydra_kl_topk_fwd_kernel[(grid,)](
+    launch(_hydra_kl_topk_fwd_kernel, (grid,),
         z3, v3, i3, loss2, g3, h3, error_word(z3.device, op), loss2 if keep2 is None else keep2,
         loss2 if kept_mean is None else kept_mean[0], parts, out, count, r, i, c, k, z3.stride(0), z3.stride(1),
         v3.stride(0), v3.stride(1), i3.stride(0), i3.stride(1), g3.stride(0), g3.stride(1), loss2.stride(0),

@@ -17,6 +17,7 @@ from ._common import (cdiv, dot_precision, empty_stored_grad, finished_count, sm
                       temperature_scalars,
                       upcast_dot)
 from .checks import after_launch, error_word
+from .launch import launch
 from .hydra_kl import reduction_coefficient
 
 
@@ -49,7 +50,7 @@ def small_heads_forward(inp, weight, bias, teacher, temperature: float, reductio
     mean_kept = row_mask is not None and reduction == "mean"
     tf, temp, t_ptr = temperature_scalars(temperature)
     precision = dot_precision(dt)
-    _small_heads_kl_kernel[grid1](
+    launch(_small_heads_kl_kernel, grid1,
         inp, weight, bias if bias is not None else weight, teacher, rows, parts, rows if stash is None else stash,
         rows if tgrad is None else tgrad, error_word(dev, "distill_loss"), out,
         finished_count(dev) if reduce else parts, _keep_arg(row_mask, parts),
@@ -130,7 +131,7 @@ def launch_small_grads(inp, weight, bias, stash, cfg: dict, shared: bool, need_i
         precision = dot_precision(dt)
         outer = _common.small_grads_outer(cfg, precision)
         unused = stash  # a placeholder pointer for the outputs and inputs not in use
-        _small_heads_grad_kernel[(n_w + n_x,)](
+        launch(_small_heads_grad_kernel, (n_w + n_x,),
             inp, weight, stash, unused if grad_in is None else grad_in, unused if grad_w is None else grad_w,
             unused if grad_b is None else grad_b, unused if upstream is None else upstream,
             _keep_arg(row_mask, unused), b, m, c, k,

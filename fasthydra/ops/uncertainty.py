@@ -15,6 +15,7 @@ from fasthydra.reference import Uncertainty
 
 from . import native
 from . import _common
+from .launch import launch
 from ._common import (TORCH_CHUNK_ELEMENTS, compute_dtype, rows_per_chunk, temperature_scalars, uncertainty_config,
                       uncertainty_grad_config)
 
@@ -71,7 +72,7 @@ def uncertainty_triton(logits: torch.Tensor, temperature: float) -> Uncertainty:
         cfg = uncertainty_config(m, c, b)
         vec = max(1, min(cfg["BLOCK_C"], 16 // logits.element_size()))
         tf, temp, t_ptr = temperature_scalars(temperature)
-        _uncertainty_fwd_kernel[(b,)](
+        launch(_uncertainty_fwd_kernel, (b,),
             logits, probs, total, aleatoric, epistemic,
             m, c, logits.stride(0), logits.stride(1), probs.stride(0), 1.0 / tf, temp,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], ROW_IN_REGISTERS=cfg["ROW_IN_REGISTERS"],
@@ -128,7 +129,7 @@ def uncertainty_backward_triton(logits: torch.Tensor, temperature: float, g_prob
     per_row = [dz if g is None else g for g in (g_total, g_aleatoric, g_epistemic)]  # (dz: any pointer, unread)
     cfg = uncertainty_grad_config(m, c, logits.element_size())
     tf, temp, t_ptr = temperature_scalars(temperature)
-    _uncertainty_bwd_kernel[(b,)](
+    launch(_uncertainty_bwd_kernel, (b,),
         logits, dz if g_probs is None else g_probs, *per_row, dz, m, c, logits.stride(0), logits.stride(1),
         0 if g_probs is None else g_probs.stride(0), *(0 if g is None else g.stride(0) for g in (g_total, g_aleatoric,
                                                                                              g_epistemic)),
@@ -188,7 +189,7 @@ def ensemble_log_mean_triton(teacher: torch.Tensor, temperature: float, op: str)
     if b > 0:
         cfg = uncertainty_config(m, c, hinton_target=True, elem_size=teacher.element_size())
         tf, temp, t_ptr = temperature_scalars(temperature)
-        _ensemble_log_mean_kernel[(b,)](
+        launch(_ensemble_log_mean_kernel, (b,),
             teacher, out, error_word(teacher.device, op), m, c, teacher.stride(0), teacher.stride(1), out.stride(0),
             1.0 / tf, tf, math.log(m), temp, BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"],
             ROW_IN_REGISTERS=cfg["ROW_IN_REGISTERS"], VEC=cfg.get("VEC", 1), T_PTR=t_ptr,
