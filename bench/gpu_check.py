@@ -109,6 +109,9 @@ KNOBS = {
     "fasthydra/small-dot": {"set": [("fasthydra.ops._common", "SMALL_OUTER_FMA", False)], "cases": "latency"},
     # ... and tl.dot for launch 2's dW walk alone (its outer products run 128 short steps at small-C)
     "fasthydra/small-dw-dot": {"set": [("fasthydra.ops._common", "SMALL_OUTER_DW", False)], "cases": "latency"},
+    # every launch through Triton's kernel[grid](...) (its binder and specialisation each call) instead of the
+    # direct launch of a compiled kernel met before (fasthydra/ops/launch.py, the fifty-fifth session)
+    "fasthydra/jit-launch": {"set": [("fasthydra.ops.launch", "FAST_LAUNCH", False)], "cases": "latency"},
     # the cuBLAS path's head groups at gpu-large: 2 heads per group (512 MiB of logits) and 1 (the default)
     "fasthydra/groups-512MiB": {"set": [("fasthydra.ops.linear_hydra_kl", "CUBLAS_GROUP_ELEMENTS", 1 << 28)],
                                 "cases": [("linear_fwdbwd", "gpu-large")]},
@@ -418,7 +421,8 @@ def host_profile(case: C.Case, steps: int = 200, top: int = 15) -> list[dict]:
 BREAKDOWN_CASE = ("linear_fwdbwd", "gpu-small")
 BREAKDOWN_PYTHON_CASES = {"python_step_us": "linear heads fwd+bwd", "python_autograd_floor_us": "autograd floor"}
 # host_breakdown's pieces (us per call); the last two only on CUDA
-BREAKDOWN_KEYS = ("launch1_us", "launch2_us", "bare_launch_us", "bare_launch_30_args_us", "autograd_floor_us",
+BREAKDOWN_KEYS = ("launch1_us", "launch2_us", "launch1_jit_us", "launch2_jit_us", "bare_launch_us",
+                  "bare_launch_30_args_us", "bare_launch_30_args_direct_us", "autograd_floor_us",
                   *BREAKDOWN_PYTHON_CASES, "capturing_query_us", "event_query_us")
 
 
@@ -454,9 +458,11 @@ def host_breakdown(case: C.Case, calls: int = 300, python_steps: int = 300) -> d
     small-step path, issued without synchronising) is made of on this host, each piece timed alone, us per call:
     - ``launch1_us``: the forward's launch 1 (``small_heads_forward``: its four allocations, the launch, the
       error word's bookkeeping), no autograd around it; ``launch2_us``: the backward's launch 2
-      (``launch_small_grads``, the gradients' allocations);
+      (``launch_small_grads``, the gradients' allocations); both by the direct path of fasthydra.ops.launch (the
+      default), and ``launch1_jit_us`` / ``launch2_jit_us`` through Triton's ``kernel[grid](...)`` instead;
     - ``bare_launch_us`` / ``bare_launch_30_args_us``: a Triton kernel that does nothing, with one argument and
-      with launch 1's count (Triton's launch path and the driver's launch alone);
+      with launch 1's count (Triton's launch path and the driver's launch alone); ``bare_launch_30_args_direct_us``
+      the second one by fasthydra's direct path;
     - ``autograd_floor_us``: an autograd.Function on the case's parameters that does nothing (as
       bench/host_overhead.py's floor), forward + backward on the device;
     - ``capturing_query_us``, ``event_query_us``: the two CUDA queries of the error word's bookkeeping;
@@ -467,6 +473,7 @@ def host_breakdown(case: C.Case, calls: int = 300, python_steps: int = 300) -> d
     thread, the allocator on the device)."""
     from fasthydra.ops import _common, checks
     from fasthydra.ops import small_heads as S
+    from fasthydra.ops.launch import launch
 
     device = case.device
     inputs = C.make_inputs(case)
@@ -479,17 +486,20 @@ def host_breakdown(case: C.Case, calls: int = 300, python_steps: int = 300) -> d
         raise ValueError(f"host_breakdown: {case.key} does not take the small step")
     one = torch.ones((), device=device)
     stash = S.small_heads_forward(x, weight, bias, t, C.TEMPERATURE, "mean", True, True, cfg)[1]
-    out = {"case": case.key,
-           "launch1_us": _per_call_us(
-               lambda: S.small_heads_forward(x, weight, bias, t, C.TEMPERATURE, "mean", True, True, cfg), calls),
-           "launch2_us": _per_call_us(
-               lambda: S.launch_small_grads(x, weight, bias, stash, cfg, True, False, True, True, upstream=one),
-               calls)}
+    out = {"case": case.key}
+    for suffix, direct in (("", True), ("_jit", False)):
+        with C.settings({}, [("fasthydra.ops.launch", "FAST_LAUNCH", direct)]):
+            out[f"launch1{suffix}_us"] = _per_call_us(
+                lambda: S.small_heads_forward(x, weight, bias, t, C.TEMPERATURE, "mean", True, True, cfg), calls)
+            out[f"launch2{suffix}_us"] = _per_call_us(
+                lambda: S.launch_small_grads(x, weight, bias, stash, cfg, True, False, True, True, upstream=one),
+                calls)
     bare, many = _bare_kernels()  # (on CPU tensors they run under the interpreter: the tests' tier)
     ptrs = [one] * 13
+    many_args = (*ptrs, *range(1, 13), 0.5, 0.25, 1.5, 2.0, 3.0)
     out["bare_launch_us"] = _per_call_us(lambda: bare[(1,)](one), calls)
-    out["bare_launch_30_args_us"] = _per_call_us(
-        lambda: many[(1,)](*ptrs, *range(1, 13), 0.5, 0.25, 1.5, 2.0, 3.0), calls)
+    out["bare_launch_30_args_us"] = _per_call_us(lambda: many[(1,)](*many_args), calls)
+    out["bare_launch_30_args_direct_us"] = _per_call_us(lambda: launch(many, (1,), *many_args), calls)
     if device == "cuda":
         out["capturing_query_us"] = _per_call_us(torch.cuda.is_current_stream_capturing, calls)
         event = checks._flags_of(torch.device(device)).event

@@ -17,6 +17,7 @@ import textwrap
 import pytest
 import torch
 
+from fasthydra import HydraHead, hydra_kl_loss, uncertainty
 from fasthydra.ops import launch as L
 
 BENCH = pathlib.Path(__file__).resolve().parents[1] / "bench"
@@ -193,3 +194,58 @@ def test_direct_launches_pass_what_tritons_path_passes():
     # direct); then n = 17, 1 (a constant to Triton), 33 and 48 (each a new value); 48 again 16 bytes off (direct)
     assert "route tdttdttttd" in proc.stdout, proc.stdout
     assert "hooked 0 1" in proc.stdout
+
+
+def _step(head, x, t, z):
+    """A training step of the heads, the loss on logits and uncertainty's gradient: their values and grads."""
+    x = x.detach().requires_grad_()
+    z = z.detach().requires_grad_()
+    for p in head.parameters():
+        p.grad = None
+    loss = head.distill_loss(x, t, temperature=2.0)
+    loss.backward()
+    kl = hydra_kl_loss(z, t, 2.0)
+    u = uncertainty(z)
+    (kl + u.epistemic.sum()).backward()
+    return [loss.detach(), x.grad, *(p.grad for p in head.parameters()), kl.detach(), z.grad, u.total]
+
+
+@pytest.mark.gpu
+@pytest.mark.kernels
+@pytest.mark.parametrize("hidden", [None, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_repeated_steps_take_the_direct_path_and_match_tritons(monkeypatch, hidden, dtype):
+    """A training loop's repeated calls launch directly (no JITFunction.run), and every step, with new data, rows
+    4 bytes off their alignment and another batch size between them, gives what Triton's own launches give on
+    the same inputs."""
+    from triton.runtime.jit import JITFunction
+
+    calls = [0]
+    real = JITFunction.run
+
+    def counting(self, *args, **kwargs):
+        calls[0] += 1
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(JITFunction, "run", counting)
+    d, m, c = 32, 4, 10
+    head = HydraHead(d, c, m, hidden_features=hidden, impl="triton", device="cuda", dtype=dtype)
+    wide = torch.randn(64, d + 1, device="cuda", dtype=dtype)
+    inputs = [(torch.randn(b, d, device="cuda", dtype=dtype), b) for b in (64, 64)]
+    inputs += [(wide[:, 1:], 64), (torch.randn(48, d, device="cuda", dtype=dtype), 48),
+               (torch.randn(64, d, device="cuda", dtype=dtype), 64)]
+    jit_calls = []
+    for x, b in inputs:
+        t = torch.randn(b, m, c, device="cuda", dtype=dtype)
+        z = torch.randn(b, m, c, device="cuda", dtype=dtype)
+        before = calls[0]
+        direct = _step(head, x, t, z)
+        jit_calls.append(calls[0] - before)
+        monkeypatch.setattr(L, "FAST_LAUNCH", False)
+        through_triton = _step(head, x, t, z)
+        monkeypatch.setattr(L, "FAST_LAUNCH", True)
+        for got, want in zip(direct, through_triton):
+            torch.testing.assert_close(got, want)
+    # the second and fifth steps repeat the first's argument properties: every launch direct
+    assert jit_calls[1] == 0 and jit_calls[4] == 0, jit_calls
+    assert jit_calls[0] > 0 and jit_calls[2] > 0, jit_calls  # (the first call, and rows 4 bytes off: new keys)
