@@ -8,12 +8,12 @@ profiled launch of the small step's 30-argument kernel took about 150 us, the la
 
 ``launch(kernel, grid, *args, **kwargs)`` does what ``kernel[grid](*args, **kwargs)`` does. The first call
 for a given (device, argument properties, constexprs, options) goes through Triton's own path, which compiles
-or finds the kernel; the compiled kernel it returns is kept under a key built here in Python from the same
-properties Triton specialises on, so that every later call with an equal key launches it directly: the
-compiled kernel's own launcher, with the same arguments in the same order as Triton's ``JITFunction.run``
-passes them. The key is a refinement of Triton's: two calls with equal keys have equal Triton
-specialisations (tests/test_launch.py checks it against the installed Triton's specialiser), so the kernel
-launched is the one Triton would have launched.
+or finds the kernel; the compiled kernel it returns is kept under a key built here in Python (``args_key``: a
+tensor's dtype and address modulo 16, an int's value, a float's type), so that every later call with an equal
+key launches it directly: the compiled kernel's own launcher, with the same arguments in the same order as
+Triton's ``JITFunction.run`` passes them. The key is a refinement of Triton's: two calls with equal keys have
+equal Triton specialisations (tests/test_launch.py checks it against the installed Triton's specialiser), so the
+kernel launched is the one Triton would have launched.
 
 Triton's own path is taken instead: under the interpreter; for Triton versions whose launch convention was
 not checked here (``FAST_LAUNCH_TRITON``); while a launch hook, a pre-run hook or a stages-inspection hook is
@@ -32,12 +32,12 @@ from . import _common
 
 FAST_LAUNCH = os.environ.get("FASTHYDRA_FAST_LAUNCH", "1") != "0"
 
-# Triton versions whose JITFunction.run was read for this module: the compiled kernel's launcher takes
-# (grid x, y, z, stream, function, packed metadata, launch metadata, enter hook, exit hook, *every argument,
+# Triton versions whose JITFunction.run was read for this module (3.6 to 3.9, the same in each): the compiled
+# kernel's launcher takes (grid x, y, z, stream, function, packed metadata, launch metadata, enter hook, exit hook, *every argument,
 # constexprs included, in signature order); launch metadata is None when no enter hook is set.
 FAST_LAUNCH_TRITON = ((3, 6), (3, 7), (3, 8), (3, 9))
 
-_PLAIN = (int, float, bool, str, type(None))  # argument types whose key entry is exact (see _entry_key)
+_PLAIN = (int, float, bool, str, type(None))  # argument types whose key entry is exact (see args_key)
 _MAX_KEYS = 4096  # per kernel: a process whose shapes never repeat clears the cache rather than grow it
 
 
