@@ -33,8 +33,9 @@ from . import _common
 FAST_LAUNCH = os.environ.get("FASTHYDRA_FAST_LAUNCH", "1") != "0"
 
 # Triton versions whose JITFunction.run was read for this module (3.6 to 3.9, the same in each): the compiled
-# kernel's launcher takes (grid x, y, z, stream, function, packed metadata, launch metadata, enter hook, exit hook, *every argument,
-# constexprs included, in signature order); launch metadata is None when no enter hook is set.
+# kernel's launcher takes (grid x, y, z, stream, function, packed metadata, launch metadata, enter hook, exit
+# hook, *every argument, constexprs included, in signature order); launch metadata is None when no enter hook
+# is set.
 FAST_LAUNCH_TRITON = ((3, 6), (3, 7), (3, 8), (3, 9))
 
 _PLAIN = (int, float, bool, str, type(None))  # argument types whose key entry is exact (see args_key)
