@@ -215,9 +215,9 @@ def _step(head, x, t, z):
 @pytest.mark.parametrize("hidden", [None, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_repeated_steps_take_the_direct_path_and_match_tritons(monkeypatch, hidden, dtype):
-    """A training loop's repeated calls launch directly (no JITFunction.run), and every step, with new data, rows
-    4 bytes off their alignment and another batch size between them, gives what Triton's own launches give on
-    the same inputs."""
+    """A training loop's repeated calls launch directly (no JITFunction.run), and every step, with new data, inputs
+    an element off their alignment (x's rows, the logits, the teacher) and another batch size between them, gives
+    what Triton's own launches give on the same inputs."""
     from triton.runtime.jit import JITFunction
 
     calls = [0]
@@ -235,9 +235,10 @@ def test_repeated_steps_take_the_direct_path_and_match_tritons(monkeypatch, hidd
     inputs += [(wide[:, 1:], 64), (torch.randn(48, d, device="cuda", dtype=dtype), 48),
                (torch.randn(64, d, device="cuda", dtype=dtype), 64)]
     jit_calls = []
-    for x, b in inputs:
-        t = torch.randn(b, m, c, device="cuda", dtype=dtype)
-        z = torch.randn(b, m, c, device="cuda", dtype=dtype)
+    for i, (x, b) in enumerate(inputs):
+        off = 1 if i == 2 else 0  # the third step's logits and teacher one element off their buffers' alignment
+        t = torch.randn(b * m * c + off, device="cuda", dtype=dtype)[off:].view(b, m, c)
+        z = torch.randn(b * m * c + off, device="cuda", dtype=dtype)[off:].view(b, m, c)
         before = calls[0]
         direct = _step(head, x, t, z)
         jit_calls.append(calls[0] - before)
@@ -248,4 +249,4 @@ def test_repeated_steps_take_the_direct_path_and_match_tritons(monkeypatch, hidd
             torch.testing.assert_close(got, want)
     # the second and fifth steps repeat the first's argument properties: every launch direct
     assert jit_calls[1] == 0 and jit_calls[4] == 0, jit_calls
-    assert jit_calls[0] > 0 and jit_calls[2] > 0, jit_calls  # (the first call, and rows 4 bytes off: new keys)
+    assert jit_calls[0] > 0 and jit_calls[2] > 0, jit_calls  # (the first call, and logits off alignment: new keys)
