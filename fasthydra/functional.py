@@ -243,11 +243,18 @@ def _check_reduction(reduction) -> str:
 
 
 def _check_same_device(**tensors) -> None:
-    present = {k: v for k, v in tensors.items() if v is not None}
-    devices = {v.device for v in present.values()}
-    if len(devices) > 1:
-        seen = ", ".join(f"{k} on {v.device}" for k, v in present.items())
-        raise ValueError(f"all tensors must be on one device, got {seen}")
+    first = None
+    for v in tensors.values():  # (a plain loop: a third of the host time of sets and comprehensions)
+        if v is None:
+            continue
+        if first is None:
+            first = v.device
+        elif v.device != first:
+            break
+    else:
+        return
+    seen = ", ".join(f"{k} on {v.device}" for k, v in tensors.items() if v is not None)
+    raise ValueError(f"all tensors must be on one device, got {seen}")
 
 
 def _check_row_mask(row_mask, lead: tuple, against: str, like: torch.Tensor) -> torch.Tensor | None:
@@ -477,7 +484,8 @@ def _autocast_gemm_inputs(*tensors):
 def _autocast_loss(loss: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """The ops return losses in their compute dtype; users get the input's dtype, or fp32 under
     autocast (torch's policy for softmax, log_softmax and kl_div)."""
-    return loss.to(torch.float32 if _autocast_dtype(ref) is not None else ref.dtype)
+    dtype = torch.float32 if _autocast_dtype(ref) is not None else ref.dtype
+    return loss if loss.dtype == dtype else loss.to(dtype)  # (to() of its own dtype: a microsecond for nothing)
 
 
 # ----------------------------------------------------------------------------------------------

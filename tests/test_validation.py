@@ -1,10 +1,12 @@
 """cpu tier: every bad input of DESIGN section 2 gets its clear error, before any kernel runs."""
 
+import re
+
 import pytest
 import torch
 
 from fasthydra import HydraHead, TopKTeacher, hinton_kl_loss, hydra_kl_loss, uncertainty
-from fasthydra.functional import resolve_impl
+from fasthydra.functional import linear_heads, resolve_impl
 
 pytestmark = pytest.mark.cpu
 
@@ -104,6 +106,18 @@ def test_different_devices(no_kernels):
     meta = torch.empty(4, 3, 5, device="meta")
     with pytest.raises(ValueError, match="one device"):
         hydra_kl_loss(Z, meta)
+
+
+@pytest.mark.parametrize("odd,with_bias", [("x", True), ("x", False), ("weight", True), ("weight", False),
+                                            ("bias", True)])
+def test_different_devices_named_wherever_the_odd_one_is(no_kernels, odd, with_bias):
+    """The heads' check walks x, weight and bias (None skipped): whichever one is elsewhere, the error names every
+    tensor with its device."""
+    parts = {"x": torch.randn(4, 16), "weight": torch.randn(3, 5, 16), "bias": torch.randn(3, 5) if with_bias else None}
+    parts[odd] = torch.empty(parts[odd].shape, device="meta")
+    shown = ", ".join(f"{k} on {'meta' if k == odd else 'cpu'}" for k, v in parts.items() if v is not None)
+    with pytest.raises(ValueError, match=re.escape(f"all tensors must be on one device, got {shown}")):
+        linear_heads(parts["x"], parts["weight"], parts["bias"])
 
 
 @pytest.mark.parametrize("reduction", ["batchmean", None, "avg"])

@@ -191,8 +191,9 @@ def small_grads_outer(cfg: dict, precision: str) -> bool:
 
 def empty_stored_grad(t: torch.Tensor) -> torch.Tensor:
     """An empty gradient of t formed in the forward and scaled in the backward: t's shape, contiguous, in
-    stored_grad_dtype (also under fake tensors: torch.empty follows the mode)."""
-    return torch.empty(t.shape, dtype=stored_grad_dtype(t.dtype), device=t.device)
+    stored_grad_dtype (also under fake tensors: empty_like follows the mode). (empty_like: half the host time of
+    ``torch.empty(t.shape, ...)``, whose shape argument torch parses as a sequence.)"""
+    return torch.empty_like(t, dtype=stored_grad_dtype(t.dtype), memory_format=torch.contiguous_format)
 
 
 def small_grads_config(n_rows: int, n_heads: int, n_cols: int, k: int, elem_size: int,
@@ -240,7 +241,9 @@ def save_inputs(ctx, *tensors) -> None:
     eager torch on the same inputs never saves one (its softmaxes keep their own outputs). An inference tensor
     cannot be changed in place outside inference mode; a change made to it inside one between the forward and the
     backward goes unseen, as torch's own ops would not see it either."""
-    inference = [inference_tensor(t) for t in tensors]
+    # inference_tensor of each, inlined (is_compiling asked once: host time per step)
+    inference = [] if torch.compiler.is_compiling() else [isinstance(t, torch.Tensor) and t.is_inference()
+                                                           for t in tensors]
     if any(inference):
         ctx.inference_inputs = {i: t for i, (t, held) in enumerate(zip(tensors, inference)) if held}
         tensors = tuple(None if held else t for t, held in zip(tensors, inference))
@@ -285,7 +288,8 @@ def device_to_enter(t: torch.Tensor) -> int | None:
     device = t.device
     if device.type != "cuda" or device.index is None:
         return None
-    return None if device.index == torch.cuda.current_device() else device.index
+    # (torch.cuda.current_device() less its lazy-init check, which a CUDA tensor has passed: a microsecond a call)
+    return None if device.index == torch._C._cuda_getDevice() else device.index
 
 
 def on_tensor_device(fn):
@@ -358,7 +362,7 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 def upcast_dot(dtype: torch.dtype) -> bool:
     # The interpreter's tl.dot on 16-bit operands is not trustworthy: feed it fp32 there.
-    return interpreting() and dtype != torch.float32
+    return dtype != torch.float32 and interpreting()  # (in this order: fp32 reads no environment variable)
 
 
 def rows_per_chunk(total_rows: int, row_elements: int, budget: int) -> int:
@@ -579,7 +583,9 @@ def finished_count(device: torch.device) -> torch.Tensor:
         # with no slot left (or no block yet: it is made outside captures), a count zeroed inside the
         # graph, before each replay of this launch
         return view if view is not None else torch.zeros(1, dtype=torch.int32, device=device)
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    # the current stream's handle, as torch.cuda.current_stream(device).cuda_stream (without the Stream object it
+    # builds, several microseconds a call)
+    stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
     view = _count_views.get((device, stream))
     if view is not None:
         return view

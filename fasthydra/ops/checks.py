@@ -151,12 +151,16 @@ class _DeviceFlags:
         self.copy_time = float("-inf")  # _clock() when the last copy was issued
         self.clean_at = 0  # self.calls when a landed copy last showed no error
         self.shapes: dict[str, tuple] = {}
+        self.on_cuda = device.type == "cuda"
 
 
 _flags: dict[torch.device, _DeviceFlags] = {}
 
 
 def _flags_of(device: torch.device) -> _DeviceFlags:
+    f = _flags.get(device)  # (a tensor's device, as the ops pass it: found without making a torch.device)
+    if f is not None:
+        return f
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
@@ -193,14 +197,18 @@ def _raise_from(f: _DeviceFlags, values, calls_seen: int, deferred: bool) -> Non
 
 def poll(device: torch.device) -> None:
     """Raises the ValueError of a landed copy that shows an error; never waits for the GPU."""
-    device = torch.device(device)
-    if (device.type != "cuda" and not _DEFER_ON_CPU) or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
         return
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    f = _flags.get(device)
-    if f is None or not f.in_flight or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-        return  # nothing in flight, or capturing a graph (where even an event query is not allowed)
+    f = _flags.get(device)  # (a tensor's device, as the ops pass it: found without making a torch.device)
+    if f is None:
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        f = _flags.get(device)
+    if f is None or not f.in_flight or (not f.on_cuda and not _DEFER_ON_CPU):
+        return  # nothing in flight (a CPU word never is, unless _DEFER_ON_CPU)
+    if f.on_cuda and torch.cuda.is_current_stream_capturing():
+        return  # capturing a graph (where even an event query is not allowed)
     if not f.event.query():
         return
     f.in_flight = False
@@ -214,7 +222,7 @@ def after_launch(device: torch.device, op: str, shape) -> None:
     f = _flags_of(device)
     f.calls += 1
     f.shapes[op] = _shown(shape)
-    if f.word.device.type != "cuda" and not _DEFER_ON_CPU:  # CPU tensors: no stall, raise at once
+    if not f.on_cuda and not _DEFER_ON_CPU:  # CPU tensors: no stall, raise at once
         _raise_from(f, f.word.numpy(), f.calls, deferred=False)
         return
     if strict():
@@ -227,7 +235,7 @@ def after_launch(device: torch.device, op: str, shape) -> None:
     now = _clock()
     if now - f.copy_time < COPY_INTERVAL_S:
         return  # a later call copies the word (sticky: this call's bits are still in it)
-    if f.word.is_cuda and torch.cuda.is_current_stream_capturing():
+    if f.on_cuda and torch.cuda.is_current_stream_capturing():
         return  # (asked last: a CUDA query, where the clock above usually answers first)
     f.host.copy_(f.word, non_blocking=True)
     f.event.record()

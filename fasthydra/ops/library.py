@@ -191,6 +191,8 @@ def _hydra_kl_setup(ctx, inputs, output):
 def _traced(*tensors) -> bool:
     """A backward that must call the custom op, not its implementation: traced (compile, AOT: fake or functional
     tensors), or where the forward took the op (``op_form``)."""
+    if not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0:  # (op_form is is_meta then)
+        return any([type(t) is not torch.Tensor or t.is_meta for t in tensors])
     return any(type(t) is not torch.Tensor or op_form(t) for t in tensors)
 
 
@@ -623,17 +625,21 @@ register_autograd("fasthydra::gaussian_heads_kl", _deferrable_backward(_heads_ba
 # ----------------------------------------------------------------------------------------------
 
 
-def _eager_function(name: str, impl, setup, backward) -> type:
-    """`impl` as an autograd.Function with the given setup_context and backward."""
+def _eager_function(name: str, impl, setup, backward, loss_only: bool = False) -> type:
+    """`impl` as an autograd.Function with the given setup_context and backward. loss_only: the Function's one
+    output is impl's first (the loss); the others (stored gradients, placeholders: non-differentiable, held by
+    the setup where it keeps them) go to the setup alone, and autograd tracks one output where the op has up to
+    seven (about 1 us each on the host per step). Its callers read the loss alone (``loss, *_ = call(...)``)."""
 
     def forward(ctx, *args):  # the classic form: a separate setup_context costs a signature bind per call
         out = impl(*args)
         setup(ctx, args, out)
-        return out
+        return out[0] if loss_only else out
 
     return type(f"{name}_function", (torch.autograd.Function,), {
         "forward": staticmethod(forward),
         "backward": staticmethod(backward),
+        "loss_only": loss_only,
     })
 
 
@@ -668,13 +674,13 @@ def _eager_call(name: str, fn: type, impl):
         if torch._C._is_tracing():
             refuse_jit_trace(name)
         if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
-            return fn.apply(*args)
+            return (fn.apply(*args),) if fn.loss_only else fn.apply(*args)
         return impl(*args)
 
     return call
 
 
-def _eager_entry(op, impl, setup=None, backward=None):
+def _eager_entry(op, impl, setup=None, backward=None, loss_only: bool = False):
     """A callable that runs `op` (the custom op) where ``op_form`` says so (torch.compile/export tracing, meta
     tensors, FakeTensorMode, the FLOP counter), and otherwise `impl` directly, wrapped in an autograd.Function
     with the op's own setup_context and backward."""
@@ -683,7 +689,7 @@ def _eager_entry(op, impl, setup=None, backward=None):
             return op(*args) if op_form(args[0]) else impl(*args)
         return call
 
-    eager = _eager_call(op._name, _eager_function(op._name, impl, setup, backward), impl)
+    eager = _eager_call(op._name, _eager_function(op._name, impl, setup, backward, loss_only), impl)
 
     def call(*args):
         return op(*args) if op_form(args[0]) else eager(*args)
@@ -808,7 +814,7 @@ def _eager_hydra_kl_backward(ctx, grad_loss, *_grad_of_grads):
     return student, teacher, *(None,) * 8
 
 
-hydra_kl_call = _eager_entry(hydra_kl, _hydra_kl_impl, _eager_hydra_kl_setup, _eager_hydra_kl_backward)
+hydra_kl_call = _eager_entry(hydra_kl, _hydra_kl_impl, _eager_hydra_kl_setup, _eager_hydra_kl_backward, True)
 def _eager_linear_setup(ctx, inputs, output):
     """Eager form of _linear_setup: the deferred small step as there, else the hand-over of stored gradients."""
     if not _small_setup(ctx, inputs, output):
@@ -816,7 +822,7 @@ def _eager_linear_setup(ctx, inputs, output):
 
 
 linear_hydra_kl_call = _eager_entry(linear_hydra_kl, _linear_hydra_kl_impl, _eager_linear_setup,
-                                    _deferrable_backward(_eager_heads_backward(16, _linear_hydra_kl_impl), 16))
+                                    _deferrable_backward(_eager_heads_backward(16, _linear_hydra_kl_impl), 16), True)
 uncertainty_call = _eager_entry(uncertainty, _uncertainty_impl, _uncertainty_setup, _uncertainty_backward)
 grouped_linear_call = _eager_entry(grouped_linear, _grouped_linear_impl, _grouped_linear_setup, _grouped_linear_bwd)
 def _eager_gaussian_setup(ctx, inputs, output):
@@ -833,7 +839,8 @@ def _eager_gaussian_setup(ctx, inputs, output):
 
 
 gaussian_heads_kl_call = _eager_entry(gaussian_heads_kl, _gaussian_heads_kl_impl, _eager_gaussian_setup,
-                                      _deferrable_backward(_eager_heads_backward(11, _gaussian_heads_kl_impl), 11))
+                                      _deferrable_backward(_eager_heads_backward(11, _gaussian_heads_kl_impl), 11),
+                                      True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -886,7 +893,7 @@ def _eager_mlp_setup(ctx, inputs, output):
 
 
 mlp_hydra_kl_eager = _eager_call("mlp_hydra_kl", _eager_function("mlp_hydra_kl", _mlp_hydra_kl_impl, _eager_mlp_setup,
-                                                                 _eager_heads_backward(17, _mlp_hydra_kl_impl)),
+                                                                 _eager_heads_backward(17, _mlp_hydra_kl_impl), True),
                                   _mlp_hydra_kl_impl)
 
 

@@ -73,9 +73,10 @@ def small_heads_backward(inp, weight, bias, stash, grad_loss, shared: bool, need
     grad_bias), None where not asked."""
     m, c, k = weight.shape
     cfg = small_grads_config(inp.shape[0], m, c, k, inp.element_size(), stash.element_size())
+    if grad_loss.dim() != 0 or grad_loss.dtype != torch.float32:  # (autograd's usual ones: as they are)
+        grad_loss = grad_loss.reshape(()).to(torch.float32)
     return launch_small_grads(inp.contiguous(), weight.contiguous(), bias, stash, cfg, shared, need_in, need_w,
-                              need_b and bias is not None, upstream=grad_loss.reshape(()).to(torch.float32),
-                              row_mask=row_mask)
+                              need_b and bias is not None, upstream=grad_loss, row_mask=row_mask)
 
 
 def _keep_arg(row_mask, placeholder):
@@ -117,8 +118,10 @@ def launch_small_grads(inp, weight, bias, stash, cfg: dict, shared: bool, need_i
         cfg = small_grads_config(b, m, c, k, inp.element_size(), stash.element_size())
 
     def out_like(t):  # scaled now: the tensor's dtype; else kept for the backward's scaling. Contiguous whatever
-        #               t's layout (the kernel writes dense rows; empty_like would keep a permuted bias's strides)
-        return t.new_empty(t.shape) if upstream is not None else empty_stored_grad(t)
+        #               t's layout (the kernel writes dense rows; empty_like's default would keep a permuted bias's
+        #               strides)
+        return (torch.empty_like(t, memory_format=torch.contiguous_format) if upstream is not None
+                else empty_stored_grad(t))
 
     grad_in = out_like(inp) if need_in else None
     grad_w = out_like(weight) if need_w else None
