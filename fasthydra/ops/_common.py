@@ -288,8 +288,7 @@ def device_to_enter(t: torch.Tensor) -> int | None:
     device = t.device
     if device.type != "cuda" or device.index is None:
         return None
-    # (torch.cuda.current_device() less its lazy-init check, which a CUDA tensor has passed: a microsecond a call)
-    return None if device.index == torch._C._cuda_getDevice() else device.index
+    return None if device.index == torch.cuda.current_device() else device.index
 
 
 def on_tensor_device(fn):
