@@ -241,9 +241,7 @@ def save_inputs(ctx, *tensors) -> None:
     eager torch on the same inputs never saves one (its softmaxes keep their own outputs). An inference tensor
     cannot be changed in place outside inference mode; a change made to it inside one between the forward and the
     backward goes unseen, as torch's own ops would not see it either."""
-    # inference_tensor of each, inlined (is_compiling asked once: host time per step)
-    inference = [] if torch.compiler.is_compiling() else [isinstance(t, torch.Tensor) and t.is_inference()
-                                                           for t in tensors]
+    inference = [inference_tensor(t) for t in tensors]
     if any(inference):
         ctx.inference_inputs = {i: t for i, (t, held) in enumerate(zip(tensors, inference)) if held}
         tensors = tuple(None if held else t for t, held in zip(tensors, inference))

@@ -191,9 +191,7 @@ def _hydra_kl_setup(ctx, inputs, output):
 def _traced(*tensors) -> bool:
     """A backward that must call the custom op, not its implementation: traced (compile, AOT: fake or functional
     tensors), or where the forward took the op (``op_form``)."""
-    if not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0:  # (op_form is is_meta then)
-        return any([type(t) is not torch.Tensor or t.is_meta for t in tensors])
-    return any(type(t) is not torch.Tensor or op_form(t) for t in tensors)
+    return any([type(t) is not torch.Tensor or op_form(t) for t in tensors])
 
 
 def _hydra_kl_backward(ctx, grad_loss, *_grad_of_grads):
