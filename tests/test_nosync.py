@@ -223,3 +223,18 @@ def test_copies_are_spaced_and_a_bad_call_between_them_is_still_reported(deferre
     # call 8 reports it: the bad call is one of calls 2 to 7 (clean up to call 1, copied at call 7)
     with pytest.raises(ValueError, match=r"NaN.*seen by a fasthydra call 1 to 6 call\(s\) ago"):
         hydra_kl_loss(z, good, impl="triton")
+
+
+@pytest.mark.parametrize("spelling", ["cpu", "torch.device"], ids=["string", "device"])
+def test_the_word_is_found_under_any_spelling_of_its_device(deferred, spelling):
+    """The ops pass a tensor's device; raise_pending_errors and users may pass "cpu" or a new torch.device:
+    one error word per device, found (and polled) under every spelling."""
+    device = "cpu" if spelling == "cpu" else torch.device("cpu")
+    assert checks.error_word(device, "hydra_kl_loss") is checks.error_word(torch.randn(1).device, "hydra_kl_loss")
+    assert len(checks._flags) == 1
+    checks.after_launch(torch.device("cpu"), "hydra_kl_loss", (4, 3, 20))  # a copy in flight (landed at once)
+    checks.error_word(device, "hydra_kl_loss").fill_(checks.POSINF)  # (set after the copy: not in it)
+    checks.poll(device)  # the landed copy is clean
+    checks.after_launch(device, "hydra_kl_loss", (4, 3, 20))  # copies the word with the bit in it
+    with pytest.raises(ValueError, match=r"\+Inf"):
+        checks.poll(device)

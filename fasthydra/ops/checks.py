@@ -157,14 +157,20 @@ class _DeviceFlags:
 _flags: dict[torch.device, _DeviceFlags] = {}
 
 
-def _flags_of(device: torch.device) -> _DeviceFlags:
-    f = _flags.get(device)  # (a tensor's device, as the ops pass it: found without making a torch.device)
+def _lookup(device) -> tuple[torch.device, _DeviceFlags | None]:
+    """The device's error word, if made: a tensor's device (as the ops pass it) is found without making a
+    torch.device; any other spelling ("cuda", "cuda:0", a bare torch.device("cuda")) is normalised first."""
+    f = _flags.get(device)
     if f is not None:
-        return f
+        return device, f
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    f = _flags.get(device)
+    return device, _flags.get(device)
+
+
+def _flags_of(device: torch.device) -> _DeviceFlags:
+    device, f = _lookup(device)
     if f is None:
         f = _flags[device] = _DeviceFlags(device)
     return f
@@ -199,12 +205,7 @@ def poll(device: torch.device) -> None:
     """Raises the ValueError of a landed copy that shows an error; never waits for the GPU."""
     if torch.compiler.is_compiling():
         return
-    f = _flags.get(device)  # (a tensor's device, as the ops pass it: found without making a torch.device)
-    if f is None:
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        f = _flags.get(device)
+    f = _lookup(device)[1]
     if f is None or not f.in_flight or (not f.on_cuda and not _DEFER_ON_CPU):
         return  # nothing in flight (a CPU word never is, unless _DEFER_ON_CPU)
     if f.on_cuda and torch.cuda.is_current_stream_capturing():
