@@ -28,8 +28,9 @@ seventh session: the eager reference gave NaN there, and the Triton Hinton loss 
 In about 30% of the heads and logits cases (and of the 16-bit ones) the masks are written as the dtype's lowest finite
 value, not -inf (thirty-eighth session: the Triton kernels gave NaN there; with 6193adf's kernels 19 of the 300
 interpret cases fail, and 2 of the 150 16-bit ones).
-About 45 s in all here; FASTHYDRA_SWEEP_SCALE multiplies the number of cases.
-A failure names its case: rerun it by its id.
+About 45 s in all here; FASTHYDRA_SWEEP_SCALE multiplies the number of cases, and FASTHYDRA_TEST_SEED (as for
+every test, conftest.py) draws other problems under the same case ids.
+A failure names its case: rerun it by its id (under the same FASTHYDRA_TEST_SEED).
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ from fasthydra.ops import _common
 
 # FASTHYDRA_SWEEP_SCALE=10 runs ten times the cases (a wider search before a release, or after a kernel change)
 _SCALE = float(os.environ.get("FASTHYDRA_SWEEP_SCALE", "1"))
+# FASTHYDRA_TEST_SEED other than conftest's 1234: other problems for the same case ids (1234: the set CI runs)
+_SEED = os.environ.get("FASTHYDRA_TEST_SEED", "1234").strip()
+_SEED = "" if _SEED == "1234" else f"seed {_SEED}: "
 CASES = round(300 * _SCALE)
 CASES_16 = round(150 * _SCALE)  # the 16-bit sweep
 IMPLS = [pytest.param("torch", marks=pytest.mark.cpu), pytest.param("triton", marks=pytest.mark.interpret)]
@@ -476,11 +480,12 @@ def _run(monkeypatch, name: str, choices: list, impl: str, case: int) -> None:
     """Case `case` of a sweep: its generator seeded by its name, the knobs turned, one of `choices` drawn and run
     with a second generator for the row mask (its own draws: the case's problem is the same with a mask) and a
     third for the temperature's form (a number or a tensor: likewise)."""
-    rng = random.Random(f"{name}{impl}-{case}")
-    torch.manual_seed(case)
+    key = f"{_SEED}{name}{impl}-{case}"
+    rng = random.Random(key)
+    torch.manual_seed(random.Random(f"{key}-torch").randrange(1 << 62) if _SEED else case)
     _turn_knobs(monkeypatch, rng)
-    _temperature_form(monkeypatch, random.Random(f"{name}{impl}-{case}-temperature"))
-    rng.choice(choices)(rng, impl, random.Random(f"{name}{impl}-{case}-mask"))
+    _temperature_form(monkeypatch, random.Random(f"{key}-temperature"))
+    rng.choice(choices)(rng, impl, random.Random(f"{key}-mask"))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
