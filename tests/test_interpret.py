@@ -4,6 +4,7 @@ Small cases only (the interpreter runs programs one after another in numpy): fp3
 C below 16, C not a multiple of the tile, C spanning several tiles, M = 1, empty batch.
 """
 
+import itertools
 import math
 
 import pytest
@@ -16,7 +17,7 @@ from fasthydra import HydraHead, hinton_kl_loss, hydra_kl_loss, uncertainty
 from fasthydra import reference as R
 from fasthydra.functional import linear_heads
 from fasthydra.ops import _common
-from fasthydra.ops.grouped_linear import grouped_mm
+from fasthydra.ops.grouped_linear import grouped_linear_forward, grouped_mm, heads_backward
 
 pytestmark = pytest.mark.interpret
 
@@ -475,6 +476,27 @@ def test_grouped_mm_strided_views():
     empty = torch.full((3, 17, 33), float("nan"))
     grouped_mm(torch.randn(3, 17, 0), torch.randn(3, 0, 33), empty, bias)
     assert torch.equal(empty, bias[:, None].expand(3, 17, 33))
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-input", "per-head-input"])
+def test_grouped_linear_forward_and_backward_at_edge_shapes(shared):
+    """The heads' GEMMs of the cuBLAS path (MLP heads' first layer, the Gaussian heads' backward) against
+    einsum in float64: an empty batch, one head, one output, an empty contraction; bias and ReLU each way."""
+    for b, m, n, k in itertools.product((0, 3), (1, 3), (1, 4), (0, 5)):
+        for has_bias, relu in itertools.product((False, True), repeat=2):
+            x = torch.randn((b, k) if shared else (b, m, k), dtype=torch.float64)
+            w = torch.randn(m, n, k, dtype=torch.float64)
+            bias = torch.randn(m, n, dtype=torch.float64) if has_bias else None
+            what = f"(B, M, N, K) = {(b, m, n, k)}, bias={has_bias}, relu={relu}"
+            lin = torch.einsum("bk,mnk->bmn" if shared else "bmk,mnk->bmn", x, w) + (0 if bias is None else bias)
+            assert_close_to(grouped_linear_forward(x, w, bias, shared, relu), lin.clamp(min=0) if relu else lin,
+                            rtol=1e-12, what=what)
+            g = torch.randn(b, m, n, dtype=torch.float64)
+            g_in, g_w = heads_backward(g, x, w, shared, True, True)
+            assert_close_to(g_in, torch.einsum("bmn,mnk->bk" if shared else "bmn,mnk->bmk", g, w), rtol=1e-12,
+                            what="input gradient " + what)
+            assert_close_to(g_w, torch.einsum("bmn,bk->mnk" if shared else "bmn,bmk->mnk", g, x), rtol=1e-12,
+                            what="weight gradient " + what)
 
 
 def test_linear_heads_bias_free_kernel(gemm):

@@ -13,46 +13,47 @@ import torch
 
 
 
+def mm_into(a, b, out, bias=None, relu: bool = False):
+    """out = act(a @ b + bias) for 2-D views a (M, K), b (K, N) and a contiguous out (M, N), bias (N,) or None,
+    with torch's GEMMs (cuBLAS on a GPU): bias + ReLU in cuBLASLt's epilogue, a bias alone in addmm's."""
+    if out.numel() == 0:
+        return out
+    if a.shape[1] == 0:  # empty contraction: the product is zero
+        out.zero_()
+        if bias is not None:
+            out += bias
+        if relu:
+            out.clamp_(min=0)
+        return out
+    if bias is not None and relu:
+        return torch._addmm_activation(bias, a, b, out=out)
+    if bias is not None:
+        torch.addmm(bias, a, b, out=out)
+    else:
+        torch.mm(a, b, out=out)
+    if relu:
+        out.clamp_(min=0)
+    return out
+
+
 def grouped_mm(a3, b3, out3, bias2=None, relu: bool = False):
     """out3[g] = act(a3[g] @ b3[g] + bias2[g]) for strided views a3 (G, M, K), b3 (G, K, N), out3 (G, M, N),
-    with torch's GEMMs (cuBLAS on a GPU, fp32 accumulation inside for 16-bit operands). One group is
-    written in place: bias + ReLU in cuBLASLt's epilogue, a 1-D bias in its epilogue too."""
-    g, m, k = a3.shape
-    n = b3.shape[2]
-    if g == 0 or m == 0 or n == 0:
+    with torch's GEMMs (cuBLAS on a GPU, fp32 accumulation inside for 16-bit operands). One group with a
+    contiguous output is ``mm_into``; several, one batched GEMM."""
+    if out3.numel() == 0:
         return out3
-    if k == 0:  # empty contraction: the product is zero
+    if out3.shape[0] == 1 and out3[0].is_contiguous():
+        mm_into(a3[0], b3[0], out3[0], None if bias2 is None else bias2[0], relu)
+        return out3
+    if a3.shape[2] == 0:  # empty contraction: the product is zero
         out3.zero_()
         if bias2 is not None:
             out3 += bias2[:, None, :]
-        if relu:
-            out3.clamp_(min=0)
-        return out3
-    if out3.shape[0] == 1 and out3[0].is_contiguous():
-        if bias2 is not None and relu:
-            torch._addmm_activation(bias2[0], a3[0], b3[0], out=out3[0])
-            return out3
-        if bias2 is not None:
-            torch.addmm(bias2[0], a3[0], b3[0], out=out3[0])
-        else:
-            torch.mm(a3[0], b3[0], out=out3[0])
     else:
         out3.copy_(torch.bmm(a3, b3) if bias2 is None else torch.baddbmm(bias2.unsqueeze(1), a3, b3))
     if relu:
         out3.clamp_(min=0)
     return out3
-
-
-def head_views(inp: torch.Tensor, weight: torch.Tensor, shared: bool):
-    """3-D operand views for the heads' forward GEMM and their groups.
-
-    shared: inp (B, K) -> one group over the stacked weight (1, K, M*N);
-    per head: inp (B, M, K) -> M groups, a3 (M, B, K) and b3 = W^T (M, K, N).
-    """
-    m, n, k = weight.shape
-    if shared:
-        return inp.unsqueeze(0), weight.reshape(1, m * n, k).transpose(1, 2)
-    return inp.permute(1, 0, 2), weight.transpose(1, 2)
 
 
 def heads_backward(grad_out, inp, weight, shared: bool, need_input: bool, need_weight: bool):
@@ -62,17 +63,17 @@ def heads_backward(grad_out, inp, weight, shared: bool, need_input: bool, need_w
     m, n, k = weight.shape
     grad_in = None
     if need_input:
-        if shared:
+        if shared:  # (2-D views straight to the GEMM: fewer view calls than the 3-D form)
             grad_in = torch.empty(b, k, dtype=inp.dtype, device=inp.device)
-            grouped_mm(grad_out.reshape(1, b, m * n), weight.reshape(1, m * n, k), grad_in.unsqueeze(0))
+            mm_into(grad_out.reshape(b, m * n), weight.reshape(m * n, k), grad_in)
         else:
             grad_in = torch.empty(b, m, k, dtype=inp.dtype, device=inp.device)
             grouped_mm(grad_out.permute(1, 0, 2), weight, grad_in.permute(1, 0, 2))
     grad_w = None
     if need_weight:
-        grad_w = weight.new_empty(weight.shape)  # contiguous whatever weight's layout (viewed as (1, M*N, K) below)
+        grad_w = weight.new_empty(weight.shape)  # contiguous whatever weight's layout (viewed as (M*N, K) below)
         if shared:
-            grouped_mm(grad_out.reshape(1, b, m * n).transpose(1, 2), inp.unsqueeze(0), grad_w.view(1, m * n, k))
+            mm_into(grad_out.reshape(b, m * n).t(), inp, grad_w.view(m * n, k))
         else:
             grouped_mm(grad_out.permute(1, 2, 0), inp.permute(1, 0, 2), grad_w)
     return grad_in, grad_w
@@ -88,10 +89,12 @@ def grouped_linear_forward(inp, weight, bias, shared: bool, relu: bool):
     b = inp.shape[0]
     inp = inp.contiguous()
     out = torch.empty(b, m, n, dtype=inp.dtype, device=inp.device)
-    a3, b3 = head_views(inp, weight, shared)
-    out3 = out.view(1, b, m * n) if shared else out.permute(1, 0, 2)
-    bias2 = None if bias is None else (bias.reshape(1, m * n) if shared else bias)
-    grouped_mm(a3, b3, out3, bias2, relu=relu)
+    if shared:  # one GEMM over the stacked (M*N, K) weight, in 2-D views
+        mm_into(inp, weight.reshape(m * n, k).t(), out.view(b, m * n), None if bias is None else bias.reshape(m * n),
+                relu)
+        return out
+    # per head: M groups, (B, K) of the input against W[m]^T (K, N)
+    grouped_mm(inp.permute(1, 0, 2), weight.transpose(1, 2), out.permute(1, 0, 2), bias, relu=relu)
     return out
 
 

@@ -381,12 +381,13 @@ def _small_backward(ctx, grad_loss, n_inputs: int) -> tuple:
         return tuple(out)
     inp, weight, bias, stash, row_mask, tgrad = saved_inputs(ctx)
     shared, need_in, need_w, need_b = ctx.small
-    args = (inp.detach(), weight.detach(), None if bias is None else bias.detach(), stash, grad_loss, shared,
-            need_in, need_w, need_b, row_mask)
+    rest = (stash, grad_loss, shared, need_in, need_w, need_b, row_mask)
     if _traced(inp, stash, grad_loss):
-        g_in, g_w, g_b = small_heads_grads(*args)
-    else:  # eager: the launcher itself (no placeholders for the gradients not asked for; autocast leaves it alone)
-        g_in, g_w, g_b = _small.small_heads_backward(*args)
+        g_in, g_w, g_b = small_heads_grads(inp.detach(), weight.detach(), None if bias is None else bias.detach(),
+                                           *rest)
+    else:  # eager: the launcher itself (no placeholders for the gradients not asked for; autocast leaves it alone;
+        # grad mode is off here, _no_double_backward: no detach needed)
+        g_in, g_w, g_b = _small.small_heads_backward(inp, weight, bias, *rest)
     out[0], out[1], out[2] = (g_in if need_in else None), (g_w if need_w else None), (g_b if need_b else None)
     if tgrad is not None:  # (not in place: a second backward through a retained graph finds it as launch 1 wrote it)
         out[3] = _in_dtype(_kl.scale_grads([tgrad], grad_loss)[0], ctx.teacher_dtype)
