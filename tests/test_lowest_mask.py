@@ -309,6 +309,31 @@ def test_a_student_at_the_lowest_value_where_the_teacher_keeps_mass(monkeypatch,
         assert_close_to(g.cpu()[finite], w[finite], rtol=1e-5, atol=1e-7, what=f"{name} grad")
 
 
+@pytest.mark.parametrize("impl,device,native", NATIVE_TARGETS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_student_at_the_lowest_value_below_t_1(monkeypatch, impl, device, native, kind, classes):
+    """At T = 0.3 the same rows (loss rows 1e36 to 1e38, all within float32) split in two: rows 0 and 1 have a KL
+    before the T^2 scale of about 1e39, past float32's range, and are +inf on every path (eager float32's too);
+    rows 2 to 5 keep a KL below 3.4e38, and the Triton loss kernel on a dense teacher (raw differences; the
+    Hinton loss's top-k form builds a dense target first) gives them within 1e-5 of float64, while the CPU path
+    and the Hydra loss's top-k kernel (the student divided by T first: 3.4e38 / 0.3 overflows) give +inf there,
+    the limit the README states. The student's gradient, T (q - p), stays finite and exact on every path."""
+    monkeypatch.setenv("FASTHYDRA_NATIVE", native)
+    temperature = 0.3
+    z64, t64 = _student_lowest(classes, temperature)
+    loss, got, ref, want, _, _ = _loss_rows_and_grads(kind, True, z64, t64, temperature, impl, device, classes, 3)
+    loss = loss.detach().double().cpu()
+    past = ref / temperature ** 2 > torch.finfo(torch.float32).max
+    assert past.any() and not past.all(), "the rows straddle the bound"
+    assert (loss[past] == float("inf")).all(), f"rows whose KL passes float32's range: {loss[past]}"
+    below = loss[~past]
+    if impl == "torch" or kind == "hydra-top-k":  # (the limit: +inf, or, were it lifted, exact)
+        below = torch.where(torch.isinf(below), ref[~past], below)
+    assert ((below - ref[~past]) / ref[~past]).abs().max().item() <= 1e-5, f"{below} against {ref[~past]}"
+    assert torch.isfinite(got[0].cpu()).all()
+    assert_close_to(got[0].cpu(), want[0], rtol=1e-5, atol=1e-7, what="student grad")
+
+
 HEAD_CASES = [pytest.param("torch", "cpu", "1", "rows", marks=pytest.mark.cpu, id="torch-cpu-native-C"),
               pytest.param("torch", "cpu", "0", "rows", marks=pytest.mark.cpu, id="torch-cpu-torch-ops"),
               pytest.param("torch", "cpu", "1", "class-tiles", marks=pytest.mark.cpu, id="torch-cpu-native-C-tiled"),
