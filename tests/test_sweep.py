@@ -342,10 +342,11 @@ def _logits_case(rng, impl, mrng):
 def _kl_past_float32(loss, loss_ref, loss_eager, z_ref, t_ref, ref_fn, keep, temperature, reduction, shape, what):
     """Rows that may be +inf though their float64 loss fits float32 (README, "What runs where"; eager float32's are
     not finite either): at T < 1 a student at finfo.min on a class the teacher keeps. There the KL before the T^2
-    scale may pass float32's range (every path: +inf), or only the tempered gap (z_max - z) / T does (the torch
-    ops and the C kernel, which take the student tempered: +inf; the Triton kernels keep raw differences and are
-    exact, tests/test_lowest_mask.py). Such a row, or a reduced loss over one, is accepted as +inf; any other
-    value is compared as usual. Returns the loss, its reference and eager's with the accepted rows left out."""
+    scale may pass float32's range (every path: +inf), or only the tempered gap (z_max - z) / T does (+inf on the
+    CPU path and from the Hydra loss's top-k kernel, which divide the student by T first; the Triton loss kernel on
+    a dense teacher keeps raw differences and is exact there, tests/test_lowest_mask.py). Such a row, or a reduced
+    loss over one, is accepted as +inf; any other value is compared as usual. Returns the loss, its reference and
+    eager's with the accepted rows left out."""
     fmax = torch.finfo(torch.float32).max
     kl = _masked_ref(lambda rows: ref_fn(z_ref[rows].detach(), t_ref[rows].detach(), temperature, "none"), keep,
                      "none", shape) / temperature ** 2
