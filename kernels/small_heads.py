@@ -173,7 +173,7 @@ def _small_heads_kl_kernel(
             bad |= tl.where(tl.sum((y != y).to(tl.int32), axis=1) > 0, 1, 0)
             bad |= tl.where(m_u == float("inf"), 2, 0)
             bad |= tl.where(m_u == float("-inf"), 4, 0)
-            kl = _kl_from_sums(a, d_s, d_u, inv_temp) * loss_scale
+            kl = _kl_from_sums(a, d_s, d_u, inv_temp, loss_scale)
             if HAS_KEEP:
                 kl = tl.where(live, kl, 0.0)
             tl.store(loss_ptr + rows * M + m, kl, mask=row_ok)

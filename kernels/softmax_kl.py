@@ -181,12 +181,15 @@ def _thread_kl_combine(mx, dx, my, dy, a, c2):
 
 
 @triton.jit
-def _kl_from_sums(a, d_s, d_u, inv_temp):
-    """KL of rows from pass 1's sums: (a / d_u) (A_UNIT / T) + log(d_s / d_u), `a` in A_SCALE raw-logit units
-    (the mean a / d_u first: it stays below the largest difference). One log of the normalisers' ratio, not
-    log d_s - log d_u: on nearly uniform rows (a high temperature) those two logs, each about log C, cancel
-    to a KL of 1e-3 and take their rounding with them (3x eager's error; the ratio's is below eager's)."""
-    return (a / d_u) * (inv_temp * A_UNIT) + tl.log(d_s / d_u)
+def _kl_from_sums(a, d_s, d_u, inv_temp, loss_scale):
+    """Loss rows from pass 1's sums: loss_scale (T^2 times the launch's coefficient) times the KL,
+    (a / d_u) (A_UNIT loss_scale / T) + log(d_s / d_u) loss_scale, `a` in A_SCALE raw-logit units (the mean a / d_u
+    first: it stays below the largest difference). The scales meet before they meet the mean: at T < 1 the mean
+    difference over T (the KL before T^2) may pass float32's range where T^2 times it (the loss) does not (a student
+    at torch.finfo's min where the teacher keeps mass: a loss row of 1e38 at T = 0.3). One log of the normalisers'
+    ratio, not log d_s - log d_u: on nearly uniform rows (a high temperature) those two logs, each about log C,
+    cancel to a KL of 1e-3 and take their rounding with them (3x eager's error; the ratio's is below eager's)."""
+    return (a / d_u) * ((inv_temp * loss_scale) * A_UNIT) + tl.log(d_s / d_u) * loss_scale
 
 
 @triton.jit
@@ -374,12 +377,12 @@ def _hydra_kl_fwd_kernel(
 
     log_d_s = tl.log(d_s)
     log_d_u = tl.log(d_u)
-    kl = _kl_from_sums(a, d_s, d_u, inv_temp)
+    kl = _kl_from_sums(a, d_s, d_u, inv_temp, loss_scale)  # T^2 KL (times the launch's coefficient)
     if HAS_KEEP:
         kl = tl.where(kept, kl, 0.0)
-    tl.store(loss_ptr + r_out * stride_lo + r_in * stride_li, kl * loss_scale, mask=row_ok)
+    tl.store(loss_ptr + r_out * stride_lo + r_in * stride_li, kl, mask=row_ok)
     if REDUCE:
-        tl.store(part_ptr + pid, tl.sum(tl.where(row_ok, kl * loss_scale, 0.0), axis=0))
+        tl.store(part_ptr + pid, tl.sum(tl.where(row_ok, kl, 0.0), axis=0))
         _last_program_sums(part_ptr, tl.num_programs(0), out_ptr, count_ptr, out_scale, BLOCK_P)
     if WRITE_NORMS:
         tl.store(norm_ptr + rows * 4, m_s, mask=row_ok)
@@ -398,7 +401,8 @@ def _hydra_kl_fwd_kernel(
         # difference of two numbers as large as the logits (1e3 and up): all of fp32's digits go to
         # cancellation. With the pivot j = argmax p and e_k = ((t_k - t_j) - (z_k - z_j)) / T, the bracket
         # is e_c - sum_k p_k e_k exactly (log q - log p shifts by a constant per row), e_j = 0, and the
-        # sum is dominated by small p_k: one more pass over the row, only for a teacher that needs it.
+        # sum is dominated by small p_k: one more pass over the row, only for a teacher that needs it. (e and
+        # its mean kept in raw units, T e: the 1 / T goes into the gradient's scale, _store_grads.)
         if ROW_IN_REGISTERS:
             big_a = _mean_e(_biased(z_row, b_row, HAS_BIAS), t_row.to(tl.float32), ref_u, l_u, x_at, inv_temp)
         else:  # per thread over 16-byte slices, summed once per row
@@ -640,12 +644,14 @@ def _student(z_rows, b_rows, cols, mask, HAS_BIAS: tl.constexpr):
 @triton.jit
 def _teacher_terms(x, y, ref_u, l_u, x_at, inv_temp):
     """For one tile of raw logits x, y (fp32, -inf outside the row): which classes the teacher keeps (live: p > 0;
-    a finite logit whose p underflows is as masked as -inf, and its e may be infinite), e = ((y - y_j) - (x - x_j))
-    / T around the pivot j, the teacher's most probable class (its logit the row's maximum ref_u; x_at = x_j), and
-    p = 2^((y - ref_u) log2(e) / T - l_u), l_u = log2 of the teacher's sum. The row statistics ref_u, l_u, x_at come
-    shaped to broadcast against the tile ((rows, 1), or (rows, 1, 1) for per-thread slices)."""
+    a finite logit whose p underflows is as masked as -inf, and its e may be infinite), e = (y - y_j) - (x - x_j)
+    around the pivot j, the teacher's most probable class (its logit the row's maximum ref_u; x_at = x_j), in raw
+    units (the 1 / T goes into the gradient's scale: e / T overflows at T < 1 where a student at torch.finfo's min
+    lies far below x_j, though T p (e - mean e) / T fits), and p = 2^((y - ref_u) log2(e) / T - l_u), l_u = log2 of
+    the teacher's sum. The row statistics ref_u, l_u, x_at come shaped to broadcast against the tile ((rows, 1), or
+    (rows, 1, 1) for per-thread slices)."""
     dy = y - ref_u
-    e = (dy - (x - x_at)) * inv_temp
+    e = dy - (x - x_at)
     p = tl.exp2(dy * (inv_temp * LOG2E) - l_u)
     return p > 0, e, p
 
@@ -663,11 +669,12 @@ def _store_grads(x, y, cols, mask, g_rows, h_rows, m_s, l_s, ref_u, l_u, x_at, b
                  WRITE_GRAD: tl.constexpr, WRITE_TGRAD: tl.constexpr, HAS_KEEP: tl.constexpr):
     """One tile's gradients from its raw logits x, y and the finished row statistics (m_s, l_s, ref_u, l_u as
     _grad_from_norms takes them; x_at, big_a as _mean_e gives them): the student's grad_scale * (q - p) and,
-    for a teacher that requires grad, grad_scale * p * (e - sum_k p_k e_k); 0 on the rows a row mask leaves out
-    (kept, HAS_KEEP: see _drop_rows)."""
+    for a teacher that requires grad, grad_scale * p * (e - sum_k p_k e_k) / T (e raw: _teacher_terms); 0 on the
+    rows a row mask leaves out (kept, HAS_KEEP: see _drop_rows)."""
     if WRITE_TGRAD:  # a masked class (p = 0) gets 0
         live, e, p = _teacher_terms(x, y, ref_u[:, None], l_u[:, None], x_at[:, None], inv_temp)
-        h = _drop_rows(tl.where(live, p * (e - big_a[:, None]), 0.0) * grad_scale, kept[:, None], HAS_KEEP)
+        h = _drop_rows(tl.where(live, p * (e - big_a[:, None]), 0.0) * (inv_temp * grad_scale), kept[:, None],
+                       HAS_KEEP)
         tl.store(h_rows + cols[None, :], h.to(h_rows.dtype.element_ty), mask=mask)
     if WRITE_GRAD:
         g = _drop_rows(_grad_from_norms(x, y, m_s, l_s, ref_u, l_u, inv_temp, grad_scale), kept[:, None], HAS_KEEP)
@@ -790,23 +797,29 @@ def _hydra_kl_topk_fwd_kernel(
     log_d_s = tl.log(d_s)
     # The student's tempered logits at the kept classes measured from its raw maximum, the difference first
     # (as d_s was summed: a rounded max z / T subtracted from z / T in one FMA would shift them from it)
-    sd = (x_idx - tl.where(row_m == float("-inf"), 0.0, row_m)[:, None]) * inv_temp
+    ref_m = tl.where(row_m == float("-inf"), 0.0, row_m)[:, None]
+    sd = (x_idx - ref_m) * inv_temp
 
-    # KL = sum_i p_i (((v_i - max v) / T - log d_w) - ((z_idx_i - max z) / T - log d_s)), masked entries 0
-    log_ratio = (w_sh - log_d_w[:, None]) - (sd - log_d_s[:, None])
-    kl = tl.sum(tl.where(live, p * log_ratio, 0.0), axis=1)
+    # T^2 KL = sum_i p_i (((v_i - max v) - (z_idx_i - max z)) T + (log d_s - log d_w) T^2), masked entries 0: the
+    # raw difference first, times p_i, scaled by T^2 / T (T^2 and the launch's coefficient: loss_scale) only then.
+    # Divided by T first it overflows at T < 1 where the student lies near torch.finfo's min at a kept class, times
+    # T before p_i at T > 1, though the loss row fits float32.
+    raw = (w - ref_w[:, None]) - (x_idx - ref_m)
+    log_ratio = (log_d_s - log_d_w) * loss_scale
+    kl = tl.sum(tl.where(live, (p * raw) * (inv_temp * loss_scale) + p * log_ratio[:, None], 0.0), axis=1)
     if HAS_KEEP:
         kl = tl.where(kept, kl, 0.0)
-    tl.store(loss_ptr + r_out * stride_lo + r_in * stride_li, kl * loss_scale, mask=row_ok)
+    tl.store(loss_ptr + r_out * stride_lo + r_in * stride_li, kl, mask=row_ok)
     if REDUCE:
-        tl.store(part_ptr + pid, tl.sum(tl.where(row_ok, kl * loss_scale, 0.0), axis=0))
+        tl.store(part_ptr + pid, tl.sum(tl.where(row_ok, kl, 0.0), axis=0))
         _last_program_sums(part_ptr, tl.num_programs(0), out_ptr, count_ptr, out_scale, BLOCK_P)
 
-    if WRITE_TGRAD:  # pivoted at the teacher's most probable class, as in _hydra_kl_fwd_kernel
+    if WRITE_TGRAD:  # pivoted at the teacher's most probable class, as in _hydra_kl_fwd_kernel (e raw, T e)
         x_at = tl.max(tl.where(live & (w == m_w[:, None]), x_idx, float("-inf")), axis=1)
-        e = ((w - ref_w[:, None]) - (x_idx - x_at[:, None])) * inv_temp
+        e = (w - ref_w[:, None]) - (x_idx - x_at[:, None])
         mean_e = tl.sum(tl.where(live, p * e, 0.0), axis=1)
-        h = _drop_rows(tl.where(live, p * (e - mean_e[:, None]), 0.0) * grad_scale, kept[:, None], HAS_KEEP)
+        h = _drop_rows(tl.where(live, p * (e - mean_e[:, None]), 0.0) * (inv_temp * grad_scale), kept[:, None],
+                       HAS_KEEP)
         tl.store(vgrad_ptr + (r_out * stride_ho + r_in * stride_hi)[:, None] + ks[None, :],
                  h.to(vgrad_ptr.dtype.element_ty), mask=k_mask)
 

@@ -171,52 +171,56 @@ A_SCALE = 2.0 ** -24
 A_UNIT = 2.0 ** 24
 
 
-def kl_from_sums(a: torch.Tensor, d_s: torch.Tensor, d_u: torch.Tensor) -> torch.Tensor:
-    """KL of rows from their sums (each from its own row maximum: d_s = sum exp(s - max s), d_u likewise,
-    a = sum exp(u - max u) ((u - max u) - (s - max s)) * A_SCALE): (a / d_u) A_UNIT + log(d_s / d_u), the mean
-    a / d_u first (it stays below the largest difference where `a` itself may not). One logarithm of the
-    normalisers' ratio, not log d_s - log d_u: where student and teacher are close (nearly uniform rows at a
-    high temperature) the two logs, each about log C, cancel to a KL of 1e-3 and take their rounding with
-    them (median error 3x eager's at T = 5, C = 1000; the ratio's is a third of eager's)."""
-    return (a / d_u).mul_(A_UNIT).add_((d_s / d_u).log_())
+def kl_from_sums(a: torch.Tensor, d_s: torch.Tensor, d_u: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Loss rows T^2 KL from their sums over raw logits z, t (each from its own row maximum: d_s = sum
+    exp((z - max z) / T), d_u likewise, a = sum exp((t - max t) / T) ((t - max t) - (z - max z)) * A_SCALE):
+    (a / d_u) A_UNIT T + log(d_s / d_u) T^2, the mean a / d_u first (it stays below the largest difference where
+    `a` itself may not), then T (the KL itself, a / d_u over T, may pass float32's range where T^2 times it does
+    not: a student at torch.finfo's min at T < 1). One logarithm of the normalisers' ratio, not log d_s - log
+    d_u: where student and teacher are close (nearly uniform rows at a high temperature) the two logs, each about
+    log C, cancel to a KL of 1e-3 and take their rounding with them (median error 3x eager's at T = 5, C = 1000;
+    the ratio's is a third of eager's)."""
+    return (a / d_u).mul_(A_UNIT * temperature).add_((d_s / d_u).log_().mul_(temperature * temperature))
 
 
 def kl_chunk_torch(s: torch.Tensor, t: torch.Tensor, temperature: float, want_grad: bool, want_tgrad: bool = False):
     """Loss rows T^2 * KL, (optionally) the unscaled gradient q - p, and (optionally) the unscaled
     teacher gradient p * (log p - log q - KL) for one chunk.
 
-    s: (..., C) student logits already divided by T, in the compute dtype; it is consumed (overwritten).
-    t: (..., C) raw teacher logits of any float dtype. Returns (loss (...), q - p (..., C) or None,
-    teacher gradient (..., C) or None). The caller applies T * coefficient where it is cheapest (a
-    GEMM's alpha, or the final store).
+    s: (..., C) raw student logits in the compute dtype; it is consumed (overwritten). t: (..., C) raw teacher
+    logits of any float dtype. Returns (loss (...), q - p (..., C) or None, teacher gradient (..., C) or None).
+    The caller applies T * coefficient where it is cheapest (a GEMM's alpha, or the final store).
 
-    With u = t / T, each row measured from its own maximum (u' = u - max u, s' = s - max s: free of any
-    offset of the logits), KL = a / d_u + log(d_s / d_u), a = sum_c e^{u'_c} (u'_c - s'_c), d = sum e^{.}
-    (kl_from_sums; here the mean under p: the sum under e^{u'}, up to d_u times the largest difference,
-    overflowed to inf where a student at torch.finfo's min faces classes the teacher keeps and eager's loss is a
-    finite 1e37). The teacher's term is p * ((log p - log q) - KL), formed around its most probable class
-    (_teacher_grad). Two exponentials per element, as two softmaxes.
+    Each row measured from its own raw maximum (t' = t - max t, z' = s - max s: free of any offset of the
+    logits, exactly 0 at the maximum), T^2 KL = T (a / d_u) + T^2 log(d_s / d_u), a = sum_c e^{t'_c / T}
+    (t'_c - z'_c), d = sum e^{. / T} (kl_from_sums; here the mean under p: the sum under e^{t' / T}, up to d_u
+    times the largest difference, overflowed to inf where a student at torch.finfo's min faces classes the
+    teacher keeps and eager's loss is a finite 1e37; and the differences raw, times T only in the mean: divided
+    by T first they overflow there at T < 1, though the loss fits). The teacher's term is p * ((log p - log q) -
+    KL), formed around its most probable class (_teacher_grad). Two exponentials per element, as two softmaxes.
     """
+    inv_t = 1.0 / temperature
     if native.usable(s):  # fp32 on CPU: the three-sweep C row kernel (a fourth for the teacher's gradient)
-        return native.kl_rows(s, t, temperature, want_grad, want_tgrad)  # (rows, heads, C) views as they lie
-    # Three (..., C) buffers at the peak (s, u and u' - s'): p takes u's, q takes s's (s is the caller's to
+        return native.kl_rows(s, t, temperature, want_grad, want_tgrad, s_scale=1.0 / float(temperature))
+    # Three (..., C) buffers at the peak (s, t' and t' - z'): p takes t''s, q takes s's (s is the caller's to
     # consume).
-    u = t.to(s.dtype) * (1.0 / temperature)
+    u = t.to(s.dtype)
     max_u = u.amax(dim=-1, keepdim=True)
-    u.sub_(max_u.masked_fill_(max_u == -math.inf, 0.0))  # (a row all -inf, flagged elsewhere: p NaN, no error)
+    u = u - max_u.masked_fill_(max_u == -math.inf, 0.0)  # (a row all -inf, flagged elsewhere: p NaN, no error)
     s.sub_(s.amax(dim=-1, keepdim=True))
     diff = u - s
-    p = u.exp_()
+    p = u.mul_(inv_t).exp_()
     d_u = p.sum(-1)
     p.div_(d_u.unsqueeze(-1))
-    # p (u' - s'): a masked class (p = 0, u' = -inf) gives 0 * -inf = NaN, which is its exact value 0; +inf (a
+    # p (t' - z'): a masked class (p = 0, t' = -inf) gives 0 * -inf = NaN, which is its exact value 0; +inf (a
     # student -inf where the teacher has mass) is the true KL and stays
     mean_a = (diff * p if want_tgrad else diff.mul_(p)).nan_to_num_(nan=0.0, posinf=math.inf,
                                                                      neginf=-math.inf).sum(-1)
-    q = s.exp_()
+    q = s.mul_(inv_t).exp_()
     d_s = q.sum(-1)
-    loss = mean_a.add_((d_s / d_u).log_()).mul_(temperature * temperature)  # (the log ratio: kl_from_sums)
-    tgrad = _teacher_grad(diff, p) if want_tgrad else None
+    # T^2 KL (the log ratio: kl_from_sums)
+    loss = mean_a.mul_(temperature).add_((d_s / d_u).log_().mul_(temperature * temperature))
+    tgrad = _teacher_grad(diff, p).mul_(inv_t) if want_tgrad else None
     if not want_grad:
         return loss, None, tgrad
     return loss, q.div_(d_s.unsqueeze(-1)).sub_(p), tgrad
@@ -244,7 +248,7 @@ def hydra_kl_forward_torch(student, teacher, temperature: float, reduction: str,
     rows = torch.empty(b, m, dtype=cdt, device=student.device)
     step = rows_per_chunk(b, m * c, TORCH_CHUNK_ELEMENTS)
     for r0 in range(0, b, step):
-        s = student[r0:r0 + step].to(cdt) * (1.0 / temperature)
+        s = student[r0:r0 + step].to(cdt, copy=True)  # raw: kl_chunk_torch consumes it
         if idx is None:
             loss, g, tg = kl_chunk_torch(s, teacher[r0:r0 + step], temperature, want_grad, want_tgrad)
         else:
@@ -502,24 +506,28 @@ def shifted_values(v: torch.Tensor) -> torch.Tensor:
 
 def kl_chunk_topk_torch(s: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, temperature: float, want_grad: bool,
                         want_tgrad: bool = False):
-    """kl_chunk_torch for a top-k teacher. s: (..., C) tempered student logits (consumed); v: (..., k)
+    """kl_chunk_torch for a top-k teacher. s: (..., C) raw student logits (consumed); v: (..., k)
     raw teacher values (-inf pads); idx: (..., k) int64 class ids. Returns (loss (...), unscaled
     gradient q - scatter(p~) (..., C) or None, unscaled values gradient p~ * (log p~ - log q_idx - KL)
     (..., k) or None). One softmax over C for the student, one over k for the teacher."""
-    w = shifted_values(v.to(s.dtype)) * (1.0 / temperature)
-    p = torch.softmax(w, dim=-1)
-    log_p = torch.log_softmax(w, dim=-1)
+    inv_t = 1.0 / temperature
+    w = shifted_values(v.to(s.dtype))  # raw, max 0
+    w_t = w * inv_t
+    p = torch.softmax(w_t, dim=-1)
+    log_d_w = torch.logsumexp(w_t, dim=-1, keepdim=True)
     s_idx = s.gather(-1, idx)
     max_s = s.amax(dim=-1, keepdim=True)
-    q = s.sub_(max_s).exp_()
+    q = s.sub_(max_s).mul_(inv_t).exp_()
     sum_q = q.sum(-1, keepdim=True)
     q.div_(sum_q)
-    # p~ (log p~ - log q_idx), log q_idx = (s_idx - max s) - log sum: the row's maximum off first (a logit of
-    # 1e3 would otherwise cost log sum its digits); a padding entry (p~ = 0, log p~ = -inf) gives NaN, truly 0
-    log_q_idx = (s_idx - max_s).sub_(sum_q.log_())
-    kl = (log_p - log_q_idx).mul_(p).nan_to_num_(nan=0.0, posinf=math.inf).sum(-1)
-    tgrad = _teacher_grad(w - s_idx, p) if want_tgrad else None
-    loss = kl.mul_(temperature * temperature)
+    # T^2 sum p~ (log p~ - log q_idx) = T sum p~ (w - (s_idx - max s)) + T^2 (log sum - log d_w) (p~ sums to 1): the
+    # raw difference first, the row's maximum off first (a logit of 1e3 would otherwise cost log sum its digits),
+    # its mean under p~, and only then T (divided by T first it overflows at T < 1 for a student near
+    # torch.finfo's min, though the loss fits; as kl_chunk_torch); a padding entry (p~ = 0, w = -inf) gives NaN,
+    # truly 0 (and a NaN temperature tensor, out of range, stays NaN: it enters after the NaNs are cleared)
+    mean_a = (w - (s_idx - max_s)).mul_(p).nan_to_num_(nan=0.0, posinf=math.inf).sum(-1)
+    loss = mean_a.mul_(temperature).add_(sum_q.log_().sub_(log_d_w).squeeze(-1).mul_(temperature * temperature))
+    tgrad = _teacher_grad(w - s_idx, p).mul_(inv_t) if want_tgrad else None
     if not want_grad:
         return loss, None, tgrad
     return loss, q.scatter_add_(-1, idx, -p), tgrad

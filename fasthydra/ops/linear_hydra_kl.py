@@ -68,30 +68,30 @@ TILED_BLOCK_ROWS = 1024
 TILE_ELEMENTS = 1 << 19
 
 
-def _online_kl_stats(s, u, stats):
+def _online_kl_stats(s, u, inv_t, stats):
     """Folds one class tile into the per-row statistics, as the Triton kernel does (see
-    kernels/softmax_kl.py): running maxima m_s, m_u, sums d_s, d_u and a = sum exp(u - m_u) *
-    ((u - m_u) - (s - m_s)) * A_SCALE (the kernels' unit: a sum of up to C terms each as large as the
-    largest difference must not overflow; kl_from_sums takes it). s and u (tempered) are
-    consumed."""
+    kernels/softmax_kl.py): running maxima m_s, m_u of the raw logits, sums d_s = sum exp((s - m_s) / T), d_u
+    likewise and a = sum exp((u - m_u) / T) * ((u - m_u) - (s - m_s)) * A_SCALE (the kernels' unit: a sum of up
+    to C terms each as large as the largest difference must not overflow; kl_from_sums takes it; the
+    differences raw, scaled by T only there). s and u (raw) are consumed."""
     m_s, d_s, m_u, d_u, a = stats
     new_ms = torch.maximum(m_s, s.amax(-1))
     new_mu = torch.maximum(m_u, u.amax(-1))
     ref_s = torch.where(torch.isneginf(new_ms), 0.0, new_ms)
     ref_u = torch.where(torch.isneginf(new_mu), 0.0, new_mu)
     shift = (ref_u - m_u) - (ref_s - m_s)
-    scale_u = torch.exp(m_u - ref_u)
+    scale_u = torch.exp((m_u - ref_u) * inv_t)
     # 0 where nothing was kept so far, or the old maximum lies so far below the new one (a first tile masked at
     # torch.finfo's min) that its terms vanish: d_u * shift may overflow there, and 0 * inf would be NaN
     a = torch.where(scale_u == 0, 0.0, scale_u * (a - d_u * (shift * A_SCALE)))
-    d_s = d_s * torch.exp(m_s - ref_s)
+    d_s = d_s * torch.exp((m_s - ref_s) * inv_t)
     d_u = d_u * scale_u
     sh_s = s.sub_(ref_s.unsqueeze(-1))
     sh_u = u.sub_(ref_u.unsqueeze(-1))
-    e_u = sh_u.exp()
+    e_u = (sh_u * inv_t).exp_()
     d_u = d_u + e_u.sum(-1)
     a = a + sh_u.sub_(sh_s).mul_(e_u).nan_to_num_(nan=0.0).mul_(A_SCALE).sum(-1)  # masked classes: 0 * -inf -> 0
-    d_s = d_s + sh_s.exp_().sum(-1)
+    d_s = d_s + sh_s.mul_(inv_t).exp_().sum(-1)
     return new_ms, d_s, new_mu, d_u, a
 
 
@@ -120,12 +120,12 @@ def _class_tiled_block(xc, w, bias_c, tb, temperature, want_grad, shared, beta, 
     def tiles():
         for c0 in range(0, c, tile):
             c1 = min(c, c0 + tile)
-            s = torch.baddbmm(bias_c[:, None, c0:c1], xs, w[:, c0:c1].transpose(1, 2), beta=inv_t, alpha=inv_t)
+            s = torch.baddbmm(bias_c[:, None, c0:c1], xs, w[:, c0:c1].transpose(1, 2))  # raw logits
             if in_c:  # the raw teacher, seen as (M, rows, tile)
                 yield c0, c1, s, tb[:, :, c0:c1].transpose(0, 1)
                 continue
-            u = tb[:, :, c0:c1].permute(1, 0, 2).to(cdt) * inv_t  # a new tensor: never write the caller's teacher
-            yield c0, c1, s, u
+            # a new tensor: never write the caller's teacher
+            yield c0, c1, s, tb[:, :, c0:c1].permute(1, 0, 2).to(cdt, copy=True)
 
     if in_c:
         return _class_tiled_in_c(tiles, m, bc, temperature, want_grad, shared, xs, w, beta, scale, grads)
@@ -133,36 +133,36 @@ def _class_tiled_block(xc, w, bias_c, tb, temperature, want_grad, shared, beta, 
     inf = torch.full((m, bc), float("-inf"), dtype=cdt, device=xc.device)
     zero = torch.zeros((m, bc), dtype=cdt, device=xc.device)
     stats = (inf, zero, inf, zero, zero)
-    s_at = zero.clone()  # the student's tempered logit at the teacher's most probable class
+    s_at = zero.clone()  # the student's logit at the teacher's most probable class
     for _, _, s, u in tiles():
         if tgrad is not None:
             tile_max = u.amax(-1)
             here = torch.where(u == tile_max.unsqueeze(-1), s, float("-inf")).amax(-1)
             s_at = torch.where(tile_max > stats[2], here, s_at)
-        stats = _online_kl_stats(s, u, stats)
+        stats = _online_kl_stats(s, u, inv_t, stats)
     m_s, d_s, m_u, d_u, a = stats
     log_d_s, log_d_u = d_s.log(), d_u.log()
-    kl = kl_from_sums(a, d_s, d_u)
+    loss = kl_from_sums(a, d_s, d_u, temperature).T
     # Log-probabilities as (logit - row max) - log d: the large max cancels exactly first, so a logit
     # of 1e3 does not cost the small log d its digits (as logit - (max + log d) would).
     ref_u = torch.where(torch.isneginf(m_u), 0.0, m_u).unsqueeze(-1)
     ref_s, log_d_s, log_d_u = m_s.unsqueeze(-1), log_d_s.unsqueeze(-1), log_d_u.unsqueeze(-1)
-    if tgrad is not None:  # sum_k p_k e_k with e = (u - u_j) - (s - s_j), j the pivot
-        mean_e = torch.zeros_like(kl)
+    if tgrad is not None:  # sum_k p_k e_k with e = (u - u_j) - (s - s_j), j the pivot (raw: T e)
+        mean_e = torch.zeros_like(d_u)
         for _, _, s, u in tiles():
             e = (u - ref_u).sub_(s.sub_(s_at.unsqueeze(-1)))
-            mean_e += e.mul_(u.sub_(ref_u).sub_(log_d_u).exp_()).nan_to_num_(nan=0.0).sum(-1)
-    loss = (kl * (temperature * temperature)).T
+            mean_e += e.mul_(u.sub_(ref_u).mul_(inv_t).sub_(log_d_u).exp_()).nan_to_num_(nan=0.0).sum(-1)
     if not want_grad and tgrad is None:
         return loss
 
     def grads_of_tiles():
         for c0, c1, s, u in tiles():
             e = (u - ref_u).sub_(s - s_at.unsqueeze(-1)) if tgrad is not None else None
-            log_q, log_p = s.sub_(ref_s).sub_(log_d_s), u.sub_(ref_u).sub_(log_d_u)
+            log_q = s.sub_(ref_s).mul_(inv_t).sub_(log_d_s)
+            log_p = u.sub_(ref_u).mul_(inv_t).sub_(log_d_u)
             if tgrad is not None:  # p * (e - sum_k p_k e_k); masked classes: 0 * -inf = NaN, truly 0
                 h = e.sub_(mean_e.unsqueeze(-1)).mul_(log_p.exp()).nan_to_num_(nan=0.0)
-                torch.mul(h.transpose(0, 1), scale, out=tgrad[:, :, c0:c1])
+                torch.mul(h.transpose(0, 1), scale * inv_t, out=tgrad[:, :, c0:c1])  # (e raw: T e)
             if want_grad:
                 yield c0, c1, log_q.exp_().sub_(log_p.exp_())  # q - p, (M, rows, tile)
 
@@ -176,13 +176,13 @@ def _class_tiled_block(xc, w, bias_c, tb, temperature, want_grad, shared, beta, 
 
 def _class_tiled_in_c(tiles, m, bc, temperature, want_grad, shared, xs, w, beta, scale, grads):
     """_class_tiled_block's two passes in the C tile kernels (fp32 on the CPU, a frozen fp32 teacher):
-    tiles() yields (c0, c1, tempered student tile, raw teacher view), both (M, rows, tile)."""
+    tiles() yields (c0, c1, raw student tile, raw teacher view), both (M, rows, tile)."""
     stats = native.tile_stats_init(m * bc)
     for _, _, s, t in tiles():
         native.tile_stats(s, t, stats, temperature)
     m_s, d_s, m_t, d_u, a = stats
     log_d_s, log_d_u = d_s.log(), d_u.log()
-    loss = kl_from_sums(a, d_s, d_u).mul_(temperature * temperature).view(m, bc).T
+    loss = kl_from_sums(a, d_s, d_u, temperature).view(m, bc).T
     if want_grad:
         _tiles_into_grads(((c0, c1, native.tile_grad(s, t, m_s, log_d_s, m_t, log_d_u, temperature))
                            for c0, c1, s, t in tiles()), shared, xs, w, beta, scale, grads)
@@ -217,17 +217,16 @@ def _class_tiled_block_topk(xc, w, bias_c, vb, ib, temperature, want_grad, share
     student's online max and sum and gathers its logits at the kept classes tile by tile; pass 2 forms
     q tile by tile minus p~ at the kept classes that fall in it. Returns the loss rows (rows, M)."""
     m, c, k, bc, inv_t, cdt, xs, tile = _tiled_setup(xc, w, temperature, shared)
-    v = shifted_values(vb.permute(1, 0, 2).to(cdt)) * inv_t  # (M, rows, k)
+    v = shifted_values(vb.permute(1, 0, 2).to(cdt))  # (M, rows, k), raw, max 0
     idx = ib.permute(1, 0, 2).long()
-    p, log_p = torch.softmax(v, dim=-1), torch.log_softmax(v, dim=-1)
+    p, log_d_v = torch.softmax(v * inv_t, dim=-1), torch.logsumexp(v * inv_t, dim=-1, keepdim=True)
 
     def tiles():
         for c0 in range(0, c, tile):
             c1 = min(c, c0 + tile)
             here = (idx >= c0) & (idx < c1)
             local = (idx - c0).clamp_(0, c1 - c0 - 1)
-            yield c0, c1, torch.baddbmm(bias_c[:, None, c0:c1], xs, w[:, c0:c1].transpose(1, 2), beta=inv_t,
-                                        alpha=inv_t), here, local
+            yield c0, c1, torch.baddbmm(bias_c[:, None, c0:c1], xs, w[:, c0:c1].transpose(1, 2)), here, local
 
     m_s = torch.full((m, bc, 1), float("-inf"), dtype=cdt, device=xc.device)
     d_s = torch.zeros((m, bc, 1), dtype=cdt, device=xc.device)
@@ -235,17 +234,18 @@ def _class_tiled_block_topk(xc, w, bias_c, vb, ib, temperature, want_grad, share
     for _, _, s, here, local in tiles():
         s_idx = torch.where(here, s.gather(-1, local), s_idx)
         new_m = torch.maximum(m_s, s.amax(-1, keepdim=True))
-        d_s = d_s * torch.exp(m_s - new_m) + s.sub_(new_m).exp_().sum(-1, keepdim=True)
+        d_s = d_s * torch.exp((m_s - new_m) * inv_t) + s.sub_(new_m).mul_(inv_t).exp_().sum(-1, keepdim=True)
         m_s = new_m
     log_d_s = d_s.log()
-    # log q at the kept classes as (logit - row max) - log d_s, the large max off first (as the dense path)
-    kl = (log_p - (s_idx - m_s).sub_(log_d_s)).mul_(p).nan_to_num_(nan=0.0, posinf=math.inf).sum(-1)
-    if tgrad is not None:
-        torch.mul(_teacher_grad(v - s_idx, p).transpose(0, 1), scale, out=tgrad)
-    loss = (kl * (temperature * temperature)).T
+    # T^2 KL as kl_chunk_topk_torch forms it: T times the mean raw difference, the large max off first
+    mean_a = (v - (s_idx - m_s)).mul_(p).nan_to_num_(nan=0.0, posinf=math.inf).sum(-1)
+    loss = mean_a.mul_(temperature).add_((log_d_s - log_d_v).squeeze(-1).mul_(temperature * temperature)).T
+    if tgrad is not None:  # (raw differences: T times the gradient's bracket)
+        torch.mul(_teacher_grad(v - s_idx, p).transpose(0, 1), scale * inv_t, out=tgrad)
     if not want_grad:
         return loss
-    _tiles_into_grads(((c0, c1, s.sub_(m_s).sub_(log_d_s).exp_().scatter_add_(-1, local, torch.where(here, -p, 0.0)))
+    _tiles_into_grads(((c0, c1, s.sub_(m_s).mul_(inv_t).sub_(log_d_s).exp_()
+                        .scatter_add_(-1, local, torch.where(here, -p, 0.0)))
                        for c0, c1, s, here, local in tiles()), shared, xs, w, beta, scale, grads)  # q - p~
     return loss
 
@@ -256,16 +256,16 @@ def linear_hydra_kl_forward_torch(inp, weight, bias, teacher, temperature: float
     """Fused heads + Hydra loss in torch ops, walking the batch in row blocks.
 
     Wide row blocks (small and mid C): one addmm (shared input) or baddbmm (per head) per block,
-    then the loss and q - p from two softmaxes, contracted at once into the gradients. 1/T rides on
-    the logits GEMM's alpha/beta and T * coefficient on the gradient GEMMs' alpha, so neither costs a
-    pass over the block. Large C (a row block of all heads would be thin): one head at a time in row
-    chunks (``_head_chunk_rows``); past that, the classes are tiled inside each block with online
-    softmax statistics (see ``_class_tiled_block``). With need_t the teacher's
+    then the loss and q - p from two softmaxes, contracted at once into the gradients. The logits stay
+    raw (the loss takes its differences before 1/T: kl_chunk_torch) and T * coefficient rides on the
+    gradient GEMMs' alpha, so it costs no pass over the block. Large C (a row block of all heads would be
+    thin): one head at a time in row chunks (``_head_chunk_rows``); past that, the classes are tiled
+    inside each block with online softmax statistics (see ``_class_tiled_block``). With need_t the teacher's
     gradient comes out of the same pass. A top-k teacher (teacher = its values, teacher_indices its
     class ids) is read as it is, never made dense. row_mask (B,) bool: rows left out get zero loss rows
     and gradients (their logits gradient zeroed before the gradient GEMMs; the coefficient stays).
     Returns (loss, grad_in, grad_weight, grad_bias, grad_teacher), the gradients None where not asked for.
-    A tensor temperature is read as a number first (its 1/T and T * coefficient are the GEMMs' alpha): on a
+    A tensor temperature is read as a number first (T * coefficient is the GEMMs' alpha): on a
     GPU that read waits for the device, so a GPU step keeps it off this path (the Triton path, the default
     there, reads T on the device).
     """
@@ -276,7 +276,6 @@ def linear_hydra_kl_forward_torch(inp, weight, bias, teacher, temperature: float
     cdt = compute_dtype(inp.dtype)
     want_grad = need_in or need_w or need_b
     scale = temperature * reduction_coefficient(reduction, b * m)
-    inv_t = 1.0 / temperature
     w = weight.to(cdt)
     wf = w.reshape(m * c, k)
     bias_c = torch.zeros(m, c, dtype=cdt, device=inp.device) if bias is None else bias.to(cdt)
@@ -317,12 +316,12 @@ def linear_hydra_kl_forward_torch(inp, weight, bias, teacher, temperature: float
         for h0 in range(0, m, per_group):
             h1 = min(m, h0 + per_group)
             hs, rs = slice(h0, h1), slice(r0, r0 + step)
-            if shared:  # the group's heads in one GEMM over their stacked (g*C, K) weight; s = z / T
+            if shared:  # the group's heads in one GEMM over their stacked (g*C, K) weight; raw logits
                 wg = wf[h0 * c:h1 * c]
-                s = torch.addmm(bias_c[hs].reshape(1, -1), xc, wg.T, beta=inv_t, alpha=inv_t).view(bc, h1 - h0, c)
+                s = torch.addmm(bias_c[hs].reshape(1, -1), xc, wg.T).view(bc, h1 - h0, c)
             else:  # grouped GEMM: head m multiplies its own input u[:, m]
-                s = torch.baddbmm(bias_c[hs].unsqueeze(1), xc[:, hs].transpose(0, 1), w[hs].transpose(1, 2),
-                                  beta=inv_t, alpha=inv_t).transpose(0, 1)
+                s = torch.baddbmm(bias_c[hs].unsqueeze(1), xc[:, hs].transpose(0, 1),
+                                  w[hs].transpose(1, 2)).transpose(0, 1)
             if topk is not None:
                 loss, g, tg = kl_chunk_topk_torch(s, teacher[rs, hs], topk[rs, hs], temperature, want_grad, need_t)
             else:

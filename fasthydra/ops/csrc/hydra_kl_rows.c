@@ -226,16 +226,20 @@ static float row_max(const float *x, int64_t n) {
 /* One row. The student is x * mult (x raw logits and mult = 1 / T, or x already tempered and mult = 1: exact).
  * e_s and e_u are scratch rows for the two exponentials; g = (q - p) * g_mult is written in the last sweep only,
  * after every read of x, so it may be x itself (a chunk the caller consumes); h (the teacher's gradient) is
- * scaled by g_mult too. Both sides are shifted before they are scaled, (x - max x) * mult and (t - max t) / T:
- * exactly 0 at the maximum whether or not the compiler contracts a product and a difference into one FMA
- * (gcc does under -march=native on FMA hosts: x * mult - max(x * mult) then keeps the product's rounding, and a
- * one-class row, whose KL and gradients are 0, came out at 1e-7 on those hosts only), and no more rounding
- * than the difference's own where x lies near the maximum. */
+ * scaled by g_mult too. The KL's differences are taken in x's units, (t - max t) * tm - (x - max x) with
+ * tm = 1 / (T mult) (1 for a raw student), and scaled by mult only in the row's mean, in double: divided by T
+ * first, a raw student at torch.finfo's min at a class the teacher keeps overflows at T < 1, though the loss
+ * row, T^2 times the KL, fits float32. Both sides are shifted before they are scaled, (x - max x) * mult and
+ * (t - max t) / T: exactly 0 at the maximum whether or not the compiler contracts a product and a difference
+ * into one FMA (gcc does under -march=native on FMA hosts: x * mult - max(x * mult) then keeps the product's
+ * rounding, and a one-class row, whose KL and gradients are 0, came out at 1e-7 on those hosts only), and no
+ * more rounding than the difference's own where x lies near the maximum. */
 static void kl_row(const float *x, float mult, const float *t, float *g, float g_mult, float *e_s, float *e_u,
                    float *h, int64_t n, float inv_t, float t2, float *loss, int want_grad) {
     float m_x = row_max(x, n);
     float m_t = row_max(t, n);
     float ref_t = isinf(m_t) ? 0.0f : m_t; /* only an all-masked row, which the host rejects */
+    const float tm = inv_t / mult, h_mult = g_mult * mult; /* the teacher's shift in x's units; h's scale */
     /* sweep 2a: the exponentials, a pure elementwise map */
     for (int64_t c = 0; c < n; ++c) {
         e_s[c] = vexp((x[c] - m_x) * mult);
@@ -252,7 +256,7 @@ static void kl_row(const float *x, float mult, const float *t, float *g, float g
 #define KL_TERMS(k, j)                                                                  \
     do {                                                                                \
         float eu = e_u[k];                                                              \
-        float diff = (t[k] - ref_t) * inv_t - (x[k] - m_x) * mult;                      \
+        float diff = (t[k] - ref_t) * tm - (x[k] - m_x);                                \
         ds[j] += e_s[k];                                                                \
         du[j] += eu;                                                                    \
         a[j] += kept(eu > 0.0f, eu * diff * LANE_SCALE); /* a masked class: 0 * -inf reads as 0 */ \
@@ -262,7 +266,7 @@ static void kl_row(const float *x, float mult, const float *t, float *g, float g
     const double d_s = row_total(ds_d, ds), d_u = row_total(du_d, du), acc = row_total(a_d, a) * LANE_UNIT;
     /* one logarithm per row (two were most of a row's time at C = 10), and log(d_s / d_u) does not
      * cancel where the student matches the teacher, as log d_s - log d_u does */
-    *loss = t2 * (float)(acc / d_u + log(d_s / d_u));
+    *loss = (float)(t2 * (mult * (acc / d_u) + log(d_s / d_u))); /* T^2 KL in double: the KL may not fit */
     float inv_ds = (float)(1.0 / d_s), inv_du = (float)(1.0 / d_u);
     if (h != NULL) { /* the teacher's gradient (unscaled), pivoted at j = the first class with t = max t */
         int64_t j = 0;
@@ -270,13 +274,13 @@ static void kl_row(const float *x, float mult, const float *t, float *g, float g
         float x_j = x[j];
         double me_d[LANES];
         lanes_clear(a, me_d);
-#define MEAN_TERMS(k, l) a[l] += kept(e_u[k] > 0.0f, e_u[k] * inv_du * ((t[k] - ref_t) * inv_t - (x[k] - x_j) * mult))
+#define MEAN_TERMS(k, l) a[l] += kept(e_u[k] > 0.0f, e_u[k] * inv_du * ((t[k] - ref_t) * tm - (x[k] - x_j)))
         SUM_ROW(n, MEAN_TERMS, lanes_flush(me_d, a));
 #undef MEAN_TERMS
         const float mean_e = (float)row_total(me_d, a);
         for (int64_t c = 0; c < n; ++c) {
-            float diff = (t[c] - ref_t) * inv_t - (x[c] - x_j) * mult;
-            h[c] = kept(e_u[c] > 0.0f, e_u[c] * inv_du * (diff - mean_e)) * g_mult;
+            float diff = (t[c] - ref_t) * tm - (x[c] - x_j);
+            h[c] = kept(e_u[c] > 0.0f, e_u[c] * inv_du * (diff - mean_e)) * h_mult;
         }
     }
     if (!want_grad) return;
@@ -322,6 +326,7 @@ kl_short_rows_body(const float *s, int64_t so, int64_t si, float mult, const flo
     float m_s[SHORT_BLOCK], ref_t[SHORT_BLOCK], fs[SHORT_BLOCK], fu[SHORT_BLOCK], fa[SHORT_BLOCK];
     double d_s[SHORT_BLOCK], d_u[SHORT_BLOCK], acc[SHORT_BLOCK];
     int64_t outer = r0 / inner, in = r0 % inner; /* row r0's place in the (O, inner, C) view */
+    const float tm = inv_t / mult, h_mult = g_mult * mult; /* as kl_row: differences in the student's units */
     for (int64_t b0 = r0; b0 < r1; b0 += SHORT_BLOCK) {
         const int64_t rows = r1 - b0 < SHORT_BLOCK ? r1 - b0 : SHORT_BLOCK;
         const int64_t o0 = outer, i0 = in; /* the block's first row, for the copy out */
@@ -359,8 +364,9 @@ kl_short_rows_body(const float *s, int64_t so, int64_t si, float mult, const flo
         for (int64_t c = 0; c < n; ++c) /* the exponentials written over the logits they come from */
             for (int64_t i = 0; i < SHORT_BLOCK; ++i) {
                 float *ps = xs + c * SHORT_BLOCK + i, *pu = xu + c * SHORT_BLOCK + i;
-                float ss = (*ps - m_s[i]) * mult, us = (*pu - ref_t[i]) * inv_t; /* shifted, then scaled */
-                float diff = us - ss;
+                float ds_ = *ps - m_s[i], dt_ = *pu - ref_t[i];
+                float ss = ds_ * mult, us = dt_ * inv_t; /* shifted, then scaled */
+                float diff = dt_ * tm - ds_;
                 float es = vexp(ss), eu = vexp(us);
                 if (wide) { /* a masked class: 0 * -inf reads as 0 */
                     d_s[i] += es;
@@ -376,10 +382,10 @@ kl_short_rows_body(const float *s, int64_t so, int64_t si, float mult, const flo
             }
         if (wide)
             for (int64_t i = 0; i < SHORT_BLOCK; ++i) /* in double, as kl_row's */
-                lo[i] = t2 * (float)(acc[i] / d_u[i] + log(d_s[i] / d_u[i]));
+                lo[i] = (float)(t2 * (mult * (acc[i] / d_u[i]) + log(d_s[i] / d_u[i])));
         else
             for (int64_t i = 0; i < SHORT_BLOCK; ++i) {
-                lo[i] = t2 * ((fa[i] / fu[i]) * (float)LANE_UNIT + logf(fs[i] / fu[i]));
+                lo[i] = (fa[i] / fu[i]) * (t2 * mult * (float)LANE_UNIT) + t2 * logf(fs[i] / fu[i]);
                 d_s[i] = fs[i];
                 d_u[i] = fu[i];
             }
@@ -401,10 +407,10 @@ kl_short_rows_body(const float *s, int64_t so, int64_t si, float mult, const flo
                 acc[i] = 0.0;
                 fa[i] = 0.0f;
             }
-            for (int64_t c = 0; c < n; ++c) /* e = (t - max t) / T - (x - x_j) mult over the tr lines */
+            for (int64_t c = 0; c < n; ++c) /* e = (t - max t) tm - (x - x_j) over the tr lines */
                 for (int64_t i = 0; i < SHORT_BLOCK; ++i) {
                     float *e = tr + c * SHORT_BLOCK + i, eu = xu[c * SHORT_BLOCK + i];
-                    *e = (*e - ref_t[i]) * inv_t - (xr[c * SHORT_BLOCK + i] - x_j[i]) * mult;
+                    *e = (*e - ref_t[i]) * tm - (xr[c * SHORT_BLOCK + i] - x_j[i]);
                     float term = kept(eu > 0.0f, eu * inv_u[i] * *e);
                     if (wide)
                         acc[i] += term;
@@ -415,7 +421,7 @@ kl_short_rows_body(const float *s, int64_t so, int64_t si, float mult, const flo
             for (int64_t c = 0; c < n; ++c)
                 for (int64_t i = 0; i < SHORT_BLOCK; ++i) {
                     float *e = tr + c * SHORT_BLOCK + i, eu = xu[c * SHORT_BLOCK + i];
-                    *e = kept(eu > 0.0f, eu * inv_u[i] * (*e - mean_e[i])) * g_mult;
+                    *e = kept(eu > 0.0f, eu * inv_u[i] * (*e - mean_e[i])) * h_mult;
                 }
             for (int64_t i = 0; i < rows; ++i) {
                 float *h = tgrad + (b0 + i) * ld_h;
@@ -477,7 +483,7 @@ static void kl_rows_part(const float *s, int64_t so, int64_t si, float mult, con
             double d_s = 0.0, d_u = 0.0, a = 0.0;
             tile_row_stats(s + ROW(r, so, si, inner), mult, t + ROW(r, to, ti, inner), n, inv_t, &m_s, &d_s, &m_t,
                            &d_u, &a);
-            loss[r] = t2 * (float)(a / d_u + log(d_s / d_u)); /* in double, as kl_row's */
+            loss[r] = (float)(t2 * (mult * (a / d_u) + log(d_s / d_u))); /* in double, as kl_row's */
         }
         return;
     }
@@ -501,21 +507,22 @@ void hydra_kl_rows(const float *s, int64_t so, int64_t si, float mult, const flo
  * a recomputed tile into q - p in place. Row r of a tile lives at s + ROW(r, so, si, inner) (likewise t
  * with to, ti): the (M, rows, w) logits tile and a (rows, M, C) teacher seen as (M, rows, w).
  *
- * Statistics per row: m_s = max s (s tempered; kl_rows' loss alone passes raw logits and mult = 1 / T, each
- * shift s - m_s then scaled by mult, as kl_row does), d_s = sum exp(s - m_s); m_t = max t (the raw teacher:
- * u - max u is formed as (t - m_t) / T, exactly 0 at the maximum), d_u = sum exp((t - m_t) / T),
- * a = sum exp((t - m_t) / T) * ((t - m_t) / T - (s - m_s)). When a tile raises a maximum the sums are
- * rescaled: d *= exp(old - new), a = exp(-du) * (a - d_u * (du - ds)) with du, ds the shifts.
- * KL = a / d_u - log d_u + log d_s (the logs taken on the host, per row). A -inf teacher logit masks
- * its class. The sums are double here (the loss alone keeps them so to its last step); the tiles' arrays hold
- * them as float between tiles, `a` in A_SCALE units. */
+ * Statistics per row, from the raw student s (s * mult tempered: mult = 1 / T, here and in kl_rows' loss alone)
+ * and the raw teacher t: m_s = max s, d_s = sum exp((s - m_s) mult); m_t = max t, d_u = sum exp((t - m_t) / T)
+ * (each shift exactly 0 at the maximum), a = sum exp((t - m_t) / T) * ((t - m_t) tm - (s - m_s)) in the
+ * student's units (tm = 1 / (T mult): 1 for raw logits; kl_row says why). When a tile raises a maximum the sums
+ * are rescaled: d *= exp(old - new), a = exp(-du) * (a - d_u * (du - ds)) with du, ds the shifts.
+ * T^2 KL = T^2 (mult a / d_u + log(d_s / d_u)) (on the host, per row, for the tiles: kl_from_sums). A -inf
+ * teacher logit masks its class. The sums are double here (the loss alone keeps them so to its last step); the
+ * tiles' arrays hold them as float between tiles, `a` in A_SCALE units. */
 static void tile_row_stats(const float *s, float mult, const float *t, int64_t w, float inv_t, float *m_s,
                            double *d_s, float *m_t, double *d_u, double *a) {
     float tm_s = row_max(s, w), tm_t = row_max(t, w);
     float new_s = tm_s > *m_s ? tm_s : *m_s, new_t = tm_t > *m_t ? tm_t : *m_t;
     float ref_s = isinf(new_s) && new_s < 0 ? 0.0f : new_s;
     if (*d_s > 0.0f) *d_s *= vexp((*m_s - ref_s) * mult);
-    float shift_s = (ref_s - (isinf(*m_s) && *m_s < 0 ? 0.0f : *m_s)) * mult;
+    const float tm = inv_t / mult; /* the teacher's shifts in the student's units (kl_row) */
+    float shift_s = ref_s - (isinf(*m_s) && *m_s < 0 ? 0.0f : *m_s);
     *m_s = new_s;
     if (isinf(new_t) && new_t < 0) { /* every teacher class so far masked: only the student's sum moves */
         float ds[LANES];
@@ -528,7 +535,7 @@ static void tile_row_stats(const float *s, float mult, const float *t, int64_t w
         return;
     }
     if (*d_u > 0.0f) { /* both references move: rescale the sums kept so far */
-        float shift_u = (new_t - *m_t) * inv_t, scale_u = vexp(-shift_u);
+        float scale_u = vexp(-((new_t - *m_t) * inv_t)), shift_u = (new_t - *m_t) * tm;
         /* a maximum so far below the new one (a first tile masked at torch.finfo's min) that its terms vanish:
          * d_u * shift may overflow there, and 0 * inf would be NaN */
         *a = scale_u == 0.0f ? 0.0 : scale_u * (*a - *d_u * (double)(shift_u - shift_s));
@@ -545,11 +552,11 @@ static void tile_row_stats(const float *s, float mult, const float *t, int64_t w
     lanes_clear(aa, a_d);
 #define TILE_TERMS(k, j)                                                                    \
     do {                                                                                    \
-        float us = (t[k] - new_t) * inv_t, ss = (s[k] - ref_s) * mult;                      \
-        float eu = vexp(us);                                                                \
-        ds[j] += vexp(ss);                                                                  \
+        float dt_ = t[k] - new_t, ds_ = s[k] - ref_s;                                      \
+        float eu = vexp(dt_ * inv_t);                                                       \
+        ds[j] += vexp(ds_ * mult);                                                          \
         du[j] += eu;                                                                        \
-        aa[j] += kept(eu > 0.0f, eu * (us - ss) * LANE_SCALE); /* masked: 0 * -inf reads as 0 */ \
+        aa[j] += kept(eu > 0.0f, eu * (dt_ * tm - ds_) * LANE_SCALE); /* masked: 0 * -inf reads as 0 */ \
     } while (0)
     SUM_ROW(w, TILE_TERMS, (lanes_flush(ds_d, ds), lanes_flush(du_d, du), lanes_flush(a_d, aa)));
 #undef TILE_TERMS
@@ -564,7 +571,7 @@ static void tile_stats_part(const float *s, int64_t so, int64_t si, const float 
                             float *m_t, float *d_u, float *a) {
     for (int64_t r = r0; r < r1; ++r) {
         double ds = d_s[r], du = d_u[r], ar = a[r] * A_UNIT;
-        tile_row_stats(s + ROW(r, so, si, inner), 1.0f, t + ROW(r, to, ti, inner), w, inv_t, m_s + r, &ds, m_t + r,
+        tile_row_stats(s + ROW(r, so, si, inner), inv_t, t + ROW(r, to, ti, inner), w, inv_t, m_s + r, &ds, m_t + r,
                        &du, &ar);
         d_s[r] = (float)ds;
         d_u[r] = (float)du;
@@ -578,7 +585,7 @@ void hydra_kl_tile_stats(const float *s, int64_t so, int64_t si, const float *t,
     SPLIT_ROWS(tile_stats_part(s, so, si, t, to, ti, inner, lo, hi, w, inv_t, m_s, d_s, m_t, d_u, a));
 }
 
-/* Pass 2 over rows [r0, r1) of one tile: s (tempered, overwritten) = q - p = exp(s - m_s - log d_s) -
+/* Pass 2 over rows [r0, r1) of one tile: s (raw, overwritten) = q - p = exp((s - m_s) / T - log d_s) -
  * exp((t - m_t) / T - log d_u), from the statistics of pass 1. */
 static void tile_grad_part(float *s, int64_t so, int64_t si, const float *t, int64_t to, int64_t ti,
                            int64_t inner, int64_t r0, int64_t r1, int64_t w, float inv_t, const float *m_s,
@@ -586,9 +593,9 @@ static void tile_grad_part(float *s, int64_t so, int64_t si, const float *t, int
     for (int64_t r = r0; r < r1; ++r) {
         float *g = s + ROW(r, so, si, inner);
         const float *tr = t + ROW(r, to, ti, inner);
-        float ref_s = (isinf(m_s[r]) && m_s[r] < 0 ? 0.0f : m_s[r]) + log_d_s[r];
+        float ref_s = isinf(m_s[r]) && m_s[r] < 0 ? 0.0f : m_s[r], ls = log_d_s[r];
         float ref_t = isinf(m_t[r]) && m_t[r] < 0 ? 0.0f : m_t[r], lu = log_d_u[r];
-        for (int64_t c = 0; c < w; ++c) g[c] = vexp(g[c] - ref_s) - vexp((tr[c] - ref_t) * inv_t - lu);
+        for (int64_t c = 0; c < w; ++c) g[c] = vexp((g[c] - ref_s) * inv_t - ls) - vexp((tr[c] - ref_t) * inv_t - lu);
     }
 }
 
