@@ -28,6 +28,10 @@ seventh session: the eager reference gave NaN there, and the Triton Hinton loss 
 In about 30% of the heads and logits cases (and of the 16-bit ones) the masks are written as the dtype's lowest finite
 value, not -inf (thirty-eighth session: the Triton kernels gave NaN there; with 6193adf's kernels 19 of the 300
 interpret cases fail, and 2 of the 150 16-bit ones).
+In about 15% of the loss-on-logits cases at T <= 1 with a frozen teacher the student holds float32's lowest value on
+the teacher's second most probable class (fifty-eighth session: loss rows up to 1.7e38; with 92fbcc0's kernels 12
+of the 3000 torch-path cases at x10 fail, `+inf` rows). Eager float32 is `+inf` there, so those losses are held to
+the fixed tolerance, not to the rule.
 About 45 s in all here; FASTHYDRA_SWEEP_SCALE multiplies the number of cases, and FASTHYDRA_TEST_SEED (as for
 every test, conftest.py) draws other problems under the same case ids.
 A failure names its case: rerun it by its id (under the same FASTHYDRA_TEST_SEED).
@@ -120,6 +124,23 @@ def _lowest(what: str, *tensors, dtype=torch.float32):
         return (*tensors, what)
     low = torch.finfo(dtype).min
     return (*(t.masked_fill(torch.isneginf(t), low) for t in tensors), what + " masked at finfo.min")
+
+
+LOWEST_AT_MASS = " student lowest at the second class"
+
+
+def _student_lowest_at_mass(what: str, kind: str, z64, t64, temperature: float):
+    """In about 15% of the loss-on-logits cases at T <= 1 with a frozen teacher (a draw of their own), the student
+    holds float32's lowest value on its teacher's second most probable class (the Hinton student: of the members'
+    mean): loss rows up to T p 3.4e38 with p <= 1/2, within float32, whose KL alone passes its range at T < 1 where
+    p > T (fifty-eighth session: every path gave +inf there; eager float32 does)."""
+    if (kind not in ("dense", "topk", "hinton", "hinton topk") or temperature > 1.0 or z64.shape[-1] < 2
+            or not z64.numel() or random.Random(what + " student lowest").random() >= 0.15):
+        return z64, what
+    p = torch.softmax(t64 / temperature, -1)
+    second = (p.mean(1, keepdim=True) if kind.startswith("hinton") else p).topk(2, dim=-1).indices[..., 1:]
+    low = torch.finfo(torch.float32).min
+    return z64.scatter(-1, second.expand(*z64.shape[:2], 1), low), what + LOWEST_AT_MASS
 
 
 def _topk(rng, t64):
@@ -306,6 +327,7 @@ def _logits_case(rng, impl, mrng):
         masked = torch.isneginf(t64).all(1, keepdim=True) if hinton else torch.isneginf(t64)
         z64, what = z64.masked_fill(masked, float("-inf")), what + " student masked"
     t64, z64, what = _lowest(what, t64, z64)
+    z64, what = _student_lowest_at_mass(what, kind, z64, t64, temperature)
     z = _spoil_dropped_rows(mrng, z64[:, 0] if hinton else z64, keep)
     z = _strided_copy(z.float().requires_grad_(), rng)
     z_ref = (z64[:, 0] if hinton else z64).clone().requires_grad_()
@@ -333,8 +355,10 @@ def _logits_case(rng, impl, mrng):
     refs = [z_ref, *([t_ref] if extra else [])]
     grads_ref = torch.autograd.grad((loss_ref * up).sum(), refs)
     shown = _sum_past_float32(loss, loss_ref, loss_eager, z_ref, t_ref, ref_fn, keep, temperature, reduction, shape)
-    _compare(*shown[:2], grads, grads_ref, ["student", "teacher"], what, shown[2].detach(),
-             _eager_grads(loss_eager, up, refs))
+    # (eager's loss is +inf where the student lies at float32's lowest: such a case's loss is held to the fixed
+    # tolerance, not to the rule, whose bound eager's error would make infinite)
+    _compare(*shown[:2], grads, grads_ref, ["student", "teacher"], what,
+             None if LOWEST_AT_MASS in what else shown[2].detach(), _eager_grads(loss_eager, up, refs))
     _check_dropped_rows_zero(grads, ["student", "teacher"], keep, what)
 
 
