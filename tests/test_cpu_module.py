@@ -363,9 +363,9 @@ def test_no_grad_takes_the_loss_only_path(monkeypatch):
     seen = []
     real = lk.kl_chunk_torch
 
-    def spy(s, t, temperature, want_grad, want_tgrad=False):
+    def spy(s, t, temperature, want_grad, want_tgrad=False, *rest):
         seen.append(want_grad or want_tgrad)
-        return real(s, t, temperature, want_grad, want_tgrad)
+        return real(s, t, temperature, want_grad, want_tgrad, *rest)
 
     monkeypatch.setattr(lk, "kl_chunk_torch", spy)
     head = HydraHead(8, 6, 3, impl="torch")

@@ -459,3 +459,65 @@ def test_topk_row_whose_only_live_entry_is_the_lowest_value(impl, device, temper
     assert_close_to(loss, ref, rtol=1e-5, atol=1e-6, what="loss")
     for a, w in zip(got, want):
         assert_close_to(a, w, rtol=1e-5, atol=1e-7, what="gradient")
+
+
+TEACHER_GRAD_CASES = [*(pytest.param(*p.values, op, marks=p.marks, id=f"{p.id}-{op}")
+                        for p in NATIVE_TARGETS for op in ("loss", "heads")),
+                      *(pytest.param("torch", "cpu", native, "heads-class-tiles", marks=pytest.mark.cpu,
+                                     id=f"torch-cpu-{name}-heads-class-tiles")
+                        for native, name in (("1", "native-C"), ("0", "torch-ops")))]
+
+
+@pytest.mark.parametrize("impl,device,native,op", TEACHER_GRAD_CASES)
+@pytest.mark.parametrize("top_k", [False, True], ids=["dense", "top-k"])
+def test_teacher_gradient_that_fits_only_once_scaled_by_the_temperature(monkeypatch, impl, device, native, op,
+                                                                        top_k):
+    """The teacher's gradient where the student sits at float32's lowest value on one of two classes the teacher
+    keeps equally (p = 1/2 each) at T = 0.05: p (1 - p) times the raw difference (3.4e38), 8.5e37, fits float32
+    (the gradient of T^2 KL is T p ((log p - log q) - KL)), while the bracket p ((log p - log q) - KL) itself, that
+    over T, is 1.7e39. Until the fifty-ninth session the torch path (the loss on logits in torch ops, dense without
+    the native kernel or with a top-k teacher; the fused heads' loss by row blocks, the native kernel's rows
+    included) formed that bracket first and scaled it by T * coefficient after: +-inf (7 of these 12 cpu cases
+    failed). The loss rows (8.5e36) and the teacher's gradient (under a random weight per row on the loss on logits;
+    the fused heads' "mean", whose sum of 18 rows fits) within 1e-5 of the float64 reference relatively. The heads
+    cases give classes 0 and 2 zero weight rows and biases 0 and LOWEST; "heads-class-tiles" runs the torch path's
+    class-tiled mode in 16-class tiles (right before too: it scaled by T * coefficient / T, one number)."""
+    import fasthydra.ops.linear_hydra_kl as lk
+
+    monkeypatch.setenv("FASTHYDRA_NATIVE", native)
+    if op == "heads-class-tiles":
+        monkeypatch.setattr(lk, "TORCH_CHUNK_ELEMENTS", 1)
+        monkeypatch.setattr(lk, "TILE_ELEMENTS", 16 * B * M)
+    temperature, c = 0.05, 48
+    t64 = torch.full((B, M, c), -30.0, dtype=torch.float64)
+    t64[..., 0] = t64[..., 2] = 0.0
+    teacher, leaf = _teacher(t64.float().to(device), top_k, True)
+    weight = torch.rand(B, M, generator=torch.Generator().manual_seed(11), dtype=torch.float64) + 0.5
+    if op == "loss":
+        z64 = torch.randn(B, M, c, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+        z64[..., 0], z64[..., 2] = 0.0, LOWEST
+        loss = hydra_kl_loss(z64.float().to(device), teacher, temperature, reduction="none", impl=impl)
+    else:
+        head = HydraHead(7, c, M, impl=impl, device=device)
+        with torch.no_grad():
+            head.weight[:, [0, 2]] = 0.0
+            head.bias[:, 0], head.bias[:, 2] = 0.0, LOWEST
+        x = torch.randn(B, 7, generator=torch.Generator().manual_seed(12)).to(device)
+        loss = head.distill_loss(x, teacher, temperature, reduction="mean")  # (the fused op: "none" is not)
+        p64 = as_float64_copy(head)
+        z64 = R.linear_heads_ref(x.double(), p64["weight"], p64["bias"]).detach().cpu()
+        weight = torch.tensor(1.0 / (B * M), dtype=torch.float64)  # the mean's coefficient
+    upstream = weight.to(device) if op == "loss" else 1.0  # (the mean's coefficient is the op's own)
+    got = torch.autograd.grad((loss.double() * upstream).sum(), leaf)[0].cpu()
+    leaf64 = leaf.detach().double().cpu().requires_grad_()
+    ref_teacher = TopKTeacher(leaf64, teacher.indices.cpu()).densify(c) if top_k else leaf64
+    ref = R.hydra_kl_loss_ref(z64, ref_teacher, temperature, reduction="none")
+    want = torch.autograd.grad((ref * weight).sum(), leaf64)[0]
+    # the scaled gradient near 8.5e37 (over B M for the mean), the bracket past float32's range
+    assert (want / weight[..., None]).abs().amax() > 5e37
+    assert (want / (temperature * weight[..., None])).abs().amax() > 3.5e38
+    if op != "loss":
+        ref = ref.mean()
+    assert_close_to(loss.double().cpu(), ref, rtol=1e-5, atol=0.0, what="loss rows")
+    assert torch.isfinite(got).all(), got[0, 0]
+    assert_close_to(got, want, rtol=1e-5, atol=1e-7, what="teacher grad")

@@ -68,6 +68,10 @@ def test_kernel_teacher_gradient_matches_float64_autograd(isa, rows, c, scale):
     assert_close_to(loss, ref, rtol=2e-6, atol=1e-6 * scale, what="loss")
     _, none, _ = native.kl_rows(s / 2.0, t, 2.0, False, True)  # the teacher's gradient alone
     assert none is None
+    # each gradient under its own scale (the heads' path: q - p unscaled, the teacher's times T * coefficient)
+    _, grad3, tgrad5 = native.kl_rows(s / 2.0, t, 2.0, True, True, out_scale=3.0, tgrad_scale=10.0)
+    assert_close_to(grad3, grad * 3.0, rtol=1e-6, atol=0.0, what="q - p times out_scale")
+    assert_close_to(tgrad5, expected * 5.0, rtol=2e-5, atol=1e-6, what="teacher grad times tgrad_scale")
 
 
 @needs_native

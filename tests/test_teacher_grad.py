@@ -382,9 +382,9 @@ def test_a_frozen_teacher_costs_nothing_extra(monkeypatch, impl):
         asked.append(kwargs.get("tgrad3", args[7] if len(args) > 7 else None) is not None)
         return real_rows(*args, **kwargs)
 
-    def spy_chunk(s, t, temperature, want_grad, want_tgrad=False):
+    def spy_chunk(s, t, temperature, want_grad, want_tgrad=False, *rest):
         asked.append(want_tgrad)
-        return real_chunk(s, t, temperature, want_grad, want_tgrad)
+        return real_chunk(s, t, temperature, want_grad, want_tgrad, *rest)
 
     for mod in (hk, lk):
         monkeypatch.setattr(mod, "launch_kl_rows", spy_rows, raising=False)

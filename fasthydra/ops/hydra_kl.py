@@ -183,13 +183,17 @@ def kl_from_sums(a: torch.Tensor, d_s: torch.Tensor, d_u: torch.Tensor, temperat
     return (a / d_u).mul_(A_UNIT * temperature).add_((d_s / d_u).log_().mul_(temperature * temperature))
 
 
-def kl_chunk_torch(s: torch.Tensor, t: torch.Tensor, temperature: float, want_grad: bool, want_tgrad: bool = False):
-    """Loss rows T^2 * KL, (optionally) the unscaled gradient q - p, and (optionally) the unscaled
-    teacher gradient p * (log p - log q - KL) for one chunk.
+def kl_chunk_torch(s: torch.Tensor, t: torch.Tensor, temperature: float, want_grad: bool, want_tgrad: bool = False,
+                   tgrad_scale: float = 1.0):
+    """Loss rows T^2 * KL, (optionally) the unscaled gradient q - p, and (optionally) the teacher gradient
+    p * (log p - log q - KL) times tgrad_scale for one chunk.
 
     s: (..., C) raw student logits in the compute dtype; it is consumed (overwritten). t: (..., C) raw teacher
     logits of any float dtype. Returns (loss (...), q - p (..., C) or None, teacher gradient (..., C) or None).
-    The caller applies T * coefficient where it is cheapest (a GEMM's alpha, or the final store).
+    The caller applies T * coefficient to q - p where it is cheapest (a GEMM's alpha, or the final store); the
+    teacher's gradient takes it here, as tgrad_scale: formed from raw differences (T times the bracket), it is
+    scaled once by tgrad_scale / T, a number (unscaled first, it passes float32's range at T < 1 for a student
+    near torch.finfo's min, where T * coefficient times it fits).
 
     Each row measured from its own raw maximum (t' = t - max t, z' = s - max s: free of any offset of the
     logits, exactly 0 at the maximum), T^2 KL = T (a / d_u) + T^2 log(d_s / d_u), a = sum_c e^{t'_c / T}
@@ -201,7 +205,8 @@ def kl_chunk_torch(s: torch.Tensor, t: torch.Tensor, temperature: float, want_gr
     """
     inv_t = 1.0 / temperature
     if native.usable(s):  # fp32 on CPU: the three-sweep C row kernel (a fourth for the teacher's gradient)
-        return native.kl_rows(s, t, temperature, want_grad, want_tgrad, s_scale=1.0 / float(temperature))
+        return native.kl_rows(s, t, temperature, want_grad, want_tgrad, s_scale=1.0 / float(temperature),
+                              tgrad_scale=tgrad_scale)
     # Three (..., C) buffers at the peak (s, t' and t' - z'): p takes t''s, q takes s's (s is the caller's to
     # consume).
     u = t.to(s.dtype)
@@ -220,7 +225,7 @@ def kl_chunk_torch(s: torch.Tensor, t: torch.Tensor, temperature: float, want_gr
     d_s = q.sum(-1)
     # T^2 KL (the log ratio: kl_from_sums)
     loss = mean_a.mul_(temperature).add_((d_s / d_u).log_().mul_(temperature * temperature))
-    tgrad = _teacher_grad(diff, p).mul_(inv_t) if want_tgrad else None
+    tgrad = _teacher_grad(diff, p).mul_(tgrad_scale * inv_t) if want_tgrad else None
     if not want_grad:
         return loss, None, tgrad
     return loss, q.div_(d_s.unsqueeze(-1)).sub_(p), tgrad
@@ -250,15 +255,15 @@ def hydra_kl_forward_torch(student, teacher, temperature: float, reduction: str,
     for r0 in range(0, b, step):
         s = student[r0:r0 + step].to(cdt, copy=True)  # raw: kl_chunk_torch consumes it
         if idx is None:
-            loss, g, tg = kl_chunk_torch(s, teacher[r0:r0 + step], temperature, want_grad, want_tgrad)
+            loss, g, tg = kl_chunk_torch(s, teacher[r0:r0 + step], temperature, want_grad, want_tgrad, grad_scale)
         else:
             loss, g, tg = kl_chunk_topk_torch(s, teacher[r0:r0 + step], idx[r0:r0 + step], temperature, want_grad,
-                                              want_tgrad)
+                                              want_tgrad, grad_scale)
         rows[r0:r0 + step] = loss
         if want_grad:
             torch.mul(g, grad_scale, out=grad[r0:r0 + step])  # scale, round to the student dtype, store
         if want_tgrad:
-            torch.mul(tg, grad_scale, out=tgrad[r0:r0 + step])
+            tgrad[r0:r0 + step] = tg  # scaled already
     return reduce_rows(rows, reduction, rows.dtype), grad, tgrad  # the caller casts the loss
 
 
@@ -504,30 +509,43 @@ def shifted_values(v: torch.Tensor) -> torch.Tensor:
     return v - torch.where(torch.isneginf(top), 0.0, top)
 
 
+def topk_teacher(v: torch.Tensor, dtype: torch.dtype, inv_t: float):
+    """A top-k teacher's values (..., k) in `dtype`, raw with each row's largest at 0 (shifted_values), p~ =
+    softmax(w / T) over them, and log sum exp(w / T) (..., 1)."""
+    w = shifted_values(v.to(dtype))
+    w_t = w * inv_t
+    return w, torch.softmax(w_t, dim=-1), torch.logsumexp(w_t, dim=-1, keepdim=True)
+
+
+def topk_kl_rows(w: torch.Tensor, p: torch.Tensor, z_idx: torch.Tensor, log_ratio: torch.Tensor, temperature: float):
+    """Loss rows T^2 sum p~ (log p~ - log q_idx) against a top-k teacher (topk_teacher's w and p~), from the
+    student's raw logits at the kept classes less its row maximum, z_idx (..., k), and log_ratio (..., 1), the log
+    of the student's normaliser over the teacher's, log sum exp((z - max z) / T) - log sum exp(w / T). As p~ sums to
+    1, T^2 KL = T sum p~ (w - z_idx) + T^2 log_ratio: the raw difference first (the row's maximum off first: a logit
+    of 1e3 would otherwise cost the sum its digits), its mean under p~, and only then T (divided by T first it
+    overflows at T < 1 for a student near torch.finfo's min, though the loss fits; as kl_chunk_torch). A padding
+    entry (p~ = 0, w = -inf) gives NaN, truly 0; a NaN temperature tensor (out of range) stays NaN: it enters after
+    the NaNs are cleared."""
+    mean_a = (w - z_idx).mul_(p).nan_to_num_(nan=0.0, posinf=math.inf).sum(-1)
+    return mean_a.mul_(temperature).add_(log_ratio.squeeze(-1).mul_(temperature * temperature))
+
+
 def kl_chunk_topk_torch(s: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, temperature: float, want_grad: bool,
-                        want_tgrad: bool = False):
+                        want_tgrad: bool = False, tgrad_scale: float = 1.0):
     """kl_chunk_torch for a top-k teacher. s: (..., C) raw student logits (consumed); v: (..., k)
     raw teacher values (-inf pads); idx: (..., k) int64 class ids. Returns (loss (...), unscaled
-    gradient q - scatter(p~) (..., C) or None, unscaled values gradient p~ * (log p~ - log q_idx - KL)
-    (..., k) or None). One softmax over C for the student, one over k for the teacher."""
+    gradient q - scatter(p~) (..., C) or None, values gradient p~ * (log p~ - log q_idx - KL) times tgrad_scale
+    (..., k) or None, scaled as kl_chunk_torch's). One softmax over C for the student, one over k for the
+    teacher."""
     inv_t = 1.0 / temperature
-    w = shifted_values(v.to(s.dtype))  # raw, max 0
-    w_t = w * inv_t
-    p = torch.softmax(w_t, dim=-1)
-    log_d_w = torch.logsumexp(w_t, dim=-1, keepdim=True)
+    w, p, log_d_w = topk_teacher(v, s.dtype, inv_t)
     s_idx = s.gather(-1, idx)
     max_s = s.amax(dim=-1, keepdim=True)
     q = s.sub_(max_s).mul_(inv_t).exp_()
     sum_q = q.sum(-1, keepdim=True)
     q.div_(sum_q)
-    # T^2 sum p~ (log p~ - log q_idx) = T sum p~ (w - (s_idx - max s)) + T^2 (log sum - log d_w) (p~ sums to 1): the
-    # raw difference first, the row's maximum off first (a logit of 1e3 would otherwise cost log sum its digits),
-    # its mean under p~, and only then T (divided by T first it overflows at T < 1 for a student near
-    # torch.finfo's min, though the loss fits; as kl_chunk_torch); a padding entry (p~ = 0, w = -inf) gives NaN,
-    # truly 0 (and a NaN temperature tensor, out of range, stays NaN: it enters after the NaNs are cleared)
-    mean_a = (w - (s_idx - max_s)).mul_(p).nan_to_num_(nan=0.0, posinf=math.inf).sum(-1)
-    loss = mean_a.mul_(temperature).add_(sum_q.log_().sub_(log_d_w).squeeze(-1).mul_(temperature * temperature))
-    tgrad = _teacher_grad(w - s_idx, p).mul_(inv_t) if want_tgrad else None
+    loss = topk_kl_rows(w, p, s_idx - max_s, sum_q.log_().sub_(log_d_w), temperature)
+    tgrad = _teacher_grad(w - s_idx, p).mul_(tgrad_scale * inv_t) if want_tgrad else None
     if not want_grad:
         return loss, None, tgrad
     return loss, q.scatter_add_(-1, idx, -p), tgrad

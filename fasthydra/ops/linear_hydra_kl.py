@@ -14,8 +14,6 @@ weight), or per head, u (B, M, K), for the second layer of MLP heads (the groupe
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from . import _common, native
@@ -46,7 +44,8 @@ from .hydra_kl import (
     launch_kl_rows_topk,
     reduce_rows,
     reduction_coefficient,
-    shifted_values,
+    topk_kl_rows,
+    topk_teacher,
 )
 
 
@@ -217,9 +216,8 @@ def _class_tiled_block_topk(xc, w, bias_c, vb, ib, temperature, want_grad, share
     student's online max and sum and gathers its logits at the kept classes tile by tile; pass 2 forms
     q tile by tile minus p~ at the kept classes that fall in it. Returns the loss rows (rows, M)."""
     m, c, k, bc, inv_t, cdt, xs, tile = _tiled_setup(xc, w, temperature, shared)
-    v = shifted_values(vb.permute(1, 0, 2).to(cdt))  # (M, rows, k), raw, max 0
+    v, p, log_d_v = topk_teacher(vb.permute(1, 0, 2), cdt, inv_t)  # (M, rows, k), raw, max 0
     idx = ib.permute(1, 0, 2).long()
-    p, log_d_v = torch.softmax(v * inv_t, dim=-1), torch.logsumexp(v * inv_t, dim=-1, keepdim=True)
 
     def tiles():
         for c0 in range(0, c, tile):
@@ -237,9 +235,7 @@ def _class_tiled_block_topk(xc, w, bias_c, vb, ib, temperature, want_grad, share
         d_s = d_s * torch.exp((m_s - new_m) * inv_t) + s.sub_(new_m).mul_(inv_t).exp_().sum(-1, keepdim=True)
         m_s = new_m
     log_d_s = d_s.log()
-    # T^2 KL as kl_chunk_topk_torch forms it: T times the mean raw difference, the large max off first
-    mean_a = (v - (s_idx - m_s)).mul_(p).nan_to_num_(nan=0.0, posinf=math.inf).sum(-1)
-    loss = mean_a.mul_(temperature).add_((log_d_s - log_d_v).squeeze(-1).mul_(temperature * temperature)).T
+    loss = topk_kl_rows(v, p, s_idx - m_s, log_d_s - log_d_v, temperature).T
     if tgrad is not None:  # (raw differences: T times the gradient's bracket)
         torch.mul(_teacher_grad(v - s_idx, p).transpose(0, 1), scale * inv_t, out=tgrad)
     if not want_grad:
@@ -323,15 +319,16 @@ def linear_hydra_kl_forward_torch(inp, weight, bias, teacher, temperature: float
                 s = torch.baddbmm(bias_c[hs].unsqueeze(1), xc[:, hs].transpose(0, 1),
                                   w[hs].transpose(1, 2)).transpose(0, 1)
             if topk is not None:
-                loss, g, tg = kl_chunk_topk_torch(s, teacher[rs, hs], topk[rs, hs], temperature, want_grad, need_t)
+                loss, g, tg = kl_chunk_topk_torch(s, teacher[rs, hs], topk[rs, hs], temperature, want_grad, need_t,
+                                                  scale)
             else:
-                loss, g, tg = kl_chunk_torch(s, teacher[rs, hs], temperature, want_grad, need_t)
+                loss, g, tg = kl_chunk_torch(s, teacher[rs, hs], temperature, want_grad, need_t, scale)
             del s
             if drop is not None and g is not None:  # rows left out: no gradient (whatever their values)
                 g.masked_fill_(drop[rs, None, None], 0.0)
             rows[rs, hs] = loss
             if need_t:
-                torch.mul(tg, scale, out=grad_t[rs, hs])
+                grad_t[rs, hs] = tg  # scaled already
             if not want_grad:
                 continue
             if shared:

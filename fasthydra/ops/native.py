@@ -171,8 +171,8 @@ def _build(march: str | None = None) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     i64, f32, ptr, i32 = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
     rows = [ptr, i64, i64, i64, i32]  # scratch, its stride per part, r0, r1, threads
-    lib.hydra_kl_rows.argtypes = [ptr, i64, i64, f32, ptr, i64, i64, i64, ptr, i64, i64, f32, ptr, i64, ptr, i64, f32,
-                                  f32, i32, *rows]
+    lib.hydra_kl_rows.argtypes = [ptr, i64, i64, f32, ptr, i64, i64, i64, ptr, i64, i64, f32, ptr, f32, i64, ptr, i64,
+                                  f32, f32, i32, *rows]
     tile = [ptr, i64, i64, ptr, i64, i64, i64, i64, i64, i64, f32, ptr, ptr, ptr, ptr]  # + a for the stats
     lib.hydra_kl_tile_stats.argtypes = tile + [ptr, i32]
     lib.hydra_kl_tile_grad.argtypes = tile + [i32]
@@ -250,14 +250,16 @@ def usable(s: torch.Tensor) -> bool:
 
 def kl_rows(s: torch.Tensor, t: torch.Tensor, temperature: float, want_grad: bool, want_tgrad: bool = False, *,
             s_scale: float = 1.0, grad_out: torch.Tensor | None = None, tgrad_out: torch.Tensor | None = None,
-            out_scale: float = 1.0):
+            out_scale: float = 1.0, tgrad_scale: float | None = None):
     """Loss rows T^2 * KL, q - p and (want_tgrad) the teacher's p * ((log p - log q) - KL) for fp32 rows of
     C classes: s * s_scale the tempered student logits (s tempered already, or raw with s_scale = 1 / T), t the
     raw teacher, both (R, C) or (O, I, C) of one shape, in any memory order with unit stride along C (no copy:
-    a (rows, heads, C) chunk made head-major by a batched GEMM is read as it lies). Both gradients come out
-    multiplied by out_scale. q - p goes to grad_out (fp32, contiguous, s's shape), or, without one, over s,
-    which is then consumed (no second chunk-sized buffer): the returned grad is s itself. The teacher's goes to
-    tgrad_out (same rules) or a new tensor. Returns (loss s.shape[:-1], grad or None, tgrad or None).
+    a (rows, heads, C) chunk made head-major by a batched GEMM is read as it lies). q - p comes out multiplied by
+    out_scale, the teacher's gradient by tgrad_scale (None: out_scale; scaled as it is stored, so that a caller's
+    T * coefficient at T < 1 applies before an unscaled gradient would pass float32's range). q - p goes to
+    grad_out (fp32, contiguous, s's shape), or, without one, over s, which is then consumed (no second chunk-sized
+    buffer): the returned grad is s itself. The teacher's goes to tgrad_out (same rules) or a new tensor. Returns
+    (loss s.shape[:-1], grad or None, tgrad or None).
 
     Rows are split across torch.get_num_threads() threads (ctypes releases the GIL during the call).
     """
@@ -283,7 +285,8 @@ def kl_rows(s: torch.Tensor, t: torch.Tensor, temperature: float, want_grad: boo
         tgrad = torch.empty(s.shape, dtype=torch.float32) if tgrad_out is None else tgrad_out.view(s.shape)
     if r > 0:
         g = (None, 0, 0) if grad is None else (grad.data_ptr(), grad.stride(0), grad.stride(1))
-        args = (*head[:3], s_scale, *head[3:], *g, out_scale, None if tgrad is None else tgrad.data_ptr(),
+        h_scale = out_scale if tgrad_scale is None else tgrad_scale
+        args = (*head[:3], s_scale, *head[3:], *g, out_scale, None if tgrad is None else tgrad.data_ptr(), h_scale,
                 c if want_tgrad else 0, loss.data_ptr(), c, 1.0 / temperature, temperature * temperature,
                 int(want_grad))
         _over_rows(lambda *rows: lib.hydra_kl_rows(*args, *rows), r, scratch=2 * c)  # two exponential rows

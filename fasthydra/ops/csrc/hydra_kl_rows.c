@@ -226,7 +226,7 @@ static float row_max(const float *x, int64_t n) {
 /* One row. The student is x * mult (x raw logits and mult = 1 / T, or x already tempered and mult = 1: exact).
  * e_s and e_u are scratch rows for the two exponentials; g = (q - p) * g_mult is written in the last sweep only,
  * after every read of x, so it may be x itself (a chunk the caller consumes); h (the teacher's gradient) is
- * scaled by g_mult too. The KL's differences are taken in x's units, (t - max t) * tm - (x - max x) with
+ * scaled by h_scale. The KL's differences are taken in x's units, (t - max t) * tm - (x - max x) with
  * tm = 1 / (T mult) (1 for a raw student), and scaled by mult only in the row's mean, in double: divided by T
  * first, a raw student at torch.finfo's min at a class the teacher keeps overflows at T < 1, though the loss
  * row, T^2 times the KL, fits float32. Both sides are shifted before they are scaled, (x - max x) * mult and
@@ -235,11 +235,11 @@ static float row_max(const float *x, int64_t n) {
  * rounding, and a one-class row, whose KL and gradients are 0, came out at 1e-7 on those hosts only), and no
  * more rounding than the difference's own where x lies near the maximum. */
 static void kl_row(const float *x, float mult, const float *t, float *g, float g_mult, float *e_s, float *e_u,
-                   float *h, int64_t n, float inv_t, float t2, float *loss, int want_grad) {
+                   float *h, float h_scale, int64_t n, float inv_t, float t2, float *loss, int want_grad) {
     float m_x = row_max(x, n);
     float m_t = row_max(t, n);
     float ref_t = isinf(m_t) ? 0.0f : m_t; /* only an all-masked row, which the host rejects */
-    const float tm = inv_t / mult, h_mult = g_mult * mult; /* the teacher's shift in x's units; h's scale */
+    const float tm = inv_t / mult, h_mult = h_scale * mult; /* the teacher's shift in x's units; h's scale */
     /* sweep 2a: the exponentials, a pure elementwise map */
     for (int64_t c = 0; c < n; ++c) {
         e_s[c] = vexp((x[c] - m_x) * mult);
@@ -318,15 +318,15 @@ static inline void pad_lanes(float *x, int64_t n, int64_t rows) {
 
 static inline __attribute__((always_inline)) void
 kl_short_rows_body(const float *s, int64_t so, int64_t si, float mult, const float *t, int64_t to, int64_t ti,
-                   int64_t inner, float *grad, int64_t go, int64_t gi, float g_mult, float *tgrad, int64_t ld_h,
-                   float *loss, int64_t r0, int64_t r1, int64_t n, float inv_t, float t2, int want_grad,
+                   int64_t inner, float *grad, int64_t go, int64_t gi, float g_mult, float *tgrad, float h_scale,
+                   int64_t ld_h, float *loss, int64_t r0, int64_t r1, int64_t n, float inv_t, float t2, int want_grad,
                    const int wide) {
     float xs[SIDE_ROW * SHORT_BLOCK], xu[SIDE_ROW * SHORT_BLOCK];
     float xr[SIDE_ROW * SHORT_BLOCK], tr[SIDE_ROW * SHORT_BLOCK]; /* raw rows for the teacher's gradient */
     float m_s[SHORT_BLOCK], ref_t[SHORT_BLOCK], fs[SHORT_BLOCK], fu[SHORT_BLOCK], fa[SHORT_BLOCK];
     double d_s[SHORT_BLOCK], d_u[SHORT_BLOCK], acc[SHORT_BLOCK];
     int64_t outer = r0 / inner, in = r0 % inner; /* row r0's place in the (O, inner, C) view */
-    const float tm = inv_t / mult, h_mult = g_mult * mult; /* as kl_row: differences in the student's units */
+    const float tm = inv_t / mult, h_mult = h_scale * mult; /* as kl_row: differences in the student's units */
     for (int64_t b0 = r0; b0 < r1; b0 += SHORT_BLOCK) {
         const int64_t rows = r1 - b0 < SHORT_BLOCK ? r1 - b0 : SHORT_BLOCK;
         const int64_t o0 = outer, i0 = in; /* the block's first row, for the copy out */
@@ -449,14 +449,14 @@ kl_short_rows_body(const float *s, int64_t so, int64_t si, float mult, const flo
 /* kl_short_rows_body made twice: rows under SHORT_ROW classes sum in float, longer ones in double */
 static void kl_short_rows(const float *s, int64_t so, int64_t si, float mult, const float *t, int64_t to,
                           int64_t ti, int64_t inner, float *grad, int64_t go, int64_t gi, float g_mult, float *tgrad,
-                          int64_t ld_h, float *loss, int64_t r0, int64_t r1, int64_t n, float inv_t, float t2,
-                          int want_grad) {
+                          float h_scale, int64_t ld_h, float *loss, int64_t r0, int64_t r1, int64_t n, float inv_t,
+                          float t2, int want_grad) {
     if (n < SHORT_ROW)
-        kl_short_rows_body(s, so, si, mult, t, to, ti, inner, grad, go, gi, g_mult, tgrad, ld_h, loss, r0, r1, n,
-                           inv_t, t2, want_grad, 0);
+        kl_short_rows_body(s, so, si, mult, t, to, ti, inner, grad, go, gi, g_mult, tgrad, h_scale, ld_h, loss, r0, r1,
+                           n, inv_t, t2, want_grad, 0);
     else
-        kl_short_rows_body(s, so, si, mult, t, to, ti, inner, grad, go, gi, g_mult, tgrad, ld_h, loss, r0, r1, n,
-                           inv_t, t2, want_grad, 1);
+        kl_short_rows_body(s, so, si, mult, t, to, ti, inner, grad, go, gi, g_mult, tgrad, h_scale, ld_h, loss, r0, r1,
+                           n, inv_t, t2, want_grad, 1);
 }
 
 static void tile_row_stats(const float *s, float mult, const float *t, int64_t w, float inv_t, float *m_s,
@@ -464,16 +464,18 @@ static void tile_row_stats(const float *s, float mult, const float *t, int64_t w
 
 /* Rows [r0, r1) of s * mult and t into loss (rows,); with want_grad, (q - p) * g_mult into grad (row r at
  * grad + ROW(r, go, gi, inner): s itself where the caller consumes it, every row's s read before its q - p is
- * written), and with tgrad != NULL the teacher's gradient p * ((log p - log q) - KL) * g_mult (row stride ld_h).
+ * written), and with tgrad != NULL the teacher's gradient p * ((log p - log q) - KL) * h_scale (row stride ld_h;
+ * its own scale: formed from raw differences, it is stored scaled, and an unscaled one may pass float32's range
+ * at T < 1 where T times it fits).
  * Row r of s lives at s + ROW(r, so, si, inner), of t at t + ROW(r, to, ti, inner). e_s, e_u: scratch rows of n
  * floats. */
 static void kl_rows_part(const float *s, int64_t so, int64_t si, float mult, const float *t, int64_t to, int64_t ti,
-                         int64_t inner, float *grad, int64_t go, int64_t gi, float g_mult, float *tgrad, int64_t ld_h,
-                         float *loss, int64_t r0, int64_t r1, int64_t n, float inv_t, float t2, int want_grad,
-                         float *e_s, float *e_u) {
+                         int64_t inner, float *grad, int64_t go, int64_t gi, float g_mult, float *tgrad,
+                         float h_scale, int64_t ld_h, float *loss, int64_t r0, int64_t r1, int64_t n, float inv_t,
+                         float t2, int want_grad, float *e_s, float *e_u) {
     if (n < SIDE_ROW) {
-        kl_short_rows(s, so, si, mult, t, to, ti, inner, grad, go, gi, g_mult, tgrad, ld_h, loss, r0, r1, n, inv_t, t2,
-                      want_grad);
+        kl_short_rows(s, so, si, mult, t, to, ti, inner, grad, go, gi, g_mult, tgrad, h_scale, ld_h, loss, r0, r1, n,
+                      inv_t, t2, want_grad);
         return;
     }
     if (!want_grad && tgrad == NULL) { /* the loss alone: the class-tiled mode's statistics over the whole row
@@ -490,16 +492,16 @@ static void kl_rows_part(const float *s, int64_t so, int64_t si, float mult, con
     for (int64_t r = r0; r < r1; ++r)
         kl_row(s + ROW(r, so, si, inner), mult, t + ROW(r, to, ti, inner),
                want_grad ? grad + ROW(r, go, gi, inner) : NULL, g_mult, e_s, e_u,
-               tgrad != NULL ? tgrad + r * ld_h : NULL, n, inv_t, t2, loss + r, want_grad);
+               tgrad != NULL ? tgrad + r * ld_h : NULL, h_scale, n, inv_t, t2, loss + r, want_grad);
 }
 
 /* scratch: two rows of n floats per part (the two exponentials of kl_row) */
 void hydra_kl_rows(const float *s, int64_t so, int64_t si, float mult, const float *t, int64_t to, int64_t ti,
-                   int64_t inner, float *grad, int64_t go, int64_t gi, float g_mult, float *tgrad, int64_t ld_h,
-                   float *loss, int64_t n, float inv_t, float t2, int want_grad, float *scratch, int64_t ld_scratch,
-                   int64_t r0, int64_t r1, int threads) {
-    SPLIT_ROWS(kl_rows_part(s, so, si, mult, t, to, ti, inner, grad, go, gi, g_mult, tgrad, ld_h, loss, lo, hi, n,
-                            inv_t, t2, want_grad, scratch + part * ld_scratch, scratch + part * ld_scratch + n));
+                   int64_t inner, float *grad, int64_t go, int64_t gi, float g_mult, float *tgrad, float h_scale,
+                   int64_t ld_h, float *loss, int64_t n, float inv_t, float t2, int want_grad, float *scratch,
+                   int64_t ld_scratch, int64_t r0, int64_t r1, int threads) {
+    SPLIT_ROWS(kl_rows_part(s, so, si, mult, t, to, ti, inner, grad, go, gi, g_mult, tgrad, h_scale, ld_h, loss, lo, hi,
+                            n, inv_t, t2, want_grad, scratch + part * ld_scratch, scratch + part * ld_scratch + n));
 }
 
 /* Class-tiled mode (large C on the torch path): a row's classes arrive in tiles of w, the logits of a
