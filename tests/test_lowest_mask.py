@@ -312,6 +312,39 @@ def test_a_student_at_the_lowest_value_where_the_teacher_keeps_mass(monkeypatch,
         assert_close_to(g.cpu()[finite], w[finite], rtol=1e-5, atol=1e-7, what=f"{name} grad")
 
 
+@pytest.mark.parametrize("impl,device,native", NATIVE_TARGETS)
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen-teacher", "teacher-grad"])
+@pytest.mark.parametrize("kind", ["hydra-dense", "hinton-dense"])
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_a_student_at_the_lowest_value_where_the_teacher_probability_is_subnormal(monkeypatch, impl, device, native,
+                                                                                  kind, frozen, temperature, classes):
+    """The student at LOWEST on class 2, where the teacher's probability lies below float32's smallest normal number
+    (1.2e-38): exp(-88.5), exp(-92), exp(-96) times the row's other terms on rows 0-1, 2-3, 4-5. Times the KL's
+    difference there, about 3.4e38 / T, such a probability adds about 0.3 T, 1e-2 T and 2e-4 T to its row's loss,
+    and the teacher's gradient there is of that size too. Until the sixtieth session the native C kernel's
+    exponential returned 0 below exp(-87.3) and those rows lost the term (a random sweep case under seed 86: 0.9 of a
+    loss of 7.8); torch's exp, the Triton kernels and float64 keep subnormal results. Loss rows within 1e-5 of the
+    float64 reference (on the inputs as float32 holds them), both gradients within 1e-5 of its largest entry."""
+    monkeypatch.setenv("FASTHYDRA_NATIVE", native)
+    g = torch.Generator().manual_seed(60)
+    z64 = torch.randn(B, M, classes, generator=g, dtype=torch.float64) * 3
+    t64 = torch.randn(B, M, classes, generator=g, dtype=torch.float64) * 2
+    below = torch.tensor([88.5, 88.5, 92.0, 92.0, 96.0, 96.0], dtype=torch.float64)[:, None]
+    t64[:, :, 2] = t64.amax(-1) - temperature * below
+    z64[:, :, 2] = LOWEST
+    z64, t64 = z64.float().double(), t64.float().double()
+    p2 = torch.softmax(t64 / temperature, -1)[..., 2]
+    assert ((p2 > 1e-45) & (p2 < torch.finfo(torch.float32).tiny)).all(), p2  # subnormal in float32, not 0
+    loss, got, ref, want, _, _ = _loss_rows_and_grads(kind, frozen, z64, t64, temperature, impl, device, classes, 4)
+    base = (R.hinton_kl_loss_ref(z64[:, 0].clamp_min(-1e30), t64, temperature, reduction="none")
+            if kind.startswith("hinton") else
+            R.hydra_kl_loss_ref(z64.clamp_min(-1e30), t64, temperature, reduction="none"))
+    assert ((ref - base) > 1e-4 * temperature).all()  # each row's subnormal term well above the tolerance
+    assert_close_to(loss.double().cpu(), ref, rtol=1e-5, atol=0.0, what="loss rows")
+    for name, a, w in zip(("student", "teacher"), got, want):
+        assert_close_to(a.double().cpu(), w, rtol=1e-5, atol=1e-5 * w.abs().max().item(), what=f"{name} grad")
+
+
 HEAD_CASES = [pytest.param("torch", "cpu", "1", "rows", marks=pytest.mark.cpu, id="torch-cpu-native-C"),
               pytest.param("torch", "cpu", "0", "rows", marks=pytest.mark.cpu, id="torch-cpu-torch-ops"),
               pytest.param("torch", "cpu", "1", "class-tiles", marks=pytest.mark.cpu, id="torch-cpu-native-C-tiled"),

@@ -233,9 +233,11 @@ def test_uncertainty_kernel_matches_float64(isa, monkeypatch, b, m, c, scale):
 def test_hinton_target_kernel_matches_float64(isa, monkeypatch, b, m, c, scale):
     """The Hinton loss of fp32 CPU members (frozen) forms its target T log mean_m softmax(t_m / T) with the C kernel
     (spied; 90 rows over two threads; members read through a layout with a non-unit class stride, copied): the
-    target against float64 where P lies in fp32's normal range, -inf where every member masks the class or P is
-    far below it; the loss and the student's gradient against the float64 reference; the same values from the
-    torch ops it replaces (FASTHYDRA_NATIVE=0)."""
+    target against float64 where P lies in fp32's normal range, and where it is subnormal there (1e-42 to 1e-38: a
+    finite logarithm, which a student at torch.finfo's min makes a term of the loss; -inf until the sixtieth
+    session), -inf where every member masks the class or P is below fp32's range (1e-50); the loss and the
+    student's gradient against the float64 reference; the same values from the torch ops it replaces
+    (FASTHYDRA_NATIVE=0)."""
     from fasthydra import hinton_kl_loss
     from fasthydra.functional import ensemble_log_mean_probs
 
@@ -248,9 +250,13 @@ def test_hinton_target_kernel_matches_float64(isa, monkeypatch, b, m, c, scale):
     z = (torch.randn(b, c, generator=gen) * scale).requires_grad_()
     got_target = native.log_mean_rows(t.contiguous(), 1.7)
     want_target = 1.7 * ensemble_log_mean_probs(t.double(), 1.7)  # (-inf where every member masks)
-    normal, tiny = want_target > 1.7 * math.log(1e-36), want_target < 1.7 * math.log(1e-38)
+    normal = want_target > 1.7 * math.log(1e-36)
+    subnormal = (want_target > 1.7 * math.log(1e-42)) & (want_target < 1.7 * math.log(1e-38))
+    none = want_target < 1.7 * math.log(1e-50)
     assert_close_to(got_target[normal], want_target[normal], rtol=1e-6, atol=1e-6, what="T log P")
-    assert torch.isneginf(got_target[tiny]).all()
+    # (a subnormal P of 1e-42 holds about 700 units of the smallest one: log P within 1e-3 of it, times T)
+    assert_close_to(got_target[subnormal], want_target[subnormal], rtol=0.0, atol=1.7e-3, what="T log P, P subnormal")
+    assert torch.isneginf(got_target[none]).all()
     calls, loss = _hinton_through_the_target_kernel(monkeypatch, z, t)
     monkeypatch.setenv("FASTHYDRA_NATIVE", "0")
     ops_loss = hinton_kl_loss(z, t, 1.7, impl="torch")
