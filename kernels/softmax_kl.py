@@ -58,19 +58,25 @@ def _tempered_scalars(temp_ptr, inv_temp, loss_scale, grad_scale, T_PTR: tl.cons
 
 
 @triton.jit
-def _exp2(x, FAST_EXP: tl.constexpr):
-    """2^x in fp32. FAST_EXP (a GPU launch only: the interpreter runs no inline PTX): ex2.approx.ftz, results
-    below 2^-126 flushed to 0 (probabilities that small add nothing to a row's sums), where tl.exp2 also
-    guards the subnormal range: a compare and two predicated multiplies more per element (sm_90 SASS)."""
-    if FAST_EXP:
-        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
-                                         pack=1)
-    else:
-        return tl.exp2(x)
+def _exp2_kept(x):
+    """2^x in fp32, results below 2^-126 kept subnormal on a GPU too. Triton lowers tl.exp2 through libdevice
+    built with flush-to-zero reflected on (ex2.approx.ftz.f32 in the PTX of Triton 3.6 and 3.8), so a teacher
+    probability of 1e-40 came out 0 on the chip (the interpreter, NumPy's exp2, keeps it). Where the student lies
+    at torch.finfo's min on that class, p times the KL's difference there (about 3.4e38 / T) is a term of the loss
+    of order T, and of the teacher's gradient. Below -126, 2^(x / 2) squared: x / 2 is exact and normal down to
+    -252, and the square (a plain multiply, which keeps subnormals) rounds once. Elsewhere tl.exp2 itself, to the
+    digit: an offset form, 2^(x + 64) 2^-64, cost one multiply but rounded x + 64 to float32's steps near 64
+    (7.6e-6), 2.6e-6 of p near 1. sm_90 SASS of the loss kernel's pass 1 at (4096, 8, 32000) bf16: 217
+    instructions a tile where tl.exp2 takes 187 (8 pairs a thread; the pass is bound by DRAM). The teacher's
+    side only: its probabilities multiply those differences; the student's exponentials only enter sums of at
+    least 1 and q - p."""
+    low = x < -126.0
+    e = tl.exp2(tl.where(low, x * 0.5, x))
+    return tl.where(low, e * e, e)
 
 
 @triton.jit
-def _online_kl_update(x, y, m_s, d_s, m_u, d_u, a, c, FAST_EXP: tl.constexpr = False):
+def _online_kl_update(x, y, m_s, d_s, m_u, d_u, a, c):
     """Folds one (ROWS, BLOCK_C) tile of raw logits into the per-row statistics (all fp32), in base 2.
 
     x, y: student and teacher logits (bias added), -inf on lanes outside the row; c = log2(e) / T.
@@ -79,8 +85,7 @@ def _online_kl_update(x, y, m_s, d_s, m_u, d_u, a, c, FAST_EXP: tl.constexpr = F
     maximum, where the probabilities that matter are: scaling first rounds each x / T to the ulp of its size,
     an error a probability near 1 then carries into q - p, and a compiler that contracts the product into
     the subtraction keeps it even at the maximum), one multiply per exponential. ``a`` comes out as raw-logit
-    differences times A_SCALE (_kl_from_sums turns it into nats), the sums d_s, d_u as in nats. FAST_EXP: the
-    tile's exponentials by ``_exp2``'s fast form (GPU launches).
+    differences times A_SCALE (_kl_from_sums turns it into nats), the sums d_s, d_u as in nats.
     """
     new_m_s = tl.maximum(m_s, tl.max(x, axis=1))
     new_m_u = tl.maximum(m_u, tl.max(y, axis=1))
@@ -89,8 +94,8 @@ def _online_kl_update(x, y, m_s, d_s, m_u, d_u, a, c, FAST_EXP: tl.constexpr = F
     ref_u = tl.where(new_m_u == float("-inf"), 0.0, new_m_u)
     # Old terms of `a` were measured against the old maxima: move them to the new ones.
     shift = ((ref_u - m_u) - (ref_s - m_s)) * A_SCALE
-    scale_s = _exp2((m_s - ref_s) * c, False)
-    scale_u = _exp2((m_u - ref_u) * c, False)
+    scale_s = tl.exp2((m_s - ref_s) * c)
+    scale_u = _exp2_kept((m_u - ref_u) * c)  # (times `a`, which may hold such a term: kept as e_u below)
     # The differences from the maxima in A_SCALE units, x A_SCALE - ref A_SCALE: one FMA each, the same value as
     # (x - ref) A_SCALE (a power of two scales exactly), so `a`'s terms cost no multiply more than unscaled ones;
     # times c A_UNIT they are the exponents (x - ref) c again.
@@ -101,12 +106,12 @@ def _online_kl_update(x, y, m_s, d_s, m_u, d_u, a, c, FAST_EXP: tl.constexpr = F
     # (scale_u == 0: nothing kept so far, or a maximum so far below the new one that its terms vanish; d_u * shift
     # may overflow there, where 0 * inf would be NaN)
     a = tl.where(scale_u == 0, 0.0, scale_u * (a - d_u * shift))
-    e_u = _exp2(r_u * cu, FAST_EXP)
+    e_u = _exp2_kept(r_u * cu)  # (subnormal kept: a term of `a` where the student lies at torch.finfo's min)
     # a class adds to `a` where its teacher probability is not 0: a -inf logit, or a finite one whose exponent
     # underflows (torch.finfo(dtype).min, a masked_fill's mask, overflows to -inf when scaled), adds 0, however
     # the student's logit there compares
     a += tl.sum(tl.where(e_u > 0, e_u * (r_u - r_s), 0.0), axis=1)
-    d_s = d_s * scale_s + tl.sum(_exp2(sh_s, FAST_EXP), axis=1)
+    d_s = d_s * scale_s + tl.sum(tl.exp2(sh_s), axis=1)
     d_u = d_u * scale_u + tl.sum(e_u, axis=1)
     return new_m_s, d_s, new_m_u, d_u, a
 
@@ -133,7 +138,7 @@ def _thread_max(x, m, c2):
     2^((m - ref) c2) of the sums kept so far (c2 = log2(e) / T)."""
     new_m = tl.maximum(m, tl.max(x, axis=2))
     ref = tl.where(new_m == float("-inf"), 0.0, new_m)
-    return new_m, ref, tl.exp2((m - ref) * c2)
+    return new_m, ref, _exp2_kept((m - ref) * c2)  # (once a thread and tile: the teacher's rescales `a`)
 
 
 @triton.jit
@@ -142,7 +147,7 @@ def _thread_merge(m, c2):
     (ROWS, 1), and each thread's weight 2^((m - ref) c2)."""
     row_m = tl.max(m, axis=1)
     ref = tl.where(row_m == float("-inf"), 0.0, row_m)[:, None]
-    return row_m, ref, tl.exp2((m - ref) * c2)
+    return row_m, ref, _exp2_kept((m - ref) * c2)
 
 
 @triton.jit
@@ -159,7 +164,7 @@ def _thread_kl_update(x, y, mx, dx, my, dy, a, c2):
     c2u = c2 * A_UNIT
     sx = x * A_SCALE - (ref_x * A_SCALE)[:, :, None]
     sy = y * A_SCALE - (ref_y * A_SCALE)[:, :, None]
-    ey = tl.exp2(sy * c2u)
+    ey = _exp2_kept(sy * c2u)
     a += tl.sum(tl.where(ey > 0, ey * (sy - sx), 0.0), axis=2)
     dx = dx * scale_x + tl.sum(tl.exp2(sx * c2u), axis=2)
     dy = dy * scale_y + tl.sum(ey, axis=2)
@@ -652,7 +657,7 @@ def _teacher_terms(x, y, ref_u, l_u, x_at, inv_temp):
     (rows, 1, 1) for per-thread slices)."""
     dy = y - ref_u
     e = dy - (x - x_at)
-    p = tl.exp2(dy * (inv_temp * LOG2E) - l_u)
+    p = _exp2_kept(dy * (inv_temp * LOG2E) - l_u)
     return p > 0, e, p
 
 
@@ -766,13 +771,14 @@ def _hydra_kl_topk_fwd_kernel(
     m_w = tl.max(w, axis=1)
     ref_w = tl.where(m_w == float("-inf"), 0.0, m_w)
     w_sh = (w - ref_w[:, None]) * inv_temp  # (v - max v) / T: 0 at the maximum
-    e_w = tl.where((w > float("-inf")) & k_mask, tl.exp(w_sh), 0.0)
+    valid = (w > float("-inf")) & k_mask
+    d_w = tl.sum(tl.where(valid, tl.exp(w_sh), 0.0), axis=1)
+    log_d_w = tl.log(d_w)
+    # p~ formed directly, subnormal values kept (_exp2_kept: e_w / d_w lost them on a GPU)
+    p = tl.where(valid, _exp2_kept((w_sh - log_d_w[:, None]) * LOG2E), 0.0)
     # the entries that count: p > 0 (a -inf pad, or a finite one whose p underflows, such as torch.finfo's min,
     # adds nothing, is not written back, and so never races a kept entry of the same index)
-    live = e_w > 0
-    d_w = tl.sum(e_w, axis=1)
-    log_d_w = tl.log(d_w)
-    p = e_w / d_w[:, None]
+    live = p > 0
 
     bad = tl.max(tl.where(row_ok & (tl.sum((w != w).to(tl.int32), axis=1) > 0), 1, 0), axis=0)
     bad |= tl.max(tl.where(row_ok & (m_w == float("inf")), 2, 0), axis=0)

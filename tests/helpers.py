@@ -34,6 +34,28 @@ def use_heads_path(monkeypatch, path: str) -> str:
     return path
 
 
+def flush_exponentials_as_a_gpu(monkeypatch) -> None:
+    """The interpreter's tl.exp and tl.exp2 with results below float32's smallest normal number flushed to 0, as a
+    GPU computes them: Triton lowers both through libdevice, which it builds with flush-to-zero reflected on, to
+    ex2.approx.ftz.f32 (the PTX of Triton 3.6 and 3.8 for sm_90). NumPy's, which the interpreter otherwise uses,
+    keep subnormal results, so a kernel that needs them passes the interpret tier and fails on the chip."""
+    import numpy as np
+    from triton.runtime.interpreter import InterpreterBuilder
+
+    tiny = np.float32(np.finfo(np.float32).tiny)
+
+    def flushed(fn):
+        def op(self, arg):
+            def ftz(x):
+                y = fn(x)
+                return np.where(np.abs(y) < tiny, np.zeros_like(y), y)
+            return self.unary_op(arg, ftz)
+        return op
+
+    monkeypatch.setattr(InterpreterBuilder, "create_exp", flushed(np.exp))
+    monkeypatch.setattr(InterpreterBuilder, "create_exp2", flushed(np.exp2))
+
+
 def teacher_logits(b, m, c, scale=3.0, masked=True, dtype=torch.float32, device="cpu"):
     """Random member logits; with masked=True a few single classes are -inf (never a whole row)."""
     t = torch.randn(b, m, c, dtype=torch.float64, device=device) * scale

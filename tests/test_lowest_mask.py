@@ -24,7 +24,8 @@ import math
 
 import pytest
 import torch
-from helpers import as_float64_copy, assert_close_to, params_of, reference_loss_and_grads
+from helpers import (as_float64_copy, assert_close_to, flush_exponentials_as_a_gpu, params_of,
+                     reference_loss_and_grads)
 
 from fasthydra import HydraHead, TopKTeacher, hinton_kl_loss, hydra_kl_loss, uncertainty
 from fasthydra import reference as R
@@ -312,24 +313,42 @@ def test_a_student_at_the_lowest_value_where_the_teacher_keeps_mass(monkeypatch,
         assert_close_to(g.cpu()[finite], w[finite], rtol=1e-5, atol=1e-7, what=f"{name} grad")
 
 
-@pytest.mark.parametrize("impl,device,native", NATIVE_TARGETS)
-@pytest.mark.parametrize("frozen", [True, False], ids=["frozen-teacher", "teacher-grad"])
-@pytest.mark.parametrize("kind", ["hydra-dense", "hinton-dense"])
+# NATIVE_TARGETS, and the interpreter with a GPU's exponentials (helpers.flush_exponentials_as_a_gpu)
+GPU_EXP_TARGETS = [*NATIVE_TARGETS, pytest.param("triton", "cpu", "ftz", marks=pytest.mark.interpret,
+                                                 id="triton-interpret-gpu-exp")]
+
+
+# (the Hinton loss's teacher gradient with a top-k teacher left out: its target's backward in torch ops divides by
+# P, and overflows where eager float32's does, as test_a_student_at_the_lowest_value_where_the_teacher_keeps_mass
+# holds it)
+SUBNORMAL_KINDS = [pytest.param(kind, frozen, id=f"{kind}-{'frozen-teacher' if frozen else 'teacher-grad'}")
+                   for kind in KINDS for frozen in (True, False) if frozen or kind != "hinton-top-k"]
+
+
+@pytest.mark.parametrize("impl,device,native", GPU_EXP_TARGETS)
+@pytest.mark.parametrize("kind,frozen", SUBNORMAL_KINDS)
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
 def test_a_student_at_the_lowest_value_where_the_teacher_probability_is_subnormal(monkeypatch, impl, device, native,
                                                                                   kind, frozen, temperature, classes):
     """The student at LOWEST on class 2, where the teacher's probability lies below float32's smallest normal number
-    (1.2e-38): exp(-88.5), exp(-92), exp(-96) times the row's other terms on rows 0-1, 2-3, 4-5. Times the KL's
+    (1.2e-38): exp(-88.7), exp(-92), exp(-96) times the row's other terms on rows 0-1, 2-3, 4-5 (the top-k kinds
+    mask classes 5 and up, so that every live class is kept, class 2 with them). Times the KL's
     difference there, about 3.4e38 / T, such a probability adds about 0.3 T, 1e-2 T and 2e-4 T to its row's loss,
     and the teacher's gradient there is of that size too. Until the sixtieth session the native C kernel's
     exponential returned 0 below exp(-87.3) and those rows lost the term (a random sweep case under seed 86: 0.9 of a
-    loss of 7.8); torch's exp, the Triton kernels and float64 keep subnormal results. Loss rows within 1e-5 of the
-    float64 reference (on the inputs as float32 holds them), both gradients within 1e-5 of its largest entry."""
+    loss of 7.8), and so did the Triton kernels on a GPU, whose tl.exp2 flushes such results (the interpreter's did
+    not: the "gpu-exp" cases flush them as a GPU does; every one of them failed); torch's exp and float64 keep them.
+    Loss rows within 1e-5 of the float64 reference (on the inputs as float32 holds them), both gradients within
+    1e-5 of its largest entry."""
+    if native == "ftz":  # the interpreter's exponentials as a GPU's (helpers.flush_exponentials_as_a_gpu)
+        flush_exponentials_as_a_gpu(monkeypatch)
     monkeypatch.setenv("FASTHYDRA_NATIVE", native)
     g = torch.Generator().manual_seed(60)
     z64 = torch.randn(B, M, classes, generator=g, dtype=torch.float64) * 3
     t64 = torch.randn(B, M, classes, generator=g, dtype=torch.float64) * 2
-    below = torch.tensor([88.5, 88.5, 92.0, 92.0, 96.0, 96.0], dtype=torch.float64)[:, None]
+    below = torch.tensor([88.7, 88.7, 92.0, 92.0, 96.0, 96.0], dtype=torch.float64)[:, None]
+    if kind.endswith("top-k"):
+        t64[:, :, 5:] = NEG_INF
     t64[:, :, 2] = t64.amax(-1) - temperature * below
     z64[:, :, 2] = LOWEST
     z64, t64 = z64.float().double(), t64.float().double()
@@ -405,6 +424,48 @@ def test_heads_loss_with_a_student_at_the_lowest_value_where_the_teacher_keeps_m
     for (name, _), g, w in zip([("x", None), *head.named_parameters()], got, want_grads):
         assert torch.isfinite(g).all(), f"grad of {name}"
         assert_close_to(g, w, rtol=1e-5, atol=1e-6, what=f"grad of {name}")
+
+
+@pytest.mark.parametrize("impl,device,native,path", [
+    *HEAD_CASES, *(pytest.param("triton", "cpu", "ftz", path, marks=pytest.mark.interpret,
+                                id=f"triton-interpret-gpu-exp-{path}") for path in ("small", "cublas"))])
+@pytest.mark.parametrize("hidden", [None, 5], ids=["linear", "mlp"])
+def test_heads_loss_with_a_student_at_the_lowest_value_where_the_teacher_probability_is_subnormal(
+        monkeypatch, impl, device, native, path, hidden):
+    """HydraHead.distill_loss with class 2's logit at LOWEST (bias LOWEST, weight row 0) where the teacher's
+    probability is subnormal in float32 (exp(-88.7) and exp(-92) times the row's other terms), as the test on logits
+    above: every heads path, and the Triton ones with a GPU's exponentials ("gpu-exp": with tl.exp2 as the chip
+    computes it both Triton paths lost those terms, 22% of the loss). The loss ("mean") within 1e-5 of the float64
+    reference, every gradient within 1e-5 of its largest entry."""
+    import fasthydra.ops.linear_hydra_kl as lk
+
+    if native == "ftz":
+        flush_exponentials_as_a_gpu(monkeypatch)
+        native = "1"
+    monkeypatch.setenv("FASTHYDRA_NATIVE", native)
+    monkeypatch.setenv("FASTHYDRA_SMALL_STEP", "auto" if path == "small" else "0")
+    if path == "class-tiles":
+        monkeypatch.setattr(lk, "TORCH_CHUNK_ELEMENTS", 1)
+        monkeypatch.setattr(lk, "TILE_ELEMENTS", 16 * B * M)
+    g = torch.Generator().manual_seed(61)
+    t64 = torch.randn(B, M, 40, generator=g, dtype=torch.float64) * 2
+    t64[:, :, 2] = t64.amax(-1) - torch.tensor([88.7, 92.0], dtype=torch.float64).repeat(B // 2)[:, None]
+    t = t64.float().to(device)
+    head = HydraHead(7, 40, M, hidden_features=hidden, impl=impl, device=device)
+    with torch.no_grad():
+        head.weight[:, 2] = 0.0
+        head.bias[:, 2] = LOWEST
+    x = torch.randn(B, 7, generator=g).to(device)
+    loss = head.distill_loss(x, t, 1.0)
+    got = torch.autograd.grad(loss, list(head.parameters()))
+    want, want_grads = reference_loss_and_grads(head, x, t, 1.0)
+    with torch.no_grad():
+        head.bias[:, 2] = -1e30
+    base, _ = reference_loss_and_grads(head, x, t, 1.0)
+    assert (want - base).item() > 1e-2 * want.item()  # the subnormal terms: well above the tolerance
+    assert_close_to(loss.double(), want, rtol=1e-5, atol=0.0, what="loss")
+    for (name, _), a, w in zip(head.named_parameters(), got, want_grads[1:]):
+        assert_close_to(a.double(), w, rtol=1e-5, atol=1e-5 * w.abs().max().item(), what=f"grad of {name}")
 
 
 @pytest.mark.cpu

@@ -116,13 +116,6 @@ def _nvidia_major(device: torch.device) -> int | None:
     return _capability(device.index if device.index is not None else torch.cuda.current_device())[0]
 
 
-def runs_ptx() -> bool:
-    """Whether the kernels may carry inline PTX (softmax_kl._exp2's fast form): a
-    launch on an NVIDIA GPU; not under the interpreter (which runs no assembly) nor on ROCm (AMD GPUs run
-    no PTX: those kernels take their plain Triton form there)."""
-    return not interpreting() and torch.version.hip is None
-
-
 @functools.lru_cache(maxsize=None)
 def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
