@@ -58,25 +58,32 @@ def _tempered_scalars(temp_ptr, inv_temp, loss_scale, grad_scale, T_PTR: tl.cons
 
 
 @triton.jit
-def _exp2_kept(x):
-    """2^x in fp32, results below 2^-126 kept subnormal on a GPU too. Triton lowers tl.exp2 through libdevice
-    built with flush-to-zero reflected on (ex2.approx.ftz.f32 in the PTX of Triton 3.6 and 3.8), so a teacher
-    probability of 1e-40 came out 0 on the chip (the interpreter, NumPy's exp2, keeps it). Where the student lies
-    at torch.finfo's min on that class, p times the KL's difference there (about 3.4e38 / T) is a term of the loss
-    of order T, and of the teacher's gradient. Below -126, 2^(x / 2) squared: x / 2 is exact and normal down to
-    -252, and the square (a plain multiply, which keeps subnormals) rounds once. Elsewhere tl.exp2 itself, to the
-    digit: an offset form, 2^(x + 64) 2^-64, cost one multiply but rounded x + 64 to float32's steps near 64
-    (7.6e-6), 2.6e-6 of p near 1. sm_90 SASS of the loss kernel's pass 1 at (4096, 8, 32000) bf16: 217
-    instructions a tile where tl.exp2 takes 187 (8 pairs a thread; the pass is bound by DRAM). The teacher's
-    side only: its probabilities multiply those differences; the student's exponentials only enter sums of at
-    least 1 and q - p."""
-    low = x < -126.0
-    e = tl.exp2(tl.where(low, x * 0.5, x))
-    return tl.where(low, e * e, e)
+def _exp2_kept(x, EXACT: tl.constexpr = True):
+    """2^x in fp32 for x <= 0, results below 2^-126 kept subnormal on a GPU too. Triton lowers tl.exp2 through
+    libdevice built with flush-to-zero reflected on (ex2.approx.ftz.f32 in the PTX of Triton 3.6 and 3.8), so a
+    teacher probability of 1e-40 came out 0 on the chip (the interpreter, NumPy's exp2, keeps it). Where the student
+    lies at torch.finfo's min on that class, p times the KL's difference there (about 3.4e38 / T) is a term of the
+    loss of order T, and of the teacher's gradient. 2^(x / 2) squared: x / 2 is exact and normal down to -252, and
+    the square (a plain multiply, which keeps subnormals) rounds once.
+    - EXACT (fp32 inputs): the square only below -126, tl.exp2 itself elsewhere, to the digit; sm_90 SASS of the
+      loss kernel's pass 1 at (4096, 8, 32000): 217 instructions a tile where tl.exp2 takes 187 (8 pairs a thread).
+    - else (16-bit inputs): the square everywhere, which doubles the chip's approximation error (about 2 fp32 ulp:
+      far below a 16-bit input's or output's), at 197 instructions a tile; the exact form's predicate, live across
+      the exponential, made a 16-bit row of 16384 held in registers spill 104 to 120 bytes under Triton 3.6.
+    An offset form, 2^(x + 64) 2^-64, cost one multiply but rounded x + 64 to float32's steps near 64 (7.6e-6):
+    2.6e-6 of p near 1. The teacher's side only: its probabilities multiply those differences; the student's
+    exponentials only enter sums of at least 1 and q - p."""
+    if EXACT:
+        low = x < -126.0
+        e = tl.exp2(tl.where(low, x * 0.5, x))
+        return tl.where(low, e * e, e)
+    else:
+        e = tl.exp2(x * 0.5)
+        return e * e
 
 
 @triton.jit
-def _online_kl_update(x, y, m_s, d_s, m_u, d_u, a, c):
+def _online_kl_update(x, y, m_s, d_s, m_u, d_u, a, c, EXACT: tl.constexpr = True):
     """Folds one (ROWS, BLOCK_C) tile of raw logits into the per-row statistics (all fp32), in base 2.
 
     x, y: student and teacher logits (bias added), -inf on lanes outside the row; c = log2(e) / T.
@@ -85,7 +92,8 @@ def _online_kl_update(x, y, m_s, d_s, m_u, d_u, a, c):
     maximum, where the probabilities that matter are: scaling first rounds each x / T to the ulp of its size,
     an error a probability near 1 then carries into q - p, and a compiler that contracts the product into
     the subtraction keeps it even at the maximum), one multiply per exponential. ``a`` comes out as raw-logit
-    differences times A_SCALE (_kl_from_sums turns it into nats), the sums d_s, d_u as in nats.
+    differences times A_SCALE (_kl_from_sums turns it into nats), the sums d_s, d_u as in nats. EXACT: the
+    teacher's exponentials' form (_exp2_kept).
     """
     new_m_s = tl.maximum(m_s, tl.max(x, axis=1))
     new_m_u = tl.maximum(m_u, tl.max(y, axis=1))
@@ -106,7 +114,7 @@ def _online_kl_update(x, y, m_s, d_s, m_u, d_u, a, c):
     # (scale_u == 0: nothing kept so far, or a maximum so far below the new one that its terms vanish; d_u * shift
     # may overflow there, where 0 * inf would be NaN)
     a = tl.where(scale_u == 0, 0.0, scale_u * (a - d_u * shift))
-    e_u = _exp2_kept(r_u * cu)  # (subnormal kept: a term of `a` where the student lies at torch.finfo's min)
+    e_u = _exp2_kept(r_u * cu, EXACT)  # (subnormal kept: a term of `a` where the student lies at finfo's min)
     # a class adds to `a` where its teacher probability is not 0: a -inf logit, or a finite one whose exponent
     # underflows (torch.finfo(dtype).min, a masked_fill's mask, overflows to -inf when scaled), adds 0, however
     # the student's logit there compares
@@ -151,7 +159,7 @@ def _thread_merge(m, c2):
 
 
 @triton.jit
-def _thread_kl_update(x, y, mx, dx, my, dy, a, c2):
+def _thread_kl_update(x, y, mx, dx, my, dy, a, c2, EXACT: tl.constexpr = True):
     """Folds one (ROWS, THREADS, VEC) tile of raw student and teacher logits (-inf outside the row) into
     per-thread statistics (ROWS, THREADS): maxima mx, my of the raw logits, sums dx = sum 2^((x - mx) c2)
     and dy likewise (c2 = log2(e) / T), and a = sum 2^((y - my) c2) ((y - my) - (x - mx)) A_SCALE in raw-logit
@@ -164,7 +172,7 @@ def _thread_kl_update(x, y, mx, dx, my, dy, a, c2):
     c2u = c2 * A_UNIT
     sx = x * A_SCALE - (ref_x * A_SCALE)[:, :, None]
     sy = y * A_SCALE - (ref_y * A_SCALE)[:, :, None]
-    ey = _exp2_kept(sy * c2u)
+    ey = _exp2_kept(sy * c2u, EXACT)
     a += tl.sum(tl.where(ey > 0, ey * (sy - sx), 0.0), axis=2)
     dx = dx * scale_x + tl.sum(tl.exp2(sx * c2u), axis=2)
     dy = dy * scale_y + tl.sum(ey, axis=2)
@@ -317,6 +325,7 @@ def _hydra_kl_fwd_kernel(
     x_at = tl.zeros((BLOCK_R,), tl.float32)  # the student's raw logit at the teacher's most probable class
     # Statistics of the raw logits, exponents in base 2 (_online_kl_update); `a` in nats by _kl_from_sums.
     c2 = inv_temp * LOG2E
+    EXACT_EXP: tl.constexpr = z_ptr.dtype.element_ty == tl.float32  # the teacher's exponentials' form (_exp2_kept)
     if ROW_IN_REGISTERS:
         row_mask = row_ok[:, None] & (cols0 < C)[None, :]
         # The row stays in registers in its storage dtype (half the registers for 16-bit inputs); the later
@@ -333,7 +342,7 @@ def _hydra_kl_fwd_kernel(
         if WRITE_TGRAD:
             y_max = tl.max(y_row, axis=1)
             x_at = tl.max(tl.where(y_row == y_max[:, None], x_row, float("-inf")), axis=1)
-        m_s, d_s, m_u, d_u, a = _online_kl_update(x_row, y_row, m_s, d_s, m_u, d_u, a, c2)
+        m_s, d_s, m_u, d_u, a = _online_kl_update(x_row, y_row, m_s, d_s, m_u, d_u, a, c2, EXACT_EXP)
     else:
         # Long rows (the hot path at vocabulary-sized C): each thread keeps running statistics over its own
         # 16-byte slices of the row (a tile is (rows, threads, VEC): the max and sums over VEC stay inside the
@@ -362,7 +371,7 @@ def _hydra_kl_fwd_kernel(
                 slice_max = tl.max(y, axis=2)
                 here = tl.max(tl.where(y == slice_max[:, :, None], x, float("-inf")), axis=2)
                 tx_at = tl.where(slice_max > my, here, tx_at)
-            mx, dx, my, dy, ax = _thread_kl_update(x, y, mx, dx, my, dy, ax, c2)
+            mx, dx, my, dy, ax = _thread_kl_update(x, y, mx, dx, my, dy, ax, c2, EXACT_EXP)
         row_mx, d_s, row_my, d_u, a = _thread_kl_combine(mx, dx, my, dy, ax, c2)
         # the raw maxima from here on (what the norms hold; the checks below read only infinities)
         m_s, m_u = row_mx, row_my

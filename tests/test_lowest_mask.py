@@ -364,6 +364,38 @@ def test_a_student_at_the_lowest_value_where_the_teacher_probability_is_subnorma
         assert_close_to(a.double().cpu(), w, rtol=1e-5, atol=1e-5 * w.abs().max().item(), what=f"{name} grad")
 
 
+@pytest.mark.parametrize("impl,device,native", [p for p in GPU_EXP_TARGETS if p.values[0] == "triton"])
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen-teacher", "teacher-grad"])
+def test_bf16_logits_at_the_lowest_value_where_the_teacher_probability_is_subnormal(monkeypatch, impl, device,
+                                                                                    native, frozen, classes):
+    """The test above for bf16 logits on the Triton kernels, whose teacher's exponentials take the form for 16-bit
+    inputs there (_exp2_kept: 2^(x / 2) squared everywhere). The teacher at class 2 88.5 below its maximum
+    (exp(-88.5) times the row's other terms: subnormal), a term of 3% or more of each row's loss; the loss rows
+    (bf16) within two bf16 units, the gradients (bf16) within 1% of their largest entry, of the float64 reference
+    on the bf16 inputs."""
+    if native == "ftz":
+        flush_exponentials_as_a_gpu(monkeypatch)
+    g = torch.Generator().manual_seed(62)
+    z64 = torch.randn(B, M, classes, generator=g, dtype=torch.float64) * 3
+    t64 = torch.randn(B, M, classes, generator=g, dtype=torch.float64) * 2
+    t64[:, :, 2] = t64.amax(-1) - 88.5
+    z64[:, :, 2] = torch.finfo(torch.bfloat16).min
+    z64, t64 = z64.bfloat16().double(), t64.bfloat16().double()
+    z = z64.bfloat16().to(device).requires_grad_()
+    t = t64.bfloat16().to(device).requires_grad_(not frozen)
+    loss = hydra_kl_loss(z, t, 1.0, reduction="none", impl=impl)
+    weight = torch.rand(loss.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64) + 0.5
+    got = torch.autograd.grad((loss.double() * weight.to(device)).sum(), [z] if frozen else [z, t])
+    z_ref, t_ref = z64.clone().requires_grad_(), t64.clone().requires_grad_(not frozen)
+    ref = R.hydra_kl_loss_ref(z_ref, t_ref, 1.0, reduction="none")
+    want = torch.autograd.grad((ref * weight).sum(), [z_ref] if frozen else [z_ref, t_ref])
+    base = R.hydra_kl_loss_ref(z64.clamp_min(-1e30), t64, 1.0, reduction="none")
+    assert ((ref - base) > 2e-2 * ref).all()  # each row's subnormal term well above the tolerance
+    assert_close_to(loss.double().cpu(), ref.detach(), rtol=2 ** -7, atol=0.0, what="loss rows")
+    for name, a, w in zip(("student", "teacher"), got, want):
+        assert_close_to(a.double().cpu(), w, rtol=1e-2, atol=1e-2 * w.abs().max().item(), what=f"{name} grad")
+
+
 HEAD_CASES = [pytest.param("torch", "cpu", "1", "rows", marks=pytest.mark.cpu, id="torch-cpu-native-C"),
               pytest.param("torch", "cpu", "0", "rows", marks=pytest.mark.cpu, id="torch-cpu-torch-ops"),
               pytest.param("torch", "cpu", "1", "class-tiles", marks=pytest.mark.cpu, id="torch-cpu-native-C-tiled"),
