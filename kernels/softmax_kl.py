@@ -65,11 +65,13 @@ def _exp2_kept(x, EXACT: tl.constexpr = True):
     lies at torch.finfo's min on that class, p times the KL's difference there (about 3.4e38 / T) is a term of the
     loss of order T, and of the teacher's gradient. 2^(x / 2) squared: x / 2 is exact and normal down to -252, and
     the square (a plain multiply, which keeps subnormals) rounds once.
-    - EXACT (fp32 inputs): the square only below -126, tl.exp2 itself elsewhere, to the digit; sm_90 SASS of the
-      loss kernel's pass 1 at (4096, 8, 32000): 217 instructions a tile where tl.exp2 takes 187 (8 pairs a thread).
-    - else (16-bit inputs): the square everywhere, which doubles the chip's approximation error (about 2 fp32 ulp:
-      far below a 16-bit input's or output's), at 197 instructions a tile; the exact form's predicate, live across
-      the exponential, made a 16-bit row of 16384 held in registers spill 104 to 120 bytes under Triton 3.6.
+    - EXACT (fp32 rows held whole or in row tiles, the small step): the square only below -126, tl.exp2 itself
+      elsewhere, to the digit.
+    - else (16-bit inputs, and every per-thread walk of long rows): the square everywhere, which doubles the
+      chip's approximation error (about 2 fp32 ulp); 201 sm_90 instructions a tile in the loss kernel's pass 1 at
+      (4096, 8, 32000) bf16 where tl.exp2 takes 187 (8 pairs a thread). The exact form's predicates, live across
+      the exponential, spilled: 104 to 120 bytes in a 16-bit row of 16384 held in registers (Triton 3.6), 8 bytes
+      inside the loop of fp32 walks in 2048-class tiles (sm_90, Triton 3.8).
     An offset form, 2^(x + 64) 2^-64, cost one multiply but rounded x + 64 to float32's steps near 64 (7.6e-6):
     2.6e-6 of p near 1. The teacher's side only: its probabilities multiply those differences; the student's
     exponentials only enter sums of at least 1 and q - p."""
@@ -371,7 +373,9 @@ def _hydra_kl_fwd_kernel(
                 slice_max = tl.max(y, axis=2)
                 here = tl.max(tl.where(y == slice_max[:, :, None], x, float("-inf")), axis=2)
                 tx_at = tl.where(slice_max > my, here, tx_at)
-            mx, dx, my, dy, ax = _thread_kl_update(x, y, mx, dx, my, dy, ax, c2, EXACT_EXP)
+            # (the square everywhere on these walks, fp32 too: the exact form's predicates spilled 8 bytes inside
+            # the loop at 2048-class fp32 tiles on sm_90 under Triton 3.8)
+            mx, dx, my, dy, ax = _thread_kl_update(x, y, mx, dx, my, dy, ax, c2, False)
         row_mx, d_s, row_my, d_u, a = _thread_kl_combine(mx, dx, my, dy, ax, c2)
         # the raw maxima from here on (what the norms hold; the checks below read only infinities)
         m_s, m_u = row_mx, row_my
@@ -428,7 +432,7 @@ def _hydra_kl_fwd_kernel(
                 x = _student(z_rows[:, :, None], b_rows[:, :, None], cols, mask, HAS_BIAS)
                 y = tl.load(t_rows[:, :, None] + cols, mask=mask, other=float("-inf")).to(tl.float32)
                 live, e, p = _teacher_terms(x, y, ref_u[:, None, None], l_u[:, None, None], x_at[:, None, None],
-                                            inv_temp)
+                                            inv_temp, False)  # (per-thread walk: _exp2_kept's square everywhere)
                 t_big_a += tl.sum(tl.where(live, p * e, 0.0), axis=2)
             big_a = tl.sum(t_big_a, axis=1)
 
@@ -447,7 +451,7 @@ def _hydra_kl_fwd_kernel(
                 x = _student(z_rows, b_rows, cols, mask, HAS_BIAS)
                 y = tl.load(t_rows + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
                 _store_grads(x, y, cols, mask, g_rows, h_rows, m_s, l_s, ref_u, l_u, x_at, big_a, inv_temp,
-                             grad_scale, kept, WRITE_GRAD, WRITE_TGRAD, HAS_KEEP)
+                             grad_scale, kept, WRITE_GRAD, WRITE_TGRAD, HAS_KEEP, False)  # (as the walk above)
         else:
             # q = exp2((x - max x) * c2 - log2 d_s), p likewise: one exp2 per element and tensor, no
             # select (a masked teacher class is -inf: p = 0); the row's -inf maxima (nothing live) as 0.
@@ -656,7 +660,7 @@ def _student(z_rows, b_rows, cols, mask, HAS_BIAS: tl.constexpr):
 
 
 @triton.jit
-def _teacher_terms(x, y, ref_u, l_u, x_at, inv_temp):
+def _teacher_terms(x, y, ref_u, l_u, x_at, inv_temp, EXACT: tl.constexpr = True):
     """For one tile of raw logits x, y (fp32, -inf outside the row): which classes the teacher keeps (live: p > 0;
     a finite logit whose p underflows is as masked as -inf, and its e may be infinite), e = (y - y_j) - (x - x_j)
     around the pivot j, the teacher's most probable class (its logit the row's maximum ref_u; x_at = x_j), in raw
@@ -666,7 +670,7 @@ def _teacher_terms(x, y, ref_u, l_u, x_at, inv_temp):
     (rows, 1, 1) for per-thread slices)."""
     dy = y - ref_u
     e = dy - (x - x_at)
-    p = _exp2_kept(dy * (inv_temp * LOG2E) - l_u)
+    p = _exp2_kept(dy * (inv_temp * LOG2E) - l_u, EXACT)  # (EXACT: _exp2_kept's form)
     return p > 0, e, p
 
 
@@ -680,13 +684,14 @@ def _mean_e(x, y, ref_u, l_u, x_at, inv_temp):
 
 @triton.jit
 def _store_grads(x, y, cols, mask, g_rows, h_rows, m_s, l_s, ref_u, l_u, x_at, big_a, inv_temp, grad_scale, kept,
-                 WRITE_GRAD: tl.constexpr, WRITE_TGRAD: tl.constexpr, HAS_KEEP: tl.constexpr):
+                 WRITE_GRAD: tl.constexpr, WRITE_TGRAD: tl.constexpr, HAS_KEEP: tl.constexpr,
+                 EXACT: tl.constexpr = True):
     """One tile's gradients from its raw logits x, y and the finished row statistics (m_s, l_s, ref_u, l_u as
     _grad_from_norms takes them; x_at, big_a as _mean_e gives them): the student's grad_scale * (q - p) and,
     for a teacher that requires grad, grad_scale * p * (e - sum_k p_k e_k) / T (e raw: _teacher_terms); 0 on the
     rows a row mask leaves out (kept, HAS_KEEP: see _drop_rows)."""
     if WRITE_TGRAD:  # a masked class (p = 0) gets 0
-        live, e, p = _teacher_terms(x, y, ref_u[:, None], l_u[:, None], x_at[:, None], inv_temp)
+        live, e, p = _teacher_terms(x, y, ref_u[:, None], l_u[:, None], x_at[:, None], inv_temp, EXACT)
         h = _drop_rows(tl.where(live, p * (e - big_a[:, None]), 0.0) * (inv_temp * grad_scale), kept[:, None],
                        HAS_KEEP)
         tl.store(h_rows + cols[None, :], h.to(h_rows.dtype.element_ty), mask=mask)
