@@ -161,7 +161,7 @@ def _thread_merge(m, c2):
 
 
 @triton.jit
-def _thread_kl_update(x, y, mx, dx, my, dy, a, c2, EXACT: tl.constexpr = True):
+def _thread_kl_update(x, y, mx, dx, my, dy, a, c2):
     """Folds one (ROWS, THREADS, VEC) tile of raw student and teacher logits (-inf outside the row) into
     per-thread statistics (ROWS, THREADS): maxima mx, my of the raw logits, sums dx = sum 2^((x - mx) c2)
     and dy likewise (c2 = log2(e) / T), and a = sum 2^((y - my) c2) ((y - my) - (x - mx)) A_SCALE in raw-logit
@@ -174,7 +174,7 @@ def _thread_kl_update(x, y, mx, dx, my, dy, a, c2, EXACT: tl.constexpr = True):
     c2u = c2 * A_UNIT
     sx = x * A_SCALE - (ref_x * A_SCALE)[:, :, None]
     sy = y * A_SCALE - (ref_y * A_SCALE)[:, :, None]
-    ey = _exp2_kept(sy * c2u, EXACT)
+    ey = _exp2_kept(sy * c2u, False)  # (_exp2_kept's square everywhere: the exact form spilled on these walks)
     a += tl.sum(tl.where(ey > 0, ey * (sy - sx), 0.0), axis=2)
     dx = dx * scale_x + tl.sum(tl.exp2(sx * c2u), axis=2)
     dy = dy * scale_y + tl.sum(ey, axis=2)
@@ -373,9 +373,7 @@ def _hydra_kl_fwd_kernel(
                 slice_max = tl.max(y, axis=2)
                 here = tl.max(tl.where(y == slice_max[:, :, None], x, float("-inf")), axis=2)
                 tx_at = tl.where(slice_max > my, here, tx_at)
-            # (the square everywhere on these walks, fp32 too: the exact form's predicates spilled 8 bytes inside
-            # the loop at 2048-class fp32 tiles on sm_90 under Triton 3.8)
-            mx, dx, my, dy, ax = _thread_kl_update(x, y, mx, dx, my, dy, ax, c2, False)
+            mx, dx, my, dy, ax = _thread_kl_update(x, y, mx, dx, my, dy, ax, c2)
         row_mx, d_s, row_my, d_u, a = _thread_kl_combine(mx, dx, my, dy, ax, c2)
         # the raw maxima from here on (what the norms hold; the checks below read only infinities)
         m_s, m_u = row_mx, row_my
