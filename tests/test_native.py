@@ -283,6 +283,52 @@ def _hinton_through_the_target_kernel(monkeypatch, z, t):
     return calls, loss
 
 
+def _flushes() -> bool:
+    """Whether this thread flushes subnormal float32 results to zero (FTZ)."""
+    return (torch.tensor([2e-38]) * 0.25).item() == 0.0
+
+
+@needs_native
+@pytest.mark.skipif(not torch.set_flush_denormal(False), reason="torch sets no flush-to-zero mode on this CPU")
+@pytest.mark.parametrize("threads", [1, 3])
+def test_kernels_keep_subnormals_when_the_calling_thread_flushes_them(monkeypatch, threads):
+    """A caller whose thread flushes subnormals (FTZ and DAZ, as torch.set_flush_denormal(True) and, in torch 2.4,
+    the first torch.compile'd CPU kernel's crtfastmath.o leave it): the C kernel's rows keep them all the same, on
+    the calling thread's part as on the others (until the sixty-first session only the parts on other threads
+    did). 96 rows whose teacher probability at class 2 is subnormal in float32 (exp(-88.7) to exp(-96) times the
+    row's other terms): the KL rows with the student at float32's lowest value there (a term of 1e-4 to 0.3 of
+    each row: within 1e-5 of float64) and the Hinton target T log P (finite, within 1.7e-3 of float64); the
+    thread flushes again afterwards (the kernel puts the caller's mode back)."""
+    from fasthydra.functional import ensemble_log_mean_probs
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    gen = torch.Generator().manual_seed(61)
+    t = torch.randn(96, 33, generator=gen) * 2
+    t[:, 2] = t.amax(-1) - torch.linspace(88.7, 96.0, 96)
+    z = torch.randn(96, 33, generator=gen) * 3
+    z[:, 2] = torch.finfo(torch.float32).min
+    other = torch.randn(96, 33, generator=gen)
+    other[:, 2] = other.amax(-1) - torch.linspace(96.0, 89.0, 96)
+    members = torch.stack([t, other], 1)  # (96, 2, 33): P at class 2 subnormal too
+    p64 = torch.softmax(t.double(), -1)
+    log_q64 = torch.log_softmax(z.double(), -1)
+    want_loss = (p64 * (p64.log() - log_q64)).sum(-1)
+    dropped = (p64 * (p64.log() - log_q64))[:, [c for c in range(33) if c != 2]].sum(-1)
+    assert ((want_loss - dropped) > 1e-4).all() and (p64[:, 2] < torch.finfo(torch.float32).tiny).all()
+    want_target = ensemble_log_mean_probs(members.double(), 1.0)[:, 2]
+    assert (want_target > math.log(1e-44)).all() and (want_target < math.log(torch.finfo(torch.float32).tiny)).all()
+    torch.set_flush_denormal(True)
+    try:
+        assert _flushes()
+        loss, _, _ = native.kl_rows(z.clone(), t, 1.0, want_grad=True)
+        target = native.log_mean_rows(members, 1.0)[:, 2]
+        assert _flushes(), "the caller's mode was not put back"
+    finally:
+        torch.set_flush_denormal(False)
+    assert_close_to(loss, want_loss, rtol=1e-5, atol=0.0, what="KL rows")
+    assert_close_to(target, want_target, rtol=0.0, atol=1.7e-3, what="T log P, P subnormal")
+
+
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_hinton_target_kernel_reads_sixteen_bit_members(monkeypatch, dtype):

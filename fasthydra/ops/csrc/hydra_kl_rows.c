@@ -101,6 +101,42 @@ static inline double row_total(const double *blocks, const float *lane) {
  * other threads would contend with them for the cores). threads <= 1 calls `call` directly without any OpenMP
  * call: the path of a forked child (whose team does not exist) and of the host's own thread pool, which hands
  * each of its threads a part. Scratch rows: part `part` uses scratch + part * ld_scratch. */
+/* Each part runs with subnormals kept (IEEE_PART), whatever the calling thread's mode. torch 2.4's inductor links
+ * its CPU kernels with -ffast-math, so gcc adds crtfastmath.o, whose constructor sets MXCSR's FTZ and DAZ in the
+ * thread that loads a compiled kernel (set_fast_math in each .so). From then on that thread, and only that one,
+ * flushed: the rows of the part on it lost subnormal teacher probabilities (vexp's band) while the parts on the
+ * OpenMP team's other threads kept them (CI's torch 2.4 stage, after a torch.compile test: a Hinton target of -inf
+ * on 8 rows of 12, finite on the other 4). The mode is cleared for the part and put back after it, so the caller's
+ * own arithmetic stays as it chose. */
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#define FP_FLUSH_BITS 0x8040u /* MXCSR: FTZ (bit 15), DAZ (bit 6) */
+typedef unsigned int fp_mode_t;
+static inline fp_mode_t fp_mode_get(void) { return _mm_getcsr(); }
+static inline void fp_mode_set(fp_mode_t m) { _mm_setcsr(m); }
+#elif defined(__aarch64__)
+#define FP_FLUSH_BITS (1ull << 24) /* FPCR: FZ */
+typedef unsigned long long fp_mode_t;
+static inline fp_mode_t fp_mode_get(void) {
+    fp_mode_t m;
+    __asm__ volatile("mrs %0, fpcr" : "=r"(m));
+    return m;
+}
+static inline void fp_mode_set(fp_mode_t m) { __asm__ volatile("msr fpcr, %0" : : "r"(m)); }
+#else
+#define FP_FLUSH_BITS 0u
+typedef unsigned int fp_mode_t;
+static inline fp_mode_t fp_mode_get(void) { return 0u; }
+static inline void fp_mode_set(fp_mode_t m) { (void)m; }
+#endif
+#define IEEE_PART(call)                                                          \
+    do {                                                                         \
+        const fp_mode_t mode_ = fp_mode_get();                                   \
+        if (mode_ & FP_FLUSH_BITS) fp_mode_set(mode_ & ~(fp_mode_t)FP_FLUSH_BITS); \
+        call;                                                                    \
+        if (mode_ & FP_FLUSH_BITS) fp_mode_set(mode_);                           \
+    } while (0)
+
 #ifdef _OPENMP
 #include <omp.h>
 #define SPLIT_ROWS(call)                                                                             \
@@ -108,14 +144,14 @@ static inline double row_total(const double *blocks, const float *lane) {
         if (threads <= 1) {                                                                          \
             const int64_t lo = r0, hi = r1, part = 0;                                                \
             (void)part;                                                                              \
-            call;                                                                                    \
+            IEEE_PART(call);                                                                         \
             break;                                                                                   \
         }                                                                                            \
         _Pragma("omp parallel num_threads(threads)") {                                               \
             const int64_t part = omp_get_thread_num(), parts = omp_get_num_threads(), span = r1 - r0; \
             const int64_t lo = r0 + span * part / parts, hi = r0 + span * (part + 1) / parts;        \
             (void)part;                                                                              \
-            call;                                                                                    \
+            IEEE_PART(call);                                                                         \
         }                                                                                            \
     } while (0)
 #else
@@ -124,7 +160,7 @@ static inline double row_total(const double *blocks, const float *lane) {
         const int64_t lo = r0, hi = r1, part = 0;        \
         (void)threads;                                   \
         (void)part;                                      \
-        call;                                            \
+        IEEE_PART(call);                                 \
     } while (0)
 #endif
 
