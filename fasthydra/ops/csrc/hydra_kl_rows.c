@@ -119,21 +119,25 @@ static inline void fp_mode_set(fp_mode_t m) { _mm_setcsr(m); }
 typedef unsigned long long fp_mode_t;
 static inline fp_mode_t fp_mode_get(void) {
     fp_mode_t m;
-    __asm__ volatile("mrs %0, fpcr" : "=r"(m));
+    __asm__ volatile("mrs %0, fpcr" : "=r"(m) : : "memory");
     return m;
 }
-static inline void fp_mode_set(fp_mode_t m) { __asm__ volatile("msr fpcr, %0" : : "r"(m)); }
+static inline void fp_mode_set(fp_mode_t m) { __asm__ volatile("msr fpcr, %0" : : "r"(m) : "memory"); }
 #else
 #define FP_FLUSH_BITS 0u
 typedef unsigned int fp_mode_t;
 static inline fp_mode_t fp_mode_get(void) { return 0u; }
 static inline void fp_mode_set(fp_mode_t m) { (void)m; }
 #endif
+/* (the empty asm with a memory clobber keeps the part's loads after the mode's change and its stores before the
+ * restore: a mode change orders no arithmetic by itself) */
 #define IEEE_PART(call)                                                          \
     do {                                                                         \
         const fp_mode_t mode_ = fp_mode_get();                                   \
         if (mode_ & FP_FLUSH_BITS) fp_mode_set(mode_ & ~(fp_mode_t)FP_FLUSH_BITS); \
+        __asm__ volatile("" : : : "memory");                                     \
         call;                                                                    \
+        __asm__ volatile("" : : : "memory");                                     \
         if (mode_ & FP_FLUSH_BITS) fp_mode_set(mode_);                           \
     } while (0)
 
