@@ -367,10 +367,16 @@ def _logits_case(rng, impl, mrng):
     grads_ref = torch.autograd.grad((loss_ref * up).sum(), refs)
     shown = _sum_past_float32(loss, loss_ref, loss_eager, z_ref, t_ref, ref_fn, keep, temperature, reduction, shape)
     # (eager's loss is +inf where the student lies at float32's lowest: such a case's loss is held to the fixed
-    # tolerance, not to the rule, whose bound eager's error would make infinite)
+    # tolerance, not to the rule, whose bound eager's error would make infinite; so is a gradient where eager's is
+    # not finite. The student's gradient q - p, finite in eager, keeps the rule: with q and p both near 1 on one
+    # class, their difference holds the rounding of each, about eps32 times the upstream gradient, in eager as in
+    # the kernels (seed 118, case 2792: eager 1.2e-7 off, the kernel 2.1e-7, the fixed tolerance 1.2e-7))
     lowest = LOWEST_AT_MASS in what
+    grads_eager = _eager_grads(loss_eager, up, refs)
+    if lowest:
+        grads_eager = [g if bool(g.isfinite().all()) else None for g in grads_eager]
     _compare(*shown[:2], grads, grads_ref, ["student", "teacher"], what, None if lowest else shown[2].detach(),
-             None if lowest else _eager_grads(loss_eager, up, refs))
+             grads_eager)
     _check_dropped_rows_zero(grads, ["student", "teacher"], keep, what)
 
 
@@ -397,8 +403,11 @@ def _gaussian_case(rng, impl, mrng):
     what = (f"gaussian b={b} d={d} m={m} k={k} bias={bias} {reduction} min_var={min_var} teacher grad={teacher_grad}"
             f" kept={None if keep is None else int(keep.sum())}")
     head = GaussianHydraHead(d, k, m, bias=bias, min_var=min_var, impl=impl)
-    x64 = torch.randn(b, d, dtype=torch.float64)
-    mean64, var64 = torch.randn(b, m, k, dtype=torch.float64), torch.rand(b, m, k, dtype=torch.float64) + 0.05
+    # the inputs as float32 holds them, as in _heads_case: the reference then differs from the op only by the op's
+    # own arithmetic
+    x64 = torch.randn(b, d, dtype=torch.float64).float().double()
+    mean64 = torch.randn(b, m, k, dtype=torch.float64).float().double()
+    var64 = (torch.rand(b, m, k, dtype=torch.float64) + 0.05).float().double()
     x = _strided_copy(_spoil_dropped_rows(mrng, x64, keep).float().requires_grad_(), rng)
     mean = _strided_copy(mean64.float().requires_grad_(teacher_grad), rng)
     var = _strided_copy(var64.float().requires_grad_(teacher_grad), rng)
