@@ -123,6 +123,18 @@ KNOBS = {
                                   "cases": [("kl_fwdbwd", "gpu-large"), ("mlp_fwdbwd", "gpu-large"),
                                             *([("linear_fwdbwd", "gpu-large")] if w > 2048 else [])]}
        for w in (1024, 4096, 8192)},
+    # L2 eviction priorities on the loss kernel's long-row walks (_common.KL_L2_HINTS, off by default): the first
+    # walk's loads evict_last, the second walk's loads and dz stores evict_first, so that the rows still to be
+    # read again are the last to leave L2 (the sixty-third session; PTX createpolicy, checked in the kernel
+    # report); alone at the three long-row cases, and with wider tiles, which keep fewer rows in flight (4096 in
+    # 16 warps: 0.94x to 0.97x in runs 3 and 4; 8192 in 32 warps: one program an SM, 17 MB of rows)
+    "fasthydra/kl-l2-hints": {"set": [("fasthydra.ops._common", "KL_L2_HINTS", True)],
+                              "cases": [("kl_fwdbwd", "gpu-large"), ("mlp_fwdbwd", "gpu-large"),
+                                        ("linear_fwdbwd", "gpu-large")]},
+    **{f"fasthydra/kl-l2-hints-tile-{w}": {"set": [("fasthydra.ops._common", "KL_L2_HINTS", True),
+                                                   ("fasthydra.ops._common", "MAX_BLOCK_C", w)],
+                                           "cases": [("kl_fwdbwd", "gpu-large")]}
+       for w in (4096, 8192)},
     # heads with a bias, long rows: the default is the one-kernel loss pass, then a column sum that reads dz
     # again; the alternative forms dz and db in the loss pass's second launch (SPLIT_BIAS_PASS; the default
     # until the H200 run of 2026-12-04, where it took 1.22x the one-kernel pass's time at MLP gpu-large)
@@ -629,9 +641,10 @@ def summarize_clock_samples(lines) -> dict | None:
 # steps' GPU time goes (issue rate, stalls, occupancy, the clock they ran at) and what the loss kernels
 # reach of DRAM bandwidth and L2 hits. ncu needs a runtime that exposes the counters (on gVisor it
 # fails at once: the record says so).
-# (op, shape[, knob]): the MLP heads' loss pass at gpu-large too, how near DRAM bandwidth it runs.
+# (op, shape[, knob]): the MLP heads' loss pass at gpu-large too, how near DRAM bandwidth it runs; the loss pass
+# with L2 eviction priorities, how many of its second reads L2 then serves.
 NCU_CASES = [("linear_fwdbwd", "small-C"), ("linear_fwdbwd", "gpu-small"), ("kl_fwdbwd", "gpu-large"),
-             ("mlp_fwdbwd", "gpu-large")]
+             ("mlp_fwdbwd", "gpu-large"), ("kl_fwdbwd", "gpu-large", "fasthydra/kl-l2-hints")]
 NCU_KERNELS = "regex:_small_heads|_hydra_kl|_scale_unless"
 NCU_SECTIONS = ("SpeedOfLight", "LaunchStats", "Occupancy", "WarpStateStats", "SchedulerStats",
                 "ComputeWorkloadAnalysis", "InstructionStats", "MemoryWorkloadAnalysis")

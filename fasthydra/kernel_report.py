@@ -59,6 +59,7 @@ class KernelRecord:
     #                                       counted for the row walks of BARRIER_FREE_KERNELS only
     shuffles_in_loops: int | None = None  # SHFL (an exchange between lanes) inside a loop, for the same walks
     shared_bytes: int | None = None
+    l2_policies: list | None = None  # the L2 eviction priorities the PTX creates (createpolicy ... L2::evict_*)
     mma: bool = False
     wgmma: bool = False
     error: str | None = None
@@ -170,6 +171,12 @@ def _kernel_specs():
             add(fn, {**args, "temp_ptr": 1.0}, {**consts, "T_PTR": False}, opts, dtype)
             if state["tensor_temperature"]:
                 add(fn, {**args, "temp_ptr": "*fp32"}, {**consts, "T_PTR": True}, opts, dtype)
+            return
+        if "L2_HINTS" in fn.arg_names and "L2_HINTS" not in consts:  # long rows: with and without the L2 eviction
+            #  priorities of _common.KL_L2_HINTS (the PTX createpolicy they add, and the registers)
+            add(fn, args, {**consts, "L2_HINTS": False}, opts, dtype)
+            if not consts["ROW_IN_REGISTERS"] and dtype != "fp32/ieee":  # (ieee: the same code as tf32 here)
+                add(fn, args, {**consts, "L2_HINTS": True}, opts, dtype)
             return
         if "SPREAD" in fn.arg_names and "SPREAD" not in consts:  # long rows' slices as the launchers choose them
             #  (every row stride here is a multiple of C, every pointer aligned)
@@ -469,6 +476,7 @@ def compile_one(fn, args, consts, opts, dtype, arch) -> KernelRecord:
         rec.shuffles_in_loops = sass_ops_in_loops(sass, _SHUFFLE) if walk else None
         rec.shared_bytes = max(usage.get("SHARED", 0), int(compiled.metadata.shared))
         rec.wgmma = "wgmma" in ptx
+        rec.l2_policies = sorted(set(re.findall(r"createpolicy\S*\.L2::(evict_\w+)", ptx)))
         # tensor-core instructions: mma.sync (sm_80 on), wgmma (sm_90), tcgen05.mma (sm_100)
         rec.mma = bool(re.search(r"\bmma\.sync|\btcgen05\.mma", ptx)) or rec.wgmma
     except Exception as exc:  # a kernel that does not compile is a finding, reported per row

@@ -297,9 +297,22 @@ def _hydra_kl_fwd_kernel(
     MEAN_KEPT: tl.constexpr = False,  # "mean" over the kept rows: grad_scale and out_scale times B / kept rows
     T_PTR: tl.constexpr = False,  # T read from temp (the scalars above came without it: _tempered_scalars)
     SPREAD: tl.constexpr = False,  # long rows Triton cannot prove 16-byte aligned: `_thread_slices`
+    L2_HINTS: tl.constexpr = False,  # long rows: L2 eviction priorities on the walks' loads and stores (below)
 ):
     # (norms are for a gradient formed later, from a frozen teacher: never beside the gradients here)
     tl.static_assert(not (WRITE_NORMS and (WRITE_GRAD or WRITE_TGRAD)))
+    # L2_HINTS: a long row's second read hits L2 only if nothing evicted it since the first, and every program
+    # in flight streams its own rows through L2 meanwhile. The walks that a later walk of this launch reads
+    # again load with L2 priority evict_last (KEEP); the last walk's loads and the gradients' stores, which
+    # nothing here reads again, with evict_first (DONE), so that they leave L2 before the rows still to be
+    # re-read; a launch with no second walk loads with evict_first throughout. (PTX createpolicy
+    # L2::evict_last / evict_first; the interpreter ignores them.) Unset: the default priority everywhere.
+    if L2_HINTS:
+        KEEP: tl.constexpr = "evict_last" if (WRITE_GRAD or WRITE_TGRAD) else "evict_first"
+        DONE: tl.constexpr = "evict_first"
+    else:
+        KEEP: tl.constexpr = ""
+        DONE: tl.constexpr = ""
     inv_temp, loss_scale, grad_scale = _tempered_scalars(temp_ptr, inv_temp, loss_scale, grad_scale, T_PTR)
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
@@ -366,8 +379,8 @@ def _hydra_kl_fwd_kernel(
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + offs
             mask = row_ok[:, None, None] & (cols < C)
-            x = _student(z_rows[:, :, None], b_rows[:, :, None], cols, mask, HAS_BIAS)
-            y = tl.load(t_rows[:, :, None] + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            x = _student(z_rows[:, :, None], b_rows[:, :, None], cols, mask, HAS_BIAS, KEEP)
+            y = tl.load(t_rows[:, :, None] + cols, mask=mask, other=float("-inf"), eviction_policy=KEEP).to(tl.float32)
             if WRITE_TGRAD:  # the pivot of the teacher gradient (see below) and the NaN check, on these loads
                 tn += tl.sum((y != y).to(tl.int32), axis=2)
                 slice_max = tl.max(y, axis=2)
@@ -427,8 +440,9 @@ def _hydra_kl_fwd_kernel(
             for c0 in range(0, C, BLOCK_C):
                 cols = c0 + offs
                 mask = row_ok[:, None, None] & (cols < C)
-                x = _student(z_rows[:, :, None], b_rows[:, :, None], cols, mask, HAS_BIAS)
-                y = tl.load(t_rows[:, :, None] + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                x = _student(z_rows[:, :, None], b_rows[:, :, None], cols, mask, HAS_BIAS, KEEP)
+                y = tl.load(t_rows[:, :, None] + cols, mask=mask, other=float("-inf"),
+                            eviction_policy=KEEP).to(tl.float32)
                 live, e, p = _teacher_terms(x, y, ref_u[:, None, None], l_u[:, None, None], x_at[:, None, None],
                                             inv_temp, False)  # (per-thread walk: _exp2_kept's square everywhere)
                 t_big_a += tl.sum(tl.where(live, p * e, 0.0), axis=2)
@@ -446,10 +460,10 @@ def _hydra_kl_fwd_kernel(
                 c0 = (n_tiles - 1 - j) * BLOCK_C
                 cols = c0 + cols0
                 mask = row_ok[:, None] & (cols < C)[None, :]
-                x = _student(z_rows, b_rows, cols, mask, HAS_BIAS)
-                y = tl.load(t_rows + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+                x = _student(z_rows, b_rows, cols, mask, HAS_BIAS, DONE)
+                y = tl.load(t_rows + cols[None, :], mask=mask, other=float("-inf"), eviction_policy=DONE).to(tl.float32)
                 _store_grads(x, y, cols, mask, g_rows, h_rows, m_s, l_s, ref_u, l_u, x_at, big_a, inv_temp,
-                             grad_scale, kept, WRITE_GRAD, WRITE_TGRAD, HAS_KEEP, False)  # (as the walk above)
+                             grad_scale, kept, WRITE_GRAD, WRITE_TGRAD, HAS_KEEP, False, DONE)  # (as the walk above)
         else:
             # q = exp2((x - max x) * c2 - log2 d_s), p likewise: one exp2 per element and tensor, no
             # select (a masked teacher class is -inf: p = 0); the row's -inf maxima (nothing live) as 0.
@@ -461,11 +475,13 @@ def _hydra_kl_fwd_kernel(
             for j in range(0, n_tiles):  # last tile first: pass 1 read it last, so L2 most likely still holds it
                 cols = (n_tiles - 1 - j) * BLOCK_C + offs
                 mask = row_ok[:, None, None] & (cols < C)
-                x = _student(z_rows[:, :, None], b_rows[:, :, None], cols, mask, HAS_BIAS)
-                y = tl.load(t_rows[:, :, None] + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                x = _student(z_rows[:, :, None], b_rows[:, :, None], cols, mask, HAS_BIAS, DONE)
+                y = tl.load(t_rows[:, :, None] + cols, mask=mask, other=float("-inf"),
+                            eviction_policy=DONE).to(tl.float32)
                 g = _drop_rows(grad_scale * (tl.exp2((x - ref_x) * c2 - lx) - tl.exp2((y - ref_y) * c2 - ly)),
                                kept[:, None, None], HAS_KEEP)
-                tl.store(g_rows[:, :, None] + cols, g.to(g_rows.dtype.element_ty), mask=mask)
+                tl.store(g_rows[:, :, None] + cols, g.to(g_rows.dtype.element_ty), mask=mask,
+                         eviction_policy=DONE)
 
 
 # The gradient on its own, in the backward (hydra_kl_loss on given logits with a frozen teacher): the
@@ -643,15 +659,16 @@ def _biased(z, b, HAS_BIAS: tl.constexpr):
 
 
 @triton.jit
-def _student(z_rows, b_rows, cols, mask, HAS_BIAS: tl.constexpr):
+def _student(z_rows, b_rows, cols, mask, HAS_BIAS: tl.constexpr, EVICT: tl.constexpr = tl.constexpr("")):
     """One tile of student logits in fp32 (-inf outside the row), with the bias added when there is one.
     z_rows, b_rows: row pointers; cols: class offsets of the tile; both broadcast to the mask's shape
-    (a 1-D cols is taken as a (1, BLOCK_C) row of classes)."""
+    (a 1-D cols is taken as a (1, BLOCK_C) row of classes). EVICT: the logits' load's L2 eviction priority
+    (the bias, a few rows every program reads, keeps the default)."""
     if len(cols.shape) == 1:
         offsets = cols[None, :]
     else:
         offsets = cols
-    z = tl.load(z_rows + offsets, mask=mask, other=float("-inf"))
+    z = tl.load(z_rows + offsets, mask=mask, other=float("-inf"), eviction_policy=EVICT)
     if HAS_BIAS:
         return _biased(z, tl.load(b_rows + offsets, mask=mask, other=0.0), HAS_BIAS)
     return z.to(tl.float32)
@@ -683,19 +700,19 @@ def _mean_e(x, y, ref_u, l_u, x_at, inv_temp):
 @triton.jit
 def _store_grads(x, y, cols, mask, g_rows, h_rows, m_s, l_s, ref_u, l_u, x_at, big_a, inv_temp, grad_scale, kept,
                  WRITE_GRAD: tl.constexpr, WRITE_TGRAD: tl.constexpr, HAS_KEEP: tl.constexpr,
-                 EXACT: tl.constexpr = True):
+                 EXACT: tl.constexpr = True, EVICT: tl.constexpr = tl.constexpr("")):
     """One tile's gradients from its raw logits x, y and the finished row statistics (m_s, l_s, ref_u, l_u as
     _grad_from_norms takes them; x_at, big_a as _mean_e gives them): the student's grad_scale * (q - p) and,
     for a teacher that requires grad, grad_scale * p * (e - sum_k p_k e_k) / T (e raw: _teacher_terms); 0 on the
-    rows a row mask leaves out (kept, HAS_KEEP: see _drop_rows)."""
+    rows a row mask leaves out (kept, HAS_KEEP: see _drop_rows). EVICT: the stores' L2 eviction priority."""
     if WRITE_TGRAD:  # a masked class (p = 0) gets 0
         live, e, p = _teacher_terms(x, y, ref_u[:, None], l_u[:, None], x_at[:, None], inv_temp, EXACT)
         h = _drop_rows(tl.where(live, p * (e - big_a[:, None]), 0.0) * (inv_temp * grad_scale), kept[:, None],
                        HAS_KEEP)
-        tl.store(h_rows + cols[None, :], h.to(h_rows.dtype.element_ty), mask=mask)
+        tl.store(h_rows + cols[None, :], h.to(h_rows.dtype.element_ty), mask=mask, eviction_policy=EVICT)
     if WRITE_GRAD:
         g = _drop_rows(_grad_from_norms(x, y, m_s, l_s, ref_u, l_u, inv_temp, grad_scale), kept[:, None], HAS_KEEP)
-        tl.store(g_rows + cols[None, :], g.to(g_rows.dtype.element_ty), mask=mask)
+        tl.store(g_rows + cols[None, :], g.to(g_rows.dtype.element_ty), mask=mask, eviction_policy=EVICT)
 
 
 # Sparse (top-k) teacher. Row r keeps K classes: raw values v[r, :K] on distinct indices idx[r, :K]

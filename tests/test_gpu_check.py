@@ -203,8 +203,8 @@ def test_variants_set_their_settings_and_restore_them(monkeypatch):
         assert os.environ["FASTHYDRA_IMPL"] == "torch"
     assert "FASTHYDRA_IMPL" not in os.environ
     assert gpu_check.variants_for("linear_fwdbwd", "gpu-large") == [
-        "fasthydra/groups-512MiB", "fasthydra/kl-tile-4096", "fasthydra/kl-tile-8192", "fasthydra/bias-split-pass",
-        "fasthydra/groups-512MiB-split", "fasthydra/dx-add"]
+        "fasthydra/groups-512MiB", "fasthydra/kl-tile-4096", "fasthydra/kl-tile-8192", "fasthydra/kl-l2-hints",
+        "fasthydra/bias-split-pass", "fasthydra/groups-512MiB-split", "fasthydra/dx-add"]
     _turns_and_back("fasthydra/bias-split-pass", "SPLIT_BIAS_PASS", False)
     import fasthydra.ops.linear_hydra_kl as lk
 
@@ -215,9 +215,14 @@ def test_variants_set_their_settings_and_restore_them(monkeypatch):
     with gpu_check.with_variant("fasthydra/groups-512MiB-split"):
         assert _common.SPLIT_BIAS_PASS and lk._head_groups(4096, 8, 32000) == (2, 4096)
     assert not _common.SPLIT_BIAS_PASS
-    assert gpu_check.variants_for("kl_fwdbwd", "gpu-large") == ["fasthydra/kl-tile-1024", "fasthydra/kl-tile-4096",
-                                                                 "fasthydra/kl-tile-8192", "fasthydra/kl-deferred"]
+    assert gpu_check.variants_for("kl_fwdbwd", "gpu-large") == [
+        "fasthydra/kl-tile-1024", "fasthydra/kl-tile-4096", "fasthydra/kl-tile-8192", "fasthydra/kl-l2-hints",
+        "fasthydra/kl-l2-hints-tile-4096", "fasthydra/kl-l2-hints-tile-8192", "fasthydra/kl-deferred"]
     _turns_and_back("fasthydra/kl-deferred", "DEFER_KL_GRAD", False)
+    _turns_and_back("fasthydra/kl-l2-hints", "KL_L2_HINTS", False)
+    with gpu_check.with_variant("fasthydra/kl-l2-hints-tile-4096"):
+        assert _common.KL_L2_HINTS and _common.kl_rows_config(32000, 2)["BLOCK_C"] == 4096
+    assert not _common.KL_L2_HINTS and _common.kl_rows_config(32000, 2)["BLOCK_C"] == 2048
     with gpu_check.with_variant("fasthydra/kl-tile-8192"):
         config = _common.kl_rows_config(32000, 2)
         assert config["BLOCK_C"] == 8192 and config["num_warps"] == 32

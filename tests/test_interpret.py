@@ -95,6 +95,58 @@ def test_sixteen_bit_rows_twice_as_long_stay_in_registers(monkeypatch, dtype):
     assert_close_to(g, g_ref, rtol=2 * rtol, atol=1e-6, what="grad")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_l2_hints_on_every_long_row_walk(monkeypatch, dtype):
+    """_common.KL_L2_HINTS: L2 eviction priorities on the loss kernel's long-row walks (bench/gpu_check.py times
+    them on the H200; the interpreter ignores them, sm_90 compiles them: kernel report). Each launch that takes
+    them, with 16-wide tiles, against float64: the loss on logits with a frozen teacher (its gradient formed in
+    the second walk), with a teacher that requires grad (three walks), without a gradient (one walk), and the MLP
+    heads' loss pass (the student bias added on the loads). Every one of the loss kernel's launches took them."""
+    monkeypatch.setattr(_common, "MAX_BLOCK_C", 16)
+    monkeypatch.setattr(_common, "ROW_TILE_MAX", 16)
+    monkeypatch.setattr(_common, "KL_L2_HINTS", True)
+    monkeypatch.setattr(_common, "DEFER_KL_GRAD", False)
+    use_heads_path(monkeypatch, "cublas")
+    hinted = []
+    real_launch = hk.launch
+
+    def spy(kernel, grid, *args, **kwargs):
+        if kernel.__name__ == "_hydra_kl_fwd_kernel":
+            hinted.append(kwargs["L2_HINTS"])
+        return real_launch(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(hk, "launch", spy)
+    torch.manual_seed(3)
+    rtol = 1e-2 if dtype == torch.bfloat16 else 2e-6  # (16-bit: the outputs' rounding; fp32 maths inside)
+    b, m, c = 5, 3, 40
+    z = (torch.randn(b, m, c) * 3).to(dtype).requires_grad_()
+    t = teacher_logits(b, m, c, dtype=dtype).requires_grad_()
+    z64 = z.detach().double().requires_grad_()
+    t64 = t.detach().double().requires_grad_()
+    loss_ref = R.hydra_kl_loss_ref(z64, t64, 1.5)
+    gz_ref, gt_ref = torch.autograd.grad(loss_ref, [z64, t64])
+    (gz,) = torch.autograd.grad(hydra_kl_loss(z, t.detach(), 1.5, impl="triton"), z)
+    assert_close_to(gz, gz_ref, rtol=2 * rtol, atol=1e-6, what="frozen teacher: grad")
+    loss = hydra_kl_loss(z, t, 1.5, impl="triton")
+    gz, gt = torch.autograd.grad(loss, [z, t])
+    assert_close_to(loss, loss_ref, rtol=rtol, what="trainable teacher: loss")
+    assert_close_to(gz, gz_ref, rtol=2 * rtol, atol=1e-6, what="trainable teacher: student grad")
+    assert_close_to(gt, gt_ref, rtol=2 * rtol, atol=1e-6, what="trainable teacher: teacher grad")
+    with torch.no_grad():
+        assert_close_to(hydra_kl_loss(z, t, 1.5, impl="triton"), loss_ref, rtol=rtol, what="no gradient: loss")
+    head = HydraHead(12, c, m, hidden_features=8, impl="triton", dtype=dtype)
+    x = torch.randn(b, 12, dtype=dtype, requires_grad=True)
+    with torch.no_grad():
+        head.bias.normal_(0.0, 2.0)
+    loss = head.distill_loss(x, t.detach(), 1.5)
+    grads = torch.autograd.grad(loss, [x, *params_of(head)])
+    ref, grads_ref = reference_loss_and_grads(head, x, t.detach(), 1.5)
+    assert_close_to(loss, ref, rtol=rtol, what="MLP heads: loss")
+    for (name, _), g, g_ref in zip([("x", None), *head.named_parameters()], grads, grads_ref):
+        assert_close_to(g, g_ref, rtol=4 * rtol, atol=1e-5, what=f"MLP heads: grad {name}")
+    assert len(hinted) >= 4 and all(hinted), hinted
+
+
 def test_hydra_kl_kernel_extreme_logits_and_masks(max_block_c):
     b, m, c = 4, 2, 40
     z = (torch.randn(b, m, c) * 1e4).requires_grad_()

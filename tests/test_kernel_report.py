@@ -150,6 +150,24 @@ def test_long_row_walks_exchange_nothing_between_lanes(report):
          if r["shuffles_in_loops"]]
 
 
+def test_l2_hints_reach_the_ptx(report):
+    """_common.KL_L2_HINTS's priorities (the loss kernel's L2_HINTS) as the PTX sets them, on every long-row
+    configuration compiled with them: evict_last for the walks read again and evict_first for the last one where
+    the launch walks a row twice (a gradient written), evict_first alone where it walks once; and no policy at
+    all without them, nor in any other kernel (a Triton that dropped the hints, or one that set them unasked)."""
+    _, records = report
+    hinted = [r for r in records if r["config"].get("L2_HINTS")]
+    assert hinted and {r["kernel"] for r in hinted} == {"_hydra_kl_fwd_kernel"}
+    assert any(r["config"]["WRITE_GRAD"] for r in hinted) and not all(r["config"]["WRITE_GRAD"] for r in hinted)
+    for r in hinted:
+        twice = r["config"]["WRITE_GRAD"] or r["config"]["WRITE_TGRAD"]
+        assert r["l2_policies"] == (["evict_first", "evict_last"] if twice else ["evict_first"]), \
+            (r["arch"], r["dtype"], r["config"], r["l2_policies"])
+    plain = [r for r in records if not r["config"].get("L2_HINTS") and r["error"] is None]
+    assert all(r["l2_policies"] == [] for r in plain), \
+        [(r["kernel"], r["config"], r["l2_policies"]) for r in plain if r["l2_policies"]]
+
+
 def test_gemm_kernels_use_tensor_cores(report):
     _, records = report
     from fasthydra.kernel_report import GEMM_KERNELS, MMA_SYNC_KERNELS

@@ -19,6 +19,13 @@ import torch
 # time of 8192-wide ones in 32 warps (two runs; 4096 in 16 warps: 1.03x), although the wide programs
 # keep fewer rows in flight (inside L2) for the second read: more loads in flight matter more.
 MAX_BLOCK_C = 2048
+# L2 eviction priorities on the loss kernel's long-row walks (_hydra_kl_fwd_kernel's L2_HINTS): the first
+# walk's loads kept in L2 (evict_last) for the second, whose loads and gradient stores go first (evict_first).
+# A row's second read comes from L2 only if the bytes every program streamed since its first read did not push
+# it out: at (4096, 8, 32000) bf16 a row of z and t is 125 KiB, and with several 8-warp programs on each of
+# 132 SMs the rows in flight pass the H200's 50 MB of L2 (the loss pass reached 0.52 of copy speed there, run
+# 4). Off until an H200 run shows it wins (bench/gpu_check.py: fasthydra/kl-l2-hints).
+KL_L2_HINTS = False
 # Longest row kept whole in registers by the row-wise loss kernels: 32 warps x 8 elements per thread
 # and tensor compile without spills on sm_80/sm_90; 16384 fp32 (16 per thread, at most 64 registers
 # with 1024 threads) spills 56 to 136 bytes, 32768 600+ (kernel report). 16-bit rows are kept in

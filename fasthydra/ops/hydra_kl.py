@@ -335,7 +335,8 @@ def launch_kl_rows(z3, t3, loss2, grad3, temperature: float, grad_scale: float |
         VEC=vec, WRITE_NORMS=norms is not None,
         REDUCE=reduce_to is not None, BLOCK_P=_common.reduce_block(grid, cfg["num_warps"]), HAS_KEEP=keep2 is not None,
         MEAN_KEPT=kept_mean is not None, T_PTR=t_ptr,
-        SPREAD=_common.spread_slices(cfg, vec, c, z3, t3, g3, bias3), num_warps=cfg["num_warps"],
+        SPREAD=_common.spread_slices(cfg, vec, c, z3, t3, g3, bias3),
+        L2_HINTS=_common.KL_L2_HINTS and not cfg["ROW_IN_REGISTERS"], num_warps=cfg["num_warps"],
     )
     if after is not None:
         out, coef = after
