@@ -167,6 +167,11 @@ KNOBS = {
     "fasthydra/unc-tile-16384-8-warps": {"set": [("fasthydra.ops._common", "UNCERTAINTY_LONG_TILE", 16384),
                                                  ("fasthydra.ops._common", "FILL_WARPS", 4096 * 8)],
                                          "cases": [("uncertainty", "gpu-large")]},
+    # `uncertainty`'s long rows in two launches (_common.UNCERTAINTY_SPLIT, the sixty-third session): each (batch,
+    # head) row's statistics, then the mixture by (row, class block) programs; the one-kernel form's programs each
+    # walk a whole (M, C) row twice (1.59 ms at gpu-large in run 4, about 0.46 of copy speed)
+    "fasthydra/unc-split": {"set": [("fasthydra.ops._common", "UNCERTAINTY_SPLIT", True)],
+                            "cases": [("uncertainty", "gpu-large"), ("uncertainty", "large-C")]},
 }
 # Mid-size cases whose eager steps run host-bound on the device machine's CPU: their GPU time alone
 # (CUDA-graph replay) beside the wall time, fasthydra only, to tell the GPU work from the host's.

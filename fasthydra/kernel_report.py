@@ -67,8 +67,8 @@ class KernelRecord:
 
 def _uncertainty_specs(add, b: int, m: int, c: int, ty: str, tag: str) -> None:
     """`uncertainty`'s forward and backward kernels and the Hinton target's over (b, m, c) rows."""
-    from fasthydra.kernels.uncertainty import (_ensemble_log_mean_kernel, _uncertainty_bwd_kernel,
-                                               _uncertainty_fwd_kernel)
+    from fasthydra.kernels.uncertainty import (_ensemble_log_mean_kernel, _head_entropy_kernel, _mixture_kernel,
+                                               _uncertainty_bwd_kernel, _uncertainty_fwd_kernel)
 
     args = {"z_ptr": f"*{ty}", "probs_ptr": f"*{ty}", "total_ptr": f"*{ty}", "aleatoric_ptr": f"*{ty}",
             "epistemic_ptr": f"*{ty}", "M": m, "C": c, "stride_zb": m * c, "stride_zm": c,
@@ -79,6 +79,22 @@ def _uncertainty_specs(add, b: int, m: int, c: int, ty: str, tag: str) -> None:
                                             "ROW_IN_REGISTERS": uc["ROW_IN_REGISTERS"],
                                             "VEC": min(uc["BLOCK_C"], 4 if ty == "fp32" else 8)},
             {"num_warps": uc["num_warps"]}, tag)
+    if not cfgs.uncertainty_config(m, c)["ROW_IN_REGISTERS"]:  # long rows in two launches (UNCERTAINTY_SPLIT):
+        #  one (batch, head) row a program, then the mixture over class blocks (one a row, or several: partials)
+        sc = cfgs.uncertainty_split_config(m, c, b)
+        add(_head_entropy_kernel, {"z_ptr": f"*{ty}", "stats_ptr": "*fp32", "R": b * m, "M": m, "C": c,
+                                   "stride_zb": m * c, "stride_zm": c, "inv_temp": 1.0},
+            {"BLOCK_R": 1, "BLOCK_C": sc["STATS_BLOCK_C"], "VEC": min(sc["STATS_BLOCK_C"], 4 if ty == "fp32" else 8)},
+            {"num_warps": sc["STATS_WARPS"]}, tag)
+        for single in (True, False):
+            add(_mixture_kernel, {**{name: f"*{ty}" for name in ("z_ptr", "probs_ptr", "total_ptr", "aleatoric_ptr",
+                                                                 "epistemic_ptr")},
+                                  "stats_ptr": "*fp32", "part_ptr": "*fp32", "count_ptr": "*i32", "M": m, "C": c,
+                                  "cols_per_prog": sc["cols_per_prog"], "stride_zb": m * c, "stride_zm": c,
+                                  "stride_pb": c, "inv_temp": 1.0},
+                {"BLOCK_M": sc["BLOCK_M"], "BLOCK_C": sc["BLOCK_C"], "SINGLE": single,
+                 "BLOCK_P": cfgs.reduce_block(max(2, sc["col_blocks"]), sc["num_warps"])},
+                {"num_warps": sc["num_warps"]}, tag)
     # its backward: every upstream, or the epistemic part's only
     ug = cfgs.uncertainty_grad_config(m, c, 4 if ty == "fp32" else 2)
     for has_g in (True, False):
@@ -588,7 +604,8 @@ def _spills(r: KernelRecord) -> bool:
 # one layout conversion, a pair of barriers, per stored tile: the Hinton target's kernel from 16-bit members, and the
 # loss kernel's teacher-gradient walk on fp16 logits (both gradients kept in fp32) may hold those.
 BARRIER_FREE_KERNELS = {"_hydra_kl_fwd_kernel", "_hydra_kl_grad_kernel", "_hydra_kl_grad_cols_kernel",
-                        "_uncertainty_fwd_kernel", "_uncertainty_bwd_kernel", "_ensemble_log_mean_kernel"}
+                        "_uncertainty_fwd_kernel", "_uncertainty_bwd_kernel", "_ensemble_log_mean_kernel",
+                        "_head_entropy_kernel", "_mixture_kernel"}
 
 
 def _barriers_allowed(r: KernelRecord) -> int | None:

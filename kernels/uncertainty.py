@@ -17,6 +17,7 @@ min) has probability 0 and adds 0 to every sum.
 import triton
 import triton.language as tl
 
+from .reduce import _sum_parts
 from .softmax_kl import (LN2, LOG2E, _device_temperature, _tempered_scalars, _thread_max, _thread_merge,
                          _thread_slices)
 
@@ -64,29 +65,7 @@ def _uncertainty_fwd_kernel(
         d = tl.sum(ex, axis=1)
         e = tl.sum(_mass_times_shift(ex, sx), axis=1) * inv_temp  # sum exp(s - max s) (s - max s), s = x/T
     else:
-        # Long rows: per-thread running statistics over 16-byte slices (a tile is (heads, threads, VEC);
-        # max and sums inside the thread), merged across threads once per row: no barrier in the loop
-        # (sm_90 SASS: the tile-wise form spent ~21 instructions per element and 6 barriers per tile).
-        offs = _thread_slices(BLOCK_C, VEC, SPREAD)
-        tm = tl.full((BLOCK_M, BLOCK_C // VEC), float("-inf"), tl.float32)
-        td = tl.zeros((BLOCK_M, BLOCK_C // VEC), tl.float32)
-        te = tl.zeros((BLOCK_M, BLOCK_C // VEC), tl.float32)
-        for c0 in range(0, C, BLOCK_C):
-            cols = c0 + offs
-            mask = head_ok[:, None, None] & (cols < C)
-            x = tl.load(z_row[:, :, None] + cols, mask=mask, other=float("-inf")).to(tl.float32)
-            new_m, ref, scale = _thread_max(x, tm, c2)
-            # (scale == 0: nothing so far, or a maximum so far below the new one that its terms vanish, where
-            # td * (ref - tm) may overflow: a class at torch.finfo(dtype).min first, then live ones)
-            te = tl.where(scale == 0, 0.0, scale * (te - td * (ref - tm)))
-            sx = x - ref[:, :, None]
-            ex = tl.exp2(sx * c2)
-            te += tl.sum(_mass_times_shift(ex, sx), axis=2)
-            td = td * scale + tl.sum(ex, axis=2)
-            tm = new_m
-        row_m, ref, w = _thread_merge(tm, c2)
-        d = tl.sum(tl.where(td == 0, 0.0, w * td), axis=1)
-        e = tl.sum(tl.where(w == 0, 0.0, w * (te - td * (ref - tm))), axis=1) * inv_temp
+        row_m, d, e = _entropy_sums(z_row, head_ok, C, c2, inv_temp, BLOCK_M, BLOCK_C, VEC, SPREAD)
 
     d_ok = tl.where(head_ok, d, 1.0)  # padded heads: d 1 (their q is 0 below); a head masked everywhere: NaN
     ent = tl.where(head_ok, tl.log(d_ok) - e / d_ok, 0.0)
@@ -101,17 +80,8 @@ def _uncertainty_fwd_kernel(
     else:
         # q_m = 2^((x - max x) c2 - log2 d_m): one exp2 per element and no select (masked classes and padded
         # heads load -inf: q = 0); sum P log P kept per thread and reduced once per row.
-        ref_raw = tl.where(head_ok & (row_m > float("-inf")), row_m, 0.0)[:, None]
-        log2_d = tl.log2(d_ok)[:, None]
-        plogp = tl.zeros((BLOCK_C,), tl.float32)
-        n_tiles = tl.cdiv(C, BLOCK_C)
-        for j in range(0, n_tiles):  # last tile first: pass 1 read it last, so L2 most likely still holds it
-            cols = (n_tiles - 1 - j) * BLOCK_C + cols0
-            x = tl.load(z_row + cols[None, :], mask=head_ok[:, None] & (cols < C)[None, :],
-                        other=float("-inf")).to(tl.float32)
-            p = tl.sum(tl.exp2((x - ref_raw) * c2 - log2_d), axis=0) / M
-            tl.store(probs_row + cols, p.to(probs_row.dtype.element_ty), mask=cols < C)
-            plogp += _p_log2_p(p)
+        ref_raw = tl.where(head_ok & (row_m > float("-inf")), row_m, 0.0)
+        plogp = _mixture_walk(z_row, probs_row, head_ok, ref_raw, tl.log2(d_ok), c2, M, 0, C, BLOCK_C)
     total = -tl.sum(plogp, axis=0) * LN2
 
     tl.store(total_ptr + row, total.to(total_ptr.dtype.element_ty))
@@ -133,6 +103,156 @@ def _mass_times_shift(ex, sx):
 def _p_log2_p(p):
     """P log2 P per class: 0 where P = 0, NaN where P is NaN."""
     return tl.where(p == 0, 0.0, p * tl.log2(tl.where(p > 0, p, 1.0)))
+
+
+@triton.jit
+def _entropy_sums(z_row, row_ok, C, c2, inv_temp, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr,
+                  SPREAD: tl.constexpr):
+    """Pass 1 over long rows (BLOCK_R of them, pointers z_row (BLOCK_R, 1), row_ok masking the rest): per row the
+    raw logits' maximum m, d = sum 2^((x - m) c2) and e = sum 2^((x - m) c2) (x - m) / T, so that the row's
+    softmax has entropy log d - e / d. Per-thread running statistics over 16-byte slices (a tile is (rows,
+    threads, VEC); max and sums inside the thread), merged across threads once per row: no barrier in the loop
+    (sm_90 SASS: the tile-wise form spent ~21 instructions per element and 6 barriers per tile)."""
+    offs = _thread_slices(BLOCK_C, VEC, SPREAD)
+    tm = tl.full((BLOCK_R, BLOCK_C // VEC), float("-inf"), tl.float32)
+    td = tl.zeros((BLOCK_R, BLOCK_C // VEC), tl.float32)
+    te = tl.zeros((BLOCK_R, BLOCK_C // VEC), tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + offs
+        mask = row_ok[:, None, None] & (cols < C)
+        x = tl.load(z_row[:, :, None] + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        new_m, ref, scale = _thread_max(x, tm, c2)
+        # (scale == 0: nothing so far, or a maximum so far below the new one that its terms vanish, where
+        # td * (ref - tm) may overflow: a class at torch.finfo(dtype).min first, then live ones)
+        te = tl.where(scale == 0, 0.0, scale * (te - td * (ref - tm)))
+        sx = x - ref[:, :, None]
+        ex = tl.exp2(sx * c2)
+        te += tl.sum(_mass_times_shift(ex, sx), axis=2)
+        td = td * scale + tl.sum(ex, axis=2)
+        tm = new_m
+    row_m, ref, w = _thread_merge(tm, c2)
+    d = tl.sum(tl.where(td == 0, 0.0, w * td), axis=1)
+    e = tl.sum(tl.where(w == 0, 0.0, w * (te - td * (ref - tm))), axis=1) * inv_temp
+    return row_m, d, e
+
+
+@triton.jit
+def _mixture_walk(z_row, probs_row, head_ok, ref_raw, log2_d, c2, M, c_lo, c_hi, BLOCK_C: tl.constexpr):
+    """Pass 2 over classes [c_lo, c_hi) of one row's heads (pointers z_row (BLOCK_M, 1), padded heads masked by
+    head_ok): P = mean_m 2^((x - ref_m) c2 - log2 d_m) stored at probs_row, and P log2 P summed per lane
+    (BLOCK_C,). One exp2 per element and no select (masked classes and padded heads load -inf: q = 0); the last
+    tile first (the walk before it read that one last, so L2 most likely still holds it)."""
+    cols0 = tl.arange(0, BLOCK_C)
+    ref = ref_raw[:, None]
+    log2_d = log2_d[:, None]
+    plogp = tl.zeros((BLOCK_C,), tl.float32)
+    n_tiles = tl.cdiv(c_hi - c_lo, BLOCK_C)
+    for j in range(0, n_tiles):
+        cols = c_lo + (n_tiles - 1 - j) * BLOCK_C + cols0
+        x = tl.load(z_row + cols[None, :], mask=head_ok[:, None] & (cols < c_hi)[None, :],
+                    other=float("-inf")).to(tl.float32)
+        p = tl.sum(tl.exp2((x - ref) * c2 - log2_d), axis=0) / M
+        tl.store(probs_row + cols, p.to(probs_row.dtype.element_ty), mask=cols < c_hi)
+        plogp += _p_log2_p(p)
+    return plogp
+
+
+# `uncertainty` over long rows in two launches (UNCERTAINTY_SPLIT in fasthydra/ops/_common.py): the one-kernel
+# form above walks a whole (M, C) row per program twice, 512 KiB of 16-bit logits at (4096, 8, 32000), with
+# some 270 MB of rows in flight, so its second read comes from DRAM anyway; these read each row once per
+# launch, in programs that each stream far less. `_head_entropy_kernel`: pass 1 per (batch, head) row, whose
+# statistics it writes; `_mixture_kernel`: pass 2 per (batch row, class block), from those statistics.
+@triton.jit
+def _head_entropy_kernel(
+    z_ptr,  # logits (B, M, C): row (b, m) at b * stride_zb + m * stride_zm, unit stride along C
+    stats_ptr,  # out: (B * M, 3) fp32 per row b * M + m: the raw maximum (0 where -inf or NaN), log2 d, entropy
+    R,  # B * M rows
+    M,
+    C,
+    stride_zb,
+    stride_zm,
+    inv_temp,
+    temp_ptr,  # a tensor temperature where T_PTR (inv_temp then 1)
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    VEC: tl.constexpr,
+    T_PTR: tl.constexpr = False,
+    SPREAD: tl.constexpr = False,
+):
+    inv_temp, _, _ = _tempered_scalars(temp_ptr, inv_temp, 1.0, 1.0, T_PTR, NAN_INV=True)
+    c2 = inv_temp * LOG2E
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    row_ok = rows < R
+    z_row = z_ptr + ((rows // M) * stride_zb + (rows % M) * stride_zm)[:, None]
+    row_m, d, e = _entropy_sums(z_row, row_ok, C, c2, inv_temp, BLOCK_R, BLOCK_C, VEC, SPREAD)
+    # as the one-kernel form: a head masked everywhere has d = 0 and entropy NaN (so the row's aleatoric part)
+    tl.store(stats_ptr + rows * 3, tl.where(row_m > float("-inf"), row_m, 0.0), mask=row_ok)
+    tl.store(stats_ptr + rows * 3 + 1, tl.log2(d), mask=row_ok)
+    tl.store(stats_ptr + rows * 3 + 2, tl.log(d) - e / d, mask=row_ok)
+
+
+@triton.jit
+def _mixture_kernel(
+    z_ptr,  # logits (B, M, C), as _head_entropy_kernel's
+    stats_ptr,  # (B * M, 3) fp32 from _head_entropy_kernel
+    probs_ptr,  # out: (B, C) mixture probabilities, row stride stride_pb, unit along C
+    total_ptr,  # out: (B,) H[P]
+    aleatoric_ptr,  # out: (B,) mean_m H[q_m]
+    epistemic_ptr,  # out: (B,) total - aleatoric, clamped at 0
+    part_ptr,  # (B, n_blocks) fp32: each program's sum of P log2 P; unused where SINGLE
+    count_ptr,  # (B,) int32 zeros: finished programs of each row, 0 again after the launch; unused where SINGLE
+    M,
+    C,
+    cols_per_prog,  # classes of one program (grid axis 1 walks their blocks): a multiple of BLOCK_C
+    stride_zb,
+    stride_zm,
+    stride_pb,
+    inv_temp,
+    temp_ptr,
+    BLOCK_M: tl.constexpr,  # heads, padded to a power of two
+    BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,  # partial sums read per step by a row's last program
+    SINGLE: tl.constexpr,  # one class block a row (cols_per_prog >= C): the row's outputs from its one program
+    T_PTR: tl.constexpr = False,
+):
+    inv_temp, _, _ = _tempered_scalars(temp_ptr, inv_temp, 1.0, 1.0, T_PTR, NAN_INV=True)
+    c2 = inv_temp * LOG2E
+    row = tl.program_id(0).to(tl.int64)
+    block = tl.program_id(1)
+    heads = tl.arange(0, BLOCK_M)
+    head_ok = heads < M
+    stats = stats_ptr + (row * M + heads) * 3
+    ref_raw = tl.load(stats, mask=head_ok, other=0.0)
+    log2_d = tl.load(stats + 1, mask=head_ok, other=0.0)
+    c_lo = block * cols_per_prog
+    z_row = z_ptr + row * stride_zb + heads[:, None].to(tl.int64) * stride_zm
+    plogp = _mixture_walk(z_row, probs_ptr + row * stride_pb, head_ok, ref_raw, log2_d, c2, M, c_lo,
+                          tl.minimum(C, c_lo + cols_per_prog), BLOCK_C)
+    if SINGLE:
+        _uncertainty_outputs(-tl.sum(plogp, axis=0) * LN2, stats, head_ok, M, row, total_ptr, aleatoric_ptr,
+                             epistemic_ptr)
+    else:
+        # the row's last program to finish sums the row's partials in block order (deterministic: see
+        # reduce._last_program_sums, the same pattern per row) and writes its three outputs
+        n_blocks = tl.num_programs(1)
+        tl.store(part_ptr + row * n_blocks + block, tl.sum(plogp, axis=0))
+        tl.debug_barrier()
+        finished = tl.atomic_add(count_ptr + row, 1, sem="acq_rel", scope="gpu")
+        if finished == n_blocks - 1:
+            total = -_sum_parts(part_ptr + row * n_blocks, n_blocks, BLOCK_P) * LN2
+            _uncertainty_outputs(total, stats, head_ok, M, row, total_ptr, aleatoric_ptr, epistemic_ptr)
+            tl.atomic_xchg(count_ptr + row, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _uncertainty_outputs(total, stats, head_ok, M, row, total_ptr, aleatoric_ptr, epistemic_ptr):
+    """A row's total, its aleatoric part (the mean of its heads' entropies, the stats' third column) and the
+    epistemic part, total - aleatoric clamped at 0 (a NaN kept: tl.maximum would turn it into 0)."""
+    aleatoric = tl.sum(tl.load(stats + 2, mask=head_ok, other=0.0), axis=0) / M
+    tl.store(total_ptr + row, total.to(total_ptr.dtype.element_ty))
+    tl.store(aleatoric_ptr + row, aleatoric.to(aleatoric_ptr.dtype.element_ty))
+    diff = total - aleatoric
+    tl.store(epistemic_ptr + row, tl.where(diff < 0.0, 0.0, diff).to(epistemic_ptr.dtype.element_ty))
 
 
 # The ensemble's mean prediction in log space, the Hinton loss's target: per row b and class c,

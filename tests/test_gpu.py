@@ -151,12 +151,19 @@ def _check_loss_on_logits(z, kernel_loss, reference_loss, dense_teacher, loss_at
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("b,m,c,scale,atol", [(500, 8, 1000, 3.0, 1e-5), (64, 4, 32000, 1.0, 3e-6)])
-def test_uncertainty_tolerance_rule(dtype, b, m, c, scale, atol):
+@pytest.mark.parametrize("b,m,c,scale,atol,split", [(500, 8, 1000, 3.0, 1e-5, False), (64, 4, 32000, 1.0, 3e-6, False),
+                                                    (64, 4, 32000, 1.0, 3e-6, True), (2048, 3, 20000, 1.0, 3e-6, True)])
+def test_uncertainty_tolerance_rule(monkeypatch, dtype, b, m, c, scale, atol, split):
     """The rule at rows held in registers and at long rows (32000 classes: per-thread running sums over tiles,
     where the CPU kernel's float lanes, chained over a row, were 2x to 4x eager's error; atol 3e-6 against entropies
     of about 10 there, 2.5 float32 ulps: interpreted, the Triton kernel's largest errors are 0.15x to 1.05x eager
-    float32's, about 2e-6, and the chip's approximate exp2 adds its own)."""
+    float32's, about 2e-6, and the chip's approximate exp2 adds its own). split: long rows in two launches
+    (_common.UNCERTAINTY_SPLIT), with 16 class blocks a row (64 rows) and with one (2048 rows)."""
+    from fasthydra.ops import _common
+
+    monkeypatch.setattr(_common, "UNCERTAINTY_SPLIT", split)
+    if split:
+        assert _common.uncertainty_split_config(m, c, b)["col_blocks"] == (16 if b == 64 else 1)
     z = (torch.randn(b, m, c, device="cuda") * scale).to(dtype)
     got = uncertainty(z, impl="triton")
     eager = R.uncertainty_ref(z)

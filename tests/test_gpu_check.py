@@ -229,7 +229,10 @@ def test_variants_set_their_settings_and_restore_them(monkeypatch):
     assert _common.kl_rows_config(32000, 2)["BLOCK_C"] == 2048
     assert gpu_check.variants_for("kl_fwdbwd", "mid") == []
     assert gpu_check.variants_for("uncertainty", "gpu-large") == ["fasthydra/unc-tile-16384",
-                                                                   "fasthydra/unc-tile-16384-8-warps"]
+                                                                   "fasthydra/unc-tile-16384-8-warps",
+                                                                   "fasthydra/unc-split"]
+    assert gpu_check.variants_for("uncertainty", "large-C") == ["fasthydra/unc-split"]
+    _turns_and_back("fasthydra/unc-split", "UNCERTAINTY_SPLIT", False)
     with gpu_check.with_variant("fasthydra/unc-tile-16384-8-warps"):
         config = _common.uncertainty_config(8, 32000, 4096)
         assert (config["BLOCK_C"], config["num_warps"]) == (2048, 8)

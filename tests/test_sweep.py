@@ -539,12 +539,14 @@ def _temperature_form(monkeypatch, trng) -> None:
 
 def _run(monkeypatch, name: str, choices: list, impl: str, case: int) -> None:
     """Case `case` of a sweep: its generator seeded by its name, the knobs turned, one of `choices` drawn and run
-    with a second generator for the row mask (its own draws: the case's problem is the same with a mask) and a
-    third for the temperature's form (a number or a tensor: likewise)."""
+    with a second generator for the row mask (its own draws: the case's problem is the same with a mask), a
+    third for the temperature's form (a number or a tensor: likewise) and a fourth for `uncertainty`'s split form."""
     key = f"{_SEED}{name}{impl}-{case}"
     rng = random.Random(key)
     torch.manual_seed(random.Random(f"{key}-torch").randrange(1 << 62) if _SEED else case)
     _turn_knobs(monkeypatch, rng)
+    # `uncertainty`'s long rows in one launch or two (its own draw: the case's problem stays what it was)
+    monkeypatch.setattr(_common, "UNCERTAINTY_SPLIT", random.Random(f"{key}-split").random() < 0.5)
     _temperature_form(monkeypatch, random.Random(f"{key}-temperature"))
     rng.choice(choices)(rng, impl, random.Random(f"{key}-mask"))
 

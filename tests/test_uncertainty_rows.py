@@ -31,11 +31,18 @@ TARGETS = [pytest.param("torch", "cpu", marks=pytest.mark.cpu, id="torch-cpu"),
 OUTPUTS = ("probs", "total", "aleatoric", "epistemic")
 
 
-@pytest.fixture(params=["row-whole", "tiles-of-64", "tiles-of-64-spread"])
+@pytest.fixture(params=["row-whole", "tiles-of-64", "tiles-of-64-spread", "tiles-of-64-split",
+                        "tiles-of-64-split-one-block"])
 def walk(request, monkeypatch):
     """The kernels' two row walks: the defaults (these rows held whole) and 64-element tiles (the forward's
     per-thread statistics over 16-byte slices, the backward's tiled passes), those also in spread slices (forced,
-    as test_spread_slices describes)."""
+    as test_spread_slices describes), and the forward's long rows in two launches (_common.UNCERTAINTY_SPLIT:
+    each (row, head)'s statistics, then the mixture by (row, class block) programs): 4 blocks a row here, whose
+    partial sums each row's last program adds, and one block a row (STREAM_PROGRAMS 1)."""
+    if "split" in request.param:
+        monkeypatch.setattr(_common, "UNCERTAINTY_SPLIT", True)
+        if request.param.endswith("one-block"):
+            monkeypatch.setattr(_common, "STREAM_PROGRAMS", 1)
     if request.param.endswith("spread"):
         monkeypatch.setattr(_common, "spread_slices", lambda cfg, vec, n_cols, *rows: not cfg.get("ROW_IN_REGISTERS"))
     if request.param != "row-whole":
@@ -44,6 +51,8 @@ def walk(request, monkeypatch):
             monkeypatch.setattr(_common, name, 64)
         assert not _common.uncertainty_config(3, 50, 7)["ROW_IN_REGISTERS"]
         assert not _common.uncertainty_grad_config(3, 50)["ROW_IN_REGISTERS"]
+    if "split" in request.param:
+        assert _common.uncertainty_split_config(3, 50, 7)["col_blocks"] == (1 if "one-block" in request.param else 4)
     return request.param
 
 

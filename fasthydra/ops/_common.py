@@ -485,6 +485,31 @@ def uncertainty_config(n_heads: int, n_cols: int, n_rows: int | None = None, hin
                 ROW_IN_REGISTERS=True)
 
 
+# `uncertainty`'s long rows (those uncertainty_config does not hold whole) in two launches instead of one
+# (uncertainty_split_config; kernels/uncertainty.py's _head_entropy_kernel and _mixture_kernel): the one-kernel
+# form walks a whole (M, C) row per program twice, 512 KiB of bf16 at (4096, 8, 32000), with hundreds of MB of
+# rows in flight (4-warp programs of 72 registers under Triton 3.6, 110 under 3.8, sm_90), so its second read
+# comes from DRAM, as the split form's does; 1.59 ms there on the H200 (2026-12-04), where two reads at the loss
+# kernel's rate take about 1.15. Off until an H200 run shows it wins (bench/gpu_check.py: fasthydra/unc-split).
+UNCERTAINTY_SPLIT = False
+
+
+def uncertainty_split_config(n_heads: int, n_cols: int, n_rows: int) -> dict:
+    """The split form's two launches over n_rows (B) rows of n_heads x n_cols: the statistics one (STATS_*) walks
+    one (batch, head) row a program in tiles of up to MAX_BLOCK_C classes (one 16-byte slice a thread and tile, as
+    the loss kernel's long rows: 8 warps at 2048); the mixture one walks (heads, classes) tiles as the one-kernel
+    form's pass 2 (uncertainty_config, 4 warps), each program over cols_per_prog classes of one row: the whole row
+    where there are rows enough for about STREAM_PROGRAMS programs, else col_blocks blocks of it."""
+    stats_c = max(16, min(next_pow2(n_cols), MAX_BLOCK_C))
+    mix = uncertainty_config(n_heads, n_cols)
+    tiles = cdiv(max(n_cols, 1), mix["BLOCK_C"])
+    blocks = max(1, min(tiles, cdiv(STREAM_PROGRAMS, max(n_rows, 1))))
+    cols_per_prog = cdiv(tiles, blocks) * mix["BLOCK_C"]
+    return dict(STATS_BLOCK_C=stats_c, STATS_WARPS=max(1, min(8, stats_c // 256)), BLOCK_M=mix["BLOCK_M"],
+                BLOCK_C=mix["BLOCK_C"], num_warps=mix["num_warps"], cols_per_prog=cols_per_prog,
+                col_blocks=cdiv(max(n_cols, 1), cols_per_prog))
+
+
 # Elements of one (heads, classes) tile of uncertainty's backward kernel: a row of up to UNCERTAINTY_GRAD_ROW_MAX
 # is read once and held (four fp32 values per element live: logits, p, V and the product); longer rows walk tiles
 # of up to UNCERTAINTY_GRAD_TILE elements three times, in `head_slices_config`'s layout (so does the Hinton target's

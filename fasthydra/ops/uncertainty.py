@@ -72,6 +72,9 @@ def uncertainty_triton(logits: torch.Tensor, temperature: float) -> Uncertainty:
         cfg = uncertainty_config(m, c, b)
         vec = max(1, min(cfg["BLOCK_C"], 16 // logits.element_size()))
         tf, temp, t_ptr = temperature_scalars(temperature)
+        if _common.UNCERTAINTY_SPLIT and not cfg["ROW_IN_REGISTERS"] and m > 0:
+            _uncertainty_split(logits, probs, total, aleatoric, epistemic, tf, temp, t_ptr)
+            return Uncertainty(probs, total, aleatoric, epistemic)
         launch(_uncertainty_fwd_kernel, (b,),
             logits, probs, total, aleatoric, epistemic,
             m, c, logits.stride(0), logits.stride(1), probs.stride(0), 1.0 / tf, temp,
@@ -79,6 +82,35 @@ def uncertainty_triton(logits: torch.Tensor, temperature: float) -> Uncertainty:
             VEC=vec, T_PTR=t_ptr, SPREAD=_common.spread_slices(cfg, vec, c, logits), num_warps=cfg["num_warps"],
         )
     return Uncertainty(probs, total, aleatoric, epistemic)
+
+
+def _uncertainty_split(logits, probs, total, aleatoric, epistemic, tf, temp, t_ptr) -> None:
+    """`uncertainty` over long rows in two launches (_common.UNCERTAINTY_SPLIT): each (batch, head) row's
+    statistics (raw maximum, log2 of its normaliser, entropy), then the mixture from them, by (row, class block)
+    programs; with several blocks a row, each row's last program sums the row's partials (zeroed counts)."""
+    from fasthydra.kernels.uncertainty import _head_entropy_kernel, _mixture_kernel
+
+    b, m, c = logits.shape
+    cfg = _common.uncertainty_split_config(m, c, b)
+    vec = max(1, min(cfg["STATS_BLOCK_C"], 16 // logits.element_size()))
+    stats = torch.empty(b * m, 3, dtype=torch.float32, device=logits.device)
+    stats_cfg = dict(BLOCK_C=cfg["STATS_BLOCK_C"], num_warps=cfg["STATS_WARPS"], ROW_IN_REGISTERS=False)
+    launch(_head_entropy_kernel, (b * m,),
+        logits, stats, b * m, m, c, logits.stride(0), logits.stride(1), 1.0 / tf, temp,
+        BLOCK_R=1, BLOCK_C=cfg["STATS_BLOCK_C"], VEC=vec, T_PTR=t_ptr,
+        SPREAD=_common.spread_slices(stats_cfg, vec, c, logits), num_warps=cfg["STATS_WARPS"],
+    )
+    blocks = cfg["col_blocks"]
+    parts = counts = stats
+    if blocks > 1:
+        parts = torch.empty(b, blocks, dtype=torch.float32, device=logits.device)
+        counts = torch.zeros(b, dtype=torch.int32, device=logits.device)
+    launch(_mixture_kernel, (b, blocks),
+        logits, stats, probs, total, aleatoric, epistemic, parts, counts, m, c, cfg["cols_per_prog"],
+        logits.stride(0), logits.stride(1), probs.stride(0), 1.0 / tf, temp,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], BLOCK_P=_common.reduce_block(blocks, cfg["num_warps"]),
+        SINGLE=blocks == 1, T_PTR=t_ptr, num_warps=cfg["num_warps"],
+    )
 
 
 def uncertainty_backward(logits: torch.Tensor, temperature: float, g_probs: torch.Tensor | None,
