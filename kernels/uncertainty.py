@@ -84,11 +84,7 @@ def _uncertainty_fwd_kernel(
         plogp = _mixture_walk(z_row, probs_row, head_ok, ref_raw, tl.log2(d_ok), c2, M, 0, C, BLOCK_C)
     total = -tl.sum(plogp, axis=0) * LN2
 
-    tl.store(total_ptr + row, total.to(total_ptr.dtype.element_ty))
-    tl.store(aleatoric_ptr + row, aleatoric.to(aleatoric_ptr.dtype.element_ty))
-    diff = total - aleatoric
-    epistemic = tl.where(diff < 0.0, 0.0, diff)  # (tl.maximum would turn a NaN row's into 0)
-    tl.store(epistemic_ptr + row, epistemic.to(epistemic_ptr.dtype.element_ty))
+    _store_outputs(total, aleatoric, row, total_ptr, aleatoric_ptr, epistemic_ptr)
 
 
 @triton.jit
@@ -159,7 +155,7 @@ def _mixture_walk(z_row, probs_row, head_ok, ref_raw, log2_d, c2, M, c_lo, c_hi,
 
 # `uncertainty` over long rows in two launches (UNCERTAINTY_SPLIT in fasthydra/ops/_common.py): the one-kernel
 # form above walks a whole (M, C) row per program twice, 512 KiB of 16-bit logits at (4096, 8, 32000), with
-# some 270 MB of rows in flight, so its second read comes from DRAM anyway; these read each row once per
+# hundreds of MB of rows in flight, so its second read comes from DRAM anyway; these read each row once per
 # launch, in programs that each stream far less. `_head_entropy_kernel`: pass 1 per (batch, head) row, whose
 # statistics it writes; `_mixture_kernel`: pass 2 per (batch row, class block), from those statistics.
 @triton.jit
@@ -228,9 +224,10 @@ def _mixture_kernel(
     z_row = z_ptr + row * stride_zb + heads[:, None].to(tl.int64) * stride_zm
     plogp = _mixture_walk(z_row, probs_ptr + row * stride_pb, head_ok, ref_raw, log2_d, c2, M, c_lo,
                           tl.minimum(C, c_lo + cols_per_prog), BLOCK_C)
+    # the aleatoric part: the mean of the heads' entropies (the statistics' third column)
+    aleatoric = tl.sum(tl.load(stats + 2, mask=head_ok, other=0.0), axis=0) / M
     if SINGLE:
-        _uncertainty_outputs(-tl.sum(plogp, axis=0) * LN2, stats, head_ok, M, row, total_ptr, aleatoric_ptr,
-                             epistemic_ptr)
+        _store_outputs(-tl.sum(plogp, axis=0) * LN2, aleatoric, row, total_ptr, aleatoric_ptr, epistemic_ptr)
     else:
         # the row's last program to finish sums the row's partials in block order (deterministic: see
         # reduce._last_program_sums, the same pattern per row) and writes its three outputs
@@ -240,15 +237,14 @@ def _mixture_kernel(
         finished = tl.atomic_add(count_ptr + row, 1, sem="acq_rel", scope="gpu")
         if finished == n_blocks - 1:
             total = -_sum_parts(part_ptr + row * n_blocks, n_blocks, BLOCK_P) * LN2
-            _uncertainty_outputs(total, stats, head_ok, M, row, total_ptr, aleatoric_ptr, epistemic_ptr)
+            _store_outputs(total, aleatoric, row, total_ptr, aleatoric_ptr, epistemic_ptr)
             tl.atomic_xchg(count_ptr + row, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
-def _uncertainty_outputs(total, stats, head_ok, M, row, total_ptr, aleatoric_ptr, epistemic_ptr):
-    """A row's total, its aleatoric part (the mean of its heads' entropies, the stats' third column) and the
-    epistemic part, total - aleatoric clamped at 0 (a NaN kept: tl.maximum would turn it into 0)."""
-    aleatoric = tl.sum(tl.load(stats + 2, mask=head_ok, other=0.0), axis=0) / M
+def _store_outputs(total, aleatoric, row, total_ptr, aleatoric_ptr, epistemic_ptr):
+    """A row's total and aleatoric parts, and the epistemic part, total - aleatoric clamped at 0 (a NaN kept:
+    tl.maximum would turn a NaN row's into 0)."""
     tl.store(total_ptr + row, total.to(total_ptr.dtype.element_ty))
     tl.store(aleatoric_ptr + row, aleatoric.to(aleatoric_ptr.dtype.element_ty))
     diff = total - aleatoric
