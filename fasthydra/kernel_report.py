@@ -32,6 +32,7 @@ SHAPES = [(4096, 512, 8, 10), (1024, 512, 8, 1000), (256, 256, 4, 32000), (4096,
 # registers, longer rows in tiles): checked too, at (B, D, M) = (64, 64, 8).
 EXTRA_ROW_LENGTHS = [5000, 16000, 50257]
 HIDDEN = 256  # hidden width used for the MLP-head GEMM configurations
+L2_HINT_ROWS = 4096 * 8  # the loss kernel's rows at gpu-large: where its L2 priorities are compiled (and at C = 50257)
 # Where the kernels that take a temperature are also compiled reading it from memory (T_PTR: a tensor
 # temperature; bf16 and fp32 with TF32 dots): the big and the small GPU cases, and the longest row kept in
 # registers (16-bit rows of 16000 classes, the configuration closest to spilling). Elsewhere only with T folded
@@ -189,9 +190,12 @@ def _kernel_specs():
                 add(fn, {**args, "temp_ptr": "*fp32"}, {**consts, "T_PTR": True}, opts, dtype)
             return
         if "L2_HINTS" in fn.arg_names and "L2_HINTS" not in consts:  # long rows: with and without the L2 eviction
-            #  priorities of _common.KL_L2_HINTS (the PTX createpolicy they add, and the registers)
+            #  priorities of _common.KL_L2_HINTS (the PTX createpolicy they add, and the registers), the latter at
+            #  the rows the knob is timed on (gpu-large's) and at rows no 16-byte load aligns (spread slices) only:
+            #  every long-row configuration took 238 more compiles an architecture, a sixth of the report's CI time
             add(fn, args, {**consts, "L2_HINTS": False}, opts, dtype)
-            if not consts["ROW_IN_REGISTERS"] and dtype != "fp32/ieee":  # (ieee: the same code as tf32 here)
+            if (not consts["ROW_IN_REGISTERS"] and dtype != "fp32/ieee"  # (ieee: the same code as tf32 here)
+                    and (args["R"] == L2_HINT_ROWS or args["C"] % 16)):
                 add(fn, args, {**consts, "L2_HINTS": True}, opts, dtype)
             return
         if "SPREAD" in fn.arg_names and "SPREAD" not in consts:  # long rows' slices as the launchers choose them
