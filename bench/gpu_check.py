@@ -382,9 +382,53 @@ def masked_rows(b: int = 4096, d: int = 2048, m: int = 8, c: int = 32000, kept: 
     return rows
 
 
+def timeline_row(intervals, steps: int, wall_s: float, issue_s: float, top: int = 4) -> dict:
+    """The profiled steps' GPU timeline in one profile row: how long the GPU was busy (the union of every
+    kernel's, copy's and fill's interval: (start us, end us, name)), how long it sat idle between the first
+    and the last of them, the steps' wall time (issue to synchronize) and the host's time to issue them,
+    all per step, and the `top` longest idle gaps with what ran before and after each. This tells a step's
+    time over the sum of its kernels apart: GPU idle (the host, a sync or an allocation held it up) or kernels
+    that run slower than when profiled (clocks). Its "kernel" is "(timeline)", which no kernel pattern of
+    bench/predictions.json matches."""
+    spans = sorted(intervals)
+    busy = 0.0
+    gaps = []
+    if spans:
+        start, end, last = spans[0]
+        for s, e, name in spans[1:]:
+            if s > end:
+                busy += end - start
+                gaps.append({"ms": (s - end) / 1e3, "after": last[:60], "before": name[:60]})
+                start, end, last = s, e, name
+            elif e > end:
+                end, last = e, name
+        busy += end - start
+    idle = sum(g["ms"] for g in gaps)
+    gaps.sort(key=lambda g: -g["ms"])
+    return {"kernel": "(timeline)", "ms_per_step": busy / 1e3 / steps, "calls_per_step": 0.0,
+            "busy_ms_per_step": busy / 1e3 / steps, "idle_ms_per_step": idle / steps,
+            "gaps_per_step": len(gaps) / steps, "wall_ms_per_step": wall_s * 1e3 / steps,
+            "issue_ms_per_step": issue_s * 1e3 / steps, "longest_gaps": gaps[:top]}
+
+
+def profiled_intervals(prof, device_type) -> list[tuple[float, float, str]]:
+    """(start us, end us, name) of every event a torch.profiler run recorded on `device_type`."""
+    return [(e.time_range.start, e.time_range.end, e.name) for e in prof.events() if e.device_type == device_type]
+
+
+def _profile_line(r: dict) -> str:
+    if r.get("kernel") != "(timeline)":
+        return f"{r['ms_per_step']:8.3f} ms {r['calls_per_step']:5.1f}x {r['kernel']}"
+    gaps = "; ".join(f"{g['ms']:.3f} ms after {g['after'][:30]}" for g in r["longest_gaps"][:2])
+    return (f"timeline per step: GPU busy {r['busy_ms_per_step']:.3f} ms, idle {r['idle_ms_per_step']:.3f} ms in "
+            f"{r['gaps_per_step']:.0f} gaps, wall {r['wall_ms_per_step']:.3f} ms, issued in "
+            f"{r['issue_ms_per_step']:.3f} ms" + (f"; longest: {gaps}" if gaps else ""))
+
+
 def profile_step(case: C.Case, provider: str = "fasthydra", steps: int = 3, top: int = 12) -> list[dict]:
     """Where a step's GPU time goes: the kernels of `steps` steps under torch.profiler, the `top` ones
-    by device time, per step (what a missed target's note needs)."""
+    by device time, per step (what a missed target's note needs), then the steps' timeline (timeline_row)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     inputs = C.make_inputs(case)
@@ -393,9 +437,12 @@ def profile_step(case: C.Case, provider: str = "fasthydra", steps: int = 3, top:
         step()
     warm_clocks()  # (small steps leave the GPU mostly idle, at a low clock)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
         for _ in range(steps):
             step()
+        issued = time.perf_counter()
         torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
     rows = []
     for ev in prof.key_averages():
         device_us = getattr(ev, "self_device_time_total", None)
@@ -405,8 +452,12 @@ def profile_step(case: C.Case, provider: str = "fasthydra", steps: int = 3, top:
             rows.append({"kernel": ev.key[:90], "ms_per_step": device_us / 1e3 / steps,
                          "calls_per_step": ev.count / steps})
     rows.sort(key=lambda r: -r["ms_per_step"])
+    try:
+        timeline = [timeline_row(profiled_intervals(prof, DeviceType.CUDA), steps, wall, issued - t0)]
+    except Exception as exc:  # (diagnostics only: the kernels' rows stand without it)
+        timeline = [{"kernel": "(timeline)", "error": f"{type(exc).__name__}: {exc}"[:200]}]
     return rows[:top] + [{"kernel": f"(the SM clock after these steps: {sm_clock()} MHz)", "ms_per_step": 0.0,
-                          "calls_per_step": 0.0}]
+                          "calls_per_step": 0.0}] + timeline
 
 
 def host_profile(case: C.Case, steps: int = 200, top: int = 15) -> list[dict]:
@@ -1073,8 +1124,7 @@ def _measure(args) -> int:
 
     with ClockSampler() as sampler:
         profiles = _profiles([] if short else PROFILE_CASES, by_key, profile_step,
-                             "profile {} (fasthydra, ms per step):",
-                             lambda r: f"{r['ms_per_step']:8.3f} ms {r['calls_per_step']:5.1f}x {r['kernel']}")
+                             "profile {} (fasthydra, ms per step):", _profile_line)
     clocks["profiles"] = sampler.summary
     host = _profiles([] if short else HOST_PROFILE_CASES, by_key, host_profile,
                      "host profile {} (fasthydra, us per step: own, cumulative):",

@@ -714,6 +714,7 @@ def test_every_prediction_names_a_figure_gpu_check_records(monkeypatch):
     profiles = {" ".join(case) for case in gpu_check.PROFILE_CASES}
     host = set(gpu_check.host_facts("cpu", calls=10))
     host |= {k.replace("cpu_", "cuda_") for k in host}
+    timeline_keys = gpu_check.timeline_row([], steps=1, wall_s=0.0, issue_s=0.0)
 
     def row_ok(op, shape, provider, variant_only=False):
         if (op, shape) not in keys:
@@ -741,7 +742,9 @@ def test_every_prediction_names_a_figure_gpu_check_records(monkeypatch):
             elif src == "topk":
                 assert where["teacher"] in teachers and key in ("seconds", "of_copy_bandwidth"), p["id"]
             elif src.startswith("profiles/"):
-                assert src.split("/", 1)[1] in profiles and key == "ms_per_step" and leaf.get("match"), p["id"]
+                timeline = leaf.get("match") == {"kernel": r"^\(timeline\)$"}  # (timeline_row's figures)
+                assert src.split("/", 1)[1] in profiles and leaf.get("match"), p["id"]
+                assert key == "ms_per_step" or timeline and isinstance(timeline_keys.get(key), float), p["id"]
             elif src == "host":
                 assert key in host, p["id"]
             elif src == "host_breakdown":
@@ -853,3 +856,42 @@ def test_host_breakdown_times_the_small_steps_pieces_on_cpu():
     for key in gpu_check.BREAKDOWN_KEYS[:-2]:
         assert 0 < out[key] < 1e7, (key, out[key])
     assert set(out) == {"case", *gpu_check.BREAKDOWN_KEYS[:-2]}  # (the error word's queries: CUDA only)
+
+
+def test_timeline_row_busy_idle_and_gaps():
+    """The profiled steps' timeline: overlapping intervals count once, idle gaps between them are summed and the
+    longest named by the kernels around them; a prediction's kernel pattern never picks the row up."""
+    spans = [(0.0, 100.0, "_hydra_kl_fwd_kernel"), (50.0, 120.0, "memset"), (120.0, 130.0, "touching"),
+             (430.0, 500.0, "nvjet_gemm"), (510.0, 600.0, "_hydra_kl_grad_cols_kernel"),
+             (600.0, 650.0, "inside")]
+    row = gpu_check.timeline_row(list(reversed(spans)), steps=2, wall_s=1e-3, issue_s=4e-4, top=1)
+    assert row["kernel"] == "(timeline)"
+    assert row["busy_ms_per_step"] == pytest.approx((130 + 70 + 140) / 1e3 / 2)
+    assert row["idle_ms_per_step"] == pytest.approx((300 + 10) / 1e3 / 2) and row["gaps_per_step"] == 1.0
+    assert row["longest_gaps"] == [{"ms": pytest.approx(0.3), "after": "touching", "before": "nvjet_gemm"}]
+    assert row["wall_ms_per_step"] == pytest.approx(0.5) and row["issue_ms_per_step"] == pytest.approx(0.2)
+    assert "idle 0.155 ms in 1 gaps" in gpu_check._profile_line(row)
+    empty = gpu_check.timeline_row([], steps=3, wall_s=0.0, issue_s=0.0)
+    assert empty["busy_ms_per_step"] == 0.0 and empty["longest_gaps"] == []
+    kernels = [{"kernel": "_hydra_kl_fwd_kernel", "ms_per_step": 1.0, "calls_per_step": 1.0}, row]
+    what = {"in": "profiles/a s", "match": {"kernel": "_hydra_kl"}, "key": "ms_per_step", "sum": True}
+    assert P.value_of({"profiles": {"a s": kernels}}, what) == 1.0
+
+
+def test_profiled_intervals_from_a_real_profile():
+    """The intervals read off torch.profiler's events as the installed torch records them (CPU events here:
+    the same fields a CUDA kernel's event has), in the order and nesting they ran."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    a = torch.randn(64, 64)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        a @ a
+        torch.relu(a)
+    spans = gpu_check.profiled_intervals(prof, DeviceType.CPU)
+    names = [name for _, _, name in spans]
+    assert any("mm" in n for n in names) and "aten::relu" in names, names
+    assert all(0 <= start <= end for start, end, _ in spans)
+    mm = min(start for start, _, n in spans if "mm" in n)
+    assert mm < min(start for start, _, n in spans if n == "aten::relu")
+    assert gpu_check.profiled_intervals(prof, DeviceType.CUDA) == []
