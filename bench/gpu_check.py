@@ -412,8 +412,10 @@ def timeline_row(intervals, steps: int, wall_s: float, issue_s: float, top: int 
 
 
 def profiled_intervals(prof, device_type) -> list[tuple[float, float, str]]:
-    """(start us, end us, name) of every event a torch.profiler run recorded on `device_type`."""
-    return [(e.time_range.start, e.time_range.end, e.name) for e in prof.events() if e.device_type == device_type]
+    """(start us, end us, name) of every event a torch.profiler run recorded on `device_type`, less the device-side
+    copies of user annotations (record_function ranges, which span other events: no work of their own)."""
+    return [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+            if e.device_type == device_type and not getattr(e, "is_user_annotation", False)]
 
 
 def _profile_line(r: dict) -> str:

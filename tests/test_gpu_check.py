@@ -884,13 +884,18 @@ def test_profiled_intervals_from_a_real_profile():
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
+    from torch.profiler import record_function
+
     a = torch.randn(64, 64)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        a @ a
+        with record_function("a_user_range"):
+            a @ a
         torch.relu(a)
     spans = gpu_check.profiled_intervals(prof, DeviceType.CPU)
     names = [name for _, _, name in spans]
     assert any("mm" in n for n in names) and "aten::relu" in names, names
+    if any(hasattr(e, "is_user_annotation") for e in prof.events()):  # (torch versions that mark them)
+        assert "a_user_range" not in names and any(e.name == "a_user_range" for e in prof.events())
     assert all(0 <= start <= end for start, end, _ in spans)
     mm = min(start for start, _, n in spans if "mm" in n)
     assert mm < min(start for start, _, n in spans if n == "aten::relu")
