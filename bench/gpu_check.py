@@ -382,11 +382,11 @@ def masked_rows(b: int = 4096, d: int = 2048, m: int = 8, c: int = 32000, kept: 
     return rows
 
 
-def timeline_row(intervals, steps: int, wall_s: float, issue_s: float, top: int = 4) -> dict:
+def timeline_row(intervals, steps: int, wall_s: float, top: int = 4) -> dict:
     """The profiled steps' GPU timeline in one profile row: how long the GPU was busy (the union of every
     kernel's, copy's and fill's interval: (start us, end us, name)), how long it sat idle between the first
-    and the last of them, the steps' wall time (issue to synchronize) and the host's time to issue them,
-    all per step, and the `top` longest idle gaps with what ran before and after each. This tells a step's
+    and the last of them, the steps' wall time (each step ends in a synchronize, as the timed ones do), all
+    per step, and the `top` longest idle gaps with what ran before and after each. This tells a step's
     time over the sum of its kernels apart: GPU idle (the host, a sync or an allocation held it up) or kernels
     that run slower than when profiled (clocks). Its "kernel" is "(timeline)", which no kernel pattern of
     bench/predictions.json matches."""
@@ -408,7 +408,7 @@ def timeline_row(intervals, steps: int, wall_s: float, issue_s: float, top: int 
     return {"kernel": "(timeline)", "ms_per_step": busy / 1e3 / steps, "calls_per_step": 0.0,
             "busy_ms_per_step": busy / 1e3 / steps, "idle_ms_per_step": idle / steps,
             "gaps_per_step": len(gaps) / steps, "wall_ms_per_step": wall_s * 1e3 / steps,
-            "issue_ms_per_step": issue_s * 1e3 / steps, "longest_gaps": gaps[:top]}
+            "longest_gaps": gaps[:top]}
 
 
 def profiled_intervals(prof, device_type) -> list[tuple[float, float, str]]:
@@ -423,8 +423,8 @@ def _profile_line(r: dict) -> str:
         return f"{r['ms_per_step']:8.3f} ms {r['calls_per_step']:5.1f}x {r['kernel']}"
     gaps = "; ".join(f"{g['ms']:.3f} ms after {g['after'][:30]}" for g in r["longest_gaps"][:2])
     return (f"timeline per step: GPU busy {r['busy_ms_per_step']:.3f} ms, idle {r['idle_ms_per_step']:.3f} ms in "
-            f"{r['gaps_per_step']:.0f} gaps, wall {r['wall_ms_per_step']:.3f} ms, issued in "
-            f"{r['issue_ms_per_step']:.3f} ms" + (f"; longest: {gaps}" if gaps else ""))
+            f"{r['gaps_per_step']:.0f} gaps, wall {r['wall_ms_per_step']:.3f} ms"
+            + (f"; longest: {gaps}" if gaps else ""))
 
 
 def profile_step(case: C.Case, provider: str = "fasthydra", steps: int = 3, top: int = 12) -> list[dict]:
@@ -441,8 +441,7 @@ def profile_step(case: C.Case, provider: str = "fasthydra", steps: int = 3, top:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
-            step()
-        issued = time.perf_counter()
+            step()  # (each ends in a synchronize)
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
     rows = []
@@ -455,7 +454,7 @@ def profile_step(case: C.Case, provider: str = "fasthydra", steps: int = 3, top:
                          "calls_per_step": ev.count / steps})
     rows.sort(key=lambda r: -r["ms_per_step"])
     try:
-        timeline = [timeline_row(profiled_intervals(prof, DeviceType.CUDA), steps, wall, issued - t0)]
+        timeline = [timeline_row(profiled_intervals(prof, DeviceType.CUDA), steps, wall)]
     except Exception as exc:  # (diagnostics only: the kernels' rows stand without it)
         timeline = [{"kernel": "(timeline)", "error": f"{type(exc).__name__}: {exc}"[:200]}]
     return rows[:top] + [{"kernel": f"(the SM clock after these steps: {sm_clock()} MHz)", "ms_per_step": 0.0,

@@ -714,7 +714,7 @@ def test_every_prediction_names_a_figure_gpu_check_records(monkeypatch):
     profiles = {" ".join(case) for case in gpu_check.PROFILE_CASES}
     host = set(gpu_check.host_facts("cpu", calls=10))
     host |= {k.replace("cpu_", "cuda_") for k in host}
-    timeline_keys = gpu_check.timeline_row([], steps=1, wall_s=0.0, issue_s=0.0)
+    timeline_keys = gpu_check.timeline_row([], steps=1, wall_s=0.0)
 
     def row_ok(op, shape, provider, variant_only=False):
         if (op, shape) not in keys:
@@ -864,14 +864,14 @@ def test_timeline_row_busy_idle_and_gaps():
     spans = [(0.0, 100.0, "_hydra_kl_fwd_kernel"), (50.0, 120.0, "memset"), (120.0, 130.0, "touching"),
              (430.0, 500.0, "nvjet_gemm"), (510.0, 600.0, "_hydra_kl_grad_cols_kernel"),
              (600.0, 650.0, "inside")]
-    row = gpu_check.timeline_row(list(reversed(spans)), steps=2, wall_s=1e-3, issue_s=4e-4, top=1)
+    row = gpu_check.timeline_row(list(reversed(spans)), steps=2, wall_s=1e-3, top=1)
     assert row["kernel"] == "(timeline)"
     assert row["busy_ms_per_step"] == pytest.approx((130 + 70 + 140) / 1e3 / 2)
     assert row["idle_ms_per_step"] == pytest.approx((300 + 10) / 1e3 / 2) and row["gaps_per_step"] == 1.0
     assert row["longest_gaps"] == [{"ms": pytest.approx(0.3), "after": "touching", "before": "nvjet_gemm"}]
-    assert row["wall_ms_per_step"] == pytest.approx(0.5) and row["issue_ms_per_step"] == pytest.approx(0.2)
+    assert row["wall_ms_per_step"] == pytest.approx(0.5)
     assert "idle 0.155 ms in 1 gaps" in gpu_check._profile_line(row)
-    empty = gpu_check.timeline_row([], steps=3, wall_s=0.0, issue_s=0.0)
+    empty = gpu_check.timeline_row([], steps=3, wall_s=0.0)
     assert empty["busy_ms_per_step"] == 0.0 and empty["longest_gaps"] == []
     kernels = [{"kernel": "_hydra_kl_fwd_kernel", "ms_per_step": 1.0, "calls_per_step": 1.0}, row]
     what = {"in": "profiles/a s", "match": {"kernel": "_hydra_kl"}, "key": "ms_per_step", "sum": True}
