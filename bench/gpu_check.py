@@ -389,7 +389,8 @@ def timeline_row(intervals, steps: int, wall_s: float, top: int = 4) -> dict:
     per step, and the `top` longest idle gaps with what ran before and after each. This tells a step's
     time over the sum of its kernels apart: GPU idle (the host, a sync or an allocation held it up) or kernels
     that run slower than when profiled (clocks). Its "kernel" is "(timeline)", which no kernel pattern of
-    bench/predictions.json matches."""
+    bench/predictions.json matches, and its "ms_per_step" is 0, as the SM clock's row (a sum over every row
+    counts the kernels once)."""
     spans = sorted(intervals)
     busy = 0.0
     gaps = []
@@ -405,7 +406,7 @@ def timeline_row(intervals, steps: int, wall_s: float, top: int = 4) -> dict:
         busy += end - start
     idle = sum(g["ms"] for g in gaps)
     gaps.sort(key=lambda g: -g["ms"])
-    return {"kernel": "(timeline)", "ms_per_step": busy / 1e3 / steps, "calls_per_step": 0.0,
+    return {"kernel": "(timeline)", "ms_per_step": 0.0, "calls_per_step": 0.0,
             "busy_ms_per_step": busy / 1e3 / steps, "idle_ms_per_step": idle / steps,
             "gaps_per_step": len(gaps) / steps, "wall_ms_per_step": wall_s * 1e3 / steps,
             "longest_gaps": gaps[:top]}
