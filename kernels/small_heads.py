@@ -31,8 +31,8 @@ reads them as 0 for dW, so whatever x holds there (NaN included) reaches no grad
 import triton
 import triton.language as tl
 
-from .reduce import _kept_mean_factor, _last_program_sums
-from .softmax_kl import LOG2E, _kl_from_sums, _mean_e, _online_kl_update, _store_grads, _tempered_scalars
+from .reduce import _last_program_sums
+from .softmax_kl import LOG2E, _kl_from_sums, _launch_scales, _mean_e, _online_kl_update, _store_grads
 
 
 @triton.jit
@@ -138,7 +138,8 @@ def _small_heads_kl_kernel(
     T_PTR: tl.constexpr = False,
     OUTER: tl.constexpr = False,  # fp32 IEEE products as outer products (_outer_fma_tile) instead of tl.dot
 ):
-    inv_temp, loss_scale, grad_scale = _tempered_scalars(temp_ptr, inv_temp, loss_scale, grad_scale, T_PTR)
+    inv_temp, loss_scale, grad_scale, out_scale = _launch_scales(temp_ptr, inv_temp, loss_scale, grad_scale,
+                                                                 out_scale, nkept_ptr, B * 1.0, T_PTR, MEAN_KEPT)
     pid_r = tl.program_id(0).to(tl.int64)
     pid_h = tl.program_id(1)
     rows = pid_r * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
@@ -149,9 +150,6 @@ def _small_heads_kl_kernel(
     live = row_ok  # the rows that count (the teacher is checked on every row all the same)
     if HAS_KEEP:
         live = row_ok & (tl.load(keep_ptr + rows, mask=row_ok, other=0) != 0)
-    kept_mean = _kept_mean_factor(nkept_ptr, B * 1.0, MEAN_KEPT)
-    grad_scale = grad_scale * kept_mean
-    out_scale = out_scale * kept_mean
     part = tl.zeros((BLOCK_B,), tl.float32)
     bad = tl.zeros((BLOCK_B,), tl.int32)
     h0 = pid_h * heads_per_program

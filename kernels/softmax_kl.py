@@ -58,6 +58,24 @@ def _tempered_scalars(temp_ptr, inv_temp, loss_scale, grad_scale, T_PTR: tl.cons
 
 
 @triton.jit
+def _launch_scales(temp_ptr, inv_temp, loss_scale, grad_scale, out_scale, nkept_ptr, batch_rows, T_PTR: tl.constexpr,
+                   MEAN_KEPT: tl.constexpr):
+    """The loss kernels' (1 / T, loss scale, gradient scale, scale of the summed loss rows): `_tempered_scalars`,
+    the last two times "mean" over the kept rows' factor B / kept rows where MEAN_KEPT (`_kept_mean_factor`)."""
+    inv_temp, loss_scale, grad_scale = _tempered_scalars(temp_ptr, inv_temp, loss_scale, grad_scale, T_PTR)
+    kept_mean = _kept_mean_factor(nkept_ptr, batch_rows, MEAN_KEPT)
+    return inv_temp, loss_scale, grad_scale * kept_mean, out_scale * kept_mean
+
+
+@triton.jit
+def _row_block(R, R_INNER, BLOCK_R: tl.constexpr):
+    """This program's BLOCK_R rows (int64; program axis 0), which of them are below R, and each one's outer and
+    inner index: the rows are (R // R_INNER, R_INNER), each tensor giving its own two strides."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    return rows, rows < R, rows // R_INNER, rows % R_INNER
+
+
+@triton.jit
 def _exp2_kept(x, EXACT: tl.constexpr = True):
     """2^x in fp32 for x <= 0, results below 2^-126 kept subnormal on a GPU too. Triton lowers tl.exp2 through
     libdevice built with flush-to-zero reflected on (ex2.approx.ftz.f32 in the PTX of Triton 3.6 and 3.8), so a
@@ -313,15 +331,9 @@ def _hydra_kl_fwd_kernel(
     else:
         KEEP: tl.constexpr = ""
         DONE: tl.constexpr = ""
-    inv_temp, loss_scale, grad_scale = _tempered_scalars(temp_ptr, inv_temp, loss_scale, grad_scale, T_PTR)
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    row_ok = rows < R
-    r_out = rows // R_INNER
-    r_in = rows % R_INNER
-    kept_mean = _kept_mean_factor(nkept_ptr, batch_rows, MEAN_KEPT)
-    grad_scale = grad_scale * kept_mean
-    out_scale = out_scale * kept_mean
+    inv_temp, loss_scale, grad_scale, out_scale = _launch_scales(temp_ptr, inv_temp, loss_scale, grad_scale,
+                                                                 out_scale, nkept_ptr, batch_rows, T_PTR, MEAN_KEPT)
+    rows, row_ok, r_out, r_in = _row_block(R, R_INNER, BLOCK_R)
     # the rows left out (HAS_KEEP): their gradients and loss selected to 0 (_drop_rows; the loss below)
     kept = _kept_rows(keep_ptr, r_out * stride_ko + r_in * stride_ki, row_ok, HAS_KEEP)
     z_rows = z_ptr + (r_out * stride_zo + r_in * stride_zi)[:, None]
@@ -411,7 +423,7 @@ def _hydra_kl_fwd_kernel(
         kl = tl.where(kept, kl, 0.0)
     tl.store(loss_ptr + r_out * stride_lo + r_in * stride_li, kl, mask=row_ok)
     if REDUCE:
-        tl.store(part_ptr + pid, tl.sum(tl.where(row_ok, kl, 0.0), axis=0))
+        tl.store(part_ptr + tl.program_id(0).to(tl.int64), tl.sum(tl.where(row_ok, kl, 0.0), axis=0))
         _last_program_sums(part_ptr, tl.num_programs(0), out_ptr, count_ptr, out_scale, BLOCK_P)
     if WRITE_NORMS:
         tl.store(norm_ptr + rows * 4, m_s, mask=row_ok)
@@ -525,17 +537,14 @@ def _hydra_kl_grad_kernel(
     MEAN_KEPT: tl.constexpr = False,  # "mean" over the kept rows: grad_scale times B / count
     T_PTR: tl.constexpr = False,
 ):
-    inv_temp, _, grad_scale = _tempered_scalars(temp_ptr, inv_temp, 1.0, grad_scale, T_PTR)
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    row_ok = rows < R
-    r_out = rows // R_INNER
-    r_in = rows % R_INNER
+    inv_temp, _, grad_scale, _ = _launch_scales(temp_ptr, inv_temp, 1.0, grad_scale, 1.0, nkept_ptr, batch_rows,
+                                                T_PTR, MEAN_KEPT)
+    rows, row_ok, r_out, r_in = _row_block(R, R_INNER, BLOCK_R)
     c_lo = tl.program_id(1) * cols_per_prog
     c_hi = tl.minimum(C, c_lo + cols_per_prog)
     # per row, once: the normalisers and grad_scale times the upstream gradient
     m_s, l_s, m_u, l_u = _load_norms(norm_ptr + rows * 4, row_ok)
     up = tl.load(up_ptr + r_out * stride_uo + r_in * stride_ui, mask=row_ok, other=0.0).to(tl.float32)
-    grad_scale = grad_scale * _kept_mean_factor(nkept_ptr, batch_rows, MEAN_KEPT)
     kept = _kept_rows(keep_ptr, r_out * stride_ko + r_in * stride_ki, row_ok, HAS_KEEP)
     scale = grad_scale * up[:, None]
     z_rows = z_ptr + (r_out * stride_zo + r_in * stride_zi)[:, None]
@@ -619,14 +628,14 @@ def _hydra_kl_grad_cols_kernel(
     MEAN_KEPT: tl.constexpr = False,  # "mean" over the kept rows: grad_scale times B / kept rows
     T_PTR: tl.constexpr = False,
 ):
-    inv_temp, _, grad_scale = _tempered_scalars(temp_ptr, inv_temp, 1.0, grad_scale, T_PTR)
+    inv_temp, _, grad_scale, _ = _launch_scales(temp_ptr, inv_temp, 1.0, grad_scale, 1.0, nkept_ptr, batch_rows,
+                                                T_PTR, MEAN_KEPT)
     pid = tl.program_id(0)
     o = (pid // n_groups).to(tl.int64)
     i_lo = (pid % n_groups) * rows_per_prog
     i_hi = tl.minimum(I, i_lo + rows_per_prog)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
-    grad_scale = grad_scale * _kept_mean_factor(nkept_ptr, batch_rows, MEAN_KEPT)
     if HAS_BIAS:  # one bias row per head: loaded once
         b = tl.load(bias_ptr + o * stride_bo + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     acc = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)  # summed over rows once, after the loop: no
@@ -775,15 +784,9 @@ def _hydra_kl_topk_fwd_kernel(
     T_PTR: tl.constexpr = False,
     SPREAD: tl.constexpr = False,  # student rows Triton cannot prove 16-byte aligned: `_thread_slices`
 ):
-    inv_temp, loss_scale, grad_scale = _tempered_scalars(temp_ptr, inv_temp, loss_scale, grad_scale, T_PTR)
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    row_ok = rows < R
-    r_out = rows // R_INNER
-    r_in = rows % R_INNER
-    kept_mean = _kept_mean_factor(nkept_ptr, batch_rows, MEAN_KEPT)
-    grad_scale = grad_scale * kept_mean
-    out_scale = out_scale * kept_mean
+    inv_temp, loss_scale, grad_scale, out_scale = _launch_scales(temp_ptr, inv_temp, loss_scale, grad_scale,
+                                                                 out_scale, nkept_ptr, batch_rows, T_PTR, MEAN_KEPT)
+    rows, row_ok, r_out, r_in = _row_block(R, R_INNER, BLOCK_R)
     kept = _kept_rows(keep_ptr, r_out * stride_ko + r_in * stride_ki, row_ok, HAS_KEEP)
     z_rows = z_ptr + (r_out * stride_zo + r_in * stride_zi)[:, None]
 
@@ -846,7 +849,7 @@ def _hydra_kl_topk_fwd_kernel(
         kl = tl.where(kept, kl, 0.0)
     tl.store(loss_ptr + r_out * stride_lo + r_in * stride_li, kl, mask=row_ok)
     if REDUCE:
-        tl.store(part_ptr + pid, tl.sum(tl.where(row_ok, kl, 0.0), axis=0))
+        tl.store(part_ptr + tl.program_id(0).to(tl.int64), tl.sum(tl.where(row_ok, kl, 0.0), axis=0))
         _last_program_sums(part_ptr, tl.num_programs(0), out_ptr, count_ptr, out_scale, BLOCK_P)
 
     if WRITE_TGRAD:  # pivoted at the teacher's most probable class, as in _hydra_kl_fwd_kernel (e raw, T e)
