@@ -108,3 +108,31 @@ def grouped_linear_backward(grad_out, inp, weight, relu_out, shared: bool, need_
     grad_in, grad_w = heads_backward(grad_out, inp, weight, shared, need_in, need_w)
     grad_b = grad_out.sum(0, dtype=torch.float32) if need_b else None
     return grad_in, grad_w, grad_b
+
+
+def grouped_linear_backward_graph(grad_out, inp, weight, relu_out, shared: bool, need_in: bool, need_w: bool,
+                                  need_b: bool):
+    """``grouped_linear_backward`` from differentiable torch ops, for a backward that records a graph
+    (create_graph=True: a gradient penalty, a Hessian-vector product): the GEMMs above write into
+    preallocated outputs (``out=``), which autograd cannot differentiate. relu_out is detached: ReLU's mask
+    is piecewise constant. Returns (grad_in, grad_weight, grad_bias in the weight's dtype), None where not
+    asked for."""
+    if relu_out is not None:
+        grad_out = torch.ops.aten.threshold_backward(grad_out, relu_out.detach(), 0.0)
+    b = grad_out.shape[0]
+    m, n, k = weight.shape
+    grad_in = grad_w = grad_b = None
+    if shared:  # inp (B, K); all heads one (M*N, K) weight
+        g2 = grad_out.reshape(b, m * n)
+        if need_in:
+            grad_in = g2 @ weight.reshape(m * n, k)
+        if need_w:
+            grad_w = (g2.t() @ inp).view(m, n, k)
+    else:  # inp (B, M, K): head m's input against W[m]
+        if need_in:
+            grad_in = torch.einsum("bmn,mnk->bmk", grad_out, weight)
+        if need_w:
+            grad_w = torch.einsum("bmn,bmk->mnk", grad_out, inp)
+    if need_b:
+        grad_b = grad_out.sum(0, dtype=torch.float32).to(weight.dtype)
+    return grad_in, grad_w, grad_b

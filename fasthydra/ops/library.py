@@ -551,6 +551,9 @@ def _grouped_linear_setup(ctx, inputs, output):
 def _grouped_linear_bwd(ctx, grad_out):
     inp, weight, out = saved_inputs(ctx)
     need_in, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():  # create_graph=True: a differentiable backward
+        return (*_gl.grouped_linear_backward_graph(grad_out, inp, weight, out if ctx.relu else None, ctx.shared,
+                                                   need_in, need_w, need_b), None, None)
     backward_op = grouped_linear_backward if torch.compiler.is_compiling() else _grouped_linear_backward_impl
     g_in, g_w, g_b = backward_op(
         grad_out.contiguous(), inp, weight, out if out is not None else weight.new_empty(_EMPTY), ctx.shared,
