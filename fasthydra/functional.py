@@ -15,9 +15,9 @@ from numbers import Integral, Real
 
 import torch
 
-from fasthydra.ops._common import (TEMPERATURE_RANGE, auto_fallback_reason, inference_tensor, interpreting,
-                                   no_values, on_tensor_device, op_form, op_temperature, save_inputs, saved_inputs,
-                                   temperature_error, triton_available)
+from fasthydra.ops._common import (TEMPERATURE_RANGE, auto_fallback_reason, forward_ad_active, inference_tensor,
+                                   interpreting, no_values, on_tensor_device, op_form, op_temperature, save_inputs,
+                                   saved_inputs, temperature_error, triton_available)
 from fasthydra.ops import checks as _checks
 from fasthydra.ops.checks import (caller_lead, caller_op, flag_gaussian_teacher, flag_teacher_rows, flag_topk_teacher,
                                   poll)
@@ -454,9 +454,11 @@ def _plain_torch_ops() -> bool:
     sees. A kernel's writes are invisible to it (the trace would replay an empty tensor, or a native row loop's
     output as a constant), and a custom op would make the saved trace need fasthydra to load; plain ops give a
     trace that generalises over the batch and loads anywhere. The fused losses refuse the tracer
-    (``library.refuse_jit_trace``)."""
+    (``library.refuse_jit_trace``). Also while a forward-mode AD level is entered: the kernels (and the torch path's
+    native rows) read primal values only, so a dual input's tangent would be lost; torch's ops carry it. The fused
+    losses refuse dual inputs (``library.refuse_forward_ad``)."""
     return not torch.compiler.is_compiling() and (torch._C._are_functorch_transforms_active()
-                                                      or torch._C._is_tracing())
+                                                      or torch._C._is_tracing() or forward_ad_active())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -647,6 +649,8 @@ def _hinton_dense(z, student_logits, teacher_logits, temperature, reduction, imp
     impl = resolve_impl(impl, student_logits, teacher_logits)
     if _under_torch_func():  # (before the teacher's launch or checks below, which read its storage)
         _ops.refuse_torch_func("hinton_kl_loss")
+    if forward_ad_active():  # (a tangent of the teacher alone would be lost in the target's launch)
+        _ops.refuse_forward_ad("hinton_kl_loss", (student_logits, teacher_logits))
     compiling = torch.compiler.is_compiling()
     if not compiling and torch._C._is_tracing():  # (torch.compile cannot trace the question: asked in eager only)
         _ops.refuse_jit_trace("hinton_kl_loss")

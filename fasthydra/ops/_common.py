@@ -12,6 +12,7 @@ import sys
 import threading
 
 import torch
+from torch.autograd import forward_ad as _forward_ad
 
 # C tile of the row-wise loss kernels when a row does not fit one tile; tests shrink it (and
 # ROW_TILE_MAX) to exercise many tiles on small C. Measured on an H200 (2026-11-28, bench/RESULTS.md)
@@ -226,6 +227,17 @@ def no_values(t: torch.Tensor) -> bool:
 def _fake_mode_active() -> bool:
     return (torch._C._len_torch_dispatch_stack() > 0
             and torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None)
+
+
+def forward_ad_active() -> bool:
+    """A forward-mode AD level is entered (``torch.autograd.forward_ad.dual_level``): dual tensors may come in.
+    The kernels read a tensor's primal storage and never see its tangent."""
+    return _forward_ad._current_level >= 0
+
+
+def has_tangent(tensors) -> bool:
+    """Whether any of `tensors` (other values are skipped) is a dual tensor with a tangent at the current level."""
+    return any(isinstance(t, torch.Tensor) and _forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def inference_tensor(t) -> bool:

@@ -664,6 +664,17 @@ def refuse_jit_trace(name: str):
                        "use torch.compile or torch.export for a training step")
 
 
+def refuse_forward_ad(name: str, args) -> None:
+    """The error of a fused loss given dual tensors (forward-mode AD, ``torch.autograd.forward_ad``): its kernels
+    read the primal values only, so the output's tangent would be silently 0 (or autograd's NotImplementedError
+    where an input also requires grad)."""
+    if _common.forward_ad_active() and _common.has_tangent(args):
+        raise RuntimeError(f"fasthydra ({name}): forward-mode AD (dual tensors of torch.autograd.forward_ad) is not "
+                           "supported by the fused losses, which form the gradient in the forward pass; the heads' "
+                           "logits (head(x)) and uncertainty take dual tensors (as plain torch ops), and the "
+                           "reference ops in fasthydra.reference give a loss's forward-mode derivative")
+
+
 def _eager_call(name: str, fn: type, impl):
     """An eager call of the autograd.Function fn over `impl`: refused under torch.func transforms (which need a
     setup_context form and vmap rules these ops do not have) with a message that says what to use instead; without
@@ -675,6 +686,8 @@ def _eager_call(name: str, fn: type, impl):
             refuse_torch_func(name)
         if torch._C._is_tracing():
             refuse_jit_trace(name)
+        if _common.forward_ad_active():
+            refuse_forward_ad(name, args)
         if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
             return (fn.apply(*args),) if fn.loss_only else fn.apply(*args)
         return impl(*args)
