@@ -228,3 +228,80 @@ def test_fused_losses_refuse_dual_inputs(impl, device):
                  hinton_kl_loss(z1, t, 2.0, impl=impl)]
     for loss in plain:
         assert torch.isfinite(loss) and fwAD.unpack_dual(loss).tangent is None
+
+
+@pytest.mark.parametrize("kind,b,d,m,c,hidden", CASES)
+@pytest.mark.parametrize("impl,device,dtype", TARGETS)
+def test_batched_upstream_gradients_through_the_heads(impl, device, dtype, kind, b, d, m, c, hidden):
+    """``torch.autograd.grad(..., is_grads_batched=True)`` (what jacobian and hessian with vectorize=True run):
+    the heads' backward under vmap, one result per upstream gradient, against float64."""
+    torch.manual_seed(68)
+    module = _module(kind, d, m, c, hidden, impl, device, dtype, True)
+    named = dict(module.named_parameters())
+    x = torch.randn(b, d, device=device, dtype=dtype, requires_grad=True)
+    outputs = module(x)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    upstream = [torch.randn(3, *o.shape, device=device, dtype=torch.float64) for o in outputs]
+    got = torch.autograd.grad(outputs, [x, *named.values()], [u.to(dtype) for u in upstream], is_grads_batched=True)
+
+    def looped(inputs, params, cast):
+        outs = _outputs(module, inputs, params)
+        return [torch.stack(g) for g in zip(*(torch.autograd.grad(outs, [inputs, *params.values()],
+                                                                  [cast(u[i]) for u in upstream], retain_graph=True)
+                                              for i in range(3)))]
+
+    eager = looped(x, named, lambda u: u.to(dtype))
+    x64 = x.detach().double().requires_grad_()
+    exact = looped(x64, {k: v.detach().double().requires_grad_() for k, v in named.items()}, lambda u: u)
+    atol = 1e-5 if dtype == torch.float32 else 1e-3
+    for name, g, ge, gx in zip(["x", *named], got, eager, exact):
+        assert g.shape == gx.shape == (3, *(x if name == "x" else named[name]).shape), name
+        tolerance_rule(g, ge, gx, atol * gx.abs().max().item(), what=f"{kind} {name}")
+
+
+@pytest.mark.parametrize("impl,device,dtype", TARGETS)
+def test_batched_upstream_gradients_through_uncertainty(impl, device, dtype):
+    """``uncertainty``'s backward under is_grads_batched=True (its kernels and the native rows cannot read batched
+    gradients: torch ops then), and ``torch.autograd.functional.jacobian`` with vectorize=True, against float64."""
+    from fasthydra import uncertainty
+
+    torch.manual_seed(6)
+    z = torch.randn(9, 3, 7, device=device, dtype=torch.float64) * 2
+    z[0, 1, 3] = float("-inf")
+    shapes = ((9, 7), (9,), (9,), (9,))
+    upstream = [torch.randn(4, *s, device=device, dtype=torch.float64) for s in shapes]
+    zk = z.to(dtype).requires_grad_()
+    got, = torch.autograd.grad(tuple(uncertainty(zk, 1.5, impl=impl)), zk, [u.to(dtype) for u in upstream],
+                               is_grads_batched=True)
+
+    def looped(logits, cast):
+        outs = tuple(R.uncertainty_ref(logits, 1.5))
+        return torch.stack([torch.autograd.grad(outs, logits, [cast(u[i]) for u in upstream], retain_graph=True)[0]
+                            for i in range(4)])
+
+    exact = looped(z.clone().requires_grad_(), lambda u: u)
+    atol = 1e-5 if dtype == torch.float32 else 1e-3
+    tolerance_rule(got, looped(zk, lambda u: u.to(dtype)), exact, atol * exact.abs().max().item(), what="batched")
+    jac = torch.autograd.functional.jacobian(lambda a: uncertainty(a, 1.5, impl=impl).epistemic, zk.detach(),
+                                             vectorize=True)
+    jac64 = torch.autograd.functional.jacobian(lambda a: R.uncertainty_ref(a, 1.5).epistemic, z)
+    jac_eager = torch.autograd.functional.jacobian(lambda a: R.uncertainty_ref(a, 1.5).epistemic, zk.detach())
+    tolerance_rule(jac, jac_eager, jac64, atol * jac64.abs().max().item(), what="jacobian")
+
+
+@pytest.mark.parametrize("impl,device", [pytest.param(*t.values[:2], marks=t.marks, id=t.id) for t in TARGETS[:3]])
+def test_fused_losses_refuse_batched_upstream_gradients(impl, device):
+    """The fused losses scale their stored gradients by one upstream gradient: a batch of them raises."""
+    from fasthydra import hinton_kl_loss, hydra_kl_loss
+
+    torch.manual_seed(8)
+    head = HydraHead(6, 5, 3, impl=impl, device=device)
+    x = torch.randn(4, 6, device=device, requires_grad=True)
+    z = torch.randn(4, 3, 5, device=device, requires_grad=True)
+    t = torch.randn(4, 3, 5, device=device)
+    for what, loss, wrt in (("distill_loss", head.distill_loss(x, t, temperature=2.0), x),
+                            ("hydra_kl_loss", hydra_kl_loss(z, t, 2.0, impl=impl), z),
+                            ("hydra_kl_loss none", hydra_kl_loss(z, t, 2.0, reduction="none", impl=impl), z),
+                            ("hinton_kl_loss", hinton_kl_loss(z[:, 0], t, 2.0, impl=impl), z)):
+        with pytest.raises(RuntimeError, match="batched upstream gradients"):
+            torch.autograd.grad(loss, wrt, torch.ones(2, *loss.shape, device=device), is_grads_batched=True)

@@ -240,6 +240,18 @@ def has_tangent(tensors) -> bool:
     return any(isinstance(t, torch.Tensor) and _forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
+_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", None)
+
+
+def batched_backward(*grads) -> bool:
+    """A backward run over a batch of upstream gradients: under torch.func's vmap, or by
+    ``torch.autograd.grad(..., is_grads_batched=True)`` (jacobian and hessian with vectorize=True), whose legacy
+    vmap hands the backward batched tensors without storage that no kernel can read."""
+    if torch._C._are_functorch_transforms_active():
+        return True
+    return _legacy_batched is not None and any([g is not None and _legacy_batched(g) for g in grads])
+
+
 def inference_tensor(t) -> bool:
     """t is a tensor made under ``torch.inference_mode()``; False while torch.compile traces (Dynamo cannot trace
     ``is_inference()``: a graph break; the compiled program takes its inputs as graph inputs instead)."""

@@ -113,8 +113,9 @@ def grouped_linear_backward(grad_out, inp, weight, relu_out, shared: bool, need_
 def grouped_linear_backward_graph(grad_out, inp, weight, relu_out, shared: bool, need_in: bool, need_w: bool,
                                   need_b: bool):
     """``grouped_linear_backward`` from differentiable torch ops, for a backward that records a graph
-    (create_graph=True: a gradient penalty, a Hessian-vector product): the GEMMs above write into
-    preallocated outputs (``out=``), which autograd cannot differentiate. relu_out is detached: ReLU's mask
+    (create_graph=True: a gradient penalty, a Hessian-vector product) or that runs over a batch of upstream
+    gradients (is_grads_batched=True): the GEMMs above write into preallocated outputs (``out=``), which autograd
+    cannot differentiate and vmap cannot batch. relu_out is detached: ReLU's mask
     is piecewise constant. Returns (grad_in, grad_weight, grad_bias in the weight's dtype), None where not
     asked for."""
     if relu_out is not None:
@@ -128,11 +129,11 @@ def grouped_linear_backward_graph(grad_out, inp, weight, relu_out, shared: bool,
             grad_in = g2 @ weight.reshape(m * n, k)
         if need_w:
             grad_w = (g2.t() @ inp).view(m, n, k)
-    else:  # inp (B, M, K): head m's input against W[m]
+    else:  # inp (B, M, K): head m's input against W[m], batched over the heads (matmul: also under vmap)
         if need_in:
-            grad_in = torch.einsum("bmn,mnk->bmk", grad_out, weight)
+            grad_in = torch.matmul(grad_out.transpose(0, 1), weight).transpose(0, 1)
         if need_w:
-            grad_w = torch.einsum("bmn,bmk->mnk", grad_out, inp)
+            grad_w = torch.matmul(grad_out.permute(1, 2, 0), inp.transpose(0, 1))
     if need_b:
         grad_b = grad_out.sum(0, dtype=torch.float32).to(weight.dtype)
     return grad_in, grad_w, grad_b

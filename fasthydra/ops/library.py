@@ -195,7 +195,7 @@ def _traced(*tensors) -> bool:
 
 
 def _hydra_kl_backward(ctx, grad_loss, *_grad_of_grads):
-    _no_double_backward()
+    _no_double_backward(grad_loss)
     if grad_loss is None:
         return (None,) * 10
     if ctx.deferred:
@@ -375,7 +375,7 @@ def _grads_fake(inp, weight, need_in: bool, need_w: bool, bias_shape):
 def _small_backward(ctx, grad_loss, n_inputs: int) -> tuple:
     """Backward of the deferred small step: launch 2 with the upstream gradient (a traced backward sees
     the custom op, an eager one calls its implementation)."""
-    _no_double_backward()
+    _no_double_backward(grad_loss)
     out = [None] * n_inputs
     if grad_loss is None:
         return tuple(out)
@@ -394,13 +394,21 @@ def _small_backward(ctx, grad_loss, n_inputs: int) -> tuple:
     return tuple(out)
 
 
-def _no_double_backward() -> None:
+def _no_double_backward(grad_loss) -> None:
     """The stored gradients are constants to autograd: a second-order gradient through them would be
-    silently wrong, so create_graph=True is refused."""
-    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+    silently wrong, so create_graph=True is refused. So are batched upstream gradients (is_grads_batched=True,
+    which runs this backward under vmap): the stored gradients are scaled in place, by one upstream gradient."""
+    if torch.compiler.is_compiling():
+        return
+    if torch.is_grad_enabled():
         raise RuntimeError("fasthydra's fused losses do not support higher-order gradients (backward with "
                            "create_graph=True): their gradient is computed in the forward pass. Use the "
                            "reference ops in fasthydra.reference for double backward.")
+    if _common.batched_backward(grad_loss):
+        raise RuntimeError("fasthydra's fused losses do not support batched upstream gradients (torch.autograd.grad "
+                           "with is_grads_batched=True; jacobian or hessian with vectorize=True): their gradient is "
+                           "computed in the forward pass and scaled by one upstream gradient. Call backward once "
+                           "per upstream gradient, or use the reference ops in fasthydra.reference.")
 
 
 def _heads_backward(n_inputs: int):
@@ -409,7 +417,7 @@ def _heads_backward(n_inputs: int):
     launch on a GPU; nothing on the CPU when the upstream gradient is 1)."""
 
     def backward(ctx, grad_loss, *_):
-        _no_double_backward()
+        _no_double_backward(grad_loss)
         saved = list(ctx.saved_tensors)
         out = [None] * n_inputs
         if grad_loss is None:
@@ -476,7 +484,8 @@ def _uncertainty_backward(ctx, g_probs, g_total, g_aleatoric, g_epistemic):
     grads = (g_probs, g_total, g_aleatoric, g_epistemic)
     if all(g is None for g in grads):
         return None, None, None, None
-    if ctx.impl == "triton" and not torch.is_grad_enabled():  # (create_graph=True: the torch ops, differentiable)
+    # (create_graph=True, or batched upstream gradients under vmap (is_grads_batched=True): the torch ops)
+    if ctx.impl == "triton" and not torch.is_grad_enabled() and not _common.batched_backward(*grads):
         args = (logits.detach(), ctx.temperature, *grads, temperature_t)
         # a traced backward sees the custom op; eager calls the launcher
         return (uncertainty_grad(*args) if _traced(logits, *(g for g in grads if g is not None))
@@ -551,7 +560,9 @@ def _grouped_linear_setup(ctx, inputs, output):
 def _grouped_linear_bwd(ctx, grad_out):
     inp, weight, out = saved_inputs(ctx)
     need_in, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
-    if torch.is_grad_enabled() and not torch.compiler.is_compiling():  # create_graph=True: a differentiable backward
+    if (torch.is_grad_enabled() or _common.batched_backward(grad_out)) and not torch.compiler.is_compiling():
+        # create_graph=True, or batched upstream gradients (is_grads_batched=True: vmap over this backward, which
+        # cannot write into preallocated outputs): plain torch ops
         return (*_gl.grouped_linear_backward_graph(grad_out, inp, weight, out if ctx.relu else None, ctx.shared,
                                                    need_in, need_w, need_b), None, None)
     backward_op = grouped_linear_backward if torch.compiler.is_compiling() else _grouped_linear_backward_impl
@@ -787,7 +798,7 @@ def _eager_heads_backward(n_inputs: int, impl):
     GPU one launch that reads it on the device and does nothing when it is 1) and handed over."""
 
     def backward(ctx, grad_loss, *_):
-        _no_double_backward()
+        _no_double_backward(grad_loss)
         out = [None] * n_inputs
         if grad_loss is None:
             return tuple(out)
@@ -820,7 +831,7 @@ def _eager_hydra_kl_setup(ctx, inputs, output):
 def _eager_hydra_kl_backward(ctx, grad_loss, *_grad_of_grads):
     if ctx.deferred:
         return _hydra_kl_backward(ctx, grad_loss)
-    _no_double_backward()
+    _no_double_backward(grad_loss)
     if grad_loss is None:
         return (None,) * 10
     student, teacher = (None if _absent(g) else g for g in _take_stored(ctx, _hydra_kl_impl))

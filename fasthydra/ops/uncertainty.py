@@ -16,8 +16,8 @@ from fasthydra.reference import Uncertainty
 from . import native
 from . import _common
 from .launch import launch
-from ._common import (TORCH_CHUNK_ELEMENTS, compute_dtype, rows_per_chunk, temperature_scalars, uncertainty_config,
-                      uncertainty_grad_config)
+from ._common import (TORCH_CHUNK_ELEMENTS, batched_backward, compute_dtype, rows_per_chunk, temperature_scalars,
+                      uncertainty_config, uncertainty_grad_config)
 
 
 # Elements of one row chunk of the backward on a GPU: about ten torch launches per chunk, so chunks as small as
@@ -128,7 +128,9 @@ def uncertainty_backward(logits: torch.Tensor, temperature: float, g_probs: torc
     cdt = compute_dtype(logits.dtype)
     on_total = _sum_present(g_total, g_epistemic, 1.0)
     on_heads = _sum_present(g_aleatoric, g_epistemic, -1.0)
-    if torch.compiler.is_compiling() or type(logits) is not torch.Tensor:
+    if (torch.compiler.is_compiling() or type(logits) is not torch.Tensor
+            or batched_backward(g_probs, g_total, g_aleatoric, g_epistemic)):
+        # (traced; a tensor subclass; batched upstream gradients, is_grads_batched=True: out of place, whole)
         return _uncertainty_grad_rows(logits, temperature, g_probs, on_total, on_heads, cdt).to(logits.dtype)
     if native.usable(logits) and not torch.is_grad_enabled():  # (create_graph=True: the torch ops, differentiable)
         return native.uncertainty_grad_rows(logits if logits.stride(-1) == 1 else logits.contiguous(), temperature,
