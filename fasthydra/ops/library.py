@@ -485,7 +485,8 @@ def _uncertainty_backward(ctx, g_probs, g_total, g_aleatoric, g_epistemic):
     if all(g is None for g in grads):
         return None, None, None, None
     # (create_graph=True, or batched upstream gradients under vmap (is_grads_batched=True): the torch ops)
-    if ctx.impl == "triton" and not torch.is_grad_enabled() and not _common.batched_backward(*grads):
+    if ctx.impl == "triton" and not torch.is_grad_enabled() and (torch.compiler.is_compiling()
+                                                                 or not _common.batched_backward(*grads)):
         args = (logits.detach(), ctx.temperature, *grads, temperature_t)
         # a traced backward sees the custom op; eager calls the launcher
         return (uncertainty_grad(*args) if _traced(logits, *(g for g in grads if g is not None))
@@ -560,7 +561,7 @@ def _grouped_linear_setup(ctx, inputs, output):
 def _grouped_linear_bwd(ctx, grad_out):
     inp, weight, out = saved_inputs(ctx)
     need_in, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
-    if (torch.is_grad_enabled() or _common.batched_backward(grad_out)) and not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and (torch.is_grad_enabled() or _common.batched_backward(grad_out)):
         # create_graph=True, or batched upstream gradients (is_grads_batched=True: vmap over this backward, which
         # cannot write into preallocated outputs): plain torch ops
         return (*_gl.grouped_linear_backward_graph(grad_out, inp, weight, out if ctx.relu else None, ctx.shared,
