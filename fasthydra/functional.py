@@ -46,18 +46,42 @@ class ImplUnavailableError(RuntimeError, ValueError):
 # ----------------------------------------------------------------------------------------------
 
 
+# The floating dtypes the ops compute in. Not every floating dtype torch has: float8 (e4m3, e5m2, e8m0) and float4
+# are storage formats that neither torch's CPU reductions nor the kernels' loads take (a float8 student's loss
+# came back rounded to float8, a float8 teacher raised from inside aminmax).
+FLOAT_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
+_STRIDED = torch.strided
+
+
 def _check_tensor(name: str, value, ndims: tuple[int, ...] | None = None) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if type(value) is not torch.Tensor and type(value) is not torch.nn.Parameter:  # (a subclass: rare, cheap)
         _refuse_dtensor(name, value)
-    if not value.dtype.is_floating_point:
+    if value.layout is not _STRIDED or value.is_nested:
+        _check_layout(name, value)
+    if value.dtype not in FLOAT_DTYPES:
+        low = " (a float8 or float4 tensor: cast it to bfloat16 or float32 first)" if value.dtype.is_floating_point \
+            else ""
         raise InputDtypeError(f"{name} must have a floating dtype (float16, bfloat16, float32, float64), "
-                              f"got {value.dtype} with shape {tuple(value.shape)}")
+                              f"got {value.dtype} with shape {tuple(value.shape)}{low}")
     if ndims is not None and value.dim() not in ndims:
         want = " or ".join(f"{d}-D" for d in ndims)
         raise ValueError(f"{name} must be {want}, got shape {tuple(value.shape)}")
     return value
+
+
+def _check_layout(name: str, value: torch.Tensor) -> None:
+    """Dense (strided) tensors only: the kernels, the C row kernels and the views the ops take read memory by
+    strides. A sparse, nested or MKL-DNN tensor otherwise failed deep inside with torch's "Could not run ..." (or,
+    through head(x), ran on the CPU's sparse GEMM and nowhere else)."""
+    if value.layout is _STRIDED and not value.is_nested:
+        return
+    if value.is_nested:
+        raise TypeError(f"{name} is a nested tensor; fasthydra's ops take dense (strided) tensors: pad it "
+                        f"(torch.nested.to_padded_tensor) and pass row_mask with the rows that count")
+    raise TypeError(f"{name} has layout {value.layout}; fasthydra's ops take dense (strided) tensors: pass "
+                    f"{name}.to_dense()")
 
 
 def _refuse_dtensor(name: str, value: torch.Tensor) -> None:
@@ -81,8 +105,10 @@ def _check_temperature(temperature, like: torch.Tensor | None = None):
         if temperature.numel() != 1:
             raise ValueError(f"temperature must be a number or a one-element tensor, got a tensor of shape "
                              f"{tuple(temperature.shape)}")
-        if not temperature.dtype.is_floating_point:
-            raise TypeError(f"temperature must be a floating tensor, got {temperature.dtype}")
+        _check_layout("temperature", temperature)
+        if temperature.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"temperature must be a floating tensor (float16, bfloat16, float32 or float64), got "
+                            f"{temperature.dtype}")
         if like is not None and temperature.device.type != "cpu" and temperature.device != like.device:
             raise ValueError(f"temperature is on {temperature.device} but the logits are on {like.device}: pass "
                              f"a tensor on the logits' device (or on the CPU, read as a number)")
@@ -265,6 +291,7 @@ def _check_row_mask(row_mask, lead: tuple, against: str, like: torch.Tensor) -> 
         return None
     if not isinstance(row_mask, torch.Tensor):
         raise TypeError(f"row_mask must be a torch.Tensor or None, got {type(row_mask).__name__}")
+    _check_layout("row_mask", row_mask)
     if row_mask.dtype.is_floating_point or row_mask.dtype.is_complex:
         raise TypeError(f"row_mask must be a bool tensor (or an integer one, nonzero = the row counts), got "
                         f"{row_mask.dtype}; for per-row weights use reduction='none' and weight the rows")
@@ -318,6 +345,7 @@ def _check_topk(teacher, rows_shape: tuple, classes: int, device_of: dict, name=
     _check_min_dim(f"{name}.values", values, 3, "(*, M, k)")
     if not isinstance(indices, torch.Tensor):
         raise TypeError(f"{name}.indices must be a torch.Tensor, got {type(indices).__name__}")
+    _check_layout(f"{name}.indices", indices)
     if indices.dtype not in (torch.int32, torch.int64):
         raise InputDtypeError(f"{name}.indices must be int32 or int64, got {indices.dtype}")
     if indices.shape != values.shape:

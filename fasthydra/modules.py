@@ -100,8 +100,8 @@ class HydraHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (*, D) -> logits (*, M, C)."""
-        lead = x.shape[:-1] if isinstance(x, torch.Tensor) else ()
-        x2 = self._flatten_input(x)
+        x2 = self._flatten_input(x)  # (checked first: a nested x has no shape to read)
+        lead = x.shape[:-1]
         if self.is_mlp:
             u = F_h.mlp_hidden(x2, self.hidden_weight, self.hidden_bias, impl=self.impl)
             z = F_h.grouped_heads(u, self.weight, self.bias, impl=self.impl)
@@ -130,13 +130,14 @@ class HydraHead(nn.Module):
             >>> head = HydraHead(16, 10, 4)
             >>> head.distill_loss(torch.randn(8, 16), torch.randn(8, 4, 10), temperature=2.0).backward()
         """
-        lead = x.shape[:-1] if isinstance(x, torch.Tensor) else ()
-        x2 = self._flatten_input(x)
+        x2 = self._flatten_input(x)  # (checked first: a nested x has no shape to read)
+        lead = x.shape[:-1]
         if isinstance(teacher_logits, TopKTeacher):  # (*, M, k) values and indices
             values, indices = teacher_logits
             F_h._check_tensor("teacher_logits.values", values)
             if not isinstance(indices, torch.Tensor):
                 raise TypeError(f"teacher_logits.indices must be a torch.Tensor, got {type(indices).__name__}")
+            F_h._check_layout("teacher_logits.indices", indices)
             if indices.shape != values.shape:
                 raise ValueError(f"teacher_logits.indices {tuple(indices.shape)} and teacher_logits.values "
                                  f"{tuple(values.shape)} must have one shape (*, M, k)")
@@ -165,6 +166,15 @@ class HydraHead(nn.Module):
                                              temperature, reduction, impl=self.impl, row_mask=row_mask)
             return F_h.linear_hydra_kl_loss(x2, self.weight, self.bias, t2, temperature, reduction, impl=self.impl,
                                             row_mask=row_mask)
+
+    def __prepare_scriptable__(self):
+        """torch.jit.script asks this of every module it compiles (a model's submodules too). Its compiler cannot
+        read the functional layer's Python (the dispatch to Triton, the checks), and failed there on a type
+        annotation of functional.py, a message that named neither the head nor a way out."""
+        raise RuntimeError(
+            f"torch.jit.script cannot compile {type(self).__name__} (its forward dispatches to Triton kernels from "
+            "Python); torch.export.export(model, args) or torch.jit.trace(model, args) record the heads' forward as "
+            "plain torch ops (torch recommends torch.export and torch.compile over torch.jit.script)")
 
     @classmethod
     @torch.no_grad()
@@ -280,8 +290,8 @@ class GaussianHydraHead(HydraHead):
         Same value and gradients as ``gaussian_kl_loss(*self(x), teacher_mean, teacher_var)``. row_mask:
         optional (*) bool, x's leading shape, the rows that count (as ``HydraHead.distill_loss``'s).
         """
-        lead = x.shape[:-1] if isinstance(x, torch.Tensor) else ()
-        x2 = self._flatten_input(x)
+        x2 = self._flatten_input(x)  # (checked first: a nested x has no shape to read)
+        lead = x.shape[:-1]
         want = (*lead, self.num_heads, self.out_features)
         for name, value in (("teacher_mean", teacher_mean), ("teacher_var", teacher_var)):
             F_h._check_tensor(name, value)

@@ -95,6 +95,105 @@ def test_integer_dtypes(no_kernels, dtype):
         uncertainty(ints)
 
 
+def _tensor_calls(convert):
+    """Every public entry point, with one argument passed through `convert`: (the argument's name, the call)."""
+    from fasthydra import GaussianHydraHead, gaussian_kl_loss
+
+    torch.manual_seed(0)
+    head, mlp, gauss = HydraHead(8, 5, 3), HydraHead(8, 5, 3, hidden_features=4), GaussianHydraHead(8, 2, 3)
+    x, t, z = torch.randn(4, 8), torch.randn(4, 3, 5), torch.randn(4, 3, 5)
+    mean, var = torch.randn(4, 3, 2), torch.rand(4, 3, 2) + 0.5
+    values, indices = torch.randn(4, 3, 2), torch.arange(2).expand(4, 3, 2).contiguous()
+    return [
+        ("x", lambda: head(convert(x))),
+        ("x", lambda: mlp(convert(x))),
+        ("x", lambda: head.distill_loss(convert(x), t, 2.0)),
+        ("x", lambda: mlp.distill_loss(convert(x), t, 2.0)),
+        ("teacher_logits", lambda: head.distill_loss(x, convert(t), 2.0)),
+        ("student_logits", lambda: hydra_kl_loss(convert(z), t, 2.0)),
+        ("teacher_logits", lambda: hydra_kl_loss(z, convert(t), 2.0)),
+        ("student_logits", lambda: hinton_kl_loss(convert(z[:, 0]), t, 2.0)),
+        ("teacher_logits", lambda: hinton_kl_loss(z[:, 0], convert(t), 2.0)),
+        ("logits", lambda: uncertainty(convert(z))),
+        ("mean", lambda: gaussian_kl_loss(convert(mean), var, mean, var)),
+        ("teacher_var", lambda: gauss.distill_loss(x, mean, convert(var))),
+        ("teacher_logits.values", lambda: hydra_kl_loss(z, TopKTeacher(convert(values), indices), 2.0)),
+        ("teacher_logits.values", lambda: head.distill_loss(x, TopKTeacher(convert(values), indices), 2.0)),
+    ]
+
+
+def _layouts():
+    kinds = {"sparse_coo": lambda v: v.to_sparse(), "nested": lambda v: torch.nested.nested_tensor(list(v))}
+    if torch.backends.mkldnn.is_available():
+        kinds["mkldnn"] = lambda v: v.to_mkldnn()
+    return kinds
+
+
+@pytest.mark.filterwarnings("ignore:.*(nested|[Ss]parse).*:UserWarning")
+@pytest.mark.parametrize("kind", list(_layouts()))
+def test_tensors_other_than_dense_are_refused_by_name(no_kernels, kind):
+    """A sparse, nested or MKL-DNN tensor anywhere a tensor goes: a TypeError naming the argument and the way out,
+    before anything runs. They failed deep inside torch ("Could not run 'aten::aminmax' with arguments from the
+    'SparseCPU' backend", "NestedTensorImpl doesn't support sizes"), and a sparse x went through head(x) and
+    gaussian_kl_loss on the CPU path only (on CUDA the kernels read memory by strides)."""
+    convert = _layouts()[kind]
+    way_out = "pad it" if kind == "nested" else "to_dense()"
+    for name, call in _tensor_calls(convert):
+        with pytest.raises(TypeError, match=re.escape(name) + r" (has layout|is a nested).* dense \(strided\)") as e:
+            call()
+        assert way_out in str(e.value)
+    z, t = torch.randn(4, 3, 5), torch.randn(4, 3, 5)
+    others = [("row_mask", lambda: hydra_kl_loss(z, t, row_mask=convert(torch.ones(4)) if kind == "mkldnn" else
+                                                 convert(torch.ones(4, dtype=torch.bool)))),
+              ("temperature", lambda: hydra_kl_loss(z, t, convert(torch.full((1,), 2.0))))]
+    if kind != "mkldnn":  # (MKL-DNN holds no integer tensors)
+        idx = torch.arange(2).expand(4, 3, 2).contiguous()
+        others.append(("teacher_logits.indices", lambda: hydra_kl_loss(z, TopKTeacher(torch.randn(4, 3, 2),
+                                                                                      convert(idx)), 2.0)))
+        others.append(("teacher_logits.indices", lambda: HydraHead(8, 5, 3).distill_loss(
+            torch.randn(4, 8), TopKTeacher(torch.randn(4, 3, 2), convert(idx)), 2.0)))
+    for name, call in others:
+        with pytest.raises(TypeError, match=re.escape(name) + r" (has layout|is a nested)"):
+            call()
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+def test_sparse_csr_input_is_refused(no_kernels):
+    with pytest.raises(TypeError, match=r"x has layout torch.sparse_csr.*x\.to_dense\(\)"):
+        HydraHead(8, 5, 3).distill_loss(torch.randn(4, 8).to_sparse_csr(), torch.randn(4, 3, 5), 2.0)
+
+
+_LOW_FLOATS = [getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz",
+                                                  "float8_e8m0fnu") if hasattr(torch, name)]
+
+
+@pytest.mark.parametrize("dtype", _LOW_FLOATS, ids=str)
+def test_float8_tensors_are_refused_by_name(no_kernels, dtype):
+    """float8 is floating to torch (dtype.is_floating_point) but no dtype the ops compute in: a float8 student's
+    loss came back rounded to float8 (0.625 for 0.6199), its uncertainty in float8, and a float8 teacher raised
+    from inside torch's aminmax. Now an InputDtypeError (both a TypeError and a ValueError) naming the argument."""
+    for name, call in _tensor_calls(lambda v: v.to(dtype)):  # (x: named for its own dtype, not the weights')
+        with pytest.raises(TypeError, match=re.escape(name) + r" must have a floating dtype .*float8") as e:
+            call()
+        assert isinstance(e.value, ValueError)
+    with pytest.raises(TypeError, match=r"temperature must be a floating tensor \(float16, bfloat16, float32 or "
+                                        r"float64\), got torch\.float8"):
+        hydra_kl_loss(Z, Z, torch.full((1,), 2.0).to(dtype))
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit.script. is deprecated")
+def test_jit_script_names_the_head_and_the_way_out():
+    """torch.jit.script over a model with a head (the head a submodule): a RuntimeError naming the head and
+    torch.export / torch.jit.trace, where the compiler failed on a type annotation inside functional.py."""
+    from fasthydra import GaussianHydraHead
+
+    for head in (HydraHead(8, 5, 3), HydraHead(8, 5, 3, hidden_features=4), GaussianHydraHead(8, 2, 3)):
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), head)
+        with pytest.raises(RuntimeError, match=rf"torch.jit.script cannot compile {type(head).__name__} .*"
+                                               r"torch\.export\.export.*torch\.jit\.trace"):
+            torch.jit.script(model)
+
+
 def test_not_a_tensor(no_kernels):
     with pytest.raises(TypeError, match="student_logits must be a torch.Tensor"):
         hydra_kl_loss(Z.numpy(), Z)

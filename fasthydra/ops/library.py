@@ -679,8 +679,9 @@ def refuse_jit_trace(name: str):
 def refuse_forward_ad(name: str, args) -> None:
     """The error of a fused loss given dual tensors (forward-mode AD, ``torch.autograd.forward_ad``): its kernels
     read the primal values only, so the output's tangent would be silently 0 (or autograd's NotImplementedError
-    where an input also requires grad)."""
-    if _common.forward_ad_active() and _common.has_tangent(args):
+    where an input also requires grad). Its callers ask _common.forward_ad_active() first (one attribute read on
+    every call); this asks only whether one of args carries a tangent."""
+    if _common.has_tangent(args):
         raise RuntimeError(f"fasthydra ({name}): forward-mode AD (dual tensors of torch.autograd.forward_ad) is not "
                            "supported by the fused losses, which form the gradient in the forward pass; the heads' "
                            "logits (head(x)) and uncertainty take dual tensors (as plain torch ops), and the "
