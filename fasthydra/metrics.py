@@ -97,11 +97,22 @@ def reliability_bins(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15
     return centres, acc / safe, cnf / safe, count
 
 
+def _scores(name: str, scores) -> torch.Tensor:
+    """One score per row, (N,) (a list or an array too), as float64. A (N, C) tensor was flattened into N * C
+    scores: passing the mixture's probs where its uncertainty was meant gave an area and no error."""
+    s = torch.as_tensor(scores).detach()
+    if s.dim() > 1:
+        raise ValueError(f"{name} must hold one score per row, shape (N,); got shape {tuple(s.shape)} (score rows by "
+                         f"an uncertainty: uncertainty(z).epistemic or .total, not .probs)")
+    if s.dtype.is_complex or s.dtype == torch.bool:
+        raise TypeError(f"{name} must be real scores, got {s.dtype}")
+    return s.double().reshape(-1)
+
+
 def ood_auroc(score_in: torch.Tensor, score_out: torch.Tensor) -> float:
     """Area under the ROC curve with in-domain rows as negatives and OOD rows as positives, scored by an
     uncertainty (higher = more OOD). The Mann-Whitney statistic with ties counted one half."""
-    s_in = torch.as_tensor(score_in).detach().double().flatten()
-    s_out = torch.as_tensor(score_out).detach().double().flatten()
+    s_in, s_out = _scores("score_in", score_in), _scores("score_out", score_out)
     if len(s_in) == 0 or len(s_out) == 0:
         raise ValueError("ood_auroc needs at least one in-domain and one OOD score")
     for name, s in (("score_in", s_in), ("score_out", s_out)):

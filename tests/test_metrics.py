@@ -104,6 +104,13 @@ def test_metric_input_errors():
             metrics.reliability_bins(p, y, bins)
     with pytest.raises(ValueError, match="score_out contains NaN"):  # the area depended on the NaN's place
         metrics.ood_auroc(torch.randn(4), torch.tensor([0.3, float("nan")]))
+    with pytest.raises(ValueError, match=r"score_in must hold one score per row, shape \(N,\); got shape \(4, 5\)"):
+        metrics.ood_auroc(p[:4], torch.rand(3))  # (the mixture's probs: 20 scores and an area, before)
+    with pytest.raises(ValueError, match=r"score_out must hold one score per row"):
+        metrics.ood_auroc(torch.rand(3), torch.rand(3, 1))
+    with pytest.raises(TypeError, match=r"score_in must be real scores, got torch.bool"):
+        metrics.ood_auroc(torch.rand(3) > 0.5, torch.rand(3))
+    assert metrics.ood_auroc([0.1, 0.2], (0.3, 0.15)) == pytest.approx(0.75)  # (sequences still taken)
 
 
 def test_classification_metrics_refuse_what_is_not_probabilities():
