@@ -337,12 +337,13 @@ def _mean_over_kept(loss: torch.Tensor, keep: torch.Tensor | None, reduction: st
     return loss * (keep.shape[0] / keep.sum(dtype=loss.dtype).clamp_min_(1))
 
 
-def _check_topk(teacher, rows_shape: tuple, classes: int, device_of: dict, name="teacher_logits"):
+def _check_topk(teacher, rows_shape: tuple, classes: int, device_of: dict, name="teacher_logits", context=None):
     """A TopKTeacher's shapes, dtypes and device (its values are checked inside the ops): values and indices
-    of shape rows_shape + (k,), rows_shape = (*, M). Returns them as (rows, M, k)."""
+    of shape rows_shape + (k,), rows_shape = (*, M). Returns them as (rows, M, k). context: what rows_shape
+    comes from, said in the shape error (a callable, called only then)."""
     values, indices = teacher.values, teacher.indices
     _check_tensor(f"{name}.values", values)
-    _check_min_dim(f"{name}.values", values, 3, "(*, M, k)")
+    _check_min_dim(f"{name}.values", values, min(3, len(rows_shape) + 1), "(*, M, k)")  # (x (D,) in a module: 2)
     if not isinstance(indices, torch.Tensor):
         raise TypeError(f"{name}.indices must be a torch.Tensor, got {type(indices).__name__}")
     _check_layout(f"{name}.indices", indices)
@@ -353,8 +354,8 @@ def _check_topk(teacher, rows_shape: tuple, classes: int, device_of: dict, name=
                          "have one shape (*, M, k)")
     rows_shape = tuple(rows_shape)
     if tuple(values.shape[:-1]) != rows_shape:
-        raise ValueError(f"{name} (top-k) must have shape (*, M, k) with (*, M) = {rows_shape}; got "
-                         f"{tuple(values.shape)}")
+        where = context() if context else ""
+        raise ValueError(f"{name} (top-k) must have shape {rows_shape} + (k,){where}; got {tuple(values.shape)}")
     k = values.shape[-1]
     if not 1 <= k <= classes:
         raise ValueError(f"{name} (top-k) must keep 1 <= k <= C = {classes} classes per row, got k = {k}")

@@ -133,20 +133,10 @@ class HydraHead(nn.Module):
         x2 = self._flatten_input(x)  # (checked first: a nested x has no shape to read)
         lead = x.shape[:-1]
         if isinstance(teacher_logits, TopKTeacher):  # (*, M, k) values and indices
-            values, indices = teacher_logits
-            F_h._check_tensor("teacher_logits.values", values)
-            if not isinstance(indices, torch.Tensor):
-                raise TypeError(f"teacher_logits.indices must be a torch.Tensor, got {type(indices).__name__}")
-            F_h._check_layout("teacher_logits.indices", indices)
-            if indices.shape != values.shape:
-                raise ValueError(f"teacher_logits.indices {tuple(indices.shape)} and teacher_logits.values "
-                                 f"{tuple(values.shape)} must have one shape (*, M, k)")
-            if tuple(values.shape[:-1]) != (*lead, self.num_heads):
-                raise ValueError(f"teacher_logits (top-k) must have shape {(*lead, self.num_heads)} + (k,) for x "
-                                 f"{tuple(x.shape)} and this head (M={self.num_heads}); got {tuple(values.shape)}")
-            k = values.shape[-1]
-            rows = x2.shape[0]  # (not -1: with k = 0 the functional check below must see it, not reshape)
-            t2 = TopKTeacher(values.reshape(rows, self.num_heads, k), indices.reshape(rows, self.num_heads, k))
+            def context():
+                return f" for x {tuple(x.shape)} and this head (M={self.num_heads})"
+            t2 = TopKTeacher(*F_h._check_topk(teacher_logits, (*lead, self.num_heads), self.num_classes, {"x": x},
+                                              context=context))
         else:
             F_h._check_tensor("teacher_logits", teacher_logits)
             want = (*lead, self.num_heads, self.num_classes)

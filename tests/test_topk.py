@@ -5,6 +5,8 @@ on given logits and inside the heads' cuBLAS path. The reference is the dense te
 the classes a member did not keep (``TopKTeacher.densify``), in float64.
 """
 
+import re
+
 import pytest
 import torch
 from helpers import as_float64_copy, assert_close_to, params_of
@@ -99,6 +101,27 @@ def test_distill_loss_with_a_topk_teacher(monkeypatch, impl, hidden, k, pad):
         assert_close_to(a, e, rtol=1e-5, atol=1e-8, what=name)
     with torch.no_grad():
         assert_close_to(head.distill_loss(x, teacher, 2.0), ref, rtol=2e-6, atol=1e-7, what="loss only")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("lead", [(), (2, 3)], ids=["x (D,)", "x (2, 3, D)"])
+def test_distill_loss_with_a_topk_teacher_takes_the_leading_shape_of_x(impl, lead):
+    """A head takes x (*, D) with a top-k teacher (*, M, k) as with a dense one: x (D,) is one row (the
+    teacher then (M, k)), more leading dimensions are rows; both against the flattened float64 reference."""
+    head = HydraHead(6, 20, 3, hidden_features=4, impl=impl)
+    x = torch.randn(*lead, 6, requires_grad=True)
+    teacher = topk_of(torch.randn(*lead, 3, 20) * 3, 5, 1)
+    teacher = TopKTeacher(teacher.values.requires_grad_(), teacher.indices)
+    loss = head.distill_loss(x, teacher, 1.5)
+    grads = torch.autograd.grad(loss, [x, teacher.values, *params_of(head)])
+    flat = TopKTeacher(teacher.values.reshape(-1, 3, 5), teacher.indices.reshape(-1, 3, 5))
+    ref, grads_ref = _head_ref(head, x.reshape(-1, 6), flat, 1.5)
+    assert_close_to(loss, ref, rtol=2e-6, atol=1e-7, what="loss")
+    assert grads[0].shape == x.shape and grads[1].shape == teacher.values.shape
+    for name, a, e in zip(["x", "values", *[n for n, _ in head.named_parameters()]], grads, grads_ref):
+        assert_close_to(a.reshape(e.shape), e, rtol=1e-5, atol=1e-8, what=name)
+    with pytest.raises(ValueError, match=re.escape(f"must have shape {(*lead, 3)} + (k,) for x {tuple(x.shape)}")):
+        head.distill_loss(x, TopKTeacher(teacher.values[..., :2, :], teacher.indices[..., :2, :]))
 
 
 @pytest.mark.cpu
@@ -238,7 +261,7 @@ def test_malformed_topk_containers_get_type_errors():
         hinton_kl_loss(torch.randn(4, 10), TopKTeacher([[0.0]], idx))
     with pytest.raises(TypeError, match="indices"):
         hydra_kl_loss(torch.randn(4, 3, 10), TopKTeacher(torch.randn(4, 3, 2), [[0]]))
-    with pytest.raises(ValueError, match=r"\(\*, M\) = \(4, 3\); got \(4, 2, 2\)"):
+    with pytest.raises(ValueError, match=r"must have shape \(4, 3\) \+ \(k,\); got \(4, 2, 2\)"):
         hydra_kl_loss(torch.randn(4, 3, 10), TopKTeacher(torch.randn(4, 2, 2), idx[:, :2]))
 
 
