@@ -1229,7 +1229,7 @@ def _against_predictions(record: dict):
     except Exception as exc:
         print(f"predictions: not compared ({type(exc).__name__}: {exc})", flush=True)
         return {"error": f"{type(exc).__name__}: {exc}"[:300]}
-    print(predictions.format_comparison(results, expected, brief=True), flush=True)
+    print(predictions.format_comparison(results, expected, brief=True, device=record.get("device")), flush=True)
     return results
 
 

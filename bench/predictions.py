@@ -6,7 +6,9 @@
 bench/gpu_check.py prints this comparison at the end of a run (and stores it in its JSON as "predictions"); the
 command above prints it again for a recorded run, on any machine. Each prediction in predictions.json names one
 figure of the record (or the ratio or difference of two) and a range written before the run; the comparison
-says, per figure, whether the measurement fell inside, below or above it, or is missing from the record.
+says, per figure, whether the measurement fell inside, below or above it, or is missing from the record. A time or
+rate measured on another GPU model than the file's "device" (an H100 run of H200 predictions) reads "other device";
+ratios are held against their ranges on any GPU.
 
 A figure ("what" in the JSON) is
     {"in": "rows", "where": {"op": ..., "shape": ..., "provider": ...}, "key": "seconds", "scale": 1000}
@@ -27,7 +29,11 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT = os.path.join(HERE, "predictions.json")
-VERDICTS = ("inside", "below", "above", "missing")
+VERDICTS = ("inside", "below", "above", "missing", "other device")
+# Units of the figures that hold for the predictions' device alone: times and rates. A run on another kind of GPU
+# (the lent machines are H100s and H200s) reads them as "other device", not above or below; ratios measured side by
+# side in one run ("x", "x default", "of copy") and test counts are held against their ranges on any device.
+ABSOLUTE_UNITS = frozenset({"ms", "us", "s", "GB/s"})
 
 
 def load(path: str = DEFAULT) -> dict:
@@ -100,13 +106,28 @@ def value_of(record: dict, what: dict) -> float | None:
     return value * what.get("scale", 1.0)
 
 
+def device_model(name) -> str:
+    """A GPU's model from its name, lower case ("NVIDIA H100 80GB HBM3" -> "h100", "NVIDIA H200" -> "h200",
+    "NVIDIA A100-SXM4-80GB" -> "a100"); the whole name, lower case, where no such word is in it; "" for none."""
+    found = re.search(r"\b([A-Za-z]{1,2}\d{2,4}[A-Za-z]?)\b", str(name or ""))
+    return (found.group(1) if found else str(name or "")).strip().lower()
+
+
+def other_device(record: dict, predictions: dict) -> bool:
+    """The run's GPU is another model than the one the predictions were written for (both named)."""
+    ran, meant = device_model(record.get("device")), device_model(predictions.get("device"))
+    return bool(ran and meant) and ran != meant
+
+
 def compare(record: dict, predictions: dict) -> list[dict]:
-    """Per prediction: id, unit, low, high, measured (None where missing) and the verdict."""
+    """Per prediction: id, unit, low, high, measured (None where missing) and the verdict ("other device" for a
+    time or rate measured on another GPU model than the predictions': ABSOLUTE_UNITS)."""
     out = []
+    elsewhere = other_device(record, predictions)
     for p in predictions.get("predictions", []):
         value = value_of(record, p["what"])
-        verdict = ("missing" if value is None else "below" if value < p["low"]
-                   else "above" if value > p["high"] else "inside")
+        verdict = ("missing" if value is None else "other device" if elsewhere and p["unit"] in ABSOLUTE_UNITS
+                   else "below" if value < p["low"] else "above" if value > p["high"] else "inside")
         out.append({"id": p["id"], "unit": p["unit"], "low": p["low"], "high": p["high"], "measured": value,
                     "verdict": verdict})
     return out
@@ -116,15 +137,19 @@ def _num(v: float) -> str:
     return f"{v:.4g}"
 
 
-def format_comparison(results: list[dict], predictions: dict, brief: bool = False) -> str:
-    """A short table: one line per prediction, then the count of each verdict. brief: a line for each figure
-    outside its range only, the missing ones named on one line (a run's log, whose tail is what comes back
-    first)."""
+def format_comparison(results: list[dict], predictions: dict, brief: bool = False, device: str | None = None) -> str:
+    """A short table: one line per prediction, then the count of each verdict ("other device" only where some
+    are). brief: a line for each figure outside its range only, the missing ones named on one line (a run's log,
+    whose tail is what comes back first). device: the run's GPU, named in the heading where the predictions were
+    written for another."""
     width = max([len(r["id"]) for r in results] + [10])
     lines = [f"predictions ({predictions.get('written', '?')}, {predictions.get('basis', '')}) against this run"
              + (" (figures outside their range):" if brief else ":")]
+    if any(r["verdict"] == "other device" for r in results):
+        lines.append(f"  (written for {predictions.get('device', '?')}; this run on {device or 'another GPU'}: "
+                     f"its times and rates ({', '.join(sorted(ABSOLUTE_UNITS))}) are not held against them)")
     for r in results:
-        if brief and r["verdict"] in ("inside", "missing"):
+        if brief and r["verdict"] in ("inside", "missing", "other device"):
             continue
         measured = "-" if r["measured"] is None else _num(r["measured"])
         lines.append(f"  {r['verdict']:7} {r['id']:{width}} {measured:>10} {r['unit']:9} "
@@ -133,7 +158,7 @@ def format_comparison(results: list[dict], predictions: dict, brief: bool = Fals
     if brief and missing:
         lines.append("  missing: " + "; ".join(missing))
     counts = {v: sum(r["verdict"] == v for r in results) for v in VERDICTS}
-    lines.append("  " + ", ".join(f"{n} {v}" for v, n in counts.items()))
+    lines.append("  " + ", ".join(f"{n} {v}" for v, n in counts.items() if n or v != "other device"))
     return "\n".join(lines)
 
 
@@ -166,7 +191,7 @@ def main(argv=None) -> int:
         return 0
     results = compare(record, predictions)
     print(f"record: {record.get('device', '?')}, commit {record.get('commit', '?')}, {record.get('date', '?')}")
-    print(format_comparison(results, predictions))
+    print(format_comparison(results, predictions, device=record.get("device")))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

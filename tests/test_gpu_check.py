@@ -275,7 +275,7 @@ def _stub_device(monkeypatch):
     """Every device-only measurement of gpu_check.main replaced by a stand-in (CPU cases named as the GPU ones);
     returns the settings each latency row ran under and the ncu calls."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "stand-in")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "NVIDIA H200 (stand-in)")  # (the predictions' model)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(gpu_check, "run_gpu_tests",
                         lambda timeout, workers, log_path: {"returncode": 0, "summary": "1 passed"})
@@ -799,6 +799,40 @@ def test_prediction_verdicts_on_a_stand_in_record():
     brief = P.format_comparison(results, data, brief=True).splitlines()
     assert [line.split()[1] for line in brief[1:5]] == ["too", "too", "gap", "failures"]
     assert brief[5] == "  missing: error row; twice; absent; half missing; no profile" and len(brief) == 7
+
+
+def test_a_run_on_another_gpu_model_holds_only_its_ratios_against_the_ranges():
+    """Predictions written for an H200, a run on an H100 (the other kind the device tool lends): its times and
+    rates read "other device" (an H100's copy and GEMMs are slower, so they would all read "above" and hide the
+    ratios that did miss), its ratios and counts are judged as on the H200; a run on the same model, whatever
+    the rest of its name, is judged in full."""
+    assert [P.device_model(n) for n in ("NVIDIA H100 80GB HBM3", "NVIDIA H200", "NVIDIA A100-SXM4-80GB",
+                                        "NVIDIA H200 (torch 2.11, Triton 3.6)", "Some GPU", None)] == \
+        ["h100", "h200", "a100", "h200", "some gpu", ""]
+    rows = [{"op": "a", "shape": "s", "provider": "fasthydra", "seconds": 2e-3},
+            {"op": "a", "shape": "s", "provider": "eager", "seconds": 8e-3}]
+    ms = {"in": "rows", "where": {"op": "a", "shape": "s", "provider": "fasthydra"}, "key": "seconds", "scale": 1e3}
+    eager = {**ms, "where": {**ms["where"], "provider": "eager"}}
+    data = {"device": "NVIDIA H200 (torch 2.11, Triton 3.6)", "predictions": [
+        {"id": "time", "what": ms, "low": 1.0, "high": 1.5, "unit": "ms", "why": "-"},
+        {"id": "rate", "what": {"in": "copy_bytes_per_s", "scale": 1e-9}, "low": 4100, "high": 4400, "unit": "GB/s",
+         "why": "-"},
+        {"id": "x eager", "what": {"ratio": [eager, ms]}, "low": 4.5, "high": 5.0, "unit": "x", "why": "-"},
+        {"id": "absent", "what": {**ms, "where": {**ms["where"], "op": "z"}}, "low": 0, "high": 9, "unit": "ms",
+         "why": "-"}]}
+    h100 = {"device": "NVIDIA H100 80GB HBM3", "rows": rows, "copy_bytes_per_s": 3.0e12}
+    results = P.compare(h100, data)
+    assert [r["verdict"] for r in results] == ["other device", "other device", "below", "missing"]
+    assert results[0]["measured"] == pytest.approx(2.0) and results[1]["measured"] == pytest.approx(3000.0)
+    text = P.format_comparison(results, data, brief=True, device=h100["device"]).splitlines()
+    assert "this run on NVIDIA H100 80GB HBM3" in text[1] and "not held against them" in text[1]
+    assert [line.split()[:2] for line in text[2:3]] == [["below", "x"]] and text[3] == "  missing: absent"
+    assert text[-1] == "  0 inside, 1 below, 0 above, 1 missing, 2 other device"
+    same = P.compare({**h100, "device": "NVIDIA H200"}, data)
+    assert [r["verdict"] for r in same] == ["above", "below", "below", "missing"]
+    assert P.format_comparison(same, data).splitlines()[-1] == "  0 inside, 2 below, 1 above, 1 missing"
+    unnamed = P.compare({"rows": rows, "copy_bytes_per_s": 3.0e12}, data)  # (a record without a device: judged)
+    assert [r["verdict"] for r in unnamed] == ["above", "below", "below", "missing"]
 
 
 def test_predictions_file_errors_name_the_entry(tmp_path):
