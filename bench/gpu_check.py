@@ -808,11 +808,13 @@ def with_variant(provider: str):
 GPU_TEST_WORKERS = 4
 # The gpu tests the issues' acceptance names, run first (in this order, dealt over the processes) so that a tier
 # cut short at its deadline has run them: no host sync in a step, CUDA-graph capture, reduce-overhead compile,
-# every heads path and the kernels against float64 (odd shapes, M = 1, C = 50257), the deferred teacher error.
+# every heads path and the kernels against float64 (odd shapes, M = 1, C = 50257), the deferred teacher error,
+# the same bits again and with poisoned allocations (tests/test_determinism.py).
 FIRST_GPU_TESTS = ("test_training_step_issues_no_host_sync", "test_training_step_replays_in_a_cuda_graph",
                    "test_reduce_overhead_compile_runs_a_training_step", "test_heads_paths_tolerance_rule",
                    "test_fused_heads_tolerance_rule", "test_logits_kernel_tolerance_rule",
-                   "test_uncertainty_tolerance_rule", "test_bad_teacher_on_cuda_is_reported_by_a_later_call")
+                   "test_uncertainty_tolerance_rule", "test_bad_teacher_on_cuda_is_reported_by_a_later_call",
+                   "test_every_op_gives_the_same_bits_again_and_with_poisoned_allocations")
 
 
 def first_tests_first(ids: list[str], first=FIRST_GPU_TESTS) -> list[str]:

@@ -57,6 +57,7 @@ def pytest_collection_modifyitems(config, items):
 # default draws is a bug (a GPU, another torch, another machine draws other values; the fortieth session found
 # one under torch 2.11), and a run under a few other seeds finds such tests before they fail elsewhere.
 TEST_SEED = int(os.environ.get("FASTHYDRA_TEST_SEED", "1234"))
+POISON = os.environ.get("FASTHYDRA_TEST_POISON", "0") not in ("", "0")
 
 
 @pytest.fixture(autouse=True)
@@ -67,7 +68,15 @@ def _seed():
     # rest of the process (CI's torch 2.4 stage: 129 subnormal tests after the first torch.compile test failed).
     # The library's own C kernel keeps them whatever the caller's mode (test_native's flushing-caller test).
     torch.set_flush_denormal(False)
-    yield
+    if not POISON:
+        yield
+        return
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 @pytest.fixture

@@ -627,7 +627,7 @@ def test_the_acceptance_tests_run_first():
     assert gpu_check.first_tests_first(ids, first=("test_b", "test_a")) == [
         "tests/test_gpu.py::test_b[2]", "tests/test_gpu.py::test_b[1]", "tests/test_gpu.py::test_a",
         "tests/test_a.py::test_x[1]", "tests/test_gpu.py::test_late", "tests/test_a.py::test_y"]
-    source = (pathlib.Path(__file__).parent / "test_gpu.py").read_text()
+    source = "".join(f.read_text() for f in pathlib.Path(__file__).parent.glob("test_*.py"))
     for name in gpu_check.FIRST_GPU_TESTS:
         assert f"\ndef {name}(" in source, name
 
