@@ -768,9 +768,11 @@ def _hinton_topk(z, student_logits, teacher: TopKTeacher, lead: tuple, temperatu
     # One member at a time, in order: a member keeps each class once (its padding repeats one only with p = 0), so
     # no launch adds twice into a class, and the sum over members that share one is the same bits every run. (One
     # scatter_add of all M k entries adds them in whatever order a GPU's atomics take them.)
-    pbar = torch.zeros(b, c, dtype=cdt, device=values.device)
-    for j in range(m):  # (out of place: torch.func's transforms take no in-place op on a tensor they do not batch)
-        pbar = pbar.scatter_add(1, index[:, j], p[:, j])
+    # (the first out of place: torch.func's transforms take no in-place op on a tensor they do not batch; the rest in
+    # place, no (B, C) copy per member)
+    pbar = torch.zeros(b, c, dtype=cdt, device=values.device).scatter_add(1, index[:, 0], p[:, 0])
+    for j in range(1, m):
+        pbar.scatter_add_(1, index[:, j], p[:, j])
     kept = pbar > 0  # log only where pbar > 0: the other branch's gradient would be 0 * inf
     log_pbar = torch.where(kept, torch.log(torch.where(kept, pbar, 1.0)), float("-inf"))
     return _hinton_on_target(z, (target_t * log_pbar).unsqueeze(1), temperature, reduction, impl, keep)
