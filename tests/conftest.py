@@ -58,6 +58,21 @@ def pytest_collection_modifyitems(config, items):
 # one under torch 2.11), and a run under a few other seeds finds such tests before they fail elsewhere.
 TEST_SEED = int(os.environ.get("FASTHYDRA_TEST_SEED", "1234"))
 POISON = os.environ.get("FASTHYDRA_TEST_POISON", "0") not in ("", "0")
+# FASTHYDRA_TEST_SHUFFLE=1: every interpreted launch runs its programs in a random order, as a GPU may finish them
+# (helpers.shuffle_interpreted_programs).
+SHUFFLE = os.environ.get("FASTHYDRA_TEST_SHUFFLE", "0") not in ("", "0")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _shuffled_programs():
+    if not (SHUFFLE and INTERPRETING):
+        yield
+        return
+    from helpers import shuffle_interpreted_programs
+
+    with pytest.MonkeyPatch.context() as patch:
+        shuffle_interpreted_programs(patch, TEST_SEED)
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -56,6 +56,32 @@ def flush_exponentials_as_a_gpu(monkeypatch) -> None:
     monkeypatch.setattr(InterpreterBuilder, "create_exp2", flushed(np.exp2))
 
 
+def shuffle_interpreted_programs(patch, seed: int = 0) -> None:
+    """Every interpreted launch runs its programs in a random order (a seeded permutation of its grid per launch)
+    where the interpreter runs them one after another in grid order. A GPU runs them at once and finishes them in
+    any order: a kernel whose program reads what another writes, without the atomic count that orders them, or
+    that takes the last program to finish for the last in the grid, gives other results here. patch: a
+    monkeypatch (or anything with its setattr)."""
+    import random
+
+    from triton.runtime.interpreter import InterpreterBuilder
+
+    rng = random.Random(seed)
+    set_dim, set_idx = InterpreterBuilder.set_grid_dim, InterpreterBuilder.set_grid_idx
+
+    def set_grid_dim(self, nx, ny, nz):
+        set_dim(self, nx, ny, nz)
+        self.program_order = rng.sample(range(nx * ny * nz), nx * ny * nz)
+
+    def set_grid_idx(self, x, y, z):  # (called once per program, in grid order: the n-th call runs program order[n])
+        _, ny, nz = self.grid_dim
+        j = self.program_order[(x * ny + y) * nz + z]
+        set_idx(self, j // (ny * nz), (j // nz) % ny, j % nz)
+
+    patch.setattr(InterpreterBuilder, "set_grid_dim", set_grid_dim)
+    patch.setattr(InterpreterBuilder, "set_grid_idx", set_grid_idx)
+
+
 def teacher_logits(b, m, c, scale=3.0, masked=True, dtype=torch.float32, device="cpu"):
     """Random member logits; with masked=True a few single classes are -inf (never a whole row)."""
     t = torch.randn(b, m, c, dtype=torch.float64, device=device) * scale

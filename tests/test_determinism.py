@@ -13,7 +13,13 @@ tiles, a learned temperature, a teacher that requires grad, the Hinton target de
   would show here; a CPU's fresh allocations are often zero pages, which hide such a read, and a GPU's caching
   allocator hands back what the last tensor left.
 
-``FASTHYDRA_TEST_POISON=1`` runs every test of the suite with allocations poisoned so (tests/conftest.py).
+- programs in another order (interpret tier): every interpreted launch runs its programs in a random order, where
+  the interpreter otherwise runs them in grid order and a GPU in any: the same bits again. A program that read
+  another's output without the count that orders them, or took the last program to finish for the last in the
+  grid, would show here.
+
+``FASTHYDRA_TEST_POISON=1`` runs every test of the suite with allocations poisoned so, ``FASTHYDRA_TEST_SHUFFLE=1``
+its interpreted launches with programs shuffled so (tests/conftest.py).
 
 cpu tier: the torch path (its C row kernels); interpret tier: the Triton kernels on CPU tensors, both heads paths;
 gpu tier: both, on CUDA (with cuBLAS's deterministic workspace setting, which torch asks for in this mode).
@@ -21,7 +27,7 @@ gpu tier: both, on CUDA (with cuBLAS's deterministic workspace setting, which to
 
 import pytest
 import torch
-from helpers import HEADS_PATHS, use_heads_path
+from helpers import HEADS_PATHS, shuffle_interpreted_programs, use_heads_path
 
 from fasthydra import GaussianHydraHead, HydraHead, gaussian_kl_loss, hinton_kl_loss, hydra_kl_loss, uncertainty
 from fasthydra.reference import TopKTeacher
@@ -117,3 +123,16 @@ def test_every_op_gives_the_same_bits_again_and_with_poisoned_allocations(monkey
         torch.use_deterministic_algorithms(was[0], warn_only=was[1])
         torch.utils.deterministic.fill_uninitialized_memory = was[2]
     _assert_same_bits(poisoned, first, "poisoned allocations")
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("path", HEADS_PATHS)
+@pytest.mark.parametrize("hidden", [None, 8], ids=["linear", "mlp"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_every_kernel_gives_the_same_bits_with_its_programs_in_another_order(monkeypatch, path, hidden, seed):
+    use_heads_path(monkeypatch, path)
+    first = _every_op_step("triton", "cpu", hidden)
+    with monkeypatch.context() as patch:
+        shuffle_interpreted_programs(patch, seed)
+        shuffled = _every_op_step("triton", "cpu", hidden)
+    _assert_same_bits(shuffled, first, f"programs in a shuffled order (seed {seed})")
