@@ -63,16 +63,32 @@ POISON = os.environ.get("FASTHYDRA_TEST_POISON", "0") not in ("", "0")
 SHUFFLE = os.environ.get("FASTHYDRA_TEST_SHUFFLE", "0") not in ("", "0")
 
 
+# FASTHYDRA_TEST_RACES=1: every interpreted launch is watched for programs that store to one address, or load what
+# another program stores before an atomic orders them (helpers.watch_interpreted_races); a test with one fails.
+RACES = os.environ.get("FASTHYDRA_TEST_RACES", "0") not in ("", "0")
+
+
 @pytest.fixture(autouse=True, scope="session")
-def _shuffled_programs():
-    if not (SHUFFLE and INTERPRETING):
-        yield
+def _watched_programs():
+    if not ((SHUFFLE or RACES) and INTERPRETING):
+        yield None
         return
-    from helpers import shuffle_interpreted_programs
+    from helpers import shuffle_interpreted_programs, watch_interpreted_races
 
     with pytest.MonkeyPatch.context() as patch:
-        shuffle_interpreted_programs(patch, TEST_SEED)
-        yield
+        if SHUFFLE:
+            shuffle_interpreted_programs(patch, TEST_SEED)
+        yield watch_interpreted_races(patch) if RACES else None
+
+
+@pytest.fixture(autouse=True)
+def _no_races(_watched_programs):
+    yield
+    if _watched_programs is None:
+        return
+    found = [line for line in _watched_programs if not line.startswith("_racy")]  # (the watcher's own test kernels)
+    _watched_programs.clear()
+    assert not found, f"races between programs: {found}"
 
 
 @pytest.fixture(autouse=True)

@@ -82,6 +82,99 @@ def shuffle_interpreted_programs(patch, seed: int = 0) -> None:
     patch.setattr(InterpreterBuilder, "set_grid_idx", set_grid_idx)
 
 
+def watch_interpreted_races(patch) -> list:
+    """Records, per interpreted launch, which program stores and loads each address, and returns the list that
+    every launch with a race on a GPU appends a line to (kernel name, what, addresses): two programs that store to
+    one address, or a program that loads an address another program of the launch stores to, before any atomic
+    of its own that touches memory (the acquire that orders a last-program sum after the other programs' stores).
+    Atomics are not stores here (the error word's OR, the counts). The interpreter runs programs one after
+    another, so such a kernel gives the expected bits there and a race on the chip. patch: a monkeypatch."""
+    import numpy as np
+    from triton.runtime.interpreter import GridExecutor, InterpreterBuilder
+
+    found, launch = [], {}
+
+    def accesses(ptrs, mask):
+        addrs = np.asarray(ptrs.data).reshape(-1).astype(np.uint64)
+        keep = np.broadcast_to(np.asarray(mask.data, dtype=bool), np.shape(ptrs.data)).reshape(-1)
+        return addrs[keep]
+
+    def wrap(name, record):
+        real = getattr(InterpreterBuilder, name)
+
+        def op(self, *args, **kwargs):
+            if launch:
+                record(self, *args)
+            return real(self, *args, **kwargs)
+        patch.setattr(InterpreterBuilder, name, op)
+
+    def on_program(self, x, y, z):
+        _, ny, nz = self.grid_dim
+        launch["pid"], launch["synced"] = (x * ny + y) * nz + z, False
+
+    def on_store(self, ptrs, value, mask, *_):
+        launch["stores"].append((accesses(ptrs, mask), launch["pid"]))
+
+    def on_load(self, ptrs, mask, *_):
+        if not launch["synced"]:
+            launch["loads"].append((accesses(ptrs, mask), launch["pid"]))
+
+    def on_atomic(self, *_):
+        launch["synced"] = True
+
+    def on_atomic_rmw(self, op, ptrs, value, mask, *_):  # (the error word's OR is masked off but for a bad value)
+        launch["synced"] = launch["synced"] or bool(np.any(mask.data))
+
+    wrap("set_grid_idx", on_program)
+    wrap("create_masked_store", on_store)
+    wrap("create_masked_load", on_load)
+    wrap("create_atomic_rmw", on_atomic_rmw)
+    wrap("create_atomic_cas", on_atomic)
+    run = GridExecutor.__call__
+
+    def checked_run(self, *args, **kwargs):
+        launch.update(stores=[], loads=[], pid=0, synced=False)
+        try:
+            return run(self, *args, **kwargs)
+        finally:
+            stores, loads = launch.pop("stores"), launch.pop("loads")
+            launch.clear()
+            _report_races(getattr(self.fn, "__name__", str(self.fn)), stores, loads, found)
+
+    patch.setattr(GridExecutor, "__call__", checked_run)
+    return found
+
+
+def _report_races(kernel: str, stores: list, loads: list, found: list) -> None:
+    """found += a line for each kind of race among one launch's (addresses, program) stores and loads."""
+    import numpy as np
+
+    def flat(pairs):
+        if not pairs:
+            return np.zeros(0, np.uint64), np.zeros(0, np.int64)
+        return (np.concatenate([a for a, _ in pairs]),
+                np.concatenate([np.full(len(a), pid, np.int64) for a, pid in pairs]))
+
+    s_addr, s_pid = flat(stores)
+    order = np.lexsort((s_pid, s_addr))
+    s_addr, s_pid = s_addr[order], s_pid[order]
+    same = (s_addr[1:] == s_addr[:-1]) & (s_pid[1:] != s_pid[:-1])
+    if same.any():
+        found.append(f"{kernel}: {int(same.sum())} stores to an address another program stores to "
+                     f"(e.g. {int(s_addr[1:][same][0]):#x})")
+    l_addr, l_pid = flat(loads)
+    if len(s_addr) and len(l_addr):
+        # each stored address's programs: the first and the last (sorted), so a load races if either differs
+        first = np.searchsorted(s_addr, l_addr, side="left")
+        hit = (first < len(s_addr)) & (s_addr[np.minimum(first, len(s_addr) - 1)] == l_addr)
+        last = np.searchsorted(s_addr, l_addr, side="right") - 1
+        lo, hi = s_pid[np.minimum(first, len(s_addr) - 1)], s_pid[np.maximum(last, 0)]
+        other = hit & ((lo != l_pid) | (hi != l_pid))
+        if other.any():
+            found.append(f"{kernel}: {int(other.sum())} loads of an address another program stores to "
+                         f"(e.g. {int(l_addr[other][0]):#x})")
+
+
 def teacher_logits(b, m, c, scale=3.0, masked=True, dtype=torch.float32, device="cpu"):
     """Random member logits; with masked=True a few single classes are -inf (never a whole row)."""
     t = torch.randn(b, m, c, dtype=torch.float64, device=device) * scale

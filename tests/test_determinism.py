@@ -18,8 +18,13 @@ tiles, a learned temperature, a teacher that requires grad, the Hinton target de
   another's output without the count that orders them, or took the last program to finish for the last in the
   grid, would show here.
 
+- no races (interpret tier): no two programs of a launch store to one address, and none loads what another
+  stores before an atomic of its own orders it after that store (the last-program sums' count). The interpreter
+  runs one program after another, so a kernel with such a race gives the expected bits there and not on a chip.
+
 ``FASTHYDRA_TEST_POISON=1`` runs every test of the suite with allocations poisoned so, ``FASTHYDRA_TEST_SHUFFLE=1``
-its interpreted launches with programs shuffled so (tests/conftest.py).
+its interpreted launches with programs shuffled so, ``FASTHYDRA_TEST_RACES=1`` watched for races so
+(tests/conftest.py).
 
 cpu tier: the torch path (its C row kernels); interpret tier: the Triton kernels on CPU tensors, both heads paths;
 gpu tier: both, on CUDA (with cuBLAS's deterministic workspace setting, which torch asks for in this mode).
@@ -27,7 +32,9 @@ gpu tier: both, on CUDA (with cuBLAS's deterministic workspace setting, which to
 
 import pytest
 import torch
-from helpers import HEADS_PATHS, shuffle_interpreted_programs, use_heads_path
+import triton
+import triton.language as tl
+from helpers import HEADS_PATHS, shuffle_interpreted_programs, use_heads_path, watch_interpreted_races
 
 from fasthydra import GaussianHydraHead, HydraHead, gaussian_kl_loss, hinton_kl_loss, hydra_kl_loss, uncertainty
 from fasthydra.reference import TopKTeacher
@@ -136,3 +143,44 @@ def test_every_kernel_gives_the_same_bits_with_its_programs_in_another_order(mon
         shuffle_interpreted_programs(patch, seed)
         shuffled = _every_op_step("triton", "cpu", hidden)
     _assert_same_bits(shuffled, first, f"programs in a shuffled order (seed {seed})")
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("path", HEADS_PATHS)
+@pytest.mark.parametrize("hidden", [None, 8], ids=["linear", "mlp"])
+def test_no_program_races_another_in_any_kernel(monkeypatch, path, hidden):
+    use_heads_path(monkeypatch, path)
+    with monkeypatch.context() as patch:
+        found = watch_interpreted_races(patch)
+        _every_op_step("triton", "cpu", hidden)
+    assert not found
+
+
+@triton.jit
+def _racy_store_kernel(out_ptr):
+    tl.store(out_ptr, tl.program_id(0).to(tl.float32))  # every program, one address
+
+
+@triton.jit
+def _racy_load_kernel(buf_ptr, out_ptr, count_ptr, SYNC: tl.constexpr):
+    pid = tl.program_id(0)
+    tl.store(buf_ptr + pid, pid.to(tl.float32))
+    if SYNC:  # (the count read as the last-program sums read theirs; the load after it is ordered)
+        tl.atomic_add(count_ptr, 1, sem="acq_rel")
+    tl.store(out_ptr + pid, tl.load(buf_ptr + (pid + 1) % tl.num_programs(0)))  # the next program's store
+
+
+@pytest.mark.interpret
+def test_the_race_watcher_sees_races(monkeypatch):
+    """The watcher's own check: two kernels with a race of each kind are reported, by name; the same load after an
+    atomic is not (a watcher that stopped seeing loads or stores under another Triton would pass every kernel)."""
+    out, buf, count = torch.zeros(4), torch.zeros(4), torch.zeros(1, dtype=torch.int32)
+    with monkeypatch.context() as patch:
+        found = watch_interpreted_races(patch)
+        _racy_store_kernel[(4,)](out)
+        _racy_load_kernel[(4,)](buf, out, count, SYNC=False)
+        _racy_load_kernel[(4,)](buf, out, count, SYNC=True)
+    assert len(found) == 2, found
+    assert found[0].startswith("_racy_store_kernel: 3 stores to an address another program stores to"), found
+    assert found[1].startswith("_racy_load_kernel: 4 loads of an address another program stores to"), found
+    assert torch.equal(out, torch.tensor([1.0, 2.0, 3.0, 0.0])) and int(count) == 4  # (the kernels did run)
