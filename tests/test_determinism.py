@@ -2,11 +2,12 @@
 
 A training step through every public op and path (the heads' small step and cuBLAS path, row masks, long rows in
 tiles, a learned temperature, a teacher that requires grad, the Hinton target dense and top-k, the Gaussian heads,
-``uncertainty`` forward and backward) runs three times on the same inputs:
+``uncertainty`` forward and backward) runs again on the same inputs:
 
-- again: the same bits as the first time. The Triton kernels add no float with atomics (their one atomic count of
-  finished programs only picks the program that sums the partials, in a fixed order), the CPU kernels split rows
-  the same way for one thread count, and the Hinton loss of a top-k teacher adds its members one at a time.
+- again (cpu and gpu tiers; interpreted, the shuffled run below is the rerun): the same bits as the first time.
+  The Triton kernels add no float with atomics (their one atomic count of finished programs only picks the program
+  that sums the partials, in a fixed order), the CPU kernels split rows the same way for one thread count, and the
+  Hinton loss of a top-k teacher adds its members one at a time.
 - poisoned: under ``torch.use_deterministic_algorithms(True)``, which also fills every tensor that torch.empty and
   its kin make with NaN (integers with their largest value): the same bits again, and no op of the step has only a
   nondeterministic implementation (torch would raise). A buffer an op allocates and reads before it writes it
@@ -63,8 +64,8 @@ def _every_op_step(impl: str, device: str, hidden) -> dict:
     t_wide = (torch.randn(8, 2, 300) * 2).to(device)
     t_grad = leaf(torch.randn(b, m, c) * 2)  # a teacher trained with the student (online distillation)
     z = leaf(torch.randn(b, m, c) * 2)
-    z_long = leaf(torch.randn(4, 2, LONG_C) * 2)
-    t_long = (torch.randn(4, 2, LONG_C) * 2).to(device)
+    z_long = leaf(torch.randn(2, 2, LONG_C) * 2)  # (two rows: the interpreter walks each row's tiles in Python)
+    t_long = (torch.randn(2, 2, LONG_C) * 2).to(device)
     tm, tv = torch.randn(b, m, 2).to(device), (torch.rand(b, m, 2) + 0.1).to(device)
     learned_t = leaf(torch.tensor(1.7))
     keep = torch.arange(b, device=device) % 3 != 0
@@ -118,7 +119,8 @@ def test_every_op_gives_the_same_bits_again_and_with_poisoned_allocations(monkey
     bad = [name for name, v in first.items() if not torch.isfinite(v).all()]
     assert not bad, f"not finite: {bad}"
     assert all(v.abs().sum() > 0 for name, v in first.items() if name.endswith(".grad")), "a gradient of zeros"
-    _assert_same_bits(_every_op_step(impl, device, hidden), first, "again")
+    if impl == "torch" or device == "cuda":  # (interpreted, the shuffled test's second step is the stricter again)
+        _assert_same_bits(_every_op_step(impl, device, hidden), first, "again")
     was = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
            torch.utils.deterministic.fill_uninitialized_memory)
     torch.use_deterministic_algorithms(True)
@@ -135,8 +137,9 @@ def test_every_op_gives_the_same_bits_again_and_with_poisoned_allocations(monkey
 @pytest.mark.interpret
 @pytest.mark.parametrize("path", HEADS_PATHS)
 @pytest.mark.parametrize("hidden", [None, 8], ids=["linear", "mlp"])
-@pytest.mark.parametrize("seed", [0, 1])
-def test_every_kernel_gives_the_same_bits_with_its_programs_in_another_order(monkeypatch, path, hidden, seed):
+def test_every_kernel_gives_the_same_bits_with_its_programs_in_another_order(monkeypatch, path, hidden):
+    """Each launch's programs in an order drawn from the test's seed (FASTHYDRA_TEST_SEED draws others)."""
+    seed = torch.initial_seed()  # (conftest's, before the step seeds its data)
     use_heads_path(monkeypatch, path)
     first = _every_op_step("triton", "cpu", hidden)
     with monkeypatch.context() as patch:
