@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 from helpers import SHAPES, TEMPERATURES, assert_close_to, teacher_logits
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fasthydra import hinton_kl_loss, hydra_kl_loss, uncertainty
@@ -233,7 +233,7 @@ def test_uncertainty_disagreeing_confident_heads_are_epistemic():
     assert abs(u.epistemic.item() - math.log(2)) < 1e-6
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(b=st.integers(0, 9), m=st.integers(1, 6), c=st.integers(1, 40),
        temperature=st.floats(0.5, 20.0), scale=st.sampled_from([0.1, 3.0, 30.0]))
 def test_hypothesis_shapes_torch_path(b, m, c, temperature, scale):

@@ -11,7 +11,7 @@ from helpers import (
     reference_loss_and_grads,
     teacher_logits,
 )
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fasthydra import HydraHead, hydra_kl_loss
@@ -229,7 +229,7 @@ def test_training_reduces_the_loss():
     assert loss.item() < 0.05 * first
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(b=st.integers(0, 12), d=st.integers(1, 20), m=st.integers(1, 5), c=st.integers(1, 30),
        hidden=st.sampled_from([None, 3]), temperature=st.floats(0.5, 20.0))
 def test_hypothesis_module_shapes(b, d, m, c, hidden, temperature):

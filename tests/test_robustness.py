@@ -271,7 +271,7 @@ MALFORMED = st.sampled_from([
 
 
 @pytest.mark.cpu
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=MALFORMED, temperature=st.one_of(st.floats(0.1, 10.0), st.sampled_from([0.0, -1.0, float("nan")])),
        reduction=st.sampled_from(["mean", "sum", "none", "avg"]), hinton=st.booleans())
 def test_fuzz_malformed_inputs_get_their_error(case, temperature, reduction, hinton):
@@ -287,7 +287,7 @@ def test_fuzz_malformed_inputs_get_their_error(case, temperature, reduction, hin
 
 
 @pytest.mark.cpu
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(b=st.integers(0, 5), d=st.integers(1, 9), m=st.integers(1, 4), c=st.integers(1, 20),
        hidden=st.sampled_from([None, 3]), bias=st.booleans())
 def test_fuzz_module_matches_reference(b, d, m, c, hidden, bias):
