@@ -53,6 +53,36 @@ FLOAT_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.fl
 _STRIDED = torch.strided
 
 
+def _negation_resolved(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The public functions' arguments with every tensor whose negative bit is set (a lazily negated view:
+    ``z.conj().imag`` of a complex z, ``torch._neg_view``) replaced by its value (``resolve_neg``, a differentiable
+    copy): the kernels and the C row kernels read storage, which holds such a tensor's values un-negated (the loss
+    of a negated student came back as that of the student itself, on every path). A TopKTeacher's tensors too. One
+    ``is_neg`` read per tensor argument; a copy only where one is set. Not while torch.compile traces (dynamo cannot
+    trace ``is_neg``): the traced program calls the custom ops through the dispatcher, which resolves such a view
+    itself (its Negative fallback)."""
+    for group in (args, kwargs.values()):  # (no function call per argument: this runs on every public call)
+        for a in group:
+            if isinstance(a, torch.Tensor):
+                if a.is_neg():
+                    return tuple(map(_resolved, args)), {key: _resolved(a) for key, a in kwargs.items()}
+            elif isinstance(a, TopKTeacher) and any(isinstance(t, torch.Tensor) and t.is_neg() for t in a):
+                return tuple(map(_resolved, args)), {key: _resolved(a) for key, a in kwargs.items()}
+    return args, kwargs
+
+
+def _resolved(a):
+    if isinstance(a, TopKTeacher):
+        return TopKTeacher(*map(_resolved, a))
+    return a.resolve_neg() if isinstance(a, torch.Tensor) and a.is_neg() else a
+
+
+def _public(fn):
+    """A public function: its arguments' negated views resolved (``_negation_resolved``), run on its first
+    tensor's CUDA device (``on_tensor_device``)."""
+    return on_tensor_device(fn, _negation_resolved)
+
+
 def _check_tensor(name: str, value, ndims: tuple[int, ...] | None = None) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
@@ -524,7 +554,7 @@ def _autocast_loss(loss: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
-@on_tensor_device
+@_public
 def hydra_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float | torch.Tensor = 1.0,
                   reduction: str = "mean", impl: str = "auto", *, row_mask: torch.Tensor | None = None
                   ) -> torch.Tensor:
@@ -618,7 +648,7 @@ def ensemble_log_mean_probs(teacher_logits: torch.Tensor, temperature: float | t
     return lse - math.log(members)
 
 
-@on_tensor_device
+@_public
 def hinton_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float | torch.Tensor = 1.0,
                    reduction: str = "mean", impl: str = "auto", *, row_mask: torch.Tensor | None = None
                    ) -> torch.Tensor:
@@ -818,7 +848,7 @@ def _check_mlp_params(x, hidden_weight, hidden_bias, weight, bias) -> None:
     _check_same_device(x=x, weight=weight, bias=bias)
 
 
-@on_tensor_device
+@_public
 def linear_heads(x, weight, bias=None, impl: str = "auto"):
     """Logits of M linear heads over a shared input, one GEMM over the stacked (M*C, D) weight:
     ``z[:, m] = x @ W[m].T + bias[m]``.
@@ -852,7 +882,7 @@ def _stacked_linear(x, weight, bias):
     return z.view(x.shape[0], m, c)
 
 
-@on_tensor_device
+@_public
 def mlp_hidden(x, hidden_weight, hidden_bias=None, impl: str = "auto"):
     """First layer of M MLP heads, one GEMM over the stacked (M*H, D) weight:
     ``u[:, m] = relu(x @ W1[m].T + b1[m])``.
@@ -875,7 +905,7 @@ def mlp_hidden(x, hidden_weight, hidden_bias=None, impl: str = "auto"):
     return torch.relu(_stacked_linear(x, hidden_weight, hidden_bias))
 
 
-@on_tensor_device
+@_public
 def grouped_heads(u, weight, bias=None, impl: str = "auto"):
     """Per-head GEMM (the grouped GEMM): ``z[:, m] = u[:, m] @ W[m].T + bias[m]``.
 
@@ -919,7 +949,7 @@ def _check_fused_loss_args(inp, teacher, weight, temperature, reduction, name, r
     return temperature, reduction, keep  # the teacher's values are checked inside the op
 
 
-@on_tensor_device
+@_public
 def linear_hydra_kl_loss(x, weight, bias, teacher_logits, temperature: float | torch.Tensor = 1.0,
                          reduction: str = "mean", impl: str = "auto", *, row_mask=None):
     """Linear heads fused with the Hydra loss; equals ``hydra_kl_loss(linear_heads(x, W, b), t, T)``
@@ -965,7 +995,7 @@ def linear_hydra_kl_loss(x, weight, bias, teacher_logits, temperature: float | t
     return loss if learned is None else _learned_square(loss, learned)
 
 
-@on_tensor_device
+@_public
 def mlp_hydra_kl_loss(x, hidden_weight, hidden_bias, weight, bias, teacher_logits,
                       temperature: float | torch.Tensor = 1.0, reduction: str = "mean", impl: str = "auto", *,
                       row_mask=None):
@@ -1033,7 +1063,7 @@ def _fused(inp, weight, bias, teacher, temperature, reduction, shared, impl, kee
     return _autocast_loss(loss, inp)
 
 
-@on_tensor_device
+@_public
 def uncertainty(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0, impl: str = "auto") -> Uncertainty:
     """Total, aleatoric and epistemic uncertainty of a multi-head prediction, differentiable.
 
@@ -1117,7 +1147,7 @@ def _check_gaussian_teacher(teacher_mean: torch.Tensor, teacher_var: torch.Tenso
     _value_check(mean_ok, "teacher_mean contains NaN or Inf")
 
 
-@on_tensor_device
+@_public
 def gaussian_kl_loss(mean: torch.Tensor, var: torch.Tensor, teacher_mean: torch.Tensor, teacher_var: torch.Tensor,
                      reduction: str = "mean", *, row_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Per-head Gaussian KL ``KL(N(mu_t, var_t) || N(mu_m, var_m))`` (member m's prediction against head m's).
@@ -1166,7 +1196,7 @@ def gaussian_kl_loss(mean: torch.Tensor, var: torch.Tensor, teacher_mean: torch.
     return kl.sum() if reduction == "sum" or kl.numel() == 0 else kl.mean()
 
 
-@on_tensor_device
+@_public
 def gaussian_heads_kl_loss(x, weight, bias, teacher_mean, teacher_var, min_var: float = 1e-6,
                            reduction: str = "mean", impl: str = "auto", *, row_mask=None):
     """Gaussian heads fused with their KL: equals ``gaussian_kl_loss(*split(linear_heads(x, W, b)), t_mu, t_var)``

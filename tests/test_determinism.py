@@ -48,8 +48,13 @@ TARGETS = [pytest.param("torch", "cpu", "cublas", marks=pytest.mark.cpu, id="tor
 LONG_C = 9000  # past the 8192 classes a row the loss and uncertainty kernels hold in registers: rows in tiles
 
 
-def _every_op_step(impl: str, device: str, hidden) -> dict:
-    """One forward + backward through every op, from seed 0: name -> a copy of each loss, output and gradient."""
+def _every_op_step(impl: str, device: str, hidden, view=None) -> dict:
+    """One forward + backward through every op, from seed 0: name -> a copy of each loss, output and gradient.
+    view: None, or a function that every floating input tensor passes through on its way into the ops (the
+    gradients are still read on the tensors before it)."""
+    if view is None:
+        def view(t):
+            return t
     torch.manual_seed(0)
     b, d, m, c = 24, 16, 3, 10
 
@@ -70,6 +75,10 @@ def _every_op_step(impl: str, device: str, hidden) -> dict:
     learned_t = leaf(torch.tensor(1.7))
     keep = torch.arange(b, device=device) % 3 != 0
     topk = TopKTeacher(*t.topk(4, dim=-1))
+    leaves = {"x": x, "x_wide": x_wide, "z": z, "z_long": z_long, "teacher": t_grad, "learned T": learned_t}
+    x, x_wide, t, t_wide, t_grad, z, z_long, t_long, tm, tv, learned_t = map(
+        view, (x, x_wide, t, t_wide, t_grad, z, z_long, t_long, tm, tv, learned_t))
+    topk = TopKTeacher(view(topk.values), topk.indices)
 
     losses = {
         "heads": head.distill_loss(x, t, 2.0),
@@ -96,9 +105,7 @@ def _every_op_step(impl: str, device: str, hidden) -> dict:
     out.update({f"uncertainty (heads) {name}": v.detach().clone() for name, v in zip(unc_small._fields, unc_small)})
     for owner, module in (("heads", head), ("cuBLAS heads", wide), ("Gaussian heads", ghead)):
         out.update({f"{owner}.{name}.grad": p.grad.clone() for name, p in module.named_parameters()})
-    for name, v in (("x", x), ("x_wide", x_wide), ("z", z), ("z_long", z_long), ("teacher", t_grad),
-                    ("learned T", learned_t)):
-        out[f"{name}.grad"] = v.grad.clone()
+    out.update({f"{name}.grad": v.grad.clone() for name, v in leaves.items()})
     return out
 
 
@@ -132,6 +139,46 @@ def test_every_op_gives_the_same_bits_again_and_with_poisoned_allocations(monkey
         torch.use_deterministic_algorithms(was[0], warn_only=was[1])
         torch.utils.deterministic.fill_uninitialized_memory = was[2]
     _assert_same_bits(poisoned, first, "poisoned allocations")
+
+
+def _negated_view(t: torch.Tensor) -> torch.Tensor:
+    """t's values as a tensor with its negative bit set: a lazily negated view of -t, whose storage holds -t (what
+    ``z.conj().imag`` of a complex z gives), differentiable back to t."""
+    out = torch._neg_view(t.neg())
+    assert out.is_neg() and torch.equal(out.resolve_neg(), t)
+    return out
+
+
+@pytest.mark.parametrize("impl,device,path", TARGETS)
+def test_every_op_reads_negated_views_by_their_values(monkeypatch, impl, device, path):
+    """Inputs with the negative bit set give the same bits, values and gradients, as the same inputs stored plainly.
+    The kernels and the C row kernels read storage: before the public functions resolved such views, every loss,
+    uncertainty and gradient came back as that of the un-negated values, on every path."""
+    use_heads_path(monkeypatch, path)
+    if device == "cuda":
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    plain = _every_op_step(impl, device, 8)
+    _assert_same_bits(_every_op_step(impl, device, 8, view=_negated_view), plain, "inputs as negated views")
+
+
+@pytest.mark.cpu
+def test_a_compiled_call_reads_negated_views_by_their_values():
+    """Traced, the public functions leave negated views alone (dynamo cannot trace ``is_neg``): the traced program
+    reaches the custom ops through the dispatcher, whose Negative fallback resolves them. aot_eager runs that program
+    as traced (inductor, in torch 2.14, computes on a negated view's storage even for plain torch ops, outside this
+    library: ``torch.compile(lambda a: a.exp().sum())`` of one is wrong too)."""
+    torch.manual_seed(0)
+    z, t = torch.randn(6, 3, 7, dtype=torch.float64), torch.randn(6, 3, 7, dtype=torch.float64)
+    topk = TopKTeacher(*t.topk(3, dim=-1))
+
+    def step(z, t, topk):
+        return hydra_kl_loss(z, t, 2.0, impl="torch"), hinton_kl_loss(z[:, 0], topk, 2.0, impl="torch")
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    want = step(z, t, topk)
+    for got in (compiled(z, t, topk), compiled(_negated_view(z), _negated_view(t),
+                                                 TopKTeacher(_negated_view(topk.values), topk.indices))):
+        assert all(torch.allclose(g, w, rtol=1e-12, atol=0) for g, w in zip(got, want)), (got, want)
 
 
 @pytest.mark.interpret

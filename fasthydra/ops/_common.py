@@ -313,15 +313,19 @@ def device_to_enter(t: torch.Tensor) -> int | None:
     return None if device.index == torch.cuda.current_device() else device.index
 
 
-def on_tensor_device(fn):
+def on_tensor_device(fn, prepare=None):
     """fn run with its first argument's CUDA device current (``device_to_enter``), as torch's own ops
     are; nothing is entered where that device is current already (the usual case: one check per call), nor
-    while torch.compile traces (the custom ops' bodies, which run at run time, check for themselves)."""
+    while torch.compile traces (the custom ops' bodies, which run at run time, check for themselves).
+    prepare: None, or a function of (args, kwargs) that returns the (args, kwargs) fn is called with (not while
+    torch.compile traces)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         if torch.compiler.is_compiling():
             return fn(*args, **kwargs)
+        if prepare is not None:
+            args, kwargs = prepare(args, kwargs)
         first = args[0] if args else None  # (the public functions' first argument is their main tensor)
         index = device_to_enter(first) if isinstance(first, torch.Tensor) else None
         if index is None:
