@@ -80,7 +80,7 @@ def count(step) -> tuple[list[str], list[str]]:
 
 def cases():
     """(op, path, step) at small shapes; the settings of each path are applied around its step."""
-    from fasthydra import GaussianHydraHead, HydraHead, hinton_kl_loss, hydra_kl_loss, uncertainty
+    from fasthydra import GaussianHydraHead, HydraHead, TopKTeacher, hinton_kl_loss, hydra_kl_loss, uncertainty
 
     torch.manual_seed(0)
     x = torch.randn(40, 16, requires_grad=True)
@@ -130,6 +130,13 @@ def cases():
         hinton_kl_loss(z1, one_member, 2.0, impl="triton").backward()
 
     out.append(("hinton_kl_loss, one member", "loss kernel", {}, kd_step))
+    topk = TopKTeacher(*t.topk(4, dim=-1))
+
+    def topk_step():  # several sparse members: their mean target in one launch, then the loss kernel
+        z1.grad = None
+        hinton_kl_loss(z1, topk, 2.0, impl="triton").backward()
+
+    out.append(("hinton_kl_loss, top-k teacher", "target + loss kernel", {}, topk_step))
     out.append(("uncertainty", "uncertainty kernel", {}, lambda: uncertainty(z.detach(), impl="triton")))
 
     def uncertainty_step():

@@ -23,7 +23,7 @@ from fasthydra.ops.checks import (caller_lead, caller_op, flag_gaussian_teacher,
                                   poll)
 from fasthydra.ops.gaussian_kl import gaussian_kl_torch, split_gaussian
 from fasthydra.ops.hydra_kl import masked_reduction, neg_dots_over, shifted_values
-from fasthydra.ops.uncertainty import ensemble_log_mean_triton
+from fasthydra.ops.uncertainty import ensemble_log_mean_triton, topk_log_mean_triton
 from fasthydra.ops import library as _ops
 from fasthydra.ops import native
 from fasthydra.reference import TopKTeacher, Uncertainty, uncertainty_ref
@@ -783,11 +783,20 @@ def _hinton_topk(z, student_logits, teacher: TopKTeacher, lead: tuple, temperatu
         with caller_op("hinton_kl_loss"):
             return _hinton_on_target(z, values, temperature, reduction, resolve_impl(impl, student_logits, values),
                                      keep, indices)
+    impl = resolve_impl(impl, student_logits, values)
+    # One launch forms T * log pbar where the Triton kernels run on frozen values in eager mode (as _hinton_dense's),
+    # and checks the values on the same loads; torch ops otherwise (traced, under torch.func or forward AD: the loss
+    # op below refuses what it cannot take)
+    in_kernel = (impl == "triton" and not torch.compiler.is_compiling() and not no_values(values)
+                 and not (torch.is_grad_enabled() and values.requires_grad) and not _under_torch_func()
+                 and not forward_ad_active() and not torch._C._is_tracing())
     if not torch.compiler.is_compiling():
         poll(values.device)
-        flag_topk_teacher(values, indices, c, "hinton_kl_loss")
-    impl = resolve_impl(impl, student_logits, values)
-    target_t = _target_temperature(temperature, impl, substitute=True)
+        flag_topk_teacher(values, indices, c, "hinton_kl_loss", values_too=not in_kernel)
+    target_t = _target_temperature(temperature, impl, substitute=not in_kernel)
+    if in_kernel:
+        target = topk_log_mean_triton(values.detach(), indices, c, target_t, "hinton_kl_loss")
+        return _hinton_on_target(z, target.unsqueeze(1), temperature, reduction, impl, keep)
     cdt = torch.float64 if values.dtype == torch.float64 else torch.float32
     m, k = values.shape[1:]
     # (each member's values less their maximum first: shifted_values; B may be 0, hence the explicit sizes)

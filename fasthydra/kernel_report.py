@@ -178,6 +178,7 @@ def _kernel_specs():
     from fasthydra.kernels.small_heads import _small_heads_grad_kernel, _small_heads_kl_kernel
     from fasthydra.kernels.softmax_kl import (_hydra_kl_fwd_kernel, _hydra_kl_grad_cols_kernel, _hydra_kl_grad_kernel,
                                               _hydra_kl_topk_fwd_kernel)
+    from fasthydra.kernels.uncertainty import _topk_log_mean_kernel
     from fasthydra.ops.hydra_kl import topk_config
 
     specs, seen = [], set()
@@ -360,6 +361,15 @@ def _kernel_specs():
                          "HAS_KEEP": keep is not None, "MEAN_KEPT": keep is not None, "REDUCE": reduce,
                          "BLOCK_P": cfgs.reduce_block(cdiv(b * m, tk["BLOCK_R"]), tk["num_warps"])},
                         {"num_warps": tk["num_warps"]}, vtag)
+                # the Hinton loss's target from a top-k teacher of several members (ids as torch.topk gives
+                # them, int64, and as a cache may keep them, int32)
+                for ity in ("*i64", "*i32"):
+                    add(_topk_log_mean_kernel, {"v_ptr": f"*{ty}", "i_ptr": ity, "out_ptr": "*fp32",
+                                                "err_ptr": "*i32", "M": m, "K": k, "C": c, "stride_vb": m * k,
+                                                "stride_vm": k, "stride_ib": m * k, "stride_im": k, "stride_ob": c,
+                                                "inv_temp": 0.5, "temp": 2.0, "log_m": 2.0},
+                        {key: v for key, v in cfgs.topk_target_config(k, c).items() if key != "num_warps"},
+                        {"num_warps": cfgs.topk_target_config(k, c)["num_warps"]}, tag)
 
             # Small problems: the two-launch small-step kernels (linear heads and MLP heads' second layer), and
             # the Gaussian heads' kernel with its second launch. fp16 inputs (beside bf16) keep their stash of

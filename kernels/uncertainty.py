@@ -319,6 +319,70 @@ def _ensemble_log_mean_kernel(
             _log_mean_tile(x, ref, log_d, inv_temp, cols, out_row, C, temp, log_m)
 
 
+# The same target for a top-k teacher (TopKTeacher: member m keeps k classes of a row, values v_mi at classes
+# idx_mi): pbar_c = mean_m p~_mc with p~_m = softmax(v_m / T) over the member's kept classes, 0 elsewhere. One
+# program a row: the (C,) output row is filled with -inf (log 0), then each member in turn folds its entries into
+# it in log space, out[idx] = T * logaddexp(out[idx] / T, log p~_mi - log M), so no probability underflows to 0
+# and no class is summed twice at once: a member keeps each class once, the members are added one after another
+# (a barrier between them orders one member's stores before the next one's loads), always in the same order: the
+# same bits every run, where torch's scatter_add on a GPU adds with atomics. Padding entries (-inf) and class
+# ids outside [0, C) are skipped (the id checks report both; an id out of range is never written). The values are
+# checked on the same loads (error word: 1 a NaN, 2 a +inf, 4 a member row that is -inf in every entry); the ids
+# before the launch (checks.flag_topk_teacher). No gradient (a teacher whose values require grad takes torch ops).
+@triton.jit
+def _topk_log_mean_kernel(
+    v_ptr,  # member values (B, M, K): strides stride_vb, stride_vm, unit along K
+    i_ptr,  # their class ids (B, M, K), int32 or int64: strides stride_ib, stride_im, unit along K
+    out_ptr,  # out: (B, C) fp32 T * log pbar, row stride stride_ob, unit along C
+    err_ptr,  # in/out: int32 error word (bits 1, 2, 4)
+    M,
+    K,
+    C,
+    stride_vb,
+    stride_vm,
+    stride_ib,
+    stride_im,
+    stride_ob,
+    inv_temp,  # 1 / T
+    temp,  # T
+    log_m,  # log M
+    temp_ptr,  # a tensor temperature where T_PTR, as _ensemble_log_mean_kernel takes it
+    BLOCK_K: tl.constexpr,  # K, padded to a power of two
+    BLOCK_C: tl.constexpr,  # the fill's tile
+    T_PTR: tl.constexpr = False,
+):
+    if T_PTR:
+        t, _ = _device_temperature(temp_ptr)
+        inv_temp = inv_temp / t
+        temp = temp * t
+    row = tl.program_id(0).to(tl.int64)
+    out_row = out_ptr + row * stride_ob
+    cols = tl.arange(0, BLOCK_C)
+    for c0 in range(0, C, BLOCK_C):
+        tl.store(out_row + c0 + cols, tl.full((BLOCK_C,), float("-inf"), tl.float32), mask=c0 + cols < C)
+    ks = tl.arange(0, BLOCK_K)
+    k_ok = ks < K
+    c2 = inv_temp * LOG2E
+    for m in range(0, M):
+        tl.debug_barrier()  # the fill's and the last member's stores, seen by every thread's loads below
+        v = tl.load(v_ptr + row * stride_vb + m * stride_vm + ks, mask=k_ok, other=float("-inf")).to(tl.float32)
+        idx = tl.load(i_ptr + row * stride_ib + m * stride_im + ks, mask=k_ok, other=0).to(tl.int64)
+        top = tl.max(v, axis=0)
+        bad = tl.where(tl.sum((v != v).to(tl.int32), axis=0) > 0, 1, 0)
+        bad |= tl.where(top == float("inf"), 2, 0)
+        bad |= tl.where(top == float("-inf"), 4, 0)
+        tl.atomic_or(err_ptr, bad, mask=bad != 0)
+        ref = tl.where(top == float("-inf"), 0.0, top)
+        lp = (v - ref) * inv_temp - (tl.log(tl.sum(tl.exp2((v - ref) * c2), axis=0)) + log_m)
+        live = k_ok & (v != float("-inf")) & (idx >= 0) & (idx < C)
+        ptrs = out_row + idx
+        cur = tl.load(ptrs, mask=live, other=float("-inf")) * inv_temp
+        hi = tl.maximum(cur, lp)
+        lo = tl.minimum(cur, lp)
+        new = tl.where(lo == float("-inf"), hi, hi + tl.log(1.0 + tl.exp(lo - hi)))
+        tl.store(ptrs, new * temp, mask=live)
+
+
 @triton.jit
 def _lse_update(x, m, d, c2):
     """Folds one (BLOCK_M, BLOCK_C) tile of raw logits into each head's running raw max m and sum

@@ -13,7 +13,7 @@ from helpers import (HEADS_PATHS, assert_close_to, params_of, reference_loss_and
                      tolerance_rule, use_heads_path)
 
 import fasthydra.ops.hydra_kl as hk
-from fasthydra import HydraHead, hinton_kl_loss, hydra_kl_loss, uncertainty
+from fasthydra import HydraHead, TopKTeacher, hinton_kl_loss, hydra_kl_loss, uncertainty
 from fasthydra import reference as R
 from fasthydra.functional import linear_heads
 from fasthydra.ops import _common
@@ -392,6 +392,75 @@ def test_ensemble_mean_target_kernel(monkeypatch, b, m, c, tile, scale):
     every = torch.isneginf(t).all(dim=1)  # (1, c // 3), and with M = 1 the helper's masked classes
     assert torch.isneginf(got[every]).all() and torch.isfinite(got[~every]).all()
     assert_close_to(got[~every], want[~every], rtol=1e-6, atol=1e-5 * scale, what="T log pbar")
+
+
+def _topk_members(b, m, c, k, scale, index_dtype):
+    """A top-k teacher (values (b, m, k) fp32, indices) with padding: a member row of 2 live entries whose -inf pads
+    all name one class (a class the member also keeps), and its float64 dense form (the rest -inf)."""
+    t = teacher_logits(b, m, c, scale=scale, masked=False, dtype=torch.float64)
+    values, indices = t.topk(k, dim=-1)
+    values[1, m - 1, 2:] = float("-inf")
+    indices[1, m - 1, 2:] = indices[1, m - 1, 0]
+    dense = torch.full((b, m, c), float("-inf"), dtype=torch.float64).scatter(2, indices, values)
+    dense[1, m - 1] = float("-inf")  # (its ids repeat: written again from its live entries alone)
+    dense[1, m - 1, indices[1, m - 1, :2]] = values[1, m - 1, :2]
+    return values.float(), indices.to(index_dtype), dense
+
+
+@pytest.mark.parametrize("b,m,c,k", [(6, 3, 10, 4), (5, 4, 300, 16), (3, 2, 2500, 7)])
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32], ids=["int64", "int32"])
+@pytest.mark.parametrize("scale,t_form", [(3.0, "number"), (3.0, "tensor"), (200.0, "number")],
+                         ids=["plain", "T-tensor", "extreme"])
+def test_topk_mean_target_kernel(b, m, c, k, index_dtype, scale, t_form):
+    """The Hinton target of a top-k teacher, T * log mean_m p~_m, from one launch, against float64: padding
+    entries that repeat a kept class add nothing, a class no member keeps is -inf (masked for the loss), and
+    classes whose probability is below fp32's range (scale 200 at T = 1.7) keep a finite log (formed in log space;
+    the torch ops' linear sum gives -inf there). The row's fill walks several tiles where C = 2500."""
+    from fasthydra.ops.uncertainty import topk_log_mean_triton
+
+    values, indices, dense = _topk_members(b, m, c, k, scale, index_dtype)
+    temperature = torch.tensor(1.7) if t_form == "tensor" else 1.7
+    got = topk_log_mean_triton(values, indices, c, temperature, "hinton_kl_loss")
+    log_p = torch.log_softmax(dense / 1.7, dim=-1)
+    want = 1.7 * (torch.logsumexp(log_p, dim=1) - math.log(m))
+    kept = torch.isfinite(want)
+    assert torch.equal(torch.isneginf(got), ~kept) and torch.isfinite(got[kept]).all()
+    assert (~kept).sum() > 0 and kept.sum() >= k
+    assert_close_to(got[kept], want[kept], rtol=1e-6, atol=1e-5 * scale, what="T log pbar")
+
+
+def test_topk_mean_target_kernel_skips_class_ids_out_of_range():
+    """An id outside [0, C) (which the teacher check reports) is never written: the row's other classes keep their
+    target, and nothing past the row changes (a GPU kernel that stored there would write another row or past the
+    tensor; torch's scatter_add stops the device with an assertion)."""
+    from fasthydra.ops.uncertainty import topk_log_mean_triton
+
+    values, indices, _ = _topk_members(4, 3, 20, 5, 3.0, torch.int64)
+    good = topk_log_mean_triton(values, indices, 20, 2.0, "hinton_kl_loss")
+    bad = indices.clone()
+    bad[2, 1, 3], bad[2, 2, 0] = 20, -1
+    got = topk_log_mean_triton(values, bad, 20, 2.0, "hinton_kl_loss")
+    assert torch.equal(got[[0, 1, 3]], good[[0, 1, 3]])
+    touched = torch.zeros(20, dtype=torch.bool)
+    touched[indices[2, 1, 3]] = touched[indices[2, 2, 0]] = True
+    assert torch.equal(got[2, ~touched] > float("-inf"), good[2, ~touched] > float("-inf"))
+
+
+def test_hinton_with_a_topk_teacher_of_many_members_is_one_target_launch():
+    """Several top-k members: the target is one launch (no torch op per member, no scatter at all) before the
+    loss kernel's launches; a one-member teacher launches no target kernel (its values are the target)."""
+    z = torch.randn(40, 10, requires_grad=True)
+    values, indices = teacher_logits(40, 3, 10, masked=False).topk(4, dim=-1)
+
+    def step(v, i):
+        z.grad = None
+        hinton_kl_loss(z, TopKTeacher(v, i), 2.0, impl="triton").backward()
+
+    one, _ = _launches_and_torch_ops(lambda: step(values[:, :1], indices[:, :1]))
+    many, many_ops = _launches_and_torch_ops(lambda: step(values, indices))
+    assert one and "_topk_log_mean_kernel" not in one, one
+    assert many[0] == "_topk_log_mean_kernel" and many.count("_topk_log_mean_kernel") == 1, many
+    assert not [op for op in many_ops if "scatter" in op or "softmax" in op or op.startswith("aten::log")], many_ops
 
 
 @pytest.mark.parametrize("value,match", [(float("nan"), "NaN"), (float("inf"), r"\+Inf"), (None, "-Inf for every")])

@@ -478,6 +478,18 @@ def kl_grad_cols_config(n_out: int, n_in: int, n_cols: int) -> dict:
                 rows_per_prog=rows_per_prog, col_blocks=col_blocks)
 
 
+# The top-k Hinton target kernel (kernels/uncertainty.py, _topk_log_mean_kernel): its fill of the (C,) output row
+# in tiles of this many classes (8 per thread in 4 warps: 32-byte stores).
+TOPK_TARGET_FILL = 1024
+
+
+def topk_target_config(k: int, n_cols: int) -> dict:
+    """The top-k Hinton target kernel's blocks: a member's k entries in one tile, the output row's fill in tiles of
+    up to TOPK_TARGET_FILL classes; 4 warps (a program per row: B programs, each a few stores per thread and M
+    member steps of k entries)."""
+    return dict(BLOCK_K=next_pow2(max(k, 1)), BLOCK_C=min(TOPK_TARGET_FILL, next_pow2(max(n_cols, 1))), num_warps=4)
+
+
 # Elements of one (heads, classes) tile of the uncertainty kernel: a whole row of M*C up to this many
 # is read once and kept in registers for the mixture pass (8 per thread at 32 warps: no spills).
 UNCERTAINTY_TILE_MAX = 8192

@@ -209,6 +209,30 @@ def _uncertainty_grad_rows(logits, temperature, g_probs, on_total, on_heads, cdt
     return p * v * (1.0 / (m * temperature))
 
 
+def topk_log_mean_triton(values: torch.Tensor, indices: torch.Tensor, num_classes: int, temperature,
+                         op: str) -> torch.Tensor:
+    """T * log mean_m p~_m for a top-k teacher's values and class ids (B, M, k), (B, M, k) -> (B, C) fp32, in one
+    launch that also checks the values (bits 1, 2, 4 of op's error word, as ``ensemble_log_mean_triton``): the
+    Hinton loss's target for a top-k teacher that does not require grad (a class no member keeps: -inf). The ids'
+    checks are the caller's (``checks.flag_topk_teacher`` with values_too=False)."""
+    from fasthydra.kernels.uncertainty import _topk_log_mean_kernel
+
+    from .checks import after_launch, error_word
+
+    b, m, k = values.shape
+    values = values if values.stride(-1) == 1 else values.contiguous()
+    indices = indices if indices.stride(-1) == 1 else indices.contiguous()
+    out = torch.empty(b, num_classes, dtype=torch.float32, device=values.device)
+    if b > 0:
+        tf, temp, t_ptr = temperature_scalars(temperature)
+        launch(_topk_log_mean_kernel, (b,),
+               values, indices, out, error_word(values.device, op), m, k, num_classes, values.stride(0),
+               values.stride(1), indices.stride(0), indices.stride(1), out.stride(0), 1.0 / tf, tf, math.log(m), temp,
+               **_common.topk_target_config(k, num_classes), T_PTR=t_ptr)
+        after_launch(values.device, op, values.shape)
+    return out
+
+
 def ensemble_log_mean_triton(teacher: torch.Tensor, temperature: float, op: str) -> torch.Tensor:
     """T * log mean_m softmax(t_m / T), (B, M, C) -> (B, C) fp32, in one launch that also checks the
     teacher (bits 1, 2, 4 of op's error word, as the loss kernels do): the Hinton loss's target for a
