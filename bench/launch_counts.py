@@ -137,6 +137,12 @@ def cases():
         hinton_kl_loss(z1, topk, 2.0, impl="triton").backward()
 
     out.append(("hinton_kl_loss, top-k teacher", "target + loss kernel", {}, topk_step))
+
+    def topk_logits_step():  # the teacher's ids checked in one launch, its values by the loss kernel
+        z.grad = None
+        hydra_kl_loss(z, topk, 2.0, impl="triton").backward()
+
+    out.append(("hydra_kl_loss on logits, top-k teacher", "top-k loss kernel", {}, topk_logits_step))
     out.append(("uncertainty", "uncertainty kernel", {}, lambda: uncertainty(z.detach(), impl="triton")))
 
     def uncertainty_step():

@@ -174,7 +174,8 @@ def _kernel_specs():
     """(jit function, runtime args, constexprs, launch options, dtype tag) for every launched configuration
     (each compiled for every architecture: no launcher picks a configuration by device)."""
     from fasthydra.kernels.gaussian_kl import _gaussian_heads_kl_fwd_kernel
-    from fasthydra.kernels.checks import _flag_rows_kernel
+    from fasthydra.kernels.checks import _flag_rows_kernel, _flag_topk_kernel
+    from fasthydra.ops.checks import BAD_INDEX, REPEATED_INDEX, TOPK_CHECK_KERNEL_MAX_K
     from fasthydra.kernels.small_heads import _small_heads_grad_kernel, _small_heads_kl_kernel
     from fasthydra.kernels.softmax_kl import (_hydra_kl_fwd_kernel, _hydra_kl_grad_cols_kernel, _hydra_kl_grad_kernel,
                                               _hydra_kl_topk_fwd_kernel)
@@ -236,6 +237,15 @@ def _kernel_specs():
     for ty in ("fp32", "bf16"):  # the torch path's teacher check on CUDA (one value per row)
         add(_flag_rows_kernel, {"v_ptr": f"*{ty}", "n": 4096 * 8, "err_ptr": "*i32"}, {"BLOCK": FLAG_BLOCK},
             {"num_warps": 4}, ty)
+        # a top-k teacher's checks on CUDA (ids, and the values where no loss kernel reads them), at the narrowest
+        # and widest k that one launch takes, ids int64 and int32
+        for k, ity, values_too in ((1, "*i64", True), (32, "*i64", False), (32, "*i32", True),
+                                   (TOPK_CHECK_KERNEL_MAX_K, "*i64", True)):
+            tc = cfgs.topk_check_config(k)
+            add(_flag_topk_kernel, {"v_ptr": f"*{ty}", "i_ptr": ity, "err_ptr": "*i32", "R": 4096 * 8, "M": 8, "K": k,
+                                    "C": 32000, "stride_vb": 8 * k, "stride_vm": k, "stride_ib": 8 * k, "stride_im": k},
+                {"BAD_INDEX": BAD_INDEX, "REPEATED_INDEX": REPEATED_INDEX, "VALUES": values_too,
+                 **{key: v for key, v in tc.items() if key != "num_warps"}}, {"num_warps": tc["num_warps"]}, ty)
     for b, d, m, c in SHAPES + [(64, 64, 8, c) for c in EXTRA_ROW_LENGTHS]:
         for tag, (ty, prec) in DTYPES.items():
             state["tensor_temperature"] = (b, d, m, c) in TENSOR_TEMPERATURE_SHAPES and prec != "ieee"

@@ -1455,6 +1455,10 @@ def test_launch_counts_table(capsys):
     for op in ("hydra_kl_loss on logits", "hinton_kl_loss"):
         plain = logits[(op, "loss kernel")]
         assert logits[(op, "loss kernel, row mask")] == (plain[0], plain[1] + 1)
+    # a top-k teacher: its checks one launch (before, about 17 torch ops), the Hinton target of several members one
+    # more (before, a scatter per member and about 16 ops), then the loss kernel; the word's copy besides
+    assert logits[("hinton_kl_loss, top-k teacher", "target + loss kernel")] == (3, 4)
+    assert logits[("hydra_kl_loss on logits, top-k teacher", "top-k loss kernel")] == (2, 3)
 
 
 @pytest.mark.parametrize("upstream", [1.0, 0.7, float("nan")])

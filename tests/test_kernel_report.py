@@ -29,7 +29,8 @@ def test_report_covers_every_kernel_and_arch(report):
                        "_hydra_kl_topk_fwd_kernel", "_uncertainty_fwd_kernel", "_uncertainty_bwd_kernel",
                        "_gaussian_heads_kl_fwd_kernel", "_small_heads_kl_kernel", "_small_heads_grad_kernel",
                        "_flag_rows_kernel", "_ensemble_log_mean_kernel", "_scale_unless_one_kernel",
-                       "_neg_dots_over_kernel", "_head_entropy_kernel", "_mixture_kernel", "_topk_log_mean_kernel"}
+                       "_neg_dots_over_kernel", "_head_entropy_kernel", "_mixture_kernel", "_topk_log_mean_kernel",
+                       "_flag_topk_kernel"}
     assert {r["arch"] for r in records} == {80, 90}
 
 

@@ -238,3 +238,78 @@ def test_the_word_is_found_under_any_spelling_of_its_device(deferred, spelling):
     checks.after_launch(device, "hydra_kl_loss", (4, 3, 20))  # copies the word with the bit in it
     with pytest.raises(ValueError, match=r"\+Inf"):
         checks.poll(device)
+
+
+def _torch_topk_bits(values, indices, num_classes, values_too):
+    """The top-k checks' verdict by torch ops: checks.topk_index_bits, and the values' (a NaN anywhere, a +inf
+    anywhere, a row whose values other than NaN are all -inf: the kernel's reading, where one row max would let a
+    NaN hide the others)."""
+    bits = int(checks.topk_index_bits(indices, values, num_classes))
+    if values_too:
+        top = torch.where(torch.isnan(values), float("-inf"), values).amax(dim=-1)
+        bits |= (checks.NAN * bool(torch.isnan(values).any()) | checks.POSINF * bool(torch.isposinf(top).any())
+                 | checks.ALL_NEGINF * bool(torch.isneginf(top).any()))
+    return bits
+
+
+@pytest.mark.parametrize("k", [1, 5, 32, 100, 256])
+def test_topk_checks_are_one_launch_that_agrees_with_torch(deferred, k):
+    """On the device a top-k teacher's checks are one launch (_flag_topk_kernel), whose bits match the torch ops'
+    on random teachers: ids out of range (padding's too), live ids repeated in a row, padding (-inf) that repeats a
+    kept class (allowed), NaN and +inf values, member rows of -inf only; each alone and together, with and without
+    the values' checks, ids int32 and int64, and a view whose rows are not contiguous."""
+    from test_interpret import _launches_and_torch_ops
+
+    gen = torch.Generator().manual_seed(k)
+    c, word = 300, checks.error_word(torch.device("cpu"), "hydra_kl_loss")
+    seen = set()
+    for trial in range(24):
+        b, m = 1 + trial % 5, 1 + trial % 3
+        values = torch.randn(b, m, k, generator=gen)
+        indices = torch.stack([torch.randperm(c, generator=gen)[:k] for _ in range(b * m)]).view(b, m, k)
+        faults = [f for f in range(6) if torch.rand((), generator=gen) < 0.3]
+        for f in faults:
+            row = (int(torch.randint(b, (), generator=gen)), int(torch.randint(m, (), generator=gen)))
+            at = int(torch.randint(k, (), generator=gen))
+            if f == 0:
+                indices[row + (at,)] = c if at % 2 else -1
+            elif f == 1 and k > 1:
+                indices[row + (at,)] = indices[row + ((at + 1) % k,)]
+            elif f == 2 and k > 1:  # padding entries naming a kept class: allowed
+                values[row + (slice(1, None),)] = float("-inf")
+                indices[row + (slice(1, None),)] = indices[row + (0,)]
+            elif f == 3:
+                values[row + (at,)] = float("nan")
+            elif f == 4:
+                values[row + (at,)] = float("inf")
+            elif f == 5:
+                values[row] = float("-inf")
+        ids = indices.int() if trial % 2 else indices
+        if trial % 3 == 0:  # rows of a wider tensor (members strided apart)
+            wide_v, wide_i = torch.zeros(b, m, k + 3), torch.zeros(b, m, k + 3, dtype=ids.dtype)
+            wide_v[..., :k], wide_i[..., :k] = values, ids
+            values, ids = wide_v[..., :k], wide_i[..., :k]
+        values_too = trial % 4 != 1
+        want = _torch_topk_bits(values, ids, c, values_too)
+        word.zero_()
+
+        def check():
+            checks.flag_topk_teacher(values, ids, c, "hydra_kl_loss", values_too=values_too)
+
+        launches, ops = _launches_and_torch_ops(check)
+        assert launches == ["_flag_topk_kernel"] and not [op for op in ops if op not in ("zero_",)], (launches, ops)
+        word.zero_()
+        check()
+        assert int(word) == want, (trial, faults, int(word), want)
+        seen.add(want)
+    assert len(seen) >= 4, seen  # (the draws made several kinds of verdict)
+
+
+def test_topk_checks_past_the_kernels_width_take_torch_ops(deferred, monkeypatch):
+    monkeypatch.setattr(checks, "TOPK_CHECK_KERNEL_MAX_K", 4)
+    values, indices = torch.randn(3, 2, 5), torch.arange(5).expand(3, 2, 5).clone()
+    indices[1, 1, 3] = 0
+    word = checks.error_word(torch.device("cpu"), "hydra_kl_loss")
+    word.zero_()
+    checks.flag_topk_teacher(values, indices, 10, "hydra_kl_loss")
+    assert int(word) == checks.REPEATED_INDEX

@@ -490,6 +490,16 @@ def topk_target_config(k: int, n_cols: int) -> dict:
     return dict(BLOCK_K=next_pow2(max(k, 1)), BLOCK_C=min(TOPK_TARGET_FILL, next_pow2(max(n_cols, 1))), num_warps=4)
 
 
+def topk_check_config(k: int) -> dict:
+    """The top-k teacher check kernel's blocks (kernels/checks.py, _flag_topk_kernel): a row's k ids in one tile,
+    compared with BLOCK_J of them at a time, so that a step holds at most 4096 pairs (32 a thread in 4 warps); as
+    many rows a program as fit that, up to 64."""
+    block_k = next_pow2(max(k, 1))
+    block_r = max(1, min(64, 4096 // (block_k * block_k)))
+    return dict(BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_J=min(block_k, max(1, 4096 // (block_r * block_k))),
+                num_warps=4)
+
+
 # Elements of one (heads, classes) tile of the uncertainty kernel: a whole row of M*C up to this many
 # is read once and kept in registers for the mixture pass (8 per thread at 32 warps: no spills).
 UNCERTAINTY_TILE_MAX = 8192

@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from ._common import helper_kernels_run_on, no_values
+from ._common import cdiv, helper_kernels_run_on, no_values, topk_check_config
 from .launch import launch
 
 NAN, POSINF, ALL_NEGINF = 1, 2, 4
@@ -315,6 +315,11 @@ def flag_topk_teacher(values: torch.Tensor, indices: torch.Tensor, num_classes: 
     CPU the error comes at once; on CUDA through the error word, with device-side ops only."""
     if values.numel() == 0 or no_values(values):
         return
+    if (values.device.type == "cuda" or _DEFER_ON_CPU) and values.shape[-1] <= TOPK_CHECK_KERNEL_MAX_K \
+            and helper_kernels_run_on(values):
+        _flag_topk_triton(values, indices, num_classes, op, values_too)
+        after_launch(values.device, op, values.shape)
+        return
     bits = topk_index_bits(indices, values, num_classes)
     if values_too:
         row_max = values.detach().amax(dim=-1)
@@ -327,6 +332,29 @@ def flag_topk_teacher(values: torch.Tensor, indices: torch.Tensor, num_classes: 
         return
     error_word(values.device, op).bitwise_or_(bits)
     after_launch(values.device, op, values.shape)
+
+
+# Top-k teachers of up to this many entries a row are checked by one launch of _flag_topk_kernel (every pair of a
+# row's ids compared: k^2 / 2 comparisons a row, 32768 at this k); wider ones by torch ops (a sort along k, about 17
+# small launches).
+TOPK_CHECK_KERNEL_MAX_K = 256
+
+
+def _flag_topk_triton(values: torch.Tensor, indices: torch.Tensor, num_classes: int, op: str,
+                      values_too: bool) -> None:
+    """flag_topk_teacher's checks as one launch of kernels.checks._flag_topk_kernel into op's error word."""
+    from fasthydra.kernels.checks import _flag_topk_kernel
+
+    k = values.shape[-1]
+    values = values.reshape(-1, values.shape[-2], k)  # (rows, M, k): a view where it can be
+    indices = indices.reshape(-1, indices.shape[-2], k)
+    values = values if values.stride(-1) == 1 else values.contiguous()
+    indices = indices if indices.stride(-1) == 1 else indices.contiguous()
+    rows = values.shape[0] * values.shape[1]
+    cfg = topk_check_config(k)
+    launch(_flag_topk_kernel, (cdiv(rows, cfg["BLOCK_R"]),), values, indices, error_word(values.device, op),
+           rows, values.shape[1], k, num_classes, values.stride(0), values.stride(1), indices.stride(0),
+           indices.stride(1), BAD_INDEX=BAD_INDEX, REPEATED_INDEX=REPEATED_INDEX, VALUES=values_too, **cfg)
 
 
 def flag_gaussian_teacher(var_ok: torch.Tensor, mean_ok: torch.Tensor, shape) -> None:
