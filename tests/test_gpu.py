@@ -682,6 +682,70 @@ def test_hinton_target_kernel_tolerance_rule(dtype, b, m, c):
                           lambda zz, tt: R.hinton_kl_loss_ref(zz, tt, 2.0), t, atol, atol)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b,m,c,k", [(37, 5, 13, 4), (64, 8, 50257, 32), (300, 4, 1000, 128)])
+def test_hinton_topk_target_kernel_tolerance_rule(dtype, b, m, c, k):
+    """The Hinton loss against several top-k members, its target from one launch (_topk_log_mean_kernel): the
+    members share most of their classes (each is one base row plus a little noise), so that each member's stores
+    land on the classes the next one reads, which only the kernel's barrier orders on a chip (the interpreter runs
+    a program's lanes in step). The rule against float64 on the dense form, twice, with the same bits."""
+    from fasthydra import hinton_kl_loss
+
+    z = (torch.randn(b, c, device="cuda") * 3).to(dtype).requires_grad_()
+    base = torch.randn(b, 1, c, device="cuda") * 3
+    values, indices = (base + 0.3 * torch.randn(b, m, c, device="cuda")).topk(k, dim=-1)
+    teacher = TopKTeacher(values.to(dtype), indices)
+    atol = 1e-5 if dtype == torch.float32 else 1e-3
+    _check_loss_on_logits(z, lambda zz: hinton_kl_loss(zz, teacher, 2.0, impl="triton"),
+                          lambda zz, tt: R.hinton_kl_loss_ref(zz, tt, 2.0), teacher.densify(c), atol, atol)
+    from fasthydra.ops.uncertainty import topk_log_mean_triton
+
+    first = topk_log_mean_triton(teacher.values, indices, c, 2.0, "hinton_kl_loss")
+    assert torch.equal(topk_log_mean_triton(teacher.values, indices, c, 2.0, "hinton_kl_loss"), first)
+
+
+@pytest.mark.parametrize("k", [1, 7, 64, 256])
+def test_topk_checks_on_cuda_match_torch(k):
+    """A top-k teacher's checks on the device (_flag_topk_kernel) against the torch ops' verdict, read from the error
+    word: ids out of range, a live id repeated, padding that repeats a kept class (allowed), NaN, +inf, a member row
+    of -inf; each a teacher of its own."""
+    from fasthydra.ops import checks
+
+    dev, c = torch.device("cuda"), 500
+    base = torch.randn(40, 3, k, device="cuda")
+    ids = torch.stack([torch.randperm(c, device="cuda")[:k] for _ in range(120)]).view(40, 3, k)
+    cases = {"clean": (base, ids)}
+    bad = ids.clone()
+    bad[5, 1, k // 2] = c
+    cases["out of range"] = (base, bad)
+    if k > 1:
+        rep = ids.clone()
+        rep[7, 2, -1] = rep[7, 2, 0]
+        cases["repeated"] = (base, rep)
+        pad_v, pad_i = base.clone(), ids.clone()
+        pad_v[3, 0, 1:], pad_i[3, 0, 1:] = float("-inf"), pad_i[3, 0, :1]
+        cases["padding"] = (pad_v, pad_i)
+    for what, value in (("NaN", float("nan")), ("+inf", float("inf"))):
+        v = base.clone()
+        v[9, 0, k - 1] = value
+        cases[what] = (v, ids)
+    v = base.clone()
+    v[11, 2] = float("-inf")
+    cases["row of -inf"] = (v, ids)
+    word = checks.error_word(dev, "hydra_kl_loss")
+    for what, (v, i) in cases.items():
+        want = int(checks.topk_index_bits(i, v, c)) | (checks.NAN * bool(torch.isnan(v).any())
+                                                       | checks.POSINF * bool(torch.isposinf(v).any())
+                                                       | checks.ALL_NEGINF * bool(torch.isneginf(v).all(-1).any()))
+        word.zero_()
+        checks.flag_topk_teacher(v, i.int() if k % 2 else i, c, "hydra_kl_loss")
+        torch.cuda.synchronize()
+        got = int(word)
+        word.zero_()
+        checks._flags_of(dev).in_flight = False
+        assert got == want, (what, got, want)
+
+
 # Rows of (rows, 2, 32000) tensors whose last BIG_TAIL rows start past element 2^31 (4.3 GB in bf16 each):
 # a kernel that forms any offset in 32-bit integers reads or writes the wrong place there.
 BIG_M, BIG_C, BIG_TAIL = 2, 32000, 48

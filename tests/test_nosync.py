@@ -242,14 +242,13 @@ def test_the_word_is_found_under_any_spelling_of_its_device(deferred, spelling):
 
 def _torch_topk_bits(values, indices, num_classes, values_too):
     """The top-k checks' verdict by torch ops: checks.topk_index_bits, and the values' (a NaN anywhere, a +inf
-    anywhere, a row whose values other than NaN are all -inf: the kernel's reading, where one row max would let a
-    NaN hide the others)."""
-    bits = int(checks.topk_index_bits(indices, values, num_classes))
-    if values_too:
-        top = torch.where(torch.isnan(values), float("-inf"), values).amax(dim=-1)
-        bits |= (checks.NAN * bool(torch.isnan(values).any()) | checks.POSINF * bool(torch.isposinf(top).any())
-                 | checks.ALL_NEGINF * bool(torch.isneginf(top).any()))
-    return bits
+    anywhere, a row of -inf only: the kernel's reading, where one row max would let a NaN hide the others)."""
+    return int(checks.topk_index_bits(indices, values, num_classes)) | (values_too and _value_bits(values))
+
+
+def _value_bits(values):
+    return (checks.NAN * bool(torch.isnan(values).any()) | checks.POSINF * bool(torch.isposinf(values).any())
+            | checks.ALL_NEGINF * bool(torch.isneginf(values).all(dim=-1).any()))
 
 
 @pytest.mark.parametrize("k", [1, 5, 32, 100, 256])
