@@ -53,7 +53,7 @@ def _flag_topk_kernel(
     i_row = i_ptr + (rows // M) * stride_ib + (rows % M) * stride_im
     ks = tl.arange(0, BLOCK_K)
     ok = row_ok[:, None] & (ks < K)[None, :]
-    v = tl.load(v_row[:, None] + ks[None, :], mask=ok, other=float("-inf")).to(tl.float32)
+    v = tl.load(v_row[:, None] + ks[None, :], mask=ok, other=float("-inf"))  # (its own dtype: fp64 past fp32's range)
     idx = tl.load(i_row[:, None] + ks[None, :], mask=ok, other=0).to(tl.int64)
     live = ok & (v != float("-inf"))
     word = tl.max(tl.max(tl.where(ok & ((idx < 0) | (idx >= C)), BAD_INDEX, 0), axis=1), axis=0)

@@ -312,3 +312,17 @@ def test_topk_checks_past_the_kernels_width_take_torch_ops(deferred, monkeypatch
     word.zero_()
     checks.flag_topk_teacher(values, indices, 10, "hydra_kl_loss")
     assert int(word) == checks.REPEATED_INDEX
+
+
+def test_topk_checks_read_float64_values_in_their_own_dtype(deferred):
+    """The torch path on CUDA checks float64 teachers with the same kernel: a finite value past float32's range is
+    finite (read as float32 it would be +inf), an infinite one is not."""
+    values = torch.tensor([1e300, -1e300, 3.0], dtype=torch.float64).repeat(2, 2, 1)
+    indices = torch.tensor([4, 0, 2]).repeat(2, 2, 1)
+    word = checks.error_word(torch.device("cpu"), "hinton_kl_loss")
+    word.zero_()
+    checks.flag_topk_teacher(values, indices, 5, "hinton_kl_loss")
+    assert int(word) == 0
+    values[1, 0, 2] = float("inf")
+    checks.flag_topk_teacher(values, indices, 5, "hinton_kl_loss")
+    assert int(word) == checks.POSINF
