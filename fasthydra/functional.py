@@ -721,8 +721,7 @@ def _hinton_dense(z, student_logits, teacher_logits, temperature, reduction, imp
         with caller_op("hinton_kl_loss"):
             return _hinton_on_target(z, teacher_logits, temperature, reduction, impl, keep)
     # softmax(T * log pbar / T) = pbar exactly, so the per-head kernel does the rest (masks included).
-    in_kernel = (impl == "triton" and not compiling and not no_values(teacher_logits)
-                 and not (torch.is_grad_enabled() and teacher_logits.requires_grad))
+    in_kernel = _target_in_kernel(impl, teacher_logits)
     target_t = _target_temperature(temperature, impl, substitute=not in_kernel)
     if in_kernel:
         # one launch forms T * log pbar and checks the teacher on the same loads
@@ -735,6 +734,16 @@ def _hinton_dense(z, student_logits, teacher_logits, temperature, reduction, imp
         else:
             mean_teacher = target_t * ensemble_log_mean_probs(teacher_logits, target_t)
     return _hinton_on_target(z, mean_teacher.unsqueeze(1), temperature, reduction, impl, keep)
+
+
+def _target_in_kernel(impl: str, teacher: torch.Tensor) -> bool:
+    """The Hinton target of M members (dense logits or top-k values) formed by its one Triton launch, which also
+    checks the teacher on the same loads: on the Triton path, in eager mode, on a frozen teacher with values (no
+    gradient to carry through the launch), outside torch.func, forward AD and tracing (which the dense path has
+    refused before asking, and the top-k path leaves to torch ops and the loss op's own refusal)."""
+    return (impl == "triton" and not torch.compiler.is_compiling() and not no_values(teacher)
+            and not (torch.is_grad_enabled() and teacher.requires_grad) and not _under_torch_func()
+            and not forward_ad_active() and not torch._C._is_tracing())
 
 
 def _native_target(teacher_logits: torch.Tensor, target_t) -> bool:
@@ -784,12 +793,9 @@ def _hinton_topk(z, student_logits, teacher: TopKTeacher, lead: tuple, temperatu
             return _hinton_on_target(z, values, temperature, reduction, resolve_impl(impl, student_logits, values),
                                      keep, indices)
     impl = resolve_impl(impl, student_logits, values)
-    # One launch forms T * log pbar where the Triton kernels run on frozen values in eager mode (as _hinton_dense's),
-    # and checks the values on the same loads; torch ops otherwise (traced, under torch.func or forward AD: the loss
-    # op below refuses what it cannot take)
-    in_kernel = (impl == "triton" and not torch.compiler.is_compiling() and not no_values(values)
-                 and not (torch.is_grad_enabled() and values.requires_grad) and not _under_torch_func()
-                 and not forward_ad_active() and not torch._C._is_tracing())
+    # One launch forms T * log pbar and checks the values on the same loads (_target_in_kernel); torch ops otherwise
+    # (traced, under torch.func or forward AD: the loss op below refuses what it cannot take)
+    in_kernel = _target_in_kernel(impl, values)
     if not torch.compiler.is_compiling():
         poll(values.device)
         flag_topk_teacher(values, indices, c, "hinton_kl_loss", values_too=not in_kernel)

@@ -374,12 +374,12 @@ def _kernel_specs():
                 # the Hinton loss's target from a top-k teacher of several members (ids as torch.topk gives
                 # them, int64, and as a cache may keep them, int32)
                 for ity in ("*i64", "*i32"):
+                    tt = cfgs.topk_target_config(k, c)
                     add(_topk_log_mean_kernel, {"v_ptr": f"*{ty}", "i_ptr": ity, "out_ptr": "*fp32",
                                                 "err_ptr": "*i32", "M": m, "K": k, "C": c, "stride_vb": m * k,
                                                 "stride_vm": k, "stride_ib": m * k, "stride_im": k, "stride_ob": c,
                                                 "inv_temp": 0.5, "temp": 2.0, "log_m": 2.0},
-                        {key: v for key, v in cfgs.topk_target_config(k, c).items() if key != "num_warps"},
-                        {"num_warps": cfgs.topk_target_config(k, c)["num_warps"]}, tag)
+                        {key: v for key, v in tt.items() if key != "num_warps"}, {"num_warps": tt["num_warps"]}, tag)
 
             # Small problems: the two-launch small-step kernels (linear heads and MLP heads' second layer), and
             # the Gaussian heads' kernel with its second launch. fp16 inputs (beside bf16) keep their stash of
