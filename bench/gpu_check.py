@@ -84,6 +84,10 @@ TENSOR_T = "fasthydra-tensor-T"
 # ... and with it learned (requires grad: the teacher's gradient formed, dL/dT's reduction in the backward); also
 # a provider of the large cases below, for its time and peak memory against the default's (variant rows)
 LEARNED_T = C.LEARNED_T
+# The latency targets' steps with the heads + loss graphed by torch.cuda.make_graphed_callables (partial-network
+# capture: one forward and one backward replay a step, the new features and teacher copied into its static inputs),
+# the route README's "Host-bound small steps" gives where a step's host time outweighs its GPU time
+GRAPHED = "fasthydra-graphed-heads"
 LEARNED_T_CASES = [("linear_fwdbwd", "gpu-large"), ("kl_fwdbwd", "gpu-large")]
 # torch.compile costs tens of seconds per case on a GPU: only where a target compares against it.
 COMPILE_CASES = {("linear_fwdbwd", "gpu-large")}
@@ -201,10 +205,11 @@ def variants_for(op: str, shape: str) -> list[str]:
 
 def latency_sets(keys) -> list[tuple[str, str, tuple[str, ...]]]:
     """(op, shape, providers) of the latency rows, for the cases in `keys` ((op, shape) pairs; the target
-    cases always): the targets' small steps with eager, the variants and the latency knobs; the host-bound
-    mid-size cases' GPU time; the small steps again with a row mask and with T a device tensor, fixed or
-    learned (against the plain rows)."""
-    sets = [(op, shape, ("fasthydra", "eager", *VARIANTS, *(k for k, v in KNOBS.items() if v["cases"] == "latency")))
+    cases always): the targets' small steps with eager, the variants, the latency knobs and the heads graphed
+    (GRAPHED); the host-bound mid-size cases' GPU time; the small steps again with a row mask and with T a device
+    tensor, fixed or learned (against the plain rows)."""
+    sets = [(op, shape, ("fasthydra", "eager", *VARIANTS, *(k for k, v in KNOBS.items() if v["cases"] == "latency"),
+                         GRAPHED))
             for op, shape in dict.fromkeys((op, shape) for op, shape, _, _ in LATENCY_TARGETS)]
     sets += [(op, shape, ("fasthydra",)) for op, shape in GRAPH_CASES if (op, shape) in keys]
     sets += [(op, shape, (MASKED, TENSOR_T, LEARNED_T)) for op, shape in MASKED_LATENCY_CASES if (op, shape) in keys]
@@ -245,15 +250,29 @@ def warm_clocks(seconds: float = WARM_S) -> None:
         torch.cuda.synchronize()
 
 
+class _HeadsLoss(torch.nn.Module):
+    """head.distill_loss(features, teacher, T) as a module of its own: what make_graphed_callables graphs."""
+
+    def __init__(self, head, temperature):
+        super().__init__()
+        self.head, self.temperature = head, temperature
+
+    def forward(self, features, teacher):
+        return self.head.distill_loss(features, teacher, self.temperature)
+
+
 def latency(case: C.Case, provider: str, steps: int = 200, masked: bool = False, tensor_t: bool = False,
-            learned_t: bool = False) -> dict:
+            learned_t: bool = False, graphed: bool = False) -> dict:
     """GPU and host time per step (small shapes, and the host-bound GRAPH_CASES): CUDA events around
     `steps` steps issued without any synchronisation, the wall time of issuing them (the host cost the
     GPU waits on if larger), and CUDA-graph replay (the GPU work alone), timed after WARM_S of replays
     (an idle H200 sits at 345 MHz and a host-bound loop keeps it mostly idle: without the warm-up a
     graph of tens of microseconds is timed at whatever clock the last idle spell left), with the SM
-    clock read right after. masked: fasthydra's step with a row mask keeping 3 rows of 4 (padding); tensor_t:
-    with the temperature a one-element tensor on the device; learned_t: that tensor requiring grad."""
+    clock read right after; replay_host_us: the wall time of issuing those replays (a whole step captured, as
+    torch.cuda.graphs' whole-network capture runs it). masked: fasthydra's step with a row mask keeping 3 rows
+    of 4 (padding); tensor_t: with the temperature a one-element tensor on the device; learned_t: that tensor
+    requiring grad; graphed: the heads + loss graphed by torch.cuda.make_graphed_callables (GRAPHED; no
+    whole-step graph of it is taken: gpu_us None, stream_us its GPU time)."""
     C.case_settings(case)  # TF32 for the "-tf32" cases, as their timed rows run
     inputs = C.make_inputs(case)
     head = inputs.head
@@ -262,7 +281,15 @@ def latency(case: C.Case, provider: str, steps: int = 200, masked: bool = False,
     temperature = torch.tensor(C.TEMPERATURE, device=x.device, requires_grad=learned_t) if tensor_t or learned_t \
         else C.TEMPERATURE
     params = list(head.parameters()) + ([temperature] if learned_t else [])
-    if provider == "fasthydra":
+    if provider == "fasthydra" and graphed:
+        # static inputs of their own, so that each call copies the step's features and teacher in, as a training
+        # loop's new batch would be
+        sample = (x.detach().clone().requires_grad_(x.requires_grad), t.clone())
+        heads_loss = torch.cuda.make_graphed_callables(_HeadsLoss(head, temperature), sample)
+
+        def loss_fn():
+            return heads_loss(x, t)
+    elif provider == "fasthydra":
         def loss_fn():
             return head.distill_loss(x, t, temperature, row_mask=keep)
     else:
@@ -288,33 +315,46 @@ def latency(case: C.Case, provider: str, steps: int = 200, masked: bool = False,
     torch.cuda.synchronize()
     wall_gpu = start.elapsed_time(end) / 1e3 / steps  # includes idle gaps when the host is slower
     # GPU time alone: the same steps captured in a CUDA graph where they can be (no host in the way)
-    gpu = None
-    try:
-        graph = torch.cuda.CUDAGraph()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            step()
-        torch.cuda.current_stream().wait_stream(side)
-        with torch.cuda.graph(graph):
-            for p in params:
-                p.grad = None
-            loss_fn().backward()
-        warm_until = time.perf_counter() + WARM_S
-        while time.perf_counter() < warm_until:
-            for _ in range(20):
-                graph.replay()
-            torch.cuda.synchronize()
-        start.record()
-        for _ in range(steps):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        gpu = start.elapsed_time(end) / 1e3 / steps
-    except Exception as exc:  # the table says it could not be captured
-        print(f"  graph capture failed for {case.key} {provider}: {type(exc).__name__}: {exc}"[:300])
+    gpu = replay_host = None
+    if not graphed:
+        try:
+            gpu, replay_host = _replayed(loss_fn, params, steps, start, end)
+        except Exception as exc:  # the table says it could not be captured
+            print(f"  graph capture failed for {case.key} {provider}: {type(exc).__name__}: {exc}"[:300])
     return {"op": case.op, "shape": case.name, "provider": provider, "host_us": host * 1e6,
-            "stream_us": wall_gpu * 1e6, "gpu_us": None if gpu is None else gpu * 1e6, "sm_mhz": sm_clock()}
+            "stream_us": wall_gpu * 1e6, "gpu_us": None if gpu is None else gpu * 1e6,
+            "replay_host_us": None if replay_host is None else replay_host * 1e6, "sm_mhz": sm_clock()}
+
+
+def _replayed(loss_fn, params, steps: int, start, end) -> tuple[float, float]:
+    """A step (loss_fn() backward, the parameters' gradients unset first) captured in a CUDA graph after a warm-up
+    step on a side stream, replayed for WARM_S, then `steps` replays timed: (GPU seconds, host seconds) a replay."""
+    def step():
+        for p in params:
+            p.grad = None
+        loss_fn().backward()
+
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.cuda.graph(graph):
+        step()
+    warm_until = time.perf_counter() + WARM_S
+    while time.perf_counter() < warm_until:
+        for _ in range(20):
+            graph.replay()
+        torch.cuda.synchronize()
+    start.record()
+    t1 = time.perf_counter()
+    for _ in range(steps):
+        graph.replay()
+    replay_host = (time.perf_counter() - t1) / steps
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / steps, replay_host
 
 
 def topk_rows(copy_bps: float, b: int = 4096, m: int = 8, c: int = 32000, ks=(32, 128)) -> list[dict]:
@@ -1079,7 +1119,7 @@ def _measure(args) -> int:
                     with with_variant(provider):
                         row = latency(by_key[(op, shape)], "eager" if provider == "eager" else "fasthydra",
                                       masked=provider == MASKED, tensor_t=provider == TENSOR_T,
-                                      learned_t=provider == LEARNED_T)
+                                      learned_t=provider == LEARNED_T, graphed=provider == GRAPHED)
                     lat_rows.append({**row, "provider": provider})
                 except Exception as exc:
                     lat_rows.append({"op": op, "shape": shape, "provider": provider,
@@ -1088,14 +1128,14 @@ def _measure(args) -> int:
     record.update(latency=lat_rows, clocks=clocks, phase="latency")
     _write(args.out, record, start, quiet=True)
     print("latency per step (us): host = issuing without syncs, stream = events around unsynced steps, "
-          "gpu = CUDA-graph replay", flush=True)
+          "gpu = CUDA-graph replay, replay host = issuing those replays", flush=True)
     for r in lat_rows:
         if "error" in r:
             print(f"  {r['op']:14} {r['shape']:10} {r['provider']:22} ERROR {r['error']}")
         else:
+            gpu, replay = (None if r.get(k) is None else round(r[k], 1) for k in ("gpu_us", "replay_host_us"))
             print(f"  {r['op']:14} {r['shape']:10} {r['provider']:22} host {r['host_us']:9.1f} "
-                  f"stream {r['stream_us']:9.1f} gpu {r['gpu_us'] if r['gpu_us'] is None else round(r['gpu_us'], 1)} "
-                  f"(SM {r.get('sm_mhz')} MHz)")
+                  f"stream {r['stream_us']:9.1f} gpu {gpu} replay host {replay} (SM {r.get('sm_mhz')} MHz)")
     if not short:
         try:
             breakdown = host_breakdown(by_key[BREAKDOWN_CASE])

@@ -468,6 +468,61 @@ def test_a_learned_temperature_step_replays_in_a_cuda_graph(hidden):
     assert temps[0].item() != 2.0 and torch.allclose(temps[0], temps[1], rtol=1e-4, atol=1e-6), temps
 
 
+class _HeadLoss(torch.nn.Module):
+    """The heads and their loss as one callable of (features, teacher): what torch.cuda.make_graphed_callables
+    graphs in a training loop whose body stays eager (README, "Host-bound small steps")."""
+
+    def __init__(self, head, temperature):
+        super().__init__()
+        self.head, self.temperature = head, temperature
+
+    def forward(self, features, teacher):
+        return self.head.distill_loss(features, teacher, self.temperature)
+
+
+@pytest.mark.parametrize("path", HEADS_PATHS)
+@pytest.mark.parametrize("hidden", [None, 16])
+def test_heads_and_loss_graphed_by_make_graphed_callables(monkeypatch, path, hidden):
+    """Partial-network capture: the heads + loss graphed once by torch.cuda.make_graphed_callables (forward and
+    backward each one replay), the body and the optimizer eager, new features and teachers every step. Each step
+    gives the loss of the same step run eagerly on a twin, then the same parameters; a NaN teacher on a replay
+    gives a NaN loss and raise_pending_errors() names it (nothing is read back during the replays)."""
+    import copy
+
+    from fasthydra.ops.checks import raise_pending_errors
+
+    use_heads_path(monkeypatch, path)
+    torch.manual_seed(0)
+    body, head, _, _ = _training_step_parts(hidden, "triton")
+    twins = [(body, head), (copy.deepcopy(body), copy.deepcopy(head))]
+    opts = [torch.optim.SGD([*b.parameters(), *h.parameters()], lr=0.05) for b, h in twins]
+    sample = (torch.randn(64, 64, device="cuda", requires_grad=True), teacher_logits(64, 4, 10, device="cuda"))
+    losses = [torch.cuda.make_graphed_callables(_HeadLoss(head, 2.0), sample), _HeadLoss(twins[1][1], 2.0)]
+    raise_pending_errors()  # (clean so far: the warm-up and the captures saw a good teacher)
+    for r in range(4):
+        x = torch.randn(64, 32, device="cuda")
+        t = teacher_logits(64, 4, 10, device="cuda", masked=r % 2 == 1)
+        out = []
+        for (b, _), opt, loss_fn in zip(twins, opts, losses):
+            opt.zero_grad(set_to_none=True)  # (the graphed backward hands autograd its static gradient buffers)
+            loss = loss_fn(b(x), t)
+            loss.backward()
+            opt.step()
+            out.append(loss.detach().clone())
+        torch.cuda.synchronize()
+        assert torch.isfinite(out[1]) and torch.allclose(out[0], out[1], rtol=1e-4, atol=1e-6), (r, out)
+    for p, q in zip([p for m in twins[0] for p in m.parameters()], [q for m in twins[1] for q in m.parameters()]):
+        assert torch.allclose(p, q, rtol=1e-4, atol=1e-6)
+    bad = teacher_logits(64, 4, 10, device="cuda")
+    bad[5, 2, 3] = float("nan")
+    loss = losses[0](body(torch.randn(64, 32, device="cuda")), bad)
+    torch.cuda.synchronize()
+    assert torch.isnan(loss)
+    with pytest.raises(ValueError, match="distill_loss: the teacher contained NaN"):
+        raise_pending_errors()
+    raise_pending_errors()  # reported once: the word is clear again
+
+
 @pytest.mark.parametrize("learned", [False, True], ids=["fixed", "learned"])
 def test_a_tensor_temperature_issues_no_host_sync(learned):
     """Every op that takes a temperature, given a device tensor, under torch.cuda.set_sync_debug_mode("error");

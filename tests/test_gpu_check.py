@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -288,11 +289,12 @@ def _stub_device(monkeypatch):
     monkeypatch.setattr(gpu_check, "masked_rows", lambda: [{"mask": "none", "seconds": 1e-3, "vs_no_mask": 1.0}])
     seen_settings = []
 
-    def latency(case, provider, masked=False, tensor_t=False, learned_t=False):
+    def latency(case, provider, masked=False, tensor_t=False, learned_t=False, graphed=False):
         seen_settings.append((provider, os.environ.get("FASTHYDRA_SMALL_STEP")))
         return {"op": case.op, "shape": case.name, "provider": provider,
-                "host_us": 120.0 if masked else 110.0 if tensor_t else 130.0 if learned_t else 100.0,
-                "stream_us": 50.0, "gpu_us": 40.0}
+                "host_us": 120.0 if masked else 110.0 if tensor_t else 130.0 if learned_t else 30.0 if graphed
+                else 100.0, "stream_us": 50.0, "gpu_us": None if graphed else 40.0,
+                "replay_host_us": None if graphed else 8.0}
 
     monkeypatch.setattr(gpu_check, "latency", latency)
     monkeypatch.setattr(gpu_check, "PROFILE_CASES", [("linear_fwdbwd", "gpu-small")])
@@ -381,6 +383,11 @@ def test_main_runs_end_to_end_with_the_device_parts_stubbed(tmp_path, monkeypatc
     assert tensor_t == {("linear_fwdbwd", "gpu-small"): 110.0, ("mlp_fwdbwd", "gpu-small"): 110.0}
     learned = {(r["op"], r["shape"]): r["host_us"] for r in record["latency"] if r["provider"] == gpu_check.LEARNED_T}
     assert learned == {("linear_fwdbwd", "gpu-small"): 130.0, ("mlp_fwdbwd", "gpu-small"): 130.0}
+    # the heads graphed by make_graphed_callables, at every latency target's step, printed without a graph's figures
+    graphed = {(r["op"], r["shape"]): r["host_us"] for r in record["latency"] if r["provider"] == gpu_check.GRAPHED}
+    assert graphed == {(op, shape): 30.0 for op, shape, _, _ in gpu_check.LATENCY_TARGETS}
+    assert re.search(r"fasthydra-graphed-heads +host +30\.0 stream +50\.0 gpu None replay host None", printed)
+    assert "replay host 8.0" in printed
     assert {r["provider"] for r in record["latency"] if r["shape"] == "mid"} == {"fasthydra"}
     assert record["profiles"]["linear_fwdbwd gpu-small"][0]["kernel"] == "k"
     assert record["host_profiles"]["linear_fwdbwd gpu-small"][0]["function"] == "f"
