@@ -240,6 +240,36 @@ def test_the_word_is_found_under_any_spelling_of_its_device(deferred, spelling):
         checks.poll(device)
 
 
+def test_threads_first_calls_share_one_word(deferred, monkeypatch):
+    """Two threads' first calls on a device (one thread per GPU or per stream in a data-parallel step) get the one
+    error word: the word made while the other thread was making its own is the one both see, so every kernel's bits
+    land where poll reads them. (Without the lock, the slow construction below let each thread make a word.)"""
+    import threading
+
+    made = threading.Barrier(2, timeout=0.5)
+    real_init = checks._DeviceFlags.__init__
+
+    def slow_init(self, device):
+        real_init(self, device)
+        try:  # both threads inside the construction at once, if the code lets them be
+            made.wait()
+        except threading.BrokenBarrierError:
+            pass
+
+    monkeypatch.setattr(checks._DeviceFlags, "__init__", slow_init)
+    words = [None, None]
+
+    def first_call(i):
+        words[i] = checks.error_word(torch.device("cpu"), "hydra_kl_loss")
+
+    threads = [threading.Thread(target=first_call, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert words[0] is words[1] and len(checks._flags) == 1
+
+
 def _torch_topk_bits(values, indices, num_classes, values_too):
     """The top-k checks' verdict by torch ops: checks.topk_index_bits, and the values' (a NaN anywhere, a +inf
     anywhere, a row of -inf only: the kernel's reading, where one row max would let a NaN hide the others)."""

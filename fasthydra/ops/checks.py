@@ -25,6 +25,7 @@ import contextlib
 import contextvars
 import math
 import os
+import threading
 import time
 
 import torch
@@ -155,6 +156,7 @@ class _DeviceFlags:
 
 
 _flags: dict[torch.device, _DeviceFlags] = {}
+_flags_lock = threading.Lock()
 
 
 def _lookup(device) -> tuple[torch.device, _DeviceFlags | None]:
@@ -172,7 +174,13 @@ def _lookup(device) -> tuple[torch.device, _DeviceFlags | None]:
 def _flags_of(device: torch.device) -> _DeviceFlags:
     device, f = _lookup(device)
     if f is None:
-        f = _flags[device] = _DeviceFlags(device)
+        # made once per device, under a lock: two threads' first calls (a data-parallel step per GPU thread) would
+        # otherwise each make a word, and the kernels of the call whose word was replaced would write one that no
+        # poll ever reads
+        with _flags_lock:
+            f = _flags.get(device)
+            if f is None:
+                f = _flags[device] = _DeviceFlags(device)
     return f
 
 
