@@ -187,8 +187,9 @@ PROFILE_CASES = [("linear_fwdbwd", "gpu-large"), ("mlp_fwdbwd", "gpu-large"), ("
                  ("linear_fwdbwd", "gpu-small"), ("linear_fwdbwd", "small-C"),
                  ("linear_fwdbwd", "small-C", "fasthydra/small-dot"),
                  ("mlp_fwdbwd", "gpu-large", "fasthydra/bias-split-pass")]
-# host time per step under cProfile (functions by own time)
-HOST_PROFILE_CASES = [("linear_fwdbwd", "gpu-small")]
+# host time per step under cProfile (functions by own time): the small step, and a host-bound GEMM case on the cuBLAS
+# path (its GEMMs' host calls, cuBLASLt's bias epilogue among them, beside the Python around them)
+HOST_PROFILE_CASES = [("linear_fwdbwd", "gpu-small"), ("linear_fwdbwd", "mid")]
 SMALL_CASES = [("linear_fwdbwd", "small-C"), ("linear_fwdbwd", "gpu-small"), ("mlp_fwdbwd", "gpu-small"),
                ("linear_fwd", "small-C")]
 # Cases run early (after the targets' own): the variants' and knobs' cases
