@@ -743,7 +743,8 @@ def test_every_prediction_names_a_figure_gpu_check_records(monkeypatch):
                                 "of_copy_bandwidth", "memory_vs_eager", "peak_memory_bytes") if src == "rows"
                                else ("time_vs_default", "memory_vs_default")), p["id"]
             elif src == "latency":
-                assert (where["op"], where["shape"], where["provider"]) in lat and key in ("gpu_us", "host_us"), p["id"]
+                assert (where["op"], where["shape"], where["provider"]) in lat, p["id"]
+                assert key in ("gpu_us", "host_us", "stream_us", "replay_host_us"), p["id"]
             elif src == "masked":
                 assert (where["op"], where["mask"]) in masked_names and key == "vs_no_mask", p["id"]
             elif src == "topk":
