@@ -486,9 +486,11 @@ def test_heads_and_loss_graphed_by_make_graphed_callables(monkeypatch, path, hid
     """Partial-network capture: the heads + loss graphed once by torch.cuda.make_graphed_callables (forward and
     backward each one replay), the body and the optimizer eager, new features and teachers every step. Each step
     gives the loss of the same step run eagerly on a twin, then the same parameters; a NaN teacher on a replay
-    gives a NaN loss and raise_pending_errors() names it (nothing is read back during the replays)."""
+    gives a NaN loss, and raise_pending_errors names it: without waiting, from the copy its previous call started
+    (sync=False, once a step), and synchronising (nothing is read back during the replays)."""
     import copy
 
+    from fasthydra.ops import checks
     from fasthydra.ops.checks import raise_pending_errors
 
     use_heads_path(monkeypatch, path)
@@ -515,11 +517,16 @@ def test_heads_and_loss_graphed_by_make_graphed_callables(monkeypatch, path, hid
         assert torch.allclose(p, q, rtol=1e-4, atol=1e-6)
     bad = teacher_logits(64, 4, 10, device="cuda")
     bad[5, 2, 3] = float("nan")
-    loss = losses[0](body(torch.randn(64, 32, device="cuda")), bad)
-    torch.cuda.synchronize()
-    assert torch.isnan(loss)
-    with pytest.raises(ValueError, match="distill_loss: the teacher contained NaN"):
-        raise_pending_errors()
+    monkeypatch.setattr(checks, "COPY_INTERVAL_S", 0.0)  # (a copy at every call: none skipped for being too soon)
+    for sync in (False, True):
+        raise_pending_errors()  # (clean, and no copy left in flight)
+        loss = losses[0](body(torch.randn(64, 32, device="cuda")), bad)
+        if not sync:  # as a graphed loop calls it once a step: it starts a copy of the word, never waiting
+            raise_pending_errors(sync=False)
+            torch.cuda.synchronize()  # (the next step's time, in a loop)
+        assert torch.isnan(loss)
+        with pytest.raises(ValueError, match="distill_loss: the teacher contained NaN"):
+            raise_pending_errors(sync=sync)
     raise_pending_errors()  # reported once: the word is clear again
 
 

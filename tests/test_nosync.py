@@ -162,6 +162,34 @@ def test_pending_errors_can_be_read_on_demand(deferred):
     checks.raise_pending_errors(sync=True)  # reported once, then cleared
 
 
+def test_pending_errors_without_waiting_in_a_graphed_loop(deferred, monkeypatch):
+    """A graphed loop runs no op's Python: its replays write the word, nothing copies it. raise_pending_errors(
+    sync=False) once a step starts that copy (spaced as the ops space theirs) and raises from a landed one: the
+    error a step after the replay that set it, with no host read on the way."""
+    cpu = torch.device("cpu")
+    flags = checks._flags_of(cpu)
+    pending = []  # the copy "in flight" until the test lets it land
+    flags.event = type("Event", (), {"record": lambda self: pending.append(True), "query": lambda self: not pending})()
+    monkeypatch.setattr(checks, "COPY_INTERVAL_S", 10.0)
+    with no_host_sync():
+        checks.raise_pending_errors(sync=False)  # clean: a copy starts
+        assert flags.in_flight and len(pending) == 1
+        checks.error_word(cpu, "distill_loss").fill_(checks.NAN)  # a replay's kernel sees a NaN teacher
+        checks.raise_pending_errors(sync=False)  # the copy has not landed: nothing yet, no second copy
+        assert len(pending) == 1
+        pending.clear()  # it lands (taken before the NaN: clean)
+        checks.raise_pending_errors(sync=False)  # clean; the next copy waits for COPY_INTERVAL_S
+        assert not flags.in_flight and not pending
+        monkeypatch.setattr(checks, "COPY_INTERVAL_S", 0.0)
+        checks.raise_pending_errors(sync=False)  # now it starts, with the NaN in it
+        assert flags.in_flight and len(pending) == 1
+        pending.clear()
+        with pytest.raises(ValueError, match="distill_loss: the teacher contained NaN.* after the last fasthydra call "
+                                             "that ran its Python .a CUDA-graph replay's kernels"):
+            checks.raise_pending_errors(sync=False)
+    assert not checks.error_word(cpu, "distill_loss").any()  # reported once: the word is clear
+
+
 def test_every_op_that_saw_a_bad_teacher_is_named(deferred):
     """On a GPU a NaN member of the Hinton loss is flagged by its target kernel and, through the NaN
     target, by the inner loss kernel before any copy lands: the error names both ops."""

@@ -13,7 +13,8 @@ slow host), and a bad call between two copies is reported by the next one. Meanw
 the loss of a bad step is NaN, so nothing passes silently. ``FASTHYDRA_STRICT=1`` (or
 ``strict_checks(True)``) checks synchronously after every launch instead, as on the CPU.
 Under CUDA-graph capture no copy is issued (the word is still written at each replay);
-``raise_pending_errors(sync=True)`` reads it on demand.
+``raise_pending_errors(sync=True)`` reads it on demand, and ``raise_pending_errors(sync=False)``, once a step
+of a graphed loop, starts the copies the replays do not and raises what a landed one shows, without waiting.
 
 Bits: 1 a NaN teacher logit, 2 a +inf teacher logit, 4 a teacher row that is -inf for every class;
 8 a Gaussian teacher variance not finite and > 0, 16 a Gaussian teacher mean not finite.
@@ -199,11 +200,16 @@ def _raise_from(f: _DeviceFlags, values, calls_seen: int, deferred: bool) -> Non
     when = ""
     if deferred:
         # The bad call lies after the last clean reading and at or before the reading that saw it;
-        # counted back from the call now running (calls + 1).
-        lo, hi = f.calls + 1 - calls_seen, f.calls - f.clean_at
-        ago = f"{lo}" if lo == hi else f"{lo} to {hi}"
-        when = (f"; seen by a fasthydra call {ago} call(s) ago and reported now, without stalling the GPU "
-                f"(FASTHYDRA_STRICT=1 raises at the call itself)")
+        # counted back from the call now running (calls + 1). (A reading taken by raise_pending_errors counts
+        # the calls before it.)
+        lo, hi = max(1, f.calls + 1 - calls_seen), f.calls - f.clean_at
+        if hi < lo:  # no op call between the two readings: the kernels of a CUDA-graph replay set it
+            when = ("; seen in the error word after the last fasthydra call that ran its Python (a CUDA-graph "
+                    "replay's kernels write it too) and reported now")
+        else:
+            ago = f"{lo}" if lo == hi else f"{lo} to {hi}"
+            when = (f"; seen by a fasthydra call {ago} call(s) ago and reported now, without stalling the GPU "
+                    f"(FASTHYDRA_STRICT=1 raises at the call itself)")
     # Every op that saw something (a NaN teacher of hinton_kl_loss also NaNs the target its inner
     # hydra_kl_loss kernel reads, so both may speak), the words' order otherwise.
     raise ValueError("; ".join(_message(op, bits, f.shapes.get(op), "") for op, bits in bad) + when)
@@ -239,23 +245,36 @@ def after_launch(device: torch.device, op: str, shape) -> None:
             torch.cuda.current_stream(f.word.device).synchronize()
         _raise_from(f, f.word.cpu().numpy(), f.calls, deferred=False)
         return
+    _copy_word(f)
+
+
+def _copy_word(f: _DeviceFlags) -> None:
+    """Starts the word's non-blocking copy to the host behind an event, on the current stream (after the launches
+    that wrote it), unless one is in flight, one was started less than COPY_INTERVAL_S ago, or a graph is being
+    captured."""
     if f.in_flight:
         return
     now = _clock()
     if now - f.copy_time < COPY_INTERVAL_S:
         return  # a later call copies the word (sticky: this call's bits are still in it)
-    if f.on_cuda and torch.cuda.is_current_stream_capturing():
-        return  # (asked last: a CUDA query, where the clock above usually answers first)
-    f.host.copy_(f.word, non_blocking=True)
-    f.event.record()
+    # (on the word's device: the ops run there already, raise_pending_errors may not; its event records on it)
+    with torch.cuda.device(f.word.device) if f.on_cuda else contextlib.nullcontext():
+        if f.on_cuda and torch.cuda.is_current_stream_capturing():
+            return  # (asked last: a CUDA query, where the clock above usually answers first)
+        f.host.copy_(f.word, non_blocking=True)
+        f.event.record()
     f.in_flight = True
     f.copied_at = f.calls
     f.copy_time = now
 
 
 def raise_pending_errors(sync: bool = True) -> None:
-    """Reports teacher value errors the GPU has flagged but no call has raised yet (after a CUDA-graph
-    replay, or at the end of training). sync=True waits for the device first."""
+    """Reports teacher value errors the GPU has flagged but no call has raised yet: after CUDA-graph replays (their
+    kernels write the word, but none of the Python that copies it runs), or at the end of training.
+    sync=True waits for the device, reads the word and raises. sync=False never waits: it raises what a landed copy
+    of the word shows, and starts a copy where none is in flight (at most one every COPY_INTERVAL_S, as the ops do),
+    so that a graphed training loop calling it once a step hears of a bad teacher a step or so after the replay that
+    saw it, without a host synchronisation."""
     for f in list(_flags.values()):
         if f.word.device.type != "cuda" and not _DEFER_ON_CPU:
             continue  # CPU errors were raised at their call
@@ -264,8 +283,9 @@ def raise_pending_errors(sync: bool = True) -> None:
                 torch.cuda.synchronize(f.word.device)
             f.in_flight = False
             _raise_from(f, f.word.cpu().numpy(), f.calls + 1, deferred=True)
-        else:
-            poll(f.word.device)
+            continue
+        poll(f.word.device)
+        _copy_word(f)
 
 
 def flag_teacher_rows(teacher: torch.Tensor, op: str) -> None:
