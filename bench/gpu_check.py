@@ -287,8 +287,10 @@ def latency(case: C.Case, provider: str, steps: int = 200, masked: bool = False,
         # loop's new batch would be
         sample = (x.detach().clone().requires_grad_(x.requires_grad), t.clone())
         heads_loss = torch.cuda.make_graphed_callables(_HeadsLoss(head, temperature), sample)
+        from fasthydra.ops.checks import raise_pending_errors
 
-        def loss_fn():
+        def loss_fn():  # (with the README recipe's reading of the error word, once a step, never waiting)
+            raise_pending_errors(sync=False)
             return heads_loss(x, t)
     elif provider == "fasthydra":
         def loss_fn():
